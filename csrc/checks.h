@@ -1,0 +1,28 @@
+// Input checks shared by the torch bindings: every bad input becomes a Python error naming the problem.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace hetrain {
+
+// x must be a 2-D (rows, features) floating tensor.
+inline void check_rows(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "hetrain.", op, ": ", name, " must be 2-D (rows, features), got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "hetrain.", op, ": ", name,
+              " must be a floating tensor, got ", x.scalar_type());
+}
+
+// An optional per-feature vector must match x's last dimension, dtype and device.
+inline void check_vector(const char* op, const char* name, const std::optional<at::Tensor>& v, const at::Tensor& x) {
+  if (!v.has_value()) return;
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == x.size(-1), "hetrain.", op, ": ", name, " must have shape (",
+              x.size(-1), ",), got ", v->sizes());
+  TORCH_CHECK(v->scalar_type() == x.scalar_type(), "hetrain.", op, ": ", name, " dtype ", v->scalar_type(),
+              " differs from the input's ", x.scalar_type());
+  TORCH_CHECK(v->device() == x.device(), "hetrain.", op, ": ", name, " is on ", v->device(),
+              " but the input is on ", x.device());
+}
+
+}  // namespace hetrain

@@ -1,0 +1,169 @@
+// LayerNorm over the last dimension on the CPU: forward saves only mean and rstd per row; backward
+// reduces weight/bias gradients through per-thread partial sums (no shared accumulator).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "layer_norm_math.h"
+
+namespace hetrain {
+namespace {
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Rows per parallel task: enough elements that the scheduling cost is noise.
+int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
+
+template <typename scalar_t>
+void forward_rows(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* y,
+                  acc_type<scalar_t>* mean, acc_type<scalar_t>* rstd, int64_t M, int64_t N, double eps) {
+  using acc_t = acc_type<scalar_t>;
+  at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = x + r * N;
+      scalar_t* yr = y + r * N;
+      acc_t sum = 0;
+      for (int64_t j = 0; j < N; ++j) sum += acc_t(xr[j]);
+      const acc_t mu = sum / acc_t(N);
+      acc_t sq = 0;
+      for (int64_t j = 0; j < N; ++j) {
+        const acc_t d = acc_t(xr[j]) - mu;
+        sq += d * d;
+      }
+      const acc_t rs = layer_norm::rstd<acc_t>(sq / acc_t(N), acc_t(eps));
+      for (int64_t j = 0; j < N; ++j) {
+        const acc_t wj = w ? acc_t(w[j]) : acc_t(1);
+        const acc_t bj = b ? acc_t(b[j]) : acc_t(0);
+        yr[j] = scalar_t(layer_norm::forward<acc_t>(acc_t(xr[j]), mu, rs, wj, bj));
+      }
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, const acc_type<scalar_t>* mean,
+                   const acc_type<scalar_t>* rstd, scalar_t* dx, scalar_t* dw, scalar_t* db, int64_t M,
+                   int64_t N) {
+  using acc_t = acc_type<scalar_t>;
+  // One partial dw/db row per chunk of rows, summed at the end.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
+  const bool want_w = dw != nullptr, want_b = db != nullptr;
+  std::vector<acc_t> part_w(want_w ? chunks * N : 0, acc_t(0)), part_b(want_b ? chunks * N : 0, acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> g(N), xhat(N);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = M * c / chunks, r1 = M * (c + 1) / chunks;
+      acc_t* pw = want_w ? part_w.data() + c * N : nullptr;
+      acc_t* pb = want_b ? part_b.data() + c * N : nullptr;
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xr = x + r * N;
+        const scalar_t* dyr = dy + r * N;
+        scalar_t* dxr = dx + r * N;
+        const acc_t mu = mean[r], rs = rstd[r];
+        acc_t sum_g = 0, sum_gx = 0;
+        for (int64_t j = 0; j < N; ++j) {
+          const acc_t d = acc_t(dyr[j]);
+          xhat[j] = (acc_t(xr[j]) - mu) * rs;
+          g[j] = w ? d * acc_t(w[j]) : d;
+          sum_g += g[j];
+          sum_gx += g[j] * xhat[j];
+        }
+        const acc_t mg = sum_g / acc_t(N), mgx = sum_gx / acc_t(N);
+        for (int64_t j = 0; j < N; ++j) {
+          dxr[j] = scalar_t(layer_norm::input_grad<acc_t>(g[j], xhat[j], rs, mg, mgx));
+        }
+        if (pw) for (int64_t j = 0; j < N; ++j) pw[j] += acc_t(dyr[j]) * xhat[j];
+        if (pb) for (int64_t j = 0; j < N; ++j) pb[j] += acc_t(dyr[j]);
+      }
+    }
+  });
+  at::parallel_for(0, N, 256, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      acc_t sw = 0, sb = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (want_w) sw += part_w[c * N + j];
+        if (want_b) sb += part_b[c * N + j];
+      }
+      if (want_w) dw[j] = scalar_t(sw);
+      if (want_b) db[j] = scalar_t(sb);
+    }
+  });
+}
+
+at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias,
+                                                                  double eps) {
+  check_rows("layer_norm_fwd", "x", x);
+  const int64_t M = x.size(0), N = x.size(1);
+  check_vector("layer_norm_fwd", "weight", weight, x);
+  check_vector("layer_norm_fwd", "bias", bias, x);
+  TORCH_CHECK(eps >= 0, "hetrain.layer_norm: eps must be >= 0, got ", eps);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty_like(xc);
+  at::Tensor mean = at::empty({M}, x.options().dtype(stats_dtype(x.scalar_type())));
+  at::Tensor rstd = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
+    forward_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr,
+                           bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                           mean.data_ptr<acc_type<scalar_t>>(), rstd.data_ptr<acc_type<scalar_t>>(), M, N, eps);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const at::Tensor& mean, const at::Tensor& rstd,
+                                                                  bool has_bias) {
+  check_rows("layer_norm_bwd", "x", x);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "hetrain.layer_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
+              dy.sizes(), " ", dy.scalar_type());
+  const int64_t M = x.size(0), N = x.size(1);
+  check_vector("layer_norm_bwd", "weight", weight, x);
+  const auto sdt = stats_dtype(x.scalar_type());
+  TORCH_CHECK(mean.numel() == M && rstd.numel() == M && mean.scalar_type() == sdt && rstd.scalar_type() == sdt,
+              "hetrain.layer_norm backward: mean/rstd must have ", M, " ", sdt, " values");
+  const at::Tensor xc = x.contiguous(), dyc = dy.contiguous();
+  const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
+  const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+  at::Tensor dx = at::empty_like(xc);
+  at::Tensor dw = at::empty({wc.defined() ? N : 0}, x.options());
+  at::Tensor db = at::empty({has_bias ? N : 0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    backward_rows<scalar_t>(dyc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                            wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr, mc.const_data_ptr<acc_t>(),
+                            rc.const_data_ptr<acc_t>(), dx.data_ptr<scalar_t>(),
+                            wc.defined() ? dw.data_ptr<scalar_t>() : nullptr,
+                            has_bias ? db.data_ptr<scalar_t>() : nullptr, M, N);
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hetrain_C, m) {
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool has_bias)"
+      " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(hetrain_C, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+}
+
+}  // namespace hetrain

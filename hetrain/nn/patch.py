@@ -1,0 +1,51 @@
+"""``patch(model)``: swaps standard submodules for their fused twins in place, by a type table.
+
+A table of ``torch type -> converter`` is all it takes because every fused module keeps the
+torch module's parameters and state_dict layout, so no forward needs rewriting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hetrain.nn.layer_norm import LayerNorm
+
+# Exact types only: a subclass of a torch layer may change its forward, so it is left alone.
+SWAPS: dict[type, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    torch.nn.LayerNorm: LayerNorm.from_torch,
+}
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` swapped: module path -> "OldType -> NewType"."""
+
+    swapped: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.swapped)
+
+    def __str__(self) -> str:
+        if not self.swapped:
+            return "hetrain.nn.patch: nothing to swap"
+        lines = [f"hetrain.nn.patch: swapped {len(self.swapped)} module(s)"]
+        lines += [f"  {path}: {change}" for path, change in self.swapped.items()]
+        return "\n".join(lines)
+
+
+def patch(model: torch.nn.Module) -> PatchReport:
+    """Replaces every matching submodule of ``model`` in place and reports what changed."""
+    report = PatchReport()
+    for path, module in list(model.named_modules()):
+        convert = SWAPS.get(type(module))
+        if convert is None or not path:
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        new = convert(module)
+        setattr(parent, name, new)
+        report.swapped[path] = f"{type(module).__name__} -> {type(new).__module__}.{type(new).__name__}"
+    return report

@@ -1,0 +1,145 @@
+"""LayerNorm over the last dimension: reference, backends, ``torch.library`` op and functional face.
+
+Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
+``cpu`` (the C++ kernel in ``hetrain._C``), ``torch`` (the plain reference, the test oracle).
+Every backend returns the same triple, ``y, mean, rstd``, with statistics in float32 (float64 for
+float64 inputs), so backward can run on any backend whatever ran forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetrain import plugins
+from hetrain.ops import _backends
+
+OP = "layer_norm"
+
+
+# --- reference ---------------------------------------------------------------------------------
+
+def layer_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5
+) -> torch.Tensor:
+    """What the op computes, in plain torch; the tests' oracle."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+class TorchBackend:
+    """The reference written as forward/backward entry points, so it can stand in for any kernel."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(stats)
+        var, mean = torch.var_mean(xf, dim=-1, unbiased=False)
+        rstd = torch.rsqrt(var + eps)
+        y = (xf - mean[:, None]) * rstd[:, None]
+        if weight is not None:
+            y = y * weight.to(stats)
+        if bias is not None:
+            y = y + bias.to(stats)
+        return y.to(x.dtype), mean, rstd
+
+    @staticmethod
+    def backward(dy, x, weight, mean, rstd, has_bias):
+        stats = mean.dtype
+        dyf = dy.to(stats)
+        xhat = (x.to(stats) - mean[:, None]) * rstd[:, None]
+        g = dyf * weight.to(stats) if weight is not None else dyf
+        dx = rstd[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        dw = (dyf * xhat).sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
+        db = dyf.sum(0).to(x.dtype) if has_bias else x.new_empty(0)
+        return dx.to(x.dtype), dw, db
+
+
+class CppBackend:
+    """The C++ kernels of hetrain._C (csrc/layer_norm.cpp)."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return torch.ops.hetrain_C.layer_norm_fwd(x, weight, bias, eps)
+
+    @staticmethod
+    def backward(dy, x, weight, mean, rstd, has_bias):
+        return torch.ops.hetrain_C.layer_norm_bwd(dy, x, weight, mean, rstd, has_bias)
+
+
+def _register_backends() -> None:
+    _backends.register_triton(OP, "hetrain.ops.triton.layer_norm")
+    _backends.register_cpp(OP, CppBackend, devices=("cpu",))
+    _backends.register_torch(OP, TorchBackend)
+
+
+_register_backends()
+
+
+# --- torch.library op --------------------------------------------------------------------------
+
+@torch.library.custom_op("hetrain::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return plugins.call(OP, "forward", x.device.type, x, weight, bias, eps)
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=stats), x.new_empty(x.shape[0], dtype=stats)
+
+
+@torch.library.custom_op("hetrain::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return plugins.call(OP, "backward", x.device.type, dy, x, weight, mean, rstd, has_bias)
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, has_bias):
+    n = x.shape[1]
+    return torch.empty_like(x), x.new_empty(n if weight is not None else 0), x.new_empty(n if has_bias else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias)
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
+
+
+_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- functional face ---------------------------------------------------------------------------
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5
+) -> torch.Tensor:
+    """LayerNorm over the last dimension of ``x`` (any leading shape), fused; like ``F.layer_norm``.
+
+    Runs in ``x``'s dtype with float32 accumulation (float64 for float64); ``weight`` and ``bias``
+    are cast to ``x``'s dtype, so bf16 activations with float32 parameters work as under autocast.
+    """
+    n = x.shape[-1] if x.dim() > 0 else 0
+    if x.dim() == 0 or not x.is_floating_point():
+        raise ValueError(f"hetrain.ops.layer_norm: x must be a floating tensor with >= 1 dim, got "
+                         f"shape {tuple(x.shape)} {x.dtype}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (n,):
+            raise ValueError(f"hetrain.ops.layer_norm: {name} must have shape ({n},) to match x's last "
+                             f"dimension, got {tuple(p.shape)} (x is {tuple(x.shape)})")
+        if p is not None and p.device != x.device:
+            raise ValueError(f"hetrain.ops.layer_norm: {name} is on {p.device} but x is on {x.device}")
+    weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
+    bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
+    y, _mean, _rstd = _layer_norm_fwd(x.reshape(-1, n), weight, bias, float(eps))
+    return y.view(x.shape)

@@ -1,0 +1,178 @@
+"""Triton LayerNorm over the last dimension: forward and backward kernels and their launchers.
+
+One program normalises one row held whole in registers, so rows up to ``MAX_FUSED_BYTES`` fit;
+longer rows are refused with an error naming the limit. Forward saves only mean and rstd.
+Backward gives each program a contiguous block of rows and writes one partial dW/dB row per
+program, summed afterwards: no contended atomics, and a deterministic result.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# 64 KiB of row data per program, the limit past which registers spill (checked with gpu-compile).
+MAX_FUSED_BYTES = 65536
+
+
+@triton.jit
+def _layer_norm_fwd(
+    X,  # (M, N) input, rows stride_x apart
+    Y,  # (M, N) output, rows stride_y apart
+    W,  # (N,) weight, read only if HAS_WEIGHT
+    B,  # (N,) bias, read only if HAS_BIAS
+    Mean,  # (M,) saved mean, COMPUTE dtype
+    Rstd,  # (M,) saved 1/std, COMPUTE dtype
+    stride_x,
+    stride_y,
+    N,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
+    mean = tl.sum(x, axis=0) / N
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = xc * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(COMPUTE)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd(
+    DY,  # (M, N) upstream gradient, rows stride_dy apart
+    X,  # (M, N) forward input, rows stride_x apart
+    W,  # (N,) weight, read only if HAS_WEIGHT
+    Mean,  # (M,) saved mean
+    Rstd,  # (M,) saved 1/std
+    DX,  # (M, N) input gradient, rows stride_dx apart
+    DW_part,  # (programs, N) partial weight gradients, COMPUTE dtype
+    DB_part,  # (programs, N) partial bias gradients, COMPUTE dtype
+    stride_dy,
+    stride_x,
+    stride_dx,
+    M,
+    N,
+    rows_per_program,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+    dw = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    db = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: M * N may pass 2**31
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for r in range(row_start, row_end):
+        x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)
+        mean = tl.load(Mean + r)
+        rstd = tl.load(Rstd + r)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        g = dy * w if HAS_WEIGHT else dy
+        mean_g = tl.sum(g, axis=0) / N
+        mean_gx = tl.sum(g * xhat, axis=0) / N
+        dx = (g - mean_g - xhat * mean_gx) * rstd
+        tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    if HAS_WEIGHT:
+        tl.store(DW_part + pid * N + cols, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_part + pid * N + cols, db, mask=mask)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and accumulation type: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_compute(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def launch_config(N: int, dtype: torch.dtype) -> dict:
+    """Block size and warps the launchers use for rows of ``N`` elements of ``dtype``."""
+    block_n = triton.next_power_of_2(max(N, 1))
+    if block_n * torch.empty((), dtype=dtype).element_size() > MAX_FUSED_BYTES:
+        raise ValueError(
+            f"hetrain.layer_norm (triton): rows of {N} {dtype} elements exceed the fused limit of "
+            f"{MAX_FUSED_BYTES} bytes per row; pin another backend, e.g. HETRAIN_BACKEND=layer_norm=torch"
+        )
+    return {"BLOCK_N": block_n, "num_warps": min(max(block_n // 256, 1), 16)}
+
+
+def _programs_for_backward(M: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(M, 4 * sms))
+    return max(1, min(M, 4))
+
+
+def forward(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: (M, N). Returns y (M, N), mean (M,), rstd (M,)."""
+    M, N = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    stats = compute_dtype(x.dtype)
+    mean = torch.empty(M, dtype=stats, device=x.device)
+    rstd = torch.empty(M, dtype=stats, device=x.device)
+    if M == 0:
+        return y, mean, rstd
+    cfg = launch_config(N, x.dtype)
+    _layer_norm_fwd[(M,)](
+        x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+        x.stride(0), y.stride(0), N, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, COMPUTE=_tl_compute(x.dtype),
+        BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+    )
+    return y, mean, rstd
+
+
+def backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dx (M, N), dw (N,) or empty, db (N,) or empty."""
+    M, N = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    stats = compute_dtype(x.dtype)
+    programs = _programs_for_backward(M, x.device)
+    dw_part = torch.zeros((programs, N) if weight is not None else (0,), dtype=stats, device=x.device)
+    db_part = torch.zeros((programs, N) if has_bias else (0,), dtype=stats, device=x.device)
+    if M > 0:
+        cfg = launch_config(N, x.dtype)
+        _layer_norm_bwd[(programs,)](
+            dy, x, weight if weight is not None else x, mean, rstd, dx, dw_part, db_part,
+            dy.stride(0), x.stride(0), dx.stride(0), M, N, triton.cdiv(M, programs),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=_tl_compute(x.dtype),
+            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        )
+    dw = dw_part.sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
+    db = db_part.sum(0).to(x.dtype) if has_bias else x.new_empty(0)
+    return dx, dw, db

@@ -1,0 +1,236 @@
+"""Device-aware backend registry: which implementation of a fused op runs for a given device.
+
+Each op (e.g. ``layer_norm``) has backends: ``triton`` and ``cuda`` for CUDA tensors, ``cpu``
+(the C++ extension) and ``torch`` (the plain reference, also the test oracle). A call asks for the
+best available backend for its inputs' device type. Users pin one per op, from the strongest to
+the weakest: the :func:`use_backend` context manager, :func:`configure` (Hydra's ``backends:``
+group calls it), the ``HETRAIN_BACKEND="layer_norm=torch,rms_norm=triton"`` environment variable.
+
+A pinned backend that fails re-raises. An automatically picked one that fails warns once and
+falls back to the next candidate, unless strict mode is on (``configure(strict=True)`` or
+``HETRAIN_STRICT=1``; the tests use it), where it raises.
+
+Third parties add backends without editing hetrain: call :func:`register`, or expose a callable
+in the ``hetrain.backends`` entry-point group that calls it when loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+ENV_PINS = "HETRAIN_BACKEND"
+ENV_STRICT = "HETRAIN_STRICT"
+ENTRY_POINT_GROUP = "hetrain.backends"
+
+
+class BackendError(RuntimeError):
+    """No backend can run this op on this device, or a pinned backend is unusable."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of one op.
+
+    ``impl`` is any object with the op's entry points as attributes (e.g. ``forward`` and
+    ``backward``); ``available`` is a cheap check returning ``True`` or a string saying why not.
+    """
+
+    op: str
+    name: str
+    devices: tuple[str, ...]
+    impl: Any
+    priority: int = 0
+    available: Callable[[], bool | str] = field(default=lambda: True, compare=False)
+
+    def why_unavailable(self) -> str | None:
+        try:
+            ok = self.available()
+        except Exception as exc:  # an availability probe must never break selection
+            return f"availability check raised {type(exc).__name__}: {exc}"
+        if ok is True:
+            return None
+        return ok if isinstance(ok, str) and ok else "not available"
+
+
+_registry: dict[str, dict[str, Backend]] = {}
+_config_pins: dict[str, str] = {}
+_config_strict: bool | None = None
+_local = threading.local()
+_warned: set[tuple[str, str]] = set()
+_entry_points_loaded = False
+_lock = threading.Lock()
+
+
+def register(
+    op: str,
+    name: str,
+    devices: tuple[str, ...] | list[str],
+    impl: Any,
+    priority: int = 0,
+    available: Callable[[], bool | str] | None = None,
+) -> Backend:
+    """Adds (or replaces) backend ``name`` of ``op``; higher ``priority`` wins among available ones."""
+    backend = Backend(op, name, tuple(devices), impl, priority, available or (lambda: True))
+    with _lock:
+        _registry.setdefault(op, {})[name] = backend
+    return backend
+
+
+def unregister(op: str, name: str) -> None:
+    with _lock:
+        _registry.get(op, {}).pop(name, None)
+
+
+def _load_entry_points() -> None:
+    """Imports third-party backends once; a broken plugin warns instead of breaking hetrain."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            hook = ep.load()
+            if callable(hook):
+                hook()
+        except Exception as exc:
+            warnings.warn(f"hetrain: backend plugin {ep.name!r} ({ep.value}) failed to load: {exc}",
+                          stacklevel=2)
+
+
+def ops() -> list[str]:
+    _load_entry_points()
+    return sorted(_registry)
+
+
+def backends(op: str) -> list[Backend]:
+    """All backends of ``op``, best first."""
+    _load_entry_points()
+    if op not in _registry:
+        raise BackendError(f"hetrain: unknown op {op!r}; registered ops: {', '.join(sorted(_registry))}")
+    return sorted(_registry[op].values(), key=lambda b: -b.priority)
+
+
+def _parse_pins(text: str) -> dict[str, str]:
+    pins = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        op, sep, name = item.partition("=")
+        if not sep or not op.strip() or not name.strip():
+            raise BackendError(
+                f"hetrain: cannot read {ENV_PINS}={text!r}: expected 'op=backend[,op=backend...]', "
+                f"e.g. 'layer_norm=torch'"
+            )
+        pins[op.strip()] = name.strip()
+    return pins
+
+
+def pinned(op: str) -> str | None:
+    """The backend name pinned for ``op`` (context manager, then config, then environment)."""
+    for scope in reversed(getattr(_local, "stack", [])):
+        if op in scope:
+            return scope[op]
+    if op in _config_pins:
+        return _config_pins[op]
+    return _parse_pins(os.environ.get(ENV_PINS, "")).get(op)
+
+
+def strict() -> bool:
+    if _config_strict is not None:
+        return _config_strict
+    return os.environ.get(ENV_STRICT, "0").lower() in ("1", "true", "yes")
+
+
+def configure(pins: dict[str, str] | None = None, strict: bool | None = None) -> None:
+    """Sets process-wide pins (replacing earlier ones) and strict mode; ``None`` leaves a setting as is."""
+    global _config_strict
+    if pins is not None:
+        _config_pins.clear()
+        _config_pins.update({k: v for k, v in dict(pins).items() if v})
+    if strict is not None:
+        _config_strict = bool(strict)
+
+
+@contextlib.contextmanager
+def use_backend(**pins: str) -> Iterator[None]:
+    """Pins backends for the calls made inside the block, on this thread: ``use_backend(layer_norm="torch")``."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(pins)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _describe(op: str) -> str:
+    parts = []
+    for b in backends(op):
+        why = b.why_unavailable()
+        parts.append(f"{b.name}({', '.join(b.devices)}{'' if why is None else '; unavailable: ' + why})")
+    return ", ".join(parts) or "none"
+
+
+def candidates(op: str, device_type: str) -> list[Backend]:
+    """Backends that may run ``op`` on ``device_type``, in the order they are tried.
+
+    A pinned backend is the only candidate; it must serve the device and be available.
+    """
+    pin = pinned(op)
+    every = backends(op)
+    if pin is not None:
+        chosen = next((b for b in every if b.name == pin), None)
+        if chosen is None:
+            raise BackendError(
+                f"hetrain: backend {pin!r} pinned for op {op!r} is not registered; registered: {_describe(op)}"
+            )
+        if device_type not in chosen.devices:
+            raise BackendError(
+                f"hetrain: backend {pin!r} pinned for op {op!r} does not serve device {device_type!r} "
+                f"(it serves {', '.join(chosen.devices)}); unpin it or move the inputs"
+            )
+        why = chosen.why_unavailable()
+        if why is not None:
+            raise BackendError(f"hetrain: backend {pin!r} pinned for op {op!r} is unavailable: {why}")
+        return [chosen]
+    usable = [b for b in every if device_type in b.devices and b.why_unavailable() is None]
+    if not usable:
+        raise BackendError(
+            f"hetrain: no available backend of op {op!r} serves device {device_type!r}; "
+            f"registered: {_describe(op)}. Register one with hetrain.plugins.register(...) "
+            f"or the '{ENTRY_POINT_GROUP}' entry-point group."
+        )
+    return usable
+
+
+def select(op: str, device_type: str) -> Backend:
+    """The backend a call of ``op`` on ``device_type`` would use first."""
+    return candidates(op, device_type)[0]
+
+
+def call(op: str, entry: str, device_type: str, *args: Any, **kwargs: Any) -> Any:
+    """Runs ``entry`` (e.g. ``"forward"``) of the best backend, falling back as the module docstring says."""
+    tried = candidates(op, device_type)
+    for i, backend in enumerate(tried):
+        try:
+            return getattr(backend.impl, entry)(*args, **kwargs)
+        except Exception as exc:
+            last = i == len(tried) - 1
+            if last or strict() or pinned(op) is not None:
+                raise
+            key = (op, backend.name)
+            if key not in _warned:
+                _warned.add(key)
+                warnings.warn(
+                    f"hetrain: backend {backend.name!r} of op {op!r} failed on {device_type} "
+                    f"({type(exc).__name__}: {exc}); falling back to {tried[i + 1].name!r}. "
+                    f"Set {ENV_STRICT}=1 to raise instead.",
+                    stacklevel=3,
+                )
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,85 @@
+"""Builds hetrain._C from csrc/.
+
+C++ sources are always built (-O3, OpenMP). CUDA sources (csrc/cuda/*.cu and their bindings
+csrc/cuda/*_binding.cpp) are added when torch was built with CUDA and nvcc is found; set
+HETRAIN_CUDA=1 to require them or HETRAIN_CUDA=0 to skip them. DEBUG=1 builds with -O0 -g.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - a build without torch cannot proceed
+    sys.exit(
+        "hetrain: building hetrain._C needs torch installed first.\n"
+        "  Fix: pip install torch==2.13.0   (or your CUDA build), then\n"
+        "       pip install -e . --no-build-isolation"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+
+
+def _want_cuda() -> bool:
+    """CUDA sources need a CUDA build of torch and nvcc, not a visible GPU."""
+    forced = os.environ.get("HETRAIN_CUDA")
+    has_toolkit = torch.version.cuda is not None and (
+        CUDA_HOME is not None or shutil.which("nvcc") is not None
+    )
+    if forced == "0":
+        return False
+    if forced == "1":
+        if not has_toolkit:
+            sys.exit(
+                "hetrain: HETRAIN_CUDA=1 but torch has no CUDA "
+                f"(torch.version.cuda={torch.version.cuda}) or nvcc was not found.\n"
+                "  Fix: install a CUDA build of torch and the CUDA toolkit, or unset HETRAIN_CUDA."
+            )
+        return True
+    return has_toolkit
+
+
+def _extension():
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    cxx = [*opt, "-fopenmp", "-std=c++17"]
+    link = ["-fopenmp"]
+    if _want_cuda():
+        cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        cu += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        print(f"hetrain: building hetrain._C with CUDA ({len(cu)} CUDA-side sources)")
+        return CUDAExtension(
+            "hetrain._C",
+            cpp + cu,
+            extra_compile_args={"cxx": [*cxx, "-DHETRAIN_WITH_CUDA"], "nvcc": [*opt, "-lineinfo"]},
+            extra_link_args=link,
+        )
+    print("hetrain: building hetrain._C for the CPU (no CUDA torch + nvcc, or HETRAIN_CUDA=0)")
+    return CppExtension("hetrain._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+
+
+class _ExplainingBuild(BuildExtension):
+    """Turns a compiler failure into a message naming the step and the fix."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:
+            sys.exit(
+                f"hetrain: building the C++/CUDA extension hetrain._C failed: {exc}\n"
+                "  Check: a C++17 compiler (g++ >= 9) and, for CUDA, an nvcc matching torch.version.cuda.\n"
+                "  Retry with logs: DEBUG=1 pip install -e . --no-build-isolation -v\n"
+                "  Or build for the CPU only: HETRAIN_CUDA=0 pip install -e . --no-build-isolation"
+            )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": _ExplainingBuild.with_options(use_ninja=shutil.which("ninja") is not None)},
+)

@@ -40,6 +40,8 @@ class Backend:
 
     ``impl`` is any object with the op's entry points as attributes (e.g. ``forward`` and
     ``backward``); ``available`` is a cheap check returning ``True`` or a string saying why not.
+    ``opt_in`` lists devices it serves only when pinned (e.g. Triton's interpreter on the CPU:
+    right for checking numbers, far too slow to be picked automatically).
     """
 
     op: str
@@ -48,6 +50,7 @@ class Backend:
     impl: Any
     priority: int = 0
     available: Callable[[], bool | str] = field(default=lambda: True, compare=False)
+    opt_in: tuple[str, ...] = ()
 
     def why_unavailable(self) -> str | None:
         try:
@@ -75,9 +78,10 @@ def register(
     impl: Any,
     priority: int = 0,
     available: Callable[[], bool | str] | None = None,
+    opt_in: tuple[str, ...] | list[str] = (),
 ) -> Backend:
     """Adds (or replaces) backend ``name`` of ``op``; higher ``priority`` wins among available ones."""
-    backend = Backend(op, name, tuple(devices), impl, priority, available or (lambda: True))
+    backend = Backend(op, name, tuple(devices), impl, priority, available or (lambda: True), tuple(opt_in))
     with _lock:
         _registry.setdefault(op, {})[name] = backend
     return backend
@@ -173,7 +177,8 @@ def _describe(op: str) -> str:
     parts = []
     for b in backends(op):
         why = b.why_unavailable()
-        parts.append(f"{b.name}({', '.join(b.devices)}{'' if why is None else '; unavailable: ' + why})")
+        opt_in = f"; pinned only on {', '.join(b.opt_in)}" if b.opt_in else ""
+        parts.append(f"{b.name}({', '.join(b.devices)}{opt_in}{'' if why is None else '; unavailable: ' + why})")
     return ", ".join(parts) or "none"
 
 
@@ -199,7 +204,8 @@ def candidates(op: str, device_type: str) -> list[Backend]:
         if why is not None:
             raise BackendError(f"hetrain: backend {pin!r} pinned for op {op!r} is unavailable: {why}")
         return [chosen]
-    usable = [b for b in every if device_type in b.devices and b.why_unavailable() is None]
+    usable = [b for b in every
+              if device_type in b.devices and device_type not in b.opt_in and b.why_unavailable() is None]
     if not usable:
         raise BackendError(
             f"hetrain: no available backend of op {op!r} serves device {device_type!r}; "

@@ -41,7 +41,7 @@ def register_triton(op: str, module_name: str) -> None:
     module = _import_triton_module(module_name)
     devices = ("cuda", "cpu") if triton_interpreting() else ("cuda",)
     plugins.register(op, "triton", devices, None if isinstance(module, str) else module,
-                     PRIORITY["triton"], lambda: _triton_available(module))
+                     PRIORITY["triton"], lambda: _triton_available(module), opt_in=("cpu",))
 
 
 def register_cpp(op: str, impl: Any, devices: tuple[str, ...]) -> None:

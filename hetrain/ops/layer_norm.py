@@ -32,7 +32,7 @@ class TorchBackend:
     def forward(x, weight, bias, eps):
         stats = torch.float64 if x.dtype == torch.float64 else torch.float32
         xf = x.to(stats)
-        var, mean = torch.var_mean(xf, dim=-1, unbiased=False)
+        var, mean = torch.var_mean(xf, dim=-1, correction=0)
         rstd = torch.rsqrt(var + eps)
         y = (xf - mean[:, None]) * rstd[:, None]
         if weight is not None:

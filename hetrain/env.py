@@ -1,0 +1,157 @@
+"""``python -m hetrain.env``: what this machine has, which backend each op would use, and what looks wrong.
+
+Prints versions (torch, CUDA, driver, Triton, nvcc), each device with its compute capability and
+memory, every op's backends with availability and the one chosen per device type, then
+compatibility warnings with the fix for each.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+import torch
+
+import hetrain
+from hetrain import _ext, plugins
+
+MIN_TRITON = (3, 0)
+
+
+@dataclass
+class Report:
+    versions: dict[str, str] = field(default_factory=dict)
+    devices: list[dict[str, str]] = field(default_factory=list)
+    backends: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def nvcc_version() -> str | None:
+    """The CUDA release nvcc reports, e.g. '13.0', or None without nvcc."""
+    nvcc = shutil.which("nvcc")
+    out = _run([nvcc, "--version"]) if nvcc else None
+    match = re.search(r"release (\d+\.\d+)", out or "")
+    return match.group(1) if match else None
+
+
+def driver_version() -> str | None:
+    out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if shutil.which(
+        "nvidia-smi") else None
+    return out.strip().splitlines()[0] if out and out.strip() else None
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+
+
+def device_types() -> list[str]:
+    types = ["cpu"]
+    if torch.cuda.is_available():
+        types.append("cuda")
+    return types
+
+
+def collect() -> Report:
+    report = Report()
+    cuda_runtime = torch.version.cuda
+    report.versions = {
+        "hetrain": hetrain.__version__,
+        "torch": torch.__version__,
+        "torch CUDA": cuda_runtime or "none (CPU build)",
+        "driver": driver_version() or "none",
+        "triton": triton_version() or "not installed",
+        "nvcc": nvcc_version() or "not found",
+        "hetrain._C": ("built with CUDA" if _ext.built_with_cuda() else "built for CPU")
+        if _ext.load() is not None else "not built",
+    }
+    report.devices.append({"device": "cpu", "name": f"{torch.get_num_threads()} threads", "capability": "-",
+                           "memory": "-"})
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(i)
+        report.devices.append({"device": f"cuda:{i}", "name": props.name, "capability": f"{props.major}.{props.minor}",
+                               "memory": f"{props.total_memory / 2**30:.1f} GiB"})
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            report.warnings.append(f"cuda:{i} ({props.name}) has no fast bf16: precision 'auto' picks fp16 with "
+                                   "loss scaling there")
+    for op in plugins.ops():
+        rows = []
+        for b in plugins.backends(op):
+            why = b.why_unavailable()
+            devices = ",".join(d + ("(pinned only)" if d in b.opt_in else "") for d in b.devices)
+            rows.append({"backend": b.name, "devices": devices, "priority": str(b.priority),
+                         "status": "available" if why is None else f"unavailable: {why}"})
+        for dev in device_types():
+            try:
+                chosen = plugins.select(op, dev).name
+            except plugins.BackendError as exc:
+                chosen = f"none ({exc})"
+            rows.append({"backend": f"-> chosen on {dev}", "devices": dev, "priority": "", "status": chosen})
+        report.backends[op] = rows
+    report.warnings += _compatibility_warnings(report.versions)
+    return report
+
+
+def _compatibility_warnings(versions: dict[str, str]) -> list[str]:
+    out = []
+    nvcc, cuda = nvcc_version(), torch.version.cuda
+    if nvcc and cuda and nvcc.split(".")[0] != cuda.split(".")[0]:
+        out.append(f"nvcc is CUDA {nvcc} but torch was built with CUDA {cuda}: the extension may fail to build or "
+                   "load; install a matching toolkit or set CUDA_HOME to one")
+    tv = triton_version()
+    if tv is None:
+        out.append("Triton is not installed: the triton backends are off (pip install triton)")
+    elif _version_tuple(tv) < MIN_TRITON:
+        out.append(f"Triton {tv} is older than {'.'.join(map(str, MIN_TRITON))}: upgrade it (pip install -U triton)")
+    if _ext.load() is None:
+        out.append("hetrain._C is not built: C++/CUDA backends are off (pip install -e . --no-build-isolation)")
+    elif torch.cuda.is_available() and not _ext.built_with_cuda():
+        out.append("hetrain._C was built without CUDA on a CUDA machine: rebuild with HETRAIN_CUDA=1 "
+                   "pip install -e . --no-build-isolation")
+    return out
+
+
+def _table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "  (none)"
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in keys}
+    lines = ["  " + "  ".join(k.ljust(widths[k]) for k in keys)]
+    lines += ["  " + "  ".join(r[k].ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+def format_report(report: Report) -> str:
+    parts = ["hetrain environment", "", "versions:"]
+    width = max(len(k) for k in report.versions)
+    parts += [f"  {k.ljust(width)}  {v}" for k, v in report.versions.items()]
+    parts += ["", "devices:", _table(report.devices)]
+    for op, rows in report.backends.items():
+        parts += ["", f"op {op}:", _table(rows)]
+    parts += ["", "warnings:" if report.warnings else "warnings: none"]
+    parts += [f"  ! {w}" for w in report.warnings]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    print(format_report(collect()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""LayerNorm: every backend forward and backward against the float64 torch reference, compile, errors, nn."""
+
+import pytest
+import torch
+from op_testing import assert_close, non_contiguous, randn
+
+import hetrain
+from hetrain import plugins
+from hetrain.ops.layer_norm import layer_norm, layer_norm_ref
+
+BACKENDS = ["triton", "cpu", "torch"]
+SHAPES = [(3, 1), (4, 7), (2, 5, 33), (6, 100), (1, 257), (2, 3, 768)]
+
+
+def run(backend, x, w, b, eps=1e-5):
+    with plugins.use_backend(layer_norm=backend):
+        y = layer_norm(x, w, b, eps)
+        dy = randn(*y.shape, dtype=y.dtype, seed=7)
+        grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
+    return y, dy, grads
+
+
+def reference(x, w, b, dy, eps=1e-5):
+    """The float64 oracle on the same input values."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_() if w is not None else None
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    y = layer_norm_ref(x64, w64, b64, eps)
+    grads = torch.autograd.grad(y, [t for t in (x64, w64, b64) if t is not None], dy.double())
+    return y, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "none"])
+def test_forward_backward_match_float64_reference(backend, dtype, shape, affine):
+    n = shape[-1]
+    x = randn(*shape, dtype=dtype, seed=1, scale=2.0, shift=0.5, requires_grad=True)
+    w = randn(n, dtype=dtype, seed=2, shift=1.0, requires_grad=True) if affine != "none" else None
+    b = randn(n, dtype=dtype, seed=3, requires_grad=True) if affine == "weight+bias" else None
+    y, dy, grads = run(backend, x, w, b)
+    y_ref, grads_ref = reference(x, w, b, dy)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, y_ref, dtype, f"{backend} y")
+    for name, g, g_ref in zip(("dx", "dw", "db"), grads, grads_ref, strict=False):
+        # Weight/bias gradients are sums over rows: compare them relative to their largest entry.
+        scale = max(1.0, g_ref.abs().max().item()) if name != "dx" else 1.0
+        assert_close(g / scale, g_ref / scale, dtype, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input_and_grad(backend):
+    x = non_contiguous(randn(5, 40, dtype=torch.float64, seed=4, shift=1.0, requires_grad=True))
+    w = randn(40, dtype=torch.float64, seed=5, requires_grad=True)
+    b = randn(40, dtype=torch.float64, seed=6, requires_grad=True)
+    y, dy, grads = run(backend, x, w, b)
+    y_ref, grads_ref = reference(x, w, b, dy)
+    assert_close(y, y_ref, torch.float64, "y")
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert_close(g, g_ref, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_size_batch(backend):
+    x = torch.empty(0, 16, requires_grad=True)
+    w = randn(16, seed=1, requires_grad=True)
+    b = randn(16, seed=2, requires_grad=True)
+    y, _dy, (dx, dw, db) = run(backend, x, w, b)
+    assert y.shape == (0, 16) and dx.shape == (0, 16)
+    assert torch.equal(dw, torch.zeros(16)) and torch.equal(db, torch.zeros(16))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_gradcheck(backend):
+    x = randn(3, 9, dtype=torch.float64, seed=8, shift=0.3, requires_grad=True)
+    w = randn(9, dtype=torch.float64, seed=9, requires_grad=True)
+    b = randn(9, dtype=torch.float64, seed=10, requires_grad=True)
+    with plugins.use_backend(layer_norm=backend):
+        assert torch.autograd.gradcheck(lambda *a: layer_norm(*a, eps=1e-5), (x, w, b))
+
+
+def test_mixed_parameter_dtype_runs_in_activation_dtype():
+    x = randn(4, 32, dtype=torch.bfloat16, seed=1, requires_grad=True)
+    w = randn(32, seed=2, shift=1.0, requires_grad=True)
+    b = randn(32, seed=3, requires_grad=True)
+    y = layer_norm(x, w, b)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+def test_custom_ops_pass_opcheck():
+    x = randn(4, 24, seed=1, shift=0.5, requires_grad=True)
+    w = randn(24, seed=2, requires_grad=True)
+    b = randn(24, seed=3, requires_grad=True)
+    torch.library.opcheck(torch.ops.hetrain.layer_norm_fwd.default, (x, w, b, 1e-5))
+    torch.library.opcheck(torch.ops.hetrain.layer_norm_fwd.default, (x, None, None, 1e-5))
+    y, mean, rstd = torch.ops.hetrain.layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
+    torch.library.opcheck(torch.ops.hetrain.layer_norm_bwd.default,
+                          (randn(4, 24, seed=4), x.detach(), w.detach(), mean, rstd, True))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x = randn(2, 5, 48, seed=1, shift=0.2, requires_grad=True)
+    w = randn(48, seed=2, requires_grad=True)
+    b = randn(48, seed=3, requires_grad=True)
+
+    def block(x, w, b):
+        return layer_norm(x * 2.0, w, b).relu()
+
+    with plugins.use_backend(layer_norm=backend):
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        y = compiled(x, w, b)
+        grads = torch.autograd.grad(y.sum(), (x, w, b))
+    y_eager = torch.relu(layer_norm_ref(x * 2.0, w, b))
+    grads_eager = torch.autograd.grad(y_eager.sum(), (x, w, b))
+    assert_close(y, y_eager, torch.float32, "compiled y")
+    for g, ge in zip(grads, grads_eager, strict=True):
+        assert_close(g, ge, torch.float32, "compiled grad")
+
+
+def test_inductor_compile_has_no_graph_break():
+    torch._dynamo.reset()
+    x = randn(8, 64, seed=1)
+    w = randn(64, seed=2)
+    compiled = torch.compile(lambda x, w: layer_norm(x, w) + 1, fullgraph=True)
+    assert_close(compiled(x, w), layer_norm_ref(x, w) + 1, torch.float32, "inductor")
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = randn(4, 8)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        layer_norm(x, randn(7))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        layer_norm(x, None, randn(8, 1))
+    with pytest.raises(ValueError, match="floating tensor"):
+        layer_norm(torch.ones(4, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="on meta but x is on cpu"):
+        layer_norm(x, torch.empty(8, device="meta"))
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        torch.ops.hetrain_C.layer_norm_fwd(randn(2, 3, 4), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="dtype Double differs"):
+        torch.ops.hetrain_C.layer_norm_fwd(x, randn(8, dtype=torch.float64), None, 1e-5)
+
+
+def test_triton_refuses_rows_past_its_fused_limit():
+    from hetrain.ops.triton.layer_norm import MAX_FUSED_BYTES, launch_config
+
+    with pytest.raises(ValueError, match="exceed the fused limit"):
+        launch_config(MAX_FUSED_BYTES, torch.float32)
+
+
+def test_nn_layer_norm_is_a_drop_in():
+    torch.manual_seed(0)
+    ref = torch.nn.LayerNorm(33)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    fused = hetrain.nn.LayerNorm(33)
+    fused.load_state_dict(ref.state_dict())
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    x = randn(3, 4, 33, seed=5)
+    assert_close(fused(x), ref(x), torch.float32, "module")
+    two_d = hetrain.nn.LayerNorm((3, 11), elementwise_affine=True, bias=False)
+    assert_close(two_d(randn(2, 3, 11)), torch.nn.functional.layer_norm(randn(2, 3, 11), (3, 11), two_d.weight),
+                 torch.float32, "2-D normalized_shape")
+    with pytest.raises(ValueError, match="does not end with normalized_shape"):
+        fused(randn(2, 32))
+
+
+def test_patch_swaps_layer_norms_and_keeps_outputs_and_grads():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.GELU(),
+                                torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.LayerNorm(32)))
+    x = randn(5, 16, seed=3)
+    y_before = model(x)
+    g_before = torch.autograd.grad(y_before.sum(), model[0].weight)[0]
+    report = hetrain.nn.patch(model)
+    assert set(report.swapped) == {"1", "3.1"} and "LayerNorm -> hetrain.nn" in str(report)
+    assert isinstance(model[1], hetrain.nn.LayerNorm) and isinstance(model[3][1], hetrain.nn.LayerNorm)
+    y_after = model(x)
+    g_after = torch.autograd.grad(y_after.sum(), model[0].weight)[0]
+    assert_close(y_after, y_before, torch.float32, "patched y")
+    assert_close(g_after, g_before, torch.float32, "patched grad")
+    assert len(hetrain.nn.patch(model)) == 0

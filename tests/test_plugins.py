@@ -1,0 +1,142 @@
+"""The backend registry: selection, pinning three ways, fallback, strict mode, errors, third-party backends."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+from hetrain import plugins
+
+OP = "test_registry_op"
+
+
+class Good:
+    def __init__(self, tag):
+        self.tag = tag
+
+    def forward(self, value):
+        return (self.tag, value)
+
+
+class Broken:
+    @staticmethod
+    def forward(value):
+        raise RuntimeError("kernel exploded")
+
+
+@pytest.fixture
+def op(monkeypatch):
+    """A throwaway op with a fast, a slow and an unavailable backend; strict off unless a test sets it."""
+    monkeypatch.delenv(plugins.ENV_PINS, raising=False)
+    monkeypatch.setenv(plugins.ENV_STRICT, "0")
+    plugins.register(OP, "fast", ("cpu", "cuda"), Good("fast"), priority=20)
+    plugins.register(OP, "slow", ("cpu",), Good("slow"), priority=0)
+    plugins.register(OP, "ghost", ("cpu",), Good("ghost"), priority=99, available=lambda: "driver missing")
+    yield OP
+    for name in ("fast", "slow", "ghost", "broken", "outside"):
+        plugins.unregister(OP, name)
+    plugins.configure(pins={}, strict=None)
+
+
+def test_best_available_backend_is_selected(op):
+    assert plugins.select(op, "cpu").name == "fast"  # ghost has higher priority but is unavailable
+    assert plugins.call(op, "forward", "cpu", 3) == ("fast", 3)
+
+
+def test_pin_by_environment(op, monkeypatch):
+    monkeypatch.setenv(plugins.ENV_PINS, f"other=x, {op}=slow")
+    assert plugins.call(op, "forward", "cpu", 1) == ("slow", 1)
+
+
+def test_pin_by_config_beats_environment(op, monkeypatch):
+    monkeypatch.setenv(plugins.ENV_PINS, f"{op}=fast")
+    plugins.configure(pins={op: "slow"})
+    assert plugins.select(op, "cpu").name == "slow"
+
+
+def test_pin_by_context_manager_beats_config_and_nests(op):
+    plugins.configure(pins={op: "fast"})
+    with plugins.use_backend(**{op: "slow"}):
+        assert plugins.select(op, "cpu").name == "slow"
+        with plugins.use_backend(**{op: "fast"}):
+            assert plugins.select(op, "cpu").name == "fast"
+        assert plugins.select(op, "cpu").name == "slow"
+    assert plugins.select(op, "cpu").name == "fast"
+
+
+def test_bad_pin_errors_name_the_problem(op, monkeypatch):
+    with plugins.use_backend(**{op: "nope"}), pytest.raises(plugins.BackendError, match="'nope'.*not registered"):
+        plugins.select(op, "cpu")
+    with plugins.use_backend(**{op: "slow"}), pytest.raises(plugins.BackendError, match="does not serve device 'cuda'"):
+        plugins.select(op, "cuda")
+    with plugins.use_backend(**{op: "ghost"}), pytest.raises(plugins.BackendError, match="driver missing"):
+        plugins.select(op, "cpu")
+    monkeypatch.setenv(plugins.ENV_PINS, "garbage")
+    with pytest.raises(plugins.BackendError, match="op=backend"):
+        plugins.select(op, "cpu")
+
+
+def test_failing_auto_backend_falls_back_and_warns_once(op):
+    plugins.register(op, "broken", ("cpu",), Broken, priority=50)
+    with pytest.warns(UserWarning, match="'broken'.*falling back to 'fast'"):
+        assert plugins.call(op, "forward", "cpu", 1) == ("fast", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plugins.call(op, "forward", "cpu", 2) == ("fast", 2)
+
+
+def test_strict_mode_and_pinned_backends_raise(op, monkeypatch):
+    plugins.register(op, "broken", ("cpu",), Broken, priority=50)
+    monkeypatch.setenv(plugins.ENV_STRICT, "1")
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        plugins.call(op, "forward", "cpu", 1)
+    monkeypatch.setenv(plugins.ENV_STRICT, "0")
+    with plugins.use_backend(**{op: "broken"}), pytest.raises(RuntimeError, match="kernel exploded"):
+        plugins.call(op, "forward", "cpu", 1)
+
+
+def test_unserved_device_error_names_op_device_and_registered(op):
+    with pytest.raises(plugins.BackendError) as info:
+        plugins.select(op, "xla")
+    text = str(info.value)
+    assert f"'{op}'" in text and "'xla'" in text and "fast(cpu, cuda)" in text and "driver missing" in text
+
+
+def test_opt_in_device_is_used_only_when_pinned(op):
+    plugins.register(op, "outside", ("cpu",), Good("outside"), priority=90, opt_in=("cpu",))
+    assert plugins.select(op, "cpu").name == "fast"
+    with plugins.use_backend(**{op: "outside"}):
+        assert plugins.call(op, "forward", "cpu", 0) == ("outside", 0)
+
+
+def test_register_from_outside(op):
+    plugins.register(op, "outside", ("xla",), Good("outside"))
+    assert plugins.call(op, "forward", "xla", 5) == ("outside", 5)
+
+
+def test_entry_point_backend_from_an_installed_distribution(tmp_path):
+    """A third-party distribution adds a backend through the entry-point group, without editing hetrain."""
+    pkg = tmp_path / "acme_backend"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent("""
+        from hetrain import plugins
+
+        class AcmeLayerNorm:
+            @staticmethod
+            def forward(x, weight, bias, eps):
+                return "acme"
+
+        def register():
+            plugins.register("layer_norm", "acme", ("acme_npu",), AcmeLayerNorm, priority=10)
+    """))
+    dist = tmp_path / "acme_backend-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-backend\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[hetrain.backends]\nacme = acme_backend:register\n")
+    code = "from hetrain import plugins; b = plugins.select('layer_norm', 'acme_npu'); print(b.name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.stdout.strip() == "acme"

@@ -28,18 +28,25 @@ void forward_rows(const scalar_t* x, const scalar_t* w, const scalar_t* b, scala
       const scalar_t* xr = x + r * N;
       scalar_t* yr = y + r * N;
       acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < N; ++j) sum += acc_t(xr[j]);
       const acc_t mu = sum / acc_t(N);
       acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
       for (int64_t j = 0; j < N; ++j) {
         const acc_t d = acc_t(xr[j]) - mu;
         sq += d * d;
       }
       const acc_t rs = layer_norm::rstd<acc_t>(sq / acc_t(N), acc_t(eps));
-      for (int64_t j = 0; j < N; ++j) {
-        const acc_t wj = w ? acc_t(w[j]) : acc_t(1);
-        const acc_t bj = b ? acc_t(b[j]) : acc_t(0);
-        yr[j] = scalar_t(layer_norm::forward<acc_t>(acc_t(xr[j]), mu, rs, wj, bj));
+      if (w && b) {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j)
+          yr[j] = scalar_t(layer_norm::forward<acc_t>(acc_t(xr[j]), mu, rs, acc_t(w[j]), acc_t(b[j])));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j)
+          yr[j] = scalar_t(layer_norm::forward<acc_t>(acc_t(xr[j]), mu, rs, w ? acc_t(w[j]) : acc_t(1),
+                                                      b ? acc_t(b[j]) : acc_t(0)));
       }
       mean[r] = mu;
       rstd[r] = rs;
@@ -57,7 +64,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, con
   const bool want_w = dw != nullptr, want_b = db != nullptr;
   std::vector<acc_t> part_w(want_w ? chunks * N : 0, acc_t(0)), part_b(want_b ? chunks * N : 0, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> g(N), xhat(N);
+    std::vector<acc_t> g(N), xhat(N);  // once per task, not per row
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = M * c / chunks, r1 = M * (c + 1) / chunks;
       acc_t* pw = want_w ? part_w.data() + c * N : nullptr;
@@ -68,19 +75,29 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, con
         scalar_t* dxr = dx + r * N;
         const acc_t mu = mean[r], rs = rstd[r];
         acc_t sum_g = 0, sum_gx = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
         for (int64_t j = 0; j < N; ++j) {
           const acc_t d = acc_t(dyr[j]);
-          xhat[j] = (acc_t(xr[j]) - mu) * rs;
-          g[j] = w ? d * acc_t(w[j]) : d;
-          sum_g += g[j];
-          sum_gx += g[j] * xhat[j];
+          const acc_t xh = (acc_t(xr[j]) - mu) * rs;
+          const acc_t gj = w ? d * acc_t(w[j]) : d;
+          xhat[j] = xh;
+          g[j] = gj;
+          sum_g += gj;
+          sum_gx += gj * xh;
         }
         const acc_t mg = sum_g / acc_t(N), mgx = sum_gx / acc_t(N);
+#pragma omp simd
         for (int64_t j = 0; j < N; ++j) {
           dxr[j] = scalar_t(layer_norm::input_grad<acc_t>(g[j], xhat[j], rs, mg, mgx));
         }
-        if (pw) for (int64_t j = 0; j < N; ++j) pw[j] += acc_t(dyr[j]) * xhat[j];
-        if (pb) for (int64_t j = 0; j < N; ++j) pb[j] += acc_t(dyr[j]);
+        if (pw) {
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) pw[j] += acc_t(dyr[j]) * xhat[j];
+        }
+        if (pb) {
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) pb[j] += acc_t(dyr[j]);
+        }
       }
     }
   });

@@ -1,0 +1,43 @@
+# hetrain: `make train` (set up, then the main job) and `make test` (set up, then the whole suite).
+# The set-up is a .venv beside this file: torch only if none is importable there (TORCH=... to choose),
+# then hetrain with its compiled extension. A second run reuses it and only rebuilds what changed.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hetrain-installed
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
+ARGS ?=
+
+.PHONY: setup train test lint env bench-cpu clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(EXT_SOURCES)
+	@$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH)"; $(PY) -m pip install -q "$(TORCH)"; }
+	$(PY) -m pip install -q setuptools wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	@touch $(STAMP)
+
+train: setup
+	$(PY) train.py recipe=bert_split $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+env: setup
+	$(PY) -m hetrain.env
+
+bench-cpu: setup
+	$(PY) -m benchmarks.bench_cpu $(ARGS)
+
+clean:
+	rm -rf build hetrain/*.so *.egg-info $(STAMP)

@@ -1,0 +1,62 @@
+"""CPU benchmark of every fused op's C++ path against torch eager and torch.compile, side by side.
+
+Run: ``make bench-cpu`` (or ``python -m benchmarks.bench_cpu``). Writes
+``benchmarks/results/<date>-cpu.json`` and regenerates the CPU section of ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+import hetrain
+from benchmarks import report
+from benchmarks.cases import discover
+from benchmarks.timing import copy_bandwidth_gbs, median_ms
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(quick: bool = False) -> dict:
+    copy_gbs = copy_bandwidth_gbs("cpu", megabytes=64 if quick else 256)
+    rows = []
+    for case in discover("cpu"):
+        impls = case.make()
+        times = {name: median_ms(fn, min_reps=3 if quick else 10, budget_s=0.3 if quick else 1.5)
+                 for name, fn in impls.items()}
+        ours = times["hetrain"]
+        rows.append({
+            "op": case.op, "shape": case.shape, "dtype": case.dtype, "ms": times,
+            "speedup_vs_eager": times["eager"] / ours, "speedup_vs_compile": times["compile"] / ours,
+            "gbs": case.bytes_moved / (ours * 1e-3) / 1e9,
+            "copy_fraction": case.bytes_moved / (ours * 1e-3) / 1e9 / copy_gbs,
+        })
+        print(report.cpu_row_text(rows[-1]), flush=True)
+    return {
+        "date": dt.date.today().isoformat(), "device": f"cpu ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "hetrain": hetrain.__version__,
+        "copy_gbs": copy_gbs, "quick": quick, "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke test")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args()
+    result = run(quick=args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{result['date']}-cpu.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path}")
+    if not args.quick:
+        report.write_results_md(args.out)
+
+
+if __name__ == "__main__":
+    main()

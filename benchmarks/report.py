@@ -1,0 +1,53 @@
+"""Turns recorded benchmark JSON into the tables of benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS_MD = Path(__file__).parent / "RESULTS.md"
+CPU_BEGIN, CPU_END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
+
+
+def cpu_row_text(row: dict) -> str:
+    ms = row["ms"]
+    return (f"{row['op']:<24} {row['shape']:<12} {row['dtype']:<8} eager {ms['eager']:7.2f} ms  "
+            f"compile {ms['compile']:7.2f} ms  hetrain {ms['hetrain']:7.2f} ms  "
+            f"x{row['speedup_vs_eager']:.2f} vs eager  x{row['speedup_vs_compile']:.2f} vs compile  "
+            f"{100 * row['copy_fraction']:.0f}% of copy bw")
+
+
+def cpu_table(result: dict) -> str:
+    lines = [
+        f"CPU: {result['device']}, torch {result['torch']}, {result['date']}; forward+backward median; "
+        f"copy bandwidth {result['copy_gbs']:.1f} GB/s measured in the same run.",
+        "",
+        "| op | shape | dtype | eager ms | compile ms | hetrain ms | vs eager | vs compile | % copy bw |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ms = r["ms"]
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {ms['eager']:.2f} | {ms['compile']:.2f} | "
+                     f"{ms['hetrain']:.2f} | {r['speedup_vs_eager']:.2f}x | {r['speedup_vs_compile']:.2f}x | "
+                     f"{100 * r['copy_fraction']:.0f}% |")
+    return "\n".join(lines)
+
+
+def latest(results_dir: Path, suffix: str) -> dict | None:
+    files = sorted(results_dir.glob(f"*-{suffix}.json"))
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def write_results_md(results_dir: Path) -> None:
+    """Replaces the CPU section of RESULTS.md with the newest CPU result, keeping everything else."""
+    result = latest(results_dir, "cpu")
+    if result is None:
+        return
+    section = f"{CPU_BEGIN}\n{cpu_table(result)}\n{CPU_END}"
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# hetrain benchmark results\n\n## CPU\n\n"
+    if CPU_BEGIN in text:
+        head, rest = text.split(CPU_BEGIN, 1)
+        text = head + section + rest.split(CPU_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    RESULTS_MD.write_text(text)

@@ -1,0 +1,34 @@
+"""Timing helpers shared by the benchmarks: medians of repeated calls and the copy-bandwidth ceiling."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def median_ms(fn: Callable[[], object], warmup: int = 3, min_reps: int = 10, max_reps: int = 50,
+              budget_s: float = 1.5) -> float:
+    """Median wall time of ``fn`` in ms (CUDA-synchronised when a GPU is in use)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: str = "cpu", megabytes: int = 256) -> float:
+    """GB/s of a large tensor copy on ``device``, read plus write: the ceiling of a memory-bound kernel."""
+    src = torch.randn(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), min_reps=10)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9

@@ -1,0 +1,130 @@
+"""``make gpu-check``: build, verify and benchmark everything in one command, with a table at the end.
+
+On a GPU machine: build ``hetrain._C`` with its CUDA sources, print the environment, compile every
+kernel for sm_90/sm_80, run every ``cuda``-marked test, then the benchmarks in a short mode; record
+``benchmarks/results/<date>-<device>.json`` and a log, and regenerate ``benchmarks/RESULTS.md``.
+On a machine without a GPU the same command runs what can run there and names each skipped step
+and why. A failing step does not stop the later ones; the exit code is non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str]
+    needs_gpu: bool = False
+    needs: str | None = None  # a file the step runs, skipped with a reason while it does not exist
+    timeout_s: int = 600
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # passed | failed | skipped
+    seconds: float
+    detail: str
+
+
+def steps(quick: bool) -> list[Step]:
+    py = sys.executable
+    bench_args = ["--quick"] if quick else []
+    return [
+        Step("build", [py, "setup.py", "build_ext", "--inplace"], needs_gpu=True, env={"HETRAIN_CUDA": "1"}),
+        Step("env", [py, "-m", "hetrain.env"]),
+        Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile"], env={"TRITON_INTERPRET": "0"}),
+        Step("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", "tests"], needs_gpu=True,
+             env={"TRITON_INTERPRET": "0"}),
+        Step("bench-ops", [py, "-m", "benchmarks.bench_ops", *bench_args], needs_gpu=True,
+             needs="benchmarks/bench_ops.py"),
+        Step("bench-loader", [py, "-m", "benchmarks.bench_loader", *bench_args], needs="benchmarks/bench_loader.py"),
+        Step("bench-train", [py, "-m", "benchmarks.bench_train", *bench_args], needs="benchmarks/bench_train.py"),
+    ]
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-").lower()
+    return "cpu"
+
+
+def why_skipped(step: Step, only: set[str] | None, skip: set[str]) -> str | None:
+    if step.name in skip or (only is not None and step.name not in only):
+        return "not selected"
+    if step.needs_gpu and not torch.cuda.is_available():
+        return "no CUDA GPU visible" if torch.version.cuda else "torch is a CPU build (no CUDA)"
+    if step.needs and not (ROOT / step.needs).exists():
+        return f"{step.needs} does not exist yet"
+    return None
+
+
+def run_step(step: Step, log) -> Outcome:
+    start = time.perf_counter()
+    log.write(f"\n===== {step.name}: {' '.join(step.command)}\n")
+    log.flush()
+    env = {**os.environ, **step.env}
+    if env.get("TRITON_INTERPRET") == "0":
+        env.pop("TRITON_INTERPRET")
+    try:
+        proc = subprocess.run(step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=step.timeout_s)
+        status, detail = ("passed", "") if proc.returncode == 0 else ("failed", f"exit code {proc.returncode}")
+    except subprocess.TimeoutExpired:
+        status, detail = "failed", f"timed out after {step.timeout_s} s"
+    return Outcome(step.name, status, time.perf_counter() - start, detail)
+
+
+def table(outcomes: list[Outcome]) -> str:
+    width = max(len(o.name) for o in outcomes)
+    lines = [f"{'step'.ljust(width)}  status   seconds  detail"]
+    lines += [f"{o.name.ljust(width)}  {o.status:<7}  {o.seconds:7.1f}  {o.detail}" for o in outcomes]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build, verify and benchmark hetrain on this machine.")
+    parser.add_argument("--quick", action="store_true", help="short benchmark mode")
+    parser.add_argument("--only", help="comma-separated steps to run")
+    parser.add_argument("--skip", default="", help="comma-separated steps to skip")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and the log go")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    skip = set(filter(None, args.skip.split(",")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{dt.date.today().isoformat()}-{device_name()}"
+    log_path = args.out / f"{stem}-check.log"
+    outcomes = []
+    with open(log_path, "w") as log:
+        for step in steps(args.quick):
+            reason = why_skipped(step, only, skip)
+            outcome = Outcome(step.name, "skipped", 0.0, reason) if reason else run_step(step, log)
+            outcomes.append(outcome)
+            print(f"[gpu-check] {outcome.name}: {outcome.status} {outcome.detail}".rstrip(), flush=True)
+    record = {"date": dt.date.today().isoformat(), "device": device_name(), "torch": torch.__version__,
+              "cuda": torch.version.cuda, "steps": [asdict(o) for o in outcomes], "log": log_path.name}
+    (args.out / f"{stem}-check.json").write_text(json.dumps(record, indent=2))
+    print("\n" + table(outcomes))
+    print(f"\nlog: {log_path}")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Placement: which part of a model runs on which device, decided by measurement and scheduling.
+
+A Lightning-free toolbox: :func:`measure` builds a :class:`CostModel` on the machine at hand,
+:func:`heft` / :func:`heft_bytes` schedule any task graph, :func:`chain_dp` / :func:`chain_dp_bytes`
+place a chain of layers exactly, and :class:`PlacementPlan` carries the answer (save, load, apply,
+resolve against the devices present).
+"""
+
+from hetrain.placement.chain import ChainPlan, chain_dp, chain_dp_bytes
+from hetrain.placement.cost_model import CostModel, measure, measure_bandwidth
+from hetrain.placement.heft import Schedule, heft, heft_bytes, topological_order, upward_ranks
+from hetrain.placement.plan import Change, PlacementPlan, available_devices, describe_changes
+
+__all__ = [
+    "Change",
+    "ChainPlan",
+    "CostModel",
+    "PlacementPlan",
+    "Schedule",
+    "available_devices",
+    "chain_dp",
+    "chain_dp_bytes",
+    "describe_changes",
+    "heft",
+    "heft_bytes",
+    "measure",
+    "measure_bandwidth",
+    "topological_order",
+    "upward_ranks",
+]

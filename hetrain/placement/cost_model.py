@@ -1,0 +1,283 @@
+"""A cost model measured on the machine at hand: what each stage costs where, and what crossing devices costs.
+
+:func:`measure` times each stage's forward + backward on each device at the run's batch shape, records
+the bytes each stage hands to the next, and times copies between every pair of devices. The
+:class:`CostModel` it returns is plain data (saved as JSON) and feeds the solvers::
+
+    mask_for = lambda name: (mask,) if name.startswith("encoder") else ()
+    cm = measure(model.stages(), lambda: ids, extra_args=mask_for)  # ids, mask: (B, T) at the run's shape
+    plan = cm.chain_plan(objective="pipeline", micro_batches=4)   # or cm.heft_plan()
+    plan.save("placement.yaml")
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hetrain.placement.chain import chain_dp_bytes
+from hetrain.placement.heft import heft_bytes
+from hetrain.placement.plan import PlacementPlan, available_devices
+
+
+@dataclass
+class CostModel:
+    """Measured costs of a chain of stages.
+
+    ``compute[s][d]``: seconds for stage ``s``'s forward + backward on device ``d`` (``inf`` where it
+    failed; ``errors[stage][device]`` says why). ``boundary_bytes[s]``: bytes of stage ``s``'s output.
+    ``bandwidth[a][b]``: bytes/s of a copy from device ``a`` to ``b`` (``inf`` on the diagonal).
+    """
+
+    stages: list[str]
+    devices: list[str]
+    compute: list[list[float]]
+    boundary_bytes: list[int]
+    bandwidth: list[list[float]]
+    errors: dict[str, dict[str, str]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def link_bandwidth(self, training: bool = True) -> list[list[float]]:
+        """Bandwidth to price one boundary with. In training, the activation goes a -> b and its
+        gradient, of the same size, comes back b -> a: ``1 / (1/bw[a][b] + 1/bw[b][a])`` makes
+        ``bytes / bandwidth`` that round trip."""
+        bw = self.bandwidth
+        if not training:
+            return [list(row) for row in bw]
+
+        def round_trip(a: int, b: int) -> float:
+            seconds_per_byte = 1.0 / bw[a][b] + 1.0 / bw[b][a]
+            return 1.0 / seconds_per_byte if seconds_per_byte > 0 else math.inf
+
+        return [[round_trip(a, b) for b in range(len(bw))] for a in range(len(bw))]
+
+    def heft_inputs(self, training: bool = True):
+        """``(compute, edge_bytes, bandwidth)`` for :func:`hetrain.placement.heft_bytes`: the stages as a chain."""
+        compute = {s: list(row) for s, row in zip(self.stages, self.compute, strict=True)}
+        pairs = zip(self.stages[:-1], self.stages[1:], self.boundary_bytes, strict=False)  # the last output leaves
+        edges = {(u, v): float(nbytes) for u, v, nbytes in pairs}
+        return compute, edges, self.link_bandwidth(training)
+
+    def chain_inputs(self, training: bool = True):
+        """``(costs, boundary_bytes, bandwidth)`` for :func:`hetrain.placement.chain_dp_bytes`."""
+        return (
+            [list(row) for row in self.compute],
+            [float(b) for b in self.boundary_bytes[:-1]],
+            self.link_bandwidth(training),
+        )
+
+    def heft_plan(self, training: bool = True) -> PlacementPlan:
+        schedule = heft_bytes(*self.heft_inputs(training))
+        return PlacementPlan.from_assignment(self.stages, self.devices, schedule.assignment, "heft", schedule.makespan)
+
+    def chain_plan(self, objective: str = "sequential", micro_batches: int = 1, training: bool = True) -> PlacementPlan:
+        plan = chain_dp_bytes(*self.chain_inputs(training), objective=objective, micro_batches=micro_batches)
+        return PlacementPlan.from_assignment(self.stages, self.devices, plan.devices, "chain-dp", plan.predicted_time)
+
+    def to_dict(self) -> dict[str, Any]:
+        # JSON has no infinity; "inf" keeps the file readable by any parser.
+        data = asdict(self)
+        data["compute"] = [[_encode(c) for c in row] for row in self.compute]
+        data["bandwidth"] = [[_encode(b) for b in row] for row in self.bandwidth]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CostModel:
+        fields = dict(data)
+        fields["compute"] = [[float(c) for c in row] for row in data["compute"]]
+        fields["bandwidth"] = [[float(b) for b in row] for row in data["bandwidth"]]
+        return cls(**fields)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _encode(x: float) -> float | str:
+    return "inf" if math.isinf(x) else x
+
+
+# Stage inputs and outputs may be a tensor or tuples/lists/dicts of them; these walk that structure.
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    _map_tensors(obj, found.append)
+    return found
+
+
+def _synchronize(device: torch.device) -> None:
+    # Accelerators run asynchronously (torch.cuda, torch.xpu, ... each have synchronize); the CPU and
+    # the meta device (shapes only) have nothing to wait for.
+    backend = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
+    if backend is not None and hasattr(backend, "synchronize"):
+        backend.synchronize(device)
+
+
+def _median_time(fn: Callable[[], Any], devices: Sequence[torch.device], warmup: int, repeats: int) -> float:
+    # torch.utils.benchmark.Timer reports per-block means and runs with one thread unless told
+    # otherwise; a placement needs the median of single runs at the process's own thread count.
+    for _ in range(warmup):
+        fn()
+    for d in devices:
+        _synchronize(d)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        for d in devices:
+            _synchronize(d)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_stage(
+    stage: nn.Module, args: tuple, device: torch.device, needs_input_grad: bool, warmup: int, repeats: int
+) -> tuple[float, Any]:
+    """Median forward + backward seconds of a copy of ``stage`` on ``device``, and one output (on the CPU)."""
+    module = copy.deepcopy(stage).to(device)
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to(device)
+        # A later stage's input is an activation: training sends its gradient back upstream.
+        return t.requires_grad_() if needs_input_grad and t.is_floating_point() else t
+
+    inputs = _map_tensors(args, to_device)
+    grads: list[torch.Tensor] = []
+
+    def step() -> Any:
+        module.zero_grad(set_to_none=True)
+        out = module(*inputs)
+        outs = [t for t in _tensors(out) if t.requires_grad]
+        if outs:
+            if not grads:
+                grads.extend(torch.ones_like(t) for t in outs)
+            torch.autograd.backward(outs, grads)
+        return out
+
+    seconds = _median_time(step, [device], warmup, repeats)
+    with torch.no_grad():
+        out = module(*inputs)
+    return seconds, _map_tensors(out, lambda t: t.detach().cpu())
+
+
+def measure_bandwidth(
+    devices: Sequence[str], nbytes: int = 16 << 20, warmup: int = 1, repeats: int = 5
+) -> list[list[float]]:
+    """Bytes/s of a copy between each ordered pair of devices; host buffers are pinned when a GPU is on the
+    other side (as the data path uses them), and a device to itself is ``inf``."""
+    parsed = [torch.device(d) for d in devices]
+    bandwidth = [[math.inf] * len(devices) for _ in devices]
+    for a, src_device in enumerate(parsed):
+        for b, dst_device in enumerate(parsed):
+            if a == b:
+                continue
+            src = torch.ones(nbytes, dtype=torch.uint8, device=src_device, pin_memory=_pinned(src_device, dst_device))
+            dst = torch.empty(nbytes, dtype=torch.uint8, device=dst_device, pin_memory=_pinned(dst_device, src_device))
+            one_copy = functools.partial(dst.copy_, src, non_blocking=True)
+            seconds = _median_time(one_copy, [src_device, dst_device], warmup, repeats)
+            bandwidth[a][b] = nbytes / seconds if seconds > 0 else math.inf
+    return bandwidth
+
+
+def _pinned(here: torch.device, other: torch.device) -> bool:
+    return here.type == "cpu" and other.type == "cuda"
+
+
+def measure(
+    stages: nn.Sequential | Mapping[str, nn.Module],
+    make_input: Callable[[], Any],
+    devices: Sequence[str] | None = None,
+    extra_args: Callable[[str], tuple] | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    copy_bytes: int = 16 << 20,
+) -> CostModel:
+    """Measures a chain of stages on ``devices`` (default: the CPU and every visible GPU).
+
+    Args:
+        stages: the chain in forward order: an ``nn.Sequential`` (paths ``"0"``, ``"1"``, ...) or a
+            ``{module path: module}`` mapping such as ``BertClassifier.stages()``.
+        make_input: builds the first stage's input at the run's batch shape (a tensor or a tuple of
+            positional arguments), on the CPU; each later stage gets the previous stage's output (a
+            tuple as several arguments).
+        extra_args: stage path -> further positional arguments after the carried activation (an
+            attention mask, say); none by default.
+        warmup, repeats: untimed runs, then the runs whose median is reported.
+        copy_bytes: size of the copies that measure bandwidth.
+
+    A stage that fails on a device costs ``inf`` there, with the error in ``errors``; a stage that
+    runs nowhere raises. The stages themselves are not moved: each device times a copy.
+    """
+    if isinstance(stages, nn.Sequential):
+        named = dict(stages.named_children())
+    elif isinstance(stages, Mapping):
+        named = dict(stages)
+    else:
+        raise TypeError(
+            f"hetrain: stages must be an nn.Sequential or a {{path: module}} mapping in forward order, "
+            f"not {type(stages).__name__}"
+        )
+    if not named:
+        raise ValueError("hetrain: no stages to measure")
+    devices = list(available_devices() if devices is None else devices)
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"hetrain: devices repeat: {devices}")
+
+    first = make_input()
+    carried: Any = first if isinstance(first, tuple) else (first,)
+    compute: list[list[float]] = []
+    boundary_bytes: list[int] = []
+    errors: dict[str, dict[str, str]] = {}
+    for index, (name, stage) in enumerate(named.items()):
+        args = carried + tuple(extra_args(name) if extra_args else ())
+        row, output = [], None
+        for device in devices:
+            try:
+                seconds, out = _time_stage(stage, args, torch.device(device), index > 0, warmup, repeats)
+            except Exception as exc:  # a stage that cannot run on a device is a fact of the cost model
+                errors.setdefault(name, {})[device] = f"{type(exc).__name__}: {exc}".strip()
+                row.append(math.inf)
+                continue
+            row.append(seconds)
+            output = out if output is None else output
+        if output is None:
+            reasons = "; ".join(f"{d}: {r}" for d, r in errors[name].items())
+            raise ValueError(f"hetrain: stage {name!r} ran on no device ({reasons})")
+        compute.append(row)
+        boundary_bytes.append(sum(t.numel() * t.element_size() for t in _tensors(output)))
+        carried = output if isinstance(output, tuple) else (output,)
+
+    meta = {
+        "torch": torch.__version__,
+        "input_shapes": [list(t.shape) for t in _tensors(first)],
+        "warmup": warmup,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }
+    bandwidth = measure_bandwidth(devices, copy_bytes, repeats=repeats)
+    return CostModel(list(named), devices, compute, boundary_bytes, bandwidth, errors, meta)

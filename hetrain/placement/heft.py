@@ -1,0 +1,231 @@
+"""HEFT list scheduling of a task graph onto heterogeneous devices.
+
+Heterogeneous Earliest Finish Time (Topcuoglu, Hariri and Wu, IEEE TPDS 13(3), 2002):
+
+1. each task's *upward rank* is its mean compute cost (over the devices it can run on) plus the
+   largest, over its successors, of the mean transfer cost of the edge plus the successor's rank;
+2. tasks are taken in decreasing rank order (among the tasks whose predecessors are placed, so the
+   order is topological even when zero costs make ranks equal; ties go to the task given first);
+3. each task goes to the device where it would finish earliest, looking for the earliest idle gap
+   on that device that is long enough (insertion policy); ties go to the lower device index.
+
+torch has no task-graph scheduler, hence this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+Task = Hashable
+Edge = tuple[Task, Task]
+
+# Upward ranks closer than this (relative) count as equal, so float rounding in the means
+# (43/3 vs 38/3) cannot reorder tasks whose ranks are equal in exact arithmetic.
+_RANK_RTOL = 1e-9
+
+
+@dataclass
+class Schedule:
+    """Where and when each task runs. ``order`` is the priority list HEFT placed the tasks in."""
+
+    assignment: dict[Task, int]
+    start: dict[Task, float]
+    finish: dict[Task, float]
+    makespan: float
+    order: list[Task] = field(default_factory=list)
+
+
+def _check_costs(compute: Mapping[Task, Sequence[float]]) -> int:
+    """Validates the cost table; returns the number of devices."""
+    widths = {len(costs) for costs in compute.values()}
+    if len(widths) > 1:
+        lengths = ", ".join(f"{task!r}: {len(costs)}" for task, costs in compute.items())
+        raise ValueError(f"hetrain: compute cost lists differ in length (one entry per device expected): {lengths}")
+    num_devices = widths.pop() if widths else 0
+    if compute and num_devices == 0:
+        raise ValueError("hetrain: compute cost lists are empty; give one cost per device")
+    for task, costs in compute.items():
+        for d, c in enumerate(costs):
+            if math.isnan(c) or c < 0:
+                raise ValueError(f"hetrain: compute cost of task {task!r} on device {d} is {c}; costs must be >= 0")
+        if all(math.isinf(c) for c in costs):
+            raise ValueError(f"hetrain: task {task!r} can run on no device (every cost is inf)")
+    return num_devices
+
+
+def _check_edges(compute: Mapping[Task, Sequence[float]], edges: Mapping[Edge, float], what: str) -> None:
+    for edge, value in edges.items():
+        if not (isinstance(edge, tuple) and len(edge) == 2):
+            raise ValueError(f"hetrain: edge {edge!r} is not a (u, v) pair")
+        for end in edge:
+            if end not in compute:
+                raise ValueError(f"hetrain: edge {edge!r} names task {end!r}, which has no compute costs")
+        if math.isnan(value) or value < 0:
+            raise ValueError(f"hetrain: {what} of edge {edge!r} is {value}; it must be >= 0")
+
+
+def topological_order(tasks: Sequence[Task], edges: Sequence[Edge]) -> list[Task]:
+    """Tasks in an order where every edge points forward; raises naming a cycle if there is one."""
+    succs: dict[Task, list[Task]] = {t: [] for t in tasks}
+    indegree = dict.fromkeys(tasks, 0)
+    for u, v in edges:
+        succs[u].append(v)
+        indegree[v] += 1
+    ready = [t for t in tasks if indegree[t] == 0]
+    order: list[Task] = []
+    while ready:
+        t = ready.pop(0)
+        order.append(t)
+        for v in succs[t]:
+            indegree[v] -= 1
+            if indegree[v] == 0:
+                ready.append(v)
+    if len(order) < len(tasks):
+        raise ValueError(f"hetrain: the task graph has a cycle: {_find_cycle(tasks, edges, set(order))}")
+    return order
+
+
+def _find_cycle(tasks: Sequence[Task], edges: Sequence[Edge], acyclic: set[Task]) -> str:
+    # Every task Kahn's algorithm could not order has a predecessor it could not order either, so
+    # walking predecessors from one of them must revisit a task: that walk's loop is a cycle.
+    preds: dict[Task, list[Task]] = {t: [] for t in tasks}
+    for u, v in edges:
+        preds[v].append(u)
+    node = next(t for t in tasks if t not in acyclic)
+    seen: list[Task] = []
+    while node not in seen:
+        seen.append(node)
+        node = next(p for p in preds[node] if p not in acyclic)
+    loop = seen[seen.index(node) :][::-1]
+    return " -> ".join(repr(t) for t in [*loop, loop[0]])
+
+
+def upward_ranks(
+    compute: Mapping[Task, Sequence[float]], mean_comm: Mapping[Edge, float], order: Sequence[Task]
+) -> dict[Task, float]:
+    """HEFT's upward rank of each task, from mean compute costs and mean transfer costs."""
+    succs: dict[Task, list[Task]] = {t: [] for t in compute}
+    for u, v in mean_comm:
+        succs[u].append(v)
+    rank: dict[Task, float] = {}
+    for t in reversed(order):
+        finite = [c for c in compute[t] if not math.isinf(c)]
+        tail = max((mean_comm[(t, v)] + rank[v] for v in succs[t]), default=0.0)
+        rank[t] = sum(finite) / len(finite) + tail
+    return rank
+
+
+def _priority_list(tasks: Sequence[Task], edges: Sequence[Edge], rank: Mapping[Task, float]) -> list[Task]:
+    # Highest rank among the ready tasks: the plain decreasing-rank order when ranks strictly
+    # decrease along edges, and still topological when zero costs make a task tie its successor.
+    index = {t: i for i, t in enumerate(tasks)}
+    preds_left = dict.fromkeys(tasks, 0)
+    succs: dict[Task, list[Task]] = {t: [] for t in tasks}
+    for u, v in edges:
+        preds_left[v] += 1
+        succs[u].append(v)
+    ready = {t for t in tasks if preds_left[t] == 0}
+    order = []
+    while ready:
+        top = max(rank[t] for t in ready)
+        tied = [t for t in ready if math.isclose(rank[t], top, rel_tol=_RANK_RTOL)]
+        t = min(tied, key=index.__getitem__)
+        ready.remove(t)
+        order.append(t)
+        for v in succs[t]:
+            preds_left[v] -= 1
+            if preds_left[v] == 0:
+                ready.add(v)
+    return order
+
+
+def _earliest_slot(busy: list[tuple[float, float]], ready: float, duration: float) -> float:
+    """Earliest start >= ``ready`` of an idle gap of ``duration`` on a device busy at ``busy`` (sorted)."""
+    start = ready
+    for s, f in busy:
+        if start + duration <= s:
+            return start
+        start = max(start, f)
+    return start
+
+
+def _schedule(
+    compute: Mapping[Task, Sequence[float]],
+    edges: Sequence[Edge],
+    mean_comm: Mapping[Edge, float],
+    comm_time: Callable[[Edge, int, int], float],
+    num_devices: int,
+) -> Schedule:
+    tasks = list(compute)
+    order = _priority_list(tasks, edges, upward_ranks(compute, mean_comm, topological_order(tasks, edges)))
+    preds: dict[Task, list[Task]] = {t: [] for t in tasks}
+    for u, v in edges:
+        preds[v].append(u)
+    busy: list[list[tuple[float, float]]] = [[] for _ in range(num_devices)]
+    assignment: dict[Task, int] = {}
+    start: dict[Task, float] = {}
+    finish: dict[Task, float] = {}
+    for t in order:
+        best: tuple[float, float, int] | None = None
+        for d in range(num_devices):
+            cost = compute[t][d]
+            if math.isinf(cost):
+                continue
+            ready = max(
+                (finish[u] + (0.0 if assignment[u] == d else comm_time((u, t), assignment[u], d)) for u in preds[t]),
+                default=0.0,
+            )
+            if math.isinf(ready):
+                continue
+            s = _earliest_slot(busy[d], ready, cost)
+            if best is None or s + cost < best[0]:
+                best = (s + cost, s, d)
+        if best is None:
+            raise ValueError(f"hetrain: task {t!r} cannot receive its inputs on any device it can run on")
+        f, s, d = best
+        assignment[t], start[t], finish[t] = d, s, f
+        busy[d].append((s, f))
+        busy[d].sort()
+    return Schedule(assignment, start, finish, max(finish.values(), default=0.0), order)
+
+
+def heft(compute: Mapping[Task, Sequence[float]], comm: Mapping[Edge, float]) -> Schedule:
+    """Schedules a task graph with HEFT.
+
+    Args:
+        compute: task -> its cost on each device (``inf`` where it cannot run); every list has one
+            entry per device.
+        comm: edge ``(u, v)`` -> transfer time when ``u`` and ``v`` run on different devices (none on
+            the same device). The edges define the graph; tasks with no edges are allowed.
+    """
+    num_devices = _check_costs(compute)
+    _check_edges(compute, comm, "transfer time")
+    return _schedule(compute, list(comm), comm, lambda edge, a, b: comm[edge], num_devices)
+
+
+def heft_bytes(
+    compute: Mapping[Task, Sequence[float]],
+    edge_bytes: Mapping[Edge, float],
+    bandwidth: Sequence[Sequence[float]],
+) -> Schedule:
+    """HEFT with transfers priced per device pair: ``edge_bytes[(u, v)] / bandwidth[d_u][d_v]`` seconds.
+
+    ``bandwidth`` is a devices x devices matrix in bytes/s (``inf`` for a free link); its diagonal is
+    not read, since a transfer within a device costs nothing. An edge's mean cost for the ranks is its
+    bytes times the mean of ``1 / bandwidth`` over ordered pairs of different devices.
+    """
+    num_devices = _check_costs(compute)
+    _check_edges(compute, edge_bytes, "byte count")
+    if len(bandwidth) != num_devices or any(len(row) != num_devices for row in bandwidth):
+        raise ValueError(f"hetrain: bandwidth must be a {num_devices} x {num_devices} matrix (one row per device)")
+    pairs = [(a, b) for a in range(num_devices) for b in range(num_devices) if a != b]
+    for a, b in pairs:
+        if math.isnan(bandwidth[a][b]) or bandwidth[a][b] <= 0:
+            raise ValueError(f"hetrain: bandwidth from device {a} to {b} is {bandwidth[a][b]}; it must be > 0")
+    mean_inverse = sum(1.0 / bandwidth[a][b] for a, b in pairs) / len(pairs) if pairs else 0.0
+    mean_comm = {edge: nbytes * mean_inverse for edge, nbytes in edge_bytes.items()}
+    return _schedule(
+        compute, list(edge_bytes), mean_comm, lambda edge, a, b: edge_bytes[edge] / bandwidth[a][b], num_devices
+    )

@@ -1,0 +1,529 @@
+"""hetrain.placement: HEFT against the published example and invariants, the chain solver against brute
+force, the measured cost model, and plans (save, load, apply, resolve)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from hetrain.placement import (
+    Change,
+    CostModel,
+    PlacementPlan,
+    chain_dp,
+    chain_dp_bytes,
+    describe_changes,
+    heft,
+    heft_bytes,
+    measure,
+    upward_ranks,
+)
+
+INF = math.inf
+
+# Topcuoglu, Hariri and Wu (2002), Fig. 2: 10 tasks on 3 processors; computation costs per processor
+# and transfer times of the edges.
+PAPER_COMPUTE = {
+    1: [14, 16, 9], 2: [13, 19, 18], 3: [11, 13, 19], 4: [13, 8, 17], 5: [12, 13, 10],
+    6: [13, 16, 9], 7: [7, 15, 11], 8: [5, 11, 14], 9: [18, 12, 20], 10: [21, 7, 16],
+}  # fmt: skip
+PAPER_COMM = {
+    (1, 2): 18, (1, 3): 12, (1, 4): 9, (1, 5): 11, (1, 6): 14, (2, 8): 19, (2, 9): 16, (3, 7): 23,
+    (4, 8): 27, (4, 9): 23, (5, 9): 13, (6, 8): 15, (7, 10): 17, (8, 10): 11, (9, 10): 13,
+}  # fmt: skip
+
+
+def assert_valid(schedule, compute, comm_time) -> None:
+    """Every task once on a device it can run on, for its cost; edges wait for the data; no overlap per device."""
+    assert set(schedule.assignment) == set(compute)
+    for t, d in schedule.assignment.items():
+        assert compute[t][d] != INF, f"task {t} placed on device {d}, where it cannot run"
+        assert schedule.start[t] >= 0
+        assert schedule.finish[t] == pytest.approx(schedule.start[t] + compute[t][d])
+    for (u, v), _ in comm_time.items():
+        du, dv = schedule.assignment[u], schedule.assignment[v]
+        delay = 0 if du == dv else comm_time[(u, v)](du, dv)
+        assert schedule.start[v] >= schedule.finish[u] + delay - 1e-9, f"edge {u}->{v} starts before its data arrives"
+    by_device: dict[int, list] = {}
+    for t, d in schedule.assignment.items():
+        by_device.setdefault(d, []).append((schedule.start[t], schedule.finish[t], t))
+    for d, spans in by_device.items():
+        spans.sort()
+        for (_, f1, a), (s2, _, b) in itertools.pairwise(spans):
+            assert s2 >= f1 - 1e-9, f"tasks {a} and {b} overlap on device {d}"
+    assert schedule.makespan == max(schedule.finish.values())
+
+
+def fixed(comm):
+    return {e: (lambda a, b, c=c: c) for e, c in comm.items()}
+
+
+def random_dag(rng: random.Random, n: int, devices: int, p_edge: float = 0.3, p_inf: float = 0.15):
+    compute = {}
+    for t in range(n):
+        row = [float(rng.randint(1, 20)) if rng.random() > p_inf else INF for _ in range(devices)]
+        if all(c == INF for c in row):
+            row[rng.randrange(devices)] = float(rng.randint(1, 20))
+        compute[f"t{t}"] = row
+    comm = {(f"t{u}", f"t{v}"): float(rng.randint(0, 15)) for u in range(n) for v in range(u + 1, n)
+            if rng.random() < p_edge}  # fmt: skip
+    tasks = list(compute)
+    rng.shuffle(tasks)  # the given order of tasks must not matter for validity
+    return {t: compute[t] for t in tasks}, comm
+
+
+def critical_path(compute, edges) -> float:
+    """Longest path with each task at its cheapest cost and free transfers: no schedule can beat it."""
+    longest = {}
+    preds = {t: [u for u, v in edges if v == t] for t in compute}
+    pending = list(compute)
+    while pending:
+        for t in list(pending):
+            if all(u in longest for u in preds[t]):
+                longest[t] = min(compute[t]) + max((longest[u] for u in preds[t]), default=0.0)
+                pending.remove(t)
+    return max(longest.values())
+
+
+# HEFT
+
+
+def test_heft_paper_example():
+    schedule = heft(PAPER_COMPUTE, PAPER_COMM)
+    assert schedule.makespan == 80
+    assert_valid(schedule, PAPER_COMPUTE, fixed(PAPER_COMM))
+    # The paper's priority list, and its upward ranks (Table in section 4.2).
+    assert schedule.order == [1, 3, 4, 2, 5, 6, 9, 7, 8, 10]
+    ranks = upward_ranks(PAPER_COMPUTE, PAPER_COMM, list(range(1, 11)))
+    expected = {1: 108.0, 2: 77.0, 3: 80.0, 4: 80.0, 5: 69.0, 6: 63.333, 7: 42.667, 8: 35.667, 9: 44.333, 10: 14.667}
+    assert ranks == pytest.approx(expected, abs=1e-3)
+
+
+def test_heft_paper_example_through_bytes():
+    # Bytes with a uniform 1 byte/s link are the same times: the same schedule.
+    uniform = [[INF, 1.0, 1.0], [1.0, INF, 1.0], [1.0, 1.0, INF]]
+    by_bytes = heft_bytes(PAPER_COMPUTE, PAPER_COMM, uniform)
+    by_time = heft(PAPER_COMPUTE, PAPER_COMM)
+    assert (by_bytes.assignment, by_bytes.start, by_bytes.makespan) == (
+        by_time.assignment, by_time.start, by_time.makespan)  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_heft_random_dags_are_valid_and_bounded(seed):
+    rng = random.Random(seed)
+    devices = rng.randint(1, 4)
+    compute, comm = random_dag(rng, rng.randint(1, 25), devices)
+    schedule = heft(compute, comm)
+    assert_valid(schedule, compute, fixed(comm))
+    assert schedule.makespan >= critical_path(compute, comm) - 1e-9
+    assert schedule.makespan >= sum(min(c) for c in compute.values()) / devices - 1e-9
+    assert heft(compute, comm) == schedule  # deterministic
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_heft_bytes_random_dags_with_asymmetric_links(seed):
+    rng = random.Random(100 + seed)
+    devices = rng.randint(2, 4)
+    compute, comm = random_dag(rng, rng.randint(2, 20), devices)
+    edge_bytes = {e: c * 1000 for e, c in comm.items()}
+    bw = [[INF if a == b else float(rng.choice([250, 500, 1000, 4000])) for b in range(devices)]
+          for a in range(devices)]  # fmt: skip
+    schedule = heft_bytes(compute, edge_bytes, bw)
+    assert_valid(schedule, compute, {e: (lambda a, b, n=n: n / bw[a][b]) for e, n in edge_bytes.items()})
+    assert schedule.makespan >= critical_path(compute, comm) - 1e-9
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_heft_on_one_device_is_the_sum_of_costs(seed):
+    rng = random.Random(200 + seed)
+    compute, comm = random_dag(rng, rng.randint(1, 30), 1, p_inf=0.0)
+    schedule = heft(compute, comm)
+    assert schedule.makespan == sum(c[0] for c in compute.values())
+    assert set(schedule.assignment.values()) == {0}
+
+
+def test_heft_keeps_a_chain_on_one_device_when_links_are_expensive():
+    # Without transfers the layers would alternate between the devices; with them, splitting never pays.
+    compute = {i: ([1.0, 9.0] if i % 2 else [9.0, 1.0]) for i in range(8)}
+    cheap = heft(compute, {(i, i + 1): 0.0 for i in range(7)})
+    assert len(set(cheap.assignment.values())) == 2
+    costly = heft(compute, {(i, i + 1): 1e6 for i in range(7)})
+    assert len(set(costly.assignment.values())) == 1
+    assert costly.makespan == 40.0
+
+
+def test_heft_inserts_a_task_into_an_idle_gap():
+    # Device 1 idles until b's input arrives at 11; c, placed after b and d (lower rank), fits in that gap.
+    compute = {"a": [1.0, INF], "b": [INF, 1.0], "d": [INF, 5.0], "c": [INF, 2.0]}
+    schedule = heft(compute, {("a", "b"): 10.0, ("b", "d"): 0.0})
+    assert schedule.order == ["a", "b", "d", "c"]
+    assert (schedule.start["b"], schedule.start["c"], schedule.makespan) == (11.0, 0.0, 17.0)
+
+
+def test_heft_independent_tasks_and_zero_costs():
+    # No edges: tasks spread over the devices. Zero-cost chain: ranks tie, the order stays topological.
+    spread = heft({t: [4.0, 4.0] for t in "abcd"}, {})
+    assert spread.makespan == 8.0
+    zero = heft({"c": [0.0], "b": [0.0], "a": [0.0]}, {("a", "b"): 0.0, ("b", "c"): 0.0})
+    assert zero.order == ["a", "b", "c"]
+
+
+def test_heft_cycle_error_names_a_task_on_the_cycle():
+    compute = {t: [1.0, 2.0] for t in "abcde"}
+    comm = {("a", "b"): 1.0, ("b", "c"): 1.0, ("c", "d"): 1.0, ("d", "b"): 1.0, ("d", "e"): 1.0}
+    with pytest.raises(ValueError, match="cycle") as info:
+        heft(compute, comm)
+    message = str(info.value)
+    assert "'b'" in message and "'c'" in message and "'d'" in message
+    assert "'a'" not in message and "'e'" not in message
+    with pytest.raises(ValueError, match="cycle: 'a' -> 'a'"):
+        heft({"a": [1.0]}, {("a", "a"): 1.0})
+
+
+@pytest.mark.parametrize(
+    ("compute", "comm", "message"),
+    [
+        ({"a": [1.0, 2.0], "b": [1.0]}, {}, "differ in length"),
+        ({"a": [1.0, -2.0]}, {}, "task 'a' on device 1 is -2.0"),
+        ({"a": [1.0, float("nan")]}, {}, "costs must be >= 0"),
+        ({"a": [1.0]}, {("a", "z"): 1.0}, "names task 'z'"),
+        ({"a": [INF, INF]}, {}, "task 'a' can run on no device"),
+        ({"a": [1.0], "b": [1.0]}, {("a", "b"): -1.0}, "transfer time of edge"),
+        ({"a": [1.0], "b": [1.0]}, {("a",): 1.0}, "not a \\(u, v\\) pair"),
+    ],
+)
+def test_heft_rejects_bad_input(compute, comm, message):
+    with pytest.raises(ValueError, match=message):
+        heft(compute, comm)
+
+
+def test_heft_bytes_rejects_bad_bandwidth():
+    with pytest.raises(ValueError, match="2 x 2 matrix"):
+        heft_bytes({"a": [1.0, 1.0]}, {}, [[INF]])
+    with pytest.raises(ValueError, match="from device 0 to 1 is 0"):
+        heft_bytes({"a": [1.0, 1.0]}, {}, [[INF, 0.0], [1.0, INF]])
+
+
+# Chain solver
+
+
+def brute_force(costs, transfer_time, objective, m, distinct):
+    """Best time over every device per layer, scored independently of the solver."""
+    n, devices = len(costs), len(costs[0])
+    best = INF
+    for assignment in itertools.product(range(devices), repeat=n):
+        runs = [list(g) for _, g in itertools.groupby(range(n), key=lambda i: assignment[i])]
+        stage_devices = [assignment[r[0]] for r in runs]
+        if distinct and len(set(stage_devices)) < len(stage_devices):
+            continue
+        times = []
+        for k, run in enumerate(runs):
+            into = transfer_time(run[0] - 1, stage_devices[k - 1], stage_devices[k]) if k else 0
+            times.append(sum(costs[i][assignment[i]] for i in run) + into)
+        total = (m + len(runs) - 1) * max(times) if objective == "pipeline" else sum(times)
+        best = min(best, total)
+    return best
+
+
+def random_chain(rng: random.Random, p_inf: float = 0.1):
+    n, devices = rng.randint(1, 6), rng.randint(1, 3)
+    costs = [[float(rng.randint(1, 30)) if rng.random() > p_inf else INF for _ in range(devices)] for _ in range(n)]
+    for row in costs:
+        if all(c == INF for c in row):
+            row[rng.randrange(devices)] = float(rng.randint(1, 30))
+    return costs, [float(rng.randint(0, 20)) for _ in range(n - 1)]
+
+
+@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize(
+    ("objective", "m", "distinct"),
+    [("sequential", 1, True), ("sequential", 1, False), ("pipeline", 1, True), ("pipeline", 4, True),
+     ("pipeline", 16, True)],
+)  # fmt: skip
+def test_chain_dp_matches_brute_force(seed, objective, m, distinct):
+    costs, transfer = random_chain(random.Random(seed))
+    expected = brute_force(costs, lambda i, a, b: transfer[i], objective, m, distinct)
+    if expected == INF:  # distinct devices with some layers pinned by inf costs can leave no plan
+        with pytest.raises(ValueError, match="no placement"):
+            chain_dp(costs, transfer, objective, m, distinct_devices=distinct)
+        return
+    plan = chain_dp(costs, transfer, objective, m, distinct_devices=distinct)
+    assert plan.predicted_time == expected
+    # The plan is the one its time describes: rescoring its own stages gives the same number.
+    pinned = [[c if d == plan.devices[i] else INF for d, c in enumerate(row)] for i, row in enumerate(costs)]
+    rescored = brute_force(pinned, lambda i, a, b: transfer[i], objective, m, distinct)
+    assert rescored == expected
+    assert [d for _, _, d in plan.stages] == [plan.devices[s] for s, _, _ in plan.stages]
+    assert plan.stages[0][0] == 0 and plan.stages[-1][1] == len(costs)
+    if distinct:
+        assert len({d for _, _, d in plan.stages}) == len(plan.stages)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_chain_dp_bytes_matches_brute_force_with_asymmetric_links(seed):
+    rng = random.Random(500 + seed)
+    costs, _ = random_chain(rng)
+    devices = len(costs[0])
+    boundary_bytes = [float(rng.choice([0, 256, 1024, 4096])) for _ in range(len(costs) - 1)]
+    bw = [[INF if a == b else float(rng.choice([64, 128, 512])) for b in range(devices)] for a in range(devices)]
+    for objective, m in [("sequential", 1), ("pipeline", 3)]:
+        expected = brute_force(costs, lambda i, a, b: boundary_bytes[i] / bw[a][b], objective, m, True)
+        if expected < INF:
+            assert chain_dp_bytes(costs, boundary_bytes, bw, objective, m).predicted_time == expected
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_heft_is_never_better_than_the_chain_optimum(seed):
+    rng = random.Random(900 + seed)
+    costs, transfer = random_chain(rng)
+    compute = {i: row for i, row in enumerate(costs)}
+    schedule = heft(compute, {(i, i + 1): t for i, t in enumerate(transfer)})
+    # On a chain HEFT's makespan is the sequential time of its assignment, which may revisit a device.
+    assert chain_dp(costs, transfer, distinct_devices=False).predicted_time <= schedule.makespan
+    devices = [schedule.assignment[i] for i in range(len(costs))]
+    stage_devices = [d for d, _ in itertools.groupby(devices)]
+    if len(set(stage_devices)) == len(stage_devices):
+        assert chain_dp(costs, transfer).predicted_time <= schedule.makespan
+
+
+def test_chain_pipeline_prefers_balanced_stages():
+    # Two equal devices, four equal layers, free links: with many micro-batches two stages of two
+    # layers win; with one micro-batch the fill costs more than the split saves.
+    costs = [[1.0, 1.0]] * 4
+    many = chain_dp(costs, [0.0] * 3, "pipeline", micro_batches=16)
+    assert [(s, e) for s, e, _ in many.stages] == [(0, 2), (2, 4)]
+    assert many.predicted_time == (16 + 1) * 2.0
+    one = chain_dp(costs, [0.0] * 3, "pipeline", micro_batches=1)
+    assert len(one.stages) == 1 and one.predicted_time == 4.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"costs": [[1.0]], "transfer": [], "objective": "fast"}, "objective 'fast'"),
+        ({"costs": [[1.0], [1.0]], "transfer": []}, "2 layers have 1 boundaries; got 0"),
+        ({"costs": [[1.0, 2.0], [1.0]], "transfer": [0.0]}, "row lengths"),
+        ({"costs": [[INF, INF]], "transfer": []}, "layer 0 can run on no device"),
+        ({"costs": [[1.0], [1.0]], "transfer": [-1.0]}, "boundary 0 is -1.0"),
+        ({"costs": [[1.0]], "transfer": [], "micro_batches": 0}, "micro_batches=0"),
+        ({"costs": [[1.0]], "transfer": [], "objective": "pipeline", "distinct_devices": False}, "distinct devices"),
+        ({"costs": [[1.0, INF], [INF, 1.0]], "transfer": [INF]}, "no placement"),
+    ],
+)
+def test_chain_dp_rejects_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        chain_dp(**kwargs)
+
+
+# Cost model
+
+
+def small_chain() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(7, 13), nn.GELU(), nn.Linear(13, 5), nn.Linear(5, 3))
+
+
+def test_measure_on_cpu():
+    model = small_chain()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    cm = measure(model, lambda: x, devices=["cpu"], warmup=1, repeats=3)
+
+    assert cm.stages == ["0", "1", "2", "3"] and cm.devices == ["cpu"]
+    assert len(cm.compute) == 4 and all(len(row) == 1 and 0 < row[0] < INF for row in cm.compute)
+    outputs, h = [], x
+    for layer in model:
+        h = layer(h)
+        outputs.append(h.numel() * h.element_size())
+    assert cm.boundary_bytes == outputs
+    assert cm.bandwidth == [[INF]] and cm.errors == {}
+    assert cm.meta["input_shapes"] == [[6, 7]]
+    # The model itself is neither moved nor trained.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+    plan = cm.chain_plan()
+    assert plan.devices == dict.fromkeys(cm.stages, "cpu") and plan.method == "chain-dp"
+    assert plan.predicted_step_time == pytest.approx(sum(row[0] for row in cm.compute))
+    assert cm.heft_plan().predicted_step_time == pytest.approx(plan.predicted_step_time)
+
+
+def test_cost_model_json_round_trip(tmp_path):
+    cm = CostModel(
+        stages=["embeddings", "encoder.0", "classifier"],
+        devices=["cpu", "cuda:0"],
+        compute=[[3.0, 1.0], [5.0, INF], [2.0, 0.5]],
+        boundary_bytes=[4096, 4096, 64],
+        bandwidth=[[INF, 1e9], [2e9, INF]],
+        errors={"encoder.0": {"cuda:0": "RuntimeError: no kernel"}},
+        meta={"input_shapes": [[8, 16]]},
+    )
+    path = cm.save(tmp_path / "cost.json")
+    raw = json.loads(path.read_text())  # plain JSON: infinity is written as "inf"
+    assert raw["compute"][1][1] == "inf" and raw["bandwidth"][0][0] == "inf"
+    assert CostModel.load(path) == cm
+
+
+def test_cost_model_feeds_the_solvers():
+    cm = CostModel(
+        stages=["a", "b", "c"],
+        devices=["cpu", "cuda:0"],
+        compute=[[1.0, 8.0], [50.0, 1.0], [50.0, 1.0]],
+        boundary_bytes=[1000, 1000, 10],
+        bandwidth=[[INF, 1000.0], [250.0, INF]],
+    )
+    # Training sends the activation forward and its gradient back: 1000/1000 + 1000/250 = 5 s a boundary.
+    assert cm.link_bandwidth()[0][1] == pytest.approx(200.0)
+    assert cm.link_bandwidth(training=False)[0][1] == 1000.0
+    plan = cm.chain_plan()
+    assert plan.devices == {"a": "cpu", "b": "cuda:0", "c": "cuda:0"}
+    assert plan.predicted_step_time == pytest.approx(1.0 + 5.0 + 2.0)
+    heft_plan = cm.heft_plan()
+    assert heft_plan.devices == plan.devices and heft_plan.predicted_step_time == pytest.approx(8.0)
+
+
+class Masked(nn.Module):
+    """A stage taking the carried activation and a mask, like an encoder block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * mask[..., None]
+
+
+class HostOnly(nn.Module):
+    """Goes through NumPy, so it runs on the CPU and nowhere else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.from_numpy(x.detach().numpy()))
+
+
+def test_measure_passes_extra_args_and_reports_a_stage_that_runs_nowhere():
+    torch.manual_seed(0)
+    mask = torch.rand(3, 5) > 0.5
+    stages = {"embed": nn.Embedding(11, 4), "block": Masked(), "head": nn.Linear(4, 2)}
+    ids = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
+    cm = measure(stages, lambda: ids, ["cpu"], extra_args=lambda name: (mask,) if name == "block" else (), repeats=2)
+    assert cm.stages == ["embed", "block", "head"]
+    assert cm.boundary_bytes == [3 * 5 * 4 * 4, 3 * 5 * 4 * 4, 3 * 5 * 2 * 4]
+
+    broken = {"embed": nn.Embedding(11, 4), "needs_mask": Masked()}
+    with pytest.raises(ValueError, match=r"stage 'needs_mask' ran on no device \(cpu: TypeError: .*mask"):
+        measure(broken, lambda: ids, ["cpu"], repeats=1)
+    with pytest.raises(TypeError, match="nn.Sequential or a"):
+        measure(nn.Linear(2, 2), lambda: torch.randn(1, 2))
+
+
+def test_measure_bert_stages_and_apply_the_plan():
+    from hetrain.models.bert import BertClassifier
+
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=50, num_classes=3, hidden=32, layers=2, heads=2, max_len=16)
+    ids = torch.randint(1, 50, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    cm = measure(model.stages(), lambda: ids, ["cpu"], lambda name: (mask,) if name.startswith("encoder") else (),
+                 warmup=1, repeats=2)  # fmt: skip
+    assert cm.stages == ["embeddings", "encoder.0", "encoder.1", "classifier"]
+    assert cm.boundary_bytes == [2 * 9 * 32 * 4] * 3 + [2 * 3 * 4]
+    plan = cm.chain_plan(objective="pipeline", micro_batches=2)
+    assert plan.apply(model) is model and set(plan.devices.values()) == {"cpu"}
+
+
+@pytest.mark.cuda
+def test_measure_on_cpu_and_cuda():
+    torch.manual_seed(0)
+    stages = {"host": HostOnly(), "mlp": nn.Sequential(nn.Linear(4, 64), nn.GELU(), nn.Linear(64, 4))}
+    cm = measure(stages, lambda: torch.randn(32, 4), ["cpu", "cuda:0"], repeats=3, copy_bytes=4 << 20)
+    assert cm.compute[0][0] < INF and cm.compute[0][1] == INF
+    assert "numpy" in cm.errors["host"]["cuda:0"]
+    assert all(0 < c < INF for c in cm.compute[1])
+    assert cm.bandwidth[0][0] == cm.bandwidth[1][1] == INF
+    assert 0 < cm.bandwidth[0][1] < INF and 0 < cm.bandwidth[1][0] < INF
+    assert cm.chain_plan().devices["host"] == "cpu"
+
+
+# Plans
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(10, 4)
+        self.encoder = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.classifier = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_plan_save_load_round_trip(tmp_path, suffix):
+    plan = PlacementPlan({"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}, "heft", 0.25)
+    assert PlacementPlan.load(plan.save(tmp_path / f"plan{suffix}")) == plan
+
+
+def test_plan_loads_a_recipe_style_mapping(tmp_path):
+    path = tmp_path / "explicit.yaml"
+    path.write_text("embeddings: cpu\nencoder: cuda:0\nclassifier: cuda:0\n")
+    plan = PlacementPlan.load(path)
+    assert plan.devices == {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
+    assert plan.method == "explicit" and plan.predicted_step_time is None
+    path.write_text("- cpu\n")
+    with pytest.raises(ValueError, match="holds no mapping"):
+        PlacementPlan.load(path)
+
+
+def test_plan_apply_moves_submodules_most_specific_path_last():
+    # The meta device stands in for a second device: moving to it is a real move with no data (and
+    # nothing can move back out of it, so moving the group after its member would fail here).
+    model = Net()
+    PlacementPlan({"encoder.1": "meta", "encoder": "cpu", "classifier": "meta"}).apply(model)
+    assert model.embeddings.weight.device.type == "cpu"
+    assert model.encoder[0].weight.device.type == "cpu"
+    assert model.encoder[1].weight.device.type == "meta"
+    assert model.classifier.weight.device.type == "meta"
+
+
+def test_plan_apply_names_a_missing_path():
+    model = Net()
+    with pytest.raises(ValueError, match="'encoder.7' names no submodule of Net"):
+        PlacementPlan({"embeddings": "meta", "encoder.7": "meta"}).apply(model)
+    assert model.embeddings.weight.device.type == "cpu"  # nothing moved before the error
+
+
+def test_plan_resolve_maps_absent_devices_to_the_fallback():
+    plan = PlacementPlan({"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:1"}, "heft", 1.0)
+    resolved, changes = plan.resolve(["cpu", "cuda:0"])
+    assert changes == [Change("classifier", "cuda:1", "cpu")]
+    assert resolved.devices == {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cpu"}
+    assert resolved.method == "heft" and plan.devices["classifier"] == "cuda:1"  # the original is unchanged
+
+    _, changes = plan.resolve(["cpu"])
+    assert describe_changes(changes) == "placement: cuda:0 absent; encoder -> cpu; cuda:1 absent; classifier -> cpu"
+    _, changes = PlacementPlan({"encoder": "cuda", "head": "cpu:0"}).resolve(["cpu", "cuda:0"])
+    assert changes == []
+
+    _, here = plan.resolve()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert [c.path for c in here] == ["encoder", "classifier"][min(gpus, 2) :]
+
+
+def test_plan_from_solver_output_and_bad_input():
+    schedule = heft({"embeddings": [1.0, 5.0], "encoder": [9.0, 1.0]}, {("embeddings", "encoder"): 0.5})
+    plan = PlacementPlan.from_assignment(["embeddings", "encoder"], ["cpu", "cuda:0"], schedule.assignment, "heft",
+                                         schedule.makespan)  # fmt: skip
+    assert plan.devices == {"embeddings": "cpu", "encoder": "cuda:0"} and plan.predicted_step_time == 2.5
+    with pytest.raises(ValueError, match="method 'greedy'"):
+        PlacementPlan({"a": "cpu"}, "greedy")
+    with pytest.raises(ValueError, match="'a' names device 'gpu0'"):
+        PlacementPlan({"a": "gpu0"})

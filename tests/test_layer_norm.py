@@ -185,3 +185,11 @@ def test_patch_swaps_layer_norms_and_keeps_outputs_and_grads():
     assert_close(y_after, y_before, torch.float32, "patched y")
     assert_close(g_after, g_before, torch.float32, "patched grad")
     assert len(hetrain.nn.patch(model)) == 0
+
+
+def test_zero_width_rows_and_transposed_input_under_compile():
+    assert layer_norm(randn(3, 0)).shape == (3, 0)
+    torch._dynamo.reset()
+    x = randn(16, 6, seed=2).t()  # (6, 16) with transposed strides
+    compiled = torch.compile(lambda x: layer_norm(x) * 3, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), layer_norm_ref(x) * 3, torch.float32, "transposed")

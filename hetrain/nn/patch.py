@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 import torch
 
 from hetrain.nn.layer_norm import LayerNorm
+from hetrain.nn.rms_norm import RMSNorm
 
 # Exact types only: a subclass of a torch layer may change its forward, so it is left alone.
 SWAPS: dict[type, Callable[[torch.nn.Module], torch.nn.Module]] = {
     torch.nn.LayerNorm: LayerNorm.from_torch,
+    torch.nn.RMSNorm: RMSNorm.from_torch,
 }
 
 

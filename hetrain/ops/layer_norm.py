@@ -8,6 +8,8 @@ float64 inputs), so backward can run on any backend whatever ran forward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hetrain import plugins
@@ -86,7 +88,8 @@ def _layer_norm_fwd(
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
     stats = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=stats), x.new_empty(x.shape[0], dtype=stats)
+    # Backends return contiguous outputs whatever the input's strides.
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=stats), x.new_empty(x.shape[0], dtype=stats)
 
 
 @torch.library.custom_op("hetrain::layer_norm_bwd", mutates_args=())
@@ -100,7 +103,7 @@ def _layer_norm_bwd(
 @_layer_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd, has_bias):
     n = x.shape[1]
-    return torch.empty_like(x), x.new_empty(n if weight is not None else 0), x.new_empty(n if has_bias else 0)
+    return x.new_empty(x.shape), x.new_empty(n if weight is not None else 0), x.new_empty(n if has_bias else 0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -141,5 +144,6 @@ def layer_norm(
             raise ValueError(f"hetrain.ops.layer_norm: {name} is on {p.device} but x is on {x.device}")
     weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
-    y, _mean, _rstd = _layer_norm_fwd(x.reshape(-1, n), weight, bias, float(eps))
+    rows = math.prod(x.shape[:-1])
+    y, _mean, _rstd = _layer_norm_fwd(x.reshape(rows, n), weight, bias, float(eps))
     return y.view(x.shape)

@@ -1,0 +1,155 @@
+// RMSNorm over the last dimension on the CPU: forward saves only rstd per row; backward reduces the
+// weight gradient through per-thread partial sums (no shared accumulator).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "rms_norm_math.h"
+
+namespace hetrain {
+namespace {
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Rows per parallel task: enough elements that the scheduling cost is noise.
+int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
+
+// Sum of term(j) over j < N in kLanes independent accumulators: the compiler can vectorise it without
+// -ffast-math, and rounding error grows with N / kLanes rather than N.
+template <typename acc_t, typename Term>
+acc_t lane_sum(int64_t N, Term term) {
+  constexpr int kLanes = 8;
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= N; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += term(j + l);
+  }
+  acc_t sum = 0;
+  for (; j < N; ++j) sum += term(j);
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
+template <typename scalar_t>
+void forward_rows(const scalar_t* x, const scalar_t* w, scalar_t* y, acc_type<scalar_t>* rstd, int64_t M,
+                  int64_t N, double eps) {
+  using acc_t = acc_type<scalar_t>;
+  at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = x + r * N;
+      scalar_t* yr = y + r * N;
+      const acc_t sq = lane_sum<acc_t>(N, [&](int64_t j) {
+        const acc_t v = acc_t(xr[j]);
+        return v * v;
+      });
+      const acc_t rs = rms_norm::rstd<acc_t>(sq / acc_t(N), acc_t(eps));
+      for (int64_t j = 0; j < N; ++j) {
+        yr[j] = scalar_t(rms_norm::forward<acc_t>(acc_t(xr[j]), rs, w ? acc_t(w[j]) : acc_t(1)));
+      }
+      rstd[r] = rs;
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, const acc_type<scalar_t>* rstd,
+                   scalar_t* dx, scalar_t* dw, int64_t M, int64_t N) {
+  using acc_t = acc_type<scalar_t>;
+  // One partial dw row per chunk of rows, summed at the end.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
+  std::vector<acc_t> part_w(dw ? chunks * N : 0, acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> g(N), xhat(N);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = M * c / chunks, r1 = M * (c + 1) / chunks;
+      acc_t* pw = dw ? part_w.data() + c * N : nullptr;
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xr = x + r * N;
+        const scalar_t* dyr = dy + r * N;
+        scalar_t* dxr = dx + r * N;
+        const acc_t rs = rstd[r];
+        const acc_t sum_gx = lane_sum<acc_t>(N, [&](int64_t j) {
+          const acc_t d = acc_t(dyr[j]);
+          xhat[j] = acc_t(xr[j]) * rs;
+          g[j] = w ? d * acc_t(w[j]) : d;
+          return g[j] * xhat[j];
+        });
+        const acc_t mgx = sum_gx / acc_t(N);
+        for (int64_t j = 0; j < N; ++j) dxr[j] = scalar_t(rms_norm::input_grad<acc_t>(g[j], xhat[j], rs, mgx));
+        if (pw) for (int64_t j = 0; j < N; ++j) pw[j] += acc_t(dyr[j]) * xhat[j];
+      }
+    }
+  });
+  if (!dw) return;
+  at::parallel_for(0, N, 256, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      acc_t sw = 0;
+      for (int64_t c = 0; c < chunks; ++c) sw += part_w[c * N + j];
+      dw[j] = scalar_t(sw);
+    }
+  });
+}
+
+at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                    double eps) {
+  check_rows("rms_norm_fwd", "x", x);
+  const int64_t M = x.size(0), N = x.size(1);
+  check_vector("rms_norm_fwd", "weight", weight, x);
+  TORCH_CHECK(eps >= 0, "hetrain.rms_norm: eps must be >= 0, got ", eps);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
+  at::Tensor y = at::empty_like(xc);
+  at::Tensor rstd = at::empty({M}, x.options().dtype(stats_dtype(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_fwd_cpu", [&] {
+    forward_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr,
+                           y.data_ptr<scalar_t>(), rstd.data_ptr<acc_type<scalar_t>>(), M, N, eps);
+  });
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const at::Tensor& rstd) {
+  check_rows("rms_norm_bwd", "x", x);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "hetrain.rms_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
+              dy.sizes(), " ", dy.scalar_type());
+  const int64_t M = x.size(0), N = x.size(1);
+  check_vector("rms_norm_bwd", "weight", weight, x);
+  const auto sdt = stats_dtype(x.scalar_type());
+  TORCH_CHECK(rstd.dim() == 1 && rstd.numel() == M && rstd.scalar_type() == sdt,
+              "hetrain.rms_norm backward: rstd must have shape (", M, ",) and dtype ", sdt, ", got ", rstd.sizes(),
+              " ", rstd.scalar_type());
+  const at::Tensor xc = x.contiguous(), dyc = dy.contiguous(), rc = rstd.contiguous();
+  const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
+  at::Tensor dx = at::empty_like(xc);
+  at::Tensor dw = at::empty({wc.defined() ? N : 0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_bwd_cpu", [&] {
+    backward_rows<scalar_t>(dyc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                            wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr,
+                            rc.const_data_ptr<acc_type<scalar_t>>(), dx.data_ptr<scalar_t>(),
+                            wc.defined() ? dw.data_ptr<scalar_t>() : nullptr, M, N);
+  });
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hetrain_C, m) {
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(hetrain_C, CPU, m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_cpu);
+}
+
+}  // namespace hetrain

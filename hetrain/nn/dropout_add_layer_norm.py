@@ -1,0 +1,46 @@
+"""``hetrain.nn.DropoutAddLayerNorm``: ``LayerNorm(Dropout(x) + residual)`` in one op, with LayerNorm's parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm
+
+
+class DropoutAddLayerNorm(torch.nn.Module):
+    """The post-LN sublayer output of BERT, ``norm(dropout(x) + residual)``, as one fused op.
+
+    Holds a ``LayerNorm(hidden)``'s ``weight`` and ``bias`` under the same state_dict keys, so an
+    ``nn.LayerNorm`` checkpoint loads into it. Dropout is active in ``train()`` mode only. The call
+    takes two tensors, so it replaces a pattern in a model's ``forward`` (dropout, add, norm), not a
+    single module: build it with :meth:`from_layer_norm` and call it where that pattern stood.
+    """
+
+    def __init__(self, hidden: int, p: float = 0.1, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"hetrain.nn.DropoutAddLayerNorm: p must be in [0, 1], got {p}")
+        self.hidden, self.p, self.eps = hidden, p, eps
+        factory = {"device": device, "dtype": dtype}
+        self.register_parameter("weight", torch.nn.Parameter(torch.ones(hidden, **factory))
+                                if elementwise_affine else None)
+        self.register_parameter("bias", torch.nn.Parameter(torch.zeros(hidden, **factory))
+                                if elementwise_affine and bias else None)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return dropout_add_layer_norm(x, residual, self.weight, self.bias, self.p, self.eps, self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden}, p={self.p}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+
+    @classmethod
+    def from_layer_norm(cls, norm: torch.nn.LayerNorm, p: float) -> DropoutAddLayerNorm:
+        """Fuses ``dropout(p)`` + add into ``norm``, sharing its parameters (no copy of the data)."""
+        if len(norm.normalized_shape) != 1:
+            raise ValueError(f"hetrain.nn.DropoutAddLayerNorm: needs a LayerNorm over one dimension, got "
+                             f"normalized_shape {tuple(norm.normalized_shape)}")
+        new = cls(norm.normalized_shape[0], p, norm.eps, elementwise_affine=False)
+        new.register_parameter("weight", norm.weight)
+        new.register_parameter("bias", norm.bias)
+        return new

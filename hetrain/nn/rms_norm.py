@@ -1,0 +1,34 @@
+"""``hetrain.nn.RMSNorm``: ``torch.nn.RMSNorm`` with the fused op; same parameters and state_dict."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hetrain.ops.rms_norm import rms_norm
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """Drop-in for ``torch.nn.RMSNorm``; a multi-dimensional ``normalized_shape`` is flattened."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = len(self.normalized_shape)
+        if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
+            raise ValueError(f"hetrain.nn.RMSNorm: input shape {tuple(x.shape)} does not end with "
+                             f"normalized_shape {tuple(self.normalized_shape)}")
+        if k == 1:
+            return rms_norm(x, self.weight, self.eps)
+        flat = x.reshape(*x.shape[: x.dim() - k], math.prod(self.normalized_shape))
+        w = self.weight.reshape(-1) if self.weight is not None else None
+        return rms_norm(flat, w, self.eps).view(x.shape)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.RMSNorm) -> RMSNorm:
+        """A fused copy sharing ``module``'s parameters (no copy of the data)."""
+        new = cls.__new__(cls)
+        new.__dict__ = module.__dict__.copy()
+        new._parameters = dict(module._parameters)
+        new._buffers = dict(module._buffers)
+        new._modules = dict(module._modules)
+        return new

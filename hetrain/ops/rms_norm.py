@@ -1,0 +1,147 @@
+"""RMSNorm over the last dimension: reference, backends, ``torch.library`` op and functional face.
+
+Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
+``cpu`` (the C++ kernel in ``hetrain._C``), ``torch`` (the plain reference, the test oracle).
+Every backend returns the same pair, ``y, rstd``, with rstd in float32 (float64 for float64
+inputs), so backward can run on any backend whatever ran forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hetrain import plugins
+from hetrain.ops import _backends
+
+OP = "rms_norm"
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    """torch's ``eps=None``: the machine epsilon of the accumulation type (float32's for half types)."""
+    return torch.finfo(_stats_dtype(dtype)).eps
+
+
+# --- reference ---------------------------------------------------------------------------------
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor:
+    """What the op computes, in plain torch; the tests' oracle."""
+    return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+class TorchBackend:
+    """The reference written as forward/backward entry points, so it can stand in for any kernel."""
+
+    @staticmethod
+    def forward(x, weight, eps):
+        xf = x.to(_stats_dtype(x.dtype)).contiguous()
+        rstd = torch.rsqrt(xf.square().mean(-1) + eps)
+        y = xf * rstd[:, None]
+        if weight is not None:
+            y = y * weight.to(xf.dtype)
+        return y.to(x.dtype), rstd
+
+    @staticmethod
+    def backward(dy, x, weight, rstd):
+        dyf = dy.to(rstd.dtype).contiguous()
+        xhat = x.to(rstd.dtype).contiguous() * rstd[:, None]
+        g = dyf * weight.to(rstd.dtype) if weight is not None else dyf
+        dx = rstd[:, None] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        dw = (dyf * xhat).sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
+        return dx.to(x.dtype), dw
+
+
+class CppBackend:
+    """The C++ kernels of hetrain._C (csrc/rms_norm.cpp)."""
+
+    @staticmethod
+    def forward(x, weight, eps):
+        return torch.ops.hetrain_C.rms_norm_fwd(x, weight, eps)
+
+    @staticmethod
+    def backward(dy, x, weight, rstd):
+        return torch.ops.hetrain_C.rms_norm_bwd(dy, x, weight, rstd)
+
+
+def _register_backends() -> None:
+    _backends.register_triton(OP, "hetrain.ops.triton.rms_norm")
+    _backends.register_cpp(OP, CppBackend, devices=("cpu",))
+    _backends.register_torch(OP, TorchBackend)
+
+
+_register_backends()
+
+
+# --- torch.library op --------------------------------------------------------------------------
+
+@torch.library.custom_op("hetrain::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return plugins.call(OP, "forward", x.device.type, x, weight, eps)
+
+
+@_rms_norm_fwd.register_fake
+def _(x, weight, eps):
+    # Every backend returns contiguous outputs, whatever the input's strides.
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=_stats_dtype(x.dtype))
+
+
+@torch.library.custom_op("hetrain::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return plugins.call(OP, "backward", x.device.type, dy, x, weight, rstd)
+
+
+@_rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), x.new_empty(x.shape[1] if weight is not None else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _eps = inputs
+    _y, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_bwd(dy.contiguous(), x, weight, rstd)
+    return dx, (dw if weight is not None else None), None
+
+
+_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- functional face ---------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension of ``x`` (any leading shape), fused; like ``F.rms_norm``.
+
+    Runs in ``x``'s dtype with float32 accumulation (float64 for float64); ``weight`` is cast to
+    ``x``'s dtype, so bf16 activations with a float32 weight work as under autocast. ``eps=None``
+    means what it means to torch: :func:`default_eps` of ``x``'s dtype.
+    """
+    if x.dim() == 0 or not x.is_floating_point():
+        raise ValueError(f"hetrain.ops.rms_norm: x must be a floating tensor with >= 1 dim, got "
+                         f"shape {tuple(x.shape)} {x.dtype}")
+    n = x.shape[-1]
+    if weight is not None:
+        if tuple(weight.shape) != (n,):
+            raise ValueError(f"hetrain.ops.rms_norm: weight must have shape ({n},) to match x's last "
+                             f"dimension, got {tuple(weight.shape)} (x is {tuple(x.shape)})")
+        if not weight.is_floating_point():
+            raise ValueError(f"hetrain.ops.rms_norm: weight must be floating, got {weight.dtype}")
+        if weight.device != x.device:
+            raise ValueError(f"hetrain.ops.rms_norm: weight is on {weight.device} but x is on {x.device}")
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+    eps = default_eps(x.dtype) if eps is None else float(eps)
+    if eps < 0:
+        raise ValueError(f"hetrain.ops.rms_norm: eps must be >= 0, got {eps}")
+    y, _rstd = _rms_norm_fwd(x.reshape(math.prod(x.shape[:-1]), n), weight, eps)
+    return y.view(x.shape)

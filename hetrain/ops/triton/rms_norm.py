@@ -1,0 +1,203 @@
+"""Triton RMSNorm over the last dimension: forward and backward kernels and their launchers.
+
+One program normalises one row held whole in registers, so rows up to ``MAX_FUSED_BYTES`` (counted
+in the float32/float64 compute dtype) fit; longer rows are refused with an error naming the limit.
+Forward saves only rstd. Backward gives each program a contiguous block of rows and writes one
+partial dW row per program, summed afterwards: no contended atomics, and a deterministic result.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
+
+# Row data per program, counted in the COMPUTE dtype (8192 float32 / 4096 float64 elements): the largest row
+# whose backward keeps every value in registers on sm_80 and sm_90 (cuobjdump: no stack); past it, it spills.
+MAX_FUSED_BYTES = 32768
+
+
+@triton.jit
+def _rms_norm_fwd(
+    X,  # (M, N) input, rows stride_x apart
+    Y,  # (M, N) output, rows stride_y apart
+    W,  # (N,) weight, read only if HAS_WEIGHT
+    Rstd,  # (M,) saved 1/rms, COMPUTE dtype
+    stride_x,
+    stride_y,
+    N,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 row offsets: M * N may pass 2**31
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    y = x * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd(
+    DY,  # (M, N) upstream gradient, rows stride_dy apart
+    X,  # (M, N) forward input, rows stride_x apart
+    W,  # (N,) weight, read only if HAS_WEIGHT
+    Rstd,  # (M,) saved 1/rms
+    DX,  # (M, N) input gradient, rows stride_dx apart
+    DW_part,  # (programs, N) partial weight gradients, COMPUTE dtype; written only if HAS_WEIGHT
+    stride_dy,
+    stride_x,
+    stride_dx,
+    M,
+    N,
+    rows_per_program,
+    HAS_WEIGHT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+    dw = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for r in range(row_start, row_end):
+        x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)
+        rstd = tl.load(Rstd + r)
+        xhat = x * rstd  # masked columns load 0, so they add nothing to the sums below
+        g = dy * w if HAS_WEIGHT else dy
+        mean_gx = tl.sum(g * xhat, axis=0) / N
+        dx = (g - xhat * mean_gx) * rstd
+        tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+    if HAS_WEIGHT:
+        tl.store(DW_part + pid * N + cols, dw, mask=mask)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and accumulation type: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_compute(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def launch_config(N: int, dtype: torch.dtype) -> dict:
+    """Block size and warps the launchers use for rows of ``N`` elements of ``dtype``."""
+    block_n = triton.next_power_of_2(max(N, 1))
+    if block_n * compute_dtype(dtype).itemsize > MAX_FUSED_BYTES:
+        raise ValueError(
+            f"hetrain.rms_norm (triton): rows of {N} {dtype} elements exceed the fused limit of "
+            f"{MAX_FUSED_BYTES} bytes per row; pin another backend, e.g. HETRAIN_BACKEND=rms_norm=torch"
+        )
+    return {"BLOCK_N": block_n, "num_warps": min(max(block_n // 256, 1), 16)}
+
+
+def _programs_for_backward(M: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(M, 4 * sms))
+    return max(1, min(M, 4))
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (M, N). Returns y (M, N), rstd (M,)."""
+    M, N = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(M, dtype=compute_dtype(x.dtype), device=x.device)
+    if M == 0 or N == 0:  # nothing to normalise; the mean square of an empty row is undefined, as in torch
+        return y, rstd.fill_(float("nan"))
+    cfg = launch_config(N, x.dtype)
+    _rms_norm_fwd[(M,)](
+        x, y, weight if weight is not None else x, rstd, x.stride(0), y.stride(0), N, eps,
+        HAS_WEIGHT=weight is not None, COMPUTE=_tl_compute(x.dtype),
+        BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+    )
+    return y, rstd
+
+
+def backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns dx (M, N) and dw (N,), or an empty dw without a weight."""
+    M, N = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    programs = _programs_for_backward(M, x.device)
+    dw_part = torch.zeros((programs, N) if weight is not None else (0,), dtype=compute_dtype(x.dtype),
+                          device=x.device)
+    if M > 0 and N > 0:
+        cfg = launch_config(N, x.dtype)
+        _rms_norm_bwd[(programs,)](
+            dy, x, weight if weight is not None else x, rstd, dx, dw_part,
+            dy.stride(0), x.stride(0), dx.stride(0), M, N, triton.cdiv(M, programs),
+            HAS_WEIGHT=weight is not None, COMPUTE=_tl_compute(x.dtype),
+            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        )
+    dw = dw_part.sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
+    return dx, dw
+
+
+def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
+    """Every compilation the launchers can cause, for the ahead-of-time check (hetrain.checks.gpu_compile).
+
+    One row width per configuration ``launch_config`` can choose, for every dtype, marked picked where
+    a benchmark width and dtype select it. At the benchmark widths both weight variants are compiled;
+    elsewhere the weighted variant, which does the most work, stands for the other.
+    """
+    specs = []
+    programs = max(1, min(shapes.rows, 4 * shapes.sm_count))  # as _programs_for_backward on a GPU
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        stats, compute = compute_dtype(dtype), _tl_compute(dtype)
+        for n, benchmarked in _aot_widths(dtype, shapes.hidden).items():
+            cfg = launch_config(n, dtype)
+            picked = benchmarked and dtype in shapes.dtypes
+            for has_weight in (True, False) if picked else (True,):
+                flags = {"HAS_WEIGHT": has_weight, "COMPUTE": compute, "BLOCK_N": cfg["BLOCK_N"]}
+                fwd = {"X": dtype, "Y": dtype, "W": dtype, "Rstd": stats, "stride_x": n, "stride_y": n, "N": n,
+                       "eps": 1e-6}
+                bwd = {"DY": dtype, "X": dtype, "W": dtype, "Rstd": stats, "DX": dtype, "DW_part": stats,
+                       "stride_dy": n, "stride_x": n, "stride_dx": n, "M": shapes.rows, "N": n,
+                       "rows_per_program": triton.cdiv(shapes.rows, programs)}
+                for kernel, args in ((_rms_norm_fwd, fwd), (_rms_norm_bwd, bwd)):
+                    specs.append(aot_spec(kernel, {**args, **flags}, dtype=dtype, picked=picked,
+                                          num_warps=cfg["num_warps"]))
+    return specs
+
+
+def _aot_widths(dtype: torch.dtype, hidden: tuple[int, ...]) -> dict[int, bool]:
+    """A row width for each configuration ``launch_config`` can choose for ``dtype`` -> whether a benchmark
+    width picks it (the benchmark width itself stands for its configuration)."""
+
+    def config(n: int) -> tuple | None:
+        try:
+            return tuple(sorted(launch_config(n, dtype).items()))
+        except ValueError:  # rows too long for the fused kernel: the launcher refuses them
+            return None
+
+    widths: dict[tuple, tuple[int, bool]] = {}
+    for n in hidden:
+        if (key := config(n)) is not None:
+            widths.setdefault(key, (n, True))
+    n = 1
+    while (key := config(n)) is not None:
+        widths.setdefault(key, (n, False))
+        n *= 2
+    return dict(widths.values())

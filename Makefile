@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hetrain-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 ARGS ?=
 
-.PHONY: setup train test lint env bench-cpu clean
+.PHONY: setup train test lint env bench-cpu gpu-compile gpu-check clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,13 @@ lint: setup
 
 env: setup
 	$(PY) -m hetrain.env
+
+gpu-compile: setup
+	env -u TRITON_INTERPRET $(PY) -m hetrain.checks.gpu_compile $(ARGS)
+
+# On a GPU machine with a CUDA torch (needs no package registry): build, verify, benchmark, record.
+gpu-check:
+	$(PYTHON) -m hetrain.checks.gpu_check $(ARGS)
 
 bench-cpu: setup
 	$(PY) -m benchmarks.bench_cpu $(ARGS)

@@ -9,8 +9,9 @@ from typing import Any
 
 from hetrain import _ext, plugins
 
-# Best first: a GPU kernel, then the C++ kernel, then the plain reference.
-PRIORITY = {"triton": 30, "cuda": 30, "cpu": 20, "torch": 0}
+# Best first: Triton, then the CUDA C++ kernel, then the C++ CPU kernel, then the plain reference.
+# Triton leads on CUDA until a recorded GPU benchmark says otherwise for an op.
+PRIORITY = {"triton": 30, "cuda": 25, "cpu": 20, "torch": 0}
 # The reference runs wherever torch does; the list is explicit so an unserved device gets a clear error.
 TORCH_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu", "privateuseone")
 
@@ -45,8 +46,16 @@ def register_triton(op: str, module_name: str) -> None:
 
 
 def register_cpp(op: str, impl: Any, devices: tuple[str, ...]) -> None:
+    """The C++ kernels of hetrain._C for ``devices`` (``("cpu",)`` or ``("cuda",)``)."""
     name = "cuda" if devices == ("cuda",) else "cpu"
-    plugins.register(op, name, devices, impl, PRIORITY[name], _ext.available)
+    available = _ext.available if name == "cpu" else _cuda_ext_available
+    plugins.register(op, name, devices, impl, PRIORITY[name], available)
+
+
+def _cuda_ext_available() -> bool | str:
+    if _ext.load() is None:
+        return _ext.available()
+    return True if _ext.built_with_cuda() else "hetrain._C was built without CUDA (HETRAIN_CUDA=1 to build it)"
 
 
 def register_torch(op: str, impl: Any) -> None:

@@ -1,19 +1,24 @@
 """Triton LayerNorm over the last dimension: forward and backward kernels and their launchers.
 
-One program normalises one row held whole in registers, so rows up to ``MAX_FUSED_BYTES`` fit;
-longer rows are refused with an error naming the limit. Forward saves only mean and rstd.
+One program normalises one row held whole in registers, so rows up to ``MAX_FUSED_BYTES`` (counted
+in the accumulation dtype) fit; longer rows are refused with an error naming the limit. Forward saves only mean and rstd.
 Backward gives each program a contiguous block of rows and writes one partial dW/dB row per
 program, summed afterwards: no contended atomics, and a deterministic result.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-# 64 KiB of row data per program, the limit past which registers spill (checked with gpu-compile).
-MAX_FUSED_BYTES = 65536
+from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
+
+# 32 KiB of fp32/fp64 row data per program: past it the backward kernel spills registers on sm_80/sm_90
+# (16384 fp32 elements spill 2 KB; measured with `make gpu-compile`).
+MAX_FUSED_BYTES = 32768
 
 
 @triton.jit
@@ -112,7 +117,7 @@ def _tl_compute(dtype: torch.dtype):
 def launch_config(N: int, dtype: torch.dtype) -> dict:
     """Block size and warps the launchers use for rows of ``N`` elements of ``dtype``."""
     block_n = triton.next_power_of_2(max(N, 1))
-    if block_n * torch.empty((), dtype=dtype).element_size() > MAX_FUSED_BYTES:
+    if block_n * compute_dtype(dtype).itemsize > MAX_FUSED_BYTES:
         raise ValueError(
             f"hetrain.layer_norm (triton): rows of {N} {dtype} elements exceed the fused limit of "
             f"{MAX_FUSED_BYTES} bytes per row; pin another backend, e.g. HETRAIN_BACKEND=layer_norm=torch"
@@ -176,3 +181,52 @@ def backward(
     dw = dw_part.sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
     db = db_part.sum(0).to(x.dtype) if has_bias else x.new_empty(0)
     return dx, dw, db
+
+
+def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
+    """Every compilation the launchers can cause, for the ahead-of-time check (hetrain.checks.gpu_compile).
+
+    One row width per configuration ``launch_config`` can choose, for every dtype, marked picked where
+    a benchmark width and dtype select it. At the benchmark widths all four weight/bias variants are compiled;
+    elsewhere the weight-and-bias variant, which does the most work, stands for the others.
+    """
+    specs = []
+    programs = max(1, min(shapes.rows, 4 * shapes.sm_count))  # as _programs_for_backward on a GPU
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        stats, compute = compute_dtype(dtype), _tl_compute(dtype)
+        for n, benchmarked in _aot_widths(dtype, shapes.hidden).items():
+            cfg = launch_config(n, dtype)
+            picked = benchmarked and dtype in shapes.dtypes
+            variants = itertools.product((True, False), repeat=2) if picked else [(True, True)]
+            for has_weight, has_bias in variants:
+                flags = {"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "COMPUTE": compute, "BLOCK_N": cfg["BLOCK_N"]}
+                fwd = {"X": dtype, "Y": dtype, "W": dtype, "B": dtype, "Mean": stats, "Rstd": stats,
+                       "stride_x": n, "stride_y": n, "N": n, "eps": 1e-5}
+                bwd = {"DY": dtype, "X": dtype, "W": dtype, "Mean": stats, "Rstd": stats, "DX": dtype,
+                       "DW_part": stats, "DB_part": stats, "stride_dy": n, "stride_x": n, "stride_dx": n,
+                       "M": shapes.rows, "N": n, "rows_per_program": triton.cdiv(shapes.rows, programs)}
+                for kernel, args in ((_layer_norm_fwd, fwd), (_layer_norm_bwd, bwd)):
+                    specs.append(aot_spec(kernel, {**args, **flags}, dtype=dtype, picked=picked,
+                                          num_warps=cfg["num_warps"]))
+    return specs
+
+
+def _aot_widths(dtype: torch.dtype, hidden: tuple[int, ...]) -> dict[int, bool]:
+    """A row width for each configuration ``launch_config`` can choose for ``dtype`` -> whether a benchmark
+    width picks it (the benchmark width itself stands for its configuration)."""
+
+    def config(n: int) -> tuple | None:
+        try:
+            return tuple(sorted(launch_config(n, dtype).items()))
+        except ValueError:  # rows too long for the fused kernel: the launcher refuses them
+            return None
+
+    widths: dict[tuple, tuple[int, bool]] = {}
+    for n in hidden:
+        if (key := config(n)) is not None:
+            widths.setdefault(key, (n, True))
+    n = 1
+    while (key := config(n)) is not None:
+        widths.setdefault(key, (n, False))
+        n *= 2
+    return dict(widths.values())

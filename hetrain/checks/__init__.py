@@ -1,0 +1,1 @@
+"""Checks that need no GPU: every kernel compiled ahead of time for Hopper and Ampere (``gpu_compile``)."""

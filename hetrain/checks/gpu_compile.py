@@ -1,0 +1,73 @@
+"""``python -m hetrain.checks.gpu_compile``: every kernel compiled for Hopper (sm_90) and Ampere (sm_80), no GPU needed.
+
+Triton kernels are compiled for every dtype and configuration their launchers can choose; ``.cu``
+files with nvcc. Prints registers, spills and shared memory per kernel, dtype and configuration,
+and exits 1 on a compile error, on a kernel without an AotSpec, or on spills in a configuration the
+launcher picks at a benchmark shape. A part that cannot run here (no nvcc) says so and is skipped.
+Run with TRITON_INTERPRET unset: ``env -u TRITON_INTERPRET python -m hetrain.checks.gpu_compile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from hetrain.checks import cuda_compile, triton_aot
+from hetrain.checks.report import PartResult, format_table
+
+ARCHS = (90, 80)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hetrain.checks.gpu_compile",
+                                description="Compiles every kernel for sm_90 and sm_80 and reports its resources.")
+    p.add_argument("--triton", action="store_true", help="check Triton kernels only (default: both parts)")
+    p.add_argument("--cuda", action="store_true", help="check .cu files only (default: both parts)")
+    p.add_argument("--triton-module", action="append", metavar="MODULE",
+                   help="a module name or .py path to check instead of every module of hetrain.ops.triton "
+                        "(repeatable)")
+    p.add_argument("--cu", action="append", type=Path, metavar="PATH",
+                   help="a .cu file to check instead of every .cu under csrc/ (repeatable)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the rows, problems and skips as JSON")
+    return p
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Runs the selected parts, prints their tables and problems; returns the exit status."""
+    args = _parser().parse_args(argv)
+    both = not (args.triton or args.cuda)
+    parts: dict[str, PartResult] = {}
+    if args.triton or both:
+        parts["triton"] = triton_aot.check(args.triton_module, ARCHS)
+    if args.cuda or both:
+        parts["cuda"] = cuda_compile.check(args.cu, ARCHS)
+    archs = ", ".join(f"sm_{a}" for a in ARCHS)
+    problems = []
+    for name, part in parts.items():
+        if part.skipped is not None:
+            print(f"{name}: SKIPPED: {part.skipped}\n")
+            continue
+        print(f"{name}: {len(part.rows)} kernel builds for {archs} in {part.seconds:.1f} s")
+        if part.rows:
+            print(format_table(part.rows))
+        print()
+        problems += part.all_problems()
+    for problem in problems:
+        print(f"FAILED: {problem}\n", file=sys.stderr)
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            name: {"rows": [asdict(r) for r in part.rows], "problems": part.all_problems(),
+                   "skipped": part.skipped, "seconds": part.seconds}
+            for name, part in parts.items()
+        }, indent=1))
+    skipped = [name for name, part in parts.items() if part.skipped is not None]
+    verdict = f"FAILED, {len(problems)} problem(s)" if problems else "ok"
+    print(f"gpu-compile: {verdict}" + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

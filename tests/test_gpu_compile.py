@@ -1,0 +1,145 @@
+"""Every kernel compiles for Hopper (sm_90) and Ampere (sm_80) with no GPU, and the check catches what it must.
+
+The check runs as a subprocess with TRITON_INTERPRET unset: under the interpreter (set by conftest)
+``@triton.jit`` yields interpreted functions, which cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hetrain.checks import cuda_compile, triton_aot
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ARCHS = {"sm_90", "sm_80"}
+
+
+def _gpu_compile(tmp_path: Path, *args: str, interpret: bool = False) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "gpu_compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "hetrain.checks.gpu_compile", "--json", str(out), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.exists(), f"the check wrote no JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """The check over the project's own kernels: every Triton module and every .cu under csrc/."""
+    return _gpu_compile(tmp_path_factory.mktemp("real"))
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """The check over the fixtures, each broken in a way it must report."""
+    return _gpu_compile(
+        tmp_path_factory.mktemp("broken"),
+        "--triton-module", str(FIXTURES / "bad_kernel.py"),
+        "--triton-module", str(FIXTURES / "spilling_kernel.py"),
+        "--triton-module", str(FIXTURES / "unlisted_kernel.py"),
+        "--cu", str(FIXTURES / "bad.cu"),
+    )
+
+
+def _problems(part: dict) -> str:
+    return "\n".join(part["problems"])
+
+
+def test_the_check_passes_on_the_real_kernels(real):
+    proc, _ = real
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+
+
+def test_every_triton_kernel_has_an_aot_spec(real):
+    _, result = real
+    missing = [p for p in result["triton"]["problems"] if "has no AotSpec" in p]
+    assert not missing, "\n".join(missing)
+
+
+def test_triton_kernels_compile_for_sm90_and_sm80_in_every_dtype(real):
+    _, result = real
+    rows = result["triton"]["rows"]
+    errors = [f"{r['arch']} {r['kernel']} {r['dtype']} {r['config']}: {r['error']}" for r in rows if r["error"]]
+    assert not errors, "\n".join(errors)
+    built = {(r["arch"], r["kernel"], r["dtype"]) for r in rows}
+    for arch in ARCHS:
+        for kernel in ("layer_norm._layer_norm_fwd", "layer_norm._layer_norm_bwd"):
+            for dtype in ("float32", "float16", "bfloat16", "float64"):
+                assert (arch, kernel, dtype) in built, f"{kernel} {dtype} was not compiled for {arch}"
+
+
+def test_configs_picked_at_benchmark_shapes_do_not_spill(real):
+    _, result = real
+    picked = [r for r in result["triton"]["rows"] if r["picked"] and not r["error"]]
+    assert {r["arch"] for r in picked} == ARCHS
+    spilling = [f"{r['arch']} {r['kernel']} {r['dtype']} {r['config']}: {r['spill']}" for r in picked
+                if r["spill"] != 0]
+    assert not spilling, "spills (bytes) in picked configurations:\n" + "\n".join(spilling)
+
+
+def test_cu_files_compile_for_sm90_and_sm80(real):
+    _, result = real
+    part = result["cuda"]
+    if part["skipped"]:
+        pytest.skip(f"the CUDA part of the check was skipped: {part['skipped']}")
+    assert not part["problems"], _problems(part)
+    for path in cuda_compile.cu_files():
+        shown = str(path.relative_to(ROOT))
+        archs = {r["arch"] for r in part["rows"] if r["config"] == shown}
+        assert archs == ARCHS, f"{shown}: kernels reported for {sorted(archs)}, expected {sorted(ARCHS)}"
+
+
+def test_the_bad_kernel_runs_in_the_interpreter():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest)")
+    module = triton_aot.load_module(str(FIXTURES / "bad_kernel.py"))
+    x = torch.randn(5, 7)
+    torch.testing.assert_close(module.column_sums_launch(x), x.sum(0))
+
+
+def test_a_kernel_the_compiler_rejects_is_reported(broken):
+    proc, result = broken
+    assert proc.returncode == 1
+    failed = {r["arch"] for r in result["triton"]["rows"] if r["kernel"] == "bad_kernel.column_sums" and r["error"]}
+    assert failed == ARCHS
+    assert "column_sums" in proc.stderr and "Loop-carried variable acc" in proc.stderr
+
+
+def test_spills_in_a_picked_config_are_reported(broken):
+    proc, result = broken
+    assert any("normalise_one_warp" in p and "spills" in p for p in result["triton"]["problems"]), \
+        _problems(result["triton"])
+    assert "normalise_one_warp" in proc.stderr
+
+
+def test_a_kernel_without_a_spec_is_named(broken):
+    proc, result = broken
+    assert any("copy_block has no AotSpec" in p for p in result["triton"]["problems"]), _problems(result["triton"])
+    assert "copy_block" in proc.stderr
+
+
+def test_a_cu_that_does_not_compile_is_reported(broken):
+    proc, result = broken
+    part = result["cuda"]
+    if part["skipped"]:
+        pytest.skip(f"the CUDA part of the check was skipped: {part['skipped']}")
+    assert {r["arch"] for r in part["rows"] if r["error"] and "bad.cu" in r["kernel"]} == ARCHS
+    assert "bad.cu" in proc.stderr and "no suitable conversion" in proc.stderr
+
+
+def test_the_check_refuses_to_run_under_the_interpreter(tmp_path):
+    proc, result = _gpu_compile(tmp_path, "--triton", interpret=True)
+    assert proc.returncode == 1
+    assert "TRITON_INTERPRET" in _problems(result["triton"])

@@ -1,7 +1,8 @@
 """Triton LayerNorm over the last dimension: forward and backward kernels and their launchers.
 
 One program normalises one row held whole in registers, so rows up to ``MAX_FUSED_BYTES`` (counted
-in the accumulation dtype) fit; longer rows are refused with an error naming the limit. Forward saves only mean and rstd.
+in the accumulation dtype) fit; longer rows are refused with an error naming the limit.
+Forward saves only mean and rstd.
 Backward gives each program a contiguous block of rows and writes one partial dW/dB row per
 program, summed afterwards: no contended atomics, and a deterministic result.
 """

@@ -1,0 +1,363 @@
+"""Output projection fused with softmax cross-entropy, without ever holding the full (rows, vocab) logits.
+
+``loss = cross_entropy(hidden @ weight.T + bias, target)`` with the logits in float32 (float64 for float64
+inputs). The rows are processed in chunks, so the extra memory is one chunk of logits however many rows
+there are. For each chunk:
+
+1. ``logits = hidden_chunk @ weight.T (+ bias)`` with torch's matmul (cuBLAS / the CPU BLAS);
+2. a per-row kernel (the registry's backend: ``triton``, ``cpu`` or ``torch``) computes the logsumexp
+   and the loss of each row (label smoothing, ``ignore_index``) and overwrites the logits with
+   ``d(loss)/d(logits) = (softmax - smoothed one-hot) * scale``;
+3. ``grad_hidden_chunk = dlogits @ weight``, ``grad_weight += dlogits.T @ hidden_chunk``,
+   ``grad_bias += dlogits.sum(0)``.
+
+**Why the gradients are computed in forward.** Backward needs each chunk's softmax again. Keeping the
+dlogits of every chunk would be the full logits this op exists to avoid; recomputing them would cost a
+second ``hidden @ weight.T`` GEMM. Computing the input gradients while the chunk is at hand (the "fused
+linear cross-entropy" approach) keeps one chunk alive and runs three GEMMs in all, as unfused autograd
+does; backward then only multiplies the stored gradients by the upstream gradient (a scalar for
+``"mean"``/``"sum"``). **What it costs:** the gradients (``hidden``-sized, ``weight``-sized) live from
+forward to backward, and they are computed even if backward never runs. They are skipped for inputs
+that do not require grad, and all of them under ``torch.no_grad()``.
+
+**``reduction="none"``** returns per-row losses; their upstream gradient can differ per row and is only
+known in backward, so forward stores no gradients there. Backward recomputes each chunk's logits and
+runs the kernel with each row's upstream gradient as its scale (one extra GEMM; memory still one chunk).
+
+**Memory.** ``memory_budget`` bounds the chunk's working set, in bytes:
+``chunk_rows * (V * (c + h) + 4 * H * [half])``, with ``c`` the logits' element size (4, or 8 for
+float64), ``h`` the input's element size for bf16/fp16 (their GEMM output and the dlogits cast back
+for the gradient GEMMs, else 0) and ``4 * H`` the chunk of hidden in float32 for the weight gradient
+(bf16/fp16 only). Beside it: the per-row losses (``4 * rows`` bytes) and, for bf16/fp16 weights, a
+float32 weight-gradient accumulator (``4 * V * H``) so the sum over chunks does not round at every chunk.
+The default budget, :data:`DEFAULT_MEMORY_BUDGET` = 96 MiB, gives 824 rows of float32 logits at
+vocab 30522: 96 MiB of chunk plus 64 KiB of losses at 16384 rows, under 128 MiB.
+
+``num_items`` makes gradient accumulation exact: the loss is the sum over this call's non-ignored rows
+divided by ``num_items``, so micro-batches each given the whole batch's token count add up to the loss
+and gradients of the whole batch in one ``"mean"`` call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hetrain import plugins
+from hetrain.ops import _backends
+
+OP = "linear_cross_entropy"
+DEFAULT_MEMORY_BUDGET = 96 * 2**20
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The logits' dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bytes_per_row(vocab: int, hidden: int, dtype: torch.dtype) -> int:
+    """Working-set bytes one row of a chunk costs (the formula in the module docstring)."""
+    c = compute_dtype(dtype).itemsize
+    if dtype in _HALF:
+        return vocab * (c + dtype.itemsize) + 4 * hidden
+    return vocab * c
+
+
+def chunk_rows(rows: int, vocab: int, hidden: int, dtype: torch.dtype, memory_budget: int | None = None) -> int:
+    """Rows per chunk: as many as ``memory_budget`` bytes hold (at least 1, at most ``rows``)."""
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    per_row = bytes_per_row(vocab, hidden, dtype)
+    if budget < per_row:
+        raise ValueError(f"hetrain.ops.linear_cross_entropy: memory_budget={budget} bytes is less than one row of "
+                         f"the chunk ({per_row} bytes at vocab {vocab}, hidden {hidden}, {dtype})")
+    return max(1, min(rows, budget // per_row))
+
+
+# --- reference ---------------------------------------------------------------------------------
+
+def linear_cross_entropy_ref(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+    num_items: int | float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What the op computes, in plain torch (the full logits at once); the tests' oracle."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).to(compute_dtype(hidden.dtype))
+    logits, target = logits.reshape(-1, weight.shape[0]), target.reshape(-1)
+    if num_items is not None:
+        return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index,
+                                                 label_smoothing=label_smoothing, reduction="sum") / num_items
+    loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index,
+                                             label_smoothing=label_smoothing, reduction=reduction)
+    return loss.view(hidden.shape[:-1]) if reduction == "none" else loss
+
+
+class TorchBackend:
+    """The per-row kernel in plain torch, so the chunked algorithm runs on any device."""
+
+    @staticmethod
+    def rows(logits, loss, target, scale, ignore_index, label_smoothing):
+        V = logits.shape[1]
+        keep = target != ignore_index
+        safe = torch.where(keep, target, 0)[:, None]
+        lse = torch.logsumexp(logits, 1)
+        row = lse - (1.0 - label_smoothing) * logits.gather(1, safe)[:, 0]
+        if label_smoothing > 0:
+            row = row - label_smoothing / V * logits.sum(1)
+        loss.copy_(torch.where(keep, row, 0.0))
+        if scale is not None:
+            logits.sub_(lse[:, None]).exp_().sub_(label_smoothing / V)
+            logits.scatter_add_(1, safe, logits.new_full(safe.shape, label_smoothing - 1.0))
+            logits.mul_(torch.where(keep, scale, 0.0)[:, None])  # exact zeros for ignored rows, even if scale is inf
+
+
+class CppBackend:
+    """The C++ kernel of hetrain._C (csrc/linear_cross_entropy.cpp)."""
+
+    @staticmethod
+    def rows(logits, loss, target, scale, ignore_index, label_smoothing):
+        torch.ops.hetrain_C.cross_entropy_rows_(logits, loss, target, scale, ignore_index, label_smoothing)
+
+
+def _register_backends() -> None:
+    _backends.register_triton(OP, "hetrain.ops.triton.linear_cross_entropy")
+    _backends.register_cpp(OP, CppBackend, devices=("cpu",))
+    _backends.register_torch(OP, TorchBackend)
+
+
+_register_backends()
+
+
+# --- the chunked algorithm ---------------------------------------------------------------------
+
+def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if target.device.type == "cuda":
+        # A host check would sync every step; torch's own cross_entropy asserts on the device too.
+        torch._assert_async(~bad.any(), "hetrain.ops.linear_cross_entropy: a target is outside [0, vocab)")
+    elif bool(bad.any()):
+        value = target[bad][0].item()
+        raise ValueError(f"hetrain.ops.linear_cross_entropy: target {value} is outside [0, {vocab}) and is not "
+                         f"ignore_index ({ignore_index})")
+
+
+def _chunked(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+    ignore_index: int, label_smoothing: float, scale: torch.Tensor | None, memory_budget: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row losses (M,) and, where ``needs`` says and ``scale`` (0-d or (M,)) is given, the gradients of
+    ``sum_r loss_r * scale_r`` for hidden, weight and bias (empty tensors for those not computed)."""
+    M, H = hidden.shape
+    V = weight.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    half = hidden.dtype in _HALF
+    _check_targets(target, V, ignore_index)
+    need_h, need_w, need_b = needs if scale is not None else (False, False, False)
+    write_grad = need_h or need_w or need_b
+    loss = hidden.new_empty(M, dtype=cdt)
+    grad_h = hidden.new_empty((M, H) if need_h else (0,))
+    # Weight/bias gradients are sums over every chunk: accumulate them in the logits' dtype.
+    grad_w = weight.new_zeros((V, H) if need_w else (0,), dtype=cdt if half else weight.dtype)
+    grad_b = hidden.new_zeros(V if need_b else 0, dtype=cdt)
+    c = chunk_rows(M, V, H, hidden.dtype, memory_budget)
+    logits_buf = hidden.new_empty((c if M else 0, V), dtype=cdt)
+    gemm_buf = hidden.new_empty((c if M else 0, V)) if half else None  # the GEMM's own dtype, bf16/fp16
+    weight_t = weight.t()
+    for start in range(0, M, c):
+        n = min(c, M - start)
+        h = hidden[start:start + n]
+        logits = logits_buf[:n]
+        out = gemm_buf[:n] if half else logits
+        if bias is not None:
+            torch.addmm(bias, h, weight_t, out=out)
+        else:
+            torch.mm(h, weight_t, out=out)
+        if half:
+            logits.copy_(out)
+        row_scale = None
+        if write_grad:
+            row_scale = scale.expand(n) if scale.dim() == 0 else scale[start:start + n]
+        plugins.call(OP, "rows", hidden.device.type, logits, loss[start:start + n], target[start:start + n],
+                     row_scale, ignore_index, label_smoothing)
+        if not write_grad:
+            continue
+        dlogits = logits
+        if half:
+            dlogits = out.copy_(logits)
+        if need_h:
+            torch.mm(dlogits, weight, out=grad_h[start:start + n])
+        if need_w:
+            grad_w.addmm_(logits.t(), h.to(cdt) if half else h)
+        if need_b:
+            grad_b.add_(logits.sum(0))
+    return loss, grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype if bias is not None else cdt)
+
+
+# --- torch.library ops -------------------------------------------------------------------------
+
+@torch.library.custom_op("hetrain::linear_cross_entropy", mutates_args=())
+def _reduced(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+    scale: torch.Tensor, ignore_index: int, label_smoothing: float, memory_budget: int,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sum_r loss_r * scale`` (0-d) and its gradients, computed in the same pass (see module docstring)."""
+    loss, gh, gw, gb = _chunked(hidden, weight, target, bias, ignore_index, label_smoothing, scale, memory_budget,
+                                (need_hidden, need_weight, need_bias))
+    return loss.sum() * scale, gh, gw, gb
+
+
+@_reduced.register_fake
+def _(hidden, weight, target, bias, scale, ignore_index, label_smoothing, memory_budget,
+      need_hidden, need_weight, need_bias):
+    cdt = compute_dtype(hidden.dtype)
+    return (hidden.new_empty((), dtype=cdt), hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            hidden.new_empty(weight.shape[0] if need_bias else 0, dtype=bias.dtype if bias is not None else cdt))
+
+
+def _reduced_setup(ctx, inputs, output):
+    _loss, gh, gw, gb = output
+    ctx.needs = inputs[8:11]
+    ctx.save_for_backward(gh, gw, gb)
+
+
+def _reduced_backward(ctx, grad_loss, _gh, _gw, _gb):
+    gh, gw, gb = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs
+    # Out of place: an in-place scale would corrupt a second backward through a retained graph.
+    return (gh * grad_loss if need_h else None, gw * grad_loss if need_w else None, None,
+            gb * grad_loss if need_b else None, None, None, None, None, None, None, None)
+
+
+_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup)
+
+
+@torch.library.custom_op("hetrain::linear_cross_entropy_rows", mutates_args=())
+def _per_row(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+    ignore_index: int, label_smoothing: float, memory_budget: int,
+) -> torch.Tensor:
+    """Per-row losses (M,); no gradients are computed here (``reduction="none"``)."""
+    return _chunked(hidden, weight, target, bias, ignore_index, label_smoothing, None, memory_budget,
+                    (False, False, False))[0]
+
+
+@_per_row.register_fake
+def _(hidden, weight, target, bias, ignore_index, label_smoothing, memory_budget):
+    return hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype))
+
+
+@torch.library.custom_op("hetrain::linear_cross_entropy_rows_bwd", mutates_args=())
+def _per_row_bwd(
+    grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+    bias: torch.Tensor | None, ignore_index: int, label_smoothing: float, memory_budget: int,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_r loss_r * grad_rows_r``: the chunks' logits recomputed, each row scaled by its own."""
+    _loss, gh, gw, gb = _chunked(hidden, weight, target, bias, ignore_index, label_smoothing, grad_rows,
+                                 memory_budget, (need_hidden, need_weight, need_bias))
+    return gh, gw, gb
+
+
+@_per_row_bwd.register_fake
+def _(grad_rows, hidden, weight, target, bias, ignore_index, label_smoothing, memory_budget,
+      need_hidden, need_weight, need_bias):
+    cdt = compute_dtype(hidden.dtype)
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            hidden.new_empty(weight.shape[0] if need_bias else 0, dtype=bias.dtype if bias is not None else cdt))
+
+
+def _per_row_setup(ctx, inputs, output):
+    hidden, weight, target, bias, ignore_index, label_smoothing, memory_budget = inputs
+    ctx.save_for_backward(hidden, weight, target, bias)
+    ctx.args = (ignore_index, label_smoothing, memory_budget)
+
+
+def _per_row_backward(ctx, grad_rows):
+    hidden, weight, target, bias = ctx.saved_tensors
+    need_h, need_w, _t, need_b = ctx.needs_input_grad[:4]
+    gh, gw, gb = _per_row_bwd(grad_rows.to(compute_dtype(hidden.dtype)).contiguous(), hidden, weight, target, bias,
+                              *ctx.args, need_h, need_w, need_b and bias is not None)
+    return (gh if need_h else None, gw if need_w else None, None, gb if need_b and bias is not None else None,
+            None, None, None)
+
+
+_per_row.register_autograd(_per_row_backward, setup_context=_per_row_setup)
+
+
+# --- functional face ---------------------------------------------------------------------------
+
+def _validate(hidden, weight, target, bias, label_smoothing, reduction, num_items, memory_budget) -> None:
+    name = "hetrain.ops.linear_cross_entropy"
+    if hidden.dim() == 0 or not hidden.is_floating_point():
+        raise ValueError(f"{name}: hidden must be a floating tensor (..., H), got shape {tuple(hidden.shape)} "
+                         f"{hidden.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{name}: weight must be (V, H) with V >= 1 and H = hidden's last dimension "
+                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{name}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{name}: target must have shape {tuple(hidden.shape[:-1])} (hidden's leading dimensions), "
+                         f"got {tuple(target.shape)}")
+    if target.dtype != torch.int64:
+        raise ValueError(f"{name}: target must be int64 class indices, got {target.dtype}")
+    for what, t in (("weight", weight), ("bias", bias), ("target", target)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name}: {what} is on {t.device} but hidden is on {hidden.device}")
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise ValueError(f"{name}: {what} dtype {t.dtype} differs from hidden's {hidden.dtype}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if num_items is not None and reduction == "none":
+        raise ValueError(f"{name}: num_items divides a reduced loss; it has no meaning with reduction='none'")
+    if isinstance(num_items, (int, float)) and not num_items > 0:
+        raise ValueError(f"{name}: num_items must be > 0, got {num_items}")
+    if memory_budget is not None and memory_budget <= 0:
+        raise ValueError(f"{name}: memory_budget must be a positive number of bytes, got {memory_budget}")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+    num_items: int | float | torch.Tensor | None = None, memory_budget: int | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias).float(), target, ...)`` without the full logits.
+
+    hidden (..., H), weight (V, H) as in ``nn.Linear``, target (...) int64, bias (V,). The loss is
+    float32 (float64 for float64 inputs). ``num_items``: the loss is the sum over non-ignored rows
+    divided by it (exact gradient accumulation; see the module docstring). ``memory_budget``: bytes
+    the chunk of logits may use (default :data:`DEFAULT_MEMORY_BUDGET`). Under autocast, hidden,
+    weight and bias run in the autocast dtype, as ``F.linear`` would.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    _validate(hidden, weight, target, bias, label_smoothing, reduction, num_items, memory_budget)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1]).contiguous()
+    t1 = target.reshape(-1).contiguous()
+    smoothing, ignore = float(label_smoothing), int(ignore_index)
+    if reduction == "none":
+        return _per_row(h2, weight.contiguous(), t1, bias, ignore, smoothing, budget).view(hidden.shape[:-1])
+    cdt = compute_dtype(hidden.dtype)
+    if num_items is not None:
+        scale = 1.0 / torch.as_tensor(num_items, dtype=cdt, device=hidden.device)
+    elif reduction == "mean":
+        scale = 1.0 / (t1 != ignore).sum().to(cdt)  # 1/0 = inf over zero tokens: a nan loss, as torch gives
+    else:
+        scale = torch.ones((), dtype=cdt, device=hidden.device)
+    grad = torch.is_grad_enabled()
+    loss, _gh, _gw, _gb = _reduced(h2, weight.contiguous(), t1, bias, scale, ignore, smoothing, budget,
+                                   grad and hidden.requires_grad, grad and weight.requires_grad,
+                                   grad and bias is not None and bias.requires_grad)
+    return loss

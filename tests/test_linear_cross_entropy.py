@@ -1,0 +1,384 @@
+"""Linear + cross-entropy: every backend vs the float64 torch reference, reductions, num_items, chunking, compile."""
+
+import pytest
+import torch
+from op_testing import TOLERANCES, assert_close, non_contiguous, randn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import hetrain  # noqa: F401  (loads hetrain._C and registers the ops)
+from hetrain import plugins
+from hetrain.nn.linear_cross_entropy import LinearCrossEntropyHead
+from hetrain.ops.linear_cross_entropy import (
+    DEFAULT_MEMORY_BUDGET,
+    TorchBackend,
+    bytes_per_row,
+    chunk_rows,
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+)
+
+BACKENDS = ["triton", "cpu", "torch"]
+IGNORE = -100
+
+
+def inputs(lead, H, V, dtype=torch.float64, seed=0, bias=True, ignored=3):
+    """Seeded hidden, weight, bias and targets; ``ignored`` rows carry ignore_index."""
+    hidden = randn(*lead, H, dtype=dtype, seed=seed, shift=0.1, requires_grad=True)
+    weight = randn(V, H, dtype=dtype, seed=seed + 1, scale=0.4, requires_grad=True)
+    b = randn(V, dtype=dtype, seed=seed + 2, requires_grad=True) if bias else None
+    g = torch.Generator().manual_seed(seed + 3)
+    target = torch.randint(0, V, lead, generator=g)
+    flat = target.view(-1)
+    flat[torch.randperm(flat.numel(), generator=g)[:ignored]] = IGNORE
+    return hidden, weight, b, target
+
+
+def params(hidden, weight, b):
+    return [t for t in (hidden, weight, b) if t is not None]
+
+
+def run(backend, hidden, weight, b, target, upstream=None, **kw):
+    """Loss and gradients of the op on ``backend``."""
+    with plugins.use_backend(linear_cross_entropy=backend):
+        loss = linear_cross_entropy(hidden, weight, target, b, **kw)
+        grads = torch.autograd.grad(loss, params(hidden, weight, b), upstream)
+    return loss.detach(), grads
+
+
+def reference(hidden, weight, b, target, upstream=None, **kw):
+    """The float64 oracle on the same input values (memory_budget means nothing to it)."""
+    kw.pop("memory_budget", None)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    loss = linear_cross_entropy_ref(h64, w64, target, b64, **kw)
+    grads = torch.autograd.grad(loss, params(h64, w64, b64), upstream.double() if upstream is not None else None)
+    return loss, grads
+
+
+def assert_grads_close(grads, grads_ref, dtype, what):
+    assert len(grads) == len(grads_ref)
+    for name, g, g_ref in zip(("hidden", "weight", "bias"), grads, grads_ref, strict=False):
+        assert g.dtype == dtype, f"{what} grad {name} dtype {g.dtype}"
+        # Sums over rows and vocab: compare relative to the largest entry.
+        scale = max(1.0, g_ref.abs().max().item())
+        assert_close(g / scale, g_ref / scale, dtype, f"{what} grad {name}")
+
+
+def budget_for(rows, V, H, dtype):
+    """A memory budget that holds exactly ``rows`` rows of the chunk."""
+    return rows * bytes_per_row(V, H, dtype)
+
+
+CASES = [
+    dict(reduction="mean", bias=True, label_smoothing=0.0),
+    dict(reduction="sum", bias=False, label_smoothing=0.1),
+    dict(reduction="mean", bias=True, label_smoothing=0.25),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['reduction']}-bias{c['bias']}-ls{c['label_smoothing']}")
+def test_matches_float64_reference(backend, dtype, case):
+    H, V, lead = 24, 101, (3, 13)
+    hidden, weight, b, target = inputs(lead, H, V, dtype, seed=1, bias=case["bias"], ignored=5)
+    kw = dict(reduction=case["reduction"], label_smoothing=case["label_smoothing"],
+              memory_budget=budget_for(16, V, H, dtype))  # 39 rows: three chunks, the last short
+    loss, grads = run(backend, hidden, weight, b, target, **kw)
+    loss_ref, grads_ref = reference(hidden, weight, b, target, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.shape == ()
+    assert_close(loss, loss_ref, dtype, f"{backend} loss")
+    assert_grads_close(grads, grads_ref, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reduction_none_with_any_upstream_gradient(backend, dtype):
+    H, V, lead = 16, 53, (2, 11)
+    hidden, weight, b, target = inputs(lead, H, V, dtype, seed=2, ignored=4)
+    loss_dtype = torch.promote_types(dtype, torch.float32)
+    upstream = randn(*lead, dtype=loss_dtype, seed=9, scale=3.0)
+    kw = dict(reduction="none", label_smoothing=0.1, memory_budget=budget_for(5, V, H, dtype))
+    loss, grads = run(backend, hidden, weight, b, target, upstream, **kw)
+    loss_ref, grads_ref = reference(hidden, weight, b, target, upstream, **kw)
+    assert loss.shape == lead and loss.dtype == loss_dtype
+    assert torch.all(loss[target == IGNORE] == 0)
+    assert_close(loss, loss_ref, dtype, f"{backend} per-row loss")
+    assert_grads_close(grads, grads_ref, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_num_items_makes_micro_batches_add_up_to_the_batch(backend):
+    H, V = 20, 47
+    hidden, weight, b, target = inputs((31,), H, V, seed=3, ignored=6)
+    num_items = int((target != IGNORE).sum())
+    loss_sum, grad_sum = 0.0, [torch.zeros_like(p) for p in params(hidden, weight, b)]
+    for lo, hi in ((0, 5), (5, 22), (22, 31)):  # uneven micro-batches
+        with plugins.use_backend(linear_cross_entropy=backend):
+            loss = linear_cross_entropy(hidden[lo:hi], weight, target[lo:hi], b, num_items=num_items,
+                                        label_smoothing=0.1, memory_budget=budget_for(4, V, H, torch.float64))
+            grads = torch.autograd.grad(loss, params(hidden, weight, b))
+        loss_sum = loss_sum + loss.detach()
+        grad_sum = [acc + g for acc, g in zip(grad_sum, grads, strict=True)]
+    whole, grads_whole = run(backend, hidden, weight, b, target, reduction="mean", label_smoothing=0.1)
+    assert_close(loss_sum, whole, torch.float64, "accumulated loss")
+    for g, g_ref in zip(grad_sum, grads_whole, strict=True):
+        assert_close(g, g_ref, torch.float64, "accumulated grad")
+    # A tensor num_items (a count all-reduced on the device) means the same.
+    loss_t, _ = run(backend, hidden, weight, b, target, num_items=torch.tensor(num_items), label_smoothing=0.1)
+    assert_close(loss_t, whole, torch.float64, "tensor num_items")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_targets_ignored(backend):
+    hidden, weight, b, _ = inputs((6,), 8, 37, seed=4, ignored=0)
+    target = torch.full((6,), IGNORE)
+    loss, grads = run(backend, hidden, weight, b, target, reduction="mean", label_smoothing=0.1)
+    torch_loss = torch.nn.functional.cross_entropy(torch.randn(6, 37), target, label_smoothing=0.1)
+    assert torch.isnan(loss) and torch.isnan(torch_loss)  # torch's mean over zero tokens is nan too
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)  # ... but its gradients are zeros
+    for kw in (dict(reduction="sum"), dict(num_items=12)):
+        loss, grads = run(backend, hidden, weight, b, target, **kw)
+        assert loss.item() == 0.0, kw
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads), kw
+    loss, _ = run(backend, hidden, weight, b, target, reduction="none", upstream=torch.ones(6, dtype=torch.float64))
+    assert torch.equal(loss, torch.zeros(6, dtype=torch.float64))
+
+
+def test_chunk_size_respects_the_memory_budget():
+    V, H = 30522, 768
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        per_row = bytes_per_row(V, H, dtype)
+        for budget in (per_row, 3 * per_row + 1, 10**7, DEFAULT_MEMORY_BUDGET):
+            rows = chunk_rows(16384, V, H, dtype, budget)
+            assert rows >= 1 and rows * per_row <= budget and (rows + 1) * per_row > budget
+    # The default at vocab 30522 and 16384 rows: the float32 chunk plus the per-row losses fit in 128 MiB.
+    rows = chunk_rows(16384, V, H, torch.float32)
+    assert rows * bytes_per_row(V, H, torch.float32) + 4 * 16384 < 128 * 2**20 and rows == 824
+    assert chunk_rows(10, V, H, torch.float32) == 10
+    with pytest.raises(ValueError, match="less than one row"):
+        chunk_rows(10, V, H, torch.float32, bytes_per_row(V, H, torch.float32) - 1)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_results_do_not_depend_on_chunk_size(backend):
+    H, V = 12, 41
+    hidden, weight, b, target = inputs((2, 9), H, V, seed=5, ignored=3)
+    results = [run(backend, hidden, weight, b, target, label_smoothing=0.05,
+                   memory_budget=budget_for(rows, V, H, torch.float64)) for rows in (1, 4, 7, 18)]
+    for loss, grads in results[1:]:
+        assert_close(loss, results[0][0], torch.float64, "loss across chunk sizes")
+        for g, g0 in zip(grads, results[0][1], strict=True):
+            assert_close(g, g0, torch.float64, "grad across chunk sizes")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_hidden_and_weight(backend):
+    H, V = 18, 29
+    hidden, weight, b, target = inputs((3, 5), H, V, seed=6)
+    hidden = non_contiguous(hidden)
+    weight = randn(H, V, dtype=torch.float64, seed=7, scale=0.4).t().requires_grad_()  # a transposed view
+    loss, grads = run(backend, hidden, weight, b, target, memory_budget=budget_for(4, V, H, torch.float64))
+    loss_ref, grads_ref = reference(hidden, weight, b, target)
+    assert_close(loss, loss_ref, torch.float64, "loss")
+    assert_grads_close(grads, grads_ref, torch.float64, "non-contiguous")
+
+
+def test_unbatched_and_empty_inputs():
+    hidden, weight, b, _ = inputs((1,), 8, 19, seed=8, ignored=0)
+    target = torch.tensor(4)
+    loss, grads = run("cpu", hidden[0], weight, b, target)
+    loss_ref, grads_ref = reference(hidden[0], weight, b, target)
+    assert_close(loss, loss_ref, torch.float64, "unbatched")
+    empty = torch.empty(0, 8, dtype=torch.float64, requires_grad=True)
+    loss, grads = run("cpu", empty, weight, b, torch.empty(0, dtype=torch.int64), reduction="sum")
+    assert loss.item() == 0.0 and grads[0].shape == (0, 8) and torch.equal(grads[1], torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(reduction):
+    hidden, weight, b, target = inputs((7,), 5, 11, seed=9, ignored=2)
+
+    def fn(h, w, bb):
+        return linear_cross_entropy(h, w, target, bb, reduction=reduction, label_smoothing=0.1,
+                                    memory_budget=budget_for(3, 11, 5, torch.float64))
+
+    with plugins.use_backend(linear_cross_entropy="cpu"):
+        assert torch.autograd.gradcheck(fn, (hidden, weight, b))
+
+
+def test_gradients_skipped_when_nothing_requires_them():
+    hidden, weight, b, target = inputs((9,), 8, 23, seed=10)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, target, b)
+    assert loss.grad_fn is None
+    assert_close(loss, reference(hidden, weight, b, target)[0], torch.float64, "no-grad loss")
+    scale = torch.tensor(1.0 / 9, dtype=torch.float64)
+    args = (hidden.detach(), weight.detach(), target, b.detach(), scale, IGNORE, 0.0, 2**20)
+    _, gh, gw, gb = torch.ops.hetrain.linear_cross_entropy(*args, False, True, False)
+    assert gh.numel() == 0 and gb.numel() == 0 and gw.shape == weight.shape
+    frozen_weight = weight.detach()  # a frozen head: only hidden's gradient is computed
+    with plugins.use_backend(linear_cross_entropy="cpu"):
+        (gh,) = torch.autograd.grad(linear_cross_entropy(hidden, frozen_weight, target), hidden)
+    h64 = hidden.detach().requires_grad_()
+    (gh_ref,) = torch.autograd.grad(linear_cross_entropy_ref(h64, frozen_weight, target), h64)
+    assert_close(gh, gh_ref, torch.float64, "hidden grad")
+
+
+def test_autocast_runs_the_projection_in_the_autocast_dtype():
+    hidden, weight, b, target = inputs((10,), 16, 31, torch.float32, seed=11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, target, b)
+    loss.backward()
+    expected = linear_cross_entropy_ref(hidden.bfloat16(), weight.bfloat16(), target, b.bfloat16())
+    assert loss.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    assert_close(loss, expected, torch.bfloat16, "autocast loss")
+
+
+def test_custom_ops_pass_opcheck():
+    hidden, weight, b, target = inputs((9,), 8, 23, torch.float32, seed=12)
+    h, w, bb = hidden.detach().requires_grad_(), weight.detach().requires_grad_(), b.detach().requires_grad_()
+    scale = torch.tensor(1.0 / 6)
+    for needs in ((True, True, True), (False, True, False)):
+        torch.library.opcheck(torch.ops.hetrain.linear_cross_entropy.default,
+                              (h, w, target, bb, scale, IGNORE, 0.1, 4096, *needs))
+    torch.library.opcheck(torch.ops.hetrain.linear_cross_entropy_rows.default, (h, w, target, None, IGNORE, 0.0, 4096))
+    torch.library.opcheck(torch.ops.hetrain.linear_cross_entropy_rows_bwd.default,
+                          (randn(9, seed=13), h.detach(), w.detach(), target, bb.detach(), IGNORE, 0.1, 4096,
+                           True, True, True))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(backend, reduction):
+    torch._dynamo.reset()
+    hidden, weight, b, target = inputs((2, 7), 16, 37, torch.float32, seed=14)
+
+    def head(h, w, bb, t):
+        return linear_cross_entropy(torch.tanh(h), w, t, bb, reduction=reduction, label_smoothing=0.1,
+                                    memory_budget=4 * 37 * 4).sum()
+
+    with plugins.use_backend(linear_cross_entropy=backend):
+        compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+        loss = compiled(hidden, weight, b, target)
+        grads = torch.autograd.grad(loss, (hidden, weight, b))
+    expected = linear_cross_entropy_ref(torch.tanh(hidden), weight, target, b, reduction=reduction,
+                                        label_smoothing=0.1).sum()
+    grads_expected = torch.autograd.grad(expected, (hidden, weight, b))
+    assert_close(loss, expected, torch.float32, "compiled loss")
+    for g, ge in zip(grads, grads_expected, strict=True):
+        assert_close(g, ge, torch.float32, "compiled grad")
+
+
+def test_inductor_compiles_without_graph_breaks_or_recompiles_per_batch_size():
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    weight = randn(29, 16, seed=15, scale=0.4)
+    compiled = torch.compile(lambda h, t: linear_cross_entropy(h, weight, t), fullgraph=True, backend=counter)
+    for rows in (12, 20, 28):
+        hidden, _, _, target = inputs((rows,), 16, 29, torch.float32, seed=rows)
+        assert_close(compiled(hidden.detach(), target), linear_cross_entropy_ref(hidden.detach(), weight, target),
+                     torch.float32, f"inductor {rows} rows")
+    assert counter.frame_count <= 2  # the first size, then one dynamic-shape graph for every other
+
+
+def test_triton_rows_kernel_walks_a_vocabulary_of_several_blocks():
+    from hetrain.ops.triton.linear_cross_entropy import launch_config, rows
+
+    V = 4100  # past one 4096-wide float32 block
+    assert launch_config(V, torch.float32)["BLOCK_V"] < V
+    logits = randn(3, V, seed=16, scale=4.0)
+    target = torch.tensor([5, IGNORE, V - 1])
+    scale = randn(3, seed=17)
+    expected, expected_loss = logits.clone(), torch.empty(3)
+    TorchBackend.rows(expected, expected_loss, target, scale, IGNORE, 0.2)
+    got, loss = logits.clone(), torch.empty(3)
+    rows(got, loss, target, scale, IGNORE, 0.2)
+    assert_close(loss, expected_loss, torch.float32, "loss")
+    assert_close(got, expected, torch.float32, "dlogits")
+
+
+def test_bad_inputs_raise_clear_errors():
+    hidden, weight, b, target = inputs((4,), 8, 13, torch.float32, seed=18, ignored=1)
+    with pytest.raises(ValueError, match=r"target 13 is outside \[0, 13\)"):
+        linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 13, IGNORE]), b)
+    with pytest.raises(ValueError, match=r"target -1 is outside"):
+        linear_cross_entropy(hidden, weight, torch.tensor([0, -1, 2, 3]), b)
+    with pytest.raises(ValueError, match=r"weight must be \(V, H\)"):
+        linear_cross_entropy(hidden, randn(13, 7), target, b)
+    with pytest.raises(ValueError, match=r"bias must have shape \(13,\)"):
+        linear_cross_entropy(hidden, weight, target, randn(12))
+    with pytest.raises(ValueError, match=r"target must have shape \(4,\)"):
+        linear_cross_entropy(hidden, weight, target[:3], b)
+    with pytest.raises(ValueError, match="target must be int64"):
+        linear_cross_entropy(hidden, weight, target.int(), b)
+    with pytest.raises(ValueError, match="weight dtype torch.float64 differs from hidden's torch.float32"):
+        linear_cross_entropy(hidden, weight.double(), target, b)
+    with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
+        linear_cross_entropy(hidden, torch.empty(13, 8, device="meta"), target, b)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        linear_cross_entropy(hidden, weight, target, b, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="reduction must be"):
+        linear_cross_entropy(hidden, weight, target, b, reduction="avg")
+    with pytest.raises(ValueError, match="num_items must be > 0"):
+        linear_cross_entropy(hidden, weight, target, b, num_items=0)
+    with pytest.raises(ValueError, match="no meaning with reduction='none'"):
+        linear_cross_entropy(hidden, weight, target, b, reduction="none", num_items=3)
+    with pytest.raises(ValueError, match="less than one row"):
+        linear_cross_entropy(hidden, weight, target, b, memory_budget=16)
+    with pytest.raises(RuntimeError, match=r"target 13 in row 0 is outside \[0, 13\)"):
+        torch.ops.hetrain_C.cross_entropy_rows_(randn(1, 13), torch.empty(1), torch.tensor([13]), None, IGNORE, 0.0)
+    with pytest.raises(RuntimeError, match="logits must be float32 or float64"):
+        torch.ops.hetrain_C.cross_entropy_rows_(randn(1, 13).half(), torch.empty(1), torch.tensor([1]), None,
+                                                IGNORE, 0.0)
+
+
+def test_head_module_is_state_dict_compatible_with_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 57)
+    head = LinearCrossEntropyHead(24, 57, label_smoothing=0.1)
+    assert head.state_dict().keys() == linear.state_dict().keys()
+    head.load_state_dict(linear.state_dict())
+    hidden, _, _, target = inputs((2, 6), 24, 57, torch.float32, seed=19)
+    expected = linear_cross_entropy_ref(hidden, linear.weight, target, linear.bias, label_smoothing=0.1)
+    assert_close(head(hidden, target), expected, torch.float32, "head loss")
+    shared = LinearCrossEntropyHead.from_linear(linear, reduction="sum")
+    assert shared.weight is linear.weight and shared.bias is linear.bias
+    assert_close(shared(hidden, target, num_items=5),
+                 linear_cross_entropy_ref(hidden, linear.weight, target, linear.bias, num_items=5), torch.float32,
+                 "shared head with num_items")
+    no_bias = LinearCrossEntropyHead.from_linear(torch.nn.Linear(24, 57, bias=False))
+    assert no_bias.bias is None and "bias" not in no_bias.state_dict()
+    assert "vocab=57" in repr(head)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_reference(dtype):
+    hidden, weight, b, target = inputs((4, 33), 64, 1000, dtype, seed=20, ignored=7)
+    cuda = [t.detach().cuda().requires_grad_() for t in (hidden, weight, b)]
+    loss, grads = run("triton", cuda[0], cuda[1], cuda[2], target.cuda(), label_smoothing=0.1,
+                      memory_budget=budget_for(50, 1000, 64, dtype))
+    loss_ref, grads_ref = reference(hidden, weight, b, target, label_smoothing=0.1)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.cpu().double(), loss_ref, atol=atol, rtol=rtol)
+    assert_grads_close([g.cpu() for g in grads], grads_ref, dtype, "cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_extra_memory_stays_under_128_mib():
+    rows, H, V = 16384, 768, 30522
+    hidden = torch.randn(rows, H, device="cuda", requires_grad=True)
+    weight = torch.randn(V, H, device="cuda", requires_grad=True)
+    target = torch.randint(0, V, (rows,), device="cuda")
+    linear_cross_entropy(hidden[:8], weight, target[:8]).backward()  # cuBLAS workspaces exist before measuring
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = linear_cross_entropy(hidden, weight, target)
+    torch.cuda.synchronize()
+    grads_kept = (rows * H + V * H) * 4  # the stored input gradients, what autograd would allocate anyway
+    extra = torch.cuda.max_memory_allocated() - before - grads_kept
+    assert extra < 128 * 2**20, f"extra memory {extra / 2**20:.1f} MiB"
+    loss.backward()

@@ -1,8 +1,12 @@
 """Drop-in fused modules and ``patch(model)``."""
 
+from hetrain.nn.bias_gelu import BiasGELU
+from hetrain.nn.dropout_add_layer_norm import DropoutAddLayerNorm
 from hetrain.nn.layer_norm import LayerNorm
 from hetrain.nn.linear_cross_entropy import LinearCrossEntropyHead
 from hetrain.nn.patch import PatchReport, patch
 from hetrain.nn.rms_norm import RMSNorm
 
-__all__ = ["LayerNorm", "LinearCrossEntropyHead", "PatchReport", "RMSNorm", "patch"]
+__all__ = [
+    "BiasGELU", "DropoutAddLayerNorm", "LayerNorm", "LinearCrossEntropyHead", "PatchReport", "RMSNorm", "patch",
+]

@@ -1,9 +1,12 @@
 """Fused operators: each is a ``torch.library`` custom op whose backend the registry picks per device."""
 
+from hetrain.ops.bias_gelu import bias_gelu, bias_gelu_ref
+from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_ref
 from hetrain.ops.layer_norm import layer_norm, layer_norm_ref
 from hetrain.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from hetrain.ops.rms_norm import rms_norm, rms_norm_ref
 
 __all__ = [
+    "bias_gelu", "bias_gelu_ref", "dropout_add_layer_norm", "dropout_add_layer_norm_ref",
     "layer_norm", "layer_norm_ref", "linear_cross_entropy", "linear_cross_entropy_ref", "rms_norm", "rms_norm_ref",
 ]

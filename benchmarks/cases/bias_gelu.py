@@ -1,0 +1,33 @@
+"""bias + GELU(tanh) forward+backward: eager, torch.compile and hetrain's backend for the device."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.cases import Case
+from hetrain.ops.bias_gelu import bias_gelu
+
+
+def _make(rows: int, hidden: int, dtype: torch.dtype, device: str, approximate: str):
+    def make():
+        x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
+        b = torch.randn(hidden, dtype=dtype, device=device, requires_grad=True)
+        dy = torch.randn(rows, hidden, dtype=dtype, device=device)
+        eager = lambda x, b: torch.nn.functional.gelu(x + b, approximate=approximate)
+        compiled = torch.compile(eager)
+        fused = lambda x, b: bias_gelu(x, b, approximate)
+
+        def step(fn):
+            return lambda: torch.autograd.grad(fn(x, b), (x, b), dy)
+
+        return {"eager": step(eager), "compile": step(compiled), "hetrain": step(fused)}
+
+    return make
+
+
+def cpu_cases() -> list[Case]:
+    rows, hidden = 4096, 3072
+    elem = 4
+    # forward reads x, writes y; backward reads dy and x, writes dx (bias reads are noise).
+    return [Case("bias_gelu", f"{rows}x{hidden} tanh", "float32", _make(rows, hidden, torch.float32, "cpu", "tanh"),
+                 5 * rows * hidden * elem)]

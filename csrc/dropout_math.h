@@ -1,0 +1,50 @@
+// Counter-based dropout randomness, shared by the CPU kernel (dropout_add_layer_norm.cpp) and any
+// CUDA kernel: element i of a stream named by `seed` depends on (seed, i) alone, so backward
+// regenerates forward's mask instead of storing it, in any order and on any thread. No torch headers.
+//
+// A keyed two-round avalanche hash (MurmurHash3's 32-bit finaliser) rather than Philox-4x32-10:
+// it is a handful of 32-bit multiplies and shifts, which vectorise on AVX2/AVX-512, and the
+// torch reference backend reproduces it bit for bit with integer tensor ops.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace hetrain {
+namespace dropout {
+
+// MurmurHash3's 32-bit finaliser: a bijection in which every input bit flips each output bit
+// with probability close to 1/2.
+HETRAIN_HD uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// The per-stream key of the low 32 bits of the element index.
+HETRAIN_HD uint32_t key_lo(uint64_t seed) { return mix32(static_cast<uint32_t>(seed) ^ 0x9e3779b9u); }
+
+// The key of the high 32 bits of the index (0 for tensors under 2^32 elements).
+HETRAIN_HD uint32_t key_hi(uint64_t seed, uint32_t index_hi) {
+  return mix32((static_cast<uint32_t>(seed >> 32) + 0x7f4a7c15u) ^ mix32(index_hi + 0x632be5abu));
+}
+
+// 24 random bits for element `index`: an integer uniform on [0, 2^24).
+HETRAIN_HD uint32_t bits24(uint32_t klo, uint32_t khi, uint32_t index_lo) {
+  return mix32(mix32(index_lo ^ klo) ^ khi) >> 8;
+}
+
+// Elements whose 24 bits fall below this are dropped: ceil(p * 2^24), so P(drop) = p to 2^-24,
+// and p = 1 drops everything. Comparing integers keeps every backend's decision identical.
+inline uint32_t drop_threshold(double p) {
+  const double t = p * 16777216.0;
+  const uint32_t c = static_cast<uint32_t>(t);
+  return static_cast<double>(c) < t ? c + 1 : c;
+}
+
+}  // namespace dropout
+}  // namespace hetrain

@@ -1,0 +1,130 @@
+"""gelu(x + bias), the FFN activation of BERT/GPT: reference, backends, ``torch.library`` op, functional face.
+
+Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
+``cpu`` (the C++ kernel in ``hetrain._C``), ``torch`` (the plain reference, the test oracle).
+Forward returns only the activation; backward recomputes from the saved input and bias, so the
+output is never kept for backward (eager torch keeps both ``x + bias`` and the output alive).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetrain import plugins
+from hetrain.ops import _backends
+
+OP = "bias_gelu"
+APPROXIMATIONS = ("none", "tanh")
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- reference ---------------------------------------------------------------------------------
+
+def bias_gelu_ref(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """What the op computes, in plain torch; the tests' oracle."""
+    return torch.nn.functional.gelu(x + bias, approximate=approximate)
+
+
+class TorchBackend:
+    """The reference written as forward/backward entry points, so it can stand in for any kernel."""
+
+    @staticmethod
+    def forward(x, bias, approximate):
+        z = x.to(_stats_dtype(x.dtype)) + bias.to(_stats_dtype(x.dtype))
+        return torch.nn.functional.gelu(z, approximate=approximate).to(x.dtype)
+
+    @staticmethod
+    def backward(dy, x, bias, approximate):
+        stats = _stats_dtype(x.dtype)
+        z = x.to(stats) + bias.to(stats)
+        dz = torch.ops.aten.gelu_backward(dy.to(stats), z, approximate=approximate)
+        return dz.to(x.dtype), dz.sum(0).to(x.dtype)
+
+
+class CppBackend:
+    """The C++ kernels of hetrain._C (csrc/bias_gelu.cpp)."""
+
+    @staticmethod
+    def forward(x, bias, approximate):
+        return torch.ops.hetrain_C.bias_gelu_fwd(x, bias, approximate)
+
+    @staticmethod
+    def backward(dy, x, bias, approximate):
+        return torch.ops.hetrain_C.bias_gelu_bwd(dy, x, bias, approximate)
+
+
+def _register_backends() -> None:
+    _backends.register_triton(OP, "hetrain.ops.triton.bias_gelu")
+    _backends.register_cpp(OP, CppBackend, devices=("cpu",))
+    _backends.register_torch(OP, TorchBackend)
+
+
+_register_backends()
+
+
+# --- torch.library op --------------------------------------------------------------------------
+
+@torch.library.custom_op("hetrain::bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    return plugins.call(OP, "forward", x.device.type, x, bias, approximate)
+
+
+@_bias_gelu_fwd.register_fake
+def _(x, bias, approximate):
+    torch._check(bias.shape == x.shape[1:], lambda: f"hetrain.bias_gelu: bias {bias.shape} vs x {x.shape}")
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("hetrain::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd(
+    dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approximate: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return plugins.call(OP, "backward", x.device.type, dy, x, bias, approximate)
+
+
+@_bias_gelu_bwd.register_fake
+def _(dy, x, bias, approximate):
+    return torch.empty_like(x), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, db = _bias_gelu_bwd(dy.contiguous(), x, bias, ctx.approximate)
+    return dx, db, None
+
+
+_bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- functional face ---------------------------------------------------------------------------
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``F.gelu(x + bias, approximate=...)`` fused, for ``x`` of any leading shape and ``bias`` of shape (N,).
+
+    Runs in ``x``'s dtype with float32 arithmetic (float64 for float64); ``bias`` is cast to ``x``'s
+    dtype, so bf16 activations with a float32 bias work as under autocast.
+    """
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"hetrain.ops.bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    if x.dim() == 0 or not x.is_floating_point():
+        raise ValueError(f"hetrain.ops.bias_gelu: x must be a floating tensor with >= 1 dim, got "
+                         f"shape {tuple(x.shape)} {x.dtype}")
+    n = x.shape[-1]
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"hetrain.ops.bias_gelu: bias must have shape ({n},) to match x's last dimension, "
+                         f"got {tuple(bias.shape)} (x is {tuple(x.shape)})")
+    if bias.device != x.device:
+        raise ValueError(f"hetrain.ops.bias_gelu: bias is on {bias.device} but x is on {x.device}")
+    if not bias.is_floating_point():
+        raise ValueError(f"hetrain.ops.bias_gelu: bias must be a floating tensor, got {bias.dtype}")
+    bias = bias.to(x.dtype) if bias.dtype != x.dtype else bias
+    return _bias_gelu_fwd(x.reshape(-1, n), bias, approximate).view(x.shape)

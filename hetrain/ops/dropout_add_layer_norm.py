@@ -1,0 +1,237 @@
+"""layer_norm(dropout(x, p) + residual), the post-LN sublayer output of BERT: reference, backends,
+``torch.library`` op and functional face.
+
+Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
+``cpu`` (the C++ kernel in ``hetrain._C``), ``torch`` (the plain reference, the test oracle). Every
+backend returns ``y, mean, rstd`` with statistics in float32 (float64 for float64 inputs).
+
+The dropout mask is never stored. Each call draws one ``seed`` from the CPU default generator
+(so ``torch.manual_seed`` makes runs reproducible, and a CUDA input needs no device sync to launch);
+element ``i`` of the flattened (rows, features) input is then kept or dropped by a counter-based
+function of ``(seed, i)``, which backward evaluates again. The function is each backend's own:
+``cpu`` and ``torch`` share the keyed hash of csrc/dropout_math.h (the ``torch`` backend computes it
+with integer tensor ops, so the two agree bit for bit); ``triton`` uses ``tl.rand`` (Philox). So a
+given seed gives the same mask on the C++ and reference paths and a different, equally distributed
+one under Triton; each backend's forward and backward always agree. ``keep_mask`` entry points
+expose each backend's mask for tests.
+
+Backward needs the pre-norm sum; it is rebuilt from ``x`` and ``residual`` rather than saved.
+Both cost one (rows, features) tensor of memory (``residual`` is usually held anyway, as the input
+of the sublayer's first Linear), but forward then writes only ``y``, which also keeps inference
+free of an extra write; backward re-derives the mask in any case, so the re-add costs one read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hetrain import plugins
+from hetrain.ops import _backends
+from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
+from hetrain.ops.layer_norm import layer_norm_ref
+
+OP = "dropout_add_layer_norm"
+_M32 = 0xFFFFFFFF
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scale(p: float) -> float:
+    return 1.0 / (1.0 - p) if p < 1 else 0.0
+
+
+# --- the counter-based mask of the cpu and torch backends (csrc/dropout_math.h) ---------------
+
+def _mul32(h, c: int):
+    """(h * c) mod 2^32 for h < 2^32, in 16-bit halves of c so int64 tensors never overflow."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(h):
+    """MurmurHash3's 32-bit finaliser, on Python ints or int64 tensors holding uint32 values."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def drop_threshold(p: float) -> int:
+    """Elements whose 24 random bits fall below ceil(p * 2^24) are dropped."""
+    return math.ceil(p * 16777216.0)
+
+
+def keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (rows, cols) bool mask of kept elements the ``cpu`` and ``torch`` backends draw for ``seed``."""
+    index = torch.arange(rows * cols, dtype=torch.int64, device=device)
+    key_lo = _mix32((seed & _M32) ^ 0x9E3779B9)
+    key_hi = _mix32((((seed >> 32) + 0x7F4A7C15) & _M32) ^ _mix32(((index >> 32) + 0x632BE5AB) & _M32))
+    bits24 = _mix32(_mix32((index & _M32) ^ key_lo) ^ key_hi) >> 8
+    return (bits24 >= drop_threshold(p)).view(rows, cols)
+
+
+# --- reference ---------------------------------------------------------------------------------
+
+def dropout_add_layer_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    keep: torch.Tensor | None, p: float, eps: float = 1e-5,
+) -> torch.Tensor:
+    """What the op computes given its kept positions ``keep`` (``None``: no dropout); the tests' oracle."""
+    dropped = x if keep is None else torch.where(keep, x * _scale(p), torch.zeros_like(x))
+    return layer_norm_ref(dropped + residual, weight, bias, eps)
+
+
+class TorchBackend:
+    """The reference written as forward/backward entry points, with the C++ kernel's mask."""
+
+    @staticmethod
+    def _multiplier(x, seed, p):
+        """scale where kept, 0 where dropped, in the statistics dtype; None without dropout."""
+        if p == 0:
+            return None
+        keep = keep_mask(int(seed.item()), x.shape[0], x.shape[1], p, x.device)
+        return keep.to(_stats_dtype(x.dtype)) * _scale(p)
+
+    @staticmethod
+    def _pre_norm(x, residual, m):
+        stats = _stats_dtype(x.dtype)
+        xs = x.to(stats) if m is None else x.to(stats) * m
+        return xs + residual.to(stats)
+
+    @staticmethod
+    def forward(x, residual, weight, bias, seed, p, eps):
+        s = TorchBackend._pre_norm(x, residual, TorchBackend._multiplier(x, seed, p))
+        y, mean, rstd = _LayerNormTorch.forward(s, weight, bias, eps)
+        return y.to(x.dtype), mean, rstd
+
+    @staticmethod
+    def backward(dy, x, residual, weight, mean, rstd, seed, p, has_bias):
+        m = TorchBackend._multiplier(x, seed, p)
+        s = TorchBackend._pre_norm(x, residual, m)
+        ds, dw, db = _LayerNormTorch.backward(dy, s, weight, mean, rstd, has_bias)
+        dx = ds.clone() if m is None else ds * m  # a custom op's outputs may not alias each other
+        return dx.to(x.dtype), ds.to(x.dtype), dw.to(x.dtype), db.to(x.dtype)
+
+    @staticmethod
+    def keep_mask(seed, rows, cols, p, device):
+        return keep_mask(int(seed.item()), rows, cols, p, device)
+
+
+class CppBackend:
+    """The C++ kernels of hetrain._C (csrc/dropout_add_layer_norm.cpp)."""
+
+    @staticmethod
+    def forward(x, residual, weight, bias, seed, p, eps):
+        return torch.ops.hetrain_C.dropout_add_layer_norm_fwd(x, residual, weight, bias, seed, p, eps)
+
+    @staticmethod
+    def backward(dy, x, residual, weight, mean, rstd, seed, p, has_bias):
+        return torch.ops.hetrain_C.dropout_add_layer_norm_bwd(dy, x, residual, weight, mean, rstd, seed, p,
+                                                               has_bias)
+
+    @staticmethod
+    def keep_mask(seed, rows, cols, p, device):
+        return torch.ops.hetrain_C.dropout_add_layer_norm_keep_mask(seed, rows, cols, p).to(device)
+
+
+def _register_backends() -> None:
+    _backends.register_triton(OP, "hetrain.ops.triton.dropout_add_layer_norm")
+    _backends.register_cpp(OP, CppBackend, devices=("cpu",))
+    _backends.register_torch(OP, TorchBackend)
+
+
+_register_backends()
+
+
+# --- torch.library op --------------------------------------------------------------------------
+
+@torch.library.custom_op("hetrain::dropout_add_layer_norm_fwd", mutates_args=())
+def _dropout_add_layer_norm_fwd(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    seed: torch.Tensor, p: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return plugins.call(OP, "forward", x.device.type, x, residual, weight, bias, seed, p, eps)
+
+
+@_dropout_add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, seed, p, eps):
+    torch._check(residual.shape == x.shape, lambda: f"hetrain.dropout_add_layer_norm: residual {residual.shape} "
+                 f"vs x {x.shape}")
+    stats = _stats_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=stats), x.new_empty(x.shape[0], dtype=stats)
+
+
+@torch.library.custom_op("hetrain::dropout_add_layer_norm_bwd", mutates_args=())
+def _dropout_add_layer_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+    rstd: torch.Tensor, seed: torch.Tensor, p: float, has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return plugins.call(OP, "backward", x.device.type, dy, x, residual, weight, mean, rstd, seed, p, has_bias)
+
+
+@_dropout_add_layer_norm_bwd.register_fake
+def _(dy, x, residual, weight, mean, rstd, seed, p, has_bias):
+    n = x.shape[1]
+    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(n if weight is not None else 0),
+            x.new_empty(n if has_bias else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, seed, p, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
+    ctx.p = p
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+    dx, dres, dw, db = _dropout_add_layer_norm_bwd(dy.contiguous(), x, residual, weight, mean, rstd, seed, ctx.p,
+                                                   ctx.has_bias)
+    return dx, dres, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None
+
+
+_dropout_add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- functional face ---------------------------------------------------------------------------
+
+def dropout_add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, p: float,
+    eps: float = 1e-5, training: bool = True,
+) -> torch.Tensor:
+    """``layer_norm(dropout(x, p, training) + residual)`` over the last dimension, fused; returns the output.
+
+    ``x`` and ``residual`` share shape (any leading dims) and dtype; the arithmetic runs in float32
+    (float64 for float64). ``weight`` and ``bias`` are cast to ``x``'s dtype. With ``p == 0`` or
+    ``training=False`` no random number is drawn and the result is ``layer_norm(x + residual)``.
+    """
+    name = "hetrain.ops.dropout_add_layer_norm"
+    if x.dim() == 0 or not x.is_floating_point():
+        raise ValueError(f"{name}: x must be a floating tensor with >= 1 dim, got shape {tuple(x.shape)} {x.dtype}")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"{name}: residual must match x ({tuple(x.shape)} {x.dtype} on {x.device}), got "
+                         f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    n = x.shape[-1]
+    for label, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name}: {label} must have shape ({n},) to match x's last dimension, got "
+                             f"{tuple(t.shape)} (x is {tuple(x.shape)})")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: {label} is on {t.device} but x is on {x.device}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name}: p must be in [0, 1], got {p}")
+    if eps < 0:
+        raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+    p = float(p) if training else 0.0
+    # One draw from the CPU default generator per call: reproducible under torch.manual_seed.
+    seed = torch.randint(2**31, (1,), dtype=torch.int64) if p > 0 else torch.zeros(1, dtype=torch.int64)
+    weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
+    bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
+    y, _mean, _rstd = _dropout_add_layer_norm_fwd(x.reshape(-1, n), residual.reshape(-1, n), weight, bias, seed, p,
+                                                  float(eps))
+    return y.view(x.shape)

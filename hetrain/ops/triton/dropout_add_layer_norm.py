@@ -1,0 +1,284 @@
+"""Triton layer_norm(dropout(x, p) + residual): forward, backward and mask kernels and their launchers.
+
+One program normalises one row held whole in registers, so rows up to ``MAX_FUSED_BYTES`` fit;
+longer rows are refused with an error naming the limit. The dropout mask is never stored: element
+``i`` of the flattened (rows, features) input is kept when ``tl.rand(seed, i) >= p`` (Triton's
+Philox), and backward draws the same numbers again. Backward gives each program a band of rows and
+writes one partial dW/dB row per program, summed afterwards (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
+
+# 64 KiB of row data per program, as for LayerNorm.
+MAX_FUSED_BYTES = 65536
+
+
+@triton.jit
+def _kept(seed, offsets, p):
+    # The one definition of the mask, shared by forward, backward and the mask kernel.
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def _dropout_add_layer_norm_fwd(
+    X,  # (M, N) dropout input, rows stride_x apart
+    R,  # (M, N) residual, rows stride_r apart
+    W,  # (N,) weight, read only if HAS_WEIGHT
+    B,  # (N,) bias, read only if HAS_BIAS
+    Y,  # (M, N) output, contiguous
+    Mean,  # (M,) saved mean, COMPUTE dtype
+    Rstd,  # (M,) saved 1/std, COMPUTE dtype
+    stride_x,
+    stride_r,
+    N,
+    seed,
+    p,
+    scale,  # 1 / (1 - p), or 0 when p = 1
+    eps,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: M * N may pass 2**31
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_DROPOUT:
+        x = tl.where(_kept(seed, row * N + cols, p), x * scale, 0.0)
+    s = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
+    mean = tl.sum(s, axis=0) / N
+    sc = tl.where(mask, s - mean, 0.0)
+    var = tl.sum(sc * sc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = sc * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(COMPUTE)
+    tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _dropout_add_layer_norm_bwd(
+    DY,  # (M, N) upstream gradient, rows stride_dy apart
+    X,  # (M, N) forward dropout input, rows stride_x apart
+    R,  # (M, N) forward residual, rows stride_r apart
+    W,  # (N,) weight, read only if HAS_WEIGHT
+    Mean,  # (M,) saved mean
+    Rstd,  # (M,) saved 1/std
+    DX,  # (M, N) gradient of x, contiguous
+    DR,  # (M, N) gradient of the residual, contiguous
+    DW_part,  # (programs, N) partial weight gradients, COMPUTE dtype
+    DB_part,  # (programs, N) partial bias gradients, COMPUTE dtype
+    stride_dy,
+    stride_x,
+    stride_r,
+    M,
+    N,
+    rows_per_program,
+    seed,
+    p,
+    scale,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+    dw = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    db = tl.zeros((BLOCK_N,), dtype=COMPUTE)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for r in range(row_start, row_end):
+        x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
+        if HAS_DROPOUT:
+            keep = _kept(seed, r * N + cols, p)
+            x = tl.where(keep, x * scale, 0.0)
+        s = x + tl.load(R + r * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)
+        xhat = tl.where(mask, (s - tl.load(Mean + r)) * tl.load(Rstd + r), 0.0)
+        g = dy * w if HAS_WEIGHT else dy
+        mean_g = tl.sum(g, axis=0) / N
+        mean_gx = tl.sum(g * xhat, axis=0) / N
+        ds = (g - mean_g - xhat * mean_gx) * tl.load(Rstd + r)
+        tl.store(DR + r * N + cols, ds.to(DR.dtype.element_ty), mask=mask)
+        if HAS_DROPOUT:
+            ds = tl.where(keep, ds * scale, 0.0)
+        tl.store(DX + r * N + cols, ds.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    if HAS_WEIGHT:
+        tl.store(DW_part + pid * N + cols, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_part + pid * N + cols, db, mask=mask)
+
+
+@triton.jit
+def _keep_mask(
+    Keep,  # (numel,) int8 output: 1 where the element is kept
+    numel,
+    seed,
+    p,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Keep + offsets, _kept(seed, offsets, p).to(tl.int8), mask=offsets < numel)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and accumulation type: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_compute(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def launch_config(N: int, dtype: torch.dtype) -> dict:
+    """Block size and warps the launchers use for rows of ``N`` elements of ``dtype``."""
+    block_n = triton.next_power_of_2(max(N, 1))
+    if block_n * torch.empty((), dtype=dtype).element_size() > MAX_FUSED_BYTES:
+        raise ValueError(
+            f"hetrain.dropout_add_layer_norm (triton): rows of {N} {dtype} elements exceed the fused limit of "
+            f"{MAX_FUSED_BYTES} bytes per row; pin another backend, e.g. "
+            f"HETRAIN_BACKEND=dropout_add_layer_norm=torch"
+        )
+    return {"BLOCK_N": block_n, "num_warps": min(max(block_n // 256, 1), 16)}
+
+
+def _programs_for_backward(M: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        return max(1, min(M, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(M, 4))
+
+
+def _scale(p: float) -> float:
+    return 1.0 / (1.0 - p) if p < 1 else 0.0
+
+
+def forward(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    seed: torch.Tensor, p: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual: (M, N); seed: one int64 on the CPU. Returns y (M, N), mean (M,), rstd (M,)."""
+    M, N = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    stats = compute_dtype(x.dtype)
+    mean = torch.empty(M, dtype=stats, device=x.device)
+    rstd = torch.empty(M, dtype=stats, device=x.device)
+    if M == 0:
+        return y, mean, rstd
+    cfg = launch_config(N, x.dtype)
+    _dropout_add_layer_norm_fwd[(M,)](
+        x, residual, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
+        x.stride(0), residual.stride(0), N, int(seed.item()), p, _scale(p), eps,
+        HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        COMPUTE=_tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+    )
+    return y, mean, rstd
+
+
+def backward(
+    dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+    rstd: torch.Tensor, seed: torch.Tensor, p: float, has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dx (M, N), dresidual (M, N), dw (N,) or empty, db (N,) or empty."""
+    M, N = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dres = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    stats = compute_dtype(x.dtype)
+    programs = _programs_for_backward(M, x.device)
+    dw_part = torch.zeros((programs, N) if weight is not None else (0,), dtype=stats, device=x.device)
+    db_part = torch.zeros((programs, N) if has_bias else (0,), dtype=stats, device=x.device)
+    if M > 0:
+        cfg = launch_config(N, x.dtype)
+        _dropout_add_layer_norm_bwd[(programs,)](
+            dy, x, residual, weight if weight is not None else x, mean, rstd, dx, dres, dw_part, db_part,
+            dy.stride(0), x.stride(0), residual.stride(0), M, N, triton.cdiv(M, programs),
+            int(seed.item()), p, _scale(p),
+            HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=_tl_compute(x.dtype),
+            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        )
+    dw = dw_part.sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
+    db = db_part.sum(0).to(x.dtype) if has_bias else x.new_empty(0)
+    return dx, dres, dw, db
+
+
+def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.device | str) -> torch.Tensor:
+    """The (rows, cols) bool mask the kernels draw for ``seed`` and ``p`` on ``device``; for tests."""
+    keep = torch.empty(rows * cols, dtype=torch.int8, device=device)
+    if keep.numel():
+        block = 1024
+        _keep_mask[(triton.cdiv(keep.numel(), block),)](keep, keep.numel(), int(seed.item()), p, BLOCK=block)
+    return keep.view(rows, cols).bool()
+
+
+def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
+    """Every compilation the launchers can cause, for the ahead-of-time check (hetrain.checks.gpu_compile).
+
+    One row width per configuration ``launch_config`` can choose, for every dtype, marked picked where a
+    benchmark width and dtype select it; there with and without dropout, elsewhere the variant with
+    dropout, weight and bias, which does the most work.
+    """
+    specs = []
+    programs = max(1, min(shapes.rows, 4 * shapes.sm_count))  # as _programs_for_backward on a GPU
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        stats, compute = compute_dtype(dtype), _tl_compute(dtype)
+        for n, benchmarked in _aot_widths(dtype, shapes.hidden).items():
+            cfg = launch_config(n, dtype)
+            picked = benchmarked and dtype in shapes.dtypes
+            for has_dropout in (True, False) if picked else (True,):
+                flags = {"HAS_DROPOUT": has_dropout, "HAS_WEIGHT": True, "HAS_BIAS": True, "COMPUTE": compute,
+                         "BLOCK_N": cfg["BLOCK_N"]}
+                drop = {"seed": 12345, "p": 0.1, "scale": 1 / 0.9}
+                fwd = {"X": dtype, "R": dtype, "W": dtype, "B": dtype, "Y": dtype, "Mean": stats, "Rstd": stats,
+                       "stride_x": n, "stride_r": n, "N": n, "eps": 1e-5, **drop}
+                bwd = {"DY": dtype, "X": dtype, "R": dtype, "W": dtype, "Mean": stats, "Rstd": stats, "DX": dtype,
+                       "DR": dtype, "DW_part": stats, "DB_part": stats, "stride_dy": n, "stride_x": n, "stride_r": n,
+                       "M": shapes.rows, "N": n, "rows_per_program": triton.cdiv(shapes.rows, programs), **drop}
+                for kernel, args in ((_dropout_add_layer_norm_fwd, fwd), (_dropout_add_layer_norm_bwd, bwd)):
+                    specs.append(aot_spec(kernel, {**args, **flags}, dtype=dtype, picked=picked,
+                                          num_warps=cfg["num_warps"]))
+    specs.append(aot_spec(_keep_mask, {"Keep": torch.int8, "numel": shapes.rows * max(shapes.hidden), "seed": 12345,
+                                       "p": 0.1, "BLOCK": 1024}, dtype=torch.float32, picked=False))
+    return specs
+
+
+def _aot_widths(dtype: torch.dtype, hidden: tuple[int, ...]) -> dict[int, bool]:
+    """A row width for each configuration ``launch_config`` can choose -> whether a benchmark width picks it."""
+
+    def config(n: int) -> tuple | None:
+        try:
+            return tuple(sorted(launch_config(n, dtype).items()))
+        except ValueError:  # rows too long for the fused kernel: the launcher refuses them
+            return None
+
+    widths: dict[tuple, tuple[int, bool]] = {}
+    for n in hidden:
+        if (key := config(n)) is not None:
+            widths.setdefault(key, (n, True))
+    n = 1
+    while (key := config(n)) is not None:
+        widths.setdefault(key, (n, False))
+        n *= 2
+    return dict(widths.values())

@@ -1,0 +1,192 @@
+"""bias_gelu: every backend forward and backward against the float64 torch reference, compile, errors, nn."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from op_testing import assert_close, non_contiguous, randn
+
+from hetrain import plugins
+from hetrain.nn.bias_gelu import BiasGELU
+from hetrain.ops.bias_gelu import bias_gelu, bias_gelu_ref
+
+BACKENDS = ["triton", "cpu", "torch"]
+SHAPES = [(3, 1), (4, 7), (2, 5, 33), (6, 100), (1, 257), (2, 3, 768)]
+
+
+def run(backend, x, b, approximate):
+    with plugins.use_backend(bias_gelu=backend):
+        y = bias_gelu(x, b, approximate)
+        dy = randn(*y.shape, dtype=y.dtype, seed=7)
+        dx, db = torch.autograd.grad(y, (x, b), dy)
+    return y, dy, dx, db
+
+
+def reference(x, b, dy, approximate):
+    """The float64 oracle on the same input values."""
+    x64 = x.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    y = bias_gelu_ref(x64, b64, approximate)
+    return (y, *torch.autograd.grad(y, (x64, b64), dy.double()))
+
+
+def check(backend, x, b, approximate, dtype):
+    y, dy, dx, db = run(backend, x, b, approximate)
+    y_ref, dx_ref, db_ref = reference(x, b, dy, approximate)
+    assert y.dtype == dtype and y.shape == x.shape and dx.shape == x.shape and db.shape == b.shape
+    assert_close(y, y_ref, dtype, f"{backend} y")
+    assert_close(dx, dx_ref, dtype, f"{backend} dx")
+    # The bias gradient is a sum over rows: compare it relative to its largest entry.
+    scale = max(1.0, db_ref.abs().max().item())
+    assert_close(db / scale, db_ref / scale, dtype, f"{backend} dbias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_forward_backward_match_float64_reference(backend, dtype, shape, approximate):
+    x = randn(*shape, dtype=dtype, seed=1, scale=2.0, shift=0.3, requires_grad=True)
+    b = randn(shape[-1], dtype=dtype, seed=2, requires_grad=True)
+    check(backend, x, b, approximate, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_saturated_and_tiny_inputs_stay_finite_and_exact(backend, approximate):
+    # Far tails (gelu -> 0 and -> z), values past float32's exp range, and values near 0.
+    tails = torch.tensor([-200.0, -90.0, -30.0, -9.0, -1e-6, 0.0, 1e-6, 9.0, 30.0, 90.0, 200.0])
+    x = (tails[None, :] + torch.zeros(3, 1)).requires_grad_()
+    b = randn(11, seed=3, scale=1e-3, requires_grad=True)
+    check(backend, x, b, approximate, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input_and_grad(backend):
+    x = non_contiguous(randn(5, 40, dtype=torch.float64, seed=4, shift=0.5, requires_grad=True))
+    b = randn(40, dtype=torch.float64, seed=5, requires_grad=True)
+    with plugins.use_backend(bias_gelu=backend):
+        y = bias_gelu(x, b, "tanh")
+        dy = non_contiguous(randn(5, 40, dtype=torch.float64, seed=6))
+        dx, db = torch.autograd.grad(y, (x, b), dy)
+    y_ref, dx_ref, db_ref = reference(x, b, dy, "tanh")
+    for got, want, name in ((y, y_ref, "y"), (dx, dx_ref, "dx"), (db, db_ref, "db")):
+        assert_close(got, want, torch.float64, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_size_batch(backend):
+    x = torch.empty(0, 16, requires_grad=True)
+    b = randn(16, seed=1, requires_grad=True)
+    y, _dy, dx, db = run(backend, x, b, "none")
+    assert y.shape == (0, 16) and dx.shape == (0, 16)
+    assert torch.equal(db, torch.zeros(16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gradcheck(backend, approximate):
+    x = randn(3, 9, dtype=torch.float64, seed=8, shift=0.3, requires_grad=True)
+    b = randn(9, dtype=torch.float64, seed=9, requires_grad=True)
+    with plugins.use_backend(bias_gelu=backend):
+        assert torch.autograd.gradcheck(lambda x, b: bias_gelu(x, b, approximate), (x, b))
+
+
+def test_backward_saves_the_input_not_the_output():
+    x = randn(4, 32, seed=1, requires_grad=True)
+    b = randn(32, seed=2, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = bias_gelu(x, b, "tanh")
+    # Only the input (a view of x) and the bias are kept; the output's memory is not.
+    assert [(t.data_ptr(), t.numel()) for t in saved] == [(x.data_ptr(), x.numel()), (b.data_ptr(), b.numel())]
+    assert y.data_ptr() not in {t.data_ptr() for t in saved}
+
+
+def test_mixed_bias_dtype_runs_in_activation_dtype():
+    x = randn(4, 32, dtype=torch.bfloat16, seed=1, requires_grad=True)
+    b = randn(32, seed=2, requires_grad=True)
+    y = bias_gelu(x, b)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and b.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+def test_custom_ops_pass_opcheck():
+    x = randn(4, 24, seed=1, shift=0.5, requires_grad=True)
+    b = randn(24, seed=2, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        torch.library.opcheck(torch.ops.hetrain.bias_gelu_fwd.default, (x, b, approximate))
+        torch.library.opcheck(torch.ops.hetrain.bias_gelu_bwd.default,
+                              (randn(4, 24, seed=3), x.detach(), b.detach(), approximate))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x = randn(2, 5, 48, seed=1, shift=0.2, requires_grad=True)
+    b = randn(48, seed=2, requires_grad=True)
+
+    def block(x, b):
+        return bias_gelu(x * 2.0, b, "tanh") * 3.0
+
+    with plugins.use_backend(bias_gelu=backend):
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        y = compiled(x, b)
+        grads = torch.autograd.grad(y.sum(), (x, b))
+    y_eager = bias_gelu_ref(x * 2.0, b, "tanh") * 3.0
+    grads_eager = torch.autograd.grad(y_eager.sum(), (x, b))
+    assert_close(y, y_eager, torch.float32, "compiled y")
+    for g, ge in zip(grads, grads_eager, strict=True):
+        assert_close(g, ge, torch.float32, "compiled grad")
+
+
+def test_inductor_compile_has_no_graph_break():
+    torch._dynamo.reset()
+    x = randn(8, 64, seed=1)
+    b = randn(64, seed=2)
+    compiled = torch.compile(lambda x, b: bias_gelu(x, b) + 1, fullgraph=True)
+    assert_close(compiled(x, b), bias_gelu_ref(x, b) + 1, torch.float32, "inductor")
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = randn(4, 8)
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        bias_gelu(x, randn(7))
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        bias_gelu(x, randn(8), "sigmoid")
+    with pytest.raises(ValueError, match="floating tensor"):
+        bias_gelu(torch.ones(4, 8, dtype=torch.int64), randn(8))
+    with pytest.raises(ValueError, match="bias must be a floating tensor"):
+        bias_gelu(x, torch.ones(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="on meta but x is on cpu"):
+        bias_gelu(x, torch.empty(8, device="meta"))
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        torch.ops.hetrain_C.bias_gelu_fwd(randn(2, 3, 4), randn(4), "none")
+    with pytest.raises(RuntimeError, match="dtype Double differs"):
+        torch.ops.hetrain_C.bias_gelu_fwd(x, randn(8, dtype=torch.float64), "none")
+    with pytest.raises(RuntimeError, match="approximate must be"):
+        torch.ops.hetrain_C.bias_gelu_bwd(x, x, randn(8), "exact")
+    with pytest.raises(RuntimeError, match="dy must match x"):
+        torch.ops.hetrain_C.bias_gelu_bwd(randn(4, 9), x, randn(8), "none")
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_nn_bias_gelu_is_a_linear_with_a_fused_epilogue(has_bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 24, bias=has_bias)
+    fused = BiasGELU(16, 24, bias=has_bias, approximate="tanh")
+    fused.load_state_dict(linear.state_dict())
+    assert isinstance(fused, torch.nn.Linear) and fused.state_dict().keys() == linear.state_dict().keys()
+    x = randn(3, 5, 16, seed=5, requires_grad=True)
+    want = F.gelu(linear(x), approximate="tanh")
+    got = fused(x)
+    assert_close(got, want, torch.float32, "module")
+    g_want = torch.autograd.grad(want.sum(), (x, linear.weight))
+    g_got = torch.autograd.grad(got.sum(), (x, fused.weight))
+    for g, ge in zip(g_got, g_want, strict=True):
+        assert_close(g, ge, torch.float32, "module grad")
+    shared = BiasGELU.from_linear(linear)
+    assert shared.weight is linear.weight and shared.bias is linear.bias and shared.approximate == "none"
+    assert_close(shared(x), F.gelu(linear(x)), torch.float32, "from_linear")
+    assert "approximate='none'" in repr(shared)
+    with pytest.raises(ValueError, match="approximate must be"):
+        BiasGELU.from_linear(linear, "fast")

@@ -1,0 +1,262 @@
+"""dropout_add_layer_norm: every backend against the float64 torch composition (with each backend's own
+mask), reproducibility, dropped fraction, gradcheck, compile, errors, nn."""
+
+import pytest
+import torch
+from op_testing import assert_close, non_contiguous, randn
+
+from hetrain import plugins
+from hetrain.nn.dropout_add_layer_norm import DropoutAddLayerNorm
+from hetrain.ops.dropout_add_layer_norm import OP, dropout_add_layer_norm, dropout_add_layer_norm_ref
+from hetrain.ops.layer_norm import layer_norm_ref
+
+BACKENDS = ["triton", "cpu", "torch"]
+SHAPES = [(3, 1), (4, 7), (2, 5, 33), (6, 100), (1, 257), (2, 3, 768)]
+fused_op = torch.ops.hetrain.dropout_add_layer_norm_fwd
+
+
+def inputs(shape, dtype=torch.float32, affine=True):
+    x = randn(*shape, dtype=dtype, seed=1, scale=2.0, shift=0.5, requires_grad=True)
+    r = randn(*shape, dtype=dtype, seed=2, requires_grad=True)
+    w = randn(shape[-1], dtype=dtype, seed=3, shift=1.0, requires_grad=True) if affine else None
+    b = randn(shape[-1], dtype=dtype, seed=4, requires_grad=True) if affine else None
+    return x, r, w, b
+
+
+def keep_mask(backend, seed, rows, cols, p):
+    """The mask backend draws for (seed, p): its own mask function, as its kernels use it."""
+    impl = next(b.impl for b in plugins.backends(OP) if b.name == backend)
+    return impl.keep_mask(seed, rows, cols, p, "cpu")
+
+
+def with_grads(fn, tensors, dy):
+    y = fn()
+    wanted = [t for t in tensors if t is not None]
+    return y, torch.autograd.grad(y, wanted, dy)
+
+
+def reference(x, r, w, b, keep, p, dy, eps=1e-5):
+    """The float64 torch composition on the same values and kept positions."""
+    t64 = [t.detach().double().requires_grad_() if t is not None else None for t in (x, r, w, b)]
+    return with_grads(lambda: dropout_add_layer_norm_ref(*t64, keep, p, eps), t64, dy.double())
+
+
+def compare(backend, got, want, dtype):
+    (y, grads), (y_ref, grads_ref) = got, want
+    assert y.dtype == dtype
+    assert_close(y, y_ref, dtype, f"{backend} y")
+    assert len(grads) == len(grads_ref)
+    for name, g, g_ref in zip(("dx", "dresidual", "dw", "db"), grads, grads_ref, strict=False):
+        scale = max(1.0, g_ref.abs().max().item()) if name in ("dw", "db") else 1.0  # sums over rows
+        assert_close(g / scale, g_ref / scale, dtype, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_p0_matches_layer_norm_of_the_sum(backend, dtype, shape):
+    x, r, w, b = inputs(shape, dtype)
+    dy = randn(*shape, dtype=dtype, seed=7)
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        got = with_grads(lambda: dropout_add_layer_norm(x, r, w, b, 0.0), (x, r, w, b), dy)
+    compare(backend, got, reference(x, r, w, b, None, 0.0, dy), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 7), (2, 5, 33), (3, 300)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_dropout_matches_composition_with_the_backends_own_mask(backend, dtype, shape, affine):
+    p, seed = 0.3, torch.tensor([1234567])
+    x, r, w, b = inputs(shape, dtype, affine)
+    dy = randn(*shape, dtype=dtype, seed=7)
+    n = shape[-1]
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        got = with_grads(lambda: fused_op(x.view(-1, n), r.view(-1, n), w, b, seed, p, 1e-5)[0].view(shape),
+                         (x, r, w, b), dy)
+    keep = keep_mask(backend, seed, x.numel() // n, n, p).view(shape)
+    assert 0 < keep.sum() < keep.numel()
+    compare(backend, got, reference(x, r, w, b, keep, p, dy), dtype)
+
+
+def test_cpu_and_torch_backends_draw_the_same_mask():
+    seed = torch.tensor([987654321])
+    for p in (0.0, 0.1, 0.5, 0.9, 1.0):
+        assert torch.equal(keep_mask("cpu", seed, 33, 257, p), keep_mask("torch", seed, 33, 257, p))
+    x, r, w, b = inputs((5, 64))
+    ys = {}
+    for backend in ("cpu", "torch"):
+        with plugins.use_backend(dropout_add_layer_norm=backend):
+            ys[backend] = fused_op(x, r, w, b, seed, 0.2, 1e-5)[0]
+    assert_close(ys["cpu"], ys["torch"], torch.float32, "cpu vs torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropped_fraction_is_p_and_matches_the_mask(backend, p):
+    # A dropped element gets exactly zero gradient; the fraction of zeros estimates p (std <= 2e-3 here).
+    torch.manual_seed(11)
+    x, r, w, b = inputs((128, 512))
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        y = dropout_add_layer_norm(x, r, w, b, p)
+        (dx,) = torch.autograd.grad(y, x, randn(128, 512, seed=7))
+    dropped = dx == 0
+    assert abs(dropped.float().mean().item() - p) < 0.01
+    torch.manual_seed(11)  # the op draws its seed with one torch.randint on the CPU generator
+    seed = torch.randint(2**31, (1,))
+    assert torch.equal(~dropped, keep_mask(backend, seed, 128, 512, p))
+    big = keep_mask(backend, torch.tensor([5]), 1024, 1024, p)  # std of the fraction ~5e-4
+    assert abs(1 - big.float().mean().item() - p) < 3e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reproducible_under_manual_seed(backend):
+    x, r, w, b = inputs((6, 100))
+    outs = []
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            outs.append(dropout_add_layer_norm(x, r, w, b, 0.5))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_mode_uses_no_randomness_and_equals_layer_norm_of_the_sum(backend):
+    x, r, w, b = inputs((4, 48))
+    state = torch.get_rng_state()
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        y = dropout_add_layer_norm(x, r, w, b, 0.5, training=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert_close(y, layer_norm_ref(x + r, w, b), torch.float32, "eval")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_and_grad(backend):
+    x = non_contiguous(randn(5, 40, dtype=torch.float64, seed=4, shift=1.0, requires_grad=True))
+    r = non_contiguous(randn(5, 40, dtype=torch.float64, seed=5, requires_grad=True))
+    w = randn(40, dtype=torch.float64, seed=6, requires_grad=True)
+    b = randn(40, dtype=torch.float64, seed=7, requires_grad=True)
+    dy = non_contiguous(randn(5, 40, dtype=torch.float64, seed=8))
+    seed = torch.tensor([42])
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        got = with_grads(lambda: fused_op(x, r, w, b, seed, 0.25, 1e-5)[0], (x, r, w, b), dy)
+    compare(backend, got, reference(x, r, w, b, keep_mask(backend, seed, 5, 40, 0.25), 0.25, dy), torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_size_batch(backend):
+    x, r = torch.empty(0, 16, requires_grad=True), torch.empty(0, 16, requires_grad=True)
+    w, b = randn(16, seed=1, requires_grad=True), randn(16, seed=2, requires_grad=True)
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        y = dropout_add_layer_norm(x, r, w, b, 0.1)
+        dx, dr, dw, db = torch.autograd.grad(y, (x, r, w, b), torch.empty(0, 16))
+    assert y.shape == dx.shape == dr.shape == (0, 16)
+    assert torch.equal(dw, torch.zeros(16)) and torch.equal(db, torch.zeros(16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_gradcheck(backend, p):
+    x, r, w, b = inputs((3, 9), torch.float64)
+    seed = torch.tensor([77])
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        assert torch.autograd.gradcheck(lambda *a: fused_op(*a, seed, p, 1e-5)[0], (x, r, w, b))
+
+
+def test_custom_ops_pass_opcheck():
+    x, r, w, b = (t.detach() for t in inputs((4, 24)))
+    seed = torch.tensor([3])
+    for p in (0.0, 0.3):
+        torch.library.opcheck(fused_op.default, (x.requires_grad_(), r, w, b, seed, p, 1e-5))
+        torch.library.opcheck(fused_op.default, (x, r, None, None, seed, p, 1e-5))
+        _y, mean, rstd = fused_op(x.detach(), r, w, b, seed, p, 1e-5)
+        torch.library.opcheck(torch.ops.hetrain.dropout_add_layer_norm_bwd.default,
+                              (randn(4, 24, seed=4), x.detach(), r, w, mean, rstd, seed, p, True))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph_draws_the_same_seed_as_eager(backend):
+    torch._dynamo.reset()
+    x, r, w, b = inputs((2, 5, 48))
+
+    def block(x, r, w, b):
+        return dropout_add_layer_norm(x * 2.0, r, w, b, 0.2).relu()
+
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(5)
+        y = compiled(x, r, w, b)
+        grads = torch.autograd.grad(y.sum(), (x, r, w, b))
+        torch.manual_seed(5)
+        y_eager = block(x, r, w, b)
+        grads_eager = torch.autograd.grad(y_eager.sum(), (x, r, w, b))
+    assert_close(y, y_eager, torch.float32, "compiled y")
+    for g, ge in zip(grads, grads_eager, strict=True):
+        assert_close(g, ge, torch.float32, "compiled grad")
+
+
+def test_inductor_compile_has_no_graph_break():
+    torch._dynamo.reset()
+    x, r, w, b = (t.detach() for t in inputs((8, 64)))
+    compiled = torch.compile(lambda x, r: dropout_add_layer_norm(x, r, w, b, 0.1, training=False) + 1,
+                             fullgraph=True)
+    assert_close(compiled(x, r), layer_norm_ref(x + r, w, b) + 1, torch.float32, "inductor")
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, r, w, b = (t.detach() for t in inputs((4, 8)))
+    with pytest.raises(ValueError, match="residual must match x"):
+        dropout_add_layer_norm(x, randn(4, 9), w, b, 0.1)
+    with pytest.raises(ValueError, match="residual must match x"):
+        dropout_add_layer_norm(x, r.double(), w, b, 0.1)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        dropout_add_layer_norm(x, r, randn(7), b, 0.1)
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        dropout_add_layer_norm(x, r, w, torch.empty(8, device="meta"), 0.1)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+        dropout_add_layer_norm(x, r, w, b, 1.5)
+    with pytest.raises(ValueError, match="floating tensor"):
+        dropout_add_layer_norm(torch.ones(4, 8, dtype=torch.int64), torch.ones(4, 8, dtype=torch.int64), w, b, 0.1)
+    seed = torch.tensor([1])
+    cpp = torch.ops.hetrain_C
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        cpp.dropout_add_layer_norm_fwd(randn(2, 3, 4), randn(2, 3, 4), None, None, seed, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="residual must match x"):
+        cpp.dropout_add_layer_norm_fwd(x, randn(4, 8, dtype=torch.float64), None, None, seed, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="dtype Double differs"):
+        cpp.dropout_add_layer_norm_fwd(x, r, randn(8, dtype=torch.float64), None, seed, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="seed must be one int64 value"):
+        cpp.dropout_add_layer_norm_fwd(x, r, None, None, torch.tensor([1.0]), 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\]"):
+        cpp.dropout_add_layer_norm_fwd(x, r, None, None, seed, -0.1, 1e-5)
+
+
+def test_triton_refuses_rows_past_its_fused_limit():
+    from hetrain.ops.triton.dropout_add_layer_norm import MAX_FUSED_BYTES, launch_config
+
+    with pytest.raises(ValueError, match="exceed the fused limit"):
+        launch_config(MAX_FUSED_BYTES, torch.float32)
+
+
+def test_nn_module_loads_a_layer_norm_and_matches_it_in_eval():
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(33)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    fused = DropoutAddLayerNorm(33, p=0.1)
+    assert fused.state_dict().keys() == norm.state_dict().keys()
+    fused.load_state_dict(norm.state_dict())
+    x, r = randn(3, 4, 33, seed=5), randn(3, 4, 33, seed=6)
+    assert_close(fused.eval()(x, r), norm(x + r), torch.float32, "eval module")
+    shared = DropoutAddLayerNorm.from_layer_norm(norm, p=0.5)
+    assert shared.weight is norm.weight and shared.bias is norm.bias and shared.eps == norm.eps
+    torch.manual_seed(1)
+    y = shared.train()(x, r)
+    assert not torch.allclose(y, norm(x + r))
+    torch.manual_seed(1)
+    assert torch.equal(y, shared(x, r))
+    assert "p=0.5" in repr(shared)
+    with pytest.raises(ValueError, match="one dimension"):
+        DropoutAddLayerNorm.from_layer_norm(torch.nn.LayerNorm((3, 11)), 0.1)

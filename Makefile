@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hetrain-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 ARGS ?=
 
-.PHONY: setup train test lint env bench-cpu gpu-compile gpu-check clean
+.PHONY: setup train test lint env bench-cpu bench-loader gpu-compile gpu-check tsan clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,16 @@ gpu-check:
 
 bench-cpu: setup
 	$(PY) -m benchmarks.bench_cpu $(ARGS)
+
+bench-loader: setup
+	$(PY) -m benchmarks.bench_loader $(ARGS)
+
+# The ring buffer's torch-free core under ThreadSanitizer: a C++ stress test of producers and consumers.
+tsan:
+	mkdir -p build
+	g++ -std=c++17 -O1 -g -fsanitize=thread -pthread -Wall -Wextra -Icsrc csrc/ring_buffer.cpp \
+		tests/cpp/ring_buffer_test.cpp -o build/ring_buffer_test_tsan
+	TSAN_OPTIONS=halt_on_error=1 build/ring_buffer_test_tsan
 
 clean:
 	rm -rf build hetrain/*.so *.egg-info $(STAMP)

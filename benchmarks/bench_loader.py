@@ -1,0 +1,122 @@
+"""Batch assembly from a token file: RingLoader against torch's DataLoader, and padding of batching schemes.
+
+Run: ``make bench-loader`` (or ``python -m benchmarks.bench_loader``; ``--docs`` sets the corpus size).
+Both loaders use the same TokenBudgetBatchSampler and produce the same batches (RingLoader gathers in
+C++; the DataLoader uses ``token_collate``); the DataLoader is timed with num_workers 0, 2 and 4 and its
+best is reported. The consumer does nothing, so the figures are assembly throughput alone. Host
+allocations per batch are counted with torch's profiler (in-process loaders only). Padding compares
+token-budget batches with fixed-size random batches of the same mean row count on Zipf-like lengths.
+Writes ``benchmarks/results/<date>-loader-cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from hetrain.data.ring import RingLoader
+from hetrain.data.sampler import TokenBudgetBatchSampler
+from hetrain.data.tokens import write_token_file
+from hetrain.data.windows import TokenWindows, token_collate
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def zipf_lengths(n: int, max_len: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.minimum(rng.zipf(1.5, n) * 16, 4 * max_len)
+
+
+def epoch_rate(loader, epochs: int = 2) -> tuple[float, float]:
+    """(batches/s, real tokens/s) of the last of ``epochs`` passes (the first warms up workers and caches)."""
+    for _ in range(epochs):
+        t0, batches, tokens = time.perf_counter(), 0, 0
+        for batch in loader:
+            batches += 1
+            tokens += int(batch["lengths"].sum())
+        elapsed = time.perf_counter() - t0
+    return batches / elapsed, tokens / elapsed
+
+
+def allocations_per_batch(loader) -> float:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        n = sum(1 for _ in loader)
+    # Ops that allocated host memory and none of whose children did: one event per tensor allocation.
+    allocs = sum(1 for e in prof.events()
+                 if e.cpu_memory_usage > 0 and not any(c.cpu_memory_usage > 0 for c in e.cpu_children))
+    return allocs / n
+
+
+def padding(lengths: np.ndarray, max_tokens: int) -> dict:
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens, seed=0)
+    rows = max(1, round(len(lengths) / sampler.num_global_batches))
+    perm = np.random.default_rng(0).permutation(len(lengths))
+    fixed = [lengths[perm[i : i + rows]] for i in range(0, len(perm), rows)]
+    fixed_padded = sum(len(b) * int(b.max()) for b in fixed)
+    return {"token_budget": sampler.padding_fraction, "fixed_size": 1 - lengths.sum() / fixed_padded,
+            "fixed_batch_size": rows}
+
+
+def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...]) -> dict:
+    pin = torch.cuda.is_available()
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(1)
+        tf = write_token_file(Path(tmp) / "corpus", (rng.integers(3, 32000, n) for n in zipf_lengths(docs, max_len)))
+        ds = TokenWindows(tf, max_len=max_len)
+        sampler = TokenBudgetBatchSampler(ds.lengths, max_tokens, seed=0)
+        rows = {}
+        with RingLoader(ds, sampler, num_workers=cores, num_slots=4, pin_memory=pin) as ring:
+            rows["ring"] = (*epoch_rate(ring), allocations_per_batch(ring))
+            ring_bytes = ring.nbytes
+        for w in workers:
+            dl = DataLoader(ds, batch_sampler=sampler, collate_fn=token_collate, num_workers=w, pin_memory=pin,
+                            persistent_workers=w > 0)
+            rows[f"dataloader_w{w}"] = (*epoch_rate(dl), allocations_per_batch(dl) if w == 0 else None)
+            del dl
+    best = max((k for k in rows if k.startswith("dataloader")), key=lambda k: rows[k][0])
+    result = {
+        "date": dt.date.today().isoformat(),
+        "device": f"cpu ({platform.processor() or platform.machine()}, {cores} cores)",
+        "torch": torch.__version__, "corpus": {"docs": docs, "tokens": tf.num_tokens, "windows": len(ds)},
+        "max_len": max_len, "max_tokens": max_tokens, "batches_per_epoch": len(sampler), "ring_bytes": ring_bytes,
+        "rows": {k: {"batches_s": v[0], "tokens_s": v[1], "allocs_per_batch": v[2]} for k, v in rows.items()},
+        "best_dataloader": best, "speedup_vs_best_dataloader": rows["ring"][0] / rows[best][0],
+        "padding": padding(ds.lengths, max_tokens),
+    }
+    for k, v in result["rows"].items():
+        allocs = "-" if v["allocs_per_batch"] is None else f"{v['allocs_per_batch']:.1f}"
+        print(f"{k:16s} {v['batches_s']:9.1f} batches/s {v['tokens_s'] / 1e6:8.2f} Mtok/s  allocs/batch {allocs}")
+    pad = result["padding"]
+    print(f"ring vs best DataLoader ({best}): {result['speedup_vs_best_dataloader']:.2f}x; padding token-budget "
+          f"{pad['token_budget']:.1%} vs fixed batch size {pad['fixed_batch_size']}: {pad['fixed_size']:.1%}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=3000, help="documents in the synthetic corpus")
+    parser.add_argument("--max-len", type=int, default=512, help="window length")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="token budget per batch")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="DataLoader num_workers to try")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args()
+    result = run(args.docs, args.max_len, args.max_tokens, tuple(args.workers))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{result['date']}-loader-cpu.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+// The ring's synchronisation and the token-file gatherer (see ring_buffer.h). No torch here.
+#include "ring_buffer.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <sstream>
+
+namespace hetrain {
+namespace ring {
+namespace {
+
+// How often a waiting consumer looks for stalled producers, at most.
+constexpr std::chrono::milliseconds kStallPoll{50};
+// How long an idle gatherer thread waits for work before looking again (and proving it is alive).
+constexpr double kProducerPoll = 0.2;
+
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream out;
+  (out << ... << args);
+  return out.str();
+}
+
+}  // namespace
+
+RingCore::RingCore(int64_t num_slots, int64_t num_fields, int64_t num_producers, double stall_timeout_s)
+    : num_slots_(num_slots),
+      num_fields_(num_fields),
+      stall_timeout_(stall_timeout_s),
+      slots_(static_cast<size_t>(std::max<int64_t>(num_slots, 0))),
+      meta_(static_cast<size_t>(std::max<int64_t>(num_slots * num_fields * kMetaPerField, 0)), 0),
+      producers_(new Producer[static_cast<size_t>(std::max<int64_t>(num_producers, 0))]),
+      num_producers_(num_producers) {
+  if (num_slots < 1 || num_fields < 1 || num_producers < 1 || !(stall_timeout_s > 0)) {
+    throw std::invalid_argument(cat("hetrain ring: need num_slots, num_fields and num_producers >= 1 and "
+                                    "stall_timeout > 0, got ",
+                                    num_slots, ", ", num_fields, ", ", num_producers, ", ", stall_timeout_s));
+  }
+  for (int64_t p = 0; p < num_producers_; ++p) producers_[p].last_seen_ns = now_ns();
+  job_slot_.assign(static_cast<size_t>(num_slots), 0);
+}
+
+void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) const {
+  const double limit = stall_timeout_.count();
+  if (consumer_waits && std::all_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.state == State::kHeld; })) {
+    const auto newest = std::max_element(slots_.begin(), slots_.end(),
+                                         [](const Slot& a, const Slot& b) { return a.since < b.since; });
+    if (now - newest->since > stall_timeout_) {
+      const auto oldest = std::min_element(slots_.begin(), slots_.end(),
+                                           [](const Slot& a, const Slot& b) { return a.since < b.since; });
+      throw RingError(cat("hetrain ring: waited ", limit, " s for a free slot: the consumer still holds all ",
+                          num_slots_, " slots (the oldest holds batch ", oldest->job,
+                          "; their tensors are still referenced); drop references to old batches or raise num_slots"));
+    }
+  }
+  const int64_t now_n = now.time_since_epoch() / std::chrono::nanoseconds(1);
+  for (int64_t p = 0; p < num_producers_; ++p) {
+    const Producer& pr = producers_[p];
+    const double quiet = static_cast<double>(now_n - pr.last_seen_ns.load()) * 1e-9;
+    if (quiet <= limit) continue;
+    if (!pr.busy.load()) {
+      throw RingError(cat("hetrain ring: producer ", p, " stopped responding: idle and silent for ", quiet,
+                          " s (stall_timeout=", limit, " s)"));
+    }
+    std::string where = cat("batch ", pr.job.load());
+    if (pr.sample.load() >= 0) where += cat(", sample ", pr.sample.load());
+    if (pr.byte_begin.load() >= 0) where += cat(", bytes [", pr.byte_begin.load(), ", ", pr.byte_end.load(), ")");
+    throw RingError(cat("hetrain ring: producer ", p, " made no progress for ", quiet, " s (stall_timeout=", limit,
+                        " s) while on ", where));
+  }
+}
+
+void RingCore::wait_draining_locked(std::unique_lock<std::mutex>& lk) {
+  auto filling = [this] {
+    return std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.state == State::kFilling; });
+  };
+  while (!closed_ && filling()) {
+    consumer_cv_.wait_for(lk, kStallPoll);
+    check_stalls_locked(Clock::now(), false);
+  }
+}
+
+void RingCore::start_epoch(int64_t num_jobs, const std::function<void()>& install) {
+  if (num_jobs < 0) throw std::invalid_argument(cat("hetrain ring: num_jobs must be >= 0, got ", num_jobs));
+  std::unique_lock<std::mutex> lk(mu_);
+  if (closed_) throw RingError("hetrain ring: the ring is closed");
+  num_jobs_ = 0;  // hand out nothing while the last epoch drains
+  wait_draining_locked(lk);
+  if (closed_) throw RingError("hetrain ring: the ring is closed");
+  for (Slot& s : slots_) {
+    if (s.state == State::kReady || s.state == State::kFailed) {
+      s.state = State::kFree;
+      s.job = -1;
+      s.error.clear();
+    }
+  }
+  if (install) install();
+  ++epoch_;
+  next_job_ = 0;
+  num_jobs_ = num_jobs;
+  producers_cv_.notify_all();
+}
+
+int64_t RingCore::claim(int64_t producer, double timeout_s, int64_t* slot) {
+  Producer& pr = producers_[producer];
+  std::unique_lock<std::mutex> lk(mu_);
+  pr.busy = false;
+  pr.last_seen_ns = now_ns();
+  int64_t free_slot = -1;
+  auto ready = [&] {
+    if (closed_) return true;
+    if (next_job_ >= num_jobs_) return false;
+    // Any free slot will do, so a batch the consumer keeps for long only narrows the ring.
+    for (int64_t k = 0; k < num_slots_; ++k) {
+      const int64_t c = (cursor_ + k) % num_slots_;
+      if (slots_[c].state == State::kFree) {
+        free_slot = c;
+        return true;
+      }
+    }
+    return false;
+  };
+  const bool woke = producers_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), ready);
+  pr.last_seen_ns = now_ns();
+  if (closed_) return kClosed;
+  if (!woke) return kTimedOut;
+  const int64_t job = next_job_++;
+  cursor_ = (free_slot + 1) % num_slots_;
+  // At most num_slots jobs are claimed and not yet taken, so job % num_slots names each uniquely.
+  job_slot_[job % num_slots_] = free_slot;
+  Slot& s = slots_[free_slot];
+  s.state = State::kFilling;
+  s.job = job;
+  s.epoch = epoch_;
+  s.since = Clock::now();
+  pr.job = job;
+  pr.sample = -1;
+  pr.byte_begin = -1;
+  pr.byte_end = -1;
+  pr.busy = true;
+  *slot = free_slot;
+  return job;
+}
+
+void RingCore::note(int64_t producer, int64_t sample, int64_t byte_begin, int64_t byte_end) {
+  Producer& pr = producers_[producer];
+  pr.sample = sample;
+  pr.byte_begin = byte_begin;
+  pr.byte_end = byte_end;
+  pr.last_seen_ns = now_ns();
+}
+
+void RingCore::commit(int64_t producer, int64_t job, const int64_t* meta) {
+  std::lock_guard<std::mutex> lk(mu_);
+  const int64_t slot = job_slot_[job % num_slots_];
+  Slot& s = slots_[slot];
+  if (s.state == State::kFilling && s.job == job) {
+    s.state = State::kReady;
+    const int64_t n = num_fields_ * kMetaPerField;
+    std::copy(meta, meta + n, meta_.begin() + slot * n);
+    ++committed_;
+  }
+  producers_[producer].busy = false;
+  producers_[producer].last_seen_ns = now_ns();
+  consumer_cv_.notify_all();
+}
+
+void RingCore::fail(int64_t producer, int64_t job, const std::string& message) {
+  std::lock_guard<std::mutex> lk(mu_);
+  Slot& s = slots_[job_slot_[job % num_slots_]];
+  if (s.state == State::kFilling && s.job == job) {
+    s.state = State::kFailed;
+    s.error = message;
+  }
+  producers_[producer].busy = false;
+  producers_[producer].last_seen_ns = now_ns();
+  consumer_cv_.notify_all();
+}
+
+int64_t RingCore::take(int64_t job, double timeout_s, int64_t* meta_out) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (job < 0 || job >= num_jobs_) {
+    throw std::out_of_range(cat("hetrain ring: batch ", job, " is outside this epoch's ", num_jobs_, " batches"));
+  }
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  while (true) {
+    if (closed_) throw RingError("hetrain ring: the ring was closed while the consumer waited");
+    if (job < next_job_) {  // claimed: its slot is known
+      const int64_t slot = job_slot_[job % num_slots_];
+      Slot& s = slots_[slot];
+      if (s.job == job && s.epoch == epoch_ && s.state == State::kReady) {
+        s.state = State::kHeld;
+        s.since = Clock::now();
+        const int64_t n = num_fields_ * kMetaPerField;
+        std::copy(meta_.begin() + slot * n, meta_.begin() + (slot + 1) * n, meta_out);
+        return slot;
+      }
+      if (s.job == job && s.epoch == epoch_ && s.state == State::kFailed) throw RingError(s.error);
+    }
+    const auto now = Clock::now();
+    check_stalls_locked(now);
+    if (now >= deadline) return -1;
+    consumer_cv_.wait_until(lk, std::min<Clock::time_point>(deadline, now + kStallPoll));
+  }
+}
+
+void RingCore::release(int64_t slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  Slot& s = slots_[slot];
+  if (s.state == State::kHeld) {
+    s.state = State::kFree;
+    producers_cv_.notify_all();
+  }
+}
+
+void RingCore::close() {
+  std::lock_guard<std::mutex> lk(mu_);
+  closed_ = true;
+  producers_cv_.notify_all();
+  consumer_cv_.notify_all();
+}
+
+bool RingCore::closed() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return closed_;
+}
+
+int64_t RingCore::batches_committed() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return committed_;
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+TokenMap::TokenMap(const std::string& path, int64_t itemsize, int64_t num_tokens)
+    : path_(path), itemsize_(itemsize), num_tokens_(num_tokens) {
+  if (itemsize != 2 && itemsize != 4) throw RingError(cat("hetrain ring: ", path, ": itemsize must be 2 or 4"));
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw RingError(cat("hetrain ring: cannot open token file ", path, ": ", std::strerror(errno)));
+  struct stat st {};
+  ::fstat(fd_, &st);
+  // Map what the file holds, at most what the index promises: a range past the mapping is an error, not a crash.
+  mapped_bytes_ = std::min<int64_t>(st.st_size, num_tokens * itemsize) / itemsize * itemsize;
+  if (mapped_bytes_ > 0) {
+    void* p = ::mmap(nullptr, static_cast<size_t>(mapped_bytes_), PROT_READ, MAP_SHARED, fd_, 0);
+    if (p == MAP_FAILED) {
+      ::close(fd_);
+      throw RingError(cat("hetrain ring: cannot map token file ", path, ": ", std::strerror(errno)));
+    }
+    data_ = static_cast<const uint8_t*>(p);
+  }
+}
+
+TokenMap::~TokenMap() {
+  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), static_cast<size_t>(mapped_bytes_));
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void TokenMap::check_size() const {
+  struct stat st {};
+  if (::fstat(fd_, &st) == 0 && st.st_size < mapped_bytes_) {
+    throw RingError(cat("hetrain ring: token file ", path_, " shrank from ", mapped_bytes_, " to ", st.st_size,
+                        " bytes while in use"));
+  }
+}
+
+namespace {
+template <typename T>
+int64_t copy_tokens(const uint8_t* src, int64_t n, int64_t vocab_size, int64_t* out) {
+  const T* tokens = reinterpret_cast<const T*>(src);  // the file is little-endian, as is every host we build for
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int64_t>(tokens[i]);
+  if (vocab_size > 0) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (out[i] >= vocab_size) return i;
+    }
+  }
+  return -1;
+}
+}  // namespace
+
+void TokenMap::gather(int64_t sample, int64_t begin, int64_t n, int64_t vocab_size, int64_t* out) const {
+  const int64_t have = mapped_bytes_ / itemsize_;
+  if (begin < 0 || n < 0 || begin + n > have) {
+    throw RingError(cat("hetrain ring: token file ", path_, ": sample ", sample, " needs tokens [", begin, ", ",
+                        begin + n, ") = bytes [", begin * itemsize_, ", ", (begin + n) * itemsize_, "), but the file holds ",
+                        have, " tokens (", mapped_bytes_, " bytes) of the ", num_tokens_,
+                        " its index promises: truncated or corrupt"));
+  }
+  const uint8_t* src = data_ + begin * itemsize_;
+  const int64_t bad = itemsize_ == 2 ? copy_tokens<uint16_t>(src, n, vocab_size, out)
+                                     : copy_tokens<uint32_t>(src, n, vocab_size, out);
+  if (bad >= 0) {
+    throw RingError(cat("hetrain ring: token file ", path_, ": sample ", sample, " has token id ", out[bad],
+                        " >= vocab_size ", vocab_size, " at byte ", (begin + bad) * itemsize_, ": corrupt file or wrong vocab"));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+TokenGatherer::TokenGatherer(RingCore* core, uint8_t* slots, int64_t slot_bytes, TokenSlotLayout layout,
+                             const std::string& path, int64_t itemsize, int64_t num_tokens, std::vector<int64_t> starts,
+                             std::vector<int64_t> lengths, int64_t pad_id, int64_t vocab_size, int64_t num_threads,
+                             int64_t first_producer)
+    : core_(core),
+      slots_(slots),
+      slot_bytes_(slot_bytes),
+      layout_(layout),
+      map_(path, itemsize, num_tokens),
+      starts_(std::move(starts)),
+      lengths_(std::move(lengths)),
+      pad_id_(pad_id),
+      vocab_size_(vocab_size),
+      first_producer_(first_producer) {
+  if (starts_.size() != lengths_.size()) throw std::invalid_argument("hetrain ring: starts and lengths differ in size");
+  if (core->num_fields() != 4) throw std::invalid_argument("hetrain ring: a token ring has 4 fields per slot");
+  if (num_threads < 1 || first_producer + num_threads > core->num_producers()) {
+    throw std::invalid_argument(cat("hetrain ring: ", num_threads, " gather threads from producer ", first_producer,
+                                    " do not fit the ring's ", core->num_producers(), " producers"));
+  }
+  threads_.reserve(static_cast<size_t>(num_threads));
+  for (int64_t t = 0; t < num_threads; ++t) threads_.emplace_back([this, t] { run(first_producer_ + t); });
+}
+
+TokenGatherer::~TokenGatherer() { stop(); }
+
+void TokenGatherer::stop() {
+  core_->close();
+  for (std::thread& t : threads_) {
+    if (t.joinable()) t.join();
+  }
+}
+
+void TokenGatherer::start_epoch(const int64_t* sample_ids, int64_t num_ids, const int64_t* batch_offsets,
+                                int64_t num_batches) {
+  if (batch_offsets[0] != 0 || batch_offsets[num_batches] != num_ids) {
+    throw std::invalid_argument("hetrain ring: batch offsets must start at 0 and end at the number of sample ids");
+  }
+  core_->start_epoch(num_batches, [&] {
+    // assign() reuses the vectors' capacity: after the first epoch this allocates nothing.
+    ids_.assign(sample_ids, sample_ids + num_ids);
+    offsets_.assign(batch_offsets, batch_offsets + num_batches + 1);
+  });
+}
+
+void TokenGatherer::run(int64_t producer) {
+  while (true) {
+    int64_t slot = -1;
+    const int64_t job = core_->claim(producer, kProducerPoll, &slot);
+    if (job == kClosed) return;
+    if (job == kTimedOut) continue;
+    try {
+      fill(producer, job, slot);
+    } catch (const std::exception& e) {
+      core_->fail(producer, job, e.what());
+    }
+  }
+}
+
+void TokenGatherer::fill(int64_t producer, int64_t job, int64_t slot) {
+  const int64_t b0 = offsets_[job], rows = offsets_[job + 1] - b0;
+  const int64_t num_samples = static_cast<int64_t>(starts_.size());
+  int64_t cols = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t sample = ids_[b0 + r];
+    if (sample < 0 || sample >= num_samples) {
+      throw RingError(cat("hetrain ring: batch ", job, " names sample ", sample, " of ", num_samples));
+    }
+    cols = std::max(cols, lengths_[sample]);
+  }
+  if (rows > layout_.max_rows || rows * cols > layout_.max_tokens) {
+    throw RingError(cat("hetrain ring: batch ", job, " is ", rows, " x ", cols, " tokens but a slot holds ",
+                        layout_.max_rows, " rows and ", layout_.max_tokens, " tokens"));
+  }
+  map_.check_size();
+  uint8_t* base = slots_ + slot * slot_bytes_;
+  auto* ids = reinterpret_cast<int64_t*>(base + layout_.ids_offset);
+  auto* mask = reinterpret_cast<bool*>(base + layout_.mask_offset);
+  auto* lens = reinterpret_cast<int64_t*>(base + layout_.lengths_offset);
+  auto* samples = reinterpret_cast<int64_t*>(base + layout_.samples_offset);
+  const int64_t width = map_.itemsize();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t sample = ids_[b0 + r], start = starts_[sample], n = lengths_[sample];
+    core_->note(producer, sample, start * width, (start + n) * width);
+    map_.gather(sample, start, n, vocab_size_, ids + r * cols);
+    std::fill(ids + r * cols + n, ids + (r + 1) * cols, pad_id_);
+    std::fill(mask + r * cols, mask + r * cols + n, true);
+    std::fill(mask + r * cols + n, mask + (r + 1) * cols, false);
+    lens[r] = n;
+    samples[r] = sample;
+  }
+  const int64_t meta[4 * kMetaPerField] = {2, rows, cols, 0, 2, rows, cols, 0, 1, rows, 0, 0, 1, rows, 0, 0};
+  core_->commit(producer, job, meta);
+}
+
+}  // namespace ring
+}  // namespace hetrain

@@ -1,0 +1,110 @@
+"""Device prefetch: the next batch's host-to-device copy runs on a side CUDA stream while this step computes.
+
+From pinned memory a ``non_blocking`` copy returns at once and the DMA engine moves the bytes while
+the GPU runs the current step; from pageable memory the same call would stall the host. An event
+recorded after each copy makes the compute stream wait for exactly that copy (no device-wide sync),
+and the host batch (a ring slot) is dropped only after its event completed, so a slot is never
+refilled while the GPU still reads it. On a CPU device there is nothing to copy: batches pass through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    # Batches are dicts, lists or tuples of tensors; a few lines here avoid depending on a private tree utility.
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for v in batch.values():
+            yield from _tensors(v)
+    elif isinstance(batch, list | tuple):
+        for v in batch:
+            yield from _tensors(v)
+
+
+class DevicePrefetcher:
+    """Yields ``loader``'s batches on ``device``, each copied one step ahead on a side stream.
+
+    Forwards ``len()``, ``set_epoch``, ``state_dict``/``load_state_dict`` and ``sampler`` to the loader, so
+    it can stand where Lightning expects a dataloader (its ``transfer_batch_to_device`` then finds the
+    tensors already in place). ``lookahead`` counts batches the consumer fetches before it uses them, for
+    ``state_dict()``: the batch copied ahead here is never counted as consumed.
+    """
+
+    def __init__(self, loader: Iterable, device: torch.device | str, lookahead: int = 0) -> None:
+        self.loader, self.device, self.lookahead = loader, torch.device(device), lookahead
+        self.sampler = getattr(loader, "sampler", None)
+        self._yielded, self._exhausted = 0, False
+
+    @property
+    def active(self) -> bool:
+        """Whether batches are copied on a side stream (a CUDA device), not passed through."""
+        return self.device.type == "cuda"
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._yielded, self._exhausted = 0, False
+        if not self.active:
+            for batch in self.loader:
+                self._yielded += 1
+                yield batch
+            self._exhausted = True
+            return
+        copy_stream = torch.cuda.Stream(device=self.device)
+        pending = None  # (device batch, copy-done event, host batch)
+        for host in self.loader:
+            with torch.cuda.stream(copy_stream):
+                moved = _to_device(host, self.device)
+                done = torch.cuda.Event()
+                done.record(copy_stream)
+            ready = self._hand_over(*pending) if pending is not None else None
+            pending = (moved, done, host)
+            del host  # only `pending` keeps the newest slot; the one handed over is released
+            if ready is not None:
+                yield ready
+        if pending is not None:
+            ready = self._hand_over(*pending)
+            pending = None
+            yield ready
+        self._exhausted = True
+
+    def _hand_over(self, moved: Any, done: torch.cuda.Event, host: Any) -> Any:
+        """``moved`` made safe for the compute stream; the caller drops ``host`` afterwards."""
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        for t in _tensors(moved):
+            # Memory allocated on the side stream is used on the compute stream: tell the caching allocator.
+            t.record_stream(compute)
+        # The copy was issued a whole step ago, so this rarely waits; after it the host slot may be refilled.
+        done.synchronize()
+        self._yielded += 1
+        return moved
+
+    def consumed(self) -> int:
+        return self._yielded if self._exhausted else max(0, self._yielded - self.lookahead)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict(steps=self.consumed())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)

@@ -1,0 +1,309 @@
+"""RingLoader: batches assembled by background producers into a fixed ring of preallocated host slots.
+
+torch's DataLoader allocates every batch anew (and pins it again when ``pin_memory=True``) and, with
+workers, pickles it across processes. Here the memory is allocated once (``num_slots`` slots sized for
+the largest batch, pinned when CUDA is available) and producers write straight into it:
+
+* a :class:`~hetrain.data.windows.TokenWindows` source is gathered entirely in C++ by ``num_workers``
+  threads (GIL released), tokens read from the memory-mapped file;
+* any map-style Dataset is read by ``num_workers`` Python threads whose slot collate (see
+  :class:`PadInto`, :class:`CopyInto`) writes the batch into the slot.
+
+A batch is a dict of tensors viewing its slot; the slot is refilled once every tensor of the batch is
+freed, so keep at most ``num_slots - 1`` batches alive. Batches come in the sampler's order. A producer
+error or stall ends the wait with :class:`LoaderError` naming the sample, file or byte range.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+
+from hetrain import _ext
+from hetrain.data.windows import TokenWindows
+
+# How long one wait inside C++ lasts before Python gets control back (Ctrl-C, closing): never a spin.
+_POLL_S = 0.1
+_DTYPE_NAMES = {
+    torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.uint8: "uint8", torch.bool: "bool",
+    torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
+}
+TOKEN_FIELDS = ("input_ids", "attention_mask", "lengths", "sample_ids")
+
+Spec = dict[str, tuple[torch.dtype, int]]  # field -> (dtype, capacity in elements)
+
+
+class LoaderError(RuntimeError):
+    """A producer failed or stalled; the message names the producer and the sample, file or byte range."""
+
+
+class PadInto:
+    """Slot collate for dict samples with a 1-D ``input_ids`` and an optional scalar ``label``.
+
+    Writes ``input_ids`` and ``attention_mask`` (B, T) padded to the longest sample, and ``labels`` (B,):
+    the same batch as :func:`hetrain.data.synthetic.pad_collate`, without allocating it.
+    """
+
+    def __init__(self, max_tokens: int, max_rows: int, pad_id: int = 0, label_key: str | None = "label") -> None:
+        self.pad_id, self.label_key = pad_id, label_key
+        self.spec: Spec = {"input_ids": (torch.int64, max_tokens), "attention_mask": (torch.bool, max_tokens)}
+        if label_key is not None:
+            self.spec["labels"] = (torch.int64, max_rows)
+
+    def __call__(self, items: list[dict[str, Any]], out: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        rows, cols = len(items), max(len(item["input_ids"]) for item in items)
+        ids = out["input_ids"][: rows * cols].view(rows, cols).fill_(self.pad_id)
+        mask = out["attention_mask"][: rows * cols].view(rows, cols).fill_(False)
+        for r, item in enumerate(items):
+            n = len(item["input_ids"])
+            ids[r, :n] = torch.as_tensor(item["input_ids"])
+            mask[r, :n] = True
+        shapes = {"input_ids": (rows, cols), "attention_mask": (rows, cols)}
+        if self.label_key is not None:
+            out["labels"][:rows] = torch.as_tensor([int(item[self.label_key]) for item in items])
+            shapes["labels"] = (rows,)
+        return shapes
+
+
+class CopyInto:
+    """Adapts any collate that returns a dict of tensors: its result is copied into the slot.
+
+    One extra copy per batch, in exchange for working with a collate written for torch's DataLoader.
+    """
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, torch.Tensor]], spec: Spec) -> None:
+        self.collate, self.spec = collate, spec
+
+    def __call__(self, items: list[Any], out: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        batch = self.collate(items)
+        for name, t in batch.items():
+            if name not in out or t.numel() > out[name].numel():
+                cap = out[name].numel() if name in out else 0
+                raise ValueError(f"hetrain: collate output {name!r} {tuple(t.shape)} does not fit its slot field "
+                                 f"(capacity {cap} elements; declare it in spec)")
+            out[name][: t.numel()].view(t.shape).copy_(t)
+        return {name: tuple(t.shape) for name, t in batch.items()}
+
+
+class _Shared:
+    """What producer threads and the finaliser need; holds no reference to the RingLoader itself."""
+
+    def __init__(self, ring: Any, names: Sequence[str]) -> None:
+        self.ring, self.names = ring, list(names)
+        self.plan: list[list[int]] = []
+        self.errors: dict[int, BaseException] = {}
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+
+def _shapes(names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> list[int]:
+    flat = []
+    for name in names:
+        shape = tuple(shapes.get(name, (0,)))
+        if len(shape) > 3:
+            raise ValueError(f"hetrain: slot field {name!r} has shape {shape}; at most 3 dimensions")
+        flat += [len(shape), *shape, *[0] * (3 - len(shape))]
+    return flat
+
+
+def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, num_slots: int) -> None:
+    ring = shared.ring
+    views = [dict(zip(shared.names, ring.slot_views(s), strict=True)) for s in range(num_slots)]
+    while not shared.stop.is_set():
+        job, slot = ring.claim(producer, _POLL_S)
+        if job == -2:  # closed
+            return
+        if job < 0:
+            continue
+        sample = None
+        try:
+            items = []
+            for sample in shared.plan[job]:
+                ring.note(producer, sample, -1, -1)
+                items.append(dataset[sample])
+            ring.commit(producer, job, _shapes(shared.names, collate(items, views[slot])))
+        except Exception as exc:  # every failure goes to the consumer, named
+            shared.errors[job] = exc
+            ring.fail(producer, job, f"hetrain: producer {producer} failed on batch {job} at sample {sample}: "
+                                     f"{type(exc).__name__}: {exc}")
+
+
+def _close(shared: _Shared, join_timeout: float) -> None:
+    shared.stop.set()
+    shared.ring.close()  # wakes every wait and joins the C++ threads
+    for t in shared.threads:
+        t.join(join_timeout)
+
+
+class RingLoader:
+    """Iterates batches of ``batch_sampler`` over ``source``, assembled ahead in a ring of host slots.
+
+    Args:
+        source: a :class:`TokenWindows` (gathered in C++) or any map-style Dataset (needs ``collate``).
+        batch_sampler: yields index lists, e.g. :class:`~hetrain.data.sampler.TokenBudgetBatchSampler`.
+        collate: for a Dataset, a slot collate with ``spec`` (:class:`PadInto`, :class:`CopyInto`).
+        num_slots: batches in flight; the consumer may hold ``num_slots - 1`` while producers fill the rest.
+        num_workers: producer threads.
+        stall_timeout: seconds without progress after which a producer is reported stalled.
+        pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous.
+        lookahead: batches the consumer fetches before it uses them (Lightning's training loop: 1), so that
+            ``state_dict()`` counts only batches whose step ran.
+        pad_id, vocab_size: for token sources: the padding id, and an id bound checked per token (corrupt files).
+        max_tokens, max_rows: slot size; default from the sampler (``max_tokens``, ``max_batch_rows``).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        batch_sampler: Any,
+        *,
+        collate: Callable | None = None,
+        num_slots: int = 4,
+        num_workers: int = 2,
+        stall_timeout: float = 60.0,
+        pin_memory: bool | None = None,
+        lookahead: int = 0,
+        pad_id: int = 0,
+        vocab_size: int | None = None,
+        max_tokens: int | None = None,
+        max_rows: int | None = None,
+    ) -> None:
+        if _ext.load() is None:
+            raise RuntimeError("hetrain: RingLoader needs the compiled extension hetrain._C "
+                               "(pip install -e . --no-build-isolation)")
+        if num_slots < 2 or num_workers < 1:
+            raise ValueError(f"hetrain: need num_slots >= 2 and num_workers >= 1, got {num_slots}, {num_workers}")
+        self.batch_sampler = batch_sampler
+        self.sampler = batch_sampler  # where Lightning looks for set_epoch()
+        self.source, self.lookahead = source, lookahead
+        self.tokens = isinstance(source, TokenWindows)
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        if self.tokens:
+            if collate is not None:
+                raise ValueError("hetrain: a TokenWindows source is gathered in C++; it takes no collate")
+            rows = max_rows or getattr(batch_sampler, "max_batch_rows", None) or max(map(len, batch_sampler))
+            toks = max_tokens or getattr(batch_sampler, "max_tokens", None) or rows * int(source.lengths.max())
+            spec: Spec = {"input_ids": (torch.int64, toks), "attention_mask": (torch.bool, toks),
+                          "lengths": (torch.int64, rows), "sample_ids": (torch.int64, rows)}
+        else:
+            if collate is None or not hasattr(collate, "spec"):
+                raise ValueError("hetrain: a Dataset source needs a slot collate with a `spec` "
+                                 "(PadInto(...), or CopyInto(your_collate, spec))")
+            spec = collate.spec
+        for name, (dtype, _) in spec.items():
+            if dtype not in _DTYPE_NAMES:
+                raise ValueError(f"hetrain: slot field {name!r} has unsupported dtype {dtype}")
+        ring = torch.classes.hetrain_C.RingBuffer(
+            [_DTYPE_NAMES[d] for d, _ in spec.values()], [int(c) for _, c in spec.values()],
+            num_slots, num_workers, pin, float(stall_timeout),
+        )
+        self._shared = _Shared(ring, list(spec))
+        self._stall_timeout = stall_timeout
+        if self.tokens:
+            tf = source.file
+            ring.attach_tokens(
+                str(tf.bin_path), tf.dtype.itemsize, tf.num_tokens, torch.from_numpy(source.windows.start),
+                torch.from_numpy(source.windows.length), pad_id, vocab_size or 0, num_workers, 0,
+            )
+        else:
+            for p in range(num_workers):
+                t = threading.Thread(target=_produce, args=(self._shared, p, source, collate, num_slots),
+                                     name=f"hetrain-ring-producer-{p}", daemon=True)
+                t.start()
+                self._shared.threads.append(t)
+        # Closes the ring when the loader is garbage-collected (or at exit), even if close() is never called.
+        self._finalizer = weakref.finalize(self, _close, self._shared, stall_timeout)
+        self._yielded = 0
+        self._exhausted = False
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._shared.stop.is_set():
+            raise RuntimeError("hetrain: this RingLoader was closed")
+        plan = [list(b) for b in self.batch_sampler]
+        self._yielded, self._exhausted = 0, False
+        shared, ring = self._shared, self._shared.ring
+        shared.errors.clear()
+        shared.plan = plan
+        if self.tokens:
+            ids = np.fromiter(chain.from_iterable(plan), dtype=np.int64)
+            offsets = np.zeros(len(plan) + 1, dtype=np.int64)
+            np.cumsum([len(b) for b in plan], out=offsets[1:])
+            self._call(ring.start_token_epoch, torch.from_numpy(ids), torch.from_numpy(offsets))
+        else:
+            self._call(ring.start_epoch, len(plan))
+        names = shared.names
+        for job in range(len(plan)):
+            tensors = self._take(job)
+            self._yielded += 1
+            yield dict(zip(names, tensors, strict=True))
+        self._exhausted = True
+
+    def _call(self, fn: Callable, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except RuntimeError as exc:
+            self.close()
+            raise LoaderError(str(exc)) from None
+
+    def _take(self, job: int) -> list[torch.Tensor]:
+        ring = self._shared.ring
+        try:
+            while True:  # short waits in C++, so Ctrl-C reaches Python between them
+                tensors = ring.take(job, _POLL_S)
+                if tensors:
+                    return tensors
+        except RuntimeError as exc:
+            cause = self._shared.errors.get(job)
+            self.close()
+            raise LoaderError(str(exc)) from cause
+        except BaseException:  # KeyboardInterrupt and the like: stop the producers, then let it through
+            self.close()
+            raise
+
+    # -- resume ----------------------------------------------------------------------------------
+
+    def consumed(self) -> int:
+        """Batches of the current iteration whose step ran (``lookahead`` fetched ones do not count)."""
+        return self._yielded if self._exhausted else max(0, self._yielded - self.lookahead)
+
+    def state_dict(self, steps: int | None = None) -> dict[str, Any]:
+        """The sampler's ``(epoch, seed, position)`` after ``steps`` batches (default: :meth:`consumed`)."""
+        return self.batch_sampler.state_dict(steps=self.consumed() if steps is None else steps)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    # -- resources -------------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of all slots: allocated once at construction, never more."""
+        return self._shared.ring.nbytes()
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.nbytes if self._shared.ring.pinned() else 0
+
+    def close(self) -> None:
+        """Stops and joins every producer; batches already handed out stay valid. Safe to call twice."""
+        self._finalizer()
+
+    def __enter__(self) -> RingLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,206 @@
+"""Token-budget dynamic batching: batches of similar-length sequences bounded by a padded-token budget.
+
+A fixed batch size wastes compute on padding when lengths vary (a Zipf-like corpus pads a random
+batch to its one long sequence). Here sequences are sorted by length and cut greedily into batches
+whose padded size ``rows * longest`` stays within ``max_tokens``; the batch order is shuffled per
+epoch from ``(seed, epoch)``.
+
+The epoch's *global plan* (the list of batches) does not depend on the number of ranks. Rank ``r``
+of ``R`` takes global batches ``r, r + R, ...``; when the count is not a multiple of ``R``, some of
+the last batches are halved (a part of a batch stays within the budget), so every rank gets the same
+number of batches and every sample is seen once per epoch. The resume state is ``(epoch, seed, position)``,
+where ``position`` counts global batches consumed; it loads into a sampler with any ``num_replicas``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class TokenBudgetBatchSampler:
+    """An iterable of index lists for one rank; use as ``DataLoader(batch_sampler=...)`` or with ``RingLoader``.
+
+    Args:
+        lengths: token count of each sample (after windowing), all in ``[1, max_tokens]``.
+        max_tokens: bound on ``len(batch) * max(lengths[batch])``, i.e. tokens including padding.
+        shuffle: shuffle equal-length samples and the batch order per epoch; otherwise batches run short to long.
+        seed: with the epoch, fixes the shuffle on every rank and process.
+        num_replicas, rank: the data-parallel layout; each rank gets a disjoint share of equal batch count.
+        drop_last: drop the last ``< num_replicas`` global batches instead of splitting them across ranks.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int] | np.ndarray,
+        max_tokens: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if self.lengths.ndim != 1 or len(self.lengths) == 0:
+            raise ValueError(f"hetrain: lengths must be a non-empty 1-D sequence, got shape {self.lengths.shape}")
+        if max_tokens < 1:
+            raise ValueError(f"hetrain: max_tokens must be positive, got {max_tokens}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"hetrain: need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
+        bad = np.flatnonzero((self.lengths < 1) | (self.lengths > max_tokens))
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(
+                f"hetrain: sample {i} has length {int(self.lengths[i])}, outside [1, max_tokens={max_tokens}] "
+                f"({len(bad)} such samples); cut long documents into windows (hetrain.data.windows) first"
+            )
+        self.max_tokens = int(max_tokens)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._start = 0  # global position the next iteration starts from (set by load_state_dict)
+        self._yielded = 0  # batches this rank's current iteration has handed out
+        self._iter_start = 0
+        self._plan_cache: tuple[int, list[np.ndarray]] | None = None
+        # Batch sizes depend only on the sorted lengths, not on which sample has which length: the
+        # number of batches, the largest batch and the padding are the same in every epoch.
+        self._sizes, self._padded = self._cut(np.sort(self.lengths))
+
+    # -- the global plan -------------------------------------------------------------------------
+
+    def _cut(self, sorted_lengths: np.ndarray) -> tuple[list[int], int]:
+        """Greedy cut of ascending lengths: a batch grows while ``rows * longest <= max_tokens``."""
+        lens = sorted_lengths.tolist()
+        n, sizes, padded, i = len(lens), [], 0, 0
+        while i < n:
+            # (j - i) * lens[j - 1] grows with j, so the largest j within the budget is found by bisection.
+            j = bisect.bisect_right(range(i + 1, n + 1), self.max_tokens, key=lambda e: (e - i) * lens[e - 1]) + i
+            sizes.append(j - i)
+            padded += (j - i) * lens[j - 1]
+            i = j
+        return sizes, padded
+
+    def global_plan(self, epoch: int | None = None) -> list[np.ndarray]:
+        """Every batch of ``epoch`` (default: the current one) for all ranks together, in consumption order."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.shuffle:
+            # Sort by length, equal lengths in random order, so batch composition varies between epochs.
+            order = np.lexsort((rng.permutation(len(self.lengths)), self.lengths))
+        else:
+            order = np.argsort(self.lengths, kind="stable")
+        plan = np.split(order, np.cumsum(self._sizes)[:-1])
+        if self.shuffle:
+            plan = [plan[k] for k in rng.permutation(len(plan))]
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    def _rank_batches(self, plan: list[np.ndarray], start: int) -> list[np.ndarray]:
+        remaining = plan[start:]
+        if self.drop_last:
+            remaining = remaining[: len(remaining) // self.num_replicas * self.num_replicas]
+        else:
+            remaining = _balanced(remaining, self.num_replicas)
+        return remaining[self.rank :: self.num_replicas]
+
+    # -- Sampler protocol ------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch's shuffle; a resumed position is kept only for the epoch it was saved in."""
+        if epoch != self.epoch:
+            self._start = 0
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self._start = self._start, 0
+        self._iter_start, self._yielded = start, 0
+        for batch in self._rank_batches(self.global_plan(), start):
+            self._yielded += 1
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        remaining = max(0, len(self._sizes) - self._start)
+        if self.drop_last:
+            return remaining // self.num_replicas
+        return -(-remaining // self.num_replicas)
+
+    # -- what the plan costs ---------------------------------------------------------------------
+
+    @property
+    def num_global_batches(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def max_batch_rows(self) -> int:
+        """Most samples in one batch of any epoch: what a preallocated slot must hold."""
+        return max(self._sizes)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the padded tokens that are padding, over a whole epoch (the same every epoch)."""
+        return 1.0 - float(self.lengths.sum()) / self._padded
+
+    # -- resume ----------------------------------------------------------------------------------
+
+    def position_after(self, steps: int) -> int:
+        """The global position once this rank has consumed ``steps`` batches of the current iteration."""
+        return min(self.num_global_batches, self._iter_start + steps * self.num_replicas)
+
+    def state_dict(self, steps: int | None = None) -> dict[str, Any]:
+        """``(epoch, seed, position)`` after ``steps`` consumed batches (default: those yielded so far).
+
+        A loader that prefetches should pass the number of batches the training loop really consumed.
+        """
+        steps = self._yielded if steps is None else steps
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "position": self.position_after(steps),
+            "num_samples": len(self.lengths),
+            "max_tokens": self.max_tokens,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues where ``state`` stopped, whatever ``num_replicas`` the saving run had."""
+        if state["num_samples"] != len(self.lengths) or state["max_tokens"] != self.max_tokens:
+            raise ValueError(
+                f"hetrain: the sampler state was saved for {state['num_samples']} samples and max_tokens="
+                f"{state['max_tokens']}, this sampler has {len(self.lengths)} samples and max_tokens="
+                f"{self.max_tokens}; the batch plans would differ"
+            )
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+        self._start = int(state["position"])
+        self._plan_cache = None
+
+
+def _balanced(batches: list[np.ndarray], parts: int) -> list[np.ndarray]:
+    """``batches`` made a multiple of ``parts`` long by halving the largest of the last batches.
+
+    A part of a batch stays within the budget. The ragged tail and the last full round are cut first,
+    so the plan before them is untouched (unless they hold single samples only). Only when no batch has
+    two samples are batches repeated from the start (as torch's DistributedSampler pads), so that every
+    rank still takes a step.
+    """
+    out = list(batches)
+    need = -len(out) % parts
+    lo = max(0, len(out) - parts - len(out) % parts)
+    for _ in range(need):
+        k = max(range(lo, len(out)), key=lambda i: len(out[i]))
+        if len(out[k]) < 2:  # the end holds single samples: cut the last batch that has two
+            k = next((i for i in reversed(range(lo)) if len(out[i]) > 1), None)
+            if k is None:
+                break
+        half = len(out[k]) // 2
+        out[k : k + 1] = [out[k][:half], out[k][half:]]
+    while len(out) % parts:
+        out.append(out[len(out) % len(batches)])
+    return out

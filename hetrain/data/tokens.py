@@ -1,0 +1,151 @@
+"""Token files: a corpus tokenised once, read through the page cache by any number of workers.
+
+``<prefix>.bin`` holds every document's tokens back to back as little-endian uint16 or uint32 (half
+or a quarter of int64's bytes; uint16 holds vocabularies up to 65536). ``<prefix>.idx`` holds a
+32-byte header and ``num_docs + 1`` uint64 token offsets: document ``i`` is ``tokens[off[i]:off[i+1]]``.
+
+Header: magic ``HETOKENS`` (8 bytes), version (u32), bytes per token (u32), num_docs (u64),
+num_tokens (u64). Both files are memory-mapped, so opening a corpus reads no tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"HETOKENS"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQ")
+DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
+def paths_of(prefix: str | os.PathLike) -> tuple[Path, Path]:
+    """``(<prefix>.bin, <prefix>.idx)``; ``prefix`` may also name either file."""
+    p = Path(prefix)
+    if p.suffix in (".bin", ".idx"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".bin"), p.with_name(p.name + ".idx")
+
+
+class TokenFile:
+    """A memory-mapped token file: ``len()`` documents, ``tf[i]`` the tokens of document ``i``.
+
+    ``validate`` checks at open what would otherwise surface mid-epoch: the header, monotone offsets,
+    and that the .bin holds exactly the tokens the index promises (a truncated copy fails here).
+    """
+
+    def __init__(self, prefix: str | os.PathLike, validate: bool = True) -> None:
+        self.bin_path, self.idx_path = paths_of(prefix)
+        for path in (self.bin_path, self.idx_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"hetrain: token file {path} does not exist (build one: python -m "
+                                        "hetrain.data.build_tokens)")
+        raw = self.idx_path.read_bytes()[: HEADER.size]
+        if len(raw) < HEADER.size:
+            raise ValueError(f"hetrain: token index {self.idx_path} is truncated: {len(raw)} bytes, no full header")
+        magic, version, itemsize, num_docs, num_tokens = HEADER.unpack(raw)
+        if magic != MAGIC or version != VERSION or itemsize not in DTYPES:
+            raise ValueError(
+                f"hetrain: {self.idx_path} is not a hetrain token index (magic {magic!r}, version {version}, "
+                f"{itemsize} bytes per token; expected {MAGIC!r}, {VERSION}, 2 or 4)"
+            )
+        idx_bytes = HEADER.size + 8 * (num_docs + 1)
+        if self.idx_path.stat().st_size != idx_bytes:
+            raise ValueError(
+                f"hetrain: token index {self.idx_path} is truncated or corrupt: {num_docs} documents need "
+                f"{idx_bytes} bytes, the file has {self.idx_path.stat().st_size}"
+            )
+        self.dtype = DTYPES[itemsize]
+        self.num_tokens = int(num_tokens)
+        self.offsets = np.memmap(self.idx_path, dtype="<u8", mode="r", offset=HEADER.size, shape=(num_docs + 1,))
+        bin_bytes = self.bin_path.stat().st_size
+        if validate:
+            if bin_bytes != self.num_tokens * itemsize:
+                raise ValueError(
+                    f"hetrain: token file {self.bin_path} is truncated or corrupt: the index promises "
+                    f"{self.num_tokens} tokens ({self.num_tokens * itemsize} bytes), the file has {bin_bytes} bytes"
+                )
+            bad = np.flatnonzero(np.diff(self.offsets.astype(np.int64)) < 0)
+            if self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens or len(bad):
+                where = f"document {int(bad[0])}" if len(bad) else "first or last offset"
+                raise ValueError(f"hetrain: token index {self.idx_path} is corrupt: offsets go wrong at {where}")
+        # An empty file cannot be memory-mapped; the token view is then empty.
+        count = min(self.num_tokens, bin_bytes // itemsize)
+        self.tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(count,)) if count
+                       else np.empty(0, self.dtype))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
+    @property
+    def doc_starts(self) -> np.ndarray:
+        return self.offsets[:-1].astype(np.int64)
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int64)
+
+    def __repr__(self) -> str:
+        return f"TokenFile({str(self.bin_path)!r}, docs={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"
+
+
+class TokenFileWriter:
+    """Appends documents to ``<prefix>.bin/.idx``; the files appear (atomically renamed) on ``close()``."""
+
+    def __init__(self, prefix: str | os.PathLike, itemsize: int = 2) -> None:
+        if itemsize not in DTYPES:
+            raise ValueError(f"hetrain: a token file holds 2- or 4-byte tokens, got itemsize={itemsize}")
+        self.bin_path, self.idx_path = paths_of(prefix)
+        self.dtype = DTYPES[itemsize]
+        self._limit = np.iinfo(self.dtype).max
+        self._tmp_bin = self.bin_path.with_name(self.bin_path.name + ".tmp")
+        self._bin = open(self._tmp_bin, "wb")  # closed in close() or __exit__
+        self._offsets = [0]
+
+    def add(self, tokens: Iterable[int] | np.ndarray) -> None:
+        arr = np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens), dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError(f"hetrain: a document is a 1-D token sequence, got shape {arr.shape}")
+        if len(arr) and (arr.min() < 0 or arr.max() > self._limit):
+            raise ValueError(
+                f"hetrain: document {len(self._offsets) - 1} has token id {int(arr.max())} outside "
+                f"[0, {self._limit}] of {self.dtype}; write with itemsize=4 (uint32)"
+            )
+        self._bin.write(arr.astype(self.dtype).tobytes())
+        self._offsets.append(self._offsets[-1] + len(arr))
+
+    def close(self) -> None:
+        if self._bin.closed:
+            return
+        self._bin.close()
+        num_docs = len(self._offsets) - 1
+        header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, num_docs, self._offsets[-1])
+        tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        tmp_idx.write_bytes(header + np.asarray(self._offsets, dtype="<u8").tobytes())
+        os.replace(self._tmp_bin, self.bin_path)
+        os.replace(tmp_idx, self.idx_path)
+
+    def __enter__(self) -> TokenFileWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # leave no half-written corpus behind
+            self._bin.close()
+            self._tmp_bin.unlink(missing_ok=True)
+
+
+def write_token_file(prefix: str | os.PathLike, docs: Iterable[Iterable[int]], itemsize: int = 2) -> TokenFile:
+    """Writes ``docs`` (token id sequences) as a token file and opens it."""
+    with TokenFileWriter(prefix, itemsize) as writer:
+        for doc in docs:
+            writer.add(doc)
+    return TokenFile(prefix)

@@ -1,0 +1,287 @@
+"""RingLoader: exact batches, every sample once across ranks, errors named, prompt shutdown, fixed memory."""
+
+from __future__ import annotations
+
+import _thread
+import gc
+import os
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader
+from hetrain.data.sampler import TokenBudgetBatchSampler
+from hetrain.data.synthetic import SyntheticSequences, pad_collate
+from hetrain.data.tokens import TokenFile, write_token_file
+from hetrain.data.windows import TokenWindows, token_collate
+
+pytest.importorskip("hetrain._C")
+
+
+def os_threads() -> int:
+    """Threads of this process, C++ ones included."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def settled_threads(target: int, within_s: float = 5.0) -> int:
+    """The thread count once it reaches ``target`` (a finished Python thread leaves the OS a moment later)."""
+    deadline = time.monotonic() + within_s
+    while os_threads() > target and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os_threads()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.zipf(1.4, 400) * 6, 700)
+    docs = [rng.integers(3, 50000, n) for n in lengths]
+    return write_token_file(tmp_path_factory.mktemp("tok") / "corpus", docs, itemsize=2)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    # torch starts its intra-op pool and the profiler its thread on first use: start them before counting.
+    torch.equal(torch.ones(1 << 18).clone(), torch.ones(1 << 18))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        pass
+    gc.collect()
+    before = os_threads()
+    yield
+    gc.collect()
+    assert settled_threads(before) <= before, "a loader left threads behind"
+
+
+def host_allocations(prof) -> int:
+    """Tensor allocations seen by the profiler: ops that allocated, none of whose children did."""
+    return sum(
+        1 for e in prof.events()
+        if e.cpu_memory_usage > 0 and not any(c.cpu_memory_usage > 0 for c in e.cpu_children)
+    )
+
+
+def assert_batches_equal(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_token_batches_match_the_python_reference_every_epoch(corpus):
+    ds = TokenWindows(corpus, max_len=128, stride=100)
+    sampler = TokenBudgetBatchSampler(ds.lengths, 1024, seed=4)
+    with RingLoader(ds, sampler, num_slots=3, num_workers=2) as loader:
+        nbytes = loader.nbytes
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            plan = list(sampler)
+            batches = list_of_copies(loader)
+            assert len(batches) == len(plan) == len(loader)
+            for batch, idx in zip(batches, plan, strict=True):
+                assert_batches_equal(batch, token_collate([ds[i] for i in idx]))
+                assert batch["input_ids"].numel() <= 1024
+        assert loader.nbytes == nbytes and loader.pinned_bytes in (0, nbytes)
+
+
+def list_of_copies(loader):
+    """Copies each batch so the slot can be reused (a real consumer drops batches instead)."""
+    return [{k: v.clone() for k, v in batch.items()} for batch in loader]
+
+
+@pytest.mark.parametrize("num_replicas", [1, 3])
+def test_every_window_once_per_epoch_across_ranks(corpus, num_replicas):
+    ds = TokenWindows(corpus, max_len=64, stride=64)
+    for epoch in (0, 1):
+        seen, steps = Counter(), set()
+        for rank in range(num_replicas):
+            sampler = TokenBudgetBatchSampler(ds.lengths, 512, seed=1, num_replicas=num_replicas, rank=rank)
+            sampler.set_epoch(epoch)
+            with RingLoader(ds, sampler, num_workers=3) as loader:
+                n = 0
+                for batch in loader:
+                    seen.update(batch["sample_ids"].tolist())
+                    n += 1
+                steps.add(n)
+        assert len(steps) == 1
+        assert sorted(seen) == list(range(len(ds))) and set(seen.values()) == {1}
+    # Windows cover each document's tokens: with stride == max_len, exactly once.
+    assert int(ds.lengths.sum()) == corpus.num_tokens
+
+
+def test_python_collate_path_matches_pad_collate():
+    ds = SyntheticSequences(300, min_len=4, max_len=40, seed=2)
+    lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    sampler = TokenBudgetBatchSampler(lengths, 256, seed=3)
+    plan = list(sampler)
+    collate = PadInto(256, sampler.max_batch_rows)
+    with RingLoader(ds, sampler, collate=collate, num_workers=3) as loader:
+        for batch, idx in zip(list_of_copies(loader), plan, strict=True):
+            assert_batches_equal(batch, pad_collate([ds[i] for i in idx]))
+    spec = {"input_ids": (torch.int64, 256), "attention_mask": (torch.bool, 256), "labels": (torch.int64, 64)}
+    with RingLoader(ds, sampler, collate=CopyInto(pad_collate, spec), num_workers=2) as loader:
+        for batch, idx in zip(list_of_copies(loader), plan, strict=True):
+            assert_batches_equal(batch, pad_collate([ds[i] for i in idx]))
+
+
+class Flaky(torch.utils.data.Dataset):
+    """Samples 0..n-1 as short sequences; `bad` raises, `slow` sleeps, others take `delay` seconds."""
+
+    def __init__(self, n, bad=None, slow=None, sleep=0.0, delay=0.0):
+        self.n, self.bad, self.slow, self.sleep, self.delay = n, bad, slow, sleep, delay
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise ValueError(f"sample {i} is corrupt")
+        if i == self.slow:
+            time.sleep(self.sleep)
+        elif self.delay:
+            time.sleep(self.delay * (i % 3))
+        return {"input_ids": torch.arange(1 + i % 5) + i, "label": i}
+
+
+def test_a_producer_exception_reaches_the_loop_naming_the_sample():
+    ds = Flaky(60, bad=37)
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(60)], 10, shuffle=False)
+    loader = RingLoader(ds, sampler, collate=PadInto(10, 10), num_workers=2)
+    seen = []
+    with pytest.raises(LoaderError, match=r"failed on batch \d+ at sample 37: ValueError: sample 37 is corrupt") as err:
+        for batch in loader:
+            seen += batch["labels"].tolist()
+    assert isinstance(err.value.__cause__, ValueError)
+    assert 37 not in seen and len(seen) > 0  # the batches before the bad one arrived
+    with pytest.raises(RuntimeError, match="closed"):
+        iter(loader).__next__()
+
+
+def test_corrupt_and_truncated_token_files_are_named(tmp_path):
+    docs = [np.full(50, 7), np.array([7, 7, 60000, 7]), np.full(30, 7)]
+    tf = write_token_file(tmp_path / "c", docs)
+    ds = TokenWindows(tf, max_len=64)
+    sampler = TokenBudgetBatchSampler(ds.lengths, 64, shuffle=False)  # one window per batch, shortest first
+    with pytest.raises(LoaderError, match=r"c\.bin: sample 1 has token id 60000 >= vocab_size 1000 at byte 104"):
+        for _ in RingLoader(ds, sampler, vocab_size=1000):
+            pass
+    data = (tmp_path / "c.bin").read_bytes()
+    (tmp_path / "c.bin").write_bytes(data[: 2 * 60])  # cut inside document 1
+    ds = TokenWindows(TokenFile(tmp_path / "c", validate=False), max_len=64)
+    with pytest.raises(LoaderError, match=r"c\.bin: sample 2 needs tokens \[54, 84\).*truncated or corrupt"):
+        for _ in RingLoader(ds, TokenBudgetBatchSampler(ds.lengths, 64, shuffle=False)):
+            pass
+
+
+def test_a_stalled_producer_is_named_instead_of_hanging():
+    ds = Flaky(40, slow=5, sleep=1.5)
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(40)], 5, shuffle=False)
+    loader = RingLoader(ds, sampler, collate=PadInto(5, 5), num_workers=2, stall_timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(LoaderError, match=r"producer \d made no progress for 0\.\d+ s .*while on batch \d+, sample 5"):
+        for _ in loader:
+            pass
+    assert time.monotonic() - t0 < 1.4, "the stall must end the wait near stall_timeout"
+
+
+def test_holding_every_slot_is_reported():
+    ds = Flaky(20)
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(20)], 5, shuffle=False)
+    with RingLoader(ds, sampler, collate=PadInto(5, 5), num_slots=2, stall_timeout=0.3) as loader:
+        with pytest.raises(LoaderError, match="still holds all 2 slots"):
+            list(loader)  # keeps every batch alive
+
+
+def test_close_gc_and_ctrl_c_stop_every_thread(corpus):
+    ds = TokenWindows(corpus, max_len=64)
+    sampler = TokenBudgetBatchSampler(ds.lengths, 256)
+    before = os_threads()
+    loader = RingLoader(ds, sampler, num_workers=3)
+    assert os_threads() == before + 3
+    next(iter(loader))  # abandon mid-epoch with producers busy
+    del loader
+    gc.collect()
+    assert os_threads() == before, "garbage collection must close the ring"
+
+    slow = Flaky(30, slow=2, sleep=0.6)
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(30)], 5, shuffle=False)
+    loader = RingLoader(slow, sampler, collate=PadInto(5, 5), num_workers=2, stall_timeout=30)
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in loader:
+            pass
+    assert time.monotonic() - t0 < 1.0, "Ctrl-C must reach the loop within a poll interval"
+    timer.join()
+    assert not [t for t in threading.enumerate() if t.name.startswith("hetrain")]
+    assert settled_threads(before) == before
+
+
+def test_stress_many_tiny_batches_with_slow_and_fast_producers(corpus):
+    ds = Flaky(500, delay=0.0005)
+    lengths = [1 + i % 5 for i in range(500)]
+    sampler = TokenBudgetBatchSampler(lengths, 6, seed=8)
+    with RingLoader(ds, sampler, collate=PadInto(6, 6), num_slots=3, num_workers=4) as loader:
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            plan = list(sampler)
+            held = []
+            for batch, idx in zip(loader, plan, strict=True):
+                assert batch["labels"].tolist() == idx
+                held = [batch, *held][:2]  # keep two batches alive, as a prefetching trainer does
+            del held
+    windows = TokenWindows(corpus, max_len=8, stride=5)
+    sampler = TokenBudgetBatchSampler(windows.lengths, 16, seed=2)
+    with RingLoader(windows, sampler, num_slots=2, num_workers=4) as loader:
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            seen = Counter(i for batch in loader for i in batch["sample_ids"].tolist())
+            assert len(seen) == len(windows) and set(seen.values()) == {1}
+
+
+def test_no_host_allocation_per_batch_in_steady_state(corpus):
+    ds = TokenWindows(corpus, max_len=128)
+    sampler = TokenBudgetBatchSampler(ds.lengths, 1024)
+    with RingLoader(ds, sampler, num_workers=2) as loader:
+        for _ in loader:  # warm-up epoch
+            pass
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            n = sum(1 for _ in loader)
+        allocations = host_allocations(prof)
+        # The same count sees the allocations of torch's own collate.
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as ref:
+            token_collate([ds[0], ds[1]])
+    assert n > 10 and allocations == 0, f"{allocations} host allocations over {n} batches"
+    assert host_allocations(ref) >= 3
+
+
+def test_resume_on_another_layout_and_worker_count(corpus):
+    ds = TokenWindows(corpus, max_len=96, stride=80)
+    first = [TokenBudgetBatchSampler(ds.lengths, 800, seed=6, num_replicas=2, rank=r) for r in range(2)]
+    states = []
+    for s in first:
+        s.set_epoch(1)
+        with RingLoader(ds, s, num_workers=1, lookahead=1) as loader:
+            it = iter(loader)
+            for _ in range(5):  # four batches stepped, a fifth fetched ahead (replayed after resuming)
+                next(it)
+            states.append(loader.state_dict())
+    assert states[0] == states[1] and states[0]["position"] == 4 * 2
+    consumed = Counter()  # the batches that stepped, per the sampler's own plan
+    for s in [TokenBudgetBatchSampler(ds.lengths, 800, seed=6, num_replicas=2, rank=r) for r in range(2)]:
+        s.set_epoch(1)
+        it = iter(s)
+        for _ in range(4):
+            consumed.update(next(it))
+    for rank in range(3):
+        s = TokenBudgetBatchSampler(ds.lengths, 800, num_replicas=3, rank=rank)
+        with RingLoader(ds, s, num_workers=3) as loader:
+            loader.load_state_dict(states[0])
+            loader.set_epoch(1)
+            for batch in loader:
+                consumed.update(batch["sample_ids"].tolist())
+    assert sorted(consumed) == list(range(len(ds))) and set(consumed.values()) == {1}

@@ -1,0 +1,157 @@
+"""TokenBudgetBatchSampler: budget, exactly-once across ranks, equal counts, shuffle, padding, resume."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from hetrain.data.sampler import TokenBudgetBatchSampler
+
+
+def zipf_lengths(n: int, max_len: int = 512, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.minimum(rng.zipf(1.3, n) * 8, max_len).astype(np.int64)
+
+
+def rank_samplers(lengths, num_replicas, **kw):
+    return [TokenBudgetBatchSampler(lengths, num_replicas=num_replicas, rank=r, **kw) for r in range(num_replicas)]
+
+
+@pytest.mark.parametrize("max_tokens", [512, 1000, 4096])
+def test_budget_respected(max_tokens):
+    lengths = zipf_lengths(3001)
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens, seed=3)
+    batches = list(sampler)
+    for batch in batches:
+        assert len(batch) * lengths[batch].max() <= max_tokens
+    # Greedy cutting leaves no batch that could have taken the next sample of the sorted order.
+    assert sampler.max_batch_rows == max(len(b) for b in batches)
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2, 3, 5])
+def test_every_sample_once_and_equal_counts(num_replicas):
+    lengths = zipf_lengths(997, seed=1)
+    samplers = rank_samplers(lengths, num_replicas, max_tokens=700, seed=5)
+    per_rank = [list(s) for s in samplers]
+    assert len({len(b) for b in per_rank}) == 1, "ranks must take the same number of steps"
+    assert all(len(s) == len(b) for s, b in zip(samplers, per_rank, strict=True))
+    seen = Counter(i for batches in per_rank for batch in batches for i in batch)
+    assert sorted(seen) == list(range(len(lengths)))
+    assert set(seen.values()) == {1}
+    for batches in per_rank:
+        for batch in batches:
+            assert len(batch) * lengths[batch].max() <= 700
+
+
+def test_drop_last_drops_only_the_ragged_tail():
+    lengths = zipf_lengths(500, seed=2)
+    samplers = rank_samplers(lengths, 4, max_tokens=600, drop_last=True)
+    per_rank = [list(s) for s in samplers]
+    global_batches = samplers[0].num_global_batches
+    assert all(len(b) == global_batches // 4 for b in per_rank)
+    seen = Counter(i for batches in per_rank for batch in batches for i in batch)
+    assert set(seen.values()) == {1}
+    assert len(seen) < len(lengths) or global_batches % 4 == 0
+
+
+def test_single_sample_batches_repeat_rather_than_hang():
+    # Three samples of the full budget: one per batch, four ranks -> one rank repeats a batch.
+    samplers = rank_samplers([8, 8, 8], 4, max_tokens=8, shuffle=False)
+    per_rank = [list(s) for s in samplers]
+    assert [len(b) for b in per_rank] == [1, 1, 1, 1]
+    assert sorted({i for b in per_rank for batch in b for i in batch}) == [0, 1, 2]
+
+
+def test_shuffle_is_deterministic_per_epoch_and_seed():
+    lengths = zipf_lengths(800, seed=4)
+    a = TokenBudgetBatchSampler(lengths, 1024, seed=11)
+    b = TokenBudgetBatchSampler(lengths, 1024, seed=11)
+    for epoch in (0, 1):
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        assert list(a) == list(b)
+    a.set_epoch(0)
+    e0 = list(a)
+    a.set_epoch(1)
+    assert list(a) != e0
+    c = TokenBudgetBatchSampler(lengths, 1024, seed=12)
+    assert list(c) != e0
+    # Without shuffling the batches run from short to long.
+    plain = list(TokenBudgetBatchSampler(lengths, 1024, shuffle=False))
+    longest = [int(lengths[b].max()) for b in plain]
+    assert longest == sorted(longest)
+
+
+def test_padding_fraction_matches_batches_and_beats_fixed_size():
+    lengths = zipf_lengths(4000, seed=6)
+    sampler = TokenBudgetBatchSampler(lengths, 4096, seed=0)
+    batches = list(sampler)
+    padded = sum(len(b) * int(lengths[b].max()) for b in batches)
+    assert sampler.padding_fraction == pytest.approx(1 - lengths.sum() / padded)
+    # Fixed-size random batches with the same mean number of rows pad far more.
+    rows = round(len(lengths) / len(batches))
+    perm = np.random.default_rng(0).permutation(len(lengths))
+    fixed = [perm[i : i + rows] for i in range(0, len(perm), rows)]
+    fixed_padding = 1 - lengths.sum() / sum(len(b) * int(lengths[b].max()) for b in fixed)
+    assert sampler.padding_fraction < 0.05 < fixed_padding
+
+
+@pytest.mark.parametrize(("before", "after", "steps"), [(2, 3, 7), (4, 1, 3), (3, 2, 0), (1, 4, 10)])
+def test_resume_on_another_layout_consumes_the_rest_once(before, after, steps):
+    lengths = zipf_lengths(1201, seed=7)
+    first = rank_samplers(lengths, before, max_tokens=800, seed=9)
+    for s in first:
+        s.set_epoch(2)
+    consumed = []
+    for s in first:
+        it = iter(s)
+        consumed += [next(it) for _ in range(steps)]
+    states = [s.state_dict() for s in first]
+    assert all(st == states[0] for st in states), "every rank reports the same global state"
+    assert states[0]["position"] == steps * before
+
+    resumed = rank_samplers(lengths, after, max_tokens=800, seed=0)  # the seed comes from the state
+    for s in resumed:
+        s.load_state_dict(states[1 % before])
+        s.set_epoch(2)  # what Lightning calls at the start of the resumed epoch: keeps the position
+    announced = [len(s) for s in resumed]
+    rest = [list(s) for s in resumed]
+    assert [len(r) for r in rest] == announced and len(set(announced)) == 1
+    seen = Counter(i for batch in consumed for i in batch)
+    seen.update(i for batches in rest for batch in batches for i in batch)
+    assert sorted(seen) == list(range(len(lengths))) and set(seen.values()) == {1}
+
+    # The resumed run sees the global plan's remaining batches in order (halving keeps the order).
+    plan = first[0].global_plan(2)
+    merged = [i for k in range(len(rest[0])) for r in range(after) for i in rest[r][k]]
+    assert merged == [i for b in plan[steps * before :] for i in b.tolist()]
+
+
+def test_resume_position_is_forgotten_in_the_next_epoch():
+    lengths = zipf_lengths(300, seed=8)
+    s = TokenBudgetBatchSampler(lengths, 512, seed=1)
+    total = len(s)
+    it = iter(s)
+    next(it), next(it)
+    t = TokenBudgetBatchSampler(lengths, 512)
+    t.load_state_dict(s.state_dict())
+    assert len(t) == total - 2
+    t.set_epoch(1)
+    assert len(t) == total and len(list(t)) == total
+
+
+def test_state_from_another_dataset_is_refused():
+    s = TokenBudgetBatchSampler([3, 4, 5], 10)
+    with pytest.raises(ValueError, match="batch plans would differ"):
+        TokenBudgetBatchSampler([3, 4], 10).load_state_dict(s.state_dict())
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="sample 1 has length 20"):
+        TokenBudgetBatchSampler([5, 20, 3], 16)
+    with pytest.raises(ValueError, match="rank"):
+        TokenBudgetBatchSampler([5], 16, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="non-empty"):
+        TokenBudgetBatchSampler([], 16)

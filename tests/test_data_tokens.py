@@ -1,0 +1,138 @@
+"""Token files, build_tokens and windows: round trips, corruption found at open, window coverage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hetrain.data.build_tokens import ByteTokenizer, build_token_file, iter_documents
+from hetrain.data.tokens import TokenFile, write_token_file
+from hetrain.data.windows import TokenWindows, make_windows, token_collate
+
+
+def random_docs(n: int, vocab: int, seed: int = 0, max_len: int = 300) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, rng.integers(0, max_len)) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("itemsize", "vocab"), [(2, 65536), (4, 200_000)])
+def test_token_file_round_trip(tmp_path, itemsize, vocab):
+    docs = random_docs(37, vocab, seed=itemsize)
+    tf = write_token_file(tmp_path / "c", docs, itemsize=itemsize)
+    assert len(tf) == 37 and tf.dtype.itemsize == itemsize
+    assert tf.num_tokens == sum(len(d) for d in docs)
+    for i, doc in enumerate(docs):
+        np.testing.assert_array_equal(tf[i], doc)
+    np.testing.assert_array_equal(tf.doc_lengths, [len(d) for d in docs])
+    assert TokenFile(tmp_path / "c.bin").num_tokens == tf.num_tokens  # either file names the pair
+
+
+def test_ids_too_large_for_uint16_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="document 1 has token id 70000"):
+        write_token_file(tmp_path / "c", [[1, 2], [70000]], itemsize=2)
+    assert not (tmp_path / "c.bin").exists() and not (tmp_path / "c.bin.tmp").exists()
+
+
+def test_truncated_and_corrupt_files_fail_at_open_naming_the_file(tmp_path):
+    write_token_file(tmp_path / "c", random_docs(10, 1000, seed=1))
+    data = (tmp_path / "c.bin").read_bytes()
+    (tmp_path / "c.bin").write_bytes(data[:-6])
+    with pytest.raises(ValueError, match=r"c\.bin is truncated or corrupt"):
+        TokenFile(tmp_path / "c")
+    (tmp_path / "c.bin").write_bytes(data)
+    idx = bytearray((tmp_path / "c.idx").read_bytes())
+    idx[32 + 8 * 3 : 32 + 8 * 4] = (10**9).to_bytes(8, "little")  # offset of document 3 jumps far ahead
+    (tmp_path / "c.idx").write_bytes(bytes(idx))
+    with pytest.raises(ValueError, match="offsets go wrong at document 3"):
+        TokenFile(tmp_path / "c")
+    (tmp_path / "c.idx").write_bytes(b"NOTTOKENS" * 4)
+    with pytest.raises(ValueError, match="not a hetrain token index"):
+        TokenFile(tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        TokenFile(tmp_path / "missing")
+
+
+def test_byte_tokenizer_round_trip_and_build_from_jsonl(tmp_path):
+    tok = ByteTokenizer()
+    text = "naïve tokens — ok"
+    assert tok.decode(tok.encode(text)) == text and max(tok.encode(text)) < tok.vocab_size
+    src = tmp_path / "in.jsonl"
+    texts = ["first doc", "", "third, longer document ✓"]
+    src.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)) + "\n")
+    tf = build_token_file(iter_documents([src]), tmp_path / "out/c")
+    assert tf.dtype.itemsize == 2 and len(tf) == 3
+    for i, t in enumerate(texts):
+        assert tf[i][0] == tok.bos_id and tf[i][-1] == tok.eos_id
+        assert tok.decode(tf[i][1:-1]) == t
+
+
+def test_any_tokenizer_callable_and_the_command_line(tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("a b c\n\nd e\n")
+    words = {"a": 100_000, "b": 1, "c": 2, "d": 3, "e": 4}
+    tf = build_token_file(iter_documents([src]), tmp_path / "w", tokenizer=lambda s: [words[w] for w in s.split()])
+    assert tf.dtype.itemsize == 4 and [t.tolist() for t in (tf[0], tf[1])] == [[100_000, 1, 2], [3, 4]]
+    run = subprocess.run(
+        [sys.executable, "-m", "hetrain.data.build_tokens", str(src), "--out", str(tmp_path / "cli"), "--whole-files"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "1 documents" in run.stdout
+    assert ByteTokenizer().decode(TokenFile(tmp_path / "cli")[0]) == "a b c\n\nd e\n"
+
+
+def test_jsonl_without_the_field_names_the_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "x"}\n{"body": "y"}\n')
+    with pytest.raises(KeyError, match=r"in\.jsonl:2 has no field 'text'"):
+        list(iter_documents([src]))
+
+
+@pytest.mark.parametrize(("max_len", "stride"), [(16, 16), (16, 12), (16, 5), (7, 1), (64, 64)])
+def test_windows_cover_every_token_with_only_the_chosen_overlap(max_len, stride):
+    rng = np.random.default_rng(max_len * 100 + stride)
+    lengths = np.concatenate([[0, 1, max_len, max_len + 1], rng.integers(0, 200, 40)])
+    starts = np.cumsum(lengths) - lengths + 3  # documents need not start at 0
+    w = make_windows(lengths, max_len, stride, doc_starts=starts)
+    assert (w.length >= 1).all() and (w.length <= max_len).all()
+    np.testing.assert_array_equal(w.start, starts[w.doc] + w.offset)
+    for d, length in enumerate(lengths):
+        mine = w.doc == d
+        cover = np.zeros(length, dtype=np.int64)
+        for off, n in zip(w.offset[mine], w.length[mine], strict=True):
+            cover[off : off + n] += 1
+        assert (cover >= 1).all(), f"document {d}: a token is lost"
+        count = int(mine.sum())
+        # Tokens read = document + one overlap per cut; nothing else repeats.
+        assert cover.sum() == length + (count - 1) * (max_len - stride) if count else length == 0
+        assert cover.max(initial=1) <= -(-max_len // stride)
+        if stride == max_len:
+            assert (cover == 1).all()
+        if count > 1:  # the last window reaches the end and brings tokens the one before lacked
+            assert w.offset[mine][-1] + w.length[mine][-1] == length
+            assert w.offset[mine][-2] + max_len < length
+
+
+def test_windows_reject_a_bad_stride():
+    with pytest.raises(ValueError, match="stride"):
+        make_windows(np.array([10]), 8, stride=9)
+
+
+def test_token_windows_dataset_serves_each_window_and_pads_in_collate(tmp_path):
+    docs = random_docs(12, 500, seed=3, max_len=90)
+    ds = TokenWindows(write_token_file(tmp_path / "c", docs), max_len=32, stride=24)
+    rebuilt = {d: np.zeros(len(doc), dtype=np.int64) - 1 for d, doc in enumerate(docs)}
+    for i in range(len(ds)):
+        d, off = int(ds.windows.doc[i]), int(ds.windows.offset[i])
+        ids = ds[i]["input_ids"].numpy()
+        rebuilt[d][off : off + len(ids)] = ids
+    for d, doc in enumerate(docs):
+        np.testing.assert_array_equal(rebuilt[d], doc)
+    batch = token_collate([ds[0], ds[len(ds) - 1]], pad_id=7)
+    n0, n1 = batch["lengths"].tolist()
+    assert batch["input_ids"].shape == (2, max(n0, n1)) and batch["sample_ids"].tolist() == [0, len(ds) - 1]
+    assert batch["attention_mask"].sum().item() == n0 + n1
+    assert (batch["input_ids"][~batch["attention_mask"]] == 7).all()

@@ -1,0 +1,338 @@
+"""Mixed precision chosen per device, and a guard against training on non-finite numbers.
+
+``choose_precision(device)`` names the Lightning precision a device runs fastest without losing
+range: ``bf16-mixed`` where bf16 matmuls are native, ``16-mixed`` (with a loss scaler) where only
+fp16 is, ``32-true`` elsewhere. ``trainer_precision("auto", devices)`` turns that into the Trainer's
+arguments; when a model's stages sit on several device types (CPU embeddings, GPU encoder) it gives
+:class:`DeviceMixedPrecision`, Lightning's ``MixedPrecision`` with one autocast per device type, so
+every stage runs under its own device's autocast. :class:`NonFiniteGuard` watches the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Generator, Iterable, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from torch.utils._pytree import tree_leaves
+from typing_extensions import override
+
+from hetrain.callbacks.placement import device_present
+
+log = logging.getLogger(__name__)
+
+PrecisionName = Literal["bf16-mixed", "16-mixed", "32-true"]
+_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+# When one device type holds devices of different speeds (two GPU generations), autocast can only
+# take one dtype per type: the most widely supported choice wins.
+_RANK = {"32-true": 0, "16-mixed": 1, "bf16-mixed": 2}
+
+
+def _cpu_has_fast_bf16() -> bool:
+    # AVX512-BF16 (Cooper Lake, Zen 4+) or AMX (Sapphire Rapids+) give bf16 dot products in hardware;
+    # without them oneDNN emulates bf16 and autocast is slower than fp32.
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def choose_precision(device: str | torch.device) -> PrecisionName:
+    """The Lightning precision that is fast on ``device`` and keeps fp32's range where it can.
+
+    CUDA: ``bf16-mixed`` from compute capability 8.0 (Ampere) on, ``16-mixed`` on 7.x (Volta and Turing
+    have fp16 tensor cores only), else ``32-true``. CPU: ``bf16-mixed`` with AVX512-BF16 or AMX, else
+    ``32-true``. Any other device type: ``32-true``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16-mixed" if major >= 8 else "16-mixed" if major >= 7 else "32-true"
+    if device.type == "cpu":
+        return "bf16-mixed" if _cpu_has_fast_bf16() else "32-true"
+    return "32-true"
+
+
+def choices_by_type(devices: Iterable[str | torch.device]) -> dict[str, PrecisionName]:
+    """``choose_precision`` for each device type among the present ``devices``, weakest device first."""
+    choices: dict[str, PrecisionName] = {}
+    for device in map(torch.device, devices):
+        if not device_present(device):
+            continue
+        choice = choose_precision(device)
+        if device.type not in choices or _RANK[choice] < _RANK[choices[device.type]]:
+            choices[device.type] = choice
+    return choices
+
+
+class DeviceMixedPrecision(MixedPrecision):
+    """Lightning's ``MixedPrecision`` with one autocast per device type, for models spread over devices.
+
+    Example::
+
+        plugin = DeviceMixedPrecision({"cpu": "bf16-mixed", "cuda": "16-mixed"}, root="cuda")
+        Trainer(plugins=[plugin])
+
+    Notes:
+        ``MixedPrecision`` enters the autocast of the root device only, so a CPU stage of a model
+        trained on a GPU runs in fp32 whatever the CPU can do. Autocast state is kept per device
+        type, so entering one context per type makes each op follow the autocast of the device it runs
+        on. Loss scaling, unscaling before clipping and skipped steps are Lightning's: the plugin's
+        ``GradScaler`` (there when any type runs ``16-mixed``) unscales gradients on every device.
+
+    Args:
+        choices: device type -> ``bf16-mixed`` | ``16-mixed`` | ``32-true``.
+        root: the Trainer's root device type; its choice is the plugin's ``precision``, which
+            Lightning's own utilities read (FLOPs tables, checkpoints).
+    """
+
+    def __init__(self, choices: Mapping[str, str], root: str) -> None:
+        mixed = {t: c for t, c in choices.items() if c in _DTYPES}
+        if not mixed:
+            raise ValueError(f"hetrain: no device type runs mixed precision in {dict(choices)}; use '32-true'")
+        unknown = set(choices.values()) - set(_RANK)
+        if unknown:
+            raise ValueError(f"hetrain: unknown precision {sorted(unknown)}; expected one of {sorted(_RANK)}")
+        scaled = [t for t, c in mixed.items() if c == "16-mixed"]
+        scaler = torch.amp.GradScaler(device=scaled[0]) if scaled else None
+        precision = mixed.get(root) or ("16-mixed" if scaled else "bf16-mixed")
+        super().__init__(precision=precision, device=root, scaler=scaler)
+        self.choices = dict(choices)
+
+    @override
+    @contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        with ExitStack() as stack:
+            for device_type, choice in self.choices.items():
+                # cache_enabled=False as in MixedPrecision: cached casts would outlive a weight update.
+                stack.enter_context(torch.autocast(device_type, dtype=_DTYPES.get(choice), enabled=choice in _DTYPES,
+                                                   cache_enabled=False))
+            yield
+
+
+def trainer_precision(precision: str | int, devices: Iterable[str | torch.device]) -> dict[str, Any]:
+    """Trainer keyword arguments for ``precision``; ``"auto"`` decides from the devices the stages use.
+
+    ``devices`` lists the Trainer's root device and every stage's device. One device type: that type's
+    choice as a plain Lightning precision string. Several types with any mixed choice:
+    :class:`DeviceMixedPrecision` as a plugin (with ``precision=None``, as Lightning requires).
+    Anything but ``"auto"`` passes through.
+    """
+    if precision != "auto":
+        return {"precision": precision}
+    devices = [torch.device(d) for d in devices]
+    choices = choices_by_type(devices)
+    if not choices:
+        raise ValueError(f"hetrain: precision 'auto' found none of {[str(d) for d in devices]} present")
+    root = devices[0].type if devices[0].type in choices else next(iter(choices))
+    if len(choices) == 1 or all(c == "32-true" for c in choices.values()):
+        return {"precision": choices[root]}
+    return {"precision": None, "plugins": [DeviceMixedPrecision(choices, root=root)]}
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite losses or gradients for too many steps in a row."""
+
+
+def _floating_leaves(obj: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class NonFiniteDiagnosis:
+    """Trainer-free search for where a non-finite value came from: inputs, a module's forward, or backward.
+
+    ``first_nonfinite_output`` reruns a forward with a hook on every module; the hooks fire as each
+    module finishes, innermost first, so the first hook to see a non-finite output names the module
+    that made it from finite inputs. ``nearest_nonfinite_grad`` reads the gradients of a finished
+    backward: non-finite gradients flow towards the inputs, so the module closest to the loss whose
+    parameters have them is where backward produced them.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def first_nonfinite_output(self, forward: Any) -> tuple[str, str] | None:
+        """Calls ``forward()`` with hooks; returns (module path, module type) of the first non-finite output."""
+        found: list[tuple[str, str]] = []
+
+        def hook(name: str):
+            def check(module: nn.Module, args: Any, output: Any) -> None:
+                if not found and not _all_finite(_floating_leaves(output)):
+                    found.append((name, type(module).__name__))
+            return check
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n]
+        try:
+            forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return found[0] if found else None
+
+    def nearest_nonfinite_grad(self) -> str | None:
+        """Path of the module nearest the loss whose own parameters have non-finite gradients."""
+        bad = [name for name, module in self.model.named_modules()
+               if not _all_finite([p.grad for p in module.parameters(recurse=False) if p.grad is not None])]
+        # named_modules() follows registration order, which for most models is forward order.
+        return bad[-1] if bad else None
+
+
+class NonFiniteGuard(Callback):
+    """Counts and logs non-finite steps and loss-scale skips, names where NaN/inf began, and stops.
+
+    Example::
+
+        Trainer(precision="16-mixed", callbacks=[NonFiniteGuard(max_consecutive=3)])
+
+    Notes:
+        - Each step checks the loss (before backward) and the total gradient norm (after unscaling,
+          before the optimizer step): one device sync per step, no hooks.
+        - A step with a non-finite loss or gradients is skipped: under a ``GradScaler`` the scaler skips
+          it; otherwise the gradients are dropped so the optimizer leaves the weights alone. Step-interval
+          LR schedulers are set back after a skipped step, so the schedule does not advance on it.
+        - Under a scaler, non-finite gradients with a finite loss are the scaler's overflow probe: they
+          are counted as ``skipped_steps`` but stop nothing while the scale is above ``min_loss_scale``.
+        - On the first step of a non-finite streak the guard reruns that batch's ``training_step`` once
+          without gradients, with the step's random state and a forward hook on every module, and names
+          the first module whose output was non-finite. Hooks exist only during that rerun, so healthy
+          steps pay nothing for them; the rerun may log the step's metrics a second time.
+        - Every rank checks its own step and reaches the same verdict (gradients are reduced across
+          ranks before the check), so the hooks are not rank-zero-only.
+        - ``on_nonfinite="stop"`` raises :class:`NonFiniteError` with that diagnosis after
+          ``max_consecutive`` non-finite steps in a row; ``"skip"`` keeps skipping them.
+
+    Args:
+        max_consecutive: non-finite steps in a row that stop training (with ``on_nonfinite="stop"``).
+        on_nonfinite: ``"stop"`` or ``"skip"``.
+        min_loss_scale: under a scaler, overflow at a scale at or below this counts as non-finite.
+    """
+
+    def __init__(self, max_consecutive: int = 3, on_nonfinite: Literal["stop", "skip"] = "stop",
+                 min_loss_scale: float = 1.0) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"hetrain: max_consecutive must be >= 1, got {max_consecutive}")
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"hetrain: on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.max_consecutive = max_consecutive
+        self.on_nonfinite = on_nonfinite
+        self.min_loss_scale = min_loss_scale
+        self.skipped_steps = 0  # optimizer steps that did not update the weights
+        self.nonfinite_steps = 0  # skipped steps that were not a loss scaler's overflow probe
+        self.consecutive = 0
+        self.diagnosis: str | None = None  # where the current streak began
+        self._loss_finite: torch.Tensor | None = None
+        self._rng: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._step: dict[str, Any] | None = None  # what on_before_optimizer_step saw, for on_train_batch_end
+
+    @staticmethod
+    def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # The random state before the forward lets a rerun draw the same dropout masks.
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        self._rng = (torch.get_rng_state(), cuda)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).all()  # stays on the device: no sync per micro-batch
+        # Under gradient accumulation a step is non-finite if any of its micro-batches is.
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        loss_finite = bool(self._loss_finite) if self._loss_finite is not None else True
+        grads_finite = bool(torch.isfinite(norm))
+        self._loss_finite = None
+        scaler = self._scaler(trainer)
+        scale = scaler.get_scale() if scaler is not None else None
+        self._step = {"loss_finite": loss_finite, "grads_finite": grads_finite, "scale": scale}
+        if loss_finite and grads_finite:
+            return
+        self._step["grad_module"] = NonFiniteDiagnosis(pl_module).nearest_nonfinite_grad()
+        self._step["schedulers"] = [
+            (cfg.scheduler, copy.deepcopy(cfg.scheduler.state_dict()),
+             [g["lr"] for g in cfg.scheduler.optimizer.param_groups])
+            for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"
+        ]
+        if scaler is None:
+            # No scaler will skip this step: without gradients the optimizer leaves every weight alone.
+            optimizer.zero_grad(set_to_none=True)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step, self._step = self._step, None
+        if step is None:  # accumulating: no optimizer step on this batch
+            return
+        metrics = {"nonfinite/skipped_steps": float(self.skipped_steps)}
+        if step["scale"] is not None:
+            metrics["precision/loss_scale"] = step["scale"]
+        if step["loss_finite"] and step["grads_finite"]:
+            self.consecutive = 0
+            self.diagnosis = None
+        else:
+            self._skipped(trainer, pl_module, step, batch, batch_idx)
+            metrics["nonfinite/skipped_steps"] = float(self.skipped_steps)
+        metrics["nonfinite/consecutive"] = float(self.consecutive)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        if self.on_nonfinite == "stop" and self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"hetrain: {self.consecutive} consecutive non-finite steps (the limit is max_consecutive="
+                f"{self.max_consecutive}); training stopped at global step {trainer.global_step}. {self.diagnosis}"
+            )
+
+    def _skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any], batch: Any,
+                 batch_idx: int) -> None:
+        self.skipped_steps += 1
+        for scheduler, state, lrs in step["schedulers"]:
+            scheduler.load_state_dict(state)
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+        overflow = step["loss_finite"] and step["scale"] is not None and step["scale"] > self.min_loss_scale
+        if overflow:
+            return
+        self.nonfinite_steps += 1
+        self.consecutive += 1
+        if self.consecutive == 1:
+            self.diagnosis = self._diagnose(trainer, pl_module, step, batch, batch_idx)
+        rank_zero_warn(f"hetrain: non-finite step {trainer.global_step} skipped ({self.consecutive} in a row). "
+                       f"{self.diagnosis}")
+
+    def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any], batch: Any,
+                  batch_idx: int) -> str:
+        where = f"First at batch {batch_idx} (global step {trainer.global_step - 1})"
+        what = "non-finite loss" if not step["loss_finite"] else "finite loss but non-finite gradients"
+        if not _all_finite(_floating_leaves(batch)):
+            return f"{where}: {what}; produced by the inputs: the batch holds NaN or inf."
+        if step["loss_finite"]:
+            module = step["grad_module"]
+            named = f"module '{module}'" if module else "no module's parameters (the loss scale?)"
+            return f"{where}: {what}; produced in backward: nearest the loss with non-finite gradients: {named}."
+        cpu_state, cuda_states = self._rng
+        devices = list(range(len(cuda_states)))
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), trainer.precision_plugin.forward_context():
+            torch.set_rng_state(cpu_state)
+            if cuda_states:
+                torch.cuda.set_rng_state_all(cuda_states)
+            found = NonFiniteDiagnosis(pl_module).first_nonfinite_output(
+                lambda: pl_module.training_step(batch, batch_idx))
+        if found is None:
+            return (f"{where}: {what}; produced in forward, outside any module (the loss computation in "
+                    f"training_step), or not reproduced by a rerun.")
+        return f"{where}: {what}; produced in forward: first non-finite output from module '{found[0]}' ({found[1]})."

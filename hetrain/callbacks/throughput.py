@@ -1,0 +1,364 @@
+"""Samples/s, tokens/s, step-time percentiles, time waiting for data, MFU and energy per step.
+
+:class:`ThroughputMeter` holds the numbers and reads an injectable clock, so it runs (and is tested)
+without a Trainer; rolling rates and MFU come from Lightning's ``Throughput`` utility. The
+:class:`Throughput` callback feeds it from Lightning's hooks, logs its metrics and keeps a summary
+for the run's summary table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.throughput import Throughput as RollingThroughput
+from lightning_fabric.utilities.throughput import get_available_flops
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks.throughput_monitor import _plugin_to_compute_dtype
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch.utils.flop_counter import FlopCounterMode
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+NA = "n/a"
+
+_PEAK_FLOPS: dict[tuple[str, torch.dtype], float] = {}
+
+
+def device_name(device: torch.device) -> str:
+    """The product name of ``device`` (GPU name, CPU model), the key a measured peak is cached under."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return f"{line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
+        except OSError:
+            pass
+    return device.type
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
+    """FLOP/s of an ``n x n`` matmul at ``dtype`` on ``device``, best of ``repeats``: a reachable peak."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up (kernel selection, thread pool)
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, measure: bool = True) -> float | None:
+    """Peak FLOP/s of ``device`` at ``dtype``: Lightning's datasheet table, else a matmul measurement.
+
+    Lightning's ``get_available_flops`` knows recent NVIDIA and TPU chips; for any other device (CPUs,
+    unlisted GPUs) a short matmul is timed once per device name and dtype in this process.
+    """
+    known = get_available_flops(device, dtype)
+    if known:
+        return float(known)
+    if not measure:
+        return None
+    key = (device_name(device), dtype)
+    if key not in _PEAK_FLOPS:
+        _PEAK_FLOPS[key] = measure_matmul_flops(device, dtype)
+    return _PEAK_FLOPS[key]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class NvmlEnergy:
+    """Energy the GPUs drew, from NVML's energy counters; ``None`` where pynvml or the counter is missing."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        self.handles: list[Any] = []
+        gpus = [d for d in devices if d.type == "cuda"]
+        if not gpus:
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            # NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES; torch's own power_draw maps them this way.
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(d)) for d in gpus]
+            self._read = pynvml.nvmlDeviceGetTotalEnergyConsumption
+            self.joules()
+        except Exception as exc:  # no pynvml, no driver, or a GPU without the counter (pre-Volta)
+            log.info(f"hetrain: no GPU energy counter ({type(exc).__name__}: {exc}); energy is {NA}")
+            self.handles = []
+
+    def joules(self) -> float | None:
+        """Energy since the driver loaded, summed over the GPUs (NVML reports millijoules)."""
+        if not self.handles:
+            return None
+        return sum(self._read(h) for h in self.handles) / 1000
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])  # linear interpolation between neighbours
+    return {"mean": float(np.mean(values)), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+class ThroughputMeter:
+    """Training throughput from batch boundaries and a clock, no Trainer needed.
+
+    Call :meth:`start` when training starts or resumes (after validation: the time in between is
+    left out), and per batch :meth:`batch_start` / :meth:`batch_end`. Time from the last of those
+    to the next ``batch_start`` is the wait for data; a step (which may span several micro-batches)
+    lasts from its first ``batch_start`` to the ``batch_end`` that closes it.
+
+    Args:
+        clock: returns seconds; ``time.perf_counter`` by default.
+        window_size: batches in the rolling rates of Lightning's ``Throughput``.
+        available_flops: peak FLOP/s of the device, for MFU.
+        warmup_batches: first batches left out of every number (kernel selection, allocator growth).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, window_size: int = 20,
+                 available_flops: float | None = None, warmup_batches: int = 1) -> None:
+        self.clock = clock
+        self.rolling = RollingThroughput(available_flops=available_flops, window_size=window_size)
+        self.available_flops = available_flops
+        self.warmup_batches = warmup_batches
+        self.seen_batches = 0  # warm-up included
+        self.batches = 0
+        self.samples = 0
+        self.tokens = 0
+        self.time = 0.0  # timed training time: steps plus data waits, pauses left out
+        self.step_times: list[float] = []
+        self.data_waits: list[float] = []
+        self.flops_per_batch: float | None = None
+        self._last_end: float | None = None
+        self._step_started: float | None = None
+        self._batch_started = 0.0
+
+    def start(self) -> None:
+        self._last_end = self.clock()
+
+    def batch_start(self) -> None:
+        now = self.clock()
+        if self._last_end is None:  # no start(): the wait is unknown, not counted
+            self._last_end = now
+        timed = self.seen_batches >= self.warmup_batches
+        if timed:
+            self.data_waits.append(now - self._last_end)
+            self.time += now - self._last_end
+        if self._step_started is None:
+            self._step_started = now
+        self._batch_started = now
+
+    def batch_end(self, samples: int, tokens: int | None = None, step_done: bool = True) -> None:
+        now = self.clock()
+        timed = self.seen_batches >= self.warmup_batches
+        self.seen_batches += 1
+        self._last_end = now
+        if step_done:
+            if timed:
+                self.step_times.append(now - self._step_started)
+            self._step_started = None
+        if not timed:
+            return
+        self.time += now - self._batch_started
+        self.batches += 1
+        self.samples += samples
+        self.tokens += tokens or 0
+        flops = int(self.flops_per_batch) if self.flops_per_batch else None
+        self.rolling.update(time=self.time, batches=self.batches, samples=self.samples,
+                            lengths=self.tokens if tokens is not None else None, flops=flops)
+
+    def compute(self) -> dict[str, float]:
+        """Rolling rates (Lightning's ``Throughput`` keys) plus the latest step time and data wait."""
+        metrics = dict(self.rolling.compute()) if self.batches else {}
+        if self.step_times:
+            metrics["step_time_ms"] = 1000 * self.step_times[-1]
+        if self.data_waits:
+            metrics["data_wait_ms"] = 1000 * self.data_waits[-1]
+        return metrics
+
+    def summary(self) -> dict[str, Any]:
+        """Whole-run numbers over the timed batches: rates, step-time percentiles, data wait, MFU."""
+        if not self.batches or self.time <= 0:
+            return {"batches_timed": self.batches}
+        out: dict[str, Any] = {
+            "batches_timed": self.batches,
+            "samples_per_s": self.samples / self.time,
+            "tokens_per_s": self.tokens / self.time if self.tokens else NA,
+            "data_wait_fraction": sum(self.data_waits) / self.time,
+        }
+        if self.step_times:
+            out["step_time_ms"] = {k: 1000 * v for k, v in _percentiles(self.step_times).items()}
+        out["data_wait_ms_mean"] = 1000 * float(np.mean(self.data_waits)) if self.data_waits else NA
+        if self.flops_per_batch and self.available_flops:
+            out["mfu"] = self.flops_per_batch * self.batches / self.time / self.available_flops
+        else:
+            out["mfu"] = NA
+        return out
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (``labels`` first for dicts)."""
+    if isinstance(batch, dict):
+        batch = [batch["labels"], *batch.values()] if "labels" in batch else list(batch.values())
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    for item in batch:
+        if isinstance(item, torch.Tensor):
+            return len(item)
+    raise ValueError(f"hetrain: no tensor in the batch to count samples from ({type(batch).__name__})")
+
+
+class Throughput(Callback):
+    """Logs samples/s, tokens/s, step time, data wait, MFU and energy; keeps a summary for the run.
+
+    Example::
+
+        meter = Throughput(tokens_key="attention_mask")
+        trainer = Trainer(callbacks=[meter])
+        trainer.fit(task, datamodule)
+        meter.summary  # {"samples_per_s": ..., "step_time_ms": {"p50": ...}, "mfu": ..., ...}
+
+    Notes:
+        - Lightning's ``ThroughputMonitor`` reads ``time.perf_counter`` itself, leaves data wait and
+          step-time spread out and needs a ``flops_per_batch`` attribute; this callback keeps its
+          rolling rates (Lightning's ``Throughput``) and adds those, with a clock a test can drive.
+        - FLOPs per batch: the module's ``flops_per_batch`` when it has one (Lightning's convention),
+          else counted by torch's ``FlopCounterMode`` during the first batch (a warm-up batch, left out
+          of the timing). The count assumes every batch costs the same; ops on other threads are missed.
+        - Peak FLOP/s for MFU: ``peak_flops`` if given, else Lightning's table, else a short matmul
+          measurement at the run's compute dtype, once per device name.
+        - GPU work is waited for before each clock read, so times are of the work, not of its launch.
+        - Energy per step from NVML's counters when pynvml and a GPU are there, else ``"n/a"``.
+
+    Args:
+        tokens_key: batch key whose tokens are counted (a mask counts its true entries; other tensors
+            count elements); ``None`` counts no tokens.
+        window_size: batches in the rolling rates.
+        warmup_batches: first batches left out of the timing.
+        peak_flops: peak FLOP/s of the device; ``None`` looks it up or measures it.
+        count_flops: count FLOPs during the first batch when the module does not say.
+        log_every_n_steps: logging interval; ``None`` follows the Trainer's.
+        clock: returns seconds; for tests.
+    """
+
+    def __init__(self, tokens_key: str | None = "attention_mask", window_size: int = 20, warmup_batches: int = 1,
+                 peak_flops: float | None = None, count_flops: bool = True, log_every_n_steps: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.tokens_key = tokens_key
+        self.window_size = window_size
+        self.warmup_batches = warmup_batches
+        self.peak_flops = peak_flops
+        self.count_flops = count_flops
+        self.log_every_n_steps = log_every_n_steps
+        self.clock = clock
+        self.meter: ThroughputMeter | None = None
+        self.energy: NvmlEnergy | None = None
+        self.summary: dict[str, Any] = {}
+        self._devices: list[torch.device] = []
+        self._flop_counter: FlopCounterMode | None = None
+        self._stepped = False
+        self._energy_start: float | None = None
+
+    def _tokens(self, batch: Any) -> int | None:
+        if self.tokens_key is None or not isinstance(batch, dict) or self.tokens_key not in batch:
+            return None
+        t = batch[self.tokens_key]
+        return int(t.sum()) if t.dtype == torch.bool else t.numel()
+
+    def _sync(self) -> None:
+        for device in self._devices:
+            _sync(device)
+
+    @override
+    @rank_zero_only
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After on_fit_start, where a placement moves stages: these are the devices that work.
+        self._devices = sorted({p.device for p in pl_module.parameters()}, key=str)
+        root = trainer.strategy.root_device
+        available = self.peak_flops or peak_flops(root, _plugin_to_compute_dtype(trainer.precision_plugin))
+        self.meter = ThroughputMeter(self.clock, self.window_size, available, self.warmup_batches)
+        self.meter.flops_per_batch = getattr(pl_module, "flops_per_batch", None)
+        self.energy = NvmlEnergy(self._devices)
+        self._sync()
+        self.meter.start()
+
+    @override
+    @rank_zero_only
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._sync()
+        self.meter.batch_start()
+        if self.meter.seen_batches == self.meter.warmup_batches and self.energy.handles:
+            self._energy_start = self.energy.joules()
+        if self.meter.seen_batches == 0 and self.count_flops and self.meter.flops_per_batch is None:
+            self._flop_counter = FlopCounterMode(display=False)
+            self._flop_counter.__enter__()
+
+    @override
+    @rank_zero_only
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        self._stepped = True
+        # Forward and backward are counted; the optimizer's elementwise work is not in FLOP counts.
+        self._stop_counting()
+
+    def _stop_counting(self) -> None:
+        if self._flop_counter is not None:
+            self._flop_counter.__exit__(None, None, None)
+            self.meter.flops_per_batch = self._flop_counter.get_total_flops() or None
+            self._flop_counter = None
+
+    @override
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._stop_counting()
+        self._sync()
+        self.meter.batch_end(batch_size(batch), self._tokens(batch), step_done=self._stepped)
+        self._stepped = False
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.loggers and trainer.global_step % every == 0:
+            metrics = {f"throughput/{k}": v for k, v in self.meter.compute().items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    @rank_zero_only
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A validation inside fit (its stage is VALIDATING, so trainer.training is False here).
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self.meter is not None:
+            self._sync()
+            self.meter.start()
+
+    @override
+    @rank_zero_only
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_counting()
+        summary = self.meter.summary()
+        summary["flops_per_batch"] = self.meter.flops_per_batch or NA
+        summary["peak_flops"] = self.meter.available_flops or NA
+        joules = self.energy.joules() if self._energy_start is not None else None
+        steps = len(self.meter.step_times)
+        summary["energy_j_per_step"] = (joules - self._energy_start) / steps if joules is not None and steps else NA
+        self.summary = summary
+        log.info(f"Throughput: {summary}")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.meter is not None:
+            self._stop_counting()  # the FLOP counter is a dispatch mode: it must not outlive the fit

@@ -1,0 +1,286 @@
+"""Per-device precision choice, per-device autocast, and NonFiniteGuard on real Lightning fits (CPU)."""
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.plugins.precision import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hetrain.callbacks.precision import (
+    DeviceMixedPrecision,
+    NonFiniteError,
+    NonFiniteGuard,
+    choices_by_type,
+    choose_precision,
+    trainer_precision,
+)
+
+BATCH = 4
+MARK = 1e4  # first feature of every sample of a poisoned batch: finite, but overflows exp() downstream
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+class Exp(nn.Module):
+    def forward(self, x):
+        return torch.exp(x)
+
+
+class _NanBackward(torch.autograd.Function):
+    """Identity whose backward returns NaN for inputs holding the mark's echo (|x| > 500)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.bad = bool(x.abs().max() > 500)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan") if ctx.bad else grad
+
+
+class NanBackward(nn.Module):
+    def forward(self, x):
+        return _NanBackward.apply(x)
+
+
+class Regressor(pl.LightningModule):
+    """MSE regression through ``middle``; records the learning rate each step ran with."""
+
+    def __init__(self, middle: nn.Module, schedule=None, lr: float = 0.05):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), middle, nn.ReLU(), nn.Linear(16, 1))
+        self.schedule = schedule
+        self.lr = lr
+        self.lrs = []
+        self.scales = []
+        self.dtypes = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Here, not in training_step, which NonFiniteGuard reruns to find where a NaN began.
+        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self.scales.append(scaler.get_scale() if scaler is not None else None)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x)
+        self.dtypes.append(out.dtype)
+        return F.mse_loss(out.float(), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        if self.schedule is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _loader(steps: int, poisoned=(), nan_inputs=()) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(steps * BATCH, 8, generator=g) - 0.5
+    y = torch.rand(steps * BATCH, 1, generator=g)
+    for b in poisoned:
+        x[b * BATCH:(b + 1) * BATCH, 0] = MARK
+    for b in nan_inputs:
+        x[b * BATCH, 3] = float("nan")
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+
+
+def _fit(model, loader, tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=len(loader), logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=list(callbacks), **kwargs)
+    trainer.fit(model, loader)
+    return trainer
+
+
+def _all_finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+# --- choosing a precision ---------------------------------------------------------------------------
+
+def test_choose_precision_cpu_follows_cpu_flags():
+    flags = _cpu_flags()
+    fast_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert choose_precision("cpu") == ("bf16-mixed" if fast_bf16 else "32-true")
+    assert choose_precision(torch.device("cpu")) == choose_precision("cpu")
+
+
+def test_choose_precision_unknown_device_type_is_fp32():
+    assert choose_precision("meta") == "32-true"
+
+
+def test_trainer_precision_passes_explicit_values_through():
+    assert trainer_precision("16-mixed", ["cpu"]) == {"precision": "16-mixed"}
+    assert trainer_precision(32, ["cpu"]) == {"precision": 32}
+
+
+def test_trainer_precision_auto_on_one_device_type_is_a_lightning_string():
+    assert trainer_precision("auto", ["cpu"]) == {"precision": choose_precision("cpu")}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback when no GPU is present")
+def test_trainer_precision_auto_ignores_absent_devices():
+    assert choices_by_type(["cpu", "cuda:0"]) == {"cpu": choose_precision("cpu")}
+    assert trainer_precision("auto", ["cuda:0", "cpu"]) == {"precision": choose_precision("cpu")}
+
+
+def test_device_mixed_precision_autocasts_each_device_type_on_its_own():
+    plugin = DeviceMixedPrecision({"cpu": "bf16-mixed", "cuda": "32-true"}, root="cuda")
+    assert plugin.precision == "bf16-mixed" and plugin.scaler is None
+    with plugin.forward_context():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert not torch.is_autocast_enabled("cuda")
+    plugin = DeviceMixedPrecision({"cpu": "16-mixed", "cuda": "32-true"}, root="cuda")
+    assert plugin.precision == "16-mixed" and plugin.scaler is not None  # a scaler for the fp16 device
+    with torch.autocast("cpu", dtype=torch.bfloat16), DeviceMixedPrecision(
+        {"cpu": "32-true", "cuda": "bf16-mixed"}, root="cuda"
+    ).forward_context():
+        assert not torch.is_autocast_enabled("cpu")  # a 32-true device runs in fp32 even inside another autocast
+
+
+@pytest.mark.cuda
+def test_device_mixed_precision_enables_cuda_and_cpu_autocast_together():
+    plugin = DeviceMixedPrecision({"cpu": "bf16-mixed", "cuda": "16-mixed"}, root="cuda")
+    assert plugin.precision == "16-mixed" and plugin.scaler is not None
+    with plugin.forward_context():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16
+
+
+def test_device_mixed_precision_rejects_all_fp32_and_unknown_names():
+    with pytest.raises(ValueError, match="32-true"):
+        DeviceMixedPrecision({"cpu": "32-true"}, root="cpu")
+    with pytest.raises(ValueError, match="unknown precision"):
+        DeviceMixedPrecision({"cpu": "bf16-mixed", "cuda": "8-mixed"}, root="cpu")
+
+
+def test_device_mixed_precision_runs_a_cpu_fit_in_bf16(tmp_path):
+    model = Regressor(nn.Identity())
+    _fit(model, _loader(2), tmp_path, plugins=[DeviceMixedPrecision({"cpu": "bf16-mixed"}, root="cpu")])
+    assert model.dtypes == [torch.bfloat16, torch.bfloat16]
+
+
+@pytest.mark.cuda
+def test_cuda_stage_and_cpu_stage_each_run_under_their_own_autocast(tmp_path):
+    choice = choose_precision("cuda:0")
+    major, _ = torch.cuda.get_device_capability(0)
+    assert choice == ("bf16-mixed" if major >= 8 else "16-mixed" if major >= 7 else "32-true")
+    if choice == "32-true":
+        pytest.skip("this GPU has no fast half precision")
+
+    class Split(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(8, 16)  # on the CPU
+            self.second = nn.Linear(16, 1)  # on the GPU
+            self.dtypes = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            h = self.first(x.cpu())
+            out = self.second(h.cuda())
+            self.dtypes.append((h.dtype, out.dtype))
+            return F.mse_loss(out.float(), y.cuda())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def on_fit_start(self):
+            self.first.cpu()
+
+    kwargs = trainer_precision("auto", ["cuda:0", "cpu"])
+    assert isinstance(kwargs["plugins"][0], DeviceMixedPrecision)
+    model = Split()
+    pl.Trainer(accelerator="gpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+               enable_checkpointing=False, enable_model_summary=False, **kwargs).fit(model, _loader(2))
+    cpu_dtype = torch.bfloat16 if choose_precision("cpu") == "bf16-mixed" else torch.float32
+    cuda_dtype = torch.bfloat16 if choice == "bf16-mixed" else torch.float16
+    assert model.dtypes == [(cpu_dtype, cuda_dtype)] * 2
+
+
+# --- NonFiniteGuard ---------------------------------------------------------------------------------
+
+def test_guard_names_the_module_whose_forward_overflowed_and_stops(tmp_path):
+    model = Regressor(Exp())
+    guard = NonFiniteGuard(max_consecutive=2)
+    with pytest.raises(NonFiniteError) as info:
+        _fit(model, _loader(6, poisoned=[2, 3, 4]), tmp_path, callbacks=[guard])
+    message = str(info.value)
+    assert "2 consecutive non-finite steps" in message and "max_consecutive=2" in message
+    assert "module 'net.1' (Exp)" in message and "in forward" in message and "batch 2" in message
+    assert (guard.skipped_steps, guard.nonfinite_steps, guard.consecutive) == (2, 2, 2)
+    assert len(model.lrs) == 4  # batches 0..3 ran, batch 4 never did
+    assert _all_finite(model)  # the skipped steps left the weights alone
+
+
+def test_guard_blames_backward_when_the_loss_is_finite(tmp_path):
+    model = Regressor(NanBackward())
+    guard = NonFiniteGuard(max_consecutive=1)
+    with pytest.raises(NonFiniteError, match="finite loss but non-finite gradients; produced in backward") as info:
+        _fit(model, _loader(4, poisoned=[1]), tmp_path, callbacks=[guard])
+    # net.3 sits after the NaN in backward order and keeps finite gradients; net.0 is the first that has NaN.
+    assert "module 'net.0'" in str(info.value)
+    assert _all_finite(model)
+
+
+def test_guard_blames_the_inputs(tmp_path):
+    guard = NonFiniteGuard(max_consecutive=1)
+    with pytest.raises(NonFiniteError, match="produced by the inputs"):
+        _fit(Regressor(nn.Identity()), _loader(3, nan_inputs=[1]), tmp_path, callbacks=[guard])
+
+
+def test_guard_counts_streaks_and_resets_after_a_finite_step(tmp_path):
+    model = Regressor(Exp())
+    guard = NonFiniteGuard(max_consecutive=3)
+    _fit(model, _loader(7, poisoned=[1, 2, 4, 5]), tmp_path, callbacks=[guard])  # two streaks of 2: no stop
+    assert (guard.skipped_steps, guard.nonfinite_steps, guard.consecutive) == (4, 4, 0)
+    assert _all_finite(model)
+
+
+def test_guard_skip_mode_holds_the_lr_schedule_on_skipped_steps(tmp_path):
+    model = Regressor(Exp(), schedule=lambda step: 1 / (1 + step), lr=0.1)
+    guard = NonFiniteGuard(max_consecutive=1, on_nonfinite="skip")
+    trainer = _fit(model, _loader(6, poisoned=[2, 3]), tmp_path, callbacks=[guard])
+    # Steps 2 and 3 are skipped: the schedule stays at its third value until step 4 succeeds.
+    assert model.lrs == pytest.approx([0.1, 0.1 / 2, 0.1 / 3, 0.1 / 3, 0.1 / 3, 0.1 / 4])
+    assert guard.skipped_steps == 2
+    assert trainer.callback_metrics["nonfinite/skipped_steps"] == 2
+    assert _all_finite(model)
+
+
+def test_guard_counts_loss_scaler_overflows_without_stopping(tmp_path):
+    init = 2.0**24  # far too large for fp16 gradients: the scaler backs off until they fit
+    scaler = torch.amp.GradScaler("cpu", init_scale=init, growth_interval=1000)
+    model = Regressor(nn.Identity(), schedule=lambda step: 1 / (1 + step), lr=0.1)
+    guard = NonFiniteGuard(max_consecutive=1)
+    trainer = _fit(model, _loader(8), tmp_path, callbacks=[guard],
+                   plugins=[MixedPrecision("16-mixed", device="cpu", scaler=scaler)])
+    halvings = round(math.log2(init / scaler.get_scale()))
+    assert halvings > 0  # the test needs at least one overflow
+    assert guard.skipped_steps == halvings and guard.nonfinite_steps == 0
+    assert trainer.callback_metrics["nonfinite/skipped_steps"] == halvings
+    assert trainer.callback_metrics["precision/loss_scale"] == model.scales[-1]  # the scale the last step ran with
+    # A step was skipped iff the scaler backed off after it; the schedule advances on the others only.
+    scales = [*model.scales, scaler.get_scale()]
+    skipped = [after < before for before, after in zip(scales[:-1], scales[1:], strict=True)]
+    assert sum(skipped) == halvings and skipped[0]
+    expected = [0.1 / (1 + sum(not s for s in skipped[:i])) for i in range(len(skipped))]
+    assert model.lrs == pytest.approx(expected)
+
+
+def test_guard_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="max_consecutive"):
+        NonFiniteGuard(max_consecutive=0)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        NonFiniteGuard(on_nonfinite="ignore")

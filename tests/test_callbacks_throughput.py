@@ -1,0 +1,181 @@
+"""Throughput: exact numbers from a driven clock, on the Trainer-free meter and in real Lightning fits (CPU)."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from lightning_fabric.utilities.throughput import measure_flops
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hetrain.callbacks import throughput as tp
+from hetrain.callbacks.throughput import NA, NvmlEnergy, Throughput, ThroughputMeter, batch_size, peak_flops
+
+BATCH, LEN = 4, 6
+
+
+class Script:
+    """A clock that returns the given readings in order."""
+
+    def __init__(self, *readings):
+        self.readings = list(readings)
+
+    def __call__(self):
+        return self.readings.pop(0)
+
+
+class Tick:
+    """A clock that advances by ``step`` seconds each time it is read."""
+
+    def __init__(self, step=0.5):
+        self.now, self.step = 0.0, step
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
+
+
+def test_meter_numbers_are_exact():
+    # start=0 | warm-up batch 1..3 | waits 1, 2, 0 | steps 2, 4, 3
+    meter = ThroughputMeter(Script(0, 1, 3, 4, 6, 8, 12, 12, 15), window_size=3, available_flops=1e10)
+    meter.start()
+    meter.batch_start()
+    meter.batch_end(samples=BATCH, tokens=99)  # warm-up: left out of every number
+    meter.flops_per_batch = 6e9
+    for tokens in (10, 20, 30):
+        meter.batch_start()
+        meter.batch_end(samples=BATCH, tokens=tokens)
+    assert meter.time == 12 and meter.batches == 3 and meter.samples == 12 and meter.tokens == 60
+    summary = meter.summary()
+    assert summary["samples_per_s"] == 1.0
+    assert summary["tokens_per_s"] == 5.0
+    assert summary["data_wait_fraction"] == 0.25
+    assert summary["data_wait_ms_mean"] == 1000.0
+    # numpy's linear percentiles of (2, 4, 3) s
+    assert summary["step_time_ms"] == pytest.approx({"mean": 3000.0, "p50": 3000.0, "p90": 3800.0, "p99": 3980.0})
+    assert summary["mfu"] == pytest.approx(6e9 * 3 / 12 / 1e10)
+    # Lightning's rolling window over the three timed batches: cumulative time 3, 9, 12.
+    rolling = meter.compute()
+    assert rolling["device/samples_per_sec"] == pytest.approx(8 / 9)
+    assert rolling["device/batches_per_sec"] == pytest.approx(2 / 9)
+    assert rolling["device/items_per_sec"] == pytest.approx(50 / 9)
+    assert rolling["device/mfu"] == pytest.approx(2 * 6e9 / 9 / 1e10)
+    assert rolling["step_time_ms"] == 3000.0 and rolling["data_wait_ms"] == 0.0
+
+
+def test_meter_step_spans_its_micro_batches_and_leaves_out_time_before_a_restart():
+    meter = ThroughputMeter(Script(0, 1, 2, 3, 5, 100, 101, 102), warmup_batches=0)
+    meter.start()
+    meter.batch_start()
+    meter.batch_end(samples=2, step_done=False)  # first micro-batch: 1..2
+    meter.batch_start()
+    meter.batch_end(samples=2, step_done=True)  # second: 3..5; the step ran 1..5
+    meter.start()  # training resumes after e.g. validation, 5..100, which is not training time
+    meter.batch_start()
+    meter.batch_end(samples=2)
+    assert meter.step_times == [4, 1]
+    assert meter.data_waits == [1, 1, 1]
+    assert meter.time == 7  # waits 1 + 1 + 1, batches 1 + 2 + 1
+    assert meter.summary()["tokens_per_s"] == NA and meter.summary()["mfu"] == NA
+
+
+def test_batch_size_reads_labels_first_then_any_tensor():
+    assert batch_size({"input_ids": torch.zeros(3, 7), "labels": torch.zeros(5)}) == 5
+    assert batch_size((torch.zeros(2, 3), torch.zeros(2))) == 2
+    assert batch_size(torch.zeros(9, 1)) == 9
+    with pytest.raises(ValueError, match="no tensor"):
+        batch_size({"name": "x"})
+
+
+def test_peak_flops_is_measured_once_per_device_name_and_dtype(monkeypatch):
+    monkeypatch.setattr(tp, "_PEAK_FLOPS", {})
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, torch.float32, measure=False) is None  # Lightning's table has no CPUs
+    first = peak_flops(cpu, torch.float32)
+    assert first > 1e8  # any CPU that runs these tests does more than 0.1 GFLOP/s in a 1024^2 matmul
+    assert list(tp._PEAK_FLOPS) == [(tp.device_name(cpu), torch.float32)]
+    assert peak_flops(cpu, torch.float32) == first  # cached, not measured again
+
+
+def test_energy_is_unavailable_without_a_gpu():
+    assert NvmlEnergy([torch.device("cpu")]).joules() is None
+
+
+class Tagger(pl.LightningModule):
+    def __init__(self, clock: Tick | None = None):
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.head = nn.Linear(8, 3)
+        self.clock = clock
+
+    def training_step(self, batch, batch_idx):
+        h = self.embed(batch["input_ids"]) * batch["attention_mask"][..., None]
+        return F.cross_entropy(self.head(h.sum(1)), batch["labels"])
+
+    def validation_step(self, batch, batch_idx):
+        if self.clock is not None:
+            self.clock.now += 10.0  # validation takes 10 s, which must not count as training time
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _samples(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        mask = torch.arange(LEN) < 2 + i % (LEN - 1)  # 2..6 real tokens
+        out.append({"input_ids": torch.randint(1, 50, (LEN,), generator=g) * mask, "attention_mask": mask,
+                    "labels": torch.tensor(i % 3)})
+    return out
+
+
+def test_callback_in_a_fit_reports_exact_numbers_from_its_clock(tmp_path):
+    steps = 5
+    data = _samples(steps * BATCH)
+    loader = DataLoader(data, batch_size=BATCH)
+    clock = Tick(0.5)
+    callback = Throughput(clock=clock, peak_flops=1e9, window_size=2)
+    model = Tagger(clock)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, logger=CSVLogger(tmp_path),
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, val_check_interval=2, limit_val_batches=1, log_every_n_steps=1,
+                         callbacks=[callback])
+    trainer.fit(model, loader, DataLoader(data[:BATCH], batch_size=BATCH))
+    s = callback.summary
+    # Every read advances 0.5 s: each timed batch waits 0.5 s for data and runs 0.5 s; the two validations
+    # in between are left out, and the first batch is warm-up.
+    timed = steps - 1
+    tokens = sum(int(d["attention_mask"].sum()) for d in data[BATCH:])
+    assert s["batches_timed"] == timed
+    assert s["samples_per_s"] == BATCH  # one batch per second
+    assert s["tokens_per_s"] == tokens / timed
+    assert s["data_wait_fraction"] == 0.5 and s["data_wait_ms_mean"] == 500.0
+    assert s["step_time_ms"] == {"mean": 500.0, "p50": 500.0, "p90": 500.0, "p99": 500.0}
+    # FLOPs counted during the first batch equal Lightning's measure_flops of one forward and backward.
+    first = next(iter(DataLoader(data, batch_size=BATCH)))
+    fresh = Tagger()
+    expected_flops = measure_flops(fresh, lambda: fresh.training_step(first, 0), lambda loss: loss)
+    assert s["flops_per_batch"] == expected_flops > 0
+    assert s["mfu"] == pytest.approx(expected_flops / 1.0 / 1e9)  # one batch per second
+    assert s["peak_flops"] == 1e9 and s["energy_j_per_step"] == NA
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    header, *rows = [line.split(",") for line in logged.splitlines()]
+    column = header.index("throughput/step_time_ms")
+    assert {float(r[column]) for r in rows if r[column]} == {500.0}
+    assert "throughput/device/samples_per_sec" in header
+
+
+@pytest.mark.cuda
+def test_callback_on_a_gpu_times_real_work(tmp_path):
+    data = _samples(6 * BATCH)
+    callback = Throughput()
+    pl.Trainer(accelerator="gpu", devices=1, max_steps=6, logger=False, default_root_dir=tmp_path,
+               enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+               limit_val_batches=0, callbacks=[callback]).fit(Tagger(), DataLoader(data, batch_size=BATCH))
+    s = callback.summary
+    assert s["batches_timed"] == 5 and s["samples_per_s"] > 0 and s["step_time_ms"]["p50"] > 0
+    assert s["peak_flops"] > 1e12 and 0 < s["mfu"] < 1
+    assert s["energy_j_per_step"] == NA or s["energy_j_per_step"] > 0

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from op_testing import assert_close, non_contiguous, randn
 
+import hetrain
 from hetrain import plugins
 from hetrain.nn.bias_gelu import BiasGELU
 from hetrain.ops.bias_gelu import bias_gelu, bias_gelu_ref
@@ -190,3 +191,21 @@ def test_nn_bias_gelu_is_a_linear_with_a_fused_epilogue(has_bias):
     assert "approximate='none'" in repr(shared)
     with pytest.raises(ValueError, match="approximate must be"):
         BiasGELU.from_linear(linear, "fast")
+
+
+def test_patch_fuses_linear_gelu_runs_in_sequentials():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(20, 5),
+                                torch.nn.Linear(5, 5, bias=False), torch.nn.GELU())
+    x = torch.randn(4, 12, requires_grad=True)
+    before = model(x)
+    (g_before,) = torch.autograd.grad(before.sum(), x)
+    state = model.state_dict()
+    report = hetrain.nn.patch(model)
+    assert list(report.swapped) == ["0"] and isinstance(model[0], BiasGELU) and model[0].approximate == "tanh"
+    assert isinstance(model[1], torch.nn.Identity) and type(model[3]) is torch.nn.Linear
+    after = model(x)
+    (g_after,) = torch.autograd.grad(after.sum(), x)
+    torch.testing.assert_close(after, before)
+    torch.testing.assert_close(g_after, g_before)
+    assert model.state_dict().keys() == state.keys()

@@ -1,7 +1,9 @@
-"""``patch(model)``: swaps standard submodules for their fused twins in place, by a type table.
+"""``patch(model)``: swaps standard submodules for their fused twins in place.
 
-A table of ``torch type -> converter`` is all it takes because every fused module keeps the
-torch module's parameters and state_dict layout, so no forward needs rewriting.
+Single modules go by a table of ``torch type -> converter``; runs of modules inside an
+``nn.Sequential`` (Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d, Linear -> GELU) by
+``patch_sequences``. Every fused module keeps the torch modules' parameters and state_dict layout,
+so no forward needs rewriting and checkpoints load both ways.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hetrain.nn.layer_norm import LayerNorm
+from hetrain.nn.patch_sequences import swap_sequences
 from hetrain.nn.rms_norm import RMSNorm
 
 # Exact types only: a subclass of a torch layer may change its forward, so it is left alone.
@@ -41,6 +44,7 @@ class PatchReport:
 def patch(model: torch.nn.Module) -> PatchReport:
     """Replaces every matching submodule of ``model`` in place and reports what changed."""
     report = PatchReport()
+    report.swapped.update(swap_sequences(model))
     for path, module in list(model.named_modules()):
         convert = SWAPS.get(type(module))
         if convert is None or not path:

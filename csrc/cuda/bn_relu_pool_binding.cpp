@@ -1,0 +1,191 @@
+// Torch face of the CUDA BatchNorm -> ReLU -> MaxPool2d epilogue (bn_relu_pool_kernel.cu): input checks,
+// allocation, the device and stream, and registration for CUDA tensors under the schemas declared in
+// csrc/bn_relu_pool.cpp. Outputs match the CPU kernel: layouts follow x (channels_last stays
+// channels_last, anything else becomes contiguous NCHW); per-channel tensors are float32 (float64 for
+// float64 inputs). Built only against a CUDA build of torch.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <optional>
+#include <tuple>
+
+#include "bn_relu_pool_kernel.h"
+
+namespace hetrain {
+namespace bn_relu_pool {
+
+// Defined in csrc/bn_relu_pool.cpp, shared with the CPU kernel.
+at::ScalarType stats_dtype(at::ScalarType t);
+bool is_channels_last(const at::Tensor& x);
+void check_forward_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& mean,
+                        const std::optional<at::Tensor>& invstd, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, at::IntArrayRef kernel, at::IntArrayRef stride,
+                        at::IntArrayRef padding);
+void check_stats_args(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
+                      const std::optional<at::Tensor>& running_var, double eps);
+void check_backward_args(const at::Tensor& dy, const at::Tensor& argmax, const at::Tensor& x,
+                         const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& invstd,
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                         bool batch_stats, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding);
+
+namespace {
+
+// The kernel's element type for each torch scalar type (same bits, CUDA's own half types).
+template <typename scalar_t>
+struct kernel_type {
+  using type = scalar_t;
+};
+template <>
+struct kernel_type<at::Half> {
+  using type = __half;
+};
+template <>
+struct kernel_type<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+using kernel_t = typename kernel_type<scalar_t>::type;
+
+template <typename scalar_t>
+const kernel_t<scalar_t>* ptr(const at::Tensor& t) {
+  return reinterpret_cast<const kernel_t<scalar_t>*>(t.const_data_ptr<scalar_t>());
+}
+
+template <typename scalar_t>
+kernel_t<scalar_t>* mutable_ptr(at::Tensor& t) {
+  return reinterpret_cast<kernel_t<scalar_t>*>(t.data_ptr<scalar_t>());
+}
+
+template <typename acc_t>
+const acc_t* acc_ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+at::MemoryFormat layout(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+at::Tensor contiguous_or_empty(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+void check_cuda(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "hetrain.", op, ": x must be a CUDA tensor, got one on ", x.device());
+  const int64_t big = std::max(x.numel(), x.size(0) * x.size(1) * (x.size(2) + 2) * (x.size(3) + 2));
+  TORCH_CHECK(big < INT_MAX, "hetrain.", op, ": the CUDA kernel indexes in 32 bits; x of shape ", x.sizes(),
+              " is too large: split the batch");
+}
+
+Geometry geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                  bool channels_last) {
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0,
+             static_cast<int>(kernel[0]), static_cast<int>(kernel[1]), static_cast<int>(stride[0]),
+             static_cast<int>(stride[1]), static_cast<int>(padding[0]), static_cast<int>(padding[1]), channels_last};
+  g.OH = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
+  g.OW = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
+  return g;
+}
+
+int sm_count(const at::Tensor& x) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  return sms;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
+                                                 const std::optional<at::Tensor>& running_var, double momentum,
+                                                 double eps) {
+  check_stats_args(x, running_mean, running_var, eps);
+  check_cuda("bn_stats", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool cl = is_channels_last(x);
+  const at::Tensor xc = x.contiguous(layout(cl));
+  const Geometry g = geometry(x, {1, 1}, {1, 1}, {0, 0}, cl);
+  const auto sdt = x.options().dtype(stats_dtype(x.scalar_type()));
+  at::Tensor mean = at::empty({g.C}, sdt);
+  at::Tensor invstd = at::empty({g.C}, sdt);
+  const int64_t parts = reduce_parts(g, g.N * g.H * g.W, sm_count(x));
+  at::Tensor workspace = at::empty({stats_workspace(g, parts)}, sdt);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cuda", [&] {
+    using acc_t = acc_type<kernel_t<scalar_t>>;
+    C10_CUDA_CHECK(cuda_stats(ptr<scalar_t>(xc), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+                              running_mean ? running_mean->data_ptr<acc_t>() : nullptr,
+                              running_var ? running_var->data_ptr<acc_t>() : nullptr, momentum, eps,
+                              workspace.data_ptr<acc_t>(), parts, g, stream));
+  });
+  return {mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_pool_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mean,
+                                                         const std::optional<at::Tensor>& invstd,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         at::IntArrayRef kernel, at::IntArrayRef stride,
+                                                         at::IntArrayRef padding) {
+  check_forward_args("bn_relu_pool_fwd", x, mean, invstd, weight, bias, kernel, stride, padding);
+  check_cuda("bn_relu_pool_fwd", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool cl = is_channels_last(x);
+  const at::Tensor xc = x.contiguous(layout(cl));
+  const at::Tensor mc = contiguous_or_empty(mean), ic = contiguous_or_empty(invstd);
+  const at::Tensor wc = contiguous_or_empty(weight), bc = contiguous_or_empty(bias);
+  const Geometry g = geometry(x, kernel, stride, padding, cl);
+  at::Tensor y = at::empty({g.N, g.C, g.OH, g.OW}, x.options().memory_format(layout(cl)));
+  at::Tensor arg = at::empty({g.N, g.C, g.OH, g.OW}, x.options().dtype(at::kByte).memory_format(layout(cl)));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_pool_fwd_cuda", [&] {
+    using acc_t = acc_type<kernel_t<scalar_t>>;
+    C10_CUDA_CHECK(cuda_forward(ptr<scalar_t>(xc), acc_ptr<acc_t>(mc), acc_ptr<acc_t>(ic), acc_ptr<acc_t>(wc),
+                                acc_ptr<acc_t>(bc), mutable_ptr<scalar_t>(y), arg.data_ptr<uint8_t>(), g, stream));
+  });
+  return {y, arg};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_bwd_cuda(
+    const at::Tensor& dy, const at::Tensor& argmax, const at::Tensor& x, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool batch_stats, at::IntArrayRef kernel, at::IntArrayRef stride,
+    at::IntArrayRef padding) {
+  check_backward_args(dy, argmax, x, mean, invstd, weight, bias, batch_stats, kernel, stride, padding);
+  check_cuda("bn_relu_pool_bwd", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool cl = is_channels_last(x);
+  const at::Tensor xc = x.contiguous(layout(cl)), dyc = dy.contiguous(layout(cl)), ac = argmax.contiguous(layout(cl));
+  const at::Tensor mc = contiguous_or_empty(mean), ic = contiguous_or_empty(invstd);
+  const at::Tensor wc = contiguous_or_empty(weight), bc = contiguous_or_empty(bias);
+  const Geometry g = geometry(x, kernel, stride, padding, cl);
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(layout(cl)));
+  const auto sdt = x.options().dtype(stats_dtype(x.scalar_type()));
+  at::Tensor dw = at::empty({weight ? g.C : 0}, sdt);
+  at::Tensor db = at::empty({bias ? g.C : 0}, sdt);
+  const int64_t parts = reduce_parts(g, g.N * g.OH * g.OW, sm_count(x));
+  at::Tensor workspace = at::empty({backward_workspace(g, parts)}, sdt);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_pool_bwd_cuda", [&] {
+    using acc_t = acc_type<kernel_t<scalar_t>>;
+    C10_CUDA_CHECK(cuda_backward(ptr<scalar_t>(dyc), ac.const_data_ptr<uint8_t>(), ptr<scalar_t>(xc),
+                                 acc_ptr<acc_t>(mc), acc_ptr<acc_t>(ic), acc_ptr<acc_t>(wc), acc_ptr<acc_t>(bc),
+                                 batch_stats, mutable_ptr<scalar_t>(dx), weight ? dw.data_ptr<acc_t>() : nullptr,
+                                 bias ? db.data_ptr<acc_t>() : nullptr, workspace.data_ptr<acc_t>(), parts, g,
+                                 stream));
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace bn_relu_pool
+
+TORCH_LIBRARY_IMPL(hetrain_C, CUDA, m) {
+  m.impl("bn_stats", &bn_relu_pool::bn_stats_cuda);
+  m.impl("bn_relu_pool_fwd", &bn_relu_pool::bn_relu_pool_fwd_cuda);
+  m.impl("bn_relu_pool_bwd", &bn_relu_pool::bn_relu_pool_bwd_cuda);
+}
+
+}  // namespace hetrain

@@ -1,0 +1,386 @@
+"""Conv -> BatchNorm -> ReLU -> MaxPool epilogue: backends vs torch, compile, opcheck, errors, nn, patching."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from op_testing import assert_close, randn
+
+from hetrain import plugins
+from hetrain.nn.conv_bn_relu_pool import ConvBNReLUPool2d, ConvReLUPool2d
+from hetrain.nn.patch_sequences import swap_sequences
+from hetrain.ops.conv_bn_relu_pool import (
+    bn_relu_pool,
+    bn_relu_pool_ref,
+    conv_bn_relu_pool,
+    conv_relu_pool,
+    relu_pool,
+    relu_pool_ref,
+)
+
+BACKENDS = ["cpu", "torch"]
+# (x shape, (kernel, stride, padding)): odd sizes and channel counts, the ResNet stem pool, overlapping windows.
+CASES = [((2, 3, 7, 9), (2, 2, 0)), ((1, 5, 13, 13), (3, 2, 1)), ((3, 4, 6, 5), (3, 1, 1)), ((2, 5, 9, 7), (2, 1, 0))]
+
+
+def layout(x, channels_last):
+    x = x.detach().contiguous(memory_format=torch.channels_last) if channels_last else x.detach().contiguous()
+    return x.requires_grad_()
+
+
+def bn_params(c, dtype=torch.float32, seed=10):
+    w = randn(c, dtype=dtype, seed=seed, shift=1.0, requires_grad=True)
+    b = randn(c, dtype=dtype, seed=seed + 1, requires_grad=True)
+    rm = randn(c, dtype=dtype, seed=seed + 2, scale=0.3)
+    rv = randn(c, dtype=dtype, seed=seed + 3).abs() + 0.5
+    return w, b, rm, rv
+
+
+def grads_of(y, inputs, dy):
+    return torch.autograd.grad(y, inputs, dy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("shape", "pool"), CASES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_epilogue_matches_float64_reference(backend, dtype, shape, pool, training, channels_last):
+    k, s, p = pool
+    x = layout(randn(*shape, dtype=dtype, seed=1, scale=2.0, shift=0.5), channels_last)
+    w, b, rm, rv = bn_params(shape[1], dtype)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    with plugins.use_backend(bn_relu_pool=backend):
+        y = bn_relu_pool(x, w, b, rm, rv, training, 0.1, 1e-5, k, s, p)
+        dy = randn(*y.shape, dtype=dtype, seed=7)
+        grads = grads_of(y, (x, w, b), dy)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y_ref = bn_relu_pool_ref(x64, w64, b64, rm_ref, rv_ref, training, 0.1, 1e-5, k, s, p)
+    grads_ref = grads_of(y_ref, (x64, w64, b64), dy.double())
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last or y.is_contiguous()
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(rm, rm_ref, dtype, "running_mean")
+    assert_close(rv, rv_ref, dtype, "running_var")
+    for name, g, g_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref, strict=True):
+        scale = max(1.0, g_ref.abs().max().item())  # sums over the batch: relative to their largest entry
+        assert_close(g / scale, g_ref / scale, dtype, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bfloat16_matches_torch_in_bfloat16(backend, channels_last):
+    # Same dtype on both sides, so both round the normalised values alike and break ties alike.
+    x = layout(randn(2, 5, 9, 11, dtype=torch.bfloat16, seed=3, scale=2.0, shift=0.3), channels_last)
+    w, b, rm, rv = bn_params(5, torch.float32)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    with plugins.use_backend(bn_relu_pool=backend):
+        y = bn_relu_pool(x, w, b, rm, rv, True, 0.1, 1e-5, 3, 2, 1)
+    dy = randn(*y.shape, dtype=torch.bfloat16, seed=4)
+    grads = grads_of(y, (x, w, b), dy)
+    y_ref = bn_relu_pool_ref(x, w, b, rm_ref, rv_ref, True, 0.1, 1e-5, 3, 2, 1)
+    grads_ref = grads_of(y_ref, (x, w, b), dy)
+    assert y.dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    assert_close(y, y_ref, torch.bfloat16, "y")
+    assert_close(rm, rm_ref, torch.float32, "running_mean")
+    assert_close(rv, rv_ref, torch.float32, "running_var")
+    for name, g, g_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref, strict=True):
+        scale = max(1.0, g_ref.abs().max().item())
+        assert_close(g / scale, g_ref / scale, torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_whole_block_gradients_match_torch(dtype, channels_last):
+    x = layout(randn(2, 3, 12, 11, dtype=dtype, seed=5), channels_last)
+    cw = randn(6, 3, 3, 3, dtype=dtype, seed=6, scale=0.3, requires_grad=True)
+    cb = randn(6, dtype=dtype, seed=7, requires_grad=True)
+    w, b, rm, rv = bn_params(6, dtype)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y = conv_bn_relu_pool(x, cw, cb, w, b, rm, rv, True, conv_padding=1, kernel_size=3, stride=2, padding=1)
+    dy = randn(*y.shape, dtype=dtype, seed=8)
+    grads = grads_of(y, (x, cw, cb, w, b), dy)
+    conv = F.conv2d(x, cw, cb, padding=1)
+    y_ref = bn_relu_pool_ref(conv, w, b, rm_ref, rv_ref, True, 0.1, 1e-5, 3, 2, 1)
+    grads_ref = grads_of(y_ref, (x, cw, cb, w, b), dy)
+    assert_close(y, y_ref, dtype, "y")
+    for name, g, g_ref in zip(("dinput", "dconv_w", "dconv_b", "dbn_w", "dbn_b"), grads, grads_ref, strict=True):
+        scale = max(1.0, g_ref.abs().max().item())
+        assert_close(g / scale, g_ref / scale, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_ties_route_the_gradient_as_torch_does(backend, training):
+    # Small integers: many equal values per window, positive and zero, so argmax tie-breaking shows.
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(-2, 3, (2, 3, 8, 8), generator=g).double().requires_grad_()
+    w, b = torch.ones(3, dtype=torch.float64, requires_grad=True), torch.zeros(3, dtype=torch.float64,
+                                                                               requires_grad=True)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    dy = randn(2, 3, 4, 4, dtype=torch.float64, seed=12)
+    with plugins.use_backend(bn_relu_pool=backend):
+        grads = grads_of(bn_relu_pool(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, 2), (x, w, b), dy)
+    grads_ref = grads_of(bn_relu_pool_ref(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, 2), (x, w, b), dy)
+    for g_ours, g_ref in zip(grads, grads_ref, strict=True):
+        assert_close(g_ours, g_ref, torch.float64, "grad with ties")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu_pool_and_conv_relu_pool(backend):
+    x = randn(2, 5, 13, 13, seed=1, requires_grad=True)
+    cw = randn(4, 5, 3, 3, seed=2, scale=0.3, requires_grad=True)
+    with plugins.use_backend(bn_relu_pool=backend):
+        y = relu_pool(x, 3, 2, 1)
+        z = conv_relu_pool(x, cw, None, conv_padding=1, kernel_size=2)
+    assert_close(y, relu_pool_ref(x, 3, 2, 1), torch.float32, "relu_pool")
+    dy = randn(*y.shape, seed=3)
+    assert_close(grads_of(y, x, dy)[0], grads_of(relu_pool_ref(x, 3, 2, 1), x, dy)[0], torch.float32, "dx")
+    z_ref = relu_pool_ref(F.conv2d(x, cw, padding=1), 2)
+    dz = randn(*z.shape, seed=4)
+    for g, g_ref in zip(grads_of(z, (x, cw), dz), grads_of(z_ref, (x, cw), dz), strict=True):
+        assert_close(g, g_ref, torch.float32, "conv_relu_pool grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input_and_batch_of_one(backend):
+    wide = randn(1, 4, 9, 22, dtype=torch.float64, seed=2, shift=0.2)
+    x = wide[..., ::2].requires_grad_()  # (1, 4, 9, 11), neither NCHW- nor channels_last-contiguous
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    w, b, rm, rv = bn_params(4, torch.float64)
+    with plugins.use_backend(bn_relu_pool=backend):
+        y = bn_relu_pool(x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5, 2)
+        dy = randn(*y.shape, dtype=torch.float64, seed=3).transpose(2, 3).contiguous().transpose(2, 3)
+        grads = grads_of(y, (x, w, b), dy)
+    y_ref = bn_relu_pool_ref(x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5, 2)
+    grads_ref = grads_of(y_ref, (x, w, b), dy)
+    assert_close(y, y_ref, torch.float64, "y")
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert_close(g, g_ref, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_size_batch(backend):
+    x = torch.empty(0, 3, 8, 8, requires_grad=True)
+    w, b, rm, rv = bn_params(3)
+    rm0, rv0 = rm.clone(), rv.clone()
+    with plugins.use_backend(bn_relu_pool=backend):
+        y = bn_relu_pool(x, w, b, rm, rv, True, 0.1, 1e-5, 2)
+        dx, dw, db = grads_of(y, (x, w, b), torch.empty(0, 3, 4, 4))
+    assert y.shape == (0, 3, 4, 4) and dx.shape == x.shape
+    assert torch.equal(dw, torch.zeros(3)) and torch.equal(db, torch.zeros(3))
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)  # as torch: no update from an empty batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck(backend, training):
+    x = randn(2, 3, 5, 6, dtype=torch.float64, seed=8, shift=0.3, requires_grad=True)
+    w, b, rm, rv = bn_params(3, torch.float64)
+
+    def fn(x, w, b):
+        return bn_relu_pool(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, 3, 2, 1)
+
+    with plugins.use_backend(bn_relu_pool=backend):
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert torch.autograd.gradcheck(lambda x: relu_pool(x, 2, 1), (x,))
+
+
+def test_custom_ops_pass_opcheck():
+    x = randn(2, 4, 7, 6, seed=1, shift=0.5)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    w, b, rm, rv = (t.detach() for t in bn_params(4))
+    for inp in (x, xl):
+        torch.library.opcheck(torch.ops.hetrain.bn_stats.default, (inp, rm.clone(), rv.clone(), 0.1, 1e-5))
+        torch.library.opcheck(torch.ops.hetrain.bn_stats.default, (inp, None, None, 0.1, 1e-5))
+        mean, invstd = torch.ops.hetrain.bn_stats(inp, None, None, 0.1, 1e-5)
+        args = (inp.clone().requires_grad_(), mean, invstd, w.clone().requires_grad_(), b, True, [3, 3], [2, 2], [1, 1])
+        torch.library.opcheck(torch.ops.hetrain.bn_relu_pool_fwd.default, args)
+        torch.library.opcheck(torch.ops.hetrain.bn_relu_pool_fwd.default,
+                              (inp, None, None, None, None, False, [2, 2], [2, 2], [0, 0]))
+        y, arg = torch.ops.hetrain.bn_relu_pool_fwd(inp, mean, invstd, w, b, True, [3, 3], [2, 2], [1, 1])
+        torch.library.opcheck(torch.ops.hetrain.bn_relu_pool_bwd.default,
+                              (randn(*y.shape, seed=2), arg, inp, mean, invstd, w, b, True, [3, 3], [2, 2], [1, 1]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_torch_compile_fullgraph_updates_running_stats(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = ConvBNReLUPool2d(3, 4, 3, padding=1, pool_kernel_size=3, pool_stride=2, pool_padding=1)
+    eager = copy.deepcopy(block)
+    x = randn(2, 3, 9, 9, seed=1, requires_grad=True)
+    with plugins.use_backend(bn_relu_pool=backend):
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        y = compiled(x)
+        grads = grads_of(y.sum(), (x, block[0].weight, block[1].weight), None)
+    y_ref = bn_relu_pool_ref(eager[0](x), eager[1].weight, eager[1].bias, eager[1].running_mean,
+                             eager[1].running_var, True, 0.1, 1e-5, 3, 2, 1)
+    grads_ref = grads_of(y_ref.sum(), (x, eager[0].weight, eager[1].weight), None)
+    assert_close(y, y_ref, torch.float32, "compiled y")
+    assert_close(block[1].running_mean, eager[1].running_mean, torch.float32, "compiled running_mean")
+    assert_close(block[1].running_var, eager[1].running_var, torch.float32, "compiled running_var")
+    assert int(block[1].num_batches_tracked) == 1
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert_close(g, g_ref, torch.float32, "compiled grad")
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = randn(2, 4, 6, 6)
+    w, b, rm, rv = (t.detach() for t in bn_params(4))
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
+        bn_relu_pool(x, randn(3), b, rm, rv, True)
+    with pytest.raises(ValueError, match=r"running_var must have shape \(4,\)"):
+        bn_relu_pool(x, w, b, rm, randn(5).abs(), False)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        bn_relu_pool(x, w, b, rm, rv, True, kernel_size=7)
+    with pytest.raises(ValueError, match="at most half the kernel"):
+        relu_pool(x, 2, 2, 2)
+    with pytest.raises(ValueError, match="more than 256 positions"):
+        relu_pool(randn(1, 1, 20, 20), 17)
+    with pytest.raises(ValueError, match="4-D"):
+        relu_pool(randn(4, 6, 6))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn_relu_pool(randn(1, 4, 1, 1), w, b, rm, rv, True, kernel_size=1)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        bn_relu_pool(x, w, b, rm, rv, True, eps=0.0)
+    with pytest.raises(ValueError, match="running_mean and running_var; none given"):
+        bn_relu_pool(x, w, b, None, None, False)
+    with pytest.raises(RuntimeError, match="mean must be Float for Float inputs"):
+        torch.ops.hetrain_C.bn_relu_pool_fwd(x, rm.double(), rv, None, None, [2, 2], [2, 2], [0, 0])
+    with pytest.raises(RuntimeError, match=r"mean must have shape \(4,\)"):
+        torch.ops.hetrain_C.bn_relu_pool_fwd(x, randn(3), randn(3), None, None, [2, 2], [2, 2], [0, 0])
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        torch.ops.hetrain_C.bn_relu_pool_fwd(x, None, None, None, None, [7, 7], [1, 1], [0, 0])
+    with pytest.raises(RuntimeError, match="argmax must be uint8"):
+        torch.ops.hetrain_C.bn_relu_pool_bwd(randn(2, 4, 3, 3), torch.zeros(2, 4, 3, 3), x, None, None, None, None,
+                                             False, [2, 2], [2, 2], [0, 0])
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        torch.ops.hetrain_C.bn_stats(randn(1, 4, 1, 1), None, None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="BatchNorm2d has 5 features"):
+        ConvBNReLUPool2d.from_modules(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(5), torch.nn.ReLU(),
+                                      torch.nn.MaxPool2d(2))
+
+
+def torch_block(conv_bias=False):
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1, bias=conv_bias), torch.nn.BatchNorm2d(5),
+                              torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1))
+    with torch.no_grad():
+        seq[1].weight.normal_()
+        seq[1].bias.normal_()
+        seq[1].running_mean.normal_()
+        seq[1].running_var.uniform_(0.5, 2.0)
+    return seq
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_state_dict_and_modes_match_torch_sequential(momentum):
+    ref = torch_block(conv_bias=True)
+    ref[1].momentum = momentum
+    fused = ConvBNReLUPool2d(3, 5, 3, padding=1, bias=True, momentum=momentum, pool_kernel_size=3, pool_stride=2,
+                             pool_padding=1)
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    fused.load_state_dict(ref.state_dict())
+    x = randn(2, 3, 10, 9, seed=4).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):  # two training steps: momentum None is a cumulative average over them
+        assert_close(fused(x), ref(x), torch.float32, "train")
+    for key, value in ref.state_dict().items():
+        assert_close(fused.state_dict()[key], value, torch.float32, key)
+    fused.eval()
+    ref.eval()
+    assert_close(fused(x), ref(x), torch.float32, "eval")
+    back = torch_block()
+    back[0].bias = torch.nn.Parameter(torch.zeros(5))
+    back.load_state_dict(fused.state_dict())  # and into the torch Sequential
+    back.eval()
+    assert_close(back(x), fused(x), torch.float32, "round trip")
+    assert isinstance(fused[1:], torch.nn.Sequential) and not isinstance(fused[1:], ConvBNReLUPool2d)
+
+
+def test_from_modules_shares_parameters_and_buffers():
+    seq = torch_block()
+    fused = ConvBNReLUPool2d.from_modules(*seq)
+    assert fused[0].weight is seq[0].weight and fused[1].running_mean is seq[1].running_mean
+    fused(randn(2, 3, 8, 8, seed=1))
+    assert int(seq[1].num_batches_tracked) == 1
+    untracked = ConvBNReLUPool2d(3, 5, 3, track_running_stats=False, affine=False)
+    y = untracked.eval()(randn(2, 3, 8, 8, seed=2))  # no running stats: batch statistics even in eval
+    assert_close(y, bn_relu_pool_ref(F.conv2d(randn(2, 3, 8, 8, seed=2), untracked[0].weight, untracked[0].bias),
+                                     None, None, None, None, True, 0.1, 1e-5, 2), torch.float32, "untracked")
+    relu_block = ConvReLUPool2d.from_modules(seq[0], torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+    assert relu_block.state_dict().keys() == {"0.weight"}
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(3, 2, 1),  # stem
+        nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)),  # kept
+        nn.Flatten(), nn.Linear(6, 3),
+    )
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.normal_()
+                m.bias.normal_()
+    return model
+
+
+def test_swap_sequences_keeps_outputs_grads_and_state_dict():
+    model = small_cnn()
+    original = copy.deepcopy(model)
+    report = swap_sequences(model)
+    assert set(report) == {"0", "4.0"}
+    assert report["0"] == "Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d -> hetrain.nn.ConvBNReLUPool2d"
+    assert isinstance(model[0], ConvBNReLUPool2d) and isinstance(model[1], torch.nn.Identity)
+    assert isinstance(model[4][0], ConvReLUPool2d) and type(model[5][0]) is torch.nn.Conv2d
+    assert model.state_dict().keys() == original.state_dict().keys()
+    x = randn(2, 3, 9, 9, seed=5).contiguous(memory_format=torch.channels_last)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        getattr(original, mode)()
+        y, y_ref = model(x), original(x)
+        assert_close(y, y_ref, torch.float32, f"{mode} output")
+        params = [p for _, p in sorted(model.named_parameters())]
+        params_ref = [p for _, p in sorted(original.named_parameters())]
+        for g, g_ref in zip(grads_of(y.sum(), params, None), grads_of(y_ref.sum(), params_ref, None), strict=True):
+            assert_close(g, g_ref, torch.float32, f"{mode} grad")
+    for key, value in original.state_dict().items():
+        assert_close(model.state_dict()[key], value, torch.float32, key)
+    fresh = small_cnn()
+    fresh.load_state_dict(model.state_dict())  # patched -> unpatched
+    repatched = small_cnn()
+    swap_sequences(repatched)
+    repatched.load_state_dict(original.state_dict())  # unpatched -> patched
+    repatched.load_state_dict(repatched.state_dict())  # patched -> patched
+    assert_close(repatched[0][1].running_var, original[1].running_var, torch.float32, "loaded running_var")
+    assert swap_sequences(model) == {}
+    assert swap_sequences(copy.deepcopy(model)) == {} and copy.deepcopy(model).state_dict().keys() == \
+        original.state_dict().keys()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "pool"), CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_matches_torch(dtype, shape, pool, channels_last):
+    k, s, p = pool
+    x = layout(randn(*shape, dtype=dtype, seed=1, scale=2.0, shift=0.5).cuda(), channels_last)
+    w, b, rm, rv = (t.detach().cuda().requires_grad_(t.requires_grad) for t in bn_params(shape[1]))
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    with plugins.use_backend(bn_relu_pool="cuda"):
+        y = bn_relu_pool(x, w, b, rm, rv, True, 0.1, 1e-5, k, s, p)
+    dy = randn(*y.shape, dtype=dtype, seed=7).cuda()
+    grads = grads_of(y, (x, w, b), dy)
+    with plugins.use_backend(bn_relu_pool="torch"):  # same dtype and tie rule, computed by torch
+        y_ref = bn_relu_pool(x, w, b, rm_ref, rv_ref, True, 0.1, 1e-5, k, s, p)
+    grads_ref = grads_of(y_ref, (x, w, b), dy)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(rm, rm_ref, torch.float32, "running_mean")
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        scale = max(1.0, g_ref.abs().max().item())
+        assert_close(g / scale, g_ref / scale, dtype, "grad")

@@ -1,7 +1,7 @@
 """CPU benchmark of every fused op's C++ path against torch eager and torch.compile, side by side.
 
 Run: ``make bench-cpu`` (or ``python -m benchmarks.bench_cpu``). Writes
-``benchmarks/results/<date>-cpu.json`` and regenerates the CPU section of ``benchmarks/RESULTS.md``.
+``benchmarks/results/<date>-ops-cpu.json`` and regenerates the CPU section of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(quick=args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{result['date']}-cpu.json"
+    path = args.out / f"{result['date']}-ops-cpu.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path}")
     if not args.quick:

@@ -40,7 +40,7 @@ def latest(results_dir: Path, suffix: str) -> dict | None:
 
 def write_results_md(results_dir: Path) -> None:
     """Replaces the CPU section of RESULTS.md with the newest CPU result, keeping everything else."""
-    result = latest(results_dir, "cpu")
+    result = latest(results_dir, "ops-cpu")
     if result is None:
         return
     section = f"{CPU_BEGIN}\n{cpu_table(result)}\n{CPU_END}"

@@ -54,62 +54,62 @@ void forward_rows(const scalar_t* x, const scalar_t* w, const scalar_t* b, scala
   });
 }
 
+// Two passes over each row, both vectorised: the row sums, then dx and this chunk's dw/db partials,
+// recomputing xhat instead of storing it (a row is in L1, a store is not free).
+template <typename scalar_t, bool HAS_W>
+void backward_chunk(const scalar_t* dy, const scalar_t* x, const scalar_t* w, const acc_type<scalar_t>* mean,
+                    const acc_type<scalar_t>* rstd, scalar_t* dx, acc_type<scalar_t>* pw, acc_type<scalar_t>* pb,
+                    int64_t r0, int64_t r1, int64_t N) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* xr = x + r * N;
+    const scalar_t* dyr = dy + r * N;
+    scalar_t* dxr = dx + r * N;
+    const acc_t mu = mean[r], rs = rstd[r];
+    acc_t sum_g = 0, sum_gx = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+    for (int64_t j = 0; j < N; ++j) {
+      const acc_t g = HAS_W ? acc_t(dyr[j]) * acc_t(w[j]) : acc_t(dyr[j]);
+      sum_g += g;
+      sum_gx += g * ((acc_t(xr[j]) - mu) * rs);
+    }
+    const acc_t mg = sum_g / acc_t(N), mgx = sum_gx / acc_t(N);
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) {
+      const acc_t d = acc_t(dyr[j]);
+      const acc_t xh = (acc_t(xr[j]) - mu) * rs;
+      const acc_t g = HAS_W ? d * acc_t(w[j]) : d;
+      dxr[j] = scalar_t(layer_norm::input_grad<acc_t>(g, xh, rs, mg, mgx));
+      pw[j] += d * xh;
+      pb[j] += d;
+    }
+  }
+}
+
 template <typename scalar_t>
 void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, const acc_type<scalar_t>* mean,
                    const acc_type<scalar_t>* rstd, scalar_t* dx, scalar_t* dw, scalar_t* db, int64_t M,
                    int64_t N) {
   using acc_t = acc_type<scalar_t>;
-  // One partial dw/db row per chunk of rows, summed at the end.
+  // One partial dw/db row per chunk of rows, summed at the end: no shared accumulator.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
-  const bool want_w = dw != nullptr, want_b = db != nullptr;
-  std::vector<acc_t> part_w(want_w ? chunks * N : 0, acc_t(0)), part_b(want_b ? chunks * N : 0, acc_t(0));
+  std::vector<acc_t> part_w(chunks * N, acc_t(0)), part_b(chunks * N, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> g(N), xhat(N);  // once per task, not per row
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = M * c / chunks, r1 = M * (c + 1) / chunks;
-      acc_t* pw = want_w ? part_w.data() + c * N : nullptr;
-      acc_t* pb = want_b ? part_b.data() + c * N : nullptr;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* xr = x + r * N;
-        const scalar_t* dyr = dy + r * N;
-        scalar_t* dxr = dx + r * N;
-        const acc_t mu = mean[r], rs = rstd[r];
-        acc_t sum_g = 0, sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-        for (int64_t j = 0; j < N; ++j) {
-          const acc_t d = acc_t(dyr[j]);
-          const acc_t xh = (acc_t(xr[j]) - mu) * rs;
-          const acc_t gj = w ? d * acc_t(w[j]) : d;
-          xhat[j] = xh;
-          g[j] = gj;
-          sum_g += gj;
-          sum_gx += gj * xh;
-        }
-        const acc_t mg = sum_g / acc_t(N), mgx = sum_gx / acc_t(N);
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) {
-          dxr[j] = scalar_t(layer_norm::input_grad<acc_t>(g[j], xhat[j], rs, mg, mgx));
-        }
-        if (pw) {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) pw[j] += acc_t(dyr[j]) * xhat[j];
-        }
-        if (pb) {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) pb[j] += acc_t(dyr[j]);
-        }
-      }
+      auto* chunk = w ? &backward_chunk<scalar_t, true> : &backward_chunk<scalar_t, false>;
+      chunk(dy, x, w, mean, rstd, dx, part_w.data() + c * N, part_b.data() + c * N, r0, r1, N);
     }
   });
   at::parallel_for(0, N, 256, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       acc_t sw = 0, sb = 0;
       for (int64_t c = 0; c < chunks; ++c) {
-        if (want_w) sw += part_w[c * N + j];
-        if (want_b) sb += part_b[c * N + j];
+        sw += part_w[c * N + j];
+        sb += part_b[c * N + j];
       }
-      if (want_w) dw[j] = scalar_t(sw);
-      if (want_b) db[j] = scalar_t(sb);
+      if (dw) dw[j] = scalar_t(sw);
+      if (db) db[j] = scalar_t(sb);
     }
   });
 }

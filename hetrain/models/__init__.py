@@ -1,0 +1,6 @@
+"""Reference models built from hetrain.nn, written for one device, and the LightningModules training them."""
+
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
+
+__all__ = ["BertClassifier", "ClassificationTask"]

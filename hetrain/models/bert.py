@@ -1,0 +1,130 @@
+"""A BERT encoder for sequence classification, built from hetrain.nn modules.
+
+The model is written for one device; :meth:`BertClassifier.stages` names the pieces a placement
+may put on different devices (``embeddings``, ``encoder.<i>``, ``classifier``), in forward order.
+Defaults give the BERT-tiny shape (2 layers, hidden 128, 4 heads).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetrain.nn import LayerNorm
+
+
+class Embeddings(nn.Module):
+    """Token + learned position embeddings, normalised: (B, T) ids -> (B, T, H)."""
+
+    def __init__(self, vocab_size: int, hidden: int, max_len: int, dropout: float, pad_id: int = 0) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, hidden, padding_idx=pad_id)
+        self.positions = nn.Embedding(max_len, hidden)
+        self.norm = LayerNorm(hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.dropout(self.norm(self.tokens(input_ids) + self.positions(positions)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``; padded keys are masked out."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hetrain: hidden={hidden} is not divisible by heads={heads}")
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.heads, h // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, T, head_dim)
+        keep = attention_mask[:, None, None, :]  # (B, 1, 1, T): True where the key is a real token
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)  # like q
+        return self.out(y.transpose(1, 2).reshape(b, t, h))
+
+
+class EncoderBlock(nn.Module):
+    """Post-norm transformer block as in BERT: attention, then a GELU MLP, each with a residual."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.attention = SelfAttention(hidden, heads, dropout)
+        self.norm1 = LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden))
+        self.norm2 = LayerNorm(hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.attention(x, attention_mask)))
+        return self.norm2(x + self.dropout(self.mlp(x)))
+
+
+class Classifier(nn.Module):
+    """Pooler (dense + tanh) and a linear head over the mean of the real tokens: (B, T, H) -> (B, C).
+
+    BERT pools the [CLS] position instead; the masked mean learns the synthetic task in a fraction of
+    the steps (a [CLS] head first has to learn where to attend), and padding never reaches it.
+    """
+
+    def __init__(self, hidden: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.pooler = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        keep = attention_mask[..., None].to(x.dtype)  # (B, T, 1)
+        mean = (x * keep).sum(1) / keep.sum(1)  # (B, H)
+        return self.head(self.dropout(torch.tanh(self.pooler(mean))))
+
+
+class BertClassifier(nn.Module):
+    """Encoder-only transformer that classifies a whole sequence."""
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        num_classes: int = 4,
+        hidden: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        ffn: int | None = None,
+        max_len: int = 512,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.embeddings = Embeddings(vocab_size, hidden, max_len, dropout)
+        ffn = ffn or 4 * hidden
+        self.encoder = nn.ModuleList(EncoderBlock(hidden, heads, ffn, dropout) for _ in range(layers))
+        self.classifier = Classifier(hidden, num_classes, dropout)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # BERT's initialisation: N(0, 0.02) weights and zero biases; norms keep torch's ones/zeros.
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            nn.init.zeros_(module.weight[module.padding_idx])
+
+    def stages(self) -> dict[str, nn.Module]:
+        """The pieces a placement may put on different devices, by module path, in forward order."""
+        blocks = {f"encoder.{i}": block for i, block in enumerate(self.encoder)}
+        return {"embeddings": self.embeddings, **blocks, "classifier": self.classifier}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids and (B, T) bool mask (True on real tokens) -> (B, num_classes) logits."""
+        x = self.embeddings(input_ids)
+        for block in self.encoder:
+            x = block(x, attention_mask)
+        return self.classifier(x, attention_mask)

@@ -1,0 +1,92 @@
+"""Sequence classification as a LightningModule, for any model with ``stages()`` and (ids, mask) -> logits."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+# Lightning warns whenever a LightningModule trained with a LightningDataModule overrides
+# transfer_batch_to_device; here that is intended (see ClassificationTask.transfer_batch_to_device).
+warnings.filterwarnings(
+    "ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`"
+)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class ClassificationTask(pl.LightningModule):
+    """Cross-entropy training with AdamW; validation loss and accuracy as ``val/loss`` and ``val/acc``.
+
+    Batches are dicts of ``input_ids`` and ``attention_mask`` (B, T) and ``labels`` (B,).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes)
+
+    def stages(self) -> dict[str, nn.Module]:
+        return self.model.stages()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask)
+
+    def transfer_batch_to_device(self, batch: dict[str, torch.Tensor], device: torch.device,
+                                 dataloader_idx: int) -> dict[str, torch.Tensor]:
+        # Lightning would copy the batch to its root device; inputs go straight to the first stage's
+        # device and labels to the last stage's, so no batch tensor crosses devices twice. The batch
+        # comes from host memory, so the copies may be asynchronous.
+        stages = list(self.stages().values())
+        inputs, outputs = _device_of(stages[0]), _device_of(stages[-1])
+        return {
+            "input_ids": batch["input_ids"].to(inputs, non_blocking=True),
+            "attention_mask": batch["attention_mask"].to(inputs, non_blocking=True),
+            "labels": batch["labels"].to(outputs, non_blocking=True),
+        }
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(logits, batch["labels"]), logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def on_validation_start(self) -> None:
+        # The metric's state lives where the logits come out, which a placement may have moved.
+        self.val_acc.to(_device_of(list(self.stages().values())[-1]))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, logits = self._loss(batch)
+        self.val_acc(logits, batch["labels"])
+        n = len(batch["labels"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=n)
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=n)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # No weight decay on biases and norm scales, as in BERT.
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        # The fused kernel is the fastest AdamW on CUDA; stages a placement later moves to the CPU
+        # are served by its CPU version, since the fused step groups parameters by device.
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), fused=fused)

@@ -1,0 +1,228 @@
+"""Summaries a person reads after a run or a sweep.
+
+A run writes ``summary.json`` and ``summary.md`` into its run directory: steps, samples/s, peak
+memory (resident set of the process; allocated memory of each GPU), validation metrics and the
+device of each stage. A sweep writes ``summary.csv`` and ``summary.md`` into its multirun
+directory: one row per job, failed jobs with their error and log file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+SWEEP_CSV = "summary.csv"
+
+
+def _gpus(pl_module: pl.LightningModule) -> list[torch.device]:
+    """The GPUs the stages live on; the others are left alone (touching one would create a context)."""
+    devices = {next(stage.parameters()).device for stage in pl_module.stages().values()}
+    return sorted((d for d in devices if d.type == "cuda"), key=lambda d: d.index or 0)
+
+
+def peak_memory_mib(gpus: list[torch.device]) -> dict[str, float]:
+    """Peak resident memory of this process (``cpu_rss``) and peak allocated memory of each GPU, in MiB.
+
+    The resident peak covers the whole process, so jobs of an in-process sweep see earlier jobs' peaks.
+    """
+    peaks = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+    for gpu in gpus:
+        peaks[str(gpu)] = torch.cuda.max_memory_allocated(gpu) / 2**20
+    return peaks
+
+
+class RunRecorder(Callback):
+    """Measures training throughput and makes the run end with a validation of the final weights.
+
+    Notes:
+        Samples/s counts training batches over training wall time, validation excluded. When
+        ``max_steps`` ends training mid-epoch Lightning would skip validation; stopping through
+        ``trainer.should_stop`` at the last step makes it validate first, so the summary's metrics
+        belong to the weights the run ends with.
+    """
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.train_time_s = 0.0
+        self.stages: dict[str, str] = {}
+        self.gpus: list[torch.device] = []
+        self._started = 0.0
+        self._val_started = 0.0
+        self._val_time_s = 0.0
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.gpus = _gpus(pl_module)
+        for gpu in self.gpus:
+            torch.cuda.reset_peak_memory_stats(gpu)
+        self._sync()
+        self._started = time.perf_counter()
+
+    def _sync(self) -> None:
+        # GPU work is asynchronous: wait for it so the clock measures the work, not its launch.
+        for gpu in self.gpus:
+            torch.cuda.synchronize(gpu)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.samples += len(batch["labels"])
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.training:
+            self._sync()
+            self._val_started = time.perf_counter()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.training:
+            self._sync()
+            self._val_time_s += time.perf_counter() - self._val_started
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync()
+        self.train_time_s = time.perf_counter() - self._started - self._val_time_s
+        # Read now: Lightning's teardown moves the whole module back to the CPU.
+        self.stages = {name: str(next(s.parameters()).device) for name, s in pl_module.stages().items()}
+
+    def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """The measured part of a run's summary."""
+        return {
+            "steps": trainer.global_step,
+            "samples": self.samples,
+            "train_time_s": round(self.train_time_s, 3),
+            "samples_per_s": round(self.samples / self.train_time_s, 1) if self.train_time_s > 0 else None,
+            "peak_memory_mib": {k: round(v, 1) for k, v in peak_memory_mib(self.gpus).items()},
+            "metrics": {k: round(float(v), 4) for k, v in sorted(trainer.callback_metrics.items())
+                        if k.startswith("val/")},
+            "stages": self.stages,
+        }
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_run_summary(summary: dict[str, Any], directory: str | Path) -> str:
+    """Writes ``summary.json`` and ``summary.md`` into ``directory``; returns the Markdown."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    text = markdown_table(["field", "value"], [[k, v] for k, v in _flatten(summary).items()])
+    (directory / SUMMARY_MD).write_text(text)
+    return text
+
+
+def collect_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One flat record per job directory under ``sweep_dir``, ordered by job number.
+
+    Jobs are found by the ``.hydra/`` folder Hydra writes into each, so a job that died before
+    writing ``summary.json`` is listed too.
+    """
+    records = []
+    for hydra_dir in Path(sweep_dir).glob("**/.hydra"):
+        hydra_cfg = OmegaConf.load(hydra_dir / "hydra.yaml").hydra
+        job_dir = hydra_dir.parent
+        summary_path = job_dir / SUMMARY_JSON
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+        else:
+            summary = {"status": "no summary", "error": f"the job wrote no {SUMMARY_JSON} (killed?)"}
+        summary.setdefault("log", str(job_dir / f"{hydra_cfg.job.name}.log"))
+        overrides = " ".join(OmegaConf.load(hydra_dir / "overrides.yaml"))
+        records.append({"job": hydra_cfg.job.num, "overrides": overrides, **_flatten(summary)})
+    return sorted(records, key=lambda r: r["job"])
+
+
+# Columns a sweep table shows first; every other recorded field follows in the CSV only,
+# except metrics and memory peaks, which the Markdown shows too.
+_LEADING = ["job", "overrides", "status", "steps", "samples_per_s"]
+_TRAILING = ["error", "log"]
+
+
+def write_sweep_summary(records: list[dict[str, Any]], directory: str | Path) -> str:
+    """Writes ``summary.csv`` (every field) and ``summary.md`` (the readable ones); returns the Markdown."""
+    directory = Path(directory)
+    seen = list(dict.fromkeys(k for r in records for k in r))
+    middle = [k for k in seen if k not in _LEADING + _TRAILING]
+    columns = _LEADING + middle + _TRAILING
+    with open(directory / SWEEP_CSV, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    shown = _LEADING + [k for k in middle if k.startswith(("metrics.", "peak_memory_mib."))] + _TRAILING
+    text = markdown_table(shown, [[r.get(k) for k in shown] for r in records])
+    (directory / SUMMARY_MD).write_text(text)
+    return text
+
+
+class SweepSummary(HydraCallback):
+    """Hydra callback: tabulates every job of a multirun in its sweep directory.
+
+    Notes:
+        The table is rewritten after each job: when a job fails, Hydra's sweeper finishes the
+        batch and then ends the sweep with that job's error, without calling ``on_multirun_end``.
+        With a launcher that runs jobs in parallel processes, ``on_multirun_end`` writes the
+        complete table once all have finished.
+    """
+
+    @staticmethod
+    def _write(config: DictConfig) -> tuple[Path, str]:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        return sweep_dir, write_sweep_summary(collect_jobs(sweep_dir), sweep_dir)
+
+    @override
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        sweep_dir, _ = self._write(config)
+        if job_return.status == JobStatus.FAILED:
+            log.error(f"hetrain: job {config.hydra.job.num} failed; see {sweep_dir / SUMMARY_MD}")
+
+    @override
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir, text = self._write(config)
+        # Printed, not logged: the logging setup still belongs to the last job and would file it there.
+        print(f"\nSweep summary ({sweep_dir / SUMMARY_MD}, {sweep_dir / SWEEP_CSV}):\n{text}", flush=True)

@@ -1,0 +1,214 @@
+"""The main job end to end (train.py in a subprocess, as a user runs it) and the parts it is built from."""
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hetrain.nn
+from hetrain.callbacks.placement import StagePlacement, resolve_plan
+from hetrain.data.synthetic import CLS, FIRST_MARKER, SyntheticSequences, pad_collate
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
+
+ROOT = Path(__file__).resolve().parent.parent
+SPLIT = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
+# Small data, so a subprocess run spends its time training rather than generating sequences.
+SMALL = ["data.train_size=640", "data.val_size=128"]
+
+
+def train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Runs train.py as a user would: the Triton interpreter the test session turns on stays off.
+
+    One torch thread: tests often share the cores with builds, where a thread per core is several
+    times slower.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "threads=1"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def test_synthetic_data_is_deterministic_and_variable_length():
+    a = SyntheticSequences(200, min_len=5, max_len=40, seed=3)
+    b = SyntheticSequences(200, min_len=5, max_len=40, seed=3)
+    c = SyntheticSequences(200, min_len=5, max_len=40, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.sequences, b.sequences, strict=True))
+    assert torch.equal(a.labels, b.labels)
+    assert [s.tolist() for s in a.sequences] != [s.tolist() for s in c.sequences]
+    lengths = {len(s) for s in a.sequences}
+    assert min(lengths) >= 5 and max(lengths) <= 40 and len(lengths) > 10
+    assert all(s[0] == CLS for s in a.sequences)
+
+
+def test_synthetic_label_is_the_majority_marker_class():
+    data = SyntheticSequences(300, num_classes=4, markers_per_class=8, seed=0)
+    for seq, label in zip(data.sequences, data.labels.tolist(), strict=True):
+        markers = seq[(seq >= FIRST_MARKER) & (seq < FIRST_MARKER + 4 * 8)]
+        counts = torch.bincount((markers - FIRST_MARKER) // 8, minlength=4)
+        assert int(counts.argmax()) == label and int(counts.max()) > int(counts.sort().values[-2])
+
+
+def test_pad_collate_masks_padding():
+    data = SyntheticSequences(8, min_len=3, max_len=12, seed=1)
+    batch = pad_collate([data[i] for i in range(8)])
+    lengths = torch.tensor([len(s) for s in data.sequences])
+    assert batch["input_ids"].shape == (8, int(lengths.max()))
+    assert torch.equal(batch["attention_mask"].sum(1), lengths)
+    assert torch.equal(batch["labels"], data.labels)
+    assert (batch["input_ids"][~batch["attention_mask"]] == 0).all()
+
+
+# --- model --------------------------------------------------------------------------------------
+
+def test_stages_are_module_paths_covering_every_parameter():
+    model = BertClassifier(hidden=32, layers=3, heads=2)
+    stages = model.stages()
+    assert list(stages) == ["embeddings", "encoder.0", "encoder.1", "encoder.2", "classifier"]
+    assert all(model.get_submodule(name) is stage for name, stage in stages.items())
+    in_stages = sum(p.numel() for stage in stages.values() for p in stage.parameters())
+    assert in_stages == sum(p.numel() for p in model.parameters())
+    assert any(isinstance(m, hetrain.nn.LayerNorm) for m in model.modules())
+
+
+def test_padding_does_not_change_logits():
+    torch.manual_seed(0)
+    model = BertClassifier(hidden=32, layers=2, heads=4).eval()
+    ids = torch.tensor([[CLS, 40, 41, 42, 43]])
+    padded = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        short = model(ids, torch.ones_like(ids, dtype=torch.bool))
+        long = model(padded, padded != 0)
+    torch.testing.assert_close(short, long)
+
+
+# --- placement ----------------------------------------------------------------------------------
+
+STAGES = ["embeddings", "encoder.0", "encoder.1", "classifier"]
+ABSENT = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent on any machine
+
+
+def test_plan_resolves_most_specific_path():
+    devices, note = resolve_plan({"encoder": "cpu", "encoder.1": ABSENT, "classifier": "cpu"}, STAGES)
+    assert devices == {name: torch.device("cpu") for name in STAGES[1:]}
+    assert note == f"placement: {ABSENT} not present; encoder.1 -> cpu"
+
+
+def test_plan_rejects_paths_that_name_no_stage():
+    with pytest.raises(ValueError, match="'decoder' names no stage"):
+        resolve_plan({"decoder": "cpu"}, STAGES)
+    with pytest.raises(ValueError, match="inside stage 'encoder.0'"):
+        resolve_plan({"encoder.0.attention": "cpu"}, STAGES)
+
+
+def test_absent_gpu_falls_back_to_cpu_with_one_log_line(caplog):
+    plan = {"embeddings": "cpu", "encoder": ABSENT, "classifier": ABSENT}
+    model = BertClassifier(hidden=32, layers=2, heads=2)
+    placement = StagePlacement(plan)
+    with caplog.at_level(logging.INFO, logger="hetrain.callbacks.placement"):
+        devices = placement.place(model.stages())
+        placement.place(model.stages())  # placing again (as each Lightning entry point does) says nothing new
+    assert set(devices.values()) == {torch.device("cpu")}
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [f"placement: {ABSENT} not present; encoder, classifier -> cpu"]
+    ids = torch.tensor([[CLS, 40, 41]])
+    assert model(ids, ids != 0).shape == (1, 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed where there is no GPU")
+def test_bert_split_plan_without_gpu_says_so():
+    devices, note = resolve_plan(SPLIT, STAGES)
+    assert set(devices.values()) == {torch.device("cpu")}
+    assert note == "placement: cuda:0 not present; encoder, classifier -> cpu"
+
+
+@pytest.mark.cuda
+def test_split_model_trains_across_cpu_and_gpu():
+    torch.manual_seed(0)
+    model = BertClassifier(hidden=32, layers=2, heads=2)
+    task = ClassificationTask(model, num_classes=4)
+    devices = StagePlacement(SPLIT).place(task.stages())
+    assert devices["embeddings"].type == "cpu" and devices["encoder.1"] == torch.device("cuda:0")
+    batch = pad_collate([SyntheticSequences(8, seed=0)[i] for i in range(8)])
+    batch = task.transfer_batch_to_device(batch, torch.device("cuda:0"), 0)
+    assert batch["input_ids"].device.type == "cpu" and batch["labels"].device.type == "cuda"
+    loss, logits = task._loss(batch)
+    assert logits.device == torch.device("cuda:0")
+    loss.backward()
+    assert model.embeddings.tokens.weight.grad.device.type == "cpu"
+    assert model.encoder[0].attention.qkv.weight.grad.device.type == "cuda"
+    # The fused AdamW step serves both devices.
+    torch.optim.AdamW(model.parameters(), fused=True).step()
+
+
+# --- the main job -------------------------------------------------------------------------------
+
+def test_bert_split_trains_and_writes_summary(tmp_path):
+    # At hidden 64 the model learns the task in about 100 steps, a third of the recipe's time.
+    result = train_py("recipe=bert_split", "trainer.max_steps=100", "model.hidden=64", "data.train_size=3200",
+                      "data.val_size=256", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["recipe"] == "bert_split"
+    assert summary["steps"] == 100 and summary["samples"] == 100 * 32
+    assert summary["samples_per_s"] > 0 and summary["peak_memory_mib"]["cpu_rss"] > 0
+    assert summary["metrics"]["val/acc"] > 0.8, summary  # chance is 0.25
+    assert list(summary["stages"]) == ["embeddings", "encoder.0", "encoder.1", "classifier"]
+    markdown = (run / "summary.md").read_text()
+    assert "samples_per_s" in markdown and "metrics.val/acc" in markdown and "stages.encoder.0" in markdown
+    assert "Epoch 0" in result.stdout  # Lightning's progress bar
+    log = (run / "train.log").read_text()
+    assert "Instantiating model <hetrain.models.bert.BertClassifier>" in log
+    if not torch.cuda.is_available():
+        assert log.count("placement: cuda:0 not present; encoder, classifier -> cpu") == 1
+        assert set(summary["stages"].values()) == {"cpu"}
+
+
+def test_failed_run_records_its_error(tmp_path):
+    # A pin to a backend that does not exist reaches hetrain.plugins.configure and fails the first forward.
+    result = train_py("recipe=bert_split", "+backends.pins.layer_norm=nope", *SMALL,
+                      f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode != 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "BackendError" in summary["error"] and "'nope'" in summary["error"]
+    assert "Traceback" in Path(summary["log"]).read_text()
+
+
+def _sweep_rows(sweep: Path) -> list[dict]:
+    with open(sweep / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_one_row_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", "recipe=bert_split", "trainer.max_steps=5", *SMALL, "model.hidden=32,64",
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _sweep_rows(sweep)
+    assert [r["job"] for r in rows] == ["0", "1"]
+    assert "model.hidden=32" in rows[0]["overrides"] and "model.hidden=64" in rows[1]["overrides"]
+    assert all(r["status"] == "ok" and r["steps"] == "5" and float(r["metrics.val/acc"]) >= 0 for r in rows)
+    table = (sweep / "summary.md").read_text().splitlines()
+    assert len(table) == 2 + 2 and "samples_per_s" in table[0]
+    assert "Sweep summary" in result.stdout
+
+
+def test_sweep_lists_failed_jobs_with_error_and_log(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", "recipe=bert_split", "trainer.max_steps=5", *SMALL, "model.hidden=64",
+                      "model.heads=3,4", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode != 0  # the sweep still reports the failure
+    failed, ok = _sweep_rows(sweep)
+    assert failed["status"] == "failed" and "hidden=64 is not divisible by heads=3" in failed["error"]
+    assert Path(failed["log"]).is_file() and "Traceback" in Path(failed["log"]).read_text()
+    assert ok["status"] == "ok" and ok["steps"] == "5"
+    assert "failed" in (sweep / "summary.md").read_text()

@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 from typing_extensions import override
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,13 @@ class RunRecorder(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training:
+        if _validating_inside_fit(trainer):
             self._sync()
             self._val_started = time.perf_counter()
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training:
+        if _validating_inside_fit(trainer):
             self._sync()
             self._val_time_s += time.perf_counter() - self._val_started
 
@@ -119,6 +120,11 @@ class RunRecorder(Callback):
                         if k.startswith("val/")},
             "stages": self.stages,
         }
+
+
+def _validating_inside_fit(trainer: pl.Trainer) -> bool:
+    """Validation time inside fit is not training time (the stage is VALIDATING there, not TRAINING)."""
+    return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,6 +7,7 @@ fits, and writes the run summary into the run directory.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from hetrain import plugins
+from hetrain.callbacks.precision import trainer_precision
 from hetrain.report import SUMMARY_MD, RunRecorder, write_run_summary
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,34 @@ def _run_info() -> dict[str, Any]:
     }
 
 
+@dataclass
+class Parts:
+    """Everything a run instantiates from its config, ready to fit."""
+
+    datamodule: pl.LightningDataModule
+    task: pl.LightningModule
+    callbacks: dict[str, pl.Callback]
+    recorder: RunRecorder
+    trainer: pl.Trainer
+
+
+def build(cfg: DictConfig) -> Parts:
+    """Instantiates data, model, task, callbacks, placement, logger and trainer (logging each)."""
+    datamodule = _instantiate(cfg.data, "data")
+    model = _instantiate(cfg.model, "model")
+    task = _instantiate(cfg.task, "task", model=model)
+    callbacks = {name: _instantiate(node, f"callback {name}") for name, node in (cfg.get("callbacks") or {}).items()
+                 if node is not None}
+    callbacks["placement"] = _instantiate(cfg.placement, "placement")
+    recorder = RunRecorder()
+    logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
+    precision = trainer_precision(cfg.trainer.precision, _devices_in_use(cfg))
+    log.info(f"Precision: {precision.get('precision') or precision['plugins'][0]}")
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks.values(), recorder], logger=logger,
+                           **precision)
+    return Parts(datamodule, task, callbacks, recorder, trainer)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the experiment ``cfg`` describes; returns the measured part of the summary."""
     pins = cfg.backends.pins
@@ -46,20 +76,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True)
-
-    datamodule = _instantiate(cfg.data, "data")
-    model = _instantiate(cfg.model, "model")
-    task = _instantiate(cfg.task, "task", model=model)
-    callbacks = [_instantiate(node, f"callback {name}") for name, node in (cfg.get("callbacks") or {}).items()
-                 if node is not None]
-    callbacks.append(_instantiate(cfg.placement, "placement"))
-    recorder = RunRecorder()
-    logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
-    trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks, recorder], logger=logger)
+    parts = build(cfg)
 
     log.info("Starting training")
-    trainer.fit(task, datamodule=datamodule)
-    return recorder.summary(trainer)
+    parts.trainer.fit(parts.task, datamodule=parts.datamodule)
+    summary = parts.recorder.summary(parts.trainer)
+    summary["precision"] = str(parts.trainer.precision)
+    summary.update({name: c.summary for name, c in parts.callbacks.items()
+                    if isinstance(getattr(c, "summary", None), dict)})
+    return summary
+
+
+def _devices_in_use(cfg: DictConfig) -> list[str]:
+    """The Trainer's root device, then every stage's planned device (absent ones are ignored by the choice)."""
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    plan = OmegaConf.to_container(cfg.placement.plan) if cfg.placement.get("plan") else {}
+    return ["cuda:0" if on_gpu else "cpu", *plan.values()]
 
 
 def _root_cause(exc: BaseException) -> BaseException:

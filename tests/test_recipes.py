@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -13,6 +12,7 @@ from omegaconf import OmegaConf
 
 from hetrain.callbacks.placement import StagePlacement
 from hetrain.recipes import register_recipes
+from hetrain.train import build
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
@@ -44,16 +44,11 @@ def test_recipe_composes_and_instantiates(name, tmp_path):
     cfg = compose_train(f"recipe={name}", "data.train_size=64", "data.val_size=16", output_dir=tmp_path)
     OmegaConf.resolve(cfg)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
-    task = hydra.utils.instantiate(cfg.task, model=model)
-    placement = hydra.utils.instantiate(cfg.placement)
-    callbacks = [hydra.utils.instantiate(node) for node in cfg.callbacks.values()]
-    logger = hydra.utils.instantiate(cfg.logger)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*callbacks, placement], logger=logger)
-    assert isinstance(placement, StagePlacement)
+    parts = build(cfg)
+    assert isinstance(parts.callbacks["placement"], StagePlacement)
     assert set(cfg.backends) == {"pins", "strict"}
-    assert trainer.max_steps == cfg.trainer.max_steps
+    assert parts.trainer.max_steps == cfg.trainer.max_steps
+    datamodule, task = parts.datamodule, parts.task
 
     # The parts fit together: a batch of the recipe's data goes through the recipe's model.
     datamodule.setup("fit")

@@ -472,7 +472,7 @@ class MemoryProfiler(Callback):
             torch.cuda.memory._dump_snapshot(str(directory / SNAPSHOT))
             torch.cuda.memory._record_memory_history(enabled=None)
             self._recording = False
-        log.info(f"Memory report: {paths['html']}\n{self.markdown()}")
+        log.info(f"Memory report: {paths['html']} (table: {paths['md']})")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

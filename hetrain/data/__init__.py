@@ -1,5 +1,33 @@
-"""Datasets and LightningDataModules; for now the synthetic token task that needs no download."""
+"""Data loading: token-budget batching, token files, long-sequence windows, the ring-buffer loader.
 
+See hetrain/data/README.md for the pipeline, stage by stage.
+"""
+
+from hetrain.data.build_tokens import ByteTokenizer, build_token_file
+from hetrain.data.prefetch import DevicePrefetcher
+from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader
+from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import SyntheticDataModule, SyntheticSequences, pad_collate
+from hetrain.data.tokens import TokenFile, TokenFileWriter, write_token_file
+from hetrain.data.windows import TokenWindows, Windows, make_windows, token_collate
 
-__all__ = ["SyntheticDataModule", "SyntheticSequences", "pad_collate"]
+__all__ = [
+    "ByteTokenizer",
+    "CopyInto",
+    "DevicePrefetcher",
+    "LoaderError",
+    "PadInto",
+    "RingLoader",
+    "SyntheticDataModule",
+    "SyntheticSequences",
+    "TokenBudgetBatchSampler",
+    "TokenFile",
+    "TokenFileWriter",
+    "TokenWindows",
+    "Windows",
+    "build_token_file",
+    "make_windows",
+    "pad_collate",
+    "token_collate",
+    "write_token_file",
+]

@@ -204,12 +204,19 @@ def test_inductor_compile_has_no_graph_break():
     assert_close(compiled(x, r), layer_norm_ref(x + r, w, b) + 1, torch.float32, "inductor")
 
 
+def test_mixed_float_dtypes_promote_like_addition():
+    x, r, w, b = (t.detach() for t in inputs((4, 8)))
+    y = dropout_add_layer_norm(x.bfloat16(), r, w, b, 0.0)
+    assert y.dtype == torch.float32
+    assert_close(y, layer_norm_ref(x.bfloat16().float() + r, w, b), torch.float32, "promoted")
+
+
 def test_bad_inputs_raise_clear_errors():
     x, r, w, b = (t.detach() for t in inputs((4, 8)))
     with pytest.raises(ValueError, match="residual must match x"):
         dropout_add_layer_norm(x, randn(4, 9), w, b, 0.1)
     with pytest.raises(ValueError, match="residual must match x"):
-        dropout_add_layer_norm(x, r.double(), w, b, 0.1)
+        dropout_add_layer_norm(x, r.long(), w, b, 0.1)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
         dropout_add_layer_norm(x, r, randn(7), b, 0.1)
     with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):

@@ -2,7 +2,9 @@
 
 The model is written for one device; :meth:`BertClassifier.stages` names the pieces a placement
 may put on different devices (``embeddings``, ``encoder.<i>``, ``classifier``), in forward order.
-Defaults give the BERT-tiny shape (2 layers, hidden 128, 4 heads).
+Defaults give the BERT-tiny shape (2 layers, hidden 128, 4 heads). With ``fused=True`` (the default)
+each block runs hetrain's fused ops (LayerNorm, Linear+bias+GELU, dropout+residual+LayerNorm);
+``fused=False`` builds the same model from torch modules, with the same state_dict keys.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetrain.nn import LayerNorm
+from hetrain.nn import BiasGELU, DropoutAddLayerNorm, LayerNorm
 
 
 class Embeddings(nn.Module):
     """Token + learned position embeddings, normalised: (B, T) ids -> (B, T, H)."""
 
-    def __init__(self, vocab_size: int, hidden: int, max_len: int, dropout: float, pad_id: int = 0) -> None:
+    def __init__(self, vocab_size: int, hidden: int, max_len: int, dropout: float, pad_id: int = 0,
+                 fused: bool = True) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, hidden, padding_idx=pad_id)
         self.positions = nn.Embedding(max_len, hidden)
-        self.norm = LayerNorm(hidden)
+        self.norm = LayerNorm(hidden) if fused else nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -54,17 +57,33 @@ class SelfAttention(nn.Module):
 class EncoderBlock(nn.Module):
     """Post-norm transformer block as in BERT: attention, then a GELU MLP, each with a residual."""
 
-    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float) -> None:
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float, fused: bool = True) -> None:
         super().__init__()
         self.attention = SelfAttention(hidden, heads, dropout)
-        self.norm1 = LayerNorm(hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden))
-        self.norm2 = LayerNorm(hidden)
-        self.dropout = nn.Dropout(dropout)
+        if fused:
+            # norm(x + dropout(sublayer)) in one op each; the MLP's GELU is the first Linear's epilogue.
+            self.norm1 = DropoutAddLayerNorm(hidden, dropout)
+            self.mlp = nn.Sequential(BiasGELU(hidden, ffn), nn.Identity(), nn.Linear(ffn, hidden))
+            self.norm2 = DropoutAddLayerNorm(hidden, dropout)
+        else:
+            self.norm1 = _PostNorm(hidden, dropout)
+            self.mlp = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden))
+            self.norm2 = _PostNorm(hidden, dropout)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.attention(x, attention_mask)))
-        return self.norm2(x + self.dropout(self.mlp(x)))
+        x = self.norm1(self.attention(x, attention_mask), x)
+        return self.norm2(self.mlp(x), x)
+
+
+class _PostNorm(nn.LayerNorm):
+    """``layer_norm(dropout(sublayer) + residual)`` from torch modules: the unfused twin of DropoutAddLayerNorm."""
+
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__(hidden)
+        self.p = dropout
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return super().forward(residual + F.dropout(x, self.p, self.training))
 
 
 class Classifier(nn.Module):
@@ -99,11 +118,12 @@ class BertClassifier(nn.Module):
         ffn: int | None = None,
         max_len: int = 512,
         dropout: float = 0.1,
+        fused: bool = True,
     ) -> None:
         super().__init__()
-        self.embeddings = Embeddings(vocab_size, hidden, max_len, dropout)
+        self.embeddings = Embeddings(vocab_size, hidden, max_len, dropout, fused=fused)
         ffn = ffn or 4 * hidden
-        self.encoder = nn.ModuleList(EncoderBlock(hidden, heads, ffn, dropout) for _ in range(layers))
+        self.encoder = nn.ModuleList(EncoderBlock(hidden, heads, ffn, dropout, fused) for _ in range(layers))
         self.classifier = Classifier(hidden, num_classes, dropout)
         self.apply(self._init_weights)
 

@@ -206,16 +206,21 @@ def dropout_add_layer_norm(
 ) -> torch.Tensor:
     """``layer_norm(dropout(x, p, training) + residual)`` over the last dimension, fused; returns the output.
 
-    ``x`` and ``residual`` share shape (any leading dims) and dtype; the arithmetic runs in float32
-    (float64 for float64). ``weight`` and ``bias`` are cast to ``x``'s dtype. With ``p == 0`` or
-    ``training=False`` no random number is drawn and the result is ``layer_norm(x + residual)``.
+    ``x`` and ``residual`` share shape (any leading dims); of different float dtypes (a bf16 sublayer
+    output under autocast beside a float32 residual) both are promoted as ``x + residual`` would be.
+    The arithmetic runs in float32 (float64 for float64). ``weight`` and ``bias`` are cast to that
+    dtype. With ``p == 0`` or ``training=False`` no random number is drawn and the result is
+    ``layer_norm(x + residual)``.
     """
     name = "hetrain.ops.dropout_add_layer_norm"
     if x.dim() == 0 or not x.is_floating_point():
         raise ValueError(f"{name}: x must be a floating tensor with >= 1 dim, got shape {tuple(x.shape)} {x.dtype}")
-    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+    if residual.shape != x.shape or not residual.is_floating_point() or residual.device != x.device:
         raise ValueError(f"{name}: residual must match x ({tuple(x.shape)} {x.dtype} on {x.device}), got "
                          f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    if residual.dtype != x.dtype:
+        common = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(common), residual.to(common)
     n = x.shape[-1]
     for label, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (n,):

@@ -1,0 +1,57 @@
+"""`python -m hetrain.env`, the fallback without the compiled extension, and `make gpu-check` without a GPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code_or_args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+def test_env_report_lists_versions_devices_and_chosen_backends():
+    out = run_python(["-m", "hetrain.env"])
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for needle in ("torch", torch.__version__, "triton", "nvcc", "hetrain._C", "devices:", "op layer_norm:",
+                   "-> chosen on cpu", "warnings"):
+        assert needle in text, f"{needle!r} missing from:\n{text}"
+
+
+def test_import_without_the_extension_warns_once_and_falls_back():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['hetrain._C'] = None  # as if the extension was never built\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, hetrain\n"
+        "    from hetrain import plugins\n"
+        "    y = hetrain.ops.layer_norm(torch.randn(3, 8))\n"
+        "    print(plugins.select('layer_norm', 'cpu').name)\n"
+        "print(sum('hetrain._C is not available' in str(w.message) for w in caught))\n"
+    )
+    out = run_python(["-c", code], HETRAIN_STRICT="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torch", "1"]
+
+
+def test_gpu_check_without_a_gpu_names_each_skipped_step(tmp_path):
+    out = run_python(["-m", "hetrain.checks.gpu_check", "--quick", "--skip", "gpu-compile,bench-loader",
+                      "--out", str(tmp_path)])
+    assert out.returncode == 0, out.stdout + out.stderr
+    record = json.loads(next(tmp_path.glob("*-check.json")).read_text())
+    status = {s["name"]: (s["status"], s["detail"]) for s in record["steps"]}
+    assert status["env"][0] == "passed"
+    assert status["gpu-compile"] == ("skipped", "not selected")
+    if not torch.cuda.is_available():
+        for step in ("build", "cuda-tests", "bench-ops"):
+            assert status[step][0] == "skipped" and ("CPU build" in status[step][1] or "no CUDA" in status[step][1])
+    assert "step" in out.stdout and "status" in out.stdout  # the closing table
+    assert (tmp_path / record["log"]).exists()

@@ -1,0 +1,31 @@
+"""RMSNorm forward+backward: eager, torch.compile and hetrain's backend for the device."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.cases import Case
+from hetrain.ops.rms_norm import rms_norm
+
+
+def _make(rows: int, hidden: int, dtype: torch.dtype, device: str):
+    def make():
+        x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
+        w = torch.randn(hidden, dtype=dtype, device=device, requires_grad=True)
+        dy = torch.randn(rows, hidden, dtype=dtype, device=device)
+        eager = lambda x, w: torch.nn.functional.rms_norm(x, (hidden,), w)
+        compiled = torch.compile(eager)
+
+        def step(fn):
+            return lambda: torch.autograd.grad(fn(x, w), (x, w), dy)
+
+        return {"eager": step(eager), "compile": step(compiled), "hetrain": step(rms_norm)}
+
+    return make
+
+
+def cpu_cases() -> list[Case]:
+    rows, hidden = 4096, 768
+    # forward reads x, writes y; backward reads dy and x, writes dx.
+    return [Case("rms_norm", f"{rows}x{hidden}", "float32", _make(rows, hidden, torch.float32, "cpu"),
+                 5 * rows * hidden * 4)]

@@ -74,3 +74,24 @@ def aot_spec(kernel: Any, args: Mapping[str, Any], *, dtype: torch.dtype, picked
         elif attr:
             attrs[(i,)] = BaseBackend.parse_attr(attr)
     return AotSpec(kernel, signature, constexprs, attrs, options, str(dtype).removeprefix("torch."), picked)
+
+
+def config_widths(launch_config: Any, dtype: torch.dtype, hidden: tuple[int, ...]) -> dict[int, bool]:
+    """A row width for each configuration ``launch_config(n, dtype)`` can choose -> whether a benchmark width
+    picks it (the benchmark width itself stands for its configuration). Widths the launcher refuses end the walk."""
+
+    def config(n: int) -> tuple | None:
+        try:
+            return tuple(sorted(launch_config(n, dtype).items()))
+        except ValueError:  # rows too long for the fused kernel: the launcher refuses them
+            return None
+
+    widths: dict[tuple, tuple[int, bool]] = {}
+    for n in hidden:
+        if (key := config(n)) is not None:
+            widths.setdefault(key, (n, True))
+    n = 1
+    while (key := config(n)) is not None:
+        widths.setdefault(key, (n, False))
+        n *= 2
+    return dict(widths.values())

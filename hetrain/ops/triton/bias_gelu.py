@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
+from hetrain.ops.triton._rows import compute_dtype, tl_compute
 
 SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
@@ -103,15 +104,6 @@ def _bias_gelu_bwd(
     tl.store(DB_part + pid * N + cols, db, mask=cols < N)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic and accumulation type: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def launch_config(N: int, dtype: torch.dtype) -> dict:
     """Tile and warps the launchers use for rows of ``N`` elements of ``dtype`` (4K elements per tile)."""
     block_n = min(triton.next_power_of_2(max(N, 1)), 1024 if dtype != torch.float64 else 512)
@@ -137,7 +129,7 @@ def forward(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tens
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _bias_gelu_fwd[grid](
         x, bias.contiguous(), y, x.stride(0), M, N,
-        TANH=approximate == "tanh", COMPUTE=_tl_compute(x.dtype),
+        TANH=approximate == "tanh", COMPUTE=tl_compute(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
     return y
@@ -162,7 +154,7 @@ def backward(
     db_part = torch.empty((programs, N), dtype=compute_dtype(x.dtype), device=x.device)
     _bias_gelu_bwd[(programs, triton.cdiv(N, cfg["BLOCK_N"]))](
         dy, x, bias.contiguous(), dx, db_part, dy.stride(0), x.stride(0), M, N, rows_per_program,
-        TANH=approximate == "tanh", COMPUTE=_tl_compute(x.dtype),
+        TANH=approximate == "tanh", COMPUTE=tl_compute(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
     return dx, db_part.sum(0).to(x.dtype)
@@ -176,7 +168,7 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
     """
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        stats, compute = compute_dtype(dtype), _tl_compute(dtype)
+        stats, compute = compute_dtype(dtype), tl_compute(dtype)
         widths: dict[tuple, tuple[int, bool]] = {}
         for n in shapes.hidden:
             widths.setdefault(tuple(sorted(launch_config(n, dtype).items())), (n, True))

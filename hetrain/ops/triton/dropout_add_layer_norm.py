@@ -13,10 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
+from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
+from hetrain.ops.triton._rows import backward_programs, compute_dtype, row_config, tl_compute
 
 # 64 KiB of row data per program, as for LayerNorm.
-MAX_FUSED_BYTES = 65536
+MAX_FUSED_BYTES = 32768
 
 
 @triton.jit
@@ -140,31 +141,9 @@ def _keep_mask(
     tl.store(Keep + offsets, _kept(seed, offsets, p).to(tl.int8), mask=offsets < numel)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and accumulation type: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def launch_config(N: int, dtype: torch.dtype) -> dict:
     """Block size and warps the launchers use for rows of ``N`` elements of ``dtype``."""
-    block_n = triton.next_power_of_2(max(N, 1))
-    if block_n * torch.empty((), dtype=dtype).element_size() > MAX_FUSED_BYTES:
-        raise ValueError(
-            f"hetrain.dropout_add_layer_norm (triton): rows of {N} {dtype} elements exceed the fused limit of "
-            f"{MAX_FUSED_BYTES} bytes per row; pin another backend, e.g. "
-            f"HETRAIN_BACKEND=dropout_add_layer_norm=torch"
-        )
-    return {"BLOCK_N": block_n, "num_warps": min(max(block_n // 256, 1), 16)}
-
-
-def _programs_for_backward(M: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return max(1, min(M, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(M, 4))
+    return row_config("dropout_add_layer_norm", N, dtype, MAX_FUSED_BYTES)
 
 
 def _scale(p: float) -> float:
@@ -190,7 +169,7 @@ def forward(
         x, residual, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
         x.stride(0), residual.stride(0), N, int(seed.item()), p, _scale(p), eps,
         HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        COMPUTE=_tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
     return y, mean, rstd
 
@@ -207,7 +186,7 @@ def backward(
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     dres = torch.empty((M, N), dtype=x.dtype, device=x.device)
     stats = compute_dtype(x.dtype)
-    programs = _programs_for_backward(M, x.device)
+    programs = backward_programs(M, x.device)
     dw_part = torch.zeros((programs, N) if weight is not None else (0,), dtype=stats, device=x.device)
     db_part = torch.zeros((programs, N) if has_bias else (0,), dtype=stats, device=x.device)
     if M > 0:
@@ -216,7 +195,7 @@ def backward(
             dy, x, residual, weight if weight is not None else x, mean, rstd, dx, dres, dw_part, db_part,
             dy.stride(0), x.stride(0), residual.stride(0), M, N, triton.cdiv(M, programs),
             int(seed.item()), p, _scale(p),
-            HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=_tl_compute(x.dtype),
+            HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=tl_compute(x.dtype),
             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
     dw = dw_part.sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
@@ -243,8 +222,8 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
     specs = []
     programs = max(1, min(shapes.rows, 4 * shapes.sm_count))  # as _programs_for_backward on a GPU
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        stats, compute = compute_dtype(dtype), _tl_compute(dtype)
-        for n, benchmarked in _aot_widths(dtype, shapes.hidden).items():
+        stats, compute = compute_dtype(dtype), tl_compute(dtype)
+        for n, benchmarked in config_widths(launch_config, dtype, shapes.hidden).items():
             cfg = launch_config(n, dtype)
             picked = benchmarked and dtype in shapes.dtypes
             for has_dropout in (True, False) if picked else (True,):
@@ -263,22 +242,3 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
                                        "p": 0.1, "BLOCK": 1024}, dtype=torch.float32, picked=False))
     return specs
 
-
-def _aot_widths(dtype: torch.dtype, hidden: tuple[int, ...]) -> dict[int, bool]:
-    """A row width for each configuration ``launch_config`` can choose -> whether a benchmark width picks it."""
-
-    def config(n: int) -> tuple | None:
-        try:
-            return tuple(sorted(launch_config(n, dtype).items()))
-        except ValueError:  # rows too long for the fused kernel: the launcher refuses them
-            return None
-
-    widths: dict[tuple, tuple[int, bool]] = {}
-    for n in hidden:
-        if (key := config(n)) is not None:
-            widths.setdefault(key, (n, True))
-    n = 1
-    while (key := config(n)) is not None:
-        widths.setdefault(key, (n, False))
-        n *= 2
-    return dict(widths.values())

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
+from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
+from hetrain.ops.triton._rows import backward_programs, compute_dtype, row_config, tl_compute
 
 # 32 KiB of fp32/fp64 row data per program: past it the backward kernel spills registers on sm_80/sm_90
 # (16384 fp32 elements spill 2 KB; measured with `make gpu-compile`).
@@ -106,31 +107,9 @@ def _layer_norm_bwd(
         tl.store(DB_part + pid * N + cols, db, mask=mask)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and accumulation type: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def launch_config(N: int, dtype: torch.dtype) -> dict:
     """Block size and warps the launchers use for rows of ``N`` elements of ``dtype``."""
-    block_n = triton.next_power_of_2(max(N, 1))
-    if block_n * compute_dtype(dtype).itemsize > MAX_FUSED_BYTES:
-        raise ValueError(
-            f"hetrain.layer_norm (triton): rows of {N} {dtype} elements exceed the fused limit of "
-            f"{MAX_FUSED_BYTES} bytes per row; pin another backend, e.g. HETRAIN_BACKEND=layer_norm=torch"
-        )
-    return {"BLOCK_N": block_n, "num_warps": min(max(block_n // 256, 1), 16)}
-
-
-def _programs_for_backward(M: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(M, 4 * sms))
-    return max(1, min(M, 4))
+    return row_config("layer_norm", N, dtype, MAX_FUSED_BYTES)
 
 
 def forward(
@@ -150,7 +129,7 @@ def forward(
     _layer_norm_fwd[(M,)](
         x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
         x.stride(0), y.stride(0), N, eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, COMPUTE=_tl_compute(x.dtype),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, COMPUTE=tl_compute(x.dtype),
         BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
     return y, mean, rstd
@@ -168,7 +147,7 @@ def backward(
         dy = dy.contiguous()
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     stats = compute_dtype(x.dtype)
-    programs = _programs_for_backward(M, x.device)
+    programs = backward_programs(M, x.device)
     dw_part = torch.zeros((programs, N) if weight is not None else (0,), dtype=stats, device=x.device)
     db_part = torch.zeros((programs, N) if has_bias else (0,), dtype=stats, device=x.device)
     if M > 0:
@@ -176,7 +155,7 @@ def backward(
         _layer_norm_bwd[(programs,)](
             dy, x, weight if weight is not None else x, mean, rstd, dx, dw_part, db_part,
             dy.stride(0), x.stride(0), dx.stride(0), M, N, triton.cdiv(M, programs),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=_tl_compute(x.dtype),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=tl_compute(x.dtype),
             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
     dw = dw_part.sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
@@ -194,8 +173,8 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
     specs = []
     programs = max(1, min(shapes.rows, 4 * shapes.sm_count))  # as _programs_for_backward on a GPU
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        stats, compute = compute_dtype(dtype), _tl_compute(dtype)
-        for n, benchmarked in _aot_widths(dtype, shapes.hidden).items():
+        stats, compute = compute_dtype(dtype), tl_compute(dtype)
+        for n, benchmarked in config_widths(launch_config, dtype, shapes.hidden).items():
             cfg = launch_config(n, dtype)
             picked = benchmarked and dtype in shapes.dtypes
             variants = itertools.product((True, False), repeat=2) if picked else [(True, True)]
@@ -211,23 +190,3 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
                                           num_warps=cfg["num_warps"]))
     return specs
 
-
-def _aot_widths(dtype: torch.dtype, hidden: tuple[int, ...]) -> dict[int, bool]:
-    """A row width for each configuration ``launch_config`` can choose for ``dtype`` -> whether a benchmark
-    width picks it (the benchmark width itself stands for its configuration)."""
-
-    def config(n: int) -> tuple | None:
-        try:
-            return tuple(sorted(launch_config(n, dtype).items()))
-        except ValueError:  # rows too long for the fused kernel: the launcher refuses them
-            return None
-
-    widths: dict[tuple, tuple[int, bool]] = {}
-    for n in hidden:
-        if (key := config(n)) is not None:
-            widths.setdefault(key, (n, True))
-    n = 1
-    while (key := config(n)) is not None:
-        widths.setdefault(key, (n, False))
-        n *= 2
-    return dict(widths.values())

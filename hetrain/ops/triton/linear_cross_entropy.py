@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
+from hetrain.ops.triton._rows import tl_compute
 
 # Largest block one program holds in registers: 4096 float32 (2048 float64) values, 16 per thread at 8 warps.
 MAX_BLOCK_BYTES = 16384
@@ -79,10 +80,6 @@ def _cross_entropy_rows(
             tl.store(base + idx, g.to(Logits.dtype.element_ty), mask=mask)
 
 
-def _tl_compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def launch_config(V: int, dtype: torch.dtype) -> dict:
     """Block size and warps the launcher uses for rows of ``V`` logits of ``dtype`` (float32 or float64)."""
     cap = MAX_BLOCK_BYTES // torch.empty((), dtype=dtype).element_size()
@@ -108,7 +105,7 @@ def rows(
     _cross_entropy_rows[(M,)](
         logits, loss, target, scale if scale is not None else logits, coef,
         logits.stride(0), scale.stride(0) if scale is not None else 0, V, ignore_index,
-        WRITE_GRAD=scale is not None, HAS_SMOOTHING=label_smoothing > 0, COMPUTE=_tl_compute(logits.dtype),
+        WRITE_GRAD=scale is not None, HAS_SMOOTHING=label_smoothing > 0, COMPUTE=tl_compute(logits.dtype),
         BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
     )
 
@@ -137,7 +134,7 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
                 for stride_s in (0, 1) if write_grad else (0,):
                     args = {"Logits": dtype, "Loss": dtype, "Target": torch.int64, "Scale": dtype, "Coef": dtype,
                             "stride_l": V, "stride_s": stride_s, "V": V, "ignore_index": -100,
-                            "WRITE_GRAD": write_grad, "HAS_SMOOTHING": smoothing, "COMPUTE": _tl_compute(dtype),
+                            "WRITE_GRAD": write_grad, "HAS_SMOOTHING": smoothing, "COMPUTE": tl_compute(dtype),
                             "BLOCK_V": cfg["BLOCK_V"]}
                     specs.append(aot_spec(_cross_entropy_rows, args, dtype=dtype, picked=picked,
                                           num_warps=cfg["num_warps"]))

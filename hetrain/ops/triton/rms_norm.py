@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
+from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
+from hetrain.ops.triton._rows import backward_programs, compute_dtype, row_config, tl_compute
 
 # Row data per program, counted in the COMPUTE dtype (8192 float32 / 4096 float64 elements): the largest row
 # whose backward keeps every value in registers on sm_80 and sm_90 (cuobjdump: no stack); past it, it spills.
@@ -85,31 +86,9 @@ def _rms_norm_bwd(
         tl.store(DW_part + pid * N + cols, dw, mask=mask)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and accumulation type: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def launch_config(N: int, dtype: torch.dtype) -> dict:
     """Block size and warps the launchers use for rows of ``N`` elements of ``dtype``."""
-    block_n = triton.next_power_of_2(max(N, 1))
-    if block_n * compute_dtype(dtype).itemsize > MAX_FUSED_BYTES:
-        raise ValueError(
-            f"hetrain.rms_norm (triton): rows of {N} {dtype} elements exceed the fused limit of "
-            f"{MAX_FUSED_BYTES} bytes per row; pin another backend, e.g. HETRAIN_BACKEND=rms_norm=torch"
-        )
-    return {"BLOCK_N": block_n, "num_warps": min(max(block_n // 256, 1), 16)}
-
-
-def _programs_for_backward(M: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(M, 4 * sms))
-    return max(1, min(M, 4))
+    return row_config("rms_norm", N, dtype, MAX_FUSED_BYTES)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +103,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[t
     cfg = launch_config(N, x.dtype)
     _rms_norm_fwd[(M,)](
         x, y, weight if weight is not None else x, rstd, x.stride(0), y.stride(0), N, eps,
-        HAS_WEIGHT=weight is not None, COMPUTE=_tl_compute(x.dtype),
+        HAS_WEIGHT=weight is not None, COMPUTE=tl_compute(x.dtype),
         BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
     return y, rstd
@@ -140,7 +119,7 @@ def backward(
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    programs = _programs_for_backward(M, x.device)
+    programs = backward_programs(M, x.device)
     dw_part = torch.zeros((programs, N) if weight is not None else (0,), dtype=compute_dtype(x.dtype),
                           device=x.device)
     if M > 0 and N > 0:
@@ -148,7 +127,7 @@ def backward(
         _rms_norm_bwd[(programs,)](
             dy, x, weight if weight is not None else x, rstd, dx, dw_part,
             dy.stride(0), x.stride(0), dx.stride(0), M, N, triton.cdiv(M, programs),
-            HAS_WEIGHT=weight is not None, COMPUTE=_tl_compute(x.dtype),
+            HAS_WEIGHT=weight is not None, COMPUTE=tl_compute(x.dtype),
             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
     dw = dw_part.sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
@@ -165,8 +144,8 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
     specs = []
     programs = max(1, min(shapes.rows, 4 * shapes.sm_count))  # as _programs_for_backward on a GPU
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        stats, compute = compute_dtype(dtype), _tl_compute(dtype)
-        for n, benchmarked in _aot_widths(dtype, shapes.hidden).items():
+        stats, compute = compute_dtype(dtype), tl_compute(dtype)
+        for n, benchmarked in config_widths(launch_config, dtype, shapes.hidden).items():
             cfg = launch_config(n, dtype)
             picked = benchmarked and dtype in shapes.dtypes
             for has_weight in (True, False) if picked else (True,):
@@ -181,23 +160,3 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
                                           num_warps=cfg["num_warps"]))
     return specs
 
-
-def _aot_widths(dtype: torch.dtype, hidden: tuple[int, ...]) -> dict[int, bool]:
-    """A row width for each configuration ``launch_config`` can choose for ``dtype`` -> whether a benchmark
-    width picks it (the benchmark width itself stands for its configuration)."""
-
-    def config(n: int) -> tuple | None:
-        try:
-            return tuple(sorted(launch_config(n, dtype).items()))
-        except ValueError:  # rows too long for the fused kernel: the launcher refuses them
-            return None
-
-    widths: dict[tuple, tuple[int, bool]] = {}
-    for n in hidden:
-        if (key := config(n)) is not None:
-            widths.setdefault(key, (n, True))
-    n = 1
-    while (key := config(n)) is not None:
-        widths.setdefault(key, (n, False))
-        n *= 2
-    return dict(widths.values())

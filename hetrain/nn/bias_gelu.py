@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hetrain.nn._share import sharing
 from hetrain.ops.bias_gelu import APPROXIMATIONS, bias_gelu
 
 
@@ -37,10 +38,6 @@ class BiasGELU(torch.nn.Linear):
         """A fused ``gelu(linear(x))`` sharing ``linear``'s parameters (no copy of the data)."""
         if approximate not in APPROXIMATIONS:
             raise ValueError(f"hetrain.nn.BiasGELU: approximate must be 'none' or 'tanh', got {approximate!r}")
-        new = cls.__new__(cls)
-        new.__dict__ = linear.__dict__.copy()
-        new._parameters = dict(linear._parameters)
-        new._buffers = dict(linear._buffers)
-        new._modules = dict(linear._modules)
+        new = sharing(cls, linear)
         new.approximate = approximate
         return new

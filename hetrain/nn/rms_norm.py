@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from hetrain.nn._share import sharing
 from hetrain.ops.rms_norm import rms_norm
 
 
@@ -26,9 +27,4 @@ class RMSNorm(torch.nn.RMSNorm):
     @classmethod
     def from_torch(cls, module: torch.nn.RMSNorm) -> RMSNorm:
         """A fused copy sharing ``module``'s parameters (no copy of the data)."""
-        new = cls.__new__(cls)
-        new.__dict__ = module.__dict__.copy()
-        new._parameters = dict(module._parameters)
-        new._buffers = dict(module._buffers)
-        new._modules = dict(module._modules)
-        return new
+        return sharing(cls, module)

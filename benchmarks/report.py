@@ -30,7 +30,18 @@ def cpu_table(result: dict) -> str:
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {ms['eager']:.2f} | {ms['compile']:.2f} | "
                      f"{ms['hetrain']:.2f} | {r['speedup_vs_eager']:.2f}x | {r['speedup_vs_compile']:.2f}x | "
                      f"{100 * r['copy_fraction']:.0f}% |")
+    lines += [epilogue_text(r) for r in result["rows"] if "conv" in r["ms"]]
     return "\n".join(lines)
+
+
+def epilogue_text(row: dict) -> str:
+    """A fused conv block's own work: each implementation's time minus the convolution's, timed in the same run."""
+    ms, conv = row["ms"], row["ms"]["conv"]
+    epi = {name: ms[name] - conv for name in ("eager", "compile", "hetrain")}
+    ours = epi["hetrain"]
+    return (f"\n{row['op']} {row['shape']}: the convolution alone takes {conv:.2f} ms; the epilogue (block minus "
+            f"conv) takes eager {epi['eager']:.2f} ms, compile {epi['compile']:.2f} ms, hetrain {ours:.2f} ms "
+            f"({epi['eager'] / ours:.2f}x vs eager, {epi['compile'] / ours:.2f}x vs compile).")
 
 
 def latest(results_dir: Path, suffix: str) -> dict | None:

@@ -91,8 +91,11 @@ def _devices_in_use(cfg: DictConfig) -> list[str]:
     """The Trainer's root device, then every stage's planned device (absent ones are ignored by the choice)."""
     accelerator = cfg.trainer.get("accelerator", "auto")
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    plan = OmegaConf.to_container(cfg.placement.plan) if cfg.placement.get("plan") else {}
-    return ["cuda:0" if on_gpu else "cpu", *plan.values()]
+    plan = cfg.placement.get("plan")
+    planned = list(OmegaConf.to_container(plan).values()) if OmegaConf.is_dict(plan) else []
+    if plan == "auto":  # any device of this machine may get a stage
+        planned = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cuda:0" if on_gpu else "cpu", *planned]
 
 
 def _root_cause(exc: BaseException) -> BaseException:

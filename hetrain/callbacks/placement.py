@@ -4,12 +4,19 @@ The plan is a plain ``{module_path: device}`` mapping, e.g. ``{"embeddings": "cp
 "cuda:0", "classifier": "cuda:0"}``. A path names a stage (``encoder.1``) or a group of stages
 (``encoder`` covers ``encoder.0``, ``encoder.1``, ...); the most specific path wins. Stages are run one
 after another; a pipeline split that overlaps them builds on the same plan.
+
+``plan="auto"`` measures every stage on every device of this machine at the run's batch shape
+(:mod:`hetrain.placement.cost_model`), solves the chain exactly (:func:`hetrain.placement.chain_dp`),
+logs the plan with its predicted step time and saves it (and the measurements) in the run directory,
+where it can be reused as an explicit plan.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -17,6 +24,8 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
+
+from hetrain.placement import PlacementPlan, available_devices, measure
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +101,47 @@ class StagePlacement(Callback):
         present (no GPU, fewer GPUs) is replaced by ``fallback``, said in one log line.
 
     Args:
-        plan: ``{module_path: device}``, paths relative to the model (``embeddings``, ``encoder.0``).
+        plan: ``{module_path: device}``, paths relative to the model (``embeddings``, ``encoder.0``),
+            or ``"auto"`` to measure and solve (the module then needs ``placement_inputs(batch)``).
         fallback: device for stages whose planned device is absent.
+        objective: for ``"auto"``: ``"sequential"`` (stages one after another) or ``"pipeline"``.
+        micro_batches: for ``"auto"`` with the pipeline objective.
+        save_dir: for ``"auto"``: where ``placement_plan.yaml`` and ``placement_costs.json`` go.
     """
 
-    def __init__(self, plan: Mapping[str, str] | None = None, fallback: str = "cpu") -> None:
-        self.plan = dict(plan or {})
+    def __init__(self, plan: Mapping[str, str] | str | None = None, fallback: str = "cpu",
+                 objective: str = "sequential", micro_batches: int = 1, save_dir: str | None = None) -> None:
+        if isinstance(plan, str) and plan != "auto":
+            raise ValueError(f"hetrain: placement plan must be a {{module_path: device}} mapping or 'auto', "
+                             f"got {plan!r}")
+        self.plan = plan if plan == "auto" else dict(plan or {})
         self.fallback = fallback
+        self.objective, self.micro_batches, self.save_dir = objective, micro_batches, save_dir
         self.devices: dict[str, torch.device] | None = None
+        self.summary: dict[str, Any] = {}
         self._hooks: dict[str, RemovableHandle] = {}
+
+    def solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PlacementPlan:
+        """Measures the stages on this machine's devices with one validation batch and solves the chain."""
+        batch = _first_batch(trainer.datamodule.val_dataloader())
+        make_input, stage_args = pl_module.placement_inputs(batch)
+        costs = measure(pl_module.stages(), make_input, available_devices(), stage_args, warmup=1, repeats=3)
+        plan = costs.chain_plan(objective=self.objective, micro_batches=self.micro_batches)
+        predicted_ms = None if plan.predicted_step_time is None else round(plan.predicted_step_time * 1e3, 3)
+        log.info(f"placement auto ({plan.method}, {self.objective}): {plan.devices}; predicted forward+backward "
+                 f"{predicted_ms} ms per batch")
+        if self.save_dir is not None:
+            plan.save(Path(self.save_dir) / "placement_plan.yaml")
+            costs.save(Path(self.save_dir) / "placement_costs.json")
+        self.summary = {"method": plan.method, "predicted_step_time_ms": predicted_ms, **{
+            f"plan.{path}": device for path, device in plan.devices.items()}}
+        return plan
 
     def place(self, stages: Mapping[str, nn.Module]) -> dict[str, torch.device]:
         """Moves the stages (again, if Lightning moved them back) and hooks them; returns their devices."""
         if self.devices is None:
+            if self.plan == "auto":
+                raise RuntimeError("hetrain: placement 'auto' is solved at fit start; call solve() first")
             self.devices, note = resolve_plan(self.plan, list(stages), self.fallback)
             if note:
                 log.info(note)
@@ -121,6 +158,8 @@ class StagePlacement(Callback):
         return placed
 
     def _place(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.plan == "auto" and self.devices is None:
+            self.plan = self.solve(trainer, pl_module).devices
         self.place(pl_module.stages())
 
     # Each entry point (fit, validate, test, predict) sets the module up on Lightning's root device
@@ -135,3 +174,14 @@ class StagePlacement(Callback):
         for handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()
+
+
+def _first_batch(loader: Any) -> Any:
+    """One batch from a loader, closing its iterator (a ring loader's producers) right after."""
+    iterator = iter(loader)
+    try:
+        return next(iterator)
+    finally:
+        close = getattr(iterator, "close", None) or getattr(loader, "close", None)
+        if callable(close):
+            close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -45,6 +46,11 @@ class ClassificationTask(pl.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask)
+
+    def placement_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+        """What measuring each stage alone needs: the first stage's input, and each stage's extra inputs."""
+        mask = batch["attention_mask"]
+        return (lambda: batch["input_ids"]), (lambda name: () if name == "embeddings" else (mask,))
 
     def transfer_batch_to_device(self, batch: dict[str, torch.Tensor], device: torch.device,
                                  dataloader_idx: int) -> dict[str, torch.Tensor]:

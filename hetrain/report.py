@@ -200,8 +200,43 @@ def write_sweep_summary(records: list[dict[str, Any]], directory: str | Path) ->
         writer.writerows(records)
     shown = _LEADING + [k for k in middle if k.startswith(("metrics.", "peak_memory_mib."))] + _TRAILING
     text = markdown_table(shown, [[r.get(k) for k in shown] for r in records])
+    over_seeds = seed_table(records)
+    if over_seeds is not None:
+        intro = "Over seeds (mean ± standard deviation of the jobs that finished):"
+        text += f"\n\n{intro}\n\n{markdown_table(*over_seeds)}"
     (directory / SUMMARY_MD).write_text(text)
     return text
+
+
+def _without_seed(overrides: str) -> str:
+    return " ".join(o for o in overrides.split() if not o.startswith("seed="))
+
+
+def seed_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]] | None:
+    """When a sweep varies ``seed``: per combination of the other overrides, each metric's mean ± std over seeds.
+
+    None when no job set a seed. The standard deviation is the sample one (n - 1); with one seed it is 0.
+    """
+    if not any("seed=" in str(r.get("overrides", "")) for r in records):
+        return None
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            groups.setdefault(_without_seed(str(r.get("overrides", ""))), []).append(r)
+    metrics = sorted({k for r in records for k in r if k.startswith("metrics.")})
+    rows = []
+    for overrides, jobs in groups.items():
+        row: list[Any] = [overrides, len(jobs)]
+        for m in metrics:
+            values = [float(j[m]) for j in jobs if isinstance(j.get(m), int | float)]
+            if not values:
+                row.append(None)
+                continue
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            row.append(f"{mean:.4g} ± {std:.2g}")
+        rows.append(row)
+    return ["overrides (seed aside)", "seeds", *metrics], rows
 
 
 class SweepSummary(HydraCallback):

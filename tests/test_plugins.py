@@ -140,3 +140,14 @@ def test_entry_point_backend_from_an_installed_distribution(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert out.stdout.strip() == "acme"
+
+
+def test_every_fused_call_runs_in_a_named_profiler_range():
+    import torch
+
+    import hetrain
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        hetrain.ops.layer_norm(torch.randn(4, 8, requires_grad=True)).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "hetrain::layer_norm.forward[cpu]" in names and "hetrain::layer_norm.backward[cpu]" in names

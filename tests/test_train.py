@@ -212,3 +212,18 @@ def test_sweep_lists_failed_jobs_with_error_and_log(tmp_path):
     assert Path(failed["log"]).is_file() and "Traceback" in Path(failed["log"]).read_text()
     assert ok["status"] == "ok" and ok["steps"] == "5"
     assert "failed" in (sweep / "summary.md").read_text()
+
+
+def test_sweep_summary_aggregates_over_seeds():
+    from hetrain.report import seed_table
+
+    records = [
+        {"job": 0, "overrides": "model.hidden=64 seed=0", "status": "ok", "metrics.val/acc": 0.8},
+        {"job": 1, "overrides": "model.hidden=64 seed=1", "status": "ok", "metrics.val/acc": 0.9},
+        {"job": 2, "overrides": "model.hidden=128 seed=0", "status": "ok", "metrics.val/acc": 0.95},
+        {"job": 3, "overrides": "model.hidden=128 seed=1", "status": "failed", "error": "boom"},
+    ]
+    header, rows = seed_table(records)
+    assert header == ["overrides (seed aside)", "seeds", "metrics.val/acc"]
+    assert rows == [["model.hidden=64", 2, "0.85 ± 0.071"], ["model.hidden=128", 1, "0.95 ± 0"]]
+    assert seed_table([{"job": 0, "overrides": "model.hidden=64", "status": "ok"}]) is None

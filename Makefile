@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hetrain-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 ARGS ?=
 
-.PHONY: setup train test lint env bench-cpu bench-loader gpu-compile gpu-check tsan clean
+.PHONY: setup train test lint env bench-cpu bench-loader gpu-compile gpu-check tsan tolerances clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ gpu-check:
 
 bench-cpu: setup
 	$(PY) -m benchmarks.bench_cpu $(ARGS)
+
+# Each op's largest error against float64, per backend and dtype: docs/tolerances.md.
+tolerances: setup
+	$(PY) -m hetrain.checks.tolerances
 
 bench-loader: setup
 	$(PY) -m benchmarks.bench_loader $(ARGS)

@@ -57,9 +57,10 @@ def build(cfg: DictConfig) -> Parts:
     datamodule = _instantiate(cfg.data, "data")
     model = _instantiate(cfg.model, "model")
     task = _instantiate(cfg.task, "task", model=model)
-    callbacks = {name: _instantiate(node, f"callback {name}") for name, node in (cfg.get("callbacks") or {}).items()
-                 if node is not None}
-    callbacks["placement"] = _instantiate(cfg.placement, "placement")
+    # Placement first: the callbacks after it (pipeline split, profilers) see the stages on their devices.
+    callbacks = {"placement": _instantiate(cfg.placement, "placement")}
+    callbacks.update({name: _instantiate(node, f"callback {name}")
+                      for name, node in (cfg.get("callbacks") or {}).items() if node is not None})
     recorder = RunRecorder()
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     precision = trainer_precision(cfg.trainer.precision, _devices_in_use(cfg))

@@ -1,6 +1,7 @@
-"""Lightning callbacks: stage placement, per-device precision, non-finite guard, memory, throughput."""
+"""Lightning callbacks: stage placement, pipeline split, per-device precision, non-finite guard, memory, throughput."""
 
 from hetrain.callbacks.memory import MemoryProfiler
+from hetrain.callbacks.pipeline import PipelineSplit
 from hetrain.callbacks.placement import StagePlacement, device_present, resolve_plan
 from hetrain.callbacks.precision import (
     DeviceMixedPrecision,
@@ -16,6 +17,7 @@ __all__ = [
     "MemoryProfiler",
     "NonFiniteError",
     "NonFiniteGuard",
+    "PipelineSplit",
     "StagePlacement",
     "Throughput",
     "choose_precision",

@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from hetrain.placement import PlacementPlan, available_devices, measure
+from hetrain.placement.pipeline import shared_across_devices, stage_device
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,12 @@ class StagePlacement(Callback):
             self.devices, note = resolve_plan(self.plan, list(stages), self.fallback)
             if note:
                 log.info(note)
+        planned = {name: self.devices.get(name, stage_device(stage)) for name, stage in stages.items()}
+        clashes = shared_across_devices(list(stages.items()), planned)
+        if clashes:
+            pairs = "; ".join(f"{a} and {b}" for a, b in clashes)
+            raise ValueError(f"hetrain: parameters shared by stages placed on different devices: {pairs}. Put those "
+                             f"stages on one device, or untie the weights")
         placed = {}
         for name, stage in stages.items():
             device = self.devices.get(name)

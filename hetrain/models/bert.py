@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetrain.nn import BiasGELU, DropoutAddLayerNorm, LayerNorm
+from hetrain.placement.pipeline import gpipe_forward
 
 
 class Embeddings(nn.Module):
@@ -125,6 +126,7 @@ class BertClassifier(nn.Module):
         ffn = ffn or 4 * hidden
         self.encoder = nn.ModuleList(EncoderBlock(hidden, heads, ffn, dropout, fused) for _ in range(layers))
         self.classifier = Classifier(hidden, num_classes, dropout)
+        self.micro_batches = 1  # > 1: forward runs the GPipe schedule (hetrain.callbacks.PipelineSplit sets it)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -142,8 +144,17 @@ class BertClassifier(nn.Module):
         blocks = {f"encoder.{i}": block for i, block in enumerate(self.encoder)}
         return {"embeddings": self.embeddings, **blocks, "classifier": self.classifier}
 
+    def run_stage(self, name: str, x: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+        """One stage on the previous stage's output ``x`` (the ids for the embeddings)."""
+        stage = self.get_submodule(name)
+        return stage(x) if name == "embeddings" else stage(x, attention_mask)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids and (B, T) bool mask (True on real tokens) -> (B, num_classes) logits."""
+        if self.micro_batches > 1:
+            return gpipe_forward(list(self.stages().items()), self.run_stage, (input_ids, attention_mask),
+                                 self.micro_batches)
         x = self.embeddings(input_ids)
         for block in self.encoder:
             x = block(x, attention_mask)

@@ -1,0 +1,50 @@
+"""``PipelineSplit``: a Lightning callback that runs a placed model's stages on micro-batches (GPipe).
+
+The schedule itself lives in :mod:`hetrain.placement.pipeline`; this callback checks the split at fit
+start and switches the model to it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from typing_extensions import override
+
+from hetrain.placement.pipeline import stage_device
+
+log = logging.getLogger(__name__)
+
+
+class PipelineSplit(Callback):
+    """Runs the model's stages on their devices with the batch cut into micro-batches (GPipe schedule).
+
+    Example::
+
+        Trainer(callbacks=[StagePlacement({"embeddings": "cpu", "encoder": "cuda:0"}), PipelineSplit(4)])
+
+    Notes:
+        Place the stages first (:class:`StagePlacement` before this callback, which refuses a
+        parameter shared by stages on different devices, naming both); the split only changes how
+        the batch flows through them. Composes with Lightning's DDP: each process splits its own
+        batch over its own devices.
+
+    Args:
+        micro_batches: pieces each batch is cut into (at most the batch size; uneven sizes allowed).
+    """
+
+    def __init__(self, micro_batches: int = 4) -> None:
+        if micro_batches < 1:
+            raise ValueError(f"hetrain: micro_batches must be >= 1, got {micro_batches}")
+        self.micro_batches = micro_batches
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = getattr(pl_module, "model", pl_module)
+        if not (hasattr(model, "micro_batches") and hasattr(model, "run_stage")):
+            raise TypeError(f"hetrain: PipelineSplit needs a model with stages(), run_stage() and a micro_batches "
+                            f"attribute; {type(model).__name__} lacks them")
+        model.micro_batches = self.micro_batches
+        log.info(f"pipeline split: {self.micro_batches} micro-batches over "
+                 f"{', '.join(f'{n}@{stage_device(s)}' for n, s in model.stages().items())}")

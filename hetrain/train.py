@@ -83,6 +83,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     parts.trainer.fit(parts.task, datamodule=parts.datamodule)
     summary = parts.recorder.summary(parts.trainer)
     summary["precision"] = str(parts.trainer.precision)
+    if hasattr(parts.datamodule, "loader_summary"):  # slot and pinned bytes, fixed for the whole run
+        summary["data"] = parts.datamodule.loader_summary()
     summary.update({name: c.summary for name, c in parts.callbacks.items()
                     if isinstance(getattr(c, "summary", None), dict)})
     return summary

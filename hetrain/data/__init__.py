@@ -4,10 +4,11 @@ See hetrain/data/README.md for the pipeline, stage by stage.
 """
 
 from hetrain.data.build_tokens import ByteTokenizer, build_token_file
+from hetrain.data.datamodule import RingDataModule, SyntheticDataModule, TokenDataModule
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
-from hetrain.data.synthetic import SyntheticDataModule, SyntheticSequences, pad_collate
+from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
 from hetrain.data.tokens import TokenFile, TokenFileWriter, write_token_file
 from hetrain.data.windows import TokenWindows, Windows, make_windows, token_collate
 
@@ -17,11 +18,14 @@ __all__ = [
     "DevicePrefetcher",
     "LoaderError",
     "PadInto",
+    "PadWithIds",
+    "RingDataModule",
     "RingLoader",
     "SyntheticDataModule",
     "SyntheticSequences",
     "TokenBudgetBatchSampler",
     "TokenFile",
+    "TokenDataModule",
     "TokenFileWriter",
     "TokenWindows",
     "Windows",

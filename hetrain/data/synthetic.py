@@ -11,9 +11,12 @@ ids, then noise ids up to ``vocab_size``.
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
+from typing import Any
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from hetrain.data.ring import PadInto
 
 PAD = 0
 CLS = 1
@@ -72,8 +75,8 @@ class SyntheticSequences(Dataset):
     def __len__(self) -> int:
         return len(self.sequences)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.sequences[index], "label": self.labels[index]}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": self.sequences[index], "label": self.labels[index], "sample_id": index}
 
 
 def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -87,58 +90,15 @@ def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class SyntheticDataModule(pl.LightningDataModule):
-    """Train and validation splits of :class:`SyntheticSequences`, drawn from ``seed`` and ``seed + 1``."""
+class PadWithIds(PadInto):
+    """Slot collate writing :func:`pad_collate`'s batch plus ``sample_ids`` (B,), as token-file batches carry."""
 
-    def __init__(
-        self,
-        vocab_size: int = 256,
-        num_classes: int = 4,
-        min_len: int = 16,
-        max_len: int = 64,
-        markers_per_class: int = 8,
-        signal: float = 0.15,
-        distractors: float = 0.5,
-        train_size: int = 8192,
-        val_size: int = 1024,
-        batch_size: int = 32,
-        seed: int = 0,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.train_set: SyntheticSequences | None = None
-        self.val_set: SyntheticSequences | None = None
+    def __init__(self, max_tokens: int, max_rows: int) -> None:
+        super().__init__(max_tokens, max_rows, pad_id=PAD)
+        self.spec["sample_ids"] = (torch.int64, max_rows)
 
-    def _split(self, size: int, seed: int) -> SyntheticSequences:
-        h = self.hparams
-        return SyntheticSequences(
-            size, h.vocab_size, h.num_classes, h.min_len, h.max_len, h.markers_per_class, h.signal,
-            h.distractors, seed,
-        )
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set = self._split(self.hparams.train_size, self.hparams.seed)
-            self.val_set = self._split(self.hparams.val_size, self.hparams.seed + 1)
-
-    def _loader(self, dataset: SyntheticSequences, shuffle: bool) -> DataLoader:
-        pin = torch.cuda.is_available() if self.hparams.pin_memory is None else self.hparams.pin_memory
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            collate_fn=pad_collate,
-            num_workers=self.hparams.num_workers,
-            # Pinned host batches let the copy to a GPU run asynchronously (non_blocking=True).
-            pin_memory=pin,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+    def __call__(self, items: list[dict[str, Any]], out: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        shapes = super().__call__(items, out)
+        out["sample_ids"][: len(items)] = torch.as_tensor([item["sample_id"] for item in items])
+        shapes["sample_ids"] = (len(items),)
+        return shapes

@@ -1,0 +1,322 @@
+"""LightningDataModules for text that feed the ring-buffer loader: synthetic sequences, and token files.
+
+:class:`RingDataModule` is the shared part: a :class:`~hetrain.data.sampler.TokenBudgetBatchSampler`
+laid out over Lightning's ranks, a :class:`~hetrain.data.ring.RingLoader` over it, a
+:class:`~hetrain.data.prefetch.DevicePrefetcher` when the model's stages live on one GPU, and the
+loader's fixed host bytes for the run summary.
+
+:class:`TokenDataModule` classifies windows of long documents: each document carries a label, each
+window of it (``max_len`` tokens, ``stride`` apart) is a sample with its document's label, gathered
+from the memory-mapped token file by the ring's C++ threads. Its corpus is a jsonl file (a text and a
+label field), a directory of token files it wrote before, or, with no path, long synthetic documents
+generated from the seed (see :func:`write_synthetic_corpus`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from hetrain.data.build_tokens import ByteTokenizer, build_token_file, iter_documents
+from hetrain.data.prefetch import DevicePrefetcher
+from hetrain.data.ring import RingLoader
+from hetrain.data.sampler import TokenBudgetBatchSampler
+from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
+from hetrain.data.tokens import TokenFile, TokenFileWriter
+from hetrain.data.windows import TokenWindows
+
+SPLITS = ("train", "val")
+
+
+class LabelledRing(RingLoader):
+    """A RingLoader over token windows whose batches also carry ``labels`` (B,): each window's label.
+
+    The C++ gather knows tokens only; the labels are looked up by the batch's ``sample_ids``.
+    """
+
+    def __init__(self, source: TokenWindows, batch_sampler: Any, labels: np.ndarray, **kwargs: Any) -> None:
+        super().__init__(source, batch_sampler, **kwargs)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in super().__iter__():
+            batch["labels"] = self.labels[batch["sample_ids"]]
+            yield batch
+
+
+class RingDataModule(pl.LightningDataModule):
+    """Base for DataModules whose loaders are RingLoaders; subclasses build the loaders with :meth:`_ring`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaders: dict[str, RingLoader] = {}
+        self._summary: dict[str, Any] = {}
+
+    def _layout(self) -> tuple[int, int]:
+        """``(num_replicas, rank)`` of the Trainer this module is attached to; one rank without one."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def _first_stage_device(self) -> torch.device | None:
+        """Where the batch's inputs go: the device of the model's first stage, when all stages share it.
+
+        Only then does a prefetch copy each batch tensor once; with stages on several devices the task's
+        ``transfer_batch_to_device`` sends inputs and labels each straight to where they are used.
+        """
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not hasattr(module, "stages"):
+            return None
+        devices = [next(stage.parameters()).device for stage in module.stages().values()]
+        return devices[0] if len(set(devices)) == 1 else None
+
+    def _ring(self, split: str, source: Any, lengths: Iterable[int], shuffle: bool, max_tokens: int,
+              seed: int, loader_cls: type[RingLoader] = RingLoader, **kwargs: Any) -> Iterable:
+        """A RingLoader over ``source`` for ``split``, wrapped in a DevicePrefetcher when the stages are on a GPU.
+
+        ``lookahead=1``: Lightning's loops fetch one batch ahead of the step, which must not count as consumed.
+        """
+        old = self._loaders.pop(split, None)
+        if old is not None:
+            old.close()
+        replicas, rank = self._layout()
+        sampler = TokenBudgetBatchSampler(np.asarray(list(lengths)), max_tokens, shuffle=shuffle, seed=seed,
+                                          num_replicas=replicas, rank=rank)
+        loader = loader_cls(source, sampler, lookahead=1, **kwargs)
+        self._loaders[split] = loader
+        device = self._first_stage_device()
+        prefetch = device is not None and device.type == "cuda"
+        self._summary[split] = {
+            "loader": "ring", "slot_bytes": loader.nbytes, "pinned_bytes": loader.pinned_bytes,
+            "padding_fraction": round(sampler.padding_fraction, 4), "prefetch": str(device) if prefetch else None,
+        }
+        return DevicePrefetcher(loader, device, lookahead=1) if prefetch else loader
+
+    def loader_summary(self) -> dict[str, Any]:
+        """Per split: the loader kind, its host slot bytes (fixed at start), pinned bytes, padding, prefetch."""
+        return dict(self._summary)
+
+    def teardown(self, stage: str) -> None:
+        for loader in self._loaders.values():
+            loader.close()
+        self._loaders.clear()
+
+
+class SyntheticDataModule(RingDataModule):
+    """Train and validation splits of :class:`SyntheticSequences`, drawn from ``seed`` and ``seed + 1``.
+
+    ``loader="ring"`` batches by token budget (``max_tokens`` padded tokens per batch) into the ring's
+    slots with ``producers`` threads; ``loader="torch"`` is torch's DataLoader with ``batch_size``
+    sequences per batch and ``num_workers`` processes, for comparison.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        num_classes: int = 4,
+        min_len: int = 16,
+        max_len: int = 64,
+        markers_per_class: int = 8,
+        signal: float = 0.15,
+        distractors: float = 0.5,
+        train_size: int = 8192,
+        val_size: int = 1024,
+        loader: str = "ring",
+        max_tokens: int = 2048,
+        num_slots: int = 4,
+        producers: int = 2,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if loader not in ("ring", "torch"):
+            raise ValueError(f"hetrain: loader must be 'ring' or 'torch', got {loader!r}")
+        self.save_hyperparameters()
+        self.train_set: SyntheticSequences | None = None
+        self.val_set: SyntheticSequences | None = None
+
+    def _split(self, size: int, seed: int) -> SyntheticSequences:
+        h = self.hparams
+        return SyntheticSequences(
+            size, h.vocab_size, h.num_classes, h.min_len, h.max_len, h.markers_per_class, h.signal,
+            h.distractors, seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set = self._split(self.hparams.train_size, self.hparams.seed)
+            self.val_set = self._split(self.hparams.val_size, self.hparams.seed + 1)
+
+    def _loader(self, split: str, dataset: SyntheticSequences, shuffle: bool) -> Iterable:
+        h = self.hparams
+        pin = torch.cuda.is_available() if h.pin_memory is None else h.pin_memory
+        if h.loader == "ring":
+            rows = -(-h.max_tokens // h.min_len)  # the most sequences a batch can hold
+            return self._ring(split, dataset, map(len, dataset.sequences), shuffle, h.max_tokens, h.seed,
+                              collate=PadWithIds(h.max_tokens, rows), num_slots=h.num_slots,
+                              num_workers=h.producers, pin_memory=pin)
+        self._summary[split] = {"loader": "torch", "batch_size": h.batch_size}
+        return DataLoader(
+            dataset,
+            batch_size=h.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            collate_fn=pad_collate,
+            num_workers=h.num_workers,
+            # Pinned host batches let the copy to a GPU run asynchronously (non_blocking=True).
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(h.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> Iterable:
+        return self._loader("train", self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> Iterable:
+        return self._loader("val", self.val_set, shuffle=False)
+
+
+def write_synthetic_corpus(out_dir: str | os.PathLike, num_docs: dict[str, int], seed: int, **kwargs: Any) -> None:
+    """Writes ``<out_dir>/<split>.bin/.idx`` and ``<split>.labels.npy``: long documents with a learnable label.
+
+    The documents are :class:`~hetrain.data.synthetic.SyntheticSequences` (class markers among noise, the
+    label the majority class) at document length, so every window of a document holds its label's
+    markers in the majority as well. Split ``k`` is drawn from ``seed + k``; the same seed, the same files.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (split, size) in enumerate(num_docs.items()):
+        docs = SyntheticSequences(size, seed=seed + k, **kwargs)
+        with TokenFileWriter(out / split, itemsize=2) as writer:
+            for seq in docs.sequences:
+                writer.add(seq.numpy())
+        np.save(out / f"{split}.labels.npy", docs.labels.numpy())
+
+
+def write_jsonl_corpus(path: str | os.PathLike, out_dir: str | os.PathLike, text_field: str, label_field: str,
+                       val_fraction: float, seed: int) -> None:
+    """Tokenises a jsonl corpus (byte tokenizer) into train and val token files, documents split from ``seed``."""
+    texts = list(iter_documents([path], text_field))
+    with open(path, encoding="utf-8") as f:
+        labels = np.asarray([int(json.loads(line)[label_field]) for line in f if line.strip()], dtype=np.int64)
+    if len(texts) < 2:
+        raise ValueError(f"hetrain: {path} holds {len(texts)} documents; a train and a val split need at least 2")
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_val = min(len(texts) - 1, max(1, round(val_fraction * len(texts))))
+    out = Path(out_dir)
+    for split, picked in (("val", order[:n_val]), ("train", order[n_val:])):
+        picked = np.sort(picked)
+        build_token_file((texts[i] for i in picked), out / split, ByteTokenizer())
+        np.save(out / f"{split}.labels.npy", labels[picked])
+
+
+class TokenDataModule(RingDataModule):
+    """Windows of long labelled documents, streamed from token files through the ring's C++ gather.
+
+    Args:
+        path: a ``.jsonl`` file (``text_field``, integer ``label_field``; byte-tokenised), a directory holding
+            ``train``/``val`` token files and ``<split>.labels.npy`` (what this module writes), or None:
+            synthetic long documents (``train_size``/``val_size`` of them, ``min_doc_len``..``max_doc_len``).
+        data_dir: where token files are written; None makes a temporary directory.
+        max_len, stride: window length and step; windows of a document overlap by ``max_len - stride``.
+        max_tokens: padded tokens per batch (token-budget batching).
+        vocab_size, num_classes: of the data; token ids are checked against ``vocab_size`` as they are gathered.
+        num_slots, producers: ring slots and C++ gather threads.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        data_dir: str | None = None,
+        text_field: str = "text",
+        label_field: str = "label",
+        val_fraction: float = 0.1,
+        max_len: int = 128,
+        stride: int = 96,
+        max_tokens: int = 4096,
+        vocab_size: int = 256,
+        num_classes: int = 4,
+        train_size: int = 1024,
+        val_size: int = 128,
+        min_doc_len: int = 64,
+        max_doc_len: int = 1024,
+        markers_per_class: int = 8,
+        signal: float = 0.15,
+        distractors: float = 0.5,
+        seed: int = 0,
+        num_slots: int = 4,
+        producers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.windows: dict[str, TokenWindows] = {}
+        self.labels: dict[str, np.ndarray] = {}
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def _corpus_dir(self) -> Path:
+        """The directory holding the split token files, built first when the corpus is not token files yet."""
+        h = self.hparams
+        if h.path is not None and Path(h.path).is_dir():
+            return Path(h.path)
+        if h.data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="hetrain-tokens-")
+        out = Path(h.data_dir if h.data_dir is not None else self._tmp.name)
+        if h.path is None:
+            write_synthetic_corpus(
+                out, {"train": h.train_size, "val": h.val_size}, h.seed, vocab_size=h.vocab_size,
+                num_classes=h.num_classes, min_len=h.min_doc_len, max_len=h.max_doc_len,
+                markers_per_class=h.markers_per_class, signal=h.signal, distractors=h.distractors,
+            )
+        elif Path(h.path).suffix == ".jsonl":
+            write_jsonl_corpus(h.path, out, h.text_field, h.label_field, h.val_fraction, h.seed)
+        else:
+            raise ValueError(f"hetrain: data path {h.path!r} is neither a .jsonl file nor a directory of token files")
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.windows:
+            return
+        corpus = self._corpus_dir()
+        for split in SPLITS:
+            tf = TokenFile(corpus / split)
+            labels_path = corpus / f"{split}.labels.npy"
+            if not labels_path.is_file():
+                raise FileNotFoundError(f"hetrain: {labels_path} is missing: one label per document of {tf}")
+            doc_labels = np.load(labels_path)
+            if len(doc_labels) != len(tf):
+                raise ValueError(f"hetrain: {labels_path} holds {len(doc_labels)} labels for {len(tf)} documents")
+            if len(doc_labels) and not 0 <= doc_labels.min() <= doc_labels.max() < self.hparams.num_classes:
+                raise ValueError(f"hetrain: {labels_path} has labels outside [0, {self.hparams.num_classes})")
+            windows = TokenWindows(tf, self.hparams.max_len, self.hparams.stride)
+            self.windows[split] = windows
+            self.labels[split] = doc_labels[windows.windows.doc]  # a window's label is its document's
+
+    def _loader(self, split: str, shuffle: bool) -> Iterable:
+        h = self.hparams
+        windows = self.windows[split]
+        return self._ring(split, windows, windows.lengths, shuffle, h.max_tokens, h.seed, LabelledRing,
+                          labels=self.labels[split], num_slots=h.num_slots, num_workers=h.producers,
+                          vocab_size=h.vocab_size)
+
+    def train_dataloader(self) -> Iterable:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> Iterable:
+        return self._loader("val", shuffle=False)
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        if stage == "fit" and self._tmp is not None:
+            self.windows.clear()
+            self._tmp.cleanup()
+            self._tmp = None

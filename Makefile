@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hetrain-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 ARGS ?=
 
-.PHONY: setup train test lint env bench-cpu bench-loader gpu-compile gpu-check tsan tolerances clean
+.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader gpu-compile gpu-check tsan tolerances clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,14 @@ bench-cpu: setup
 # Each op's largest error against float64, per backend and dtype: docs/tolerances.md.
 tolerances: setup
 	$(PY) -m hetrain.checks.tolerances
+
+# On a GPU: every fused op beside eager, torch.compile and Liger-Kernel; regenerates RESULTS.md's GPU section.
+bench-ops: setup
+	$(PY) -m benchmarks.bench_ops $(ARGS)
+
+# A BERT-base-like training step in fp32, tf32, bf16-mixed, 16-mixed and bf16 + torch.compile, fused and not.
+bench-train: setup
+	$(PY) -m benchmarks.bench_train $(ARGS)
 
 bench-loader: setup
 	$(PY) -m benchmarks.bench_loader $(ARGS)

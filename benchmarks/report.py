@@ -7,6 +7,7 @@ from pathlib import Path
 
 RESULTS_MD = Path(__file__).parent / "RESULTS.md"
 CPU_BEGIN, CPU_END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
+GPU_BEGIN, GPU_END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
 
 
 def cpu_row_text(row: dict) -> str:
@@ -44,6 +45,50 @@ def epilogue_text(row: dict) -> str:
             f"({epi['eager'] / ours:.2f}x vs eager, {epi['compile'] / ours:.2f}x vs compile).")
 
 
+def _fmt(value: float | str) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def gpu_row_text(row: dict) -> str:
+    parts = [f"{name} {ms:.3f} ms" for name, ms in row["ms"].items()]
+    return (f"{row['op']:<24} {row['shape']:<18} {row['dtype']:<9} " + "  ".join(parts)
+            + f"  {100 * row['copy_fraction']:.0f}% of copy bw")
+
+
+def gpu_table(result: dict) -> str:
+    lines = [
+        f"GPU: {result['device']}, torch {result['torch']} (CUDA {result['cuda']}), {result['date']}; forward+backward "
+        f"median per call (and GPU time from a CUDA-graph replay); copy bandwidth {result['copy_gbs']:.0f} GB/s.",
+        "",
+        "| op | shape | dtype | impl | ms per call | ms GPU (graph) | peak MiB | hetrain speedup | hetrain % copy bw |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        for name, ms in r["ms"].items():
+            speed = "" if name in ("hetrain", "conv") else f"{r['speedup'][name]:.2f}x"
+            bw = f"{100 * r['copy_fraction']:.0f}%" if name == "hetrain" else ""
+            lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {name} | {ms:.3f} | "
+                         f"{_fmt(r['graph_ms'][name])} | {_fmt(r['peak_mib'][name])} | {speed} | {bw} |")
+    return "\n".join(lines)
+
+
+def _replace_section(text: str, begin: str, end: str, body: str) -> str:
+    section = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        return head + section + rest.split(end, 1)[1]
+    return text.rstrip() + "\n\n" + section + "\n"
+
+
+def write_gpu_results_md(results_dir: Path) -> None:
+    """Replaces the GPU section of RESULTS.md with the newest GPU op benchmark, keeping everything else."""
+    files = sorted(p for p in results_dir.glob("*-ops.json") if not p.name.endswith("-cpu-ops.json"))
+    if not files:
+        return
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# hetrain benchmark results\n"
+    RESULTS_MD.write_text(_replace_section(text, GPU_BEGIN, GPU_END, gpu_table(json.loads(files[-1].read_text()))))
+
+
 def latest(results_dir: Path, suffix: str) -> dict | None:
     files = sorted(results_dir.glob(f"*-{suffix}.json"))
     return json.loads(files[-1].read_text()) if files else None
@@ -54,11 +99,5 @@ def write_results_md(results_dir: Path) -> None:
     result = latest(results_dir, "ops-cpu")
     if result is None:
         return
-    section = f"{CPU_BEGIN}\n{cpu_table(result)}\n{CPU_END}"
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# hetrain benchmark results\n\n## CPU\n\n"
-    if CPU_BEGIN in text:
-        head, rest = text.split(CPU_BEGIN, 1)
-        text = head + section + rest.split(CPU_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS_MD.write_text(text)
+    RESULTS_MD.write_text(_replace_section(text, CPU_BEGIN, CPU_END, cpu_table(result)))

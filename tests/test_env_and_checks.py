@@ -55,3 +55,14 @@ def test_gpu_check_without_a_gpu_names_each_skipped_step(tmp_path):
             assert status[step][0] == "skipped" and ("CPU build" in status[step][1] or "no CUDA" in status[step][1])
     assert "step" in out.stdout and "status" in out.stdout  # the closing table
     assert (tmp_path / record["log"]).exists()
+
+
+def test_bench_ops_runs_every_case_in_its_cpu_smoke_mode(tmp_path):
+    out = run_python(["-m", "benchmarks.bench_ops", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    record = json.loads(next(tmp_path.glob("*-ops.json")).read_text())
+    ops = {r["op"] for r in record["rows"]}
+    assert ops == {"bias_gelu", "conv_bn_relu_pool", "dropout_add_layer_norm", "layer_norm",
+                   "linear_cross_entropy", "rms_norm"}
+    for row in record["rows"]:
+        assert {"eager", "compile", "hetrain"} <= set(row["ms"]) and all(ms > 0 for ms in row["ms"].values())

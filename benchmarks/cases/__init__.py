@@ -1,4 +1,4 @@
-"""Benchmark cases, one module per op family; each defines ``cpu_cases() -> list[Case]``.
+"""Benchmark cases, one module per op family; each defines ``cpu_cases()`` and ``gpu_cases(device, quick)``.
 
 The runner walks this package, so a new op's benchmark is picked up by adding its module here.
 """
@@ -27,11 +27,27 @@ class Case:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-def discover(kind: str = "cpu") -> list[Case]:
+def discover(kind: str = "cpu", **options: object) -> list[Case]:
+    """Every module's ``<kind>_cases(**options)``, in module order."""
     cases: list[Case] = []
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
         factory = getattr(module, f"{kind}_cases", None)
         if factory is not None:
-            cases.extend(factory())
+            cases.extend(factory(**options))
     return cases
+
+
+def liger(name: str, device: str) -> Callable | None:
+    """A Liger-Kernel function as a baseline, on CUDA where its wheel is installed; never a dependency."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        from liger_kernel.transformers import functional
+    except ImportError:
+        return None
+    return getattr(functional, name, None)
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")

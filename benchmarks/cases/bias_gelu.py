@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.cases import Case
+from benchmarks.cases import Case, dtype_name
 from hetrain.ops.bias_gelu import bias_gelu
 
 
@@ -31,3 +31,9 @@ def cpu_cases() -> list[Case]:
     # forward reads x, writes y; backward reads dy and x, writes dx (bias reads are noise).
     return [Case("bias_gelu", f"{rows}x{hidden} tanh", "float32", _make(rows, hidden, torch.float32, "cpu", "tanh"),
                  5 * rows * hidden * elem)]
+
+
+def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:
+    shapes = [(256, 3072, torch.bfloat16)] if quick else [(16384, 3072, torch.bfloat16), (16384, 3072, torch.float32)]
+    return [Case("bias_gelu", f"{rows}x{hidden} tanh", dtype_name(dtype), _make(rows, hidden, dtype, device, "tanh"),
+                 5 * rows * hidden * dtype.itemsize) for rows, hidden, dtype in shapes]

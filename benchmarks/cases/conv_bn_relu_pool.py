@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import Case
+from benchmarks.cases import Case, dtype_name
 from hetrain.ops.conv_bn_relu_pool import conv_bn_relu_pool
 
 
@@ -59,3 +59,11 @@ def cpu_cases() -> list[Case]:
     return [Case("conv_bn_relu_pool", f"{n}x{c}x{hw}x{hw}", "float32", _make(n, c, hw, torch.float32, "cpu"),
                  int(act * (1 + 0.25 + 0.25 + 1 + 1)),
                  notes={"layout": "channels_last", "epilogue": "hetrain/eager time minus the 'conv' entry"})]
+
+
+def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:
+    n, c, hw = (2, 16, 28) if quick else (64, 64, 56)  # the ResNet mid block; the 7x7 stem is not covered yet
+    dtype = torch.bfloat16
+    act = n * c * hw * hw * dtype.itemsize
+    return [Case("conv_bn_relu_pool", f"{n}x{c}x{hw}x{hw}", dtype_name(dtype), _make(n, c, hw, dtype, device),
+                 int(act * 3.5), notes={"layout": "channels_last", "epilogue": "time minus the 'conv' entry"})]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import Case
+from benchmarks.cases import Case, dtype_name
 from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm
 
 
@@ -34,3 +34,11 @@ def cpu_cases() -> list[Case]:
     # forward reads x and residual, writes y; backward reads dy, x and residual, writes dx and dresidual.
     return [Case("dropout_add_layer_norm", f"{rows}x{hidden} p={p}", "float32",
                  _make(rows, hidden, p, torch.float32, "cpu"), 8 * rows * hidden * elem)]
+
+
+def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:
+    shapes = [(256, 768, torch.bfloat16)] if quick else [(16384, 768, torch.bfloat16), (16384, 768, torch.float32)]
+    # forward reads x and residual, writes y; backward reads dy, x and residual, writes dx and dresidual.
+    return [Case("dropout_add_layer_norm", f"{rows}x{hidden} p=0.1", dtype_name(dtype),
+                 _make(rows, hidden, 0.1, dtype, device), 8 * rows * hidden * dtype.itemsize)
+            for rows, hidden, dtype in shapes]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.cases import Case
+from benchmarks.cases import Case, dtype_name, liger
 from hetrain.ops.layer_norm import layer_norm
 
 
@@ -20,7 +20,11 @@ def _make(rows: int, hidden: int, dtype: torch.dtype, device: str):
         def step(fn):
             return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
 
-        return {"eager": step(eager), "compile": step(compiled), "hetrain": step(layer_norm)}
+        impls = {"eager": step(eager), "compile": step(compiled), "hetrain": step(layer_norm)}
+        liger_ln = liger("liger_layer_norm", device)
+        if liger_ln is not None:
+            impls["liger"] = step(lambda x, w, b: liger_ln(x, w, b, 1e-5))
+        return impls
 
     return make
 
@@ -31,3 +35,10 @@ def cpu_cases() -> list[Case]:
     # forward reads x, writes y; backward reads dy and x, writes dx.
     return [Case("layer_norm", f"{rows}x{hidden}", "float32", _make(rows, hidden, torch.float32, "cpu"),
                  5 * rows * hidden * elem)]
+
+
+def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:
+    shapes = [(256, 768, torch.bfloat16)] if quick else [
+        (16384, 768, torch.bfloat16), (16384, 768, torch.float32), (16384, 4096, torch.float32)]
+    return [Case("layer_norm", f"{rows}x{hidden}", dtype_name(dtype), _make(rows, hidden, dtype, device),
+                 5 * rows * hidden * dtype.itemsize) for rows, hidden, dtype in shapes]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.cases import Case
+from benchmarks.cases import Case, dtype_name, liger
 from hetrain.ops.linear_cross_entropy import bytes_per_row, chunk_rows, linear_cross_entropy
 
 
@@ -22,7 +22,11 @@ def _make(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: str):
         def step(fn):
             return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b))
 
-        return {"eager": step(eager), "compile": step(compiled), "hetrain": step(ours)}
+        impls = {"eager": step(eager), "compile": step(compiled), "hetrain": step(ours)}
+        liger_flce = liger("liger_fused_linear_cross_entropy", device)
+        if liger_flce is not None:
+            impls["liger"] = step(lambda x, w, b: liger_flce(x, w, t, b))
+        return impls
 
     return make
 
@@ -42,3 +46,11 @@ def cpu_cases() -> list[Case]:
     return [Case("linear_cross_entropy", f"{rows}x{hidden}->{vocab}", "float32",
                  _make(rows, hidden, vocab, torch.float32, "cpu"),
                  2 * (rows + vocab) * hidden * elem, notes)]
+
+
+def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:
+    rows, hidden, vocab = (256, 64, 1024) if quick else (16384, 768, 30522)
+    dtype = torch.bfloat16
+    return [Case("linear_cross_entropy", f"{rows}x{hidden}->{vocab}", dtype_name(dtype),
+                 _make(rows, hidden, vocab, dtype, device), 2 * (rows + vocab) * hidden * dtype.itemsize,
+                 {"flops": f"{6 * rows * hidden * vocab:.3e}"})]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.cases import Case
+from benchmarks.cases import Case, dtype_name, liger
 from hetrain.ops.rms_norm import rms_norm
 
 
@@ -19,7 +19,11 @@ def _make(rows: int, hidden: int, dtype: torch.dtype, device: str):
         def step(fn):
             return lambda: torch.autograd.grad(fn(x, w), (x, w), dy)
 
-        return {"eager": step(eager), "compile": step(compiled), "hetrain": step(rms_norm)}
+        impls = {"eager": step(eager), "compile": step(compiled), "hetrain": step(rms_norm)}
+        liger_rms = liger("liger_rms_norm", device)
+        if liger_rms is not None:
+            impls["liger"] = step(lambda x, w: liger_rms(x, w, 1e-6, in_place=False))
+        return impls
 
     return make
 
@@ -29,3 +33,9 @@ def cpu_cases() -> list[Case]:
     # forward reads x, writes y; backward reads dy and x, writes dx.
     return [Case("rms_norm", f"{rows}x{hidden}", "float32", _make(rows, hidden, torch.float32, "cpu"),
                  5 * rows * hidden * 4)]
+
+
+def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:
+    shapes = [(256, 768, torch.bfloat16)] if quick else [(16384, 768, torch.bfloat16), (16384, 4096, torch.float32)]
+    return [Case("rms_norm", f"{rows}x{hidden}", dtype_name(dtype), _make(rows, hidden, dtype, device),
+                 5 * rows * hidden * dtype.itemsize) for rows, hidden, dtype in shapes]

@@ -1,0 +1,97 @@
+"""Every fused op forward+backward beside eager PyTorch, torch.compile and Liger-Kernel (where it has the op).
+
+Run on a GPU: ``make bench-ops`` (or ``python -m benchmarks.bench_ops``). Per case: the per-call median
+as a user's eager loop sees it, the GPU time alone (the same call replayed from a captured CUDA graph),
+peak extra memory, and bandwidth as a fraction of a device-to-device copy measured in the same run.
+Writes ``benchmarks/results/<date>-<device>-ops.json`` and regenerates the GPU section of RESULTS.md.
+``--quick --device cpu`` runs tiny shapes on the CPU so the script itself is checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import hetrain
+from benchmarks import report
+from benchmarks.cases import discover
+from benchmarks.timing import copy_bandwidth_gbs, median_ms
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def graph_ms(fn: Callable[[], object]) -> float | str:
+    """Median replay time of ``fn`` captured in a CUDA graph: the GPU time without Python's launch overhead."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return median_ms(graph.replay)
+    except Exception as exc:  # a call that syncs or allocates on the host cannot be captured
+        return f"n/a ({type(exc).__name__})"
+
+
+def peak_mib(fn: Callable[[], object]) -> float | str:
+    if not torch.cuda.is_available():
+        return "n/a"
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run(device: str, quick: bool) -> dict:
+    on_gpu = device.startswith("cuda")
+    copy_gbs = copy_bandwidth_gbs(device, megabytes=64 if quick else 1024)
+    rows = []
+    for case in discover("gpu", device=device, quick=quick):
+        impls = case.make()
+        row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes, "ms": {},
+               "graph_ms": {}, "peak_mib": {}}
+        for name, fn in impls.items():
+            row["ms"][name] = median_ms(fn, min_reps=3 if quick else 20, budget_s=0.3 if quick else 2.0)
+            row["graph_ms"][name] = graph_ms(fn) if on_gpu else "n/a (no CUDA)"
+            row["peak_mib"][name] = peak_mib(fn)
+        ours = row["ms"]["hetrain"]
+        row["speedup"] = {name: ms / ours for name, ms in row["ms"].items() if name not in ("hetrain", "conv")}
+        row["copy_fraction"] = case.bytes_moved / (ours * 1e-3) / 1e9 / copy_gbs
+        rows.append(row)
+        print(report.gpu_row_text(row), flush=True)
+    name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
+    return {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "hetrain": hetrain.__version__, "copy_gbs": copy_gbs, "quick": quick,
+            "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    result = run(args.device, args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    path = args.out / f"{result['date']}-{slug}-ops.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path}")
+    if not args.quick and args.device.startswith("cuda"):
+        report.write_gpu_results_md(args.out)
+
+
+if __name__ == "__main__":
+    main()

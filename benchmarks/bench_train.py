@@ -1,0 +1,265 @@
+"""Training-step benchmark of a BERT-base-like encoder: precision modes, fused ops vs torch modules, pipeline split.
+
+Run: ``python -m benchmarks.bench_train [--quick] [--device cpu|cuda] [--out DIR]``. Writes
+``benchmarks/results/<date>-<device>-train.json`` and prints one line per mode. The target: hetrain's
+bf16 recipe with its fused ops and no torch.compile at least as fast as plain torch in bf16 + torch.compile.
+The loop is plain PyTorch (forward, cross-entropy, backward, AdamW) so that only the model differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import json
+import platform
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import hetrain
+from benchmarks.timing import median_ms
+from hetrain.callbacks.placement import StagePlacement
+from hetrain.models.bert import BertClassifier
+
+RESULTS = Path(__file__).parent / "results"
+BASELINE = ("bf16-compile", False)  # plain torch modules in bf16 under torch.compile: the bar to meet
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model and batch size of one benchmark run."""
+
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    seq: int
+    batch: int
+    num_classes: int = 2
+    dropout: float = 0.1
+
+
+FULL = Shape(vocab_size=30522, hidden=768, layers=12, heads=12, seq=128, batch=32)  # BERT-base
+QUICK = Shape(vocab_size=256, hidden=64, layers=2, heads=4, seq=32, batch=8)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One precision recipe: autocast dtype, TF32 matmuls, loss scaling, torch.compile."""
+
+    name: str
+    autocast: torch.dtype | None = None
+    tf32: bool = False
+    scaler: bool = False
+    compile: bool = False
+
+
+MODES = [
+    Mode("fp32"),
+    Mode("tf32", tf32=True),
+    Mode("bf16-mixed", autocast=torch.bfloat16),
+    Mode("16-mixed", autocast=torch.float16, scaler=True),
+    Mode("bf16-compile", autocast=torch.bfloat16, compile=True),
+]
+
+
+def skip_reason(mode: Mode, device: str, quick: bool) -> str | None:
+    """Why ``mode`` cannot (or should not) run on ``device``; None when it runs."""
+    if device == "cpu" and mode.tf32:
+        return "TF32 is a CUDA tensor-core format; on CPU it would be fp32 again"
+    if device == "cpu" and mode.scaler:
+        return "16-mixed needs torch.amp.GradScaler on CUDA; CPU autocast runs bf16"
+    if device == "cpu" and mode.compile and quick:
+        return "torch.compile's inductor C++ build takes longer than a --quick run on CPU; run without --quick"
+    return None
+
+
+def make_batch(shape: Shape, device: str | torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random token ids, a padding mask (lengths between seq/2 and seq) and labels, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, shape.vocab_size, (shape.batch, shape.seq), generator=g)
+    lengths = torch.randint(shape.seq // 2, shape.seq + 1, (shape.batch, 1), generator=g)
+    mask = torch.arange(shape.seq)[None, :] < lengths
+    ids = ids.masked_fill(~mask, 0)
+    labels = torch.randint(0, shape.num_classes, (shape.batch,), generator=g)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def build_model(shape: Shape, fused: bool) -> BertClassifier:
+    torch.manual_seed(0)
+    return BertClassifier(shape.vocab_size, shape.num_classes, shape.hidden, shape.layers, shape.heads,
+                          4 * shape.hidden, shape.seq, shape.dropout, fused)
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls on for one mode only, restored afterwards."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def train_step(model: torch.nn.Module, mode: Mode, batch: tuple[torch.Tensor, ...],
+               device_type: str) -> Callable[[], None]:
+    """One optimiser step as a closure: forward under the mode's autocast, cross-entropy, backward, AdamW."""
+    params = list(model.parameters())
+    # Fused AdamW needs every parameter on one accelerator; a CPU + GPU split takes the foreach path.
+    fused = all(p.device.type == "cuda" for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
+    scaler = torch.amp.GradScaler(device_type) if mode.scaler else None
+    forward = torch.compile(model) if mode.compile else model
+    ids, mask, labels = batch
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=mode.autocast or torch.float32, enabled=mode.autocast is not None):
+            loss = F.cross_entropy(forward(ids, mask).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    return step
+
+
+def measure(step: Callable[[], None], device: str, quick: bool) -> tuple[float, float | None]:
+    """Median step ms after warmup, and peak allocated MiB on CUDA (None on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    ms = median_ms(step, warmup=2 if quick else 5, min_reps=3 if quick else 20, max_reps=5 if quick else 100,
+                   budget_s=0.5 if quick else 5.0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return ms, peak
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_modes(shape: Shape, device: str, quick: bool) -> list[dict]:
+    rows = []
+    batch = make_batch(shape, device)
+    for mode in MODES:
+        for fused in (True, False):
+            row = {"section": "precision", "mode": mode.name, "fused": fused, "ms": None, "peak_mib": None,
+                   "skipped": skip_reason(mode, device, quick)}
+            if row["skipped"] is None:
+                model = build_model(shape, fused).to(device).train()
+                with tf32(mode.tf32):
+                    row["ms"], row["peak_mib"] = measure(train_step(model, mode, batch, device), device, quick)
+                del model
+                _release(device)
+            rows.append(row)
+            print(row_text(row), flush=True)
+    return rows
+
+
+PIPELINE_PLAN = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
+
+
+def run_pipeline(shape: Shape, device: str, quick: bool) -> list[dict]:
+    """Embeddings on the CPU + encoder/classifier on cuda:0 with and without micro-batches, vs all on the GPU."""
+    micro = 2 if quick else 4
+    cases = [("cpu+cuda", PIPELINE_PLAN, micro), ("cpu+cuda", PIPELINE_PLAN, 1), ("cuda", {}, 1)]
+    rows = []
+    bf16 = MODES[2]
+    for placement, plan, m in cases:
+        row = {"section": "pipeline", "mode": bf16.name, "fused": True, "placement": placement, "micro_batches": m,
+               "ms": None, "peak_mib": None, "skipped": None}
+        if device != "cuda":
+            row["skipped"] = "the pipeline split puts the encoder on a GPU; none in use"
+        else:
+            model = build_model(shape, fused=True).to("cuda").train()
+            model.micro_batches = m
+            StagePlacement(plan).place(model.stages())
+            # The ids start where the embeddings live; the hooks move each stage's inputs to its device.
+            ids, mask, labels = make_batch(shape, "cpu" if plan else "cuda")
+            batch = (ids, mask, labels.to("cuda"))
+            row["ms"], row["peak_mib"] = measure(train_step(model, bf16, batch, "cuda"), device, quick)
+            del model
+            _release(device)
+        rows.append(row)
+        print(row_text(row), flush=True)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's step time over the baseline's (plain bf16 + torch.compile): at most 1.0 meets the target."""
+    base = next((r["ms"] for r in rows if (r["mode"], r["fused"]) == BASELINE and r["section"] == "precision"), None)
+    for r in rows:
+        r["vs_bf16_compile"] = r["ms"] / base if r["ms"] and base else None
+
+
+def row_text(row: dict) -> str:
+    name = row["mode"] + (f" [{row['placement']}, m={row['micro_batches']}]" if row["section"] == "pipeline" else "")
+    if row["skipped"]:
+        return f"{name:<28} fused={row['fused']!s:<5}  skipped: {row['skipped']}"
+    peak = "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
+    ratio = row.get("vs_bf16_compile")
+    ratio = "n/a" if ratio is None else f"{ratio:.2f}x"
+    return f"{name:<28} fused={row['fused']!s:<5}  {row['ms']:9.2f} ms  peak {peak:>6} MiB  vs bf16+compile {ratio}"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def run(device: str, quick: bool = False) -> dict:
+    shape = QUICK if quick else FULL
+    rows = run_modes(shape, device, quick) + run_pipeline(shape, device, quick)
+    add_ratios(rows)
+    fused_bf16 = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == ("bf16-mixed", True,
+                                                                                         "precision"))
+    base = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == (*BASELINE, "precision"))
+    return {
+        "date": dt.date.today().isoformat(), "device": device_name(device), "device_type": device,
+        "torch": torch.__version__, "triton": triton_version(), "hetrain": hetrain.__version__, "quick": quick,
+        "shape": asdict(shape), "baseline": {"mode": BASELINE[0], "fused": BASELINE[1]},
+        "target_met": None if base is None else fused_bf16 <= base, "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and few steps, for a smoke test")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU in use")
+    result = run(args.device, quick=args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{result['date']}-{args.device}-train.json"
+    path.write_text(json.dumps(result, indent=2))
+    print("\nsummary (vs bf16+compile: step time over plain torch bf16 + torch.compile; <= 1.00 meets the target)")
+    for row in result["rows"]:
+        print(row_text(row))
+    print(f"target met: {result['target_met']}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The training-step benchmark runs end to end in --quick mode on CPU and records what it measured and skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_quick_cpu(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_train", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        # The benchmark times the real CPU path, not the Triton interpreter the other tests run on.
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (path,) = tmp_path.glob("*-cpu-train.json")
+    result = json.loads(path.read_text())
+    assert result["torch"] and result["device"].startswith("cpu") and result["quick"] is True
+    rows = {(r["section"], r["mode"], r["fused"]): r for r in result["rows"] if r["section"] == "precision"}
+    for mode in ("fp32", "bf16-mixed"):
+        for fused in (True, False):
+            row = rows[("precision", mode, fused)]
+            assert row["skipped"] is None and row["ms"] > 0 and row["peak_mib"] is None, row
+    for mode in ("tf32", "16-mixed"):
+        for fused in (True, False):
+            row = rows[("precision", mode, fused)]
+            assert row["ms"] is None and "CUDA" in row["skipped"], row
+    pipeline = [r for r in result["rows"] if r["section"] == "pipeline"]
+    assert {r["micro_batches"] for r in pipeline} == {1, 2}
+    assert all(r["ms"] is None and "GPU" in r["skipped"] for r in pipeline)
+    assert "bf16-mixed" in proc.stdout and str(path) in proc.stdout

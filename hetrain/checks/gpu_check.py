@@ -33,7 +33,7 @@ class Step:
     needs_gpu: bool = False
     needs: str | None = None  # a file the step runs, skipped with a reason while it does not exist
     timeout_s: int = 600
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str | None] = field(default_factory=dict)  # None unsets a variable
 
 
 @dataclass
@@ -44,18 +44,19 @@ class Outcome:
     detail: str
 
 
-def steps(quick: bool) -> list[Step]:
+def steps(quick: bool, out: Path) -> list[Step]:
     py = sys.executable
-    bench_args = ["--quick"] if quick else []
+    bench_args = ["--quick", "--out", str(out)] if quick else ["--out", str(out)]
     return [
         Step("build", [py, "setup.py", "build_ext", "--inplace"], needs_gpu=True, env={"HETRAIN_CUDA": "1"}),
         Step("env", [py, "-m", "hetrain.env"]),
-        Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile"], env={"TRITON_INTERPRET": "0"}),
+        Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile"], env={"TRITON_INTERPRET": None}),
         Step("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", "tests"], needs_gpu=True,
              env={"TRITON_INTERPRET": "0"}),
         Step("bench-ops", [py, "-m", "benchmarks.bench_ops", *bench_args], needs_gpu=True,
              needs="benchmarks/bench_ops.py"),
-        Step("bench-loader", [py, "-m", "benchmarks.bench_loader", *bench_args], needs="benchmarks/bench_loader.py"),
+        Step("bench-loader", [py, "-m", "benchmarks.bench_loader", "--out", str(out)],  # short by default
+             needs="benchmarks/bench_loader.py"),
         Step("bench-train", [py, "-m", "benchmarks.bench_train", *bench_args], needs="benchmarks/bench_train.py"),
     ]
 
@@ -80,9 +81,8 @@ def run_step(step: Step, log) -> Outcome:
     start = time.perf_counter()
     log.write(f"\n===== {step.name}: {' '.join(step.command)}\n")
     log.flush()
-    env = {**os.environ, **step.env}
-    if env.get("TRITON_INTERPRET") == "0":
-        env.pop("TRITON_INTERPRET")
+    # TRITON_INTERPRET=0 keeps the tests' default (the interpreter) off: cuda tests run the compiled kernels.
+    env = {k: v for k, v in {**os.environ, **step.env}.items() if v is not None}
     try:
         proc = subprocess.run(step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                               timeout=step.timeout_s)
@@ -96,6 +96,19 @@ def table(outcomes: list[Outcome]) -> str:
     width = max(len(o.name) for o in outcomes)
     lines = [f"{'step'.ljust(width)}  status   seconds  detail"]
     lines += [f"{o.name.ljust(width)}  {o.status:<7}  {o.seconds:7.1f}  {o.detail}" for o in outcomes]
+    return "\n".join(lines)
+
+
+def headline_ratios(results: Path, device: str) -> str:
+    """hetrain's speedup per op case from the newest op benchmark of this device, if one ran."""
+    files = sorted(results.glob(f"*-{device}-ops.json"))
+    if not files:
+        return "headline ratios: no op benchmark recorded on this device"
+    rows = json.loads(files[-1].read_text())["rows"]
+    lines = [f"headline ratios ({files[-1].name}): hetrain speedup per case"]
+    for r in rows:
+        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup"].items())
+        lines.append(f"  {r['op']} {r['shape']} {r['dtype']}: {ratios}")
     return "\n".join(lines)
 
 
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path = args.out / f"{stem}-check.log"
     outcomes = []
     with open(log_path, "w") as log:
-        for step in steps(args.quick):
+        for step in steps(args.quick, args.out):
             reason = why_skipped(step, only, skip)
             outcome = Outcome(step.name, "skipped", 0.0, reason) if reason else run_step(step, log)
             outcomes.append(outcome)
@@ -122,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
               "cuda": torch.version.cuda, "steps": [asdict(o) for o in outcomes], "log": log_path.name}
     (args.out / f"{stem}-check.json").write_text(json.dumps(record, indent=2))
     print("\n" + table(outcomes))
+    if any(o.name == "bench-ops" and o.status == "passed" for o in outcomes):
+        print("\n" + headline_ratios(args.out, device_name()))
     print(f"\nlog: {log_path}")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 

@@ -14,6 +14,7 @@
 #include <cmath>
 
 #include "../bn_relu_pool_math.h"
+#include "convert.cuh"
 
 namespace hetrain {
 namespace bn_relu_pool {
@@ -26,16 +27,8 @@ constexpr int kRows = kThreads / kLanes;    // positions per block step in chann
 // at full occupancy, caps these kernels at 32 registers and spills.
 constexpr int kMinBlocks = 4;
 
-// torch builds .cu files with the implicit half/bfloat16 conversions disabled, so convert explicitly.
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+using cuda::load;
+using cuda::store;
 
 // The value as T stores it: ties and the ReLU mask are decided on what torch would see.
 template <typename T>

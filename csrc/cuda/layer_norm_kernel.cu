@@ -6,6 +6,7 @@
 #include <climits>
 
 #include "../layer_norm_math.h"
+#include "convert.cuh"
 
 namespace hetrain {
 namespace layer_norm {
@@ -13,16 +14,8 @@ namespace {
 
 constexpr int kMaxThreads = 1024;
 
-// torch builds .cu files with the implicit half/bfloat16 conversions disabled, so convert explicitly.
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+using cuda::load;
+using cuda::store;
 
 // Threads per row: about four elements each, a whole number of warps, at most kMaxThreads.
 int threads_for(int64_t N) {

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
 from hetrain.ops.triton._rows import backward_programs, compute_dtype, row_config, tl_compute
+from hetrain.ops.triton.layer_norm import _normalize_row, _row_input_grad
 
 # 64 KiB of row data per program, as for LayerNorm.
 MAX_FUSED_BYTES = 32768
@@ -55,15 +56,7 @@ def _dropout_add_layer_norm_fwd(
     if HAS_DROPOUT:
         x = tl.where(_kept(seed, row * N + cols, p), x * scale, 0.0)
     s = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
-    mean = tl.sum(s, axis=0) / N
-    sc = tl.where(mask, s - mean, 0.0)
-    var = tl.sum(sc * sc, axis=0) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = sc * rstd
-    if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
-    if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(COMPUTE)
+    y, mean, rstd = _normalize_row(s, W, B, cols, mask, N, eps, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
@@ -101,6 +94,8 @@ def _dropout_add_layer_norm_bwd(
     mask = cols < N
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+    else:
+        w = 1.0
     dw = tl.zeros((BLOCK_N,), dtype=COMPUTE)
     db = tl.zeros((BLOCK_N,), dtype=COMPUTE)
     row_start = pid.to(tl.int64) * rows_per_program
@@ -112,11 +107,7 @@ def _dropout_add_layer_norm_bwd(
             x = tl.where(keep, x * scale, 0.0)
         s = x + tl.load(R + r * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)
-        xhat = tl.where(mask, (s - tl.load(Mean + r)) * tl.load(Rstd + r), 0.0)
-        g = dy * w if HAS_WEIGHT else dy
-        mean_g = tl.sum(g, axis=0) / N
-        mean_gx = tl.sum(g * xhat, axis=0) / N
-        ds = (g - mean_g - xhat * mean_gx) * tl.load(Rstd + r)
+        ds, xhat = _row_input_grad(dy, s, w, tl.load(Mean + r), tl.load(Rstd + r), mask, N)
         tl.store(DR + r * N + cols, ds.to(DR.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
             ds = tl.where(keep, ds * scale, 0.0)

@@ -24,6 +24,32 @@ MAX_FUSED_BYTES = 32768
 
 
 @triton.jit
+def _normalize_row(x, W, B, cols, mask, N, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   COMPUTE: tl.constexpr):
+    """LayerNorm of one row ``x`` (BLOCK_N values, COMPUTE dtype, zero past N): returns y, mean, rstd."""
+    mean = tl.sum(x, axis=0) / N
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = xc * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(COMPUTE)
+    return y, mean, rstd
+
+
+@triton.jit
+def _row_input_grad(dy, x, w, mean, rstd, mask, N):
+    """Gradient of one row's LayerNorm input, and its normalised input xhat; ``w`` is the weight or 1."""
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    g = dy * w
+    mean_g = tl.sum(g, axis=0) / N
+    mean_gx = tl.sum(g * xhat, axis=0) / N
+    return (g - mean_g - xhat * mean_gx) * rstd, xhat
+
+
+@triton.jit
 def _layer_norm_fwd(
     X,  # (M, N) input, rows stride_x apart
     Y,  # (M, N) output, rows stride_y apart
@@ -44,15 +70,7 @@ def _layer_norm_fwd(
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
-    mean = tl.sum(x, axis=0) / N
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = xc * rstd
-    if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
-    if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(COMPUTE)
+    y, mean, rstd = _normalize_row(x, W, B, cols, mask, N, eps, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
@@ -84,6 +102,8 @@ def _layer_norm_bwd(
     mask = cols < N
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+    else:
+        w = 1.0
     dw = tl.zeros((BLOCK_N,), dtype=COMPUTE)
     db = tl.zeros((BLOCK_N,), dtype=COMPUTE)
     row_start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: M * N may pass 2**31
@@ -91,13 +111,7 @@ def _layer_norm_bwd(
     for r in range(row_start, row_end):
         x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)
-        mean = tl.load(Mean + r)
-        rstd = tl.load(Rstd + r)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        g = dy * w if HAS_WEIGHT else dy
-        mean_g = tl.sum(g, axis=0) / N
-        mean_gx = tl.sum(g * xhat, axis=0) / N
-        dx = (g - mean_g - xhat * mean_gx) * rstd
+        dx, xhat = _row_input_grad(dy, x, w, tl.load(Mean + r), tl.load(Rstd + r), mask, N)
         tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from hetrain.callbacks import PipelineSplit, StagePlacement
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
-from hetrain.placement.pipeline import shared_across_devices
+from hetrain.placement.pipeline import gpipe_forward, shared_across_devices
 
 
 def small_bert(**kw) -> BertClassifier:
@@ -96,3 +96,106 @@ def test_pipeline_split_refuses_a_model_without_stages(tmp_path):
         PipelineSplit(2).on_fit_start(None, Plain())
     with pytest.raises(ValueError, match="micro_batches must be >= 1"):
         PipelineSplit(0)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while ``fn`` runs."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_checkpointed_stages_equal_the_plain_model_with_dropout_and_keep_less(micro_batches):
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=50, num_classes=3, hidden=32, layers=2, heads=4, max_len=16,
+                           dropout=0.2).double().train()
+    ids, mask, labels = batch(7)
+    model.micro_batches = micro_batches
+
+    def step():
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        return loss_and_grads(model, (ids, mask, labels))
+
+    loss_ref, grads_ref = step()
+    plain = saved_bytes(lambda: nn.functional.cross_entropy(model(ids, mask), labels))
+    model.checkpoint_stages = PipelineSplit(checkpoint=["encoder"]).checkpointed(list(model.stages()))
+    assert model.checkpoint_stages == {"encoder.0", "encoder.1"}
+    loss, grads = step()
+    kept = saved_bytes(lambda: nn.functional.cross_entropy(model(ids, mask), labels))
+    assert loss.item() != pytest.approx(step_without_dropout(ids, mask, labels))  # dropout did act
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    assert kept < 0.6 * plain, (kept, plain)
+
+
+def step_without_dropout(ids, mask, labels) -> float:
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=50, num_classes=3, hidden=32, layers=2, heads=4, max_len=16,
+                           dropout=0.2).double().eval()
+    return nn.functional.cross_entropy(model(ids, mask), labels).item()
+
+
+def test_checkpoint_names_must_be_stages():
+    with pytest.raises(ValueError, match="'decoder' names no stage"):
+        PipelineSplit(checkpoint=["decoder"]).checkpointed(["embeddings", "encoder.0"])
+    assert PipelineSplit(checkpoint=True).checkpointed(["a", "b"]) == {"a", "b"}
+
+
+class SkipNet(nn.Module):
+    """Three stages with a skip from the first to the last: carried in a tuple, or (carry=False) kept aside."""
+
+    def __init__(self, carry: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Bilinear(6, 6, 2)
+        self.carry, self.kept = carry, None
+
+    def stages(self) -> dict[str, nn.Module]:
+        return {"a": self.a, "b": self.b, "c": self.c}
+
+    def run_stage(self, name, x, _inputs):
+        if name == "a":
+            h = torch.tanh(self.a(x))
+            self.kept = h
+            return (h, h) if self.carry else h
+        if name == "b":
+            h, skip = x if self.carry else (x, None)
+            out = torch.relu(self.b(h))
+            return (out, skip) if self.carry else out
+        h, skip = x if self.carry else (x, self.kept)
+        return self.c(h, skip)
+
+    def forward(self, x, micro_batches=1):
+        if micro_batches == 1:
+            h = torch.tanh(self.a(x))
+            return self.c(torch.relu(self.b(h)), h)
+        return gpipe_forward(list(self.stages().items()), self.run_stage, (x,), micro_batches)
+
+
+def test_a_skip_connection_carried_through_the_stages_equals_the_unsplit_model():
+    net = SkipNet(carry=True).double()
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y_ref = net(x)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), list(net.parameters()))
+    y = net(x, micro_batches=4)
+    grads = torch.autograd.grad(y.square().sum(), list(net.parameters()))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_skip_connection_kept_aside_is_refused_naming_both_stages():
+    net = SkipNet(carry=False)
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="stage 'c' \\(micro-batch 0\\) got a tensor made by stage 'a'"):
+        net(x, micro_batches=3)
+    assert not net.a._forward_pre_hooks  # the guard's hooks are gone after the error

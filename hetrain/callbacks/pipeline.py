@@ -7,6 +7,7 @@ start and switches the model to it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -32,12 +33,29 @@ class PipelineSplit(Callback):
 
     Args:
         micro_batches: pieces each batch is cut into (at most the batch size; uneven sizes allowed).
+        checkpoint: stages (module paths, or a prefix such as ``encoder``) whose activations are
+            recomputed in backward instead of kept, trading compute for memory; ``True`` means all.
     """
 
-    def __init__(self, micro_batches: int = 4) -> None:
+    def __init__(self, micro_batches: int = 4, checkpoint: bool | Sequence[str] = ()) -> None:
         if micro_batches < 1:
             raise ValueError(f"hetrain: micro_batches must be >= 1, got {micro_batches}")
         self.micro_batches = micro_batches
+        self.checkpoint = checkpoint
+
+    def checkpointed(self, stages: Sequence[str]) -> frozenset[str]:
+        """The stages ``checkpoint`` names; a path that names none is an error listing the stages."""
+        if self.checkpoint is True:
+            return frozenset(stages)
+        if not self.checkpoint:
+            return frozenset()
+        chosen = set()
+        for path in self.checkpoint:
+            covered = {s for s in stages if s == path or s.startswith(path + ".")}
+            if not covered:
+                raise ValueError(f"hetrain: checkpoint entry {path!r} names no stage; stages: {', '.join(stages)}")
+            chosen |= covered
+        return frozenset(chosen)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -46,5 +64,8 @@ class PipelineSplit(Callback):
             raise TypeError(f"hetrain: PipelineSplit needs a model with stages(), run_stage() and a micro_batches "
                             f"attribute; {type(model).__name__} lacks them")
         model.micro_batches = self.micro_batches
+        model.checkpoint_stages = self.checkpointed(list(model.stages()))
+        chosen = model.checkpoint_stages
+        checkpointed = f"; checkpointing {', '.join(sorted(chosen))}" if chosen else ""
         log.info(f"pipeline split: {self.micro_batches} micro-batches over "
-                 f"{', '.join(f'{n}@{stage_device(s)}' for n, s in model.stages().items())}")
+                 f"{', '.join(f'{n}@{stage_device(s)}' for n, s in model.stages().items())}{checkpointed}")

@@ -127,6 +127,7 @@ class BertClassifier(nn.Module):
         self.encoder = nn.ModuleList(EncoderBlock(hidden, heads, ffn, dropout, fused) for _ in range(layers))
         self.classifier = Classifier(hidden, num_classes, dropout)
         self.micro_batches = 1  # > 1: forward runs the GPipe schedule (hetrain.callbacks.PipelineSplit sets it)
+        self.checkpoint_stages: frozenset[str] = frozenset()  # stages that recompute activations in backward
         self.apply(self._init_weights)
 
     @staticmethod
@@ -152,9 +153,9 @@ class BertClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids and (B, T) bool mask (True on real tokens) -> (B, num_classes) logits."""
-        if self.micro_batches > 1:
+        if self.micro_batches > 1 or self.checkpoint_stages:
             return gpipe_forward(list(self.stages().items()), self.run_stage, (input_ids, attention_mask),
-                                 self.micro_batches)
+                                 self.micro_batches, self.checkpoint_stages)
         x = self.embeddings(input_ids)
         for block in self.encoder:
             x = block(x, attention_mask)

@@ -9,49 +9,123 @@ from one thread; a GPU stage's kernels run asynchronously on its device while th
 issue the CPU stage's next micro-batch, so devices overlap without a thread per stage. Copies to a
 GPU are ``non_blocking``; a copy to the host is synchronous, because the CPU reads it next. Backward is
 autograd's, through the same graph, so outputs and gradients equal the unsplit model's up to the
-order of floating-point sums. Every stage and micro-batch runs in a named ``record_function`` range.
+order of floating-point sums. Every stage, micro-batch and cross-device copy runs in a named
+``record_function`` range, so torch's profiler shows them and Nsight Systems shows them as NVTX ranges
+under ``torch.autograd.profiler.emit_nvtx()``.
+
+A skip connection that crosses stages travels with the activation: a stage returns a tuple (its output
+and the skip) and every stage in between hands it on. A tensor that reaches a stage any other way
+(kept aside by the model between ``run_stage`` calls) is refused with an error naming both stages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
-RunStage = Callable[..., torch.Tensor]
+RunStage = Callable[..., Any]
+# What flows between stages: one tensor, or a tuple of tensors when a stage hands a skip connection on.
+Activation = torch.Tensor | tuple[torch.Tensor, ...]
 
 
-def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.to(device, non_blocking=device.type != "cpu")
+def _to(x: Activation, device: torch.device) -> Activation:
+    if isinstance(x, tuple):
+        return tuple(_to(t, device) for t in x)
+    if x.device == device:
+        return x
+    with torch.profiler.record_function(f"hetrain::copy {x.device}->{device}"):
+        return x.to(device, non_blocking=device.type != "cpu")
 
 
 def stage_device(stage: nn.Module) -> torch.device:
     return next(stage.parameters()).device
 
 
+class _SkipGuard:
+    """Refuses a tensor that reaches a stage from any stage but the one before it, in the same micro-batch.
+
+    Such a tensor was kept aside by the model (a skip connection stashed between ``run_stage`` calls):
+    with micro-batches in flight it may belong to another micro-batch, and it never crossed devices
+    through the split. The split carries a skip when a stage returns it in a tuple with its output.
+    """
+
+    def __init__(self, stages: Sequence[tuple[str, nn.Module]]) -> None:
+        self.names = [name for name, _ in stages]
+        self.made_by: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (stage index, micro-batch)
+        self.current = (0, 0)
+        self.hooks = [module.register_forward_pre_hook(self._check, with_kwargs=True) for _, module in stages]
+
+    def _check(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        s, i = self.current
+        for t in tree_leaves((args, kwargs)):
+            if not isinstance(t, torch.Tensor) or t not in self.made_by:
+                continue
+            r, j = self.made_by[t]
+            if (r, j) != (s - 1, i) and (r, j) != (s, i):
+                raise ValueError(
+                    f"hetrain: stage {self.names[s]!r} (micro-batch {i}) got a tensor made by stage {self.names[r]!r} "
+                    f"(micro-batch {j}) that did not come through the split: a skip connection across stages. Return "
+                    f"it from each stage in between as part of a tuple with that stage's output, so the split carries "
+                    f"it (and moves it between devices), or keep both ends in one stage")
+
+    def made(self, output: Activation) -> None:
+        for t in tree_leaves(output):
+            if isinstance(t, torch.Tensor):
+                self.made_by[t] = self.current
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
 def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, inputs: Sequence[torch.Tensor],
-                  micro_batches: int) -> torch.Tensor:
+                  micro_batches: int, checkpoint: Collection[str] = ()) -> torch.Tensor:
     """Runs ``inputs`` (batch-first tensors) through ``stages`` in ``micro_batches`` pieces; returns the whole output.
 
-    ``run_stage(name, x, *inputs)`` runs one stage; the first stage gets ``x = inputs[0]``. Micro-batch
-    sizes differ by at most one when the batch does not divide evenly.
+    ``run_stage(name, x, *inputs)`` runs one stage; the first stage gets ``x = inputs[0]``. A stage may
+    return a tuple of tensors (its output and the skip connections later stages need): the next stage
+    gets the tuple as ``x``, every tensor of it on its device; the last stage returns one tensor.
+    Micro-batch sizes differ by at most one when the batch does not divide evenly. Stages named in
+    ``checkpoint`` keep only their inputs and recompute the rest in backward (the same dropout masks:
+    torch's checkpoint restores the RNG state).
     """
+    unknown = set(checkpoint) - {name for name, _ in stages}
+    if unknown:
+        raise ValueError(f"hetrain: checkpoint names no stage: {sorted(unknown)}; stages: {[n for n, _ in stages]}")
     batch = inputs[0].shape[0]
     m = max(1, min(micro_batches, batch))
     pieces = [torch.tensor_split(t, m) for t in inputs]  # pieces[k][i]: input k of micro-batch i
-    acts: list[torch.Tensor | None] = [None] * m
+    acts: list[Activation | None] = [None] * m
     devices = [stage_device(stage) for _, stage in stages]
-    for tick in range(m + len(stages) - 1):
-        for s in reversed(range(len(stages))):  # later stages first: they consume the previous tick's outputs
-            i = tick - s
-            if not 0 <= i < m:
-                continue
-            name, device = stages[s][0], devices[s]
-            own = [_to(p[i], device) for p in pieces]
-            x = own[0] if s == 0 else _to(acts[i], device)
-            with torch.profiler.record_function(f"hetrain::stage {name} micro-batch {i}"):
-                acts[i] = run_stage(name, x, *own)
+    guard = _SkipGuard(stages)
+    try:
+        for tick in range(m + len(stages) - 1):
+            for s in reversed(range(len(stages))):  # later stages first: they consume the previous tick's outputs
+                i = tick - s
+                if not 0 <= i < m:
+                    continue
+                name, device = stages[s][0], devices[s]
+                own = [_to(p[i], device) for p in pieces]
+                x = own[0] if s == 0 else _to(acts[i], device)
+                guard.current = (s, i)
+                guard.made(x)  # what crossed into this stage counts as its own input
+                with torch.profiler.record_function(f"hetrain::stage {name} micro-batch {i}"):
+                    if name in checkpoint:
+                        acts[i] = torch.utils.checkpoint.checkpoint(run_stage, name, x, *own, use_reentrant=False)
+                    else:
+                        acts[i] = run_stage(name, x, *own)
+                guard.made(acts[i])
+    finally:
+        guard.remove()
+    if not all(isinstance(a, torch.Tensor) for a in acts):
+        raise TypeError(f"hetrain: the last stage {stages[-1][0]!r} must return one tensor, got "
+                        f"{type(acts[0]).__name__}")
     return torch.cat(acts)
 
 

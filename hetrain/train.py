@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hetrain import plugins
 from hetrain.callbacks.precision import trainer_precision
+from hetrain.callbacks.profiling import StepTrace
 from hetrain.report import SUMMARY_MD, RunRecorder, write_run_summary
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,12 @@ def build(cfg: DictConfig) -> Parts:
     task = _instantiate(cfg.task, "task", model=model)
     # Placement first: the callbacks after it (pipeline split, profilers) see the stages on their devices.
     callbacks = {"placement": _instantiate(cfg.placement, "placement")}
+    entries = dict(cfg.get("callbacks") or {})
+    profile_steps = entries.pop("profile_steps", None)  # a setting, not a callback: [first, last] to trace
     callbacks.update({name: _instantiate(node, f"callback {name}")
-                      for name, node in (cfg.get("callbacks") or {}).items() if node is not None})
+                      for name, node in entries.items() if node is not None})
+    if profile_steps is not None:
+        callbacks["step_trace"] = StepTrace(list(profile_steps), dirpath=cfg.output_dir)
     recorder = RunRecorder()
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     precision = trainer_precision(cfg.trainer.precision, _devices_in_use(cfg))

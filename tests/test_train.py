@@ -153,7 +153,8 @@ def test_split_model_trains_across_cpu_and_gpu():
 def test_bert_split_trains_and_writes_summary(tmp_path):
     # At hidden 64 the model learns the task in about 100 steps, a third of the recipe's time.
     result = train_py("recipe=bert_split", "trainer.max_steps=100", "model.hidden=64", "data.train_size=3200",
-                      "data.val_size=256", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+                      "data.val_size=256", "callbacks.profile_steps=[5,6]", f"hydra.run.dir={tmp_path}/run",
+                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
@@ -163,6 +164,10 @@ def test_bert_split_trains_and_writes_summary(tmp_path):
     assert summary["samples_per_s"] > 0 and summary["peak_memory_mib"]["cpu_rss"] > 0
     assert summary["metrics"]["val/acc"] > 0.8, summary  # chance is 0.25
     assert list(summary["stages"]) == ["embeddings", "encoder.0", "encoder.1", "classifier"]
+    trace = json.loads((run / "trace_steps_5-6.json").read_text())["traceEvents"]  # callbacks.profile_steps
+    assert {e["name"] for e in trace if e.get("name", "").startswith("hetrain::train step")} == {
+        "hetrain::train step 5", "hetrain::train step 6"}
+    assert summary["step_trace"]["trace"] == str(run / "trace_steps_5-6.json")
     markdown = (run / "summary.md").read_text()
     assert "samples_per_s" in markdown and "metrics.val/acc" in markdown and "stages.encoder.0" in markdown
     assert "Epoch 0" in result.stdout  # Lightning's progress bar

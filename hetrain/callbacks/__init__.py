@@ -1,4 +1,4 @@
-"""Lightning callbacks: stage placement, pipeline split, per-device precision, non-finite guard, memory, throughput."""
+"""Lightning callbacks: placement, pipeline split, precision, non-finite guard, memory, throughput, trace."""
 
 from hetrain.callbacks.memory import MemoryProfiler
 from hetrain.callbacks.pipeline import PipelineSplit
@@ -10,6 +10,7 @@ from hetrain.callbacks.precision import (
     choose_precision,
     trainer_precision,
 )
+from hetrain.callbacks.profiling import StepTrace
 from hetrain.callbacks.throughput import Throughput
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "NonFiniteGuard",
     "PipelineSplit",
     "StagePlacement",
+    "StepTrace",
     "Throughput",
     "choose_precision",
     "device_present",

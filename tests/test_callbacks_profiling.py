@@ -1,0 +1,66 @@
+"""StepTrace: a Chrome trace of exactly the steps asked for, with hetrain's named ranges, read back."""
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from hetrain.callbacks import PipelineSplit, StagePlacement, StepTrace
+from hetrain.callbacks.profiling import parse_steps
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
+
+
+def rows(n: int = 48, t: int = 12) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 40, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.bool)
+    mask[::3, t // 2:] = False
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels, strict=True)]
+
+
+def fit(tmp_path, trace: StepTrace, max_steps: int, accumulate: int = 1) -> None:
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=40, num_classes=3, hidden=16, layers=1, heads=2, max_len=16)
+    trainer = pl.Trainer(max_steps=max_steps, accumulate_grad_batches=accumulate, logger=False,
+                         callbacks=[StagePlacement({"embeddings": "cpu"}), PipelineSplit(2), trace],
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(ClassificationTask(model, num_classes=3), train_dataloaders=DataLoader(rows(), batch_size=4))
+
+
+def names_in(path) -> set[str]:
+    return {e.get("name") for e in json.loads(path.read_text())["traceEvents"]}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_trace_holds_exactly_the_chosen_steps_and_the_named_ranges(tmp_path, accumulate):
+    trace = StepTrace([2, 3], dirpath=tmp_path)
+    fit(tmp_path, trace, max_steps=6, accumulate=accumulate)
+    assert trace.path == tmp_path / "trace_steps_2-3.json" and trace.summary == {"trace": str(trace.path)}
+    names = names_in(trace.path)
+    steps = {n for n in names if n and n.startswith("hetrain::train step")}
+    assert steps == {"hetrain::train step 2", "hetrain::train step 3"}
+    for stage in ("embeddings", "encoder.0", "classifier"):
+        assert {f"hetrain::stage {stage} micro-batch {i}" for i in (0, 1)} <= names
+    assert any(n and n.startswith("hetrain::layer_norm.forward[") for n in names)  # the fused ops' own ranges
+    assert any(n and n.startswith("hetrain::dropout_add_layer_norm.backward[") for n in names)
+
+
+def test_a_run_that_ends_early_keeps_what_it_recorded(tmp_path, caplog):
+    trace = StepTrace([1, 50], dirpath=tmp_path)
+    with caplog.at_level("INFO"):
+        fit(tmp_path, trace, max_steps=3)
+    steps = {n for n in names_in(trace.path) if n and n.startswith("hetrain::train step")}
+    assert steps == {"hetrain::train step 1", "hetrain::train step 2"}
+    assert "before step 50" in caplog.text
+
+
+def test_steps_are_checked():
+    assert parse_steps([4]) == (4, 4) and parse_steps([1, 3]) == (1, 3)
+    for bad in ([3, 1], [-1, 2], [1, 2, 3], [1.5, 2]):
+        with pytest.raises(ValueError, match="profile_steps must be \\[first, last\\]"):
+            parse_steps(bad)

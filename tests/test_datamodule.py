@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from hetrain.data.datamodule import SyntheticDataModule, TokenDataModule, write_synthetic_corpus
 from hetrain.data.synthetic import pad_collate
@@ -125,3 +127,43 @@ def test_longseq_recipe_trains_end_to_end(tmp_path):
     assert summary["status"] == "ok" and summary["recipe"] == "longseq_ringbuffer" and summary["steps"] == 20
     assert 0 <= summary["metrics"]["val/acc"] <= 1
     assert "Instantiating data <hetrain.data.datamodule.TokenDataModule>" in (run / "train.log").read_text()
+
+
+class BatchLog(pl.Callback):
+    """Each training batch's content, by the step it trained: what a resumed run must repeat exactly."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[int, ...]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        rows = (batch["input_ids"] * torch.arange(1, batch["input_ids"].shape[1] + 1)).sum(1)
+        self.seen[trainer.global_step] = tuple(rows.tolist())  # a fingerprint of every row, in order
+
+
+def _fit(tmp_path, max_steps: int, ckpt_path=None, save_at: int | None = None) -> tuple[BatchLog, pl.Trainer]:
+    from hetrain.models.bert import BertClassifier
+    from hetrain.models.task import ClassificationTask
+
+    pl.seed_everything(0)
+    data = SyntheticDataModule(vocab_size=64, num_classes=2, min_len=8, max_len=24, train_size=160, val_size=16,
+                               max_tokens=192, producers=2, seed=3)
+    task = ClassificationTask(BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2,
+                                             max_len=32), num_classes=2)
+    log = BatchLog()
+    # Saved by Lightning in the middle of the run, as a preempted job's last checkpoint would be.
+    saver = [ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=save_at, save_top_k=-1)] * bool(save_at)
+    trainer = pl.Trainer(max_steps=max_steps, callbacks=[log, *saver], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=bool(save_at), limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+    return log, trainer
+
+
+@pytest.mark.parametrize("stop", [5, 22])  # inside the first epoch, and inside the second one
+def test_a_resumed_lightning_run_sees_exactly_the_batches_of_an_uninterrupted_one(tmp_path, stop):
+    full, trainer = _fit(tmp_path, max_steps=40, save_at=stop)
+    batches_per_epoch = trainer.num_training_batches
+    assert batches_per_epoch < 22 < 2 * batches_per_epoch < 40, batches_per_epoch  # mid-epoch stops; 3 epochs
+    resumed, _ = _fit(tmp_path / "resumed", max_steps=40, ckpt_path=tmp_path / f"step={stop}.ckpt")
+    assert sorted(resumed.seen) == list(range(stop, 40))
+    assert resumed.seen == {step: rows for step, rows in full.seen.items() if step >= stop}

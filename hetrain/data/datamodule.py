@@ -83,7 +83,8 @@ class RingDataModule(pl.LightningDataModule):
               seed: int, loader_cls: type[RingLoader] = RingLoader, **kwargs: Any) -> Iterable:
         """A RingLoader over ``source`` for ``split``, wrapped in a DevicePrefetcher when the stages are on a GPU.
 
-        ``lookahead=1``: Lightning's loops fetch one batch ahead of the step, which must not count as consumed.
+        ``lookahead=0``: Lightning's loops fetch ahead only from loaders without a length, and a RingLoader has
+        one, so every batch handed out has its step run by the time a checkpoint is saved.
         """
         old = self._loaders.pop(split, None)
         if old is not None:
@@ -91,7 +92,7 @@ class RingDataModule(pl.LightningDataModule):
         replicas, rank = self._layout()
         sampler = TokenBudgetBatchSampler(np.asarray(list(lengths)), max_tokens, shuffle=shuffle, seed=seed,
                                           num_replicas=replicas, rank=rank)
-        loader = loader_cls(source, sampler, lookahead=1, **kwargs)
+        loader = loader_cls(source, sampler, **kwargs)
         self._loaders[split] = loader
         device = self._first_stage_device()
         prefetch = device is not None and device.type == "cuda"
@@ -99,7 +100,7 @@ class RingDataModule(pl.LightningDataModule):
             "loader": "ring", "slot_bytes": loader.nbytes, "pinned_bytes": loader.pinned_bytes,
             "padding_fraction": round(sampler.padding_fraction, 4), "prefetch": str(device) if prefetch else None,
         }
-        return DevicePrefetcher(loader, device, lookahead=1) if prefetch else loader
+        return DevicePrefetcher(loader, device) if prefetch else loader
 
     def loader_summary(self) -> dict[str, Any]:
         """Per split: the loader kind, its host slot bytes (fixed at start), pinned bytes, padding, prefetch."""

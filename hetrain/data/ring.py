@@ -152,8 +152,8 @@ class RingLoader:
         num_workers: producer threads.
         stall_timeout: seconds without progress after which a producer is reported stalled.
         pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous.
-        lookahead: batches the consumer fetches before it uses them (Lightning's training loop: 1), so that
-            ``state_dict()`` counts only batches whose step ran.
+        lookahead: batches the consumer fetches before it uses them (Lightning's loops: 0, as this loader has a
+            length), so that ``state_dict()`` counts only batches whose step ran.
         pad_id, vocab_size: for token sources: the padding id, and an id bound checked per token (corrupt files).
         max_tokens, max_rows: slot size; default from the sampler (``max_tokens``, ``max_batch_rows``).
     """

@@ -65,6 +65,7 @@ class TokenBudgetBatchSampler:
         self.drop_last = drop_last
         self.epoch = 0
         self._start = 0  # global position the next iteration starts from (set by load_state_dict)
+        self._resumed_steps = 0  # this epoch's batches a rank had consumed before the resume
         self._yielded = 0  # batches this rank's current iteration has handed out
         self._iter_start = 0
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
@@ -116,7 +117,7 @@ class TokenBudgetBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch's shuffle; a resumed position is kept only for the epoch it was saved in."""
         if epoch != self.epoch:
-            self._start = 0
+            self._start = self._resumed_steps = 0
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -127,10 +128,19 @@ class TokenBudgetBatchSampler:
             yield batch.tolist()
 
     def __len__(self) -> int:
-        remaining = max(0, len(self._sizes) - self._start)
+        """This rank's batches in the epoch, those consumed before a resume included.
+
+        That is how Lightning counts: a resumed run restores its step count within the epoch and ends the
+        epoch when the count reaches ``len()``, while iteration yields only the batches not yet consumed.
+        """
+        if self._start == 0:
+            return self._rank_count(len(self._sizes))
+        return self._resumed_steps + self._rank_count(len(self._sizes) - self._start)
+
+    def _rank_count(self, global_batches: int) -> int:
         if self.drop_last:
-            return remaining // self.num_replicas
-        return -(-remaining // self.num_replicas)
+            return global_batches // self.num_replicas
+        return -(-global_batches // self.num_replicas)
 
     # -- what the plan costs ---------------------------------------------------------------------
 
@@ -166,6 +176,7 @@ class TokenBudgetBatchSampler:
             "position": self.position_after(steps),
             "num_samples": len(self.lengths),
             "max_tokens": self.max_tokens,
+            "num_replicas": self.num_replicas,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -179,6 +190,8 @@ class TokenBudgetBatchSampler:
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
         self._start = int(state["position"])
+        # Steps each saving rank had taken in the epoch (positions advance by num_replicas per step).
+        self._resumed_steps = self._start // int(state.get("num_replicas", 1))
         self._plan_cache = None
 
 

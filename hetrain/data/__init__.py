@@ -1,10 +1,11 @@
-"""Data loading: token-budget batching, token files, long-sequence windows, the ring-buffer loader.
+"""Data loading: token-budget batching, packing, token files, long-sequence windows, the ring-buffer loader.
 
 See hetrain/data/README.md for the pipeline, stage by stage.
 """
 
 from hetrain.data.build_tokens import ByteTokenizer, build_token_file
 from hetrain.data.datamodule import RingDataModule, SyntheticDataModule, TokenDataModule
+from hetrain.data.packing import PackedSequences, PackInto, pack_rows, segment_attention_mask
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
@@ -17,6 +18,8 @@ __all__ = [
     "CopyInto",
     "DevicePrefetcher",
     "LoaderError",
+    "PackInto",
+    "PackedSequences",
     "PadInto",
     "PadWithIds",
     "RingDataModule",
@@ -31,7 +34,9 @@ __all__ = [
     "Windows",
     "build_token_file",
     "make_windows",
+    "pack_rows",
     "pad_collate",
+    "segment_attention_mask",
     "token_collate",
     "write_token_file",
 ]

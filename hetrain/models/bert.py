@@ -28,13 +28,18 @@ class Embeddings(nn.Module):
         self.norm = LayerNorm(hidden) if fused else nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids`` (B, T) restart at each sequence of a packed row; by default 0..T-1."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) if position_ids is None else position_ids
         return self.dropout(self.norm(self.tokens(input_ids) + self.positions(positions)))
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention through ``scaled_dot_product_attention``; padded keys are masked out."""
+    """Multi-head self-attention through ``scaled_dot_product_attention``; padded keys are masked out.
+
+    The mask is (B, T), True on real tokens, or (B, 1, T, T) for packed rows (each query sees its own
+    sequence only: :func:`hetrain.data.packing.segment_attention_mask`).
+    """
 
     def __init__(self, hidden: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -49,7 +54,8 @@ class SelfAttention(nn.Module):
         b, t, h = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.heads, h // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, T, head_dim)
-        keep = attention_mask[:, None, None, :]  # (B, 1, 1, T): True where the key is a real token
+        # (B, 1, 1, T): True where the key is a real token; or per query, for packed rows.
+        keep = attention_mask[:, None, None, :] if attention_mask.dim() == 2 else attention_mask
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)  # like q
         return self.out(y.transpose(1, 2).reshape(b, t, h))

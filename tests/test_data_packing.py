@@ -1,0 +1,86 @@
+"""Packing short sequences into rows: every sample once, rows full, and attention that stops at boundaries."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from hetrain.data import RingLoader, SyntheticSequences, TokenBudgetBatchSampler
+from hetrain.data.packing import PackedSequences, PackInto, pack_rows, segment_attention_mask
+from hetrain.models.bert import EncoderBlock
+
+
+def short_lengths(n: int, seed: int) -> np.ndarray:
+    """Zipf-like: most sequences short, a few near the context."""
+    return np.minimum(np.random.default_rng(seed).zipf(1.6, n) * 6, 120)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_hold_every_sample_once_within_the_row_length_and_are_nearly_full(seed):
+    lengths = short_lengths(3001, seed)
+    rows = pack_rows(lengths, 128)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert max(int(lengths[row].sum()) for row in rows) <= 128
+    fill = lengths.sum() / (len(rows) * 128)
+    assert fill > 0.95, fill  # one sequence per row would fill lengths.mean() / 128, about a fifth
+    assert pack_rows(lengths, 128) == rows  # deterministic
+
+
+def test_a_sample_longer_than_a_row_is_refused_naming_it():
+    with pytest.raises(ValueError, match="sample 2 has length 9, outside \\[1, row_len=8\\]"):
+        pack_rows([3, 4, 9], 8)
+
+
+def test_packed_batches_through_the_ring_carry_segments_positions_and_labels():
+    data = SyntheticSequences(size=203, vocab_size=64, num_classes=3, min_len=4, max_len=40, seed=5)
+    packed = PackedSequences(data, row_len=64)
+    sampler = TokenBudgetBatchSampler(packed.lengths, max_tokens=256, seed=1)
+    collate = PackInto(256, sampler.max_batch_rows, packed.max_segments)
+    seen = Counter()
+    with RingLoader(packed, sampler, collate=collate, num_workers=2) as loader:
+        for rows, batch in zip(([packed.rows[k] for k in b] for b in sampler), loader, strict=True):
+            for r, row in enumerate(rows):
+                start = 0
+                for s, i in enumerate(row, start=1):
+                    ids = torch.as_tensor(data[i]["input_ids"])
+                    n = len(ids)
+                    assert torch.equal(batch["input_ids"][r, start:start + n], ids)
+                    assert (batch["segment_ids"][r, start:start + n] == s).all()
+                    assert torch.equal(batch["position_ids"][r, start:start + n], torch.arange(n))
+                    assert batch["labels"][r, s - 1] == int(data[i]["label"])
+                    seen[i] += 1
+                    start += n
+                assert batch["attention_mask"][r, :start].all() and not batch["attention_mask"][r, start:].any()
+                assert (batch["segment_ids"][r, start:] == 0).all() and (batch["labels"][r, len(row):] == -100).all()
+    assert sorted(seen) == list(range(len(data))) and set(seen.values()) == {1}
+    assert packed.fill_fraction > 0.9
+
+
+def test_attention_over_a_packed_row_equals_each_sequence_alone():
+    torch.manual_seed(0)
+    block = EncoderBlock(hidden=16, heads=2, ffn=32, dropout=0.0).double().eval()
+    g = torch.Generator().manual_seed(1)
+    sequences = [torch.randn(n, 16, generator=g, dtype=torch.float64) for n in (5, 9, 3)]
+    row = torch.cat(sequences + [torch.randn(4, 16, generator=g, dtype=torch.float64)])[None]  # 4 padding tokens
+    segment_ids = torch.tensor([[1] * 5 + [2] * 9 + [3] * 3 + [0] * 4])
+    packed = block(row, segment_attention_mask(segment_ids))
+    assert torch.isfinite(packed).all()  # padding queries attend to themselves, never to nothing
+    start = 0
+    for seq in sequences:
+        alone = block(seq[None], torch.ones(1, len(seq), dtype=torch.bool))
+        torch.testing.assert_close(packed[:, start:start + len(seq)], alone, rtol=1e-12, atol=1e-12)
+        start += len(seq)
+    unmasked = block(row, segment_ids != 0)  # the plain padding mask lets sequences see each other
+    assert not torch.allclose(unmasked[:, :5], packed[:, :5])
+
+
+def test_embeddings_restart_positions_at_each_packed_sequence():
+    from hetrain.models.bert import Embeddings
+
+    torch.manual_seed(0)
+    embed = Embeddings(vocab_size=30, hidden=8, max_len=16, dropout=0.0).eval()
+    a, b = torch.tensor([[3, 4, 5]]), torch.tensor([[7, 8]])
+    packed = embed(torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
+    torch.testing.assert_close(packed, torch.cat([embed(a), embed(b)], 1))
+    assert not torch.allclose(embed(torch.cat([a, b], 1))[:, 3:], embed(b))

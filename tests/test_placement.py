@@ -18,6 +18,7 @@ from hetrain.placement import (
     PlacementPlan,
     chain_dp,
     chain_dp_bytes,
+    chain_time,
     describe_changes,
     heft,
     heft_bytes,
@@ -527,3 +528,32 @@ def test_plan_from_solver_output_and_bad_input():
         PlacementPlan({"a": "cpu"}, "greedy")
     with pytest.raises(ValueError, match="'a' names device 'gpu0'"):
         PlacementPlan({"a": "gpu0"})
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_chain_time_prices_any_plan_as_the_solver_does(seed):
+    rng = random.Random(1300 + seed)
+    costs, _ = random_chain(rng, p_inf=0.0)
+    devices = len(costs[0])
+    boundary_bytes = [float(rng.choice([0, 256, 1024])) for _ in range(len(costs) - 1)]
+    bw = [[INF if a == b else float(rng.choice([64, 128, 512])) for b in range(devices)] for a in range(devices)]
+    for objective, m in [("sequential", 1), ("pipeline", 3)]:
+        plan = chain_dp_bytes(costs, boundary_bytes, bw, objective, m)
+        assert chain_time(costs, boundary_bytes, bw, plan.devices, objective, m) == pytest.approx(plan.predicted_time)
+    best = chain_dp_bytes(costs, boundary_bytes, bw, "sequential", distinct_devices=False).predicted_time
+    for _ in range(5):  # any plan costs at least the optimum
+        other = [rng.randrange(devices) for _ in costs]
+        assert chain_time(costs, boundary_bytes, bw, other) >= best - 1e-9
+    one = [0] * len(costs)  # all on one device: the sum of its costs, m + 0 fill in a pipeline
+    assert chain_time(costs, boundary_bytes, bw, one, "sequential") == sum(row[0] for row in costs)
+    assert chain_time(costs, boundary_bytes, bw, one, "pipeline", 4) == 4 * sum(row[0] for row in costs)
+
+
+def test_cost_model_predicts_a_named_plan_and_refuses_unmeasured_devices():
+    cm = CostModel(stages=["a", "b", "c"], devices=["cpu", "cuda:0"], compute=[[4.0, 1.0], [6.0, 1.0], [2.0, 3.0]],
+                   boundary_bytes=[100, 100, 10], bandwidth=[[INF, 50.0], [50.0, INF]])
+    # a on cpu, then b and c on cuda:0: 4 + (100 bytes there and back at 50 B/s: 4 s) + 1 + 3
+    assert cm.predict({"a": "cpu", "b": "cuda:0", "c": "cuda:0"}) == pytest.approx(12.0)
+    assert cm.predict(["cuda:0"] * 3) == cm.chain_plan().predicted_step_time == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="not \\['cuda:1'\\]"):
+        cm.predict(["cpu", "cuda:1", "cpu"])

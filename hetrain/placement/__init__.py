@@ -2,11 +2,11 @@
 
 A Lightning-free toolbox: :func:`measure` builds a :class:`CostModel` on the machine at hand,
 :func:`heft` / :func:`heft_bytes` schedule any task graph, :func:`chain_dp` / :func:`chain_dp_bytes`
-place a chain of layers exactly, and :class:`PlacementPlan` carries the answer (save, load, apply,
-resolve against the devices present).
+place a chain of layers exactly (:func:`chain_time` prices any other plan), and :class:`PlacementPlan`
+carries the answer (save, load, apply, resolve against the devices present).
 """
 
-from hetrain.placement.chain import ChainPlan, chain_dp, chain_dp_bytes
+from hetrain.placement.chain import ChainPlan, chain_dp, chain_dp_bytes, chain_time
 from hetrain.placement.cost_model import CostModel, measure, measure_bandwidth
 from hetrain.placement.heft import Schedule, heft, heft_bytes, topological_order, upward_ranks
 from hetrain.placement.plan import Change, PlacementPlan, available_devices, describe_changes
@@ -20,6 +20,7 @@ __all__ = [
     "available_devices",
     "chain_dp",
     "chain_dp_bytes",
+    "chain_time",
     "describe_changes",
     "heft",
     "heft_bytes",

@@ -193,3 +193,32 @@ def chain_dp_bytes(
     return _solve(
         costs, lambda i, a, b: boundary_bytes[i] / bandwidth[a][b], objective, micro_batches, distinct_devices
     )
+
+
+def chain_time(
+    costs: Sequence[Sequence[float]],
+    boundary_bytes: Sequence[float],
+    bandwidth: Sequence[Sequence[float]],
+    devices: Sequence[int],
+    objective: str = "sequential",
+    micro_batches: int = 1,
+) -> float:
+    """The time the model above predicts for a given ``devices`` (one per layer), e.g. a hand-written plan.
+
+    Prices any assignment the same way the solvers do, so a plan can be held against the optimum. Under
+    ``"pipeline"``, contiguous layers on one device form a stage, and a device holding two stages
+    serialises them: their times add on that device.
+    """
+    _check(costs, len(boundary_bytes), objective, micro_batches)
+    if len(devices) != len(costs):
+        raise ValueError(f"hetrain: {len(costs)} layers need {len(costs)} devices, got {len(devices)}")
+    stage_times: dict[int, float] = {}
+    total = 0.0
+    for first, end, d in _stages(list(devices)):
+        into = boundary_bytes[first - 1] / bandwidth[devices[first - 1]][d] if first > 0 else 0.0
+        stage = into + sum(costs[i][d] for i in range(first, end))
+        total += stage
+        stage_times[d] = stage_times.get(d, 0.0) + stage
+    if objective == "sequential":
+        return total
+    return (micro_batches + len(stage_times) - 1) * max(stage_times.values())

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hetrain.placement.chain import chain_dp_bytes
+from hetrain.placement.chain import chain_dp_bytes, chain_time
 from hetrain.placement.heft import heft_bytes
 from hetrain.placement.plan import PlacementPlan, available_devices
 
@@ -84,6 +84,20 @@ class CostModel:
     def chain_plan(self, objective: str = "sequential", micro_batches: int = 1, training: bool = True) -> PlacementPlan:
         plan = chain_dp_bytes(*self.chain_inputs(training), objective=objective, micro_batches=micro_batches)
         return PlacementPlan.from_assignment(self.stages, self.devices, plan.devices, "chain-dp", plan.predicted_time)
+
+    def predict(self, devices: Mapping[str, str] | Sequence[str], objective: str = "sequential",
+                micro_batches: int = 1, training: bool = True) -> float:
+        """Predicted step time (seconds) of any plan: ``{stage: device}`` (every stage) or one device per stage.
+
+        The same model the solvers minimise, so a hand-written plan can be set beside the optimum.
+        """
+        names = [devices[s] for s in self.stages] if isinstance(devices, Mapping) else list(devices)
+        unknown = sorted(set(names) - set(self.devices))
+        if unknown:
+            raise ValueError(f"hetrain: the cost model measured {self.devices}, not {unknown}")
+        index = [self.devices.index(d) for d in names]
+        costs, boundary_bytes, bandwidth = self.chain_inputs(training)
+        return chain_time(costs, boundary_bytes, bandwidth, index, objective, micro_batches)
 
     def to_dict(self) -> dict[str, Any]:
         # JSON has no infinity; "inf" keeps the file readable by any parser.

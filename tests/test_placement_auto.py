@@ -29,3 +29,28 @@ def test_auto_placement_measures_solves_and_saves_a_reusable_plan(tmp_path):
     assert set(summary["stages"].values()) == set(plan.devices.values())
     # The saved file's mapping is what a recipe's placement.plan takes.
     assert yaml.safe_load((tmp_path / "placement_plan.yaml").read_text())["plan"] == plan.devices
+
+
+def test_an_explicit_plan_is_shown_beside_what_auto_would_predict(tmp_path, caplog):
+    import pytorch_lightning as pl
+
+    from hetrain.callbacks import StagePlacement
+    from hetrain.data.datamodule import SyntheticDataModule
+    from hetrain.models.bert import BertClassifier
+    from hetrain.models.task import ClassificationTask
+
+    data = SyntheticDataModule(vocab_size=64, num_classes=2, min_len=8, max_len=24, train_size=64, val_size=16,
+                               max_tokens=192)
+    task = ClassificationTask(BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=32),
+                              num_classes=2)
+    placement = StagePlacement({"embeddings": "cpu", "encoder": "cuda:0"}, predict=True)
+    trainer = pl.Trainer(max_steps=1, callbacks=[placement], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    with caplog.at_level("INFO"):
+        trainer.fit(task, datamodule=data)
+    summary = placement.summary
+    assert summary["method"] == "explicit" and summary["predicted_step_time_ms"] > 0
+    assert summary["auto_predicted_step_time_ms"] <= summary["predicted_step_time_ms"] * 1.0001  # auto is optimal
+    assert {k for k in summary if k.startswith("auto.")} == {"auto.embeddings", "auto.encoder.0", "auto.classifier"}
+    assert "this plan predicts" in caplog.text and "auto would choose" in caplog.text

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from hetrain.placement import PlacementPlan, available_devices, measure
+from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
 from hetrain.placement.pipeline import shared_across_devices, stage_device
 
 log = logging.getLogger(__name__)
@@ -108,25 +108,33 @@ class StagePlacement(Callback):
         objective: for ``"auto"``: ``"sequential"`` (stages one after another) or ``"pipeline"``.
         micro_batches: for ``"auto"`` with the pipeline objective.
         save_dir: for ``"auto"``: where ``placement_plan.yaml`` and ``placement_costs.json`` go.
+        predict: for an explicit plan: measure too, and log and summarise the plan's predicted step time
+            beside the plan ``"auto"`` would choose and its prediction, so the cost of a placement shows.
     """
 
     def __init__(self, plan: Mapping[str, str] | str | None = None, fallback: str = "cpu",
-                 objective: str = "sequential", micro_batches: int = 1, save_dir: str | None = None) -> None:
+                 objective: str = "sequential", micro_batches: int = 1, save_dir: str | None = None,
+                 predict: bool = False) -> None:
         if isinstance(plan, str) and plan != "auto":
             raise ValueError(f"hetrain: placement plan must be a {{module_path: device}} mapping or 'auto', "
                              f"got {plan!r}")
         self.plan = plan if plan == "auto" else dict(plan or {})
         self.fallback = fallback
         self.objective, self.micro_batches, self.save_dir = objective, micro_batches, save_dir
+        self.predict = predict
         self.devices: dict[str, torch.device] | None = None
         self.summary: dict[str, Any] = {}
         self._hooks: dict[str, RemovableHandle] = {}
 
-    def solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PlacementPlan:
-        """Measures the stages on this machine's devices with one validation batch and solves the chain."""
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CostModel:
+        """Times every stage on every device of this machine with one validation batch."""
         batch = _first_batch(trainer.datamodule.val_dataloader())
         make_input, stage_args = pl_module.placement_inputs(batch)
-        costs = measure(pl_module.stages(), make_input, available_devices(), stage_args, warmup=1, repeats=3)
+        return measure(pl_module.stages(), make_input, available_devices(), stage_args, warmup=1, repeats=3)
+
+    def solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PlacementPlan:
+        """Measures the stages on this machine's devices and solves the chain."""
+        costs = self.measure(trainer, pl_module)
         plan = costs.chain_plan(objective=self.objective, micro_batches=self.micro_batches)
         predicted_ms = None if plan.predicted_step_time is None else round(plan.predicted_step_time * 1e3, 3)
         log.info(f"placement auto ({plan.method}, {self.objective}): {plan.devices}; predicted forward+backward "
@@ -164,10 +172,25 @@ class StagePlacement(Callback):
             placed[name] = device
         return placed
 
+    def compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, placed: Mapping[str, torch.device]) -> None:
+        """Logs and summarises the placed plan's predicted step time beside the plan ``auto`` would choose."""
+        costs = self.measure(trainer, pl_module)
+        mine = costs.predict({name: str(device) for name, device in placed.items()}, self.objective,
+                             self.micro_batches)
+        best = costs.chain_plan(objective=self.objective, micro_batches=self.micro_batches)
+        ms = round(mine * 1e3, 3)
+        best_ms = None if best.predicted_step_time is None else round(best.predicted_step_time * 1e3, 3)
+        log.info(f"placement: this plan predicts {ms} ms per batch forward+backward; auto would choose "
+                 f"{best.devices} at {best_ms} ms")
+        self.summary = {"method": "explicit", "predicted_step_time_ms": ms, "auto_predicted_step_time_ms": best_ms,
+                        **{f"auto.{path}": device for path, device in best.devices.items()}}
+
     def _place(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plan == "auto" and self.devices is None:
             self.plan = self.solve(trainer, pl_module).devices
-        self.place(pl_module.stages())
+        placed = self.place(pl_module.stages())
+        if self.predict and self.plan != "auto" and not self.summary and trainer.state.fn == "fit":
+            self.compare(trainer, pl_module, placed)
 
     # Each entry point (fit, validate, test, predict) sets the module up on Lightning's root device
     # first; placing runs after that and is a no-op when nothing moved.

@@ -1,6 +1,8 @@
 """Training-step benchmark of a BERT-base-like encoder: precision modes, fused ops vs torch modules, pipeline split.
 
-Run: ``python -m benchmarks.bench_train [--quick] [--device cpu|cuda] [--out DIR]``. Writes
+Run: ``python -m benchmarks.bench_train [--quick] [--device cpu|cuda] [--out DIR]``. A placement section
+sets HEFT's plan beside the chain optimum, all-on-the-fastest-device and round-robin over this machine's
+devices, each predicted by the measured cost model and then measured, and the pipeline's bubble. Writes
 ``benchmarks/results/<date>-<device>-train.json`` and prints one line per mode. The target: hetrain's
 bf16 recipe with its fused ops and no torch.compile at least as fast as plain torch in bf16 + torch.compile.
 The loop is plain PyTorch (forward, cross-entropy, backward, AdamW) so that only the model differs.
@@ -25,6 +27,8 @@ import hetrain
 from benchmarks.timing import median_ms
 from hetrain.callbacks.placement import StagePlacement
 from hetrain.models.bert import BertClassifier
+from hetrain.placement import CostModel, available_devices
+from hetrain.placement import measure as cost_model
 
 RESULTS = Path(__file__).parent / "results"
 BASELINE = ("bf16-compile", False)  # plain torch modules in bf16 under torch.compile: the bar to meet
@@ -197,6 +201,92 @@ def run_pipeline(shape: Shape, device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def forward_backward(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> Callable[[], None]:
+    """Forward, cross-entropy and backward in fp32: what the cost model prices, so the two compare directly."""
+    ids, mask, labels = batch
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(ids, mask).float(), labels).backward()
+
+    return step
+
+
+def candidate_plans(costs: CostModel) -> dict[str, list[str]]:
+    """Device per stage for HEFT, the chain optimum, everything on the fastest device, and round-robin."""
+    fastest = min(range(len(costs.devices)), key=lambda d: sum(row[d] for row in costs.compute))
+    return {
+        "heft": [costs.heft_plan().devices[s] for s in costs.stages],
+        "chain-dp": [costs.chain_plan().devices[s] for s in costs.stages],
+        "fastest-device": [costs.devices[fastest]] * len(costs.stages),
+        "round-robin": [costs.devices[i % len(costs.devices)] for i in range(len(costs.stages))],
+    }
+
+
+def run_placement(shape: Shape, quick: bool) -> list[dict]:
+    """Each candidate plan over this machine's devices: predicted by the measured cost model, then measured.
+
+    Then the chain optimum for the pipeline objective at several micro-batch counts: the measured bubble
+    (1 - busiest stage's time / step time) against GPipe's (p - 1) / (m + p - 1).
+    """
+    model = build_model(shape, fused=True).train()
+    ids, mask, labels = make_batch(shape, "cpu")
+    devices = available_devices()
+    costs = cost_model(model.stages(), lambda: ids, devices, lambda name: () if name == "embeddings" else (mask,),
+                       warmup=1, repeats=3 if quick else 10)
+    rows = []
+    for method, plan in candidate_plans(costs).items():
+        rows.append(_placed_row(model, costs, dict(zip(costs.stages, plan, strict=True)), (ids, mask, labels), quick,
+                                section="placement", method=method))
+    counts = (1, 2) if quick else (1, 2, 4, 8)
+    for m in counts:
+        if len(devices) < 2:
+            row = {"section": "bubble", "method": "chain-dp pipeline", "micro_batches": m, "skipped":
+                   "one device: stages cannot overlap"}
+        else:
+            plan = costs.chain_plan(objective="pipeline", micro_batches=m).devices
+            row = _placed_row(model, costs, plan, (ids, mask, labels), quick, section="bubble",
+                              method="chain-dp pipeline", micro_batches=m)
+        rows.append(row)
+    for row in rows:
+        print(placement_text(row), flush=True)
+    return rows
+
+
+def _placed_row(model: BertClassifier, costs: CostModel, plan: dict[str, str], batch: tuple[torch.Tensor, ...],
+                quick: bool, section: str, method: str, micro_batches: int = 1) -> dict:
+    model.micro_batches = micro_batches
+    placed = StagePlacement(plan).place(model.stages())
+    stages = list(model.stages())
+    ids, mask, labels = batch
+    first, last = placed[stages[0]], placed[stages[-1]]
+    step = forward_backward(model, (ids.to(first), mask.to(first), labels.to(last)))
+    ms, _ = measure(step, "cuda" if any(d.type == "cuda" for d in placed.values()) else "cpu", quick)
+    objective = "pipeline" if section == "bubble" else "sequential"
+    predicted = costs.predict({s: str(placed[s]) for s in stages}, objective, micro_batches) * 1e3
+    row = {"section": section, "method": method, "micro_batches": micro_batches,
+           "plan": {s: str(placed[s]) for s in stages}, "predicted_ms": predicted, "ms": ms,
+           "predicted_over_measured": predicted / ms, "skipped": None}
+    if section == "bubble":
+        busiest = max(sum(costs.compute[i][costs.devices.index(str(placed[s]))] for i, s in enumerate(stages)
+                          if str(placed[s]) == device) for device in {str(d) for d in placed.values()})
+        p = len(set(placed.values()))
+        row["bubble"] = max(0.0, 1.0 - busiest * 1e3 / ms)
+        row["gpipe_bubble"] = (p - 1) / (micro_batches + p - 1)
+    model.micro_batches = 1
+    return row
+
+
+def placement_text(row: dict) -> str:
+    name = f"{row['method']} m={row['micro_batches']}"
+    if row["skipped"]:
+        return f"{name:<28} skipped: {row['skipped']}"
+    stages = ", ".join(f"{s}@{d}" for s, d in row["plan"].items())
+    bubble = f"  bubble {row['bubble']:.2f} (GPipe {row['gpipe_bubble']:.2f})" if "bubble" in row else ""
+    return (f"{name:<28} predicted {row['predicted_ms']:8.2f} ms  measured {row['ms']:8.2f} ms  "
+            f"({row['predicted_over_measured']:.2f}){bubble}  [{stages}]")
+
+
 def add_ratios(rows: list[dict]) -> None:
     """Each row's step time over the baseline's (plain bf16 + torch.compile): at most 1.0 meets the target."""
     base = next((r["ms"] for r in rows if (r["mode"], r["fused"]) == BASELINE and r["section"] == "precision"), None)
@@ -232,6 +322,7 @@ def run(device: str, quick: bool = False) -> dict:
     shape = QUICK if quick else FULL
     rows = run_modes(shape, device, quick) + run_pipeline(shape, device, quick)
     add_ratios(rows)
+    placement = run_placement(shape, quick)
     fused_bf16 = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == ("bf16-mixed", True,
                                                                                          "precision"))
     base = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == (*BASELINE, "precision"))
@@ -239,7 +330,7 @@ def run(device: str, quick: bool = False) -> dict:
         "date": dt.date.today().isoformat(), "device": device_name(device), "device_type": device,
         "torch": torch.__version__, "triton": triton_version(), "hetrain": hetrain.__version__, "quick": quick,
         "shape": asdict(shape), "baseline": {"mode": BASELINE[0], "fused": BASELINE[1]},
-        "target_met": None if base is None else fused_bf16 <= base, "rows": rows,
+        "target_met": None if base is None else fused_bf16 <= base, "rows": rows, "placement": placement,
     }
 
 
@@ -258,6 +349,9 @@ def main() -> None:
     print("\nsummary (vs bf16+compile: step time over plain torch bf16 + torch.compile; <= 1.00 meets the target)")
     for row in result["rows"]:
         print(row_text(row))
+    print("\nplacement (forward+backward fp32 on this machine's devices; predicted by the measured cost model)")
+    for row in result["placement"]:
+        print(placement_text(row))
     print(f"target met: {result['target_met']}; wrote {path}")
 
 

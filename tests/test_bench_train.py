@@ -35,3 +35,9 @@ def test_bench_train_quick_cpu(tmp_path: Path) -> None:
     assert {r["micro_batches"] for r in pipeline} == {1, 2}
     assert all(r["ms"] is None and "GPU" in r["skipped"] for r in pipeline)
     assert "bf16-mixed" in proc.stdout and str(path) in proc.stdout
+    placement = {r["method"]: r for r in result["placement"] if r["section"] == "placement"}
+    assert set(placement) == {"heft", "chain-dp", "fastest-device", "round-robin"}
+    for row in placement.values():  # one device here: every plan is all-CPU, predicted and measured
+        assert set(row["plan"].values()) == {"cpu"} and row["predicted_ms"] > 0 and row["ms"] > 0, row
+    bubble = [r for r in result["placement"] if r["section"] == "bubble"]
+    assert bubble and all("one device" in r["skipped"] for r in bubble)

@@ -111,7 +111,9 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
     """``F.gelu(x + bias, approximate=...)`` fused, for ``x`` of any leading shape and ``bias`` of shape (N,).
 
     Runs in ``x``'s dtype with float32 arithmetic (float64 for float64); ``bias`` is cast to ``x``'s
-    dtype, so bf16 activations with a float32 bias work as under autocast.
+    dtype. Autocast casts nothing here: a bf16 activation with a float32 bias gives bf16, as
+    ``F.gelu(F.linear(h, W, bias))`` under autocast does (the Linear casts its bias with the GEMM),
+    whereas a plain ``F.gelu(x + bias)`` would promote to float32.
     """
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"hetrain.ops.bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")

@@ -356,7 +356,12 @@ def conv_bn_relu_pool(
     kernel_size: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None,
     padding: int | tuple[int, int] = 0,
 ) -> torch.Tensor:
-    """Conv2d (``F.conv2d``, cuDNN / the CPU library) followed by the fused BatchNorm -> ReLU -> MaxPool epilogue."""
+    """Conv2d (``F.conv2d``, cuDNN / the CPU library) followed by the fused BatchNorm -> ReLU -> MaxPool epilogue.
+
+    Under autocast the convolution runs in the autocast dtype (autocast casts ``F.conv2d``) and the epilogue
+    in the convolution output's dtype with float32 statistics, so the output is bf16 under bf16 autocast,
+    as the unfused torch block gives.
+    """
     conv = F.conv2d(x, conv_weight, conv_bias, conv_stride, conv_padding, conv_dilation, conv_groups)
     return bn_relu_pool(conv, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                         kernel_size, stride, padding)

@@ -209,7 +209,8 @@ def dropout_add_layer_norm(
     ``x`` and ``residual`` share shape (any leading dims); of different float dtypes (a bf16 sublayer
     output under autocast beside a float32 residual) both are promoted as ``x + residual`` would be.
     The arithmetic runs in float32 (float64 for float64). ``weight`` and ``bias`` are cast to that
-    dtype. With ``p == 0`` or ``training=False`` no random number is drawn and the result is
+    dtype. Autocast casts nothing else, so the output has the dtype ``F.layer_norm(F.dropout(x) + residual)``
+    has under CPU autocast. With ``p == 0`` or ``training=False`` no random number is drawn and the result is
     ``layer_norm(x + residual)``.
     """
     name = "hetrain.ops.dropout_add_layer_norm"

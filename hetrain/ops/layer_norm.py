@@ -132,7 +132,10 @@ def layer_norm(
     """LayerNorm over the last dimension of ``x`` (any leading shape), fused; like ``F.layer_norm``.
 
     Runs in ``x``'s dtype with float32 accumulation (float64 for float64); ``weight`` and ``bias``
-    are cast to ``x``'s dtype, so bf16 activations with float32 parameters work as under autocast.
+    are cast to ``x``'s dtype. Autocast casts nothing here: a bf16 activation with float32 parameters
+    gives bf16, a float32 one float32, as ``F.layer_norm`` under CPU autocast. (CUDA autocast runs
+    ``F.layer_norm`` in float32 and returns float32; this op keeps the activation's dtype there too,
+    its statistics being float32 already.)
     """
     n = x.shape[-1] if x.dim() > 0 else 0
     if x.dim() == 0 or not x.is_floating_point():

@@ -324,6 +324,23 @@ def _validate(hidden, weight, target, bias, label_smoothing, reduction, num_item
         raise ValueError(f"{name}: memory_budget must be a positive number of bytes, got {memory_budget}")
 
 
+def _autocast_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The autocast rule, applied in Python because the cast follows the active autocast dtype (bf16 or fp16),
+    which ``torch.library.register_autocast``'s fixed ``cast_inputs`` cannot. As autocast's ``F.linear``:
+    floating tensors other than float64 are cast to the autocast dtype of hidden's device; float64 is kept."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dt = torch.get_autocast_dtype(device_type)
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None,
     ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
@@ -334,14 +351,12 @@ def linear_cross_entropy(
     hidden (..., H), weight (V, H) as in ``nn.Linear``, target (...) int64, bias (V,). The loss is
     float32 (float64 for float64 inputs). ``num_items``: the loss is the sum over non-ignored rows
     divided by it (exact gradient accumulation; see the module docstring). ``memory_budget``: bytes
-    the chunk of logits may use (default :data:`DEFAULT_MEMORY_BUDGET`). Under autocast, hidden,
-    weight and bias run in the autocast dtype, as ``F.linear`` would.
+    the chunk of logits may use (default :data:`DEFAULT_MEMORY_BUDGET`).
+
+    Under autocast the projection runs in the autocast dtype, as ``F.linear`` would, and the loss stays
+    float32, as autocast's ``F.cross_entropy`` gives: see :func:`_autocast_inputs`.
     """
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _validate(hidden, weight, target, bias, label_smoothing, reduction, num_items, memory_budget)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1]).contiguous()

@@ -123,7 +123,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | N
     """RMSNorm over the last dimension of ``x`` (any leading shape), fused; like ``F.rms_norm``.
 
     Runs in ``x``'s dtype with float32 accumulation (float64 for float64); ``weight`` is cast to
-    ``x``'s dtype, so bf16 activations with a float32 weight work as under autocast. ``eps=None``
+    ``x``'s dtype. Autocast casts nothing here: a bf16 activation with a float32 weight gives bf16,
+    a float32 one float32, as ``F.rms_norm`` under CPU autocast. ``eps=None``
     means what it means to torch: :func:`default_eps` of ``x``'s dtype.
     """
     if x.dim() == 0 or not x.is_floating_point():

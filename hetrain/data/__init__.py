@@ -7,7 +7,7 @@ from hetrain.data.build_tokens import ByteTokenizer, build_token_file
 from hetrain.data.datamodule import RingDataModule, SyntheticDataModule, TokenDataModule
 from hetrain.data.packing import PackedSequences, PackInto, pack_rows, segment_attention_mask
 from hetrain.data.prefetch import DevicePrefetcher
-from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader
+from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader, StreamBatches
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
 from hetrain.data.tokens import TokenFile, TokenFileWriter, write_token_file
@@ -24,6 +24,7 @@ __all__ = [
     "PadWithIds",
     "RingDataModule",
     "RingLoader",
+    "StreamBatches",
     "SyntheticDataModule",
     "SyntheticSequences",
     "TokenBudgetBatchSampler",

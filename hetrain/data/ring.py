@@ -7,7 +7,9 @@ the largest batch, pinned when CUDA is available) and producers write straight i
 * a :class:`~hetrain.data.windows.TokenWindows` source is gathered entirely in C++ by ``num_workers``
   threads (GIL released), tokens read from the memory-mapped file;
 * any map-style Dataset is read by ``num_workers`` Python threads whose slot collate (see
-  :class:`PadInto`, :class:`CopyInto`) writes the batch into the slot.
+  :class:`PadInto`, :class:`CopyInto`) writes the batch into the slot;
+* an ``IterableDataset`` is read in stream order, grouped by :class:`StreamBatches` (a batch size, a
+  token budget or both), and collated into slots by the same threads.
 
 A batch is a dict of tensors viewing its slot; the slot is refilled once every tensor of the batch is
 freed, so keep at most ``num_slots - 1`` batches alive. Batches come in the sampler's order. A producer
@@ -37,6 +39,8 @@ _DTYPE_NAMES = {
 TOKEN_FIELDS = ("input_ids", "attention_mask", "lengths", "sample_ids")
 
 Spec = dict[str, tuple[torch.dtype, int]]  # field -> (dtype, capacity in elements)
+_END_OF_STREAM = "hetrain: end of stream"
+_UNBOUNDED = 2**62  # batches announced to the ring for a stream: it ends where the data does
 
 
 class LoaderError(RuntimeError):
@@ -91,12 +95,72 @@ class CopyInto:
         return {name: tuple(t.shape) for name, t in batch.items()}
 
 
+class StreamBatches:
+    """Groups an iterable dataset's samples into batches in stream order: the batch plan of a stream.
+
+    A batch closes at ``batch_size`` samples, or before its padded size ``rows * longest`` would exceed
+    ``max_tokens`` (``length(sample)`` tokens each; default ``len(sample["input_ids"])``). Use it as a
+    RingLoader's ``batch_sampler`` when the source is a ``torch.utils.data.IterableDataset``.
+    """
+
+    def __init__(self, batch_size: int | None = None, max_tokens: int | None = None,
+                 length: Callable[[Any], int] | None = None) -> None:
+        if batch_size is None and max_tokens is None:
+            raise ValueError("hetrain: StreamBatches needs batch_size, max_tokens or both")
+        self.batch_size, self.max_tokens = batch_size, max_tokens
+        self.max_batch_rows = batch_size or max_tokens
+        self.length = length or (lambda sample: len(sample["input_ids"]))
+
+    def __call__(self, samples: Iterator[Any]) -> Iterator[list[Any]]:
+        batch: list[Any] = []
+        longest = 0
+        for sample in samples:
+            n = self.length(sample) if self.max_tokens is not None else 0
+            if self.max_tokens is not None and n > self.max_tokens:
+                raise ValueError(f"hetrain: a sample of {n} tokens exceeds max_tokens={self.max_tokens}; cut long "
+                                 f"documents into windows (hetrain.data.windows) first")
+            full = batch and (len(batch) == self.batch_size or (
+                self.max_tokens is not None and (len(batch) + 1) * max(longest, n) > self.max_tokens))
+            if full:
+                yield batch
+                batch, longest = [], 0
+            batch.append(sample)
+            longest = max(longest, n)
+        if batch:
+            yield batch
+
+
+class _Stream:
+    """One epoch of a stream's batches, handed to producers by batch number, whichever thread asks first.
+
+    Producers claim batch numbers in order but may reach here out of order; batches read ahead of the
+    one asked for wait in ``pending``. After the last batch every later number gets ``None``.
+    """
+
+    def __init__(self, batches: Iterator[list[Any]]) -> None:
+        self.batches, self.lock = batches, threading.Lock()
+        self.pending: dict[int, list[Any]] = {}
+        self.read = 0  # batches taken from the iterator so far
+        self.end: int | None = None  # the first batch number past the stream's end, once known
+
+    def batch(self, job: int) -> list[Any] | None:
+        with self.lock:
+            while self.end is None and self.read <= job:
+                try:
+                    self.pending[self.read] = next(self.batches)
+                    self.read += 1
+                except StopIteration:
+                    self.end = self.read
+            return self.pending.pop(job, None)
+
+
 class _Shared:
     """What producer threads and the finaliser need; holds no reference to the RingLoader itself."""
 
     def __init__(self, ring: Any, names: Sequence[str]) -> None:
         self.ring, self.names = ring, list(names)
         self.plan: list[list[int]] = []
+        self.stream: _Stream | None = None  # an iterable source's current epoch
         self.errors: dict[int, BaseException] = {}
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -123,14 +187,21 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
             continue
         sample = None
         try:
-            items = []
-            for sample in shared.plan[job]:
-                ring.note(producer, sample, -1, -1)
-                items.append(dataset[sample])
+            if shared.stream is not None:
+                items = shared.stream.batch(job)
+                if items is None:  # past the stream's end: the consumer stops at this batch
+                    ring.fail(producer, job, _END_OF_STREAM)
+                    continue
+            else:
+                items = []
+                for sample in shared.plan[job]:
+                    ring.note(producer, sample, -1, -1)
+                    items.append(dataset[sample])
             ring.commit(producer, job, _shapes(shared.names, collate(items, views[slot])))
         except Exception as exc:  # every failure goes to the consumer, named
             shared.errors[job] = exc
-            ring.fail(producer, job, f"hetrain: producer {producer} failed on batch {job} at sample {sample}: "
+            where = "reading the stream" if shared.stream is not None else f"at sample {sample}"
+            ring.fail(producer, job, f"hetrain: producer {producer} failed on batch {job} {where}: "
                                      f"{type(exc).__name__}: {exc}")
 
 
@@ -145,8 +216,10 @@ class RingLoader:
     """Iterates batches of ``batch_sampler`` over ``source``, assembled ahead in a ring of host slots.
 
     Args:
-        source: a :class:`TokenWindows` (gathered in C++) or any map-style Dataset (needs ``collate``).
-        batch_sampler: yields index lists, e.g. :class:`~hetrain.data.sampler.TokenBudgetBatchSampler`.
+        source: a :class:`TokenWindows` (gathered in C++), any map-style Dataset or an IterableDataset
+            (both need ``collate``).
+        batch_sampler: yields index lists, e.g. :class:`~hetrain.data.sampler.TokenBudgetBatchSampler`; for an
+            IterableDataset, a :class:`StreamBatches`.
         collate: for a Dataset, a slot collate with ``spec`` (:class:`PadInto`, :class:`CopyInto`).
         num_slots: batches in flight; the consumer may hold ``num_slots - 1`` while producers fill the rest.
         num_workers: producer threads.
@@ -183,6 +256,10 @@ class RingLoader:
         self.sampler = batch_sampler  # where Lightning looks for set_epoch()
         self.source, self.lookahead = source, lookahead
         self.tokens = isinstance(source, TokenWindows)
+        self.streaming = isinstance(source, torch.utils.data.IterableDataset)
+        if self.streaming and not callable(batch_sampler):
+            raise ValueError("hetrain: an iterable dataset is batched in stream order; pass "
+                             "batch_sampler=StreamBatches(batch_size=..., max_tokens=...)")
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         if self.tokens:
             if collate is not None:
@@ -225,11 +302,16 @@ class RingLoader:
     # -- iteration -------------------------------------------------------------------------------
 
     def __len__(self) -> int:
+        if self.streaming:
+            raise TypeError("hetrain: a RingLoader over an iterable dataset has no length")
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._shared.stop.is_set():
             raise RuntimeError("hetrain: this RingLoader was closed")
+        if self.streaming:
+            yield from self._iter_stream()
+            return
         plan = [list(b) for b in self.batch_sampler]
         self._yielded, self._exhausted = 0, False
         shared, ring = self._shared, self._shared.ring
@@ -249,6 +331,21 @@ class RingLoader:
             yield dict(zip(names, tensors, strict=True))
         self._exhausted = True
 
+    def _iter_stream(self) -> Iterator[dict[str, torch.Tensor]]:
+        """An iterable source: batches in stream order until the stream ends (producers find the end)."""
+        self._yielded, self._exhausted = 0, False
+        shared = self._shared
+        shared.errors.clear()
+        shared.stream = _Stream(self.batch_sampler(iter(self.source)))
+        self._call(shared.ring.start_epoch, _UNBOUNDED)
+        for job in range(_UNBOUNDED):
+            tensors = self._take(job)
+            if tensors is None:
+                break
+            self._yielded += 1
+            yield dict(zip(shared.names, tensors, strict=True))
+        self._exhausted = True
+
     def _call(self, fn: Callable, *args: Any) -> Any:
         try:
             return fn(*args)
@@ -256,7 +353,8 @@ class RingLoader:
             self.close()
             raise LoaderError(str(exc)) from None
 
-    def _take(self, job: int) -> list[torch.Tensor]:
+    def _take(self, job: int) -> list[torch.Tensor] | None:
+        """Batch ``job``'s tensors; None past the end of a stream."""
         ring = self._shared.ring
         try:
             while True:  # short waits in C++, so Ctrl-C reaches Python between them
@@ -264,6 +362,9 @@ class RingLoader:
                 if tensors:
                     return tensors
         except RuntimeError as exc:
+            stream = self._shared.stream
+            if str(exc) == _END_OF_STREAM and stream is not None and stream.end is not None and job >= stream.end:
+                return None
             cause = self._shared.errors.get(job)
             self.close()
             raise LoaderError(str(exc)) from cause
@@ -279,6 +380,9 @@ class RingLoader:
 
     def state_dict(self, steps: int | None = None) -> dict[str, Any]:
         """The sampler's ``(epoch, seed, position)`` after ``steps`` batches (default: :meth:`consumed`)."""
+        if self.streaming:
+            raise TypeError("hetrain: a stream has no position to resume from; for exact resumes use a map-style "
+                            "dataset or token files with a TokenBudgetBatchSampler")
         return self.batch_sampler.state_dict(steps=self.consumed() if steps is None else steps)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,0 +1,79 @@
+"""RingLoader over an IterableDataset: stream order, batch size and token budget, errors, every epoch anew."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch.utils.data import IterableDataset
+
+from hetrain.data.ring import LoaderError, PadInto, RingLoader, StreamBatches
+from hetrain.data.synthetic import SyntheticSequences
+
+pytest.importorskip("hetrain._C")
+
+
+class Stream(IterableDataset):
+    """The synthetic sequences read front to back, as a file or a network source would give them."""
+
+    def __init__(self, size: int, fail_at: int | None = None, seed: int = 0) -> None:
+        self.data = SyntheticSequences(size=size, vocab_size=64, num_classes=3, min_len=3, max_len=30, seed=seed)
+        self.fail_at = fail_at
+
+    def __iter__(self):
+        for i in range(len(self.data)):
+            if i == self.fail_at:
+                raise OSError(f"connection reset after sample {i}")
+            yield self.data[i]
+
+
+@pytest.mark.parametrize(("batch_size", "max_tokens", "workers"), [(7, None, 1), (None, 96, 3), (5, 64, 2)])
+def test_batches_follow_the_stream_within_their_bounds_every_epoch(batch_size, max_tokens, workers):
+    stream = Stream(203)
+    batcher = StreamBatches(batch_size=batch_size, max_tokens=max_tokens)
+    expected = list(batcher(iter(stream)))
+    with RingLoader(stream, batcher, collate=PadInto(96 if max_tokens else 7 * 30, 7 if batch_size else 96),
+                    num_workers=workers) as loader:
+        for _ in range(2):  # each epoch reads the stream anew
+            got = [{k: v.clone() for k, v in b.items()} for b in loader]
+            assert len(got) == len(expected)
+            for batch, items in zip(got, expected, strict=True):
+                assert batch["labels"].tolist() == [int(item["label"]) for item in items]
+                for row, item in zip(batch["input_ids"], items, strict=True):
+                    assert row[: len(item["input_ids"])].tolist() == torch.as_tensor(item["input_ids"]).tolist()
+                rows, cols = batch["input_ids"].shape
+                assert batch_size is None or rows <= batch_size
+                assert max_tokens is None or rows * cols <= max_tokens
+    assert sum(len(items) for items in expected) == 203
+
+
+def test_a_stream_has_no_length_and_no_resume_position():
+    with RingLoader(Stream(20), StreamBatches(batch_size=4), collate=PadInto(120, 4)) as loader:
+        with pytest.raises(TypeError, match="no length"):
+            len(loader)
+        with pytest.raises(TypeError, match="no position to resume from"):
+            loader.state_dict()
+    with pytest.raises(ValueError, match="StreamBatches"):
+        RingLoader(Stream(20), [[0, 1]], collate=PadInto(120, 4))
+
+
+def test_an_error_in_the_stream_reaches_the_loop_after_the_batches_before_it():
+    baseline = threading.active_count()
+    loader = RingLoader(Stream(50, fail_at=23), StreamBatches(batch_size=4), collate=PadInto(120, 4), num_workers=2)
+    seen = 0
+    with pytest.raises(LoaderError, match="batch 5 reading the stream: OSError: connection reset after sample 23"):
+        for batch in loader:
+            seen += len(batch["labels"])
+    assert seen == 20  # five whole batches came through before the one that failed
+    deadline = time.monotonic() + 5
+    while threading.active_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == baseline
+
+
+def test_a_sample_over_the_token_budget_is_named():
+    with RingLoader(Stream(30), StreamBatches(max_tokens=10), collate=PadInto(10, 10)) as loader:
+        with pytest.raises(LoaderError, match="exceeds max_tokens=10"):
+            list(loader)

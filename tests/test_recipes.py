@@ -54,7 +54,7 @@ def test_recipe_composes_and_instantiates(name, tmp_path):
     datamodule.setup("fit")
     batch = next(iter(datamodule.val_dataloader()))
     with torch.no_grad():
-        logits = task(batch["input_ids"], batch["attention_mask"])
+        logits = task(*task.model_inputs(batch))
     assert logits.shape == (len(batch["labels"]), cfg.data.num_classes)
 
 

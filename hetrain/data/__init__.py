@@ -5,6 +5,7 @@ See hetrain/data/README.md for the pipeline, stage by stage.
 
 from hetrain.data.build_tokens import ByteTokenizer, build_token_file
 from hetrain.data.datamodule import RingDataModule, SyntheticDataModule, TokenDataModule
+from hetrain.data.images import SyntheticImageDataModule, SyntheticImages
 from hetrain.data.packing import PackedSequences, PackInto, pack_rows, segment_attention_mask
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader, StreamBatches
@@ -26,6 +27,8 @@ __all__ = [
     "RingLoader",
     "StreamBatches",
     "SyntheticDataModule",
+    "SyntheticImageDataModule",
+    "SyntheticImages",
     "SyntheticSequences",
     "TokenBudgetBatchSampler",
     "TokenFile",

@@ -1,4 +1,4 @@
-"""Sequence classification as a LightningModule, for any model with ``stages()`` and (ids, mask) -> logits."""
+"""Classification as a LightningModule, for any model with ``stages()`` that maps batch entries to logits."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ warnings.filterwarnings(
 )
 
 
+# What a model takes when it does not say (``input_keys``): token ids and their padding mask, as BERT.
+TEXT_INPUTS = ("input_ids", "attention_mask")
+
+
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -25,7 +29,9 @@ def _device_of(module: nn.Module) -> torch.device:
 class ClassificationTask(pl.LightningModule):
     """Cross-entropy training with AdamW; validation loss and accuracy as ``val/loss`` and ``val/acc``.
 
-    Batches are dicts of ``input_ids`` and ``attention_mask`` (B, T) and ``labels`` (B,).
+    Batches are dicts holding ``labels`` (B,) and the model's inputs: the entries its ``input_keys``
+    names, in order (``images`` for :class:`~hetrain.models.resnet.ResNet`), or else ``input_ids`` and
+    ``attention_mask`` (B, T).
     """
 
     def __init__(
@@ -39,18 +45,31 @@ class ClassificationTask(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+        self.input_keys = tuple(getattr(model, "input_keys", TEXT_INPUTS))
         self.val_acc = MulticlassAccuracy(num_classes=num_classes)
 
     def stages(self) -> dict[str, nn.Module]:
         return self.model.stages()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(*inputs)
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The batch entries the model takes, in the order it takes them."""
+        missing = [key for key in self.input_keys if key not in batch]
+        if missing:
+            raise KeyError(f"hetrain: {type(self.model).__name__} takes {list(self.input_keys)} but the batch has "
+                           f"no {missing} (it has {list(batch)}); do the data and the model belong together?")
+        return tuple(batch[key] for key in self.input_keys)
 
     def placement_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[Any, Any]:
-        """What measuring each stage alone needs: the first stage's input, and each stage's extra inputs."""
-        mask = batch["attention_mask"]
-        return (lambda: batch["input_ids"]), (lambda name: () if name == "embeddings" else (mask,))
+        """What measuring each stage alone needs: the first stage's input, and each stage's extra inputs.
+
+        The first stage takes the first input; every later stage takes the rest too (BERT's mask).
+        """
+        first, *rest = self.model_inputs(batch)
+        first_stage = next(iter(self.stages()))
+        return (lambda: first), (lambda name: () if name == first_stage else tuple(rest))
 
     def transfer_batch_to_device(self, batch: dict[str, torch.Tensor], device: torch.device,
                                  dataloader_idx: int) -> dict[str, torch.Tensor]:
@@ -59,14 +78,13 @@ class ClassificationTask(pl.LightningModule):
         # comes from host memory, so the copies may be asynchronous.
         stages = list(self.stages().values())
         inputs, outputs = _device_of(stages[0]), _device_of(stages[-1])
-        return {
-            "input_ids": batch["input_ids"].to(inputs, non_blocking=True),
-            "attention_mask": batch["attention_mask"].to(inputs, non_blocking=True),
-            "labels": batch["labels"].to(outputs, non_blocking=True),
-        }
+        moved = {key: t.to(inputs, non_blocking=True)
+                 for key, t in zip(self.input_keys, self.model_inputs(batch), strict=True)}
+        moved["labels"] = batch["labels"].to(outputs, non_blocking=True)
+        return moved
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = self(*self.model_inputs(batch))
         return F.cross_entropy(logits, batch["labels"]), logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

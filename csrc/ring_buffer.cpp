@@ -2,7 +2,6 @@
 #include "ring_buffer.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -238,36 +237,15 @@ int64_t RingCore::batches_committed() const {
 
 // ---------------------------------------------------------------------------------------------------
 
-TokenMap::TokenMap(const std::string& path, int64_t itemsize, int64_t num_tokens)
+TokenReader::TokenReader(const std::string& path, int64_t itemsize, int64_t num_tokens)
     : path_(path), itemsize_(itemsize), num_tokens_(num_tokens) {
   if (itemsize != 2 && itemsize != 4) throw RingError(cat("hetrain ring: ", path, ": itemsize must be 2 or 4"));
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) throw RingError(cat("hetrain ring: cannot open token file ", path, ": ", std::strerror(errno)));
-  struct stat st {};
-  ::fstat(fd_, &st);
-  // Map what the file holds, at most what the index promises: a range past the mapping is an error, not a crash.
-  mapped_bytes_ = std::min<int64_t>(st.st_size, num_tokens * itemsize) / itemsize * itemsize;
-  if (mapped_bytes_ > 0) {
-    void* p = ::mmap(nullptr, static_cast<size_t>(mapped_bytes_), PROT_READ, MAP_SHARED, fd_, 0);
-    if (p == MAP_FAILED) {
-      ::close(fd_);
-      throw RingError(cat("hetrain ring: cannot map token file ", path, ": ", std::strerror(errno)));
-    }
-    data_ = static_cast<const uint8_t*>(p);
-  }
 }
 
-TokenMap::~TokenMap() {
-  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), static_cast<size_t>(mapped_bytes_));
+TokenReader::~TokenReader() {
   if (fd_ >= 0) ::close(fd_);
-}
-
-void TokenMap::check_size() const {
-  struct stat st {};
-  if (::fstat(fd_, &st) == 0 && st.st_size < mapped_bytes_) {
-    throw RingError(cat("hetrain ring: token file ", path_, " shrank from ", mapped_bytes_, " to ", st.st_size,
-                        " bytes while in use"));
-  }
 }
 
 namespace {
@@ -284,17 +262,33 @@ int64_t copy_tokens(const uint8_t* src, int64_t n, int64_t vocab_size, int64_t* 
 }
 }  // namespace
 
-void TokenMap::gather(int64_t sample, int64_t begin, int64_t n, int64_t vocab_size, int64_t* out) const {
-  const int64_t have = mapped_bytes_ / itemsize_;
-  if (begin < 0 || n < 0 || begin + n > have) {
-    throw RingError(cat("hetrain ring: token file ", path_, ": sample ", sample, " needs tokens [", begin, ", ",
-                        begin + n, ") = bytes [", begin * itemsize_, ", ", (begin + n) * itemsize_, "), but the file holds ",
-                        have, " tokens (", mapped_bytes_, " bytes) of the ", num_tokens_,
-                        " its index promises: truncated or corrupt"));
+void TokenReader::gather(int64_t sample, int64_t begin, int64_t n, int64_t vocab_size, int64_t* out) const {
+  const int64_t first = begin * itemsize_, bytes = n * itemsize_;
+  int64_t done = 0;
+  thread_local std::vector<uint8_t> scratch;  // grows to the longest sample once: no allocation per batch after
+  const bool in_index = begin >= 0 && n >= 0 && begin + n <= num_tokens_;
+  if (in_index) {
+    if (static_cast<int64_t>(scratch.size()) < bytes) scratch.resize(static_cast<size_t>(bytes));
+    while (done < bytes) {
+      const ssize_t got = ::pread(fd_, scratch.data() + done, static_cast<size_t>(bytes - done), first + done);
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) {
+        throw RingError(cat("hetrain ring: token file ", path_, ": reading sample ", sample, " at byte ", first + done,
+                            " failed: ", std::strerror(errno)));
+      }
+      if (got == 0) break;  // end of file: truncated
+      done += got;
+    }
   }
-  const uint8_t* src = data_ + begin * itemsize_;
-  const int64_t bad = itemsize_ == 2 ? copy_tokens<uint16_t>(src, n, vocab_size, out)
-                                     : copy_tokens<uint32_t>(src, n, vocab_size, out);
+  if (!in_index || done < bytes) {
+    struct stat st {};
+    const int64_t size = ::fstat(fd_, &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
+    throw RingError(cat("hetrain ring: token file ", path_, ": sample ", sample, " needs tokens [", begin, ", ",
+                        begin + n, ") = bytes [", first, ", ", first + bytes, "), but the file holds ", size / itemsize_,
+                        " tokens (", size, " bytes) of the ", num_tokens_, " its index promises: truncated or corrupt"));
+  }
+  const int64_t bad = itemsize_ == 2 ? copy_tokens<uint16_t>(scratch.data(), n, vocab_size, out)
+                                     : copy_tokens<uint32_t>(scratch.data(), n, vocab_size, out);
   if (bad >= 0) {
     throw RingError(cat("hetrain ring: token file ", path_, ": sample ", sample, " has token id ", out[bad],
                         " >= vocab_size ", vocab_size, " at byte ", (begin + bad) * itemsize_, ": corrupt file or wrong vocab"));
@@ -311,7 +305,7 @@ TokenGatherer::TokenGatherer(RingCore* core, uint8_t* slots, int64_t slot_bytes,
       slots_(slots),
       slot_bytes_(slot_bytes),
       layout_(layout),
-      map_(path, itemsize, num_tokens),
+      file_(path, itemsize, num_tokens),
       starts_(std::move(starts)),
       lengths_(std::move(lengths)),
       pad_id_(pad_id),
@@ -377,17 +371,16 @@ void TokenGatherer::fill(int64_t producer, int64_t job, int64_t slot) {
     throw RingError(cat("hetrain ring: batch ", job, " is ", rows, " x ", cols, " tokens but a slot holds ",
                         layout_.max_rows, " rows and ", layout_.max_tokens, " tokens"));
   }
-  map_.check_size();
   uint8_t* base = slots_ + slot * slot_bytes_;
   auto* ids = reinterpret_cast<int64_t*>(base + layout_.ids_offset);
   auto* mask = reinterpret_cast<bool*>(base + layout_.mask_offset);
   auto* lens = reinterpret_cast<int64_t*>(base + layout_.lengths_offset);
   auto* samples = reinterpret_cast<int64_t*>(base + layout_.samples_offset);
-  const int64_t width = map_.itemsize();
+  const int64_t width = file_.itemsize();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t sample = ids_[b0 + r], start = starts_[sample], n = lengths_[sample];
     core_->note(producer, sample, start * width, (start + n) * width);
-    map_.gather(sample, start, n, vocab_size_, ids + r * cols);
+    file_.gather(sample, start, n, vocab_size_, ids + r * cols);
     std::fill(ids + r * cols + n, ids + (r + 1) * cols, pad_id_);
     std::fill(mask + r * cols, mask + r * cols + n, true);
     std::fill(mask + r * cols + n, mask + (r + 1) * cols, false);

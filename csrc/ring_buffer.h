@@ -107,27 +107,27 @@ class RingCore {
   bool closed_ = false;
 };
 
-// A token file mapped read-only: <prefix>.bin with `itemsize`-byte little-endian tokens.
-class TokenMap {
+// A token file read with pread: <prefix>.bin with `itemsize`-byte little-endian tokens. Not mapped: a
+// mapped file truncated while in use raises SIGBUS on the next read, which kills the process; pread
+// returns short instead, and the reader names the file and byte range. The page cache serves both alike.
+class TokenReader {
  public:
-  TokenMap(const std::string& path, int64_t itemsize, int64_t num_tokens);
-  ~TokenMap();
-  TokenMap(const TokenMap&) = delete;
-  TokenMap& operator=(const TokenMap&) = delete;
+  TokenReader(const std::string& path, int64_t itemsize, int64_t num_tokens);
+  ~TokenReader();
+  TokenReader(const TokenReader&) = delete;
+  TokenReader& operator=(const TokenReader&) = delete;
 
   // Copies tokens [begin, begin + n) as int64 into out; throws RingError naming the file and byte range
-  // when the range lies beyond the file (a truncated file) or a token is >= vocab_size (when > 0).
+  // when the range lies beyond the file (truncated, before or during the run) or a token is >= vocab_size
+  // (when > 0). Thread-safe; each thread reuses one scratch buffer, grown to its longest sample.
   void gather(int64_t sample, int64_t begin, int64_t n, int64_t vocab_size, int64_t* out) const;
-  // Throws RingError if the file shrank since it was mapped (reading past its end would kill the process).
-  void check_size() const;
   const std::string& path() const { return path_; }
   int64_t itemsize() const { return itemsize_; }
 
  private:
   std::string path_;
-  int64_t itemsize_ = 2, num_tokens_ = 0, mapped_bytes_ = 0;
+  int64_t itemsize_ = 2, num_tokens_ = 0;
   int fd_ = -1;
-  const uint8_t* data_ = nullptr;
 };
 
 // Where a token batch lives inside one slot (byte offsets from the slot's start).
@@ -158,7 +158,7 @@ class TokenGatherer {
   uint8_t* slots_;
   const int64_t slot_bytes_;
   const TokenSlotLayout layout_;
-  TokenMap map_;
+  TokenReader file_;
   const std::vector<int64_t> starts_, lengths_;
   const int64_t pad_id_, vocab_size_, first_producer_;
   // The epoch plan; written only in start_epoch while no slot is being filled (RingCore drains first).

@@ -285,3 +285,20 @@ def test_resume_on_another_layout_and_worker_count(corpus):
             for batch in loader:
                 consumed.update(batch["sample_ids"].tolist())
     assert sorted(consumed) == list(range(len(ds))) and set(consumed.values()) == {1}
+
+
+def test_a_token_file_truncated_while_in_use_is_an_error_not_a_crash(tmp_path):
+    # A memory-mapped file cut under a reader kills the process with SIGBUS; the ring reads with pread.
+    docs = [np.full(40, 5 + i % 50) for i in range(200)]
+    tf = write_token_file(tmp_path / "t", docs)
+    ds = TokenWindows(tf, max_len=64)
+    sampler = TokenBudgetBatchSampler(ds.lengths, 80, shuffle=False)  # two documents per batch, in file order
+    with RingLoader(ds, sampler, num_slots=2, num_workers=1) as loader:
+        batches = iter(loader)
+        first = next(batches)
+        assert first["input_ids"][0, 0] == 5
+        del first
+        os.truncate(tmp_path / "t.bin", 2 * 40 * 20)  # keep the first 20 documents
+        with pytest.raises(LoaderError, match=r"t\.bin: sample \d+ needs tokens .*holds 800 tokens.*truncated"):
+            for _ in batches:
+                pass

@@ -1,5 +1,5 @@
 // A ring of preallocated batch slots shared by producer threads and one consumer, and a gatherer that
-// fills slots from a memory-mapped token file. No torch here: the ThreadSanitizer test builds it alone
+// fills slots from a token file read with pread. No torch here: the ThreadSanitizer test builds it alone
 // (tests/cpp/ring_buffer_test.cpp) and csrc/ring_buffer_binding.cpp gives it its torch face.
 //
 // Batches are jobs 0..num_jobs-1 of an epoch, handed to producers in order, each into any free slot; the

@@ -7,7 +7,7 @@ loader's fixed host bytes for the run summary.
 
 :class:`TokenDataModule` classifies windows of long documents: each document carries a label, each
 window of it (``max_len`` tokens, ``stride`` apart) is a sample with its document's label, gathered
-from the memory-mapped token file by the ring's C++ threads. Its corpus is a jsonl file (a text and a
+from the token file by the ring's C++ threads (pread). Its corpus is a jsonl file (a text and a
 label field), a directory of token files it wrote before, or, with no path, long synthetic documents
 generated from the seed (see :func:`write_synthetic_corpus`).
 """

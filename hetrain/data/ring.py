@@ -5,7 +5,7 @@ workers, pickles it across processes. Here the memory is allocated once (``num_s
 the largest batch, pinned when CUDA is available) and producers write straight into it:
 
 * a :class:`~hetrain.data.windows.TokenWindows` source is gathered entirely in C++ by ``num_workers``
-  threads (GIL released), tokens read from the memory-mapped file;
+  threads (GIL released), tokens read from the file with pread (a file cut mid-run is an error, not SIGBUS);
 * any map-style Dataset is read by ``num_workers`` Python threads whose slot collate (see
   :class:`PadInto`, :class:`CopyInto`) writes the batch into the slot;
 * an ``IterableDataset`` is read in stream order, grouped by :class:`StreamBatches` (a batch size, a

@@ -6,7 +6,9 @@ C++; the DataLoader uses ``token_collate``); the DataLoader is timed with num_wo
 best is reported. The consumer does nothing, so the figures are assembly throughput alone. Host
 allocations per batch are counted with torch's profiler (in-process loaders only). Padding compares
 token-budget batches with fixed-size random batches of the same mean row count on Zipf-like lengths.
-Writes ``benchmarks/results/<date>-loader-cpu.json``.
+A training-loop section feeds a loop with fixed compute per step (on the GPU when there is one) from each
+loader and from nothing: the data wait is one minus the ratio of their step rates; on CUDA it also times
+host-to-device copies from pageable and pinned memory. Writes ``benchmarks/results/<date>-loader-<device>.json``.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.tokens import write_token_file
@@ -67,7 +72,108 @@ def padding(lengths: np.ndarray, max_tokens: int) -> dict:
             "fixed_batch_size": rows}
 
 
-def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...]) -> dict:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fixed_work(device: torch.device, target_ms: float) -> Callable[[], torch.Tensor]:
+    """A step's compute that does not depend on the data: square matmuls, calibrated to about ``target_ms``."""
+    a = torch.randn(512, 512, device=device)
+
+    def run(k: int) -> torch.Tensor:
+        y = a
+        for _ in range(k):
+            y = torch.tanh(y @ a)
+        return y
+
+    run(2)
+    _sync(device)
+    t0 = time.perf_counter()
+    run(10)
+    _sync(device)
+    per = (time.perf_counter() - t0) / 10
+    k = max(1, round(target_ms / 1e3 / per))
+    return lambda: run(k)
+
+
+def loop_rate(batches: Iterator, work: Callable[[], torch.Tensor], device: torch.device,
+              steps: int) -> tuple[float, float]:
+    """(steps/s, samples/s) of ``steps`` training-like steps: fixed work plus a use of each batch on ``device``."""
+    it = batches
+    total = torch.zeros((), device=device)
+    for _ in range(2):  # warm up the pipeline
+        next(it)
+    _sync(device)
+    t0, samples = time.perf_counter(), 0
+    for _ in range(steps):
+        batch = next(it)
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        total += work().sum() * 0 + ids.sum()
+        samples += ids.shape[0]
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    return steps / elapsed, samples / elapsed
+
+
+def cycle(loader):
+    while True:
+        yield from loader
+
+
+def h2d_bandwidth(nbytes: int, device: torch.device) -> dict:
+    """Host-to-device GB/s of one batch-sized copy from pageable and from pinned memory (CUDA only)."""
+    out = {}
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for kind, pinned in (("pageable", False), ("pinned", True)):
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned).fill_(1)
+        dst.copy_(src, non_blocking=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            dst.copy_(src, non_blocking=True)
+        _sync(device)
+        out[kind] = 10 * nbytes / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def training_loop(ds: TokenWindows, sampler: TokenBudgetBatchSampler, device: torch.device, workers: int,
+                  steps: int, work_ms: float) -> dict:
+    """Data wait as a share of step time: a loop with fixed work per step fed by each loader vs fed by nothing.
+
+    On CUDA the ring's batches go through ``DevicePrefetcher`` (side-stream copies from pinned slots) and the
+    DataLoader's through ``pin_memory=True`` + ``non_blocking`` copies, as a user would write it.
+    """
+    work = fixed_work(device, work_ms)
+    one = next(iter(DataLoader(ds, batch_sampler=sampler, collate_fn=token_collate)))
+    pin = device.type == "cuda"
+    rates: dict[str, list[tuple[float, float]]] = {}
+    with RingLoader(ds, sampler, num_workers=max(1, workers), pin_memory=pin) as ring:
+        dl = DataLoader(ds, batch_sampler=sampler, collate_fn=token_collate, num_workers=workers, pin_memory=pin,
+                        persistent_workers=workers > 0)
+        sources = {"compute_only": cycle([one]), "ring": cycle(DevicePrefetcher(ring, device) if pin else ring),
+                   f"dataloader_w{workers}": cycle(dl)}
+        for _ in range(5):  # interleaved rounds, medians: a shared machine's slow spells hit every row alike
+            for name, source in sources.items():
+                rates.setdefault(name, []).append(loop_rate(source, work, device, max(1, steps // 5)))
+        del sources, dl
+    compute_only = statistics.median(r for r, _ in rates["compute_only"])
+    rows = {name: {"steps_s": statistics.median(r for r, _ in runs),
+                   "samples_s": None if name == "compute_only" else statistics.median(s for _, s in runs)}
+            for name, runs in rates.items()}
+    for row in rows.values():
+        row["data_wait"] = max(0.0, 1 - row["steps_s"] / compute_only)
+    result = {"device": str(device), "work_ms": work_ms, "steps": steps, "rows": rows}
+    if device.type == "cuda":
+        result["h2d_gb_s"] = h2d_bandwidth(int(sampler.max_tokens) * 8, device)  # an int64 batch of max_tokens
+    for name, row in rows.items():
+        samples_s = "" if row["samples_s"] is None else f" {row['samples_s']:9.1f} samples/s"
+        print(f"loop {name:16s} {row['steps_s']:8.1f} steps/s{samples_s}  data wait {row['data_wait']:.1%}")
+    return result
+
+
+def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop_steps: int = 0,
+        work_ms: float = 5.0) -> dict:
     pin = torch.cuda.is_available()
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +190,10 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...]) -> d
                             persistent_workers=w > 0)
             rows[f"dataloader_w{w}"] = (*epoch_rate(dl), allocations_per_batch(dl) if w == 0 else None)
             del dl
-    best = max((k for k in rows if k.startswith("dataloader")), key=lambda k: rows[k][0])
+        best = max((k for k in rows if k.startswith("dataloader")), key=lambda k: rows[k][0])
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        loop = (training_loop(ds, sampler, device, int(best.removeprefix("dataloader_w")), loop_steps, work_ms)
+                if loop_steps else None)
     result = {
         "date": dt.date.today().isoformat(),
         "device": f"cpu ({platform.processor() or platform.machine()}, {cores} cores)",
@@ -92,7 +201,7 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...]) -> d
         "max_len": max_len, "max_tokens": max_tokens, "batches_per_epoch": len(sampler), "ring_bytes": ring_bytes,
         "rows": {k: {"batches_s": v[0], "tokens_s": v[1], "allocs_per_batch": v[2]} for k, v in rows.items()},
         "best_dataloader": best, "speedup_vs_best_dataloader": rows["ring"][0] / rows[best][0],
-        "padding": padding(ds.lengths, max_tokens),
+        "padding": padding(ds.lengths, max_tokens), "loop": loop,
     }
     for k, v in result["rows"].items():
         allocs = "-" if v["allocs_per_batch"] is None else f"{v['allocs_per_batch']:.1f}"
@@ -109,11 +218,13 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512, help="window length")
     parser.add_argument("--max-tokens", type=int, default=8192, help="token budget per batch")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="DataLoader num_workers to try")
+    parser.add_argument("--loop-steps", type=int, default=200, help="steps of the training-loop section; 0 skips it")
+    parser.add_argument("--work-ms", type=float, default=5.0, help="fixed compute per loop step, in ms")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
-    result = run(args.docs, args.max_len, args.max_tokens, tuple(args.workers))
+    result = run(args.docs, args.max_len, args.max_tokens, tuple(args.workers), args.loop_steps, args.work_ms)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{result['date']}-loader-cpu.json"
+    path = args.out / f"{result['date']}-loader-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -1,0 +1,15 @@
+"""The loader benchmark runs end to end in a small size and reports what the targets are judged on."""
+
+from benchmarks.bench_loader import run
+
+
+def test_bench_loader_small_run_reports_throughput_padding_and_the_training_loop():
+    result = run(docs=300, max_len=64, max_tokens=512, workers=(0,), loop_steps=20, work_ms=1.0)
+    assert {"ring", "dataloader_w0"} <= set(result["rows"]) and result["speedup_vs_best_dataloader"] > 0
+    assert result["rows"]["ring"]["allocs_per_batch"] == 0  # slots are reused: nothing allocated per batch
+    assert 0 <= result["padding"]["token_budget"] < result["padding"]["fixed_size"]
+    loop = result["loop"]
+    assert set(loop["rows"]) == {"compute_only", "ring", "dataloader_w0"}
+    for name, row in loop["rows"].items():
+        assert row["steps_s"] > 0 and 0 <= row["data_wait"] < 1, (name, row)
+    assert loop["rows"]["ring"]["samples_s"] > 0 and ("h2d_gb_s" in loop) == (loop["device"] == "cuda")

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hetrain-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 ARGS ?=
 
-.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader gpu-compile gpu-check tsan tolerances clean
+.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader bench-memory gpu-compile gpu-check tsan tolerances clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,10 @@ bench-train: setup
 
 bench-loader: setup
 	$(PY) -m benchmarks.bench_loader $(ARGS)
+
+# MemoryProfiler's cost on the steps it only watches (target < 3% of step time).
+bench-memory: setup
+	$(PY) -m benchmarks.bench_memory_overhead $(ARGS)
 
 # The ring buffer's torch-free core under ThreadSanitizer: a C++ stress test of producers and consumers.
 tsan:

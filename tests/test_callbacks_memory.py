@@ -1,4 +1,9 @@
-"""MemoryProfiler on real Lightning fits (CPU): per-module numbers, phase peaks, report files, OOM post-mortem."""
+"""MemoryProfiler on real Lightning fits (CPU): per-module numbers, phase peaks, allocator churn, report files,
+OOM post-mortem."""
+
+import logging
+import resource
+from collections import Counter
 
 import pytest
 import pytorch_lightning as pl
@@ -7,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hetrain.callbacks.churn import OUTSIDE, Allocation, ChurnTracker, churned
 from hetrain.callbacks.memory import (
     OOM_MD,
     OOM_SNAPSHOT,
@@ -16,11 +22,13 @@ from hetrain.callbacks.memory import (
     REPORT_PNG,
     MemoryProfiler,
     ModuleMemory,
+    PhaseMemory,
     optimizer_state_bytes,
     peak_rss_bytes,
     reset_peak_rss,
     rss_bytes,
 )
+from hetrain.callbacks.profiling import StepTrace
 
 BATCH, IN, HIDDEN = 6, 8, 24
 OOM_MESSAGE = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total capacity)"
@@ -143,6 +151,24 @@ def test_peak_rss_resets_and_sees_a_large_allocation():
     assert peak_rss_bytes() - rss_bytes() < 8 * 2**20  # the peak fell back to about the current size
 
 
+@pytest.mark.parametrize("source", ["getrusage", "/proc/self/status"])
+def test_phase_memory_peak_sees_a_large_allocation_and_resets(source):
+    phases = PhaseMemory([torch.device("cpu")])
+    if phases._floor is None:
+        pytest.skip("this kernel cannot reset the peak resident set")
+    if source == "/proc/self/status":
+        phases._floor = 2**62  # every getrusage peak is then below the bound: the exact file is read instead
+    phases.reset()
+    block = torch.ones(64 * 2**20 // 4)
+    peak = phases.peaks()["cpu"]["allocated"]
+    above_floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 > phases._floor
+    del block
+    assert above_floor == (source == "getrusage")  # the branch named is the one that answered
+    assert peak - rss_bytes() >= 60 * 2**20 and abs(peak - peak_rss_bytes()) < 2**20
+    phases.reset()
+    assert phases.peaks()["cpu"]["allocated"] - rss_bytes() < 8 * 2**20
+
+
 def test_profiler_writes_a_report_naming_every_module(tmp_path):
     profiler = MemoryProfiler(module_every_n_steps=2)
     model = Regressor()
@@ -192,6 +218,9 @@ def test_out_of_memory_in_a_step_writes_the_post_mortem_and_reraises(tmp_path):
     assert not (tmp_path / REPORT_MD).exists()  # the fit did not end: no end-of-fit report
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert profiler.modules._saved_hooks is None
+    # Step 2 was a churn step: its profiler stopped with the fit and the failed step is not counted.
+    assert not torch.autograd.profiler._is_profiler_enabled
+    assert profiler.churn.steps == [] and profiler.churn_observed == []
 
 
 def test_out_of_memory_dump_can_be_turned_off(tmp_path):
@@ -208,6 +237,158 @@ def test_other_errors_write_no_post_mortem(tmp_path):
     with pytest.raises(ValueError, match="not memory"):
         _fit(Broken(), MemoryProfiler(), tmp_path, batches=2)
     assert not (tmp_path / OOM_MD).exists()
+
+
+WIDTH = 64  # BATCH x WIDTH float32 = 1536 bytes: above the tests' min_bytes, and every weight is 16 KiB
+
+
+class Churner(nn.Module):
+    """Makes a fresh zero buffer in every forward: the redundant allocation churn detection must name."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        offset = torch.zeros(x.shape[0], WIDTH)  # a temporary: freed when forward returns
+        return self.fc(x) + offset
+
+
+def _churn_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU()), Churner(), nn.Linear(WIDTH, 1))
+
+
+def test_churn_tracker_names_the_module_that_allocates_every_step_and_not_the_clean_ones():
+    model = _churn_model()
+    optimizer = torch.optim.Adam(model.parameters())
+    x = torch.randn(BATCH, WIDTH)
+    tracker = ChurnTracker(model, min_bytes=1024)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+
+    step()  # warm-up: Adam's state is made here and kept, which is not churn
+    for _ in range(3):
+        with tracker.step():
+            step()
+    assert len(tracker.steps) == 3
+    buffer = BATCH * WIDTH * 4
+    temporaries = {(a.module, a.phase, a.op, a.size): r.count for r in tracker.rows(["temporary"])
+                   for a in [r.allocation]}
+    assert temporaries.pop(("1", "forward", "aten::zeros", buffer)) == 1
+    # The clean modules make none; torch's for-loop Adam makes sqrt/div scratch for each weight, and says so.
+    weight = WIDTH * WIDTH * 4
+    assert temporaries.pop(("(Adam.step)", "optimizer", "aten::sqrt", weight)) == 2
+    assert all(module == "(Adam.step)" for module, *_ in temporaries), temporaries
+    expected = {(a.module, a.phase, a.op, a.kind) for r in tracker.rows(["kept for backward", "passed on"])
+                for a in [r.allocation]}
+    # ReLU keeps its result for backward; the inner Linear's output is consumed in Churner's forward; the
+    # backward's allocations belong to the module whose forward made the autograd node.
+    assert ("0.1", "forward", "aten::relu", "kept for backward") in expected
+    assert ("1.fc", "forward", "aten::linear", "passed on") in expected
+    assert ("1.fc", "backward", "AddmmBackward0/aten::mm", "passed on") in expected
+    assert ("0.1", "backward", "ReluBackward0/aten::threshold_backward", "passed on") in expected
+    assert all(r.allocation.size >= 1024 for r in tracker.rows())
+    assert tracker.totals()["temporary"] == sum(r.bytes_per_step for r in tracker.rows(["temporary"]))
+    # Nothing stays hooked or profiling between steps.
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not torch.autograd.profiler._is_profiler_enabled
+
+
+def test_churn_tells_an_ops_own_workspace_from_a_modules_temporary():
+    class Gate(nn.Module):
+        def forward(self, x):
+            with torch.no_grad():  # no autograd: the composite op frees its products before it returns
+                gate = torch.cosine_similarity(x, x.flip(0), dim=1)
+            return x * gate[:, None]
+
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), Gate())
+    tracker = ChurnTracker(model, min_bytes=1024)
+    for _ in range(2):
+        with tracker.step():
+            model(torch.randn(BATCH, WIDTH)).sum().backward()
+    kinds = {(r.allocation.module, r.allocation.op): r.allocation.kind for r in tracker.rows()}
+    assert kinds[("1", "aten::cosine_similarity")] == "op workspace"
+    assert kinds[("1", "aten::flip")] == "temporary"  # the flipped copy outlives flip, not Gate's forward
+    assert kinds[("1", "aten::mul")] == "passed on" and kinds[("0", "aten::linear")] == "passed on"
+
+
+def test_churn_tracker_drops_a_step_that_raises_and_cleans_up():
+    model = _churn_model()
+    tracker = ChurnTracker(model)
+    with pytest.raises(RuntimeError, match="shape"), tracker.step():
+        model(torch.randn(BATCH, WIDTH + 1))
+    assert tracker.steps == [] and not tracker.active
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not torch.autograd.profiler._is_profiler_enabled
+
+
+def test_churn_keeps_only_allocations_made_in_every_step_with_their_fewest_count():
+    every = Allocation("cpu", "a", "forward", "aten::zeros", "temporary", 4096)
+    sometimes = Allocation("cpu", "b", "forward", "aten::empty", "temporary", 1 << 20)
+    big = Allocation("cpu", OUTSIDE, "backward", "MulBackward0/aten::mul", "passed on", 8192)
+    steps = [Counter({every: 3, sometimes: 1, big: 1}), Counter({every: 2, big: 1}), Counter({every: 2, big: 2})]
+    rows = churned(steps)
+    assert [(r.allocation, r.count, r.bytes_per_step) for r in rows] == [(big, 1, 8192), (every, 2, 8192)]
+    assert churned([]) == []
+
+
+class ChurnRegressor(Regressor):
+    def __init__(self):
+        super().__init__()
+        self.net = _churn_model()
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        return self.net(x.repeat(1, WIDTH // IN)).square().mean()
+
+
+def test_profiler_reports_allocator_churn_of_the_chosen_steps(tmp_path, caplog):
+    profiler = MemoryProfiler(churn_steps=[1, 3], churn_min_bytes=1024, module_every_n_steps=100)
+    model = ChurnRegressor()
+    with caplog.at_level(logging.INFO, logger="hetrain.callbacks.memory"):
+        _fit(model, profiler, tmp_path, batches=4)
+    assert profiler.churn_observed == [1, 3] and len(profiler.churn.steps) == 2
+    rows = profiler.churn.rows(["temporary"])
+    assert ("net.1", "aten::zeros", BATCH * WIDTH * 4) in {(r.allocation.module, r.allocation.op, r.allocation.size)
+                                                            for r in rows}
+    assert not any(r.allocation.module.startswith(("net.0", "net.2")) for r in rows)
+    md, page = (tmp_path / REPORT_MD).read_text(), (tmp_path / REPORT_HTML).read_text()
+    for text in (md, page):
+        assert "Allocator churn" in text and "Steps 1, 3" in text and "Temporaries to remove" in text
+        assert "net.1" in text and "aten::zeros" in text and "kept for backward" in text
+    assert "| net.1 | forward | aten::zeros | temporary | cpu | 1536 | 1 |" in md
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Allocator churn, steps [1, 3]" in logged and "| net.1 | forward | aten::zeros |" in logged
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not torch.autograd.profiler._is_profiler_enabled
+
+
+def test_churn_leaves_steps_traced_by_step_trace_alone(tmp_path):
+    profiler = MemoryProfiler(churn_steps=[1, 2, 3], module_every_n_steps=100)
+    trace = StepTrace([2, 3], dirpath=tmp_path)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[profiler, trace])  # the memory profiler's hooks run first
+    trainer.fit(Regressor(), _loader(5))
+    assert profiler.churn_observed == [1]
+    assert (tmp_path / "trace_steps_2-3.json").stat().st_size > 0
+
+
+def test_churn_steps_count_turned_off_and_rejected(tmp_path):
+    assert MemoryProfiler().churn_steps == [2, 3, 4]
+    assert MemoryProfiler(churn_steps=2).churn_steps == [2, 3]
+    with pytest.raises(ValueError, match="churn_steps"):
+        MemoryProfiler(churn_steps=-1)
+    with pytest.raises(ValueError, match="churn_steps"):
+        MemoryProfiler(churn_steps=[0, -2])
+    profiler = MemoryProfiler(churn_steps=0)
+    _fit(Regressor(), profiler, tmp_path, batches=3)
+    assert profiler.churn_observed == [] and "Allocator churn" not in (tmp_path / REPORT_MD).read_text()
 
 
 @pytest.mark.cuda
@@ -228,3 +409,19 @@ def test_cuda_numbers_agree_with_torch_counters_and_snapshot_is_written(tmp_path
         assert step["forward"]["cuda:0"]["reserved"] >= step["forward"]["cuda:0"]["allocated"]
     assert profiler.modules.records["net.0"].cuda_delta >= 4 * BATCH * HIDDEN
     assert (tmp_path / "memory_snapshot.pickle").stat().st_size > 0
+
+
+@pytest.mark.cuda
+def test_cuda_churn_names_the_module_that_allocates_on_the_gpu():
+    class GpuChurner(nn.Module):
+        def forward(self, x):
+            return x + torch.zeros(x.shape, device=x.device)
+
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), GpuChurner()).cuda()
+    x = torch.randn(BATCH, WIDTH, device="cuda")
+    tracker = ChurnTracker(model, min_bytes=1024)
+    for _ in range(3):
+        with tracker.step():
+            model(x).sum().backward()
+    rows = {(r.allocation.module, r.allocation.op, r.allocation.device) for r in tracker.rows(["temporary"])}
+    assert ("1", "aten::zeros", "cuda:0") in rows

@@ -1,5 +1,6 @@
 """Lightning callbacks: placement, pipeline split, precision, non-finite guard, memory, throughput, trace."""
 
+from hetrain.callbacks.churn import ChurnTracker
 from hetrain.callbacks.memory import MemoryProfiler
 from hetrain.callbacks.pipeline import PipelineSplit
 from hetrain.callbacks.placement import StagePlacement, device_present, resolve_plan
@@ -14,6 +15,7 @@ from hetrain.callbacks.profiling import StepTrace
 from hetrain.callbacks.throughput import Throughput
 
 __all__ = [
+    "ChurnTracker",
     "DeviceMixedPrecision",
     "MemoryProfiler",
     "NonFiniteError",

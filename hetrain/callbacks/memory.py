@@ -6,7 +6,8 @@ activations a step keeps alive) and, on CUDA, the change in allocated memory acr
 :class:`PhaseMemory` reads the peak of each device over a phase: ``torch.cuda.max_memory_allocated``
 on a GPU; on the CPU the process's peak resident set (``VmHWM``), which Linux resets on request.
 :class:`MemoryProfiler` runs both inside a Lightning fit and writes ``memory_report.{md,png,html}``
-into the run directory at the end, or ``oom_report.md`` (+ an allocator snapshot) on out-of-memory.
+into the run directory at the end, or ``oom_report.md`` (+ an allocator snapshot) on out-of-memory;
+over a few steps it also finds allocator churn (see :mod:`hetrain.callbacks.churn`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import base64
 import html
 import io
 import logging
+import os
 import pickle
 import resource
+import weakref
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,12 +29,15 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.profilers import PyTorchProfiler
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from hetrain.callbacks.churn import KIND_MEANING, KINDS, ROOT, ChurnTracker
+from hetrain.callbacks.profiling import StepTrace
 from hetrain.report import markdown_table
 
 log = logging.getLogger(__name__)
@@ -43,7 +50,7 @@ SNAPSHOT = "memory_snapshot.pickle"
 _OUTSIDE = "(training_step, outside modules)"
 _READING = ("GPU: allocated tensor memory. CPU: the whole process's resident set (compare it with its value "
             "at start).")
-ROOT = "(root)"
+CHURN_FIRST_STEP = 2  # a churn window given as a count starts here: step 0 creates optimizer state, step 1 settles
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -79,23 +86,65 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _open(path: str, flags: int) -> int | None:
+    try:
+        return os.open(path, flags)
+    except OSError:
+        return None
+
+
 class PhaseMemory:
     """Peak memory of each device over consecutive phases of a step.
 
     A GPU's number is torch's allocated bytes (tensors, not the allocator's cache; the reserved peak
     is kept beside it). The CPU's is the whole process's resident set: tensors on the host, but also
     Python, libraries and the allocator's free lists, so only its changes speak of the model.
+
+    Notes:
+        This runs seven times a step, so the CPU's peak is read cheaply: ``getrusage``'s peak is the
+        larger of the peak since the last reset and a value left from before ``exec``; above a bound
+        of the latter (taken at start, right after a reset) it is exact, and costs a quarter of reading
+        ``/proc/self/status``, which is read otherwise. Both ``/proc`` files stay open.
     """
 
     def __init__(self, devices: list[torch.device]) -> None:
         self.devices = devices
+        self._status = _open("/proc/self/status", os.O_RDONLY)
+        self._clear_refs = _open("/proc/self/clear_refs", os.O_WRONLY)
+        for fd in (self._status, self._clear_refs):
+            if fd is not None:
+                weakref.finalize(self, os.close, fd)
+        self._floor: int | None = None  # getrusage peaks above this are this process's own
+        if self._status is not None and self._clear_refs is not None:
+            self._reset_rss()
+            self._floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+    def _peak_rss(self) -> int:
+        if self._floor is not None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            if peak > self._floor:
+                return peak
+        if self._status is not None:
+            text = os.pread(self._status, 16384, 0)
+            start = text.find(b"VmHWM:")
+            if start >= 0:
+                return int(text[start + 6:text.index(b"kB", start)]) * 1024
+        return peak_rss_bytes()
+
+    def _reset_rss(self) -> None:
+        if self._clear_refs is None:
+            return
+        try:
+            os.write(self._clear_refs, b"5")
+        except OSError:  # not allowed here: peaks then run from the start of the process
+            pass
 
     def reset(self) -> None:
         for device in self.devices:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             elif device.type == "cpu":
-                reset_peak_rss()
+                self._reset_rss()
 
     def current(self) -> dict[str, int]:
         """Bytes in use on each device now (GPU: allocated; CPU: resident set)."""
@@ -110,7 +159,7 @@ class PhaseMemory:
                 out[str(device)] = {"allocated": torch.cuda.max_memory_allocated(device),
                                     "reserved": torch.cuda.max_memory_reserved(device)}
             elif device.type == "cpu":
-                out["cpu"] = {"allocated": peak_rss_bytes()}
+                out["cpu"] = {"allocated": self._peak_rss()}
         return out
 
 
@@ -291,12 +340,19 @@ class MemoryProfiler(Callback):
     Notes:
         - Every step: the peak of each device over forward, backward and optimizer (Lightning's
           ``on_before_backward``, ``on_after_backward`` and ``on_train_batch_end`` close the phases).
-          That costs a few counter reads per step (CPU: two small ``/proc`` accesses per phase).
+          That costs a few counter reads per step (CPU: a ``getrusage`` and a ``/proc`` write per phase),
+          about 0.15 ms a step on a 2-core CPU (``benchmarks/bench_memory_overhead.py``).
         - Every ``module_every_n_steps`` steps (first step included): hooks on every module for that
           step only (see :class:`ModuleMemory`), so other steps run unhooked.
         - ``record_history=True`` records the CUDA allocator's history from the start of the fit
           (``torch.cuda.memory._record_memory_history``) and writes ``memory_snapshot.pickle`` at the
           end; https://pytorch.org/memory_viz opens it.
+        - On the ``churn_steps`` (a few steps after warm-up): ``torch.profiler`` memory events and a
+          ``record_function`` range per module (see :class:`~hetrain.callbacks.churn.ChurnTracker`);
+          allocations made and freed in every one of those steps are reported per module, the
+          temporaries (made and freed inside one module's forward or backward) first. Two torch
+          profilers cannot run at once: steps ``StepTrace`` records are skipped, and churn is off under
+          Lightning's ``PyTorchProfiler``.
         - With ``dump_on_oom`` a ``torch.cuda.OutOfMemoryError`` in the fit writes ``oom_report.md``
           (step, error, per-device peaks, per-module table) and, when history was recorded,
           ``oom_snapshot.pickle``; Lightning then re-raises the error.
@@ -307,12 +363,28 @@ class MemoryProfiler(Callback):
         record_history: record the CUDA allocator's history (ignored without CUDA).
         max_history_entries: allocator events kept in the history.
         dump_on_oom: write the post-mortem on CUDA out-of-memory.
+        churn_steps: the steps profiled for allocator churn: a count ``n`` (steps 2 .. n+1) or a list of
+            global steps; 0 or an empty list turns it off.
+        churn_min_bytes: smaller churned allocations are not reported.
+        churn_top: rows of each churn table in the log and the report.
     """
 
     def __init__(self, dirpath: str | None = None, module_every_n_steps: int = 50, record_history: bool = False,
-                 max_history_entries: int = 100_000, dump_on_oom: bool = True) -> None:
+                 max_history_entries: int = 100_000, dump_on_oom: bool = True,
+                 churn_steps: int | Sequence[int] = 3, churn_min_bytes: int = 4096, churn_top: int = 10) -> None:
         if module_every_n_steps < 1:
             raise ValueError(f"hetrain: module_every_n_steps must be >= 1, got {module_every_n_steps}")
+        if isinstance(churn_steps, int):
+            if churn_steps < 0:
+                raise ValueError(f"hetrain: churn_steps as a count must be >= 0, got {churn_steps}")
+            churn_steps = range(CHURN_FIRST_STEP, CHURN_FIRST_STEP + churn_steps)
+        if any(int(step) < 0 for step in churn_steps):
+            raise ValueError(f"hetrain: churn_steps must be global steps >= 0, got {list(churn_steps)}")
+        self.churn_steps = sorted({int(step) for step in churn_steps})
+        self.churn_min_bytes = churn_min_bytes
+        self.churn_top = churn_top
+        self.churn: ChurnTracker | None = None
+        self.churn_observed: list[int] = []  # the churn steps that completed
         self.dirpath = dirpath
         self.module_every_n_steps = module_every_n_steps
         self.record_history = record_history
@@ -337,9 +409,23 @@ class MemoryProfiler(Callback):
         self.phases = PhaseMemory(sorted(devices, key=str))
         self.at_start = self.phases.current()
         self.modules = ModuleMemory(pl_module)
+        self.churn = ChurnTracker(pl_module, self.churn_min_bytes)
+        self._leave_steps_to_other_profilers(trainer)
         if self.record_history and any(d.type == "cuda" for d in devices):
             torch.cuda.memory._record_memory_history(max_entries=self.max_history_entries)
             self._recording = True
+
+    def _leave_steps_to_other_profilers(self, trainer: pl.Trainer) -> None:
+        """Drops churn steps another torch profiler records: two cannot run at once, and the second would fail."""
+        if isinstance(trainer.profiler, PyTorchProfiler) and self.churn_steps:
+            log.warning("hetrain: Lightning's PyTorchProfiler is on; allocator churn is not measured")
+            self.churn_steps = []
+        for callback in trainer.callbacks:
+            if isinstance(callback, StepTrace):
+                taken = [s for s in self.churn_steps if callback.first <= s <= callback.last]
+                if taken:
+                    log.warning(f"hetrain: steps {taken} are traced by StepTrace; allocator churn skips them")
+                    self.churn_steps = [s for s in self.churn_steps if s not in taken]
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -348,6 +434,8 @@ class MemoryProfiler(Callback):
             self._current = {"step": trainer.global_step, **{phase: {} for phase in PHASES}}
             if trainer.global_step % self.module_every_n_steps == 0:
                 self.modules.start()
+            if trainer.global_step in self.churn_steps:
+                self.churn.start_step()
         self.phases.reset()
 
     def _close(self, phase: str) -> None:
@@ -382,6 +470,9 @@ class MemoryProfiler(Callback):
         self._close("optimizer")
         self.steps.append(self._current)
         self._current = None
+        if self.churn.active:
+            self.churn.stop_step()
+            self.churn_observed.append(self.steps[-1]["step"])  # global_step has moved on by now
         if self.modules.active:
             self.modules.stop()
             params = list(pl_module.parameters())
@@ -403,11 +494,37 @@ class MemoryProfiler(Callback):
             rows.append([device, *(round(v / MIB, 3) for v in [self.at_start.get(device, 0), *peaks, *held])])
         return header, rows
 
+    def churn_section(self) -> tuple[list[str], list[tuple[str, tuple[list[str], list[list[Any]]]]]] | None:
+        """Paragraphs and titled tables of the allocator-churn section; None when churn is off."""
+        if not self.churn_steps:
+            return None
+        if not self.churn_observed:
+            return [f"Not measured: no step of {self.churn_steps} completed."], []
+        totals = self.churn.totals()
+        paragraphs = [
+            f"Steps {', '.join(map(str, self.churn_observed))}: allocations of at least {self.churn_min_bytes} "
+            "bytes made and freed in every one of them, by the module they were made in (in the backward: the "
+            "module whose forward created the autograd node; after the backward: the optimizer's step), most "
+            "bytes per step first.",
+            "Per step: " + ", ".join(f"{kind} {totals[kind] / MIB:.3f} MiB" for kind in KINDS) + ".",
+        ]
+        tables = [("What each kind means", (["kind", "meaning"], [list(item) for item in KIND_MEANING.items()])),
+                  (f"Temporaries to remove (top {self.churn_top})", self.churn.table(["temporary"], self.churn_top)),
+                  (f"Op workspace and the expected kinds (top {self.churn_top})",
+                   self.churn.table(["op workspace", "kept for backward", "passed on"], self.churn_top))]
+        return paragraphs, tables
+
     def markdown(self) -> str:
         text = "# Memory\n\n## Peak per device and phase\n\n"
         text += f"{_READING}\n\n" + markdown_table(*self.device_table())
         if self.modules is not None and self.modules.records:
             text += "\n## Per module (largest over the measured steps)\n\n" + markdown_table(*self.modules.table())
+        churn = self.churn_section()
+        if churn is not None:
+            paragraphs, tables = churn
+            text += "\n## Allocator churn\n\n" + "".join(f"{p}\n\n" for p in paragraphs)
+            for title, (header, rows) in tables:
+                text += f"\n### {title}\n\n" + (markdown_table(header, rows) if rows else "None.\n")
         return text
 
     def plot_png(self) -> bytes:
@@ -452,6 +569,12 @@ class MemoryProfiler(Callback):
         tables = "<h2>Peak per device and phase</h2>" + _html_table(*self.device_table())
         if self.modules is not None and self.modules.records:
             tables += "<h2>Per module (largest over the measured steps)</h2>" + _html_table(*self.modules.table())
+        churn = self.churn_section()
+        if churn is not None:
+            paragraphs, churn_tables = churn
+            tables += "<h2>Allocator churn</h2>" + "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs)
+            for title, (header, rows) in churn_tables:
+                tables += f"<h3>{html.escape(title)}</h3>" + (_html_table(header, rows) if rows else "<p>None.</p>")
         page = (
             "<!doctype html><html><head><meta charset='utf-8'><title>Memory report</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -473,11 +596,18 @@ class MemoryProfiler(Callback):
             torch.cuda.memory._record_memory_history(enabled=None)
             self._recording = False
         log.info(f"Memory report: {paths['html']} (table: {paths['md']})")
+        if self.churn_observed:
+            header, rows = self.churn.table(["temporary"], self.churn_top)
+            log.info(f"Allocator churn, steps {self.churn_observed}: temporaries made and freed every step inside "
+                     f"one module's forward or backward or the optimizer step (>= {self.churn_min_bytes} bytes)\n"
+                     + (markdown_table(header, rows) if rows else "none"))
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.modules is not None and self.modules.active:
             self.modules.stop()  # no hook may outlive the fit, whatever ended it
+        if self.churn is not None and self.churn.active:
+            self.churn.stop_step(keep=False)
         if self.dump_on_oom and isinstance(exception, torch.cuda.OutOfMemoryError) and trainer.is_global_zero:
             self.write_oom_dump(self._dir(trainer), trainer.global_step, exception)
         if self._recording:

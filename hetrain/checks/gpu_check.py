@@ -58,6 +58,8 @@ def steps(quick: bool, out: Path) -> list[Step]:
         Step("bench-loader", [py, "-m", "benchmarks.bench_loader", "--out", str(out)],  # short by default
              needs="benchmarks/bench_loader.py"),
         Step("bench-train", [py, "-m", "benchmarks.bench_train", *bench_args], needs="benchmarks/bench_train.py"),
+        Step("bench-memory", [py, "-m", "benchmarks.bench_memory_overhead", *bench_args],
+             needs="benchmarks/bench_memory_overhead.py"),
     ]
 
 

@@ -1,0 +1,316 @@
+"""Allocator churn: the same allocations made and freed in every training step, and the modules that make them.
+
+A step that allocates a fresh buffer of the same size every time (``torch.zeros(...)`` inside a
+``forward``, a ``.contiguous()`` copy, an optimizer's scratch tensor) pays the allocator and the
+first touch of the memory each step, and on a GPU it fragments the cache. :class:`ChurnTracker`
+(no Trainer needed) profiles a few chosen steps with ``torch.profiler`` (``profile_memory=True``),
+whose allocation and free events carry the allocator's id that pairs them, on the CPU and on CUDA
+alike. Each step runs with a ``record_function`` range around every module's forward, so an
+allocation belongs to the innermost module it happened in; a backward allocation belongs to the
+module whose forward op created the autograd node (the node and that op share a sequence number).
+
+An allocation freed within the step it was made in is sorted into one of four kinds:
+
+- ``temporary``: made by an op and freed after that op returned but before the module's forward
+  (or the backward node, or the optimizer step) that called it did: scratch memory, the
+  allocations a person can remove.
+- ``op workspace``: freed before the op that made it returned: a kernel's scratch space, or a
+  composite op's intermediate; a different op, dtype or layout is the only remedy.
+- ``kept for backward``: made in the forward, freed during the backward: activations autograd
+  saved (or tensors the step held until then); expected.
+- ``passed on``: freed later in the same phase by whoever received it: a module's output consumed
+  by the next module, a gradient handed from one backward node to the next; expected.
+
+An allocation is *churned* when its (device, module, phase, op, kind, size) recurs in every observed step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.profiler import record_function
+from torch.utils.hooks import RemovableHandle
+
+log = logging.getLogger(__name__)
+
+ROOT = "(root)"
+OUTSIDE = "(outside modules)"
+MODULE_RANGE = "hetrain.module: "
+_BACKWARD_NODE = "autograd::engine::evaluate_function: "
+_OPTIMIZER_RANGE = "Optimizer."  # torch's optimizers wrap step and zero_grad in "Optimizer.step#Adam.step" ranges
+KINDS = ("temporary", "op workspace", "kept for backward", "passed on")
+KIND_MEANING = {
+    "temporary": "made by one op and freed before the module's forward (the backward node, the optimizer step) "
+                 "that called it returned: scratch memory made anew every step, the allocations to remove",
+    "op workspace": "freed before the op that made it returned: a kernel's scratch or a composite op's "
+                    "intermediate; only another op, dtype or layout removes it",
+    "kept for backward": "made in the forward and freed during the backward: activations autograd saved; expected",
+    "passed on": "freed later in the same phase by whoever received it (a module's output, a gradient handed "
+                 "between backward nodes); expected",
+}
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What identifies one allocation across steps."""
+
+    device: str
+    module: str  # innermost module it was made in, OUTSIDE when none
+    phase: str  # forward, backward or optimizer
+    op: str  # the op that asked for it (backward: "Node/op")
+    kind: str  # one of KINDS
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
+class ChurnRow:
+    """An allocation repeated in every observed step, ``count`` times per step (the fewest seen)."""
+
+    allocation: Allocation
+    count: int
+
+    @property
+    def bytes_per_step(self) -> int:
+        return self.allocation.size * self.count
+
+
+class ModuleRanges:
+    """Opens a ``record_function`` range named after each module around its forward, while entered.
+
+    The profiler only sees ops; these ranges are how an allocation learns its module. Hooks exist
+    only inside the ``with`` block, so other steps run unhooked.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._handles: list[RemovableHandle] = []
+        self._open: list[record_function] = []
+
+    def __enter__(self) -> ModuleRanges:
+        for name, module in self.model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._pre(MODULE_RANGE + (name or ROOT))))
+            self._handles.append(module.register_forward_hook(self._post, always_call=True))
+        return self
+
+    def _pre(self, range_name: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            scope = record_function(range_name)
+            scope.__enter__()
+            self._open.append(scope)
+        return hook
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._open:
+            self._open.pop().__exit__(None, None, None)
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        while self._open:  # a forward that raised leaves its ranges open
+            self._open.pop().__exit__(None, None, None)
+
+
+@dataclass
+class _Made:
+    """An allocation event with what its ancestors say about it."""
+
+    time: int
+    device: str
+    size: int
+    module: str | None  # innermost module range; None outside modules and in backward (found through the node)
+    node_seq: int | None  # backward: the autograd node's sequence number
+    op: str
+    scope_end: int | None  # end of the innermost module range or backward node
+    optimizer: str | None  # the innermost optimizer range, e.g. "Adam.step"
+    optimizer_end: int | None  # and its end
+    op_end: int  # end of the outermost op that made it (the event itself when no op did)
+
+
+def _events(roots: list[Any]) -> Iterator[tuple[Any, tuple[Any, ...]]]:
+    """Every event of the tree with its ancestors (outermost first), depth first."""
+    stack = [(root, ()) for root in reversed(roots)]
+    while stack:
+        event, ancestors = stack.pop()
+        yield event, ancestors
+        inner = (*ancestors, event)
+        stack.extend((child, inner) for child in reversed(event.children))
+
+
+def _describe(event: Any, ancestors: tuple[Any, ...]) -> _Made:
+    module, node, scope_end, optimizer, optimizer_end, below = None, None, None, None, None, 0
+    for i, a in enumerate(ancestors):
+        if a.name.startswith(MODULE_RANGE):
+            module, node, scope_end, below = a.name.removeprefix(MODULE_RANGE), None, a.end_time_ns, i + 1
+        elif a.name.startswith(_BACKWARD_NODE):
+            module, node, scope_end, below = None, a, a.end_time_ns, i + 1
+        elif a.name.startswith(_OPTIMIZER_RANGE):
+            optimizer, optimizer_end = a.name.rpartition("#")[2], a.end_time_ns
+            below = max(below, i + 1)
+    # Ops as the code called them: not record_function ranges, not the node "XBackward0" itself (named apart).
+    ops = [a for a in ancestors[below:]
+           if a.tag.name == "TorchOp" and a.typed[1].scope.name not in ("USER_SCOPE", "BACKWARD_FUNCTION")]
+    op = ops[0].name if ops else "(no op)"
+    if node is not None:
+        node_name = node.name.removeprefix(_BACKWARD_NODE)
+        op = f"{node_name}/{ops[0].name}" if ops else node_name
+    fields = event.typed[1]
+    return _Made(time=event.start_time_ns, device=str(fields.device), size=fields.alloc_size, module=module,
+                 node_seq=node.typed[1].sequence_number if node is not None else None, op=op, scope_end=scope_end,
+                 optimizer=optimizer, optimizer_end=optimizer_end,
+                 op_end=ops[0].end_time_ns if ops else event.start_time_ns)
+
+
+def _in_backward(ancestors: tuple[Any, ...]) -> bool:
+    return any(a.name.startswith(_BACKWARD_NODE) for a in ancestors)
+
+
+def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation]:
+    """Allocations made and freed within one profiled step (``experimental_event_tree()``), counted.
+
+    Uses the profiler's event tree rather than ``prof.events()``: only the tree keeps the allocator's
+    id that pairs an allocation with its free, and the nesting that names the module.
+    """
+    made: dict[int, _Made] = {}
+    freed: dict[int, tuple[int, bool]] = {}  # allocation id -> (time, freed inside a backward node)
+    op_module: dict[int, str] = {}  # forward op's sequence number -> its innermost module
+    backward_end = None
+    for event, ancestors in _events(roots):
+        if event.tag.name == "Allocation":
+            fields = event.typed[1]
+            if fields.alloc_size >= max(min_bytes, 1):
+                made[fields.allocation_id] = _describe(event, ancestors)
+            elif fields.alloc_size < 0:
+                freed[fields.allocation_id] = (event.start_time_ns, _in_backward(ancestors))
+        elif event.tag.name == "TorchOp":
+            if event.name.startswith(_BACKWARD_NODE):
+                backward_end = max(backward_end or 0, event.end_time_ns)
+            elif event.typed[1].sequence_number >= 0 and not _in_backward(ancestors):
+                modules = [a.name for a in ancestors if a.name.startswith(MODULE_RANGE)]
+                if modules:
+                    op_module[event.typed[1].sequence_number] = modules[-1].removeprefix(MODULE_RANGE)
+    counts: Counter[Allocation] = Counter()
+    for allocation_id, m in made.items():
+        if allocation_id not in freed:
+            continue  # outlives the step: gradients, optimizer state, caches
+        free_time, freed_in_backward = freed[allocation_id]
+        if m.node_seq is not None:
+            phase, module, owner_end = "backward", op_module.get(m.node_seq, OUTSIDE), m.scope_end
+        elif m.module is not None:
+            phase, module, owner_end = "forward", m.module, m.scope_end
+        elif (m.time > backward_end) if backward_end is not None else m.optimizer_end is not None:
+            # Lightning runs forward and backward inside the optimizer's step (as its closure): only what
+            # follows the last backward node is the optimizer's own work.
+            module = f"({m.optimizer})" if m.optimizer else OUTSIDE
+            phase, owner_end = "optimizer", m.optimizer_end or m.op_end
+        else:
+            phase, module, owner_end = "forward", OUTSIDE, m.op_end
+        if phase == "forward" and freed_in_backward:
+            kind = "kept for backward"
+        elif free_time <= m.op_end:
+            kind = "op workspace"
+        elif free_time <= owner_end:
+            kind = "temporary"
+        else:
+            kind = "passed on"
+        counts[Allocation(m.device, module, phase, m.op, kind, m.size)] += 1
+    return counts
+
+
+def churned(steps: list[Counter[Allocation]]) -> list[ChurnRow]:
+    """Allocations present in every step, with the fewest times seen in one step; most bytes per step first."""
+    if not steps:
+        return []
+    common = set(steps[0]).intersection(*steps[1:])
+    rows = [ChurnRow(a, min(step[a] for step in steps)) for a in common]
+    return sorted(rows, key=lambda r: (-r.bytes_per_step, r.allocation.module, r.allocation.op))
+
+
+class ChurnTracker:
+    """Finds allocator churn over a few steps of a model; usable without a Trainer.
+
+    Example::
+
+        tracker = ChurnTracker(model)
+        for step in range(5):
+            with tracker.step() if step >= 2 else contextlib.nullcontext():
+                train_step()
+        print(tracker.table(["temporary"]))
+
+    Args:
+        model: the module whose submodules name the allocations.
+        min_bytes: smaller allocations (scalars, shape buffers) are not reported.
+    """
+
+    def __init__(self, model: nn.Module, min_bytes: int = 4096) -> None:
+        self.model = model
+        self.min_bytes = min_bytes
+        self.steps: list[Counter[Allocation]] = []
+        self._profiler: torch.profiler.profile | None = None
+        self._ranges: ModuleRanges | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._profiler is not None
+
+    def start_step(self) -> bool:
+        """Starts profiling one step; False (and nothing started) when another profiler already runs."""
+        if torch.autograd.profiler._is_profiler_enabled:
+            log.warning("hetrain: another torch profiler is running; allocator churn is not measured this step")
+            return False
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        # profile_memory records every device's allocator (CPU and CUDA) from the host thread's events.
+        # record_shapes makes the profiler number its allocations, pairing each with its free (allocation_id).
+        self._profiler = torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True)
+        self._ranges = ModuleRanges(self.model).__enter__()
+        self._profiler.__enter__()
+        return True
+
+    def stop_step(self, keep: bool = True) -> None:
+        """Stops profiling and, when ``keep``, adds the step's allocations (a failed step is dropped)."""
+        if self._profiler is None:
+            return
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        self._ranges.__exit__()
+        self._ranges = None
+        if keep:
+            roots = profiler.profiler.kineto_results.experimental_event_tree()
+            self.steps.append(step_allocations(roots, self.min_bytes))
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Profiles the enclosed step; a step that raises is not counted."""
+        started = self.start_step()
+        try:
+            yield
+        except BaseException:
+            self.stop_step(keep=False)
+            raise
+        if started:
+            self.stop_step()
+
+    def rows(self, kinds: Sequence[str] = KINDS) -> list[ChurnRow]:
+        """Churned allocations of the given kinds over the profiled steps, most bytes per step first."""
+        return [r for r in churned(self.steps) if r.allocation.kind in kinds]
+
+    def table(self, kinds: Sequence[str] = KINDS, top: int = 20) -> tuple[list[str], list[list[Any]]]:
+        """Header and the ``top`` churned allocations of the given kinds, most bytes per step first."""
+        header = ["module", "phase", "op", "kind", "device", "size bytes", "count per step", "MiB per step"]
+        rows = [[a.module, a.phase, a.op, a.kind, a.device, a.size, r.count, round(r.bytes_per_step / 2**20, 3)]
+                for r in self.rows(kinds)[:top] for a in [r.allocation]]
+        return header, rows
+
+    def totals(self) -> dict[str, int]:
+        """Churned bytes per step of each kind."""
+        out = dict.fromkeys(KINDS, 0)
+        for r in self.rows():
+            out[r.allocation.kind] += r.bytes_per_step
+        return out

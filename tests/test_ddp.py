@@ -22,3 +22,59 @@ def test_bert_split_trains_under_ddp_with_two_cpu_processes(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["steps"] == 6
     assert summary["data"]["train"]["loader"] == "ring"
+
+
+SEEN_PER_RANK = '''
+import json, sys
+import pytorch_lightning as pl
+import torch
+from hetrain.data.datamodule import SyntheticDataModule
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
+
+
+class Seen(ClassificationTask):
+    """Records each training batch's sample ids as the loader hands it over (the task keeps only inputs)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ids = []
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if self.trainer.training:
+            self.ids.append(batch["sample_ids"].tolist())
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_train_end(self):
+        with open(f"{sys.argv[1]}/seen_rank{self.trainer.global_rank}.json", "w") as f:
+            json.dump(self.ids, f)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    data = SyntheticDataModule(vocab_size=64, num_classes=2, min_len=8, max_len=24, train_size=150, val_size=16,
+                               max_tokens=160, seed=4)
+    model = BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=32)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_val_batches=0,
+                         logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, default_root_dir=sys.argv[1])
+    trainer.fit(Seen(model, num_classes=2), datamodule=data)
+'''
+
+
+def test_ddp_ranks_train_on_disjoint_shares_covering_every_sample_each_epoch(tmp_path):
+    script = tmp_path / "seen_per_rank.py"
+    script.write_text(SEEN_PER_RANK)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    seen = [json.loads((tmp_path / f"seen_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) and len(seen[0]) % 2 == 0  # equal steps on both ranks, two epochs
+    per_epoch = len(seen[0]) // 2
+    for epoch in range(2):
+        shares = [{i for batch in s[epoch * per_epoch:(epoch + 1) * per_epoch] for i in batch} for s in seen]
+        counts = [sum(len(batch) for batch in s[epoch * per_epoch:(epoch + 1) * per_epoch]) for s in seen]
+        assert not shares[0] & shares[1], "a sample went to both ranks"
+        assert shares[0] | shares[1] == set(range(150)) and sum(counts) == 150  # every sample exactly once
+    assert seen[0][:per_epoch] != seen[0][per_epoch:]  # the second epoch is shuffled anew

@@ -199,3 +199,22 @@ def test_a_skip_connection_kept_aside_is_refused_naming_both_stages():
     with pytest.raises(ValueError, match="stage 'c' \\(micro-batch 0\\) got a tensor made by stage 'a'"):
         net(x, micro_batches=3)
     assert not net.a._forward_pre_hooks  # the guard's hooks are gone after the error
+
+
+def test_checkpointing_a_stage_with_batchnorm_is_refused_naming_it():
+    from hetrain.models.resnet import ResNet
+
+    class Task(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = ResNet()
+
+    task = Task()
+    with pytest.raises(ValueError, match="stage 'stem' would update the running statistics of its BatchNorm stem"):
+        PipelineSplit(1, checkpoint=["stem", "head"]).on_fit_start(None, task)
+    PipelineSplit(1, checkpoint=["head"]).on_fit_start(None, task)  # no BatchNorm in the head
+    assert task.model.checkpoint_stages == {"head"}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = ResNet()
+    plain.load_state_dict(task.model.state_dict())
+    torch.testing.assert_close(task.model(x), plain(x))  # through gpipe_forward with the head checkpointed

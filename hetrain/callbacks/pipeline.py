@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from hetrain.placement.pipeline import stage_device
@@ -65,6 +66,12 @@ class PipelineSplit(Callback):
                             f"attribute; {type(model).__name__} lacks them")
         model.micro_batches = self.micro_batches
         model.checkpoint_stages = self.checkpointed(list(model.stages()))
+        for name in sorted(model.checkpoint_stages):
+            norms = [path for path, m in model.stages()[name].named_modules() if isinstance(m, _BatchNorm)]
+            if norms and model.training:
+                raise ValueError(f"hetrain: checkpointing stage {name!r} would update the running statistics of its "
+                                 f"BatchNorm {name}.{norms[0]} twice per step (again in the recompute); leave that "
+                                 f"stage out of checkpoint")
         chosen = model.checkpoint_stages
         checkpointed = f"; checkpointing {', '.join(sorted(chosen))}" if chosen else ""
         log.info(f"pipeline split: {self.micro_batches} micro-batches over "

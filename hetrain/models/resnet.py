@@ -104,6 +104,7 @@ class ResNet(nn.Module):
             previous = width
         self.head = Head(previous, num_classes)
         self.micro_batches = 1  # > 1: forward runs the GPipe schedule (hetrain.callbacks.PipelineSplit sets it)
+        self.checkpoint_stages: frozenset[str] = frozenset()  # stages that recompute activations in backward
         self._init_weights(zero_init_residual)
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -137,8 +138,9 @@ class ResNet(nn.Module):
         With ``micro_batches > 1`` each micro-batch is normalised with its own BatchNorm statistics and
         updates the running ones, as in any pipeline split of a BatchNorm network.
         """
-        if self.micro_batches > 1:
-            return gpipe_forward(list(self.stages().items()), self.run_stage, (images,), self.micro_batches)
+        if self.micro_batches > 1 or self.checkpoint_stages:
+            return gpipe_forward(list(self.stages().items()), self.run_stage, (images,), self.micro_batches,
+                                 self.checkpoint_stages)
         x = self.stem(self._prepare(images))
         for name in self.layer_names:
             x = self.get_submodule(name)(x)

@@ -3,7 +3,8 @@ forward and backward against the float64 reference, output dtypes as torch gives
 no recompilation for batch sizes 8, 16 then 24.
 
 Output dtype per op, under bf16 autocast (checked below against the unfused torch code under the same autocast):
-  layer_norm, rms_norm, bias_gelu, dropout_add_layer_norm   the input's dtype: autocast casts nothing
+  layer_norm, rms_norm, bias_gelu, dropout_add_layer_norm,
+  dropout                                                   the input's dtype: autocast casts nothing
   linear_cross_entropy                                      float32: the projection runs in bf16, the loss in float32
   conv_bn_relu_pool, conv_relu_pool                         bf16: autocast casts the convolution
 
@@ -26,6 +27,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from hetrain import ops
+from hetrain.ops.dropout import keep_mask as dropout_keep_mask
 from hetrain.ops.dropout_add_layer_norm import keep_mask
 
 DTYPES = [torch.float32, torch.bfloat16]  # what the CPU backends claim
@@ -122,6 +124,20 @@ def _dropout_add_layer_norm_ref(x, r, w, b):
     return ops.dropout_add_layer_norm_ref(x, r, w, b, dropped_positions(x.shape), P)
 
 
+def _dropout_inputs(batch, dtype):
+    return (_leaf(non_contiguous(randn(batch, 3, N, dtype=dtype, seed=1, scale=2.0, shift=0.5))),), ()
+
+
+def _dropout(x):
+    return ops.dropout(x, P)
+
+
+def _dropout_ref(x):
+    torch.manual_seed(SEED)  # the op's one randint after the same seed
+    seed = int(torch.randint(2**31, (1,), dtype=torch.int64).item())
+    return ops.dropout_ref(x, dropout_keep_mask(seed, x.shape, P, x.device), P)
+
+
 def _linear_cross_entropy(h, w, b, target):
     # A budget of 4 float32 rows: the 15 or more rows run in several chunks, the last one short.
     return ops.linear_cross_entropy(h, w, target, b, label_smoothing=0.1, memory_budget=4 * V * 4)
@@ -168,6 +184,7 @@ CASES = {
     "rms_norm": Case(lambda n, dt: _norm_inputs(n, dt, 1), _rms_norm, ops.rms_norm_ref, False),
     "bias_gelu": Case(lambda n, dt: _norm_inputs(n, dt, 1), _bias_gelu, ops.bias_gelu_ref, False),
     "dropout_add_layer_norm": Case(_dal_inputs, _dropout_add_layer_norm, _dropout_add_layer_norm_ref, False),
+    "dropout": Case(_dropout_inputs, _dropout, _dropout_ref, False),
     "linear_cross_entropy": Case(_lce_inputs, _linear_cross_entropy, _linear_cross_entropy_ref, True,
                                  float32_loss=True),
     "conv_bn_relu_pool": Case(lambda n, dt: _conv_inputs(n, dt, True), _conv_bn_relu_pool, _conv_bn_relu_pool_ref,

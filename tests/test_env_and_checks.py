@@ -61,7 +61,7 @@ def test_bench_ops_runs_every_case_in_its_cpu_smoke_mode(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     record = json.loads(next(tmp_path.glob("*-ops.json")).read_text())
     ops = {r["op"] for r in record["rows"]}
-    assert ops == {"bias_gelu", "conv_bn_relu_pool", "dropout_add_layer_norm", "layer_norm",
-                   "linear_cross_entropy", "rms_norm"}
+    families = {p.stem for p in (ROOT / "benchmarks" / "cases").glob("*.py")} - {"__init__"}
+    assert ops == families and "dropout" in ops  # every op family's cases ran
     for row in record["rows"]:
         assert {"eager", "compile", "hetrain"} <= set(row["ms"]) and all(ms > 0 for ms in row["ms"].values())

@@ -113,6 +113,21 @@ def _dropout_add_layer_norm(dtype, device):
                 "dropout_add_layer_norm", ("weight", "bias"))
 
 
+def _dropout(dtype, device):
+    from hetrain.ops.dropout import dropout, dropout_ref, keep_mask
+    x = _randn(64, 257, dtype=dtype, device=device, seed=1, scale=2.0, shift=0.3)
+
+    def fn(x, p):
+        torch.manual_seed(0)  # the op draws its seed with one torch.randint: the reference draws the same
+        return dropout(x, p)
+
+    def ref(x, p):
+        torch.manual_seed(0)
+        return dropout_ref(x, keep_mask(int(torch.randint(2**31, (1,)).item()), x.shape, p, x.device), p)
+
+    return Case(fn, dict(x=x, p=0.3), ref, "dropout")
+
+
 def _linear_cross_entropy(dtype, device):
     from hetrain.ops import linear_cross_entropy, linear_cross_entropy_ref
     from hetrain.ops.linear_cross_entropy import bytes_per_row
@@ -183,7 +198,7 @@ BUILDERS: dict[str, Callable[[torch.dtype, str], Case]] = {
     "layer_norm": _layer_norm, "rms_norm": _rms_norm, "bias_gelu": _bias_gelu,
     "dropout_add_layer_norm": _dropout_add_layer_norm, "linear_cross_entropy": _linear_cross_entropy,
     "conv_bn_relu_pool": _conv_bn_relu_pool, "conv_relu_pool": _conv_relu_pool, "bn_relu_pool": _bn_relu_pool,
-    "relu_pool": _relu_pool,
+    "relu_pool": _relu_pool, "dropout": _dropout,
 }
 
 

@@ -3,7 +3,8 @@
 The model is written for one device; :meth:`BertClassifier.stages` names the pieces a placement
 may put on different devices (``embeddings``, ``encoder.<i>``, ``classifier``), in forward order.
 Defaults give the BERT-tiny shape (2 layers, hidden 128, 4 heads). With ``fused=True`` (the default)
-each block runs hetrain's fused ops (LayerNorm, Linear+bias+GELU, dropout+residual+LayerNorm);
+each block runs hetrain's fused ops (LayerNorm, Linear+bias+GELU, dropout+residual+LayerNorm, and a
+dropout whose mask is regenerated in backward rather than stored);
 ``fused=False`` builds the same model from torch modules, with the same state_dict keys.
 """
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetrain.nn import BiasGELU, DropoutAddLayerNorm, LayerNorm
+from hetrain.nn import BiasGELU, Dropout, DropoutAddLayerNorm, LayerNorm
 from hetrain.placement.pipeline import gpipe_forward
 
 
@@ -26,7 +27,7 @@ class Embeddings(nn.Module):
         self.tokens = nn.Embedding(vocab_size, hidden, padding_idx=pad_id)
         self.positions = nn.Embedding(max_len, hidden)
         self.norm = LayerNorm(hidden) if fused else nn.LayerNorm(hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout) if fused else nn.Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``position_ids`` (B, T) restart at each sequence of a packed row; by default 0..T-1."""
@@ -100,10 +101,10 @@ class Classifier(nn.Module):
     the steps (a [CLS] head first has to learn where to attend), and padding never reaches it.
     """
 
-    def __init__(self, hidden: int, num_classes: int, dropout: float) -> None:
+    def __init__(self, hidden: int, num_classes: int, dropout: float, fused: bool = True) -> None:
         super().__init__()
         self.pooler = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout) if fused else nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,7 @@ class BertClassifier(nn.Module):
         self.embeddings = Embeddings(vocab_size, hidden, max_len, dropout, fused=fused)
         ffn = ffn or 4 * hidden
         self.encoder = nn.ModuleList(EncoderBlock(hidden, heads, ffn, dropout, fused) for _ in range(layers))
-        self.classifier = Classifier(hidden, num_classes, dropout)
+        self.classifier = Classifier(hidden, num_classes, dropout, fused)
         self.micro_batches = 1  # > 1: forward runs the GPipe schedule (hetrain.callbacks.PipelineSplit sets it)
         self.checkpoint_stages: frozenset[str] = frozenset()  # stages that recompute activations in backward
         self.apply(self._init_weights)

@@ -2,6 +2,7 @@
 
 from hetrain.nn.bias_gelu import BiasGELU
 from hetrain.nn.conv_bn_relu_pool import ConvBNReLUPool2d, ConvReLUPool2d
+from hetrain.nn.dropout import Dropout
 from hetrain.nn.dropout_add_layer_norm import DropoutAddLayerNorm
 from hetrain.nn.layer_norm import LayerNorm
 from hetrain.nn.linear_cross_entropy import LinearCrossEntropyHead
@@ -12,6 +13,7 @@ __all__ = [
     "BiasGELU",
     "ConvBNReLUPool2d",
     "ConvReLUPool2d",
+    "Dropout",
     "DropoutAddLayerNorm",
     "LayerNorm",
     "LinearCrossEntropyHead",

@@ -9,6 +9,7 @@ from hetrain.ops.conv_bn_relu_pool import (
     relu_pool,
     relu_pool_ref,
 )
+from hetrain.ops.dropout import dropout, dropout_ref
 from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_ref
 from hetrain.ops.layer_norm import layer_norm, layer_norm_ref
 from hetrain.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
@@ -16,6 +17,6 @@ from hetrain.ops.rms_norm import rms_norm, rms_norm_ref
 
 __all__ = [
     "bias_gelu", "bias_gelu_ref", "bn_relu_pool", "bn_relu_pool_ref", "conv_bn_relu_pool", "conv_relu_pool",
-    "relu_pool", "relu_pool_ref", "dropout_add_layer_norm", "dropout_add_layer_norm_ref",
+    "relu_pool", "relu_pool_ref", "dropout", "dropout_ref", "dropout_add_layer_norm", "dropout_add_layer_norm_ref",
     "layer_norm", "layer_norm_ref", "linear_cross_entropy", "linear_cross_entropy_ref", "rms_norm", "rms_norm_ref",
 ]

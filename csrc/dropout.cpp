@@ -1,0 +1,112 @@
+// Dropout on the CPU for a tensor of any shape: y = x / (1 - p) where kept, 0 where dropped.
+// The mask is never stored: element i of the flattened (row-major) tensor is kept when the counter
+// hash of (seed, i) in dropout_math.h clears the threshold of p, the same decision
+// dropout_add_layer_norm makes. Dropout is diagonal, so its backward is the same map applied to the
+// upstream gradient with the same seed: one kernel serves both directions.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "dropout_math.h"
+
+namespace hetrain {
+namespace {
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Elements per parallel task: enough that the scheduling cost is noise.
+constexpr int64_t kGrain = 32768;
+
+// The widening and rounding of each element, written so `#pragma omp simd` vectorises the loop:
+// c10's BFloat16 rounding has a NaN branch that keeps the compiler from it.
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+inline float to_acc(at::Half v) { return float(v); }
+inline float to_acc(at::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <typename T>
+inline T from_acc(acc_type<T> v) {
+  return T(v);
+}
+template <>
+inline at::BFloat16 from_acc<at::BFloat16>(float v) {
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  return at::BFloat16(static_cast<uint16_t>(v != v ? 0x7fc0u : rounded), at::BFloat16::from_bits());
+}
+
+// One call's dropout decision: the stream's low key, its seed (for the high keys), the threshold
+// below which a 24-bit draw is dropped, and the scale of the kept.
+struct Mask {
+  uint64_t seed;
+  uint32_t key_lo;
+  uint32_t threshold;
+  double scale;
+};
+
+Mask make_mask(const at::Tensor& seed, double p) {
+  TORCH_CHECK(p >= 0 && p <= 1, "hetrain.dropout: p must be in [0, 1], got ", p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "hetrain.dropout: seed must be one int64 value on the CPU, got ", seed.sizes(), " ",
+              seed.scalar_type(), " on ", seed.device());
+  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  return {s, dropout::key_lo(s), dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
+}
+
+// y[j] = x[j] * scale or 0 for stream elements begin .. begin + n - 1, which lie in one block of 2^32
+// (so the high key is one value and the low index does not wrap).
+template <typename scalar_t>
+void dropout_span(const scalar_t* x, scalar_t* y, uint64_t begin, int64_t n, const Mask& m) {
+  using acc_t = acc_type<scalar_t>;
+  const uint32_t klo = m.key_lo, th = m.threshold;
+  const uint32_t khi = dropout::key_hi(m.seed, static_cast<uint32_t>(begin >> 32));
+  const uint32_t lo = static_cast<uint32_t>(begin);
+  const acc_t scale = acc_t(m.scale);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const bool keep = dropout::bits24(klo, khi, lo + static_cast<uint32_t>(j)) >= th;
+    y[j] = from_acc<scalar_t>(keep ? to_acc(x[j]) * scale : acc_t(0));
+  }
+}
+
+template <typename scalar_t>
+void dropout_all(const scalar_t* x, scalar_t* y, int64_t numel, const Mask& m) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t stop = std::min<int64_t>(end, (i | 0xFFFFFFFFll) + 1);  // the next multiple of 2^32
+      dropout_span<scalar_t>(x + i, y + i, static_cast<uint64_t>(i), stop - i, m);
+      i = stop;
+    }
+  });
+}
+
+// Forward (x) and backward (dy) alike: a contiguous tensor of x's shape.
+at::Tensor dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "hetrain.dropout: x must be a floating tensor, got ",
+              x.scalar_type());
+  const Mask mask = make_mask(seed, p);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_cpu", [&] {
+    dropout_all<scalar_t>(xc.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), xc.numel(), mask);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hetrain_C, m) { m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(hetrain_C, CPU, m) { m.impl("dropout", &dropout_cpu); }
+
+}  // namespace hetrain

@@ -1,0 +1,26 @@
+"""``hetrain.nn.Dropout``: ``torch.nn.Dropout`` whose mask is regenerated in backward instead of stored."""
+
+from __future__ import annotations
+
+import torch
+
+from hetrain.ops.dropout import dropout
+
+
+class Dropout(torch.nn.Dropout):
+    """A drop-in ``torch.nn.Dropout`` (same constructor, no state) running :func:`hetrain.ops.dropout`.
+
+    Saves a byte per element of activation memory in training against torch's dropout, which keeps
+    its mask for backward. ``inplace=True`` is accepted for compatibility but computes out of place:
+    backward needs no input, so there is nothing to save by overwriting it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.Dropout) -> Dropout:
+        """The fused twin of ``module``, with its ``p`` and training mode."""
+        new = cls(module.p, module.inplace)
+        new.train(module.training)
+        return new

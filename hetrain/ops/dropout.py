@@ -1,0 +1,142 @@
+"""Dropout whose mask is regenerated in backward, never stored: reference, backends, ``torch.library`` op,
+functional face.
+
+Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
+``cpu`` (the C++ kernel in ``hetrain._C``, OpenMP, run without the GIL), ``torch`` (the plain
+reference, the test oracle).
+
+Each call draws one ``seed`` from the CPU default generator (so ``torch.manual_seed`` makes runs
+reproducible, and a CUDA input needs no device sync to launch). Element ``i`` of the flattened
+(row-major) input is kept when the keyed counter hash of csrc/dropout_math.h on ``(seed, i)`` clears
+the threshold of ``p``: the mask of ``dropout_add_layer_norm``'s ``cpu`` and ``torch`` backends, and
+here every backend's, Triton's included, so a seed gives the same mask on each. Backward evaluates the
+hash again from the saved seed: nothing of the input's size is kept for backward (torch's dropout
+keeps a one-byte-per-element mask). Dropout is diagonal, so backward is the same map applied to the
+upstream gradient, and each backend's ``backward`` is its ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetrain import plugins
+from hetrain.ops import _backends
+from hetrain.ops.dropout_add_layer_norm import keep_mask as _keep_mask_2d
+
+OP = "dropout"
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scale(p: float) -> float:
+    return 1.0 / (1.0 - p) if p < 1 else 0.0
+
+
+def keep_mask(seed: int, shape: torch.Size | tuple[int, ...], p: float,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """The bool mask of kept elements every backend draws for ``seed`` and ``p`` on a tensor of ``shape``."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    return _keep_mask_2d(seed, 1, numel, p, device).view(shape)
+
+
+# --- reference ---------------------------------------------------------------------------------
+
+def dropout_ref(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """What the op computes given its kept positions ``keep``; the tests' oracle."""
+    return torch.where(keep, x * _scale(p), torch.zeros_like(x))
+
+
+class TorchBackend:
+    """The reference written as the backends' entry point, with the kernels' mask."""
+
+    @staticmethod
+    def forward(x, seed, p):
+        keep = keep_mask(int(seed.item()), x.shape, p, x.device)
+        return dropout_ref(x.to(_stats_dtype(x.dtype)), keep, p).to(x.dtype).contiguous()
+
+    backward = forward  # dropout is diagonal: dx = dy / (1 - p) where kept, with the same seed
+
+
+class CppBackend:
+    """The C++ kernel of hetrain._C (csrc/dropout.cpp), for both directions."""
+
+    @staticmethod
+    def forward(x, seed, p):
+        return torch.ops.hetrain_C.dropout(x, seed, p)
+
+    backward = forward
+
+
+def _register_backends() -> None:
+    _backends.register_triton(OP, "hetrain.ops.triton.dropout")
+    _backends.register_cpp(OP, CppBackend, devices=("cpu",))
+    _backends.register_torch(OP, TorchBackend)
+
+
+_register_backends()
+
+
+# --- torch.library op --------------------------------------------------------------------------
+
+@torch.library.custom_op("hetrain::dropout_fwd", mutates_args=())
+def _dropout_fwd(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    return plugins.call(OP, "forward", x.device.type, x, seed, p)
+
+
+@_dropout_fwd.register_fake
+def _(x, seed, p):
+    return x.new_empty(x.shape)  # backends return contiguous outputs whatever the input's strides
+
+
+# A separate op for backward (the same math) so profiles and graphs name the direction.
+@torch.library.custom_op("hetrain::dropout_bwd", mutates_args=())
+def _dropout_bwd(dy: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    return plugins.call(OP, "backward", dy.device.type, dy, seed, p)
+
+
+@_dropout_bwd.register_fake
+def _(dy, seed, p):
+    return dy.new_empty(dy.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _x, seed, p = inputs
+    ctx.save_for_backward(seed)
+    ctx.p = p
+
+
+def _backward(ctx, dy):
+    (seed,) = ctx.saved_tensors
+    return _dropout_bwd(dy, seed, ctx.p), None, None
+
+
+# Both ops are the same linear, self-adjoint map, so the gradient of either is ``dropout_bwd``
+# (which also makes double backward work).
+_dropout_fwd.register_autograd(_backward, setup_context=_setup_context)
+_dropout_bwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- functional face ---------------------------------------------------------------------------
+
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)`` with a mask regenerated in backward instead of stored.
+
+    ``x`` of any shape and floating dtype; the result is contiguous, in ``x``'s dtype, computed in
+    float32 (float64 for float64). With ``p == 0`` or ``training=False`` it returns ``x`` itself and
+    draws no random number; ``p == 1`` gives zeros. Dropped elements are exactly zero, also where
+    ``x`` is infinite or NaN. Under ``torch.compile`` with inductor the seed comes from inductor's own
+    generator, as for torch's random ops (``torch._inductor.config.fallback_random`` restores eager's draw).
+    """
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"hetrain.ops.dropout: p must be a number in [0, 1], got {p!r}")
+    if not x.is_floating_point():
+        raise ValueError(f"hetrain.ops.dropout: x must be a floating tensor, got {x.dtype}")
+    if not training or p == 0:
+        return x
+    # One draw from the CPU default generator per call: reproducible under torch.manual_seed.
+    seed = torch.randint(2**31, (1,), dtype=torch.int64)
+    return _dropout_fwd(x, seed, float(p))

@@ -1,0 +1,245 @@
+"""dropout: every backend against the float64 reference on the same mask, one mask for every backend,
+kept fraction, reproducibility, nothing of the input's size saved for backward, gradcheck, compile, errors, nn."""
+
+import math
+
+import pytest
+import torch
+from op_testing import assert_close, non_contiguous, randn
+
+from hetrain import plugins
+from hetrain.nn.dropout import Dropout
+from hetrain.ops.dropout import dropout, dropout_ref, keep_mask
+
+BACKENDS = ["triton", "cpu", "torch"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(), (7,), (3, 1), (4, 7), (2, 5, 33), (1, 257), (3, 1030)]  # 3090 elements: past a Triton block
+fwd_op = torch.ops.hetrain.dropout_fwd
+bwd_op = torch.ops.hetrain.dropout_bwd
+
+
+def values(shape, dtype=torch.float32, seed=1, requires_grad=True):
+    """Random values with no zero among them, so ``y != 0`` is exactly the kept positions."""
+    x = randn(math.prod(shape), dtype=torch.float64, seed=seed, scale=2.0, shift=0.3).view(shape)
+    x = torch.where(x.abs() < 1e-2, torch.full_like(x, 0.5), x).to(dtype)
+    assert (x != 0).all()
+    return x.requires_grad_(requires_grad)
+
+
+def run(backend, x, seed, p, dy):
+    with plugins.use_backend(dropout=backend):
+        y = fwd_op(x, torch.tensor([seed]), p)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    return y, dx
+
+
+def reference(x, seed, p, dy):
+    """The float64 reference on the same values and the kernels' mask."""
+    keep = keep_mask(seed, x.shape, p)
+    x64 = x.detach().double().requires_grad_()
+    y = dropout_ref(x64, keep, p)
+    (dx,) = torch.autograd.grad(y, x64, dy.double())
+    return y, dx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_backward_match_the_reference_on_the_same_mask(backend, dtype, shape):
+    p, seed = 0.3, 1234567
+    x, dy = values(shape, dtype), values(shape, dtype, seed=7, requires_grad=False)
+    y, dx = run(backend, x, seed, p, dy)
+    y_ref, dx_ref = reference(x, seed, p, dy)
+    assert y.dtype == dx.dtype == dtype and y.shape == dx.shape == shape
+    assert_close(y, y_ref, dtype, f"{backend} y")
+    assert_close(dx, dx_ref, dtype, f"{backend} dx")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_every_backend_draws_the_same_mask_as_dropout_add_layer_norm(p):
+    seed, shape = 987654321, (33, 257)
+    x = values(shape, requires_grad=False)
+    shared = torch.ops.hetrain_C.dropout_add_layer_norm_keep_mask(torch.tensor([seed]), *shape, p)
+    assert torch.equal(keep_mask(seed, shape, p), shared)
+    for backend in BACKENDS:
+        with plugins.use_backend(dropout=backend):
+            kept = fwd_op(x, torch.tensor([seed]), p) != 0
+        assert torch.equal(kept, shared), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_kept_fraction_is_one_minus_p(backend, p):
+    # 2^19 elements: the fraction's standard deviation is at most 7e-4.
+    x = values((512, 1024), requires_grad=False)
+    torch.manual_seed(3)
+    with plugins.use_backend(dropout=backend):
+        y = dropout(x, p)
+    assert abs((y != 0).float().mean().item() - (1 - p)) < 4e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reproducible_under_manual_seed(backend):
+    x = values((6, 100))
+    outs = []
+    with plugins.use_backend(dropout=backend):
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            outs.append(dropout(x, 0.5))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+    torch.manual_seed(0)  # the op draws its seed with one torch.randint on the CPU generator
+    assert torch.equal(outs[0] != 0, keep_mask(int(torch.randint(2**31, (1,)).item()), (6, 100), 0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_seed_is_saved_for_backward(backend):
+    x = values((64, 48))
+    saved = []
+    with plugins.use_backend(dropout=backend), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        y = dropout(x, 0.2)
+    assert [(t.numel(), t.dtype) for t in saved] == [(1, torch.int64)]
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(dx != 0, y != 0)
+
+
+@pytest.mark.parametrize("training, p", [(False, 0.5), (True, 0.0)])
+def test_identity_without_a_draw(training, p):
+    x = values((4, 9))
+    state = torch.get_rng_state()
+    y = dropout(x, p, training)
+    assert y is x
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_p_one_gives_zeros_even_for_inf_and_nan(backend):
+    x = values((5, 11)).detach()
+    x[0, 0], x[1, 1] = float("inf"), float("nan")
+    x.requires_grad_()
+    with plugins.use_backend(dropout=backend):
+        y = dropout(x, 1.0)
+        (dx,) = torch.autograd.grad(y, x, values((5, 11), seed=2, requires_grad=False))
+    assert torch.equal(y, torch.zeros(5, 11)) and torch.equal(dx, torch.zeros(5, 11))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_transposed_inputs(backend):
+    p, seed = 0.25, 42
+    for x, dy in ((non_contiguous(values((5, 40), torch.float64)),
+                   non_contiguous(values((5, 40), torch.float64, seed=8, requires_grad=False))),
+                  (values((40, 5), torch.float64).t(), values((40, 5), torch.float64, seed=8).t().detach())):
+        assert not x.is_contiguous() and not dy.is_contiguous()
+        y, dx = run(backend, x, seed, p, dy)
+        y_ref, dx_ref = reference(x, seed, p, dy)
+        assert y.is_contiguous()
+        assert_close(y, y_ref, torch.float64, f"{backend} y")
+        assert_close(dx, dx_ref, torch.float64, f"{backend} dx")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_size(backend):
+    x = torch.empty(0, 16, requires_grad=True)
+    with plugins.use_backend(dropout=backend):
+        y = dropout(x, 0.1)
+        (dx,) = torch.autograd.grad(y, x, torch.empty(0, 16))
+    assert y.shape == dx.shape == (0, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_and_gradgradcheck(backend):
+    x = values((3, 9), torch.float64)
+    seed = torch.tensor([77])
+    with plugins.use_backend(dropout=backend):
+        assert torch.autograd.gradcheck(lambda x: fwd_op(x, seed, 0.4), (x,))
+        assert torch.autograd.gradgradcheck(lambda x: fwd_op(x, seed, 0.4), (x,))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_triton_matches_the_cpu_mask_and_reference(dtype):
+    p, seed, shape = 0.1, 24680, (513, 777)
+    x = values(shape, dtype).detach().cuda().requires_grad_()
+    dy = values(shape, dtype, seed=7, requires_grad=False).cuda()
+    y, dx = run("triton", x, seed, p, dy)
+    y_ref, dx_ref = reference(x.cpu(), seed, p, dy.cpu())
+    assert torch.equal((y != 0).cpu(), keep_mask(seed, shape, p))
+    assert_close(y.cpu(), y_ref, dtype, "cuda y")
+    assert_close(dx.cpu(), dx_ref, dtype, "cuda dx")
+
+
+def test_custom_ops_pass_opcheck():
+    seed = torch.tensor([3])
+    for p in (0.0, 0.3, 1.0):
+        torch.library.opcheck(fwd_op.default, (values((4, 24)), seed, p))
+        torch.library.opcheck(fwd_op.default, (values((2, 3, 5), torch.bfloat16), seed, p))
+        torch.library.opcheck(bwd_op.default, (values((4, 24), seed=4), seed, p))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph_draws_the_same_seed_as_eager(backend):
+    torch._dynamo.reset()
+    x = values((2, 5, 48))
+
+    def block(x):
+        return dropout(x * 2.0, 0.2).relu()
+
+    with plugins.use_backend(dropout=backend):
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(5)
+        y = compiled(x)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        torch.manual_seed(5)
+        y_eager = block(x)
+        (g_eager,) = torch.autograd.grad(y_eager.sum(), x)
+    assert torch.equal(y, y_eager)
+    assert torch.equal(g, g_eager)
+
+
+def test_inductor_compile_has_no_graph_break_and_is_reproducible():
+    # Inductor draws the seed from its own generator (as it does for torch's random ops), so the mask differs
+    # from eager's; it is still a dropout of x, reproducible under torch.manual_seed.
+    torch._dynamo.reset()
+    x = values((8, 64), requires_grad=False)
+    compiled = torch.compile(lambda x: dropout(x, 0.1) + 1, fullgraph=True)
+    torch.manual_seed(9)
+    y = compiled(x) - 1
+    kept = y != 0
+    assert_close(y[kept], x[kept] / 0.9, torch.float32, "inductor kept")
+    assert 0.8 < kept.float().mean().item() < 0.98
+    torch.manual_seed(9)
+    assert torch.equal(compiled(x) - 1, y)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = values((4, 8), requires_grad=False)
+    for p in (-0.1, 1.5, "0.5", True, None):
+        with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\]"):
+            dropout(x, p)
+    with pytest.raises(ValueError, match="floating tensor"):
+        dropout(torch.ones(4, 8, dtype=torch.int64), 0.1)
+    seed = torch.tensor([1])
+    cpp = torch.ops.hetrain_C
+    with pytest.raises(RuntimeError, match="x must be a floating tensor"):
+        cpp.dropout(torch.ones(4, dtype=torch.int32), seed, 0.1)
+    with pytest.raises(RuntimeError, match="seed must be one int64 value"):
+        cpp.dropout(x, torch.tensor([1.0]), 0.1)
+    with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\]"):
+        cpp.dropout(x, seed, -0.1)
+
+
+def test_nn_dropout_is_a_stateless_drop_in():
+    torch_drop = torch.nn.Dropout(0.3)
+    fused = Dropout.from_torch(torch_drop)
+    assert isinstance(fused, torch.nn.Dropout) and fused.p == 0.3 and fused.training
+    assert fused.state_dict() == {} and repr(fused) == repr(torch_drop)
+    x = values((3, 4, 33), requires_grad=False)
+    torch.manual_seed(1)
+    y = fused(x)
+    torch.manual_seed(1)
+    assert torch.equal(y, dropout(x, 0.3))
+    assert fused.eval()(x) is x
+    assert not Dropout.from_torch(torch_drop.eval()).training
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.5)

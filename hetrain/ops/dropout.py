@@ -17,6 +17,8 @@ upstream gradient, and each backend's ``backward`` is its ``forward``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hetrain import plugins
@@ -37,10 +39,7 @@ def _scale(p: float) -> float:
 def keep_mask(seed: int, shape: torch.Size | tuple[int, ...], p: float,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """The bool mask of kept elements every backend draws for ``seed`` and ``p`` on a tensor of ``shape``."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    return _keep_mask_2d(seed, 1, numel, p, device).view(shape)
+    return _keep_mask_2d(seed, 1, math.prod(shape), p, device).view(shape)
 
 
 # --- reference ---------------------------------------------------------------------------------

@@ -63,8 +63,9 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, con
   // One partial dw row per chunk of rows, summed at the end.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
   std::vector<acc_t> part_w(dw ? chunks * N : 0, acc_t(0));
+  // Two streaming passes per row and no scratch: a pure reduction (vectorised in lanes), then dx and
+  // the dw partials from the same reads of dy and x, xhat and g recomputed rather than stored.
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> g(N), xhat(N);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = M * c / chunks, r1 = M * (c + 1) / chunks;
       acc_t* pw = dw ? part_w.data() + c * N : nullptr;
@@ -73,15 +74,24 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, con
         const scalar_t* dyr = dy + r * N;
         scalar_t* dxr = dx + r * N;
         const acc_t rs = rstd[r];
-        const acc_t sum_gx = lane_sum<acc_t>(N, [&](int64_t j) {
-          const acc_t d = acc_t(dyr[j]);
-          xhat[j] = acc_t(xr[j]) * rs;
-          g[j] = w ? d * acc_t(w[j]) : d;
-          return g[j] * xhat[j];
-        });
-        const acc_t mgx = sum_gx / acc_t(N);
-        for (int64_t j = 0; j < N; ++j) dxr[j] = scalar_t(rms_norm::input_grad<acc_t>(g[j], xhat[j], rs, mgx));
-        if (pw) for (int64_t j = 0; j < N; ++j) pw[j] += acc_t(dyr[j]) * xhat[j];
+        const acc_t sum_gx =
+            w ? lane_sum<acc_t>(N, [&](int64_t j) { return acc_t(dyr[j]) * acc_t(w[j]) * acc_t(xr[j]); })
+              : lane_sum<acc_t>(N, [&](int64_t j) { return acc_t(dyr[j]) * acc_t(xr[j]); });
+        const acc_t mgx = sum_gx * rs / acc_t(N);
+        if (pw) {
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) {
+            const acc_t d = acc_t(dyr[j]), xhat = acc_t(xr[j]) * rs;
+            dxr[j] = scalar_t(rms_norm::input_grad<acc_t>(d * acc_t(w[j]), xhat, rs, mgx));
+            pw[j] += d * xhat;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) {
+            const acc_t d = acc_t(dyr[j]), xhat = acc_t(xr[j]) * rs;
+            dxr[j] = scalar_t(rms_norm::input_grad<acc_t>(w ? d * acc_t(w[j]) : d, xhat, rs, mgx));
+          }
+        }
       }
     }
   });

@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -27,8 +28,15 @@ def run(quick: bool = False) -> dict:
     rows = []
     for case in discover("cpu"):
         impls = case.make()
-        times = {name: median_ms(fn, min_reps=3 if quick else 10, budget_s=0.3 if quick else 1.5)
-                 for name, fn in impls.items()}
+        # Rounds that take turns between the implementations, then the median of each one's round medians:
+        # on a shared machine a slow spell then hits every column alike instead of one column's whole window.
+        rounds = 2 if quick else 5
+        per_round: dict[str, list[float]] = {name: [] for name in impls}
+        for r in range(rounds):
+            for name, fn in impls.items():
+                per_round[name].append(median_ms(fn, warmup=3 if r == 0 else 1, min_reps=3 if quick else 4,
+                                                 budget_s=(0.3 if quick else 1.5) / rounds))
+        times = {name: statistics.median(ms) for name, ms in per_round.items()}
         ours = times["hetrain"]
         rows.append({
             "op": case.op, "shape": case.shape, "dtype": case.dtype, "ms": times,

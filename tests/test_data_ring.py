@@ -302,3 +302,33 @@ def test_a_token_file_truncated_while_in_use_is_an_error_not_a_crash(tmp_path):
         with pytest.raises(LoaderError, match=r"t\.bin: sample \d+ needs tokens .*holds 800 tokens.*truncated"):
             for _ in batches:
                 pass
+
+
+def test_reader_processes_give_the_same_batches_and_name_a_failing_sample():
+    import multiprocessing
+
+    ds = SyntheticSequences(120, min_len=4, max_len=40, seed=2)
+    lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    sampler = TokenBudgetBatchSampler(lengths, 256, seed=3)
+    plan = list(sampler)
+    with RingLoader(ds, sampler, collate=PadInto(256, sampler.max_batch_rows), num_workers=2,
+                    reader_processes=2) as loader:
+        assert len(multiprocessing.active_children()) == 2
+        for batch, idx in zip(list_of_copies(loader), plan, strict=True):
+            assert_batches_equal(batch, pad_collate([ds[i] for i in idx]))
+    assert multiprocessing.active_children() == []  # closing ends the readers
+
+    bad = Flaky(60, bad=37)
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(60)], 10, shuffle=False)
+    loader = RingLoader(bad, sampler, collate=PadInto(10, 10), num_workers=2, reader_processes=2)
+    with pytest.raises(LoaderError, match=r"RuntimeError: sample 37: ValueError: sample 37 is corrupt"):
+        for _ in loader:
+            pass
+    assert multiprocessing.active_children() == []
+    with pytest.raises(ValueError, match="reader_processes reads a map-style Dataset"):
+        RingLoader(_Stream(), lambda s: iter(()), collate=PadInto(10, 10), reader_processes=1)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(())

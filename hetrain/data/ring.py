@@ -18,6 +18,7 @@ error or stall ends the wait with :class:`LoaderError` naming the sample, file o
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -154,6 +155,23 @@ class _Stream:
             return self.pending.pop(job, None)
 
 
+_READER_DATASET: Any = None  # in a reader process: the dataset, inherited at fork
+
+
+def _reader_init(dataset: Any) -> None:
+    global _READER_DATASET
+    _READER_DATASET = dataset
+    torch.set_num_threads(1)  # as torch's DataLoader workers: one thread each, the processes are the parallelism
+
+
+def _read(index: int) -> Any:
+    """``dataset[index]`` in a reader process; a failure comes back naming the sample."""
+    try:
+        return _READER_DATASET[index]
+    except Exception as exc:
+        raise RuntimeError(f"sample {index}: {type(exc).__name__}: {exc}") from None
+
+
 class _Shared:
     """What producer threads and the finaliser need; holds no reference to the RingLoader itself."""
 
@@ -161,9 +179,25 @@ class _Shared:
         self.ring, self.names = ring, list(names)
         self.plan: list[list[int]] = []
         self.stream: _Stream | None = None  # an iterable source's current epoch
+        self.readers: Any = None  # a process pool reading samples, when asked for
         self.errors: dict[int, BaseException] = {}
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
+
+
+def _read_in_processes(shared: _Shared, samples: list[int]) -> list[Any] | None:
+    """The batch's samples read by the reader processes; None once the loader closes.
+
+    The wait is short and repeated, so closing never leaves this thread blocked on a pool that was
+    terminated (its pending results would never arrive). A reader's failure names the sample.
+    """
+    pending = shared.readers.map_async(_read, samples)
+    while not shared.stop.is_set():
+        try:
+            return pending.get(_POLL_S)
+        except multiprocessing.TimeoutError:
+            continue
+    return None
 
 
 def _shapes(names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> list[int]:
@@ -192,6 +226,11 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
                 if items is None:  # past the stream's end: the consumer stops at this batch
                     ring.fail(producer, job, _END_OF_STREAM)
                     continue
+            elif shared.readers is not None:
+                ring.note(producer, shared.plan[job][0], -1, -1)
+                items = _read_in_processes(shared, shared.plan[job])
+                if items is None:  # closing
+                    return
             else:
                 items = []
                 for sample in shared.plan[job]:
@@ -200,7 +239,8 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
             ring.commit(producer, job, _shapes(shared.names, collate(items, views[slot])))
         except Exception as exc:  # every failure goes to the consumer, named
             shared.errors[job] = exc
-            where = "reading the stream" if shared.stream is not None else f"at sample {sample}"
+            where = ("reading the stream" if shared.stream is not None
+                     else "in a reader process" if shared.readers is not None else f"at sample {sample}")
             ring.fail(producer, job, f"hetrain: producer {producer} failed on batch {job} {where}: "
                                      f"{type(exc).__name__}: {exc}")
 
@@ -208,6 +248,9 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
 def _close(shared: _Shared, join_timeout: float) -> None:
     shared.stop.set()
     shared.ring.close()  # wakes every wait and joins the C++ threads
+    if shared.readers is not None:
+        shared.readers.terminate()
+        shared.readers.join()
     for t in shared.threads:
         t.join(join_timeout)
 
@@ -223,6 +266,9 @@ class RingLoader:
         collate: for a Dataset, a slot collate with ``spec`` (:class:`PadInto`, :class:`CopyInto`).
         num_slots: batches in flight; the consumer may hold ``num_slots - 1`` while producers fill the rest.
         num_workers: producer threads.
+        reader_processes: for a map-style Dataset, processes that run ``dataset[i]`` (forked, one torch
+            thread each) while the producer threads collate into the slots: for datasets whose
+            ``__getitem__`` is Python-heavy and would hold the GIL. 0 reads in the producer threads.
         stall_timeout: seconds without progress after which a producer is reported stalled.
         pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous.
         lookahead: batches the consumer fetches before it uses them (Lightning's loops: 0, as this loader has a
@@ -239,6 +285,7 @@ class RingLoader:
         collate: Callable | None = None,
         num_slots: int = 4,
         num_workers: int = 2,
+        reader_processes: int = 0,
         stall_timeout: float = 60.0,
         pin_memory: bool | None = None,
         lookahead: int = 0,
@@ -250,8 +297,12 @@ class RingLoader:
         if _ext.load() is None:
             raise RuntimeError("hetrain: RingLoader needs the compiled extension hetrain._C "
                                "(pip install -e . --no-build-isolation)")
-        if num_slots < 2 or num_workers < 1:
-            raise ValueError(f"hetrain: need num_slots >= 2 and num_workers >= 1, got {num_slots}, {num_workers}")
+        if num_slots < 2 or num_workers < 1 or reader_processes < 0:
+            raise ValueError(f"hetrain: need num_slots >= 2, num_workers >= 1 and reader_processes >= 0, got "
+                             f"{num_slots}, {num_workers}, {reader_processes}")
+        if reader_processes and isinstance(source, TokenWindows | torch.utils.data.IterableDataset):
+            raise ValueError("hetrain: reader_processes reads a map-style Dataset; token files are gathered in C++ "
+                             "and a stream is read in order")
         self.batch_sampler = batch_sampler
         self.sampler = batch_sampler  # where Lightning looks for set_epoch()
         self.source, self.lookahead = source, lookahead
@@ -289,6 +340,10 @@ class RingLoader:
                 torch.from_numpy(source.windows.length), pad_id, vocab_size or 0, num_workers, 0,
             )
         else:
+            if reader_processes > 0 and not self.streaming:
+                # Forked before any producer thread exists, so no thread's lock is copied held.
+                context = multiprocessing.get_context("fork")
+                self._shared.readers = context.Pool(reader_processes, _reader_init, (source,))
             for p in range(num_workers):
                 t = threading.Thread(target=_produce, args=(self._shared, p, source, collate, num_slots),
                                      name=f"hetrain-ring-producer-{p}", daemon=True)

@@ -185,6 +185,8 @@ def test_a_stalled_producer_is_named_instead_of_hanging():
         for _ in loader:
             pass
     assert time.monotonic() - t0 < 1.4, "the stall must end the wait near stall_timeout"
+    with pytest.raises(RuntimeError, match="closed"):  # shut down; the fixture checks no thread is left
+        next(iter(loader))
 
 
 def test_holding_every_slot_is_reported():
@@ -257,6 +259,24 @@ def test_no_host_allocation_per_batch_in_steady_state(corpus):
             token_collate([ds[0], ds[1]])
     assert n > 10 and allocations == 0, f"{allocations} host allocations over {n} batches"
     assert host_allocations(ref) >= 3
+
+
+def test_slot_memory_is_allocated_once_and_reused_over_many_epochs(corpus):
+    ds = TokenWindows(corpus, max_len=64, stride=48)
+    sampler = TokenBudgetBatchSampler(ds.lengths, 256, seed=1)
+    with RingLoader(ds, sampler, num_slots=3, num_workers=2) as loader:
+        ring = loader._shared.ring
+        assert loader.nbytes == 3 * ring.slot_bytes()
+        first = min(v.data_ptr() for v in ring.slot_views(0))
+        addresses, batches = set(), 0
+        for epoch in range(25):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                addresses.add(batch["input_ids"].data_ptr())
+                batches += 1
+        assert loader.nbytes == 3 * ring.slot_bytes()  # nothing grew
+    assert batches > 100 and len(addresses) <= 3, f"{len(addresses)} batch addresses over {batches} batches"
+    assert all(first <= a < first + loader.nbytes for a in addresses)  # every batch lives in the one slab
 
 
 def test_resume_on_another_layout_and_worker_count(corpus):

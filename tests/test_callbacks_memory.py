@@ -2,6 +2,7 @@
 OOM post-mortem."""
 
 import logging
+import pickle
 import resource
 from collections import Counter
 
@@ -425,3 +426,25 @@ def test_cuda_churn_names_the_module_that_allocates_on_the_gpu():
             model(x).sum().backward()
     rows = {(r.allocation.module, r.allocation.op, r.allocation.device) for r in tracker.rows(["temporary"])}
     assert ("1", "aten::zeros", "cuda:0") in rows
+
+
+@pytest.mark.cuda
+def test_a_real_cuda_out_of_memory_writes_the_allocator_snapshot_when_history_is_recorded(tmp_path):
+    class Greedy(Regressor):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 1:
+                torch.empty(1 << 50, dtype=torch.uint8, device=self.device)  # 1 PiB: more than any GPU holds
+            return super().training_step(batch, batch_idx)
+
+    profiler = MemoryProfiler(module_every_n_steps=1, record_history=True)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=3, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[profiler])
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        trainer.fit(Greedy(), _loader(3))
+    report = (tmp_path / OOM_MD).read_text()
+    assert "Out of memory at step 1" in report and f"Allocator snapshot: {OOM_SNAPSHOT}" in report
+    with open(tmp_path / OOM_SNAPSHOT, "rb") as f:
+        snapshot = pickle.load(f)
+    assert snapshot["segments"] and snapshot["device_traces"], "the snapshot holds the allocator's state and history"

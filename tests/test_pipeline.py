@@ -69,9 +69,31 @@ def test_parameters_tied_across_devices_are_refused_with_both_paths():
     assert shared_across_devices(list(stages.items()), {"embed": "cpu", "head": "cpu"}) == []
     assert shared_across_devices(list(stages.items()), {"embed": "cpu", "head": "meta"}) == [
         ("embed.0.weight", "head.0.weight")]
-    with pytest.raises(ValueError, match="embed.0.weight and head.0.weight"):
+    both = r"embed\.0\.weight \(module embed\.0\) and head\.0\.weight \(module head\.0\)"
+    with pytest.raises(ValueError, match=both):
         StagePlacement({"head": "cuda:99"}, fallback="meta").place(stages)  # cuda:99 absent -> meta
     assert head[0].weight.device.type == "cpu"  # refused before anything moved
+
+
+def test_a_parameter_tied_within_one_device_collects_both_stages_gradients():
+    torch.manual_seed(0)
+    embed, head = nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False)
+    head.weight = embed.weight  # tied, both stages on the CPU: kept as one parameter
+    stages = [("embed", embed), ("head", nn.Sequential(nn.Tanh(), head))]
+    x = torch.randn(7, 6, dtype=torch.float64)
+    embed.double()
+
+    def run_stage(name, h, *inputs):
+        return dict(stages)[name](h)
+
+    gpipe_forward(stages, run_stage, (x,), micro_batches=3).square().sum().backward()
+    split = embed.weight.grad.clone()
+    w = embed.weight.detach().clone().requires_grad_()
+    (torch.tanh(x @ w.T) @ w.T).square().sum().backward()  # the same function with both uses written out
+    torch.testing.assert_close(split, w.grad, rtol=1e-12, atol=1e-12)
+    w_embed_only = embed.weight.detach().clone().requires_grad_()
+    (torch.tanh(x @ w_embed_only.T) @ embed.weight.detach().T).square().sum().backward()
+    assert not torch.allclose(split, w_embed_only.grad)  # the head's use did add to the gradient
 
 
 def test_pipeline_split_in_a_lightning_fit(tmp_path):

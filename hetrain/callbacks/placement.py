@@ -157,9 +157,11 @@ class StagePlacement(Callback):
         planned = {name: self.devices.get(name, stage_device(stage)) for name, stage in stages.items()}
         clashes = shared_across_devices(list(stages.items()), planned)
         if clashes:
-            pairs = "; ".join(f"{a} and {b}" for a, b in clashes)
+            pairs = "; ".join(f"{a} (module {a.rpartition('.')[0]}) and {b} (module {b.rpartition('.')[0]})"
+                              for a, b in clashes)
             raise ValueError(f"hetrain: parameters shared by stages placed on different devices: {pairs}. Put those "
-                             f"stages on one device, or untie the weights")
+                             f"stages on one device (the shared parameter then collects both uses' gradients), or "
+                             f"untie the weights")
         placed = {}
         for name, stage in stages.items():
             device = self.devices.get(name)

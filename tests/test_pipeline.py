@@ -240,3 +240,19 @@ def test_checkpointing_a_stage_with_batchnorm_is_refused_naming_it():
     plain = ResNet()
     plain.load_state_dict(task.model.state_dict())
     torch.testing.assert_close(task.model(x), plain(x))  # through gpipe_forward with the head checkpointed
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_a_cpu_stage_feeding_gpu_stages_equals_the_unsplit_model_and_names_its_copies(micro_batches):
+    model = small_bert().double()
+    ids, mask, labels = batch(7)
+    loss_ref, grads_ref = loss_and_grads(model, (ids, mask, labels))
+    StagePlacement({"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}).place(model.stages())
+    model.micro_batches = micro_batches
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss, grads = loss_and_grads(model, (ids, mask, labels.cuda()))
+    torch.testing.assert_close(loss.cpu(), loss_ref, rtol=1e-10, atol=1e-12)
+    for name, g in grads.items():
+        torch.testing.assert_close(g.cpu(), grads_ref[name], rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+    assert "hetrain::copy cpu->cuda:0" in {e.name for e in prof.events()}

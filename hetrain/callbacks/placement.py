@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
-from hetrain.placement.pipeline import shared_across_devices, stage_device
+from hetrain.placement.pipeline import shared_across_devices, stage_device, to_device
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,10 @@ def resolve_plan(
 
 
 def _inputs_to(device: torch.device):
-    # Host-to-device copies may run asynchronously; a copy to the host must not, because the CPU
-    # would read the destination before the copy has landed.
-    non_blocking = device.type != "cpu"
+    """A forward pre-hook that brings a stage's tensor inputs to its device (see :func:`to_device`)."""
 
     def move(x):
-        return x.to(device, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x
+        return to_device(x, device) if isinstance(x, torch.Tensor) else x
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}

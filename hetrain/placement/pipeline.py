@@ -7,11 +7,11 @@ calling :func:`gpipe_forward` from its forward when it is asked for more than on
 Forward follows the GPipe clock: at tick ``t`` stage ``s`` runs micro-batch ``t - s``. Work is issued
 from one thread; a GPU stage's kernels run asynchronously on its device while the thread goes on to
 issue the CPU stage's next micro-batch, so devices overlap without a thread per stage. Copies to a
-GPU are ``non_blocking``; a copy to the host is synchronous, because the CPU reads it next. Backward is
-autograd's, through the same graph, so outputs and gradients equal the unsplit model's up to the
-order of floating-point sums. Every stage, micro-batch and cross-device copy runs in a named
-``record_function`` range, so torch's profiler shows them and Nsight Systems shows them as NVTX ranges
-under ``torch.autograd.profiler.emit_nvtx()``.
+GPU go through pinned memory on a side copy stream (:func:`to_device`); a copy to the host is
+synchronous, because the CPU reads it next. Backward is autograd's, through the same graph, so outputs
+and gradients equal the unsplit model's up to the order of floating-point sums. Every stage, micro-batch
+and cross-device copy runs in a named ``record_function`` range, so torch's profiler shows them and Nsight
+Systems shows them as NVTX ranges under ``torch.autograd.profiler.emit_nvtx()``.
 
 A skip connection that crosses stages travels with the activation: a stage returns a tuple (its output
 and the skip) and every stage in between hands it on. A tensor that reaches a stage any other way
@@ -34,13 +34,41 @@ RunStage = Callable[..., Any]
 Activation = torch.Tensor | tuple[torch.Tensor, ...]
 
 
-def _to(x: Activation, device: torch.device) -> Activation:
+def to_device(x: Activation, device: torch.device) -> Activation:
+    """``x`` (a tensor or a tuple of them) on ``device``, each copy in a named ``record_function`` range.
+
+    Host to GPU goes through pinned memory (torch's caching host allocator keeps the block until the copy
+    has landed) on a side copy stream, so the copy runs at DMA speed and overlaps the compute stream's
+    work on the previous micro-batch; the compute stream waits for it through an event. A copy to the host
+    is synchronous, because the CPU reads it next. Autograd runs each copy's backward on the stream its
+    forward used and syncs the streams itself.
+    """
     if isinstance(x, tuple):
-        return tuple(_to(t, device) for t in x)
+        return tuple(to_device(t, device) for t in x)
     if x.device == device:
         return x
     with torch.profiler.record_function(f"hetrain::copy {x.device}->{device}"):
-        return x.to(device, non_blocking=device.type != "cpu")
+        if device.type != "cuda" or x.device.type != "cpu":
+            return x.to(device, non_blocking=device.type != "cpu")
+        pinned = x if x.is_pinned() else x.pin_memory()
+        compute = torch.cuda.current_stream(device)
+        copy = _copy_stream(device)
+        with torch.cuda.stream(copy):
+            y = pinned.to(device, non_blocking=True)
+        compute.wait_stream(copy)
+        y.record_stream(compute)  # allocated on the copy stream, used and freed on the compute stream
+        return y
+
+
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU for host-to-device copies, made on first use."""
+    device = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
 
 
 def stage_device(stage: nn.Module) -> torch.device:
@@ -111,8 +139,8 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
                 if not 0 <= i < m:
                     continue
                 name, device = stages[s][0], devices[s]
-                own = [_to(p[i], device) for p in pieces]
-                x = own[0] if s == 0 else _to(acts[i], device)
+                own = [to_device(p[i], device) for p in pieces]
+                x = own[0] if s == 0 else to_device(acts[i], device)
                 guard.current = (s, i)
                 guard.made(x)  # what crossed into this stage counts as its own input
                 with torch.profiler.record_function(f"hetrain::stage {name} micro-batch {i}"):

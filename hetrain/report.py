@@ -3,7 +3,9 @@
 A run writes ``summary.json`` and ``summary.md`` into its run directory: steps, samples/s, peak
 memory (resident set of the process; allocated memory of each GPU), validation metrics and the
 device of each stage. A sweep writes ``summary.csv`` and ``summary.md`` into its multirun
-directory: one row per job, failed jobs with their error and log file.
+directory: one row per job, failed jobs with their error (type and first line of the message) and
+log file; when the sweep varies ``seed``, the Markdown adds each metric's mean and standard deviation
+over seeds for each combination of the other overrides.
 """
 
 from __future__ import annotations
@@ -161,11 +163,23 @@ def write_run_summary(summary: dict[str, Any], directory: str | Path) -> str:
     return text
 
 
+def error_headline(error: str) -> str:
+    """``Type: message`` cut to the type and the message's first non-blank line, to fit a table row.
+
+    The whole message stays in the job's ``summary.json`` and, with its traceback, in the job's log.
+    """
+    kind, sep, message = error.partition(": ")
+    if not sep:
+        kind, message = "", error
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    return f"{kind}{sep}{first}"
+
+
 def collect_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One flat record per job directory under ``sweep_dir``, ordered by job number.
 
     Jobs are found by the ``.hydra/`` folder Hydra writes into each, so a job that died before
-    writing ``summary.json`` is listed too.
+    writing ``summary.json`` is listed too. A failed job's error is cut to its headline; its log has the rest.
     """
     records = []
     for hydra_dir in Path(sweep_dir).glob("**/.hydra"):
@@ -177,6 +191,8 @@ def collect_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         else:
             summary = {"status": "no summary", "error": f"the job wrote no {SUMMARY_JSON} (killed?)"}
         summary.setdefault("log", str(job_dir / f"{hydra_cfg.job.name}.log"))
+        if "error" in summary:
+            summary["error"] = error_headline(summary["error"])
         overrides = " ".join(OmegaConf.load(hydra_dir / "overrides.yaml"))
         records.append({"job": hydra_cfg.job.num, "overrides": overrides, **_flatten(summary)})
     return sorted(records, key=lambda r: r["job"])
@@ -208,16 +224,23 @@ def write_sweep_summary(records: list[dict[str, Any]], directory: str | Path) ->
     return text
 
 
+def _is_seed(override: str) -> bool:
+    """``seed=1``, ``+seed=1`` or ``++seed=1``; not ``data.seed=1``, which is another setting."""
+    return override.lstrip("+").startswith("seed=")
+
+
 def _without_seed(overrides: str) -> str:
-    return " ".join(o for o in overrides.split() if not o.startswith("seed="))
+    return " ".join(o for o in overrides.split() if not _is_seed(o))
 
 
 def seed_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]] | None:
     """When a sweep varies ``seed``: per combination of the other overrides, each metric's mean ± std over seeds.
 
-    None when no job set a seed. The standard deviation is the sample one (n - 1); with one seed it is 0.
+    None when the jobs do not set at least two seeds. The standard deviation is the sample one (n - 1);
+    with one finished seed it is 0.
     """
-    if not any("seed=" in str(r.get("overrides", "")) for r in records):
+    seeds = {o.lstrip("+") for r in records for o in str(r.get("overrides", "")).split() if _is_seed(o)}
+    if len(seeds) < 2:
         return None
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in records:

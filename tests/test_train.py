@@ -4,6 +4,7 @@ import csv
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -209,15 +210,58 @@ def test_sweep_writes_one_row_per_job(tmp_path):
 
 
 def test_sweep_lists_failed_jobs_with_error_and_log(tmp_path):
+    """A failed job keeps its row: error type and the first line of a multi-line message, and its log for the rest."""
     sweep = tmp_path / "sweep"
-    result = train_py("-m", "recipe=bert_split", "trainer.max_steps=5", *SMALL, "model.hidden=64",
-                      "model.heads=3,4", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    # Job 0 adds a callback that parses malformed YAML: a ScannerError whose message spans four lines.
+    bad_callback = '+callbacks.parse={_target_:yaml.safe_load,stream:"a: b: c"},null'
+    result = train_py("-m", "recipe=bert_split", "trainer.max_steps=5", *SMALL, bad_callback,
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode != 0  # the sweep still reports the failure
     failed, ok = _sweep_rows(sweep)
-    assert failed["status"] == "failed" and "hidden=64 is not divisible by heads=3" in failed["error"]
-    assert Path(failed["log"]).is_file() and "Traceback" in Path(failed["log"]).read_text()
+    headline = "ScannerError: mapping values are not allowed here"
+    assert failed["status"] == "failed" and failed["error"] == headline
+    log_text = Path(failed["log"]).read_text()
+    assert "Traceback" in log_text and "line 1, column 5" in log_text  # the message's later lines
     assert ok["status"] == "ok" and ok["steps"] == "5"
-    assert "failed" in (sweep / "summary.md").read_text()
+    markdown = (sweep / "summary.md").read_text()
+    assert f" {headline} | {failed['log']} |" in markdown and "column 5" not in markdown
+
+
+def _markdown_table(text: str, first_header: str) -> list[list[str]]:
+    """The cells of the Markdown table whose header starts with ``first_header``: header row, then body rows."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    table = [lines[start]]
+    for line in lines[start + 2:]:  # past the rule
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return [line[2:-2].split(" | ") for line in table]
+
+
+def test_sweep_over_seeds_tabulates_mean_and_std_per_combination(tmp_path):
+    """A seed sweep's summary.md gives, per combination of the other overrides, each metric's mean ± std over seeds."""
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", "recipe=bert_split", "trainer.max_steps=2", *SMALL, "seed=0,1", "model.hidden=32,64",
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _sweep_rows(sweep)
+    assert len(jobs) == 4 and all(j["status"] == "ok" for j in jobs)
+    metrics = sorted(k for k in jobs[0] if k.startswith("metrics."))
+    assert {"metrics.val/acc", "metrics.val/loss"} <= set(metrics)
+    header, *rows = _markdown_table((sweep / "summary.md").read_text(), "overrides (seed aside)")
+    assert header == ["overrides (seed aside)", "seeds", *metrics]
+    combinations = []
+    for overrides, seeds, *cells in rows:
+        others = overrides.split()
+        # The jobs of this combination: the two seeds, as nothing else varies.
+        group = [j for j in jobs if [o for o in j["overrides"].split() if not o.startswith("seed=")] == others]
+        assert seeds == "2" and len(group) == 2
+        for metric, cell in zip(metrics, cells, strict=True):
+            values = [float(j[metric]) for j in group]
+            assert cell == f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}", (overrides, metric)
+        combinations += [o for o in others if o.startswith("model.hidden=")]
+    assert combinations == ["model.hidden=32", "model.hidden=64"]
 
 
 def test_sweep_summary_aggregates_over_seeds():
@@ -233,3 +277,5 @@ def test_sweep_summary_aggregates_over_seeds():
     assert header == ["overrides (seed aside)", "seeds", "metrics.val/acc"]
     assert rows == [["model.hidden=64", 2, "0.85 ± 0.071"], ["model.hidden=128", 1, "0.95 ± 0"]]
     assert seed_table([{"job": 0, "overrides": "model.hidden=64", "status": "ok"}]) is None
+    one_seed = [{"job": i, "overrides": f"seed=3 data.seed={i}", "status": "ok"} for i in range(2)]
+    assert seed_table(one_seed) is None  # seed is fixed, not varied (data.seed is another setting)

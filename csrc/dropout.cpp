@@ -45,6 +45,24 @@ inline at::BFloat16 from_acc<at::BFloat16>(float v) {
   return at::BFloat16(static_cast<uint16_t>(v != v ? 0x7fc0u : rounded), at::BFloat16::from_bits());
 }
 
+// v where kept, +0 where dropped (also for an infinite or NaN v), as a bit mask rather than a select:
+// GCC if-converts the mask into vector code on AVX2 and SSE, but keeps a branch for `keep ? v : 0`
+// there (only AVX-512's masked moves vectorised that form, about 3x slower on AVX2 machines).
+inline float keep_or_zero(bool keep, float v) {
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  u &= 0u - static_cast<uint32_t>(keep);
+  memcpy(&v, &u, sizeof(v));
+  return v;
+}
+inline double keep_or_zero(bool keep, double v) {
+  uint64_t u;
+  memcpy(&u, &v, sizeof(u));
+  u &= 0ull - static_cast<uint64_t>(keep);
+  memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
 // One call's dropout decision: the stream's low key, its seed (for the high keys), the threshold
 // below which a 24-bit draw is dropped, and the scale of the kept.
 struct Mask {
@@ -75,7 +93,7 @@ void dropout_span(const scalar_t* x, scalar_t* y, uint64_t begin, int64_t n, con
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const bool keep = dropout::bits24(klo, khi, lo + static_cast<uint32_t>(j)) >= th;
-    y[j] = from_acc<scalar_t>(keep ? to_acc(x[j]) * scale : acc_t(0));
+    y[j] = from_acc<scalar_t>(keep_or_zero(keep, to_acc(x[j]) * scale));
   }
 }
 

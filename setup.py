@@ -51,7 +51,10 @@ def _extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     march = os.environ.get("HETRAIN_MARCH", "native")
-    cxx = [*opt, "-fopenmp", "-std=c++17", f"-march={march}"]
+    # -fno-trapping-math: no kernel reads floating-point exception flags, and without it GCC keeps a branch for
+    # every float compare-and-select (clamps, signs, dropout's keep), so those loops do not vectorise on
+    # AVX2 (bias_gelu's ran 3.3x slower, dropout's 2.9x). Values are unchanged: it licenses no reassociation.
+    cxx = [*opt, "-fopenmp", "-std=c++17", f"-march={march}", "-fno-trapping-math"]
     link = ["-fopenmp"]
     if _want_cuda():
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -104,25 +104,29 @@ class TokenBudgetBatchSampler:
         self._plan_cache = (epoch, plan)
         return plan
 
-    def _rank_batches(self, plan: list[np.ndarray], start: int) -> list[np.ndarray]:
+    def _rounds(self, plan: list[np.ndarray], start: int) -> list[np.ndarray]:
+        """The plan from ``start`` cut to whole rounds: batch ``i`` goes to rank ``i % num_replicas``."""
         remaining = plan[start:]
         if self.drop_last:
-            remaining = remaining[: len(remaining) // self.num_replicas * self.num_replicas]
-        else:
-            remaining = _balanced(remaining, self.num_replicas)
-        return remaining[self.rank :: self.num_replicas]
+            return remaining[: len(remaining) // self.num_replicas * self.num_replicas]
+        return _balanced(remaining, self.num_replicas)
+
+    def _rank_batches(self, plan: list[np.ndarray], start: int) -> list[np.ndarray]:
+        return self._rounds(plan, start)[self.rank :: self.num_replicas]
 
     # -- Sampler protocol ------------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch's shuffle; a resumed position is kept only for the epoch it was saved in."""
         if epoch != self.epoch:
-            self._start = self._resumed_steps = 0
+            self._start = self._iter_start = self._resumed_steps = 0
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
         start, self._start = self._start, 0
         self._iter_start, self._yielded = start, 0
+        if start == 0:  # a fresh pass over the epoch: nothing was consumed before it
+            self._resumed_steps = 0
         for batch in self._rank_batches(self.global_plan(), start):
             self._yielded += 1
             yield batch.tolist()
@@ -133,14 +137,26 @@ class TokenBudgetBatchSampler:
         That is how Lightning counts: a resumed run restores its step count within the epoch and ends the
         epoch when the count reaches ``len()``, while iteration yields only the batches not yet consumed.
         """
-        if self._start == 0:
-            return self._rank_count(len(self._sizes))
-        return self._resumed_steps + self._rank_count(len(self._sizes) - self._start)
+        start = self._start or self._iter_start  # the resumed position, before and during its iteration
+        return self._resumed_steps + self._rank_count(len(self._sizes) - start)
 
     def _rank_count(self, global_batches: int) -> int:
         if self.drop_last:
             return global_batches // self.num_replicas
         return -(-global_batches // self.num_replicas)
+
+    def step_items(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """Items that all ranks together consume at each step of the current iteration, known before it runs.
+
+        Indexed by step as Lightning counts them (``len()`` entries; the steps a resumed epoch had taken
+        before the resume are zeros). An item is a sample, or with ``weights`` (one per sample, e.g. its
+        non-padding tokens) the sum of their weights. Exact loss normalisation over an accumulation
+        window and over ranks needs these counts before the window's first backward.
+        """
+        rounds = self._rounds(self.global_plan(), self._iter_start)
+        per_batch = [len(b) if weights is None else float(weights[b].sum()) for b in rounds]
+        per_step = np.asarray(per_batch, dtype=np.float64).reshape(-1, self.num_replicas).sum(axis=1)
+        return np.concatenate([np.zeros(self._resumed_steps), per_step])
 
     # -- what the plan costs ---------------------------------------------------------------------
 

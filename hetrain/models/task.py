@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from hetrain.models.accumulation import WindowNormaliser
+
 # Lightning warns whenever a LightningModule trained with a LightningDataModule overrides
 # transfer_batch_to_device; here that is intended (see ClassificationTask.transfer_batch_to_device).
 warnings.filterwarnings(
@@ -31,7 +33,8 @@ class ClassificationTask(pl.LightningModule):
 
     Batches are dicts holding ``labels`` (B,) and the model's inputs: the entries its ``input_keys``
     names, in order (``images`` for :class:`~hetrain.models.resnet.ResNet`), or else ``input_ids`` and
-    ``attention_mask`` (B, T).
+    ``attention_mask`` (B, T). The training loss stays exact under gradient accumulation and across
+    ranks with batches of unequal size (:mod:`hetrain.models.accumulation`).
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class ClassificationTask(pl.LightningModule):
         self.model = model
         self.input_keys = tuple(getattr(model, "input_keys", TEXT_INPUTS))
         self.val_acc = MulticlassAccuracy(num_classes=num_classes)
+        self._window = WindowNormaliser()
 
     def stages(self) -> dict[str, nn.Module]:
         return self.model.stages()
@@ -88,9 +92,12 @@ class ClassificationTask(pl.LightningModule):
         return F.cross_entropy(logits, batch["labels"]), logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
-        return loss
+        logits = self(*self.model_inputs(batch))
+        summed = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        rows = len(batch["labels"])
+        self.log("train/loss", summed.detach() / rows, prog_bar=True, batch_size=rows)
+        # The summed loss over the accumulation window's num_items: exact whatever the batch sizes.
+        return summed * self._window.scale(self.trainer, batch_idx, rows)
 
     def on_validation_start(self) -> None:
         # The metric's state lives where the logits come out, which a placement may have moved.

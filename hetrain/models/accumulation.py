@@ -1,0 +1,72 @@
+"""Exact loss normalisation under gradient accumulation and data parallelism.
+
+Lightning divides each batch's loss by ``accumulate_grad_batches`` (k) and DDP averages gradients over
+the R ranks, so batch means weigh a batch of 3 sequences as much as one of 300: with token-budget
+batches the accumulated gradient is not the gradient of the window's mean loss. Dividing each batch's
+summed loss by ``num_items``, the items of the whole window on all ranks, and multiplying by k * R
+makes it exact. ``num_items`` has to be known before the window's first backward; a batch plan known
+ahead (hetrain's token-budget sampler, or a DataLoader of fixed batch size) says it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+
+def step_items(loader: Any, world_size: int) -> np.ndarray | None:
+    """Items consumed at each step of the loader's current epoch on all ranks; None when not known ahead."""
+    for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if hasattr(sampler, "step_items"):
+            return sampler.step_items()
+    if isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(loader.sampler, "__len__"):
+        # Each rank's sampler has the same length (DistributedSampler pads), so every rank's step i
+        # holds the same number of samples.
+        samples, size = len(loader.sampler), loader.batch_size
+        sizes = [size] * (samples // size)
+        if samples % size and not loader.drop_last:
+            sizes.append(samples % size)
+        return np.asarray(sizes, dtype=np.float64) * world_size
+    return None
+
+
+class WindowNormaliser:
+    """The factor that turns a batch's summed loss into its share of the window's mean loss."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._items: np.ndarray | None = None
+        self._warned = False
+
+    def scale(self, trainer: pl.Trainer, batch_idx: int, batch_items: int) -> float:
+        """``k * R / num_items`` for batch ``batch_idx``; ``1 / batch_items`` (the batch mean) where unknown."""
+        k, ranks = trainer.accumulate_grad_batches, trainer.world_size
+        if k == 1 and ranks == 1:  # the batch is the window
+            return 1.0 / batch_items
+        loader = trainer.train_dataloader
+        key = (trainer.current_epoch, id(loader))
+        if key != self._key:  # the plan is the epoch's: read once per epoch
+            self._key, self._items = key, step_items(loader, ranks)
+        if self._items is None:
+            if not self._warned:
+                rank_zero_warn(
+                    f"hetrain: the training loader ({type(loader).__name__}) does not say ahead how many samples "
+                    f"each step holds, so with accumulate_grad_batches={k} on {ranks} rank(s) each batch's loss "
+                    "is its mean and batches weigh equally whatever their size. For exact accumulation use a "
+                    "TokenBudgetBatchSampler (the ring loader) or a DataLoader with a fixed batch_size."
+                )
+                self._warned = True
+            return 1.0 / batch_items
+        start = batch_idx // k * k  # Lightning steps after batches k-1, 2k-1, ... and after the epoch's last
+        num_items = float(self._items[start : start + k].sum())
+        if num_items < batch_items:
+            raise RuntimeError(
+                f"hetrain: the loader's batch plan gives {num_items:g} samples to the accumulation window of batch "
+                f"{batch_idx}, which alone holds {batch_items}: the plan and Lightning's step count disagree (was "
+                "the loader's state restored without the trainer's, or the other way round?)"
+            )
+        return k * ranks / num_items

@@ -1,0 +1,164 @@
+"""Gradient accumulation over batches of unequal size equals one big batch's gradient (hetrain.models.accumulation)."""
+
+import copy
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from hetrain.data.datamodule import SyntheticDataModule
+from hetrain.data.sampler import TokenBudgetBatchSampler
+from hetrain.data.synthetic import SyntheticSequences, pad_collate
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
+
+ACCUMULATE = 3
+
+
+class FirstWindow(pl.Callback):
+    """Keeps the batches of the first optimizer step and the gradients that step would apply."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.grads: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.grads is None:  # a ring batch views a slot that is refilled later: copy it
+            self.batches.append({k: v.clone() for k, v in batch.items()})
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters()}
+
+
+class Batches:
+    """A loader that knows nothing ahead: it hands out prepared batches (a stream's view)."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _task(seed: int = 0) -> ClassificationTask:
+    torch.manual_seed(seed)
+    model = BertClassifier(vocab_size=64, num_classes=4, hidden=32, layers=1, heads=2, max_len=64, dropout=0.0)
+    return ClassificationTask(model, num_classes=4)
+
+
+def _fit(task: ClassificationTask, **data) -> FirstWindow:
+    window = FirstWindow()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=ACCUMULATE, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[window])
+    trainer.fit(task, **data)
+    return window
+
+
+def _grads(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], weigh_batches_equally: bool):
+    """The window's gradient from ``model``'s weights: of the mean over all its samples, or the mean of batch means."""
+    model.zero_grad()
+    total = sum(len(b["labels"]) for b in batches)
+    for b in batches:
+        summed = F.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"], reduction="sum")
+        (summed / len(b["labels"]) / len(batches) if weigh_batches_equally else summed / total).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _check_window(task_before: ClassificationTask, window: FirstWindow) -> None:
+    sizes = [len(b["labels"]) for b in window.batches]
+    assert len(sizes) == ACCUMULATE and len(set(sizes)) > 1, sizes  # unequal batches, else the test cannot fail
+    exact = _grads(copy.deepcopy(task_before.model), window.batches, weigh_batches_equally=False)
+    naive = _grads(copy.deepcopy(task_before.model), window.batches, weigh_batches_equally=True)
+    assert any(not torch.allclose(exact[n], naive[n], rtol=1e-3, atol=1e-6) for n in exact)
+    for name, grad in window.grads.items():
+        torch.testing.assert_close(grad, exact[name], rtol=1e-4, atol=1e-6, msg=name)  # float32 sums in two orders
+
+
+def test_accumulated_token_budget_batches_give_the_big_batch_gradient():
+    data = SyntheticDataModule(train_size=96, val_size=8, min_len=4, max_len=40, max_tokens=160, seed=2,
+                               vocab_size=64, num_classes=4)
+    task = _task()
+    before = copy.deepcopy(task)
+    window = _fit(task, datamodule=data)
+    _check_window(before, window)
+
+
+def test_a_dataloader_with_a_short_last_batch_weighs_each_sample_once():
+    dataset = SyntheticSequences(10, min_len=4, max_len=30, vocab_size=64, num_classes=4, seed=5)
+    task = _task(1)
+    before = copy.deepcopy(task)
+    loader = DataLoader(dataset, batch_size=4, collate_fn=pad_collate)  # 4, 4, then 2: one window
+    window = _fit(task, train_dataloaders=loader)
+    _check_window(before, window)
+
+
+def test_a_loader_without_a_plan_warns_and_falls_back_to_batch_means():
+    dataset = SyntheticSequences(12, min_len=4, max_len=30, vocab_size=64, num_classes=4, seed=7)
+    batches = [pad_collate([dataset[i] for i in rows]) for rows in ([0, 1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11])]
+    task = _task(2)
+    before = copy.deepcopy(task)
+    with pytest.warns(UserWarning, match="does not say ahead how many samples"):
+        window = _fit(task, train_dataloaders=Batches(batches))
+    naive = _grads(copy.deepcopy(before.model), window.batches, weigh_batches_equally=True)
+    for name, grad in window.grads.items():
+        torch.testing.assert_close(grad, naive[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_step_items_count_what_every_rank_takes_at_each_step(replicas):
+    lengths = np.random.default_rng(0).integers(1, 50, 203)
+    ranks = [TokenBudgetBatchSampler(lengths, 120, seed=4, num_replicas=replicas, rank=r) for r in range(replicas)]
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    taken = [list(sampler) for sampler in ranks]
+    samples = np.sum([[len(b) for b in batches] for batches in taken], axis=0)
+    tokens = np.sum([[lengths[b].sum() for b in batches] for batches in taken], axis=0)
+    for sampler in ranks:
+        np.testing.assert_array_equal(sampler.step_items(), samples)
+        np.testing.assert_array_equal(sampler.step_items(weights=lengths), tokens)
+        assert len(sampler.step_items()) == len(sampler)
+
+
+def test_step_items_after_a_resume_count_the_remaining_steps_in_lightnings_numbering():
+    lengths = np.random.default_rng(1).integers(1, 50, 150)
+    first = TokenBudgetBatchSampler(lengths, 100, seed=0)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    resumed = TokenBudgetBatchSampler(lengths, 100, seed=0, num_replicas=2, rank=1)
+    resumed.load_state_dict(first.state_dict())
+    rest = list(resumed)
+    items = resumed.step_items()
+    # Lightning restores the saved run's 5 steps and counts on from there, two ranks' batches a step.
+    assert len(items) == len(resumed) and items[:5].sum() == 0 and (items[5:] > 0).all()
+    assert len(rest) == len(items) - 5
+    assert items[5:].sum() == len(lengths) - sum(len(b) for b in first.global_plan()[:5])
+
+
+def _fit_accumulating(root, ckpt_path=None) -> ClassificationTask:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    data = SyntheticDataModule(vocab_size=64, num_classes=4, min_len=4, max_len=40, train_size=70, val_size=8,
+                               max_tokens=160, seed=6)
+    task = _task(3)
+    saver = ModelCheckpoint(root, filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=10, accumulate_grad_batches=2, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[saver], default_root_dir=root)
+    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+    # The 10 steps of 2 batches cross an epoch boundary, and the epoch's last window is one batch.
+    assert trainer.num_training_batches < 20 and trainer.num_training_batches % 2 == 1, trainer.num_training_batches
+    return task
+
+
+def test_a_run_resumed_mid_epoch_under_accumulation_ends_with_the_same_weights(tmp_path):
+    full = _fit_accumulating(tmp_path)
+    resumed = _fit_accumulating(tmp_path / "resumed", ckpt_path=tmp_path / "step=3.ckpt")
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

@@ -78,3 +78,68 @@ def test_ddp_ranks_train_on_disjoint_shares_covering_every_sample_each_epoch(tmp
         assert not shares[0] & shares[1], "a sample went to both ranks"
         assert shares[0] | shares[1] == set(range(150)) and sum(counts) == 150  # every sample exactly once
     assert seen[0][:per_epoch] != seen[0][per_epoch:]  # the second epoch is shuffled anew
+
+
+WINDOW_PER_RANK = '''
+import sys
+import pytorch_lightning as pl
+import torch
+from hetrain.data.datamodule import SyntheticDataModule
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
+
+
+class FirstWindow(ClassificationTask):
+    """Saves the initial weights, each rank's first window of batches and the synchronised gradients."""
+
+    def on_train_start(self):
+        self.batches = []
+        torch.save(self.model.state_dict(), f"{sys.argv[1]}/initial.pt")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.trainer.global_step == 0:
+            self.batches.append({k: batch[k].clone() for k in ("input_ids", "attention_mask", "labels")})
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.trainer.global_step == 0:
+            rank = self.trainer.global_rank
+            torch.save(self.batches, f"{sys.argv[1]}/batches_rank{rank}.pt")
+            torch.save({n: p.grad for n, p in self.model.named_parameters()}, f"{sys.argv[1]}/grads_rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    data = SyntheticDataModule(vocab_size=64, num_classes=2, min_len=4, max_len=40, train_size=120, val_size=16,
+                               max_tokens=160, seed=4)
+    model = BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=48, dropout=0.0)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, accumulate_grad_batches=2,
+                         limit_val_batches=0, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, default_root_dir=sys.argv[1])
+    trainer.fit(FirstWindow(model, num_classes=2), datamodule=data)
+'''
+
+
+def test_ddp_with_accumulation_gives_the_gradient_of_the_mean_over_every_ranks_window(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from hetrain.models.bert import BertClassifier
+
+    script = tmp_path / "window_per_rank.py"
+    script.write_text(WINDOW_PER_RANK)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    batches = [b for r in (0, 1) for b in torch.load(tmp_path / f"batches_rank{r}.pt")]
+    sizes = [len(b["labels"]) for b in batches]
+    assert len(sizes) == 4 and len(set(sizes)) > 1, sizes  # two batches per rank, of unequal size
+    model = BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=48, dropout=0.0)
+    model.load_state_dict(torch.load(tmp_path / "initial.pt"))
+    for b in batches:  # one big batch: the mean over all samples of both ranks' windows
+        F.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"], reduction="sum").div(
+            sum(sizes)).backward()
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"grads_rank{rank}.pt")
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")

@@ -98,6 +98,18 @@ def test_peak_flops_is_measured_once_per_device_name_and_dtype(monkeypatch):
     assert peak_flops(cpu, torch.float32) == first  # cached, not measured again
 
 
+def test_a_bf16_run_without_a_known_peak_measures_it_in_bf16(monkeypatch, tmp_path):
+    monkeypatch.setattr(tp, "_PEAK_FLOPS", {})
+    callback = Throughput(window_size=2)  # no peak given, and Lightning's table has no CPUs: measured
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, default_root_dir=tmp_path,
+                         logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, callbacks=[callback])
+    trainer.fit(Tagger(), DataLoader(_samples(3 * BATCH), batch_size=BATCH))
+    cpu = torch.device("cpu")
+    assert list(tp._PEAK_FLOPS) == [(tp.device_name(cpu), torch.bfloat16)]  # the run's compute dtype
+    assert callback.summary["peak_flops"] == tp._PEAK_FLOPS[(tp.device_name(cpu), torch.bfloat16)]
+
+
 def test_energy_is_unavailable_without_a_gpu():
     assert NvmlEnergy([torch.device("cpu")]).joules() is None
 

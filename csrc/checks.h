@@ -25,4 +25,23 @@ inline void check_vector(const char* op, const char* name, const std::optional<a
               " but the input is on ", x.device());
 }
 
+// A dropout stream: its seed and the counter offset of the tensor's first element (a micro-batch's
+// first element in its whole batch), read from an int64 CPU tensor (seed) or (seed, offset).
+struct DropoutStream {
+  uint64_t seed;
+  uint64_t offset;
+};
+
+inline DropoutStream read_stream(const char* op, const at::Tensor& seed) {
+  TORCH_CHECK((seed.numel() == 1 || seed.numel() == 2) && seed.dim() == 1 && seed.scalar_type() == at::kLong &&
+                  seed.device().is_cpu(),
+              "hetrain.", op, ": seed must be int64 (seed,) or (seed, offset) on the CPU, got ", seed.sizes(), " ",
+              seed.scalar_type(), " on ", seed.device());
+  const at::Tensor values = seed.contiguous();
+  const int64_t* v = values.const_data_ptr<int64_t>();
+  const int64_t offset = seed.numel() == 2 ? v[1] : 0;
+  TORCH_CHECK(offset >= 0, "hetrain.", op, ": the counter offset seed[1] must be >= 0, got ", offset);
+  return {static_cast<uint64_t>(v[0]), static_cast<uint64_t>(offset)};
+}
+
 }  // namespace hetrain

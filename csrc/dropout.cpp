@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "checks.h"
 #include "dropout_math.h"
 
 namespace hetrain {
@@ -67,6 +68,7 @@ inline double keep_or_zero(bool keep, double v) {
 // below which a 24-bit draw is dropped, and the scale of the kept.
 struct Mask {
   uint64_t seed;
+  uint64_t offset;  // the stream index of the tensor's first element
   uint32_t key_lo;
   uint32_t threshold;
   double scale;
@@ -74,11 +76,8 @@ struct Mask {
 
 Mask make_mask(const at::Tensor& seed, double p) {
   TORCH_CHECK(p >= 0 && p <= 1, "hetrain.dropout: p must be in [0, 1], got ", p);
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
-              "hetrain.dropout: seed must be one int64 value on the CPU, got ", seed.sizes(), " ",
-              seed.scalar_type(), " on ", seed.device());
-  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
-  return {s, dropout::key_lo(s), dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
+  const DropoutStream s = read_stream("dropout", seed);
+  return {s.seed, s.offset, dropout::key_lo(s.seed), dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
 }
 
 // y[j] = x[j] * scale or 0 for stream elements begin .. begin + n - 1, which lie in one block of 2^32
@@ -101,8 +100,10 @@ template <typename scalar_t>
 void dropout_all(const scalar_t* x, scalar_t* y, int64_t numel, const Mask& m) {
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
-      const int64_t stop = std::min<int64_t>(end, (i | 0xFFFFFFFFll) + 1);  // the next multiple of 2^32
-      dropout_span<scalar_t>(x + i, y + i, static_cast<uint64_t>(i), stop - i, m);
+      const uint64_t index = m.offset + static_cast<uint64_t>(i);  // element i's place in the stream
+      const uint64_t to_boundary = (index | 0xFFFFFFFFull) + 1 - index;  // up to the next multiple of 2^32
+      const int64_t stop = static_cast<int64_t>(std::min<uint64_t>(static_cast<uint64_t>(end), i + to_boundary));
+      dropout_span<scalar_t>(x + i, y + i, index, stop - i, m);
       i = stop;
     }
   });

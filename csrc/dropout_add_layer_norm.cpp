@@ -25,16 +25,15 @@ int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int6
 // The dropout decision for one call: which 24-bit draws are dropped, and the scale of the kept.
 struct Dropout {
   uint64_t seed;
+  uint64_t offset;  // the stream index of element (0, 0)
   uint32_t threshold;
   double scale;
 };
 
 Dropout make_dropout(const at::Tensor& seed, double p) {
   TORCH_CHECK(p >= 0 && p <= 1, "hetrain.dropout_add_layer_norm: p must be in [0, 1], got ", p);
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
-              "hetrain.dropout_add_layer_norm: seed must be one int64 value on the CPU, got ", seed.sizes(), " ",
-              seed.scalar_type(), " on ", seed.device());
-  return {static_cast<uint64_t>(seed.item<int64_t>()), dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
+  const DropoutStream s = read_stream("dropout_add_layer_norm", seed);
+  return {s.seed, s.offset, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
 }
 
 // out[j] = kept or dropped for elements base .. base + N - 1 of the stream.
@@ -61,7 +60,8 @@ template <typename scalar_t, typename acc_t>
 void pre_norm_row(acc_t* s, acc_t* m, const scalar_t* xr, const scalar_t* rr, const Dropout* d, int64_t r,
                   int64_t N) {
   if (d) {
-    row_select<acc_t>(m, *d, static_cast<uint64_t>(r) * static_cast<uint64_t>(N), N, acc_t(d->scale), acc_t(0));
+    row_select<acc_t>(m, *d, d->offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N), N, acc_t(d->scale),
+                      acc_t(0));
 #pragma omp simd
     for (int64_t j = 0; j < N; ++j) s[j] = acc_t(xr[j]) * m[j] + acc_t(rr[j]);
   } else {
@@ -247,8 +247,8 @@ at::Tensor dropout_add_layer_norm_keep_mask_cpu(const at::Tensor& seed, int64_t 
   bool* out = keep.data_ptr<bool>();
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      row_select<bool>(out + r * cols, drop, static_cast<uint64_t>(r) * static_cast<uint64_t>(cols), cols, true,
-                       false);
+      row_select<bool>(out + r * cols, drop, drop.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(cols),
+                       cols, true, false);
   });
   return keep;
 }

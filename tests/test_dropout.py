@@ -68,6 +68,22 @@ def test_every_backend_draws_the_same_mask_as_dropout_add_layer_norm(p):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [0, 3, 2**32 - 700])  # the last: the stream index crosses 2^32 in the call
+def test_an_offset_stream_continues_the_mask_of_the_whole_tensor(backend, offset):
+    # A micro-batch of rows [r0, r1) at offset r0 * cols draws what the whole batch draws on those rows.
+    seed, p, rows, cols = 424242, 0.4, 9, 257
+    x = values((rows, cols), requires_grad=False)
+    whole = keep_mask(seed, (rows, cols), p, offset=offset)  # the reference's mask of a call at ``offset``
+    with plugins.use_backend(dropout=backend):
+        assert torch.equal(fwd_op(x, torch.tensor([seed, offset]), p) != 0, whole), backend
+        for r0, r1 in ((0, 4), (4, 9), (2, 3)):
+            kept = fwd_op(x[r0:r1], torch.tensor([seed, offset + r0 * cols]), p) != 0
+            assert torch.equal(kept, whole[r0:r1]), (backend, r0, r1)
+    with pytest.raises(RuntimeError, match="offset"), plugins.use_backend(dropout="cpu"):
+        fwd_op(x, torch.tensor([seed, -1]), p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_kept_fraction_is_one_minus_p(backend, p):
     # 2^19 elements: the fraction's standard deviation is at most 7e-4.
@@ -99,7 +115,7 @@ def test_only_the_seed_is_saved_for_backward(backend):
     with plugins.use_backend(dropout=backend), torch.autograd.graph.saved_tensors_hooks(
             lambda t: saved.append(t) or t, lambda t: t):
         y = dropout(x, 0.2)
-    assert [(t.numel(), t.dtype) for t in saved] == [(1, torch.int64)]
+    assert [(t.numel(), t.dtype) for t in saved] == [(2, torch.int64)]  # the stream: seed and offset
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert torch.equal(dx != 0, y != 0)
 
@@ -223,7 +239,7 @@ def test_bad_inputs_raise_clear_errors():
     cpp = torch.ops.hetrain_C
     with pytest.raises(RuntimeError, match="x must be a floating tensor"):
         cpp.dropout(torch.ones(4, dtype=torch.int32), seed, 0.1)
-    with pytest.raises(RuntimeError, match="seed must be one int64 value"):
+    with pytest.raises(RuntimeError, match=r"seed must be int64 \(seed,\) or \(seed, offset\)"):
         cpp.dropout(x, torch.tensor([1.0]), 0.1)
     with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\]"):
         cpp.dropout(x, seed, -0.1)

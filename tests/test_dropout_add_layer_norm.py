@@ -79,6 +79,21 @@ def test_dropout_matches_composition_with_the_backends_own_mask(backend, dtype, 
     compare(backend, got, reference(x, r, w, b, keep, p, dy), dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [0, 5 * 33, 2**32 - 40 * 33])  # the last crosses 2^32 inside the call
+def test_rows_at_their_offset_draw_the_rows_of_the_whole_call(backend, offset):
+    # A micro-batch of rows [r0, r1) at offset + r0 * cols: its output is those rows of the whole call's.
+    seed, p, rows, cols = 777, 0.35, 48, 33
+    x, r, w, b = inputs((rows, cols), torch.float32, affine=True)
+    with plugins.use_backend(dropout_add_layer_norm=backend), torch.no_grad():
+        whole, _, _ = fused_op(x, r, w, b, torch.tensor([seed, offset]), p, 1e-5)
+        for r0, r1 in ((0, 17), (17, 48), (30, 31)):
+            part, _, _ = fused_op(x[r0:r1], r[r0:r1], w, b, torch.tensor([seed, offset + r0 * cols]), p, 1e-5)
+            torch.testing.assert_close(part, whole[r0:r1], rtol=0, atol=0, msg=f"{backend} rows {r0}:{r1}")
+        masks = [keep_mask(backend, torch.tensor([seed, offset + r0 * cols]), 3, cols, p) for r0 in (0, 3)]
+        assert torch.equal(torch.cat(masks), keep_mask(backend, torch.tensor([seed, offset]), 6, cols, p))
+
+
 def test_cpu_and_torch_backends_draw_the_same_mask():
     seed = torch.tensor([987654321])
     for p in (0.0, 0.1, 0.5, 0.9, 1.0):
@@ -233,7 +248,7 @@ def test_bad_inputs_raise_clear_errors():
         cpp.dropout_add_layer_norm_fwd(x, randn(4, 8, dtype=torch.float64), None, None, seed, 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="dtype Double differs"):
         cpp.dropout_add_layer_norm_fwd(x, r, randn(8, dtype=torch.float64), None, seed, 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="seed must be one int64 value"):
+    with pytest.raises(RuntimeError, match=r"seed must be int64 \(seed,\) or \(seed, offset\)"):
         cpp.dropout_add_layer_norm_fwd(x, r, None, None, torch.tensor([1.0]), 0.1, 1e-5)
     with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\]"):
         cpp.dropout_add_layer_norm_fwd(x, r, None, None, seed, -0.1, 1e-5)

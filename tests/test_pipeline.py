@@ -159,6 +159,47 @@ def test_checkpointed_stages_equal_the_plain_model_with_dropout_and_keep_less(mi
     assert kept < 0.6 * plain, (kept, plain)
 
 
+@pytest.mark.parametrize("micro_batches", [2, 3, 5])  # 7 and 5 rows: most counts do not divide them
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_split_with_dropout_equals_the_unsplit_model(micro_batches, checkpoint):
+    # hetrain's dropout on embeddings, residual branches and pooler; SDPA's own dropout (torch's generator,
+    # drawn per micro-batch) off.
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=50, num_classes=3, hidden=32, layers=2, heads=4, max_len=16, dropout=0.3,
+                           attention_dropout=0.0).double().train()
+    batches = [batch(7), batch(5)]
+
+    def step(seed: int = 1):
+        torch.manual_seed(seed)
+        return loss_and_grads(model, *batches)  # two batches accumulated, as under accumulate_grad_batches
+
+    loss_ref, grads_ref = step()
+    assert not torch.equal(step(seed=2)[0], loss_ref)  # dropout acts: another seed, another loss
+    model.micro_batches = micro_batches
+    model.checkpoint_stages = frozenset({"encoder.0", "classifier"} if checkpoint else ())
+    loss, grads = step()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=1e-12)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+    torch.manual_seed(1)
+    after = model(*batches[0][:2])  # the split's draws leave torch's generator where the unsplit model's do
+    model.micro_batches, model.checkpoint_stages = 1, frozenset()
+    torch.manual_seed(1)
+    torch.testing.assert_close(after, model(*batches[0][:2]), rtol=1e-10, atol=1e-12)
+
+
+def test_a_stage_that_calls_dropout_more_often_on_a_later_micro_batch_is_refused():
+    from hetrain.ops import dropout, rng
+
+    seeds: list[torch.Tensor] = []
+    x = torch.randn(4, 3)
+    with rng.micro_batch(seeds, first_row=0, record=True):
+        dropout(x, 0.5)
+    with rng.micro_batch(seeds, first_row=4, record=False), pytest.raises(RuntimeError, match="more dropout calls"):
+        dropout(x, 0.5)
+        dropout(x, 0.5)
+
+
 def step_without_dropout(ids, mask, labels) -> float:
     torch.manual_seed(0)
     model = BertClassifier(vocab_size=50, num_classes=3, hidden=32, layers=2, heads=4, max_len=16,

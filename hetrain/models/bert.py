@@ -65,9 +65,10 @@ class SelfAttention(nn.Module):
 class EncoderBlock(nn.Module):
     """Post-norm transformer block as in BERT: attention, then a GELU MLP, each with a residual."""
 
-    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float, fused: bool = True) -> None:
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float, fused: bool = True,
+                 attention_dropout: float | None = None) -> None:
         super().__init__()
-        self.attention = SelfAttention(hidden, heads, dropout)
+        self.attention = SelfAttention(hidden, heads, dropout if attention_dropout is None else attention_dropout)
         if fused:
             # norm(x + dropout(sublayer)) in one op each; the MLP's GELU is the first Linear's epilogue.
             self.norm1 = DropoutAddLayerNorm(hidden, dropout)
@@ -114,7 +115,12 @@ class Classifier(nn.Module):
 
 
 class BertClassifier(nn.Module):
-    """Encoder-only transformer that classifies a whole sequence."""
+    """Encoder-only transformer that classifies a whole sequence.
+
+    ``dropout`` acts on the hidden states through hetrain's ops (when ``fused``), whose masks a pipeline
+    split reproduces exactly; ``attention_dropout`` (default: ``dropout``) on the attention probabilities
+    inside SDPA, from torch's generator, which a split draws per micro-batch.
+    """
 
     def __init__(
         self,
@@ -127,11 +133,14 @@ class BertClassifier(nn.Module):
         max_len: int = 512,
         dropout: float = 0.1,
         fused: bool = True,
+        attention_dropout: float | None = None,
     ) -> None:
         super().__init__()
         self.embeddings = Embeddings(vocab_size, hidden, max_len, dropout, fused=fused)
         ffn = ffn or 4 * hidden
-        self.encoder = nn.ModuleList(EncoderBlock(hidden, heads, ffn, dropout, fused) for _ in range(layers))
+        attention_dropout = dropout if attention_dropout is None else attention_dropout
+        self.encoder = nn.ModuleList(EncoderBlock(hidden, heads, ffn, dropout, fused, attention_dropout)
+                                     for _ in range(layers))
         self.classifier = Classifier(hidden, num_classes, dropout, fused)
         self.micro_batches = 1  # > 1: forward runs the GPipe schedule (hetrain.callbacks.PipelineSplit sets it)
         self.checkpoint_stages: frozenset[str] = frozenset()  # stages that recompute activations in backward

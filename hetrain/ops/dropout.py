@@ -5,9 +5,11 @@ Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_
 ``cpu`` (the C++ kernel in ``hetrain._C``, OpenMP, run without the GIL), ``torch`` (the plain
 reference, the test oracle).
 
-Each call draws one ``seed`` from the CPU default generator (so ``torch.manual_seed`` makes runs
-reproducible, and a CUDA input needs no device sync to launch). Element ``i`` of the flattened
-(row-major) input is kept when the keyed counter hash of csrc/dropout_math.h on ``(seed, i)`` clears
+Each call takes a stream ``(seed, offset)`` from :mod:`hetrain.ops.rng`: a fresh seed from the CPU
+default generator (so ``torch.manual_seed`` makes runs reproducible, and a CUDA input needs no device
+sync to launch), or in a pipeline split the unsplit call's seed at the micro-batch's offset. Element
+``i`` of the flattened (row-major) input is kept when the keyed counter hash of csrc/dropout_math.h on
+``(seed, offset + i)`` clears
 the threshold of ``p``: the mask of ``dropout_add_layer_norm``'s ``cpu`` and ``torch`` backends, and
 here every backend's, Triton's included, so a seed gives the same mask on each. Backward evaluates the
 hash again from the saved seed: nothing of the input's size is kept for backward (torch's dropout
@@ -24,6 +26,7 @@ import torch
 from hetrain import plugins
 from hetrain.ops import _backends
 from hetrain.ops.dropout_add_layer_norm import keep_mask as _keep_mask_2d
+from hetrain.ops.rng import dropout_stream, stream
 
 OP = "dropout"
 
@@ -37,9 +40,9 @@ def _scale(p: float) -> float:
 
 
 def keep_mask(seed: int, shape: torch.Size | tuple[int, ...], p: float,
-              device: torch.device | str = "cpu") -> torch.Tensor:
-    """The bool mask of kept elements every backend draws for ``seed`` and ``p`` on a tensor of ``shape``."""
-    return _keep_mask_2d(seed, 1, math.prod(shape), p, device).view(shape)
+              device: torch.device | str = "cpu", offset: int = 0) -> torch.Tensor:
+    """The bool mask of kept elements every backend draws for ``(seed, offset)`` and ``p`` on a tensor of ``shape``."""
+    return _keep_mask_2d(seed, 1, math.prod(shape), p, device, offset).view(shape)
 
 
 # --- reference ---------------------------------------------------------------------------------
@@ -54,7 +57,8 @@ class TorchBackend:
 
     @staticmethod
     def forward(x, seed, p):
-        keep = keep_mask(int(seed.item()), x.shape, p, x.device)
+        s, offset = stream(seed)
+        keep = keep_mask(s, x.shape, p, x.device, offset)
         return dropout_ref(x.to(_stats_dtype(x.dtype)), keep, p).to(x.dtype).contiguous()
 
     backward = forward  # dropout is diagonal: dx = dy / (1 - p) where kept, with the same seed
@@ -136,6 +140,4 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
         raise ValueError(f"hetrain.ops.dropout: x must be a floating tensor, got {x.dtype}")
     if not training or p == 0:
         return x
-    # One draw from the CPU default generator per call: reproducible under torch.manual_seed.
-    seed = torch.randint(2**31, (1,), dtype=torch.int64)
-    return _dropout_fwd(x, seed, float(p))
+    return _dropout_fwd(x, dropout_stream(x), float(p))

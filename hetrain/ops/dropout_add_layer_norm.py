@@ -5,10 +5,12 @@ Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_
 ``cpu`` (the C++ kernel in ``hetrain._C``), ``torch`` (the plain reference, the test oracle). Every
 backend returns ``y, mean, rstd`` with statistics in float32 (float64 for float64 inputs).
 
-The dropout mask is never stored. Each call draws one ``seed`` from the CPU default generator
-(so ``torch.manual_seed`` makes runs reproducible, and a CUDA input needs no device sync to launch);
-element ``i`` of the flattened (rows, features) input is then kept or dropped by a counter-based
-function of ``(seed, i)``, which backward evaluates again. The function is each backend's own:
+The dropout mask is never stored. Each call takes a stream ``(seed, offset)`` from
+:mod:`hetrain.ops.rng` (a fresh seed from the CPU default generator, so ``torch.manual_seed`` makes
+runs reproducible and a CUDA input needs no device sync to launch; in a pipeline split, the unsplit
+call's seed at the micro-batch's offset); element ``i`` of the flattened (rows, features) input is
+then kept or dropped by a counter-based function of ``(seed, offset + i)``, which backward evaluates
+again. The function is each backend's own:
 ``cpu`` and ``torch`` share the keyed hash of csrc/dropout_math.h (the ``torch`` backend computes it
 with integer tensor ops, so the two agree bit for bit); ``triton`` uses ``tl.rand`` (Philox). So a
 given seed gives the same mask on the C++ and reference paths and a different, equally distributed
@@ -31,6 +33,7 @@ from hetrain import plugins
 from hetrain.ops import _backends
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
+from hetrain.ops.rng import dropout_stream, stream
 
 OP = "dropout_add_layer_norm"
 _M32 = 0xFFFFFFFF
@@ -65,9 +68,10 @@ def drop_threshold(p: float) -> int:
     return math.ceil(p * 16777216.0)
 
 
-def keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The (rows, cols) bool mask of kept elements the ``cpu`` and ``torch`` backends draw for ``seed``."""
-    index = torch.arange(rows * cols, dtype=torch.int64, device=device)
+def keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str = "cpu",
+              offset: int = 0) -> torch.Tensor:
+    """The (rows, cols) bool mask of kept elements the ``cpu`` and ``torch`` backends draw for ``(seed, offset)``."""
+    index = torch.arange(offset, offset + rows * cols, dtype=torch.int64, device=device)
     key_lo = _mix32((seed & _M32) ^ 0x9E3779B9)
     key_hi = _mix32((((seed >> 32) + 0x7F4A7C15) & _M32) ^ _mix32(((index >> 32) + 0x632BE5AB) & _M32))
     bits24 = _mix32(_mix32((index & _M32) ^ key_lo) ^ key_hi) >> 8
@@ -93,7 +97,8 @@ class TorchBackend:
         """scale where kept, 0 where dropped, in the statistics dtype; None without dropout."""
         if p == 0:
             return None
-        keep = keep_mask(int(seed.item()), x.shape[0], x.shape[1], p, x.device)
+        s, offset = stream(seed)
+        keep = keep_mask(s, x.shape[0], x.shape[1], p, x.device, offset)
         return keep.to(_stats_dtype(x.dtype)) * _scale(p)
 
     @staticmethod
@@ -118,7 +123,8 @@ class TorchBackend:
 
     @staticmethod
     def keep_mask(seed, rows, cols, p, device):
-        return keep_mask(int(seed.item()), rows, cols, p, device)
+        s, offset = stream(seed)
+        return keep_mask(s, rows, cols, p, device, offset)
 
 
 class CppBackend:
@@ -234,8 +240,7 @@ def dropout_add_layer_norm(
     if eps < 0:
         raise ValueError(f"{name}: eps must be >= 0, got {eps}")
     p = float(p) if training else 0.0
-    # One draw from the CPU default generator per call: reproducible under torch.manual_seed.
-    seed = torch.randint(2**31, (1,), dtype=torch.int64) if p > 0 else torch.zeros(1, dtype=torch.int64)
+    seed = dropout_stream(x) if p > 0 else torch.zeros(2, dtype=torch.int64)
     weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
     y, _mean, _rstd = _dropout_add_layer_norm_fwd(x.reshape(-1, n), residual.reshape(-1, n), weight, bias, seed, p,

@@ -9,9 +9,10 @@ from one thread; a GPU stage's kernels run asynchronously on its device while th
 issue the CPU stage's next micro-batch, so devices overlap without a thread per stage. Copies to a
 GPU go through pinned memory on a side copy stream (:func:`to_device`); a copy to the host is
 synchronous, because the CPU reads it next. Backward is autograd's, through the same graph, so outputs
-and gradients equal the unsplit model's up to the order of floating-point sums. Every stage, micro-batch
-and cross-device copy runs in a named ``record_function`` range, so torch's profiler shows them and Nsight
-Systems shows them as NVTX ranges under ``torch.autograd.profiler.emit_nvtx()``.
+and gradients equal the unsplit model's up to the order of floating-point sums, with hetrain's dropout on
+too: each micro-batch replays the seeds of the stage's first one at its own rows (:mod:`hetrain.ops.rng`).
+Every stage, micro-batch and cross-device copy runs in a named ``record_function`` range, so torch's
+profiler shows them and Nsight Systems shows them as NVTX ranges under ``torch.autograd.profiler.emit_nvtx()``.
 
 A skip connection that crosses stages travels with the activation: a stage returns a tuple (its output
 and the skip) and every stage in between hands it on. A tensor that reaches a stage any other way
@@ -20,7 +21,9 @@ and the skip) and every stage in between hands it on. A tensor that reaches a st
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,6 +31,8 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
+
+from hetrain.ops import rng
 
 RunStage = Callable[..., Any]
 # What flows between stages: one tensor, or a tuple of tensors when a stage hands a skip connection on.
@@ -121,7 +126,9 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
     gets the tuple as ``x``, every tensor of it on its device; the last stage returns one tensor.
     Micro-batch sizes differ by at most one when the batch does not divide evenly. Stages named in
     ``checkpoint`` keep only their inputs and recompute the rest in backward (the same dropout masks:
-    torch's checkpoint restores the RNG state).
+    torch's checkpoint restores the RNG state, and hetrain's dropout replays its seeds). hetrain's dropout
+    ops draw each element's mask as the unsplit model does (:mod:`hetrain.ops.rng`); torch's own random
+    ops (``nn.Dropout``, SDPA's ``dropout_p``) draw per micro-batch, alike in distribution only.
     """
     unknown = set(checkpoint) - {name for name, _ in stages}
     if unknown:
@@ -129,6 +136,8 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
     batch = inputs[0].shape[0]
     m = max(1, min(micro_batches, batch))
     pieces = [torch.tensor_split(t, m) for t in inputs]  # pieces[k][i]: input k of micro-batch i
+    first_rows = [0, *itertools.accumulate(len(p) for p in pieces[0][:-1])]
+    seeds: list[list[torch.Tensor]] = [[] for _ in stages]  # per stage, the dropout seeds its first micro-batch drew
     acts: list[Activation | None] = [None] * m
     devices = [stage_device(stage) for _, stage in stages]
     guard = _SkipGuard(stages)
@@ -144,10 +153,15 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
                 guard.current = (s, i)
                 guard.made(x)  # what crossed into this stage counts as its own input
                 with torch.profiler.record_function(f"hetrain::stage {name} micro-batch {i}"):
+                    # Micro-batch 0 draws the stage's dropout seeds; the others (and recomputes) replay them.
+                    randomness = partial(rng.micro_batch, seeds[s], first_rows[i])
                     if name in checkpoint:
-                        acts[i] = torch.utils.checkpoint.checkpoint(run_stage, name, x, *own, use_reentrant=False)
+                        acts[i] = torch.utils.checkpoint.checkpoint(
+                            run_stage, name, x, *own, use_reentrant=False,
+                            context_fn=lambda r=randomness, i=i: (r(record=i == 0), r(record=False)))
                     else:
-                        acts[i] = run_stage(name, x, *own)
+                        with randomness(record=i == 0):
+                            acts[i] = run_stage(name, x, *own)
                 guard.made(acts[i])
     finally:
         guard.remove()

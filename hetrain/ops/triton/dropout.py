@@ -1,10 +1,9 @@
 """Triton dropout kernel and its launcher, with the mask of the ``cpu`` and ``torch`` backends.
 
 Element ``i`` of the flattened (row-major) tensor is kept when the keyed hash of csrc/dropout_math.h,
-evaluated on ``(seed, i)`` in 32-bit unsigned arithmetic, clears the integer threshold of ``p``, so a
-seed gives the same mask here as on the CPU. Dropout is diagonal: backward is the same kernel applied
-to the upstream gradient with the same seed. Each program handles ``BLOCK`` elements; ``BLOCK`` is a
-power of two, so a program's elements share the high 32 bits of their index and it derives that key once.
+evaluated on ``(seed, offset + i)`` in 32-bit unsigned arithmetic, clears the integer threshold of ``p``,
+so a stream gives the same mask here as on the CPU. Dropout is diagonal: backward is the same kernel
+applied to the upstream gradient with the same stream. Each program handles ``BLOCK`` elements.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hetrain.ops.rng import stream
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
 from hetrain.ops.triton._rows import tl_compute
 
@@ -33,14 +33,23 @@ def _mix32(h):
     return h
 
 
-# Seeds, threshold and scale vary per call: never specialised on their values, so one compilation serves all.
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "scale_bits"])
+@triton.jit
+def join64(lo, hi):
+    """The int64 whose low and high 32 bits are the int32 bit patterns ``lo`` and ``hi``."""
+    return (hi.to(tl.int64) << 32) | lo.to(tl.uint32, bitcast=True).to(tl.int64)
+
+
+# Seeds, offsets, threshold and scale vary per call: never specialised on their values, so one compilation
+# serves all.
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "threshold", "scale_bits"])
 def _dropout(
     X,  # (numel,) input (x forward, dy backward), contiguous
     Y,  # (numel,) output, contiguous
     numel,
     seed_lo,  # low 32 bits of the seed, as an int32 bit pattern
     seed_hi,  # high 32 bits of the seed, as an int32 bit pattern
+    offset_lo,  # low 32 bits of the stream index of element 0, as an int32 bit pattern
+    offset_hi,  # its high 32 bits
     threshold,  # a 24-bit draw below this is dropped: ceil(p * 2^24)
     scale_bits,  # the float64 bits of 1 / (1 - p), exact whatever COMPUTE is
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
@@ -49,10 +58,11 @@ def _dropout(
     start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: numel may pass 2**31
     offsets = start + tl.arange(0, BLOCK)
     mask = offsets < numel
+    index = join64(offset_lo, offset_hi) + offsets  # each element's place in the stream
     key_lo = _mix32(seed_lo.to(tl.uint32, bitcast=True) ^ 0x9E3779B9)
-    index_hi = (start >> 32).to(tl.uint32)
+    index_hi = (index >> 32).to(tl.uint32)
     key_hi = _mix32((seed_hi.to(tl.uint32, bitcast=True) + 0x7F4A7C15) ^ _mix32(index_hi + 0x632BE5AB))
-    index_lo = (start & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, BLOCK).to(tl.uint32)
+    index_lo = (index & 0xFFFFFFFF).to(tl.uint32)
     bits24 = _mix32(_mix32(index_lo ^ key_lo) ^ key_hi) >> 8
     scale = scale_bits.to(tl.float64, bitcast=True).to(COMPUTE)
     x = tl.load(X + offsets, mask=mask, other=0.0).to(COMPUTE)
@@ -74,26 +84,32 @@ def _int32_bits(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def _args(seed: torch.Tensor, p: float) -> tuple[int, int, int, int]:
-    """seed_lo, seed_hi, threshold (csrc/dropout_math.h's drop_threshold) and scale_bits of a launch."""
-    s = int(seed.item()) & 0xFFFFFFFFFFFFFFFF
+def split64(v: int) -> tuple[int, int]:
+    """A 64-bit value as two int32 bit patterns (low, high): always typed i32, whatever the value."""
+    v &= 0xFFFFFFFFFFFFFFFF
+    return _int32_bits(v & _M32), _int32_bits(v >> 32)
+
+
+def _args(seed: torch.Tensor, p: float) -> tuple[int, ...]:
+    """seed_lo, seed_hi, offset_lo, offset_hi, threshold (csrc/dropout_math.h's drop_threshold) and
+    scale_bits of a launch."""
+    s, offset = stream(seed)
     # p = 1 keeps nothing, so any scale serves; 1.0 keeps scale_bits a 64-bit argument (0 would be typed i32).
     scale = 1.0 / (1.0 - p) if p < 1 else 1.0
     scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-    return _int32_bits(s & _M32), _int32_bits(s >> 32), math.ceil(p * 16777216.0), scale_bits
+    return (*split64(s), *split64(offset), math.ceil(p * 16777216.0), scale_bits)
 
 
 def forward(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """x: any shape; seed: one int64 on the CPU. Returns x / (1 - p) where kept, 0 elsewhere, contiguous."""
+    """x: any shape; seed: int64 (seed[, offset]) on the CPU. Returns x / (1 - p) where kept, 0 elsewhere."""
     xc = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel = xc.numel()
     if numel == 0:
         return y
     cfg = launch_config(x.dtype)
-    seed_lo, seed_hi, threshold, scale_bits = _args(seed, p)
     _dropout[(triton.cdiv(numel, cfg["BLOCK"]),)](
-        xc, y, numel, seed_lo, seed_hi, threshold, scale_bits,
+        xc, y, numel, *_args(seed, p),
         COMPUTE=tl_compute(x.dtype), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
     return y
@@ -106,11 +122,12 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
     """Every compilation the launcher can cause, for the ahead-of-time check (hetrain.checks.gpu_compile):
     one per dtype, picked where the benchmarks run that dtype."""
     numel = shapes.rows * max(shapes.hidden)
-    seed_lo, seed_hi, threshold, scale_bits = _args(torch.tensor([12345]), 0.1)
+    seed_lo, seed_hi, offset_lo, offset_hi, threshold, scale_bits = _args(torch.tensor([12345, 4096]), 0.1)
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         cfg = launch_config(dtype)
         args = {"X": dtype, "Y": dtype, "numel": numel, "seed_lo": seed_lo, "seed_hi": seed_hi,
-                "threshold": threshold, "scale_bits": scale_bits, "COMPUTE": tl_compute(dtype), "BLOCK": cfg["BLOCK"]}
+                "offset_lo": offset_lo, "offset_hi": offset_hi, "threshold": threshold, "scale_bits": scale_bits,
+                "COMPUTE": tl_compute(dtype), "BLOCK": cfg["BLOCK"]}
         specs.append(aot_spec(_dropout, args, dtype=dtype, picked=dtype in shapes.dtypes, num_warps=cfg["num_warps"]))
     return specs

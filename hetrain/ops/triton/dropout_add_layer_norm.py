@@ -2,7 +2,7 @@
 
 One program normalises one row held whole in registers, so rows up to ``MAX_FUSED_BYTES`` fit;
 longer rows are refused with an error naming the limit. The dropout mask is never stored: element
-``i`` of the flattened (rows, features) input is kept when ``tl.rand(seed, i) >= p`` (Triton's
+``i`` of the flattened (rows, features) input is kept when ``tl.rand(seed, offset + i) >= p`` (Triton's
 Philox), and backward draws the same numbers again. Backward gives each program a band of rows and
 writes one partial dW/dB row per program, summed afterwards (deterministic, no atomics).
 """
@@ -13,8 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from hetrain.ops.rng import stream
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
 from hetrain.ops.triton._rows import backward_programs, compute_dtype, row_config, tl_compute
+from hetrain.ops.triton.dropout import join64, split64
 from hetrain.ops.triton.layer_norm import _normalize_row, _row_input_grad
 
 # 64 KiB of row data per program, as for LayerNorm.
@@ -27,7 +29,7 @@ def _kept(seed, offsets, p):
     return tl.rand(seed, offsets) >= p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
 def _dropout_add_layer_norm_fwd(
     X,  # (M, N) dropout input, rows stride_x apart
     R,  # (M, N) residual, rows stride_r apart
@@ -40,6 +42,8 @@ def _dropout_add_layer_norm_fwd(
     stride_r,
     N,
     seed,
+    offset_lo,  # the stream index of element (0, 0), as two int32 bit patterns
+    offset_hi,
     p,
     scale,  # 1 / (1 - p), or 0 when p = 1
     eps,
@@ -54,7 +58,7 @@ def _dropout_add_layer_norm_fwd(
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
     if HAS_DROPOUT:
-        x = tl.where(_kept(seed, row * N + cols, p), x * scale, 0.0)
+        x = tl.where(_kept(seed, join64(offset_lo, offset_hi) + row * N + cols, p), x * scale, 0.0)
     s = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
     y, mean, rstd = _normalize_row(s, W, B, cols, mask, N, eps, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
@@ -62,7 +66,7 @@ def _dropout_add_layer_norm_fwd(
     tl.store(Rstd + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
 def _dropout_add_layer_norm_bwd(
     DY,  # (M, N) upstream gradient, rows stride_dy apart
     X,  # (M, N) forward dropout input, rows stride_x apart
@@ -81,6 +85,8 @@ def _dropout_add_layer_norm_bwd(
     N,
     rows_per_program,
     seed,
+    offset_lo,
+    offset_hi,
     p,
     scale,
     HAS_DROPOUT: tl.constexpr,
@@ -103,7 +109,7 @@ def _dropout_add_layer_norm_bwd(
     for r in range(row_start, row_end):
         x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
         if HAS_DROPOUT:
-            keep = _kept(seed, r * N + cols, p)
+            keep = _kept(seed, join64(offset_lo, offset_hi) + r * N + cols, p)
             x = tl.where(keep, x * scale, 0.0)
         s = x + tl.load(R + r * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)
@@ -120,16 +126,25 @@ def _dropout_add_layer_norm_bwd(
         tl.store(DB_part + pid * N + cols, db, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
 def _keep_mask(
     Keep,  # (numel,) int8 output: 1 where the element is kept
     numel,
     seed,
+    offset_lo,
+    offset_hi,
     p,
     BLOCK: tl.constexpr,
 ):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(Keep + offsets, _kept(seed, offsets, p).to(tl.int8), mask=offsets < numel)
+    keep = _kept(seed, join64(offset_lo, offset_hi) + offsets, p)
+    tl.store(Keep + offsets, keep.to(tl.int8), mask=offsets < numel)
+
+
+def _stream_args(seed: torch.Tensor) -> tuple[int, int, int]:
+    """The Philox seed and the offset's two int32 halves of a launch."""
+    s, offset = stream(seed)
+    return (s, *split64(offset))
 
 
 def launch_config(N: int, dtype: torch.dtype) -> dict:
@@ -145,7 +160,7 @@ def forward(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     seed: torch.Tensor, p: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, residual: (M, N); seed: one int64 on the CPU. Returns y (M, N), mean (M,), rstd (M,)."""
+    """x, residual: (M, N); seed: int64 (seed[, offset]) on the CPU. Returns y (M, N), mean (M,), rstd (M,)."""
     M, N = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     residual = residual if residual.stride(-1) == 1 else residual.contiguous()
@@ -158,7 +173,7 @@ def forward(
     cfg = launch_config(N, x.dtype)
     _dropout_add_layer_norm_fwd[(M,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
-        x.stride(0), residual.stride(0), N, int(seed.item()), p, _scale(p), eps,
+        x.stride(0), residual.stride(0), N, *_stream_args(seed), p, _scale(p), eps,
         HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
@@ -185,7 +200,7 @@ def backward(
         _dropout_add_layer_norm_bwd[(programs,)](
             dy, x, residual, weight if weight is not None else x, mean, rstd, dx, dres, dw_part, db_part,
             dy.stride(0), x.stride(0), residual.stride(0), M, N, triton.cdiv(M, programs),
-            int(seed.item()), p, _scale(p),
+            *_stream_args(seed), p, _scale(p),
             HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=tl_compute(x.dtype),
             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
@@ -199,7 +214,7 @@ def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.
     keep = torch.empty(rows * cols, dtype=torch.int8, device=device)
     if keep.numel():
         block = 1024
-        _keep_mask[(triton.cdiv(keep.numel(), block),)](keep, keep.numel(), int(seed.item()), p, BLOCK=block)
+        _keep_mask[(triton.cdiv(keep.numel(), block),)](keep, keep.numel(), *_stream_args(seed), p, BLOCK=block)
     return keep.view(rows, cols).bool()
 
 
@@ -220,7 +235,7 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
             for has_dropout in (True, False) if picked else (True,):
                 flags = {"HAS_DROPOUT": has_dropout, "HAS_WEIGHT": True, "HAS_BIAS": True, "COMPUTE": compute,
                          "BLOCK_N": cfg["BLOCK_N"]}
-                drop = {"seed": 12345, "p": 0.1, "scale": 1 / 0.9}
+                drop = {"seed": 12345, "offset_lo": 4096, "offset_hi": 0, "p": 0.1, "scale": 1 / 0.9}
                 fwd = {"X": dtype, "R": dtype, "W": dtype, "B": dtype, "Y": dtype, "Mean": stats, "Rstd": stats,
                        "stride_x": n, "stride_r": n, "N": n, "eps": 1e-5, **drop}
                 bwd = {"DY": dtype, "X": dtype, "R": dtype, "W": dtype, "Mean": stats, "Rstd": stats, "DX": dtype,
@@ -230,6 +245,7 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
                     specs.append(aot_spec(kernel, {**args, **flags}, dtype=dtype, picked=picked,
                                           num_warps=cfg["num_warps"]))
     specs.append(aot_spec(_keep_mask, {"Keep": torch.int8, "numel": shapes.rows * max(shapes.hidden), "seed": 12345,
-                                       "p": 0.1, "BLOCK": 1024}, dtype=torch.float32, picked=False))
+                                       "offset_lo": 4096, "offset_hi": 0, "p": 0.1, "BLOCK": 1024},
+                          dtype=torch.float32, picked=False))
     return specs
 

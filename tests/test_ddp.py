@@ -5,7 +5,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from hetrain.models.bert import BertClassifier
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_two_ranks(script: str, tmp_path: Path) -> None:
+    """Runs ``script`` (which starts a 2-process DDP fit writing into argv[1]) as a user would, in a subprocess."""
+    path = tmp_path / "two_ranks.py"
+    path.write_text(script)
+    run = subprocess.run([sys.executable, str(path), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
 
 
 def test_bert_split_trains_under_ddp_with_two_cpu_processes(tmp_path):
@@ -64,11 +78,7 @@ if __name__ == "__main__":
 
 
 def test_ddp_ranks_train_on_disjoint_shares_covering_every_sample_each_epoch(tmp_path):
-    script = tmp_path / "seen_per_rank.py"
-    script.write_text(SEEN_PER_RANK)
-    run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    run_two_ranks(SEEN_PER_RANK, tmp_path)
     seen = [json.loads((tmp_path / f"seen_rank{r}.json").read_text()) for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) and len(seen[0]) % 2 == 0  # equal steps on both ranks, two epochs
     per_epoch = len(seen[0]) // 2
@@ -121,16 +131,7 @@ if __name__ == "__main__":
 
 
 def test_ddp_with_accumulation_gives_the_gradient_of_the_mean_over_every_ranks_window(tmp_path):
-    import torch
-    import torch.nn.functional as F
-
-    from hetrain.models.bert import BertClassifier
-
-    script = tmp_path / "window_per_rank.py"
-    script.write_text(WINDOW_PER_RANK)
-    run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    run_two_ranks(WINDOW_PER_RANK, tmp_path)
     batches = [b for r in (0, 1) for b in torch.load(tmp_path / f"batches_rank{r}.pt")]
     sizes = [len(b["labels"]) for b in batches]
     assert len(sizes) == 4 and len(set(sizes)) > 1, sizes  # two batches per rank, of unequal size

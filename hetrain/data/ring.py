@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
@@ -33,6 +34,8 @@ from hetrain.data.windows import TokenWindows
 
 # How long one wait inside C++ lasts before Python gets control back (Ctrl-C, closing): never a spin.
 _POLL_S = 0.1
+# How long Ctrl-C waits for producer threads still inside the dataset's code before it goes through.
+_INTERRUPT_JOIN_S = 0.5
 _DTYPE_NAMES = {
     torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.uint8: "uint8", torch.bool: "bool",
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
@@ -183,6 +186,8 @@ class _Shared:
         self.errors: dict[int, BaseException] = {}
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
+        self.reading: dict[int, int] = {}  # producer -> the sample its thread is reading now
+        self.join_timeout = 0.0  # how long closing waits for a producer inside the dataset (set at start)
 
 
 def _read_in_processes(shared: _Shared, samples: list[int]) -> list[Any] | None:
@@ -235,9 +240,12 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
                 items = []
                 for sample in shared.plan[job]:
                     ring.note(producer, sample, -1, -1)
+                    shared.reading[producer] = sample
                     items.append(dataset[sample])
+                shared.reading.pop(producer, None)
             ring.commit(producer, job, _shapes(shared.names, collate(items, views[slot])))
         except Exception as exc:  # every failure goes to the consumer, named
+            shared.reading.pop(producer, None)
             shared.errors[job] = exc
             where = ("reading the stream" if shared.stream is not None
                      else "in a reader process" if shared.readers is not None else f"at sample {sample}")
@@ -245,14 +253,19 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
                                      f"{type(exc).__name__}: {exc}")
 
 
-def _close(shared: _Shared, join_timeout: float) -> None:
+def _close(shared: _Shared) -> None:
     shared.stop.set()
     shared.ring.close()  # wakes every wait and joins the C++ threads
     if shared.readers is not None:
         shared.readers.terminate()
         shared.readers.join()
     for t in shared.threads:
-        t.join(join_timeout)
+        t.join(shared.join_timeout)
+    busy = {p: s for p, s in shared.reading.items() if shared.threads[p].is_alive()}
+    if busy:  # a thread cannot be stopped inside the dataset's code: it ends when that sample returns
+        where = ", ".join(f"producer {p} at sample {s}" for p, s in sorted(busy.items()))
+        warnings.warn(f"hetrain: the ring loader closed while the dataset was still reading ({where}); "
+                      "those threads end as soon as their sample returns", RuntimeWarning, stacklevel=2)
 
 
 class RingLoader:
@@ -350,7 +363,8 @@ class RingLoader:
                 t.start()
                 self._shared.threads.append(t)
         # Closes the ring when the loader is garbage-collected (or at exit), even if close() is never called.
-        self._finalizer = weakref.finalize(self, _close, self._shared, stall_timeout)
+        self._shared.join_timeout = stall_timeout
+        self._finalizer = weakref.finalize(self, _close, self._shared)
         self._yielded = 0
         self._exhausted = False
 
@@ -424,6 +438,7 @@ class RingLoader:
             self.close()
             raise LoaderError(str(exc)) from cause
         except BaseException:  # KeyboardInterrupt and the like: stop the producers, then let it through
+            self._shared.join_timeout = _INTERRUPT_JOIN_S  # promptly, even if a sample takes long to read
             self.close()
             raise
 

@@ -46,6 +46,7 @@ class Shape:
     batch: int
     num_classes: int = 2
     dropout: float = 0.1
+    attention_dropout: float | None = None  # None: dropout
 
 
 FULL = Shape(vocab_size=30522, hidden=768, layers=12, heads=12, seq=128, batch=32)  # BERT-base
@@ -97,7 +98,7 @@ def make_batch(shape: Shape, device: str | torch.device, seed: int = 0) -> tuple
 def build_model(shape: Shape, fused: bool) -> BertClassifier:
     torch.manual_seed(0)
     return BertClassifier(shape.vocab_size, shape.num_classes, shape.hidden, shape.layers, shape.heads,
-                          4 * shape.hidden, shape.seq, shape.dropout, fused)
+                          4 * shape.hidden, shape.seq, shape.dropout, fused, shape.attention_dropout)
 
 
 @contextlib.contextmanager
@@ -114,10 +115,9 @@ def tf32(enabled: bool) -> Iterator[None]:
 def train_step(model: torch.nn.Module, mode: Mode, batch: tuple[torch.Tensor, ...],
                device_type: str) -> Callable[[], None]:
     """One optimiser step as a closure: forward under the mode's autocast, cross-entropy, backward, AdamW."""
-    params = list(model.parameters())
-    # Fused AdamW needs every parameter on one accelerator; a CPU + GPU split takes the foreach path.
-    fused = all(p.device.type == "cuda" for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
+    # The recipes' optimizer: torch's fused AdamW, which has CPU and CUDA kernels and groups parameters by
+    # device, so a CPU + GPU split steps in one call too.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(device_type) if mode.scaler else None
     forward = torch.compile(model) if mode.compile else model
     ids, mask, labels = batch

@@ -41,3 +41,20 @@ def test_bench_train_quick_cpu(tmp_path: Path) -> None:
         assert set(row["plan"].values()) == {"cpu"} and row["predicted_ms"] > 0 and row["ms"] > 0, row
     bubble = [r for r in result["placement"] if r["section"] == "bubble"]
     assert bubble and all("one device" in r["skipped"] for r in bubble)
+
+
+def test_step_profile_sorts_every_op_of_a_step_into_kinds(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_step", "--device", "cpu", "--steps", "1", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (path,) = tmp_path.glob("*-cpu-step-profile.json")
+    result = json.loads(path.read_text())
+    kinds = result["kinds"]
+    assert abs(sum(k["ms"] for k in kinds.values()) - result["step_ms"]) < 1e-6 * result["step_ms"]
+    # The fused model's step: GEMMs, hetrain's ops and the fused AdamW all show up under their kinds.
+    assert kinds["gemm"]["ms"] > 0 and kinds["hetrain fused"]["ms"] > 0 and kinds["optimizer"]["ms"] > 0
+    assert all(r["op"] and r["share"] < 1 for r in result["top_other"])
+    assert "| gemm |" in proc.stdout

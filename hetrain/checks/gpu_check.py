@@ -60,6 +60,8 @@ def steps(quick: bool, out: Path) -> list[Step]:
         Step("bench-train", [py, "-m", "benchmarks.bench_train", *bench_args], needs="benchmarks/bench_train.py"),
         Step("bench-memory", [py, "-m", "benchmarks.bench_memory_overhead", *bench_args],
              needs="benchmarks/bench_memory_overhead.py"),
+        Step("profile-step", [py, "-m", "benchmarks.profile_step", "--out", str(out),
+                              *(["--steps", "1"] if quick else ["--bf16"])], needs="benchmarks/profile_step.py"),
     ]
 
 

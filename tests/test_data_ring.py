@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import gc
 import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -212,6 +213,15 @@ def test_close_and_garbage_collection_stop_every_thread(corpus):
     assert os_threads() == before, "garbage collection must close the ring"
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler, as a user's interpreter has it (library code run before may have swapped it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("python_sigint")
 def test_ctrl_c_stops_the_loader_without_waiting_for_a_slow_sample_and_names_it(monkeypatch):
     failures = []
     monkeypatch.setattr(threading, "excepthook", failures.append)  # a producer must not die with a traceback

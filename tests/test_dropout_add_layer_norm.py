@@ -1,5 +1,5 @@
-"""dropout_add_layer_norm: every backend against the float64 torch composition (with each backend's own
-mask), reproducibility, dropped fraction, gradcheck, compile, errors, nn."""
+"""dropout_add_layer_norm: every backend against the float64 torch composition with the shared mask,
+every backend's mask the same, reproducibility, dropped fraction, gradcheck, compile, errors, nn."""
 
 import pytest
 import torch
@@ -7,8 +7,10 @@ from op_testing import assert_close, non_contiguous, randn
 
 from hetrain import plugins
 from hetrain.nn.dropout_add_layer_norm import DropoutAddLayerNorm
-from hetrain.ops.dropout_add_layer_norm import OP, dropout_add_layer_norm, dropout_add_layer_norm_ref
+from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_ref
+from hetrain.ops.dropout_add_layer_norm import keep_mask as stream_keep_mask
 from hetrain.ops.layer_norm import layer_norm_ref
+from hetrain.ops.rng import stream
 
 BACKENDS = ["triton", "cpu", "torch"]
 SHAPES = [(3, 1), (4, 7), (2, 5, 33), (6, 100), (1, 257), (2, 3, 768)]
@@ -23,10 +25,10 @@ def inputs(shape, dtype=torch.float32, affine=True):
     return x, r, w, b
 
 
-def keep_mask(backend, seed, rows, cols, p):
-    """The mask backend draws for (seed, p): its own mask function, as its kernels use it."""
-    impl = next(b.impl for b in plugins.backends(OP) if b.name == backend)
-    return impl.keep_mask(seed, rows, cols, p, "cpu")
+def keep_mask(seed, rows, cols, p):
+    """The (rows, cols) mask every backend draws for the stream ``seed`` (int64 ``(seed[, offset])``) and ``p``."""
+    s, offset = stream(seed)
+    return stream_keep_mask(s, rows, cols, p, offset=offset)
 
 
 def with_grads(fn, tensors, dy):
@@ -66,7 +68,7 @@ def test_p0_matches_layer_norm_of_the_sum(backend, dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(4, 7), (2, 5, 33), (3, 300)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_dropout_matches_composition_with_the_backends_own_mask(backend, dtype, shape, affine):
+def test_dropout_matches_composition_with_the_shared_mask(backend, dtype, shape, affine):
     p, seed = 0.3, torch.tensor([1234567])
     x, r, w, b = inputs(shape, dtype, affine)
     dy = randn(*shape, dtype=dtype, seed=7)
@@ -74,7 +76,7 @@ def test_dropout_matches_composition_with_the_backends_own_mask(backend, dtype, 
     with plugins.use_backend(dropout_add_layer_norm=backend):
         got = with_grads(lambda: fused_op(x.view(-1, n), r.view(-1, n), w, b, seed, p, 1e-5)[0].view(shape),
                          (x, r, w, b), dy)
-    keep = keep_mask(backend, seed, x.numel() // n, n, p).view(shape)
+    keep = keep_mask(seed, x.numel() // n, n, p).view(shape)
     assert 0 < keep.sum() < keep.numel()
     compare(backend, got, reference(x, r, w, b, keep, p, dy), dtype)
 
@@ -90,20 +92,23 @@ def test_rows_at_their_offset_draw_the_rows_of_the_whole_call(backend, offset):
         for r0, r1 in ((0, 17), (17, 48), (30, 31)):
             part, _, _ = fused_op(x[r0:r1], r[r0:r1], w, b, torch.tensor([seed, offset + r0 * cols]), p, 1e-5)
             torch.testing.assert_close(part, whole[r0:r1], rtol=0, atol=0, msg=f"{backend} rows {r0}:{r1}")
-        masks = [keep_mask(backend, torch.tensor([seed, offset + r0 * cols]), 3, cols, p) for r0 in (0, 3)]
-        assert torch.equal(torch.cat(masks), keep_mask(backend, torch.tensor([seed, offset]), 6, cols, p))
+    with torch.no_grad():
+        want = dropout_add_layer_norm_ref(x, r, w, b, keep_mask(torch.tensor([seed, offset]), rows, cols, p), p)
+    assert_close(whole, want, torch.float32, f"{backend} at offset {offset}")
 
 
-def test_cpu_and_torch_backends_draw_the_same_mask():
-    seed = torch.tensor([987654321])
-    for p in (0.0, 0.1, 0.5, 0.9, 1.0):
-        assert torch.equal(keep_mask("cpu", seed, 33, 257, p), keep_mask("torch", seed, 33, 257, p))
-    x, r, w, b = inputs((5, 64))
-    ys = {}
-    for backend in ("cpu", "torch"):
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1.0])
+def test_every_backend_draws_the_same_mask(p):
+    # One mask for a stream on every device, so a pipeline stage moved between CPU and GPU drops the same
+    # elements. A dropped element gets exactly zero gradient (dy is random, never zero).
+    seed, rows, cols = torch.tensor([987654321, 5]), 33, 257
+    x, r, w, b = inputs((rows, cols))
+    dy = randn(rows, cols, seed=7)
+    for backend in BACKENDS:
         with plugins.use_backend(dropout_add_layer_norm=backend):
-            ys[backend] = fused_op(x, r, w, b, seed, 0.2, 1e-5)[0]
-    assert_close(ys["cpu"], ys["torch"], torch.float32, "cpu vs torch")
+            y = fused_op(x, r, w, b, seed, p, 1e-5)[0]
+            (dx,) = torch.autograd.grad(y, x, dy)
+        assert torch.equal(dx != 0, keep_mask(seed, rows, cols, p)), backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,8 +124,8 @@ def test_dropped_fraction_is_p_and_matches_the_mask(backend, p):
     assert abs(dropped.float().mean().item() - p) < 0.01
     torch.manual_seed(11)  # the op draws its seed with one torch.randint on the CPU generator
     seed = torch.randint(2**31, (1,))
-    assert torch.equal(~dropped, keep_mask(backend, seed, 128, 512, p))
-    big = keep_mask(backend, torch.tensor([5]), 1024, 1024, p)  # std of the fraction ~5e-4
+    assert torch.equal(~dropped, keep_mask(seed, 128, 512, p))
+    big = keep_mask(torch.tensor([5]), 1024, 1024, p)  # std of the fraction ~5e-4
     assert abs(1 - big.float().mean().item() - p) < 3e-3
 
 
@@ -156,7 +161,7 @@ def test_non_contiguous_inputs_and_grad(backend):
     seed = torch.tensor([42])
     with plugins.use_backend(dropout_add_layer_norm=backend):
         got = with_grads(lambda: fused_op(x, r, w, b, seed, 0.25, 1e-5)[0], (x, r, w, b), dy)
-    compare(backend, got, reference(x, r, w, b, keep_mask(backend, seed, 5, 40, 0.25), 0.25, dy), torch.float64)
+    compare(backend, got, reference(x, r, w, b, keep_mask(seed, 5, 40, 0.25), 0.25, dy), torch.float64)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hetrain import plugins
 from hetrain.callbacks import PipelineSplit, StagePlacement
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
@@ -186,6 +187,25 @@ def test_split_with_dropout_equals_the_unsplit_model(micro_batches, checkpoint):
     model.micro_batches, model.checkpoint_stages = 1, frozenset()
     torch.manual_seed(1)
     torch.testing.assert_close(after, model(*batches[0][:2]), rtol=1e-10, atol=1e-12)
+
+
+def test_the_split_on_gpu_kernels_draws_the_unsplit_cpu_models_dropout_masks():
+    # Moving a stage between CPU and GPU changes the backend of its dropout ops (C++ -> Triton), not their
+    # masks: the split runs them as the GPU kernels (Triton's interpreter) and equals the model on C++.
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=50, num_classes=3, hidden=32, layers=1, heads=4, max_len=16, dropout=0.3,
+                           attention_dropout=0.0).double().train()
+    ids, mask, labels = batch(5, 7)
+    torch.manual_seed(1)
+    with plugins.use_backend(dropout="cpu", dropout_add_layer_norm="cpu"):
+        loss_ref, grads_ref = loss_and_grads(model, (ids, mask, labels))
+    model.micro_batches = 2
+    torch.manual_seed(1)
+    with plugins.use_backend(dropout="triton", dropout_add_layer_norm="triton"):
+        loss, grads = loss_and_grads(model, (ids, mask, labels))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=1e-12)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_a_stage_that_calls_dropout_more_often_on_a_later_micro_batch_is_refused():

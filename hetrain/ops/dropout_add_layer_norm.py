@@ -9,13 +9,11 @@ The dropout mask is never stored. Each call takes a stream ``(seed, offset)`` fr
 :mod:`hetrain.ops.rng` (a fresh seed from the CPU default generator, so ``torch.manual_seed`` makes
 runs reproducible and a CUDA input needs no device sync to launch; in a pipeline split, the unsplit
 call's seed at the micro-batch's offset); element ``i`` of the flattened (rows, features) input is
-then kept or dropped by a counter-based function of ``(seed, offset + i)``, which backward evaluates
-again. The function is each backend's own:
-``cpu`` and ``torch`` share the keyed hash of csrc/dropout_math.h (the ``torch`` backend computes it
-with integer tensor ops, so the two agree bit for bit); ``triton`` uses ``tl.rand`` (Philox). So a
-given seed gives the same mask on the C++ and reference paths and a different, equally distributed
-one under Triton; each backend's forward and backward always agree. ``keep_mask`` entry points
-expose each backend's mask for tests.
+then kept or dropped by the keyed counter hash of csrc/dropout_math.h at ``(seed, offset + i)``,
+which backward evaluates again. Every backend computes the same hash (Triton and C++ in 32-bit
+unsigned arithmetic, the ``torch`` backend with integer tensor ops), so a stream drops the same
+elements on every device: a pipeline stage moved between CPU and GPU keeps its masks. ``keep_mask``
+gives that mask.
 
 Backward needs the pre-norm sum; it is rebuilt from ``x`` and ``residual`` rather than saved.
 Both cost one (rows, features) tensor of memory (``residual`` is usually held anyway, as the input
@@ -47,7 +45,7 @@ def _scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p < 1 else 0.0
 
 
-# --- the counter-based mask of the cpu and torch backends (csrc/dropout_math.h) ---------------
+# --- the counter-based mask of every backend (csrc/dropout_math.h) ----------------------------
 
 def _mul32(h, c: int):
     """(h * c) mod 2^32 for h < 2^32, in 16-bit halves of c so int64 tensors never overflow."""
@@ -70,7 +68,7 @@ def drop_threshold(p: float) -> int:
 
 def keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str = "cpu",
               offset: int = 0) -> torch.Tensor:
-    """The (rows, cols) bool mask of kept elements the ``cpu`` and ``torch`` backends draw for ``(seed, offset)``."""
+    """The (rows, cols) bool mask of kept elements every backend draws for ``(seed, offset)``."""
     index = torch.arange(offset, offset + rows * cols, dtype=torch.int64, device=device)
     key_lo = _mix32((seed & _M32) ^ 0x9E3779B9)
     key_hi = _mix32((((seed >> 32) + 0x7F4A7C15) & _M32) ^ _mix32(((index >> 32) + 0x632BE5AB) & _M32))
@@ -121,11 +119,6 @@ class TorchBackend:
         dx = ds.clone() if m is None else ds * m  # a custom op's outputs may not alias each other
         return dx.to(x.dtype), ds.to(x.dtype), dw.to(x.dtype), db.to(x.dtype)
 
-    @staticmethod
-    def keep_mask(seed, rows, cols, p, device):
-        s, offset = stream(seed)
-        return keep_mask(s, rows, cols, p, device, offset)
-
 
 class CppBackend:
     """The C++ kernels of hetrain._C (csrc/dropout_add_layer_norm.cpp)."""
@@ -138,10 +131,6 @@ class CppBackend:
     def backward(dy, x, residual, weight, mean, rstd, seed, p, has_bias):
         return torch.ops.hetrain_C.dropout_add_layer_norm_bwd(dy, x, residual, weight, mean, rstd, seed, p,
                                                                has_bias)
-
-    @staticmethod
-    def keep_mask(seed, rows, cols, p, device):
-        return torch.ops.hetrain_C.dropout_add_layer_norm_keep_mask(seed, rows, cols, p).to(device)
 
 
 def _register_backends() -> None:

@@ -1,9 +1,10 @@
 """Triton dropout kernel and its launcher, with the mask of the ``cpu`` and ``torch`` backends.
 
 Element ``i`` of the flattened (row-major) tensor is kept when the keyed hash of csrc/dropout_math.h,
-evaluated on ``(seed, offset + i)`` in 32-bit unsigned arithmetic, clears the integer threshold of ``p``,
-so a stream gives the same mask here as on the CPU. Dropout is diagonal: backward is the same kernel
-applied to the upstream gradient with the same stream. Each program handles ``BLOCK`` elements.
+evaluated on ``(seed, offset + i)`` in 32-bit unsigned arithmetic, clears the integer threshold of ``p``
+(``kept``, shared with the fused dropout_add_layer_norm kernels), so a stream gives the same mask here as
+on the CPU. Dropout is diagonal: backward is the same kernel applied to the upstream gradient with the
+same stream. Each program handles ``BLOCK`` elements.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ def join64(lo, hi):
     return (hi.to(tl.int64) << 32) | lo.to(tl.uint32, bitcast=True).to(tl.int64)
 
 
+@triton.jit
+def kept(seed_lo, seed_hi, index, threshold):
+    """Whether the elements at int64 stream indices ``index`` of the stream ``seed`` (two int32 bit patterns)
+    are kept: csrc/dropout_math.h's 24-bit draw against its integer threshold, so every backend agrees."""
+    key_lo = _mix32(seed_lo.to(tl.uint32, bitcast=True) ^ 0x9E3779B9)
+    index_hi = (index >> 32).to(tl.uint32)
+    key_hi = _mix32((seed_hi.to(tl.uint32, bitcast=True) + 0x7F4A7C15) ^ _mix32(index_hi + 0x632BE5AB))
+    index_lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    return (_mix32(_mix32(index_lo ^ key_lo) ^ key_hi) >> 8) >= threshold
+
+
 # Seeds, offsets, threshold and scale vary per call: never specialised on their values, so one compilation
 # serves all.
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "threshold", "scale_bits"])
@@ -58,15 +70,10 @@ def _dropout(
     start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: numel may pass 2**31
     offsets = start + tl.arange(0, BLOCK)
     mask = offsets < numel
-    index = join64(offset_lo, offset_hi) + offsets  # each element's place in the stream
-    key_lo = _mix32(seed_lo.to(tl.uint32, bitcast=True) ^ 0x9E3779B9)
-    index_hi = (index >> 32).to(tl.uint32)
-    key_hi = _mix32((seed_hi.to(tl.uint32, bitcast=True) + 0x7F4A7C15) ^ _mix32(index_hi + 0x632BE5AB))
-    index_lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    bits24 = _mix32(_mix32(index_lo ^ key_lo) ^ key_hi) >> 8
+    keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + offsets, threshold)
     scale = scale_bits.to(tl.float64, bitcast=True).to(COMPUTE)
     x = tl.load(X + offsets, mask=mask, other=0.0).to(COMPUTE)
-    y = tl.where(bits24 >= threshold, x * scale, 0.0)
+    y = tl.where(keep, x * scale, 0.0)
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -90,14 +97,18 @@ def split64(v: int) -> tuple[int, int]:
     return _int32_bits(v & _M32), _int32_bits(v >> 32)
 
 
-def _args(seed: torch.Tensor, p: float) -> tuple[int, ...]:
-    """seed_lo, seed_hi, offset_lo, offset_hi, threshold (csrc/dropout_math.h's drop_threshold) and
-    scale_bits of a launch."""
+def stream_args(seed: torch.Tensor, p: float) -> tuple[int, int, int, int, int]:
+    """seed_lo, seed_hi, offset_lo, offset_hi and threshold (csrc/dropout_math.h's drop_threshold) of a launch
+    drawing from the stream ``seed`` (int64 ``(seed[, offset])``) with drop probability ``p``."""
     s, offset = stream(seed)
+    return (*split64(s), *split64(offset), math.ceil(p * 16777216.0))
+
+
+def _args(seed: torch.Tensor, p: float) -> tuple[int, ...]:
+    """stream_args and the scale_bits of a launch."""
     # p = 1 keeps nothing, so any scale serves; 1.0 keeps scale_bits a 64-bit argument (0 would be typed i32).
     scale = 1.0 / (1.0 - p) if p < 1 else 1.0
-    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-    return (*split64(s), *split64(offset), math.ceil(p * 16777216.0), scale_bits)
+    return (*stream_args(seed, p), struct.unpack("<q", struct.pack("<d", scale))[0])
 
 
 def forward(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""Triton layer_norm(dropout(x, p) + residual): forward, backward and mask kernels and their launchers.
+"""Triton layer_norm(dropout(x, p) + residual): forward and backward kernels and their launchers.
 
 One program normalises one row held whole in registers, so rows up to ``MAX_FUSED_BYTES`` fit;
 longer rows are refused with an error naming the limit. The dropout mask is never stored: element
-``i`` of the flattened (rows, features) input is kept when ``tl.rand(seed, offset + i) >= p`` (Triton's
-Philox), and backward draws the same numbers again. Backward gives each program a band of rows and
-writes one partial dW/dB row per program, summed afterwards (deterministic, no atomics).
+``i`` of the flattened (rows, features) input is kept by the counter hash at ``offset + i`` of the
+stream ``seed`` (``dropout.kept``, the mask of every backend), and backward draws it again. Backward
+gives each program a band of rows and writes one partial dW/dB row per program, summed afterwards
+(deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -13,23 +14,20 @@ import torch
 import triton
 import triton.language as tl
 
-from hetrain.ops.rng import stream
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
 from hetrain.ops.triton._rows import backward_programs, compute_dtype, row_config, tl_compute
-from hetrain.ops.triton.dropout import join64, split64
+from hetrain.ops.triton.dropout import join64, kept, stream_args
 from hetrain.ops.triton.layer_norm import _normalize_row, _row_input_grad
 
 # 64 KiB of row data per program, as for LayerNorm.
 MAX_FUSED_BYTES = 32768
 
 
-@triton.jit
-def _kept(seed, offsets, p):
-    # The one definition of the mask, shared by forward, backward and the mask kernel.
-    return tl.rand(seed, offsets) >= p
+# The stream and threshold vary per call: never specialised on their values, so one compilation serves all.
+_STREAM = ["seed_lo", "seed_hi", "offset_lo", "offset_hi", "threshold"]
 
 
-@triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
+@triton.jit(do_not_specialize=_STREAM)
 def _dropout_add_layer_norm_fwd(
     X,  # (M, N) dropout input, rows stride_x apart
     R,  # (M, N) residual, rows stride_r apart
@@ -41,10 +39,11 @@ def _dropout_add_layer_norm_fwd(
     stride_x,
     stride_r,
     N,
-    seed,
+    seed_lo,  # the stream's seed, as two int32 bit patterns
+    seed_hi,
     offset_lo,  # the stream index of element (0, 0), as two int32 bit patterns
     offset_hi,
-    p,
+    threshold,  # a 24-bit draw below this is dropped: ceil(p * 2^24)
     scale,  # 1 / (1 - p), or 0 when p = 1
     eps,
     HAS_DROPOUT: tl.constexpr,
@@ -58,7 +57,8 @@ def _dropout_add_layer_norm_fwd(
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
     if HAS_DROPOUT:
-        x = tl.where(_kept(seed, join64(offset_lo, offset_hi) + row * N + cols, p), x * scale, 0.0)
+        keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + row * N + cols, threshold)
+        x = tl.where(keep, x * scale, 0.0)
     s = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
     y, mean, rstd = _normalize_row(s, W, B, cols, mask, N, eps, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
@@ -66,7 +66,7 @@ def _dropout_add_layer_norm_fwd(
     tl.store(Rstd + row, rstd)
 
 
-@triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
+@triton.jit(do_not_specialize=_STREAM)
 def _dropout_add_layer_norm_bwd(
     DY,  # (M, N) upstream gradient, rows stride_dy apart
     X,  # (M, N) forward dropout input, rows stride_x apart
@@ -84,10 +84,11 @@ def _dropout_add_layer_norm_bwd(
     M,
     N,
     rows_per_program,
-    seed,
+    seed_lo,
+    seed_hi,
     offset_lo,
     offset_hi,
-    p,
+    threshold,
     scale,
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -109,7 +110,7 @@ def _dropout_add_layer_norm_bwd(
     for r in range(row_start, row_end):
         x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
         if HAS_DROPOUT:
-            keep = _kept(seed, join64(offset_lo, offset_hi) + r * N + cols, p)
+            keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + r * N + cols, threshold)
             x = tl.where(keep, x * scale, 0.0)
         s = x + tl.load(R + r * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)
@@ -124,27 +125,6 @@ def _dropout_add_layer_norm_bwd(
         tl.store(DW_part + pid * N + cols, dw, mask=mask)
     if HAS_BIAS:
         tl.store(DB_part + pid * N + cols, db, mask=mask)
-
-
-@triton.jit(do_not_specialize=["seed", "offset_lo", "offset_hi"])
-def _keep_mask(
-    Keep,  # (numel,) int8 output: 1 where the element is kept
-    numel,
-    seed,
-    offset_lo,
-    offset_hi,
-    p,
-    BLOCK: tl.constexpr,
-):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = _kept(seed, join64(offset_lo, offset_hi) + offsets, p)
-    tl.store(Keep + offsets, keep.to(tl.int8), mask=offsets < numel)
-
-
-def _stream_args(seed: torch.Tensor) -> tuple[int, int, int]:
-    """The Philox seed and the offset's two int32 halves of a launch."""
-    s, offset = stream(seed)
-    return (s, *split64(offset))
 
 
 def launch_config(N: int, dtype: torch.dtype) -> dict:
@@ -173,7 +153,7 @@ def forward(
     cfg = launch_config(N, x.dtype)
     _dropout_add_layer_norm_fwd[(M,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
-        x.stride(0), residual.stride(0), N, *_stream_args(seed), p, _scale(p), eps,
+        x.stride(0), residual.stride(0), N, *stream_args(seed, p), _scale(p), eps,
         HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
@@ -200,22 +180,13 @@ def backward(
         _dropout_add_layer_norm_bwd[(programs,)](
             dy, x, residual, weight if weight is not None else x, mean, rstd, dx, dres, dw_part, db_part,
             dy.stride(0), x.stride(0), residual.stride(0), M, N, triton.cdiv(M, programs),
-            *_stream_args(seed), p, _scale(p),
+            *stream_args(seed, p), _scale(p),
             HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=tl_compute(x.dtype),
             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
     dw = dw_part.sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
     db = db_part.sum(0).to(x.dtype) if has_bias else x.new_empty(0)
     return dx, dres, dw, db
-
-
-def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.device | str) -> torch.Tensor:
-    """The (rows, cols) bool mask the kernels draw for ``seed`` and ``p`` on ``device``; for tests."""
-    keep = torch.empty(rows * cols, dtype=torch.int8, device=device)
-    if keep.numel():
-        block = 1024
-        _keep_mask[(triton.cdiv(keep.numel(), block),)](keep, keep.numel(), *_stream_args(seed), p, BLOCK=block)
-    return keep.view(rows, cols).bool()
 
 
 def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
@@ -235,7 +206,8 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
             for has_dropout in (True, False) if picked else (True,):
                 flags = {"HAS_DROPOUT": has_dropout, "HAS_WEIGHT": True, "HAS_BIAS": True, "COMPUTE": compute,
                          "BLOCK_N": cfg["BLOCK_N"]}
-                drop = {"seed": 12345, "offset_lo": 4096, "offset_hi": 0, "p": 0.1, "scale": 1 / 0.9}
+                drop = {"seed_lo": 12345, "seed_hi": 0, "offset_lo": 4096, "offset_hi": 0, "threshold": 1677722,
+                        "scale": 1 / 0.9}
                 fwd = {"X": dtype, "R": dtype, "W": dtype, "B": dtype, "Y": dtype, "Mean": stats, "Rstd": stats,
                        "stride_x": n, "stride_r": n, "N": n, "eps": 1e-5, **drop}
                 bwd = {"DY": dtype, "X": dtype, "R": dtype, "W": dtype, "Mean": stats, "Rstd": stats, "DX": dtype,
@@ -244,8 +216,5 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
                 for kernel, args in ((_dropout_add_layer_norm_fwd, fwd), (_dropout_add_layer_norm_bwd, bwd)):
                     specs.append(aot_spec(kernel, {**args, **flags}, dtype=dtype, picked=picked,
                                           num_warps=cfg["num_warps"]))
-    specs.append(aot_spec(_keep_mask, {"Keep": torch.int8, "numel": shapes.rows * max(shapes.hidden), "seed": 12345,
-                                       "offset_lo": 4096, "offset_hi": 0, "p": 0.1, "BLOCK": 1024},
-                          dtype=torch.float32, picked=False))
     return specs
 

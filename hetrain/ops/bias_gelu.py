@@ -12,6 +12,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
+from hetrain.ops._op import op
 
 OP = "bias_gelu"
 APPROXIMATIONS = ("none", "tanh")
@@ -67,7 +68,7 @@ _register_backends()
 
 # --- torch.library op --------------------------------------------------------------------------
 
-@torch.library.custom_op("hetrain::bias_gelu_fwd", mutates_args=())
+@op("hetrain::bias_gelu_fwd")
 def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
     return plugins.call(OP, "forward", x.device.type, x, bias, approximate)
 
@@ -78,7 +79,7 @@ def _(x, bias, approximate):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("hetrain::bias_gelu_bwd", mutates_args=())
+@op("hetrain::bias_gelu_bwd")
 def _bias_gelu_bwd(
     dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approximate: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,4 +130,4 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
     if not bias.is_floating_point():
         raise ValueError(f"hetrain.ops.bias_gelu: bias must be a floating tensor, got {bias.dtype}")
     bias = bias.to(x.dtype) if bias.dtype != x.dtype else bias
-    return _bias_gelu_fwd(x.reshape(-1, n), bias, approximate).view(x.shape)
+    return _bias_gelu_fwd(x.reshape(-1, n), bias, approximate).view_as(x)

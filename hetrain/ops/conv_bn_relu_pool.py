@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from hetrain import plugins
 from hetrain.ops import _backends
+from hetrain.ops._op import op
 
 OP = "bn_relu_pool"
 MAX_WINDOW = 256  # positions in a pooling window: the argmax is stored as uint8
@@ -186,7 +187,7 @@ def _(x, running_mean, running_var, momentum, eps):
     return x.new_empty(x.shape[1], dtype=stats), x.new_empty(x.shape[1], dtype=stats)
 
 
-@torch.library.custom_op("hetrain::bn_relu_pool_fwd", mutates_args=())
+@op("hetrain::bn_relu_pool_fwd")
 def _bn_relu_pool_fwd(
     x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None, weight: torch.Tensor | None,
     bias: torch.Tensor | None, batch_stats: bool, kernel: list[int], stride: list[int], padding: list[int],
@@ -207,7 +208,7 @@ def _(x, mean, invstd, weight, bias, batch_stats, kernel, stride, padding):
             torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=fmt))
 
 
-@torch.library.custom_op("hetrain::bn_relu_pool_bwd", mutates_args=())
+@op("hetrain::bn_relu_pool_bwd")
 def _bn_relu_pool_bwd(
     dy: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,
     weight: torch.Tensor | None, bias: torch.Tensor | None, batch_stats: bool, kernel: list[int], stride: list[int],

@@ -29,6 +29,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
+from hetrain.ops._op import op
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
 from hetrain.ops.rng import dropout_stream, stream
@@ -144,7 +145,7 @@ _register_backends()
 
 # --- torch.library op --------------------------------------------------------------------------
 
-@torch.library.custom_op("hetrain::dropout_add_layer_norm_fwd", mutates_args=())
+@op("hetrain::dropout_add_layer_norm_fwd")
 def _dropout_add_layer_norm_fwd(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     seed: torch.Tensor, p: float, eps: float,
@@ -160,7 +161,7 @@ def _(x, residual, weight, bias, seed, p, eps):
     return torch.empty_like(x), x.new_empty(x.shape[0], dtype=stats), x.new_empty(x.shape[0], dtype=stats)
 
 
-@torch.library.custom_op("hetrain::dropout_add_layer_norm_bwd", mutates_args=())
+@op("hetrain::dropout_add_layer_norm_bwd")
 def _dropout_add_layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
     rstd: torch.Tensor, seed: torch.Tensor, p: float, has_bias: bool,
@@ -234,4 +235,4 @@ def dropout_add_layer_norm(
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
     y, _mean, _rstd = _dropout_add_layer_norm_fwd(x.reshape(-1, n), residual.reshape(-1, n), weight, bias, seed, p,
                                                   float(eps))
-    return y.view(x.shape)
+    return y.view_as(x)

@@ -15,6 +15,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
+from hetrain.ops._op import op
 
 OP = "layer_norm"
 
@@ -80,7 +81,7 @@ _register_backends()
 
 # --- torch.library op --------------------------------------------------------------------------
 
-@torch.library.custom_op("hetrain::layer_norm_fwd", mutates_args=())
+@op("hetrain::layer_norm_fwd")
 def _layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,7 +95,7 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=stats), x.new_empty(x.shape[0], dtype=stats)
 
 
-@torch.library.custom_op("hetrain::layer_norm_bwd", mutates_args=())
+@op("hetrain::layer_norm_bwd")
 def _layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
     has_bias: bool,
@@ -151,4 +152,4 @@ def layer_norm(
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
     rows = math.prod(x.shape[:-1])
     y, _mean, _rstd = _layer_norm_fwd(x.reshape(rows, n), weight, bias, float(eps))
-    return y.view(x.shape)
+    return y.view_as(x)

@@ -46,6 +46,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
+from hetrain.ops._op import op
 
 OP = "linear_cross_entropy"
 DEFAULT_MEMORY_BUDGET = 96 * 2**20
@@ -197,7 +198,7 @@ def _chunked(
 
 # --- torch.library ops -------------------------------------------------------------------------
 
-@torch.library.custom_op("hetrain::linear_cross_entropy", mutates_args=())
+@op("hetrain::linear_cross_entropy")
 def _reduced(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
     scale: torch.Tensor, ignore_index: int, label_smoothing: float, memory_budget: int,
@@ -235,7 +236,7 @@ def _reduced_backward(ctx, grad_loss, _gh, _gw, _gb):
 _reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup)
 
 
-@torch.library.custom_op("hetrain::linear_cross_entropy_rows", mutates_args=())
+@op("hetrain::linear_cross_entropy_rows")
 def _per_row(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
     ignore_index: int, label_smoothing: float, memory_budget: int,
@@ -250,7 +251,7 @@ def _(hidden, weight, target, bias, ignore_index, label_smoothing, memory_budget
     return hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype))
 
 
-@torch.library.custom_op("hetrain::linear_cross_entropy_rows_bwd", mutates_args=())
+@op("hetrain::linear_cross_entropy_rows_bwd")
 def _per_row_bwd(
     grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     bias: torch.Tensor | None, ignore_index: int, label_smoothing: float, memory_budget: int,

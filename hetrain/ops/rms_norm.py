@@ -14,6 +14,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
+from hetrain.ops._op import op
 
 OP = "rms_norm"
 
@@ -79,7 +80,7 @@ _register_backends()
 
 # --- torch.library op --------------------------------------------------------------------------
 
-@torch.library.custom_op("hetrain::rms_norm_fwd", mutates_args=())
+@op("hetrain::rms_norm_fwd")
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return plugins.call(OP, "forward", x.device.type, x, weight, eps)
 
@@ -90,7 +91,7 @@ def _(x, weight, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=_stats_dtype(x.dtype))
 
 
-@torch.library.custom_op("hetrain::rms_norm_bwd", mutates_args=())
+@op("hetrain::rms_norm_bwd")
 def _rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,4 +146,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | N
     if eps < 0:
         raise ValueError(f"hetrain.ops.rms_norm: eps must be >= 0, got {eps}")
     y, _rstd = _rms_norm_fwd(x.reshape(math.prod(x.shape[:-1]), n), weight, eps)
-    return y.view(x.shape)
+    return y.view_as(x)

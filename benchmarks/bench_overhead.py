@@ -1,0 +1,112 @@
+"""What a call of each fused op costs beyond its kernels: forward+backward at tiny shapes, side by side.
+
+Run: ``make bench-overhead`` (``python -m benchmarks.bench_overhead [--device cpu|cuda] [--out DIR]``).
+At a few hundred elements the kernels take microseconds, so the time per call is the Python and
+dispatch around them: hetrain's functional op beside the torch eager ops it replaces, on the same
+inputs, taking turns over rounds, median of each. At BERT-base sizes on a GPU a step makes some
+50 such calls, so this is time the GPU waits. Writes
+``benchmarks/results/<date>-<device>-overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import hetrain
+from benchmarks.timing import median_ms
+from hetrain import ops
+
+RESULTS = Path(__file__).parent / "results"
+ROWS, HIDDEN, VOCAB = 8, 64, 96
+
+
+def _grad_step(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], dy: torch.Tensor | None):
+    return lambda: torch.autograd.grad(fn(*inputs), inputs, dy)
+
+
+def cases(device: str) -> dict[str, dict[str, Callable[[], object]]]:
+    """{op: {"torch": fwd+bwd of the unfused torch ops, "hetrain": fwd+bwd of the fused op}}."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device).requires_grad_()
+
+    x, r, w, b = randn(ROWS, HIDDEN), randn(ROWS, HIDDEN), randn(HIDDEN), randn(HIDDEN)
+    dy = torch.randn(ROWS, HIDDEN, generator=g).to(device)
+    weight, target = randn(VOCAB, HIDDEN), torch.randint(VOCAB, (ROWS,), generator=g).to(device)
+    img, bn_w, bn_b = randn(2, 8, 6, 6), randn(8), randn(8)
+    dimg = torch.randn(2, 8, 3, 3, generator=g).to(device)
+    pairs = {
+        "layer_norm": ([x, w, b], dy, lambda x, w, b: F.layer_norm(x, (HIDDEN,), w, b),
+                       lambda x, w, b: ops.layer_norm(x, w, b)),
+        "rms_norm": ([x, w], dy, lambda x, w: F.rms_norm(x, (HIDDEN,), w, 1e-6),
+                     lambda x, w: ops.rms_norm(x, w, 1e-6)),
+        "bias_gelu": ([x, b], dy, lambda x, b: F.gelu(x + b, approximate="tanh"),
+                      lambda x, b: ops.bias_gelu(x, b, "tanh")),
+        "dropout": ([x], dy, lambda x: F.dropout(x, 0.1), lambda x: ops.dropout(x, 0.1)),
+        "dropout_add_layer_norm": ([x, r, w, b], dy,
+                                   lambda x, r, w, b: F.layer_norm(F.dropout(x, 0.1) + r, (HIDDEN,), w, b),
+                                   lambda x, r, w, b: ops.dropout_add_layer_norm(x, r, w, b, 0.1)),
+        "linear_cross_entropy": ([x, weight], None, lambda x, wt: F.cross_entropy(F.linear(x, wt).float(), target),
+                                 lambda x, wt: ops.linear_cross_entropy(x, wt, target)),
+        "bn_relu_pool": ([img, bn_w, bn_b], dimg,
+                         lambda i, w, b: F.max_pool2d(F.relu(F.batch_norm(i, None, None, w, b, training=True)), 2),
+                         lambda i, w, b: ops.bn_relu_pool(i, w, b, None, None, training=True)),
+    }
+    return {op: {"torch": _grad_step(eager, inputs, grad), "hetrain": _grad_step(fused, inputs, grad)}
+            for op, (inputs, grad, eager, fused) in pairs.items()}
+
+
+def run(device: str, rounds: int = 5) -> dict:
+    """Microseconds per forward+backward call, the median over ``rounds`` of each implementation's median."""
+    rows = []
+    for op, impls in cases(device).items():
+        per_round: dict[str, list[float]] = {name: [] for name in impls}
+        for i in range(rounds):
+            for name, fn in impls.items():
+                per_round[name].append(1e3 * median_ms(fn, warmup=20 if i == 0 else 3, min_reps=50, max_reps=400,
+                                                       budget_s=0.4))
+        us = {name: statistics.median(v) for name, v in per_round.items()}
+        rows.append({"op": op, "us": us, "ratio": us["hetrain"] / us["torch"]})
+        print(f"{op:24s} torch {us['torch']:8.1f} us   hetrain {us['hetrain']:8.1f} us   "
+              f"ratio {rows[-1]['ratio']:.2f}", flush=True)
+    return {"rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = ["| op (fwd+bwd, tiny shape) | torch eager us | hetrain us | hetrain / torch |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['op']} | {r['us']['torch']:.1f} | {r['us']['hetrain']:.1f} | {r['ratio']:.2f} |"
+              for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    result = run(args.device, args.rounds)
+    print(table(result))
+    cuda = args.device.startswith("cuda")
+    record = {"date": dt.date.today().isoformat(),
+              "device": (torch.cuda.get_device_name(args.device) if cuda else platform.processor()) or
+              platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "hetrain": hetrain.__version__, "shapes": {"rows": ROWS, "hidden": HIDDEN, "vocab": VOCAB}, **result}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{record['date']}-{'cuda' if cuda else 'cpu'}-overhead.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""How a call of a fused op is routed: straight to the backend in eager mode, through the torch.library
+custom op while torch.compile traces or for tensor subclasses; the same numbers either way."""
+
+import pytest
+import torch
+from op_testing import randn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hetrain import ops
+
+H = 24
+
+
+class OpLog(TorchDispatchMode):
+    """Names of the ops dispatched below Python: a custom op shows as ``hetrain.*``, a kernel as ``hetrain_C.*``."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def calls(x, r, w, b, img, target, weight):
+    """Every fused op's functional face on small inputs, as (name, thunk returning the output)."""
+    return {
+        "layer_norm": lambda: ops.layer_norm(x, w, b),
+        "rms_norm": lambda: ops.rms_norm(x, w),
+        "bias_gelu": lambda: ops.bias_gelu(x, b, "tanh"),
+        "dropout": lambda: ops.dropout(x, 0.25),
+        "dropout_add_layer_norm": lambda: ops.dropout_add_layer_norm(x, r, w, b, 0.25),
+        "linear_cross_entropy": lambda: ops.linear_cross_entropy(x, weight, target),
+        "bn_relu_pool": lambda: ops.bn_relu_pool(img, w[:4], b[:4], None, None, training=True),
+    }
+
+
+def inputs(requires_grad=True):
+    x, r = randn(3, 5, H, seed=1, requires_grad=requires_grad), randn(3, 5, H, seed=2, requires_grad=requires_grad)
+    w, b = randn(H, seed=3, shift=1.0, requires_grad=requires_grad), randn(H, seed=4, requires_grad=requires_grad)
+    img = randn(2, 4, 6, 6, seed=5, requires_grad=requires_grad)
+    weight = randn(11, H, seed=6, requires_grad=requires_grad)
+    target = torch.randint(11, (3, 5), generator=torch.Generator().manual_seed(7))
+    return x, r, w, b, img, target, weight
+
+
+OPS = list(calls(*inputs()))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_eager_forward_and_backward_call_the_kernels_without_the_custom_op(op):
+    args = inputs()
+    leaves = [t for t in args if t.requires_grad]
+    with OpLog() as log:
+        y = calls(*args)[op]()
+        torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+    kernels = [n for n in log.names if n.startswith("hetrain_C.")]
+    assert kernels, log.names  # the C++ backend ran, forward and backward
+    # bn_stats updates the running statistics in place: it stays a custom op that declares the mutation.
+    assert not [n for n in log.names if n.startswith("hetrain.") and n != "hetrain.bn_stats"], log.names
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_fake_tensors_go_through_the_custom_ops_fake_implementations(op):
+    real = inputs()
+    y_real = calls(*real)[op]()
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in real]
+        for f, t in zip(fake, real, strict=True):
+            f.requires_grad_(t.requires_grad)
+        y = calls(*fake)[op]()
+        grads = torch.autograd.grad(y, [f for f in fake if f.requires_grad], torch.ones_like(y), allow_unused=True)
+    assert (y.shape, y.dtype) == (y_real.shape, y_real.dtype)
+    for g, t in zip(grads, [t for t in real if t.requires_grad], strict=True):
+        assert g is None or g.shape == t.shape
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_without_gradients_no_autograd_node_is_made(op):
+    assert calls(*inputs(requires_grad=False))[op]().grad_fn is None
+    with torch.no_grad():
+        assert calls(*inputs())[op]().grad_fn is None
+
+
+@pytest.mark.parametrize("op", [o for o in OPS if o != "dropout" and o != "dropout_add_layer_norm"])
+def test_compiled_and_eager_calls_agree_forward_and_backward(op):
+    # The traced graph holds the custom op, eager calls the kernels directly: one set of numbers.
+    def run(fn):
+        args = inputs()
+        y = fn(*args)
+        return y, torch.autograd.grad(y, [t for t in args if t.requires_grad], torch.ones_like(y), allow_unused=True)
+
+    def eager(*args):
+        return calls(*args)[op]()
+
+    y_eager, g_eager = run(eager)
+    y_compiled, g_compiled = run(torch.compile(eager, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(y_compiled, y_eager)
+    for a, b in zip(g_compiled, g_eager, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)

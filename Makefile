@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hetrain-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 ARGS ?=
 
-.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader bench-memory profile-step gpu-compile gpu-check tsan tolerances clean
+.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader bench-memory bench-overhead profile-step gpu-compile gpu-check tsan tolerances clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,10 @@ bench-loader: setup
 # MemoryProfiler's cost on the steps it only watches (target < 3% of step time).
 bench-memory: setup
 	$(PY) -m benchmarks.bench_memory_overhead $(ARGS)
+
+# What each fused op's call costs beyond its kernels: forward+backward at tiny shapes beside torch's eager ops.
+bench-overhead: setup
+	$(PY) -m benchmarks.bench_overhead $(ARGS)
 
 # Where a BERT training step spends its time by kind of op, and the largest ops left unfused.
 profile-step: setup

@@ -62,6 +62,8 @@ def steps(quick: bool, out: Path) -> list[Step]:
              needs="benchmarks/bench_memory_overhead.py"),
         Step("profile-step", [py, "-m", "benchmarks.profile_step", "--out", str(out),
                               *(["--steps", "1"] if quick else ["--bf16"])], needs="benchmarks/profile_step.py"),
+        Step("bench-overhead", [py, "-m", "benchmarks.bench_overhead", "--out", str(out),
+                                *(["--rounds", "1"] if quick else [])], needs="benchmarks/bench_overhead.py"),
     ]
 
 

@@ -3,11 +3,12 @@
 The custom op is what ``torch.compile`` and ``torch.export`` trace (fake implementation, registered
 autograd). In eager mode each call through a custom op's Python layer costs far more than a small
 kernel: on a 2-core EPYC VM, a 4x64 LayerNorm forward took 11 us in the C++ kernel and 200 us
-through the custom op with autograd, forward and backward 620 us against ``F.layer_norm``'s 130 us
-(``make bench-overhead``). At BERT-base sizes on a GPU that overhead, paid by some 50 calls per step,
-would outweigh the fusion. So an :class:`Op` runs the same body through a plain
-``torch.autograd.Function`` with the same ``setup_context`` and ``backward`` in eager mode, and
-the custom op whenever a graph is being traced or an argument is a tensor subclass (fake,
+through the custom op with autograd; forward and backward of an 8x64 one took 640 us (350 us this
+way) against ``F.layer_norm``'s 150 us (``make bench-overhead``, benchmarks/RESULTS.md). At
+BERT-base sizes on a GPU, some 50 calls per step, that overhead would eat the fusion's gain. So
+an :class:`Op` runs the same body through a plain ``torch.autograd.Function`` with the same
+``setup_context`` and ``backward`` in eager mode (or the body alone when nothing needs a gradient),
+and the custom op whenever a graph is being traced or an argument is a tensor subclass (fake,
 functional or user-defined tensors, which need the op's registrations).
 """
 
@@ -53,9 +54,6 @@ class Op:
         # forward(ctx, *args) rather than a setup_context staticmethod: Function.apply binds the arguments
         # of the latter through inspect.signature on every call, which costs more than a small kernel.
         def forward(ctx: Any, *args: Any) -> Any:
-            # Outputs without a gradient (saved statistics, an argmax) reach backward as None, not as zeros
-            # allocated per call; every backward reads only the gradient of the output the face returns.
-            ctx.set_materialize_grads(False)
             output = body(*args)
             setup_context(ctx, args, output)
             return output

@@ -54,36 +54,65 @@ void forward_rows(const scalar_t* x, const scalar_t* w, const scalar_t* b, scala
   });
 }
 
-// Two passes over each row, both vectorised: the row sums, then dx and this chunk's dw/db partials,
-// recomputing xhat instead of storing it (a row is in L1, a store is not free).
+// Rows whose second pass is one loop: each reads and writes the dw/db partials once for kBlock rows.
+constexpr int64_t kBlock = 4;
+
+// Two passes, both vectorised: each row's sums, then dx of R rows and their dw/db partials in one loop,
+// recomputing xhat instead of storing it (a row is in L1, a store is not free). Accumulating R rows per
+// load and store of the partials keeps the loop from being bound by them; the partials still add the
+// rows in order, so the result does not depend on R.
+template <typename scalar_t, bool HAS_W, int64_t R>
+void backward_block(const scalar_t* dy, const scalar_t* x, const scalar_t* w, const acc_type<scalar_t>* mean,
+                    const acc_type<scalar_t>* rstd, scalar_t* dx, acc_type<scalar_t>* pw, acc_type<scalar_t>* pb,
+                    int64_t r0, int64_t N) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* xr[R];
+  const scalar_t* dyr[R];
+  scalar_t* dxr[R];
+  acc_t mu[R], rs[R], mg[R], mgx[R];
+  for (int64_t k = 0; k < R; ++k) {
+    xr[k] = x + (r0 + k) * N;
+    dyr[k] = dy + (r0 + k) * N;
+    dxr[k] = dx + (r0 + k) * N;
+    mu[k] = mean[r0 + k];
+    rs[k] = rstd[r0 + k];
+    const scalar_t* xk = xr[k];
+    const scalar_t* dyk = dyr[k];
+    const acc_t m = mu[k], s = rs[k];
+    acc_t sum_g = 0, sum_gx = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+    for (int64_t j = 0; j < N; ++j) {
+      const acc_t g = HAS_W ? acc_t(dyk[j]) * acc_t(w[j]) : acc_t(dyk[j]);
+      sum_g += g;
+      sum_gx += g * ((acc_t(xk[j]) - m) * s);
+    }
+    mg[k] = sum_g / acc_t(N);
+    mgx[k] = sum_gx / acc_t(N);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < N; ++j) {
+    const acc_t wj = HAS_W ? acc_t(w[j]) : acc_t(1);
+    acc_t sw = pw[j], sb = pb[j];
+    for (int64_t k = 0; k < R; ++k) {
+      const acc_t d = acc_t(dyr[k][j]);
+      const acc_t xh = (acc_t(xr[k][j]) - mu[k]) * rs[k];
+      dxr[k][j] = scalar_t(layer_norm::input_grad<acc_t>(HAS_W ? d * wj : d, xh, rs[k], mg[k], mgx[k]));
+      sw += d * xh;
+      sb += d;
+    }
+    pw[j] = sw;
+    pb[j] = sb;
+  }
+}
+
 template <typename scalar_t, bool HAS_W>
 void backward_chunk(const scalar_t* dy, const scalar_t* x, const scalar_t* w, const acc_type<scalar_t>* mean,
                     const acc_type<scalar_t>* rstd, scalar_t* dx, acc_type<scalar_t>* pw, acc_type<scalar_t>* pb,
                     int64_t r0, int64_t r1, int64_t N) {
-  using acc_t = acc_type<scalar_t>;
-  for (int64_t r = r0; r < r1; ++r) {
-    const scalar_t* xr = x + r * N;
-    const scalar_t* dyr = dy + r * N;
-    scalar_t* dxr = dx + r * N;
-    const acc_t mu = mean[r], rs = rstd[r];
-    acc_t sum_g = 0, sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-    for (int64_t j = 0; j < N; ++j) {
-      const acc_t g = HAS_W ? acc_t(dyr[j]) * acc_t(w[j]) : acc_t(dyr[j]);
-      sum_g += g;
-      sum_gx += g * ((acc_t(xr[j]) - mu) * rs);
-    }
-    const acc_t mg = sum_g / acc_t(N), mgx = sum_gx / acc_t(N);
-#pragma omp simd
-    for (int64_t j = 0; j < N; ++j) {
-      const acc_t d = acc_t(dyr[j]);
-      const acc_t xh = (acc_t(xr[j]) - mu) * rs;
-      const acc_t g = HAS_W ? d * acc_t(w[j]) : d;
-      dxr[j] = scalar_t(layer_norm::input_grad<acc_t>(g, xh, rs, mg, mgx));
-      pw[j] += d * xh;
-      pb[j] += d;
-    }
-  }
+  int64_t r = r0;
+  for (; r + kBlock <= r1; r += kBlock)
+    backward_block<scalar_t, HAS_W, kBlock>(dy, x, w, mean, rstd, dx, pw, pb, r, N);
+  for (; r < r1; ++r) backward_block<scalar_t, HAS_W, 1>(dy, x, w, mean, rstd, dx, pw, pb, r, N);
 }
 
 template <typename scalar_t>

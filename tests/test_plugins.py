@@ -46,6 +46,17 @@ def test_best_available_backend_is_selected(op):
     assert plugins.call(op, "forward", "cpu", 3) == ("fast", 3)
 
 
+def test_a_backend_registered_or_removed_after_calls_serves_the_next_call(op):
+    # Calls reuse their resolved backends; any change to the registry or the pins is seen at once.
+    assert plugins.call(op, "forward", "cpu", 1) == ("fast", 1)
+    plugins.register(OP, "outside", ("cpu",), Good("outside"), priority=50)
+    assert plugins.call(op, "forward", "cpu", 2) == ("outside", 2)
+    plugins.unregister(OP, "outside")
+    assert plugins.call(op, "forward", "cpu", 3) == ("fast", 3)
+    plugins.configure(pins={op: "slow"})
+    assert plugins.call(op, "forward", "cpu", 4) == ("slow", 4)
+
+
 def test_pin_by_environment(op, monkeypatch):
     monkeypatch.setenv(plugins.ENV_PINS, f"other=x, {op}=slow")
     assert plugins.call(op, "forward", "cpu", 1) == ("slow", 1)

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.hetrain-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 ARGS ?=
 
-.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader bench-memory bench-overhead profile-step gpu-compile gpu-check tsan tolerances clean
+.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader bench-memory bench-overhead bench-embedding profile-step gpu-compile gpu-check tsan tolerances clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,10 @@ bench-memory: setup
 # What each fused op's call costs beyond its kernels: forward+backward at tiny shapes beside torch's eager ops.
 bench-overhead: setup
 	$(PY) -m benchmarks.bench_overhead $(ARGS)
+
+# The token table's step on a CPU stage: dense AdamW vs torch's SparseAdam vs hetrain's lazy AdamW.
+bench-embedding: setup
+	$(PY) -m benchmarks.bench_embedding $(ARGS)
 
 # Where a BERT training step spends its time by kind of op, and the largest ops left unfused.
 profile-step: setup

@@ -143,8 +143,14 @@ def _floating_leaves(obj: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def _stored_values(t: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient's stored values (an embedding table's, one row per looked-up token), else ``t``:
+    norms and finiteness checks run on dense tensors."""
+    return t._values() if t.is_sparse else t
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(bool(torch.isfinite(_stored_values(t)).all()) for t in tensors)
 
 
 class NonFiniteDiagnosis:
@@ -254,7 +260,9 @@ class NonFiniteGuard(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [_stored_values(p.grad) for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        # Finite exactly when every stored value is: a norm of a sparse gradient's uncoalesced rows serves.
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         loss_finite = bool(self._loss_finite) if self._loss_finite is not None else True
         grads_finite = bool(torch.isfinite(norm))

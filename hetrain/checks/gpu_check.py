@@ -64,6 +64,8 @@ def steps(quick: bool, out: Path) -> list[Step]:
                               *(["--steps", "1"] if quick else ["--bf16"])], needs="benchmarks/profile_step.py"),
         Step("bench-overhead", [py, "-m", "benchmarks.bench_overhead", "--out", str(out),
                                 *(["--rounds", "1"] if quick else [])], needs="benchmarks/bench_overhead.py"),
+        Step("bench-embedding", [py, "-m", "benchmarks.bench_embedding", *bench_args],
+             needs="benchmarks/bench_embedding.py"),
     ]
 
 

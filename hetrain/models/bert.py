@@ -19,12 +19,16 @@ from hetrain.placement.pipeline import gpipe_forward
 
 
 class Embeddings(nn.Module):
-    """Token + learned position embeddings, normalised: (B, T) ids -> (B, T, H)."""
+    """Token + learned position embeddings, normalised: (B, T) ids -> (B, T, H).
+
+    ``sparse``: the token table's gradient holds the looked-up rows only (``nn.Embedding(sparse=True)``),
+    which :class:`hetrain.optim.SparseAwareAdamW` steps lazily, a row at a time.
+    """
 
     def __init__(self, vocab_size: int, hidden: int, max_len: int, dropout: float, pad_id: int = 0,
-                 fused: bool = True) -> None:
+                 fused: bool = True, sparse: bool = False) -> None:
         super().__init__()
-        self.tokens = nn.Embedding(vocab_size, hidden, padding_idx=pad_id)
+        self.tokens = nn.Embedding(vocab_size, hidden, padding_idx=pad_id, sparse=sparse)
         self.positions = nn.Embedding(max_len, hidden)
         self.norm = LayerNorm(hidden) if fused else nn.LayerNorm(hidden)
         self.dropout = Dropout(dropout) if fused else nn.Dropout(dropout)
@@ -119,7 +123,9 @@ class BertClassifier(nn.Module):
 
     ``dropout`` acts on the hidden states through hetrain's ops (when ``fused``), whose masks a pipeline
     split reproduces exactly; ``attention_dropout`` (default: ``dropout``) on the attention probabilities
-    inside SDPA, from torch's generator, which a split draws per micro-batch.
+    inside SDPA, from torch's generator, which a split draws per micro-batch. ``sparse_embeddings``: the
+    token table gets sparse gradients and a lazy optimizer step (:class:`Embeddings`), what makes the
+    table cheap on a CPU stage.
     """
 
     def __init__(
@@ -134,9 +140,10 @@ class BertClassifier(nn.Module):
         dropout: float = 0.1,
         fused: bool = True,
         attention_dropout: float | None = None,
+        sparse_embeddings: bool = False,
     ) -> None:
         super().__init__()
-        self.embeddings = Embeddings(vocab_size, hidden, max_len, dropout, fused=fused)
+        self.embeddings = Embeddings(vocab_size, hidden, max_len, dropout, fused=fused, sparse=sparse_embeddings)
         ffn = ffn or 4 * hidden
         attention_dropout = dropout if attention_dropout is None else attention_dropout
         self.encoder = nn.ModuleList(EncoderBlock(hidden, heads, ffn, dropout, fused, attention_dropout)

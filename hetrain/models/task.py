@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from hetrain.models.accumulation import WindowNormaliser
+from hetrain.optim import SparseAwareAdamW, sparse_parameters
 
 # Lightning warns whenever a LightningModule trained with a LightningDataModule overrides
 # transfer_batch_to_device; here that is intended (see ClassificationTask.transfer_batch_to_device).
@@ -112,12 +113,22 @@ class ClassificationTask(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # No weight decay on biases and norm scales, as in BERT.
-        params = [p for p in self.parameters() if p.requires_grad]
+        sparse = sparse_parameters(self)
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in {id(q) for q in sparse}]
         groups = [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
+        betas = tuple(self.hparams.betas)
         # torch's fused AdamW has CPU and CUDA kernels and groups parameters by device, so stages placed on
         # different devices step together; on the CPU it is about 2.8x faster than the foreach step
         # (24 x 768^2 parameters, 2 cores) and allocates no per-parameter temporaries.
-        return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), fused=True)
+        if not sparse:
+            return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=betas, fused=True)
+        # Tables with sparse gradients (sparse_embeddings) step lazily; the rest as above.
+        if self._trainer is not None and self._trainer.gradient_clip_val:
+            raise ValueError("hetrain: gradient clipping (trainer.gradient_clip_val) cannot take the sparse gradients "
+                             "of model.sparse_embeddings (torch's clip_grad_norm_ refuses them); set one of "
+                             "model.sparse_embeddings=false or trainer.gradient_clip_val=null")
+        groups.append({"params": sparse, "weight_decay": self.hparams.weight_decay, "sparse": True})
+        return SparseAwareAdamW(groups, lr=self.hparams.lr, betas=betas, fused=True)

@@ -1,0 +1,86 @@
+"""The token table's training step on a CPU stage: dense AdamW vs torch's SparseAdam vs hetrain's lazy AdamW.
+
+Run: ``make bench-embedding`` (``python -m benchmarks.bench_embedding [--quick] [--out DIR]``). BERT-base's
+30522 x 768 table on the CPU, as bert_split places it: lookup, backward from a given upstream gradient
+and the optimizer step, for batches of 32 x 128 and 32 x 512 token ids, each way side by side, median
+of repeats taking turns. Writes ``benchmarks/results/<date>-embedding-cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import hetrain
+from benchmarks.timing import median_ms
+from hetrain.optim import SparseAwareAdamW
+
+RESULTS = Path(__file__).parent / "results"
+VOCAB, HIDDEN = 30522, 768
+
+
+def table_step(kind: str, vocab: int, hidden: int, ids: torch.Tensor) -> Callable[[], None]:
+    """One training step of an embedding table updated the ``kind`` way: dense, SparseAdam or hetrain."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(vocab, hidden, padding_idx=0, sparse=kind != "dense")
+    if kind == "dense":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(emb.parameters(), lr=1e-4, fused=True)
+    elif kind == "SparseAdam":
+        opt = torch.optim.SparseAdam(emb.parameters(), lr=1e-4)
+    else:
+        opt = SparseAwareAdamW([{"params": list(emb.parameters()), "sparse": True}], lr=1e-4)
+    upstream = torch.randn(*ids.shape, hidden)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        emb(ids).backward(upstream)
+        opt.step()
+
+    return step
+
+
+def run(quick: bool) -> dict:
+    vocab, hidden = (2048, 64) if quick else (VOCAB, HIDDEN)
+    rows = []
+    for seq in (128, 512):
+        ids = torch.randint(1, vocab, (32, seq), generator=torch.Generator().manual_seed(seq))
+        steps = {kind: table_step(kind, vocab, hidden, ids) for kind in ("dense", "SparseAdam", "hetrain")}
+        per_round: dict[str, list[float]] = {kind: [] for kind in steps}
+        for i in range(1 if quick else 3):
+            for kind, step in steps.items():
+                per_round[kind].append(median_ms(step, warmup=2 if i == 0 else 1, min_reps=3 if quick else 5,
+                                                 max_reps=20, budget_s=0.5 if quick else 3.0))
+        ms = {kind: statistics.median(v) for kind, v in per_round.items()}
+        rows.append({"ids": [32, seq], "unique_rows": int(ids.unique().numel()), "ms": ms,
+                     "dense_over_hetrain": ms["dense"] / ms["hetrain"],
+                     "sparse_adam_over_hetrain": ms["SparseAdam"] / ms["hetrain"]})
+        print(f"ids 32x{seq:<4} ({rows[-1]['unique_rows']} rows)  dense AdamW {ms['dense']:7.1f} ms  "
+              f"SparseAdam {ms['SparseAdam']:7.1f} ms  hetrain {ms['hetrain']:7.1f} ms", flush=True)
+    return {"date": dt.date.today().isoformat(), "device": f"cpu ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "hetrain": hetrain.__version__,
+            "table": [vocab, hidden], "quick": quick, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small table, for a smoke test")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    result = run(args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{result['date']}-embedding-cpu.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""A lazy AdamW step for a row-sparse gradient: reference and backends (used by :mod:`hetrain.optim`).
+
+An embedding table's gradient has a row for each token a batch looked up (``nn.Embedding(sparse=True)``
+hands it over as one (index, row) pair per token, unsorted, with repeats). Dense AdamW reads and writes
+every row of the table and its two moments each step, 94 MB of each for BERT-base's vocabulary; this
+step updates the rows the batch used and leaves the others, values and moments, as they were (the
+"lazy Adam" of sparse training, with AdamW's decoupled weight decay applied to the rows it updates).
+On a row a batch uses, the update is exactly ``torch.optim.AdamW``'s, with the step count of the table
+for the bias corrections, as torch's ``SparseAdam`` counts it.
+
+Backends: ``cpu`` (csrc/sparse_adamw.cpp: sorts the indices, sums each row's repeats and steps the row
+in one pass, OpenMP over rows) and ``torch`` (the reference: coalesce, then the same arithmetic on the
+gathered rows; any device).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hetrain import plugins
+from hetrain.ops import _backends
+
+OP = "sparse_adamw"
+
+
+def sparse_adamw_ref(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, indices: torch.Tensor,
+                     values: torch.Tensor, step: int, lr: float, beta1: float, beta2: float, eps: float,
+                     weight_decay: float) -> None:
+    """The step in plain torch, in place: the tests' oracle and the backend of devices without a kernel."""
+    grad = torch.sparse_coo_tensor(indices[None], values, param.shape).coalesce()
+    rows, g = grad.indices()[0], grad.values()
+    p, m, v = param[rows], exp_avg[rows], exp_avg_sq[rows]
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+    param.index_copy_(0, rows, p)
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)
+
+
+class TorchBackend:
+    step = staticmethod(sparse_adamw_ref)
+
+
+class CppBackend:
+    """csrc/sparse_adamw.cpp."""
+
+    @staticmethod
+    def step(*args):
+        torch.ops.hetrain_C.sparse_adamw_(*args)
+
+
+_backends.register_cpp(OP, CppBackend, devices=("cpu",))
+_backends.register_torch(OP, TorchBackend)
+
+
+def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
+                  step: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                  weight_decay: float = 1e-2) -> None:
+    """One lazy AdamW step of ``param`` (V, H) for the sparse COO gradient ``grad`` (what
+    ``nn.Embedding(sparse=True)`` produces, coalesced or not), in place; ``step`` counts from 1."""
+    if not grad.is_sparse or grad.sparse_dim() != 1 or grad.shape != param.shape:
+        raise ValueError(f"hetrain.sparse_adamw: grad must be a sparse COO tensor of the parameter's shape "
+                         f"{tuple(param.shape)} with one sparse dimension (nn.Embedding(sparse=True)'s), got "
+                         f"{'sparse' if grad.is_sparse else 'dense'} {tuple(grad.shape)}")
+    # _indices/_values: the pairs as autograd accumulated them, without the sort and sum of coalesce(),
+    # which the kernel does in its own pass.
+    indices, values = grad._indices()[0], grad._values()
+    with torch.no_grad():
+        plugins.call(OP, "step", param.device.type, param, exp_avg, exp_avg_sq, indices, values.to(param.dtype),
+                     int(step), float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay))

@@ -1,0 +1,83 @@
+"""AdamW for a model whose embedding tables get sparse gradients: ``SparseAwareAdamW``.
+
+torch's fused AdamW refuses sparse gradients and its ``SparseAdam`` takes nothing else, while
+Lightning drives one optimizer per task. ``SparseAwareAdamW`` is that one optimizer: parameter groups
+marked ``sparse=True`` (the weights of ``nn.Embedding(sparse=True)`` tables, see
+:func:`sparse_parameters`) step lazily through :func:`hetrain.ops.sparse_adamw.sparse_adamw_` (only
+the rows a batch used); every other group steps through torch's ``AdamW`` (fused where the devices
+allow), which shares this optimizer's groups and state, so learning-rate schedules, ``state_dict``
+and checkpoints see one optimizer.
+
+Why: an embedding table on a CPU pipeline stage (bert_split) is worth it only when its step is cheap.
+A dense AdamW step over BERT-base's 30522 x 768 table reads and writes all of it and its moments
+every step; the lazy step touches the rows of the batch's tokens (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hetrain.ops.sparse_adamw import sparse_adamw_
+
+
+def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The weights of the ``nn.Embedding(sparse=True)`` tables in ``module``, which get sparse gradients."""
+    return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad]
+
+
+class SparseAwareAdamW(torch.optim.Optimizer):
+    """AdamW whose ``sparse=True`` groups take sparse gradients and update only the rows they name."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, fused: bool | None = None) -> None:
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "sparse": False}
+        super().__init__(params, defaults)
+        self._fused = fused
+        self._share_with_dense()
+
+    def _share_with_dense(self) -> None:
+        """torch's AdamW over the dense groups, the same group dicts and state (re-made after a state load)."""
+        dense = [g for g in self.param_groups if not g["sparse"]]
+        self._dense = None
+        if dense:
+            g0 = self.defaults
+            self._dense = torch.optim.AdamW(dense, lr=g0["lr"], betas=g0["betas"], eps=g0["eps"],
+                                            weight_decay=g0["weight_decay"], fused=self._fused)
+            self._dense.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # replaces the group dicts and the state mapping
+        self._share_with_dense()
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._dense is not None:
+            self._dense.step()  # first: on a GPU its kernels run while the CPU steps the sparse tables
+        for group in self.param_groups:
+            if group["sparse"]:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._step_sparse(p, group)
+        return loss
+
+    def _step_sparse(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        if not p.grad.is_sparse:
+            raise ValueError(f"hetrain.SparseAwareAdamW: a parameter of shape {tuple(p.shape)} in a sparse=True "
+                             "group got a dense gradient; build its table with nn.Embedding(..., sparse=True) "
+                             "or put it in a dense group")
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["step"] += 1
+        sparse_adamw_(p, state["exp_avg"], state["exp_avg_sq"], p.grad, state["step"], group["lr"], group["betas"],
+                      group["eps"], group["weight_decay"])

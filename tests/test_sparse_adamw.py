@@ -1,0 +1,208 @@
+"""Lazy AdamW for sparse embedding gradients: the kernel against the reference and against torch's own
+optimizers where they must agree, untouched rows left alone, errors, SparseAwareAdamW in a model and in a fit."""
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hetrain import plugins
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
+from hetrain.ops.sparse_adamw import OP, sparse_adamw_, sparse_adamw_ref
+from hetrain.optim import SparseAwareAdamW, sparse_parameters
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+BACKENDS = ["cpu", "torch"]
+TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-14}, torch.float32: {"rtol": 2e-6, "atol": 2e-7}}
+
+
+def table(V=37, H=13, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(V, H, generator=g, dtype=dtype) * 0.5 + 0.1).requires_grad_()
+
+
+def sparse_grad(V, H, n, dtype, seed, cover_all=False):
+    """A gradient as nn.Embedding(sparse=True) makes it: n looked-up rows, unsorted, with repeats."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(V, generator=g) if cover_all else torch.randint(V, (n,), generator=g)
+    index = torch.cat([index, index[: n // 3]])  # repeats
+    values = torch.randn(len(index), H, generator=g, dtype=dtype)
+    return torch.sparse_coo_tensor(index[None], values, (V, H))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_each_backend_matches_the_reference_over_steps(backend, dtype):
+    p = table(dtype=dtype).detach()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    p_ref, m_ref, v_ref = p.clone(), m.clone(), v.clone()
+    for step in range(1, 5):
+        grad = sparse_grad(*p.shape, 20, dtype, seed=step)
+        with plugins.use_backend(**{OP: backend}):
+            sparse_adamw_(p, m, v, grad, step, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+        c = grad.coalesce()
+        sparse_adamw_ref(p_ref, m_ref, v_ref, c.indices()[0], c.values(), step, 1e-2, 0.8, 0.95, 1e-6, 0.1)
+    for got, want in ((p, p_ref), (m, m_ref), (v, v_ref)):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equals_torch_sparse_adam_without_decay_and_eps(backend):
+    # torch's SparseAdam adds eps outside the bias correction, AdamW inside: with a negligible eps and no decay
+    # the two rules coincide, so torch's own lazy optimizer is the oracle over several steps of random rows.
+    p, q = table(), table()
+    ours = SparseAwareAdamW([{"params": [p], "sparse": True}], lr=3e-2, betas=(0.85, 0.9), eps=1e-200,
+                            weight_decay=0.0)
+    theirs = torch.optim.SparseAdam([q], lr=3e-2, betas=(0.85, 0.9), eps=1e-200)
+    for step in range(1, 6):
+        p.grad = sparse_grad(*p.shape, 25, torch.float64, seed=10 + step)
+        q.grad = p.grad.clone()
+        with plugins.use_backend(**{OP: backend}):
+            ours.step()
+        theirs.step()
+    torch.testing.assert_close(p, q, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_row_touched_every_step_is_torch_adamw(backend):
+    p, q = table(), table()
+    ours = SparseAwareAdamW([{"params": [p], "sparse": True}], lr=2e-2, weight_decay=0.05)
+    theirs = torch.optim.AdamW([q], lr=2e-2, weight_decay=0.05, foreach=False)
+    for step in range(1, 5):
+        p.grad = sparse_grad(*p.shape, p.shape[0], torch.float64, seed=20 + step, cover_all=True)
+        q.grad = p.grad.to_dense()
+        with plugins.use_backend(**{OP: backend}):
+            ours.step()
+        theirs.step()
+    torch.testing.assert_close(p, q, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_no_batch_used_keep_their_values_and_moments(backend):
+    p = table().detach()
+    m, v = torch.rand_like(p), torch.rand_like(p)
+    before = [t.clone() for t in (p, m, v)]
+    index = torch.tensor([3, 30, 3, 7])
+    grad = torch.sparse_coo_tensor(index[None], torch.randn(4, p.shape[1], dtype=p.dtype), p.shape)
+    with plugins.use_backend(**{OP: backend}):
+        sparse_adamw_(p, m, v, grad, 3, lr=0.1)
+    untouched = torch.ones(p.shape[0], dtype=torch.bool)
+    untouched[index] = False
+    for now, then in zip((p, m, v), before, strict=True):
+        assert torch.equal(now[untouched], then[untouched])
+        assert not torch.equal(now[index], then[index])
+
+
+def test_bad_inputs_raise_clear_errors():
+    p = table().detach()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    with pytest.raises(ValueError, match="must be a sparse COO tensor"):
+        sparse_adamw_(p, m, v, torch.randn_like(p), 1, lr=0.1)
+    out_of_range = torch.sparse_coo_tensor(torch.tensor([[99]]), torch.randn(1, p.shape[1], dtype=p.dtype),
+                                           (100, p.shape[1]))
+    with pytest.raises(ValueError, match="parameter's shape"):
+        sparse_adamw_(p, m, v, out_of_range, 1, lr=0.1)
+    grad = sparse_grad(*p.shape, 5, p.dtype, seed=1)
+    with pytest.raises(RuntimeError, match="exp_avg must match the parameter"):
+        sparse_adamw_(p, m[:-1], v, grad, 1, lr=0.1)
+    with pytest.raises(RuntimeError, match="step counts from 1"):
+        sparse_adamw_(p, m, v, grad, 0, lr=0.1)
+    with pytest.raises(RuntimeError, match="is outside the table"):
+        torch.ops.hetrain_C.sparse_adamw_(p, m, v, torch.tensor([37]), torch.randn(1, 13, dtype=p.dtype), 1, 0.1,
+                                          0.9, 0.999, 1e-8, 0.0)
+    emb = nn.Embedding(10, 4)  # dense gradients in a sparse group
+    opt = SparseAwareAdamW([{"params": [emb.weight], "sparse": True}])
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="nn.Embedding\\(..., sparse=True\\)"):
+        opt.step()
+
+
+def model_and_optimizer(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(40, 8, sparse=True), nn.Linear(8, 3)).double()
+    sparse = sparse_parameters(model)
+    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    opt = SparseAwareAdamW([{"params": dense}, {"params": sparse, "sparse": True}], lr=1e-2, fused=False)
+    return model, opt
+
+
+def train(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        ids = torch.randint(40, (6, 5), generator=g)
+        model(ids).sum(1).pow(2).mean().backward()
+        opt.step()
+
+
+def test_dense_groups_step_as_torch_adamw_and_sparse_ones_lazily():
+    model, opt = model_and_optimizer()
+    ref = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    ref_m, ref_v = torch.zeros_like(ref[0]), torch.zeros_like(ref[0])
+    dense_ref = torch.optim.AdamW(ref[1:], lr=1e-2, weight_decay=1e-2, foreach=False)
+    g = torch.Generator().manual_seed(5)
+    for step in range(1, 4):
+        opt.zero_grad()
+        ids = torch.randint(40, (6, 5), generator=g)
+        model(ids).sum(1).pow(2).mean().backward()
+        for r, p in zip(ref, model.parameters(), strict=True):
+            r.grad = p.grad.clone()
+        opt.step()
+        dense_ref.step()
+        emb_grad = ref[0].grad.coalesce()
+        with torch.no_grad():
+            sparse_adamw_ref(ref[0], ref_m, ref_v, emb_grad.indices()[0], emb_grad.values(), step, 1e-2, 0.9, 0.999,
+                             1e-8, 1e-2)
+    for got, want in zip(model.parameters(), ref, strict=True):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_a_state_dict_round_trip_resumes_exactly_and_a_schedule_reaches_the_sparse_rows():
+    model, opt = model_and_optimizer()
+    train(model, opt, 2, seed=1)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, 2, seed=2)
+    resumed, resumed_opt = model_and_optimizer(seed=7)
+    resumed.load_state_dict(saved_model)
+    resumed_opt.load_state_dict(saved_opt)
+    train(resumed, resumed_opt, 2, seed=2)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for group in resumed_opt.param_groups:  # what an LR scheduler does: both kinds of group follow
+        group["lr"] = 0.0
+    before = [p.detach().clone() for p in resumed.parameters()]
+    for group in resumed_opt.param_groups:
+        group["weight_decay"] = 0.0
+    train(resumed, resumed_opt, 1, seed=3)
+    for a, b in zip(resumed.parameters(), before, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_task_trains_bert_with_sparse_embeddings_in_a_fit(tmp_path):
+    model = BertClassifier(vocab_size=64, num_classes=3, hidden=16, layers=1, heads=2, max_len=8, dropout=0.0,
+                           sparse_embeddings=True)
+    task = ClassificationTask(model, num_classes=3, lr=1e-2)
+    opt = task.configure_optimizers()
+    assert isinstance(opt, SparseAwareAdamW)
+    assert [len(g["params"]) for g in opt.param_groups if g["sparse"]] == [1]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (24, 8), generator=g)
+    data = DataLoader([{"input_ids": row, "attention_mask": torch.ones(8, dtype=torch.bool), "labels": row[0] % 3}
+                       for row in ids], batch_size=8)
+    table_before = model.embeddings.tokens.weight.detach().clone()
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         accumulate_grad_batches=2)
+    trainer.fit(task, train_dataloaders=data)
+    changed = (model.embeddings.tokens.weight.detach() != table_before).any(1)
+    used = torch.zeros(64, dtype=torch.bool)
+    used[ids.unique()] = True
+    assert changed[used].all() and not changed[~used].any()  # only the rows the batches looked up moved
+    clipping = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, gradient_clip_val=1.0,
+                          enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="gradient_clip_val"):
+        clipping.fit(ClassificationTask(model, num_classes=3), train_dataloaders=data)

@@ -99,6 +99,19 @@ def test_module_memory_counts_params_grads_outputs_and_saved_tensors_exactly():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def test_a_sparse_embedding_gradient_counts_its_stored_rows_not_the_whole_table():
+    model = nn.Sequential(nn.Embedding(1000, 16, sparse=True))
+    tracker = ModuleMemory(model)
+    tracker.start()
+    out = model(torch.tensor([[1, 2, 2]]))
+    tracker.forward_done()
+    out.sum().backward()
+    tracker.backward_done()
+    tracker.stop()
+    assert tracker.records["0"].params == 1000 * 16 * 4
+    assert tracker.records["0"].grads == 3 * 16 * 4 + 3 * 8  # three looked-up rows and their int64 indices
+
+
 class Block(nn.Module):
     """Saves a tensor for backward in its own forward (tanh keeps its result), not in a child."""
 

@@ -180,8 +180,15 @@ class ModuleRecord:
                 setattr(self, f.name, new if old is None else max(old, new))
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` holds: for a sparse gradient (an embedding table's) its stored rows and indices, not its shape."""
+    if t.is_sparse:
+        return _nbytes(t._values()) + _nbytes(t._indices())
+    return t.numel() * t.element_size()
+
+
 def _tensor_bytes(obj: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
+    return sum(_nbytes(t) for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
 
 
 class ModuleMemory:
@@ -319,7 +326,7 @@ def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> dict[str, 
 def _bytes_by_device(tensors: list[torch.Tensor]) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     for t in tensors:
-        out[str(t.device)] += t.numel() * t.element_size()
+        out[str(t.device)] += _nbytes(t)
     return dict(out)
 
 

@@ -14,6 +14,7 @@ from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm, dropout_a
 from hetrain.ops.layer_norm import layer_norm, layer_norm_ref
 from hetrain.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from hetrain.ops.rms_norm import rms_norm, rms_norm_ref
+from hetrain.ops.sparse_adamw import sparse_adamw_ as sparse_adamw_  # an optimizer step (hetrain.optim)
 
 __all__ = [
     "bias_gelu", "bias_gelu_ref", "bn_relu_pool", "bn_relu_pool_ref", "conv_bn_relu_pool", "conv_relu_pool",

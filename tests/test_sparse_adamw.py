@@ -50,6 +50,17 @@ def test_each_backend_matches_the_reference_over_steps(backend, dtype):
         torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+def step_side_by_side(backend, mine, torchs, grads, as_torchs):
+    """Steps hetrain's optimizer and torch's through the same gradients; the parameters must agree."""
+    (p, ours), (q, theirs) = mine, torchs
+    for grad in grads:
+        p.grad, q.grad = grad, as_torchs(grad)
+        with plugins.use_backend(**{OP: backend}):
+            ours.step()
+        theirs.step()
+    torch.testing.assert_close(p, q, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_equals_torch_sparse_adam_without_decay_and_eps(backend):
     # torch's SparseAdam adds eps outside the bias correction, AdamW inside: with a negligible eps and no decay
@@ -58,13 +69,8 @@ def test_equals_torch_sparse_adam_without_decay_and_eps(backend):
     ours = SparseAwareAdamW([{"params": [p], "sparse": True}], lr=3e-2, betas=(0.85, 0.9), eps=1e-200,
                             weight_decay=0.0)
     theirs = torch.optim.SparseAdam([q], lr=3e-2, betas=(0.85, 0.9), eps=1e-200)
-    for step in range(1, 6):
-        p.grad = sparse_grad(*p.shape, 25, torch.float64, seed=10 + step)
-        q.grad = p.grad.clone()
-        with plugins.use_backend(**{OP: backend}):
-            ours.step()
-        theirs.step()
-    torch.testing.assert_close(p, q, **TOL[torch.float64])
+    grads = [sparse_grad(*p.shape, 25, torch.float64, seed=10 + step) for step in range(5)]
+    step_side_by_side(backend, (p, ours), (q, theirs), grads, lambda g: g.clone())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -72,13 +78,8 @@ def test_every_row_touched_every_step_is_torch_adamw(backend):
     p, q = table(), table()
     ours = SparseAwareAdamW([{"params": [p], "sparse": True}], lr=2e-2, weight_decay=0.05)
     theirs = torch.optim.AdamW([q], lr=2e-2, weight_decay=0.05, foreach=False)
-    for step in range(1, 5):
-        p.grad = sparse_grad(*p.shape, p.shape[0], torch.float64, seed=20 + step, cover_all=True)
-        q.grad = p.grad.to_dense()
-        with plugins.use_backend(**{OP: backend}):
-            ours.step()
-        theirs.step()
-    torch.testing.assert_close(p, q, **TOL[torch.float64])
+    grads = [sparse_grad(*p.shape, p.shape[0], torch.float64, seed=20 + step, cover_all=True) for step in range(4)]
+    step_side_by_side(backend, (p, ours), (q, theirs), grads, lambda g: g.to_dense())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -57,6 +57,17 @@ def test_gpu_check_without_a_gpu_names_each_skipped_step(tmp_path):
     assert (tmp_path / record["log"]).exists()
 
 
+def test_gpu_check_within_a_time_budget_skips_what_would_not_fit_and_records_each_step(tmp_path):
+    # env takes seconds of the 21 s budget; the next step would start with under 20 s left.
+    out = run_python(["-m", "hetrain.checks.gpu_check", "--only", "env,bench-embedding", "--budget-s", "21",
+                      "--out", str(tmp_path)])
+    assert out.returncode == 0, out.stdout + out.stderr
+    record = json.loads(next(tmp_path.glob("*-check.json")).read_text())
+    status = {s["name"]: (s["status"], s["detail"]) for s in record["steps"]}
+    assert status["env"][0] == "passed" and record["budget_s"] == 21
+    assert status["bench-embedding"] == ("skipped", "out of the time budget (21 s)")
+
+
 def test_bench_ops_runs_every_case_in_its_cpu_smoke_mode(tmp_path):
     out = run_python(["-m", "benchmarks.bench_ops", "--quick", "--device", "cpu", "--out", str(tmp_path)])
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

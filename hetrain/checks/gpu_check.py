@@ -85,7 +85,7 @@ def why_skipped(step: Step, only: set[str] | None, skip: set[str]) -> str | None
     return None
 
 
-def run_step(step: Step, log) -> Outcome:
+def run_step(step: Step, log, timeout_s: float) -> Outcome:
     start = time.perf_counter()
     log.write(f"\n===== {step.name}: {' '.join(step.command)}\n")
     log.flush()
@@ -93,11 +93,15 @@ def run_step(step: Step, log) -> Outcome:
     env = {k: v for k, v in {**os.environ, **step.env}.items() if v is not None}
     try:
         proc = subprocess.run(step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=step.timeout_s)
+                              timeout=timeout_s)
         status, detail = ("passed", "") if proc.returncode == 0 else ("failed", f"exit code {proc.returncode}")
     except subprocess.TimeoutExpired:
-        status, detail = "failed", f"timed out after {step.timeout_s} s"
+        status, detail = "failed", f"timed out after {timeout_s:.0f} s"
     return Outcome(step.name, status, time.perf_counter() - start, detail)
+
+
+# A step is not started with less time than this left in the budget: it would only be killed.
+MIN_STEP_S = 20
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated steps to run")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and the log go")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock seconds for all steps: each gets at most what is left, and steps that "
+                             "would start with under 20 s left are skipped (a GPU lent for minutes)")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     skip = set(filter(None, args.skip.split(",")))
@@ -133,15 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"{dt.date.today().isoformat()}-{device_name()}"
     log_path = args.out / f"{stem}-check.log"
     outcomes = []
+    start = time.perf_counter()
     with open(log_path, "w") as log:
         for step in steps(args.quick, args.out):
-            reason = why_skipped(step, only, skip)
-            outcome = Outcome(step.name, "skipped", 0.0, reason) if reason else run_step(step, log)
+            left = step.timeout_s if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+            reason = why_skipped(step, only, skip) or (
+                f"out of the time budget ({args.budget_s:.0f} s)" if left < MIN_STEP_S else None)
+            outcome = (Outcome(step.name, "skipped", 0.0, reason) if reason
+                       else run_step(step, log, min(step.timeout_s, left)))
             outcomes.append(outcome)
             print(f"[gpu-check] {outcome.name}: {outcome.status} {outcome.detail}".rstrip(), flush=True)
-    record = {"date": dt.date.today().isoformat(), "device": device_name(), "torch": torch.__version__,
-              "cuda": torch.version.cuda, "steps": [asdict(o) for o in outcomes], "log": log_path.name}
-    (args.out / f"{stem}-check.json").write_text(json.dumps(record, indent=2))
+            # Recorded after every step, so a run cut short from outside still leaves what it did.
+            record = {"date": dt.date.today().isoformat(), "device": device_name(), "torch": torch.__version__,
+                      "cuda": torch.version.cuda, "budget_s": args.budget_s, "steps": [asdict(o) for o in outcomes],
+                      "log": log_path.name}
+            (args.out / f"{stem}-check.json").write_text(json.dumps(record, indent=2))
     print("\n" + table(outcomes))
     if any(o.name == "bench-ops" and o.status == "passed" for o in outcomes):
         print("\n" + headline_ratios(args.out, device_name()))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,12 +14,12 @@ from hetrain.models.bert import BertClassifier
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_two_ranks(script: str, tmp_path: Path) -> None:
+def run_two_ranks(script: str, tmp_path: Path, *args: str) -> None:
     """Runs ``script`` (which starts a 2-process DDP fit writing into argv[1]) as a user would, in a subprocess."""
     path = tmp_path / "two_ranks.py"
     path.write_text(script)
-    run = subprocess.run([sys.executable, str(path), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run([sys.executable, str(path), str(tmp_path), *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
 
 
@@ -122,7 +123,8 @@ if __name__ == "__main__":
     pl.seed_everything(0)
     data = SyntheticDataModule(vocab_size=64, num_classes=2, min_len=4, max_len=40, train_size=120, val_size=16,
                                max_tokens=160, seed=4)
-    model = BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=48, dropout=0.0)
+    model = BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=48, dropout=0.0,
+                           sparse_embeddings=sys.argv[2] == "sparse")
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, accumulate_grad_batches=2,
                          limit_val_batches=0, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                          enable_model_summary=False, default_root_dir=sys.argv[1])
@@ -130,8 +132,10 @@ if __name__ == "__main__":
 '''
 
 
-def test_ddp_with_accumulation_gives_the_gradient_of_the_mean_over_every_ranks_window(tmp_path):
-    run_two_ranks(WINDOW_PER_RANK, tmp_path)
+@pytest.mark.parametrize("table", ["dense", "sparse"])
+def test_ddp_with_accumulation_gives_the_gradient_of_the_mean_over_every_ranks_window(tmp_path, table):
+    # With sparse embeddings the token table's gradient is reduced across ranks as a sparse tensor.
+    run_two_ranks(WINDOW_PER_RANK, tmp_path, table)
     batches = [b for r in (0, 1) for b in torch.load(tmp_path / f"batches_rank{r}.pt")]
     sizes = [len(b["labels"]) for b in batches]
     assert len(sizes) == 4 and len(set(sizes)) > 1, sizes  # two batches per rank, of unequal size
@@ -143,4 +147,6 @@ def test_ddp_with_accumulation_gives_the_gradient_of_the_mean_over_every_ranks_w
     for rank in (0, 1):
         grads = torch.load(tmp_path / f"grads_rank{rank}.pt")
         for name, p in model.named_parameters():
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
+            assert grads[name].is_sparse == (table == "sparse" and name == "embeddings.tokens.weight")
+            torch.testing.assert_close(grads[name].to_dense(), p.grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"rank {rank}: {name}")

@@ -1,4 +1,5 @@
-"""Fused operators: each is a ``torch.library`` custom op whose backend the registry picks per device."""
+"""Fused operators: each is a ``torch.library`` custom op whose backend the registry picks per device;
+``sparse_adamw_``, the lazy optimizer step of :mod:`hetrain.optim`, is picked per device the same way."""
 
 from hetrain.ops.bias_gelu import bias_gelu, bias_gelu_ref
 from hetrain.ops.conv_bn_relu_pool import (

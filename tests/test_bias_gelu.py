@@ -84,6 +84,14 @@ def test_zero_size_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_hidden_size(backend):
+    x = randn(3, 0, seed=2, requires_grad=True)
+    b = torch.empty(0, requires_grad=True)
+    y, _dy, dx, db = run(backend, x, b, "none")
+    assert y.shape == dx.shape == (3, 0) and db.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gradcheck(backend, approximate):
     x = randn(3, 9, dtype=torch.float64, seed=8, shift=0.3, requires_grad=True)
@@ -209,3 +217,20 @@ def test_patch_fuses_linear_gelu_runs_in_sequentials():
     torch.testing.assert_close(after, before)
     torch.testing.assert_close(g_after, g_before)
     assert model.state_dict().keys() == state.keys()
+
+
+@pytest.mark.parametrize("hooked", [0, 1])
+def test_patch_leaves_runs_with_module_hooks_alone(hooked):
+    # Fused, a hook on the Linear would see the GELU's output and one on the GELU would never run.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU())
+    seen = []
+    model[hooked].register_forward_hook(lambda _module, _args, out: seen.append(out.detach().clone()))
+    x = torch.randn(3, 6)
+    model(x)
+    report = hetrain.nn.patch(model)
+    model(x)
+    assert len(report) == 0 and type(model[0]) is torch.nn.Linear and type(model[1]) is torch.nn.GELU
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], seen[0])
+

@@ -245,6 +245,8 @@ def test_bad_inputs_raise_clear_errors():
         bn_relu_pool(randn(1, 4, 1, 1), w, b, rm, rv, True, kernel_size=1)
     with pytest.raises(ValueError, match="eps must be positive"):
         bn_relu_pool(x, w, b, rm, rv, True, eps=0.0)
+    with pytest.raises(ValueError, match=r"momentum must be a number, got None; .* 1 / num_batches_tracked"):
+        bn_relu_pool(x, w, b, rm, rv, True, momentum=None)
     with pytest.raises(ValueError, match="running_mean and running_var; none given"):
         bn_relu_pool(x, w, b, None, None, False)
     with pytest.raises(RuntimeError, match="mean must be Float for Float inputs"):

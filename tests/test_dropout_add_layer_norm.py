@@ -165,6 +165,20 @@ def test_non_contiguous_inputs_and_grad(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_expanded_weight_and_bias(backend):
+    # The Triton kernels read weight and bias as W + cols: a strided or stride-0 vector must be made dense.
+    x = randn(5, 40, dtype=torch.float64, seed=4, shift=1.0, requires_grad=True)
+    r = randn(5, 40, dtype=torch.float64, seed=5, requires_grad=True)
+    w = non_contiguous(randn(40, dtype=torch.float64, seed=6, requires_grad=True))
+    b = randn(1, dtype=torch.float64, seed=7).expand(40).requires_grad_()
+    dy = randn(5, 40, dtype=torch.float64, seed=8)
+    seed = torch.tensor([42])
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        got = with_grads(lambda: fused_op(x, r, w, b, seed, 0.25, 1e-5)[0], (x, r, w, b), dy)
+    compare(backend, got, reference(x, r, w, b, keep_mask(seed, 5, 40, 0.25), 0.25, dy), torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_size_batch(backend):
     x, r = torch.empty(0, 16, requires_grad=True), torch.empty(0, 16, requires_grad=True)
     w, b = randn(16, seed=1, requires_grad=True), randn(16, seed=2, requires_grad=True)
@@ -173,6 +187,15 @@ def test_zero_size_batch(backend):
         dx, dr, dw, db = torch.autograd.grad(y, (x, r, w, b), torch.empty(0, 16))
     assert y.shape == dx.shape == dr.shape == (0, 16)
     assert torch.equal(dw, torch.zeros(16)) and torch.equal(db, torch.zeros(16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_hidden_size(backend):
+    x, r = randn(3, 0, seed=1, requires_grad=True), randn(3, 0, seed=2, requires_grad=True)
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        y = dropout_add_layer_norm(x, r, None, None, 0.1)
+        dx, dr = torch.autograd.grad(y, (x, r), torch.empty(3, 0))
+    assert y.shape == dx.shape == dr.shape == (3, 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -241,8 +264,10 @@ def test_bad_inputs_raise_clear_errors():
         dropout_add_layer_norm(x, r, randn(7), b, 0.1)
     with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
         dropout_add_layer_norm(x, r, w, torch.empty(8, device="meta"), 0.1)
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\]"):
         dropout_add_layer_norm(x, r, w, b, 1.5)
+    with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\], got True"):
+        dropout_add_layer_norm(x, r, w, b, True)
     with pytest.raises(ValueError, match="floating tensor"):
         dropout_add_layer_norm(torch.ones(4, 8, dtype=torch.int64), torch.ones(4, 8, dtype=torch.int64), w, b, 0.1)
     seed = torch.tensor([1])

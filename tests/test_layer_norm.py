@@ -62,6 +62,19 @@ def test_non_contiguous_input_and_grad(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_expanded_weight_and_bias(backend):
+    # The Triton kernels read weight and bias as W + cols: a strided or stride-0 vector must be made dense.
+    x = randn(5, 40, dtype=torch.float64, seed=4, shift=1.0, requires_grad=True)
+    w = non_contiguous(randn(40, dtype=torch.float64, seed=5, requires_grad=True))
+    b = randn(1, dtype=torch.float64, seed=6).expand(40).requires_grad_()
+    y, dy, grads = run(backend, x, w, b)
+    y_ref, grads_ref = reference(x, w, b, dy)
+    assert_close(y, y_ref, torch.float64, "y")
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert_close(g, g_ref, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_size_batch(backend):
     x = torch.empty(0, 16, requires_grad=True)
     w = randn(16, seed=1, requires_grad=True)
@@ -139,6 +152,9 @@ def test_bad_inputs_raise_clear_errors():
         layer_norm(torch.ones(4, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="on meta but x is on cpu"):
         layer_norm(x, torch.empty(8, device="meta"))
+    for backend in BACKENDS:  # the torch backend alone would return NaN
+        with plugins.use_backend(layer_norm=backend), pytest.raises(ValueError, match="eps must be >= 0"):
+            layer_norm(x, eps=-1.0)
     with pytest.raises(RuntimeError, match="must be 2-D"):
         torch.ops.hetrain_C.layer_norm_fwd(randn(2, 3, 4), None, None, 1e-5)
     with pytest.raises(RuntimeError, match="dtype Double differs"):

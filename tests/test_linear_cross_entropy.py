@@ -207,6 +207,25 @@ def test_gradcheck(reduction):
         assert torch.autograd.gradcheck(fn, (hidden, weight, b))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_double_backward_raises_instead_of_a_wrong_second_derivative(reduction):
+    # The gradients are computed in forward; a gradient of them used to re-enter the first-order backward and
+    # return a wrong Hessian-vector product without an error. A first-order gradient with create_graph=True still works.
+    hidden, weight, b, target = inputs((6,), 5, 7, seed=12)
+    with plugins.use_backend(linear_cross_entropy="cpu"):
+        loss = linear_cross_entropy(hidden, weight, target, b, reduction=reduction).sum()
+        gh, gw = torch.autograd.grad(loss, (hidden, weight), create_graph=True)
+    h64, w64 = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    ref = linear_cross_entropy_ref(h64, w64, target, b.detach(), reduction=reduction).sum()
+    gh_ref, gw_ref = torch.autograd.grad(ref, (h64, w64))
+    assert_close(gh, gh_ref, torch.float64, "first-order hidden grad")
+    assert_close(gw, gw_ref, torch.float64, "first-order weight grad")
+    with pytest.raises(RuntimeError, match="double backward .* not supported"):
+        torch.autograd.grad(gh.square().sum(), hidden)
+    with pytest.raises(RuntimeError, match="double backward .* not supported"):
+        torch.autograd.grad(gw.sum(), weight, allow_unused=True)
+
+
 def test_gradients_skipped_when_nothing_requires_them():
     hidden, weight, b, target = inputs((9,), 8, 23, seed=10)
     with torch.no_grad():
@@ -349,6 +368,8 @@ def test_head_module_is_state_dict_compatible_with_linear():
                  "shared head with num_items")
     no_bias = LinearCrossEntropyHead.from_linear(torch.nn.Linear(24, 57, bias=False))
     assert no_bias.bias is None and "bias" not in no_bias.state_dict()
+    with pytest.raises(TypeError, match="device"):  # it shares the Linear's parameters, so their device
+        LinearCrossEntropyHead.from_linear(linear, device="cpu")
     assert "vocab=57" in repr(head)
 
 

@@ -112,6 +112,15 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_expanded_weight(backend):
+    # The Triton kernels read the weight as W + cols: a strided or stride-0 vector must be made dense.
+    x, w, dy = _inputs((6, 33), torch.float64, True)
+    for weight in (torch.stack([w.detach(), w.detach()], 1)[:, 0], w.detach()[:1].expand(33)):
+        assert not weight.is_contiguous()
+        _assert_matches(_run(backend, x, weight, dy), _reference(x, weight, dy), torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 7), (2, 0, 7), (3, 0)], ids=str)
 def test_empty_inputs(backend, shape):
     x, w, dy = _inputs(shape, torch.float32, True)

@@ -38,9 +38,12 @@ class LinearCrossEntropyHead(torch.nn.Module):
                                     num_items=num_items, memory_budget=self.memory_budget)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, **kwargs) -> LinearCrossEntropyHead:
-        """A head sharing ``linear``'s parameters (no copy); ``kwargs`` as in the constructor."""
-        head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **kwargs)
+    def from_linear(cls, linear: torch.nn.Linear, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                    reduction: str = "mean", memory_budget: int | None = None) -> LinearCrossEntropyHead:
+        """A head sharing ``linear``'s parameters (no copy), so on its device and dtype; move it with ``.to()``."""
+        head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                   ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+                   memory_budget=memory_budget)
         head.weight = linear.weight
         head.bias = linear.bias
         return head

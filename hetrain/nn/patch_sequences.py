@@ -9,7 +9,8 @@ siblings' names, and a load hook accepts either form. Checkpoints therefore load
 the unpatched model alike, both ways.
 
 Only exact ``nn.Sequential`` containers and exact torch layer types are matched (a subclass may change
-its forward); a run the kernels cannot take (e.g. ``MaxPool2d(ceil_mode=True)``) is left alone.
+its forward); a run the kernels cannot take (e.g. ``MaxPool2d(ceil_mode=True)``), or one with module hooks,
+is left alone.
 """
 
 from __future__ import annotations
@@ -40,10 +41,19 @@ _RUNS: tuple[tuple[tuple[type, ...], Callable[..., nn.Module], Callable[[list[nn
 _SPANS = "_hetrain_fused_spans"  # on a patched Sequential: fused child name -> the sibling names it spans
 
 
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks of its own: fused, they would see the block's tensors (a Linear's hook
+    would get the GELU's output) or never run (the GELU, BatchNorm, ReLU and pool), so the run is left alone."""
+    return any(getattr(module, name, None) for name in _HOOKS)
+
+
 def _fusable(types: tuple[type, ...], ok: Callable[[list[nn.Module]], bool], modules: list[nn.Module]) -> bool:
     if len(modules) != len(types) or any(type(m) is not t for m, t in zip(modules, types, strict=True)):
         return False
-    return ok(modules)
+    return not any(_hooked(m) for m in modules) and ok(modules)
 
 
 def swap_sequences(model: nn.Module) -> dict[str, str]:

@@ -8,6 +8,8 @@ output is never kept for backward (eager torch keeps both ``x + bias`` and the o
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hetrain import plugins
@@ -130,4 +132,5 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
     if not bias.is_floating_point():
         raise ValueError(f"hetrain.ops.bias_gelu: bias must be a floating tensor, got {bias.dtype}")
     bias = bias.to(x.dtype) if bias.dtype != x.dtype else bias
-    return _bias_gelu_fwd(x.reshape(-1, n), bias, approximate).view_as(x)
+    # Rows counted, not inferred: reshape(-1, 0) cannot infer them when the hidden size is 0.
+    return _bias_gelu_fwd(x.reshape(math.prod(x.shape[:-1]), n), bias, approximate).view_as(x)

@@ -307,6 +307,9 @@ def bn_relu_pool(
     for what, v in (("running_mean", running_mean), ("running_var", running_var)):
         _channel_vector(name, what, v, x, stats)
     if training:
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float):
+            raise ValueError(f"{name}: momentum must be a number, got {momentum!r}; for BatchNorm's cumulative "
+                             "average (momentum=None) pass 1 / num_batches_tracked, as ConvBNReLUPool2d does")
         if not eps > 0:
             raise ValueError(f"{name}: eps must be positive when training, got {eps}")
         if x.shape[0] * x.shape[2] * x.shape[3] == 1:

@@ -225,14 +225,15 @@ def dropout_add_layer_norm(
                              f"{tuple(t.shape)} (x is {tuple(x.shape)})")
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: {label} is on {t.device} but x is on {x.device}")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name}: p must be in [0, 1], got {p}")
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name}: p must be a number in [0, 1], got {p!r}")
     if eps < 0:
         raise ValueError(f"{name}: eps must be >= 0, got {eps}")
     p = float(p) if training else 0.0
     seed = dropout_stream(x) if p > 0 else torch.zeros(2, dtype=torch.int64)
     weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
-    y, _mean, _rstd = _dropout_add_layer_norm_fwd(x.reshape(-1, n), residual.reshape(-1, n), weight, bias, seed, p,
-                                                  float(eps))
+    rows = math.prod(x.shape[:-1])  # counted, not inferred: reshape(-1, 0) fails for a hidden size of 0
+    y, _mean, _rstd = _dropout_add_layer_norm_fwd(x.reshape(rows, n), residual.reshape(rows, n), weight, bias,
+                                                  seed, p, float(eps))
     return y.view_as(x)

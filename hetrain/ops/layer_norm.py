@@ -148,6 +148,8 @@ def layer_norm(
                              f"dimension, got {tuple(p.shape)} (x is {tuple(x.shape)})")
         if p is not None and p.device != x.device:
             raise ValueError(f"hetrain.ops.layer_norm: {name} is on {p.device} but x is on {x.device}")
+    if eps < 0:  # checked here, not only by the C++ kernel: a fallback backend would return NaN instead
+        raise ValueError(f"hetrain.ops.layer_norm: eps must be >= 0, got {eps}")
     weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
     rows = math.prod(x.shape[:-1])

@@ -38,3 +38,9 @@ def backward_programs(M: int, device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(M, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
     return max(1, min(M, 4))
+
+
+def dense(v: torch.Tensor | None) -> torch.Tensor | None:
+    """``v`` with unit stride: the kernels read a weight or bias as ``W + cols``, so a strided or expanded
+    (stride 0) vector, e.g. ``w[::2]`` or ``torch.ones(1).expand(n)``, would be read at the wrong places."""
+    return v if v is None or v.is_contiguous() else v.contiguous()

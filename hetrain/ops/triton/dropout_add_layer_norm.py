@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
-from hetrain.ops.triton._rows import backward_programs, compute_dtype, row_config, tl_compute
+from hetrain.ops.triton._rows import backward_programs, compute_dtype, dense, row_config, tl_compute
 from hetrain.ops.triton.dropout import join64, kept, stream_args
 from hetrain.ops.triton.layer_norm import _normalize_row, _row_input_grad
 
@@ -142,6 +142,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, residual: (M, N); seed: int64 (seed[, offset]) on the CPU. Returns y (M, N), mean (M,), rstd (M,)."""
     M, N = x.shape
+    weight, bias = dense(weight), dense(bias)
     x = x if x.stride(-1) == 1 else x.contiguous()
     residual = residual if residual.stride(-1) == 1 else residual.contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -166,6 +167,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dx (M, N), dresidual (M, N), dw (N,) or empty, db (N,) or empty."""
     M, N = x.shape
+    weight = dense(weight)
     x = x if x.stride(-1) == 1 else x.contiguous()
     residual = residual if residual.stride(-1) == 1 else residual.contiguous()
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
-from hetrain.ops.triton._rows import backward_programs, compute_dtype, row_config, tl_compute
+from hetrain.ops.triton._rows import backward_programs, compute_dtype, dense, row_config, tl_compute
 
 # 32 KiB of fp32/fp64 row data per program: past it the backward kernel spills registers on sm_80/sm_90
 # (16384 fp32 elements spill 2 KB; measured with `make gpu-compile`).
@@ -131,6 +131,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (M, N). Returns y (M, N), mean (M,), rstd (M,)."""
     M, N = x.shape
+    weight, bias = dense(weight), dense(bias)
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -155,6 +156,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dx (M, N), dw (N,) or empty, db (N,) or empty."""
     M, N = x.shape
+    weight = dense(weight)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if dy.stride(-1) != 1:

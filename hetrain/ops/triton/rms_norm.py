@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
-from hetrain.ops.triton._rows import backward_programs, compute_dtype, row_config, tl_compute
+from hetrain.ops.triton._rows import backward_programs, compute_dtype, dense, row_config, tl_compute
 
 # Row data per program, counted in the COMPUTE dtype (8192 float32 / 4096 float64 elements): the largest row
 # whose backward keeps every value in registers on sm_80 and sm_90 (cuobjdump: no stack); past it, it spills.
@@ -94,6 +94,7 @@ def launch_config(N: int, dtype: torch.dtype) -> dict:
 def forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (M, N). Returns y (M, N), rstd (M,)."""
     M, N = x.shape
+    weight = dense(weight)
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -114,6 +115,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns dx (M, N) and dw (N,), or an empty dw without a weight."""
     M, N = x.shape
+    weight = dense(weight)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if dy.stride(-1) != 1:

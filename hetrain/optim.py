@@ -49,8 +49,16 @@ class SparseAwareAdamW(torch.optim.Optimizer):
                                             weight_decay=g0["weight_decay"], fused=self._fused)
             self._dense.state = self.state
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_fused"):  # after __init__ (e.g. unfreezing): a dense group added now must step too
+            self._share_with_dense()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)  # replaces the group dicts and the state mapping
+        # A state saved by torch's AdamW has no "sparse" key: each group keeps the one it has here.
+        groups = [{"sparse": mine["sparse"], **saved}
+                  for mine, saved in zip(self.param_groups, state_dict["param_groups"], strict=False)]
+        super().load_state_dict({**state_dict, "param_groups": groups})  # replaces the group dicts and the state
         self._share_with_dense()
 
     @torch.no_grad()
@@ -60,7 +68,16 @@ class SparseAwareAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._dense is not None:
-            self._dense.step()  # first: on a GPU its kernels run while the CPU steps the sparse tables
+            try:
+                self._dense.step()  # first: on a GPU its kernels run while the CPU steps the sparse tables
+            except RuntimeError as exc:
+                sparse = [p for g in self._dense.param_groups for p in g["params"]
+                          if p.grad is not None and p.grad.is_sparse]
+                if not sparse:
+                    raise
+                raise ValueError(f"hetrain.SparseAwareAdamW: a parameter of shape {tuple(sparse[0].shape)} in a dense "
+                                 "group got a sparse gradient; put it in a group with sparse=True "
+                                 "(hetrain.optim.sparse_parameters(model) lists them)") from exc
         for group in self.param_groups:
             if group["sparse"]:
                 for p in group["params"]:

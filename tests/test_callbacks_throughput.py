@@ -180,6 +180,17 @@ def test_callback_in_a_fit_reports_exact_numbers_from_its_clock(tmp_path):
     assert "throughput/device/samples_per_sec" in header
 
 
+def test_log_every_n_steps_zero_logs_nothing_and_keeps_the_summary(tmp_path):
+    callback = Throughput(peak_flops=1e9)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=CSVLogger(tmp_path),
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         log_every_n_steps=0, callbacks=[callback])  # Lightning's "never log": was ZeroDivisionError
+    trainer.fit(Tagger(), DataLoader(_samples(3 * BATCH), batch_size=BATCH))
+    assert callback.summary["batches_timed"] == 2
+    metrics = tmp_path / "lightning_logs" / "version_0" / "metrics.csv"
+    assert not metrics.exists() or "throughput/" not in metrics.read_text()
+
+
 @pytest.mark.cuda
 def test_callback_on_a_gpu_times_real_work(tmp_path):
     data = _samples(6 * BATCH)

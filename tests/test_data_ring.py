@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader
+from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader, StreamBatches
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import SyntheticSequences, pad_collate
 from hetrain.data.tokens import TokenFile, write_token_file
@@ -161,6 +161,16 @@ def test_a_producer_exception_reaches_the_loop_naming_the_sample():
         iter(loader).__next__()
 
 
+def test_a_batch_larger_than_the_pad_into_slot_is_named():
+    ds = Flaky(20)
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(20)], 10, shuffle=False)
+    with RingLoader(ds, sampler, collate=PadInto(6, 10), num_workers=2) as loader:  # the sampler's budget is 10
+        with pytest.raises(LoaderError, match=r"in the slot collate: .* does not fit PadInto\(max_tokens=6"):
+            list_of_copies(loader)
+    with pytest.raises(ValueError, match="positive batch_size"):
+        StreamBatches(batch_size=0)
+
+
 def test_corrupt_and_truncated_token_files_are_named(tmp_path):
     docs = [np.full(50, 7), np.array([7, 7, 60000, 7]), np.full(30, 7)]
     tf = write_token_file(tmp_path / "c", docs)
@@ -199,6 +209,19 @@ def test_holding_every_slot_is_reported():
     with RingLoader(ds, sampler, collate=PadInto(5, 5), num_slots=2, stall_timeout=0.3) as loader:
         with pytest.raises(LoaderError, match="still holds all 2 slots"):
             list(loader)  # keeps every batch alive
+
+
+def test_a_second_concurrent_iterator_ends_the_first_instead_of_hanging(corpus):
+    ds = TokenWindows(corpus, max_len=64)
+    sampler = TokenBudgetBatchSampler(ds.lengths, 256, shuffle=False)
+    with RingLoader(ds, sampler, num_workers=2, stall_timeout=5) as loader:
+        first, second = iter(loader), iter(loader)
+        a, b = next(first), next(second)  # the second restarts the ring's epoch
+        with pytest.raises(RuntimeError, match="one iterator at a time"):
+            next(first)  # took batch 1 of the second's epoch, then waited forever on batch 1 the second took
+        del a
+        rest = [batch["sample_ids"].tolist() for batch in second]
+        assert [b["sample_ids"].tolist(), *rest] == list(sampler)
 
 
 def test_close_and_garbage_collection_stop_every_thread(corpus):

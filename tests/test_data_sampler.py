@@ -155,3 +155,21 @@ def test_bad_arguments_name_the_problem():
         TokenBudgetBatchSampler([5], 16, num_replicas=2, rank=2)
     with pytest.raises(ValueError, match="non-empty"):
         TokenBudgetBatchSampler([], 16)
+
+
+@pytest.mark.parametrize("after", [1, 2, 3])
+def test_resume_after_half_of_a_halved_batch_loses_no_sample(after):
+    # 7 global batches on 2 ranks: one of the last is halved, and 2 steps end between its two halves.
+    lengths = [10] * 4 + [20] * 2 + [30] * 2 + [40] * 2 + [50] * 2
+    first = rank_samplers(lengths, 2, max_tokens=60, shuffle=False)
+    consumed = []
+    for s in first:
+        it = iter(s)
+        consumed += [i for _ in range(2) for i in next(it)]
+    state = first[0].state_dict()
+    resumed = rank_samplers(lengths, after, max_tokens=60, shuffle=False)
+    for s in resumed:
+        s.load_state_dict(state)
+    rest = [i for s in resumed for batch in s for i in batch]
+    assert set(consumed) | set(rest) == set(range(len(lengths)))
+    assert not set(consumed) & set(rest)

@@ -37,6 +37,11 @@ def test_ids_too_large_for_uint16_are_refused(tmp_path):
     assert not (tmp_path / "c.bin").exists() and not (tmp_path / "c.bin.tmp").exists()
 
 
+def test_a_negative_id_is_named_not_blamed_on_the_width(tmp_path):
+    with pytest.raises(ValueError, match=r"document 0 has token id -5; token ids are non-negative"):
+        write_token_file(tmp_path / "c", [[-5, 3]], itemsize=2)  # was: "token id 3 outside [0, 65535]; itemsize=4"
+
+
 def test_truncated_and_corrupt_files_fail_at_open_naming_the_file(tmp_path):
     write_token_file(tmp_path / "c", random_docs(10, 1000, seed=1))
     data = (tmp_path / "c.bin").read_bytes()

@@ -318,6 +318,22 @@ def test_checkpointing_a_stage_with_batchnorm_is_refused_naming_it():
     torch.testing.assert_close(task.model(x), plain(x))  # through gpipe_forward with the head checkpointed
 
 
+def test_a_split_over_batchnorm_warns_that_it_changes_training():
+    from hetrain.models.resnet import ResNet
+
+    class Task(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = ResNet()
+
+    task = Task()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    whole = task.model(x)
+    with pytest.warns(UserWarning, match="BatchNorm stem.1 .* differs from the unsplit model"):
+        PipelineSplit(4).on_fit_start(None, task)
+    assert not torch.allclose(task.model(x), whole, atol=1e-3)  # why: statistics per micro-batch
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("micro_batches", [1, 3])
 def test_a_cpu_stage_feeding_gpu_stages_equals_the_unsplit_model_and_names_its_copies(micro_batches):

@@ -207,3 +207,26 @@ def test_the_task_trains_bert_with_sparse_embeddings_in_a_fit(tmp_path):
                           enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="gradient_clip_val"):
         clipping.fit(ClassificationTask(model, num_classes=3), train_dataloaders=data)
+
+
+def test_a_dense_group_added_later_steps_like_the_first():
+    # What Lightning's BaseFinetuning does when it unfreezes a module: optimizer.add_param_group(...).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(40, 8, sparse=True), nn.Linear(8, 8), nn.Linear(8, 3)).double()
+    opt = SparseAwareAdamW([{"params": sparse_parameters(model), "sparse": True},
+                            {"params": model[1].parameters()}], lr=1e-2, fused=False)
+    opt.add_param_group({"params": model[2].parameters()})
+    before = model[2].weight.detach().clone()
+    train(model, opt, 1, seed=0)
+    assert not torch.equal(model[2].weight, before), "the added group was never stepped"
+
+
+def test_a_state_saved_by_torch_adamw_loads_and_a_sparse_grad_in_a_dense_group_is_named():
+    model, opt = model_and_optimizer()
+    plain = torch.optim.AdamW([{"params": list(model[1].parameters())}, {"params": [model[0].weight]}], lr=1e-2)
+    opt.load_state_dict(plain.state_dict())  # was KeyError: 'sparse'
+    assert [g["sparse"] for g in opt.param_groups] == [False, True]
+    train(model, opt, 1, seed=0)
+    wrong = SparseAwareAdamW(model.parameters())  # the sparse table in a dense group
+    with pytest.raises(ValueError, match="in a dense group got a sparse gradient; put it in a group with sparse=True"):
+        train(model, wrong, 1, seed=0)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
@@ -33,7 +34,8 @@ class PipelineSplit(Callback):
         batch over its own devices.
 
     Args:
-        micro_batches: pieces each batch is cut into (at most the batch size; uneven sizes allowed).
+        micro_batches: pieces each batch is cut into (at most the batch size; uneven sizes allowed). A
+            BatchNorm sees each micro-batch alone, so a model with one trains differently (a warning says so).
         checkpoint: stages (module paths, or a prefix such as ``encoder``) whose activations are
             recomputed in backward instead of kept, trading compute for memory; ``True`` means all.
     """
@@ -72,6 +74,14 @@ class PipelineSplit(Callback):
                 raise ValueError(f"hetrain: checkpointing stage {name!r} would update the running statistics of its "
                                  f"BatchNorm {name}.{norms[0]} twice per step (again in the recompute); leave that "
                                  f"stage out of checkpoint")
+        norms = [f"{name}.{path}" for name, stage in model.stages().items()
+                 for path, m in stage.named_modules() if isinstance(m, _BatchNorm) and m.training]
+        if norms and self.micro_batches > 1:
+            # The split's outputs equal the unsplit model's only for layers that treat rows independently.
+            rank_zero_warn(f"hetrain: BatchNorm {norms[0]} ({len(norms)} in all) normalises each of the "
+                           f"{self.micro_batches} micro-batches by its own statistics and updates its running "
+                           "statistics once per micro-batch, so training differs from the unsplit model; use "
+                           "micro_batches=1 or a per-row norm (LayerNorm, GroupNorm) for equal results")
         chosen = model.checkpoint_stages
         checkpointed = f"; checkpointing {', '.join(sorted(chosen))}" if chosen else ""
         log.info(f"pipeline split: {self.micro_batches} micro-batches over "

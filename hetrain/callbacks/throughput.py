@@ -252,7 +252,7 @@ class Throughput(Callback):
         warmup_batches: first batches left out of the timing.
         peak_flops: peak FLOP/s of the device; ``None`` looks it up or measures it.
         count_flops: count FLOPs during the first batch when the module does not say.
-        log_every_n_steps: logging interval; ``None`` follows the Trainer's.
+        log_every_n_steps: logging interval; ``None`` follows the Trainer's; 0 logs nothing (the summary stays).
         clock: returns seconds; for tests.
     """
 
@@ -331,8 +331,8 @@ class Throughput(Callback):
         self._sync()
         self.meter.batch_end(batch_size(batch), self._tokens(batch), step_done=self._stepped)
         self._stepped = False
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        if trainer.loggers and trainer.global_step % every == 0:
+        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        if trainer.loggers and every and trainer.global_step % every == 0:  # 0: no logging, as in Lightning
             metrics = {f"throughput/{k}": v for k, v in self.meter.compute().items()}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

@@ -60,17 +60,27 @@ class PadInto:
 
     def __init__(self, max_tokens: int, max_rows: int, pad_id: int = 0, label_key: str | None = "label") -> None:
         self.pad_id, self.label_key = pad_id, label_key
+        self.max_tokens, self.max_rows = max_tokens, max_rows
         self.spec: Spec = {"input_ids": (torch.int64, max_tokens), "attention_mask": (torch.bool, max_tokens)}
         if label_key is not None:
             self.spec["labels"] = (torch.int64, max_rows)
 
     def __call__(self, items: list[dict[str, Any]], out: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         rows, cols = len(items), max(len(item["input_ids"]) for item in items)
+        if rows * cols > out["input_ids"].numel() or (self.label_key is not None and rows > out["labels"].numel()):
+            # Checked here, or the slot views below fail with a shape error that names neither.
+            raise ValueError(f"hetrain: a batch of {rows} x {cols} tokens does not fit PadInto(max_tokens="
+                             f"{self.max_tokens}, max_rows={self.max_rows}); size it from the batch sampler "
+                             "(its max_tokens and max_batch_rows) or make the batches smaller")
         ids = out["input_ids"][: rows * cols].view(rows, cols).fill_(self.pad_id)
         mask = out["attention_mask"][: rows * cols].view(rows, cols).fill_(False)
         for r, item in enumerate(items):
-            n = len(item["input_ids"])
-            ids[r, :n] = torch.as_tensor(item["input_ids"])
+            tokens = torch.as_tensor(item["input_ids"])
+            if tokens.dim() != 1:
+                raise ValueError(f"hetrain: PadInto takes 1-D input_ids, got shape {tuple(tokens.shape)} in row {r}; "
+                                 "use CopyInto(your_collate, spec) for other shapes")
+            n = len(tokens)
+            ids[r, :n] = tokens
             mask[r, :n] = True
         shapes = {"input_ids": (rows, cols), "attention_mask": (rows, cols)}
         if self.label_key is not None:
@@ -111,6 +121,10 @@ class StreamBatches:
                  length: Callable[[Any], int] | None = None) -> None:
         if batch_size is None and max_tokens is None:
             raise ValueError("hetrain: StreamBatches needs batch_size, max_tokens or both")
+        if (batch_size is not None and batch_size < 1) or (max_tokens is not None and max_tokens < 1):
+            # batch_size=0 would never close a batch: the whole stream would become one.
+            raise ValueError(f"hetrain: StreamBatches needs positive batch_size and max_tokens, got "
+                             f"batch_size={batch_size}, max_tokens={max_tokens}")
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.max_batch_rows = batch_size or max_tokens
         self.length = length or (lambda sample: len(sample["input_ids"]))
@@ -224,7 +238,7 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
             return
         if job < 0:
             continue
-        sample = None
+        sample, collating = None, False
         try:
             if shared.stream is not None:
                 items = shared.stream.batch(job)
@@ -243,11 +257,12 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
                     shared.reading[producer] = sample
                     items.append(dataset[sample])
                 shared.reading.pop(producer, None)
+            collating = True
             ring.commit(producer, job, _shapes(shared.names, collate(items, views[slot])))
         except Exception as exc:  # every failure goes to the consumer, named
             shared.reading.pop(producer, None)
             shared.errors[job] = exc
-            where = ("reading the stream" if shared.stream is not None
+            where = ("in the slot collate" if collating else "reading the stream" if shared.stream is not None
                      else "in a reader process" if shared.readers is not None else f"at sample {sample}")
             ring.fail(producer, job, f"hetrain: producer {producer} failed on batch {job} {where}: "
                                      f"{type(exc).__name__}: {exc}")
@@ -367,6 +382,7 @@ class RingLoader:
         self._finalizer = weakref.finalize(self, _close, self._shared)
         self._yielded = 0
         self._exhausted = False
+        self._iteration = 0  # bumped by every iteration that starts: only the newest may take batches
 
     # -- iteration -------------------------------------------------------------------------------
 
@@ -383,6 +399,8 @@ class RingLoader:
             return
         plan = [list(b) for b in self.batch_sampler]
         self._yielded, self._exhausted = 0, False
+        self._iteration += 1
+        iteration = self._iteration
         shared, ring = self._shared, self._shared.ring
         shared.errors.clear()
         shared.plan = plan
@@ -395,7 +413,7 @@ class RingLoader:
             self._call(ring.start_epoch, len(plan))
         names = shared.names
         for job in range(len(plan)):
-            tensors = self._take(job)
+            tensors = self._take(job, iteration)
             self._yielded += 1
             yield dict(zip(names, tensors, strict=True))
         self._exhausted = True
@@ -403,12 +421,14 @@ class RingLoader:
     def _iter_stream(self) -> Iterator[dict[str, torch.Tensor]]:
         """An iterable source: batches in stream order until the stream ends (producers find the end)."""
         self._yielded, self._exhausted = 0, False
+        self._iteration += 1
+        iteration = self._iteration
         shared = self._shared
         shared.errors.clear()
         shared.stream = _Stream(self.batch_sampler(iter(self.source)))
         self._call(shared.ring.start_epoch, _UNBOUNDED)
         for job in range(_UNBOUNDED):
-            tensors = self._take(job)
+            tensors = self._take(job, iteration)
             if tensors is None:
                 break
             self._yielded += 1
@@ -422,8 +442,13 @@ class RingLoader:
             self.close()
             raise LoaderError(str(exc)) from None
 
-    def _take(self, job: int) -> list[torch.Tensor] | None:
+    def _take(self, job: int, iteration: int) -> list[torch.Tensor] | None:
         """Batch ``job``'s tensors; None past the end of a stream."""
+        if iteration != self._iteration:
+            # The ring restarted its epoch for the newer iteration: this one's batches are gone, and taking
+            # one the newer iteration holds would wait forever.
+            raise RuntimeError("hetrain: a newer iteration of this RingLoader started, so this iterator ends; a "
+                               "RingLoader serves one iterator at a time (finish or drop one before iter() again)")
         ring = self._shared.ring
         try:
             while True:  # short waits in C++, so Ctrl-C reaches Python between them

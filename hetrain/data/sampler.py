@@ -9,7 +9,8 @@ The epoch's *global plan* (the list of batches) does not depend on the number of
 of ``R`` takes global batches ``r, r + R, ...``; when the count is not a multiple of ``R``, some of
 the last batches are halved (a part of a batch stays within the budget), so every rank gets the same
 number of batches and every sample is seen once per epoch. The resume state is ``(epoch, seed, position)``,
-where ``position`` counts global batches consumed; it loads into a sampler with any ``num_replicas``.
+where ``position`` counts global batches consumed (and ``offset`` the samples consumed of the next one, when
+a halved batch was half consumed); it loads into a sampler with any ``num_replicas``.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ class TokenBudgetBatchSampler:
         self.drop_last = drop_last
         self.epoch = 0
         self._start = 0  # global position the next iteration starts from (set by load_state_dict)
+        self._offset = 0  # samples of global batch ``_start`` consumed before the resume (a halved batch's first part)
         self._resumed_steps = 0  # this epoch's batches a rank had consumed before the resume
         self._yielded = 0  # batches this rank's current iteration has handed out
-        self._iter_start = 0
+        self._iter_start = self._iter_offset = 0
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
         # Batch sizes depend only on the sorted lengths, not on which sample has which length: the
         # number of batches, the largest batch and the padding are the same in every epoch.
@@ -104,30 +106,30 @@ class TokenBudgetBatchSampler:
         self._plan_cache = (epoch, plan)
         return plan
 
-    def _rounds(self, plan: list[np.ndarray], start: int) -> list[np.ndarray]:
-        """The plan from ``start`` cut to whole rounds: batch ``i`` goes to rank ``i % num_replicas``."""
+    def _rounds(self, plan: list[np.ndarray], start: int, offset: int = 0) -> list[np.ndarray]:
+        """The plan from sample ``offset`` of batch ``start``, cut to whole rounds: batch ``i`` goes to rank
+        ``i % num_replicas``."""
         remaining = plan[start:]
+        if offset and remaining:
+            remaining[0] = remaining[0][offset:]
         if self.drop_last:
             return remaining[: len(remaining) // self.num_replicas * self.num_replicas]
         return _balanced(remaining, self.num_replicas)
-
-    def _rank_batches(self, plan: list[np.ndarray], start: int) -> list[np.ndarray]:
-        return self._rounds(plan, start)[self.rank :: self.num_replicas]
 
     # -- Sampler protocol ------------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch's shuffle; a resumed position is kept only for the epoch it was saved in."""
         if epoch != self.epoch:
-            self._start = self._iter_start = self._resumed_steps = 0
+            self._start = self._offset = self._iter_start = self._iter_offset = self._resumed_steps = 0
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        start, self._start = self._start, 0
-        self._iter_start, self._yielded = start, 0
-        if start == 0:  # a fresh pass over the epoch: nothing was consumed before it
+        start, offset, self._start, self._offset = self._start, self._offset, 0, 0
+        self._iter_start, self._iter_offset, self._yielded = start, offset, 0
+        if start == 0 and offset == 0:  # a fresh pass over the epoch: nothing was consumed before it
             self._resumed_steps = 0
-        for batch in self._rank_batches(self.global_plan(), start):
+        for batch in self._rounds(self.global_plan(), start, offset)[self.rank :: self.num_replicas]:
             self._yielded += 1
             yield batch.tolist()
 
@@ -153,7 +155,7 @@ class TokenBudgetBatchSampler:
         non-padding tokens) the sum of their weights. Exact loss normalisation over an accumulation
         window and over ranks needs these counts before the window's first backward.
         """
-        rounds = self._rounds(self.global_plan(), self._iter_start)
+        rounds = self._rounds(self.global_plan(), self._iter_start, self._iter_offset)
         per_batch = [len(b) if weights is None else float(weights[b].sum()) for b in rounds]
         per_step = np.asarray(per_batch, dtype=np.float64).reshape(-1, self.num_replicas).sum(axis=1)
         return np.concatenate([np.zeros(self._resumed_steps), per_step])
@@ -178,7 +180,22 @@ class TokenBudgetBatchSampler:
 
     def position_after(self, steps: int) -> int:
         """The global position once this rank has consumed ``steps`` batches of the current iteration."""
-        return min(self.num_global_batches, self._iter_start + steps * self.num_replicas)
+        return self._cursor_after(steps)[0]
+
+    def _cursor_after(self, steps: int) -> tuple[int, int]:
+        """``(position, offset)`` after ``steps`` rounds: whole global batches, then samples of the next one.
+
+        Halving splits a batch into its first part and the rest, and repeats come last, so the rounds
+        consumed always cover whole batches and the first part of one more; counting rounds as global
+        batches would skip the rest of a halved batch on resume.
+        """
+        plan = self.global_plan()
+        rounds = self._rounds(plan, self._iter_start, self._iter_offset)
+        bounds = np.cumsum([0, *map(len, plan)])
+        taken = sum(len(b) for b in rounds[: max(0, steps) * self.num_replicas])
+        cursor = min(int(bounds[self._iter_start]) + self._iter_offset + taken, int(bounds[-1]))
+        position = int(np.searchsorted(bounds, cursor, side="right")) - 1
+        return position, cursor - int(bounds[position])
 
     def state_dict(self, steps: int | None = None) -> dict[str, Any]:
         """``(epoch, seed, position)`` after ``steps`` consumed batches (default: those yielded so far).
@@ -186,10 +203,14 @@ class TokenBudgetBatchSampler:
         A loader that prefetches should pass the number of batches the training loop really consumed.
         """
         steps = self._yielded if steps is None else steps
+        steps = min(steps, self._rank_count(self.num_global_batches - self._iter_start))  # this iteration has no more
+        position, offset = self._cursor_after(steps)
         return {
             "epoch": self.epoch,
             "seed": self.seed,
-            "position": self.position_after(steps),
+            "position": position,
+            "offset": offset,
+            "steps": self._resumed_steps + steps,
             "num_samples": len(self.lengths),
             "max_tokens": self.max_tokens,
             "num_replicas": self.num_replicas,
@@ -206,8 +227,9 @@ class TokenBudgetBatchSampler:
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
         self._start = int(state["position"])
+        self._offset = int(state.get("offset", 0))
         # Steps each saving rank had taken in the epoch (positions advance by num_replicas per step).
-        self._resumed_steps = self._start // int(state.get("num_replicas", 1))
+        self._resumed_steps = int(state.get("steps", self._start // int(state.get("num_replicas", 1))))
         self._plan_cache = None
 
 

@@ -113,7 +113,10 @@ class TokenFileWriter:
         arr = np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens), dtype=np.int64)
         if arr.ndim != 1:
             raise ValueError(f"hetrain: a document is a 1-D token sequence, got shape {arr.shape}")
-        if len(arr) and (arr.min() < 0 or arr.max() > self._limit):
+        if len(arr) and arr.min() < 0:
+            raise ValueError(f"hetrain: document {len(self._offsets) - 1} has token id {int(arr.min())}; "
+                             "token ids are non-negative")
+        if len(arr) and arr.max() > self._limit:
             raise ValueError(
                 f"hetrain: document {len(self._offsets) - 1} has token id {int(arr.max())} outside "
                 f"[0, {self._limit}] of {self.dtype}; write with itemsize=4 (uint32)"

@@ -5,12 +5,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# `===` matches 2.13.0 exactly, never a local CPU build such as 2.13.0+cpu.
+TORCH_CUDA ?= torch===2.13.0
+CUDA_VENV ?= .venv-cuda
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hetrain-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 ARGS ?=
 
-.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader bench-memory bench-overhead bench-embedding profile-step gpu-compile gpu-check tsan tolerances clean
+.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader bench-memory bench-overhead bench-embedding profile-step gpu-compile gpu-check cuda-build tsan tolerances clean
 
 setup: $(STAMP)
 
@@ -38,6 +41,15 @@ env: setup
 
 gpu-compile: setup
 	env -u TRITON_INTERPRET $(PY) -m hetrain.checks.gpu_compile $(ARGS)
+
+# Without a GPU: the CUDA kernels and their torch bindings built against a CUDA build of torch (installed into
+# $(CUDA_VENV), several GB, on first use), out of tree in build/cuda, then loaded and checked for each op's CUDA kernel.
+cuda-build:
+	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	@$(CUDA_VENV)/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null || \
+		{ echo "installing $(TORCH_CUDA), a CUDA build, into $(CUDA_VENV)"; \
+		  $(CUDA_VENV)/bin/python -m pip install -q "$(TORCH_CUDA)" numpy setuptools ninja; }
+	$(CUDA_VENV)/bin/python hetrain/checks/cuda_build.py $(ARGS)
 
 # On a GPU machine with a CUDA torch (needs no package registry): build, verify, benchmark, record.
 gpu-check:

@@ -28,23 +28,36 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 
 
+def _missing_cuda_toolkit() -> str | None:
+    """Why the CUDA sources cannot be built here, or None when they can (no visible GPU is needed)."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a build without CUDA"
+    if CUDA_HOME is None:
+        return "nvcc was not found (no CUDA_HOME, no nvcc on PATH)"
+    # torch guesses CUDA_HOME from nvcc's path; a wrapper script in /usr/local/bin makes that guess
+    # /usr/local, whose include/ lacks the runtime headers the bindings need.
+    if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        return f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME to the toolkit root)"
+    return None
+
+
 def _want_cuda() -> bool:
-    """CUDA sources need a CUDA build of torch and nvcc, not a visible GPU."""
+    """CUDA sources need a CUDA build of torch and a complete toolkit, not a visible GPU."""
     forced = os.environ.get("HETRAIN_CUDA")
-    has_toolkit = torch.version.cuda is not None and (
-        CUDA_HOME is not None or shutil.which("nvcc") is not None
-    )
     if forced == "0":
         return False
-    if forced == "1":
-        if not has_toolkit:
-            sys.exit(
-                "hetrain: HETRAIN_CUDA=1 but torch has no CUDA "
-                f"(torch.version.cuda={torch.version.cuda}) or nvcc was not found.\n"
-                "  Fix: install a CUDA build of torch and the CUDA toolkit, or unset HETRAIN_CUDA."
-            )
+    missing = _missing_cuda_toolkit()
+    if missing is None:
         return True
-    return has_toolkit
+    if forced == "1":
+        sys.exit(
+            f"hetrain: HETRAIN_CUDA=1 but {missing}.\n"
+            "  Fix: install a CUDA build of torch and the CUDA toolkit (CUDA_HOME=/usr/local/cuda), "
+            "or unset HETRAIN_CUDA."
+        )
+    if torch.version.cuda is not None:
+        print(f"hetrain: WARNING: torch has CUDA but the CUDA kernels are skipped: {missing}")
+    return False
 
 
 def _extension():
@@ -56,7 +69,9 @@ def _extension():
     # AVX2 (bias_gelu's ran 3.3x slower, dropout's 2.9x). Values are unchanged: it licenses no reassociation.
     # -fno-math-errno: no kernel reads errno either, and without it a sqrt keeps a branch to the library call
     # that would set it, so the loop around it does not vectorise (sparse_adamw's row update). Values unchanged.
-    cxx = [*opt, "-fopenmp", "-std=c++17", f"-march={march}", "-fno-trapping-math", "-fno-math-errno"]
+    # No -std flag: torch's build helper passes the standard its own headers need (C++20 from torch 2.13 on,
+    # C++17 before); csrc/ compiles under both.
+    cxx = [*opt, "-fopenmp", f"-march={march}", "-fno-trapping-math", "-fno-math-errno"]
     link = ["-fopenmp"]
     if _want_cuda():
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

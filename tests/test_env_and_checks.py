@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,15 @@ def test_import_without_the_extension_warns_once_and_falls_back():
     out = run_python(["-c", code], HETRAIN_STRICT="1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["torch", "1"]
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA: the refusal cannot be provoked")
+def test_a_build_that_requires_cuda_without_a_cuda_torch_says_why_and_how_to_fix_it():
+    out = run_python(["setup.py", "build_ext", "--inplace", "--dry-run"], HETRAIN_CUDA="1")
+    assert out.returncode != 0
+    message = out.stdout + out.stderr
+    assert f"HETRAIN_CUDA=1 but torch {torch.__version__} is a build without CUDA" in message, message
+    assert "Fix: install a CUDA build of torch" in message, message
 
 
 def test_gpu_check_without_a_gpu_names_each_skipped_step(tmp_path):
@@ -77,3 +87,25 @@ def test_bench_ops_runs_every_case_in_its_cpu_smoke_mode(tmp_path):
     assert ops == families and "dropout" in ops  # every family with GPU cases ran (ring_gather is bench-cpu's)
     for row in record["rows"]:
         assert {"eager", "compile", "hetrain"} <= set(row["ms"]) and all(ms > 0 for ms in row["ms"].values())
+
+
+def test_cuda_build_check_binds_only_declared_ops_and_refuses_a_cpu_torch_naming_the_fix():
+    from hetrain.checks.cuda_build import bound_ops
+
+    ops = bound_ops()
+    assert {"layer_norm_fwd", "layer_norm_bwd", "bn_relu_pool_fwd", "bn_relu_pool_bwd"} <= set(ops)
+    undeclared = [op for op in ops if not hasattr(torch.ops.hetrain_C, op)]
+    assert not undeclared, f"csrc/cuda bindings register ops no schema declares: {undeclared}"
+    if torch.version.cuda is None:
+        out = run_python(["hetrain/checks/cuda_build.py"])
+        assert out.returncode == 2
+        assert "is a CPU build" in out.stderr and "make cuda-build" in out.stderr, out.stderr
+
+
+def test_cuda_home_fallback_leaves_a_chosen_toolkit_alone_and_only_names_a_root_with_headers(monkeypatch):
+    from hetrain.checks.cuda_build import cuda_home_fallback
+
+    guess = cuda_home_fallback()
+    assert guess == {} or Path(guess["CUDA_HOME"], "include", "cuda_runtime.h").exists()
+    monkeypatch.setenv("CUDA_HOME", "/opt/my-cuda")
+    assert cuda_home_fallback() == {}

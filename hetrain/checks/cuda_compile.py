@@ -1,7 +1,8 @@
 """Compiles every ``.cu`` file under ``csrc/`` with nvcc for given architectures, as the extension build would.
 
-The flags are the build's own (torch's nvcc defaults, C++17, -O3) and no torch include path is
-given: a kernel file must build from its raw-pointer header alone (see DESIGN.md, "Kernels in layers").
+The flags are the build's own (torch's nvcc defaults, -O3) under C++17, the oldest standard a supported
+torch builds with (torch 2.13 builds with C++20), and no torch include path is given: a kernel file must
+build from its raw-pointer header alone (see DESIGN.md, "Kernels in layers").
 """
 
 from __future__ import annotations

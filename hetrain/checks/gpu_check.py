@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from hetrain.checks.cuda_build import cuda_home_fallback
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -48,7 +50,8 @@ def steps(quick: bool, out: Path) -> list[Step]:
     py = sys.executable
     bench_args = ["--quick", "--out", str(out)] if quick else ["--out", str(out)]
     return [
-        Step("build", [py, "setup.py", "build_ext", "--inplace"], needs_gpu=True, env={"HETRAIN_CUDA": "1"}),
+        Step("build", [py, "setup.py", "build_ext", "--inplace"], needs_gpu=True,
+             env={"HETRAIN_CUDA": "1", **cuda_home_fallback()}),
         Step("env", [py, "-m", "hetrain.env"]),
         Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile"], env={"TRITON_INTERPRET": None}),
         Step("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", "tests"], needs_gpu=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Largest allowed error against the float64 reference, per dtype of the inputs: (atol, rtol).
 TOLERANCES = {
@@ -33,3 +34,15 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+class OpLog(TorchDispatchMode):
+    """Names of the ops dispatched below Python: a custom op shows as ``hetrain.*``, a kernel as ``hetrain_C.*``."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from op_testing import assert_close, non_contiguous, randn
+from op_testing import OpLog, assert_close, non_contiguous, randn
 
 import hetrain
 from hetrain import plugins
@@ -210,9 +210,12 @@ def test_patch_fuses_linear_gelu_runs_in_sequentials():
     (g_before,) = torch.autograd.grad(before.sum(), x)
     state = model.state_dict()
     report = hetrain.nn.patch(model)
-    assert list(report.swapped) == ["0"] and isinstance(model[0], BiasGELU) and model[0].approximate == "tanh"
-    assert isinstance(model[1], torch.nn.Identity) and type(model[3]) is torch.nn.Linear
-    after = model(x)
+    assert report.swapped == {"0": "Linear -> GELU fused (hetrain.ops.bias_gelu)"}
+    assert type(model[0]) is torch.nn.Linear and type(model[1]) is torch.nn.GELU  # calls of the parts are unchanged
+    with OpLog() as log:
+        after = model(x)
+    assert log.names.count("hetrain_C.bias_gelu_fwd") == 1, log.names
+    torch.testing.assert_close(model[:2](x), torch.nn.functional.gelu(model[0](x), approximate="tanh"))
     (g_after,) = torch.autograd.grad(after.sum(), x)
     torch.testing.assert_close(after, before)
     torch.testing.assert_close(g_after, g_before)

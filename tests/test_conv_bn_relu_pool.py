@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from op_testing import assert_close, randn
+from op_testing import OpLog, assert_close, randn
 
 from hetrain import plugins
 from hetrain.nn.conv_bn_relu_pool import ConvBNReLUPool2d, ConvReLUPool2d
-from hetrain.nn.patch_sequences import swap_sequences
+from hetrain.nn.patch_sequences import FusedSequential, swap_sequences
 from hetrain.ops.conv_bn_relu_pool import (
     bn_relu_pool,
     bn_relu_pool_ref,
@@ -337,15 +337,20 @@ def test_swap_sequences_keeps_outputs_grads_and_state_dict():
     original = copy.deepcopy(model)
     report = swap_sequences(model)
     assert set(report) == {"0", "4.0"}
-    assert report["0"] == "Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d -> hetrain.nn.ConvBNReLUPool2d"
-    assert isinstance(model[0], ConvBNReLUPool2d) and isinstance(model[1], torch.nn.Identity)
-    assert isinstance(model[4][0], ConvReLUPool2d) and type(model[5][0]) is torch.nn.Conv2d
+    assert report["0"] == "Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d fused (hetrain.ops.bn_relu_pool)"
+    assert report["4.0"] == "Conv2d -> ReLU -> MaxPool2d fused (hetrain.ops.relu_pool)"
+    assert type(model) is type(model[4]) is FusedSequential and type(model[5]) is torch.nn.Sequential
+    layers = [type(m) for m in model.modules() if not isinstance(m, torch.nn.Sequential)]
+    assert layers == [type(m) for m in original.modules() if not isinstance(m, torch.nn.Sequential)]  # torch's own
     assert model.state_dict().keys() == original.state_dict().keys()
     x = randn(2, 3, 9, 9, seed=5).contiguous(memory_format=torch.channels_last)
     for mode in ("train", "eval"):
         getattr(model, mode)()
         getattr(original, mode)()
-        y, y_ref = model(x), original(x)
+        with OpLog() as log:
+            y = model(x)
+        assert log.names.count("hetrain_C.bn_relu_pool_fwd") == 2, log.names  # the stem and the Conv-ReLU-pool
+        y_ref = original(x)
         assert_close(y, y_ref, torch.float32, f"{mode} output")
         params = [p for _, p in sorted(model.named_parameters())]
         params_ref = [p for _, p in sorted(original.named_parameters())]
@@ -359,10 +364,35 @@ def test_swap_sequences_keeps_outputs_grads_and_state_dict():
     swap_sequences(repatched)
     repatched.load_state_dict(original.state_dict())  # unpatched -> patched
     repatched.load_state_dict(repatched.state_dict())  # patched -> patched
-    assert_close(repatched[0][1].running_var, original[1].running_var, torch.float32, "loaded running_var")
+    assert_close(repatched[1].running_var, original[1].running_var, torch.float32, "loaded running_var")
     assert swap_sequences(model) == {}
     assert swap_sequences(copy.deepcopy(model)) == {} and copy.deepcopy(model).state_dict().keys() == \
         original.state_dict().keys()
+
+
+def test_code_that_calls_a_patched_sequentials_children_one_by_one_sees_torchs_modules():
+    model, original = small_cnn(), small_cnn()
+    swap_sequences(model)
+    x = randn(2, 3, 9, 9, seed=7)
+    for name, call in {"children one by one": lambda m: m[3](m[2](m[1](m[0](x)))),
+                       "a slice": lambda m: m[:4](x),
+                       "the conv alone, then the whole": lambda m: m[0](x).sum() + m(x).sum(),
+                       "the BatchNorm shared by a direct call": lambda m: m[1](m[0](x)).sum() + m(x).sum()}.items():
+        assert_close(call(model), call(original), torch.float32, name)
+        assert_close(model[1].running_mean, original[1].running_mean, torch.float32, f"{name}: running_mean")
+        assert int(model[1].num_batches_tracked) == int(original[1].num_batches_tracked), name
+    model.double()  # replaces the BatchNorm's buffers: the fused run reads the live ones
+    original.double()
+    assert_close(model(x.double()), original(x.double()), torch.float64, "after .double()")
+    seen = []
+    model[0].register_forward_hook(lambda _m, _args, out: seen.append(tuple(out.shape)))
+    with OpLog() as log:  # a hook added after patching: that run goes module by module, the other stays fused
+        y = model(x.double())
+    assert seen == [(2, 4, 9, 9)] and log.names.count("hetrain_C.bn_relu_pool_fwd") == 1
+    assert_close(y, original(x.double()), torch.float64, "with a hook")
+    clone = copy.deepcopy(model)
+    assert type(clone) is FusedSequential
+    assert_close(clone(x.double()), original(x.double()), torch.float64, "deep copy")
 
 
 @pytest.mark.cuda

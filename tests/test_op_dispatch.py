@@ -3,25 +3,12 @@ custom op while torch.compile traces or for tensor subclasses; the same numbers 
 
 import pytest
 import torch
-from op_testing import randn
+from op_testing import OpLog, randn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from hetrain import ops
 
 H = 24
-
-
-class OpLog(TorchDispatchMode):
-    """Names of the ops dispatched below Python: a custom op shows as ``hetrain.*``, a kernel as ``hetrain_C.*``."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def calls(x, r, w, b, img, target, weight):

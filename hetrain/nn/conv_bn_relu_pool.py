@@ -41,6 +41,26 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module | None, relu: nn.Module, poo
     return None
 
 
+def conv_bn_relu_pool_forward(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d) -> torch.Tensor:
+    """``pool(relu(bn(conv(x))))`` with the epilogue fused, read from the live modules on every call."""
+    y = conv(x)
+    # BatchNorm's own rules, as torch.nn.modules.batchnorm._BatchNorm.forward applies them.
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return bn_relu_pool(y, bn.weight, bn.bias, bn.running_mean if track else None,
+                        bn.running_var if track else None, batch_stats, factor, bn.eps, pool.kernel_size,
+                        pool.stride, pool.padding)
+
+
+def conv_relu_pool_forward(x: torch.Tensor, conv: nn.Conv2d, pool: nn.MaxPool2d) -> torch.Tensor:
+    """``pool(relu(conv(x)))`` with the epilogue fused."""
+    return relu_pool(conv(x), pool.kernel_size, pool.stride, pool.padding)
+
+
 def _sequential_slice(module: nn.Sequential, idx: slice) -> nn.Sequential:
     # A slice is a plain Sequential: the fused forward needs all of its parts.
     return nn.Sequential(OrderedDict(list(module._modules.items())[idx]))
@@ -83,17 +103,7 @@ class ConvBNReLUPool2d(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn, _relu, pool = self._modules.values()
-        y = conv(x)
-        # BatchNorm's own rules, as torch.nn.modules.batchnorm._BatchNorm.forward applies them.
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-        track = not bn.training or bn.track_running_stats
-        return bn_relu_pool(y, bn.weight, bn.bias, bn.running_mean if track else None,
-                            bn.running_var if track else None, batch_stats, factor, bn.eps, pool.kernel_size,
-                            pool.stride, pool.padding)
+        return conv_bn_relu_pool_forward(x, conv, bn, pool)
 
 
 class ConvReLUPool2d(nn.Sequential):
@@ -131,4 +141,4 @@ class ConvReLUPool2d(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, _relu, pool = self._modules.values()
-        return relu_pool(conv(x), pool.kernel_size, pool.stride, pool.padding)
+        return conv_relu_pool_forward(x, conv, pool)

@@ -1,9 +1,9 @@
 """``patch(model)``: swaps standard submodules for their fused twins in place.
 
-Single modules go by a table of ``torch type -> converter``; runs of modules inside an
-``nn.Sequential`` (Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d, Linear -> GELU) by
-``patch_sequences``. Every fused module keeps the torch modules' parameters and state_dict layout,
-so no forward needs rewriting and checkpoints load both ways.
+Single modules go by a table of ``torch type -> converter``: each fused twin keeps the torch module's
+parameters and state_dict layout. Runs of modules inside an ``nn.Sequential`` (Conv2d -> BatchNorm2d ->
+ReLU -> MaxPool2d, Linear -> GELU) go by ``patch_sequences``, which leaves the children in place and
+changes only the Sequential's forward. No model code needs rewriting and checkpoints load both ways.
 """
 
 from __future__ import annotations

@@ -1,136 +1,103 @@
-"""``swap_sequences(model)``: fuses Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d (and Conv2d -> ReLU -> MaxPool2d,
-Linear -> GELU) runs of consecutive children of any ``nn.Sequential`` in a model, in place.
+"""``swap_sequences(model)``: every ``nn.Sequential`` holding a fusable run of consecutive children
+(Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d, Conv2d -> ReLU -> MaxPool2d, Linear -> GELU) becomes a
+:class:`FusedSequential`, in place.
 
-Where the fused block goes: it takes the convolution's index and the modules it absorbed are replaced
-by ``nn.Identity``, so no later index moves; a ``BiasGELU`` keeps the Linear's own keys. The
-Sequential's state_dict keeps its unpatched layout (``3.weight``, ``4.running_mean``, ... rather than
-``3.0.weight``, ``3.1.running_mean``): a state_dict hook renames the fused block's keys back to its
-siblings' names, and a load hook accepts either form. Checkpoints therefore load into the patched and
-the unpatched model alike, both ways.
+A FusedSequential keeps its children exactly as they were; only its forward changes: a fusable run is
+computed by hetrain's kernels from the children's own parameters and buffers, read on every call. So
+whatever a model's code does with the children sees torch's modules: ``seq[0]`` is still the Linear,
+``seq[1](x)`` still applies the GELU, a slice holds the same modules, and the state_dict, ``.to()`` and
+checkpoints are those of the unpatched model.
 
-Only exact ``nn.Sequential`` containers and exact torch layer types are matched (a subclass may change
-its forward); a run the kernels cannot take (e.g. ``MaxPool2d(ceil_mode=True)``), or one with module hooks,
-is left alone.
+Each call decides again which runs to fuse: a run whose modules carry hooks runs module by module (fused,
+a Linear's hook would see the GELU's output and a GELU's would never run), as does one whose children were
+replaced since patching. Only exact ``nn.Sequential`` containers and exact torch layer types are matched (a
+subclass may change its forward); a run the kernels cannot take (e.g. ``MaxPool2d(ceil_mode=True)``) is
+left to torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from hetrain.nn.bias_gelu import BiasGELU
-from hetrain.nn.conv_bn_relu_pool import ConvBNReLUPool2d, ConvReLUPool2d, unfusable_reason
+from hetrain.nn.conv_bn_relu_pool import conv_bn_relu_pool_forward, conv_relu_pool_forward, unfusable_reason
+from hetrain.ops.bias_gelu import bias_gelu
 
 
-def _conv_block_ok(modules: list[nn.Module]) -> bool:
-    bn = modules[1] if len(modules) == 4 else None
-    return unfusable_reason(modules[0], bn, modules[-2], modules[-1]) is None
+@dataclass(frozen=True)
+class _Run:
+    """A kind of fusable run: its torch types, whether these modules' settings fit the kernel, its fused forward."""
+
+    types: tuple[type[nn.Module], ...]
+    fits: Callable[[list[nn.Module]], bool]
+    forward: Callable[..., torch.Tensor]  # (x, *the run's modules)
+    kernel: str
+
+    def describe(self) -> str:
+        return " -> ".join(t.__name__ for t in self.types) + f" fused ({self.kernel})"
 
 
-def _bias_gelu(linear: nn.Linear, gelu: nn.GELU) -> BiasGELU:
-    return BiasGELU.from_linear(linear, gelu.approximate)
-
-
-# (types of the run, builder of the fused module, whether the kernels can take this particular run)
-_RUNS: tuple[tuple[tuple[type, ...], Callable[..., nn.Module], Callable[[list[nn.Module]], bool]], ...] = (
-    ((nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d), ConvBNReLUPool2d.from_modules, _conv_block_ok),
-    ((nn.Conv2d, nn.ReLU, nn.MaxPool2d), ConvReLUPool2d.from_modules, _conv_block_ok),
-    ((nn.Linear, nn.GELU), _bias_gelu, lambda modules: modules[0].bias is not None),
+_RUNS = (
+    _Run((nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d), lambda m: unfusable_reason(*m) is None,
+         lambda x, conv, bn, _relu, pool: conv_bn_relu_pool_forward(x, conv, bn, pool), "hetrain.ops.bn_relu_pool"),
+    _Run((nn.Conv2d, nn.ReLU, nn.MaxPool2d), lambda m: unfusable_reason(m[0], None, m[1], m[2]) is None,
+         lambda x, conv, _relu, pool: conv_relu_pool_forward(x, conv, pool), "hetrain.ops.relu_pool"),
+    _Run((nn.Linear, nn.GELU), lambda m: m[0].bias is not None,
+         lambda x, linear, gelu: bias_gelu(F.linear(x, linear.weight), linear.bias, gelu.approximate),
+         "hetrain.ops.bias_gelu"),
 )
-_SPANS = "_hetrain_fused_spans"  # on a patched Sequential: fused child name -> the sibling names it spans
-
-
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether ``module`` has hooks of its own: fused, they would see the block's tensors (a Linear's hook
-    would get the GELU's output) or never run (the GELU, BatchNorm, ReLU and pool), so the run is left alone."""
     return any(getattr(module, name, None) for name in _HOOKS)
 
 
-def _fusable(types: tuple[type, ...], ok: Callable[[list[nn.Module]], bool], modules: list[nn.Module]) -> bool:
-    if len(modules) != len(types) or any(type(m) is not t for m, t in zip(modules, types, strict=True)):
-        return False
-    return not any(_hooked(m) for m in modules) and ok(modules)
+def _run_at(modules: list[nn.Module], i: int) -> _Run | None:
+    """The run that starts at ``modules[i]`` and can run fused now, if any."""
+    for run in _RUNS:
+        part = modules[i:i + len(run.types)]
+        if (len(part) == len(run.types) and all(type(m) is t for m, t in zip(part, run.types, strict=True))
+                and not any(_hooked(m) for m in part) and run.fits(part)):
+            return run
+    return None
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose fusable runs of children run through hetrain's kernels (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            run = _run_at(modules, i)
+            if run is None:
+                x = modules[i](x)
+                i += 1
+            else:
+                x = run.forward(x, *modules[i:i + len(run.types)])
+                i += len(run.types)
+        return x
 
 
 def swap_sequences(model: nn.Module) -> dict[str, str]:
-    """Replaces every fusable run in place; returns {path of the fused block: what it replaced}."""
+    """Makes every Sequential with a fusable run a FusedSequential; returns {path of each run's first child: run}."""
     report: dict[str, str] = {}
     for path, seq in list(model.named_modules()):
         if type(seq) is not nn.Sequential:
             continue
-        items = list(seq._modules.items())
+        names, modules = list(seq._modules), list(seq._modules.values())
         i = 0
-        while i < len(items):
-            for types, build, ok in _RUNS:
-                names = [name for name, _ in items[i:i + len(types)]]
-                modules = [m for _, m in items[i:i + len(types)]]
-                if _fusable(types, ok, modules):
-                    _swap(seq, names, build(*modules))
-                    where = f"{path}.{names[0]}" if path else names[0]
-                    report[where] = (" -> ".join(t.__name__ for t in types)
-                                     + f" -> hetrain.nn.{type(seq._modules[names[0]]).__name__}")
-                    i += len(types)
-                    break
-            else:
+        while i < len(modules):
+            run = _run_at(modules, i)
+            if run is None:
                 i += 1
+                continue
+            report[f"{path}.{names[i]}" if path else names[i]] = run.describe()
+            seq.__class__ = FusedSequential
+            i += len(run.types)
     return report
-
-
-def _swap(seq: nn.Sequential, names: list[str], fused: nn.Module) -> None:
-    setattr(seq, names[0], fused)
-    for name in names[1:]:
-        setattr(seq, name, nn.Identity())
-    if not fused._modules:  # the fused module is its first part (BiasGELU is the Linear): keys unchanged
-        return
-    if not hasattr(seq, _SPANS):
-        setattr(seq, _SPANS, {})
-        seq.register_state_dict_post_hook(_flatten_keys)
-        seq.register_load_state_dict_pre_hook(_nest_keys)
-    getattr(seq, _SPANS)[names[0]] = list(names)
-
-
-def _renames(seq: nn.Sequential, prefix: str) -> list[tuple[str, str, set[str]]]:
-    """(fused child's prefix for part j, the sibling prefix it had before patching, part j's own keys)."""
-    out = []
-    for fused_name, siblings in getattr(seq, _SPANS).items():
-        fused = seq._modules[fused_name]
-        for (part_name, part), sibling in zip(fused._modules.items(), siblings, strict=True):
-            keys = set(part.state_dict(keep_vars=True))
-            out.append((f"{prefix}{fused_name}.{part_name}", f"{prefix}{sibling}", keys))
-    return out
-
-
-def _rename_in_place(state_dict: dict, mapping: Callable[[str], str]) -> None:
-    """Renames keys without moving any key's place in the order (``_metadata``, module versions only, stays)."""
-    items = list(state_dict.items())
-    state_dict.clear()
-    for key, value in items:
-        state_dict[mapping(key)] = value
-
-
-def _flatten_keys(seq: nn.Sequential, state_dict: dict, prefix: str, _local_metadata: dict) -> None:
-    renames = _renames(seq, prefix)
-
-    def flat(key: str) -> str:
-        for nested, sibling, _keys in renames:
-            if key.startswith(nested + "."):
-                return sibling + key[len(nested):]
-        return key
-
-    _rename_in_place(state_dict, flat)
-
-
-def _nest_keys(seq: nn.Sequential, state_dict: dict, prefix: str, *_args) -> None:
-    renames = _renames(seq, prefix)
-
-    def nested(key: str) -> str:
-        for nest, sibling, keys in renames:
-            if key.startswith(sibling + ".") and key[len(sibling) + 1:] in keys:
-                return nest + key[len(sibling):]
-        return key
-
-    _rename_in_place(state_dict, nested)

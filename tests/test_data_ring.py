@@ -171,6 +171,22 @@ def test_a_batch_larger_than_the_pad_into_slot_is_named():
         StreamBatches(batch_size=0)
 
 
+def test_a_copy_into_collate_that_would_lose_values_or_omit_a_field_is_named():
+    ds = Flaky(12)
+    sampler = TokenBudgetBatchSampler([3] * 12, 12, shuffle=False)
+
+    def halves(items):  # float values for an integer field: copy_ would truncate them
+        return {"x": torch.tensor([float(item["input_ids"][0]) + 0.5 for item in items])}
+
+    for collate, message in ((CopyInto(halves, {"x": (torch.int64, 8)}), r"'x' is torch.float32, which its "
+                              r"torch.int64 slot field cannot hold without loss"),
+                             (CopyInto(halves, {"x": (torch.float32, 8), "y": (torch.int64, 8)}),
+                              r"the collate returned no \['y'\] though the spec declares it")):
+        with RingLoader(ds, sampler, collate=collate, num_workers=1) as loader:
+            with pytest.raises(LoaderError, match=message):
+                list_of_copies(loader)
+
+
 def test_corrupt_and_truncated_token_files_are_named(tmp_path):
     docs = [np.full(50, 7), np.array([7, 7, 60000, 7]), np.full(30, 7)]
     tf = write_token_file(tmp_path / "c", docs)

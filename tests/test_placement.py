@@ -547,6 +547,9 @@ def test_chain_time_prices_any_plan_as_the_solver_does(seed):
     one = [0] * len(costs)  # all on one device: the sum of its costs, m + 0 fill in a pipeline
     assert chain_time(costs, boundary_bytes, bw, one, "sequential") == sum(row[0] for row in costs)
     assert chain_time(costs, boundary_bytes, bw, one, "pipeline", 4) == 4 * sum(row[0] for row in costs)
+    for wrong in (-1, devices):
+        with pytest.raises(ValueError, match=rf"device indices must be in \[0, {devices}\).* has {wrong}"):
+            chain_time(costs, boundary_bytes, bw, [wrong] * len(costs))
 
 
 def test_cost_model_predicts_a_named_plan_and_refuses_unmeasured_devices():

@@ -100,11 +100,18 @@ class CopyInto:
 
     def __call__(self, items: list[Any], out: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         batch = self.collate(items)
+        missing = [name for name in out if name not in batch]
+        if missing:  # else the consumer would get an empty tensor for it
+            raise ValueError(f"hetrain: the collate returned no {missing} though the spec declares it; return it "
+                             "or drop it from the spec")
         for name, t in batch.items():
             if name not in out or t.numel() > out[name].numel():
                 cap = out[name].numel() if name in out else 0
                 raise ValueError(f"hetrain: collate output {name!r} {tuple(t.shape)} does not fit its slot field "
                                  f"(capacity {cap} elements; declare it in spec)")
+            if not torch.can_cast(t.dtype, out[name].dtype):  # copy_ would truncate 1.5 to 1 without a word
+                raise ValueError(f"hetrain: collate output {name!r} is {t.dtype}, which its {out[name].dtype} slot "
+                                 "field cannot hold without loss; declare that dtype in spec or cast in the collate")
             out[name][: t.numel()].view(t.shape).copy_(t)
         return {name: tuple(t.shape) for name, t in batch.items()}
 

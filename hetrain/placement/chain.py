@@ -212,6 +212,11 @@ def chain_time(
     _check(costs, len(boundary_bytes), objective, micro_batches)
     if len(devices) != len(costs):
         raise ValueError(f"hetrain: {len(costs)} layers need {len(costs)} devices, got {len(devices)}")
+    n_devices = len(costs[0]) if costs else 0
+    wrong = [(i, d) for i, d in enumerate(devices) if not 0 <= d < n_devices]
+    if wrong:  # a negative index would silently pick a device from the end
+        raise ValueError(f"hetrain: device indices must be in [0, {n_devices}) (one per column of costs); "
+                         f"layer {wrong[0][0]} has {wrong[0][1]}")
     stage_times: dict[int, float] = {}
     total = 0.0
     for first, end, d in _stages(list(devices)):

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from hetrain import plugins
 from hetrain.callbacks.precision import trainer_precision
 from hetrain.callbacks.profiling import StepTrace
-from hetrain.report import SUMMARY_MD, RunRecorder, write_run_summary
+from hetrain.report import SUMMARY_MD, RunRecorder, error_headline, write_run_summary
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,32 @@ class Parts:
     trainer: pl.Trainer
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Refuses settings that would otherwise fail deep inside a library, naming the setting to change.
+
+    A planned device such as ``cuda:3`` that this machine lacks is fine (its stages go to the fallback);
+    a string that is no device at all (``cdua:0``) is not. A sequence longer than the model's position
+    table would fail as an ``IndexError`` inside the embedding lookup of the first step.
+    """
+    plan = cfg.placement.get("plan")
+    entries = dict(OmegaConf.to_container(plan)) if OmegaConf.is_dict(plan) else {}
+    settings = {f"placement.plan.{path}": device for path, device in entries.items()}
+    settings["placement.fallback"] = cfg.placement.get("fallback", "cpu")
+    for key, device in settings.items():
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"hetrain: {key}={device!r} is not a device: a type such as cpu, cuda or mps, "
+                             "optionally with an index (cuda:0)") from None
+    data_len, model_len = OmegaConf.select(cfg, "data.max_len"), OmegaConf.select(cfg, "model.max_len")
+    if isinstance(data_len, int) and isinstance(model_len, int) and data_len > model_len:
+        raise ValueError(f"hetrain: data.max_len={data_len} is longer than model.max_len={model_len}, the model's "
+                         "position table; raise model.max_len or lower data.max_len")
+
+
 def build(cfg: DictConfig) -> Parts:
     """Instantiates data, model, task, callbacks, placement, logger and trainer (logging each)."""
+    check_config(cfg)
     datamodule = _instantiate(cfg.data, "data")
     model = _instantiate(cfg.model, "model")
     task = _instantiate(cfg.task, "task", model=model)
@@ -112,20 +136,39 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _log_failure(exc: BaseException, error: str, log_file: str | None) -> None:
+    """Logs a failure in one line, its traceback into the run's log file only.
+
+    Hydra prints the traceback on the console itself when the exception reaches it; logged to the
+    console as well, the same forty lines would show twice. Without a log file (``run`` called
+    outside Hydra) the traceback is logged as usual.
+    """
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        log.exception("hetrain: the run failed")
+        return
+    where = f"; traceback in {log_file}" if log_file else ""
+    log.error(f"hetrain: the run failed: {error_headline(error)}{where}")
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "hetrain: traceback of the failure", None,
+                            (type(exc), exc, exc.__traceback__))
+    for handler in files:
+        handler.handle(record)
+
+
 def run(cfg: DictConfig) -> float | None:
     """Trains, writes ``summary.json`` and ``summary.md`` to ``cfg.output_dir``; returns the sweep metric.
 
-    A failure is logged with its traceback (into the run's log file) and written to the summary
-    with its root cause, then re-raised.
+    A failure is logged (its traceback into the run's log file) and written to the summary with
+    its root cause, then re-raised.
     """
     output_dir = Path(cfg.output_dir)
     info = _run_info()
     try:
         summary = {"status": "ok", **info, **train(cfg)}
     except Exception as exc:
-        log.exception("hetrain: the run failed")
         cause = _root_cause(exc)
         error = f"{type(cause).__name__}: {cause}"
+        _log_failure(exc, error, info.get("log"))
         write_run_summary({"status": "failed", **info, "error": error}, output_dir)
         raise
     text = write_run_summary(summary, output_dir)

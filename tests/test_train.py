@@ -1,9 +1,11 @@
 """The main job end to end (train.py in a subprocess, as a user runs it) and the parts it is built from."""
 
 import csv
+import io
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -11,12 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 import hetrain.nn
 from hetrain.callbacks.placement import StagePlacement, resolve_plan
 from hetrain.data.synthetic import CLS, FIRST_MARKER, SyntheticSequences, pad_collate
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
+from hetrain.recipes import register_recipes
+from hetrain.train import build, run
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
@@ -188,6 +194,50 @@ def test_failed_run_records_its_error(tmp_path):
     assert summary["status"] == "failed"
     assert "BackendError" in summary["error"] and "'nope'" in summary["error"]
     assert "Traceback" in Path(summary["log"]).read_text()
+
+
+def compose_train(*overrides: str, output_dir: Path) -> DictConfig:
+    """The config ``python train.py *overrides`` would run, composed in this process, recipes registered."""
+    register_recipes(ROOT / "recipes")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"output_dir={output_dir}"])
+
+
+@pytest.mark.parametrize("override, key", [("placement.plan.encoder=cdua:0", "placement.plan.encoder='cdua:0'"),
+                                           ("placement.fallback=cdua", "placement.fallback='cdua'")])
+def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_path):
+    """A typo in a device reaches torch.device inside the precision choice otherwise: a RuntimeError naming neither."""
+    cfg = compose_train("recipe=bert_split", override, output_dir=tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"hetrain: {key} is not a device")):
+        build(cfg)
+
+
+def test_sequences_longer_than_the_position_table_are_refused_before_training(tmp_path):
+    """Otherwise the first step fails inside the embedding lookup: 'IndexError: index out of range in self'."""
+    cfg = compose_train("recipe=bert_split", "model.max_len=32", output_dir=tmp_path)
+    with pytest.raises(ValueError, match="data.max_len=64 is longer than model.max_len=32"):
+        build(cfg)
+
+
+def test_failed_run_logs_one_line_on_the_console_and_its_traceback_in_the_log_file(tmp_path):
+    """Hydra prints the traceback on the console once; logged there too, a failure showed it twice."""
+    cfg = compose_train("recipe=bert_split", "placement.fallback=cdua", output_dir=tmp_path)
+    console = io.StringIO()
+    handlers = [logging.StreamHandler(console), logging.FileHandler(tmp_path / "train.log")]
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+        with pytest.raises(ValueError):
+            run(cfg)
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    assert "hetrain: the run failed: ValueError: hetrain: placement.fallback='cdua'" in console.getvalue()
+    assert "Traceback" not in console.getvalue()
+    assert "Traceback" in (tmp_path / "train.log").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
 
 
 def _sweep_rows(sweep: Path) -> list[dict]:

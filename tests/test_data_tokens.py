@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from hetrain.data.build_tokens import ByteTokenizer, build_token_file, iter_documents
+from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
 from hetrain.data.tokens import TokenFile, write_token_file
 from hetrain.data.windows import TokenWindows, make_windows, token_collate
 
@@ -85,15 +85,31 @@ def test_any_tokenizer_callable_and_the_command_line(tmp_path):
         [sys.executable, "-m", "hetrain.data.build_tokens", str(src), "--out", str(tmp_path / "cli"), "--whole-files"],
         capture_output=True, text=True, check=True,
     )
-    assert "1 documents" in run.stdout
+    assert "1 documents" in run.stdout and "RuntimeWarning" not in run.stderr
     assert ByteTokenizer().decode(TokenFile(tmp_path / "cli")[0]) == "a b c\n\nd e\n"
 
 
-def test_jsonl_without_the_field_names_the_line(tmp_path):
+def test_jsonl_without_the_field_or_not_json_names_the_line(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "x"}\n{"body": "y"}\n')
-    with pytest.raises(KeyError, match=r"in\.jsonl:2 has no field 'text'"):
+    with pytest.raises(ValueError, match=r"in\.jsonl:2 has no field 'text' \(fields: \['body'\]\)"):
         list(iter_documents([src]))
+    src.write_text('{"text": "x"}\n{"text": "y"\n')
+    with pytest.raises(ValueError, match=r"in\.jsonl:2 is not a JSON record: Expecting ',' delimiter"):
+        list(iter_documents([src]))
+
+
+def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):
+    bad, empty = tmp_path / "bad.jsonl", tmp_path / "empty.txt"
+    bad.write_text('{"text": "x"}\n[1, 2]\n')
+    empty.write_text("\n\n")
+    for inputs, message in (([tmp_path / "nope.txt"], "no such file: "),
+                            ([bad], "bad.jsonl:2 has no field 'text' (fields: a JSON list)"),
+                            ([empty], "no documents in ")):
+        run = subprocess.run([sys.executable, "-m", "hetrain.data.build_tokens", *map(str, inputs), "--out",
+                              str(tmp_path / "out")], capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not list(tmp_path.glob("out.*"))  # nothing left behind
 
 
 @pytest.mark.parametrize(("max_len", "stride"), [(16, 16), (16, 12), (16, 5), (7, 1), (64, 64)])

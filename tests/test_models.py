@@ -1,5 +1,6 @@
 """The reference BERT: fused and unfused builds share a state_dict and compute the same thing."""
 
+import pytest
 import torch
 
 from hetrain.models.bert import BertClassifier
@@ -22,3 +23,10 @@ def test_fused_and_unfused_bert_agree_in_outputs_and_gradients():
     out_p.square().sum().backward()
     for (name, pf), pp in zip(fused.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(pf.grad, pp.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_sequence_longer_than_the_position_table_is_refused_naming_the_setting():
+    model = BertClassifier(vocab_size=40, num_classes=3, hidden=32, layers=1, heads=4, max_len=8)
+    ids = torch.randint(1, 40, (2, 9), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="9 tokens is longer than the model's 8 positions; raise model.max_len"):
+        model(ids, torch.ones(2, 9, dtype=torch.bool))

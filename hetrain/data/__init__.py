@@ -3,7 +3,6 @@
 See hetrain/data/README.md for the pipeline, stage by stage.
 """
 
-from hetrain.data.build_tokens import ByteTokenizer, build_token_file
 from hetrain.data.datamodule import RingDataModule, SyntheticDataModule, TokenDataModule
 from hetrain.data.images import SyntheticImageDataModule, SyntheticImages
 from hetrain.data.packing import PackedSequences, PackInto, pack_rows, segment_attention_mask
@@ -11,6 +10,7 @@ from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader, StreamBatches
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
+from hetrain.data.tokenize import ByteTokenizer, build_token_file
 from hetrain.data.tokens import TokenFile, TokenFileWriter, write_token_file
 from hetrain.data.windows import TokenWindows, Windows, make_windows, token_collate
 

@@ -26,11 +26,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from hetrain.data.build_tokens import ByteTokenizer, build_token_file, iter_documents
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
+from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
 from hetrain.data.tokens import TokenFile, TokenFileWriter
 from hetrain.data.windows import TokenWindows
 

@@ -35,7 +35,13 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``position_ids`` (B, T) restart at each sequence of a packed row; by default 0..T-1."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device) if position_ids is None else position_ids
+        if position_ids is None:
+            if input_ids.shape[1] > self.positions.num_embeddings:  # else an IndexError deep in the lookup
+                raise ValueError(f"hetrain: a sequence of {input_ids.shape[1]} tokens is longer than the model's "
+                                 f"{self.positions.num_embeddings} positions; raise model.max_len or shorten the data")
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        else:
+            positions = position_ids
         return self.dropout(self.norm(self.tokens(input_ids) + self.positions(positions)))
 
 

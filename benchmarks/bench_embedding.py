@@ -72,7 +72,7 @@ def run(quick: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small table, for a smoke test")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     result = run(args.quick)

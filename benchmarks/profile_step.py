@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--attention-dropout", type=float, default=None,
                         help="dropout inside SDPA; default: the model's dropout (0.1)")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
     shape_name = args.shape or ("base" if args.device.startswith("cuda") else "recipe")
     shape = dataclasses.replace(SHAPES[shape_name], attention_dropout=args.attention_dropout)

@@ -158,7 +158,11 @@ def write_run_summary(summary: dict[str, Any], directory: str | Path) -> str:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    text = markdown_table(["field", "value"], [[k, v] for k, v in _flatten(summary).items()])
+    flat = _flatten(summary)
+    text = markdown_table(["field", "value"], [[k, v] for k, v in flat.items()])
+    if "samples_per_s" in flat and "throughput.samples_per_s" in flat:
+        text += ("\n`samples_per_s`: every training batch over the training wall time, warm-up included; "
+                 "`throughput.samples_per_s`: the batches timed after warm-up, so the steady rate.\n")
     (directory / SUMMARY_MD).write_text(text)
     return text
 

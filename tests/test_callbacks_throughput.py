@@ -108,6 +108,9 @@ def test_a_bf16_run_without_a_known_peak_measures_it_in_bf16(monkeypatch, tmp_pa
     cpu = torch.device("cpu")
     assert list(tp._PEAK_FLOPS) == [(tp.device_name(cpu), torch.bfloat16)]  # the run's compute dtype
     assert callback.summary["peak_flops"] == tp._PEAK_FLOPS[(tp.device_name(cpu), torch.bfloat16)]
+    # Never below float32's: where bf16 is emulated, the bf16 matmul alone put MFU above 1.
+    assert callback.summary["peak_flops"] >= 0.8 * tp.measure_matmul_flops(cpu, torch.float32)
+    assert 0 < callback.summary["mfu"] < 1
 
 
 def test_energy_is_unavailable_without_a_gpu():

@@ -35,7 +35,7 @@ def _triton_available(module: ModuleType | str) -> bool | str:
         return True
     import torch
 
-    return True if torch.cuda.is_available() else "no CUDA device (set TRITON_INTERPRET=1 to run on the CPU)"
+    return True if torch.cuda.is_available() else "no CUDA device (CPU tensors go to the C++ backend)"
 
 
 def register_triton(op: str, module_name: str) -> None:

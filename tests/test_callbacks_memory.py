@@ -197,6 +197,7 @@ def test_profiler_writes_a_report_naming_every_module(tmp_path):
         assert name in md and name in page
     assert "data:image/png;base64," in page
     assert (tmp_path / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "CUDA allocated delta" not in md  # no module ran on a GPU: no column of n/a
     # Parameters, gradients and Adam state per device match the model's own tensors.
     params = _nbytes(*model.parameters())
     assert profiler.static == {"params": {"cpu": params}, "grads": {"cpu": params},

@@ -294,9 +294,11 @@ class ModuleMemory:
         self._step = {}
 
     def table(self) -> tuple[list[str], list[list[Any]]]:
-        """Header and rows in MiB, largest total first, with a total row last."""
+        """Header and rows in MiB, largest total first, with a total row last; the CUDA column only where a
+        module ran on a GPU (on a CPU-only run it would be n/a throughout)."""
+        cuda = any(r.cuda_delta is not None for r in self.records.values())
         header = ["module", "type", "params MiB", "grads MiB", "outputs MiB", "saved for backward MiB",
-                  "CUDA allocated delta MiB"]
+                  *(["CUDA allocated delta MiB"] if cuda else [])]
         rows, totals = [], [0, 0, 0, 0]
         types = {name: type(m).__name__ for name, m in self.rows.items()}
         for name, r in self.records.items():
@@ -304,11 +306,11 @@ class ModuleMemory:
             if not any(values) and not r.cuda_delta:
                 continue
             totals = [a + b for a, b in zip(totals, values, strict=True)]
-            delta = "n/a" if r.cuda_delta is None else round(r.cuda_delta / MIB, 3)
-            rows.append([name, types.get(name, ""), *(round(v / MIB, 3) for v in values), delta, sum(values)])
+            delta = ["n/a" if r.cuda_delta is None else round(r.cuda_delta / MIB, 3)] if cuda else []
+            rows.append([name, types.get(name, ""), *(round(v / MIB, 3) for v in values), *delta, sum(values)])
         rows.sort(key=lambda row: -row[-1])
         rows = [row[:-1] for row in rows]
-        rows.append(["total", "", *(round(v / MIB, 3) for v in totals), ""])
+        rows.append(["total", "", *(round(v / MIB, 3) for v in totals), *([""] if cuda else [])])
         return header, rows
 
 
@@ -540,6 +542,7 @@ class MemoryProfiler(Callback):
 
         matplotlib.use("Agg")  # no display: render to a file
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         header, rows = self.modules.table() if self.modules and self.modules.records else ([], [])
         rows = [r for r in rows if r[0] != "total"][:25]
@@ -549,8 +552,10 @@ class MemoryProfiler(Callback):
             for phase in PHASES:
                 ys = [s[phase].get(device, {}).get("allocated", 0) / MIB for s in self.steps]
                 top.plot([s["step"] for s in self.steps], ys, marker=".", label=f"{device} {phase}")
-        top.set(xlabel="step", ylabel="peak MiB", title="Peak memory per step (CPU: process resident set)")
-        top.legend(fontsize="small")
+        top.set(xlabel="step", ylabel="peak MiB", title="Each step's peak memory (CPU: process resident set)")
+        top.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, never 0.5
+        if top.lines:  # a run with no step has nothing to label
+            top.legend(fontsize="small")
         names = [r[0] for r in rows][::-1]
         left = [0.0] * len(names)
         for column in ("params MiB", "grads MiB", "saved for backward MiB"):
@@ -558,7 +563,8 @@ class MemoryProfiler(Callback):
             bottom.barh(names, values, left=left, label=column.removesuffix(" MiB"))
             left = [a + b for a, b in zip(left, values, strict=True)]
         bottom.set(xlabel="MiB", title="Per module")
-        bottom.legend(fontsize="small")
+        if names:
+            bottom.legend(fontsize="small")
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=90)

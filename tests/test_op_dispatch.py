@@ -89,3 +89,29 @@ def test_compiled_and_eager_calls_agree_forward_and_backward(op):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b)
+
+
+class Wrapped(torch.Tensor):
+    """A tensor subclass: calls with it take the custom op, not the eager fast path."""
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "custom-op"])
+@pytest.mark.parametrize("op", OPS)
+def test_double_backward_is_refused_naming_the_op_except_dropouts_whose_backward_is_its_derivative(op, compiled):
+    args = inputs()
+    if compiled:  # through the custom op's registered autograd, as a tensor subclass or a traced graph would go
+        args = [t.detach().as_subclass(Wrapped).requires_grad_(t.requires_grad) for t in args]
+    leaves = [t for t in args if t.requires_grad]
+    x = args[4] if op == "bn_relu_pool" else args[0]
+    loss = calls(*args)[op]().square().sum()
+    plain = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    graphed = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    for g, h in zip(plain, graphed, strict=True):  # first-order gradients under create_graph are unchanged
+        assert (g is None) == (h is None) and (g is None or torch.equal(g, h))
+    second = sum(h.square().sum() for h in graphed if h is not None)
+    if op == "dropout":
+        (hessian_vector,) = torch.autograd.grad(second, x)
+        assert torch.isfinite(hessian_vector).all() and hessian_vector.abs().sum() > 0
+        return
+    with pytest.raises(RuntimeError, match=rf"hetrain.ops.{op}: double backward .* not supported.* Use hetrain.ops"):
+        torch.autograd.grad(second, x)

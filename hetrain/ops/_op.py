@@ -10,6 +10,10 @@ an :class:`Op` runs the same body through a plain ``torch.autograd.Function`` wi
 ``setup_context`` and ``backward`` in eager mode (or the body alone when nothing needs a gradient),
 and the custom op whenever a graph is being traced or an argument is a tensor subclass (fake,
 functional or user-defined tensors, which need the op's registrations).
+
+A fused op's backward kernels have no derivative of their own, so double backward (a gradient of a
+gradient, ``create_graph=True``) raises naming the op and its torch reference, rather than torch's
+"no autograd formula" for an internal op, or a wrong result where gradients are computed in forward.
 """
 
 from __future__ import annotations
@@ -20,6 +24,40 @@ from typing import Any
 import torch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _first_order_only(
+    grads: tuple[Any, ...], sources: tuple[Any, ...], message: str
+) -> tuple[Any, ...]:
+    """``grads`` as they are, or under ``create_graph=True`` behind a node that raises ``message`` when a
+    second derivative reaches it. ``sources`` (the incoming gradients and saved tensors: what ``grads``
+    depend on) are linked to that node, so a gradient taken with respect to any of them reaches it; merely
+    detached, the second derivative would silently be ``None``."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    given = [g.detach().requires_grad_() for g in grads if isinstance(g, torch.Tensor)]
+    linked = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
+    error = torch._C._functions.DelayedError(message.encode(), len(given) + len(linked))  # once_differentiable's
+    guarded = iter(error(*given, *linked))
+    return tuple(next(guarded) if isinstance(g, torch.Tensor) else g for g in grads)
+
+
+def _first_order(backward: Callable[..., Any], public: str, reference: str) -> Callable[..., Any]:
+    """``backward`` run without a graph; under ``create_graph=True`` its gradients refuse a second derivative."""
+    message = (f"hetrain.ops.{public}: double backward (a gradient of its gradient, create_graph=True) is not "
+               f"supported: its backward kernels have no derivative. Use {reference} where second derivatives "
+               "are needed")
+
+    def guarded(ctx: Any, *grads: Any) -> Any:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        single = not isinstance(out, tuple)
+        out = _first_order_only((out,) if single else out, (*grads, *ctx.saved_tensors), message)
+        return out[0] if single else out
+
+    return guarded
 
 
 def _route(args: Sequence[Any]) -> str:
@@ -47,7 +85,12 @@ class Op:
     def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return self.custom.register_fake(fn)
 
-    def register_autograd(self, backward: Callable[..., Any], *, setup_context: Callable[..., Any]) -> None:
+    def register_autograd(self, backward: Callable[..., Any], *, setup_context: Callable[..., Any],
+                          public: str, reference: str | None) -> None:
+        """``public``: the op's name in ``hetrain.ops``; ``reference``: what to use for second derivatives, named
+        when double backward is refused, or None where ``backward`` is itself differentiable (dropout's)."""
+        if reference is not None:
+            backward = _first_order(backward, public, reference)
         self.custom.register_autograd(backward, setup_context=setup_context)
         body = self.body
 

@@ -105,7 +105,8 @@ def _backward(ctx, dy):
     return dx, db, None
 
 
-_bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+_bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context, public="bias_gelu",
+                                 reference="hetrain.ops.bias_gelu_ref")
 
 
 # --- functional face ---------------------------------------------------------------------------

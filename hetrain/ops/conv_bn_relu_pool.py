@@ -242,7 +242,8 @@ def _backward(ctx, dy, _dargmax):
             None, None, None, None)
 
 
-_bn_relu_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
+_bn_relu_pool_fwd.register_autograd(_backward, setup_context=_setup_context, public="bn_relu_pool",
+                                    reference="hetrain.ops.bn_relu_pool_ref (relu_pool_ref without BatchNorm)")
 
 
 # --- functional face ---------------------------------------------------------------------------

@@ -120,8 +120,8 @@ def _backward(ctx, dy):
 
 # Both ops are the same linear, self-adjoint map, so the gradient of either is ``dropout_bwd``
 # (which also makes double backward work).
-_dropout_fwd.register_autograd(_backward, setup_context=_setup_context)
-_dropout_bwd.register_autograd(_backward, setup_context=_setup_context)
+_dropout_fwd.register_autograd(_backward, setup_context=_setup_context, public="dropout", reference=None)
+_dropout_bwd.register_autograd(_backward, setup_context=_setup_context, public="dropout", reference=None)
 
 
 # --- functional face ---------------------------------------------------------------------------

@@ -191,7 +191,9 @@ def _backward(ctx, dy, _dmean, _drstd):
     return dx, dres, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None
 
 
-_dropout_add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_dropout_add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context,
+                                              public="dropout_add_layer_norm",
+                                              reference="hetrain.ops.dropout_add_layer_norm_ref")
 
 
 # --- functional face ---------------------------------------------------------------------------

@@ -122,7 +122,8 @@ def _backward(ctx, dy, _dmean, _drstd):
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
 
 
-_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context, public="layer_norm",
+                                  reference="hetrain.ops.layer_norm_ref (F.layer_norm)")
 
 
 # --- functional face ---------------------------------------------------------------------------

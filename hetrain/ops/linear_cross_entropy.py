@@ -225,37 +225,19 @@ def _reduced_setup(ctx, inputs, output):
     ctx.save_for_backward(gh, gw, gb)
 
 
-_TWICE = (b"hetrain.ops.linear_cross_entropy: double backward (a gradient of a gradient taken with "
-          b"create_graph=True) is not supported: the op's gradients are computed without a graph. Use "
-          b"hetrain.ops.linear_cross_entropy_ref (F.linear + F.cross_entropy) where second derivatives are needed")
-
-
-def _first_order_only(
-    grads: tuple[torch.Tensor | None, ...], sources: tuple[torch.Tensor | None, ...]
-) -> tuple[torch.Tensor | None, ...]:
-    """``grads`` as they are, or under ``create_graph=True`` behind a node that raises :data:`_TWICE` when a
-    gradient reaches it from them. Without it, the stored gradients (outputs of forward) would lead a second
-    derivative back into the first-order backward and give a wrong result without an error; with them merely
-    detached, the result would silently be ``None``. ``sources``: what the gradients depend on (inputs or
-    saved outputs of the op), so that a gradient with respect to any of those reaches the node."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return grads
-    given = [g.detach().requires_grad_() for g in grads if g is not None]
-    linked = [t for t in sources if t is not None and t.requires_grad]
-    guarded = iter(torch._C._functions.DelayedError(_TWICE, len(given) + len(linked))(*given, *linked))
-    return tuple(None if g is None else next(guarded) for g in grads)
-
-
 def _reduced_backward(ctx, grad_loss, _gh, _gw, _gb):
     gh, gw, gb = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs
     # Out of place: an in-place scale would corrupt a second backward through a retained graph.
-    dh, dw, db = _first_order_only((gh * grad_loss if need_h else None, gw * grad_loss if need_w else None,
-                                    gb * grad_loss if need_b else None), (gh, gw, gb, grad_loss))
-    return dh, dw, None, db, None, None, None, None, None, None, None
+    return (gh * grad_loss if need_h else None, gw * grad_loss if need_w else None, None,
+            gb * grad_loss if need_b else None, None, None, None, None, None, None, None)
 
 
-_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup)
+# The gradients are computed in forward: with a graph they would lead a second derivative back into the
+# first-order backward and give a wrong result without an error, so double backward is refused.
+_SECOND_ORDER = "hetrain.ops.linear_cross_entropy_ref (F.linear + F.cross_entropy)"
+_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup, public="linear_cross_entropy",
+                           reference=_SECOND_ORDER)
 
 
 @op("hetrain::linear_cross_entropy_rows")
@@ -303,15 +285,14 @@ def _per_row_setup(ctx, inputs, output):
 def _per_row_backward(ctx, grad_rows):
     hidden, weight, target, bias = ctx.saved_tensors
     need_h, need_w, _t, need_b = ctx.needs_input_grad[:4]
-    with torch.no_grad():  # no formula for a second derivative: _first_order_only says so if one is asked for
-        gh, gw, gb = _per_row_bwd(grad_rows.to(compute_dtype(hidden.dtype)).contiguous(), hidden, weight, target,
-                                  bias, *ctx.args, need_h, need_w, need_b and bias is not None)
-    gh, gw, gb = _first_order_only((gh if need_h else None, gw if need_w else None,
-                                    gb if need_b and bias is not None else None), (hidden, weight, bias, grad_rows))
-    return gh, gw, None, gb, None, None, None
+    gh, gw, gb = _per_row_bwd(grad_rows.to(compute_dtype(hidden.dtype)).contiguous(), hidden, weight, target, bias,
+                              *ctx.args, need_h, need_w, need_b and bias is not None)
+    return (gh if need_h else None, gw if need_w else None, None, gb if need_b and bias is not None else None,
+            None, None, None)
 
 
-_per_row.register_autograd(_per_row_backward, setup_context=_per_row_setup)
+_per_row.register_autograd(_per_row_backward, setup_context=_per_row_setup, public="linear_cross_entropy",
+                           reference=_SECOND_ORDER)
 
 
 # --- functional face ---------------------------------------------------------------------------

@@ -115,7 +115,8 @@ def _backward(ctx, dy, _drstd):
     return dx, (dw if weight is not None else None), None
 
 
-_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context, public="rms_norm",
+                                reference="hetrain.ops.rms_norm_ref")
 
 
 # --- functional face ---------------------------------------------------------------------------

@@ -115,3 +115,24 @@ def test_double_backward_is_refused_naming_the_op_except_dropouts_whose_backward
         return
     with pytest.raises(RuntimeError, match=rf"hetrain.ops.{op}: double backward .* not supported.* Use hetrain.ops"):
         torch.autograd.grad(second, x)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_torch_func_grad_equals_autograds_and_nested_transforms_are_refused_naming_the_op(op):
+    args = list(inputs(requires_grad=False))
+    i = 4 if op == "bn_relu_pool" else 0
+
+    def loss(x):
+        return calls(*args[:i], x, *args[i + 1:])[op]().square().sum()
+
+    torch.manual_seed(0)  # dropout draws its seed per call: the same one for both
+    g = torch.func.grad(loss)(args[i])
+    torch.manual_seed(0)
+    x = args[i].clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(x), x)
+    torch.testing.assert_close(g, expected, rtol=0, atol=0)
+    if op != "dropout":  # a second derivative has no kernel: said, not silently zero
+        # (dropout_add_layer_norm draws its seed first, which hessian's vmap refuses before the op is reached)
+        said = "randomness" if op == "dropout_add_layer_norm" else rf"hetrain.ops.{op}: nested torch.func transforms"
+        with pytest.raises(RuntimeError, match=said):
+            torch.func.hessian(loss)(args[i])

@@ -11,8 +11,10 @@ an :class:`Op` runs the same body through a plain ``torch.autograd.Function`` wi
 and the custom op whenever a graph is being traced or an argument is a tensor subclass (fake,
 functional or user-defined tensors, which need the op's registrations).
 
-A fused op's backward kernels have no derivative of their own, so double backward (a gradient of a
-gradient, ``create_graph=True``) raises naming the op and its torch reference, rather than torch's
+Under a ``torch.func`` transform (grad, vjp, jacrev) the same body runs through a ``setup_context``-style
+Function, the form functorch requires. A fused op's backward kernels have no derivative of their own, so
+nested transforms (hessian, grad of grad) and double backward (a gradient of a
+gradient, ``create_graph=True``) raise naming the op and its torch reference, rather than torch's
 "no autograd formula" for an internal op, or a wrong result where gradients are computed in forward.
 """
 
@@ -51,6 +53,11 @@ def _first_order(backward: Callable[..., Any], public: str, reference: str) -> C
     def guarded(ctx: Any, *grads: Any) -> Any:
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return backward(ctx, *grads)
+        if _functorch_level() is not None:
+            # A torch.func transform runs backward with a graph whatever comes next; Op refuses nested
+            # transforms, so a first-order gradient without one is all that is asked here.
+            with torch.no_grad():
+                return backward(ctx, *grads)
         with torch.no_grad():
             out = backward(ctx, *grads)
         single = not isinstance(out, tuple)
@@ -60,11 +67,18 @@ def _first_order(backward: Callable[..., Any], public: str, reference: str) -> C
     return guarded
 
 
+def _functorch_level() -> int | None:
+    """How many ``torch.func`` transforms wrap this call (None outside any)."""
+    return torch._C._functorch.maybe_current_level()
+
+
 def _route(args: Sequence[Any]) -> str:
-    """"custom" while a graph is traced or for a tensor subclass, "body" when no argument needs a gradient
-    (or grad mode is off), "function" otherwise."""
+    """"custom" while a graph is traced or for a tensor subclass, "functorch" under a ``torch.func``
+    transform, "body" when no argument needs a gradient (or grad mode is off), "function" otherwise."""
     if torch.compiler.is_compiling():
         return "custom"
+    if _functorch_level() is not None:
+        return "functorch"
     grad = False
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -81,6 +95,8 @@ class Op:
         self.name, self.body = name, fn
         self.custom = torch.library.custom_op(name, fn, mutates_args=())
         self._function: type[torch.autograd.Function] | None = None
+        self._functorch: type[torch.autograd.Function] | None = None
+        self._public, self._reference = name, None
 
     def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return self.custom.register_fake(fn)
@@ -89,6 +105,7 @@ class Op:
                           public: str, reference: str | None) -> None:
         """``public``: the op's name in ``hetrain.ops``; ``reference``: what to use for second derivatives, named
         when double backward is refused, or None where ``backward`` is itself differentiable (dropout's)."""
+        self._public, self._reference = public, reference
         if reference is not None:
             backward = _first_order(backward, public, reference)
         self.custom.register_autograd(backward, setup_context=setup_context)
@@ -101,15 +118,26 @@ class Op:
             setup_context(ctx, args, output)
             return output
 
-        self._function = type(self.name.replace("::", "_"), (torch.autograd.Function,), {
+        name = self.name.replace("::", "_")
+        self._function = type(name, (torch.autograd.Function,), {
             "forward": staticmethod(forward), "backward": staticmethod(backward)})
+        # torch.func's transforms take only the setup_context form: the slower binding is paid there alone.
+        self._functorch = type(name, (torch.autograd.Function,), {
+            "forward": staticmethod(body), "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward)})
 
     def __call__(self, *args: Any) -> Any:
         route = _route(args)
-        if route == "body":
+        if route == "body" or (route == "functorch" and not torch.is_grad_enabled()):
             return self.body(*args)
         if route == "function" and self._function is not None:
             return self._function.apply(*args)
+        if route == "functorch" and self._functorch is not None:
+            if self._reference is not None and _functorch_level() > 1:
+                raise RuntimeError(f"hetrain.ops.{self._public}: nested torch.func transforms (hessian, grad of "
+                                   "grad, vmap over grad) are not supported: its backward kernels have no "
+                                   f"derivative or batching rule. Use {self._reference} inside them")
+            return self._functorch.apply(*args)
         # A graph, a tensor subclass, or a gradient the op has no formula for (the custom op names it).
         return self.custom(*args)
 

@@ -35,8 +35,6 @@ def _first_order_only(
     second derivative reaches it. ``sources`` (the incoming gradients and saved tensors: what ``grads``
     depend on) are linked to that node, so a gradient taken with respect to any of them reaches it; merely
     detached, the second derivative would silently be ``None``."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return grads
     given = [g.detach().requires_grad_() for g in grads if isinstance(g, torch.Tensor)]
     linked = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
     error = torch._C._functions.DelayedError(message.encode(), len(given) + len(linked))  # once_differentiable's
@@ -53,13 +51,12 @@ def _first_order(backward: Callable[..., Any], public: str, reference: str) -> C
     def guarded(ctx: Any, *grads: Any) -> Any:
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return backward(ctx, *grads)
+        with torch.no_grad():
+            out = backward(ctx, *grads)
         if _functorch_level() is not None:
             # A torch.func transform runs backward with a graph whatever comes next; Op refuses nested
             # transforms, so a first-order gradient without one is all that is asked here.
-            with torch.no_grad():
-                return backward(ctx, *grads)
-        with torch.no_grad():
-            out = backward(ctx, *grads)
+            return out
         single = not isinstance(out, tuple)
         out = _first_order_only((out,) if single else out, (*grads, *ctx.saved_tensors), message)
         return out[0] if single else out

@@ -26,7 +26,7 @@ from benchmarks.timing import copy_bandwidth_gbs, median_ms
 RESULTS = Path(__file__).parent / "results"
 
 
-def graph_ms(fn: Callable[[], object]) -> float | str:
+def graph_ms(fn: Callable[[], object], measure_s: float) -> float | str:
     """Median replay time of ``fn`` captured in a CUDA graph: the GPU time without Python's launch overhead."""
     try:
         side = torch.cuda.Stream()
@@ -38,7 +38,7 @@ def graph_ms(fn: Callable[[], object]) -> float | str:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        return median_ms(graph.replay)
+        return median_ms(graph.replay, min_reps=20, budget_s=measure_s)
     except Exception as exc:  # a call that syncs or allocates on the host cannot be captured
         return f"n/a ({type(exc).__name__})"
 
@@ -54,7 +54,7 @@ def peak_mib(fn: Callable[[], object]) -> float | str:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run(device: str, quick: bool) -> dict:
+def run(device: str, quick: bool, measure_s: float = 2.0) -> dict:
     on_gpu = device.startswith("cuda")
     copy_gbs = copy_bandwidth_gbs(device, megabytes=64 if quick else 1024)
     rows = []
@@ -63,8 +63,8 @@ def run(device: str, quick: bool) -> dict:
         row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes, "ms": {},
                "graph_ms": {}, "peak_mib": {}}
         for name, fn in impls.items():
-            row["ms"][name] = median_ms(fn, min_reps=3 if quick else 20, budget_s=0.3 if quick else 2.0)
-            row["graph_ms"][name] = graph_ms(fn) if on_gpu else "n/a (no CUDA)"
+            row["ms"][name] = median_ms(fn, min_reps=3 if quick else 20, budget_s=0.3 if quick else measure_s)
+            row["graph_ms"][name] = graph_ms(fn, measure_s) if on_gpu else "n/a (no CUDA)"
             row["peak_mib"][name] = peak_mib(fn)
         ours = row["ms"]["hetrain"]
         row["speedup"] = {name: ms / ours for name, ms in row["ms"].items() if name not in ("hetrain", "conv")}
@@ -74,16 +74,18 @@ def run(device: str, quick: bool) -> dict:
     name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
     return {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__,
             "cuda": torch.version.cuda, "hetrain": hetrain.__version__, "copy_gbs": copy_gbs, "quick": quick,
-            "rows": rows}
+            "measure_s": measure_s, "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
+    parser.add_argument("--measure-s", type=float, default=2.0,
+                        help="seconds each timing repeats for (at least 20 calls); 0.3 fits a GPU lent for minutes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
-    result = run(args.device, args.quick)
+    result = run(args.device, args.quick, args.measure_s)
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
     path = args.out / f"{result['date']}-{slug}-ops.json"

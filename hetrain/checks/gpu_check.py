@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import re
@@ -46,17 +47,26 @@ class Outcome:
     detail: str
 
 
+def pytest_workers() -> list[str]:
+    """``-n N`` where pytest-xdist is installed: Triton's compiles dominate the cuda tests and run per process."""
+    if importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", str(max(1, min(8, (os.cpu_count() or 1) // 2)))]
+
+
 def steps(quick: bool, out: Path) -> list[Step]:
     py = sys.executable
     bench_args = ["--quick", "--out", str(out)] if quick else ["--out", str(out)]
+    # The op benchmark keeps the BERT/ResNet shapes when quick (tiny shapes say nothing on a GPU): it times less.
+    ops_args = ["--measure-s", "0.3", "--out", str(out)] if quick else ["--out", str(out)]
     return [
         Step("build", [py, "setup.py", "build_ext", "--inplace"], needs_gpu=True,
              env={"HETRAIN_CUDA": "1", **cuda_home_fallback()}),
         Step("env", [py, "-m", "hetrain.env"]),
         Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile"], env={"TRITON_INTERPRET": None}),
-        Step("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", "tests"], needs_gpu=True,
+        Step("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", *pytest_workers(), "tests"], needs_gpu=True,
              env={"TRITON_INTERPRET": "0"}),
-        Step("bench-ops", [py, "-m", "benchmarks.bench_ops", *bench_args], needs_gpu=True,
+        Step("bench-ops", [py, "-m", "benchmarks.bench_ops", *ops_args], needs_gpu=True,
              needs="benchmarks/bench_ops.py"),
         Step("bench-loader", [py, "-m", "benchmarks.bench_loader", "--out", str(out)],  # short by default
              needs="benchmarks/bench_loader.py"),
@@ -127,6 +137,17 @@ def headline_ratios(results: Path, device: str) -> str:
     return "\n".join(lines)
 
 
+def parse_caps(text: str, names: set[str]) -> dict[str, float]:
+    """``"cuda-tests=150,bench-ops=200"`` -> seconds per step, refusing names that are no step."""
+    caps = {}
+    for item in filter(None, text.split(",")):
+        name, _, seconds = item.partition("=")
+        if name not in names or not seconds.replace(".", "", 1).isdigit():
+            raise SystemExit(f"gpu-check: --cap wants STEP=SECONDS with STEP one of {sorted(names)}; got {item!r}")
+        caps[name] = float(seconds)
+    return caps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build, verify and benchmark hetrain on this machine.")
     parser.add_argument("--quick", action="store_true", help="short benchmark mode")
@@ -136,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock seconds for all steps: each gets at most what is left, and steps that "
                              "would start with under 20 s left are skipped (a GPU lent for minutes)")
+    parser.add_argument("--cap", default="",
+                        help="comma-separated STEP=SECONDS: the most a step may take, so one slow step leaves "
+                             "time to the later ones")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     skip = set(filter(None, args.skip.split(",")))
+    caps = parse_caps(args.cap, {s.name for s in steps(args.quick, args.out)})
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{dt.date.today().isoformat()}-{device_name()}"
     log_path = args.out / f"{stem}-check.log"
@@ -147,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(log_path, "w") as log:
         for step in steps(args.quick, args.out):
             left = step.timeout_s if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+            left = min(left, caps.get(step.name, left))
             reason = why_skipped(step, only, skip) or (
                 f"out of the time budget ({args.budget_s:.0f} s)" if left < MIN_STEP_S else None)
             outcome = (Outcome(step.name, "skipped", 0.0, reason) if reason

@@ -64,7 +64,12 @@ def run(device: str, quick: bool, measure_s: float = 2.0) -> dict:
                "graph_ms": {}, "peak_mib": {}}
         for name, fn in impls.items():
             row["ms"][name] = median_ms(fn, min_reps=3 if quick else 20, budget_s=0.3 if quick else measure_s)
-            row["graph_ms"][name] = graph_ms(fn, measure_s) if on_gpu else "n/a (no CUDA)"
+            if not on_gpu:
+                row["graph_ms"][name] = "n/a (no CUDA)"
+            elif name in case.uncapturable:  # a failed capture leaves the CUDA generator unusable for later cases
+                row["graph_ms"][name] = f"n/a ({case.uncapturable[name]})"
+            else:
+                row["graph_ms"][name] = graph_ms(fn, measure_s)
             row["peak_mib"][name] = peak_mib(fn)
         ours = row["ms"]["hetrain"]
         row["speedup"] = {name: ms / ours for name, ms in row["ms"].items() if name not in ("hetrain", "conv")}

@@ -28,6 +28,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def graph_ms(fn: Callable[[], object], measure_s: float) -> float | str:
     """Median replay time of ``fn`` captured in a CUDA graph: the GPU time without Python's launch overhead."""
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    fresh = generator.clone_state()
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -40,6 +42,8 @@ def graph_ms(fn: Callable[[], object], measure_s: float) -> float | str:
             fn()
         return median_ms(graph.replay, min_reps=20, budget_s=measure_s)
     except Exception as exc:  # a call that syncs or allocates on the host cannot be captured
+        # A capture that failed midway leaves the generator in capture mode: every later random draw would fail.
+        generator.graphsafe_set_state(fresh)
         return f"n/a ({type(exc).__name__})"
 
 
@@ -54,32 +58,41 @@ def peak_mib(fn: Callable[[], object]) -> float | str:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run(device: str, quick: bool, measure_s: float = 2.0) -> dict:
+def run(device: str, quick: bool, measure_s: float = 2.0, ops: set[str] | None = None,
+        save: Callable[[dict], None] = lambda result: None) -> dict:
+    """Per-call times and peaks of every case first, then (on CUDA) the graph replays: a capture that fails
+    cannot spoil a per-call time. ``save`` gets the result so far after each case of each pass."""
     on_gpu = device.startswith("cuda")
     copy_gbs = copy_bandwidth_gbs(device, megabytes=64 if quick else 1024)
-    rows = []
+    name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
+    rows: list[dict] = []
+    result = {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__,
+              "cuda": torch.version.cuda, "hetrain": hetrain.__version__, "copy_gbs": copy_gbs, "quick": quick,
+              "measure_s": measure_s, "rows": rows}
+    measured = []
     for case in discover("gpu", device=device, quick=quick):
+        if ops is not None and case.op not in ops:
+            continue
         impls = case.make()
         row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes, "ms": {},
-               "graph_ms": {}, "peak_mib": {}}
-        for name, fn in impls.items():
-            row["ms"][name] = median_ms(fn, min_reps=3 if quick else 20, budget_s=0.3 if quick else measure_s)
-            if not on_gpu:
-                row["graph_ms"][name] = "n/a (no CUDA)"
-            elif name in case.uncapturable:  # a failed capture leaves the CUDA generator unusable for later cases
-                row["graph_ms"][name] = f"n/a ({case.uncapturable[name]})"
-            else:
-                row["graph_ms"][name] = graph_ms(fn, measure_s)
-            row["peak_mib"][name] = peak_mib(fn)
+               "graph_ms": {name: "n/a (no CUDA)" for name in impls}, "peak_mib": {}}
+        for impl, fn in impls.items():
+            row["ms"][impl] = median_ms(fn, min_reps=3 if quick else 20, budget_s=0.3 if quick else measure_s)
+            row["peak_mib"][impl] = peak_mib(fn)
         ours = row["ms"]["hetrain"]
-        row["speedup"] = {name: ms / ours for name, ms in row["ms"].items() if name not in ("hetrain", "conv")}
+        row["speedup"] = {impl: ms / ours for impl, ms in row["ms"].items() if impl not in ("hetrain", "conv")}
         row["copy_fraction"] = case.bytes_moved / (ours * 1e-3) / 1e9 / copy_gbs
         rows.append(row)
+        measured.append((case, impls, row))
         print(report.gpu_row_text(row), flush=True)
-    name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
-    return {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "hetrain": hetrain.__version__, "copy_gbs": copy_gbs, "quick": quick,
-            "measure_s": measure_s, "rows": rows}
+        save(result)
+    for case, impls, row in measured if on_gpu else ():
+        for impl, fn in impls.items():
+            row["graph_ms"][impl] = graph_ms(fn, measure_s)
+        times = "  ".join(f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in row["graph_ms"].items())
+        print(f"{case.op} {case.shape} {case.dtype} graph replay: {times}", flush=True)
+        save(result)
+    return result
 
 
 def main() -> None:
@@ -88,14 +101,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
     parser.add_argument("--measure-s", type=float, default=2.0,
                         help="seconds each timing repeats for (at least 20 calls); 0.3 fits a GPU lent for minutes")
+    parser.add_argument("--ops", help="comma-separated ops to run (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
-    result = run(args.device, args.quick, args.measure_s)
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
-    path = args.out / f"{result['date']}-{slug}-ops.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path}")
+
+    def path_of(result: dict) -> Path:
+        slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+        return args.out / f"{result['date']}-{slug}-ops.json"
+
+    def save(result: dict) -> None:  # after every case, so a run cut short keeps what it measured
+        path_of(result).write_text(json.dumps(result, indent=2))
+
+    ops = set(args.ops.split(",")) if args.ops else None
+    result = run(args.device, args.quick, args.measure_s, ops, save)
+    save(result)
+    print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path_of(result)}")
     if not args.quick and args.device.startswith("cuda"):
         report.write_gpu_results_md(args.out)
 

@@ -11,6 +11,7 @@ from hetrain.nn.linear_cross_entropy import LinearCrossEntropyHead
 from hetrain.ops.linear_cross_entropy import (
     DEFAULT_MEMORY_BUDGET,
     TorchBackend,
+    _chunked,
     bytes_per_row,
     chunk_rows,
     linear_cross_entropy,
@@ -170,6 +171,23 @@ def test_results_do_not_depend_on_chunk_size(backend):
         assert_close(loss, results[0][0], torch.float64, "loss across chunk sizes")
         for g, g0 in zip(grads, results[0][1], strict=True):
             assert_close(g, g0, torch.float64, "grad across chunk sizes")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_input_dtype", [True, False])
+def test_weight_gradient_gemm_in_the_input_dtype_or_float32_matches_float64(dtype, in_input_dtype):
+    # CUDA takes the input-dtype GEMM per chunk (added into a float32 sum), the CPU the float32 GEMM: both here.
+    H, V, rows = 24, 53, 37
+    hidden, weight, b, target = inputs((rows,), H, V, dtype=dtype, seed=8, ignored=4)
+    scale = torch.tensor(1.0 / rows)
+    with plugins.use_backend(linear_cross_entropy="torch"):
+        loss, gh, gw, gb = _chunked(hidden.detach(), weight.detach(), target, b.detach(), IGNORE, 0.1, scale,
+                                    budget_for(5, V, H, dtype), (True, True, True),
+                                    wgrad_in_input_dtype=in_input_dtype)
+    loss_ref, grads_ref = reference(hidden, weight, b, target, reduction="sum", label_smoothing=0.1,
+                                    upstream=scale.double())
+    assert_close(loss.sum() * scale, loss_ref * scale.double(), dtype, "loss")
+    assert_grads_close([gh, gw, gb.to(dtype)], grads_ref, dtype, f"wgrad in input dtype={in_input_dtype}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -25,7 +25,6 @@ class Case:
     make: Callable[[], dict[str, Callable[[], object]]]
     bytes_moved: int
     notes: dict[str, str] = field(default_factory=dict)
-    uncapturable: dict[str, str] = field(default_factory=dict)  # impl name -> why it cannot be graph-captured
 
 
 def discover(kind: str = "cpu", **options: object) -> list[Case]:

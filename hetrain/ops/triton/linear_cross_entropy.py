@@ -99,9 +99,9 @@ def rows(
     if M == 0:
         return
     cfg = launch_config(V, logits.dtype)
-    coef = logits.new_empty(2)  # filled on the device: torch.tensor([...]) would copy from the host and sync
-    coef[0] = 1.0 - label_smoothing
-    coef[1] = label_smoothing / V
+    # Filled by kernels, never copied from the host: a copy would sync and cannot be captured in a CUDA graph.
+    coef = logits.new_full((2,), label_smoothing / V)
+    coef[:1].fill_(1.0 - label_smoothing)
     _cross_entropy_rows[(M,)](
         logits, loss, target, scale if scale is not None else logits, coef,
         logits.stride(0), scale.stride(0) if scale is not None else 0, V, ignore_index,

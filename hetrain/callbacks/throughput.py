@@ -359,11 +359,20 @@ class Throughput(Callback):
         summary = self.meter.summary()
         summary["flops_per_batch"] = self.meter.flops_per_batch or NA
         summary["peak_flops"] = self.meter.available_flops or NA
-        joules = self.energy.joules() if self._energy_start is not None else None
-        steps = len(self.meter.step_times)
-        summary["energy_j_per_step"] = (joules - self._energy_start) / steps if joules is not None and steps else NA
+        summary["energy_j_per_step"] = self._energy_per_step(len(self.meter.step_times))
         self.summary = summary
         log.info(f"Throughput: {summary}")
+
+    def _energy_per_step(self, steps: int) -> float | str:
+        joules = self.energy.joules() if self._energy_start is not None else None
+        if joules is None or not steps:
+            return NA
+        if joules <= self._energy_start:
+            # NVML refreshes the counter every few tens of ms (on some virtual machines never): a run shorter
+            # than that reads no energy at all, which is no measurement, not zero joules.
+            log.info(f"hetrain: the GPU energy counter did not advance over {steps} steps; energy is {NA}")
+            return NA
+        return (joules - self._energy_start) / steps
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

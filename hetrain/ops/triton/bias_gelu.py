@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
-from hetrain.ops.triton._rows import compute_dtype, tl_compute
+from hetrain.ops.triton._rows import compute_dtype, multiprocessors, tl_compute
 
 SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
@@ -113,7 +113,7 @@ def launch_config(N: int, dtype: torch.dtype) -> dict:
 
 def _row_programs(M: int, block_m: int, device: torch.device) -> int:
     """Programs along rows in backward: enough to fill the device, few enough to keep partial rows small."""
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    target = 4 * multiprocessors(device) if device.type == "cuda" else 4
     return max(1, min(triton.cdiv(M, block_m), target))
 
 

@@ -15,7 +15,15 @@ import triton
 import triton.language as tl
 
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
-from hetrain.ops.triton._rows import backward_programs, compute_dtype, dense, row_config, tl_compute
+from hetrain.ops.triton._rows import (
+    backward_programs,
+    compute_dtype,
+    dense,
+    partial_rows,
+    row_config,
+    sum_partials,
+    tl_compute,
+)
 from hetrain.ops.triton.dropout import join64, kept, stream_args
 from hetrain.ops.triton.layer_norm import _normalize_row, _row_input_grad
 
@@ -175,8 +183,9 @@ def backward(
     dres = torch.empty((M, N), dtype=x.dtype, device=x.device)
     stats = compute_dtype(x.dtype)
     programs = backward_programs(M, x.device)
-    dw_part = torch.zeros((programs, N) if weight is not None else (0,), dtype=stats, device=x.device)
-    db_part = torch.zeros((programs, N) if has_bias else (0,), dtype=stats, device=x.device)
+    parts = partial_rows((weight is not None) + has_bias, programs, N, M, stats, x.device)
+    dw_part = parts[0] if weight is not None else parts
+    db_part = parts[-1] if has_bias else parts
     if M > 0:
         cfg = launch_config(N, x.dtype)
         _dropout_add_layer_norm_bwd[(programs,)](
@@ -186,9 +195,8 @@ def backward(
             HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=tl_compute(x.dtype),
             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
-    dw = dw_part.sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
-    db = db_part.sum(0).to(x.dtype) if has_bias else x.new_empty(0)
-    return dx, dres, dw, db
+    sums = sum_partials(parts, x.dtype)
+    return dx, dres, sums[0] if weight is not None else x.new_empty(0), sums[-1] if has_bias else x.new_empty(0)
 
 
 def aot_specs(shapes: BenchShapes) -> list[AotSpec]:

@@ -13,7 +13,15 @@ import triton
 import triton.language as tl
 
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
-from hetrain.ops.triton._rows import backward_programs, compute_dtype, dense, row_config, tl_compute
+from hetrain.ops.triton._rows import (
+    backward_programs,
+    compute_dtype,
+    dense,
+    partial_rows,
+    row_config,
+    sum_partials,
+    tl_compute,
+)
 
 # Row data per program, counted in the COMPUTE dtype (8192 float32 / 4096 float64 elements): the largest row
 # whose backward keeps every value in registers on sm_80 and sm_90 (cuobjdump: no stack); past it, it spills.
@@ -130,8 +138,8 @@ def backward(
         dy = dy.contiguous()
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     programs = backward_programs(M, x.device)
-    dw_part = torch.zeros((programs, N) if weight is not None else (0,), dtype=compute_dtype(x.dtype),
-                          device=x.device)
+    parts = partial_rows(int(weight is not None), programs, N, M, compute_dtype(x.dtype), x.device)
+    dw_part = parts[0] if weight is not None else parts
     if M > 0 and N > 0:
         cfg = backward_config(N, x.dtype)
         _rms_norm_bwd[(programs,)](
@@ -140,8 +148,7 @@ def backward(
             HAS_WEIGHT=weight is not None, COMPUTE=tl_compute(x.dtype),
             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
-    dw = dw_part.sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
-    return dx, dw
+    return dx, sum_partials(parts, x.dtype)[0] if weight is not None else x.new_empty(0)
 
 
 def aot_specs(shapes: BenchShapes) -> list[AotSpec]:

@@ -173,21 +173,29 @@ def test_results_do_not_depend_on_chunk_size(backend):
             assert_close(g, g0, torch.float64, "grad across chunk sizes")
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("in_input_dtype", [True, False])
-def test_weight_gradient_gemm_in_the_input_dtype_or_float32_matches_float64(dtype, in_input_dtype):
-    # CUDA takes the input-dtype GEMM per chunk (added into a float32 sum), the CPU the float32 GEMM: both here.
+@pytest.mark.parametrize("half_logits", [True, False])
+def test_half_inputs_on_either_logits_path_match_float64(backend, dtype, half_logits):
+    # CUDA keeps bf16/fp16 logits in their dtype (the row kernel computes in float32, the weight gradient is
+    # an input-dtype GEMM added into a float32 sum); the CPU copies them to float32. Both paths run here.
     H, V, rows = 24, 53, 37
     hidden, weight, b, target = inputs((rows,), H, V, dtype=dtype, seed=8, ignored=4)
     scale = torch.tensor(1.0 / rows)
-    with plugins.use_backend(linear_cross_entropy="torch"):
+    budget = budget_for(5, V, H, dtype)  # 8 chunks on the float32 path, more on the other
+    with plugins.use_backend(linear_cross_entropy=backend):
         loss, gh, gw, gb = _chunked(hidden.detach(), weight.detach(), target, b.detach(), IGNORE, 0.1, scale,
-                                    budget_for(5, V, H, dtype), (True, True, True),
-                                    wgrad_in_input_dtype=in_input_dtype)
+                                    budget, (True, True, True), half_logits=half_logits)
     loss_ref, grads_ref = reference(hidden, weight, b, target, reduction="sum", label_smoothing=0.1,
                                     upstream=scale.double())
+    assert loss.dtype == torch.float32
     assert_close(loss.sum() * scale, loss_ref * scale.double(), dtype, "loss")
-    assert_grads_close([gh, gw, gb.to(dtype)], grads_ref, dtype, f"wgrad in input dtype={in_input_dtype}")
+    assert_grads_close([gh, gw, gb.to(dtype)], grads_ref, dtype, f"{backend} half_logits={half_logits}")
+
+
+def test_half_logits_hold_a_row_in_the_input_dtype_alone():
+    assert bytes_per_row(30522, 768, torch.bfloat16, half_logits=True) == 30522 * 2
+    assert chunk_rows(16384, 30522, 768, torch.bfloat16, half_logits=True) == DEFAULT_MEMORY_BUDGET // (30522 * 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

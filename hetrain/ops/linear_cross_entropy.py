@@ -28,10 +28,10 @@ runs the kernel with each row's upstream gradient as its scale (one extra GEMM; 
 ``chunk_rows * (V * (c + h) + 4 * H * [half])``, with ``c`` the logits' element size (4, or 8 for
 float64), ``h`` the input's element size for bf16/fp16 (their GEMM output and the dlogits cast back
 for the gradient GEMMs, else 0) and ``4 * H`` the chunk of hidden in float32 for the weight gradient
-(bf16/fp16 only). Beside it: the per-row losses (``4 * rows`` bytes) and, for bf16/fp16 weights, a
-float32 weight-gradient accumulator (``4 * V * H``) so the sum over chunks does not round at every chunk;
-on CUDA also one weight-sized scratch in the input dtype for each chunk's weight-gradient GEMM (see
-:func:`_chunked`), in place of the float32 chunk of hidden.
+(bf16/fp16 only). On CUDA, bf16/fp16 logits stay in their dtype (see :func:`_chunked`) and a row costs
+``V * h``. Beside it: the per-row losses (``4 * rows`` bytes) and, for bf16/fp16 weights, a float32
+weight-gradient accumulator (``4 * V * H``) so the sum over chunks does not round at every chunk; on
+CUDA also one weight-sized scratch in the input dtype for each chunk's weight-gradient GEMM.
 The default budget, :data:`DEFAULT_MEMORY_BUDGET` = 96 MiB, gives 824 rows of float32 logits at
 vocab 30522: 96 MiB of chunk plus 64 KiB of losses at 16384 rows, under 128 MiB.
 
@@ -60,18 +60,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def bytes_per_row(vocab: int, hidden: int, dtype: torch.dtype) -> int:
+def bytes_per_row(vocab: int, hidden: int, dtype: torch.dtype, half_logits: bool = False) -> int:
     """Working-set bytes one row of a chunk costs (the formula in the module docstring)."""
-    c = compute_dtype(dtype).itemsize
     if dtype in _HALF:
-        return vocab * (c + dtype.itemsize) + 4 * hidden
-    return vocab * c
+        if half_logits:
+            return vocab * dtype.itemsize
+        return vocab * (compute_dtype(dtype).itemsize + dtype.itemsize) + 4 * hidden
+    return vocab * compute_dtype(dtype).itemsize
 
 
-def chunk_rows(rows: int, vocab: int, hidden: int, dtype: torch.dtype, memory_budget: int | None = None) -> int:
+def chunk_rows(rows: int, vocab: int, hidden: int, dtype: torch.dtype, memory_budget: int | None = None,
+               half_logits: bool = False) -> int:
     """Rows per chunk: as many as ``memory_budget`` bytes hold (at least 1, at most ``rows``)."""
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    per_row = bytes_per_row(vocab, hidden, dtype)
+    per_row = bytes_per_row(vocab, hidden, dtype, half_logits)
     if budget < per_row:
         raise ValueError(f"hetrain.ops.linear_cross_entropy: memory_budget={budget} bytes is less than one row of "
                          f"the chunk ({per_row} bytes at vocab {vocab}, hidden {hidden}, {dtype})")
@@ -101,6 +103,12 @@ class TorchBackend:
 
     @staticmethod
     def rows(logits, loss, target, scale, ignore_index, label_smoothing):
+        if logits.dtype in _HALF:  # bf16/fp16 logits: computed in float32, the gradient written back
+            work = logits.float()
+            TorchBackend.rows(work, loss, target, scale, ignore_index, label_smoothing)
+            if scale is not None:
+                logits.copy_(work)
+            return
         V = logits.shape[1]
         keep = target != ignore_index
         safe = torch.where(keep, target, 0)[:, None]
@@ -148,19 +156,24 @@ def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
 def _chunked(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
     ignore_index: int, label_smoothing: float, scale: torch.Tensor | None, memory_budget: int,
-    needs: tuple[bool, bool, bool], *, wgrad_in_input_dtype: bool | None = None,
+    needs: tuple[bool, bool, bool], *, half_logits: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row losses (M,) and, where ``needs`` says and ``scale`` (0-d or (M,)) is given, the gradients of
     ``sum_r loss_r * scale_r`` for hidden, weight and bias (empty tensors for those not computed).
 
-    ``wgrad_in_input_dtype`` (default: on CUDA): for bf16/fp16, each chunk's weight gradient is one GEMM in
-    the input dtype (tensor cores, float32 accumulation inside the GEMM) into a weight-sized scratch that is
-    added to the float32 sum. The float32 GEMM it replaces ran at a tenth of the rate on an H200 (the op took
-    38 ms against eager's 16 at 16384x768, vocab 30522); on the CPU the float32 GEMM is the fast one."""
+    bf16/fp16 inputs take one of two paths. ``half_logits`` (the default on CUDA): the logits stay in the
+    GEMM's output dtype; the row kernel reads them, computes in float32 and writes the gradient over them,
+    and each chunk's weight gradient is one GEMM in the input dtype (tensor cores, float32 accumulation
+    inside the GEMM) added into the float32 sum. Otherwise (the CPU, where float32 GEMMs are the fast ones)
+    the logits are copied to float32, and the weight gradient is a float32 GEMM. The values are the same:
+    the GEMM rounds the logits to the input dtype either way, and the gradient GEMMs read the gradient in
+    it. On an H200 the float32 weight-gradient GEMM ran at a tenth of the rate (the op took 38 ms against
+    eager's 16 at 16384x768, vocab 30522), and the float32 copies double the chunk's traffic and size."""
     M, H = hidden.shape
     V = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     half = hidden.dtype in _HALF
+    half_logits = half and (hidden.is_cuda if half_logits is None else half_logits)
     _check_targets(target, V, ignore_index)
     need_h, need_w, need_b = needs if scale is not None else (False, False, False)
     write_grad = need_h or need_w or need_b
@@ -169,23 +182,20 @@ def _chunked(
     # Weight/bias gradients are sums over every chunk: accumulate them in the logits' dtype.
     grad_w = weight.new_zeros((V, H) if need_w else (0,), dtype=cdt if half else weight.dtype)
     grad_b = hidden.new_zeros(V if need_b else 0, dtype=cdt)
-    c = chunk_rows(M, V, H, hidden.dtype, memory_budget)
-    logits_buf = hidden.new_empty((c if M else 0, V), dtype=cdt)
-    gemm_buf = hidden.new_empty((c if M else 0, V)) if half else None  # the GEMM's own dtype, bf16/fp16
-    if wgrad_in_input_dtype is None:
-        wgrad_in_input_dtype = hidden.is_cuda
-    wgrad_chunk = weight.new_empty(weight.shape) if half and need_w and wgrad_in_input_dtype else None
+    c = chunk_rows(M, V, H, hidden.dtype, memory_budget, half_logits=half_logits)
+    gemm_buf = hidden.new_empty((c if M else 0, V))  # the GEMM's own dtype
+    logits_buf = hidden.new_empty((c if M else 0, V), dtype=cdt) if half and not half_logits else gemm_buf
+    wgrad_chunk = weight.new_empty(weight.shape) if half_logits and need_w else None
     weight_t = weight.t()
     for start in range(0, M, c):
         n = min(c, M - start)
         h = hidden[start:start + n]
-        logits = logits_buf[:n]
-        out = gemm_buf[:n] if half else logits
+        out, logits = gemm_buf[:n], logits_buf[:n]
         if bias is not None:
             torch.addmm(bias, h, weight_t, out=out)
         else:
             torch.mm(h, weight_t, out=out)
-        if half:
+        if logits is not out:
             logits.copy_(out)
         row_scale = None
         if write_grad:
@@ -194,9 +204,7 @@ def _chunked(
                      row_scale, ignore_index, label_smoothing)
         if not write_grad:
             continue
-        dlogits = logits
-        if half:
-            dlogits = out.copy_(logits)
+        dlogits = out.copy_(logits) if logits is not out else logits  # in the GEMMs' dtype
         if need_h:
             torch.mm(dlogits, weight, out=grad_h[start:start + n])
         if wgrad_chunk is not None:
@@ -204,7 +212,7 @@ def _chunked(
         elif need_w:
             grad_w.addmm_(logits.t(), h.to(cdt) if half else h)
         if need_b:
-            grad_b.add_(logits.sum(0))
+            grad_b.add_(logits.sum(0, dtype=cdt))
     return loss, grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype if bias is not None else cdt)
 
 

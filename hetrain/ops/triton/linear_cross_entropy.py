@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
-from hetrain.ops.triton._rows import tl_compute
+from hetrain.ops.triton._rows import compute_dtype, tl_compute
 
 # Largest block one program holds in registers: 4096 float32 (2048 float64) values, 16 per thread at 8 warps.
 MAX_BLOCK_BYTES = 16384
@@ -81,8 +81,9 @@ def _cross_entropy_rows(
 
 
 def launch_config(V: int, dtype: torch.dtype) -> dict:
-    """Block size and warps the launcher uses for rows of ``V`` logits of ``dtype`` (float32 or float64)."""
-    cap = MAX_BLOCK_BYTES // torch.empty((), dtype=dtype).element_size()
+    """Block size and warps the launcher uses for rows of ``V`` logits of ``dtype``: the block is bounded in
+    the accumulation dtype, which the kernel's running sums use whatever the logits' dtype."""
+    cap = MAX_BLOCK_BYTES // compute_dtype(dtype).itemsize
     block_v = min(triton.next_power_of_2(max(V, 1)), cap)
     return {"BLOCK_V": block_v, "num_warps": min(max(block_v // 512, 1), 8)}
 
@@ -91,8 +92,9 @@ def rows(
     logits: torch.Tensor, loss: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None,
     ignore_index: int, label_smoothing: float,
 ) -> None:
-    """logits (M, V) float32/float64, rows contiguous; writes loss (M,) and, if ``scale`` is given, the
-    gradient into ``logits``. ``scale`` is (M,), any stride (0 broadcasts one value)."""
+    """logits (M, V) float32/float64, or bf16/fp16 (computed in float32), rows contiguous; writes loss (M,)
+    and, if ``scale`` is given, the gradient into ``logits``. ``scale`` is (M,), any stride (0 broadcasts
+    one value)."""
     M, V = logits.shape
     if logits.stride(-1) != 1:
         raise ValueError("hetrain.linear_cross_entropy (triton): logits rows must be contiguous")
@@ -100,7 +102,7 @@ def rows(
         return
     cfg = launch_config(V, logits.dtype)
     # Filled by kernels, never copied from the host: a copy would sync and cannot be captured in a CUDA graph.
-    coef = logits.new_full((2,), label_smoothing / V)
+    coef = logits.new_full((2,), label_smoothing / V, dtype=compute_dtype(logits.dtype))
     coef[:1].fill_(1.0 - label_smoothing)
     _cross_entropy_rows[(M,)](
         logits, loss, target, scale if scale is not None else logits, coef,
@@ -113,26 +115,28 @@ def rows(
 def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
     """Every compilation the launcher can cause, for the ahead-of-time check (hetrain.checks.gpu_compile).
 
-    Logits are float32 for float32/bf16/fp16 inputs and float64 for float64 ones. One vocabulary per
-    configuration ``launch_config`` can choose; the benchmark vocabulary in float32 is marked picked and
-    compiled in every variant (gradient or loss only, with or without smoothing), the others in the
-    gradient-and-smoothing variant that does the most work. ``stride_s`` 1 (a per-row scale,
-    ``reduction="none"``) is specialised by Triton apart from 0 (one scale), so both are compiled.
+    Logits are float32 for float32 inputs, float64 for float64 ones and, on CUDA, bf16/fp16 for bf16/fp16
+    ones (float32 where the CPU path copies them). One vocabulary per configuration ``launch_config`` can
+    choose; the benchmark vocabulary in float32 and bf16 is marked picked and compiled in every variant
+    (gradient or loss only, with or without smoothing), the others in the gradient-and-smoothing variant
+    that does the most work. ``stride_s`` 1 (a per-row scale, ``reduction="none"``) is specialised by
+    Triton apart from 0 (one scale), so both are compiled.
     """
     specs = []
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        stats = compute_dtype(dtype)
         vocabs = {tuple(sorted(launch_config(shapes.vocab, dtype).items())): (shapes.vocab, True)}
         v = 1
-        while v <= MAX_BLOCK_BYTES // dtype.itemsize:
+        while v <= MAX_BLOCK_BYTES // stats.itemsize:
             vocabs.setdefault(tuple(sorted(launch_config(v, dtype).items())), (v, False))
             v *= 2
         for V, benchmarked in vocabs.values():
             cfg = launch_config(V, dtype)
-            picked = benchmarked and dtype == torch.float32
+            picked = benchmarked and dtype in (torch.float32, torch.bfloat16)
             variants = itertools.product((True, False), repeat=2) if picked else [(True, True)]
             for write_grad, smoothing in variants:
                 for stride_s in (0, 1) if write_grad else (0,):
-                    args = {"Logits": dtype, "Loss": dtype, "Target": torch.int64, "Scale": dtype, "Coef": dtype,
+                    args = {"Logits": dtype, "Loss": stats, "Target": torch.int64, "Scale": stats, "Coef": stats,
                             "stride_l": V, "stride_s": stride_s, "V": V, "ignore_index": -100,
                             "WRITE_GRAD": write_grad, "HAS_SMOOTHING": smoothing, "COMPUTE": tl_compute(dtype),
                             "BLOCK_V": cfg["BLOCK_V"]}

@@ -318,18 +318,21 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
-def run(device: str, quick: bool = False) -> dict:
+def run(device: str, quick: bool = False, short: bool = False) -> dict:
+    """``quick``: the tiny model, few repeats (a smoke test); ``short``: the full model, few repeats (a GPU
+    lent for minutes, where the tiny model would measure nothing but the host)."""
     shape = QUICK if quick else FULL
-    rows = run_modes(shape, device, quick) + run_pipeline(shape, device, quick)
+    light = quick or short
+    rows = run_modes(shape, device, light) + run_pipeline(shape, device, light)
     add_ratios(rows)
-    placement = run_placement(shape, quick)
+    placement = run_placement(shape, light)
     fused_bf16 = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == ("bf16-mixed", True,
                                                                                          "precision"))
     base = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == (*BASELINE, "precision"))
     return {
         "date": dt.date.today().isoformat(), "device": device_name(device), "device_type": device,
         "torch": torch.__version__, "triton": triton_version(), "hetrain": hetrain.__version__, "quick": quick,
-        "shape": asdict(shape), "baseline": {"mode": BASELINE[0], "fused": BASELINE[1]},
+        "short": short, "shape": asdict(shape), "baseline": {"mode": BASELINE[0], "fused": BASELINE[1]},
         "target_met": None if base is None else fused_bf16 <= base, "rows": rows, "placement": placement,
     }
 
@@ -337,12 +340,13 @@ def run(device: str, quick: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps, for a smoke test")
+    parser.add_argument("--short", action="store_true", help="the full model with few steps")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU in use")
-    result = run(args.device, quick=args.quick)
+    result = run(args.device, quick=args.quick, short=args.short)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{result['date']}-{args.device}-train.json"
     path.write_text(json.dumps(result, indent=2))

@@ -59,6 +59,8 @@ def steps(quick: bool, out: Path) -> list[Step]:
     bench_args = ["--quick", "--out", str(out)] if quick else ["--out", str(out)]
     # The op benchmark keeps the BERT/ResNet shapes when quick (tiny shapes say nothing on a GPU): it times less.
     ops_args = ["--measure-s", "0.3", "--out", str(out)] if quick else ["--out", str(out)]
+    # Likewise the training step on a GPU: the full model with few repeats (the tiny one times only the host).
+    train_args = ["--short" if torch.cuda.is_available() else "--quick", "--out", str(out)] if quick else bench_args
     return [
         Step("build", [py, "setup.py", "build_ext", "--inplace"], needs_gpu=True,
              env={"HETRAIN_CUDA": "1", **cuda_home_fallback()}),
@@ -70,7 +72,7 @@ def steps(quick: bool, out: Path) -> list[Step]:
              needs="benchmarks/bench_ops.py"),
         Step("bench-loader", [py, "-m", "benchmarks.bench_loader", "--out", str(out)],  # short by default
              needs="benchmarks/bench_loader.py"),
-        Step("bench-train", [py, "-m", "benchmarks.bench_train", *bench_args], needs="benchmarks/bench_train.py"),
+        Step("bench-train", [py, "-m", "benchmarks.bench_train", *train_args], needs="benchmarks/bench_train.py"),
         Step("bench-memory", [py, "-m", "benchmarks.bench_memory_overhead", *bench_args],
              needs="benchmarks/bench_memory_overhead.py"),
         Step("profile-step", [py, "-m", "benchmarks.profile_step", "--out", str(out),

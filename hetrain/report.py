@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -270,10 +271,12 @@ class SweepSummary(HydraCallback):
     """Hydra callback: tabulates every job of a multirun in its sweep directory.
 
     Notes:
-        The table is rewritten after each job: when a job fails, Hydra's sweeper finishes the
-        batch and then ends the sweep with that job's error, without calling ``on_multirun_end``.
-        With a launcher that runs jobs in parallel processes, ``on_multirun_end`` writes the
-        complete table once all have finished.
+        The table is rewritten after each job. A job that fails inside :func:`hetrain.train.run` is
+        written down there and returns, so the sweep goes on; at the end this prints the table and,
+        if any job failed, exits with status 1 naming them. A job that dies outside it (Hydra's
+        sweeper then ends the sweep with that error) still has its row from the last rewrite. With a
+        launcher that runs jobs in parallel processes, ``on_multirun_end`` writes the complete table
+        once all have finished.
     """
 
     @staticmethod
@@ -294,3 +297,9 @@ class SweepSummary(HydraCallback):
         sweep_dir, text = self._write(config)
         # Printed, not logged: the logging setup still belongs to the last job and would file it there.
         print(f"\nSweep summary ({sweep_dir / SUMMARY_MD}, {sweep_dir / SWEEP_CSV}):\n{text}", flush=True)
+        jobs = collect_jobs(sweep_dir)
+        failed = [str(job["job"]) for job in jobs if job.get("status") != "ok"]
+        if failed:
+            print(f"hetrain: {len(failed)} of {len(jobs)} jobs failed (job {', '.join(failed)}); each row above "
+                  "names the error and the log with its traceback", file=sys.stderr, flush=True)
+            raise SystemExit(1)  # Hydra reports an Exception with a traceback; a sweep's failures are in the table

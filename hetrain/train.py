@@ -15,6 +15,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hetrain import plugins
@@ -159,7 +160,8 @@ def run(cfg: DictConfig) -> float | None:
     """Trains, writes ``summary.json`` and ``summary.md`` to ``cfg.output_dir``; returns the sweep metric.
 
     A failure is logged (its traceback into the run's log file) and written to the summary with
-    its root cause, then re-raised.
+    its root cause, then re-raised; in a sweep it is not re-raised, so the other jobs run and the sweep
+    ends with its table and a non-zero exit (:class:`hetrain.report.SweepSummary`), not a traceback.
     """
     output_dir = Path(cfg.output_dir)
     info = _run_info()
@@ -170,6 +172,8 @@ def run(cfg: DictConfig) -> float | None:
         error = f"{type(cause).__name__}: {cause}"
         _log_failure(exc, error, info.get("log"))
         write_run_summary({"status": "failed", **info, "error": error}, output_dir)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None
         raise
     text = write_run_summary(summary, output_dir)
     log.info(f"Summary ({output_dir / SUMMARY_MD}):\n{text}")

@@ -267,7 +267,10 @@ def test_sweep_lists_failed_jobs_with_error_and_log(tmp_path):
     bad_callback = '+callbacks.parse={_target_:yaml.safe_load,stream:"a: b: c"},null'
     result = train_py("-m", "recipe=bert_split", "trainer.max_steps=5", *SMALL, bad_callback,
                       f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert result.returncode != 0  # the sweep still reports the failure
+    assert result.returncode == 1  # the sweep still reports the failure, after running every job
+    console = result.stdout + result.stderr
+    assert "1 of 2 jobs failed (job 0)" in result.stderr and "Sweep summary" in result.stdout, console[-3000:]
+    assert "Traceback" not in console, console[-3000:]  # the traceback is in the job's log, once
     failed, ok = _sweep_rows(sweep)
     headline = "ScannerError: mapping values are not allowed here"
     assert failed["status"] == "failed" and failed["error"] == headline

@@ -201,6 +201,30 @@ def test_callback_in_a_fit_reports_exact_numbers_from_its_clock(tmp_path):
     assert "throughput/device/samples_per_sec" in header
 
 
+class LossTagger(Tagger):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize(("accumulate", "every"), [(1, 1), (1, 2), (2, 1)])
+def test_logged_rows_share_the_step_of_the_loss(tmp_path, accumulate, every):
+    # Lightning files training_step metrics under the optimizer step a batch belongs to; so do these.
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, default_root_dir=tmp_path, logger=CSVLogger(tmp_path),
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         log_every_n_steps=every, accumulate_grad_batches=accumulate, callbacks=[Throughput()])
+    trainer.fit(LossTagger(), DataLoader(_samples(6 * accumulate * BATCH), batch_size=BATCH))
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    header, *rows = [line.split(",") for line in logged.splitlines()]
+    step, loss, rate = header.index("step"), header.index("train_loss"), header.index("throughput/step_time_ms")
+    loss_steps = {int(r[step]) for r in rows if r[loss]}
+    rate_steps = {int(r[step]) for r in rows if r[rate]}
+    assert rate_steps and rate_steps <= loss_steps, (loss_steps, rate_steps)
+    assert loss_steps - rate_steps <= {0}  # only the warm-up step has a loss and no rate
+    assert all(any(r[i] for i in range(len(r)) if i != step and header[i] != "epoch") for r in rows)  # no empty rows
+
+
 def test_log_every_n_steps_zero_logs_nothing_and_keeps_the_summary(tmp_path):
     callback = Throughput(peak_flops=1e9)
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=CSVLogger(tmp_path),

@@ -337,12 +337,17 @@ class Throughput(Callback):
         self._stop_counting()
         self._sync()
         self.meter.batch_end(batch_size(batch), self._tokens(batch), step_done=self._stepped)
+        # The step Lightning files this batch's training_step metrics under: the optimizer step it belongs to,
+        # which global_step already counts once that step is done. Rows then line up with the loss's.
+        step = trainer.global_step - 1 if self._stepped else trainer.global_step
         self._stepped = False
         every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
-        if trainer.loggers and every and trainer.global_step % every == 0:  # 0: no logging, as in Lightning
-            metrics = {f"throughput/{k}": v for k, v in self.meter.compute().items()}
+        if not trainer.loggers or not every or (step + 1) % every:  # 0: no logging, as in Lightning
+            return
+        metrics = {f"throughput/{k}": v for k, v in self.meter.compute().items()}
+        if metrics:  # nothing yet while warming up
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=step)
 
     @override
     @rank_zero_only

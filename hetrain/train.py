@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hetrain import plugins
+from hetrain.callbacks.placement import resolve_plan
 from hetrain.callbacks.precision import trainer_precision
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.report import SUMMARY_MD, RunRecorder, error_headline, write_run_summary
@@ -77,11 +78,22 @@ def check_config(cfg: DictConfig) -> None:
                          "position table; raise model.max_len or lower data.max_len")
 
 
+def check_plan(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """Refuses a placement entry that names no stage of ``model`` now, not once data is ready and fit starts."""
+    plan = cfg.placement.get("plan")
+    if OmegaConf.is_dict(plan) and hasattr(model, "stages"):
+        try:
+            resolve_plan(OmegaConf.to_container(plan), list(model.stages()), cfg.placement.get("fallback", "cpu"))
+        except ValueError as exc:
+            raise ValueError(f"{exc}. Fix placement.plan in the recipe or on the command line") from None
+
+
 def build(cfg: DictConfig) -> Parts:
     """Instantiates data, model, task, callbacks, placement, logger and trainer (logging each)."""
     check_config(cfg)
-    datamodule = _instantiate(cfg.data, "data")
     model = _instantiate(cfg.model, "model")
+    check_plan(cfg, model)
+    datamodule = _instantiate(cfg.data, "data")
     task = _instantiate(cfg.task, "task", model=model)
     # Placement first: the callbacks after it (pipeline split, profilers) see the stages on their devices.
     callbacks = {"placement": _instantiate(cfg.placement, "placement")}

@@ -213,6 +213,13 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
         build(cfg)
 
 
+def test_a_plan_entry_that_names_no_stage_is_refused_before_the_data_is_built(tmp_path):
+    """Otherwise it surfaced at fit start, after the datamodule and the trainer were made."""
+    cfg = compose_train("recipe=bert_split", "+placement.plan.pooler=cpu", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"placement entry 'pooler' names no stage .*Fix placement.plan"):
+        build(cfg)
+
+
 def test_sequences_longer_than_the_position_table_are_refused_before_training(tmp_path):
     """Otherwise the first step fails inside the embedding lookup: 'IndexError: index out of range in self'."""
     cfg = compose_train("recipe=bert_split", "model.max_len=32", output_dir=tmp_path)

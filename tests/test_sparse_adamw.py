@@ -16,7 +16,7 @@ from hetrain.ops.sparse_adamw import OP, sparse_adamw_, sparse_adamw_ref
 from hetrain.optim import SparseAwareAdamW, sparse_parameters
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
-BACKENDS = ["cpu", "torch"]
+BACKENDS = ["triton", "cpu", "torch"]
 TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-14}, torch.float32: {"rtol": 2e-6, "atol": 2e-7}}
 
 
@@ -108,9 +108,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="parameter's shape"):
         sparse_adamw_(p, m, v, out_of_range, 1, lr=0.1)
     grad = sparse_grad(*p.shape, 5, p.dtype, seed=1)
-    with pytest.raises(RuntimeError, match="exp_avg must match the parameter"):
+    with pytest.raises(ValueError, match="exp_avg must match the parameter"):
         sparse_adamw_(p, m[:-1], v, grad, 1, lr=0.1)
-    with pytest.raises(RuntimeError, match="step counts from 1"):
+    with pytest.raises(ValueError, match="step counts from 1"):
         sparse_adamw_(p, m, v, grad, 0, lr=0.1)
     with pytest.raises(RuntimeError, match="is outside the table"):
         torch.ops.hetrain_C.sparse_adamw_(p, m, v, torch.tensor([37]), torch.randn(1, 13, dtype=p.dtype), 1, 0.1,
@@ -120,6 +120,35 @@ def test_bad_inputs_raise_clear_errors():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="nn.Embedding\\(..., sparse=True\\)"):
         opt.step()
+
+
+@pytest.mark.parametrize("row", [-1, 37])
+def test_the_triton_step_refuses_a_row_outside_the_table(row):
+    # torch builds such a gradient without complaint unless its invariant checks are on; the kernel would write
+    # outside the table.
+    p = table().detach()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    grad = torch.sparse_coo_tensor(torch.tensor([[3, row]]), torch.randn(2, 13, dtype=p.dtype), p.shape,
+                                   check_invariants=False)
+    with plugins.use_backend(**{OP: "triton"}), pytest.raises(ValueError, match=f"row {row} of the gradient"):
+        sparse_adamw_(p, m, v, grad, 1, lr=0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_triton_step_matches_the_reference_on_a_bert_sized_table(dtype):
+    V, H = 30522, 768
+    p = table(V, H, dtype=dtype).detach()
+    m, v = torch.rand_like(p) * 0.01, torch.rand_like(p) * 1e-4
+    on_gpu = [t.cuda() for t in (p, m, v)]
+    for step in range(1, 4):
+        grad = sparse_grad(V, H, 4096, dtype, seed=step)
+        with plugins.use_backend(**{OP: "triton"}):
+            sparse_adamw_(*on_gpu, grad.cuda(), step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+        c = grad.coalesce()
+        sparse_adamw_ref(p, m, v, c.indices()[0], c.values(), step, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+    for got, want in zip(on_gpu, (p, m, v), strict=True):
+        torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
 
 
 def model_and_optimizer(seed=0):

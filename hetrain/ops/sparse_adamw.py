@@ -8,9 +8,10 @@ step updates the rows the batch used and leaves the others, values and moments, 
 On a row a batch uses, the update is exactly ``torch.optim.AdamW``'s, with the step count of the table
 for the bias corrections, as torch's ``SparseAdam`` counts it.
 
-Backends: ``cpu`` (csrc/sparse_adamw.cpp: sorts the indices, sums each row's repeats and steps the row
-in one pass, OpenMP over rows) and ``torch`` (the reference: coalesce, then the same arithmetic on the
-gathered rows; any device).
+Backends: ``triton`` (CUDA: torch sums each row's repeats, one kernel steps the rows, their moments and
+decay in one pass), ``cpu`` (csrc/sparse_adamw.cpp: sorts the indices, sums each row's repeats and steps
+the row in one pass, OpenMP over rows) and ``torch`` (the reference: coalesce, then the same arithmetic on
+the gathered rows; any device).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class CppBackend:
         torch.ops.hetrain_C.sparse_adamw_(*args)
 
 
+_backends.register_triton(OP, "hetrain.ops.triton.sparse_adamw")
 _backends.register_cpp(OP, CppBackend, devices=("cpu",))
 _backends.register_torch(OP, TorchBackend)
 
@@ -67,6 +69,13 @@ def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
         raise ValueError(f"hetrain.sparse_adamw: grad must be a sparse COO tensor of the parameter's shape "
                          f"{tuple(param.shape)} with one sparse dimension (nn.Embedding(sparse=True)'s), got "
                          f"{'sparse' if grad.is_sparse else 'dense'} {tuple(grad.shape)}")
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.shape != param.shape or t.dtype != param.dtype or t.device != param.device:
+            raise ValueError(f"hetrain.sparse_adamw: {name} must match the parameter ({tuple(param.shape)} "
+                             f"{param.dtype} on {param.device}), got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if step < 1:
+        raise ValueError(f"hetrain.sparse_adamw: step counts from 1 (the bias corrections divide by "
+                         f"1 - beta**step), got {step}")
     # _indices/_values: the pairs as autograd accumulated them, without the sort and sum of coalesce(),
     # which the kernel does in its own pass.
     indices, values = grad._indices()[0], grad._values()

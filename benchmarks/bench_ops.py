@@ -1,7 +1,8 @@
 """Every fused op forward+backward beside eager PyTorch, torch.compile and Liger-Kernel (where it has the op).
 
 Run on a GPU: ``make bench-ops`` (or ``python -m benchmarks.bench_ops``). Per case: the per-call median
-as a user's eager loop sees it, the GPU time alone (the same call replayed from a captured CUDA graph),
+(each call waited for), the time per call back to back (as a training loop runs them: the host queues the
+next call while the GPU runs this one), the GPU time alone (the same call replayed from a captured CUDA graph),
 peak extra memory, and bandwidth as a fraction of a device-to-device copy measured in the same run.
 Writes ``benchmarks/results/<date>-<device>-ops.json`` and regenerates the GPU section of RESULTS.md.
 ``--quick --device cpu`` runs tiny shapes on the CPU so the script itself is checked without a GPU.
@@ -21,7 +22,7 @@ import torch
 import hetrain
 from benchmarks import report
 from benchmarks.cases import discover
-from benchmarks.timing import copy_bandwidth_gbs, median_ms
+from benchmarks.timing import back_to_back_ms, copy_bandwidth_gbs, median_ms
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -75,9 +76,10 @@ def run(device: str, quick: bool, measure_s: float = 2.0, ops: set[str] | None =
             continue
         impls = case.make()
         row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes, "ms": {},
-               "graph_ms": {name: "n/a (no CUDA)" for name in impls}, "peak_mib": {}}
+               "back_to_back_ms": {}, "graph_ms": {name: "n/a (no CUDA)" for name in impls}, "peak_mib": {}}
         for impl, fn in impls.items():
             row["ms"][impl] = median_ms(fn, min_reps=3 if quick else 20, budget_s=0.3 if quick else measure_s)
+            row["back_to_back_ms"][impl] = back_to_back_ms(fn, budget_s=0.1 if quick else measure_s)
             row["peak_mib"][impl] = peak_mib(fn)
         ours = row["ms"]["hetrain"]
         row["speedup"] = {impl: ms / ours for impl, ms in row["ms"].items() if impl not in ("hetrain", "conv")}

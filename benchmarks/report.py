@@ -56,32 +56,37 @@ def gpu_row_text(row: dict) -> str:
 
 
 def gpu_table(result: dict) -> str:
-    """Per impl: the per-call median a user's loop sees and the GPU time alone (graph replay), hetrain's speedup
-    over it by each, and hetrain's share of the copy bandwidth by each (per call it includes the host's time)."""
+    """Per impl: the per-call median (each call waited for), the time per call back to back (a training loop's
+    view) where recorded, and the GPU time alone (graph replay); hetrain's speedup by each; hetrain's share of
+    the copy bandwidth per call and in GPU time."""
     lines = [
         f"GPU: {result['device']}, torch {result['torch']} (CUDA {result['cuda']}), {result['date']}; forward+backward "
-        f"median per call (and GPU time from a CUDA-graph replay); copy bandwidth {result['copy_gbs']:.0f} GB/s.",
+        f"median per call, per call back to back, and GPU time from a CUDA-graph replay; copy bandwidth "
+        f"{result['copy_gbs']:.0f} GB/s.",
         "",
-        "| op | shape | dtype | impl | ms per call | ms GPU (graph) | peak MiB | hetrain speedup per call "
-        "| hetrain speedup GPU | hetrain % copy bw per call / GPU |",
+        "| op | shape | dtype | impl | ms per call | ms back to back | ms GPU (graph) | peak MiB "
+        "| hetrain speedup per call / back to back / GPU | hetrain % copy bw per call / GPU |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        graph = r["graph_ms"]
-        ours_graph = graph.get("hetrain")
+        graph, b2b = r["graph_ms"], r.get("back_to_back_ms", {})
         for name, ms in r["ms"].items():
-            speed = gpu_speed = bw = ""
+            speed = bw = ""
             if name not in ("hetrain", "conv"):
-                speed = f"{r['speedup'][name]:.2f}x"
-                if isinstance(graph.get(name), float) and isinstance(ours_graph, float):
-                    gpu_speed = f"{graph[name] / ours_graph:.2f}x"
+                speed = " / ".join(_ratio(times.get(name), times.get("hetrain"))
+                                   for times in (r["ms"], b2b, graph))
             elif name == "hetrain":
                 bw = f"{100 * r['copy_fraction']:.0f}%"
-                if isinstance(ours_graph, float):
-                    bw += f" / {100 * r['copy_fraction'] * ms / ours_graph:.0f}%"
-            lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {name} | {ms:.3f} | {_fmt(graph[name])} | "
-                         f"{_fmt(r['peak_mib'][name], 1)} | {speed} | {gpu_speed} | {bw} |")
+                if isinstance(graph.get(name), float):
+                    bw += f" / {100 * r['copy_fraction'] * ms / graph[name]:.0f}%"
+            lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {name} | {ms:.3f} | "
+                         f"{_fmt(b2b.get(name, 'n/a'))} | {_fmt(graph[name])} | {_fmt(r['peak_mib'][name], 1)} | "
+                         f"{speed} | {bw} |")
     return "\n".join(lines)
+
+
+def _ratio(theirs: float | str | None, ours: float | str | None) -> str:
+    return f"{theirs / ours:.2f}x" if isinstance(theirs, float) and isinstance(ours, float) else "-"
 
 
 def _replace_section(text: str, begin: str, end: str, body: str) -> str:

@@ -26,6 +26,27 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, min_reps: int = 10, max
     return statistics.median(times)
 
 
+def back_to_back_ms(fn: Callable[[], object], budget_s: float = 1.0, rounds: int = 5) -> float:
+    """Time per call of ``fn`` called back to back, synchronised only around each round: what a training loop
+    sees, where the host queues the next call while the GPU runs this one (max of host and GPU time per call),
+    unlike :func:`median_ms`, which waits for every call. Median over ``rounds``."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    calls = max(2, int(budget_s / rounds / max(time.perf_counter() - t0, 1e-6)))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def copy_bandwidth_gbs(device: str = "cpu", megabytes: int = 256) -> float:
     """GB/s of a large tensor copy on ``device``, read plus write: the ceiling of a memory-bound kernel."""
     src = torch.randn(megabytes * 2**20 // 4, device=device)

@@ -87,6 +87,15 @@ def test_bench_ops_runs_every_case_in_its_cpu_smoke_mode(tmp_path):
     assert ops == families and "dropout" in ops  # every family with GPU cases ran (ring_gather is bench-cpu's)
     for row in record["rows"]:
         assert {"eager", "compile", "hetrain"} <= set(row["ms"]) and all(ms > 0 for ms in row["ms"].values())
+        b2b = row["back_to_back_ms"]
+        assert b2b.keys() == row["ms"].keys() and all(ms > 0 for ms in b2b.values())
+    from benchmarks.report import gpu_table
+
+    table = gpu_table(record).splitlines()
+    eager = next(line for line in table if line.startswith("| layer_norm |") and "| eager |" in line)
+    row = next(r for r in record["rows"] if r["op"] == "layer_norm")
+    assert f"{row['ms']['eager'] / row['ms']['hetrain']:.2f}x / " in eager  # per call, then back to back, GPU
+    assert eager.endswith(" / - |  |")  # no graph replay on the CPU
 
 
 def test_cuda_build_check_binds_only_declared_ops_and_refuses_a_cpu_torch_naming_the_fix():

@@ -78,6 +78,18 @@ def test_gpu_check_within_a_time_budget_skips_what_would_not_fit_and_records_eac
     assert status["bench-embedding"] == ("skipped", "out of the time budget (21 s)")
 
 
+def test_gpu_check_caps_a_step_and_refuses_a_cap_that_names_no_step(tmp_path):
+    out = run_python(["-m", "hetrain.checks.gpu_check", "--only", "env,bench-embedding", "--cap", "bench-embedding=5",
+                      "--out", str(tmp_path)])
+    record = json.loads(next(tmp_path.glob("*-check.json")).read_text())
+    status = {s["name"]: (s["status"], s["detail"]) for s in record["steps"]}
+    assert status["env"][0] == "passed"
+    assert status["bench-embedding"] == ("skipped", "capped at 5 s, under the 20 s a step is given at least")
+    assert out.returncode == 0, out.stdout + out.stderr
+    bad = run_python(["-m", "hetrain.checks.gpu_check", "--cap", "bench-opz=5", "--out", str(tmp_path)])
+    assert bad.returncode != 0 and "--cap wants STEP=SECONDS with STEP one of" in bad.stderr, bad.stderr
+
+
 def test_bench_ops_runs_every_case_in_its_cpu_smoke_mode(tmp_path):
     out = run_python(["-m", "benchmarks.bench_ops", "--quick", "--device", "cpu", "--out", str(tmp_path)])
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

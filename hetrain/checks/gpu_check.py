@@ -173,12 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with open(log_path, "w") as log:
         for step in steps(args.quick, args.out):
-            left = step.timeout_s if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
-            left = min(left, caps.get(step.name, left))
-            reason = why_skipped(step, only, skip) or (
-                f"out of the time budget ({args.budget_s:.0f} s)" if left < MIN_STEP_S else None)
-            outcome = (Outcome(step.name, "skipped", 0.0, reason) if reason
-                       else run_step(step, log, min(step.timeout_s, left)))
+            budget_left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+            cap = caps.get(step.name)
+            left = min(t for t in (step.timeout_s, budget_left, cap) if t is not None)
+            reason = why_skipped(step, only, skip)
+            if reason is None and left < MIN_STEP_S:
+                reason = (f"capped at {cap:.0f} s, under the {MIN_STEP_S} s a step is given at least" if left == cap
+                          else f"out of the time budget ({args.budget_s:.0f} s)")
+            outcome = Outcome(step.name, "skipped", 0.0, reason) if reason else run_step(step, log, left)
             outcomes.append(outcome)
             print(f"[gpu-check] {outcome.name}: {outcome.status} {outcome.detail}".rstrip(), flush=True)
             # Recorded after every step, so a run cut short from outside still leaves what it did.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import IterableDataset
 
-from hetrain.data.ring import LoaderError, PadInto, RingLoader, StreamBatches
+from hetrain.data.ring import LoaderError, PadInto, RingLoader, StreamBatches, _Stream
 from hetrain.data.synthetic import SyntheticSequences
 
 pytest.importorskip("hetrain._C")
@@ -73,7 +73,26 @@ def test_an_error_in_the_stream_reaches_the_loop_after_the_batches_before_it():
     assert threading.active_count() == baseline
 
 
-def test_a_sample_over_the_token_budget_is_named():
-    with RingLoader(Stream(30), StreamBatches(max_tokens=10), collate=PadInto(10, 10)) as loader:
-        with pytest.raises(LoaderError, match="exceeds max_tokens=10"):
-            list(loader)
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_sample_over_the_token_budget_is_named(workers):
+    # Repeated: with several producers, the one that reads the bad batch may be reading ahead for a later one.
+    for _ in range(20 if workers > 1 else 1):
+        with RingLoader(Stream(30), StreamBatches(max_tokens=10), collate=PadInto(10, 10),
+                        num_workers=workers) as loader:
+            with pytest.raises(LoaderError, match="exceeds max_tokens=10"):
+                list(loader)
+
+
+def test_a_stream_that_raises_fails_every_batch_from_there_whoever_read_it():
+    def batches():
+        yield [1]
+        yield [2]
+        raise ValueError("bad sample")
+
+    stream = _Stream(batches())
+    assert stream.batch(0) == [1]
+    with pytest.raises(ValueError, match="bad sample"):
+        stream.batch(3)  # a producer reading ahead: batch 1 is kept, batch 2 raises
+    assert stream.batch(1) == [2]
+    with pytest.raises(ValueError, match="bad sample"):
+        stream.batch(2)  # not None: the broken generator is not the stream's end

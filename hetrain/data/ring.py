@@ -159,7 +159,10 @@ class _Stream:
     """One epoch of a stream's batches, handed to producers by batch number, whichever thread asks first.
 
     Producers claim batch numbers in order but may reach here out of order; batches read ahead of the
-    one asked for wait in ``pending``. After the last batch every later number gets ``None``.
+    one asked for wait in ``pending``. After the last batch every later number gets ``None``. If the
+    stream raises, every batch from the one it was reading on gets that error, whichever producer read
+    it: a broken generator ends as if exhausted, and the batch before the failure would otherwise be
+    taken for the stream's last.
     """
 
     def __init__(self, batches: Iterator[list[Any]]) -> None:
@@ -167,15 +170,21 @@ class _Stream:
         self.pending: dict[int, list[Any]] = {}
         self.read = 0  # batches taken from the iterator so far
         self.end: int | None = None  # the first batch number past the stream's end, once known
+        self.failure: Exception | None = None  # what the stream raised reading batch number ``read``
 
     def batch(self, job: int) -> list[Any] | None:
         with self.lock:
             while self.end is None and self.read <= job:
+                if self.failure is not None:
+                    raise self.failure
                 try:
                     self.pending[self.read] = next(self.batches)
                     self.read += 1
                 except StopIteration:
                     self.end = self.read
+                except Exception as exc:
+                    self.failure = exc
+                    raise
             return self.pending.pop(job, None)
 
 

@@ -284,12 +284,29 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
                                      f"{type(exc).__name__}: {exc}")
 
 
+def _stop_readers(pool: Any) -> None:
+    """Terminates the reader processes, also when the pool's own bookkeeping fails on the way.
+
+    ``Pool.terminate()`` raised "Cannot have cache with result_hander not alive" once in a full test run,
+    after a reader had failed: its result thread had ended with reads still pending, and the assertion
+    comes before it stops any process (so ``join()`` would then wait on a task thread nobody wakes). The
+    processes are stopped directly then; the pool keeps no public handle of them.
+    """
+    try:
+        pool.terminate()
+    except AssertionError:
+        for process in pool._pool:
+            process.terminate()
+            process.join(_INTERRUPT_JOIN_S)
+        return
+    pool.join()
+
+
 def _close(shared: _Shared) -> None:
     shared.stop.set()
     shared.ring.close()  # wakes every wait and joins the C++ threads
     if shared.readers is not None:
-        shared.readers.terminate()
-        shared.readers.join()
+        _stop_readers(shared.readers)
     for t in shared.threads:
         t.join(shared.join_timeout)
     busy = {p: s for p, s in shared.reading.items() if shared.threads[p].is_alive()}

@@ -318,23 +318,33 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
-def run(device: str, quick: bool = False, short: bool = False) -> dict:
+def run(device: str, quick: bool = False, short: bool = False,
+        save: Callable[[dict], None] = lambda result: None) -> dict:
     """``quick``: the tiny model, few repeats (a smoke test); ``short``: the full model, few repeats (a GPU
-    lent for minutes, where the tiny model would measure nothing but the host)."""
+    lent for minutes, where the tiny model would measure nothing but the host). ``save`` gets the result
+    after each section, so a run stopped at a time limit keeps what it measured."""
     shape = QUICK if quick else FULL
     light = quick or short
-    rows = run_modes(shape, device, light) + run_pipeline(shape, device, light)
-    add_ratios(rows)
-    placement = run_placement(shape, light)
-    fused_bf16 = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == ("bf16-mixed", True,
-                                                                                         "precision"))
-    base = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == (*BASELINE, "precision"))
-    return {
+    result = {
         "date": dt.date.today().isoformat(), "device": device_name(device), "device_type": device,
         "torch": torch.__version__, "triton": triton_version(), "hetrain": hetrain.__version__, "quick": quick,
         "short": short, "shape": asdict(shape), "baseline": {"mode": BASELINE[0], "fused": BASELINE[1]},
-        "target_met": None if base is None else fused_bf16 <= base, "rows": rows, "placement": placement,
+        "target_met": None, "rows": [], "placement": [],
     }
+    rows = result["rows"]
+    rows += run_modes(shape, device, light)
+    fused_bf16 = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == ("bf16-mixed", True,
+                                                                                         "precision"))
+    base = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == (*BASELINE, "precision"))
+    result["target_met"] = None if base is None else fused_bf16 <= base
+    add_ratios(rows)
+    save(result)
+    rows += run_pipeline(shape, device, light)
+    add_ratios(rows)
+    save(result)
+    result["placement"] = run_placement(shape, light)
+    save(result)
+    return result
 
 
 def main() -> None:
@@ -346,10 +356,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU in use")
-    result = run(args.device, quick=args.quick, short=args.short)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{result['date']}-{args.device}-train.json"
-    path.write_text(json.dumps(result, indent=2))
+
+    def save(result: dict) -> Path:
+        path = args.out / f"{result['date']}-{args.device}-train.json"
+        path.write_text(json.dumps(result, indent=2))
+        return path
+
+    result = run(args.device, quick=args.quick, short=args.short, save=save)
+    path = save(result)
     print("\nsummary (vs bf16+compile: step time over plain torch bf16 + torch.compile; <= 1.00 meets the target)")
     for row in result["rows"]:
         print(row_text(row))

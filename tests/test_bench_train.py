@@ -43,6 +43,19 @@ def test_bench_train_quick_cpu(tmp_path: Path) -> None:
     assert bubble and all("one device" in r["skipped"] for r in bubble)
 
 
+def test_each_section_is_saved_as_it_ends(monkeypatch) -> None:
+    # A GPU run stopped at its time limit keeps the sections it finished.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from benchmarks.bench_train import run
+
+    saved = []
+    result = run("cpu", quick=True, save=lambda r: saved.append(json.loads(json.dumps(r))))
+    sections = [({r["section"] for r in s["rows"]}, len(s["placement"])) for s in saved]
+    assert sections == [({"precision"}, 0), ({"precision", "pipeline"}, 0), ({"precision", "pipeline"},
+                                                                              len(result["placement"]))]
+    assert result["placement"] and saved[-1] == json.loads(json.dumps(result))
+
+
 def test_step_profile_sorts_every_op_of_a_step_into_kinds(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.profile_step", "--device", "cpu", "--steps", "1", "--out", str(tmp_path)],

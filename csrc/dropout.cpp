@@ -124,8 +124,8 @@ at::Tensor dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(hetrain_C, m) { m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(hetrain_C, m) { m.def("dropout_fwd(Tensor x, Tensor seed, float p) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(hetrain_C, CPU, m) { m.impl("dropout", &dropout_cpu); }
+TORCH_LIBRARY_IMPL(hetrain_C, CPU, m) { m.impl("dropout_fwd", &dropout_cpu); }
 
 }  // namespace hetrain

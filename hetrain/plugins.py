@@ -239,6 +239,21 @@ def select(op: str, device_type: str) -> Backend:
     return candidates(op, device_type)[0]
 
 
+def first_choice_entry(op: str, device_type: str, entry: str) -> Callable[..., Any] | None:
+    """``entry`` of the backend a call of ``op`` on ``device_type`` tries first, or None where it has none
+    (or no backend serves the device: the call itself then says why)."""
+    try:
+        first = candidates(op, device_type)[0]
+    except BackendError:
+        return None
+    return getattr(first.impl, entry, None)
+
+
+def raises_without_fallback(op: str) -> bool:
+    """Whether a failure of ``op``'s backend is raised rather than answered by the next candidate."""
+    return strict() or pinned(op) is not None or _capturing()
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -259,7 +274,7 @@ def call(op: str, entry: str, device_type: str, *args: Any, **kwargs: Any) -> An
             last = i == len(tried) - 1
             # Inside a CUDA graph capture a failed launch has invalidated the capture: a fallback would run
             # into it and hide the cause (the capture then fails later, naming some other op).
-            if last or strict() or pinned(op) is not None or _capturing():
+            if last or raises_without_fallback(op):
                 raise
             key = (op, backend.name)
             if key not in _warned:

@@ -6,7 +6,7 @@ import torch
 from op_testing import OpLog, randn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from hetrain import ops
+from hetrain import ops, plugins
 
 H = 24
 
@@ -136,3 +136,60 @@ def test_torch_func_grad_equals_autograds_and_nested_transforms_are_refused_nami
         said = "randomness" if op == "dropout_add_layer_norm" else rf"hetrain.ops.{op}: nested torch.func transforms"
         with pytest.raises(RuntimeError, match=said):
             torch.func.hessian(loss)(args[i])
+
+
+def _op_node(y):
+    """The autograd node of the op that made ``y``, under the views its functional face returns."""
+    node = y.grad_fn
+    while "View" in node.name() or "Reshape" in node.name():
+        node = node.next_functions[0][0]
+    return node
+
+
+CPP_OPS = [o for o in OPS if o != "linear_cross_entropy"]  # its chunk loop lives in Python
+
+
+@pytest.mark.parametrize("op", CPP_OPS)
+def test_with_the_cpp_backend_an_eager_call_records_a_cpp_autograd_node(op):
+    # Forward and backward never re-enter Python (csrc/autograd.cpp); the numbers are the op tests'.
+    y = calls(*inputs())[op]()
+    assert _op_node(y).name().startswith("torch::autograd::CppNode<hetrain::"), _op_node(y).name()
+
+
+class ExplodingWithGrad:
+    """A backend whose every entry point fails, the C++ autograd one included."""
+
+    @staticmethod
+    def forward_with_grad(*args):
+        raise RuntimeError("kernel exploded")
+
+    forward = backward = forward_with_grad
+
+
+@pytest.fixture
+def exploding_layer_norm(monkeypatch):
+    monkeypatch.setenv(plugins.ENV_STRICT, "0")
+    plugins.register("layer_norm", "exploding", ("cpu",), ExplodingWithGrad, priority=99)
+    yield
+    plugins.unregister("layer_norm", "exploding")
+
+
+def test_a_failing_autograd_entry_falls_back_like_any_backend(exploding_layer_norm, monkeypatch):
+    x, _r, w, b, *_ = inputs()
+    with pytest.warns(UserWarning, match="'exploding' of op 'layer_norm' failed.*falling back to 'cpu'"):
+        y = ops.layer_norm(x, w, b)
+    expected = torch.nn.functional.layer_norm(x, (H,), w, b)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), w), torch.autograd.grad(expected.sum(), w))
+    monkeypatch.setenv(plugins.ENV_STRICT, "1")
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        ops.layer_norm(x, w, b)
+
+
+def test_the_cpp_autograd_ops_run_in_inference_mode():
+    x, _r, w, b, *_ = inputs(requires_grad=False)
+    x = x.reshape(-1, H)
+    with torch.inference_mode():
+        y, mean, rstd = torch.ops.hetrain_C.layer_norm(x, w, b, 1e-5)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (H,), w, b))
+    assert mean.shape == rstd.shape == (x.shape[0],)

@@ -11,6 +11,12 @@ an :class:`Op` runs the same body through a plain ``torch.autograd.Function`` wi
 and the custom op whenever a graph is being traced or an argument is a tensor subclass (fake,
 functional or user-defined tensors, which need the op's registrations).
 
+Where the backend a call picks is hetrain's C++ extension, that plain Function is skipped too: the
+extension registers each op with its autograd written in C++ (csrc/autograd.cpp), named by the backend's
+``forward_with_grad`` entry, so forward and backward never re-enter Python. A backward written in Python
+runs on the autograd engine's device thread, which must take the GIL for it; on a GPU host that was most
+of a small op's host time.
+
 Under a ``torch.func`` transform (grad, vjp, jacrev) the same body runs through a ``setup_context``-style
 Function, the form functorch requires. A fused op's backward kernels have no derivative of their own, so
 nested transforms (hessian, grad of grad) and double backward (a gradient of a
@@ -24,6 +30,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from hetrain import plugins
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -94,15 +102,18 @@ class Op:
         self._function: type[torch.autograd.Function] | None = None
         self._functorch: type[torch.autograd.Function] | None = None
         self._public, self._reference = name, None
+        self._family: str | None = None
 
     def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return self.custom.register_fake(fn)
 
     def register_autograd(self, backward: Callable[..., Any], *, setup_context: Callable[..., Any],
-                          public: str, reference: str | None) -> None:
+                          public: str, reference: str | None, family: str | None = None) -> None:
         """``public``: the op's name in ``hetrain.ops``; ``reference``: what to use for second derivatives, named
-        when double backward is refused, or None where ``backward`` is itself differentiable (dropout's)."""
-        self._public, self._reference = public, reference
+        when double backward is refused, or None where ``backward`` is itself differentiable (dropout's);
+        ``family``: the op's name in :mod:`hetrain.plugins`, whose first-choice backend for the first argument's
+        device may offer ``forward_with_grad`` (the same body with its autograd done by the backend)."""
+        self._public, self._reference, self._family = public, reference, family
         if reference is not None:
             backward = _first_order(backward, public, reference)
         self.custom.register_autograd(backward, setup_context=setup_context)
@@ -128,6 +139,16 @@ class Op:
         if route == "body" or (route == "functorch" and not torch.is_grad_enabled()):
             return self.body(*args)
         if route == "function" and self._function is not None:
+            # With the profiler on, the plain Function keeps the registry's named range per backend.
+            if self._family is not None and not torch.autograd._profiler_enabled():
+                with_grad = plugins.first_choice_entry(self._family, args[0].device.type, "forward_with_grad")
+                if with_grad is not None:
+                    try:
+                        return with_grad(*args)
+                    except Exception:
+                        if plugins.raises_without_fallback(self._family):
+                            raise
+                        # The Function below calls the same backend again: it warns and falls back, as any call does.
             return self._function.apply(*args)
         if route == "functorch" and self._functorch is not None:
             if self._reference is not None and _functorch_level() > 1:

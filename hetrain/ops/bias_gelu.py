@@ -58,6 +58,10 @@ class CppBackend:
     def backward(dy, x, bias, approximate):
         return torch.ops.hetrain_C.bias_gelu_bwd(dy, x, bias, approximate)
 
+    @staticmethod
+    def forward_with_grad(x, bias, approximate):
+        return torch.ops.hetrain_C.bias_gelu(x, bias, approximate)  # autograd in C++ (csrc/autograd.cpp)
+
 
 def _register_backends() -> None:
     _backends.register_triton(OP, "hetrain.ops.triton.bias_gelu")
@@ -106,7 +110,7 @@ def _backward(ctx, dy):
 
 
 _bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context, public="bias_gelu",
-                                 reference="hetrain.ops.bias_gelu_ref")
+                                 reference="hetrain.ops.bias_gelu_ref", family=OP)
 
 
 # --- functional face ---------------------------------------------------------------------------

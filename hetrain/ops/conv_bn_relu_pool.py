@@ -162,6 +162,11 @@ class CppBackend:
         return torch.ops.hetrain_C.bn_relu_pool_bwd(dy, argmax, x, mean, invstd, weight, bias, batch_stats, kernel,
                                                     stride, padding)
 
+    @staticmethod
+    def forward_with_grad(x, mean, invstd, weight, bias, batch_stats, kernel, stride, padding):
+        # Autograd in C++ (csrc/autograd.cpp); batch_stats steers its backward as it steers _backward's below.
+        return torch.ops.hetrain_C.bn_relu_pool(x, mean, invstd, weight, bias, batch_stats, kernel, stride, padding)
+
 
 def _register_backends() -> None:
     _backends.register_cpp(OP, CppBackend, devices=("cpu",))
@@ -243,7 +248,8 @@ def _backward(ctx, dy, _dargmax):
 
 
 _bn_relu_pool_fwd.register_autograd(_backward, setup_context=_setup_context, public="bn_relu_pool",
-                                    reference="hetrain.ops.bn_relu_pool_ref (relu_pool_ref without BatchNorm)")
+                                    reference="hetrain.ops.bn_relu_pool_ref (relu_pool_ref without BatchNorm)",
+                                    family=OP)
 
 
 # --- functional face ---------------------------------------------------------------------------

@@ -70,9 +70,13 @@ class CppBackend:
 
     @staticmethod
     def forward(x, seed, p):
-        return torch.ops.hetrain_C.dropout(x, seed, p)
+        return torch.ops.hetrain_C.dropout_fwd(x, seed, p)
 
     backward = forward
+
+    @staticmethod
+    def forward_with_grad(x, seed, p):
+        return torch.ops.hetrain_C.dropout(x, seed, p)  # autograd in C++ (csrc/autograd.cpp)
 
 
 def _register_backends() -> None:
@@ -120,7 +124,7 @@ def _backward(ctx, dy):
 
 # Both ops are the same linear, self-adjoint map, so the gradient of either is ``dropout_bwd``
 # (which also makes double backward work).
-_dropout_fwd.register_autograd(_backward, setup_context=_setup_context, public="dropout", reference=None)
+_dropout_fwd.register_autograd(_backward, setup_context=_setup_context, public="dropout", reference=None, family=OP)
 _dropout_bwd.register_autograd(_backward, setup_context=_setup_context, public="dropout", reference=None)
 
 

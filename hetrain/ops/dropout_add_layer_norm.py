@@ -133,6 +133,10 @@ class CppBackend:
         return torch.ops.hetrain_C.dropout_add_layer_norm_bwd(dy, x, residual, weight, mean, rstd, seed, p,
                                                                has_bias)
 
+    @staticmethod
+    def forward_with_grad(x, residual, weight, bias, seed, p, eps):  # autograd in C++ (csrc/autograd.cpp)
+        return torch.ops.hetrain_C.dropout_add_layer_norm(x, residual, weight, bias, seed, p, eps)
+
 
 def _register_backends() -> None:
     _backends.register_triton(OP, "hetrain.ops.triton.dropout_add_layer_norm")
@@ -193,7 +197,7 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 _dropout_add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context,
                                               public="dropout_add_layer_norm",
-                                              reference="hetrain.ops.dropout_add_layer_norm_ref")
+                                              reference="hetrain.ops.dropout_add_layer_norm_ref", family=OP)
 
 
 # --- functional face ---------------------------------------------------------------------------

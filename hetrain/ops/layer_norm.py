@@ -68,6 +68,10 @@ class CppBackend:
     def backward(dy, x, weight, mean, rstd, has_bias):
         return torch.ops.hetrain_C.layer_norm_bwd(dy, x, weight, mean, rstd, has_bias)
 
+    @staticmethod
+    def forward_with_grad(x, weight, bias, eps):
+        return torch.ops.hetrain_C.layer_norm(x, weight, bias, eps)  # autograd in C++ (csrc/autograd.cpp)
+
 
 def _register_backends() -> None:
     _backends.register_triton(OP, "hetrain.ops.triton.layer_norm")
@@ -123,7 +127,7 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context, public="layer_norm",
-                                  reference="hetrain.ops.layer_norm_ref (F.layer_norm)")
+                                  reference="hetrain.ops.layer_norm_ref (F.layer_norm)", family=OP)
 
 
 # --- functional face ---------------------------------------------------------------------------

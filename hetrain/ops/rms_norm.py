@@ -68,6 +68,10 @@ class CppBackend:
     def backward(dy, x, weight, rstd):
         return torch.ops.hetrain_C.rms_norm_bwd(dy, x, weight, rstd)
 
+    @staticmethod
+    def forward_with_grad(x, weight, eps):
+        return torch.ops.hetrain_C.rms_norm(x, weight, eps)  # autograd in C++ (csrc/autograd.cpp)
+
 
 def _register_backends() -> None:
     _backends.register_triton(OP, "hetrain.ops.triton.rms_norm")
@@ -116,7 +120,7 @@ def _backward(ctx, dy, _drstd):
 
 
 _rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context, public="rms_norm",
-                                reference="hetrain.ops.rms_norm_ref")
+                                reference="hetrain.ops.rms_norm_ref", family=OP)
 
 
 # --- functional face ---------------------------------------------------------------------------

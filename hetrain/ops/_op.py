@@ -93,6 +93,12 @@ def _route(args: Sequence[Any]) -> str:
     return "function" if grad and torch.is_grad_enabled() else "body"
 
 
+def eager(*args: Any) -> bool:
+    """Whether a call with ``args`` may skip a custom op's Python layer: plain tensors, no graph being traced,
+    no ``torch.func`` transform."""
+    return _route(args) in ("body", "function")
+
+
 class Op:
     """``fn`` as the custom op ``name`` (no mutated arguments), called like it; see the module docstring."""
 

@@ -77,9 +77,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Matrix side of the fixed work. On a GPU each matmul must be long next to its launch (a 4096^3 float32
+# matmul takes milliseconds, its launch microseconds), so the host runs ahead of the GPU as in a real step;
+# with small matmuls the step would be all kernel launches, and any host time of the loader would show
+# as data wait. On the CPU the matmuls run on the host anyway.
+WORK_SIDE = {"cuda": 4096, "cpu": 512}
+
+
 def fixed_work(device: torch.device, target_ms: float) -> Callable[[], torch.Tensor]:
     """A step's compute that does not depend on the data: square matmuls, calibrated to about ``target_ms``."""
-    a = torch.randn(512, 512, device=device)
+    side = WORK_SIDE.get(device.type, 512)
+    a = torch.randn(side, side, device=device) / side**0.5
 
     def run(k: int) -> torch.Tensor:
         y = a
@@ -166,7 +174,8 @@ def training_loop(ds: TokenWindows, sampler: TokenBudgetBatchSampler, device: to
             for name, runs in rates.items()}
     for row in rows.values():
         row["data_wait"] = max(0.0, 1 - row["steps_s"] / compute_only)
-    result = {"device": str(device), "work_ms": work_ms, "steps": steps, "rows": rows}
+    result = {"device": str(device), "work_ms": work_ms, "work_matmul_side": WORK_SIDE.get(device.type, 512),
+              "steps": steps, "rows": rows}
     if device.type == "cuda":
         result["h2d_gb_s"] = h2d_bandwidth(64 << 20, device)  # 64 MiB: large enough that latency does not count
     for name, row in rows.items():

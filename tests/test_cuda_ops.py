@@ -1,7 +1,8 @@
-"""Every CUDA backend of the row-wise ops (Triton's, and the C++/CUDA LayerNorm) forward and backward on the GPU
-against the float64 torch reference on the CPU, in fp32, fp16 and bf16, at odd and BERT-base widths,
-non-contiguous; the same ops under ``torch.compile(fullgraph=True)`` with inductor; fused BERT against the
-unfused one. The interpreter checks the same kernels' numbers in CI; these check the compiled code."""
+"""Every CUDA backend of the row-wise ops (Triton's, and the C++/CUDA kernels with their C++ autograd)
+forward and backward on the GPU against the float64 torch reference on the CPU, in fp32, fp16 and bf16, at
+odd and BERT-base widths, non-contiguous; the same ops under ``torch.compile(fullgraph=True)`` with inductor;
+fused BERT against the unfused one. The interpreter checks the same kernels' numbers in CI; these check the
+compiled code."""
 
 import pytest
 import torch
@@ -58,31 +59,34 @@ def test_layer_norm(backend, dtype, shape):
     check("layer_norm", backend, dtype, got, want, sums=(1, 2))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_rms_norm(dtype, shape):
+def test_rms_norm(backend, dtype, shape):
     x = randn(*shape, dtype=dtype, seed=1, scale=2.0, shift=0.5)
     w = randn(shape[-1], dtype=dtype, seed=2, shift=1.0)
-    with plugins.use_backend(rms_norm="triton"):
+    with plugins.use_backend(rms_norm=backend):
         got, want = on_both(lambda x, w: rms_norm(x, w, 1e-6), lambda x, w: rms_norm_ref(x, w, 1e-6), [x, w], dtype)
-    check("rms_norm", "triton", dtype, got, want, sums=(1,))
+    check("rms_norm", backend, dtype, got, want, sums=(1,))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(37, 33), (2, 9, 3072), (3, 5000)])
-def test_bias_gelu(approximate, dtype, shape):
+@pytest.mark.parametrize("shape", [(37, 33), (2, 9, 3072), (3, 5000), (700, 5)])
+def test_bias_gelu(backend, approximate, dtype, shape):
     x, b = randn(*shape, dtype=dtype, seed=1, scale=2.0), randn(shape[-1], dtype=dtype, seed=2)
-    with plugins.use_backend(bias_gelu="triton"):
+    with plugins.use_backend(bias_gelu=backend):
         got, want = on_both(lambda x, b: bias_gelu(x, b, approximate), lambda x, b: bias_gelu_ref(x, b, approximate),
                             [x, b], dtype)
-    check("bias_gelu", "triton", dtype, got, want, sums=(1,))
+    check("bias_gelu", backend, dtype, got, want, sums=(1,))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(37, 33), (2, 9, 768), (3, 4096)])
-def test_dropout_add_layer_norm_draws_the_cpu_mask(p, dtype, shape):
+def test_dropout_add_layer_norm_draws_the_cpu_mask(backend, p, dtype, shape):
     n = shape[-1]
     seed = torch.tensor([1234567, 3 * n])
     start, offset = stream(seed)
@@ -93,10 +97,10 @@ def test_dropout_add_layer_norm_draws_the_cpu_mask(p, dtype, shape):
     def fused(x, r, w, b):
         return fused_dal(x.reshape(-1, n), r.reshape(-1, n), w, b, seed, p, 1e-5)[0].view(shape)
 
-    with plugins.use_backend(dropout_add_layer_norm="triton"):
+    with plugins.use_backend(dropout_add_layer_norm=backend):
         got, want = on_both(fused, lambda x, r, w, b: dropout_add_layer_norm_ref(x, r, w, b, keep.view(shape), p),
                             [x, r, w, b], dtype)
-    check("dropout_add_layer_norm", "triton", dtype, got, want, sums=(2, 3))
+    check("dropout_add_layer_norm", backend, dtype, got, want, sums=(2, 3))
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -157,7 +161,11 @@ def test_inductor_fullgraph_through_every_row_op(dtype):
         torch.testing.assert_close(g.cpu().double() / scale, g_ref / scale, atol=atol, rtol=rtol, msg=f"grad {i}")
 
 
-def test_fused_bert_equals_unfused_bert_on_cuda():
+CPP_KERNELS = {op: "cuda" for op in ("layer_norm", "rms_norm", "bias_gelu", "dropout", "dropout_add_layer_norm")}
+
+
+@pytest.mark.parametrize("pins", [{}, CPP_KERNELS], ids=["default", "cpp-kernels"])
+def test_fused_bert_equals_unfused_bert_on_cuda(pins):
     kwargs = dict(vocab_size=300, num_classes=3, hidden=96, layers=2, heads=4, max_len=64, dropout=0.0)
     torch.manual_seed(0)
     fused = BertClassifier(fused=True, **kwargs).cuda()
@@ -167,8 +175,9 @@ def test_fused_bert_equals_unfused_bert_on_cuda():
     mask = torch.arange(37, device="cuda") < torch.tensor([37, 30, 21, 37, 5], device="cuda")[:, None]
     outs, grads = [], []
     for model in (fused, plain):
-        logits = model(tokens, mask)
-        loss = torch.nn.functional.cross_entropy(logits, torch.arange(5, device="cuda") % 3)
+        with plugins.use_backend(**pins):
+            logits = model(tokens, mask)
+            loss = torch.nn.functional.cross_entropy(logits, torch.arange(5, device="cuda") % 3)
         loss.backward()
         outs.append(logits.detach())
         grads.append({k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None})

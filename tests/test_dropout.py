@@ -173,12 +173,13 @@ def test_gradcheck_and_gradgradcheck(backend):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_triton_matches_the_cpu_mask_and_reference(dtype):
+def test_cuda_kernels_match_the_cpu_mask_and_reference(backend, dtype):
     p, seed, shape = 0.1, 24680, (513, 777)
     x = values(shape, dtype).detach().cuda().requires_grad_()
     dy = values(shape, dtype, seed=7, requires_grad=False).cuda()
-    y, dx = run("triton", x, seed, p, dy)
+    y, dx = run(backend, x, seed, p, dy)
     y_ref, dx_ref = reference(x.cpu(), seed, p, dy.cpu())
     assert torch.equal((y != 0).cpu(), keep_mask(seed, shape, p))
     assert_close(y.cpu(), y_ref, dtype, "cuda y")

@@ -60,7 +60,7 @@ def _assert_matches(got, want, dtype):
 
 
 def test_backends_registered():
-    assert [b.name for b in backends("rms_norm")] == ["triton", "cpu", "torch"]
+    assert [b.name for b in backends("rms_norm")] == ["triton", "cuda", "cpu", "torch"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,6 +14,7 @@
 #include <optional>
 #include <tuple>
 
+#include "binding.h"
 #include "bn_relu_pool_kernel.h"
 
 namespace hetrain {
@@ -35,32 +36,10 @@ void check_backward_args(const at::Tensor& dy, const at::Tensor& argmax, const a
 
 namespace {
 
-// The kernel's element type for each torch scalar type (same bits, CUDA's own half types).
-template <typename scalar_t>
-struct kernel_type {
-  using type = scalar_t;
-};
-template <>
-struct kernel_type<at::Half> {
-  using type = __half;
-};
-template <>
-struct kernel_type<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename scalar_t>
-using kernel_t = typename kernel_type<scalar_t>::type;
-
-template <typename scalar_t>
-const kernel_t<scalar_t>* ptr(const at::Tensor& t) {
-  return reinterpret_cast<const kernel_t<scalar_t>*>(t.const_data_ptr<scalar_t>());
-}
-
-template <typename scalar_t>
-kernel_t<scalar_t>* mutable_ptr(at::Tensor& t) {
-  return reinterpret_cast<kernel_t<scalar_t>*>(t.data_ptr<scalar_t>());
-}
+using cuda::kernel_t;
+using cuda::mutable_ptr;
+using cuda::ptr;
+using cuda::sm_count;
 
 template <typename acc_t>
 const acc_t* acc_ptr(const at::Tensor& t) {
@@ -90,12 +69,6 @@ Geometry geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef s
   g.OH = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
   g.OW = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
   return g;
-}
-
-int sm_count(const at::Tensor& x) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-  return sms;
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,

@@ -11,52 +11,24 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "binding.h"
 #include "layer_norm_kernel.h"
+#include "rows.h"
 
 namespace hetrain {
 namespace {
 
-// The kernel's element type for each torch scalar type (same bits, CUDA's own half types).
-template <typename scalar_t>
-struct kernel_type {
-  using type = scalar_t;
-};
-template <>
-struct kernel_type<at::Half> {
-  using type = __half;
-};
-template <>
-struct kernel_type<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename scalar_t>
-using kernel_t = typename kernel_type<scalar_t>::type;
-
-template <typename scalar_t>
-const kernel_t<scalar_t>* ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const kernel_t<scalar_t>*>(t.const_data_ptr<scalar_t>()) : nullptr;
-}
-
-template <typename scalar_t>
-kernel_t<scalar_t>* mutable_ptr(at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<kernel_t<scalar_t>*>(t.data_ptr<scalar_t>()) : nullptr;
-}
-
-at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), "hetrain.", op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == x.device(), "hetrain.", op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-}
+using cuda::check_on_device;
+using cuda::mutable_ptr;
+using cuda::ptr;
+using cuda::stats_dtype;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias,
                                                                    double eps) {
   check_rows("layer_norm_fwd", "x", x);
-  check_cuda("layer_norm_fwd", "x", x, x);
+  check_on_device("layer_norm_fwd", "x", x, x);
   check_vector("layer_norm_fwd", "weight", weight, x);
   check_vector("layer_norm_fwd", "bias", bias, x);
   TORCH_CHECK(eps >= 0, "hetrain.layer_norm: eps must be >= 0, got ", eps);
@@ -70,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   at::Tensor rstd = at::empty_like(mean);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cuda", [&] {
-    using acc_t = layer_norm::acc_type<kernel_t<scalar_t>>;
+    using acc_t = layer_norm::acc_type<cuda::kernel_t<scalar_t>>;
     C10_CUDA_CHECK(layer_norm::cuda_forward(ptr<scalar_t>(xc), ptr<scalar_t>(wc), ptr<scalar_t>(bc),
                                             mutable_ptr<scalar_t>(y), mean.data_ptr<acc_t>(),
                                             rstd.data_ptr<acc_t>(), M, N, eps, stream));
@@ -83,18 +55,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                                    bool has_bias) {
   check_rows("layer_norm_bwd", "x", x);
-  check_cuda("layer_norm_bwd", "x", x, x);
+  check_on_device("layer_norm_bwd", "x", x, x);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
               "hetrain.layer_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
               dy.sizes(), " ", dy.scalar_type());
-  check_cuda("layer_norm_bwd", "dy", dy, x);
+  check_on_device("layer_norm_bwd", "dy", dy, x);
   check_vector("layer_norm_bwd", "weight", weight, x);
   const int64_t M = x.size(0), N = x.size(1);
   const auto sdt = stats_dtype(x.scalar_type());
   TORCH_CHECK(mean.numel() == M && rstd.numel() == M && mean.scalar_type() == sdt && rstd.scalar_type() == sdt,
               "hetrain.layer_norm backward: mean/rstd must have ", M, " ", sdt, " values");
-  check_cuda("layer_norm_bwd", "mean", mean, x);
-  check_cuda("layer_norm_bwd", "rstd", rstd, x);
+  check_on_device("layer_norm_bwd", "mean", mean, x);
+  check_on_device("layer_norm_bwd", "rstd", rstd, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
@@ -103,14 +75,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   at::Tensor dw = at::empty({wc.defined() ? N : 0}, x.options());
   at::Tensor db = at::empty({has_bias ? N : 0}, x.options());
   // One partial dW/dB row per row block of the kernel, summed on the device afterwards.
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-  const int64_t parts = layer_norm::backward_parts(M, sms);
+  const int64_t parts = cuda::backward_parts(M, cuda::sm_count(x));
   at::Tensor w_part = wc.defined() ? at::empty({parts, N}, x.options().dtype(sdt)) : at::Tensor();
   at::Tensor b_part = has_bias ? at::empty({parts, N}, x.options().dtype(sdt)) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cuda", [&] {
-    using acc_t = layer_norm::acc_type<kernel_t<scalar_t>>;
+    using acc_t = layer_norm::acc_type<cuda::kernel_t<scalar_t>>;
     C10_CUDA_CHECK(layer_norm::cuda_backward(
         ptr<scalar_t>(dyc), ptr<scalar_t>(xc), ptr<scalar_t>(wc), mc.const_data_ptr<acc_t>(),
         rc.const_data_ptr<acc_t>(), mutable_ptr<scalar_t>(dx), wc.defined() ? mutable_ptr<scalar_t>(dw) : nullptr,

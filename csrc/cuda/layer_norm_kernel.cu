@@ -3,40 +3,20 @@
 // block and sums them in a second kernel: no contended atomics, and a deterministic result.
 #include "layer_norm_kernel.h"
 
-#include <climits>
-
 #include "../layer_norm_math.h"
-#include "convert.cuh"
+#include "rows.cuh"
 
 namespace hetrain {
 namespace layer_norm {
 namespace {
 
-constexpr int kMaxThreads = 1024;
+constexpr int kMaxThreads = cuda::kMaxRowThreads;
 
+using cuda::block_sum;
+using cuda::grid_for;
 using cuda::load;
 using cuda::store;
-
-// Threads per row: about four elements each, a whole number of warps, at most kMaxThreads.
-int threads_for(int64_t N) {
-  const int64_t warps = ((N + 3) / 4 + 31) / 32;
-  return static_cast<int>(std::clamp<int64_t>(warps * 32, 32, kMaxThreads));
-}
-
-unsigned grid_for(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, INT_MAX)); }
-
-// Sum of v over the block, returned to every thread. blockDim.x must be a multiple of 32; scratch
-// holds one value per warp and may be reused by the next call.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v, acc_t* scratch) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  __syncthreads();  // every thread has finished reading scratch from the previous call
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
-  __syncthreads();
-  acc_t total = 0;
-  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += scratch[w];
-  return total;
-}
+using cuda::threads_for;
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -105,23 +85,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// dw[j] = sum over p of w_part[p][j] (likewise db); one thread per column, coalesced across columns.
-template <typename T>
-__global__ void column_sum_kernel(const acc_type<T>* __restrict__ w_part, const acc_type<T>* __restrict__ b_part,
-                                  T* __restrict__ dw, T* __restrict__ db, int64_t parts, int64_t N) {
-  using acc_t = acc_type<T>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < N; j += stride) {
-    acc_t sw = 0, sb = 0;
-    for (int64_t p = 0; p < parts; ++p) {
-      if (dw) sw += w_part[p * N + j];
-      if (db) sb += b_part[p * N + j];
-    }
-    if (dw) store(dw + j, sw);
-    if (db) store(db + j, sb);
-  }
-}
-
 }  // namespace
 
 template <typename T>
@@ -140,20 +103,15 @@ cudaError_t cuda_backward(const T* dy, const T* x, const T* w, const acc_type<T>
     return cudaErrorInvalidValue;
   }
   if (N == 0) return cudaSuccess;
-  if (M == 0) {  // no rows: the gradients of w and b are zero (all-zero bits in every supported type)
-    if (dw) {
-      const cudaError_t err = cudaMemsetAsync(dw, 0, N * sizeof(T), stream);
-      if (err != cudaSuccess) return err;
-    }
-    return db ? cudaMemsetAsync(db, 0, N * sizeof(T), stream) : cudaSuccess;
+  if (M == 0) {  // no rows: the gradients of w and b are zero
+    const cudaError_t err = cuda::zero(dw, N, stream);
+    return err != cudaSuccess ? err : cuda::zero(db, N, stream);
   }
   backward_kernel<T><<<static_cast<unsigned>(parts), threads_for(N), 0, stream>>>(
       dy, x, w, mean, rstd, dx, dw ? w_part : nullptr, db ? b_part : nullptr, M, N);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || (!dw && !db)) return err;
-  constexpr int threads = 256;
-  column_sum_kernel<T><<<grid_for((N + threads - 1) / threads), threads, 0, stream>>>(w_part, b_part, dw, db, parts, N);
-  return cudaGetLastError();
+  return cuda::column_sums(w_part, b_part, dw, db, parts, N, stream);
 }
 
 #define HETRAIN_LAYER_NORM_INSTANTIATE(T)                                                                          \

@@ -7,7 +7,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -18,12 +17,6 @@ namespace layer_norm {
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Row blocks the backward kernel runs for M rows: each writes one partial dW/dB row, so the
-// workspace holds backward_parts(M, sms) * N values per gradient.
-inline int64_t backward_parts(int64_t M, int sm_count) {
-  return std::max<int64_t>(1, std::min<int64_t>(M, 4 * static_cast<int64_t>(sm_count)));
-}
-
 // y = (x - mean) * rstd * w + b per row of N; writes mean and rstd per row. w and b may be null.
 template <typename T>
 cudaError_t cuda_forward(const T* x, const T* w, const T* b, T* y, acc_type<T>* mean, acc_type<T>* rstd, int64_t M,
@@ -31,7 +24,7 @@ cudaError_t cuda_forward(const T* x, const T* w, const T* b, T* y, acc_type<T>* 
 
 // dx for every row; dw (if non-null) and db (if non-null) summed over rows through the
 // workspaces w_part / b_part of parts * N values each (null where the gradient is not wanted).
-// parts must lie in [1, max(M, 1)]; backward_parts gives the usual choice.
+// parts must lie in [1, max(M, 1)]; cuda::backward_parts (rows.h) gives the usual choice.
 template <typename T>
 cudaError_t cuda_backward(const T* dy, const T* x, const T* w, const acc_type<T>* mean, const acc_type<T>* rstd,
                           T* dx, T* dw, T* db, acc_type<T>* w_part, acc_type<T>* b_part, int64_t parts, int64_t M,

@@ -1,7 +1,7 @@
 """gelu(x + bias), the FFN activation of BERT/GPT: reference, backends, ``torch.library`` op, functional face.
 
 Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
-``cpu`` (the C++ kernel in ``hetrain._C``), ``torch`` (the plain reference, the test oracle).
+``cuda`` and ``cpu`` (the C++/CUDA kernels in ``hetrain._C``), ``torch`` (the plain reference, the test oracle).
 Forward returns only the activation; backward recomputes from the saved input and bias, so the
 output is never kept for backward (eager torch keeps both ``x + bias`` and the output alive).
 """
@@ -48,7 +48,7 @@ class TorchBackend:
 
 
 class CppBackend:
-    """The C++ kernels of hetrain._C (csrc/bias_gelu.cpp)."""
+    """The kernels of hetrain._C: csrc/bias_gelu.cpp on the CPU, csrc/cuda/bias_gelu_kernel.cu on CUDA."""
 
     @staticmethod
     def forward(x, bias, approximate):
@@ -66,6 +66,7 @@ class CppBackend:
 def _register_backends() -> None:
     _backends.register_triton(OP, "hetrain.ops.triton.bias_gelu")
     _backends.register_cpp(OP, CppBackend, devices=("cpu",))
+    _backends.register_cpp(OP, CppBackend, devices=("cuda",))
     _backends.register_torch(OP, TorchBackend)
 
 

@@ -2,7 +2,7 @@
 functional face.
 
 Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
-``cpu`` (the C++ kernel in ``hetrain._C``, OpenMP, run without the GIL), ``torch`` (the plain
+``cuda`` and ``cpu`` (the C++/CUDA kernels in ``hetrain._C``; OpenMP on the CPU), ``torch`` (the plain
 reference, the test oracle).
 
 Each call takes a stream ``(seed, offset)`` from :mod:`hetrain.ops.rng`: a fresh seed from the CPU
@@ -66,7 +66,8 @@ class TorchBackend:
 
 
 class CppBackend:
-    """The C++ kernel of hetrain._C (csrc/dropout.cpp), for both directions."""
+    """The kernel of hetrain._C for both directions: csrc/dropout.cpp on the CPU, csrc/cuda/dropout_kernel.cu
+    on CUDA."""
 
     @staticmethod
     def forward(x, seed, p):
@@ -82,6 +83,7 @@ class CppBackend:
 def _register_backends() -> None:
     _backends.register_triton(OP, "hetrain.ops.triton.dropout")
     _backends.register_cpp(OP, CppBackend, devices=("cpu",))
+    _backends.register_cpp(OP, CppBackend, devices=("cuda",))
     _backends.register_torch(OP, TorchBackend)
 
 

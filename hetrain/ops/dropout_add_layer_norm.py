@@ -2,7 +2,7 @@
 ``torch.library`` op and functional face.
 
 Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
-``cpu`` (the C++ kernel in ``hetrain._C``), ``torch`` (the plain reference, the test oracle). Every
+``cuda`` and ``cpu`` (the C++/CUDA kernels in ``hetrain._C``), ``torch`` (the plain reference, the test oracle). Every
 backend returns ``y, mean, rstd`` with statistics in float32 (float64 for float64 inputs).
 
 The dropout mask is never stored. Each call takes a stream ``(seed, offset)`` from
@@ -122,7 +122,8 @@ class TorchBackend:
 
 
 class CppBackend:
-    """The C++ kernels of hetrain._C (csrc/dropout_add_layer_norm.cpp)."""
+    """The kernels of hetrain._C: csrc/dropout_add_layer_norm.cpp on the CPU, csrc/cuda/dropout_add_layer_norm_kernel.cu
+    on CUDA."""
 
     @staticmethod
     def forward(x, residual, weight, bias, seed, p, eps):
@@ -141,6 +142,7 @@ class CppBackend:
 def _register_backends() -> None:
     _backends.register_triton(OP, "hetrain.ops.triton.dropout_add_layer_norm")
     _backends.register_cpp(OP, CppBackend, devices=("cpu",))
+    _backends.register_cpp(OP, CppBackend, devices=("cuda",))
     _backends.register_torch(OP, TorchBackend)
 
 

@@ -1,7 +1,7 @@
 """RMSNorm over the last dimension: reference, backends, ``torch.library`` op and functional face.
 
 Backends (best first): ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
-``cpu`` (the C++ kernel in ``hetrain._C``), ``torch`` (the plain reference, the test oracle).
+``cuda`` and ``cpu`` (the C++/CUDA kernels in ``hetrain._C``), ``torch`` (the plain reference, the test oracle).
 Every backend returns the same pair, ``y, rstd``, with rstd in float32 (float64 for float64
 inputs), so backward can run on any backend whatever ran forward.
 """
@@ -58,7 +58,7 @@ class TorchBackend:
 
 
 class CppBackend:
-    """The C++ kernels of hetrain._C (csrc/rms_norm.cpp)."""
+    """The kernels of hetrain._C: csrc/rms_norm.cpp on the CPU, csrc/cuda/rms_norm_kernel.cu on CUDA."""
 
     @staticmethod
     def forward(x, weight, eps):
@@ -76,6 +76,7 @@ class CppBackend:
 def _register_backends() -> None:
     _backends.register_triton(OP, "hetrain.ops.triton.rms_norm")
     _backends.register_cpp(OP, CppBackend, devices=("cpu",))
+    _backends.register_cpp(OP, CppBackend, devices=("cuda",))
     _backends.register_torch(OP, TorchBackend)
 
 

@@ -1,0 +1,41 @@
+// gelu(x + bias) over rows on a CUDA device, exact-erf or tanh form, behind plain launch functions (raw
+// pointers, sizes, a stream; no torch headers, so nvcc checks it without a CUDA torch). Instantiated for
+// float, double, __half and __nv_bfloat16, computed in float (double for double).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace hetrain {
+namespace bias_gelu {
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int kThreads = 256;  // columns per block
+
+// Row groups the backward kernel runs for an (M, N) input, each writing one partial bias-gradient row:
+// with the column tiles, enough blocks to fill the GPU. The workspace holds parts * N values.
+inline int64_t backward_parts(int64_t M, int64_t N, int sm_count) {
+  const int64_t tiles = std::max<int64_t>(1, (N + kThreads - 1) / kThreads);
+  const int64_t wanted = (4 * static_cast<int64_t>(sm_count) + tiles - 1) / tiles;
+  return std::max<int64_t>(1, std::min<int64_t>({M, wanted, 65535}));
+}
+
+// y = gelu(x + b) for x of (M, N) and b of (N,).
+template <typename T>
+cudaError_t cuda_forward(const T* x, const T* b, T* y, bool tanh, int64_t M, int64_t N, cudaStream_t stream);
+
+// dx = dy * gelu'(x + b); db = dx summed over rows, through the workspace b_part of parts * N values.
+// parts must lie in [1, max(M, 1)] and at most 65535; backward_parts gives the usual choice.
+template <typename T>
+cudaError_t cuda_backward(const T* dy, const T* x, const T* b, T* dx, T* db, acc_type<T>* b_part, bool tanh,
+                          int64_t parts, int64_t M, int64_t N, cudaStream_t stream);
+
+}  // namespace bias_gelu
+}  // namespace hetrain

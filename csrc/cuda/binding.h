@@ -1,0 +1,58 @@
+// What the torch faces of the CUDA kernels (csrc/cuda/*_binding.cpp) share: the kernels' element type
+// for each torch scalar type, typed data pointers (null for an undefined tensor), the device checks
+// and the multiprocessor count. Built only against a CUDA build of torch.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace hetrain {
+namespace cuda {
+
+// The kernel's element type for each torch scalar type (same bits, CUDA's own half types).
+template <typename scalar_t>
+struct kernel_type {
+  using type = scalar_t;
+};
+template <>
+struct kernel_type<at::Half> {
+  using type = __half;
+};
+template <>
+struct kernel_type<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+using kernel_t = typename kernel_type<scalar_t>::type;
+
+template <typename scalar_t>
+const kernel_t<scalar_t>* ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const kernel_t<scalar_t>*>(t.const_data_ptr<scalar_t>()) : nullptr;
+}
+
+template <typename scalar_t>
+kernel_t<scalar_t>* mutable_ptr(at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<kernel_t<scalar_t>*>(t.data_ptr<scalar_t>()) : nullptr;
+}
+
+// Statistics and accumulation dtype: float64 for float64, float32 otherwise.
+inline at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// `t` (named `name` in op `op`'s error) must be a CUDA tensor on x's device.
+inline void check_on_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.is_cuda(), "hetrain.", op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == x.device(), "hetrain.", op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+}
+
+inline int sm_count(const at::Tensor& x) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  return sms;
+}
+
+}  // namespace cuda
+}  // namespace hetrain

@@ -1,0 +1,117 @@
+// Torch face of the CUDA dropout + add + LayerNorm (dropout_add_layer_norm_kernel.cu): input checks,
+// allocation, the device and stream, and registration for CUDA tensors under the schemas declared in
+// csrc/dropout_add_layer_norm.cpp. Outputs match the CPU kernel: y, mean, rstd (float32 stats, float64
+// for float64); dx, dres, dw or empty, db or empty. The seed stays a CPU tensor (read on the host, no
+// device sync). Built only against a CUDA build of torch.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../checks.h"
+#include "../dropout_math.h"
+#include "binding.h"
+#include "dropout_add_layer_norm_kernel.h"
+#include "rows.h"
+
+namespace hetrain {
+namespace {
+
+using cuda::check_on_device;
+using cuda::mutable_ptr;
+using cuda::ptr;
+using cuda::stats_dtype;
+using dropout_add_layer_norm::Dropout;
+
+Dropout make_dropout(const at::Tensor& seed, double p) {
+  TORCH_CHECK(p >= 0 && p <= 1, "hetrain.dropout_add_layer_norm: p must be in [0, 1], got ", p);
+  const DropoutStream s = read_stream("dropout_add_layer_norm", seed);
+  return {s.seed, s.offset, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0, p > 0};
+}
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& residual) {
+  check_rows(op, "x", x);
+  check_on_device(op, "x", x, x);
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
+                  residual.device() == x.device(),
+              "hetrain.", op, ": residual must match x (", x.sizes(), " ", x.scalar_type(), " on ", x.device(),
+              "), got ", residual.sizes(), " ", residual.scalar_type(), " on ", residual.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& seed, double p, double eps) {
+  check_inputs("dropout_add_layer_norm_fwd", x, residual);
+  check_vector("dropout_add_layer_norm_fwd", "weight", weight, x);
+  check_vector("dropout_add_layer_norm_fwd", "bias", bias, x);
+  TORCH_CHECK(eps >= 0, "hetrain.dropout_add_layer_norm: eps must be >= 0, got ", eps);
+  const Dropout drop = make_dropout(seed, p);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), N = x.size(1);
+  const at::Tensor xc = x.contiguous(), rc = residual.contiguous();
+  const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty_like(xc);
+  at::Tensor mean = at::empty({M}, x.options().dtype(stats_dtype(x.scalar_type())));
+  at::Tensor rstd = at::empty_like(mean);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_add_layer_norm_fwd_cuda", [&] {
+    using acc_t = dropout_add_layer_norm::acc_type<cuda::kernel_t<scalar_t>>;
+    C10_CUDA_CHECK(dropout_add_layer_norm::cuda_forward(ptr<scalar_t>(xc), ptr<scalar_t>(rc), ptr<scalar_t>(wc),
+                                                        ptr<scalar_t>(bc), mutable_ptr<scalar_t>(y),
+                                                        mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), drop, M, N,
+                                                        eps, stream));
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_bwd_cuda(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& seed, double p, bool has_bias) {
+  check_inputs("dropout_add_layer_norm_bwd", x, residual);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "hetrain.dropout_add_layer_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(),
+              "), got ", dy.sizes(), " ", dy.scalar_type());
+  check_on_device("dropout_add_layer_norm_bwd", "dy", dy, x);
+  check_vector("dropout_add_layer_norm_bwd", "weight", weight, x);
+  const int64_t M = x.size(0), N = x.size(1);
+  const auto sdt = stats_dtype(x.scalar_type());
+  TORCH_CHECK(mean.numel() == M && rstd.numel() == M && mean.scalar_type() == sdt && rstd.scalar_type() == sdt,
+              "hetrain.dropout_add_layer_norm backward: mean/rstd must have ", M, " ", sdt, " values");
+  check_on_device("dropout_add_layer_norm_bwd", "mean", mean, x);
+  check_on_device("dropout_add_layer_norm_bwd", "rstd", rstd, x);
+  const Dropout drop = make_dropout(seed, p);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor dyc = dy.contiguous(), xc = x.contiguous(), rc = residual.contiguous();
+  const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
+  const at::Tensor mc = mean.contiguous(), sc = rstd.contiguous();
+  at::Tensor dx = at::empty_like(xc);
+  at::Tensor dres = at::empty_like(xc);
+  at::Tensor dw = at::empty({wc.defined() ? N : 0}, x.options());
+  at::Tensor db = at::empty({has_bias ? N : 0}, x.options());
+  const int64_t parts = cuda::backward_parts(M, cuda::sm_count(x));
+  at::Tensor w_part = wc.defined() ? at::empty({parts, N}, x.options().dtype(sdt)) : at::Tensor();
+  at::Tensor b_part = has_bias ? at::empty({parts, N}, x.options().dtype(sdt)) : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_add_layer_norm_bwd_cuda", [&] {
+    using acc_t = dropout_add_layer_norm::acc_type<cuda::kernel_t<scalar_t>>;
+    C10_CUDA_CHECK(dropout_add_layer_norm::cuda_backward(
+        ptr<scalar_t>(dyc), ptr<scalar_t>(xc), ptr<scalar_t>(rc), ptr<scalar_t>(wc), mc.const_data_ptr<acc_t>(),
+        sc.const_data_ptr<acc_t>(), drop, mutable_ptr<scalar_t>(dx), mutable_ptr<scalar_t>(dres),
+        wc.defined() ? mutable_ptr<scalar_t>(dw) : nullptr, has_bias ? mutable_ptr<scalar_t>(db) : nullptr,
+        w_part.defined() ? w_part.data_ptr<acc_t>() : nullptr, b_part.defined() ? b_part.data_ptr<acc_t>() : nullptr,
+        parts, M, N, stream));
+  });
+  return {dx, dres, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hetrain_C, CUDA, m) {
+  m.impl("dropout_add_layer_norm_fwd", &dropout_add_layer_norm_fwd_cuda);
+  m.impl("dropout_add_layer_norm_bwd", &dropout_add_layer_norm_bwd_cuda);
+}
+
+}  // namespace hetrain

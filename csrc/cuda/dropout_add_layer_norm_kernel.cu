@@ -1,0 +1,158 @@
+// CUDA dropout + residual add + LayerNorm: one thread block per row (rows strided over the grid). The
+// pre-norm sum s = x * m + residual is recomputed in every pass rather than stored (the hash of each
+// element is a few integer multiplies); the formulas come from dropout_math.h and layer_norm_math.h,
+// shared with the CPU kernel. Backward writes one partial dW/dB row per block, summed per column by a
+// second kernel.
+#include "dropout_add_layer_norm_kernel.h"
+
+#include "../dropout_math.h"
+#include "../layer_norm_math.h"
+#include "rows.cuh"
+
+namespace hetrain {
+namespace dropout_add_layer_norm {
+namespace {
+
+constexpr int kMaxThreads = cuda::kMaxRowThreads;
+
+using cuda::block_sum;
+using cuda::grid_for;
+using cuda::load;
+using cuda::store;
+using cuda::threads_for;
+
+// The dropout multiplier of stream element `index`: scale where kept, 0 where dropped, 1 without dropout.
+template <typename acc_t>
+__device__ __forceinline__ acc_t multiplier(const Dropout& d, uint32_t key_lo, uint64_t index) {
+  if (!d.active) return acc_t(1);
+  const uint32_t key_hi = dropout::key_hi(d.seed, static_cast<uint32_t>(index >> 32));
+  return dropout::bits24(key_lo, key_hi, static_cast<uint32_t>(index)) >= d.threshold ? acc_t(d.scale) : acc_t(0);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    forward_kernel(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w,
+                   const T* __restrict__ b, T* __restrict__ y, acc_type<T>* __restrict__ mean,
+                   acc_type<T>* __restrict__ rstd, Dropout d, int64_t M, int64_t N, acc_type<T> eps) {
+  using acc_t = acc_type<T>;
+  __shared__ acc_t scratch[kMaxThreads / 32];
+  const uint32_t key_lo = dropout::key_lo(d.seed);
+  for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T* xr = x + r * N;
+    const T* rr = res + r * N;
+    T* yr = y + r * N;
+    const uint64_t base = d.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N);
+    auto pre_norm = [&](int64_t j) {
+      return acc_t(load(xr + j)) * multiplier<acc_t>(d, key_lo, base + j) + acc_t(load(rr + j));
+    };
+    acc_t sum = 0;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += pre_norm(j);
+    const acc_t mu = block_sum(sum, scratch) / acc_t(N);
+    acc_t sq = 0;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const acc_t c = pre_norm(j) - mu;
+      sq += c * c;
+    }
+    const acc_t rs = layer_norm::rstd<acc_t>(block_sum(sq, scratch) / acc_t(N), eps);
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const acc_t wj = w ? acc_t(load(w + j)) : acc_t(1);
+      const acc_t bj = b ? acc_t(load(b + j)) : acc_t(0);
+      store(yr + j, layer_norm::forward<acc_t>(pre_norm(j), mu, rs, wj, bj));
+    }
+    if (threadIdx.x == 0) {
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+  }
+}
+
+// dres and dx per row; block p adds dy * xhat and dy of its rows into row p of w_part / b_part.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ res,
+                    const T* __restrict__ w, const acc_type<T>* __restrict__ mean,
+                    const acc_type<T>* __restrict__ rstd, Dropout d, T* __restrict__ dx, T* __restrict__ dres,
+                    acc_type<T>* __restrict__ w_part, acc_type<T>* __restrict__ b_part, int64_t M, int64_t N) {
+  using acc_t = acc_type<T>;
+  __shared__ acc_t scratch[kMaxThreads / 32];
+  const uint32_t key_lo = dropout::key_lo(d.seed);
+  acc_t* pw = w_part ? w_part + blockIdx.x * N : nullptr;
+  acc_t* pb = b_part ? b_part + blockIdx.x * N : nullptr;
+  for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T* xr = x + r * N;
+    const T* rr = res + r * N;
+    const T* dyr = dy + r * N;
+    const uint64_t base = d.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N);
+    const acc_t mu = mean[r], rs = rstd[r];
+    const bool first = r == blockIdx.x;  // the block's first row initialises its partial rows
+    acc_t sum_g = 0, sum_gx = 0;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const acc_t m = multiplier<acc_t>(d, key_lo, base + j);
+      const acc_t xhat = (acc_t(load(xr + j)) * m + acc_t(load(rr + j)) - mu) * rs;
+      const acc_t dj = load(dyr + j);
+      const acc_t g = w ? dj * acc_t(load(w + j)) : dj;
+      sum_g += g;
+      sum_gx += g * xhat;
+    }
+    const acc_t mg = block_sum(sum_g, scratch) / acc_t(N);
+    const acc_t mgx = block_sum(sum_gx, scratch) / acc_t(N);
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const acc_t m = multiplier<acc_t>(d, key_lo, base + j);
+      const acc_t xhat = (acc_t(load(xr + j)) * m + acc_t(load(rr + j)) - mu) * rs;
+      const acc_t dj = load(dyr + j);
+      const acc_t g = w ? dj * acc_t(load(w + j)) : dj;
+      const acc_t ds = layer_norm::input_grad<acc_t>(g, xhat, rs, mg, mgx);
+      store(dres + r * N + j, ds);
+      store(dx + r * N + j, ds * m);
+      if (pw) pw[j] = first ? dj * xhat : pw[j] + dj * xhat;
+      if (pb) pb[j] = first ? dj : pb[j] + dj;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t cuda_forward(const T* x, const T* residual, const T* w, const T* b, T* y, acc_type<T>* mean,
+                         acc_type<T>* rstd, Dropout d, int64_t M, int64_t N, double eps, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  forward_kernel<T><<<grid_for(M), threads_for(N), 0, stream>>>(x, residual, w, b, y, mean, rstd, d, M, N,
+                                                                 acc_type<T>(eps));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t cuda_backward(const T* dy, const T* x, const T* residual, const T* w, const acc_type<T>* mean,
+                          const acc_type<T>* rstd, Dropout d, T* dx, T* dres, T* dw, T* db, acc_type<T>* w_part,
+                          acc_type<T>* b_part, int64_t parts, int64_t M, int64_t N, cudaStream_t stream) {
+  if (parts < 1 || parts > std::max<int64_t>(M, 1) || parts > INT_MAX || (dw && !w_part) || (db && !b_part)) {
+    return cudaErrorInvalidValue;
+  }
+  if (N == 0) return cudaSuccess;
+  if (M == 0) {  // no rows: the gradients of w and b are zero
+    const cudaError_t err = cuda::zero(dw, N, stream);
+    return err != cudaSuccess ? err : cuda::zero(db, N, stream);
+  }
+  backward_kernel<T><<<static_cast<unsigned>(parts), threads_for(N), 0, stream>>>(
+      dy, x, residual, w, mean, rstd, d, dx, dres, dw ? w_part : nullptr, db ? b_part : nullptr, M, N);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || (!dw && !db)) return err;
+  return cuda::column_sums(w_part, b_part, dw, db, parts, N, stream);
+}
+
+#define HETRAIN_DROPOUT_ADD_LAYER_NORM_INSTANTIATE(T)                                                              \
+  template cudaError_t cuda_forward<T>(const T*, const T*, const T*, const T*, T*, acc_type<T>*, acc_type<T>*,    \
+                                       Dropout, int64_t, int64_t, double, cudaStream_t);                         \
+  template cudaError_t cuda_backward<T>(const T*, const T*, const T*, const T*, const acc_type<T>*,               \
+                                        const acc_type<T>*, Dropout, T*, T*, T*, T*, acc_type<T>*, acc_type<T>*, \
+                                        int64_t, int64_t, int64_t, cudaStream_t);
+
+HETRAIN_DROPOUT_ADD_LAYER_NORM_INSTANTIATE(float)
+HETRAIN_DROPOUT_ADD_LAYER_NORM_INSTANTIATE(double)
+HETRAIN_DROPOUT_ADD_LAYER_NORM_INSTANTIATE(__half)
+HETRAIN_DROPOUT_ADD_LAYER_NORM_INSTANTIATE(__nv_bfloat16)
+
+#undef HETRAIN_DROPOUT_ADD_LAYER_NORM_INSTANTIATE
+
+}  // namespace dropout_add_layer_norm
+}  // namespace hetrain

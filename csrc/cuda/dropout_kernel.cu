@@ -1,0 +1,53 @@
+// CUDA dropout: a grid-stride loop over the elements, each thread drawing its elements' bits from the
+// counter hash of dropout_math.h (shared with the CPU kernel), computing in float (double for double).
+// A dropped element is written as +0 whatever x holds (also infinite or NaN), as on the CPU.
+#include "dropout_kernel.h"
+
+#include <algorithm>
+#include <climits>
+#include <type_traits>
+
+#include "../dropout_math.h"
+#include "convert.cuh"
+
+namespace hetrain {
+namespace dropout {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t numel,
+                                                           Mask m) {
+  using acc_t = acc_type<T>;
+  const uint32_t klo = key_lo(m.seed);
+  const acc_t scale = acc_t(m.scale);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel; i += stride) {
+    const uint64_t index = m.offset + static_cast<uint64_t>(i);
+    const uint32_t khi = key_hi(m.seed, static_cast<uint32_t>(index >> 32));
+    const bool keep = bits24(klo, khi, static_cast<uint32_t>(index)) >= m.threshold;
+    cuda::store(y + i, keep ? acc_t(cuda::load(x + i)) * scale : acc_t(0));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t cuda_dropout(const T* x, T* y, int64_t numel, Mask mask, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, INT_MAX);
+  dropout_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, y, numel, mask);
+  return cudaGetLastError();
+}
+
+template cudaError_t cuda_dropout<float>(const float*, float*, int64_t, Mask, cudaStream_t);
+template cudaError_t cuda_dropout<double>(const double*, double*, int64_t, Mask, cudaStream_t);
+template cudaError_t cuda_dropout<__half>(const __half*, __half*, int64_t, Mask, cudaStream_t);
+template cudaError_t cuda_dropout<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, int64_t, Mask, cudaStream_t);
+
+}  // namespace dropout
+}  // namespace hetrain

@@ -1,0 +1,87 @@
+// Torch face of the CUDA RMSNorm (rms_norm_kernel.cu): input checks, allocation, the device and stream,
+// and registration for CUDA tensors under the schemas declared in csrc/rms_norm.cpp. Outputs match the
+// CPU kernel: y and rstd (float32, float64 for float64); dx and dw (empty without a weight).
+// Built only against a CUDA build of torch.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../checks.h"
+#include "binding.h"
+#include "rms_norm_kernel.h"
+#include "rows.h"
+
+namespace hetrain {
+namespace {
+
+using cuda::check_on_device;
+using cuda::mutable_ptr;
+using cuda::ptr;
+using cuda::stats_dtype;
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                     double eps) {
+  check_rows("rms_norm_fwd", "x", x);
+  check_on_device("rms_norm_fwd", "x", x, x);
+  check_vector("rms_norm_fwd", "weight", weight, x);
+  TORCH_CHECK(eps >= 0, "hetrain.rms_norm: eps must be >= 0, got ", eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), N = x.size(1);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
+  at::Tensor y = at::empty_like(xc);
+  at::Tensor rstd = at::empty({M}, x.options().dtype(stats_dtype(x.scalar_type())));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_fwd_cuda", [&] {
+    using acc_t = rms_norm::acc_type<cuda::kernel_t<scalar_t>>;
+    C10_CUDA_CHECK(rms_norm::cuda_forward(ptr<scalar_t>(xc), ptr<scalar_t>(wc), mutable_ptr<scalar_t>(y),
+                                          rstd.data_ptr<acc_t>(), M, N, eps, stream));
+  });
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     const at::Tensor& rstd) {
+  check_rows("rms_norm_bwd", "x", x);
+  check_on_device("rms_norm_bwd", "x", x, x);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "hetrain.rms_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
+              dy.sizes(), " ", dy.scalar_type());
+  check_on_device("rms_norm_bwd", "dy", dy, x);
+  check_vector("rms_norm_bwd", "weight", weight, x);
+  const int64_t M = x.size(0), N = x.size(1);
+  const auto sdt = stats_dtype(x.scalar_type());
+  TORCH_CHECK(rstd.dim() == 1 && rstd.numel() == M && rstd.scalar_type() == sdt,
+              "hetrain.rms_norm backward: rstd must have shape (", M, ",) and dtype ", sdt, ", got ", rstd.sizes(),
+              " ", rstd.scalar_type());
+  check_on_device("rms_norm_bwd", "rstd", rstd, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), dyc = dy.contiguous(), rc = rstd.contiguous();
+  const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
+  at::Tensor dx = at::empty_like(xc);
+  at::Tensor dw = at::empty({wc.defined() ? N : 0}, x.options());
+  const int64_t parts = cuda::backward_parts(M, cuda::sm_count(x));
+  at::Tensor w_part = wc.defined() ? at::empty({parts, N}, x.options().dtype(sdt)) : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_bwd_cuda", [&] {
+    using acc_t = rms_norm::acc_type<cuda::kernel_t<scalar_t>>;
+    C10_CUDA_CHECK(rms_norm::cuda_backward(
+        ptr<scalar_t>(dyc), ptr<scalar_t>(xc), ptr<scalar_t>(wc), rc.const_data_ptr<acc_t>(),
+        mutable_ptr<scalar_t>(dx), wc.defined() ? mutable_ptr<scalar_t>(dw) : nullptr,
+        w_part.defined() ? w_part.data_ptr<acc_t>() : nullptr, parts, M, N, stream));
+  });
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hetrain_C, CUDA, m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd_cuda);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_cuda);
+}
+
+}  // namespace hetrain

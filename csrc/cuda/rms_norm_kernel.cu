@@ -1,0 +1,112 @@
+// CUDA RMSNorm: one thread block per row (rows strided over the grid), the per-element formulas from
+// rms_norm_math.h, shared with the CPU kernel. Backward writes one partial dW row per block, summed per
+// column by a second kernel.
+#include "rms_norm_kernel.h"
+
+#include "../rms_norm_math.h"
+#include "rows.cuh"
+
+namespace hetrain {
+namespace rms_norm {
+namespace {
+
+constexpr int kMaxThreads = cuda::kMaxRowThreads;
+
+using cuda::block_sum;
+using cuda::grid_for;
+using cuda::load;
+using cuda::store;
+using cuda::threads_for;
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    forward_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                   acc_type<T>* __restrict__ rstd, int64_t M, int64_t N, acc_type<T> eps) {
+  using acc_t = acc_type<T>;
+  __shared__ acc_t scratch[kMaxThreads / 32];
+  for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T* xr = x + r * N;
+    T* yr = y + r * N;
+    acc_t sq = 0;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const acc_t v = load(xr + j);
+      sq += v * v;
+    }
+    const acc_t rs = rms_norm::rstd<acc_t>(block_sum(sq, scratch) / acc_t(N), eps);
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      store(yr + j, rms_norm::forward<acc_t>(load(xr + j), rs, w ? acc_t(load(w + j)) : acc_t(1)));
+    }
+    if (threadIdx.x == 0) rstd[r] = rs;
+  }
+}
+
+// dx per row; block p adds dy * xhat of its rows into row p of w_part.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
+                    const acc_type<T>* __restrict__ rstd, T* __restrict__ dx, acc_type<T>* __restrict__ w_part,
+                    int64_t M, int64_t N) {
+  using acc_t = acc_type<T>;
+  __shared__ acc_t scratch[kMaxThreads / 32];
+  acc_t* pw = w_part ? w_part + blockIdx.x * N : nullptr;
+  for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const T* xr = x + r * N;
+    const T* dyr = dy + r * N;
+    T* dxr = dx + r * N;
+    const acc_t rs = rstd[r];
+    const bool first = r == blockIdx.x;  // the block's first row initialises its partial row
+    acc_t sum_gx = 0;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const acc_t d = load(dyr + j);
+      const acc_t g = w ? d * acc_t(load(w + j)) : d;
+      sum_gx += g * (acc_t(load(xr + j)) * rs);
+    }
+    const acc_t mgx = block_sum(sum_gx, scratch) / acc_t(N);
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      const acc_t d = load(dyr + j);
+      const acc_t xhat = acc_t(load(xr + j)) * rs;
+      const acc_t g = w ? d * acc_t(load(w + j)) : d;
+      store(dxr + j, rms_norm::input_grad<acc_t>(g, xhat, rs, mgx));
+      if (pw) pw[j] = first ? d * xhat : pw[j] + d * xhat;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t cuda_forward(const T* x, const T* w, T* y, acc_type<T>* rstd, int64_t M, int64_t N, double eps,
+                         cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  forward_kernel<T><<<grid_for(M), threads_for(N), 0, stream>>>(x, w, y, rstd, M, N, acc_type<T>(eps));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t cuda_backward(const T* dy, const T* x, const T* w, const acc_type<T>* rstd, T* dx, T* dw,
+                          acc_type<T>* w_part, int64_t parts, int64_t M, int64_t N, cudaStream_t stream) {
+  if (parts < 1 || parts > std::max<int64_t>(M, 1) || parts > INT_MAX || (dw && !w_part)) return cudaErrorInvalidValue;
+  if (N == 0) return cudaSuccess;
+  if (M == 0) return cuda::zero(dw, N, stream);  // no rows: the weight gradient is zero
+  backward_kernel<T><<<static_cast<unsigned>(parts), threads_for(N), 0, stream>>>(dy, x, w, rstd, dx,
+                                                                                   dw ? w_part : nullptr, M, N);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || !dw) return err;
+  return cuda::column_sums<T, acc_type<T>>(w_part, nullptr, dw, nullptr, parts, N, stream);
+}
+
+#define HETRAIN_RMS_NORM_INSTANTIATE(T)                                                                         \
+  template cudaError_t cuda_forward<T>(const T*, const T*, T*, acc_type<T>*, int64_t, int64_t, double,        \
+                                       cudaStream_t);                                                       \
+  template cudaError_t cuda_backward<T>(const T*, const T*, const T*, const acc_type<T>*, T*, T*, acc_type<T>*, \
+                                        int64_t, int64_t, int64_t, cudaStream_t);
+
+HETRAIN_RMS_NORM_INSTANTIATE(float)
+HETRAIN_RMS_NORM_INSTANTIATE(double)
+HETRAIN_RMS_NORM_INSTANTIATE(__half)
+HETRAIN_RMS_NORM_INSTANTIATE(__nv_bfloat16)
+
+#undef HETRAIN_RMS_NORM_INSTANTIATE
+
+}  // namespace rms_norm
+}  // namespace hetrain

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import hetrain
 from benchmarks.timing import median_ms
+from hetrain import _ext, plugins
 from hetrain.callbacks.placement import StagePlacement
 from hetrain.models.bert import BertClassifier
 from hetrain.placement import CostModel, available_devices
@@ -154,16 +155,30 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+# The fused ops with C++/CUDA kernels, pinned to them for the "cuda kernels" row (their autograd is C++, so an
+# eager step launches them at about torch's own cost; the default on CUDA is Triton).
+CPP_KERNELS = {op: "cuda" for op in ("layer_norm", "bias_gelu", "dropout", "dropout_add_layer_norm")}
+
+
+def variants(mode: Mode, device: str) -> list[tuple[bool, str | None]]:
+    """(fused, pinned kernels) rows of a mode: fused and not; in bf16-mixed on a CUDA build, fused with the
+    C++/CUDA kernels too."""
+    rows: list[tuple[bool, str | None]] = [(True, None), (False, None)]
+    if mode.name == "bf16-mixed" and device == "cuda" and _ext.built_with_cuda():
+        rows.append((True, "cuda"))
+    return rows
+
+
 def run_modes(shape: Shape, device: str, quick: bool) -> list[dict]:
     rows = []
     batch = make_batch(shape, device)
     for mode in MODES:
-        for fused in (True, False):
-            row = {"section": "precision", "mode": mode.name, "fused": fused, "ms": None, "peak_mib": None,
-                   "skipped": skip_reason(mode, device, quick)}
+        for fused, kernels in variants(mode, device):
+            row = {"section": "precision", "mode": mode.name, "fused": fused, "kernels": kernels, "ms": None,
+                   "peak_mib": None, "skipped": skip_reason(mode, device, quick)}
             if row["skipped"] is None:
                 model = build_model(shape, fused).to(device).train()
-                with tf32(mode.tf32):
+                with tf32(mode.tf32), plugins.use_backend(**(CPP_KERNELS if kernels else {})):
                     row["ms"], row["peak_mib"] = measure(train_step(model, mode, batch, device), device, quick)
                 del model
                 _release(device)
@@ -296,6 +311,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def row_text(row: dict) -> str:
     name = row["mode"] + (f" [{row['placement']}, m={row['micro_batches']}]" if row["section"] == "pipeline" else "")
+    name += " [cuda kernels]" if row.get("kernels") else ""
     if row["skipped"]:
         return f"{name:<28} fused={row['fused']!s:<5}  skipped: {row['skipped']}"
     peak = "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.cases import Case, dtype_name
+from benchmarks.cases import Case, dtype_name, with_cpp_kernels
 from hetrain.ops.bias_gelu import bias_gelu
 
 
@@ -20,7 +20,11 @@ def _make(rows: int, hidden: int, dtype: torch.dtype, device: str, approximate: 
         def step(fn):
             return lambda: torch.autograd.grad(fn(x, b), (x, b), dy)
 
-        return {"eager": step(eager), "compile": step(compiled), "hetrain": step(fused)}
+        impls = {"eager": step(eager), "compile": step(compiled), "hetrain": step(fused)}
+        cpp = with_cpp_kernels("bias_gelu", fused, device)
+        if cpp is not None:
+            impls["hetrain_cuda"] = step(cpp)
+        return impls
 
     return make
 

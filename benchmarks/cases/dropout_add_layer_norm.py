@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import Case, dtype_name
+from benchmarks.cases import Case, dtype_name, with_cpp_kernels
 from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm
 
 
@@ -23,7 +23,11 @@ def _make(rows: int, hidden: int, p: float, dtype: torch.dtype, device: str):
         def step(fn):
             return lambda: torch.autograd.grad(fn(x, r, w, b), (x, r, w, b), dy)
 
-        return {"eager": step(eager), "compile": step(compiled), "hetrain": step(fused)}
+        impls = {"eager": step(eager), "compile": step(compiled), "hetrain": step(fused)}
+        cpp = with_cpp_kernels("dropout_add_layer_norm", fused, device)
+        if cpp is not None:
+            impls["hetrain_cuda"] = step(cpp)
+        return impls
 
     return make
 

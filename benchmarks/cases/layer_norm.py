@@ -1,21 +1,12 @@
-"""LayerNorm forward+backward: eager, torch.compile and hetrain's backend for the device.
-
-On CUDA also ``hetrain_cuda``: the C++/CUDA kernels (csrc/cuda) with their C++ autograd, pinned, beside the
-Triton kernels hetrain picks by default, so a run shows which of the two a GPU should prefer.
-"""
+"""LayerNorm forward+backward: eager, torch.compile, Liger and hetrain's backend for the device (on CUDA also
+its C++/CUDA kernels, ``hetrain_cuda``)."""
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks.cases import Case, dtype_name, liger
-from hetrain import _ext, plugins
+from benchmarks.cases import Case, dtype_name, liger, with_cpp_kernels
 from hetrain.ops.layer_norm import layer_norm
-
-
-def _cuda_kernels(x, w, b):
-    with plugins.use_backend(layer_norm="cuda"):
-        return layer_norm(x, w, b)
 
 
 def _make(rows: int, hidden: int, dtype: torch.dtype, device: str):
@@ -31,8 +22,9 @@ def _make(rows: int, hidden: int, dtype: torch.dtype, device: str):
             return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
 
         impls = {"eager": step(eager), "compile": step(compiled), "hetrain": step(layer_norm)}
-        if x.is_cuda and _ext.built_with_cuda():
-            impls["hetrain_cuda"] = step(_cuda_kernels)
+        cpp = with_cpp_kernels("layer_norm", layer_norm, device)
+        if cpp is not None:
+            impls["hetrain_cuda"] = step(cpp)
         liger_ln = liger("liger_layer_norm", device)
         if liger_ln is not None:
             impls["liger"] = step(lambda x, w, b: liger_ln(x, w, b, 1e-5))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.cases import Case, dtype_name, liger
+from benchmarks.cases import Case, dtype_name, liger, with_cpp_kernels
 from hetrain.ops.rms_norm import rms_norm
 
 
@@ -20,6 +20,9 @@ def _make(rows: int, hidden: int, dtype: torch.dtype, device: str):
             return lambda: torch.autograd.grad(fn(x, w), (x, w), dy)
 
         impls = {"eager": step(eager), "compile": step(compiled), "hetrain": step(rms_norm)}
+        cpp = with_cpp_kernels("rms_norm", rms_norm, device)
+        if cpp is not None:
+            impls["hetrain_cuda"] = step(cpp)
         liger_rms = liger("liger_rms_norm", device)
         if liger_rms is not None:
             impls["liger"] = step(lambda x, w: liger_rms(x, w, 1e-6, in_place=False))

@@ -17,7 +17,26 @@
 #include "checks.h"
 
 namespace hetrain {
+namespace bias_gelu {
+
+// The argument checks the CPU kernels and the CUDA binding (csrc/cuda/bias_gelu_binding.cpp) share.
+bool is_tanh(const std::string& approximate) {
+  TORCH_CHECK(approximate == "none" || approximate == "tanh",
+              "hetrain.bias_gelu: approximate must be 'none' or 'tanh', got '", approximate, "'");
+  return approximate == "tanh";
+}
+
+void check_bias(const char* op, const at::Tensor& x, const at::Tensor& bias) {
+  check_rows(op, "x", x);
+  check_vector(op, "bias", std::optional<at::Tensor>(bias), x);
+}
+
+}  // namespace bias_gelu
+
 namespace {
+
+using bias_gelu::check_bias;
+using bias_gelu::is_tanh;
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -174,17 +193,6 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* b, sca
   from_acc(total.data(), db, N);
 }
 
-bool is_tanh(const std::string& approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh",
-              "hetrain.bias_gelu: approximate must be 'none' or 'tanh', got '", approximate, "'");
-  return approximate == "tanh";
-}
-
-void check_bias(const char* op, const at::Tensor& x, const at::Tensor& bias) {
-  check_rows(op, "x", x);
-  check_vector(op, "bias", std::optional<at::Tensor>(bias), x);
-}
-
 at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const at::Tensor& bias, std::string approximate) {
   check_bias("bias_gelu_fwd", x, bias);
   const bool tanh = is_tanh(approximate);
@@ -201,9 +209,7 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const at::Tensor& bias, std::s
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                      const at::Tensor& bias, std::string approximate) {
   check_bias("bias_gelu_bwd", x, bias);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "hetrain.bias_gelu backward: dy must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
-              dy.sizes(), " ", dy.scalar_type());
+  check_like("bias_gelu backward", "dy", dy, x);
   const bool tanh = is_tanh(approximate);
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous(), bc = bias.contiguous();
   at::Tensor dx = at::empty_like(xc);

@@ -5,6 +5,8 @@
 
 #include <optional>
 
+#include "dropout_math.h"
+
 namespace hetrain {
 
 // x must be a 2-D (rows, features) floating tensor.
@@ -25,6 +27,22 @@ inline void check_vector(const char* op, const char* name, const std::optional<a
               " but the input is on ", x.device());
 }
 
+// A tensor that travels with x (a residual, a backward's dy) must have x's shape, dtype and device.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device(), "hetrain.",
+              op, ": ", name, " must match x (", x.sizes(), " ", x.scalar_type(), " on ", x.device(), "), got ",
+              t.sizes(), " ", t.scalar_type(), " on ", t.device());
+}
+
+// A per-row statistic a forward saved for backward (mean, rstd): (rows,) in float32 (float64 for float64 x),
+// on x's device.
+inline void check_row_stats(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  const at::ScalarType dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0) && t.scalar_type() == dtype && t.device() == x.device(),
+              "hetrain.", op, ": ", name, " must have shape (", x.size(0), ",) and dtype ", dtype, " on ", x.device(),
+              ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+}
+
 // A dropout stream: its seed and the counter offset of the tensor's first element (a micro-batch's
 // first element in its whole batch), read from an int64 CPU tensor (seed) or (seed, offset).
 struct DropoutStream {
@@ -42,6 +60,21 @@ inline DropoutStream read_stream(const char* op, const at::Tensor& seed) {
   const int64_t offset = seed.numel() == 2 ? v[1] : 0;
   TORCH_CHECK(offset >= 0, "hetrain.", op, ": the counter offset seed[1] must be >= 0, got ", offset);
   return {static_cast<uint64_t>(v[0]), static_cast<uint64_t>(offset)};
+}
+
+// One dropout call: its stream, the 24-bit threshold below which an element is dropped (dropout_math.h),
+// and the scale of the kept ones.
+struct DropoutCall {
+  uint64_t seed;
+  uint64_t offset;
+  uint32_t threshold;
+  double scale;
+};
+
+inline DropoutCall dropout_call(const char* op, const at::Tensor& seed, double p) {
+  TORCH_CHECK(p >= 0 && p <= 1, "hetrain.", op, ": p must be in [0, 1], got ", p);
+  const DropoutStream s = read_stream(op, seed);
+  return {s.seed, s.offset, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
 }
 
 }  // namespace hetrain

@@ -64,28 +64,12 @@ inline double keep_or_zero(bool keep, double v) {
   return v;
 }
 
-// One call's dropout decision: the stream's low key, its seed (for the high keys), the threshold
-// below which a 24-bit draw is dropped, and the scale of the kept.
-struct Mask {
-  uint64_t seed;
-  uint64_t offset;  // the stream index of the tensor's first element
-  uint32_t key_lo;
-  uint32_t threshold;
-  double scale;
-};
-
-Mask make_mask(const at::Tensor& seed, double p) {
-  TORCH_CHECK(p >= 0 && p <= 1, "hetrain.dropout: p must be in [0, 1], got ", p);
-  const DropoutStream s = read_stream("dropout", seed);
-  return {s.seed, s.offset, dropout::key_lo(s.seed), dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
-}
-
 // y[j] = x[j] * scale or 0 for stream elements begin .. begin + n - 1, which lie in one block of 2^32
 // (so the high key is one value and the low index does not wrap).
 template <typename scalar_t>
-void dropout_span(const scalar_t* x, scalar_t* y, uint64_t begin, int64_t n, const Mask& m) {
+void dropout_span(const scalar_t* x, scalar_t* y, uint64_t begin, int64_t n, const DropoutCall& m) {
   using acc_t = acc_type<scalar_t>;
-  const uint32_t klo = m.key_lo, th = m.threshold;
+  const uint32_t klo = dropout::key_lo(m.seed), th = m.threshold;
   const uint32_t khi = dropout::key_hi(m.seed, static_cast<uint32_t>(begin >> 32));
   const uint32_t lo = static_cast<uint32_t>(begin);
   const acc_t scale = acc_t(m.scale);
@@ -97,7 +81,7 @@ void dropout_span(const scalar_t* x, scalar_t* y, uint64_t begin, int64_t n, con
 }
 
 template <typename scalar_t>
-void dropout_all(const scalar_t* x, scalar_t* y, int64_t numel, const Mask& m) {
+void dropout_all(const scalar_t* x, scalar_t* y, int64_t numel, const DropoutCall& m) {
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const uint64_t index = m.offset + static_cast<uint64_t>(i);  // element i's place in the stream
@@ -113,7 +97,7 @@ void dropout_all(const scalar_t* x, scalar_t* y, int64_t numel, const Mask& m) {
 at::Tensor dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "hetrain.dropout: x must be a floating tensor, got ",
               x.scalar_type());
-  const Mask mask = make_mask(seed, p);
+  const DropoutCall mask = dropout_call("dropout", seed, p);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_cpu", [&] {

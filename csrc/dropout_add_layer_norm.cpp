@@ -15,6 +15,30 @@
 #include "layer_norm_math.h"
 
 namespace hetrain {
+namespace dropout_add_layer_norm {
+
+// The argument checks of the schemas declared below, shared with the CUDA binding (csrc/cuda/dropout_add_layer_norm_binding.cpp).
+void check_forward_args(const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, double eps) {
+  check_rows("dropout_add_layer_norm_fwd", "x", x);
+  check_like("dropout_add_layer_norm_fwd", "residual", residual, x);
+  check_vector("dropout_add_layer_norm_fwd", "weight", weight, x);
+  check_vector("dropout_add_layer_norm_fwd", "bias", bias, x);
+  TORCH_CHECK(eps >= 0, "hetrain.dropout_add_layer_norm: eps must be >= 0, got ", eps);
+}
+
+void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd) {
+  check_rows("dropout_add_layer_norm_bwd", "x", x);
+  check_like("dropout_add_layer_norm_bwd", "residual", residual, x);
+  check_like("dropout_add_layer_norm backward", "dy", dy, x);
+  check_vector("dropout_add_layer_norm_bwd", "weight", weight, x);
+  check_row_stats("dropout_add_layer_norm backward", "mean", mean, x);
+  check_row_stats("dropout_add_layer_norm backward", "rstd", rstd, x);
+}
+
+}  // namespace dropout_add_layer_norm
+
 namespace {
 
 template <typename T>
@@ -22,23 +46,9 @@ using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
 
-// The dropout decision for one call: which 24-bit draws are dropped, and the scale of the kept.
-struct Dropout {
-  uint64_t seed;
-  uint64_t offset;  // the stream index of element (0, 0)
-  uint32_t threshold;
-  double scale;
-};
-
-Dropout make_dropout(const at::Tensor& seed, double p) {
-  TORCH_CHECK(p >= 0 && p <= 1, "hetrain.dropout_add_layer_norm: p must be in [0, 1], got ", p);
-  const DropoutStream s = read_stream("dropout_add_layer_norm", seed);
-  return {s.seed, s.offset, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
-}
-
 // out[j] = kept or dropped for elements base .. base + N - 1 of the stream.
 template <typename T>
-void row_select(T* out, const Dropout& d, uint64_t base, int64_t N, T kept, T dropped) {
+void row_select(T* out, const DropoutCall& d, uint64_t base, int64_t N, T kept, T dropped) {
   const uint32_t klo = dropout::key_lo(d.seed), th = d.threshold;
   if (N > 0 && (base >> 32) == ((base + N - 1) >> 32)) {  // the row does not cross a 2^32 boundary
     const uint32_t khi = dropout::key_hi(d.seed, static_cast<uint32_t>(base >> 32));
@@ -57,7 +67,7 @@ void row_select(T* out, const Dropout& d, uint64_t base, int64_t N, T kept, T dr
 
 // s[j] = x[j] * m[j] + residual[j] in the accumulator type, m the dropout multiplier (1 without dropout).
 template <typename scalar_t, typename acc_t>
-void pre_norm_row(acc_t* s, acc_t* m, const scalar_t* xr, const scalar_t* rr, const Dropout* d, int64_t r,
+void pre_norm_row(acc_t* s, acc_t* m, const scalar_t* xr, const scalar_t* rr, const DropoutCall* d, int64_t r,
                   int64_t N) {
   if (d) {
     row_select<acc_t>(m, *d, d->offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N), N, acc_t(d->scale),
@@ -72,7 +82,7 @@ void pre_norm_row(acc_t* s, acc_t* m, const scalar_t* xr, const scalar_t* rr, co
 
 template <typename scalar_t>
 void forward_rows(const scalar_t* x, const scalar_t* res, const scalar_t* w, const scalar_t* b, scalar_t* y,
-                  acc_type<scalar_t>* mean, acc_type<scalar_t>* rstd, const Dropout* d, int64_t M, int64_t N,
+                  acc_type<scalar_t>* mean, acc_type<scalar_t>* rstd, const DropoutCall* d, int64_t M, int64_t N,
                   double eps) {
   using acc_t = acc_type<scalar_t>;
   at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
@@ -101,7 +111,7 @@ void forward_rows(const scalar_t* x, const scalar_t* res, const scalar_t* w, con
 
 template <typename scalar_t>
 void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* res, const scalar_t* w,
-                   const acc_type<scalar_t>* mean, const acc_type<scalar_t>* rstd, const Dropout* d, scalar_t* dx,
+                   const acc_type<scalar_t>* mean, const acc_type<scalar_t>* rstd, const DropoutCall* d, scalar_t* dx,
                    scalar_t* dres, scalar_t* dw, scalar_t* db, int64_t M, int64_t N) {
   using acc_t = acc_type<scalar_t>;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
@@ -174,22 +184,11 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* res, c
 
 at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& residual) {
-  check_rows(op, "x", x);
-  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
-                  residual.device() == x.device(),
-              "hetrain.", op, ": residual must match x (", x.sizes(), " ", x.scalar_type(), " on ", x.device(),
-              "), got ", residual.sizes(), " ", residual.scalar_type(), " on ", residual.device());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_fwd_cpu(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& seed, double p, double eps) {
-  check_inputs("dropout_add_layer_norm_fwd", x, residual);
-  check_vector("dropout_add_layer_norm_fwd", "weight", weight, x);
-  check_vector("dropout_add_layer_norm_fwd", "bias", bias, x);
-  TORCH_CHECK(eps >= 0, "hetrain.dropout_add_layer_norm: eps must be >= 0, got ", eps);
-  const Dropout drop = make_dropout(seed, p);
+  dropout_add_layer_norm::check_forward_args(x, residual, weight, bias, eps);
+  const DropoutCall drop = dropout_call("dropout_add_layer_norm", seed, p);
   const int64_t M = x.size(0), N = x.size(1);
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
@@ -210,16 +209,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& seed, double p, bool has_bias) {
-  check_inputs("dropout_add_layer_norm_bwd", x, residual);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "hetrain.dropout_add_layer_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(),
-              "), got ", dy.sizes(), " ", dy.scalar_type());
-  check_vector("dropout_add_layer_norm_bwd", "weight", weight, x);
+  dropout_add_layer_norm::check_backward_args(dy, x, residual, weight, mean, rstd);
   const int64_t M = x.size(0), N = x.size(1);
-  const auto sdt = stats_dtype(x.scalar_type());
-  TORCH_CHECK(mean.numel() == M && rstd.numel() == M && mean.scalar_type() == sdt && rstd.scalar_type() == sdt,
-              "hetrain.dropout_add_layer_norm backward: mean/rstd must have ", M, " ", sdt, " values");
-  const Dropout drop = make_dropout(seed, p);
+  const DropoutCall drop = dropout_call("dropout_add_layer_norm", seed, p);
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous(), rc = residual.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
   const at::Tensor mc = mean.contiguous(), sc = rstd.contiguous();
@@ -242,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
 // The kept positions of a (rows, cols) input under (seed, p): the kernels' own mask, for tests.
 at::Tensor dropout_add_layer_norm_keep_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
   TORCH_CHECK(rows >= 0 && cols >= 0, "hetrain.dropout_add_layer_norm: rows and cols must be >= 0");
-  const Dropout drop = make_dropout(seed, p);
+  const DropoutCall drop = dropout_call("dropout_add_layer_norm", seed, p);
   at::Tensor keep = at::empty({rows, cols}, seed.options().dtype(at::kBool));
   bool* out = keep.data_ptr<bool>();
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {

@@ -11,6 +11,28 @@
 #include "layer_norm_math.h"
 
 namespace hetrain {
+namespace layer_norm {
+
+// The argument checks of the schemas declared below, shared with the CUDA binding (csrc/cuda/layer_norm_binding.cpp).
+void check_forward_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, double eps) {
+  check_rows("layer_norm_fwd", "x", x);
+  check_vector("layer_norm_fwd", "weight", weight, x);
+  check_vector("layer_norm_fwd", "bias", bias, x);
+  TORCH_CHECK(eps >= 0, "hetrain.layer_norm: eps must be >= 0, got ", eps);
+}
+
+void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                         const at::Tensor& mean, const at::Tensor& rstd) {
+  check_rows("layer_norm_bwd", "x", x);
+  check_like("layer_norm backward", "dy", dy, x);
+  check_vector("layer_norm_bwd", "weight", weight, x);
+  check_row_stats("layer_norm backward", "mean", mean, x);
+  check_row_stats("layer_norm backward", "rstd", rstd, x);
+}
+
+}  // namespace layer_norm
+
 namespace {
 
 template <typename T>
@@ -149,11 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
                                                                   const std::optional<at::Tensor>& weight,
                                                                   const std::optional<at::Tensor>& bias,
                                                                   double eps) {
-  check_rows("layer_norm_fwd", "x", x);
+  layer_norm::check_forward_args(x, weight, bias, eps);
   const int64_t M = x.size(0), N = x.size(1);
-  check_vector("layer_norm_fwd", "weight", weight, x);
-  check_vector("layer_norm_fwd", "bias", bias, x);
-  TORCH_CHECK(eps >= 0, "hetrain.layer_norm: eps must be >= 0, got ", eps);
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
@@ -172,15 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
                                                                   const std::optional<at::Tensor>& weight,
                                                                   const at::Tensor& mean, const at::Tensor& rstd,
                                                                   bool has_bias) {
-  check_rows("layer_norm_bwd", "x", x);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "hetrain.layer_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
-              dy.sizes(), " ", dy.scalar_type());
+  layer_norm::check_backward_args(dy, x, weight, mean, rstd);
   const int64_t M = x.size(0), N = x.size(1);
-  check_vector("layer_norm_bwd", "weight", weight, x);
-  const auto sdt = stats_dtype(x.scalar_type());
-  TORCH_CHECK(mean.numel() == M && rstd.numel() == M && mean.scalar_type() == sdt && rstd.scalar_type() == sdt,
-              "hetrain.layer_norm backward: mean/rstd must have ", M, " ", sdt, " values");
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();

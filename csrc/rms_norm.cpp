@@ -11,6 +11,25 @@
 #include "rms_norm_math.h"
 
 namespace hetrain {
+namespace rms_norm {
+
+// The argument checks of the schemas declared below, shared with the CUDA binding (csrc/cuda/rms_norm_binding.cpp).
+void check_forward_args(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
+  check_rows("rms_norm_fwd", "x", x);
+  check_vector("rms_norm_fwd", "weight", weight, x);
+  TORCH_CHECK(eps >= 0, "hetrain.rms_norm: eps must be >= 0, got ", eps);
+}
+
+void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                         const at::Tensor& rstd) {
+  check_rows("rms_norm_bwd", "x", x);
+  check_like("rms_norm backward", "dy", dy, x);
+  check_vector("rms_norm_bwd", "weight", weight, x);
+  check_row_stats("rms_norm backward", "rstd", rstd, x);
+}
+
+}  // namespace rms_norm
+
 namespace {
 
 template <typename T>
@@ -109,10 +128,8 @@ at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDo
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                     double eps) {
-  check_rows("rms_norm_fwd", "x", x);
+  rms_norm::check_forward_args(x, weight, eps);
   const int64_t M = x.size(0), N = x.size(1);
-  check_vector("rms_norm_fwd", "weight", weight, x);
-  TORCH_CHECK(eps >= 0, "hetrain.rms_norm: eps must be >= 0, got ", eps);
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
   at::Tensor y = at::empty_like(xc);
@@ -127,16 +144,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const s
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x,
                                                     const std::optional<at::Tensor>& weight,
                                                     const at::Tensor& rstd) {
-  check_rows("rms_norm_bwd", "x", x);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "hetrain.rms_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
-              dy.sizes(), " ", dy.scalar_type());
+  rms_norm::check_backward_args(dy, x, weight, rstd);
   const int64_t M = x.size(0), N = x.size(1);
-  check_vector("rms_norm_bwd", "weight", weight, x);
-  const auto sdt = stats_dtype(x.scalar_type());
-  TORCH_CHECK(rstd.dim() == 1 && rstd.numel() == M && rstd.scalar_type() == sdt,
-              "hetrain.rms_norm backward: rstd must have shape (", M, ",) and dtype ", sdt, ", got ", rstd.sizes(),
-              " ", rstd.scalar_type());
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous(), rc = rstd.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
   at::Tensor dx = at::empty_like(xc);

@@ -11,12 +11,21 @@
 #include <tuple>
 
 #include "../checks.h"
-#include "../dropout_math.h"
 #include "binding.h"
 #include "dropout_add_layer_norm_kernel.h"
 #include "rows.h"
 
 namespace hetrain {
+namespace dropout_add_layer_norm {
+
+// Defined in csrc/dropout_add_layer_norm.cpp, shared with the CPU kernels.
+void check_forward_args(const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, double eps);
+void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd);
+
+}  // namespace dropout_add_layer_norm
+
 namespace {
 
 using cuda::check_on_device;
@@ -26,27 +35,15 @@ using cuda::stats_dtype;
 using dropout_add_layer_norm::Dropout;
 
 Dropout make_dropout(const at::Tensor& seed, double p) {
-  TORCH_CHECK(p >= 0 && p <= 1, "hetrain.dropout_add_layer_norm: p must be in [0, 1], got ", p);
-  const DropoutStream s = read_stream("dropout_add_layer_norm", seed);
-  return {s.seed, s.offset, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0, p > 0};
-}
-
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& residual) {
-  check_rows(op, "x", x);
-  check_on_device(op, "x", x, x);
-  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
-                  residual.device() == x.device(),
-              "hetrain.", op, ": residual must match x (", x.sizes(), " ", x.scalar_type(), " on ", x.device(),
-              "), got ", residual.sizes(), " ", residual.scalar_type(), " on ", residual.device());
+  const DropoutCall c = dropout_call("dropout_add_layer_norm", seed, p);
+  return {c.seed, c.offset, c.threshold, c.scale, p > 0};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_fwd_cuda(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& seed, double p, double eps) {
-  check_inputs("dropout_add_layer_norm_fwd", x, residual);
-  check_vector("dropout_add_layer_norm_fwd", "weight", weight, x);
-  check_vector("dropout_add_layer_norm_fwd", "bias", bias, x);
-  TORCH_CHECK(eps >= 0, "hetrain.dropout_add_layer_norm: eps must be >= 0, got ", eps);
+  dropout_add_layer_norm::check_forward_args(x, residual, weight, bias, eps);
+  check_on_device("dropout_add_layer_norm_fwd", "x", x, x);
   const Dropout drop = make_dropout(seed, p);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = x.size(1);
@@ -70,18 +67,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& seed, double p, bool has_bias) {
-  check_inputs("dropout_add_layer_norm_bwd", x, residual);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "hetrain.dropout_add_layer_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(),
-              "), got ", dy.sizes(), " ", dy.scalar_type());
-  check_on_device("dropout_add_layer_norm_bwd", "dy", dy, x);
-  check_vector("dropout_add_layer_norm_bwd", "weight", weight, x);
+  dropout_add_layer_norm::check_backward_args(dy, x, residual, weight, mean, rstd);
+  check_on_device("dropout_add_layer_norm_bwd", "x", x, x);
   const int64_t M = x.size(0), N = x.size(1);
   const auto sdt = stats_dtype(x.scalar_type());
-  TORCH_CHECK(mean.numel() == M && rstd.numel() == M && mean.scalar_type() == sdt && rstd.scalar_type() == sdt,
-              "hetrain.dropout_add_layer_norm backward: mean/rstd must have ", M, " ", sdt, " values");
-  check_on_device("dropout_add_layer_norm_bwd", "mean", mean, x);
-  check_on_device("dropout_add_layer_norm_bwd", "rstd", rstd, x);
   const Dropout drop = make_dropout(seed, p);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous(), rc = residual.contiguous();

@@ -13,13 +13,9 @@ namespace hetrain {
 namespace dropout_add_layer_norm {
 namespace {
 
-constexpr int kMaxThreads = cuda::kMaxRowThreads;
+using namespace cuda;  // rows.cuh: block_sum, grid_for, threads_for, kMaxRowThreads; convert.cuh: load, store
 
-using cuda::block_sum;
-using cuda::grid_for;
-using cuda::load;
-using cuda::store;
-using cuda::threads_for;
+constexpr int kMaxThreads = kMaxRowThreads;
 
 // The dropout multiplier of stream element `index`: scale where kept, 0 where dropped, 1 without dropout.
 template <typename acc_t>

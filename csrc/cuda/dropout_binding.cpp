@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "../dropout_math.h"
 #include "binding.h"
 #include "dropout_kernel.h"
 
@@ -21,9 +20,8 @@ at::Tensor dropout_cuda(const at::Tensor& x, const at::Tensor& seed, double p) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "hetrain.dropout: x must be a floating tensor, got ",
               x.scalar_type());
   cuda::check_on_device("dropout", "x", x, x);
-  TORCH_CHECK(p >= 0 && p <= 1, "hetrain.dropout: p must be in [0, 1], got ", p);
-  const DropoutStream s = read_stream("dropout", seed);
-  const dropout::Mask mask{s.seed, s.offset, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
+  const DropoutCall c = dropout_call("dropout", seed, p);
+  const dropout::Mask mask{c.seed, c.offset, c.threshold, c.scale};
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));

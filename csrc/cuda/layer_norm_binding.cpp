@@ -16,6 +16,16 @@
 #include "rows.h"
 
 namespace hetrain {
+namespace layer_norm {
+
+// Defined in csrc/layer_norm.cpp, shared with the CPU kernels.
+void check_forward_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, double eps);
+void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                         const at::Tensor& mean, const at::Tensor& rstd);
+
+}  // namespace layer_norm
+
 namespace {
 
 using cuda::check_on_device;
@@ -27,11 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias,
                                                                    double eps) {
-  check_rows("layer_norm_fwd", "x", x);
+  layer_norm::check_forward_args(x, weight, bias, eps);
   check_on_device("layer_norm_fwd", "x", x, x);
-  check_vector("layer_norm_fwd", "weight", weight, x);
-  check_vector("layer_norm_fwd", "bias", bias, x);
-  TORCH_CHECK(eps >= 0, "hetrain.layer_norm: eps must be >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = x.size(1);
   const at::Tensor xc = x.contiguous();
@@ -54,19 +61,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                                    bool has_bias) {
-  check_rows("layer_norm_bwd", "x", x);
+  layer_norm::check_backward_args(dy, x, weight, mean, rstd);
   check_on_device("layer_norm_bwd", "x", x, x);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "hetrain.layer_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
-              dy.sizes(), " ", dy.scalar_type());
-  check_on_device("layer_norm_bwd", "dy", dy, x);
-  check_vector("layer_norm_bwd", "weight", weight, x);
   const int64_t M = x.size(0), N = x.size(1);
   const auto sdt = stats_dtype(x.scalar_type());
-  TORCH_CHECK(mean.numel() == M && rstd.numel() == M && mean.scalar_type() == sdt && rstd.scalar_type() == sdt,
-              "hetrain.layer_norm backward: mean/rstd must have ", M, " ", sdt, " values");
-  check_on_device("layer_norm_bwd", "mean", mean, x);
-  check_on_device("layer_norm_bwd", "rstd", rstd, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();

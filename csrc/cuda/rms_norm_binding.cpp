@@ -15,6 +15,15 @@
 #include "rows.h"
 
 namespace hetrain {
+namespace rms_norm {
+
+// Defined in csrc/rms_norm.cpp, shared with the CPU kernels.
+void check_forward_args(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps);
+void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                         const at::Tensor& rstd);
+
+}  // namespace rms_norm
+
 namespace {
 
 using cuda::check_on_device;
@@ -24,10 +33,8 @@ using cuda::stats_dtype;
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                      double eps) {
-  check_rows("rms_norm_fwd", "x", x);
+  rms_norm::check_forward_args(x, weight, eps);
   check_on_device("rms_norm_fwd", "x", x, x);
-  check_vector("rms_norm_fwd", "weight", weight, x);
-  TORCH_CHECK(eps >= 0, "hetrain.rms_norm: eps must be >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = x.size(1);
   const at::Tensor xc = x.contiguous();
@@ -46,19 +53,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                      const std::optional<at::Tensor>& weight,
                                                      const at::Tensor& rstd) {
-  check_rows("rms_norm_bwd", "x", x);
+  rms_norm::check_backward_args(dy, x, weight, rstd);
   check_on_device("rms_norm_bwd", "x", x, x);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "hetrain.rms_norm backward: dy must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
-              dy.sizes(), " ", dy.scalar_type());
-  check_on_device("rms_norm_bwd", "dy", dy, x);
-  check_vector("rms_norm_bwd", "weight", weight, x);
   const int64_t M = x.size(0), N = x.size(1);
   const auto sdt = stats_dtype(x.scalar_type());
-  TORCH_CHECK(rstd.dim() == 1 && rstd.numel() == M && rstd.scalar_type() == sdt,
-              "hetrain.rms_norm backward: rstd must have shape (", M, ",) and dtype ", sdt, ", got ", rstd.sizes(),
-              " ", rstd.scalar_type());
-  check_on_device("rms_norm_bwd", "rstd", rstd, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous(), rc = rstd.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();

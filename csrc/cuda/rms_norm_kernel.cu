@@ -10,13 +10,9 @@ namespace hetrain {
 namespace rms_norm {
 namespace {
 
-constexpr int kMaxThreads = cuda::kMaxRowThreads;
+using namespace cuda;  // rows.cuh: block_sum, grid_for, threads_for, kMaxRowThreads; convert.cuh: load, store
 
-using cuda::block_sum;
-using cuda::grid_for;
-using cuda::load;
-using cuda::store;
-using cuda::threads_for;
+constexpr int kMaxThreads = kMaxRowThreads;
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)

@@ -5,6 +5,9 @@ Each op (e.g. ``layer_norm``) has backends: ``triton`` and ``cuda`` for CUDA ten
 best available backend for its inputs' device type. Users pin one per op, from the strongest to
 the weakest: the :func:`use_backend` context manager, :func:`configure` (Hydra's ``backends:``
 group calls it), the ``HETRAIN_BACKEND="layer_norm=torch,rms_norm=triton"`` environment variable.
+Or they reorder the candidates for every op at once: ``configure(prefer=["cuda"])`` (or
+``HETRAIN_PREFER=cuda``) puts the named backends first wherever they serve the device and are
+available, so CUDA tensors get the C++/CUDA kernels and CPU tensors keep theirs.
 
 A pinned backend that fails re-raises. An automatically picked one that fails warns once and
 falls back to the next candidate, unless strict mode is on (``configure(strict=True)`` or
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 
 ENV_PINS = "HETRAIN_BACKEND"
+ENV_PREFER = "HETRAIN_PREFER"
 ENV_STRICT = "HETRAIN_STRICT"
 ENTRY_POINT_GROUP = "hetrain.backends"
 
@@ -67,14 +71,15 @@ class Backend:
 
 _registry: dict[str, dict[str, Backend]] = {}
 _config_pins: dict[str, str] = {}
+_config_prefer: tuple[str, ...] | None = None
 _config_strict: bool | None = None
 _local = threading.local()
 _warned: set[tuple[str, str]] = set()
 _entry_points_loaded = False
 _lock = threading.Lock()
-# candidates() per (op, device type, pin), availability included: a call must not pay for the lookup, the
-# sort and the probes (tens of microseconds, more than a small kernel). Emptied whenever backends or pins change.
-_resolved: dict[tuple[str, str, str | None], list[Backend]] = {}
+# candidates() per (op, device type, pin, preference), availability included: a call must not pay for the lookup,
+# the sort and the probes (tens of microseconds, more than a small kernel). Emptied whenever backends or pins change.
+_resolved: dict[tuple[str, str, str | None, tuple[str, ...]], list[Backend]] = {}
 
 
 def register(
@@ -153,18 +158,35 @@ def pinned(op: str) -> str | None:
     return _parse_pins(os.environ.get(ENV_PINS, "")).get(op)
 
 
+def preferred() -> tuple[str, ...]:
+    """Backend names tried first for every op, in order (config, then environment)."""
+    if _config_prefer is not None:
+        return _config_prefer
+    return _parse_prefer(os.environ.get(ENV_PREFER, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_prefer(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, (name.strip() for name in text.split(","))))
+
+
 def strict() -> bool:
     if _config_strict is not None:
         return _config_strict
     return os.environ.get(ENV_STRICT, "0").lower() in ("1", "true", "yes")
 
 
-def configure(pins: dict[str, str] | None = None, strict: bool | None = None) -> None:
-    """Sets process-wide pins (replacing earlier ones) and strict mode; ``None`` leaves a setting as is."""
-    global _config_strict
+def configure(pins: dict[str, str] | None = None, strict: bool | None = None,
+              prefer: list[str] | tuple[str, ...] | None = None) -> None:
+    """Sets process-wide pins (replacing earlier ones), strict mode and the preferred backends (an empty list
+    falls back to ``HETRAIN_PREFER``); ``None`` leaves a setting as is."""
+    global _config_strict, _config_prefer
     if pins is not None:
         _config_pins.clear()
         _config_pins.update({k: v for k, v in dict(pins).items() if v})
+        _resolved.clear()
+    if prefer is not None:
+        _config_prefer = tuple(prefer) or None
         _resolved.clear()
     if strict is not None:
         _config_strict = bool(strict)
@@ -195,18 +217,20 @@ def _describe(op: str) -> str:
 def candidates(op: str, device_type: str) -> list[Backend]:
     """Backends that may run ``op`` on ``device_type``, in the order they are tried.
 
-    A pinned backend is the only candidate; it must serve the device and be available. Availability is
-    probed once per backend until the registry or the pins change.
+    A pinned backend is the only candidate; it must serve the device and be available. Otherwise the
+    preferred backends come first (:func:`preferred`), then the rest by priority. Availability is probed
+    once per backend until the registry, the pins or the preference change.
     """
     pin = pinned(op)
-    key = (op, device_type, pin)
+    prefer = preferred()
+    key = (op, device_type, pin, prefer)
     found = _resolved.get(key)
     if found is None:
-        found = _resolved[key] = _candidates(op, device_type, pin)
+        found = _resolved[key] = _candidates(op, device_type, pin, prefer)
     return found
 
 
-def _candidates(op: str, device_type: str, pin: str | None) -> list[Backend]:
+def _candidates(op: str, device_type: str, pin: str | None, prefer: tuple[str, ...] = ()) -> list[Backend]:
     every = backends(op)
     if pin is not None:
         chosen = next((b for b in every if b.name == pin), None)
@@ -231,7 +255,8 @@ def _candidates(op: str, device_type: str, pin: str | None) -> list[Backend]:
             f"registered: {_describe(op)}. Register one with hetrain.plugins.register(...) "
             f"or the '{ENTRY_POINT_GROUP}' entry-point group."
         )
-    return usable
+    # A stable sort: the preferred in the order named, then the rest by priority as before.
+    return sorted(usable, key=lambda b: prefer.index(b.name) if b.name in prefer else len(prefer))
 
 
 def select(op: str, device_type: str) -> Backend:

@@ -114,8 +114,9 @@ def build(cfg: DictConfig) -> Parts:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the experiment ``cfg`` describes; returns the measured part of the summary."""
-    pins = cfg.backends.pins
-    plugins.configure(pins=None if pins is None else OmegaConf.to_container(pins), strict=cfg.backends.strict)
+    pins, prefer = cfg.backends.pins, cfg.backends.get("prefer")
+    plugins.configure(pins=None if pins is None else OmegaConf.to_container(pins), strict=cfg.backends.strict,
+                      prefer=None if prefer is None else list(prefer))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True)

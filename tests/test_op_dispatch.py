@@ -192,3 +192,16 @@ def test_the_cpp_autograd_ops_run_in_inference_mode():
         y, mean, rstd = torch.ops.hetrain_C.layer_norm(x, w, b, 1e-5)
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (H,), w, b))
     assert mean.shape == rstd.shape == (x.shape[0],)
+
+
+def test_a_preferred_backend_serves_every_op_on_the_devices_it_serves():
+    plugins.configure(prefer=["torch"])
+    try:
+        args = inputs()
+        with OpLog() as log:
+            for call in calls(*args).values():
+                y = call()
+                torch.autograd.grad(y, [t for t in args if t.requires_grad], torch.ones_like(y), allow_unused=True)
+    finally:
+        plugins.configure(prefer=[])
+    assert not [n for n in log.names if n.startswith("hetrain_C.")], log.names  # the reference ran, no kernel

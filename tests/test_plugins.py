@@ -32,6 +32,7 @@ class Broken:
 def op(monkeypatch):
     """A throwaway op with a fast, a slow and an unavailable backend; strict off unless a test sets it."""
     monkeypatch.delenv(plugins.ENV_PINS, raising=False)
+    monkeypatch.delenv(plugins.ENV_PREFER, raising=False)
     monkeypatch.setenv(plugins.ENV_STRICT, "0")
     plugins.register(OP, "fast", ("cpu", "cuda"), Good("fast"), priority=20)
     plugins.register(OP, "slow", ("cpu",), Good("slow"), priority=0)
@@ -39,7 +40,7 @@ def op(monkeypatch):
     yield OP
     for name in ("fast", "slow", "ghost", "broken", "outside"):
         plugins.unregister(OP, name)
-    plugins.configure(pins={}, strict=None)
+    plugins.configure(pins={}, strict=None, prefer=[])
 
 
 def test_best_available_backend_is_selected(op):
@@ -76,6 +77,20 @@ def test_pin_by_context_manager_beats_config_and_nests(op):
         with plugins.use_backend(**{op: "fast"}):
             assert plugins.select(op, "cpu").name == "fast"
         assert plugins.select(op, "cpu").name == "slow"
+    assert plugins.select(op, "cpu").name == "fast"
+
+
+def test_preferred_backends_come_first_where_they_serve_the_device(op, monkeypatch):
+    plugins.configure(prefer=["slow"])  # "slow" serves the CPU only
+    assert [b.name for b in plugins.candidates(op, "cpu")] == ["slow", "fast"]
+    assert plugins.select(op, "cuda").name == "fast"
+    plugins.configure(prefer=[])  # back to the environment's choice, here none
+    assert plugins.select(op, "cpu").name == "fast"
+    monkeypatch.setenv(plugins.ENV_PREFER, "ghost, slow")  # an unavailable preferred backend is passed over
+    assert plugins.select(op, "cpu").name == "slow"
+    with plugins.use_backend(**{op: "fast"}):  # a pin beats every preference
+        assert plugins.select(op, "cpu").name == "fast"
+    plugins.configure(prefer=["fast"])  # the config's preference beats the environment's
     assert plugins.select(op, "cpu").name == "fast"
 
 

@@ -46,7 +46,7 @@ def test_recipe_composes_and_instantiates(name, tmp_path):
 
     parts = build(cfg)
     assert isinstance(parts.callbacks["placement"], StagePlacement)
-    assert set(cfg.backends) == {"pins", "strict"}
+    assert set(cfg.backends) == {"pins", "prefer", "strict"}
     assert parts.trainer.max_steps == cfg.trainer.max_steps
     datamodule, task = parts.datamodule, parts.task
 

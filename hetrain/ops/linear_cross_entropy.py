@@ -31,7 +31,8 @@ for the gradient GEMMs, else 0) and ``4 * H`` the chunk of hidden in float32 for
 (bf16/fp16 only). On CUDA, bf16/fp16 logits stay in their dtype (see :func:`_chunked`) and a row costs
 ``V * h``. Beside it: the per-row losses (``4 * rows`` bytes) and, for bf16/fp16 weights, a float32
 weight-gradient accumulator (``4 * V * H``) so the sum over chunks does not round at every chunk; on
-CUDA also one weight-sized scratch in the input dtype for each chunk's weight-gradient GEMM.
+CUDA also one weight-sized scratch in the input dtype for each chunk's weight-gradient GEMM. The chunk
+buffers are freed before the float32 sums are cast to the parameters' dtype.
 The default budget, :data:`DEFAULT_MEMORY_BUDGET` = 96 MiB, gives 824 rows of float32 logits at
 vocab 30522: 96 MiB of chunk plus 64 KiB of losses at 16384 rows, under 128 MiB.
 
@@ -176,16 +177,33 @@ def _chunked(
     half_logits = half and (hidden.is_cuda if half_logits is None else half_logits)
     _check_targets(target, V, ignore_index)
     need_h, need_w, need_b = needs if scale is not None else (False, False, False)
-    write_grad = need_h or need_w or need_b
     loss = hidden.new_empty(M, dtype=cdt)
     grad_h = hidden.new_empty((M, H) if need_h else (0,))
     # Weight/bias gradients are sums over every chunk: accumulate them in the logits' dtype.
     grad_w = weight.new_zeros((V, H) if need_w else (0,), dtype=cdt if half else weight.dtype)
     grad_b = hidden.new_zeros(V if need_b else 0, dtype=cdt)
+    _run_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, scale, memory_budget, half_logits,
+                loss, grad_h if need_h else None, grad_w if need_w else None, grad_b if need_b else None)
+    # The chunk buffers are gone by now: the casts below need room only beside the sums.
+    return loss, grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype if bias is not None else cdt)
+
+
+def _run_chunks(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
+    label_smoothing: float, scale: torch.Tensor | None, memory_budget: int, half_logits: bool, loss: torch.Tensor,
+    grad_h: torch.Tensor | None, grad_w: torch.Tensor | None, grad_b: torch.Tensor | None,
+) -> None:
+    """Fills ``loss`` and adds each chunk's share into the gradients that are not None (see :func:`_chunked`).
+    Its own function so that the chunk buffers are freed when it returns."""
+    M, H = hidden.shape
+    V = weight.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    half = hidden.dtype in _HALF
+    write_grad = grad_h is not None or grad_w is not None or grad_b is not None
     c = chunk_rows(M, V, H, hidden.dtype, memory_budget, half_logits=half_logits)
     gemm_buf = hidden.new_empty((c if M else 0, V))  # the GEMM's own dtype
     logits_buf = hidden.new_empty((c if M else 0, V), dtype=cdt) if half and not half_logits else gemm_buf
-    wgrad_chunk = weight.new_empty(weight.shape) if half_logits and need_w else None
+    wgrad_chunk = weight.new_empty(weight.shape) if half_logits and grad_w is not None else None
     weight_t = weight.t()
     for start in range(0, M, c):
         n = min(c, M - start)
@@ -205,15 +223,14 @@ def _chunked(
         if not write_grad:
             continue
         dlogits = out.copy_(logits) if logits is not out else logits  # in the GEMMs' dtype
-        if need_h:
+        if grad_h is not None:
             torch.mm(dlogits, weight, out=grad_h[start:start + n])
         if wgrad_chunk is not None:
             grad_w.add_(torch.mm(dlogits.t(), h, out=wgrad_chunk))
-        elif need_w:
+        elif grad_w is not None:
             grad_w.addmm_(logits.t(), h.to(cdt) if half else h)
-        if need_b:
+        if grad_b is not None:
             grad_b.add_(logits.sum(0, dtype=cdt))
-    return loss, grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype if bias is not None else cdt)
 
 
 # --- torch.library ops -------------------------------------------------------------------------

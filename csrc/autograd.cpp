@@ -39,10 +39,11 @@ OptTensor optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : st
 at::Tensor defined_if(bool keep, const at::Tensor& t) { return keep ? t : at::Tensor(); }
 
 // The gradients as they are; under create_graph=True, behind a node that raises when a second derivative
-// reaches it, since the backward kernels have no derivative of their own. `sources` (the incoming gradient
-// and the saved tensors, what the gradients depend on) are linked to that node, so a second derivative
-// with respect to any of them raises instead of silently being None.
-variable_list first_order(variable_list grads, const variable_list& sources, const char* op, const char* reference) {
+// reaches it, since the backward kernels have no derivative of their own. The saved tensors and the incoming
+// gradient dy (what the gradients depend on) are linked to that node, so a second derivative with respect to
+// any of them raises instead of silently being None.
+variable_list first_order(variable_list grads, const variable_list& saved, const at::Tensor& dy, const char* op,
+                          const char* reference) {
   if (!at::GradMode::is_enabled()) return grads;
   variable_list inputs;
   std::vector<size_t> given;
@@ -52,8 +53,9 @@ variable_list first_order(variable_list grads, const variable_list& sources, con
       inputs.push_back(grads[i].detach().requires_grad_());
     }
   }
-  for (const at::Tensor& s : sources)
+  for (const at::Tensor& s : saved)
     if (s.defined() && s.requires_grad()) inputs.push_back(s);
+  if (dy.requires_grad()) inputs.push_back(dy);
   const std::string message = std::string("hetrain.ops.") + op +
                               ": double backward (a gradient of its gradient, create_graph=True) is not supported: "
                               "its backward kernels have no derivative. Use " + reference +
@@ -91,9 +93,7 @@ struct LayerNorm : torch::autograd::Function<LayerNorm> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(dx, dw, db) = bwd.call(dy.contiguous(), saved[0], optional(saved[1]), saved[2], saved[3], has_bias);
     }
-    variable_list sources(saved);
-    sources.push_back(dy);
-    return first_order({dx, defined_if(saved[1].defined(), dw), defined_if(has_bias, db), at::Tensor()}, sources,
+    return first_order({dx, defined_if(saved[1].defined(), dw), defined_if(has_bias, db), at::Tensor()}, saved, dy,
                        "layer_norm", "hetrain.ops.layer_norm_ref (F.layer_norm)");
   }
 };
@@ -122,9 +122,7 @@ struct RmsNorm : torch::autograd::Function<RmsNorm> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(dx, dw) = bwd.call(dy.contiguous(), saved[0], optional(saved[1]), saved[2]);
     }
-    variable_list sources(saved);
-    sources.push_back(dy);
-    return first_order({dx, defined_if(saved[1].defined(), dw), at::Tensor()}, sources, "rms_norm",
+    return first_order({dx, defined_if(saved[1].defined(), dw), at::Tensor()}, saved, dy, "rms_norm",
                        "hetrain.ops.rms_norm_ref");
   }
 };
@@ -154,9 +152,7 @@ struct BiasGelu : torch::autograd::Function<BiasGelu> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(dx, db) = bwd.call(dy.contiguous(), saved[0], saved[1], ctx->saved_data["approximate"].toStringRef());
     }
-    variable_list sources(saved);
-    sources.push_back(dy);
-    return first_order({dx, db, at::Tensor()}, sources, "bias_gelu", "hetrain.ops.bias_gelu_ref");
+    return first_order({dx, db, at::Tensor()}, saved, dy, "bias_gelu", "hetrain.ops.bias_gelu_ref");
   }
 };
 
@@ -212,11 +208,9 @@ struct DropoutAddLayerNorm : torch::autograd::Function<DropoutAddLayerNorm> {
       std::tie(dx, dres, dw, db) = bwd.call(dy.contiguous(), saved[0], saved[1], optional(saved[2]), saved[3],
                                             saved[4], saved[5], ctx->saved_data["p"].toDouble(), has_bias);
     }
-    variable_list sources(saved);
-    sources.push_back(dy);
     return first_order({dx, dres, defined_if(saved[2].defined(), dw), defined_if(has_bias, db), at::Tensor(),
                         at::Tensor(), at::Tensor()},
-                       sources, "dropout_add_layer_norm", "hetrain.ops.dropout_add_layer_norm_ref");
+                       saved, dy, "dropout_add_layer_norm", "hetrain.ops.dropout_add_layer_norm_ref");
   }
 };
 
@@ -262,11 +256,9 @@ struct BnReluPool : torch::autograd::Function<BnReluPool> {
                                       optional(saved[3]), optional(saved[4]), ctx->saved_data["batch_stats"].toBool(),
                                       kernel_size, stride, padding);
     }
-    variable_list sources(saved);
-    sources.push_back(dy);
     return first_order({dx, at::Tensor(), at::Tensor(), defined_if(saved[3].defined(), dw),
                         defined_if(saved[4].defined(), db), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()},
-                       sources, "bn_relu_pool", "hetrain.ops.bn_relu_pool_ref (relu_pool_ref without BatchNorm)");
+                       saved, dy, "bn_relu_pool", "hetrain.ops.bn_relu_pool_ref (relu_pool_ref without BatchNorm)");
   }
 };
 

@@ -17,7 +17,8 @@
 namespace hetrain {
 namespace dropout_add_layer_norm {
 
-// The argument checks of the schemas declared below, shared with the CUDA binding (csrc/cuda/dropout_add_layer_norm_binding.cpp).
+// The argument checks of the schemas declared below, shared with the CUDA binding
+// (csrc/cuda/dropout_add_layer_norm_binding.cpp).
 void check_forward_args(const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, double eps) {
   check_rows("dropout_add_layer_norm_fwd", "x", x);

@@ -13,7 +13,8 @@
 namespace hetrain {
 namespace layer_norm {
 
-// The argument checks of the schemas declared below, shared with the CUDA binding (csrc/cuda/layer_norm_binding.cpp).
+// The argument checks of the schemas declared below, shared with the CUDA binding
+// (csrc/cuda/layer_norm_binding.cpp).
 void check_forward_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, double eps) {
   check_rows("layer_norm_fwd", "x", x);

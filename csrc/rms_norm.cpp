@@ -13,7 +13,8 @@
 namespace hetrain {
 namespace rms_norm {
 
-// The argument checks of the schemas declared below, shared with the CUDA binding (csrc/cuda/rms_norm_binding.cpp).
+// The argument checks of the schemas declared below, shared with the CUDA binding
+// (csrc/cuda/rms_norm_binding.cpp).
 void check_forward_args(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
   check_rows("rms_norm_fwd", "x", x);
   check_vector("rms_norm_fwd", "weight", weight, x);

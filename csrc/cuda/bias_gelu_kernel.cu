@@ -32,7 +32,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (j >= N) return;
   const acc_t bj = load(b + j);
-  for (int64_t r = blockIdx.y; r < M; r += gridDim.y) store(y + r * N + j, gelu<acc_t, TANH>(acc_t(load(x + r * N + j)) + bj));
+  for (int64_t r = blockIdx.y; r < M; r += gridDim.y) {
+    store(y + r * N + j, gelu<acc_t, TANH>(acc_t(load(x + r * N + j)) + bj));
+  }
 }
 
 // Row group p = blockIdx.y covers rows p, p + parts, ...; its column sums of dx go to row p of b_part.

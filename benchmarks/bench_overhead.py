@@ -3,8 +3,9 @@
 Run: ``make bench-overhead`` (``python -m benchmarks.bench_overhead [--device cpu|cuda] [--out DIR]``).
 At a few hundred elements the kernels take microseconds, so the time per call is the Python and
 dispatch around them: hetrain's functional op beside the torch eager ops it replaces, on the same
-inputs, taking turns over rounds, median of each. At BERT-base sizes on a GPU a step makes some
-50 such calls, so this is time the GPU waits. Writes
+inputs, taking turns over rounds, median of each (on a CUDA build also each op's C++/CUDA kernels with
+their C++ autograd, ``hetrain_cuda``, where the default is Triton). At BERT-base sizes on a GPU a step
+makes some 50 such calls, so this is time the GPU waits. Writes
 ``benchmarks/results/<date>-<device>-overhead.json``.
 """
 
@@ -22,11 +23,14 @@ import torch
 import torch.nn.functional as F
 
 import hetrain
+from benchmarks.cases import with_cpp_kernels
 from benchmarks.timing import median_ms
 from hetrain import ops
 
 RESULTS = Path(__file__).parent / "results"
 ROWS, HIDDEN, VOCAB = 8, 64, 96
+# Ops whose CUDA default is Triton but which also have C++/CUDA kernels (timed as hetrain_cuda on a GPU).
+CPP_ON_CUDA = ("layer_norm", "rms_norm", "bias_gelu", "dropout", "dropout_add_layer_norm")
 
 
 def _grad_step(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], dy: torch.Tensor | None):
@@ -62,8 +66,13 @@ def cases(device: str) -> dict[str, dict[str, Callable[[], object]]]:
                          lambda i, w, b: F.max_pool2d(F.relu(F.batch_norm(i, None, None, w, b, training=True)), 2),
                          lambda i, w, b: ops.bn_relu_pool(i, w, b, None, None, training=True)),
     }
-    return {op: {"torch": _grad_step(eager, inputs, grad), "hetrain": _grad_step(fused, inputs, grad)}
-            for op, (inputs, grad, eager, fused) in pairs.items()}
+    impls = {op: {"torch": _grad_step(eager, inputs, grad), "hetrain": _grad_step(fused, inputs, grad)}
+             for op, (inputs, grad, eager, fused) in pairs.items()}
+    for op in CPP_ON_CUDA:
+        cpp = with_cpp_kernels(op, pairs[op][3], device)
+        if cpp is not None:  # on a CUDA build, beside the default (Triton): the C++/CUDA kernels, autograd in C++
+            impls[op]["hetrain_cuda"] = _grad_step(cpp, pairs[op][0], pairs[op][1])
+    return impls
 
 
 def run(device: str, rounds: int = 5) -> dict:
@@ -77,15 +86,19 @@ def run(device: str, rounds: int = 5) -> dict:
                                                        budget_s=0.4))
         us = {name: statistics.median(v) for name, v in per_round.items()}
         rows.append({"op": op, "us": us, "ratio": us["hetrain"] / us["torch"]})
-        print(f"{op:24s} torch {us['torch']:8.1f} us   hetrain {us['hetrain']:8.1f} us   "
+        cpp = f"   hetrain_cuda {us['hetrain_cuda']:8.1f} us" if "hetrain_cuda" in us else ""
+        print(f"{op:24s} torch {us['torch']:8.1f} us   hetrain {us['hetrain']:8.1f} us{cpp}   "
               f"ratio {rows[-1]['ratio']:.2f}", flush=True)
     return {"rows": rows}
 
 
 def table(result: dict) -> str:
-    lines = ["| op (fwd+bwd, tiny shape) | torch eager us | hetrain us | hetrain / torch |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['op']} | {r['us']['torch']:.1f} | {r['us']['hetrain']:.1f} | {r['ratio']:.2f} |"
-              for r in result["rows"]]
+    lines = ["| op (fwd+bwd, tiny shape) | torch eager us | hetrain us | hetrain_cuda us | hetrain / torch |",
+             "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        cpp = r["us"].get("hetrain_cuda")
+        lines.append(f"| {r['op']} | {r['us']['torch']:.1f} | {r['us']['hetrain']:.1f} | "
+                     f"{'-' if cpp is None else f'{cpp:.1f}'} | {r['ratio']:.2f} |")
     return "\n".join(lines)
 
 

@@ -111,12 +111,18 @@ def test_bench_ops_runs_every_case_in_its_cpu_smoke_mode(tmp_path):
 
 
 def test_cuda_build_check_binds_only_declared_ops_and_refuses_a_cpu_torch_naming_the_fix():
-    from hetrain.checks.cuda_build import bound_ops
+    from hetrain.checks.cuda_build import bound_ops, differentiable_ops
 
     ops = bound_ops()
-    assert {"layer_norm_fwd", "layer_norm_bwd", "bn_relu_pool_fwd", "bn_relu_pool_bwd"} <= set(ops)
+    assert {"layer_norm_fwd", "layer_norm_bwd", "bn_relu_pool_fwd", "bn_relu_pool_bwd", "rms_norm_fwd",
+            "bias_gelu_bwd", "dropout_fwd", "dropout_add_layer_norm_bwd"} <= set(ops)
     undeclared = [op for op in ops if not hasattr(torch.ops.hetrain_C, op)]
     assert not undeclared, f"csrc/cuda bindings register ops no schema declares: {undeclared}"
+    differentiable = differentiable_ops()
+    assert {"layer_norm", "rms_norm", "bias_gelu", "dropout", "dropout_add_layer_norm", "bn_relu_pool"} == set(
+        differentiable)
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert all(has(f"hetrain_C::{op}", "Autograd") for op in differentiable)  # as the CUDA build checks them
     if torch.version.cuda is None:
         out = run_python(["hetrain/checks/cuda_build.py"])
         assert out.returncode == 2

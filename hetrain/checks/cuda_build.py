@@ -3,7 +3,8 @@
 ``make gpu-compile`` compiles the kernels alone (they include no torch header); this builds what ties
 them to torch: the bindings, against the headers and libraries of the CUDA torch at hand. It builds out
 of tree (``build/cuda``) so the CPU build in ``hetrain/`` stays as it is, then loads the library in a fresh
-interpreter (every symbol resolved) and checks that each op a binding registers has a CUDA kernel.
+interpreter (every symbol resolved) and checks that each op a binding registers has a CUDA kernel and each
+op with its autograd in C++ (csrc/autograd.cpp) its Autograd kernel.
 
 Run it as a script with the CUDA torch's Python (``make cuda-build`` sets one up in ``.venv-cuda``): it
 imports no hetrain module, since the in-tree ``hetrain/_C`` belongs to another torch.
@@ -28,18 +29,24 @@ else:  # run as a script: this folder is on sys.path and the hetrain package sta
 
 ROOT = Path(__file__).resolve().parents[2]
 _BOUND_OP = re.compile(r'm\.impl\(\s*"(\w+)"')
-# Loads the built library alone (no hetrain import) and says which ops have a CUDA kernel.
+_DEFINED_OP = re.compile(r'm\.def\(\s*"(\w+)\(')
+# Loads the built library alone (no hetrain import) and says, for each "op@DispatchKey", whether it has a kernel.
 _PROBE = (
     "import json, sys, torch\n"
     "torch.ops.load_library(sys.argv[1])\n"
     "has = torch._C._dispatch_has_kernel_for_dispatch_key\n"
-    "print(json.dumps({op: has('hetrain_C::' + op, 'CUDA') for op in sys.argv[2:]}))\n"
+    "print(json.dumps({k: has('hetrain_C::' + k.split('@')[0], k.split('@')[1]) for k in sys.argv[2:]}))\n"
 )
 
 
 def bound_ops(root: Path = ROOT) -> list[str]:
     """The ops that ``csrc/cuda/*_binding.cpp`` register for CUDA tensors."""
     return sorted(op for f in (root / "csrc" / "cuda").glob("*_binding.cpp") for op in _BOUND_OP.findall(f.read_text()))
+
+
+def differentiable_ops(root: Path = ROOT) -> list[str]:
+    """The ops ``csrc/autograd.cpp`` defines with their autograd in C++ (registered under the Autograd key)."""
+    return sorted(_DEFINED_OP.findall((root / "csrc" / "autograd.cpp").read_text()))
 
 
 def cuda_home_fallback() -> dict[str, str]:
@@ -111,21 +118,23 @@ def main(argv: list[str] | None = None) -> int:
         print("".join(log_path.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
         return 1
     library = Path(glob.glob(str(args.out / "lib" / "hetrain" / "_C*.so"))[0])
-    ops = bound_ops()
-    probe = subprocess.run([sys.executable, "-c", _PROBE, str(library), *ops], capture_output=True, text=True)
+    # The C++ autograd is registered under the Autograd alias key, which covers AutogradCUDA.
+    wanted = [f"{op}@CUDA" for op in bound_ops()] + [f"{op}@Autograd" for op in differentiable_ops()]
+    probe = subprocess.run([sys.executable, "-c", _PROBE, str(library), *wanted], capture_output=True, text=True)
     if probe.returncode != 0:
         print(f"hetrain cuda-build: {library.name} was built but does not load:\n{probe.stderr}", file=sys.stderr)
         return 1
     registered = json.loads(probe.stdout.splitlines()[-1])
-    width = max(map(len, ops))
-    print(f"\n{'op'.ljust(width)}  CUDA kernel registered")
-    for op in ops:
-        print(f"{op.ljust(width)}  {'yes' if registered[op] else 'NO'}")
+    width = max(len(k.split("@")[0]) for k in wanted)
+    print(f"\n{'op'.ljust(width)}  {'kernel for'.ljust(12)}  registered")
+    for k in wanted:
+        op, key = k.split("@")
+        print(f"{op.ljust(width)}  {key.ljust(12)}  {'yes' if registered[k] else 'NO'}")
     archs = embedded_archs(library)
     print(f"\nbuilt in {seconds:.0f} s: {os.path.relpath(library, ROOT)}, GPU code for {', '.join(archs) or '?'}")
-    missing = [op for op in ops if not registered[op]]
+    missing = [k.replace("@", " for ") for k in wanted if not registered[k]]
     if missing:
-        print(f"hetrain cuda-build: no CUDA kernel registered for {', '.join(missing)}", file=sys.stderr)
+        print(f"hetrain cuda-build: no kernel registered: {', '.join(missing)}", file=sys.stderr)
         return 1
     return 0
 

@@ -10,6 +10,7 @@
 // is this extension and a gradient is needed; graphs, tensor subclasses and torch.func still go through
 // the torch.library custom ops, which carry the fake implementations.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
@@ -27,6 +28,12 @@ using OptTensor = std::optional<at::Tensor>;
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The profiler range the Python path opens around a backend call (hetrain/plugins.py), e.g.
+// "hetrain::layer_norm.forward[cuda]", so a profile shows the same ranges whichever path ran. The names are
+// literals (a range may keep a view of its name); when no profiler listens the range costs a flag check.
+#define HETRAIN_RANGE(t, op, direction) \
+  RECORD_USER_SCOPE((t).is_cuda() ? "hetrain::" op "." direction "[cuda]" : "hetrain::" op "." direction "[cpu]")
 
 // The kernel op `name` (e.g. "hetrain_C::layer_norm_fwd"), dispatched on its inputs' device.
 template <typename Signature>
@@ -66,11 +73,17 @@ variable_list first_order(variable_list grads, const variable_list& saved, const
   return grads;
 }
 
+}  // namespace
+
+// A named namespace, so autograd nodes read "CppNode<hetrain::fused::LayerNorm>" in profiles and errors.
+namespace fused {
+
 struct LayerNorm : torch::autograd::Function<LayerNorm> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
                                const OptTensor& bias, double eps) {
     static const auto fwd = kernel<Tensor3(const at::Tensor&, const OptTensor&, const OptTensor&, double)>(
         "hetrain_C::layer_norm_fwd");
+    HETRAIN_RANGE(x, "layer_norm", "forward");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, mean, rstd] = fwd.call(x, weight, bias, eps);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), mean, rstd});
@@ -86,6 +99,7 @@ struct LayerNorm : torch::autograd::Function<LayerNorm> {
                        bool)>("hetrain_C::layer_norm_bwd");
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(4);  // the output was not used: every gradient is zero
+    HETRAIN_RANGE(dy, "layer_norm", "backward");
     const variable_list saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     at::Tensor dx, dw, db;
@@ -102,6 +116,7 @@ struct RmsNorm : torch::autograd::Function<RmsNorm> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight, double eps) {
     static const auto fwd =
         kernel<Tensor2(const at::Tensor&, const OptTensor&, double)>("hetrain_C::rms_norm_fwd");
+    HETRAIN_RANGE(x, "rms_norm", "forward");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, rstd] = fwd.call(x, weight, eps);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), rstd});
@@ -116,6 +131,7 @@ struct RmsNorm : torch::autograd::Function<RmsNorm> {
             "hetrain_C::rms_norm_bwd");
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(3);
+    HETRAIN_RANGE(dy, "rms_norm", "backward");
     const variable_list saved = ctx->get_saved_variables();
     at::Tensor dx, dw;
     {
@@ -133,6 +149,7 @@ struct BiasGelu : torch::autograd::Function<BiasGelu> {
     // std::string: the signature the CPU kernel is registered with (a typed handle must match it).
     static const auto fwd =
         kernel<at::Tensor(const at::Tensor&, const at::Tensor&, std::string)>("hetrain_C::bias_gelu_fwd");
+    HETRAIN_RANGE(x, "bias_gelu", "forward");
     at::AutoDispatchBelowADInplaceOrView below;
     at::Tensor y = fwd.call(x, bias, approximate);
     ctx->save_for_backward({x, bias});
@@ -146,6 +163,7 @@ struct BiasGelu : torch::autograd::Function<BiasGelu> {
         "hetrain_C::bias_gelu_bwd");
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(3);
+    HETRAIN_RANGE(dy, "bias_gelu", "backward");
     const variable_list saved = ctx->get_saved_variables();
     at::Tensor dx, db;
     {
@@ -161,6 +179,7 @@ struct BiasGelu : torch::autograd::Function<BiasGelu> {
 struct Dropout : torch::autograd::Function<Dropout> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& seed, double p) {
     static const auto fwd = kernel<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("hetrain_C::dropout_fwd");
+    HETRAIN_RANGE(x, "dropout", "forward");
     at::AutoDispatchBelowADInplaceOrView below;
     at::Tensor y = fwd.call(x, seed, p);
     ctx->save_for_backward({seed});
@@ -172,6 +191,7 @@ struct Dropout : torch::autograd::Function<Dropout> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(3);
+    HETRAIN_RANGE(dy, "dropout", "backward");
     const at::Tensor seed = ctx->get_saved_variables()[0];
     return {Dropout::apply(dy, seed, ctx->saved_data["p"].toDouble()), at::Tensor(), at::Tensor()};
   }
@@ -184,6 +204,7 @@ struct DropoutAddLayerNorm : torch::autograd::Function<DropoutAddLayerNorm> {
     static const auto fwd =
         kernel<Tensor3(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
                        double, double)>("hetrain_C::dropout_add_layer_norm_fwd");
+    HETRAIN_RANGE(x, "dropout_add_layer_norm", "forward");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, mean, rstd] = fwd.call(x, residual, weight, bias, seed, p, eps);
     ctx->save_for_backward({x, residual, weight.value_or(at::Tensor()), mean, rstd, seed});
@@ -200,6 +221,7 @@ struct DropoutAddLayerNorm : torch::autograd::Function<DropoutAddLayerNorm> {
                        const at::Tensor&, const at::Tensor&, double, bool)>("hetrain_C::dropout_add_layer_norm_bwd");
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(7);
+    HETRAIN_RANGE(dy, "dropout_add_layer_norm", "backward");
     const variable_list saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     at::Tensor dx, dres, dw, db;
@@ -225,6 +247,7 @@ struct BnReluPool : torch::autograd::Function<BnReluPool> {
     static const auto fwd =
         kernel<Tensor2(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                        at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>("hetrain_C::bn_relu_pool_fwd");
+    HETRAIN_RANGE(x, "bn_relu_pool", "forward");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, argmax] = fwd.call(x, mean, invstd, weight, bias, kernel_size, stride, padding);
     ctx->save_for_backward({x, mean.value_or(at::Tensor()), invstd.value_or(at::Tensor()),
@@ -245,6 +268,7 @@ struct BnReluPool : torch::autograd::Function<BnReluPool> {
             "hetrain_C::bn_relu_pool_bwd");
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return variable_list(9);
+    HETRAIN_RANGE(dy, "bn_relu_pool", "backward");
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<int64_t> kernel_size = ctx->saved_data["kernel"].toIntVector();
     const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
@@ -301,7 +325,7 @@ void register_differentiable_ops(torch::Library& m) {
   m.impl("bn_relu_pool", &bn_relu_pool);
 }
 
-}  // namespace
+}  // namespace fused
 
 TORCH_LIBRARY_FRAGMENT(hetrain_C, m) {
   m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
@@ -318,8 +342,8 @@ TORCH_LIBRARY_FRAGMENT(hetrain_C, m) {
 
 // The Autograd keys run the Functions above; below autograd (inference mode) the same functions run,
 // where Function::apply records nothing and calls the kernels.
-TORCH_LIBRARY_IMPL(hetrain_C, Autograd, m) { register_differentiable_ops(m); }
+TORCH_LIBRARY_IMPL(hetrain_C, Autograd, m) { fused::register_differentiable_ops(m); }
 
-TORCH_LIBRARY_IMPL(hetrain_C, CompositeExplicitAutograd, m) { register_differentiable_ops(m); }
+TORCH_LIBRARY_IMPL(hetrain_C, CompositeExplicitAutograd, m) { fused::register_differentiable_ops(m); }
 
 }  // namespace hetrain

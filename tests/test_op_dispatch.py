@@ -146,13 +146,26 @@ def _op_node(y):
 
 
 CPP_OPS = [o for o in OPS if o != "linear_cross_entropy"]  # its chunk loop lives in Python
+CPP_NODES = {"layer_norm": "LayerNorm", "rms_norm": "RmsNorm", "bias_gelu": "BiasGelu", "dropout": "Dropout",
+             "dropout_add_layer_norm": "DropoutAddLayerNorm", "bn_relu_pool": "BnReluPool"}
 
 
 @pytest.mark.parametrize("op", CPP_OPS)
 def test_with_the_cpp_backend_an_eager_call_records_a_cpp_autograd_node(op):
     # Forward and backward never re-enter Python (csrc/autograd.cpp); the numbers are the op tests'.
     y = calls(*inputs())[op]()
-    assert _op_node(y).name().startswith("torch::autograd::CppNode<hetrain::"), _op_node(y).name()
+    assert _op_node(y).name() == f"torch::autograd::CppNode<hetrain::fused::{CPP_NODES[op]}>"
+
+
+@pytest.mark.parametrize("op", CPP_OPS)
+def test_under_the_profiler_the_cpp_path_runs_and_names_its_ranges_as_the_python_path_does(op):
+    args = inputs()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = calls(*args)[op]()
+        torch.autograd.grad(y, [t for t in args if t.requires_grad], torch.ones_like(y), allow_unused=True)
+    names = {e.name for e in prof.events()}
+    assert _op_node(y).name().startswith("torch::autograd::CppNode<hetrain::fused::")  # profiled as it runs
+    assert {f"hetrain::{op}.forward[cpu]", f"hetrain::{op}.backward[cpu]"} <= names, sorted(names)
 
 
 class ExplodingWithGrad:

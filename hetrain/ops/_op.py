@@ -145,8 +145,7 @@ class Op:
         if route == "body" or (route == "functorch" and not torch.is_grad_enabled()):
             return self.body(*args)
         if route == "function" and self._function is not None:
-            # With the profiler on, the plain Function keeps the registry's named range per backend.
-            if self._family is not None and not torch.autograd._profiler_enabled():
+            if self._family is not None:
                 with_grad = plugins.first_choice_entry(self._family, args[0].device.type, "forward_with_grad")
                 if with_grad is not None:
                     try:

@@ -94,6 +94,12 @@ def test_preferred_backends_come_first_where_they_serve_the_device(op, monkeypat
     assert plugins.select(op, "cpu").name == "fast"
 
 
+def test_first_choice_entry_is_the_first_candidates_or_none(op):
+    assert plugins.first_choice_entry(op, "cpu", "forward")(1) == ("fast", 1)
+    assert plugins.first_choice_entry(op, "cpu", "forward_with_grad") is None  # the backend has no such entry
+    assert plugins.first_choice_entry(op, "tpu", "forward") is None  # no backend serves the device: the call says why
+
+
 def test_bad_pin_errors_name_the_problem(op, monkeypatch):
     with plugins.use_backend(**{op: "nope"}), pytest.raises(plugins.BackendError, match="'nope'.*not registered"):
         plugins.select(op, "cpu")

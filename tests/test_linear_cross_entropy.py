@@ -429,3 +429,30 @@ def test_cuda_extra_memory_stays_under_128_mib():
     extra = torch.cuda.max_memory_allocated() - before - grads_kept
     assert extra < 128 * 2**20, f"extra memory {extra / 2**20:.1f} MiB"
     loss.backward()
+
+
+def test_the_weight_gradient_is_taken_without_a_copy_and_a_kept_graph_finds_it_unscaled():
+    hidden, weight, b, target = inputs((5, 7), 16, 40, seed=30)
+    saved = []
+
+    def pack(t):
+        saved.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = linear_cross_entropy(hidden, weight, target, b)
+    (3 * loss).backward()  # the graph is not kept: the forward's gradients are scaled in place and taken
+    assert weight.grad.data_ptr() in saved and b.grad.data_ptr() in saved
+    _, grads_ref = reference(hidden, weight, b, target)
+    for g, g_ref in zip((hidden.grad, weight.grad, b.grad), grads_ref, strict=True):
+        torch.testing.assert_close(g, 3 * g_ref)
+
+    for t in (hidden, weight, b):
+        t.grad = None
+    loss = 3 * linear_cross_entropy(hidden, weight, target, b)
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (hidden, weight, b)]
+    loss.backward()  # through the kept graph: the saved gradients are still those of the forward
+    for t, g, g_ref in zip((hidden, weight, b), first, grads_ref, strict=True):
+        torch.testing.assert_close(g, 3 * g_ref)
+        torch.testing.assert_close(t.grad, 6 * g_ref)

@@ -32,7 +32,9 @@ for the gradient GEMMs, else 0) and ``4 * H`` the chunk of hidden in float32 for
 ``V * h``. Beside it: the per-row losses (``4 * rows`` bytes) and, for bf16/fp16 weights, a float32
 weight-gradient accumulator (``4 * V * H``) so the sum over chunks does not round at every chunk; on
 CUDA also one weight-sized scratch in the input dtype for each chunk's weight-gradient GEMM. The chunk
-buffers are freed before the float32 sums are cast to the parameters' dtype.
+buffers are freed before the float32 sums are cast to the parameters' dtype. Backward scales the gradients
+computed in forward in place and hands them to autograd (the weight's ``.grad`` is that tensor, no copy),
+unless the graph is kept for another backward.
 The default budget, :data:`DEFAULT_MEMORY_BUDGET` = 96 MiB, gives 824 rows of float32 logits at
 vocab 30522: 96 MiB of chunk plus 64 KiB of losses at 16384 rows, under 128 MiB.
 
@@ -262,12 +264,26 @@ def _reduced_setup(ctx, inputs, output):
     ctx.save_for_backward(gh, gw, gb)
 
 
+def _graph_kept(saved: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the running backward keeps its graph (``retain_graph``/``create_graph``), so the saved gradients
+    must stay as they are; True wherever that is not known (a traced graph, a torch that does not say)."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep is None or torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in saved):
+        return True
+    return bool(keep())
+
+
 def _reduced_backward(ctx, grad_loss, _gh, _gw, _gb):
-    gh, gw, gb = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    gh, gw, gb = saved
     need_h, need_w, need_b = ctx.needs
-    # Out of place: an in-place scale would corrupt a second backward through a retained graph.
-    return (gh * grad_loss if need_h else None, gw * grad_loss if need_w else None, None,
-            gb * grad_loss if need_b else None, None, None, None, None, None, None, None)
+    # The gradients were computed in forward for a loss gradient of 1. Scaled in place when the graph is not
+    # kept, autograd then takes them as they are (the weight's .grad becomes this very tensor, no copy: at
+    # BERT-base's vocabulary the largest buffer of the step). A kept graph's next backward must find them
+    # unscaled, so there they are scaled into new tensors.
+    scale = (lambda t: t * grad_loss) if _graph_kept(saved) else (lambda t: t.mul_(grad_loss))
+    return (scale(gh) if need_h else None, scale(gw) if need_w else None, None,
+            scale(gb) if need_b else None, None, None, None, None, None, None, None)
 
 
 # The gradients are computed in forward: with a graph they would lead a second derivative back into the

@@ -29,8 +29,6 @@ from hetrain import ops
 
 RESULTS = Path(__file__).parent / "results"
 ROWS, HIDDEN, VOCAB = 8, 64, 96
-# Ops whose CUDA default is Triton but which also have C++/CUDA kernels (timed as hetrain_cuda on a GPU).
-CPP_ON_CUDA = ("layer_norm", "rms_norm", "bias_gelu", "dropout", "dropout_add_layer_norm")
 
 
 def _grad_step(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], dy: torch.Tensor | None):
@@ -68,10 +66,10 @@ def cases(device: str) -> dict[str, dict[str, Callable[[], object]]]:
     }
     impls = {op: {"torch": _grad_step(eager, inputs, grad), "hetrain": _grad_step(fused, inputs, grad)}
              for op, (inputs, grad, eager, fused) in pairs.items()}
-    for op in CPP_ON_CUDA:
-        cpp = with_cpp_kernels(op, pairs[op][3], device)
+    for op, (inputs, grad, _eager, fused) in pairs.items():
+        cpp = with_cpp_kernels(op, fused, device)
         if cpp is not None:  # on a CUDA build, beside the default (Triton): the C++/CUDA kernels, autograd in C++
-            impls[op]["hetrain_cuda"] = _grad_step(cpp, pairs[op][0], pairs[op][1])
+            impls[op]["hetrain_cuda"] = _grad_step(cpp, inputs, grad)
     return impls
 
 

@@ -155,14 +155,10 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-# The fused ops with C++/CUDA kernels, pinned to them for the "cuda kernels" row (their autograd is C++, so an
-# eager step launches them at about torch's own cost; the default on CUDA is Triton).
-CPP_KERNELS = {op: "cuda" for op in ("layer_norm", "bias_gelu", "dropout", "dropout_add_layer_norm")}
-
-
 def variants(mode: Mode, device: str) -> list[tuple[bool, str | None]]:
-    """(fused, pinned kernels) rows of a mode: fused and not; in bf16-mixed on a CUDA build, fused with the
-    C++/CUDA kernels too."""
+    """(fused, preferred backend) rows of a mode: fused and not; in bf16-mixed on a CUDA build, fused preferring
+    the C++/CUDA kernels too (their autograd is C++, so an eager step launches them at about torch's own cost;
+    the default on CUDA is Triton)."""
     rows: list[tuple[bool, str | None]] = [(True, None), (False, None)]
     if mode.name == "bf16-mixed" and device == "cuda" and _ext.built_with_cuda():
         rows.append((True, "cuda"))
@@ -178,7 +174,7 @@ def run_modes(shape: Shape, device: str, quick: bool) -> list[dict]:
                    "peak_mib": None, "skipped": skip_reason(mode, device, quick)}
             if row["skipped"] is None:
                 model = build_model(shape, fused).to(device).train()
-                with tf32(mode.tf32), plugins.use_backend(**(CPP_KERNELS if kernels else {})):
+                with tf32(mode.tf32), plugins.preferring(*([kernels] if kernels else [])):
                     row["ms"], row["peak_mib"] = measure(train_step(model, mode, batch, device), device, quick)
                 del model
                 _release(device)

@@ -5,9 +5,9 @@ Each op (e.g. ``layer_norm``) has backends: ``triton`` and ``cuda`` for CUDA ten
 best available backend for its inputs' device type. Users pin one per op, from the strongest to
 the weakest: the :func:`use_backend` context manager, :func:`configure` (Hydra's ``backends:``
 group calls it), the ``HETRAIN_BACKEND="layer_norm=torch,rms_norm=triton"`` environment variable.
-Or they reorder the candidates for every op at once: ``configure(prefer=["cuda"])`` (or
-``HETRAIN_PREFER=cuda``) puts the named backends first wherever they serve the device and are
-available, so CUDA tensors get the C++/CUDA kernels and CPU tensors keep theirs.
+Or they reorder the candidates for every op at once, again strongest first: :func:`preferring`,
+``configure(prefer=["cuda"])``, ``HETRAIN_PREFER=cuda``; the named backends come first wherever they
+serve the device and are available, so CUDA tensors get the C++/CUDA kernels and CPU tensors keep theirs.
 
 A pinned backend that fails re-raises. An automatically picked one that fails warns once and
 falls back to the next candidate, unless strict mode is on (``configure(strict=True)`` or
@@ -159,7 +159,10 @@ def pinned(op: str) -> str | None:
 
 
 def preferred() -> tuple[str, ...]:
-    """Backend names tried first for every op, in order (config, then environment)."""
+    """Backend names tried first for every op, in order (context manager, then config, then environment)."""
+    scoped = getattr(_local, "prefer", None)
+    if scoped:
+        return scoped[-1]
     if _config_prefer is not None:
         return _config_prefer
     return _parse_prefer(os.environ.get(ENV_PREFER, ""))
@@ -203,6 +206,20 @@ def use_backend(**pins: str) -> Iterator[None]:
         yield
     finally:
         stack.pop()
+
+
+@contextlib.contextmanager
+def preferring(*names: str) -> Iterator[None]:
+    """Tries the named backends first for every op called inside the block, on this thread, wherever they serve
+    the device: ``preferring("cuda")``. Pins still win."""
+    scoped = getattr(_local, "prefer", None)
+    if scoped is None:
+        scoped = _local.prefer = []
+    scoped.append(tuple(names))
+    try:
+        yield
+    finally:
+        scoped.pop()
 
 
 def _describe(op: str) -> str:

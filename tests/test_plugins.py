@@ -92,6 +92,9 @@ def test_preferred_backends_come_first_where_they_serve_the_device(op, monkeypat
         assert plugins.select(op, "cpu").name == "fast"
     plugins.configure(prefer=["fast"])  # the config's preference beats the environment's
     assert plugins.select(op, "cpu").name == "fast"
+    with plugins.preferring("slow"):  # and the block's beats the config's, on this thread
+        assert plugins.select(op, "cpu").name == "slow"
+    assert plugins.select(op, "cpu").name == "fast"
 
 
 def test_first_choice_entry_is_the_first_candidates_or_none(op):

@@ -1,7 +1,7 @@
 """Benchmark cases, one module per op family; each defines ``cpu_cases()`` and ``gpu_cases(device, quick)``.
 
 The runner walks this package, so a new op's benchmark is picked up by adding its module here. On CUDA an
-op with C++/CUDA kernels is also timed with them pinned (``hetrain_cuda``) beside hetrain's default.
+op with C++/CUDA kernels is also timed preferring them (``hetrain_cuda``) beside hetrain's default.
 """
 
 from __future__ import annotations
@@ -51,18 +51,21 @@ def liger(name: str, device: str) -> Callable | None:
 
 
 def with_cpp_kernels(op: str, fn: Callable, device: str) -> Callable | None:
-    """``fn`` with ``op`` pinned to hetrain's C++/CUDA kernels (their autograd in C++), on CUDA where the
-    extension was built with them, else None: timed beside the default (Triton) as ``hetrain_cuda``."""
+    """``fn`` preferring hetrain's C++/CUDA kernels (their autograd in C++), timed as ``hetrain_cuda`` beside the
+    default; None where they would change nothing: off CUDA, on a build without them, or where ``op`` has none
+    or picks them already."""
     from hetrain import _ext, plugins
 
     if not device.startswith("cuda") or not _ext.built_with_cuda():
         return None
+    if "cuda" not in {b.name for b in plugins.backends(op)} or plugins.select(op, "cuda").name == "cuda":
+        return None
 
-    def pinned(*args):
-        with plugins.use_backend(**{op: "cuda"}):
+    def preferred(*args):
+        with plugins.preferring("cuda"):
             return fn(*args)
 
-    return pinned
+    return preferred
 
 
 def dtype_name(dtype) -> str:

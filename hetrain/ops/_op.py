@@ -93,18 +93,13 @@ def _route(args: Sequence[Any]) -> str:
     return "function" if grad and torch.is_grad_enabled() else "body"
 
 
-def eager(*args: Any) -> bool:
-    """Whether a call with ``args`` may skip a custom op's Python layer: plain tensors, no graph being traced,
-    no ``torch.func`` transform."""
-    return _route(args) in ("body", "function")
-
-
 class Op:
-    """``fn`` as the custom op ``name`` (no mutated arguments), called like it; see the module docstring."""
+    """``fn`` as the custom op ``name``, called like it; see the module docstring. ``mutates_args`` as for
+    ``torch.library.custom_op``: graphs see the mutation declared, eager calls run the body."""
 
-    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+    def __init__(self, name: str, fn: Callable[..., Any], mutates_args: tuple[str, ...] = ()) -> None:
         self.name, self.body = name, fn
-        self.custom = torch.library.custom_op(name, fn, mutates_args=())
+        self.custom = torch.library.custom_op(name, fn, mutates_args=mutates_args)
         self._function: type[torch.autograd.Function] | None = None
         self._functorch: type[torch.autograd.Function] | None = None
         self._public, self._reference = name, None
@@ -165,6 +160,6 @@ class Op:
         return self.custom(*args)
 
 
-def op(name: str) -> Callable[[Callable[..., Any]], Op]:
+def op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Op]:
     """Decorator: ``@op("hetrain::layer_norm_fwd")`` in place of ``@torch.library.custom_op(..., mutates_args=())``."""
-    return lambda fn: Op(name, fn)
+    return lambda fn: Op(name, fn, mutates_args)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import eager, op
+from hetrain.ops._op import op
 
 OP = "bn_relu_pool"
 MAX_WINDOW = 256  # positions in a pooling window: the argmax is stored as uint8
@@ -179,14 +179,11 @@ _register_backends()
 
 # --- torch.library ops -------------------------------------------------------------------------
 
-def _bn_stats_body(
+@op("hetrain::bn_stats", mutates_args=("running_mean", "running_var"))
+def _bn_stats(
     x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return plugins.call(OP, "stats", x.device.type, x, running_mean, running_var, momentum, eps)
-
-
-# A custom op that declares its mutation, for graphs; eager calls run the body (see _batch_stats).
-_bn_stats = torch.library.custom_op("hetrain::bn_stats", _bn_stats_body, mutates_args=("running_mean", "running_var"))
 
 
 @_bn_stats.register_fake
@@ -338,15 +335,13 @@ def bn_relu_pool(
 def _batch_stats(x, running_mean, running_var, momentum, eps):
     """The batch statistics (no gradient: the epilogue's backward covers them), updating the running ones."""
     stats = _stats_dtype(x.dtype)
-    # In plain eager mode the body alone: the custom op's Python layer cost 5x the CPU kernel at small sizes.
-    bn_stats = _bn_stats_body if eager(x, running_mean, running_var) else _bn_stats
     if running_mean is None:
-        return bn_stats(x.detach(), None, None, momentum, eps)
+        return _bn_stats(x.detach(), None, None, momentum, eps)
     # The kernels update float32 (float64) buffers in place; others go through a copy.
     direct = all(v.dtype == stats and v.is_contiguous() for v in (running_mean, running_var))
     rm = running_mean if direct else running_mean.detach().to(stats).contiguous()
     rv = running_var if direct else running_var.detach().to(stats).contiguous()
-    mean, invstd = bn_stats(x.detach(), rm, rv, momentum, eps)
+    mean, invstd = _bn_stats(x.detach(), rm, rv, momentum, eps)
     if not direct:
         with torch.no_grad():
             running_mean.copy_(rm)

@@ -105,7 +105,7 @@ struct LayerNorm : torch::autograd::Function<LayerNorm> {
     at::Tensor dx, dw, db;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, dw, db) = bwd.call(dy.contiguous(), saved[0], optional(saved[1]), saved[2], saved[3], has_bias);
+      std::tie(dx, dw, db) = bwd.call(dy, saved[0], optional(saved[1]), saved[2], saved[3], has_bias);
     }
     return first_order({dx, defined_if(saved[1].defined(), dw), defined_if(has_bias, db), at::Tensor()}, saved, dy,
                        "layer_norm", "hetrain.ops.layer_norm_ref (F.layer_norm)");
@@ -136,7 +136,7 @@ struct RmsNorm : torch::autograd::Function<RmsNorm> {
     at::Tensor dx, dw;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, dw) = bwd.call(dy.contiguous(), saved[0], optional(saved[1]), saved[2]);
+      std::tie(dx, dw) = bwd.call(dy, saved[0], optional(saved[1]), saved[2]);
     }
     return first_order({dx, defined_if(saved[1].defined(), dw), at::Tensor()}, saved, dy, "rms_norm",
                        "hetrain.ops.rms_norm_ref");
@@ -168,7 +168,7 @@ struct BiasGelu : torch::autograd::Function<BiasGelu> {
     at::Tensor dx, db;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, db) = bwd.call(dy.contiguous(), saved[0], saved[1], ctx->saved_data["approximate"].toStringRef());
+      std::tie(dx, db) = bwd.call(dy, saved[0], saved[1], ctx->saved_data["approximate"].toStringRef());
     }
     return first_order({dx, db, at::Tensor()}, saved, dy, "bias_gelu", "hetrain.ops.bias_gelu_ref");
   }
@@ -227,7 +227,7 @@ struct DropoutAddLayerNorm : torch::autograd::Function<DropoutAddLayerNorm> {
     at::Tensor dx, dres, dw, db;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, dres, dw, db) = bwd.call(dy.contiguous(), saved[0], saved[1], optional(saved[2]), saved[3],
+      std::tie(dx, dres, dw, db) = bwd.call(dy, saved[0], saved[1], optional(saved[2]), saved[3],
                                             saved[4], saved[5], ctx->saved_data["p"].toDouble(), has_bias);
     }
     return first_order({dx, dres, defined_if(saved[2].defined(), dw), defined_if(has_bias, db), at::Tensor(),

@@ -34,10 +34,12 @@ inline void check_like(const char* op, const char* name, const at::Tensor& t, co
               t.sizes(), " ", t.scalar_type(), " on ", t.device());
 }
 
-// A per-row statistic a forward saved for backward (mean, rstd): (rows,) in float32 (float64 for float64 x),
-// on x's device.
+// Statistics and accumulation dtype of the row-wise kernels: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A per-row statistic a forward saved for backward (mean, rstd): (rows,) in x's stats_dtype, on x's device.
 inline void check_row_stats(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  const at::ScalarType dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType dtype = stats_dtype(x.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0) && t.scalar_type() == dtype && t.device() == x.device(),
               "hetrain.", op, ": ", name, " must have shape (", x.size(0), ",) and dtype ", dtype, " on ", x.device(),
               ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
@@ -62,16 +64,8 @@ inline DropoutStream read_stream(const char* op, const at::Tensor& seed) {
   return {static_cast<uint64_t>(v[0]), static_cast<uint64_t>(offset)};
 }
 
-// One dropout call: its stream, the 24-bit threshold below which an element is dropped (dropout_math.h),
-// and the scale of the kept ones.
-struct DropoutCall {
-  uint64_t seed;
-  uint64_t offset;
-  uint32_t threshold;
-  double scale;
-};
-
-inline DropoutCall dropout_call(const char* op, const at::Tensor& seed, double p) {
+// The dropout call of a seed tensor and p (dropout_math.h), both checked.
+inline dropout::Call dropout_call(const char* op, const at::Tensor& seed, double p) {
   TORCH_CHECK(p >= 0 && p <= 1, "hetrain.", op, ": p must be in [0, 1], got ", p);
   const DropoutStream s = read_stream(op, seed);
   return {s.seed, s.offset, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};

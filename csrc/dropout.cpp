@@ -67,7 +67,7 @@ inline double keep_or_zero(bool keep, double v) {
 // y[j] = x[j] * scale or 0 for stream elements begin .. begin + n - 1, which lie in one block of 2^32
 // (so the high key is one value and the low index does not wrap).
 template <typename scalar_t>
-void dropout_span(const scalar_t* x, scalar_t* y, uint64_t begin, int64_t n, const DropoutCall& m) {
+void dropout_span(const scalar_t* x, scalar_t* y, uint64_t begin, int64_t n, const dropout::Call& m) {
   using acc_t = acc_type<scalar_t>;
   const uint32_t klo = dropout::key_lo(m.seed), th = m.threshold;
   const uint32_t khi = dropout::key_hi(m.seed, static_cast<uint32_t>(begin >> 32));
@@ -81,7 +81,7 @@ void dropout_span(const scalar_t* x, scalar_t* y, uint64_t begin, int64_t n, con
 }
 
 template <typename scalar_t>
-void dropout_all(const scalar_t* x, scalar_t* y, int64_t numel, const DropoutCall& m) {
+void dropout_all(const scalar_t* x, scalar_t* y, int64_t numel, const dropout::Call& m) {
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const uint64_t index = m.offset + static_cast<uint64_t>(i);  // element i's place in the stream
@@ -97,7 +97,7 @@ void dropout_all(const scalar_t* x, scalar_t* y, int64_t numel, const DropoutCal
 at::Tensor dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "hetrain.dropout: x must be a floating tensor, got ",
               x.scalar_type());
-  const DropoutCall mask = dropout_call("dropout", seed, p);
+  const dropout::Call mask = dropout_call("dropout", seed, p);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_cpu", [&] {

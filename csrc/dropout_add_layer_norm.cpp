@@ -49,7 +49,7 @@ int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int6
 
 // out[j] = kept or dropped for elements base .. base + N - 1 of the stream.
 template <typename T>
-void row_select(T* out, const DropoutCall& d, uint64_t base, int64_t N, T kept, T dropped) {
+void row_select(T* out, const dropout::Call& d, uint64_t base, int64_t N, T kept, T dropped) {
   const uint32_t klo = dropout::key_lo(d.seed), th = d.threshold;
   if (N > 0 && (base >> 32) == ((base + N - 1) >> 32)) {  // the row does not cross a 2^32 boundary
     const uint32_t khi = dropout::key_hi(d.seed, static_cast<uint32_t>(base >> 32));
@@ -68,7 +68,7 @@ void row_select(T* out, const DropoutCall& d, uint64_t base, int64_t N, T kept, 
 
 // s[j] = x[j] * m[j] + residual[j] in the accumulator type, m the dropout multiplier (1 without dropout).
 template <typename scalar_t, typename acc_t>
-void pre_norm_row(acc_t* s, acc_t* m, const scalar_t* xr, const scalar_t* rr, const DropoutCall* d, int64_t r,
+void pre_norm_row(acc_t* s, acc_t* m, const scalar_t* xr, const scalar_t* rr, const dropout::Call* d, int64_t r,
                   int64_t N) {
   if (d) {
     row_select<acc_t>(m, *d, d->offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N), N, acc_t(d->scale),
@@ -83,7 +83,7 @@ void pre_norm_row(acc_t* s, acc_t* m, const scalar_t* xr, const scalar_t* rr, co
 
 template <typename scalar_t>
 void forward_rows(const scalar_t* x, const scalar_t* res, const scalar_t* w, const scalar_t* b, scalar_t* y,
-                  acc_type<scalar_t>* mean, acc_type<scalar_t>* rstd, const DropoutCall* d, int64_t M, int64_t N,
+                  acc_type<scalar_t>* mean, acc_type<scalar_t>* rstd, const dropout::Call* d, int64_t M, int64_t N,
                   double eps) {
   using acc_t = acc_type<scalar_t>;
   at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
@@ -112,7 +112,7 @@ void forward_rows(const scalar_t* x, const scalar_t* res, const scalar_t* w, con
 
 template <typename scalar_t>
 void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* res, const scalar_t* w,
-                   const acc_type<scalar_t>* mean, const acc_type<scalar_t>* rstd, const DropoutCall* d, scalar_t* dx,
+                   const acc_type<scalar_t>* mean, const acc_type<scalar_t>* rstd, const dropout::Call* d, scalar_t* dx,
                    scalar_t* dres, scalar_t* dw, scalar_t* db, int64_t M, int64_t N) {
   using acc_t = acc_type<scalar_t>;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
@@ -183,13 +183,11 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* res, c
   });
 }
 
-at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_fwd_cpu(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& seed, double p, double eps) {
   dropout_add_layer_norm::check_forward_args(x, residual, weight, bias, eps);
-  const DropoutCall drop = dropout_call("dropout_add_layer_norm", seed, p);
+  const dropout::Call drop = dropout_call("dropout_add_layer_norm", seed, p);
   const int64_t M = x.size(0), N = x.size(1);
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
@@ -212,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& seed, double p, bool has_bias) {
   dropout_add_layer_norm::check_backward_args(dy, x, residual, weight, mean, rstd);
   const int64_t M = x.size(0), N = x.size(1);
-  const DropoutCall drop = dropout_call("dropout_add_layer_norm", seed, p);
+  const dropout::Call drop = dropout_call("dropout_add_layer_norm", seed, p);
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous(), rc = residual.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
   const at::Tensor mc = mean.contiguous(), sc = rstd.contiguous();
@@ -235,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
 // The kept positions of a (rows, cols) input under (seed, p): the kernels' own mask, for tests.
 at::Tensor dropout_add_layer_norm_keep_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
   TORCH_CHECK(rows >= 0 && cols >= 0, "hetrain.dropout_add_layer_norm: rows and cols must be >= 0");
-  const DropoutCall drop = dropout_call("dropout_add_layer_norm", seed, p);
+  const dropout::Call drop = dropout_call("dropout_add_layer_norm", seed, p);
   at::Tensor keep = at::empty({rows, cols}, seed.options().dtype(at::kBool));
   bool* out = keep.data_ptr<bool>();
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {

@@ -46,5 +46,15 @@ inline uint32_t drop_threshold(double p) {
   return static_cast<double>(c) < t ? c + 1 : c;
 }
 
+// One call's dropout, as every kernel takes it: the stream's seed, the stream index of the tensor's first
+// element, the threshold below which an element's 24 bits drop it, and the scale of the kept ones. p = 0
+// gives threshold 0 and scale 1: every element kept as it is.
+struct Call {
+  uint64_t seed;
+  uint64_t offset;
+  uint32_t threshold;
+  double scale;
+};
+
 }  // namespace dropout
 }  // namespace hetrain

@@ -125,8 +125,6 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, con
   });
 }
 
-at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                     double eps) {
   rms_norm::check_forward_args(x, weight, eps);

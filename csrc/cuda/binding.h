@@ -1,12 +1,14 @@
 // What the torch faces of the CUDA kernels (csrc/cuda/*_binding.cpp) share: the kernels' element type
-// for each torch scalar type, typed data pointers (null for an undefined tensor), the device checks
-// and the multiprocessor count. Built only against a CUDA build of torch.
+// for each torch scalar type, typed data pointers (null for an undefined tensor), the device checks,
+// backward workspaces and the multiprocessor count. Built only against a CUDA build of torch.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "../checks.h"
 
 namespace hetrain {
 namespace cuda {
@@ -38,14 +40,17 @@ kernel_t<scalar_t>* mutable_ptr(at::Tensor& t) {
   return t.defined() ? reinterpret_cast<kernel_t<scalar_t>*>(t.data_ptr<scalar_t>()) : nullptr;
 }
 
-// Statistics and accumulation dtype: float64 for float64, float32 otherwise.
-inline at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // `t` (named `name` in op `op`'s error) must be a CUDA tensor on x's device.
 inline void check_on_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.is_cuda(), "hetrain.", op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.device() == x.device(), "hetrain.", op, ": ", name, " is on ", t.device(), " but x is on ",
               x.device());
+}
+
+// The workspace of a backward kernel's partial rows (one per row block, summed per column afterwards) for a
+// gradient: parts x N values in x's stats dtype, or an undefined tensor where the gradient is not wanted.
+inline at::Tensor partial_rows(bool wanted, int64_t parts, int64_t N, const at::Tensor& x) {
+  return wanted ? at::empty({parts, N}, x.options().dtype(stats_dtype(x.scalar_type()))) : at::Tensor();
 }
 
 inline int sm_count(const at::Tensor& x) {

@@ -31,20 +31,12 @@ namespace {
 using cuda::check_on_device;
 using cuda::mutable_ptr;
 using cuda::ptr;
-using cuda::stats_dtype;
-using dropout_add_layer_norm::Dropout;
-
-Dropout make_dropout(const at::Tensor& seed, double p) {
-  const DropoutCall c = dropout_call("dropout_add_layer_norm", seed, p);
-  return {c.seed, c.offset, c.threshold, c.scale, p > 0};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_fwd_cuda(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& seed, double p, double eps) {
   dropout_add_layer_norm::check_forward_args(x, residual, weight, bias, eps);
   check_on_device("dropout_add_layer_norm_fwd", "x", x, x);
-  const Dropout drop = make_dropout(seed, p);
+  const dropout::Call drop = dropout_call("dropout_add_layer_norm", seed, p);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = x.size(1);
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous();
@@ -70,8 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   dropout_add_layer_norm::check_backward_args(dy, x, residual, weight, mean, rstd);
   check_on_device("dropout_add_layer_norm_bwd", "x", x, x);
   const int64_t M = x.size(0), N = x.size(1);
-  const auto sdt = stats_dtype(x.scalar_type());
-  const Dropout drop = make_dropout(seed, p);
+  const dropout::Call drop = dropout_call("dropout_add_layer_norm", seed, p);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous(), rc = residual.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
@@ -81,8 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   at::Tensor dw = at::empty({wc.defined() ? N : 0}, x.options());
   at::Tensor db = at::empty({has_bias ? N : 0}, x.options());
   const int64_t parts = cuda::backward_parts(M, cuda::sm_count(x));
-  at::Tensor w_part = wc.defined() ? at::empty({parts, N}, x.options().dtype(sdt)) : at::Tensor();
-  at::Tensor b_part = has_bias ? at::empty({parts, N}, x.options().dtype(sdt)) : at::Tensor();
+  at::Tensor w_part = cuda::partial_rows(wc.defined(), parts, N, x);
+  at::Tensor b_part = cuda::partial_rows(has_bias, parts, N, x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_add_layer_norm_bwd_cuda", [&] {
     using acc_t = dropout_add_layer_norm::acc_type<cuda::kernel_t<scalar_t>>;

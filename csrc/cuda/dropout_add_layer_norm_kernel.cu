@@ -17,10 +17,11 @@ using namespace cuda;  // rows.cuh: block_sum, grid_for, threads_for, kMaxRowThr
 
 constexpr int kMaxThreads = kMaxRowThreads;
 
-// The dropout multiplier of stream element `index`: scale where kept, 0 where dropped, 1 without dropout.
+// The dropout multiplier of stream element `index`: scale where kept, 0 where dropped; p = 0 (threshold 0)
+// keeps every element with scale 1, without hashing.
 template <typename acc_t>
-__device__ __forceinline__ acc_t multiplier(const Dropout& d, uint32_t key_lo, uint64_t index) {
-  if (!d.active) return acc_t(1);
+__device__ __forceinline__ acc_t multiplier(const dropout::Call& d, uint32_t key_lo, uint64_t index) {
+  if (d.threshold == 0) return acc_t(1);
   const uint32_t key_hi = dropout::key_hi(d.seed, static_cast<uint32_t>(index >> 32));
   return dropout::bits24(key_lo, key_hi, static_cast<uint32_t>(index)) >= d.threshold ? acc_t(d.scale) : acc_t(0);
 }
@@ -29,7 +30,7 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     forward_kernel(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w,
                    const T* __restrict__ b, T* __restrict__ y, acc_type<T>* __restrict__ mean,
-                   acc_type<T>* __restrict__ rstd, Dropout d, int64_t M, int64_t N, acc_type<T> eps) {
+                   acc_type<T>* __restrict__ rstd, dropout::Call d, int64_t M, int64_t N, acc_type<T> eps) {
   using acc_t = acc_type<T>;
   __shared__ acc_t scratch[kMaxThreads / 32];
   const uint32_t key_lo = dropout::key_lo(d.seed);
@@ -67,7 +68,7 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ res,
                     const T* __restrict__ w, const acc_type<T>* __restrict__ mean,
-                    const acc_type<T>* __restrict__ rstd, Dropout d, T* __restrict__ dx, T* __restrict__ dres,
+                    const acc_type<T>* __restrict__ rstd, dropout::Call d, T* __restrict__ dx, T* __restrict__ dres,
                     acc_type<T>* __restrict__ w_part, acc_type<T>* __restrict__ b_part, int64_t M, int64_t N) {
   using acc_t = acc_type<T>;
   __shared__ acc_t scratch[kMaxThreads / 32];
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 template <typename T>
 cudaError_t cuda_forward(const T* x, const T* residual, const T* w, const T* b, T* y, acc_type<T>* mean,
-                         acc_type<T>* rstd, Dropout d, int64_t M, int64_t N, double eps, cudaStream_t stream) {
+                         acc_type<T>* rstd, dropout::Call d, int64_t M, int64_t N, double eps, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
   forward_kernel<T><<<grid_for(M), threads_for(N), 0, stream>>>(x, residual, w, b, y, mean, rstd, d, M, N,
                                                                  acc_type<T>(eps));
@@ -119,7 +120,7 @@ cudaError_t cuda_forward(const T* x, const T* residual, const T* w, const T* b, 
 
 template <typename T>
 cudaError_t cuda_backward(const T* dy, const T* x, const T* residual, const T* w, const acc_type<T>* mean,
-                          const acc_type<T>* rstd, Dropout d, T* dx, T* dres, T* dw, T* db, acc_type<T>* w_part,
+                          const acc_type<T>* rstd, dropout::Call d, T* dx, T* dres, T* dw, T* db, acc_type<T>* w_part,
                           acc_type<T>* b_part, int64_t parts, int64_t M, int64_t N, cudaStream_t stream) {
   if (parts < 1 || parts > std::max<int64_t>(M, 1) || parts > INT_MAX || (dw && !w_part) || (db && !b_part)) {
     return cudaErrorInvalidValue;
@@ -136,12 +137,12 @@ cudaError_t cuda_backward(const T* dy, const T* x, const T* residual, const T* w
   return cuda::column_sums(w_part, b_part, dw, db, parts, N, stream);
 }
 
-#define HETRAIN_DROPOUT_ADD_LAYER_NORM_INSTANTIATE(T)                                                              \
-  template cudaError_t cuda_forward<T>(const T*, const T*, const T*, const T*, T*, acc_type<T>*, acc_type<T>*,    \
-                                       Dropout, int64_t, int64_t, double, cudaStream_t);                         \
-  template cudaError_t cuda_backward<T>(const T*, const T*, const T*, const T*, const acc_type<T>*,               \
-                                        const acc_type<T>*, Dropout, T*, T*, T*, T*, acc_type<T>*, acc_type<T>*, \
-                                        int64_t, int64_t, int64_t, cudaStream_t);
+#define HETRAIN_DROPOUT_ADD_LAYER_NORM_INSTANTIATE(T)                                                           \
+  template cudaError_t cuda_forward<T>(const T*, const T*, const T*, const T*, T*, acc_type<T>*, acc_type<T>*, \
+                                       dropout::Call, int64_t, int64_t, double, cudaStream_t);                \
+  template cudaError_t cuda_backward<T>(const T*, const T*, const T*, const T*, const acc_type<T>*,            \
+                                        const acc_type<T>*, dropout::Call, T*, T*, T*, T*, acc_type<T>*,       \
+                                        acc_type<T>*, int64_t, int64_t, int64_t, cudaStream_t);
 
 HETRAIN_DROPOUT_ADD_LAYER_NORM_INSTANTIATE(float)
 HETRAIN_DROPOUT_ADD_LAYER_NORM_INSTANTIATE(double)

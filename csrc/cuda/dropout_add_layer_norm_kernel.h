@@ -12,33 +12,25 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../dropout_math.h"
+
 namespace hetrain {
 namespace dropout_add_layer_norm {
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// One call's dropout: the stream's seed, the stream index of element (0, 0), the 24-bit threshold below
-// which an element is dropped, and the scale of the kept ones. active = false: no dropout (p == 0).
-struct Dropout {
-  uint64_t seed;
-  uint64_t offset;
-  uint32_t threshold;
-  double scale;
-  bool active;
-};
-
-// y = layer_norm(x * m + residual) per row of N, m = scale or 0 (1 without dropout); writes mean and
+// y = layer_norm(x * m + residual) per row of N, m = scale or 0 (1 where p = 0); writes mean and
 // rstd per row. w and b may be null.
 template <typename T>
 cudaError_t cuda_forward(const T* x, const T* residual, const T* w, const T* b, T* y, acc_type<T>* mean,
-                         acc_type<T>* rstd, Dropout d, int64_t M, int64_t N, double eps, cudaStream_t stream);
+                         acc_type<T>* rstd, dropout::Call d, int64_t M, int64_t N, double eps, cudaStream_t stream);
 
 // dres = the gradient of the pre-norm sum, dx = dres * m; dw and db (each may be null) summed over rows
 // through the workspaces w_part / b_part of parts * N values. parts must lie in [1, max(M, 1)].
 template <typename T>
 cudaError_t cuda_backward(const T* dy, const T* x, const T* residual, const T* w, const acc_type<T>* mean,
-                          const acc_type<T>* rstd, Dropout d, T* dx, T* dres, T* dw, T* db, acc_type<T>* w_part,
+                          const acc_type<T>* rstd, dropout::Call d, T* dx, T* dres, T* dw, T* db, acc_type<T>* w_part,
                           acc_type<T>* b_part, int64_t parts, int64_t M, int64_t N, cudaStream_t stream);
 
 }  // namespace dropout_add_layer_norm

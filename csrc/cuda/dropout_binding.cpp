@@ -20,8 +20,7 @@ at::Tensor dropout_cuda(const at::Tensor& x, const at::Tensor& seed, double p) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "hetrain.dropout: x must be a floating tensor, got ",
               x.scalar_type());
   cuda::check_on_device("dropout", "x", x, x);
-  const DropoutCall c = dropout_call("dropout", seed, p);
-  const dropout::Mask mask{c.seed, c.offset, c.threshold, c.scale};
+  const dropout::Call mask = dropout_call("dropout", seed, p);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));

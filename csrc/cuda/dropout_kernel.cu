@@ -21,7 +21,7 @@ using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t numel,
-                                                           Mask m) {
+                                                           Call m) {
   using acc_t = acc_type<T>;
   const uint32_t klo = key_lo(m.seed);
   const acc_t scale = acc_t(m.scale);
@@ -37,17 +37,17 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(const T* __restrict__
 }  // namespace
 
 template <typename T>
-cudaError_t cuda_dropout(const T* x, T* y, int64_t numel, Mask mask, cudaStream_t stream) {
+cudaError_t cuda_dropout(const T* x, T* y, int64_t numel, Call mask, cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, INT_MAX);
   dropout_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, y, numel, mask);
   return cudaGetLastError();
 }
 
-template cudaError_t cuda_dropout<float>(const float*, float*, int64_t, Mask, cudaStream_t);
-template cudaError_t cuda_dropout<double>(const double*, double*, int64_t, Mask, cudaStream_t);
-template cudaError_t cuda_dropout<__half>(const __half*, __half*, int64_t, Mask, cudaStream_t);
-template cudaError_t cuda_dropout<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, int64_t, Mask, cudaStream_t);
+template cudaError_t cuda_dropout<float>(const float*, float*, int64_t, Call, cudaStream_t);
+template cudaError_t cuda_dropout<double>(const double*, double*, int64_t, Call, cudaStream_t);
+template cudaError_t cuda_dropout<__half>(const __half*, __half*, int64_t, Call, cudaStream_t);
+template cudaError_t cuda_dropout<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, int64_t, Call, cudaStream_t);
 
 }  // namespace dropout
 }  // namespace hetrain

@@ -11,20 +11,13 @@
 
 #include <cstdint>
 
+#include "../dropout_math.h"
+
 namespace hetrain {
 namespace dropout {
 
-// One call's decision: the stream's seed, the stream index of element 0, the 24-bit threshold below
-// which an element is dropped, and the scale of the kept ones.
-struct Mask {
-  uint64_t seed;
-  uint64_t offset;
-  uint32_t threshold;
-  double scale;
-};
-
 template <typename T>
-cudaError_t cuda_dropout(const T* x, T* y, int64_t numel, Mask mask, cudaStream_t stream);
+cudaError_t cuda_dropout(const T* x, T* y, int64_t numel, Call mask, cudaStream_t stream);
 
 }  // namespace dropout
 }  // namespace hetrain

@@ -31,7 +31,6 @@ namespace {
 using cuda::check_on_device;
 using cuda::mutable_ptr;
 using cuda::ptr;
-using cuda::stats_dtype;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x,
                                                                    const std::optional<at::Tensor>& weight,
@@ -64,7 +63,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   layer_norm::check_backward_args(dy, x, weight, mean, rstd);
   check_on_device("layer_norm_bwd", "x", x, x);
   const int64_t M = x.size(0), N = x.size(1);
-  const auto sdt = stats_dtype(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
@@ -74,8 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   at::Tensor db = at::empty({has_bias ? N : 0}, x.options());
   // One partial dW/dB row per row block of the kernel, summed on the device afterwards.
   const int64_t parts = cuda::backward_parts(M, cuda::sm_count(x));
-  at::Tensor w_part = wc.defined() ? at::empty({parts, N}, x.options().dtype(sdt)) : at::Tensor();
-  at::Tensor b_part = has_bias ? at::empty({parts, N}, x.options().dtype(sdt)) : at::Tensor();
+  at::Tensor w_part = cuda::partial_rows(wc.defined(), parts, N, x);
+  at::Tensor b_part = cuda::partial_rows(has_bias, parts, N, x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cuda", [&] {
     using acc_t = layer_norm::acc_type<cuda::kernel_t<scalar_t>>;

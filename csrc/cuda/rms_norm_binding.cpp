@@ -29,7 +29,6 @@ namespace {
 using cuda::check_on_device;
 using cuda::mutable_ptr;
 using cuda::ptr;
-using cuda::stats_dtype;
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                      double eps) {
@@ -56,14 +55,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const
   rms_norm::check_backward_args(dy, x, weight, rstd);
   check_on_device("rms_norm_bwd", "x", x, x);
   const int64_t M = x.size(0), N = x.size(1);
-  const auto sdt = stats_dtype(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous(), rc = rstd.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
   at::Tensor dx = at::empty_like(xc);
   at::Tensor dw = at::empty({wc.defined() ? N : 0}, x.options());
   const int64_t parts = cuda::backward_parts(M, cuda::sm_count(x));
-  at::Tensor w_part = wc.defined() ? at::empty({parts, N}, x.options().dtype(sdt)) : at::Tensor();
+  at::Tensor w_part = cuda::partial_rows(wc.defined(), parts, N, x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_bwd_cuda", [&] {
     using acc_t = rms_norm::acc_type<cuda::kernel_t<scalar_t>>;

@@ -1,0 +1,191 @@
+"""The CUDA kernels of ``csrc/cuda`` built for the CPU emulator (``csrc/emu``) and called through ctypes.
+
+Without a GPU the CPU tests check the kernels' per-element math (shared with the CPU kernels) and nvcc
+checks that they compile; this runs the kernels themselves, so their indexing, block reductions, barriers,
+grid-stride loops and partial-row workspaces are checked too. The sources are copied with each
+``kernel<<<...>>>(args)`` launch rewritten into a call of the emulator, compiled with g++ (no CUDA, no torch
+headers) into one shared library, cached under ``build/cuda_emu`` by a hash of the sources.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
+BUILD = ROOT / "build" / "cuda_emu"
+FLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-Wall", "-Wno-unused-function"]
+LIBRARY = "libhetrain_cuda_emu.so"
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+_IDENT = re.compile(r"[A-Za-z0-9_:]")
+
+
+class EmulatorBuildError(RuntimeError):
+    """g++ could not build the emulated kernels; the message holds its output."""
+
+
+class KernelFault(RuntimeError):
+    """An emulated launch failed: bad arguments, an invalid launch, or a fault inside a kernel."""
+
+
+def _callee_start(text: str, end: int) -> int:
+    """Start of the kernel expression ending at ``end`` (an identifier, perhaps with template arguments)."""
+    i = end
+    while i > 0 and text[i - 1].isspace():
+        i -= 1
+    if i > 0 and text[i - 1] == ">":
+        depth = 0
+        while i > 0:
+            i -= 1
+            depth += {">": 1, "<": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+    while i > 0 and _IDENT.match(text[i - 1]):
+        i -= 1
+    return i
+
+
+def rewrite_launches(text: str) -> str:
+    """``k<T><<<g, b, s, st>>>(a, c)`` -> ``::hetrain_emu::launch(::hetrain_emu::Config(g, b, s, st), k<T>, a, c)``."""
+    out: list[str] = []
+    pos = 0
+    while (open_at := text.find("<<<", pos)) >= 0:
+        close_at = text.find(">>>", open_at)
+        paren = close_at + 3
+        while paren < len(text) and text[paren].isspace():
+            paren += 1
+        if close_at < 0 or paren >= len(text) or text[paren] != "(":
+            raise ValueError(f"a launch without arguments at offset {open_at}: {text[open_at:open_at + 60]!r}")
+        start = _callee_start(text, open_at)
+        callee = text[start:open_at].strip()
+        config = text[open_at + 3:close_at]
+        no_args = text[paren + 1:].lstrip().startswith(")")
+        out.append(text[pos:start])
+        out.append(f"::hetrain_emu::launch(::hetrain_emu::Config({config}), {callee}{'' if no_args else ', '}")
+        pos = paren + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _sources() -> list[Path]:
+    """Every file the emulated library is built from."""
+    files = [*CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.cu"), *(CSRC / "cuda").glob("*.cuh"),
+             *(CSRC / "cuda").glob("*_kernel.h"), *(CSRC / "cuda").glob("rows.h"), *(CSRC / "emu").iterdir()]
+    return sorted(set(files))
+
+
+def _digest(files: list[Path], compiler: str) -> str:
+    h = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
+    for f in files:
+        h.update(str(f.relative_to(CSRC)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _compile(compiler: str, source: Path, obj: Path, include: Path) -> str:
+    """Compiles one translation unit; g++'s output on failure, else empty."""
+    cmd = [compiler, *FLAGS, "-x", "c++", "-I", str(include), "-include", "emulator.h", "-c", str(source),
+           "-o", str(obj)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return "" if proc.returncode == 0 else f"$ {' '.join(cmd)}\n{proc.stderr}"
+
+
+def build(out: Path = BUILD, compiler: str | None = None) -> Path:
+    """The emulated kernels' shared library, built unless a build of the same sources is cached."""
+    compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or "c++"
+    files = _sources()
+    target = out / _digest(files, compiler)
+    library = target / LIBRARY
+    if library.exists():
+        return library
+    src = target / "src"
+    for f in files:
+        dest = src / f.relative_to(CSRC)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        text = f.read_text()
+        dest.write_text(rewrite_launches(text) if f.suffix in (".cu", ".cuh") else text)
+    units = sorted((src / "cuda").glob("*.cu")) + [src / "emu" / "emulator.cpp", src / "emu" / "kernels.cpp"]
+    objs = [target / "obj" / f"{u.parent.name}_{u.stem}.o" for u in units]
+    objs[0].parent.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        errors = [e for e in pool.map(lambda uo: _compile(compiler, *uo, src / "emu"), zip(units, objs)) if e]
+    if errors:
+        raise EmulatorBuildError("building the emulated CUDA kernels failed:\n" + "\n".join(errors))
+    partial = library.with_suffix(".tmp")
+    link = subprocess.run([compiler, "-shared", "-o", str(partial), *map(str, objs)], capture_output=True, text=True)
+    if link.returncode != 0:
+        raise EmulatorBuildError(f"linking the emulated CUDA kernels failed:\n{link.stderr}")
+    partial.rename(library)  # atomic: a concurrent build sees a whole library or none
+    return library
+
+
+class Emulator:
+    """The emulated kernels' entry points (csrc/emu/kernels.cpp), called with tensors' data pointers."""
+
+    def __init__(self, library: Path):
+        self._lib = ctypes.CDLL(str(library))
+        self._lib.hetrain_emu_error_message.restype = ctypes.c_char_p
+        self._lib.hetrain_emu_set_shuffle_seed.argtypes = [ctypes.c_uint64]
+        self._lib.hetrain_emu_launches.restype = ctypes.c_uint64
+
+    @property
+    def launches(self) -> int:
+        """Kernel launches since the library was loaded."""
+        return self._lib.hetrain_emu_launches()
+
+    def shuffle_threads(self, seed: int) -> None:
+        """Run threads between barriers in an order drawn from ``seed`` (0: index order)."""
+        self._lib.hetrain_emu_set_shuffle_seed(seed)
+
+    def call(self, entry: str, *args: object) -> None:
+        """Calls ``hetrain_emu_<entry>``: tensors pass their data pointer (None a null one), a dtype its code,
+        floats as double, bools and ints as 64-bit; raises KernelFault on an error."""
+        fn = getattr(self._lib, f"hetrain_emu_{entry}")
+        fn.argtypes = [_ctype(a) for a in args]
+        err = fn(*(_value(a) for a in args))
+        if err != 0:
+            message = self._lib.hetrain_emu_error_message().decode() or "invalid arguments"
+            raise KernelFault(f"{entry}: cudaError {err}: {message}")
+
+
+def _ctype(arg: object) -> type:
+    if isinstance(arg, torch.dtype):
+        return ctypes.c_int
+    if isinstance(arg, float):
+        return ctypes.c_double
+    if isinstance(arg, (tuple, list)):
+        return ctypes.POINTER(ctypes.c_int64)
+    if isinstance(arg, int):
+        return ctypes.c_int64
+    return ctypes.c_void_p
+
+
+def _value(arg: object) -> object:
+    if isinstance(arg, torch.dtype):
+        return DTYPE_CODES[arg]
+    if isinstance(arg, torch.Tensor):
+        if arg.device.type != "cpu" or not arg.is_contiguous():
+            raise ValueError("the emulated kernels take contiguous CPU tensors")
+        return arg.data_ptr()
+    if isinstance(arg, (tuple, list)):
+        return (ctypes.c_int64 * len(arg))(*arg)
+    if isinstance(arg, bool):
+        return int(arg)
+    return arg
+
+
+@cache
+def load() -> Emulator:
+    """The emulator for the current sources, built on first use."""
+    return Emulator(build())

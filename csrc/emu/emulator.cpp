@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -98,34 +99,8 @@ bool ensure_stacks(std::size_t threads) {
   return sched.stacks != nullptr;
 }
 
-// Opens the barriers whose threads have all arrived; false when none can open (a fault recorded).
-bool open_barriers(unsigned n) {
-  bool opened = false;
-  for (unsigned w = 0; w * kWarp < n; ++w) {
-    const unsigned first = w * kWarp, last = std::min(n, first + kWarp);
-    unsigned waiting = 0;
-    for (unsigned i = first; i < last; ++i) waiting += sched.threads[i].state == State::AtWarpBarrier;
-    if (waiting == 0) continue;
-    if (last - first < kWarp) {
-      record(cudaErrorLaunchFailure, "warp shuffle in a partial warp: the block has " + std::to_string(n) +
-                                         " threads, not a multiple of 32");
-      return false;
-    }
-    if (waiting == kWarp) {
-      for (unsigned i = first; i < last; ++i) sched.threads[i].state = State::Runnable;
-      opened = true;
-    }
-  }
-  if (opened) return true;
-  unsigned at_block = 0, done = 0;
-  for (unsigned i = 0; i < n; ++i) {
-    at_block += sched.threads[i].state == State::AtBlockBarrier;
-    done += sched.threads[i].state == State::Done;
-  }
-  if (at_block == n) {
-    for (unsigned i = 0; i < n; ++i) sched.threads[i].state = State::Runnable;
-    return true;
-  }
+// Why no thread of the block can run although some have not returned: recorded as the launch's fault.
+void report_deadlock(unsigned n, unsigned at_block, unsigned done) {
   std::string msg = at_block && done ? "__syncthreads reached by " + std::to_string(at_block) + " of " +
                                            std::to_string(n) + " threads; the others returned"
                                      : "threads of one block wait at different barriers (divergent "
@@ -133,13 +108,15 @@ bool open_barriers(unsigned n) {
   char buf[96];
   std::snprintf(buf, sizeof buf, " (block %u,%u,%u)", block_index.x, block_index.y, block_index.z);
   record(cudaErrorLaunchFailure, msg + buf);
-  return false;
 }
 
-// Runs one block to completion; false on a fault.
+// Runs one block to completion; false on a fault. A barrier opens as soon as its last thread arrives, and
+// the next thread to run is the lowest-numbered runnable one (so a warp runs ahead of the others as far as
+// the block's barriers let it: warp-level races show) or, with a shuffle seed, a random runnable one.
 bool run_block(unsigned n) {
-  std::vector<unsigned> order(n);
-  std::iota(order.begin(), order.end(), 0u);
+  std::vector<unsigned> runnable(n), at_warp((n + kWarp - 1) / kWarp, 0);
+  std::iota(runnable.begin(), runnable.end(), 0u);
+  unsigned at_block = 0, done = 0;
   for (unsigned i = 0; i < n; ++i) {
     Thread& t = sched.threads[i];
     getcontext(&t.context);
@@ -149,22 +126,58 @@ bool run_block(unsigned n) {
     makecontext(&t.context, thread_main, 0);
     t.state = State::Runnable;
   }
-  for (;;) {
+  while (done < n) {
+    if (runnable.empty()) {
+      report_deadlock(n, at_block, done);
+      return false;
+    }
+    std::size_t pick = 0;
     if (sched.shuffle_seed) {
-      for (unsigned i = n; i > 1; --i) std::swap(order[i - 1], order[next_random() % i]);
+      pick = next_random() % runnable.size();
+    } else {
+      for (std::size_t k = 1; k < runnable.size(); ++k) pick = runnable[k] < runnable[pick] ? k : pick;
     }
-    for (unsigned i : order) {
-      if (sched.threads[i].state != State::Runnable) continue;
-      sched.current = i;
-      set_thread_index(i);
-      swapcontext(&sched.main, &sched.threads[i].context);
-      if (sched.threads[i].state == State::Faulted) return false;
+    const unsigned i = runnable[pick];
+    runnable[pick] = runnable.back();
+    runnable.pop_back();
+    sched.current = i;
+    set_thread_index(i);
+    swapcontext(&sched.main, &sched.threads[i].context);
+    switch (sched.threads[i].state) {
+      case State::Faulted:
+        return false;
+      case State::Done:
+        ++done;
+        break;
+      case State::AtBlockBarrier:
+        if (++at_block == n) {
+          at_block = 0;
+          for (unsigned k = 0; k < n; ++k) sched.threads[k].state = State::Runnable;
+          runnable.resize(n);
+          std::iota(runnable.begin(), runnable.end(), 0u);
+        }
+        break;
+      case State::AtWarpBarrier: {
+        const unsigned w = i / kWarp, first = w * kWarp;
+        if (first + kWarp > n) {
+          record(cudaErrorLaunchFailure, "warp shuffle in a partial warp: the block has " + std::to_string(n) +
+                                             " threads, not a multiple of 32");
+          return false;
+        }
+        if (++at_warp[w] == kWarp) {
+          at_warp[w] = 0;
+          for (unsigned k = first; k < first + kWarp; ++k) {
+            sched.threads[k].state = State::Runnable;
+            runnable.push_back(k);
+          }
+        }
+        break;
+      }
+      case State::Runnable:
+        break;
     }
-    unsigned done = 0;
-    for (unsigned i = 0; i < n; ++i) done += sched.threads[i].state == State::Done;
-    if (done == n) return true;
-    if (!open_barriers(n)) return false;
   }
+  return true;
 }
 
 }  // namespace

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -88,45 +89,58 @@ def _sources() -> list[Path]:
 def _digest(files: list[Path], compiler: str) -> str:
     h = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
     for f in files:
-        h.update(str(f.relative_to(CSRC)).encode())
+        h.update(str(f).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
-def _compile(compiler: str, source: Path, obj: Path, include: Path) -> str:
+def _compile(compiler: str, source: Path, obj: Path, src: Path) -> str:
     """Compiles one translation unit; g++'s output on failure, else empty."""
-    cmd = [compiler, *FLAGS, "-x", "c++", "-I", str(include), "-include", "emulator.h", "-c", str(source),
-           "-o", str(obj)]
+    cmd = [compiler, *FLAGS, "-x", "c++", "-I", str(src / "emu"), "-I", str(src), "-include", "emulator.h", "-c",
+           str(source), "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return "" if proc.returncode == 0 else f"$ {' '.join(cmd)}\n{proc.stderr}"
 
 
-def build(out: Path = BUILD, compiler: str | None = None) -> Path:
-    """The emulated kernels' shared library, built unless a build of the same sources is cached."""
+def build(extra: Sequence[Path] = (), out: Path = BUILD, compiler: str | None = None) -> Path:
+    """The emulated kernels' shared library, built unless a build of the same sources is cached.
+
+    ``extra``: more ``.cu`` files to build in (kernels that test the emulator itself); they may include
+    the kernel headers as ``"cuda/<name>.h"``.
+    """
     compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or "c++"
     files = _sources()
-    target = out / _digest(files, compiler)
+    extra = [Path(e).resolve() for e in extra]
+    target = out / _digest(files + extra, compiler)
     library = target / LIBRARY
     if library.exists():
         return library
-    src = target / "src"
+    work = out / f"{target.name}.{os.getpid()}"  # built aside, then renamed: concurrent builds never mix
+    src = work / "src"
     for f in files:
         dest = src / f.relative_to(CSRC)
         dest.parent.mkdir(parents=True, exist_ok=True)
         text = f.read_text()
         dest.write_text(rewrite_launches(text) if f.suffix in (".cu", ".cuh") else text)
+    for e in extra:
+        (src / "extra").mkdir(exist_ok=True)
+        (src / "extra" / e.name).write_text(rewrite_launches(e.read_text()))
     units = sorted((src / "cuda").glob("*.cu")) + [src / "emu" / "emulator.cpp", src / "emu" / "kernels.cpp"]
-    objs = [target / "obj" / f"{u.parent.name}_{u.stem}.o" for u in units]
+    units += [src / "extra" / e.name for e in extra]
+    objs = [work / "obj" / f"{u.parent.name}_{u.stem}.o" for u in units]
     objs[0].parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        errors = [e for e in pool.map(lambda uo: _compile(compiler, *uo, src / "emu"), zip(units, objs)) if e]
+        errors = [e for e in pool.map(lambda uo: _compile(compiler, *uo, src), zip(units, objs, strict=True)) if e]
     if errors:
         raise EmulatorBuildError("building the emulated CUDA kernels failed:\n" + "\n".join(errors))
-    partial = library.with_suffix(".tmp")
-    link = subprocess.run([compiler, "-shared", "-o", str(partial), *map(str, objs)], capture_output=True, text=True)
+    link = subprocess.run([compiler, "-shared", "-o", str(work / LIBRARY), *map(str, objs)], capture_output=True,
+                          text=True)
     if link.returncode != 0:
         raise EmulatorBuildError(f"linking the emulated CUDA kernels failed:\n{link.stderr}")
-    partial.rename(library)  # atomic: a concurrent build sees a whole library or none
+    try:
+        work.rename(target)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(work, ignore_errors=True)
     return library
 
 

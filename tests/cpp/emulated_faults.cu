@@ -1,0 +1,77 @@
+// Kernels with the faults the CUDA emulator (csrc/emu) must report, and a race its thread shuffling must
+// expose, for tests/test_cuda_emulator.py. Each entry point returns the cudaError_t of its launch.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace {
+
+// Threads past `live` return before the barrier the others wait at.
+__global__ void early_return_kernel(float* out, unsigned live) {
+  if (threadIdx.x >= live) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+// Even lanes wait at __syncthreads, odd lanes at a shuffle: a deadlock on a GPU.
+__global__ void divergent_kernel(float* out) {
+  if (threadIdx.x % 2 == 0) {
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+  }
+}
+
+__global__ void shuffle_kernel(float* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 3); }
+
+// Thread 0 publishes its block's number, which every thread reads. Without the barrier a reader may run
+// before thread 0 and see the previous block's value: right in index order, wrong in others.
+template <bool kSynced>
+__global__ void publish_kernel(float* out) {
+  __shared__ float value;
+  if (threadIdx.x == 0) value = 1.0f + blockIdx.x;
+  if (kSynced) __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = value;
+}
+
+__global__ void index_kernel(int* out) {
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  out[b * blockDim.x * blockDim.y * blockDim.z + t] = static_cast<int>(b * 10000 + t);
+}
+
+}  // namespace
+
+extern "C" {
+
+int hetrain_emu_test_early_return(float* out, int64_t threads, int64_t live) {
+  early_return_kernel<<<1, static_cast<unsigned>(threads)>>>(out, static_cast<unsigned>(live));
+  return cudaGetLastError();
+}
+
+int hetrain_emu_test_divergent(float* out, int64_t threads) {
+  divergent_kernel<<<1, static_cast<unsigned>(threads)>>>(out);
+  return cudaGetLastError();
+}
+
+int hetrain_emu_test_shuffle(float* out, int64_t threads) {
+  shuffle_kernel<<<1, static_cast<unsigned>(threads)>>>(out);
+  return cudaGetLastError();
+}
+
+int hetrain_emu_test_publish(float* out, int64_t blocks, int64_t threads, int64_t synced) {
+  if (synced) {
+    publish_kernel<true><<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads)>>>(out);
+  } else {
+    publish_kernel<false><<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads)>>>(out);
+  }
+  return cudaGetLastError();
+}
+
+int hetrain_emu_test_index(int* out, int64_t gx, int64_t gy, int64_t gz, int64_t bx, int64_t by, int64_t bz) {
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
+  const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by), static_cast<unsigned>(bz));
+  index_kernel<<<grid, block, 0, nullptr>>>(out);
+  return cudaGetLastError();
+}
+}

@@ -560,3 +560,25 @@ def test_cost_model_predicts_a_named_plan_and_refuses_unmeasured_devices():
     assert cm.predict(["cuda:0"] * 3) == cm.chain_plan().predicted_step_time == pytest.approx(5.0)
     with pytest.raises(ValueError, match="not \\['cuda:1'\\]"):
         cm.predict(["cpu", "cuda:1", "cpu"])
+
+
+def test_timing_warms_a_short_stage_up_for_a_while_and_a_long_one_for_the_count():
+    import time
+
+    from hetrain.placement import cost_model
+
+    def counted(seconds):
+        calls = []
+
+        def fn():
+            calls.append(None)
+            time.sleep(seconds)
+
+        return fn, calls
+
+    short, short_calls = counted(0.001)
+    cost_model._median_time(short, [torch.device("cpu")], warmup=1, repeats=3)
+    assert len(short_calls) >= 3 + cost_model.WARMUP_MIN_S / 0.0015  # warmed up for WARMUP_MIN_S, then 3 timed
+    long, long_calls = counted(cost_model.WARMUP_MIN_S * 1.2)
+    cost_model._median_time(long, [torch.device("cpu")], warmup=1, repeats=3)
+    assert len(long_calls) == 4

@@ -152,13 +152,22 @@ def _synchronize(device: torch.device) -> None:
         backend.synchronize(device)
 
 
+# Untimed runs last at least this long (and at most WARMUP_MAX_RUNS runs) beyond the requested count: the
+# first runs of a freshly copied stage are slower (allocator, cache, library plans), and with a short stage
+# a run count alone left them in the median (a whole-chain prediction 12-30% over the measured step).
+WARMUP_MIN_S = 0.025
+WARMUP_MAX_RUNS = 100
+
+
 def _median_time(fn: Callable[[], Any], devices: Sequence[torch.device], warmup: int, repeats: int) -> float:
     # torch.utils.benchmark.Timer reports per-block means and runs with one thread unless told
     # otherwise; a placement needs the median of single runs at the process's own thread count.
-    for _ in range(warmup):
+    start, runs = time.perf_counter(), 0
+    while runs < warmup or (runs < WARMUP_MAX_RUNS and time.perf_counter() - start < WARMUP_MIN_S):
         fn()
-    for d in devices:
-        _synchronize(d)
+        for d in devices:
+            _synchronize(d)
+        runs += 1
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -164,7 +164,9 @@ class Emulator:
 
     def call(self, entry: str, *args: object) -> None:
         """Calls ``hetrain_emu_<entry>``: tensors pass their data pointer (None a null one), a dtype its code,
-        floats as double, bools and ints as 64-bit; raises KernelFault on an error."""
+        floats as double, bools and ints as 64-bit registers (a C parameter of 32 bits reads the low half, as
+        the x86-64 and AArch64 calling conventions pass them), a sequence of ints as an int64 array; raises
+        KernelFault on an error."""
         fn = getattr(self._lib, f"hetrain_emu_{entry}")
         fn.argtypes = [_ctype(a) for a in args]
         err = fn(*(_value(a) for a in args))

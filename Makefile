@@ -13,7 +13,7 @@ STAMP := $(VENV)/.hetrain-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 ARGS ?=
 
-.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader bench-memory bench-overhead bench-embedding profile-step gpu-compile gpu-check cuda-build tsan tolerances clean
+.PHONY: setup train test lint env bench-cpu bench-ops bench-train bench-loader bench-memory bench-overhead bench-embedding profile-step gpu-compile gpu-check cuda-build cuda-emu tsan tolerances clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,10 @@ cuda-build:
 		{ echo "installing $(TORCH_CUDA), a CUDA build, into $(CUDA_VENV)"; \
 		  $(CUDA_VENV)/bin/python -m pip install -q "$(TORCH_CUDA)" numpy setuptools ninja; }
 	$(CUDA_VENV)/bin/python hetrain/checks/cuda_build.py $(ARGS)
+
+# Without a GPU: the CUDA kernels run on the CPU in the emulator (csrc/emu) against the CPU kernels (also in `make test`).
+cuda-emu: setup
+	$(PY) -m pytest -q tests/test_cuda_emulator.py tests/test_cuda_emulated.py $(ARGS)
 
 # On a GPU machine with a CUDA torch (needs no package registry): build, verify, benchmark, record.
 gpu-check:

@@ -119,6 +119,8 @@ def main() -> None:
     result = run(args.device, args.quick, args.measure_s, ops, save)
     save(result)
     print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path_of(result)}")
+    if backends := report.backend_table(result):
+        print("\nthe two CUDA backends (C++ / Triton, geometric mean over each op's cases):\n" + backends)
     if not args.quick and args.device.startswith("cuda"):
         report.write_gpu_results_md(args.out)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 RESULTS_MD = Path(__file__).parent / "RESULTS.md"
@@ -85,6 +86,30 @@ def gpu_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def backend_table(result: dict) -> str:
+    """Per op timed with both CUDA backends (``hetrain``: the default, Triton; ``hetrain_cuda``: the C++ kernels
+    with their autograd in C++), the geometric mean over its cases of C++ time / Triton time per call, back to
+    back and in GPU time, and which is faster per call: the evidence for each op's CUDA default
+    (``hetrain.ops._backends.PRIORITY``). Empty when no case timed both."""
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for r in result["rows"]:
+        for key in ("ms", "back_to_back_ms", "graph_ms"):
+            times = r.get(key, {})
+            ours, cpp = times.get("hetrain"), times.get("hetrain_cuda")
+            if isinstance(ours, float) and isinstance(cpp, float) and ours > 0:
+                ratios.setdefault(r["op"], {}).setdefault(key, []).append(cpp / ours)
+    if not ratios:
+        return ""
+    lines = ["| op | cases | C++ / Triton per call | back to back | GPU (graph) | faster per call |",
+             "|---|---|---|---|---|---|"]
+    for op, by in sorted(ratios.items()):
+        means = {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in by.items()}
+        cells = [f"{means[k]:.2f}" if k in means else "n/a" for k in ("ms", "back_to_back_ms", "graph_ms")]
+        faster = "C++ (cuda)" if means["ms"] < 1 else "Triton"
+        lines.append(f"| {op} | {len(by['ms'])} | {' | '.join(cells)} | {faster} |")
+    return "\n".join(lines)
+
+
 def _ratio(theirs: float | str | None, ours: float | str | None) -> str:
     return f"{theirs / ours:.2f}x" if isinstance(theirs, float) and isinstance(ours, float) else "-"
 
@@ -102,8 +127,12 @@ def write_gpu_results_md(results_dir: Path) -> None:
     files = sorted(p for p in results_dir.glob("*-ops.json") if not p.name.endswith("-cpu-ops.json"))
     if not files:
         return
+    result = json.loads(files[-1].read_text())
+    body = gpu_table(result)
+    if backends := backend_table(result):
+        body += "\n\nThe two CUDA backends of each op side by side (geometric mean over its cases):\n\n" + backends
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# hetrain benchmark results\n"
-    RESULTS_MD.write_text(_replace_section(text, GPU_BEGIN, GPU_END, gpu_table(json.loads(files[-1].read_text()))))
+    RESULTS_MD.write_text(_replace_section(text, GPU_BEGIN, GPU_END, body))
 
 
 def latest(results_dir: Path, suffix: str) -> dict | None:

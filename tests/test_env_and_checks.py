@@ -136,3 +136,23 @@ def test_cuda_home_fallback_leaves_a_chosen_toolkit_alone_and_only_names_a_root_
     assert guess == {} or Path(guess["CUDA_HOME"], "include", "cuda_runtime.h").exists()
     monkeypatch.setenv("CUDA_HOME", "/opt/my-cuda")
     assert cuda_home_fallback() == {}
+
+
+def test_backend_table_sets_each_ops_two_cuda_backends_side_by_side():
+    from benchmarks.report import backend_table
+
+    def row(op, ms, graph):
+        return {"op": op, "ms": ms, "back_to_back_ms": ms, "graph_ms": graph}
+
+    record = {"rows": [
+        row("layer_norm", {"hetrain": 0.5, "hetrain_cuda": 0.1}, {"hetrain": 0.1, "hetrain_cuda": 0.2}),
+        row("layer_norm", {"hetrain": 0.4, "hetrain_cuda": 0.4}, {"hetrain": "n/a", "hetrain_cuda": 0.2}),
+        row("bias_gelu", {"hetrain": 0.2, "hetrain_cuda": 0.3}, {"hetrain": 0.2, "hetrain_cuda": 0.3}),
+        row("linear_cross_entropy", {"hetrain": 5.0}, {"hetrain": 4.0}),  # one CUDA backend: no row
+    ]}
+    lines = backend_table(record).splitlines()
+    assert lines[2] == "| bias_gelu | 1 | 1.50 | 1.50 | 1.50 | Triton |"
+    # per call: sqrt(0.2 * 1.0); in GPU time the one case with both timed
+    assert lines[3] == "| layer_norm | 2 | 0.45 | 0.45 | 2.00 | C++ (cuda) |"
+    assert len(lines) == 4
+    assert backend_table({"rows": [record["rows"][3]]}) == ""

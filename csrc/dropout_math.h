@@ -38,6 +38,27 @@ HETRAIN_HD uint32_t bits24(uint32_t klo, uint32_t khi, uint32_t index_lo) {
   return mix32(mix32(index_lo ^ klo) ^ khi) >> 8;
 }
 
+// The keys of a run of fewer than 2^32 consecutive stream elements from `first`: the run's high index word
+// is that of `first` or, past the point where the low word wraps, one more. Keying each element of a run
+// then costs two mixes instead of four (a GPU kernel that hashes per element is bound by that arithmetic).
+struct RunKeys {
+  uint32_t klo;       // key_lo of the stream
+  uint32_t first_lo;  // low word of `first`
+  uint32_t khi;       // key_hi of first's high word
+  uint32_t khi_next;  // key_hi of the next high word
+};
+
+HETRAIN_HD RunKeys run_keys(uint64_t seed, uint64_t first) {
+  const uint32_t hi = static_cast<uint32_t>(first >> 32);
+  return {key_lo(seed), static_cast<uint32_t>(first), key_hi(seed, hi), key_hi(seed, hi + 1u)};
+}
+
+// bits24 of element first + lane of the run (lane < 2^32), the same value bits24 gives it alone.
+HETRAIN_HD uint32_t bits24_in_run(const RunKeys& k, uint32_t lane) {
+  const uint32_t lo = k.first_lo + lane;  // wraps where the high word steps
+  return bits24(k.klo, lo < k.first_lo ? k.khi_next : k.khi, lo);
+}
+
 // Elements whose 24 bits fall below this are dropped: ceil(p * 2^24), so P(drop) = p to 2^-24,
 // and p = 1 drops everything. Comparing integers keeps every backend's decision identical.
 inline uint32_t drop_threshold(double p) {

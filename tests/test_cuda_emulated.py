@@ -205,12 +205,17 @@ def dropout_args(seed: int, offset: int, p: float) -> tuple[int, int, int, float
     return seed, offset, threshold, 1.0 / (1.0 - p) if p < 1 else 0.0
 
 
+# Stream offsets: small, and one where the stream index crosses 2^32 inside the call (inside a row).
+OFFSETS = [77, 2**32 - 7 * 300 - 5]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("numel", [1, 5000])
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
-def test_dropout_draws_the_cpu_kernels_mask(emu, dtype, numel, p):
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_dropout_draws_the_cpu_kernels_mask(emu, dtype, numel, p, offset):
     x = randn(numel, dtype=dtype, seed=11, shift=3.0)  # never zero: a zero output means dropped
-    seed, offset = 1234, 77
+    seed = 1234
 
     def launch(mem):
         y = mem.empty((numel,), dtype)
@@ -226,12 +231,13 @@ def test_dropout_draws_the_cpu_kernels_mask(emu, dtype, numel, p):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (6, 7), (19, 300), (3, 4200), (0, 33)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_dropout_add_layer_norm(emu, dtype, shape, p):
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_dropout_add_layer_norm(emu, dtype, shape, p, offset):
     m, n = shape
     x, res = randn(m, n, dtype=dtype, seed=12), randn(m, n, dtype=dtype, seed=13, shift=0.5)
     w, b = randn(n, dtype=dtype, seed=14, shift=1.0), randn(n, dtype=dtype, seed=15)
     dy = randn(m, n, dtype=dtype, seed=16)
-    acc, parts, seed, offset = stats_dtype(dtype), parts_for(m), 99, 5
+    acc, parts, seed = stats_dtype(dtype), parts_for(m), 99
     call = dropout_args(seed, offset, p)
 
     def launch(mem):

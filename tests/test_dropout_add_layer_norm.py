@@ -82,7 +82,8 @@ def test_dropout_matches_composition_with_the_shared_mask(backend, dtype, shape,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("offset", [0, 5 * 33, 2**32 - 40 * 33])  # the last crosses 2^32 inside the call
+# The last two cross 2^32 inside the call: at the start of row 40, and inside row 39.
+@pytest.mark.parametrize("offset", [0, 5 * 33, 2**32 - 40 * 33, 2**32 - 40 * 33 + 7])
 def test_rows_at_their_offset_draw_the_rows_of_the_whole_call(backend, offset):
     # A micro-batch of rows [r0, r1) at offset + r0 * cols: its output is those rows of the whole call's.
     seed, p, rows, cols = 777, 0.35, 48, 33

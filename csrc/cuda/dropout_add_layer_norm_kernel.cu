@@ -17,13 +17,17 @@ using namespace cuda;  // rows.cuh: block_sum, grid_for, threads_for, kMaxRowThr
 
 constexpr int kMaxThreads = kMaxRowThreads;
 
-// The dropout multiplier of stream element `index`: scale where kept, 0 where dropped; p = 0 (threshold 0)
-// keeps every element with scale 1, without hashing.
+// The dropout multiplier of element j of a row whose stream keys are `keys`: scale where kept, 0 where
+// dropped; p = 0 (threshold 0) keeps every element with scale 1, without hashing.
 template <typename acc_t>
-__device__ __forceinline__ acc_t multiplier(const dropout::Call& d, uint32_t key_lo, uint64_t index) {
+__device__ __forceinline__ acc_t multiplier(const dropout::Call& d, const dropout::RunKeys& keys, int64_t j) {
   if (d.threshold == 0) return acc_t(1);
-  const uint32_t key_hi = dropout::key_hi(d.seed, static_cast<uint32_t>(index >> 32));
-  return dropout::bits24(key_lo, key_hi, static_cast<uint32_t>(index)) >= d.threshold ? acc_t(d.scale) : acc_t(0);
+  return dropout::bits24_in_run(keys, static_cast<uint32_t>(j)) >= d.threshold ? acc_t(d.scale) : acc_t(0);
+}
+
+// The stream keys of row r (N elements from offset + r * N; a row has fewer than 2^32 elements).
+__device__ __forceinline__ dropout::RunKeys row_keys(const dropout::Call& d, int64_t r, int64_t N) {
+  return dropout::run_keys(d.seed, d.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N));
 }
 
 template <typename T>
@@ -33,15 +37,12 @@ __global__ void __launch_bounds__(kMaxThreads)
                    acc_type<T>* __restrict__ rstd, dropout::Call d, int64_t M, int64_t N, acc_type<T> eps) {
   using acc_t = acc_type<T>;
   __shared__ acc_t scratch[kMaxThreads / 32];
-  const uint32_t key_lo = dropout::key_lo(d.seed);
   for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
     const T* xr = x + r * N;
     const T* rr = res + r * N;
     T* yr = y + r * N;
-    const uint64_t base = d.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N);
-    auto pre_norm = [&](int64_t j) {
-      return acc_t(load(xr + j)) * multiplier<acc_t>(d, key_lo, base + j) + acc_t(load(rr + j));
-    };
+    const dropout::RunKeys keys = row_keys(d, r, N);
+    auto pre_norm = [&](int64_t j) { return acc_t(load(xr + j)) * multiplier<acc_t>(d, keys, j) + acc_t(load(rr + j)); };
     acc_t sum = 0;
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += pre_norm(j);
     const acc_t mu = block_sum(sum, scratch) / acc_t(N);
@@ -72,19 +73,18 @@ __global__ void __launch_bounds__(kMaxThreads)
                     acc_type<T>* __restrict__ w_part, acc_type<T>* __restrict__ b_part, int64_t M, int64_t N) {
   using acc_t = acc_type<T>;
   __shared__ acc_t scratch[kMaxThreads / 32];
-  const uint32_t key_lo = dropout::key_lo(d.seed);
   acc_t* pw = w_part ? w_part + blockIdx.x * N : nullptr;
   acc_t* pb = b_part ? b_part + blockIdx.x * N : nullptr;
   for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
     const T* xr = x + r * N;
     const T* rr = res + r * N;
     const T* dyr = dy + r * N;
-    const uint64_t base = d.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N);
+    const dropout::RunKeys keys = row_keys(d, r, N);
     const acc_t mu = mean[r], rs = rstd[r];
     const bool first = r == blockIdx.x;  // the block's first row initialises its partial rows
     acc_t sum_g = 0, sum_gx = 0;
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const acc_t m = multiplier<acc_t>(d, key_lo, base + j);
+      const acc_t m = multiplier<acc_t>(d, keys, j);
       const acc_t xhat = (acc_t(load(xr + j)) * m + acc_t(load(rr + j)) - mu) * rs;
       const acc_t dj = load(dyr + j);
       const acc_t g = w ? dj * acc_t(load(w + j)) : dj;
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const acc_t mg = block_sum(sum_g, scratch) / acc_t(N);
     const acc_t mgx = block_sum(sum_gx, scratch) / acc_t(N);
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const acc_t m = multiplier<acc_t>(d, key_lo, base + j);
+      const acc_t m = multiplier<acc_t>(d, keys, j);
       const acc_t xhat = (acc_t(load(xr + j)) * m + acc_t(load(rr + j)) - mu) * rs;
       const acc_t dj = load(dyr + j);
       const acc_t g = w ? dj * acc_t(load(w + j)) : dj;

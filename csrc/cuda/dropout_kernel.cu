@@ -15,6 +15,7 @@ namespace dropout {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kPerThread = 8;  // elements each thread strides over: its stream key is made once for them
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -26,9 +27,17 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(const T* __restrict__
   const uint32_t klo = key_lo(m.seed);
   const acc_t scale = acc_t(m.scale);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  // A thread's stream indices rise through the loop and their high word rarely changes: its key is kept
+  // and remade only when it does (the per-element hash is this kernel's arithmetic bound).
+  uint32_t hi = 0, khi = 0;
+  bool keyed = false;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel; i += stride) {
     const uint64_t index = m.offset + static_cast<uint64_t>(i);
-    const uint32_t khi = key_hi(m.seed, static_cast<uint32_t>(index >> 32));
+    if (!keyed || static_cast<uint32_t>(index >> 32) != hi) {
+      hi = static_cast<uint32_t>(index >> 32);
+      khi = key_hi(m.seed, hi);
+      keyed = true;
+    }
     const bool keep = bits24(klo, khi, static_cast<uint32_t>(index)) >= m.threshold;
     cuda::store(y + i, keep ? acc_t(cuda::load(x + i)) * scale : acc_t(0));
   }
@@ -39,7 +48,8 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(const T* __restrict__
 template <typename T>
 cudaError_t cuda_dropout(const T* x, T* y, int64_t numel, Call mask, cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, INT_MAX);
+  const int64_t per_block = int64_t(kThreads) * kPerThread;
+  const int64_t blocks = std::min<int64_t>((numel + per_block - 1) / per_block, INT_MAX);
   dropout_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, y, numel, mask);
   return cudaGetLastError();
 }

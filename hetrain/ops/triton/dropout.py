@@ -41,14 +41,24 @@ def join64(lo, hi):
 
 
 @triton.jit
-def kept(seed_lo, seed_hi, index, threshold):
-    """Whether the elements at int64 stream indices ``index`` of the stream ``seed`` (two int32 bit patterns)
-    are kept: csrc/dropout_math.h's 24-bit draw against its integer threshold, so every backend agrees."""
+def kept(seed_lo, seed_hi, first, lanes, threshold):
+    """Whether the elements at stream indices ``first + lanes`` of the stream ``seed`` (two int32 bit patterns)
+    are kept: csrc/dropout_math.h's 24-bit draw against its integer threshold, so every backend agrees.
+
+    ``first``: an int64 scalar; ``lanes``: non-negative int32 offsets from it. Their high index word is
+    first's or, past the point where the low word wraps, the next one (csrc/dropout_math.h's run_keys): both
+    keys are made once per program, so each element takes two mixes rather than four, the arithmetic that
+    bounded the kernel (bf16 and fp32 dropout took the same 0.068 ms on an H200).
+    """
     key_lo = _mix32(seed_lo.to(tl.uint32, bitcast=True) ^ 0x9E3779B9)
-    index_hi = (index >> 32).to(tl.uint32)
-    key_hi = _mix32((seed_hi.to(tl.uint32, bitcast=True) + 0x7F4A7C15) ^ _mix32(index_hi + 0x632BE5AB))
-    index_lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    return (_mix32(_mix32(index_lo ^ key_lo) ^ key_hi) >> 8) >= threshold
+    first_lo = (first & 0xFFFFFFFF).to(tl.uint32)
+    first_hi = (first >> 32).to(tl.uint32)
+    seed_key = seed_hi.to(tl.uint32, bitcast=True) + 0x7F4A7C15
+    key_hi = _mix32(seed_key ^ _mix32(first_hi + 0x632BE5AB))
+    key_hi_next = _mix32(seed_key ^ _mix32(first_hi + 0x632BE5AC))  # the word after first_hi
+    index_lo = first_lo + lanes.to(tl.uint32)  # wraps where the high word steps
+    key = tl.where(index_lo < first_lo, key_hi_next, key_hi)
+    return (_mix32(_mix32(index_lo ^ key_lo) ^ key) >> 8) >= threshold
 
 
 # Seeds, offsets, threshold and scale vary per call: never specialised on their values, so one compilation
@@ -68,9 +78,10 @@ def _dropout(
     BLOCK: tl.constexpr,
 ):
     start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: numel may pass 2**31
-    offsets = start + tl.arange(0, BLOCK)
+    lanes = tl.arange(0, BLOCK)
+    offsets = start + lanes
     mask = offsets < numel
-    keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + offsets, threshold)
+    keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + start, lanes, threshold)
     scale = scale_bits.to(tl.float64, bitcast=True).to(COMPUTE)
     x = tl.load(X + offsets, mask=mask, other=0.0).to(COMPUTE)
     y = tl.where(keep, x * scale, 0.0)

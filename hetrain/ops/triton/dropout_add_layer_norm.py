@@ -65,7 +65,7 @@ def _dropout_add_layer_norm_fwd(
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
     if HAS_DROPOUT:
-        keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + row * N + cols, threshold)
+        keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + row * N, cols, threshold)
         x = tl.where(keep, x * scale, 0.0)
     s = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
     y, mean, rstd = _normalize_row(s, W, B, cols, mask, N, eps, HAS_WEIGHT, HAS_BIAS, COMPUTE)
@@ -118,7 +118,7 @@ def _dropout_add_layer_norm_bwd(
     for r in range(row_start, row_end):
         x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
         if HAS_DROPOUT:
-            keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + r * N + cols, threshold)
+            keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + r * N, cols, threshold)
             x = tl.where(keep, x * scale, 0.0)
         s = x + tl.load(R + r * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)

@@ -229,7 +229,8 @@ def test_dropout_draws_the_cpu_kernels_mask(emu, dtype, numel, p, offset):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (6, 7), (19, 300), (3, 4200), (0, 33)])
+# The last: over 32 elements per thread, past the decisions a thread keeps as bits between passes.
+@pytest.mark.parametrize("shape", [(1, 1), (6, 7), (19, 300), (3, 4200), (0, 33), (2, 33000)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_dropout_add_layer_norm(emu, dtype, shape, p, offset):

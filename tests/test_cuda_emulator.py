@@ -39,7 +39,9 @@ def test_rewrite_launches():
 def test_every_thread_of_every_block_runs_once_with_its_indices(emu, grid, block):
     blocks, threads = grid[0] * grid[1] * grid[2], block[0] * block[1] * block[2]
     out = torch.full((blocks * threads,), -1, dtype=torch.int32)
+    launches = emu.launches
     emu.call("test_index", out, *grid, *block)
+    assert emu.launches == launches + 1
     want = torch.tensor([b * 10000 + t for b in range(blocks) for t in range(threads)], dtype=torch.int32)
     assert torch.equal(out, want)
 

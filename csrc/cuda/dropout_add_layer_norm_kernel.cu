@@ -17,18 +17,42 @@ using namespace cuda;  // rows.cuh: block_sum, grid_for, threads_for, kMaxRowThr
 
 constexpr int kMaxThreads = kMaxRowThreads;
 
-// The dropout multiplier of element j of a row whose stream keys are `keys`: scale where kept, 0 where
-// dropped; p = 0 (threshold 0) keeps every element with scale 1, without hashing.
+// A thread's dropout multipliers along its elements of row r (the k-th is element threadIdx.x + k *
+// blockDim.x): drawn in a kernel's first pass over the row, the decisions for the first 32 kept as bits
+// for the later passes, which would otherwise hash every element again. p = 0 (threshold 0) keeps every
+// element with scale 1, without hashing.
 template <typename acc_t>
-__device__ __forceinline__ acc_t multiplier(const dropout::Call& d, const dropout::RunKeys& keys, int64_t j) {
-  if (d.threshold == 0) return acc_t(1);
-  return dropout::bits24_in_run(keys, static_cast<uint32_t>(j)) >= d.threshold ? acc_t(d.scale) : acc_t(0);
-}
+class RowMask {
+ public:
+  __device__ RowMask(const dropout::Call& d, int64_t r, int64_t N)
+      : keys_(dropout::run_keys(d.seed, d.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N))),
+        threshold_(d.threshold),
+        scale_(acc_t(d.scale)) {}
 
-// The stream keys of row r (N elements from offset + r * N; a row has fewer than 2^32 elements).
-__device__ __forceinline__ dropout::RunKeys row_keys(const dropout::Call& d, int64_t r, int64_t N) {
-  return dropout::run_keys(d.seed, d.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N));
-}
+  // The multiplier of element j, the thread's k-th, in the first pass.
+  __device__ acc_t draw(int64_t j, int k) {
+    if (threshold_ == 0) return acc_t(1);
+    const bool keep = hash_keeps(j);
+    if (k < 32) bits_ |= static_cast<uint32_t>(keep) << k;
+    return keep ? scale_ : acc_t(0);
+  }
+
+  // The same multiplier in a later pass.
+  __device__ acc_t again(int64_t j, int k) const {
+    if (threshold_ == 0) return acc_t(1);
+    return (k < 32 ? (bits_ >> k) & 1u : hash_keeps(j)) ? scale_ : acc_t(0);
+  }
+
+ private:
+  __device__ bool hash_keeps(int64_t j) const {
+    return dropout::bits24_in_run(keys_, static_cast<uint32_t>(j)) >= threshold_;
+  }
+
+  dropout::RunKeys keys_;
+  uint32_t threshold_;
+  acc_t scale_;
+  uint32_t bits_ = 0;
+};
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -41,21 +65,24 @@ __global__ void __launch_bounds__(kMaxThreads)
     const T* xr = x + r * N;
     const T* rr = res + r * N;
     T* yr = y + r * N;
-    const dropout::RunKeys keys = row_keys(d, r, N);
-    auto pre_norm = [&](int64_t j) { return acc_t(load(xr + j)) * multiplier<acc_t>(d, keys, j) + acc_t(load(rr + j)); };
+    RowMask<acc_t> mask(d, r, N);
+    auto pre_norm = [&](int64_t j, acc_t m) { return acc_t(load(xr + j)) * m + acc_t(load(rr + j)); };
     acc_t sum = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += pre_norm(j);
+    int k = 0;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x, ++k) sum += pre_norm(j, mask.draw(j, k));
     const acc_t mu = block_sum(sum, scratch) / acc_t(N);
     acc_t sq = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const acc_t c = pre_norm(j) - mu;
+    k = 0;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x, ++k) {
+      const acc_t c = pre_norm(j, mask.again(j, k)) - mu;
       sq += c * c;
     }
     const acc_t rs = layer_norm::rstd<acc_t>(block_sum(sq, scratch) / acc_t(N), eps);
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    k = 0;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x, ++k) {
       const acc_t wj = w ? acc_t(load(w + j)) : acc_t(1);
       const acc_t bj = b ? acc_t(load(b + j)) : acc_t(0);
-      store(yr + j, layer_norm::forward<acc_t>(pre_norm(j), mu, rs, wj, bj));
+      store(yr + j, layer_norm::forward<acc_t>(pre_norm(j, mask.again(j, k)), mu, rs, wj, bj));
     }
     if (threadIdx.x == 0) {
       mean[r] = mu;
@@ -79,12 +106,13 @@ __global__ void __launch_bounds__(kMaxThreads)
     const T* xr = x + r * N;
     const T* rr = res + r * N;
     const T* dyr = dy + r * N;
-    const dropout::RunKeys keys = row_keys(d, r, N);
+    RowMask<acc_t> mask(d, r, N);
     const acc_t mu = mean[r], rs = rstd[r];
     const bool first = r == blockIdx.x;  // the block's first row initialises its partial rows
     acc_t sum_g = 0, sum_gx = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const acc_t m = multiplier<acc_t>(d, keys, j);
+    int k = 0;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x, ++k) {
+      const acc_t m = mask.draw(j, k);
       const acc_t xhat = (acc_t(load(xr + j)) * m + acc_t(load(rr + j)) - mu) * rs;
       const acc_t dj = load(dyr + j);
       const acc_t g = w ? dj * acc_t(load(w + j)) : dj;
@@ -93,8 +121,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     const acc_t mg = block_sum(sum_g, scratch) / acc_t(N);
     const acc_t mgx = block_sum(sum_gx, scratch) / acc_t(N);
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const acc_t m = multiplier<acc_t>(d, keys, j);
+    k = 0;
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x, ++k) {
+      const acc_t m = mask.again(j, k);
       const acc_t xhat = (acc_t(load(xr + j)) * m + acc_t(load(rr + j)) - mu) * rs;
       const acc_t dj = load(dyr + j);
       const acc_t g = w ? dj * acc_t(load(w + j)) : dj;

@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <algorithm>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -41,7 +40,7 @@ struct Scheduler {
   unsigned char exchange[kMaxBlockThreads][kMaxShuffleBytes];
   cudaError_t error = cudaSuccess;
   std::string message;
-  uint64_t shuffle_seed = 0;  // 0: threads run in index order between barriers
+  uint64_t shuffle_seed = 0;  // 0: the lowest-numbered runnable thread runs next; else a random one
   uint64_t rng = 0;
   uint64_t launches = 0;
 };
@@ -241,7 +240,8 @@ extern "C" {
 // The message of the last fault (empty when none), kept until the next fault.
 const char* hetrain_emu_error_message() { return hetrain_emu::sched.message.c_str(); }
 
-// 0: threads run in index order between barriers; otherwise a fresh order per pass from this seed.
+// 0: the lowest-numbered runnable thread runs next (a warp runs ahead as far as the barriers let it);
+// otherwise a random runnable one, drawn from this seed (the same draws for each launch).
 void hetrain_emu_set_shuffle_seed(uint64_t seed) { hetrain_emu::sched.shuffle_seed = seed; }
 
 // Kernel launches since the library was loaded.

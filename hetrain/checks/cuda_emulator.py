@@ -159,7 +159,7 @@ class Emulator:
         return self._lib.hetrain_emu_launches()
 
     def shuffle_threads(self, seed: int) -> None:
-        """Run threads between barriers in an order drawn from ``seed`` (0: index order)."""
+        """Run a random runnable thread next, drawn from ``seed``; 0: the lowest-numbered one."""
         self._lib.hetrain_emu_set_shuffle_seed(seed)
 
     def call(self, entry: str, *args: object) -> None:

@@ -53,7 +53,7 @@ cuda-build:
 
 # Without a GPU: the CUDA kernels run on the CPU in the emulator (csrc/emu) against the CPU kernels (also in `make test`).
 cuda-emu: setup
-	$(PY) -m pytest -q tests/test_cuda_emulator.py tests/test_cuda_emulated.py $(ARGS)
+	$(PY) -m pytest -q tests/test_cuda_emulator.py tests/test_cuda_emulated.py tests/test_cuda_emulated_bindings.py $(ARGS)
 
 # On a GPU machine with a CUDA torch (needs no package registry): build, verify, benchmark, record.
 gpu-check:

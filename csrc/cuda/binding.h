@@ -40,9 +40,18 @@ kernel_t<scalar_t>* mutable_ptr(at::Tensor& t) {
   return t.defined() ? reinterpret_cast<kernel_t<scalar_t>*>(t.data_ptr<scalar_t>()) : nullptr;
 }
 
+// Whether t is where these kernels run: a CUDA device, or the CPU where the emulator (csrc/emu) runs them.
+inline bool on_kernel_device(const at::Tensor& t) {
+#ifdef HETRAIN_CUDA_EMULATOR
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
 // `t` (named `name` in op `op`'s error) must be a CUDA tensor on x's device.
 inline void check_on_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), "hetrain.", op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(on_kernel_device(t), "hetrain.", op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.device() == x.device(), "hetrain.", op, ": ", name, " is on ", t.device(), " but x is on ",
               x.device());
 }

@@ -37,6 +37,7 @@ void check_backward_args(const at::Tensor& dy, const at::Tensor& argmax, const a
 namespace {
 
 using cuda::kernel_t;
+using cuda::on_kernel_device;
 using cuda::mutable_ptr;
 using cuda::ptr;
 using cuda::sm_count;
@@ -55,7 +56,7 @@ at::Tensor contiguous_or_empty(const std::optional<at::Tensor>& t) {
 }
 
 void check_cuda(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "hetrain.", op, ": x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(on_kernel_device(x), "hetrain.", op, ": x must be a CUDA tensor, got one on ", x.device());
   const int64_t big = std::max(x.numel(), x.size(0) * x.size(1) * (x.size(2) + 2) * (x.size(3) + 2));
   TORCH_CHECK(big < INT_MAX, "hetrain.", op, ": the CUDA kernel indexes in 32 bits; x of shape ", x.sizes(),
               " is too large: split the batch");

@@ -62,6 +62,11 @@ inline cudaError_t cudaGetLastError() { return ::hetrain_emu::take_error(); }
 
 cudaError_t cudaMemsetAsync(void* p, int value, std::size_t bytes, cudaStream_t stream);
 
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+
+// The emulated device's attributes: two multiprocessors (so the bindings pick a few partial rows).
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+
 // CUDA's global min/max overloads for device code.
 #define HETRAIN_EMU_MIN_MAX(T)                  \
   inline T min(T a, T b) { return b < a ? b : a; } \

@@ -4,7 +4,9 @@ Without a GPU the CPU tests check the kernels' per-element math (shared with the
 checks that they compile; this runs the kernels themselves, so their indexing, block reductions, barriers,
 grid-stride loops and partial-row workspaces are checked too. The sources are copied with each
 ``kernel<<<...>>>(args)`` launch rewritten into a call of the emulator, compiled with g++ (no CUDA, no torch
-headers) into one shared library, cached under ``build/cuda_emu`` by a hash of the sources.
+headers) into one shared library, cached under ``build/cuda_emu`` by a hash of the sources. Built against a
+CPU build of hetrain._C, the library also holds the kernels' torch bindings, registered for the CUDA dispatch
+key on CPU tensors (see :func:`load`).
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def rewrite_launches(text: str) -> str:
 def _sources() -> list[Path]:
     """Every file the emulated library is built from."""
     files = [*CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.cu"), *(CSRC / "cuda").glob("*.cuh"),
-             *(CSRC / "cuda").glob("*_kernel.h"), *(CSRC / "cuda").glob("rows.h"), *(CSRC / "emu").iterdir()]
+             *(CSRC / "cuda").glob("*_kernel.h"), *(CSRC / "cuda").glob("rows.h"),
+             *(f for f in (CSRC / "emu").rglob("*") if f.is_file())]
     return sorted(set(files))
 
 
@@ -94,24 +97,42 @@ def _digest(files: list[Path], compiler: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _compile(compiler: str, source: Path, obj: Path, src: Path) -> str:
+def _compile(compiler: str, source: Path, obj: Path, src: Path, flags: Sequence[str] = ()) -> str:
     """Compiles one translation unit; g++'s output on failure, else empty."""
-    cmd = [compiler, *FLAGS, "-x", "c++", "-I", str(src / "emu"), "-I", str(src), "-include", "emulator.h", "-c",
-           str(source), "-o", str(obj)]
+    # The emulator's stand-ins (src/emu) come first on the include path, before torch's headers.
+    cmd = [compiler, *FLAGS, "-x", "c++", "-I", str(src / "emu"), "-I", str(src), *flags, "-include", "emulator.h",
+           "-c", str(source), "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return "" if proc.returncode == 0 else f"$ {' '.join(cmd)}\n{proc.stderr}"
 
 
-def build(extra: Sequence[Path] = (), out: Path = BUILD, compiler: str | None = None) -> Path:
+def _torch_flags() -> tuple[list[str], list[str]]:
+    """Compile and link flags of a library built against this torch."""
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    compile_flags = [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DHETRAIN_CUDA_EMULATOR",
+                     *(f"-I{p}" for p in cpp_extension.include_paths())]
+    lib = str(Path(torch.__file__).parent / "lib")
+    return compile_flags, [f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib}"]
+
+
+def build(extra: Sequence[Path] = (), bindings: Path | None = None, out: Path = BUILD,
+          compiler: str | None = None) -> Path:
     """The emulated kernels' shared library, built unless a build of the same sources is cached.
 
     ``extra``: more ``.cu`` files to build in (kernels that test the emulator itself); they may include
-    the kernel headers as ``"cuda/<name>.h"``.
+    the kernel headers as ``"cuda/<name>.h"``. ``bindings``: the file of hetrain._C; when given, the kernels'
+    torch faces (``csrc/cuda/*_binding.cpp``) are built in too, against this torch and linked to that
+    extension (whose argument checks they call): loading the library registers them for the CUDA dispatch
+    key, where they take CPU tensors (``HETRAIN_CUDA_EMULATOR``, csrc/cuda/binding.h).
     """
     compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or "c++"
-    files = _sources()
+    files = _sources() + (sorted((CSRC / "cuda").glob("*_binding.cpp")) + [CSRC / "cuda" / "binding.h"]
+                          if bindings else [])
     extra = [Path(e).resolve() for e in extra]
-    target = out / _digest(files + extra, compiler)
+    salt = f"{torch.__version__} {Path(bindings).resolve()}" if bindings else ""
+    target = out / _digest(files + extra, f"{compiler} {salt}")
     library = target / LIBRARY
     if library.exists():
         return library
@@ -125,16 +146,27 @@ def build(extra: Sequence[Path] = (), out: Path = BUILD, compiler: str | None = 
     for e in extra:
         (src / "extra").mkdir(exist_ok=True)
         (src / "extra" / e.name).write_text(rewrite_launches(e.read_text()))
-    units = sorted((src / "cuda").glob("*.cu")) + [src / "emu" / "emulator.cpp", src / "emu" / "kernels.cpp"]
-    units += [src / "extra" / e.name for e in extra]
-    objs = [work / "obj" / f"{u.parent.name}_{u.stem}.o" for u in units]
+    units = [(u, ()) for u in sorted((src / "cuda").glob("*.cu"))]
+    units += [(src / "emu" / "emulator.cpp", ()), (src / "emu" / "kernels.cpp", ())]
+    units += [(src / "extra" / e.name, ()) for e in extra]
+    link_flags: list[str] = []
+    if bindings:
+        # One translation unit for every binding: torch's headers are parsed once.
+        (src / "emu" / "bindings.cpp").write_text("".join(
+            f'#include "cuda/{b.name}"\n' for b in sorted((src / "cuda").glob("*_binding.cpp"))))
+        torch_compile, torch_link = _torch_flags()
+        units.append((src / "emu" / "bindings.cpp", torch_compile))
+        bound = Path(bindings).resolve()
+        link_flags = [*torch_link, str(bound), f"-Wl,-rpath,{bound.parent}"]
+    objs = [work / "obj" / f"{u.parent.name}_{u.stem}.o" for u, _ in units]
     objs[0].parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        errors = [e for e in pool.map(lambda uo: _compile(compiler, *uo, src), zip(units, objs, strict=True)) if e]
+        jobs = [pool.submit(_compile, compiler, u, o, src, flags) for (u, flags), o in zip(units, objs, strict=True)]
+        errors = [e for e in (j.result() for j in jobs) if e]
     if errors:
         raise EmulatorBuildError("building the emulated CUDA kernels failed:\n" + "\n".join(errors))
-    link = subprocess.run([compiler, "-shared", "-o", str(work / LIBRARY), *map(str, objs)], capture_output=True,
-                          text=True)
+    link = subprocess.run([compiler, "-shared", "-o", str(work / LIBRARY), *map(str, objs), *link_flags],
+                          capture_output=True, text=True)
     if link.returncode != 0:
         raise EmulatorBuildError(f"linking the emulated CUDA kernels failed:\n{link.stderr}")
     try:
@@ -147,7 +179,8 @@ def build(extra: Sequence[Path] = (), out: Path = BUILD, compiler: str | None = 
 class Emulator:
     """The emulated kernels' entry points (csrc/emu/kernels.cpp), called with tensors' data pointers."""
 
-    def __init__(self, library: Path):
+    def __init__(self, library: Path, bindings: bool = False):
+        self.bindings = bindings  # the torch bindings are registered for the CUDA dispatch key
         self._lib = ctypes.CDLL(str(library))
         self._lib.hetrain_emu_error_message.restype = ctypes.c_char_p
         self._lib.hetrain_emu_set_shuffle_seed.argtypes = [ctypes.c_uint64]
@@ -203,5 +236,15 @@ def _value(arg: object) -> object:
 
 @cache
 def load() -> Emulator:
-    """The emulator for the current sources, built on first use."""
-    return Emulator(build())
+    """The emulator for the current sources, built on first use. Where hetrain._C is built and holds no CUDA
+    kernels of its own (a CPU build), the kernels' torch bindings are built in and registered for the CUDA
+    dispatch key (:attr:`Emulator.bindings`): ``op.redispatch(DispatchKeySet(CUDA), ...)`` runs them on CPU
+    tensors."""
+    from hetrain import _ext
+
+    ext = _ext.load()
+    if ext is None or torch._C._dispatch_has_kernel_for_dispatch_key("hetrain_C::layer_norm_fwd", "CUDA"):
+        return Emulator(build())
+    library = build(bindings=Path(ext.__file__))
+    torch.ops.load_library(str(library))
+    return Emulator(library, bindings=True)

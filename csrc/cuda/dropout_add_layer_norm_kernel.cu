@@ -1,19 +1,18 @@
-// CUDA dropout + residual add + LayerNorm: one thread block per row (rows strided over the grid). The
-// pre-norm sum s = x * m + residual is recomputed in every pass rather than stored (the hash of each
-// element is a few integer multiplies); the formulas come from dropout_math.h and layer_norm_math.h,
-// shared with the CPU kernel. Backward writes one partial dW/dB row per block, summed per column by a
-// second kernel.
+// CUDA dropout + residual add + LayerNorm: LayerNorm's row kernels (layer_norm_rows.cuh, one thread block
+// per row) over the pre-norm sum s = x * m + residual, recomputed in every pass rather than stored (a
+// thread's dropout decisions are drawn once per row and kept as bits); the formulas come from
+// dropout_math.h and layer_norm_math.h, shared with the CPU kernel. Backward writes one partial dW/dB row
+// per block, summed per column by a second kernel.
 #include "dropout_add_layer_norm_kernel.h"
 
 #include "../dropout_math.h"
-#include "../layer_norm_math.h"
-#include "rows.cuh"
+#include "layer_norm_rows.cuh"
 
 namespace hetrain {
 namespace dropout_add_layer_norm {
 namespace {
 
-using namespace cuda;  // rows.cuh: block_sum, grid_for, threads_for, kMaxRowThreads; convert.cuh: load, store
+using namespace cuda;  // rows.cuh: grid_for, threads_for, kMaxRowThreads; convert.cuh: load, store
 
 constexpr int kMaxThreads = kMaxRowThreads;
 
@@ -54,86 +53,55 @@ class RowMask {
   uint32_t bits_ = 0;
 };
 
+// The rows are x * mask + residual; backward stores their gradient in dres and, times the mask, in dx.
+template <typename T, typename acc_t>
+struct DropoutAddRows {
+  const T* x;
+  const T* res;
+  dropout::Call d;
+  T* dx;
+  T* dres;
+  int64_t N;
+
+  struct Row {
+    const T* xr;
+    const T* rr;
+    T* dxr;
+    T* dresr;
+    RowMask<acc_t> mask;
+    __device__ acc_t first(int64_t j, int k) { return acc_t(load(xr + j)) * mask.draw(j, k) + acc_t(load(rr + j)); }
+    __device__ acc_t again(int64_t j, int k) const {
+      return acc_t(load(xr + j)) * mask.again(j, k) + acc_t(load(rr + j));
+    }
+    __device__ void store_grad(int64_t j, int k, acc_t ds) const {
+      store(dresr + j, ds);
+      store(dxr + j, ds * mask.again(j, k));
+    }
+  };
+
+  __device__ Row row(int64_t r) const {
+    const int64_t at = r * N;
+    return {x + at, res + at, dx ? dx + at : nullptr, dres ? dres + at : nullptr, RowMask<acc_t>(d, r, N)};
+  }
+};
+
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     forward_kernel(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w,
                    const T* __restrict__ b, T* __restrict__ y, acc_type<T>* __restrict__ mean,
                    acc_type<T>* __restrict__ rstd, dropout::Call d, int64_t M, int64_t N, acc_type<T> eps) {
-  using acc_t = acc_type<T>;
-  __shared__ acc_t scratch[kMaxThreads / 32];
-  for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
-    const T* xr = x + r * N;
-    const T* rr = res + r * N;
-    T* yr = y + r * N;
-    RowMask<acc_t> mask(d, r, N);
-    auto pre_norm = [&](int64_t j, acc_t m) { return acc_t(load(xr + j)) * m + acc_t(load(rr + j)); };
-    acc_t sum = 0;
-    int k = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x, ++k) sum += pre_norm(j, mask.draw(j, k));
-    const acc_t mu = block_sum(sum, scratch) / acc_t(N);
-    acc_t sq = 0;
-    k = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x, ++k) {
-      const acc_t c = pre_norm(j, mask.again(j, k)) - mu;
-      sq += c * c;
-    }
-    const acc_t rs = layer_norm::rstd<acc_t>(block_sum(sq, scratch) / acc_t(N), eps);
-    k = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x, ++k) {
-      const acc_t wj = w ? acc_t(load(w + j)) : acc_t(1);
-      const acc_t bj = b ? acc_t(load(b + j)) : acc_t(0);
-      store(yr + j, layer_norm::forward<acc_t>(pre_norm(j, mask.again(j, k)), mu, rs, wj, bj));
-    }
-    if (threadIdx.x == 0) {
-      mean[r] = mu;
-      rstd[r] = rs;
-    }
-  }
+  const DropoutAddRows<T, acc_type<T>> rows{x, res, d, nullptr, nullptr, N};
+  cuda::layer_norm_forward_rows<T>(rows, w, b, y, mean, rstd, M, N, eps);
 }
 
-// dres and dx per row; block p adds dy * xhat and dy of its rows into row p of w_part / b_part.
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ res,
                     const T* __restrict__ w, const acc_type<T>* __restrict__ mean,
                     const acc_type<T>* __restrict__ rstd, dropout::Call d, T* __restrict__ dx, T* __restrict__ dres,
                     acc_type<T>* __restrict__ w_part, acc_type<T>* __restrict__ b_part, int64_t M, int64_t N) {
-  using acc_t = acc_type<T>;
-  __shared__ acc_t scratch[kMaxThreads / 32];
-  acc_t* pw = w_part ? w_part + blockIdx.x * N : nullptr;
-  acc_t* pb = b_part ? b_part + blockIdx.x * N : nullptr;
-  for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
-    const T* xr = x + r * N;
-    const T* rr = res + r * N;
-    const T* dyr = dy + r * N;
-    RowMask<acc_t> mask(d, r, N);
-    const acc_t mu = mean[r], rs = rstd[r];
-    const bool first = r == blockIdx.x;  // the block's first row initialises its partial rows
-    acc_t sum_g = 0, sum_gx = 0;
-    int k = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x, ++k) {
-      const acc_t m = mask.draw(j, k);
-      const acc_t xhat = (acc_t(load(xr + j)) * m + acc_t(load(rr + j)) - mu) * rs;
-      const acc_t dj = load(dyr + j);
-      const acc_t g = w ? dj * acc_t(load(w + j)) : dj;
-      sum_g += g;
-      sum_gx += g * xhat;
-    }
-    const acc_t mg = block_sum(sum_g, scratch) / acc_t(N);
-    const acc_t mgx = block_sum(sum_gx, scratch) / acc_t(N);
-    k = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x, ++k) {
-      const acc_t m = mask.again(j, k);
-      const acc_t xhat = (acc_t(load(xr + j)) * m + acc_t(load(rr + j)) - mu) * rs;
-      const acc_t dj = load(dyr + j);
-      const acc_t g = w ? dj * acc_t(load(w + j)) : dj;
-      const acc_t ds = layer_norm::input_grad<acc_t>(g, xhat, rs, mg, mgx);
-      store(dres + r * N + j, ds);
-      store(dx + r * N + j, ds * m);
-      if (pw) pw[j] = first ? dj * xhat : pw[j] + dj * xhat;
-      if (pb) pb[j] = first ? dj : pb[j] + dj;
-    }
-  }
+  const DropoutAddRows<T, acc_type<T>> rows{x, res, d, dx, dres, N};
+  cuda::layer_norm_backward_rows<T>(rows, dy, w, mean, rstd, w_part, b_part, M, N);
 }
 
 }  // namespace

@@ -1,10 +1,10 @@
-// CUDA LayerNorm: one thread block per row (rows strided over the grid). The per-element formulas
-// come from layer_norm_math.h, shared with the CPU kernel. Backward writes one partial dW/dB row per
-// block and sums them in a second kernel: no contended atomics, and a deterministic result.
+// CUDA LayerNorm: one thread block per row (rows strided over the grid; layer_norm_rows.cuh, shared with
+// dropout+add+LayerNorm), per-element formulas from layer_norm_math.h, shared with the CPU kernel. Backward
+// writes one partial dW/dB row per block and sums them in a second kernel: no contended atomics, and a
+// deterministic result.
 #include "layer_norm_kernel.h"
 
-#include "../layer_norm_math.h"
-#include "rows.cuh"
+#include "layer_norm_rows.cuh"
 
 namespace hetrain {
 namespace layer_norm {
@@ -12,77 +12,43 @@ namespace {
 
 constexpr int kMaxThreads = cuda::kMaxRowThreads;
 
-using cuda::block_sum;
 using cuda::grid_for;
 using cuda::load;
 using cuda::store;
 using cuda::threads_for;
+
+// The rows are x itself; backward stores their gradient in dx.
+template <typename T, typename acc_t>
+struct InputRows {
+  const T* x;
+  T* dx;
+  int64_t N;
+
+  struct Row {
+    const InputRows& rows;
+    int64_t at;  // the row's first element
+    __device__ acc_t first(int64_t j, int) const { return load(rows.x + at + j); }
+    __device__ acc_t again(int64_t j, int) const { return load(rows.x + at + j); }
+    __device__ void store_grad(int64_t j, int, acc_t ds) const { store(rows.dx + at + j, ds); }
+  };
+
+  __device__ Row row(int64_t r) const { return {*this, r * N}; }
+};
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
                    acc_type<T>* __restrict__ mean, acc_type<T>* __restrict__ rstd, int64_t M, int64_t N,
                    acc_type<T> eps) {
-  using acc_t = acc_type<T>;
-  __shared__ acc_t scratch[kMaxThreads / 32];
-  for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
-    const T* xr = x + r * N;
-    T* yr = y + r * N;
-    acc_t sum = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) sum += load(xr + j);
-    const acc_t mu = block_sum(sum, scratch) / acc_t(N);
-    acc_t sq = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const acc_t d = load(xr + j) - mu;
-      sq += d * d;
-    }
-    const acc_t rs = layer_norm::rstd<acc_t>(block_sum(sq, scratch) / acc_t(N), eps);
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const acc_t wj = w ? acc_t(load(w + j)) : acc_t(1);
-      const acc_t bj = b ? acc_t(load(b + j)) : acc_t(0);
-      store(yr + j, layer_norm::forward<acc_t>(load(xr + j), mu, rs, wj, bj));
-    }
-    if (threadIdx.x == 0) {
-      mean[r] = mu;
-      rstd[r] = rs;
-    }
-  }
+  cuda::layer_norm_forward_rows<T>(InputRows<T, acc_type<T>>{x, nullptr, N}, w, b, y, mean, rstd, M, N, eps);
 }
 
-// dx per row; block p adds dy * xhat and dy of its rows into row p of w_part / b_part.
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
                     const acc_type<T>* __restrict__ mean, const acc_type<T>* __restrict__ rstd, T* __restrict__ dx,
                     acc_type<T>* __restrict__ w_part, acc_type<T>* __restrict__ b_part, int64_t M, int64_t N) {
-  using acc_t = acc_type<T>;
-  __shared__ acc_t scratch[kMaxThreads / 32];
-  acc_t* pw = w_part ? w_part + blockIdx.x * N : nullptr;
-  acc_t* pb = b_part ? b_part + blockIdx.x * N : nullptr;
-  for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
-    const T* xr = x + r * N;
-    const T* dyr = dy + r * N;
-    T* dxr = dx + r * N;
-    const acc_t mu = mean[r], rs = rstd[r];
-    const bool first = r == blockIdx.x;  // the block's first row initialises its partial rows
-    acc_t sum_g = 0, sum_gx = 0;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const acc_t d = load(dyr + j);
-      const acc_t g = w ? d * acc_t(load(w + j)) : d;
-      sum_g += g;
-      sum_gx += g * ((load(xr + j) - mu) * rs);
-    }
-    const acc_t mg = block_sum(sum_g, scratch) / acc_t(N);
-    const acc_t mgx = block_sum(sum_gx, scratch) / acc_t(N);
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const acc_t d = load(dyr + j);
-      const acc_t xhat = (load(xr + j) - mu) * rs;
-      const acc_t g = w ? d * acc_t(load(w + j)) : d;
-      store(dxr + j, layer_norm::input_grad<acc_t>(g, xhat, rs, mg, mgx));
-      if (pw) pw[j] = first ? d * xhat : pw[j] + d * xhat;
-      if (pb) pb[j] = first ? d : pb[j] + d;
-    }
-  }
+  cuda::layer_norm_backward_rows<T>(InputRows<T, acc_type<T>>{x, dx, N}, dy, w, mean, rstd, w_part, b_part, M, N);
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 """Linear + cross-entropy: every backend vs the float64 torch reference, reductions, num_items, chunking, compile."""
 
+import importlib
+
 import pytest
 import torch
 from op_testing import TOLERANCES, assert_close, non_contiguous, randn
@@ -410,6 +412,31 @@ def test_cuda_matches_reference(dtype):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(loss.cpu().double(), loss_ref, atol=atol, rtol=rtol)
     assert_grads_close([g.cpu() for g in grads], grads_ref, dtype, "cuda")
+
+
+def test_the_float32_weight_gradient_gemm_is_used_only_where_torch_has_it():
+    lce = importlib.import_module("hetrain.ops.linear_cross_entropy")
+    # The CPU has no aten::addmm.dtype_out kernel: the scratch path, as the tests above ran it.
+    assert lce._gemm_adds_into_float32(torch.device("cpu")) is False
+    assert lce._ADDS_INTO_FLOAT32["cpu"] is False  # tried once, then remembered
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_weight_gradient_sums_in_float32_on_either_path(dtype):
+    lce = importlib.import_module("hetrain.ops.linear_cross_entropy")
+    hidden, weight, b, target = inputs((6, 50), 64, 1000, dtype, seed=21)
+    budget = budget_for(40, 1000, 64, dtype)  # eight chunks, each adding its share into the float32 sum
+    _, grads_ref = reference(hidden, weight, b, target)
+    direct_ok = lce._gemm_adds_into_float32(torch.device("cuda"))
+    for direct in (True, False) if direct_ok else (False,):
+        lce._ADDS_INTO_FLOAT32["cuda"] = direct
+        try:
+            _, grads = run("triton", *(t.detach().cuda().requires_grad_() for t in (hidden, weight, b)),
+                           target.cuda(), memory_budget=budget)
+        finally:
+            lce._ADDS_INTO_FLOAT32["cuda"] = direct_ok
+        assert_grads_close([g.cpu() for g in grads], grads_ref, dtype, f"cuda, GEMM into float32: {direct}")
 
 
 @pytest.mark.cuda

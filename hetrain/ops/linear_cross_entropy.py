@@ -30,8 +30,9 @@ float64), ``h`` the input's element size for bf16/fp16 (their GEMM output and th
 for the gradient GEMMs, else 0) and ``4 * H`` the chunk of hidden in float32 for the weight gradient
 (bf16/fp16 only). On CUDA, bf16/fp16 logits stay in their dtype (see :func:`_chunked`) and a row costs
 ``V * h``. Beside it: the per-row losses (``4 * rows`` bytes) and, for bf16/fp16 weights, a float32
-weight-gradient accumulator (``4 * V * H``) so the sum over chunks does not round at every chunk; on
-CUDA also one weight-sized scratch in the input dtype for each chunk's weight-gradient GEMM. The chunk
+weight-gradient accumulator (``4 * V * H``) so the sum over chunks does not round at every chunk; each
+chunk's weight-gradient GEMM adds into it directly where torch can (:func:`_gemm_adds_into_float32`),
+else through one weight-sized scratch in the input dtype. The chunk
 buffers are freed before the float32 sums are cast to the parameters' dtype. Backward scales the gradients
 computed in forward in place and hands them to autograd (the weight's ``.grad`` is that tensor, no copy),
 unless the graph is kept for another backward.
@@ -190,6 +191,31 @@ def _chunked(
     return loss, grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype if bias is not None else cdt)
 
 
+# Per device type: whether a 16-bit GEMM adds straight into a float32 tensor (see _gemm_adds_into_float32).
+_ADDS_INTO_FLOAT32: dict[str, bool] = {}
+
+
+def _gemm_adds_into_float32(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds the bf16/fp16 product ``a @ b``
+    into the float32 ``acc`` on this device: cuBLAS then accumulates each chunk's weight gradient into the
+    float32 sum itself, with no weight-sized scratch and no rounding of the chunk's share to 16 bits. torch
+    has the overload (aten::addmm.dtype_out) on CUDA since 2.8, and takes a float32 addend in later
+    versions; tried once per device type on a 1x1 product whose result is checked (not while a CUDA graph
+    is being captured, where the check cannot read the result)."""
+    if device.type not in _ADDS_INTO_FLOAT32:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            a = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16, device=device)
+            b = torch.tensor([[3.0], [4.0]], dtype=torch.bfloat16, device=device)
+            acc = torch.full((1, 1), 0.5, device=device)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDS_INTO_FLOAT32[device.type] = acc.item() == 11.5
+        except (RuntimeError, NotImplementedError, TypeError):
+            _ADDS_INTO_FLOAT32[device.type] = False
+    return _ADDS_INTO_FLOAT32[device.type]
+
+
 def _run_chunks(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
     label_smoothing: float, scale: torch.Tensor | None, memory_budget: int, half_logits: bool, loss: torch.Tensor,
@@ -205,7 +231,9 @@ def _run_chunks(
     c = chunk_rows(M, V, H, hidden.dtype, memory_budget, half_logits=half_logits)
     gemm_buf = hidden.new_empty((c if M else 0, V))  # the GEMM's own dtype
     logits_buf = hidden.new_empty((c if M else 0, V), dtype=cdt) if half and not half_logits else gemm_buf
-    wgrad_chunk = weight.new_empty(weight.shape) if half_logits and grad_w is not None else None
+    adds_into_float32 = half_logits and grad_w is not None and _gemm_adds_into_float32(hidden.device)
+    wgrad_chunk = weight.new_empty(weight.shape) if half_logits and grad_w is not None and not adds_into_float32 \
+        else None
     weight_t = weight.t()
     for start in range(0, M, c):
         n = min(c, M - start)
@@ -227,7 +255,9 @@ def _run_chunks(
         dlogits = out.copy_(logits) if logits is not out else logits  # in the GEMMs' dtype
         if grad_h is not None:
             torch.mm(dlogits, weight, out=grad_h[start:start + n])
-        if wgrad_chunk is not None:
+        if adds_into_float32:
+            torch.addmm(grad_w, dlogits.t(), h, out_dtype=torch.float32, out=grad_w)
+        elif wgrad_chunk is not None:
             grad_w.add_(torch.mm(dlogits.t(), h, out=wgrad_chunk))
         elif grad_w is not None:
             grad_w.addmm_(logits.t(), h.to(cdt) if half else h)

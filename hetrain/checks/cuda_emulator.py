@@ -3,10 +3,10 @@
 Without a GPU the CPU tests check the kernels' per-element math (shared with the CPU kernels) and nvcc
 checks that they compile; this runs the kernels themselves, so their indexing, block reductions, barriers,
 grid-stride loops and partial-row workspaces are checked too. The sources are copied with each
-``kernel<<<...>>>(args)`` launch rewritten into a call of the emulator, compiled with g++ (no CUDA, no torch
-headers) into one shared library, cached under ``build/cuda_emu`` by a hash of the sources. Built against a
-CPU build of hetrain._C, the library also holds the kernels' torch bindings, registered for the CUDA dispatch
-key on CPU tensors (see :func:`load`).
+``kernel<<<...>>>(args)`` launch rewritten into a call of the emulator, compiled with g++ (no CUDA; the
+kernels without torch headers, as nvcc builds them) into one shared library, cached under ``build/cuda_emu``
+by a hash of the sources. Beside a CPU build of hetrain._C, the library also holds the kernels' torch
+bindings, registered for the CUDA dispatch key on CPU tensors (see :func:`load`).
 """
 
 from __future__ import annotations

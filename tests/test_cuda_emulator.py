@@ -4,6 +4,8 @@ the faults and races it must report, on the test kernels of tests/cpp/emulated_f
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,20 @@ def test_shuffled_thread_order_exposes_a_missing_barrier(emu):
     assert all(results[1, seed] for seed in (0, 1, 2))  # with the barrier: right in every order
     assert results[0, 0]  # the race hides in index order...
     assert not results[0, 1] and not results[0, 2]  # ...and shows when threads run in other orders
+
+
+def test_undefined_behaviour_in_a_kernel_stops_the_process_naming_the_line(emu):
+    out = torch.zeros(32, dtype=torch.int32)
+    emu.call("test_overflow", out, 2**31 - 100)  # no overflow for 32 threads
+    assert torch.equal(out, torch.arange(2**31 - 100, 2**31 - 68, dtype=torch.int32))
+    code = (
+        "import torch\n"
+        "from pathlib import Path\n"
+        "from hetrain.checks import cuda_emulator\n"
+        f"emu = cuda_emulator.Emulator(cuda_emulator.build(extra=[Path({str(FAULTS)!r})]))\n"
+        "emu.call('test_overflow', torch.zeros(32, dtype=torch.int32), 2**31 - 10)\n"
+        "print('not stopped')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "not stopped" not in run.stdout
+    assert "runtime error: signed integer overflow" in run.stderr and "emulated_faults.cu" in run.stderr, run.stderr

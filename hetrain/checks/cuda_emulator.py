@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 BUILD = ROOT / "build" / "cuda_emu"
 FLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-Wall", "-Wno-unused-function"]
+# The kernels (not torch's headers) run under UndefinedBehaviorSanitizer: an overflowing signed index, a bad
+# shift or a misaligned access stops the process with the kernel's file and line.
+SANITIZE = ["-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
 LIBRARY = "libhetrain_cuda_emu.so"
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -90,7 +93,7 @@ def _sources() -> list[Path]:
 
 
 def _digest(files: list[Path], compiler: str) -> str:
-    h = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
+    h = hashlib.sha256(" ".join([compiler, *FLAGS, *SANITIZE]).encode())
     for f in files:
         h.update(str(f).encode())
         h.update(f.read_bytes())
@@ -146,9 +149,9 @@ def build(extra: Sequence[Path] = (), bindings: Path | None = None, out: Path = 
     for e in extra:
         (src / "extra").mkdir(exist_ok=True)
         (src / "extra" / e.name).write_text(rewrite_launches(e.read_text()))
-    units = [(u, ()) for u in sorted((src / "cuda").glob("*.cu"))]
+    units = [(u, SANITIZE) for u in sorted((src / "cuda").glob("*.cu"))]
     units += [(src / "emu" / "emulator.cpp", ()), (src / "emu" / "kernels.cpp", ())]
-    units += [(src / "extra" / e.name, ()) for e in extra]
+    units += [(src / "extra" / e.name, SANITIZE) for e in extra]
     link_flags: list[str] = []
     if bindings:
         # One translation unit for every binding: torch's headers are parsed once.
@@ -165,7 +168,7 @@ def build(extra: Sequence[Path] = (), bindings: Path | None = None, out: Path = 
         errors = [e for e in (j.result() for j in jobs) if e]
     if errors:
         raise EmulatorBuildError("building the emulated CUDA kernels failed:\n" + "\n".join(errors))
-    link = subprocess.run([compiler, "-shared", "-o", str(work / LIBRARY), *map(str, objs), *link_flags],
+    link = subprocess.run([compiler, "-shared", *SANITIZE, "-o", str(work / LIBRARY), *map(str, objs), *link_flags],
                           capture_output=True, text=True)
     if link.returncode != 0:
         raise EmulatorBuildError(f"linking the emulated CUDA kernels failed:\n{link.stderr}")

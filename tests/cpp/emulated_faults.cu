@@ -40,9 +40,18 @@ __global__ void index_kernel(int* out) {
   out[b * blockDim.x * blockDim.y * blockDim.z + t] = static_cast<int>(b * 10000 + t);
 }
 
+// base + threadIdx.x in int: a signed overflow (undefined behaviour) for base near INT_MAX.
+__global__ void overflow_kernel(int* out, int base) { out[threadIdx.x] = base + static_cast<int>(threadIdx.x); }
+
 }  // namespace
 
 extern "C" {
+
+int hetrain_emu_test_overflow(int* out, int64_t base) {
+  overflow_kernel<<<1, 32>>>(out, static_cast<int>(base));
+  return cudaGetLastError();
+}
+
 
 int hetrain_emu_test_early_return(float* out, int64_t threads, int64_t live) {
   early_return_kernel<<<1, static_cast<unsigned>(threads)>>>(out, static_cast<unsigned>(live));

@@ -1,4 +1,4 @@
-"""The token table's training step on a CPU stage: dense AdamW vs torch's SparseAdam vs hetrain's lazy AdamW.
+"""A CPU stage's token-table step: dense AdamW vs torch's SparseAdam vs hetrain's coalesced lookup + lazy AdamW.
 
 Run: ``make bench-embedding`` (``python -m benchmarks.bench_embedding [--quick] [--out DIR]``). BERT-base's
 30522 x 768 table on the CPU, as bert_split places it: lookup, backward from a given upstream gradient
@@ -30,7 +30,8 @@ VOCAB, HIDDEN = 30522, 768
 def table_step(kind: str, vocab: int, hidden: int, ids: torch.Tensor) -> Callable[[], None]:
     """One training step of an embedding table updated the ``kind`` way: dense, SparseAdam or hetrain."""
     torch.manual_seed(0)
-    emb = torch.nn.Embedding(vocab, hidden, padding_idx=0, sparse=kind != "dense")
+    table = hetrain.nn.Embedding if kind == "hetrain" else torch.nn.Embedding  # hetrain's: a coalesced gradient
+    emb = table(vocab, hidden, padding_idx=0, sparse=kind != "dense")
     if kind == "dense":
         opt: torch.optim.Optimizer = torch.optim.AdamW(emb.parameters(), lr=1e-4, fused=True)
     elif kind == "SparseAdam":

@@ -9,28 +9,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
 #include <vector>
 
 #include "adamw_math.h"
+#include "index_runs.h"
 
 namespace hetrain {
 namespace {
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Positions of `index` sorted by index (stable), and the start of each run of equal indices.
-void runs_of_equal_indices(const int64_t* index, int64_t n, std::vector<int64_t>& order,
-                           std::vector<int64_t>& starts) {
-  order.resize(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return index[a] < index[b]; });
-  starts.clear();
-  for (int64_t i = 0; i < n; ++i)
-    if (i == 0 || index[order[i]] != index[order[i - 1]]) starts.push_back(i);
-  starts.push_back(n);
-}
 
 template <typename scalar_t>
 void step_rows(scalar_t* p, scalar_t* m, scalar_t* v, const int64_t* index, const scalar_t* values, int64_t n,

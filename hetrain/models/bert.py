@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetrain.nn import BiasGELU, Dropout, DropoutAddLayerNorm, LayerNorm
+from hetrain.nn import BiasGELU, Dropout, DropoutAddLayerNorm, Embedding, LayerNorm
 from hetrain.placement.pipeline import gpipe_forward
 
 
@@ -28,7 +28,7 @@ class Embeddings(nn.Module):
     def __init__(self, vocab_size: int, hidden: int, max_len: int, dropout: float, pad_id: int = 0,
                  fused: bool = True, sparse: bool = False) -> None:
         super().__init__()
-        self.tokens = nn.Embedding(vocab_size, hidden, padding_idx=pad_id, sparse=sparse)
+        self.tokens = Embedding(vocab_size, hidden, padding_idx=pad_id, sparse=sparse)
         self.positions = nn.Embedding(max_len, hidden)
         self.norm = LayerNorm(hidden) if fused else nn.LayerNorm(hidden)
         self.dropout = Dropout(dropout) if fused else nn.Dropout(dropout)

@@ -8,6 +8,7 @@ from hetrain.nn.layer_norm import LayerNorm
 from hetrain.nn.linear_cross_entropy import LinearCrossEntropyHead
 from hetrain.nn.patch import PatchReport, patch
 from hetrain.nn.rms_norm import RMSNorm
+from hetrain.nn.sparse_embedding import Embedding
 
 __all__ = [
     "BiasGELU",
@@ -15,6 +16,7 @@ __all__ = [
     "ConvReLUPool2d",
     "Dropout",
     "DropoutAddLayerNorm",
+    "Embedding",
     "LayerNorm",
     "LinearCrossEntropyHead",
     "PatchReport",

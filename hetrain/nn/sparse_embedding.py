@@ -1,0 +1,18 @@
+"""``nn.Embedding`` whose sparse gradient comes coalesced, without the padding copy (see ops.sparse_embedding)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hetrain.ops.sparse_embedding import sparse_embedding
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` (same parameters, state_dict and arguments); with ``sparse=True`` and no ``max_norm`` the
+    lookup is :func:`hetrain.ops.sparse_embedding.sparse_embedding`, else torch's."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Embedding's own argument name
+        if self.sparse and self.max_norm is None and not self.scale_grad_by_freq:
+            return sparse_embedding(input, self.weight, self.padding_idx)
+        return super().forward(input)

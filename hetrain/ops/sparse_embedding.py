@@ -1,0 +1,46 @@
+"""An embedding lookup whose table gradient is row-sparse and already coalesced: ``sparse_embedding``.
+
+``F.embedding(ids, weight, padding_idx, sparse=True)`` hands the table a gradient of one (index, row) pair
+per lookup; with a padding index it first copies every non-padding row of the upstream gradient into a new
+tensor, which at BERT's 32 x 512 x 768 took 22 of the 24 ms of the table's backward on a 2-core CPU
+(benchmarks/RESULTS.md). On the CPU, ``hetrain_C::embedding_sparse_grad`` (csrc/embedding_grad.cpp) reads
+each upstream row once and writes each looked-up table row once: the gradient arrives coalesced (sorted
+unique rows, repeats summed, the padding row absent), the same tensor as torch's after ``coalesce()``.
+Elsewhere (CUDA, or without hetrain._C), and while a graph is traced, it is torch's sparse lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hetrain import _ext
+
+
+class _SparseEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, padding_idx: int) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.table_shape, ctx.padding_idx = weight.shape, padding_idx
+        return F.embedding(ids, weight, padding_idx if padding_idx >= 0 else None)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        rows, values = torch.ops.hetrain_C.embedding_sparse_grad(grad, ids, ctx.table_shape[0], ctx.padding_idx)
+        # Built here from sorted unique rows in range: torch's invariant checks would only repeat that work.
+        table_grad = torch.sparse_coo_tensor(rows, values, ctx.table_shape, is_coalesced=True, check_invariants=False)
+        return None, table_grad, None
+
+
+def sparse_embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
+    """``F.embedding(ids, weight, padding_idx, sparse=True)``, whose gradient for ``weight`` comes coalesced."""
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]  # as nn.Embedding normalises it
+    fused = (weight.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled()
+             and not torch.compiler.is_compiling() and _ext.load() is not None)
+    if not fused:
+        return F.embedding(ids, weight, padding_idx, sparse=True)
+    return _SparseEmbedding.apply(ids, weight, -1 if padding_idx is None else padding_idx)

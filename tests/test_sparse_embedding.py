@@ -1,0 +1,101 @@
+"""hetrain.nn.Embedding / hetrain.ops.sparse_embedding: torch's sparse lookup, with the table's gradient built
+coalesced on the CPU by hetrain_C::embedding_sparse_grad (no padding copy). Against nn.Embedding(sparse=True)
+and a float64 reference, with padding, repeats, any ids shape, empty batches and in a training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from op_testing import TOLERANCES, randn
+
+from hetrain import _ext
+from hetrain.nn import Embedding
+from hetrain.ops.sparse_embedding import sparse_embedding
+from hetrain.optim import SparseAwareAdamW
+
+pytestmark = pytest.mark.skipif(_ext.load() is None, reason="the coalesced gradient is hetrain._C's kernel")
+
+V, H = 50, 12
+
+
+def table_grad_reference(ids: torch.Tensor, up: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+    """The dense float64 gradient of the table: each lookup's upstream row added into its row, the padding row 0."""
+    grad = torch.zeros(V, H, dtype=torch.float64)
+    grad.index_add_(0, ids.flatten().long(), up.reshape(-1, H).double())
+    if padding_idx is not None:
+        grad[padding_idx] = 0
+    return grad
+
+
+def ids_with_padding(shape: tuple[int, ...], seed: int, padding_idx: int | None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 8, shape, generator=g)  # few distinct rows: many repeats
+    if padding_idx is not None and ids.numel():
+        ids.view(-1)[::3] = padding_idx
+    return ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 9), (2, 3, 5), (7,), (0, 4)])
+@pytest.mark.parametrize("padding_idx", [0, 5, None])
+def test_gradient_is_the_coalesced_table_gradient(dtype, shape, padding_idx):
+    ids = ids_with_padding(shape, 1, padding_idx)
+    up = randn(*shape, H, dtype=dtype, seed=2)
+    weight = randn(V, H, dtype=dtype, seed=3, requires_grad=True)
+    y = sparse_embedding(ids, weight, padding_idx)
+    assert torch.equal(y, torch.nn.functional.embedding(ids, weight.detach(), padding_idx))
+    y.backward(up)
+    grad = weight.grad
+    assert grad.is_sparse and grad.dtype == dtype and grad.shape == (V, H)
+    rows = grad._indices()[0]
+    assert torch.equal(rows, torch.unique(ids[ids != padding_idx] if padding_idx is not None else ids))
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(grad.to_dense().double(), table_grad_reference(ids, up, padding_idx), atol=atol,
+                               rtol=rtol)
+
+
+def test_int32_ids_negative_padding_and_all_padding():
+    weight = randn(V, H, seed=4, requires_grad=True)
+    ids = torch.tensor([[3, V - 1, 3], [V - 1, 7, 3]], dtype=torch.int32)
+    sparse_embedding(ids, weight, padding_idx=-1).backward(randn(2, 3, H, seed=5))  # -1: the last row
+    assert weight.grad._indices()[0].tolist() == [3, 7]
+    weight.grad = None
+    sparse_embedding(torch.zeros(3, 4, dtype=torch.long), weight, padding_idx=0).backward(randn(3, 4, H, seed=6))
+    assert weight.grad._nnz() == 0  # every lookup was padding: an empty gradient, not an error
+
+
+def test_module_is_a_drop_in_for_nn_embedding_and_steps_the_same():
+    torch.manual_seed(0)
+    ours = Embedding(V, H, padding_idx=0, sparse=True)
+    theirs = torch.nn.Embedding(V, H, padding_idx=0, sparse=True)
+    theirs.load_state_dict(ours.state_dict())
+    opts = [SparseAwareAdamW([{"params": [m.weight], "sparse": True}], lr=1e-2) for m in (ours, theirs)]
+    for step in range(3):
+        ids = ids_with_padding((6, 10), 10 + step, 0)
+        up = randn(6, 10, H, seed=20 + step)
+        for module, opt in zip((ours, theirs), opts, strict=True):
+            opt.zero_grad(set_to_none=True)
+            module(ids).backward(up)
+            opt.step()
+        torch.testing.assert_close(ours.weight, theirs.weight, atol=1e-6, rtol=1e-6)
+    assert torch.equal(ours.weight[0], theirs.weight[0])  # the padding row never moves
+
+
+def test_torchs_lookup_where_the_kernel_does_not_apply():
+    weight = randn(V, H, seed=7, requires_grad=True)
+    ids = ids_with_padding((3, 4), 8, 0)
+    with torch.no_grad():
+        assert torch.equal(sparse_embedding(ids, weight, 0), torch.nn.functional.embedding(ids, weight, 0))
+    dense = Embedding(V, H, padding_idx=0)  # sparse=False: torch's dense gradient, as nn.Embedding
+    dense(ids).sum().backward()
+    assert not dense.weight.grad.is_sparse
+
+
+def test_bad_arguments_name_the_problem():
+    grad = randn(2, 3, H)
+    with pytest.raises(RuntimeError, match="id 60 is outside the table's 50 rows"):
+        torch.ops.hetrain_C.embedding_sparse_grad(grad, torch.tensor([[1, 2, 60], [0, 1, 2]]), V, -1)
+    with pytest.raises(RuntimeError, match="ids.shape \\+ \\(H,\\)"):
+        torch.ops.hetrain_C.embedding_sparse_grad(grad, torch.tensor([1, 2]), V, -1)
+    with pytest.raises(RuntimeError, match="int64 or int32"):
+        torch.ops.hetrain_C.embedding_sparse_grad(grad, torch.ones(2, 3), V, -1)

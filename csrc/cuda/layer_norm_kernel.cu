@@ -65,19 +65,10 @@ template <typename T>
 cudaError_t cuda_backward(const T* dy, const T* x, const T* w, const acc_type<T>* mean, const acc_type<T>* rstd,
                           T* dx, T* dw, T* db, acc_type<T>* w_part, acc_type<T>* b_part, int64_t parts, int64_t M,
                           int64_t N, cudaStream_t stream) {
-  if (parts < 1 || parts > std::max<int64_t>(M, 1) || parts > INT_MAX || (dw && !w_part) || (db && !b_part)) {
-    return cudaErrorInvalidValue;
-  }
-  if (N == 0) return cudaSuccess;
-  if (M == 0) {  // no rows: the gradients of w and b are zero
-    const cudaError_t err = cuda::zero(dw, N, stream);
-    return err != cudaSuccess ? err : cuda::zero(db, N, stream);
-  }
-  backward_kernel<T><<<static_cast<unsigned>(parts), threads_for(N), 0, stream>>>(
-      dy, x, w, mean, rstd, dx, dw ? w_part : nullptr, db ? b_part : nullptr, M, N);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || (!dw && !db)) return err;
-  return cuda::column_sums(w_part, b_part, dw, db, parts, N, stream);
+  return cuda::row_backward(dw, db, w_part, b_part, parts, M, N, stream, [&](acc_type<T>* wp, acc_type<T>* bp) {
+    backward_kernel<T><<<static_cast<unsigned>(parts), threads_for(N), 0, stream>>>(dy, x, w, mean, rstd, dx, wp,
+                                                                                     bp, M, N);
+  });
 }
 
 #define HETRAIN_LAYER_NORM_INSTANTIATE(T)                                                                          \

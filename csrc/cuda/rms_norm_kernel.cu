@@ -81,14 +81,10 @@ cudaError_t cuda_forward(const T* x, const T* w, T* y, acc_type<T>* rstd, int64_
 template <typename T>
 cudaError_t cuda_backward(const T* dy, const T* x, const T* w, const acc_type<T>* rstd, T* dx, T* dw,
                           acc_type<T>* w_part, int64_t parts, int64_t M, int64_t N, cudaStream_t stream) {
-  if (parts < 1 || parts > std::max<int64_t>(M, 1) || parts > INT_MAX || (dw && !w_part)) return cudaErrorInvalidValue;
-  if (N == 0) return cudaSuccess;
-  if (M == 0) return cuda::zero(dw, N, stream);  // no rows: the weight gradient is zero
-  backward_kernel<T><<<static_cast<unsigned>(parts), threads_for(N), 0, stream>>>(dy, x, w, rstd, dx,
-                                                                                   dw ? w_part : nullptr, M, N);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || !dw) return err;
-  return cuda::column_sums<T, acc_type<T>>(w_part, nullptr, dw, nullptr, parts, N, stream);
+  return cuda::row_backward<T, acc_type<T>>(dw, nullptr, w_part, nullptr, parts, M, N, stream,
+                                            [&](acc_type<T>* wp, acc_type<T>*) {
+    backward_kernel<T><<<static_cast<unsigned>(parts), threads_for(N), 0, stream>>>(dy, x, w, rstd, dx, wp, M, N);
+  });
 }
 
 #define HETRAIN_RMS_NORM_INSTANTIATE(T)                                                                         \

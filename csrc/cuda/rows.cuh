@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 
 #include "convert.cuh"
@@ -57,6 +59,26 @@ cudaError_t column_sums(const acc_t* a_part, const acc_t* b_part, T* a, T* b, in
 template <typename T>
 cudaError_t zero(T* p, int64_t n, cudaStream_t stream) {
   return p ? cudaMemsetAsync(p, 0, n * sizeof(T), stream) : cudaSuccess;
+}
+
+// The host side of a row kernel's backward over `parts` row blocks (LayerNorm, RMSNorm, dropout+add+LayerNorm):
+// checks parts and workspaces, gives zero parameter gradients for no rows, runs `launch(w_part, b_part)` (each
+// null where that gradient is not wanted), then sums the partial rows into dw / db (either may be null).
+template <typename T, typename acc_t, typename Launch>
+cudaError_t row_backward(T* dw, T* db, acc_t* w_part, acc_t* b_part, int64_t parts, int64_t M, int64_t N,
+                         cudaStream_t stream, Launch&& launch) {
+  if (parts < 1 || parts > std::max<int64_t>(M, 1) || parts > INT_MAX || (dw && !w_part) || (db && !b_part)) {
+    return cudaErrorInvalidValue;
+  }
+  if (N == 0) return cudaSuccess;
+  if (M == 0) {  // no rows: the parameter gradients are zero
+    const cudaError_t err = zero(dw, N, stream);
+    return err != cudaSuccess ? err : zero(db, N, stream);
+  }
+  launch(dw ? w_part : nullptr, db ? b_part : nullptr);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || (!dw && !db)) return err;
+  return column_sums(w_part, b_part, dw, db, parts, N, stream);
 }
 
 }  // namespace cuda

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include "../checks.h"
+#include "rows.h"
 
 namespace hetrain {
 namespace cuda {
@@ -67,6 +68,32 @@ inline int sm_count(const at::Tensor& x) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   return sms;
 }
+
+// A row kernel's parameter gradients for x of (M, N) rows: dw and db of N values where the weight / bias is
+// given, else empty (as the CPU kernels return them), with one partial row per row block for each wanted one.
+struct ParamGrads {
+  at::Tensor dw, db, w_part, b_part;
+  int64_t parts;
+
+  ParamGrads(const at::Tensor& x, bool weight, bool bias)
+      : parts(backward_parts(x.size(0), sm_count(x))) {
+    const int64_t N = x.size(1);
+    dw = at::empty({weight ? N : 0}, x.options());
+    db = at::empty({bias ? N : 0}, x.options());
+    w_part = partial_rows(weight, parts, N, x);
+    b_part = partial_rows(bias, parts, N, x);
+  }
+
+  // The kernel's arguments: each null where that gradient is not wanted.
+  template <typename scalar_t>
+  kernel_t<scalar_t>* dw_out() { return w_part.defined() ? mutable_ptr<scalar_t>(dw) : nullptr; }
+  template <typename scalar_t>
+  kernel_t<scalar_t>* db_out() { return b_part.defined() ? mutable_ptr<scalar_t>(db) : nullptr; }
+  template <typename acc_t>
+  acc_t* w_workspace() { return w_part.defined() ? w_part.data_ptr<acc_t>() : nullptr; }
+  template <typename acc_t>
+  acc_t* b_workspace() { return b_part.defined() ? b_part.data_ptr<acc_t>() : nullptr; }
+};
 
 }  // namespace cuda
 }  // namespace hetrain

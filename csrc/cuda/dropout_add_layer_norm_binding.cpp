@@ -69,22 +69,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   const at::Tensor mc = mean.contiguous(), sc = rstd.contiguous();
   at::Tensor dx = at::empty_like(xc);
   at::Tensor dres = at::empty_like(xc);
-  at::Tensor dw = at::empty({wc.defined() ? N : 0}, x.options());
-  at::Tensor db = at::empty({has_bias ? N : 0}, x.options());
-  const int64_t parts = cuda::backward_parts(M, cuda::sm_count(x));
-  at::Tensor w_part = cuda::partial_rows(wc.defined(), parts, N, x);
-  at::Tensor b_part = cuda::partial_rows(has_bias, parts, N, x);
+  cuda::ParamGrads g(x, wc.defined(), has_bias);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_add_layer_norm_bwd_cuda", [&] {
     using acc_t = dropout_add_layer_norm::acc_type<cuda::kernel_t<scalar_t>>;
     C10_CUDA_CHECK(dropout_add_layer_norm::cuda_backward(
         ptr<scalar_t>(dyc), ptr<scalar_t>(xc), ptr<scalar_t>(rc), ptr<scalar_t>(wc), mc.const_data_ptr<acc_t>(),
         sc.const_data_ptr<acc_t>(), drop, mutable_ptr<scalar_t>(dx), mutable_ptr<scalar_t>(dres),
-        wc.defined() ? mutable_ptr<scalar_t>(dw) : nullptr, has_bias ? mutable_ptr<scalar_t>(db) : nullptr,
-        w_part.defined() ? w_part.data_ptr<acc_t>() : nullptr, b_part.defined() ? b_part.data_ptr<acc_t>() : nullptr,
-        parts, M, N, stream));
+        g.dw_out<scalar_t>(), g.db_out<scalar_t>(), g.w_workspace<acc_t>(), g.b_workspace<acc_t>(), g.parts, M, N,
+        stream));
   });
-  return {dx, dres, dw, db};
+  return {dx, dres, g.dw, g.db};
 }
 
 }  // namespace

@@ -68,22 +68,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
   at::Tensor dx = at::empty_like(xc);
-  at::Tensor dw = at::empty({wc.defined() ? N : 0}, x.options());
-  at::Tensor db = at::empty({has_bias ? N : 0}, x.options());
-  // One partial dW/dB row per row block of the kernel, summed on the device afterwards.
-  const int64_t parts = cuda::backward_parts(M, cuda::sm_count(x));
-  at::Tensor w_part = cuda::partial_rows(wc.defined(), parts, N, x);
-  at::Tensor b_part = cuda::partial_rows(has_bias, parts, N, x);
+  cuda::ParamGrads g(x, wc.defined(), has_bias);  // partial rows per row block, summed on the device afterwards
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cuda", [&] {
     using acc_t = layer_norm::acc_type<cuda::kernel_t<scalar_t>>;
     C10_CUDA_CHECK(layer_norm::cuda_backward(
         ptr<scalar_t>(dyc), ptr<scalar_t>(xc), ptr<scalar_t>(wc), mc.const_data_ptr<acc_t>(),
-        rc.const_data_ptr<acc_t>(), mutable_ptr<scalar_t>(dx), wc.defined() ? mutable_ptr<scalar_t>(dw) : nullptr,
-        has_bias ? mutable_ptr<scalar_t>(db) : nullptr, w_part.defined() ? w_part.data_ptr<acc_t>() : nullptr,
-        b_part.defined() ? b_part.data_ptr<acc_t>() : nullptr, parts, M, N, stream));
+        rc.const_data_ptr<acc_t>(), mutable_ptr<scalar_t>(dx), g.dw_out<scalar_t>(), g.db_out<scalar_t>(),
+        g.w_workspace<acc_t>(), g.b_workspace<acc_t>(), g.parts, M, N, stream));
   });
-  return {dx, dw, db};
+  return {dx, g.dw, g.db};
 }
 
 }  // namespace

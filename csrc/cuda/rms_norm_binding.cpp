@@ -59,18 +59,15 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous(), rc = rstd.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();
   at::Tensor dx = at::empty_like(xc);
-  at::Tensor dw = at::empty({wc.defined() ? N : 0}, x.options());
-  const int64_t parts = cuda::backward_parts(M, cuda::sm_count(x));
-  at::Tensor w_part = cuda::partial_rows(wc.defined(), parts, N, x);
+  cuda::ParamGrads g(x, wc.defined(), false);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_bwd_cuda", [&] {
     using acc_t = rms_norm::acc_type<cuda::kernel_t<scalar_t>>;
-    C10_CUDA_CHECK(rms_norm::cuda_backward(
-        ptr<scalar_t>(dyc), ptr<scalar_t>(xc), ptr<scalar_t>(wc), rc.const_data_ptr<acc_t>(),
-        mutable_ptr<scalar_t>(dx), wc.defined() ? mutable_ptr<scalar_t>(dw) : nullptr,
-        w_part.defined() ? w_part.data_ptr<acc_t>() : nullptr, parts, M, N, stream));
+    C10_CUDA_CHECK(rms_norm::cuda_backward(ptr<scalar_t>(dyc), ptr<scalar_t>(xc), ptr<scalar_t>(wc),
+                                           rc.const_data_ptr<acc_t>(), mutable_ptr<scalar_t>(dx), g.dw_out<scalar_t>(),
+                                           g.w_workspace<acc_t>(), g.parts, M, N, stream));
   });
-  return {dx, dw};
+  return {dx, g.dw};
 }
 
 }  // namespace

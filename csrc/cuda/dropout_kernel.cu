@@ -29,14 +29,14 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(const T* __restrict__
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   // A thread's stream indices rise through the loop and their high word rarely changes: its key is kept
   // and remade only when it does (the per-element hash is this kernel's arithmetic bound).
-  uint32_t hi = 0, khi = 0;
-  bool keyed = false;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel; i += stride) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  uint32_t hi = static_cast<uint32_t>((m.offset + static_cast<uint64_t>(first)) >> 32);
+  uint32_t khi = key_hi(m.seed, hi);
+  for (int64_t i = first; i < numel; i += stride) {
     const uint64_t index = m.offset + static_cast<uint64_t>(i);
-    if (!keyed || static_cast<uint32_t>(index >> 32) != hi) {
+    if (static_cast<uint32_t>(index >> 32) != hi) {
       hi = static_cast<uint32_t>(index >> 32);
       khi = key_hi(m.seed, hi);
-      keyed = true;
     }
     const bool keep = bits24(klo, khi, static_cast<uint32_t>(index)) >= m.threshold;
     cuda::store(y + i, keep ? acc_t(cuda::load(x + i)) * scale : acc_t(0));

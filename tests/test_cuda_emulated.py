@@ -58,8 +58,13 @@ class Memory:
         """NaN-filled (0xA5 for integers): what the kernel must overwrite."""
         return self._alloc(shape, dtype)
 
-    def put(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else self._alloc(t.shape, t.dtype).copy_(t)
+    def put(self, t: torch.Tensor | None, misalign: bool = False) -> torch.Tensor | None:
+        """A copy of ``t``; ``misalign``: one element past a 16-byte boundary (no packed loads)."""
+        if t is None:
+            return None
+        if not misalign:
+            return self._alloc(t.shape, t.dtype).copy_(t)
+        return self._alloc((t.numel() + 1,), t.dtype)[1:].view(t.shape).copy_(t)
 
     def check(self) -> None:
         for bytes_, saved in self._bands:
@@ -104,9 +109,11 @@ def as_double(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.double() for t in ts]
 
 
-# (rows, features): one element; odd widths; a width over four per thread of a full 1024-thread block, so
-# each thread strides over columns; no rows.
-ROW_SHAPES = [(1, 1), (6, 7), (19, 300), (3, 4200), (0, 33)]
+# (rows, features): one element; odd widths; BERT's width; a width held in registers in 16-bit and 32-bit
+# types and re-read per pass in float64; a width re-read in every type (over four per thread of a full
+# 1024-thread block, so each thread strides over columns); no rows. Widths that split into 16-byte packs
+# take the packed kernels, the others one element at a time.
+ROW_SHAPES = [(1, 1), (6, 7), (19, 300), (5, 768), (3, 4200), (2, 8200), (0, 33)]
 # Each shape with the parameters (weight and bias) and one without.
 WITH_PARAMS = [(shape, True) for shape in ROW_SHAPES] + [((19, 300), False)]
 
@@ -145,6 +152,69 @@ def test_layer_norm(emu, dtype, shape, affine):
     if affine:
         close(got[4], dw, dtype, "dw", summed=True)
         close(got[5], db, dtype, "db", summed=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_of_unaligned_rows(emu, dtype):
+    """A row start off a 16-byte boundary (a view into a larger buffer) takes the one-element-at-a-time kernels."""
+    m, n = 5, 768
+    x, dy = randn(m, n, dtype=dtype, seed=40, shift=0.5), randn(m, n, dtype=dtype, seed=41)
+    w, b = randn(n, dtype=dtype, seed=42, shift=1.0), randn(n, dtype=dtype, seed=43)
+    acc, parts = stats_dtype(dtype), 2
+
+    def launch(mem):
+        y, mean, rstd = mem.empty((m, n), dtype), mem.empty((m,), acc), mem.empty((m,), acc)
+        xs = mem.put(x, misalign=True)
+        emu.call("layer_norm_forward", dtype, xs, mem.put(w), mem.put(b), y, mean, rstd, m, n, EPS)
+        dx, dw, db = mem.empty((m, n), dtype), mem.empty((n,), dtype), mem.empty((n,), dtype)
+        wp, bp = mem.empty((parts, n), acc), mem.empty((parts, n), acc)
+        emu.call("layer_norm_backward", dtype, mem.put(dy), xs, mem.put(w), mean, rstd, dx, dw, db, wp, bp, parts, m,
+                 n)
+        y_rms, rstd_rms = mem.empty((m, n), dtype), mem.empty((m,), acc)
+        emu.call("rms_norm_forward", dtype, xs, mem.put(w), y_rms, rstd_rms, m, n, EPS)
+        dx_rms, dw_rms = mem.empty((m, n), dtype), mem.empty((n,), dtype)
+        emu.call("rms_norm_backward", dtype, mem.put(dy, misalign=True), xs, mem.put(w), rstd_rms, dx_rms, dw_rms,
+                 mem.empty((parts, n), acc), parts, m, n)
+        return [y, dx, dw, db, y_rms, dx_rms, dw_rms]
+
+    got = in_two_orders(emu, launch)
+    x64, w64, b64, dy64 = as_double(x, w, b, dy)
+    y, mean, rstd = C.layer_norm_fwd(x64, w64, b64, EPS)
+    dx, dw, db = C.layer_norm_bwd(dy64, x64, w64, mean, rstd, True)
+    y_rms, rstd_rms = C.rms_norm_fwd(x64, w64, EPS)
+    dx_rms, dw_rms = C.rms_norm_bwd(dy64, x64, w64, rstd_rms)
+    for g, want, what in zip(got, (y, dx, dw, db, y_rms, dx_rms, dw_rms),
+                             ("y", "dx", "dw", "db", "rms y", "rms dx", "rms dw"), strict=True):
+        close(g, want, dtype, what, summed=what.endswith(("dw", "db")))
+
+
+def test_partial_rows_summed_over_many_blocks(emu):
+    """More row blocks than the column sum has lanes (32), and a column count that leaves a partial tile: the
+    weight and bias gradients still sum every block's partial row once."""
+    m, n, parts = 75, 45, 75
+    x, dy = randn(m, n, seed=44, shift=0.5), randn(m, n, seed=45)
+    w, b = randn(n, seed=46, shift=1.0), randn(n, seed=47)
+
+    def launch(mem):
+        y, mean, rstd = mem.empty((m, n), torch.float32), mem.empty((m,), torch.float32), mem.empty((m,), torch.float32)
+        emu.call("layer_norm_forward", torch.float32, mem.put(x), mem.put(w), mem.put(b), y, mean, rstd, m, n, EPS)
+        dx, dw, db = (mem.empty(s, torch.float32) for s in ((m, n), (n,), (n,)))
+        wp, bp = mem.empty((parts, n), torch.float32), mem.empty((parts, n), torch.float32)
+        emu.call("layer_norm_backward", torch.float32, mem.put(dy), mem.put(x), mem.put(w), mean, rstd, dx, dw, db, wp,
+                 bp, parts, m, n)
+        dx_g, db_g = mem.empty((m, n), torch.float32), mem.empty((n,), torch.float32)
+        emu.call("bias_gelu_backward", torch.float32, mem.put(dy), mem.put(x), mem.put(b), dx_g, db_g,
+                 mem.empty((parts, n), torch.float32), False, parts, m, n)
+        return [dw, db, db_g]
+
+    dw, db, db_g = in_two_orders(emu, launch)
+    x64, w64, b64, dy64 = as_double(x, w, b, dy)
+    y, mean, rstd = C.layer_norm_fwd(x64, w64, b64, EPS)
+    _, dw_want, db_want = C.layer_norm_bwd(dy64, x64, w64, mean, rstd, True)
+    _, db_g_want = C.bias_gelu_bwd(dy64, x64, b64, "none")
+    close(dw, dw_want, torch.float32, "dw", summed=True)
+    close(db, db_want, torch.float32, "db", summed=True)
+    close(db_g, db_g_want, torch.float32, "bias_gelu db", summed=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

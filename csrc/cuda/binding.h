@@ -76,7 +76,7 @@ struct ParamGrads {
   int64_t parts;
 
   ParamGrads(const at::Tensor& x, bool weight, bool bias)
-      : parts(backward_parts(x.size(0), sm_count(x))) {
+      : parts(backward_parts(x.size(0), x.size(1), static_cast<int>(x.element_size()), sm_count(x))) {
     const int64_t N = x.size(1);
     dw = at::empty({weight ? N : 0}, x.options());
     db = at::empty({bias ? N : 0}, x.options());

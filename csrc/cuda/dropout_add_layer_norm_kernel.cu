@@ -1,18 +1,20 @@
-// CUDA dropout + residual add + LayerNorm: LayerNorm's row kernels (layer_norm_rows.cuh, one thread block
-// per row) over the pre-norm sum s = x * m + residual, recomputed in every pass rather than stored (a
-// thread's dropout decisions are drawn once per row and kept as bits); the formulas come from
-// dropout_math.h and layer_norm_math.h, shared with the CPU kernel. Backward writes one partial dW/dB row
-// per block, summed per column by a second kernel.
+// CUDA dropout + residual add + LayerNorm: LayerNorm's row kernels (one thread block per row) over the
+// pre-norm sum s = x * m + residual: x and the residual held in registers where the row fits
+// (norm_rows.cuh), else re-read and s recomputed in every pass (layer_norm_rows.cuh); a thread's dropout
+// decisions are drawn once per row and kept as bits. The formulas come from dropout_math.h and
+// layer_norm_math.h, shared with the CPU kernel. Backward writes one partial dW/dB row per block, summed per
+// column by a second kernel.
 #include "dropout_add_layer_norm_kernel.h"
 
 #include "../dropout_math.h"
 #include "layer_norm_rows.cuh"
+#include "norm_rows.cuh"
 
 namespace hetrain {
 namespace dropout_add_layer_norm {
 namespace {
 
-using namespace cuda;  // rows.cuh: grid_for, threads_for, kMaxRowThreads; convert.cuh: load, store
+using namespace cuda;  // rows.h: launch shapes; rows.cuh: with_pack_width; pack.cuh; convert.cuh: load, store
 
 constexpr int kMaxThreads = kMaxRowThreads;
 
@@ -79,11 +81,69 @@ struct DropoutAddRows {
     }
   };
 
+  // Slot k of a thread holds packs of x and the residual; the multiplier of its element e is the thread's
+  // (k * VEC + e)-th decision of the row (at most row_elems of them, kept as bits).
+  template <int VEC, int K>
+  struct Held {
+    static_assert(K * VEC <= 32, "a thread's decisions of a held row must fit RowMask's 32 bits");
+    const T* xr;
+    const T* rr;
+    T* dxr;
+    T* dresr;
+    RowMask<acc_t> mask;
+    Pack<T, VEC> xs[K], rs[K];
+    __device__ void load(int k, int64_t v) {
+      xs[k] = load_pack<VEC>(xr, v);
+      rs[k] = load_pack<VEC>(rr, v);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) mask.draw(v * VEC + e, k * VEC + e);
+    }
+    __device__ acc_t value(int k, int e) const {
+      return acc_t(widen(xs[k].v[e])) * mask.again(0, k * VEC + e) + acc_t(widen(rs[k].v[e]));
+    }
+    __device__ void store_grad(int k, int64_t v, const acc_t (&ds)[VEC]) const {
+      Pack<T, VEC> dres, dx;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        dres.v[e] = narrow<T>(ds[e]);
+        dx.v[e] = narrow<T>(ds[e] * mask.again(0, k * VEC + e));
+      }
+      store_pack<VEC>(dresr, v, dres);
+      store_pack<VEC>(dxr, v, dx);
+    }
+  };
+
+  template <int VEC, int K>
+  __device__ Held<VEC, K> held(int64_t r) const {
+    const int64_t at = r * N;
+    return {x + at, res + at, dx ? dx + at : nullptr, dres ? dres + at : nullptr, RowMask<acc_t>(d, r, N), {}, {}};
+  }
+
   __device__ Row row(int64_t r) const {
     const int64_t at = r * N;
     return {x + at, res + at, dx ? dx + at : nullptr, dres ? dres + at : nullptr, RowMask<acc_t>(d, r, N)};
   }
 };
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRegisterRowThreads, 1)
+    forward_held_kernel(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w,
+                        const T* __restrict__ b, T* __restrict__ y, acc_type<T>* __restrict__ mean,
+                        acc_type<T>* __restrict__ rstd, dropout::Call d, int64_t M, int64_t N, acc_type<T> eps) {
+  const DropoutAddRows<T, acc_type<T>> rows{x, res, d, nullptr, nullptr, N};
+  norm_forward_held<true, VEC>(rows, w, b, y, mean, rstd, M, N, eps);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRegisterRowThreads, 1)
+    backward_held_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ res,
+                         const T* __restrict__ w, const acc_type<T>* __restrict__ mean,
+                         const acc_type<T>* __restrict__ rstd, dropout::Call d, T* __restrict__ dx,
+                         T* __restrict__ dres, acc_type<T>* __restrict__ w_part, acc_type<T>* __restrict__ b_part,
+                         int64_t M, int64_t N) {
+  const DropoutAddRows<T, acc_type<T>> rows{x, res, d, dx, dres, N};
+  norm_backward_held<true, VEC>(rows, dy, w, mean, rstd, w_part, b_part, M, N);
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -110,8 +170,16 @@ template <typename T>
 cudaError_t cuda_forward(const T* x, const T* residual, const T* w, const T* b, T* y, acc_type<T>* mean,
                          acc_type<T>* rstd, dropout::Call d, int64_t M, int64_t N, double eps, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
-  forward_kernel<T><<<grid_for(M), threads_for(N), 0, stream>>>(x, residual, w, b, y, mean, rstd, d, M, N,
-                                                                 acc_type<T>(eps));
+  const unsigned blocks = grid_for(M), threads = row_threads(N, sizeof(T));
+  const acc_type<T> e = acc_type<T>(eps);
+  if (!row_in_registers(N, sizeof(T))) {
+    forward_kernel<T><<<blocks, threads, 0, stream>>>(x, residual, w, b, y, mean, rstd, d, M, N, e);
+  } else {
+    with_pack_width<T>(pack_width<T>(N, {x, residual, w, b, y}), [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
+      forward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(x, residual, w, b, y, mean, rstd, d, M, N, e);
+    });
+  }
   return cudaGetLastError();
 }
 
@@ -120,8 +188,16 @@ cudaError_t cuda_backward(const T* dy, const T* x, const T* residual, const T* w
                           const acc_type<T>* rstd, dropout::Call d, T* dx, T* dres, T* dw, T* db, acc_type<T>* w_part,
                           acc_type<T>* b_part, int64_t parts, int64_t M, int64_t N, cudaStream_t stream) {
   return cuda::row_backward(dw, db, w_part, b_part, parts, M, N, stream, [&](acc_type<T>* wp, acc_type<T>* bp) {
-    backward_kernel<T><<<static_cast<unsigned>(parts), threads_for(N), 0, stream>>>(dy, x, residual, w, mean, rstd,
-                                                                                     d, dx, dres, wp, bp, M, N);
+    const unsigned blocks = static_cast<unsigned>(parts), threads = row_threads(N, sizeof(T));
+    if (!row_in_registers(N, sizeof(T))) {
+      backward_kernel<T><<<blocks, threads, 0, stream>>>(dy, x, residual, w, mean, rstd, d, dx, dres, wp, bp, M, N);
+      return;
+    }
+    with_pack_width<T>(pack_width<T>(N, {dy, x, residual, w, dx, dres}), [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
+      backward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(dy, x, residual, w, mean, rstd, d, dx, dres, wp,
+                                                                    bp, M, N);
+    });
   });
 }
 

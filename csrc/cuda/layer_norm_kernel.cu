@@ -1,54 +1,50 @@
-// CUDA LayerNorm: one thread block per row (rows strided over the grid; layer_norm_rows.cuh, shared with
-// dropout+add+LayerNorm), per-element formulas from layer_norm_math.h, shared with the CPU kernel. Backward
+// CUDA LayerNorm: one thread block per row (rows strided over the grid), rows held in registers where they
+// fit (norm_rows.cuh, shared with RMSNorm and dropout+add+LayerNorm) and re-read per pass where they do not
+// (layer_norm_rows.cuh); per-element formulas from layer_norm_math.h, shared with the CPU kernel. Backward
 // writes one partial dW/dB row per block and sums them in a second kernel: no contended atomics, and a
 // deterministic result.
 #include "layer_norm_kernel.h"
 
 #include "layer_norm_rows.cuh"
+#include "norm_rows.cuh"
 
 namespace hetrain {
 namespace layer_norm {
 namespace {
 
-constexpr int kMaxThreads = cuda::kMaxRowThreads;
+using namespace cuda;  // rows.h: launch shapes; rows.cuh: with_pack_width; pack.cuh: pack_width; InputRows
 
-using cuda::grid_for;
-using cuda::load;
-using cuda::store;
-using cuda::threads_for;
-
-// The rows are x itself; backward stores their gradient in dx.
-template <typename T, typename acc_t>
-struct InputRows {
-  const T* x;
-  T* dx;
-  int64_t N;
-
-  struct Row {
-    const InputRows& rows;
-    int64_t at;  // the row's first element
-    __device__ acc_t first(int64_t j, int) const { return load(rows.x + at + j); }
-    __device__ acc_t again(int64_t j, int) const { return load(rows.x + at + j); }
-    __device__ void store_grad(int64_t j, int, acc_t ds) const { store(rows.dx + at + j, ds); }
-  };
-
-  __device__ Row row(int64_t r) const { return {*this, r * N}; }
-};
-
-template <typename T>
-__global__ void __launch_bounds__(kMaxThreads)
-    forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
-                   acc_type<T>* __restrict__ mean, acc_type<T>* __restrict__ rstd, int64_t M, int64_t N,
-                   acc_type<T> eps) {
-  cuda::layer_norm_forward_rows<T>(InputRows<T, acc_type<T>>{x, nullptr, N}, w, b, y, mean, rstd, M, N, eps);
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRegisterRowThreads, 1)
+    forward_held_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
+                        acc_type<T>* __restrict__ mean, acc_type<T>* __restrict__ rstd, int64_t M, int64_t N,
+                        acc_type<T> eps) {
+  norm_forward_held<true, VEC>(InputRows<T, acc_type<T>>{x, nullptr, N}, w, b, y, mean, rstd, M, N, eps);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxRowThreads)
+    forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
+                   acc_type<T>* __restrict__ mean, acc_type<T>* __restrict__ rstd, int64_t M, int64_t N,
+                   acc_type<T> eps) {
+  layer_norm_forward_rows<T>(InputRows<T, acc_type<T>>{x, nullptr, N}, w, b, y, mean, rstd, M, N, eps);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRegisterRowThreads, 1)
+    backward_held_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
+                         const acc_type<T>* __restrict__ mean, const acc_type<T>* __restrict__ rstd,
+                         T* __restrict__ dx, acc_type<T>* __restrict__ w_part, acc_type<T>* __restrict__ b_part,
+                         int64_t M, int64_t N) {
+  norm_backward_held<true, VEC>(InputRows<T, acc_type<T>>{x, dx, N}, dy, w, mean, rstd, w_part, b_part, M, N);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxRowThreads)
     backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
                     const acc_type<T>* __restrict__ mean, const acc_type<T>* __restrict__ rstd, T* __restrict__ dx,
                     acc_type<T>* __restrict__ w_part, acc_type<T>* __restrict__ b_part, int64_t M, int64_t N) {
-  cuda::layer_norm_backward_rows<T>(InputRows<T, acc_type<T>>{x, dx, N}, dy, w, mean, rstd, w_part, b_part, M, N);
+  layer_norm_backward_rows<T>(InputRows<T, acc_type<T>>{x, dx, N}, dy, w, mean, rstd, w_part, b_part, M, N);
 }
 
 }  // namespace
@@ -57,7 +53,15 @@ template <typename T>
 cudaError_t cuda_forward(const T* x, const T* w, const T* b, T* y, acc_type<T>* mean, acc_type<T>* rstd, int64_t M,
                          int64_t N, double eps, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
-  forward_kernel<T><<<grid_for(M), threads_for(N), 0, stream>>>(x, w, b, y, mean, rstd, M, N, acc_type<T>(eps));
+  const unsigned blocks = grid_for(M), threads = row_threads(N, sizeof(T));
+  if (!row_in_registers(N, sizeof(T))) {
+    forward_kernel<T><<<blocks, threads, 0, stream>>>(x, w, b, y, mean, rstd, M, N, acc_type<T>(eps));
+  } else {
+    with_pack_width<T>(pack_width<T>(N, {x, w, b, y}), [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
+      forward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(x, w, b, y, mean, rstd, M, N, acc_type<T>(eps));
+    });
+  }
   return cudaGetLastError();
 }
 
@@ -65,9 +69,16 @@ template <typename T>
 cudaError_t cuda_backward(const T* dy, const T* x, const T* w, const acc_type<T>* mean, const acc_type<T>* rstd,
                           T* dx, T* dw, T* db, acc_type<T>* w_part, acc_type<T>* b_part, int64_t parts, int64_t M,
                           int64_t N, cudaStream_t stream) {
-  return cuda::row_backward(dw, db, w_part, b_part, parts, M, N, stream, [&](acc_type<T>* wp, acc_type<T>* bp) {
-    backward_kernel<T><<<static_cast<unsigned>(parts), threads_for(N), 0, stream>>>(dy, x, w, mean, rstd, dx, wp,
-                                                                                     bp, M, N);
+  return row_backward(dw, db, w_part, b_part, parts, M, N, stream, [&](acc_type<T>* wp, acc_type<T>* bp) {
+    const unsigned blocks = static_cast<unsigned>(parts), threads = row_threads(N, sizeof(T));
+    if (!row_in_registers(N, sizeof(T))) {
+      backward_kernel<T><<<blocks, threads, 0, stream>>>(dy, x, w, mean, rstd, dx, wp, bp, M, N);
+      return;
+    }
+    with_pack_width<T>(pack_width<T>(N, {dy, x, w, dx}), [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
+      backward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(dy, x, w, mean, rstd, dx, wp, bp, M, N);
+    });
   });
 }
 

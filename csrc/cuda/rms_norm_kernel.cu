@@ -1,18 +1,36 @@
-// CUDA RMSNorm: one thread block per row (rows strided over the grid), the per-element formulas from
-// rms_norm_math.h, shared with the CPU kernel. Backward writes one partial dW row per block, summed per
+// CUDA RMSNorm: one thread block per row (rows strided over the grid), rows held in registers where they fit
+// (norm_rows.cuh, shared with LayerNorm) and re-read per pass where they do not; the per-element formulas
+// from rms_norm_math.h, shared with the CPU kernel. Backward writes one partial dW row per block, summed per
 // column by a second kernel.
 #include "rms_norm_kernel.h"
 
 #include "../rms_norm_math.h"
-#include "rows.cuh"
+#include "norm_rows.cuh"
 
 namespace hetrain {
 namespace rms_norm {
 namespace {
 
-using namespace cuda;  // rows.cuh: block_sum, grid_for, threads_for, kMaxRowThreads; convert.cuh: load, store
+using namespace cuda;  // rows.h: launch shapes; rows.cuh: block_sum, with_pack_width; norm_rows.cuh; convert.cuh
 
 constexpr int kMaxThreads = kMaxRowThreads;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRegisterRowThreads, 1)
+    forward_held_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                        acc_type<T>* __restrict__ rstd, int64_t M, int64_t N, acc_type<T> eps) {
+  norm_forward_held<false, VEC>(InputRows<T, acc_type<T>>{x, nullptr, N}, w, static_cast<const T*>(nullptr), y,
+                                static_cast<acc_type<T>*>(nullptr), rstd, M, N, eps);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRegisterRowThreads, 1)
+    backward_held_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
+                         const acc_type<T>* __restrict__ rstd, T* __restrict__ dx, acc_type<T>* __restrict__ w_part,
+                         int64_t M, int64_t N) {
+  norm_backward_held<false, VEC>(InputRows<T, acc_type<T>>{x, dx, N}, dy, w, static_cast<const acc_type<T>*>(nullptr),
+                                 rstd, w_part, static_cast<acc_type<T>*>(nullptr), M, N);
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -74,7 +92,15 @@ template <typename T>
 cudaError_t cuda_forward(const T* x, const T* w, T* y, acc_type<T>* rstd, int64_t M, int64_t N, double eps,
                          cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
-  forward_kernel<T><<<grid_for(M), threads_for(N), 0, stream>>>(x, w, y, rstd, M, N, acc_type<T>(eps));
+  const unsigned blocks = grid_for(M), threads = row_threads(N, sizeof(T));
+  if (!row_in_registers(N, sizeof(T))) {
+    forward_kernel<T><<<blocks, threads, 0, stream>>>(x, w, y, rstd, M, N, acc_type<T>(eps));
+  } else {
+    with_pack_width<T>(pack_width<T>(N, {x, w, y}), [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
+      forward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(x, w, y, rstd, M, N, acc_type<T>(eps));
+    });
+  }
   return cudaGetLastError();
 }
 
@@ -83,7 +109,15 @@ cudaError_t cuda_backward(const T* dy, const T* x, const T* w, const acc_type<T>
                           acc_type<T>* w_part, int64_t parts, int64_t M, int64_t N, cudaStream_t stream) {
   return cuda::row_backward<T, acc_type<T>>(dw, nullptr, w_part, nullptr, parts, M, N, stream,
                                             [&](acc_type<T>* wp, acc_type<T>*) {
-    backward_kernel<T><<<static_cast<unsigned>(parts), threads_for(N), 0, stream>>>(dy, x, w, rstd, dx, wp, M, N);
+    const unsigned blocks = static_cast<unsigned>(parts), threads = row_threads(N, sizeof(T));
+    if (!row_in_registers(N, sizeof(T))) {
+      backward_kernel<T><<<blocks, threads, 0, stream>>>(dy, x, w, rstd, dx, wp, M, N);
+      return;
+    }
+    with_pack_width<T>(pack_width<T>(N, {dy, x, w, dx}), [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
+      backward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(dy, x, w, rstd, dx, wp, M, N);
+    });
   });
 }
 

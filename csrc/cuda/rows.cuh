@@ -8,8 +8,10 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "convert.cuh"
+#include "pack.cuh"
 #include "rows.h"
 
 namespace hetrain {
@@ -18,8 +20,9 @@ namespace cuda {
 // Sum of v over the block, returned to every thread. blockDim.x must be a multiple of 32; scratch
 // holds one value per warp and may be reused by the next call.
 template <typename acc_t>
-__device__ acc_t block_sum(acc_t v, acc_t* scratch) {
+__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* scratch) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (blockDim.x == 32) return v;  // the warp's shuffles were the whole sum
   __syncthreads();  // every thread has finished reading scratch from the previous call
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
   __syncthreads();
@@ -28,30 +31,78 @@ __device__ acc_t block_sum(acc_t v, acc_t* scratch) {
   return total;
 }
 
-// a[j] = sum over p of a_part[p][j] (likewise b); one thread per column, coalesced across columns.
-// Either output may be null.
+// Sums of two values over the block, returned to every thread: one pair of barriers for both. scratch holds
+// two values per warp and may be reused by the next call.
+template <typename acc_t>
+struct Sums {
+  acc_t a, b;
+};
+template <typename acc_t>
+__device__ __forceinline__ Sums<acc_t> block_sum2(acc_t a, acc_t b, acc_t* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, offset);
+    b += __shfl_xor_sync(0xffffffffu, b, offset);
+  }
+  const int warps = static_cast<int>(blockDim.x >> 5);
+  if (warps == 1) return {a, b};  // the warp's shuffles were the whole sum
+  __syncthreads();  // every thread has finished reading scratch from the previous call
+  if ((threadIdx.x & 31) == 0) {
+    scratch[threadIdx.x >> 5] = a;
+    scratch[warps + (threadIdx.x >> 5)] = b;
+  }
+  __syncthreads();
+  Sums<acc_t> total{0, 0};
+  for (int w = 0; w < warps; ++w) {
+    total.a += scratch[w];
+    total.b += scratch[warps + w];
+  }
+  return total;
+}
+
+constexpr int kColumnLanes = 32;  // columns per block of the partial-row sums, and at most as many row lanes
+
+// a[j] = sum over p of a_part[p][j] (likewise b), either output may be null. A block takes 32 columns; each of
+// its warps (one per lane, up to 32) sums every lanes-th partial row of them (a warp reads 32 consecutive
+// values of a row), then each column's lane sums are added in a fixed order: many loads in flight, and a
+// deterministic result.
 template <typename T, typename acc_t>
-__global__ void column_sum_kernel(const acc_t* __restrict__ a_part, const acc_t* __restrict__ b_part,
-                                  T* __restrict__ a, T* __restrict__ b, int64_t parts, int64_t N) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < N; j += stride) {
-    acc_t sa = 0, sb = 0;
-    for (int64_t p = 0; p < parts; ++p) {
-      if (a) sa += a_part[p * N + j];
-      if (b) sb += b_part[p * N + j];
+__global__ void __launch_bounds__(kColumnLanes * kColumnLanes)
+    column_sum_kernel(const acc_t* __restrict__ a_part, const acc_t* __restrict__ b_part, T* __restrict__ a,
+                      T* __restrict__ b, int64_t parts, int64_t N) {
+  __shared__ acc_t sa[kColumnLanes][kColumnLanes + 1];
+  __shared__ acc_t sb[kColumnLanes][kColumnLanes + 1];
+  const int lanes = static_cast<int>(blockDim.x) / kColumnLanes;
+  const int col = threadIdx.x % kColumnLanes, lane = threadIdx.x / kColumnLanes;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColumnLanes + col;
+  acc_t ta = 0, tb = 0;
+  if (j < N) {
+    for (int64_t p = lane; p < parts; p += lanes) {
+      if (a) ta += a_part[p * N + j];
+      if (b) tb += b_part[p * N + j];
     }
-    if (a) store(a + j, sa);
-    if (b) store(b + j, sb);
+  }
+  sa[lane][col] = ta;
+  sb[lane][col] = tb;
+  __syncthreads();
+  if (lane == 0 && j < N) {
+    for (int l = 1; l < lanes; ++l) {
+      ta += sa[l][col];
+      tb += sb[l][col];
+    }
+    if (a) store(a + j, ta);
+    if (b) store(b + j, tb);
   }
 }
 
-// Launches column_sum_kernel over N columns.
+// Launches column_sum_kernel over N columns of `parts` partial rows: one lane per partial row, up to 32.
 template <typename T, typename acc_t>
 cudaError_t column_sums(const acc_t* a_part, const acc_t* b_part, T* a, T* b, int64_t parts, int64_t N,
                         cudaStream_t stream) {
-  constexpr int threads = 256;
-  column_sum_kernel<T, acc_t><<<grid_for((N + threads - 1) / threads), threads, 0, stream>>>(a_part, b_part, a, b,
-                                                                                              parts, N);
+  const int64_t blocks = (N + kColumnLanes - 1) / kColumnLanes;
+  if (blocks > INT_MAX) return cudaErrorInvalidValue;
+  const int lanes = static_cast<int>(std::clamp<int64_t>(parts, 1, kColumnLanes));
+  column_sum_kernel<T, acc_t><<<static_cast<unsigned>(blocks), lanes * kColumnLanes, 0, stream>>>(a_part, b_part, a,
+                                                                                                   b, parts, N);
   return cudaGetLastError();
 }
 
@@ -59,6 +110,16 @@ cudaError_t column_sums(const acc_t* a_part, const acc_t* b_part, T* a, T* b, in
 template <typename T>
 cudaError_t zero(T* p, int64_t n, cudaStream_t stream) {
   return p ? cudaMemsetAsync(p, 0, n * sizeof(T), stream) : cudaSuccess;
+}
+
+// Calls f(std::integral_constant<int, width>) for a pack width pack_width<T> chose: kPackWidth<T> or 1.
+template <typename T, typename F>
+void with_pack_width(int width, F&& f) {
+  if (width == kPackWidth<T>) {
+    f(std::integral_constant<int, kPackWidth<T>>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
 }
 
 // The host side of a row kernel's backward over `parts` row blocks (LayerNorm, RMSNorm, dropout+add+LayerNorm):

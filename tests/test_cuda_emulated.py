@@ -245,7 +245,7 @@ def test_rms_norm(emu, dtype, shape, weighted):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (19, 513), (0, 33)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (19, 513), (9, 1040), (0, 33)])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_bias_gelu(emu, dtype, shape, approximate):
     m, n = shape

@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy, cons
   at::Tensor dx = at::empty_like(xc);
   at::Tensor db = at::empty_like(bc);
   const int64_t M = x.size(0), N = x.size(1);
-  const int64_t parts = bias_gelu::backward_parts(M, N, cuda::sm_count(x));
+  const int64_t parts = bias_gelu::backward_parts(M, N, static_cast<int>(x.element_size()), cuda::sm_count(x));
   at::Tensor b_part = cuda::partial_rows(true, parts, N, x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu_bwd_cuda", [&] {

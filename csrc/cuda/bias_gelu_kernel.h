@@ -17,13 +17,20 @@ namespace bias_gelu {
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-constexpr int kThreads = 256;  // columns per block
+constexpr int kThreads = 128;  // column packs per block (a pack: up to 16 bytes of a row)
+
+// Column tiles of an (M, N) input of elem_bytes elements: kThreads packs of 16 bytes each.
+inline int64_t column_tiles(int64_t N, int elem_bytes) {
+  const int64_t per_tile = int64_t(kThreads) * (16 / elem_bytes);
+  return std::max<int64_t>(1, (N + per_tile - 1) / per_tile);
+}
 
 // Row groups the backward kernel runs for an (M, N) input, each writing one partial bias-gradient row:
-// with the column tiles, enough blocks to fill the GPU. The workspace holds parts * N values.
-inline int64_t backward_parts(int64_t M, int64_t N, int sm_count) {
-  const int64_t tiles = std::max<int64_t>(1, (N + kThreads - 1) / kThreads);
-  const int64_t wanted = (4 * static_cast<int64_t>(sm_count) + tiles - 1) / tiles;
+// with the column tiles, about 16 blocks per SM (as many as fit), so that each thread's walk over its rows,
+// one load latency a row, stays short. The workspace holds parts * N values.
+inline int64_t backward_parts(int64_t M, int64_t N, int elem_bytes, int sm_count) {
+  const int64_t tiles = column_tiles(N, elem_bytes);
+  const int64_t wanted = (16 * static_cast<int64_t>(sm_count) + tiles - 1) / tiles;
   return std::max<int64_t>(1, std::min<int64_t>({M, wanted, 65535}));
 }
 

@@ -280,16 +280,17 @@ OFFSETS = [77, 2**32 - 7 * 300 - 5]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("numel", [1, 5000])
+# Whole 16-byte packs; packs and a partial last one; the same off a 16-byte boundary (one element at a time).
+@pytest.mark.parametrize("numel,misalign", [(1, False), (5000, False), (5003, False), (5003, True)])
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("offset", OFFSETS)
-def test_dropout_draws_the_cpu_kernels_mask(emu, dtype, numel, p, offset):
+def test_dropout_draws_the_cpu_kernels_mask(emu, dtype, numel, misalign, p, offset):
     x = randn(numel, dtype=dtype, seed=11, shift=3.0)  # never zero: a zero output means dropped
     seed = 1234
 
     def launch(mem):
         y = mem.empty((numel,), dtype)
-        emu.call("dropout", dtype, mem.put(x), y, numel, *dropout_args(seed, offset, p))
+        emu.call("dropout", dtype, mem.put(x, misalign=misalign), y, numel, *dropout_args(seed, offset, p))
         return [y]
 
     (got,) = in_two_orders(emu, launch)

@@ -340,8 +340,11 @@ def test_dropout_add_layer_norm(emu, dtype, shape, p, offset):
 
 
 # (N, C, H, W), pooling (kernel, stride, padding): the ResNet stem's 3x3/2 pad 1 on odd sizes, and 2x2/2 with a
-# channel count that leaves a partial channels_last tile of 32.
-GEOMETRIES = [((2, 3, 9, 11), (3, 2, 1)), ((3, 33, 6, 8), (2, 2, 0))]
+# channel count that leaves a partial channels_last tile of 32; then channel counts that split into 16-byte
+# packs in every dtype (channels_last takes a pack of channels a thread), one leaving idle lanes in a
+# reduction block (48 bfloat16 channels: 6 packs on 8 lanes).
+GEOMETRIES = [((2, 3, 9, 11), (3, 2, 1)), ((3, 33, 6, 8), (2, 2, 0)), ((2, 48, 7, 9), (3, 2, 1)),
+              ((3, 16, 6, 8), (2, 2, 0))]
 
 
 def geometry(shape, pool, channels_last: bool) -> tuple[list[int], tuple[int, int]]:

@@ -26,15 +26,17 @@ struct Geometry {
   bool channels_last;
 };
 
-// Channels handled by one block of the per-channel reductions (all of a block's threads share them).
+// Channel tiles of the per-channel reductions at most (all of a block's threads share a tile's channels): in
+// channels_last 32 channels or more a tile (32 lanes of channel packs), in NCHW one channel.
 inline int64_t channel_tiles(const Geometry& g) { return g.channels_last ? (g.C + 31) / 32 : g.C; }
 
-// Position blocks the per-channel reductions run: each writes one partial row of C sums. About four
-// blocks per SM in all, and at least 2048 positions per block.
+// Position blocks the per-channel reductions run: each writes one partial row of C sums. About eight blocks
+// per SM in all (a block's threads each walk their positions one load after another, so the GPU must be full
+// to keep enough loads in flight), and at least 256 positions per block.
 inline int64_t reduce_parts(const Geometry& g, int64_t positions, int sm_count) {
   const int64_t tiles = std::max<int64_t>(1, channel_tiles(g));
-  const int64_t by_sms = std::max<int64_t>(1, 4 * static_cast<int64_t>(sm_count) / tiles);
-  return std::clamp<int64_t>((positions + 2047) / 2048, 1, by_sms);
+  const int64_t by_sms = std::max<int64_t>(1, 8 * static_cast<int64_t>(sm_count) / tiles);
+  return std::clamp<int64_t>((positions + 255) / 256, 1, std::min<int64_t>(by_sms, 65535));
 }
 
 // Workspace (acc_type<T> values) each launch function needs for `parts` partial rows.

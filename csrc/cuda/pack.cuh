@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "convert.cuh"
 
@@ -55,6 +56,16 @@ inline int pack_width(int64_t N, std::initializer_list<const void*> pointers) {
     if (reinterpret_cast<uintptr_t>(p) % (width * sizeof(T)) != 0) return 1;
   }
   return width;
+}
+
+// Calls f(std::integral_constant<int, width>) for a pack width pack_width<T> chose: kPackWidth<T> or 1.
+template <typename T, typename F>
+void with_pack_width(int width, F&& f) {
+  if (width == kPackWidth<T>) {
+    f(std::integral_constant<int, kPackWidth<T>>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
 }
 
 }  // namespace cuda

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <type_traits>
 
 #include "convert.cuh"
 #include "pack.cuh"
@@ -110,16 +109,6 @@ cudaError_t column_sums(const acc_t* a_part, const acc_t* b_part, T* a, T* b, in
 template <typename T>
 cudaError_t zero(T* p, int64_t n, cudaStream_t stream) {
   return p ? cudaMemsetAsync(p, 0, n * sizeof(T), stream) : cudaSuccess;
-}
-
-// Calls f(std::integral_constant<int, width>) for a pack width pack_width<T> chose: kPackWidth<T> or 1.
-template <typename T, typename F>
-void with_pack_width(int width, F&& f) {
-  if (width == kPackWidth<T>) {
-    f(std::integral_constant<int, kPackWidth<T>>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
 }
 
 // The host side of a row kernel's backward over `parts` row blocks (LayerNorm, RMSNorm, dropout+add+LayerNorm):

@@ -18,5 +18,18 @@ __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// A value (a register, not memory) in the accumulator type, and back (rounded to nearest even).
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ T narrow(acc_t v) {
+  T t;
+  store(&t, v);
+  return t;
+}
+
 }  // namespace cuda
 }  // namespace hetrain

@@ -14,7 +14,7 @@ namespace hetrain {
 namespace dropout_add_layer_norm {
 namespace {
 
-using namespace cuda;  // rows.h: launch shapes; rows.cuh: with_pack_width; pack.cuh; convert.cuh: load, store
+using namespace cuda;  // rows.h: launch shapes; rows.cuh: launch_rows; pack.cuh; convert.cuh: load, store
 
 constexpr int kMaxThreads = kMaxRowThreads;
 
@@ -172,14 +172,13 @@ cudaError_t cuda_forward(const T* x, const T* residual, const T* w, const T* b, 
   if (M == 0) return cudaSuccess;
   const unsigned blocks = grid_for(M), threads = row_threads(N, sizeof(T));
   const acc_type<T> e = acc_type<T>(eps);
-  if (!row_in_registers(N, sizeof(T))) {
-    forward_kernel<T><<<blocks, threads, 0, stream>>>(x, residual, w, b, y, mean, rstd, d, M, N, e);
-  } else {
-    with_pack_width<T>(pack_width<T>(N, {x, residual, w, b, y}), [&](auto width) {
-      constexpr int VEC = decltype(width)::value;
-      forward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(x, residual, w, b, y, mean, rstd, d, M, N, e);
-    });
-  }
+  launch_rows<T>(
+      N, {x, residual, w, b, y},
+      [&](auto width) {
+        constexpr int VEC = decltype(width)::value;
+        forward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(x, residual, w, b, y, mean, rstd, d, M, N, e);
+      },
+      [&] { forward_kernel<T><<<blocks, threads, 0, stream>>>(x, residual, w, b, y, mean, rstd, d, M, N, e); });
   return cudaGetLastError();
 }
 
@@ -189,15 +188,16 @@ cudaError_t cuda_backward(const T* dy, const T* x, const T* residual, const T* w
                           acc_type<T>* b_part, int64_t parts, int64_t M, int64_t N, cudaStream_t stream) {
   return cuda::row_backward(dw, db, w_part, b_part, parts, M, N, stream, [&](acc_type<T>* wp, acc_type<T>* bp) {
     const unsigned blocks = static_cast<unsigned>(parts), threads = row_threads(N, sizeof(T));
-    if (!row_in_registers(N, sizeof(T))) {
-      backward_kernel<T><<<blocks, threads, 0, stream>>>(dy, x, residual, w, mean, rstd, d, dx, dres, wp, bp, M, N);
-      return;
-    }
-    with_pack_width<T>(pack_width<T>(N, {dy, x, residual, w, dx, dres}), [&](auto width) {
-      constexpr int VEC = decltype(width)::value;
-      backward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(dy, x, residual, w, mean, rstd, d, dx, dres, wp,
-                                                                    bp, M, N);
-    });
+    launch_rows<T>(
+        N, {dy, x, residual, w, dx, dres},
+        [&](auto width) {
+          constexpr int VEC = decltype(width)::value;
+          backward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(dy, x, residual, w, mean, rstd, d, dx, dres,
+                                                                        wp, bp, M, N);
+        },
+        [&] {
+          backward_kernel<T><<<blocks, threads, 0, stream>>>(dy, x, residual, w, mean, rstd, d, dx, dres, wp, bp, M, N);
+        });
   });
 }
 

@@ -12,7 +12,7 @@ namespace hetrain {
 namespace layer_norm {
 namespace {
 
-using namespace cuda;  // rows.h: launch shapes; rows.cuh: with_pack_width; pack.cuh: pack_width; InputRows
+using namespace cuda;  // rows.h: launch shapes; rows.cuh: launch_rows, row_backward; norm_rows.cuh: InputRows
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRegisterRowThreads, 1)
@@ -54,14 +54,13 @@ cudaError_t cuda_forward(const T* x, const T* w, const T* b, T* y, acc_type<T>* 
                          int64_t N, double eps, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
   const unsigned blocks = grid_for(M), threads = row_threads(N, sizeof(T));
-  if (!row_in_registers(N, sizeof(T))) {
-    forward_kernel<T><<<blocks, threads, 0, stream>>>(x, w, b, y, mean, rstd, M, N, acc_type<T>(eps));
-  } else {
-    with_pack_width<T>(pack_width<T>(N, {x, w, b, y}), [&](auto width) {
-      constexpr int VEC = decltype(width)::value;
-      forward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(x, w, b, y, mean, rstd, M, N, acc_type<T>(eps));
-    });
-  }
+  launch_rows<T>(
+      N, {x, w, b, y},
+      [&](auto width) {
+        constexpr int VEC = decltype(width)::value;
+        forward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(x, w, b, y, mean, rstd, M, N, acc_type<T>(eps));
+      },
+      [&] { forward_kernel<T><<<blocks, threads, 0, stream>>>(x, w, b, y, mean, rstd, M, N, acc_type<T>(eps)); });
   return cudaGetLastError();
 }
 
@@ -71,14 +70,13 @@ cudaError_t cuda_backward(const T* dy, const T* x, const T* w, const acc_type<T>
                           int64_t N, cudaStream_t stream) {
   return row_backward(dw, db, w_part, b_part, parts, M, N, stream, [&](acc_type<T>* wp, acc_type<T>* bp) {
     const unsigned blocks = static_cast<unsigned>(parts), threads = row_threads(N, sizeof(T));
-    if (!row_in_registers(N, sizeof(T))) {
-      backward_kernel<T><<<blocks, threads, 0, stream>>>(dy, x, w, mean, rstd, dx, wp, bp, M, N);
-      return;
-    }
-    with_pack_width<T>(pack_width<T>(N, {dy, x, w, dx}), [&](auto width) {
-      constexpr int VEC = decltype(width)::value;
-      backward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(dy, x, w, mean, rstd, dx, wp, bp, M, N);
-    });
+    launch_rows<T>(
+        N, {dy, x, w, dx},
+        [&](auto width) {
+          constexpr int VEC = decltype(width)::value;
+          backward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(dy, x, w, mean, rstd, dx, wp, bp, M, N);
+        },
+        [&] { backward_kernel<T><<<blocks, threads, 0, stream>>>(dy, x, w, mean, rstd, dx, wp, bp, M, N); });
   });
 }
 

@@ -33,19 +33,6 @@ __device__ __forceinline__ void store_pack(T* p, int64_t i, const Pack<T, VEC>& 
   reinterpret_cast<Pack<T, VEC>*>(p)[i] = v;
 }
 
-// An element of a pack in the accumulator type, and back (rounded to nearest even).
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ double widen(double v) { return v; }
-__device__ __forceinline__ float widen(__half v) { return load(&v); }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return load(&v); }
-
-template <typename T, typename acc_t>
-__device__ __forceinline__ T narrow(acc_t v) {
-  T t;
-  store(&t, v);
-  return t;
-}
-
 // Host side: kPackWidth<T> when rows of N elements split into whole packs and every pointer given (null
 // ones skipped) is aligned to a pack, else 1 (one element at a time).
 template <typename T>

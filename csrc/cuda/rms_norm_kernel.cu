@@ -11,7 +11,7 @@ namespace hetrain {
 namespace rms_norm {
 namespace {
 
-using namespace cuda;  // rows.h: launch shapes; rows.cuh: block_sum, with_pack_width; norm_rows.cuh; convert.cuh
+using namespace cuda;  // rows.h: launch shapes; rows.cuh: block_sum, launch_rows; norm_rows.cuh; convert.cuh
 
 constexpr int kMaxThreads = kMaxRowThreads;
 
@@ -93,14 +93,13 @@ cudaError_t cuda_forward(const T* x, const T* w, T* y, acc_type<T>* rstd, int64_
                          cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
   const unsigned blocks = grid_for(M), threads = row_threads(N, sizeof(T));
-  if (!row_in_registers(N, sizeof(T))) {
-    forward_kernel<T><<<blocks, threads, 0, stream>>>(x, w, y, rstd, M, N, acc_type<T>(eps));
-  } else {
-    with_pack_width<T>(pack_width<T>(N, {x, w, y}), [&](auto width) {
-      constexpr int VEC = decltype(width)::value;
-      forward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(x, w, y, rstd, M, N, acc_type<T>(eps));
-    });
-  }
+  launch_rows<T>(
+      N, {x, w, y},
+      [&](auto width) {
+        constexpr int VEC = decltype(width)::value;
+        forward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(x, w, y, rstd, M, N, acc_type<T>(eps));
+      },
+      [&] { forward_kernel<T><<<blocks, threads, 0, stream>>>(x, w, y, rstd, M, N, acc_type<T>(eps)); });
   return cudaGetLastError();
 }
 
@@ -110,14 +109,13 @@ cudaError_t cuda_backward(const T* dy, const T* x, const T* w, const acc_type<T>
   return cuda::row_backward<T, acc_type<T>>(dw, nullptr, w_part, nullptr, parts, M, N, stream,
                                             [&](acc_type<T>* wp, acc_type<T>*) {
     const unsigned blocks = static_cast<unsigned>(parts), threads = row_threads(N, sizeof(T));
-    if (!row_in_registers(N, sizeof(T))) {
-      backward_kernel<T><<<blocks, threads, 0, stream>>>(dy, x, w, rstd, dx, wp, M, N);
-      return;
-    }
-    with_pack_width<T>(pack_width<T>(N, {dy, x, w, dx}), [&](auto width) {
-      constexpr int VEC = decltype(width)::value;
-      backward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(dy, x, w, rstd, dx, wp, M, N);
-    });
+    launch_rows<T>(
+        N, {dy, x, w, dx},
+        [&](auto width) {
+          constexpr int VEC = decltype(width)::value;
+          backward_held_kernel<T, VEC><<<blocks, threads, 0, stream>>>(dy, x, w, rstd, dx, wp, M, N);
+        },
+        [&] { backward_kernel<T><<<blocks, threads, 0, stream>>>(dy, x, w, rstd, dx, wp, M, N); });
   });
 }
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 
 #include "convert.cuh"
 #include "pack.cuh"
@@ -109,6 +110,17 @@ cudaError_t column_sums(const acc_t* a_part, const acc_t* b_part, T* a, T* b, in
 template <typename T>
 cudaError_t zero(T* p, int64_t n, cudaStream_t stream) {
   return p ? cudaMemsetAsync(p, 0, n * sizeof(T), stream) : cudaSuccess;
+}
+
+// Launches a row kernel for rows of N elements of T: `held(width)` (width a std::integral_constant pack width,
+// kPackWidth<T> where N and every pointer allow it, else 1) where a row fits in registers, else `reread()`.
+template <typename T, typename Held, typename Reread>
+void launch_rows(int64_t N, std::initializer_list<const void*> pointers, Held&& held, Reread&& reread) {
+  if (row_in_registers(N, sizeof(T))) {
+    with_pack_width<T>(pack_width<T>(N, pointers), held);
+  } else {
+    reread();
+  }
 }
 
 // The host side of a row kernel's backward over `parts` row blocks (LayerNorm, RMSNorm, dropout+add+LayerNorm):

@@ -99,6 +99,9 @@ tsan:
 	g++ -std=c++17 -O1 -g -fsanitize=thread -pthread -Wall -Wextra -Icsrc csrc/ring_buffer.cpp \
 		tests/cpp/ring_buffer_test.cpp -o build/ring_buffer_test_tsan
 	TSAN_OPTIONS=halt_on_error=1 build/ring_buffer_test_tsan
+	g++ -std=c++17 -O1 -g -fsanitize=thread -pthread -Wall -Wextra -Icsrc csrc/host_block_cache.cpp \
+		tests/cpp/host_block_cache_test.cpp -o build/host_block_cache_test_tsan
+	TSAN_OPTIONS=halt_on_error=1 build/host_block_cache_test_tsan
 
 clean:
 	rm -rf build hetrain/*.so *.egg-info $(STAMP)

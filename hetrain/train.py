@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from hetrain import plugins
+from hetrain import cpu_memory, plugins
 from hetrain.callbacks.placement import resolve_plan
 from hetrain.callbacks.precision import trainer_precision
 from hetrain.callbacks.profiling import StepTrace
@@ -114,23 +114,36 @@ def build(cfg: DictConfig) -> Parts:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the experiment ``cfg`` describes; returns the measured part of the summary."""
-    pins, prefer = cfg.backends.pins, cfg.backends.get("prefer")
-    plugins.configure(pins=None if pins is None else OmegaConf.to_container(pins), strict=cfg.backends.strict,
-                      prefer=None if prefer is None else list(prefer))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    pl.seed_everything(cfg.seed, workers=True)
-    parts = build(cfg)
+    with cpu_memory.host_memory(cfg.get("cpu_malloc", "keep")) as cpu_malloc:
+        log.info(f"Host memory: {cpu_malloc.description}")
+        host_cache_at_start = cpu_memory.stats()
+        pins, prefer = cfg.backends.pins, cfg.backends.get("prefer")
+        plugins.configure(pins=None if pins is None else OmegaConf.to_container(pins), strict=cfg.backends.strict,
+                          prefer=None if prefer is None else list(prefer))
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        pl.seed_everything(cfg.seed, workers=True)
+        parts = build(cfg)
 
-    log.info("Starting training")
-    parts.trainer.fit(parts.task, datamodule=parts.datamodule)
-    summary = parts.recorder.summary(parts.trainer)
-    summary["precision"] = str(parts.trainer.precision)
+        log.info("Starting training")
+        parts.trainer.fit(parts.task, datamodule=parts.datamodule)
+        summary = parts.recorder.summary(parts.trainer)
+        summary["precision"] = str(parts.trainer.precision)
+        summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}
     if hasattr(parts.datamodule, "loader_summary"):  # slot and pinned bytes, fixed for the whole run
         summary["data"] = parts.datamodule.loader_summary()
     summary.update({name: c.summary for name, c in parts.callbacks.items()
                     if isinstance(getattr(c, "summary", None), dict)})
     return summary
+
+
+def _host_cache_summary(start: cpu_memory.HostCacheStats | None) -> dict[str, Any]:
+    """How often hetrain's CPU allocator reused a kept block during the run rather than mapping a new one."""
+    stats = cpu_memory.stats()
+    if start is None or stats is None or not stats.enabled:
+        return {}
+    return {"reused": stats.reused - start.reused, "mapped": stats.mapped - start.mapped,
+            "kept_mib": round(stats.cached_bytes / 2**20)}
 
 
 def _devices_in_use(cfg: DictConfig) -> list[str]:

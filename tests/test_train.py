@@ -171,6 +171,7 @@ def test_bert_split_trains_and_writes_summary(tmp_path):
     assert summary["samples_per_s"] > 0 and summary["peak_memory_mib"]["cpu_rss"] > 0
     assert summary["metrics"]["val/acc"] > 0.8, summary  # chance is 0.25
     assert list(summary["stages"]) == ["embeddings", "encoder.0", "encoder.1", "classifier"]
+    assert summary["cpu_malloc"]["setting"].startswith("keep (freed blocks of 32 MiB or more reused")
     trace = json.loads((run / "trace_steps_5-6.json").read_text())["traceEvents"]  # callbacks.profile_steps
     assert {e["name"] for e in trace if e.get("name", "").startswith("hetrain::train step")} == {
         "hetrain::train step 5", "hetrain::train step 6"}

@@ -1,0 +1,113 @@
+"""Keeps large freed host blocks for reuse instead of handing them back to the kernel: ``keep_freed_blocks``.
+
+torch's CPU allocator takes each tensor's memory from the C library's ``malloc``. glibc serves a request of
+32 MiB or more (its highest automatic mmap threshold) with fresh pages from ``mmap`` and unmaps them on
+free, so each such tensor of each step starts untouched: a page fault and a zeroed page per 4 KiB. A CPU
+stage's large activations and gradients pay that every step (BERT-base's 32 x 512 x 768 token-table lookup:
+benchmarks/RESULTS.md, "the token table's step on a CPU stage"). GPU memory has torch's caching allocator;
+host memory has none, so hetrain installs one (``csrc/host_allocator.cpp``): requests of ``min_bytes`` or
+more come from a cache of mapped blocks, smaller ones from torch's allocator as before.
+
+glibc's own settings cannot do this safely: raising its mmap threshold keeps large blocks on the heap, where
+small long-lived allocations land between them and the holes left behind never fit the next request (a
+lookup loop grew to 12 GiB resident). The cost of the cache: up to ``max_cached_bytes`` of freed host memory
+stays mapped, as a GPU process keeps its reserved memory. ``python train.py`` installs it unless
+``cpu_malloc=system`` (:func:`host_memory`, for the run only); it needs hetrain._C.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from hetrain import _ext
+
+GLIBC_MAX_MMAP_THRESHOLD = 32 << 20  # glibc keeps smaller freed blocks on its heap by itself
+
+
+@dataclass(frozen=True)
+class CpuMallocSetting:
+    """What :func:`apply` did: ``applied`` and, for the run summary, a one-line ``description``."""
+
+    applied: bool
+    description: str
+
+
+@dataclass(frozen=True)
+class HostCacheStats:
+    """The block cache's counters since it was installed."""
+
+    enabled: bool
+    reused: int  # requests served from a kept block
+    mapped: int  # requests that mapped a new block
+    unmapped: int  # blocks given back to the system (over the cap, emptied, or to retry a failed mapping)
+    cached_bytes: int  # freed blocks kept now
+    live_bytes: int  # blocks held by tensors now
+    peak_mapped_bytes: int  # most bytes mapped at once
+
+
+def default_max_cached_bytes() -> int:
+    """A quarter of the machine's memory: enough for a step's large tensors, never most of the host."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def keep_freed_blocks(min_bytes: int = GLIBC_MAX_MMAP_THRESHOLD,
+                      max_cached_bytes: int | None = None) -> CpuMallocSetting:
+    """Makes host requests of ``min_bytes`` or more reuse freed blocks (at most ``max_cached_bytes`` kept)."""
+    if _ext.load() is None:
+        return CpuMallocSetting(False, "system (hetrain._C is not built, so hetrain's CPU allocator is absent)")
+    cap = default_max_cached_bytes() if max_cached_bytes is None else max_cached_bytes
+    if not torch.ops.hetrain_C.host_cache_enable(min_bytes, cap):
+        return CpuMallocSetting(False, "system (another CPU allocator of higher priority is installed)")
+    return CpuMallocSetting(True, f"keep (freed blocks of {min_bytes >> 20} MiB or more reused, up to "
+                                  f"{cap / 2**30:.1f} GiB kept)")
+
+
+def system() -> None:
+    """Back to torch's allocator for new requests; kept blocks are unmapped (blocks in use stay valid)."""
+    if _ext.load() is not None:
+        torch.ops.hetrain_C.host_cache_disable()
+
+
+def empty_cache() -> None:
+    """Unmaps every kept block, as ``torch.cuda.empty_cache`` does for GPU memory."""
+    if _ext.load() is not None:
+        torch.ops.hetrain_C.host_cache_empty()
+
+
+def stats() -> HostCacheStats | None:
+    """The cache's counters, or None without hetrain._C."""
+    if _ext.load() is None:
+        return None
+    enabled, *counts = torch.ops.hetrain_C.host_cache_stats()
+    return HostCacheStats(bool(enabled), *counts)
+
+
+def apply(mode: str) -> CpuMallocSetting:
+    """``mode`` from a run's config: ``"keep"`` (:func:`keep_freed_blocks`) or ``"system"`` (torch's allocator)."""
+    if mode == "keep":
+        return keep_freed_blocks()
+    if mode == "system":
+        system()
+        return CpuMallocSetting(False, "system (as configured)")
+    raise ValueError(f"hetrain: cpu_malloc={mode!r} is not a choice: use keep (reuse freed host memory, the default) "
+                     "or system (torch's CPU allocator as it is)")
+
+
+@contextmanager
+def host_memory(mode: str) -> Iterator[CpuMallocSetting]:
+    """:func:`apply` for the ``with`` block: torch's allocator is back after it, unless the cache was on before."""
+    before = stats()
+    setting = apply(mode)
+    try:
+        yield setting
+    finally:
+        if setting.applied and not (before is not None and before.enabled):
+            system()

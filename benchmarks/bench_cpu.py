@@ -2,6 +2,8 @@
 
 Run: ``make bench-cpu`` (or ``python -m benchmarks.bench_cpu``). Writes
 ``benchmarks/results/<date>-ops-cpu.json`` and regenerates the CPU section of ``benchmarks/RESULTS.md``.
+Every column runs on the same host allocator, by default hetrain's kept blocks as ``python train.py`` uses
+(``--cpu-malloc system``: torch's own).
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ import hetrain
 from benchmarks import report
 from benchmarks.cases import discover
 from benchmarks.timing import copy_bandwidth_gbs, median_ms
+from hetrain import cpu_memory
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, cpu_malloc: str = "keep") -> dict:
+    with cpu_memory.host_memory(cpu_malloc) as setting:
+        return {**_run(quick), "cpu_malloc": setting.description}
+
+
+def _run(quick: bool) -> dict:
     copy_gbs = copy_bandwidth_gbs("cpu", megabytes=64 if quick else 256)
     rows = []
     for case in discover("cpu"):
@@ -56,8 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke test")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--cpu-malloc", choices=["keep", "system"], default="keep",
+                        help="host allocator of every column (hetrain.cpu_memory)")
     args = parser.parse_args()
-    result = run(quick=args.quick)
+    result = run(quick=args.quick, cpu_malloc=args.cpu_malloc)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{result['date']}-ops-cpu.json"
     path.write_text(json.dumps(result, indent=2))

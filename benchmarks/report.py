@@ -22,7 +22,8 @@ def cpu_row_text(row: dict) -> str:
 def cpu_table(result: dict) -> str:
     lines = [
         f"CPU: {result['device']}, torch {result['torch']}, {result['date']}; forward+backward median; "
-        f"copy bandwidth {result['copy_gbs']:.1f} GB/s measured in the same run.",
+        f"copy bandwidth {result['copy_gbs']:.1f} GB/s measured in the same run; host allocator: "
+        f"{result.get('cpu_malloc', 'system (torch)')}.",
         "",
         "| op | shape | dtype | eager ms | compile ms | hetrain ms | vs eager | vs compile | % copy bw |",
         "|---|---|---|---|---|---|---|---|---|",

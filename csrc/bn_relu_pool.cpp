@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "bn_relu_pool_math.h"
+#include "lane_sum.h"
 
 namespace hetrain {
 namespace bn_relu_pool {
@@ -204,15 +205,11 @@ void channel_sums(const scalar_t* x, const Geometry& g, bool cl, double* pivot, 
       for (int64_t p = p0; p < p1; ++p) {
         const scalar_t* xp = x + p * HW;
         const double pv = pivot[p % C];
-        double s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-        for (int64_t j = 0; j < HW; ++j) {
+        lane_sum2<double>(HW, [&](int64_t j, double& s, double& q) {
           const double d = double(xp[j]) - pv;
           s += d;
           q += d * d;
-        }
-        part[2 * p] = s;
-        part[2 * p + 1] = q;
+        }, &part[2 * p], &part[2 * p + 1]);
       }
     });
     for (int64_t p = 0; p < g.N * C; ++p) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "lane_sum.h"
 #include "dropout_math.h"
 #include "layer_norm_math.h"
 
@@ -91,13 +92,8 @@ void forward_rows(const scalar_t* x, const scalar_t* res, const scalar_t* w, con
     for (int64_t r = begin; r < end; ++r) {
       pre_norm_row<scalar_t, acc_t>(s.data(), m.data(), x + r * N, res + r * N, d, r, N);
       const acc_t* sr = s.data();
-      acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < N; ++j) sum += sr[j];
-      const acc_t mu = sum / acc_t(N);
-      acc_t sq = 0;
-#pragma omp simd reduction(+ : sq)
-      for (int64_t j = 0; j < N; ++j) sq += (sr[j] - mu) * (sr[j] - mu);
+      const acc_t mu = lane_sum<acc_t>(N, [&](int64_t j) { return sr[j]; }) / acc_t(N);
+      const acc_t sq = lane_sum<acc_t>(N, [&](int64_t j) { return (sr[j] - mu) * (sr[j] - mu); });
       const acc_t rs = layer_norm::rstd<acc_t>(sq / acc_t(N), acc_t(eps));
       scalar_t* yr = y + r * N;
 #pragma omp simd
@@ -130,16 +126,15 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* res, c
         const acc_t mu = mean[r], rs = rstd[r];
         acc_t* xh = xhat.data();
         acc_t* gr = g.data();
-        acc_t sum_g = 0, sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-        for (int64_t j = 0; j < N; ++j) {
+        acc_t sum_g, sum_gx;
+        lane_sum2<acc_t>(N, [&](int64_t j, acc_t& sg, acc_t& sgx) {
           const acc_t xj = (xh[j] - mu) * rs;
           const acc_t gj = w ? acc_t(dyr[j]) * acc_t(w[j]) : acc_t(dyr[j]);
           xh[j] = xj;
           gr[j] = gj;
-          sum_g += gj;
-          sum_gx += gj * xj;
-        }
+          sg += gj;
+          sgx += gj * xj;
+        }, &sum_g, &sum_gx);
         const acc_t mg = sum_g / acc_t(N), mgx = sum_gx / acc_t(N);
         scalar_t* dxr = dx + r * N;
         scalar_t* drr = dres + r * N;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "lane_sum.h"
 #include "layer_norm_math.h"
 
 namespace hetrain {
@@ -50,16 +51,11 @@ void forward_rows(const scalar_t* x, const scalar_t* w, const scalar_t* b, scala
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x + r * N;
       scalar_t* yr = y + r * N;
-      acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < N; ++j) sum += acc_t(xr[j]);
-      const acc_t mu = sum / acc_t(N);
-      acc_t sq = 0;
-#pragma omp simd reduction(+ : sq)
-      for (int64_t j = 0; j < N; ++j) {
+      const acc_t mu = lane_sum<acc_t>(N, [&](int64_t j) { return acc_t(xr[j]); }) / acc_t(N);
+      const acc_t sq = lane_sum<acc_t>(N, [&](int64_t j) {
         const acc_t d = acc_t(xr[j]) - mu;
-        sq += d * d;
-      }
+        return d * d;
+      });
       const acc_t rs = layer_norm::rstd<acc_t>(sq / acc_t(N), acc_t(eps));
       if (w && b) {
 #pragma omp simd
@@ -102,13 +98,12 @@ void backward_block(const scalar_t* dy, const scalar_t* x, const scalar_t* w, co
     const scalar_t* xk = xr[k];
     const scalar_t* dyk = dyr[k];
     const acc_t m = mu[k], s = rs[k];
-    acc_t sum_g = 0, sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-    for (int64_t j = 0; j < N; ++j) {
+    acc_t sum_g, sum_gx;
+    lane_sum2<acc_t>(N, [&](int64_t j, acc_t& sg, acc_t& sgx) {
       const acc_t g = HAS_W ? acc_t(dyk[j]) * acc_t(w[j]) : acc_t(dyk[j]);
-      sum_g += g;
-      sum_gx += g * ((acc_t(xk[j]) - m) * s);
-    }
+      sg += g;
+      sgx += g * ((acc_t(xk[j]) - m) * s);
+    }, &sum_g, &sum_gx);
     mg[k] = sum_g / acc_t(N);
     mgx[k] = sum_gx / acc_t(N);
   }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "lane_sum.h"
 #include "rms_norm_math.h"
 
 namespace hetrain {
@@ -38,22 +39,6 @@ using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Rows per parallel task: enough elements that the scheduling cost is noise.
 int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
-
-// Sum of term(j) over j < N in kLanes independent accumulators: the compiler can vectorise it without
-// -ffast-math, and rounding error grows with N / kLanes rather than N.
-template <typename acc_t, typename Term>
-acc_t lane_sum(int64_t N, Term term) {
-  constexpr int kLanes = 8;
-  acc_t lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= N; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += term(j + l);
-  }
-  acc_t sum = 0;
-  for (; j < N; ++j) sum += term(j);
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
-}
 
 template <typename scalar_t>
 void forward_rows(const scalar_t* x, const scalar_t* w, scalar_t* y, acc_type<scalar_t>* rstd, int64_t M,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import hetrain
 from benchmarks.timing import median_ms
-from hetrain import _ext, plugins
+from hetrain import _ext, cpu_memory, plugins
 from hetrain.callbacks.placement import StagePlacement
 from hetrain.models.bert import BertClassifier
 from hetrain.placement import CostModel, available_devices
@@ -331,17 +331,23 @@ def triton_version() -> str | None:
 
 
 def run(device: str, quick: bool = False, short: bool = False,
-        save: Callable[[dict], None] = lambda result: None) -> dict:
+        save: Callable[[dict], None] = lambda result: None, cpu_malloc: str = "keep") -> dict:
     """``quick``: the tiny model, few repeats (a smoke test); ``short``: the full model, few repeats (a GPU
     lent for minutes, where the tiny model would measure nothing but the host). ``save`` gets the result
-    after each section, so a run stopped at a time limit keeps what it measured."""
+    after each section, so a run stopped at a time limit keeps what it measured. ``cpu_malloc``: the host
+    allocator, as ``python train.py`` takes it (hetrain.cpu_memory; CPU stages allocate through it)."""
+    with cpu_memory.host_memory(cpu_malloc) as setting:
+        return _run(device, quick, short, save, setting.description)
+
+
+def _run(device: str, quick: bool, short: bool, save: Callable[[dict], None], cpu_malloc: str) -> dict:
     shape = QUICK if quick else FULL
     light = quick or short
     result = {
         "date": dt.date.today().isoformat(), "device": device_name(device), "device_type": device,
         "torch": torch.__version__, "triton": triton_version(), "hetrain": hetrain.__version__, "quick": quick,
         "short": short, "shape": asdict(shape), "baseline": {"mode": BASELINE[0], "fused": BASELINE[1]},
-        "target_met": None, "rows": [], "placement": [],
+        "target_met": None, "rows": [], "placement": [], "cpu_malloc": cpu_malloc,
     }
     rows = result["rows"]
     rows += run_modes(shape, device, light)
@@ -365,6 +371,8 @@ def main() -> None:
     parser.add_argument("--short", action="store_true", help="the full model with few steps")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--cpu-malloc", choices=["keep", "system"], default="keep",
+                        help="host allocator, as python train.py takes it (hetrain.cpu_memory)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU in use")
@@ -375,7 +383,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2))
         return path
 
-    result = run(args.device, quick=args.quick, short=args.short, save=save)
+    result = run(args.device, quick=args.quick, short=args.short, save=save, cpu_malloc=args.cpu_malloc)
     path = save(result)
     print("\nsummary (vs bf16+compile: step time over plain torch bf16 + torch.compile; <= 1.00 meets the target)")
     for row in result["rows"]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 import hetrain
-from hetrain import _ext, plugins
+from hetrain import _ext, cpu_memory, plugins
 
 MIN_TRITON = (3, 0)
 
@@ -61,6 +61,15 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
 
 
+def _host_allocator() -> str:
+    stats = cpu_memory.stats()
+    if stats is None:
+        return "torch's (hetrain._C not built: no host block cache)"
+    if stats.enabled:
+        return f"hetrain's host block cache ({stats.reused} reused, {stats.mapped} mapped)"
+    return "torch's; python train.py keeps freed blocks of 32 MiB or more (cpu_malloc=keep, hetrain.cpu_memory)"
+
+
 def device_types() -> list[str]:
     types = ["cpu"]
     if torch.cuda.is_available():
@@ -80,6 +89,7 @@ def collect() -> Report:
         "nvcc": nvcc_version() or "not found",
         "hetrain._C": ("built with CUDA" if _ext.built_with_cuda() else "built for CPU")
         if _ext.load() is not None else "not built",
+        "host allocator": _host_allocator(),
     }
     report.devices.append({"device": "cpu", "name": f"{torch.get_num_threads()} threads", "capability": "-",
                            "memory": "-"})

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,12 +51,25 @@ class HostCacheStats:
     peak_mapped_bytes: int  # most bytes mapped at once
 
 
-def default_max_cached_bytes() -> int:
-    """A quarter of the machine's memory: enough for a step's large tensors, never most of the host."""
+def memory_limit_bytes(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The machine's memory, or a container's lower limit (cgroup v2 ``memory.max`` or v1's ``limit_in_bytes``)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 4 << 30
+        limit = 16 << 30
+    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            text = (cgroup_root / name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) or a huge number (v1) where no limit is set
+            limit = min(limit, int(text))
+    return limit
+
+
+def default_max_cached_bytes() -> int:
+    """A quarter of the memory this process may use: enough for a step's large tensors, never most of it."""
+    return memory_limit_bytes() // 4
 
 
 def keep_freed_blocks(min_bytes: int = GLIBC_MAX_MMAP_THRESHOLD,

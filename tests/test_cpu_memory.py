@@ -169,6 +169,18 @@ def test_host_memory_keeps_blocks_for_its_block_only_unless_the_cache_was_on_bef
         cpu_memory.system()
 
 
+def test_the_default_cap_is_a_quarter_of_a_containers_limit_where_one_is_set(tmp_path):
+    machine = cpu_memory.memory_limit_bytes(tmp_path)  # no cgroup files: the machine's memory
+    assert machine > 0
+    (tmp_path / "memory.max").write_text("max\n")  # cgroup v2 without a limit
+    assert cpu_memory.memory_limit_bytes(tmp_path) == machine
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{1 << 30}\n")  # cgroup v1 with one
+    assert cpu_memory.memory_limit_bytes(tmp_path) == min(machine, 1 << 30)
+    (tmp_path / "memory.max").write_text(f"{512 << 20}\n")
+    assert cpu_memory.memory_limit_bytes(tmp_path) == min(machine, 512 << 20)
+
+
 def test_an_unknown_mode_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="cpu_malloc='cache' is not a choice: use keep .* or system"):
         cpu_memory.apply("cache")

@@ -15,6 +15,7 @@
 
 #include "bias_gelu_math.h"
 #include "checks.h"
+#include "cpu_loops.h"
 
 namespace hetrain {
 namespace bias_gelu {
@@ -38,8 +39,6 @@ namespace {
 using bias_gelu::check_bias;
 using bias_gelu::is_tanh;
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Rows per parallel task: enough elements that the scheduling cost is noise.
 int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)); }
@@ -67,25 +66,13 @@ void from_acc(const float* src, float* dst, int64_t n) { std::copy(src, src + n,
 void from_acc(const double* src, double* dst, int64_t n) { std::copy(src, src + n, dst); }
 
 void to_acc(const at::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t u = static_cast<uint32_t>(bits[j]) << 16;
-    float f;
-    memcpy(&f, &u, sizeof(f));
-    dst[j] = f;
-  }
+  for (int64_t j = 0; j < n; ++j) dst[j] = widen(src[j]);
 }
 
 void from_acc(const float* src, at::BFloat16* dst, int64_t n) {
-  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t u;
-    memcpy(&u, &src[j], sizeof(u));
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-    bits[j] = static_cast<uint16_t>(src[j] != src[j] ? 0x7fc0u : rounded);
-  }
+  for (int64_t j = 0; j < n; ++j) dst[j] = narrow<at::BFloat16>(src[j]);
 }
 
 void to_acc(const at::Half* src, float* dst, int64_t n) {

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "bn_relu_pool_math.h"
-#include "lane_sum.h"
+#include "cpu_loops.h"
 
 namespace hetrain {
 namespace bn_relu_pool {
@@ -125,8 +125,6 @@ namespace {
 namespace brp = bn_relu_pool;
 using brp::stats_dtype;
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // An integer as wide as acc_t: window indices held in it vectorise next to the acc_t values (a uint8
 // lane beside a float lane does not).
@@ -346,7 +344,7 @@ void forward_nchw(const scalar_t* x, const Channels<acc_type<scalar_t>>& ch, sca
         uint8_t* ar = arg + p * OHW + oh * g.OW;
 #pragma omp simd
         for (int_t ow = 0; ow < OW; ++ow) {
-          yr[ow] = scalar_t(brp::relu(best[ow]));
+          yr[ow] = narrow<scalar_t>(brp::relu(best[ow]));
           ar[ow] = static_cast<uint8_t>(idx[ow]);
         }
       }
@@ -393,7 +391,7 @@ void forward_nhwc(const scalar_t* x, const Channels<acc_type<scalar_t>>& ch, sca
         uint8_t* ap = arg + o;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          yp[c] = scalar_t(brp::relu(best[c]));
+          yp[c] = narrow<scalar_t>(brp::relu(best[c]));
           ap[c] = static_cast<uint8_t>(idx[c]);
         }
       }
@@ -563,7 +561,7 @@ void input_grad_nchw(const scalar_t* dy, const uint8_t* arg, const scalar_t* x, 
       for (int64_t j = 0; j < HW; ++j) {
         const acc_t xv = acc_t(xp[j]);
         const acc_t z = rounded<scalar_t>(brp::pre_relu<acc_t>(xv, sc, sf));
-        dxp[j] = scalar_t(brp::input_grad<acc_t>(kc, brp::relu_passes(z) ? gb[j] : acc_t(0), xv - mu));
+        dxp[j] = narrow<scalar_t>(brp::input_grad<acc_t>(kc, brp::relu_passes(z) ? gb[j] : acc_t(0), xv - mu));
       }
     }
   });
@@ -618,7 +616,7 @@ void input_grad_nhwc(const scalar_t* dy, const uint8_t* arg, const scalar_t* x, 
           const acc_t xv = acc_t(xp[c]);
           const acc_t z = rounded<scalar_t>(brp::pre_relu<acc_t>(xv, scale[c], shift[c]));
           const acc_t gv = brp::relu_passes(z) ? gw[c] : acc_t(0);
-          dxp[c] = scalar_t(brp::fused_multiply_add<acc_t>(kx[c], xv - mean[c], kg[c] * gv + k0[c]));
+          dxp[c] = narrow<scalar_t>(brp::fused_multiply_add<acc_t>(kx[c], xv - mean[c], kg[c] * gv + k0[c]));
         }
       }
     }

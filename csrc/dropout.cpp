@@ -11,40 +11,15 @@
 #include <cstring>
 
 #include "checks.h"
+#include "cpu_loops.h"
 #include "dropout_math.h"
 
 namespace hetrain {
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Elements per parallel task: enough that the scheduling cost is noise.
 constexpr int64_t kGrain = 32768;
-
-// The widening and rounding of each element, written so `#pragma omp simd` vectorises the loop:
-// c10's BFloat16 rounding has a NaN branch that keeps the compiler from it.
-inline float to_acc(float v) { return v; }
-inline double to_acc(double v) { return v; }
-inline float to_acc(at::Half v) { return float(v); }
-inline float to_acc(at::BFloat16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-template <typename T>
-inline T from_acc(acc_type<T> v) {
-  return T(v);
-}
-template <>
-inline at::BFloat16 from_acc<at::BFloat16>(float v) {
-  uint32_t u;
-  memcpy(&u, &v, sizeof(u));
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  return at::BFloat16(static_cast<uint16_t>(v != v ? 0x7fc0u : rounded), at::BFloat16::from_bits());
-}
 
 // v where kept, +0 where dropped (also for an infinite or NaN v), as a bit mask rather than a select:
 // GCC if-converts the mask into vector code on AVX2 and SSE, but keeps a branch for `keep ? v : 0`
@@ -76,7 +51,7 @@ void dropout_span(const scalar_t* x, scalar_t* y, uint64_t begin, int64_t n, con
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const bool keep = dropout::bits24(klo, khi, lo + static_cast<uint32_t>(j)) >= th;
-    y[j] = from_acc<scalar_t>(keep_or_zero(keep, to_acc(x[j]) * scale));
+    y[j] = narrow<scalar_t>(keep_or_zero(keep, widen(x[j]) * scale));
   }
 }
 

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "lane_sum.h"
+#include "cpu_loops.h"
 #include "dropout_math.h"
 #include "layer_norm_math.h"
 
@@ -43,8 +43,6 @@ void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Te
 
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
 
@@ -98,8 +96,8 @@ void forward_rows(const scalar_t* x, const scalar_t* res, const scalar_t* w, con
       scalar_t* yr = y + r * N;
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j)
-        yr[j] = scalar_t(layer_norm::forward<acc_t>(sr[j], mu, rs, w ? acc_t(w[j]) : acc_t(1),
-                                                    b ? acc_t(b[j]) : acc_t(0)));
+        yr[j] = narrow<scalar_t>(layer_norm::forward<acc_t>(sr[j], mu, rs, w ? acc_t(w[j]) : acc_t(1),
+                                                            b ? acc_t(b[j]) : acc_t(0)));
       mean[r] = mu;
       rstd[r] = rs;
     }
@@ -143,15 +141,15 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* res, c
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
             const acc_t ds = layer_norm::input_grad<acc_t>(gr[j], xh[j], rs, mg, mgx);
-            drr[j] = scalar_t(ds);
-            dxr[j] = scalar_t(ds * mr[j]);
+            drr[j] = narrow<scalar_t>(ds);
+            dxr[j] = narrow<scalar_t>(ds * mr[j]);
           }
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
             const acc_t ds = layer_norm::input_grad<acc_t>(gr[j], xh[j], rs, mg, mgx);
-            drr[j] = scalar_t(ds);
-            dxr[j] = scalar_t(ds);
+            drr[j] = narrow<scalar_t>(ds);
+            dxr[j] = narrow<scalar_t>(ds);
           }
         }
         if (pw) {

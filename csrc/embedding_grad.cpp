@@ -11,13 +11,12 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_loops.h"
 #include "index_runs.h"
 
 namespace hetrain {
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // dst row u = the sum, in the order they were looked up, of the src rows of run runs[u].
 template <typename scalar_t>
@@ -37,7 +36,7 @@ void sum_runs(const scalar_t* src, scalar_t* dst, const std::vector<int64_t>& or
       }
       scalar_t* out = dst + u * H;
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) out[j] = scalar_t(sum[j]);
+      for (int64_t j = 0; j < H; ++j) out[j] = narrow<scalar_t>(sum[j]);
     }
   });
 }

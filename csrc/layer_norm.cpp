@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "lane_sum.h"
+#include "cpu_loops.h"
 #include "layer_norm_math.h"
 
 namespace hetrain {
@@ -37,8 +37,6 @@ void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const std::o
 
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Rows per parallel task: enough elements that the scheduling cost is noise.
 int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
@@ -60,12 +58,12 @@ void forward_rows(const scalar_t* x, const scalar_t* w, const scalar_t* b, scala
       if (w && b) {
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j)
-          yr[j] = scalar_t(layer_norm::forward<acc_t>(acc_t(xr[j]), mu, rs, acc_t(w[j]), acc_t(b[j])));
+          yr[j] = narrow<scalar_t>(layer_norm::forward<acc_t>(acc_t(xr[j]), mu, rs, acc_t(w[j]), acc_t(b[j])));
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j)
-          yr[j] = scalar_t(layer_norm::forward<acc_t>(acc_t(xr[j]), mu, rs, w ? acc_t(w[j]) : acc_t(1),
-                                                      b ? acc_t(b[j]) : acc_t(0)));
+          yr[j] = narrow<scalar_t>(layer_norm::forward<acc_t>(acc_t(xr[j]), mu, rs, w ? acc_t(w[j]) : acc_t(1),
+                                                              b ? acc_t(b[j]) : acc_t(0)));
       }
       mean[r] = mu;
       rstd[r] = rs;
@@ -114,7 +112,7 @@ void backward_block(const scalar_t* dy, const scalar_t* x, const scalar_t* w, co
     for (int64_t k = 0; k < R; ++k) {
       const acc_t d = acc_t(dyr[k][j]);
       const acc_t xh = (acc_t(xr[k][j]) - mu[k]) * rs[k];
-      dxr[k][j] = scalar_t(layer_norm::input_grad<acc_t>(HAS_W ? d * wj : d, xh, rs[k], mg[k], mgx[k]));
+      dxr[k][j] = narrow<scalar_t>(layer_norm::input_grad<acc_t>(HAS_W ? d * wj : d, xh, rs[k], mg[k], mgx[k]));
       sw += d * xh;
       sb += d;
     }

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "lane_sum.h"
+#include "cpu_loops.h"
 #include "rms_norm_math.h"
 
 namespace hetrain {
@@ -34,8 +34,6 @@ void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const std::o
 
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Rows per parallel task: enough elements that the scheduling cost is noise.
 int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
@@ -54,7 +52,7 @@ void forward_rows(const scalar_t* x, const scalar_t* w, scalar_t* y, acc_type<sc
       });
       const acc_t rs = rms_norm::rstd<acc_t>(sq / acc_t(N), acc_t(eps));
       for (int64_t j = 0; j < N; ++j) {
-        yr[j] = scalar_t(rms_norm::forward<acc_t>(acc_t(xr[j]), rs, w ? acc_t(w[j]) : acc_t(1)));
+        yr[j] = narrow<scalar_t>(rms_norm::forward<acc_t>(acc_t(xr[j]), rs, w ? acc_t(w[j]) : acc_t(1)));
       }
       rstd[r] = rs;
     }
@@ -87,14 +85,14 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, con
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
             const acc_t d = acc_t(dyr[j]), xhat = acc_t(xr[j]) * rs;
-            dxr[j] = scalar_t(rms_norm::input_grad<acc_t>(d * acc_t(w[j]), xhat, rs, mgx));
+            dxr[j] = narrow<scalar_t>(rms_norm::input_grad<acc_t>(d * acc_t(w[j]), xhat, rs, mgx));
             pw[j] += d * xhat;
           }
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
             const acc_t d = acc_t(dyr[j]), xhat = acc_t(xr[j]) * rs;
-            dxr[j] = scalar_t(rms_norm::input_grad<acc_t>(w ? d * acc_t(w[j]) : d, xhat, rs, mgx));
+            dxr[j] = narrow<scalar_t>(rms_norm::input_grad<acc_t>(w ? d * acc_t(w[j]) : d, xhat, rs, mgx));
           }
         }
       }

@@ -12,13 +12,12 @@
 #include <vector>
 
 #include "adamw_math.h"
+#include "cpu_loops.h"
 #include "index_runs.h"
 
 namespace hetrain {
 namespace {
 
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename scalar_t>
 void step_rows(scalar_t* p, scalar_t* m, scalar_t* v, const int64_t* index, const scalar_t* values, int64_t n,
@@ -47,9 +46,9 @@ void step_rows(scalar_t* p, scalar_t* m, scalar_t* v, const int64_t* index, cons
       for (int64_t j = 0; j < H; ++j) {
         acc_t pj = acc_t(pr[j]), mj = acc_t(mr[j]), vj = acc_t(vr[j]);
         adamw::update<acc_t>(pj, mj, vj, g[j], decay, b1, b2, step_size, bc2_sqrt, eps);
-        pr[j] = scalar_t(pj);
-        mr[j] = scalar_t(mj);
-        vr[j] = scalar_t(vj);
+        pr[j] = narrow<scalar_t>(pj);
+        mr[j] = narrow<scalar_t>(mj);
+        vr[j] = narrow<scalar_t>(vj);
       }
     }
   });

@@ -31,10 +31,9 @@ def _make(rows: int, hidden: int, dtype: torch.dtype, device: str, approximate: 
 
 def cpu_cases() -> list[Case]:
     rows, hidden = 4096, 3072
-    elem = 4
     # forward reads x, writes y; backward reads dy and x, writes dx (bias reads are noise).
-    return [Case("bias_gelu", f"{rows}x{hidden} tanh", "float32", _make(rows, hidden, torch.float32, "cpu", "tanh"),
-                 5 * rows * hidden * elem)]
+    return [Case("bias_gelu", f"{rows}x{hidden} tanh", dtype_name(dtype), _make(rows, hidden, dtype, "cpu", "tanh"),
+                 5 * rows * hidden * dtype.itemsize) for dtype in (torch.float32, torch.bfloat16)]
 
 
 def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:

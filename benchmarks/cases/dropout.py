@@ -36,8 +36,8 @@ def _bytes(rows: int, hidden: int, itemsize: int) -> int:
 
 def cpu_cases() -> list[Case]:
     rows, hidden, p = 4096, 768, 0.1
-    return [Case("dropout", f"{rows}x{hidden} p={p}", "float32", _make(rows, hidden, p, torch.float32, "cpu"),
-                 _bytes(rows, hidden, 4))]
+    return [Case("dropout", f"{rows}x{hidden} p={p}", dtype_name(dtype), _make(rows, hidden, p, dtype, "cpu"),
+                 _bytes(rows, hidden, dtype.itemsize)) for dtype in (torch.float32, torch.bfloat16)]
 
 
 def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:

@@ -34,10 +34,10 @@ def _make(rows: int, hidden: int, p: float, dtype: torch.dtype, device: str):
 
 def cpu_cases() -> list[Case]:
     rows, hidden, p = 4096, 768, 0.1
-    elem = 4
     # forward reads x and residual, writes y; backward reads dy, x and residual, writes dx and dresidual.
-    return [Case("dropout_add_layer_norm", f"{rows}x{hidden} p={p}", "float32",
-                 _make(rows, hidden, p, torch.float32, "cpu"), 8 * rows * hidden * elem)]
+    return [Case("dropout_add_layer_norm", f"{rows}x{hidden} p={p}", dtype_name(dtype),
+                 _make(rows, hidden, p, dtype, "cpu"), 8 * rows * hidden * dtype.itemsize)
+            for dtype in (torch.float32, torch.bfloat16)]
 
 
 def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:

@@ -34,8 +34,8 @@ def _make(rows: int, hidden: int, dtype: torch.dtype, device: str):
 def cpu_cases() -> list[Case]:
     rows, hidden = 4096, 768
     # forward reads x, writes y; backward reads dy and x, writes dx.
-    return [Case("rms_norm", f"{rows}x{hidden}", "float32", _make(rows, hidden, torch.float32, "cpu"),
-                 5 * rows * hidden * 4)]
+    return [Case("rms_norm", f"{rows}x{hidden}", dtype_name(dtype), _make(rows, hidden, dtype, "cpu"),
+                 5 * rows * hidden * dtype.itemsize) for dtype in (torch.float32, torch.bfloat16)]
 
 
 def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:

@@ -72,7 +72,7 @@ def main() -> None:
     path = args.out / f"{result['date']}-ops-cpu.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path}")
-    if not args.quick:
+    if not args.quick and args.out.resolve() == RESULTS.resolve():  # RESULTS.md shows benchmarks/results only
         report.write_results_md(args.out)
 
 

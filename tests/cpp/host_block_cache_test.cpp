@@ -13,20 +13,12 @@
 #include <utility>
 #include <vector>
 
+#include "check.h"
 #include "host_block_cache.h"
 
 using hetrain::host::CacheStats;
 using hetrain::host::HostBlockCache;
 
-#define CHECK(cond, ...)                                                            \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                            \
-      std::fprintf(stderr, "\n");                                                   \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
 
 namespace {
 

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "check.h"
 #include "ring_buffer.h"
 
 using hetrain::ring::kClosed;
@@ -23,15 +24,6 @@ using hetrain::ring::RingError;
 using hetrain::ring::TokenGatherer;
 using hetrain::ring::TokenSlotLayout;
 
-#define CHECK(cond, ...)                                              \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                              \
-      std::fprintf(stderr, "\n");                                     \
-      std::exit(1);                                                   \
-    }                                                                 \
-  } while (0)
 
 namespace {
 

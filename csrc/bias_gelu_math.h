@@ -1,17 +1,16 @@
 // Per-element GELU math, exact-erf and tanh forms with their derivatives, shared by the CPU kernel
 // (bias_gelu.cpp) and any CUDA kernel. No torch headers: callers pass plain accumulator values.
 //
-// float uses branch-free polynomial exp/erf/tanh so `#pragma omp simd` loops vectorise: glibc
-// declares its vector erff/tanhf/expf only under -ffast-math, and the scalar calls cost several
-// times the memory traffic of the op. Their absolute error (below 3e-7) is far inside float32's
-// tolerance once added to 1 as GELU does. double calls the std functions: it is the oracle dtype.
+// float uses branch-free polynomial erf/tanh built on fast_math.h's exp so `#pragma omp simd` loops
+// vectorise (glibc declares its vector erff/tanhf only under -ffast-math). Their absolute error (below
+// 3e-7) is far inside float32's tolerance once added to 1 as GELU does. double calls the std functions:
+// it is the oracle dtype.
 #pragma once
 
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 
 #include "common.h"
+#include "fast_math.h"
 
 namespace hetrain {
 namespace bias_gelu {
@@ -20,28 +19,6 @@ constexpr double kSqrtHalf = 0.70710678118654752440;     // 1 / sqrt(2)
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1 / sqrt(2 pi)
 constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2 / pi)
 constexpr double kCubic = 0.044715;                      // the tanh form's cubic coefficient
-
-// e^x for float: x = k ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7
-// (relative error below 1e-7), 2^k written straight into the exponent bits.
-HETRAIN_HD float exp_fast(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // keeps 2^k a normal float
-  const float round = 12582912.0f;                     // 1.5 * 2^23: adding it rounds to an integer
-  const float k = (x * 1.44269504088896341f + round) - round;
-  float r = x - k * 0.693145751953125f;  // ln2 in two parts so the reduction is exact
-  r = r - k * 1.42860682030941723212e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // erf for float from e = exp(-x*x), which GELU's derivative needs anyway: Abramowitz & Stegun
 // 7.1.26 (absolute error below 1.5e-7) on |x|, sign restored. double ignores e and calls erf.
@@ -63,8 +40,6 @@ HETRAIN_HD float erf_fast(float x) { return erf_given_exp(x, exp_fast(-x * x)); 
 // tanh(u) = 1 - 2 / (1 + e^(2u)): saturates to +-1 through the clamped exp, no branch.
 HETRAIN_HD float tanh_fast(float u) { return 1.0f - 2.0f / (1.0f + exp_fast(2.0f * u)); }
 
-HETRAIN_HD float exp_of(float x) { return exp_fast(x); }
-HETRAIN_HD double exp_of(double x) { return exp(x); }
 HETRAIN_HD float erf_of(float x) { return erf_fast(x); }
 HETRAIN_HD double erf_of(double x) { return erf(x); }
 HETRAIN_HD float tanh_of(float x) { return tanh_fast(x); }

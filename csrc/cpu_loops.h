@@ -5,6 +5,10 @@
 // kLanes partial sums it vectorises into several registers whose adds overlap, and rounding error grows with
 // N / kLanes rather than N.
 //
+// lane_max_sum: a row's largest element and its sum in the same lanes. GCC 12 vectorises `#pragma omp simd
+// reduction(max : m)` over std::max into a loop that ran at a fifth of this one's speed (softmax's first pass
+// over 2048 x 8192 float32 logits: 22.6 ms against 5.3 for the max and the sum together, one thread).
+//
 // widen / narrow: one element to its accumulation type and back. An `#pragma omp simd` loop that stores
 // `scalar_t(v)` for c10::BFloat16 does not vectorise at all under GCC 12 (c10's rounding has a NaN branch, and each
 // lane's temporary gets an array slot of its own: "more than one data ref in stmt"); these round on the bits, so
@@ -16,6 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 namespace hetrain {
@@ -84,6 +89,33 @@ inline void lane_sum2(int64_t N, Terms terms, acc_t* first, acc_t* second) {
   }
   *first = sa;
   *second = sb;
+}
+
+// The largest of x[0..N) (-inf for N = 0) and their sum. A NaN may be skipped by the max; the sum keeps it.
+template <typename acc_t>
+inline void lane_max_sum(const acc_t* x, int64_t N, acc_t* max, acc_t* sum) {
+  constexpr int kLanes = kSumLanes<acc_t> / 2;
+  acc_t hi[kLanes], total[kLanes] = {};
+  for (int l = 0; l < kLanes; ++l) hi[l] = -std::numeric_limits<acc_t>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= N; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      hi[l] = hi[l] > x[j + l] ? hi[l] : x[j + l];
+      total[l] += x[j + l];
+    }
+  }
+  acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
+  for (; j < N; ++j) {
+    m = m > x[j] ? m : x[j];
+    s += x[j];
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    m = m > hi[l] ? m : hi[l];
+    s += total[l];
+  }
+  *max = m;
+  *sum = s;
 }
 
 }  // namespace hetrain

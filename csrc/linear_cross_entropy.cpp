@@ -1,6 +1,7 @@
 // Softmax cross-entropy over a chunk of logits on the CPU, one row per step: the loss of every row and,
 // when a gradient scale is given, d(loss)/d(logits) written over the logits in place. The GEMMs around
-// it (logits = hidden @ W^T, the gradient products) stay with torch's BLAS.
+// it (logits = hidden @ W^T, the gradient products) stay with torch's BLAS. Every pass vectorises: the max and
+// sum in lanes (cpu_loops.h), exp as fast_math.h's polynomial for float (std::exp kept the loop scalar).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,8 +9,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 
+#include "cpu_loops.h"
+#include "fast_math.h"
 #include "linear_cross_entropy_math.h"
 
 namespace hetrain {
@@ -33,24 +35,20 @@ void cross_entropy_rows(acc_t* logits, acc_t* loss, const int64_t* target, const
       }
       TORCH_CHECK(t >= 0 && t < V, "hetrain.linear_cross_entropy: target ", t, " in row ", r,
                   " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-      acc_t m = -std::numeric_limits<acc_t>::infinity(), z_sum = 0;
-#pragma omp simd reduction(max : m) reduction(+ : z_sum)
-      for (int64_t j = 0; j < V; ++j) {
-        m = std::max(m, z[j]);
-        z_sum += z[j];
-      }
+      acc_t m, z_sum;
+      lane_max_sum<acc_t>(z, V, &m, &z_sum);
       const acc_t z_target = z[t];
       acc_t s = 0;
       if (scale) {
         // Keep exp(z - m) in place: the gradient pass then needs no second exp.
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < V; ++j) {
-          z[j] = std::exp(z[j] - m);
+          z[j] = exp_of(z[j] - m);
           s += z[j];
         }
       } else {
 #pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < V; ++j) s += std::exp(z[j] - m);
+        for (int64_t j = 0; j < V; ++j) s += exp_of(z[j] - m);
       }
       const acc_t lse = m + std::log(s);
       loss[r] = lce::row_loss<acc_t>(lse, z_target, z_sum, keep, spread);

@@ -148,6 +148,28 @@ def test_all_targets_ignored(backend):
     assert torch.equal(loss, torch.zeros(6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masked_vocabulary_and_underflowing_logits(backend, dtype):
+    """A -inf bias masks a vocabulary entry: its probability, and so its logit's gradient, is exactly 0; logits
+    hundreds below the row's largest underflow exp to 0 rather than to a clamped tiny value."""
+    H, V = 8, 67
+    hidden, weight, b, target = inputs((19,), H, V, dtype, seed=6, ignored=2)
+    masked = torch.tensor([0, 5, 17, 40, 66])
+    target[torch.isin(target, masked)] = 1
+    with torch.no_grad():
+        b[masked] = float("-inf")
+        b[30:40] = -300.0
+    loss, grads = run(backend, hidden, weight, b, target)
+    loss_ref, grads_ref = reference(hidden, weight, b, target)
+    assert torch.isfinite(loss)
+    assert_close(loss, loss_ref, dtype, f"{backend} masked loss")
+    grad_w, grad_b = grads[1], grads[2]
+    assert torch.equal(grad_b[masked], torch.zeros_like(grad_b[masked]))
+    assert torch.equal(grad_w[masked], torch.zeros_like(grad_w[masked]))
+    assert_grads_close(grads, grads_ref, dtype, f"{backend} masked")
+
+
 def test_chunk_size_respects_the_memory_budget():
     V, H = 30522, 768
     for dtype in (torch.float32, torch.bfloat16, torch.float64):

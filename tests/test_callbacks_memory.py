@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hetrain import cpu_memory
 from hetrain.callbacks.churn import OUTSIDE, Allocation, ChurnTracker, churned
 from hetrain.callbacks.memory import (
     OOM_MD,
@@ -204,6 +205,32 @@ def test_profiler_writes_a_report_naming_every_module(tmp_path):
                                "optimizer state": {"cpu": 2 * params + 4 * 4}}
     # No hook outlives the fit.
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class ScratchRegressor(Regressor):
+    """Makes and drops a 48 MiB host temporary every step: a block hetrain's host allocator keeps."""
+
+    def training_step(self, batch, batch_idx):
+        scratch = torch.ones(SCRATCH_BYTES // 4)
+        return super().training_step(batch, batch_idx) + 0 * scratch[-1]
+
+
+SCRATCH_BYTES = 48 * 2**20
+
+
+@pytest.mark.parametrize("mode", ["keep", "system"])
+def test_report_tells_kept_host_blocks_from_the_resident_set(tmp_path, mode):
+    with cpu_memory.host_memory(mode):
+        profiler = MemoryProfiler(module_every_n_steps=2)
+        _fit(ScratchRegressor(), profiler, tmp_path, batches=3)
+    kept = [s[p]["cpu"].get("kept") for s in profiler.steps for p in PHASES]
+    md, page = (tmp_path / REPORT_MD).read_text(), (tmp_path / REPORT_HTML).read_text()
+    if mode == "system":
+        assert kept == [None] * len(kept) and "freed blocks" not in md
+        return
+    assert all(k is not None for k in kept) and max(kept) >= SCRATCH_BYTES
+    note = f"up to {max(kept) / 2**20:.1f} MiB of that resident set were freed blocks"
+    assert note in md and note in page
 
 
 def test_profiler_under_gradient_accumulation_records_optimizer_steps(tmp_path):

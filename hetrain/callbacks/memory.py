@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from hetrain import cpu_memory
 from hetrain.callbacks.churn import KIND_MEANING, KINDS, ROOT, ChurnTracker
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.report import markdown_table
@@ -152,7 +153,8 @@ class PhaseMemory:
                 for d in self.devices if d.type in ("cuda", "cpu")}
 
     def peaks(self) -> dict[str, dict[str, int]]:
-        """``{device: {"allocated": peak bytes, "reserved": peak bytes (GPU only)}}`` since the last reset."""
+        """``{device: {"allocated": peak bytes, "reserved": peak bytes (GPU only), "kept": bytes (CPU only)}}``
+        since the last reset; ``kept`` is what hetrain's host allocator holds now in freed blocks for reuse."""
         out: dict[str, dict[str, int]] = {}
         for device in self.devices:
             if device.type == "cuda":
@@ -164,7 +166,17 @@ class PhaseMemory:
                                     "reserved": stats.get("reserved_bytes", {}).get("all", {}).get("peak", 0)}
             elif device.type == "cpu":
                 out["cpu"] = {"allocated": self._peak_rss()}
+                kept = _kept_host_bytes()
+                if kept is not None:
+                    out["cpu"]["kept"] = kept
         return out
+
+
+def _kept_host_bytes() -> int | None:
+    """Bytes of freed host blocks hetrain's allocator keeps mapped (``cpu_malloc: keep``): resident, yet no
+    tensor's; None while the allocator is off."""
+    stats = cpu_memory.stats()
+    return stats.cached_bytes if stats is not None and stats.enabled else None
 
 
 @dataclass
@@ -527,9 +539,22 @@ class MemoryProfiler(Callback):
                    self.churn.table(["op workspace", "kept for backward", "passed on"], self.churn_top))]
         return paragraphs, tables
 
+    def kept_host_note(self) -> str | None:
+        """How much of the CPU's resident set was freed blocks kept for reuse; None where none were kept."""
+        kept = max((s[p].get("cpu", {}).get("kept", 0) for s in self.steps for p in PHASES), default=0)
+        if not kept:
+            return None
+        return (f"CPU: up to {kept / MIB:.1f} MiB of that resident set were freed blocks that hetrain's host "
+                "allocator keeps for the next tensor of their size (cpu_malloc: keep), not live tensors, as a "
+                "GPU's reserved memory; hetrain.cpu_memory.empty_cache() gives them back.")
+
     def markdown(self) -> str:
         text = "# Memory\n\n## Peak per device and phase\n\n"
         text += f"{_READING}\n\n" + markdown_table(*self.device_table())
+        kept = self.kept_host_note()
+        if kept:
+            text += f"\n{kept}\n"
+
         if self.modules is not None and self.modules.records:
             text += "\n## Per module (largest over the measured steps)\n\n" + markdown_table(*self.modules.table())
         churn = self.churn_section()
@@ -584,6 +609,9 @@ class MemoryProfiler(Callback):
         png = self.plot_png()
         paths["png"].write_bytes(png)
         tables = "<h2>Peak per device and phase</h2>" + _html_table(*self.device_table())
+        kept = self.kept_host_note()
+        if kept:
+            tables += f"<p>{html.escape(kept)}</p>"
         if self.modules is not None and self.modules.records:
             tables += "<h2>Per module (largest over the measured steps)</h2>" + _html_table(*self.modules.table())
         churn = self.churn_section()

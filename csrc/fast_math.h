@@ -13,13 +13,13 @@
 namespace hetrain {
 
 // e^x for float: x = k ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7 (relative error
-// below 1e-7), 2^k written straight into the exponent bits. Below -87 (e^-87 is near float's smallest
-// normal) it returns 0, so exp(-inf) is 0 as softmax needs; above 88 it saturates at e^88. Branch-free.
+// below 1e-7), 2^k written straight into the exponent bits. x is clamped to [-87, 88] first, so the result
+// saturates (at e^-87, about 1.6e-38, below) instead of under- or overflowing. Branch-free.
 HETRAIN_HD float exp_fast(float x) {
-  const float c = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // keeps 2^k a normal float
-  const float round = 12582912.0f;                                 // 1.5 * 2^23: adding it rounds to an integer
-  const float k = (c * 1.44269504088896341f + round) - round;
-  float r = c - k * 0.693145751953125f;  // ln2 in two parts so the reduction is exact
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // keeps 2^k a normal float
+  const float round = 12582912.0f;                     // 1.5 * 2^23: adding it rounds to an integer
+  const float k = (x * 1.44269504088896341f + round) - round;
+  float r = x - k * 0.693145751953125f;  // ln2 in two parts so the reduction is exact
   r = r - k * 1.42860682030941723212e-6f;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -32,7 +32,7 @@ HETRAIN_HD float exp_fast(float x) {
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float scale;
   memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+  return p * scale;
 }
 
 HETRAIN_HD float exp_of(float x) { return exp_fast(x); }

@@ -11,7 +11,6 @@
 #include <cmath>
 
 #include "cpu_loops.h"
-#include "fast_math.h"
 #include "linear_cross_entropy_math.h"
 
 namespace hetrain {
@@ -43,12 +42,12 @@ void cross_entropy_rows(acc_t* logits, acc_t* loss, const int64_t* target, const
         // Keep exp(z - m) in place: the gradient pass then needs no second exp.
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < V; ++j) {
-          z[j] = exp_of(z[j] - m);
+          z[j] = lce::softmax_exp(z[j] - m);
           s += z[j];
         }
       } else {
 #pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < V; ++j) s += exp_of(z[j] - m);
+        for (int64_t j = 0; j < V; ++j) s += lce::softmax_exp(z[j] - m);
       }
       const acc_t lse = m + std::log(s);
       loss[r] = lce::row_loss<acc_t>(lse, z_target, z_sum, keep, spread);

@@ -91,9 +91,9 @@ inline void lane_sum2(int64_t N, Terms terms, acc_t* first, acc_t* second) {
   *second = sb;
 }
 
-// The largest of x[0..N) (-inf for N = 0) and their sum. A NaN may be skipped by the max; the sum keeps it.
-template <typename acc_t>
-inline void lane_max_sum(const acc_t* x, int64_t N, acc_t* max, acc_t* sum) {
+// The largest of term(0..N) (-inf for N = 0) and their sum. A NaN may be skipped by the max; the sum keeps it.
+template <typename acc_t, typename Term>
+inline void lane_max_sum(int64_t N, Term term, acc_t* max, acc_t* sum) {
   constexpr int kLanes = kSumLanes<acc_t> / 2;
   acc_t hi[kLanes], total[kLanes] = {};
   for (int l = 0; l < kLanes; ++l) hi[l] = -std::numeric_limits<acc_t>::infinity();
@@ -101,14 +101,16 @@ inline void lane_max_sum(const acc_t* x, int64_t N, acc_t* max, acc_t* sum) {
   for (; j + kLanes <= N; j += kLanes) {
 #pragma omp simd
     for (int l = 0; l < kLanes; ++l) {
-      hi[l] = hi[l] > x[j + l] ? hi[l] : x[j + l];
-      total[l] += x[j + l];
+      const acc_t v = term(j + l);
+      hi[l] = hi[l] > v ? hi[l] : v;
+      total[l] += v;
     }
   }
   acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
   for (; j < N; ++j) {
-    m = m > x[j] ? m : x[j];
-    s += x[j];
+    const acc_t v = term(j);
+    m = m > v ? m : v;
+    s += v;
   }
   for (int l = 0; l < kLanes; ++l) {
     m = m > hi[l] ? m : hi[l];

@@ -8,7 +8,7 @@ from op_testing import TOLERANCES, assert_close, non_contiguous, randn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import hetrain  # noqa: F401  (loads hetrain._C and registers the ops)
-from hetrain import plugins
+from hetrain import cpu_features, plugins
 from hetrain.nn.linear_cross_entropy import LinearCrossEntropyHead
 from hetrain.ops.linear_cross_entropy import (
     DEFAULT_MEMORY_BUDGET,
@@ -197,16 +197,20 @@ def test_results_do_not_depend_on_chunk_size(backend):
             assert_close(g, g0, torch.float64, "grad across chunk sizes")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("half_logits", [True, False])
-def test_half_inputs_on_either_logits_path_match_float64(backend, dtype, half_logits):
-    # CUDA keeps bf16/fp16 logits in their dtype (the row kernel computes in float32, the weight gradient is
-    # an input-dtype GEMM added into a float32 sum); the CPU copies them to float32. Both paths run here.
+@pytest.mark.parametrize("chunks", ["several", "one"])
+def test_half_inputs_on_either_logits_path_match_float64(backend, dtype, half_logits, chunks):
+    # CUDA, and a CPU with bf16 dot products, keep bf16/fp16 logits in their dtype (the row kernel computes in
+    # float32, the weight gradient is an input-dtype GEMM added into a float32 sum, or written directly when
+    # there is one chunk); a CPU that emulates bf16 copies them to float32. Every path runs here, on every
+    # backend, whatever this CPU is.
     H, V, rows = 24, 53, 37
     hidden, weight, b, target = inputs((rows,), H, V, dtype=dtype, seed=8, ignored=4)
     scale = torch.tensor(1.0 / rows)
-    budget = budget_for(5, V, H, dtype)  # 8 chunks on the float32 path, more on the other
+    # 8 chunks on the float32 path, more on the other; or all rows in one
+    budget = budget_for(5 if chunks == "several" else rows, V, H, dtype)
     with plugins.use_backend(linear_cross_entropy=backend):
         loss, gh, gw, gb = _chunked(hidden.detach(), weight.detach(), target, b.detach(), IGNORE, 0.1, scale,
                                     budget, (True, True, True), half_logits=half_logits)
@@ -214,7 +218,20 @@ def test_half_inputs_on_either_logits_path_match_float64(backend, dtype, half_lo
                                     upstream=scale.double())
     assert loss.dtype == torch.float32
     assert_close(loss.sum() * scale, loss_ref * scale.double(), dtype, "loss")
-    assert_grads_close([gh, gw, gb.to(dtype)], grads_ref, dtype, f"{backend} half_logits={half_logits}")
+    assert_grads_close([gh, gw, gb.to(dtype)], grads_ref, dtype,
+                       f"{backend} half_logits={half_logits} {chunks} chunk(s)")
+
+
+def test_cpu_keeps_bf16_logits_exactly_where_it_has_bf16_dot_products():
+    hidden, weight, b, target = inputs((29,), 16, 41, dtype=torch.bfloat16, seed=9, ignored=2)
+    args = (hidden.detach(), weight.detach(), target, b.detach(), IGNORE, 0.0, torch.tensor(1.0 / 29),
+            budget_for(8, 41, 16, torch.bfloat16), (True, True, True))
+    with plugins.use_backend(linear_cross_entropy="cpu"):
+        default = _chunked(*args)
+        paths = {flag: _chunked(*args, half_logits=flag) for flag in (True, False)}
+    assert not torch.equal(paths[True][2], paths[False][2])  # the weight gradient is rounded differently
+    expected = paths[cpu_features.has_fast_bf16()]
+    assert all(torch.equal(d, e) for d, e in zip(default, expected, strict=True))
 
 
 def test_half_logits_hold_a_row_in_the_input_dtype_alone():
@@ -397,9 +414,12 @@ def test_bad_inputs_raise_clear_errors():
         linear_cross_entropy(hidden, weight, target, b, memory_budget=16)
     with pytest.raises(RuntimeError, match=r"target 13 in row 0 is outside \[0, 13\)"):
         torch.ops.hetrain_C.cross_entropy_rows_(randn(1, 13), torch.empty(1), torch.tensor([13]), None, IGNORE, 0.0)
-    with pytest.raises(RuntimeError, match="logits must be float32 or float64"):
-        torch.ops.hetrain_C.cross_entropy_rows_(randn(1, 13).half(), torch.empty(1), torch.tensor([1]), None,
-                                                IGNORE, 0.0)
+    with pytest.raises(RuntimeError, match="logits must be a floating-point tensor, got Int"):
+        torch.ops.hetrain_C.cross_entropy_rows_(torch.ones(1, 13, dtype=torch.int32), torch.empty(1),
+                                                torch.tensor([1]), None, IGNORE, 0.0)
+    with pytest.raises(RuntimeError, match=r"loss must be a contiguous \(1,\) Float tensor for BFloat16 logits"):
+        torch.ops.hetrain_C.cross_entropy_rows_(randn(1, 13).bfloat16(), torch.empty(1, dtype=torch.bfloat16),
+                                                torch.tensor([1]), None, IGNORE, 0.0)
 
 
 def test_head_module_is_state_dict_compatible_with_linear():

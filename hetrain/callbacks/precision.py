@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from typing_extensions import override
 
+from hetrain import cpu_features
 from hetrain.callbacks.placement import device_present
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,6 @@ _DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 # When one device type holds devices of different speeds (two GPU generations), autocast can only
 # take one dtype per type: the most widely supported choice wins.
 _RANK = {"32-true": 0, "16-mixed": 1, "bf16-mixed": 2}
-
-
-def _cpu_has_fast_bf16() -> bool:
-    # AVX512-BF16 (Cooper Lake, Zen 4+) or AMX (Sapphire Rapids+) give bf16 dot products in hardware;
-    # without them oneDNN emulates bf16 and autocast is slower than fp32.
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def choose_precision(device: str | torch.device) -> PrecisionName:
@@ -54,7 +49,7 @@ def choose_precision(device: str | torch.device) -> PrecisionName:
         major, _ = torch.cuda.get_device_capability(device)
         return "bf16-mixed" if major >= 8 else "16-mixed" if major >= 7 else "32-true"
     if device.type == "cpu":
-        return "bf16-mixed" if _cpu_has_fast_bf16() else "32-true"
+        return "bf16-mixed" if cpu_features.has_fast_bf16() else "32-true"
     return "32-true"
 
 

@@ -28,11 +28,11 @@ runs the kernel with each row's upstream gradient as its scale (one extra GEMM; 
 ``chunk_rows * (V * (c + h) + 4 * H * [half])``, with ``c`` the logits' element size (4, or 8 for
 float64), ``h`` the input's element size for bf16/fp16 (their GEMM output and the dlogits cast back
 for the gradient GEMMs, else 0) and ``4 * H`` the chunk of hidden in float32 for the weight gradient
-(bf16/fp16 only). On CUDA, bf16/fp16 logits stay in their dtype (see :func:`_chunked`) and a row costs
-``V * h``. Beside it: the per-row losses (``4 * rows`` bytes) and, for bf16/fp16 weights, a float32
-weight-gradient accumulator (``4 * V * H``) so the sum over chunks does not round at every chunk; each
-chunk's weight-gradient GEMM adds into it directly where torch can (:func:`_gemm_adds_into_float32`),
-else through one weight-sized scratch in the input dtype. The chunk
+(bf16/fp16 only). On CUDA, and for bf16 on a CPU with bf16 dot products, bf16/fp16 logits stay in their
+dtype (see :func:`_chunked`) and a row costs ``V * h``. Beside it: the per-row losses (``4 * rows`` bytes)
+and, for bf16/fp16 weights, a float32 weight-gradient accumulator (``4 * V * H``) so the sum over chunks
+does not round at every chunk; each chunk's weight-gradient GEMM adds into it directly where torch can
+(:func:`_gemm_adds_into_float32`), else through one weight-sized scratch in the input dtype. The chunk
 buffers are freed before the float32 sums are cast to the parameters' dtype. Backward scales the gradients
 computed in forward in place and hands them to autograd (the weight's ``.grad`` is that tensor, no copy),
 unless the graph is kept for another backward.
@@ -50,7 +50,7 @@ import math
 
 import torch
 
-from hetrain import plugins
+from hetrain import cpu_features, plugins
 from hetrain.ops import _backends
 from hetrain.ops._op import op
 
@@ -165,25 +165,34 @@ def _chunked(
     """Per-row losses (M,) and, where ``needs`` says and ``scale`` (0-d or (M,)) is given, the gradients of
     ``sum_r loss_r * scale_r`` for hidden, weight and bias (empty tensors for those not computed).
 
-    bf16/fp16 inputs take one of two paths. ``half_logits`` (the default on CUDA): the logits stay in the
-    GEMM's output dtype; the row kernel reads them, computes in float32 and writes the gradient over them,
-    and each chunk's weight gradient is one GEMM in the input dtype (tensor cores, float32 accumulation
-    inside the GEMM) added into the float32 sum. Otherwise (the CPU, where float32 GEMMs are the fast ones)
-    the logits are copied to float32, and the weight gradient is a float32 GEMM. The values are the same:
+    bf16/fp16 inputs take one of two paths. ``half_logits`` (the default on CUDA, and for bf16 on a CPU with
+    bf16 dot products, :func:`hetrain.cpu_features.has_fast_bf16`): the logits stay in the GEMM's output
+    dtype; the row kernel reads them, computes in float32 and writes the gradient over them, and each chunk's
+    weight gradient is one GEMM in the input dtype (tensor cores or AMX, float32 accumulation inside the
+    GEMM) added into the float32 sum. Otherwise (a CPU that emulates bf16, where float32 GEMMs are the fast
+    ones) the logits are copied to float32, and the weight gradient is a float32 GEMM. The values are the same:
     the GEMM rounds the logits to the input dtype either way, and the gradient GEMMs read the gradient in
     it. On an H200 the float32 weight-gradient GEMM ran at a tenth of the rate (the op took 38 ms against
-    eager's 16 at 16384x768, vocab 30522), and the float32 copies double the chunk's traffic and size."""
+    eager's 16 at 16384x768, vocab 30522), and the float32 copies double the chunk's traffic and size. On a
+    CPU with AMX the bf16 weight-gradient GEMM (2048 x 8192 by 2048 x 768) took 24 ms against 72 in float32,
+    and the copies a quarter of the op."""
     M, H = hidden.shape
     V = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     half = hidden.dtype in _HALF
-    half_logits = half and (hidden.is_cuda if half_logits is None else half_logits)
+    if half_logits is None:
+        half_logits = hidden.is_cuda or (hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu"
+                                         and cpu_features.has_fast_bf16())
+    half_logits = half and half_logits
     _check_targets(target, V, ignore_index)
     need_h, need_w, need_b = needs if scale is not None else (False, False, False)
     loss = hidden.new_empty(M, dtype=cdt)
     grad_h = hidden.new_empty((M, H) if need_h else (0,))
-    # Weight/bias gradients are sums over every chunk: accumulate them in the logits' dtype.
-    grad_w = weight.new_zeros((V, H) if need_w else (0,), dtype=cdt if half else weight.dtype)
+    # Weight/bias gradients are sums over every chunk: accumulate them in the logits' dtype. With 16-bit logits
+    # in one chunk, that chunk's GEMM is the whole weight gradient: written in the weight's dtype it is rounded
+    # once, as a float32 sum cast at the end is, without a float32 sum to fill, add into and cast.
+    one_chunk = half_logits and M <= chunk_rows(M, V, H, hidden.dtype, memory_budget, half_logits=True)
+    grad_w = weight.new_zeros((V, H) if need_w else (0,), dtype=cdt if half and not one_chunk else weight.dtype)
     grad_b = hidden.new_zeros(V if need_b else 0, dtype=cdt)
     _run_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, scale, memory_budget, half_logits,
                 loss, grad_h if need_h else None, grad_w if need_w else None, grad_b if need_b else None)
@@ -231,9 +240,15 @@ def _run_chunks(
     c = chunk_rows(M, V, H, hidden.dtype, memory_budget, half_logits=half_logits)
     gemm_buf = hidden.new_empty((c if M else 0, V))  # the GEMM's own dtype
     logits_buf = hidden.new_empty((c if M else 0, V), dtype=cdt) if half and not half_logits else gemm_buf
-    adds_into_float32 = half_logits and grad_w is not None and _gemm_adds_into_float32(hidden.device)
-    wgrad_chunk = weight.new_empty(weight.shape) if half_logits and grad_w is not None and not adds_into_float32 \
+    half_wgrad = half_logits and grad_w is not None
+    direct_wgrad = half_wgrad and grad_w.dtype == hidden.dtype  # one chunk (see _chunked)
+    adds_into_float32 = half_wgrad and not direct_wgrad and _gemm_adds_into_float32(hidden.device)
+    wgrad_chunk = weight.new_empty(weight.shape) if half_wgrad and not direct_wgrad and not adds_into_float32 \
         else None
+    # The bias gradient of 16-bit logits on a CPU: ATen's sum of bf16 into float32 there casts the whole chunk
+    # first (20 ms against 1.8 at 2048 x 8192); its bf16 sum accumulates in float32 and rounds once, as the
+    # weight gradient's GEMM does.
+    bias_sum_dtype = None if half_logits and hidden.device.type == "cpu" else cdt
     weight_t = weight.t()
     for start in range(0, M, c):
         n = min(c, M - start)
@@ -255,14 +270,16 @@ def _run_chunks(
         dlogits = out.copy_(logits) if logits is not out else logits  # in the GEMMs' dtype
         if grad_h is not None:
             torch.mm(dlogits, weight, out=grad_h[start:start + n])
-        if adds_into_float32:
+        if direct_wgrad:
+            torch.mm(dlogits.t(), h, out=grad_w)
+        elif adds_into_float32:
             torch.addmm(grad_w, dlogits.t(), h, out_dtype=torch.float32, out=grad_w)
         elif wgrad_chunk is not None:
             grad_w.add_(torch.mm(dlogits.t(), h, out=wgrad_chunk))
         elif grad_w is not None:
             grad_w.addmm_(logits.t(), h.to(cdt) if half else h)
         if grad_b is not None:
-            grad_b.add_(logits.sum(0, dtype=cdt))
+            grad_b.add_(logits.sum(0, dtype=bias_sum_dtype))
 
 
 # --- torch.library ops -------------------------------------------------------------------------

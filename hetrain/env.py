@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 import hetrain
-from hetrain import _ext, cpu_memory, plugins
+from hetrain import _ext, cpu_features, cpu_memory, plugins
 
 MIN_TRITON = (3, 0)
 
@@ -91,7 +91,8 @@ def collect() -> Report:
         if _ext.load() is not None else "not built",
         "host allocator": _host_allocator(),
     }
-    report.devices.append({"device": "cpu", "name": f"{torch.get_num_threads()} threads", "capability": "-",
+    cpu_bf16 = "bf16 dot products" if cpu_features.has_fast_bf16() else "no bf16 dot products (precision auto: 32)"
+    report.devices.append({"device": "cpu", "name": f"{torch.get_num_threads()} threads", "capability": cpu_bf16,
                            "memory": "-"})
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         props = torch.cuda.get_device_properties(i)

@@ -22,7 +22,7 @@ def test_env_report_lists_versions_devices_and_chosen_backends():
     assert out.returncode == 0, out.stderr
     text = out.stdout
     for needle in ("torch", torch.__version__, "triton", "nvcc", "hetrain._C", "devices:", "op layer_norm:",
-                   "-> chosen on cpu", "warnings", "host allocator"):
+                   "-> chosen on cpu", "warnings", "host allocator", "bf16 dot products"):
         assert needle in text, f"{needle!r} missing from:\n{text}"
 
 

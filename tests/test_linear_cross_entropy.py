@@ -518,6 +518,16 @@ def test_the_weight_gradient_is_taken_without_a_copy_and_a_kept_graph_finds_it_u
 
     for t in (hidden, weight, b):
         t.grad = None
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = linear_cross_entropy(hidden, weight, target, b)
+    loss.backward()  # a loss gradient of 1 on the CPU: the forward's gradients are taken with no multiply
+    assert weight.grad.data_ptr() in saved and b.grad.data_ptr() in saved
+    for g, g_ref in zip((hidden.grad, weight.grad, b.grad), grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+    for t in (hidden, weight, b):
+        t.grad = None
     loss = 3 * linear_cross_entropy(hidden, weight, target, b)
     loss.backward(retain_graph=True)
     first = [t.grad.clone() for t in (hidden, weight, b)]

@@ -327,8 +327,16 @@ def _reduced_backward(ctx, grad_loss, _gh, _gw, _gb):
     # The gradients were computed in forward for a loss gradient of 1. Scaled in place when the graph is not
     # kept, autograd then takes them as they are (the weight's .grad becomes this very tensor, no copy: at
     # BERT-base's vocabulary the largest buffer of the step). A kept graph's next backward must find them
-    # unscaled, so there they are scaled into new tensors.
-    scale = (lambda t: t * grad_loss) if _graph_kept(saved) else (lambda t: t.mul_(grad_loss))
+    # unscaled, so there they are scaled into new tensors. A loss gradient of exactly 1 held on the CPU
+    # (``loss.backward()`` on the loss itself) leaves them as they are: the multiply is a pass over the
+    # weight-sized gradient (3.6 of a 64 ms bf16 step at 2048 x 768, vocab 8192); on a GPU, reading the value
+    # would wait for the device.
+    if _graph_kept(saved):
+        scale = lambda t: t * grad_loss  # noqa: E731
+    elif grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+        scale = lambda t: t  # noqa: E731
+    else:
+        scale = lambda t: t.mul_(grad_loss)  # noqa: E731
     return (scale(gh) if need_h else None, scale(gw) if need_w else None, None,
             scale(gb) if need_b else None, None, None, None, None, None, None, None)
 

@@ -112,7 +112,8 @@ def main() -> None:
               "shape": shape_name, "attention_dropout": shape.attention_dropout, "bf16": args.bf16, **result}
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if args.device == "cpu" else "cuda"
-    suffix = "" if args.attention_dropout is None else f"-attn{args.attention_dropout:g}"
+    suffix = ("-bf16" if args.bf16 else "") + ("" if args.attention_dropout is None
+                                               else f"-attn{args.attention_dropout:g}")
     path = args.out / f"{record['date']}-{tag}-step-profile{suffix}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")

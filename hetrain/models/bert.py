@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetrain.models.attention import attention
 from hetrain.nn import BiasGELU, Dropout, DropoutAddLayerNorm, Embedding, LayerNorm
 from hetrain.placement.pipeline import gpipe_forward
 
@@ -46,7 +47,8 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention through ``scaled_dot_product_attention``; padded keys are masked out.
+    """Multi-head self-attention through ``scaled_dot_product_attention`` (:func:`hetrain.models.attention.attention`:
+    float32 where torch's bf16 kernel is the slower one); padded keys are masked out.
 
     The mask is (B, T), True on real tokens, or (B, 1, T, T) for packed rows (each query sees its own
     sequence only: :func:`hetrain.data.packing.segment_attention_mask`).
@@ -68,7 +70,7 @@ class SelfAttention(nn.Module):
         # (B, 1, 1, T): True where the key is a real token; or per query, for packed rows.
         keep = attention_mask[:, None, None, :] if attention_mask.dim() == 2 else attention_mask
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)  # like q
+        y = attention(q, k, v, attn_mask=keep, dropout_p=dropout)  # like q (autocast's dtype)
         return self.out(y.transpose(1, 2).reshape(b, t, h))
 
 

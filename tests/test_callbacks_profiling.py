@@ -26,7 +26,8 @@ def fit(tmp_path, trace: StepTrace, max_steps: int, accumulate: int = 1) -> None
     torch.manual_seed(0)
     model = BertClassifier(vocab_size=40, num_classes=3, hidden=16, layers=1, heads=2, max_len=16)
     trainer = pl.Trainer(max_steps=max_steps, accumulate_grad_batches=accumulate, logger=False,
-                         callbacks=[StagePlacement({"embeddings": "cpu"}), PipelineSplit(2), trace],
+                         callbacks=[StagePlacement({"embeddings": "cpu"}),
+                                    PipelineSplit(2, split_on_one_device=True), trace],
                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                          default_root_dir=tmp_path, limit_val_batches=0)
     trainer.fit(ClassificationTask(model, num_classes=3), train_dataloaders=DataLoader(rows(), batch_size=4))

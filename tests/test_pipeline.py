@@ -117,11 +117,27 @@ def test_pipeline_split_in_a_lightning_fit(tmp_path):
     task = ClassificationTask(model, num_classes=3)
     ids, mask, labels = batch(40)
     rows = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels, strict=True)]
-    trainer = pl.Trainer(max_steps=3, callbacks=[StagePlacement({"embeddings": "cpu"}), PipelineSplit(3)],
+    split = PipelineSplit(3, split_on_one_device=True)
+    trainer = pl.Trainer(max_steps=3, callbacks=[StagePlacement({"embeddings": "cpu"}), split],
                          logger=False, enable_progress_bar=False, enable_checkpointing=False,
                          default_root_dir=tmp_path, enable_model_summary=False)
     trainer.fit(task, train_dataloaders=DataLoader(rows, batch_size=10))
     assert model.micro_batches == 3 and trainer.global_step == 3
+
+
+def test_stages_all_on_one_device_run_each_batch_whole_unless_asked(caplog):
+    stages = {"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)}
+    assert PipelineSplit(4).active_micro_batches(list(stages.values())) == 1
+    assert PipelineSplit(4, split_on_one_device=True).active_micro_batches(list(stages.values())) == 4
+    stages["b"] = nn.Linear(4, 4, device="meta")  # a second device: now the stages can overlap
+    assert PipelineSplit(4).active_micro_batches(list(stages.values())) == 4
+
+    task = ClassificationTask(small_bert(), num_classes=3)
+    with caplog.at_level("INFO", logger="hetrain.callbacks.pipeline"):
+        PipelineSplit(4).on_fit_start(None, task)
+    assert task.model.micro_batches == 1
+    assert "every stage is on cpu, where micro-batches cannot overlap: each batch runs whole instead of in 4" \
+        in caplog.text
 
 
 def test_pipeline_split_refuses_a_model_without_stages(tmp_path):
@@ -330,7 +346,7 @@ def test_a_split_over_batchnorm_warns_that_it_changes_training():
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     whole = task.model(x)
     with pytest.warns(UserWarning, match="BatchNorm stem.1 .* differs from the unsplit model"):
-        PipelineSplit(4).on_fit_start(None, task)
+        PipelineSplit(4, split_on_one_device=True).on_fit_start(None, task)
     assert not torch.allclose(task.model(x), whole, atol=1e-3)  # why: statistics per micro-batch
 
 

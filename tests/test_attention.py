@@ -54,3 +54,13 @@ def test_float64_under_autocast_stays_float64():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not runs_in_float32(q, k, 0.0)
         assert attention(q, k, v, attn_mask=mask).dtype == torch.float64
+
+
+def test_compiles_in_one_graph_under_cpu_autocast():
+    q, k, v, mask = qkv(24, seed=2)
+    compiled = torch.compile(attention, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = attention(q, k, v, attn_mask=mask)
+        traced = compiled(q, k, v, attn_mask=mask)
+    assert traced.dtype == torch.bfloat16
+    torch.testing.assert_close(traced.float(), eager.float(), rtol=1.6e-2, atol=1e-2)

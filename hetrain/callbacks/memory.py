@@ -554,7 +554,6 @@ class MemoryProfiler(Callback):
         kept = self.kept_host_note()
         if kept:
             text += f"\n{kept}\n"
-
         if self.modules is not None and self.modules.records:
             text += "\n## Per module (largest over the measured steps)\n\n" + markdown_table(*self.modules.table())
         churn = self.churn_section()

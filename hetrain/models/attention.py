@@ -26,19 +26,23 @@ def _dtype(q: torch.Tensor) -> torch.dtype:
     return q.dtype
 
 
+def _float32_for(q: torch.Tensor, k: torch.Tensor, dropout_p: float, dtype: torch.dtype) -> bool:
+    return q.device.type == "cpu" and dtype == torch.bfloat16 and dropout_p == 0.0 \
+        and k.shape[-2] <= CPU_FLOAT32_MAX_KEYS
+
+
 def runs_in_float32(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
     """Whether :func:`attention` computes bf16 attention of these inputs in float32 (see the module docstring)."""
-    return q.device.type == "cpu" and _dtype(q) == torch.bfloat16 and dropout_p == 0.0 \
-        and k.shape[-2] <= CPU_FLOAT32_MAX_KEYS
+    return _float32_for(q, k, dropout_p, _dtype(q))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
               dropout_p: float = 0.0) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)`` with its dtype (autocast's where it is
     on), computed in float32 where that is the faster kernel."""
-    if not runs_in_float32(q, k, dropout_p):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     dtype = _dtype(q)
+    if not _float32_for(q, k, dropout_p, dtype):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     with torch.autocast(q.device.type, enabled=False):  # CPU autocast would cast float32 inputs back to bf16
         # Rounded to bf16 first, as autocast would hand them to a bf16 kernel: the same result for bf16 inputs
         # and for float32 ones under autocast.

@@ -191,10 +191,11 @@ def _chunked(
     # Weight/bias gradients are sums over every chunk: accumulate them in the logits' dtype. With 16-bit logits
     # in one chunk, that chunk's GEMM is the whole weight gradient: written in the weight's dtype it is rounded
     # once, as a float32 sum cast at the end is, without a float32 sum to fill, add into and cast.
-    one_chunk = half_logits and M <= chunk_rows(M, V, H, hidden.dtype, memory_budget, half_logits=True)
-    grad_w = weight.new_zeros((V, H) if need_w else (0,), dtype=cdt if half and not one_chunk else weight.dtype)
+    c = chunk_rows(M, V, H, hidden.dtype, memory_budget, half_logits=half_logits)
+    direct_wgrad = half_logits and M <= c
+    grad_w = weight.new_zeros((V, H) if need_w else (0,), dtype=cdt if half and not direct_wgrad else weight.dtype)
     grad_b = hidden.new_zeros(V if need_b else 0, dtype=cdt)
-    _run_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, scale, memory_budget, half_logits,
+    _run_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, scale, c, half_logits, direct_wgrad,
                 loss, grad_h if need_h else None, grad_w if need_w else None, grad_b if need_b else None)
     # The chunk buffers are gone by now: the casts below need room only beside the sums.
     return loss, grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype if bias is not None else cdt)
@@ -227,21 +228,21 @@ def _gemm_adds_into_float32(device: torch.device) -> bool:
 
 def _run_chunks(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
-    label_smoothing: float, scale: torch.Tensor | None, memory_budget: int, half_logits: bool, loss: torch.Tensor,
-    grad_h: torch.Tensor | None, grad_w: torch.Tensor | None, grad_b: torch.Tensor | None,
+    label_smoothing: float, scale: torch.Tensor | None, c: int, half_logits: bool, direct_wgrad: bool,
+    loss: torch.Tensor, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None, grad_b: torch.Tensor | None,
 ) -> None:
-    """Fills ``loss`` and adds each chunk's share into the gradients that are not None (see :func:`_chunked`).
-    Its own function so that the chunk buffers are freed when it returns."""
-    M, H = hidden.shape
+    """Fills ``loss`` and adds each chunk of ``c`` rows' share into the gradients that are not None (see
+    :func:`_chunked`; ``direct_wgrad``: the one chunk's GEMM is the weight gradient). Its own function so that
+    the chunk buffers are freed when it returns."""
+    M = hidden.shape[0]
     V = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     half = hidden.dtype in _HALF
     write_grad = grad_h is not None or grad_w is not None or grad_b is not None
-    c = chunk_rows(M, V, H, hidden.dtype, memory_budget, half_logits=half_logits)
     gemm_buf = hidden.new_empty((c if M else 0, V))  # the GEMM's own dtype
     logits_buf = hidden.new_empty((c if M else 0, V), dtype=cdt) if half and not half_logits else gemm_buf
     half_wgrad = half_logits and grad_w is not None
-    direct_wgrad = half_wgrad and grad_w.dtype == hidden.dtype  # one chunk (see _chunked)
+    direct_wgrad = half_wgrad and direct_wgrad
     adds_into_float32 = half_wgrad and not direct_wgrad and _gemm_adds_into_float32(hidden.device)
     wgrad_chunk = weight.new_empty(weight.shape) if half_wgrad and not direct_wgrad and not adds_into_float32 \
         else None

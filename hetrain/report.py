@@ -164,6 +164,10 @@ def write_run_summary(summary: dict[str, Any], directory: str | Path) -> str:
     if "samples_per_s" in flat and "throughput.samples_per_s" in flat:
         text += ("\n`samples_per_s`: every training batch over the training wall time, warm-up included; "
                  "`throughput.samples_per_s`: the batches timed after warm-up, so the steady rate.\n")
+    if "throughput.between_steps_fraction" in flat:
+        text += ("\n`throughput.data_wait_*`: time the training loader spent in `next()` fetching batches (n/a for "
+                 "a loader that does not time itself); `throughput.between_steps_*`: all time from one batch's end "
+                 "to the next one's start, the fetch plus logging and callbacks.\n")
     (directory / SUMMARY_MD).write_text(text)
     return text
 

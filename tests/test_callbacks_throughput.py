@@ -37,21 +37,23 @@ class Tick:
 
 
 def test_meter_numbers_are_exact():
-    # start=0 | warm-up batch 1..3 | waits 1, 2, 0 | steps 2, 4, 3
+    # start=0 | warm-up batch 1..3 | between steps 1, 2, 0, of which the loader fetched 0.5, 1.5, 0 | steps 2, 4, 3
     meter = ThroughputMeter(Script(0, 1, 3, 4, 6, 8, 12, 12, 15), window_size=3, available_flops=1e10)
     meter.start()
-    meter.batch_start()
+    meter.batch_start(data_wait=7.0)
     meter.batch_end(samples=BATCH, tokens=99)  # warm-up: left out of every number
     meter.flops_per_batch = 6e9
-    for tokens in (10, 20, 30):
-        meter.batch_start()
+    for tokens, fetch in ((10, 0.5), (20, 1.5), (30, 0.0)):
+        meter.batch_start(data_wait=fetch)
         meter.batch_end(samples=BATCH, tokens=tokens)
     assert meter.time == 12 and meter.batches == 3 and meter.samples == 12 and meter.tokens == 60
     summary = meter.summary()
     assert summary["samples_per_s"] == 1.0
     assert summary["tokens_per_s"] == 5.0
-    assert summary["data_wait_fraction"] == 0.25
-    assert summary["data_wait_ms_mean"] == 1000.0
+    assert summary["between_steps_fraction"] == 0.25
+    assert summary["between_steps_ms_mean"] == 1000.0
+    assert summary["data_wait_fraction"] == 2 / 12
+    assert summary["data_wait_ms_mean"] == pytest.approx(2000 / 3)
     # numpy's linear percentiles of (2, 4, 3) s
     assert summary["step_time_ms"] == pytest.approx({"mean": 3000.0, "p50": 3000.0, "p90": 3800.0, "p99": 3980.0})
     assert summary["mfu"] == pytest.approx(6e9 * 3 / 12 / 1e10)
@@ -61,7 +63,19 @@ def test_meter_numbers_are_exact():
     assert rolling["device/batches_per_sec"] == pytest.approx(2 / 9)
     assert rolling["device/items_per_sec"] == pytest.approx(50 / 9)
     assert rolling["device/mfu"] == pytest.approx(2 * 6e9 / 9 / 1e10)
-    assert rolling["step_time_ms"] == 3000.0 and rolling["data_wait_ms"] == 0.0
+    assert rolling["step_time_ms"] == 3000.0 and rolling["between_steps_ms"] == 0.0 and rolling["data_wait_ms"] == 0.0
+
+
+def test_data_wait_is_unknown_when_any_timed_batch_lacks_the_loaders_measure():
+    meter = ThroughputMeter(Script(0, 1, 2, 3, 4), warmup_batches=0)
+    meter.start()
+    meter.batch_start(data_wait=0.5)
+    meter.batch_end(samples=2)
+    meter.batch_start()  # e.g. a loader that does not time its next()
+    meter.batch_end(samples=2)
+    summary = meter.summary()
+    assert summary["data_wait_fraction"] == NA and summary["data_wait_ms_mean"] == NA
+    assert summary["between_steps_fraction"] == 0.5  # 1 + 1 of 4 s
 
 
 def test_meter_step_spans_its_micro_batches_and_leaves_out_time_before_a_restart():
@@ -75,7 +89,7 @@ def test_meter_step_spans_its_micro_batches_and_leaves_out_time_before_a_restart
     meter.batch_start()
     meter.batch_end(samples=2)
     assert meter.step_times == [4, 1]
-    assert meter.data_waits == [1, 1, 1]
+    assert meter.between_steps == [1, 1, 1]
     assert meter.time == 7  # waits 1 + 1 + 1, batches 1 + 2 + 1
     assert meter.summary()["tokens_per_s"] == NA and meter.summary()["mfu"] == NA
 
@@ -185,7 +199,8 @@ def test_callback_in_a_fit_reports_exact_numbers_from_its_clock(tmp_path):
     assert s["batches_timed"] == timed
     assert s["samples_per_s"] == BATCH  # one batch per second
     assert s["tokens_per_s"] == tokens / timed
-    assert s["data_wait_fraction"] == 0.5 and s["data_wait_ms_mean"] == 500.0
+    assert s["between_steps_fraction"] == 0.5 and s["between_steps_ms_mean"] == 500.0
+    assert s["data_wait_fraction"] == NA  # torch's DataLoader does not time its next()
     assert s["step_time_ms"] == {"mean": 500.0, "p50": 500.0, "p90": 500.0, "p99": 500.0}
     # FLOPs counted during the first batch equal Lightning's measure_flops of one forward and backward.
     first = next(iter(DataLoader(data, batch_size=BATCH)))

@@ -1,5 +1,9 @@
 """Samples/s, tokens/s, step-time percentiles, time waiting for data, MFU and energy per step.
 
+Time waiting for data is what the loader measured inside its ``next()`` (``wait_seconds``, which hetrain's
+loaders keep); a callback alone sees only the time between steps, which also holds moving the batch,
+Lightning's logging and the other callbacks' hooks. Both are reported, each under its own name.
+
 :class:`ThroughputMeter` holds the numbers and reads an injectable clock, so it runs (and is tested)
 without a Trainer; rolling rates and MFU come from Lightning's ``Throughput`` utility. The
 :class:`Throughput` callback feeds it from Lightning's hooks, logs its metrics and keeps a summary
@@ -127,8 +131,10 @@ class ThroughputMeter:
 
     Call :meth:`start` when training starts or resumes (after validation: the time in between is
     left out), and per batch :meth:`batch_start` / :meth:`batch_end`. Time from the last of those
-    to the next ``batch_start`` is the wait for data; a step (which may span several micro-batches)
-    lasts from its first ``batch_start`` to the ``batch_end`` that closes it.
+    to the next ``batch_start`` is the time between steps; of it, ``batch_start(data_wait=...)`` says
+    how much the loader spent fetching the batch (unknown, and reported ``n/a``, if any timed batch
+    leaves it out). A step (which may span several micro-batches) lasts from its first
+    ``batch_start`` to the ``batch_end`` that closes it.
 
     Args:
         clock: returns seconds; ``time.perf_counter`` by default.
@@ -147,9 +153,10 @@ class ThroughputMeter:
         self.batches = 0
         self.samples = 0
         self.tokens = 0
-        self.time = 0.0  # timed training time: steps plus data waits, pauses left out
+        self.time = 0.0  # timed training time: steps plus the time between them, pauses left out
         self.step_times: list[float] = []
-        self.data_waits: list[float] = []
+        self.between_steps: list[float] = []  # batch end to next batch start: fetch, logging, other hooks
+        self.data_waits: list[float] | None = []  # of that, the loader's own next(); None once a batch lacks it
         self.flops_per_batch: float | None = None
         self._last_end: float | None = None
         self._step_started: float | None = None
@@ -158,14 +165,19 @@ class ThroughputMeter:
     def start(self) -> None:
         self._last_end = self.clock()
 
-    def batch_start(self) -> None:
+    def batch_start(self, data_wait: float | None = None) -> None:
+        """A batch starts; ``data_wait``: seconds its loader spent fetching it, if the loader measures that."""
         now = self.clock()
-        if self._last_end is None:  # no start(): the wait is unknown, not counted
+        if self._last_end is None:  # no start(): the time between is unknown, not counted
             self._last_end = now
         timed = self.seen_batches >= self.warmup_batches
         if timed:
-            self.data_waits.append(now - self._last_end)
+            self.between_steps.append(now - self._last_end)
             self.time += now - self._last_end
+            if data_wait is None:
+                self.data_waits = None
+            elif self.data_waits is not None:
+                self.data_waits.append(data_wait)
         if self._step_started is None:
             self._step_started = now
         self._batch_started = now
@@ -194,6 +206,8 @@ class ThroughputMeter:
         metrics = dict(self.rolling.compute()) if self.batches else {}
         if self.step_times:
             metrics["step_time_ms"] = 1000 * self.step_times[-1]
+        if self.between_steps:
+            metrics["between_steps_ms"] = 1000 * self.between_steps[-1]
         if self.data_waits:
             metrics["data_wait_ms"] = 1000 * self.data_waits[-1]
         return metrics
@@ -206,11 +220,13 @@ class ThroughputMeter:
             "batches_timed": self.batches,
             "samples_per_s": self.samples / self.time,
             "tokens_per_s": self.tokens / self.time if self.tokens else NA,
-            "data_wait_fraction": sum(self.data_waits) / self.time,
+            "data_wait_fraction": sum(self.data_waits) / self.time if self.data_waits else NA,
+            "between_steps_fraction": sum(self.between_steps) / self.time,
         }
         if self.step_times:
             out["step_time_ms"] = {k: 1000 * v for k, v in _percentiles(self.step_times).items()}
         out["data_wait_ms_mean"] = 1000 * float(np.mean(self.data_waits)) if self.data_waits else NA
+        out["between_steps_ms_mean"] = 1000 * float(np.mean(self.between_steps))
         if self.flops_per_batch and self.available_flops:
             out["mfu"] = self.flops_per_batch * self.batches / self.time / self.available_flops
         else:
@@ -250,6 +266,9 @@ class Throughput(Callback):
         - Peak FLOP/s for MFU: ``peak_flops`` if given, else Lightning's table, else a short matmul
           measurement at the run's compute dtype, once per device name.
         - GPU work is waited for before each clock read, so times are of the work, not of its launch.
+        - Data wait is read from the training loader's ``wait_seconds`` (hetrain's ``RingLoader``,
+          ``DevicePrefetcher`` and ``TimedDataLoader`` keep it); with any other loader it is ``n/a`` and
+          ``between_steps`` (fetch, batch transfer, logging, other callbacks) bounds it from above.
         - Energy per step from NVML's counters when pynvml and a GPU are there, else ``"n/a"``.
 
     Args:
@@ -280,6 +299,7 @@ class Throughput(Callback):
         self._flop_counter: FlopCounterMode | None = None
         self._stepped = False
         self._energy_start: float | None = None
+        self._wait_seen: float | None = None  # the training loader's wait_seconds at the last reading
 
     def _tokens(self, batch: Any) -> int | None:
         if self.tokens_key is None or not isinstance(batch, dict) or self.tokens_key not in batch:
@@ -291,6 +311,17 @@ class Throughput(Callback):
         for device in self._devices:
             _sync(device)
 
+    @staticmethod
+    def _loader_wait_seconds(trainer: pl.Trainer) -> float | None:
+        # One training loader (not a dict or list of them) that times its own next().
+        seconds = getattr(trainer.train_dataloader, "wait_seconds", None)
+        return float(seconds) if isinstance(seconds, int | float) else None
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        self._sync()
+        self._wait_seen = self._loader_wait_seconds(trainer)
+        self.meter.start()
+
     @override
     @rank_zero_only
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -301,15 +332,18 @@ class Throughput(Callback):
         self.meter = ThroughputMeter(self.clock, self.window_size, available, self.warmup_batches)
         self.meter.flops_per_batch = getattr(pl_module, "flops_per_batch", None)
         self.energy = NvmlEnergy(self._devices)
-        self._sync()
-        self.meter.start()
+        self._start(trainer)
 
     @override
     @rank_zero_only
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._sync()
-        self.meter.batch_start()
+        seen, waited = self._wait_seen, self._loader_wait_seconds(trainer)
+        self._wait_seen = waited
+        if seen is not None and waited is not None and waited < seen:  # a new loader (reloaded per epoch)
+            seen = 0.0
+        self.meter.batch_start(None if seen is None or waited is None else waited - seen)
         if self.meter.seen_batches == self.meter.warmup_batches and self.energy.handles:
             self._energy_start = self.energy.joules()
         if self.meter.seen_batches == 0 and self.count_flops and self.meter.flops_per_batch is None:
@@ -354,8 +388,7 @@ class Throughput(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A validation inside fit (its stage is VALIDATING, so trainer.training is False here).
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self.meter is not None:
-            self._sync()
-            self.meter.start()
+            self._start(trainer)
 
     @override
     @rank_zero_only

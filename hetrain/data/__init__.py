@@ -12,6 +12,7 @@ from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
 from hetrain.data.tokenize import ByteTokenizer, build_token_file
 from hetrain.data.tokens import TokenFile, TokenFileWriter, write_token_file
+from hetrain.data.wait_clock import TimedDataLoader, WaitClock
 from hetrain.data.windows import TokenWindows, Windows, make_windows, token_collate
 
 __all__ = [
@@ -30,11 +31,13 @@ __all__ = [
     "SyntheticImageDataModule",
     "SyntheticImages",
     "SyntheticSequences",
+    "TimedDataLoader",
     "TokenBudgetBatchSampler",
     "TokenFile",
     "TokenDataModule",
     "TokenFileWriter",
     "TokenWindows",
+    "WaitClock",
     "Windows",
     "build_token_file",
     "make_windows",

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import RingLoader
@@ -32,6 +31,7 @@ from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
 from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
 from hetrain.data.tokens import TokenFile, TokenFileWriter
+from hetrain.data.wait_clock import TimedDataLoader
 from hetrain.data.windows import TokenWindows
 
 SPLITS = ("train", "val")
@@ -168,7 +168,7 @@ class SyntheticDataModule(RingDataModule):
                               collate=PadWithIds(h.max_tokens, rows), num_slots=h.num_slots,
                               num_workers=h.producers, pin_memory=pin)
         self._summary[split] = {"loader": "torch", "batch_size": h.batch_size}
-        return DataLoader(
+        return TimedDataLoader(
             dataset,
             batch_size=h.batch_size,
             shuffle=shuffle,

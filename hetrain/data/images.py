@@ -14,6 +14,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hetrain.data.wait_clock import TimedDataLoader
+
 
 class SyntheticImages(Dataset):
     """``size`` images (channels, image_size, image_size), float32, about unit variance; labels balanced.
@@ -89,7 +91,7 @@ class SyntheticImageDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: SyntheticImages, shuffle: bool) -> DataLoader:
         h = self.hparams
-        return DataLoader(
+        return TimedDataLoader(
             dataset,
             batch_size=h.batch_size,
             shuffle=shuffle,

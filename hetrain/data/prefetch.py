@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from hetrain.data.wait_clock import WaitClock
+
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     # Batches are dicts, lists or tuples of tensors; a few lines here avoid depending on a private tree utility.
@@ -50,6 +52,7 @@ class DevicePrefetcher:
         self.loader, self.device, self.lookahead = loader, torch.device(device), lookahead
         self.sampler = getattr(loader, "sampler", None)
         self._yielded, self._exhausted = 0, False
+        self._wait = WaitClock()
 
     @property
     def active(self) -> bool:
@@ -60,6 +63,14 @@ class DevicePrefetcher:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
+        return self._wait.iterate(self._batches())
+
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds the consumer has spent waiting in ``next()``: the loader's batch plus its copy's end."""
+        return self._wait.seconds
+
+    def _batches(self) -> Iterator[Any]:
         self._yielded, self._exhausted = 0, False
         if not self.active:
             for batch in self.loader:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from hetrain import _ext
+from hetrain.data.wait_clock import WaitClock
 from hetrain.data.windows import TokenWindows
 
 # How long one wait inside C++ lasts before Python gets control back (Ctrl-C, closing): never a spin.
@@ -416,6 +417,7 @@ class RingLoader:
         self._yielded = 0
         self._exhausted = False
         self._iteration = 0  # bumped by every iteration that starts: only the newest may take batches
+        self._wait = WaitClock()
 
     # -- iteration -------------------------------------------------------------------------------
 
@@ -425,6 +427,14 @@ class RingLoader:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self._wait.iterate(self._batches())
+
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds the consumer has spent waiting in ``next()`` for batches, over every iteration."""
+        return self._wait.seconds
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._shared.stop.is_set():
             raise RuntimeError("hetrain: this RingLoader was closed")
         if self.streaming:

@@ -1,0 +1,57 @@
+"""How long a training loop waited for its data: the seconds its loader's consumer spent inside ``next()``.
+
+A callback sees only batch boundaries; the time between the end of one batch and the start of the next
+holds the fetch but also moving the batch, Lightning's logging and every other callback's hooks, so it
+bounds the wait for data from above without measuring it. hetrain's loaders time their own ``next()``
+and expose the total as ``wait_seconds``, which :class:`~hetrain.callbacks.Throughput` reads per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from torch.utils.data import DataLoader
+
+T = TypeVar("T")
+
+
+class WaitClock:
+    """Adds up the seconds spent inside ``next()`` of the iterators it wraps."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def iterate(self, iterable: Iterable[T]) -> Iterator[T]:
+        """Yields ``iterable``'s items, counting the time each ``next()`` took (the last, empty one too)."""
+        clock = time.perf_counter
+        iterator = iter(iterable)
+        while True:
+            start = clock()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                self.seconds += clock() - start
+                return
+            self.seconds += clock() - start
+            yield item
+
+
+class TimedDataLoader(DataLoader):
+    """torch's ``DataLoader`` with ``wait_seconds``: the time its consumer spent waiting in ``next()``.
+
+    A subclass rather than a wrapper, so Lightning still recognises it as a DataLoader (and re-creates it
+    with a distributed sampler under DDP from the same arguments).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wait_clock = WaitClock()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.wait_clock.iterate(super().__iter__())
+
+    @property
+    def wait_seconds(self) -> float:
+        return self.wait_clock.seconds

@@ -17,6 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 
 from hetrain import cpu_memory, plugins
 from hetrain.callbacks.placement import resolve_plan
@@ -103,6 +104,11 @@ def build(cfg: DictConfig) -> Parts:
                       for name, node in entries.items() if node is not None})
     if profile_steps is not None:
         callbacks["step_trace"] = StepTrace(list(profile_steps), dirpath=cfg.output_dir)
+    if cfg.trainer.get("enable_progress_bar") is False:
+        # Lightning refuses a progress-bar callback with the bar turned off; the switch is what the person meant.
+        for name in [n for n, c in callbacks.items() if isinstance(c, ProgressBar)]:
+            log.info(f"trainer.enable_progress_bar=false: callback {name} left out")
+            del callbacks[name]
     recorder = RunRecorder()
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     precision = trainer_precision(cfg.trainer.precision, _devices_in_use(cfg))

@@ -169,6 +169,9 @@ def test_bert_split_trains_and_writes_summary(tmp_path):
     assert summary["steps"] == 100 and 100 * 16 < summary["samples"] <= 100 * 128  # token-budget batches
     assert summary["data"]["train"]["loader"] == "ring" and summary["data"]["train"]["slot_bytes"] > 0
     assert summary["samples_per_s"] > 0 and summary["peak_memory_mib"]["cpu_rss"] > 0
+    # The ring loader times its own next(): its wait is part of the time between steps.
+    throughput = summary["throughput"]
+    assert 0 < throughput["data_wait_fraction"] <= throughput["between_steps_fraction"] < 1
     assert summary["metrics"]["val/acc"] > 0.8, summary  # chance is 0.25
     assert list(summary["stages"]) == ["embeddings", "encoder.0", "encoder.1", "classifier"]
     assert summary["cpu_malloc"]["setting"].startswith("keep (freed blocks of 32 MiB or more reused")
@@ -219,6 +222,13 @@ def test_a_plan_entry_that_names_no_stage_is_refused_before_the_data_is_built(tm
     cfg = compose_train("recipe=bert_split", "+placement.plan.pooler=cpu", output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"placement entry 'pooler' names no stage .*Fix placement.plan"):
         build(cfg)
+
+
+def test_turning_the_progress_bar_off_leaves_its_callback_out(tmp_path):
+    """Lightning refuses a TQDMProgressBar callback with enable_progress_bar=False: the run failed at start."""
+    parts = build(compose_train("recipe=bert_split", "trainer.enable_progress_bar=false", output_dir=tmp_path))
+    assert "progress_bar" not in parts.callbacks and parts.trainer.progress_bar_callback is None
+    assert "progress_bar" in build(compose_train("recipe=bert_split", output_dir=tmp_path)).callbacks
 
 
 def test_sequences_longer_than_the_position_table_are_refused_before_training(tmp_path):

@@ -57,7 +57,8 @@ class RunRecorder(Callback):
     """Measures training throughput and makes the run end with a validation of the final weights.
 
     Notes:
-        Samples/s counts training batches over training wall time, validation excluded. When
+        Samples/s counts training batches over training wall time, validation excluded; ``samples`` and
+        the time are this run's, ``steps`` the global step (a resumed run's includes the steps before). When
         ``max_steps`` ends training mid-epoch Lightning would skip validation; stopping through
         ``trainer.should_stop`` at the last step makes it validate first, so the summary's metrics
         belong to the weights the run ends with.
@@ -66,6 +67,8 @@ class RunRecorder(Callback):
     def __init__(self) -> None:
         self.samples = 0
         self.train_time_s = 0.0
+        self.start_step = 0  # the global step training started at: past 0 when resumed from a checkpoint
+        self.resumed_from: str | None = None
         self.stages: dict[str, str] = {}
         self.gpus: list[torch.device] = []
         self._started = 0.0
@@ -75,6 +78,8 @@ class RunRecorder(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.gpus = _gpus(pl_module)
+        self.start_step = trainer.global_step
+        self.resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None
         for gpu in self.gpus:
             torch.cuda.reset_peak_memory_stats(gpu)
         self._sync()
@@ -113,7 +118,7 @@ class RunRecorder(Callback):
 
     def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         """The measured part of a run's summary."""
-        return {
+        out = {
             "steps": trainer.global_step,
             "samples": self.samples,
             "train_time_s": round(self.train_time_s, 3),
@@ -123,6 +128,9 @@ class RunRecorder(Callback):
                         if k.startswith("val/")},
             "stages": self.stages,
         }
+        if self.resumed_from:
+            out["resumed"] = {"from": self.resumed_from, "at_step": self.start_step}
+        return out
 
 
 def _validating_inside_fit(trainer: pl.Trainer) -> bool:

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
     log.info(f"Instantiating {what} <{node._target_}>")
-    return hydra.utils.instantiate(node, **kwargs)
+    # Plain lists and dicts, not OmegaConf's: they end up in saved hyperparameters, which a checkpoint must hold
+    # in types torch.load(weights_only=True), Lightning's default, accepts when the run is resumed.
+    return hydra.utils.instantiate(node, _convert_="all", **kwargs)
 
 
 def _run_info() -> dict[str, Any]:
@@ -61,7 +63,8 @@ def check_config(cfg: DictConfig) -> None:
 
     A planned device such as ``cuda:3`` that this machine lacks is fine (its stages go to the fallback);
     a string that is no device at all (``cdua:0``) is not. A sequence longer than the model's position
-    table would fail as an ``IndexError`` inside the embedding lookup of the first step.
+    table would fail as an ``IndexError`` inside the embedding lookup of the first step; a ``ckpt_path``
+    that is no file, after the data and model were built.
     """
     plan = cfg.placement.get("plan")
     entries = dict(OmegaConf.to_container(plan)) if OmegaConf.is_dict(plan) else {}
@@ -73,6 +76,10 @@ def check_config(cfg: DictConfig) -> None:
         except (RuntimeError, TypeError):
             raise ValueError(f"hetrain: {key}={device!r} is not a device: a type such as cpu, cuda or mps, "
                              "optionally with an index (cuda:0)") from None
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise ValueError(f"hetrain: ckpt_path={ckpt_path} is not a file; pass a checkpoint an earlier run wrote, e.g. "
+                         "<its run directory>/checkpoints/last.ckpt")
     data_len, model_len = OmegaConf.select(cfg, "data.max_len"), OmegaConf.select(cfg, "model.max_len")
     if isinstance(data_len, int) and isinstance(model_len, int) and data_len > model_len:
         raise ValueError(f"hetrain: data.max_len={data_len} is longer than model.max_len={model_len}, the model's "
@@ -131,8 +138,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True)
         parts = build(cfg)
 
-        log.info("Starting training")
-        parts.trainer.fit(parts.task, datamodule=parts.datamodule)
+        ckpt_path = cfg.get("ckpt_path")
+        log.info(f"Resuming from {ckpt_path}" if ckpt_path else "Starting training")
+        parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
         summary = parts.recorder.summary(parts.trainer)
         summary["precision"] = str(parts.trainer.precision)
         summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}

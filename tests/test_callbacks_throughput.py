@@ -112,6 +112,14 @@ def test_peak_flops_is_measured_once_per_device_name_and_dtype(monkeypatch):
     assert peak_flops(cpu, torch.float32) == first  # cached, not measured again
 
 
+def test_measuring_the_peak_leaves_the_random_generator_as_it_was():
+    torch.manual_seed(5)
+    want = torch.rand(4)
+    torch.manual_seed(5)
+    tp.measure_matmul_flops(torch.device("cpu"), torch.float32, n=64, repeats=1)
+    assert torch.equal(torch.rand(4), want)  # a run's dropout masks do not depend on whether it measured
+
+
 def test_a_bf16_run_without_a_known_peak_measures_it_in_bf16(monkeypatch, tmp_path):
     monkeypatch.setattr(tp, "_PEAK_FLOPS", {})
     callback = Throughput(window_size=2)  # no peak given, and Lightning's table has no CPUs: measured

@@ -411,6 +411,17 @@ class HostOnly(nn.Module):
         return self.proj(torch.from_numpy(x.detach().numpy()))
 
 
+def test_measure_leaves_the_random_generator_as_it_was():
+    # Random inputs and a dropout stage draw from the default generator; a run measured before training
+    # must draw the same masks as one that was not.
+    model = nn.Sequential(nn.Linear(7, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    measure(model, lambda: torch.randn(6, 7), devices=["cpu"], warmup=1, repeats=2)
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_measure_passes_extra_args_and_reports_a_stage_that_runs_nowhere():
     torch.manual_seed(0)
     mask = torch.rand(3, 5) > 0.5

@@ -190,6 +190,36 @@ def test_bert_split_trains_and_writes_summary(tmp_path):
         assert set(summary["stages"].values()) == {"cpu"}
 
 
+def _logged(run: Path) -> list[dict[str, str]]:
+    """The run's CSV rows, without the columns that are times or counts of this process's batches."""
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    return [{k: v for k, v in r.items() if v and not k.startswith(("throughput/", "epoch"))} for r in rows]
+
+
+def test_a_run_resumed_from_a_checkpoint_of_its_middle_goes_on_exactly_as_it_did(tmp_path):
+    """ckpt_path= restores weights, optimizer, the ring loader's position mid-epoch and the generators: a job
+    preempted after its step-20 checkpoint and resumed from it logs what the uninterrupted job logged."""
+    common = ["recipe=bert_split", "model.hidden=32", *SMALL, "trainer.val_check_interval=10",
+              "trainer.log_every_n_steps=5", "trainer.max_steps=30", "callbacks.memory_profiler=null"]
+    whole = train_py(*common, "callbacks.model_checkpoint.save_top_k=-1", f"hydra.run.dir={tmp_path}/whole",
+                     cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (checkpoint,) = (tmp_path / "whole" / "checkpoints").glob("step20-*.ckpt")
+    resumed = train_py(*common, f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path}/resumed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["resumed"] == {"from": str(checkpoint), "at_step": 20}
+    after = [r for r in _logged(tmp_path / "whole") if int(r["step"]) >= 20]
+    assert len(after) >= 3 and any("train/loss" in r for r in after) and any("val/loss" in r for r in after)
+    assert [r for r in _logged(tmp_path / "resumed") if int(r["step"]) >= 20] == after  # the same values, bit for bit
+
+
+def test_a_checkpoint_path_that_is_no_file_is_refused_naming_it(tmp_path):
+    cfg = compose_train("recipe=bert_split", f"ckpt_path={tmp_path}/nope.ckpt", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"ckpt_path=.*nope.ckpt is not a file.*checkpoints/last.ckpt"):
+        build(cfg)
+
+
 def test_failed_run_records_its_error(tmp_path):
     # A pin to a backend that does not exist reaches hetrain.plugins.configure and fails the first forward.
     result = train_py("recipe=bert_split", "+backends.pins.layer_norm=nope", *SMALL,

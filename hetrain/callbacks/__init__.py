@@ -1,4 +1,5 @@
-"""Lightning callbacks: placement, pipeline split, precision, non-finite guard, memory, throughput, trace."""
+"""Lightning callbacks: placement, pipeline split, precision, non-finite guard, memory, throughput, trace,
+random state in checkpoints."""
 
 from hetrain.callbacks.churn import ChurnTracker
 from hetrain.callbacks.memory import MemoryProfiler
@@ -12,6 +13,7 @@ from hetrain.callbacks.precision import (
     trainer_precision,
 )
 from hetrain.callbacks.profiling import StepTrace
+from hetrain.callbacks.random_state import RandomState
 from hetrain.callbacks.throughput import Throughput
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteGuard",
     "PipelineSplit",
+    "RandomState",
     "StagePlacement",
     "StepTrace",
     "Throughput",

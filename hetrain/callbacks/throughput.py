@@ -52,9 +52,13 @@ def device_name(device: torch.device) -> str:
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
-    """FLOP/s of an ``n x n`` matmul at ``dtype`` on ``device``, best of ``repeats``: a reachable peak."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    """FLOP/s of an ``n x n`` matmul at ``dtype`` on ``device``, best of ``repeats``: a reachable peak.
+
+    The operands come from a generator of their own: drawn from the default one, they would shift every
+    later draw of the run (its dropout masks) by whether and when this ran."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
     best = float("inf")
     for _ in range(repeats + 1):  # the first run warms up (kernel selection, thread pool)
         _sync(device)

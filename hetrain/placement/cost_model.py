@@ -254,7 +254,9 @@ def measure(
         copy_bytes: size of the copies that measure bandwidth.
 
     A stage that fails on a device costs ``inf`` there, with the error in ``errors``; a stage that
-    runs nowhere raises. The stages themselves are not moved: each device times a copy.
+    runs nowhere raises. The stages themselves are not moved: each device times a copy. The random
+    generators are left as they were (the inputs and the stages' dropout draw from copies), so measuring
+    before training changes none of its draws.
     """
     if isinstance(stages, nn.Sequential):
         named = dict(stages.named_children())
@@ -271,6 +273,13 @@ def measure(
     if len(set(devices)) != len(devices):
         raise ValueError(f"hetrain: devices repeat: {devices}")
 
+    gpus = sorted({torch.device(d).index or 0 for d in devices if torch.device(d).type == "cuda"})
+    with torch.random.fork_rng(devices=gpus if torch.cuda.is_available() else []):
+        return _measure(named, make_input, devices, extra_args, warmup, repeats, copy_bytes)
+
+
+def _measure(named: dict[str, nn.Module], make_input: Callable[[], Any], devices: list[str],
+             extra_args: Callable[[str], tuple] | None, warmup: int, repeats: int, copy_bytes: int) -> CostModel:
     first = make_input()
     carried: Any = first if isinstance(first, tuple) else (first,)
     compute: list[list[float]] = []

@@ -1,0 +1,73 @@
+"""RandomState: a checkpoint holds every generator's state, and a run resumed from it draws what the run would have."""
+
+import random
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hetrain.callbacks import RandomState
+
+
+def draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_state_round_trips_through_a_weights_only_load(tmp_path):
+    callback = RandomState()
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save(callback.state_dict(), tmp_path / "state.pt")
+    want = draws()
+    torch.manual_seed(7), np.random.seed(8), random.seed(9)  # elsewhere in between
+    callback.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))  # Lightning's default
+    assert draws() == want
+
+
+class Noisy(pl.LightningModule):
+    """Dropout at every step, and a record of the loss each step computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+        self.losses = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.net(x), y)
+        self.losses[self.global_step] = loss.item()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(tmp_path, max_steps, callbacks, ckpt_path=None):
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 6, generator=g), torch.randn(64, 1, generator=g))
+    pl.seed_everything(0, verbose=False)
+    model = Noisy()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks)
+    trainer.fit(model, DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+    return model
+
+
+def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_one(tmp_path):
+    # Saved at the end of the first epoch (8 batches): a DataLoader cannot resume mid-epoch (hetrain's
+    # RingLoader can, tests/test_datamodule.py), and making its iterator draws from torch's generator.
+    def saver():
+        return ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=8, save_top_k=-1)
+
+    full = _fit(tmp_path / "full", 14, [RandomState(), saver()])
+    resumed = _fit(tmp_path / "resumed", 14, [RandomState()], ckpt_path=tmp_path / "ckpt" / "step=8.ckpt")
+    assert sorted(resumed.losses) == list(range(8, 14))
+    assert resumed.losses == {s: v for s, v in full.losses.items() if s >= 8}
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # Without it the generators restart from the seed: the masks, and so the losses, differ.
+    blind = _fit(tmp_path / "blind", 14, [], ckpt_path=tmp_path / "ckpt" / "step=8.ckpt")
+    assert blind.losses[8] != full.losses[8]

@@ -6,9 +6,12 @@ import json
 import math
 from pathlib import Path
 
+from benchmarks.plots import speedup_chart
+
 RESULTS_MD = Path(__file__).parent / "RESULTS.md"
 CPU_BEGIN, CPU_END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
 GPU_BEGIN, GPU_END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
+CPU_CHART, GPU_CHART = "ops-cpu.png", "ops-gpu.png"  # in the results directory, beside the JSON they show
 
 
 def cpu_row_text(row: dict) -> str:
@@ -130,6 +133,10 @@ def write_gpu_results_md(results_dir: Path) -> None:
         return
     result = json.loads(files[-1].read_text())
     body = gpu_table(result)
+    chart = speedup_chart(result, results_dir / GPU_CHART, result["device"],
+                          {"ms": "per call", "back_to_back_ms": "back to back", "graph_ms": "GPU time (graph)"})
+    if chart is not None:
+        body = f"![hetrain's speedup per case]({_relative(chart)})\n\n" + body
     if backends := backend_table(result):
         body += "\n\nThe two CUDA backends of each op side by side (geometric mean over its cases):\n\n" + backends
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# hetrain benchmark results\n"
@@ -146,5 +153,17 @@ def write_results_md(results_dir: Path) -> None:
     result = latest(results_dir, "ops-cpu")
     if result is None:
         return
+    body = cpu_table(result)
+    chart = speedup_chart(result, results_dir / CPU_CHART, f"CPU, {result['date']}")
+    if chart is not None:
+        body = f"![hetrain's speedup per case]({_relative(chart)})\n\n" + body
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# hetrain benchmark results\n\n## CPU\n\n"
-    RESULTS_MD.write_text(_replace_section(text, CPU_BEGIN, CPU_END, cpu_table(result)))
+    RESULTS_MD.write_text(_replace_section(text, CPU_BEGIN, CPU_END, body))
+
+
+def _relative(path: Path) -> str:
+    """``path`` as RESULTS.md links it."""
+    try:
+        return path.resolve().relative_to(RESULTS_MD.parent.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()

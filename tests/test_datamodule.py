@@ -113,6 +113,16 @@ def test_token_module_reads_jsonl_and_its_own_token_dir(tmp_path):
     built.teardown("fit")
 
 
+@pytest.mark.parametrize("record", [{"text": "ab"}, {"text": "ab", "label": "two"}, {"text": "ab", "label": 1.5}])
+def test_a_jsonl_line_without_an_integer_label_is_named(tmp_path, record):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "xyz", "label": 0}) + "\n\n" + json.dumps(record) + "\n")
+    module = TokenDataModule(path=str(corpus), data_dir=str(tmp_path / "tok"), vocab_size=259, num_classes=2)
+    with pytest.raises(ValueError, match=r"corpus.jsonl:3: field 'label' is .* not an integer label.*"
+                                         r"data.label_field"):
+        module.setup("fit")
+
+
 def test_longseq_recipe_trains_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = tmp_path / "run"

@@ -204,12 +204,26 @@ def write_synthetic_corpus(out_dir: str | os.PathLike, num_docs: dict[str, int],
         np.save(out / f"{split}.labels.npy", docs.labels.numpy())
 
 
+def read_labels(path: str | os.PathLike, label_field: str) -> list[int]:
+    """The integer ``label_field`` of every non-blank line of a jsonl file; a line without one is named."""
+    labels = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            value = json.loads(line).get(label_field)
+            if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).lstrip("-").isdigit():
+                raise ValueError(f"hetrain: {path}:{number}: field {label_field!r} is {value!r}, not an integer "
+                                 f"label; every line needs one (set data.label_field to the field that holds it)")
+            labels.append(int(value))
+    return labels
+
+
 def write_jsonl_corpus(path: str | os.PathLike, out_dir: str | os.PathLike, text_field: str, label_field: str,
                        val_fraction: float, seed: int) -> None:
     """Tokenises a jsonl corpus (byte tokenizer) into train and val token files, documents split from ``seed``."""
     texts = list(iter_documents([path], text_field))
-    with open(path, encoding="utf-8") as f:
-        labels = np.asarray([int(json.loads(line)[label_field]) for line in f if line.strip()], dtype=np.int64)
+    labels = np.asarray(read_labels(path, label_field), dtype=np.int64)
     if len(texts) < 2:
         raise ValueError(f"hetrain: {path} holds {len(texts)} documents; a train and a val split need at least 2")
     order = np.random.default_rng(seed).permutation(len(texts))

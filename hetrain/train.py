@@ -17,6 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 from pytorch_lightning.callbacks import ProgressBar
 
 from hetrain import cpu_memory, plugins
@@ -76,6 +77,7 @@ def check_config(cfg: DictConfig) -> None:
         except (RuntimeError, TypeError):
             raise ValueError(f"hetrain: {key}={device!r} is not a device: a type such as cpu, cuda or mps, "
                              "optionally with an index (cuda:0)") from None
+    _check_data_fits_model(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise ValueError(f"hetrain: ckpt_path={ckpt_path} is not a file; pass a checkpoint an earlier run wrote, e.g. "
@@ -84,6 +86,22 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(data_len, int) and isinstance(model_len, int) and data_len > model_len:
         raise ValueError(f"hetrain: data.max_len={data_len} is longer than model.max_len={model_len}, the model's "
                          "position table; raise model.max_len or lower data.max_len")
+
+
+def _check_data_fits_model(cfg: DictConfig) -> None:
+    """The model and task read their sizes from the data config (``${data.vocab_size}``); one the chosen data does
+    not set (a ResNet on token data) is named with the choices, not as an OmegaConf interpolation error."""
+    for group in ("model", "task"):
+        try:
+            OmegaConf.to_container(cfg[group], resolve=True)
+        except InterpolationKeyError as exc:
+            key = str(exc).split("'")[1] if "'" in str(exc) else str(exc)
+            choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+            chosen = (f"{group}={choices[group]} with data={choices['data']}" if group in choices and "data" in choices
+                      else f"the {group} config with this data config")
+            raise ValueError(f"hetrain: {chosen}: the {group} reads {key}, which the data does not set; pick data "
+                             f"that does (token models: data=synthetic or data=tokens; image models: data=images), "
+                             f"or a recipe that pairs them (recipe=bert_split, recipe=resnet_fused_amp)") from None
 
 
 def check_plan(cfg: DictConfig, model: torch.nn.Module) -> None:

@@ -214,6 +214,15 @@ def test_a_run_resumed_from_a_checkpoint_of_its_middle_goes_on_exactly_as_it_did
     assert [r for r in _logged(tmp_path / "resumed") if int(r["step"]) >= 20] == after  # the same values, bit for bit
 
 
+@pytest.mark.parametrize(("overrides", "key"), [(["model=resnet"], "data.channels"),
+                                                (["recipe=resnet_fused_amp", "data=synthetic"], "data.channels"),
+                                                (["data=images"], "data.vocab_size")])
+def test_data_that_lacks_what_the_model_reads_is_refused_naming_the_key(tmp_path, overrides, key):
+    """It failed as omegaconf's InterpolationKeyError, which names the key but not the choice to change."""
+    with pytest.raises(ValueError, match=rf"the model reads {key}, which the data does not set; .*data=images"):
+        build(compose_train(*overrides, output_dir=tmp_path))
+
+
 def test_a_checkpoint_path_that_is_no_file_is_refused_naming_it(tmp_path):
     cfg = compose_train("recipe=bert_split", f"ckpt_path={tmp_path}/nope.ckpt", output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"ckpt_path=.*nope.ckpt is not a file.*checkpoints/last.ckpt"):

@@ -78,6 +78,12 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(f"hetrain: {key}={device!r} is not a device: a type such as cpu, cuda or mps, "
                              "optionally with an index (cuda:0)") from None
     _check_data_fits_model(cfg)
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"hetrain: trainer.accelerator={accelerator}, but {why} (torch {torch.__version__}); use "
+                         "trainer.accelerator=auto, which trains on the CPU here and places stages planned for a "
+                         "GPU on the CPU with a log line")
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise ValueError(f"hetrain: ckpt_path={ckpt_path} is not a file; pass a checkpoint an earlier run wrote, e.g. "

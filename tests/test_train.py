@@ -223,6 +223,13 @@ def test_data_that_lacks_what_the_model_reads_is_refused_naming_the_key(tmp_path
         build(compose_train(*overrides, output_dir=tmp_path))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_a_gpu_accelerator_without_a_gpu_is_refused_naming_the_setting(tmp_path):
+    """It failed as "precision 'auto' found none of ['cuda:0'] present", naming neither the setting nor the fix."""
+    with pytest.raises(ValueError, match=r"trainer.accelerator=gpu, but .*use trainer.accelerator=auto"):
+        build(compose_train("trainer.accelerator=gpu", output_dir=tmp_path))
+
+
 def test_a_checkpoint_path_that_is_no_file_is_refused_naming_it(tmp_path):
     cfg = compose_train("recipe=bert_split", f"ckpt_path={tmp_path}/nope.ckpt", output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"ckpt_path=.*nope.ckpt is not a file.*checkpoints/last.ckpt"):

@@ -123,7 +123,8 @@ def trainer_precision(precision: str | int, devices: Iterable[str | torch.device
     devices = [torch.device(d) for d in devices]
     choices = choices_by_type(devices)
     if not choices:
-        raise ValueError(f"hetrain: precision 'auto' found none of {[str(d) for d in devices]} present")
+        raise ValueError(f"hetrain: precision 'auto' found none of {[str(d) for d in devices]} present on this "
+                         "machine; train on a device it has (the Trainer's accelerator, the placement plan)")
     root = devices[0].type if devices[0].type in choices else next(iter(choices))
     if len(choices) == 1 or all(c == "32-true" for c in choices.values()):
         return {"precision": choices[root]}

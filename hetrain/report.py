@@ -57,11 +57,11 @@ class RunRecorder(Callback):
     """Measures training throughput and makes the run end with a validation of the final weights.
 
     Notes:
-        Samples/s counts training batches over training wall time, validation excluded; ``samples`` and
-        the time are this run's, ``steps`` the global step (a resumed run's includes the steps before). When
-        ``max_steps`` ends training mid-epoch Lightning would skip validation; stopping through
-        ``trainer.should_stop`` at the last step makes it validate first, so the summary's metrics
-        belong to the weights the run ends with.
+        Samples/s counts training batches over training wall time, validation excluded; ``samples`` (of
+        every rank) and the time are this run's, ``steps`` the global step (a resumed run's includes the
+        steps before). When ``max_steps`` ends training mid-epoch Lightning would skip validation;
+        stopping through ``trainer.should_stop`` at the last step makes it validate first, so the
+        summary's metrics belong to the weights the run ends with.
     """
 
     def __init__(self) -> None:
@@ -113,6 +113,9 @@ class RunRecorder(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync()
         self.train_time_s = time.perf_counter() - self._started - self._val_time_s
+        if trainer.world_size > 1:  # each rank counted its own share; the run's summary counts them all
+            mine = torch.tensor(self.samples, device=trainer.strategy.root_device)
+            self.samples = int(trainer.strategy.reduce(mine, reduce_op="sum").item())
         # Read now: Lightning's teardown moves the whole module back to the CPU.
         self.stages = {name: str(next(s.parameters()).device) for name, s in pl_module.stages().items()}
 

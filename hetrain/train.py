@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from hetrain import cpu_memory, plugins
 from hetrain.callbacks.placement import resolve_plan
@@ -235,10 +236,12 @@ def run(cfg: DictConfig) -> float | None:
         cause = _root_cause(exc)
         error = f"{type(cause).__name__}: {cause}"
         _log_failure(exc, error, info.get("log"))
-        write_run_summary({"status": "failed", **info, "error": error}, output_dir)
+        if rank_zero_only.rank == 0:
+            write_run_summary({"status": "failed", **info, "error": error}, output_dir)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             return None
         raise
-    text = write_run_summary(summary, output_dir)
-    log.info(f"Summary ({output_dir / SUMMARY_MD}):\n{text}")
+    if rank_zero_only.rank == 0:  # under DDP every rank runs this; one summary per run, with every rank's samples
+        text = write_run_summary(summary, output_dir)
+        log.info(f"Summary ({output_dir / SUMMARY_MD}):\n{text}")
     return summary["metrics"].get(cfg.optimized_metric)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hetrain.data import SyntheticDataModule, TokenBudgetBatchSampler
 from hetrain.models.bert import BertClassifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,14 @@ def test_bert_split_trains_under_ddp_with_two_cpu_processes(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["steps"] == 6
     assert summary["data"]["train"]["loader"] == "ring"
+    assert output.count("| status | ok |") == 1  # rank 0 alone writes the summary (both raced to before)
+    # Samples of both ranks: each trains on its own share of the token-budget batches.
+    data = SyntheticDataModule(train_size=512, val_size=64, seed=0)
+    data.setup()
+    lengths = [len(s) for s in data.train_set.sequences]
+    batches = [list(TokenBudgetBatchSampler(lengths, 2048, shuffle=True, seed=0, num_replicas=2, rank=r))[:6]
+               for r in range(2)]
+    assert summary["samples"] == sum(len(b) for rank in batches for b in rank)
 
 
 SEEN_PER_RANK = '''

@@ -46,6 +46,7 @@ def test_bert_split_trains_under_ddp_with_two_cpu_processes(tmp_path):
     batches = [list(TokenBudgetBatchSampler(lengths, 2048, shuffle=True, seed=0, num_replicas=2, rank=r))[:6]
                for r in range(2)]
     assert summary["samples"] == sum(len(b) for rank in batches for b in rank)
+    assert summary["throughput"]["of_ranks"] == "rank 0 of 2"  # its rates are one device's
 
 
 SEEN_PER_RANK = '''

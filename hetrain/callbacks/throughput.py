@@ -402,6 +402,8 @@ class Throughput(Callback):
         summary["flops_per_batch"] = self.meter.flops_per_batch or NA
         summary["peak_flops"] = self.meter.available_flops or NA
         summary["energy_j_per_step"] = self._energy_per_step(len(self.meter.step_times))
+        if trainer.world_size > 1:  # these are rank 0's batches on its device; the run summary counts every rank
+            summary["of_ranks"] = f"rank 0 of {trainer.world_size}"
         self.summary = summary
         log.info(f"Throughput: {summary}")
 

@@ -453,6 +453,32 @@ def test_cuda_numbers_agree_with_torch_counters_and_snapshot_is_written(tmp_path
     assert (tmp_path / "memory_snapshot.pickle").stat().st_size > 0
 
 
+def test_history_steps_are_checked_and_say_when_there_is_no_gpu_to_record(tmp_path, caplog):
+    with pytest.raises(ValueError, match="set one"):
+        MemoryProfiler(record_history=True, history_steps=[1, 2])
+    with pytest.raises(ValueError, match=r"\[first, last\]"):
+        MemoryProfiler(history_steps=[3, 1])
+    profiler = MemoryProfiler(history_steps=[1, 2])
+    with caplog.at_level("INFO", logger="hetrain.callbacks.memory"):
+        _fit(Regressor(), profiler, tmp_path, batches=3)  # on the CPU, whatever the machine has
+    assert "no stage on a GPU, so no CUDA allocator history to record" in caplog.text
+    assert not list(tmp_path.glob("memory_snapshot*"))
+
+
+@pytest.mark.cuda
+def test_cuda_history_of_chosen_steps_is_written_once_the_last_has_run(tmp_path):
+    profiler = MemoryProfiler(module_every_n_steps=1, history_steps=[2, 3])
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=6, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[profiler])
+    trainer.fit(Regressor(), _loader(6))
+    with open(tmp_path / "memory_snapshot_steps_2-3.pickle", "rb") as f:
+        snapshot = pickle.load(f)
+    assert snapshot["device_traces"] and any(snapshot["device_traces"]), "the two steps' allocations are recorded"
+    assert not profiler._recording and not (tmp_path / "memory_snapshot.pickle").exists()
+
+
 @pytest.mark.cuda
 def test_cuda_churn_names_the_module_that_allocates_on_the_gpu():
     class GpuChurner(nn.Module):

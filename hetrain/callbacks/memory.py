@@ -38,7 +38,7 @@ from typing_extensions import override
 
 from hetrain import cpu_memory
 from hetrain.callbacks.churn import KIND_MEANING, KINDS, ROOT, ChurnTracker
-from hetrain.callbacks.profiling import StepTrace
+from hetrain.callbacks.profiling import StepTrace, parse_steps
 from hetrain.report import markdown_table
 
 log = logging.getLogger(__name__)
@@ -371,7 +371,9 @@ class MemoryProfiler(Callback):
           step only (see :class:`ModuleMemory`), so other steps run unhooked.
         - ``record_history=True`` records the CUDA allocator's history from the start of the fit
           (``torch.cuda.memory._record_memory_history``) and writes ``memory_snapshot.pickle`` at the
-          end; https://pytorch.org/memory_viz opens it.
+          end; https://pytorch.org/memory_viz opens it. ``history_steps=[first, last]`` records those
+          optimizer steps only and writes ``memory_snapshot_steps_<first>-<last>.pickle`` once the last
+          has run: the allocations of the steps a person asks about, not the tail of the fit.
         - On the ``churn_steps`` (a few steps after warm-up): ``torch.profiler`` memory events and a
           ``record_function`` range per module (see :class:`~hetrain.callbacks.churn.ChurnTracker`);
           allocations made and freed in every one of those steps are reported per module, the
@@ -385,7 +387,8 @@ class MemoryProfiler(Callback):
     Args:
         dirpath: where reports go; ``None`` means the Trainer's ``default_root_dir``.
         module_every_n_steps: per-module hooks run on steps 0, n, 2n, ...
-        record_history: record the CUDA allocator's history (ignored without CUDA).
+        record_history: record the CUDA allocator's history over the whole fit (ignored without CUDA).
+        history_steps: ``[first, last]`` (or one step): record the history of these optimizer steps only.
         max_history_entries: allocator events kept in the history.
         dump_on_oom: write the post-mortem on CUDA out-of-memory.
         churn_steps: the steps profiled for allocator churn: a count ``n`` (steps 2 .. n+1) or a list of
@@ -396,7 +399,12 @@ class MemoryProfiler(Callback):
 
     def __init__(self, dirpath: str | None = None, module_every_n_steps: int = 50, record_history: bool = False,
                  max_history_entries: int = 100_000, dump_on_oom: bool = True,
-                 churn_steps: int | Sequence[int] = 3, churn_min_bytes: int = 4096, churn_top: int = 10) -> None:
+                 churn_steps: int | Sequence[int] = 3, churn_min_bytes: int = 4096, churn_top: int = 10,
+                 history_steps: Sequence[int] | None = None) -> None:
+        if record_history and history_steps:
+            raise ValueError("hetrain: record_history records the whole fit and history_steps chosen steps; set one")
+        self.history_steps = parse_steps(history_steps) if history_steps else None
+        self._cuda = False  # a stage is on a GPU: there is an allocator history to record
         if module_every_n_steps < 1:
             raise ValueError(f"hetrain: module_every_n_steps must be >= 1, got {module_every_n_steps}")
         if isinstance(churn_steps, int):
@@ -436,9 +444,32 @@ class MemoryProfiler(Callback):
         self.modules = ModuleMemory(pl_module)
         self.churn = ChurnTracker(pl_module, self.churn_min_bytes)
         self._leave_steps_to_other_profilers(trainer)
-        if self.record_history and any(d.type == "cuda" for d in devices):
-            torch.cuda.memory._record_memory_history(max_entries=self.max_history_entries)
-            self._recording = True
+        self._cuda = any(d.type == "cuda" for d in devices)
+        if self.record_history and self._cuda:
+            self._start_history()
+        if self.history_steps and not self._cuda:
+            log.info(f"hetrain: MemoryProfiler history_steps={list(self.history_steps)}: no stage on a GPU, so no "
+                     "CUDA allocator history to record")
+
+    def _start_history(self) -> None:
+        torch.cuda.memory._record_memory_history(max_entries=self.max_history_entries)
+        self._recording = True
+
+    def _snapshot_name(self) -> str:
+        if self.history_steps is None:
+            return SNAPSHOT
+        first, last = self.history_steps
+        return f"memory_snapshot_steps_{first}-{last}.pickle"
+
+    def _dump_history(self, trainer: pl.Trainer) -> None:
+        """Writes what was recorded (on rank zero) and stops recording."""
+        if trainer.is_global_zero:
+            path = self._dir(trainer) / self._snapshot_name()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.cuda.memory._dump_snapshot(str(path))
+            log.info(f"CUDA allocator history: {path} (open it at https://pytorch.org/memory_viz)")
+        torch.cuda.memory._record_memory_history(enabled=None)
+        self._recording = False
 
     def _leave_steps_to_other_profilers(self, trainer: pl.Trainer) -> None:
         """Drops churn steps another torch profiler records: two cannot run at once, and the second would fail."""
@@ -456,6 +487,9 @@ class MemoryProfiler(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._current is None:  # first micro-batch of an optimizer step
+            chosen = self.history_steps and trainer.global_step == self.history_steps[0]
+            if chosen and self._cuda and not self._recording:
+                self._start_history()
             self._current = {"step": trainer.global_step, **{phase: {} for phase in PHASES}}
             if trainer.global_step % self.module_every_n_steps == 0:
                 self.modules.start()
@@ -495,6 +529,8 @@ class MemoryProfiler(Callback):
         self._close("optimizer")
         self.steps.append(self._current)
         self._current = None
+        if self.history_steps and self._recording and self.steps[-1]["step"] >= self.history_steps[1]:
+            self._dump_history(trainer)
         if self.churn.active:
             self.churn.stop_step()
             self.churn_observed.append(self.steps[-1]["step"])  # global_step has moved on by now
@@ -635,10 +671,8 @@ class MemoryProfiler(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         directory = self._dir(trainer)
         paths = self.write_report(directory)
-        if self._recording:
-            torch.cuda.memory._dump_snapshot(str(directory / SNAPSHOT))
-            torch.cuda.memory._record_memory_history(enabled=None)
-            self._recording = False
+        if self._recording:  # the whole fit's, or chosen steps the fit ended inside of
+            self._dump_history(trainer)
         log.info(f"Memory report: {paths['html']} (table: {paths['md']})")
         if self.churn_observed:
             header, rows = self.churn.table(["temporary"], self.churn_top)

@@ -45,6 +45,16 @@ OptTensor optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : st
 
 at::Tensor defined_if(bool keep, const at::Tensor& t) { return keep ? t : at::Tensor(); }
 
+// x as the (rows, features) matrix the row kernels take: the ops accept any leading shape, and flattening here,
+// below autograd, records no view nodes (each costs a small call more than its kernel). The inputs are saved
+// as given, not flattened, so an in-place change to one after forward is still caught by its version counter.
+at::Tensor as_rows(const at::Tensor& x) {
+  if (x.dim() == 2) return x;
+  TORCH_CHECK(x.dim() >= 1, "hetrain: expected a tensor with >= 1 dim (rows, features), got a scalar");
+  const auto sizes = x.sizes();
+  return x.reshape({c10::multiply_integers(sizes.begin(), sizes.end() - 1), sizes.back()});
+}
+
 // The gradients as they are; under create_graph=True, behind a node that raises when a second derivative
 // reaches it, since the backward kernels have no derivative of their own. The saved tensors and the incoming
 // gradient dy (what the gradients depend on) are linked to that node, so a second derivative with respect to
@@ -85,12 +95,12 @@ struct LayerNorm : torch::autograd::Function<LayerNorm> {
         "hetrain_C::layer_norm_fwd");
     HETRAIN_RANGE(x, "layer_norm", "forward");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, mean, rstd] = fwd.call(x, weight, bias, eps);
+    auto [y, mean, rstd] = fwd.call(as_rows(x), weight, bias, eps);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), mean, rstd});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mean, rstd});
     ctx->set_materialize_grads(false);
-    return {y, mean, rstd};
+    return {y.view(x.sizes()), mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -105,7 +115,9 @@ struct LayerNorm : torch::autograd::Function<LayerNorm> {
     at::Tensor dx, dw, db;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, dw, db) = bwd.call(dy, saved[0], optional(saved[1]), saved[2], saved[3], has_bias);
+      std::tie(dx, dw, db) =
+          bwd.call(as_rows(dy), as_rows(saved[0]), optional(saved[1]), saved[2], saved[3], has_bias);
+      dx = dx.view(saved[0].sizes());
     }
     return first_order({dx, defined_if(saved[1].defined(), dw), defined_if(has_bias, db), at::Tensor()}, saved, dy,
                        "layer_norm", "hetrain.ops.layer_norm_ref (F.layer_norm)");
@@ -118,11 +130,11 @@ struct RmsNorm : torch::autograd::Function<RmsNorm> {
         kernel<Tensor2(const at::Tensor&, const OptTensor&, double)>("hetrain_C::rms_norm_fwd");
     HETRAIN_RANGE(x, "rms_norm", "forward");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, rstd] = fwd.call(x, weight, eps);
+    auto [y, rstd] = fwd.call(as_rows(x), weight, eps);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), rstd});
     ctx->mark_non_differentiable({rstd});
     ctx->set_materialize_grads(false);
-    return {y, rstd};
+    return {y.view(x.sizes()), rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -136,7 +148,8 @@ struct RmsNorm : torch::autograd::Function<RmsNorm> {
     at::Tensor dx, dw;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, dw) = bwd.call(dy, saved[0], optional(saved[1]), saved[2]);
+      std::tie(dx, dw) = bwd.call(as_rows(dy), as_rows(saved[0]), optional(saved[1]), saved[2]);
+      dx = dx.view(saved[0].sizes());
     }
     return first_order({dx, defined_if(saved[1].defined(), dw), at::Tensor()}, saved, dy, "rms_norm",
                        "hetrain.ops.rms_norm_ref");
@@ -151,11 +164,11 @@ struct BiasGelu : torch::autograd::Function<BiasGelu> {
         kernel<at::Tensor(const at::Tensor&, const at::Tensor&, std::string)>("hetrain_C::bias_gelu_fwd");
     HETRAIN_RANGE(x, "bias_gelu", "forward");
     at::AutoDispatchBelowADInplaceOrView below;
-    at::Tensor y = fwd.call(x, bias, approximate);
+    at::Tensor y = fwd.call(as_rows(x), bias, approximate);
     ctx->save_for_backward({x, bias});
     ctx->saved_data["approximate"] = approximate;
     ctx->set_materialize_grads(false);
-    return y;
+    return y.view(x.sizes());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -168,7 +181,9 @@ struct BiasGelu : torch::autograd::Function<BiasGelu> {
     at::Tensor dx, db;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, db) = bwd.call(dy, saved[0], saved[1], ctx->saved_data["approximate"].toStringRef());
+      std::tie(dx, db) =
+          bwd.call(as_rows(dy), as_rows(saved[0]), saved[1], ctx->saved_data["approximate"].toStringRef());
+      dx = dx.view(saved[0].sizes());
     }
     return first_order({dx, db, at::Tensor()}, saved, dy, "bias_gelu", "hetrain.ops.bias_gelu_ref");
   }
@@ -205,14 +220,16 @@ struct DropoutAddLayerNorm : torch::autograd::Function<DropoutAddLayerNorm> {
         kernel<Tensor3(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
                        double, double)>("hetrain_C::dropout_add_layer_norm_fwd");
     HETRAIN_RANGE(x, "dropout_add_layer_norm", "forward");
+    TORCH_CHECK(residual.sizes() == x.sizes(), "hetrain.dropout_add_layer_norm: residual must have x's shape ",
+                x.sizes(), ", got ", residual.sizes());
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, mean, rstd] = fwd.call(x, residual, weight, bias, seed, p, eps);
+    auto [y, mean, rstd] = fwd.call(as_rows(x), as_rows(residual), weight, bias, seed, p, eps);
     ctx->save_for_backward({x, residual, weight.value_or(at::Tensor()), mean, rstd, seed});
     ctx->saved_data["p"] = p;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mean, rstd});
     ctx->set_materialize_grads(false);
-    return {y, mean, rstd};
+    return {y.view(x.sizes()), mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -227,8 +244,10 @@ struct DropoutAddLayerNorm : torch::autograd::Function<DropoutAddLayerNorm> {
     at::Tensor dx, dres, dw, db;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, dres, dw, db) = bwd.call(dy, saved[0], saved[1], optional(saved[2]), saved[3],
-                                            saved[4], saved[5], ctx->saved_data["p"].toDouble(), has_bias);
+      std::tie(dx, dres, dw, db) = bwd.call(as_rows(dy), as_rows(saved[0]), as_rows(saved[1]), optional(saved[2]),
+                                            saved[3], saved[4], saved[5], ctx->saved_data["p"].toDouble(), has_bias);
+      dx = dx.view(saved[0].sizes());
+      dres = dres.view(saved[0].sizes());
     }
     return first_order({dx, dres, defined_if(saved[2].defined(), dw), defined_if(has_bias, db), at::Tensor(),
                         at::Tensor(), at::Tensor()},

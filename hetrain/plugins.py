@@ -80,6 +80,27 @@ _lock = threading.Lock()
 # candidates() per (op, device type, pin, preference), availability included: a call must not pay for the lookup,
 # the sort and the probes (tens of microseconds, more than a small kernel). Emptied whenever backends or pins change.
 _resolved: dict[tuple[str, str, str | None, tuple[str, ...]], list[Backend]] = {}
+# The same outside any use_backend/preferring block, keyed by the environment's raw settings: reading them is all
+# such a call pays (pinned() and preferred() walk the scopes and parse, more than the kernel of a small op).
+_unscoped: dict[tuple[str, str, str | None, str | None], list[Backend]] = {}
+_scopes_open = 0  # use_backend/preferring blocks open on any thread
+
+
+def _forget_resolved() -> None:
+    _resolved.clear()
+    _unscoped.clear()
+
+
+@contextlib.contextmanager
+def _scope() -> Iterator[None]:
+    global _scopes_open
+    with _lock:
+        _scopes_open += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _scopes_open -= 1
 
 
 def register(
@@ -95,14 +116,14 @@ def register(
     backend = Backend(op, name, tuple(devices), impl, priority, available or (lambda: True), tuple(opt_in))
     with _lock:
         _registry.setdefault(op, {})[name] = backend
-        _resolved.clear()
+        _forget_resolved()
     return backend
 
 
 def unregister(op: str, name: str) -> None:
     with _lock:
         _registry.get(op, {}).pop(name, None)
-        _resolved.clear()
+        _forget_resolved()
 
 
 def _load_entry_points() -> None:
@@ -187,10 +208,10 @@ def configure(pins: dict[str, str] | None = None, strict: bool | None = None,
     if pins is not None:
         _config_pins.clear()
         _config_pins.update({k: v for k, v in dict(pins).items() if v})
-        _resolved.clear()
+        _forget_resolved()
     if prefer is not None:
         _config_prefer = tuple(prefer) or None
-        _resolved.clear()
+        _forget_resolved()
     if strict is not None:
         _config_strict = bool(strict)
 
@@ -203,7 +224,8 @@ def use_backend(**pins: str) -> Iterator[None]:
         stack = _local.stack = []
     stack.append(pins)
     try:
-        yield
+        with _scope():
+            yield
     finally:
         stack.pop()
 
@@ -217,7 +239,8 @@ def preferring(*names: str) -> Iterator[None]:
         scoped = _local.prefer = []
     scoped.append(tuple(names))
     try:
-        yield
+        with _scope():
+            yield
     finally:
         scoped.pop()
 
@@ -238,6 +261,17 @@ def candidates(op: str, device_type: str) -> list[Backend]:
     preferred backends come first (:func:`preferred`), then the rest by priority. Availability is probed
     once per backend until the registry, the pins or the preference change.
     """
+    if not _scopes_open:
+        environ = os.environ
+        fast_key = (op, device_type, environ.get(ENV_PINS), environ.get(ENV_PREFER))
+        found = _unscoped.get(fast_key)
+        if found is None:
+            found = _unscoped[fast_key] = _resolve(op, device_type)
+        return found
+    return _resolve(op, device_type)
+
+
+def _resolve(op: str, device_type: str) -> list[Backend]:
     pin = pinned(op)
     prefer = preferred()
     key = (op, device_type, pin, prefer)

@@ -283,6 +283,11 @@ def test_bad_inputs_raise_clear_errors():
         cpp.dropout_add_layer_norm_fwd(x, r, None, None, torch.tensor([1.0]), 0.1, 1e-5)
     with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\]"):
         cpp.dropout_add_layer_norm_fwd(x, r, None, None, seed, -0.1, 1e-5)
+    # The differentiable ops take any leading shape and flatten it: a residual of another shape must not pass.
+    with pytest.raises(RuntimeError, match=r"residual must have x's shape \[2, 3, 4\], got \[3, 2, 4\]"):
+        cpp.dropout_add_layer_norm(randn(2, 3, 4), randn(3, 2, 4), None, None, seed, 0.1, 1e-5)
+    with pytest.raises(ValueError, match=r"residual \(3, 2, 4\) vs x \(2, 3, 4\)"):
+        torch.ops.hetrain.dropout_add_layer_norm_fwd(randn(2, 3, 4), randn(3, 2, 4), None, None, seed, 0.1, 1e-5)
 
 
 def test_triton_refuses_rows_past_its_fused_limit():

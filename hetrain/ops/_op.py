@@ -26,6 +26,7 @@ gradient, ``create_graph=True``) raise naming the op and its torch reference, ra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,13 @@ import torch
 from hetrain import plugins
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the (rows, features) matrix the row kernels take. The ops flatten inside their bodies, not in
+    their faces: there the reshape and the view back record no autograd nodes, which cost a small call more
+    than its kernel. Rows are counted, not inferred: ``reshape(-1, 0)`` fails for a hidden size of 0."""
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _first_order_only(

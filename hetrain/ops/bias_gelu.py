@@ -8,13 +8,11 @@ output is never kept for backward (eager torch keeps both ``x + bias`` and the o
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import op
+from hetrain.ops._op import as_rows, op
 
 OP = "bias_gelu"
 APPROXIMATIONS = ("none", "tanh")
@@ -77,12 +75,13 @@ _register_backends()
 
 @op("hetrain::bias_gelu_fwd")
 def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
-    return plugins.call(OP, "forward", x.device.type, x, bias, approximate)
+    """``x`` of any leading shape, ``bias`` of its last dimension."""
+    return plugins.call(OP, "forward", x.device.type, as_rows(x), bias, approximate).view(x.shape)
 
 
 @_bias_gelu_fwd.register_fake
 def _(x, bias, approximate):
-    torch._check(bias.shape == x.shape[1:], lambda: f"hetrain.bias_gelu: bias {bias.shape} vs x {x.shape}")
+    torch._check(bias.shape == x.shape[-1:], lambda: f"hetrain.bias_gelu: bias {bias.shape} vs x {x.shape}")
     return torch.empty_like(x)
 
 
@@ -90,7 +89,8 @@ def _(x, bias, approximate):
 def _bias_gelu_bwd(
     dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, approximate: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return plugins.call(OP, "backward", x.device.type, dy, x, bias, approximate)
+    dx, db = plugins.call(OP, "backward", x.device.type, as_rows(dy), as_rows(x), bias, approximate)
+    return dx.view(x.shape), db
 
 
 @_bias_gelu_bwd.register_fake
@@ -138,5 +138,4 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
     if not bias.is_floating_point():
         raise ValueError(f"hetrain.ops.bias_gelu: bias must be a floating tensor, got {bias.dtype}")
     bias = bias.to(x.dtype) if bias.dtype != x.dtype else bias
-    # Rows counted, not inferred: reshape(-1, 0) cannot infer them when the hidden size is 0.
-    return _bias_gelu_fwd(x.reshape(math.prod(x.shape[:-1]), n), bias, approximate).view_as(x)
+    return _bias_gelu_fwd(x, bias, approximate)

@@ -29,7 +29,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import op
+from hetrain.ops._op import as_rows, op
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
 from hetrain.ops.rng import dropout_stream, stream
@@ -156,7 +156,12 @@ def _dropout_add_layer_norm_fwd(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     seed: torch.Tensor, p: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return plugins.call(OP, "forward", x.device.type, x, residual, weight, bias, seed, p, eps)
+    """``x`` and ``residual`` of one shape, any leading dims; the statistics one entry per row of ``as_rows(x)``."""
+    if residual.shape != x.shape:  # flattened, a residual of another shape with as many rows would pass
+        raise ValueError(f"hetrain.dropout_add_layer_norm: residual {tuple(residual.shape)} vs x {tuple(x.shape)}")
+    y, mean, rstd = plugins.call(OP, "forward", x.device.type, as_rows(x), as_rows(residual), weight, bias, seed,
+                                 p, eps)
+    return y.view(x.shape), mean, rstd
 
 
 @_dropout_add_layer_norm_fwd.register_fake
@@ -164,7 +169,8 @@ def _(x, residual, weight, bias, seed, p, eps):
     torch._check(residual.shape == x.shape, lambda: f"hetrain.dropout_add_layer_norm: residual {residual.shape} "
                  f"vs x {x.shape}")
     stats = _stats_dtype(x.dtype)
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=stats), x.new_empty(x.shape[0], dtype=stats)
+    rows = math.prod(x.shape[:-1])
+    return torch.empty_like(x), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
 
 
 @op("hetrain::dropout_add_layer_norm_bwd")
@@ -172,12 +178,14 @@ def _dropout_add_layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
     rstd: torch.Tensor, seed: torch.Tensor, p: float, has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return plugins.call(OP, "backward", x.device.type, dy, x, residual, weight, mean, rstd, seed, p, has_bias)
+    dx, dres, dw, db = plugins.call(OP, "backward", x.device.type, as_rows(dy), as_rows(x), as_rows(residual),
+                                    weight, mean, rstd, seed, p, has_bias)
+    return dx.view(x.shape), dres.view(x.shape), dw, db
 
 
 @_dropout_add_layer_norm_bwd.register_fake
 def _(dy, x, residual, weight, mean, rstd, seed, p, has_bias):
-    n = x.shape[1]
+    n = x.shape[-1]
     return (torch.empty_like(x), torch.empty_like(x), x.new_empty(n if weight is not None else 0),
             x.new_empty(n if has_bias else 0))
 
@@ -241,7 +249,4 @@ def dropout_add_layer_norm(
     seed = dropout_stream(x) if p > 0 else torch.zeros(2, dtype=torch.int64)
     weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
-    rows = math.prod(x.shape[:-1])  # counted, not inferred: reshape(-1, 0) fails for a hidden size of 0
-    y, _mean, _rstd = _dropout_add_layer_norm_fwd(x.reshape(rows, n), residual.reshape(rows, n), weight, bias,
-                                                  seed, p, float(eps))
-    return y.view_as(x)
+    return _dropout_add_layer_norm_fwd(x, residual, weight, bias, seed, p, float(eps))[0]

@@ -15,7 +15,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import op
+from hetrain.ops._op import as_rows, op
 
 OP = "layer_norm"
 
@@ -89,14 +89,17 @@ _register_backends()
 def _layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return plugins.call(OP, "forward", x.device.type, x, weight, bias, eps)
+    """``x`` of any leading shape; ``y`` has its shape, the statistics one entry per row of ``as_rows(x)``."""
+    y, mean, rstd = plugins.call(OP, "forward", x.device.type, as_rows(x), weight, bias, eps)
+    return y.view(x.shape), mean, rstd
 
 
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
     stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = math.prod(x.shape[:-1])
     # Backends return contiguous outputs whatever the input's strides.
-    return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=stats), x.new_empty(x.shape[0], dtype=stats)
+    return x.new_empty(x.shape), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
 
 
 @op("hetrain::layer_norm_bwd")
@@ -104,12 +107,13 @@ def _layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
     has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return plugins.call(OP, "backward", x.device.type, dy, x, weight, mean, rstd, has_bias)
+    dx, dw, db = plugins.call(OP, "backward", x.device.type, as_rows(dy), as_rows(x), weight, mean, rstd, has_bias)
+    return dx.view(x.shape), dw, db
 
 
 @_layer_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd, has_bias):
-    n = x.shape[1]
+    n = x.shape[-1]
     return x.new_empty(x.shape), x.new_empty(n if weight is not None else 0), x.new_empty(n if has_bias else 0)
 
 
@@ -157,6 +161,4 @@ def layer_norm(
         raise ValueError(f"hetrain.ops.layer_norm: eps must be >= 0, got {eps}")
     weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
-    rows = math.prod(x.shape[:-1])
-    y, _mean, _rstd = _layer_norm_fwd(x.reshape(rows, n), weight, bias, float(eps))
-    return y.view_as(x)
+    return _layer_norm_fwd(x, weight, bias, float(eps))[0]

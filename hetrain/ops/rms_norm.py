@@ -14,7 +14,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import op
+from hetrain.ops._op import as_rows, op
 
 OP = "rms_norm"
 
@@ -87,25 +87,28 @@ _register_backends()
 
 @op("hetrain::rms_norm_fwd")
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return plugins.call(OP, "forward", x.device.type, x, weight, eps)
+    """``x`` of any leading shape; ``y`` has its shape, ``rstd`` one entry per row of ``as_rows(x)``."""
+    y, rstd = plugins.call(OP, "forward", x.device.type, as_rows(x), weight, eps)
+    return y.view(x.shape), rstd
 
 
 @_rms_norm_fwd.register_fake
 def _(x, weight, eps):
     # Every backend returns contiguous outputs, whatever the input's strides.
-    return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=_stats_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(math.prod(x.shape[:-1]), dtype=_stats_dtype(x.dtype))
 
 
 @op("hetrain::rms_norm_bwd")
 def _rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return plugins.call(OP, "backward", x.device.type, dy, x, weight, rstd)
+    dx, dw = plugins.call(OP, "backward", x.device.type, as_rows(dy), as_rows(x), weight, rstd)
+    return dx.view(x.shape), dw
 
 
 @_rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd):
-    return x.new_empty(x.shape), x.new_empty(x.shape[1] if weight is not None else 0)
+    return x.new_empty(x.shape), x.new_empty(x.shape[-1] if weight is not None else 0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -151,5 +154,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | N
     eps = default_eps(x.dtype) if eps is None else float(eps)
     if eps < 0:
         raise ValueError(f"hetrain.ops.rms_norm: eps must be >= 0, got {eps}")
-    y, _rstd = _rms_norm_fwd(x.reshape(math.prod(x.shape[:-1]), n), weight, eps)
-    return y.view_as(x)
+    return _rms_norm_fwd(x, weight, eps)[0]

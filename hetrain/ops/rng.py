@@ -65,9 +65,11 @@ def stream(seed: torch.Tensor) -> tuple[int, int]:
 
 
 def dropout_stream(x: torch.Tensor) -> torch.Tensor:
-    """The int64 ``(seed, offset)`` of a dropout call on ``x`` (batch-first inside a split)."""
+    """The int64 stream of a dropout call on ``x``: ``(seed,)`` (offset 0, which the kernels assume when it is
+    left out: padding it on cost more than the small kernel) or, inside a split, ``(seed, offset)``
+    (batch-first ``x``)."""
     tape = getattr(_active, "tape", None)
     if tape is None:
-        return torch.nn.functional.pad(_draw(), (0, 1))  # offset 0
+        return _draw()
     per_row = x.numel() // x.shape[0] if x.dim() and x.shape[0] else 0
     return torch.cat([tape.next_seed(), torch.tensor([tape.first_row * per_row], dtype=torch.int64)])

@@ -179,6 +179,21 @@ def test_a_transposed_3d_input_gets_the_same_output_and_gradients_on_both_autogr
             torch.testing.assert_close(cpp, ref)
 
 
+@pytest.mark.parametrize("shape", [(0, 5, H), (3, 0, H), (3, 5, 0), (2, 3, 4, H)])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("op", ROW_OPS)
+def test_empty_and_4d_inputs_keep_their_shape_through_forward_and_backward(op, backend, shape):
+    x, r = randn(*shape, seed=1, requires_grad=True), randn(*shape, seed=2, requires_grad=True)
+    w, b = randn(shape[-1], seed=3, requires_grad=True), randn(shape[-1], seed=4, requires_grad=True)
+    torch.manual_seed(0)
+    with plugins.use_backend(**{op: backend}):
+        y = calls(x, r, w, b, *inputs()[4:])[op]()
+        dx, dw = torch.autograd.grad(y, [x, w] if op != "bias_gelu" else [x, b], torch.ones_like(y))
+    assert y.shape == dx.shape == shape and dw.shape == (shape[-1],)
+    if y.numel() == 0:
+        assert torch.equal(dw, torch.zeros_like(dw))  # no rows: nothing to sum
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("op", ROW_OPS)
 def test_changing_a_3d_input_in_place_after_forward_is_caught_by_backward(op, backend):

@@ -194,6 +194,34 @@ def test_empty_and_4d_inputs_keep_their_shape_through_forward_and_backward(op, b
         assert torch.equal(dw, torch.zeros_like(dw))  # no rows: nothing to sum
 
 
+class _DropsItsGradient(torch.autograd.Function):
+    """Identity whose backward returns no gradient: the op's node then runs with an undefined one."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("op", ROW_OPS)
+def test_statistics_are_not_differentiable_and_no_gradient_in_gives_none_out(op, backend):
+    x = randn(3, 5, H, seed=1, requires_grad=True)
+    y = _row_op_with(op, backend, x, randn(3, 5, H, seed=2))
+    if op != "bias_gelu":  # the custom op's other outputs: per-row statistics for backward
+        _x, r, w, b, *_ = inputs()
+        args = {"layer_norm": (x, w, b, 1e-5), "rms_norm": (x, w, 1e-6),
+                "dropout_add_layer_norm": (x, r, w, b, torch.tensor([7]), 0.25, 1e-5)}[op]
+        with plugins.use_backend(**{op: backend}):
+            stats = getattr(torch.ops.hetrain, f"{op}_fwd")(*args)[1:]
+        assert not any(t.requires_grad for t in stats)
+    (dx,) = torch.autograd.grad(_DropsItsGradient.apply(y).sum() + x.sum(), [x])
+    assert torch.equal(dx, torch.ones_like(x))  # only the other path's gradient
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("op", ROW_OPS)
 def test_changing_a_3d_input_in_place_after_forward_is_caught_by_backward(op, backend):

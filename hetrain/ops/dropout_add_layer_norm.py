@@ -196,9 +196,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
     ctx.p = p
     ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients made for the statistics, or for y where it was not used
 
 
 def _backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None, None, None, None
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
     dx, dres, dw, db = _dropout_add_layer_norm_bwd(dy.contiguous(), x, residual, weight, mean, rstd, seed, ctx.p,
                                                    ctx.has_bias)

@@ -115,9 +115,13 @@ def _setup_context(ctx, inputs, output):
     x, weight, _eps = inputs
     _y, rstd = output
     ctx.save_for_backward(x, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # no zero gradient made for rstd, or for y where it was not used
 
 
 def _backward(ctx, dy, _drstd):
+    if dy is None:
+        return None, None, None
     x, weight, rstd = ctx.saved_tensors
     dx, dw = _rms_norm_bwd(dy.contiguous(), x, weight, rstd)
     return dx, (dw if weight is not None else None), None

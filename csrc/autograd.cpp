@@ -47,7 +47,8 @@ at::Tensor defined_if(bool keep, const at::Tensor& t) { return keep ? t : at::Te
 
 // x as the (rows, features) matrix the row kernels take: the ops accept any leading shape, and flattening here,
 // below autograd, records no view nodes (each costs a small call more than its kernel). The inputs are saved
-// as given, not flattened, so an in-place change to one after forward is still caught by its version counter.
+// as given, not flattened, so an in-place change to one after forward is still caught by its version counter
+// (a non-contiguous input is copied to rows again in backward rather than a copy kept alive in between).
 at::Tensor as_rows(const at::Tensor& x) {
   if (x.dim() == 2) return x;
   TORCH_CHECK(x.dim() >= 1, "hetrain: expected a tensor with >= 1 dim (rows, features), got a scalar");

@@ -32,9 +32,9 @@ class WaitClock:
             try:
                 item = next(iterator)
             except StopIteration:
-                self.seconds += clock() - start
                 return
-            self.seconds += clock() - start
+            finally:
+                self.seconds += clock() - start
             yield item
 
 

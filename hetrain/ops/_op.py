@@ -37,11 +37,17 @@ from hetrain import plugins
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def row_count(x: torch.Tensor) -> int:
+    """Rows of ``as_rows(x)``: one per-row statistic each. Counted, not inferred: ``reshape(-1, 0)`` fails for a
+    hidden size of 0."""
+    return math.prod(x.shape[:-1])
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as the (rows, features) matrix the row kernels take. The ops flatten inside their bodies, not in
     their faces: there the reshape and the view back record no autograd nodes, which cost a small call more
-    than its kernel. Rows are counted, not inferred: ``reshape(-1, 0)`` fails for a hidden size of 0."""
-    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    than its kernel."""
+    return x if x.dim() == 2 else x.reshape(row_count(x), x.shape[-1])
 
 
 def _first_order_only(

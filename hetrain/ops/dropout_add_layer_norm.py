@@ -29,7 +29,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import as_rows, op
+from hetrain.ops._op import as_rows, op, row_count
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
 from hetrain.ops.rng import dropout_stream, stream
@@ -169,8 +169,7 @@ def _(x, residual, weight, bias, seed, p, eps):
     torch._check(residual.shape == x.shape, lambda: f"hetrain.dropout_add_layer_norm: residual {residual.shape} "
                  f"vs x {x.shape}")
     stats = _stats_dtype(x.dtype)
-    rows = math.prod(x.shape[:-1])
-    return torch.empty_like(x), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
+    return torch.empty_like(x), x.new_empty(row_count(x), dtype=stats), x.new_empty(row_count(x), dtype=stats)
 
 
 @op("hetrain::dropout_add_layer_norm_bwd")

@@ -9,13 +9,11 @@ float64 inputs), so backward can run on any backend whatever ran forward.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import as_rows, op
+from hetrain.ops._op import as_rows, op, row_count
 
 OP = "layer_norm"
 
@@ -97,9 +95,8 @@ def _layer_norm_fwd(
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
     stats = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rows = math.prod(x.shape[:-1])
     # Backends return contiguous outputs whatever the input's strides.
-    return x.new_empty(x.shape), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
+    return x.new_empty(x.shape), x.new_empty(row_count(x), dtype=stats), x.new_empty(row_count(x), dtype=stats)
 
 
 @op("hetrain::layer_norm_bwd")

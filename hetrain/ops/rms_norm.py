@@ -8,13 +8,11 @@ inputs), so backward can run on any backend whatever ran forward.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import as_rows, op
+from hetrain.ops._op import as_rows, op, row_count
 
 OP = "rms_norm"
 
@@ -95,7 +93,7 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> t
 @_rms_norm_fwd.register_fake
 def _(x, weight, eps):
     # Every backend returns contiguous outputs, whatever the input's strides.
-    return x.new_empty(x.shape), x.new_empty(math.prod(x.shape[:-1]), dtype=_stats_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(row_count(x), dtype=_stats_dtype(x.dtype))
 
 
 @op("hetrain::rms_norm_bwd")

@@ -364,3 +364,18 @@ def test_a_cpu_stage_feeding_gpu_stages_equals_the_unsplit_model_and_names_its_c
     for name, g in grads.items():
         torch.testing.assert_close(g.cpu(), grads_ref[name], rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
     assert "hetrain::copy cpu->cuda:0" in {e.name for e in prof.events()}
+
+
+def test_placing_a_model_again_replaces_each_stage_hook_instead_of_stacking_them():
+    stages = {"embed": nn.Linear(5, 5), "head": nn.Linear(5, 3)}
+    first = StagePlacement({"head": "cpu"})
+    first.place(stages)
+    first.place(stages)  # as each Lightning entry point does
+    second = StagePlacement({"head": "meta"}, fallback="meta")
+    second.place(stages)
+    assert [len(s._forward_pre_hooks) for s in stages.values()] == [1, 1]
+    assert stages["head"](torch.randn(4, 5)).device.type == "meta"  # the input went where the head is now
+    first.teardown(None, None, "fit")  # the first placement's hooks were replaced: the second's stay
+    assert [len(s._forward_pre_hooks) for s in stages.values()] == [1, 1]
+    second.teardown(None, None, "fit")
+    assert [len(s._forward_pre_hooks) for s in stages.values()] == [0, 0]

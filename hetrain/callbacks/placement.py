@@ -14,6 +14,7 @@ where it can be reused as an explicit plan.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,22 @@ def resolve_plan(
     return devices, f"placement: {note}" if note else None
 
 
+# The placement hook each stage has now, whichever StagePlacement made it: a stage keeps one, the latest
+# plan's, so placing a model again (another plan, another Trainer) does not stack hooks that would move its
+# inputs through every device it was ever planned on.
+_INPUT_HOOKS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+
+
+def _hook_inputs(stage: nn.Module, device: torch.device) -> RemovableHandle:
+    """Replaces ``stage``'s placement hook with one that brings its inputs to ``device``."""
+    previous = _INPUT_HOOKS.pop(stage, None)
+    if previous is not None:
+        previous.remove()
+    handle = stage.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
+    _INPUT_HOOKS[stage] = handle
+    return handle
+
+
 def _inputs_to(device: torch.device):
     """A forward pre-hook that brings a stage's tensor inputs to its device (see :func:`to_device`)."""
 
@@ -96,7 +113,8 @@ class StagePlacement(Callback):
     Notes:
         Lightning first puts the whole module on its root device; stages the plan does not cover
         stay there. Every stage gets a forward pre-hook that brings its tensor inputs to its
-        device, so the model's own forward needs no device code. A planned device that is not
+        device, so the model's own forward needs no device code; placing a stage again (this plan
+        or another's) replaces its hook, and teardown removes it. A planned device that is not
         present (no GPU, fewer GPUs) is replaced by ``fallback``, said in one log line.
 
     Args:
@@ -167,8 +185,7 @@ class StagePlacement(Callback):
                 device = next(stage.parameters()).device
             else:
                 stage.to(device)
-            if name not in self._hooks:
-                self._hooks[name] = stage.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
+            self._hooks[name] = _hook_inputs(stage, device)
             placed[name] = device
         return placed
 

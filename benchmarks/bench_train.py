@@ -235,7 +235,8 @@ def candidate_plans(costs: CostModel) -> dict[str, list[str]]:
 
 
 def run_placement(shape: Shape, quick: bool) -> list[dict]:
-    """Each candidate plan over this machine's devices: predicted by the measured cost model, then measured.
+    """Each candidate plan over this machine's devices: predicted by the measured cost model, then measured
+    (once per distinct plan, so two methods that agree show one measurement, not two draws of its noise).
 
     Then the chain optimum for the pipeline objective at several micro-batch counts: the measured bubble
     (1 - busiest stage's time / step time) against GPipe's (p - 1) / (m + p - 1).
@@ -246,9 +247,14 @@ def run_placement(shape: Shape, quick: bool) -> list[dict]:
     costs = cost_model(model.stages(), lambda: ids, devices, lambda name: () if name == "embeddings" else (mask,),
                        warmup=1, repeats=3 if quick else 10)
     rows = []
+    measured: dict[tuple[str, ...], dict] = {}  # plan -> its row: methods that agree share one measurement
     for method, plan in candidate_plans(costs).items():
-        rows.append(_placed_row(model, costs, dict(zip(costs.stages, plan, strict=True)), (ids, mask, labels), quick,
-                                section="placement", method=method))
+        if (first := measured.get(tuple(plan))) is None:
+            measured[tuple(plan)] = row = _placed_row(model, costs, dict(zip(costs.stages, plan, strict=True)),
+                                                      (ids, mask, labels), quick, section="placement", method=method)
+        else:
+            row = {**first, "method": method, "same_plan_as": first["method"]}
+        rows.append(row)
     counts = (1, 2) if quick else (1, 2, 4, 8)
     for m in counts:
         if len(devices) < 2:
@@ -294,8 +300,9 @@ def placement_text(row: dict) -> str:
         return f"{name:<28} skipped: {row['skipped']}"
     stages = ", ".join(f"{s}@{d}" for s, d in row["plan"].items())
     bubble = f"  bubble {row['bubble']:.2f} (GPipe {row['gpipe_bubble']:.2f})" if "bubble" in row else ""
+    same = f"  (the {row['same_plan_as']} plan)" if row.get("same_plan_as") else ""
     return (f"{name:<28} predicted {row['predicted_ms']:8.2f} ms  measured {row['ms']:8.2f} ms  "
-            f"({row['predicted_over_measured']:.2f}){bubble}  [{stages}]")
+            f"({row['predicted_over_measured']:.2f}){bubble}  [{stages}]{same}")
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -39,6 +39,11 @@ def test_bench_train_quick_cpu(tmp_path: Path) -> None:
     assert set(placement) == {"heft", "chain-dp", "fastest-device", "round-robin"}
     for row in placement.values():  # one device here: every plan is all-CPU, predicted and measured
         assert set(row["plan"].values()) == {"cpu"} and row["predicted_ms"] > 0 and row["ms"] > 0, row
+    # The same plan is measured once: the later methods show the first one's measurement and name it.
+    assert "same_plan_as" not in placement["heft"]
+    for method in ("chain-dp", "fastest-device", "round-robin"):
+        assert placement[method]["same_plan_as"] == "heft" and placement[method]["ms"] == placement["heft"]["ms"]
+    assert "(the heft plan)" in proc.stdout
     bubble = [r for r in result["placement"] if r["section"] == "bubble"]
     assert bubble and all("one device" in r["skipped"] for r in bubble)
 

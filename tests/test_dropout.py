@@ -10,6 +10,8 @@ from op_testing import assert_close, non_contiguous, randn
 from hetrain import plugins
 from hetrain.nn.dropout import Dropout
 from hetrain.ops.dropout import dropout, dropout_ref, keep_mask
+from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm
+from hetrain.ops.rng import masks_fixed_in_cuda_graphs
 
 BACKENDS = ["triton", "cpu", "torch"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -184,6 +186,39 @@ def test_cuda_kernels_match_the_cpu_mask_and_reference(backend, dtype):
     assert torch.equal((y != 0).cpu(), keep_mask(seed, shape, p))
     assert_close(y.cpu(), y_ref, dtype, "cuda y")
     assert_close(dx.cpu(), dx_ref, dtype, "cuda dx")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", ["dropout", "dropout_add_layer_norm"])
+def test_a_cuda_graph_capture_is_refused_unless_fixed_masks_are_asked_for(backend, op):
+    x = values((64, 48)).detach().cuda()
+    residual = values((64, 48), seed=2, requires_grad=False).cuda()
+
+    def call():
+        if op == "dropout":
+            return dropout(x, 0.5)
+        return dropout_add_layer_norm(x, residual, None, None, 0.5)
+
+    with plugins.use_backend(**{op: backend}):
+        call()  # compiled and loaded outside the capture
+        torch.cuda.synchronize()
+        generator = torch.cuda.default_generators[x.device.index]
+        fresh = generator.clone_state()
+        try:
+            with pytest.raises(RuntimeError, match=f"hetrain.ops.{op}: called while a CUDA graph is being captured"), \
+                    torch.cuda.graph(torch.cuda.CUDAGraph()):
+                call()
+        finally:
+            generator.graphsafe_set_state(fresh)  # a failed capture leaves the generator in capture mode
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), masks_fixed_in_cuda_graphs():
+            y = call()
+        graph.replay()
+        first = y.clone()
+        graph.replay()
+    assert torch.equal(y, first)  # what was asked for: the mask drawn at capture, on every replay
+    assert (first == 0).any() and (first != 0).any()
 
 
 def test_custom_ops_pass_opcheck():

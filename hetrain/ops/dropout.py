@@ -140,6 +140,8 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
     draws no random number; ``p == 1`` gives zeros. Dropped elements are exactly zero, also where
     ``x`` is infinite or NaN. Under ``torch.compile`` with inductor the seed comes from inductor's own
     generator, as for torch's random ops (``torch._inductor.config.fallback_random`` restores eager's draw).
+    A call on a CUDA tensor while a CUDA graph is being captured is refused: the seed is drawn on the host, so
+    every replay would repeat the captured mask.
     """
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
         raise ValueError(f"hetrain.ops.dropout: p must be a number in [0, 1], got {p!r}")

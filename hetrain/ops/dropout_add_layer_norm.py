@@ -226,7 +226,8 @@ def dropout_add_layer_norm(
     The arithmetic runs in float32 (float64 for float64). ``weight`` and ``bias`` are cast to that
     dtype. Autocast casts nothing else, so the output has the dtype ``F.layer_norm(F.dropout(x) + residual)``
     has under CPU autocast. With ``p == 0`` or ``training=False`` no random number is drawn and the result is
-    ``layer_norm(x + residual)``.
+    ``layer_norm(x + residual)``. As for :func:`hetrain.ops.dropout`, a call with ``p > 0`` on CUDA tensors while
+    a CUDA graph is being captured is refused (every replay would repeat the mask).
     """
     name = "hetrain.ops.dropout_add_layer_norm"
     if x.dim() == 0 or not x.is_floating_point():
@@ -249,7 +250,7 @@ def dropout_add_layer_norm(
     if eps < 0:
         raise ValueError(f"{name}: eps must be >= 0, got {eps}")
     p = float(p) if training else 0.0
-    seed = dropout_stream(x) if p > 0 else torch.zeros(2, dtype=torch.int64)
+    seed = dropout_stream(x, "dropout_add_layer_norm") if p > 0 else torch.zeros(2, dtype=torch.int64)
     weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
     return _dropout_add_layer_norm_fwd(x, residual, weight, bias, seed, p, float(eps))[0]

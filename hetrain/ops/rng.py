@@ -64,10 +64,36 @@ def stream(seed: torch.Tensor) -> tuple[int, int]:
     return int(values[0]), int(values[1]) if len(values) > 1 else 0
 
 
-def dropout_stream(x: torch.Tensor) -> torch.Tensor:
+@contextmanager
+def masks_fixed_in_cuda_graphs() -> Iterator[None]:
+    """Lets dropout calls be captured in a CUDA graph, every replay applying the masks drawn at capture: for
+    timing the kernels (``bench-ops`` replays each call from a graph), never for training."""
+    previous = getattr(_active, "fixed_masks", False)
+    _active.fixed_masks = True
+    try:
+        yield
+    finally:
+        _active.fixed_masks = previous
+
+
+def _refuse_capture(op: str) -> None:
+    """A dropout call captured in a CUDA graph would bake its host-drawn seed into the graph: every replay the
+    same mask, silently. Refused unless :func:`masks_fixed_in_cuda_graphs` asks for exactly that."""
+    if getattr(_active, "fixed_masks", False) or torch.compiler.is_compiling():
+        return
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"hetrain.ops.{op}: called while a CUDA graph is being captured. Its seed is drawn on the host, so every "
+            f"replay would apply the same dropout mask. Capture the model in eval mode (or with p=0), use "
+            f"torch.nn.functional.dropout inside captured regions, or keep dropout outside the graph")
+
+
+def dropout_stream(x: torch.Tensor, op: str = "dropout") -> torch.Tensor:
     """The int64 stream of a dropout call on ``x``: ``(seed,)`` (offset 0, which the kernels assume when it is
     left out: padding it on cost more than the small kernel) or, inside a split, ``(seed, offset)``
-    (batch-first ``x``)."""
+    (batch-first ``x``). ``op`` names the caller in the error refusing a CUDA graph capture."""
+    if x.is_cuda:
+        _refuse_capture(op)
     tape = getattr(_active, "tape", None)
     if tape is None:
         return _draw()

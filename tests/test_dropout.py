@@ -221,6 +221,35 @@ def test_a_cuda_graph_capture_is_refused_unless_fixed_masks_are_asked_for(backen
     assert (first == 0).any() and (first != 0).any()
 
 
+@pytest.mark.parametrize("name", ["dropout_fwd", "dropout_bwd", "dropout_add_layer_norm_fwd",
+                                  "dropout_add_layer_norm_bwd"])
+def test_host_seeded_ops_are_kept_out_of_inductor_cuda_graphs(name):
+    # Inductor runs ops with this tag outside its CUDA graphs; inside one, every replay would repeat the mask.
+    assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.hetrain, name).default.tags
+    assert torch.Tag.cudagraph_unsafe not in torch.ops.hetrain.layer_norm_fwd.default.tags  # no seed: graphed
+
+
+@pytest.mark.cuda
+def test_reduce_overhead_compile_draws_a_fresh_mask_every_call():
+    torch._dynamo.reset()
+    x = values((96, 40)).detach().cuda().requires_grad_()
+
+    @torch.compile(mode="reduce-overhead")
+    def step(x):
+        y = dropout(x, 0.5)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        return y, dx
+
+    masks = []
+    for _ in range(4):  # the first calls warm up and record; the later ones replay
+        y, dx = step(x)
+        keep = y != 0
+        assert torch.equal(dx != 0, keep)  # backward regenerated this call's mask
+        torch.testing.assert_close(y[keep], x.detach()[keep] * 2)
+        masks.append(keep.cpu())
+    assert all(not torch.equal(a, b) for i, a in enumerate(masks) for b in masks[i + 1:])
+
+
 def test_custom_ops_pass_opcheck():
     seed = torch.tensor([3])
     for p in (0.0, 0.3, 1.0):

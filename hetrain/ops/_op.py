@@ -111,9 +111,10 @@ class Op:
     """``fn`` as the custom op ``name``, called like it; see the module docstring. ``mutates_args`` as for
     ``torch.library.custom_op``: graphs see the mutation declared, eager calls run the body."""
 
-    def __init__(self, name: str, fn: Callable[..., Any], mutates_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, fn: Callable[..., Any], mutates_args: tuple[str, ...] = (),
+                 tags: tuple[torch.Tag, ...] = ()) -> None:
         self.name, self.body = name, fn
-        self.custom = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        self.custom = torch.library.custom_op(name, fn, mutates_args=mutates_args, tags=tags or None)
         self._function: type[torch.autograd.Function] | None = None
         self._functorch: type[torch.autograd.Function] | None = None
         self._public, self._reference = name, None
@@ -174,6 +175,14 @@ class Op:
         return self.custom(*args)
 
 
-def op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Op]:
+def op(name: str, mutates_args: tuple[str, ...] = (), tags: tuple[torch.Tag, ...] = ()
+       ) -> Callable[[Callable[..., Any]], Op]:
     """Decorator: ``@op("hetrain::layer_norm_fwd")`` in place of ``@torch.library.custom_op(..., mutates_args=())``."""
-    return lambda fn: Op(name, fn, mutates_args)
+    return lambda fn: Op(name, fn, mutates_args, tags)
+
+
+# For ops whose kernels take a seed read on the host: a CUDA graph would keep the value read at capture, so
+# every replay would repeat one dropout mask. Inductor's CUDA graphs (torch.compile(mode="reduce-overhead"))
+# run ops with this tag outside the graphs, eagerly, each call with its own seed. (The tag is missing from
+# older torch builds, whose compiled graphs with these ops' CPU seeds take no CUDA graph at all.)
+HOST_SEEDED = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)

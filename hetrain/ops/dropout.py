@@ -25,7 +25,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import op
+from hetrain.ops._op import HOST_SEEDED, op
 from hetrain.ops.dropout_add_layer_norm import keep_mask as _keep_mask_2d
 from hetrain.ops.rng import dropout_stream, stream
 
@@ -92,7 +92,7 @@ _register_backends()
 
 # --- torch.library op --------------------------------------------------------------------------
 
-@op("hetrain::dropout_fwd")
+@op("hetrain::dropout_fwd", tags=HOST_SEEDED)
 def _dropout_fwd(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     return plugins.call(OP, "forward", x.device.type, x, seed, p)
 
@@ -103,7 +103,7 @@ def _(x, seed, p):
 
 
 # A separate op for backward (the same math) so profiles and graphs name the direction.
-@op("hetrain::dropout_bwd")
+@op("hetrain::dropout_bwd", tags=HOST_SEEDED)
 def _dropout_bwd(dy: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     return plugins.call(OP, "backward", dy.device.type, dy, seed, p)
 

@@ -29,7 +29,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import as_rows, op, row_count
+from hetrain.ops._op import HOST_SEEDED, as_rows, op, row_count
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
 from hetrain.ops.rng import dropout_stream, stream
@@ -151,7 +151,7 @@ _register_backends()
 
 # --- torch.library op --------------------------------------------------------------------------
 
-@op("hetrain::dropout_add_layer_norm_fwd")
+@op("hetrain::dropout_add_layer_norm_fwd", tags=HOST_SEEDED)
 def _dropout_add_layer_norm_fwd(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     seed: torch.Tensor, p: float, eps: float,
@@ -172,7 +172,7 @@ def _(x, residual, weight, bias, seed, p, eps):
     return torch.empty_like(x), x.new_empty(row_count(x), dtype=stats), x.new_empty(row_count(x), dtype=stats)
 
 
-@op("hetrain::dropout_add_layer_norm_bwd")
+@op("hetrain::dropout_add_layer_norm_bwd", tags=HOST_SEEDED)
 def _dropout_add_layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
     rstd: torch.Tensor, seed: torch.Tensor, p: float, has_bias: bool,

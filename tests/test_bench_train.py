@@ -31,6 +31,8 @@ def test_bench_train_quick_cpu(tmp_path: Path) -> None:
         for fused in (True, False):
             row = rows[("precision", mode, fused)]
             assert row["ms"] is None and "CUDA" in row["skipped"], row
+    for fused in (True, False):
+        assert "GPU" in rows[("precision", "bf16-compile-cudagraphs", fused)]["skipped"]
     pipeline = [r for r in result["rows"] if r["section"] == "pipeline"]
     assert {r["micro_batches"] for r in pipeline} == {1, 2}
     assert all(r["ms"] is None and "GPU" in r["skipped"] for r in pipeline)
@@ -46,6 +48,30 @@ def test_bench_train_quick_cpu(tmp_path: Path) -> None:
     assert "(the heft plan)" in proc.stdout
     bubble = [r for r in result["placement"] if r["section"] == "bubble"]
     assert bubble and all("one device" in r["skipped"] for r in bubble)
+
+
+def test_a_mode_that_fails_is_recorded_and_the_others_still_run(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import benchmarks.bench_train as bench
+
+    real_step = bench.train_step
+
+    def step(model, mode, batch, device_type):
+        if mode.name != "fp32":
+            return real_step(model, mode, batch, device_type)
+
+        def fails() -> None:
+            raise RuntimeError("the compiler gave up")
+
+        return fails
+
+    monkeypatch.setattr(bench, "train_step", step)
+    rows = {(r["mode"], r["fused"]): r for r in bench.run_modes(bench.QUICK, "cpu", quick=True)}
+    for fused in (True, False):
+        assert rows[("fp32", fused)]["ms"] is None
+        assert rows[("fp32", fused)]["failed"] == "RuntimeError: the compiler gave up"
+        assert "FAILED: RuntimeError" in bench.row_text(rows[("fp32", fused)])
+        assert rows[("bf16-mixed", fused)]["ms"] > 0 and "failed" not in rows[("bf16-mixed", fused)]
 
 
 def test_each_section_is_saved_as_it_ends(monkeypatch) -> None:

@@ -224,6 +224,33 @@ def test_callback_in_a_fit_reports_exact_numbers_from_its_clock(tmp_path):
     assert "throughput/device/samples_per_sec" in header
 
 
+class CompiledHead(nn.Module):
+    """A module of this file's code (dynamo skips torch.nn's own frames as entry points), compiled in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, h):
+        return torch.tanh(self.linear(h))
+
+
+def test_counting_flops_leaves_a_compiled_model_compiled(tmp_path):
+    # Under the FLOP counter's dispatch mode dynamo marks the code it meets never to be compiled: the first batch
+    # counted that way left every later batch of a compiled model eager.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = Tagger()
+    model.head = CompiledHead()
+    model.head.compile(backend="aot_eager")
+    callback = Throughput(peak_flops=1e9)
+    pl.Trainer(accelerator="cpu", max_steps=4, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+               enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+               callbacks=[callback]).fit(model, DataLoader(_samples(4 * BATCH), batch_size=BATCH))
+    assert callback.summary["flops_per_batch"] > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
 class LossTagger(Tagger):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)

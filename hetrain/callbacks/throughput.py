@@ -12,6 +12,7 @@ for the run's summary table.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -300,7 +301,8 @@ class Throughput(Callback):
         self.energy: NvmlEnergy | None = None
         self.summary: dict[str, Any] = {}
         self._devices: list[torch.device] = []
-        self._flop_counter: FlopCounterMode | None = None
+        self._flop_counter: contextlib.ExitStack | None = None  # open while the first batch's FLOPs are counted
+        self._flops: FlopCounterMode | None = None
         self._stepped = False
         self._energy_start: float | None = None
         self._wait_seen: float | None = None  # the training loader's wait_seconds at the last reading
@@ -351,8 +353,11 @@ class Throughput(Callback):
         if self.meter.seen_batches == self.meter.warmup_batches and self.energy.handles:
             self._energy_start = self.energy.joules()
         if self.meter.seen_batches == 0 and self.count_flops and self.meter.flops_per_batch is None:
-            self._flop_counter = FlopCounterMode(display=False)
-            self._flop_counter.__enter__()
+            # Counted with torch.compile standing aside: dynamo meeting a frame under the counter's dispatch mode
+            # marks its code never to be compiled, so a compiled model would have run eagerly all run.
+            self._flop_counter = contextlib.ExitStack()
+            self._flop_counter.enter_context(torch.compiler.set_stance("force_eager"))
+            self._flops = self._flop_counter.enter_context(FlopCounterMode(display=False))
 
     @override
     @rank_zero_only
@@ -364,9 +369,9 @@ class Throughput(Callback):
 
     def _stop_counting(self) -> None:
         if self._flop_counter is not None:
-            self._flop_counter.__exit__(None, None, None)
-            self.meter.flops_per_batch = self._flop_counter.get_total_flops() or None
-            self._flop_counter = None
+            self._flop_counter.close()
+            self.meter.flops_per_batch = self._flops.get_total_flops() or None
+            self._flop_counter = self._flops = None
 
     @override
     @rank_zero_only

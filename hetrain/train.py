@@ -25,6 +25,7 @@ from hetrain import cpu_memory, plugins
 from hetrain.callbacks.placement import resolve_plan
 from hetrain.callbacks.precision import trainer_precision
 from hetrain.callbacks.profiling import StepTrace
+from hetrain.regional_compile import compile_counts, compile_stages
 from hetrain.report import SUMMARY_MD, RunRecorder, error_headline, write_run_summary
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Parts:
     callbacks: dict[str, pl.Callback]
     recorder: RunRecorder
     trainer: pl.Trainer
+    compiled: dict[str, Any] | None = None  # the compile settings applied, None when off
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -128,6 +130,12 @@ def build(cfg: DictConfig) -> Parts:
     check_plan(cfg, model)
     datamodule = _instantiate(cfg.data, "data")
     task = _instantiate(cfg.task, "task", model=model)
+    compiled = None
+    if cfg.get("compile") and cfg.compile.enabled:
+        settings = {k: v for k, v in OmegaConf.to_container(cfg.compile).items() if k != "enabled"}
+        compiled = compile_stages(task.stages(), **settings)
+        eager = compiled["eager"] and f"; left eager (sparse-gradient embeddings): {', '.join(compiled['eager'])}"
+        log.info(f"Compile: {compiled['stages']} stages with torch.compile {settings}{eager or ''}")
     # Placement first: the callbacks after it (pipeline split, profilers) see the stages on their devices.
     callbacks = {"placement": _instantiate(cfg.placement, "placement")}
     entries = dict(cfg.get("callbacks") or {})
@@ -147,7 +155,7 @@ def build(cfg: DictConfig) -> Parts:
     log.info(f"Precision: {precision.get('precision') or precision['plugins'][0]}")
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks.values(), recorder], logger=logger,
                            **precision)
-    return Parts(datamodule, task, callbacks, recorder, trainer)
+    return Parts(datamodule, task, callbacks, recorder, trainer, compiled)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -168,6 +176,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
         summary = parts.recorder.summary(parts.trainer)
         summary["precision"] = str(parts.trainer.precision)
+        if parts.compiled is not None:
+            summary["compile"] = {**parts.compiled, **compile_counts()}
         summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}
     if hasattr(parts.datamodule, "loader_summary"):  # slot and pinned bytes, fixed for the whole run
         summary["data"] = parts.datamodule.loader_summary()

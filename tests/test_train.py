@@ -214,6 +214,33 @@ def test_a_run_resumed_from_a_checkpoint_of_its_middle_goes_on_exactly_as_it_did
     assert [r for r in _logged(tmp_path / "resumed") if int(r["step"]) >= 20] == after  # the same values, bit for bit
 
 
+def test_compiled_stages_train_as_the_eager_ones_do(tmp_path):
+    """compile.enabled=true compiles each stage (aot_eager here: dynamo and AOT autograd trace every stage, forward
+    and backward, without inductor's C++ build); the losses it logs are the eager run's."""
+    common = ["recipe=bert_split", "model.hidden=32", *SMALL, "trainer.max_steps=8", "trainer.log_every_n_steps=2",
+              "trainer.precision=32", "callbacks.memory_profiler=null", "trainer.val_check_interval=4"]
+    eager = train_py(*common, f"hydra.run.dir={tmp_path}/eager", cwd=tmp_path)
+    compiled = train_py(*common, "compile.enabled=true", "compile.backend=aot_eager",
+                        f"hydra.run.dir={tmp_path}/compiled", cwd=tmp_path)
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
+    compile_summary = summary["compile"]
+    assert {k: compile_summary[k] for k in ("mode", "backend", "fullgraph", "dynamic", "stages", "eager")} == {
+        "mode": "default", "backend": "aot_eager", "fullgraph": False, "dynamic": None, "stages": 3,
+        "eager": ["embeddings"]}  # the recipe's token table has sparse gradients, which AOT autograd cannot trace
+    assert compile_summary["graphs"] >= 2 and compile_summary["graph_breaks"] == 0  # the stages ran compiled
+    assert "compile" not in json.loads((tmp_path / "eager" / "summary.json").read_text())
+    assert ("Compile: 3 stages with torch.compile {'mode': 'default', 'backend': 'aot_eager', 'fullgraph': False, "
+            "'dynamic': None}; left eager (sparse-gradient embeddings): embeddings"
+            in (tmp_path / "compiled" / "train.log").read_text())
+    losses = {name: [(r["step"], float(r[key])) for r in _logged(tmp_path / name) for key in ("train/loss", "val/loss")
+                     if key in r] for name in ("eager", "compiled")}
+    assert len(losses["eager"]) >= 5 and [s for s, _ in losses["compiled"]] == [s for s, _ in losses["eager"]]
+    for (_, a), (_, b) in zip(losses["eager"], losses["compiled"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
 @pytest.mark.parametrize(("overrides", "key"), [(["model=resnet"], "data.channels"),
                                                 (["recipe=resnet_fused_amp", "data=synthetic"], "data.channels"),
                                                 (["data=images"], "data.vocab_size")])

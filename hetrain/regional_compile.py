@@ -1,0 +1,49 @@
+"""``torch.compile`` applied stage by stage ("regional compilation"), the ``compile`` setting of a run.
+
+Why each placement stage and not the whole model: a stage is what placement puts on one device and what
+the pipeline split calls once per micro-batch, so each compiled graph stays on one device and serves every
+micro-batch, and the forward pre-hooks that move a stage's inputs between devices run around it. BERT's
+encoder blocks are instances of one class: with torch inlining module calls (its default), they share one
+compiled graph, so twelve blocks compile once rather than the whole model as one large graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch._dynamo
+from torch import nn
+
+
+def has_sparse_gradients(stage: nn.Module) -> bool:
+    """Whether a stage holds an embedding with sparse gradients, whose backward AOT autograd cannot trace (the
+    row indices it finds have a data-dependent count): compiling such a stage fails at its first backward."""
+    return any(isinstance(m, nn.Embedding) and m.sparse for m in stage.modules())
+
+
+def compile_stages(stages: Mapping[str, nn.Module], mode: str = "default", backend: str = "inductor",
+                   fullgraph: bool = False, dynamic: bool | None = None) -> dict[str, Any]:
+    """Compiles each stage in place (``nn.Module.compile``: its parameters, state dict and hooks stay as they are),
+    except stages with sparse-gradient embeddings, which stay eager; returns the settings and which stages
+    were compiled, for the run summary.
+
+    ``mode``: inductor's (``default``, ``reduce-overhead`` for CUDA graphs, ``max-autotune``...); ``backend``:
+    ``inductor`` or any of ``torch._dynamo.list_backends()`` (``aot_eager`` traces without generating code).
+    """
+    if not stages:
+        raise ValueError("hetrain: compile: the model has no stages to compile")
+    eager = [name for name, stage in stages.items() if has_sparse_gradients(stage)]
+    for name, stage in stages.items():
+        if name not in eager:
+            stage.compile(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    return {"mode": mode, "backend": backend, "fullgraph": fullgraph, "dynamic": dynamic,
+            "stages": len(stages) - len(eager), "eager": eager}
+
+
+def compile_counts() -> dict[str, int]:
+    """Graphs compiled in this process and the graph breaks met (each a part left to eager), from dynamo's
+    counters: a person sees whether the stages compiled whole."""
+    counters = torch._dynamo.utils.counters
+    breaks = sum(counters["graph_break"].values())
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(breaks)}

@@ -134,8 +134,9 @@ def build(cfg: DictConfig) -> Parts:
     if cfg.get("compile") and cfg.compile.enabled:
         settings = {k: v for k, v in OmegaConf.to_container(cfg.compile).items() if k != "enabled"}
         compiled = compile_stages(task.stages(), **settings)
-        eager = compiled["eager"] and f"; left eager (sparse-gradient embeddings): {', '.join(compiled['eager'])}"
-        log.info(f"Compile: {compiled['stages']} stages with torch.compile {settings}{eager or ''}")
+        eager = ", ".join(compiled["eager"])
+        left = f"; left eager (sparse-gradient embeddings): {eager}" if eager else ""
+        log.info(f"Compile: {compiled['stages']} stages with torch.compile {settings}{left}")
     # Placement first: the callbacks after it (pipeline split, profilers) see the stages on their devices.
     callbacks = {"placement": _instantiate(cfg.placement, "placement")}
     entries = dict(cfg.get("callbacks") or {})

@@ -114,7 +114,7 @@ class Op:
     def __init__(self, name: str, fn: Callable[..., Any], mutates_args: tuple[str, ...] = (),
                  tags: tuple[torch.Tag, ...] = ()) -> None:
         self.name, self.body = name, fn
-        self.custom = torch.library.custom_op(name, fn, mutates_args=mutates_args, tags=tags or None)
+        self.custom = torch.library.custom_op(name, fn, mutates_args=mutates_args, tags=tags)
         self._function: type[torch.autograd.Function] | None = None
         self._functorch: type[torch.autograd.Function] | None = None
         self._public, self._reference = name, None
@@ -179,10 +179,3 @@ def op(name: str, mutates_args: tuple[str, ...] = (), tags: tuple[torch.Tag, ...
        ) -> Callable[[Callable[..., Any]], Op]:
     """Decorator: ``@op("hetrain::layer_norm_fwd")`` in place of ``@torch.library.custom_op(..., mutates_args=())``."""
     return lambda fn: Op(name, fn, mutates_args, tags)
-
-
-# For ops whose kernels take a seed read on the host: a CUDA graph would keep the value read at capture, so
-# every replay would repeat one dropout mask. Inductor's CUDA graphs (torch.compile(mode="reduce-overhead"))
-# run ops with this tag outside the graphs, eagerly, each call with its own seed. (The tag is missing from
-# older torch builds, whose compiled graphs with these ops' CPU seeds take no CUDA graph at all.)
-HOST_SEEDED = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)

@@ -25,9 +25,9 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import HOST_SEEDED, op
+from hetrain.ops._op import op
 from hetrain.ops.dropout_add_layer_norm import keep_mask as _keep_mask_2d
-from hetrain.ops.rng import dropout_stream, stream
+from hetrain.ops.rng import HOST_SEEDED, dropout_stream, stream
 
 OP = "dropout"
 

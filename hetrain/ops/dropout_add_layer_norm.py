@@ -29,10 +29,10 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import HOST_SEEDED, as_rows, op, row_count
+from hetrain.ops._op import as_rows, op, row_count
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
-from hetrain.ops.rng import dropout_stream, stream
+from hetrain.ops.rng import HOST_SEEDED, dropout_stream, stream
 
 OP = "dropout_add_layer_norm"
 _M32 = 0xFFFFFFFF

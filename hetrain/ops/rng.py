@@ -23,6 +23,13 @@ import torch
 
 _active = threading.local()
 
+# The custom-op tag of ops whose kernels take a seed read on the host: a CUDA graph would keep the value read at
+# capture, so every replay would repeat one dropout mask. Inductor's CUDA graphs (torch.compile(mode=
+# "reduce-overhead")) run ops with this tag outside the graphs, eagerly, each call with its own seed. (Older torch
+# builds lack the tag; their compiled graphs with these ops' CPU seeds take no CUDA graph at all.) A capture by
+# hand is refused instead (:func:`dropout_stream`).
+HOST_SEEDED = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
 
 class _Tape:
     """The seeds one stage's dropout sites drew on its first micro-batch, in call order."""

@@ -406,6 +406,81 @@ def test_reader_processes_give_the_same_batches_and_name_a_failing_sample():
         RingLoader(_Stream(), lambda s: iter(()), collate=PadInto(10, 10), reader_processes=1)
 
 
+class KilledInAReader(Flaky):
+    """Sample `fatal` kills the process reading it with SIGKILL, as the OOM killer would, when that is a reader."""
+
+    def __init__(self, n, fatal):
+        super().__init__(n)
+        self.fatal, self.parent = fatal, os.getpid()
+
+    def __getitem__(self, i):
+        if i == self.fatal and os.getpid() != self.parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+
+def test_a_reader_process_that_dies_is_named_at_once_instead_of_waited_for():
+    import multiprocessing
+
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(60)], 10, shuffle=False)
+    loader = RingLoader(KilledInAReader(60, fatal=23), sampler, collate=PadInto(10, 10), num_workers=2,
+                        reader_processes=2, stall_timeout=60)
+    t0 = time.monotonic()
+    seen = []
+    with pytest.raises(LoaderError, match=r"reader process \d+ ended \(killed by SIGKILL\) while reading "
+                                          r"samples \[[\d, ]*\b23\b"):
+        for batch in loader:
+            seen += batch["labels"].tolist()
+    assert time.monotonic() - t0 < 20, "a dead reader must be named when it dies, not after the stall timeout"
+    plan = list(sampler)
+    fatal_batch = next(k for k, idx in enumerate(plan) if 23 in idx)
+    assert seen == [i for idx in plan[:fatal_batch] for i in idx]  # every batch before it arrived, in order
+    assert multiprocessing.active_children() == []  # the surviving reader is stopped too
+
+
+def test_the_other_readers_go_on_after_one_dies_and_none_left_is_named():
+    import multiprocessing
+
+    from hetrain.data.readers import ReaderDied, ReaderProcesses
+
+    ds = KilledInAReader(60, fatal=7)
+    readers = ReaderProcesses(ds, 2)
+    try:
+        def read(indices):
+            return readers.read(indices, lambda: False, 0.1)
+
+        for got, i in zip(read([1, 2, 3, 4, 5]), [1, 2, 3, 4, 5], strict=True):
+            assert torch.equal(got["input_ids"], ds[i]["input_ids"]) and got["label"] == i
+        with pytest.raises(ReaderDied, match=r"killed by SIGKILL\) while reading samples \[7\]; 1 reader\(s\) left"):
+            read([7])
+        assert [s["label"] for s in read(list(range(10, 20)))] == list(range(10, 20))
+        with pytest.raises(ReaderDied):
+            read([7])
+        with pytest.raises(ReaderDied, match=r"no reader process left; the last one: .* 0 reader\(s\) left"):
+            read([1])
+    finally:
+        readers.stop()
+    assert multiprocessing.active_children() == []
+
+
+def test_closing_mid_read_stops_the_readers_promptly_every_time():
+    import multiprocessing
+
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(60)], 10, shuffle=False)
+    for _ in range(5):  # results still in flight when the readers are stopped
+        loader = RingLoader(Flaky(60, slow=9, sleep=30.0, delay=0.01), sampler, collate=PadInto(10, 10),
+                            num_workers=2, reader_processes=2)
+        assert next(iter(loader))["labels"].tolist() == plan_head(sampler)
+        t0 = time.monotonic()
+        loader.close()
+        assert time.monotonic() - t0 < 5, "closing must not wait for the sample being read"
+        assert multiprocessing.active_children() == []
+
+
+def plan_head(sampler):
+    return next(iter(sampler))
+
+
 class _Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         return iter(())

@@ -18,7 +18,6 @@ error or stall ends the wait with :class:`LoaderError` naming the sample, file o
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 import warnings
 import weakref
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from hetrain import _ext
+from hetrain.data.readers import ReaderProcesses
 from hetrain.data.wait_clock import WaitClock
 from hetrain.data.windows import TokenWindows
 
@@ -189,23 +189,6 @@ class _Stream:
             return self.pending.pop(job, None)
 
 
-_READER_DATASET: Any = None  # in a reader process: the dataset, inherited at fork
-
-
-def _reader_init(dataset: Any) -> None:
-    global _READER_DATASET
-    _READER_DATASET = dataset
-    torch.set_num_threads(1)  # as torch's DataLoader workers: one thread each, the processes are the parallelism
-
-
-def _read(index: int) -> Any:
-    """``dataset[index]`` in a reader process; a failure comes back naming the sample."""
-    try:
-        return _READER_DATASET[index]
-    except Exception as exc:
-        raise RuntimeError(f"sample {index}: {type(exc).__name__}: {exc}") from None
-
-
 class _Shared:
     """What producer threads and the finaliser need; holds no reference to the RingLoader itself."""
 
@@ -213,27 +196,12 @@ class _Shared:
         self.ring, self.names = ring, list(names)
         self.plan: list[list[int]] = []
         self.stream: _Stream | None = None  # an iterable source's current epoch
-        self.readers: Any = None  # a process pool reading samples, when asked for
+        self.readers: ReaderProcesses | None = None  # processes reading samples, when asked for
         self.errors: dict[int, BaseException] = {}
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.reading: dict[int, int] = {}  # producer -> the sample its thread is reading now
         self.join_timeout = 0.0  # how long closing waits for a producer inside the dataset (set at start)
-
-
-def _read_in_processes(shared: _Shared, samples: list[int]) -> list[Any] | None:
-    """The batch's samples read by the reader processes; None once the loader closes.
-
-    The wait is short and repeated, so closing never leaves this thread blocked on a pool that was
-    terminated (its pending results would never arrive). A reader's failure names the sample.
-    """
-    pending = shared.readers.map_async(_read, samples)
-    while not shared.stop.is_set():
-        try:
-            return pending.get(_POLL_S)
-        except multiprocessing.TimeoutError:
-            continue
-    return None
 
 
 def _shapes(names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> list[int]:
@@ -264,7 +232,7 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
                     continue
             elif shared.readers is not None:
                 ring.note(producer, shared.plan[job][0], -1, -1)
-                items = _read_in_processes(shared, shared.plan[job])
+                items = shared.readers.read(shared.plan[job], shared.stop.is_set, _POLL_S)
                 if items is None:  # closing
                     return
             else:
@@ -285,31 +253,13 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
                                      f"{type(exc).__name__}: {exc}")
 
 
-def _stop_readers(pool: Any) -> None:
-    """Terminates the reader processes, also when the pool's own bookkeeping fails on the way.
-
-    ``Pool.terminate()`` raised "Cannot have cache with result_hander not alive" once in a full test run,
-    after a reader had failed: its result thread had ended with reads still pending, and the assertion
-    comes before it stops any process (so ``join()`` would then wait on a task thread nobody wakes). The
-    processes are stopped directly then; the pool keeps no public handle of them.
-    """
-    try:
-        pool.terminate()
-    except AssertionError:
-        for process in pool._pool:
-            process.terminate()
-            process.join(_INTERRUPT_JOIN_S)
-        return
-    pool.join()
-
-
 def _close(shared: _Shared) -> None:
     shared.stop.set()
     shared.ring.close()  # wakes every wait and joins the C++ threads
-    if shared.readers is not None:
-        _stop_readers(shared.readers)
-    for t in shared.threads:
+    for t in shared.threads:  # a thread waiting on the reader processes returns within _POLL_S
         t.join(shared.join_timeout)
+    if shared.readers is not None:
+        shared.readers.stop()
     busy = {p: s for p, s in shared.reading.items() if shared.threads[p].is_alive()}
     if busy:  # a thread cannot be stopped inside the dataset's code: it ends when that sample returns
         where = ", ".join(f"producer {p} at sample {s}" for p, s in sorted(busy.items()))
@@ -329,8 +279,9 @@ class RingLoader:
         num_slots: batches in flight; the consumer may hold ``num_slots - 1`` while producers fill the rest.
         num_workers: producer threads.
         reader_processes: for a map-style Dataset, processes that run ``dataset[i]`` (forked, one torch
-            thread each) while the producer threads collate into the slots: for datasets whose
-            ``__getitem__`` is Python-heavy and would hold the GIL. 0 reads in the producer threads.
+            thread each; a batch's samples are spread over the idle ones) while the producer threads collate
+            into the slots: for datasets whose ``__getitem__`` is Python-heavy and would hold the GIL. A
+            reader that dies is named at once. 0 reads in the producer threads.
         stall_timeout: seconds without progress after which a producer is reported stalled.
         pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous.
         lookahead: batches the consumer fetches before it uses them (Lightning's loops: 0, as this loader has a
@@ -404,8 +355,7 @@ class RingLoader:
         else:
             if reader_processes > 0 and not self.streaming:
                 # Forked before any producer thread exists, so no thread's lock is copied held.
-                context = multiprocessing.get_context("fork")
-                self._shared.readers = context.Pool(reader_processes, _reader_init, (source,))
+                self._shared.readers = ReaderProcesses(source, reader_processes)
             for p in range(num_workers):
                 t = threading.Thread(target=_produce, args=(self._shared, p, source, collate, num_slots),
                                      name=f"hetrain-ring-producer-{p}", daemon=True)

@@ -1,0 +1,198 @@
+"""Reader processes: forked processes that run ``dataset[i]`` for the ring loader's producer threads.
+
+Why not ``multiprocessing.Pool``: a pool worker that dies takes its task with it and the pool's result
+never arrives (the caller waits forever); its ``terminate()`` can assert ("Cannot have cache with
+result_hander not alive") or block on its queue lock when results are still in flight; and torch's
+reductions send tensors through it as shared-memory file descriptors fetched from the sending process,
+which fails once that process has been stopped. Here each reader has its own pipe, a producer waits on
+that pipe and on the process's exit at once (a dead reader is named, with its exit code, not waited on),
+samples come back pickled by value, and stopping is a message, then SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+
+_STOP_GRACE_S = 0.25  # how long a reader has to leave after the stop message before it is terminated
+
+
+class ReaderDied(RuntimeError):
+    """A reader process ended while it was reading samples (the other readers go on)."""
+
+
+def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]) -> None:
+    """A reader's loop: a list of indices in, ``("ok", samples)`` or ``("error", message)`` out."""
+    for other in inherited:  # the parent's ends of every reader's pipe, copied at fork: not this process's to hold
+        other.close()
+    torch.set_num_threads(1)  # as torch's DataLoader workers: one thread each, the processes are the parallelism
+    while True:
+        try:
+            indices = conn.recv()
+        except (EOFError, OSError):
+            return
+        if indices is None:
+            return
+        index = None
+        try:
+            samples = []
+            for index in indices:
+                samples.append(dataset[index])
+            reply = pickle.dumps(("ok", samples), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            where = f"sample {index}" if index is not None else "no sample"
+            reply = pickle.dumps(("error", f"{where}: {type(exc).__name__}: {exc}"))
+        conn.send_bytes(reply)
+
+
+def _exit_description(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class _Reader:
+    def __init__(self, process: multiprocessing.Process, conn: Connection) -> None:
+        self.process, self.conn = process, conn
+
+
+class ReaderProcesses:
+    """``count`` forked processes holding ``dataset``; :meth:`read` spreads a batch's indices over idle ones.
+
+    Create it before starting any thread of your own, so that no lock is copied held into a reader. Safe to
+    call :meth:`read` from several threads; each reader serves one call at a time.
+    """
+
+    def __init__(self, dataset: Any, count: int) -> None:
+        context = multiprocessing.get_context("fork")
+        self._idle: queue.Queue[_Reader] = queue.Queue()
+        self._readers: list[_Reader] = []
+        self.alive = count
+        self._deaths = threading.Lock()
+        self.last_death = ""
+        for _ in range(count):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=_reader_main, args=(child_end, dataset, [r.conn for r in self._readers] + [parent_end]),
+                name="hetrain-ring-reader", daemon=True)
+            process.start()
+            child_end.close()
+            reader = _Reader(process, parent_end)
+            self._readers.append(reader)
+            self._idle.put(reader)
+
+    def read(self, indices: Sequence[int], stopped: Callable[[], bool], poll_s: float) -> list[Any] | None:
+        """``[dataset[i] for i in indices]`` read by the reader processes; None once ``stopped()``.
+
+        Raises RuntimeError naming the sample when the dataset raised, and :class:`ReaderDied` naming the
+        process and its exit when a reader ended mid-read (a crash, the OOM killer); the other readers go on.
+        """
+        taken = self._take(len(indices), stopped, poll_s)
+        if taken is None:
+            return None
+        chunks = [list(indices[k::len(taken)]) for k in range(len(taken))]  # interleaved: the order is restored
+        results: list[list[Any]] = [[] for _ in taken]
+        failure: Exception | None = None
+        try:
+            for reader, chunk in zip(taken, chunks, strict=True):
+                reader.conn.send(chunk)
+            pending = dict(enumerate(taken))
+            while pending:  # every reply is taken, also after a failure: none is left for the next batch
+                if stopped():
+                    return None
+                ready = wait([r.conn for r in pending.values()] + [r.process.sentinel for r in pending.values()],
+                             poll_s)
+                for k, reader in list(pending.items()):
+                    reply = self._reply(reader, ready, chunks[k])
+                    if reply is None:
+                        continue
+                    del pending[k]
+                    status, payload = reply
+                    if status == "ok":
+                        results[k] = payload
+                    elif failure is None:
+                        failure = RuntimeError(payload) if status == "error" else ReaderDied(payload)
+        finally:
+            for reader in taken:
+                if reader.process.exitcode is None:
+                    self._idle.put(reader)
+        if failure is not None:
+            raise failure
+        samples: list[Any] = [None] * len(indices)
+        for k, chunk_samples in enumerate(results):
+            samples[k::len(taken)] = chunk_samples
+        return samples
+
+    def _reply(self, reader: _Reader, ready: list[Any], indices: list[int]) -> tuple[str, Any] | None:
+        """``(status, payload)`` when the reader answered or ended, None while it is still reading."""
+        if reader.conn not in ready and reader.process.sentinel not in ready:
+            return None
+        if reader.conn in ready or reader.conn.poll():
+            try:
+                return pickle.loads(reader.conn.recv_bytes())
+            except (EOFError, OSError):  # its end of the pipe closed: the process is gone
+                pass
+        reader.process.join(_STOP_GRACE_S)  # its exit code, once the kernel has reaped it
+        if reader.process.exitcode is None:
+            reader.process.kill()
+            reader.process.join()
+        with self._deaths:
+            self.alive -= 1
+        self.last_death = (f"hetrain: reader process {reader.process.pid} ended "
+                           f"({_exit_description(reader.process.exitcode)}) while reading samples "
+                           f"{sorted(indices)}; {self.alive} reader(s) left. A reader killed by SIGKILL is often "
+                           "the kernel's OOM killer: lower reader_processes, or read in the producer threads "
+                           "(reader_processes=0)")
+        return "died", self.last_death
+
+    def _take(self, wanted: int, stopped: Callable[[], bool], poll_s: float) -> list[_Reader] | None:
+        """At least one idle reader (waiting for one), and every other idle one up to ``wanted``."""
+        while True:
+            if self.alive == 0:
+                raise ReaderDied(f"hetrain: no reader process left; the last one: {self.last_death}")
+            if stopped():
+                return None
+            try:
+                taken = [self._idle.get(timeout=poll_s)]
+                break
+            except queue.Empty:
+                continue
+        while len(taken) < wanted:
+            try:
+                taken.append(self._idle.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def stop(self) -> None:
+        """Asks every reader to leave, then terminates and finally kills the ones still there."""
+        for reader in self._readers:
+            try:
+                reader.conn.send(None)
+            except (OSError, ValueError):
+                pass  # already gone: its exit is collected below
+        deadline = time.monotonic() + _STOP_GRACE_S
+        for reader in self._readers:
+            reader.process.join(max(0.0, deadline - time.monotonic()))
+        for reader in self._readers:
+            if reader.process.exitcode is None:  # still inside a slow sample
+                reader.process.terminate()
+                reader.process.join(_STOP_GRACE_S)
+            if reader.process.exitcode is None:
+                reader.process.kill()
+                reader.process.join()
+            reader.conn.close()

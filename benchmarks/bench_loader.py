@@ -8,7 +8,9 @@ allocations per batch are counted with torch's profiler (in-process loaders only
 token-budget batches with fixed-size random batches of the same mean row count on Zipf-like lengths.
 A training-loop section feeds a loop with fixed compute per step (on the GPU when there is one) from each
 loader and from nothing: the data wait is one minus the ratio of their step rates; on CUDA it also times
-host-to-device copies from pageable and pinned memory. Writes ``benchmarks/results/<date>-loader-<device>.json``.
+host-to-device copies from pageable and pinned memory. A last section reads a Dataset that tokenizes
+text in Python (GIL-bound) with RingLoader threads, RingLoader reader processes and DataLoader workers.
+Writes ``benchmarks/results/<date>-loader-<device>.json``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from hetrain.data.prefetch import DevicePrefetcher
-from hetrain.data.ring import RingLoader
+from hetrain.data.ring import PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
+from hetrain.data.synthetic import pad_collate
 from hetrain.data.tokens import write_token_file
 from hetrain.data.windows import TokenWindows, token_collate
 
@@ -42,13 +45,17 @@ def zipf_lengths(n: int, max_len: int, seed: int = 0) -> np.ndarray:
     return np.minimum(rng.zipf(1.5, n) * 16, 4 * max_len)
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["lengths"].sum() if "lengths" in batch else batch["attention_mask"].sum())
+
+
 def epoch_rate(loader, epochs: int = 2) -> tuple[float, float]:
     """(batches/s, real tokens/s) of the last of ``epochs`` passes (the first warms up workers and caches)."""
     for _ in range(epochs):
         t0, batches, tokens = time.perf_counter(), 0, 0
         for batch in loader:
             batches += 1
-            tokens += int(batch["lengths"].sum())
+            tokens += real_tokens(batch)
         elapsed = time.perf_counter() - t0
     return batches / elapsed, tokens / elapsed
 
@@ -70,6 +77,75 @@ def padding(lengths: np.ndarray, max_tokens: int) -> dict:
     fixed_padded = sum(len(b) * int(b.max()) for b in fixed)
     return {"token_budget": sampler.padding_fraction, "fixed_size": 1 - lengths.sum() / fixed_padded,
             "fixed_batch_size": rows}
+
+
+class TextOnTheFly(torch.utils.data.Dataset):
+    """Documents tokenized in ``__getitem__`` by a Python WordPiece tokenizer: GIL-bound work per sample.
+
+    Each word is lower-cased, stripped of punctuation and split greedily into the longest pieces found in
+    the vocabulary, as on-the-fly preprocessing of raw text does. A document is the same for a given index,
+    so every loader sees the same samples.
+    """
+
+    WORDS = [f"Word{k}," if k % 7 == 0 else f"item{k * 37 % 100003}" for k in range(5000)]
+    PIECES = ["word", "item", *"abcdefghijklmnopqrstuvwxyz0123456789", *(f"##{c}" for c in "0123456789"),
+              *(f"##{k}" for k in range(10, 100))]
+
+    def __init__(self, n: int, max_words: int, seed: int = 0) -> None:
+        self.n, self.max_words, self.seed = n, max_words, seed
+        self.vocab = {piece: i + 3 for i, piece in enumerate(self.PIECES)}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, index))
+        text = " ".join(self.WORDS[k] for k in rng.integers(0, len(self.WORDS), 1 + index % self.max_words))
+        ids = []
+        for word in text.split():
+            ids.extend(self._pieces(word.lower().strip(".,;")))
+        return {"input_ids": torch.tensor(ids), "label": torch.tensor(index % 2)}
+
+    def _pieces(self, word: str) -> list[int]:
+        """Greedy longest-match-first split into vocabulary pieces (``##`` marks a continuation)."""
+        out, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    out.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                out.append(2)  # unknown character
+                start += 1
+        return out
+
+    def length(self, index: int) -> int:
+        return len(self[index]["input_ids"])
+
+
+def python_dataset(samples: int, max_words: int, workers: int, max_tokens: int) -> dict:
+    """A Python-heavy Dataset: RingLoader reading in threads, in reader processes, and the DataLoader's workers.
+
+    The same token-budget batches from each; threads share the GIL, processes do not.
+    """
+    ds = TextOnTheFly(samples, max_words)
+    sampler = TokenBudgetBatchSampler([ds.length(i) for i in range(len(ds))], max_tokens, seed=0)
+    collate = PadInto(max_tokens, sampler.max_batch_rows)
+    rows = {}
+    for name, readers in ((f"ring_threads_{workers}", 0), (f"ring_readers_{workers}", workers)):
+        with RingLoader(ds, sampler, collate=collate, num_workers=workers, reader_processes=readers) as ring:
+            rows[name] = epoch_rate(ring)
+    dl = DataLoader(ds, batch_sampler=sampler, collate_fn=pad_collate, num_workers=workers,
+                    persistent_workers=True)
+    rows[f"dataloader_w{workers}"] = epoch_rate(dl)
+    del dl
+    result = {"samples": samples, "max_words": max_words, "batches_per_epoch": len(sampler),
+              "rows": {k: {"batches_s": b, "tokens_s": t} for k, (b, t) in rows.items()}}
+    for k, v in result["rows"].items():
+        print(f"text {k:16s} {v['batches_s']:9.1f} batches/s {v['tokens_s'] / 1e6:8.2f} Mtok/s")
+    return result
 
 
 def _sync(device: torch.device) -> None:
@@ -185,7 +261,7 @@ def training_loop(ds: TokenWindows, sampler: TokenBudgetBatchSampler, device: to
 
 
 def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop_steps: int = 0,
-        work_ms: float = 5.0) -> dict:
+        work_ms: float = 5.0, text_samples: int = 0) -> dict:
     pin = torch.cuda.is_available()
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,6 +290,7 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop
         "rows": {k: {"batches_s": v[0], "tokens_s": v[1], "allocs_per_batch": v[2]} for k, v in rows.items()},
         "best_dataloader": best, "speedup_vs_best_dataloader": rows["ring"][0] / rows[best][0],
         "padding": padding(ds.lengths, max_tokens), "loop": loop,
+        "python_dataset": python_dataset(text_samples, 400, cores, max_tokens) if text_samples else None,
     }
     for k, v in result["rows"].items():
         allocs = "-" if v["allocs_per_batch"] is None else f"{v['allocs_per_batch']:.1f}"
@@ -232,9 +309,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="DataLoader num_workers to try")
     parser.add_argument("--loop-steps", type=int, default=200, help="steps of the training-loop section; 0 skips it")
     parser.add_argument("--work-ms", type=float, default=5.0, help="fixed compute per loop step, in ms")
+    parser.add_argument("--text-samples", type=int, default=3000,
+                        help="documents of the Python-heavy dataset section (threads vs processes); 0 skips it")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
-    result = run(args.docs, args.max_len, args.max_tokens, tuple(args.workers), args.loop_steps, args.work_ms)
+    result = run(args.docs, args.max_len, args.max_tokens, tuple(args.workers), args.loop_steps, args.work_ms,
+                 args.text_samples)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{result['date']}-loader-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -4,7 +4,7 @@ from benchmarks.bench_loader import run
 
 
 def test_bench_loader_small_run_reports_throughput_padding_and_the_training_loop():
-    result = run(docs=300, max_len=64, max_tokens=512, workers=(0,), loop_steps=20, work_ms=1.0)
+    result = run(docs=300, max_len=64, max_tokens=512, workers=(0,), loop_steps=20, work_ms=1.0, text_samples=40)
     assert {"ring", "dataloader_w0"} <= set(result["rows"]) and result["speedup_vs_best_dataloader"] > 0
     assert result["rows"]["ring"]["allocs_per_batch"] == 0  # slots are reused: nothing allocated per batch
     assert 0 <= result["padding"]["token_budget"] < result["padding"]["fixed_size"]
@@ -13,3 +13,7 @@ def test_bench_loader_small_run_reports_throughput_padding_and_the_training_loop
     for name, row in loop["rows"].items():
         assert row["steps_s"] > 0 and 0 <= row["data_wait"] < 1, (name, row)
     assert loop["rows"]["ring"]["samples_s"] > 0 and ("h2d_gb_s" in loop) == (loop["device"] == "cuda")
+    text = result["python_dataset"]
+    assert [k.rstrip("0123456789") for k in text["rows"]] == ["ring_threads_", "ring_readers_", "dataloader_w"]
+    tokens_per_batch = {round(v["tokens_s"] / v["batches_s"], 6) for v in text["rows"].values()}
+    assert len(tokens_per_batch) == 1 and tokens_per_batch.pop() > 0  # the same batches from every loader

@@ -451,6 +451,9 @@ def test_the_other_readers_go_on_after_one_dies_and_none_left_is_named():
 
         for got, i in zip(read([1, 2, 3, 4, 5]), [1, 2, 3, 4, 5], strict=True):
             assert torch.equal(got["input_ids"], ds[i]["input_ids"]) and got["label"] == i
+        for reader in readers._readers:  # Ctrl-C in a terminal signals every process of the group
+            os.kill(reader.process.pid, signal.SIGINT)
+        assert [s["label"] for s in read([1, 2, 3, 4, 5])] == [1, 2, 3, 4, 5]  # the loader stops readers, not Ctrl-C
         with pytest.raises(ReaderDied, match=r"killed by SIGKILL\) while reading samples \[7\]; 1 reader\(s\) left"):
             read([7])
         assert [s["label"] for s in read(list(range(10, 20)))] == list(range(10, 20))

@@ -35,6 +35,7 @@ def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]
     for other in inherited:  # the parent's ends of every reader's pipe, copied at fork: not this process's to hold
         other.close()
     torch.set_num_threads(1)  # as torch's DataLoader workers: one thread each, the processes are the parallelism
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the loader stops readers
     while True:
         try:
             indices = conn.recv()

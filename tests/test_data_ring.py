@@ -466,6 +466,37 @@ def test_the_other_readers_go_on_after_one_dies_and_none_left_is_named():
     assert multiprocessing.active_children() == []
 
 
+class Assorted(torch.utils.data.Dataset):
+    """Samples of every kind a reader sends back: dtypes, 0-d, empty and non-contiguous tensors, plain values."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"f32": torch.randn(3, 5, generator=g).t(), "bf16": torch.randn(7, generator=g).bfloat16(),
+                "f64": torch.randn(2, 2, dtype=torch.float64, generator=g), "mask": torch.rand(4, generator=g) > 0.5,
+                "scalar": torch.tensor(i), "empty": torch.ones(0, 3, dtype=torch.int16),
+                "grad": torch.randn(2, generator=g).requires_grad_(), "meta": ["doc", i, 0.5]}
+
+
+def test_samples_come_back_from_readers_exactly():
+    from hetrain.data.readers import ReaderProcesses
+
+    ds = Assorted()
+    readers = ReaderProcesses(ds, 2)
+    try:
+        got = readers.read(list(range(len(ds))), lambda: False, 0.1)
+    finally:
+        readers.stop()
+    for i, sample in enumerate(got):
+        want = ds[i]
+        assert sample["meta"] == want["meta"]
+        for key in want.keys() - {"meta"}:
+            assert sample[key].dtype == want[key].dtype and sample[key].shape == want[key].shape, key
+            assert torch.equal(sample[key], want[key]) and sample[key].requires_grad == want[key].requires_grad, key
+
+
 def test_closing_mid_read_stops_the_readers_promptly_every_time():
     import multiprocessing
 

@@ -6,11 +6,12 @@ result_hander not alive") or block on its queue lock when results are still in f
 reductions send tensors through it as shared-memory file descriptors fetched from the sending process,
 which fails once that process has been stopped. Here each reader has its own pipe, a producer waits on
 that pipe and on the process's exit at once (a dead reader is named, with its exit code, not waited on),
-samples come back pickled by value, and stopping is a message, then SIGTERM, then SIGKILL.
+samples come back pickled by value (a tensor as its bytes), and stopping is a message, then SIGTERM, then SIGKILL.
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import pickle
 import queue
@@ -28,6 +29,33 @@ _STOP_GRACE_S = 0.25  # how long a reader has to leave after the stop message be
 
 class ReaderDied(RuntimeError):
     """A reader process ended while it was reading samples (the other readers go on)."""
+
+
+def _tensor_from_bytes(raw: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+class _SamplePickler(pickle.Pickler):
+    """Pickles a plain CPU tensor as its raw bytes, dtype and shape.
+
+    torch's own pickling of a tensor goes through ``torch.save`` per storage: about 0.1 ms a tensor each way,
+    which for a batch of small samples costs the parent more GIL time than reading them in threads would.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is torch.Tensor and obj.layout == torch.strided and obj.device.type == "cpu" \
+                and not obj.is_quantized and not obj.requires_grad:
+            flat = obj.contiguous().reshape(-1)
+            return _tensor_from_bytes, (flat.view(torch.uint8).numpy().tobytes(), obj.dtype, tuple(obj.shape))
+        return NotImplemented
+
+
+def _dumps(reply: tuple[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    _SamplePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(reply)
+    return buffer.getvalue()
 
 
 def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]) -> None:
@@ -48,7 +76,7 @@ def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]
             samples = []
             for index in indices:
                 samples.append(dataset[index])
-            reply = pickle.dumps(("ok", samples), protocol=pickle.HIGHEST_PROTOCOL)
+            reply = _dumps(("ok", samples))
         except Exception as exc:
             where = f"sample {index}" if index is not None else "no sample"
             reply = pickle.dumps(("error", f"{where}: {type(exc).__name__}: {exc}"))

@@ -70,7 +70,9 @@ def steps(quick: bool, out: Path) -> list[Step]:
              env={"TRITON_INTERPRET": "0"}),
         Step("bench-ops", [py, "-m", "benchmarks.bench_ops", *ops_args], needs_gpu=True,
              needs="benchmarks/bench_ops.py"),
-        Step("bench-loader", [py, "-m", "benchmarks.bench_loader", "--out", str(out)],  # short by default
+        # Short by default; quick leaves out the Python-dataset section, which measures only the host.
+        Step("bench-loader", [py, "-m", "benchmarks.bench_loader", "--out", str(out),
+                              *(["--text-samples", "0"] if quick else [])],
              needs="benchmarks/bench_loader.py"),
         Step("bench-train", [py, "-m", "benchmarks.bench_train", *train_args], needs="benchmarks/bench_train.py"),
         Step("bench-memory", [py, "-m", "benchmarks.bench_memory_overhead", *bench_args],

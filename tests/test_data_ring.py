@@ -511,6 +511,25 @@ def test_closing_mid_read_stops_the_readers_promptly_every_time():
         assert multiprocessing.active_children() == []
 
 
+def test_ctrl_c_with_reader_processes_stops_them_without_waiting_for_a_slow_sample(monkeypatch):
+    import multiprocessing
+
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    slow = Flaky(30, slow=2, sleep=30.0)
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(30)], 5, shuffle=False)
+    loader = RingLoader(slow, sampler, collate=PadInto(5, 5), num_workers=2, reader_processes=2, stall_timeout=60)
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in loader:
+            pass
+    assert time.monotonic() - t0 < 3, "Ctrl-C must not wait for the sample a reader is inside"
+    timer.join()
+    assert multiprocessing.active_children() == [] and failures == []
+
+
 def plan_head(sampler):
     return next(iter(sampler))
 

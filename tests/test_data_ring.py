@@ -387,12 +387,15 @@ def test_reader_processes_give_the_same_batches_and_name_a_failing_sample():
     ds = SyntheticSequences(120, min_len=4, max_len=40, seed=2)
     lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
     sampler = TokenBudgetBatchSampler(lengths, 256, seed=3)
-    plan = list(sampler)
     with RingLoader(ds, sampler, collate=PadInto(256, sampler.max_batch_rows), num_workers=2,
                     reader_processes=2) as loader:
         assert len(multiprocessing.active_children()) == 2
-        for batch, idx in zip(list_of_copies(loader), plan, strict=True):
-            assert_batches_equal(batch, pad_collate([ds[i] for i in idx]))
+        for epoch in (0, 1):  # the same readers serve every epoch
+            sampler.set_epoch(epoch)
+            plan = list(sampler)
+            for batch, idx in zip(list_of_copies(loader), plan, strict=True):
+                assert_batches_equal(batch, pad_collate([ds[i] for i in idx]))
+        assert len(multiprocessing.active_children()) == 2
     assert multiprocessing.active_children() == []  # closing ends the readers
 
     bad = Flaky(60, bad=37)

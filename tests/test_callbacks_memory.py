@@ -340,6 +340,24 @@ def test_churn_tracker_names_the_module_that_allocates_every_step_and_not_the_cl
     assert not torch.autograd.profiler._is_profiler_enabled
 
 
+def test_churn_tracker_leaves_a_compiled_module_compiled_whole():
+    model = _churn_model()
+    model[1].compile(backend="aot_eager")
+    x = torch.randn(BATCH, WIDTH)
+    model(x).square().mean().backward()  # compiled before the tracker's steps
+    torch._dynamo.utils.counters.clear()
+    tracker = ChurnTracker(model, min_bytes=1024)
+    for _ in range(2):
+        with tracker.step():
+            model(x).square().mean().backward()
+    # Dynamo traces a compiled module's hooks: a profiler range opened in one hook and closed in another broke
+    # its graph, so the steps profiled were not the steps that run.
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    modules = {r.allocation.module for r in tracker.rows()}
+    assert "0.1" in modules  # eager modules keep their names
+    assert not any(m.startswith("1.") for m in modules), modules  # the compiled graph has no submodules
+
+
 def test_churn_tells_an_ops_own_workspace_from_a_modules_temporary():
     class Gate(nn.Module):
         def forward(self, x):

@@ -101,12 +101,19 @@ class ModuleRanges:
 
     def _pre(self, range_name: str):
         def hook(module: nn.Module, args: Any) -> None:
+            if torch.compiler.is_compiling():  # see _post
+                return
             scope = record_function(range_name)
             scope.__enter__()
             self._open.append(scope)
         return hook
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        # Inside a compiled module dynamo traces the hooks: a range opened in one hook and closed in another
+        # would break its graph (the step profiled would not be the step that runs). Its submodules are gone
+        # in the compiled graph anyway, so its allocations go to the nearest module that runs eagerly.
+        if torch.compiler.is_compiling():
+            return
         if self._open:
             self._open.pop().__exit__(None, None, None)
 

@@ -247,13 +247,15 @@ class ModuleMemory:
         for name, module in self.rows.items():
             self._handles.append(module.register_forward_pre_hook(self._pre(name)))
             self._handles.append(module.register_forward_hook(self._post(name), always_call=True))
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        # Autograd calls the pack hook from a compiled module's runtime too; left to dynamo, that call would be
+        # compiled as a frame of its own, and a traced _pack counts nothing.
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(torch.compiler.disable(self._pack), lambda t: t)
         self._saved_hooks.__enter__()
         self._watching = True
 
     def _pre(self, name: str):
         def hook(module: nn.Module, args: Any) -> None:
-            if not self._watching:
+            if not self._watching or torch.compiler.is_compiling():  # see _post
                 return
             self._stack.append(name)
             param = next(module.parameters(), None)
@@ -263,7 +265,10 @@ class ModuleMemory:
 
     def _post(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self._watching:
+            # Inside a compiled module dynamo traces these hooks, and their allocator reads broke its graph: the
+            # step measured was not the step that runs. Traced, they do nothing: the compiled graph has no
+            # submodules, and what it saves for backward goes to the nearest module that runs eagerly.
+            if not self._watching or torch.compiler.is_compiling():
                 return
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()

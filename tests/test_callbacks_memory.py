@@ -118,6 +118,7 @@ def test_module_memory_leaves_a_compiled_module_compiled_and_counts_what_it_save
         tracker.backward_done()
         tracker.stop()
         assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+        assert ("Compiled with torch.compile: 1. " in tracker.compiled_note()) == compiled
         return tracker.records
 
     eager, compiled = measure(False), measure(True)

@@ -219,7 +219,9 @@ class ModuleMemory:
         backward (found with ``torch.autograd.graph.saved_tensors_hooks``, once per storage,
         parameters excluded) to the innermost module running when it was saved, e.g. an attention
         block for its ``scaled_dot_product_attention``. Tensors saved outside every module (the loss
-        in ``training_step``) get their own row; the model itself is ``(root)``.
+        in ``training_step``) get their own row; the model itself is ``(root)``. A module compiled with
+        ``torch.compile`` runs as one graph with no submodules: what it saves goes to the nearest module
+        outside it that runs eagerly (:meth:`compiled_note`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -313,6 +315,16 @@ class ModuleMemory:
         for name, record in self._step.items():
             self.records.setdefault(name, ModuleRecord()).merge(record)
         self._step = {}
+
+    def compiled_note(self) -> str:
+        """A line naming the compiled modules, whose insides the table cannot show; empty when there are none."""
+        compiled = [name for name, m in self.rows.items() if getattr(m, "_compiled_call_impl", None) is not None]
+        compiled = [n for n in compiled if not any(n.startswith(f"{c}.") for c in compiled if c != ROOT)]
+        if not compiled:
+            return ""
+        return (f"Compiled with torch.compile: {', '.join(compiled)}. Each runs as one graph, so its submodules have "
+                "no rows of their own, and what it saves for backward is counted under the nearest module outside "
+                "it that runs eagerly.")
 
     def table(self) -> tuple[list[str], list[list[Any]]]:
         """Header and rows in MiB, largest total first, with a total row last; the CUDA column only where a
@@ -597,6 +609,8 @@ class MemoryProfiler(Callback):
             text += f"\n{kept}\n"
         if self.modules is not None and self.modules.records:
             text += "\n## Per module (largest over the measured steps)\n\n" + markdown_table(*self.modules.table())
+            if self.modules.compiled_note():
+                text += f"\n{self.modules.compiled_note()}\n"
         churn = self.churn_section()
         if churn is not None:
             paragraphs, tables = churn
@@ -654,6 +668,8 @@ class MemoryProfiler(Callback):
             tables += f"<p>{html.escape(kept)}</p>"
         if self.modules is not None and self.modules.records:
             tables += "<h2>Per module (largest over the measured steps)</h2>" + _html_table(*self.modules.table())
+            if self.modules.compiled_note():
+                tables += f"<p>{html.escape(self.modules.compiled_note())}</p>"
         churn = self.churn_section()
         if churn is not None:
             paragraphs, churn_tables = churn

@@ -1,6 +1,7 @@
 """dropout: every backend against the float64 reference on the same mask, one mask for every backend,
 kept fraction, reproducibility, nothing of the input's size saved for backward, gradcheck, compile, errors, nn."""
 
+import contextlib
 import math
 
 import pytest
@@ -188,10 +189,35 @@ def test_cuda_kernels_match_the_cpu_mask_and_reference(backend, dtype):
     assert_close(dx.cpu(), dx_ref, dtype, "cuda dx")
 
 
+@pytest.mark.parametrize("seed", [[1234567], [2**40 + 99, 2**32 - 700], [5, 0]])  # a 64-bit seed; an offset past 2^32
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_triton_kernel_reads_a_captured_stream_from_memory_as_it_takes_one_by_value(seed, dtype):
+    # Under a CUDA graph capture the (seed, offset) lives on the GPU and the kernel loads it (each replay's own);
+    # Triton's interpreter runs that variant on a CPU tensor here.
+    from hetrain.ops.triton import dropout as triton_dropout
+
+    x = values((3, 1030), dtype, requires_grad=False)
+    stream = torch.tensor(seed)
+    by_value = triton_dropout.forward(x, stream, 0.3, stream_in_memory=False)
+    from_memory = triton_dropout.forward(x, stream, 0.3, stream_in_memory=True)
+    assert torch.equal(from_memory, by_value)
+    offset = seed[1] if len(seed) > 1 else 0
+    assert torch.equal(by_value != 0, keep_mask(seed[0], x.shape, 0.3, offset=offset))
+
+
+def test_backends_that_read_the_seed_on_the_host_refuse_one_drawn_on_a_device():
+    from hetrain.ops.dropout import CppBackend, TorchBackend
+
+    x = values((4, 8), requires_grad=False)
+    on_device = torch.empty(2, dtype=torch.int64, device="meta")  # where a captured call's stream would live
+    for backend in (CppBackend.forward, CppBackend.forward_with_grad, TorchBackend.forward):
+        with pytest.raises(RuntimeError, match="only the triton backend reads it there"):
+            backend(x, on_device, 0.5)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("op", ["dropout", "dropout_add_layer_norm"])
-def test_a_cuda_graph_capture_is_refused_unless_fixed_masks_are_asked_for(backend, op):
+def test_a_cuda_graph_draws_a_new_mask_every_replay_with_triton_and_is_refused_by_cuda(op):
     x = values((64, 48)).detach().cuda()
     residual = values((64, 48), seed=2, requires_grad=False).cuda()
 
@@ -200,27 +226,40 @@ def test_a_cuda_graph_capture_is_refused_unless_fixed_masks_are_asked_for(backen
             return dropout(x, 0.5)
         return dropout_add_layer_norm(x, residual, None, None, 0.5)
 
-    with plugins.use_backend(**{op: backend}):
-        call()  # compiled and loaded outside the capture
-        torch.cuda.synchronize()
-        generator = torch.cuda.default_generators[x.device.index]
-        fresh = generator.clone_state()
-        try:
-            with pytest.raises(RuntimeError, match=f"hetrain.ops.{op}: called while a CUDA graph is being captured"), \
-                    torch.cuda.graph(torch.cuda.CUDAGraph()):
-                call()
-        finally:
-            generator.graphsafe_set_state(fresh)  # a failed capture leaves the generator in capture mode
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), masks_fixed_in_cuda_graphs():
-            y = call()
-        graph.replay()
-        first = y.clone()
-        y.fill_(float("nan"))  # the second replay must write every element again
-        graph.replay()
-    assert torch.equal(y, first) and not first.isnan().any()  # what was asked for: the capture's mask, replayed
+    def capture(backend, fixed=False):
+        with plugins.use_backend(**{op: backend}):
+            call()  # compiled and loaded outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), (masks_fixed_in_cuda_graphs() if fixed else contextlib.nullcontext()):
+                y = call()
+        return graph, y
+
+    def replays(graph, y, n=3):
+        outputs = []
+        for _ in range(n):
+            y.fill_(float("nan"))  # every replay must write every element again
+            graph.replay()
+            outputs.append(y.clone())
+        assert not any(o.isnan().any() for o in outputs)
+        return outputs
+
+    outputs = replays(*capture("triton"))
+    assert all(not torch.equal(a, b) for i, a in enumerate(outputs) for b in outputs[i + 1:])
     if op == "dropout":
-        assert (first == 0).any() and (first != 0).any()
+        for y in outputs:  # each a dropout of x: kept elements doubled, about half of them
+            kept = y != 0
+            torch.testing.assert_close(y[kept], x[kept] * 2)
+            assert 0.4 < kept.float().mean().item() < 0.6
+    fixed = replays(*capture("triton", fixed=True))  # what bench-ops asks for: the capture's mask every time
+    assert all(torch.equal(fixed[0], o) for o in fixed)
+    generator = torch.cuda.default_generators[x.device.index]
+    fresh = generator.clone_state()
+    try:
+        with pytest.raises(RuntimeError, match="only the triton backend reads it there"):
+            capture("cuda")
+    finally:
+        generator.graphsafe_set_state(fresh)  # a failed capture leaves the generator in capture mode
 
 
 @pytest.mark.parametrize("name", ["dropout_fwd", "dropout_bwd", "dropout_add_layer_norm_fwd",

@@ -98,6 +98,29 @@ def test_rows_at_their_offset_draw_the_rows_of_the_whole_call(backend, offset):
     assert_close(whole, want, torch.float32, f"{backend} at offset {offset}")
 
 
+@pytest.mark.parametrize("stream_seed", [[987654], [2**40 + 7, 2**32 - 100]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_kernels_read_a_captured_stream_from_memory_as_they_take_one_by_value(stream_seed, dtype):
+    # Under a CUDA graph capture the (seed, offset) lives on the GPU and the kernels load it; Triton's
+    # interpreter runs those variants on a CPU tensor here.
+    from hetrain.ops.triton import dropout_add_layer_norm as kernels
+
+    x, r = randn((37, 96), dtype=dtype, seed=1), randn((37, 96), dtype=dtype, seed=2)
+    w, b = randn((96,), dtype=dtype, seed=3), randn((96,), dtype=dtype, seed=4)
+    dy = randn((37, 96), dtype=dtype, seed=5)
+    seed = torch.tensor(stream_seed)
+    outs = {}
+    for in_memory in (False, True):
+        y, mean, rstd = kernels.forward(x, r, w, b, seed, 0.2, 1e-5, stream_in_memory=in_memory)
+        grads = kernels.backward(dy, x, r, w, mean, rstd, seed, 0.2, True, stream_in_memory=in_memory)
+        outs[in_memory] = (y, mean, rstd, *grads)
+    for by_value, from_memory in zip(outs[False], outs[True], strict=True):
+        assert torch.equal(by_value, from_memory)
+    s, offset = stream(seed)
+    keep = stream_keep_mask(s, 37, 96, 0.2, offset=offset)
+    assert torch.equal(outs[False][3] == 0, ~keep)  # dx is zero exactly where the shared mask drops
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1.0])
 def test_every_backend_draws_the_same_mask(p):
     # One mask for a stream on every device, so a pipeline stage moved between CPU and GPU drops the same

@@ -3,7 +3,8 @@
 The kernels keep element ``i`` of a call when a counter hash of ``(seed, offset + i)`` clears ``p``, so
 a mask is a function of the stream and each element's place in it. Outside a pipeline split each call
 draws a fresh seed from the CPU default generator (reproducible under ``torch.manual_seed``; a CUDA
-input needs no device sync) with offset 0.
+input needs no device sync) with offset 0. A call on a GPU tensor captured in a CUDA graph draws its
+``(seed, offset)`` on the GPU instead, inside the graph, so each replay applies a new mask.
 
 A pipeline split runs each stage once per micro-batch, so an unsplit model's one call per dropout site
 becomes several, in another order. Under :func:`micro_batch` the first micro-batch's calls draw the
@@ -27,7 +28,7 @@ _active = threading.local()
 # capture, so every replay would repeat one dropout mask. Inductor's CUDA graphs (torch.compile(mode=
 # "reduce-overhead")) run ops with this tag outside the graphs, eagerly, each call with its own seed. (Older torch
 # builds lack the tag; their compiled graphs with these ops' CPU seeds take no CUDA graph at all.) A capture by
-# hand is refused instead (:func:`dropout_stream`).
+# hand draws the seed on the GPU instead (:func:`dropout_stream`).
 HOST_SEEDED = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
 
 
@@ -37,9 +38,9 @@ class _Tape:
     def __init__(self, seeds: list[torch.Tensor], first_row: int, record: bool) -> None:
         self.seeds, self.first_row, self.record, self.calls = seeds, first_row, record, 0
 
-    def next_seed(self) -> torch.Tensor:
+    def next_seed(self, device: torch.device | None = None) -> torch.Tensor:
         if self.record:
-            self.seeds.append(_draw())
+            self.seeds.append(_draw(device))
         elif self.calls >= len(self.seeds):
             raise RuntimeError(
                 f"hetrain: a pipeline stage made more dropout calls on a later micro-batch ({self.calls + 1}) than on "
@@ -49,9 +50,10 @@ class _Tape:
         return seed
 
 
-def _draw() -> torch.Tensor:
-    # A tensor op, not a Python int: torch.compile traces it without a graph break.
-    return torch.randint(2**31, (1,), dtype=torch.int64)
+def _draw(device: torch.device | None = None) -> torch.Tensor:
+    # A tensor op, not a Python int: torch.compile traces it without a graph break. On the CPU by default, so
+    # the kernels get the seed by value and a CUDA input needs no device sync.
+    return torch.randint(2**31, (1,), dtype=torch.int64, device=device)
 
 
 @contextmanager
@@ -67,14 +69,27 @@ def micro_batch(seeds: list[torch.Tensor], first_row: int, record: bool) -> Iter
 
 def stream(seed: torch.Tensor) -> tuple[int, int]:
     """``(seed, offset)`` as ints from a kernel's seed argument: int64 ``(seed,)`` or ``(seed, offset)``."""
-    values = seed.tolist()
+    values = host_seed(seed).tolist()
     return int(values[0]), int(values[1]) if len(values) > 1 else 0
+
+
+def host_seed(seed: torch.Tensor) -> torch.Tensor:
+    """``seed`` itself, for a backend that reads it on the host; a seed on the GPU (drawn by a CUDA graph being
+    captured) is refused, naming the backend that reads it there."""
+    if seed.device.type != "cpu":
+        raise RuntimeError(
+            "hetrain: this dropout call is being captured in a CUDA graph, so its seed is drawn on the GPU by the "
+            "graph itself (a new one every replay); only the triton backend reads it there. Use it for the captured "
+            "region (hetrain.plugins.use_backend(dropout='triton', dropout_add_layer_norm='triton')), or keep "
+            "dropout out of the capture")
+    return seed
 
 
 @contextmanager
 def masks_fixed_in_cuda_graphs() -> Iterator[None]:
-    """Lets dropout calls be captured in a CUDA graph, every replay applying the masks drawn at capture: for
-    timing the kernels (``bench-ops`` replays each call from a graph), never for training."""
+    """Dropout calls captured in a CUDA graph inside keep the seed drawn at capture, so every replay applies the
+    same masks: for timing the kernels alone (``bench-ops`` replays each call from a graph, with no draw of its
+    own), never for training."""
     previous = getattr(_active, "fixed_masks", False)
     _active.fixed_masks = True
     try:
@@ -83,26 +98,41 @@ def masks_fixed_in_cuda_graphs() -> Iterator[None]:
         _active.fixed_masks = previous
 
 
-def _refuse_capture(op: str) -> None:
-    """A dropout call captured in a CUDA graph would bake its host-drawn seed into the graph: every replay the
-    same mask, silently. Refused unless :func:`masks_fixed_in_cuda_graphs` asks for exactly that."""
-    if getattr(_active, "fixed_masks", False) or torch.compiler.is_compiling():
-        return
-    if torch.cuda.is_current_stream_capturing():
+def _captured_stream(x: torch.Tensor, tape: _Tape | None) -> torch.Tensor:
+    """The int64 ``(seed, offset)`` of a call captured in a CUDA graph, on ``x``'s GPU and drawn by the graph.
+
+    torch's CUDA generator advances its state on every replay of a graph that drew from it, so each replay
+    applies a new mask; the triton kernels read the stream from memory (a host-drawn seed would be baked into
+    the graph, and every replay would repeat the mask of the capture).
+    """
+    if tape is None:
+        return torch.constant_pad_nd(_draw(x.device), (0, 1), 0)
+    seed = tape.next_seed(x.device)
+    if seed.device != x.device:
         raise RuntimeError(
-            f"hetrain.ops.{op}: called while a CUDA graph is being captured. Its seed is drawn on the host, so every "
-            f"replay would apply the same dropout mask. Capture the model in eval mode (or with p=0), use "
-            f"torch.nn.functional.dropout inside captured regions, or keep dropout outside the graph")
+            "hetrain: a pipeline stage's later micro-batch is being captured in a CUDA graph but its first was not, "
+            "so its dropout seed was drawn on the host; capture every micro-batch of the step, or none")
+    per_row = x.numel() // x.shape[0] if x.dim() and x.shape[0] else 0
+    return torch.constant_pad_nd(seed, (0, 1), tape.first_row * per_row)
 
 
-def dropout_stream(x: torch.Tensor, op: str = "dropout") -> torch.Tensor:
+def dropout_stream(x: torch.Tensor) -> torch.Tensor:
     """The int64 stream of a dropout call on ``x``: ``(seed,)`` (offset 0, which the kernels assume when it is
     left out: padding it on cost more than the small kernel) or, inside a split, ``(seed, offset)``
-    (batch-first ``x``). ``op`` names the caller in the error refusing a CUDA graph capture."""
-    if x.is_cuda:
-        _refuse_capture(op)
+    (batch-first ``x``); on the CPU, except for a call on a GPU tensor being captured in a CUDA graph, whose
+    ``(seed, offset)`` the graph draws on the GPU (:func:`_captured_stream`)."""
     tape = getattr(_active, "tape", None)
+    if x.is_cuda and _capturing():
+        return _captured_stream(x, tape)
     if tape is None:
         return _draw()
     per_row = x.numel() // x.shape[0] if x.dim() and x.shape[0] else 0
     return torch.cat([tape.next_seed(), torch.tensor([tape.first_row * per_row], dtype=torch.int64)])
+
+
+def _capturing() -> bool:
+    """A CUDA graph capture by hand (torch.cuda.graph, make_graphed_callables), unless fixed masks were asked for.
+    Inductor's CUDA graphs run these ops outside their graphs (HOST_SEEDED), so a trace draws as eager does."""
+    if getattr(_active, "fixed_masks", False) or torch.compiler.is_compiling():
+        return False
+    return torch.cuda.is_current_stream_capturing()

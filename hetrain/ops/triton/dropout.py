@@ -61,12 +61,32 @@ def kept(seed_lo, seed_hi, first, lanes, threshold):
     return (_mix32(_mix32(index_lo ^ key_lo) ^ key) >> 8) >= threshold
 
 
+@triton.jit
+def stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, STREAM_IN_MEMORY: tl.constexpr):
+    """The launch's seed (two int32 bit patterns) and the stream index of its element 0 (int64).
+
+    From the arguments, or, for a call captured in a CUDA graph, from the int64 ``(seed, offset)`` at ``Stream``
+    on the device, which the graph's own draw rewrites on every replay (:func:`hetrain.ops.rng.dropout_stream`).
+    """
+    if STREAM_IN_MEMORY:
+        seed = tl.load(Stream)
+        lo = seed.to(tl.int32)  # the low word: a truncating cast
+        hi = (seed >> 32).to(tl.int32)
+        first = tl.load(Stream + 1)
+    else:
+        lo = seed_lo
+        hi = seed_hi
+        first = join64(offset_lo, offset_hi)
+    return lo, hi, first
+
+
 # Seeds, offsets, threshold and scale vary per call: never specialised on their values, so one compilation
 # serves all.
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "threshold", "scale_bits"])
 def _dropout(
     X,  # (numel,) input (x forward, dy backward), contiguous
     Y,  # (numel,) output, contiguous
+    Stream,  # int64 (seed, offset), read only if STREAM_IN_MEMORY
     numel,
     seed_lo,  # low 32 bits of the seed, as an int32 bit pattern
     seed_hi,  # high 32 bits of the seed, as an int32 bit pattern
@@ -74,6 +94,7 @@ def _dropout(
     offset_hi,  # its high 32 bits
     threshold,  # a 24-bit draw below this is dropped: ceil(p * 2^24)
     scale_bits,  # the float64 bits of 1 / (1 - p), exact whatever COMPUTE is
+    STREAM_IN_MEMORY: tl.constexpr,  # the seed and offset come from Stream, not the four arguments above
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
     BLOCK: tl.constexpr,
 ):
@@ -81,7 +102,8 @@ def _dropout(
     lanes = tl.arange(0, BLOCK)
     offsets = start + lanes
     mask = offsets < numel
-    keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + start, lanes, threshold)
+    seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, STREAM_IN_MEMORY)
+    keep = kept(seed_lo, seed_hi, first + start, lanes, threshold)
     scale = scale_bits.to(tl.float64, bitcast=True).to(COMPUTE)
     x = tl.load(X + offsets, mask=mask, other=0.0).to(COMPUTE)
     y = tl.where(keep, x * scale, 0.0)
@@ -108,22 +130,39 @@ def split64(v: int) -> tuple[int, int]:
     return _int32_bits(v & _M32), _int32_bits(v >> 32)
 
 
-def stream_args(seed: torch.Tensor, p: float) -> tuple[int, int, int, int, int]:
-    """seed_lo, seed_hi, offset_lo, offset_hi and threshold (csrc/dropout_math.h's drop_threshold) of a launch
-    drawing from the stream ``seed`` (int64 ``(seed[, offset])``) with drop probability ``p``."""
+def stream_args(seed: torch.Tensor, p: float, placeholder: torch.Tensor, in_memory: bool | None = None) -> dict:
+    """The launch arguments of a draw from the stream ``seed`` (int64 ``(seed[, offset])``) with drop probability
+    ``p``: ``Stream``, ``seed_lo``, ``seed_hi``, ``offset_lo``, ``offset_hi``, ``threshold`` (csrc/dropout_math.h's
+    drop_threshold) and ``STREAM_IN_MEMORY``.
+
+    A seed on the CPU goes by value; one on the GPU (drawn inside a CUDA graph capture) is read by the kernel,
+    so each replay uses the seed that replay drew. ``in_memory`` forces the choice (the tests read a CPU
+    stream from memory in Triton's interpreter); ``placeholder`` is any tensor of the launch, passed as the
+    unread ``Stream`` of a by-value launch.
+    """
+    threshold = math.ceil(p * 16777216.0)
+    if in_memory is None:
+        in_memory = seed.device.type != "cpu"
+    if in_memory:
+        stream_tensor = seed if seed.numel() == 2 else torch.constant_pad_nd(seed, (0, 1), 0)
+        return {"Stream": stream_tensor, "seed_lo": 0, "seed_hi": 0, "offset_lo": 0, "offset_hi": 0,
+                "threshold": threshold, "STREAM_IN_MEMORY": True}
     s, offset = stream(seed)
-    return (*split64(s), *split64(offset), math.ceil(p * 16777216.0))
+    seed_lo, seed_hi = split64(s)
+    offset_lo, offset_hi = split64(offset)
+    return {"Stream": placeholder, "seed_lo": seed_lo, "seed_hi": seed_hi, "offset_lo": offset_lo,
+            "offset_hi": offset_hi, "threshold": threshold, "STREAM_IN_MEMORY": False}
 
 
-def _args(seed: torch.Tensor, p: float) -> tuple[int, ...]:
-    """stream_args and the scale_bits of a launch."""
+def _scale_bits(p: float) -> int:
     # p = 1 keeps nothing, so any scale serves; 1.0 keeps scale_bits a 64-bit argument (0 would be typed i32).
     scale = 1.0 / (1.0 - p) if p < 1 else 1.0
-    return (*stream_args(seed, p), struct.unpack("<q", struct.pack("<d", scale))[0])
+    return struct.unpack("<q", struct.pack("<d", scale))[0]
 
 
-def forward(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """x: any shape; seed: int64 (seed[, offset]) on the CPU. Returns x / (1 - p) where kept, 0 elsewhere."""
+def forward(x: torch.Tensor, seed: torch.Tensor, p: float, *, stream_in_memory: bool | None = None) -> torch.Tensor:
+    """x: any shape; seed: int64 (seed[, offset]), on the CPU or (under a CUDA graph capture) on x's GPU.
+    Returns x / (1 - p) where kept, 0 elsewhere."""
     xc = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel = xc.numel()
@@ -131,7 +170,7 @@ def forward(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
         return y
     cfg = launch_config(x.dtype)
     _dropout[(triton.cdiv(numel, cfg["BLOCK"]),)](
-        xc, y, numel, *_args(seed, p),
+        xc, y, numel=numel, **stream_args(seed, p, y, stream_in_memory), scale_bits=_scale_bits(p),
         COMPUTE=tl_compute(x.dtype), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
     return y
@@ -142,14 +181,17 @@ backward = forward  # dropout is diagonal: dx = dy / (1 - p) where kept, with th
 
 def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
     """Every compilation the launcher can cause, for the ahead-of-time check (hetrain.checks.gpu_compile):
-    one per dtype, picked where the benchmarks run that dtype."""
+    one per dtype, picked where the benchmarks run that dtype, and each dtype's variant reading its stream
+    from memory (a call captured in a CUDA graph)."""
     numel = shapes.rows * max(shapes.hidden)
-    seed_lo, seed_hi, offset_lo, offset_hi, threshold, scale_bits = _args(torch.tensor([12345, 4096]), 0.1)
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         cfg = launch_config(dtype)
-        args = {"X": dtype, "Y": dtype, "numel": numel, "seed_lo": seed_lo, "seed_hi": seed_hi,
-                "offset_lo": offset_lo, "offset_hi": offset_hi, "threshold": threshold, "scale_bits": scale_bits,
-                "COMPUTE": tl_compute(dtype), "BLOCK": cfg["BLOCK"]}
-        specs.append(aot_spec(_dropout, args, dtype=dtype, picked=dtype in shapes.dtypes, num_warps=cfg["num_warps"]))
+        for in_memory in (False, True):
+            stream_ = stream_args(torch.tensor([12345, 4096]), 0.1, torch.empty(0, dtype=dtype), in_memory)
+            args = {"X": dtype, "Y": dtype, "numel": numel, "scale_bits": _scale_bits(0.1),
+                    **stream_, "Stream": torch.int64 if in_memory else dtype,
+                    "COMPUTE": tl_compute(dtype), "BLOCK": cfg["BLOCK"]}
+            specs.append(aot_spec(_dropout, args, dtype=dtype, picked=dtype in shapes.dtypes and not in_memory,
+                                  num_warps=cfg["num_warps"]))
     return specs

@@ -24,7 +24,7 @@ from hetrain.ops.triton._rows import (
     sum_partials,
     tl_compute,
 )
-from hetrain.ops.triton.dropout import join64, kept, stream_args
+from hetrain.ops.triton.dropout import kept, stream_args, stream_start
 from hetrain.ops.triton.layer_norm import _normalize_row, _row_input_grad
 
 # 64 KiB of row data per program, as for LayerNorm.
@@ -44,6 +44,7 @@ def _dropout_add_layer_norm_fwd(
     Y,  # (M, N) output, contiguous
     Mean,  # (M,) saved mean, COMPUTE dtype
     Rstd,  # (M,) saved 1/std, COMPUTE dtype
+    Stream,  # int64 (seed, offset), read only if STREAM_IN_MEMORY
     stride_x,
     stride_r,
     N,
@@ -54,6 +55,7 @@ def _dropout_add_layer_norm_fwd(
     threshold,  # a 24-bit draw below this is dropped: ceil(p * 2^24)
     scale,  # 1 / (1 - p), or 0 when p = 1
     eps,
+    STREAM_IN_MEMORY: tl.constexpr,  # the seed and offset come from Stream (a call captured in a CUDA graph)
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -65,7 +67,8 @@ def _dropout_add_layer_norm_fwd(
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
     if HAS_DROPOUT:
-        keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + row * N, cols, threshold)
+        seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, STREAM_IN_MEMORY)
+        keep = kept(seed_lo, seed_hi, first + row * N, cols, threshold)
         x = tl.where(keep, x * scale, 0.0)
     s = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
     y, mean, rstd = _normalize_row(s, W, B, cols, mask, N, eps, HAS_WEIGHT, HAS_BIAS, COMPUTE)
@@ -86,6 +89,7 @@ def _dropout_add_layer_norm_bwd(
     DR,  # (M, N) gradient of the residual, contiguous
     DW_part,  # (programs, N) partial weight gradients, COMPUTE dtype
     DB_part,  # (programs, N) partial bias gradients, COMPUTE dtype
+    Stream,  # int64 (seed, offset), read only if STREAM_IN_MEMORY
     stride_dy,
     stride_x,
     stride_r,
@@ -98,6 +102,7 @@ def _dropout_add_layer_norm_bwd(
     offset_hi,
     threshold,
     scale,
+    STREAM_IN_MEMORY: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -105,6 +110,8 @@ def _dropout_add_layer_norm_bwd(
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if HAS_DROPOUT:
+        seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, STREAM_IN_MEMORY)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     if HAS_WEIGHT:
@@ -118,7 +125,7 @@ def _dropout_add_layer_norm_bwd(
     for r in range(row_start, row_end):
         x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
         if HAS_DROPOUT:
-            keep = kept(seed_lo, seed_hi, join64(offset_lo, offset_hi) + r * N, cols, threshold)
+            keep = kept(seed_lo, seed_hi, first + r * N, cols, threshold)
             x = tl.where(keep, x * scale, 0.0)
         s = x + tl.load(R + r * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)
@@ -146,9 +153,11 @@ def _scale(p: float) -> float:
 
 def forward(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-    seed: torch.Tensor, p: float, eps: float,
+    seed: torch.Tensor, p: float, eps: float, *, stream_in_memory: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, residual: (M, N); seed: int64 (seed[, offset]) on the CPU. Returns y (M, N), mean (M,), rstd (M,)."""
+    """x, residual: (M, N); seed: int64 (seed[, offset]), on the CPU or (under a CUDA graph capture) on x's GPU
+    (``stream_in_memory``: see :func:`~hetrain.ops.triton.dropout.stream_args`). Returns y (M, N), mean (M,),
+    rstd (M,)."""
     M, N = x.shape
     weight, bias = dense(weight), dense(bias)
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -162,8 +171,8 @@ def forward(
     cfg = launch_config(N, x.dtype)
     _dropout_add_layer_norm_fwd[(M,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
-        x.stride(0), residual.stride(0), N, *stream_args(seed, p), _scale(p), eps,
-        HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        stride_x=x.stride(0), stride_r=residual.stride(0), N=N, **stream_args(seed, p, y, stream_in_memory),
+        scale=_scale(p), eps=eps, HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
     return y, mean, rstd
@@ -171,7 +180,7 @@ def forward(
 
 def backward(
     dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-    rstd: torch.Tensor, seed: torch.Tensor, p: float, has_bias: bool,
+    rstd: torch.Tensor, seed: torch.Tensor, p: float, has_bias: bool, *, stream_in_memory: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dx (M, N), dresidual (M, N), dw (N,) or empty, db (N,) or empty."""
     M, N = x.shape
@@ -190,8 +199,8 @@ def backward(
         cfg = launch_config(N, x.dtype)
         _dropout_add_layer_norm_bwd[(programs,)](
             dy, x, residual, weight if weight is not None else x, mean, rstd, dx, dres, dw_part, db_part,
-            dy.stride(0), x.stride(0), residual.stride(0), M, N, triton.cdiv(M, programs),
-            *stream_args(seed, p), _scale(p),
+            stride_dy=dy.stride(0), stride_x=x.stride(0), stride_r=residual.stride(0), M=M, N=N,
+            rows_per_program=triton.cdiv(M, programs), **stream_args(seed, p, dx, stream_in_memory), scale=_scale(p),
             HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=tl_compute(x.dtype),
             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
@@ -213,18 +222,21 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
         for n, benchmarked in config_widths(launch_config, dtype, shapes.hidden).items():
             cfg = launch_config(n, dtype)
             picked = benchmarked and dtype in shapes.dtypes
-            for has_dropout in (True, False) if picked else (True,):
+            # With and without dropout where picked, and the dropout variant that reads its stream from memory
+            # (a call captured in a CUDA graph; never benchmarked).
+            variants = [(True, False), (False, False), (True, True)] if picked else [(True, False), (True, True)]
+            for has_dropout, in_memory in variants:
                 flags = {"HAS_DROPOUT": has_dropout, "HAS_WEIGHT": True, "HAS_BIAS": True, "COMPUTE": compute,
                          "BLOCK_N": cfg["BLOCK_N"]}
-                drop = {"seed_lo": 12345, "seed_hi": 0, "offset_lo": 4096, "offset_hi": 0, "threshold": 1677722,
-                        "scale": 1 / 0.9}
+                drop = {**stream_args(torch.tensor([12345, 4096]), 0.1, torch.empty(0), in_memory),
+                        "Stream": torch.int64 if in_memory else dtype, "scale": 1 / 0.9}
                 fwd = {"X": dtype, "R": dtype, "W": dtype, "B": dtype, "Y": dtype, "Mean": stats, "Rstd": stats,
                        "stride_x": n, "stride_r": n, "N": n, "eps": 1e-5, **drop}
                 bwd = {"DY": dtype, "X": dtype, "R": dtype, "W": dtype, "Mean": stats, "Rstd": stats, "DX": dtype,
                        "DR": dtype, "DW_part": stats, "DB_part": stats, "stride_dy": n, "stride_x": n, "stride_r": n,
                        "M": shapes.rows, "N": n, "rows_per_program": triton.cdiv(shapes.rows, programs), **drop}
                 for kernel, args in ((_dropout_add_layer_norm_fwd, fwd), (_dropout_add_layer_norm_bwd, bwd)):
-                    specs.append(aot_spec(kernel, {**args, **flags}, dtype=dtype, picked=picked,
+                    specs.append(aot_spec(kernel, {**args, **flags}, dtype=dtype, picked=picked and not in_memory,
                                           num_warps=cfg["num_warps"]))
     return specs
 

@@ -71,10 +71,8 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def test_module_memory_counts_params_grads_outputs_and_saved_tensors_exactly():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
-    x = torch.randn(BATCH, IN)
+def _measured_step(model: nn.Module, x: torch.Tensor) -> ModuleMemory:
+    """One forward and backward of ``model`` on ``x`` watched by a ModuleMemory."""
     tracker = ModuleMemory(model)
     tracker.start()
     loss = model(x).square().mean()
@@ -82,6 +80,14 @@ def test_module_memory_counts_params_grads_outputs_and_saved_tensors_exactly():
     loss.backward()
     tracker.backward_done()
     tracker.stop()
+    return tracker
+
+
+def test_module_memory_counts_params_grads_outputs_and_saved_tensors_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
+    x = torch.randn(BATCH, IN)
+    tracker = _measured_step(model, x)
     r = tracker.records
     fc1, fc2 = model[0], model[2]
     assert r["0"].params == r["0"].grads == _nbytes(fc1.weight, fc1.bias)
@@ -110,13 +116,7 @@ def test_module_memory_leaves_a_compiled_module_compiled_and_counts_what_it_save
         x = torch.randn(BATCH, IN)
         model(x).sum().backward()  # compiled before the measured step
         torch._dynamo.utils.counters.clear()
-        tracker = ModuleMemory(model)
-        tracker.start()
-        loss = model(x).square().mean()
-        tracker.forward_done()
-        loss.backward()
-        tracker.backward_done()
-        tracker.stop()
+        tracker = _measured_step(model, x)
         assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
         assert ("Compiled with torch.compile: 1. " in tracker.compiled_note()) == compiled
         return tracker.records

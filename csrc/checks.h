@@ -71,4 +71,19 @@ inline dropout::Call dropout_call(const char* op, const at::Tensor& seed, double
   return {s.seed, s.offset, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
 }
 
+// The dropout call of a CUDA kernel on x. A seed on the CPU is read here, with no device sync. A seed on x's
+// device is the int64 (seed, offset) of a call captured in a CUDA graph, which the graph's own draw rewrites on
+// every replay: the kernel reads it there (dropout::resolved).
+inline dropout::Call device_dropout_call(const char* op, const at::Tensor& seed, double p, const at::Tensor& x) {
+  if (seed.device().is_cpu()) return dropout_call(op, seed, p);
+  TORCH_CHECK(p >= 0 && p <= 1, "hetrain.", op, ": p must be in [0, 1], got ", p);
+  TORCH_CHECK(seed.device() == x.device() && seed.dim() == 1 && seed.numel() == 2 &&
+                  seed.scalar_type() == at::kLong && seed.is_contiguous(),
+              "hetrain.", op, ": a seed on a device must be int64 (seed, offset) on x's device ", x.device(),
+              ", got ", seed.sizes(), " ", seed.scalar_type(), " on ", seed.device());
+  dropout::Call call{0, 0, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
+  call.stream = seed.const_data_ptr<int64_t>();
+  return call;
+}
+
 }  // namespace hetrain

@@ -75,7 +75,20 @@ struct Call {
   uint64_t offset;
   uint32_t threshold;
   double scale;
+  // For a call captured in a CUDA graph: its int64 (seed, offset) in device memory, which the graph's own draw
+  // rewrites on every replay, read by the kernel (resolved); seed and offset above are then unused.
+  const int64_t* stream = nullptr;
 };
+
+// The call a kernel runs: seed and offset read from `stream` where the call keeps them in memory.
+HETRAIN_HD Call resolved(Call call) {
+  if (call.stream != nullptr) {
+    call.seed = static_cast<uint64_t>(call.stream[0]);
+    call.offset = static_cast<uint64_t>(call.stream[1]);
+    call.stream = nullptr;
+  }
+  return call;
+}
 
 }  // namespace dropout
 }  // namespace hetrain

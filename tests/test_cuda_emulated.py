@@ -290,13 +290,48 @@ def test_dropout_draws_the_cpu_kernels_mask(emu, dtype, numel, misalign, p, offs
 
     def launch(mem):
         y = mem.empty((numel,), dtype)
-        emu.call("dropout", dtype, mem.put(x, misalign=misalign), y, numel, *dropout_args(seed, offset, p))
+        emu.call("dropout", dtype, mem.put(x, misalign=misalign), y, numel, *dropout_args(seed, offset, p), None)
         return [y]
 
     (got,) = in_two_orders(emu, launch)
     want = C.dropout_fwd(x.double(), torch.tensor([seed, offset]), p)
     assert torch.equal(got == 0, want == 0), "the kept elements differ from the CPU kernel's"
     close(got, want, dtype, "y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_captured_calls_stream_is_read_from_device_memory(emu, dtype):
+    # A call captured in a CUDA graph keeps (seed, offset) in device memory, where each replay's draw writes it;
+    # the by-value seed and offset are then garbage the kernels must not use.
+    m, n, p, seed, offset = 19, 300, 0.3, 2**40 + 5, OFFSETS[1]
+    x, res = randn(m, n, dtype=dtype, seed=21, shift=3.0), randn(m, n, dtype=dtype, seed=22)
+    w, b, dy = randn(n, dtype=dtype, seed=23, shift=1.0), randn(n, dtype=dtype, seed=24), randn(m, n, dtype=dtype)
+    acc, parts = stats_dtype(dtype), parts_for(m)
+    _, _, threshold, scale = dropout_args(seed, offset, p)
+    garbage = (7, 123, threshold, scale)
+
+    def launch(mem):
+        stream = mem.put(torch.tensor([seed, offset]))
+        y = mem.empty((m * n,), dtype)
+        emu.call("dropout", dtype, mem.put(x), y, m * n, *garbage, stream)
+        z, mean, rstd = mem.empty((m, n), dtype), mem.empty((m,), acc), mem.empty((m,), acc)
+        emu.call("dropout_add_layer_norm_forward", dtype, mem.put(x), mem.put(res), mem.put(w), mem.put(b), z, mean,
+                 rstd, *garbage, stream, m, n, EPS)
+        dx, dres = mem.empty((m, n), dtype), mem.empty((m, n), dtype)
+        dw, db, wp, bp = (mem.empty((n,), dtype), mem.empty((n,), dtype), mem.empty((parts, n), acc),
+                          mem.empty((parts, n), acc))
+        emu.call("dropout_add_layer_norm_backward", dtype, mem.put(dy), mem.put(x), mem.put(res), mem.put(w), mean,
+                 rstd, *garbage, stream, dx, dres, dw, db, wp, bp, parts, m, n)
+        return [y, z, dx]
+
+    y, z, dx = in_two_orders(emu, launch)
+    x64, res64, w64, b64, dy64 = as_double(x, res, w, b, dy)
+    stream = torch.tensor([seed, offset])
+    close(y.view(m, n), C.dropout_fwd(x64, stream, p), dtype, "dropout y")
+    want_z, mean, rstd = C.dropout_add_layer_norm_fwd(x64, res64, w64, b64, stream, p, EPS)
+    close(z, want_z, dtype, "dropout_add_layer_norm y")
+    want_dx = C.dropout_add_layer_norm_bwd(dy64, x64, res64, w64, mean, rstd, stream, p, True)[0]
+    assert torch.equal(dx == 0, want_dx == 0), "the dropped elements differ from the CPU kernel's"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -315,12 +350,12 @@ def test_dropout_add_layer_norm(emu, dtype, shape, p, offset):
     def launch(mem):
         y, mean, rstd = mem.empty((m, n), dtype), mem.empty((m,), acc), mem.empty((m,), acc)
         emu.call("dropout_add_layer_norm_forward", dtype, mem.put(x), mem.put(res), mem.put(w), mem.put(b), y, mean,
-                 rstd, *call, m, n, EPS)
+                 rstd, *call, None, m, n, EPS)
         dx, dres = mem.empty((m, n), dtype), mem.empty((m, n), dtype)
         dw, db, wp, bp = mem.empty((n,), dtype), mem.empty((n,), dtype), mem.empty((parts, n), acc), mem.empty(
             (parts, n), acc)
         emu.call("dropout_add_layer_norm_backward", dtype, mem.put(dy), mem.put(x), mem.put(res), mem.put(w), mean,
-                 rstd, *call, dx, dres, dw, db, wp, bp, parts, m, n)
+                 rstd, *call, None, dx, dres, dw, db, wp, bp, parts, m, n)
         return [y, mean, rstd, dx, dres, dw, db]
 
     got = in_two_orders(emu, launch)

@@ -205,19 +205,19 @@ def test_the_triton_kernel_reads_a_captured_stream_from_memory_as_it_takes_one_b
     assert torch.equal(by_value != 0, keep_mask(seed[0], x.shape, 0.3, offset=offset))
 
 
-def test_backends_that_read_the_seed_on_the_host_refuse_one_drawn_on_a_device():
-    from hetrain.ops.dropout import CppBackend, TorchBackend
+def test_the_reference_refuses_a_seed_drawn_on_a_device_naming_the_backends_that_read_it():
+    from hetrain.ops.dropout import TorchBackend
 
     x = values((4, 8), requires_grad=False)
     on_device = torch.empty(2, dtype=torch.int64, device="meta")  # where a captured call's stream would live
-    for backend in (CppBackend.forward, CppBackend.forward_with_grad, TorchBackend.forward):
-        with pytest.raises(RuntimeError, match="only the triton backend reads it there"):
-            backend(x, on_device, 0.5)
+    with pytest.raises(RuntimeError, match="the triton and cuda backends read it there"):
+        TorchBackend.forward(x, on_device, 0.5)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("op", ["dropout", "dropout_add_layer_norm"])
-def test_a_cuda_graph_draws_a_new_mask_every_replay_with_triton_and_is_refused_by_cuda(op):
+def test_a_cuda_graph_draws_a_new_mask_every_replay_and_the_reference_refuses_it(backend, op):
     x = values((64, 48)).detach().cuda()
     residual = values((64, 48), seed=2, requires_grad=False).cuda()
 
@@ -244,20 +244,20 @@ def test_a_cuda_graph_draws_a_new_mask_every_replay_with_triton_and_is_refused_b
         assert not any(o.isnan().any() for o in outputs)
         return outputs
 
-    outputs = replays(*capture("triton"))
+    outputs = replays(*capture(backend))
     assert all(not torch.equal(a, b) for i, a in enumerate(outputs) for b in outputs[i + 1:])
     if op == "dropout":
         for y in outputs:  # each a dropout of x: kept elements doubled, about half of them
             kept = y != 0
             torch.testing.assert_close(y[kept], x[kept] * 2)
             assert 0.4 < kept.float().mean().item() < 0.6
-    fixed = replays(*capture("triton", fixed=True))  # what bench-ops asks for: the capture's mask every time
+    fixed = replays(*capture(backend, fixed=True))  # what bench-ops asks for: the capture's mask every time
     assert all(torch.equal(fixed[0], o) for o in fixed)
     generator = torch.cuda.default_generators[x.device.index]
     fresh = generator.clone_state()
     try:
-        with pytest.raises(RuntimeError, match="only the triton backend reads it there"):
-            capture("cuda")
+        with pytest.raises(RuntimeError, match="the triton and cuda backends read it there"):
+            capture("torch")
     finally:
         generator.graphsafe_set_state(fresh)  # a failed capture leaves the generator in capture mode
 

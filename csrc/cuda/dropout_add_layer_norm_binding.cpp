@@ -1,8 +1,9 @@
 // Torch face of the CUDA dropout + add + LayerNorm (dropout_add_layer_norm_kernel.cu): input checks,
 // allocation, the device and stream, and registration for CUDA tensors under the schemas declared in
 // csrc/dropout_add_layer_norm.cpp. Outputs match the CPU kernel: y, mean, rstd (float32 stats, float64
-// for float64); dx, dres, dw or empty, db or empty. The seed stays a CPU tensor (read on the host, no
-// device sync). Built only against a CUDA build of torch.
+// for float64); dx, dres, dw or empty, db or empty. The seed is a CPU tensor read on the host (no device
+// sync), or under a CUDA graph capture a tensor on x's device the kernels read. Built only against a CUDA build
+// of torch.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -36,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_fwd_cuda(
     const std::optional<at::Tensor>& bias, const at::Tensor& seed, double p, double eps) {
   dropout_add_layer_norm::check_forward_args(x, residual, weight, bias, eps);
   check_on_device("dropout_add_layer_norm_fwd", "x", x, x);
-  const dropout::Call drop = dropout_call("dropout_add_layer_norm", seed, p);
+  const dropout::Call drop = device_dropout_call("dropout_add_layer_norm", seed, p, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = x.size(1);
   const at::Tensor xc = x.contiguous(), rc = residual.contiguous();
@@ -62,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   dropout_add_layer_norm::check_backward_args(dy, x, residual, weight, mean, rstd);
   check_on_device("dropout_add_layer_norm_bwd", "x", x, x);
   const int64_t M = x.size(0), N = x.size(1);
-  const dropout::Call drop = dropout_call("dropout_add_layer_norm", seed, p);
+  const dropout::Call drop = device_dropout_call("dropout_add_layer_norm", seed, p, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dyc = dy.contiguous(), xc = x.contiguous(), rc = residual.contiguous();
   const at::Tensor wc = weight ? weight->contiguous() : at::Tensor();

@@ -25,10 +25,11 @@ constexpr int kMaxThreads = kMaxRowThreads;
 template <typename acc_t>
 class RowMask {
  public:
+  // A call captured in a CUDA graph keeps its seed and offset in memory: read here, row by row, rather than
+  // once per kernel, where they would hold four registers for its whole life (the held-row backward kernels
+  // are at their register limit).
   __device__ RowMask(const dropout::Call& d, int64_t r, int64_t N)
-      : keys_(dropout::run_keys(d.seed, d.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N))),
-        threshold_(d.threshold),
-        scale_(acc_t(d.scale)) {}
+      : keys_(row_keys(dropout::resolved(d), r, N)), threshold_(d.threshold), scale_(acc_t(d.scale)) {}
 
   // The multiplier of element j, the thread's k-th, in the first pass.
   __device__ acc_t draw(int64_t j, int k) {
@@ -47,6 +48,10 @@ class RowMask {
  private:
   __device__ bool hash_keeps(int64_t j) const {
     return dropout::bits24_in_run(keys_, static_cast<uint32_t>(j)) >= threshold_;
+  }
+
+  static __device__ dropout::RunKeys row_keys(const dropout::Call& d, int64_t r, int64_t N) {
+    return dropout::run_keys(d.seed, d.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N));
   }
 
   dropout::RunKeys keys_;

@@ -51,7 +51,8 @@ class Stream {
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t numel,
-                                                           Call m) {
+                                                           Call call) {
+  const Call m = resolved(call);
   using acc_t = acc_type<T>;
   const acc_t scale = acc_t(m.scale);
   const int64_t packs = numel / VEC, stride = static_cast<int64_t>(gridDim.x) * kThreads;

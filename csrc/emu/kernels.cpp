@@ -40,8 +40,9 @@ const T* as(const void* p) {
   return static_cast<const T*>(p);
 }
 
-dropout::Call call(uint64_t seed, uint64_t offset, uint32_t threshold, double scale) {
-  return {seed, offset, threshold, scale};
+// stream: null, or the emulated device memory holding (seed, offset), as a call captured in a CUDA graph has it.
+dropout::Call call(uint64_t seed, uint64_t offset, uint32_t threshold, double scale, const void* stream) {
+  return {seed, offset, threshold, scale, static_cast<const int64_t*>(stream)};
 }
 
 bn_relu_pool::Geometry geometry(const int64_t* d) {
@@ -110,37 +111,40 @@ int hetrain_emu_bias_gelu_backward(int dtype, const void* dy, const void* x, con
 }
 
 int hetrain_emu_dropout(int dtype, const void* x, void* y, int64_t numel, uint64_t seed, uint64_t offset,
-                        uint32_t threshold, double scale) {
+                        uint32_t threshold, double scale, const void* stream) {
   return with_type(dtype, [&](auto t) {
     using T = decltype(t);
-    return dropout::cuda_dropout<T>(as<T>(x), as<T>(y), numel, call(seed, offset, threshold, scale), nullptr);
+    return dropout::cuda_dropout<T>(as<T>(x), as<T>(y), numel, call(seed, offset, threshold, scale, stream),
+                                    nullptr);
   });
 }
 
 int hetrain_emu_dropout_add_layer_norm_forward(int dtype, const void* x, const void* residual, const void* w,
                                                const void* b, void* y, void* mean, void* rstd, uint64_t seed,
-                                               uint64_t offset, uint32_t threshold, double scale, int64_t M,
-                                               int64_t N, double eps) {
+                                               uint64_t offset, uint32_t threshold, double scale, const void* stream,
+                                               int64_t M, int64_t N, double eps) {
   return with_type(dtype, [&](auto t) {
     using T = decltype(t);
     using A = dropout_add_layer_norm::acc_type<T>;
     return dropout_add_layer_norm::cuda_forward<T>(as<T>(x), as<T>(residual), as<T>(w), as<T>(b), as<T>(y),
-                                                   as<A>(mean), as<A>(rstd), call(seed, offset, threshold, scale), M,
-                                                   N, eps, nullptr);
+                                                   as<A>(mean), as<A>(rstd),
+                                                   call(seed, offset, threshold, scale, stream), M, N, eps, nullptr);
   });
 }
 
 int hetrain_emu_dropout_add_layer_norm_backward(int dtype, const void* dy, const void* x, const void* residual,
                                                 const void* w, const void* mean, const void* rstd, uint64_t seed,
-                                                uint64_t offset, uint32_t threshold, double scale, void* dx,
+                                                uint64_t offset, uint32_t threshold, double scale, const void* stream,
+                                                void* dx,
                                                 void* dres, void* dw, void* db, void* w_part, void* b_part,
                                                 int64_t parts, int64_t M, int64_t N) {
   return with_type(dtype, [&](auto t) {
     using T = decltype(t);
     using A = dropout_add_layer_norm::acc_type<T>;
     return dropout_add_layer_norm::cuda_backward<T>(
-        as<T>(dy), as<T>(x), as<T>(residual), as<T>(w), as<A>(mean), as<A>(rstd), call(seed, offset, threshold, scale),
-        as<T>(dx), as<T>(dres), as<T>(dw), as<T>(db), as<A>(w_part), as<A>(b_part), parts, M, N, nullptr);
+        as<T>(dy), as<T>(x), as<T>(residual), as<T>(w), as<A>(mean), as<A>(rstd),
+        call(seed, offset, threshold, scale, stream), as<T>(dx), as<T>(dres), as<T>(dw), as<T>(db), as<A>(w_part),
+        as<A>(b_part), parts, M, N, nullptr);
   });
 }
 

@@ -27,7 +27,7 @@ from hetrain import plugins
 from hetrain.ops import _backends
 from hetrain.ops._op import op
 from hetrain.ops.dropout_add_layer_norm import keep_mask as _keep_mask_2d
-from hetrain.ops.rng import HOST_SEEDED, dropout_stream, host_seed, stream
+from hetrain.ops.rng import HOST_SEEDED, dropout_stream, stream
 
 OP = "dropout"
 
@@ -71,13 +71,13 @@ class CppBackend:
 
     @staticmethod
     def forward(x, seed, p):
-        return torch.ops.hetrain_C.dropout_fwd(x, host_seed(seed), p)
+        return torch.ops.hetrain_C.dropout_fwd(x, seed, p)
 
     backward = forward
 
     @staticmethod
     def forward_with_grad(x, seed, p):
-        return torch.ops.hetrain_C.dropout(x, host_seed(seed), p)  # autograd in C++ (csrc/autograd.cpp)
+        return torch.ops.hetrain_C.dropout(x, seed, p)  # autograd in C++ (csrc/autograd.cpp)
 
 
 def _register_backends() -> None:
@@ -141,7 +141,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
     ``x`` is infinite or NaN. Under ``torch.compile`` with inductor the seed comes from inductor's own
     generator, as for torch's random ops (``torch._inductor.config.fallback_random`` restores eager's draw).
     A call on a CUDA tensor while a CUDA graph is being captured draws its seed on the GPU, inside the graph, so
-    every replay applies a new mask (the triton backend; the others refuse the capture).
+    every replay applies a new mask (the triton and cuda backends read it there; the torch reference refuses).
     """
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
         raise ValueError(f"hetrain.ops.dropout: p must be a number in [0, 1], got {p!r}")

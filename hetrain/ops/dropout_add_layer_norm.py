@@ -32,7 +32,7 @@ from hetrain.ops import _backends
 from hetrain.ops._op import as_rows, op, row_count
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
-from hetrain.ops.rng import HOST_SEEDED, dropout_stream, host_seed, stream
+from hetrain.ops.rng import HOST_SEEDED, dropout_stream, stream
 
 OP = "dropout_add_layer_norm"
 _M32 = 0xFFFFFFFF
@@ -127,16 +127,16 @@ class CppBackend:
 
     @staticmethod
     def forward(x, residual, weight, bias, seed, p, eps):
-        return torch.ops.hetrain_C.dropout_add_layer_norm_fwd(x, residual, weight, bias, host_seed(seed), p, eps)
+        return torch.ops.hetrain_C.dropout_add_layer_norm_fwd(x, residual, weight, bias, seed, p, eps)
 
     @staticmethod
     def backward(dy, x, residual, weight, mean, rstd, seed, p, has_bias):
-        return torch.ops.hetrain_C.dropout_add_layer_norm_bwd(dy, x, residual, weight, mean, rstd, host_seed(seed),
-                                                               p, has_bias)
+        return torch.ops.hetrain_C.dropout_add_layer_norm_bwd(dy, x, residual, weight, mean, rstd, seed, p,
+                                                               has_bias)
 
     @staticmethod
     def forward_with_grad(x, residual, weight, bias, seed, p, eps):  # autograd in C++ (csrc/autograd.cpp)
-        return torch.ops.hetrain_C.dropout_add_layer_norm(x, residual, weight, bias, host_seed(seed), p, eps)
+        return torch.ops.hetrain_C.dropout_add_layer_norm(x, residual, weight, bias, seed, p, eps)
 
 
 def _register_backends() -> None:
@@ -227,7 +227,7 @@ def dropout_add_layer_norm(
     dtype. Autocast casts nothing else, so the output has the dtype ``F.layer_norm(F.dropout(x) + residual)``
     has under CPU autocast. With ``p == 0`` or ``training=False`` no random number is drawn and the result is
     ``layer_norm(x + residual)``. As for :func:`hetrain.ops.dropout`, a call with ``p > 0`` on CUDA tensors while
-    a CUDA graph is being captured draws its seed inside the graph (the triton backend; the others refuse).
+    a CUDA graph is being captured draws its seed inside the graph (read there by the triton and cuda backends).
     """
     name = "hetrain.ops.dropout_add_layer_norm"
     if x.dim() == 0 or not x.is_floating_point():

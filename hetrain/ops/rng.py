@@ -68,21 +68,16 @@ def micro_batch(seeds: list[torch.Tensor], first_row: int, record: bool) -> Iter
 
 
 def stream(seed: torch.Tensor) -> tuple[int, int]:
-    """``(seed, offset)`` as ints from a kernel's seed argument: int64 ``(seed,)`` or ``(seed, offset)``."""
-    values = host_seed(seed).tolist()
-    return int(values[0]), int(values[1]) if len(values) > 1 else 0
-
-
-def host_seed(seed: torch.Tensor) -> torch.Tensor:
-    """``seed`` itself, for a backend that reads it on the host; a seed on the GPU (drawn by a CUDA graph being
-    captured) is refused, naming the backend that reads it there."""
+    """``(seed, offset)`` as ints from a kernel's seed argument: int64 ``(seed,)`` or ``(seed, offset)``, on the
+    CPU. A seed on a GPU (drawn by a CUDA graph being captured) is refused, naming the backends that read it there."""
     if seed.device.type != "cpu":
         raise RuntimeError(
             "hetrain: this dropout call is being captured in a CUDA graph, so its seed is drawn on the GPU by the "
-            "graph itself (a new one every replay); only the triton backend reads it there. Use it for the captured "
-            "region (hetrain.plugins.use_backend(dropout='triton', dropout_add_layer_norm='triton')), or keep "
-            "dropout out of the capture")
-    return seed
+            "graph itself (a new one every replay); the triton and cuda backends read it there, the torch "
+            "reference does not. Use one of them for the captured region (e.g. hetrain.plugins.use_backend("
+            "dropout='triton', dropout_add_layer_norm='triton')), or keep dropout out of the capture")
+    values = seed.tolist()
+    return int(values[0]), int(values[1]) if len(values) > 1 else 0
 
 
 @contextmanager
@@ -102,8 +97,8 @@ def _captured_stream(x: torch.Tensor, tape: _Tape | None) -> torch.Tensor:
     """The int64 ``(seed, offset)`` of a call captured in a CUDA graph, on ``x``'s GPU and drawn by the graph.
 
     torch's CUDA generator advances its state on every replay of a graph that drew from it, so each replay
-    applies a new mask; the triton kernels read the stream from memory (a host-drawn seed would be baked into
-    the graph, and every replay would repeat the mask of the capture).
+    applies a new mask; the triton and cuda kernels read the stream from memory (a host-drawn seed would be baked
+    into the graph, and every replay would repeat the mask of the capture).
     """
     if tape is None:
         return torch.constant_pad_nd(_draw(x.device), (0, 1), 0)

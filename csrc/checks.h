@@ -64,11 +64,16 @@ inline DropoutStream read_stream(const char* op, const at::Tensor& seed) {
   return {static_cast<uint64_t>(v[0]), static_cast<uint64_t>(offset)};
 }
 
-// The dropout call of a seed tensor and p (dropout_math.h), both checked.
-inline dropout::Call dropout_call(const char* op, const at::Tensor& seed, double p) {
+// The dropout call of a stream and p (dropout_math.h), p checked.
+inline dropout::Call call_of(const char* op, uint64_t seed, uint64_t offset, double p) {
   TORCH_CHECK(p >= 0 && p <= 1, "hetrain.", op, ": p must be in [0, 1], got ", p);
+  return {seed, offset, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
+}
+
+// The dropout call of a seed tensor and p, both checked.
+inline dropout::Call dropout_call(const char* op, const at::Tensor& seed, double p) {
   const DropoutStream s = read_stream(op, seed);
-  return {s.seed, s.offset, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
+  return call_of(op, s.seed, s.offset, p);
 }
 
 // The dropout call of a CUDA kernel on x. A seed on the CPU is read here, with no device sync. A seed on x's
@@ -76,12 +81,11 @@ inline dropout::Call dropout_call(const char* op, const at::Tensor& seed, double
 // every replay: the kernel reads it there (dropout::resolved).
 inline dropout::Call device_dropout_call(const char* op, const at::Tensor& seed, double p, const at::Tensor& x) {
   if (seed.device().is_cpu()) return dropout_call(op, seed, p);
-  TORCH_CHECK(p >= 0 && p <= 1, "hetrain.", op, ": p must be in [0, 1], got ", p);
   TORCH_CHECK(seed.device() == x.device() && seed.dim() == 1 && seed.numel() == 2 &&
                   seed.scalar_type() == at::kLong && seed.is_contiguous(),
               "hetrain.", op, ": a seed on a device must be int64 (seed, offset) on x's device ", x.device(),
               ", got ", seed.sizes(), " ", seed.scalar_type(), " on ", seed.device());
-  dropout::Call call{0, 0, dropout::drop_threshold(p), p < 1 ? 1.0 / (1.0 - p) : 0.0};
+  dropout::Call call = call_of(op, 0, 0, p);
   call.stream = seed.const_data_ptr<int64_t>();
   return call;
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import gc
+import multiprocessing
 import os
 import signal
 import threading
@@ -382,8 +383,6 @@ def test_a_token_file_truncated_while_in_use_is_an_error_not_a_crash(tmp_path):
 
 
 def test_reader_processes_give_the_same_batches_and_name_a_failing_sample():
-    import multiprocessing
-
     ds = SyntheticSequences(120, min_len=4, max_len=40, seed=2)
     lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
     sampler = TokenBudgetBatchSampler(lengths, 256, seed=3)
@@ -423,8 +422,6 @@ class KilledInAReader(Flaky):
 
 
 def test_a_reader_process_that_dies_is_named_at_once_instead_of_waited_for():
-    import multiprocessing
-
     sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(60)], 10, shuffle=False)
     loader = RingLoader(KilledInAReader(60, fatal=23), sampler, collate=PadInto(10, 10), num_workers=2,
                         reader_processes=2, stall_timeout=60)
@@ -442,8 +439,6 @@ def test_a_reader_process_that_dies_is_named_at_once_instead_of_waited_for():
 
 
 def test_the_other_readers_go_on_after_one_dies_and_none_left_is_named():
-    import multiprocessing
-
     from hetrain.data.readers import ReaderDied, ReaderProcesses
 
     ds = KilledInAReader(60, fatal=7)
@@ -501,13 +496,11 @@ def test_samples_come_back_from_readers_exactly():
 
 
 def test_closing_mid_read_stops_the_readers_promptly_every_time():
-    import multiprocessing
-
     sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(60)], 10, shuffle=False)
     for _ in range(5):  # results still in flight when the readers are stopped
         loader = RingLoader(Flaky(60, slow=9, sleep=30.0, delay=0.01), sampler, collate=PadInto(10, 10),
                             num_workers=2, reader_processes=2)
-        assert next(iter(loader))["labels"].tolist() == plan_head(sampler)
+        assert next(iter(loader))["labels"].tolist() == next(iter(sampler))
         t0 = time.monotonic()
         loader.close()
         assert time.monotonic() - t0 < 5, "closing must not wait for the sample being read"
@@ -515,8 +508,6 @@ def test_closing_mid_read_stops_the_readers_promptly_every_time():
 
 
 def test_ctrl_c_with_reader_processes_stops_them_without_waiting_for_a_slow_sample(monkeypatch):
-    import multiprocessing
-
     failures = []
     monkeypatch.setattr(threading, "excepthook", failures.append)
     slow = Flaky(30, slow=2, sleep=30.0)
@@ -531,10 +522,6 @@ def test_ctrl_c_with_reader_processes_stops_them_without_waiting_for_a_slow_samp
     assert time.monotonic() - t0 < 3, "Ctrl-C must not wait for the sample a reader is inside"
     timer.join()
     assert multiprocessing.active_children() == [] and failures == []
-
-
-def plan_head(sampler):
-    return next(iter(sampler))
 
 
 class _Stream(torch.utils.data.IterableDataset):

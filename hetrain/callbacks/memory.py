@@ -609,8 +609,9 @@ class MemoryProfiler(Callback):
             text += f"\n{kept}\n"
         if self.modules is not None and self.modules.records:
             text += "\n## Per module (largest over the measured steps)\n\n" + markdown_table(*self.modules.table())
-            if self.modules.compiled_note():
-                text += f"\n{self.modules.compiled_note()}\n"
+            compiled = self.modules.compiled_note()
+            if compiled:
+                text += f"\n{compiled}\n"
         churn = self.churn_section()
         if churn is not None:
             paragraphs, tables = churn
@@ -668,8 +669,9 @@ class MemoryProfiler(Callback):
             tables += f"<p>{html.escape(kept)}</p>"
         if self.modules is not None and self.modules.records:
             tables += "<h2>Per module (largest over the measured steps)</h2>" + _html_table(*self.modules.table())
-            if self.modules.compiled_note():
-                tables += f"<p>{html.escape(self.modules.compiled_note())}</p>"
+            compiled = self.modules.compiled_note()
+            if compiled:
+                tables += f"<p>{html.escape(compiled)}</p>"
         churn = self.churn_section()
         if churn is not None:
             paragraphs, churn_tables = churn

@@ -49,6 +49,11 @@ class _Tape:
         self.calls += 1
         return seed
 
+    def offset(self, x: torch.Tensor) -> int:
+        """The stream index of batch-first ``x``'s first element: its micro-batch's first row in the whole batch."""
+        per_row = x.numel() // x.shape[0] if x.dim() and x.shape[0] else 0
+        return self.first_row * per_row
+
 
 def _draw(device: torch.device | None = None) -> torch.Tensor:
     # A tensor op, not a Python int: torch.compile traces it without a graph break. On the CPU by default, so
@@ -107,8 +112,7 @@ def _captured_stream(x: torch.Tensor, tape: _Tape | None) -> torch.Tensor:
         raise RuntimeError(
             "hetrain: a pipeline stage's later micro-batch is being captured in a CUDA graph but its first was not, "
             "so its dropout seed was drawn on the host; capture every micro-batch of the step, or none")
-    per_row = x.numel() // x.shape[0] if x.dim() and x.shape[0] else 0
-    return torch.constant_pad_nd(seed, (0, 1), tape.first_row * per_row)
+    return torch.constant_pad_nd(seed, (0, 1), tape.offset(x))
 
 
 def dropout_stream(x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +125,7 @@ def dropout_stream(x: torch.Tensor) -> torch.Tensor:
         return _captured_stream(x, tape)
     if tape is None:
         return _draw()
-    per_row = x.numel() // x.shape[0] if x.dim() and x.shape[0] else 0
-    return torch.cat([tape.next_seed(), torch.tensor([tape.first_row * per_row], dtype=torch.int64)])
+    return torch.cat([tape.next_seed(), torch.tensor([tape.offset(x)], dtype=torch.int64)])
 
 
 def _capturing() -> bool:

@@ -2,8 +2,11 @@
 OOM post-mortem."""
 
 import logging
+import os
 import pickle
 import resource
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -329,6 +332,31 @@ class Churner(nn.Module):
 def _churn_model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU()), Churner(), nn.Linear(WIDTH, 1))
+
+
+_CHURN_IN_A_FRESH_PROCESS = """
+import torch
+from hetrain.callbacks.churn import ChurnTracker
+model = torch.nn.Linear(8, 8)
+tracker = ChurnTracker(model)
+for _ in range(2):
+    with tracker.step():
+        model(torch.randn(4, 8)).sum().backward()
+print(len(tracker.steps))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the markers stay on where a GPU is visible")
+def test_churn_steps_leave_stderr_free_of_the_profilers_start_and_stop_markers_unless_asked():
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"} | env
+        return subprocess.run([sys.executable, "-c", _CHURN_IN_A_FRESH_PROCESS], capture_output=True, text=True,
+                              env=env, timeout=120, check=True)
+
+    quiet = run({})
+    assert quiet.stdout.strip() == "2" and "profiler_start" not in quiet.stderr, quiet.stderr
+    asked = run({"KINETO_LOG_LEVEL": "2"})  # a level the user set is kept
+    assert asked.stdout.strip() == "2" and "profiler_start" in asked.stderr, asked.stderr
 
 
 def test_churn_tracker_names_the_module_that_allocates_every_step_and_not_the_clean_ones():

@@ -10,7 +10,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hetrain.callbacks import throughput as tp
-from hetrain.callbacks.throughput import NA, NvmlEnergy, Throughput, ThroughputMeter, batch_size, peak_flops
+from hetrain.callbacks.throughput import (
+    NA,
+    NvmlEnergy,
+    Throughput,
+    ThroughputMeter,
+    batch_size,
+    describe,
+    peak_flops,
+)
 
 BATCH, LEN = 4, 6
 
@@ -57,6 +65,8 @@ def test_meter_numbers_are_exact():
     # numpy's linear percentiles of (2, 4, 3) s
     assert summary["step_time_ms"] == pytest.approx({"mean": 3000.0, "p50": 3000.0, "p90": 3800.0, "p99": 3980.0})
     assert summary["mfu"] == pytest.approx(6e9 * 3 / 12 / 1e10)
+    assert describe(summary) == ("3 batches, 1 samples/s, 5 tokens/s, step 3000.0 ms p50 (3800.0 p90, 3980.0 p99), "
+                                 "data wait 16.7%, between steps 25.0%, MFU 15.0%")
     # Lightning's rolling window over the three timed batches: cumulative time 3, 9, 12.
     rolling = meter.compute()
     assert rolling["device/samples_per_sec"] == pytest.approx(8 / 9)
@@ -76,6 +86,8 @@ def test_data_wait_is_unknown_when_any_timed_batch_lacks_the_loaders_measure():
     summary = meter.summary()
     assert summary["data_wait_fraction"] == NA and summary["data_wait_ms_mean"] == NA
     assert summary["between_steps_fraction"] == 0.5  # 1 + 1 of 4 s
+    assert "data wait n/a" in describe(summary) and "tokens/s n/a" in describe(summary)
+    assert "too few" in describe(ThroughputMeter(Script(0)).summary())
 
 
 def test_meter_step_spans_its_micro_batches_and_leaves_out_time_before_a_restart():

@@ -27,6 +27,7 @@ An allocation is *churned* when its (device, module, phase, op, kind, size) recu
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -240,6 +241,15 @@ def churned(steps: list[Counter[Allocation]]) -> list[ChurnRow]:
     return sorted(rows, key=lambda r: (-r.bytes_per_step, r.allocation.module, r.allocation.op))
 
 
+def _quiet_kineto_markers() -> None:
+    """Keeps torch's profiler engine (Kineto) from printing a "profiler_start"/"profiler_stop" line to stderr at
+    every churn step. Those marker lines sit at its highest level, above its errors, so only a level that hides
+    the errors too hides them: done where no GPU is visible, whose tracing errors (CUPTI's) are the ones
+    worth seeing. Kineto reads the level once, at the process's first profile; a level already set is kept."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 class ChurnTracker:
     """Finds allocator churn over a few steps of a model; usable without a Trainer.
 
@@ -272,6 +282,7 @@ class ChurnTracker:
         if torch.autograd.profiler._is_profiler_enabled:
             log.warning("hetrain: another torch profiler is running; allocator churn is not measured this step")
             return False
+        _quiet_kineto_markers()
         activities = [torch.profiler.ProfilerActivity.CPU]
         # profile_memory records every device's allocator (CPU and CUDA) from the host thread's events.
         # record_shapes makes the profiler number its allocations, pairing each with its free (allocation_id).

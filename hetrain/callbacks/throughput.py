@@ -239,6 +239,33 @@ class ThroughputMeter:
         return out
 
 
+def describe(summary: dict[str, Any]) -> str:
+    """One line a person reads at the end of a fit: the summary's rates, step-time percentiles, shares of the
+    training time and MFU, rounded; what was not measured reads n/a."""
+    if "samples_per_s" not in summary:
+        return f"{summary.get('batches_timed', 0)} batches timed after warm-up: too few for rates"
+
+    def rate(value: Any, unit: str) -> str:
+        return f"{value:,.0f} {unit}/s" if isinstance(value, float) else f"{unit}/s {NA}"
+
+    def share(value: Any) -> str:
+        return f"{100 * value:.1f}%" if isinstance(value, float) else NA
+
+    parts = [f"{summary['batches_timed']} batches", rate(summary["samples_per_s"], "samples"),
+             rate(summary["tokens_per_s"], "tokens")]
+    steps = summary.get("step_time_ms")
+    if steps:
+        parts.append(f"step {steps['p50']:.1f} ms p50 ({steps['p90']:.1f} p90, {steps['p99']:.1f} p99)")
+    parts += [f"data wait {share(summary['data_wait_fraction'])}",
+              f"between steps {share(summary['between_steps_fraction'])}", f"MFU {share(summary['mfu'])}"]
+    energy = summary.get("energy_j_per_step", NA)
+    if isinstance(energy, float):
+        parts.append(f"{energy:.2f} J/step")
+    if "of_ranks" in summary:
+        parts.append(summary["of_ranks"])
+    return ", ".join(parts)
+
+
 def batch_size(batch: Any) -> int:
     """Samples in a batch: the first dimension of its first tensor (``labels`` first for dicts)."""
     if isinstance(batch, dict):
@@ -410,7 +437,7 @@ class Throughput(Callback):
         if trainer.world_size > 1:  # these are rank 0's batches on its device; the run summary counts every rank
             summary["of_ranks"] = f"rank 0 of {trainer.world_size}"
         self.summary = summary
-        log.info(f"Throughput: {summary}")
+        log.info(f"Throughput: {describe(summary)}")
 
     def _energy_per_step(self, steps: int) -> float | str:
         joules = self.energy.joules() if self._energy_start is not None else None

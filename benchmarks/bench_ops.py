@@ -22,7 +22,7 @@ import torch
 import hetrain
 from benchmarks import report
 from benchmarks.cases import discover
-from benchmarks.timing import back_to_back_ms, copy_bandwidth_gbs, median_ms
+from benchmarks.timing import back_to_back_ms, copy_bandwidth_gbs, cuda_generator_restored_on_error, median_ms
 from hetrain.ops.rng import masks_fixed_in_cuda_graphs
 
 RESULTS = Path(__file__).parent / "results"
@@ -30,22 +30,19 @@ RESULTS = Path(__file__).parent / "results"
 
 def graph_ms(fn: Callable[[], object], measure_s: float) -> float | str:
     """Median replay time of ``fn`` captured in a CUDA graph: the GPU time without Python's launch overhead."""
-    generator = torch.cuda.default_generators[torch.cuda.current_device()]
-    fresh = generator.clone_state()
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
+        with cuda_generator_restored_on_error():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), masks_fixed_in_cuda_graphs():  # GPU time: one mask replayed serves
                 fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), masks_fixed_in_cuda_graphs():  # GPU time: one mask replayed serves
-            fn()
         return median_ms(graph.replay, min_reps=20, budget_s=measure_s)
     except Exception as exc:  # a call that syncs or allocates on the host cannot be captured
-        # A capture that failed midway leaves the generator in capture mode: every later random draw would fail.
-        generator.graphsafe_set_state(fresh)
         return f"n/a ({type(exc).__name__})"
 
 
@@ -77,7 +74,8 @@ def run(device: str, quick: bool, measure_s: float = 2.0, ops: set[str] | None =
             continue
         impls = case.make()
         row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes, "ms": {},
-               "back_to_back_ms": {}, "graph_ms": {name: "n/a (no CUDA)" for name in impls}, "peak_mib": {}}
+               "back_to_back_ms": {}, "peak_mib": {},
+               "graph_ms": {name: "n/a (not measured)" if on_gpu else "n/a (no CUDA)" for name in impls}}
         for impl, fn in impls.items():
             row["ms"][impl] = median_ms(fn, min_reps=3 if quick else 20, budget_s=0.3 if quick else measure_s)
             row["back_to_back_ms"][impl] = back_to_back_ms(fn, budget_s=0.1 if quick else measure_s)
@@ -122,7 +120,8 @@ def main() -> None:
     print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path_of(result)}")
     if backends := report.backend_table(result):
         print("\nthe two CUDA backends (C++ / Triton, geometric mean over each op's cases):\n" + backends)
-    if not args.quick and args.device.startswith("cuda"):
+    # RESULTS.md shows benchmarks/results only: a run written elsewhere (gpu-check's --out) leaves it alone.
+    if not args.quick and args.device.startswith("cuda") and args.out.resolve() == RESULTS.resolve():
         report.write_gpu_results_md(args.out)
 
 

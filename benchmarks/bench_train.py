@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import hetrain
-from benchmarks.timing import median_ms
+from benchmarks.timing import cuda_generator_restored_on_error, median_ms
 from hetrain import _ext, cpu_memory, plugins
 from hetrain.callbacks.placement import StagePlacement
 from hetrain.models.bert import BertClassifier
@@ -158,13 +158,26 @@ def measure(step: Callable[[], None], device: str, quick: bool) -> tuple[float, 
 
 
 def _release(device: str) -> None:
+    """Frees what a mode left: dynamo's compiled code holds its CUDA graphs' memory pools until reset, and the
+    next mode's peak would count them."""
+    torch.compiler.reset()
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
 
 
+def pinned_to(kernels: str | None) -> contextlib.AbstractContextManager:
+    """Every op that has backend ``kernels`` pinned to it (nothing pinned for None). Pinned, not preferred: a
+    preferred backend that raises falls back to the next one with one warning, and the row would time that one
+    under this name; pinned, it fails the row."""
+    if kernels is None:
+        return contextlib.nullcontext()
+    return plugins.use_backend(**{op: kernels for op in plugins.ops()
+                                  if kernels in {b.name for b in plugins.backends(op)}})
+
+
 def variants(mode: Mode, device: str) -> list[tuple[bool, str | None]]:
-    """(fused, preferred backend) rows of a mode: fused and not; in bf16-mixed on a CUDA build, fused preferring
+    """(fused, pinned backend) rows of a mode: fused and not; in bf16-mixed on a CUDA build, fused pinned to
     the C++/CUDA kernels too (their autograd is C++, so an eager step launches them at about torch's own cost;
     the default on CUDA is Triton)."""
     rows: list[tuple[bool, str | None]] = [(True, None), (False, None)]
@@ -183,7 +196,7 @@ def run_modes(shape: Shape, device: str, quick: bool) -> list[dict]:
             if row["skipped"] is None:
                 model = build_model(shape, fused).to(device).train()
                 try:
-                    with tf32(mode.tf32), plugins.preferring(*([kernels] if kernels else [])):
+                    with tf32(mode.tf32), pinned_to(kernels), cuda_generator_restored_on_error():
                         row["ms"], row["peak_mib"] = measure(train_step(model, mode, batch, device), device, quick)
                 except Exception as exc:  # one mode that fails (a compile error, say) leaves the others' figures
                     row["failed"] = f"{type(exc).__name__}: {exc}"[:500]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -53,3 +54,20 @@ def copy_bandwidth_gbs(device: str = "cpu", megabytes: int = 256) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), min_reps=10)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+@contextlib.contextmanager
+def cuda_generator_restored_on_error() -> Iterator[None]:
+    """A CUDA graph capture that fails midway (a host sync or allocation inside it) leaves the device's random
+    generator in capture mode, and every later random draw of the run fails: on an error, its state before the
+    block is put back and the error goes on. Nothing happens without CUDA."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    fresh = generator.clone_state()
+    try:
+        yield
+    except BaseException:
+        generator.graphsafe_set_state(fresh)
+        raise

@@ -8,6 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+import hetrain
+from benchmarks.bench_train import pinned_to
+from hetrain import plugins
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -102,3 +109,22 @@ def test_step_profile_sorts_every_op_of_a_step_into_kinds(tmp_path: Path) -> Non
     assert kinds["gemm"]["ms"] > 0 and kinds["hetrain fused"]["ms"] > 0 and kinds["optimizer"]["ms"] > 0
     assert all(r["op"] and r["share"] < 1 for r in result["top_other"])
     assert "| gemm |" in proc.stdout
+
+
+def test_a_row_pinned_to_a_backend_that_fails_fails_instead_of_timing_another():
+    def broken(*args):
+        raise RuntimeError("flaky kernels")
+
+    impl = type("Flaky", (), {"forward": staticmethod(broken), "backward": staticmethod(broken)})
+    plugins.register("layer_norm", "flaky", ("cpu",), impl, priority=-1)
+    try:
+        x = torch.randn(3, 8)
+        with pinned_to("flaky"):
+            assert plugins.select("layer_norm", "cpu").name == "flaky"
+            assert plugins.select("rms_norm", "cpu").name != "flaky"  # an op without it is left as it was
+            with pytest.raises(RuntimeError, match="flaky kernels"):
+                hetrain.ops.layer_norm(x)
+        with pinned_to(None):
+            assert plugins.select("layer_norm", "cpu").name != "flaky"
+    finally:
+        plugins.unregister("layer_norm", "flaky")

@@ -51,9 +51,10 @@ def liger(name: str, device: str) -> Callable | None:
 
 
 def with_cpp_kernels(op: str, fn: Callable, device: str) -> Callable | None:
-    """``fn`` preferring hetrain's C++/CUDA kernels (their autograd in C++), timed as ``hetrain_cuda`` beside the
-    default; None where they would change nothing: off CUDA, on a build without them, or where ``op`` has none
-    or picks them already."""
+    """``fn`` on hetrain's C++/CUDA kernels (their autograd in C++), timed as ``hetrain_cuda`` beside the default;
+    None where they would change nothing: off CUDA, on a build without them, or where ``op`` has none or picks
+    them already. Pinned, not preferred: a preferred backend that raises falls back to the next one (Triton) with
+    one warning per op, and the row would time Triton under the C++ kernels' name."""
     from hetrain import _ext, plugins
 
     if not device.startswith("cuda") or not _ext.built_with_cuda():
@@ -61,11 +62,11 @@ def with_cpp_kernels(op: str, fn: Callable, device: str) -> Callable | None:
     if "cuda" not in {b.name for b in plugins.backends(op)} or plugins.select(op, "cuda").name == "cuda":
         return None
 
-    def preferred(*args):
-        with plugins.preferring("cuda"):
+    def pinned(*args):
+        with plugins.use_backend(**{op: "cuda"}):
             return fn(*args)
 
-    return preferred
+    return pinned
 
 
 def dtype_name(dtype) -> str:

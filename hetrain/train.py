@@ -243,6 +243,12 @@ def run(cfg: DictConfig) -> float | None:
     info = _run_info()
     try:
         summary = {"status": "ok", **info, **train(cfg)}
+    except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns a Ctrl-C it stops at once into exit(1)
+        if rank_zero_only.rank == 0:
+            write_run_summary({"status": "interrupted", **info, "error": "stopped at once (Ctrl-C twice, or outside "
+                               f"a training step; {type(exc).__name__}): nothing saved since the last checkpoint"},
+                              output_dir)
+        raise
     except Exception as exc:
         cause = _root_cause(exc)
         error = f"{type(cause).__name__}: {cause}"
@@ -252,7 +258,12 @@ def run(cfg: DictConfig) -> float | None:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             return None
         raise
+    stopped = summary.get("graceful_stop") or {}
+    if stopped:
+        summary["status"] = "interrupted"
     if rank_zero_only.rank == 0:  # under DDP every rank runs this; one summary per run, with every rank's samples
         text = write_run_summary(summary, output_dir)
         log.info(f"Summary ({output_dir / SUMMARY_MD}):\n{text}")
+    if stopped:  # GracefulStop logged where the run stopped and how to go on
+        raise SystemExit(130)  # a shell's code for a program ended by Ctrl-C: `train.py && next` stops, so does a sweep
     return summary["metrics"].get(cfg.optimized_metric)

@@ -88,6 +88,26 @@ if __name__ == "__main__":
 '''
 
 
+def test_ctrl_c_reaching_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Ranks agree each step on whether to stop: rank 0 alone stopping would leave rank 1 waiting in the next
+    step's gradient all-reduce for good."""
+    run = subprocess.run(
+        [sys.executable, "train.py", "recipe=bert_split", "trainer.accelerator=cpu", "trainer.devices=2",
+         "+trainer.strategy=ddp", "trainer.max_steps=30", "trainer.val_check_interval=30", "data.train_size=512",
+         "data.val_size=64", "threads=1", "callbacks.memory_profiler=null", f"hydra.run.dir={tmp_path}",
+         "+callbacks.ctrl_c._target_=tests.fixtures.ctrl_c.CtrlCAt", "+callbacks.ctrl_c.steps=[3]",
+         "+callbacks.ctrl_c.rank=0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 130, output[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
+    assert summary["status"] == "interrupted" and summary["graceful_stop"] == {"at_step": 4,
+                                                                               "checkpoint": str(checkpoint)}
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
+
+
 def test_ddp_ranks_train_on_disjoint_shares_covering_every_sample_each_epoch(tmp_path):
     run_two_ranks(SEEN_PER_RANK, tmp_path)
     seen = [json.loads((tmp_path / f"seen_rank{r}.json").read_text()) for r in (0, 1)]

@@ -198,7 +198,8 @@ def _logged(run: Path) -> list[dict[str, str]]:
 
 def test_a_run_resumed_from_a_checkpoint_of_its_middle_goes_on_exactly_as_it_did(tmp_path):
     """ckpt_path= restores weights, optimizer, the ring loader's position mid-epoch and the generators: a job
-    preempted after its step-20 checkpoint and resumed from it logs what the uninterrupted job logged."""
+    preempted after its step-20 checkpoint, or stopped by Ctrl-C, and resumed from its checkpoint logs what the
+    uninterrupted job logged."""
     common = ["recipe=bert_split", "model.hidden=32", *SMALL, "trainer.val_check_interval=10",
               "trainer.log_every_n_steps=5", "trainer.max_steps=30", "callbacks.memory_profiler=null"]
     whole = train_py(*common, "callbacks.model_checkpoint.save_top_k=-1", f"hydra.run.dir={tmp_path}/whole",
@@ -212,6 +213,29 @@ def test_a_run_resumed_from_a_checkpoint_of_its_middle_goes_on_exactly_as_it_did
     after = [r for r in _logged(tmp_path / "whole") if int(r["step"]) >= 20]
     assert len(after) >= 3 and any("train/loss" in r for r in after) and any("val/loss" in r for r in after)
     assert [r for r in _logged(tmp_path / "resumed") if int(r["step"]) >= 20] == after  # the same values, bit for bit
+
+    # Ctrl-C during step 17: that step ends, its checkpoint is saved, the run exits 130 saying how to go on.
+    ctrl_c = ["+callbacks.ctrl_c._target_=tests.fixtures.ctrl_c.CtrlCAt"]
+    stopped = train_py(*common, *ctrl_c, "+callbacks.ctrl_c.steps=[17]", f"hydra.run.dir={tmp_path}/stopped",
+                       cwd=tmp_path)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    checkpoint = tmp_path / "stopped" / "checkpoints" / "interrupted.ckpt"
+    summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 18
+    assert summary["graceful_stop"] == {"at_step": 18, "checkpoint": str(checkpoint)}
+    assert f"Resume with ckpt_path={checkpoint}" in (tmp_path / "stopped" / "train.log").read_text()
+    went_on = train_py(*common, f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path}/went_on", cwd=tmp_path)
+    assert went_on.returncode == 0, went_on.stderr[-3000:]
+    after = [r for r in _logged(tmp_path / "whole") if int(r["step"]) >= 18]
+    assert [r for r in _logged(tmp_path / "went_on") if int(r["step"]) >= 18] == after
+
+    # Twice: it stops at once, as Lightning does, and the summary says nothing was saved.
+    twice = train_py(*common, *ctrl_c, "+callbacks.ctrl_c.steps=[3,3]", f"hydra.run.dir={tmp_path}/twice",
+                     cwd=tmp_path)
+    assert twice.returncode == 1, twice.stderr[-3000:]
+    summary = json.loads((tmp_path / "twice" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "nothing saved since the last checkpoint" in summary["error"]
+    assert not (tmp_path / "twice" / "checkpoints" / "interrupted.ckpt").exists()
 
 
 def test_compiled_stages_train_as_the_eager_ones_do(tmp_path):

@@ -1,7 +1,8 @@
 """Lightning callbacks: placement, pipeline split, precision, non-finite guard, memory, throughput, trace,
-random state in checkpoints."""
+random state in checkpoints, a graceful stop on Ctrl-C."""
 
 from hetrain.callbacks.churn import ChurnTracker
+from hetrain.callbacks.graceful_stop import GracefulStop
 from hetrain.callbacks.memory import MemoryProfiler
 from hetrain.callbacks.pipeline import PipelineSplit
 from hetrain.callbacks.placement import StagePlacement, device_present, resolve_plan
@@ -19,6 +20,7 @@ from hetrain.callbacks.throughput import Throughput
 __all__ = [
     "ChurnTracker",
     "DeviceMixedPrecision",
+    "GracefulStop",
     "MemoryProfiler",
     "NonFiniteError",
     "NonFiniteGuard",

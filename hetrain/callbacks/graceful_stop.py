@@ -1,0 +1,106 @@
+"""``GracefulStop``: Ctrl-C ends a fit after the step in flight, with a checkpoint to resume from.
+
+Lightning's own answer to Ctrl-C stops at once: the step in flight is dropped, nothing is saved since the last
+checkpoint, and the process exits. A person who presses Ctrl-C on a long run mostly wants it paused, not lost.
+Here the first Ctrl-C lets the current optimizer step finish, saves a checkpoint of it (weights, optimizer, loops,
+the loader's position and, with :class:`~hetrain.callbacks.RandomState`, the generators, so a resumed run goes on
+exactly as this one would have) and ends the fit; a second Ctrl-C stops at once, the way Lightning does.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+
+class GracefulStop(Callback):
+    """The first Ctrl-C (SIGINT) stops the fit at the next optimizer step's end and saves ``filename`` there.
+
+    Args:
+        filename: the checkpoint's name, in the ModelCheckpoint's directory (the Trainer's root directory
+            without one); ``ckpt_path=`` resumes from it.
+
+    Notes:
+        - With gradient accumulation the stop waits for the step that applies the accumulated gradients: a
+          checkpoint between them would lose the ones gathered so far.
+        - Under DDP every rank stops after the same step (the ranks agree on it each step), so none waits in a
+          collective the others left; each process receives Ctrl-C from the terminal.
+        - Only the main thread can take signals: in a fit run from another thread Ctrl-C is left to Python.
+        - Ctrl-C before training starts (the sanity check) stops at once, as without this callback.
+        - ``summary`` holds the step and the checkpoint once the fit was stopped this way.
+    """
+
+    def __init__(self, filename: str = "interrupted.ckpt") -> None:
+        self.filename = filename
+        self.requested = False
+        self.summary: dict[str, Any] = {}
+        self._previous: Any = None
+        self._installed = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.requested, self.summary = False, {}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not in on_fit_start: the Trainer records the signal handlers after that hook and puts those back when
+        # it tears down, which would leave this one installed after the fit.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:  # the second press: stop at once, through Lightning's KeyboardInterrupt handling
+            self._restore()
+            signal.default_int_handler(signum, frame)
+        self.requested = True
+        log.warning("Ctrl-C: the fit stops after this step and saves a checkpoint to resume from; press Ctrl-C "
+                    "again to stop at once without one")
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # gradients of this batch wait for the next ones: no step to save yet
+        stop = self.requested
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        path = self._checkpoint_dir(trainer) / self.filename
+        trainer.save_checkpoint(path)
+        trainer.should_stop = True
+        self.summary = {"at_step": trainer.global_step, "checkpoint": str(path)}
+        if trainer.is_global_zero:
+            log.warning(f"Stopped by Ctrl-C after step {trainer.global_step}; checkpoint {path}. Resume with "
+                        f"ckpt_path={path}")
+
+    @staticmethod
+    def _checkpoint_dir(trainer: pl.Trainer) -> Path:
+        checkpoint = trainer.checkpoint_callback
+        directory = getattr(checkpoint, "dirpath", None) or trainer.default_root_dir
+        return Path(directory)
+
+    def _restore(self) -> None:
+        if self._installed:
+            # None: the handler before was not set from Python; the default is what it did.
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()

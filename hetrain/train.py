@@ -7,6 +7,7 @@ fits, and writes the run summary into the run directory.
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         ckpt_path = cfg.get("ckpt_path")
         log.info(f"Resuming from {ckpt_path}" if ckpt_path else "Starting training")
-        parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+        try:
+            parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+        except SystemExit as exc:  # how Lightning ends a fit on SIGTERM, or on Ctrl-C pressed twice
+            exc.graceful_stop = getattr(parts.callbacks.get("graceful_stop"), "summary", None) or {}
+            raise
         summary = parts.recorder.summary(parts.trainer)
         summary["precision"] = str(parts.trainer.precision)
         if parts.compiled is not None:
@@ -244,10 +249,18 @@ def run(cfg: DictConfig) -> float | None:
     try:
         summary = {"status": "ok", **info, **train(cfg)}
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns a Ctrl-C it stops at once into exit(1)
+        saved = getattr(exc, "graceful_stop", None)
+        if saved:  # SIGTERM: GracefulStop saved the last step before Lightning ended the fit
+            error = (f"stopped by {saved['signal']} after step {saved['at_step']}: go on with "
+                     f"ckpt_path={saved['checkpoint']}")
+        else:
+            error = (f"stopped at once (Ctrl-C twice, or outside a training step; {type(exc).__name__}): nothing saved "
+                     "since the last checkpoint")
         if rank_zero_only.rank == 0:
-            write_run_summary({"status": "interrupted", **info, "error": "stopped at once (Ctrl-C twice, or outside "
-                               f"a training step; {type(exc).__name__}): nothing saved since the last checkpoint"},
+            write_run_summary({"status": "interrupted", **info, "error": error, "graceful_stop": saved or {}},
                               output_dir)
+        if saved:
+            raise SystemExit(128 + signal.Signals[saved["signal"]]) from exc  # Lightning's exception exits 0
         raise
     except Exception as exc:
         cause = _root_cause(exc)
@@ -265,5 +278,6 @@ def run(cfg: DictConfig) -> float | None:
         text = write_run_summary(summary, output_dir)
         log.info(f"Summary ({output_dir / SUMMARY_MD}):\n{text}")
     if stopped:  # GracefulStop logged where the run stopped and how to go on
-        raise SystemExit(130)  # a shell's code for a program ended by Ctrl-C: `train.py && next` stops, so does a sweep
+        # 128 + the signal, a shell's code for a program it ended: `train.py && next` stops, and so does a sweep.
+        raise SystemExit(128 + signal.Signals[stopped["signal"]])
     return summary["metrics"].get(cfg.optimized_metric)

@@ -47,7 +47,7 @@ def test_ctrl_c_ends_the_fit_after_the_step_in_flight_with_a_checkpoint_and_give
     trainer = _fit(tmp_path, [stop, CtrlCAt([5]), ModelCheckpoint(dirpath=tmp_path / "checkpoints")])
     assert trainer.global_step == 6  # step 5 ran to its end, none after it
     checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
-    assert stop.summary == {"at_step": 6, "checkpoint": str(checkpoint)}
+    assert stop.summary == {"at_step": 6, "checkpoint": str(checkpoint), "signal": "SIGINT"}
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
     assert signal.getsignal(signal.SIGINT) is before
     # The next fit starts afresh: an earlier Ctrl-C does not stop it.
@@ -74,3 +74,14 @@ def test_a_second_ctrl_c_stops_at_once_through_lightnings_own_shutdown(tmp_path)
     finally:
         assert signal.getsignal(signal.SIGINT) is before
         signal.signal(signal.SIGINT, before)
+
+
+def test_sigterm_saves_the_step_in_flight_before_lightning_ends_the_fit(tmp_path):
+    """A scheduler preempting the job: Lightning finishes the step and raises SIGTERMException; the step's
+    checkpoint is saved first."""
+    stop = GracefulStop()
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, [stop, CtrlCAt([5], signal_name="SIGTERM")])
+    checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
+    assert stop.summary == {"at_step": 6, "checkpoint": str(checkpoint), "signal": "SIGTERM"}
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 6

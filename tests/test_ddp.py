@@ -103,8 +103,8 @@ def test_ctrl_c_reaching_one_rank_stops_every_rank_after_the_same_step(tmp_path)
     assert run.returncode == 130, output[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
-    assert summary["status"] == "interrupted" and summary["graceful_stop"] == {"at_step": 4,
-                                                                               "checkpoint": str(checkpoint)}
+    assert summary["status"] == "interrupted"
+    assert summary["graceful_stop"] == {"at_step": 4, "checkpoint": str(checkpoint), "signal": "SIGINT"}
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
 
 

@@ -222,12 +222,21 @@ def test_a_run_resumed_from_a_checkpoint_of_its_middle_goes_on_exactly_as_it_did
     checkpoint = tmp_path / "stopped" / "checkpoints" / "interrupted.ckpt"
     summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] == 18
-    assert summary["graceful_stop"] == {"at_step": 18, "checkpoint": str(checkpoint)}
+    assert summary["graceful_stop"] == {"at_step": 18, "checkpoint": str(checkpoint), "signal": "SIGINT"}
     assert f"Resume with ckpt_path={checkpoint}" in (tmp_path / "stopped" / "train.log").read_text()
     went_on = train_py(*common, f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path}/went_on", cwd=tmp_path)
     assert went_on.returncode == 0, went_on.stderr[-3000:]
     after = [r for r in _logged(tmp_path / "whole") if int(r["step"]) >= 18]
     assert [r for r in _logged(tmp_path / "went_on") if int(r["step"]) >= 18] == after
+
+    # SIGTERM (a preempted job): the same checkpoint of the step in flight, exit 143.
+    preempted = train_py(*common, *ctrl_c, "+callbacks.ctrl_c.steps=[17]", "+callbacks.ctrl_c.signal_name=SIGTERM",
+                         f"hydra.run.dir={tmp_path}/preempted", cwd=tmp_path)
+    assert preempted.returncode == 143, preempted.stderr[-3000:]
+    checkpoint = tmp_path / "preempted" / "checkpoints" / "interrupted.ckpt"
+    summary = json.loads((tmp_path / "preempted" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and f"ckpt_path={checkpoint}" in summary["error"]
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 18
 
     # Twice: it stops at once, as Lightning does, and the summary says nothing was saved.
     twice = train_py(*common, *ctrl_c, "+callbacks.ctrl_c.steps=[3,3]", f"hydra.run.dir={tmp_path}/twice",

@@ -5,6 +5,9 @@ checkpoint, and the process exits. A person who presses Ctrl-C on a long run mos
 Here the first Ctrl-C lets the current optimizer step finish, saves a checkpoint of it (weights, optimizer, loops,
 the loader's position and, with :class:`~hetrain.callbacks.RandomState`, the generators, so a resumed run goes on
 exactly as this one would have) and ends the fit; a second Ctrl-C stops at once, the way Lightning does.
+
+SIGTERM, what a scheduler sends a job it preempts, Lightning handles itself: it lets the step in flight finish and
+then raises ``SIGTERMException``, again with nothing saved. Here that step's checkpoint is saved first.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class GracefulStop(Callback):
           collective the others left; each process receives Ctrl-C from the terminal.
         - Only the main thread can take signals: in a fit run from another thread Ctrl-C is left to Python.
         - Ctrl-C before training starts (the sanity check) stops at once, as without this callback.
-        - ``summary`` holds the step and the checkpoint once the fit was stopped this way.
+        - ``summary`` holds the step, the checkpoint and the signal once the fit was stopped this way.
     """
 
     def __init__(self, filename: str = "interrupted.ckpt") -> None:
@@ -72,18 +75,21 @@ class GracefulStop(Callback):
                            batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # gradients of this batch wait for the next ones: no step to save yet
-        stop = self.requested
+        # Lightning raises SIGTERMException once this batch is done (every rank, it broadcasts the signal).
+        sigterm = bool(getattr(trainer, "received_sigterm", False))
+        stop = self.requested or sigterm
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
+        if not stop or self.summary:
             return
         path = self._checkpoint_dir(trainer) / self.filename
         trainer.save_checkpoint(path)
         trainer.should_stop = True
-        self.summary = {"at_step": trainer.global_step, "checkpoint": str(path)}
+        name = "SIGINT" if self.requested else "SIGTERM"
+        self.summary = {"at_step": trainer.global_step, "checkpoint": str(path), "signal": name}
         if trainer.is_global_zero:
-            log.warning(f"Stopped by Ctrl-C after step {trainer.global_step}; checkpoint {path}. Resume with "
-                        f"ckpt_path={path}")
+            log.warning(f"Stopped by {'Ctrl-C' if self.requested else name} after step {trainer.global_step}; "
+                        f"checkpoint {path}. Resume with ckpt_path={path}")
 
     @staticmethod
     def _checkpoint_dir(trainer: pl.Trainer) -> Path:

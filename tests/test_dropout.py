@@ -8,6 +8,7 @@ import pytest
 import torch
 from op_testing import assert_close, non_contiguous, randn
 
+from benchmarks.timing import cuda_generator_restored_on_error
 from hetrain import plugins
 from hetrain.nn.dropout import Dropout
 from hetrain.ops.dropout import dropout, dropout_ref, keep_mask
@@ -218,48 +219,68 @@ def test_the_reference_refuses_a_seed_drawn_on_a_device_naming_the_backends_that
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("op", ["dropout", "dropout_add_layer_norm"])
 def test_a_cuda_graph_draws_a_new_mask_every_replay_and_the_reference_refuses_it(backend, op):
-    x = values((64, 48)).detach().cuda()
+    x = values((64, 48)).detach().cuda().requires_grad_()
     residual = values((64, 48), seed=2, requires_grad=False).cuda()
+    dy = values((64, 48), seed=3, requires_grad=False).cuda()
 
     def call():
-        if op == "dropout":
-            return dropout(x, 0.5)
-        return dropout_add_layer_norm(x, residual, None, None, 0.5)
+        y = dropout(x, 0.5) if op == "dropout" else dropout_add_layer_norm(x, residual, None, None, 0.5)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        return y, dx
 
     def capture(backend, fixed=False):
-        with plugins.use_backend(**{op: backend}):
-            call()  # compiled and loaded outside the capture
+        with plugins.use_backend(**{op: backend}), cuda_generator_restored_on_error():
+            # Compiled and loaded outside the capture (CUDA forbids loading a module while a stream captures): a
+            # captured call, which reads its stream from memory, runs the kernels this one did.
+            call()
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), (masks_fixed_in_cuda_graphs() if fixed else contextlib.nullcontext()):
-                y = call()
-        return graph, y
+                y, dx = call()
+        return graph, y, dx
 
-    def replays(graph, y, n=3):
+    def replays(graph, y, dx, n=3):
         outputs = []
         for _ in range(n):
             y.fill_(float("nan"))  # every replay must write every element again
+            dx.fill_(float("nan"))
             graph.replay()
-            outputs.append(y.clone())
-        assert not any(o.isnan().any() for o in outputs)
+            outputs.append((y.clone(), dx.clone()))
+        assert not any(o.isnan().any() for pair in outputs for o in pair)
         return outputs
 
     outputs = replays(*capture(backend))
-    assert all(not torch.equal(a, b) for i, a in enumerate(outputs) for b in outputs[i + 1:])
-    if op == "dropout":
-        for y in outputs:  # each a dropout of x: kept elements doubled, about half of them
+    assert all(not torch.equal(a, b) for i, (a, _) in enumerate(outputs) for b, _ in outputs[i + 1:])
+    for y, dx in outputs:
+        if op == "dropout":  # each a dropout of x: kept elements doubled, about half of them
             kept = y != 0
-            torch.testing.assert_close(y[kept], x[kept] * 2)
+            torch.testing.assert_close(y[kept], x.detach()[kept] * 2)
             assert 0.4 < kept.float().mean().item() < 0.6
+            assert torch.equal(dx != 0, kept)  # backward regenerated this replay's mask
+        else:  # a dropped element of x gets no gradient, whatever its mask was
+            assert 0.4 < (dx == 0).float().mean().item() < 0.6
     fixed = replays(*capture(backend, fixed=True))  # what bench-ops asks for: the capture's mask every time
-    assert all(torch.equal(fixed[0], o) for o in fixed)
-    generator = torch.cuda.default_generators[x.device.index]
-    fresh = generator.clone_state()
-    try:
-        with pytest.raises(RuntimeError, match="the triton and cuda backends read it there"):
-            capture("torch")
-    finally:
-        generator.graphsafe_set_state(fresh)  # a failed capture leaves the generator in capture mode
+    assert all(torch.equal(fixed[0][0], y) and torch.equal(fixed[0][1], dx) for y, dx in fixed)
+    with pytest.raises(RuntimeError, match="the triton and cuda backends read it there"):
+        capture("torch")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["dropout", "dropout_add_layer_norm"])
+def test_compiled_dropout_captured_by_hand_is_refused_rather_than_replaying_one_mask(op):
+    torch._dynamo.reset()
+    x = values((64, 48)).detach().cuda()
+    residual = values((64, 48), seed=2, requires_grad=False).cuda()
+
+    @torch.compile(backend="aot_eager")
+    def step(x):
+        return dropout(x, 0.5) if op == "dropout" else dropout_add_layer_norm(x, residual, None, None, 0.5)
+
+    step(x)
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match="compiled by torch.compile is being captured in a CUDA graph by hand"):
+        with cuda_generator_restored_on_error(), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step(x)
 
 
 @pytest.mark.parametrize("name", ["dropout_fwd", "dropout_bwd", "dropout_add_layer_norm_fwd",

@@ -27,7 +27,7 @@ from hetrain import plugins
 from hetrain.ops import _backends
 from hetrain.ops._op import op
 from hetrain.ops.dropout_add_layer_norm import keep_mask as _keep_mask_2d
-from hetrain.ops.rng import HOST_SEEDED, dropout_stream, stream
+from hetrain.ops.rng import HOST_SEEDED, dropout_stream, refuse_host_seed_in_capture, stream
 
 OP = "dropout"
 
@@ -94,6 +94,7 @@ _register_backends()
 
 @op("hetrain::dropout_fwd", tags=HOST_SEEDED)
 def _dropout_fwd(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    refuse_host_seed_in_capture(x, seed, p)
     return plugins.call(OP, "forward", x.device.type, x, seed, p)
 
 

@@ -32,7 +32,7 @@ from hetrain.ops import _backends
 from hetrain.ops._op import as_rows, op, row_count
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
-from hetrain.ops.rng import HOST_SEEDED, dropout_stream, stream
+from hetrain.ops.rng import HOST_SEEDED, dropout_stream, refuse_host_seed_in_capture, stream
 
 OP = "dropout_add_layer_norm"
 _M32 = 0xFFFFFFFF
@@ -159,6 +159,7 @@ def _dropout_add_layer_norm_fwd(
     """``x`` and ``residual`` of one shape, any leading dims; the statistics one entry per row of ``as_rows(x)``."""
     if residual.shape != x.shape:  # flattened, a residual of another shape with as many rows would pass
         raise ValueError(f"hetrain.dropout_add_layer_norm: residual {tuple(residual.shape)} vs x {tuple(x.shape)}")
+    refuse_host_seed_in_capture(x, seed, p)
     y, mean, rstd = plugins.call(OP, "forward", x.device.type, as_rows(x), as_rows(residual), weight, bias, seed,
                                  p, eps)
     return y.view(x.shape), mean, rstd

@@ -128,6 +128,21 @@ def dropout_stream(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([tape.next_seed(), torch.tensor([tape.offset(x)], dtype=torch.int64)])
 
 
+def refuse_host_seed_in_capture(x: torch.Tensor, seed: torch.Tensor, p: float) -> None:
+    """Raises where a dropout call on a GPU is captured in a CUDA graph with a seed drawn on the host, which the
+    graph would keep: every replay would repeat one mask. Eager calls draw on the GPU under a capture
+    (:func:`dropout_stream`); this catches compiled code (its draw traced where a trace cannot know of a capture
+    to come) captured by hand. Called by the ops' bodies, which compiled graphs run when they run."""
+    if (p > 0 and x.is_cuda and seed.device.type == "cpu" and not getattr(_active, "fixed_masks", False)
+            and torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError(
+            "hetrain: a dropout call compiled by torch.compile is being captured in a CUDA graph by hand "
+            "(torch.cuda.graph, make_graphed_callables); its seed was drawn on the host when the graph was recorded, "
+            "so every replay would apply the same mask. Capture the eager model (its dropout draws on the GPU "
+            "inside the graph), or let torch.compile make the CUDA graphs: mode='reduce-overhead' runs these ops "
+            "between them, each call with a new seed")
+
+
 def _capturing() -> bool:
     """A CUDA graph capture by hand (torch.cuda.graph, make_graphed_callables), unless fixed masks were asked for.
     Inductor's CUDA graphs run these ops outside their graphs (HOST_SEEDED), so a trace draws as eager does."""

@@ -62,13 +62,16 @@ def kept(seed_lo, seed_hi, first, lanes, threshold):
 
 
 @triton.jit
-def stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, STREAM_IN_MEMORY: tl.constexpr):
+def stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, stream_in_memory):
     """The launch's seed (two int32 bit patterns) and the stream index of its element 0 (int64).
 
-    From the arguments, or, for a call captured in a CUDA graph, from the int64 ``(seed, offset)`` at ``Stream``
-    on the device, which the graph's own draw rewrites on every replay (:func:`hetrain.ops.rng.dropout_stream`).
+    From the arguments, or, for a call captured in a CUDA graph (``stream_in_memory`` 1), from the int64
+    ``(seed, offset)`` at ``Stream`` on the device, which the graph's own draw rewrites on every replay
+    (:func:`hetrain.ops.rng.dropout_stream`). A run-time choice, not a constexpr: one compiled kernel serves both,
+    so the kernel a warm-up before a capture loads is the one the capture launches. Compiling and loading a
+    second one inside the capture fails: CUDA forbids loading a module while a stream captures.
     """
-    if STREAM_IN_MEMORY:
+    if stream_in_memory != 0:
         seed = tl.load(Stream)
         lo = seed.to(tl.int32)  # the low word: a truncating cast
         hi = (seed >> 32).to(tl.int32)
@@ -80,13 +83,16 @@ def stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, STREAM_IN_MEMOR
     return lo, hi, first
 
 
-# Seeds, offsets, threshold and scale vary per call: never specialised on their values, so one compilation
-# serves all.
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "threshold", "scale_bits"])
+# Seeds, offsets, threshold, scale and where the stream is vary per call: never specialised on their values, so
+# one compilation serves all.
+STREAM_ARGS = ["seed_lo", "seed_hi", "offset_lo", "offset_hi", "threshold", "stream_in_memory"]
+
+
+@triton.jit(do_not_specialize=[*STREAM_ARGS, "scale_bits"])
 def _dropout(
     X,  # (numel,) input (x forward, dy backward), contiguous
     Y,  # (numel,) output, contiguous
-    Stream,  # int64 (seed, offset), read only if STREAM_IN_MEMORY
+    Stream,  # int64 (seed, offset), read only if stream_in_memory (else empty: a null pointer)
     numel,
     seed_lo,  # low 32 bits of the seed, as an int32 bit pattern
     seed_hi,  # high 32 bits of the seed, as an int32 bit pattern
@@ -94,7 +100,7 @@ def _dropout(
     offset_hi,  # its high 32 bits
     threshold,  # a 24-bit draw below this is dropped: ceil(p * 2^24)
     scale_bits,  # the float64 bits of 1 / (1 - p), exact whatever COMPUTE is
-    STREAM_IN_MEMORY: tl.constexpr,  # the seed and offset come from Stream, not the four arguments above
+    stream_in_memory,  # 1: the seed and offset come from Stream, not the four arguments above
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
     BLOCK: tl.constexpr,
 ):
@@ -102,7 +108,7 @@ def _dropout(
     lanes = tl.arange(0, BLOCK)
     offsets = start + lanes
     mask = offsets < numel
-    seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, STREAM_IN_MEMORY)
+    seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, stream_in_memory)
     keep = kept(seed_lo, seed_hi, first + start, lanes, threshold)
     scale = scale_bits.to(tl.float64, bitcast=True).to(COMPUTE)
     x = tl.load(X + offsets, mask=mask, other=0.0).to(COMPUTE)
@@ -130,15 +136,14 @@ def split64(v: int) -> tuple[int, int]:
     return _int32_bits(v & _M32), _int32_bits(v >> 32)
 
 
-def stream_args(seed: torch.Tensor, p: float, placeholder: torch.Tensor, in_memory: bool | None = None) -> dict:
+def stream_args(seed: torch.Tensor, p: float, device: torch.device, in_memory: bool | None = None) -> dict:
     """The launch arguments of a draw from the stream ``seed`` (int64 ``(seed[, offset])``) with drop probability
-    ``p``: ``Stream``, ``seed_lo``, ``seed_hi``, ``offset_lo``, ``offset_hi``, ``threshold`` (csrc/dropout_math.h's
-    drop_threshold) and ``STREAM_IN_MEMORY``.
+    ``p`` on ``device``: ``Stream``, ``seed_lo``, ``seed_hi``, ``offset_lo``, ``offset_hi``, ``threshold``
+    (csrc/dropout_math.h's drop_threshold) and ``stream_in_memory``.
 
     A seed on the CPU goes by value; one on the GPU (drawn inside a CUDA graph capture) is read by the kernel,
     so each replay uses the seed that replay drew. ``in_memory`` forces the choice (the tests read a CPU
-    stream from memory in Triton's interpreter); ``placeholder`` is any tensor of the launch, passed as the
-    unread ``Stream`` of a by-value launch.
+    stream from memory in Triton's interpreter).
     """
     threshold = math.ceil(p * 16777216.0)
     if in_memory is None:
@@ -146,12 +151,25 @@ def stream_args(seed: torch.Tensor, p: float, placeholder: torch.Tensor, in_memo
     if in_memory:
         stream_tensor = seed if seed.numel() == 2 else torch.constant_pad_nd(seed, (0, 1), 0)
         return {"Stream": stream_tensor, "seed_lo": 0, "seed_hi": 0, "offset_lo": 0, "offset_hi": 0,
-                "threshold": threshold, "STREAM_IN_MEMORY": True}
+                "threshold": threshold, "stream_in_memory": 1}
     s, offset = stream(seed)
     seed_lo, seed_hi = split64(s)
     offset_lo, offset_hi = split64(offset)
-    return {"Stream": placeholder, "seed_lo": seed_lo, "seed_hi": seed_hi, "offset_lo": offset_lo,
-            "offset_hi": offset_hi, "threshold": threshold, "STREAM_IN_MEMORY": False}
+    return {"Stream": _no_stream(device), "seed_lo": seed_lo, "seed_hi": seed_hi, "offset_lo": offset_lo,
+            "offset_hi": offset_hi, "threshold": threshold, "stream_in_memory": 0}
+
+
+_NO_STREAM: dict[torch.device, torch.Tensor] = {}
+
+
+def _no_stream(device: torch.device) -> torch.Tensor:
+    """The unread ``Stream`` of a by-value launch: an empty int64 tensor (a null pointer, which Triton accepts),
+    typed as the stream of a captured call so both launches are one compilation. Empty, it holds no memory, so
+    one made inside a capture outlives the graph safely."""
+    empty = _NO_STREAM.get(device)
+    if empty is None:
+        empty = _NO_STREAM[device] = torch.empty(0, dtype=torch.int64, device=device)
+    return empty
 
 
 def _scale_bits(p: float) -> int:
@@ -170,7 +188,7 @@ def forward(x: torch.Tensor, seed: torch.Tensor, p: float, *, stream_in_memory: 
         return y
     cfg = launch_config(x.dtype)
     _dropout[(triton.cdiv(numel, cfg["BLOCK"]),)](
-        xc, y, numel=numel, **stream_args(seed, p, y, stream_in_memory), scale_bits=_scale_bits(p),
+        xc, y, numel=numel, **stream_args(seed, p, x.device, stream_in_memory), scale_bits=_scale_bits(p),
         COMPUTE=tl_compute(x.dtype), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
     return y
@@ -181,17 +199,14 @@ backward = forward  # dropout is diagonal: dx = dy / (1 - p) where kept, with th
 
 def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
     """Every compilation the launcher can cause, for the ahead-of-time check (hetrain.checks.gpu_compile):
-    one per dtype, picked where the benchmarks run that dtype, and each dtype's variant reading its stream
-    from memory (a call captured in a CUDA graph)."""
+    one per dtype (a captured call, which reads its stream from memory, runs the same one), picked where the
+    benchmarks run that dtype."""
     numel = shapes.rows * max(shapes.hidden)
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         cfg = launch_config(dtype)
-        for in_memory in (False, True):
-            stream_ = stream_args(torch.tensor([12345, 4096]), 0.1, torch.empty(0, dtype=dtype), in_memory)
-            args = {"X": dtype, "Y": dtype, "numel": numel, "scale_bits": _scale_bits(0.1),
-                    **stream_, "Stream": torch.int64 if in_memory else dtype,
-                    "COMPUTE": tl_compute(dtype), "BLOCK": cfg["BLOCK"]}
-            specs.append(aot_spec(_dropout, args, dtype=dtype, picked=dtype in shapes.dtypes and not in_memory,
-                                  num_warps=cfg["num_warps"]))
+        args = {"X": dtype, "Y": dtype, "numel": numel, "scale_bits": _scale_bits(0.1),
+                **stream_args(torch.tensor([12345, 4096]), 0.1, torch.device("cpu")), "Stream": torch.int64,
+                "COMPUTE": tl_compute(dtype), "BLOCK": cfg["BLOCK"]}
+        specs.append(aot_spec(_dropout, args, dtype=dtype, picked=dtype in shapes.dtypes, num_warps=cfg["num_warps"]))
     return specs

@@ -24,18 +24,16 @@ from hetrain.ops.triton._rows import (
     sum_partials,
     tl_compute,
 )
-from hetrain.ops.triton.dropout import kept, stream_args, stream_start
+from hetrain.ops.triton.dropout import STREAM_ARGS, kept, stream_args, stream_start
 from hetrain.ops.triton.layer_norm import _normalize_row, _row_input_grad
 
 # 64 KiB of row data per program, as for LayerNorm.
 MAX_FUSED_BYTES = 32768
 
 
-# The stream and threshold vary per call: never specialised on their values, so one compilation serves all.
-_STREAM = ["seed_lo", "seed_hi", "offset_lo", "offset_hi", "threshold"]
-
-
-@triton.jit(do_not_specialize=_STREAM)
+# The stream, its place and the threshold vary per call: never specialised on their values, so one compilation
+# serves all.
+@triton.jit(do_not_specialize=STREAM_ARGS)
 def _dropout_add_layer_norm_fwd(
     X,  # (M, N) dropout input, rows stride_x apart
     R,  # (M, N) residual, rows stride_r apart
@@ -44,7 +42,7 @@ def _dropout_add_layer_norm_fwd(
     Y,  # (M, N) output, contiguous
     Mean,  # (M,) saved mean, COMPUTE dtype
     Rstd,  # (M,) saved 1/std, COMPUTE dtype
-    Stream,  # int64 (seed, offset), read only if STREAM_IN_MEMORY
+    Stream,  # int64 (seed, offset), read only if stream_in_memory (else empty: a null pointer)
     stride_x,
     stride_r,
     N,
@@ -55,7 +53,7 @@ def _dropout_add_layer_norm_fwd(
     threshold,  # a 24-bit draw below this is dropped: ceil(p * 2^24)
     scale,  # 1 / (1 - p), or 0 when p = 1
     eps,
-    STREAM_IN_MEMORY: tl.constexpr,  # the seed and offset come from Stream (a call captured in a CUDA graph)
+    stream_in_memory,  # 1: the seed and offset come from Stream (a call captured in a CUDA graph)
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -67,7 +65,7 @@ def _dropout_add_layer_norm_fwd(
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
     if HAS_DROPOUT:
-        seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, STREAM_IN_MEMORY)
+        seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, stream_in_memory)
         keep = kept(seed_lo, seed_hi, first + row * N, cols, threshold)
         x = tl.where(keep, x * scale, 0.0)
     s = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
@@ -77,7 +75,7 @@ def _dropout_add_layer_norm_fwd(
     tl.store(Rstd + row, rstd)
 
 
-@triton.jit(do_not_specialize=_STREAM)
+@triton.jit(do_not_specialize=STREAM_ARGS)
 def _dropout_add_layer_norm_bwd(
     DY,  # (M, N) upstream gradient, rows stride_dy apart
     X,  # (M, N) forward dropout input, rows stride_x apart
@@ -89,7 +87,7 @@ def _dropout_add_layer_norm_bwd(
     DR,  # (M, N) gradient of the residual, contiguous
     DW_part,  # (programs, N) partial weight gradients, COMPUTE dtype
     DB_part,  # (programs, N) partial bias gradients, COMPUTE dtype
-    Stream,  # int64 (seed, offset), read only if STREAM_IN_MEMORY
+    Stream,  # int64 (seed, offset), read only if stream_in_memory (else empty: a null pointer)
     stride_dy,
     stride_x,
     stride_r,
@@ -102,7 +100,7 @@ def _dropout_add_layer_norm_bwd(
     offset_hi,
     threshold,
     scale,
-    STREAM_IN_MEMORY: tl.constexpr,
+    stream_in_memory,
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -111,7 +109,7 @@ def _dropout_add_layer_norm_bwd(
 ):
     pid = tl.program_id(0)
     if HAS_DROPOUT:
-        seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, STREAM_IN_MEMORY)
+        seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, stream_in_memory)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     if HAS_WEIGHT:
@@ -171,7 +169,7 @@ def forward(
     cfg = launch_config(N, x.dtype)
     _dropout_add_layer_norm_fwd[(M,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
-        stride_x=x.stride(0), stride_r=residual.stride(0), N=N, **stream_args(seed, p, y, stream_in_memory),
+        stride_x=x.stride(0), stride_r=residual.stride(0), N=N, **stream_args(seed, p, x.device, stream_in_memory),
         scale=_scale(p), eps=eps, HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
@@ -200,9 +198,9 @@ def backward(
         _dropout_add_layer_norm_bwd[(programs,)](
             dy, x, residual, weight if weight is not None else x, mean, rstd, dx, dres, dw_part, db_part,
             stride_dy=dy.stride(0), stride_x=x.stride(0), stride_r=residual.stride(0), M=M, N=N,
-            rows_per_program=triton.cdiv(M, programs), **stream_args(seed, p, dx, stream_in_memory), scale=_scale(p),
-            HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, COMPUTE=tl_compute(x.dtype),
-            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            rows_per_program=triton.cdiv(M, programs), **stream_args(seed, p, x.device, stream_in_memory),
+            scale=_scale(p), HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
+            COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
     sums = sum_partials(parts, x.dtype)
     return dx, dres, sums[0] if weight is not None else x.new_empty(0), sums[-1] if has_bias else x.new_empty(0)
@@ -222,21 +220,20 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
         for n, benchmarked in config_widths(launch_config, dtype, shapes.hidden).items():
             cfg = launch_config(n, dtype)
             picked = benchmarked and dtype in shapes.dtypes
-            # With and without dropout where picked, and the dropout variant that reads its stream from memory
-            # (a call captured in a CUDA graph; never benchmarked).
-            variants = [(True, False), (False, False), (True, True)] if picked else [(True, False), (True, True)]
-            for has_dropout, in_memory in variants:
+            # With and without dropout where picked (a captured call, reading its stream from memory, runs the
+            # same kernels).
+            for has_dropout in (True, False) if picked else (True,):
                 flags = {"HAS_DROPOUT": has_dropout, "HAS_WEIGHT": True, "HAS_BIAS": True, "COMPUTE": compute,
                          "BLOCK_N": cfg["BLOCK_N"]}
-                drop = {**stream_args(torch.tensor([12345, 4096]), 0.1, torch.empty(0), in_memory),
-                        "Stream": torch.int64 if in_memory else dtype, "scale": 1 / 0.9}
+                drop = {**stream_args(torch.tensor([12345, 4096]), 0.1, torch.device("cpu")), "Stream": torch.int64,
+                        "scale": 1 / 0.9}
                 fwd = {"X": dtype, "R": dtype, "W": dtype, "B": dtype, "Y": dtype, "Mean": stats, "Rstd": stats,
                        "stride_x": n, "stride_r": n, "N": n, "eps": 1e-5, **drop}
                 bwd = {"DY": dtype, "X": dtype, "R": dtype, "W": dtype, "Mean": stats, "Rstd": stats, "DX": dtype,
                        "DR": dtype, "DW_part": stats, "DB_part": stats, "stride_dy": n, "stride_x": n, "stride_r": n,
                        "M": shapes.rows, "N": n, "rows_per_program": triton.cdiv(shapes.rows, programs), **drop}
                 for kernel, args in ((_dropout_add_layer_norm_fwd, fwd), (_dropout_add_layer_norm_bwd, bwd)):
-                    specs.append(aot_spec(kernel, {**args, **flags}, dtype=dtype, picked=picked and not in_memory,
+                    specs.append(aot_spec(kernel, {**args, **flags}, dtype=dtype, picked=picked,
                                           num_warps=cfg["num_warps"]))
     return specs
 

@@ -242,10 +242,11 @@ def churned(steps: list[Counter[Allocation]]) -> list[ChurnRow]:
 
 
 def _quiet_kineto_markers() -> None:
-    """Keeps torch's profiler engine (Kineto) from printing a "profiler_start"/"profiler_stop" line to stderr at
-    every churn step. Those marker lines sit at its highest level, above its errors, so only a level that hides
-    the errors too hides them: done where no GPU is visible, whose tracing errors (CUPTI's) are the ones
-    worth seeing. Kineto reads the level once, at the process's first profile; a level already set is kept."""
+    """Keeps torch's profiler engine (Kineto) from printing its log lines to stderr at every churn step
+    ("profiler_start"/"profiler_stop" markers in torch 2.13, stage lines in 2.11). The markers sit at its highest
+    level, above its errors, so only a level that hides the errors too hides them: done where no GPU is visible,
+    whose tracing errors (CUPTI's) are the ones worth seeing. Kineto reads the level once, at the process's first
+    profile; a level already set is kept."""
     if not torch.cuda.is_available():
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 

@@ -237,6 +237,25 @@ def _log_failure(exc: BaseException, error: str, log_file: str | None) -> None:
         handler.handle(record)
 
 
+def _exit_code(stop: dict[str, Any]) -> int:
+    """128 + the signal, a shell's code for a program a signal ended: `train.py && next` stops, so does a sweep."""
+    return 128 + signal.Signals[stop["signal"]]
+
+
+def _record_interruption(exc: BaseException, info: dict[str, Any], output_dir: Path) -> int | None:
+    """Writes the summary of a fit a signal ended by an exception; returns the exit code when GracefulStop had
+    saved a checkpoint first (SIGTERM), None when nothing was saved (Ctrl-C twice)."""
+    saved = getattr(exc, "graceful_stop", None) or {}
+    if saved:
+        error = f"{saved['signal']} after step {saved['at_step']}; go on with ckpt_path={saved['checkpoint']}"
+    else:
+        error = (f"stopped at once (Ctrl-C twice, or outside a training step; {type(exc).__name__}): nothing saved "
+                 "since the last checkpoint")
+    if rank_zero_only.rank == 0:
+        write_run_summary({"status": "interrupted", **info, "error": error, "graceful_stop": saved}, output_dir)
+    return _exit_code(saved) if saved else None
+
+
 def run(cfg: DictConfig) -> float | None:
     """Trains, writes ``summary.json`` and ``summary.md`` to ``cfg.output_dir``; returns the sweep metric.
 
@@ -249,18 +268,9 @@ def run(cfg: DictConfig) -> float | None:
     try:
         summary = {"status": "ok", **info, **train(cfg)}
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns a Ctrl-C it stops at once into exit(1)
-        saved = getattr(exc, "graceful_stop", None)
-        if saved:  # SIGTERM: GracefulStop saved the last step before Lightning ended the fit
-            error = (f"stopped by {saved['signal']} after step {saved['at_step']}: go on with "
-                     f"ckpt_path={saved['checkpoint']}")
-        else:
-            error = (f"stopped at once (Ctrl-C twice, or outside a training step; {type(exc).__name__}): nothing saved "
-                     "since the last checkpoint")
-        if rank_zero_only.rank == 0:
-            write_run_summary({"status": "interrupted", **info, "error": error, "graceful_stop": saved or {}},
-                              output_dir)
-        if saved:
-            raise SystemExit(128 + signal.Signals[saved["signal"]]) from exc  # Lightning's exception exits 0
+        code = _record_interruption(exc, info, output_dir)
+        if code is not None:
+            raise SystemExit(code) from exc  # Lightning's SIGTERMException would exit 0
         raise
     except Exception as exc:
         cause = _root_cause(exc)
@@ -278,6 +288,5 @@ def run(cfg: DictConfig) -> float | None:
         text = write_run_summary(summary, output_dir)
         log.info(f"Summary ({output_dir / SUMMARY_MD}):\n{text}")
     if stopped:  # GracefulStop logged where the run stopped and how to go on
-        # 128 + the signal, a shell's code for a program it ended: `train.py && next` stops, and so does a sweep.
-        raise SystemExit(128 + signal.Signals[stopped["signal"]])
+        raise SystemExit(_exit_code(stopped))
     return summary["metrics"].get(cfg.optimized_metric)

@@ -176,6 +176,15 @@ def test_gradcheck_and_gradgradcheck(backend):
         assert torch.autograd.gradgradcheck(lambda x: fwd_op(x, seed, 0.4), (x,))
 
 
+def test_a_later_micro_batch_outside_a_capture_whose_first_was_captured_is_refused_naming_the_fix():
+    from hetrain.ops.rng import micro_batch
+
+    captured = torch.empty(1, dtype=torch.int64, device="meta")  # where the first micro-batch's graph drew its seed
+    with micro_batch([captured], first_row=3, record=False), pytest.raises(
+            RuntimeError, match="first micro-batch was captured in a CUDA graph but this later one is not"):
+        dropout(values((2, 8), requires_grad=False), 0.5)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

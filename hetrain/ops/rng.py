@@ -125,7 +125,12 @@ def dropout_stream(x: torch.Tensor) -> torch.Tensor:
         return _captured_stream(x, tape)
     if tape is None:
         return _draw()
-    return torch.cat([tape.next_seed(), torch.tensor([tape.offset(x)], dtype=torch.int64)])
+    seed = tape.next_seed()
+    if seed.device.type != "cpu":
+        raise RuntimeError(
+            "hetrain: a pipeline stage's first micro-batch was captured in a CUDA graph but this later one is not, so "
+            "its dropout seed lives on the GPU, drawn by the graph; capture every micro-batch of the step, or none")
+    return torch.cat([seed, torch.tensor([tape.offset(x)], dtype=torch.int64)])
 
 
 def refuse_host_seed_in_capture(x: torch.Tensor, seed: torch.Tensor, p: float) -> None:

@@ -36,8 +36,8 @@ class GracefulStop(Callback):
     Notes:
         - With gradient accumulation the stop waits for the step that applies the accumulated gradients: a
           checkpoint between them would lose the ones gathered so far.
-        - Under DDP every rank stops after the same step (the ranks agree on it each step), so none waits in a
-          collective the others left; each process receives Ctrl-C from the terminal.
+        - Under DDP every rank stops after the same step (the ranks agree on it each step: one boolean
+          all-reduce, as Lightning's own SIGTERM check does), so none waits in a collective the others left.
         - Only the main thread can take signals: in a fit run from another thread Ctrl-C is left to Python.
         - Ctrl-C before training starts (the sanity check) stops at once, as without this callback.
         - ``summary`` holds the step, the checkpoint and the signal once the fit was stopped this way.

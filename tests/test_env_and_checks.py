@@ -156,3 +156,31 @@ def test_backend_table_sets_each_ops_two_cuda_backends_side_by_side():
     assert lines[3] == "| layer_norm | 2 | 0.45 | 0.45 | 2.00 | C++ (cuda) |"
     assert len(lines) == 4
     assert backend_table({"rows": [record["rows"][3]]}) == ""
+
+
+def test_a_gpu_check_step_out_of_time_is_stopped_with_every_process_it_started(tmp_path):
+    """A build's ninja and nvcc jobs (or pytest's workers) outlived a step killed for its time, and went on using
+    the machine during the next steps."""
+    import time
+
+    from hetrain.checks.gpu_check import Step, run_step
+
+    pid_file = tmp_path / "grandchild.pid"
+    step = Step("slow", ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"])
+    with open(tmp_path / "check.log", "w") as log:
+        started = time.perf_counter()
+        outcome = run_step(step, log, timeout_s=1)
+    assert outcome.status == "failed" and outcome.detail == "timed out after 1 s"
+    assert time.perf_counter() - started < 10
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+
+    def running() -> bool:  # not gone, nor a zombie (killed, and its parent too; whoever inherits it reaps it)
+        try:
+            return stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while running():
+        assert time.monotonic() < deadline, "the step's own child outlived it"
+        time.sleep(0.05)

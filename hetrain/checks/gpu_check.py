@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -63,7 +64,7 @@ def steps(quick: bool, out: Path) -> list[Step]:
     train_args = ["--short" if torch.cuda.is_available() else "--quick", "--out", str(out)] if quick else bench_args
     return [
         Step("build", [py, "setup.py", "build_ext", "--inplace"], needs_gpu=True,
-             env={"HETRAIN_CUDA": "1", **cuda_home_fallback()}),
+             env={"HETRAIN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": this_gpus_arch(), **cuda_home_fallback()}),
         Step("env", [py, "-m", "hetrain.env"]),
         Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile"], env={"TRITON_INTERPRET": None}),
         Step("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", *pytest_workers(), "tests"], needs_gpu=True,
@@ -84,6 +85,15 @@ def steps(quick: bool, out: Path) -> list[Step]:
         Step("bench-embedding", [py, "-m", "benchmarks.bench_embedding", *bench_args],
              needs="benchmarks/bench_embedding.py"),
     ]
+
+
+def this_gpus_arch() -> str | None:
+    """``TORCH_CUDA_ARCH_LIST`` for this machine's first GPU alone ("9.0"; None without a GPU, where the build
+    step does not run): a list the image sets more broadly would compile every kernel once per architecture."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return f"{major}.{minor}"
 
 
 def device_name() -> str:
@@ -108,11 +118,16 @@ def run_step(step: Step, log, timeout_s: float) -> Outcome:
     log.flush()
     # TRITON_INTERPRET=0 keeps the tests' default (the interpreter) off: cuda tests run the compiled kernels.
     env = {k: v for k, v in {**os.environ, **step.env}.items() if v is not None}
+    # A session of its own, so a step out of time is stopped with everything it started: a build's ninja and
+    # nvcc jobs, or pytest's workers, would otherwise go on compiling or using the GPU during the next steps.
+    proc = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=timeout_s)
-        status, detail = ("passed", "") if proc.returncode == 0 else ("failed", f"exit code {proc.returncode}")
+        returncode = proc.wait(timeout=timeout_s)
+        status, detail = ("passed", "") if returncode == 0 else ("failed", f"exit code {returncode}")
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         status, detail = "failed", f"timed out after {timeout_s:.0f} s"
     return Outcome(step.name, status, time.perf_counter() - start, detail)
 

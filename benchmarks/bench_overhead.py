@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -73,8 +74,9 @@ def cases(device: str) -> dict[str, dict[str, Callable[[], object]]]:
     return impls
 
 
-def run(device: str, rounds: int = 5) -> dict:
-    """Microseconds per forward+backward call, the median over ``rounds`` of each implementation's median."""
+def run(device: str, rounds: int = 5, save: Callable[[dict], None] = lambda result: None) -> dict:
+    """Microseconds per forward+backward call, the median over ``rounds`` of each implementation's median;
+    ``save`` gets the rows so far after each op, so a run cut short keeps what it measured."""
     rows = []
     for op, impls in cases(device).items():
         per_round: dict[str, list[float]] = {name: [] for name in impls}
@@ -87,6 +89,7 @@ def run(device: str, rounds: int = 5) -> dict:
         cpp = f"   hetrain_cuda {us['hetrain_cuda']:8.1f} us" if "hetrain_cuda" in us else ""
         print(f"{op:24s} torch {us['torch']:8.1f} us   hetrain {us['hetrain']:8.1f} us{cpp}   "
               f"ratio {rows[-1]['ratio']:.2f}", flush=True)
+        save({"rows": rows})
     return {"rows": rows}
 
 
@@ -106,16 +109,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
-    result = run(args.device, args.rounds)
-    print(table(result))
     cuda = args.device.startswith("cuda")
-    record = {"date": dt.date.today().isoformat(),
+    header = {"date": dt.date.today().isoformat(),
               "device": (torch.cuda.get_device_name(args.device) if cuda else platform.processor()) or
               platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "hetrain": hetrain.__version__, "shapes": {"rows": ROWS, "hidden": HIDDEN, "vocab": VOCAB}, **result}
+              "hetrain": hetrain.__version__, "shapes": {"rows": ROWS, "hidden": HIDDEN, "vocab": VOCAB}}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{record['date']}-{'cuda' if cuda else 'cpu'}-overhead.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    card = re.sub(r"[^a-z0-9]+", "-", header["device"].lower()).strip("-") if cuda else "cpu"  # runs of two cards apart
+    path = args.out / f"{header['date']}-{card}-overhead.json"
+
+    def save(result: dict) -> None:
+        path.write_text(json.dumps({**header, **result}, indent=2) + "\n")
+
+    result = run(args.device, args.rounds, save)
+    print(table(result))
     print(f"wrote {path}")
 
 

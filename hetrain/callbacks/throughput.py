@@ -52,11 +52,15 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> float:
     """FLOP/s of an ``n x n`` matmul at ``dtype`` on ``device``, best of ``repeats``: a reachable peak.
 
-    The operands come from a generator of their own: drawn from the default one, they would shift every
-    later draw of the run (its dropout masks) by whether and when this ran."""
+    ``n`` defaults to 4096 on a GPU, whose 1024 x 1024 matmul takes microseconds, mostly launch and sync (it
+    would put the peak far low and MFU far high), and 1024 elsewhere. The operands come from a generator of their
+    own: drawn from the default one, they would shift every later draw of the run (its dropout masks) by whether
+    and when this ran."""
+    if n is None:
+        n = 4096 if device.type == "cuda" else 1024
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)

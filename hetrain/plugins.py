@@ -218,7 +218,8 @@ def configure(pins: dict[str, str] | None = None, strict: bool | None = None,
 
 @contextlib.contextmanager
 def use_backend(**pins: str) -> Iterator[None]:
-    """Pins backends for the calls made inside the block, on this thread: ``use_backend(layer_norm="torch")``."""
+    """Pins backends for the calls made inside the block, on this thread, and for their backward wherever autograd
+    runs it: ``use_backend(layer_norm="torch")``."""
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
@@ -232,8 +233,8 @@ def use_backend(**pins: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def preferring(*names: str) -> Iterator[None]:
-    """Tries the named backends first for every op called inside the block, on this thread, wherever they serve
-    the device: ``preferring("cuda")``. Pins still win."""
+    """Tries the named backends first for every op called inside the block, on this thread (and their backward),
+    wherever they serve the device: ``preferring("cuda")``. Pins still win."""
     scoped = getattr(_local, "prefer", None)
     if scoped is None:
         scoped = _local.prefer = []
@@ -243,6 +244,39 @@ def preferring(*names: str) -> Iterator[None]:
             yield
     finally:
         scoped.pop()
+
+
+# What use_backend/preferring blocks are open on this thread: their pin dicts and preference tuples, innermost last.
+Scopes = tuple[tuple[dict[str, str], ...], tuple[tuple[str, ...], ...]]
+
+
+def open_scopes() -> Scopes | None:
+    """The use_backend/preferring blocks open on this thread, to reopen on another (:func:`reopened`); None when
+    there are none, the common case, which costs two lookups."""
+    here = _local.__dict__  # one lookup: this runs on every differentiable call
+    stack, prefer = here.get("stack"), here.get("prefer")
+    if not stack and not prefer:
+        return None
+    return tuple(dict(s) for s in stack or ()), tuple(prefer or ())
+
+
+@contextlib.contextmanager
+def reopened(scopes: Scopes | None) -> Iterator[None]:
+    """Runs the block on this thread under ``scopes`` (from :func:`open_scopes`) instead of its own.
+
+    Why: autograd runs a CUDA tensor's backward on a device thread of its own, where blocks opened by the caller's
+    thread do not exist; an op's backward reopens its forward's, so a pinned forward gets its backward pinned too.
+    """
+    if scopes is None:
+        yield
+        return
+    saved = getattr(_local, "stack", None), getattr(_local, "prefer", None)
+    _local.stack, _local.prefer = [dict(s) for s in scopes[0]], list(scopes[1])
+    try:
+        with _scope():
+            yield
+    finally:
+        _local.stack, _local.prefer = saved
 
 
 def _describe(op: str) -> str:

@@ -325,3 +325,39 @@ def test_row_ops_take_any_leading_shape_and_pass_opcheck(name):
     # AOT dispatch, with the flattening inside the op's body.
     op, args = _row_op_cases()[name]
     torch.library.opcheck(op.default, args)
+
+
+def test_a_pinned_forwards_backward_stays_pinned_on_the_thread_autograd_runs_it_on():
+    """A CUDA tensor's backward runs on autograd's device thread, where use_backend blocks opened by the caller do
+    not exist: a pinned forward got the default backend's backward. Here backward runs on another thread."""
+    import importlib
+    import threading
+
+    reference = importlib.import_module("hetrain.ops.layer_norm").TorchBackend
+    ran = []
+
+    class Spy:
+        @staticmethod
+        def forward(*args):
+            ran.append(("forward", threading.current_thread().name))
+            return reference.forward(*args)
+
+        @staticmethod
+        def backward(*args):
+            ran.append(("backward", threading.current_thread().name))
+            return reference.backward(*args)
+
+    plugins.register("layer_norm", "spy", ("cpu",), Spy)
+    try:
+        x, w, b = randn(4, H, seed=1, requires_grad=True), randn(H, seed=2), randn(H, seed=3)
+        with plugins.use_backend(layer_norm="spy"):
+            y = ops.layer_norm(x, w, b)
+        grads = []
+        worker = threading.Thread(target=lambda: grads.extend(torch.autograd.grad(y.sum(), x)), name="other")
+        worker.start()
+        worker.join()
+        assert ran == [("forward", threading.current_thread().name), ("backward", "other")]
+        assert grads[0].shape == x.shape
+        assert plugins.open_scopes() is None  # nothing left open on either thread
+    finally:
+        plugins.unregister("layer_norm", "spy")

@@ -135,20 +135,33 @@ class Op:
         self.custom.register_autograd(backward, setup_context=setup_context)
         body = self.body
 
+        # A CUDA tensor's backward runs on autograd's device thread: the backend blocks (use_backend, preferring)
+        # open where forward ran are reopened there, so a pinned forward gets its backward pinned too.
+        def scoped_setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+            setup_context(ctx, inputs, output)
+            ctx.backend_scopes = plugins.open_scopes()
+
+        def scoped_backward(ctx: Any, *grads: Any) -> Any:
+            if ctx.backend_scopes is None:  # none open: no context manager to pay for
+                return backward(ctx, *grads)
+            with plugins.reopened(ctx.backend_scopes):
+                return backward(ctx, *grads)
+
         # forward(ctx, *args) rather than a setup_context staticmethod: Function.apply binds the arguments
         # of the latter through inspect.signature on every call, which costs more than a small kernel.
         def forward(ctx: Any, *args: Any) -> Any:
             output = body(*args)
             setup_context(ctx, args, output)
+            ctx.backend_scopes = plugins.open_scopes()
             return output
 
         name = self.name.replace("::", "_")
         self._function = type(name, (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(backward)})
+            "forward": staticmethod(forward), "backward": staticmethod(scoped_backward)})
         # torch.func's transforms take only the setup_context form: the slower binding is paid there alone.
         self._functorch = type(name, (torch.autograd.Function,), {
-            "forward": staticmethod(body), "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward)})
+            "forward": staticmethod(body), "setup_context": staticmethod(scoped_setup_context),
+            "backward": staticmethod(scoped_backward)})
 
     def __call__(self, *args: Any) -> Any:
         route = _route(args)

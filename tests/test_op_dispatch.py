@@ -361,3 +361,25 @@ def test_a_pinned_forwards_backward_stays_pinned_on_the_thread_autograd_runs_it_
         assert plugins.open_scopes() is None  # nothing left open on either thread
     finally:
         plugins.unregister("layer_norm", "spy")
+
+
+def test_the_custom_ops_backward_stays_pinned_on_another_thread_too():
+    """The same through the torch.library op itself (what graphs and the cuda tests call)."""
+    import importlib
+    import threading
+
+    reference = importlib.import_module("hetrain.ops.layer_norm").TorchBackend
+    ran = []
+    spy = type("Spy", (), {"forward": staticmethod(lambda *a: ran.append("forward") or reference.forward(*a)),
+                           "backward": staticmethod(lambda *a: ran.append("backward") or reference.backward(*a))})
+    plugins.register("layer_norm", "spy", ("cpu",), spy)
+    try:
+        x, w, b = randn(4, H, seed=1, requires_grad=True), randn(H, seed=2), randn(H, seed=3)
+        with plugins.use_backend(layer_norm="spy"):
+            y = torch.ops.hetrain.layer_norm_fwd(x, w, b, 1e-5)[0]
+        worker = threading.Thread(target=lambda: torch.autograd.grad(y.sum(), x))
+        worker.start()
+        worker.join()
+        assert ran == ["forward", "backward"]
+    finally:
+        plugins.unregister("layer_norm", "spy")

@@ -132,7 +132,6 @@ class Op:
         self._public, self._reference, self._family = public, reference, family
         if reference is not None:
             backward = _first_order(backward, public, reference)
-        self.custom.register_autograd(backward, setup_context=setup_context)
         body = self.body
 
         # A CUDA tensor's backward runs on autograd's device thread: the backend blocks (use_backend, preferring)
@@ -146,6 +145,8 @@ class Op:
                 return backward(ctx, *grads)
             with plugins.reopened(ctx.backend_scopes):
                 return backward(ctx, *grads)
+
+        self.custom.register_autograd(scoped_backward, setup_context=scoped_setup_context)
 
         # forward(ctx, *args) rather than a setup_context staticmethod: Function.apply binds the arguments
         # of the latter through inspect.signature on every call, which costs more than a small kernel.

@@ -261,7 +261,9 @@ def training_loop(ds: TokenWindows, sampler: TokenBudgetBatchSampler, device: to
 
 
 def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop_steps: int = 0,
-        work_ms: float = 5.0, text_samples: int = 0) -> dict:
+        work_ms: float = 5.0, text_samples: int = 0, save: Callable[[dict], None] = lambda result: None) -> dict:
+    """Every section's figures; ``save`` gets the result after each section, so a run cut short (a time cap on a
+    lent GPU) keeps the sections it finished."""
     pin = torch.cuda.is_available()
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -279,19 +281,25 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop
             rows[f"dataloader_w{w}"] = (*epoch_rate(dl), allocations_per_batch(dl) if w == 0 else None)
             del dl
         best = max((k for k in rows if k.startswith("dataloader")), key=lambda k: rows[k][0])
+        result = {
+            "date": dt.date.today().isoformat(),
+            "device": f"cpu ({platform.processor() or platform.machine()}, {cores} cores)",
+            "torch": torch.__version__, "corpus": {"docs": docs, "tokens": tf.num_tokens, "windows": len(ds)},
+            "max_len": max_len, "max_tokens": max_tokens, "batches_per_epoch": len(sampler),
+            "ring_bytes": ring_bytes,
+            "rows": {k: {"batches_s": v[0], "tokens_s": v[1], "allocs_per_batch": v[2]} for k, v in rows.items()},
+            "best_dataloader": best, "speedup_vs_best_dataloader": rows["ring"][0] / rows[best][0],
+            "padding": padding(ds.lengths, max_tokens), "loop": None, "python_dataset": None,
+        }
+        save(result)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        loop = (training_loop(ds, sampler, device, int(best.removeprefix("dataloader_w")), loop_steps, work_ms)
-                if loop_steps else None)
-    result = {
-        "date": dt.date.today().isoformat(),
-        "device": f"cpu ({platform.processor() or platform.machine()}, {cores} cores)",
-        "torch": torch.__version__, "corpus": {"docs": docs, "tokens": tf.num_tokens, "windows": len(ds)},
-        "max_len": max_len, "max_tokens": max_tokens, "batches_per_epoch": len(sampler), "ring_bytes": ring_bytes,
-        "rows": {k: {"batches_s": v[0], "tokens_s": v[1], "allocs_per_batch": v[2]} for k, v in rows.items()},
-        "best_dataloader": best, "speedup_vs_best_dataloader": rows["ring"][0] / rows[best][0],
-        "padding": padding(ds.lengths, max_tokens), "loop": loop,
-        "python_dataset": python_dataset(text_samples, 400, cores, max_tokens) if text_samples else None,
-    }
+        if loop_steps:
+            result["loop"] = training_loop(ds, sampler, device, int(best.removeprefix("dataloader_w")), loop_steps,
+                                           work_ms)
+            save(result)
+    if text_samples:
+        result["python_dataset"] = python_dataset(text_samples, 400, cores, max_tokens)
+        save(result)
     for k, v in result["rows"].items():
         allocs = "-" if v["allocs_per_batch"] is None else f"{v['allocs_per_batch']:.1f}"
         print(f"{k:16s} {v['batches_s']:9.1f} batches/s {v['tokens_s'] / 1e6:8.2f} Mtok/s  allocs/batch {allocs}")
@@ -313,11 +321,14 @@ def main() -> None:
                         help="documents of the Python-heavy dataset section (threads vs processes); 0 skips it")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
-    result = run(args.docs, args.max_len, args.max_tokens, tuple(args.workers), args.loop_steps, args.work_ms,
-                 args.text_samples)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{result['date']}-loader-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = args.out / f"{dt.date.today().isoformat()}-loader-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+
+    def save(result: dict) -> None:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+    run(args.docs, args.max_len, args.max_tokens, tuple(args.workers), args.loop_steps, args.work_ms,
+        args.text_samples, save)
     print(f"wrote {path}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -196,7 +197,8 @@ def main() -> None:
     start = time.perf_counter()
     r = run(args.device, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{r['date']}-memory-overhead-{args.device}.json"
+    card = re.sub(r"[^a-z0-9]+", "-", r["device"].lower()).strip("-") if args.device == "cuda" else "cpu"
+    path = args.out / f"{r['date']}-memory-overhead-{card}.json"  # the card's name: two cards' runs kept apart
     path.write_text(json.dumps(r, indent=2) + "\n")
     print(f"{r['device']}, torch {r['torch']}, shape {r['shape']}, {r['timed_steps']} ordinary steps timed")
     print(f"| profiler | median step ms | vs off | paired vs neighbours |\n|---|---|---|---|\n"

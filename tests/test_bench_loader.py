@@ -4,7 +4,12 @@ from benchmarks.bench_loader import run
 
 
 def test_bench_loader_small_run_reports_throughput_padding_and_the_training_loop():
-    result = run(docs=300, max_len=64, max_tokens=512, workers=(0,), loop_steps=20, work_ms=1.0, text_samples=40)
+    saved = []  # what a run cut short after each section would have left on disk
+    result = run(docs=300, max_len=64, max_tokens=512, workers=(0,), loop_steps=20, work_ms=1.0, text_samples=40,
+                 save=lambda r: saved.append({k: r[k] for k in ("rows", "loop", "python_dataset")}))
+    assert [(s["loop"] is None, s["python_dataset"] is None) for s in saved] == [(True, True), (False, True),
+                                                                                 (False, False)]
+    assert all(s["rows"] == result["rows"] for s in saved)
     assert {"ring", "dataloader_w0"} <= set(result["rows"]) and result["speedup_vs_best_dataloader"] > 0
     assert result["rows"]["ring"]["allocs_per_batch"] == 0  # slots are reused: nothing allocated per batch
     assert 0 <= result["padding"]["token_budget"] < result["padding"]["fixed_size"]

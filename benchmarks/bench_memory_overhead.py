@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hetrain
 from benchmarks.bench_train import Shape, build_model, device_name, make_batch
+from benchmarks.report import card_slug
 from hetrain.callbacks.memory import MemoryProfiler
 
 RESULTS = Path(__file__).parent / "results"
@@ -197,8 +197,8 @@ def main() -> None:
     start = time.perf_counter()
     r = run(args.device, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    card = re.sub(r"[^a-z0-9]+", "-", r["device"].lower()).strip("-") if args.device == "cuda" else "cpu"
-    path = args.out / f"{r['date']}-memory-overhead-{card}.json"  # the card's name: two cards' runs kept apart
+    card = card_slug(r["device"]) if args.device == "cuda" else "cpu"
+    path = args.out / f"{r['date']}-memory-overhead-{card}.json"
     path.write_text(json.dumps(r, indent=2) + "\n")
     print(f"{r['device']}, torch {r['torch']}, shape {r['shape']}, {r['timed_steps']} ordinary steps timed")
     print(f"| profiler | median step ms | vs off | paired vs neighbours |\n|---|---|---|---|\n"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,8 +107,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     def path_of(result: dict) -> Path:
-        slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
-        return args.out / f"{result['date']}-{slug}-ops.json"
+        return args.out / f"{result['date']}-{report.card_slug(result['device'])}-ops.json"
 
     def save(result: dict) -> None:  # after every case, so a run cut short keeps what it measured
         path_of(result).write_text(json.dumps(result, indent=2))

@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 import hetrain
 from benchmarks.cases import with_cpp_kernels
+from benchmarks.report import card_slug
 from benchmarks.timing import median_ms
 from hetrain import ops
 
@@ -115,7 +115,7 @@ def main() -> None:
               platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "hetrain": hetrain.__version__, "shapes": {"rows": ROWS, "hidden": HIDDEN, "vocab": VOCAB}}
     args.out.mkdir(parents=True, exist_ok=True)
-    card = re.sub(r"[^a-z0-9]+", "-", header["device"].lower()).strip("-") if cuda else "cpu"  # runs of two cards apart
+    card = card_slug(header["device"]) if cuda else "cpu"
     path = args.out / f"{header['date']}-{card}-overhead.json"
 
     def save(result: dict) -> None:

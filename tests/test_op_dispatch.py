@@ -383,3 +383,21 @@ def test_the_custom_ops_backward_stays_pinned_on_another_thread_too():
         assert ran == ["forward", "backward"]
     finally:
         plugins.unregister("layer_norm", "spy")
+
+
+def test_a_graph_guard_runs_where_the_custom_op_is_called_and_not_on_eager_calls():
+    """The dropout ops' capture check: made per call by graphs, which traced the face's checks once."""
+    from hetrain.ops._op import Op
+
+    seen = []
+
+    def doubled(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    guarded = Op("hetrain_test::doubled", doubled, graph_guard=lambda x: seen.append(tuple(x.shape)))
+    guarded.register_fake(lambda x: torch.empty_like(x))
+    x = randn(3, 4, seed=1)
+    assert torch.equal(guarded(x), x * 2) and seen == []  # eager: the body alone
+    assert torch.equal(torch.ops.hetrain_test.doubled(x), x * 2) and seen == [(3, 4)]
+    compiled = torch.compile(lambda x: guarded(x) + 1, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), x * 2 + 1) and seen == [(3, 4), (3, 4)]

@@ -26,6 +26,7 @@ gradient, ``create_graph=True``) raise naming the op and its torch reference, ra
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -109,12 +110,15 @@ def _route(args: Sequence[Any]) -> str:
 
 class Op:
     """``fn`` as the custom op ``name``, called like it; see the module docstring. ``mutates_args`` as for
-    ``torch.library.custom_op``: graphs see the mutation declared, eager calls run the body."""
+    ``torch.library.custom_op``: graphs see the mutation declared, eager calls run the body. ``graph_guard``, called
+    with the arguments, runs before the body where the custom op is called (compiled graphs, tensor subclasses):
+    there the checks the op's face made were traced once, not made per call; eager calls do not pay for it."""
 
     def __init__(self, name: str, fn: Callable[..., Any], mutates_args: tuple[str, ...] = (),
-                 tags: tuple[torch.Tag, ...] = ()) -> None:
+                 tags: tuple[torch.Tag, ...] = (), graph_guard: Callable[..., None] | None = None) -> None:
         self.name, self.body = name, fn
-        self.custom = torch.library.custom_op(name, fn, mutates_args=mutates_args, tags=tags)
+        self.custom = torch.library.custom_op(name, fn if graph_guard is None else _guarded(fn, graph_guard),
+                                              mutates_args=mutates_args, tags=tags)
         self._function: type[torch.autograd.Function] | None = None
         self._functorch: type[torch.autograd.Function] | None = None
         self._public, self._reference = name, None
@@ -189,7 +193,17 @@ class Op:
         return self.custom(*args)
 
 
-def op(name: str, mutates_args: tuple[str, ...] = (), tags: tuple[torch.Tag, ...] = ()
-       ) -> Callable[[Callable[..., Any]], Op]:
+def _guarded(fn: Callable[..., Any], guard: Callable[..., None]) -> Callable[..., Any]:
+    """``fn`` after ``guard``, with ``fn``'s signature (the custom op's schema is read from it)."""
+    @functools.wraps(fn)
+    def guarded(*args: Any) -> Any:
+        guard(*args)
+        return fn(*args)
+
+    return guarded
+
+
+def op(name: str, mutates_args: tuple[str, ...] = (), tags: tuple[torch.Tag, ...] = (),
+       graph_guard: Callable[..., None] | None = None) -> Callable[[Callable[..., Any]], Op]:
     """Decorator: ``@op("hetrain::layer_norm_fwd")`` in place of ``@torch.library.custom_op(..., mutates_args=())``."""
-    return lambda fn: Op(name, fn, mutates_args, tags)
+    return lambda fn: Op(name, fn, mutates_args, tags, graph_guard)

@@ -92,9 +92,8 @@ _register_backends()
 
 # --- torch.library op --------------------------------------------------------------------------
 
-@op("hetrain::dropout_fwd", tags=HOST_SEEDED)
+@op("hetrain::dropout_fwd", tags=HOST_SEEDED, graph_guard=refuse_host_seed_in_capture)
 def _dropout_fwd(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    refuse_host_seed_in_capture(x, seed, p)
     return plugins.call(OP, "forward", x.device.type, x, seed, p)
 
 

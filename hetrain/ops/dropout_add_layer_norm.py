@@ -151,7 +151,8 @@ _register_backends()
 
 # --- torch.library op --------------------------------------------------------------------------
 
-@op("hetrain::dropout_add_layer_norm_fwd", tags=HOST_SEEDED)
+@op("hetrain::dropout_add_layer_norm_fwd", tags=HOST_SEEDED,
+    graph_guard=lambda x, residual, weight, bias, seed, p, eps: refuse_host_seed_in_capture(x, seed, p))
 def _dropout_add_layer_norm_fwd(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     seed: torch.Tensor, p: float, eps: float,
@@ -159,7 +160,6 @@ def _dropout_add_layer_norm_fwd(
     """``x`` and ``residual`` of one shape, any leading dims; the statistics one entry per row of ``as_rows(x)``."""
     if residual.shape != x.shape:  # flattened, a residual of another shape with as many rows would pass
         raise ValueError(f"hetrain.dropout_add_layer_norm: residual {tuple(residual.shape)} vs x {tuple(x.shape)}")
-    refuse_host_seed_in_capture(x, seed, p)
     y, mean, rstd = plugins.call(OP, "forward", x.device.type, as_rows(x), as_rows(residual), weight, bias, seed,
                                  p, eps)
     return y.view(x.shape), mean, rstd

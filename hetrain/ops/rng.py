@@ -137,9 +137,8 @@ def refuse_host_seed_in_capture(x: torch.Tensor, seed: torch.Tensor, p: float) -
     """Raises where a dropout call on a GPU is captured in a CUDA graph with a seed drawn on the host, which the
     graph would keep: every replay would repeat one mask. Eager calls draw on the GPU under a capture
     (:func:`dropout_stream`); this catches compiled code (its draw traced where a trace cannot know of a capture
-    to come) captured by hand. Called by the ops' bodies, which compiled graphs run when they run."""
-    if (p > 0 and x.is_cuda and seed.device.type == "cpu" and not getattr(_active, "fixed_masks", False)
-            and torch.cuda.is_current_stream_capturing()):
+    to come) captured by hand. The ops' graph guard: compiled graphs run it when they run."""
+    if p > 0 and x.is_cuda and seed.device.type == "cpu" and _capturing():
         raise RuntimeError(
             "hetrain: a dropout call compiled by torch.compile is being captured in a CUDA graph by hand "
             "(torch.cuda.graph, make_graphed_callables); its seed was drawn on the host when the graph was recorded, "

@@ -19,21 +19,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hetrain import cpu_memory
 from hetrain.callbacks.churn import OUTSIDE, Allocation, ChurnTracker, churned
-from hetrain.callbacks.memory import (
-    OOM_MD,
-    OOM_SNAPSHOT,
-    PHASES,
-    REPORT_HTML,
-    REPORT_MD,
-    REPORT_PNG,
-    MemoryProfiler,
-    ModuleMemory,
-    PhaseMemory,
-    optimizer_state_bytes,
-    peak_rss_bytes,
-    reset_peak_rss,
-    rss_bytes,
-)
+from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler
+from hetrain.callbacks.memory_counters import PhaseMemory, peak_rss_bytes, reset_peak_rss, rss_bytes
+from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, MemoryReport
+from hetrain.callbacks.module_memory import ModuleMemory, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace
 
 BATCH, IN, HIDDEN = 6, 8, 24
@@ -239,6 +228,28 @@ def test_profiler_writes_a_report_naming_every_module(tmp_path):
                                "optimizer state": {"cpu": 2 * params + 4 * 4}}
     # No hook outlives the fit.
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_memory_report_renders_hand_made_steps_without_a_trainer(tmp_path):
+    mib = 2**20
+    steps = [{"step": n, "forward": {"cpu": {"allocated": (100 + n) * mib}, "cuda:0": {"allocated": 7 * mib}},
+              "backward": {"cpu": {"allocated": (120 + 3 * n) * mib}}, "optimizer": {"cpu": {"allocated": 90 * mib}}}
+             for n in range(3)]
+    report = MemoryReport(steps, static={"params": {"cpu": 2 * mib}}, at_start={"cpu": 80 * mib},
+                          churn=(["Per step: nothing."], [("Temporaries to remove (top 10)", (["module"], []))]))
+    header, rows = report.device_table()
+    by_device = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert by_device["cpu"] == {"device": "cpu", "at start MiB": 80, "peak forward MiB": 102,
+                                "peak backward MiB": 126, "peak optimizer MiB": 90, "params MiB": 2,
+                                "grads MiB": 0, "optimizer state MiB": 0}
+    assert by_device["cuda:0"]["peak forward MiB"] == 7 and by_device["cuda:0"]["peak backward MiB"] == 0
+    paths = report.write(tmp_path)
+    md, page = paths["md"].read_text(), paths["html"].read_text()
+    for text in (md, page):
+        assert "Per module" not in text  # no step was hooked: no empty table
+        assert "Allocator churn" in text and "Per step: nothing." in text
+    assert "### Temporaries to remove (top 10)\n\nNone." in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 class ScratchRegressor(Regressor):

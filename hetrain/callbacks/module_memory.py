@@ -1,0 +1,207 @@
+"""Per-module memory of one step: parameters, gradients, outputs and the activations each module saves.
+
+No Trainer needed: :class:`ModuleMemory` hooks a model for one forward and backward, and
+:class:`~hetrain.callbacks.memory.MemoryProfiler` runs it every few steps of a fit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+from torch.utils.hooks import RemovableHandle
+
+from hetrain.callbacks.churn import ROOT
+
+MIB = 2**20
+OUTSIDE = "(training_step, outside modules)"
+
+
+@dataclass
+class ModuleRecord:
+    """Bytes one module holds or makes in a step (largest seen over the measured steps)."""
+
+    params: int = 0
+    grads: int = 0
+    outputs: int = 0
+    saved: int = 0  # saved for backward while this module ran: the activations it keeps alive
+    cuda_delta: int | None = None  # allocated bytes after its forward minus before (CUDA modules)
+
+    def merge(self, other: ModuleRecord) -> None:
+        for f in fields(self):
+            new, old = getattr(other, f.name), getattr(self, f.name)
+            if new is not None:
+                setattr(self, f.name, new if old is None else max(old, new))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` holds: for a sparse gradient (an embedding table's) its stored rows and indices, not its shape."""
+    if t.is_sparse:
+        return _nbytes(t._values()) + _nbytes(t._indices())
+    return t.numel() * t.element_size()
+
+
+def _tensor_bytes(obj: Any) -> int:
+    return sum(_nbytes(t) for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
+
+
+class ModuleMemory:
+    """Per-module memory of a model over one forward and backward, through hooks that exist only meanwhile.
+
+    Call :meth:`start` before the forward, :meth:`forward_done` after it (before backward),
+    :meth:`backward_done` after backward, and :meth:`stop` at the end (also after an error).
+
+    Notes:
+        No byte is counted twice through a parent: parameters and gradients go to the module that
+        owns them, outputs and the CUDA delta to modules without children, and a tensor saved for
+        backward (found with ``torch.autograd.graph.saved_tensors_hooks``, once per storage,
+        parameters excluded) to the innermost module running when it was saved, e.g. an attention
+        block for its ``scaled_dot_product_attention``. Tensors saved outside every module (the loss
+        in ``training_step``) get their own row; the model itself is ``(root)``. A module compiled with
+        ``torch.compile`` runs as one graph with no submodules: what it saves goes to the nearest module
+        outside it that runs eagerly (:meth:`compiled_note`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.rows = {name or ROOT: m for name, m in model.named_modules()}
+        self.leaves = {name for name, m in self.rows.items() if not any(True for _ in m.children())}
+        self.records: dict[str, ModuleRecord] = {}
+        self._step: dict[str, ModuleRecord] = {}
+        self._handles: list[RemovableHandle] = []
+        self._stack: list[str] = []
+        self._before: dict[str, int] = {}
+        self._seen: set[int] = set()
+        self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._watching = False  # during the first forward of the step (later micro-batches are not counted)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def start(self) -> None:
+        self._step = {name: ModuleRecord(params=_tensor_bytes(list(m.parameters(False))))
+                      for name, m in self.rows.items()}
+        self._step[OUTSIDE] = ModuleRecord()
+        self._seen = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        for name, module in self.rows.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_hook(self._post(name), always_call=True))
+        # Autograd calls the pack hook from a compiled module's runtime too; left to dynamo, that call would be
+        # compiled as a frame of its own, and a traced _pack counts nothing.
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(torch.compiler.disable(self._pack), lambda t: t)
+        self._saved_hooks.__enter__()
+        self._watching = True
+
+    def _pre(self, name: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            if not self._watching or torch.compiler.is_compiling():  # see _post
+                return
+            self._stack.append(name)
+            param = next(module.parameters(), None)
+            if name in self.leaves and param is not None and param.is_cuda:
+                self._before[name] = torch.cuda.memory_allocated(param.device)
+        return hook
+
+    def _post(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            # Inside a compiled module dynamo traces these hooks, and their allocator reads broke its graph: the
+            # step measured was not the step that runs. Traced, they do nothing: the compiled graph has no
+            # submodules, and what it saves for backward goes to the nearest module that runs eagerly.
+            if not self._watching or torch.compiler.is_compiling():
+                return
+            if self._stack and self._stack[-1] == name:
+                self._stack.pop()
+            record = self._step[name]
+            if name in self.leaves:
+                record.outputs += _tensor_bytes(output)
+            if name in self._before:
+                param = next(module.parameters())
+                delta = torch.cuda.memory_allocated(param.device) - self._before.pop(name)
+                record.cuda_delta = delta + (record.cuda_delta or 0)
+        return hook
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
+            return tensor
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self._step[self._stack[-1] if self._stack else OUTSIDE].saved += storage.nbytes()
+        return tensor
+
+    def forward_done(self) -> None:
+        """Stops watching the forward; tensors already saved keep their (identity) unpack hook."""
+        self._watching = False
+        if self._saved_hooks is not None:
+            self._saved_hooks.__exit__(None, None, None)
+            self._saved_hooks = None
+
+    def backward_done(self) -> None:
+        for name, module in self.rows.items():
+            self._step[name].grads = _tensor_bytes([p.grad for p in module.parameters(False) if p.grad is not None])
+
+    def stop(self) -> None:
+        """Removes every hook and folds this step into :attr:`records`."""
+        self.forward_done()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._stack.clear()
+        self._before.clear()
+        for name, record in self._step.items():
+            self.records.setdefault(name, ModuleRecord()).merge(record)
+        self._step = {}
+
+    def compiled_note(self) -> str:
+        """A line naming the compiled modules, whose insides the table cannot show; empty when there are none."""
+        compiled = [name for name, m in self.rows.items() if getattr(m, "_compiled_call_impl", None) is not None]
+        compiled = [n for n in compiled if not any(n.startswith(f"{c}.") for c in compiled if c != ROOT)]
+        if not compiled:
+            return ""
+        return (f"Compiled with torch.compile: {', '.join(compiled)}. Each runs as one graph, so its submodules have "
+                "no rows of their own, and what it saves for backward is counted under the nearest module outside "
+                "it that runs eagerly.")
+
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        """Header and rows in MiB, largest total first, with a total row last; the CUDA column only where a
+        module ran on a GPU (on a CPU-only run it would be n/a throughout)."""
+        cuda = any(r.cuda_delta is not None for r in self.records.values())
+        header = ["module", "type", "params MiB", "grads MiB", "outputs MiB", "saved for backward MiB",
+                  *(["CUDA allocated delta MiB"] if cuda else [])]
+        rows, totals = [], [0, 0, 0, 0]
+        types = {name: type(m).__name__ for name, m in self.rows.items()}
+        for name, r in self.records.items():
+            values = [r.params, r.grads, r.outputs, r.saved]
+            if not any(values) and not r.cuda_delta:
+                continue
+            totals = [a + b for a, b in zip(totals, values, strict=True)]
+            delta = ["n/a" if r.cuda_delta is None else round(r.cuda_delta / MIB, 3)] if cuda else []
+            rows.append([name, types.get(name, ""), *(round(v / MIB, 3) for v in values), *delta, sum(values)])
+        rows.sort(key=lambda row: -row[-1])
+        rows = [row[:-1] for row in rows]
+        rows.append(["total", "", *(round(v / MIB, 3) for v in totals), *([""] if cuda else [])])
+        return header, rows
+
+
+def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+    """Bytes of optimizer state (Adam's moments, ...) per device."""
+    out: dict[str, int] = defaultdict(int)
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            for t in tree_leaves(state):
+                if isinstance(t, torch.Tensor):
+                    out[str(t.device)] += t.numel() * t.element_size()
+    return dict(out)
+
+
+def bytes_by_device(tensors: list[torch.Tensor]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for t in tensors:
+        out[str(t.device)] += _nbytes(t)
+    return dict(out)

@@ -241,9 +241,9 @@ class MemoryProfiler(Callback):
         log.info(f"Memory report: {paths['html']} (table: {paths['md']})")
         if self.churn_observed:
             header, rows = self.churn.table(["temporary"], self.churn_top)
-            log.info(f"Allocator churn, steps {self.churn_observed}: temporaries made and freed every step inside "
-                     f"one module's forward or backward or the optimizer step (>= {self.churn_min_bytes} bytes)\n"
-                     + (markdown_table(header, rows) if rows else "none"))
+            what = (f"Allocator churn, steps {self.churn_observed}: temporaries made and freed every step inside "
+                    f"one module's forward or backward or the optimizer step (>= {self.churn_min_bytes} bytes)")
+            log.info(f"{what}\n{markdown_table(header, rows)}" if rows else f"{what}: none")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

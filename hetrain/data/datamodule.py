@@ -98,7 +98,8 @@ class RingDataModule(pl.LightningDataModule):
         prefetch = device is not None and device.type == "cuda"
         self._summary[split] = {
             "loader": "ring", "slot_bytes": loader.nbytes, "pinned_bytes": loader.pinned_bytes,
-            "padding_fraction": round(sampler.padding_fraction, 4), "prefetch": str(device) if prefetch else None,
+            "padding_fraction": round(sampler.padding_fraction, 4),
+            "prefetch": f"to {device} on a side stream" if prefetch else "off (the stages are not all on one GPU)",
         }
         return DevicePrefetcher(loader, device) if prefetch else loader
 

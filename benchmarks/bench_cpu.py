@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from benchmarks import report
 from benchmarks.cases import discover
 from benchmarks.timing import copy_bandwidth_gbs, median_ms
 from hetrain import cpu_memory
+from hetrain.device_info import host_description
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,9 +54,8 @@ def _run(quick: bool) -> dict:
         })
         print(report.cpu_row_text(rows[-1]), flush=True)
     return {
-        "date": dt.date.today().isoformat(), "device": f"cpu ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "hetrain": hetrain.__version__,
-        "copy_gbs": copy_gbs, "quick": quick, "rows": rows,
+        "date": dt.date.today().isoformat(), "device": host_description(), "torch": torch.__version__,
+        "hetrain": hetrain.__version__, "copy_gbs": copy_gbs, "quick": quick, "rows": rows,
     }
 
 

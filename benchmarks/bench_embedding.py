@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import warnings
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import torch
 import hetrain
 from benchmarks.timing import median_ms
 from hetrain import cpu_memory
+from hetrain.device_info import host_description
 from hetrain.optim import SparseAwareAdamW
 
 RESULTS = Path(__file__).parent / "results"
@@ -73,9 +73,9 @@ def run(quick: bool) -> dict:
                      "system_over_keep": {kind: ms[kind]["system"] / ms[kind]["keep"] for kind in steps}})
         print(f"ids 32x{seq:<4} ({rows[-1]['unique_rows']} rows), ms on torch's allocator / with kept blocks:  "
               + "  ".join(f"{kind} {ms[kind]['system']:6.1f} / {ms[kind]['keep']:6.1f}" for kind in steps), flush=True)
-    return {"date": dt.date.today().isoformat(), "device": f"cpu ({platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "hetrain": hetrain.__version__,
-            "table": [vocab, hidden], "quick": quick, "allocators": list(ALLOCATORS), "rows": rows}
+    return {"date": dt.date.today().isoformat(), "device": host_description(), "torch": torch.__version__,
+            "hetrain": hetrain.__version__, "table": [vocab, hidden], "quick": quick,
+            "allocators": list(ALLOCATORS), "rows": rows}
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -36,6 +35,7 @@ from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import pad_collate
 from hetrain.data.tokens import write_token_file
 from hetrain.data.windows import TokenWindows, token_collate
+from hetrain.device_info import host_description
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -283,7 +283,7 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop
         best = max((k for k in rows if k.startswith("dataloader")), key=lambda k: rows[k][0])
         result = {
             "date": dt.date.today().isoformat(),
-            "device": f"cpu ({platform.processor() or platform.machine()}, {cores} cores)",
+            "device": host_description(cores, "cores"),
             "torch": torch.__version__, "corpus": {"docs": docs, "tokens": tf.num_tokens, "windows": len(ds)},
             "max_len": max_len, "max_tokens": max_tokens, "batches_per_epoch": len(sampler),
             "ring_bytes": ring_bytes,

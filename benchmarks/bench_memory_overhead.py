@@ -28,9 +28,9 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 import hetrain
-from benchmarks.bench_train import Shape, build_model, device_name, make_batch
-from benchmarks.report import card_slug
+from benchmarks.bench_train import Shape, build_model, make_batch, measured_on
 from hetrain.callbacks.memory import MemoryProfiler
+from hetrain.device_info import card_slug
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.03
@@ -163,7 +163,7 @@ def run(device: str, quick: bool) -> dict:
     # Hooks: the mean, so that a slow call counts in full (the target is judged on it).
     off_ms, on_ms, hook_ms = statistics.median(off), statistics.median(on), statistics.mean(hooks)
     return {
-        "date": dt.date.today().isoformat(), "device": device_name(device), "device_type": device,
+        "date": dt.date.today().isoformat(), "device": measured_on(device), "device_type": device,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "lightning": pl.__version__,
         "hetrain": hetrain.__version__, "quick": quick,
         "shape": asdict(shape), "rounds": rounds, "steps_per_fit": steps, "warmup_steps": warmup,

@@ -22,6 +22,7 @@ import hetrain
 from benchmarks import report
 from benchmarks.cases import discover
 from benchmarks.timing import back_to_back_ms, copy_bandwidth_gbs, cuda_generator_restored_on_error, median_ms
+from hetrain.device_info import card_slug
 from hetrain.ops.rng import masks_fixed_in_cuda_graphs
 
 RESULTS = Path(__file__).parent / "results"
@@ -107,7 +108,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     def path_of(result: dict) -> Path:
-        return args.out / f"{result['date']}-{report.card_slug(result['device'])}-ops.json"
+        return args.out / f"{result['date']}-{card_slug(result['device'])}-ops.json"
 
     def save(result: dict) -> None:  # after every case, so a run cut short keeps what it measured
         path_of(result).write_text(json.dumps(result, indent=2))

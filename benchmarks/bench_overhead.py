@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +23,9 @@ import torch.nn.functional as F
 
 import hetrain
 from benchmarks.cases import with_cpp_kernels
-from benchmarks.report import card_slug
 from benchmarks.timing import median_ms
 from hetrain import ops
+from hetrain.device_info import card_slug, device_name
 
 RESULTS = Path(__file__).parent / "results"
 ROWS, HIDDEN, VOCAB = 8, 64, 96
@@ -111,8 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     header = {"date": dt.date.today().isoformat(),
-              "device": (torch.cuda.get_device_name(args.device) if cuda else platform.processor()) or
-              platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "device": device_name(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "hetrain": hetrain.__version__, "shapes": {"rows": ROWS, "hidden": HIDDEN, "vocab": VOCAB}}
     args.out.mkdir(parents=True, exist_ok=True)
     card = card_slug(header["device"]) if cuda else "cpu"

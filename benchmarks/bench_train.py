@@ -15,7 +15,6 @@ import contextlib
 import datetime as dt
 import gc
 import json
-import platform
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import hetrain
 from benchmarks.timing import cuda_generator_restored_on_error, median_ms
 from hetrain import _ext, cpu_memory, plugins
 from hetrain.callbacks.placement import StagePlacement
+from hetrain.device_info import device_name, host_description
 from hetrain.models.bert import BertClassifier
 from hetrain.placement import CostModel, available_devices
 from hetrain.placement import measure as cost_model
@@ -349,10 +349,9 @@ def row_text(row: dict) -> str:
     return f"{name:<28} fused={row['fused']!s:<5}  {row['ms']:9.2f} ms  peak {peak:>6} MiB  vs bf16+compile {ratio}"
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+def measured_on(device: str) -> str:
+    """The GPU's name, or the CPU's model and the threads the run used."""
+    return device_name(device) if device.startswith("cuda") else host_description()
 
 
 def triton_version() -> str | None:
@@ -377,7 +376,7 @@ def _run(device: str, quick: bool, short: bool, save: Callable[[dict], None], cp
     shape = QUICK if quick else FULL
     light = quick or short
     result = {
-        "date": dt.date.today().isoformat(), "device": device_name(device), "device_type": device,
+        "date": dt.date.today().isoformat(), "device": measured_on(device), "device_type": device,
         "torch": torch.__version__, "triton": triton_version(), "hetrain": hetrain.__version__, "quick": quick,
         "short": short, "shape": asdict(shape), "baseline": {"mode": BASELINE[0], "fused": BASELINE[1]},
         "target_met": None, "rows": [], "placement": [], "cpu_malloc": cpu_malloc,

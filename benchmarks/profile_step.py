@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import platform
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 import hetrain
 from benchmarks.bench_train import FULL, Mode, Shape, build_model, make_batch, train_step
+from hetrain.device_info import device_name
 
 RESULTS = Path(__file__).parent / "results"
 # The bert_split recipe's model and a typical token-budget batch of it (2048 tokens).
@@ -106,8 +106,7 @@ def main() -> None:
     shape = dataclasses.replace(SHAPES[shape_name], attention_dropout=args.attention_dropout)
     result = profile(shape, args.device, args.bf16, args.steps)
     print(table(result))
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
-    record = {"date": dt.date.today().isoformat(), "device": device_name or platform.machine(),
+    record = {"date": dt.date.today().isoformat(), "device": device_name(args.device),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "hetrain": hetrain.__version__,
               "shape": shape_name, "attention_dropout": shape.attention_dropout, "bf16": args.bf16, **result}
     args.out.mkdir(parents=True, exist_ok=True)

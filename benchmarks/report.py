@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 from benchmarks.plots import speedup_chart
@@ -125,12 +124,6 @@ def _replace_section(text: str, begin: str, end: str, body: str) -> str:
         head, rest = text.split(begin, 1)
         return head + section + rest.split(end, 1)[1]
     return text.rstrip() + "\n\n" + section + "\n"
-
-
-def card_slug(device: str) -> str:
-    """A device's name as it goes into result file names ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"), so
-    runs on two cards the same day are kept apart."""
-    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
 
 
 def write_gpu_results_md(results_dir: Path) -> None:

@@ -120,7 +120,7 @@ def test_peak_flops_is_measured_once_per_device_name_and_dtype(monkeypatch):
     assert peak_flops(cpu, torch.float32, measure=False) is None  # Lightning's table has no CPUs
     first = peak_flops(cpu, torch.float32)
     assert first > 1e8  # any CPU that runs these tests does more than 0.1 GFLOP/s in a 1024^2 matmul
-    assert list(tp._PEAK_FLOPS) == [(tp.device_name(cpu), torch.float32)]
+    assert list(tp._PEAK_FLOPS) == [(tp._peak_key(cpu), torch.float32)]
     assert peak_flops(cpu, torch.float32) == first  # cached, not measured again
 
 
@@ -140,8 +140,8 @@ def test_a_bf16_run_without_a_known_peak_measures_it_in_bf16(monkeypatch, tmp_pa
                          enable_model_summary=False, callbacks=[callback])
     trainer.fit(Tagger(), DataLoader(_samples(3 * BATCH), batch_size=BATCH))
     cpu = torch.device("cpu")
-    assert list(tp._PEAK_FLOPS) == [(tp.device_name(cpu), torch.bfloat16)]  # the run's compute dtype
-    assert callback.summary["peak_flops"] == tp._PEAK_FLOPS[(tp.device_name(cpu), torch.bfloat16)]
+    assert list(tp._PEAK_FLOPS) == [(tp._peak_key(cpu), torch.bfloat16)]  # the run's compute dtype
+    assert callback.summary["peak_flops"] == tp._PEAK_FLOPS[(tp._peak_key(cpu), torch.bfloat16)]
     # Never below float32's: where bf16 is emulated, the bf16 matmul alone put MFU above 1.
     assert callback.summary["peak_flops"] >= 0.8 * tp.measure_matmul_flops(cpu, torch.float32)
     assert 0 < callback.summary["mfu"] < 1

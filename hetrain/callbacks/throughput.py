@@ -30,6 +30,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
+from hetrain.device_info import device_name
+
 log = logging.getLogger(__name__)
 
 NA = "n/a"
@@ -37,19 +39,10 @@ NA = "n/a"
 _PEAK_FLOPS: dict[tuple[str, torch.dtype], float] = {}
 
 
-def device_name(device: torch.device) -> str:
-    """The product name of ``device`` (GPU name, CPU model), the key a measured peak is cached under."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        return f"{line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
-        except OSError:
-            pass
-    return device.type
+def _peak_key(device: torch.device) -> str:
+    """What a measured peak is cached under: the product name, and on a CPU the threads it ran on."""
+    name = device_name(device)
+    return f"{name} x{torch.get_num_threads()} threads" if device.type == "cpu" else name
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> float:
@@ -86,7 +79,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, measure: bool = True) -
         return float(known)
     if not measure:
         return None
-    key = (device_name(device), dtype)
+    key = (_peak_key(device), dtype)
     if key not in _PEAK_FLOPS:
         # A mixed-precision run runs float32 ops too, and autocast may keep a GEMM in float32; where the device
         # has no fast path for ``dtype`` (bf16 on a CPU without AVX512-BF16 or AMX ran 0.65 GFLOP/s on a 2-core

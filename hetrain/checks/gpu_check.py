@@ -14,7 +14,6 @@ import datetime as dt
 import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from hetrain.checks.cuda_build import cuda_home_fallback
+from hetrain.device_info import card_slug
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -96,10 +96,9 @@ def this_gpus_arch() -> str | None:
     return f"{major}.{minor}"
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-").lower()
-    return "cpu"
+def card() -> str:
+    """This machine's GPU as result file names spell it; "cpu" without one."""
+    return card_slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu"
 
 
 def why_skipped(step: Step, only: set[str] | None, skip: set[str]) -> str | None:
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     caps = parse_caps(args.cap, {s.name for s in steps(args.quick, args.out)})
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{dt.date.today().isoformat()}-{device_name()}"
+    stem = f"{dt.date.today().isoformat()}-{card()}"
     log_path = args.out / f"{stem}-check.log"
     outcomes = []
     start = time.perf_counter()
@@ -201,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             outcomes.append(outcome)
             print(f"[gpu-check] {outcome.name}: {outcome.status} {outcome.detail}".rstrip(), flush=True)
             # Recorded after every step, so a run cut short from outside still leaves what it did.
-            record = {"date": dt.date.today().isoformat(), "device": device_name(), "torch": torch.__version__,
+            record = {"date": dt.date.today().isoformat(), "device": card(), "torch": torch.__version__,
                       "cuda": torch.version.cuda, "budget_s": args.budget_s, "steps": [asdict(o) for o in outcomes],
                       "log": log_path.name}
             (args.out / f"{stem}-check.json").write_text(json.dumps(record, indent=2))
     print("\n" + table(outcomes))
     if any(o.name == "bench-ops" and o.status == "passed" for o in outcomes):
-        print("\n" + headline_ratios(args.out, device_name()))
+        print("\n" + headline_ratios(args.out, card()))
     print(f"\nlog: {log_path}")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from hetrain.device_info import cpu_model, device_name
+
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 DOC = ROOT / "docs" / "tolerances.md"
@@ -300,7 +302,7 @@ def _version(dist: str) -> str:
 
 def render(rows: list[Row], device: str, seconds: float) -> str:
     """docs/tolerances.md: how the numbers were measured, on what, and the table."""
-    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    where = device_name(device) if device == "cuda" else f"CPU ({cpu_model()})"
     triton = ("Triton kernels ran in Triton's interpreter on CPU tensors (`TRITON_INTERPRET=1`), so their numbers "
               "check the kernels' arithmetic, not a GPU's." if os.environ.get("TRITON_INTERPRET") == "1" else
               "Triton kernels ran compiled on the GPU.")

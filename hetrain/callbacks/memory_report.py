@@ -101,44 +101,39 @@ class MemoryReport:
                 "allocator keeps for the next tensor of their size (cpu_malloc: keep), not live tensors, as a "
                 "GPU's reserved memory; hetrain.cpu_memory.empty_cache() gives them back.")
 
-    def markdown(self) -> str:
-        text = "# Memory\n\n## Peak per device and phase\n\n"
-        text += f"{READING}\n\n" + markdown_table(*self.device_table())
+    def blocks(self) -> list[tuple[str, Any]]:
+        """The report's content once, for both renderings: ``("h2" | "h3" | "p", text)`` and ``("table", table)``."""
+        out: list[tuple[str, Any]] = [("h2", "Peak per device and phase"), ("p", READING),
+                                      ("table", self.device_table())]
         kept = self.kept_host_note()
         if kept:
-            text += f"\n{kept}\n"
+            out.append(("p", kept))
         for table, note in self._module_sections():
-            text += "\n## Per module (largest over the measured steps)\n\n" + markdown_table(*table)
+            out += [("h2", "Per module (largest over the measured steps)"), ("table", table)]
             if note:
-                text += f"\n{note}\n"
+                out.append(("p", note))
         if self.churn is not None:
             paragraphs, tables = self.churn
-            text += "\n## Allocator churn\n\n" + "".join(f"{p}\n\n" for p in paragraphs)
-            for title, (header, rows) in tables:
-                text += f"\n### {title}\n\n" + (markdown_table(header, rows) if rows else "None.\n")
-        return text
+            out += [("h2", "Allocator churn"), *(("p", p) for p in paragraphs)]
+            for title, table in tables:
+                out += [("h3", title), ("table", table) if table[1] else ("p", "None.")]
+        return out
+
+    def markdown(self) -> str:
+        render = {"h2": lambda t: f"## {t}\n\n", "h3": lambda t: f"### {t}\n\n", "p": lambda t: f"{t}\n\n",
+                  "table": lambda t: markdown_table(*t) + "\n"}
+        return "# Memory\n\n" + "".join(render[kind](value) for kind, value in self.blocks())
 
     def html(self, png: bytes) -> str:
-        """The page: every table of :meth:`markdown`, and the plot embedded so the file stands alone."""
-        body = "<h2>Peak per device and phase</h2>" + _html_table(*self.device_table())
-        kept = self.kept_host_note()
-        if kept:
-            body += f"<p>{html.escape(kept)}</p>"
-        for table, note in self._module_sections():
-            body += "<h2>Per module (largest over the measured steps)</h2>" + _html_table(*table)
-            if note:
-                body += f"<p>{html.escape(note)}</p>"
-        if self.churn is not None:
-            paragraphs, tables = self.churn
-            body += "<h2>Allocator churn</h2>" + "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs)
-            for title, (header, rows) in tables:
-                body += f"<h3>{html.escape(title)}</h3>" + (_html_table(header, rows) if rows else "<p>None.</p>")
+        """The page: everything :meth:`markdown` says, and the plot embedded so the file stands alone."""
+        render = {"h2": lambda t: f"<h2>{html.escape(t)}</h2>", "h3": lambda t: f"<h3>{html.escape(t)}</h3>",
+                  "p": lambda t: f"<p>{html.escape(t)}</p>", "table": lambda t: _html_table(*t)}
+        body = "".join(render[kind](value) for kind, value in self.blocks())
         return (
             "<!doctype html><html><head><meta charset='utf-8'><title>Memory report</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}</style>"
-            f"</head><body><h1>Memory</h1><p>{html.escape(READING)}</p>"
-            f"{body}<h2>Plot</h2><img alt='memory plot' src='data:image/png;base64,"
+            f"</head><body><h1>Memory</h1>{body}<h2>Plot</h2><img alt='memory plot' src='data:image/png;base64,"
             f"{base64.b64encode(png).decode()}'></body></html>"
         )
 

@@ -16,6 +16,7 @@ import torch
 
 import hetrain
 from hetrain import _ext, cpu_features, cpu_memory, plugins
+from hetrain.device_info import cpu_model
 
 MIN_TRITON = (3, 0)
 
@@ -92,8 +93,8 @@ def collect() -> Report:
         "host allocator": _host_allocator(),
     }
     cpu_bf16 = "bf16 dot products" if cpu_features.has_fast_bf16() else "no bf16 dot products (precision auto: 32)"
-    report.devices.append({"device": "cpu", "name": f"{torch.get_num_threads()} threads", "capability": cpu_bf16,
-                           "memory": "-"})
+    report.devices.append({"device": "cpu", "name": f"{cpu_model()}, {torch.get_num_threads()} threads",
+                           "capability": cpu_bf16, "memory": "-"})
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         props = torch.cuda.get_device_properties(i)
         report.devices.append({"device": f"cuda:{i}", "name": props.name, "capability": f"{props.major}.{props.minor}",

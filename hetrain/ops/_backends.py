@@ -45,11 +45,12 @@ def register_triton(op: str, module_name: str) -> None:
                      PRIORITY["triton"], lambda: _triton_available(module), opt_in=("cpu",))
 
 
-def register_cpp(op: str, impl: Any, devices: tuple[str, ...]) -> None:
-    """The C++ kernels of hetrain._C for ``devices`` (``("cpu",)`` or ``("cuda",)``)."""
-    name = "cuda" if devices == ("cuda",) else "cpu"
-    available = _ext.available if name == "cpu" else _cuda_ext_available
-    plugins.register(op, name, devices, impl, PRIORITY[name], available)
+def register_cpp(op: str, impl: Any, devices: tuple[str, ...] = ("cpu", "cuda")) -> None:
+    """The C++ kernels of hetrain._C: a ``cpu`` backend (csrc/) and a ``cuda`` backend (csrc/cuda/), each
+    available only where its part of the extension was built; ``devices`` names the ones the op has."""
+    for device in devices:
+        available = _ext.available if device == "cpu" else _cuda_ext_available
+        plugins.register(op, device, (device,), impl, PRIORITY[device], available)
 
 
 def _cuda_ext_available() -> bool | str:

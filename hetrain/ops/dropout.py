@@ -82,8 +82,7 @@ class CppBackend:
 
 def _register_backends() -> None:
     _backends.register_triton(OP, "hetrain.ops.triton.dropout")
-    _backends.register_cpp(OP, CppBackend, devices=("cpu",))
-    _backends.register_cpp(OP, CppBackend, devices=("cuda",))
+    _backends.register_cpp(OP, CppBackend)
     _backends.register_torch(OP, TorchBackend)
 
 

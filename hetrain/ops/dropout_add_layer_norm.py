@@ -141,8 +141,7 @@ class CppBackend:
 
 def _register_backends() -> None:
     _backends.register_triton(OP, "hetrain.ops.triton.dropout_add_layer_norm")
-    _backends.register_cpp(OP, CppBackend, devices=("cpu",))
-    _backends.register_cpp(OP, CppBackend, devices=("cuda",))
+    _backends.register_cpp(OP, CppBackend)
     _backends.register_torch(OP, TorchBackend)
 
 

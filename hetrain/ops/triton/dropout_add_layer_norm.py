@@ -27,7 +27,7 @@ from hetrain.ops.triton._rows import (
 from hetrain.ops.triton.dropout import STREAM_ARGS, kept, stream_args, stream_start
 from hetrain.ops.triton.layer_norm import _normalize_row, _row_input_grad
 
-# 64 KiB of row data per program, as for LayerNorm.
+# 32 KiB of row data per program, as for LayerNorm.
 MAX_FUSED_BYTES = 32768
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from hetrain import cpu_memory
 from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader, StreamBatches
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import SyntheticSequences, pad_collate
@@ -303,6 +305,28 @@ def test_stress_many_tiny_batches_with_slow_and_fast_producers(corpus):
             assert len(seen) == len(windows) and set(seen.values()) == {1}
 
 
+@contextlib.contextmanager
+def every_host_allocation_counted():
+    """Routes every host allocation of torch's CPU allocator, from any thread, through hetrain's block cache and
+    yields a function giving how many there were since (the profiler sees only the thread that opened it)."""
+    was_on = cpu_memory.stats().enabled
+    if not cpu_memory.keep_freed_blocks(min_bytes=1).applied:
+        pytest.skip("hetrain's CPU allocator could not be installed here")
+    start = cpu_memory.stats()
+
+    def since_start() -> int:
+        now = cpu_memory.stats()
+        return now.reused + now.mapped - start.reused - start.mapped
+
+    try:
+        yield since_start
+    finally:
+        if was_on:
+            cpu_memory.keep_freed_blocks()
+        else:
+            cpu_memory.system()
+
+
 def test_no_host_allocation_per_batch_in_steady_state(corpus):
     ds = TokenWindows(corpus, max_len=128)
     sampler = TokenBudgetBatchSampler(ds.lengths, 1024)
@@ -315,8 +339,16 @@ def test_no_host_allocation_per_batch_in_steady_state(corpus):
         # The same count sees the allocations of torch's own collate.
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as ref:
             token_collate([ds[0], ds[1]])
+        # The producers' threads too: every allocation of any thread, counted by the allocator itself.
+        with every_host_allocation_counted() as counted:
+            n_all = sum(1 for _ in loader)
+            all_threads = counted()
+            token_collate([ds[0], ds[1]])
+            collate_allocations = counted() - all_threads
     assert n > 10 and allocations == 0, f"{allocations} host allocations over {n} batches"
     assert host_allocations(ref) >= 3
+    assert n_all == n and all_threads == 0, f"{all_threads} host allocations over {n} batches, all threads"
+    assert collate_allocations >= 3
 
 
 def test_slot_memory_is_allocated_once_and_reused_over_many_epochs(corpus):

@@ -155,7 +155,7 @@ def test_compile_fullgraph_forward_backward():
         loss(*want).backward()
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a.grad, b.grad)
-    assert counter.frame_count <= 2  # one static graph, then one dynamic in the batch size
+    assert 1 <= counter.frame_count <= 2  # one static graph, then one dynamic in the batch size
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

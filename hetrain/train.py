@@ -26,6 +26,7 @@ from hetrain import cpu_memory, plugins
 from hetrain.callbacks.placement import resolve_plan
 from hetrain.callbacks.precision import trainer_precision
 from hetrain.callbacks.profiling import StepTrace
+from hetrain.placement.plan import parse_device
 from hetrain.regional_compile import compile_counts, compile_stages
 from hetrain.report import SUMMARY_MD, RunRecorder, error_headline, write_run_summary
 
@@ -76,11 +77,7 @@ def check_config(cfg: DictConfig) -> None:
     settings = {f"placement.plan.{path}": device for path, device in entries.items()}
     settings["placement.fallback"] = cfg.placement.get("fallback", "cpu")
     for key, device in settings.items():
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"hetrain: {key}={device!r} is not a device: a type such as cpu, cuda or mps, "
-                             "optionally with an index (cuda:0)") from None
+        parse_device(device, key)
     _check_data_fits_model(cfg)
     accelerator = cfg.trainer.get("accelerator", "auto")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():

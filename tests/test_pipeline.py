@@ -1,5 +1,7 @@
 """Pipeline split: micro-batched GPipe forward equals the unsplit model; checks at fit start; profiler ranges."""
 
+import re
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -256,6 +258,19 @@ def step_without_dropout(ids, mask, labels) -> float:
     model = BertClassifier(vocab_size=50, num_classes=3, hidden=32, layers=2, heads=4, max_len=16,
                            dropout=0.2).double().eval()
     return nn.functional.cross_entropy(model(ids, mask), labels).item()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"plan": {"encoder": "gpu"}}, "placement of 'encoder' names device 'gpu', unknown to torch; write cpu, cuda"),
+    ({"plan": {"encoder": 0}}, "placement of 'encoder' names device 0"),
+    ({"fallback": "cdua"}, "placement fallback names device 'cdua'"),
+    ({"plan": "auto", "objective": "fast"}, "objective 'fast' is not one of"),
+    ({"plan": "auto", "micro_batches": 0}, "micro_batches must be an integer >= 1, got 0"),
+])
+def test_stage_placement_refuses_bad_settings_when_made_not_at_fit_start(kwargs, message):
+    """Before, a typo'd device reached torch.device at fit start, and 'auto' timed every stage before failing."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        StagePlacement(**kwargs)
 
 
 def test_checkpoint_names_must_be_stages():

@@ -27,7 +27,9 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
+from hetrain.placement.chain import OBJECTIVES
 from hetrain.placement.pipeline import shared_across_devices, stage_device, to_device
+from hetrain.placement.plan import parse_device
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +59,20 @@ def resolve_plan(
             raise ValueError(
                 f"hetrain: placement entry {path!r} names no stage ({where}); stages: {', '.join(stages)}"
             )
+    planned = {path: parse_device(name, f"placement of {path!r}") for path, name in plan.items()}
+    fallback_device = parse_device(fallback, "placement fallback")
     devices: dict[str, torch.device] = {}
     for stage in stages:
         covering = [p for p in plan if stage == p or stage.startswith(p + ".")]
         if covering:
-            devices[stage] = torch.device(plan[max(covering, key=len)])
+            devices[stage] = planned[max(covering, key=len)]
     missing: dict[str, list[str]] = {}
     for path, name in plan.items():
-        if not device_present(torch.device(name)):
+        if not device_present(planned[path]):
             missing.setdefault(name, []).append(path)
     for stage, device in devices.items():
         if not device_present(device):
-            devices[stage] = torch.device(fallback)
+            devices[stage] = fallback_device
     note = "; ".join(f"{name} not present; {', '.join(paths)} -> {fallback}"
                      for name, paths in missing.items())
     return devices, f"placement: {note}" if note else None
@@ -135,6 +139,14 @@ class StagePlacement(Callback):
             raise ValueError(f"hetrain: placement plan must be a {{module_path: device}} mapping or 'auto', "
                              f"got {plan!r}")
         self.plan = plan if plan == "auto" else dict(plan or {})
+        if isinstance(self.plan, dict):
+            for path, device in self.plan.items():
+                parse_device(device, f"placement of {path!r}")
+        parse_device(fallback, "placement fallback")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"hetrain: placement objective {objective!r} is not one of {OBJECTIVES}")
+        if not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"hetrain: placement micro_batches must be an integer >= 1, got {micro_batches!r}")
         self.fallback = fallback
         self.objective, self.micro_batches, self.save_dir = objective, micro_batches, save_dir
         self.predict = predict

@@ -43,6 +43,19 @@ def available_devices() -> list[str]:
     return ["cpu", *(f"cuda:{i}" for i in range(count))]
 
 
+def parse_device(name: object, what: str) -> torch.device:
+    """``name`` as a torch device; a ValueError naming ``what`` gave it where torch's own error would name neither
+    (a typo such as ``gpu``, or an integer, which torch reads as the current accelerator)."""
+    if isinstance(name, torch.device):
+        return name
+    if isinstance(name, str):
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            pass
+    raise ValueError(f"hetrain: {what} names device {name!r}, unknown to torch; write cpu, cuda or cuda:<index>")
+
+
 def describe_changes(changes: Sequence[Change]) -> str:
     """One log line for :meth:`PlacementPlan.resolve`'s changes, e.g. ``placement: cuda:0 absent; encoder -> cpu``."""
     moved: dict[tuple[str, str], list[str]] = {}
@@ -63,10 +76,7 @@ class PlacementPlan:
         if self.method not in METHODS:
             raise ValueError(f"hetrain: placement method {self.method!r} is not one of {METHODS}")
         for path, device in self.devices.items():
-            try:
-                torch.device(device)
-            except RuntimeError as exc:
-                raise ValueError(f"hetrain: placement of {path!r} names device {device!r}, unknown to torch") from exc
+            parse_device(device, f"placement of {path!r}")
 
     @classmethod
     def from_assignment(

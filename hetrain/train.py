@@ -142,7 +142,8 @@ def build(cfg: DictConfig) -> Parts:
     callbacks.update({name: _instantiate(node, f"callback {name}")
                       for name, node in entries.items() if node is not None})
     if profile_steps is not None:
-        callbacks["step_trace"] = StepTrace(list(profile_steps), dirpath=cfg.output_dir)
+        steps = profile_steps if isinstance(profile_steps, int) else list(profile_steps)
+        callbacks["step_trace"] = StepTrace(steps, dirpath=cfg.output_dir)
     if cfg.trainer.get("enable_progress_bar") is False:
         # Lightning refuses a progress-bar callback with the bar turned off; the switch is what the person meant.
         for name in [n for n, c in callbacks.items() if isinstance(c, ProgressBar)]:

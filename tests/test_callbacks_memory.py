@@ -547,7 +547,7 @@ def test_cuda_numbers_agree_with_torch_counters_and_snapshot_is_written(tmp_path
 def test_history_steps_are_checked_and_say_when_there_is_no_gpu_to_record(tmp_path, caplog):
     with pytest.raises(ValueError, match="set one"):
         MemoryProfiler(record_history=True, history_steps=[1, 2])
-    with pytest.raises(ValueError, match=r"\[first, last\]"):
+    with pytest.raises(ValueError, match=r"history_steps must be \[first, last\].*memory_profiler.history_steps="):
         MemoryProfiler(history_steps=[3, 1])
     profiler = MemoryProfiler(history_steps=[1, 2])
     with caplog.at_level("INFO", logger="hetrain.callbacks.memory"):

@@ -61,7 +61,7 @@ def test_a_run_that_ends_early_keeps_what_it_recorded(tmp_path, caplog):
 
 
 def test_steps_are_checked():
-    assert parse_steps([4]) == (4, 4) and parse_steps([1, 3]) == (1, 3)
+    assert parse_steps([4]) == (4, 4) == parse_steps(4) and parse_steps([1, 3]) == (1, 3)
     for bad in ([3, 1], [-1, 2], [1, 2, 3], [1.5, 2]):
         with pytest.raises(ValueError, match="profile_steps must be \\[first, last\\]"):
             parse_steps(bad)

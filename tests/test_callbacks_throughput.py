@@ -309,3 +309,11 @@ def test_callback_on_a_gpu_times_real_work(tmp_path):
     assert s["batches_timed"] == 5 and s["samples_per_s"] > 0 and s["step_time_ms"]["p50"] > 0
     assert s["peak_flops"] > 1e12 and 0 < s["mfu"] < 1
     assert s["energy_j_per_step"] == NA or s["energy_j_per_step"] > 0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"window_size": 1}, "window_size must be >= 2 batches, got 1"),
+                                                 ({"warmup_batches": -1}, "warmup_batches must be >= 0, got -1")])
+def test_settings_that_cannot_measure_are_refused_when_made(kwargs, message):
+    """window_size=1 met a bare AssertionError inside Lightning at fit start."""
+    with pytest.raises(ValueError, match=message):
+        tp.Throughput(**kwargs)

@@ -277,6 +277,8 @@ def test_checkpoint_names_must_be_stages():
     with pytest.raises(ValueError, match="'decoder' names no stage"):
         PipelineSplit(checkpoint=["decoder"]).checkpointed(["embeddings", "encoder.0"])
     assert PipelineSplit(checkpoint=True).checkpointed(["a", "b"]) == {"a", "b"}
+    assert PipelineSplit(checkpoint="encoder").checkpointed(["embeddings", "encoder.0", "encoder.1"]) == {
+        "encoder.0", "encoder.1"}  # one path alone, not its letters
 
 
 class SkipNet(nn.Module):

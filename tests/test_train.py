@@ -333,6 +333,13 @@ def test_a_plan_entry_that_names_no_stage_is_refused_before_the_data_is_built(tm
         build(cfg)
 
 
+def test_one_profile_step_may_be_given_alone(tmp_path):
+    """``callbacks.profile_steps=10`` failed with "'int' object is not iterable"; one step traces that step."""
+    parts = build(compose_train("recipe=bert_split", "callbacks.profile_steps=10", output_dir=tmp_path))
+    trace = parts.callbacks["step_trace"]
+    assert (trace.first, trace.last) == (10, 10)
+
+
 def test_turning_the_progress_bar_off_leaves_its_callback_out(tmp_path):
     """Lightning refuses a TQDMProgressBar callback with enable_progress_bar=False: the run failed at start."""
     parts = build(compose_train("recipe=bert_split", "trainer.enable_progress_bar=false", output_dir=tmp_path))

@@ -83,10 +83,11 @@ class MemoryProfiler(Callback):
     def __init__(self, dirpath: str | None = None, module_every_n_steps: int = 50, record_history: bool = False,
                  max_history_entries: int = 100_000, dump_on_oom: bool = True,
                  churn_steps: int | Sequence[int] = 3, churn_min_bytes: int = 4096, churn_top: int = 10,
-                 history_steps: Sequence[int] | None = None) -> None:
-        if record_history and history_steps:
+                 history_steps: int | Sequence[int] | None = None) -> None:
+        if record_history and history_steps is not None:
             raise ValueError("hetrain: record_history records the whole fit and history_steps chosen steps; set one")
-        self.history_steps = parse_steps(history_steps) if history_steps else None
+        self.history_steps = (parse_steps(history_steps, "callbacks.memory_profiler.history_steps")
+                              if history_steps is not None else None)
         self._cuda = False  # a stage is on a GPU: there is an allocator history to record
         if module_every_n_steps < 1:
             raise ValueError(f"hetrain: module_every_n_steps must be >= 1, got {module_every_n_steps}")

@@ -26,14 +26,16 @@ from typing_extensions import override
 log = logging.getLogger(__name__)
 
 
-def parse_steps(steps: Sequence[int]) -> tuple[int, int]:
-    """``[first, last]`` (or one step) as a checked pair of optimizer steps, counted from 0."""
-    steps = list(steps)
+def parse_steps(steps: int | Sequence[int], setting: str = "callbacks.profile_steps") -> tuple[int, int]:
+    """``[first, last]``, or one step (alone or in a list), as a checked pair of optimizer steps counted from 0;
+    an error names ``setting``, the option that gave them."""
+    steps = [steps] if isinstance(steps, int) else list(steps)
     if len(steps) == 1:
         steps = steps * 2
     if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] <= steps[1]:
-        raise ValueError(f"hetrain: profile_steps must be [first, last] with 0 <= first <= last, got {steps}; "
-                         f"e.g. callbacks.profile_steps=[10,12]")
+        name = setting.rsplit(".", 1)[-1]
+        raise ValueError(f"hetrain: {name} must be [first, last] with 0 <= first <= last, got {steps}; "
+                         f"e.g. {setting}=[10,12]")
     return steps[0], steps[1]
 
 
@@ -50,7 +52,7 @@ class StepTrace(Callback):
         record_shapes: also record each op's input shapes (larger trace).
     """
 
-    def __init__(self, steps: Sequence[int], dirpath: str | Path, record_shapes: bool = False) -> None:
+    def __init__(self, steps: int | Sequence[int], dirpath: str | Path, record_shapes: bool = False) -> None:
         self.first, self.last = parse_steps(steps)
         self.path = Path(dirpath) / f"trace_steps_{self.first}-{self.last}.json"
         self.record_shapes = record_shapes

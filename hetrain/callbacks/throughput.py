@@ -314,6 +314,10 @@ class Throughput(Callback):
     def __init__(self, tokens_key: str | None = "attention_mask", window_size: int = 20, warmup_batches: int = 1,
                  peak_flops: float | None = None, count_flops: bool = True, log_every_n_steps: int | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
+        if window_size < 2:  # a rate needs two batches; Lightning's own check is a bare assert at fit start
+            raise ValueError(f"hetrain: Throughput window_size must be >= 2 batches, got {window_size}")
+        if warmup_batches < 0:
+            raise ValueError(f"hetrain: Throughput warmup_batches must be >= 0, got {warmup_batches}")
         self.tokens_key = tokens_key
         self.window_size = window_size
         self.warmup_batches = warmup_batches

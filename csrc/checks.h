@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 
 #include "dropout_math.h"
@@ -25,6 +26,11 @@ inline void check_vector(const char* op, const char* name, const std::optional<a
               " differs from the input's ", x.scalar_type());
   TORCH_CHECK(v->device() == x.device(), "hetrain.", op, ": ", name, " is on ", v->device(),
               " but the input is on ", x.device());
+}
+
+// eps must be a finite number >= 0 (a NaN fails every comparison, so it is named as such too).
+inline void check_eps(const char* op, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "hetrain.", op, ": eps must be a finite number >= 0, got ", eps);
 }
 
 // A tensor that travels with x (a residual, a backward's dy) must have x's shape, dtype and device.

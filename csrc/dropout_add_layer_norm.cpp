@@ -26,7 +26,7 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& residual, const s
   check_like("dropout_add_layer_norm_fwd", "residual", residual, x);
   check_vector("dropout_add_layer_norm_fwd", "weight", weight, x);
   check_vector("dropout_add_layer_norm_fwd", "bias", bias, x);
-  TORCH_CHECK(eps >= 0, "hetrain.dropout_add_layer_norm: eps must be >= 0, got ", eps);
+  check_eps("dropout_add_layer_norm", eps);
 }
 
 void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,

@@ -21,7 +21,7 @@ void check_forward_args(const at::Tensor& x, const std::optional<at::Tensor>& we
   check_rows("layer_norm_fwd", "x", x);
   check_vector("layer_norm_fwd", "weight", weight, x);
   check_vector("layer_norm_fwd", "bias", bias, x);
-  TORCH_CHECK(eps >= 0, "hetrain.layer_norm: eps must be >= 0, got ", eps);
+  check_eps("layer_norm", eps);
 }
 
 void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,

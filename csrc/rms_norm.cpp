@@ -19,7 +19,7 @@ namespace rms_norm {
 void check_forward_args(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
   check_rows("rms_norm_fwd", "x", x);
   check_vector("rms_norm_fwd", "weight", weight, x);
-  TORCH_CHECK(eps >= 0, "hetrain.rms_norm: eps must be >= 0, got ", eps);
+  check_eps("rms_norm", eps);
 }
 
 void check_backward_args(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,

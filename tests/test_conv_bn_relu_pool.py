@@ -373,6 +373,23 @@ def test_swap_sequences_keeps_outputs_grads_and_state_dict():
         original.state_dict().keys()
 
 
+def test_an_unbatched_image_gets_what_the_unpatched_model_gives():
+    """(C, H, W): the kernels take batches, so those runs go module by module, as torch's modules take it."""
+    block, original = (torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+                       for _ in range(2))
+    original.load_state_dict(block.state_dict())
+    assert swap_sequences(block) == {"0": "Conv2d -> ReLU -> MaxPool2d fused (hetrain.ops.relu_pool)"}
+    image = randn(3, 8, 8, seed=8)
+    with OpLog() as log:
+        y = block(image)
+    assert "hetrain_C.bn_relu_pool_fwd" not in log.names
+    assert_close(y, original(image), torch.float32, "unbatched")
+    model = small_cnn()
+    swap_sequences(model)
+    with pytest.raises(ValueError, match="expected 4D input"):  # torch's own BatchNorm2d refuses it, as unpatched
+        model(randn(3, 9, 9, seed=9))
+
+
 def test_code_that_calls_a_patched_sequentials_children_one_by_one_sees_torchs_modules():
     model, original = small_cnn(), small_cnn()
     swap_sequences(model)

@@ -2,6 +2,7 @@
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from op_testing import TOLERANCES, assert_close, non_contiguous, randn
@@ -410,8 +411,14 @@ def test_bad_inputs_raise_clear_errors():
         linear_cross_entropy(hidden, weight, target, b, label_smoothing=1.5)
     with pytest.raises(ValueError, match="reduction must be"):
         linear_cross_entropy(hidden, weight, target, b, reduction="avg")
-    with pytest.raises(ValueError, match="num_items must be > 0"):
-        linear_cross_entropy(hidden, weight, target, b, num_items=0)
+    for count in (0, np.int64(0), -3.0, True, "3"):
+        with pytest.raises(ValueError, match="num_items must be a count > 0, got"):
+            linear_cross_entropy(hidden, weight, target, b, num_items=count)
+    for count in (torch.tensor(0), torch.tensor(-3)):  # an inf or negative loss, silently, before
+        with pytest.raises(ValueError, match="num_items must be > 0, got"):
+            linear_cross_entropy(hidden, weight, target, b, num_items=count)
+    with pytest.raises(ValueError, match=r"num_items must be one number, got a torch.int64 tensor of shape \(2,\)"):
+        linear_cross_entropy(hidden, weight, target, b, num_items=torch.tensor([3, 3]))
     with pytest.raises(ValueError, match="no meaning with reduction='none'"):
         linear_cross_entropy(hidden, weight, target, b, reduction="none", num_items=3)
     with pytest.raises(ValueError, match="less than one row"):

@@ -178,8 +178,8 @@ def test_opcheck(backend):
         (torch.randn(2, 7), torch.ones(7, device="meta"), None, "weight is on meta but x is on cpu"),
         (torch.ones(2, 7, dtype=torch.int64), None, None, "must be a floating tensor"),
         (torch.tensor(1.0), None, None, "must be a floating tensor with >= 1 dim"),
-        (torch.randn(2, 7), torch.ones(7, dtype=torch.int32), None, "weight must be floating"),
-        (torch.randn(2, 7), None, -1.0, "eps must be >= 0"),
+        (torch.randn(2, 7), torch.ones(7, dtype=torch.int32), None, "weight must be a floating tensor"),
+        (torch.randn(2, 7), None, -1.0, "eps must be a finite number >= 0"),
     ],
 )
 def test_bad_inputs_raise(x, w, eps, match):
@@ -196,7 +196,7 @@ def test_cpp_checks_name_the_problem():
         (lambda: ops.rms_norm_fwd(x.int(), None, EPS), "must be a floating tensor"),
         (lambda: ops.rms_norm_fwd(x, torch.ones(8), EPS), r"weight must have shape \(7,\)"),
         (lambda: ops.rms_norm_fwd(x, w.double(), EPS), "weight dtype Double differs"),
-        (lambda: ops.rms_norm_fwd(x, w, -1.0), "eps must be >= 0"),
+        (lambda: ops.rms_norm_fwd(x, w, -1.0), "eps must be a finite number >= 0"),
         (lambda: ops.rms_norm_bwd(x[:2], x, w, rstd), "dy must match x"),
         (lambda: ops.rms_norm_bwd(x, x, w, rstd[:2]), r"rstd must have shape \(3,\)"),
         (lambda: ops.rms_norm_bwd(x, x, w, rstd.double()), "rstd must have shape"),

@@ -28,6 +28,12 @@ from hetrain.nn.conv_bn_relu_pool import conv_bn_relu_pool_forward, conv_relu_po
 from hetrain.ops.bias_gelu import bias_gelu
 
 
+def _batched_image(x: torch.Tensor) -> bool:
+    """(N, C, H, W): what the conv blocks' kernels take. An unbatched (C, H, W) image, which the torch modules also
+    take, runs through them, with their own answer (the Conv2d and MaxPool2d take it, BatchNorm2d refuses it)."""
+    return x.dim() == 4
+
+
 @dataclass(frozen=True)
 class _Run:
     """A kind of fusable run: its torch types, whether these modules' settings fit the kernel, its fused forward."""
@@ -36,6 +42,7 @@ class _Run:
     fits: Callable[[list[nn.Module]], bool]
     forward: Callable[..., torch.Tensor]  # (x, *the run's modules)
     kernel: str
+    takes: Callable[[torch.Tensor], bool] = lambda x: True  # inputs the kernel takes; others run module by module
 
     def describe(self) -> str:
         return " -> ".join(t.__name__ for t in self.types) + f" fused ({self.kernel})"
@@ -43,9 +50,10 @@ class _Run:
 
 _RUNS = (
     _Run((nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d), lambda m: unfusable_reason(*m) is None,
-         lambda x, conv, bn, _relu, pool: conv_bn_relu_pool_forward(x, conv, bn, pool), "hetrain.ops.bn_relu_pool"),
+         lambda x, conv, bn, _relu, pool: conv_bn_relu_pool_forward(x, conv, bn, pool), "hetrain.ops.bn_relu_pool",
+         _batched_image),
     _Run((nn.Conv2d, nn.ReLU, nn.MaxPool2d), lambda m: unfusable_reason(m[0], None, m[1], m[2]) is None,
-         lambda x, conv, _relu, pool: conv_relu_pool_forward(x, conv, pool), "hetrain.ops.relu_pool"),
+         lambda x, conv, _relu, pool: conv_relu_pool_forward(x, conv, pool), "hetrain.ops.relu_pool", _batched_image),
     _Run((nn.Linear, nn.GELU), lambda m: m[0].bias is not None,
          lambda x, linear, gelu: bias_gelu(F.linear(x, linear.weight), linear.bias, gelu.approximate),
          "hetrain.ops.bias_gelu"),
@@ -75,7 +83,7 @@ class FusedSequential(nn.Sequential):
         i = 0
         while i < len(modules):
             run = _run_at(modules, i)
-            if run is None:
+            if run is None or not run.takes(x):
                 x = modules[i](x)
                 i += 1
             else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from hetrain import plugins
-from hetrain.ops import _backends
+from hetrain.ops import _args, _backends
 from hetrain.ops._op import as_rows, op
 
 OP = "bias_gelu"
@@ -125,16 +125,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
     """
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"hetrain.ops.bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    if x.dim() == 0 or not x.is_floating_point():
-        raise ValueError(f"hetrain.ops.bias_gelu: x must be a floating tensor with >= 1 dim, got "
-                         f"shape {tuple(x.shape)} {x.dtype}")
-    n = x.shape[-1]
-    if tuple(bias.shape) != (n,):
-        raise ValueError(f"hetrain.ops.bias_gelu: bias must have shape ({n},) to match x's last dimension, "
-                         f"got {tuple(bias.shape)} (x is {tuple(x.shape)})")
-    if bias.device != x.device:
-        raise ValueError(f"hetrain.ops.bias_gelu: bias is on {bias.device} but x is on {x.device}")
-    if not bias.is_floating_point():
-        raise ValueError(f"hetrain.ops.bias_gelu: bias must be a floating tensor, got {bias.dtype}")
-    bias = bias.to(x.dtype) if bias.dtype != x.dtype else bias
+    op = "hetrain.ops.bias_gelu"
+    _args.rows_input(op, x)
+    bias = _args.vector(op, "bias", bias, x, when_missing="without a bias, torch.nn.functional.gelu(x) is the op")
     return _bias_gelu_fwd(x, bias, approximate)

@@ -24,7 +24,7 @@ import math
 import torch
 
 from hetrain import plugins
-from hetrain.ops import _backends
+from hetrain.ops import _args, _backends
 from hetrain.ops._op import op
 from hetrain.ops.dropout_add_layer_norm import keep_mask as _keep_mask_2d
 from hetrain.ops.rng import HOST_SEEDED, dropout_stream, refuse_host_seed_in_capture, stream
@@ -142,8 +142,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
     A call on a CUDA tensor while a CUDA graph is being captured draws its seed on the GPU, inside the graph, so
     every replay applies a new mask (the triton and cuda backends read it there; the torch reference refuses).
     """
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"hetrain.ops.dropout: p must be a number in [0, 1], got {p!r}")
+    p = _args.probability("hetrain.ops.dropout", p)
     if not x.is_floating_point():
         raise ValueError(f"hetrain.ops.dropout: x must be a floating tensor, got {x.dtype}")
     if not training or p == 0:

@@ -28,7 +28,7 @@ import math
 import torch
 
 from hetrain import plugins
-from hetrain.ops import _backends
+from hetrain.ops import _args, _backends
 from hetrain.ops._op import as_rows, op, row_count
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
@@ -230,27 +230,18 @@ def dropout_add_layer_norm(
     a CUDA graph is being captured draws its seed inside the graph (read there by the triton and cuda backends).
     """
     name = "hetrain.ops.dropout_add_layer_norm"
-    if x.dim() == 0 or not x.is_floating_point():
-        raise ValueError(f"{name}: x must be a floating tensor with >= 1 dim, got shape {tuple(x.shape)} {x.dtype}")
+    _args.rows_input(name, x)
+    if not isinstance(residual, torch.Tensor):
+        raise ValueError(f"{name}: residual must be a tensor like x, got {type(residual).__name__}")
     if residual.shape != x.shape or not residual.is_floating_point() or residual.device != x.device:
         raise ValueError(f"{name}: residual must match x ({tuple(x.shape)} {x.dtype} on {x.device}), got "
                          f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
     if residual.dtype != x.dtype:
         common = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(common), residual.to(common)
-    n = x.shape[-1]
-    for label, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (n,):
-            raise ValueError(f"{name}: {label} must have shape ({n},) to match x's last dimension, got "
-                             f"{tuple(t.shape)} (x is {tuple(x.shape)})")
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: {label} is on {t.device} but x is on {x.device}")
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name}: p must be a number in [0, 1], got {p!r}")
-    if eps < 0:
-        raise ValueError(f"{name}: eps must be >= 0, got {eps}")
-    p = float(p) if training else 0.0
+    weight, bias = _args.vector(name, "weight", weight, x), _args.vector(name, "bias", bias, x)
+    p = _args.probability(name, p)
+    p = p if training else 0.0
+    eps = _args.eps_value(name, eps)
     seed = dropout_stream(x) if p > 0 else torch.zeros(2, dtype=torch.int64)
-    weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
-    bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
-    return _dropout_add_layer_norm_fwd(x, residual, weight, bias, seed, p, float(eps))[0]
+    return _dropout_add_layer_norm_fwd(x, residual, weight, bias, seed, p, eps)[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from hetrain import plugins
-from hetrain.ops import _backends
+from hetrain.ops import _args, _backends
 from hetrain.ops._op import as_rows, op, row_count
 
 OP = "layer_norm"
@@ -147,18 +147,8 @@ def layer_norm(
     ``F.layer_norm`` in float32 and returns float32; this op keeps the activation's dtype there too,
     its statistics being float32 already.)
     """
-    n = x.shape[-1] if x.dim() > 0 else 0
-    if x.dim() == 0 or not x.is_floating_point():
-        raise ValueError(f"hetrain.ops.layer_norm: x must be a floating tensor with >= 1 dim, got "
-                         f"shape {tuple(x.shape)} {x.dtype}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and tuple(p.shape) != (n,):
-            raise ValueError(f"hetrain.ops.layer_norm: {name} must have shape ({n},) to match x's last "
-                             f"dimension, got {tuple(p.shape)} (x is {tuple(x.shape)})")
-        if p is not None and p.device != x.device:
-            raise ValueError(f"hetrain.ops.layer_norm: {name} is on {p.device} but x is on {x.device}")
-    if eps < 0:  # checked here, not only by the C++ kernel: a fallback backend would return NaN instead
-        raise ValueError(f"hetrain.ops.layer_norm: eps must be >= 0, got {eps}")
-    weight = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
-    bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
-    return _layer_norm_fwd(x, weight, bias, float(eps))[0]
+    op = "hetrain.ops.layer_norm"
+    _args.rows_input(op, x)
+    weight, bias = _args.vector(op, "weight", weight, x), _args.vector(op, "bias", bias, x)
+    # eps is checked here, not only by the C++ kernel: a fallback backend would return NaN instead.
+    return _layer_norm_fwd(x, weight, bias, _args.eps_value(op, eps))[0]

@@ -47,6 +47,7 @@ and gradients of the whole batch in one ``"mean"`` call.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -406,6 +407,22 @@ _per_row.register_autograd(_per_row_backward, setup_context=_per_row_setup, publ
 
 # --- functional face ---------------------------------------------------------------------------
 
+def _check_num_items(name: str, num_items: object) -> None:
+    """A count > 0: a number, or a one-element tensor (a count all-reduced across ranks stays one). A tensor's
+    value is read only on the CPU; on a GPU reading it would wait for the device."""
+    if num_items is None:
+        return
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1 or num_items.is_complex() or num_items.dtype == torch.bool:
+            raise ValueError(f"{name}: num_items must be one number, got a {num_items.dtype} tensor of shape "
+                             f"{tuple(num_items.shape)}")
+        if num_items.device.type == "cpu" and not num_items.item() > 0:
+            raise ValueError(f"{name}: num_items must be > 0, got {num_items.item()}")
+        return
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) or not num_items > 0:
+        raise ValueError(f"{name}: num_items must be a count > 0, got {num_items!r}")
+
+
 def _validate(hidden, weight, target, bias, label_smoothing, reduction, num_items, memory_budget) -> None:
     name = "hetrain.ops.linear_cross_entropy"
     if hidden.dim() == 0 or not hidden.is_floating_point():
@@ -433,8 +450,7 @@ def _validate(hidden, weight, target, bias, label_smoothing, reduction, num_item
         raise ValueError(f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if num_items is not None and reduction == "none":
         raise ValueError(f"{name}: num_items divides a reduced loss; it has no meaning with reduction='none'")
-    if isinstance(num_items, (int, float)) and not num_items > 0:
-        raise ValueError(f"{name}: num_items must be > 0, got {num_items}")
+    _check_num_items(name, num_items)
     if memory_budget is not None and memory_budget <= 0:
         raise ValueError(f"{name}: memory_budget must be a positive number of bytes, got {memory_budget}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from hetrain import plugins
-from hetrain.ops import _backends
+from hetrain.ops import _args, _backends
 from hetrain.ops._op import as_rows, op, row_count
 
 OP = "rms_norm"
@@ -138,21 +138,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | N
     a float32 one float32, as ``F.rms_norm`` under CPU autocast. ``eps=None``
     means what it means to torch: :func:`default_eps` of ``x``'s dtype.
     """
-    if x.dim() == 0 or not x.is_floating_point():
-        raise ValueError(f"hetrain.ops.rms_norm: x must be a floating tensor with >= 1 dim, got "
-                         f"shape {tuple(x.shape)} {x.dtype}")
-    n = x.shape[-1]
-    if weight is not None:
-        if tuple(weight.shape) != (n,):
-            raise ValueError(f"hetrain.ops.rms_norm: weight must have shape ({n},) to match x's last "
-                             f"dimension, got {tuple(weight.shape)} (x is {tuple(x.shape)})")
-        if not weight.is_floating_point():
-            raise ValueError(f"hetrain.ops.rms_norm: weight must be floating, got {weight.dtype}")
-        if weight.device != x.device:
-            raise ValueError(f"hetrain.ops.rms_norm: weight is on {weight.device} but x is on {x.device}")
-        if weight.dtype != x.dtype:
-            weight = weight.to(x.dtype)
-    eps = default_eps(x.dtype) if eps is None else float(eps)
-    if eps < 0:
-        raise ValueError(f"hetrain.ops.rms_norm: eps must be >= 0, got {eps}")
-    return _rms_norm_fwd(x, weight, eps)[0]
+    op = "hetrain.ops.rms_norm"
+    _args.rows_input(op, x)
+    weight = _args.vector(op, "weight", weight, x)
+    return _rms_norm_fwd(x, weight, default_eps(x.dtype) if eps is None else _args.eps_value(op, eps))[0]

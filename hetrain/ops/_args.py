@@ -1,0 +1,64 @@
+"""Argument checks the ops' functional faces share, so one mistake gets one wording whichever op it reaches.
+
+They run on every eager call, so they read only Python attributes: no tensor value is looked at (on a GPU that
+would wait for the device).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def rows_input(op: str, x: object, what: str = "x") -> int:
+    """The last dimension of ``x``, a floating tensor with at least one dimension."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or not x.is_floating_point():
+        got = f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: {what} must be a floating tensor with >= 1 dim, got {got}")
+    return x.shape[-1]
+
+
+def vector(op: str, what: str, t: object, x: torch.Tensor, when_missing: str | None = None) -> torch.Tensor | None:
+    """``t``, a per-feature parameter of ``x`` (shape ``(x.shape[-1],)``, floating, on x's device), in x's dtype.
+
+    ``None`` is returned as it is, unless ``when_missing`` is given: then it is an error saying that.
+    """
+    n = x.shape[-1]
+    if t is None:
+        if when_missing is not None:
+            raise ValueError(f"{op}: {what} is required (shape ({n},)); {when_missing}")
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {what} must be a torch.Tensor of shape ({n},), got {type(t).__name__}; "
+                         f"torch.as_tensor({what}) converts one")
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{op}: {what} must have shape ({n},) to match x's last dimension, got {tuple(t.shape)} "
+                         f"(x is {tuple(x.shape)})")
+    if not t.is_floating_point():
+        raise ValueError(f"{op}: {what} must be a floating tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {what} is on {t.device} but x is on {x.device}")
+    return t.to(x.dtype) if t.dtype != x.dtype else t
+
+
+def _real(value: object) -> bool:
+    """A plain or NumPy real number; not a bool (True would read as 1), not a tensor (its value needs a sync)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | torch.Tensor)
+
+
+def eps_value(op: str, eps: object) -> float:
+    """``eps`` as a float: a finite number >= 0. A NaN used to pass a ``< 0`` check and give NaN outputs."""
+    if not _real(eps) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def probability(op: str, p: object) -> float:
+    """A dropout probability as a float in [0, 1]; NumPy numbers are taken, a tensor is refused naming the fix."""
+    if isinstance(p, torch.Tensor):
+        raise ValueError(f"{op}: p must be a Python number in [0, 1], got a tensor; pass float(p)")
+    if not _real(p) or not 0.0 <= p <= 1.0:  # a NaN fails both comparisons
+        raise ValueError(f"{op}: p must be a number in [0, 1], got {p!r}")
+    return float(p)

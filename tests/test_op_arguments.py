@@ -1,0 +1,60 @@
+"""Bad arguments to the ops' functional faces: one clear error each, the same wording across ops."""
+
+import numpy as np
+import pytest
+import torch
+
+from hetrain import ops
+
+X = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+W = torch.rand(8, generator=torch.Generator().manual_seed(1)) + 0.5
+
+NORMS = {
+    "layer_norm": lambda x, w=None, eps=1e-5: ops.layer_norm(x, w, None, eps),
+    "rms_norm": lambda x, w=None, eps=1e-5: ops.rms_norm(x, w, eps),
+    "dropout_add_layer_norm": lambda x, w=None, eps=1e-5: ops.dropout_add_layer_norm(x, x, w, None, 0.0, eps),
+}
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), -1e-5, "1e-5", True])
+def test_an_eps_that_is_no_finite_number_is_refused(name, eps):
+    """A NaN passed the old ``eps < 0`` check and every output came back NaN."""
+    with pytest.raises(ValueError, match=rf"hetrain.ops.{name}: eps must be a finite number >= 0, got"):
+        NORMS[name](X, eps=eps)
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_a_weight_that_is_no_floating_tensor_is_refused_naming_what_it_is(name):
+    with pytest.raises(ValueError, match=r"weight must be a torch.Tensor of shape \(8,\), got ndarray"):
+        NORMS[name](X, W.numpy())
+    with pytest.raises(ValueError, match="weight must be a floating tensor, got torch.int64"):
+        NORMS[name](X, torch.ones(8, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_numpy_eps_is_a_number(name):
+    torch.testing.assert_close(NORMS[name](X, W, np.float32(1e-3)), NORMS[name](X, W, 1e-3))
+
+
+def test_bias_gelu_without_a_bias_says_what_to_call_instead():
+    with pytest.raises(ValueError, match=r"bias is required \(shape \(8,\)\); without a bias, "
+                                         r"torch.nn.functional.gelu\(x\) is the op"):
+        ops.bias_gelu(X, None)
+
+
+@pytest.mark.parametrize("p", [np.float32(0.25), np.float64(0.25)])
+def test_dropout_takes_a_numpy_probability_as_torch_does(p):
+    torch.manual_seed(3)
+    got = ops.dropout(X, p)
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, ops.dropout(X, 0.25))
+
+
+@pytest.mark.parametrize("call", [lambda p: ops.dropout(X, p),
+                                  lambda p: ops.dropout_add_layer_norm(X, X, None, None, p, training=False)])
+def test_a_tensor_probability_is_refused_naming_the_fix(call):
+    with pytest.raises(ValueError, match=r"p must be a Python number in \[0, 1\], got a tensor; pass float\(p\)"):
+        call(torch.tensor(0.1))
+    with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\], got nan"):
+        call(float("nan"))

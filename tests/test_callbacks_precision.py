@@ -165,6 +165,11 @@ def test_device_mixed_precision_rejects_all_fp32_and_unknown_names():
         DeviceMixedPrecision({"cpu": "32-true"}, root="cpu")
     with pytest.raises(ValueError, match="unknown precision"):
         DeviceMixedPrecision({"cpu": "bf16-mixed", "cuda": "8-mixed"}, root="cpu")
+    with pytest.raises(ValueError, match=r"unknown precision \['fp8'\]"):  # named, not 'no device type runs ...'
+        DeviceMixedPrecision({"cuda": "fp8"}, root="cuda")
+    for choices, root in (({"gpu": "bf16-mixed"}, "cpu"), ({"cpu": "bf16-mixed"}, "gpu")):
+        with pytest.raises(ValueError, match="'gpu' is not a device type"):
+            DeviceMixedPrecision(choices, root=root)
 
 
 def test_device_mixed_precision_runs_a_cpu_fit_in_bf16(tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from hetrain import nn as hnn
 from hetrain import ops
 
 X = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
@@ -58,3 +59,23 @@ def test_a_tensor_probability_is_refused_naming_the_fix(call):
         call(torch.tensor(0.1))
     with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\], got nan"):
         call(float("nan"))
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: hnn.LayerNorm.from_torch(torch.nn.Linear(2, 2)), "nn.LayerNorm: needs a torch.nn.LayerNorm, got Linear"),
+    (lambda: hnn.RMSNorm.from_torch(torch.nn.LayerNorm(3)), "nn.RMSNorm: needs a torch.nn.RMSNorm, got LayerNorm"),
+    (lambda: hnn.BiasGELU.from_linear(torch.nn.LayerNorm(2)), "BiasGELU: needs a torch.nn.Linear, got LayerNorm"),
+    (lambda: hnn.LinearCrossEntropyHead.from_linear(torch.nn.Conv1d(2, 2, 1)), "needs a torch.nn.Linear, got Conv1d"),
+    (lambda: hnn.DropoutAddLayerNorm.from_layer_norm(torch.nn.Linear(2, 2), 0.1), "needs a torch.nn.LayerNorm"),
+    (lambda: hnn.LinearCrossEntropyHead(8, 10, reduction="avg"), "reduction must be 'mean', 'sum' or 'none'"),
+    (lambda: hnn.LinearCrossEntropyHead(8, 10, label_smoothing=2.0), r"label_smoothing must be in \[0, 1\]"),
+    (lambda: hnn.LinearCrossEntropyHead(8, 0), "vocab must be a size >= 1, got 0"),
+    (lambda: hnn.DropoutAddLayerNorm(8, p=None), r"p must be a number in \[0, 1\], got None"),
+    (lambda: hnn.DropoutAddLayerNorm(8, eps=float("nan")), "eps must be a finite number >= 0"),
+    (lambda: hnn.DropoutAddLayerNorm(-1), "hidden must be a size >= 0, got -1"),
+])
+def test_modules_refuse_what_they_cannot_be_made_from_when_made(make, message):
+    """A wrong module type was read as the right one (garbage or an AttributeError); a bad setting failed only at
+    the first forward."""
+    with pytest.raises(ValueError, match=message):
+        make()

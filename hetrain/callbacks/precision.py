@@ -87,12 +87,17 @@ class DeviceMixedPrecision(MixedPrecision):
     """
 
     def __init__(self, choices: Mapping[str, str], root: str) -> None:
-        mixed = {t: c for t, c in choices.items() if c in _DTYPES}
-        if not mixed:
-            raise ValueError(f"hetrain: no device type runs mixed precision in {dict(choices)}; use '32-true'")
         unknown = set(choices.values()) - set(_RANK)
         if unknown:
             raise ValueError(f"hetrain: unknown precision {sorted(unknown)}; expected one of {sorted(_RANK)}")
+        for device_type in [*choices, root]:
+            try:
+                torch.device(device_type)
+            except RuntimeError:
+                raise ValueError(f"hetrain: {device_type!r} is not a device type; use cpu, cuda, mps, ...") from None
+        mixed = {t: c for t, c in choices.items() if c in _DTYPES}
+        if not mixed:
+            raise ValueError(f"hetrain: no device type runs mixed precision in {dict(choices)}; use '32-true'")
         scaled = [t for t, c in mixed.items() if c == "16-mixed"]
         scaler = torch.amp.GradScaler(device=scaled[0]) if scaled else None
         precision = mixed.get(root) or ("16-mixed" if scaled else "bf16-mixed")

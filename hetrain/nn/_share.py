@@ -9,8 +9,17 @@ import torch
 M = TypeVar("M", bound=torch.nn.Module)
 
 
+def require(who: str, module: object, torch_type: type[torch.nn.Module]) -> None:
+    """Refuses a module of another type, naming it: its attributes would be read as if it were ``torch_type``."""
+    if not isinstance(module, torch_type):
+        raise ValueError(f"{who}: needs a torch.nn.{torch_type.__name__}, got {type(module).__name__}")
+
+
 def sharing(cls: type[M], module: torch.nn.Module) -> M:
-    """An instance of ``cls`` (a subclass of ``type(module)``) holding ``module``'s parameters, buffers and settings."""
+    """An instance of ``cls`` (a subclass of a torch module type) holding ``module``'s parameters, buffers and
+    settings; ``module`` must be of that torch type."""
+    torch_type = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
+    require(f"hetrain.nn.{cls.__name__}", module, torch_type)
     new = cls.__new__(cls)
     new.__dict__ = module.__dict__.copy()
     new._parameters = dict(module._parameters)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hetrain.nn._share import require
+from hetrain.ops import _args
 from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm
 
 
@@ -19,9 +21,10 @@ class DropoutAddLayerNorm(torch.nn.Module):
     def __init__(self, hidden: int, p: float = 0.1, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"hetrain.nn.DropoutAddLayerNorm: p must be in [0, 1], got {p}")
-        self.hidden, self.p, self.eps = hidden, p, eps
+        who = "hetrain.nn.DropoutAddLayerNorm"
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+            raise ValueError(f"{who}: hidden must be a size >= 0, got {hidden!r}")
+        self.hidden, self.p, self.eps = hidden, _args.probability(who, p), _args.eps_value(who, eps)
         factory = {"device": device, "dtype": dtype}
         self.register_parameter("weight", torch.nn.Parameter(torch.ones(hidden, **factory))
                                 if elementwise_affine else None)
@@ -37,6 +40,7 @@ class DropoutAddLayerNorm(torch.nn.Module):
     @classmethod
     def from_layer_norm(cls, norm: torch.nn.LayerNorm, p: float) -> DropoutAddLayerNorm:
         """Fuses ``dropout(p)`` + add into ``norm``, sharing its parameters (no copy of the data)."""
+        require("hetrain.nn.DropoutAddLayerNorm.from_layer_norm", norm, torch.nn.LayerNorm)
         if len(norm.normalized_shape) != 1:
             raise ValueError(f"hetrain.nn.DropoutAddLayerNorm: needs a LayerNorm over one dimension, got "
                              f"normalized_shape {tuple(norm.normalized_shape)}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from hetrain.ops.linear_cross_entropy import linear_cross_entropy
+from hetrain.nn._share import require
+from hetrain.ops.linear_cross_entropy import check_loss_settings, linear_cross_entropy
 
 
 class LinearCrossEntropyHead(torch.nn.Module):
@@ -19,6 +20,11 @@ class LinearCrossEntropyHead(torch.nn.Module):
                  label_smoothing: float = 0.0, reduction: str = "mean", memory_budget: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        who = "hetrain.nn.LinearCrossEntropyHead"
+        for name, size in (("hidden", hidden), ("vocab", vocab)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{who}: {name} must be a size >= 1, got {size!r}")
+        check_loss_settings(who, label_smoothing, reduction, memory_budget)  # now, not at the first forward
         self.in_features, self.out_features = hidden, vocab
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.reduction, self.memory_budget = reduction, memory_budget
@@ -41,6 +47,7 @@ class LinearCrossEntropyHead(torch.nn.Module):
     def from_linear(cls, linear: torch.nn.Linear, *, ignore_index: int = -100, label_smoothing: float = 0.0,
                     reduction: str = "mean", memory_budget: int | None = None) -> LinearCrossEntropyHead:
         """A head sharing ``linear``'s parameters (no copy), so on its device and dtype; move it with ``.to()``."""
+        require("hetrain.nn.LinearCrossEntropyHead.from_linear", linear, torch.nn.Linear)
         head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
                    ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                    memory_budget=memory_budget)

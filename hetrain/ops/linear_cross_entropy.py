@@ -407,6 +407,16 @@ _per_row.register_autograd(_per_row_backward, setup_context=_per_row_setup, publ
 
 # --- functional face ---------------------------------------------------------------------------
 
+def check_loss_settings(name: str, label_smoothing: float, reduction: str, memory_budget: int | None) -> None:
+    """The settings a call and a :class:`hetrain.nn.LinearCrossEntropyHead` share, checked alike in both."""
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if memory_budget is not None and memory_budget <= 0:
+        raise ValueError(f"{name}: memory_budget must be a positive number of bytes, got {memory_budget}")
+
+
 def _check_num_items(name: str, num_items: object) -> None:
     """A count > 0: a number, or a one-element tensor (a count all-reduced across ranks stays one). A tensor's
     value is read only on the CPU; on a GPU reading it would wait for the device."""
@@ -444,15 +454,10 @@ def _validate(hidden, weight, target, bias, label_smoothing, reduction, num_item
     for what, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != hidden.dtype:
             raise ValueError(f"{name}: {what} dtype {t.dtype} differs from hidden's {hidden.dtype}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_loss_settings(name, label_smoothing, reduction, memory_budget)
     if num_items is not None and reduction == "none":
         raise ValueError(f"{name}: num_items divides a reduced loss; it has no meaning with reduction='none'")
     _check_num_items(name, num_items)
-    if memory_budget is not None and memory_budget <= 0:
-        raise ValueError(f"{name}: memory_budget must be a positive number of bytes, got {memory_budget}")
 
 
 def _autocast_inputs(

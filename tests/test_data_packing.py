@@ -84,3 +84,8 @@ def test_embeddings_restart_positions_at_each_packed_sequence():
     packed = embed(torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
     torch.testing.assert_close(packed, torch.cat([embed(a), embed(b)], 1))
     assert not torch.allclose(embed(torch.cat([a, b], 1))[:, 3:], embed(b))
+
+
+def test_packing_nothing_says_the_dataset_is_empty():
+    with pytest.raises(ValueError, match="PackedSequences got no sample to pack: is the dataset empty"):
+        PackedSequences([], row_len=64)

@@ -179,3 +179,18 @@ def test_resume_after_half_of_a_halved_batch_loses_no_sample(after):
     assert set(Counter(consumed).values()) == {1}
     if after < 3:  # on three ranks the single-sample batches left cannot be shared out: one rank repeats one
         assert set(Counter(rest).values()) == {1}
+
+
+def test_states_and_settings_that_would_train_on_nothing_are_refused():
+    lengths = zipf_lengths(40, seed=4)
+    with pytest.raises(ValueError, match="no sample at all: is the dataset or the token corpus empty"):
+        TokenBudgetBatchSampler([], 64)
+    batches = TokenBudgetBatchSampler(lengths, 4096).num_global_batches
+    with pytest.raises(ValueError, match=rf"drop_last=True leaves no batch: {batches} batches .* for 64 ranks"):
+        TokenBudgetBatchSampler(lengths, 4096, num_replicas=64, rank=0, drop_last=True)
+    sampler = TokenBudgetBatchSampler(lengths, 512)
+    state = sampler.state_dict()
+    with pytest.raises(ValueError, match=r"lacks \['position'\]"):
+        sampler.load_state_dict({k: v for k, v in state.items() if k != "position"})
+    with pytest.raises(ValueError, match="position 999 is outside this epoch's"):  # an empty epoch, silently, before
+        sampler.load_state_dict({**state, "position": 999})

@@ -67,6 +67,8 @@ class PackedSequences(torch.utils.data.Dataset):
         if lengths is None:
             lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
         self.sample_lengths = np.asarray(lengths, dtype=np.int64)
+        if self.sample_lengths.size == 0:
+            raise ValueError("hetrain: PackedSequences got no sample to pack: is the dataset empty?")
         self.rows = pack_rows(self.sample_lengths, row_len)
         self.lengths = np.array([self.sample_lengths[r].sum() for r in self.rows], dtype=np.int64)
         self.max_segments = max(map(len, self.rows))

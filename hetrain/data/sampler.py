@@ -46,7 +46,9 @@ class TokenBudgetBatchSampler:
     ) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or len(self.lengths) == 0:
-            raise ValueError(f"hetrain: lengths must be a non-empty 1-D sequence, got shape {self.lengths.shape}")
+            empty = " (no sample at all: is the dataset or the token corpus empty?)" if self.lengths.size == 0 else ""
+            raise ValueError(f"hetrain: lengths must be a non-empty 1-D sequence, got shape "
+                             f"{self.lengths.shape}{empty}")
         if max_tokens < 1:
             raise ValueError(f"hetrain: max_tokens must be positive, got {max_tokens}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
@@ -74,6 +76,9 @@ class TokenBudgetBatchSampler:
         # Batch sizes depend only on the sorted lengths, not on which sample has which length: the
         # number of batches, the largest batch and the padding are the same in every epoch.
         self._sizes, self._padded = self._cut(np.sort(self.lengths))
+        if drop_last and len(self._sizes) < num_replicas:
+            raise ValueError(f"hetrain: drop_last=True leaves no batch: {len(self._sizes)} batches of at most "
+                             f"{max_tokens} tokens for {num_replicas} ranks; lower max_tokens or set drop_last=False")
 
     # -- the global plan -------------------------------------------------------------------------
 
@@ -218,6 +223,12 @@ class TokenBudgetBatchSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues where ``state`` stopped, whatever ``num_replicas`` the saving run had."""
+        missing = [k for k in ("epoch", "seed", "position", "num_samples", "max_tokens") if k not in state]
+        if missing:
+            raise ValueError(f"hetrain: the sampler state lacks {missing}; pass what state_dict() returned")
+        if not 0 <= int(state["position"]) <= self.num_global_batches:
+            raise ValueError(f"hetrain: the sampler state's position {state['position']} is outside this epoch's "
+                             f"{self.num_global_batches} batches")
         if state["num_samples"] != len(self.lengths) or state["max_tokens"] != self.max_tokens:
             raise ValueError(
                 f"hetrain: the sampler state was saved for {state['num_samples']} samples and max_tokens="

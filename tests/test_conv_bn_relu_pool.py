@@ -244,6 +244,9 @@ def test_bad_inputs_raise_clear_errors():
         relu_pool(randn(1, 1, 20, 20), 17)
     with pytest.raises(ValueError, match="4-D"):
         relu_pool(randn(4, 6, 6))
+    for kernel in ((2, 2, 5), 2.0, (), True):  # (2, 2, 5) used its first two; the others raised torch's errors
+        with pytest.raises(ValueError, match=r"kernel_size must be an integer or one or two of them \(height, width\)"):
+            relu_pool(x, kernel)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bn_relu_pool(randn(1, 4, 1, 1), w, b, rm, rv, True, kernel_size=1)
     with pytest.raises(ValueError, match="eps must be positive"):

@@ -33,9 +33,13 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module | None, relu: nn.Module, poo
         return f"expected a ReLU, got {type(relu).__name__}"
     if not isinstance(pool, nn.MaxPool2d):
         return f"expected a MaxPool2d last, got {type(pool).__name__}"
-    if pool.ceil_mode or pool.return_indices or _pair(pool.dilation) != [1, 1]:
+    try:
+        kernel, padding, dilation = (_pair("MaxPool2d", what, getattr(pool, what))
+                                     for what in ("kernel_size", "padding", "dilation"))
+    except ValueError as exc:
+        return str(exc)
+    if pool.ceil_mode or pool.return_indices or dilation != [1, 1]:
         return "MaxPool2d with ceil_mode, return_indices or dilation is not fused"
-    kernel, padding = _pair(pool.kernel_size), _pair(pool.padding)
     if kernel[0] * kernel[1] > MAX_WINDOW or 2 * padding[0] > kernel[0] or 2 * padding[1] > kernel[1]:
         return f"MaxPool2d window {kernel} with padding {padding} is not fused"
     return None

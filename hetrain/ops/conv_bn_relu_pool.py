@@ -40,12 +40,14 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _pair(v: int | tuple[int, ...] | list[int]) -> list[int]:
-    if isinstance(v, int):
+def _pair(name: str, what: str, v: int | tuple[int, ...] | list[int]) -> list[int]:
+    """``v`` as (height, width): one integer for both, or one or two of them in a sequence, as ``F.max_pool2d``."""
+    if isinstance(v, int) and not isinstance(v, bool):
         return [v, v]
-    if len(v) == 1:
-        return [int(v[0]), int(v[0])]
-    return [int(v[0]), int(v[1])]
+    if isinstance(v, tuple | list) and len(v) in (1, 2) and all(isinstance(e, int) and not isinstance(e, bool)
+                                                                 for e in v):
+        return [v[0], v[-1]]
+    raise ValueError(f"{name}: {what} must be an integer or one or two of them (height, width), got {v!r}")
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -254,9 +256,9 @@ _bn_relu_pool_fwd.register_autograd(_backward, setup_context=_setup_context, pub
 # --- functional face ---------------------------------------------------------------------------
 
 def _pool_args(name, x, kernel_size, stride, padding):
-    kernel = _pair(kernel_size)
-    stride = _pair(stride) if stride is not None and stride != [] else kernel
-    padding = _pair(padding)
+    kernel = _pair(name, "kernel_size", kernel_size)
+    stride = _pair(name, "stride", stride) if stride is not None and stride != [] else kernel
+    padding = _pair(name, "padding", padding)
     if min(kernel) < 1 or min(stride) < 1:
         raise ValueError(f"{name}: kernel_size and stride must be >= 1, got {kernel} and {stride}")
     if kernel[0] * kernel[1] > MAX_WINDOW:

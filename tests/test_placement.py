@@ -23,6 +23,7 @@ from hetrain.placement import (
     heft,
     heft_bytes,
     measure,
+    topological_order,
     upward_ranks,
 )
 
@@ -197,6 +198,11 @@ def test_heft_cycle_error_names_a_task_on_the_cycle():
         ({"a": [INF, INF]}, {}, "task 'a' can run on no device"),
         ({"a": [1.0], "b": [1.0]}, {("a", "b"): -1.0}, "transfer time of edge"),
         ({"a": [1.0], "b": [1.0]}, {("a",): 1.0}, "not a \\(u, v\\) pair"),
+        ({"a": [1.0, None]}, {}, "task 'a' on device 1 is None; costs are numbers"),
+        ({"a": [1.0], "b": ["2"]}, {}, "task 'b' on device 0 is '2'"),
+        ({"a": [1.0], "b": [1.0]}, [("a", "b")], "edges must map each \\(u, v\\) pair to its transfer time"),
+        ({"a": [1.0], "b": [1.0]}, {("a", "b"): "1"}, "transfer time of edge \\('a', 'b'\\) is '1'"),
+        ([1.0, 2.0], {}, "compute must map each task"),
     ],
 )
 def test_heft_rejects_bad_input(compute, comm, message):
@@ -539,6 +545,12 @@ def test_plan_from_solver_output_and_bad_input():
         PlacementPlan({"a": "cpu"}, "greedy")
     with pytest.raises(ValueError, match="'a' names device 'gpu0'"):
         PlacementPlan({"a": "gpu0"})
+    with pytest.raises(ValueError, match=r"'encoder' is assigned device 2, but there are 2 devices \(cpu, cuda:0\)"):
+        PlacementPlan.from_assignment(["embeddings", "encoder"], ["cpu", "cuda:0"], [0, 2], "heft")
+    with pytest.raises(ValueError, match=r"gives no device for \['encoder'\]"):
+        PlacementPlan.from_assignment(["embeddings", "encoder"], ["cpu", "cuda:0"], {"embeddings": 0}, "heft")
+    with pytest.raises(ValueError, match=r"edge \('a', 'z'\) is not a \(u, v\) pair of the tasks given"):
+        topological_order(["a", "b"], [("a", "z")])
 
 
 @pytest.mark.parametrize("seed", range(30))

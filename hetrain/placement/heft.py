@@ -15,6 +15,7 @@ torch has no task-graph scheduler, hence this module.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -37,8 +38,14 @@ class Schedule:
     order: list[Task] = field(default_factory=list)
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_costs(compute: Mapping[Task, Sequence[float]]) -> int:
     """Validates the cost table; returns the number of devices."""
+    if not isinstance(compute, Mapping):
+        raise ValueError(f"hetrain: compute must map each task to its per-device costs, got {type(compute).__name__}")
     widths = {len(costs) for costs in compute.values()}
     if len(widths) > 1:
         lengths = ", ".join(f"{task!r}: {len(costs)}" for task, costs in compute.items())
@@ -48,6 +55,9 @@ def _check_costs(compute: Mapping[Task, Sequence[float]]) -> int:
         raise ValueError("hetrain: compute cost lists are empty; give one cost per device")
     for task, costs in compute.items():
         for d, c in enumerate(costs):
+            if not _number(c):
+                raise ValueError(f"hetrain: compute cost of task {task!r} on device {d} is {c!r}; costs are "
+                                 "numbers (inf where the task cannot run)")
             if math.isnan(c) or c < 0:
                 raise ValueError(f"hetrain: compute cost of task {task!r} on device {d} is {c}; costs must be >= 0")
         if all(math.isinf(c) for c in costs):
@@ -56,21 +66,26 @@ def _check_costs(compute: Mapping[Task, Sequence[float]]) -> int:
 
 
 def _check_edges(compute: Mapping[Task, Sequence[float]], edges: Mapping[Edge, float], what: str) -> None:
+    if not isinstance(edges, Mapping):
+        raise ValueError(f"hetrain: edges must map each (u, v) pair to its {what}, got {type(edges).__name__}")
     for edge, value in edges.items():
         if not (isinstance(edge, tuple) and len(edge) == 2):
             raise ValueError(f"hetrain: edge {edge!r} is not a (u, v) pair")
         for end in edge:
             if end not in compute:
                 raise ValueError(f"hetrain: edge {edge!r} names task {end!r}, which has no compute costs")
-        if math.isnan(value) or value < 0:
-            raise ValueError(f"hetrain: {what} of edge {edge!r} is {value}; it must be >= 0")
+        if not _number(value) or math.isnan(value) or value < 0:
+            raise ValueError(f"hetrain: {what} of edge {edge!r} is {value!r}; it must be a number >= 0")
 
 
 def topological_order(tasks: Sequence[Task], edges: Sequence[Edge]) -> list[Task]:
     """Tasks in an order where every edge points forward; raises naming a cycle if there is one."""
     succs: dict[Task, list[Task]] = {t: [] for t in tasks}
     indegree = dict.fromkeys(tasks, 0)
-    for u, v in edges:
+    for edge in edges:
+        if not (isinstance(edge, tuple) and len(edge) == 2) or not all(end in succs for end in edge):
+            raise ValueError(f"hetrain: edge {edge!r} is not a (u, v) pair of the tasks given")
+        u, v = edge
         succs[u].append(v)
         indegree[v] += 1
     ready = [t for t in tasks if indegree[t] == 0]

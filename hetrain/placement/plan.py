@@ -88,9 +88,15 @@ class PlacementPlan:
         predicted_step_time: float | None = None,
     ) -> PlacementPlan:
         """A plan from solver output: device indices (per path, in order or by name) into ``device_names``."""
+        if isinstance(assignment, Mapping) and not set(paths) <= set(assignment):
+            raise ValueError(f"hetrain: the assignment gives no device for {sorted(set(paths) - set(assignment))}")
         indices = [assignment[p] for p in paths] if isinstance(assignment, Mapping) else list(assignment)
         if len(indices) != len(paths):
             raise ValueError(f"hetrain: {len(paths)} paths but {len(indices)} device indices")
+        for path, i in zip(paths, indices, strict=True):
+            if not 0 <= i < len(device_names):
+                raise ValueError(f"hetrain: {path!r} is assigned device {i}, but there are {len(device_names)} "
+                                 f"devices ({', '.join(device_names)})")
         return cls({p: device_names[i] for p, i in zip(paths, indices, strict=True)}, method, predicted_step_time)
 
     def apply(self, model: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -438,6 +439,16 @@ def test_reader_processes_give_the_same_batches_and_name_a_failing_sample():
     assert multiprocessing.active_children() == []
     with pytest.raises(ValueError, match="reader_processes reads a map-style Dataset"):
         RingLoader(_Stream(), lambda s: iter(()), collate=PadInto(10, 10), reader_processes=1)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_slots": 1}, "need num_slots >= 2, num_workers >= 1 and reader_processes >= 0, got 1, 2, 0"),
+    ({"lookahead": -1}, "lookahead counts batches fetched ahead of their step, >= 0, got -1"),
+])
+def test_settings_the_ring_cannot_run_with_are_refused(kwargs, message):
+    sampler = TokenBudgetBatchSampler([3] * 8, 6, shuffle=False)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RingLoader(Flaky(8), sampler, collate=PadInto(6, 2), num_workers=2, **kwargs)
 
 
 class KilledInAReader(Flaky):

@@ -194,3 +194,9 @@ def test_states_and_settings_that_would_train_on_nothing_are_refused():
         sampler.load_state_dict({k: v for k, v in state.items() if k != "position"})
     with pytest.raises(ValueError, match="position 999 is outside this epoch's"):  # an empty epoch, silently, before
         sampler.load_state_dict({**state, "position": 999})
+
+
+def test_lengths_that_are_not_whole_numbers_are_refused_not_truncated():
+    assert TokenBudgetBatchSampler([3.0, 4.0], 16).lengths.tolist() == [3, 4]
+    with pytest.raises(ValueError, match="lengths must be whole numbers, got 3.5 at index 1"):
+        TokenBudgetBatchSampler([2, 3.5], 16)

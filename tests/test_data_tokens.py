@@ -40,6 +40,8 @@ def test_ids_too_large_for_uint16_are_refused(tmp_path):
 def test_a_negative_id_is_named_not_blamed_on_the_width(tmp_path):
     with pytest.raises(ValueError, match=r"document 0 has token id -5; token ids are non-negative"):
         write_token_file(tmp_path / "c", [[-5, 3]], itemsize=2)  # was: "token id 3 outside [0, 65535]; itemsize=4"
+    with pytest.raises(ValueError, match=r"document 1's token ids must be whole numbers, got 7.5 at index 2"):
+        write_token_file(tmp_path / "d", [[1, 2], [3, 4, 7.5]], itemsize=2)  # was written as 7
 
 
 def test_truncated_and_corrupt_files_fail_at_open_naming_the_file(tmp_path):

@@ -419,6 +419,8 @@ def test_bad_inputs_raise_clear_errors():
             linear_cross_entropy(hidden, weight, target, b, num_items=count)
     with pytest.raises(ValueError, match=r"num_items must be one number, got a torch.int64 tensor of shape \(2,\)"):
         linear_cross_entropy(hidden, weight, target, b, num_items=torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="ignore_index must be an integer class index, got 1.5"):  # was read as 1
+        linear_cross_entropy(hidden, weight, target, b, ignore_index=1.5)
     with pytest.raises(ValueError, match="no meaning with reduction='none'"):
         linear_cross_entropy(hidden, weight, target, b, reduction="none", num_items=3)
     with pytest.raises(ValueError, match="less than one row"):

@@ -313,6 +313,8 @@ class RingLoader:
         if num_slots < 2 or num_workers < 1 or reader_processes < 0:
             raise ValueError(f"hetrain: need num_slots >= 2, num_workers >= 1 and reader_processes >= 0, got "
                              f"{num_slots}, {num_workers}, {reader_processes}")
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise ValueError(f"hetrain: lookahead counts batches fetched ahead of their step, >= 0, got {lookahead!r}")
         if reader_processes and isinstance(source, TokenWindows | torch.utils.data.IterableDataset):
             raise ValueError("hetrain: reader_processes reads a map-style Dataset; token files are gathered in C++ "
                              "and a stream is read in order")

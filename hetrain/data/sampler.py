@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from hetrain.data.integers import whole_numbers
+
 
 class TokenBudgetBatchSampler:
     """An iterable of index lists for one rank; use as ``DataLoader(batch_sampler=...)`` or with ``RingLoader``.
@@ -44,7 +46,7 @@ class TokenBudgetBatchSampler:
         rank: int = 0,
         drop_last: bool = False,
     ) -> None:
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.lengths = whole_numbers(lengths, "lengths")
         if self.lengths.ndim != 1 or len(self.lengths) == 0:
             empty = " (no sample at all: is the dataset or the token corpus empty?)" if self.lengths.size == 0 else ""
             raise ValueError(f"hetrain: lengths must be a non-empty 1-D sequence, got shape "

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hetrain.data.integers import whole_numbers
+
 MAGIC = b"HETOKENS"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQ")
@@ -110,7 +112,7 @@ class TokenFileWriter:
         self._offsets = [0]
 
     def add(self, tokens: Iterable[int] | np.ndarray) -> None:
-        arr = np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens), dtype=np.int64)
+        arr = whole_numbers(tokens, f"document {len(self._offsets) - 1}'s token ids")
         if arr.ndim != 1:
             raise ValueError(f"hetrain: a document is a 1-D token sequence, got shape {arr.shape}")
         if len(arr) and arr.min() < 0:

@@ -433,7 +433,8 @@ def _check_num_items(name: str, num_items: object) -> None:
         raise ValueError(f"{name}: num_items must be a count > 0, got {num_items!r}")
 
 
-def _validate(hidden, weight, target, bias, label_smoothing, reduction, num_items, memory_budget) -> None:
+def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, num_items,
+              memory_budget) -> None:
     name = "hetrain.ops.linear_cross_entropy"
     if hidden.dim() == 0 or not hidden.is_floating_point():
         raise ValueError(f"{name}: hidden must be a floating tensor (..., H), got shape {tuple(hidden.shape)} "
@@ -446,6 +447,8 @@ def _validate(hidden, weight, target, bias, label_smoothing, reduction, num_item
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{name}: target must have shape {tuple(hidden.shape[:-1])} (hidden's leading dimensions), "
                          f"got {tuple(target.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"{name}: ignore_index must be an integer class index, got {ignore_index!r}")
     if target.dtype != torch.int64:
         raise ValueError(f"{name}: target must be int64 class indices, got {target.dtype}")
     for what, t in (("weight", weight), ("bias", bias), ("target", target)):
@@ -493,7 +496,7 @@ def linear_cross_entropy(
     float32, as autocast's ``F.cross_entropy`` gives: see :func:`_autocast_inputs`.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _validate(hidden, weight, target, bias, label_smoothing, reduction, num_items, memory_budget)
+    _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, num_items, memory_budget)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1]).contiguous()
     t1 = target.reshape(-1).contiguous()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import SyntheticSequences, pad_collate
+from hetrain.host_copies import held_count, hold_until_copied
 
 
 def batches(n: int) -> list[dict[str, torch.Tensor]]:
@@ -51,3 +54,43 @@ def test_cuda_batches_arrive_on_the_device_intact_from_pinned_ring_slots():
     nested = DevicePrefetcher(batches(3), "cuda")
     for got, want in zip(nested, batches(3), strict=True):
         assert torch.equal(got["pair"][0].cpu(), want["pair"][0]) and got["pair"][1][0].is_cuda
+
+
+@pytest.mark.cuda
+def test_a_host_source_is_held_until_its_copy_to_the_gpu_has_run():
+    """A ring slot is a view torch's host allocator does not own: nothing else keeps it from its producer."""
+    stream = torch.cuda.Stream()
+    source = torch.randn(4096).pin_memory()
+    alive = weakref.ref(source)
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # the copy waits behind a long kernel, as behind a step
+        copied = source.to("cuda", non_blocking=True)
+    hold_until_copied([source], stream)
+    del source
+    assert alive() is not None and held_count() >= 1  # the GPU has not read it yet
+    stream.synchronize()
+    hold_until_copied([], stream)  # any later call releases what has been copied
+    assert alive() is None and held_count() == 0
+    assert copied.is_cuda
+
+
+@pytest.mark.cuda
+def test_the_task_holds_ring_slots_its_label_copies_read():
+    """bert_split's labels go from a ring slot straight to the GPU stage (no prefetcher across devices)."""
+    from hetrain.models.bert import BertClassifier
+    from hetrain.models.task import ClassificationTask
+
+    model = BertClassifier(vocab_size=64, num_classes=3, hidden=16, layers=1, heads=2, max_len=16)
+    model.classifier.to("cuda")
+    task = ClassificationTask(model, num_classes=3)
+    labels = torch.tensor([0, 1, 2]).pin_memory()
+    alive = weakref.ref(labels)
+    batch = {"input_ids": torch.ones(3, 8, dtype=torch.long), "attention_mask": torch.ones(3, 8, dtype=torch.bool),
+             "labels": labels}
+    torch.cuda._sleep(200_000_000)
+    moved = task.transfer_batch_to_device(batch, torch.device("cuda:0"), 0)
+    del batch, labels
+    assert alive() is not None and moved["labels"].is_cuda and moved["input_ids"].device.type == "cpu"
+    torch.cuda.synchronize()
+    hold_until_copied([], torch.cuda.current_stream())
+    assert alive() is None

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from hetrain.host_copies import hold_until_copied
 from hetrain.models.accumulation import WindowNormaliser
 from hetrain.optim import SparseAwareAdamW, sparse_parameters
 
@@ -83,9 +84,12 @@ class ClassificationTask(pl.LightningModule):
         # comes from host memory, so the copies may be asynchronous.
         stages = list(self.stages().values())
         inputs, outputs = _device_of(stages[0]), _device_of(stages[-1])
-        moved = {key: t.to(inputs, non_blocking=True)
-                 for key, t in zip(self.input_keys, self.model_inputs(batch), strict=True)}
-        moved["labels"] = batch["labels"].to(outputs, non_blocking=True)
+        sources = dict(zip(self.input_keys, self.model_inputs(batch), strict=True), labels=batch["labels"])
+        targets = dict.fromkeys(self.input_keys, inputs) | {"labels": outputs}
+        moved = {key: t.to(targets[key], non_blocking=True) for key, t in sources.items()}
+        for gpu in {d for d in targets.values() if d.type == "cuda"}:
+            # A ring slot is not torch's to keep alive until the copy ran: hold it (hetrain.host_copies).
+            hold_until_copied((sources[k] for k, d in targets.items() if d == gpu), torch.cuda.current_stream(gpu))
         return moved
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

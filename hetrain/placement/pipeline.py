@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from hetrain.host_copies import hold_until_copied
 from hetrain.ops import rng
 
 RunStage = Callable[..., Any]
@@ -60,6 +61,8 @@ def to_device(x: Activation, device: torch.device) -> Activation:
         copy = _copy_stream(device)
         with torch.cuda.stream(copy):
             y = pinned.to(device, non_blocking=True)
+        if pinned is x:  # memory torch's host allocator may not own (a ring slot): held until the copy ran
+            hold_until_copied([x], copy)
         compute.wait_stream(copy)
         y.record_stream(compute)  # allocated on the copy stream, used and freed on the compute stream
         return y

@@ -1,0 +1,39 @@
+"""Host memory that a non-blocking copy to a GPU still reads stays alive until that copy has run.
+
+torch keeps the source of such a copy alive only when its caching host allocator made the block. A ring
+slot is a view into one pinned slab (``from_blob``), so for torch the copy has no owner: once the batch is
+dropped the slot goes back to its producer, which may refill it before the GPU has read it (the copy waits
+behind the step's kernels), and the step trains on the next batch's bytes. :func:`hold_until_copied` keeps
+the sources referenced until an event recorded after their copies has completed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+
+# Past this many copies in flight the oldest is waited for: a bound on memory held, never reached in practice
+# (a step's copies complete within a step or two).
+MAX_HELD = 64
+
+_held: deque[tuple[torch.cuda.Event, tuple[torch.Tensor, ...]]] = deque()
+
+
+def hold_until_copied(sources: Iterable[torch.Tensor], stream: torch.cuda.Stream) -> None:
+    """Keeps ``sources`` (host tensors just copied to a GPU on ``stream``) alive until ``stream`` has run the
+    copies; earlier holds whose copies have run are released."""
+    held = tuple(t for t in sources if t.device.type == "cpu")
+    if held:
+        event = torch.cuda.Event()
+        event.record(stream)
+        _held.append((event, held))
+    while _held and (_held[0][0].query() or len(_held) > MAX_HELD):
+        _held[0][0].synchronize()
+        _held.popleft()
+
+
+def held_count() -> int:
+    """Copies whose host sources are still held."""
+    return len(_held)

@@ -29,6 +29,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from typing_extensions import override
 
+from hetrain.memory_counters import erased_peak
+
 log = logging.getLogger(__name__)
 
 SUMMARY_JSON = "summary.json"
@@ -45,11 +47,13 @@ def _gpus(pl_module: pl.LightningModule) -> list[torch.device]:
 def peak_memory_mib(gpus: list[torch.device]) -> dict[str, float]:
     """Peak resident memory of this process (``cpu_rss``) and peak allocated memory of each GPU, in MiB.
 
-    The resident peak covers the whole process, so jobs of an in-process sweep see earlier jobs' peaks.
+    The resident peak covers the whole process, so jobs of an in-process sweep see earlier jobs' peaks. Both
+    include what the memory profiler read before its per-phase resets erased the counters.
     """
-    peaks = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peaks = {"cpu_rss": max(rss, erased_peak("cpu")) / 2**20}
     for gpu in gpus:
-        peaks[str(gpu)] = torch.cuda.max_memory_allocated(gpu) / 2**20
+        peaks[str(gpu)] = max(torch.cuda.max_memory_allocated(gpu), erased_peak(str(gpu))) / 2**20
     return peaks
 
 

@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from hetrain import cpu_memory
 from hetrain.callbacks.churn import OUTSIDE, Allocation, ChurnTracker, churned
 from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler
-from hetrain.callbacks.memory_counters import PhaseMemory, peak_rss_bytes, reset_peak_rss, rss_bytes
 from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, MemoryReport
 from hetrain.callbacks.module_memory import ModuleMemory, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace
+from hetrain.memory_counters import PhaseMemory, peak_rss_bytes, reset_peak_rss, rss_bytes
+from hetrain.report import peak_memory_mib
 
 BATCH, IN, HIDDEN = 6, 8, 24
 OOM_MESSAGE = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total capacity)"
@@ -250,6 +251,30 @@ def test_memory_report_renders_hand_made_steps_without_a_trainer(tmp_path):
         assert "Allocator churn" in text and "Per step: nothing." in text
     assert "### Temporaries to remove (top 10)\n\nNone." in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class SpikeAtFirstStep(Regressor):
+    """Step 0 touches a large host temporary; later steps are small."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 0:
+            torch.ones(SPIKE_BYTES // 4).sum()
+        return super().training_step(batch, batch_idx)
+
+
+SPIKE_BYTES = 256 * 2**20
+
+
+def test_the_runs_peak_keeps_what_the_profilers_resets_erased(tmp_path):
+    """The profiler resets the process's peak counters every phase; the run summary read them afterwards and
+    gave the last phase's peak as the run's."""
+    if not reset_peak_rss():
+        pytest.skip("this kernel cannot reset the peak resident set: no reset to erase it")
+    with cpu_memory.host_memory("system"):  # the temporary goes back to the system when freed
+        before = rss_bytes()
+        _fit(SpikeAtFirstStep(), MemoryProfiler(module_every_n_steps=100, churn_steps=0), tmp_path, batches=4)
+    assert peak_rss_bytes() - before < SPIKE_BYTES // 2  # the process's own counter has forgotten the spike
+    assert peak_memory_mib([])["cpu_rss"] * 2**20 >= before + SPIKE_BYTES * 0.9
 
 
 class ScratchRegressor(Regressor):

@@ -1,7 +1,7 @@
 """Where training memory goes: per device and phase, per module, and a post-mortem on out-of-memory.
 
 :class:`MemoryProfiler` runs inside a Lightning fit. Every step it reads each device's peak over forward,
-backward and optimizer (:mod:`hetrain.callbacks.memory_counters`); every few steps it hooks the model for
+backward and optimizer (:mod:`hetrain.memory_counters`); every few steps it hooks the model for
 one step (:mod:`hetrain.callbacks.module_memory`); over a few steps it finds allocator churn
 (:mod:`hetrain.callbacks.churn`). At the end it writes ``memory_report.{md,png,html}`` into the run
 directory (:mod:`hetrain.callbacks.memory_report`), or ``oom_report.md`` (+ an allocator snapshot) on
@@ -24,10 +24,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from hetrain.callbacks.churn import ChurnTracker
-from hetrain.callbacks.memory_counters import PhaseMemory
 from hetrain.callbacks.memory_report import PHASES, MemoryReport, churn_section
 from hetrain.callbacks.module_memory import MIB, ModuleMemory, bytes_by_device, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace, parse_steps
+from hetrain.memory_counters import PhaseMemory
 from hetrain.report import markdown_table
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,11 @@ class MemoryProfiler(Callback):
             if trainer.global_step in self.churn_steps:
                 self.churn.start_step()
         self.phases.reset()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phases is not None:  # validation's peak, read before the next step's reset erases it
+            self.phases.peaks()
 
     def _close(self, phase: str) -> None:
         for device, peaks in self.phases.peaks().items():

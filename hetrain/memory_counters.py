@@ -131,7 +131,20 @@ class PhaseMemory:
                 kept = kept_host_bytes()
                 if kept is not None:
                     out["cpu"]["kept"] = kept
+        for device, peak in out.items():
+            _ERASED_PEAKS[device] = max(_ERASED_PEAKS.get(device, 0), peak["allocated"])
         return out
+
+
+# The largest peak PhaseMemory read on each device ("cpu", "cuda:0"). Its resets erase the process's own peak
+# counters (torch's for a GPU; VmHWM and getrusage's for the CPU), so a whole run's peak is the larger of those
+# counters and this.
+_ERASED_PEAKS: dict[str, int] = {}
+
+
+def erased_peak(device: str) -> int:
+    """The largest peak on ``device`` read before a PhaseMemory reset erased it (0 if none was)."""
+    return _ERASED_PEAKS.get(device, 0)
 
 
 def kept_host_bytes() -> int | None:

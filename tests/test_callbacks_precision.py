@@ -2,6 +2,7 @@
 
 import csv
 import math
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -145,6 +146,11 @@ def test_device_mixed_precision_autocasts_each_device_type_on_its_own():
         assert not torch.is_autocast_enabled("cuda")
     plugin = DeviceMixedPrecision({"cpu": "16-mixed", "cuda": "32-true"}, root="cuda")
     assert plugin.precision == "16-mixed" and plugin.scaler is not None  # a scaler for the fp16 device
+    # A bf16 CPU root beside an fp16 GPU (an sm_7x card): Lightning refused bf16-mixed with a scaler.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GradScaler(device="cuda") without a GPU says it is disabled
+        plugin = DeviceMixedPrecision({"cpu": "bf16-mixed", "cuda": "16-mixed"}, root="cpu")
+    assert plugin.precision == "16-mixed" and plugin.scaler is not None
     with torch.autocast("cpu", dtype=torch.bfloat16), DeviceMixedPrecision(
         {"cpu": "32-true", "cuda": "bf16-mixed"}, root="cuda"
     ).forward_context():

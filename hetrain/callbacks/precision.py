@@ -100,7 +100,9 @@ class DeviceMixedPrecision(MixedPrecision):
             raise ValueError(f"hetrain: no device type runs mixed precision in {dict(choices)}; use '32-true'")
         scaled = [t for t, c in mixed.items() if c == "16-mixed"]
         scaler = torch.amp.GradScaler(device=scaled[0]) if scaled else None
-        precision = mixed.get(root) or ("16-mixed" if scaled else "bf16-mixed")
+        # Lightning pairs a scaler with 16-mixed only: with one device type in float16 the plugin is 16-mixed,
+        # whatever the root runs (the root's own autocast is entered by forward_context below either way).
+        precision = "16-mixed" if scaled else mixed.get(root, "bf16-mixed")
         super().__init__(precision=precision, device=root, scaler=scaler)
         self.choices = dict(choices)
 

@@ -4,12 +4,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import pytest
 import torch
 
 from hetrain import plugins
+from hetrain.ops._backends import OnTheirDevice
 
 OP = "test_registry_op"
 
@@ -210,3 +212,21 @@ def test_every_fused_call_runs_in_a_named_profiler_range():
         hetrain.ops.layer_norm(torch.randn(4, 8, requires_grad=True)).sum().backward()
     names = {e.name for e in prof.events()}
     assert "hetrain::layer_norm.forward[cpu]" in names and "hetrain::layer_norm.backward[cpu]" in names
+
+
+def test_triton_entry_points_pass_through_off_the_gpu_and_keep_the_modules_attributes():
+    module = types.ModuleType("fake_triton_op")
+    module.LIMIT, module.forward = 7, lambda x, k=1: x * k
+    proxy = OnTheirDevice(module)
+    assert proxy.LIMIT == 7 and proxy.forward(torch.ones(2), k=3).tolist() == [3.0, 3.0]
+    assert proxy.forward is proxy.forward  # wrapped once
+    with pytest.raises(AttributeError):
+        proxy.backward  # noqa: B018
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_entry_points_launch_on_the_gpu_their_tensors_are_on():
+    module = types.ModuleType("fake_triton_op")
+    module.where = lambda x: torch.cuda.current_device()
+    assert OnTheirDevice(module).where(torch.ones(1, device="cuda:1")) == 1 and torch.cuda.current_device() == 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
 from typing import Any
+
+import torch
 
 from hetrain import _ext, plugins
 
@@ -33,15 +36,41 @@ def _triton_available(module: ModuleType | str) -> bool | str:
         return module
     if triton_interpreting():
         return True
-    import torch
-
     return True if torch.cuda.is_available() else "no CUDA device (CPU tensors go to the C++ backend)"
+
+
+class OnTheirDevice:
+    """A Triton op module whose entry points launch on the GPU their tensors are on.
+
+    Triton launches on the current device, on its current stream. A stage planned on ``cuda:1`` runs its forward
+    on a thread whose current device is ``cuda:0``: its kernels would run in the other GPU's context with this
+    GPU's pointers. (Autograd's device threads set the device for backward themselves.)
+    """
+
+    def __init__(self, module: ModuleType) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        entry = getattr(self._module, name)
+        if not callable(entry):
+            return entry
+
+        @functools.wraps(entry)
+        def on_their_device(*args: Any, **kwargs: Any) -> Any:
+            device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+            if device is None or device.index in (None, torch.cuda.current_device()):
+                return entry(*args, **kwargs)
+            with torch.cuda.device(device):
+                return entry(*args, **kwargs)
+
+        setattr(self, name, on_their_device)  # made once per entry point
+        return on_their_device
 
 
 def register_triton(op: str, module_name: str) -> None:
     module = _import_triton_module(module_name)
     devices = ("cuda", "cpu") if triton_interpreting() else ("cuda",)
-    plugins.register(op, "triton", devices, None if isinstance(module, str) else module,
+    plugins.register(op, "triton", devices, None if isinstance(module, str) else OnTheirDevice(module),
                      PRIORITY["triton"], lambda: _triton_available(module), opt_in=("cpu",))
 
 

@@ -291,6 +291,8 @@ def _measure(named: dict[str, nn.Module], make_input: Callable[[], Any], devices
         for device in devices:
             try:
                 seconds, out = _time_stage(stage, args, torch.device(device), index > 0, warmup, repeats)
+            except torch.AcceleratorError:
+                raise  # a device fault (an illegal address) poisons the context: every later call would fail too
             except Exception as exc:  # a stage that cannot run on a device is a fact of the cost model
                 errors.setdefault(name, {})[device] = f"{type(exc).__name__}: {exc}".strip()
                 row.append(math.inf)

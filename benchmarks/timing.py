@@ -64,7 +64,8 @@ def cuda_generator_restored_on_error() -> Iterator[None]:
     if not torch.cuda.is_available():
         yield
         return
-    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    index = torch.cuda.current_device()  # initialises CUDA first: default_generators is empty until then
+    generator = torch.cuda.default_generators[index]
     fresh = generator.clone_state()
     try:
         yield

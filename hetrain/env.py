@@ -16,6 +16,7 @@ import torch
 
 import hetrain
 from hetrain import _ext, cpu_features, cpu_memory, plugins
+from hetrain.callbacks.precision import choose_precision
 from hetrain.device_info import cpu_model
 
 MIN_TRITON = (3, 0)
@@ -99,9 +100,10 @@ def collect() -> Report:
         props = torch.cuda.get_device_properties(i)
         report.devices.append({"device": f"cuda:{i}", "name": props.name, "capability": f"{props.major}.{props.minor}",
                                "memory": f"{props.total_memory / 2**30:.1f} GiB"})
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
-            report.warnings.append(f"cuda:{i} ({props.name}) has no fast bf16: precision 'auto' picks fp16 with "
-                                   "loss scaling there")
+        choice = choose_precision(f"cuda:{i}")  # this GPU's, not the current one's
+        if choice != "bf16-mixed":
+            report.warnings.append(f"cuda:{i} ({props.name}) has no fast bf16: precision 'auto' picks {choice} "
+                                   "there")
     for op in plugins.ops():
         rows = []
         for b in plugins.backends(op):

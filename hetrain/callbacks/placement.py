@@ -44,6 +44,14 @@ def device_present(device: torch.device) -> bool:
     return device.index is None or device.index < backend.device_count()
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as the GPU it means here (this process's current one), so a plan that writes ``cuda`` for one stage
+    and ``cuda:0`` for the next puts both on one device, as torch would run them."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def resolve_plan(
     plan: Mapping[str, str], stages: list[str], fallback: str = "cpu"
 ) -> tuple[dict[str, torch.device], str | None]:
@@ -59,7 +67,7 @@ def resolve_plan(
             raise ValueError(
                 f"hetrain: placement entry {path!r} names no stage ({where}); stages: {', '.join(stages)}"
             )
-    planned = {path: parse_device(name, f"placement of {path!r}") for path, name in plan.items()}
+    planned = {path: _indexed(parse_device(name, f"placement of {path!r}")) for path, name in plan.items()}
     fallback_device = parse_device(fallback, "placement fallback")
     devices: dict[str, torch.device] = {}
     for stage in stages:

@@ -268,8 +268,9 @@ class NonFiniteGuard(Callback):
                  if p.grad is not None]
         # Finite exactly when every stored value is: a norm of a sparse gradient's uncoalesced rows serves.
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        loss_finite = bool(self._loss_finite) if self._loss_finite is not None else True
-        grads_finite = bool(torch.isfinite(norm))
+        loss_flag = self._loss_finite if self._loss_finite is not None else torch.ones((), dtype=torch.bool)
+        # Both flags in one read: each bool() of a GPU tensor waits for the device.
+        loss_finite, grads_finite = torch.stack([loss_flag.to(norm.device), torch.isfinite(norm)]).tolist()
         self._loss_finite = None
         scaler = self._scaler(trainer)
         scale = scaler.get_scale() if scaler is not None else None

@@ -369,7 +369,7 @@ def test_failed_run_logs_one_line_on_the_console_and_its_traceback_in_the_log_fi
         for handler in handlers:
             root.removeHandler(handler)
             handler.close()
-    assert "hetrain: the run failed: ValueError: hetrain: placement.fallback='cdua'" in console.getvalue()
+    assert "hetrain: the run failed: ValueError: hetrain: placement.fallback names device 'cdua'" in console.getvalue()
     assert "Traceback" not in console.getvalue()
     assert "Traceback" in (tmp_path / "train.log").read_text()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"

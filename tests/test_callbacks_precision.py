@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hetrain.callbacks.precision import (
     DeviceMixedPrecision,
+    HostSafeGradScaler,
     NonFiniteError,
     NonFiniteGuard,
     choices_by_type,
@@ -315,3 +316,41 @@ def test_guard_rejects_bad_arguments():
         NonFiniteGuard(max_consecutive=0)
     with pytest.raises(ValueError, match="on_nonfinite"):
         NonFiniteGuard(on_nonfinite="ignore")
+
+
+def _scaled_step(scaler: torch.amp.GradScaler, params: list[torch.Tensor], loss: torch.Tensor) -> bool:
+    """One scaled backward and step; whether the optimizer stepped (the scaler found no inf)."""
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    before = [p.detach().clone() for p in params]
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return not all(torch.equal(b, p) for b, p in zip(before, params, strict=True))
+
+
+def test_host_safe_grad_scaler_unscales_host_gradients_and_skips_an_overflow():
+    weight = torch.randn(4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    scaler = HostSafeGradScaler(device="cpu", init_scale=1024.0)
+    scaler.scale((weight * 3).sum()).backward()
+    torch.testing.assert_close(weight.grad, torch.full((4,), 3 * 1024.0))
+    scaler.unscale_(torch.optim.SGD([weight], lr=0.1))
+    torch.testing.assert_close(weight.grad, torch.full((4,), 3.0))  # unscaled on the host
+    scaler.update()
+    weight.grad = None
+    assert _scaled_step(scaler, [weight], (weight * 3).sum())
+    assert not _scaled_step(scaler, [weight], (weight * float("inf")).sum())  # an overflow: the step is skipped
+    assert scaler.get_scale() == 512.0
+
+
+@pytest.mark.cuda
+def test_host_safe_grad_scaler_sees_an_overflow_on_a_cpu_stage_beside_a_gpu_loss():
+    """A CPU stage's gradient overflowing while the GPU is busy: torch's scaler read its inf flag's copy from the
+    GPU before it landed, and the late copy could overwrite the CPU kernel's inf."""
+    host = torch.ones(256, requires_grad=True)
+    gpu = torch.ones(256, device="cuda", requires_grad=True)
+    scaler = HostSafeGradScaler(device="cuda", init_scale=2.0**16)
+    for attempt in range(20):
+        torch.cuda._sleep(50_000_000)  # the GPU lags the host, as in training
+        loss = (gpu * 2).sum() + (host * float("inf")).sum().to("cuda")
+        assert not _scaled_step(scaler, [host, gpu], loss), f"attempt {attempt}: an overflow was applied"
+        host.grad = gpu.grad = None

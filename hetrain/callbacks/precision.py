@@ -65,6 +65,26 @@ def choices_by_type(devices: Iterable[str | torch.device]) -> dict[str, Precisio
     return choices
 
 
+class HostSafeGradScaler(torch.amp.GradScaler):
+    """torch's ``GradScaler``, safe for gradients on the CPU beside a loss scaled on a GPU (a CPU stage).
+
+    torch hands each device its copy of the inverse scale and of the inf flag with a non-blocking copy from the
+    scale's device. From a GPU to the host such a copy returns before the bytes land, and the CPU's unscale
+    kernel reads them at once: it may unscale by garbage, and the flag's late arrival may overwrite the inf the
+    kernel found, so an overflowing step is applied (pytorch/pytorch#176429 fixed this for FSDP's CPU offload
+    only). Where a gradient lives on the CPU both start on the host here: a copy from pageable host memory to a
+    GPU has read its source when it returns. One small device read per step, and only with loss scaling.
+    """
+
+    def _unscale_grads_(self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor, found_inf: torch.Tensor,
+                        allow_fp16: bool) -> dict[torch.device, torch.Tensor]:
+        on_host = any(p.grad is not None and p.grad.device.type == "cpu"
+                      for group in optimizer.param_groups for p in group["params"])
+        if on_host:
+            inv_scale, found_inf = inv_scale.cpu(), found_inf.cpu()
+        return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+
+
 class DeviceMixedPrecision(MixedPrecision):
     """Lightning's ``MixedPrecision`` with one autocast per device type, for models spread over devices.
 
@@ -99,7 +119,7 @@ class DeviceMixedPrecision(MixedPrecision):
         if not mixed:
             raise ValueError(f"hetrain: no device type runs mixed precision in {dict(choices)}; use '32-true'")
         scaled = [t for t, c in mixed.items() if c == "16-mixed"]
-        scaler = torch.amp.GradScaler(device=scaled[0]) if scaled else None
+        scaler = HostSafeGradScaler(device=scaled[0]) if scaled else None
         # Lightning pairs a scaler with 16-mixed only: with one device type in float16 the plugin is 16-mixed,
         # whatever the root runs (the root's own autocast is entered by forward_context below either way).
         precision = "16-mixed" if scaled else mixed.get(root, "bf16-mixed")

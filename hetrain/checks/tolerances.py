@@ -67,7 +67,7 @@ class Case:
     """One call of an op: ``fn(*args)`` against ``ref(*args in float64)``.
 
     Tensors in ``args`` that require grad are differentiated; ``scaled`` names those whose gradient the
-    op's tests compare relative to max(1, its largest entry) (sums over rows, batch or vocab).
+    op's tests compare relative to its largest entry (sums over rows, batch or vocab).
     """
 
     fn: Callable[..., torch.Tensor]
@@ -267,7 +267,7 @@ def measure_case(op: str, backend: str, dtype: torch.dtype, device: str) -> Row:
     out_abs, out_rel, used = _errors(y.detach(), y64.detach(), atol, rtol)
     grad_abs, grad_rel, worst = 0.0, 0.0, "-"
     for name, g64 in zip(grads, grads64, strict=True):
-        scale = max(1.0, g64.abs().max().item()) if name in case.scaled else 1.0
+        scale = (g64.abs().max().item() or 1.0) if name in case.scaled else 1.0
         g_abs, g_rel, g_used = _errors(grads[name], g64, atol, rtol, scale)
         if g_abs >= grad_abs:
             grad_abs, worst = g_abs, name
@@ -318,7 +318,7 @@ def render(rows: list[Row], device: str, seconds: float) -> str:
         "",
         "- *out abs*: largest absolute error of the output; *out rel*: that over the largest reference entry;",
         "- *grad abs*: largest absolute error over the input gradients, named by the worst input; gradients "
-        "that are sums over rows, batch or vocab are divided by max(1, their largest entry), as the op's tests "
+        "that are sums over rows, batch or vocab are divided by their largest entry, as the op's tests "
         "compare them; *grad rel*: the largest gradient error over that gradient's largest entry;",
         "- *test atol / rtol*: what the op's tests allow for that dtype (`tests/op_testing.py` `TOLERANCES`, or "
         "the op's own table); *used*: the worst element's error over the error allowed there "

@@ -46,3 +46,11 @@ class OpLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+def largest(reference: torch.Tensor) -> float:
+    """What a small summed gradient (a mean-reduced loss's) is compared relative to: its reference's largest entry,
+    1 where that is all zero. The norms' tests divide by max(1, largest) instead: their sums are of order 1 to 50,
+    and a sum that is 0 in exact arithmetic (a row of one feature) is ~1e-17 in float64, which no relative
+    comparison can match; below 1, a floor of 1 would pass gradients of a few hundredths even if they were 0."""
+    return (reference.abs().max().item() or 1.0) if reference.numel() else 1.0

@@ -30,6 +30,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 ENV_PINS = "HETRAIN_BACKEND"
 ENV_PREFER = "HETRAIN_PREFER"
@@ -75,6 +76,12 @@ _config_prefer: tuple[str, ...] | None = None
 _config_strict: bool | None = None
 _local = threading.local()
 _warned: set[tuple[str, str]] = set()
+
+# Exceptions that are another library's control flow through an op, not a backend failing: re-raised as they are.
+# Non-reentrant activation checkpointing stops its recomputation with one once it has every saved tensor back;
+# caught as a failure, the op ran again on a fallback and torch's checkpoint failed with an internal assertion.
+PASS_THROUGH: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if e is not None)
 _entry_points_loaded = False
 _lock = threading.Lock()
 # candidates() per (op, device type, pin, preference), availability included: a call must not pay for the lookup,
@@ -380,6 +387,8 @@ def call(op: str, entry: str, device_type: str, *args: Any, **kwargs: Any) -> An
                 return getattr(backend.impl, entry)(*args, **kwargs)
             with torch.profiler.record_function(f"hetrain::{op}.{entry}[{backend.name}]"):
                 return getattr(backend.impl, entry)(*args, **kwargs)
+        except PASS_THROUGH:
+            raise
         except Exception as exc:
             last = i == len(tried) - 1
             # Inside a CUDA graph capture a failed launch has invalidated the capture: a fallback would run

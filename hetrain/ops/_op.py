@@ -178,6 +178,8 @@ class Op:
                 if with_grad is not None:
                     try:
                         return with_grad(*args)
+                    except plugins.PASS_THROUGH:
+                        raise
                     except Exception:
                         if plugins.raises_without_fallback(self._family):
                             raise

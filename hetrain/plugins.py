@@ -20,11 +20,12 @@ in the ``hetrain.backends`` entry-point group that calls it when loaded.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -207,12 +208,24 @@ def strict() -> bool:
     return os.environ.get(ENV_STRICT, "0").lower() in ("1", "true", "yes")
 
 
+def _check_op_names(pins: Mapping[str, str]) -> None:
+    """Refuses a pin for an op no backend registers: it would never apply, and the call would run unpinned."""
+    known = ops()
+    for name in pins:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise BackendError(f"hetrain: a pin names op {name!r}, which no backend registers{hint}; ops: "
+                               f"{', '.join(known)}")
+
+
 def configure(pins: dict[str, str] | None = None, strict: bool | None = None,
               prefer: list[str] | tuple[str, ...] | None = None) -> None:
     """Sets process-wide pins (replacing earlier ones), strict mode and the preferred backends (an empty list
     falls back to ``HETRAIN_PREFER``); ``None`` leaves a setting as is."""
     global _config_strict, _config_prefer
     if pins is not None:
+        _check_op_names(pins)
         _config_pins.clear()
         _config_pins.update({k: v for k, v in dict(pins).items() if v})
         _forget_resolved()
@@ -227,6 +240,7 @@ def configure(pins: dict[str, str] | None = None, strict: bool | None = None,
 def use_backend(**pins: str) -> Iterator[None]:
     """Pins backends for the calls made inside the block, on this thread, and for their backward wherever autograd
     runs it: ``use_backend(layer_norm="torch")``."""
+    _check_op_names(pins)
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []

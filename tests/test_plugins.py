@@ -230,3 +230,12 @@ def test_triton_entry_points_launch_on_the_gpu_their_tensors_are_on():
     module = types.ModuleType("fake_triton_op")
     module.where = lambda x: torch.cuda.current_device()
     assert OnTheirDevice(module).where(torch.ones(1, device="cuda:1")) == 1 and torch.cuda.current_device() == 0
+
+
+def test_a_pin_for_an_op_no_backend_registers_is_refused_with_the_nearest_name():
+    """``use_backend(conv_bn_relu_pool=...)`` (the function's name, not the op's) pinned nothing, silently."""
+    with pytest.raises(plugins.BackendError, match=r"names op 'conv_bn_relu_pool', .*did you mean 'bn_relu_pool'"):
+        with plugins.use_backend(conv_bn_relu_pool="cpu"):
+            pass
+    with pytest.raises(plugins.BackendError, match="names op 'layernorm'"):
+        plugins.configure(pins={"layernorm": "torch"})

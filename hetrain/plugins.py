@@ -184,7 +184,15 @@ def pinned(op: str) -> str | None:
             return scope[op]
     if op in _config_pins:
         return _config_pins[op]
-    return _parse_pins(os.environ.get(ENV_PINS, "")).get(op)
+    text = os.environ.get(ENV_PINS, "")
+    pins = _parse_pins(text)
+    if text not in _env_pins_checked:  # its op names once per value, not on every call
+        _check_op_names(pins)
+        _env_pins_checked.add(text)
+    return pins.get(op)
+
+
+_env_pins_checked: set[str] = set()
 
 
 def preferred() -> tuple[str, ...]:

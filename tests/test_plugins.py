@@ -62,7 +62,7 @@ def test_a_backend_registered_or_removed_after_calls_serves_the_next_call(op):
 
 
 def test_pin_by_environment(op, monkeypatch):
-    monkeypatch.setenv(plugins.ENV_PINS, f"other=x, {op}=slow")
+    monkeypatch.setenv(plugins.ENV_PINS, f"layer_norm=torch, {op}=slow")
     assert plugins.call(op, "forward", "cpu", 1) == ("slow", 1)
 
 
@@ -232,10 +232,13 @@ def test_triton_entry_points_launch_on_the_gpu_their_tensors_are_on():
     assert OnTheirDevice(module).where(torch.ones(1, device="cuda:1")) == 1 and torch.cuda.current_device() == 0
 
 
-def test_a_pin_for_an_op_no_backend_registers_is_refused_with_the_nearest_name():
+def test_a_pin_for_an_op_no_backend_registers_is_refused_with_the_nearest_name(monkeypatch):
     """``use_backend(conv_bn_relu_pool=...)`` (the function's name, not the op's) pinned nothing, silently."""
     with pytest.raises(plugins.BackendError, match=r"names op 'conv_bn_relu_pool', .*did you mean 'bn_relu_pool'"):
         with plugins.use_backend(conv_bn_relu_pool="cpu"):
             pass
     with pytest.raises(plugins.BackendError, match="names op 'layernorm'"):
         plugins.configure(pins={"layernorm": "torch"})
+    monkeypatch.setenv(plugins.ENV_PINS, "layernorm=torch")
+    with pytest.raises(plugins.BackendError, match="names op 'layernorm'.*did you mean 'layer_norm'"):
+        plugins.pinned("layer_norm")

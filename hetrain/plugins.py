@@ -185,14 +185,15 @@ def pinned(op: str) -> str | None:
     if op in _config_pins:
         return _config_pins[op]
     text = os.environ.get(ENV_PINS, "")
-    pins = _parse_pins(text)
-    if text not in _env_pins_checked:  # its op names once per value, not on every call
+    pins = _env_pins.get(text)
+    if pins is None:  # read and checked once per value, not on every call
+        pins = _parse_pins(text)
         _check_op_names(pins)
-        _env_pins_checked.add(text)
+        _env_pins[text] = pins
     return pins.get(op)
 
 
-_env_pins_checked: set[str] = set()
+_env_pins: dict[str, dict[str, str]] = {}
 
 
 def preferred() -> tuple[str, ...]:
@@ -218,6 +219,8 @@ def strict() -> bool:
 
 def _check_op_names(pins: Mapping[str, str]) -> None:
     """Refuses a pin for an op no backend registers: it would never apply, and the call would run unpinned."""
+    if all(name in _registry for name in pins):  # the usual case, without loading plugins or sorting names
+        return
     known = ops()
     for name in pins:
         if name not in known:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import hetrain
 from benchmarks.bench_train import Shape, build_model, make_batch, measured_on
 from hetrain.callbacks.memory import MemoryProfiler
-from hetrain.device_info import card_slug
+from hetrain.device_info import result_card
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.03
@@ -197,8 +197,7 @@ def main() -> None:
     start = time.perf_counter()
     r = run(args.device, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    card = card_slug(r["device"]) if args.device == "cuda" else "cpu"
-    path = args.out / f"{r['date']}-memory-overhead-{card}.json"
+    path = args.out / f"{r['date']}-memory-overhead-{result_card(args.device)}.json"
     path.write_text(json.dumps(r, indent=2) + "\n")
     print(f"{r['device']}, torch {r['torch']}, shape {r['shape']}, {r['timed_steps']} ordinary steps timed")
     print(f"| profiler | median step ms | vs off | paired vs neighbours |\n|---|---|---|---|\n"

@@ -25,7 +25,7 @@ import hetrain
 from benchmarks.cases import with_cpp_kernels
 from benchmarks.timing import median_ms
 from hetrain import ops
-from hetrain.device_info import card_slug, device_name
+from hetrain.device_info import device_name, result_card
 
 RESULTS = Path(__file__).parent / "results"
 ROWS, HIDDEN, VOCAB = 8, 64, 96
@@ -108,13 +108,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
-    cuda = args.device.startswith("cuda")
     header = {"date": dt.date.today().isoformat(),
               "device": device_name(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "hetrain": hetrain.__version__, "shapes": {"rows": ROWS, "hidden": HIDDEN, "vocab": VOCAB}}
     args.out.mkdir(parents=True, exist_ok=True)
-    card = card_slug(header["device"]) if cuda else "cpu"
-    path = args.out / f"{header['date']}-{card}-overhead.json"
+    path = args.out / f"{header['date']}-{result_card(args.device)}-overhead.json"
 
     def save(result: dict) -> None:
         path.write_text(json.dumps({**header, **result}, indent=2) + "\n")

@@ -40,6 +40,11 @@ def host_description(count: int | None = None, unit: str = "threads") -> str:
     return f"cpu ({cpu_model()}, {torch.get_num_threads() if count is None else count} {unit})"
 
 
+def result_card(device: torch.device | str) -> str:
+    """How a result file names the device a run measured: the GPU's :func:`card_slug`, or ``cpu``."""
+    return card_slug(device_name(device)) if torch.device(device).type == "cuda" else "cpu"
+
+
 def card_slug(name: str) -> str:
     """A device's name as it goes into result file names ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"), so
     runs on two cards the same day are kept apart."""

@@ -29,8 +29,12 @@ def hold_until_copied(sources: Iterable[torch.Tensor], stream: torch.cuda.Stream
         event = torch.cuda.Event()
         event.record(stream)
         _held.append((event, held))
-    while _held and (_held[0][0].query() or len(_held) > MAX_HELD):
-        _held[0][0].synchronize()
+    while _held:
+        event = _held[0][0]
+        if not event.query():
+            if len(_held) <= MAX_HELD:
+                break
+            event.synchronize()  # over the bound: wait for the oldest
         _held.popleft()
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from hetrain.checks.cuda_build import cuda_home_fallback
-from hetrain.device_info import card_slug
+from hetrain.device_info import result_card
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -98,7 +98,7 @@ def this_gpus_arch() -> str | None:
 
 def card() -> str:
     """This machine's GPU as result file names spell it; "cpu" without one."""
-    return card_slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu"
+    return result_card("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def why_skipped(step: Step, only: set[str] | None, skip: set[str]) -> str | None:

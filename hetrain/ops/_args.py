@@ -43,7 +43,7 @@ def vector(op: str, what: str, t: object, x: torch.Tensor, when_missing: str | N
     return t.to(x.dtype) if t.dtype != x.dtype else t
 
 
-def _real(value: object) -> bool:
+def is_number(value: object) -> bool:
     """A plain or NumPy real number; not a bool (True would read as 1), not a tensor (its value needs a sync)."""
     kind = type(value)
     if kind is float or kind is int:  # the usual case first: the ABC check costs 0.3 us a call
@@ -53,7 +53,7 @@ def _real(value: object) -> bool:
 
 def eps_value(op: str, eps: object) -> float:
     """``eps`` as a float: a finite number >= 0. A NaN used to pass a ``< 0`` check and give NaN outputs."""
-    if not _real(eps) or not math.isfinite(eps) or eps < 0:
+    if not is_number(eps) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 
@@ -62,6 +62,6 @@ def probability(op: str, p: object) -> float:
     """A dropout probability as a float in [0, 1]; NumPy numbers are taken, a tensor is refused naming the fix."""
     if isinstance(p, torch.Tensor):
         raise ValueError(f"{op}: p must be a Python number in [0, 1], got a tensor; pass float(p)")
-    if not _real(p) or not 0.0 <= p <= 1.0:  # a NaN fails both comparisons
+    if not is_number(p) or not 0.0 <= p <= 1.0:  # a NaN fails both comparisons
         raise ValueError(f"{op}: p must be a number in [0, 1], got {p!r}")
     return float(p)

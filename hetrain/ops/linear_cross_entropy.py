@@ -47,12 +47,11 @@ and gradients of the whole batch in one ``"mean"`` call.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from hetrain import cpu_features, plugins
-from hetrain.ops import _backends
+from hetrain.ops import _args, _backends
 from hetrain.ops._op import op
 
 OP = "linear_cross_entropy"
@@ -429,7 +428,7 @@ def _check_num_items(name: str, num_items: object) -> None:
         if num_items.device.type == "cpu" and not num_items.item() > 0:
             raise ValueError(f"{name}: num_items must be > 0, got {num_items.item()}")
         return
-    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) or not num_items > 0:
+    if not _args.is_number(num_items) or not num_items > 0:
         raise ValueError(f"{name}: num_items must be a count > 0, got {num_items!r}")
 
 

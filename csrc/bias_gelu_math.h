@@ -54,7 +54,8 @@ HETRAIN_HD acc_t gelu_erf(acc_t z) {
 // d gelu / dz = Phi(z) + z * phi(z).
 template <typename acc_t>
 HETRAIN_HD acc_t gelu_erf_grad(acc_t z) {
-  const acc_t e = exp_of(acc_t(-0.5) * z * z);  // exp(-(z / sqrt 2)^2), shared by erf and the density
+  // exp(-(z / sqrt 2)^2), shared by erf and the density; flushed to 0 far out, where z * e must vanish
+  const acc_t e = exp_flushed(acc_t(-0.5) * z * z);
   const acc_t cdf = acc_t(0.5) * (acc_t(1) + erf_given_exp(z * acc_t(kSqrtHalf), e));
   return cdf + z * acc_t(kInvSqrt2Pi) * e;
 }

@@ -616,7 +616,7 @@ void input_grad_nhwc(const scalar_t* dy, const uint8_t* arg, const scalar_t* x, 
           const acc_t xv = acc_t(xp[c]);
           const acc_t z = rounded<scalar_t>(brp::pre_relu<acc_t>(xv, scale[c], shift[c]));
           const acc_t gv = brp::relu_passes(z) ? gw[c] : acc_t(0);
-          dxp[c] = narrow<scalar_t>(brp::fused_multiply_add<acc_t>(kx[c], xv - mean[c], kg[c] * gv + k0[c]));
+          dxp[c] = narrow<scalar_t>(brp::input_grad<acc_t>({kg[c], k0[c], kx[c]}, gv, xv - mean[c]));
         }
       }
     }

@@ -74,7 +74,7 @@ HETRAIN_HD void moments(acc_t sum, acc_t sum_sq, acc_t pivot, int64_t count, acc
   const acc_t m = sum / acc_t(count);
   const acc_t v = sum_sq / acc_t(count) - m * m;
   *mean = pivot + m;
-  *var = v > acc_t(0) ? v : acc_t(0);
+  *var = v < acc_t(0) ? acc_t(0) : v;  // rounding can make v slightly negative; a NaN stays NaN, as in torch
 }
 
 // running <- (1 - momentum) * running + momentum * batch (torch's update; var is the unbiased one).
@@ -107,9 +107,11 @@ HETRAIN_HD GradCoefs<acc_t> grad_coefs(acc_t w, acc_t invstd, acc_t sum_g, acc_t
   return k;
 }
 
+// Without the k_x term (fixed statistics) an inf or NaN input gets the finite gradient torch gives it, not 0 * inf.
 template <typename acc_t>
 HETRAIN_HD acc_t input_grad(const GradCoefs<acc_t>& k, acc_t g, acc_t x_minus_mean) {
-  return fused_multiply_add(k.k_x, x_minus_mean, k.k_g * g + k.k_0);
+  const acc_t fixed = k.k_g * g + k.k_0;
+  return k.k_x == acc_t(0) ? fixed : fused_multiply_add(k.k_x, x_minus_mean, fixed);
 }
 
 // Pooling geometry along one axis (padding counts as -inf, never chosen). Templated on the index type so

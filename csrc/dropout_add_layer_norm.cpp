@@ -65,7 +65,8 @@ void row_select(T* out, const dropout::Call& d, uint64_t base, int64_t N, T kept
   }
 }
 
-// s[j] = x[j] * m[j] + residual[j] in the accumulator type, m the dropout multiplier (1 without dropout).
+// s[j] = x[j] * m[j] + residual[j] in the accumulator type, m the dropout multiplier (1 without dropout; a
+// dropped x[j] adds exactly 0, see dropout::apply).
 template <typename scalar_t, typename acc_t>
 void pre_norm_row(acc_t* s, acc_t* m, const scalar_t* xr, const scalar_t* rr, const dropout::Call* d, int64_t r,
                   int64_t N) {
@@ -73,7 +74,7 @@ void pre_norm_row(acc_t* s, acc_t* m, const scalar_t* xr, const scalar_t* rr, co
     row_select<acc_t>(m, *d, d->offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(N), N, acc_t(d->scale),
                       acc_t(0));
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) s[j] = acc_t(xr[j]) * m[j] + acc_t(rr[j]);
+    for (int64_t j = 0; j < N; ++j) s[j] = dropout::apply(acc_t(xr[j]), m[j]) + acc_t(rr[j]);
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < N; ++j) s[j] = acc_t(xr[j]) + acc_t(rr[j]);
@@ -142,7 +143,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* res, c
           for (int64_t j = 0; j < N; ++j) {
             const acc_t ds = layer_norm::input_grad<acc_t>(gr[j], xh[j], rs, mg, mgx);
             drr[j] = narrow<scalar_t>(ds);
-            dxr[j] = narrow<scalar_t>(ds * mr[j]);
+            dxr[j] = narrow<scalar_t>(dropout::apply(ds, mr[j]));
           }
         } else {
 #pragma omp simd

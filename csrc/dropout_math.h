@@ -80,6 +80,13 @@ struct Call {
   const int64_t* stream = nullptr;
 };
 
+// x times its dropout multiplier m (the scale, or 0 where dropped), a select rather than a product: a dropped
+// element is exactly 0 even where x is inf or NaN, as the op's reference (torch.where) and Triton kernels give.
+template <typename acc_t>
+HETRAIN_HD acc_t apply(acc_t x, acc_t m) {
+  return m != acc_t(0) ? x * m : acc_t(0);
+}
+
 // The call a kernel runs: seed and offset read from `stream` where the call keeps them in memory.
 HETRAIN_HD Call resolved(Call call) {
   if (call.stream != nullptr) {

@@ -38,4 +38,9 @@ HETRAIN_HD float exp_fast(float x) {
 HETRAIN_HD float exp_of(float x) { return exp_fast(x); }
 HETRAIN_HD double exp_of(double x) { return exp(x); }
 
+// e^x, exactly 0 below e^-87 where exp_fast saturates: for terms that must vanish (a softmax's smallest
+// probabilities, a density far in its tail) rather than stay at float's smallest normal times a large factor.
+HETRAIN_HD float exp_flushed(float x) { return x < -87.0f ? 0.0f : exp_fast(x); }
+HETRAIN_HD double exp_flushed(double x) { return exp(x); }
+
 }  // namespace hetrain

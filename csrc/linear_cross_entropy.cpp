@@ -1,7 +1,8 @@
 // Softmax cross-entropy over a chunk of logits on the CPU, one row per step: the loss of every row and,
 // when a gradient scale is given, d(loss)/d(logits) written over the logits in place. The GEMMs around
 // it (logits = hidden @ W^T, the gradient products) stay with torch's BLAS. Every pass vectorises: the max and
-// sum in lanes (cpu_loops.h), exp as a polynomial for float (softmax_exp; std::exp kept the loop scalar).
+// sum in lanes (cpu_loops.h), exp as a polynomial for float (exp_flushed, so a logit masked with -inf gets
+// exactly 0; std::exp kept the loop scalar).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -52,7 +53,7 @@ void cross_entropy_rows(scalar_t* logits, acc_type<scalar_t>* loss, const int64_
         acc_t* e = kInPlace ? reinterpret_cast<acc_t*>(z) : exps.data();
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < V; ++j) {
-          e[j] = lce::softmax_exp(widen(z[j]) - m);
+          e[j] = exp_flushed(widen(z[j]) - m);
           s += e[j];
         }
         const acc_t inv_s = acc_t(1) / s, sc = scale[r * scale_stride];
@@ -63,7 +64,7 @@ void cross_entropy_rows(scalar_t* logits, acc_type<scalar_t>* loss, const int64_
         z[t] = narrow<scalar_t>(lce::logit_grad<acc_t>(p_target, true, keep, spread, sc));
       } else {
 #pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < V; ++j) s += lce::softmax_exp(widen(z[j]) - m);
+        for (int64_t j = 0; j < V; ++j) s += exp_flushed(widen(z[j]) - m);
       }
       loss[r] = lce::row_loss<acc_t>(m + std::log(s), z_target, z_sum, keep, spread);
     }

@@ -19,11 +19,6 @@ HETRAIN_HD acc_t row_loss(acc_t lse, acc_t z_target, acc_t z_sum, acc_t keep, ac
   return lse - (keep != acc_t(0) ? keep * z_target : acc_t(0)) - (spread != acc_t(0) ? spread * z_sum : acc_t(0));
 }
 
-// e^x of a logit minus its row's largest: 0 below -87, so a logit masked with -inf (or hundreds below the
-// largest) gets a probability and a gradient of exactly 0, not exp_fast's floor of e^-87; else exp_fast.
-HETRAIN_HD float softmax_exp(float x) { return x < -87.0f ? 0.0f : exp_fast(x); }
-HETRAIN_HD double softmax_exp(double x) { return exp(x); }
-
 // d(loss)/d(z_j) * scale = (softmax_j - spread - keep * [j == target]) * scale, from p_j = softmax_j.
 template <typename acc_t>
 HETRAIN_HD acc_t logit_grad(acc_t p, bool is_target, acc_t keep, acc_t spread, acc_t scale) {

@@ -62,6 +62,17 @@ def test_saturated_and_tiny_inputs_stay_finite_and_exact(backend, approximate):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_form_gradient_vanishes_where_the_square_overflows(backend):
+    # Past |z| ~ 1.3e19, z * z overflows float32: the density term z * exp(-z^2 / 2) must be 0 there, not exp's
+    # smallest normal times z (the C++ kernel gave -0.066 at z = -1e37). The tanh form's derivative is NaN there
+    # in every float32 implementation, torch's own included, so only the exact form is held to float64's values.
+    tails = torch.tensor([-1e37, -1e30, -1e20, 1e20, 1e30, 1e37])
+    x = (tails[None, :] + torch.zeros(3, 1)).requires_grad_()
+    b = randn(len(tails), seed=3, scale=1e-3, requires_grad=True)
+    check(backend, x, b, "none", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_input_and_grad(backend):
     x = non_contiguous(randn(5, 40, dtype=torch.float64, seed=4, shift=0.5, requires_grad=True))
     b = randn(40, dtype=torch.float64, seed=5, requires_grad=True)

@@ -147,6 +147,41 @@ def test_relu_pool_and_conv_relu_pool(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inf_and_nan_inputs_give_what_torch_gives(backend, training, channels_last):
+    # Training: a channel with a NaN or an inf has NaN statistics, running ones included (a NaN variance was
+    # clamped to 0). Fixed statistics: an inf input's gradient is finite, as in torch (it was 0 * inf = NaN).
+    x = randn(2, 3, 7, 9, seed=1, shift=0.2)
+    x[0, 0, 1, 1], x[1, 1, 2, 2], x[1, 2, 0, 0] = float("nan"), float("inf"), float("-inf")
+    if training:
+        x[1, 2, 0, 0] = 0.5  # leaves one channel finite, whose numbers must stay right
+    x = layout(x, channels_last)
+    w, b, rm, rv = bn_params(3)
+    dy = randn(2, 3, 3, 4, seed=3)
+    with plugins.use_backend(bn_relu_pool=backend):
+        stats = rm.clone(), rv.clone()
+        y = bn_relu_pool(x, w, b, *stats, training, 0.1, 1e-5, 2)
+        grads = grads_of(y, (x, w, b), dy)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    stats64 = rm.double(), rv.double()
+    y64 = F.max_pool2d(F.relu(F.batch_norm(x64, *stats64, w64, b64, training, 0.1, 1e-5)), 2)
+    grads64 = grads_of(y64, (x64, w64, b64), dy.double())
+    for name, got, want in zip(("y", "dx", "dw", "db", "running_mean", "running_var"), (y, *grads, *stats),
+                               (y64, *grads64, *stats64), strict=True):
+        finite = want.isfinite()  # non-finite where torch's is (inf or NaN alike), the same numbers elsewhere
+        if name in ("dw", "db") and not training:
+            # torch sums dz * xhat over every position, 0 * inf = NaN where the gradient does not reach an inf;
+            # the fused kernel sums over the positions the gradient reaches.
+            finite = finite | got.isfinite()
+            want = torch.where(want.isfinite(), want, got.double())
+        assert torch.equal(got.isfinite(), finite), f"{name}: finite at {got.isfinite()} where torch has {finite}"
+        assert_close(got[finite], want[finite], torch.float32, name)
+    if not training:
+        assert grads[0].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_input_and_batch_of_one(backend):
     wide = randn(1, 4, 9, 22, dtype=torch.float64, seed=2, shift=0.2)
     x = wide[..., ::2].requires_grad_()  # (1, 4, 9, 11), neither NCHW- nor channels_last-contiguous

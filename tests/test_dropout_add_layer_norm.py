@@ -82,6 +82,24 @@ def test_dropout_matches_composition_with_the_shared_mask(backend, dtype, shape,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dropped_inf_or_nan_adds_exactly_zero(backend):
+    # A dropped element contributes 0, as torch.where does in the reference: not inf * 0 = NaN, which made the
+    # whole row (and its gradients) NaN in the C++ and torch backends.
+    p, seed, shape = 0.5, torch.tensor([4321]), (6, 40)
+    x, r, w, b = inputs(shape)
+    keep = keep_mask(seed, *shape, p)
+    with torch.no_grad():
+        x[0, ~keep[0]] = float("inf")
+        x[1, ~keep[1]] = float("-inf")
+        x[2, ~keep[2]] = float("nan")
+    dy = randn(*shape, seed=7)
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        got = with_grads(lambda: fused_op(x, r, w, b, seed, p, 1e-5)[0], (x, r, w, b), dy)
+    assert got[0].isfinite().all() and all(g.isfinite().all() for g in got[1])
+    compare(backend, got, reference(x, r, w, b, keep, p, dy), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 # The last two cross 2^32 inside the call: at the start of row 40, and inside row 39.
 @pytest.mark.parametrize("offset", [0, 5 * 33, 2**32 - 40 * 33, 2**32 - 40 * 33 + 7])
 def test_rows_at_their_offset_draw_the_rows_of_the_whole_call(backend, offset):

@@ -20,6 +20,7 @@ from hetrain.ops.linear_cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_ref,
 )
+from hetrain.ops.triton.linear_cross_entropy import launch_config
 
 BACKENDS = ["triton", "cpu", "torch"]
 IGNORE = -100
@@ -170,6 +171,24 @@ def test_masked_vocabulary_and_underflowing_logits(backend, dtype):
     assert torch.equal(grad_b[masked], torch.zeros_like(grad_b[masked]))
     assert torch.equal(grad_w[masked], torch.zeros_like(grad_w[masked]))
     assert_grads_close(grads, grads_ref, dtype, f"{backend} masked")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_masked_range_filling_the_first_block_of_a_row(backend):
+    """Every logit of the Triton kernel's first block is -inf (a masked range at the start of the vocabulary):
+    its running max stays -inf through that block, which once made exp(-inf - -inf) and the loss NaN."""
+    dtype = torch.float32
+    block = launch_config(10**6, dtype)["BLOCK_V"]
+    H, V = 4, block + 37
+    hidden, weight, b, target = inputs((3,), H, V, dtype, seed=8, ignored=0)
+    with torch.no_grad():
+        b[:block] = float("-inf")
+    target = torch.tensor([block, block + 5, V - 1])
+    loss, grads = run(backend, hidden, weight, b, target)
+    loss_ref, grads_ref = reference(hidden, weight, b, target)
+    assert torch.isfinite(loss) and all(g.isfinite().all() for g in grads)
+    assert_close(loss, loss_ref, dtype, f"{backend} loss")
+    assert_grads_close(grads, grads_ref, dtype, f"{backend} masked first block")
 
 
 def test_chunk_size_respects_the_memory_budget():
@@ -425,6 +444,9 @@ def test_bad_inputs_raise_clear_errors():
         linear_cross_entropy(hidden, weight, target, b, reduction="none", num_items=3)
     with pytest.raises(ValueError, match="less than one row"):
         linear_cross_entropy(hidden, weight, target, b, memory_budget=16)
+    for budget in (float("nan"), float("inf"), "1e6"):  # a NaN passed a "<= 0" check and failed in int()
+        with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
+            linear_cross_entropy(hidden, weight, target, b, memory_budget=budget)
     with pytest.raises(RuntimeError, match=r"target 13 in row 0 is outside \[0, 13\)"):
         torch.ops.hetrain_C.cross_entropy_rows_(randn(1, 13), torch.empty(1), torch.tensor([13]), None, IGNORE, 0.0)
     with pytest.raises(RuntimeError, match="logits must be a floating-point tensor, got Int"):

@@ -76,13 +76,13 @@ struct DropoutAddRows {
     T* dxr;
     T* dresr;
     RowMask<acc_t> mask;
-    __device__ acc_t first(int64_t j, int k) { return acc_t(load(xr + j)) * mask.draw(j, k) + acc_t(load(rr + j)); }
+    __device__ acc_t first(int64_t j, int k) { return dropout::apply(acc_t(load(xr + j)), mask.draw(j, k)) + acc_t(load(rr + j)); }
     __device__ acc_t again(int64_t j, int k) const {
-      return acc_t(load(xr + j)) * mask.again(j, k) + acc_t(load(rr + j));
+      return dropout::apply(acc_t(load(xr + j)), mask.again(j, k)) + acc_t(load(rr + j));
     }
     __device__ void store_grad(int64_t j, int k, acc_t ds) const {
       store(dresr + j, ds);
-      store(dxr + j, ds * mask.again(j, k));
+      store(dxr + j, dropout::apply(ds, mask.again(j, k)));
     }
   };
 
@@ -104,14 +104,14 @@ struct DropoutAddRows {
       for (int e = 0; e < VEC; ++e) mask.draw(v * VEC + e, k * VEC + e);
     }
     __device__ acc_t value(int k, int e) const {
-      return acc_t(widen(xs[k].v[e])) * mask.again(0, k * VEC + e) + acc_t(widen(rs[k].v[e]));
+      return dropout::apply(acc_t(widen(xs[k].v[e])), mask.again(0, k * VEC + e)) + acc_t(widen(rs[k].v[e]));
     }
     __device__ void store_grad(int k, int64_t v, const acc_t (&ds)[VEC]) const {
       Pack<T, VEC> dres, dx;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         dres.v[e] = narrow<T>(ds[e]);
-        dx.v[e] = narrow<T>(ds[e] * mask.again(0, k * VEC + e));
+        dx.v[e] = narrow<T>(dropout::apply(ds[e], mask.again(0, k * VEC + e)));
       }
       store_pack<VEC>(dresr, v, dres);
       store_pack<VEC>(dxr, v, dx);

@@ -88,6 +88,11 @@ def dropout_add_layer_norm_ref(
     return layer_norm_ref(dropped + residual, weight, bias, eps)
 
 
+def _apply(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x times its multiplier m (0 where dropped) as a select: a dropped inf or NaN gives 0, as in the reference."""
+    return torch.where(m != 0, x * m, 0.0)
+
+
 class TorchBackend:
     """The reference written as forward/backward entry points, with the C++ kernel's mask."""
 
@@ -103,7 +108,7 @@ class TorchBackend:
     @staticmethod
     def _pre_norm(x, residual, m):
         stats = _stats_dtype(x.dtype)
-        xs = x.to(stats) if m is None else x.to(stats) * m
+        xs = x.to(stats) if m is None else _apply(x.to(stats), m)
         return xs + residual.to(stats)
 
     @staticmethod
@@ -117,7 +122,7 @@ class TorchBackend:
         m = TorchBackend._multiplier(x, seed, p)
         s = TorchBackend._pre_norm(x, residual, m)
         ds, dw, db = _LayerNormTorch.backward(dy, s, weight, mean, rstd, has_bias)
-        dx = ds.clone() if m is None else ds * m  # a custom op's outputs may not alias each other
+        dx = ds.clone() if m is None else _apply(ds, m)  # a custom op's outputs may not alias each other
         return dx.to(x.dtype), ds.to(x.dtype), dw.to(x.dtype), db.to(x.dtype)
 
 

@@ -412,8 +412,8 @@ def check_loss_settings(name: str, label_smoothing: float, reduction: str, memor
         raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if memory_budget is not None and memory_budget <= 0:
-        raise ValueError(f"{name}: memory_budget must be a positive number of bytes, got {memory_budget}")
+    if memory_budget is not None and not (_args.is_number(memory_budget) and 0 < memory_budget < math.inf):
+        raise ValueError(f"{name}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
 
 
 def _check_num_items(name: str, num_items: object) -> None:

@@ -51,7 +51,9 @@ def _cross_entropy_rows(
         mask = start + cols < V
         z = tl.load(base + start + cols, mask=mask, other=float("-inf")).to(COMPUTE)
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.where(mask, tl.exp(z - m_new), 0.0)
+        # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would make the sum NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.where(mask, tl.exp(z - shift), 0.0)
         m = m_new
         if HAS_SMOOTHING:
             z_sum += tl.where(mask, z, 0.0)

@@ -55,6 +55,23 @@ class NanBackward(nn.Module):
         return _NanBackward.apply(x)
 
 
+class _HugeBackward(torch.autograd.Function):
+    """Identity whose backward scales the gradient by 1e22: every value finite, their 2-norm past float32's range."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e22
+
+
+class HugeBackward(nn.Module):
+    def forward(self, x):
+        return _HugeBackward.apply(x)
+
+
 class Regressor(pl.LightningModule):
     """MSE regression through ``middle``; records the learning rate each step ran with."""
 
@@ -246,6 +263,16 @@ def test_guard_blames_backward_when_the_loss_is_finite(tmp_path):
     # net.3 sits after the NaN in backward order and keeps finite gradients; net.0 is the first that has NaN.
     assert "module 'net.0'" in str(info.value)
     assert _all_finite(model)
+
+
+def test_guard_lets_huge_but_finite_gradients_through(tmp_path):
+    # The first layer's gradients are ~1e21: each finite, their sum of squares not (it was read as non-finite).
+    model = Regressor(HugeBackward())
+    before = [p.detach().clone() for p in model.parameters()]
+    guard = NonFiniteGuard(max_consecutive=1)
+    _fit(model, _loader(1), tmp_path, callbacks=[guard])
+    assert (guard.skipped_steps, guard.nonfinite_steps) == (0, 0)
+    assert not torch.equal(before[0], model.net[0].weight) and _all_finite(model)
 
 
 def test_guard_blames_the_inputs(tmp_path):

@@ -16,7 +16,7 @@ from torch import nn
 
 from hetrain.models.attention import attention
 from hetrain.nn import BiasGELU, Dropout, DropoutAddLayerNorm, Embedding, LayerNorm
-from hetrain.placement.pipeline import gpipe_forward
+from hetrain.placement.pipeline import gpipe_forward, run_in_order
 
 
 class Embeddings(nn.Module):
@@ -184,10 +184,8 @@ class BertClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids and (B, T) bool mask (True on real tokens) -> (B, num_classes) logits."""
+        stages = list(self.stages().items())
         if self.micro_batches > 1 or self.checkpoint_stages:
-            return gpipe_forward(list(self.stages().items()), self.run_stage, (input_ids, attention_mask),
-                                 self.micro_batches, self.checkpoint_stages)
-        x = self.embeddings(input_ids)
-        for block in self.encoder:
-            x = block(x, attention_mask)
-        return self.classifier(x, attention_mask)
+            return gpipe_forward(stages, self.run_stage, (input_ids, attention_mask), self.micro_batches,
+                                 self.checkpoint_stages)
+        return run_in_order(stages, self.run_stage, (input_ids, attention_mask))

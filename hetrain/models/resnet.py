@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hetrain.nn import ConvBNReLUPool2d
-from hetrain.placement.pipeline import gpipe_forward
+from hetrain.placement.pipeline import gpipe_forward, run_in_order
 
 
 def _stem(in_channels: int, width: int, fused: bool) -> nn.Sequential:
@@ -138,10 +138,7 @@ class ResNet(nn.Module):
         With ``micro_batches > 1`` each micro-batch is normalised with its own BatchNorm statistics and
         updates the running ones, as in any pipeline split of a BatchNorm network.
         """
+        stages = list(self.stages().items())
         if self.micro_batches > 1 or self.checkpoint_stages:
-            return gpipe_forward(list(self.stages().items()), self.run_stage, (images,), self.micro_batches,
-                                 self.checkpoint_stages)
-        x = self.stem(self._prepare(images))
-        for name in self.layer_names:
-            x = self.get_submodule(name)(x)
-        return self.head(x)
+            return gpipe_forward(stages, self.run_stage, (images,), self.micro_batches, self.checkpoint_stages)
+        return run_in_order(stages, self.run_stage, (images,))

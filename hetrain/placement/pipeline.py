@@ -2,7 +2,8 @@
 
 A model takes part by exposing ``stages()`` (name -> module, in forward order) and ``run_stage(name, x,
 *inputs)`` (one stage on the previous stage's output ``x`` and the micro-batch's own inputs), and by
-calling :func:`gpipe_forward` from its forward when it is asked for more than one micro-batch.
+calling :func:`gpipe_forward` from its forward when it is asked for more than one micro-batch (and
+:func:`run_in_order` otherwise).
 
 Forward follows the GPipe clock: at tick ``t`` stage ``s`` runs micro-batch ``t - s``. Work is issued
 from one thread; a GPU stage's kernels run asynchronously on its device while the thread goes on to
@@ -118,6 +119,16 @@ class _SkipGuard:
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
+
+
+def run_in_order(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, inputs: Sequence[torch.Tensor]) -> Any:
+    """The stages one after another on the whole batch, each in a named range as :func:`gpipe_forward` runs them,
+    so a trace of an unsplit step shows its stages too (a placement's pre-hooks still copy across devices)."""
+    x = inputs[0]
+    for name, _ in stages:
+        with torch.profiler.record_function(f"hetrain::stage {name}"):
+            x = run_stage(name, x, *inputs)
+    return x
 
 
 def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, inputs: Sequence[torch.Tensor],

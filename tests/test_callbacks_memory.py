@@ -324,7 +324,7 @@ def test_out_of_memory_in_a_step_writes_the_post_mortem_and_reraises(tmp_path):
     assert "Out of memory at step 2" in report
     assert "During: forward" in report
     assert OOM_MESSAGE in report
-    assert "history was not recorded" in report and not (tmp_path / OOM_SNAPSHOT).exists()
+    assert "No allocator snapshot" in report and not (tmp_path / OOM_SNAPSHOT).exists()
     for name in ("net.0", "net.1", "net.2"):
         assert name in report
     assert not (tmp_path / REPORT_MD).exists()  # the fit did not end: no end-of-fit report
@@ -333,6 +333,24 @@ def test_out_of_memory_in_a_step_writes_the_post_mortem_and_reraises(tmp_path):
     # Step 2 was a churn step: its profiler stopped with the fit and the failed step is not counted.
     assert not torch.autograd.profiler._is_profiler_enabled
     assert profiler.churn.steps == [] and profiler.churn_observed == []
+
+
+def test_a_real_cpu_out_of_memory_writes_the_post_mortem_with_the_failed_phase(tmp_path):
+    class Greedy(Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if self.global_step == 1:
+                torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB: torch's CPU allocator raises a RuntimeError
+            return loss
+
+    profiler = MemoryProfiler(module_every_n_steps=1)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        _fit(Greedy(), profiler, tmp_path, batches=3)
+    report = (tmp_path / OOM_MD).read_text()
+    assert "Out of memory at step 1" in report and "During: forward" in report
+    assert "no stage is on a GPU" in report and "record_history" not in report  # no advice that cannot work
+    # The failed phase's peaks so far: a row for the forward on the CPU, not an empty table.
+    assert re.search(r"\| forward \| cpu \| \d+(\.\d+)? \|", report.split("## This step so far")[1])
 
 
 def test_out_of_memory_dump_can_be_turned_off(tmp_path):

@@ -37,6 +37,13 @@ SNAPSHOT = "memory_snapshot.pickle"
 CHURN_FIRST_STEP = 2  # a churn window given as a count starts here: step 0 creates optimizer state, step 1 settles
 
 
+def out_of_memory(exception: BaseException) -> bool:
+    """A GPU's ``torch.OutOfMemoryError`` (hetrain's host allocator raises it too) or the CPU allocator's error,
+    which torch raises as a plain ``RuntimeError``."""
+    return isinstance(exception, torch.OutOfMemoryError) or (
+        isinstance(exception, RuntimeError) and "can't allocate memory" in str(exception))
+
+
 class MemoryProfiler(Callback):
     """Per-device, per-phase and per-module memory of a fit, in a report a person can open.
 
@@ -63,9 +70,10 @@ class MemoryProfiler(Callback):
           temporaries (made and freed inside one module's forward or backward) first. Two torch
           profilers cannot run at once: steps ``StepTrace`` records are skipped, and churn is off under
           Lightning's ``PyTorchProfiler``.
-        - With ``dump_on_oom`` a ``torch.cuda.OutOfMemoryError`` in the fit writes ``oom_report.md``
-          (step, error, per-device peaks, per-module table) and, when history was recorded,
-          ``oom_snapshot.pickle``; Lightning then re-raises the error.
+        - With ``dump_on_oom`` an out-of-memory error in the fit (``torch.OutOfMemoryError`` on a GPU, or the
+          CPU allocator's "can't allocate memory") writes ``oom_report.md`` (step, error, per-device peaks of
+          the step so far, per-module table) and, when GPU history was recorded, ``oom_snapshot.pickle``;
+          Lightning then re-raises the error.
 
     Args:
         dirpath: where reports go; ``None`` means the Trainer's ``default_root_dir``.
@@ -257,7 +265,7 @@ class MemoryProfiler(Callback):
             self.modules.stop()  # no hook may outlive the fit, whatever ended it
         if self.churn is not None and self.churn.active:
             self.churn.stop_step(keep=False)
-        if self.dump_on_oom and isinstance(exception, torch.cuda.OutOfMemoryError) and trainer.is_global_zero:
+        if self.dump_on_oom and out_of_memory(exception) and trainer.is_global_zero:
             self.write_oom_dump(self._dir(trainer), trainer.global_step, exception)
         if self._recording:
             torch.cuda.memory._record_memory_history(enabled=None)
@@ -271,10 +279,14 @@ class MemoryProfiler(Callback):
             with open(directory / OOM_SNAPSHOT, "wb") as f:
                 pickle.dump(torch.cuda.memory._snapshot(), f)
             snapshot = f"Allocator snapshot: {OOM_SNAPSHOT} (open it at https://pytorch.org/memory_viz)."
-        else:
+        elif self._cuda:
             snapshot = ("No allocator snapshot: history was not recorded. Set MemoryProfiler(record_history=True) "
                         "to get one on the next out-of-memory.")
+        else:
+            snapshot = "No allocator snapshot: that is the CUDA allocator's history, and no stage is on a GPU."
         phase = next((p for p in PHASES if self._current and not self._current[p]), "optimizer")
+        if self._current and self.phases is not None:
+            self._close(phase)  # the peaks of the phase that failed, so far
         text = (f"# Out of memory at step {step}\n\nDuring: {phase if self._current else 'outside a step'}\n\n"
                 f"Error: `{str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception)}`"
                 f"\n\n{snapshot}\n\n")

@@ -55,6 +55,24 @@ def test_ctrl_c_ends_the_fit_after_the_step_in_flight_with_a_checkpoint_and_give
     assert again.global_step == 8 and stop.summary == {}
 
 
+def test_ctrl_c_does_not_wait_for_a_validation_before_it_ends(tmp_path):
+    class Validated(Regression):
+        validated = 0
+
+        def validation_step(self, batch, batch_idx):
+            Validated.validated += 1
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(160, 6, generator=g), torch.randn(160, 1, generator=g))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                         callbacks=[GracefulStop(), CtrlCAt([5])])
+    trainer.fit(Validated(), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    # Lightning validates when a fit is told to stop: 40 batches here, which a paused run would wait for.
+    assert trainer.global_step == 6 and Validated.validated == 0
+    assert trainer.limit_val_batches == 1.0  # set back for a later fit
+
+
 def test_with_gradient_accumulation_it_stops_at_the_step_that_applies_the_gradients(tmp_path):
     stop = GracefulStop(filename="paused.ckpt")
     # Batches 0-2 are optimizer step 0, 3-5 step 1: Ctrl-C during step 1's first batch stops after batch 5.

@@ -40,6 +40,7 @@ class GracefulStop(Callback):
           all-reduce, as Lightning's own SIGTERM check does), so none waits in a collective the others left.
         - Only the main thread can take signals: in a fit run from another thread Ctrl-C is left to Python.
         - Ctrl-C before training starts (the sanity check) stops at once, as without this callback.
+        - The validation Lightning runs when a fit is told to stop is skipped: a pause does not wait for it.
         - ``summary`` holds the step, the checkpoint and the signal once the fit was stopped this way.
     """
 
@@ -49,6 +50,7 @@ class GracefulStop(Callback):
         self.summary: dict[str, Any] = {}
         self._previous: Any = None
         self._installed = False
+        self._limit_val_batches: int | float | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -85,6 +87,9 @@ class GracefulStop(Callback):
         path = self._checkpoint_dir(trainer) / self.filename
         trainer.save_checkpoint(path)
         trainer.should_stop = True
+        # Lightning validates once more when should_stop is set (for early stopping); a paused run should not wait
+        # for a whole validation. Set back when the fit ends, for a later fit of this Trainer.
+        self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
         name = "SIGINT" if self.requested else "SIGTERM"
         self.summary = {"at_step": trainer.global_step, "checkpoint": str(path), "signal": name}
         if trainer.is_global_zero:
@@ -103,10 +108,16 @@ class GracefulStop(Callback):
             signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
             self._installed = False
 
+    def _restore_validation(self, trainer: pl.Trainer) -> None:
+        if self._limit_val_batches is not None:
+            trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
+
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
+        self._restore_validation(trainer)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
+        self._restore_validation(trainer)

@@ -23,9 +23,9 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from hetrain import cpu_memory, plugins
-from hetrain.callbacks.placement import resolve_plan
 from hetrain.callbacks.precision import trainer_precision
 from hetrain.callbacks.profiling import StepTrace
+from hetrain.placement import resolve_plan
 from hetrain.placement.plan import parse_device
 from hetrain.regional_compile import compile_counts, compile_stages
 from hetrain.report import SUMMARY_MD, RunRecorder, error_headline, write_run_summary

@@ -13,13 +13,11 @@ import torch
 from torch import nn
 
 from hetrain.placement import (
-    Change,
     CostModel,
     PlacementPlan,
     chain_dp,
     chain_dp_bytes,
     chain_time,
-    describe_changes,
     heft,
     heft_bytes,
     measure,
@@ -517,23 +515,6 @@ def test_plan_apply_names_a_missing_path():
     with pytest.raises(ValueError, match="'encoder.7' names no submodule of Net"):
         PlacementPlan({"embeddings": "meta", "encoder.7": "meta"}).apply(model)
     assert model.embeddings.weight.device.type == "cpu"  # nothing moved before the error
-
-
-def test_plan_resolve_maps_absent_devices_to_the_fallback():
-    plan = PlacementPlan({"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:1"}, "heft", 1.0)
-    resolved, changes = plan.resolve(["cpu", "cuda:0"])
-    assert changes == [Change("classifier", "cuda:1", "cpu")]
-    assert resolved.devices == {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cpu"}
-    assert resolved.method == "heft" and plan.devices["classifier"] == "cuda:1"  # the original is unchanged
-
-    _, changes = plan.resolve(["cpu"])
-    assert describe_changes(changes) == "placement: cuda:0 absent; encoder -> cpu; cuda:1 absent; classifier -> cpu"
-    _, changes = PlacementPlan({"encoder": "cuda", "head": "cpu:0"}).resolve(["cpu", "cuda:0"])
-    assert changes == []
-
-    _, here = plan.resolve()
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    assert [c.path for c in here] == ["encoder", "classifier"][min(gpus, 2) :]
 
 
 def test_plan_from_solver_output_and_bad_input():

@@ -5,7 +5,7 @@ from hetrain.callbacks.churn import ChurnTracker
 from hetrain.callbacks.graceful_stop import GracefulStop
 from hetrain.callbacks.memory import MemoryProfiler
 from hetrain.callbacks.pipeline import PipelineSplit
-from hetrain.callbacks.placement import StagePlacement, device_present, resolve_plan
+from hetrain.callbacks.placement import StagePlacement
 from hetrain.callbacks.precision import (
     DeviceMixedPrecision,
     NonFiniteError,
@@ -30,7 +30,5 @@ __all__ = [
     "StepTrace",
     "Throughput",
     "choose_precision",
-    "device_present",
-    "resolve_plan",
     "trainer_precision",
 ]

@@ -29,61 +29,9 @@ from typing_extensions import override
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
 from hetrain.placement.chain import OBJECTIVES
 from hetrain.placement.pipeline import shared_across_devices, stage_device, to_device
-from hetrain.placement.plan import parse_device
+from hetrain.placement.plan import parse_device, resolve_plan
 
 log = logging.getLogger(__name__)
-
-
-def device_present(device: torch.device) -> bool:
-    """Whether this process can allocate on ``device`` (``cuda:1`` on a one-GPU machine cannot)."""
-    if device.type == "cpu":
-        return True
-    backend = getattr(torch, device.type, None)
-    if backend is None or not backend.is_available():
-        return False
-    return device.index is None or device.index < backend.device_count()
-
-
-def _indexed(device: torch.device) -> torch.device:
-    """``cuda`` as the GPU it means here (this process's current one), so a plan that writes ``cuda`` for one stage
-    and ``cuda:0`` for the next puts both on one device, as torch would run them."""
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def resolve_plan(
-    plan: Mapping[str, str], stages: list[str], fallback: str = "cpu"
-) -> tuple[dict[str, torch.device], str | None]:
-    """Maps each stage the plan covers to a present device.
-
-    Returns the devices and, when some planned device is absent, one line saying what moved to
-    ``fallback`` instead. Raises if a path names no stage, or lies inside one (a stage is the unit).
-    """
-    for path in plan:
-        if not any(s == path or s.startswith(path + ".") for s in stages):
-            inside = next((s for s in stages if path.startswith(s + ".")), None)
-            where = f"it lies inside stage {inside!r}" if inside else "no stage has that path"
-            raise ValueError(
-                f"hetrain: placement entry {path!r} names no stage ({where}); stages: {', '.join(stages)}"
-            )
-    planned = {path: _indexed(parse_device(name, f"placement of {path!r}")) for path, name in plan.items()}
-    fallback_device = parse_device(fallback, "placement fallback")
-    devices: dict[str, torch.device] = {}
-    for stage in stages:
-        covering = [p for p in plan if stage == p or stage.startswith(p + ".")]
-        if covering:
-            devices[stage] = planned[max(covering, key=len)]
-    missing: dict[str, list[str]] = {}
-    for path, name in plan.items():
-        if not device_present(planned[path]):
-            missing.setdefault(name, []).append(path)
-    for stage, device in devices.items():
-        if not device_present(device):
-            devices[stage] = fallback_device
-    note = "; ".join(f"{name} not present; {', '.join(paths)} -> {fallback}"
-                     for name, paths in missing.items())
-    return devices, f"placement: {note}" if note else None
 
 
 # The placement hook each stage has now, whichever StagePlacement made it: a stage keeps one, the latest

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 from typing_extensions import override
 
 from hetrain import cpu_features
-from hetrain.callbacks.placement import device_present
+from hetrain.placement.plan import device_present
 
 log = logging.getLogger(__name__)
 

@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import yaml
 from torch import nn
 
 METHODS = ("explicit", "heft", "chain-dp")
-
-
-class Change(NamedTuple):
-    """One path whose planned device is absent here, and the device it gets instead."""
-
-    path: str
-    planned: str
-    actual: str
 
 
 def available_devices() -> list[str]:
@@ -54,14 +45,6 @@ def parse_device(name: object, what: str) -> torch.device:
         except RuntimeError:
             pass
     raise ValueError(f"hetrain: {what} names device {name!r}, unknown to torch; write cpu, cuda or cuda:<index>")
-
-
-def describe_changes(changes: Sequence[Change]) -> str:
-    """One log line for :meth:`PlacementPlan.resolve`'s changes, e.g. ``placement: cuda:0 absent; encoder -> cpu``."""
-    moved: dict[tuple[str, str], list[str]] = {}
-    for c in changes:
-        moved.setdefault((c.planned, c.actual), []).append(c.path)
-    return "placement: " + "; ".join(f"{p} absent; {', '.join(paths)} -> {a}" for (p, a), paths in moved.items())
 
 
 @dataclass
@@ -114,18 +97,6 @@ class PlacementPlan:
             model.get_submodule(path).to(self.devices[path])
         return model
 
-    def resolve(
-        self, available: Sequence[str] | None = None, fallback: str = "cpu"
-    ) -> tuple[PlacementPlan, list[Change]]:
-        """The plan with every device absent from ``available`` (default: this machine's) replaced by ``fallback``.
-
-        Returns the new plan and the changes made; :func:`describe_changes` turns them into one log line.
-        """
-        present = {_normalise(d) for d in (available_devices() if available is None else available)}
-        changes = [Change(p, d, fallback) for p, d in self.devices.items() if _normalise(d) not in present]
-        moved = {c.path: c.actual for c in changes}
-        return replace(self, devices={p: moved.get(p, d) for p, d in self.devices.items()}), changes
-
     def to_dict(self) -> dict:
         return {"plan": dict(self.devices), "method": self.method, "predicted_step_time": self.predicted_step_time}
 
@@ -161,9 +132,53 @@ class PlacementPlan:
         return cls.from_dict(data)
 
 
-def _normalise(device: str) -> torch.device:
-    # "cpu" and "cpu:0" are the same device; "cuda" (the current GPU) is present exactly when cuda:0 is.
-    d = torch.device(device)
-    if d.type == "cpu":
-        return torch.device("cpu")
-    return torch.device(d.type, 0) if d.index is None else d
+def device_present(device: torch.device) -> bool:
+    """Whether this process can allocate on ``device`` (``cuda:1`` on a one-GPU machine cannot)."""
+    if device.type == "cpu":
+        return True
+    backend = getattr(torch, device.type, None)
+    if backend is None or not backend.is_available():
+        return False
+    return device.index is None or device.index < backend.device_count()
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as the GPU it means here (this process's current one), so a plan that writes ``cuda`` for one stage
+    and ``cuda:0`` for the next puts both on one device, as torch would run them."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_plan(
+    plan: Mapping[str, str], stages: list[str], fallback: str = "cpu"
+) -> tuple[dict[str, torch.device], str | None]:
+    """Maps each stage the plan covers to a present device.
+
+    Returns the devices and, when some planned device is absent, one line saying what moved to
+    ``fallback`` instead. Raises if a path names no stage, or lies inside one (a stage is the unit).
+    """
+    for path in plan:
+        if not any(s == path or s.startswith(path + ".") for s in stages):
+            inside = next((s for s in stages if path.startswith(s + ".")), None)
+            where = f"it lies inside stage {inside!r}" if inside else "no stage has that path"
+            raise ValueError(
+                f"hetrain: placement entry {path!r} names no stage ({where}); stages: {', '.join(stages)}"
+            )
+    planned = {path: _indexed(parse_device(name, f"placement of {path!r}")) for path, name in plan.items()}
+    fallback_device = parse_device(fallback, "placement fallback")
+    devices: dict[str, torch.device] = {}
+    for stage in stages:
+        covering = [p for p in plan if stage == p or stage.startswith(p + ".")]
+        if covering:
+            devices[stage] = planned[max(covering, key=len)]
+    missing: dict[str, list[str]] = {}
+    for path, name in plan.items():
+        if not device_present(planned[path]):
+            missing.setdefault(name, []).append(path)
+    for stage, device in devices.items():
+        if not device_present(device):
+            devices[stage] = fallback_device
+    note = "; ".join(f"{name} not present; {', '.join(paths)} -> {fallback}"
+                     for name, paths in missing.items())
+    return devices, f"placement: {note}" if note else None

@@ -38,6 +38,11 @@ from hetrain import plugins
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the ops accumulate and keep statistics in: float64 for float64 inputs, float32 for every other dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def row_count(x: torch.Tensor) -> int:
     """Rows of ``as_rows(x)``: one per-row statistic each. Counted, not inferred: ``reshape(-1, 0)`` fails for a
     hidden size of 0."""

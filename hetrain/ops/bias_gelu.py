@@ -12,14 +12,10 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import as_rows, op
+from hetrain.ops._op import as_rows, compute_dtype, op
 
 OP = "bias_gelu"
 APPROXIMATIONS = ("none", "tanh")
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- reference ---------------------------------------------------------------------------------
@@ -34,12 +30,12 @@ class TorchBackend:
 
     @staticmethod
     def forward(x, bias, approximate):
-        z = x.to(_stats_dtype(x.dtype)) + bias.to(_stats_dtype(x.dtype))
+        z = x.to(compute_dtype(x.dtype)) + bias.to(compute_dtype(x.dtype))
         return torch.nn.functional.gelu(z, approximate=approximate).to(x.dtype)
 
     @staticmethod
     def backward(dy, x, bias, approximate):
-        stats = _stats_dtype(x.dtype)
+        stats = compute_dtype(x.dtype)
         z = x.to(stats) + bias.to(stats)
         dz = torch.ops.aten.gelu_backward(dy.to(stats), z, approximate=approximate)
         return dz.to(x.dtype), dz.sum(0).to(x.dtype)

@@ -30,14 +30,10 @@ import torch.nn.functional as F
 
 from hetrain import plugins
 from hetrain.ops import _backends
-from hetrain.ops._op import op
+from hetrain.ops._op import compute_dtype, op
 
 OP = "bn_relu_pool"
 MAX_WINDOW = 256  # positions in a pooling window: the argmax is stored as uint8
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pair(name: str, what: str, v: int | tuple[int, ...] | list[int]) -> list[int]:
@@ -86,7 +82,7 @@ class TorchBackend:
 
     @staticmethod
     def stats(x, running_mean, running_var, momentum, eps):
-        stats = _stats_dtype(x.dtype)
+        stats = compute_dtype(x.dtype)
         n = x.shape[0] * x.shape[2] * x.shape[3]
         if n == 0:  # empty batch: running statistics left alone, as torch does
             c = x.shape[1]
@@ -101,7 +97,7 @@ class TorchBackend:
     @staticmethod
     def _pre_relu(x, mean, invstd, weight, bias):
         """z as the kernels compute it (one fma per element), rounded to x's dtype."""
-        stats = _stats_dtype(x.dtype)
+        stats = compute_dtype(x.dtype)
         if mean is None:
             return x
         scale = invstd * (weight if weight is not None else 1.0)
@@ -121,7 +117,7 @@ class TorchBackend:
 
     @staticmethod
     def backward(dy, argmax, x, mean, invstd, weight, bias, batch_stats, kernel, stride, padding):
-        stats = _stats_dtype(x.dtype)
+        stats = compute_dtype(x.dtype)
         fmt = _layout(x)
         n, c, h, w = x.shape
         a = argmax.long()
@@ -189,7 +185,7 @@ def _bn_stats(
 
 @_bn_stats.register_fake
 def _(x, running_mean, running_var, momentum, eps):
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     return x.new_empty(x.shape[1], dtype=stats), x.new_empty(x.shape[1], dtype=stats)
 
 
@@ -226,7 +222,7 @@ def _bn_relu_pool_bwd(
 
 @_bn_relu_pool_bwd.register_fake
 def _(dy, argmax, x, mean, invstd, weight, bias, batch_stats, kernel, stride, padding):
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     c = x.shape[1]
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x)),
             x.new_empty(c if weight is not None else 0, dtype=stats), x.new_empty(c if bias is not None else 0,
@@ -307,7 +303,7 @@ def bn_relu_pool(
     name = "hetrain.ops.bn_relu_pool"
     _check_x(name, x)
     kernel, stride, padding = _pool_args(name, x, kernel_size, stride, padding)
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     weight = _channel_vector(name, "weight", weight, x, stats)
     bias = _channel_vector(name, "bias", bias, x, stats)
     if (running_mean is None) != (running_var is None):
@@ -335,7 +331,7 @@ def bn_relu_pool(
 
 def _batch_stats(x, running_mean, running_var, momentum, eps):
     """The batch statistics (no gradient: the epilogue's backward covers them), updating the running ones."""
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     if running_mean is None:
         return _bn_stats(x.detach(), None, None, momentum, eps)
     # The kernels update float32 (float64) buffers in place; others go through a copy.

@@ -25,19 +25,11 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import op
+from hetrain.ops._op import compute_dtype, op
 from hetrain.ops.dropout_add_layer_norm import keep_mask as _keep_mask_2d
-from hetrain.ops.rng import HOST_SEEDED, dropout_stream, refuse_host_seed_in_capture, stream
+from hetrain.ops.rng import HOST_SEEDED, dropout_stream, keep_scale, refuse_host_seed_in_capture, stream
 
 OP = "dropout"
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _scale(p: float) -> float:
-    return 1.0 / (1.0 - p) if p < 1 else 0.0
 
 
 def keep_mask(seed: int, shape: torch.Size | tuple[int, ...], p: float,
@@ -50,7 +42,7 @@ def keep_mask(seed: int, shape: torch.Size | tuple[int, ...], p: float,
 
 def dropout_ref(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     """What the op computes given its kept positions ``keep``; the tests' oracle."""
-    return torch.where(keep, x * _scale(p), torch.zeros_like(x))
+    return torch.where(keep, x * keep_scale(p), torch.zeros_like(x))
 
 
 class TorchBackend:
@@ -60,7 +52,7 @@ class TorchBackend:
     def forward(x, seed, p):
         s, offset = stream(seed)
         keep = keep_mask(s, x.shape, p, x.device, offset)
-        return dropout_ref(x.to(_stats_dtype(x.dtype)), keep, p).to(x.dtype).contiguous()
+        return dropout_ref(x.to(compute_dtype(x.dtype)), keep, p).to(x.dtype).contiguous()
 
     backward = forward  # dropout is diagonal: dx = dy / (1 - p) where kept, with the same seed
 

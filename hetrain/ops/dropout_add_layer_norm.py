@@ -29,21 +29,13 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import as_rows, op, row_count
+from hetrain.ops._op import as_rows, compute_dtype, op, row_count
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
-from hetrain.ops.rng import HOST_SEEDED, dropout_stream, refuse_host_seed_in_capture, stream
+from hetrain.ops.rng import HOST_SEEDED, dropout_stream, keep_scale, refuse_host_seed_in_capture, stream
 
 OP = "dropout_add_layer_norm"
 _M32 = 0xFFFFFFFF
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _scale(p: float) -> float:
-    return 1.0 / (1.0 - p) if p < 1 else 0.0
 
 
 # --- the counter-based mask of every backend (csrc/dropout_math.h) ----------------------------
@@ -84,7 +76,7 @@ def dropout_add_layer_norm_ref(
     keep: torch.Tensor | None, p: float, eps: float = 1e-5,
 ) -> torch.Tensor:
     """What the op computes given its kept positions ``keep`` (``None``: no dropout); the tests' oracle."""
-    dropped = x if keep is None else torch.where(keep, x * _scale(p), torch.zeros_like(x))
+    dropped = x if keep is None else torch.where(keep, x * keep_scale(p), torch.zeros_like(x))
     return layer_norm_ref(dropped + residual, weight, bias, eps)
 
 
@@ -103,11 +95,11 @@ class TorchBackend:
             return None
         s, offset = stream(seed)
         keep = keep_mask(s, x.shape[0], x.shape[1], p, x.device, offset)
-        return keep.to(_stats_dtype(x.dtype)) * _scale(p)
+        return keep.to(compute_dtype(x.dtype)) * keep_scale(p)
 
     @staticmethod
     def _pre_norm(x, residual, m):
-        stats = _stats_dtype(x.dtype)
+        stats = compute_dtype(x.dtype)
         xs = x.to(stats) if m is None else _apply(x.to(stats), m)
         return xs + residual.to(stats)
 
@@ -173,7 +165,7 @@ def _dropout_add_layer_norm_fwd(
 def _(x, residual, weight, bias, seed, p, eps):
     torch._check(residual.shape == x.shape, lambda: f"hetrain.dropout_add_layer_norm: residual {residual.shape} "
                  f"vs x {x.shape}")
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(row_count(x), dtype=stats), x.new_empty(row_count(x), dtype=stats)
 
 

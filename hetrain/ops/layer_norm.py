@@ -13,7 +13,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import as_rows, op, row_count
+from hetrain.ops._op import as_rows, compute_dtype, op, row_count
 
 OP = "layer_norm"
 
@@ -32,7 +32,7 @@ class TorchBackend:
 
     @staticmethod
     def forward(x, weight, bias, eps):
-        stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stats = compute_dtype(x.dtype)
         xf = x.to(stats)
         var, mean = torch.var_mean(xf, dim=-1, correction=0)
         rstd = torch.rsqrt(var + eps)
@@ -93,7 +93,7 @@ def _layer_norm_fwd(
 
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
-    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = compute_dtype(x.dtype)
     # Backends return contiguous outputs whatever the input's strides.
     return x.new_empty(x.shape), x.new_empty(row_count(x), dtype=stats), x.new_empty(row_count(x), dtype=stats)
 

@@ -52,16 +52,11 @@ import torch
 
 from hetrain import cpu_features, plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import op
+from hetrain.ops._op import compute_dtype, op
 
 OP = "linear_cross_entropy"
 DEFAULT_MEMORY_BUDGET = 96 * 2**20
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The logits' dtype: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def bytes_per_row(vocab: int, hidden: int, dtype: torch.dtype, half_logits: bool = False) -> int:

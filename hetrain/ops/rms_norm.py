@@ -12,18 +12,14 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import as_rows, op, row_count
+from hetrain.ops._op import as_rows, compute_dtype, op, row_count
 
 OP = "rms_norm"
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def default_eps(dtype: torch.dtype) -> float:
     """torch's ``eps=None``: the machine epsilon of the accumulation type (float32's for half types)."""
-    return torch.finfo(_stats_dtype(dtype)).eps
+    return torch.finfo(compute_dtype(dtype)).eps
 
 
 # --- reference ---------------------------------------------------------------------------------
@@ -38,7 +34,7 @@ class TorchBackend:
 
     @staticmethod
     def forward(x, weight, eps):
-        xf = x.to(_stats_dtype(x.dtype)).contiguous()
+        xf = x.to(compute_dtype(x.dtype)).contiguous()
         rstd = torch.rsqrt(xf.square().mean(-1) + eps)
         y = xf * rstd[:, None]
         if weight is not None:
@@ -92,7 +88,7 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> t
 @_rms_norm_fwd.register_fake
 def _(x, weight, eps):
     # Every backend returns contiguous outputs, whatever the input's strides.
-    return x.new_empty(x.shape), x.new_empty(row_count(x), dtype=_stats_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(row_count(x), dtype=compute_dtype(x.dtype))
 
 
 @op("hetrain::rms_norm_bwd")

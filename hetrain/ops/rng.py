@@ -24,6 +24,11 @@ import torch
 
 _active = threading.local()
 
+
+def keep_scale(p: float) -> float:
+    """What a kept element is multiplied by, 1 / (1 - p); 0 at p = 1, where every element is dropped."""
+    return 1.0 / (1.0 - p) if p < 1 else 0.0
+
 # The custom-op tag of ops whose kernels take a seed read on the host: a CUDA graph would keep the value read at
 # capture, so every replay would repeat one dropout mask. Inductor's CUDA graphs (torch.compile(mode=
 # "reduce-overhead")) run ops with this tag outside the graphs, eagerly, each call with its own seed. (Older torch

@@ -1,4 +1,4 @@
-"""What the row-wise Triton kernels share: accumulation dtype, one-row-per-program configs, program counts."""
+"""What the row-wise Triton kernels share: the accumulation type, one-row-per-program configs, program counts."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and accumulation type: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from hetrain.ops._op import compute_dtype
 
 
 def tl_compute(dtype: torch.dtype):

@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from hetrain.ops._op import compute_dtype
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
-from hetrain.ops.triton._rows import compute_dtype, multiprocessors, tl_compute
+from hetrain.ops.triton._rows import multiprocessors, tl_compute
 
 SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)

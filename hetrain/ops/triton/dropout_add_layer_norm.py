@@ -14,10 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+from hetrain.ops._op import compute_dtype
+from hetrain.ops.rng import keep_scale
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
 from hetrain.ops.triton._rows import (
     backward_programs,
-    compute_dtype,
     dense,
     partial_rows,
     row_config,
@@ -145,10 +146,6 @@ def launch_config(N: int, dtype: torch.dtype) -> dict:
     return row_config("dropout_add_layer_norm", N, dtype, MAX_FUSED_BYTES)
 
 
-def _scale(p: float) -> float:
-    return 1.0 / (1.0 - p) if p < 1 else 0.0
-
-
 def forward(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     seed: torch.Tensor, p: float, eps: float, *, stream_in_memory: bool | None = None,
@@ -170,7 +167,7 @@ def forward(
     _dropout_add_layer_norm_fwd[(M,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
         stride_x=x.stride(0), stride_r=residual.stride(0), N=N, **stream_args(seed, p, x.device, stream_in_memory),
-        scale=_scale(p), eps=eps, HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        scale=keep_scale(p), eps=eps, HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
     return y, mean, rstd
@@ -199,7 +196,7 @@ def backward(
             dy, x, residual, weight if weight is not None else x, mean, rstd, dx, dres, dw_part, db_part,
             stride_dy=dy.stride(0), stride_x=x.stride(0), stride_r=residual.stride(0), M=M, N=N,
             rows_per_program=triton.cdiv(M, programs), **stream_args(seed, p, x.device, stream_in_memory),
-            scale=_scale(p), HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
+            scale=keep_scale(p), HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
             COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
     sums = sum_partials(parts, x.dtype)

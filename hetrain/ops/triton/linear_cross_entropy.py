@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from hetrain.ops._op import compute_dtype
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
-from hetrain.ops.triton._rows import compute_dtype, tl_compute
+from hetrain.ops.triton._rows import tl_compute
 
 # Largest block one program holds in registers: 4096 float32 (2048 float64) values, 16 per thread at 8 warps.
 MAX_BLOCK_BYTES = 16384

@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from hetrain.ops._op import compute_dtype
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec, config_widths
 from hetrain.ops.triton._rows import (
     backward_programs,
-    compute_dtype,
     dense,
     partial_rows,
     row_config,

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from hetrain.ops._op import compute_dtype
 from hetrain.ops.triton._aot import AotSpec, BenchShapes, aot_spec
-from hetrain.ops.triton._rows import compute_dtype, tl_compute
+from hetrain.ops.triton._rows import tl_compute
 
 BLOCK_H = 256  # columns per program: BERT-base's 768 in three programs per row
 

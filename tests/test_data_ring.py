@@ -223,6 +223,30 @@ def test_a_stalled_producer_is_named_instead_of_hanging():
         next(iter(loader))
 
 
+def test_a_stall_is_reported_after_stall_timeout_not_twice_it_and_held_batches_stay_intact():
+    # Closing used to wait stall_timeout again for the stuck thread before raising: 2x in all.
+    stall = 2.0
+    ds = Flaky(40, slow=17, sleep=2.5 * stall)  # still stuck when that second wait would have ended
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(40)], 5, shuffle=False)
+    loader = RingLoader(ds, sampler, collate=PadInto(5, 5), num_slots=4, num_workers=2, stall_timeout=stall)
+    held: list[tuple[dict, dict]] = []  # the last two batches, alive, with copies of what they held
+    t0 = time.monotonic()
+    with (
+        pytest.raises(LoaderError, match=r"made no progress .* sample 17"),
+        pytest.warns(RuntimeWarning, match=r"still reading \(producer \d at sample 17\)"),
+    ):
+        for batch in loader:
+            held = [*held[-1:], (batch, {k: v.clone() for k, v in batch.items()})]
+    elapsed = time.monotonic() - t0
+    assert stall <= elapsed < 1.8 * stall, f"the stall was reported after {elapsed:.2f} s (stall_timeout={stall} s)"
+    for t in threading.enumerate():  # the stuck thread finishes its sample and leaves
+        if t.name.startswith("hetrain-ring-producer"):
+            t.join(timeout=30)
+    assert len(held) == 2 and held[-1][1]["labels"].tolist() == [12]  # batch 8, just before the stuck one
+    for batch, copy in held:  # its late collate went into its own slot, not one handed out
+        assert_batches_equal(batch, copy)
+
+
 def test_holding_every_slot_is_reported():
     ds = Flaky(20)
     sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(20)], 5, shuffle=False)

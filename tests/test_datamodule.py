@@ -1,5 +1,7 @@
 """Text DataModules: ring-loaded synthetic sequences, token-file windows of long documents, the longseq recipe."""
 
+import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -11,8 +13,10 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from hetrain.data import build_tokens
 from hetrain.data.datamodule import SyntheticDataModule, TokenDataModule, write_synthetic_corpus
 from hetrain.data.synthetic import pad_collate
 from hetrain.data.tokens import TokenFile
@@ -76,6 +80,18 @@ def test_synthetic_validation_is_in_order_and_torch_loader_matches():
     ring.teardown("fit")
 
 
+@pytest.mark.parametrize("name", ["images", "synthetic", "tokens"])
+def test_a_data_config_holds_its_modules_defaults(name):
+    # Else a recipe and the same module built in Python make different data (images.yaml had noise 1.0, the code 0.5).
+    config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "data" / f"{name}.yaml"), resolve=False)
+    module, _, cls = config.pop("_target_").rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+    assert set(config) == set(params)
+    differ = {key: (value, params[key].default) for key, value in config.items()
+              if not str(value).startswith("${") and value != params[key].default}
+    assert differ == {}, f"configs/data/{name}.yaml (value, default)"
+
+
 def test_token_windows_cover_documents_and_carry_their_label(tmp_path):
     dm = TokenDataModule(data_dir=str(tmp_path), train_size=30, val_size=6, min_doc_len=20, max_doc_len=300,
                          max_len=64, stride=48, max_tokens=256, seed=5)
@@ -116,9 +132,39 @@ def test_token_module_reads_jsonl_and_its_own_token_dir(tmp_path):
     reread.setup("fit")
     assert np.array_equal(reread.labels["val"], built.labels["val"])
     (tmp_path / "tok" / "val.labels.npy").unlink()
-    with pytest.raises(FileNotFoundError, match="val.labels.npy is missing"):
+    with pytest.raises(FileNotFoundError, match="is missing val.labels.npy"):
         TokenDataModule(path=str(tmp_path / "tok"), vocab_size=259, num_classes=2).setup("fit")
     built.teardown("fit")
+
+
+def test_a_directory_of_build_tokens_output_says_what_it_lacks_and_both_ways_to_write_it_work(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "ab" * (9 + i), "label": i % 2}) + "\n" for i in range(10)))
+    tok = tmp_path / "tok"
+    build_tokens.main([str(corpus), "--out", str(tok / "corpus")])  # one unlabelled token file
+    small = {"vocab_size": 259, "num_classes": 2, "max_len": 32, "stride": 32, "max_tokens": 128}
+    with pytest.raises(FileNotFoundError) as err:
+        TokenDataModule(path=str(tok), **small).setup("fit")
+    message = str(err.value)
+    assert f"data.path {tok} is missing train.bin, train.idx, train.labels.npy, val.bin, val.idx, val.labels.npy " \
+           "(token files there: corpus.bin, corpus.idx)" in message
+    # What the message says to do works. First: the jsonl written into that directory, then reused.
+    assert f"data.path=<corpus.jsonl> data.vocab_size=259 data.data_dir={tok}, then data.path={tok}" in message
+    TokenDataModule(path=str(corpus), data_dir=str(tok), val_fraction=0.2, **small).setup("fit")
+    reused = TokenDataModule(path=str(tok), **small)
+    reused.setup("fit")
+    assert len(reused.labels["train"]) > 0 and len(reused.labels["val"]) > 0
+    # Second: each split built by build_tokens, its labels saved next to it.
+    assert f"--out {tok}/train, then --out {tok}/val" in message and "numpy.save(" in message
+    own = tmp_path / "own"
+    for split, picked in (("train", range(8)), ("val", range(8, 10))):
+        lines = corpus.read_text().splitlines()
+        (tmp_path / f"{split}.jsonl").write_text("".join(lines[i] + "\n" for i in picked))
+        build_tokens.main([str(tmp_path / f"{split}.jsonl"), "--out", str(own / split)])
+        np.save(own / f"{split}.labels.npy", np.array([i % 2 for i in picked]))
+    built = TokenDataModule(path=str(own), **small)
+    built.setup("fit")
+    assert built.labels["val"].tolist() == [0] * 2 + [1] * 2  # documents 8 and 9, two windows each
 
 
 @pytest.mark.parametrize("record", [{"text": "ab"}, {"text": "ab", "label": "two"}, {"text": "ab", "label": 1.5}])

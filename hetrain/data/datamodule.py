@@ -28,11 +28,12 @@ import torch
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
+from hetrain.data.splits import SeededSplits
 from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
 from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
 from hetrain.data.tokens import TokenFile, TokenFileWriter
-from hetrain.data.wait_clock import TimedDataLoader
 from hetrain.data.windows import TokenWindows
+from hetrain.placement.pipeline import stage_device
 
 SPLITS = ("train", "val")
 
@@ -76,7 +77,7 @@ class RingDataModule(pl.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or not hasattr(module, "stages"):
             return None
-        devices = [next(stage.parameters()).device for stage in module.stages().values()]
+        devices = [stage_device(stage) for stage in module.stages().values()]
         return devices[0] if len(set(devices)) == 1 else None
 
     def _ring(self, split: str, source: Any, lengths: Iterable[int], shuffle: bool, max_tokens: int,
@@ -113,7 +114,7 @@ class RingDataModule(pl.LightningDataModule):
         self._loaders.clear()
 
 
-class SyntheticDataModule(RingDataModule):
+class SyntheticDataModule(SeededSplits, RingDataModule):
     """Train and validation splits of :class:`SyntheticSequences`, drawn from ``seed`` and ``seed + 1``.
 
     ``loader="ring"`` batches by token budget (``max_tokens`` padded tokens per batch) into the ring's
@@ -145,8 +146,6 @@ class SyntheticDataModule(RingDataModule):
         if loader not in ("ring", "torch"):
             raise ValueError(f"hetrain: loader must be 'ring' or 'torch', got {loader!r}")
         self.save_hyperparameters()
-        self.train_set: SyntheticSequences | None = None
-        self.val_set: SyntheticSequences | None = None
 
     def _split(self, size: int, seed: int) -> SyntheticSequences:
         h = self.hparams
@@ -155,31 +154,15 @@ class SyntheticDataModule(RingDataModule):
             h.distractors, seed,
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set = self._split(self.hparams.train_size, self.hparams.seed)
-            self.val_set = self._split(self.hparams.val_size, self.hparams.seed + 1)
-
     def _loader(self, split: str, dataset: SyntheticSequences, shuffle: bool) -> Iterable:
         h = self.hparams
-        pin = torch.cuda.is_available() if h.pin_memory is None else h.pin_memory
         if h.loader == "ring":
             rows = -(-h.max_tokens // h.min_len)  # the most sequences a batch can hold
             return self._ring(split, dataset, map(len, dataset.sequences), shuffle, h.max_tokens, h.seed,
                               collate=PadWithIds(h.max_tokens, rows), num_slots=h.num_slots,
-                              num_workers=h.producers, pin_memory=pin)
+                              num_workers=h.producers, pin_memory=self._pin())
         self._summary[split] = {"loader": "torch", "batch_size": h.batch_size}
-        return TimedDataLoader(
-            dataset,
-            batch_size=h.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            collate_fn=pad_collate,
-            num_workers=h.num_workers,
-            # Pinned host batches let the copy to a GPU run asynchronously (non_blocking=True).
-            pin_memory=pin,
-            generator=torch.Generator().manual_seed(h.seed) if shuffle else None,
-        )
+        return self._torch_loader(dataset, shuffle, collate_fn=pad_collate)
 
     def train_dataloader(self) -> Iterable:
         return self._loader("train", self.train_set, shuffle=True)
@@ -236,6 +219,25 @@ def write_jsonl_corpus(path: str | os.PathLike, out_dir: str | os.PathLike, text
         np.save(out / f"{split}.labels.npy", labels[picked])
 
 
+def check_token_dir(corpus: Path) -> Path:
+    """``corpus`` if it holds every file :class:`TokenDataModule` reads; else an error saying how to make them.
+
+    ``python -m hetrain.data.build_tokens`` writes one unlabelled ``<out>.bin``/``.idx``: not enough here.
+    """
+    wanted = [f"{split}{ext}" for split in SPLITS for ext in (".bin", ".idx", ".labels.npy")]
+    missing = [name for name in wanted if not (corpus / name).is_file()]
+    if missing:
+        found = sorted(p.name for p in corpus.iterdir() if p.suffix in (".bin", ".idx", ".npy"))
+        raise FileNotFoundError(
+            f"hetrain: data.path {corpus} is missing {', '.join(missing)} (token files there: "
+            f"{', '.join(found) or 'none'}). It needs train and val token files, each with <split>.labels.npy "
+            "(one integer label per document). Write all of them from a labelled jsonl: data.path=<corpus.jsonl> "
+            f"data.vocab_size={ByteTokenizer.vocab_size} data.data_dir={corpus}, then data.path={corpus} reuses "
+            f"them; or build each split (python -m hetrain.data.build_tokens <files> --out {corpus}/train, then "
+            f"--out {corpus}/val) and save its labels with numpy.save('{corpus}/<split>.labels.npy', labels)")
+    return corpus
+
+
 class TokenDataModule(RingDataModule):
     """Windows of long labelled documents, streamed from token files through the ring's C++ gather.
 
@@ -283,7 +285,7 @@ class TokenDataModule(RingDataModule):
         """The directory holding the split token files, built first when the corpus is not token files yet."""
         h = self.hparams
         if h.path is not None and Path(h.path).is_dir():
-            return Path(h.path)
+            return check_token_dir(Path(h.path))
         if h.data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="hetrain-tokens-")
         out = Path(h.data_dir if h.data_dir is not None else self._tmp.name)

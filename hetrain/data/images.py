@@ -14,17 +14,18 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hetrain.data.wait_clock import TimedDataLoader
+from hetrain.data.splits import SeededSplits
 
 
 class SyntheticImages(Dataset):
-    """``size`` images (channels, image_size, image_size), float32, about unit variance; labels balanced.
+    """``size`` images (channels, image_size, image_size), float32: a grating of about unit variance plus the
+    noise; labels balanced.
 
     The same arguments give the same images and labels, whatever the process or the order of access.
     """
 
     def __init__(self, size: int, num_classes: int = 10, image_size: int = 32, channels: int = 3,
-                 noise: float = 0.5, seed: int = 0) -> None:
+                 noise: float = 1.0, seed: int = 0) -> None:
         if size < 1 or num_classes < 2 or image_size < 4 or channels < 1:
             raise ValueError(f"hetrain: need size >= 1, num_classes >= 2, image_size >= 4 and channels >= 1, got "
                              f"{size=}, {num_classes=}, {image_size=}, {channels=}")
@@ -54,7 +55,7 @@ class SyntheticImages(Dataset):
         return {"images": self.images[index], "labels": self.labels[index]}
 
 
-class SyntheticImageDataModule(pl.LightningDataModule):
+class SyntheticImageDataModule(SeededSplits, pl.LightningDataModule):
     """Train and validation splits of :class:`SyntheticImages`, drawn from ``seed`` and ``seed + 1``.
 
     Images have one fixed shape, so torch's DataLoader batches them as they are (the ring buffer and
@@ -67,7 +68,7 @@ class SyntheticImageDataModule(pl.LightningDataModule):
         num_classes: int = 10,
         image_size: int = 32,
         channels: int = 3,
-        noise: float = 0.5,
+        noise: float = 1.0,
         train_size: int = 4096,
         val_size: int = 512,
         batch_size: int = 64,
@@ -77,34 +78,13 @@ class SyntheticImageDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.train_set: SyntheticImages | None = None
-        self.val_set: SyntheticImages | None = None
 
     def _split(self, size: int, seed: int) -> SyntheticImages:
         h = self.hparams
         return SyntheticImages(size, h.num_classes, h.image_size, h.channels, h.noise, seed)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set = self._split(self.hparams.train_size, self.hparams.seed)
-            self.val_set = self._split(self.hparams.val_size, self.hparams.seed + 1)
-
-    def _loader(self, dataset: SyntheticImages, shuffle: bool) -> DataLoader:
-        h = self.hparams
-        return TimedDataLoader(
-            dataset,
-            batch_size=h.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
-            # Pinned host batches let the copy to a GPU run asynchronously (the task copies with non_blocking=True).
-            pin_memory=torch.cuda.is_available() if h.pin_memory is None else h.pin_memory,
-            generator=torch.Generator().manual_seed(h.seed) if shuffle else None,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._torch_loader(self.train_set, True, persistent_workers=self.hparams.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._torch_loader(self.val_set, False, persistent_workers=self.hparams.num_workers > 0)

@@ -19,6 +19,7 @@ error or stall ends the wait with :class:`LoaderError` naming the sample, file o
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -35,13 +36,12 @@ from hetrain.data.windows import TokenWindows
 
 # How long one wait inside C++ lasts before Python gets control back (Ctrl-C, closing): never a spin.
 _POLL_S = 0.1
-# How long Ctrl-C waits for producer threads still inside the dataset's code before it goes through.
+# How long Ctrl-C or a stall waits for producer threads still inside the dataset's code before it goes through.
 _INTERRUPT_JOIN_S = 0.5
 _DTYPE_NAMES = {
     torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.uint8: "uint8", torch.bool: "bool",
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
 }
-TOKEN_FIELDS = ("input_ids", "attention_mask", "lengths", "sample_ids")
 
 Spec = dict[str, tuple[torch.dtype, int]]  # field -> (dtype, capacity in elements)
 _END_OF_STREAM = "hetrain: end of stream"
@@ -256,8 +256,10 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
 def _close(shared: _Shared) -> None:
     shared.stop.set()
     shared.ring.close()  # wakes every wait and joins the C++ threads
+    # One deadline for all threads: two stuck in the dataset must not double the wait.
+    deadline = time.monotonic() + shared.join_timeout
     for t in shared.threads:  # a thread waiting on the reader processes returns within _POLL_S
-        t.join(shared.join_timeout)
+        t.join(max(0.0, deadline - time.monotonic()))
     if shared.readers is not None:
         shared.readers.stop()
     busy = {p: s for p, s in shared.reading.items() if shared.threads[p].is_alive()}
@@ -347,7 +349,6 @@ class RingLoader:
             num_slots, num_workers, pin, float(stall_timeout),
         )
         self._shared = _Shared(ring, list(spec))
-        self._stall_timeout = stall_timeout
         if self.tokens:
             tf = source.file
             ring.attach_tokens(
@@ -434,8 +435,17 @@ class RingLoader:
         try:
             return fn(*args)
         except RuntimeError as exc:
-            self.close()
+            self._close_promptly()  # the ring failed while draining: a stall, or already closed
             raise LoaderError(str(exc)) from None
+
+    def _close_promptly(self) -> None:
+        """Closes without waiting ``stall_timeout`` for producers: a stalled one would only delay the error.
+
+        A thread still inside the dataset ends when its sample returns; meanwhile it writes only into the slot
+        it claimed, which the closed ring never hands out.
+        """
+        self._shared.join_timeout = _INTERRUPT_JOIN_S
+        self.close()
 
     def _take(self, job: int, iteration: int) -> list[torch.Tensor] | None:
         """Batch ``job``'s tensors; None past the end of a stream."""
@@ -455,11 +465,13 @@ class RingLoader:
             if str(exc) == _END_OF_STREAM and stream is not None and stream.end is not None and job >= stream.end:
                 return None
             cause = self._shared.errors.get(job)
-            self.close()
+            if cause is None:  # no producer raised: a stall (or every slot held), so no thread is worth waiting for
+                self._close_promptly()
+            else:
+                self.close()
             raise LoaderError(str(exc)) from cause
         except BaseException:  # KeyboardInterrupt and the like: stop the producers, then let it through
-            self._shared.join_timeout = _INTERRUPT_JOIN_S  # promptly, even if a sample takes long to read
-            self.close()
+            self._close_promptly()  # even if a sample takes long to read
             raise
 
     # -- resume ----------------------------------------------------------------------------------

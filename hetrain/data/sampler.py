@@ -185,10 +185,6 @@ class TokenBudgetBatchSampler:
 
     # -- resume ----------------------------------------------------------------------------------
 
-    def position_after(self, steps: int) -> int:
-        """The global position once this rank has consumed ``steps`` batches of the current iteration."""
-        return self._cursor_after(steps)[0]
-
     def _cursor_after(self, steps: int) -> tuple[int, int]:
         """``(position, offset)`` after ``steps`` rounds: whole global batches, then samples of the next one.
 

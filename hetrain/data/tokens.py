@@ -44,8 +44,8 @@ class TokenFile:
         self.bin_path, self.idx_path = paths_of(prefix)
         for path in (self.bin_path, self.idx_path):
             if not path.is_file():
-                raise FileNotFoundError(f"hetrain: token file {path} does not exist (build one: python -m "
-                                        "hetrain.data.build_tokens)")
+                raise FileNotFoundError(f"hetrain: token file {path} does not exist (build it: python -m hetrain.data."
+                                        f"build_tokens <text or .jsonl files> --out {path.with_suffix('')})")
         raw = self.idx_path.read_bytes()[: HEADER.size]
         if len(raw) < HEADER.size:
             raise ValueError(f"hetrain: token index {self.idx_path} is truncated: {len(raw)} bytes, no full header")

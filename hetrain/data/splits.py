@@ -1,0 +1,44 @@
+"""What the synthetic DataModules share: seeded train/val splits and torch's DataLoader over them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from hetrain.data.wait_clock import TimedDataLoader
+
+
+class SeededSplits:
+    """Mixin for a LightningDataModule whose ``_split(size, seed)`` generates a dataset.
+
+    Train is drawn from ``seed`` and validation from ``seed + 1``: the same seed, the same data, and the
+    splits differ. Reads the hparams ``train_size``, ``val_size``, ``seed``, ``batch_size``, ``num_workers``
+    and ``pin_memory``.
+    """
+
+    hparams: Any
+    train_set: Any = None
+    val_set: Any = None
+
+    def _split(self, size: int, seed: int) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            h = self.hparams
+            self.train_set = self._split(h.train_size, h.seed)
+            self.val_set = self._split(h.val_size, h.seed + 1)
+
+    def _pin(self) -> bool:
+        """Pinned host batches let the copy to a GPU run asynchronously (non_blocking=True): on with CUDA."""
+        return torch.cuda.is_available() if self.hparams.pin_memory is None else self.hparams.pin_memory
+
+    def _torch_loader(self, dataset: Dataset, shuffle: bool, **kwargs: Any) -> TimedDataLoader:
+        """torch's DataLoader: training shuffled from ``seed`` without a short last batch, validation in order."""
+        h = self.hparams
+        return TimedDataLoader(
+            dataset, batch_size=h.batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=h.num_workers,
+            pin_memory=self._pin(), generator=torch.Generator().manual_seed(h.seed) if shuffle else None, **kwargs,
+        )

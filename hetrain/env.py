@@ -118,11 +118,12 @@ def collect() -> Report:
                 chosen = f"none ({exc})"
             rows.append({"backend": f"-> chosen on {dev}", "devices": dev, "priority": "", "status": chosen})
         report.backends[op] = rows
-    report.warnings += _compatibility_warnings(report.versions)
+    report.warnings += _compatibility_warnings()
     return report
 
 
-def _compatibility_warnings(versions: dict[str, str]) -> list[str]:
+def _compatibility_warnings() -> list[str]:
+    """What on this machine keeps a backend off or may break the build, each with its fix."""
     out = []
     nvcc, cuda = nvcc_version(), torch.version.cuda
     if nvcc and cuda and nvcc.split(".")[0] != cuda.split(".")[0]:

@@ -163,8 +163,8 @@ def backends(op: str) -> list[Backend]:
     return sorted(_registry[op].values(), key=lambda b: -b.priority)
 
 
-@functools.lru_cache(maxsize=8)
 def _parse_pins(text: str) -> dict[str, str]:
+    """``op=backend[,op=backend...]`` as a mapping (``pinned`` keeps the result per value of the variable)."""
     pins = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         op, sep, name = item.partition("=")

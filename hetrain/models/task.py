@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from hetrain.host_copies import hold_until_copied
 from hetrain.models.accumulation import WindowNormaliser
 from hetrain.optim import SparseAwareAdamW, sparse_parameters
+from hetrain.placement.pipeline import stage_device
 
 # Lightning warns whenever a LightningModule trained with a LightningDataModule overrides
 # transfer_batch_to_device; here that is intended (see ClassificationTask.transfer_batch_to_device).
@@ -24,10 +25,6 @@ warnings.filterwarnings(
 
 # What a model takes when it does not say (``input_keys``): token ids and their padding mask, as BERT.
 TEXT_INPUTS = ("input_ids", "attention_mask")
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 class ClassificationTask(pl.LightningModule):
@@ -83,7 +80,7 @@ class ClassificationTask(pl.LightningModule):
         # device and labels to the last stage's, so no batch tensor crosses devices twice. The batch
         # comes from host memory, so the copies may be asynchronous.
         stages = list(self.stages().values())
-        inputs, outputs = _device_of(stages[0]), _device_of(stages[-1])
+        inputs, outputs = stage_device(stages[0]), stage_device(stages[-1])
         sources = dict(zip(self.input_keys, self.model_inputs(batch), strict=True), labels=batch["labels"])
         targets = dict.fromkeys(self.input_keys, inputs) | {"labels": outputs}
         moved = {key: t.to(targets[key], non_blocking=True) for key, t in sources.items()}
@@ -106,7 +103,7 @@ class ClassificationTask(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         # The metric's state lives where the logits come out, which a placement may have moved.
-        self.val_acc.to(_device_of(list(self.stages().values())[-1]))
+        self.val_acc.to(stage_device(list(self.stages().values())[-1]))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._loss(batch)

@@ -49,9 +49,7 @@ def patch(model: torch.nn.Module) -> PatchReport:
         convert = SWAPS.get(type(module))
         if convert is None or not path:
             continue
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
         new = convert(module)
-        setattr(parent, name, new)
+        model.set_submodule(path, new)
         report.swapped[path] = f"{type(module).__name__} -> {type(new).__module__}.{type(new).__name__}"
     return report

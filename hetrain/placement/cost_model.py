@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from hetrain.placement.chain import chain_dp_bytes, chain_time
 from hetrain.placement.heft import heft_bytes
@@ -127,21 +128,13 @@ def _encode(x: float) -> float | str:
     return "inf" if math.isinf(x) else x
 
 
-# Stage inputs and outputs may be a tensor or tuples/lists/dicts of them; these walk that structure.
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple | list):
-        return type(obj)(_map_tensors(o, fn) for o in obj)
-    if isinstance(obj, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
+    """``fn`` over every tensor of a stage's inputs or outputs (a tensor, or tuples, lists, dicts of them)."""
+    return tree_map_only(torch.Tensor, fn, obj)
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    _map_tensors(obj, found.append)
-    return found
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
 def _synchronize(device: torch.device) -> None:

@@ -81,6 +81,7 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def stage_device(stage: nn.Module) -> torch.device:
+    """Where a stage runs: the device of its parameters (a placement moves a stage whole)."""
     return next(stage.parameters()).device
 
 

@@ -59,10 +59,16 @@ void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) c
     }
   }
   const int64_t now_n = now.time_since_epoch() / std::chrono::nanoseconds(1);
-  for (int64_t p = 0; p < num_producers_; ++p) {
+  // The producer silent the longest is named: others may only be waiting behind it (for a shared reader
+  // process, or the next batch in order), and the first one found over the limit could be one of those.
+  int64_t p = -1;
+  double quiet = limit;
+  for (int64_t q = 0; q < num_producers_; ++q) {
+    const double silent = static_cast<double>(now_n - producers_[q].last_seen_ns.load()) * 1e-9;
+    if (silent > quiet) p = q, quiet = silent;
+  }
+  if (p >= 0) {
     const Producer& pr = producers_[p];
-    const double quiet = static_cast<double>(now_n - pr.last_seen_ns.load()) * 1e-9;
-    if (quiet <= limit) continue;
     if (!pr.busy.load()) {
       throw RingError(cat("hetrain ring: producer ", p, " stopped responding: idle and silent for ", quiet,
                           " s (stall_timeout=", limit, " s)"));

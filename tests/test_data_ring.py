@@ -247,6 +247,19 @@ def test_a_stall_is_reported_after_stall_timeout_not_twice_it_and_held_batches_s
         assert_batches_equal(batch, copy)
 
 
+def test_a_stall_in_a_reader_process_names_the_batch_it_holds_up():
+    # The other producer waits for a reader behind it and goes silent too; it was the one named (producer 0 ...
+    # batch 6 for a sample of batch 5). The producer silent longest is the one stuck.
+    ds = Flaky(40, slow=17, sleep=30.0)
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(40)], 5, shuffle=False)
+    stuck = next(job for job, batch in enumerate(sampler) if 17 in batch)
+    loader = RingLoader(ds, sampler, collate=PadInto(5, 5), num_workers=2, reader_processes=2, stall_timeout=1.0)
+    with pytest.raises(LoaderError, match=rf"made no progress for .* while on batch {stuck}, sample "):
+        for _ in loader:
+            pass
+    assert multiprocessing.active_children() == []
+
+
 def test_holding_every_slot_is_reported():
     ds = Flaky(20)
     sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(20)], 5, shuffle=False)

@@ -3,9 +3,10 @@
 A run writes ``summary.json`` and ``summary.md`` into its run directory: steps, samples/s, peak
 memory (resident set of the process; allocated memory of each GPU), validation metrics and the
 device of each stage. A sweep writes ``summary.csv`` and ``summary.md`` into its multirun
-directory: one row per job, failed jobs with their error (type and first line of the message) and
-log file; when the sweep varies ``seed``, the Markdown adds each metric's mean and standard deviation
-over seeds for each combination of the other overrides.
+directory: one row per job of that sweep (not of an earlier sweep into the same directory), failed jobs
+with their error (type and first line of the message) and log file; when the sweep varies ``seed``, the
+Markdown adds each metric's mean and standard deviation over seeds for each combination of the other
+overrides, failed combinations included.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import resource
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 SWEEP_CSV = "summary.csv"
+# In a sweep directory: the id of the sweep that last started there; in a job directory: its sweep's id.
+SWEEP_ID = ".hetrain_sweep_id"
 
 
 def _gpus(pl_module: pl.LightningModule) -> list[torch.device]:
@@ -199,27 +203,41 @@ def error_headline(error: str) -> str:
     return f"{kind}{sep}{first}"
 
 
+def _sweep_id(directory: Path) -> str | None:
+    """The sweep id :class:`SweepSummary` wrote into ``directory`` (a sweep's or a job's); None without one."""
+    path = directory / SWEEP_ID
+    return path.read_text().strip() if path.is_file() else None
+
+
 def collect_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One flat record per job directory under ``sweep_dir``, ordered by job number.
+    """One flat record per job of the sweep that last started in ``sweep_dir``, ordered by job number.
 
     Jobs are found by the ``.hydra/`` folder Hydra writes into each, so a job that died before
-    writing ``summary.json`` is listed too. A failed job's error is cut to its headline; its log has the rest.
+    writing ``summary.json`` is listed too. A directory an earlier sweep ran into still holds that sweep's
+    jobs past this one's count: only job directories carrying the sweep directory's id count (a sweep
+    directory without one, from a sweep run without :class:`SweepSummary`, lists every job). A failed
+    job's error is cut to its headline; its log has the rest.
     """
-    records = []
-    for hydra_dir in Path(sweep_dir).glob("**/.hydra"):
-        hydra_cfg = OmegaConf.load(hydra_dir / "hydra.yaml").hydra
-        job_dir = hydra_dir.parent
-        summary_path = job_dir / SUMMARY_JSON
-        if summary_path.exists():
-            summary = json.loads(summary_path.read_text())
-        else:
-            summary = {"status": "no summary", "error": f"the job wrote no {SUMMARY_JSON} (killed?)"}
-        summary.setdefault("log", str(job_dir / f"{hydra_cfg.job.name}.log"))
-        if "error" in summary:
-            summary["error"] = error_headline(summary["error"])
-        overrides = " ".join(OmegaConf.load(hydra_dir / "overrides.yaml"))
-        records.append({"job": hydra_cfg.job.num, "overrides": overrides, **_flatten(summary)})
+    sweep_dir = Path(sweep_dir)
+    sweep_id = _sweep_id(sweep_dir)
+    job_dirs = [hydra_dir.parent for hydra_dir in sweep_dir.glob("**/.hydra")]
+    records = [_job_record(d) for d in job_dirs if sweep_id is None or _sweep_id(d) == sweep_id]
     return sorted(records, key=lambda r: r["job"])
+
+
+def _job_record(job_dir: Path) -> dict[str, Any]:
+    """A job's flat record: number, overrides and its ``summary.json``, or why there is none."""
+    hydra_cfg = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra
+    summary_path = job_dir / SUMMARY_JSON
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+    else:
+        summary = {"status": "no summary", "error": f"the job wrote no {SUMMARY_JSON} (killed?)"}
+    summary.setdefault("log", str(job_dir / f"{hydra_cfg.job.name}.log"))
+    if "error" in summary:
+        summary["error"] = error_headline(summary["error"])
+    overrides = " ".join(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
+    return {"job": hydra_cfg.job.num, "overrides": overrides, **_flatten(summary)}
 
 
 # Columns a sweep table shows first; every other recorded field follows in the CSV only,
@@ -260,34 +278,46 @@ def _without_seed(overrides: str) -> str:
 def seed_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]] | None:
     """When a sweep varies ``seed``: per combination of the other overrides, each metric's mean ± std over seeds.
 
-    None when the jobs do not set at least two seeds. The standard deviation is the sample one (n - 1);
-    with one finished seed it is 0.
+    None when the jobs do not set at least two seeds. ``seeds`` counts the finished ones; a combination
+    whose seeds all failed keeps its row (0 seeds), so it does not vanish from the comparison. When jobs
+    failed, a last column names them: their rows in the job table give the error and the log.
     """
     seeds = {o.lstrip("+") for r in records for o in str(r.get("overrides", "")).split() if _is_seed(o)}
     if len(seeds) < 2:
         return None
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in records:
-        if r.get("status") == "ok":
-            groups.setdefault(_without_seed(str(r.get("overrides", ""))), []).append(r)
+        groups.setdefault(_without_seed(str(r.get("overrides", ""))), []).append(r)
     metrics = sorted({k for r in records for k in r if k.startswith("metrics.")})
+    any_failed = any(r.get("status") != "ok" for r in records)
     rows = []
     for overrides, jobs in groups.items():
-        row: list[Any] = [overrides, len(jobs)]
-        for m in metrics:
-            values = [float(j[m]) for j in jobs if isinstance(j.get(m), int | float)]
-            if not values:
-                row.append(None)
-                continue
-            mean = sum(values) / len(values)
-            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-            row.append(f"{mean:.4g} ± {std:.2g}")
+        finished = [j for j in jobs if j.get("status") == "ok"]
+        row: list[Any] = [overrides, len(finished)]
+        row += [_mean_and_spread([float(j[m]) for j in finished if isinstance(j.get(m), int | float)])
+                for m in metrics]
+        if any_failed:
+            row.append(", ".join(str(j["job"]) for j in jobs if j.get("status") != "ok"))
         rows.append(row)
-    return ["overrides (seed aside)", "seeds", *metrics], rows
+    return ["overrides (seed aside)", "seeds", *metrics, *(["failed jobs"] if any_failed else [])], rows
+
+
+def _mean_and_spread(values: list[float]) -> str | None:
+    """``mean ± std`` (the sample standard deviation, n - 1); None (an empty cell) without values.
+
+    One value gives no spread: n/a, where 0 would claim the seeds agree.
+    """
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.4g} ± n/a"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.4g} ± {std:.2g}"
 
 
 class SweepSummary(HydraCallback):
-    """Hydra callback: tabulates every job of a multirun in its sweep directory.
+    """Hydra callback: tabulates every job of a multirun, and only those, in its sweep directory.
 
     Notes:
         The table is rewritten after each job. A job that fails inside :func:`hetrain.train.run` is
@@ -297,6 +327,37 @@ class SweepSummary(HydraCallback):
         launcher that runs jobs in parallel processes, ``on_multirun_end`` writes the complete table
         once all have finished.
     """
+
+    @override
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Gives the sweep a new id in its directory, which each of its jobs copies into its own (on_job_start).
+
+        A sweep directory may be reused: it then still holds an earlier sweep's job directories, those past
+        this sweep's job count untouched, and the summary must leave them out. Job numbers cannot tell (both
+        sweeps start at 0), nor can a count (a sweeper such as Optuna's chooses its jobs as it goes), nor
+        times (jobs may run on other machines, whose clocks and file timestamps need not agree); an id can.
+        """
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_ID).write_text(f"{uuid.uuid4().hex}\n")
+
+    @override
+    def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
+        """Marks the job's directory as this sweep's; a reused one loses the summary of the job run there before.
+
+        The id is read from the sweep directory, not kept on this object: with a launcher that runs jobs
+        in other processes, this runs there. The stale summary goes so that a job killed before writing
+        its own is listed as such, not with the earlier job's results.
+        """
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        sweep_id = _sweep_id(Path(config.hydra.sweep.dir))
+        if sweep_id is None:
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        for stale in (SUMMARY_JSON, SUMMARY_MD):
+            (job_dir / stale).unlink(missing_ok=True)
+        (job_dir / SWEEP_ID).write_text(f"{sweep_id}\n")
 
     @staticmethod
     def _write(config: DictConfig) -> tuple[Path, str]:

@@ -17,10 +17,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import hetrain.nn
-from hetrain.callbacks.placement import StagePlacement, resolve_plan
+from hetrain.callbacks.placement import StagePlacement
 from hetrain.data.synthetic import CLS, FIRST_MARKER, SyntheticSequences, pad_collate
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
+from hetrain.placement import resolve_plan
 from hetrain.recipes import register_recipes
 from hetrain.train import build, run
 
@@ -452,6 +453,29 @@ def test_sweep_over_seeds_tabulates_mean_and_std_per_combination(tmp_path):
     assert combinations == ["model.hidden=32", "model.hidden=64"]
 
 
+def test_sweep_into_a_reused_directory_lists_only_its_own_jobs(tmp_path):
+    """An earlier sweep's jobs in the same directory were listed, averaged over seeds and failed the new sweep."""
+    sweep = tmp_path / "sweep"
+    # The earlier sweep: three jobs that fail at once (128 hidden units do not split into 3 heads).
+    old = train_py("-m", "recipe=bert_split", *SMALL, "seed=0,1,2", "model.heads=3", f"hydra.sweep.dir={sweep}",
+                   cwd=tmp_path)
+    assert "3 of 3 jobs failed (job 0, 1, 2)" in old.stderr, (old.stdout + old.stderr)[-3000:]
+    result = train_py("-m", "recipe=bert_split", "trainer.max_steps=2", *SMALL, "seed=0,1",
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]  # job 2, the earlier sweep's, failed
+    rows = _sweep_rows(sweep)
+    assert [(r["job"], r["status"], r["steps"]) for r in rows] == [("0", "ok", "2"), ("1", "ok", "2")]
+    markdown = (sweep / "summary.md").read_text()
+    assert "heads=3" not in markdown
+    _, *over_seeds = _markdown_table(markdown, "overrides (seed aside)")
+    assert [seeds for _, seeds, *_ in over_seeds] == ["2"]
+    # A job that dies before run() writes its summary, in a reused job directory: not the earlier job's results.
+    killed = train_py("-m", "recipe=bert_split", "output_dir=${oc.env:HETRAIN_NO_SUCH_VARIABLE}",
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert killed.returncode == 1
+    assert [(r["job"], r["status"]) for r in _sweep_rows(sweep)] == [("0", "no summary")]
+
+
 def test_sweep_summary_aggregates_over_seeds():
     from hetrain.report import seed_table
 
@@ -459,11 +483,26 @@ def test_sweep_summary_aggregates_over_seeds():
         {"job": 0, "overrides": "model.hidden=64 seed=0", "status": "ok", "metrics.val/acc": 0.8},
         {"job": 1, "overrides": "model.hidden=64 seed=1", "status": "ok", "metrics.val/acc": 0.9},
         {"job": 2, "overrides": "model.hidden=128 seed=0", "status": "ok", "metrics.val/acc": 0.95},
-        {"job": 3, "overrides": "model.hidden=128 seed=1", "status": "failed", "error": "boom"},
     ]
     header, rows = seed_table(records)
     assert header == ["overrides (seed aside)", "seeds", "metrics.val/acc"]
-    assert rows == [["model.hidden=64", 2, "0.85 ± 0.071"], ["model.hidden=128", 1, "0.95 ± 0"]]
+    # One finished seed shows no spread: n/a, where 0 claimed the seeds agreed.
+    assert rows == [["model.hidden=64", 2, "0.85 ± 0.071"], ["model.hidden=128", 1, "0.95 ± n/a"]]
     assert seed_table([{"job": 0, "overrides": "model.hidden=64", "status": "ok"}]) is None
     one_seed = [{"job": i, "overrides": f"seed=3 data.seed={i}", "status": "ok"} for i in range(2)]
     assert seed_table(one_seed) is None  # seed is fixed, not varied (data.seed is another setting)
+
+
+def test_a_combination_whose_seeds_all_failed_keeps_its_over_seeds_row():
+    """It vanished from the table, which then compared only the combinations that worked."""
+    from hetrain.report import seed_table
+
+    records = [
+        {"job": 0, "overrides": "model.hidden=64 seed=0", "status": "ok", "metrics.val/acc": 0.8},
+        {"job": 1, "overrides": "model.heads=3 seed=0", "status": "failed", "error": "ValueError: boom"},
+        {"job": 2, "overrides": "model.hidden=64 seed=1", "status": "ok", "metrics.val/acc": 0.9},
+        {"job": 3, "overrides": "model.heads=3 seed=1", "status": "no summary", "error": "the job wrote no ..."},
+    ]
+    header, rows = seed_table(records)
+    assert header == ["overrides (seed aside)", "seeds", "metrics.val/acc", "failed jobs"]
+    assert rows == [["model.hidden=64", 2, "0.85 ± 0.071", ""], ["model.heads=3", 0, None, "1, 3"]]

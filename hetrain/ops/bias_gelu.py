@@ -29,12 +29,15 @@ class TorchBackend:
     """The reference written as forward/backward entry points, so it can stand in for any kernel."""
 
     @staticmethod
-    def forward(x, bias, approximate):
+    def forward(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+        """gelu(x + bias) for x (M, N) rows and bias (N,), in x's dtype."""
         z = x.to(compute_dtype(x.dtype)) + bias.to(compute_dtype(x.dtype))
         return torch.nn.functional.gelu(z, approximate=approximate).to(x.dtype)
 
     @staticmethod
-    def backward(dy, x, bias, approximate):
+    def backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
+                 approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """dx (M, N) and dbias (N,) in x's dtype, recomputed from x and bias (nothing saved but the input)."""
         stats = compute_dtype(x.dtype)
         z = x.to(stats) + bias.to(stats)
         dz = torch.ops.aten.gelu_backward(dy.to(stats), z, approximate=approximate)

@@ -81,7 +81,9 @@ class TorchBackend:
     """The epilogue written as stats/forward/backward entry points, so it can stand in for any kernel."""
 
     @staticmethod
-    def stats(x, running_mean, running_var, momentum, eps):
+    def stats(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+              momentum: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch mean and invstd (C,) of x (N, C, H, W), in compute_dtype; running statistics updated in place."""
         stats = compute_dtype(x.dtype)
         n = x.shape[0] * x.shape[2] * x.shape[3]
         if n == 0:  # empty batch: running statistics left alone, as torch does
@@ -105,7 +107,10 @@ class TorchBackend:
         return torch.addcmul(shift[:, None, None], x.to(stats), scale[:, None, None]).to(x.dtype)
 
     @staticmethod
-    def forward(x, mean, invstd, weight, bias, kernel, stride, padding):
+    def forward(x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,
+                weight: torch.Tensor | None, bias: torch.Tensor | None, kernel: list[int], stride: list[int],
+                padding: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """max_pool(relu(batch_norm(x))) in x's layout, and each output's argmax as its uint8 index in the window."""
         fmt = _layout(x)
         z = TorchBackend._pre_relu(x, mean, invstd, weight, bias)
         y, flat = F.max_pool2d(torch.relu(z), kernel, stride, padding, return_indices=True)
@@ -116,7 +121,11 @@ class TorchBackend:
         return y.contiguous(memory_format=fmt), arg.to(torch.uint8).contiguous(memory_format=fmt)
 
     @staticmethod
-    def backward(dy, argmax, x, mean, invstd, weight, bias, batch_stats, kernel, stride, padding):
+    def backward(dy: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None,
+                 invstd: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 batch_stats: bool, kernel: list[int], stride: list[int],
+                 padding: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dx in x's dtype and layout, dweight and dbias (C,) in compute_dtype."""
         stats = compute_dtype(x.dtype)
         fmt = _layout(x)
         n, c, h, w = x.shape

@@ -49,7 +49,8 @@ class TorchBackend:
     """The reference written as the backends' entry point, with the kernels' mask."""
 
     @staticmethod
-    def forward(x, seed, p):
+    def forward(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+        """x with the elements the stream ``seed`` (int64 ``(seed[, offset])``) drops zeroed, the rest scaled."""
         s, offset = stream(seed)
         keep = keep_mask(s, x.shape, p, x.device, offset)
         return dropout_ref(x.to(compute_dtype(x.dtype)), keep, p).to(x.dtype).contiguous()

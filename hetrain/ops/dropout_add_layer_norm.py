@@ -104,13 +104,18 @@ class TorchBackend:
         return xs + residual.to(stats)
 
     @staticmethod
-    def forward(x, residual, weight, bias, seed, p, eps):
+    def forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                seed: torch.Tensor, p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """layer_norm(dropout(x) + residual) for (M, N) rows; mean and rstd (M,) in compute_dtype for backward."""
         s = TorchBackend._pre_norm(x, residual, TorchBackend._multiplier(x, seed, p))
         y, mean, rstd = _LayerNormTorch.forward(s, weight, bias, eps)
         return y.to(x.dtype), mean, rstd
 
     @staticmethod
-    def backward(dy, x, residual, weight, mean, rstd, seed, p, has_bias):
+    def backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                 mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor, p: float,
+                 has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dx, dresidual (M, N) and dweight, dbias (N,) in x's dtype; the mask regenerated from ``seed``."""
         m = TorchBackend._multiplier(x, seed, p)
         s = TorchBackend._pre_norm(x, residual, m)
         ds, dw, db = _LayerNormTorch.backward(dy, s, weight, mean, rstd, has_bias)

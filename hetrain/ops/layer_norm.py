@@ -31,7 +31,9 @@ class TorchBackend:
     """The reference written as forward/backward entry points, so it can stand in for any kernel."""
 
     @staticmethod
-    def forward(x, weight, bias, eps):
+    def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (M, N) rows -> y (M, N) in x's dtype, and the mean and rstd (M,) backward reads, in compute_dtype."""
         stats = compute_dtype(x.dtype)
         xf = x.to(stats)
         var, mean = torch.var_mean(xf, dim=-1, correction=0)
@@ -44,7 +46,9 @@ class TorchBackend:
         return y.to(x.dtype), mean, rstd
 
     @staticmethod
-    def backward(dy, x, weight, mean, rstd, has_bias):
+    def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                 rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dx (M, N), dweight and dbias (N,) in x's dtype; an empty tensor for a parameter the call has not."""
         stats = mean.dtype
         dyf = dy.to(stats)
         xhat = (x.to(stats) - mean[:, None]) * rstd[:, None]

@@ -101,7 +101,9 @@ class TorchBackend:
     """The per-row kernel in plain torch, so the chunked algorithm runs on any device."""
 
     @staticmethod
-    def rows(logits, loss, target, scale, ignore_index, label_smoothing):
+    def rows(logits: torch.Tensor, loss: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None,
+             ignore_index: int, label_smoothing: float) -> None:
+        """Writes each row's loss into ``loss`` (M,); with a ``scale`` (M,), d(loss)/d(logits) over ``logits``."""
         if logits.dtype in _HALF:  # bf16/fp16 logits: computed in float32, the gradient written back
             work = logits.float()
             TorchBackend.rows(work, loss, target, scale, ignore_index, label_smoothing)

@@ -33,7 +33,8 @@ class TorchBackend:
     """The reference written as forward/backward entry points, so it can stand in for any kernel."""
 
     @staticmethod
-    def forward(x, weight, eps):
+    def forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, N) rows -> y (M, N) in x's dtype, and the rstd (M,) backward reads, in compute_dtype."""
         xf = x.to(compute_dtype(x.dtype)).contiguous()
         rstd = torch.rsqrt(xf.square().mean(-1) + eps)
         y = xf * rstd[:, None]
@@ -42,7 +43,9 @@ class TorchBackend:
         return y.to(x.dtype), rstd
 
     @staticmethod
-    def backward(dy, x, weight, rstd):
+    def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dx (M, N) and dweight (N,) in x's dtype; an empty dweight without a weight."""
         dyf = dy.to(rstd.dtype).contiguous()
         xhat = x.to(rstd.dtype).contiguous() * rstd[:, None]
         g = dyf * weight.to(rstd.dtype) if weight is not None else dyf

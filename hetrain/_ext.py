@@ -25,9 +25,11 @@ def load() -> ModuleType | None:
 
 
 def available() -> bool | str:
+    """True where ``hetrain._C`` loads; else why not and how to build it (a backend's ``available()`` answer)."""
     return True if load() is not None else "hetrain._C is not built (pip install -e . --no-build-isolation)"
 
 
 def built_with_cuda() -> bool:
+    """Whether ``hetrain._C`` holds the CUDA kernels (built against a CUDA torch with nvcc present)."""
     ext = load()
     return bool(ext is not None and getattr(ext, "WITH_CUDA", False))

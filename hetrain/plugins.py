@@ -129,6 +129,7 @@ def register(
 
 
 def unregister(op: str, name: str) -> None:
+    """Removes backend ``name`` of ``op`` (if registered); later calls choose among the others."""
     with _lock:
         _registry.get(op, {}).pop(name, None)
         _forget_resolved()
@@ -151,6 +152,7 @@ def _load_entry_points() -> None:
 
 
 def ops() -> list[str]:
+    """Every op some backend registers, entry-point plugins included, sorted."""
     _load_entry_points()
     return sorted(_registry)
 
@@ -212,6 +214,7 @@ def _parse_prefer(text: str) -> tuple[str, ...]:
 
 
 def strict() -> bool:
+    """Whether an automatically chosen backend that fails raises rather than falls back (config, HETRAIN_STRICT)."""
     if _config_strict is not None:
         return _config_strict
     return os.environ.get(ENV_STRICT, "0").lower() in ("1", "true", "yes")

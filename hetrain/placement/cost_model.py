@@ -63,14 +63,16 @@ class CostModel:
 
         return [[round_trip(a, b) for b in range(len(bw))] for a in range(len(bw))]
 
-    def heft_inputs(self, training: bool = True):
+    def heft_inputs(
+        self, training: bool = True
+    ) -> tuple[dict[str, list[float]], dict[tuple[str, str], float], list[list[float]]]:
         """``(compute, edge_bytes, bandwidth)`` for :func:`hetrain.placement.heft_bytes`: the stages as a chain."""
         compute = {s: list(row) for s, row in zip(self.stages, self.compute, strict=True)}
         pairs = zip(self.stages[:-1], self.stages[1:], self.boundary_bytes, strict=False)  # the last output leaves
         edges = {(u, v): float(nbytes) for u, v, nbytes in pairs}
         return compute, edges, self.link_bandwidth(training)
 
-    def chain_inputs(self, training: bool = True):
+    def chain_inputs(self, training: bool = True) -> tuple[list[list[float]], list[float], list[list[float]]]:
         """``(costs, boundary_bytes, bandwidth)`` for :func:`hetrain.placement.chain_dp_bytes`."""
         return (
             [list(row) for row in self.compute],
@@ -79,10 +81,12 @@ class CostModel:
         )
 
     def heft_plan(self, training: bool = True) -> PlacementPlan:
+        """HEFT's plan for the stages as a chain, its makespan as the predicted step time."""
         schedule = heft_bytes(*self.heft_inputs(training))
         return PlacementPlan.from_assignment(self.stages, self.devices, schedule.assignment, "heft", schedule.makespan)
 
     def chain_plan(self, objective: str = "sequential", micro_batches: int = 1, training: bool = True) -> PlacementPlan:
+        """The exact chain solver's plan for ``objective`` (see :func:`hetrain.placement.chain_dp`)."""
         plan = chain_dp_bytes(*self.chain_inputs(training), objective=objective, micro_batches=micro_batches)
         return PlacementPlan.from_assignment(self.stages, self.devices, plan.devices, "chain-dp", plan.predicted_time)
 

@@ -21,6 +21,7 @@ from op_testing import assert_close, randn
 
 from hetrain import _ext
 from hetrain.checks import cuda_emulator
+from hetrain.ops.dropout_add_layer_norm import keep_mask
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("g++") is None, reason="the emulator is built with g++"),
@@ -372,6 +373,35 @@ def test_dropout_add_layer_norm(emu, dtype, shape, p, offset):
     close(got[6], db, dtype, "db", summed=True)
     if p > 0 and m:
         assert torch.equal(got[3] == 0, dx == 0), "the dropped elements differ from the CPU kernel's"
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (2, 9000)])  # a row held in registers, and one read pass by pass
+def test_dropout_add_layer_norm_adds_exactly_zero_for_a_dropped_inf(emu, shape):
+    m, n = shape
+    p, seed, offset = 0.5, 99, 77
+    x, res = randn(m, n, seed=12), randn(m, n, seed=13, shift=0.5)
+    w, b, dy = randn(n, seed=14, shift=1.0), randn(n, seed=15), randn(m, n, seed=16)
+    dropped = ~keep_mask(seed, m, n, p, offset=offset)
+    x[dropped] = float("inf")  # dropped, so it must add 0 (0 * inf is NaN)
+    acc, parts, call = stats_dtype(torch.float32), parts_for(m), dropout_args(seed, offset, p)
+
+    def launch(mem):
+        y, mean, rstd = mem.empty((m, n), torch.float32), mem.empty((m,), acc), mem.empty((m,), acc)
+        emu.call("dropout_add_layer_norm_forward", torch.float32, mem.put(x), mem.put(res), mem.put(w), mem.put(b), y,
+                 mean, rstd, *call, None, m, n, EPS)
+        dx, dres = mem.empty((m, n), torch.float32), mem.empty((m, n), torch.float32)
+        dw, db = mem.empty((n,), torch.float32), mem.empty((n,), torch.float32)
+        wp, bp = mem.empty((parts, n), acc), mem.empty((parts, n), acc)
+        emu.call("dropout_add_layer_norm_backward", torch.float32, mem.put(dy), mem.put(x), mem.put(res), mem.put(w),
+                 mean, rstd, *call, None, dx, dres, dw, db, wp, bp, parts, m, n)
+        return [y, dx, dres, dw, db]
+
+    got = in_two_orders(emu, launch)
+    assert dropped.any() and all(bool(t.isfinite().all()) for t in got)
+    y, mean, rstd = C.dropout_add_layer_norm_fwd(x, res, w, b, torch.tensor([seed, offset]), p, EPS)
+    want = [y, *C.dropout_add_layer_norm_bwd(dy, x, res, w, mean, rstd, torch.tensor([seed, offset]), p, True)]
+    for name, g, ref in zip(("y", "dx", "dresidual", "dw", "db"), got, want, strict=True):
+        close(g, ref.double(), torch.float32, name, summed=name in ("dw", "db"))
 
 
 # (N, C, H, W), pooling (kernel, stride, padding): the ResNet stem's 3x3/2 pad 1 on odd sizes, and 2x2/2 with a

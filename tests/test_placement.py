@@ -215,6 +215,79 @@ def test_heft_bytes_rejects_bad_bandwidth():
         heft_bytes({"a": [1.0, 1.0]}, {}, [[INF, 0.0], [1.0, INF]])
 
 
+def test_heft_does_not_strand_a_successor_behind_an_inf_transfer():
+    # Earliest finish alone puts a on device 0; b runs only on device 1 and a's output cannot cross.
+    schedule = heft({"a": [1.0, 2.0], "b": [INF, 1.0]}, {("a", "b"): INF})
+    assert schedule.assignment == {"a": 1, "b": 1} and schedule.makespan == 3.0
+
+
+def test_heft_keeps_a_join_behind_inf_transfers_on_one_device():
+    # a and b could each go anywhere, and earliest finish spreads them; c needs both outputs uncopied.
+    compute = {"a": [1.0, 1.0], "b": [1.0, 1.0], "c": [1.0, 1.0]}
+    schedule = heft(compute, {("a", "c"): INF, ("b", "c"): INF})
+    assert len(set(schedule.assignment.values())) == 1 and schedule.makespan == 3.0
+
+
+def test_heft_names_the_inf_transfers_when_no_device_can_join_them():
+    compute = {"a": [1.0, INF], "b": [INF, 1.0], "c": [1.0, 1.0]}
+    with pytest.raises(ValueError, match=r"transfers of .*\('[ab]', 'c'\).* are inf.*make those transfers finite"):
+        heft(compute, {("a", "c"): INF, ("b", "c"): INF})
+
+
+def placeable_with_inf_transfers(compute, comm) -> bool:
+    """Brute force: some device per task where it can run, with every inf edge inside one device."""
+    tasks = list(compute)
+    for devices in itertools.product(range(len(next(iter(compute.values())))), repeat=len(tasks)):
+        where = dict(zip(tasks, devices, strict=True))
+        if all(compute[t][where[t]] < INF for t in tasks) and all(
+            where[u] == where[v] or c < INF for (u, v), c in comm.items()
+        ):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_heft_with_inf_transfers_schedules_whenever_brute_force_can(seed):
+    rng = random.Random(1500 + seed)
+    compute, comm = random_dag(rng, rng.randint(2, 7), rng.randint(2, 3), p_edge=0.4, p_inf=0.3)
+    comm = {e: INF if rng.random() < 0.4 else c for e, c in comm.items()}
+    if not placeable_with_inf_transfers(compute, comm):
+        with pytest.raises(ValueError, match="are inf"):
+            heft(compute, comm)
+        return
+    assert_valid(heft(compute, comm), compute, fixed(comm))
+
+
+def test_heft_bytes_needs_finite_byte_counts():
+    compute = {"a": [1.0, INF], "b": [INF, 1.0]}
+    free = [[INF, INF], [INF, INF]]
+    with pytest.raises(ValueError, match=r"byte count of edge \('a', 'b'\) is inf; give the bytes it carries"):
+        heft_bytes(compute, {("a", "b"): INF}, free)  # inf bytes over a free link was inf / inf = nan
+    with pytest.raises(ValueError, match="byte count of edge .* is 'x'"):
+        heft_bytes(compute, {("a", "b"): "x"}, free)
+    assert heft_bytes(compute, {("a", "b"): 1e300}, free).makespan == 2.0  # a free link costs 0 for any count
+
+
+def test_heft_bytes_zero_bytes_cost_nothing_where_one_over_bandwidth_overflows():
+    # 1 / 5e-324 is inf; 0 bytes times that mean was a nan rank, and HEFT then found no ready task.
+    tiny = [[INF, 5e-324], [5e-324, INF]]
+    schedule = heft_bytes({"a": [1.0, INF], "b": [INF, 1.0]}, {("a", "b"): 0.0}, tiny)
+    assert schedule.assignment == {"a": 0, "b": 1} and schedule.makespan == 2.0
+
+
+def test_heft_refuses_a_nan_transfer_instead_of_scheduling_with_it():
+    from hetrain.placement.heft import _schedule
+
+    nan_link = lambda edge, a, b: math.nan  # what inf / inf used to give; validation now stops it earlier
+    with pytest.raises(ValueError, match=r"edge \('a', 'b'\) from device 0 to 1 is nan"):
+        _schedule({"a": [1.0, INF], "b": [INF, 1.0]}, [("a", "b")], {("a", "b"): 0.0}, nan_link, 2)
+
+
+def test_topological_order_refuses_repeated_tasks():
+    with pytest.raises(ValueError, match=r"given more than once \('a'\); list each task once"):
+        topological_order(["a", "a", "b"], [("a", "b")])
+
+
 # Chain solver
 
 
@@ -278,7 +351,9 @@ def test_chain_dp_bytes_matches_brute_force_with_asymmetric_links(seed):
     boundary_bytes = [float(rng.choice([0, 256, 1024, 4096])) for _ in range(len(costs) - 1)]
     bw = [[INF if a == b else float(rng.choice([64, 128, 512])) for b in range(devices)] for a in range(devices)]
     for objective, m in [("sequential", 1), ("pipeline", 3)]:
-        expected = brute_force(costs, lambda i, a, b: boundary_bytes[i] / bw[a][b], objective, m, True)
+        # The defaults: a sequential plan may go back to a device, a pipeline holds one stage per device.
+        distinct = objective == "pipeline"
+        expected = brute_force(costs, lambda i, a, b: boundary_bytes[i] / bw[a][b], objective, m, distinct)
         if expected < INF:
             assert chain_dp_bytes(costs, boundary_bytes, bw, objective, m).predicted_time == expected
 
@@ -294,7 +369,7 @@ def test_heft_is_never_better_than_the_chain_optimum(seed):
     devices = [schedule.assignment[i] for i in range(len(costs))]
     stage_devices = [d for d, _ in itertools.groupby(devices)]
     if len(set(stage_devices)) == len(stage_devices):
-        assert chain_dp(costs, transfer).predicted_time <= schedule.makespan
+        assert chain_dp(costs, transfer, distinct_devices=True).predicted_time <= schedule.makespan
 
 
 def test_chain_pipeline_prefers_balanced_stages():
@@ -319,11 +394,94 @@ def test_chain_pipeline_prefers_balanced_stages():
         ({"costs": [[1.0]], "transfer": [], "micro_batches": 0}, "micro_batches=0"),
         ({"costs": [[1.0]], "transfer": [], "objective": "pipeline", "distinct_devices": False}, "distinct devices"),
         ({"costs": [[1.0, INF], [INF, 1.0]], "transfer": [INF]}, "no placement"),
+        ({"costs": [[1.0]], "transfer": [], "micro_batches": True}, "micro_batches=True; it must be an integer"),
+        ({"costs": [[1.0]], "transfer": [], "micro_batches": 2.5}, "micro_batches=2.5; it must be an integer"),
+        ({"costs": [["1", 1.0]], "transfer": []}, "layer 0 on device 0 is '1'; costs are numbers"),
+        ({"costs": [[True, 1.0]], "transfer": []}, "layer 0 on device 0 is True; costs are numbers"),
+        ({"costs": [[1.0], [1.0]], "transfer": ["1"]}, "transfer time at boundary 0 is '1'"),
     ],
 )
 def test_chain_dp_rejects_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         chain_dp(**kwargs)
+
+
+def test_sequential_chain_goes_back_to_a_device_when_that_is_faster():
+    # Device 1 is fast for layers 0 and 2, device 0 for layer 1, links free: 1 + 1 + 1.
+    costs = [[10.0, 1.0], [1.0, 10.0], [10.0, 1.0]]
+    plan = chain_dp(costs, [0.0, 0.0])
+    assert plan.devices == [1, 0, 1] and plan.predicted_time == 3.0
+    assert plan.stages == [(0, 1, 1), (1, 2, 0), (2, 3, 1)]
+    assert chain_dp(costs, [0.0, 0.0], distinct_devices=True).predicted_time == 12.0  # still on request
+
+
+def test_sequential_chain_is_feasible_when_only_a_return_to_a_device_is():
+    costs = [[1.0, INF], [INF, 1.0], [1.0, INF]]  # layers 0 and 2 run only on device 0, layer 1 only on 1
+    bw = [[INF, 1.0], [1.0, INF]]
+    plan = chain_dp_bytes(costs, [1.0, 1.0], bw)
+    assert plan.devices == [0, 1, 0] and plan.predicted_time == 5.0 == chain_time(costs, [1.0, 1.0], bw, [0, 1, 0])
+    with pytest.raises(ValueError, match="no placement with one stage per device.*pass distinct_devices=False"):
+        chain_dp_bytes(costs, [1.0, 1.0], bw, distinct_devices=True)
+    with pytest.raises(ValueError, match="no placement with one stage per device.*use objective='sequential'"):
+        chain_dp_bytes(costs, [1.0, 1.0], bw, "pipeline", 4)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sequential_default_matches_brute_force_over_every_plan(seed):
+    rng = random.Random(1700 + seed)
+    costs, transfer = random_chain(rng, p_inf=0.3)
+    transfer = [INF if rng.random() < 0.2 else t for t in transfer]
+    expected = brute_force(costs, lambda i, a, b: transfer[i], "sequential", 1, False)
+    if expected == INF:
+        with pytest.raises(ValueError, match="no placement of the chain has a finite time"):
+            chain_dp(costs, transfer)
+        return
+    plan = chain_dp(costs, transfer)
+    assert plan.predicted_time == expected
+    if INF not in transfer:  # chain_time takes byte counts: transfer times are bytes over 1 byte/s links
+        ones = [[1.0] * len(costs[0]) for _ in costs[0]]
+        assert chain_time(costs, transfer, ones, plan.devices) == pytest.approx(expected)
+
+
+def test_chain_time_refuses_two_stages_on_one_device_under_pipeline():
+    # The pipeline model has no time for a device running two stages, and chain_dp never picks such a plan.
+    costs, bw = [[1.0, 1.0]] * 3, [[INF, 1.0], [1.0, INF]]
+    with pytest.raises(ValueError, match="device 0 holds layer 0 and layer 2; keep each device's layers contiguous"):
+        chain_time(costs, [0.0, 0.0], bw, [0, 1, 0], "pipeline", 4)
+    assert chain_time(costs, [0.0, 0.0], bw, [0, 1, 0]) == 3.0  # the sequential objective prices it
+
+
+def test_chain_bytes_must_be_finite_and_a_free_link_costs_nothing():
+    costs, free = [[1.0, INF], [INF, 1.0]], [[INF, INF], [INF, INF]]
+    for solve in (lambda b: chain_dp_bytes(costs, b, free), lambda b: chain_time(costs, b, free, [0, 1])):
+        with pytest.raises(ValueError, match="byte count at boundary 0 is inf; it must be a finite number"):
+            solve([INF])  # inf / inf was a nan predicted time
+        with pytest.raises(ValueError, match="byte count at boundary 0 is -1.0"):
+            solve([-1.0])
+    assert chain_dp_bytes(costs, [1e300], free).predicted_time == 2.0 == chain_time(costs, [1e300], free, [0, 1])
+
+
+def test_chain_refuses_a_nan_transfer_instead_of_choosing_with_it():
+    from hetrain.placement.chain import _solve
+
+    for objective in ("sequential", "pipeline"):
+        with pytest.raises(ValueError, match="transfer at boundary 0 from device [01] to [01] is nan"):
+            _solve([[1.0, INF], [INF, 1.0]], lambda i, a, b: math.nan, objective, 1, None)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (([[1.0, 1.0]] * 2, [1.0], [[1.0, 0.0], [0.0, 1.0]], [0, 1]), "bandwidth from device 0 to 1 is 0.0"),
+        (([[1.0, 1.0]] * 2, [1.0], [[1.0, 1.0]], [0, 1]), "bandwidth must be a 2 x 2 matrix"),
+        (([[1.0, 1.0]] * 2, [1.0], [[INF, 1.0], [1.0, INF]], [0, 1.0]), r"\(whole numbers.*layer 1 has 1.0"),
+        (([[1.0, 1.0]] * 2, [1.0], [[INF, 1.0], [1.0, INF]], [True, 0]), "layer 0 has True"),
+        (([[1.0, 1.0]], [], [[INF, 1.0], [1.0, INF]], [0], "pipeline", 2.5), "micro_batches=2.5"),
+    ],
+)
+def test_chain_time_rejects_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        chain_time(*args)
 
 
 # Cost model
@@ -391,6 +549,19 @@ def test_cost_model_feeds_the_solvers():
     assert plan.predicted_step_time == pytest.approx(1.0 + 5.0 + 2.0)
     heft_plan = cm.heft_plan()
     assert heft_plan.devices == plan.devices and heft_plan.predicted_step_time == pytest.approx(8.0)
+
+
+def test_cost_model_sequential_plan_goes_back_to_a_device():
+    # What StagePlacement's plan: auto asks for (chain_plan with its objective): b runs only on cuda:0.
+    cm = CostModel(stages=["a", "b", "c"], devices=["cpu", "cuda:0"], compute=[[1.0, INF], [INF, 1.0], [1.0, INF]],
+                   boundary_bytes=[100, 100, 10], bandwidth=[[INF, 100.0], [100.0, INF]])
+    plan = cm.chain_plan()
+    assert plan.devices == {"a": "cpu", "b": "cuda:0", "c": "cpu"}
+    assert plan.predicted_step_time == pytest.approx(3.0 + 2 * 2.0) == cm.predict(plan.devices)
+    with pytest.raises(ValueError, match="one stage per device"):
+        cm.chain_plan(distinct_devices=True)
+    with pytest.raises(ValueError, match="device 0 holds layer 0 and layer 2"):
+        cm.predict(plan.devices, "pipeline", 2)
 
 
 class Masked(nn.Module):

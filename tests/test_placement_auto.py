@@ -54,3 +54,27 @@ def test_an_explicit_plan_is_shown_beside_what_auto_would_predict(tmp_path, capl
     assert summary["auto_predicted_step_time_ms"] <= summary["predicted_step_time_ms"] * 1.0001  # auto is optimal
     assert {k for k in summary if k.startswith("auto.")} == {"auto.embeddings", "auto.encoder.0", "auto.classifier"}
     assert "this plan predicts" in caplog.text and "auto would choose" in caplog.text
+
+
+def test_a_plan_the_pipeline_model_cannot_price_is_logged_not_fatal(caplog):
+    import torch
+
+    from hetrain.callbacks import StagePlacement
+    from hetrain.placement import CostModel
+
+    # Two devices as a GPU machine measures them; the plan goes back to the CPU, which a pipeline cannot price.
+    costs = CostModel(["embeddings", "encoder", "classifier"], ["cpu", "cuda:0"], [[1e-3, 2e-3], [9e-3, 1e-3],
+                      [1e-3, 2e-3]], [4096, 4096, 64], [[float("inf"), 1e9], [1e9, float("inf")]])
+
+    class Measured(StagePlacement):
+        def measure(self, trainer, pl_module):
+            return costs
+
+    placement = Measured({"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cpu"}, objective="pipeline",
+                         micro_batches=4, predict=True)
+    placed = {"embeddings": torch.device("cpu"), "encoder": torch.device("cuda:0"), "classifier": torch.device("cpu")}
+    with caplog.at_level("INFO"):
+        placement.compare(None, None, placed)
+    assert "this plan has no predicted time" in caplog.text and "device 0 holds" in caplog.text
+    assert placement.summary["predicted_step_time_ms"] is None
+    assert placement.summary["auto_predicted_step_time_ms"] > 0

@@ -160,10 +160,14 @@ class StagePlacement(Callback):
     def compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, placed: Mapping[str, torch.device]) -> None:
         """Logs and summarises the placed plan's predicted step time beside the plan ``auto`` would choose."""
         costs = self.measure(trainer, pl_module)
-        mine = costs.predict({name: str(device) for name, device in placed.items()}, self.objective,
-                             self.micro_batches)
+        try:
+            mine = costs.predict({name: str(device) for name, device in placed.items()}, self.objective,
+                                 self.micro_batches)
+        except ValueError as exc:  # a plan the model has no time for (two stages on one device in a pipeline)
+            log.warning(f"placement: this plan has no predicted time: {exc}")
+            mine = None
         best = costs.chain_plan(objective=self.objective, micro_batches=self.micro_batches)
-        ms = round(mine * 1e3, 3)
+        ms = None if mine is None else round(mine * 1e3, 3)
         best_ms = None if best.predicted_step_time is None else round(best.predicted_step_time * 1e3, 3)
         log.info(f"placement: this plan predicts {ms} ms per batch forward+backward; auto would choose "
                  f"{best.devices} at {best_ms} ms")

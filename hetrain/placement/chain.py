@@ -12,18 +12,22 @@ going back over the same link, charged to the receiving stage: copies are not as
 compute). Costs are therefore read as per micro-batch for this objective.
 
 A transfer at boundary ``i`` (between layers ``i`` and ``i + 1``) costs nothing when both sides are
-on the same device. With ``distinct_devices`` (always, for ``"pipeline"``) each device holds at
-most one stage; the search is over (layers placed, set of devices used, last device), so it is
-exact and takes ``O(n^2 * 2^D * D^2)`` steps for ``n`` layers and ``D`` devices. Without it
-(``"sequential"`` only) a device may hold several stages and the search is a shortest path over
-(layer, device).
+on the same device. ``distinct_devices`` says whether a device may hold only one stage; by default it
+does under ``"pipeline"`` (the model has a time for a device running one stage, not two interleaved)
+and not under ``"sequential"`` (a plan may go back to a device it left, e.g. CPU, GPU, CPU). With it the
+search is over (layers placed, set of devices used, last device), so it is exact and takes
+``O(n^2 * 2^D * D^2)`` steps for ``n`` layers and ``D`` devices; without it (``"sequential"`` only) it is
+a shortest path over (layer, device).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from hetrain.placement.heft import check_bandwidth, is_number, transfer_seconds
 
 OBJECTIVES = ("sequential", "pipeline")
 
@@ -42,10 +46,11 @@ class ChainPlan:
 
 
 def _check(costs: Sequence[Sequence[float]], boundaries: int, objective: str, micro_batches: int) -> int:
+    """Validates what every chain function takes; returns the number of devices."""
     if objective not in OBJECTIVES:
         raise ValueError(f"hetrain: objective {objective!r} is not one of {OBJECTIVES}")
-    if micro_batches < 1:
-        raise ValueError(f"hetrain: micro_batches={micro_batches}; it must be >= 1")
+    if not isinstance(micro_batches, numbers.Integral) or isinstance(micro_batches, bool) or micro_batches < 1:
+        raise ValueError(f"hetrain: micro_batches={micro_batches!r}; it must be an integer >= 1")
     if not costs:
         raise ValueError("hetrain: the chain has no layers")
     widths = {len(row) for row in costs}
@@ -53,6 +58,9 @@ def _check(costs: Sequence[Sequence[float]], boundaries: int, objective: str, mi
         raise ValueError(f"hetrain: every layer needs one cost per device; got row lengths {[len(r) for r in costs]}")
     for i, row in enumerate(costs):
         for d, c in enumerate(row):
+            if not is_number(c):
+                raise ValueError(f"hetrain: cost of layer {i} on device {d} is {c!r}; costs are numbers "
+                                 "(inf where the layer cannot run)")
             if math.isnan(c) or c < 0:
                 raise ValueError(f"hetrain: cost of layer {i} on device {d} is {c}; costs must be >= 0")
         if all(math.isinf(c) for c in row):
@@ -62,6 +70,31 @@ def _check(costs: Sequence[Sequence[float]], boundaries: int, objective: str, mi
             f"hetrain: {len(costs)} layers have {len(costs) - 1} boundaries; got {boundaries} transfer costs"
         )
     return widths.pop()
+
+
+def _check_boundaries(values: Sequence[float], what: str, finite: bool) -> None:
+    """Transfer times (inf: the boundary cannot cross devices) or byte counts (finite: inf bytes has no time)."""
+    for i, value in enumerate(values):
+        if not is_number(value) or math.isnan(value) or value < 0 or (finite and math.isinf(value)):
+            bound = "a finite number >= 0" if finite else "a number >= 0"
+            raise ValueError(f"hetrain: {what} at boundary {i} is {value!r}; it must be {bound}")
+
+
+def _checked(transfer: TransferTime) -> TransferTime:
+    """``transfer``, refusing a nan: it compares false with everything, so it would win or lose any choice silently."""
+
+    def time(i: int, a: int, b: int) -> float:
+        seconds = transfer(i, a, b)
+        if math.isnan(seconds):
+            raise ValueError(f"hetrain: transfer at boundary {i} from device {a} to {b} is nan; check the transfer "
+                             "times, byte counts and bandwidths given")
+        return seconds
+
+    return time
+
+
+def _byte_transfer(boundary_bytes: Sequence[float], bandwidth: Sequence[Sequence[float]]) -> TransferTime:
+    return lambda i, a, b: transfer_seconds(boundary_bytes[i], bandwidth[a][b])
 
 
 def _stages(devices: list[int]) -> list[tuple[int, int, int]]:
@@ -115,7 +148,7 @@ def _distinct(costs: Sequence[Sequence[float]], transfer: TransferTime, pipeline
 def _shared(costs: Sequence[Sequence[float]], transfer: TransferTime) -> ChainPlan | None:
     n, num_devices = len(costs), len(costs[0])
     # time[i][d]: best time for layers [0, i] with layer i on device d.
-    time = [list(costs[0])]
+    time = [[float(c) for c in costs[0]]]
     parent: list[list[int]] = [[-1] * num_devices]
     for i in range(1, n):
         row, back = [], []
@@ -136,15 +169,34 @@ def _shared(costs: Sequence[Sequence[float]], transfer: TransferTime) -> ChainPl
     return ChainPlan(devices, _stages(devices), predicted, "sequential", 1)
 
 
-def _solve(costs, transfer: TransferTime, objective: str, micro_batches: int, distinct_devices: bool) -> ChainPlan:
-    if objective == "pipeline" and not distinct_devices:
-        raise ValueError("hetrain: the pipeline objective needs distinct devices (two stages on one device serialise)")
-    if distinct_devices:
-        plan = _distinct(costs, transfer, objective == "pipeline", micro_batches)
+def _distinct_default(objective: str, distinct_devices: bool | None) -> bool:
+    """One stage per device for ``"pipeline"`` (required there), any plan for ``"sequential"``, unless told."""
+    distinct = objective == "pipeline" if distinct_devices is None else distinct_devices
+    if objective == "pipeline" and not distinct:
+        raise ValueError("hetrain: the pipeline objective needs distinct devices (two stages on one device "
+                         "serialise); leave distinct_devices unset, or use objective='sequential'")
+    return distinct
+
+
+def _infeasible(objective: str, distinct: bool) -> ValueError:
+    if not distinct:
+        return ValueError("hetrain: no placement of the chain has a finite time: every way of putting the layers "
+                          "on devices they can run on crosses an inf transfer; check inf costs and transfers")
+    fix = ("use objective='sequential' (a device may then hold several stages)" if objective == "pipeline"
+           else "pass distinct_devices=False (a device may then hold several stages)")
+    return ValueError(f"hetrain: no placement with one stage per device has a finite time; {fix}, or check inf "
+                      "costs and transfers")
+
+
+def _solve(costs: Sequence[Sequence[float]], transfer: TransferTime, objective: str, micro_batches: int,
+           distinct_devices: bool | None) -> ChainPlan:
+    distinct = _distinct_default(objective, distinct_devices)
+    if distinct:
+        plan = _distinct(costs, _checked(transfer), objective == "pipeline", micro_batches)
     else:
-        plan = _shared(costs, transfer)
+        plan = _shared(costs, _checked(transfer))
     if plan is None:
-        raise ValueError("hetrain: no placement of the chain has a finite time (check inf costs and transfers)")
+        raise _infeasible(objective, distinct)
     return plan
 
 
@@ -153,21 +205,21 @@ def chain_dp(
     transfer: Sequence[float],
     objective: str = "sequential",
     micro_batches: int = 1,
-    distinct_devices: bool = True,
+    distinct_devices: bool | None = None,
 ) -> ChainPlan:
     """Optimal stages for a chain; ``transfer[i]`` is the time to cross boundary ``i`` between two devices.
 
     Args:
         costs: layer -> cost on each device (forward + backward; ``inf`` where it cannot run).
-        transfer: one time per boundary (``len(costs) - 1`` of them), paid when its two sides differ.
+        transfer: one time per boundary (``len(costs) - 1`` of them), paid when its two sides differ
+            (``inf`` where they must not).
         objective: ``"sequential"`` or ``"pipeline"`` (see the module docstring for the model).
         micro_batches: ``m`` of the pipeline estimate.
-        distinct_devices: each device holds at most one stage (required for ``"pipeline"``).
+        distinct_devices: each device holds at most one stage; ``None`` (default) means yes for
+            ``"pipeline"`` (required there) and no for ``"sequential"``.
     """
     _check(costs, len(transfer), objective, micro_batches)
-    for i, t in enumerate(transfer):
-        if math.isnan(t) or t < 0:
-            raise ValueError(f"hetrain: transfer time at boundary {i} is {t}; it must be >= 0")
+    _check_boundaries(transfer, "transfer time", finite=False)
     return _solve(costs, lambda i, a, b: transfer[i], objective, micro_batches, distinct_devices)
 
 
@@ -177,22 +229,14 @@ def chain_dp_bytes(
     bandwidth: Sequence[Sequence[float]],
     objective: str = "sequential",
     micro_batches: int = 1,
-    distinct_devices: bool = True,
+    distinct_devices: bool | None = None,
 ) -> ChainPlan:
-    """:func:`chain_dp` with boundary ``i`` costing ``boundary_bytes[i] / bandwidth[a][b]`` from device a to b."""
+    """:func:`chain_dp` with boundary ``i`` costing ``boundary_bytes[i] / bandwidth[a][b]`` from device a to b
+    (0 over an ``inf``, free, link); byte counts must be finite."""
     num_devices = _check(costs, len(boundary_bytes), objective, micro_batches)
-    if len(bandwidth) != num_devices or any(len(row) != num_devices for row in bandwidth):
-        raise ValueError(f"hetrain: bandwidth must be a {num_devices} x {num_devices} matrix (one row per device)")
-    for a in range(num_devices):
-        for b in range(num_devices):
-            if a != b and (math.isnan(bandwidth[a][b]) or bandwidth[a][b] <= 0):
-                raise ValueError(f"hetrain: bandwidth from device {a} to {b} is {bandwidth[a][b]}; it must be > 0")
-    for i, nbytes in enumerate(boundary_bytes):
-        if math.isnan(nbytes) or nbytes < 0:
-            raise ValueError(f"hetrain: byte count at boundary {i} is {nbytes}; it must be >= 0")
-    return _solve(
-        costs, lambda i, a, b: boundary_bytes[i] / bandwidth[a][b], objective, micro_batches, distinct_devices
-    )
+    check_bandwidth(bandwidth, num_devices)
+    _check_boundaries(boundary_bytes, "byte count", finite=True)
+    return _solve(costs, _byte_transfer(boundary_bytes, bandwidth), objective, micro_batches, distinct_devices)
 
 
 def chain_time(
@@ -206,24 +250,45 @@ def chain_time(
     """The time the model above predicts for a given ``devices`` (one per layer), e.g. a hand-written plan.
 
     Prices any assignment the same way the solvers do, so a plan can be held against the optimum. Under
-    ``"pipeline"``, contiguous layers on one device form a stage, and a device holding two stages
-    serialises them: their times add on that device.
+    ``"pipeline"`` contiguous layers on one device form a stage and each device may hold one stage, as in
+    :func:`chain_dp`: the model has no time for a device running two stages, so such a plan is refused.
     """
-    _check(costs, len(boundary_bytes), objective, micro_batches)
-    if len(devices) != len(costs):
-        raise ValueError(f"hetrain: {len(costs)} layers need {len(costs)} devices, got {len(devices)}")
-    n_devices = len(costs[0]) if costs else 0
-    wrong = [(i, d) for i, d in enumerate(devices) if not 0 <= d < n_devices]
-    if wrong:  # a negative index would silently pick a device from the end
-        raise ValueError(f"hetrain: device indices must be in [0, {n_devices}) (one per column of costs); "
-                         f"layer {wrong[0][0]} has {wrong[0][1]}")
-    stage_times: dict[int, float] = {}
-    total = 0.0
-    for first, end, d in _stages(list(devices)):
-        into = boundary_bytes[first - 1] / bandwidth[devices[first - 1]][d] if first > 0 else 0.0
-        stage = into + sum(costs[i][d] for i in range(first, end))
-        total += stage
-        stage_times[d] = stage_times.get(d, 0.0) + stage
+    num_devices = _check(costs, len(boundary_bytes), objective, micro_batches)
+    check_bandwidth(bandwidth, num_devices)
+    _check_boundaries(boundary_bytes, "byte count", finite=True)
+    _check_devices(devices, len(costs), num_devices)
+    stages = _stages(list(devices))
+    if objective == "pipeline":
+        _check_one_stage_per_device(stages)
+    transfer = _checked(_byte_transfer(boundary_bytes, bandwidth))
+    times = [
+        (transfer(first - 1, devices[first - 1], d) if first > 0 else 0.0) + sum(costs[i][d] for i in range(first, end))
+        for first, end, d in stages
+    ]
     if objective == "sequential":
-        return total
-    return (micro_batches + len(stage_times) - 1) * max(stage_times.values())
+        return float(sum(times))
+    return float((micro_batches + len(stages) - 1) * max(times))
+
+
+def _check_devices(devices: Sequence[int], layers: int, num_devices: int) -> None:
+    if len(devices) != layers:
+        raise ValueError(f"hetrain: {layers} layers need {layers} devices, got {len(devices)}")
+    for i, d in enumerate(devices):
+        # a bool or float would index as a number; a negative index would silently pick a device from the end
+        if not isinstance(d, numbers.Integral) or isinstance(d, bool) or not 0 <= d < num_devices:
+            raise ValueError(f"hetrain: device indices must be in [0, {num_devices}) (whole numbers, one per column "
+                             f"of costs); layer {i} has {d!r}")
+
+
+def _check_one_stage_per_device(stages: list[tuple[int, int, int]]) -> None:
+    first_stage: dict[int, tuple[int, int]] = {}
+    for first, end, d in stages:
+        if d in first_stage:
+            raise ValueError(f"hetrain: under the pipeline objective a device holds one stage, but device {d} holds "
+                             f"{_layers(*first_stage[d])} and {_layers(first, end)}; keep each device's layers "
+                             "contiguous, or price the plan with objective='sequential'")
+        first_stage[d] = (first, end)
+
+
+def _layers(first: int, end: int) -> str:
+    return f"layer {first}" if end == first + 1 else f"layers {first}-{end - 1}"

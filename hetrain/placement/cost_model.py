@@ -85,16 +85,20 @@ class CostModel:
         schedule = heft_bytes(*self.heft_inputs(training))
         return PlacementPlan.from_assignment(self.stages, self.devices, schedule.assignment, "heft", schedule.makespan)
 
-    def chain_plan(self, objective: str = "sequential", micro_batches: int = 1, training: bool = True) -> PlacementPlan:
-        """The exact chain solver's plan for ``objective`` (see :func:`hetrain.placement.chain_dp`)."""
-        plan = chain_dp_bytes(*self.chain_inputs(training), objective=objective, micro_batches=micro_batches)
+    def chain_plan(self, objective: str = "sequential", micro_batches: int = 1, training: bool = True,
+                   distinct_devices: bool | None = None) -> PlacementPlan:
+        """The exact chain solver's plan for ``objective`` (see :func:`hetrain.placement.chain_dp`; by default a
+        sequential plan may go back to a device, a pipeline one holds one stage per device)."""
+        plan = chain_dp_bytes(*self.chain_inputs(training), objective=objective, micro_batches=micro_batches,
+                              distinct_devices=distinct_devices)
         return PlacementPlan.from_assignment(self.stages, self.devices, plan.devices, "chain-dp", plan.predicted_time)
 
     def predict(self, devices: Mapping[str, str] | Sequence[str], objective: str = "sequential",
                 micro_batches: int = 1, training: bool = True) -> float:
         """Predicted step time (seconds) of any plan: ``{stage: device}`` (every stage) or one device per stage.
 
-        The same model the solvers minimise, so a hand-written plan can be set beside the optimum.
+        The same model the solvers minimise, so a hand-written plan can be set beside the optimum; under
+        ``"pipeline"`` a plan that puts two stages on one device is refused, as the solver never picks one.
         """
         names = [devices[s] for s in self.stages] if isinstance(devices, Mapping) else list(devices)
         unknown = sorted(set(names) - set(self.devices))

@@ -9,6 +9,12 @@ Heterogeneous Earliest Finish Time (Topcuoglu, Hariri and Wu, IEEE TPDS 13(3), 2
 3. each task goes to the device where it would finish earliest, looking for the earliest idle gap
    on that device that is long enough (insertion policy); ties go to the lower device index.
 
+An ``inf`` transfer time means the data cannot cross devices, so both ends of that edge share one. Step 3
+then looks only at devices that leave every task still to place a device it can run on and receive its
+inputs on (arc consistency over the edges, narrowed again after each placement), so earliest finish
+cannot strand a successor; that is exact for such all-or-nothing edges, and an error names the edges
+when no device fits.
+
 torch has no task-graph scheduler, hence this module.
 """
 
@@ -38,8 +44,26 @@ class Schedule:
     order: list[Task] = field(default_factory=list)
 
 
-def _number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A real number, not a bool (True would read as a cost of 1); the chain solver checks with it too."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def transfer_seconds(nbytes: float, bandwidth: float) -> float:
+    """``nbytes / bandwidth``, with a free (inf) link costing 0 by definition rather than by ``x / inf``."""
+    return 0.0 if math.isinf(bandwidth) else nbytes / bandwidth
+
+
+def check_bandwidth(bandwidth: Sequence[Sequence[float]], num_devices: int) -> None:
+    """A devices x devices matrix of bytes/s, > 0 off the diagonal (``inf`` for a free link); the diagonal is unread."""
+    if len(bandwidth) != num_devices or any(len(row) != num_devices for row in bandwidth):
+        raise ValueError(f"hetrain: bandwidth must be a {num_devices} x {num_devices} matrix (one row per device)")
+    for a in range(num_devices):
+        for b in range(num_devices):
+            value = bandwidth[a][b]
+            if a != b and (not is_number(value) or math.isnan(value) or value <= 0):
+                raise ValueError(f"hetrain: bandwidth from device {a} to {b} is {value!r}; it must be a number > 0 "
+                                 "in bytes/s (inf for a free link)")
 
 
 def _check_costs(compute: Mapping[Task, Sequence[float]]) -> int:
@@ -55,7 +79,7 @@ def _check_costs(compute: Mapping[Task, Sequence[float]]) -> int:
         raise ValueError("hetrain: compute cost lists are empty; give one cost per device")
     for task, costs in compute.items():
         for d, c in enumerate(costs):
-            if not _number(c):
+            if not is_number(c):
                 raise ValueError(f"hetrain: compute cost of task {task!r} on device {d} is {c!r}; costs are "
                                  "numbers (inf where the task cannot run)")
             if math.isnan(c) or c < 0:
@@ -65,7 +89,10 @@ def _check_costs(compute: Mapping[Task, Sequence[float]]) -> int:
     return num_devices
 
 
-def _check_edges(compute: Mapping[Task, Sequence[float]], edges: Mapping[Edge, float], what: str) -> None:
+def _check_edges(
+    compute: Mapping[Task, Sequence[float]], edges: Mapping[Edge, float], what: str, finite: bool = False
+) -> None:
+    """Edges between known tasks with values >= 0; ``finite`` for byte counts (inf bytes has no transfer time)."""
     if not isinstance(edges, Mapping):
         raise ValueError(f"hetrain: edges must map each (u, v) pair to its {what}, got {type(edges).__name__}")
     for edge, value in edges.items():
@@ -74,12 +101,18 @@ def _check_edges(compute: Mapping[Task, Sequence[float]], edges: Mapping[Edge, f
         for end in edge:
             if end not in compute:
                 raise ValueError(f"hetrain: edge {edge!r} names task {end!r}, which has no compute costs")
-        if not _number(value) or math.isnan(value) or value < 0:
+        if not is_number(value) or math.isnan(value) or value < 0:
             raise ValueError(f"hetrain: {what} of edge {edge!r} is {value!r}; it must be a number >= 0")
+        if finite and math.isinf(value):
+            raise ValueError(f"hetrain: {what} of edge {edge!r} is inf; give the bytes it carries (a finite number), "
+                             "or use heft() with an inf transfer time for an edge that must stay on one device")
 
 
 def topological_order(tasks: Sequence[Task], edges: Sequence[Edge]) -> list[Task]:
     """Tasks in an order where every edge points forward; raises naming a cycle if there is one."""
+    if len(set(tasks)) != len(tasks):  # a repeated task would be ordered twice
+        repeated = ", ".join(dict.fromkeys(repr(t) for t in tasks if tasks.count(t) > 1))
+        raise ValueError(f"hetrain: tasks are given more than once ({repeated}); list each task once")
     succs: dict[Task, list[Task]] = {t: [] for t in tasks}
     indegree = dict.fromkeys(tasks, 0)
     for edge in edges:
@@ -166,6 +199,84 @@ def _earliest_slot(busy: list[tuple[float, float]], ready: float, duration: floa
     return start
 
 
+# task -> (edge, neighbour, whether the neighbour is the edge's source) for every edge touching it
+Links = dict[Task, list[tuple[Edge, Task, bool]]]
+CanCross = Callable[[Edge, int, int], bool]  # (edge, source device, target device) -> the data can get there
+
+
+def _links(tasks: Sequence[Task], edges: Sequence[Edge]) -> Links:
+    links: Links = {t: [] for t in tasks}
+    for u, v in edges:
+        links[u].append(((u, v), v, False))
+        links[v].append(((u, v), u, True))
+    return links
+
+
+def _supported(edge: Edge, device: int, is_source: bool, others: set[int], can_cross: CanCross) -> bool:
+    """Whether an end of ``edge`` on ``device`` can exchange its data with the other end on one of ``others``."""
+    return any(can_cross(edge, device, o) if is_source else can_cross(edge, o, device) for o in others)
+
+
+def _propagate(
+    domains: Mapping[Task, set[int]], links: Links, can_cross: CanCross, changed: dict[Task, set[int]]
+) -> dict[Task, set[int]]:
+    """Arc consistency: the domains that shrink once ``changed`` holds, so no device is kept that strands a
+    neighbour. Stops at the first task left with no device (an empty set in the result)."""
+    changed = dict(changed)
+    pending = list(changed)
+    while pending:
+        t = pending.pop()
+        mine = changed.get(t, domains[t])
+        for edge, other, other_is_source in links[t]:
+            theirs = changed.get(other, domains[other])
+            keep = {d for d in theirs if _supported(edge, d, other_is_source, mine, can_cross)}
+            if keep != theirs:
+                changed[other] = keep
+                if not keep:
+                    return changed
+                pending.append(other)
+    return changed
+
+
+def _feasible_devices(compute: Mapping[Task, Sequence[float]], links: Links, can_cross: CanCross,
+                      num_devices: int) -> dict[Task, set[int]]:
+    """Each task's devices from which every neighbour can still exchange data with it on a device it can run
+    on: an inf transfer pins both ends of its edge to one device, and greedy earliest finish must not strand
+    a successor by ignoring that."""
+    domains = {t: {d for d, c in enumerate(costs) if not math.isinf(c)} for t, costs in compute.items()}
+    domains.update(_propagate(domains, links, can_cross, {t: domains[t] for t in compute}))
+    stuck = [t for t, devices in domains.items() if not devices]
+    if stuck:
+        pairs = [(a, b) for a in range(num_devices) for b in range(num_devices) if a != b]
+        blocked = [edge for edge, _, _ in links[stuck[0]] if any(not can_cross(edge, a, b) for a, b in pairs)]
+        raise ValueError(
+            f"hetrain: task {stuck[0]!r} has no device left: the transfers of {blocked} are inf, so the tasks they "
+            "join must share a device, and no device can run all of them. Give them a common device with a "
+            "finite compute cost, or make those transfers finite"
+        )
+    return domains
+
+
+def _placeable(t: Task, domains: Mapping[Task, set[int]], links: Links, can_cross: CanCross
+               ) -> dict[int, dict[Task, set[int]]]:
+    """Devices for ``t`` that leave every other task a device, each with the domains placing ``t`` there narrows."""
+    options = {}
+    for d in sorted(domains[t]):
+        narrowed = _propagate(domains, links, can_cross, {t: {d}})
+        if all(narrowed.values()):
+            options[d] = narrowed
+    return options
+
+
+def _arrival(edge: Edge, finish: float, a: int, b: int, comm_time: Callable[[Edge, int, int], float]) -> float:
+    """When ``edge``'s data reaches device ``b`` from a task on ``a`` that finished at ``finish``."""
+    delay = 0.0 if a == b else comm_time(edge, a, b)
+    if math.isnan(delay):  # nan compares false with everything: it would win or lose every choice silently
+        raise ValueError(f"hetrain: transfer time of edge {edge!r} from device {a} to {b} is nan; check the "
+                         "transfer times, byte counts and bandwidths given")
+    return finish + delay
+
+
 def _schedule(
     compute: Mapping[Task, Sequence[float]],
     edges: Sequence[Edge],
@@ -175,6 +286,9 @@ def _schedule(
 ) -> Schedule:
     tasks = list(compute)
     order = _priority_list(tasks, edges, upward_ranks(compute, mean_comm, topological_order(tasks, edges)))
+    links = _links(tasks, edges)
+    can_cross: CanCross = lambda edge, a, b: a == b or not math.isinf(comm_time(edge, a, b))
+    domains = _feasible_devices(compute, links, can_cross, num_devices)
     preds: dict[Task, list[Task]] = {t: [] for t in tasks}
     for u, v in edges:
         preds[v].append(u)
@@ -183,23 +297,21 @@ def _schedule(
     start: dict[Task, float] = {}
     finish: dict[Task, float] = {}
     for t in order:
+        options = _placeable(t, domains, links, can_cross)
         best: tuple[float, float, int] | None = None
-        for d in range(num_devices):
+        for d in options:
             cost = compute[t][d]
-            if math.isinf(cost):
-                continue
-            ready = max(
-                (finish[u] + (0.0 if assignment[u] == d else comm_time((u, t), assignment[u], d)) for u in preds[t]),
-                default=0.0,
-            )
+            ready = max((_arrival((u, t), finish[u], assignment[u], d, comm_time) for u in preds[t]), default=0.0)
             if math.isinf(ready):
                 continue
             s = _earliest_slot(busy[d], ready, cost)
             if best is None or s + cost < best[0]:
                 best = (s + cost, s, d)
         if best is None:
-            raise ValueError(f"hetrain: task {t!r} cannot receive its inputs on any device it can run on")
+            raise ValueError(f"hetrain: task {t!r} cannot receive its inputs on any device it can run on without "
+                             "leaving a later task none (inf transfers between them); make those transfers finite")
         f, s, d = best
+        domains.update(options[d])
         assignment[t], start[t], finish[t] = d, s, f
         busy[d].append((s, f))
         busy[d].sort()
@@ -213,7 +325,8 @@ def heft(compute: Mapping[Task, Sequence[float]], comm: Mapping[Edge, float]) ->
         compute: task -> its cost on each device (``inf`` where it cannot run); every list has one
             entry per device.
         comm: edge ``(u, v)`` -> transfer time when ``u`` and ``v`` run on different devices (none on
-            the same device). The edges define the graph; tasks with no edges are allowed.
+            the same device; ``inf`` where they must share one). The edges define the graph; tasks with
+            no edges are allowed.
     """
     num_devices = _check_costs(compute)
     _check_edges(compute, comm, "transfer time")
@@ -227,20 +340,22 @@ def heft_bytes(
 ) -> Schedule:
     """HEFT with transfers priced per device pair: ``edge_bytes[(u, v)] / bandwidth[d_u][d_v]`` seconds.
 
-    ``bandwidth`` is a devices x devices matrix in bytes/s (``inf`` for a free link); its diagonal is
-    not read, since a transfer within a device costs nothing. An edge's mean cost for the ranks is its
-    bytes times the mean of ``1 / bandwidth`` over ordered pairs of different devices.
+    ``bandwidth`` is a devices x devices matrix in bytes/s (``inf`` for a free link, which costs 0 for
+    any count); its diagonal is not read, since a transfer within a device costs nothing. Byte counts
+    must be finite. An edge's mean cost for the ranks is its bytes times the mean of ``1 / bandwidth``
+    over ordered pairs of different devices.
     """
     num_devices = _check_costs(compute)
-    _check_edges(compute, edge_bytes, "byte count")
-    if len(bandwidth) != num_devices or any(len(row) != num_devices for row in bandwidth):
-        raise ValueError(f"hetrain: bandwidth must be a {num_devices} x {num_devices} matrix (one row per device)")
+    _check_edges(compute, edge_bytes, "byte count", finite=True)
+    check_bandwidth(bandwidth, num_devices)
     pairs = [(a, b) for a in range(num_devices) for b in range(num_devices) if a != b]
-    for a, b in pairs:
-        if math.isnan(bandwidth[a][b]) or bandwidth[a][b] <= 0:
-            raise ValueError(f"hetrain: bandwidth from device {a} to {b} is {bandwidth[a][b]}; it must be > 0")
-    mean_inverse = sum(1.0 / bandwidth[a][b] for a, b in pairs) / len(pairs) if pairs else 0.0
-    mean_comm = {edge: nbytes * mean_inverse for edge, nbytes in edge_bytes.items()}
+    mean_inverse = sum(transfer_seconds(1.0, bandwidth[a][b]) for a, b in pairs) / len(pairs) if pairs else 0.0
+    # 0 bytes cost nothing even where 1 / bandwidth overflows to inf (0 * inf would be a nan rank).
+    mean_comm = {edge: nbytes * mean_inverse if nbytes else 0.0 for edge, nbytes in edge_bytes.items()}
     return _schedule(
-        compute, list(edge_bytes), mean_comm, lambda edge, a, b: edge_bytes[edge] / bandwidth[a][b], num_devices
+        compute,
+        list(edge_bytes),
+        mean_comm,
+        lambda edge, a, b: transfer_seconds(edge_bytes[edge], bandwidth[a][b]),
+        num_devices,
     )

@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +68,19 @@ class RunRecorder(Callback):
     Notes:
         Samples/s counts training batches over training wall time, validation excluded; ``samples`` (of
         every rank) and the time are this run's, ``steps`` the global step (a resumed run's includes the
-        steps before). When ``max_steps`` ends training mid-epoch Lightning would skip validation;
-        stopping through ``trainer.should_stop`` at the last step makes it validate first, so the
-        summary's metrics belong to the weights the run ends with.
+        steps before). Validation inside fit is left out from its start to the next training batch (or the
+        end of training): ``ModelCheckpoint`` saves after every callback's ``on_validation_end``, and a
+        save is not training either; of that stretch only the training loader's fetch counts, where the
+        loader times it (``wait_seconds``). When ``max_steps`` ends training mid-epoch Lightning would skip
+        validation; stopping through ``trainer.should_stop`` at the last step makes it validate first, so
+        the summary's metrics belong to the weights the run ends with.
+
+    Args:
+        clock: returns seconds; for tests.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.samples = 0
         self.train_time_s = 0.0
         self.start_step = 0  # the global step training started at: past 0 when resumed from a checkpoint
@@ -80,8 +88,9 @@ class RunRecorder(Callback):
         self.stages: dict[str, str] = {}
         self.gpus: list[torch.device] = []
         self._started = 0.0
-        self._val_started = 0.0
-        self._val_time_s = 0.0
+        self._paused_at: float | None = None  # when a validation inside fit began; None while training
+        self._wait_at_pause: float | None = None  # the training loader's wait_seconds then
+        self._paused_s = 0.0
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -91,12 +100,27 @@ class RunRecorder(Callback):
         for gpu in self.gpus:
             torch.cuda.reset_peak_memory_stats(gpu)
         self._sync()
-        self._started = time.perf_counter()
+        self._started = self.clock()
 
     def _sync(self) -> None:
         # GPU work is asynchronous: wait for it so the clock measures the work, not its launch.
         for gpu in self.gpus:
             torch.cuda.synchronize(gpu)
+
+    def _resume(self, trainer: pl.Trainer) -> None:
+        """Training goes on: the pause since the validation began is left out, but for the loader's fetch."""
+        if self._paused_at is None:
+            return
+        self._sync()
+        waited = loader_wait_seconds(trainer)
+        fetched = waited - self._wait_at_pause if waited is not None and self._wait_at_pause is not None else 0.0
+        self._paused_s += max(0.0, self.clock() - self._paused_at - max(fetched, 0.0))
+        self._paused_at = None
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._resume(trainer)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -107,20 +131,16 @@ class RunRecorder(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _validating_inside_fit(trainer):
+        if _validating_inside_fit(trainer) and self._paused_at is None:
             self._sync()
-            self._val_started = time.perf_counter()
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _validating_inside_fit(trainer):
-            self._sync()
-            self._val_time_s += time.perf_counter() - self._val_started
+            self._paused_at = self.clock()
+            self._wait_at_pause = loader_wait_seconds(trainer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume(trainer)  # a validation that ended training: paused up to here
         self._sync()
-        self.train_time_s = time.perf_counter() - self._started - self._val_time_s
+        self.train_time_s = self.clock() - self._started - self._paused_s
         if trainer.world_size > 1:  # each rank counted its own share; the run's summary counts them all
             mine = torch.tensor(self.samples, device=trainer.strategy.root_device)
             self.samples = int(trainer.strategy.reduce(mine, reduce_op="sum").item())
@@ -142,6 +162,13 @@ class RunRecorder(Callback):
         if self.resumed_from:
             out["resumed"] = {"from": self.resumed_from, "at_step": self.start_step}
         return out
+
+
+def loader_wait_seconds(trainer: pl.Trainer) -> float | None:
+    """Seconds the training loader has spent in its ``next()``, for one loader (not a dict or list of them) that
+    times itself (``wait_seconds``); else ``None``."""
+    seconds = getattr(trainer.train_dataloader, "wait_seconds", None)
+    return float(seconds) if isinstance(seconds, int | float) else None
 
 
 def _validating_inside_fit(trainer: pl.Trainer) -> bool:
@@ -185,8 +212,15 @@ def write_run_summary(summary: dict[str, Any], directory: str | Path) -> str:
                  "`throughput.samples_per_s`: the batches timed after warm-up, so the steady rate.\n")
     if "throughput.between_steps_fraction" in flat:
         text += ("\n`throughput.data_wait_*`: time the training loader spent in `next()` fetching batches (n/a for "
-                 "a loader that does not time itself); `throughput.between_steps_*`: all time from one batch's end "
-                 "to the next one's start, the fetch plus logging and callbacks.\n")
+                 "a loader that does not time itself); `throughput.between_steps_*`: all time from one optimizer "
+                 "step's last batch end to the next step's first batch start, the fetch plus logging and "
+                 "callbacks.\n")
+    if "throughput.within_steps_fraction" in flat:
+        text += ("\n`throughput.within_steps_*` (gradient accumulation): the same gaps between one step's batches, "
+                 "which its step time holds.\n")
+    if "throughput.energy_j_per_step" in flat:
+        text += ("\n`throughput.energy_j_per_step`: energy the GPUs drew (NVML) per timed step, validation left "
+                 "out; the CPU's energy is not in it.\n")
     (directory / SUMMARY_MD).write_text(text)
     return text
 

@@ -9,6 +9,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hetrain.callbacks import PipelineSplit
 from hetrain.callbacks import throughput as tp
 from hetrain.callbacks.throughput import (
     NA,
@@ -19,6 +20,9 @@ from hetrain.callbacks.throughput import (
     describe,
     peak_flops,
 )
+from hetrain.data.synthetic import SyntheticSequences, pad_collate
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
 
 BATCH, LEN = 4, 6
 
@@ -90,20 +94,35 @@ def test_data_wait_is_unknown_when_any_timed_batch_lacks_the_loaders_measure():
     assert "too few" in describe(ThroughputMeter(Script(0)).summary())
 
 
-def test_meter_step_spans_its_micro_batches_and_leaves_out_time_before_a_restart():
-    meter = ThroughputMeter(Script(0, 1, 2, 3, 5, 100, 101, 102), warmup_batches=0)
+def test_meter_step_spans_its_micro_batches_and_leaves_out_a_pause():
+    meter = ThroughputMeter(Script(0, 1, 2, 3, 5, 6, 100, 101), warmup_batches=0)
     meter.start()
     meter.batch_start()
     meter.batch_end(samples=2, step_done=False)  # first micro-batch: 1..2
     meter.batch_start()
     meter.batch_end(samples=2, step_done=True)  # second: 3..5; the step ran 1..5
-    meter.start()  # training resumes after e.g. validation, 5..100, which is not training time
+    meter.pause()  # at 6: e.g. validation and a checkpoint save, 6..100, which are not training time
     meter.batch_start()
     meter.batch_end(samples=2)
     assert meter.step_times == [4, 1]
-    assert meter.between_steps == [1, 1, 1]
-    assert meter.time == 7  # waits 1 + 1 + 1, batches 1 + 2 + 1
+    assert meter.between_steps == [1, 1]  # 0..1, and 5..6 before the pause
+    assert meter.within_steps == [1]  # 2..3, between the first step's micro-batches
+    assert meter.time == 7  # gaps 1 + 1 + 1, batches 1 + 2 + 1
     assert meter.summary()["tokens_per_s"] == NA and meter.summary()["mfu"] == NA
+
+
+def test_meter_keeps_the_fetch_after_a_pause_and_leaves_the_pause_out_of_a_step_it_splits():
+    # A step of two micro-batches with a pause between them (validation mid-accumulation).
+    meter = ThroughputMeter(Script(0, 1, 2, 3, 50, 51), warmup_batches=0)
+    meter.start()
+    meter.batch_start(data_wait=0.0)
+    meter.batch_end(samples=2, step_done=False)  # 1..2
+    meter.pause()  # 3..50 paused, of which the loader fetched the next batch for 0.5 s
+    meter.batch_start(data_wait=0.5)
+    meter.batch_end(samples=2, step_done=True)  # 50..51
+    assert meter.within_steps == [1.5]  # 2..3 before the pause, and the fetch
+    assert meter.step_times == [3.5]  # 1..51 less the 46.5 s of the pause that were not the fetch
+    assert meter.time == 4.5  # gaps 1 + 1.5, batches 1 + 1
 
 
 def test_batch_size_reads_labels_first_then_any_tensor():
@@ -180,21 +199,23 @@ def _samples(n: int) -> list[dict]:
     return out
 
 
-class Counter:
-    """An energy counter with NVML's interface (joules since the driver loaded) reading given values."""
+class Watts:
+    """An energy counter with NVML's interface: joules since the start of ``clock`` at a constant power."""
 
-    def __init__(self, *readings):
-        self.readings = list(readings)
+    handles = ["gpu"]
+
+    def __init__(self, clock, watts: float = 100.0):
+        self.clock, self.watts = clock, watts
 
     def joules(self):
-        return self.readings.pop(0)
+        return self.watts * self.clock.now  # reads the clock without advancing it
 
 
-@pytest.mark.parametrize(("readings", "want"), [((100.0, 130.0), 10.0), ((100.0, 100.0), NA), ((5.0, None), NA)])
-def test_energy_per_step_is_unavailable_when_the_counter_did_not_advance(readings, want):
+@pytest.mark.parametrize(("joules", "want"), [(30.0, 10.0), (0.0, NA), (None, NA)])
+def test_energy_per_step_is_unavailable_when_the_counter_did_not_advance(joules, want):
     # NVML refreshes its counter every few tens of ms: a short run reads the same value at both ends.
     callback = Throughput()
-    callback.energy, callback._energy_start = Counter(readings[1]), readings[0]
+    callback._joules = joules  # over the training stretches; None: none was measured
     assert callback._energy_per_step(3) == want
 
 
@@ -234,6 +255,123 @@ def test_callback_in_a_fit_reports_exact_numbers_from_its_clock(tmp_path):
     column = header.index("throughput/step_time_ms")
     assert {float(r[column]) for r in rows if r[column]} == {500.0}
     assert "throughput/device/samples_per_sec" in header
+
+
+def _fit(tmp_path, model, callbacks, steps, val_check_interval=None, **trainer_kwargs):
+    """A CPU fit of ``steps`` optimizer steps over ``_samples``, validating one batch every ``val_check_interval``
+    batches (never when ``None``); no logger, progress bar or checkpoints."""
+    batches = steps * trainer_kwargs.get("accumulate_grad_batches", 1)
+    data = _samples(batches * BATCH)
+    val = {"val_check_interval": val_check_interval, "limit_val_batches": 1} if val_check_interval else \
+        {"limit_val_batches": 0}
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=callbacks, **val, **trainer_kwargs)
+    val_data = DataLoader(data[:BATCH], batch_size=BATCH) if val_check_interval else None
+    trainer.fit(model, DataLoader(data, batch_size=BATCH), val_data)
+    return trainer
+
+
+class Attender(pl.LightningModule):
+    """Embedding, a bias-free projection to queries, keys and values, SDPA over the padding mask, a bias-free head."""
+
+    E, H, C = 8, 2, 3
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, self.E)
+        self.qkv = nn.Linear(self.E, 3 * self.E, bias=False)
+        self.head = nn.Linear(self.E, self.C, bias=False)
+
+    def training_step(self, batch, batch_idx):
+        b, t = batch["input_ids"].shape
+        q, k, v = self.qkv(self.embed(batch["input_ids"])).view(b, t, 3, self.H, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=batch["attention_mask"][:, None, None, :])
+        return F.cross_entropy(self.head(y.transpose(1, 2).reshape(b, t, self.E).mean(1)), batch["labels"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_flops_counted_on_a_cpu_include_attention(tmp_path):
+    # torch's counter has no formula for its CPU flash-attention kernels: attention counted 0 FLOPs on a CPU.
+    callback = Throughput(peak_flops=1e9)
+    _fit(tmp_path, Attender(), [callback], steps=2)
+    b, t, e, h, c = BATCH, LEN, Attender.E, Attender.H, Attender.C
+    projection, head = 2 * b * t * e * 3 * e, 2 * b * e * c  # (b t, e) @ (e, 3e) and (b, e) @ (e, c)
+    bmm = 2 * b * h * t * t * (e // h)  # one (t, d) @ (d, t) or (t, t) @ (t, d) product per batch row and head
+    # Linear layers: forward, gradient of the input, gradient of the weight. Attention: q k^T and p v forward;
+    # backward the gradients dv, dp, dq and dk, and q k^T again, which the flash kernel recomputes (torch counts
+    # its GPU kernels' backward so).
+    assert callback.summary["flops_per_batch"] == 3 * (projection + head) + 2 * bmm + 5 * bmm
+
+
+def test_attention_ops_a_torch_lacks_or_counts_itself_are_left_to_it(monkeypatch):
+    monkeypatch.setitem(tp._CPU_ATTENTION, "_no_such_attention_op", tp._sdpa_forward_flops)
+    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    monkeypatch.setitem(tp.flop_counter.flop_registry, cpu_flash, lambda *args, **kwargs: 1)
+    assert list(tp.cpu_attention_formulas()) == [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward]
+
+
+def test_flops_leave_out_the_forward_activation_checkpointing_recomputes(tmp_path):
+    data = DataLoader(SyntheticSequences(2 * BATCH, min_len=4, max_len=12, seed=0), batch_size=BATCH,
+                      collate_fn=pad_collate)
+    counted = []
+    for checkpoint in ((), True):
+        torch.manual_seed(0)
+        task = ClassificationTask(BertClassifier(hidden=16, layers=2, heads=2, dropout=0.0), num_classes=4)
+        callback = Throughput(peak_flops=1e9)
+        split = PipelineSplit(micro_batches=2, checkpoint=checkpoint, split_on_one_device=True)
+        pl.Trainer(accelerator="cpu", max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                   enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                   callbacks=[split, callback]).fit(task, data)
+        counted.append(callback.summary["flops_per_batch"])
+    # Recomputing every stage's forward in backward is the price of the memory saved, not the model's work: with
+    # it counted, MFU rose by a third when checkpointing was turned on.
+    assert counted[1] == counted[0] > 0
+
+
+class SlowStart(Tagger):
+    """A first batch (the warm-up: kernel selection, FLOP counting) 100 s longer on the clock."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 0 and batch_idx == 0:
+            self.clock.now += 100.0
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_step_holding_the_warm_up_batch_is_left_out_of_step_times_and_energy(tmp_path, monkeypatch):
+    clock = Tick(0.5)
+    monkeypatch.setattr(tp, "NvmlEnergy", lambda devices: Watts(clock, 100.0))
+    callback = Throughput(clock=clock, peak_flops=1e9)
+    _fit(tmp_path, SlowStart(clock), [callback], steps=4, accumulate_grad_batches=2)
+    s = callback.summary
+    # Every read advances 0.5 s: a step runs 1.5 s (batch, gap, batch) after a 0.5 s gap. The first step holds
+    # the warm-up batch; its second batch is timed, but the step is not.
+    assert s["step_time_ms"] == {"mean": 1500.0, "p50": 1500.0, "p90": 1500.0, "p99": 1500.0}
+    assert s["energy_j_per_step"] == 100.0 * 2.0  # 100 W over each of the 3 timed steps' 2 s
+
+
+def test_energy_per_step_leaves_out_validation(tmp_path, monkeypatch):
+    clock = Tick(0.5)
+    monkeypatch.setattr(tp, "NvmlEnergy", lambda devices: Watts(clock, 100.0))
+    callback = Throughput(clock=clock, peak_flops=1e9)
+    _fit(tmp_path, Tagger(clock), [callback], steps=5, val_check_interval=2)
+    # Each timed step waits 0.5 s and runs 0.5 s, at 100 W; each validation's 10 s is not training.
+    assert callback.summary["energy_j_per_step"] == 100.0
+    assert describe(callback.summary).endswith("MFU 0.0%, GPU energy 100.00 J/step")
+
+
+def test_with_accumulation_between_steps_is_the_time_between_steps_only(tmp_path):
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9, warmup_batches=2)  # the first step is the warm-up
+    _fit(tmp_path, Tagger(), [callback], steps=4, accumulate_grad_batches=2)
+    s = callback.summary
+    # Each of the 3 timed steps: a 0.5 s gap before it, then batch, gap, batch, 0.5 s each: 2 s in all.
+    assert s["step_time_ms"]["mean"] == 1500.0
+    assert s["between_steps_ms_mean"] == 500.0 and s["between_steps_fraction"] == 0.5 / 2
+    assert s["within_steps_ms_mean"] == 500.0 and s["within_steps_fraction"] == 0.5 / 2
+    assert 3 * s["step_time_ms"]["mean"] / 1000 / (3 * 2) + s["between_steps_fraction"] == 1.0
+    assert "between steps 25.0%, gaps within steps 25.0%" in describe(s)
 
 
 class CompiledHead(nn.Module):

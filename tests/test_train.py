@@ -12,17 +12,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 import hetrain.nn
 from hetrain.callbacks.placement import StagePlacement
+from hetrain.callbacks.throughput import Throughput
 from hetrain.data.synthetic import CLS, FIRST_MARKER, SyntheticSequences, pad_collate
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
 from hetrain.placement import resolve_plan
 from hetrain.recipes import register_recipes
+from hetrain.report import RunRecorder
 from hetrain.train import build, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +194,77 @@ def test_bert_split_trains_and_writes_summary(tmp_path):
     if not torch.cuda.is_available():
         assert log.count("placement: cuda:0 not present; encoder, classifier -> cpu") == 1
         assert set(summary["stages"].values()) == {"cpu"}
+
+
+class _Clock:
+    """Seconds that pass only when the test moves them on; reading them moves nothing."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Fetching(DataLoader):
+    """torch's DataLoader whose every fetch takes ``fetch`` seconds of ``clock``, counted in ``wait_seconds`` as
+    hetrain's loaders count the time spent in their ``next()``."""
+
+    def __init__(self, *args, clock: _Clock, fetch: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock, self.fetch, self.wait_seconds = clock, fetch, 0.0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.clock.now += self.fetch
+            self.wait_seconds += self.fetch
+            yield batch
+
+
+class _Work(pl.Callback):
+    """A training batch takes 1 s of the clock, a validation batch 10 s."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.now += 1.0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.clock.now += 10.0
+
+
+class _SlowCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, whose saves after a validation take 50 s of the clock."""
+
+    def __init__(self, clock: _Clock, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.clock = clock
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.clock.now += 50.0
+
+
+def test_run_summary_rates_leave_out_validation_and_the_checkpoint_saved_after_it(tmp_path):
+    """Lightning runs ModelCheckpoint after every other callback's on_validation_end: its save, 64 MB of weights,
+    landed in the training time of both rates, and samples/s read a fifth of the rate training ran at."""
+    clock, steps = _Clock(), 6
+    data = SyntheticSequences(4 * steps, min_len=4, max_len=12, seed=0)
+    train = _Fetching(data, batch_size=4, collate_fn=pad_collate, clock=clock, fetch=0.25)
+    throughput, recorder = Throughput(clock=clock, peak_flops=1e9), RunRecorder(clock=clock)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, val_check_interval=2, limit_val_batches=1,
+                         num_sanity_val_steps=0, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[_Work(clock), throughput, recorder,
+                                                                _SlowCheckpoint(clock, dirpath=tmp_path)])
+    torch.manual_seed(0)
+    task = ClassificationTask(BertClassifier(hidden=16, layers=1, heads=2), num_classes=4)
+    trainer.fit(task, train, DataLoader(data, batch_size=4, collate_fn=pad_collate))
+    # Each batch is fetched in 0.25 s and trains 1 s; the three validations, 10 s each, and the saves after them,
+    # 50 s each, are not training time (the fetch after each is).
+    assert recorder.train_time_s == steps * 1.25 and recorder.summary(trainer)["samples_per_s"] == 4 / 1.25
+    s = throughput.summary
+    assert s["samples_per_s"] == 4 / 1.25 and s["between_steps_ms_mean"] == 250.0 and s["data_wait_fraction"] == 0.2
 
 
 def _logged(run: Path) -> list[dict[str, str]]:

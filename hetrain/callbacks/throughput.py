@@ -13,7 +13,9 @@ for the run's summary table.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,10 +29,13 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
 from hetrain.device_info import device_name
+from hetrain.report import loader_wait_seconds
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,100 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _sdpa_forward_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
+                         **kwargs: Any) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's CPU flash-attention ops and the formulas of their CUDA twins (same leading arguments, in shapes).
+_CPU_ATTENTION = {"_scaled_dot_product_flash_attention_for_cpu": _sdpa_forward_flops,
+                  "_scaled_dot_product_flash_attention_for_cpu_backward": _sdpa_backward_flops}
+
+
+def cpu_attention_formulas() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas for the CPU attention ops this torch has and does not count itself.
+
+    torch 2.13's ``FlopCounterMode`` knows its GPU attention kernels only: on a CPU attention counted 0 FLOPs and
+    MFU missed it. The formulas are torch's own for SDPA, so a CPU counts what a GPU does (its backward includes
+    the scores the flash kernel recomputes). An op another torch lacks, or already counts, is left to it."""
+    ops = {getattr(torch.ops.aten, name, None): formula for name, formula in _CPU_ATTENTION.items()}
+    return {op: formula for op, formula in ops.items() if op is not None and op not in flop_counter.flop_registry}
+
+
+class _RecomputeWatch:
+    """Whether the ops running now recompute a forward for activation checkpointing.
+
+    A module's forward entered while a backward pass runs is a recompute: torch's checkpoint, reentrant or not,
+    reruns the checkpointed modules there. Backward formulas themselves call no modules, so a backward that builds
+    a graph (``create_graph=True``) still counts. A checkpointed function that calls no module is not seen."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()  # per thread: a GPU's backward runs on autograd's device threads
+        self._handles: list[Any] = []
+
+    def _stack(self) -> list[bool]:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
+
+    def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        self._stack().append(torch._C._current_graph_task_id() != -1)
+
+    def _leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        stack = self._stack()
+        if stack:
+            stack.pop()
+
+    @property
+    def recomputing(self) -> bool:
+        return any(self._stack())
+
+    def __enter__(self) -> _RecomputeWatch:
+        # always_call: checkpoint's early stop ends a recompute by raising out of the module's forward.
+        self._handles = [register_module_forward_pre_hook(self._enter),
+                         register_module_forward_hook(self._leave, always_call=True)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class TrainingFlopCounter(FlopCounterMode):
+    """torch's ``FlopCounterMode`` for a training step's forward and backward, counting what MFU counts.
+
+    Adds the CPU attention ops torch does not count (:func:`cpu_attention_formulas`) and leaves out the forward
+    that activation checkpointing recomputes in backward: that work is the price of the memory saved, not the
+    model's (it made a checkpointed BERT count a third more FLOPs, so MFU rose with checkpointing)."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False, custom_mapping=cpu_attention_formulas())
+        self.recompute = _RecomputeWatch()
+        self.flop_registry = {op: self._unless_recomputing(formula) for op, formula in self.flop_registry.items()}
+
+    def _unless_recomputing(self, formula: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(formula)
+        def count(*args: Any, **kwargs: Any) -> int:
+            return 0 if self.recompute.recomputing else formula(*args, **kwargs)
+
+        return count
+
+    def __enter__(self) -> TrainingFlopCounter:
+        self.recompute.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.recompute.__exit__(*exc)
+
+
 class NvmlEnergy:
     """Energy the GPUs drew, from NVML's energy counters; ``None`` where pynvml or the counter is missing."""
 
@@ -131,18 +230,21 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 class ThroughputMeter:
     """Training throughput from batch boundaries and a clock, no Trainer needed.
 
-    Call :meth:`start` when training starts or resumes (after validation: the time in between is
-    left out), and per batch :meth:`batch_start` / :meth:`batch_end`. Time from the last of those
-    to the next ``batch_start`` is the time between steps; of it, ``batch_start(data_wait=...)`` says
-    how much the loader spent fetching the batch (unknown, and reported ``n/a``, if any timed batch
-    leaves it out). A step (which may span several micro-batches) lasts from its first
-    ``batch_start`` to the ``batch_end`` that closes it.
+    Call :meth:`start` when training starts, :meth:`pause` when it stops for a while (validation, and the
+    checkpoint saved after it: the time up to the next ``batch_start`` is left out, except the loader's fetch)
+    and per batch :meth:`batch_start` / :meth:`batch_end`. A step (which may span several micro-batches)
+    lasts from its first ``batch_start`` to the ``batch_end`` that closes it; time from that end to the next
+    step's first ``batch_start`` is the time between steps, and the gaps between one step's micro-batches are
+    the gaps within steps: step times and the time between steps never overlap. Of each gap,
+    ``batch_start(data_wait=...)`` says how much the loader spent fetching the batch (unknown, and reported
+    ``n/a``, if any timed batch leaves it out).
 
     Args:
         clock: returns seconds; ``time.perf_counter`` by default.
         window_size: batches in the rolling rates of Lightning's ``Throughput``.
         available_flops: peak FLOP/s of the device, for MFU.
-        warmup_batches: first batches left out of every number (kernel selection, allocator growth).
+        warmup_batches: first batches left out of every number (kernel selection, allocator growth); a step
+            that holds one is left out of the step times too.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter, window_size: int = 20,
@@ -155,33 +257,63 @@ class ThroughputMeter:
         self.batches = 0
         self.samples = 0
         self.tokens = 0
-        self.time = 0.0  # timed training time: steps plus the time between them, pauses left out
-        self.step_times: list[float] = []
-        self.between_steps: list[float] = []  # batch end to next batch start: fetch, logging, other hooks
-        self.data_waits: list[float] | None = []  # of that, the loader's own next(); None once a batch lacks it
+        self.time = 0.0  # timed training time: batches plus the gaps between them, pauses left out
+        self.step_times: list[float] = []  # steps whose every batch was timed
+        self.between_steps: list[float] = []  # a step's last batch end to the next step's first batch start
+        self.within_steps: list[float] = []  # gaps between one step's micro-batches (gradient accumulation)
+        self.data_waits: list[float] | None = []  # the loader's own next(); None once a batch lacks it
         self.flops_per_batch: float | None = None
         self._last_end: float | None = None
+        self._paused_at: float | None = None
         self._step_started: float | None = None
+        self._step_timed = False
         self._batch_started = 0.0
+
+    @property
+    def in_timed_step(self) -> bool:
+        """Whether a step is open whose first batch was timed (one the step times will hold), or none is open
+        and the next batch, which opens one, is timed."""
+        if self._step_started is None:
+            return self.seen_batches >= self.warmup_batches
+        return self._step_timed
 
     def start(self) -> None:
         self._last_end = self.clock()
+        self._paused_at = None
+
+    def pause(self) -> None:
+        """Training stops until the next ``batch_start``; that time is not training time."""
+        if self._paused_at is None:
+            self._paused_at = self.clock()
+
+    def _gap(self, now: float, data_wait: float | None) -> float:
+        """Training time since the last batch ended: all of it, or after a pause the time up to the pause and the
+        loader's fetch. A step open across the pause leaves the pause out too."""
+        if self._paused_at is None:
+            return now - self._last_end
+        paused, self._paused_at = self._paused_at, None
+        kept = min(now - self._last_end, max(paused - self._last_end, 0.0) + (data_wait or 0.0))
+        if self._step_started is not None:
+            self._step_started += now - self._last_end - kept
+        return kept
 
     def batch_start(self, data_wait: float | None = None) -> None:
         """A batch starts; ``data_wait``: seconds its loader spent fetching it, if the loader measures that."""
         now = self.clock()
         if self._last_end is None:  # no start(): the time between is unknown, not counted
             self._last_end = now
+        gap = self._gap(now, data_wait)
         timed = self.seen_batches >= self.warmup_batches
+        opens_step = self._step_started is None
+        if opens_step:
+            self._step_started, self._step_timed = now, timed
         if timed:
-            self.between_steps.append(now - self._last_end)
-            self.time += now - self._last_end
+            (self.between_steps if opens_step else self.within_steps).append(gap)
+            self.time += gap
             if data_wait is None:
                 self.data_waits = None
             elif self.data_waits is not None:
                 self.data_waits.append(data_wait)
-        if self._step_started is None:
-            self._step_started = now
         self._batch_started = now
 
     def batch_end(self, samples: int, tokens: int | None = None, step_done: bool = True) -> None:
@@ -190,7 +322,7 @@ class ThroughputMeter:
         self.seen_batches += 1
         self._last_end = now
         if step_done:
-            if timed:
+            if self._step_timed:
                 self.step_times.append(now - self._step_started)
             self._step_started = None
         if not timed:
@@ -215,7 +347,7 @@ class ThroughputMeter:
         return metrics
 
     def summary(self) -> dict[str, Any]:
-        """Whole-run numbers over the timed batches: rates, step-time percentiles, data wait, MFU."""
+        """Whole-run numbers over the timed batches: rates, step-time percentiles, data wait, gaps, MFU."""
         if not self.batches or self.time <= 0:
             return {"batches_timed": self.batches}
         out: dict[str, Any] = {
@@ -225,10 +357,14 @@ class ThroughputMeter:
             "data_wait_fraction": sum(self.data_waits) / self.time if self.data_waits else NA,
             "between_steps_fraction": sum(self.between_steps) / self.time,
         }
+        if self.within_steps:
+            out["within_steps_fraction"] = sum(self.within_steps) / self.time
         if self.step_times:
             out["step_time_ms"] = {k: 1000 * v for k, v in _percentiles(self.step_times).items()}
         out["data_wait_ms_mean"] = 1000 * float(np.mean(self.data_waits)) if self.data_waits else NA
-        out["between_steps_ms_mean"] = 1000 * float(np.mean(self.between_steps))
+        out["between_steps_ms_mean"] = 1000 * float(np.mean(self.between_steps)) if self.between_steps else NA
+        if self.within_steps:
+            out["within_steps_ms_mean"] = 1000 * float(np.mean(self.within_steps))
         if self.flops_per_batch and self.available_flops:
             out["mfu"] = self.flops_per_batch * self.batches / self.time / self.available_flops
         else:
@@ -238,7 +374,7 @@ class ThroughputMeter:
 
 def describe(summary: dict[str, Any]) -> str:
     """One line a person reads at the end of a fit: the summary's rates, step-time percentiles, shares of the
-    training time and MFU, rounded; what was not measured reads n/a."""
+    training time, MFU and the GPUs' energy per step, rounded; what was not measured reads n/a."""
     if "samples_per_s" not in summary:
         return f"{summary.get('batches_timed', 0)} batches timed after warm-up: too few for rates"
 
@@ -254,10 +390,13 @@ def describe(summary: dict[str, Any]) -> str:
     if steps:
         parts.append(f"step {steps['p50']:.1f} ms p50 ({steps['p90']:.1f} p90, {steps['p99']:.1f} p99)")
     parts += [f"data wait {share(summary['data_wait_fraction'])}",
-              f"between steps {share(summary['between_steps_fraction'])}", f"MFU {share(summary['mfu'])}"]
+              f"between steps {share(summary['between_steps_fraction'])}"]
+    if "within_steps_fraction" in summary:
+        parts.append(f"gaps within steps {share(summary['within_steps_fraction'])}")
+    parts.append(f"MFU {share(summary['mfu'])}")
     energy = summary.get("energy_j_per_step", NA)
     if isinstance(energy, float):
-        parts.append(f"{energy:.2f} J/step")
+        parts.append(f"GPU energy {energy:.2f} J/step")
     if "of_ranks" in summary:
         parts.append(summary["of_ranks"])
     return ", ".join(parts)
@@ -290,15 +429,22 @@ class Throughput(Callback):
           step-time spread out and needs a ``flops_per_batch`` attribute; this callback keeps its
           rolling rates (Lightning's ``Throughput``) and adds those, with a clock a test can drive.
         - FLOPs per batch: the module's ``flops_per_batch`` when it has one (Lightning's convention),
-          else counted by torch's ``FlopCounterMode`` during the first batch (a warm-up batch, left out
+          else counted by :class:`TrainingFlopCounter` (torch's ``FlopCounterMode`` plus CPU attention, less
+          the forward activation checkpointing recomputes) during the first batch (a warm-up batch, left out
           of the timing). The count assumes every batch costs the same; ops on other threads are missed.
         - Peak FLOP/s for MFU: ``peak_flops`` if given, else Lightning's table, else a short matmul
           measurement at the run's compute dtype, once per device name.
         - GPU work is waited for before each clock read, so times are of the work, not of its launch.
         - Data wait is read from the training loader's ``wait_seconds`` (hetrain's ``RingLoader``,
           ``DevicePrefetcher`` and ``TimedDataLoader`` keep it); with any other loader it is ``n/a`` and
-          ``between_steps`` (fetch, batch transfer, logging, other callbacks) bounds it from above.
-        - Energy per step from NVML's counters when pynvml and a GPU are there, else ``"n/a"``.
+          the gaps between batches (``between_steps``, and with gradient accumulation ``within_steps``:
+          fetch, batch transfer, logging, other callbacks) bound it from above.
+        - Validation inside fit, and what runs after it before training goes on (``ModelCheckpoint`` saves
+          there, after every other callback's ``on_validation_end``), is not training time: the pause lasts to
+          the next batch's start, of which only the loader's fetch counts.
+        - Energy per step (``energy_j_per_step``): what the GPUs drew, from NVML's counters, over the timed
+          steps' training time (validation left out); the CPU's energy is not in it. ``"n/a"`` without pynvml
+          or a GPU.
 
     Args:
         tokens_key: batch key whose tokens are counted (a mask counts its true entries; other tensors
@@ -332,7 +478,8 @@ class Throughput(Callback):
         self._flop_counter: contextlib.ExitStack | None = None  # open while the first batch's FLOPs are counted
         self._flops: FlopCounterMode | None = None
         self._stepped = False
-        self._energy_start: float | None = None
+        self._joules: float | None = None  # GPU energy of the training stretches closed so far
+        self._energy_start: float | None = None  # the counter where the open stretch began
         self._wait_seen: float | None = None  # the training loader's wait_seconds at the last reading
 
     def _tokens(self, batch: Any) -> int | None:
@@ -345,16 +492,15 @@ class Throughput(Callback):
         for device in self._devices:
             _sync(device)
 
-    @staticmethod
-    def _loader_wait_seconds(trainer: pl.Trainer) -> float | None:
-        # One training loader (not a dict or list of them) that times its own next().
-        seconds = getattr(trainer.train_dataloader, "wait_seconds", None)
-        return float(seconds) if isinstance(seconds, int | float) else None
+    def _open_energy(self) -> None:
+        """Starts a stretch of measured GPU energy where the meter's timed training time goes on."""
+        if self._energy_start is None and self.energy.handles and self.meter.in_timed_step:
+            self._energy_start = self.energy.joules()
 
-    def _start(self, trainer: pl.Trainer) -> None:
-        self._sync()
-        self._wait_seen = self._loader_wait_seconds(trainer)
-        self.meter.start()
+    def _close_energy(self) -> None:
+        if self._energy_start is not None:
+            self._joules = (self._joules or 0.0) + self.energy.joules() - self._energy_start
+            self._energy_start = None
 
     @override
     @rank_zero_only
@@ -366,26 +512,28 @@ class Throughput(Callback):
         self.meter = ThroughputMeter(self.clock, self.window_size, available, self.warmup_batches)
         self.meter.flops_per_batch = getattr(pl_module, "flops_per_batch", None)
         self.energy = NvmlEnergy(self._devices)
-        self._start(trainer)
+        self._sync()
+        self._wait_seen = loader_wait_seconds(trainer)
+        self.meter.start()
+        self._open_energy()
 
     @override
     @rank_zero_only
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._sync()
-        seen, waited = self._wait_seen, self._loader_wait_seconds(trainer)
+        seen, waited = self._wait_seen, loader_wait_seconds(trainer)
         self._wait_seen = waited
         if seen is not None and waited is not None and waited < seen:  # a new loader (reloaded per epoch)
             seen = 0.0
         self.meter.batch_start(None if seen is None or waited is None else waited - seen)
-        if self.meter.seen_batches == self.meter.warmup_batches and self.energy.handles:
-            self._energy_start = self.energy.joules()
+        self._open_energy()  # after a validation: training goes on here
         if self.meter.seen_batches == 0 and self.count_flops and self.meter.flops_per_batch is None:
             # Counted with torch.compile standing aside: dynamo meeting a frame under the counter's dispatch mode
             # marks its code never to be compiled, so a compiled model would have run eagerly all run.
             self._flop_counter = contextlib.ExitStack()
             self._flop_counter.enter_context(torch.compiler.set_stance("force_eager"))
-            self._flops = self._flop_counter.enter_context(FlopCounterMode(display=False))
+            self._flops = self._flop_counter.enter_context(TrainingFlopCounter())
 
     @override
     @rank_zero_only
@@ -408,6 +556,7 @@ class Throughput(Callback):
         self._stop_counting()
         self._sync()
         self.meter.batch_end(batch_size(batch), self._tokens(batch), step_done=self._stepped)
+        self._open_energy()  # from the end of the warm-up on: the first step all of whose batches are timed
         # The step Lightning files this batch's training_step metrics under: the optimizer step it belongs to,
         # which global_step already counts once that step is done. Rows then line up with the loss's.
         step = trainer.global_step - 1 if self._stepped else trainer.global_step
@@ -422,15 +571,20 @@ class Throughput(Callback):
 
     @override
     @rank_zero_only
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A validation inside fit (its stage is VALIDATING, so trainer.training is False here).
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A validation inside fit (its stage is VALIDATING, so trainer.training is False here). The pause ends at
+        # the next batch, not at on_validation_end: ModelCheckpoint saves after every callback's on_validation_end.
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self.meter is not None:
-            self._start(trainer)
+            self._sync()
+            self.meter.pause()
+            self._close_energy()
 
     @override
     @rank_zero_only
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_counting()
+        self._sync()
+        self._close_energy()
         summary = self.meter.summary()
         summary["flops_per_batch"] = self.meter.flops_per_batch or NA
         summary["peak_flops"] = self.meter.available_flops or NA
@@ -441,15 +595,15 @@ class Throughput(Callback):
         log.info(f"Throughput: {describe(summary)}")
 
     def _energy_per_step(self, steps: int) -> float | str:
-        joules = self.energy.joules() if self._energy_start is not None else None
-        if joules is None or not steps:
+        """The GPUs' energy over the timed training stretches per timed step."""
+        if self._joules is None or not steps:
             return NA
-        if joules <= self._energy_start:
+        if self._joules <= 0:
             # NVML refreshes the counter every few tens of ms (on some virtual machines never): a run shorter
             # than that reads no energy at all, which is no measurement, not zero joules.
             log.info(f"hetrain: the GPU energy counter did not advance over {steps} steps; energy is {NA}")
             return NA
-        return (joules - self._energy_start) / steps
+        return self._joules / steps
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

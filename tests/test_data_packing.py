@@ -57,6 +57,16 @@ def test_packed_batches_through_the_ring_carry_segments_positions_and_labels():
     assert packed.fill_fraction > 0.9
 
 
+def test_a_batch_too_large_for_pack_into_is_refused_naming_the_sizes():
+    rows = [[{"input_ids": list(range(5)), "label": 1}] * 3] * 4  # 4 rows of 3 segments, 15 tokens each
+    out = {name: torch.empty(n, dtype=dtype) for name, (dtype, n) in PackInto(32, 4, 3).spec.items()}
+    with pytest.raises(ValueError, match=r"packed batch of 4 rows x 15 tokens .* does not fit PackInto\(max_tokens=32"):
+        PackInto(32, 4, 3)(rows, out)  # was: shape '[4, 15]' is invalid for input of size 32
+    out = {name: torch.empty(n, dtype=dtype) for name, (dtype, n) in PackInto(64, 4, 2).spec.items()}
+    with pytest.raises(ValueError, match="up to 3 segments a row does not fit .* max_segments=2"):
+        PackInto(64, 4, 2)(rows, out)
+
+
 def test_attention_over_a_packed_row_equals_each_sequence_alone():
     torch.manual_seed(0)
     block = EncoderBlock(hidden=16, heads=2, ffn=32, dropout=0.0).double().eval()

@@ -29,6 +29,11 @@ def test_token_file_round_trip(tmp_path, itemsize, vocab):
         np.testing.assert_array_equal(tf[i], doc)
     np.testing.assert_array_equal(tf.doc_lengths, [len(d) for d in docs])
     assert TokenFile(tmp_path / "c.bin").num_tokens == tf.num_tokens  # either file names the pair
+    for i in (-1, -2, -37):  # from the end, as a list counts (-1 was empty, -2 the last document)
+        np.testing.assert_array_equal(tf[i], docs[i])
+    for i in (37, -38):
+        with pytest.raises(IndexError, match=f"document {i} of a token file of 37 documents"):
+            tf[i]
 
 
 def test_ids_too_large_for_uint16_are_refused(tmp_path):
@@ -99,6 +104,13 @@ def test_jsonl_without_the_field_or_not_json_names_the_line(tmp_path):
     src.write_text('{"text": "x"}\n{"text": "y"\n')
     with pytest.raises(ValueError, match=r"in\.jsonl:2 is not a JSON record: Expecting ',' delimiter"):
         list(iter_documents([src]))
+    src.write_text('{"text": "x"}\n{"text": null}\n')  # was: 'NoneType' object has no attribute 'encode'
+    with pytest.raises(ValueError, match=r"in\.jsonl:2: field 'text' is a JSON NoneType, not text"):
+        list(iter_documents([src]))
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))  # was: a codec error naming no file
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text \(byte 3"):
+        list(iter_documents([latin]))
 
 
 def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):

@@ -102,6 +102,7 @@ class PackInto:
     def __call__(self, rows: list[list[dict[str, Any]]], out: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         b = len(rows)
         t = max(sum(len(item["input_ids"]) for item in row) for row in rows)
+        self._check_fits(b, t, max(len(row) for row in rows), out)
         ids = out["input_ids"][: b * t].view(b, t).fill_(self.pad_id)
         mask = out["attention_mask"][: b * t].view(b, t).fill_(False)
         seg = out["segment_ids"][: b * t].view(b, t).fill_(0)
@@ -123,6 +124,16 @@ class PackInto:
                 labels[r, : len(row)] = torch.as_tensor([int(item[self.label_key]) for item in row])
             shapes["labels"] = (b, s)
         return shapes
+
+    def _check_fits(self, b: int, t: int, segments: int, out: dict[str, torch.Tensor]) -> None:
+        """Checked here, or the slot views fail with a shape error that names neither the batch nor the setting."""
+        labels_fit = self.label_key is None or (segments <= self.max_segments
+                                                and b * self.max_segments <= out["labels"].numel())
+        if b * t > out["input_ids"].numel() or not labels_fit:
+            raise ValueError(f"hetrain: a packed batch of {b} rows x {t} tokens with up to {segments} segments a row "
+                             f"does not fit PackInto(max_tokens={out['input_ids'].numel()}, max_segments="
+                             f"{self.max_segments}); size it from the sampler's max_tokens and max_batch_rows and the "
+                             "packing's max_segments")
 
 
 def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:

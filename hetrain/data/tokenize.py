@@ -29,27 +29,41 @@ class ByteTokenizer:
 
 
 def iter_documents(paths: Sequence[str | os.PathLike], field: str = "text", whole_files: bool = False) -> Iterator[str]:
-    """The documents of ``paths``: ``.jsonl`` files by record ``field``, other files by line (or whole)."""
+    """The documents of ``paths``: ``.jsonl`` files by record ``field``, other files by line (or whole).
+
+    Every file is read as UTF-8; a problem is reported with the file and line it is on.
+    """
     for path in map(Path, paths):
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"hetrain: {path}:{n} is not a JSON record: {exc.msg} at column {exc.colno}")\
-                            from None
-                    if not isinstance(record, dict) or field not in record:
-                        has = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
-                        raise ValueError(f"hetrain: {path}:{n} has no field {field!r} (fields: {has})")
-                    yield record[field]
-        elif whole_files:
-            yield path.read_text(encoding="utf-8")
-        else:
-            with open(path, encoding="utf-8") as f:
-                yield from (line.rstrip("\n") for line in f if line.strip())
+        try:
+            if path.suffix == ".jsonl":
+                yield from _jsonl_documents(path, field)
+            elif whole_files:
+                yield path.read_text(encoding="utf-8")
+            else:
+                with open(path, encoding="utf-8") as f:
+                    yield from (line.rstrip("\n") for line in f if line.strip())
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"hetrain: {path} is not UTF-8 text (byte {exc.start} of the part read: "
+                             f"{exc.object[exc.start:exc.start + 1]!r}); convert it, e.g. iconv -t utf-8") from None
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\n"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"hetrain: {path}:{n} is not a JSON record: {exc.msg} at column {exc.colno}") \
+                    from None
+            if not isinstance(record, dict) or field not in record:
+                has = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+                raise ValueError(f"hetrain: {path}:{n} has no field {field!r} (fields: {has})")
+            text = record[field]
+            if not isinstance(text, str):
+                raise ValueError(f"hetrain: {path}:{n}: field {field!r} is a JSON {type(text).__name__}, not text")
+            yield text
 
 
 def _encoder(tokenizer: object) -> Callable[[str], Sequence[int]]:

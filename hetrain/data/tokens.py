@@ -10,6 +10,7 @@ num_tokens (u64). Both files are memory-mapped, so opening a corpus reads no tok
 
 from __future__ import annotations
 
+import operator
 import os
 import struct
 from collections.abc import Iterable
@@ -84,6 +85,12 @@ class TokenFile:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
+        """Document ``i``'s tokens; a negative ``i`` counts from the end, as for a list."""
+        n = len(self)
+        i = operator.index(i)
+        if not -n <= i < n:
+            raise IndexError(f"hetrain: document {i} of a token file of {n} documents ({self.bin_path})")
+        i %= n  # offsets[i + 1] of a negative i would read the next document's start from the wrong end
         return self.tokens[int(self.offsets[i]) : int(self.offsets[i + 1])]
 
     @property

@@ -88,8 +88,9 @@ class SparseAwareAdamW(torch.optim.Optimizer):
     def _step_sparse(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if not p.grad.is_sparse:
             raise ValueError(f"hetrain.SparseAwareAdamW: a parameter of shape {tuple(p.shape)} in a sparse=True "
-                             "group got a dense gradient; build its table with nn.Embedding(..., sparse=True) "
-                             "or put it in a dense group")
+                             "group got a dense gradient. Build its table with nn.Embedding(..., sparse=True); if it "
+                             "is one, the weight is also used by a dense module (tied, e.g. to an output head), "
+                             "whose gradient is dense: put it in a dense group")
         state = self.state[p]
         if not state:
             state["step"] = 0

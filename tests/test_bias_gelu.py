@@ -225,6 +225,22 @@ def test_patch_fuses_linear_gelu_runs_in_sequentials():
     assert model.state_dict().keys() == state.keys()
 
 
+def test_a_patched_run_calls_each_module_while_hooks_on_every_module_are_registered():
+    # register_module_forward_hook (torch's module tracker, per-module FLOP or memory tools) expects every call.
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU())
+    hetrain.nn.patch(model)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, _args, _out: seen.append(type(m).__name__))
+    try:
+        y = model(torch.randn(3, 6))
+    finally:
+        handle.remove()
+    assert seen == ["Linear", "GELU", "FusedSequential"]
+    with OpLog() as log:
+        assert model(torch.randn(3, 6)).shape == y.shape
+    assert log.names.count("hetrain_C.bias_gelu_fwd") == 1, log.names  # fused again once the hook is gone
+
+
 @pytest.mark.parametrize("hooked", [0, 1])
 def test_patch_leaves_runs_with_module_hooks_alone(hooked):
     # Fused, a hook on the Linear would see the GELU's output and one on the GELU would never run.

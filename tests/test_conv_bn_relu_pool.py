@@ -342,6 +342,21 @@ def test_module_state_dict_and_modes_match_torch_sequential(momentum):
     assert isinstance(fused[1:], torch.nn.Sequential) and not isinstance(fused[1:], ConvBNReLUPool2d)
 
 
+@pytest.mark.parametrize("block", ["bn", "no_bn"])
+def test_hooks_on_a_blocks_children_fire_as_in_the_sequential(block):
+    # The fused block claims to be its Sequential: a hook on its BatchNorm (or conv) was never called.
+    torch.manual_seed(0)
+    fused = ConvBNReLUPool2d(3, 4, 3, padding=1) if block == "bn" else ConvReLUPool2d(3, 4, 3, padding=1)
+    plain = torch.nn.Sequential(*copy.deepcopy(list(fused)))
+    seen = {"fused": [], "plain": []}
+    fused[1].register_forward_hook(lambda _m, _args, out: seen["fused"].append(out.detach().clone()))
+    plain[1].register_forward_hook(lambda _m, _args, out: seen["plain"].append(out.detach().clone()))
+    x = randn(2, 3, 8, 8, seed=1)
+    torch.testing.assert_close(fused(x), plain(x))
+    assert len(seen["fused"]) == len(seen["plain"]) == 1
+    torch.testing.assert_close(seen["fused"][0], seen["plain"][0])
+
+
 def test_from_modules_shares_parameters_and_buffers():
     seq = torch_block()
     fused = ConvBNReLUPool2d.from_modules(*seq)

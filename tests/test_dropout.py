@@ -393,5 +393,9 @@ def test_nn_dropout_is_a_stateless_drop_in():
     assert torch.equal(y, dropout(x, 0.3))
     assert fused.eval()(x) is x
     assert not Dropout.from_torch(torch_drop.eval()).training
+    # inplace=True writes into its input as torch's does (it returned a new tensor and left x as it was).
+    inplace, before = Dropout(0.3, inplace=True), x.clone()
+    torch.manual_seed(1)
+    assert inplace(x) is x and torch.equal(x, y) and not torch.equal(x, before)
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.5)

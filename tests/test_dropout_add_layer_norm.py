@@ -339,6 +339,10 @@ def test_nn_module_loads_a_layer_norm_and_matches_it_in_eval():
     fused = DropoutAddLayerNorm(33, p=0.1)
     assert fused.state_dict().keys() == norm.state_dict().keys()
     fused.load_state_dict(norm.state_dict())
+    fused.reset_parameters()  # LayerNorm's initialisation, as init code calling it on every module expects
+    assert torch.equal(fused.weight, torch.ones(33)) and torch.equal(fused.bias, torch.zeros(33))
+    assert repr(DropoutAddLayerNorm(8, bias=False)).endswith("elementwise_affine=True, bias=False)")
+    fused.load_state_dict(norm.state_dict())
     x, r = randn(3, 4, 33, seed=5), randn(3, 4, 33, seed=6)
     assert_close(fused.eval()(x, r), norm(x + r), torch.float32, "eval module")
     shared = DropoutAddLayerNorm.from_layer_norm(norm, p=0.5)

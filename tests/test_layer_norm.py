@@ -195,6 +195,18 @@ def test_patch_swaps_layer_norms_and_keeps_outputs_and_grads():
     assert len(hetrain.nn.patch(model)) == 0
 
 
+def test_patch_keeps_a_norm_two_parents_share_one_module():
+    norm = torch.nn.LayerNorm(8)
+    model = torch.nn.Module()
+    model.a, model.b = torch.nn.Sequential(norm), torch.nn.Sequential(norm)
+    paths = [name for name, _ in model.named_modules()]
+    report = hetrain.nn.patch(model)
+    # It was swapped at one path only: two modules where there was one, b's unfused, and a second patch not empty.
+    assert set(report.swapped) == {"a.0", "b.0"} and model.a[0] is model.b[0]
+    assert isinstance(model.a[0], hetrain.nn.LayerNorm) and model.a[0].weight is norm.weight
+    assert [name for name, _ in model.named_modules()] == paths and len(hetrain.nn.patch(model)) == 0
+
+
 def test_zero_width_rows_and_transposed_input_under_compile():
     assert layer_norm(randn(3, 0)).shape == (3, 0)
     torch._dynamo.reset()

@@ -1,4 +1,5 @@
-"""Building a fused module around a torch module's own parameters, so a swap copies no data."""
+"""Building a fused module around a torch module's own parameters, so a swap copies no data; and when a fused
+run of modules must run them one by one instead."""
 
 from __future__ import annotations
 
@@ -26,3 +27,15 @@ def sharing(cls: type[M], module: torch.nn.Module) -> M:
     new._buffers = dict(module._buffers)
     new._modules = dict(module._modules)
     return new
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_GLOBAL_HOOKS = tuple(f"_global{name}" for name in _HOOKS)
+
+
+def called_one_by_one(modules: list[torch.nn.Module]) -> bool:
+    """Whether hooks expect each of ``modules`` to be called: their own, or hooks registered for every module
+    (``register_module_forward_hook``, torch's module tracker), which a fused run would skip silently."""
+    everywhere = torch.nn.modules.module
+    return any(getattr(everywhere, name, None) for name in _GLOBAL_HOOKS) or any(
+        getattr(m, name, None) for m in modules for name in _HOOKS)

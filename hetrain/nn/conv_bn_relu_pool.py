@@ -17,6 +17,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from hetrain.nn._share import called_one_by_one
 from hetrain.ops.conv_bn_relu_pool import MAX_WINDOW, _pair, bn_relu_pool, relu_pool
 
 
@@ -106,7 +107,9 @@ class ConvBNReLUPool2d(nn.Sequential):
         return _sequential_slice(self, idx) if isinstance(idx, slice) else super().__getitem__(idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, bn, _relu, pool = self._modules.values()
+        conv, bn, relu, pool = self._modules.values()
+        if called_one_by_one([conv, bn, relu, pool]):  # hooks expect each child's call, as in the Sequential
+            return nn.Sequential.forward(self, x)
         return conv_bn_relu_pool_forward(x, conv, bn, pool)
 
 
@@ -144,5 +147,7 @@ class ConvReLUPool2d(nn.Sequential):
         return _sequential_slice(self, idx) if isinstance(idx, slice) else super().__getitem__(idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, _relu, pool = self._modules.values()
+        conv, relu, pool = self._modules.values()
+        if called_one_by_one([conv, relu, pool]):  # hooks expect each child's call, as in the Sequential
+            return nn.Sequential.forward(self, x)
         return conv_relu_pool_forward(x, conv, pool)

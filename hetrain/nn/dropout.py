@@ -11,12 +11,13 @@ class Dropout(torch.nn.Dropout):
     """A drop-in ``torch.nn.Dropout`` (same constructor, no state) running :func:`hetrain.ops.dropout`.
 
     Saves a byte per element of activation memory in training against torch's dropout, which keeps
-    its mask for backward. ``inplace=True`` is accepted for compatibility but computes out of place:
-    backward needs no input, so there is nothing to save by overwriting it.
+    its mask for backward. ``inplace=True`` writes the result into ``x`` and returns ``x``, as torch's
+    does, so code that goes on using ``x`` sees the dropout (the kernel still writes a new tensor first).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+        out = dropout(x, self.p, self.training)
+        return x.copy_(out) if self.inplace and out is not x else out
 
     @classmethod
     def from_torch(cls, module: torch.nn.Dropout) -> Dropout:

@@ -31,11 +31,20 @@ class DropoutAddLayerNorm(torch.nn.Module):
         self.register_parameter("bias", torch.nn.Parameter(torch.zeros(hidden, **factory))
                                 if elementwise_affine and bias else None)
 
+    def reset_parameters(self) -> None:
+        """LayerNorm's initialisation: weight ones, bias zeros (init code that calls it on every module reaches
+        this one too)."""
+        if self.weight is not None:
+            torch.nn.init.ones_(self.weight)
+        if self.bias is not None:
+            torch.nn.init.zeros_(self.bias)
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return dropout_add_layer_norm(x, residual, self.weight, self.bias, self.p, self.eps, self.training)
 
     def extra_repr(self) -> str:
-        return f"{self.hidden}, p={self.p}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+        return (f"{self.hidden}, p={self.p}, eps={self.eps}, elementwise_affine={self.weight is not None}, "
+                f"bias={self.bias is not None}")
 
     @classmethod
     def from_layer_norm(cls, norm: torch.nn.LayerNorm, p: float) -> DropoutAddLayerNorm:

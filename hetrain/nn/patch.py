@@ -42,14 +42,21 @@ class PatchReport:
 
 
 def patch(model: torch.nn.Module) -> PatchReport:
-    """Replaces every matching submodule of ``model`` in place and reports what changed."""
+    """Replaces every matching submodule of ``model`` in place and reports what changed.
+
+    A module held at several paths (one LayerNorm shared by two parents) becomes one fused module at all of
+    them, so it stays shared and a second ``patch`` finds nothing left to swap.
+    """
     report = PatchReport()
     report.swapped.update(swap_sequences(model))
-    for path, module in list(model.named_modules()):
+    fused: dict[int, torch.nn.Module] = {}  # id of a torch module -> its twin, made once
+    for path, module in list(model.named_modules(remove_duplicate=False)):
         convert = SWAPS.get(type(module))
         if convert is None or not path:
             continue
-        new = convert(module)
+        if id(module) not in fused:
+            fused[id(module)] = convert(module)
+        new = fused[id(module)]
         model.set_submodule(path, new)
         report.swapped[path] = f"{type(module).__name__} -> {type(new).__module__}.{type(new).__name__}"
     return report

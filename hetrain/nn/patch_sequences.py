@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetrain.nn._share import called_one_by_one
 from hetrain.nn.conv_bn_relu_pool import conv_bn_relu_pool_forward, conv_relu_pool_forward, unfusable_reason
 from hetrain.ops.bias_gelu import bias_gelu
 
@@ -58,19 +59,12 @@ _RUNS = (
          lambda x, linear, gelu: bias_gelu(F.linear(x, linear.weight), linear.bias, gelu.approximate),
          "hetrain.ops.bias_gelu"),
 )
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-
-
-def _hooked(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in _HOOKS)
-
-
 def _run_at(modules: list[nn.Module], i: int) -> _Run | None:
     """The run that starts at ``modules[i]`` and can run fused now, if any."""
     for run in _RUNS:
         part = modules[i:i + len(run.types)]
         if (len(part) == len(run.types) and all(type(m) is t for m, t in zip(part, run.types, strict=True))
-                and not any(_hooked(m) for m in part) and run.fits(part)):
+                and not called_one_by_one(part) and run.fits(part)):
             return run
     return None
 

@@ -60,8 +60,16 @@ def test_a_run_that_ends_early_keeps_what_it_recorded(tmp_path, caplog):
     assert "before step 50" in caplog.text
 
 
+def test_a_range_the_run_never_reaches_says_so(tmp_path, caplog):
+    trace = StepTrace([20, 22], dirpath=tmp_path)
+    with caplog.at_level("INFO"):
+        fit(tmp_path, trace, max_steps=2)
+    assert not trace.path.exists() and trace.summary == {}
+    assert "no trace written: training ended at step 2, before step 20" in caplog.text  # it said nothing
+
+
 def test_steps_are_checked():
     assert parse_steps([4]) == (4, 4) == parse_steps(4) and parse_steps([1, 3]) == (1, 3)
-    for bad in ([3, 1], [-1, 2], [1, 2, 3], [1.5, 2]):
+    for bad in ([3, 1], [-1, 2], [1, 2, 3], [1.5, 2], True, [True]):  # true was read as step 1
         with pytest.raises(ValueError, match="profile_steps must be \\[first, last\\]"):
             parse_steps(bad)

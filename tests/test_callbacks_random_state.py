@@ -3,6 +3,7 @@
 import random
 
 import numpy as np
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -71,3 +72,8 @@ def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_one(tmp_path
     # Without it the generators restart from the seed: the masks, and so the losses, differ.
     blind = _fit(tmp_path / "blind", 14, [], ckpt_path=tmp_path / "ckpt" / "step=8.ckpt")
     assert blind.losses[8] != full.losses[8]
+    # A checkpoint written without it, resumed with it, says so (it resumed silently from the seed).
+    plain = tmp_path / "plain"
+    _fit(plain, 8, [ModelCheckpoint(plain / "ckpt", filename="{step}", every_n_train_steps=8, save_top_k=-1)])
+    with pytest.warns(UserWarning, match="the checkpoint holds no RandomState"):
+        _fit(tmp_path / "warned", 9, [RandomState()], ckpt_path=plain / "ckpt" / "step=8.ckpt")

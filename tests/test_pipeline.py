@@ -122,12 +122,30 @@ def test_pipeline_split_in_a_lightning_fit(tmp_path):
     task = ClassificationTask(model, num_classes=3)
     ids, mask, labels = batch(40)
     rows = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels, strict=True)]
-    split = PipelineSplit(3, split_on_one_device=True)
-    trainer = pl.Trainer(max_steps=3, callbacks=[StagePlacement({"embeddings": "cpu"}), split],
+    split = PipelineSplit(3, checkpoint=["encoder"], split_on_one_device=True)
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, *args):
+            seen.append((model.micro_batches, model.checkpoint_stages))
+
+    trainer = pl.Trainer(max_steps=3, callbacks=[StagePlacement({"embeddings": "cpu"}), split, Watch()],
                          logger=False, enable_progress_bar=False, enable_checkpointing=False,
                          default_root_dir=tmp_path, enable_model_summary=False)
     trainer.fit(task, train_dataloaders=DataLoader(rows, batch_size=10))
-    assert model.micro_batches == 3 and trainer.global_step == 3
+    assert trainer.global_step == 3 and seen == [(3, frozenset({"encoder.0", "encoder.1"}))] * 3
+    # Afterwards the model runs as before: a later fit without the callback ran split and recomputed stages.
+    assert model.micro_batches == 1 and model.checkpoint_stages == frozenset()
+
+    class Failing(ClassificationTask):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("boom")
+
+    trainer = pl.Trainer(max_steps=1, callbacks=[split], logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(Failing(model, num_classes=3), train_dataloaders=DataLoader(rows, batch_size=10))
+    assert model.micro_batches == 1 and model.checkpoint_stages == frozenset()
 
 
 def test_stages_all_on_one_device_run_each_batch_whole_unless_asked(caplog):

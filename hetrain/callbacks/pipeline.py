@@ -54,6 +54,7 @@ class PipelineSplit(Callback):
         # One path alone (``checkpoint=encoder`` on the command line) is a list of one, not of its letters.
         self.checkpoint = [checkpoint] if isinstance(checkpoint, str) else checkpoint
         self.split_on_one_device = split_on_one_device
+        self._before: tuple[nn.Module, int, frozenset[str]] | None = None  # the model's settings before the fit
 
     def active_micro_batches(self, stages: Sequence[nn.Module]) -> int:
         """The micro-batches a batch is cut into over these placed stages (see ``split_on_one_device``)."""
@@ -81,6 +82,7 @@ class PipelineSplit(Callback):
         if not (hasattr(model, "micro_batches") and hasattr(model, "run_stage")):
             raise TypeError(f"hetrain: PipelineSplit needs a model with stages(), run_stage() and a micro_batches "
                             f"attribute; {type(model).__name__} lacks them")
+        self._before = (model, model.micro_batches, getattr(model, "checkpoint_stages", frozenset()))
         micro_batches = self.active_micro_batches(list(model.stages().values()))
         if micro_batches < self.micro_batches:
             device = stage_device(next(iter(model.stages().values())))
@@ -107,3 +109,20 @@ class PipelineSplit(Callback):
         checkpointed = f"; checkpointing {', '.join(sorted(chosen))}" if chosen else ""
         log.info(f"pipeline split: {micro_batches} micro-batch{'es' if micro_batches > 1 else ''} over "
                  f"{', '.join(f'{n}@{stage_device(s)}' for n, s in model.stages().items())}{checkpointed}")
+
+    def _put_back(self) -> None:
+        """The model runs as before the fit again: a later fit without this callback must not run split, nor
+        recompute stages without this callback's BatchNorm checks."""
+        if self._before is not None:
+            model, micro_batches, checkpointed = self._before
+            model.micro_batches, model.checkpoint_stages = micro_batches, checkpointed
+            self._before = None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._put_back()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._put_back()

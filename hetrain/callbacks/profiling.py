@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 def parse_steps(steps: int | Sequence[int], setting: str = "callbacks.profile_steps") -> tuple[int, int]:
     """``[first, last]``, or one step (alone or in a list), as a checked pair of optimizer steps counted from 0;
     an error names ``setting``, the option that gave them."""
-    steps = [steps] if isinstance(steps, int) else list(steps)
+    steps = [steps] if isinstance(steps, int | bool) else list(steps)
     if len(steps) == 1:
         steps = steps * 2
-    if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] <= steps[1]:
+    whole = all(isinstance(s, int) and not isinstance(s, bool) for s in steps)  # true would read as step 1
+    if len(steps) != 2 or not whole or not 0 <= steps[0] <= steps[1]:
         name = setting.rsplit(".", 1)[-1]
         raise ValueError(f"hetrain: {name} must be [first, last] with 0 <= first <= last, got {steps}; "
                          f"e.g. {setting}=[10,12]")
@@ -88,6 +89,9 @@ class StepTrace(Callback):
         if self._profiler is not None:  # training ended before the last step: keep what was recorded
             log.info(f"profile: training ended at step {trainer.global_step}, before step {self.last}")
             self._write(trainer)
+        elif not self.summary and trainer.global_step <= self.first:
+            log.warning(f"profile: no trace written: training ended at step {trainer.global_step}, before step "
+                        f"{self.first}; trace earlier steps or train longer")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

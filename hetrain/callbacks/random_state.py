@@ -12,8 +12,10 @@ import random
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 
@@ -26,7 +28,20 @@ class RandomState(Callback):
           own seeding makes them start alike).
         - CUDA generators are saved only once CUDA is initialised, and restored only for the devices the
           checkpoint and this machine both have; a checkpoint from a GPU run resumes on a CPU and back.
+        - A checkpoint written without this callback resumes with a warning: its generators start from the seed.
+        - Lightning's loops draw from torch's generator for every DataLoader iterator they make (its base seed),
+          and a resumed run can make a different number of them before it goes on: a checkpoint saved at the
+          end of an epoch with validation, with torch's DataLoader, resumes alike in distribution only.
+          hetrain's RingLoader draws nothing there.
     """
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            rank_zero_warn("hetrain: the checkpoint holds no RandomState (it was written without the callback): "
+                           "the random generators go on from the seed, so dropout masks and shuffles differ from "
+                           "the run that wrote it")
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -268,6 +268,8 @@ struct BnReluPool : torch::autograd::Function<BnReluPool> {
         kernel<Tensor2(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                        at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>("hetrain_C::bn_relu_pool_fwd");
     HETRAIN_RANGE(x, "bn_relu_pool", "forward");
+    // Here, not only in the backward kernel: a forward that succeeded would fail in backward, far from the call.
+    TORCH_CHECK(!batch_stats || mean.has_value(), "hetrain.bn_relu_pool: batch_stats needs mean and invstd");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, argmax] = fwd.call(x, mean, invstd, weight, bias, kernel_size, stride, padding);
     ctx->save_for_backward({x, mean.value_or(at::Tensor()), invstd.value_or(at::Tensor()),

@@ -47,11 +47,14 @@ void check_pool(const char* op, const at::Tensor& x, at::IntArrayRef kernel, at:
               ": kernel, stride and padding must each hold 2 values, got ", kernel, ", ", stride, ", ", padding);
   TORCH_CHECK(kernel[0] >= 1 && kernel[1] >= 1 && stride[0] >= 1 && stride[1] >= 1, "hetrain.", op,
               ": kernel and stride must be >= 1, got kernel ", kernel, " stride ", stride);
-  TORCH_CHECK(kernel[0] * kernel[1] <= 256, "hetrain.", op, ": the pooling window ", kernel,
-              " has more than 256 positions; the in-window argmax is stored as uint8");
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0 && 2 * padding[0] <= kernel[0] && 2 * padding[1] <= kernel[1],
+  // Each side bounded before the product, and padding compared without doubling it: neither may wrap.
+  TORCH_CHECK(kernel[0] <= 256 && kernel[1] <= 256 && kernel[0] * kernel[1] <= 256, "hetrain.", op,
+              ": the pooling window ", kernel, " has more than 256 positions; the in-window argmax is stored as uint8");
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0 && padding[0] <= kernel[0] / 2 && padding[1] <= kernel[1] / 2,
               "hetrain.", op, ": padding must be >= 0 and at most half the kernel, got padding ", padding,
               " kernel ", kernel);
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "hetrain.", op, ": x has no pixels (shape ", x.sizes(),
+              "); a window over padding alone has no maximum to pool");
   const int64_t hp = x.size(2) + 2 * padding[0], wp = x.size(3) + 2 * padding[1];
   TORCH_CHECK(hp >= kernel[0] && wp >= kernel[1], "hetrain.", op, ": the pooling kernel ", kernel,
               " is larger than the padded input (", hp, "x", wp, ")");
@@ -623,6 +626,31 @@ void input_grad_nhwc(const scalar_t* dy, const uint8_t* arg, const scalar_t* x, 
   });
 }
 
+// Every argmax must name a position of its window inside the input: another (a caller's own tensor rather
+// than the forward's) would send the kernels' reads and writes out of bounds. Values past the window are
+// found in one vectorised pass; a window's padded positions can only be named at the borders, checked alone.
+void check_argmax(const uint8_t* arg, int64_t numel, const Geometry& g, bool channels_last) {
+  uint8_t largest = 0;
+#pragma omp simd reduction(max : largest)
+  for (int64_t i = 0; i < numel; ++i) largest = std::max(largest, arg[i]);
+  bool inside = numel == 0 || largest < g.kh * g.kw;
+  for (int64_t oh = 0; inside && oh < g.OH; ++oh) {
+    const int64_t hs = brp::window_start(oh, g.sh, g.ph);
+    for (int64_t ow = 0; inside && ow < g.OW; ++ow) {
+      const int64_t ws = brp::window_start(ow, g.sw, g.pw);
+      if (hs >= 0 && hs + g.kh <= g.H && ws >= 0 && ws + g.kw <= g.W) continue;  // no padding in this window
+      for (int64_t p = 0; p < g.N * g.C; ++p) {
+        const int64_t n = p / g.C, c = p % g.C;
+        const int64_t o = channels_last ? ((n * g.OH + oh) * g.OW + ow) * g.C + c : (p * g.OH + oh) * g.OW + ow;
+        const int64_t h = hs + arg[o] / g.kw, w = ws + arg[o] % g.kw;
+        inside = inside && h >= 0 && h < g.H && w >= 0 && w < g.W;
+      }
+    }
+  }
+  TORCH_CHECK(inside, "hetrain.bn_relu_pool backward: argmax names a position outside its pooling window or the "
+              "input; pass the argmax bn_relu_pool_fwd returned for this x, kernel, stride and padding");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& argmax, const at::Tensor& x, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& invstd, const std::optional<at::Tensor>& weight,
@@ -632,6 +660,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_bwd_cpu(
   const Geometry g = geometry(x, kernel, stride, padding);
   const bool cl = brp::is_channels_last(x);
   const at::Tensor xc = x.contiguous(layout(cl)), dyc = dy.contiguous(layout(cl)), ac = argmax.contiguous(layout(cl));
+  check_argmax(ac.const_data_ptr<uint8_t>(), ac.numel(), g, cl);
   const at::Tensor mc = contiguous_or_empty(mean), ic = contiguous_or_empty(invstd);
   const at::Tensor wc = contiguous_or_empty(weight), bc = contiguous_or_empty(bias);
   at::Tensor dx = at::empty_like(xc, xc.options().memory_format(layout(cl)));

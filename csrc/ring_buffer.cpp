@@ -319,7 +319,7 @@ TokenGatherer::TokenGatherer(RingCore* core, uint8_t* slots, int64_t slot_bytes,
       first_producer_(first_producer) {
   if (starts_.size() != lengths_.size()) throw std::invalid_argument("hetrain ring: starts and lengths differ in size");
   if (core->num_fields() != 4) throw std::invalid_argument("hetrain ring: a token ring has 4 fields per slot");
-  if (num_threads < 1 || first_producer + num_threads > core->num_producers()) {
+  if (num_threads < 1 || first_producer < 0 || first_producer + num_threads > core->num_producers()) {
     throw std::invalid_argument(cat("hetrain ring: ", num_threads, " gather threads from producer ", first_producer,
                                     " do not fit the ring's ", core->num_producers(), " producers"));
   }
@@ -338,8 +338,10 @@ void TokenGatherer::stop() {
 
 void TokenGatherer::start_epoch(const int64_t* sample_ids, int64_t num_ids, const int64_t* batch_offsets,
                                 int64_t num_batches) {
-  if (batch_offsets[0] != 0 || batch_offsets[num_batches] != num_ids) {
-    throw std::invalid_argument("hetrain ring: batch offsets must start at 0 and end at the number of sample ids");
+  if (batch_offsets[0] != 0 || batch_offsets[num_batches] != num_ids ||
+      !std::is_sorted(batch_offsets, batch_offsets + num_batches + 1)) {
+    // A decreasing offset would give a batch negative rows and let the gather read past the sample ids.
+    throw std::invalid_argument("hetrain ring: batch offsets must rise from 0 to the number of sample ids");
   }
   core_->start_epoch(num_batches, [&] {
     // assign() reuses the vectors' capacity: after the first epoch this allocates nothing.

@@ -21,6 +21,9 @@ namespace hetrain {
 namespace {
 
 constexpr int64_t kAlign = 64;  // each field starts on a cache line
+// A slot's bytes at most (2^48, 256 TiB): far past any batch, and far enough below int64's end that the
+// rounding up and num_slots x slot_bytes cannot wrap.
+constexpr int64_t kMaxSlotBytes = int64_t(1) << 48;
 
 int64_t round_up(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -77,10 +80,14 @@ class RingBuffer : public torch::CustomClassHolder {
                 "hetrain.RingBuffer: need num_slots >= 1, num_producers >= 1, stall_timeout > 0; got ", num_slots,
                 ", ", num_producers, ", ", stall_timeout);
     for (size_t f = 0; f < dtypes.size(); ++f) {
-      TORCH_CHECK(capacities[f] >= 1, "hetrain.RingBuffer: field ", f, " capacity must be >= 1, got ", capacities[f]);
       st_->dtypes.push_back(dtype_named(dtypes[f]));
+      const int64_t item = static_cast<int64_t>(c10::elementSize(st_->dtypes.back()));
+      // Bounded so no byte count below wraps: a wrapped slot would be smaller than the views taken of it.
+      TORCH_CHECK(capacities[f] >= 1 && capacities[f] <= (kMaxSlotBytes - st_->slot_bytes) / item,
+                  "hetrain.RingBuffer: field ", f, " capacity must be in [1, ", (kMaxSlotBytes - st_->slot_bytes) / item,
+                  "] (a slot holds at most ", kMaxSlotBytes, " bytes), got ", capacities[f]);
       st_->offsets.push_back(st_->slot_bytes);
-      st_->slot_bytes += round_up(capacities[f] * static_cast<int64_t>(c10::elementSize(st_->dtypes.back())));
+      st_->slot_bytes += round_up(capacities[f] * item);
     }
     st_->capacities = std::move(capacities);
     // The only allocation of batch memory, ever: num_slots x slot_bytes.
@@ -130,6 +137,7 @@ class RingBuffer : public torch::CustomClassHolder {
   // shapes: per field ndim then 3 sizes (unused ones 0).
   void commit(int64_t producer, int64_t job, std::vector<int64_t> shapes) {
     check_producer(producer);
+    check_job(job);
     const size_t fields = st_->dtypes.size();
     TORCH_CHECK(shapes.size() == fields * ring::kMetaPerField, "hetrain.RingBuffer.commit: need ",
                 fields * ring::kMetaPerField, " shape numbers, got ", shapes.size());
@@ -137,15 +145,22 @@ class RingBuffer : public torch::CustomClassHolder {
       const int64_t* m = shapes.data() + f * ring::kMetaPerField;
       TORCH_CHECK(m[0] >= 0 && m[0] <= 3, "hetrain.RingBuffer.commit: field ", f, " has ndim ", m[0], " (0..3)");
       int64_t numel = 1;
-      for (int64_t d = 0; d < m[0]; ++d) numel *= m[1 + d];
-      TORCH_CHECK(numel >= 0 && numel <= st_->capacities[f], "hetrain.RingBuffer.commit: field ", f, " holds ",
-                  numel, " elements but a slot has room for ", st_->capacities[f]);
+      for (int64_t d = 0; d < m[0]; ++d) {
+        TORCH_CHECK(m[1 + d] >= 0, "hetrain.RingBuffer.commit: field ", f, " has size ", m[1 + d], " in dim ", d);
+        // Checked before the product can wrap (two sizes of 2^32 would multiply to 0).
+        TORCH_CHECK(m[1 + d] == 0 || numel <= st_->capacities[f] / m[1 + d], "hetrain.RingBuffer.commit: field ",
+                    f, " holds more elements than the ", st_->capacities[f], " a slot has room for");
+        numel *= m[1 + d];
+      }
+      TORCH_CHECK(numel <= st_->capacities[f], "hetrain.RingBuffer.commit: field ", f, " holds ", numel,
+                  " elements but a slot has room for ", st_->capacities[f]);
     }
     st_->core->commit(producer, job, shapes.data());
   }
 
   void fail(int64_t producer, int64_t job, std::string message) {
     check_producer(producer);
+    check_job(job);
     st_->core->fail(producer, job, message);
   }
 
@@ -224,6 +239,8 @@ class RingBuffer : public torch::CustomClassHolder {
   void check_producer(int64_t producer) const {
     TORCH_CHECK(producer >= 0 && producer < st_->core->num_producers(), "hetrain.RingBuffer: no producer ", producer);
   }
+
+  static void check_job(int64_t job) { TORCH_CHECK(job >= 0, "hetrain.RingBuffer: no batch ", job); }
 
   std::shared_ptr<RingState> st_;
 };

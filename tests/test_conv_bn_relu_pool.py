@@ -301,6 +301,27 @@ def test_bad_inputs_raise_clear_errors():
                                              False, [2, 2], [2, 2], [0, 0])
     with pytest.raises(RuntimeError, match="more than 1 value per channel"):
         torch.ops.hetrain_C.bn_stats(randn(1, 4, 1, 1), None, None, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_raw_kernels_refuse_what_would_read_or_write_out_of_bounds(channels_last):
+    # Each of these crashed the process (heap corruption, SIGSEGV) or returned garbage before.
+    C = torch.ops.hetrain_C
+    x = layout(randn(2, 4, 6, 6), channels_last).detach()
+    y, argmax = C.bn_relu_pool_fwd(x, None, None, None, None, [3, 3], [2, 2], [1, 1])
+    dy = randn(*y.shape)
+    for bad in (torch.full_like(argmax, 9), torch.zeros_like(argmax)):  # past the window; the padding of (0, 0)
+        with pytest.raises(RuntimeError, match="argmax names a position outside its pooling window or the input"):
+            C.bn_relu_pool_bwd(dy, bad, x, None, None, None, None, False, [3, 3], [2, 2], [1, 1])
+    C.bn_relu_pool_bwd(dy, argmax, x, None, None, None, None, False, [3, 3], [2, 2], [1, 1])  # its own is fine
+    with pytest.raises(RuntimeError, match=r"x has no pixels \(shape \[1, 3, 0, 4\]\)"):
+        C.bn_relu_pool_fwd(randn(1, 3, 0, 4), None, None, None, None, [2, 2], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="padding must be >= 0 and at most half the kernel"):  # 2 * pad wrapped
+        C.bn_relu_pool_fwd(x, None, None, None, None, [3, 3], [1, 1], [2**63 - 1, 0])
+    with pytest.raises(RuntimeError, match="more than 256 positions"):  # 2^32 x 2^32 wrapped to 0
+        C.bn_relu_pool_fwd(x, None, None, None, None, [2**32, 2**32], [1, 1], [0, 0])
+    with pytest.raises(RuntimeError, match="batch_stats needs mean and invstd"):  # in forward, not only backward
+        C.bn_relu_pool(x, None, None, None, None, True, [2, 2], [2, 2], [0, 0])
     with pytest.raises(ValueError, match="BatchNorm2d has 5 features"):
         ConvBNReLUPool2d.from_modules(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(5), torch.nn.ReLU(),
                                       torch.nn.MaxPool2d(2))

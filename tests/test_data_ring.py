@@ -488,6 +488,41 @@ def test_settings_the_ring_cannot_run_with_are_refused(kwargs, message):
         RingLoader(Flaky(8), sampler, collate=PadInto(6, 2), num_workers=2, **kwargs)
 
 
+def test_the_ring_binding_refuses_what_would_reach_out_of_bounds(tmp_path):
+    # Each of these crashed the process or read out of bounds before (a wrapped slot size, a negative job index,
+    # negative sizes, a gather thread as producer -1, decreasing batch offsets).
+    ring_class = torch.classes.hetrain_C.RingBuffer
+    with pytest.raises(RuntimeError, match="field 0 capacity must be in \\[1, "):
+        ring_class(["int64"], [2**61 + 1], 1, 1, False, 5.0)
+    ring = ring_class(["int64"], [16], 2, 1, False, 5.0)
+    ring.start_epoch(1)
+    job, _ = ring.claim(0, 1.0)
+    for bad_job in (-1, -2**62 - 1):
+        with pytest.raises(RuntimeError, match=f"no batch {bad_job}"):
+            ring.commit(0, bad_job, [1, 1, 0, 0])
+        with pytest.raises(RuntimeError, match=f"no batch {bad_job}"):
+            ring.fail(0, bad_job, "x")
+    with pytest.raises(RuntimeError, match="field 0 has size -1 in dim 0"):
+        ring.commit(0, job, [2, -1, -1, 0])
+    with pytest.raises(RuntimeError, match="holds more elements than the 16 a slot has room for"):
+        ring.commit(0, job, [2, 2**32, 2**32, 0])
+    ring.commit(0, job, [2, 4, 4, 0])
+    assert ring.take(job, 1.0)[0].shape == (4, 4)
+    ring.close()
+    tokens = tmp_path / "t.bin"
+    np.arange(100, dtype=np.uint16).tofile(tokens)
+    fields = (["int64", "bool", "int64", "int64"], [64, 64, 4, 4], 2, 1, False, 5.0)
+    ring = ring_class(*fields)
+    with pytest.raises(RuntimeError, match="gather threads from producer -1 do not fit"):
+        ring.attach_tokens(str(tokens), 2, 100, torch.tensor([0]), torch.tensor([5]), 0, 0, 1, -1)
+    ring.close()
+    ring = ring_class(*fields)
+    ring.attach_tokens(str(tokens), 2, 100, torch.tensor([0, 10, 20]), torch.tensor([5, 5, 5]), 0, 0, 1, 0)
+    with pytest.raises(RuntimeError, match="batch offsets must rise from 0 to the number of sample ids"):
+        ring.start_token_epoch(torch.tensor([0, 1]), torch.tensor([0, 4, 2]))
+    ring.close()
+
+
 class KilledInAReader(Flaky):
     """Sample `fatal` kills the process reading it with SIGKILL, as the OOM killer would, when that is a reader."""
 

@@ -370,8 +370,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks - 1)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const Affine<acc_t> a = affine(mean, invstd, w, b, l.c + e);
-        const int k = am.v[e];
-        const acc_t xv = load(x + offset(d, n, l.c + e, hs + k / d.kw, ws + k % d.kw, d.H, d.W));
+        const int k = am.v[e], ih = hs + k / d.kw, iw = ws + k % d.kw;
+        // Not an argmax the forward wrote (checking one on the host would wait for the device): skipped, so
+        // no read leaves the input; the CPU kernel refuses it.
+        if (k >= d.kh * d.kw || ih < 0 || ih >= d.H || iw < 0 || iw >= d.W) continue;
+        const acc_t xv = load(x + offset(d, n, l.c + e, ih, iw, d.H, d.W));
         const acc_t z = rounded<T>(pre_relu(xv, a.scale, a.shift));
         const acc_t gv = relu_passes(z) ? acc_t(widen(g.v[e])) : acc_t(0);
         s[e] += gv;

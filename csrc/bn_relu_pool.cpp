@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -631,19 +632,23 @@ void input_grad_nhwc(const scalar_t* dy, const uint8_t* arg, const scalar_t* x, 
 // found in one vectorised pass; a window's padded positions can only be named at the borders, checked alone.
 void check_argmax(const uint8_t* arg, int64_t numel, const Geometry& g, bool channels_last) {
   uint8_t largest = 0;
-#pragma omp simd reduction(max : largest)
-  for (int64_t i = 0; i < numel; ++i) largest = std::max(largest, arg[i]);
+  // A plain conditional GCC vectorises (5 us for 400 KB here); `omp simd reduction(max)` over uint8 ran scalar (212).
+  for (int64_t i = 0; i < numel; ++i) largest = arg[i] > largest ? arg[i] : largest;
   bool inside = numel == 0 || largest < g.kh * g.kw;
   for (int64_t oh = 0; inside && oh < g.OH; ++oh) {
     const int64_t hs = brp::window_start(oh, g.sh, g.ph);
     for (int64_t ow = 0; inside && ow < g.OW; ++ow) {
       const int64_t ws = brp::window_start(ow, g.sw, g.pw);
       if (hs >= 0 && hs + g.kh <= g.H && ws >= 0 && ws + g.kw <= g.W) continue;  // no padding in this window
+      std::array<bool, 256> in_input{};  // which of this window's positions lie inside x
+      for (int64_t k = 0; k < g.kh * g.kw; ++k) {
+        const int64_t h = hs + k / g.kw, w = ws + k % g.kw;
+        in_input[k] = h >= 0 && h < g.H && w >= 0 && w < g.W;
+      }
       for (int64_t p = 0; p < g.N * g.C; ++p) {
-        const int64_t n = p / g.C, c = p % g.C;
-        const int64_t o = channels_last ? ((n * g.OH + oh) * g.OW + ow) * g.C + c : (p * g.OH + oh) * g.OW + ow;
-        const int64_t h = hs + arg[o] / g.kw, w = ws + arg[o] % g.kw;
-        inside = inside && h >= 0 && h < g.H && w >= 0 && w < g.W;
+        const int64_t o = channels_last ? ((p / g.C * g.OH + oh) * g.OW + ow) * g.C + p % g.C
+                                        : (p * g.OH + oh) * g.OW + ow;
+        inside = inside && in_input[arg[o]];  // arg < kh * kw: checked above
       }
     }
   }

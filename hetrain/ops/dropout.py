@@ -27,7 +27,7 @@ from hetrain import plugins
 from hetrain.ops import _args, _backends
 from hetrain.ops._op import compute_dtype, op
 from hetrain.ops.dropout_add_layer_norm import keep_mask as _keep_mask_2d
-from hetrain.ops.rng import HOST_SEEDED, dropout_stream, keep_scale, refuse_host_seed_in_capture, stream
+from hetrain.ops.rng import HOST_SEEDED, apply_mask, dropout_stream, refuse_host_seed_in_capture, stream
 
 OP = "dropout"
 
@@ -42,7 +42,7 @@ def keep_mask(seed: int, shape: torch.Size | tuple[int, ...], p: float,
 
 def dropout_ref(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     """What the op computes given its kept positions ``keep``; the tests' oracle."""
-    return torch.where(keep, x * keep_scale(p), torch.zeros_like(x))
+    return apply_mask(x, keep, p)
 
 
 class TorchBackend:

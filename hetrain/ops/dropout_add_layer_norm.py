@@ -32,7 +32,7 @@ from hetrain.ops import _args, _backends
 from hetrain.ops._op import as_rows, compute_dtype, op, row_count
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
-from hetrain.ops.rng import HOST_SEEDED, dropout_stream, keep_scale, refuse_host_seed_in_capture, stream
+from hetrain.ops.rng import HOST_SEEDED, apply_mask, dropout_stream, refuse_host_seed_in_capture, stream
 
 OP = "dropout_add_layer_norm"
 _M32 = 0xFFFFFFFF
@@ -76,38 +76,32 @@ def dropout_add_layer_norm_ref(
     keep: torch.Tensor | None, p: float, eps: float = 1e-5,
 ) -> torch.Tensor:
     """What the op computes given its kept positions ``keep`` (``None``: no dropout); the tests' oracle."""
-    dropped = x if keep is None else torch.where(keep, x * keep_scale(p), torch.zeros_like(x))
+    dropped = x if keep is None else apply_mask(x, keep, p)
     return layer_norm_ref(dropped + residual, weight, bias, eps)
-
-
-def _apply(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x times its multiplier m (0 where dropped) as a select: a dropped inf or NaN gives 0, as in the reference."""
-    return torch.where(m != 0, x * m, 0.0)
 
 
 class TorchBackend:
     """The reference written as forward/backward entry points, with the C++ kernel's mask."""
 
     @staticmethod
-    def _multiplier(x, seed, p):
-        """scale where kept, 0 where dropped, in the statistics dtype; None without dropout."""
+    def _keep(x, seed, p):
+        """The kernels' kept positions for the stream ``seed``; None without dropout."""
         if p == 0:
             return None
         s, offset = stream(seed)
-        keep = keep_mask(s, x.shape[0], x.shape[1], p, x.device, offset)
-        return keep.to(compute_dtype(x.dtype)) * keep_scale(p)
+        return keep_mask(s, x.shape[0], x.shape[1], p, x.device, offset)
 
     @staticmethod
-    def _pre_norm(x, residual, m):
+    def _pre_norm(x, residual, keep, p):
         stats = compute_dtype(x.dtype)
-        xs = x.to(stats) if m is None else _apply(x.to(stats), m)
+        xs = x.to(stats) if keep is None else apply_mask(x.to(stats), keep, p)
         return xs + residual.to(stats)
 
     @staticmethod
     def forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 seed: torch.Tensor, p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """layer_norm(dropout(x) + residual) for (M, N) rows; mean and rstd (M,) in compute_dtype for backward."""
-        s = TorchBackend._pre_norm(x, residual, TorchBackend._multiplier(x, seed, p))
+        s = TorchBackend._pre_norm(x, residual, TorchBackend._keep(x, seed, p), p)
         y, mean, rstd = _LayerNormTorch.forward(s, weight, bias, eps)
         return y.to(x.dtype), mean, rstd
 
@@ -116,10 +110,10 @@ class TorchBackend:
                  mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor, p: float,
                  has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """dx, dresidual (M, N) and dweight, dbias (N,) in x's dtype; the mask regenerated from ``seed``."""
-        m = TorchBackend._multiplier(x, seed, p)
-        s = TorchBackend._pre_norm(x, residual, m)
+        keep = TorchBackend._keep(x, seed, p)
+        s = TorchBackend._pre_norm(x, residual, keep, p)
         ds, dw, db = _LayerNormTorch.backward(dy, s, weight, mean, rstd, has_bias)
-        dx = ds.clone() if m is None else _apply(ds, m)  # a custom op's outputs may not alias each other
+        dx = ds.clone() if keep is None else apply_mask(ds, keep, p)  # a custom op's outputs may not alias each other
         return dx.to(x.dtype), ds.to(x.dtype), dw.to(x.dtype), db.to(x.dtype)
 
 

@@ -24,17 +24,23 @@ import torch
 
 _active = threading.local()
 
-
-def keep_scale(p: float) -> float:
-    """What a kept element is multiplied by, 1 / (1 - p); 0 at p = 1, where every element is dropped."""
-    return 1.0 / (1.0 - p) if p < 1 else 0.0
-
 # The custom-op tag of ops whose kernels take a seed read on the host: a CUDA graph would keep the value read at
 # capture, so every replay would repeat one dropout mask. Inductor's CUDA graphs (torch.compile(mode=
 # "reduce-overhead")) run ops with this tag outside the graphs, eagerly, each call with its own seed. (Older torch
 # builds lack the tag; their compiled graphs with these ops' CPU seeds take no CUDA graph at all.) A capture by
 # hand draws the seed on the GPU instead (:func:`dropout_stream`).
 HOST_SEEDED = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
+
+def keep_scale(p: float) -> float:
+    """What a kept element is multiplied by, 1 / (1 - p); 0 at p = 1, where every element is dropped."""
+    return 1.0 / (1.0 - p) if p < 1 else 0.0
+
+
+def apply_mask(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """``x`` scaled where ``keep`` is true and exactly 0 elsewhere: a select, so a dropped inf or NaN gives 0, as
+    every backend's kernels give (``dropout::apply`` in csrc)."""
+    return torch.where(keep, x * keep_scale(p), 0.0)
 
 
 class _Tape:

@@ -144,16 +144,13 @@ class RingBuffer : public torch::CustomClassHolder {
     for (size_t f = 0; f < fields; ++f) {
       const int64_t* m = shapes.data() + f * ring::kMetaPerField;
       TORCH_CHECK(m[0] >= 0 && m[0] <= 3, "hetrain.RingBuffer.commit: field ", f, " has ndim ", m[0], " (0..3)");
-      int64_t numel = 1;
+      int64_t numel = 1;  // never past the capacity (>= 1), so the product cannot wrap
       for (int64_t d = 0; d < m[0]; ++d) {
         TORCH_CHECK(m[1 + d] >= 0, "hetrain.RingBuffer.commit: field ", f, " has size ", m[1 + d], " in dim ", d);
-        // Checked before the product can wrap (two sizes of 2^32 would multiply to 0).
         TORCH_CHECK(m[1 + d] == 0 || numel <= st_->capacities[f] / m[1 + d], "hetrain.RingBuffer.commit: field ",
                     f, " holds more elements than the ", st_->capacities[f], " a slot has room for");
         numel *= m[1 + d];
       }
-      TORCH_CHECK(numel <= st_->capacities[f], "hetrain.RingBuffer.commit: field ", f, " holds ", numel,
-                  " elements but a slot has room for ", st_->capacities[f]);
     }
     st_->core->commit(producer, job, shapes.data());
   }

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def parse_steps(steps: int | Sequence[int], setting: str = "callbacks.profile_steps") -> tuple[int, int]:
     """``[first, last]``, or one step (alone or in a list), as a checked pair of optimizer steps counted from 0;
     an error names ``setting``, the option that gave them."""
-    steps = [steps] if isinstance(steps, int | bool) else list(steps)
+    steps = [steps] if isinstance(steps, int) else list(steps)  # a bool too, refused below
     if len(steps) == 1:
         steps = steps * 2
     whole = all(isinstance(s, int) and not isinstance(s, bool) for s in steps)  # true would read as step 1

@@ -147,6 +147,11 @@ def erased_peak(device: str) -> int:
     return _ERASED_PEAKS.get(device, 0)
 
 
+def forget_erased_peak(device: str) -> None:
+    """Drops what :func:`erased_peak` kept for ``device``: a new run (a sweep's next job) starts its peak afresh."""
+    _ERASED_PEAKS.pop(device, None)
+
+
 def kept_host_bytes() -> int | None:
     """Bytes of freed host blocks hetrain's allocator keeps mapped (``cpu_malloc: keep``): resident, yet no
     tensor's; None while the allocator is off."""

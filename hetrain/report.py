@@ -32,7 +32,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from typing_extensions import override
 
-from hetrain.memory_counters import erased_peak
+from hetrain.memory_counters import erased_peak, forget_erased_peak
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,9 @@ class RunRecorder(Callback):
         self.gpus = _gpus(pl_module)
         self.start_step = trainer.global_step
         self.resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None
-        for gpu in self.gpus:
+        for gpu in self.gpus:  # this run's peaks, not an earlier run's in this process (a sweep's jobs)
             torch.cuda.reset_peak_memory_stats(gpu)
+            forget_erased_peak(str(gpu))
         self._sync()
         self._started = self.clock()
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hetrain import cpu_memory
 from hetrain.callbacks.churn import OUTSIDE, Allocation, ChurnTracker, churned
 from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler
-from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, MemoryReport
+from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, STEPS_CSV, MemoryReport
 from hetrain.callbacks.module_memory import ModuleMemory, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.memory_counters import PhaseMemory, peak_rss_bytes, reset_peak_rss, rss_bytes
@@ -233,19 +233,27 @@ def test_profiler_writes_a_report_naming_every_module(tmp_path):
 
 def test_memory_report_renders_hand_made_steps_without_a_trainer(tmp_path):
     mib = 2**20
-    steps = [{"step": n, "forward": {"cpu": {"allocated": (100 + n) * mib}, "cuda:0": {"allocated": 7 * mib}},
+    steps = [{"step": n,
+              "forward": {"cpu": {"allocated": (100 + n) * mib},
+                          "cuda:0": {"allocated": 7 * mib, "reserved": (20 + 5 * n) * mib}},
               "backward": {"cpu": {"allocated": (120 + 3 * n) * mib}}, "optimizer": {"cpu": {"allocated": 90 * mib}}}
              for n in range(3)]
     report = MemoryReport(steps, static={"params": {"cpu": 2 * mib}}, at_start={"cpu": 80 * mib},
                           churn=(["Per step: nothing."], [("Temporaries to remove (top 10)", (["module"], []))]))
     header, rows = report.device_table()
     by_device = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    # Gradients and optimizer state were not measured: n/a, not 0. The CPU has no reserved figure.
     assert by_device["cpu"] == {"device": "cpu", "at start MiB": 80, "peak forward MiB": 102,
-                                "peak backward MiB": 126, "peak optimizer MiB": 90, "params MiB": 2,
-                                "grads MiB": 0, "optimizer state MiB": 0}
+                                "peak backward MiB": 126, "peak optimizer MiB": 90, "peak reserved MiB": "n/a",
+                                "params MiB": 2, "grads MiB": "n/a", "optimizer state MiB": "n/a"}
     assert by_device["cuda:0"]["peak forward MiB"] == 7 and by_device["cuda:0"]["peak backward MiB"] == 0
+    assert by_device["cuda:0"]["peak reserved MiB"] == 30 and by_device["cuda:0"]["params MiB"] == 0
     paths = report.write(tmp_path)
     md, page = paths["md"].read_text(), paths["html"].read_text()
+    csv = paths["csv"].read_text().splitlines()
+    assert csv[0] == "step,device,phase,allocated_mib,reserved_mib" and len(csv) == 1 + 3 * 4
+    assert "2,cuda:0,forward,7.000,30.000" in csv and "2,cpu,backward,126.000," in csv
+    assert "peak reserved MiB" in md and "memory_steps.csv" in page
     for text in (md, page):
         assert "Per module" not in text  # no step was hooked: no empty table
         assert "Allocator churn" in text and "Per step: nothing." in text
@@ -359,14 +367,110 @@ def test_out_of_memory_dump_can_be_turned_off(tmp_path):
     assert not (tmp_path / OOM_MD).exists()
 
 
-def test_other_errors_write_no_post_mortem(tmp_path):
+def test_other_errors_write_no_post_mortem_but_the_report_of_the_steps_before(tmp_path):
     class Broken(Regressor):
         def training_step(self, batch, batch_idx):
-            raise ValueError("not memory")
+            if self.global_step == 2:
+                raise ValueError("not memory\nsecond line")
+            return super().training_step(batch, batch_idx)
 
     with pytest.raises(ValueError, match="not memory"):
-        _fit(Broken(), MemoryProfiler(), tmp_path, batches=2)
+        _fit(Broken(), MemoryProfiler(module_every_n_steps=1), tmp_path, batches=4)
     assert not (tmp_path / OOM_MD).exists()
+    md = (tmp_path / REPORT_MD).read_text()
+    assert md.startswith("# Memory\n\nThe fit stopped at step 2 with ValueError: not memory. These are the steps")
+    assert "second line" not in md and "net.0" in md
+    assert len((tmp_path / STEPS_CSV).read_text().splitlines()) == 1 + 2 * len(PHASES)  # steps 0 and 1, the CPU
+
+
+def test_a_fit_with_no_step_says_so_instead_of_empty_tables(tmp_path):
+    paths = MemoryReport([]).write(tmp_path)
+    assert "No training step completed" in paths["md"].read_text()
+    assert "Peak per device" not in paths["md"].read_text()
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_tied_weight_and_a_passed_on_output_are_counted_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(IN, HIDDEN, bias=False)
+            self.same = nn.Identity()  # returns its input: no new output memory
+            self.decode = nn.Linear(HIDDEN, IN, bias=False)
+            self.decode.weight = nn.Parameter(self.embed.weight.detach().T.contiguous())
+            self.tied = nn.Linear(IN, HIDDEN, bias=False)
+            self.tied.weight = self.embed.weight  # shared, as tied embeddings are
+
+        def forward(self, x):
+            return self.decode(self.same(self.embed(x))) + self.tied(x).sum()
+
+    torch.manual_seed(0)
+    model = Tied()
+    tracker = _measured_step(model, torch.randn(BATCH, IN))
+    r = tracker.records
+    weight = _nbytes(model.embed.weight)
+    assert r["embed"].params == r["embed"].grads == weight  # the first owner holds it
+    assert r["tied"].params == r["tied"].grads == 0
+    header, rows = tracker.table()
+    total = dict(zip(header, rows[-1], strict=True))
+    assert total["params MiB"] == round(_nbytes(*model.parameters()) / 2**20, 3)  # as parameters() counts it
+    assert r["same"].outputs == 0 and r["embed"].outputs == 4 * BATCH * HIDDEN
+
+
+def test_outputs_freed_during_the_forward_are_counted_even_where_memory_is_reused():
+    # An output dropped in the forward frees its address, and the next output of that size may take it: the
+    # storage is new, so it counts.
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    numel = cpu_memory.GLIBC_MAX_MMAP_THRESHOLD // 4  # a block hetrain's host allocator keeps and hands out again
+    model = nn.Sequential(*[Double() for _ in range(4)])
+    addresses = []
+    handles = [m.register_forward_hook(lambda m, args, out: addresses.append(out.data_ptr())) for m in model]
+    with torch.no_grad(), cpu_memory.host_memory("keep"):
+        tracker = ModuleMemory(model)
+        tracker.start()
+        model(torch.randn(numel))
+        tracker.stop()
+    for handle in handles:
+        handle.remove()
+    assert addresses[2] == addresses[0]  # the third output took the first's freed block: the case tested
+    assert [tracker.records[str(i)].outputs for i in range(4)] == [4 * numel] * 4
+
+
+def test_a_resumed_fit_measures_its_own_steps(tmp_path):
+    first = _fit(Regressor(), MemoryProfiler(), tmp_path / "a", batches=3)
+    checkpoint = tmp_path / "at3.ckpt"
+    first.save_checkpoint(checkpoint)
+    profiler = MemoryProfiler(module_every_n_steps=100, churn_steps=1)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, default_root_dir=tmp_path / "b",
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[profiler])
+    trainer.fit(Regressor(), _loader(6), ckpt_path=checkpoint)
+    assert profiler.start_step == 3 and [s["step"] for s in profiler.steps] == [3, 4, 5]
+    # The fit's first step is hooked and its churn step is its third, wherever it starts.
+    assert "net.0" in profiler.modules.records and profiler.churn_observed == [5]
+    params = _nbytes(*trainer.lightning_module.parameters())
+    assert profiler.static["params"] == {"cpu": params} and profiler.static["grads"] == {"cpu": params}
+    assert [profiler.instruments_step(s) for s in range(3, 7)] == [True, False, True, False]
+
+
+def test_a_profiler_used_for_two_fits_reports_the_second_alone(tmp_path):
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=[2])
+    for batches in (4, 3):
+        _fit(Regressor(), profiler, tmp_path, batches=batches)
+    assert [s["step"] for s in profiler.steps] == [0, 1, 2] and profiler.churn_observed == [2]
+    assert len(profiler.churn.steps) == 1
+
+
+def test_the_log_holds_the_device_and_module_tables(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="hetrain.callbacks.memory"):
+        _fit(Regressor(), MemoryProfiler(module_every_n_steps=1, churn_steps=0), tmp_path, batches=2)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Memory per device, MiB" in logged and "| cpu |" in logged and "peak optimizer MiB" in logged
+    assert "Memory per module" in logged and "| net.0 | Linear |" in logged and "| total |" in logged
 
 
 WIDTH = 64  # BATCH x WIDTH float32 = 1536 bytes: above the tests' min_bytes, and every weight is 16 KiB
@@ -492,6 +596,35 @@ def test_churn_tells_an_ops_own_workspace_from_a_modules_temporary():
     assert kinds[("1", "aten::mul")] == "passed on" and kinds[("0", "aten::linear")] == "passed on"
 
 
+def test_churn_labels_a_checkpointed_forward_run_again_in_the_backward_as_recompute():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU())
+            self.head = nn.Linear(WIDTH, 1)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.inner, x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    x = torch.randn(BATCH, WIDTH)
+    tracker = ChurnTracker(model, min_bytes=1024)
+    for _ in range(2):
+        with tracker.step():
+            model(x).sum().backward()
+    rows = {(a.module, a.phase, a.op, a.kind) for r in tracker.rows() for a in [r.allocation]}
+    # The first forward keeps nothing inside the checkpointed block (its output, ReLU's, is the head's input); the
+    # run again in the backward keeps the Linear's result for ReLU's backward. The recompute was labelled
+    # "forward", so the block looked like it kept activations in the forward.
+    assert ("inner.0", "forward", "aten::linear", "passed on") in rows
+    assert ("inner.0", "recompute", "aten::linear", "kept for backward") in rows
+    assert ("inner.1", "recompute", "aten::relu", "kept for backward") in rows
+    assert ("inner.0", "forward", "aten::linear", "kept for backward") not in rows
+
+
 def test_churn_tracker_drops_a_step_that_raises_and_cleans_up():
     model = _churn_model()
     tracker = ChurnTracker(model)
@@ -597,6 +730,36 @@ def test_history_steps_are_checked_and_say_when_there_is_no_gpu_to_record(tmp_pa
         _fit(Regressor(), profiler, tmp_path, batches=3)  # on the CPU, whatever the machine has
     assert "no stage on a GPU, so no CUDA allocator history to record" in caplog.text
     assert not list(tmp_path.glob("memory_snapshot*"))
+
+
+@pytest.mark.cuda
+def test_a_second_run_in_the_process_reports_its_own_gpu_peak(tmp_path):
+    """The GPU peak a run reports kept what the memory profiler erased in an earlier run of the process (a sweep's
+    earlier job)."""
+    from hetrain.report import RunRecorder
+
+    class Staged(Regressor):
+        def stages(self):  # what RunRecorder reads the devices from, as on hetrain's models
+            return {"net": self.net}
+
+    class Big(Staged):
+        def training_step(self, batch, batch_idx):
+            torch.ones(BIG_BYTES // 4, device=self.device).sum()  # a 256 MiB temporary
+            return super().training_step(batch, batch_idx)
+
+    peaks = []
+    for model in (Big(), Staged()):
+        recorder = RunRecorder()
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=2, logger=False, default_root_dir=tmp_path,
+                             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                             limit_val_batches=0, callbacks=[MemoryProfiler(churn_steps=0), recorder])
+        trainer.fit(model, _loader(2))
+        peaks.append(peak_memory_mib(recorder.gpus)["cuda:0"] * 2**20)
+    assert peaks[0] >= BIG_BYTES and peaks[1] < BIG_BYTES // 4
+
+
+BIG_BYTES = 256 * 2**20
 
 
 @pytest.mark.cuda

@@ -455,3 +455,21 @@ def test_settings_that_cannot_measure_are_refused_when_made(kwargs, message):
     """window_size=1 met a bare AssertionError inside Lightning at fit start."""
     with pytest.raises(ValueError, match=message):
         tp.Throughput(**kwargs)
+
+
+def test_steps_a_profiler_instruments_are_left_out_of_every_number(tmp_path):
+    from hetrain.callbacks import MemoryProfiler
+    from hetrain.callbacks.profiling import StepTrace
+
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9)
+    # The memory profiler hooks step 0 (the warm-up) and profiles step 2 for churn; StepTrace traces step 4.
+    others = [MemoryProfiler(module_every_n_steps=100, churn_steps=[2]), StepTrace(4, dirpath=tmp_path)]
+    _fit(tmp_path, Tagger(), [callback, *others], steps=6)
+    s = callback.summary
+    # Timed: steps 1, 3 and 5, each 0.5 s. Each follows a profiled step (the warm-up step is hooked too), and
+    # of the time after one only the loader's fetch counts, which torch's DataLoader does not time: 0.
+    assert s["batches_timed"] == 3 and s["instrumented_steps_left_out"] == 2  # the warm-up step is not counted
+    assert s["step_time_ms"]["mean"] == 500.0 and s["step_time_ms"]["p99"] == 500.0
+    assert s["samples_per_s"] == 3 * BATCH / 1.5
+    assert s["between_steps_fraction"] == 0.0
+    assert "2 profiled steps left out" in describe(s)

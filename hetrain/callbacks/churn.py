@@ -17,7 +17,9 @@ An allocation freed within the step it was made in is sorted into one of four ki
 - ``op workspace``: freed before the op that made it returned: a kernel's scratch space, or a
   composite op's intermediate; a different op, dtype or layout is the only remedy.
 - ``kept for backward``: made in the forward, freed during the backward: activations autograd
-  saved (or tensors the step held until then); expected.
+  saved (or tensors the step held until then); expected. Under activation checkpointing the
+  forward a backward node runs again is phase ``recompute``, and what it keeps for that backward
+  is of this kind too.
 - ``passed on``: freed later in the same phase by whoever received it: a module's output consumed
   by the next module, a gradient handed from one backward node to the next; expected.
 
@@ -52,7 +54,8 @@ KIND_MEANING = {
                  "that called it returned: scratch memory made anew every step, the allocations to remove",
     "op workspace": "freed before the op that made it returned: a kernel's scratch or a composite op's "
                     "intermediate; only another op, dtype or layout removes it",
-    "kept for backward": "made in the forward and freed during the backward: activations autograd saved; expected",
+    "kept for backward": "made in the forward (or its recompute under activation checkpointing) and freed during the "
+                         "backward: activations autograd saved; expected",
     "passed on": "freed later in the same phase by whoever received it (a module's output, a gradient handed "
                  "between backward nodes); expected",
 }
@@ -64,7 +67,7 @@ class Allocation:
 
     device: str
     module: str  # innermost module it was made in, OUTSIDE when none
-    phase: str  # forward, backward or optimizer
+    phase: str  # forward, backward, recompute (a checkpointed forward run again in the backward) or optimizer
     op: str  # the op that asked for it (backward: "Node/op")
     kind: str  # one of KINDS
     size: int  # bytes
@@ -134,6 +137,7 @@ class _Made:
     device: str
     size: int
     module: str | None  # innermost module range; None outside modules and in backward (found through the node)
+    recompute: bool  # made in a module's forward run inside a backward node (activation checkpointing)
     node_seq: int | None  # backward: the autograd node's sequence number
     op: str
     scope_end: int | None  # end of the innermost module range or backward node
@@ -154,11 +158,14 @@ def _events(roots: list[Any]) -> Iterator[tuple[Any, tuple[Any, ...]]]:
 
 def _describe(event: Any, ancestors: tuple[Any, ...]) -> _Made:
     module, node, scope_end, optimizer, optimizer_end, below = None, None, None, None, None, 0
+    in_backward = recompute = False
     for i, a in enumerate(ancestors):
         if a.name.startswith(MODULE_RANGE):
             module, node, scope_end, below = a.name.removeprefix(MODULE_RANGE), None, a.end_time_ns, i + 1
+            recompute = in_backward
         elif a.name.startswith(_BACKWARD_NODE):
             module, node, scope_end, below = None, a, a.end_time_ns, i + 1
+            in_backward, recompute = True, False
         elif a.name.startswith(_OPTIMIZER_RANGE):
             optimizer, optimizer_end = a.name.rpartition("#")[2], a.end_time_ns
             below = max(below, i + 1)
@@ -171,13 +178,24 @@ def _describe(event: Any, ancestors: tuple[Any, ...]) -> _Made:
         op = f"{node_name}/{ops[0].name}" if ops else node_name
     fields = event.typed[1]
     return _Made(time=event.start_time_ns, device=str(fields.device), size=fields.alloc_size, module=module,
-                 node_seq=node.typed[1].sequence_number if node is not None else None, op=op, scope_end=scope_end,
-                 optimizer=optimizer, optimizer_end=optimizer_end,
+                 recompute=recompute, node_seq=node.typed[1].sequence_number if node is not None else None, op=op,
+                 scope_end=scope_end, optimizer=optimizer, optimizer_end=optimizer_end,
                  op_end=ops[0].end_time_ns if ops else event.start_time_ns)
 
 
 def _in_backward(ancestors: tuple[Any, ...]) -> bool:
     return any(a.name.startswith(_BACKWARD_NODE) for a in ancestors)
+
+
+def _running_module(ancestors: tuple[Any, ...]) -> str | None:
+    """The innermost module whose forward runs at this event: inside a backward node, only one that node runs
+    again (a checkpointed forward); None when there is none."""
+    for a in reversed(ancestors):
+        if a.name.startswith(MODULE_RANGE):
+            return a.name.removeprefix(MODULE_RANGE)
+        if a.name.startswith(_BACKWARD_NODE):
+            return None
+    return None
 
 
 def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation]:
@@ -200,10 +218,12 @@ def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation
         elif event.tag.name == "TorchOp":
             if event.name.startswith(_BACKWARD_NODE):
                 backward_end = max(backward_end or 0, event.end_time_ns)
-            elif event.typed[1].sequence_number >= 0 and not _in_backward(ancestors):
-                modules = [a.name for a in ancestors if a.name.startswith(MODULE_RANGE)]
-                if modules:
-                    op_module[event.typed[1].sequence_number] = modules[-1].removeprefix(MODULE_RANGE)
+            elif event.typed[1].sequence_number >= 0:
+                # A forward op, or one a checkpointed forward runs again (reentrant checkpointing backpropagates
+                # through those, so their nodes need their module too).
+                module = _running_module(ancestors)
+                if module is not None:
+                    op_module.setdefault(event.typed[1].sequence_number, module)
     counts: Counter[Allocation] = Counter()
     for allocation_id, m in made.items():
         if allocation_id not in freed:
@@ -212,7 +232,7 @@ def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation
         if m.node_seq is not None:
             phase, module, owner_end = "backward", op_module.get(m.node_seq, OUTSIDE), m.scope_end
         elif m.module is not None:
-            phase, module, owner_end = "forward", m.module, m.scope_end
+            phase, module, owner_end = "recompute" if m.recompute else "forward", m.module, m.scope_end
         elif (m.time > backward_end) if backward_end is not None else m.optimizer_end is not None:
             # Lightning runs forward and backward inside the optimizer's step (as its closure): only what
             # follows the last backward node is the optimizer's own work.
@@ -226,6 +246,8 @@ def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation
             kind = "op workspace"
         elif free_time <= owner_end:
             kind = "temporary"
+        elif phase == "recompute":
+            kind = "kept for backward"  # recomputed for the backward node that ran it again
         else:
             kind = "passed on"
         counts[Allocation(m.device, module, phase, m.op, kind, m.size)] += 1

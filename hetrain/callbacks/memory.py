@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from hetrain.callbacks.churn import ChurnTracker
-from hetrain.callbacks.memory_report import PHASES, MemoryReport, churn_section
+from hetrain.callbacks.memory_report import PHASES, READING, MemoryReport, churn_section
 from hetrain.callbacks.module_memory import MIB, ModuleMemory, bytes_by_device, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace, parse_steps
 from hetrain.memory_counters import PhaseMemory
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 OOM_MD, OOM_SNAPSHOT = "oom_report.md", "oom_snapshot.pickle"
 SNAPSHOT = "memory_snapshot.pickle"
 CHURN_FIRST_STEP = 2  # a churn window given as a count starts here: step 0 creates optimizer state, step 1 settles
+LOGGED_MODULES = 10  # rows of the per-module table in the log
 
 
 def out_of_memory(exception: BaseException) -> bool:
@@ -42,6 +43,12 @@ def out_of_memory(exception: BaseException) -> bool:
     which torch raises as a plain ``RuntimeError``."""
     return isinstance(exception, torch.OutOfMemoryError) or (
         isinstance(exception, RuntimeError) and "can't allocate memory" in str(exception))
+
+
+def _describe_error(exception: BaseException) -> str:
+    """The error's type and the first line of its message."""
+    text = str(exception).strip()
+    return f"{type(exception).__name__}: {text.splitlines()[0]}" if text else type(exception).__name__
 
 
 class MemoryProfiler(Callback):
@@ -57,8 +64,8 @@ class MemoryProfiler(Callback):
           ``on_before_backward``, ``on_after_backward`` and ``on_train_batch_end`` close the phases).
           That costs a few counter reads per step (CPU: a ``getrusage`` and a ``/proc`` write per phase),
           about 0.15 ms a step on a 2-core CPU (``benchmarks/bench_memory_overhead.py``).
-        - Every ``module_every_n_steps`` steps (first step included): hooks on every module for that
-          step only (see :class:`ModuleMemory`), so other steps run unhooked.
+        - Every ``module_every_n_steps`` steps (the fit's first step included, also when resumed): hooks on
+          every module for that step only (see :class:`ModuleMemory`), so other steps run unhooked.
         - ``record_history=True`` records the CUDA allocator's history from the start of the fit
           (``torch.cuda.memory._record_memory_history``) and writes ``memory_snapshot.pickle`` at the
           end; https://pytorch.org/memory_viz opens it. ``history_steps=[first, last]`` records those
@@ -70,6 +77,10 @@ class MemoryProfiler(Callback):
           temporaries (made and freed inside one module's forward or backward) first. Two torch
           profilers cannot run at once: steps ``StepTrace`` records are skipped, and churn is off under
           Lightning's ``PyTorchProfiler``.
+        - The steps this callback instruments (module hooks, churn, chosen history) run slower;
+          :meth:`instruments_step` names them, and :class:`~hetrain.callbacks.Throughput` leaves them out.
+        - The report is written when the fit ends, and also when it stops with an error (the steps so far,
+          the error named first); an out-of-memory error writes ``oom_report.md`` instead.
         - With ``dump_on_oom`` an out-of-memory error in the fit (``torch.OutOfMemoryError`` on a GPU, or the
           CPU allocator's "can't allocate memory") writes ``oom_report.md`` (step, error, per-device peaks of
           the step so far, per-module table) and, when GPU history was recorded, ``oom_snapshot.pickle``;
@@ -82,8 +93,8 @@ class MemoryProfiler(Callback):
         history_steps: ``[first, last]`` (or one step): record the history of these optimizer steps only.
         max_history_entries: allocator events kept in the history.
         dump_on_oom: write the post-mortem on CUDA out-of-memory.
-        churn_steps: the steps profiled for allocator churn: a count ``n`` (steps 2 .. n+1) or a list of
-            global steps; 0 or an empty list turns it off.
+        churn_steps: the steps profiled for allocator churn: a count ``n`` (the fit's steps 2 .. n+1, counted
+            from where a resumed fit starts) or a list of global steps; 0 or an empty list turns it off.
         churn_min_bytes: smaller churned allocations are not reported.
         churn_top: rows of each churn table in the log and the report.
     """
@@ -99,13 +110,15 @@ class MemoryProfiler(Callback):
         self._cuda = False  # a stage is on a GPU: there is an allocator history to record
         if module_every_n_steps < 1:
             raise ValueError(f"hetrain: module_every_n_steps must be >= 1, got {module_every_n_steps}")
+        self._churn_counted = isinstance(churn_steps, int)  # steps of the fit, not global steps
         if isinstance(churn_steps, int):
             if churn_steps < 0:
                 raise ValueError(f"hetrain: churn_steps as a count must be >= 0, got {churn_steps}")
             churn_steps = range(CHURN_FIRST_STEP, CHURN_FIRST_STEP + churn_steps)
         if any(int(step) < 0 for step in churn_steps):
             raise ValueError(f"hetrain: churn_steps must be global steps >= 0, got {list(churn_steps)}")
-        self.churn_steps = sorted({int(step) for step in churn_steps})
+        self._churn_asked = sorted({int(step) for step in churn_steps})
+        self.churn_steps = list(self._churn_asked)  # global steps; a count is placed where the fit starts
         self.churn_min_bytes = churn_min_bytes
         self.churn_top = churn_top
         self.churn: ChurnTracker | None = None
@@ -123,6 +136,8 @@ class MemoryProfiler(Callback):
         self._current: dict[str, Any] | None = None
         self._stepped = False  # the optimizer stepped during this batch (not an accumulating micro-batch)
         self._recording = False
+        self._history_done = False  # the chosen history steps were written
+        self.start_step = 0  # the global step the fit started at: past 0 when resumed from a checkpoint
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath or trainer.default_root_dir)
@@ -131,10 +146,14 @@ class MemoryProfiler(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After on_fit_start, where a placement moves stages: the devices are final here.
         devices = {p.device for p in pl_module.parameters()} | {torch.device("cpu")}
+        self.start_step = trainer.global_step
+        self.steps, self.churn_observed, self.static, self._current = [], [], {}, None  # this fit's only
+        self._stepped = self._history_done = False
         self.phases = PhaseMemory(sorted(devices, key=str))
         self.at_start = self.phases.current()
         self.modules = ModuleMemory(pl_module)
         self.churn = ChurnTracker(pl_module, self.churn_min_bytes)
+        self.churn_steps = [self.start_step * self._churn_counted + s for s in self._churn_asked]
         self._leave_steps_to_other_profilers(trainer)
         self._cuda = any(d.type == "cuda" for d in devices)
         if self.record_history and self._cuda:
@@ -142,6 +161,21 @@ class MemoryProfiler(Callback):
         if self.history_steps and not self._cuda:
             log.info(f"hetrain: MemoryProfiler history_steps={list(self.history_steps)}: no stage on a GPU, so no "
                      "CUDA allocator history to record")
+        elif self.history_steps and self.history_steps[1] < self.start_step:
+            log.warning(f"hetrain: MemoryProfiler history_steps={list(self.history_steps)} come before step "
+                        f"{self.start_step}, where this resumed fit starts: no allocator history is recorded")
+
+    def _history_step(self, step: int) -> bool:
+        """Whether ``step`` is one of the chosen history steps this fit records."""
+        return bool(self.history_steps) and self._cuda and self.history_steps[0] <= step <= self.history_steps[1]
+
+    def _module_step(self, step: int) -> bool:
+        return (step - self.start_step) % self.module_every_n_steps == 0
+
+    def instruments_step(self, step: int) -> bool:
+        """Whether global step ``step`` runs with this callback's hooks, profiler or allocator history: slower
+        than the others, so not one to time."""
+        return self._module_step(step) or step in self.churn_steps or self._history_step(step)
 
     def _start_history(self) -> None:
         torch.cuda.memory._record_memory_history(max_entries=self.max_history_entries)
@@ -179,11 +213,10 @@ class MemoryProfiler(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._current is None:  # first micro-batch of an optimizer step
-            chosen = self.history_steps and trainer.global_step == self.history_steps[0]
-            if chosen and self._cuda and not self._recording:
+            if self._history_step(trainer.global_step) and not self._recording and not self._history_done:
                 self._start_history()
             self._current = {"step": trainer.global_step, **{phase: {} for phase in PHASES}}
-            if trainer.global_step % self.module_every_n_steps == 0:
+            if self._module_step(trainer.global_step):
                 self.modules.start()
             if trainer.global_step in self.churn_steps:
                 self.churn.start_step()
@@ -228,6 +261,7 @@ class MemoryProfiler(Callback):
         self._current = None
         if self.history_steps and self._recording and self.steps[-1]["step"] >= self.history_steps[1]:
             self._dump_history(trainer)
+            self._history_done = True
         if self.churn.active:
             self.churn.stop_step()
             self.churn_observed.append(self.steps[-1]["step"])  # global_step has moved on by now
@@ -240,18 +274,29 @@ class MemoryProfiler(Callback):
                 "optimizer state": optimizer_state_bytes(trainer.optimizers),
             }
 
-    def report(self) -> MemoryReport:
-        """What was measured so far, ready to render."""
+    def report(self, ended_early: str | None = None) -> MemoryReport:
+        """What was measured so far, ready to render; ``ended_early`` says what stopped the fit, if anything did."""
         churn = churn_section(self.churn, self.churn_steps, self.churn_observed, self.churn_min_bytes, self.churn_top)
-        return MemoryReport(self.steps, self.static, self.at_start, self.modules, churn)
+        return MemoryReport(self.steps, self.static, self.at_start, self.modules, churn, ended_early)
 
     @override
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        directory = self._dir(trainer)
-        paths = self.report().write(directory)
+        self._write_report(trainer)
         if self._recording:  # the whole fit's, or chosen steps the fit ended inside of
             self._dump_history(trainer)
+
+    def _write_report(self, trainer: pl.Trainer, ended_early: str | None = None) -> None:
+        """Writes the report files and logs their tables: per device, the largest modules, the churn."""
+        report = self.report(ended_early)
+        paths = report.write(self._dir(trainer))
+        if report.steps:
+            log.info(f"Memory per device, MiB ({READING})\n{markdown_table(*report.device_table())}")
+        if self.modules is not None and self.modules.records:
+            header, rows = self.modules.table()
+            shown = rows[:-1][:LOGGED_MODULES] + rows[-1:]  # the largest, and the total row
+            log.info(f"Memory per module, the largest {LOGGED_MODULES} (all in the report)\n"
+                     f"{markdown_table(header, shown)}")
         log.info(f"Memory report: {paths['html']} (table: {paths['md']})")
         if self.churn_observed:
             header, rows = self.churn.table(["temporary"], self.churn_top)
@@ -265,8 +310,16 @@ class MemoryProfiler(Callback):
             self.modules.stop()  # no hook may outlive the fit, whatever ended it
         if self.churn is not None and self.churn.active:
             self.churn.stop_step(keep=False)
-        if self.dump_on_oom and out_of_memory(exception) and trainer.is_global_zero:
+        oom = out_of_memory(exception)
+        if self.dump_on_oom and oom and trainer.is_global_zero:
             self.write_oom_dump(self._dir(trainer), trainer.global_step, exception)
+        elif trainer.is_global_zero and self.phases is not None:  # what the steps before the error measured
+            ended = (f"The fit stopped at step {trainer.global_step} with {_describe_error(exception)}. These are "
+                     "the steps before it.")
+            try:
+                self._write_report(trainer, ended)
+            except Exception as failure:  # noqa: BLE001 - the fit's own error is the one to raise
+                log.error(f"hetrain: the memory report could not be written after the fit's error: {failure!r}")
         if self._recording:
             torch.cuda.memory._record_memory_history(enabled=None)
             self._recording = False
@@ -288,7 +341,7 @@ class MemoryProfiler(Callback):
         if self._current and self.phases is not None:
             self._close(phase)  # the peaks of the phase that failed, so far
         text = (f"# Out of memory at step {step}\n\nDuring: {phase if self._current else 'outside a step'}\n\n"
-                f"Error: `{str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception)}`"
+                f"Error: `{_describe_error(exception)}`"
                 f"\n\n{snapshot}\n\n")
         if self._current:
             rows = [[p, d, round(v["allocated"] / MIB, 3)] for p in PHASES for d, v in self._current[p].items()]

@@ -19,8 +19,12 @@ from hetrain.report import markdown_table
 
 PHASES = ("forward", "backward", "optimizer")
 REPORT_MD, REPORT_PNG, REPORT_HTML = "memory_report.md", "memory_report.png", "memory_report.html"
-READING = ("GPU: allocated tensor memory. CPU: the whole process's resident set (compare it with its value "
-           "at start).")
+STEPS_CSV = "memory_steps.csv"  # every step's peaks, one row per step, device and phase
+STATIC = ("params", "grads", "optimizer state")
+BAR_COLUMNS = ("params MiB", "grads MiB", "saved for backward MiB")  # the per-module bars, stacked
+READING = ("GPU: allocated tensor memory, and reserved (what the caching allocator holds: allocated plus its cache) "
+           "beside it. CPU: the whole process's resident set (compare it with its value at start). n/a: not "
+           "measured (no step with per-module hooks completed).")
 
 Table = tuple[list[str], list[list[Any]]]
 # Paragraphs, then titled tables.
@@ -64,6 +68,7 @@ class MemoryReport:
         at_start: bytes in use per device when training started.
         modules: the per-module records, if any step was measured.
         churn: the allocator-churn section (:func:`churn_section`), if churn was requested.
+        ended_early: what ended the fit before its end (an error), said first; None when the fit ended.
     """
 
     steps: list[dict[str, Any]]
@@ -71,6 +76,7 @@ class MemoryReport:
     at_start: dict[str, int] = field(default_factory=dict)
     modules: ModuleMemory | None = None
     churn: ChurnSection | None = None
+    ended_early: str | None = None
 
     def _devices(self) -> list[str]:
         return sorted({d for s in self.steps for p in PHASES for d in s[p]})
@@ -81,16 +87,38 @@ class MemoryReport:
             return []
         return [(self.modules.table(), self.modules.compiled_note())]
 
+    def _reserved(self, device: str) -> int | None:
+        """The largest reserved peak of ``device`` over all steps; None where it has none (the CPU)."""
+        values = [s[p][device]["reserved"] for s in self.steps for p in PHASES if "reserved" in s[p].get(device, {})]
+        return max(values) if values else None
+
     def device_table(self) -> Table:
-        """Peak MiB per device and phase over all steps, with parameters, gradients and optimizer state."""
-        header = ["device", "at start MiB", *(f"peak {p} MiB" for p in PHASES), "params MiB", "grads MiB",
-                  "optimizer state MiB"]
+        """Peak MiB per device and phase over all steps (and the reserved peak where a GPU ran), with parameters,
+        gradients and optimizer state (n/a when not measured)."""
+        devices = self._devices()
+        reserved = {d: self._reserved(d) for d in devices}
+        with_reserved = any(v is not None for v in reserved.values())
+        header = ["device", "at start MiB", *(f"peak {p} MiB" for p in PHASES),
+                  *(["peak reserved MiB"] if with_reserved else []), *(f"{k} MiB" for k in STATIC)]
         rows = []
-        for device in self._devices():
+        for device in devices:
             peaks = [max((s[p].get(device, {}).get("allocated", 0) for s in self.steps), default=0) for p in PHASES]
-            held = [self.static.get(k, {}).get(device, 0) for k in ("params", "grads", "optimizer state")]
-            rows.append([device, *(round(v / MIB, 3) for v in [self.at_start.get(device, 0), *peaks, *held])])
+            if with_reserved:
+                peaks.append(reserved[device])
+            held = [self.static[k].get(device, 0) if k in self.static else None for k in STATIC]
+            rows.append([device, *("n/a" if v is None else round(v / MIB, 3)
+                                   for v in [self.at_start.get(device, 0), *peaks, *held])])
         return header, rows
+
+    def steps_csv(self) -> str:
+        """Every step's peaks: ``step,device,phase,allocated_mib,reserved_mib`` (reserved empty on the CPU)."""
+        lines = ["step,device,phase,allocated_mib,reserved_mib"]
+        for s in self.steps:
+            for phase in PHASES:
+                for device, peaks in sorted(s[phase].items()):
+                    reserved = f"{peaks['reserved'] / MIB:.3f}" if "reserved" in peaks else ""
+                    lines.append(f"{s['step']},{device},{phase},{peaks['allocated'] / MIB:.3f},{reserved}")
+        return "\n".join(lines) + "\n"
 
     def kept_host_note(self) -> str | None:
         """How much of the CPU's resident set was freed blocks kept for reuse; None where none were kept."""
@@ -103,8 +131,11 @@ class MemoryReport:
 
     def blocks(self) -> list[tuple[str, Any]]:
         """The report's content once, for both renderings: ``("h2" | "h3" | "p", text)`` and ``("table", table)``."""
-        out: list[tuple[str, Any]] = [("h2", "Peak per device and phase"), ("p", READING),
-                                      ("table", self.device_table())]
+        out: list[tuple[str, Any]] = [("p", self.ended_early)] if self.ended_early else []
+        if not self.steps:
+            return [*out, ("p", "No training step completed: there is nothing to report.")]
+        out += [("h2", "Peak per device and phase"), ("p", READING), ("table", self.device_table()),
+                ("p", f"Every step's peaks: {STEPS_CSV}.")]
         kept = self.kept_host_note()
         if kept:
             out.append(("p", kept))
@@ -146,22 +177,30 @@ class MemoryReport:
         from matplotlib.ticker import MaxNLocator
 
         sections = self._module_sections()
-        header, rows = sections[0][0] if sections else ([], [])
-        rows = [r for r in rows if r[0] != "total"][:25]
+        header, rows = sections[0][0] if sections else (list(BAR_COLUMNS), [])
+        drawn = [header.index(c) for c in BAR_COLUMNS]
+        rows = sorted((r for r in rows if r[0] != "total"), key=lambda r: -sum(r[i] for i in drawn))
+        rows = [r for r in rows if any(r[i] for i in drawn)][:25]  # sorted and kept by what the bars show
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 4 + 0.3 * len(rows)),
                                           gridspec_kw={"height_ratios": [3, max(2, 0.3 * len(rows))]})
+        xs = [s["step"] for s in self.steps]
         for device in self._devices():
             for phase in PHASES:
                 ys = [s[phase].get(device, {}).get("allocated", 0) / MIB for s in self.steps]
-                top.plot([s["step"] for s in self.steps], ys, marker=".", label=f"{device} {phase}")
+                top.plot(xs, ys, marker=".", label=f"{device} {phase}")
+            if self._reserved(device) is not None:
+                ys = [max(s[p].get(device, {}).get("reserved", 0) for p in PHASES) / MIB for s in self.steps]
+                top.plot(xs, ys, linestyle="--", label=f"{device} reserved")
         top.set(xlabel="step", ylabel="peak MiB", title="Each step's peak memory (CPU: process resident set)")
         top.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, never 0.5
-        if top.lines:  # a run with no step has nothing to label
+        if top.lines:
             top.legend(fontsize="small")
+        else:
+            top.text(0.5, 0.5, "no training step completed", ha="center", va="center", transform=top.transAxes)
         names = [r[0] for r in rows][::-1]
         left = [0.0] * len(names)
-        for column in ("params MiB", "grads MiB", "saved for backward MiB"):
-            values = [r[header.index(column)] for r in rows][::-1]
+        for column, i in zip(BAR_COLUMNS, drawn, strict=True):
+            values = [r[i] for r in rows][::-1]
             bottom.barh(names, values, left=left, label=column.removesuffix(" MiB"))
             left = [a + b for a, b in zip(left, values, strict=True)]
         bottom.set(xlabel="MiB", title="Per module")
@@ -174,11 +213,14 @@ class MemoryReport:
         return buffer.getvalue()
 
     def write(self, directory: str | Path) -> dict[str, Path]:
-        """Writes ``memory_report.md``, ``.png`` and ``.html`` (the page embeds the plot); returns the paths."""
+        """Writes ``memory_report.md``, ``.png``, ``.html`` (the page embeds the plot) and ``memory_steps.csv``;
+        returns the paths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        paths = {"md": directory / REPORT_MD, "png": directory / REPORT_PNG, "html": directory / REPORT_HTML}
+        paths = {"md": directory / REPORT_MD, "png": directory / REPORT_PNG, "html": directory / REPORT_HTML,
+                 "csv": directory / STEPS_CSV}
         paths["md"].write_text(self.markdown())
+        paths["csv"].write_text(self.steps_csv())
         png = self.plot_png()
         paths["png"].write_bytes(png)
         paths["html"].write_text(self.html(png))

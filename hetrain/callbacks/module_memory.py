@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
@@ -56,8 +57,10 @@ class ModuleMemory:
     :meth:`backward_done` after backward, and :meth:`stop` at the end (also after an error).
 
     Notes:
-        No byte is counted twice through a parent: parameters and gradients go to the module that
-        owns them, outputs and the CUDA delta to modules without children, and a tensor saved for
+        No byte is counted twice: parameters and gradients go to the module that owns them (a tied
+        weight to the first that does, in ``named_modules`` order), outputs to modules without
+        children (once per storage: an ``Identity`` passing its input on adds nothing), the CUDA
+        delta to modules without children too, and a tensor saved for
         backward (found with ``torch.autograd.graph.saved_tensors_hooks``, once per storage,
         parameters excluded) to the innermost module running when it was saved, e.g. an attention
         block for its ``scaled_dot_product_attention``. Tensors saved outside every module (the loss
@@ -75,7 +78,10 @@ class ModuleMemory:
         self._handles: list[RemovableHandle] = []
         self._stack: list[str] = []
         self._before: dict[str, int] = {}
-        self._seen: set[int] = set()
+        self._seen: set[int] = set()  # storages counted as saved for backward (parameters from the start)
+        # Storages counted as outputs. Weak references, not addresses: an output freed during the forward frees
+        # its address for the next, and a weak reference keeps its storage's identity until it is dropped.
+        self._outputs_seen: set[StorageWeakRef] = set()
         self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._watching = False  # during the first forward of the step (later micro-batches are not counted)
 
@@ -83,11 +89,21 @@ class ModuleMemory:
     def active(self) -> bool:
         return bool(self._handles)
 
+    def _owned_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Each module's own parameters, a tied one under its first owner only."""
+        seen: set[int] = set()
+        owned = {}
+        for name, module in self.rows.items():
+            owned[name] = [p for p in module.parameters(False) if id(p) not in seen]
+            seen.update(id(p) for p in owned[name])
+        return owned
+
     def start(self) -> None:
-        self._step = {name: ModuleRecord(params=_tensor_bytes(list(m.parameters(False))))
-                      for name, m in self.rows.items()}
+        self._step = {name: ModuleRecord(params=_tensor_bytes(params))
+                      for name, params in self._owned_parameters().items()}
         self._step[OUTSIDE] = ModuleRecord()
         self._seen = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        self._outputs_seen = {StorageWeakRef(p.untyped_storage()) for p in self.model.parameters()}
         for name, module in self.rows.items():
             self._handles.append(module.register_forward_pre_hook(self._pre(name)))
             self._handles.append(module.register_forward_hook(self._post(name), always_call=True))
@@ -118,12 +134,28 @@ class ModuleMemory:
                 self._stack.pop()
             record = self._step[name]
             if name in self.leaves:
-                record.outputs += _tensor_bytes(output)
+                record.outputs += self._new_output_bytes(output)
             if name in self._before:
                 param = next(module.parameters())
                 delta = torch.cuda.memory_allocated(param.device) - self._before.pop(name)
                 record.cuda_delta = delta + (record.cuda_delta or 0)
         return hook
+
+    def _new_output_bytes(self, output: Any) -> int:
+        """Bytes of the storages in ``output`` not counted as an output yet (a view or a passed-on input adds 0)."""
+        total = 0
+        for t in tree_leaves(output):
+            if not isinstance(t, torch.Tensor):
+                continue
+            try:
+                key = StorageWeakRef(t.untyped_storage())
+            except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
+                total += _nbytes(t)
+                continue
+            if key not in self._outputs_seen:
+                self._outputs_seen.add(key)
+                total += _nbytes(t)
+        return total
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         try:
@@ -143,8 +175,8 @@ class ModuleMemory:
             self._saved_hooks = None
 
     def backward_done(self) -> None:
-        for name, module in self.rows.items():
-            self._step[name].grads = _tensor_bytes([p.grad for p in module.parameters(False) if p.grad is not None])
+        for name, params in self._owned_parameters().items():
+            self._step[name].grads = _tensor_bytes([p.grad for p in params if p.grad is not None])
 
     def stop(self) -> None:
         """Removes every hook and folds this step into :attr:`records`."""
@@ -154,6 +186,7 @@ class ModuleMemory:
         self._handles.clear()
         self._stack.clear()
         self._before.clear()
+        self._outputs_seen.clear()
         for name, record in self._step.items():
             self.records.setdefault(name, ModuleRecord()).merge(record)
         self._step = {}

@@ -40,6 +40,12 @@ def parse_steps(steps: int | Sequence[int], setting: str = "callbacks.profile_st
     return steps[0], steps[1]
 
 
+def instrumented(trainer: pl.Trainer, step: int) -> bool:
+    """Whether a callback profiles or hooks global step ``step`` (its ``instruments_step`` says so): such a step
+    runs slower than the others, so timing callbacks leave it out."""
+    return any(cb.instruments_step(step) for cb in trainer.callbacks if hasattr(cb, "instruments_step"))
+
+
 class StepTrace(Callback):
     """Records training steps ``first..last`` (optimizer steps from 0) into one Chrome trace.
 
@@ -61,6 +67,10 @@ class StepTrace(Callback):
         self._profiler: profile | None = None
         self._step_range: record_function | None = None
         self._open_step = -1  # the optimizer step whose range is open
+
+    def instruments_step(self, step: int) -> bool:
+        """Whether global step ``step`` is traced (and so runs slower)."""
+        return self.first <= step <= self.last
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

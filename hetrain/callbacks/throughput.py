@@ -34,6 +34,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
+from hetrain.callbacks.profiling import instrumented
 from hetrain.device_info import device_name
 from hetrain.report import loader_wait_seconds
 
@@ -237,7 +238,9 @@ class ThroughputMeter:
     step's first ``batch_start`` is the time between steps, and the gaps between one step's micro-batches are
     the gaps within steps: step times and the time between steps never overlap. Of each gap,
     ``batch_start(data_wait=...)`` says how much the loader spent fetching the batch (unknown, and reported
-    ``n/a``, if any timed batch leaves it out).
+    ``n/a``, if any timed batch leaves it out). ``batch_start(instrumented=True)`` marks a batch of a step a
+    profiler or hooks slow down: the step and the gap before it are left out as a warm-up step's are, and so is
+    the time after it up to the next batch (where those tools finish), but for the loader's fetch.
 
     Args:
         clock: returns seconds; ``time.perf_counter`` by default.
@@ -263,18 +266,21 @@ class ThroughputMeter:
         self.within_steps: list[float] = []  # gaps between one step's micro-batches (gradient accumulation)
         self.data_waits: list[float] | None = []  # the loader's own next(); None once a batch lacks it
         self.flops_per_batch: float | None = None
+        self.instrumented_steps = 0  # steps left out because a profiler or hooks ran in them
         self._last_end: float | None = None
         self._paused_at: float | None = None
         self._step_started: float | None = None
         self._step_timed = False
         self._batch_started = 0.0
+        self._batch_timed = False
+        self._batch_instrumented = False
 
     @property
     def in_timed_step(self) -> bool:
         """Whether a step is open whose first batch was timed (one the step times will hold), or none is open
         and the next batch, which opens one, is timed."""
         if self._step_started is None:
-            return self.seen_batches >= self.warmup_batches
+            return self.seen_batches >= self.warmup_batches and self._paused_at is None
         return self._step_timed
 
     def start(self) -> None:
@@ -297,16 +303,18 @@ class ThroughputMeter:
             self._step_started += now - self._last_end - kept
         return kept
 
-    def batch_start(self, data_wait: float | None = None) -> None:
-        """A batch starts; ``data_wait``: seconds its loader spent fetching it, if the loader measures that."""
+    def batch_start(self, data_wait: float | None = None, instrumented: bool = False) -> None:
+        """A batch starts; ``data_wait``: seconds its loader spent fetching it, if the loader measures that;
+        ``instrumented``: a profiler or hooks slow its step down, so it is not timed."""
         now = self.clock()
         if self._last_end is None:  # no start(): the time between is unknown, not counted
             self._last_end = now
         gap = self._gap(now, data_wait)
-        timed = self.seen_batches >= self.warmup_batches
+        timed = self.seen_batches >= self.warmup_batches and not instrumented
         opens_step = self._step_started is None
         if opens_step:
             self._step_started, self._step_timed = now, timed
+        self._batch_timed, self._batch_instrumented = timed, instrumented
         if timed:
             (self.between_steps if opens_step else self.within_steps).append(gap)
             self.time += gap
@@ -318,14 +326,17 @@ class ThroughputMeter:
 
     def batch_end(self, samples: int, tokens: int | None = None, step_done: bool = True) -> None:
         now = self.clock()
-        timed = self.seen_batches >= self.warmup_batches
         self.seen_batches += 1
         self._last_end = now
         if step_done:
             if self._step_timed:
                 self.step_times.append(now - self._step_started)
             self._step_started = None
-        if not timed:
+        if self._batch_instrumented:
+            self.instrumented_steps += step_done and self.seen_batches > self.warmup_batches
+            if self._paused_at is None:
+                self._paused_at = now  # what instrumented the step finishes after it
+        if not self._batch_timed:
             return
         self.time += now - self._batch_started
         self.batches += 1
@@ -359,6 +370,8 @@ class ThroughputMeter:
         }
         if self.within_steps:
             out["within_steps_fraction"] = sum(self.within_steps) / self.time
+        if self.instrumented_steps:
+            out["instrumented_steps_left_out"] = self.instrumented_steps
         if self.step_times:
             out["step_time_ms"] = {k: 1000 * v for k, v in _percentiles(self.step_times).items()}
         out["data_wait_ms_mean"] = 1000 * float(np.mean(self.data_waits)) if self.data_waits else NA
@@ -397,6 +410,8 @@ def describe(summary: dict[str, Any]) -> str:
     energy = summary.get("energy_j_per_step", NA)
     if isinstance(energy, float):
         parts.append(f"GPU energy {energy:.2f} J/step")
+    if "instrumented_steps_left_out" in summary:
+        parts.append(f"{summary['instrumented_steps_left_out']} profiled steps left out")
     if "of_ranks" in summary:
         parts.append(summary["of_ranks"])
     return ", ".join(parts)
@@ -435,6 +450,9 @@ class Throughput(Callback):
         - Peak FLOP/s for MFU: ``peak_flops`` if given, else Lightning's table, else a short matmul
           measurement at the run's compute dtype, once per device name.
         - GPU work is waited for before each clock read, so times are of the work, not of its launch.
+        - Steps another callback instruments (``MemoryProfiler``'s hooked and churn-profiled steps,
+          ``StepTrace``'s traced ones: whatever their ``instruments_step`` names) are left out of every
+          number, as the warm-up is; the summary counts them (``instrumented_steps_left_out``).
         - Data wait is read from the training loader's ``wait_seconds`` (hetrain's ``RingLoader``,
           ``DevicePrefetcher`` and ``TimedDataLoader`` keep it); with any other loader it is ``n/a`` and
           the gaps between batches (``between_steps``, and with gradient accumulation ``within_steps``:
@@ -526,8 +544,12 @@ class Throughput(Callback):
         self._wait_seen = waited
         if seen is not None and waited is not None and waited < seen:  # a new loader (reloaded per epoch)
             seen = 0.0
-        self.meter.batch_start(None if seen is None or waited is None else waited - seen)
-        self._open_energy()  # after a validation: training goes on here
+        self.meter.batch_start(None if seen is None or waited is None else waited - seen,
+                               instrumented=instrumented(trainer, trainer.global_step))
+        if self.meter.in_timed_step:
+            self._open_energy()  # after a validation: training goes on here
+        else:
+            self._close_energy()  # a profiled step
         if self.meter.seen_batches == 0 and self.count_flops and self.meter.flops_per_batch is None:
             # Counted with torch.compile standing aside: dynamo meeting a frame under the counter's dispatch mode
             # marks its code never to be compiled, so a compiled model would have run eagerly all run.

@@ -169,7 +169,6 @@ void RingCore::commit(int64_t producer, int64_t job, const int64_t* meta) {
     s.state = State::kReady;
     const int64_t n = num_fields_ * kMetaPerField;
     std::copy(meta, meta + n, meta_.begin() + slot * n);
-    ++committed_;
   }
   producers_[producer].busy = false;
   producers_[producer].last_seen_ns = now_ns();
@@ -234,11 +233,6 @@ void RingCore::close() {
 bool RingCore::closed() const {
   std::lock_guard<std::mutex> lk(mu_);
   return closed_;
-}
-
-int64_t RingCore::batches_committed() const {
-  std::lock_guard<std::mutex> lk(mu_);
-  return committed_;
 }
 
 // ---------------------------------------------------------------------------------------------------

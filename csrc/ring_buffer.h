@@ -70,7 +70,6 @@ class RingCore {
   // Wakes every waiter; claim() then returns kClosed and take() throws.
   void close();
   bool closed() const;
-  int64_t batches_committed() const;
 
  private:
   enum class State { kFree, kFilling, kReady, kHeld, kFailed };
@@ -101,7 +100,7 @@ class RingCore {
   std::vector<int64_t> meta_;  // num_slots * num_fields * kMetaPerField
   std::unique_ptr<Producer[]> producers_;
   const int64_t num_producers_;
-  int64_t epoch_ = 0, num_jobs_ = 0, next_job_ = 0, committed_ = 0;
+  int64_t epoch_ = 0, num_jobs_ = 0, next_job_ = 0;
   int64_t cursor_ = 0;             // where the search for a free slot starts (round robin)
   std::vector<int64_t> job_slot_;  // slot of claimed job j at j % num_slots
   bool closed_ = false;

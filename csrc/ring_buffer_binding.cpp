@@ -104,7 +104,6 @@ class RingBuffer : public torch::CustomClassHolder {
   int64_t slot_bytes() const { return st_->slot_bytes; }
   int64_t nbytes() const { return st_->slab.numel(); }
   bool pinned() const { return st_->slab.is_pinned(); }
-  int64_t batches_committed() const { return st_->core->batches_committed(); }
 
   // Full-capacity flat views of one slot's fields, for producers that write from Python.
   std::vector<at::Tensor> slot_views(int64_t slot) const {
@@ -251,7 +250,6 @@ TORCH_LIBRARY_FRAGMENT(hetrain_C, m) {
       .def("slot_bytes", &hetrain::RingBuffer::slot_bytes)
       .def("nbytes", &hetrain::RingBuffer::nbytes)
       .def("pinned", &hetrain::RingBuffer::pinned)
-      .def("batches_committed", &hetrain::RingBuffer::batches_committed)
       .def("slot_views", &hetrain::RingBuffer::slot_views)
       .def("start_epoch", &hetrain::RingBuffer::start_epoch)
       .def("claim", &hetrain::RingBuffer::claim)

@@ -297,6 +297,7 @@ def test_guard_skip_mode_holds_the_lr_schedule_on_skipped_steps(tmp_path):
     assert model.lrs == pytest.approx([0.1, 0.1 / 2, 0.1 / 3, 0.1 / 3, 0.1 / 3, 0.1 / 4])
     assert guard.skipped_steps == 2
     assert trainer.callback_metrics["nonfinite/skipped_steps"] == 2
+    assert trainer.callback_metrics["nonfinite/nonfinite_steps"] == 2
     assert _all_finite(model)
 
 
@@ -329,6 +330,7 @@ def test_guard_counts_loss_scaler_overflows_without_stopping(tmp_path):
     assert halvings > 0  # the test needs at least one overflow
     assert guard.skipped_steps == halvings and guard.nonfinite_steps == 0
     assert trainer.callback_metrics["nonfinite/skipped_steps"] == halvings
+    assert trainer.callback_metrics["nonfinite/nonfinite_steps"] == 0  # overflows only: nothing non-finite
     assert trainer.callback_metrics["precision/loss_scale"] == model.scales[-1]  # the scale the last step ran with
     # A step was skipped iff the scaler backed off after it; the schedule advances on the others only.
     scales = [*model.scales, scaler.get_scale()]

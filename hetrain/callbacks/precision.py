@@ -324,6 +324,7 @@ class NonFiniteGuard(Callback):
         else:
             self._skipped(trainer, pl_module, step, batch, batch_idx)
             metrics["nonfinite/skipped_steps"] = float(self.skipped_steps)
+        metrics["nonfinite/nonfinite_steps"] = float(self.nonfinite_steps)  # skipped, less the scaler's overflows
         metrics["nonfinite/consecutive"] = float(self.consecutive)
         # Lightning writes step metrics every log_every_n_steps (global_step has counted this step by now), and a
         # log_dict call costs ~0.5 ms of Python: log on those steps, and whenever a value changed so that

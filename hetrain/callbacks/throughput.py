@@ -102,12 +102,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sdpa_forward_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _sdpa_forward_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
     return flop_counter.sdpa_flop_count(query, key, value)
 
 
-def _sdpa_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
-                         **kwargs: Any) -> int:
+def _sdpa_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
     return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import resource
 import sys
 import time
 import uuid
@@ -32,7 +31,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from typing_extensions import override
 
-from hetrain.memory_counters import erased_peak, forget_erased_peak
+from hetrain.memory_counters import erased_peak, forget_erased_peak, peak_rss_bytes, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +49,11 @@ def _gpus(pl_module: pl.LightningModule) -> list[torch.device]:
 
 
 def peak_memory_mib(gpus: list[torch.device]) -> dict[str, float]:
-    """Peak resident memory of this process (``cpu_rss``) and peak allocated memory of each GPU, in MiB.
-
-    The resident peak covers the whole process, so jobs of an in-process sweep see earlier jobs' peaks. Both
-    include what the memory profiler read before its per-phase resets erased the counters.
-    """
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    peaks = {"cpu_rss": max(rss, erased_peak("cpu")) / 2**20}
+    """Peak resident memory of this process (``cpu_rss``) and peak allocated memory of each GPU, in MiB, since
+    :class:`RunRecorder` reset them when training started (since the process started where Linux cannot reset
+    the resident peak). Both include what the memory profiler read before its per-phase resets erased the
+    counters."""
+    peaks = {"cpu_rss": max(peak_rss_bytes(), erased_peak("cpu")) / 2**20}
     for gpu in gpus:
         peaks[str(gpu)] = max(torch.cuda.max_memory_allocated(gpu), erased_peak(str(gpu))) / 2**20
     return peaks
@@ -97,7 +94,10 @@ class RunRecorder(Callback):
         self.gpus = _gpus(pl_module)
         self.start_step = trainer.global_step
         self.resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None
-        for gpu in self.gpus:  # this run's peaks, not an earlier run's in this process (a sweep's jobs)
+        # This run's peaks, not an earlier run's in this process (a sweep's jobs).
+        reset_peak_rss()
+        forget_erased_peak("cpu")
+        for gpu in self.gpus:
             torch.cuda.reset_peak_memory_stats(gpu)
             forget_erased_peak(str(gpu))
         self._sync()

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
-from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from hetrain import cpu_memory, plugins
@@ -153,8 +153,10 @@ def build(cfg: DictConfig) -> Parts:
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     precision = trainer_precision(cfg.trainer.precision, _devices_in_use(cfg))
     log.info(f"Precision: {precision.get('precision') or precision['plugins'][0]}")
+    # With every ModelCheckpoint set to null Lightning would add its own, writing where the run did not ask.
+    saving = {} if any(isinstance(c, ModelCheckpoint) for c in callbacks.values()) else {"enable_checkpointing": False}
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks.values(), recorder], logger=logger,
-                           **precision)
+                           **precision, **saving)
     return Parts(datamodule, task, callbacks, recorder, trainer, compiled)
 
 

@@ -324,6 +324,24 @@ def test_a_run_resumed_from_a_checkpoint_of_its_middle_goes_on_exactly_as_it_did
     assert not (tmp_path / "twice" / "checkpoints" / "interrupted.ckpt").exists()
 
 
+def test_last_ckpt_holds_the_newest_validation_even_when_it_was_not_the_best(tmp_path):
+    """Lightning's save_last copies only a step it saved a best checkpoint at: after a validation that did not
+    improve val/acc, last.ckpt held an older step, and resuming from it trained steps over again."""
+    common = ["recipe=bert_split", "model.hidden=32", *SMALL, "trainer.max_steps=4", "trainer.val_check_interval=2",
+              "task.lr=0", "callbacks.memory_profiler=null"]  # no learning: the second validation is no better
+    result = train_py(*common, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name.split("-")[0] for p in checkpoints.glob("step*.ckpt")] == ["step2"]  # the best
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4
+
+    # With both checkpoint callbacks dropped, nothing is saved: Lightning adds no checkpoint of its own.
+    dropped = train_py(*common, "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
+                       f"hydra.run.dir={tmp_path}/none", cwd=tmp_path)
+    assert dropped.returncode == 0, dropped.stderr[-3000:]
+    assert not list((tmp_path / "none").rglob("*.ckpt"))
+
+
 def test_compiled_stages_train_as_the_eager_ones_do(tmp_path):
     """compile.enabled=true compiles each stage (aot_eager here: dynamo and AOT autograd trace every stage, forward
     and backward, without inductor's C++ build); the losses it logs are the eager run's."""

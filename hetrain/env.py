@@ -46,12 +46,14 @@ def nvcc_version() -> str | None:
 
 
 def driver_version() -> str | None:
+    """The NVIDIA driver version nvidia-smi reports for the first GPU, or None without nvidia-smi or a GPU."""
     out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if shutil.which(
         "nvidia-smi") else None
     return out.strip().splitlines()[0] if out and out.strip() else None
 
 
 def triton_version() -> str | None:
+    """The installed Triton's version, or None where it is not importable."""
     try:
         import triton
     except ImportError:
@@ -73,6 +75,7 @@ def _host_allocator() -> str:
 
 
 def device_types() -> list[str]:
+    """The device types the report shows each op's chosen backend for: cpu, and cuda where torch sees a GPU."""
     types = ["cpu"]
     if torch.cuda.is_available():
         types.append("cuda")
@@ -80,6 +83,7 @@ def device_types() -> list[str]:
 
 
 def collect() -> Report:
+    """Probes this machine: versions, devices, every registered op's backends and choices, and warnings."""
     report = Report()
     cuda_runtime = torch.version.cuda
     report.versions = {
@@ -153,6 +157,7 @@ def _table(rows: list[dict[str, str]]) -> str:
 
 
 def format_report(report: Report) -> str:
+    """The report as the text ``python -m hetrain.env`` prints."""
     parts = ["hetrain environment", "", "versions:"]
     width = max(len(k) for k in report.versions)
     parts += [f"  {k.ljust(width)}  {v}" for k, v in report.versions.items()]

@@ -62,6 +62,7 @@ class Backend:
     opt_in: tuple[str, ...] = ()
 
     def why_unavailable(self) -> str | None:
+        """None where the backend can run; otherwise why not (an availability probe that raises counts as no)."""
         try:
             ok = self.available()
         except Exception as exc:  # an availability probe must never break selection

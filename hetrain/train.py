@@ -93,6 +93,26 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(data_len, int) and isinstance(model_len, int) and data_len > model_len:
         raise ValueError(f"hetrain: data.max_len={data_len} is longer than model.max_len={model_len}, the model's "
                          "position table; raise model.max_len or lower data.max_len")
+    _check_counts(cfg)
+    data_path = OmegaConf.select(cfg, "data.path")
+    if data_path is not None and not Path(data_path).exists():
+        raise ValueError(f"hetrain: data.path={data_path} does not exist (relative paths start at the directory "
+                         f"train.py runs from, {Path.cwd()}); pass a .jsonl file, a directory of token files "
+                         "(python -m hetrain.data.build_tokens), or data.path=null for synthetic documents")
+
+
+def _check_counts(cfg: DictConfig) -> None:
+    """Counts that must be positive, named before a library meets them (torch's sampler, Lightning's loop)."""
+    for key in ("threads", "data.batch_size", "data.max_tokens"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"hetrain: {key}={value!r} must be a positive whole number"
+                             + (" or null (torch's default)" if key == "threads" else ""))
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval")
+    if isinstance(interval, bool) or (isinstance(interval, int) and interval < 1) \
+            or (isinstance(interval, float) and not 0 < interval <= 1):
+        raise ValueError(f"hetrain: trainer.val_check_interval={interval!r} must be a number of training steps >= 1 "
+                         "or a fraction of an epoch in (0, 1]")
 
 
 def _check_data_fits_model(cfg: DictConfig) -> None:
@@ -168,7 +188,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pins, prefer = cfg.backends.pins, cfg.backends.get("prefer")
         plugins.configure(pins=None if pins is None else OmegaConf.to_container(pins), strict=cfg.backends.strict,
                           prefer=None if prefer is None else list(prefer))
-        if cfg.threads:
+        if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         pl.seed_everything(cfg.seed, workers=True)
         parts = build(cfg)

@@ -28,7 +28,7 @@ from hetrain.models.task import ClassificationTask
 from hetrain.placement import resolve_plan
 from hetrain.recipes import register_recipes
 from hetrain.report import RunRecorder
-from hetrain.train import build, run
+from hetrain.train import build, check_config, run
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
@@ -419,6 +419,23 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     cfg = compose_train("recipe=bert_split", override, output_dir=tmp_path)
     with pytest.raises(ValueError, match=re.escape(f"hetrain: {key}, unknown to torch; write cpu, cuda or")):
         build(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["threads=-1"], "threads=-1 must be a positive whole number or null"),
+    (["threads=0"], "threads=0 must be a positive whole number or null"),  # was silently ignored
+    (["recipe=resnet_fused_amp", "data.batch_size=-4"], "data.batch_size=-4 must be a positive whole number"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be a number of training steps >= 1"),
+    (["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5 must be a number of training steps"),
+    (["recipe=longseq_ringbuffer", "data.path=/nonexistent/corpus.jsonl"],
+     "data.path=/nonexistent/corpus.jsonl does not exist"),
+])
+def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(overrides, message, tmp_path):
+    """Each failed inside torch's sampler, Lightning's loop (ZeroDivisionError) or a tokenizer, after the model was
+    built, without naming the setting."""
+    cfg = compose_train(*overrides, output_dir=tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"hetrain: {message}")):
+        check_config(cfg)
 
 
 def test_a_plan_entry_that_names_no_stage_is_refused_before_the_data_is_built(tmp_path):

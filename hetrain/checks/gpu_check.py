@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -111,7 +112,7 @@ def why_skipped(step: Step, only: set[str] | None, skip: set[str]) -> str | None
     return None
 
 
-def run_step(step: Step, log, timeout_s: float) -> Outcome:
+def run_step(step: Step, log: TextIO, timeout_s: float) -> Outcome:
     start = time.perf_counter()
     log.write(f"\n===== {step.name}: {' '.join(step.command)}\n")
     log.flush()

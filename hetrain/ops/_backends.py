@@ -68,6 +68,7 @@ class OnTheirDevice:
 
 
 def register_triton(op: str, module_name: str) -> None:
+    """The Triton kernels of ``module_name``: CUDA, and CPU only when pinned under TRITON_INTERPRET=1."""
     module = _import_triton_module(module_name)
     devices = ("cuda", "cpu") if triton_interpreting() else ("cuda",)
     plugins.register(op, "triton", devices, None if isinstance(module, str) else OnTheirDevice(module),
@@ -89,4 +90,5 @@ def _cuda_ext_available() -> bool | str:
 
 
 def register_torch(op: str, impl: Any) -> None:
+    """The plain-torch reference ``impl``: always available, on every device type, the last resort."""
     plugins.register(op, "torch", TORCH_DEVICES, impl, PRIORITY["torch"])

@@ -48,16 +48,18 @@ class CppBackend:
     """The kernels of hetrain._C: csrc/bias_gelu.cpp on the CPU, csrc/cuda/bias_gelu_kernel.cu on CUDA."""
 
     @staticmethod
-    def forward(x, bias, approximate):
+    def forward(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
         return torch.ops.hetrain_C.bias_gelu_fwd(x, bias, approximate)
 
     @staticmethod
-    def backward(dy, x, bias, approximate):
+    def backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
+                 approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.hetrain_C.bias_gelu_bwd(dy, x, bias, approximate)
 
     @staticmethod
-    def forward_with_grad(x, bias, approximate):
-        return torch.ops.hetrain_C.bias_gelu(x, bias, approximate)  # autograd in C++ (csrc/autograd.cpp)
+    def forward_with_grad(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+        """The op's forward with its backward in C++ (csrc/autograd.cpp), so autograd never re-enters Python."""
+        return torch.ops.hetrain_C.bias_gelu(x, bias, approximate)
 
 
 def _register_backends() -> None:

@@ -74,6 +74,7 @@ def bn_relu_pool_ref(
 
 def relu_pool_ref(x: torch.Tensor, kernel_size: int | tuple[int, int] = 2, stride: int | tuple[int, int] | None = None,
                   padding: int | tuple[int, int] = 0) -> torch.Tensor:
+    """What the epilogue computes without BatchNorm (ReLU -> MaxPool), in plain torch; the tests' oracle."""
     return F.max_pool2d(F.relu(x), kernel_size, stride if stride is not None else kernel_size, padding)
 
 
@@ -157,21 +158,31 @@ class CppBackend:
     """The kernels of hetrain._C: csrc/bn_relu_pool.cpp on the CPU, csrc/cuda/bn_relu_pool_kernel.cu on CUDA."""
 
     @staticmethod
-    def stats(x, running_mean, running_var, momentum, eps):
+    def stats(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+              momentum: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.hetrain_C.bn_stats(x, running_mean, running_var, momentum, eps)
 
     @staticmethod
-    def forward(x, mean, invstd, weight, bias, kernel, stride, padding):
+    def forward(x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,
+                weight: torch.Tensor | None, bias: torch.Tensor | None, kernel: list[int], stride: list[int],
+                padding: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.hetrain_C.bn_relu_pool_fwd(x, mean, invstd, weight, bias, kernel, stride, padding)
 
     @staticmethod
-    def backward(dy, argmax, x, mean, invstd, weight, bias, batch_stats, kernel, stride, padding):
+    def backward(dy: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None,
+                 invstd: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 batch_stats: bool, kernel: list[int], stride: list[int],
+                 padding: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.ops.hetrain_C.bn_relu_pool_bwd(dy, argmax, x, mean, invstd, weight, bias, batch_stats, kernel,
                                                     stride, padding)
 
     @staticmethod
-    def forward_with_grad(x, mean, invstd, weight, bias, batch_stats, kernel, stride, padding):
-        # Autograd in C++ (csrc/autograd.cpp); batch_stats steers its backward as it steers _backward's below.
+    def forward_with_grad(x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,
+                          weight: torch.Tensor | None, bias: torch.Tensor | None, batch_stats: bool,
+                          kernel: list[int], stride: list[int],
+                          padding: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The op's forward with its backward in C++ (csrc/autograd.cpp), so autograd never re-enters Python."""
+        # batch_stats steers that backward as it steers _backward's below.
         return torch.ops.hetrain_C.bn_relu_pool(x, mean, invstd, weight, bias, batch_stats, kernel, stride, padding)
 
 

@@ -63,14 +63,15 @@ class CppBackend:
     on CUDA."""
 
     @staticmethod
-    def forward(x, seed, p):
+    def forward(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
         return torch.ops.hetrain_C.dropout_fwd(x, seed, p)
 
     backward = forward
 
     @staticmethod
-    def forward_with_grad(x, seed, p):
-        return torch.ops.hetrain_C.dropout(x, seed, p)  # autograd in C++ (csrc/autograd.cpp)
+    def forward_with_grad(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+        """The op's forward with its backward in C++ (csrc/autograd.cpp), so autograd never re-enters Python."""
+        return torch.ops.hetrain_C.dropout(x, seed, p)
 
 
 def _register_backends() -> None:

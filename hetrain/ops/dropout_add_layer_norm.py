@@ -122,16 +122,22 @@ class CppBackend:
     on CUDA."""
 
     @staticmethod
-    def forward(x, residual, weight, bias, seed, p, eps):
+    def forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                seed: torch.Tensor, p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.ops.hetrain_C.dropout_add_layer_norm_fwd(x, residual, weight, bias, seed, p, eps)
 
     @staticmethod
-    def backward(dy, x, residual, weight, mean, rstd, seed, p, has_bias):
+    def backward(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                 mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor, p: float,
+                 has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.ops.hetrain_C.dropout_add_layer_norm_bwd(dy, x, residual, weight, mean, rstd, seed, p,
                                                                has_bias)
 
     @staticmethod
-    def forward_with_grad(x, residual, weight, bias, seed, p, eps):  # autograd in C++ (csrc/autograd.cpp)
+    def forward_with_grad(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                          bias: torch.Tensor | None, seed: torch.Tensor, p: float,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The op's forward with its backward in C++ (csrc/autograd.cpp), so autograd never re-enters Python."""
         return torch.ops.hetrain_C.dropout_add_layer_norm(x, residual, weight, bias, seed, p, eps)
 
 

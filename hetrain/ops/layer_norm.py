@@ -63,16 +63,20 @@ class CppBackend:
     """The kernels of hetrain._C: csrc/layer_norm.cpp on the CPU, csrc/cuda/layer_norm_kernel.cu on CUDA."""
 
     @staticmethod
-    def forward(x, weight, bias, eps):
+    def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.ops.hetrain_C.layer_norm_fwd(x, weight, bias, eps)
 
     @staticmethod
-    def backward(dy, x, weight, mean, rstd, has_bias):
+    def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                 rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.ops.hetrain_C.layer_norm_bwd(dy, x, weight, mean, rstd, has_bias)
 
     @staticmethod
-    def forward_with_grad(x, weight, bias, eps):
-        return torch.ops.hetrain_C.layer_norm(x, weight, bias, eps)  # autograd in C++ (csrc/autograd.cpp)
+    def forward_with_grad(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The op's forward with its backward in C++ (csrc/autograd.cpp), so autograd never re-enters Python."""
+        return torch.ops.hetrain_C.layer_norm(x, weight, bias, eps)
 
 
 def _register_backends() -> None:

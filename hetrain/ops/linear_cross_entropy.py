@@ -128,7 +128,8 @@ class CppBackend:
     """The C++ kernel of hetrain._C (csrc/linear_cross_entropy.cpp)."""
 
     @staticmethod
-    def rows(logits, loss, target, scale, ignore_index, label_smoothing):
+    def rows(logits: torch.Tensor, loss: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None,
+             ignore_index: int, label_smoothing: float) -> None:
         torch.ops.hetrain_C.cross_entropy_rows_(logits, loss, target, scale, ignore_index, label_smoothing)
 
 

@@ -58,16 +58,19 @@ class CppBackend:
     """The kernels of hetrain._C: csrc/rms_norm.cpp on the CPU, csrc/cuda/rms_norm_kernel.cu on CUDA."""
 
     @staticmethod
-    def forward(x, weight, eps):
+    def forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.hetrain_C.rms_norm_fwd(x, weight, eps)
 
     @staticmethod
-    def backward(dy, x, weight, rstd):
+    def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.hetrain_C.rms_norm_bwd(dy, x, weight, rstd)
 
     @staticmethod
-    def forward_with_grad(x, weight, eps):
-        return torch.ops.hetrain_C.rms_norm(x, weight, eps)  # autograd in C++ (csrc/autograd.cpp)
+    def forward_with_grad(x: torch.Tensor, weight: torch.Tensor | None,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The op's forward with its backward in C++ (csrc/autograd.cpp), so autograd never re-enters Python."""
+        return torch.ops.hetrain_C.rms_norm(x, weight, eps)
 
 
 def _register_backends() -> None:

@@ -51,8 +51,12 @@ class CppBackend:
     """csrc/sparse_adamw.cpp."""
 
     @staticmethod
-    def step(*args):
-        torch.ops.hetrain_C.sparse_adamw_(*args)
+    def step(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, indices: torch.Tensor,
+             values: torch.Tensor, step: int, lr: float, beta1: float, beta2: float, eps: float,
+             weight_decay: float) -> None:
+        """The same arguments and arithmetic as :func:`sparse_adamw_ref`."""
+        torch.ops.hetrain_C.sparse_adamw_(param, exp_avg, exp_avg_sq, indices, values, step, lr, beta1, beta2, eps,
+                                          weight_decay)
 
 
 _backends.register_triton(OP, "hetrain.ops.triton.sparse_adamw")

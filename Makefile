@@ -55,9 +55,12 @@ cuda-build:
 cuda-emu: setup
 	$(PY) -m pytest -q tests/test_cuda_emulator.py tests/test_cuda_emulated.py tests/test_cuda_emulated_bindings.py $(ARGS)
 
-# On a GPU machine with a CUDA torch (needs no package registry): build, verify, benchmark, record.
+# On a GPU machine with a CUDA torch (needs no package registry): build, verify, benchmark, record. Its python3
+# where that has torch (a GPU machine's own), else the .venv's, where the steps that need no GPU run.
 gpu-check:
-	$(PYTHON) -m hetrain.checks.gpu_check $(ARGS)
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m hetrain.checks.gpu_check $(ARGS); \
+	elif test -x $(PY); then $(PY) -m hetrain.checks.gpu_check $(ARGS); \
+	else echo "gpu-check: neither $(PYTHON) nor $(PY) has torch; run make setup first"; exit 2; fi
 
 bench-cpu: setup
 	$(PY) -m benchmarks.bench_cpu $(ARGS)

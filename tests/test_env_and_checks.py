@@ -90,10 +90,58 @@ def test_gpu_check_caps_a_step_and_refuses_a_cap_that_names_no_step(tmp_path):
     assert bad.returncode != 0 and "--cap wants STEP=SECONDS with STEP one of" in bad.stderr, bad.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--only", "nosuch"], "--only names no step: ['nosuch']"),  # ran nothing and passed
+    # Ran the step it meant to skip (the 1 s budget keeps a regression from running every step).
+    (["--skip", "bench-opz", "--budget-s", "1"], "--skip names no step: ['bench-opz']"),
+    (["--budget-s", "-5"], "--budget-s: must be seconds above 0, got -5"),  # skipped every step and passed
+])
+def test_gpu_check_refuses_selections_and_budgets_that_cannot_mean_what_was_asked(args, message, tmp_path):
+    out = run_python(["-m", "hetrain.checks.gpu_check", *args, "--out", str(tmp_path)])
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+    assert not list(tmp_path.glob("*-check.json"))  # nothing ran
+
+
+def test_gpu_check_accepts_step_lists_with_spaces(tmp_path):
+    out = run_python(["-m", "hetrain.checks.gpu_check", "--only", "env, build", "--out", str(tmp_path)])
+    assert out.returncode == 0, out.stdout + out.stderr
+    status = {s["name"]: s["status"] for s in json.loads(next(tmp_path.glob("*-check.json")).read_text())["steps"]}
+    assert status["env"] == "passed"
+
+
+def test_a_terminated_gpu_check_stops_its_running_step_and_records_it(tmp_path):
+    """``timeout`` sends SIGTERM: the check died and left the step (in a session of its own) running."""
+    import signal
+    import time
+
+    check = subprocess.Popen([sys.executable, "-m", "hetrain.checks.gpu_check", "--only", "bench-train", "--quick",
+                              "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    deadline = time.monotonic() + 60
+    while not any("===== bench-train" in p.read_text() for p in tmp_path.glob("*-check.log")):
+        assert time.monotonic() < deadline and check.poll() is None, "the step never started"
+        time.sleep(0.1)
+    time.sleep(1)
+    step_pids = subprocess.run(["pgrep", "-f", f"benchmarks.bench_train.*{tmp_path}"], capture_output=True,
+                               text=True).stdout.split()
+    assert step_pids, "the step's process is not running"
+    check.send_signal(signal.SIGTERM)
+    output = check.communicate(timeout=60)[0]
+    assert check.returncode != 0, output
+    record = json.loads(next(tmp_path.glob("*-check.json")).read_text())
+    (step,) = [s for s in record["steps"] if s["name"] == "bench-train"]
+    assert step["status"] == "failed" and "interrupted" in step["detail"], step
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in step_pids):
+        assert time.monotonic() < deadline, "the step outlived the check"
+        time.sleep(0.1)
+
+
 def test_bench_ops_runs_every_case_in_its_cpu_smoke_mode(tmp_path):
     out = run_python(["-m", "benchmarks.bench_ops", "--quick", "--device", "cpu", "--out", str(tmp_path)])
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    record = json.loads(next(tmp_path.glob("*-ops.json")).read_text())
+    record = json.loads(next(tmp_path.glob("*-cpu-ops-quick.json")).read_text())  # a quick run names itself
     ops = {r["op"] for r in record["rows"]}
     families = {p.stem for p in (ROOT / "benchmarks" / "cases").glob("*.py") if "def gpu_cases" in p.read_text()}
     assert ops == families and "dropout" in ops  # every family with GPU cases ran (ring_gather is bench-cpu's)

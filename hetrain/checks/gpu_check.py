@@ -129,7 +129,22 @@ def run_step(step: Step, log: TextIO, timeout_s: float) -> Outcome:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         status, detail = "failed", f"timed out after {timeout_s:.0f} s"
+    except BaseException:  # Ctrl-C, or SIGTERM (see stop_on_sigterm): the step's processes stop with the check
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return Outcome(step.name, status, time.perf_counter() - start, detail)
+
+
+class Interrupted(Exception):
+    """The check was asked to stop (SIGTERM, as ``timeout`` sends)."""
+
+
+def stop_on_sigterm() -> None:
+    """Makes SIGTERM raise, as Ctrl-C does, so the running step is stopped and recorded instead of left behind."""
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
 
 
 # A step is not started with less time than this left in the budget: it would only be killed.
@@ -156,6 +171,24 @@ def headline_ratios(results: Path, device: str) -> str:
     return "\n".join(lines)
 
 
+def parse_names(text: str, names: set[str], option: str) -> set[str]:
+    """``"env, bench-ops"`` -> those step names, refusing any that is no step (a typo would run what it meant
+    to skip, or nothing at all)."""
+    chosen = {item.strip() for item in text.split(",") if item.strip()}
+    unknown = sorted(chosen - names)
+    if unknown:
+        raise SystemExit(f"gpu-check: {option} names no step: {unknown}; the steps are {sorted(names)}")
+    return chosen
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: seconds above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be seconds above 0, got {text}")
+    return value
+
+
 def parse_caps(text: str, names: set[str]) -> dict[str, float]:
     """``"cuda-tests=150,bench-ops=200"`` -> seconds per step, refusing names that are no step."""
     caps = {}
@@ -167,22 +200,32 @@ def parse_caps(text: str, names: set[str]) -> dict[str, float]:
     return caps
 
 
+def write_record(path: Path, budget_s: float | None, outcomes: list[Outcome], log_path: Path) -> None:
+    """The check's JSON: the machine, the versions and every step's outcome so far."""
+    record = {"date": dt.date.today().isoformat(), "device": card(), "torch": torch.__version__,
+              "cuda": torch.version.cuda, "budget_s": budget_s, "steps": [asdict(o) for o in outcomes],
+              "log": log_path.name}
+    path.write_text(json.dumps(record, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build, verify and benchmark hetrain on this machine.")
     parser.add_argument("--quick", action="store_true", help="short benchmark mode")
     parser.add_argument("--only", help="comma-separated steps to run")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and the log go")
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--budget-s", type=positive_seconds, default=None,
                         help="wall-clock seconds for all steps: each gets at most what is left, and steps that "
                              "would start with under 20 s left are skipped (a GPU lent for minutes)")
     parser.add_argument("--cap", default="",
                         help="comma-separated STEP=SECONDS: the most a step may take, so one slow step leaves "
                              "time to the later ones")
     args = parser.parse_args(argv)
-    only = set(args.only.split(",")) if args.only else None
-    skip = set(filter(None, args.skip.split(",")))
-    caps = parse_caps(args.cap, {s.name for s in steps(args.quick, args.out)})
+    names = {s.name for s in steps(args.quick, args.out)}
+    only = parse_names(args.only, names, "--only") if args.only is not None else None
+    skip = parse_names(args.skip, names, "--skip")
+    caps = parse_caps(args.cap, names)
+    stop_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{dt.date.today().isoformat()}-{card()}"
     log_path = args.out / f"{stem}-check.log"
@@ -197,14 +240,19 @@ def main(argv: list[str] | None = None) -> int:
             if reason is None and left < MIN_STEP_S:
                 reason = (f"capped at {cap:.0f} s, under the {MIN_STEP_S} s a step is given at least" if left == cap
                           else f"out of the time budget ({args.budget_s:.0f} s)")
-            outcome = Outcome(step.name, "skipped", 0.0, reason) if reason else run_step(step, log, left)
+            step_start = time.perf_counter()
+            try:
+                outcome = Outcome(step.name, "skipped", 0.0, reason) if reason else run_step(step, log, left)
+            except (KeyboardInterrupt, Interrupted) as stop:
+                outcomes.append(Outcome(step.name, "failed", time.perf_counter() - step_start,
+                                        f"interrupted ({stop or 'Ctrl-C'}); its processes were stopped"))
+                write_record(args.out / f"{stem}-check.json", args.budget_s, outcomes, log_path)
+                print(f"[gpu-check] {step.name}: interrupted; record in {args.out / f'{stem}-check.json'}", flush=True)
+                raise
             outcomes.append(outcome)
             print(f"[gpu-check] {outcome.name}: {outcome.status} {outcome.detail}".rstrip(), flush=True)
             # Recorded after every step, so a run cut short from outside still leaves what it did.
-            record = {"date": dt.date.today().isoformat(), "device": card(), "torch": torch.__version__,
-                      "cuda": torch.version.cuda, "budget_s": args.budget_s, "steps": [asdict(o) for o in outcomes],
-                      "log": log_path.name}
-            (args.out / f"{stem}-check.json").write_text(json.dumps(record, indent=2))
+            write_record(args.out / f"{stem}-check.json", args.budget_s, outcomes, log_path)
     print("\n" + table(outcomes))
     if any(o.name == "bench-ops" and o.status == "passed" for o in outcomes):
         print("\n" + headline_ratios(args.out, card()))

@@ -25,7 +25,7 @@ import functools
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -234,6 +234,17 @@ def _check_op_names(pins: Mapping[str, str]) -> None:
                                f"{', '.join(known)}")
 
 
+def _check_backend_names(names: Iterable[str]) -> None:
+    """Refuses a preferred backend that no op registers: a typo would leave the order as it was, silently."""
+    known = sorted({b.name for op in ops() for b in backends(op)})
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise BackendError(f"hetrain: a preferred backend {name!r} is registered for no op{hint}; backends: "
+                               f"{', '.join(known)}")
+
+
 def configure(pins: dict[str, str] | None = None, strict: bool | None = None,
               prefer: list[str] | tuple[str, ...] | None = None) -> None:
     """Sets process-wide pins (replacing earlier ones), strict mode and the preferred backends (an empty list
@@ -245,6 +256,7 @@ def configure(pins: dict[str, str] | None = None, strict: bool | None = None,
         _config_pins.update({k: v for k, v in dict(pins).items() if v})
         _forget_resolved()
     if prefer is not None:
+        _check_backend_names(prefer)
         _config_prefer = tuple(prefer) or None
         _forget_resolved()
     if strict is not None:
@@ -319,7 +331,8 @@ def _describe(op: str) -> str:
     parts = []
     for b in backends(op):
         why = b.why_unavailable()
-        opt_in = f"; pinned only on {', '.join(b.opt_in)}" if b.opt_in else ""
+        pinned_only = [d for d in b.opt_in if d in b.devices]  # an opt-in device it does not serve is no choice
+        opt_in = f"; pinned only on {', '.join(pinned_only)}" if pinned_only else ""
         parts.append(f"{b.name}({', '.join(b.devices)}{opt_in}{'' if why is None else '; unavailable: ' + why})")
     return ", ".join(parts) or "none"
 

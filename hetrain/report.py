@@ -227,14 +227,16 @@ def write_run_summary(summary: dict[str, Any], directory: str | Path) -> str:
 
 
 def error_headline(error: str) -> str:
-    """``Type: message`` cut to the type and the message's first non-blank line, to fit a table row.
+    """``Type: message`` cut to the type and the message's first non-blank line, to fit a table row; a first
+    line ending in a colon (torch's ``Error(s) in loading state_dict for X:``) keeps the line it announces.
 
     The whole message stays in the job's ``summary.json`` and, with its traceback, in the job's log.
     """
     kind, sep, message = error.partition(": ")
     if not sep:
         kind, message = "", error
-    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    first = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
     return f"{kind}{sep}{first}"
 
 

@@ -232,6 +232,20 @@ def test_triton_entry_points_launch_on_the_gpu_their_tensors_are_on():
     assert OnTheirDevice(module).where(torch.ones(1, device="cuda:1")) == 1 and torch.cuda.current_device() == 0
 
 
+def test_a_preferred_backend_no_op_registers_is_refused_with_the_nearest_name():
+    """``backends.prefer=[cdua]`` left the order as it was, silently."""
+    with pytest.raises(plugins.BackendError, match=r"preferred backend 'cdua' is registered for no op .*'cuda'"):
+        plugins.configure(prefer=["cdua"])
+
+
+def test_the_backend_listing_offers_an_opt_in_device_only_where_it_is_served(op):
+    plugins.register(op, "served", ("cpu",), Good("served"), priority=90, opt_in=("cpu",))
+    plugins.register(op, "unserved", ("cuda",), Good("unserved"), priority=80, opt_in=("cpu",))
+    listing = plugins._describe(op)
+    assert "served(cpu; pinned only on cpu)" in listing
+    assert "unserved(cuda)" in listing  # said "pinned only on cpu", and a pin on the CPU is refused
+
+
 def test_a_pin_for_an_op_no_backend_registers_is_refused_with_the_nearest_name(monkeypatch):
     """``use_backend(conv_bn_relu_pool=...)`` (the function's name, not the op's) pinned nothing, silently."""
     with pytest.raises(plugins.BackendError, match=r"names op 'conv_bn_relu_pool', .*did you mean 'bn_relu_pool'"):

@@ -27,7 +27,7 @@ from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
 from hetrain.placement import resolve_plan
 from hetrain.recipes import register_recipes
-from hetrain.report import RunRecorder
+from hetrain.report import RunRecorder, error_headline
 from hetrain.train import build, check_config, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -617,3 +617,14 @@ def test_a_combination_whose_seeds_all_failed_keeps_its_over_seeds_row():
     header, rows = seed_table(records)
     assert header == ["overrides (seed aside)", "seeds", "metrics.val/acc", "failed jobs"]
     assert rows == [["model.hidden=64", 2, "0.85 ± 0.071", ""], ["model.heads=3", 0, None, "1, 3"]]
+
+
+def test_an_error_headline_keeps_the_line_a_colon_announces():
+    """A resume with other model overrides read ``RuntimeError: Error(s) in loading state_dict for X:`` in the
+    sweep table, the line saying what did not match cut off."""
+    error = ("RuntimeError: Error(s) in loading state_dict for ClassificationTask:\n\tsize mismatch for "
+             "model.embed.weight: copying a param with shape [259, 32] ...\n\tsize mismatch for model.head")
+    assert error_headline(error) == ("RuntimeError: Error(s) in loading state_dict for ClassificationTask: size "
+                                     "mismatch for model.embed.weight: copying a param with shape [259, 32] ...")
+    assert error_headline("ValueError: bad value\nmore detail") == "ValueError: bad value"
+    assert error_headline("plain text") == "plain text"

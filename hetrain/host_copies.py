@@ -23,7 +23,8 @@ _held: deque[tuple[torch.cuda.Event, tuple[torch.Tensor, ...]]] = deque()
 
 def hold_until_copied(sources: Iterable[torch.Tensor], stream: torch.cuda.Stream) -> None:
     """Keeps ``sources`` (host tensors just copied to a GPU on ``stream``) alive until ``stream`` has run the
-    copies; earlier holds whose copies have run are released."""
+    copies; earlier holds are released oldest first while their copies have run (one still running keeps those
+    after it held, even where theirs have run: copies from one stream complete in order)."""
     held = tuple(t for t in sources if t.device.type == "cpu")
     if held:
         event = torch.cuda.Event()

@@ -34,7 +34,8 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set since the last :func:`reset_peak_rss` (since process start where it cannot reset)."""
+    """Peak resident set since the last reset (:func:`reset_peak_rss`, or a :class:`PhaseMemory` phase's; since
+    the process started where it cannot reset)."""
     kib = _proc_status_kib("VmHWM")
     return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 

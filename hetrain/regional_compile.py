@@ -25,8 +25,8 @@ def has_sparse_gradients(stage: nn.Module) -> bool:
 def compile_stages(stages: Mapping[str, nn.Module], mode: str = "default", backend: str = "inductor",
                    fullgraph: bool = False, dynamic: bool | None = None) -> dict[str, Any]:
     """Compiles each stage in place (``nn.Module.compile``: its parameters, state dict and hooks stay as they are),
-    except stages with sparse-gradient embeddings, which stay eager; returns the settings and which stages
-    were compiled, for the run summary.
+    except stages with sparse-gradient embeddings, which stay eager; returns the settings, how many stages were
+    compiled (``stages``) and the names of those left eager (``eager``), for the run summary.
 
     ``mode``: inductor's (``default``, ``reduce-overhead`` for CUDA graphs, ``max-autotune``...); ``backend``:
     ``inductor`` or any of ``torch._dynamo.list_backends()`` (``aot_eager`` traces without generating code).

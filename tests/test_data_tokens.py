@@ -53,7 +53,8 @@ def test_truncated_and_corrupt_files_fail_at_open_naming_the_file(tmp_path):
     write_token_file(tmp_path / "c", random_docs(10, 1000, seed=1))
     data = (tmp_path / "c.bin").read_bytes()
     (tmp_path / "c.bin").write_bytes(data[:-6])
-    with pytest.raises(ValueError, match=r"c\.bin is truncated or corrupt"):
+    with pytest.raises(ValueError, match=r"c\.bin is truncated or corrupt.*rebuild it: python -m hetrain\.data\."
+                                         r"build_tokens <text or \.jsonl files> --out .*/c$"):
         TokenFile(tmp_path / "c")
     (tmp_path / "c.bin").write_bytes(data)
     idx = bytearray((tmp_path / "c.idx").read_bytes())

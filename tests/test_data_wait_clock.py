@@ -38,20 +38,31 @@ class Slow(Dataset):
         return {"input_ids": torch.arange(1 + i % 4) + 1, "label": i % 3}
 
 
-def slow_items(n: int, sleep: float):
-    for i in range(n):
-        time.sleep(sleep)
-        yield i
+class FakeTime:
+    """A clock that moves only when told: the producer's and the consumer's work advance it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_wait_clock_counts_the_time_inside_next_and_not_the_consumers():
-    clock = WaitClock()
+    now = FakeTime()
+
+    def items():
+        for i in range(3):
+            now.now += 1.0  # the producer takes 1 s per item
+            yield i
+
+    clock = WaitClock(clock=now)
     out = []
-    for item in clock.iterate(slow_items(3, SLEEP)):
-        time.sleep(2 * SLEEP)  # the consumer's own work is not waiting for data
+    for item in clock.iterate(items()):
+        now.now += 10.0  # the consumer's own work is not waiting for data
         out.append(item)
     assert out == [0, 1, 2]
-    assert 3 * SLEEP <= clock.seconds < 3 * SLEEP + 2 * SLEEP * 3  # a sleep never ends early
+    assert clock.seconds == 3.0
 
 
 def test_timed_data_loader_is_a_data_loader_that_adds_up_its_waits():

@@ -4,6 +4,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -48,9 +49,9 @@ def test_synthetic_ring_yields_every_sample_once_per_epoch_within_budget():
                 torch.testing.assert_close(b[key], expected[key])
     assert orders[0] != orders[1]  # shuffled per epoch from (seed, epoch)
     summary = dm.loader_summary()["train"]
-    assert summary["loader"] == "ring" and summary["slot_bytes"] > 0
+    assert summary["loader"] == "ring" and summary["ring_bytes"] > 0
     assert summary["prefetch"] == "off (the stages are not all on one GPU)"
-    assert summary["pinned_bytes"] == (summary["slot_bytes"] if torch.cuda.is_available() else 0)
+    assert summary["pinned_bytes"] == (summary["ring_bytes"] if torch.cuda.is_available() else 0)
     dm.teardown("fit")
 
 
@@ -131,6 +132,12 @@ def test_token_module_reads_jsonl_and_its_own_token_dir(tmp_path):
                              max_tokens=128)
     reread.setup("fit")
     assert np.array_equal(reread.labels["val"], built.labels["val"])
+    # Labels the classes do not cover name the corpus the person gave and the setting to change, not a temporary
+    # token file.
+    with pytest.raises(ValueError, match=re.escape(f"the labels of {corpus} run from 0 to 1, outside "
+                                                   "[0, data.num_classes=1); set data.num_classes=2")):
+        TokenDataModule(path=str(corpus), vocab_size=259, num_classes=1, max_len=32, stride=32,
+                        max_tokens=128).setup("fit")
     (tmp_path / "tok" / "val.labels.npy").unlink()
     with pytest.raises(FileNotFoundError, match="is missing val.labels.npy"):
         TokenDataModule(path=str(tmp_path / "tok"), vocab_size=259, num_classes=2).setup("fit")

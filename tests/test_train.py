@@ -173,7 +173,7 @@ def test_bert_split_trains_and_writes_summary(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["recipe"] == "bert_split"
     assert summary["steps"] == 100 and 100 * 16 < summary["samples"] <= 100 * 128  # token-budget batches
-    assert summary["data"]["train"]["loader"] == "ring" and summary["data"]["train"]["slot_bytes"] > 0
+    assert summary["data"]["train"]["loader"] == "ring" and summary["data"]["train"]["ring_bytes"] > 0
     assert summary["samples_per_s"] > 0 and summary["peak_memory_mib"]["cpu_rss"] > 0
     # The ring loader times its own next(): its wait is part of the time between steps.
     throughput = summary["throughput"]

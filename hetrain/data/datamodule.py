@@ -98,7 +98,7 @@ class RingDataModule(pl.LightningDataModule):
         device = self._first_stage_device()
         prefetch = device is not None and device.type == "cuda"
         self._summary[split] = {
-            "loader": "ring", "slot_bytes": loader.nbytes, "pinned_bytes": loader.pinned_bytes,
+            "loader": "ring", "ring_bytes": loader.nbytes, "pinned_bytes": loader.pinned_bytes,
             "padding_fraction": round(sampler.padding_fraction, 4),
             "prefetch": f"to {device} on a side stream" if prefetch else "off (the stages are not all on one GPU)",
         }
@@ -314,7 +314,11 @@ class TokenDataModule(RingDataModule):
             if len(doc_labels) != len(tf):
                 raise ValueError(f"hetrain: {labels_path} holds {len(doc_labels)} labels for {len(tf)} documents")
             if len(doc_labels) and not 0 <= doc_labels.min() <= doc_labels.max() < self.hparams.num_classes:
-                raise ValueError(f"hetrain: {labels_path} has labels outside [0, {self.hparams.num_classes})")
+                source = self.hparams.path if self.hparams.path is not None else labels_path
+                raise ValueError(
+                    f"hetrain: the labels of {source} run from {doc_labels.min()} to {doc_labels.max()}, outside "
+                    f"[0, data.num_classes={self.hparams.num_classes}); set data.num_classes={doc_labels.max() + 1} "
+                    "(labels count from 0), or fix the labels")
             windows = TokenWindows(tf, self.hparams.max_len, self.hparams.stride)
             self.windows[split] = windows
             self.labels[split] = doc_labels[windows.windows.doc]  # a window's label is its document's

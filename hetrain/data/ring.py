@@ -343,7 +343,8 @@ class RingLoader:
             spec = collate.spec
         for name, (dtype, _) in spec.items():
             if dtype not in _DTYPE_NAMES:
-                raise ValueError(f"hetrain: slot field {name!r} has unsupported dtype {dtype}")
+                raise ValueError(f"hetrain: slot field {name!r} has dtype {dtype}, which a ring slot cannot hold; "
+                                 f"use one of {', '.join(str(d) for d in _DTYPE_NAMES)}")
         ring = torch.classes.hetrain_C.RingBuffer(
             [_DTYPE_NAMES[d] for d, _ in spec.values()], [int(c) for _, c in spec.values()],
             num_slots, num_workers, pin, float(stall_timeout),

@@ -49,7 +49,8 @@ class TokenFile:
                                         f"build_tokens <text or .jsonl files> --out {path.with_suffix('')})")
         raw = self.idx_path.read_bytes()[: HEADER.size]
         if len(raw) < HEADER.size:
-            raise ValueError(f"hetrain: token index {self.idx_path} is truncated: {len(raw)} bytes, no full header")
+            raise ValueError(f"hetrain: token index {self.idx_path} is truncated: {len(raw)} bytes, no full header. "
+                             f"{self._rebuild()}")
         magic, version, itemsize, num_docs, num_tokens = HEADER.unpack(raw)
         if magic != MAGIC or version != VERSION or itemsize not in DTYPES:
             raise ValueError(
@@ -60,7 +61,7 @@ class TokenFile:
         if self.idx_path.stat().st_size != idx_bytes:
             raise ValueError(
                 f"hetrain: token index {self.idx_path} is truncated or corrupt: {num_docs} documents need "
-                f"{idx_bytes} bytes, the file has {self.idx_path.stat().st_size}"
+                f"{idx_bytes} bytes, the file has {self.idx_path.stat().st_size}. {self._rebuild()}"
             )
         self.dtype = DTYPES[itemsize]
         self.num_tokens = int(num_tokens)
@@ -70,16 +71,23 @@ class TokenFile:
             if bin_bytes != self.num_tokens * itemsize:
                 raise ValueError(
                     f"hetrain: token file {self.bin_path} is truncated or corrupt: the index promises "
-                    f"{self.num_tokens} tokens ({self.num_tokens * itemsize} bytes), the file has {bin_bytes} bytes"
+                    f"{self.num_tokens} tokens ({self.num_tokens * itemsize} bytes), the file has {bin_bytes} bytes. "
+                    f"{self._rebuild()}"
                 )
             bad = np.flatnonzero(np.diff(self.offsets.astype(np.int64)) < 0)
             if self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens or len(bad):
                 where = f"document {int(bad[0])}" if len(bad) else "first or last offset"
-                raise ValueError(f"hetrain: token index {self.idx_path} is corrupt: offsets go wrong at {where}")
+                raise ValueError(f"hetrain: token index {self.idx_path} is corrupt: offsets go wrong at {where}. "
+                                 f"{self._rebuild()}")
         # An empty file cannot be memory-mapped; the token view is then empty.
         count = min(self.num_tokens, bin_bytes // itemsize)
         self.tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(count,)) if count
                        else np.empty(0, self.dtype))
+
+    def _rebuild(self) -> str:
+        """How to make the pair again: a copy cut short, or files from another tool."""
+        return (f"Copy it again, or rebuild it: python -m hetrain.data.build_tokens <text or .jsonl files> "
+                f"--out {self.idx_path.with_suffix('')}")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

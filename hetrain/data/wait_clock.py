@@ -9,7 +9,7 @@ and expose the total as ``wait_seconds``, which :class:`~hetrain.callbacks.Throu
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from torch.utils.data import DataLoader
@@ -18,14 +18,19 @@ T = TypeVar("T")
 
 
 class WaitClock:
-    """Adds up the seconds spent inside ``next()`` of the iterators it wraps."""
+    """Adds up the seconds spent inside ``next()`` of the iterators it wraps.
 
-    def __init__(self) -> None:
+    Args:
+        clock: returns seconds; ``time.perf_counter`` by default, a scripted one in tests.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.seconds = 0.0
+        self.clock = clock
 
     def iterate(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yields ``iterable``'s items, counting the time each ``next()`` took (the last, empty one too)."""
-        clock = time.perf_counter
+        clock = self.clock
         iterator = iter(iterable)
         while True:
             start = clock()

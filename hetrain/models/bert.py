@@ -57,7 +57,8 @@ class SelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float) -> None:
         super().__init__()
         if hidden % heads:
-            raise ValueError(f"hetrain: hidden={hidden} is not divisible by heads={heads}")
+            raise ValueError(f"hetrain: hidden={hidden} is not divisible by heads={heads}; pick model.hidden a "
+                             f"multiple of model.heads (e.g. model.hidden={heads * max(1, round(hidden / heads))})")
         self.heads = heads
         self.dropout = dropout
         self.qkv = nn.Linear(hidden, 3 * hidden)

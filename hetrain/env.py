@@ -169,7 +169,12 @@ def format_report(report: Report) -> str:
     return "\n".join(parts)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Prints the report; ``--help`` says what it holds."""
+    import argparse
+
+    argparse.ArgumentParser(description="What this machine gives hetrain: versions, devices, the compiled "
+                                        "extension, and the backend each op runs on per device.").parse_args(argv)
     print(format_report(collect()))
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from hetrain.nn._rows import flat, normalized_rows
 from hetrain.nn._share import sharing
 from hetrain.ops.rms_norm import rms_norm
 
@@ -14,15 +13,10 @@ class RMSNorm(torch.nn.RMSNorm):
     """Drop-in for ``torch.nn.RMSNorm``; a multi-dimensional ``normalized_shape`` is flattened."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = len(self.normalized_shape)
-        if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
-            raise ValueError(f"hetrain.nn.RMSNorm: input shape {tuple(x.shape)} does not end with "
-                             f"normalized_shape {tuple(self.normalized_shape)}")
-        if k == 1:
+        rows = normalized_rows("RMSNorm", x, self.normalized_shape)
+        if rows is x:
             return rms_norm(x, self.weight, self.eps)
-        flat = x.reshape(*x.shape[: x.dim() - k], math.prod(self.normalized_shape))
-        w = self.weight.reshape(-1) if self.weight is not None else None
-        return rms_norm(flat, w, self.eps).view(x.shape)
+        return rms_norm(rows, flat(self.weight), self.eps).view(x.shape)
 
     @classmethod
     def from_torch(cls, module: torch.nn.RMSNorm) -> RMSNorm:

@@ -26,7 +26,7 @@ from hetrain import cpu_memory, plugins
 from hetrain.callbacks.precision import trainer_precision
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.placement import resolve_plan
-from hetrain.placement.plan import parse_device
+from hetrain.placement.plan import flatten_plan, parse_device, read_plan
 from hetrain.regional_compile import compile_counts, compile_stages
 from hetrain.report import SUMMARY_MD, RunRecorder, error_headline, write_run_summary
 
@@ -72,9 +72,8 @@ def check_config(cfg: DictConfig) -> None:
     table would fail as an ``IndexError`` inside the embedding lookup of the first step; a ``ckpt_path``
     that is no file, after the data and model were built.
     """
-    plan = cfg.placement.get("plan")
-    entries = dict(OmegaConf.to_container(plan)) if OmegaConf.is_dict(plan) else {}
-    settings = {f"placement.plan.{path}": device for path, device in entries.items()}
+    entries = _planned(cfg)
+    settings = {f"placement.plan.{path}": device for path, device in entries.items()} if entries != "auto" else {}
     settings["placement.fallback"] = cfg.placement.get("fallback", "cpu")
     for key, device in settings.items():
         parse_device(device, key)
@@ -115,6 +114,15 @@ def _check_counts(cfg: DictConfig) -> None:
                          "or a fraction of an epoch in (0, 1]")
 
 
+def _planned(cfg: DictConfig) -> dict[str, object] | str:
+    """``placement.plan`` as ``{module path: device}`` (nested entries as dotted paths, a plan file read), or
+    ``"auto"``; a plan file that is missing fails here, before the model is built."""
+    plan = cfg.placement.get("plan")
+    if OmegaConf.is_dict(plan):
+        return flatten_plan(OmegaConf.to_container(plan))  # devices checked by the caller, named as settings
+    return read_plan(plan)
+
+
 def _check_data_fits_model(cfg: DictConfig) -> None:
     """The model and task read their sizes from the data config (``${data.vocab_size}``); one the chosen data does
     not set (a ResNet on token data) is named with the choices, not as an OmegaConf interpolation error."""
@@ -133,10 +141,10 @@ def _check_data_fits_model(cfg: DictConfig) -> None:
 
 def check_plan(cfg: DictConfig, model: torch.nn.Module) -> None:
     """Refuses a placement entry that names no stage of ``model`` now, not once data is ready and fit starts."""
-    plan = cfg.placement.get("plan")
-    if OmegaConf.is_dict(plan) and hasattr(model, "stages"):
+    plan = _planned(cfg)
+    if plan != "auto" and hasattr(model, "stages"):
         try:
-            resolve_plan(OmegaConf.to_container(plan), list(model.stages()), cfg.placement.get("fallback", "cpu"))
+            resolve_plan(plan, list(model.stages()), cfg.placement.get("fallback", "cpu"))
         except ValueError as exc:
             raise ValueError(f"{exc}. Fix placement.plan in the recipe or on the command line") from None
 
@@ -225,10 +233,11 @@ def _devices_in_use(cfg: DictConfig) -> list[str]:
     """The Trainer's root device, then every stage's planned device (absent ones are ignored by the choice)."""
     accelerator = cfg.trainer.get("accelerator", "auto")
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    plan = cfg.placement.get("plan")
-    planned = list(OmegaConf.to_container(plan).values()) if OmegaConf.is_dict(plan) else []
+    plan = _planned(cfg)
     if plan == "auto":  # any device of this machine may get a stage
         planned = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    else:
+        planned = [str(device) for device in plan.values()]
     return ["cuda:0" if on_gpu else "cpu", *planned]
 
 

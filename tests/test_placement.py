@@ -517,6 +517,16 @@ def test_measure_on_cpu():
     assert cm.heft_plan().predicted_step_time == pytest.approx(plan.predicted_step_time)
 
 
+def test_measure_times_stages_in_the_forward_context_given():
+    """A run's precision plugin's forward context (autocast under bf16-mixed): stages compute, and hand on, bf16."""
+    model = small_chain()
+    x = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    cm = measure(model, lambda: x, devices=["cpu"], warmup=1, repeats=1,
+                 forward_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    # Linear outputs in bf16 (GELU keeps its input's dtype): 2 bytes an element where float32 takes 4.
+    assert cm.boundary_bytes == [6 * 13 * 2, 6 * 13 * 2, 6 * 5 * 2, 6 * 3 * 2]
+
+
 def test_cost_model_json_round_trip(tmp_path):
     cm = CostModel(
         stages=["embeddings", "encoder.0", "classifier"],
@@ -735,6 +745,33 @@ def test_cost_model_predicts_a_named_plan_and_refuses_unmeasured_devices():
     assert cm.predict(["cuda:0"] * 3) == cm.chain_plan().predicted_step_time == pytest.approx(5.0)
     with pytest.raises(ValueError, match="not \\['cuda:1'\\]"):
         cm.predict(["cpu", "cuda:1", "cpu"])
+
+
+def test_cost_model_predicts_a_plan_by_group_paths_as_a_recipe_writes_it():
+    """Before, a group path raised a bare KeyError naming the first stage it covers."""
+    cm = CostModel(stages=["embeddings", "encoder.0", "encoder.1"], devices=["cpu", "cuda:0"],
+                   compute=[[4.0, 1.0], [6.0, 1.0], [2.0, 3.0]], boundary_bytes=[100, 100, 10],
+                   bandwidth=[[INF, 50.0], [50.0, INF]])
+    assert cm.predict({"embeddings": "cpu", "encoder": "cuda:0"}) == cm.predict(["cpu", "cuda:0", "cuda:0"])
+    assert cm.predict({"embeddings": "cpu", "encoder": {"1": "cuda:0"}, "encoder.0": "cuda:0"}) == cm.predict(
+        ["cpu", "cuda:0", "cuda:0"])
+    with pytest.raises(ValueError, match=r"no device for stages \['encoder.0', 'encoder.1'\]; name each of the "
+                                         r"measured stages \(embeddings, encoder.0, encoder.1\) or a group"):
+        cm.predict({"embeddings": "cpu"})
+    with pytest.raises(ValueError, match="placement entry 'decoder' names no stage"):
+        cm.predict({"embeddings": "cpu", "encoder": "cpu", "decoder": "cpu"})
+
+
+def test_plans_read_nested_mappings_as_dotted_paths(tmp_path):
+    from hetrain.placement import resolve_plan
+
+    nested = {"embeddings": "cpu", "encoder": {"1": "meta"}}
+    assert PlacementPlan(nested).devices == {"embeddings": "cpu", "encoder.1": "meta"}
+    devices, _ = resolve_plan({"encoder": {"1": "cpu"}}, ["embeddings", "encoder.0", "encoder.1"])
+    assert devices == {"encoder.1": torch.device("cpu")}
+    path = tmp_path / "nested.yaml"
+    path.write_text("embeddings: cpu\nencoder:\n  1: meta\n")  # a bare mapping, its nested key a YAML integer
+    assert PlacementPlan.load(path).devices == {"embeddings": "cpu", "encoder.1": "meta"}
 
 
 def test_timing_warms_a_short_stage_up_for_a_while_and_a_long_one_for_the_count():

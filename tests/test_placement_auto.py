@@ -1,40 +1,72 @@
 """`placement.plan: auto` in a real run: measured, solved, logged, saved, and reusable as an explicit plan."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+import pytest
+import torch
 
-from hetrain.placement import PlacementPlan
+from hetrain.callbacks import StagePlacement
+from hetrain.placement import CostModel, PlacementPlan, measure
+
+INF = math.inf
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_auto_placement_measures_solves_and_saves_a_reusable_plan(tmp_path):
+def train(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess:
     run = subprocess.run(
-        [sys.executable, "train.py", "recipe=bert_auto", "trainer.max_steps=4", "trainer.val_check_interval=4",
-         "data.train_size=256", "data.val_size=64", "threads=1", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "train.py", *overrides, "trainer.max_steps=4", "trainer.val_check_interval=4",
+         "data.train_size=256", "data.val_size=64", "threads=1", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "placement auto (chain-dp" in run.stdout + run.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    return run
+
+
+def test_auto_placement_measures_solves_and_saves_a_reusable_plan(tmp_path):
+    run = train("recipe=bert_auto", run_dir=tmp_path / "auto")
+    assert "placement auto (chain-dp, pipeline)" in run.stdout + run.stderr
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
     assert summary["placement"]["method"] == "chain-dp"
     assert summary["placement"]["predicted_step_time_ms"] > 0
     assert summary["throughput"]["step_time_ms"]["p50"] > 0  # the measured time beside the prediction
-    plan = PlacementPlan.load(tmp_path / "placement_plan.yaml")
+    plan = PlacementPlan.load(tmp_path / "auto" / "placement_plan.yaml")
     assert set(plan.devices) == {"embeddings", "encoder.0", "encoder.1", "classifier"}
     assert set(summary["stages"].values()) == set(plan.devices.values())
-    # The saved file's mapping is what a recipe's placement.plan takes.
-    assert yaml.safe_load((tmp_path / "placement_plan.yaml").read_text())["plan"] == plan.devices
+    if len(set(plan.devices.values())) == 1:  # the pipeline split runs each batch whole: priced whole
+        costs = CostModel.load(tmp_path / "auto" / "placement_costs.json")
+        assert summary["placement"]["predicted_step_time_ms"] == round(costs.predict(plan.devices) * 1e3, 3)
+    # The saved file is an explicit plan as it stands.
+    train("recipe=bert_split", f"placement.plan={tmp_path / 'auto' / 'placement_plan.yaml'}",
+          run_dir=tmp_path / "reused")
+    reused = json.loads((tmp_path / "reused" / "summary.json").read_text())
+    assert reused["stages"] == summary["stages"]
 
 
-def test_an_explicit_plan_is_shown_beside_what_auto_would_predict(tmp_path, caplog):
+def test_bert_auto_plans_for_the_pipeline_split_it_runs(tmp_path):
+    """Before, bert_auto solved for stages one after another while bert_split's split ran 4 micro-batches."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from hetrain.recipes import register_recipes
+
+    register_recipes(ROOT / "recipes")
+    for overrides, micro_batches in [[], 4], [["callbacks.pipeline_split.micro_batches=2"], 2]:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=["recipe=bert_auto", *overrides, f"output_dir={tmp_path}"])
+        OmegaConf.resolve(cfg)
+        assert cfg.placement.objective == "pipeline"
+        assert cfg.placement.micro_batches == cfg.callbacks.pipeline_split.micro_batches == micro_batches
+
+
+def fit_one_step(placement: StagePlacement, tmp_path: Path, precision: str = "32-true") -> int:
+    """One training step of a tiny BERT with ``placement``; returns the rows of the batch placement measures."""
     import pytorch_lightning as pl
 
-    from hetrain.callbacks import StagePlacement
     from hetrain.data.datamodule import SyntheticDataModule
     from hetrain.models.bert import BertClassifier
     from hetrain.models.task import ClassificationTask
@@ -43,12 +75,81 @@ def test_an_explicit_plan_is_shown_beside_what_auto_would_predict(tmp_path, capl
                                max_tokens=192)
     task = ClassificationTask(BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=32),
                               num_classes=2)
+    trainer = pl.Trainer(max_steps=1, precision=precision, callbacks=[placement], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(task, datamodule=data)
+    return len(next(iter(data.val_dataloader()))["labels"])
+
+
+def test_pipeline_objective_on_one_device_predicts_the_whole_batch_it_runs(tmp_path):
+    """Before, the whole batch's costs were read as one micro-batch's: 4 micro-batches predicted 4 whole steps."""
+    placement = StagePlacement("auto", objective="pipeline", micro_batches=4, save_dir=str(tmp_path))
+    fit_one_step(placement, tmp_path)
+    costs = CostModel.load(tmp_path / "placement_costs.json")
+    assert costs.devices == ["cpu"] and not (tmp_path / "placement_costs_micro.json").exists()
+    # Every stage on the one device: the pipeline split runs each batch whole, stage after stage.
+    assert placement.summary["predicted_step_time_ms"] == round(sum(row[0] for row in costs.compute) * 1e3, 3)
+
+
+def test_pipeline_objective_times_one_micro_batch_where_a_plan_can_split(tmp_path, monkeypatch):
+    """With several devices the whole batch is timed for one-device plans and its first micro-batch (the rows the
+    pipeline split gives it) for split ones; before, only the whole batch, read as one micro-batch."""
+    from hetrain.callbacks import placement as placement_module
+
+    rows = []
+
+    def measure_two_devices(stages, make_input, devices, extra_args, **kwargs):
+        # This machine's CPU, and a device as a GPU machine would measure it: ten times faster, behind a fast link.
+        rows.append(len(make_input()))
+        cpu = measure(stages, make_input, ["cpu"], extra_args, **kwargs)
+        return CostModel(cpu.stages, ["cpu", "cuda:0"], [[c, c / 10] for c, in cpu.compute], cpu.boundary_bytes,
+                         [[INF, 1e12], [1e12, INF]], meta=cpu.meta)
+
+    monkeypatch.setattr(placement_module, "measure", measure_two_devices)
+    placement = StagePlacement("auto", objective="pipeline", micro_batches=4, save_dir=str(tmp_path))
+    batch_rows = fit_one_step(placement, tmp_path)
+    assert rows == [batch_rows, math.ceil(batch_rows / 4)]
+    whole = CostModel.load(tmp_path / "placement_costs.json")
+    micro = CostModel.load(tmp_path / "placement_costs_micro.json")
+    assert [whole.meta["input_shapes"][0][0], micro.meta["input_shapes"][0][0]] == rows
+    from hetrain.callbacks.placement import RunCosts
+
+    best = RunCosts(whole, micro, 4).best_plan()
+    assert placement.summary["predicted_step_time_ms"] == round(best.predicted_step_time * 1e3, 3)
+
+
+def test_run_costs_price_a_plan_as_the_pipeline_split_runs_it():
+    from hetrain.callbacks.placement import RunCosts
+
+    # Per-call costs: a micro-batch of a quarter of the rows takes more than a quarter of the batch's time.
+    whole = CostModel(["a", "b"], ["cpu", "cuda:0"], [[4.0, 1.0], [4.0, 1.0]], [100, 10], [[INF, 1e9], [1e9, INF]])
+    micro = CostModel(["a", "b"], ["cpu", "cuda:0"], [[1.5, 0.9], [1.5, 0.9]], [25, 3], [[INF, 1e9], [1e9, INF]])
+    costs = RunCosts(whole, micro, 4)
+    # One device runs the batch whole; two run 4 micro-batches over 2 stages: (4 + 2 - 1) x the slower stage.
+    assert costs.predict({"a": "cuda:0", "b": "cuda:0"}) == pytest.approx(2.0)
+    assert costs.predict({"a": "cpu", "b": "cuda:0"}) == pytest.approx(5 * 1.5)
+    assert costs.best_plan().devices == {"a": "cuda:0", "b": "cuda:0"}  # the solver alone: 4 x 1.8 on cuda:0
+    assert costs.best_plan().predicted_step_time == pytest.approx(2.0)
+    balanced = RunCosts(whole, CostModel(["a", "b"], ["cpu", "cuda:0"], [[0.3, 0.3], [0.3, 0.3]], [25, 3],
+                                         [[INF, 1e9], [1e9, INF]]), 4)
+    assert len(set(balanced.best_plan().devices.values())) == 2  # a split worth its fill and drain
+    assert balanced.best_plan().predicted_step_time == pytest.approx(5 * 0.3, rel=1e-3)
+    assert RunCosts(whole).predict({"a": "cpu", "b": "cuda:0"}) == pytest.approx(5.0, rel=1e-3)  # sequential
+
+
+def test_auto_placement_times_stages_under_the_run_precision(tmp_path):
+    """Before, stages were timed in float32 however the run trained: fit start lies outside Lightning's autocast."""
+    placement = StagePlacement("auto", save_dir=str(tmp_path))
+    batch_rows = fit_one_step(placement, tmp_path, precision="bf16-mixed")
+    costs = CostModel.load(tmp_path / "placement_costs.json")
+    assert costs.boundary_bytes[-1] == batch_rows * 2 * torch.bfloat16.itemsize  # logits as autocast makes them
+
+
+def test_an_explicit_plan_is_shown_beside_what_auto_would_predict(tmp_path, caplog):
     placement = StagePlacement({"embeddings": "cpu", "encoder": "cuda:0"}, predict=True)
-    trainer = pl.Trainer(max_steps=1, callbacks=[placement], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                         default_root_dir=tmp_path)
     with caplog.at_level("INFO"):
-        trainer.fit(task, datamodule=data)
+        fit_one_step(placement, tmp_path)
     summary = placement.summary
     assert summary["method"] == "explicit" and summary["predicted_step_time_ms"] > 0
     assert summary["auto_predicted_step_time_ms"] <= summary["predicted_step_time_ms"] * 1.0001  # auto is optimal
@@ -57,10 +158,7 @@ def test_an_explicit_plan_is_shown_beside_what_auto_would_predict(tmp_path, capl
 
 
 def test_a_plan_the_pipeline_model_cannot_price_is_logged_not_fatal(caplog):
-    import torch
-
-    from hetrain.callbacks import StagePlacement
-    from hetrain.placement import CostModel
+    from hetrain.callbacks.placement import RunCosts
 
     # Two devices as a GPU machine measures them; the plan goes back to the CPU, which a pipeline cannot price.
     costs = CostModel(["embeddings", "encoder", "classifier"], ["cpu", "cuda:0"], [[1e-3, 2e-3], [9e-3, 1e-3],
@@ -68,7 +166,7 @@ def test_a_plan_the_pipeline_model_cannot_price_is_logged_not_fatal(caplog):
 
     class Measured(StagePlacement):
         def measure(self, trainer, pl_module):
-            return costs
+            return RunCosts(costs, costs, 4)
 
     placement = Measured({"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cpu"}, objective="pipeline",
                          micro_batches=4, predict=True)
@@ -78,3 +176,27 @@ def test_a_plan_the_pipeline_model_cannot_price_is_logged_not_fatal(caplog):
     assert "this plan has no predicted time" in caplog.text and "device 0 holds" in caplog.text
     assert placement.summary["predicted_step_time_ms"] is None
     assert placement.summary["auto_predicted_step_time_ms"] > 0
+
+
+def test_a_saved_plan_file_is_an_explicit_plan(tmp_path):
+    """Before, a path was refused as neither a mapping nor 'auto', and only once the model was built."""
+    devices = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
+    for name in ("placement_plan.yaml", "plan.json"):
+        path = PlacementPlan(devices, "chain-dp", 0.01).save(tmp_path / name)
+        assert StagePlacement(str(path)).plan == devices
+    with pytest.raises(ValueError, match=r"placement plan file .*missing.yaml does not exist; pass the placement_plan"):
+        StagePlacement(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError, match=r"mapping, 'auto', or the path of a plan file \(.yaml, .yml, .json\)"):
+        StagePlacement("plan.txt")
+
+
+def test_nested_plan_entries_read_as_dotted_paths():
+    """Hydra turns +placement.plan.encoder.1=cpu into {encoder: {'1': cpu}}; before, a device named {'1': 'cpu'}."""
+    placement = StagePlacement({"embeddings": "cpu", "encoder": {"1": "cpu", "0": {"attention": "cpu"}}})
+    assert placement.plan == {"embeddings": "cpu", "encoder.1": "cpu", "encoder.0.attention": "cpu"}
+    with pytest.raises(ValueError, match="gives 'encoder.1' twice, once as a dotted path and once nested; keep one"):
+        StagePlacement({"encoder.1": "cuda:0", "encoder": {"1": "cpu"}})
+    with pytest.raises(ValueError, match="placement of 'encoder' is an empty mapping"):
+        StagePlacement({"encoder": {}})
+    with pytest.raises(ValueError, match="placement of 'encoder.1' names device 'gpu'"):
+        StagePlacement({"encoder": {"1": "gpu"}})

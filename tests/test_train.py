@@ -28,7 +28,7 @@ from hetrain.models.task import ClassificationTask
 from hetrain.placement import resolve_plan
 from hetrain.recipes import register_recipes
 from hetrain.report import RunRecorder, error_headline
-from hetrain.train import build, check_config, run
+from hetrain.train import _devices_in_use, build, check_config, run
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
@@ -436,6 +436,18 @@ def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(ov
     cfg = compose_train(*overrides, output_dir=tmp_path)
     with pytest.raises(ValueError, match=re.escape(f"hetrain: {message}")):
         check_config(cfg)
+
+
+def test_a_plan_from_a_nested_override_or_a_file_is_read_before_the_model_is_built(tmp_path):
+    """``+placement.plan.encoder.1=cpu`` reached the device check as a device named {'1': 'cpu'}, and a plan file
+    that does not exist failed only once the model was built."""
+    cfg = compose_train("recipe=bert_split", "+placement.plan.encoder.1=cpu", output_dir=tmp_path)
+    check_config(cfg)  # was: "placement.plan.encoder names device {'1': 'cpu'}, unknown to torch"
+    # Embeddings, encoder.1 (Hydra replaced the entry "encoder" with its nested one) and the classifier.
+    assert _devices_in_use(cfg)[1:] == ["cpu", "cpu", "cuda:0"]
+    missing = compose_train("recipe=bert_split", f"placement.plan={tmp_path}/nope.yaml", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"placement plan file .*nope.yaml does not exist"):
+        check_config(missing)
 
 
 def test_a_plan_entry_that_names_no_stage_is_refused_before_the_data_is_built(tmp_path):

@@ -5,17 +5,19 @@ The plan is a plain ``{module_path: device}`` mapping, e.g. ``{"embeddings": "cp
 (``encoder`` covers ``encoder.0``, ``encoder.1``, ...); the most specific path wins. Stages are run one
 after another; a pipeline split that overlaps them builds on the same plan.
 
-``plan="auto"`` measures every stage on every device of this machine at the run's batch shape
+``plan="auto"`` measures every stage on every device of this machine at the run's batch shape and precision
 (:mod:`hetrain.placement.cost_model`), solves the chain exactly (:func:`hetrain.placement.chain_dp`),
 logs the plan with its predicted step time and saves it (and the measurements) in the run directory,
-where it can be reused as an explicit plan.
+where it can be reused as an explicit plan: ``plan=<run dir>/placement_plan.yaml``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
+from torch.utils._pytree import tree_map_only
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
 from hetrain.placement.chain import OBJECTIVES
 from hetrain.placement.pipeline import shared_across_devices, stage_device, to_device
-from hetrain.placement.plan import parse_device, resolve_plan
+from hetrain.placement.plan import parse_device, read_plan, resolve_plan
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,51 @@ def _inputs_to(device: torch.device):
     return hook
 
 
+@dataclass
+class RunCosts:
+    """Measured stage costs, read as the run will execute a plan, so a prediction is of the step that runs.
+
+    ``whole`` holds the stages' costs on the whole batch; ``micro``, measured for the pipeline objective where
+    this machine has several devices, on one micro-batch. There a plan over several devices runs as
+    ``micro_batches`` micro-batches in a GPipe schedule, priced from ``micro``. A plan on one device runs each
+    batch whole (``PipelineSplit`` does not cut a batch whose stages share a device: micro-batches there cannot
+    overlap), priced from ``whole``, as is every plan under the sequential objective. Pricing a one-device plan
+    as pipelined micro-batches would pay per-call costs ``micro_batches`` times, and on a GPU a small
+    micro-batch takes about as long as the whole batch.
+    """
+
+    whole: CostModel
+    micro: CostModel | None = None
+    micro_batches: int = 1
+
+    def split(self, devices: Mapping[str, str]) -> bool:
+        """Whether the run cuts each batch into micro-batches under this plan."""
+        return self.micro is not None and len(set(devices.values())) > 1
+
+    def predict(self, devices: Mapping[str, str]) -> float:
+        """Predicted forward + backward seconds per batch of ``{path: device}`` (group paths allowed)."""
+        if self.split(devices):
+            return self.micro.predict(devices, "pipeline", self.micro_batches)
+        return self.whole.predict(devices)
+
+    def best_plan(self) -> PlacementPlan:
+        """The fastest plan: the exact chain solver's, set against every one-device plan when batches may be split."""
+        if self.micro is None:
+            return self.whole.chain_plan()
+        stages, devices = self.whole.stages, self.whole.devices
+        seconds, device = min((self.whole.predict([d] * len(stages)), d) for d in devices)
+        split = self.micro.chain_plan("pipeline", self.micro_batches)
+        if math.isinf(seconds) or (self.split(split.devices) and split.predicted_step_time < seconds):
+            return split
+        return PlacementPlan(dict.fromkeys(stages, device), "chain-dp", seconds)
+
+    def save(self, directory: Path) -> None:
+        """``placement_costs.json`` (whole batch) and, when measured, ``placement_costs_micro.json``."""
+        self.whole.save(directory / "placement_costs.json")
+        if self.micro is not None:
+            self.micro.save(directory / "placement_costs_micro.json")
+
+
 class StagePlacement(Callback):
     """Moves the stages of ``pl_module.stages()`` to the devices of ``plan`` once Lightning has set up.
 
@@ -78,12 +126,15 @@ class StagePlacement(Callback):
         present (no GPU, fewer GPUs) is replaced by ``fallback``, said in one log line.
 
     Args:
-        plan: ``{module_path: device}``, paths relative to the model (``embeddings``, ``encoder.0``),
-            or ``"auto"`` to measure and solve (the module then needs ``placement_inputs(batch)``).
+        plan: ``{module_path: device}``, paths relative to the model (``embeddings``, ``encoder.0``; nested
+            mappings read as dotted paths), the path of a plan file (``.yaml``/``.yml``/``.json``, e.g. the
+            ``placement_plan.yaml`` an ``"auto"`` run saved), or ``"auto"`` to measure and solve (the module
+            then needs ``placement_inputs(batch)``).
         fallback: device for stages whose planned device is absent.
-        objective: for ``"auto"``: ``"sequential"`` (stages one after another) or ``"pipeline"``.
-        micro_batches: for ``"auto"`` with the pipeline objective.
-        save_dir: for ``"auto"``: where ``placement_plan.yaml`` and ``placement_costs.json`` go.
+        objective: for ``"auto"``: ``"sequential"`` (stages one after another) or ``"pipeline"`` (a plan over
+            several devices runs in micro-batches, as ``PipelineSplit`` does; see :class:`RunCosts`).
+        micro_batches: for ``"auto"`` with the pipeline objective: the ``PipelineSplit``'s.
+        save_dir: for ``"auto"``: where ``placement_plan.yaml`` and ``placement_costs*.json`` go.
         predict: for an explicit plan: measure too, and log and summarise the plan's predicted step time
             beside the plan ``"auto"`` would choose and its prediction, so the cost of a placement shows.
     """
@@ -91,13 +142,7 @@ class StagePlacement(Callback):
     def __init__(self, plan: Mapping[str, str] | str | None = None, fallback: str = "cpu",
                  objective: str = "sequential", micro_batches: int = 1, save_dir: str | None = None,
                  predict: bool = False) -> None:
-        if isinstance(plan, str) and plan != "auto":
-            raise ValueError(f"hetrain: placement plan must be a {{module_path: device}} mapping or 'auto', "
-                             f"got {plan!r}")
-        self.plan = plan if plan == "auto" else dict(plan or {})
-        if isinstance(self.plan, dict):
-            for path, device in self.plan.items():
-                parse_device(device, f"placement of {path!r}")
+        self.plan = read_plan(plan)
         parse_device(fallback, "placement fallback")
         if objective not in OBJECTIVES:
             raise ValueError(f"hetrain: placement objective {objective!r} is not one of {OBJECTIVES}")
@@ -110,22 +155,27 @@ class StagePlacement(Callback):
         self.summary: dict[str, Any] = {}
         self._hooks: dict[str, RemovableHandle] = {}
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CostModel:
-        """Times every stage on every device of this machine with one validation batch."""
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RunCosts:
+        """Times every stage on every device of this machine on one validation batch: whole, and under the
+        pipeline objective with several devices here also its first micro-batch (see :class:`RunCosts`)."""
         batch = _first_batch(trainer.datamodule.val_dataloader())
-        make_input, stage_args = pl_module.placement_inputs(batch)
-        return measure(pl_module.stages(), make_input, available_devices(), stage_args, warmup=1, repeats=3)
+        whole = _time_stages(trainer, pl_module, batch)
+        if self.objective == "sequential" or len(whole.devices) == 1:
+            return RunCosts(whole)
+        micro = _time_stages(trainer, pl_module, _first_micro_batch(batch, self.micro_batches))
+        return RunCosts(whole, micro, self.micro_batches)
 
     def solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PlacementPlan:
         """Measures the stages on this machine's devices and solves the chain."""
         costs = self.measure(trainer, pl_module)
-        plan = costs.chain_plan(objective=self.objective, micro_batches=self.micro_batches)
-        predicted_ms = None if plan.predicted_step_time is None else round(plan.predicted_step_time * 1e3, 3)
+        plan = costs.best_plan()
+        predicted_ms = _ms(plan.predicted_step_time)
+        runs = f"in {self.micro_batches} micro-batches" if costs.split(plan.devices) else "whole"
         log.info(f"placement auto ({plan.method}, {self.objective}): {plan.devices}; predicted forward+backward "
-                 f"{predicted_ms} ms per batch")
+                 f"{predicted_ms} ms per batch, run {runs}")
         if self.save_dir is not None:
             plan.save(Path(self.save_dir) / "placement_plan.yaml")
-            costs.save(Path(self.save_dir) / "placement_costs.json")
+            costs.save(Path(self.save_dir))
         self.summary = {"method": plan.method, "predicted_step_time_ms": predicted_ms, **{
             f"plan.{path}": device for path, device in plan.devices.items()}}
         return plan
@@ -161,14 +211,12 @@ class StagePlacement(Callback):
         """Logs and summarises the placed plan's predicted step time beside the plan ``auto`` would choose."""
         costs = self.measure(trainer, pl_module)
         try:
-            mine = costs.predict({name: str(device) for name, device in placed.items()}, self.objective,
-                                 self.micro_batches)
+            mine = costs.predict({name: str(device) for name, device in placed.items()})
         except ValueError as exc:  # a plan the model has no time for (two stages on one device in a pipeline)
             log.warning(f"placement: this plan has no predicted time: {exc}")
             mine = None
-        best = costs.chain_plan(objective=self.objective, micro_batches=self.micro_batches)
-        ms = None if mine is None else round(mine * 1e3, 3)
-        best_ms = None if best.predicted_step_time is None else round(best.predicted_step_time * 1e3, 3)
+        best = costs.best_plan()
+        ms, best_ms = _ms(mine), _ms(best.predicted_step_time)
         log.info(f"placement: this plan predicts {ms} ms per batch forward+backward; auto would choose "
                  f"{best.devices} at {best_ms} ms")
         self.summary = {"method": "explicit", "predicted_step_time_ms": ms, "auto_predicted_step_time_ms": best_ms,
@@ -193,6 +241,25 @@ class StagePlacement(Callback):
         for handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
+
+
+def _time_stages(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> CostModel:
+    """Each stage's forward + backward on each device, on ``batch``, under the run's precision: Lightning enters
+    its plugin's forward context (autocast under ``bf16-mixed``, one per device type with hetrain's
+    ``DeviceMixedPrecision``) around training's forward only, and fit start lies outside it."""
+    make_input, stage_args = pl_module.placement_inputs(batch)
+    return measure(pl_module.stages(), make_input, available_devices(), stage_args, warmup=1, repeats=3,
+                   forward_context=trainer.precision_plugin.forward_context)
+
+
+def _first_micro_batch(batch: Any, micro_batches: int) -> Any:
+    """The rows of ``batch`` the pipeline split gives its first micro-batch: it cuts with ``torch.tensor_split``
+    into at most one piece per row, the first pieces ``ceil(rows / micro_batches)`` long."""
+    return tree_map_only(torch.Tensor, lambda t: torch.tensor_split(t, min(micro_batches, len(t)))[0], batch)
 
 
 def _first_batch(loader: Any) -> Any:

@@ -12,6 +12,7 @@ the bytes each stage hands to the next, and times copies between every pair of d
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -29,7 +30,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from hetrain.placement.chain import chain_dp_bytes, chain_time
 from hetrain.placement.heft import heft_bytes
-from hetrain.placement.plan import PlacementPlan, available_devices
+from hetrain.placement.plan import PlacementPlan, available_devices, flatten_plan, stage_paths
 
 
 @dataclass
@@ -95,18 +96,29 @@ class CostModel:
 
     def predict(self, devices: Mapping[str, str] | Sequence[str], objective: str = "sequential",
                 micro_batches: int = 1, training: bool = True) -> float:
-        """Predicted step time (seconds) of any plan: ``{stage: device}`` (every stage) or one device per stage.
+        """Predicted step time (seconds) of any plan: ``{path: device}`` covering every stage (a group path such
+        as ``encoder`` covers its stages, as in a recipe's plan) or one device per stage.
 
         The same model the solvers minimise, so a hand-written plan can be set beside the optimum; under
         ``"pipeline"`` a plan that puts two stages on one device is refused, as the solver never picks one.
         """
-        names = [devices[s] for s in self.stages] if isinstance(devices, Mapping) else list(devices)
+        names = self._stage_devices(devices) if isinstance(devices, Mapping) else list(devices)
         unknown = sorted(set(names) - set(self.devices))
         if unknown:
             raise ValueError(f"hetrain: the cost model measured {self.devices}, not {unknown}")
         index = [self.devices.index(d) for d in names]
         costs, boundary_bytes, bandwidth = self.chain_inputs(training)
         return chain_time(costs, boundary_bytes, bandwidth, index, objective, micro_batches)
+
+    def _stage_devices(self, plan: Mapping[str, str]) -> list[str]:
+        """Each measured stage's device under ``plan``, resolved as :func:`hetrain.placement.resolve_plan` does."""
+        flat = flatten_plan(plan)
+        paths = stage_paths(flat, self.stages)
+        uncovered = [s for s in self.stages if s not in paths]
+        if uncovered:
+            raise ValueError(f"hetrain: the plan gives no device for stages {uncovered}; name each of the measured "
+                             f"stages ({', '.join(self.stages)}) or a group of them (a prefix such as 'encoder')")
+        return [str(flat[paths[s]]) for s in self.stages]
 
     def to_dict(self) -> dict[str, Any]:
         # JSON has no infinity; "inf" keeps the file readable by any parser.
@@ -179,8 +191,12 @@ def _median_time(fn: Callable[[], Any], devices: Sequence[torch.device], warmup:
     return statistics.median(times)
 
 
+ForwardContext = Callable[[], contextlib.AbstractContextManager]
+
+
 def _time_stage(
-    stage: nn.Module, args: tuple, device: torch.device, needs_input_grad: bool, warmup: int, repeats: int
+    stage: nn.Module, args: tuple, device: torch.device, needs_input_grad: bool, warmup: int, repeats: int,
+    forward_context: ForwardContext,
 ) -> tuple[float, Any]:
     """Median forward + backward seconds of a copy of ``stage`` on ``device``, and one output (on the CPU)."""
     module = copy.deepcopy(stage).to(device)
@@ -195,7 +211,8 @@ def _time_stage(
 
     def step() -> Any:
         module.zero_grad(set_to_none=True)
-        out = module(*inputs)
+        with forward_context():
+            out = module(*inputs)
         outs = [t for t in _tensors(out) if t.requires_grad]
         if outs:
             if not grads:
@@ -204,7 +221,7 @@ def _time_stage(
         return out
 
     seconds = _median_time(step, [device], warmup, repeats)
-    with torch.no_grad():
+    with torch.no_grad(), forward_context():
         out = module(*inputs)
     return seconds, _map_tensors(out, lambda t: t.detach().cpu())
 
@@ -240,6 +257,7 @@ def measure(
     warmup: int = 2,
     repeats: int = 5,
     copy_bytes: int = 16 << 20,
+    forward_context: ForwardContext = contextlib.nullcontext,
 ) -> CostModel:
     """Measures a chain of stages on ``devices`` (default: the CPU and every visible GPU).
 
@@ -253,6 +271,9 @@ def measure(
             attention mask, say); none by default.
         warmup, repeats: untimed runs, then the runs whose median is reported.
         copy_bytes: size of the copies that measure bandwidth.
+        forward_context: entered around each forward, as training enters its precision's (a Lightning
+            precision plugin's ``forward_context``: autocast under ``bf16-mixed``), so a stage is timed, and its
+            output sized, in the dtypes the run computes in.
 
     A stage that fails on a device costs ``inf`` there, with the error in ``errors``; a stage that
     runs nowhere raises. The stages themselves are not moved: each device times a copy. The random
@@ -276,11 +297,12 @@ def measure(
 
     gpus = sorted({torch.device(d).index or 0 for d in devices if torch.device(d).type == "cuda"})
     with torch.random.fork_rng(devices=gpus if torch.cuda.is_available() else []):
-        return _measure(named, make_input, devices, extra_args, warmup, repeats, copy_bytes)
+        return _measure(named, make_input, devices, extra_args, warmup, repeats, copy_bytes, forward_context)
 
 
 def _measure(named: dict[str, nn.Module], make_input: Callable[[], Any], devices: list[str],
-             extra_args: Callable[[str], tuple] | None, warmup: int, repeats: int, copy_bytes: int) -> CostModel:
+             extra_args: Callable[[str], tuple] | None, warmup: int, repeats: int, copy_bytes: int,
+             forward_context: ForwardContext) -> CostModel:
     first = make_input()
     carried: Any = first if isinstance(first, tuple) else (first,)
     compute: list[list[float]] = []
@@ -291,7 +313,8 @@ def _measure(named: dict[str, nn.Module], make_input: Callable[[], Any], devices
         row, output = [], None
         for device in devices:
             try:
-                seconds, out = _time_stage(stage, args, torch.device(device), index > 0, warmup, repeats)
+                seconds, out = _time_stage(stage, args, torch.device(device), index > 0, warmup, repeats,
+                                           forward_context)
             except torch.AcceleratorError:
                 raise  # a device fault (an illegal address) poisons the context: every later call would fail too
             except Exception as exc:  # a stage that cannot run on a device is a fact of the cost model

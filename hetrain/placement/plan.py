@@ -11,7 +11,8 @@ so a plan measured and solved once can be saved and reused as an explicit one::
     predicted_step_time: 0.0123
 
 A path may name a group (``encoder``) and a more specific path inside it (``encoder.1``); the more
-specific one wins.
+specific one wins. Nested mappings read as dotted paths (``{encoder: {"1": cpu}}`` is ``{encoder.1: cpu}``),
+the shape Hydra gives ``+placement.plan.encoder.1=cpu``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 from torch import nn
 
 METHODS = ("explicit", "heft", "chain-dp")
+PLAN_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def available_devices() -> list[str]:
@@ -47,6 +49,24 @@ def parse_device(name: object, what: str) -> torch.device:
     raise ValueError(f"hetrain: {what} names device {name!r}, unknown to torch; write cpu, cuda or cuda:<index>")
 
 
+def flatten_plan(plan: Mapping, prefix: str = "") -> dict[str, object]:
+    """``plan`` with nested mappings as dotted paths: Hydra turns ``+placement.plan.encoder.1=cpu`` into
+    ``{encoder: {"1": cpu}}``, which would otherwise read as a device named ``{"1": cpu}``."""
+    flat: dict[str, object] = {}
+    for key, value in plan.items():
+        path = f"{prefix}{key}"
+        entries = flatten_plan(value, f"{path}.") if isinstance(value, Mapping) else {path: value}
+        if not entries:
+            raise ValueError(f"hetrain: placement of {path!r} is an empty mapping; give it a device, or nested "
+                             f"stage paths with devices")
+        twice = sorted(set(flat) & set(entries))
+        if twice:
+            raise ValueError(f"hetrain: the placement plan gives {twice[0]!r} twice, once as a dotted path and once "
+                             f"nested; keep one")
+        flat.update(entries)
+    return flat
+
+
 @dataclass
 class PlacementPlan:
     """``devices`` maps module paths to device strings; ``predicted_step_time`` is in seconds (None if unknown)."""
@@ -58,6 +78,7 @@ class PlacementPlan:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"hetrain: placement method {self.method!r} is not one of {METHODS}")
+        self.devices = flatten_plan(self.devices)
         for path, device in self.devices.items():
             parse_device(device, f"placement of {path!r}")
 
@@ -104,13 +125,9 @@ class PlacementPlan:
     def from_dict(cls, data: Mapping) -> PlacementPlan:
         """Reads :meth:`to_dict`'s form, or a bare ``{path: device}`` mapping (an explicit plan)."""
         if isinstance(data.get("plan"), Mapping):
-            return cls(
-                {str(k): str(v) for k, v in data["plan"].items()},
-                data.get("method", "explicit"),
-                data.get("predicted_step_time"),
-            )
-        if all(isinstance(v, str) for v in data.values()):
-            return cls({str(k): v for k, v in data.items()})
+            return cls(dict(data["plan"]), data.get("method", "explicit"), data.get("predicted_step_time"))
+        if all(isinstance(v, str | Mapping) for v in data.values()):
+            return cls(dict(data))
         raise ValueError("hetrain: a placement file holds either {plan: {path: device}, method: ...} or {path: device}")
 
     def save(self, path: str | Path) -> Path:
@@ -132,6 +149,28 @@ class PlacementPlan:
         return cls.from_dict(data)
 
 
+def read_plan(plan: Mapping | str | Path | None) -> dict[str, str] | str:
+    """A ``placement.plan`` setting as ``{module path: device}``, or ``"auto"``; a bad one fails here, not at fit start.
+
+    The setting is a mapping (nested ones flattened), ``"auto"``, ``None`` (no plan), or the path of a plan
+    file (``.yaml``/``.yml``/``.json``, as :meth:`PlacementPlan.save` writes it, or a bare mapping).
+    """
+    if plan is None:
+        return {}
+    if isinstance(plan, Mapping):
+        return PlacementPlan(dict(plan)).devices
+    if plan == "auto":
+        return "auto"
+    if isinstance(plan, str | Path) and Path(plan).suffix in PLAN_SUFFIXES:
+        path = Path(plan).expanduser()
+        if not path.is_file():
+            raise ValueError(f"hetrain: placement plan file {path.resolve()} does not exist; pass the "
+                             f"placement_plan.yaml a run with placement.plan=auto wrote in its run directory")
+        return PlacementPlan.load(path).devices
+    raise ValueError(f"hetrain: placement plan must be a {{module_path: device}} mapping, 'auto', or the path of "
+                     f"a plan file ({', '.join(PLAN_SUFFIXES)}), got {plan!r}")
+
+
 def device_present(device: torch.device) -> bool:
     """Whether this process can allocate on ``device`` (``cuda:1`` on a one-GPU machine cannot)."""
     if device.type == "cpu":
@@ -150,13 +189,10 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
-def resolve_plan(
-    plan: Mapping[str, str], stages: list[str], fallback: str = "cpu"
-) -> tuple[dict[str, torch.device], str | None]:
-    """Maps each stage the plan covers to a present device.
+def stage_paths(plan: Mapping[str, object], stages: Sequence[str]) -> dict[str, str]:
+    """The plan path that decides each stage it covers: the most specific one (``encoder.1`` over ``encoder``).
 
-    Returns the devices and, when some planned device is absent, one line saying what moved to
-    ``fallback`` instead. Raises if a path names no stage, or lies inside one (a stage is the unit).
+    Raises if a path names no stage, or lies inside one (a stage is the unit).
     """
     for path in plan:
         if not any(s == path or s.startswith(path + ".") for s in stages):
@@ -165,13 +201,28 @@ def resolve_plan(
             raise ValueError(
                 f"hetrain: placement entry {path!r} names no stage ({where}); stages: {', '.join(stages)}"
             )
-    planned = {path: _indexed(parse_device(name, f"placement of {path!r}")) for path, name in plan.items()}
-    fallback_device = parse_device(fallback, "placement fallback")
-    devices: dict[str, torch.device] = {}
+    paths = {}
     for stage in stages:
         covering = [p for p in plan if stage == p or stage.startswith(p + ".")]
         if covering:
-            devices[stage] = planned[max(covering, key=len)]
+            paths[stage] = max(covering, key=len)
+    return paths
+
+
+def resolve_plan(
+    plan: Mapping[str, object], stages: list[str], fallback: str = "cpu"
+) -> tuple[dict[str, torch.device], str | None]:
+    """Maps each stage the plan covers (see :func:`stage_paths`; nested mappings read as dotted paths) to a
+    present device.
+
+    Returns the devices and, when some planned device is absent, one line saying what moved to
+    ``fallback`` instead.
+    """
+    plan = flatten_plan(plan)
+    deciding = stage_paths(plan, stages)
+    planned = {path: _indexed(parse_device(name, f"placement of {path!r}")) for path, name in plan.items()}
+    fallback_device = parse_device(fallback, "placement fallback")
+    devices = {stage: planned[path] for stage, path in deciding.items()}
     missing: dict[str, list[str]] = {}
     for path, name in plan.items():
         if not device_present(planned[path]):

@@ -3,7 +3,9 @@
 Run: ``make bench-cpu`` (or ``python -m benchmarks.bench_cpu``). Writes
 ``benchmarks/results/<date>-ops-cpu.json`` and regenerates the CPU section of ``benchmarks/RESULTS.md``.
 Every column runs on the same host allocator, by default hetrain's kept blocks as ``python train.py`` uses
-(``--cpu-malloc system``: torch's own).
+(``--cpu-malloc system``: torch's own). Bandwidth is set against a copy too large for the caches (DRAM), so a
+case that fits in cache can exceed 100%. A variant run names its file after itself (``-ops-cpu-quick``,
+``-ops-cpu-system-malloc``) and leaves RESULTS.md alone.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ import torch
 import hetrain
 from benchmarks import report
 from benchmarks.cases import discover
-from benchmarks.timing import copy_bandwidth_gbs, median_ms
+from benchmarks.cli import result_file
+from benchmarks.timing import copy_bandwidth_gbs, interleaved_ms
 from hetrain import cpu_memory
 from hetrain.device_info import host_description
 
@@ -32,30 +34,23 @@ def run(quick: bool = False, cpu_malloc: str = "keep") -> dict:
 
 
 def _run(quick: bool) -> dict:
-    copy_gbs = copy_bandwidth_gbs("cpu", megabytes=64 if quick else 256)
+    copy_mib = 64 if quick else 256
+    copy_gbs = copy_bandwidth_gbs("cpu", megabytes=copy_mib)
     rows = []
     for case in discover("cpu"):
-        impls = case.make()
-        # Rounds that take turns between the implementations, then the median of each one's round medians:
-        # on a shared machine a slow spell then hits every column alike instead of one column's whole window.
-        rounds = 2 if quick else 5
-        per_round: dict[str, list[float]] = {name: [] for name in impls}
-        for r in range(rounds):
-            for name, fn in impls.items():
-                per_round[name].append(median_ms(fn, warmup=3 if r == 0 else 1, min_reps=3 if quick else 4,
-                                                 budget_s=(0.3 if quick else 1.5) / rounds))
-        times = {name: statistics.median(ms) for name, ms in per_round.items()}
-        ours = times["hetrain"]
+        times = interleaved_ms(case.make(), rounds=2 if quick else 5, min_reps=3 if quick else 4,
+                               budget_s=0.3 if quick else 1.5)
+        ours, moving = times["hetrain"], report.bandwidth_ms(times)
+        fraction = report.copy_fraction(case.bytes_moved, moving, copy_gbs)
         rows.append({
             "op": case.op, "shape": case.shape, "dtype": case.dtype, "ms": times,
             "speedup_vs_eager": times["eager"] / ours, "speedup_vs_compile": times["compile"] / ours,
-            "gbs": case.bytes_moved / (ours * 1e-3) / 1e9,
-            "copy_fraction": case.bytes_moved / (ours * 1e-3) / 1e9 / copy_gbs,
+            "gbs": None if fraction is None else fraction * copy_gbs, "copy_fraction": fraction,
         })
         print(report.cpu_row_text(rows[-1]), flush=True)
     return {
         "date": dt.date.today().isoformat(), "device": host_description(), "torch": torch.__version__,
-        "hetrain": hetrain.__version__, "copy_gbs": copy_gbs, "quick": quick, "rows": rows,
+        "hetrain": hetrain.__version__, "copy_gbs": copy_gbs, "copy_mib": copy_mib, "quick": quick, "rows": rows,
     }
 
 
@@ -68,10 +63,14 @@ def main() -> None:
     args = parser.parse_args()
     result = run(quick=args.quick, cpu_malloc=args.cpu_malloc)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{result['date']}-ops-cpu.json"
+    variant = args.quick or args.cpu_malloc != "keep"
+    path = result_file(args.out, result["date"], "ops-cpu", "quick" if args.quick else None,
+                       "system-malloc" if args.cpu_malloc == "system" else None)
     path.write_text(json.dumps(result, indent=2))
-    print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path}")
-    if not args.quick and args.out.resolve() == RESULTS.resolve():  # RESULTS.md shows benchmarks/results only
+    print(f"{report.dram_copy_text(result)}; wrote {path}")
+    if variant:
+        print("a variant run: RESULTS.md's CPU table shows full runs on the default allocator only, left alone")
+    elif args.out.resolve() == RESULTS.resolve():  # RESULTS.md shows benchmarks/results only
         report.write_results_md(args.out)
 
 

@@ -4,8 +4,9 @@ Run: ``make bench-embedding`` (``python -m benchmarks.bench_embedding [--quick] 
 30522 x 768 table on the CPU, as bert_split places it: lookup, backward from a given upstream gradient
 and the optimizer step, for batches of 32 x 128 and 32 x 512 token ids, each way side by side, median
 of repeats taking turns. Each way runs twice per round: on torch's CPU allocator and with hetrain's kept
-host blocks (``cpu_malloc: keep``, what ``python train.py`` uses; hetrain.cpu_memory). Writes
-``benchmarks/results/<date>-embedding-cpu.json``.
+host blocks (``cpu_malloc: keep``, what ``python train.py`` uses; hetrain.cpu_memory), the allocators taking
+turns at going first. Writes ``benchmarks/results/<date>-embedding-cpu.json`` (``--quick``:
+``-embedding-cpu-quick.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 import hetrain
+from benchmarks.cli import result_file
 from benchmarks.timing import median_ms
 from hetrain import cpu_memory
 from hetrain.device_info import host_description
@@ -59,13 +61,14 @@ def run(quick: bool) -> dict:
         ids = torch.randint(1, vocab, (32, seq), generator=torch.Generator().manual_seed(seq))
         steps = {kind: table_step(kind, vocab, hidden, ids) for kind in ("dense", "SparseAdam", "hetrain")}
         per_round: dict[tuple[str, str], list[float]] = {(k, a): [] for k in steps for a in ALLOCATORS}
-        for i in range(1 if quick else 3):
-            for allocator in ALLOCATORS:
+        # Even rounds, each allocator first in half of them: the first one of a round meets a cold cache and heap.
+        for i in range(2 if quick else 4):
+            for allocator in ALLOCATORS if i % 2 == 0 else ALLOCATORS[::-1]:
                 with cpu_memory.host_memory(allocator):
                     for kind, step in steps.items():
                         per_round[kind, allocator].append(median_ms(
                             step, warmup=2 if i == 0 else 1, min_reps=3 if quick else 5, max_reps=20,
-                            budget_s=0.5 if quick else 3.0))
+                            budget_s=0.25 if quick else 2.25))
         ms = {kind: {a: statistics.median(per_round[kind, a]) for a in ALLOCATORS} for kind in steps}
         rows.append({"ids": [32, seq], "unique_rows": int(ids.unique().numel()), "ms": ms,
                      "dense_over_hetrain": ms["dense"]["keep"] / ms["hetrain"]["keep"],
@@ -86,7 +89,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     result = run(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{result['date']}-embedding-cpu.json"
+    path = result_file(args.out, result["date"], "embedding-cpu", "quick" if args.quick else None)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

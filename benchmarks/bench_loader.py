@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import hetrain
+from benchmarks.cli import non_negative_int, positive_float, positive_int
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
@@ -158,6 +160,7 @@ def _sync(device: torch.device) -> None:
 # with small matmuls the step would be all kernel launches, and any host time of the loader would show
 # as data wait. On the CPU the matmuls run on the host anyway.
 WORK_SIDE = {"cuda": 4096, "cpu": 512}
+LOOP_ROUNDS = 5  # of the training-loop section, each loader's share of its steps taking turns
 
 
 def fixed_work(device: torch.device, target_ms: float) -> Callable[[], torch.Tensor]:
@@ -240,24 +243,30 @@ def training_loop(ds: TokenWindows, sampler: TokenBudgetBatchSampler, device: to
                         persistent_workers=workers > 0)
         sources = {"compute_only": cycle([one]), "ring": cycle(DevicePrefetcher(ring, device) if pin else ring),
                    f"dataloader_w{workers}": cycle(dl)}
-        for _ in range(5):  # interleaved rounds, medians: a shared machine's slow spells hit every row alike
+        for _ in range(LOOP_ROUNDS):  # interleaved rounds, medians: a shared machine's slow spells hit every row alike
             for name, source in sources.items():
-                rates.setdefault(name, []).append(loop_rate(source, work, device, max(1, steps // 5)))
+                rates.setdefault(name, []).append(loop_rate(source, work, device, max(1, steps // LOOP_ROUNDS)))
         del sources, dl
     compute_only = statistics.median(r for r, _ in rates["compute_only"])
     rows = {name: {"steps_s": statistics.median(r for r, _ in runs),
                    "samples_s": None if name == "compute_only" else statistics.median(s for _, s in runs)}
             for name, runs in rates.items()}
-    for row in rows.values():
-        row["data_wait"] = max(0.0, 1 - row["steps_s"] / compute_only)
+    for row in rows.values():  # raw: below 0 where a loader's loop ran faster than compute alone (noise)
+        row["data_wait"] = 1 - row["steps_s"] / compute_only
     result = {"device": str(device), "work_ms": work_ms, "work_matmul_side": WORK_SIDE.get(device.type, 512),
               "steps": steps, "rows": rows}
     if device.type == "cuda":
         result["h2d_gb_s"] = h2d_bandwidth(64 << 20, device)  # 64 MiB: large enough that latency does not count
     for name, row in rows.items():
         samples_s = "" if row["samples_s"] is None else f" {row['samples_s']:9.1f} samples/s"
-        print(f"loop {name:16s} {row['steps_s']:8.1f} steps/s{samples_s}  data wait {row['data_wait']:.1%}")
+        print(f"loop {name:16s} {row['steps_s']:8.1f} steps/s{samples_s}  {data_wait_text(row['data_wait'])}")
     return result
+
+
+def data_wait_text(wait: float) -> str:
+    """A loop's data wait as measured; a negative one (faster than compute alone) is marked as the noise it is."""
+    note = " (negative: faster than compute alone, within noise)" if wait < 0 else ""
+    return f"data wait {wait:.1%}{note}"
 
 
 def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop_steps: int = 0,
@@ -284,7 +293,8 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop
         result = {
             "date": dt.date.today().isoformat(),
             "device": host_description(cores, "cores"),
-            "torch": torch.__version__, "corpus": {"docs": docs, "tokens": tf.num_tokens, "windows": len(ds)},
+            "torch": torch.__version__, "hetrain": hetrain.__version__,
+            "corpus": {"docs": docs, "tokens": tf.num_tokens, "windows": len(ds)},
             "max_len": max_len, "max_tokens": max_tokens, "batches_per_epoch": len(sampler),
             "ring_bytes": ring_bytes,
             "rows": {k: {"batches_s": v[0], "tokens_s": v[1], "allocs_per_batch": v[2]} for k, v in rows.items()},
@@ -311,16 +321,21 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=3000, help="documents in the synthetic corpus")
-    parser.add_argument("--max-len", type=int, default=512, help="window length")
-    parser.add_argument("--max-tokens", type=int, default=8192, help="token budget per batch")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="DataLoader num_workers to try")
-    parser.add_argument("--loop-steps", type=int, default=200, help="steps of the training-loop section; 0 skips it")
-    parser.add_argument("--work-ms", type=float, default=5.0, help="fixed compute per loop step, in ms")
-    parser.add_argument("--text-samples", type=int, default=3000,
+    parser.add_argument("--docs", type=positive_int, default=3000, help="documents in the synthetic corpus")
+    parser.add_argument("--max-len", type=positive_int, default=512, help="window length")
+    parser.add_argument("--max-tokens", type=positive_int, default=8192, help="token budget per batch")
+    parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 2, 4],
+                        help="DataLoader num_workers to try")
+    parser.add_argument("--loop-steps", type=non_negative_int, default=200,
+                        help=f"steps of the training-loop section, in {LOOP_ROUNDS} interleaved rounds; 0 skips it")
+    parser.add_argument("--work-ms", type=positive_float, default=5.0, help="fixed compute per loop step, in ms")
+    parser.add_argument("--text-samples", type=non_negative_int, default=3000,
                         help="documents of the Python-heavy dataset section (threads vs processes); 0 skips it")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
+    if 0 < args.loop_steps < LOOP_ROUNDS:
+        parser.error(f"--loop-steps: 0 skips the loop, else at least {LOOP_ROUNDS} (a step per round); "
+                     f"got {args.loop_steps}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{dt.date.today().isoformat()}-loader-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
 

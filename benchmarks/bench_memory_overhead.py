@@ -5,7 +5,7 @@ BertClassifier in which ``MemoryProfiler()`` (its defaults; no allocator history
 times every step from one ``on_train_batch_start`` to the next, and compares the median of the watched
 steps with that of the unwatched ones, after warm-up and leaving out per-module and churn steps. It also
 times the profiler's own hooks: the overhead without the noise of two medians. Target: under 3% of the
-step time. Writes ``benchmarks/results/<date>-memory-overhead-<device>.json``.
+step time. Writes ``benchmarks/results/<date>-memory-overhead-<device>.json`` (``--quick``: ``-quick.json``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hetrain
 from benchmarks.bench_train import Shape, build_model, make_batch, measured_on
+from benchmarks.cli import check_device, positive_int, result_file
 from hetrain.callbacks.memory import MemoryProfiler
 from hetrain.device_info import result_card
 
@@ -187,17 +188,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model, few steps (under two minutes on 2 cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: torch's); 1 keeps step times steady on a shared machine")
     args = parser.parse_args()
-    if args.threads:
+    check_device(parser, args.device)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no GPU in use")
     start = time.perf_counter()
     r = run(args.device, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{r['date']}-memory-overhead-{result_card(args.device)}.json"
+    path = result_file(args.out, r["date"], "memory-overhead", result_card(args.device),
+                       "quick" if args.quick else None)
     path.write_text(json.dumps(r, indent=2) + "\n")
     print(f"{r['device']}, torch {r['torch']}, shape {r['shape']}, {r['timed_steps']} ordinary steps timed")
     print(f"| profiler | median step ms | vs off | paired vs neighbours |\n|---|---|---|---|\n"

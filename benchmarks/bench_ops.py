@@ -6,6 +6,8 @@ next call while the GPU runs this one), the GPU time alone (the same call replay
 peak extra memory, and bandwidth as a fraction of a device-to-device copy measured in the same run.
 Writes ``benchmarks/results/<date>-<device>-ops.json`` and regenerates the GPU section of RESULTS.md.
 ``--quick --device cpu`` runs tiny shapes on the CPU so the script itself is checked without a GPU.
+A quick run writes ``-ops-quick.json`` and one of some ops (``--ops``) ``-ops-subset-<ops>.json``: neither
+replaces the day's full run nor becomes the source of RESULTS.md's table.
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ import torch
 import hetrain
 from benchmarks import report
 from benchmarks.cases import discover
-from benchmarks.timing import back_to_back_ms, copy_bandwidth_gbs, cuda_generator_restored_on_error, median_ms
-from hetrain.device_info import card_slug
+from benchmarks.cli import check_device, positive_float, result_file
+from benchmarks.timing import (
+    back_to_back_ms,
+    copy_bandwidth_gbs,
+    cuda_generator_restored_on_error,
+    interleaved_ms,
+    median_ms,
+)
+from hetrain.device_info import device_name, host_description, result_card
 from hetrain.ops.rng import masks_fixed_in_cuda_graphs
 
 RESULTS = Path(__file__).parent / "results"
+QUICK_MEASURE_S = 0.3  # seconds per timing of a --quick run
 
 
 def graph_ms(fn: Callable[[], object], measure_s: float) -> float | str:
@@ -57,17 +67,24 @@ def peak_mib(fn: Callable[[], object]) -> float | str:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def op_names(device: str) -> list[str]:
+    """The ops with cases on ``device``: what ``--ops`` may name."""
+    return sorted({case.op for case in discover("gpu", device=device, quick=True)})
+
+
 def run(device: str, quick: bool, measure_s: float = 2.0, ops: set[str] | None = None,
         save: Callable[[dict], None] = lambda result: None) -> dict:
     """Per-call times and peaks of every case first, then (on CUDA) the graph replays: a capture that fails
-    cannot spoil a per-call time. ``save`` gets the result so far after each case of each pass."""
+    cannot spoil a per-call time. ``save`` gets the result so far after each case of each pass. ``quick`` times
+    for QUICK_MEASURE_S in three rounds taking turns: one slow spell on a shared machine is not the result."""
     on_gpu = device.startswith("cuda")
     copy_gbs = copy_bandwidth_gbs(device, megabytes=64 if quick else 1024)
-    name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
+    measure_s = QUICK_MEASURE_S if quick else measure_s
     rows: list[dict] = []
-    result = {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "hetrain": hetrain.__version__, "copy_gbs": copy_gbs, "quick": quick,
-              "measure_s": measure_s, "rows": rows}
+    result = {"date": dt.date.today().isoformat(), "device": device_name(device) if on_gpu else host_description(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "hetrain": hetrain.__version__,
+              "copy_gbs": copy_gbs, "quick": quick, "measure_s": measure_s,
+              "ops": None if ops is None else sorted(ops), "rows": rows}
     measured = []
     for case in discover("gpu", device=device, quick=quick):
         if ops is not None and case.op not in ops:
@@ -76,13 +93,13 @@ def run(device: str, quick: bool, measure_s: float = 2.0, ops: set[str] | None =
         row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes, "ms": {},
                "back_to_back_ms": {}, "peak_mib": {},
                "graph_ms": {name: "n/a (not measured)" if on_gpu else "n/a (no CUDA)" for name in impls}}
+        row["ms"] = interleaved_ms(impls, rounds=3 if quick else 1, min_reps=3 if quick else 20, budget_s=measure_s)
         for impl, fn in impls.items():
-            row["ms"][impl] = median_ms(fn, min_reps=3 if quick else 20, budget_s=0.3 if quick else measure_s)
-            row["back_to_back_ms"][impl] = back_to_back_ms(fn, budget_s=0.1 if quick else measure_s)
+            row["back_to_back_ms"][impl] = back_to_back_ms(fn, budget_s=measure_s / 3 if quick else measure_s)
             row["peak_mib"][impl] = peak_mib(fn)
         ours = row["ms"]["hetrain"]
         row["speedup"] = {impl: ms / ours for impl, ms in row["ms"].items() if impl not in ("hetrain", "conv")}
-        row["copy_fraction"] = case.bytes_moved / (ours * 1e-3) / 1e9 / copy_gbs
+        row["copy_fraction"] = report.copy_fraction(case.bytes_moved, report.bandwidth_ms(row["ms"]), copy_gbs)
         rows.append(row)
         measured.append((case, impls, row))
         print(report.gpu_row_text(row), flush=True)
@@ -96,31 +113,46 @@ def run(device: str, quick: bool, measure_s: float = 2.0, ops: set[str] | None =
     return result
 
 
+def chosen_ops(parser: argparse.ArgumentParser, text: str | None, device: str) -> set[str] | None:
+    """The ops ``--ops`` names (None: every op), refusing a name that has no case: a typo would time nothing."""
+    if text is None:
+        return None
+    ops, valid = set(text.split(",")), op_names(device)
+    if unknown := sorted(ops - set(valid)):
+        parser.error(f"--ops: no cases for {', '.join(map(repr, unknown))}; the ops are {','.join(valid)}")
+    return ops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
-    parser.add_argument("--measure-s", type=float, default=2.0,
+    parser.add_argument("--measure-s", type=positive_float, default=2.0,
                         help="seconds each timing repeats for (at least 20 calls); 0.3 fits a GPU lent for minutes")
-    parser.add_argument("--ops", help="comma-separated ops to run (default: all)")
+    parser.add_argument("--ops", help="comma-separated ops to run (default: all); such a run is not RESULTS.md's")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
+    device = check_device(parser, args.device)
+    ops = chosen_ops(parser, args.ops, device)
     args.out.mkdir(parents=True, exist_ok=True)
+    subset = None if ops is None else "-".join(["subset", *sorted(ops)])
 
     def path_of(result: dict) -> Path:
-        return args.out / f"{result['date']}-{card_slug(result['device'])}-ops.json"
+        return result_file(args.out, result["date"], result_card(device), "ops", "quick" if args.quick else None,
+                           subset)
 
     def save(result: dict) -> None:  # after every case, so a run cut short keeps what it measured
         path_of(result).write_text(json.dumps(result, indent=2))
 
-    ops = set(args.ops.split(",")) if args.ops else None
-    result = run(args.device, args.quick, args.measure_s, ops, save)
+    result = run(device, args.quick, args.measure_s, ops, save)
     save(result)
     print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path_of(result)}")
     if backends := report.backend_table(result):
         print("\nthe two CUDA backends (C++ / Triton, geometric mean over each op's cases):\n" + backends)
+    if args.quick or ops is not None:
+        print("a quick or --ops run: not a source of RESULTS.md's GPU table, which shows full runs only")
     # RESULTS.md shows benchmarks/results only: a run written elsewhere (gpu-check's --out) leaves it alone.
-    if not args.quick and args.device.startswith("cuda") and args.out.resolve() == RESULTS.resolve():
+    elif device.startswith("cuda") and args.out.resolve() == RESULTS.resolve():
         report.write_gpu_results_md(args.out)
 
 

@@ -3,7 +3,8 @@
 Run: ``python -m benchmarks.bench_train [--quick] [--device cpu|cuda] [--out DIR]``. A placement section
 sets HEFT's plan beside the chain optimum, all-on-the-fastest-device and round-robin over this machine's
 devices, each predicted by the measured cost model and then measured, and the pipeline's bubble. Writes
-``benchmarks/results/<date>-<device>-train.json`` and prints one line per mode. The target: hetrain's
+``benchmarks/results/<date>-<device>-train.json`` (a variant run: ``-train-quick``, ``-train-short``,
+``-system-malloc``) and prints one line per mode. The target: hetrain's
 bf16 recipe with its fused ops and no torch.compile at least as fast as plain torch in bf16 + torch.compile.
 The loop is plain PyTorch (forward, cross-entropy, backward, AdamW) so that only the model differs.
 """
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import hetrain
+from benchmarks.cli import check_device, result_file
 from benchmarks.timing import cuda_generator_restored_on_error, median_ms
 from hetrain import _ext, cpu_memory, plugins
 from hetrain.callbacks.placement import StagePlacement
@@ -76,18 +78,19 @@ MODES = [
 ]
 
 
-def skip_reason(mode: Mode, device: str, quick: bool) -> str | None:
-    """Why ``mode`` cannot (or should not) run on ``device``; None when it runs."""
+def skip_reason(mode: Mode, device: str, light: str | None) -> str | None:
+    """Why ``mode`` cannot (or should not) run on ``device``; None when it runs. ``light``: the flag of a run with
+    few repeats ("--quick" or "--short"), None for a full run."""
     if device == "cpu" and mode.tf32:
         return "TF32 is a CUDA tensor-core format; on CPU it would be fp32 again"
     if device == "cpu" and mode.scaler:
         return "16-mixed needs torch.amp.GradScaler on CUDA; CPU autocast runs bf16"
     if device == "cpu" and mode.cudagraphs:
         return "CUDA graphs need a GPU"
-    if device == "cpu" and mode.compile and quick:
-        return "torch.compile's inductor C++ build takes longer than a --quick run on CPU; run without --quick"
-    if mode.cudagraphs and quick:
-        return "compiling and recording the CUDA graphs takes about a minute; run without --quick/--short"
+    if device == "cpu" and mode.compile and light:
+        return f"torch.compile's inductor C++ build takes longer than a {light} run on CPU; run without {light}"
+    if mode.cudagraphs and light:
+        return f"compiling and recording the CUDA graphs takes about a minute; run without {light}"
     return None
 
 
@@ -186,13 +189,15 @@ def variants(mode: Mode, device: str) -> list[tuple[bool, str | None]]:
     return rows
 
 
-def run_modes(shape: Shape, device: str, quick: bool) -> list[dict]:
+def run_modes(shape: Shape, device: str, light: str | None) -> list[dict]:
+    """Every precision mode, fused and not; ``light``: the flag of a run with few repeats, None for a full run."""
     rows = []
     batch = make_batch(shape, device)
+    quick = light is not None
     for mode in MODES:
         for fused, kernels in variants(mode, device):
             row = {"section": "precision", "mode": mode.name, "fused": fused, "kernels": kernels, "ms": None,
-                   "peak_mib": None, "skipped": skip_reason(mode, device, quick)}
+                   "peak_mib": None, "skipped": skip_reason(mode, device, light)}
             if row["skipped"] is None:
                 model = build_model(shape, fused).to(device).train()
                 try:
@@ -374,7 +379,8 @@ def run(device: str, quick: bool = False, short: bool = False,
 
 def _run(device: str, quick: bool, short: bool, save: Callable[[dict], None], cpu_malloc: str) -> dict:
     shape = QUICK if quick else FULL
-    light = quick or short
+    flag = "--quick" if quick else "--short" if short else None
+    light = flag is not None
     result = {
         "date": dt.date.today().isoformat(), "device": measured_on(device), "device_type": device,
         "torch": torch.__version__, "triton": triton_version(), "hetrain": hetrain.__version__, "quick": quick,
@@ -382,7 +388,7 @@ def _run(device: str, quick: bool, short: bool, save: Callable[[dict], None], cp
         "target_met": None, "rows": [], "placement": [], "cpu_malloc": cpu_malloc,
     }
     rows = result["rows"]
-    rows += run_modes(shape, device, light)
+    rows += run_modes(shape, device, flag)
     fused_bf16 = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == ("bf16-mixed", True,
                                                                                          "precision"))
     base = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == (*BASELINE, "precision"))
@@ -406,12 +412,13 @@ def main() -> None:
     parser.add_argument("--cpu-malloc", choices=["keep", "system"], default="keep",
                         help="host allocator, as python train.py takes it (hetrain.cpu_memory)")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no GPU in use")
+    check_device(parser, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(result: dict) -> Path:
-        path = args.out / f"{result['date']}-{args.device}-train.json"
+        light = "quick" if args.quick else "short" if args.short else None
+        path = result_file(args.out, result["date"], args.device, "train", light,
+                           "system-malloc" if args.cpu_malloc == "system" else None)
         path.write_text(json.dumps(result, indent=2))
         return path
 

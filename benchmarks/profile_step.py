@@ -5,8 +5,10 @@ Run: ``python -m benchmarks.profile_step [--device cpu|cuda] [--shape recipe|bas
 Profiles a few optimiser steps of the fused model (forward, cross-entropy, backward, fused AdamW) with
 torch's profiler and sorts each op's self time into GEMMs, attention, hetrain's fused ops, the optimizer,
 embeddings, the loss, data movement and "other" (elementwise ops and reductions outside any fused op:
-the candidates for fusion), then lists the largest "other" ops. Writes
-``benchmarks/results/<date>-<device>-step-profile.json``.
+the candidates for fusion), then lists the largest "other" ops. The pieces of attention's decomposed form
+(its softmax, dropout mask, scaling) count as attention, forward and backward. Writes
+``benchmarks/results/<date>-<device>-step-profile.json``, with ``-<shape>`` where the shape is not the device's
+default.
 """
 
 from __future__ import annotations
@@ -16,23 +18,27 @@ import dataclasses
 import datetime as dt
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from torch.autograd.profiler_util import FunctionEvent
 
 import hetrain
 from benchmarks.bench_train import FULL, Mode, Shape, build_model, make_batch, train_step
+from benchmarks.cli import check_device, positive_int, probability, result_file
 from hetrain.device_info import device_name
 
 RESULTS = Path(__file__).parent / "results"
 # The bert_split recipe's model and a typical token-budget batch of it (2048 tokens).
 RECIPE = Shape(vocab_size=256, hidden=128, layers=2, heads=4, seq=64, batch=32, num_classes=4)
 SHAPES = {"recipe": RECIPE, "base": FULL}
+ATTENTION = "attention"
 
 # First match wins: (kind, substrings of the op name).
 KINDS = [
     ("hetrain fused", ("hetrain",)),
-    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "_attention")),
+    (ATTENTION, ("scaled_dot_product", "flash_attention", "efficient_attention", "_attention")),
     ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "gemm", "aten::matmul")),
     ("optimizer", ("adamw", "_foreach_", "adam")),
     ("embedding", ("embedding",)),
@@ -50,6 +56,52 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+BACKWARD = "autograd::engine::evaluate_function: "  # the profiler's range of one autograd node's backward
+
+
+def _ancestors(event: FunctionEvent | None) -> Iterator[FunctionEvent]:
+    """``event`` and the ops it runs in (its profiler parents), innermost first."""
+    while event is not None:
+        yield event
+        event = event.cpu_parent
+
+
+def _in_attention(event: FunctionEvent) -> bool:
+    return any(kind_of(e.name) == ATTENTION for e in _ancestors(event))
+
+
+def _backward_node(event: FunctionEvent) -> FunctionEvent | None:
+    """The autograd node whose backward ``event`` runs in; None for an op of the forward or the optimizer."""
+    return next((e for e in _ancestors(event) if e.name.startswith(BACKWARD)), None)
+
+
+def attention_nodes(events: Iterable[FunctionEvent]) -> set[tuple[int, int]]:
+    """(forward thread, sequence number) of the autograd nodes that attention's forward created.
+
+    A backward op's profiler parents are autograd nodes, not attention: the link is the sequence number a node
+    shares with the forward op that created it. Every op records the number the next node will get, so the
+    last op to start with a number created that node or runs inside the op that did."""
+    last: dict[tuple[int, int], FunctionEvent] = {}
+    for event in events:
+        if event.sequence_nr >= 0 and _backward_node(event) is None:
+            key = (event.thread, event.sequence_nr)
+            if key not in last or event.time_range.start >= last[key].time_range.start:
+                last[key] = event
+    return {key for key, event in last.items() if _in_attention(event)}
+
+
+def event_kind(event: FunctionEvent, nodes: set[tuple[int, int]]) -> str:
+    """``event``'s kind by its name; an op that would be "other" but runs inside attention, in the forward (by
+    its parents) or the backward (its node among ``nodes``), is attention's: decomposed attention's softmax,
+    dropout mask and scaling are no fusion candidates of their own."""
+    kind = kind_of(event.key)
+    if kind != "other":
+        return kind
+    node = _backward_node(event)
+    inside = _in_attention(event) if node is None else (node.fwd_thread, node.sequence_nr) in nodes
+    return ATTENTION if inside else kind
+
+
 def profile(shape: Shape, device: str, bf16: bool, steps: int = 3) -> dict:
     """Self time per op over ``steps`` profiled steps (after two warm-up steps), grouped by kind."""
     model = build_model(shape, fused=True).to(device).train()
@@ -64,20 +116,23 @@ def profile(shape: Shape, device: str, bf16: bool, steps: int = 3) -> dict:
             step()
         if cuda:
             torch.cuda.synchronize()
-    ops: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
+    events = prof.events()
+    nodes = attention_nodes(events)
+    kinds: dict[str, float] = defaultdict(float)
+    other: dict[str, float] = defaultdict(float)
+    for event in events:
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if us > 0 and not event.key.startswith("ProfilerStep"):
-            ops[event.key] += us / steps / 1e3
-    total = sum(ops.values())
-    kinds: dict[str, float] = defaultdict(float)
-    for name, ms in ops.items():
-        kinds[kind_of(name)] += ms
-    other = sorted(((ms, name) for name, ms in ops.items() if kind_of(name) == "other"), reverse=True)
+            kind = event_kind(event, nodes)
+            kinds[kind] += us / steps / 1e3
+            if kind == "other":
+                other[event.key] += us / steps / 1e3
+    total = sum(kinds.values())
     return {
         "step_ms": total,
         "kinds": {k: {"ms": ms, "share": ms / total} for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1])},
-        "top_other": [{"op": name, "ms": ms, "share": ms / total} for ms, name in other[:12]],
+        "top_other": [{"op": name, "ms": ms, "share": ms / total}
+                      for name, ms in sorted(other.items(), key=lambda kv: -kv[1])[:12]],
     }
 
 
@@ -97,12 +152,14 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
                         help="model and batch; default: base on a GPU, recipe on the CPU")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the recipes' choice where it is fast)")
-    parser.add_argument("--attention-dropout", type=float, default=None,
+    parser.add_argument("--attention-dropout", type=probability, default=None,
                         help="dropout inside SDPA; default: the model's dropout (0.1)")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=3, help="profiled steps, after two warm-up steps")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
-    shape_name = args.shape or ("base" if args.device.startswith("cuda") else "recipe")
+    tag = torch.device(check_device(parser, args.device)).type
+    default_shape = "base" if tag == "cuda" else "recipe"
+    shape_name = args.shape or default_shape
     shape = dataclasses.replace(SHAPES[shape_name], attention_dropout=args.attention_dropout)
     result = profile(shape, args.device, args.bf16, args.steps)
     print(table(result))
@@ -110,10 +167,9 @@ def main() -> None:
               "threads": torch.get_num_threads(), "torch": torch.__version__, "hetrain": hetrain.__version__,
               "shape": shape_name, "attention_dropout": shape.attention_dropout, "bf16": args.bf16, **result}
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "cpu" if args.device == "cpu" else "cuda"
-    suffix = ("-bf16" if args.bf16 else "") + ("" if args.attention_dropout is None
-                                               else f"-attn{args.attention_dropout:g}")
-    path = args.out / f"{record['date']}-{tag}-step-profile{suffix}.json"
+    path = result_file(args.out, record["date"], tag, "step-profile",
+                       None if shape_name == default_shape else shape_name, "bf16" if args.bf16 else None,
+                       None if args.attention_dropout is None else f"attn{args.attention_dropout:g}")
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
 

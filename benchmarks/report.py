@@ -12,6 +12,35 @@ RESULTS_MD = Path(__file__).parent / "RESULTS.md"
 CPU_BEGIN, CPU_END = "<!-- cpu:begin -->", "<!-- cpu:end -->"
 GPU_BEGIN, GPU_END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
 CPU_CHART, GPU_CHART = "ops-cpu.png", "ops-gpu.png"  # in the results directory, beside the JSON they show
+# Two medians of one run on a shared machine differ by a few percent: a conv block's epilogue (block minus conv)
+# smaller than this share of the convolution's time is not resolved, and ratios or GB/s from it would be noise.
+EPILOGUE_NOISE = 0.05
+
+
+def epilogue_ms(times: dict) -> float | None:
+    """A fused conv block's own work with hetrain: its block time minus the convolution's, timed in the same run;
+    None where that difference is not above EPILOGUE_NOISE of the convolution's time (or either time is missing)."""
+    ours, conv = times.get("hetrain"), times.get("conv")
+    if not (isinstance(ours, float) and isinstance(conv, float)) or ours - conv <= EPILOGUE_NOISE * conv:
+        return None
+    return ours - conv
+
+
+def bandwidth_ms(times: dict) -> float | None:
+    """The time in which hetrain moves a case's ``bytes_moved``: its whole call, or for a conv block (timed beside
+    its ``conv``) the epilogue alone, the only traffic bytes_moved counts there. None where not resolved."""
+    if "conv" in times:
+        return epilogue_ms(times)
+    return times["hetrain"] if isinstance(times.get("hetrain"), float) else None
+
+
+def copy_fraction(bytes_moved: int, ms: float | None, copy_gbs: float) -> float | None:
+    """GB/s of ``bytes_moved`` in ``ms`` over the copy bandwidth of the same run; None where ``ms`` is."""
+    return None if ms is None else bytes_moved / (ms * 1e-3) / 1e9 / copy_gbs
+
+
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def cpu_row_text(row: dict) -> str:
@@ -19,35 +48,46 @@ def cpu_row_text(row: dict) -> str:
     return (f"{row['op']:<24} {row['shape']:<12} {row['dtype']:<8} eager {ms['eager']:7.2f} ms  "
             f"compile {ms['compile']:7.2f} ms  hetrain {ms['hetrain']:7.2f} ms  "
             f"x{row['speedup_vs_eager']:.2f} vs eager  x{row['speedup_vs_compile']:.2f} vs compile  "
-            f"{100 * row['copy_fraction']:.0f}% of copy bw")
+            f"{_percent(row['copy_fraction'])} of DRAM copy")
+
+
+def dram_copy_text(result: dict) -> str:
+    """What the CPU's "% of DRAM copy" is measured against, and why a case can pass 100%."""
+    size = f"a {result['copy_mib']} MiB copy" if "copy_mib" in result else "a copy"
+    return (f"DRAM copy bandwidth {result['copy_gbs']:.1f} GB/s ({size}, larger than the caches, measured in the "
+            f"same run); a case whose tensors fit in the CPU's caches can exceed 100% of it")
 
 
 def cpu_table(result: dict) -> str:
     lines = [
         f"CPU: {result['device']}, torch {result['torch']}, {result['date']}; forward+backward median; "
-        f"copy bandwidth {result['copy_gbs']:.1f} GB/s measured in the same run; host allocator: "
-        f"{result.get('cpu_malloc', 'system (torch)')}.",
+        f"{dram_copy_text(result)}; host allocator: {result.get('cpu_malloc', 'system (torch)')}.",
         "",
-        "| op | shape | dtype | eager ms | compile ms | hetrain ms | vs eager | vs compile | % copy bw |",
+        "| op | shape | dtype | eager ms | compile ms | hetrain ms | vs eager | vs compile | % of DRAM copy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ms = r["ms"]
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {ms['eager']:.2f} | {ms['compile']:.2f} | "
                      f"{ms['hetrain']:.2f} | {r['speedup_vs_eager']:.2f}x | {r['speedup_vs_compile']:.2f}x | "
-                     f"{100 * r['copy_fraction']:.0f}% |")
+                     f"{_percent(r['copy_fraction'])} |")
     lines += [epilogue_text(r) for r in result["rows"] if "conv" in r["ms"]]
     return "\n".join(lines)
 
 
 def epilogue_text(row: dict) -> str:
-    """A fused conv block's own work: each implementation's time minus the convolution's, timed in the same run."""
+    """A fused conv block's own work: each implementation's time minus the convolution's, timed in the same run,
+    and hetrain's speedup on it where its epilogue is resolved."""
     ms, conv = row["ms"], row["ms"]["conv"]
     epi = {name: ms[name] - conv for name in ("eager", "compile", "hetrain")}
-    ours = epi["hetrain"]
-    return (f"\n{row['op']} {row['shape']}: the convolution alone takes {conv:.2f} ms; the epilogue (block minus "
-            f"conv) takes eager {epi['eager']:.2f} ms, compile {epi['compile']:.2f} ms, hetrain {ours:.2f} ms "
-            f"({epi['eager'] / ours:.2f}x vs eager, {epi['compile'] / ours:.2f}x vs compile).")
+    text = (f"\n{row['op']} {row['shape']}: the convolution alone takes {conv:.2f} ms; the epilogue (block minus "
+            f"conv) takes eager {epi['eager']:.2f} ms, compile {epi['compile']:.2f} ms, "
+            f"hetrain {epi['hetrain']:.2f} ms")
+    ours = epilogue_ms(ms)
+    if ours is None:
+        return (text + f" (hetrain's is not above {EPILOGUE_NOISE:.0%} of the convolution's time, below what this "
+                "run resolves: no ratio or bandwidth from it).")
+    return text + f" ({epi['eager'] / ours:.2f}x vs eager, {epi['compile'] / ours:.2f}x vs compile)."
 
 
 def _fmt(value: float | str, digits: int = 3) -> str:
@@ -56,8 +96,8 @@ def _fmt(value: float | str, digits: int = 3) -> str:
 
 def gpu_row_text(row: dict) -> str:
     parts = [f"{name} {ms:.3f} ms" for name, ms in row["ms"].items()]
-    return (f"{row['op']:<24} {row['shape']:<18} {row['dtype']:<9} " + "  ".join(parts)
-            + f"  {100 * row['copy_fraction']:.0f}% of copy bw")
+    return (f"{row['op']:<24} {row['shape']:<32} {row['dtype']:<9} " + "  ".join(parts)
+            + f"  {_percent(row['copy_fraction'])} of copy bw")
 
 
 def gpu_table(result: dict) -> str:
@@ -81,9 +121,10 @@ def gpu_table(result: dict) -> str:
                 speed = " / ".join(_ratio(times.get(name), times.get("hetrain"))
                                    for times in (r["ms"], b2b, graph))
             elif name == "hetrain":
-                bw = f"{100 * r['copy_fraction']:.0f}%"
-                if isinstance(graph.get(name), float):
-                    bw += f" / {100 * r['copy_fraction'] * ms / graph[name]:.0f}%"
+                bw = _percent(r["copy_fraction"])
+                call, gpu = bandwidth_ms(r["ms"]), bandwidth_ms(graph)
+                if r["copy_fraction"] is not None and call is not None and gpu is not None:
+                    bw += f" / {100 * r['copy_fraction'] * call / gpu:.0f}%"
             lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {name} | {ms:.3f} | "
                          f"{_fmt(b2b.get(name, 'n/a'))} | {_fmt(graph[name])} | {_fmt(r['peak_mib'][name], 1)} | "
                          f"{speed} | {bw} |")
@@ -126,12 +167,20 @@ def _replace_section(text: str, begin: str, end: str, body: str) -> str:
     return text.rstrip() + "\n\n" + section + "\n"
 
 
-def write_gpu_results_md(results_dir: Path) -> None:
-    """Replaces the GPU section of RESULTS.md with the newest GPU op benchmark, keeping everything else."""
+def gpu_source(results_dir: Path) -> Path | None:
+    """The newest full GPU op benchmark: ``<date>-<card>-ops.json``. Quick and subset runs name themselves
+    ``-ops-quick`` and ``-ops-subset-<ops>`` (benchmarks.bench_ops) and are not matched: the table shows full runs
+    only, and a partial run must not replace it."""
     files = sorted(p for p in results_dir.glob("*-ops.json") if not p.name.endswith("-cpu-ops.json"))
-    if not files:
+    return files[-1] if files else None
+
+
+def write_gpu_results_md(results_dir: Path) -> None:
+    """Replaces the GPU section of RESULTS.md with the newest full GPU op benchmark, keeping everything else."""
+    source = gpu_source(results_dir)
+    if source is None:
         return
-    result = json.loads(files[-1].read_text())
+    result = json.loads(source.read_text())
     body = gpu_table(result)
     chart = speedup_chart(result, results_dir / GPU_CHART, result["device"],
                           {"ms": "per call", "back_to_back_ms": "back to back", "graph_ms": "GPU time (graph)"})
@@ -144,12 +193,14 @@ def write_gpu_results_md(results_dir: Path) -> None:
 
 
 def latest(results_dir: Path, suffix: str) -> dict | None:
+    """The newest ``<date>-<suffix>.json``: variant runs (``-ops-cpu-quick``, ``-ops-cpu-system-malloc``) name
+    themselves after the variant and are not matched."""
     files = sorted(results_dir.glob(f"*-{suffix}.json"))
     return json.loads(files[-1].read_text()) if files else None
 
 
 def write_results_md(results_dir: Path) -> None:
-    """Replaces the CPU section of RESULTS.md with the newest CPU result, keeping everything else."""
+    """Replaces the CPU section of RESULTS.md with the newest full CPU result, keeping everything else."""
     result = latest(results_dir, "ops-cpu")
     if result is None:
         return

@@ -27,6 +27,19 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, min_reps: int = 10, max
     return statistics.median(times)
 
 
+def interleaved_ms(impls: dict[str, Callable[[], object]], rounds: int, min_reps: int,
+                   budget_s: float) -> dict[str, float]:
+    """Each implementation's :func:`median_ms` over ``rounds`` in which they take turns, then the median of its
+    round medians: on a shared machine a slow spell then hits every column alike instead of one column's whole
+    window, and one slow round of three is left out. ``budget_s`` per implementation, split over the rounds."""
+    per_round: dict[str, list[float]] = {name: [] for name in impls}
+    for r in range(rounds):
+        for name, fn in impls.items():
+            per_round[name].append(median_ms(fn, warmup=3 if r == 0 else 1, min_reps=min_reps,
+                                             budget_s=budget_s / rounds))
+    return {name: statistics.median(ms) for name, ms in per_round.items()}
+
+
 def back_to_back_ms(fn: Callable[[], object], budget_s: float = 1.0, rounds: int = 5) -> float:
     """Time per call of ``fn`` called back to back, synchronised only around each round: what a training loop
     sees, where the host queues the next call while the GPU runs this one (max of host and GPU time per call),

@@ -1,5 +1,6 @@
 """The loader benchmark runs end to end in a small size and reports what the targets are judged on."""
 
+import hetrain
 from benchmarks.bench_loader import run
 
 
@@ -9,14 +10,15 @@ def test_bench_loader_small_run_reports_throughput_padding_and_the_training_loop
                  save=lambda r: saved.append({k: r[k] for k in ("rows", "loop", "python_dataset")}))
     assert [(s["loop"] is None, s["python_dataset"] is None) for s in saved] == [(True, True), (False, True),
                                                                                  (False, False)]
-    assert all(s["rows"] == result["rows"] for s in saved)
+    assert all(s["rows"] == result["rows"] for s in saved) and result["hetrain"] == hetrain.__version__
     assert {"ring", "dataloader_w0"} <= set(result["rows"]) and result["speedup_vs_best_dataloader"] > 0
     assert result["rows"]["ring"]["allocs_per_batch"] == 0  # slots are reused: nothing allocated per batch
     assert 0 <= result["padding"]["token_budget"] < result["padding"]["fixed_size"]
     loop = result["loop"]
     assert set(loop["rows"]) == {"compute_only", "ring", "dataloader_w0"}
-    for name, row in loop["rows"].items():
-        assert row["steps_s"] > 0 and 0 <= row["data_wait"] < 1, (name, row)
+    assert loop["rows"]["compute_only"]["data_wait"] == 0
+    for name, row in loop["rows"].items():  # raw: a loader's can be below 0 by noise
+        assert row["steps_s"] > 0 and row["data_wait"] < 1, (name, row)
     assert loop["rows"]["ring"]["samples_s"] > 0 and ("h2d_gb_s" in loop) == (loop["device"] == "cuda")
     text = result["python_dataset"]
     assert [k.rstrip("0123456789") for k in text["rows"]] == ["ring_threads_", "ring_readers_", "dataloader_w"]

@@ -82,7 +82,7 @@ def steps(quick: bool, out: Path) -> list[Step]:
         Step("profile-step", [py, "-m", "benchmarks.profile_step", "--out", str(out),
                               *(["--steps", "1"] if quick else ["--bf16"])], needs="benchmarks/profile_step.py"),
         Step("bench-overhead", [py, "-m", "benchmarks.bench_overhead", "--out", str(out),
-                                *(["--rounds", "1"] if quick else [])], needs="benchmarks/bench_overhead.py"),
+                                *(["--rounds", "3"] if quick else [])], needs="benchmarks/bench_overhead.py"),
         Step("bench-embedding", [py, "-m", "benchmarks.bench_embedding", *bench_args],
              needs="benchmarks/bench_embedding.py"),
     ]

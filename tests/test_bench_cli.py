@@ -1,0 +1,273 @@
+"""The benchmark scripts' arguments, result file names and derived figures, checked without timing anything.
+
+Every script's timing function is replaced: a flag that should be refused must be refused before any run,
+and a variant run (quick, another allocator, a subset, another shape) must name its file after itself, so it
+neither overwrites the day's full run nor becomes the source of RESULTS.md's tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import (
+    bench_cpu,
+    bench_embedding,
+    bench_loader,
+    bench_memory_overhead,
+    bench_ops,
+    bench_overhead,
+    bench_train,
+    profile_step,
+    report,
+)
+from benchmarks.cases import Case
+
+
+def run_main(module: ModuleType, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    module.main()
+
+
+def never_runs(*args, **kwargs):
+    raise AssertionError("the benchmark ran although its arguments should have been refused")
+
+
+TIMED = {bench_ops: "run", bench_overhead: "run", profile_step: "profile", bench_loader: "run",
+         bench_memory_overhead: "run", bench_train: "run"}
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+
+
+@pytest.mark.parametrize(("module", "argv", "message"), [
+    (bench_ops, ["--device", "cpu", "--ops", "layer_norm,nosuch"], "--ops: no cases for 'nosuch'; the ops are "),
+    (bench_ops, ["--device", "bogus"], "--device bogus: not a device; pass cpu or cuda"),
+    (bench_ops, ["--device", "cpu", "--measure-s", "0"], "wants a number above 0, got 0"),
+    (bench_overhead, ["--rounds", "0"], "--rounds: wants a whole number of at least 1, got 0"),
+    (bench_overhead, ["--device", "meta"], "--device meta: the benchmarks run on cpu or cuda"),
+    (profile_step, ["--steps", "0"], "--steps: wants a whole number of at least 1, got 0"),
+    (profile_step, ["--attention-dropout", "-0.5"], "wants a probability p with 0 <= p < 1, got -0.5"),
+    (bench_loader, ["--loop-steps", "-3"], "--loop-steps: wants a whole number of at least 0, got -3"),
+    (bench_loader, ["--loop-steps", "3"], "0 skips the loop, else at least 5"),
+    (bench_loader, ["--work-ms", "-1"], "--work-ms: wants a number above 0, got -1"),
+    (bench_memory_overhead, ["--threads", "0"], "--threads: wants a whole number of at least 1, got 0"),
+    (bench_memory_overhead, ["--threads", "-3"], "got -3"),
+    *[pytest.param(module, ["--device", "cuda"], "--device cuda: no GPU in use; pass --device cpu", marks=NO_GPU)
+      for module in (bench_ops, bench_overhead, profile_step, bench_train, bench_memory_overhead)],
+])
+def test_arguments_a_run_cannot_use_are_refused_with_how_to_fix_them(module, argv, message, monkeypatch, capsys,
+                                                                     tmp_path):
+    monkeypatch.setattr(module, TIMED[module], never_runs)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    if "--ops" in argv:
+        assert "layer_norm" in err.split("the ops are ")[1]  # lists what may be named
+    assert not list(tmp_path.glob("*.json"))
+
+
+def cpu_ops_result(**_) -> dict:
+    return {"date": "2030-01-02", "copy_gbs": 10.0, "copy_mib": 64, "rows": []}
+
+
+MEMORY = {"date": "2030-01-02", "device": "cpu", "torch": "t", "shape": {}, "timed_steps": {}, "target_met": True,
+          "median_step_ms": {"off": 1.0, "on": 1.0}, "step_time_ratio": 1.0, "paired_step_time_ratio": 1.0,
+          "profiler_hooks_ms_per_step": 0.0, "profiler_hooks_share": 0.0, "median_ms_per_hook": {}}
+
+
+@pytest.mark.parametrize(("module", "timed", "result", "argv", "name"), [
+    (bench_cpu, "run", cpu_ops_result(), ["--quick"], "2030-01-02-ops-cpu-quick.json"),
+    (bench_cpu, "run", cpu_ops_result(), ["--cpu-malloc", "system"], "2030-01-02-ops-cpu-system-malloc.json"),
+    (bench_cpu, "run", cpu_ops_result(), [], "2030-01-02-ops-cpu.json"),
+    (bench_embedding, "run", {"date": "2030-01-02"}, ["--quick"], "2030-01-02-embedding-cpu-quick.json"),
+    (bench_train, "run", {"date": "2030-01-02", "rows": [], "placement": [], "target_met": None},
+     ["--quick", "--device", "cpu"], "2030-01-02-cpu-train-quick.json"),
+    (bench_train, "run", {"date": "2030-01-02", "rows": [], "placement": [], "target_met": None},
+     ["--short", "--device", "cpu", "--cpu-malloc", "system"], "2030-01-02-cpu-train-short-system-malloc.json"),
+    (bench_memory_overhead, "run", MEMORY, ["--quick", "--device", "cpu"], "2030-01-02-memory-overhead-cpu-quick.json"),
+    (profile_step, "profile", {"step_ms": 1.0, "kinds": {}, "top_other": []}, ["--device", "cpu", "--shape", "base"],
+     "-cpu-step-profile-base.json"),
+    (profile_step, "profile", {"step_ms": 1.0, "kinds": {}, "top_other": []}, ["--device", "cpu"],
+     "-cpu-step-profile.json"),
+    (bench_ops, "run", {**cpu_ops_result(), "device": "cpu"}, ["--device", "cpu", "--quick"],
+     "2030-01-02-cpu-ops-quick.json"),
+    (bench_ops, "run", {**cpu_ops_result(), "device": "cpu"}, ["--device", "cpu", "--ops", "rms_norm,layer_norm"],
+     "2030-01-02-cpu-ops-subset-layer_norm-rms_norm.json"),
+])
+def test_a_variant_run_names_its_file_after_the_variant(module, timed, result, argv, name, monkeypatch, tmp_path):
+    monkeypatch.setattr(module, timed, lambda *args, **kwargs: result)
+    run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
+    (path,) = tmp_path.glob("*.json")
+    assert path.name.endswith(name), path.name
+
+
+GPU_RESULT = {"date": "2030-01-01", "device": "NVIDIA H200", "torch": "t", "cuda": "12", "copy_gbs": 4000.0,
+              "rows": [{"op": "layer_norm", "shape": "16384x768", "dtype": "bfloat16", "copy_fraction": 0.5,
+                        "ms": {"eager": 0.4, "hetrain": 0.2}, "back_to_back_ms": {}, "peak_mib": {"eager": 1.0,
+                        "hetrain": 1.0}, "graph_ms": {"eager": "n/a", "hetrain": "n/a"}}]}
+
+
+def test_a_subset_or_quick_op_run_never_becomes_the_gpu_tables_source(monkeypatch, tmp_path, capsys):
+    full = tmp_path / "2030-01-01-nvidia-h200-ops.json"
+    full.write_text(json.dumps(GPU_RESULT))
+    monkeypatch.setattr(bench_ops, "result_card", lambda device: "nvidia-h200")  # as a run on that card names it
+    later = {**GPU_RESULT, "date": "2030-01-02", "rows": []}
+    monkeypatch.setattr(bench_ops, "run", lambda *args, **kwargs: later)
+    for argv in (["--ops", "layer_norm"], ["--quick"]):
+        run_main(bench_ops, [*argv, "--device", "cpu", "--out", str(tmp_path)], monkeypatch)
+        assert "not a source of RESULTS.md's GPU table" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("*.json"))) == 3 and report.gpu_source(tmp_path) == full
+    monkeypatch.setattr(report, "RESULTS_MD", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(report, "speedup_chart", lambda *args, **kwargs: None)
+    report.write_gpu_results_md(tmp_path)
+    assert "| layer_norm | 16384x768 | bfloat16 | hetrain | 0.200 |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_the_cpu_table_takes_the_newest_full_run_never_a_variant(monkeypatch, tmp_path):
+    full = {**cpu_ops_result(), "date": "2030-01-01", "device": "cpu (x, 2 threads)", "torch": "t"}
+    (tmp_path / "2030-01-01-ops-cpu.json").write_text(json.dumps(full))
+    for variant in ("quick", "system-malloc"):
+        (tmp_path / f"2030-01-02-ops-cpu-{variant}.json").write_text(json.dumps({**full, "date": "2030-01-02"}))
+    assert report.latest(tmp_path, "ops-cpu")["date"] == "2030-01-01"
+
+
+CONV = {"op": "conv_bn_relu_pool", "shape": "8x64x56x56 conv3s1->64 pool2s2", "dtype": "float32",
+        "speedup_vs_eager": 1.0, "speedup_vs_compile": 1.0}
+
+
+def test_cpu_table_names_the_dram_copy_and_leaves_an_unresolved_epilogue_out():
+    resolved = {**CONV, "ms": {"eager": 5.0, "compile": 4.0, "hetrain": 3.0, "conv": 2.0}, "copy_fraction": 0.5}
+    within_noise = {**CONV, "ms": {"eager": 5.0, "compile": 4.0, "hetrain": 2.0, "conv": 2.0}, "copy_fraction": None}
+    text = report.cpu_table({"device": "cpu", "torch": "t", "date": "d", "copy_gbs": 10.0, "copy_mib": 256,
+                             "rows": [resolved, within_noise]})
+    assert "| % of DRAM copy |" in text and "DRAM copy bandwidth 10.0 GB/s (a 256 MiB copy" in text
+    assert "can exceed 100%" in text
+    assert "| 50% |" in text and "| n/a |" in text
+    assert "hetrain 1.00 ms (3.00x vs eager, 2.00x vs compile)." in text
+    assert "hetrain 0.00 ms (hetrain's is not above 5% of the convolution's time, below what this run resolves" in text
+    assert "of DRAM copy" in report.cpu_row_text(within_noise)
+
+
+def fake_conv_case(*args, **kwargs) -> list[Case]:
+    impls = dict.fromkeys(("eager", "compile", "hetrain", "conv"))  # never called: the timings are given
+    return [Case("conv_bn_relu_pool", "64x3x224x224 conv7s2->64 pool3s2", "float32", lambda: impls, 10**9)]
+
+
+def test_cpu_bench_sets_a_conv_blocks_epilogue_bytes_against_the_epilogues_time(monkeypatch):
+    monkeypatch.setattr(bench_cpu, "discover", fake_conv_case)
+    monkeypatch.setattr(bench_cpu, "copy_bandwidth_gbs", lambda *args, **kwargs: 10.0)
+    times = {"eager": 600.0, "compile": 500.0, "hetrain": 400.0, "conv": 300.0}  # epilogue: 100 ms
+    monkeypatch.setattr(bench_cpu, "interleaved_ms", lambda *args, **kwargs: dict(times))
+    (row,) = bench_cpu.run(quick=True, cpu_malloc="system")["rows"]
+    assert row["gbs"] == pytest.approx(10.0) and row["copy_fraction"] == pytest.approx(1.0)  # 1 GB in 0.1 s
+    times["hetrain"] = 301.0  # within noise of the convolution: no bandwidth, no division by ~0
+    (row,) = bench_cpu.run(quick=True, cpu_malloc="system")["rows"]
+    assert row["gbs"] is None and row["copy_fraction"] is None
+
+
+def test_quick_op_bench_takes_turns_over_three_rounds_and_records_what_it_measured(monkeypatch):
+    seen = []
+
+    def timed(impls, rounds: int, **kwargs):
+        seen.append((rounds, kwargs["budget_s"]))
+        return {"eager": 600.0, "compile": 500.0, "hetrain": 400.0, "conv": 300.0}
+
+    monkeypatch.setattr(bench_ops, "discover", fake_conv_case)
+    monkeypatch.setattr(bench_ops, "copy_bandwidth_gbs", lambda *args, **kwargs: 10.0)
+    monkeypatch.setattr(bench_ops, "interleaved_ms", timed)
+    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, budget_s: 1.0)
+    result = bench_ops.run("cpu", quick=True, measure_s=2.0)
+    assert seen == [(3, bench_ops.QUICK_MEASURE_S)] and result["measure_s"] == bench_ops.QUICK_MEASURE_S
+    assert result["device"].startswith("cpu (") and "threads" in result["device"]  # the model, not just "cpu"
+    conv = result["rows"][0]
+    assert conv["copy_fraction"] == pytest.approx(1.0)  # on the epilogue's 100 ms
+    short = {**conv, "shape": "256x768"}
+    assert [line.index("float32") for line in map(report.gpu_row_text, (conv, short))] == [58, 58]  # one column
+
+
+def test_overhead_bench_runs_at_least_three_rounds_and_says_so(monkeypatch, tmp_path, capsys):
+    rounds = []
+    monkeypatch.setattr(bench_overhead, "run", lambda device, n, save: rounds.append(n) or {"rows": []})
+    run_main(bench_overhead, ["--device", "cpu", "--rounds", "1", "--out", str(tmp_path)], monkeypatch)
+    assert rounds == [3] and "--rounds 1: running 3, the fewest whose median leaves out one slow round" in \
+        capsys.readouterr().out
+
+
+def test_interleaved_rounds_take_turns_and_their_median_leaves_one_slow_round_out(monkeypatch):
+    from benchmarks import timing
+
+    calls = []
+    slow_round = iter([1.0, 2.0, 500.0, 2.0, 1.0, 2.0])  # a's second round hit a slow spell
+
+    def fake_median(fn, **kwargs):
+        calls.append(fn)
+        return next(slow_round)
+
+    monkeypatch.setattr(timing, "median_ms", fake_median)
+    assert timing.interleaved_ms({"a": "a", "b": "b"}, rounds=3, min_reps=1, budget_s=1.0) == {"a": 1.0, "b": 2.0}
+    assert calls == ["a", "b"] * 3
+
+
+def test_quick_embedding_bench_runs_two_rounds_each_allocator_first_once(monkeypatch):
+    order = []
+
+    @contextlib.contextmanager
+    def host_memory(allocator):
+        order.append(allocator)
+        yield
+
+    monkeypatch.setattr(bench_embedding, "cpu_memory", SimpleNamespace(host_memory=host_memory))
+    monkeypatch.setattr(bench_embedding, "table_step", lambda *args: None)
+    monkeypatch.setattr(bench_embedding, "median_ms", lambda *args, **kwargs: 1.0)
+    bench_embedding.run(quick=True)
+    assert order == ["system", "keep", "keep", "system"] * 2  # per batch shape
+
+
+def test_a_short_runs_skip_reason_names_short():
+    compile_mode = next(m for m in bench_train.MODES if m.name == "bf16-compile")
+    reason = bench_train.skip_reason(compile_mode, "cpu", "--short")
+    assert "--short" in reason and "--quick" not in reason
+    assert bench_train.skip_reason(compile_mode, "cpu", None) is None
+
+
+def test_a_negative_data_wait_is_shown_as_measured_and_marked_as_noise():
+    assert bench_loader.data_wait_text(-0.012) == "data wait -1.2% (negative: faster than compute alone, within noise)"
+    assert bench_loader.data_wait_text(0.25) == "data wait 25.0%"
+
+
+def event(name: str, parent=None, seq: int = -1, start: int = 0, node=None):
+    """A profiler event as profile_step reads it: name, parent op, sequence number, thread, start time."""
+    return SimpleNamespace(name=name, key=name, cpu_parent=parent, sequence_nr=seq, thread=1, fwd_thread=node,
+                           time_range=SimpleNamespace(start=start))
+
+
+def test_decomposed_attentions_pieces_count_as_attention_forward_and_backward():
+    sdpa = event("aten::scaled_dot_product_attention", seq=10, start=1)
+    softmax = event("aten::_softmax", event("aten::_safe_softmax", sdpa, seq=11, start=2), seq=11, start=3)
+    bernoulli = event("aten::bernoulli_", event("aten::dropout", sdpa, seq=12, start=4), seq=12, start=5)
+    outside = event("aten::mul", seq=13, start=6)  # after attention: the residual's scaling, say
+    node = event("autograd::engine::evaluate_function: SafeSoftmaxBackward0", seq=11, start=9, node=1)
+    softmax_bwd = event("aten::_softmax_backward_data", event("SafeSoftmaxBackward0", node), start=10)
+    other_node = event("autograd::engine::evaluate_function: MulBackward0", seq=13, start=11, node=1)
+    mul_bwd = event("aten::mul", event("MulBackward0", other_node), start=12)
+    events = [sdpa, softmax.cpu_parent, softmax, bernoulli.cpu_parent, bernoulli, outside, node, softmax_bwd,
+              other_node, mul_bwd]
+    nodes = profile_step.attention_nodes(events)
+    assert nodes == {(1, 10), (1, 11), (1, 12)}
+    kinds = {e.name: profile_step.event_kind(e, nodes) for e in (softmax, bernoulli, softmax_bwd)}
+    assert kinds == {"aten::_softmax": "attention", "aten::bernoulli_": "attention",
+                     "aten::_softmax_backward_data": "attention"}
+    assert profile_step.event_kind(outside, nodes) == "other" and profile_step.event_kind(mul_bwd, nodes) == "other"
+
+
+def test_result_files_are_named_from_the_parts_given():
+    from benchmarks.cli import result_file
+
+    assert result_file(Path("r"), "2030-01-02", "ops-cpu", None, "", "quick") == Path("r/2030-01-02-ops-cpu-quick.json")

@@ -775,22 +775,24 @@ def test_plans_read_nested_mappings_as_dotted_paths(tmp_path):
 
 
 def test_timing_warms_a_short_stage_up_for_a_while_and_a_long_one_for_the_count():
-    import time
-
     from hetrain.placement import cost_model
 
     def counted(seconds):
-        calls = []
+        """A stage that takes ``seconds`` of a clock that only its runs advance, and that clock."""
+        calls, now = [], [0.0]
 
         def fn():
             calls.append(None)
-            time.sleep(seconds)
+            now[0] += seconds
 
-        return fn, calls
+        return fn, calls, lambda: now[0]
 
-    short, short_calls = counted(0.001)
-    cost_model._median_time(short, [torch.device("cpu")], warmup=1, repeats=3)
-    assert len(short_calls) >= 3 + 5  # warmed up past the one run asked for (WARMUP_MIN_S of runs), then 3 timed
-    long, long_calls = counted(cost_model.WARMUP_MIN_S * 1.2)
-    cost_model._median_time(long, [torch.device("cpu")], warmup=1, repeats=3)
-    assert len(long_calls) == 4
+    short, short_calls, clock = counted(cost_model.WARMUP_MIN_S / 10)
+    assert cost_model._median_time(short, [torch.device("cpu")], warmup=1, repeats=3, clock=clock) == pytest.approx(
+        cost_model.WARMUP_MIN_S / 10)
+    # Warmed up past the one run asked for, for WARMUP_MIN_S (ten runs, or eleven where the float sum falls short of
+    # it); then 3 timed.
+    assert 10 <= len(short_calls) - 3 <= 11
+    long, long_calls, clock = counted(cost_model.WARMUP_MIN_S * 1.2)
+    cost_model._median_time(long, [torch.device("cpu")], warmup=1, repeats=3, clock=clock)
+    assert len(long_calls) == 1 + 3

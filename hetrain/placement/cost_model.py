@@ -172,22 +172,23 @@ WARMUP_MIN_S = 0.025
 WARMUP_MAX_RUNS = 100
 
 
-def _median_time(fn: Callable[[], Any], devices: Sequence[torch.device], warmup: int, repeats: int) -> float:
+def _median_time(fn: Callable[[], Any], devices: Sequence[torch.device], warmup: int, repeats: int,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
     # torch.utils.benchmark.Timer reports per-block means and runs with one thread unless told
     # otherwise; a placement needs the median of single runs at the process's own thread count.
-    start, runs = time.perf_counter(), 0
-    while runs < warmup or (runs < WARMUP_MAX_RUNS and time.perf_counter() - start < WARMUP_MIN_S):
+    start, runs = clock(), 0
+    while runs < warmup or (runs < WARMUP_MAX_RUNS and clock() - start < WARMUP_MIN_S):
         fn()
         for d in devices:
             _synchronize(d)
         runs += 1
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         for d in devices:
             _synchronize(d)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 

@@ -225,24 +225,23 @@ def _check_op_names(pins: Mapping[str, str]) -> None:
     """Refuses a pin for an op no backend registers: it would never apply, and the call would run unpinned."""
     if all(name in _registry for name in pins):  # the usual case, without loading plugins or sorting names
         return
-    known = ops()
-    for name in pins:
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise BackendError(f"hetrain: a pin names op {name!r}, which no backend registers{hint}; ops: "
-                               f"{', '.join(known)}")
+    _refuse_unknown(pins, ops(), "a pin names op {!r}, which no backend registers", "ops")
 
 
 def _check_backend_names(names: Iterable[str]) -> None:
     """Refuses a preferred backend that no op registers: a typo would leave the order as it was, silently."""
     known = sorted({b.name for op in ops() for b in backends(op)})
+    _refuse_unknown(names, known, "a preferred backend {!r} is registered for no op", "backends")
+
+
+def _refuse_unknown(names: Iterable[str], known: list[str], says: str, kind: str) -> None:
+    """Raises for the first of ``names`` not in ``known``: ``says`` (formatted with the name), the nearest known
+    name, and every known ``kind``."""
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise BackendError(f"hetrain: a preferred backend {name!r} is registered for no op{hint}; backends: "
-                               f"{', '.join(known)}")
+            raise BackendError(f"hetrain: {says.format(name)}{hint}; {kind}: {', '.join(known)}")
 
 
 def configure(pins: dict[str, str] | None = None, strict: bool | None = None,

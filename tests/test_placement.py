@@ -517,6 +517,14 @@ def test_measure_on_cpu():
     assert cm.heft_plan().predicted_step_time == pytest.approx(plan.predicted_step_time)
 
 
+def test_measure_on_a_device_the_machine_lacks_says_so():
+    """On a CPU-only machine the README's devices=["cpu", "cuda:0"] failed in a pinned copy's allocation, with
+    torch's "pin_memory=True requires a CUDA or other accelerator backend"."""
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent on every machine
+    with pytest.raises(ValueError, match=rf"cannot measure on {missing}: not on this machine, which has cpu"):
+        measure(small_chain(), lambda: torch.randn(6, 7), devices=["cpu", missing], warmup=1, repeats=1)
+
+
 def test_measure_times_stages_in_the_forward_context_given():
     """A run's precision plugin's forward context (autocast under bf16-mixed): stages compute, and hand on, bf16."""
     model = small_chain()

@@ -30,7 +30,14 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from hetrain.placement.chain import chain_dp_bytes, chain_time
 from hetrain.placement.heft import heft_bytes
-from hetrain.placement.plan import PlacementPlan, available_devices, flatten_plan, stage_paths
+from hetrain.placement.plan import (
+    PlacementPlan,
+    available_devices,
+    device_present,
+    flatten_plan,
+    parse_device,
+    stage_paths,
+)
 
 
 @dataclass
@@ -295,6 +302,10 @@ def measure(
     devices = list(available_devices() if devices is None else devices)
     if len(set(devices)) != len(devices):
         raise ValueError(f"hetrain: devices repeat: {devices}")
+    absent = [d for d in devices if not device_present(parse_device(d, "a device to measure"))]
+    if absent:
+        raise ValueError(f"hetrain: cannot measure on {', '.join(absent)}: not on this machine, which has "
+                         f"{', '.join(available_devices())}; leave devices=None to measure every device it has")
 
     gpus = sorted({torch.device(d).index or 0 for d in devices if torch.device(d).type == "cuda"})
     with torch.random.fork_rng(devices=gpus if torch.cuda.is_available() else []):

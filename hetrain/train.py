@@ -150,8 +150,11 @@ def check_plan(cfg: DictConfig, model: torch.nn.Module) -> None:
 
 
 def build(cfg: DictConfig) -> Parts:
-    """Instantiates data, model, task, callbacks, placement, logger and trainer (logging each)."""
+    """Instantiates data, model, task, callbacks, placement, logger and trainer (logging each), after checking
+    the settings and applying ``threads``."""
     check_config(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     model = _instantiate(cfg.model, "model")
     check_plan(cfg, model)
     datamodule = _instantiate(cfg.data, "data")
@@ -196,8 +199,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pins, prefer = cfg.backends.pins, cfg.backends.get("prefer")
         plugins.configure(pins=None if pins is None else OmegaConf.to_container(pins), strict=cfg.backends.strict,
                           prefer=None if prefer is None else list(prefer))
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
         pl.seed_everything(cfg.seed, workers=True)
         parts = build(cfg)
 

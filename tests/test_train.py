@@ -36,14 +36,15 @@ SPLIT = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
 SMALL = ["data.train_size=640", "data.val_size=128"]
 
 
-def train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def train_py(*args: str, cwd: Path, threads: int | None = 1) -> subprocess.CompletedProcess:
     """Runs train.py as a user would: the Triton interpreter the test session turns on stays off.
 
-    One torch thread: tests often share the cores with builds, where a thread per core is several
-    times slower.
+    One torch thread unless told (None: the run's own ``threads`` setting): tests often share the cores with
+    builds, where a thread per core is several times slower.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "threads=1"], cwd=cwd, env=env,
+    thread_setting = [f"threads={threads}"] if threads is not None else []
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args, *thread_setting], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -436,6 +437,9 @@ def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(ov
     cfg = compose_train(*overrides, output_dir=tmp_path)
     with pytest.raises(ValueError, match=re.escape(f"hetrain: {message}")):
         check_config(cfg)
+    if overrides == ["threads=0"]:  # and the run itself, which applied threads before its checks
+        result = train_py(*overrides, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, threads=None)
+        assert result.returncode != 0 and f"hetrain: {message}" in result.stderr + result.stdout, result.stderr
 
 
 def test_a_plan_from_a_nested_override_or_a_file_is_read_before_the_model_is_built(tmp_path):

@@ -465,6 +465,23 @@ def test_a_profiler_used_for_two_fits_reports_the_second_alone(tmp_path):
     assert len(profiler.churn.steps) == 1
 
 
+def test_a_reused_profiler_whose_next_fit_fails_before_training_keeps_the_earlier_report(tmp_path):
+    """The second fit's error report rewrote the first fit's steps as its own."""
+    class BrokenValidation(Regressor):
+        def validation_step(self, batch, batch_idx):
+            raise ValueError("broken validation")
+
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=0)
+    _fit(Regressor(), profiler, tmp_path, batches=3)
+    first = (tmp_path / REPORT_MD).read_text()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         num_sanity_val_steps=1, callbacks=[profiler])
+    with pytest.raises(ValueError, match="broken validation"):
+        trainer.fit(BrokenValidation(), _loader(3), _loader(1))  # fails in the sanity check, before training
+    assert (tmp_path / REPORT_MD).read_text() == first and profiler.steps == []
+
+
 def test_the_log_holds_the_device_and_module_tables(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="hetrain.callbacks.memory"):
         _fit(Regressor(), MemoryProfiler(module_every_n_steps=1, churn_steps=0), tmp_path, batches=2)
@@ -616,12 +633,12 @@ def test_churn_labels_a_checkpointed_forward_run_again_in_the_backward_as_recomp
         with tracker.step():
             model(x).sum().backward()
     rows = {(a.module, a.phase, a.op, a.kind) for r in tracker.rows() for a in [r.allocation]}
-    # The first forward keeps nothing inside the checkpointed block (its output, ReLU's, is the head's input); the
-    # run again in the backward keeps the Linear's result for ReLU's backward. The recompute was labelled
-    # "forward", so the block looked like it kept activations in the forward.
+    # The first forward keeps nothing inside the checkpointed block (its output, ReLU's, is the head's input); what
+    # the run again in the backward makes outlives that run. It was labelled "forward" and "kept for backward", so
+    # the block looked like it kept activations in the forward.
     assert ("inner.0", "forward", "aten::linear", "passed on") in rows
-    assert ("inner.0", "recompute", "aten::linear", "kept for backward") in rows
-    assert ("inner.1", "recompute", "aten::relu", "kept for backward") in rows
+    assert ("inner.0", "recompute", "aten::linear", "recomputed") in rows
+    assert ("inner.1", "recompute", "aten::relu", "recomputed") in rows
     assert ("inner.0", "forward", "aten::linear", "kept for backward") not in rows
 
 

@@ -473,3 +473,14 @@ def test_steps_a_profiler_instruments_are_left_out_of_every_number(tmp_path):
     assert s["samples_per_s"] == 3 * BATCH / 1.5
     assert s["between_steps_fraction"] == 0.0
     assert "2 profiled steps left out" in describe(s)
+
+
+def test_a_profiled_step_holding_the_warm_up_batch_is_not_counted_as_left_out():
+    """Under accumulation a step's last batch was past the warm-up while the step held it, and the step counted."""
+    meter = ThroughputMeter(clock=Tick(0.5), warmup_batches=1)
+    meter.start()
+    for step in range(3):  # step 0 holds the warm-up batch; steps 0 and 2 are profiled
+        for micro in range(2):
+            meter.batch_start(instrumented=step != 1)
+            meter.batch_end(samples=BATCH, step_done=micro == 1)
+    assert meter.instrumented_steps == 1 and len(meter.step_times) == 1

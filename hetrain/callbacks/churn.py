@@ -9,7 +9,7 @@ alike. Each step runs with a ``record_function`` range around every module's for
 allocation belongs to the innermost module it happened in; a backward allocation belongs to the
 module whose forward op created the autograd node (the node and that op share a sequence number).
 
-An allocation freed within the step it was made in is sorted into one of four kinds:
+An allocation freed within the step it was made in is sorted into one of five kinds:
 
 - ``temporary``: made by an op and freed after that op returned but before the module's forward
   (or the backward node, or the optimizer step) that called it did: scratch memory, the
@@ -17,11 +17,12 @@ An allocation freed within the step it was made in is sorted into one of four ki
 - ``op workspace``: freed before the op that made it returned: a kernel's scratch space, or a
   composite op's intermediate; a different op, dtype or layout is the only remedy.
 - ``kept for backward``: made in the forward, freed during the backward: activations autograd
-  saved (or tensors the step held until then); expected. Under activation checkpointing the
-  forward a backward node runs again is phase ``recompute``, and what it keeps for that backward
-  is of this kind too.
+  saved (or tensors the step held until then); expected.
 - ``passed on``: freed later in the same phase by whoever received it: a module's output consumed
   by the next module, a gradient handed from one backward node to the next; expected.
+- ``recomputed``: under activation checkpointing, made by the forward a backward node runs again
+  (phase ``recompute``) and freed after that run, during the backward: the activations checkpointing
+  trades compute for, and the intermediates the run leaves for torch to drop; expected.
 
 An allocation is *churned* when its (device, module, phase, op, kind, size) recurs in every observed step.
 """
@@ -48,16 +49,17 @@ OUTSIDE = "(outside modules)"
 MODULE_RANGE = "hetrain.module: "
 _BACKWARD_NODE = "autograd::engine::evaluate_function: "
 _OPTIMIZER_RANGE = "Optimizer."  # torch's optimizers wrap step and zero_grad in "Optimizer.step#Adam.step" ranges
-KINDS = ("temporary", "op workspace", "kept for backward", "passed on")
+KINDS = ("temporary", "op workspace", "kept for backward", "passed on", "recomputed")
 KIND_MEANING = {
     "temporary": "made by one op and freed before the module's forward (the backward node, the optimizer step) "
                  "that called it returned: scratch memory made anew every step, the allocations to remove",
     "op workspace": "freed before the op that made it returned: a kernel's scratch or a composite op's "
                     "intermediate; only another op, dtype or layout removes it",
-    "kept for backward": "made in the forward (or its recompute under activation checkpointing) and freed during the "
-                         "backward: activations autograd saved; expected",
+    "kept for backward": "made in the forward and freed during the backward: activations autograd saved; expected",
     "passed on": "freed later in the same phase by whoever received it (a module's output, a gradient handed "
                  "between backward nodes); expected",
+    "recomputed": "made by a checkpointed forward run again in the backward and freed after that run: what "
+                  "activation checkpointing trades compute for; expected",
 }
 
 
@@ -137,7 +139,8 @@ class _Made:
     device: str
     size: int
     module: str | None  # innermost module range; None outside modules and in backward (found through the node)
-    recompute: bool  # made in a module's forward run inside a backward node (activation checkpointing)
+    recompute_end: int | None  # made in a forward run again inside a backward node (activation checkpointing):
+    # when that run's outermost module range ended; None otherwise
     node_seq: int | None  # backward: the autograd node's sequence number
     op: str
     scope_end: int | None  # end of the innermost module range or backward node
@@ -158,14 +161,15 @@ def _events(roots: list[Any]) -> Iterator[tuple[Any, tuple[Any, ...]]]:
 
 def _describe(event: Any, ancestors: tuple[Any, ...]) -> _Made:
     module, node, scope_end, optimizer, optimizer_end, below = None, None, None, None, None, 0
-    in_backward = recompute = False
+    in_backward, recompute_end = False, None
     for i, a in enumerate(ancestors):
         if a.name.startswith(MODULE_RANGE):
             module, node, scope_end, below = a.name.removeprefix(MODULE_RANGE), None, a.end_time_ns, i + 1
-            recompute = in_backward
+            if in_backward and recompute_end is None:
+                recompute_end = a.end_time_ns  # the outermost module the backward node runs again
         elif a.name.startswith(_BACKWARD_NODE):
             module, node, scope_end, below = None, a, a.end_time_ns, i + 1
-            in_backward, recompute = True, False
+            in_backward, recompute_end = True, None
         elif a.name.startswith(_OPTIMIZER_RANGE):
             optimizer, optimizer_end = a.name.rpartition("#")[2], a.end_time_ns
             below = max(below, i + 1)
@@ -177,9 +181,10 @@ def _describe(event: Any, ancestors: tuple[Any, ...]) -> _Made:
         node_name = node.name.removeprefix(_BACKWARD_NODE)
         op = f"{node_name}/{ops[0].name}" if ops else node_name
     fields = event.typed[1]
+    node_seq = node.typed[1].sequence_number if node is not None else None
     return _Made(time=event.start_time_ns, device=str(fields.device), size=fields.alloc_size, module=module,
-                 recompute=recompute, node_seq=node.typed[1].sequence_number if node is not None else None, op=op,
-                 scope_end=scope_end, optimizer=optimizer, optimizer_end=optimizer_end,
+                 recompute_end=recompute_end, node_seq=node_seq, op=op, scope_end=scope_end, optimizer=optimizer,
+                 optimizer_end=optimizer_end,
                  op_end=ops[0].end_time_ns if ops else event.start_time_ns)
 
 
@@ -232,7 +237,7 @@ def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation
         if m.node_seq is not None:
             phase, module, owner_end = "backward", op_module.get(m.node_seq, OUTSIDE), m.scope_end
         elif m.module is not None:
-            phase, module, owner_end = "recompute" if m.recompute else "forward", m.module, m.scope_end
+            phase, module, owner_end = "recompute" if m.recompute_end else "forward", m.module, m.scope_end
         elif (m.time > backward_end) if backward_end is not None else m.optimizer_end is not None:
             # Lightning runs forward and backward inside the optimizer's step (as its closure): only what
             # follows the last backward node is the optimizer's own work.
@@ -246,8 +251,8 @@ def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation
             kind = "op workspace"
         elif free_time <= owner_end:
             kind = "temporary"
-        elif phase == "recompute":
-            kind = "kept for backward"  # recomputed for the backward node that ran it again
+        elif phase == "recompute" and free_time > m.recompute_end:
+            kind = "recomputed"
         else:
             kind = "passed on"
         counts[Allocation(m.device, module, phase, m.op, kind, m.size)] += 1

@@ -3,9 +3,9 @@
 :class:`MemoryProfiler` runs inside a Lightning fit. Every step it reads each device's peak over forward,
 backward and optimizer (:mod:`hetrain.memory_counters`); every few steps it hooks the model for
 one step (:mod:`hetrain.callbacks.module_memory`); over a few steps it finds allocator churn
-(:mod:`hetrain.callbacks.churn`). At the end it writes ``memory_report.{md,png,html}`` into the run
-directory (:mod:`hetrain.callbacks.memory_report`), or ``oom_report.md`` (+ an allocator snapshot) on
-out-of-memory.
+(:mod:`hetrain.callbacks.churn`). At the end it writes ``memory_report.{md,png,html}`` and
+``memory_steps.csv`` into the run directory (:mod:`hetrain.callbacks.memory_report`), or ``oom_report.md``
+(+ an allocator snapshot) on out-of-memory.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class MemoryProfiler(Callback):
     Example::
 
         Trainer(callbacks=[MemoryProfiler()], default_root_dir="runs/1")
-        # -> runs/1/memory_report.md, memory_report.png, memory_report.html
+        # -> runs/1/memory_report.md, memory_report.png, memory_report.html, memory_steps.csv
 
     Notes:
         - Every step: the peak of each device over forward, backward and optimizer (Lightning's
@@ -80,7 +80,8 @@ class MemoryProfiler(Callback):
         - The steps this callback instruments (module hooks, churn, chosen history) run slower;
           :meth:`instruments_step` names them, and :class:`~hetrain.callbacks.Throughput` leaves them out.
         - The report is written when the fit ends, and also when it stops with an error (the steps so far,
-          the error named first); an out-of-memory error writes ``oom_report.md`` instead.
+          the error named first); an out-of-memory error with ``dump_on_oom`` writes ``oom_report.md``
+          instead.
         - With ``dump_on_oom`` an out-of-memory error in the fit (``torch.OutOfMemoryError`` on a GPU, or the
           CPU allocator's "can't allocate memory") writes ``oom_report.md`` (step, error, per-device peaks of
           the step so far, per-module table) and, when GPU history was recorded, ``oom_snapshot.pickle``;
@@ -88,7 +89,8 @@ class MemoryProfiler(Callback):
 
     Args:
         dirpath: where reports go; ``None`` means the Trainer's ``default_root_dir``.
-        module_every_n_steps: per-module hooks run on steps 0, n, 2n, ...
+        module_every_n_steps: per-module hooks run on the fit's steps 0, n, 2n, ... (counted from where a
+            resumed fit starts).
         record_history: record the CUDA allocator's history over the whole fit (ignored without CUDA).
         history_steps: ``[first, last]`` (or one step): record the history of these optimizer steps only.
         max_history_entries: allocator events kept in the history.
@@ -143,11 +145,17 @@ class MemoryProfiler(Callback):
         return Path(self.dirpath or trainer.default_root_dir)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # What an earlier fit of this callback measured is not this fit's: a fit that fails before training starts
+        # (in its sanity check) must not report it as its own steps.
+        self.phases, self.modules, self.churn, self._current = None, None, None, None
+        self.steps, self.churn_observed, self.static = [], [], {}
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After on_fit_start, where a placement moves stages: the devices are final here.
         devices = {p.device for p in pl_module.parameters()} | {torch.device("cpu")}
         self.start_step = trainer.global_step
-        self.steps, self.churn_observed, self.static, self._current = [], [], {}, None  # this fit's only
         self._stepped = self._history_done = False
         self.phases = PhaseMemory(sorted(devices, key=str))
         self.at_start = self.phases.current()

@@ -48,7 +48,7 @@ def churn_section(tracker: ChurnTracker | None, requested: list[int], observed: 
     tables = [("What each kind means", (["kind", "meaning"], [list(item) for item in KIND_MEANING.items()])),
               (f"Temporaries to remove (top {top})", tracker.table(["temporary"], top)),
               (f"Op workspace and the expected kinds (top {top})",
-               tracker.table(["op workspace", "kept for backward", "passed on"], top))]
+               tracker.table(["op workspace", "kept for backward", "passed on", "recomputed"], top))]
     return paragraphs, tables
 
 

@@ -273,6 +273,7 @@ class ThroughputMeter:
         self._batch_started = 0.0
         self._batch_timed = False
         self._batch_instrumented = False
+        self._step_past_warmup = False  # the open step began after the warm-up batches
 
     @property
     def in_timed_step(self) -> bool:
@@ -313,6 +314,7 @@ class ThroughputMeter:
         opens_step = self._step_started is None
         if opens_step:
             self._step_started, self._step_timed = now, timed
+            self._step_past_warmup = self.seen_batches >= self.warmup_batches  # a step holding warm-up is warm-up
         self._batch_timed, self._batch_instrumented = timed, instrumented
         if timed:
             (self.between_steps if opens_step else self.within_steps).append(gap)
@@ -332,7 +334,7 @@ class ThroughputMeter:
                 self.step_times.append(now - self._step_started)
             self._step_started = None
         if self._batch_instrumented:
-            self.instrumented_steps += step_done and self.seen_batches > self.warmup_batches
+            self.instrumented_steps += step_done and self._step_past_warmup
             if self._paused_at is None:
                 self._paused_at = now  # what instrumented the step finishes after it
         if not self._batch_timed:

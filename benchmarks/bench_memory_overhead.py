@@ -140,8 +140,8 @@ def fit(shape: Shape, device: str, steps: int, profiler: MemoryProfiler) -> list
 
 
 def ordinary(profiler: MemoryProfiler, step: int) -> bool:
-    """A watched step that only watches: not a per-module step, not a churn step."""
-    return step % profiler.module_every_n_steps != 0 and step not in profiler.churn_steps
+    """A watched step that only watches: none the profiler instruments (module hooks, churn, history)."""
+    return not profiler.instruments_step(step)
 
 
 def run(device: str, quick: bool) -> dict:

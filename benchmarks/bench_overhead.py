@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import hetrain
 from benchmarks.cases import with_cpp_kernels
-from benchmarks.cli import check_device, positive_int
+from benchmarks.cli import check_device, int_at_least
 from benchmarks.timing import median_ms
 from hetrain import ops
 from hetrain.device_info import device_name, result_card
@@ -107,14 +107,12 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=positive_int, default=5,
-                        help=f"interleaved rounds, median across them; at least {MIN_ROUNDS} run")
+    parser.add_argument("--rounds", type=int_at_least(MIN_ROUNDS), default=5,
+                        help=f"interleaved rounds, median across them; at least {MIN_ROUNDS}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
     check_device(parser, args.device)
-    rounds = max(args.rounds, MIN_ROUNDS)
-    if rounds != args.rounds:
-        print(f"--rounds {args.rounds}: running {rounds}, the fewest whose median leaves out one slow round")
+    rounds = args.rounds
     header = {"date": dt.date.today().isoformat(),
               "device": device_name(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "hetrain": hetrain.__version__, "rounds": rounds,

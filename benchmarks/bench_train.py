@@ -193,7 +193,7 @@ def run_modes(shape: Shape, device: str, light: str | None) -> list[dict]:
     """Every precision mode, fused and not; ``light``: the flag of a run with few repeats, None for a full run."""
     rows = []
     batch = make_batch(shape, device)
-    quick = light is not None
+    few_repeats = light is not None
     for mode in MODES:
         for fused, kernels in variants(mode, device):
             row = {"section": "precision", "mode": mode.name, "fused": fused, "kernels": kernels, "ms": None,
@@ -202,7 +202,8 @@ def run_modes(shape: Shape, device: str, light: str | None) -> list[dict]:
                 model = build_model(shape, fused).to(device).train()
                 try:
                     with tf32(mode.tf32), pinned_to(kernels), cuda_generator_restored_on_error():
-                        row["ms"], row["peak_mib"] = measure(train_step(model, mode, batch, device), device, quick)
+                        row["ms"], row["peak_mib"] = measure(train_step(model, mode, batch, device), device,
+                                                             few_repeats)
                 except Exception as exc:  # one mode that fails (a compile error, say) leaves the others' figures
                     row["failed"] = f"{type(exc).__name__}: {exc}"[:500]
                 del model
@@ -380,7 +381,7 @@ def run(device: str, quick: bool = False, short: bool = False,
 def _run(device: str, quick: bool, short: bool, save: Callable[[dict], None], cpu_malloc: str) -> dict:
     shape = QUICK if quick else FULL
     flag = "--quick" if quick else "--short" if short else None
-    light = flag is not None
+    few_repeats = flag is not None
     result = {
         "date": dt.date.today().isoformat(), "device": measured_on(device), "device_type": device,
         "torch": torch.__version__, "triton": triton_version(), "hetrain": hetrain.__version__, "quick": quick,
@@ -395,10 +396,10 @@ def _run(device: str, quick: bool, short: bool, save: Callable[[dict], None], cp
     result["target_met"] = None if base is None or fused_bf16 is None else fused_bf16 <= base
     add_ratios(rows)
     save(result)
-    rows += run_pipeline(shape, device, light)
+    rows += run_pipeline(shape, device, few_repeats)
     add_ratios(rows)
     save(result)
-    result["placement"] = run_placement(shape, light)
+    result["placement"] = run_placement(shape, few_repeats)
     save(result)
     return result
 

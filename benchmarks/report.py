@@ -106,8 +106,9 @@ def gpu_table(result: dict) -> str:
     the copy bandwidth per call and in GPU time."""
     lines = [
         f"GPU: {result['device']}, torch {result['torch']} (CUDA {result['cuda']}), {result['date']}; forward+backward "
-        f"median per call, per call back to back, and GPU time from a CUDA-graph replay; copy bandwidth "
-        f"{result['copy_gbs']:.0f} GB/s.",
+        f"median per call, per call back to back, and GPU time from a CUDA-graph replay"
+        + (f", each timed for {result['measure_s']} s" if "measure_s" in result else "")
+        + f"; copy bandwidth {result['copy_gbs']:.0f} GB/s.",
         "",
         "| op | shape | dtype | impl | ms per call | ms back to back | ms GPU (graph) | peak MiB "
         "| hetrain speedup per call / back to back / GPU | hetrain % copy bw per call / GPU |",

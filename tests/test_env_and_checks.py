@@ -92,6 +92,7 @@ def test_gpu_check_caps_a_step_and_refuses_a_cap_that_names_no_step(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--only", "nosuch"], "--only names no step: ['nosuch']"),  # ran nothing and passed
+    (["--only", ""], "--only names no step; the steps are"),
     # Ran the step it meant to skip (the 1 s budget keeps a regression from running every step).
     (["--skip", "bench-opz", "--budget-s", "1"], "--skip names no step: ['bench-opz']"),
     (["--budget-s", "-5"], "--budget-s: must be seconds above 0, got -5"),  # skipped every step and passed

@@ -175,6 +175,8 @@ def parse_names(text: str, names: set[str], option: str) -> set[str]:
     """``"env, bench-ops"`` -> those step names, refusing any that is no step (a typo would run what it meant
     to skip, or nothing at all)."""
     chosen = {item.strip() for item in text.split(",") if item.strip()}
+    if not chosen and option == "--only":
+        raise SystemExit(f"gpu-check: --only names no step; the steps are {sorted(names)}")
     unknown = sorted(chosen - names)
     if unknown:
         raise SystemExit(f"gpu-check: {option} names no step: {unknown}; the steps are {sorted(names)}")

@@ -11,8 +11,9 @@ so a plan measured and solved once can be saved and reused as an explicit one::
     predicted_step_time: 0.0123
 
 A path may name a group (``encoder``) and a more specific path inside it (``encoder.1``); the more
-specific one wins. Nested mappings read as dotted paths (``{encoder: {"1": cpu}}`` is ``{encoder.1: cpu}``),
-the shape Hydra gives ``+placement.plan.encoder.1=cpu``.
+specific one wins. Nested mappings read as dotted paths (``{encoder: {"1": cpu}}`` is ``{encoder.1: cpu}``).
+On the command line ``'+placement.plan={encoder.1: cpu}'`` adds an entry and keeps the others;
+``+placement.plan.encoder.1=cpu`` is read too, but Hydra then replaces the whole ``encoder`` entry with it.
 """
 
 from __future__ import annotations

@@ -180,3 +180,61 @@ def test_ddp_with_accumulation_gives_the_gradient_of_the_mean_over_every_ranks_w
             assert grads[name].is_sparse == (table == "sparse" and name == "embeddings.tokens.weight")
             torch.testing.assert_close(grads[name].to_dense(), p.grad, rtol=1e-4, atol=1e-6,
                                        msg=f"rank {rank}: {name}")
+
+
+NAN_ON_RANK_ZERO = '''
+import datetime, json, sys
+import pytorch_lightning as pl
+import torch
+from hetrain.callbacks.precision import DeviceMixedPrecision, NonFiniteError, NonFiniteGuard
+from hetrain.data.datamodule import SyntheticDataModule
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
+
+
+class NanOnRankZero(pl.Callback):
+    """Makes rank 0's first encoder block put out NaN at steps 2 to 4; rank 1's loss stays finite."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 0 and 2 <= trainer.global_step <= 4:
+            block = pl_module.model.get_submodule("encoder.0")
+            self.handle = block.register_forward_hook(lambda module, args, out: out * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if getattr(self, "handle", None) is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    data = SyntheticDataModule(vocab_size=64, num_classes=2, min_len=4, max_len=40, train_size=400, val_size=16,
+                               max_tokens=160, seed=4)
+    model = BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=48)
+    guard = NonFiniteGuard(max_consecutive=3)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=8, limit_val_batches=0, logger=False,
+                         strategy=pl.strategies.DDPStrategy(timeout=datetime.timedelta(seconds=60)),
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         default_root_dir=sys.argv[1], callbacks=[guard, NanOnRankZero()],
+                         plugins=[DeviceMixedPrecision({"cpu": "16-mixed"}, root="cpu")])  # a GradScaler
+    try:
+        trainer.fit(ClassificationTask(model, num_classes=2), datamodule=data)
+        stopped = None
+    except NonFiniteError as exc:
+        stopped = trainer.global_step
+    with open(f"{sys.argv[1]}/rank{trainer.global_rank}.json", "w") as f:
+        json.dump({"stopped_at": stopped, "nonfinite": guard.nonfinite_steps}, f)
+'''
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_under_a_loss_scaler(tmp_path):
+    """Rank 1's own loss was finite: it read the reduced non-finite gradients as the scaler's overflow probe,
+    counted nothing, and went on into the next all-reduce while rank 0 stopped (gloo: "Connection closed by
+    peer"; NCCL would hang)."""
+    path = tmp_path / "two_ranks.py"
+    path.write_text(NAN_ON_RANK_ZERO)
+    subprocess.run([sys.executable, str(path), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                   timeout=300)
+    verdicts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert verdicts[0] == verdicts[1] == {"stopped_at": 5, "nonfinite": 3}, verdicts

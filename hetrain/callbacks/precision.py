@@ -235,8 +235,9 @@ class NonFiniteGuard(Callback):
           without gradients, with the step's random state and a forward hook on every module, and names
           the first module whose output was non-finite. Hooks exist only during that rerun, so healthy
           steps pay nothing for them; the rerun may log the step's metrics a second time.
-        - Every rank checks its own step and reaches the same verdict (gradients are reduced across
-          ranks before the check), so the hooks are not rank-zero-only.
+        - Every rank reaches the same verdict: gradients are reduced across ranks before the check, and
+          the loss's flag is reduced with them (one small collective a step under DDP), so the hooks are
+          not rank-zero-only.
         - ``on_nonfinite="stop"`` raises :class:`NonFiniteError` with that diagnosis after
           ``max_consecutive`` non-finite steps in a row; ``"skip"`` keeps skipping them.
 
@@ -291,8 +292,14 @@ class NonFiniteGuard(Callback):
         # ~1.8e19 though every gradient is finite. A sparse gradient's uncoalesced rows serve as they are.
         norm = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else torch.zeros(())
         loss_flag = self._loss_finite if self._loss_finite is not None else torch.ones((), dtype=torch.bool)
+        flags = torch.stack([loss_flag.to(norm.device), torch.isfinite(norm)])
+        if trainer.world_size > 1:
+            # One rank's non-finite loss is every rank's: a rank whose own loss was finite read its non-finite
+            # (reduced) gradients as the scaler's overflow probe and went on into the next collective alone.
+            flags = trainer.strategy.reduce(flags.to(trainer.strategy.root_device, torch.float32),
+                                            reduce_op=torch.distributed.ReduceOp.MIN).bool()
         # Both flags in one read: each bool() of a GPU tensor waits for the device.
-        loss_finite, grads_finite = torch.stack([loss_flag.to(norm.device), torch.isfinite(norm)]).tolist()
+        loss_finite, grads_finite = flags.tolist()
         self._loss_finite = None
         scaler = self._scaler(trainer)
         scale = scaler.get_scale() if scaler is not None else None

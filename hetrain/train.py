@@ -110,8 +110,16 @@ def _check_counts(cfg: DictConfig) -> None:
     interval = OmegaConf.select(cfg, "trainer.val_check_interval")
     if isinstance(interval, bool) or (isinstance(interval, int) and interval < 1) \
             or (isinstance(interval, float) and not 0 < interval <= 1):
-        raise ValueError(f"hetrain: trainer.val_check_interval={interval!r} must be a number of training steps >= 1 "
-                         "or a fraction of an epoch in (0, 1]")
+        raise ValueError(f"hetrain: trainer.val_check_interval={interval!r} must be a number of training batches "
+                         ">= 1 or a fraction of an epoch in (0, 1]")
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches") or 1
+    if isinstance(interval, int) and isinstance(accumulate, int) and interval % accumulate:
+        # Lightning counts the interval in batches: a validation, and the checkpoint saved after it, would fall
+        # inside an accumulation window, whose gradients so far a resume from that checkpoint loses.
+        low = interval - interval % accumulate or accumulate
+        raise ValueError(f"hetrain: trainer.val_check_interval={interval} counts training batches and is not a "
+                         f"multiple of trainer.accumulate_grad_batches={accumulate}: its validations and checkpoints "
+                         f"would fall inside an accumulation window; set it to {low} or {low + accumulate}")
 
 
 def _planned(cfg: DictConfig) -> dict[str, object] | str:

@@ -426,8 +426,13 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["threads=-1"], "threads=-1 must be a positive whole number or null"),
     (["threads=0"], "threads=0 must be a positive whole number or null"),  # was silently ignored
     (["recipe=resnet_fused_amp", "data.batch_size=-4"], "data.batch_size=-4 must be a positive whole number"),
-    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be a number of training steps >= 1"),
-    (["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5 must be a number of training steps"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be a number of training batches >= 1"),
+    (["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5 must be a number of training batches"),
+    # A checkpoint inside an accumulation window: resuming from it lost the window's gradients so far.
+    (["trainer.val_check_interval=5", "trainer.accumulate_grad_batches=2"],
+     "trainer.val_check_interval=5 counts training batches and is not a multiple of "
+     "trainer.accumulate_grad_batches=2: its validations and checkpoints would fall inside an accumulation window; "
+     "set it to 4 or 6"),
     (["recipe=longseq_ringbuffer", "data.path=/nonexistent/corpus.jsonl"],
      "data.path=/nonexistent/corpus.jsonl does not exist"),
 ])

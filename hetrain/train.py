@@ -93,6 +93,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"hetrain: data.max_len={data_len} is longer than model.max_len={model_len}, the model's "
                          "position table; raise model.max_len or lower data.max_len")
     _check_counts(cfg)
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
+        # The fit runs in processes this one starts; their callbacks' numbers never come back to it.
+        raise ValueError(f"hetrain: trainer.strategy={strategy} trains in processes whose callbacks the run summary "
+                         "cannot read (it would say 0 steps); use trainer.strategy=ddp, which runs this script on "
+                         "every rank")
     data_path = OmegaConf.select(cfg, "data.path")
     if data_path is not None and not Path(data_path).exists():
         raise ValueError(f"hetrain: data.path={data_path} does not exist (relative paths start at the directory "
@@ -191,11 +197,12 @@ def build(cfg: DictConfig) -> Parts:
     recorder = RunRecorder()
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     precision = trainer_precision(cfg.trainer.precision, _devices_in_use(cfg))
-    log.info(f"Precision: {precision.get('precision') or precision['plugins'][0]}")
     # With every ModelCheckpoint set to null Lightning would add its own, writing where the run did not ask.
     saving = {} if any(isinstance(c, ModelCheckpoint) for c in callbacks.values()) else {"enable_checkpointing": False}
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks.values(), recorder], logger=logger,
                            **precision, **saving)
+    # What the Trainer runs, which Lightning may have changed: 16-mixed on a CPU becomes bf16-mixed.
+    log.info(f"Precision: {precision['plugins'][0] if 'plugins' in precision else trainer.precision}")
     return Parts(datamodule, task, callbacks, recorder, trainer, compiled)
 
 

@@ -433,6 +433,7 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
      "trainer.val_check_interval=5 counts training batches and is not a multiple of "
      "trainer.accumulate_grad_batches=2: its validations and checkpoints would fall inside an accumulation window; "
      "set it to 4 or 6"),
+    (["+trainer.strategy=ddp_spawn"], "trainer.strategy=ddp_spawn trains in processes whose callbacks"),
     (["recipe=longseq_ringbuffer", "data.path=/nonexistent/corpus.jsonl"],
      "data.path=/nonexistent/corpus.jsonl does not exist"),
 ])
@@ -471,6 +472,14 @@ def test_one_profile_step_may_be_given_alone(tmp_path):
     parts = build(compose_train("recipe=bert_split", "callbacks.profile_steps=10", output_dir=tmp_path))
     trace = parts.callbacks["step_trace"]
     assert (trace.first, trace.last) == (10, 10)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Lightning changes 16-mixed only on a CPU")
+def test_the_precision_logged_is_the_one_the_trainer_runs(tmp_path, caplog):
+    """Lightning runs 16-mixed on a CPU as bf16-mixed (no loss scaling); the log said 16-mixed."""
+    with caplog.at_level(logging.INFO, logger="hetrain.train"):
+        parts = build(compose_train("recipe=bert_split", "trainer.precision=16-mixed", output_dir=tmp_path))
+    assert parts.trainer.precision == "bf16-mixed" and "Precision: bf16-mixed" in caplog.text
 
 
 def test_turning_the_progress_bar_off_leaves_its_callback_out(tmp_path):

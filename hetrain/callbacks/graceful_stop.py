@@ -7,7 +7,9 @@ the loader's position and, with :class:`~hetrain.callbacks.RandomState`, the gen
 exactly as this one would have) and ends the fit; a second Ctrl-C stops at once, the way Lightning does.
 
 SIGTERM, what a scheduler sends a job it preempts, Lightning handles itself: it lets the step in flight finish and
-then raises ``SIGTERMException``, again with nothing saved. Here that step's checkpoint is saved first.
+then raises ``SIGTERMException``, again with nothing saved. Here that step's checkpoint is saved first. Under DDP
+the signal should reach rank 0 alone: Lightning's handler broadcasts from inside the signal handler, and a SIGTERM
+delivered to every rank at once can leave them in mismatched collectives.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from typing_extensions import override
 
@@ -78,11 +81,11 @@ class GracefulStop(Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # gradients of this batch wait for the next ones: no step to save yet
         # Lightning raises SIGTERMException once this batch is done (every rank, it broadcasts the signal).
-        sigterm = bool(getattr(trainer, "received_sigterm", False))
-        stop = self.requested or sigterm
-        if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop or self.summary:
+        sigint, sigterm = self.requested, bool(getattr(trainer, "received_sigterm", False))
+        if trainer.world_size > 1:  # any rank's signal stops every rank, each naming the signal that came
+            flags = torch.tensor([sigint, sigterm], dtype=torch.float32, device=trainer.strategy.root_device)
+            sigint, sigterm = trainer.strategy.reduce(flags, reduce_op=torch.distributed.ReduceOp.MAX).bool().tolist()
+        if not (sigint or sigterm) or self.summary:
             return
         path = self._checkpoint_dir(trainer) / self.filename
         trainer.save_checkpoint(path)
@@ -90,10 +93,10 @@ class GracefulStop(Callback):
         # Lightning validates once more when should_stop is set (for early stopping); a paused run should not wait
         # for a whole validation. Set back when the fit ends, for a later fit of this Trainer.
         self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
-        name = "SIGINT" if self.requested else "SIGTERM"
+        name = "SIGINT" if sigint else "SIGTERM"
         self.summary = {"at_step": trainer.global_step, "checkpoint": str(path), "signal": name}
         if trainer.is_global_zero:
-            log.warning(f"Stopped by {'Ctrl-C' if self.requested else name} after step {trainer.global_step}; "
+            log.warning(f"Stopped by {'Ctrl-C' if sigint else name} after step {trainer.global_step}; "
                         f"checkpoint {path}. Resume with ckpt_path={path}")
 
     @staticmethod

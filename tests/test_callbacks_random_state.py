@@ -77,3 +77,15 @@ def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_one(tmp_path
     _fit(plain, 8, [ModelCheckpoint(plain / "ckpt", filename="{step}", every_n_train_steps=8, save_top_k=-1)])
     with pytest.warns(UserWarning, match="the checkpoint holds no RandomState"):
         _fit(tmp_path / "warned", 9, [RandomState()], ckpt_path=plain / "ckpt" / "step=8.ckpt")
+
+
+def test_a_checkpoint_of_two_ranks_resumed_by_one_process_restores_rank_zeros_state_and_warns(tmp_path):
+    callback = RandomState()
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    rank0 = callback.state_dict()
+    want = draws()
+    torch.manual_seed(4), np.random.seed(5), random.seed(6)
+    two_ranks = {**rank0, "ranks": [rank0, callback.state_dict()]}  # as a 2-process DDP run writes it
+    with pytest.warns(UserWarning, match="generators of 2 process.*this run has 1"):
+        callback.load_state_dict(two_ranks)
+    assert draws() == want

@@ -9,7 +9,8 @@ loader's fixed host bytes for the run summary.
 window of it (``max_len`` tokens, ``stride`` apart) is a sample with its document's label, gathered
 from the token file by the ring's C++ threads (pread). Its corpus is a jsonl file (a text and a
 label field), a directory of token files it wrote before, or, with no path, long synthetic documents
-generated from the seed (see :func:`write_synthetic_corpus`).
+generated from the seed (see :func:`write_synthetic_corpus`). A corpus written into a shared ``data_dir``
+is written once per node, in ``prepare_data``, and only read by every rank's ``setup``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from hetrain.data.windows import TokenWindows
 from hetrain.placement.pipeline import stage_device
 
 SPLITS = ("train", "val")
+TOKEN_DIR_FILES = tuple(f"{split}{ext}" for split in SPLITS for ext in (".bin", ".idx", ".labels.npy"))
 
 
 class LabelledRing(RingLoader):
@@ -185,7 +188,18 @@ def write_synthetic_corpus(out_dir: str | os.PathLike, num_docs: dict[str, int],
         with TokenFileWriter(out / split, itemsize=2) as writer:
             for seq in docs.sequences:
                 writer.add(seq.numpy())
-        np.save(out / f"{split}.labels.npy", docs.labels.numpy())
+        save_labels(out / f"{split}.labels.npy", docs.labels.numpy())
+
+
+def save_labels(path: Path, labels: np.ndarray) -> None:
+    """``numpy.save``, renamed into place: a reader, or a node writing the same shared file, never sees half of it."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, labels)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_labels(path: str | os.PathLike, label_field: str) -> list[int]:
@@ -216,7 +230,12 @@ def write_jsonl_corpus(path: str | os.PathLike, out_dir: str | os.PathLike, text
     for split, picked in (("val", order[:n_val]), ("train", order[n_val:])):
         picked = np.sort(picked)
         build_token_file((texts[i] for i in picked), out / split, ByteTokenizer())
-        np.save(out / f"{split}.labels.npy", labels[picked])
+        save_labels(out / f"{split}.labels.npy", labels[picked])
+
+
+def missing_token_files(corpus: Path) -> list[str]:
+    """The files :class:`TokenDataModule` reads that ``corpus`` lacks."""
+    return [name for name in TOKEN_DIR_FILES if not (corpus / name).is_file()]
 
 
 def check_token_dir(corpus: Path) -> Path:
@@ -224,8 +243,7 @@ def check_token_dir(corpus: Path) -> Path:
 
     ``python -m hetrain.data.build_tokens`` writes one unlabelled ``<out>.bin``/``.idx``: not enough here.
     """
-    wanted = [f"{split}{ext}" for split in SPLITS for ext in (".bin", ".idx", ".labels.npy")]
-    missing = [name for name in wanted if not (corpus / name).is_file()]
+    missing = missing_token_files(corpus)
     if missing:
         found = sorted(p.name for p in corpus.iterdir() if p.suffix in (".bin", ".idx", ".npy"))
         raise FileNotFoundError(
@@ -245,7 +263,8 @@ class TokenDataModule(RingDataModule):
         path: a ``.jsonl`` file (``text_field``, integer ``label_field``; byte-tokenised), a directory holding
             ``train``/``val`` token files and ``<split>.labels.npy`` (what this module writes), or None:
             synthetic long documents (``train_size``/``val_size`` of them, ``min_doc_len``..``max_doc_len``).
-        data_dir: where token files are written; None makes a temporary directory.
+        data_dir: where token files are written, by :meth:`prepare_data` (once per node) for every rank to read;
+            None: each process writes its own temporary directory in :meth:`setup`.
         max_len, stride: window length and step; windows of a document overlap by ``max_len - stride``.
         max_tokens: padded tokens per batch (token-budget batching).
         vocab_size, num_classes: of the data; token ids are checked against ``vocab_size`` as they are gathered.
@@ -280,26 +299,64 @@ class TokenDataModule(RingDataModule):
         self.windows: dict[str, TokenWindows] = {}
         self.labels: dict[str, np.ndarray] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._prepared = False
 
-    def _corpus_dir(self) -> Path:
-        """The directory holding the split token files, built first when the corpus is not token files yet."""
+    def _corpus_is_token_dir(self) -> bool:
+        """Whether ``path`` is token files already (read as they are), not a corpus to write as token files."""
+        path = self.hparams.path
+        if path is None or Path(path).suffix == ".jsonl":
+            return False
+        if Path(path).is_dir():
+            return True
+        raise ValueError(f"hetrain: data path {path!r} is neither a .jsonl file nor a directory of token files; "
+                         "set data.path to one of them, or to null for synthetic documents")
+
+    def _write_corpus(self, out: Path) -> None:
+        """Writes the jsonl or synthetic corpus as the split token files and labels :meth:`setup` reads."""
         h = self.hparams
-        if h.path is not None and Path(h.path).is_dir():
-            return check_token_dir(Path(h.path))
-        if h.data_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="hetrain-tokens-")
-        out = Path(h.data_dir if h.data_dir is not None else self._tmp.name)
         if h.path is None:
             write_synthetic_corpus(
                 out, {"train": h.train_size, "val": h.val_size}, h.seed, vocab_size=h.vocab_size,
                 num_classes=h.num_classes, min_len=h.min_doc_len, max_len=h.max_doc_len,
                 markers_per_class=h.markers_per_class, signal=h.signal, distractors=h.distractors,
             )
-        elif Path(h.path).suffix == ".jsonl":
-            write_jsonl_corpus(h.path, out, h.text_field, h.label_field, h.val_fraction, h.seed)
         else:
-            raise ValueError(f"hetrain: data path {h.path!r} is neither a .jsonl file nor a directory of token files")
-        return out
+            write_jsonl_corpus(h.path, out, h.text_field, h.label_field, h.val_fraction, h.seed)
+
+    def prepare_data(self) -> None:
+        """Writes the token files into ``data_dir`` before any rank's :meth:`setup` reads them.
+
+        Lightning calls this on each node's local rank 0 alone and holds the other ranks at a barrier until it
+        returns: ranks writing the shared directory at once in ``setup`` broke each other's renames.
+        """
+        if self.hparams.data_dir is None or self._corpus_is_token_dir() or self.windows:
+            return
+        self._write_corpus(Path(self.hparams.data_dir))
+        self._prepared = True
+
+    def _prepared_dir(self, corpus: Path) -> Path:
+        """``corpus`` (the ``data_dir``) once :meth:`prepare_data` filled it; else an error saying how to fill it."""
+        missing = missing_token_files(corpus)
+        if missing:
+            raise FileNotFoundError(
+                f"hetrain: data.data_dir {corpus} is missing {', '.join(missing)}. TokenDataModule writes them in "
+                "prepare_data(), which a Trainer runs on each node's local rank 0 before setup(); when calling "
+                "setup() yourself on several processes, call prepare_data() on one of them first, and with "
+                "prepare_data_per_node=False give every node the same (shared) data_dir")
+        return corpus
+
+    def _corpus_dir(self) -> Path:
+        """The directory holding the split token files: ``path``, a per-process temporary one, or ``data_dir``."""
+        h = self.hparams
+        if self._corpus_is_token_dir():
+            return check_token_dir(Path(h.path))
+        if h.data_dir is None:  # a corpus of this process alone: no other rank writes or reads it
+            self._tmp = tempfile.TemporaryDirectory(prefix="hetrain-tokens-")
+            self._write_corpus(Path(self._tmp.name))
+            return Path(self._tmp.name)
+        if not self._prepared and self._layout()[0] == 1:
+            self.prepare_data()  # one process, set up without a Trainer: nothing to race with
+        return self._prepared_dir(Path(h.data_dir))
 
     def setup(self, stage: str | None = None) -> None:
         if self.windows:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import operator
 import os
 import struct
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -122,7 +123,10 @@ class TokenFileWriter:
         self.bin_path, self.idx_path = paths_of(prefix)
         self.dtype = DTYPES[itemsize]
         self._limit = np.iinfo(self.dtype).max
-        self._tmp_bin = self.bin_path.with_name(self.bin_path.name + ".tmp")
+        # Temporary names of this writer alone: two writers of one prefix (nodes sharing a data directory) must
+        # not rename each other's files away.
+        self._tmp_suffix = f".{uuid.uuid4().hex[:8]}.tmp"
+        self._tmp_bin = self.bin_path.with_name(self.bin_path.name + self._tmp_suffix)
         self._bin = open(self._tmp_bin, "wb")  # closed in close() or __exit__
         self._offsets = [0]
 
@@ -147,7 +151,7 @@ class TokenFileWriter:
         self._bin.close()
         num_docs = len(self._offsets) - 1
         header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, num_docs, self._offsets[-1])
-        tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        tmp_idx = self.idx_path.with_name(self.idx_path.name + self._tmp_suffix)
         tmp_idx.write_bytes(header + np.asarray(self._offsets, dtype="<u8").tobytes())
         os.replace(self._tmp_bin, self.bin_path)
         os.replace(tmp_idx, self.idx_path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 import hetrain
 from benchmarks.cases import with_cpp_kernels
 from benchmarks.cli import check_device, int_at_least
-from benchmarks.timing import median_ms
+from benchmarks.timing import interleaved_ms
 from hetrain import ops
 from hetrain.device_info import device_name, result_card
 
@@ -80,12 +79,8 @@ def run(device: str, rounds: int = 5, save: Callable[[dict], None] = lambda resu
     ``save`` gets the rows so far after each op, so a run cut short keeps what it measured."""
     rows = []
     for op, impls in cases(device).items():
-        per_round: dict[str, list[float]] = {name: [] for name in impls}
-        for i in range(rounds):
-            for name, fn in impls.items():
-                per_round[name].append(1e3 * median_ms(fn, warmup=20 if i == 0 else 3, min_reps=50, max_reps=400,
-                                                       budget_s=0.4))
-        us = {name: statistics.median(v) for name, v in per_round.items()}
+        ms = interleaved_ms(impls, rounds, min_reps=50, max_reps=400, budget_s=0.4 * rounds, warmup=(20, 3))
+        us = {name: 1e3 * v for name, v in ms.items()}
         rows.append({"op": op, "us": us, "ratio": us["hetrain"] / us["torch"]})
         cpp = f"   hetrain_cuda {us['hetrain_cuda']:8.1f} us" if "hetrain_cuda" in us else ""
         print(f"{op:24s} torch {us['torch']:8.1f} us   hetrain {us['hetrain']:8.1f} us{cpp}   "

@@ -27,15 +27,16 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, min_reps: int = 10, max
     return statistics.median(times)
 
 
-def interleaved_ms(impls: dict[str, Callable[[], object]], rounds: int, min_reps: int,
-                   budget_s: float) -> dict[str, float]:
+def interleaved_ms(impls: dict[str, Callable[[], object]], rounds: int, min_reps: int, budget_s: float,
+                   max_reps: int = 50, warmup: tuple[int, int] = (3, 1)) -> dict[str, float]:
     """Each implementation's :func:`median_ms` over ``rounds`` in which they take turns, then the median of its
     round medians: on a shared machine a slow spell then hits every column alike instead of one column's whole
-    window, and one slow round of three is left out. ``budget_s`` per implementation, split over the rounds."""
+    window, and one slow round of three is left out. ``budget_s`` per implementation, split over the rounds;
+    ``warmup``: untimed calls in the first round and in each later one."""
     per_round: dict[str, list[float]] = {name: [] for name in impls}
     for r in range(rounds):
         for name, fn in impls.items():
-            per_round[name].append(median_ms(fn, warmup=3 if r == 0 else 1, min_reps=min_reps,
+            per_round[name].append(median_ms(fn, warmup=warmup[r > 0], min_reps=min_reps, max_reps=max_reps,
                                              budget_s=budget_s / rounds))
     return {name: statistics.median(ms) for name, ms in per_round.items()}
 

@@ -26,6 +26,8 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from typing_extensions import override
 
+from hetrain.callbacks.ranks import reduce_flags
+
 log = logging.getLogger(__name__)
 
 
@@ -81,10 +83,9 @@ class GracefulStop(Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # gradients of this batch wait for the next ones: no step to save yet
         # Lightning raises SIGTERMException once this batch is done (every rank, it broadcasts the signal).
-        sigint, sigterm = self.requested, bool(getattr(trainer, "received_sigterm", False))
-        if trainer.world_size > 1:  # any rank's signal stops every rank, each naming the signal that came
-            flags = torch.tensor([sigint, sigterm], dtype=torch.float32, device=trainer.strategy.root_device)
-            sigint, sigterm = trainer.strategy.reduce(flags, reduce_op=torch.distributed.ReduceOp.MAX).bool().tolist()
+        # Any rank's signal stops every rank, each naming the signal that came.
+        signals = torch.tensor([self.requested, bool(getattr(trainer, "received_sigterm", False))])
+        sigint, sigterm = reduce_flags(trainer, signals, torch.distributed.ReduceOp.MAX).tolist()
         if not (sigint or sigterm) or self.summary:
             return
         path = self._checkpoint_dir(trainer) / self.filename

@@ -28,7 +28,7 @@ from hetrain.callbacks.memory_report import PHASES, READING, MemoryReport, churn
 from hetrain.callbacks.module_memory import MIB, ModuleMemory, bytes_by_device, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace, parse_steps
 from hetrain.memory_counters import PhaseMemory
-from hetrain.report import markdown_table
+from hetrain.report import error_headline, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,9 @@ def out_of_memory(exception: BaseException) -> bool:
         isinstance(exception, RuntimeError) and "can't allocate memory" in str(exception))
 
 
-def _describe_error(exception: BaseException) -> str:
-    """The error's type and the first line of its message."""
-    text = str(exception).strip()
-    return f"{type(exception).__name__}: {text.splitlines()[0]}" if text else type(exception).__name__
+def _headline(exception: BaseException) -> str:
+    """The error as the run summary heads it: its type and its message's first line."""
+    return error_headline(f"{type(exception).__name__}: {exception}")
 
 
 class MemoryProfiler(Callback):
@@ -322,8 +321,8 @@ class MemoryProfiler(Callback):
         if self.dump_on_oom and oom and trainer.is_global_zero:
             self.write_oom_dump(self._dir(trainer), trainer.global_step, exception)
         elif trainer.is_global_zero and self.phases is not None:  # what the steps before the error measured
-            ended = (f"The fit stopped at step {trainer.global_step} with {_describe_error(exception)}. These are "
-                     "the steps before it.")
+            ended = (f"The fit stopped at step {trainer.global_step} with {_headline(exception)}. These are the "
+                     "steps before it.")
             try:
                 self._write_report(trainer, ended)
             except Exception as failure:  # noqa: BLE001 - the fit's own error is the one to raise
@@ -349,7 +348,7 @@ class MemoryProfiler(Callback):
         if self._current and self.phases is not None:
             self._close(phase)  # the peaks of the phase that failed, so far
         text = (f"# Out of memory at step {step}\n\nDuring: {phase if self._current else 'outside a step'}\n\n"
-                f"Error: `{_describe_error(exception)}`"
+                f"Error: `{_headline(exception)}`"
                 f"\n\n{snapshot}\n\n")
         if self._current:
             rows = [[p, d, round(v["allocated"] / MIB, 3)] for p in PHASES for d, v in self._current[p].items()]

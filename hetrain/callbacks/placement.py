@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
 from hetrain.placement.chain import OBJECTIVES
-from hetrain.placement.pipeline import shared_across_devices, stage_device, to_device
+from hetrain.placement.pipeline import micro_batch_count, shared_across_devices, stage_device, to_device
 from hetrain.placement.plan import parse_device, read_plan, resolve_plan
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,8 @@ def _time_stages(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any)
 def _first_micro_batch(batch: Any, micro_batches: int) -> Any:
     """The rows of ``batch`` the pipeline split gives its first micro-batch: it cuts with ``torch.tensor_split``
     into at most one piece per row, the first pieces ``ceil(rows / micro_batches)`` long."""
-    return tree_map_only(torch.Tensor, lambda t: torch.tensor_split(t, min(micro_batches, len(t)))[0], batch)
+    return tree_map_only(torch.Tensor, lambda t: torch.tensor_split(t, micro_batch_count(len(t), micro_batches))[0],
+                         batch)
 
 
 def _first_batch(loader: Any) -> Any:

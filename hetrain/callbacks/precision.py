@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 from typing_extensions import override
 
 from hetrain import cpu_features
+from hetrain.callbacks.ranks import reduce_flags
 from hetrain.placement.plan import device_present
 
 log = logging.getLogger(__name__)
@@ -292,12 +293,10 @@ class NonFiniteGuard(Callback):
         # ~1.8e19 though every gradient is finite. A sparse gradient's uncoalesced rows serve as they are.
         norm = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else torch.zeros(())
         loss_flag = self._loss_finite if self._loss_finite is not None else torch.ones((), dtype=torch.bool)
-        flags = torch.stack([loss_flag.to(norm.device), torch.isfinite(norm)])
-        if trainer.world_size > 1:
-            # One rank's non-finite loss is every rank's: a rank whose own loss was finite read its non-finite
-            # (reduced) gradients as the scaler's overflow probe and went on into the next collective alone.
-            flags = trainer.strategy.reduce(flags.to(trainer.strategy.root_device, torch.float32),
-                                            reduce_op=torch.distributed.ReduceOp.MIN).bool()
+        # One rank's non-finite loss is every rank's: a rank whose own loss was finite read its non-finite (reduced)
+        # gradients as the scaler's overflow probe and went on into the next collective alone.
+        flags = reduce_flags(trainer, torch.stack([loss_flag.to(norm.device), torch.isfinite(norm)]),
+                             torch.distributed.ReduceOp.MIN)
         # Both flags in one read: each bool() of a GPU tensor waits for the device.
         loss_finite, grads_finite = flags.tolist()
         self._loss_finite = None

@@ -141,6 +141,11 @@ def run_in_order(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, i
     return x
 
 
+def micro_batch_count(rows: int, micro_batches: int) -> int:
+    """How many micro-batches :func:`gpipe_forward` cuts ``rows`` into: ``micro_batches``, but no piece empty."""
+    return max(1, min(micro_batches, rows))
+
+
 def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, inputs: Sequence[torch.Tensor],
                   micro_batches: int, checkpoint: Collection[str] = ()) -> torch.Tensor:
     """Runs ``inputs`` (batch-first tensors) through ``stages`` in ``micro_batches`` pieces; returns the whole output.
@@ -158,7 +163,7 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
     if unknown:
         raise ValueError(f"hetrain: checkpoint names no stage: {sorted(unknown)}; stages: {[n for n, _ in stages]}")
     batch = inputs[0].shape[0]
-    m = max(1, min(micro_batches, batch))
+    m = micro_batch_count(batch, micro_batches)
     pieces = [torch.tensor_split(t, m) for t in inputs]  # pieces[k][i]: input k of micro-batch i
     first_rows = [0, *itertools.accumulate(len(p) for p in pieces[0][:-1])]
     seeds: list[list[torch.Tensor]] = [[] for _ in stages]  # per stage, the dropout seeds its first micro-batch drew

@@ -83,9 +83,10 @@ class GracefulStop(Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # gradients of this batch wait for the next ones: no step to save yet
         # Lightning raises SIGTERMException once this batch is done (every rank, it broadcasts the signal).
-        # Any rank's signal stops every rank, each naming the signal that came.
-        signals = torch.tensor([self.requested, bool(getattr(trainer, "received_sigterm", False))])
-        sigint, sigterm = reduce_flags(trainer, signals, torch.distributed.ReduceOp.MAX).tolist()
+        sigint, sigterm = self.requested, bool(getattr(trainer, "received_sigterm", False))
+        if trainer.world_size > 1:  # any rank's signal stops every rank, each naming the signal that came
+            signals = reduce_flags(trainer, torch.tensor([sigint, sigterm]), torch.distributed.ReduceOp.MAX)
+            sigint, sigterm = signals.tolist()
         if not (sigint or sigterm) or self.summary:
             return
         path = self._checkpoint_dir(trainer) / self.filename

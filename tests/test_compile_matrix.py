@@ -351,3 +351,25 @@ def test_linear_cross_entropy_keeps_float64_under_autocast_as_f_linear_does(mode
     out_ref, grads_ref = float64_reference(CASES["linear_cross_entropy"], (hidden, weight, bias), (target,),
                                            upstream(out), False)
     compare(out, grads, out_ref, grads_ref, torch.float64, f"float64 under autocast, {mode}")
+
+
+def _permuted(t: torch.Tensor) -> torch.Tensor:
+    """The same values, dense but with the feature dimension outermost in memory (a transposed activation)."""
+    return t.detach().permute(2, 0, 1).contiguous().permute(1, 2, 0).requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "bias_gelu", "dropout_add_layer_norm", "dropout"])
+def test_inductor_takes_a_permuted_input(name):
+    """The fakes give the layout the kernels write (contiguous): inductor checks the strides the fake announced, and
+    a fake that kept a permuted input's strides (empty_like) failed its assertion on the real output."""
+    case = CASES[name]
+    grad_inputs, other_inputs = case.make(4, torch.float32)
+    x = _permuted(grad_inputs[0])
+    assert not x.is_contiguous() and x.stride(-1) != 1
+    grad_inputs = (x, *grad_inputs[1:])
+    torch._dynamo.reset()
+    compiled = torch.compile(case.op, fullgraph=True, backend="inductor")
+    with torch._inductor.config.patch(fallback_random=True):
+        out, grads = forward_backward(compiled, grad_inputs, other_inputs, False)
+    out_ref, grads_ref = float64_reference(case, grad_inputs, other_inputs, upstream(out), False)
+    compare(out, grads, out_ref, grads_ref, torch.float32, f"{name} inductor, permuted input")

@@ -82,7 +82,7 @@ def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> tor
 @_bias_gelu_fwd.register_fake
 def _(x, bias, approximate):
     torch._check(bias.shape == x.shape[-1:], lambda: f"hetrain.bias_gelu: bias {bias.shape} vs x {x.shape}")
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the kernels write it (empty_like would keep x's strides)
 
 
 @op("hetrain::bias_gelu_bwd")
@@ -95,7 +95,7 @@ def _bias_gelu_bwd(
 
 @_bias_gelu_bwd.register_fake
 def _(dy, x, bias, approximate):
-    return torch.empty_like(x), torch.empty_like(bias)
+    return x.new_empty(x.shape), bias.new_empty(bias.shape)
 
 
 def _setup_context(ctx, inputs, output):

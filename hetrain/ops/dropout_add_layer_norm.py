@@ -171,7 +171,7 @@ def _(x, residual, weight, bias, seed, p, eps):
     torch._check(residual.shape == x.shape, lambda: f"hetrain.dropout_add_layer_norm: residual {residual.shape} "
                  f"vs x {x.shape}")
     stats = compute_dtype(x.dtype)
-    return torch.empty_like(x), x.new_empty(row_count(x), dtype=stats), x.new_empty(row_count(x), dtype=stats)
+    return x.new_empty(x.shape), x.new_empty(row_count(x), dtype=stats), x.new_empty(row_count(x), dtype=stats)
 
 
 @op("hetrain::dropout_add_layer_norm_bwd", tags=HOST_SEEDED)
@@ -187,7 +187,7 @@ def _dropout_add_layer_norm_bwd(
 @_dropout_add_layer_norm_bwd.register_fake
 def _(dy, x, residual, weight, mean, rstd, seed, p, has_bias):
     n = x.shape[-1]
-    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(n if weight is not None else 0),
+    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(n if weight is not None else 0),
             x.new_empty(n if has_bias else 0))
 
 

@@ -36,7 +36,8 @@ class TorchBackend:
         """x (M, N) rows -> y (M, N) in x's dtype, and the mean and rstd (M,) backward reads, in compute_dtype."""
         stats = compute_dtype(x.dtype)
         xf = x.to(stats)
-        var, mean = torch.var_mean(xf, dim=-1, correction=0)
+        # No statistics to take of no values (var_mean would warn about its degrees of freedom).
+        var, mean = torch.var_mean(xf, dim=-1, correction=0) if xf.numel() else (xf.sum(-1), xf.sum(-1))
         rstd = torch.rsqrt(var + eps)
         y = (xf - mean[:, None]) * rstd[:, None]
         if weight is not None:

@@ -140,6 +140,51 @@ def test_torch_func_grad_equals_autograds_and_nested_transforms_are_refused_nami
             torch.func.hessian(loss)(args[i])
 
 
+# vmap and jit.trace refuse a random draw themselves; vmap's per-sample fallback cannot run linear_cross_entropy's
+# chunks (written into a preallocated buffer) or BatchNorm's statistics kernel, and linear_cross_entropy's forward
+# depends on which inputs need gradients, which jit.trace's no-grad check run sees as another graph.
+VMAPPED = ["layer_norm", "rms_norm", "bias_gelu"]
+TRACED = [o for o in OPS if "dropout" not in o and o != "linear_cross_entropy"]
+
+
+def _batched_loss(op):
+    """(loss of one sample's input, a batch of three samples): the op's first tensor input, one more dimension."""
+    args = list(inputs(requires_grad=False))
+    i = 4 if op == "bn_relu_pool" else 0
+
+    def loss(x):
+        return calls(*args[:i], x, *args[i + 1:])[op]().square().sum()
+
+    return loss, torch.stack([args[i] * (k + 1) for k in range(3)])
+
+
+@pytest.mark.parametrize("op", VMAPPED)
+def test_vmap_with_gradients_on_gives_each_samples_value_and_gradient(op):
+    """vmap under autograd (not inside torch.func.grad): the op's Function runs per sample (torch's batching
+    fallback), as a loop over the samples would; torch refused it with no vmap rule for a Function."""
+    loss, xs = _batched_loss(op)
+    xs.requires_grad_()
+    values = torch.vmap(loss)(xs)
+    (grads,) = torch.autograd.grad(values.sum(), xs)
+    for k in range(len(xs)):
+        x = xs[k].detach().requires_grad_()
+        value = loss(x)
+        torch.testing.assert_close(values[k], value)
+        torch.testing.assert_close(grads[k], torch.autograd.grad(value, x)[0])
+
+
+@pytest.mark.parametrize("op", TRACED)
+def test_jit_trace_records_the_custom_op_so_the_trace_trains(op):
+    """A trace of the kernels themselves would hold no autograd (a traced module trained nothing), and one taken with
+    gradients differed from torch's no-grad check run: the trace records the custom op, whose autograd is registered."""
+    loss, xs = _batched_loss(op)
+    x = xs[1].detach().requires_grad_()
+    traced = torch.jit.trace(loss, (x,))  # checks the trace by running it again without gradients
+    (grad,) = torch.autograd.grad(traced(x), x)
+    (expected,) = torch.autograd.grad(loss(x), x)
+    torch.testing.assert_close(grad, expected)
+
+
 CPP_OPS = [o for o in OPS if o != "linear_cross_entropy"]  # its chunk loop lives in Python
 CPP_NODES = {"layer_norm": "LayerNorm", "rms_norm": "RmsNorm", "bias_gelu": "BiasGelu", "dropout": "Dropout",
              "dropout_add_layer_norm": "DropoutAddLayerNorm", "bn_relu_pool": "BnReluPool"}

@@ -99,8 +99,12 @@ def _functorch_level() -> int | None:
 
 def _route(args: Sequence[Any]) -> str:
     """"custom" while a graph is traced or for a tensor subclass, "functorch" under a ``torch.func``
-    transform, "body" when no argument needs a gradient (or grad mode is off), "function" otherwise."""
-    if torch.compiler.is_compiling():
+    transform, "body" when no argument needs a gradient (or grad mode is off), "function" otherwise.
+
+    ``torch.jit.trace`` records the custom op too: the body's kernels have no autograd of their own, so a
+    trace of them would train nothing, and one taken with gradients would differ from its no-grad check run.
+    """
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return "custom"
     if _functorch_level() is not None:
         return "functorch"
@@ -169,9 +173,11 @@ class Op:
         self._function = type(name, (torch.autograd.Function,), {
             "forward": staticmethod(forward), "backward": staticmethod(scoped_backward)})
         # torch.func's transforms take only the setup_context form: the slower binding is paid there alone.
+        # generate_vmap_rule: under vmap the body and backward run per sample (torch's batching fallback),
+        # as the body alone does under vmap without gradients.
         self._functorch = type(name, (torch.autograd.Function,), {
             "forward": staticmethod(body), "setup_context": staticmethod(scoped_setup_context),
-            "backward": staticmethod(scoped_backward)})
+            "backward": staticmethod(scoped_backward), "generate_vmap_rule": True})
 
     def __call__(self, *args: Any) -> Any:
         route = _route(args)

@@ -93,6 +93,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"hetrain: data.max_len={data_len} is longer than model.max_len={model_len}, the model's "
                          "position table; raise model.max_len or lower data.max_len")
     _check_counts(cfg)
+    _check_windows(cfg)
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
         # The fit runs in processes this one starts; their callbacks' numbers never come back to it.
@@ -126,6 +127,21 @@ def _check_counts(cfg: DictConfig) -> None:
         raise ValueError(f"hetrain: trainer.val_check_interval={interval} counts training batches and is not a "
                          f"multiple of trainer.accumulate_grad_batches={accumulate}: its validations and checkpoints "
                          f"would fall inside an accumulation window; set it to {low} or {low + accumulate}")
+
+
+def _check_windows(cfg: DictConfig) -> None:
+    """A token budget that holds no whole sequence, and windows that would skip tokens, named by their settings
+    (the sampler and the window cutter only see numbers, after the model and the corpus were built)."""
+    max_len, stride = OmegaConf.select(cfg, "data.max_len"), OmegaConf.select(cfg, "data.stride")
+    max_tokens = OmegaConf.select(cfg, "data.max_tokens")
+    ring = OmegaConf.select(cfg, "data.loader", default="ring") == "ring"
+    if ring and isinstance(max_len, int) and isinstance(max_tokens, int) and max_tokens < max_len:
+        raise ValueError(f"hetrain: data.max_tokens={max_tokens} is smaller than data.max_len={max_len}: a batch must "
+                         f"hold at least one whole sequence; set data.max_tokens>={max_len} or lower data.max_len")
+    if isinstance(max_len, int) and isinstance(stride, int) and not 1 <= stride <= max_len:
+        raise ValueError(f"hetrain: data.stride={stride} must be in [1, data.max_len={max_len}]: windows start "
+                         f"stride tokens apart, so a larger stride skips tokens; set data.stride<={max_len} "
+                         f"(e.g. data.stride={max(1, max_len * 3 // 4)} overlaps windows by a quarter)")
 
 
 def _planned(cfg: DictConfig) -> dict[str, object] | str:

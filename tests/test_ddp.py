@@ -239,3 +239,49 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_under_a_loss_scaler(tmp_p
                    timeout=300)
     verdicts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert verdicts[0] == verdicts[1] == {"stopped_at": 5, "nonfinite": 3}, verdicts
+
+
+VALIDATE_ON_TWO_RANKS = '''
+import json, sys
+import pytorch_lightning as pl
+import torch
+from hetrain.data.datamodule import SyntheticDataModule
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    data = SyntheticDataModule(vocab_size=64, num_classes=3, min_len=8, max_len=24, train_size=16, val_size=90,
+                               max_tokens=160, seed=4)
+    torch.manual_seed(1)
+    model = BertClassifier(vocab_size=64, num_classes=3, hidden=16, layers=1, heads=2, max_len=32, dropout=0.0)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=sys.argv[1])
+    (metrics,) = trainer.validate(ClassificationTask(model, num_classes=3), datamodule=data)
+    if trainer.global_rank == 0:
+        torch.save(model.state_dict(), f"{sys.argv[1]}/model.pt")
+        with open(f"{sys.argv[1]}/metrics.json", "w") as f:
+            json.dump(metrics, f)
+'''
+
+
+def test_validation_metrics_under_ddp_cover_every_ranks_samples(tmp_path):
+    """val/loss was rank 0's own mean (half the samples): it is the mean over every sample, as one process gives;
+    val/acc the share of samples classified right."""
+    run_two_ranks(VALIDATE_ON_TWO_RANKS, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    data = SyntheticDataModule(vocab_size=64, num_classes=3, min_len=8, max_len=24, train_size=16, val_size=90,
+                               max_tokens=160, seed=4)
+    data.setup()
+    model = BertClassifier(vocab_size=64, num_classes=3, hidden=16, layers=1, heads=2, max_len=32, dropout=0.0)
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    model.eval()
+    losses, right = [], []
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            losses.append(F.cross_entropy(logits, batch["labels"], reduction="none"))
+            right.append(logits.argmax(-1) == batch["labels"])
+    assert len(torch.cat(losses)) == 90
+    assert metrics["val/loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
+    assert metrics["val/acc"] == pytest.approx(torch.cat(right).float().mean().item(), abs=1e-6)

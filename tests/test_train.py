@@ -436,6 +436,10 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["+trainer.strategy=ddp_spawn"], "trainer.strategy=ddp_spawn trains in processes whose callbacks"),
     (["recipe=longseq_ringbuffer", "data.path=/nonexistent/corpus.jsonl"],
      "data.path=/nonexistent/corpus.jsonl does not exist"),
+    # The sampler's advice was to cut documents into windows, which they were; the recipe's stride was not named.
+    (["recipe=longseq_ringbuffer", "data.max_tokens=64"],
+     "data.max_tokens=64 is smaller than data.max_len=128: a batch must hold at least one whole sequence"),
+    (["recipe=longseq_ringbuffer", "data.max_len=64"], "data.stride=96 must be in [1, data.max_len=64]"),
 ])
 def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(overrides, message, tmp_path):
     """Each failed inside torch's sampler, Lightning's loop (ZeroDivisionError) or a tokenizer, after the model was

@@ -48,7 +48,9 @@ class ClassificationTask(pl.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.input_keys = tuple(getattr(model, "input_keys", TEXT_INPUTS))
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes)
+        # The share of sequences classified right (torchmetrics' default is the mean over classes, which
+        # differs whenever the classes are unbalanced, as windows of long documents are).
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._window = WindowNormaliser()
 
     def stages(self) -> dict[str, nn.Module]:
@@ -109,7 +111,8 @@ class ClassificationTask(pl.LightningModule):
         loss, logits = self._loss(batch)
         self.val_acc(logits, batch["labels"])
         n = len(batch["labels"])
-        self.log("val/loss", loss, prog_bar=True, batch_size=n)
+        # sync_dist: every rank's windows count (Lightning adds the weighted sums and the batch sizes).
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=n)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

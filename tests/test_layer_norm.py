@@ -203,12 +203,25 @@ def test_patch_keeps_a_norm_two_parents_share_one_module():
     norm = torch.nn.LayerNorm(8)
     model = torch.nn.Module()
     model.a, model.b = torch.nn.Sequential(norm), torch.nn.Sequential(norm)
+    model.c = model.d = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())  # one run, two paths
     paths = [name for name, _ in model.named_modules()]
     report = hetrain.nn.patch(model)
     # It was swapped at one path only: two modules where there was one, b's unfused, and a second patch not empty.
-    assert set(report.swapped) == {"a.0", "b.0"} and model.a[0] is model.b[0]
+    assert set(report.swapped) == {"a.0", "b.0", "c.0", "d.0"} and model.a[0] is model.b[0]
     assert isinstance(model.a[0], hetrain.nn.LayerNorm) and model.a[0].weight is norm.weight
     assert [name for name, _ in model.named_modules()] == paths and len(hetrain.nn.patch(model)) == 0
+    # Each shared thing counted and listed once, with its other paths (the run was listed at c alone, the norm at
+    # both, and the count said 3).
+    assert len(report) == 2 and report.also == {"b.0": "a.0", "d.0": "c.0"}
+    assert str(report).splitlines()[0] == "hetrain.nn.patch: swapped 2 module(s)"
+    assert "  a.0 (also b.0): LayerNorm -> " in str(report) and "  c.0 (also d.0): Linear -> GELU" in str(report)
+
+
+@pytest.mark.parametrize("norm, fused", [(torch.nn.LayerNorm(8), "LayerNorm"), (torch.nn.RMSNorm(8), "RMSNorm")])
+def test_patch_of_a_bare_norm_names_the_fused_twin_to_use(norm, fused):
+    # It reported "nothing to swap" where the only thing to swap could not be replaced in place.
+    with pytest.raises(ValueError, match=rf"the model itself is a torch.nn.{fused}.*hetrain.nn.{fused}.from_torch"):
+        hetrain.nn.patch(norm)
 
 
 def test_zero_width_rows_and_transposed_input_under_compile():

@@ -24,8 +24,8 @@ class BiasGELU(torch.nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.approximate = approximate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's own argument name
+        y = F.linear(input, self.weight)
         if self.bias is None:
             return F.gelu(y, approximate=self.approximate)
         return bias_gelu(y, self.bias, self.approximate)

@@ -106,11 +106,11 @@ class ConvBNReLUPool2d(nn.Sequential):
     def __getitem__(self, idx):
         return _sequential_slice(self, idx) if isinstance(idx, slice) else super().__getitem__(idx)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Sequential's own argument name
         conv, bn, relu, pool = self._modules.values()
         if called_one_by_one([conv, bn, relu, pool]):  # hooks expect each child's call, as in the Sequential
-            return nn.Sequential.forward(self, x)
-        return conv_bn_relu_pool_forward(x, conv, bn, pool)
+            return nn.Sequential.forward(self, input)
+        return conv_bn_relu_pool_forward(input, conv, bn, pool)
 
 
 class ConvReLUPool2d(nn.Sequential):
@@ -146,8 +146,8 @@ class ConvReLUPool2d(nn.Sequential):
     def __getitem__(self, idx):
         return _sequential_slice(self, idx) if isinstance(idx, slice) else super().__getitem__(idx)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Sequential's own argument name
         conv, relu, pool = self._modules.values()
         if called_one_by_one([conv, relu, pool]):  # hooks expect each child's call, as in the Sequential
-            return nn.Sequential.forward(self, x)
-        return conv_relu_pool_forward(x, conv, pool)
+            return nn.Sequential.forward(self, input)
+        return conv_relu_pool_forward(input, conv, pool)

@@ -15,9 +15,9 @@ class Dropout(torch.nn.Dropout):
     does, so code that goes on using ``x`` sees the dropout (the kernel still writes a new tensor first).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = dropout(x, self.p, self.training)
-        return x.copy_(out) if self.inplace and out is not x else out
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Dropout's own argument name
+        out = dropout(input, self.p, self.training)
+        return input.copy_(out) if self.inplace and out is not input else out
 
     @classmethod
     def from_torch(cls, module: torch.nn.Dropout) -> Dropout:

@@ -12,11 +12,11 @@ from hetrain.ops.layer_norm import layer_norm
 class LayerNorm(torch.nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm``; a multi-dimensional ``normalized_shape`` is flattened."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = normalized_rows("LayerNorm", x, self.normalized_shape)
-        if rows is x:
-            return layer_norm(x, self.weight, self.bias, self.eps)
-        return layer_norm(rows, flat(self.weight), flat(self.bias), self.eps).view(x.shape)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.LayerNorm's own argument name
+        rows = normalized_rows("LayerNorm", input, self.normalized_shape)
+        if rows is input:
+            return layer_norm(input, self.weight, self.bias, self.eps)
+        return layer_norm(rows, flat(self.weight), flat(self.bias), self.eps).view(input.shape)
 
     @classmethod
     def from_torch(cls, module: torch.nn.LayerNorm) -> LayerNorm:

@@ -26,18 +26,23 @@ SWAPS: dict[type, Callable[[torch.nn.Module], torch.nn.Module]] = {
 
 @dataclass
 class PatchReport:
-    """What ``patch`` swapped: module path -> "OldType -> NewType"."""
+    """What ``patch`` swapped: module path -> "OldType -> NewType"; ``also``: a further path of a module (or run)
+    held at several -> the path it is listed under first."""
 
     swapped: dict[str, str] = field(default_factory=dict)
+    also: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.swapped)
+        return len(self.swapped) - len(self.also)  # modules and runs, each once however many paths hold it
 
     def __str__(self) -> str:
         if not self.swapped:
             return "hetrain.nn.patch: nothing to swap"
-        lines = [f"hetrain.nn.patch: swapped {len(self.swapped)} module(s)"]
-        lines += [f"  {path}: {change}" for path, change in self.swapped.items()]
+        lines = [f"hetrain.nn.patch: swapped {len(self.swapped) - len(self.also)} module(s)"]
+        for path, change in self.swapped.items():
+            if path not in self.also:
+                others = [other for other, first in self.also.items() if first == path]
+                lines.append(f"  {path}{' (also ' + ', '.join(others) + ')' if others else ''}: {change}")
         return "\n".join(lines)
 
 
@@ -47,16 +52,27 @@ def patch(model: torch.nn.Module) -> PatchReport:
     A module held at several paths (one LayerNorm shared by two parents) becomes one fused module at all of
     them, so it stays shared and a second ``patch`` finds nothing left to swap.
     """
+    convert = SWAPS.get(type(model))
+    if convert is not None:
+        raise ValueError(f"hetrain.nn.patch: the model itself is a torch.nn.{type(model).__name__}, which patch "
+                         f"cannot replace in place (it swaps submodules); use "
+                         f"hetrain.nn.{convert.__self__.__name__}.from_torch(model), which "
+                         "shares its parameters")
     report = PatchReport()
     report.swapped.update(swap_sequences(model))
     fused: dict[int, torch.nn.Module] = {}  # id of a torch module -> its twin, made once
     for path, module in list(model.named_modules(remove_duplicate=False)):
         convert = SWAPS.get(type(module))
-        if convert is None or not path:
+        if convert is None:
             continue
         if id(module) not in fused:
             fused[id(module)] = convert(module)
         new = fused[id(module)]
         model.set_submodule(path, new)
         report.swapped[path] = f"{type(module).__name__} -> {type(new).__module__}.{type(new).__name__}"
+    first: dict[int, str] = {}  # a swapped module (a run: its first child) -> the first path it is listed under
+    for path in report.swapped:
+        first_path = first.setdefault(id(model.get_submodule(path)), path)
+        if first_path != path:
+            report.also[path] = first_path
     return report

@@ -72,7 +72,8 @@ def _run_at(modules: list[nn.Module], i: int) -> _Run | None:
 class FusedSequential(nn.Sequential):
     """An ``nn.Sequential`` whose fusable runs of children run through hetrain's kernels (module docstring)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Sequential's own argument name
+        x = input
         modules = list(self._modules.values())
         i = 0
         while i < len(modules):
@@ -87,19 +88,31 @@ class FusedSequential(nn.Sequential):
 
 
 def swap_sequences(model: nn.Module) -> dict[str, str]:
-    """Makes every Sequential with a fusable run a FusedSequential; returns {path of each run's first child: run}."""
+    """Makes every Sequential with a fusable run a FusedSequential; returns {path of each run's first child: run},
+    a Sequential held at several paths listed at each."""
     report: dict[str, str] = {}
-    for path, seq in list(model.named_modules()):
-        if type(seq) is not nn.Sequential:
-            continue
-        names, modules = list(seq._modules), list(seq._modules.values())
-        i = 0
-        while i < len(modules):
-            run = _run_at(modules, i)
-            if run is None:
-                i += 1
+    runs: dict[int, list[tuple[str, str]]] = {}  # id of a Sequential -> its runs' (first child's name, run)
+    for path, seq in list(model.named_modules(remove_duplicate=False)):
+        if id(seq) not in runs:
+            if type(seq) is not nn.Sequential:
                 continue
-            report[f"{path}.{names[i]}" if path else names[i]] = run.describe()
-            seq.__class__ = FusedSequential
-            i += len(run.types)
+            runs[id(seq)] = _fuse_runs(seq)
+        for name, run in runs[id(seq)]:
+            report[f"{path}.{name}" if path else name] = run
     return report
+
+
+def _fuse_runs(seq: nn.Sequential) -> list[tuple[str, str]]:
+    """Makes ``seq`` a FusedSequential if it holds a fusable run; returns each run's (first child's name, run)."""
+    found = []
+    names, modules = list(seq._modules), list(seq._modules.values())
+    i = 0
+    while i < len(modules):
+        run = _run_at(modules, i)
+        if run is None:
+            i += 1
+            continue
+        found.append((names[i], run.describe()))
+        seq.__class__ = FusedSequential
+        i += len(run.types)
+    return found

@@ -50,11 +50,12 @@ def _task(seed: int = 0) -> ClassificationTask:
     return ClassificationTask(model, num_classes=4)
 
 
-def _fit(task: ClassificationTask, **data) -> FirstWindow:
+def _fit(task: ClassificationTask, limit_train_batches: int | None = None, **data) -> FirstWindow:
     window = FirstWindow()
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=ACCUMULATE, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[window])
+                         num_sanity_val_steps=0, limit_val_batches=0, limit_train_batches=limit_train_batches,
+                         callbacks=[window])
     trainer.fit(task, **data)
     return window
 
@@ -69,9 +70,9 @@ def _grads(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], weigh
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _check_window(task_before: ClassificationTask, window: FirstWindow) -> None:
+def _check_window(task_before: ClassificationTask, window: FirstWindow, batches: int = ACCUMULATE) -> None:
     sizes = [len(b["labels"]) for b in window.batches]
-    assert len(sizes) == ACCUMULATE and len(set(sizes)) > 1, sizes  # unequal batches, else the test cannot fail
+    assert len(sizes) == batches and len(set(sizes)) > 1, sizes  # unequal batches, else the test cannot fail
     exact = _grads(copy.deepcopy(task_before.model), window.batches, weigh_batches_equally=False)
     naive = _grads(copy.deepcopy(task_before.model), window.batches, weigh_batches_equally=True)
     assert any(not torch.allclose(exact[n], naive[n], rtol=1e-3, atol=1e-6) for n in exact)
@@ -86,6 +87,17 @@ def test_accumulated_token_budget_batches_give_the_big_batch_gradient():
     before = copy.deepcopy(task)
     window = _fit(task, datamodule=data)
     _check_window(before, window)
+
+
+def test_an_epoch_cut_short_by_limit_train_batches_ends_its_window_there():
+    """Lightning steps after the epoch's last batch, the one limit_train_batches cuts it at: that window holds two
+    batches here, and its loss was divided by the samples of a third batch that never ran."""
+    data = SyntheticDataModule(train_size=96, val_size=8, min_len=4, max_len=40, max_tokens=160, seed=2,
+                               vocab_size=64, num_classes=4)
+    task = _task()
+    before = copy.deepcopy(task)
+    window = _fit(task, limit_train_batches=ACCUMULATE - 1, datamodule=data)
+    _check_window(before, window, batches=ACCUMULATE - 1)
 
 
 def test_a_dataloader_with_a_short_last_batch_weighs_each_sample_once():

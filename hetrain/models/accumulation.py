@@ -62,7 +62,9 @@ class WindowNormaliser:
                 self._warned = True
             return 1.0 / batch_items
         start = batch_idx // k * k  # Lightning steps after batches k-1, 2k-1, ... and after the epoch's last
-        num_items = float(self._items[start : start + k].sum())
+        # The epoch's last batch is the plan's, or the one limit_train_batches cuts it at (the window ends there).
+        end = min(start + k, trainer.num_training_batches)
+        num_items = float(self._items[start : int(end)].sum())
         if num_items < batch_items:
             raise RuntimeError(
                 f"hetrain: the loader's batch plan gives {num_items:g} samples to the accumulation window of batch "

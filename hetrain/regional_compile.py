@@ -41,9 +41,11 @@ def compile_stages(stages: Mapping[str, nn.Module], mode: str = "default", backe
             "stages": len(stages) - len(eager), "eager": eager}
 
 
-def compile_counts() -> dict[str, int]:
-    """Graphs compiled in this process and the graph breaks met (each a part left to eager), from dynamo's
-    counters: a person sees whether the stages compiled whole."""
+def compile_counts(since: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Graphs compiled and graph breaks met (each a part left to eager), from dynamo's counters, since the counts
+    ``since`` (an earlier call's) where given: a person sees whether the stages compiled whole. The counters are the
+    process's, so a sweep's later jobs would count the earlier jobs' graphs too."""
     counters = torch._dynamo.utils.counters
-    breaks = sum(counters["graph_break"].values())
-    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(breaks)}
+    counts = {"graphs": int(counters["stats"]["unique_graphs"]),
+              "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {key: value - (since or {}).get(key, 0) for key, value in counts.items()}

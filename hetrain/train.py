@@ -62,6 +62,7 @@ class Parts:
     recorder: RunRecorder
     trainer: pl.Trainer
     compiled: dict[str, Any] | None = None  # the compile settings applied, None when off
+    counts_before_compile: dict[str, int] | None = None  # dynamo's counters are the process's: a sweep's earlier jobs
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -189,9 +190,10 @@ def build(cfg: DictConfig) -> Parts:
     check_plan(cfg, model)
     datamodule = _instantiate(cfg.data, "data")
     task = _instantiate(cfg.task, "task", model=model)
-    compiled = None
+    compiled = counts_before = None
     if cfg.get("compile") and cfg.compile.enabled:
         settings = {k: v for k, v in OmegaConf.to_container(cfg.compile).items() if k != "enabled"}
+        counts_before = compile_counts()
         compiled = compile_stages(task.stages(), **settings)
         eager = ", ".join(compiled["eager"])
         left = f"; left eager (sparse-gradient embeddings): {eager}" if eager else ""
@@ -219,7 +221,7 @@ def build(cfg: DictConfig) -> Parts:
                            **precision, **saving)
     # What the Trainer runs, which Lightning may have changed: 16-mixed on a CPU becomes bf16-mixed.
     log.info(f"Precision: {precision['plugins'][0] if 'plugins' in precision else trainer.precision}")
-    return Parts(datamodule, task, callbacks, recorder, trainer, compiled)
+    return Parts(datamodule, task, callbacks, recorder, trainer, compiled, counts_before)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -243,7 +245,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary = parts.recorder.summary(parts.trainer)
         summary["precision"] = str(parts.trainer.precision)
         if parts.compiled is not None:
-            summary["compile"] = {**parts.compiled, **compile_counts()}
+            summary["compile"] = {**parts.compiled, **compile_counts(since=parts.counts_before_compile)}
         summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}
     if hasattr(parts.datamodule, "loader_summary"):  # slot and pinned bytes, fixed for the whole run
         summary["data"] = parts.datamodule.loader_summary()

@@ -53,7 +53,9 @@ def is_number(value: object) -> bool:
 
 def eps_value(op: str, eps: object) -> float:
     """``eps`` as a float: a finite number >= 0. A NaN used to pass a ``< 0`` check and give NaN outputs."""
-    if not is_number(eps) or not math.isfinite(eps) or eps < 0:
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) eps may be a symbolic float, which they guard
+    # on and isfinite cannot trace (a graph break). NaN fails both.
+    if not is_number(eps) or not 0 <= eps < math.inf:
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 

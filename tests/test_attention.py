@@ -36,6 +36,15 @@ def test_short_cpu_bf16_attention_is_torchs_float32_kernel_rounded_once(autocast
         assert g.dtype == q.dtype and torch.equal(g.float(), g_ref.bfloat16().float())
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-inputs", "bf16-autocast"])
+def test_an_additive_mask_of_the_inputs_dtype_works_as_a_boolean_one(autocast):
+    """SDPA takes a float mask of q's dtype; the float32 path refused the bf16 one bf16 inputs come with."""
+    q, k, v, keep = qkv(CPU_FLOAT32_MAX_KEYS - 3, dtype=torch.float32 if autocast else torch.bfloat16)
+    additive = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert torch.equal(attention(q, k, v, attn_mask=additive), attention(q, k, v, attn_mask=keep))
+
+
 @pytest.mark.parametrize("case", ["long", "float32", "dropout"])
 def test_everything_else_is_torchs_sdpa_as_called(case):
     keys = CPU_FLOAT32_MAX_KEYS + 5 if case == "long" else 40

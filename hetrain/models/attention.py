@@ -47,5 +47,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
         # Rounded to bf16 first, as autocast would hand them to a bf16 kernel: the same result for bf16 inputs
         # and for float32 ones under autocast.
         q, k, v = (t.to(dtype).float() for t in (q, k, v))
+        if attn_mask is not None and attn_mask.is_floating_point():  # an additive mask: SDPA wants q's dtype
+            attn_mask = attn_mask.to(dtype).float()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return y.to(dtype)

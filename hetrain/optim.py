@@ -29,6 +29,10 @@ def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad]
 
 
+# torch's AdamW options the lazy step does not implement: refused in a sparse group rather than ignored.
+UNSUPPORTED_SPARSE_OPTIONS = ("maximize", "amsgrad", "capturable", "differentiable", "foreach", "fused")
+
+
 class SparseAwareAdamW(torch.optim.Optimizer):
     """AdamW whose ``sparse=True`` groups take sparse gradients and update only the rows they name."""
 
@@ -50,6 +54,12 @@ class SparseAwareAdamW(torch.optim.Optimizer):
             self._dense.state = self.state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("sparse"):
+            unsupported = [key for key in UNSUPPORTED_SPARSE_OPTIONS if param_group.get(key)]
+            if unsupported:
+                raise ValueError(f"hetrain.SparseAwareAdamW: a sparse=True group takes lr, betas, eps and "
+                                 f"weight_decay; its lazy step has no {', '.join(unsupported)}: leave it out of that "
+                                 "group, or put the table in a dense group (nn.Embedding(sparse=False))")
         super().add_param_group(param_group)
         if hasattr(self, "_fused"):  # after __init__ (e.g. unfreezing): a dense group added now must step too
             self._share_with_dense()

@@ -50,6 +50,23 @@ def test_each_backend_matches_the_reference_over_steps(backend, dtype):
         torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_table_on_the_cpu_backend_steps_as_the_reference(dtype):
+    """The C++ kernel takes float32/float64: a bf16-true run's table failed there (a warning each run, an error
+    under strict backends); it steps through the reference instead."""
+    p = table(dtype=dtype).detach()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    p_ref, m_ref, v_ref = p.clone(), m.clone(), v.clone()
+    grad = sparse_grad(*p.shape, 20, dtype, seed=1)
+    with plugins.use_backend(**{OP: "cpu"}):  # a pinned backend that fails raises
+        sparse_adamw_(p, m, v, grad, 1, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    c = grad.coalesce()
+    sparse_adamw_ref(p_ref, m_ref, v_ref, c.indices()[0], c.values(), 1, 1e-2, 0.8, 0.95, 1e-6, 0.1)
+    assert not torch.equal(p, table(dtype=dtype).detach())
+    for got, want in ((p, p_ref), (m, m_ref), (v, v_ref)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def step_side_by_side(backend, mine, torchs, grads, as_torchs):
     """Steps hetrain's optimizer and torch's through the same gradients; the parameters must agree."""
     (p, ours), (q, theirs) = mine, torchs
@@ -249,6 +266,16 @@ def test_a_dense_group_added_later_steps_like_the_first():
     before = model[2].weight.detach().clone()
     train(model, opt, 1, seed=0)
     assert not torch.equal(model[2].weight, before), "the added group was never stepped"
+
+
+@pytest.mark.parametrize("option", ["maximize", "amsgrad"])
+def test_an_adamw_option_the_lazy_step_lacks_is_refused_in_a_sparse_group(option):
+    # It was ignored: a sparse group with maximize=True minimised.
+    weight = nn.Embedding(8, 4, sparse=True).weight
+    with pytest.raises(ValueError, match=f"a sparse=True group takes lr, betas, eps and weight_decay; its lazy step "
+                                         f"has no {option}"):
+        SparseAwareAdamW([{"params": [weight], "sparse": True, option: True}])
+    SparseAwareAdamW([{"params": [weight], "sparse": False, option: True}])  # torch's AdamW takes it in a dense group
 
 
 def test_a_state_saved_by_torch_adamw_loads_and_a_sparse_grad_in_a_dense_group_is_named():

@@ -33,7 +33,8 @@ class ClassificationTask(pl.LightningModule):
     Batches are dicts holding ``labels`` (B,) and the model's inputs: the entries its ``input_keys``
     names, in order (``images`` for :class:`~hetrain.models.resnet.ResNet`), or else ``input_ids`` and
     ``attention_mask`` (B, T). The training loss stays exact under gradient accumulation and across
-    ranks with batches of unequal size (:mod:`hetrain.models.accumulation`).
+    ranks with batches of unequal size (:mod:`hetrain.models.accumulation`); ``train/loss`` is what a progress bar
+    shows, each batch's mean loss on this rank (under accumulation the logged step's last batch).
     """
 
     def __init__(

@@ -182,13 +182,45 @@ def test_a_copy_into_collate_that_would_lose_values_or_omit_a_field_is_named():
     def halves(items):  # float values for an integer field: copy_ would truncate them
         return {"x": torch.tensor([float(item["input_ids"][0]) + 0.5 for item in items])}
 
+    def wide(items):  # int64 values an int16 field would wrap: 2**40 + i -> i, 70000 -> 4464
+        return {"x": torch.tensor([[2**40 + int(item["label"]), 70000] for item in items])}
+
     for collate, message in ((CopyInto(halves, {"x": (torch.int64, 8)}), r"'x' is torch.float32, which its "
                               r"torch.int64 slot field cannot hold without loss"),
+                             (CopyInto(wide, {"x": (torch.int16, 16)}), r"'x' holds values from 70000 to "
+                              r"10995116277\d\d, outside the range of its torch.int16 slot field \[-32768, 32767\]"),
                              (CopyInto(halves, {"x": (torch.float32, 8), "y": (torch.int64, 8)}),
                               r"the collate returned no \['y'\] though the spec declares it")):
         with RingLoader(ds, sampler, collate=collate, num_workers=1) as loader:
             with pytest.raises(LoaderError, match=message):
                 list_of_copies(loader)
+
+
+class Fractional(torch.utils.data.Dataset):
+    """Float token ids or labels, whole (they fit an int64 field) unless ``fraction``."""
+
+    def __init__(self, ids_fraction=0.0, label_fraction=0.0):
+        self.ids_fraction, self.label_fraction = ids_fraction, label_fraction
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"input_ids": torch.tensor([1.0, 2.0, 3.0]) + self.ids_fraction, "label": 2.0 + self.label_fraction}
+
+
+@pytest.mark.parametrize(("ds", "message"), [
+    (Fractional(ids_fraction=0.5), r"input_ids of row 0 holds non-whole numbers \(such as 1\.5\)"),
+    (Fractional(label_fraction=0.9), r"field 'label' holds non-whole numbers \(such as 2\.9\)"),
+])
+def test_pad_into_refuses_values_it_would_truncate(ds, message):
+    sampler = TokenBudgetBatchSampler([3] * 8, 24, shuffle=False)
+    with RingLoader(ds, sampler, collate=PadInto(24, 8), num_workers=1) as loader:
+        with pytest.raises(LoaderError, match=message):  # copied as 1 and 2 without a word
+            list_of_copies(loader)
+    with RingLoader(Fractional(), sampler, collate=PadInto(24, 8), num_workers=1) as loader:  # whole floats fit
+        batch = list_of_copies(loader)[0]
+    assert batch["input_ids"][0].tolist() == [1, 2, 3] and batch["labels"].tolist() == [2] * 8
 
 
 def test_corrupt_and_truncated_token_files_are_named(tmp_path):

@@ -46,10 +46,45 @@ _DTYPE_NAMES = {
 Spec = dict[str, tuple[torch.dtype, int]]  # field -> (dtype, capacity in elements)
 _END_OF_STREAM = "hetrain: end of stream"
 _UNBOUNDED = 2**62  # batches announced to the ring for a stream: it ends where the data does
+_PAD_INTO_FIX = "PadInto writes integer token ids and labels: fix them in the dataset, or use CopyInto with a spec"
 
 
 class LoaderError(RuntimeError):
     """A producer failed or stalled; the message names the producer and the sample, file or byte range."""
+
+
+def _range(dtype: torch.dtype) -> tuple[float, float]:
+    if dtype == torch.bool:
+        return 0, 1
+    info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+    return info.min, info.max
+
+
+def _holds_all(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether ``dst`` holds every value of ``src``: then a copy needs no look at the values."""
+    if src.is_floating_point and not dst.is_floating_point:
+        return False
+    (lo, hi), (dst_lo, dst_hi) = _range(src), _range(dst)
+    return dst_lo <= lo and hi <= dst_hi
+
+
+def _check_lossless(t: torch.Tensor, dst: torch.dtype, what: str, fix: str) -> None:
+    """Refuses values a ``dst`` slot field cannot hold: ``copy_`` truncates 1.5 to 1 and wraps 2**40 in int16, silently.
+
+    Costs one min/max (and, for floats into integers, a whole-number test), and nothing when ``dst`` holds
+    every value of ``t``'s dtype, as int64 token ids in an int64 field.
+    """
+    if t.numel() == 0 or _holds_all(t.dtype, dst):
+        return
+    if t.is_floating_point() and not dst.is_floating_point and not torch.equal(t, t.trunc()):
+        example = t[t != t.trunc()].flatten()[0].item()
+        raise ValueError(f"hetrain: {what} holds non-whole numbers (such as {example:g}), which its {dst} slot field "
+                         f"would truncate; {fix}")
+    lo, hi = (v.item() for v in torch.aminmax(t))
+    dst_lo, dst_hi = _range(dst)
+    if lo < dst_lo or hi > dst_hi:
+        raise ValueError(f"hetrain: {what} holds values from {lo} to {hi}, outside the range of its {dst} slot "
+                         f"field [{dst_lo}, {dst_hi}], which would wrap or overflow them; {fix}")
 
 
 class PadInto:
@@ -80,12 +115,15 @@ class PadInto:
             if tokens.dim() != 1:
                 raise ValueError(f"hetrain: PadInto takes 1-D input_ids, got shape {tuple(tokens.shape)} in row {r}; "
                                  "use CopyInto(your_collate, spec) for other shapes")
+            _check_lossless(tokens, ids.dtype, f"input_ids of row {r}", _PAD_INTO_FIX)
             n = len(tokens)
             ids[r, :n] = tokens
             mask[r, :n] = True
         shapes = {"input_ids": (rows, cols), "attention_mask": (rows, cols)}
         if self.label_key is not None:
-            out["labels"][:rows] = torch.as_tensor([int(item[self.label_key]) for item in items])
+            labels = torch.as_tensor([item[self.label_key] for item in items])
+            _check_lossless(labels, out["labels"].dtype, f"field {self.label_key!r}", _PAD_INTO_FIX)
+            out["labels"][:rows] = labels
             shapes["labels"] = (rows,)
         return shapes
 
@@ -113,6 +151,8 @@ class CopyInto:
             if not torch.can_cast(t.dtype, out[name].dtype):  # copy_ would truncate 1.5 to 1 without a word
                 raise ValueError(f"hetrain: collate output {name!r} is {t.dtype}, which its {out[name].dtype} slot "
                                  "field cannot hold without loss; declare that dtype in spec or cast in the collate")
+            _check_lossless(t, out[name].dtype, f"collate output {name!r}", "declare a dtype that holds them in "
+                            "spec, or fix the values in the collate")
             out[name][: t.numel()].view(t.shape).copy_(t)
         return {name: tuple(t.shape) for name, t in batch.items()}
 

@@ -223,6 +223,16 @@ def test_pad_into_refuses_values_it_would_truncate(ds, message):
     assert batch["input_ids"][0].tolist() == [1, 2, 3] and batch["labels"].tolist() == [2] * 8
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinning without CUDA")
+def test_pin_memory_without_cuda_warns_and_leaves_the_slots_unpinned():
+    # As torch's DataLoader does; the ring failed with torch's raw "pin_memory=True requires a CUDA ...".
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(20)], 10, shuffle=False)
+    with pytest.warns(UserWarning, match="pin_memory=True, but CUDA is not available: the ring's slots are not pinned"):
+        loader = RingLoader(Flaky(20), sampler, collate=PadInto(10, 10), pin_memory=True)
+    with loader:
+        assert loader.pinned_bytes == 0 and len(list_of_copies(loader)) == len(sampler)
+
+
 def test_corrupt_and_truncated_token_files_are_named(tmp_path):
     docs = [np.full(50, 7), np.array([7, 7, 60000, 7]), np.full(30, 7)]
     tf = write_token_file(tmp_path / "c", docs)

@@ -309,6 +309,19 @@ def _close(shared: _Shared) -> None:
                       "those threads end as soon as their sample returns", RuntimeWarning, stacklevel=2)
 
 
+def _pin_slots(pin_memory: bool | None) -> bool:
+    """Whether the slots are pinned: by default when CUDA is available.
+
+    Asked for without CUDA, pinning warns and is dropped, as in torch's DataLoader (a run set up for a GPU machine
+    still runs here); pinned memory only speeds up copies to a GPU.
+    """
+    if pin_memory and not torch.cuda.is_available():
+        warnings.warn("hetrain: pin_memory=True, but CUDA is not available: the ring's slots are not pinned",
+                      UserWarning, stacklevel=3)
+        return False
+    return torch.cuda.is_available() if pin_memory is None else pin_memory
+
+
 class RingLoader:
     """Iterates batches of ``batch_sampler`` over ``source``, assembled ahead in a ring of host slots.
 
@@ -325,7 +338,8 @@ class RingLoader:
             into the slots: for datasets whose ``__getitem__`` is Python-heavy and would hold the GIL. A
             reader that dies is named at once. 0 reads in the producer threads.
         stall_timeout: seconds without progress after which a producer is reported stalled.
-        pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous.
+        pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous;
+            True without CUDA warns and leaves them unpinned.
         lookahead: batches the consumer fetches before it uses them (Lightning's loops: 0, as this loader has a
             length), so that ``state_dict()`` counts only batches whose step ran.
         pad_id, vocab_size: for token sources: the padding id, and an id bound checked per token (corrupt files).
@@ -368,7 +382,7 @@ class RingLoader:
         if self.streaming and not callable(batch_sampler):
             raise ValueError("hetrain: an iterable dataset is batched in stream order; pass "
                              "batch_sampler=StreamBatches(batch_size=..., max_tokens=...)")
-        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        pin = _pin_slots(pin_memory)
         if self.tokens:
             if collate is not None:
                 raise ValueError("hetrain: a TokenWindows source is gathered in C++; it takes no collate")

@@ -302,6 +302,39 @@ def test_a_stall_in_a_reader_process_names_the_batch_it_holds_up():
     assert multiprocessing.active_children() == []
 
 
+def test_a_stall_in_a_reader_process_names_the_sample_being_read():
+    # Reader mode noted only the batch's first sample (16 here), whichever one was stuck.
+    ds = Flaky(40, slow=19, sleep=30.0)
+    sampler = TokenBudgetBatchSampler([1] * 40, 8, shuffle=False)  # batch 2 is samples 16..23
+    loader = RingLoader(ds, sampler, collate=PadInto(40, 8), num_workers=2, reader_processes=2, stall_timeout=1.0)
+    with pytest.raises(LoaderError, match=r"made no progress for .* while on batch 2, sample 19$"):
+        for _ in loader:
+            pass
+    assert multiprocessing.active_children() == []
+
+
+class Unpicklable(Flaky):
+    """Sample `hooked` holds a lambda, which a reader process cannot send back."""
+
+    def __init__(self, n, hooked):
+        super().__init__(n)
+        self.hooked = hooked
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "hook": (lambda: None) if i == self.hooked else None}
+
+
+def test_a_sample_a_reader_cannot_send_back_is_named():
+    # The message named the last sample of the reader's share of the batch (15 here), not the one that failed.
+    sampler = TokenBudgetBatchSampler([1] * 40, 8, shuffle=False)  # batch 1 is samples 8..15
+    loader = RingLoader(Unpicklable(40, hooked=13), sampler, collate=PadInto(40, 8), num_workers=2, reader_processes=2)
+    with pytest.raises(LoaderError, match=r"batch 1 in a reader process: RuntimeError: sample 13 cannot be sent back "
+                                          r"from the reader process .*: AttributeError: Can't pickle"):
+        for _ in loader:
+            pass
+    assert multiprocessing.active_children() == []
+
+
 def test_holding_every_slot_is_reported():
     ds = Flaky(20)
     sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(20)], 5, shuffle=False)

@@ -89,10 +89,10 @@ def test_a_stream_that_raises_fails_every_batch_from_there_whoever_read_it():
         yield [2]
         raise ValueError("bad sample")
 
-    stream = _Stream(batches())
-    assert stream.batch(0) == [1]
+    stream = _Stream(iter(()), lambda samples: batches())
+    assert stream.batch(0, progress=lambda: None) == [1]
     with pytest.raises(ValueError, match="bad sample"):
-        stream.batch(3)  # a producer reading ahead: batch 1 is kept, batch 2 raises
-    assert stream.batch(1) == [2]
+        stream.batch(3, progress=lambda: None)  # a producer reading ahead: batch 1 is kept, batch 2 raises
+    assert stream.batch(1, progress=lambda: None) == [2]
     with pytest.raises(ValueError, match="bad sample"):
-        stream.batch(2)  # not None: the broken generator is not the stream's end
+        stream.batch(2, progress=lambda: None)  # not None: the broken generator is not the stream's end

@@ -58,8 +58,27 @@ def _dumps(reply: tuple[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def _serve(conn: Connection, dataset: Any, indices: Sequence[int]) -> None:
+    """Sends ``("ok", sample)`` per index as it is read, so the parent sees each sample's progress; stops at the
+    first ``("error", message)``, which names the sample that failed (read or pickled)."""
+    for index in indices:
+        try:
+            sample = dataset[index]
+        except Exception as exc:
+            conn.send_bytes(pickle.dumps(("error", f"sample {index}: {type(exc).__name__}: {exc}")))
+            return
+        try:
+            reply = _dumps(("ok", sample))
+        except Exception as exc:
+            conn.send_bytes(pickle.dumps(("error", f"sample {index} cannot be sent back from the reader process "
+                                                   f"(samples travel pickled; return picklable values): "
+                                                   f"{type(exc).__name__}: {exc}")))
+            return
+        conn.send_bytes(reply)
+
+
 def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]) -> None:
-    """A reader's loop: a list of indices in, ``("ok", samples)`` or ``("error", message)`` out."""
+    """A reader's loop: a list of indices in, one reply per sample out (see :func:`_serve`)."""
     for other in inherited:  # the parent's ends of every reader's pipe, copied at fork: not this process's to hold
         other.close()
     torch.set_num_threads(1)  # as torch's DataLoader workers: one thread each, the processes are the parallelism
@@ -71,16 +90,7 @@ def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]
             return
         if indices is None:
             return
-        index = None
-        try:
-            samples = []
-            for index in indices:
-                samples.append(dataset[index])
-            reply = _dumps(("ok", samples))
-        except Exception as exc:
-            where = f"sample {index}" if index is not None else "no sample"
-            reply = pickle.dumps(("error", f"{where}: {type(exc).__name__}: {exc}"))
-        conn.send_bytes(reply)
+        _serve(conn, dataset, indices)
 
 
 def _exit_description(code: int | None) -> str:
@@ -124,13 +134,19 @@ class ReaderProcesses:
             self._readers.append(reader)
             self._idle.put(reader)
 
-    def read(self, indices: Sequence[int], stopped: Callable[[], bool], poll_s: float) -> list[Any] | None:
+    def read(self, indices: Sequence[int], stopped: Callable[[], bool], poll_s: float,
+             progress: Callable[[int], None] = lambda sample: None) -> list[Any] | None:
         """``[dataset[i] for i in indices]`` read by the reader processes; None once ``stopped()``.
 
+        ``progress(sample)`` is called whenever another sample becomes the oldest one still being read, and
+        ``progress(-1)`` at every poll while waiting for an idle reader: what the caller reports to a stall
+        check, so that a stall is timed per sample (not per batch) and names the sample holding it up.
         Raises RuntimeError naming the sample when the dataset raised, and :class:`ReaderDied` naming the
         process and its exit when a reader ended mid-read (a crash, the OOM killer); the other readers go on.
         """
-        taken = self._take(len(indices), stopped, poll_s)
+        if not indices:  # no reader would answer an empty chunk
+            return []
+        taken = self._take(len(indices), stopped, poll_s, progress)
         if taken is None:
             return None
         chunks = [list(indices[k::len(taken)]) for k in range(len(taken))]  # interleaved: the order is restored
@@ -140,21 +156,30 @@ class ReaderProcesses:
             for reader, chunk in zip(taken, chunks, strict=True):
                 reader.conn.send(chunk)
             pending = dict(enumerate(taken))
+            started = dict.fromkeys(pending, time.monotonic())  # when each reader began its current sample
+            noted = None
             while pending:  # every reply is taken, also after a failure: none is left for the next batch
                 if stopped():
                     return None
+                oldest = min(pending, key=started.__getitem__)  # the sample read the longest
+                if chunks[oldest][len(results[oldest])] != noted:
+                    noted = chunks[oldest][len(results[oldest])]
+                    progress(noted)
                 ready = wait([r.conn for r in pending.values()] + [r.process.sentinel for r in pending.values()],
                              poll_s)
                 for k, reader in list(pending.items()):
                     reply = self._reply(reader, ready, chunks[k])
                     if reply is None:
                         continue
-                    del pending[k]
                     status, payload = reply
                     if status == "ok":
-                        results[k] = payload
+                        results[k].append(payload)
+                        started[k] = time.monotonic()
+                        if len(results[k]) < len(chunks[k]):
+                            continue
                     elif failure is None:
                         failure = RuntimeError(payload) if status == "error" else ReaderDied(payload)
+                    del pending[k]
         finally:
             for reader in taken:
                 if reader.process.exitcode is None:
@@ -167,7 +192,7 @@ class ReaderProcesses:
         return samples
 
     def _reply(self, reader: _Reader, ready: list[Any], indices: list[int]) -> tuple[str, Any] | None:
-        """``(status, payload)`` when the reader answered or ended, None while it is still reading."""
+        """``(status, payload)`` when the reader sent a sample or an error or ended, None while it is reading."""
         if reader.conn not in ready and reader.process.sentinel not in ready:
             return None
         if reader.conn in ready or reader.conn.poll():
@@ -188,13 +213,16 @@ class ReaderProcesses:
                            "(reader_processes=0)")
         return "died", self.last_death
 
-    def _take(self, wanted: int, stopped: Callable[[], bool], poll_s: float) -> list[_Reader] | None:
-        """At least one idle reader (waiting for one), and every other idle one up to ``wanted``."""
+    def _take(self, wanted: int, stopped: Callable[[], bool], poll_s: float,
+              progress: Callable[[int], None]) -> list[_Reader] | None:
+        """At least one idle reader (waiting for one, calling ``progress(-1)`` per poll: waiting behind busy
+        readers is no stall), and every other idle one up to ``wanted``."""
         while True:
             if self.alive == 0:
                 raise ReaderDied(f"hetrain: no reader process left; the last one: {self.last_death}")
             if stopped():
                 return None
+            progress(-1)
             try:
                 taken = [self._idle.get(timeout=poll_s)]
                 break

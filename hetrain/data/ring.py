@@ -203,30 +203,45 @@ class _Stream:
     one asked for wait in ``pending``. After the last batch every later number gets ``None``. If the
     stream raises, every batch from the one it was reading on gets that error, whichever producer read
     it: a broken generator ends as if exhausted, and the batch before the failure would otherwise be
-    taken for the stream's last.
+    taken for the stream's last. Each sample read counts as progress of the producer reading, and a
+    producer waiting for another to finish reading is not stalled: a stall is a sample that does not come.
     """
 
-    def __init__(self, batches: Iterator[list[Any]]) -> None:
-        self.batches, self.lock = batches, threading.Lock()
+    def __init__(self, samples: Iterator[Any], batcher: Callable[[Iterator[Any]], Iterator[list[Any]]]) -> None:
+        self.batches, self.lock = batcher(self._noted(samples)), threading.Lock()
         self.pending: dict[int, list[Any]] = {}
         self.read = 0  # batches taken from the iterator so far
         self.end: int | None = None  # the first batch number past the stream's end, once known
         self.failure: Exception | None = None  # what the stream raised reading batch number ``read``
+        self.progress: Callable[[], None] = lambda: None  # the reading producer's, set while it holds the lock
 
-    def batch(self, job: int) -> list[Any] | None:
-        with self.lock:
-            while self.end is None and self.read <= job:
-                if self.failure is not None:
-                    raise self.failure
-                try:
-                    self.pending[self.read] = next(self.batches)
-                    self.read += 1
-                except StopIteration:
-                    self.end = self.read
-                except Exception as exc:
-                    self.failure = exc
-                    raise
-            return self.pending.pop(job, None)
+    def _noted(self, samples: Iterator[Any]) -> Iterator[Any]:
+        for sample in samples:
+            self.progress()
+            yield sample
+
+    def batch(self, job: int, progress: Callable[[], None]) -> list[Any] | None:
+        while not self.lock.acquire(timeout=_POLL_S):
+            progress()  # another producer is reading the stream for us all
+        try:
+            self.progress = progress
+            return self._read_to(job)
+        finally:
+            self.lock.release()
+
+    def _read_to(self, job: int) -> list[Any] | None:
+        while self.end is None and self.read <= job:
+            if self.failure is not None:
+                raise self.failure
+            try:
+                self.pending[self.read] = next(self.batches)
+                self.read += 1
+            except StopIteration:
+                self.end = self.read
+            except Exception as exc:
+                self.failure = exc
+                raise
+        return self.pending.pop(job, None)
 
 
 class _Shared:
@@ -266,13 +281,13 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
         sample, collating = None, False
         try:
             if shared.stream is not None:
-                items = shared.stream.batch(job)
+                items = shared.stream.batch(job, lambda: ring.note(producer, -1, -1, -1))
                 if items is None:  # past the stream's end: the consumer stops at this batch
                     ring.fail(producer, job, _END_OF_STREAM)
                     continue
-            elif shared.readers is not None:
-                ring.note(producer, shared.plan[job][0], -1, -1)
-                items = shared.readers.read(shared.plan[job], shared.stop.is_set, _POLL_S)
+            elif shared.readers is not None:  # progress per sample, as the threads below note it
+                items = shared.readers.read(shared.plan[job], shared.stop.is_set, _POLL_S,
+                                            lambda sample: ring.note(producer, sample, -1, -1))
                 if items is None:  # closing
                     return
             else:
@@ -453,15 +468,13 @@ class RingLoader:
         self._iteration += 1
         iteration = self._iteration
         shared, ring = self._shared, self._shared.ring
-        shared.errors.clear()
-        shared.plan = plan
-        if self.tokens:
+        if self.tokens:  # the C++ gatherer installs its plan once the last epoch is drained
             ids = np.fromiter(chain.from_iterable(plan), dtype=np.int64)
             offsets = np.zeros(len(plan) + 1, dtype=np.int64)
             np.cumsum([len(b) for b in plan], out=offsets[1:])
             self._call(ring.start_token_epoch, torch.from_numpy(ids), torch.from_numpy(offsets))
         else:
-            self._call(ring.start_epoch, len(plan))
+            self._start_epoch(len(plan), plan=plan)
         names = shared.names
         for job in range(len(plan)):
             tensors = self._take(job, iteration)
@@ -475,9 +488,7 @@ class RingLoader:
         self._iteration += 1
         iteration = self._iteration
         shared = self._shared
-        shared.errors.clear()
-        shared.stream = _Stream(self.batch_sampler(iter(self.source)))
-        self._call(shared.ring.start_epoch, _UNBOUNDED)
+        self._start_epoch(_UNBOUNDED, stream=_Stream(iter(self.source), self.batch_sampler))
         for job in range(_UNBOUNDED):
             tensors = self._take(job, iteration)
             if tensors is None:
@@ -485,6 +496,18 @@ class RingLoader:
             self._yielded += 1
             yield dict(zip(shared.names, tensors, strict=True))
         self._exhausted = True
+
+    def _start_epoch(self, num_jobs: int, plan: list[list[int]] | None = None, stream: _Stream | None = None) -> None:
+        """Starts the ring's epoch with this plan or stream, installed only once the last epoch is drained.
+
+        A producer still on a batch of an abandoned iteration (after a ``break``) reads that iteration's plan
+        or stream: installed before, it took the new epoch's batch (a stream then lost one: "end of stream").
+        """
+        shared, ring = self._shared, self._shared.ring
+        self._call(ring.start_epoch, 0)  # waits for every batch being filled; hands out none until the next call
+        shared.errors.clear()
+        shared.plan, shared.stream = plan or [], stream
+        self._call(ring.start_epoch, num_jobs)
 
     def _call(self, fn: Callable, *args: Any) -> Any:
         try:

@@ -200,3 +200,15 @@ def test_lengths_that_are_not_whole_numbers_are_refused_not_truncated():
     assert TokenBudgetBatchSampler([3.0, 4.0], 16).lengths.tolist() == [3, 4]
     with pytest.raises(ValueError, match="lengths must be whole numbers, got 3.5 at index 1"):
         TokenBudgetBatchSampler([2, 3.5], 16)
+
+
+def test_an_empty_validation_split_says_how_to_turn_validation_off():
+    # The sampler's own message asked whether the dataset was empty, not how to run without validation.
+    from hetrain.data.datamodule import SyntheticDataModule
+
+    dm = SyntheticDataModule(train_size=16, val_size=0, min_len=5, max_len=20, max_tokens=64)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"the val split holds no samples \(data.val_size=0.*set "
+                                         r"trainer.limit_val_batches=0 to train without validation"):
+        dm.val_dataloader()
+    dm.teardown("fit")

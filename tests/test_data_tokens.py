@@ -172,3 +172,16 @@ def test_token_windows_dataset_serves_each_window_and_pads_in_collate(tmp_path):
     assert batch["input_ids"].shape == (2, max(n0, n1)) and batch["sample_ids"].tolist() == [0, len(ds) - 1]
     assert batch["attention_mask"].sum().item() == n0 + n1
     assert (batch["input_ids"][~batch["attention_mask"]] == 7).all()
+
+
+def test_a_jsonl_corpus_past_vocab_size_names_the_setting_not_a_temporary_file(tmp_path):
+    # The gather named a deleted temporary token file ("/tmp/hetrain-tokens-.../val.bin: ... >= vocab_size 150").
+    from hetrain.data.datamodule import TokenDataModule
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "déjà vu " * 10, "label": i % 2}) + "\n" for i in range(10)))
+    dm = TokenDataModule(path=str(corpus), vocab_size=150, num_classes=2, max_len=32, stride=32, max_tokens=128)
+    with pytest.raises(ValueError, match=rf"data.path {corpus} tokenises \(byte tokenizer\) to token ids up to "
+                                         rf"\d+, past data.vocab_size=150; set data.vocab_size=259"):
+        dm.setup("fit")
+    dm.teardown("fit")

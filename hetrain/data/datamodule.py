@@ -94,7 +94,11 @@ class RingDataModule(pl.LightningDataModule):
         if old is not None:
             old.close()
         replicas, rank = self._layout()
-        sampler = TokenBudgetBatchSampler(np.asarray(list(lengths)), max_tokens, shuffle=shuffle, seed=seed,
+        lengths = np.asarray(list(lengths))
+        if split == "val" and not len(lengths):  # the sampler cannot say how to run without validation
+            raise ValueError("hetrain: the val split holds no samples (data.val_size=0, or a corpus without any); "
+                             "give it samples, or set trainer.limit_val_batches=0 to train without validation")
+        sampler = TokenBudgetBatchSampler(lengths, max_tokens, shuffle=shuffle, seed=seed,
                                           num_replicas=replicas, rank=rank)
         loader = loader_cls(source, sampler, **kwargs)
         self._loaders[split] = loader
@@ -364,6 +368,7 @@ class TokenDataModule(RingDataModule):
         corpus = self._corpus_dir()
         for split in SPLITS:
             tf = TokenFile(corpus / split)
+            self._check_vocab(tf)
             labels_path = corpus / f"{split}.labels.npy"
             if not labels_path.is_file():
                 raise FileNotFoundError(f"hetrain: {labels_path} is missing: one label per document of {tf}")
@@ -379,6 +384,21 @@ class TokenDataModule(RingDataModule):
             windows = TokenWindows(tf, self.hparams.max_len, self.hparams.stride)
             self.windows[split] = windows
             self.labels[split] = doc_labels[windows.windows.doc]  # a window's label is its document's
+
+    def _check_vocab(self, tf: TokenFile) -> None:
+        """Refuses a jsonl corpus whose byte tokens reach past ``vocab_size`` here, naming the settings.
+
+        Later, the gather names only the written token file: a temporary one, deleted by the time it is read.
+        """
+        h = self.hparams
+        if h.path is None or self._corpus_is_token_dir() or not len(tf.tokens):
+            return
+        largest = int(tf.tokens.max())
+        if largest >= h.vocab_size:
+            raise ValueError(
+                f"hetrain: data.path {h.path} tokenises (byte tokenizer) to token ids up to {largest}, past "
+                f"data.vocab_size={h.vocab_size}; set data.vocab_size={ByteTokenizer.vocab_size}, the byte "
+                "tokenizer's vocabulary")
 
     def _loader(self, split: str, shuffle: bool) -> Iterable:
         h = self.hparams

@@ -13,6 +13,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hetrain.callbacks import precision
 from hetrain.callbacks.precision import (
     DeviceMixedPrecision,
     HostSafeGradScaler,
@@ -383,3 +384,62 @@ def test_host_safe_grad_scaler_sees_an_overflow_on_a_cpu_stage_beside_a_gpu_loss
         loss = (gpu * 2).sum() + (host * float("inf")).sum().to("cuda")
         assert not _scaled_step(scaler, [host, gpu], loss), f"attempt {attempt}: an overflow was applied"
         host.grad = gpu.grad = None
+
+
+def _normed(seed: int = 0) -> Regressor:
+    """A regressor whose exp() overflows on a poisoned batch and whose BatchNorm then turns the inf into NaN."""
+    torch.manual_seed(seed)
+    return Regressor(nn.Sequential(Exp(), nn.BatchNorm1d(16)))
+
+
+def _without_batches(loader: DataLoader, dropped: set[int]) -> DataLoader:
+    rows = [i for i in range(len(loader.dataset)) if i // BATCH not in dropped]
+    return DataLoader(torch.utils.data.Subset(loader.dataset, rows), batch_size=BATCH)
+
+
+def test_guard_skipped_step_leaves_batchnorm_statistics_as_if_the_batch_never_ran(tmp_path):
+    # The skipped step's forward made the running statistics NaN, and the diagnosis rerun (train mode) updated them
+    # again: both are undone, so the fit equals one on the same data without the batch.
+    poisoned = _loader(6, poisoned=[2])
+    model, reference = _normed(), _normed()
+    guard = NonFiniteGuard(on_nonfinite="skip")
+    with pytest.warns(UserWarning, match=r"module 'net\.1\.0' \(Exp\)"):  # the diagnosis reran the batch
+        _fit(model, poisoned, tmp_path, callbacks=[guard])
+    _fit(reference, _without_batches(poisoned, {2}), tmp_path)
+    assert guard.skipped_steps == 1
+    norm = model.net[1][1]
+    assert int(norm.num_batches_tracked) == 5  # the five batches that stepped
+    for (name, value), expected in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.allclose(value, expected), name
+
+
+def test_guard_without_batchnorm_keeps_no_statistics(tmp_path):
+    guard = NonFiniteGuard(on_nonfinite="skip")
+    _fit(Regressor(Exp()), _loader(3, poisoned=[1]), tmp_path, callbacks=[guard])
+    assert guard.skipped_steps == 1 and guard._running_stats is None
+
+
+@pytest.mark.parametrize(("loader", "expected"), [
+    (_loader(6, nan_inputs=[2]), "produced by the inputs"),
+    (_loader(6, poisoned=[2]), "first non-finite output from module 'net.1' (Exp)"),
+])
+def test_guard_under_accumulation_diagnoses_the_window_batch_that_went_non_finite(tmp_path, loader, expected):
+    # Batches 2 and 3 make one step; batch 2 (the window's first) is the bad one, batch 3 is finite.
+    guard = NonFiniteGuard(max_consecutive=1)
+    with pytest.raises(NonFiniteError) as info:
+        _fit(Regressor(Exp()), loader, tmp_path, callbacks=[guard], accumulate_grad_batches=2)
+    assert "First at batch 2 (global step 1): non-finite loss" in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_guard_under_accumulation_reruns_each_batch_when_only_another_ranks_loss_was_non_finite(tmp_path, monkeypatch):
+    # This rank's losses are finite; the reduced flag says a loss of step 1 was not (as another rank's would).
+    def reduce_flags(trainer, flags, op):
+        return flags & torch.tensor([trainer.global_step != 1, True])
+
+    monkeypatch.setattr(precision, "reduce_flags", reduce_flags)
+    model = Regressor(nn.Identity())
+    with pytest.raises(NonFiniteError) as info:
+        _fit(model, _loader(6), tmp_path, callbacks=[NonFiniteGuard(max_consecutive=1)], accumulate_grad_batches=2)
+    assert "First at batches 2-3 (global step 1): non-finite loss; not reproduced by a rerun" in str(info.value)
+    assert len(model.dtypes) == 4 + 2  # batches 0-3, then a rerun of each batch of the window

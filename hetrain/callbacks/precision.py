@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Generator, Iterable, Mapping
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -23,6 +24,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 from typing_extensions import override
 
@@ -217,6 +219,58 @@ class NonFiniteDiagnosis:
         return bad[-1] if bad else None
 
 
+_GeneratorStates = tuple[torch.Tensor, list[torch.Tensor]]  # the CPU generator's state, each CUDA device's
+
+
+def _generator_states() -> _GeneratorStates:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return torch.get_rng_state(), cuda
+
+
+@dataclass
+class _WindowBatch:
+    """A batch of the optimizer window in flight, kept (a reference) so a non-finite step is diagnosed on the batch
+    that made it: under gradient accumulation that may be any batch of the window, not the last."""
+
+    index: int
+    batch: Any
+    generators: _GeneratorStates  # before its forward, so a rerun draws the same dropout masks
+    loss_finite: torch.Tensor | None = None  # stays on the device: read only when the step is skipped
+
+
+class _RunningStats:
+    """A copy of the running statistics of a model's BatchNorms, so that a skipped step leaves them as they were.
+
+    A step's forward updates them before its loss and gradients can be checked: without the copy one non-finite batch
+    leaves them NaN for good, and validation and checkpoints with them. The copy is allocated once and refilled by
+    device copies, which add no sync.
+    """
+
+    def __init__(self, norms: list[_BatchNorm]) -> None:
+        self.norms = norms
+        self._buffers: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
+
+    def save(self) -> None:
+        """Copies the statistics as they are now."""
+        buffers = [b for m in self.norms for b in m.buffers(recurse=False)]
+        if len(buffers) == len(self._buffers) and all(a is b for a, b in zip(buffers, self._buffers, strict=True)):
+            torch._foreach_copy_(self._saved, buffers)
+        else:  # the first save, or the model moved since (moving replaces its buffers)
+            self._buffers, self._saved = buffers, [b.clone() for b in buffers]
+
+    def restore(self) -> None:
+        """Puts back the statistics of the last ``save``."""
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._saved)
+
+
+def _running_stats(model: nn.Module) -> _RunningStats | None:
+    """The BatchNorms' statistics to keep, or None for a model without BatchNorm (it then pays nothing)."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    return _RunningStats(norms) if norms else None
+
+
 class NonFiniteGuard(Callback):
     """Counts and logs non-finite steps and loss-scale skips, names where NaN/inf began, and stops.
 
@@ -229,13 +283,18 @@ class NonFiniteGuard(Callback):
           before the optimizer step): one device sync per step, no hooks.
         - A step with a non-finite loss or gradients is skipped: under a ``GradScaler`` the scaler skips
           it; otherwise the gradients are dropped so the optimizer leaves the weights alone. Step-interval
-          LR schedulers are set back after a skipped step, so the schedule does not advance on it.
+          LR schedulers are set back after a skipped step, so the schedule does not advance on it, and
+          BatchNorm running statistics too (copied at each window's first batch, only where a model has
+          a BatchNorm): the step's forward had updated them, NaN where its batch was.
         - Under a scaler, non-finite gradients with a finite loss are the scaler's overflow probe: they
           are counted as ``skipped_steps`` but stop nothing while the scale is above ``min_loss_scale``.
-        - On the first step of a non-finite streak the guard reruns that batch's ``training_step`` once
-          without gradients, with the step's random state and a forward hook on every module, and names
-          the first module whose output was non-finite. Hooks exist only during that rerun, so healthy
-          steps pay nothing for them; the rerun may log the step's metrics a second time.
+        - On the first step of a non-finite streak the guard reruns a batch's ``training_step`` without
+          gradients, with that batch's random state and a forward hook on every module, and names the
+          first module whose output was non-finite. Under gradient accumulation that is the window's
+          first batch with a non-finite loss (where every loss here was finite, each batch in turn until
+          one reproduces it); the window's batches are kept until its step. Hooks exist only during that
+          rerun, so healthy steps pay nothing for them; the rerun may log the step's metrics a second
+          time, and leaves BatchNorm running statistics as they were.
         - Every rank reaches the same verdict: gradients are reduced across ranks before the check, and
           the loss's flag is reduced with them (one small collective a step under DDP), so the hooks are
           not rank-zero-only.
@@ -261,8 +320,8 @@ class NonFiniteGuard(Callback):
         self.nonfinite_steps = 0  # skipped steps that were not a loss scaler's overflow probe
         self.consecutive = 0
         self.diagnosis: str | None = None  # where the current streak began
-        self._loss_finite: torch.Tensor | None = None
-        self._rng: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._window: list[_WindowBatch] = []  # the batches since the last optimizer step
+        self._running_stats: _RunningStats | None = None
         self._step: dict[str, Any] | None = None  # what on_before_optimizer_step saw, for on_train_batch_end
         self._logged: dict[str, float] | None = None  # the metrics as last logged
 
@@ -272,17 +331,22 @@ class NonFiniteGuard(Callback):
         return scaler if scaler is not None and scaler.is_enabled() else None
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After fit start, where placement moves the stages.
+        self._window = []
+        self._running_stats = _running_stats(pl_module)
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        # The random state before the forward lets a rerun draw the same dropout masks.
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-        self._rng = (torch.get_rng_state(), cuda)
+        if not self._window and self._running_stats is not None:
+            self._running_stats.save()
+        self._window.append(_WindowBatch(batch_idx, batch, _generator_states()))
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach()).all()  # stays on the device: no sync per micro-batch
-        # Under gradient accumulation a step is non-finite if any of its micro-batches is.
-        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        if self._window:
+            self._window[-1].loss_finite = torch.isfinite(loss.detach()).all()  # on the device: no sync per batch
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -292,19 +356,21 @@ class NonFiniteGuard(Callback):
         # The largest |value| (inf-norm) is finite exactly when every stored value is: a 2-norm overflows float32 past
         # ~1.8e19 though every gradient is finite. A sparse gradient's uncoalesced rows serve as they are.
         norm = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else torch.zeros(())
-        loss_flag = self._loss_finite if self._loss_finite is not None else torch.ones((), dtype=torch.bool)
+        # Under gradient accumulation a step is non-finite if any of its batches' losses is.
+        losses = [b.loss_finite for b in self._window if b.loss_finite is not None]
+        loss_flag = torch.stack(losses).all() if losses else torch.ones((), dtype=torch.bool)
         # One rank's non-finite loss is every rank's: a rank whose own loss was finite read its non-finite (reduced)
         # gradients as the scaler's overflow probe and went on into the next collective alone.
         flags = reduce_flags(trainer, torch.stack([loss_flag.to(norm.device), torch.isfinite(norm)]),
                              torch.distributed.ReduceOp.MIN)
         # Both flags in one read: each bool() of a GPU tensor waits for the device.
         loss_finite, grads_finite = flags.tolist()
-        self._loss_finite = None
         scaler = self._scaler(trainer)
         scale = scaler.get_scale() if scaler is not None else None
         self._step = {"loss_finite": loss_finite, "grads_finite": grads_finite, "scale": scale}
         if loss_finite and grads_finite:
             return
+        self._restore_running_stats()
         self._step["grad_module"] = NonFiniteDiagnosis(pl_module).nearest_nonfinite_grad()
         self._step["schedulers"] = [
             (cfg.scheduler, copy.deepcopy(cfg.scheduler.state_dict()),
@@ -321,6 +387,7 @@ class NonFiniteGuard(Callback):
         step, self._step = self._step, None
         if step is None:  # accumulating: no optimizer step on this batch
             return
+        window, self._window = self._window, []
         metrics = {"nonfinite/skipped_steps": float(self.skipped_steps)}
         if step["scale"] is not None:
             metrics["precision/loss_scale"] = step["scale"]
@@ -328,7 +395,7 @@ class NonFiniteGuard(Callback):
             self.consecutive = 0
             self.diagnosis = None
         else:
-            self._skipped(trainer, pl_module, step, batch, batch_idx)
+            self._skipped(trainer, pl_module, step, window)
             metrics["nonfinite/skipped_steps"] = float(self.skipped_steps)
         metrics["nonfinite/nonfinite_steps"] = float(self.nonfinite_steps)  # skipped, less the scaler's overflows
         metrics["nonfinite/consecutive"] = float(self.consecutive)
@@ -345,8 +412,12 @@ class NonFiniteGuard(Callback):
                 f"{self.max_consecutive}); training stopped at global step {trainer.global_step}. {self.diagnosis}"
             )
 
-    def _skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any], batch: Any,
-                 batch_idx: int) -> None:
+    def _restore_running_stats(self) -> None:
+        if self._running_stats is not None:
+            self._running_stats.restore()
+
+    def _skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any],
+                 window: list[_WindowBatch]) -> None:
         self.skipped_steps += 1
         for scheduler, state, lrs in step["schedulers"]:
             scheduler.load_state_dict(state)
@@ -358,29 +429,63 @@ class NonFiniteGuard(Callback):
         self.nonfinite_steps += 1
         self.consecutive += 1
         if self.consecutive == 1:
-            self.diagnosis = self._diagnose(trainer, pl_module, step, batch, batch_idx)
+            self.diagnosis = self._diagnose(trainer, pl_module, step, window)
         rank_zero_warn(f"hetrain: non-finite step {trainer.global_step - 1} skipped ({self.consecutive} in a row). "
                        f"{self.diagnosis}")
 
-    def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any], batch: Any,
-                  batch_idx: int) -> str:
-        where = f"First at batch {batch_idx} (global step {trainer.global_step - 1})"
+    def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any],
+                  window: list[_WindowBatch]) -> str:
         what = "non-finite loss" if not step["loss_finite"] else "finite loss but non-finite gradients"
-        if not _all_finite(_floating_leaves(batch)):
-            return f"{where}: {what}; produced by the inputs: the batch holds NaN or inf."
+        suspects = _suspects(window, step["loss_finite"])
+        for suspect in suspects:
+            if not _all_finite(_floating_leaves(suspect.batch)):
+                return f"{_where(trainer, [suspect])}: {what}; produced by the inputs: the batch holds NaN or inf."
         if step["loss_finite"]:
             module = step["grad_module"]
             named = f"module '{module}'" if module else "no module's parameters (the loss scale?)"
-            return f"{where}: {what}; produced in backward: nearest the loss with non-finite gradients: {named}."
-        cpu_state, cuda_states = self._rng
-        devices = list(range(len(cuda_states)))
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), trainer.precision_plugin.forward_context():
-            torch.set_rng_state(cpu_state)
-            if cuda_states:
-                torch.cuda.set_rng_state_all(cuda_states)
-            found = NonFiniteDiagnosis(pl_module).first_nonfinite_output(
-                lambda: pl_module.training_step(batch, batch_idx))
-        if found is None:
-            return (f"{where}: {what}; produced in forward, outside any module (the loss computation in "
-                    f"training_step), or not reproduced by a rerun.")
-        return f"{where}: {what}; produced in forward: first non-finite output from module '{found[0]}' ({found[1]})."
+            return (f"{_where(trainer, suspects)}: {what}; produced in backward: nearest the loss with non-finite "
+                    f"gradients: {named}.")
+        for suspect in suspects:
+            found, loss_finite = self._rerun(trainer, pl_module, suspect)
+            if found is not None:
+                return (f"{_where(trainer, [suspect])}: {what}; produced in forward: first non-finite output from "
+                        f"module '{found[0]}' ({found[1]}).")
+            if not loss_finite:
+                return (f"{_where(trainer, [suspect])}: {what}; produced in forward, outside any module (the loss "
+                        f"computation in training_step).")
+        return f"{_where(trainer, suspects)}: {what}; not reproduced by a rerun of training_step."
+
+    def _rerun(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+               suspect: _WindowBatch) -> tuple[tuple[str, str] | None, bool]:
+        """Reruns ``suspect``'s training_step as it ran; returns the first non-finite module output (path, type) and
+        whether the loss was finite. BatchNorms stay in train mode, so the rerun normalises as the step did, and
+        their running statistics, which it updated again, are put back."""
+        cpu_state, cuda_states = suspect.generators
+        outputs: list[Any] = []
+        try:
+            with (torch.random.fork_rng(devices=list(range(len(cuda_states)))), torch.no_grad(),
+                  trainer.precision_plugin.forward_context()):
+                torch.set_rng_state(cpu_state)
+                if cuda_states:
+                    torch.cuda.set_rng_state_all(cuda_states)
+                found = NonFiniteDiagnosis(pl_module).first_nonfinite_output(
+                    lambda: outputs.append(pl_module.training_step(suspect.batch, suspect.index)))
+        finally:
+            self._restore_running_stats()
+        return found, _all_finite(_floating_leaves(outputs))
+
+
+def _suspects(window: list[_WindowBatch], loss_finite: bool) -> list[_WindowBatch]:
+    """The batches of the window that may have made its step non-finite, in order: the first whose own loss was
+    non-finite, else (the losses were finite, or only another rank's was not) every batch of the window."""
+    if not loss_finite:
+        for batch in window:
+            if batch.loss_finite is not None and not bool(batch.loss_finite):  # a device read, on a skipped step only
+                return [batch]
+    return window
+
+
+def _where(trainer: pl.Trainer, batches: list[_WindowBatch]) -> str:
+    first, last = batches[0].index, batches[-1].index
+    named = f"batch {first}" if first == last else f"batches {first}-{last}"
+    return f"First at {named} (global step {trainer.global_step - 1})"

@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
@@ -156,9 +156,10 @@ class StagePlacement(Callback):
         self._hooks: dict[str, RemovableHandle] = {}
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RunCosts:
-        """Times every stage on every device of this machine on one validation batch: whole, and under the
-        pipeline objective with several devices here also its first micro-batch (see :class:`RunCosts`)."""
-        batch = _first_batch(trainer.datamodule.val_dataloader())
+        """Times every stage on every device of this machine on one batch of the run's data (validation's where it
+        has some): whole, and under the pipeline objective with several devices here also its first micro-batch (see
+        :class:`RunCosts`)."""
+        batch = _first_batch(_measuring_loader(trainer))
         whole = _time_stages(trainer, pl_module, batch)
         if self.objective == "sequential" or len(whole.devices) == 1:
             return RunCosts(whole)
@@ -263,12 +264,34 @@ def _first_micro_batch(batch: Any, micro_batches: int) -> Any:
                          batch)
 
 
+def _measuring_loader(trainer: pl.Trainer) -> Any:
+    """The loader whose first batch the stages are timed on: validation's (unshuffled) where the run has one, else
+    training's, else the entry point's own; given to fit as a DataModule, by the module's hooks or as loaders alike.
+    At fit start Lightning has not yet set up ``trainer.val_dataloaders``: the loops' sources hold what fit got."""
+    loops = (trainer.fit_loop.epoch_loop.val_loop, trainer.fit_loop, trainer.validate_loop, trainer.test_loop,
+             trainer.predict_loop)
+    for loop in loops:
+        source = loop._data_source
+        if source.instance is None or not source.is_defined():
+            continue
+        loaders = [loader for loader in tree_leaves(source.dataloader()) if loader is not None]
+        if loaders:
+            return loaders[0]
+    raise ValueError("hetrain: StagePlacement times the stages on a batch of the run's data (plan='auto' or "
+                     "predict=True), but the Trainer was given no dataloader: pass train_dataloaders/val_dataloaders "
+                     "or a datamodule to trainer.fit() (dataloaders to validate/test/predict), or give an explicit "
+                     "plan without predict")
+
+
 def _first_batch(loader: Any) -> Any:
-    """One batch from a loader, closing its iterator (a ring loader's producers) right after."""
-    iterator = iter(loader)
-    try:
-        return next(iterator)
-    finally:
-        close = getattr(iterator, "close", None) or getattr(loader, "close", None)
-        if callable(close):
-            close()
+    """One batch from a loader, closing its iterator (a ring loader's producers) right after. The random generators
+    are left as they were: iterating a loader draws from them (a seed for its workers, a shuffled order), and a run
+    must train on the same data whether or not it measured."""
+    with torch.random.fork_rng(devices=[]):
+        iterator = iter(loader)
+        try:
+            return next(iterator)
+        finally:
+            close = getattr(iterator, "close", None) or getattr(loader, "close", None)
+            if callable(close):
+                close()

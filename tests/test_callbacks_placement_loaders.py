@@ -1,0 +1,76 @@
+"""StagePlacement times the stages on the run's data however fit got it: a DataModule or the loaders themselves."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hetrain.callbacks import StagePlacement
+from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
+from hetrain.placement import CostModel
+
+LENGTH, HIDDEN = 8, 16
+
+
+class Tokens(Dataset):
+    def __init__(self, rows: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, 32, (rows, LENGTH), generator=g)
+        self.labels = torch.randint(0, 3, (rows,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.bool),
+                "labels": self.labels[i]}
+
+
+def _task() -> ClassificationTask:
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=32, num_classes=3, hidden=HIDDEN, layers=2, heads=2, max_len=LENGTH,
+                           dropout=0.0, attention_dropout=0.0)
+    return ClassificationTask(model, num_classes=3, lr=1e-2)
+
+
+def _fit(placement: StagePlacement, train: DataLoader, val: DataLoader | None = None) -> ClassificationTask:
+    pl.seed_everything(0, verbose=False)
+    task = _task()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=None if val is not None else 0, callbacks=[placement])
+    trainer.fit(task, train, val)
+    return task
+
+
+def test_auto_plan_measures_on_the_validation_loader_given_to_fit(tmp_path):
+    placement = StagePlacement("auto", save_dir=str(tmp_path))
+    _fit(placement, DataLoader(Tokens(16), batch_size=8), DataLoader(Tokens(4, seed=1), batch_size=2))
+    assert placement.summary["method"] == "chain-dp" and placement.devices is not None
+    costs = CostModel.load(tmp_path / "placement_costs.json")
+    assert costs.boundary_bytes[0] == 2 * LENGTH * HIDDEN * 4  # validation's batch of 2, not training's 8
+
+
+def test_auto_plan_measures_on_the_training_loader_when_fit_has_no_validation_loader(tmp_path):
+    placement = StagePlacement("auto", save_dir=str(tmp_path))
+    _fit(placement, DataLoader(Tokens(16), batch_size=8))
+    costs = CostModel.load(tmp_path / "placement_costs.json")
+    assert costs.boundary_bytes[0] == 8 * LENGTH * HIDDEN * 4
+
+
+def test_predict_with_loaders_trains_on_the_same_shuffled_data_as_without():
+    # Fetching a batch from a shuffled loader draws from torch's generator: measuring must leave it alone.
+    plan = {"embeddings": "cpu", "encoder": "cpu", "classifier": "cpu"}
+    placement = StagePlacement(plan, predict=True)
+    measured = _fit(placement, DataLoader(Tokens(32), batch_size=4, shuffle=True))
+    plain = _fit(StagePlacement(plan), DataLoader(Tokens(32), batch_size=4, shuffle=True))
+    assert placement.summary["auto_predicted_step_time_ms"] > 0
+    for (name, a), b in zip(measured.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_measuring_without_any_dataloader_says_what_to_pass():
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False)
+    with pytest.raises(ValueError, match=r"no dataloader: pass train_dataloaders/val_dataloaders or a datamodule"):
+        StagePlacement("auto").measure(trainer, _task())

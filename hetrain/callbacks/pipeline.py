@@ -48,8 +48,9 @@ class PipelineSplit(Callback):
 
     def __init__(self, micro_batches: int = 4, checkpoint: bool | str | Sequence[str] = (),
                  split_on_one_device: bool = False) -> None:
-        if micro_batches < 1:
-            raise ValueError(f"hetrain: micro_batches must be >= 1, got {micro_batches}")
+        # A bool is an int to Python: True ran unsplit without a word.
+        if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+            raise ValueError(f"hetrain: pipeline micro_batches must be >= 1 and an integer, got {micro_batches!r}")
         self.micro_batches = micro_batches
         # One path alone (``checkpoint=encoder`` on the command line) is a list of one, not of its letters.
         self.checkpoint = [checkpoint] if isinstance(checkpoint, str) else checkpoint

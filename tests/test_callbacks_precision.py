@@ -1,8 +1,10 @@
 """Per-device precision choice, per-device autocast, and NonFiniteGuard on real Lightning fits (CPU)."""
 
 import csv
+import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import pytorch_lightning as pl
@@ -421,18 +423,47 @@ def test_guard_without_batchnorm_keeps_no_statistics(tmp_path):
 
 @pytest.mark.parametrize(("loader", "expected"), [
     (_loader(6, nan_inputs=[2]), "produced by the inputs"),
-    (_loader(6, poisoned=[2]), "first non-finite output from module 'net.1' (Exp)"),
+    # Batch 2's memory has gone back to the loader by the step (holding the window held as many ring slots).
+    (_loader(6, poisoned=[2]), "produced in forward (the inputs were finite); that batch is no longer held to rerun"),
+    (_loader(6, poisoned=[3]), "First at batch 3 (global step 1): non-finite loss; produced in forward: first "
+                               "non-finite output from module 'net.1' (Exp)"),
 ])
 def test_guard_under_accumulation_diagnoses_the_window_batch_that_went_non_finite(tmp_path, loader, expected):
-    # Batches 2 and 3 make one step; batch 2 (the window's first) is the bad one, batch 3 is finite.
+    # Batches 2 and 3 make one step; the window's first or last is the bad one, the other finite.
     guard = NonFiniteGuard(max_consecutive=1)
     with pytest.raises(NonFiniteError) as info:
         _fit(Regressor(Exp()), loader, tmp_path, callbacks=[guard], accumulate_grad_batches=2)
-    assert "First at batch 2 (global step 1): non-finite loss" in str(info.value)
+    bad = 3 if "batch 3" in expected else 2
+    assert f"First at batch {bad} (global step 1): non-finite loss" in str(info.value)
     assert expected in str(info.value)
 
 
-def test_guard_under_accumulation_reruns_each_batch_when_only_another_ranks_loss_was_non_finite(tmp_path, monkeypatch):
+class EarlierBatchesFreed(pl.Callback):
+    """Records, at each optimizer step, how many of the window's earlier batches are still referenced somewhere."""
+
+    def __init__(self) -> None:
+        self.window: list[weakref.ref] = []
+        self.alive: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.window.append(weakref.ref(batch[0]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        gc.collect()
+        self.alive.append(sum(ref() is not None for ref in self.window[:-1]))
+        self.window = []
+
+
+def test_guard_under_accumulation_lets_earlier_batches_go(tmp_path):
+    # A ring loader refills a slot once its batch's tensors are freed: a guard holding the whole window held
+    # accumulate_grad_batches slots, and a run accumulating more batches than the ring has slots stalled.
+    freed = EarlierBatchesFreed()
+    _fit(Regressor(Exp()), _loader(6), tmp_path, callbacks=[NonFiniteGuard(), freed], accumulate_grad_batches=3)
+    assert len(freed.alive) == 6 and not any(freed.alive)
+
+
+def test_guard_under_accumulation_reruns_the_held_batch_when_only_another_ranks_loss_was_non_finite(tmp_path,
+                                                                                                    monkeypatch):
     # This rank's losses are finite; the reduced flag says a loss of step 1 was not (as another rank's would).
     def reduce_flags(trainer, flags, op):
         return flags & torch.tensor([trainer.global_step != 1, True])
@@ -442,4 +473,4 @@ def test_guard_under_accumulation_reruns_each_batch_when_only_another_ranks_loss
     with pytest.raises(NonFiniteError) as info:
         _fit(model, _loader(6), tmp_path, callbacks=[NonFiniteGuard(max_consecutive=1)], accumulate_grad_batches=2)
     assert "First at batches 2-3 (global step 1): non-finite loss; not reproduced by a rerun" in str(info.value)
-    assert len(model.dtypes) == 4 + 2  # batches 0-3, then a rerun of each batch of the window
+    assert len(model.dtypes) == 4 + 1  # batches 0-3, then a rerun of the window's last, the batch still held

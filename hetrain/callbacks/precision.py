@@ -229,13 +229,25 @@ def _generator_states() -> _GeneratorStates:
 
 @dataclass
 class _WindowBatch:
-    """A batch of the optimizer window in flight, kept (a reference) so a non-finite step is diagnosed on the batch
-    that made it: under gradient accumulation that may be any batch of the window, not the last."""
+    """A batch of the optimizer window in flight, so a non-finite step is diagnosed on the batch that made it: under
+    gradient accumulation that may be any batch of the window, not the last.
+
+    Only the newest batch is held (``batch``): a ring loader's batch views a slot that is refilled once its tensors
+    are freed, so holding a whole window would hold as many slots and stall the loader. An earlier batch keeps what a
+    diagnosis needs without it: whether its inputs were finite, checked on the device when it arrived.
+    """
 
     index: int
-    batch: Any
+    batch: Any | None
     generators: _GeneratorStates  # before its forward, so a rerun draws the same dropout masks
+    inputs_finite: torch.Tensor | None = None  # on the device; taken where an accumulation window has several batches
     loss_finite: torch.Tensor | None = None  # stays on the device: read only when the step is skipped
+
+    def inputs_nonfinite(self) -> bool:
+        """Whether the batch held NaN or inf (a device read: on a skipped step only)."""
+        if self.batch is not None:
+            return not _all_finite(_floating_leaves(self.batch))
+        return self.inputs_finite is not None and not bool(self.inputs_finite)
 
 
 class _RunningStats:
@@ -290,9 +302,10 @@ class NonFiniteGuard(Callback):
           are counted as ``skipped_steps`` but stop nothing while the scale is above ``min_loss_scale``.
         - On the first step of a non-finite streak the guard reruns a batch's ``training_step`` without
           gradients, with that batch's random state and a forward hook on every module, and names the
-          first module whose output was non-finite. Under gradient accumulation that is the window's
-          first batch with a non-finite loss (where every loss here was finite, each batch in turn until
-          one reproduces it); the window's batches are kept until its step. Hooks exist only during that
+          first module whose output was non-finite. Under gradient accumulation the guard names the
+          window's first batch with a non-finite loss and whether its inputs were (each batch's are checked
+          on the device as it arrives), and reruns it if it is the window's last batch, the one still held
+          (an earlier batch's memory has gone back to the loader). Hooks exist only during that
           rerun, so healthy steps pay nothing for them; the rerun may log the step's metrics a second
           time, and leaves BatchNorm running statistics as they were.
         - Every rank reaches the same verdict: gradients are reduced across ranks before the check, and
@@ -341,7 +354,14 @@ class NonFiniteGuard(Callback):
                              batch_idx: int) -> None:
         if not self._window and self._running_stats is not None:
             self._running_stats.save()
-        self._window.append(_WindowBatch(batch_idx, batch, _generator_states()))
+        if self._window:  # the batch before this one is let go (see _WindowBatch), its inputs' flag kept
+            self._window[-1].batch = None
+        inputs_finite = None
+        if trainer.accumulate_grad_batches > 1:
+            leaves = [_stored_values(t) for t in _floating_leaves(batch)]
+            if leaves:
+                inputs_finite = torch.stack([torch.isfinite(t).all().to(leaves[0].device) for t in leaves]).all()
+        self._window.append(_WindowBatch(batch_idx, batch, _generator_states(), inputs_finite))
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -438,14 +458,18 @@ class NonFiniteGuard(Callback):
         what = "non-finite loss" if not step["loss_finite"] else "finite loss but non-finite gradients"
         suspects = _suspects(window, step["loss_finite"])
         for suspect in suspects:
-            if not _all_finite(_floating_leaves(suspect.batch)):
+            if suspect.inputs_nonfinite():
                 return f"{_where(trainer, [suspect])}: {what}; produced by the inputs: the batch holds NaN or inf."
         if step["loss_finite"]:
             module = step["grad_module"]
             named = f"module '{module}'" if module else "no module's parameters (the loss scale?)"
             return (f"{_where(trainer, suspects)}: {what}; produced in backward: nearest the loss with non-finite "
                     f"gradients: {named}.")
-        for suspect in suspects:
+        held = [suspect for suspect in suspects if suspect.batch is not None]
+        if not held:
+            return (f"{_where(trainer, suspects)}: {what}; produced in forward (the inputs were finite); that batch is "
+                    "no longer held to rerun (the loader reuses its memory), so the module is not named.")
+        for suspect in held:
             found, loss_finite = self._rerun(trainer, pl_module, suspect)
             if found is not None:
                 return (f"{_where(trainer, [suspect])}: {what}; produced in forward: first non-finite output from "

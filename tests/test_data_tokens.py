@@ -120,7 +120,7 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):
     empty.write_text("\n\n")
     for inputs, message in (([tmp_path / "nope.txt"], "no such file: "),
                             ([bad], "bad.jsonl:2 has no field 'text' (fields: a JSON list)"),
-                            ([empty], "no documents in ")):
+                            ([empty], "no documents to write")):
         run = subprocess.run([sys.executable, "-m", "hetrain.data.build_tokens", *map(str, inputs), "--out",
                               str(tmp_path / "out")], capture_output=True, text=True)
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -45,11 +45,6 @@ def main(argv: Sequence[str] | None = None) -> TokenFile:
                               args.itemsize)
     except (ValueError, TypeError, ImportError, AttributeError, UnicodeDecodeError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")  # one line naming the file and record, not a traceback
-    if len(tf) == 0:
-        for written in (tf.bin_path, tf.idx_path):
-            Path(written).unlink()
-        parser.exit(2, f"{parser.prog}: error: no documents in {', '.join(args.inputs)} (empty files or lines); "
-                       "nothing written\n")
     print(f"hetrain: wrote {tf.bin_path} and {tf.idx_path}: {len(tf)} documents, {tf.num_tokens} tokens, {tf.dtype}")
     return tf
 

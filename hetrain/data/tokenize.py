@@ -83,6 +83,8 @@ def build_token_file(
 ) -> TokenFile:
     """Tokenises ``docs`` into ``<out>.bin/.idx``; ``itemsize`` defaults from the tokenizer's ``vocab_size``.
 
+    No documents is an error, not an empty corpus replacing the one at ``out``.
+
     ``bos_id``/``eos_id`` are added around each document: given here, or the tokenizer's own attributes.
     """
     tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
@@ -98,4 +100,7 @@ def build_token_file(
     with TokenFileWriter(out, itemsize) as writer:
         for doc in docs:
             writer.add(head + list(encode(doc)) + tail)
+        if not len(writer):  # raised inside the writer: its temporary goes, files already at ``out`` stay
+            raise ValueError(f"hetrain: no documents to write (empty files, or only blank lines); nothing written, "
+                             f"{writer.bin_path} and {writer.idx_path} left as they were")
     return TokenFile(out)

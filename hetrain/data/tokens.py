@@ -145,6 +145,10 @@ class TokenFileWriter:
         self._bin.write(arr.astype(self.dtype).tobytes())
         self._offsets.append(self._offsets[-1] + len(arr))
 
+    def __len__(self) -> int:
+        """Documents added so far: a caller refusing an empty corpus raises before ``close()`` replaces files."""
+        return len(self._offsets) - 1
+
     def close(self) -> None:
         if self._bin.closed:
             return

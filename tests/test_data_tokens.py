@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -185,3 +186,44 @@ def test_a_jsonl_corpus_past_vocab_size_names_the_setting_not_a_temporary_file(t
                                          rf"\d+, past data.vocab_size=150; set data.vocab_size=259"):
         dm.setup("fit")
     dm.teardown("fit")
+
+
+def labelled_token_dir(tmp_path, labels: dict[str, np.ndarray]):
+    """A directory TokenDataModule reads: train and val token files of one short document per label given."""
+    for split, split_labels in labels.items():
+        write_token_file(tmp_path / split, random_docs(len(split_labels), 50, seed=len(split), max_len=40))
+        np.save(tmp_path / f"{split}.labels.npy", split_labels)
+    return tmp_path
+
+
+@pytest.mark.parametrize("labels", [np.array([0.7, 1.7, 2.7]), np.array([0.0, np.nan, 1.0]), np.array([[0], [1], [2]]),
+                                    np.array(["0", "1", "2"]), np.array([True, False, True])])
+def test_labels_that_are_not_a_1d_integer_array_are_refused_naming_the_file(tmp_path, labels):
+    # Float labels were truncated to int64 without a word (0.7 trained as class 0); NaN said "set
+    # data.num_classes=nan"; an (N, 1) array failed inside torch, string labels inside numpy.
+    from hetrain.data.datamodule import TokenDataModule
+
+    corpus = labelled_token_dir(tmp_path, {"train": labels, "val": np.array([0, 1])})
+    module = TokenDataModule(path=str(corpus), vocab_size=50, num_classes=3, max_len=16, stride=16, max_tokens=64)
+    with pytest.raises(ValueError, match=re.escape(f"{corpus}/train.labels.npy holds a {labels.dtype} array of shape "
+                                                   f"{labels.shape}, not a 1-D integer array of labels; write one "
+                                                   "integer class per document: numpy.save(")):
+        module.setup("fit")
+
+
+def test_a_negative_or_too_large_label_in_a_labels_file_says_what_is_wrong(tmp_path):
+    from hetrain.data.datamodule import TokenDataModule
+
+    small = {"vocab_size": 50, "num_classes": 3, "max_len": 16, "stride": 16, "max_tokens": 64}
+    corpus = labelled_token_dir(tmp_path, {"train": np.array([0, 2, -1, 1]), "val": np.array([0, 1])})
+    with pytest.raises(ValueError, match=re.escape(f"{corpus}/train.labels.npy holds label -1 (document 2); labels "
+                                                   "are classes counted from 0, so must be >= 0")):
+        TokenDataModule(path=str(corpus), **small).setup("fit")  # was: "set data.num_classes=3"
+    np.save(corpus / "train.labels.npy", np.array([0, 2, 255, 1], dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"run from 0 to 255, outside \[0, data.num_classes=3\); set "
+                                         r"data.num_classes=256 "):
+        TokenDataModule(path=str(corpus), **small).setup("fit")  # 255 + 1 in uint8 would say 0
+    np.save(corpus / "train.labels.npy", np.array([0, 2, 1, 1], dtype=np.uint8))
+    module = TokenDataModule(path=str(corpus), **small)
+    module.setup("fit")
+    assert module.labels["train"].dtype == np.int64 and sorted(set(module.labels["train"])) == [0, 1, 2]

@@ -206,6 +206,26 @@ def save_labels(path: Path, labels: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def load_labels(path: Path, num_docs: int) -> np.ndarray:
+    """``path`` (a ``<split>.labels.npy``) as int64, refused unless it is a 1-D integer array of ``num_docs``.
+
+    Float labels (pandas writes them once a column has a gap) were truncated to int64 without a word.
+    """
+    how = (f"write one integer class per document: numpy.save('{path}', "
+           "numpy.asarray(labels, dtype=numpy.int64).reshape(-1))")
+    try:
+        labels = np.load(path)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"hetrain: {path} is not a numpy array numpy.load reads without pickle ({exc}); {how}") \
+            from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"hetrain: {path} holds a {labels.dtype} array of shape {labels.shape}, not a 1-D integer "
+                         f"array of labels; {how}")
+    if len(labels) != num_docs:
+        raise ValueError(f"hetrain: {path} holds {len(labels)} labels for {num_docs} documents")
+    return labels
+
+
 def read_labels(path: str | os.PathLike, label_field: str) -> list[int]:
     """The integer ``label_field`` of every non-blank line of a jsonl file; a line without one is named."""
     labels = []
@@ -369,21 +389,28 @@ class TokenDataModule(RingDataModule):
         for split in SPLITS:
             tf = TokenFile(corpus / split)
             self._check_vocab(tf)
-            labels_path = corpus / f"{split}.labels.npy"
-            if not labels_path.is_file():
-                raise FileNotFoundError(f"hetrain: {labels_path} is missing: one label per document of {tf}")
-            doc_labels = np.load(labels_path)
-            if len(doc_labels) != len(tf):
-                raise ValueError(f"hetrain: {labels_path} holds {len(doc_labels)} labels for {len(tf)} documents")
-            if len(doc_labels) and not 0 <= doc_labels.min() <= doc_labels.max() < self.hparams.num_classes:
-                source = self.hparams.path if self.hparams.path is not None else labels_path
-                raise ValueError(
-                    f"hetrain: the labels of {source} run from {doc_labels.min()} to {doc_labels.max()}, outside "
-                    f"[0, data.num_classes={self.hparams.num_classes}); set data.num_classes={doc_labels.max() + 1} "
-                    "(labels count from 0), or fix the labels")
+            doc_labels = self._doc_labels(corpus / f"{split}.labels.npy", tf)
             windows = TokenWindows(tf, self.hparams.max_len, self.hparams.stride)
             self.windows[split] = windows
             self.labels[split] = doc_labels[windows.windows.doc]  # a window's label is its document's
+
+    def _doc_labels(self, path: Path, tf: TokenFile) -> np.ndarray:
+        """``path``'s labels, one per document of ``tf``, each in ``[0, data.num_classes)``."""
+        if not path.is_file():
+            raise FileNotFoundError(f"hetrain: {path} is missing: one label per document of {tf}")
+        labels = load_labels(path, len(tf))
+        if len(labels) and labels.min() < 0:
+            i = int(labels.argmin())
+            raise ValueError(f"hetrain: {path} holds label {labels[i]} (document {i}); labels are classes counted "
+                             "from 0, so must be >= 0: fix the labels")
+        num_classes = self.hparams.num_classes
+        if len(labels) and labels.max() >= num_classes:
+            source = self.hparams.path if self.hparams.path is not None else path
+            raise ValueError(
+                f"hetrain: the labels of {source} run from {labels.min()} to {labels.max()}, outside "
+                f"[0, data.num_classes={num_classes}); set data.num_classes={int(labels.max()) + 1} "
+                "(labels count from 0), or fix the labels")
+        return labels.astype(np.int64)
 
     def _check_vocab(self, tf: TokenFile) -> None:
         """Refuses a jsonl corpus whose byte tokens reach past ``vocab_size`` here, naming the settings.

@@ -58,31 +58,94 @@ def _dumps(reply: tuple[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _serve(conn: Connection, dataset: Any, indices: Sequence[int]) -> None:
-    """Sends ``("ok", sample)`` per index as it is read, so the parent sees each sample's progress; stops at the
-    first ``("error", message)``, which names the sample that failed (read or pickled)."""
+# How often a reader sends what it has read: often enough that the parent times a stall per sample and names the
+# sample being read, seldom enough that a batch of small samples is a few messages (one a sample cost a quarter of
+# the rate).
+_SEND_EVERY_S = 0.05
+
+
+class _Outbox:
+    """The samples a reader has read and not yet sent, sent by a thread of its own every :data:`_SEND_EVERY_S`, so
+    they reach the parent also while the next sample takes long to read (it then names that one as stalled)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn, self.lock = conn, threading.Lock()
+        self.read: list[tuple[int, Any]] = []
+        self.failed = False  # an error was sent for the current chunk: nothing more goes out for it
+        threading.Thread(target=self._send_periodically, daemon=True, name="hetrain-reader-outbox").start()
+
+    def _send_periodically(self) -> None:
+        while True:
+            time.sleep(_SEND_EVERY_S)
+            try:
+                self.send()
+            except OSError:  # the parent closed the pipe: the reader is ending
+                return
+
+    def start_chunk(self) -> None:
+        self.failed = False
+
+    def add(self, index: int, sample: Any) -> None:
+        with self.lock:
+            self.read.append((index, sample))
+
+    def send(self, error: str | None = None) -> None:
+        """Sends the samples read so far, then ``error`` if given (or the sample that cannot be pickled)."""
+        with self.lock:
+            if self.failed:
+                return
+            if self.read:
+                reply = _reply_bytes(self.read)
+                if reply is None:
+                    error = _unpicklable(self.read)
+                else:
+                    self.conn.send_bytes(reply)
+                self.read = []
+            if error is not None:
+                self.conn.send_bytes(pickle.dumps(("error", error)))
+                self.failed = True
+
+
+def _serve(outbox: _Outbox, dataset: Any, indices: Sequence[int]) -> None:
+    """Reads the samples into ``outbox``, which sends ``("ok", samples)`` as they are read and stops at the first
+    ``("error", message)``, naming the sample that failed (read or pickled): the parent takes no more of the chunk."""
+    outbox.start_chunk()
     for index in indices:
-        try:
-            sample = dataset[index]
-        except Exception as exc:
-            conn.send_bytes(pickle.dumps(("error", f"sample {index}: {type(exc).__name__}: {exc}")))
+        if outbox.failed:
             return
         try:
-            reply = _dumps(("ok", sample))
+            outbox.add(index, dataset[index])
         except Exception as exc:
-            conn.send_bytes(pickle.dumps(("error", f"sample {index} cannot be sent back from the reader process "
-                                                   f"(samples travel pickled; return picklable values): "
-                                                   f"{type(exc).__name__}: {exc}")))
+            outbox.send(f"sample {index}: {type(exc).__name__}: {exc}")
             return
-        conn.send_bytes(reply)
+    outbox.send()
+
+
+def _reply_bytes(read: list[tuple[int, Any]]) -> bytes | None:
+    try:
+        return _dumps(("ok", [sample for _, sample in read]))
+    except Exception:
+        return None
+
+
+def _unpicklable(read: list[tuple[int, Any]]) -> str:
+    """Names the first sample of ``read`` that cannot be pickled, and why."""
+    for index, sample in read:
+        try:
+            _dumps(("ok", sample))
+        except Exception as exc:
+            return (f"sample {index} cannot be sent back from the reader process (samples travel pickled; return "
+                    f"picklable values): {type(exc).__name__}: {exc}")
+    return f"samples {[index for index, _ in read]} cannot be sent back from the reader process together"
 
 
 def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]) -> None:
-    """A reader's loop: a list of indices in, one reply per sample out (see :func:`_serve`)."""
+    """A reader's loop: a list of indices in, the samples out as they are read (see :func:`_serve`)."""
     for other in inherited:  # the parent's ends of every reader's pipe, copied at fork: not this process's to hold
         other.close()
     torch.set_num_threads(1)  # as torch's DataLoader workers: one thread each, the processes are the parallelism
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the loader stops readers
+    outbox = _Outbox(conn)
     while True:
         try:
             indices = conn.recv()
@@ -90,7 +153,7 @@ def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]
             return
         if indices is None:
             return
-        _serve(conn, dataset, indices)
+        _serve(outbox, dataset, indices)
 
 
 def _exit_description(code: int | None) -> str:
@@ -173,7 +236,7 @@ class ReaderProcesses:
                         continue
                     status, payload = reply
                     if status == "ok":
-                        results[k].append(payload)
+                        results[k].extend(payload)
                         started[k] = time.monotonic()
                         if len(results[k]) < len(chunks[k]):
                             continue

@@ -227,3 +227,14 @@ def test_a_negative_or_too_large_label_in_a_labels_file_says_what_is_wrong(tmp_p
     module = TokenDataModule(path=str(corpus), **small)
     module.setup("fit")
     assert module.labels["train"].dtype == np.int64 and sorted(set(module.labels["train"])) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("val_fraction", [0, 0.0, 1, 1.5, -0.2, float("nan"), True, "0.1"])
+def test_a_val_fraction_outside_0_1_is_refused_saying_how_to_skip_validation(val_fraction):
+    # 0 still held one document out; 1.5 and -0.2 were accepted and made lopsided splits.
+    from hetrain.data.datamodule import TokenDataModule
+
+    with pytest.raises(ValueError, match=rf"data.val_fraction={re.escape(repr(val_fraction))} is the share .* must "
+                                         r"lie in \(0, 1\).*set trainer.limit_val_batches=0"):
+        TokenDataModule(path="corpus.jsonl", val_fraction=val_fraction)
+    assert TokenDataModule(path="corpus.jsonl", val_fraction=0.5).hparams.val_fraction == 0.5

@@ -241,6 +241,14 @@ def read_labels(path: str | os.PathLike, label_field: str) -> list[int]:
     return labels
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    """Refuses a share outside (0, 1): 0 still held one document out, 1.5 and -0.2 made lopsided splits."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
+        raise ValueError(f"hetrain: data.val_fraction={val_fraction!r} is the share of jsonl documents held out for "
+                         "validation and must lie in (0, 1), e.g. 0.1; to train without validation keep it and set "
+                         "trainer.limit_val_batches=0")
+
+
 def write_jsonl_corpus(path: str | os.PathLike, out_dir: str | os.PathLike, text_field: str, label_field: str,
                        val_fraction: float, seed: int) -> None:
     """Tokenises a jsonl corpus (byte tokenizer) into train and val token files, documents split from ``seed``."""
@@ -290,6 +298,7 @@ class TokenDataModule(RingDataModule):
         data_dir: where token files are written, by :meth:`prepare_data` (once per node) for every rank to read;
             None: each process writes its own temporary directory in :meth:`setup`.
         max_len, stride: window length and step; windows of a document overlap by ``max_len - stride``.
+        val_fraction: jsonl: the share of documents held out for validation, in (0, 1).
         max_tokens: padded tokens per batch (token-budget batching).
         vocab_size, num_classes: of the data; token ids are checked against ``vocab_size`` as they are gathered.
         num_slots, producers: ring slots and C++ gather threads.
@@ -319,6 +328,7 @@ class TokenDataModule(RingDataModule):
         producers: int = 2,
     ) -> None:
         super().__init__()
+        check_val_fraction(val_fraction)
         self.save_hyperparameters()
         self.windows: dict[str, TokenWindows] = {}
         self.labels: dict[str, np.ndarray] = {}

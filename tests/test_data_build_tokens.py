@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 
 from hetrain.data import build_tokens
+from hetrain.data.tokenize import ByteTokenizer, build_token_file
 
 
 def refused(capsys, *argv: str) -> str:
@@ -27,3 +30,99 @@ def test_an_input_without_documents_leaves_an_existing_corpus_as_it_was(tmp_path
     message = refused(capsys, str(empty), "--out", str(out))
     assert "no documents to write" in message and "left as they were" in message
     assert {p.name: p.read_bytes() for p in tmp_path.glob("corpus*")} == before  # no temporary left either
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_its_line_however_far_into_the_file(tmp_path, capsys):
+    # The decoder's error counted from its buffer ("byte 5581 of the part read"), naming no line.
+    src = tmp_path / "late.txt"
+    src.write_bytes(b"plain ascii line\n" * 20_000 + "caf\u00e9\n".encode("latin-1"))
+    assert refused(capsys, str(src), "--out", str(tmp_path / "out")).endswith(
+        f"{src}:20001 is not UTF-8 text (byte 0xe9 at column 4); convert the file, e.g. iconv -f <its encoding> "
+        "-t utf-8\n")
+
+
+def test_gzip_input_is_told_to_be_decompressed_and_a_byte_order_mark_is_skipped(tmp_path, capsys):
+    zipped = tmp_path / "corpus.jsonl.gz"
+    zipped.write_bytes(gzip.compress(b'{"text": "x"}\n'))
+    assert f"{zipped} is gzip-compressed, not text; decompress it first, e.g. gunzip -c {zipped} > " \
+           f"{tmp_path / 'corpus.jsonl'}, and pass that file" in refused(capsys, str(zipped), "--out", "unused")
+    for name in ("bom.jsonl", "bom.txt"):  # Windows tools write one; the jsonl failed "Unexpected UTF-8 BOM"
+        src = tmp_path / name
+        src.write_text('{"text": "first"}\n' if name.endswith("jsonl") else "first\n", encoding="utf-8-sig")
+        tf = build_tokens.main([str(src), "--out", str(tmp_path / "bom")])
+        assert ByteTokenizer().decode(tf[0][1:-1]) == "first"
+
+
+def test_a_lone_surrogate_in_a_jsonl_string_names_the_record(tmp_path, capsys):
+    # Valid JSON, yet no text: the byte tokenizer failed with a bare UnicodeEncodeError naming no record.
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "fine \\ud83d\\ude00 pair"}\n{"text": "bad \\ud83d half"}\n')
+    message = refused(capsys, str(src), "--out", str(tmp_path / "out"))
+    assert f"{src}:2: field 'text' holds a lone surrogate '\\ud83d' at character 4" in message
+    assert "fix or drop the record" in message
+
+
+def test_a_whole_file_without_text_is_no_document_as_a_blank_line_is_none(tmp_path, capsys):
+    # --whole-files wrote an empty file as a document of bos and eos alone; line mode said "no documents".
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n")
+    for mode in ((), ("--whole-files",)):
+        assert "no documents to write" in refused(capsys, str(blank), *mode, "--out", str(tmp_path / "out"))
+    full = tmp_path / "full.txt"
+    full.write_text("text\n")
+    assert len(build_tokens.main([str(blank), str(full), "--whole-files", "--out", str(tmp_path / "out")])) == 1
+
+
+class Encoding:
+    """What a Hugging Face ``tokenizers.Tokenizer.encode`` returns: the ids in ``.ids``."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+
+class FastLike:
+    def encode(self, text: str) -> Encoding:
+        return Encoding([7] * len(text))
+
+
+class Picky:
+    vocab_size = 100
+
+    def encode(self, text: str) -> list[int]:
+        if "?" in text:
+            raise KeyError("unknown character '?'")
+        return [5] * len(text)
+
+
+class Wide:
+    def encode(self, text: str) -> list[int]:
+        return [70_000] * len(text)
+
+
+class Opaque:
+    def encode(self, text: str) -> object:
+        return object()
+
+
+def test_what_goes_wrong_in_a_tokenizer_names_the_line(tmp_path, capsys, monkeypatch):
+    # A tokenizer raising gave a bare traceback; an id past --itemsize 2 named "document 1", not the line.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "toks.py").write_text(f"from {__name__} import FastLike, Opaque, Picky, Wide\n")
+    src = tmp_path / "in.txt"
+    src.write_text("fine\n\nwhat?\n")
+    out = str(tmp_path / "out")
+    assert f"{src}:3: tokenizer Picky failed: KeyError: \"unknown character '?'\"" in refused(
+        capsys, str(src), "--tokenizer", "toks:Picky", "--out", out)
+    assert f"{src}:1 has token id 70000 outside [0, 65535] of uint16; write with itemsize=4 (uint32; " \
+           "build_tokens --itemsize 4)" in refused(capsys, str(src), "--tokenizer", "toks:Wide", "--itemsize", "2",
+                                                   "--out", out)
+    assert f"{src}:1: tokenizer Opaque returned a object, not token ids; pass one that returns a list of ints, " \
+           "e.g. lambda s: tok.encode(s).ids" in refused(capsys, str(src), "--tokenizer", "toks:Opaque", "--out", out)
+    # A Hugging Face Encoding failed with "'Encoding' object is not iterable".
+    tf = build_tokens.main([str(src), "--tokenizer", "toks:FastLike", "--out", out])
+    assert [t.tolist() for t in (tf[0], tf[1])] == [[7] * 4, [7] * 5]
+
+
+def test_documents_built_in_python_are_named_by_their_index(tmp_path):
+    with pytest.raises(ValueError, match=r"document 1: tokenizer <lambda> failed: ZeroDivisionError"):
+        build_token_file(["ok", "boom"], tmp_path / "c", tokenizer=lambda s: [1 // (s != "boom")])

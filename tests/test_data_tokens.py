@@ -111,7 +111,7 @@ def test_jsonl_without_the_field_or_not_json_names_the_line(tmp_path):
         list(iter_documents([src]))
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))  # was: a codec error naming no file
-    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text \(byte 3"):
+    with pytest.raises(ValueError, match=r"latin1\.txt:1 is not UTF-8 text \(byte 0xe9 at column 4\)"):
         list(iter_documents([latin]))
 
 

@@ -28,27 +28,62 @@ class ByteTokenizer:
     __call__ = encode
 
 
-def iter_documents(paths: Sequence[str | os.PathLike], field: str = "text", whole_files: bool = False) -> Iterator[str]:
-    """The documents of ``paths``: ``.jsonl`` files by record ``field``, other files by line (or whole).
+class Document(str):
+    """A document's text that knows where it was read (``path:line``, or ``path`` for a whole file).
 
-    Every file is read as UTF-8; a problem is reported with the file and line it is on.
+    An error about one document (its tokenizer failed, an id does not fit) names the line, not an index.
+    """
+
+    where: str
+
+    def __new__(cls, text: str, where: str) -> Document:
+        doc = super().__new__(cls, text)
+        doc.where = where
+        return doc
+
+
+def iter_documents(paths: Sequence[str | os.PathLike], field: str = "text",
+                   whole_files: bool = False) -> Iterator[Document]:
+    """The documents of ``paths``: ``.jsonl`` files by record ``field``, other files by non-blank line (or whole).
+
+    Every file is read as UTF-8 (a leading byte order mark is skipped); a problem is reported with the file and
+    line it is on.
     """
     for path in map(Path, paths):
         try:
             if path.suffix == ".jsonl":
                 yield from _jsonl_documents(path, field)
             elif whole_files:
-                yield path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8-sig")
+                if text.strip():  # as a blank line is no document, neither is a blank file
+                    yield Document(text, str(path))
             else:
-                with open(path, encoding="utf-8") as f:
-                    yield from (line.rstrip("\n") for line in f if line.strip())
+                with open(path, encoding="utf-8-sig") as f:
+                    yield from (Document(line.rstrip("\n"), f"{path}:{n}") for n, line in enumerate(f, 1)
+                                if line.strip())
         except UnicodeDecodeError as exc:
-            raise ValueError(f"hetrain: {path} is not UTF-8 text (byte {exc.start} of the part read: "
-                             f"{exc.object[exc.start:exc.start + 1]!r}); convert it, e.g. iconv -t utf-8") from None
+            raise _not_utf8(path, exc) from None
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ValueError:
+    """The line and byte ``path`` fails to decode at: the decoder's error counts from a buffer, not the file."""
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            plain = path.with_suffix("") if path.suffix == ".gz" else "<decompressed file>"
+            return ValueError(f"hetrain: {path} is gzip-compressed, not text; decompress it first, e.g. "
+                              f"gunzip -c {path} > {plain}, and pass that file")
+        f.seek(0)
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return ValueError(f"hetrain: {path}:{n} is not UTF-8 text (byte {line[bad.start]:#04x} at column "
+                                  f"{bad.start + 1}); convert the file, e.g. iconv -f <its encoding> -t utf-8")
+    return ValueError(f"hetrain: {path} is not UTF-8 text ({exc.reason}); convert it, e.g. iconv -t utf-8")
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -63,18 +98,50 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
             text = record[field]
             if not isinstance(text, str):
                 raise ValueError(f"hetrain: {path}:{n}: field {field!r} is a JSON {type(text).__name__}, not text")
-            yield text
+            if "\\u" in line:  # only a JSON escape makes a lone surrogate, which no UTF-8 encoder takes
+                _check_surrogates(text, f"{path}:{n}", field)
+            yield Document(text, f"{path}:{n}")
 
 
-def _encoder(tokenizer: object) -> Callable[[str], Sequence[int]]:
+def _check_surrogates(text: str, where: str, field: str) -> None:
+    """Refuses half of a UTF-16 pair (``"\\ud83d"`` alone), valid JSON but no text: every tokenizer fails on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"hetrain: {where}: field {field!r} holds a lone surrogate {text[exc.start]!r} at character {exc.start} "
+            "(a \\uXXXX escape of half a UTF-16 pair, cut from its other half), which is not text; fix or drop "
+            "the record, e.g. re-export it with the pair whole") from None
+
+
+def _encoder(tokenizer: object) -> Callable[[str, str], list[int]]:
+    """``tokenizer`` as ``(text, where) -> ids``: what goes wrong in it names the document ``where``.
+
+    A tokenizer raising on one document gave a bare traceback naming none; one returning a Hugging Face
+    ``Encoding`` (ids in ``.ids``) failed with "not iterable".
+    """
     encode = getattr(tokenizer, "encode", tokenizer)
     if not callable(encode):
         raise TypeError(f"hetrain: a tokenizer must be callable or have .encode, got {type(tokenizer).__name__}")
-    return encode
+    name = getattr(tokenizer, "__name__", type(tokenizer).__name__)
+
+    def ids(text: str, where: str) -> list[int]:
+        try:
+            out = encode(str(text))  # a plain str: a tokenizer written in C may refuse a subclass
+        except Exception as exc:
+            raise ValueError(f"hetrain: {where}: tokenizer {name} failed: {type(exc).__name__}: {exc}") from exc
+        out = getattr(out, "ids", out)
+        try:
+            return list(out)
+        except TypeError:
+            raise TypeError(f"hetrain: {where}: tokenizer {name} returned a {type(out).__name__}, not token ids; "
+                            "pass one that returns a list of ints, e.g. lambda s: tok.encode(s).ids") from None
+
+    return ids
 
 
 def build_token_file(
-    docs: Iterable[str],
+    docs: Iterable[str | Document],
     out: str | os.PathLike,
     tokenizer: object | None = None,
     itemsize: int | None = None,
@@ -83,7 +150,8 @@ def build_token_file(
 ) -> TokenFile:
     """Tokenises ``docs`` into ``<out>.bin/.idx``; ``itemsize`` defaults from the tokenizer's ``vocab_size``.
 
-    No documents is an error, not an empty corpus replacing the one at ``out``.
+    No documents is an error, not an empty corpus replacing the one at ``out``. An error about one document
+    names it by its ``where`` (a :class:`Document` from :func:`iter_documents`), else by its index.
 
     ``bos_id``/``eos_id`` are added around each document: given here, or the tokenizer's own attributes.
     """
@@ -98,8 +166,9 @@ def build_token_file(
     tail = [] if eos_id is None else [eos_id]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with TokenFileWriter(out, itemsize) as writer:
-        for doc in docs:
-            writer.add(head + list(encode(doc)) + tail)
+        for i, doc in enumerate(docs):
+            where = getattr(doc, "where", f"document {i}")
+            writer.add(head + encode(doc, where) + tail, where)
         if not len(writer):  # raised inside the writer: its temporary goes, files already at ``out`` stay
             raise ValueError(f"hetrain: no documents to write (empty files, or only blank lines); nothing written, "
                              f"{writer.bin_path} and {writer.idx_path} left as they were")

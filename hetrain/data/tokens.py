@@ -130,17 +130,18 @@ class TokenFileWriter:
         self._bin = open(self._tmp_bin, "wb")  # closed in close() or __exit__
         self._offsets = [0]
 
-    def add(self, tokens: Iterable[int] | np.ndarray) -> None:
-        arr = whole_numbers(tokens, f"document {len(self._offsets) - 1}'s token ids")
+    def add(self, tokens: Iterable[int] | np.ndarray, where: str | None = None) -> None:
+        """Appends one document; ``where`` names it in errors (``path:line`` of its text), else its index."""
+        where = f"document {len(self)}" if where is None else where
+        arr = whole_numbers(tokens, f"{where}'s token ids")
         if arr.ndim != 1:
-            raise ValueError(f"hetrain: a document is a 1-D token sequence, got shape {arr.shape}")
+            raise ValueError(f"hetrain: a document is a 1-D token sequence, got shape {arr.shape} ({where})")
         if len(arr) and arr.min() < 0:
-            raise ValueError(f"hetrain: document {len(self._offsets) - 1} has token id {int(arr.min())}; "
-                             "token ids are non-negative")
+            raise ValueError(f"hetrain: {where} has token id {int(arr.min())}; token ids are non-negative")
         if len(arr) and arr.max() > self._limit:
             raise ValueError(
-                f"hetrain: document {len(self._offsets) - 1} has token id {int(arr.max())} outside "
-                f"[0, {self._limit}] of {self.dtype}; write with itemsize=4 (uint32)"
+                f"hetrain: {where} has token id {int(arr.max())} outside [0, {self._limit}] of {self.dtype}; "
+                "write with itemsize=4 (uint32; build_tokens --itemsize 4)"
             )
         self._bin.write(arr.astype(self.dtype).tobytes())
         self._offsets.append(self._offsets[-1] + len(arr))

@@ -238,3 +238,22 @@ def test_a_val_fraction_outside_0_1_is_refused_saying_how_to_skip_validation(val
                                          r"lie in \(0, 1\).*set trainer.limit_val_batches=0"):
         TokenDataModule(path="corpus.jsonl", val_fraction=val_fraction)
     assert TokenDataModule(path="corpus.jsonl", val_fraction=0.5).hparams.val_fraction == 0.5
+
+
+@pytest.mark.parametrize(("label", "message"), [
+    ('"\u00b2"', "field 'label' is '\u00b2', not an integer label"),  # passed str.isdigit, then failed int()
+    ('"--1"', "field 'label' is '--1', not an integer label"),  # passed lstrip("-").isdigit()
+    ('" 1"', "field 'label' is ' 1', not an integer label"),
+    ("100000000000000000000", "label 100000000000000000000 is past int64"),  # overflowed in numpy, no line
+    ("-1", "label -1 is negative; labels are classes counted from 0, so must be >= 0"),  # was: num_classes=3
+    ('"-2"', "label -2 is negative"),
+])
+def test_a_jsonl_label_is_parsed_strictly_and_refused_naming_its_line(tmp_path, label, message):
+    from hetrain.data.datamodule import read_labels
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(f'{{"text": "a", "label": 0}}\n\n{{"text": "b", "label": {label}}}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{corpus}:3: {message}")):
+        read_labels(corpus, "label")
+    corpus.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": "12"}\n', encoding="utf-8-sig")
+    assert read_labels(corpus, "label") == [0, 12]  # a byte order mark is skipped, as iter_documents skips it

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -38,6 +39,7 @@ from hetrain.data.windows import TokenWindows
 from hetrain.placement.pipeline import stage_device
 
 SPLITS = ("train", "val")
+LABEL_TEXT = re.compile(r"-?[0-9]+")  # a label written as a JSON string: ASCII digits, not "²"
 TOKEN_DIR_FILES = tuple(f"{split}{ext}" for split in SPLITS for ext in (".bin", ".idx", ".labels.npy"))
 
 
@@ -229,16 +231,30 @@ def load_labels(path: Path, num_docs: int) -> np.ndarray:
 def read_labels(path: str | os.PathLike, label_field: str) -> list[int]:
     """The integer ``label_field`` of every non-blank line of a jsonl file; a line without one is named."""
     labels = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            value = json.loads(line).get(label_field)
-            if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).lstrip("-").isdigit():
-                raise ValueError(f"hetrain: {path}:{number}: field {label_field!r} is {value!r}, not an integer "
-                                 f"label; every line needs one (set data.label_field to the field that holds it)")
-            labels.append(int(value))
+            if line.strip():
+                labels.append(_label(json.loads(line).get(label_field), f"{path}:{number}", label_field))
     return labels
+
+
+def _label(value: object, where: str, label_field: str) -> int:
+    """``value`` as a label: a JSON integer or a string of ASCII digits, in ``[0, 2**63)``.
+
+    ``str.isdigit`` let "²" and "--1" through to fail in ``int()`` naming no line; 10**20 overflowed in numpy.
+    """
+    if isinstance(value, str) and LABEL_TEXT.fullmatch(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"hetrain: {where}: field {label_field!r} is {value!r}, not an integer label; every line "
+                         "needs one (set data.label_field to the field that holds it)")
+    if value < 0:
+        raise ValueError(f"hetrain: {where}: label {value} is negative; labels are classes counted from 0, so must "
+                         "be >= 0: fix the label")
+    if value >= 1 << 63:
+        raise ValueError(f"hetrain: {where}: label {value} is past int64 (2**63 - 1); labels are classes counted "
+                         "from 0, below data.num_classes: fix the label")
+    return value
 
 
 def check_val_fraction(val_fraction: float) -> None:

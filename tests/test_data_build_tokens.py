@@ -126,3 +126,24 @@ def test_what_goes_wrong_in_a_tokenizer_names_the_line(tmp_path, capsys, monkeyp
 def test_documents_built_in_python_are_named_by_their_index(tmp_path):
     with pytest.raises(ValueError, match=r"document 1: tokenizer <lambda> failed: ZeroDivisionError"):
         build_token_file(["ok", "boom"], tmp_path / "c", tokenizer=lambda s: [1 // (s != "boom")])
+
+
+def test_an_out_that_cannot_be_written_and_a_directory_input_are_one_line_each(tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("text\n")
+    # An --out inside a file: was a raw FileExistsError traceback.
+    assert f"File exists: {src}; the inputs must be readable and --out {src}/out in a directory you can write" in \
+        refused(capsys, str(src), "--out", str(src / "out"))
+    # A directory: was "no such file".
+    assert f"{tmp_path}: a directory, not a file; pass the files in it, e.g. {tmp_path}/*.jsonl" in \
+        refused(capsys, str(tmp_path), "--out", str(tmp_path / "out"))
+
+
+def test_a_large_corpus_reports_its_progress_on_stderr(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(build_tokens, "PROGRESS_CHARS", 100)
+    src = tmp_path / "in.txt"
+    src.write_text("x" * 60 + "\n" + "y" * 60 + "\n" + "z" * 10 + "\n")
+    build_tokens.main([str(src), "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hetrain: build_tokens: 2 documents, 0M characters read, at "
+                                                   f"{src}:2 (")

@@ -3,18 +3,24 @@
 Documents: each non-empty line of a text file (``--whole-files``: each file), or the ``--field`` of each
 jsonl record. The built-in tokenizer maps UTF-8 bytes to ids, so it needs no download; any tokenizer
 works through ``--tokenizer package.module:name`` (a callable ``str -> list[int]`` or an object with
-``encode``, e.g. a Hugging Face tokenizer) or the ``tokenizer`` argument of :func:`build_token_file`.
+``encode``, e.g. a Hugging Face tokenizer, whose ``Encoding`` is read through ``.ids``) or the ``tokenizer``
+argument of :func:`build_token_file`. Whatever goes wrong with a document is one line naming its file and line;
+input without documents leaves the files at ``--out`` as they were. Progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
+from hetrain.data.tokenize import ByteTokenizer, Document, build_token_file, iter_documents
 from hetrain.data.tokens import TokenFile
+
+PROGRESS_CHARS = 32 << 20  # a progress line per this many characters of text read
 
 
 def _load_tokenizer(spec: str) -> object:
@@ -27,6 +33,18 @@ def _load_tokenizer(spec: str) -> object:
     return obj() if isinstance(obj, type) else obj
 
 
+def _reporting_progress(docs: Iterator[Document]) -> Iterator[Document]:
+    """``docs``, with a line on stderr per ``PROGRESS_CHARS`` characters read: a large corpus takes minutes."""
+    start, chars, reported = time.monotonic(), 0, 0
+    for n, doc in enumerate(docs, 1):
+        chars += len(doc)
+        if chars - reported >= PROGRESS_CHARS:
+            reported = chars
+            print(f"hetrain: build_tokens: {n} documents, {chars / 1e6:.0f}M characters read, at {doc.where} "
+                  f"({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
+        yield doc
+
+
 def main(argv: Sequence[str] | None = None) -> TokenFile:
     parser = argparse.ArgumentParser(prog="python -m hetrain.data.build_tokens", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="text or .jsonl files")
@@ -36,15 +54,21 @@ def main(argv: Sequence[str] | None = None) -> TokenFile:
     parser.add_argument("--whole-files", action="store_true", help="a text file is one document, not one per line")
     parser.add_argument("--itemsize", type=int, choices=(2, 4), help="bytes per token (default: from vocab_size)")
     args = parser.parse_args(argv)
+    folders = [p for p in args.inputs if Path(p).is_dir()]
+    if folders:
+        parser.error(f"{', '.join(folders)}: a directory, not a file; pass the files in it, e.g. {folders[0]}/*.jsonl")
     missing = [p for p in args.inputs if not Path(p).is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
     try:
         tokenizer = _load_tokenizer(args.tokenizer)
-        tf = build_token_file(iter_documents(args.inputs, args.field, args.whole_files), args.out, tokenizer,
-                              args.itemsize)
+        docs = _reporting_progress(iter_documents(args.inputs, args.field, args.whole_files))
+        tf = build_token_file(docs, args.out, tokenizer, args.itemsize)
     except (ValueError, TypeError, ImportError, AttributeError, UnicodeDecodeError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")  # one line naming the file and record, not a traceback
+    except OSError as exc:  # an --out that cannot be written (or an input that cannot be read): no traceback
+        parser.exit(2, f"{parser.prog}: error: hetrain: {exc.strerror}: {exc.filename}; the inputs must be readable "
+                       f"and --out {args.out} in a directory you can write\n")
     print(f"hetrain: wrote {tf.bin_path} and {tf.idx_path}: {len(tf)} documents, {tf.num_tokens} tokens, {tf.dtype}")
     return tf
 

@@ -104,7 +104,7 @@ def _route(args: Sequence[Any]) -> str:
     ``torch.jit.trace`` records the custom op too: the body's kernels have no autograd of their own, so a
     trace of them would train nothing, and one taken with gradients would differ from its no-grad check run.
     """
-    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return "custom"
     if _functorch_level() is not None:
         return "functorch"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -156,8 +157,8 @@ class RunRecorder(Callback):
             "train_time_s": round(self.train_time_s, 3),
             "samples_per_s": round(self.samples / self.train_time_s, 1) if self.train_time_s > 0 else None,
             "peak_memory_mib": {k: round(v, 1) for k, v in peak_memory_mib(self.gpus).items()},
-            "metrics": {k: round(float(v), 4) for k, v in sorted(trainer.callback_metrics.items())
-                        if k.startswith("val/")},
+            # Unrounded: a sweep's mean and spread over seeds are computed from these (summary.md rounds for display).
+            "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")},
             "stages": self.stages,
         }
         if self.resumed_from:
@@ -205,7 +206,7 @@ def write_run_summary(summary: dict[str, Any], directory: str | Path) -> str:
     """Writes ``summary.json`` and ``summary.md`` into ``directory``; returns the Markdown."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    _write_whole(directory / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
     flat = _flatten(summary)
     text = markdown_table(["field", "value"], [[k, v] for k, v in flat.items()])
     if "samples_per_s" in flat and "throughput.samples_per_s" in flat:
@@ -222,8 +223,19 @@ def write_run_summary(summary: dict[str, Any], directory: str | Path) -> str:
     if "throughput.energy_j_per_step" in flat:
         text += ("\n`throughput.energy_j_per_step`: energy the GPUs drew (NVML) per timed step, validation left "
                  "out; the CPU's energy is not in it.\n")
-    (directory / SUMMARY_MD).write_text(text)
+    _write_whole(directory / SUMMARY_MD, text)
     return text
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Writes ``path`` through a temporary file renamed over it: a full disk leaves the old file or none, never a
+    cut one (an empty summary.json failed the sweep's table)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def error_headline(error: str) -> str:
@@ -266,10 +278,12 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
     """A job's flat record: number, overrides and its ``summary.json``, or why there is none."""
     hydra_cfg = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra
     summary_path = job_dir / SUMMARY_JSON
-    if summary_path.exists():
+    try:
         summary = json.loads(summary_path.read_text())
-    else:
+    except FileNotFoundError:
         summary = {"status": "no summary", "error": f"the job wrote no {SUMMARY_JSON} (killed?)"}
+    except (OSError, ValueError) as exc:  # cut or unreadable: the job is listed, the sweep's table still written
+        summary = {"status": "no summary", "error": f"its {SUMMARY_JSON} cannot be read ({type(exc).__name__}: {exc})"}
     summary.setdefault("log", str(job_dir / f"{hydra_cfg.job.name}.log"))
     if "error" in summary:
         summary["error"] = error_headline(summary["error"])
@@ -299,8 +313,19 @@ def write_sweep_summary(records: list[dict[str, Any]], directory: str | Path) ->
     if over_seeds is not None:
         intro = "Over seeds (mean ± standard deviation of the jobs that finished):"
         text += f"\n\n{intro}\n\n{markdown_table(*over_seeds)}"
-    (directory / SUMMARY_MD).write_text(text)
+    _write_whole(directory / SUMMARY_MD, text)
     return text
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Writes ``path`` through a temporary file renamed over it: a full disk leaves the old file or none, never a
+    cut one (an empty summary.json failed the sweep's table)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _is_seed(override: str) -> bool:

@@ -180,6 +180,9 @@ def test_bert_split_trains_and_writes_summary(tmp_path):
     throughput = summary["throughput"]
     assert 0 < throughput["data_wait_fraction"] <= throughput["between_steps_fraction"] < 1
     assert summary["metrics"]["val/acc"] > 0.8, summary  # chance is 0.25
+    # The final validation's loss as logged, unrounded (a sweep's spread over seeds is computed from it).
+    last_val_loss = [float(r["val/loss"]) for r in _logged(run) if "val/loss" in r][-1]
+    assert summary["metrics"]["val/loss"] == pytest.approx(last_val_loss, rel=1e-7, abs=0)
     assert list(summary["stages"]) == ["embeddings", "encoder.0", "encoder.1", "classifier"]
     assert summary["cpu_malloc"]["setting"].startswith("keep (freed blocks of 32 MiB or more reused")
     trace = json.loads((run / "trace_steps_5-6.json").read_text())["traceEvents"]  # callbacks.profile_steps
@@ -636,6 +639,32 @@ def test_sweep_summary_aggregates_over_seeds():
     assert seed_table([{"job": 0, "overrides": "model.hidden=64", "status": "ok"}]) is None
     one_seed = [{"job": i, "overrides": f"seed=3 data.seed={i}", "status": "ok"} for i in range(2)]
     assert seed_table(one_seed) is None  # seed is fixed, not varied (data.seed is another setting)
+
+
+def test_a_summary_is_written_whole_or_not_at_all_and_a_cut_one_is_listed(tmp_path, monkeypatch):
+    """A full disk left an empty summary.json, on which the sweep's table failed (JSONDecodeError) for every job."""
+    from hetrain.report import collect_jobs, write_run_summary
+
+    job = tmp_path / "sweep" / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 0\n    name: train\n")
+    (job / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    write_run_summary({"status": "ok", "steps": 3}, job)
+    write_text = Path.write_text
+
+    def disk_full(path, text, *args, **kwargs):
+        write_text(path, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_run_summary({"status": "ok", "steps": 4}, job)
+    monkeypatch.undo()
+    assert json.loads((job / "summary.json").read_text())["steps"] == 3  # the whole earlier one
+    assert sorted(p.name for p in job.iterdir()) == [".hydra", "summary.json", "summary.md"]  # no partial left
+    (job / "summary.json").write_text("")  # as the earlier writer left it
+    (record,) = collect_jobs(tmp_path / "sweep")
+    assert record["status"] == "no summary" and "summary.json cannot be read (JSONDecodeError" in record["error"]
 
 
 def test_a_combination_whose_seeds_all_failed_keeps_its_over_seeds_row():

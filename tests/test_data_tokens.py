@@ -101,7 +101,8 @@ def test_any_tokenizer_callable_and_the_command_line(tmp_path):
 def test_jsonl_without_the_field_or_not_json_names_the_line(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "x"}\n{"body": "y"}\n')
-    with pytest.raises(ValueError, match=r"in\.jsonl:2 has no field 'text' \(fields: \['body'\]\)"):
+    with pytest.raises(ValueError, match=r"in\.jsonl:2 has no field 'text' \(fields: \['body'\]\); name the text's "
+                                         r"field: --field for build_tokens, data.text_field for train.py"):
         list(iter_documents([src]))
     src.write_text('{"text": "x"}\n{"text": "y"\n')
     with pytest.raises(ValueError, match=r"in\.jsonl:2 is not a JSON record: Expecting ',' delimiter"):

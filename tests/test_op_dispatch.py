@@ -173,6 +173,17 @@ def test_vmap_with_gradients_on_gives_each_samples_value_and_gradient(op):
         torch.testing.assert_close(grads[k], torch.autograd.grad(value, x)[0])
 
 
+def test_jacrev_of_dropout_is_the_drawn_mask_over_one_minus_p():
+    """jacrev vmaps the backward, which had no vmap rule (refused); it runs per row through torch's fallback."""
+    x = randn(4, 6, dtype=torch.float64, seed=3)
+    torch.manual_seed(5)
+    jacobian = torch.func.jacrev(lambda x: ops.dropout(x, 0.5))(x).reshape(24, 24)
+    torch.manual_seed(5)
+    kept = ops.dropout(torch.ones_like(x), 0.5).reshape(24) != 0  # the same seed draws the same mask
+    assert 0 < int(kept.sum()) < 24
+    torch.testing.assert_close(jacobian, torch.diag(kept.double() * 2.0), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("op", TRACED)
 def test_jit_trace_records_the_custom_op_so_the_trace_trains(op):
     """A trace of the kernels themselves would hold no autograd (a traced module trained nothing), and one taken with

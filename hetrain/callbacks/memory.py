@@ -93,7 +93,7 @@ class MemoryProfiler(Callback):
         record_history: record the CUDA allocator's history over the whole fit (ignored without CUDA).
         history_steps: ``[first, last]`` (or one step): record the history of these optimizer steps only.
         max_history_entries: allocator events kept in the history.
-        dump_on_oom: write the post-mortem on CUDA out-of-memory.
+        dump_on_oom: write the post-mortem on out-of-memory, a GPU's or the CPU allocator's.
         churn_steps: the steps profiled for allocator churn: a count ``n`` (the fit's steps 2 .. n+1, counted
             from where a resumed fit starts) or a list of global steps; 0 or an empty list turns it off.
         churn_min_bytes: smaller churned allocations are not reported.

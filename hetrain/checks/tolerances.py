@@ -313,7 +313,8 @@ def render(rows: list[Row], device: str, seconds: float) -> str:
         "",
         "Each op runs forward and backward on seeded random inputs (never zeros; 64 x 257 for the row ops, "
         "66 rows x vocab 101 for `linear_cross_entropy`, small NCHW inputs for the pooling ops; dropout at "
-        "p = 0) on every backend available here and every dtype. The reference is the op's `*_ref` function in "
+        "p = 0 for `dropout_add_layer_norm`, p = 0.3 against the same mask for `dropout`) on every backend "
+        "available here and every dtype. The reference is the op's `*_ref` function in "
         "float64 on the same input values, upcast, with the same upstream gradient. Columns:",
         "",
         "- *out abs*: largest absolute error of the output; *out rel*: that over the largest reference entry;",

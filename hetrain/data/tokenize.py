@@ -94,7 +94,9 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
                     from None
             if not isinstance(record, dict) or field not in record:
                 has = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
-                raise ValueError(f"hetrain: {path}:{n} has no field {field!r} (fields: {has})")
+                fix = ("; name the text's field: --field for build_tokens, data.text_field for train.py"
+                       if isinstance(record, dict) else "")
+                raise ValueError(f"hetrain: {path}:{n} has no field {field!r} (fields: {has}){fix}")
             text = record[field]
             if not isinstance(text, str):
                 raise ValueError(f"hetrain: {path}:{n}: field {field!r} is a JSON {type(text).__name__}, not text")

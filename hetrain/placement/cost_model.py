@@ -4,7 +4,7 @@
 the bytes each stage hands to the next, and times copies between every pair of devices. The
 :class:`CostModel` it returns is plain data (saved as JSON) and feeds the solvers::
 
-    mask_for = lambda name: (mask,) if name.startswith("encoder") else ()
+    mask_for = lambda name: () if name == "embeddings" else (mask,)  # every stage after the first takes the mask
     cm = measure(model.stages(), lambda: ids, extra_args=mask_for)  # ids, mask: (B, T) at the run's shape
     plan = cm.chain_plan(objective="pipeline", micro_batches=4)   # or cm.heft_plan()
     plan.save("placement.yaml")

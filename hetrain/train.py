@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from hetrain import cpu_memory, plugins
@@ -240,7 +241,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         try:
             parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
         except SystemExit as exc:  # how Lightning ends a fit on SIGTERM, or on Ctrl-C pressed twice
-            exc.graceful_stop = getattr(parts.callbacks.get("graceful_stop"), "summary", None) or {}
+            graceful_stop = parts.callbacks.get("graceful_stop")
+            exc.graceful_stop = getattr(graceful_stop, "summary", None) or {}
+            exc.steps_trained = getattr(graceful_stop, "steps_trained", None)  # None: no GracefulStop counted them
             raise
         summary = parts.recorder.summary(parts.trainer)
         summary["precision"] = str(parts.trainer.precision)
@@ -307,16 +310,24 @@ def _exit_code(stop: dict[str, Any]) -> int:
 
 def _record_interruption(exc: BaseException, info: dict[str, Any], output_dir: Path) -> int | None:
     """Writes the summary of a fit a signal ended by an exception; returns the exit code when GracefulStop had
-    saved a checkpoint first (SIGTERM), None when nothing was saved (Ctrl-C twice)."""
+    saved a checkpoint first, or the fit was ended by SIGTERM (143 then, saved or not: a scheduler requeues the
+    job); None for a Ctrl-C that stopped at once (Ctrl-C twice, or before training began)."""
     saved = getattr(exc, "graceful_stop", None) or {}
+    sigterm = isinstance(exc, SIGTERMException)
     if saved:
         error = f"{saved['signal']} after step {saved['at_step']}; go on with ckpt_path={saved['checkpoint']}"
+    elif sigterm and getattr(exc, "steps_trained", None) == 0:
+        error = "SIGTERM before the first training step: nothing trained, nothing saved"
+    elif sigterm:
+        error = f"SIGTERM ({type(exc).__name__}): stopped at once, nothing saved since the last checkpoint"
     else:
-        error = (f"stopped at once (Ctrl-C twice, or outside a training step; {type(exc).__name__}): nothing saved "
+        error = (f"stopped at once (Ctrl-C twice, or before training began; {type(exc).__name__}): nothing saved "
                  "since the last checkpoint")
     if rank_zero_only.rank == 0:
         write_run_summary({"status": "interrupted", **info, "error": error, "graceful_stop": saved}, output_dir)
-    return _exit_code(saved) if saved else None
+    if saved:
+        return _exit_code(saved)
+    return _exit_code({"signal": "SIGTERM"}) if sigterm else None
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -333,7 +344,7 @@ def run(cfg: DictConfig) -> float | None:
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns a Ctrl-C it stops at once into exit(1)
         code = _record_interruption(exc, info, output_dir)
         if code is not None:
-            raise SystemExit(code) from exc  # Lightning's SIGTERMException would exit 0
+            raise SystemExit(code) from exc  # Lightning's SIGTERMException, a SystemExit with no code, would exit 0
         raise
     except Exception as exc:
         cause = _root_cause(exc)

@@ -4,7 +4,13 @@ The main job's side (train.py exits 130 with an "interrupted" summary, and resum
 the uninterrupted run logged) is tested in tests/test_train.py.
 """
 
+import csv
+import json
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -16,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hetrain.callbacks import GracefulStop
 from tests.fixtures.ctrl_c import CtrlCAt
+from tests.fixtures.signal_in import SignalIn
 
 
 class Regression(pl.LightningModule):
@@ -103,3 +110,130 @@ def test_sigterm_saves_the_step_in_flight_before_lightning_ends_the_fit(tmp_path
     checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
     assert stop.summary == {"at_step": 6, "checkpoint": str(checkpoint), "signal": "SIGTERM"}
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
+
+
+# --- SIGTERM outside a training step ------------------------------------------------------------------------------
+
+class Validated(Regression):
+    def __init__(self):
+        torch.manual_seed(0)  # the same weights in every fit
+        super().__init__()
+        self.validated = 0
+
+    def validation_step(self, batch, batch_idx):
+        self.validated += 1
+        x, y = batch
+        self.log("val/loss", F.mse_loss(self.net(x), y))
+
+
+def _fit_validated(tmp_path, callbacks, model=None, samples=160, val_check_interval=None, max_steps=20, sanity=0):
+    """A fit with validation every ``val_check_interval`` steps (None: at each epoch's end), 4 samples a batch."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(samples, 6, generator=g), torch.randn(samples, 1, generator=g))
+    model = model or Validated()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+                         val_check_interval=val_check_interval, num_sanity_val_steps=sanity)
+    trainer.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    return trainer
+
+
+@pytest.mark.parametrize(("samples", "val_check_interval", "validated"), [(160, 5, 40 + 2), (40, None, 2)],
+                         ids=["mid_epoch", "epoch_end"])
+def test_sigterm_during_a_validation_stops_it_and_saves_what_the_step_before_it_would_have(
+        tmp_path, samples, val_check_interval, validated):
+    """Lightning ended the fit after the validation batch in flight with nothing saved (and train.py exited 0). The
+    checkpoint is the one the step before the validation saves on Ctrl-C: the same loops, weights and optimizer."""
+    before = signal.getsignal(signal.SIGTERM)
+    stop, model = GracefulStop(), Validated()
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+        _fit_validated(tmp_path / "sigterm", [stop, SignalIn("validation", step=10, batch=1)], model,
+                       samples=samples, val_check_interval=val_check_interval)
+    assert signal.getsignal(signal.SIGTERM) is before
+    checkpoint = tmp_path / "sigterm" / "checkpoints" / "interrupted.ckpt"
+    assert stop.summary == {"at_step": 10, "checkpoint": str(checkpoint), "signal": "SIGTERM"}
+    assert model.validated == validated  # the interrupted validation stopped after its batch 1
+    # Ctrl-C during step 9 saves the checkpoint of step 10's end, before the validation after it.
+    ctrl_c = GracefulStop()
+    _fit_validated(tmp_path / "ctrl_c", [ctrl_c, CtrlCAt([9])], samples=samples,
+                   val_check_interval=val_check_interval)
+    assert ctrl_c.summary["at_step"] == 10
+    saved = torch.load(checkpoint, weights_only=True)
+    paused = torch.load(tmp_path / "ctrl_c" / "checkpoints" / "interrupted.ckpt", weights_only=True)
+    assert saved["global_step"] == 10 and saved["loops"] == paused["loops"]
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in paused["state_dict"].items())
+    assert str(saved["optimizer_states"]) == str(paused["optimizer_states"])
+
+
+def test_sigterm_at_an_epochs_end_stops_after_the_next_step_with_its_checkpoint(tmp_path):
+    """Lightning raised SIGTERMException at the epoch's end with nothing saved."""
+    stop = GracefulStop()
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, [stop, SignalIn("epoch_end", step=40)], max_steps=60)  # 40 batches an epoch
+    checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
+    assert stop.summary == {"at_step": 41, "checkpoint": str(checkpoint), "signal": "SIGTERM"}
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 41
+
+
+def test_sigterm_in_the_sanity_check_stops_at_once_with_nothing_trained(tmp_path):
+    stop = GracefulStop()
+    with pytest.raises(SystemExit):
+        _fit_validated(tmp_path, [stop, SignalIn("sanity_check", batch=0)], sanity=2)
+    assert stop.summary == {} and stop.steps_trained == 0 and not list(tmp_path.rglob("*.ckpt"))
+
+
+# --- train.py: SIGTERM outside a training step exits 143, with a checkpoint to go on from once a step was trained --
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["recipe=bert_split", "model.hidden=32", "model.layers=1", "model.heads=2", "data.train_size=640",
+         "data.val_size=128", "callbacks.memory_profiler=null", "threads=1"]
+SIGNAL_IN = "+callbacks.signal_in._target_=tests.fixtures.signal_in.SignalIn"
+
+
+def _train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALL, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _logged_from(run: Path, step: int) -> list[dict[str, str]]:
+    """The run's CSV rows from ``step`` on, without the columns that are times or counts of this process's batches."""
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    rows = [{k: v for k, v in r.items() if v and not k.startswith(("throughput/", "epoch"))} for r in rows]
+    return [r for r in rows if int(r["step"]) >= step]
+
+
+def test_train_py_preempted_during_a_validation_exits_143_and_goes_on_from_the_step_before_it(tmp_path):
+    """Lightning's SIGTERMException, a SystemExit with no code, made the run exit 0 with nothing saved, and the
+    summary blamed Ctrl-C: a scheduler took the preempted job for a finished one."""
+    common = ["trainer.val_check_interval=6", "trainer.log_every_n_steps=2", "trainer.max_steps=12"]
+    whole = _train_py(*common, f"hydra.run.dir={tmp_path}/whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    preempted = _train_py(*common, SIGNAL_IN, "+callbacks.signal_in.phase=validation", "+callbacks.signal_in.step=6",
+                          f"hydra.run.dir={tmp_path}/preempted", cwd=tmp_path)
+    assert preempted.returncode == 143, preempted.stderr[-3000:]
+    checkpoint = tmp_path / "preempted" / "checkpoints" / "interrupted.ckpt"
+    summary = json.loads((tmp_path / "preempted" / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["error"] == f"SIGTERM after step 6; go on with ckpt_path={checkpoint}"
+    assert summary["graceful_stop"] == {"at_step": 6, "checkpoint": str(checkpoint), "signal": "SIGTERM"}
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 6
+
+    # It goes on with step 7 on the batches step 7 had: what the whole run logged from there, bit for bit.
+    went_on = _train_py(*common, f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path}/went_on", cwd=tmp_path)
+    assert went_on.returncode == 0, went_on.stderr[-3000:]
+    assert json.loads((tmp_path / "went_on" / "summary.json").read_text())["steps"] == 12
+    after = _logged_from(tmp_path / "whole", 6)
+    assert any("train/loss" in r for r in after) and any("val/loss" in r for r in after)
+    assert _logged_from(tmp_path / "went_on", 6) == after
+
+
+def test_train_py_preempted_in_the_sanity_check_exits_143_saying_nothing_was_trained(tmp_path):
+    run = _train_py("trainer.max_steps=4", SIGNAL_IN, "+callbacks.signal_in.phase=sanity_check",
+                    "+callbacks.signal_in.batch=0", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert run.returncode == 143, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["error"] == "SIGTERM before the first training step: nothing trained, nothing saved"
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -6,10 +6,17 @@ Here the first Ctrl-C lets the current optimizer step finish, saves a checkpoint
 the loader's position and, with :class:`~hetrain.callbacks.RandomState`, the generators, so a resumed run goes on
 exactly as this one would have) and ends the fit; a second Ctrl-C stops at once, the way Lightning does.
 
-SIGTERM, what a scheduler sends a job it preempts, Lightning handles itself: it lets the step in flight finish and
-then raises ``SIGTERMException``, again with nothing saved. Here that step's checkpoint is saved first. Under DDP
-the signal should reach rank 0 alone: Lightning's handler broadcasts from inside the signal handler, and a SIGTERM
-delivered to every rank at once can leave them in mismatched collectives.
+SIGTERM, what a scheduler sends a job it preempts, Lightning handles with a flag its loops check: it ends the fit
+with ``SIGTERMException`` after the training step in flight, but also after the validation batch in flight or at the
+end of an epoch, with nothing saved (and a process that exits 0, which a scheduler takes for a finished job). Once
+training starts this callback takes SIGTERM over: the step in flight finishes and its checkpoint is saved, as for
+Ctrl-C, before Lightning raises ``SIGTERMException``; a SIGTERM during a validation stops the validation after the
+batch in flight, saves the state after the last training step (the checkpoint that step would have saved) and
+raises it; ``hetrain.train`` exits 143. Before training starts (the sanity check) Lightning's
+own handling stops the fit at once, with nothing to save. Under DDP the signal should reach rank 0 alone: before
+training Lightning's handler broadcasts from inside the signal handler, and a SIGTERM delivered to every rank at once
+can leave them in mismatched collectives; once training runs the ranks agree on it each step and each validation
+batch.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from hetrain.callbacks.ranks import reduce_flags
@@ -32,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 class GracefulStop(Callback):
-    """The first Ctrl-C (SIGINT) stops the fit at the next optimizer step's end and saves ``filename`` there.
+    """The first Ctrl-C (SIGINT) or SIGTERM stops the fit at the next optimizer step's end and saves ``filename`` there.
 
     Args:
         filename: the checkpoint's name, in the ModelCheckpoint's directory (the Trainer's root directory
@@ -43,23 +52,39 @@ class GracefulStop(Callback):
           checkpoint between them would lose the ones gathered so far.
         - Under DDP every rank stops after the same step (the ranks agree on it each step: one boolean
           all-reduce, as Lightning's own SIGTERM check does), so none waits in a collective the others left.
-        - Only the main thread can take signals: in a fit run from another thread Ctrl-C is left to Python.
-        - Ctrl-C before training starts (the sanity check) stops at once, as without this callback.
+        - Only the main thread can take signals: in a fit run from another thread Ctrl-C is left to Python and
+          SIGTERM to Lightning.
+        - Ctrl-C or SIGTERM before training starts (the sanity check) stops at once, as without this callback.
         - The validation Lightning runs when a fit is told to stop is skipped: a pause does not wait for it.
-        - ``summary`` holds the step, the checkpoint and the signal once the fit was stopped this way.
+        - SIGTERM during a validation inside the fit stops it after the batch in flight (under DDP every rank after
+          the same batch) and saves the checkpoint of the training step before it, then raises Lightning's
+          ``SIGTERMException``; resuming from it goes on with the next step, leaving out that validation, as
+          from a Ctrl-C stop at that step. A validation in the middle of a gradient accumulation window is not
+          stopped: the stop waits for the step that applies the gradients.
+        - SIGTERM at the end of an epoch stops after the next epoch's first step (after the last one, the fit
+          simply ends).
+        - ``summary`` holds the step, the checkpoint and the signal once the fit was stopped this way;
+          ``steps_trained`` counts the optimizer steps of this fit.
     """
 
     def __init__(self, filename: str = "interrupted.ckpt") -> None:
         self.filename = filename
         self.requested = False
+        self.sigterm = False
+        self.steps_trained = 0
         self.summary: dict[str, Any] = {}
         self._previous: Any = None
+        self._previous_sigterm: Any = None
         self._installed = False
+        # The training and validation loops' progress when the last optimizer step ended (None in the middle of an
+        # accumulation window): a stop during the validation after it saves these, as that step's end would have.
+        self._at_step_end: tuple[dict[str, Any], dict[str, Any]] | None = None
         self._limit_val_batches: int | float | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.requested, self.summary = False, {}
+        self.requested, self.sigterm, self.steps_trained, self.summary = False, False, 0, {}
+        self._at_step_end = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -67,6 +92,9 @@ class GracefulStop(Callback):
         # it tears down, which would leave this one installed after the fit.
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            # Lightning's own handler is what is replaced: its flag makes the loops raise wherever they check it
+            # (after a validation batch, at an epoch's end) with nothing saved.
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._installed = True
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
@@ -77,13 +105,24 @@ class GracefulStop(Callback):
         log.warning("Ctrl-C: the fit stops after this step and saves a checkpoint to resume from; press Ctrl-C "
                     "again to stop at once without one")
 
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if not self.sigterm:
+            log.warning("SIGTERM: the fit stops after this step (a validation after the batch in flight) and saves a "
+                        "checkpoint to resume from")
+        self.sigterm = True
+
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        loop = trainer.fit_loop.epoch_loop
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            self._at_step_end = None
             return  # gradients of this batch wait for the next ones: no step to save yet
-        # Lightning raises SIGTERMException once this batch is done (every rank, it broadcasts the signal).
-        sigint, sigterm = self.requested, bool(getattr(trainer, "received_sigterm", False))
+        self.steps_trained += 1
+        self._at_step_end = (loop.batch_progress.state_dict(), loop.val_loop.batch_progress.state_dict())
+        # A SIGTERM that came before on_train_start set Lightning's flag: Lightning raises SIGTERMException once this
+        # batch is done.
+        sigint, sigterm = self.requested, self.sigterm or bool(getattr(trainer, "received_sigterm", False))
         if trainer.world_size > 1:  # any rank's signal stops every rank, each naming the signal that came
             signals = reduce_flags(trainer, torch.tensor([sigint, sigterm]), torch.distributed.ReduceOp.MAX)
             sigint, sigterm = signals.tolist()
@@ -95,11 +134,47 @@ class GracefulStop(Callback):
         # Lightning validates once more when should_stop is set (for early stopping); a paused run should not wait
         # for a whole validation. Set back when the fit ends, for a later fit of this Trainer.
         self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
+        if sigterm and not sigint:
+            # The fit ends as Lightning ends it on SIGTERM, with SIGTERMException once this batch is done: the flag
+            # its handler would have set (this one took the signal; under DDP the ranks agreed on it above).
+            trainer._signal_connector.received_sigterm = True
         name = "SIGINT" if sigint else "SIGTERM"
         self.summary = {"at_step": trainer.global_step, "checkpoint": str(path), "signal": name}
         if trainer.is_global_zero:
             log.warning(f"Stopped by {'Ctrl-C' if sigint else name} after step {trainer.global_step}; "
                         f"checkpoint {path}. Resume with ckpt_path={path}")
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.summary:
+            return
+        sigterm = self.sigterm
+        if trainer.world_size > 1:  # every rank stops after the same validation batch
+            sigterm = bool(reduce_flags(trainer, torch.tensor([sigterm]), torch.distributed.ReduceOp.MAX).item())
+        if not sigterm or self._at_step_end is None:
+            return  # no SIGTERM, or one inside an accumulation window: the stop waits for the step that ends it
+        path = self._checkpoint_dir(trainer) / self.filename
+        self._save_as_at_step_end(trainer, path)
+        self.summary = {"at_step": trainer.global_step, "checkpoint": str(path), "signal": "SIGTERM"}
+        if trainer.is_global_zero:
+            log.warning(f"Stopped by SIGTERM during the validation after step {trainer.global_step}; checkpoint "
+                        f"{path}. Resume with ckpt_path={path}")
+        raise SIGTERMException
+
+    def _save_as_at_step_end(self, trainer: pl.Trainer, path: Path) -> None:
+        """Saves the checkpoint the last step's end would have saved: validation changes nothing but the loops'
+        progress (the training batch counted complete, the validation batches run), which are put back for it."""
+        assert self._at_step_end is not None
+        loop = trainer.fit_loop.epoch_loop
+        now = (loop.batch_progress.state_dict(), loop.val_loop.batch_progress.state_dict())
+        loop.batch_progress.load_state_dict(self._at_step_end[0])
+        loop.val_loop.batch_progress.load_state_dict(self._at_step_end[1])
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            loop.batch_progress.load_state_dict(now[0])
+            loop.val_loop.batch_progress.load_state_dict(now[1])
 
     @staticmethod
     def _checkpoint_dir(trainer: pl.Trainer) -> Path:
@@ -111,6 +186,8 @@ class GracefulStop(Callback):
         if self._installed:
             # None: the handler before was not set from Python; the default is what it did.
             signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+            signal.signal(signal.SIGTERM,
+                          signal.SIG_DFL if self._previous_sigterm is None else self._previous_sigterm)
             self._installed = False
 
     def _restore_validation(self, trainer: pl.Trainer) -> None:

@@ -100,8 +100,8 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
         # The fit runs in processes this one starts; their callbacks' numbers never come back to it.
         raise ValueError(f"hetrain: trainer.strategy={strategy} trains in processes whose callbacks the run summary "
-                         "cannot read (it would say 0 steps); use trainer.strategy=ddp, which runs this script on "
-                         "every rank")
+                         "cannot read (it would say 0 steps); use +trainer.strategy=ddp (with trainer.devices=N), "
+                         "which runs this script on every rank")
     data_path = OmegaConf.select(cfg, "data.path")
     if data_path is not None and not Path(data_path).exists():
         raise ValueError(f"hetrain: data.path={data_path} does not exist (relative paths start at the directory "

@@ -436,7 +436,8 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
      "trainer.val_check_interval=5 counts training batches and is not a multiple of "
      "trainer.accumulate_grad_batches=2: its validations and checkpoints would fall inside an accumulation window; "
      "set it to 4 or 6"),
-    (["+trainer.strategy=ddp_spawn"], "trainer.strategy=ddp_spawn trains in processes whose callbacks"),
+    (["+trainer.strategy=ddp_spawn"], "trainer.strategy=ddp_spawn trains in processes whose callbacks the run "
+     "summary cannot read (it would say 0 steps); use +trainer.strategy=ddp (with trainer.devices=N)"),
     (["recipe=longseq_ringbuffer", "data.path=/nonexistent/corpus.jsonl"],
      "data.path=/nonexistent/corpus.jsonl does not exist"),
     # The sampler's advice was to cut documents into windows, which they were; the recipe's stride was not named.

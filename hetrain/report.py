@@ -317,17 +317,6 @@ def write_sweep_summary(records: list[dict[str, Any]], directory: str | Path) ->
     return text
 
 
-def _write_whole(path: Path, text: str) -> None:
-    """Writes ``path`` through a temporary file renamed over it: a full disk leaves the old file or none, never a
-    cut one (an empty summary.json failed the sweep's table)."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_text(text)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def _is_seed(override: str) -> bool:
     """``seed=1``, ``+seed=1`` or ``++seed=1``; not ``data.seed=1``, which is another setting."""
     return override.lstrip("+").startswith("seed=")

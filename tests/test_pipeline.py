@@ -287,6 +287,7 @@ def step_without_dropout(ids, mask, labels) -> float:
     ({"fallback": "cdua"}, "placement fallback names device 'cdua'"),
     ({"plan": "auto", "objective": "fast"}, "objective 'fast' is not one of"),
     ({"plan": "auto", "micro_batches": 0}, "micro_batches must be an integer >= 1, got 0"),
+    ({"plan": "auto", "micro_batches": True}, "micro_batches must be an integer >= 1, got True"),  # was taken as 1
 ])
 def test_stage_placement_refuses_bad_settings_when_made_not_at_fit_start(kwargs, message):
     """Before, a typo'd device reached torch.device at fit start, and 'auto' timed every stage before failing."""

@@ -146,7 +146,7 @@ class StagePlacement(Callback):
         parse_device(fallback, "placement fallback")
         if objective not in OBJECTIVES:
             raise ValueError(f"hetrain: placement objective {objective!r} is not one of {OBJECTIVES}")
-        if not isinstance(micro_batches, int) or micro_batches < 1:
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"hetrain: placement micro_batches must be an integer >= 1, got {micro_batches!r}")
         self.fallback = fallback
         self.objective, self.micro_batches, self.save_dir = objective, micro_batches, save_dir

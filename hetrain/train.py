@@ -96,6 +96,7 @@ def check_config(cfg: DictConfig) -> None:
                          "position table; raise model.max_len or lower data.max_len")
     _check_counts(cfg)
     _check_windows(cfg)
+    _check_compile(cfg)
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
         # The fit runs in processes this one starts; their callbacks' numbers never come back to it.
@@ -129,6 +130,17 @@ def _check_counts(cfg: DictConfig) -> None:
         raise ValueError(f"hetrain: trainer.val_check_interval={interval} counts training batches and is not a "
                          f"multiple of trainer.accumulate_grad_batches={accumulate}: its validations and checkpoints "
                          f"would fall inside an accumulation window; set it to {low} or {low + accumulate}")
+
+
+def _check_compile(cfg: DictConfig) -> None:
+    """The compile switches torch.compile takes as booleans (``dynamic=maybe`` failed in an assertion of torch's)."""
+    if cfg.get("compile") is None:
+        return
+    for key, choices in (("enabled", (True, False)), ("fullgraph", (True, False)), ("dynamic", (True, False, None))):
+        value = OmegaConf.select(cfg, f"compile.{key}")
+        if not any(value is choice for choice in choices):
+            allowed = " or ".join("null" if c is None else str(c).lower() for c in choices)
+            raise ValueError(f"hetrain: compile.{key}={value!r} must be {allowed}")
 
 
 def _check_windows(cfg: DictConfig) -> None:

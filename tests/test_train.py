@@ -444,6 +444,8 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["recipe=longseq_ringbuffer", "data.max_tokens=64"],
      "data.max_tokens=64 is smaller than data.max_len=128: a batch must hold at least one whole sequence"),
     (["recipe=longseq_ringbuffer", "data.max_len=64"], "data.stride=96 must be in [1, data.max_len=64]"),
+    (["compile.dynamic=maybe"], "compile.dynamic='maybe' must be true or false or null"),  # torch's AssertionError
+    (["compile.fullgraph=1"], "compile.fullgraph=1 must be true or false"),
 ])
 def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(overrides, message, tmp_path):
     """Each failed inside torch's sampler, Lightning's loop (ZeroDivisionError) or a tokenizer, after the model was

@@ -89,6 +89,22 @@ def test_accumulated_token_budget_batches_give_the_big_batch_gradient():
     _check_window(before, window)
 
 
+def test_train_loss_is_the_mean_over_the_windows_samples():
+    """It was the window's last batch's own mean: under accumulation, one batch of the step."""
+    data = SyntheticDataModule(train_size=96, val_size=8, min_len=4, max_len=40, max_tokens=160, seed=2,
+                               vocab_size=64, num_classes=4)
+    task = _task()
+    before = copy.deepcopy(task).model
+    window = _fit(task, datamodule=data)
+    with torch.no_grad():
+        losses = [F.cross_entropy(before(b["input_ids"], b["attention_mask"]), b["labels"], reduction="none")
+                  for b in window.batches]
+    assert len(losses) == ACCUMULATE
+    logged = float(task.trainer.callback_metrics["train/loss"])
+    assert logged == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
+    assert logged != pytest.approx(losses[-1].mean().item(), rel=1e-5)
+
+
 def test_an_epoch_cut_short_by_limit_train_batches_ends_its_window_there():
     """Lightning steps after the epoch's last batch, the one limit_train_batches cuts it at: that window holds two
     batches here, and its loss was divided by the samples of a third batch that never ran."""

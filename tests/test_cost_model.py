@@ -45,3 +45,30 @@ def _revisits(assignment: tuple[str, ...]) -> bool:
     runs = [device for device, _ in itertools.groupby(assignment)]
     return len(runs) != len(set(runs))
 
+
+
+def two_stages(bandwidth: list[list[float]]) -> CostModel:
+    return CostModel(["a", "b"], ["cpu", "cuda:0"], [[1.0, 5.0], [5.0, 1.0]], [1000, 4], bandwidth)
+
+
+SOLVERS = {
+    "chain_plan": lambda cm: cm.chain_plan(),
+    "pipeline": lambda cm: cm.chain_plan("pipeline", 4),
+    "heft_plan": lambda cm: cm.heft_plan(),
+    "predict": lambda cm: cm.predict(["cpu", "cuda:0"]),
+}
+
+
+@pytest.mark.parametrize("solve", SOLVERS.values(), ids=SOLVERS.keys())
+@pytest.mark.parametrize("value", [float("nan"), -1.0, 0.0, "100"], ids=["nan", "negative", "zero", "string"])
+def test_a_bad_bandwidth_is_refused_in_training_as_in_inference(solve, value):
+    """Before, training's round trip read a nan or negative bandwidth as a free link (1 / (1/nan + ...) fails > 0,
+    so inf), and a zero or a string raised a bare ZeroDivisionError or TypeError."""
+    with pytest.raises(ValueError, match=f"bandwidth from device 0 to 1 is {value!r}; it must be a number > 0"):
+        solve(two_stages([[INF, value], [100.0, INF]]))
+
+
+@pytest.mark.parametrize("solve", SOLVERS.values(), ids=SOLVERS.keys())
+def test_the_bandwidth_diagonal_is_unread(solve):
+    """A device to itself is free whatever the diagonal holds; before, a 0 there divided by zero in training."""
+    assert solve(two_stages([[0.0, 100.0], [100.0, float("nan")]])) == solve(two_stages([[INF, 100.0], [100.0, INF]]))

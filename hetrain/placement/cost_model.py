@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from hetrain.placement.chain import chain_dp_bytes, chain_time
-from hetrain.placement.heft import heft_bytes
+from hetrain.placement.heft import check_bandwidth, heft_bytes
 from hetrain.placement.plan import (
     PlacementPlan,
     available_devices,
@@ -60,12 +60,16 @@ class CostModel:
     def link_bandwidth(self, training: bool = True) -> list[list[float]]:
         """Bandwidth to price one boundary with. In training, the activation goes a -> b and its
         gradient, of the same size, comes back b -> a: ``1 / (1/bw[a][b] + 1/bw[b][a])`` makes
-        ``bytes / bandwidth`` that round trip."""
+        ``bytes / bandwidth`` that round trip. The measured matrix is checked first: a nan, negative or zero
+        bandwidth would otherwise read as a free link or divide by zero; the diagonal (a device to itself) is free."""
         bw = self.bandwidth
+        check_bandwidth(bw, len(self.devices))
         if not training:
             return [list(row) for row in bw]
 
         def round_trip(a: int, b: int) -> float:
+            if a == b:
+                return math.inf
             seconds_per_byte = 1.0 / bw[a][b] + 1.0 / bw[b][a]
             return 1.0 / seconds_per_byte if seconds_per_byte > 0 else math.inf
 

@@ -72,3 +72,31 @@ def test_a_bad_bandwidth_is_refused_in_training_as_in_inference(solve, value):
 def test_the_bandwidth_diagonal_is_unread(solve):
     """A device to itself is free whatever the diagonal holds; before, a 0 there divided by zero in training."""
     assert solve(two_stages([[0.0, 100.0], [100.0, float("nan")]])) == solve(two_stages([[INF, 100.0], [100.0, INF]]))
+
+
+GOOD = {"stages": ["a", "b"], "devices": ["cpu", "cuda:0"], "compute": [[1.0, 2.0], [2.0, 1.0]],
+        "boundary_bytes": [5, 5], "bandwidth": [[INF, 1.0], [1.0, INF]]}
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("boundary_bytes", [5], "boundary_bytes has 1 entries for 2 stages"),
+    ("compute", [[1.0, 2.0]], "compute has 1 rows for 2 stages"),
+    ("compute", [[1.0], [2.0]], r"compute rows have \[1, 1\] entries for 2 devices \(cpu, cuda:0\)"),
+    ("bandwidth", [[INF]], r"bandwidth must be a 2 x 2 matrix.*got rows of \[1\]"),
+    ("bandwidth", [[INF, 1.0], [1.0]], r"bandwidth must be a 2 x 2 matrix.*got rows of \[2, 1\]"),
+    ("stages", ["a", "a"], r"stages repeats \['a'\]"),
+    ("devices", ["cpu", "cpu"], r"devices repeats \['cpu'\]"),
+    ("devices", "cp", "devices must be a non-empty list of names, got 'cp'"),
+    ("stages", [], "stages must be a non-empty list of names"),
+])  # fmt: skip
+def test_fields_that_disagree_are_refused_naming_the_field(field, value, message):
+    """Before, a short boundary_bytes passed heft_plan and gave chain_plan a count of boundaries, short compute a bare
+    zip() error, one cost column for two devices was solved over the first, and repeated stages differed by solver."""
+    with pytest.raises(ValueError, match=f"hetrain: CostModel.{message}"):
+        CostModel(**{**GOOD, field: value})
+
+
+def test_predict_refuses_a_bare_device_string():
+    """Before, predict('cpu') read the string as devices 'c', 'p', 'u'."""
+    with pytest.raises(TypeError, match=r"not the string 'cpu'; for every stage on it pass \['cpu'\] \* 2"):
+        CostModel(**GOOD).predict("cpu")

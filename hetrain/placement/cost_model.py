@@ -57,6 +57,25 @@ class CostModel:
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Checks the fields against each other: the solvers read them by position, so a short row or a repeated
+        name would price the wrong stage or device, or fail naming no field."""
+        _check_names(self.stages, "stages")
+        _check_names(self.devices, "devices")
+        stages, devices = len(self.stages), len(self.devices)
+        if len(self.compute) != stages:
+            raise ValueError(f"hetrain: CostModel.compute has {len(self.compute)} rows for {stages} stages; give one "
+                             "row per stage")
+        if any(len(row) != devices for row in self.compute):
+            raise ValueError(f"hetrain: CostModel.compute rows have {[len(row) for row in self.compute]} entries for "
+                             f"{devices} devices ({', '.join(self.devices)}); give each stage one cost per device")
+        if len(self.boundary_bytes) != stages:
+            raise ValueError(f"hetrain: CostModel.boundary_bytes has {len(self.boundary_bytes)} entries for {stages} "
+                             "stages; give each stage's output size, the last stage's too")
+        if len(self.bandwidth) != devices or any(len(row) != devices for row in self.bandwidth):
+            raise ValueError(f"hetrain: CostModel.bandwidth must be a {devices} x {devices} matrix, a row and a column "
+                             f"per device ({', '.join(self.devices)}); got rows of {[len(r) for r in self.bandwidth]}")
+
     def link_bandwidth(self, training: bool = True) -> list[list[float]]:
         """Bandwidth to price one boundary with. In training, the activation goes a -> b and its
         gradient, of the same size, comes back b -> a: ``1 / (1/bw[a][b] + 1/bw[b][a])`` makes
@@ -133,6 +152,9 @@ class CostModel:
         The same model the solvers minimise, so a hand-written plan can be set beside the optimum; under
         ``"pipeline"`` a plan that puts two stages on one device is refused, as the solver never picks one.
         """
+        if isinstance(devices, str):
+            raise TypeError(f"hetrain: predict takes one device per stage or a {{path: device}} plan, not the string "
+                            f"{devices!r}; for every stage on it pass [{devices!r}] * {len(self.stages)}")
         names = self._stage_devices(devices) if isinstance(devices, Mapping) else list(devices)
         unknown = sorted(set(names) - set(self.devices))
         if unknown:
@@ -173,6 +195,15 @@ class CostModel:
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _check_names(names: Sequence[str], what: str) -> None:
+    """Stages and devices are looked up by name: each a string, none repeated."""
+    if isinstance(names, str) or not names or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"hetrain: CostModel.{what} must be a non-empty list of names, got {names!r}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"hetrain: CostModel.{what} repeats {repeated}; each of the {what} appears once")
 
 
 def _ends_on(costs: list[list[float]], first: int) -> list[list[float]] | None:

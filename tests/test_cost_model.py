@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -100,3 +101,19 @@ def test_predict_refuses_a_bare_device_string():
     """Before, predict('cpu') read the string as devices 'c', 'p', 'u'."""
     with pytest.raises(TypeError, match=r"not the string 'cpu'; for every stage on it pass \['cpu'\] \* 2"):
         CostModel(**GOOD).predict("cpu")
+
+
+def test_save_writes_standard_json_that_loads_back_every_value(tmp_path):
+    """Before, -inf was written "inf" (it loaded back +inf) and nan as the bare token NaN, which standard JSON
+    parsers refuse."""
+    cm = CostModel(**{**GOOD, "compute": [[-INF, float("nan")], [INF, 1.0]], "bandwidth": [[-INF, 1.0], [1.0, INF]]})
+    path = cm.save(tmp_path / "costs.json")
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not standard JSON: {token}")
+
+    raw = json.loads(path.read_text(), parse_constant=refuse)
+    assert raw["compute"] == [["-inf", "nan"], ["inf", 1.0]] and raw["bandwidth"][0][0] == "-inf"
+    loaded = CostModel.load(path)
+    assert loaded.compute[0][0] == -INF and math.isnan(loaded.compute[0][1]) and loaded.compute[1][0] == INF
+    assert loaded.bandwidth == cm.bandwidth

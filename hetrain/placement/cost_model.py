@@ -174,7 +174,7 @@ class CostModel:
         return [str(flat[paths[s]]) for s in self.stages]
 
     def to_dict(self) -> dict[str, Any]:
-        # JSON has no infinity; "inf" keeps the file readable by any parser.
+        # JSON has no infinity or nan; "inf", "-inf" and "nan" keep the file readable by any parser, and load back.
         data = asdict(self)
         data["compute"] = [[_encode(c) for c in row] for row in self.compute]
         data["bandwidth"] = [[_encode(b) for b in row] for row in self.bandwidth]
@@ -189,7 +189,7 @@ class CostModel:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         return path
 
     @classmethod
@@ -220,7 +220,7 @@ def _ends_on(costs: list[list[float]], first: int) -> list[list[float]] | None:
 
 
 def _encode(x: float) -> float | str:
-    return "inf" if math.isinf(x) else x
+    return x if math.isfinite(x) else str(float(x))  # "inf", "-inf", "nan": what float() reads back
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:

@@ -18,6 +18,7 @@ error or stall ends the wait with :class:`LoaderError` naming the sample, file o
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import warnings
@@ -60,8 +61,10 @@ def _range(dtype: torch.dtype) -> tuple[float, float]:
     return info.min, info.max
 
 
+@functools.cache
 def _holds_all(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether ``dst`` holds every value of ``src``: then a copy needs no look at the values."""
+    """Whether ``dst`` holds every value of ``src``: then a copy needs no look at the values. Cached: PadInto asks
+    once per row, and working it out again (two dtype infos, 0.9 us) was a quarter of a row's copy."""
     if src.is_floating_point and not dst.is_floating_point:
         return False
     (lo, hi), (dst_lo, dst_hi) = _range(src), _range(dst)

@@ -63,7 +63,7 @@ class Parts:
     recorder: RunRecorder
     trainer: pl.Trainer
     compiled: dict[str, Any] | None = None  # the compile settings applied, None when off
-    counts_before_compile: dict[str, int] | None = None  # dynamo's counters are the process's: a sweep's earlier jobs
+    counts_before_compile: dict[str, int] | None = None  # dynamo's counters then: they count the whole process
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -315,9 +315,9 @@ def _log_failure(exc: BaseException, error: str, log_file: str | None) -> None:
         handler.handle(record)
 
 
-def _exit_code(stop: dict[str, Any]) -> int:
+def _exit_code(signal_name: str) -> int:
     """128 + the signal, a shell's code for a program a signal ended: `train.py && next` stops, so does a sweep."""
-    return 128 + signal.Signals[stop["signal"]]
+    return 128 + signal.Signals[signal_name]
 
 
 def _record_interruption(exc: BaseException, info: dict[str, Any], output_dir: Path) -> int | None:
@@ -338,8 +338,8 @@ def _record_interruption(exc: BaseException, info: dict[str, Any], output_dir: P
     if rank_zero_only.rank == 0:
         write_run_summary({"status": "interrupted", **info, "error": error, "graceful_stop": saved}, output_dir)
     if saved:
-        return _exit_code(saved)
-    return _exit_code({"signal": "SIGTERM"}) if sigterm else None
+        return _exit_code(saved["signal"])
+    return _exit_code("SIGTERM") if sigterm else None
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -374,5 +374,5 @@ def run(cfg: DictConfig) -> float | None:
         text = write_run_summary(summary, output_dir)
         log.info(f"Summary ({output_dir / SUMMARY_MD}):\n{text}")
     if stopped:  # GracefulStop logged where the run stopped and how to go on
-        raise SystemExit(_exit_code(stopped))
+        raise SystemExit(_exit_code(stopped["signal"]))
     return summary["metrics"].get(cfg.optimized_metric)

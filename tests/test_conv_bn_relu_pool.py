@@ -303,6 +303,46 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.hetrain_C.bn_stats(randn(1, 4, 1, 1), None, None, 0.1, 1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_or_bool_batchnorm_tensors_are_refused_as_torch_does(backend):
+    # They were cast quietly; an int64 running mean kept only the integer part of each update.
+    x = randn(2, 3, 4, 4, scale=3.0, shift=5.0)
+    w, b, rm, rv = (t.detach() for t in bn_params(3))
+    ints = {"weight": torch.tensor([1, 0, 2]), "bias": torch.tensor([True, False, True]),
+            "running_mean": torch.zeros(3, dtype=torch.int64), "running_var": torch.ones(3, dtype=torch.int64)}
+    for what, bad in ints.items():
+        args = dict(weight=w, bias=b, running_mean=rm, running_var=rv) | {what: bad}
+        before = bad.clone()
+        for training in (True, False):
+            with plugins.use_backend(bn_relu_pool=backend), \
+                    pytest.raises(ValueError, match=rf"{what} must be a floating tensor, got {bad.dtype}; "
+                                                    rf"pass {what}.float\(\)"):
+                bn_relu_pool(x, training=training, **args)
+        assert torch.equal(bad, before)
+    conv_w = randn(3, 3, 1, 1)
+    with pytest.raises(ValueError, match="running_mean must be a floating tensor, got torch.int64"):
+        conv_bn_relu_pool(x, conv_w, None, w, b, ints["running_mean"], ints["running_var"], True)
+
+
+def test_reference_gradient_with_channels_last_x_and_a_strided_weight():
+    # torch's F.batch_norm eval backward got dx wrong for this pair (off by up to 3 here); the reference is the
+    # tests' oracle and the double-backward error points users to it.
+    x = randn(2, 3, 6, 4, dtype=torch.float64, seed=1, scale=2.0, shift=0.5)
+    _, b, rm, rv = (t.detach() for t in bn_params(3, torch.float64))
+    wide = randn(6, dtype=torch.float64, seed=2, shift=1.0, requires_grad=True)
+    dy = randn(2, 3, 3, 2, dtype=torch.float64, seed=7)
+    x_cl = layout(x, channels_last=True)
+    y = bn_relu_pool_ref(x_cl, wide[::2], b, rm, rv, False)
+    dx, dwide = grads_of(y, (x_cl, wide), dy)
+    x_plain, w_plain = x.clone().requires_grad_(), wide.detach()[::2].contiguous().requires_grad_()
+    y_plain = bn_relu_pool_ref(x_plain, w_plain, b, rm, rv, False)
+    dx_expected, dw_expected = grads_of(y_plain, (x_plain, w_plain), dy)
+    assert_close(y, y_plain, torch.float64, "y")
+    assert_close(dx, dx_expected, torch.float64, "dx")
+    assert_close(dwide[::2], dw_expected, torch.float64, "dweight")
+    assert not dwide[1::2].any()
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_raw_kernels_refuse_what_would_read_or_write_out_of_bounds(channels_last):
     # Each of these crashed the process (heap corruption, SIGSEGV) or returned garbage before.

@@ -1,6 +1,7 @@
 """Linear + cross-entropy: every backend vs the float64 torch reference, reductions, num_items, chunking, compile."""
 
 import importlib
+import re
 
 import numpy as np
 import pytest
@@ -420,8 +421,10 @@ def test_bad_inputs_raise_clear_errors():
         linear_cross_entropy(hidden, weight, target, randn(12))
     with pytest.raises(ValueError, match=r"target must have shape \(4,\)"):
         linear_cross_entropy(hidden, weight, target[:3], b)
-    with pytest.raises(ValueError, match="target must be int64"):
-        linear_cross_entropy(hidden, weight, target.int(), b)
+    for small in (target.int(), target.clamp(min=0).to(torch.uint8)):  # int64 is documented; name the fix
+        with pytest.raises(ValueError, match=rf"target must be int64 class indices, got {small.dtype}; "
+                                             r"pass target.long\(\)"):
+            linear_cross_entropy(hidden, weight, small, b)
     with pytest.raises(ValueError, match="weight dtype torch.float64 differs from hidden's torch.float32"):
         linear_cross_entropy(hidden, weight.double(), target, b)
     with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
@@ -438,8 +441,10 @@ def test_bad_inputs_raise_clear_errors():
             linear_cross_entropy(hidden, weight, target, b, num_items=count)
     with pytest.raises(ValueError, match=r"num_items must be one number, got a torch.int64 tensor of shape \(2,\)"):
         linear_cross_entropy(hidden, weight, target, b, num_items=torch.tensor([3, 3]))
-    with pytest.raises(ValueError, match="ignore_index must be an integer class index, got 1.5"):  # was read as 1
-        linear_cross_entropy(hidden, weight, target, b, ignore_index=1.5)
+    for index in (1.5, True, np.float64(3.0), torch.tensor(3)):  # 1.5 was read as 1
+        message = "ignore_index must be an integer class index, got " + re.escape(repr(index))
+        with pytest.raises(ValueError, match=message):
+            linear_cross_entropy(hidden, weight, target, b, ignore_index=index)
     with pytest.raises(ValueError, match="no meaning with reduction='none'"):
         linear_cross_entropy(hidden, weight, target, b, reduction="none", num_items=3)
     with pytest.raises(ValueError, match="less than one row"):
@@ -455,6 +460,22 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match=r"loss must be a contiguous \(1,\) Float tensor for BFloat16 logits"):
         torch.ops.hetrain_C.cross_entropy_rows_(randn(1, 13).bfloat16(), torch.empty(1, dtype=torch.bfloat16),
                                                 torch.tensor([1]), None, IGNORE, 0.0)
+
+
+def test_numpy_integer_ignore_index_is_taken_as_by_torch_eager_and_compiled():
+    # It was refused as "must be an integer class index, got np.int64(-100)".
+    torch._dynamo.reset()
+    hidden, weight, b, target = inputs((6,), 8, 13, torch.float32, seed=19, ignored=0)
+    hidden, weight, b = (t.detach() for t in (hidden, weight, b))
+    ignored = int(target[2])
+    expected = linear_cross_entropy_ref(hidden, weight, target, b, ignore_index=ignored)
+    index = np.int64(ignored)
+    assert_close(linear_cross_entropy(hidden, weight, target, b, ignore_index=index), expected, torch.float32,
+                 "eager")
+    # torch.compile traces a NumPy integer as a 0-d array, which an isinstance check would refuse.
+    compiled = torch.compile(lambda h, i: linear_cross_entropy(h, weight, target, b, ignore_index=i),
+                             fullgraph=True, backend="eager")
+    assert_close(compiled(hidden, index), expected, torch.float32, "compiled")
 
 
 def test_head_module_is_state_dict_compatible_with_linear():

@@ -68,6 +68,8 @@ def bn_relu_pool_ref(
     padding: int | tuple[int, int] = 0,
 ) -> torch.Tensor:
     """What the epilogue computes, in plain torch; the tests' oracle."""
+    # torch 2.13's F.batch_norm eval backward gives a wrong dx for a channels_last x and a strided weight (measured).
+    weight, bias = (v.contiguous() if v is not None else None for v in (weight, bias))
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return F.max_pool2d(F.relu(y), kernel_size, stride if stride is not None else kernel_size, padding)
 
@@ -302,6 +304,8 @@ def _channel_vector(name, what, v, x, dtype):
     if tuple(v.shape) != (x.shape[1],):
         raise ValueError(f"{name}: {what} must have shape ({x.shape[1]},) to match x's channels, got "
                          f"{tuple(v.shape)} (x is {tuple(x.shape)})")
+    if not v.is_floating_point():  # an integer running mean would keep only the integer part of each update
+        raise ValueError(f"{name}: {what} must be a floating tensor, got {v.dtype}; pass {what}.float()")
     if v.device != x.device:
         raise ValueError(f"{name}: {what} is on {v.device} but x is on {x.device}")
     return v.to(dtype) if v.dtype != dtype else v

@@ -47,6 +47,7 @@ and gradients of the whole batch in one ``"mean"`` call.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -430,6 +431,19 @@ def _check_num_items(name: str, num_items: object) -> None:
         raise ValueError(f"{name}: num_items must be a count > 0, got {num_items!r}")
 
 
+def _check_ignore_index(name: str, ignore_index: object) -> None:
+    """A Python or NumPy integer, as ``F.cross_entropy`` takes. ``operator.index``, not an ``isinstance`` check: under
+    torch.compile a NumPy integer is traced as a 0-d array, which it still takes. A bool would read as class 0 or 1
+    and a tensor's value needs a device sync: both are refused."""
+    if not isinstance(ignore_index, bool | torch.Tensor):
+        try:
+            operator.index(ignore_index)
+            return
+        except TypeError:
+            pass
+    raise ValueError(f"{name}: ignore_index must be an integer class index, got {ignore_index!r}")
+
+
 def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, num_items,
               memory_budget) -> None:
     name = "hetrain.ops.linear_cross_entropy"
@@ -444,10 +458,9 @@ def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduc
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{name}: target must have shape {tuple(hidden.shape[:-1])} (hidden's leading dimensions), "
                          f"got {tuple(target.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"{name}: ignore_index must be an integer class index, got {ignore_index!r}")
+    _check_ignore_index(name, ignore_index)
     if target.dtype != torch.int64:
-        raise ValueError(f"{name}: target must be int64 class indices, got {target.dtype}")
+        raise ValueError(f"{name}: target must be int64 class indices, got {target.dtype}; pass target.long()")
     for what, t in (("weight", weight), ("bias", bias), ("target", target)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name}: {what} is on {t.device} but hidden is on {hidden.device}")

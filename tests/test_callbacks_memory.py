@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hetrain import cpu_memory
-from hetrain.callbacks.churn import OUTSIDE, Allocation, ChurnTracker, churned
+from hetrain.callbacks.churn import OUTSIDE, ROOT, Allocation, ChurnTracker, churned
 from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler
 from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, STEPS_CSV, MemoryReport
 from hetrain.callbacks.module_memory import ModuleMemory, optimizer_state_bytes
@@ -135,6 +135,50 @@ def test_a_sparse_embedding_gradient_counts_its_stored_rows_not_the_whole_table(
     tracker.stop()
     assert tracker.records["0"].params == 1000 * 16 * 4
     assert tracker.records["0"].grads == 3 * 16 * 4 + 3 * 8  # three looked-up rows and their int64 indices
+
+
+def test_views_of_one_fresh_result_count_its_whole_storage_once():
+    class QKV(nn.Module):  # a leaf returning three views of one result, as an attention's projection does
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3 * HIDDEN, IN))
+
+        def forward(self, x):
+            return (x @ self.weight.t()).chunk(3, dim=-1)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = QKV()
+
+        def forward(self, x):
+            q, k, v = self.qkv(x)
+            return q * k + v
+
+    tracker = _measured_step(Attention(), torch.randn(BATCH, IN))
+    assert tracker.records["qkv"].outputs == 4 * BATCH * 3 * HIDDEN
+
+
+def test_the_batch_passed_on_is_no_modules_output():
+    model = nn.Sequential(nn.Identity(), nn.Flatten(), nn.Linear(2 * IN, 1))
+    r = _measured_step(model, torch.randn(BATCH, 2, IN)).records
+    assert r["0"].outputs == r["1"].outputs == 0  # the batch itself, and a view of it
+    assert r["2"].outputs == 4 * BATCH
+
+
+def test_a_buffer_used_in_the_forward_is_not_saved_for_backward():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(IN, HIDDEN)
+            self.register_buffer("mask", torch.ones(HIDDEN, HIDDEN))  # held all fit long, not an activation
+
+        def forward(self, x):
+            return self.fc(x) @ self.mask  # autograd keeps the mask for fc's gradient
+
+    x = torch.randn(BATCH, IN)
+    r = _measured_step(Masked(), x).records
+    assert r["fc"].saved == _nbytes(x) and r[ROOT].saved == 0
 
 
 class Block(nn.Module):
@@ -361,6 +405,42 @@ def test_a_real_cpu_out_of_memory_writes_the_post_mortem_with_the_failed_phase(t
     assert re.search(r"\| forward \| cpu \| \d+(\.\d+)? \|", report.split("## This step so far")[1])
 
 
+class GreedyInPhase(Regressor):
+    """Asks the CPU allocator for 1 PiB (torch raises its RuntimeError) in one phase of batch 3: with two
+    micro-batches a step, the second of step 1, after the first filled the step's forward and backward."""
+
+    def __init__(self, phase: str):
+        super().__init__()
+        self.phase, self.batch_idx = phase, -1
+
+    def _greedy(self, phase: str) -> None:
+        if phase == self.phase and self.batch_idx == 3:
+            torch.empty(1 << 50, dtype=torch.uint8)
+
+    def training_step(self, batch, batch_idx):
+        self.batch_idx = batch_idx
+        self._greedy("forward")
+        loss = super().training_step(batch, batch_idx)
+        loss.register_hook(lambda grad: self._greedy("backward"))
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        optimizer.register_step_post_hook(lambda *args: self._greedy("optimizer"))
+        return optimizer
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_out_of_memory_under_accumulation_names_the_phase_that_failed(tmp_path, phase):
+    """A later micro-batch's out-of-memory was filed under the optimizer: the first phase of the step still empty."""
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        _fit(GreedyInPhase(phase), MemoryProfiler(churn_steps=0), tmp_path, batches=4, accumulate_grad_batches=2)
+    report = (tmp_path / OOM_MD).read_text()
+    assert f"Out of memory at step 1\n\nDuring: {phase}\n" in report  # an optimizer step that fails did not finish
+    this_step = report.split("## This step so far")[1].split("##")[0]
+    assert ("| optimizer | cpu |" in this_step) == (phase == "optimizer")  # the peak goes to the phase that ran
+
+
 def test_out_of_memory_dump_can_be_turned_off(tmp_path):
     with pytest.raises(torch.cuda.OutOfMemoryError):
         _fit(Regressor(oom_at_step=0), MemoryProfiler(dump_on_oom=False), tmp_path, batches=2)
@@ -381,6 +461,39 @@ def test_other_errors_write_no_post_mortem_but_the_report_of_the_steps_before(tm
     assert md.startswith("# Memory\n\nThe fit stopped at step 2 with ValueError: not memory. These are the steps")
     assert "second line" not in md and "net.0" in md
     assert len((tmp_path / STEPS_CSV).read_text().splitlines()) == 1 + 2 * len(PHASES)  # steps 0 and 1, the CPU
+
+
+def test_a_step_another_callback_fails_after_is_reported_and_a_failed_step_is_not(tmp_path):
+    class StopAfterStep1(pl.Callback):  # before the profiler: its on_train_batch_end never runs for step 1
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                raise RuntimeError("stopped in nn.Linear.")
+
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[StopAfterStep1(), profiler])
+    model = Regressor()
+    with pytest.raises(RuntimeError, match="stopped in"):
+        trainer.fit(model, _loader(4))
+    assert [s["step"] for s in profiler.steps] == [0, 1]
+    md = (tmp_path / REPORT_MD).read_text()
+    assert "with RuntimeError: stopped in nn.Linear. These are the steps before it." in md  # one full stop
+    assert "net.0" in profiler.modules.records and profiler.static["params"] == {"cpu": _nbytes(*model.parameters())}
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_step_that_fails_part_way_leaves_no_per_module_numbers(tmp_path):
+    class Broken(Regressor):
+        def training_step(self, batch, batch_idx):
+            self.net(batch[0])  # the hooked step's forward has run in part
+            raise ValueError("broken")
+
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=0)
+    with pytest.raises(ValueError, match="broken"):
+        _fit(Broken(), profiler, tmp_path)
+    assert "No training step completed" in (tmp_path / REPORT_MD).read_text()
+    assert profiler.modules.records == {}  # the plot draws no module bars from the failed step either
 
 
 def test_a_fit_with_no_step_says_so_instead_of_empty_tables(tmp_path):

@@ -135,6 +135,9 @@ class MemoryProfiler(Callback):
         self.modules: ModuleMemory | None = None
         self.phases: PhaseMemory | None = None
         self._current: dict[str, Any] | None = None
+        # The phase running now, which an out-of-memory error names. _current cannot tell: under gradient
+        # accumulation the step's first micro-batch has filled its forward and backward already.
+        self._phase = PHASES[0]
         self._stepped = False  # the optimizer stepped during this batch (not an accumulating micro-batch)
         self._recording = False
         self._history_done = False  # the chosen history steps were written
@@ -228,6 +231,7 @@ class MemoryProfiler(Callback):
             if trainer.global_step in self.churn_steps:
                 self.churn.start_step()
         self.phases.reset()
+        self._phase = "forward"
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -243,12 +247,14 @@ class MemoryProfiler(Callback):
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         self._close("forward")
+        self._phase = "backward"
         if self.modules.active:
             self.modules.forward_done()
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close("backward")
+        self._phase = "optimizer"  # until on_train_batch_end, as _close("optimizer") counts it
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -273,13 +279,18 @@ class MemoryProfiler(Callback):
             self.churn.stop_step()
             self.churn_observed.append(self.steps[-1]["step"])  # global_step has moved on by now
         if self.modules.active:
-            self.modules.stop()
-            params = list(pl_module.parameters())
-            self.static = {
-                "params": bytes_by_device(params),
-                "grads": bytes_by_device([p.grad for p in params if p.grad is not None]),
-                "optimizer state": optimizer_state_bytes(trainer.optimizers),
-            }
+            self._keep_module_step(trainer, pl_module)
+
+    def _keep_module_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Folds the hooked step into the per-module records, and keeps what the parameters, gradients and
+        optimizer state hold after it."""
+        self.modules.stop()
+        params = list(pl_module.parameters())
+        self.static = {
+            "params": bytes_by_device(params),
+            "grads": bytes_by_device([p.grad for p in params if p.grad is not None]),
+            "optimizer state": optimizer_state_bytes(trainer.optimizers),
+        }
 
     def report(self, ended_early: str | None = None) -> MemoryReport:
         """What was measured so far, ready to render; ``ended_early`` says what stopped the fit, if anything did."""
@@ -313,16 +324,27 @@ class MemoryProfiler(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self.modules is not None and self.modules.active:
-            self.modules.stop()  # no hook may outlive the fit, whatever ended it
+        # A later callback's on_train_batch_end can fail after the optimizer stepped (global_step has moved on):
+        # that step completed, and is reported. Any other step stopped part way, and its numbers are dropped.
+        finished = self._current is not None and trainer.global_step > self._current["step"]
+        if finished:
+            self._close("optimizer")
+            self.steps.append(self._current)
+            self._current = None
+        self._stepped = False
+        if self.modules is not None and self.modules.active:  # no hook may outlive the fit, whatever ended it
+            if finished:
+                self._keep_module_step(trainer, pl_module)
+            else:
+                self.modules.stop(keep=False)
         if self.churn is not None and self.churn.active:
             self.churn.stop_step(keep=False)
         oom = out_of_memory(exception)
         if self.dump_on_oom and oom and trainer.is_global_zero:
             self.write_oom_dump(self._dir(trainer), trainer.global_step, exception)
         elif trainer.is_global_zero and self.phases is not None:  # what the steps before the error measured
-            ended = (f"The fit stopped at step {trainer.global_step} with {_headline(exception)}. These are the "
-                     "steps before it.")
+            ended = (f"The fit stopped at step {trainer.global_step} with {_headline(exception).removesuffix('.')}. "
+                     "These are the steps before it.")
             try:
                 self._write_report(trainer, ended)
             except Exception as failure:  # noqa: BLE001 - the fit's own error is the one to raise
@@ -344,10 +366,9 @@ class MemoryProfiler(Callback):
                         "to get one on the next out-of-memory.")
         else:
             snapshot = "No allocator snapshot: that is the CUDA allocator's history, and no stage is on a GPU."
-        phase = next((p for p in PHASES if self._current and not self._current[p]), "optimizer")
         if self._current and self.phases is not None:
-            self._close(phase)  # the peaks of the phase that failed, so far
-        text = (f"# Out of memory at step {step}\n\nDuring: {phase if self._current else 'outside a step'}\n\n"
+            self._close(self._phase)  # the peaks of the phase that failed, so far
+        text = (f"# Out of memory at step {step}\n\nDuring: {self._phase if self._current else 'outside a step'}\n\n"
                 f"Error: `{_headline(exception)}`"
                 f"\n\n{snapshot}\n\n")
         if self._current:

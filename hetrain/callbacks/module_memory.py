@@ -7,6 +7,7 @@ No Trainer needed: :class:`ModuleMemory` hooks a model for one forward and backw
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import suppress
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -59,11 +60,11 @@ class ModuleMemory:
     Notes:
         No byte is counted twice: parameters and gradients go to the module that owns them (a tied
         weight to the first that does, in ``named_modules`` order), outputs to modules without
-        children (once per storage: an ``Identity`` passing its input on adds nothing), the CUDA
-        delta to modules without children too, and a tensor saved for
-        backward (found with ``torch.autograd.graph.saved_tensors_hooks``, once per storage,
-        parameters excluded) to the innermost module running when it was saved, e.g. an attention
-        block for its ``scaled_dot_product_attention``. Tensors saved outside every module (the loss
+        children (a storage's whole size, once: the views ``chunk`` returns count it once, and a module's
+        input passed on, or a view of it, adds nothing), the CUDA delta to modules without children too,
+        and a tensor saved for backward (found with ``torch.autograd.graph.saved_tensors_hooks``, once per
+        storage, parameters and buffers excluded) to the innermost module running when it was saved, e.g.
+        an attention block for its ``scaled_dot_product_attention``. Tensors saved outside every module (the loss
         in ``training_step``) get their own row; the model itself is ``(root)``. A module compiled with
         ``torch.compile`` runs as one graph with no submodules: what it saves goes to the nearest module
         outside it that runs eagerly (:meth:`compiled_note`).
@@ -78,7 +79,7 @@ class ModuleMemory:
         self._handles: list[RemovableHandle] = []
         self._stack: list[str] = []
         self._before: dict[str, int] = {}
-        self._seen: set[int] = set()  # storages counted as saved for backward (parameters from the start)
+        self._seen: set[int] = set()  # storages counted as saved for backward (parameters, buffers at start)
         # Storages counted as outputs. Weak references, not addresses: an output freed during the forward frees
         # its address for the next, and a weak reference keeps its storage's identity until it is dropped.
         self._outputs_seen: set[StorageWeakRef] = set()
@@ -102,10 +103,12 @@ class ModuleMemory:
         self._step = {name: ModuleRecord(params=_tensor_bytes(params))
                       for name, params in self._owned_parameters().items()}
         self._step[OUTSIDE] = ModuleRecord()
-        self._seen = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        self._outputs_seen = {StorageWeakRef(p.untyped_storage()) for p in self.model.parameters()}
+        # Parameters and buffers live for the whole fit: a module that uses or returns one makes no activation.
+        held = [*self.model.parameters(), *self.model.buffers()]
+        self._seen = {t.untyped_storage().data_ptr() for t in held}
+        self._outputs_seen = {StorageWeakRef(t.untyped_storage()) for t in held}
         for name, module in self.rows.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post(name), always_call=True))
         # Autograd calls the pack hook from a compiled module's runtime too; left to dynamo, that call would be
         # compiled as a frame of its own, and a traced _pack counts nothing.
@@ -114,10 +117,11 @@ class ModuleMemory:
         self._watching = True
 
     def _pre(self, name: str):
-        def hook(module: nn.Module, args: Any) -> None:
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             if not self._watching or torch.compiler.is_compiling():  # see _post
                 return
             self._stack.append(name)
+            self._mark_as_counted((args, kwargs))  # made before this module: returned on, it is not its output
             param = next(module.parameters(), None)
             if name in self.leaves and param is not None and param.is_cuda:
                 self._before[name] = torch.cuda.memory_allocated(param.device)
@@ -141,20 +145,28 @@ class ModuleMemory:
                 record.cuda_delta = delta + (record.cuda_delta or 0)
         return hook
 
+    def _mark_as_counted(self, tensors: Any) -> None:
+        for t in tree_leaves(tensors):
+            if isinstance(t, torch.Tensor):
+                with suppress(RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
+                    self._outputs_seen.add(StorageWeakRef(t.untyped_storage()))
+
     def _new_output_bytes(self, output: Any) -> int:
-        """Bytes of the storages in ``output`` not counted as an output yet (a view or a passed-on input adds 0)."""
+        """Bytes of the storages in ``output`` not counted as an output yet, whole: the views ``chunk`` returns
+        count their storage once, and a passed-on input adds 0."""
         total = 0
         for t in tree_leaves(output):
             if not isinstance(t, torch.Tensor):
                 continue
             try:
-                key = StorageWeakRef(t.untyped_storage())
+                storage = t.untyped_storage()
             except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
                 total += _nbytes(t)
                 continue
+            key = StorageWeakRef(storage)
             if key not in self._outputs_seen:
                 self._outputs_seen.add(key)
-                total += _nbytes(t)
+                total += storage.nbytes()
         return total
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -178,8 +190,9 @@ class ModuleMemory:
         for name, params in self._owned_parameters().items():
             self._step[name].grads = _tensor_bytes([p.grad for p in params if p.grad is not None])
 
-    def stop(self) -> None:
-        """Removes every hook and folds this step into :attr:`records`."""
+    def stop(self, keep: bool = True) -> None:
+        """Removes every hook and, when ``keep``, folds this step into :attr:`records` (a failed step's are partial,
+        so it is dropped)."""
         self.forward_done()
         for handle in self._handles:
             handle.remove()
@@ -187,8 +200,9 @@ class ModuleMemory:
         self._stack.clear()
         self._before.clear()
         self._outputs_seen.clear()
-        for name, record in self._step.items():
-            self.records.setdefault(name, ModuleRecord()).merge(record)
+        if keep:
+            for name, record in self._step.items():
+                self.records.setdefault(name, ModuleRecord()).merge(record)
         self._step = {}
 
     def compiled_note(self) -> str:

@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from hetrain import cpu_memory, plugins
-from hetrain.callbacks.precision import trainer_precision
+from hetrain.callbacks.precision import run_precision, trainer_precision
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.placement import resolve_plan
 from hetrain.placement.plan import flatten_plan, parse_device, read_plan
@@ -258,7 +258,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             exc.steps_trained = getattr(graceful_stop, "steps_trained", None)  # None: no GracefulStop counted them
             raise
         summary = parts.recorder.summary(parts.trainer)
-        summary["precision"] = str(parts.trainer.precision)
+        summary["precision"] = run_precision(parts.trainer)  # per device type under DeviceMixedPrecision
         if parts.compiled is not None:
             summary["compile"] = {**parts.compiled, **compile_counts(since=parts.counts_before_compile)}
         summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}

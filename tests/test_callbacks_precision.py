@@ -23,6 +23,7 @@ from hetrain.callbacks.precision import (
     NonFiniteGuard,
     choices_by_type,
     choose_precision,
+    run_precision,
     trainer_precision,
 )
 
@@ -199,6 +200,17 @@ def test_device_mixed_precision_rejects_all_fp32_and_unknown_names():
             DeviceMixedPrecision(choices, root=root)
 
 
+def test_device_mixed_precision_names_each_device_types_choice(tmp_path):
+    # The log showed an object address, and the run summary one name (the scaler's, 16-mixed) for both devices.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GradScaler(device="cuda") without a GPU says it is disabled
+        plugin = DeviceMixedPrecision({"cuda": "16-mixed", "cpu": "bf16-mixed"}, root="cpu")
+    assert repr(plugin) == str(plugin) == "DeviceMixedPrecision(cuda=16-mixed, cpu=bf16-mixed)"
+    trainer = pl.Trainer(accelerator="cpu", plugins=[plugin], logger=False, default_root_dir=tmp_path)
+    assert run_precision(trainer) == {"cuda": "16-mixed", "cpu": "bf16-mixed"}
+    assert run_precision(pl.Trainer(accelerator="cpu", precision="32-true", logger=False)) == "32-true"
+
+
 def test_device_mixed_precision_runs_a_cpu_fit_in_bf16(tmp_path):
     model = Regressor(nn.Identity())
     _fit(model, _loader(2), tmp_path, plugins=[DeviceMixedPrecision({"cpu": "bf16-mixed"}, root="cpu")])
@@ -251,11 +263,23 @@ def test_guard_names_the_module_whose_forward_overflowed_and_stops(tmp_path):
     with pytest.raises(NonFiniteError) as info:
         _fit(model, _loader(6, poisoned=[2, 3, 4]), tmp_path, callbacks=[guard])
     message = str(info.value)
-    assert "2 consecutive non-finite steps" in message and "max_consecutive=2" in message
+    assert "after non-finite global steps 2-3 (2 in a row; the limit is max_consecutive=2)" in message
     assert "module 'net.1' (Exp)" in message and "in forward" in message and "batch 2" in message
     assert (guard.skipped_steps, guard.nonfinite_steps, guard.consecutive) == (2, 2, 2)
     assert len(model.lrs) == 4  # batches 0..3 ran, batch 4 never did
     assert _all_finite(model)  # the skipped steps left the weights alone
+
+
+@pytest.mark.parametrize(("limit", "steps"), [(3, "global steps 1-3 (3 in a row"), (1, "global step 1 (1 in a row")])
+def test_guard_stop_names_the_non_finite_steps_and_how_to_go_on(tmp_path, limit, steps):
+    # It said "stopped at global step 4", a step that never ran, and nothing of what to do next.
+    with pytest.raises(NonFiniteError) as info:
+        _fit(Regressor(Exp()), _loader(6, poisoned=[1, 2, 3]), tmp_path, callbacks=[NonFiniteGuard(limit)])
+    message = str(info.value)
+    assert f"training stopped after non-finite {steps}; the limit is max_consecutive={limit})" in message
+    for way in ("task.lr", "ckpt_path=", "callbacks.nonfinite_guard.on_nonfinite=skip",
+                "callbacks.nonfinite_guard.max_consecutive"):
+        assert way in message
 
 
 def test_guard_blames_backward_when_the_loss_is_finite(tmp_path):

@@ -22,15 +22,28 @@ def rows(n: int = 48, t: int = 12) -> list[dict]:
     return [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels, strict=True)]
 
 
-def fit(tmp_path, trace: StepTrace, max_steps: int, accumulate: int = 1) -> None:
+class MarkValidation(pl.Callback):
+    """Leaves a named range in any trace recording while a validation batch runs."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        with torch.profiler.record_function("test::validation batch"):
+            pass
+
+
+def fit(tmp_path, trace: StepTrace, max_steps: int, accumulate: int = 1, val_check_interval=None) -> None:
+    """Fits a small BERT; with ``val_check_interval`` it validates 3 batches then and when training ends."""
     torch.manual_seed(0)
     model = BertClassifier(vocab_size=40, num_classes=3, hidden=16, layers=1, heads=2, max_len=16)
+    validation = {"val_check_interval": val_check_interval, "limit_val_batches": 3, "num_sanity_val_steps": 0} \
+        if val_check_interval else {"limit_val_batches": 0}
     trainer = pl.Trainer(max_steps=max_steps, accumulate_grad_batches=accumulate, logger=False,
                          callbacks=[StagePlacement({"embeddings": "cpu"}),
-                                    PipelineSplit(2, split_on_one_device=True), trace],
+                                    PipelineSplit(2, split_on_one_device=True), MarkValidation(), trace],
                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, limit_val_batches=0)
-    trainer.fit(ClassificationTask(model, num_classes=3), train_dataloaders=DataLoader(rows(), batch_size=4))
+                         default_root_dir=tmp_path, **validation)
+    loader = DataLoader(rows(), batch_size=4)
+    trainer.fit(ClassificationTask(model, num_classes=3), train_dataloaders=loader,
+                val_dataloaders=loader if val_check_interval else None)
 
 
 def names_in(path) -> set[str]:
@@ -57,7 +70,25 @@ def test_a_run_that_ends_early_keeps_what_it_recorded(tmp_path, caplog):
         fit(tmp_path, trace, max_steps=3)
     steps = {n for n in names_in(trace.path) if n and n.startswith("hetrain::train step")}
     assert steps == {"hetrain::train step 1", "hetrain::train step 2"}
-    assert "before step 50" in caplog.text
+    assert "steps 1..2 written" in caplog.text
+    assert "steps 3..50 are not in it: training ended after step 2" in caplog.text
+
+
+@pytest.mark.parametrize(("max_steps", "val_check_interval", "why"), [
+    (4, 4, "training ended after step 3"),  # the validation at the end of training
+    (6, 4, "a validation began after step 3"),  # a validation inside the range
+])
+def test_the_trace_holds_training_steps_only(tmp_path, caplog, max_steps, val_check_interval, why):
+    # Steps asked for past the end of training recorded the final validation (and the checkpoint saved after it).
+    trace = StepTrace([2, 9], dirpath=tmp_path)
+    with caplog.at_level("INFO"):
+        fit(tmp_path, trace, max_steps=max_steps, val_check_interval=val_check_interval)
+    names = names_in(trace.path)
+    assert {n for n in names if n and n.startswith("hetrain::train step")} == {"hetrain::train step 2",
+                                                                              "hetrain::train step 3"}
+    assert "test::validation batch" not in names
+    assert f"steps 2..3 written to {trace.path}; steps 4..9 are not in it: {why}" in caplog.text
+    assert not trace.instruments_step(4)  # steps after the trace run at full speed: timing callbacks count them
 
 
 def test_a_range_the_run_never_reaches_says_so(tmp_path, caplog):

@@ -20,6 +20,7 @@ from hetrain.callbacks.throughput import (
     describe,
     peak_flops,
 )
+from hetrain.data.packing import PackedSequences, PackInto
 from hetrain.data.synthetic import SyntheticSequences, pad_collate
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
@@ -131,6 +132,27 @@ def test_batch_size_reads_labels_first_then_any_tensor():
     assert batch_size(torch.zeros(9, 1)) == 9
     with pytest.raises(ValueError, match="no tensor"):
         batch_size({"name": "x"})
+
+
+def test_a_mask_counts_its_ones_as_tokens_whatever_its_dtype():
+    # Tokenizers return int64 masks: those counted their padding too, as if every row were full.
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    callback = Throughput(tokens_key="attention_mask")
+    for dtype in (torch.bool, torch.int64, torch.int32, torch.float32):
+        assert callback._tokens({"attention_mask": mask.to(dtype)}) == 4, dtype
+    assert Throughput(tokens_key="input_ids")._tokens({"input_ids": torch.tensor([[5, 7, 2], [9, 3, 4]])}) == 6
+
+
+def test_a_packed_batch_counts_its_sequences_as_samples():
+    # 7 sequences in 3 rows: samples/s counted rows, a fraction of the sequences a packed run trains on.
+    docs = [{"input_ids": list(range(1, n + 1)), "label": i % 3} for i, n in enumerate([5, 3, 4, 2, 6, 1, 3])]
+    packed = PackedSequences(docs, row_len=8)
+    collate = PackInto(max_tokens=64, max_rows=8, max_segments=packed.max_segments)
+    out = {name: torch.empty(numel, dtype=dtype) for name, (dtype, numel) in collate.spec.items()}
+    shapes = collate([packed[k] for k in range(len(packed))], out)
+    batch = {name: out[name][: shape[0] * shape[1]].view(shape) for name, shape in shapes.items()}
+    assert len(batch["input_ids"]) == 3
+    assert batch_size(batch) == 7
 
 
 def test_peak_flops_is_measured_once_per_device_name_and_dtype(monkeypatch):
@@ -352,6 +374,17 @@ def test_a_step_holding_the_warm_up_batch_is_left_out_of_step_times_and_energy(t
     assert s["energy_j_per_step"] == 100.0 * 2.0  # 100 W over each of the 3 timed steps' 2 s
 
 
+@pytest.mark.parametrize(("count_flops", "timed"), [(True, 2), (False, 3)])
+def test_with_no_warm_up_the_batch_whose_flops_are_counted_is_not_timed(tmp_path, count_flops, timed):
+    # The FLOP counter's batch runs far slower (here 100 s longer): with warmup_batches=0 it was timed.
+    clock = Tick(0.5)
+    callback = Throughput(clock=clock, peak_flops=1e9, warmup_batches=0, count_flops=count_flops)
+    _fit(tmp_path, SlowStart(clock) if count_flops else Tagger(clock), [callback], steps=3)
+    s = callback.summary
+    assert s["batches_timed"] == timed
+    assert s["step_time_ms"]["p99"] == 500.0
+
+
 def test_energy_per_step_leaves_out_validation(tmp_path, monkeypatch):
     clock = Tick(0.5)
     monkeypatch.setattr(tp, "NvmlEnergy", lambda devices: Watts(clock, 100.0))
@@ -423,6 +456,18 @@ def test_logged_rows_share_the_step_of_the_loss(tmp_path, accumulate, every):
     assert rate_steps and rate_steps <= loss_steps, (loss_steps, rate_steps)
     assert loss_steps - rate_steps <= {0}  # only the warm-up step has a loss and no rate
     assert all(any(r[i] for i in range(len(r)) if i != step and header[i] != "epoch") for r in rows)  # no empty rows
+
+
+def test_with_accumulation_one_row_is_logged_per_optimizer_step(tmp_path):
+    # Each micro-batch wrote a row under the same step, repeating the previous step's time.
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=CSVLogger(tmp_path),
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         log_every_n_steps=1, accumulate_grad_batches=4, callbacks=[Throughput(window_size=2)])
+    trainer.fit(Tagger(), DataLoader(_samples(3 * 4 * BATCH), batch_size=BATCH))
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    header, *rows = [line.split(",") for line in logged.splitlines()]
+    step, batches = header.index("step"), header.index("throughput/batches")
+    assert [(int(r[step]), float(r[batches])) for r in rows if r[batches]] == [(0, 3.0), (1, 7.0), (2, 11.0)]
 
 
 def test_log_every_n_steps_zero_logs_nothing_and_keeps_the_summary(tmp_path):

@@ -130,6 +130,10 @@ class DeviceMixedPrecision(MixedPrecision):
         super().__init__(precision=precision, device=root, scaler=scaler)
         self.choices = dict(choices)
 
+    def __repr__(self) -> str:
+        """Each device type's choice: the plugin's ``precision`` alone names one of them (the log showed an address)."""
+        return f"DeviceMixedPrecision({', '.join(f'{t}={c}' for t, c in self.choices.items())})"
+
     @override
     @contextmanager
     def forward_context(self) -> Generator[None, None, None]:
@@ -139,6 +143,13 @@ class DeviceMixedPrecision(MixedPrecision):
                 stack.enter_context(torch.autocast(device_type, dtype=_DTYPES.get(choice), enabled=choice in _DTYPES,
                                                    cache_enabled=False))
             yield
+
+
+def run_precision(trainer: pl.Trainer) -> str | dict[str, str]:
+    """The precision a run's summary records: each device type's choice under :class:`DeviceMixedPrecision`, whose
+    ``precision`` names only the one its loss scaler follows; else the Trainer's one precision."""
+    plugin = trainer.precision_plugin
+    return dict(plugin.choices) if isinstance(plugin, DeviceMixedPrecision) else str(trainer.precision)
 
 
 def trainer_precision(precision: str | int, devices: Iterable[str | torch.device]) -> dict[str, Any]:
@@ -333,6 +344,7 @@ class NonFiniteGuard(Callback):
         self.nonfinite_steps = 0  # skipped steps that were not a loss scaler's overflow probe
         self.consecutive = 0
         self.diagnosis: str | None = None  # where the current streak began
+        self._streak_start: int | None = None  # the global step that began the current streak
         self._window: list[_WindowBatch] = []  # the batches since the last optimizer step
         self._running_stats: _RunningStats | None = None
         self._step: dict[str, Any] | None = None  # what on_before_optimizer_step saw, for on_train_batch_end
@@ -413,7 +425,7 @@ class NonFiniteGuard(Callback):
             metrics["precision/loss_scale"] = step["scale"]
         if step["loss_finite"] and step["grads_finite"]:
             self.consecutive = 0
-            self.diagnosis = None
+            self.diagnosis = self._streak_start = None
         else:
             self._skipped(trainer, pl_module, step, window)
             metrics["nonfinite/skipped_steps"] = float(self.skipped_steps)
@@ -427,10 +439,16 @@ class NonFiniteGuard(Callback):
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
             self._logged = metrics
         if self.on_nonfinite == "stop" and self.consecutive >= self.max_consecutive:
-            raise NonFiniteError(
-                f"hetrain: {self.consecutive} consecutive non-finite steps (the limit is max_consecutive="
-                f"{self.max_consecutive}); training stopped at global step {trainer.global_step}. {self.diagnosis}"
-            )
+            raise NonFiniteError(self._stop_message(trainer.global_step - 1))
+
+    def _stop_message(self, last: int) -> str:
+        """Names the streak's steps (the Trainer has already counted the last one) and the ways to go on."""
+        steps = f"global step {last}" if self._streak_start == last else f"global steps {self._streak_start}-{last}"
+        return (f"hetrain: training stopped after non-finite {steps} ({self.consecutive} in a row; the limit is "
+                f"max_consecutive={self.max_consecutive}). {self.diagnosis} To go on: lower the learning rate "
+                "(task.lr) and resume from the last checkpoint (ckpt_path=<run dir>/checkpoints/last.ckpt), or skip "
+                "such steps (callbacks.nonfinite_guard.on_nonfinite=skip, or a higher "
+                "callbacks.nonfinite_guard.max_consecutive).")
 
     def _restore_running_stats(self) -> None:
         if self._running_stats is not None:
@@ -449,6 +467,7 @@ class NonFiniteGuard(Callback):
         self.nonfinite_steps += 1
         self.consecutive += 1
         if self.consecutive == 1:
+            self._streak_start = trainer.global_step - 1
             self.diagnosis = self._diagnose(trainer, pl_module, step, window)
         rank_zero_warn(f"hetrain: non-finite step {trainer.global_step - 1} skipped ({self.consecutive} in a row). "
                        f"{self.diagnosis}")

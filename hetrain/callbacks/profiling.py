@@ -3,7 +3,9 @@
 Each pipeline stage, micro-batch, cross-device copy and hetrain op already runs in a named
 ``record_function`` range; this callback records training steps ``first..last`` with torch's profiler
 (CPU, plus CUDA when present) and writes ``trace_steps_<first>-<last>.json`` into the run directory,
-for chrome://tracing or ui.perfetto.dev. Every step is itself a range, ``hetrain::train step <n>``.
+for chrome://tracing or ui.perfetto.dev. Every step is itself a range, ``hetrain::train step <n>``. The trace
+holds training steps only: a validation that begins inside the range, or training that ends before its last
+step, ends it, and the log names the steps written.
 
 Lightning's ``PyTorchProfiler`` profiles the Trainer's actions under a schedule counted per action and
 writes one file per action; what a person asks for here is one file holding exactly the steps named,
@@ -67,10 +69,11 @@ class StepTrace(Callback):
         self._profiler: profile | None = None
         self._step_range: record_function | None = None
         self._open_step = -1  # the optimizer step whose range is open
+        self._last_traced = self.last  # lower once a validation or the end of training cut the trace short
 
     def instruments_step(self, step: int) -> bool:
         """Whether global step ``step`` is traced (and so runs slower)."""
-        return self.first <= step <= self.last
+        return self.first <= step <= self._last_traced
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -95,10 +98,19 @@ class StepTrace(Callback):
             self._write(trainer)
 
     @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A trace holds training steps: recording on would add the validation and the checkpoint saved after it (at
+        # the end of training, with steps asked for past it, they filled most of the trace).
+        if self._profiler is not None:
+            ended = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+            self._write(trainer, f"training ended after step {trainer.global_step - 1}" if ended else
+                        f"a validation began after step {trainer.global_step - 1} (a trace holds training steps only: "
+                        "choose steps between validations)")
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._profiler is not None:  # training ended before the last step: keep what was recorded
-            log.info(f"profile: training ended at step {trainer.global_step}, before step {self.last}")
-            self._write(trainer)
+            self._write(trainer, f"training ended after step {trainer.global_step - 1}")
         elif not self.summary and trainer.global_step <= self.first:
             log.warning(f"profile: no trace written: training ended at step {trainer.global_step}, before step "
                         f"{self.first}; trace earlier steps or train longer")
@@ -107,7 +119,10 @@ class StepTrace(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.on_train_end(trainer, pl_module)
 
-    def _write(self, trainer: pl.Trainer) -> None:
+    def _write(self, trainer: pl.Trainer, cut_short_by: str = "") -> None:
+        """Writes the trace; ``cut_short_by`` says why steps asked for are missing from it."""
+        # At least the first step: a validation inside an accumulation window may end the trace during it.
+        self._last_traced = max(self.first, min(self.last, trainer.global_step - 1))
         if self._step_range is not None:
             self._step_range.__exit__(None, None, None)
             self._step_range = None
@@ -118,5 +133,7 @@ class StepTrace(Callback):
             self.path = self.path.with_name(f"{self.path.stem}_rank{trainer.global_rank}.json")
         profiler.export_chrome_trace(str(self.path))
         self.summary = {"trace": str(self.path)}
-        log.info(f"profile: steps {self.first}..{min(self.last, trainer.global_step - 1)} written to {self.path} "
-                 f"(open in chrome://tracing or ui.perfetto.dev)")
+        missing = f"; steps {self._last_traced + 1}..{self.last} are not in it: {cut_short_by}" \
+            if self._last_traced < self.last else ""
+        log.info(f"profile: steps {self.first}..{self._last_traced} written to {self.path}{missing} (open in "
+                 "chrome://tracing or ui.perfetto.dev)")

@@ -419,7 +419,14 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def batch_size(batch: Any) -> int:
-    """Samples in a batch: the first dimension of its first tensor (``labels`` first for dicts)."""
+    """Samples in a batch: the sequences of a packed batch (its ``segment_ids``), else the first dimension of its
+    first tensor (``labels`` first for dicts).
+
+    A packed row holds several sequences, numbered 1, 2, ... within the row (0 on padding; see
+    ``hetrain.data.packing``): its highest segment id is its sequence count. Counting rows made samples/s of a
+    packed run a third of its sequences/s."""
+    if isinstance(batch, dict) and isinstance(batch.get("segment_ids"), torch.Tensor):
+        return int(batch["segment_ids"].amax(dim=-1).sum())
     if isinstance(batch, dict):
         batch = [batch["labels"], *batch.values()] if "labels" in batch else list(batch.values())
     if isinstance(batch, torch.Tensor):
@@ -428,6 +435,17 @@ def batch_size(batch: Any) -> int:
         if isinstance(item, torch.Tensor):
             return len(item)
     raise ValueError(f"hetrain: no tensor in the batch to count samples from ({type(batch).__name__})")
+
+
+def count_tokens(tensor: torch.Tensor) -> int:
+    """Tokens ``tensor`` stands for: the ones of a 0/1 mask, whatever its dtype (bool, or the int64 masks tokenizers
+    return, or a float one), else every element (token ids of a batch without padding).
+
+    Telling a mask by its values, not its dtype, keeps an int64 mask from counting its padding as tokens."""
+    if tensor.dtype == torch.bool:
+        return int(tensor.count_nonzero())
+    is_mask = ((tensor == 0) | (tensor == 1)).all()
+    return int(torch.where(is_mask, tensor.count_nonzero(), tensor.numel()))  # one device read
 
 
 class Throughput(Callback):
@@ -446,8 +464,11 @@ class Throughput(Callback):
           rolling rates (Lightning's ``Throughput``) and adds those, with a clock a test can drive.
         - FLOPs per batch: the module's ``flops_per_batch`` when it has one (Lightning's convention),
           else counted by :class:`TrainingFlopCounter` (torch's ``FlopCounterMode`` plus CPU attention, less
-          the forward activation checkpointing recomputes) during the first batch (a warm-up batch, left out
-          of the timing). The count assumes every batch costs the same; ops on other threads are missed.
+          the forward activation checkpointing recomputes) during the first batch, a warm-up batch left out of
+          the timing (with ``warmup_batches=0`` too). The count assumes every batch costs the same; ops on
+          other threads are missed.
+        - Samples are sequences: a packed batch (``segment_ids``, see ``hetrain.data.packing``) counts the
+          sequences its rows hold, not its rows.
         - Peak FLOP/s for MFU: ``peak_flops`` if given, else Lightning's table, else a short matmul
           measurement at the run's compute dtype, once per device name.
         - GPU work is waited for before each clock read, so times are of the work, not of its launch.
@@ -466,10 +487,10 @@ class Throughput(Callback):
           or a GPU.
 
     Args:
-        tokens_key: batch key whose tokens are counted (a mask counts its true entries; other tensors
-            count elements); ``None`` counts no tokens.
+        tokens_key: batch key whose tokens are counted (a 0/1 mask, bool, integer or float, counts its ones; any
+            other tensor counts its elements); ``None`` counts no tokens.
         window_size: batches in the rolling rates.
-        warmup_batches: first batches left out of the timing.
+        warmup_batches: first batches left out of the timing; at least one when FLOPs are counted.
         peak_flops: peak FLOP/s of the device; ``None`` looks it up or measures it.
         count_flops: count FLOPs during the first batch when the module does not say.
         log_every_n_steps: logging interval; ``None`` follows the Trainer's; 0 logs nothing (the summary stays).
@@ -504,8 +525,7 @@ class Throughput(Callback):
     def _tokens(self, batch: Any) -> int | None:
         if self.tokens_key is None or not isinstance(batch, dict) or self.tokens_key not in batch:
             return None
-        t = batch[self.tokens_key]
-        return int(t.sum()) if t.dtype == torch.bool else t.numel()
+        return count_tokens(batch[self.tokens_key])
 
     def _sync(self) -> None:
         for device in self._devices:
@@ -528,8 +548,12 @@ class Throughput(Callback):
         self._devices = sorted({p.device for p in pl_module.parameters()}, key=str)
         root = trainer.strategy.root_device
         available = self.peak_flops or peak_flops(root, _plugin_to_compute_dtype(trainer.precision_plugin))
-        self.meter = ThroughputMeter(self.clock, self.window_size, available, self.warmup_batches)
-        self.meter.flops_per_batch = getattr(pl_module, "flops_per_batch", None)
+        flops_per_batch = getattr(pl_module, "flops_per_batch", None)
+        # The batch whose FLOPs are counted runs slower under the counter, so it is warm-up whatever warmup_batches
+        # says; the counter closes inside the batch, so the time after it is timed as after any warm-up batch.
+        warmup = max(self.warmup_batches, 1) if self.count_flops and flops_per_batch is None else self.warmup_batches
+        self.meter = ThroughputMeter(self.clock, self.window_size, available, warmup)
+        self.meter.flops_per_batch = flops_per_batch
         self.energy = NvmlEnergy(self._devices)
         self._sync()
         self._wait_seen = loader_wait_seconds(trainer)
@@ -580,10 +604,13 @@ class Throughput(Callback):
         self._sync()
         self.meter.batch_end(batch_size(batch), self._tokens(batch), step_done=self._stepped)
         self._open_energy()  # from the end of the warm-up on: the first step all of whose batches are timed
-        # The step Lightning files this batch's training_step metrics under: the optimizer step it belongs to,
-        # which global_step already counts once that step is done. Rows then line up with the loss's.
-        step = trainer.global_step - 1 if self._stepped else trainer.global_step
-        self._stepped = False
+        # Logged once per optimizer step, on its last batch: under gradient accumulation the earlier batches wrote
+        # rows of their own under the same step, repeating the previous step's time.
+        stepped, self._stepped = self._stepped, False
+        if not stepped:
+            return
+        # The step Lightning files this batch's training_step metrics under, which global_step counts once done.
+        step = trainer.global_step - 1
         every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
         if not trainer.loggers or not every or (step + 1) % every:  # 0: no logging, as in Lightning
             return

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import hetrain
-from benchmarks.cli import result_file
+from benchmarks.cli import out_dir, result_file
 from benchmarks.timing import median_ms
 from hetrain import cpu_memory
 from hetrain.device_info import host_description
@@ -84,11 +84,10 @@ def run(quick: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small table, for a smoke test")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     result = run(args.quick)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = result_file(args.out, result["date"], "embedding-cpu", "quick" if args.quick else None)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")

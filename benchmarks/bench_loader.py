@@ -3,9 +3,10 @@
 Run: ``make bench-loader`` (or ``python -m benchmarks.bench_loader``; ``--docs`` sets the corpus size).
 Both loaders use the same TokenBudgetBatchSampler and produce the same batches (RingLoader gathers in
 C++; the DataLoader uses ``token_collate``); the DataLoader is timed with num_workers 0, 2 and 4 and its
-best is reported. The consumer does nothing, so the figures are assembly throughput alone. Host
-allocations per batch are counted with torch's profiler (in-process loaders only). Padding compares
-token-budget batches with fixed-size random batches of the same mean row count on Zipf-like lengths.
+best is reported; the loaders' epochs take turns over rounds, and each reports its median. The consumer
+does nothing, so the figures are assembly throughput alone. Host allocations per batch are counted with
+torch's profiler (in-process loaders only). Padding compares token-budget batches with fixed-size random
+batches of the same mean row count on Zipf-like lengths.
 A training-loop section feeds a loop with fixed compute per step (on the GPU when there is one) from each
 loader and from nothing: the data wait is one minus the ratio of their step rates; on CUDA it also times
 host-to-device copies from pageable and pinned memory. A last section reads a Dataset that tokenizes
@@ -22,7 +23,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import hetrain
-from benchmarks.cli import non_negative_int, positive_float, positive_int
+from benchmarks.cli import non_negative_int, out_dir, positive_float, positive_int
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
@@ -51,15 +52,39 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["lengths"].sum() if "lengths" in batch else batch["attention_mask"].sum())
 
 
+def epoch_time(loader: Iterable[dict[str, torch.Tensor]]) -> tuple[int, int, float]:
+    """(batches, real tokens, seconds) of one pass over ``loader``."""
+    t0, batches, tokens = time.perf_counter(), 0, 0
+    for batch in loader:
+        batches += 1
+        tokens += real_tokens(batch)
+    return batches, tokens, time.perf_counter() - t0
+
+
 def epoch_rate(loader, epochs: int = 2) -> tuple[float, float]:
     """(batches/s, real tokens/s) of the last of ``epochs`` passes (the first warms up workers and caches)."""
     for _ in range(epochs):
-        t0, batches, tokens = time.perf_counter(), 0, 0
-        for batch in loader:
-            batches += 1
-            tokens += real_tokens(batch)
-        elapsed = time.perf_counter() - t0
-    return batches / elapsed, tokens / elapsed
+        batches, tokens, seconds = epoch_time(loader)
+    return batches / seconds, tokens / seconds
+
+
+def interleaved_epoch_rates(loaders: dict[str, Iterable[dict[str, torch.Tensor]]],
+                            rounds: int) -> dict[str, tuple[float, float]]:
+    """(batches/s, real tokens/s) of each loader at the median of its ``rounds`` timed epochs, the loaders taking
+    turns epoch by epoch after an untimed one each (it starts workers and warms caches): a shared machine's slow
+    spell then hits every loader alike instead of the one whose epochs it fell on."""
+    for loader in loaders.values():
+        epoch_time(loader)
+    epochs: dict[str, list[tuple[int, int, float]]] = {name: [] for name in loaders}
+    for _ in range(rounds):
+        for name, loader in loaders.items():
+            epochs[name].append(epoch_time(loader))
+    rates = {}
+    for name, runs in epochs.items():
+        batches, tokens, _ = runs[0]  # the sampler gives the same batches every epoch
+        seconds = statistics.median(s for _, _, s in runs)
+        rates[name] = (batches / seconds, tokens / seconds)
+    return rates
 
 
 def allocations_per_batch(loader) -> float:
@@ -161,6 +186,7 @@ def _sync(device: torch.device) -> None:
 # as data wait. On the CPU the matmuls run on the host anyway.
 WORK_SIDE = {"cuda": 4096, "cpu": 512}
 LOOP_ROUNDS = 5  # of the training-loop section, each loader's share of its steps taking turns
+ASSEMBLY_ROUNDS = 3  # of the assembly section, each loader's timed epochs taking turns: the median leaves one out
 
 
 def fixed_work(device: torch.device, target_ms: float) -> Callable[[], torch.Tensor]:
@@ -280,15 +306,17 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop
         tf = write_token_file(Path(tmp) / "corpus", (rng.integers(3, 32000, n) for n in zipf_lengths(docs, max_len)))
         ds = TokenWindows(tf, max_len=max_len)
         sampler = TokenBudgetBatchSampler(ds.lengths, max_tokens, seed=0)
-        rows = {}
         with RingLoader(ds, sampler, num_workers=cores, num_slots=4, pin_memory=pin) as ring:
-            rows["ring"] = (*epoch_rate(ring), allocations_per_batch(ring))
+            loaders = {"ring": ring, **{
+                f"dataloader_w{w}": DataLoader(ds, batch_sampler=sampler, collate_fn=token_collate, num_workers=w,
+                                               pin_memory=pin, persistent_workers=w > 0) for w in workers}}
+            rates = interleaved_epoch_rates(loaders, ASSEMBLY_ROUNDS)
+            # Counted in-process only: a worker's allocations are not in this process's profile.
+            allocs = {name: allocations_per_batch(loader) if name in ("ring", "dataloader_w0") else None
+                      for name, loader in loaders.items()}
             ring_bytes = ring.nbytes
-        for w in workers:
-            dl = DataLoader(ds, batch_sampler=sampler, collate_fn=token_collate, num_workers=w, pin_memory=pin,
-                            persistent_workers=w > 0)
-            rows[f"dataloader_w{w}"] = (*epoch_rate(dl), allocations_per_batch(dl) if w == 0 else None)
-            del dl
+            del loaders  # stops the DataLoaders' persistent workers before the next section
+        rows = {name: (*rates[name], allocs[name]) for name in rates}
         best = max((k for k in rows if k.startswith("dataloader")), key=lambda k: rows[k][0])
         result = {
             "date": dt.date.today().isoformat(),
@@ -296,7 +324,7 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop
             "torch": torch.__version__, "hetrain": hetrain.__version__,
             "corpus": {"docs": docs, "tokens": tf.num_tokens, "windows": len(ds)},
             "max_len": max_len, "max_tokens": max_tokens, "batches_per_epoch": len(sampler),
-            "ring_bytes": ring_bytes,
+            "assembly_rounds": ASSEMBLY_ROUNDS, "ring_bytes": ring_bytes,
             "rows": {k: {"batches_s": v[0], "tokens_s": v[1], "allocs_per_batch": v[2]} for k, v in rows.items()},
             "best_dataloader": best, "speedup_vs_best_dataloader": rows["ring"][0] / rows[best][0],
             "padding": padding(ds.lengths, max_tokens), "loop": None, "python_dataset": None,
@@ -331,12 +359,14 @@ def main() -> None:
     parser.add_argument("--work-ms", type=positive_float, default=5.0, help="fixed compute per loop step, in ms")
     parser.add_argument("--text-samples", type=non_negative_int, default=3000,
                         help="documents of the Python-heavy dataset section (threads vs processes); 0 skips it")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
+    if args.max_tokens < args.max_len:
+        parser.error(f"--max-tokens {args.max_tokens}: below --max-len {args.max_len}, so a full window fits in no "
+                     f"batch; pass --max-tokens of at least {args.max_len} or a smaller --max-len")
     if 0 < args.loop_steps < LOOP_ROUNDS:
         parser.error(f"--loop-steps: 0 skips the loop, else at least {LOOP_ROUNDS} (a step per round); "
                      f"got {args.loop_steps}")
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{dt.date.today().isoformat()}-loader-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
 
     def save(result: dict) -> None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hetrain
 from benchmarks.bench_train import Shape, build_model, make_batch, measured_on
-from benchmarks.cli import check_device, positive_int, result_file
+from benchmarks.cli import check_device, out_dir, positive_int, result_file
 from hetrain.callbacks.memory import MemoryProfiler
 from hetrain.device_info import result_card
 
@@ -187,7 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, few steps (under two minutes on 2 cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: torch's); 1 keeps step times steady on a shared machine")
     args = parser.parse_args()
@@ -196,7 +196,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     r = run(args.device, args.quick)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = result_file(args.out, r["date"], "memory-overhead", result_card(args.device),
                        "quick" if args.quick else None)
     path.write_text(json.dumps(r, indent=2) + "\n")

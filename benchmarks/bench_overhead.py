@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 import hetrain
 from benchmarks.cases import with_cpp_kernels
-from benchmarks.cli import check_device, int_at_least
+from benchmarks.cli import check_device, error_text, exit_if_any_failed, int_at_least, out_dir
+from benchmarks.report import markdown_cell
 from benchmarks.timing import interleaved_ms
 from hetrain import ops
 from hetrain.device_info import device_name, result_card
@@ -76,15 +78,21 @@ def cases(device: str) -> dict[str, dict[str, Callable[[], object]]]:
 
 def run(device: str, rounds: int = 5, save: Callable[[dict], None] = lambda result: None) -> dict:
     """Microseconds per forward+backward call, the median over ``rounds`` of each implementation's median;
-    ``save`` gets the rows so far after each op, so a run cut short keeps what it measured."""
+    ``save`` gets the rows so far after each op, so a run cut short keeps what it measured. An op that raises is
+    recorded with its error and the others still run."""
     rows = []
     for op, impls in cases(device).items():
-        ms = interleaved_ms(impls, rounds, min_reps=50, max_reps=400, budget_s=0.4 * rounds, warmup=(20, 3))
-        us = {name: 1e3 * v for name, v in ms.items()}
-        rows.append({"op": op, "us": us, "ratio": us["hetrain"] / us["torch"]})
-        cpp = f"   hetrain_cuda {us['hetrain_cuda']:8.1f} us" if "hetrain_cuda" in us else ""
-        print(f"{op:24s} torch {us['torch']:8.1f} us   hetrain {us['hetrain']:8.1f} us{cpp}   "
-              f"ratio {rows[-1]['ratio']:.2f}", flush=True)
+        try:
+            ms = interleaved_ms(impls, rounds, min_reps=50, max_reps=400, budget_s=0.4 * rounds, warmup=(20, 3))
+        except Exception as exc:  # one op's kernel error must not lose the others' results
+            rows.append({"op": op, "error": error_text(exc)})
+            print(f"{op:24s} FAILED: {rows[-1]['error']}", file=sys.stderr, flush=True)
+        else:
+            us = {name: 1e3 * v for name, v in ms.items()}
+            rows.append({"op": op, "us": us, "ratio": us["hetrain"] / us["torch"]})
+            cpp = f"   hetrain_cuda {us['hetrain_cuda']:8.1f} us" if "hetrain_cuda" in us else ""
+            print(f"{op:24s} torch {us['torch']:8.1f} us   hetrain {us['hetrain']:8.1f} us{cpp}   "
+                  f"ratio {rows[-1]['ratio']:.2f}", flush=True)
         save({"rows": rows})
     return {"rows": rows}
 
@@ -93,6 +101,9 @@ def table(result: dict) -> str:
     lines = ["| op (fwd+bwd, tiny shape) | torch eager us | hetrain us | hetrain_cuda us | hetrain / torch |",
              "|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['op']} | failed: {markdown_cell(r['error'])} | | | |")
+            continue
         cpp = r["us"].get("hetrain_cuda")
         lines.append(f"| {r['op']} | {r['us']['torch']:.1f} | {r['us']['hetrain']:.1f} | "
                      f"{'-' if cpp is None else f'{cpp:.1f}'} | {r['ratio']:.2f} |")
@@ -104,7 +115,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int_at_least(MIN_ROUNDS), default=5,
                         help=f"interleaved rounds, median across them; at least {MIN_ROUNDS}")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
     check_device(parser, args.device)
     rounds = args.rounds
@@ -112,7 +123,6 @@ def main() -> None:
               "device": device_name(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "hetrain": hetrain.__version__, "rounds": rounds,
               "shapes": {"rows": ROWS, "hidden": HIDDEN, "vocab": VOCAB}}
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{header['date']}-{result_card(args.device)}-overhead.json"
 
     def save(result: dict) -> None:
@@ -121,6 +131,7 @@ def main() -> None:
     result = run(args.device, rounds, save)
     print(table(result))
     print(f"wrote {path}")
+    exit_if_any_failed(result["rows"], path)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Command-line pieces the benchmarks share: argument types that refuse values a run cannot use, the device
-check, and result file names.
+check, result file names, and the record of a case that failed.
 
 A mistyped number should end in one usage line naming the flag, not in a traceback after minutes of setup,
 nor in a run that quietly measures something else (a step count of -3 running one step).
@@ -8,6 +8,7 @@ nor in a run that quietly measures something else (a step count of -3 running on
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,23 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"wants a number, got {text!r}") from None
 
 
+def out_dir(text: str) -> Path:
+    """An argparse type: a results directory, created if missing and tried with a file, so that a path the run
+    cannot write to is refused before it starts, not after it has measured everything."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a writable directory (a file is there); "
+                                         "pass a directory for the results")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: not a writable directory ({exc.strerror or exc}); "
+                                         "pass a directory for the results") from None
+    return path
+
+
 def check_device(parser: argparse.ArgumentParser, device: str) -> str:
     """``device`` if this machine can run on it; else ``parser.error`` says why and what to pass instead."""
     try:
@@ -76,3 +94,20 @@ def result_file(out: Path, *parts: str | None) -> Path:
     allocator, a subset) names itself after the variant, so it neither overwrites the day's full run nor is
     taken for it by benchmarks.report."""
     return out / ("-".join(p for p in parts if p) + ".json")
+
+
+def error_text(exc: Exception) -> str:
+    """A failed case's error in one line, for its result row and a table cell: the type and the message's first
+    line (a compiler's error runs to pages)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def exit_if_any_failed(rows: list[dict], path: Path) -> None:
+    """Exits with status 1 naming each row with an ``"error"``: the other cases' results are kept in ``path``,
+    but a check that runs the benchmark (hetrain.checks.gpu_check) must still see the failure."""
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        names = "; ".join(" ".join(str(r[k]) for k in ("op", "shape", "dtype") if k in r) + f": {r['error']}"
+                          for r in failed)
+        raise SystemExit(f"{len(failed)} of {len(rows)} cases failed ({names}); the others' results are in {path}")

@@ -3,12 +3,12 @@
 Run: ``python -m benchmarks.profile_step [--device cpu|cuda] [--shape recipe|base] [--bf16]
 [--attention-dropout P] [--out DIR]``.
 Profiles a few optimiser steps of the fused model (forward, cross-entropy, backward, fused AdamW) with
-torch's profiler and sorts each op's self time into GEMMs, attention, hetrain's fused ops, the optimizer,
-embeddings, the loss, data movement and "other" (elementwise ops and reductions outside any fused op:
-the candidates for fusion), then lists the largest "other" ops. The pieces of attention's decomposed form
-(its softmax, dropout mask, scaling) count as attention, forward and backward. Writes
-``benchmarks/results/<date>-<device>-step-profile.json``, with ``-<shape>`` where the shape is not the device's
-default.
+torch's profiler and sorts each op's self time into GEMMs, attention, hetrain's fused ops, the Python of the
+model's stage ranges, the optimizer, embeddings, the loss, data movement and "other" (elementwise ops and
+reductions outside any fused op: the candidates for fusion), then lists the largest "other" ops. The pieces
+of attention's decomposed form (its softmax, dropout mask, scaling) count as attention, forward and backward.
+Writes ``benchmarks/results/<date>-<device>-step-profile.json``, with ``-<shape>`` where the shape is not the
+device's default.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.autograd.profiler_util import FunctionEvent
 
 import hetrain
 from benchmarks.bench_train import FULL, Mode, Shape, build_model, make_batch, train_step
-from benchmarks.cli import check_device, positive_int, probability, result_file
+from benchmarks.cli import check_device, out_dir, positive_int, probability, result_file
 from hetrain.device_info import device_name
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,8 +35,10 @@ RECIPE = Shape(vocab_size=256, hidden=128, layers=2, heads=4, seq=64, batch=32, 
 SHAPES = {"recipe": RECIPE, "base": FULL}
 ATTENTION = "attention"
 
-# First match wins: (kind, substrings of the op name).
+# First match wins: (kind, substrings of the op name). A model's stages run in ``hetrain::stage <name>`` ranges
+# (hetrain.placement.pipeline): their self time is the Python between ops, not fused work, so they match first.
 KINDS = [
+    ("stage overhead", ("hetrain::stage ",)),
     ("hetrain fused", ("hetrain",)),
     (ATTENTION, ("scaled_dot_product", "flash_attention", "efficient_attention", "_attention")),
     ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "gemm", "aten::matmul")),
@@ -155,7 +157,7 @@ def main() -> None:
     parser.add_argument("--attention-dropout", type=probability, default=None,
                         help="dropout inside SDPA; default: the model's dropout (0.1)")
     parser.add_argument("--steps", type=positive_int, default=3, help="profiled steps, after two warm-up steps")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
     tag = torch.device(check_device(parser, args.device)).type
     default_shape = "base" if tag == "cuda" else "recipe"
@@ -166,7 +168,6 @@ def main() -> None:
     record = {"date": dt.date.today().isoformat(), "device": device_name(args.device),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "hetrain": hetrain.__version__,
               "shape": shape_name, "attention_dropout": shape.attention_dropout, "bf16": args.bf16, **result}
-    args.out.mkdir(parents=True, exist_ok=True)
     path = result_file(args.out, record["date"], tag, "step-profile",
                        None if shape_name == default_shape else shape_name, "bf16" if args.bf16 else None,
                        None if args.attention_dropout is None else f"attn{args.attention_dropout:g}")

@@ -67,12 +67,25 @@ def cpu_table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        if "error" in r:  # a case that raised (benchmarks.bench_cpu): its row says so instead of times
+            lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | failed: {markdown_cell(r['error'])} | | | | | |")
+            continue
         ms = r["ms"]
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {ms['eager']:.2f} | {ms['compile']:.2f} | "
                      f"{ms['hetrain']:.2f} | {r['speedup_vs_eager']:.2f}x | {r['speedup_vs_compile']:.2f}x | "
                      f"{_percent(r['copy_fraction'])} |")
-    lines += [epilogue_text(r) for r in result["rows"] if "conv" in r["ms"]]
+    lines += [epilogue_text(r) for r in measured_rows(result) if "conv" in r["ms"]]
     return "\n".join(lines)
+
+
+def measured_rows(result: dict) -> list[dict]:
+    """The rows of ``result`` that have times: a case that raised has its error instead."""
+    return [r for r in result["rows"] if "error" not in r]
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` inside a markdown table cell: a ``|`` in it would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def epilogue_text(row: dict) -> str:
@@ -164,6 +177,9 @@ def _replace_section(text: str, begin: str, end: str, body: str) -> str:
     section = f"{begin}\n{body}\n{end}"
     if begin in text:
         head, rest = text.split(begin, 1)
+        if end not in rest:
+            raise ValueError(f"{RESULTS_MD} has {begin} but no {end} after it, so where the section ends is unknown: "
+                             f"put {end} after the section's last line (or remove {begin} to append a new section)")
         return head + section + rest.split(end, 1)[1]
     return text.rstrip() + "\n\n" + section + "\n"
 
@@ -206,7 +222,7 @@ def write_results_md(results_dir: Path) -> None:
     if result is None:
         return
     body = cpu_table(result)
-    chart = speedup_chart(result, results_dir / CPU_CHART, f"CPU, {result['date']}")
+    chart = speedup_chart({**result, "rows": measured_rows(result)}, results_dir / CPU_CHART, f"CPU, {result['date']}")
     if chart is not None:
         body = f"![hetrain's speedup per case]({_relative(chart)})\n\n" + body
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# hetrain benchmark results\n\n## CPU\n\n"

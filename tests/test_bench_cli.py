@@ -40,7 +40,7 @@ def never_runs(*args, **kwargs):
 
 
 TIMED = {bench_ops: "run", bench_overhead: "run", profile_step: "profile", bench_loader: "run",
-         bench_memory_overhead: "run", bench_train: "run"}
+         bench_memory_overhead: "run", bench_train: "run", bench_cpu: "run", bench_embedding: "run"}
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 
 
@@ -56,6 +56,8 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusa
     (bench_loader, ["--loop-steps", "-3"], "--loop-steps: wants a whole number of at least 0, got -3"),
     (bench_loader, ["--loop-steps", "3"], "0 skips the loop, else at least 5"),
     (bench_loader, ["--work-ms", "-1"], "--work-ms: wants a number above 0, got -1"),
+    (bench_loader, ["--max-len", "512", "--max-tokens", "256"],
+     "--max-tokens 256: below --max-len 512, so a full window fits in no batch; pass --max-tokens of at least 512"),
     (bench_memory_overhead, ["--threads", "0"], "--threads: wants a whole number of at least 1, got 0"),
     (bench_memory_overhead, ["--threads", "-3"], "got -3"),
     *[pytest.param(module, ["--device", "cuda"], "--device cuda: no GPU in use; pass --device cpu", marks=NO_GPU)
@@ -72,6 +74,62 @@ def test_arguments_a_run_cannot_use_are_refused_with_how_to_fix_them(module, arg
     if "--ops" in argv:
         assert "layer_norm" in err.split("the ops are ")[1]  # lists what may be named
     assert not list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.parametrize("module", [bench_cpu, bench_overhead, bench_embedding, bench_memory_overhead,
+                                    profile_step, bench_loader])
+def test_an_out_that_is_no_writable_directory_is_refused_before_the_run(module, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(module, TIMED[module], never_runs)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        run_main(module, ["--out", str(afile)], monkeypatch)
+    assert exit_.value.code == 2
+    assert f"--out: {afile}: not a writable directory (a file is there)" in capsys.readouterr().err
+
+
+def test_an_out_directory_that_does_not_exist_yet_is_created(tmp_path):
+    from benchmarks.cli import out_dir
+
+    nested = tmp_path / "a" / "b"
+    assert out_dir(str(nested)) == nested and nested.is_dir()
+
+
+def failing_rms_norm_cases(device: str) -> dict:
+    """layer_norm, rms_norm and dropout of the real cases, rms_norm's fused call raising as a kernel error would."""
+    impls = ORIGINAL_OVERHEAD_CASES(device)
+
+    def kernel_error():
+        raise RuntimeError("simulated kernel failure\nsecond line of its message")
+
+    impls["rms_norm"]["hetrain"] = kernel_error
+    return {op: impls[op] for op in ("layer_norm", "rms_norm", "dropout")}
+
+
+ORIGINAL_OVERHEAD_CASES = bench_overhead.cases
+
+
+def once_each(impls, rounds: int, **kwargs) -> dict[str, float]:
+    """interleaved_ms without the timing: each implementation called once, each "taking" 1 ms."""
+    for fn in impls.values():
+        fn()
+    return dict.fromkeys(impls, 1.0)
+
+
+def test_an_overhead_op_that_raises_is_recorded_the_others_run_on_and_the_run_fails(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench_overhead, "cases", failing_rms_norm_cases)
+    monkeypatch.setattr(bench_overhead, "interleaved_ms", once_each)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(bench_overhead, ["--device", "cpu", "--rounds", "3", "--out", str(tmp_path)], monkeypatch)
+    (path,) = tmp_path.glob("*-overhead.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["op"] for r in rows] == ["layer_norm", "rms_norm", "dropout"]
+    assert rows[1] == {"op": "rms_norm", "error": "RuntimeError: simulated kernel failure"}
+    assert rows[0]["us"]["hetrain"] == rows[2]["us"]["hetrain"] == 1000.0
+    assert "1 of 3 cases failed (rms_norm: RuntimeError: simulated kernel failure)" in str(exit_.value.code)
+    out = capsys.readouterr()
+    assert "rms_norm                 FAILED: RuntimeError" in out.err
+    assert "| rms_norm | failed: RuntimeError: simulated kernel failure | | | |" in out.out
 
 
 def cpu_ops_result(**_) -> dict:
@@ -258,6 +316,24 @@ def test_decomposed_attentions_pieces_count_as_attention_forward_and_backward():
     assert kinds == {"aten::_softmax": "attention", "aten::bernoulli_": "attention",
                      "aten::_softmax_backward_data": "attention"}
     assert profile_step.event_kind(outside, nodes) == "other" and profile_step.event_kind(mul_bwd, nodes) == "other"
+
+
+def test_a_stage_range_counts_as_stage_overhead_not_as_a_fused_op():
+    kinds = {name: profile_step.event_kind(event(name), set()) for name in (
+        "hetrain::stage encoder.0", "hetrain_C::layer_norm_fwd", "hetrain::layer_norm.forward[cpu]",
+        "torch::autograd::CppNode<hetrain::fused::LayerNorm>")}
+    assert kinds == {"hetrain::stage encoder.0": "stage overhead", "hetrain_C::layer_norm_fwd": "hetrain fused",
+                     "hetrain::layer_norm.forward[cpu]": "hetrain fused",
+                     "torch::autograd::CppNode<hetrain::fused::LayerNorm>": "hetrain fused"}
+
+
+def test_a_results_md_section_begun_but_never_ended_is_refused_naming_the_missing_marker():
+    text = f"intro\n{report.CPU_BEGIN}\nold table\n\nnotes after\n"
+    with pytest.raises(ValueError, match=f"no {report.CPU_END} after it"):
+        report._replace_section(text, report.CPU_BEGIN, report.CPU_END, "NEW")
+    ended = text.replace("old table\n", f"old table\n{report.CPU_END}\n")
+    assert report._replace_section(ended, report.CPU_BEGIN, report.CPU_END, "NEW") == (
+        f"intro\n{report.CPU_BEGIN}\nNEW\n{report.CPU_END}\n\nnotes after\n")
 
 
 def test_result_files_are_named_from_the_parts_given():

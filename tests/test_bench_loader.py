@@ -1,6 +1,9 @@
 """The loader benchmark runs end to end in a small size and reports what the targets are judged on."""
 
+import torch
+
 import hetrain
+from benchmarks import bench_loader
 from benchmarks.bench_loader import run
 
 
@@ -24,3 +27,51 @@ def test_bench_loader_small_run_reports_throughput_padding_and_the_training_loop
     assert [k.rstrip("0123456789") for k in text["rows"]] == ["ring_threads_", "ring_readers_", "dataloader_w"]
     tokens_per_batch = {round(v["tokens_s"] / v["batches_s"], 6) for v in text["rows"].values()}
     assert len(tokens_per_batch) == 1 and tokens_per_batch.pop() > 0  # the same batches from every loader
+
+
+def test_assembly_epochs_take_turns_over_rounds(monkeypatch):
+    epochs = []  # which loader each pass went over, in order
+
+    class LoggedRing(bench_loader.RingLoader):
+        def __iter__(self):
+            epochs.append("ring")
+            return super().__iter__()
+
+    class LoggedDataLoader(bench_loader.DataLoader):
+        def __iter__(self):
+            epochs.append(f"dataloader_w{self.num_workers}")
+            return super().__iter__()
+
+    monkeypatch.setattr(bench_loader, "RingLoader", LoggedRing)
+    monkeypatch.setattr(bench_loader, "DataLoader", LoggedDataLoader)
+    result = run(docs=100, max_len=64, max_tokens=512, workers=(0,))
+    rounds = result["assembly_rounds"]
+    assert rounds >= 3  # the median of 3 leaves one slow epoch out
+    # an untimed epoch each, the timed rounds, then the allocation count's pass
+    assert epochs == ["ring", "dataloader_w0"] * (1 + rounds + 1)
+
+
+class FakeClock:
+    now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class TimedEpochs:
+    """A loader of one batch (3 + 5 real tokens) whose passes take the given seconds on ``clock``."""
+
+    def __init__(self, clock: FakeClock, seconds: list[float]) -> None:
+        self.clock, self.seconds = clock, iter(seconds)
+
+    def __iter__(self):
+        self.clock.now += next(self.seconds)
+        yield {"lengths": torch.tensor([3, 5])}
+
+
+def test_assembly_rates_are_at_each_loaders_median_epoch_leaving_a_slow_one_out(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bench_loader, "time", clock)
+    loaders = {"a": TimedEpochs(clock, [100.0, 2.0, 50.0, 2.0]), "b": TimedEpochs(clock, [9.0, 4.0, 4.0, 80.0])}
+    rates = bench_loader.interleaved_epoch_rates(loaders, rounds=3)  # the first pass of each: warm-up, untimed
+    assert rates == {"a": (0.5, 4.0), "b": (0.25, 2.0)}

@@ -1,0 +1,80 @@
+"""The CPU op benchmark when a case fails: the other cases are measured and kept, the run still fails, and the
+RESULTS.md table marks the failed case instead of breaking on it. No timing: each case's calls run once."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from benchmarks import bench_cpu, report
+from benchmarks.cases import Case
+
+
+def doubling() -> dict:
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    return {"eager": lambda: x * 2, "compile": lambda: x * 2, "hetrain": lambda: x * 2}
+
+
+def failing() -> dict:
+    def kernel_error():
+        raise RuntimeError("simulated kernel failure | in a kernel")
+
+    return {"eager": lambda: None, "compile": lambda: None, "hetrain": kernel_error}
+
+
+CASES = [Case("first_op", "8x8", "float32", doubling, 512), Case("bad_op", "8x8", "float32", failing, 512),
+         Case("last_op", "8x8", "float32", doubling, 512)]
+
+
+def once_each(impls, **kwargs) -> dict[str, float]:
+    """interleaved_ms without the timing: each implementation called once, each "taking" 2 ms."""
+    for fn in impls.values():
+        fn()
+    return dict.fromkeys(impls, 2.0)
+
+
+@pytest.fixture
+def three_cases_one_failing(monkeypatch):
+    monkeypatch.setattr(bench_cpu, "discover", lambda kind: CASES)
+    monkeypatch.setattr(bench_cpu, "copy_bandwidth_gbs", lambda *args, **kwargs: 10.0)
+    monkeypatch.setattr(bench_cpu, "interleaved_ms", once_each)
+
+
+def test_a_failing_case_is_recorded_and_every_case_is_saved_as_it_finishes(three_cases_one_failing):
+    saved = []
+    result = bench_cpu.run(quick=True, cpu_malloc="system", save=lambda r: saved.append(json.loads(json.dumps(r))))
+    assert [[row["op"] for row in s["rows"]] for s in saved] == [["first_op"], ["first_op", "bad_op"],
+                                                                 ["first_op", "bad_op", "last_op"]]
+    first, bad, last = result["rows"]
+    assert bad == {"op": "bad_op", "shape": "8x8", "dtype": "float32",
+                   "error": "RuntimeError: simulated kernel failure | in a kernel"}
+    assert first["ms"] == last["ms"] == {"eager": 2.0, "compile": 2.0, "hetrain": 2.0}
+
+
+def test_a_run_with_a_failing_case_writes_the_others_and_exits_non_zero(three_cases_one_failing, monkeypatch,
+                                                                        tmp_path, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_cpu", "--quick", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        bench_cpu.main()
+    assert "1 of 3 cases failed (bad_op 8x8 float32: RuntimeError: simulated kernel failure" in str(exit_.value.code)
+    (path,) = tmp_path.glob("*-ops-cpu-quick.json")
+    assert [row["op"] for row in json.loads(path.read_text())["rows"]] == ["first_op", "bad_op", "last_op"]
+    assert "bad_op 8x8 float32: FAILED: RuntimeError: simulated kernel failure" in capsys.readouterr().err
+
+
+def test_results_md_marks_a_failed_case_and_charts_only_the_measured_ones(three_cases_one_failing, monkeypatch,
+                                                                          tmp_path):
+    result = bench_cpu.run(quick=True, cpu_malloc="system")
+    (tmp_path / f"{result['date']}-ops-cpu.json").write_text(json.dumps(result))
+    charted = []
+    monkeypatch.setattr(report, "RESULTS_MD", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(report, "speedup_chart", lambda shown, *args: charted.append(shown["rows"]))
+    report.write_results_md(tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    failed = r"| bad_op | 8x8 | float32 | failed: RuntimeError: simulated kernel failure \| in a kernel | | | | | |"
+    assert failed in text  # the | of the message escaped: it would end the cell
+    assert "| first_op | 8x8 | float32 | 2.00 | 2.00 | 2.00 | 1.00x | 1.00x |" in text
+    assert [[row["op"] for row in rows] for rows in charted] == [["first_op", "last_op"]]

@@ -58,8 +58,8 @@ cuda-emu: setup
 # On a GPU machine with a CUDA torch (needs no package registry): build, verify, benchmark, record. Its python3
 # where that has torch (a GPU machine's own), else the .venv's, where the steps that need no GPU run.
 gpu-check:
-	@if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m hetrain.checks.gpu_check $(ARGS); \
-	elif test -x $(PY); then $(PY) -m hetrain.checks.gpu_check $(ARGS); \
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then exec $(PYTHON) -m hetrain.checks.gpu_check $(ARGS); \
+	elif test -x $(PY); then exec $(PY) -m hetrain.checks.gpu_check $(ARGS); \
 	else echo "gpu-check: neither $(PYTHON) nor $(PY) has torch; run make setup first"; exit 2; fi
 
 bench-cpu: setup

@@ -23,7 +23,7 @@ import torch
 import hetrain
 from benchmarks import report
 from benchmarks.cases import discover
-from benchmarks.cli import check_device, positive_float, result_file
+from benchmarks.cli import check_device, out_dir, positive_float, result_file
 from benchmarks.timing import (
     back_to_back_ms,
     copy_bandwidth_gbs,
@@ -130,11 +130,10 @@ def main() -> None:
     parser.add_argument("--measure-s", type=positive_float, default=2.0,
                         help="seconds each timing repeats for (at least 20 calls); 0.3 fits a GPU lent for minutes")
     parser.add_argument("--ops", help="comma-separated ops to run (default: all); such a run is not RESULTS.md's")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
     device = check_device(parser, args.device)
     ops = chosen_ops(parser, args.ops, device)
-    args.out.mkdir(parents=True, exist_ok=True)
     subset = None if ops is None else "-".join(["subset", *sorted(ops)])
 
     def path_of(result: dict) -> Path:

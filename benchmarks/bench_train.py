@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import hetrain
-from benchmarks.cli import check_device, result_file
+from benchmarks.cli import check_device, out_dir, result_file
 from benchmarks.timing import cuda_generator_restored_on_error, median_ms
 from hetrain import _ext, cpu_memory, plugins
 from hetrain.callbacks.placement import StagePlacement
@@ -409,12 +409,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps, for a smoke test")
     parser.add_argument("--short", action="store_true", help="the full model with few steps")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     parser.add_argument("--cpu-malloc", choices=["keep", "system"], default="keep",
                         help="host allocator, as python train.py takes it (hetrain.cpu_memory)")
     args = parser.parse_args()
     check_device(parser, args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
 
     def save(result: dict) -> Path:
         light = "quick" if args.quick else "short" if args.short else None

@@ -2,7 +2,8 @@
 
 On a GPU machine: build ``hetrain._C`` with its CUDA sources, print the environment, compile every
 kernel for sm_90/sm_80, run every ``cuda``-marked test, then the benchmarks in a short mode; record
-``benchmarks/results/<date>-<device>.json`` and a log, and regenerate ``benchmarks/RESULTS.md``.
+``benchmarks/results/<date>-<device>-check.json`` and its log (``-check-2``... for a later run the same day, which
+keeps the earlier one's), and regenerate ``benchmarks/RESULTS.md``.
 On a machine without a GPU the same command runs what can run there and names each skipped step
 and why. A failing step does not stop the later ones; the exit code is non-zero if any failed.
 """
@@ -29,6 +30,8 @@ from hetrain.device_info import result_card
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
+# A step's time limit where no --cap gives one.
+DEFAULT_STEP_TIMEOUT_S = 600
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Step:
     command: list[str]
     needs_gpu: bool = False
     needs: str | None = None  # a file the step runs, skipped with a reason while it does not exist
-    timeout_s: int = 600
+    timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     env: dict[str, str | None] = field(default_factory=dict)  # None unsets a variable
 
 
@@ -56,7 +59,9 @@ def pytest_workers() -> list[str]:
     return ["-n", str(max(1, min(8, (os.cpu_count() or 1) // 2)))]
 
 
-def steps(quick: bool, out: Path) -> list[Step]:
+def steps(quick: bool, out: Path, record: str = "check") -> list[Step]:
+    """The steps in order, writing under ``out``; files of the run's own (gpu-compile's JSON) are named after its
+    ``record`` (see new_record)."""
     py = sys.executable
     bench_args = ["--quick", "--out", str(out)] if quick else ["--out", str(out)]
     # The op benchmark keeps the BERT/ResNet shapes when quick (tiny shapes say nothing on a GPU): it times less.
@@ -67,7 +72,8 @@ def steps(quick: bool, out: Path) -> list[Step]:
         Step("build", [py, "setup.py", "build_ext", "--inplace"], needs_gpu=True,
              env={"HETRAIN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": this_gpus_arch(), **cuda_home_fallback()}),
         Step("env", [py, "-m", "hetrain.env"]),
-        Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile"], env={"TRITON_INTERPRET": None}),
+        Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile", "--json", str(out / f"{record}-gpu-compile.json")],
+             env={"TRITON_INTERPRET": None}),
         Step("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", *pytest_workers(), "tests"], needs_gpu=True,
              env={"TRITON_INTERPRET": "0"}),
         Step("bench-ops", [py, "-m", "benchmarks.bench_ops", *ops_args], needs_gpu=True,
@@ -117,7 +123,8 @@ def run_step(step: Step, log: TextIO, timeout_s: float) -> Outcome:
     log.write(f"\n===== {step.name}: {' '.join(step.command)}\n")
     log.flush()
     # TRITON_INTERPRET=0 keeps the tests' default (the interpreter) off: cuda tests run the compiled kernels.
-    env = {k: v for k, v in {**os.environ, **step.env}.items() if v is not None}
+    # Unbuffered, as a step killed for its time never flushes: what it printed would be lost from the log.
+    env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **step.env}.items() if v is not None}
     # A session of its own, so a step out of time is stopped with everything it started: a build's ninja and
     # nvcc jobs, or pytest's workers, would otherwise go on compiling or using the GPU during the next steps.
     proc = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -139,12 +146,21 @@ def run_step(step: Step, log: TextIO, timeout_s: float) -> Outcome:
 class Interrupted(Exception):
     """The check was asked to stop (SIGTERM, as ``timeout`` sends)."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
 
 def stop_on_sigterm() -> None:
     """Makes SIGTERM raise, as Ctrl-C does, so the running step is stopped and recorded instead of left behind."""
     def handler(signum: int, frame: object) -> None:
-        raise Interrupted(f"signal {signum}")
+        raise Interrupted(signum)
     signal.signal(signal.SIGTERM, handler)
+
+
+def stop_signal(stop: BaseException) -> signal.Signals:
+    """The signal that stopped the check: SIGTERM, or SIGINT for Ctrl-C (KeyboardInterrupt)."""
+    return signal.Signals(stop.signum) if isinstance(stop, Interrupted) else signal.SIGINT
 
 
 # A step is not started with less time than this left in the budget: it would only be killed.
@@ -192,14 +208,37 @@ def positive_seconds(text: str) -> float:
 
 
 def parse_caps(text: str, names: set[str]) -> dict[str, float]:
-    """``"cuda-tests=150,bench-ops=200"`` -> seconds per step, refusing names that are no step."""
+    """``"cuda-tests=150, bench-ops=200"`` -> seconds per step, refusing names that are no step."""
     caps = {}
-    for item in filter(None, text.split(",")):
-        name, _, seconds = item.partition("=")
+    for item in filter(None, (item.strip() for item in text.split(","))):
+        name, _, seconds = (part.strip() for part in item.partition("="))
         if name not in names or not seconds.replace(".", "", 1).isdigit():
             raise SystemExit(f"gpu-check: --cap wants STEP=SECONDS with STEP one of {sorted(names)}; got {item!r}")
         caps[name] = float(seconds)
     return caps
+
+
+def time_limit(step: Step, cap: float | None, budget_left: float | None) -> float:
+    """The most ``step`` may run: its cap where one is given (the user's explicit wish, above the default timeout
+    too), else the default timeout; never more than the budget leaves."""
+    limit = step.timeout_s if cap is None else cap
+    return limit if budget_left is None else min(limit, budget_left)
+
+
+def new_record(out: Path, stem: str) -> str:
+    """The name of this run's log and JSON, ``<stem>-check``, or ``<stem>-check-2``, ``-3``... where an earlier run
+    left its own: a rerun the same day (of a failed step, with --only) keeps the first run's record. Creates the
+    log, so that two runs started together cannot both take one name."""
+    n = 1
+    while True:
+        record = f"{stem}-check" + (f"-{n}" if n > 1 else "")
+        try:
+            if not (out / f"{record}.json").exists():
+                (out / f"{record}.log").open("x").close()
+                return record
+        except FileExistsError:
+            pass
+        n += 1
 
 
 def write_record(path: Path, budget_s: float | None, outcomes: list[Outcome], log_path: Path) -> None:
@@ -215,51 +254,66 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short benchmark mode")
     parser.add_argument("--only", help="comma-separated steps to run")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and the log go")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="where the JSON and the log go (a second run the same day adds -2, -3... to their names)")
     parser.add_argument("--budget-s", type=positive_seconds, default=None,
-                        help="wall-clock seconds for all steps: each gets at most what is left, and steps that "
-                             "would start with under 20 s left are skipped (a GPU lent for minutes)")
+                        help=f"wall-clock seconds for all steps: each gets at most what is left, and steps that "
+                             f"would start with under {MIN_STEP_S} s left are skipped (a GPU lent for minutes)")
     parser.add_argument("--cap", default="",
-                        help="comma-separated STEP=SECONDS: the most a step may take, so one slow step leaves "
-                             "time to the later ones")
+                        help=f"comma-separated STEP=SECONDS: the most a step may take, in place of the default "
+                             f"{DEFAULT_STEP_TIMEOUT_S} s (higher or lower), so one slow step leaves time to the "
+                             "later ones")
     args = parser.parse_args(argv)
+    # The steps run in the repository root: a relative --out would put their results elsewhere than the record.
+    args.out = args.out.resolve()
     names = {s.name for s in steps(args.quick, args.out)}
     only = parse_names(args.only, names, "--only") if args.only is not None else None
     skip = parse_names(args.skip, names, "--skip")
     caps = parse_caps(args.cap, names)
     stop_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{dt.date.today().isoformat()}-{card()}"
-    log_path = args.out / f"{stem}-check.log"
-    outcomes = []
+    record = new_record(args.out, f"{dt.date.today().isoformat()}-{card()}")
+    log_path, record_path = args.out / f"{record}.log", args.out / f"{record}.json"
+    outcomes: list[Outcome] = []
+    stopped: BaseException | None = None
     start = time.perf_counter()
-    with open(log_path, "w") as log:
-        for step in steps(args.quick, args.out):
-            budget_left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
-            cap = caps.get(step.name)
-            left = min(t for t in (step.timeout_s, budget_left, cap) if t is not None)
-            reason = why_skipped(step, only, skip)
-            if reason is None and left < MIN_STEP_S:
-                reason = (f"capped at {cap:.0f} s, under the {MIN_STEP_S} s a step is given at least" if left == cap
-                          else f"out of the time budget ({args.budget_s:.0f} s)")
-            step_start = time.perf_counter()
-            try:
-                outcome = Outcome(step.name, "skipped", 0.0, reason) if reason else run_step(step, log, left)
-            except (KeyboardInterrupt, Interrupted) as stop:
-                outcomes.append(Outcome(step.name, "failed", time.perf_counter() - step_start,
-                                        f"interrupted ({stop or 'Ctrl-C'}); its processes were stopped"))
-                write_record(args.out / f"{stem}-check.json", args.budget_s, outcomes, log_path)
-                print(f"[gpu-check] {step.name}: interrupted; record in {args.out / f'{stem}-check.json'}", flush=True)
-                raise
+    with open(log_path, "a") as log:
+        for step in steps(args.quick, args.out, record):
+            if stopped is not None:
+                outcome = Outcome(step.name, "skipped", 0.0, why_skipped(step, only, skip) or "interrupted")
+            else:
+                budget_left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+                step_start = time.perf_counter()
+                try:
+                    outcome = run_or_skip(step, why_skipped(step, only, skip), caps.get(step.name), budget_left,
+                                          args.budget_s, log)
+                except (KeyboardInterrupt, Interrupted) as stop:
+                    stopped = stop
+                    outcome = Outcome(step.name, "failed", time.perf_counter() - step_start,
+                                      f"interrupted ({stop_signal(stop).name}); its processes were stopped")
+                    log.write(f"\n===== gpu-check interrupted ({stop_signal(stop).name}) during {step.name}: the "
+                              "later steps are not run\n")
             outcomes.append(outcome)
             print(f"[gpu-check] {outcome.name}: {outcome.status} {outcome.detail}".rstrip(), flush=True)
             # Recorded after every step, so a run cut short from outside still leaves what it did.
-            write_record(args.out / f"{stem}-check.json", args.budget_s, outcomes, log_path)
+            write_record(record_path, args.budget_s, outcomes, log_path)
     print("\n" + table(outcomes))
     if any(o.name == "bench-ops" and o.status == "passed" for o in outcomes):
         print("\n" + headline_ratios(args.out, card()))
-    print(f"\nlog: {log_path}")
+    print(f"\nlog: {log_path}\nrecord: {record_path}")
+    if stopped is not None:
+        return 128 + stop_signal(stopped)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def run_or_skip(step: Step, reason: str | None, cap: float | None, budget_left: float | None,
+                budget_s: float | None, log: TextIO) -> Outcome:
+    """Runs ``step`` within its time limit, or records why it was skipped (``reason``, or too little time)."""
+    left = time_limit(step, cap, budget_left)
+    if reason is None and left < MIN_STEP_S:
+        reason = (f"capped at {cap:g} s, under the {MIN_STEP_S} s a step is given at least" if left == cap
+                  else f"out of the time budget ({budget_s:g} s)")
+    return Outcome(step.name, "skipped", 0.0, reason) if reason else run_step(step, log, left)
 
 
 if __name__ == "__main__":

@@ -36,37 +36,48 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Runs the selected parts, prints their tables and problems; returns the exit status."""
+    """Runs the selected parts, printing each one's table and problems (and rewriting the JSON) as soon as it
+    ends: a run cut off by a time limit keeps the parts it finished. Returns the exit status."""
     args = _parser().parse_args(argv)
     both = not (args.triton or args.cuda)
+    checks = {"triton": lambda: triton_aot.check(args.triton_module, ARCHS),
+              "cuda": lambda: cuda_compile.check(args.cu, ARCHS)}
+    chosen = [name for name in checks if both or getattr(args, name)]
     parts: dict[str, PartResult] = {}
-    if args.triton or both:
-        parts["triton"] = triton_aot.check(args.triton_module, ARCHS)
-    if args.cuda or both:
-        parts["cuda"] = cuda_compile.check(args.cu, ARCHS)
-    archs = ", ".join(f"sm_{a}" for a in ARCHS)
-    problems = []
-    for name, part in parts.items():
-        if part.skipped is not None:
-            print(f"{name}: SKIPPED: {part.skipped}\n")
-            continue
-        print(f"{name}: {len(part.rows)} kernel builds for {archs} in {part.seconds:.1f} s")
-        if part.rows:
-            print(format_table(part.rows))
-        print()
-        problems += part.all_problems()
-    for problem in problems:
-        print(f"FAILED: {problem}\n", file=sys.stderr)
-    if args.json is not None:
-        args.json.write_text(json.dumps({
-            name: {"rows": [asdict(r) for r in part.rows], "problems": part.all_problems(),
-                   "skipped": part.skipped, "seconds": part.seconds}
-            for name, part in parts.items()
-        }, indent=1))
+    for name in chosen:
+        parts[name] = checks[name]()
+        print_part(name, parts[name])
+        if args.json is not None:
+            write_json(args.json, parts)
+    problems = [problem for part in parts.values() for problem in part.all_problems()]
     skipped = [name for name, part in parts.items() if part.skipped is not None]
     verdict = f"FAILED, {len(problems)} problem(s)" if problems else "ok"
     print(f"gpu-compile: {verdict}" + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
     return 1 if problems else 0
+
+
+def print_part(name: str, part: PartResult) -> None:
+    """One part's table and problems, flushed: stdout is a file under gpu-check, which would hold them back until
+    the process ends, and one killed for its time never does."""
+    if part.skipped is not None:
+        print(f"{name}: SKIPPED: {part.skipped}\n", flush=True)
+        return
+    archs = ", ".join(f"sm_{a}" for a in ARCHS)
+    print(f"{name}: {len(part.rows)} kernel builds for {archs} in {part.seconds:.1f} s")
+    if part.rows:
+        print(format_table(part.rows))
+    print(flush=True)
+    for problem in part.all_problems():
+        print(f"FAILED: {problem}\n", file=sys.stderr, flush=True)
+
+
+def write_json(path: Path, parts: dict[str, PartResult]) -> None:
+    """The rows, problems and skips of the parts finished so far."""
+    path.write_text(json.dumps({
+        name: {"rows": [asdict(r) for r in part.rows], "problems": part.all_problems(),
+               "skipped": part.skipped, "seconds": part.seconds}
+        for name, part in parts.items()
+    }, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""`make gpu-check` keeps every result of a run on a lent GPU: reruns, interruptions, time limits and paths."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hetrain.checks import gpu_check
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture
+def check() -> Iterator[Callable[[list[str]], int]]:
+    """gpu_check.main in this process (it takes SIGTERM over), with pytest's own SIGTERM handling restored after."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield gpu_check.main
+    signal.signal(signal.SIGTERM, previous)
+
+
+def steps_of(record: Path) -> dict[str, tuple[str, str]]:
+    return {s["name"]: (s["status"], s["detail"]) for s in json.loads(record.read_text())["steps"]}
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def step_started(out: Path, name: str) -> Callable[[], bool]:
+    return lambda: any(f"===== {name}" in p.read_text() for p in out.glob("*-check*.log"))
+
+
+def test_a_second_run_the_same_day_keeps_the_first_runs_record(check, tmp_path):
+    """A rerun of one step (--only) the same day replaced the full run's JSON and log."""
+    # A cap under 20 s skips the step at once, on any machine.
+    assert check(["--only", "env", "--cap", "env=1", "--out", str(tmp_path)]) == 0
+    (first,) = tmp_path.glob("*-check.json")
+    first_text = first.read_text()
+    assert check(["--only", "env", "--cap", "env=2", "--out", str(tmp_path)]) == 0
+    assert first.read_text() == first_text
+    second = tmp_path / first.name.replace("-check.json", "-check-2.json")
+    assert steps_of(second)["env"][1].startswith("capped at 2 s")
+    assert json.loads(second.read_text())["log"] == second.with_suffix(".log").name
+    assert {p.name for p in tmp_path.glob("*.log")} == {first.with_suffix(".log").name, second.with_suffix(".log").name}
+
+
+def test_a_relative_out_is_one_absolute_directory_for_the_record_and_the_steps(check, tmp_path, monkeypatch, capsys):
+    """The steps run in the repository root: a relative --out put their results there, the record under the cwd."""
+    monkeypatch.chdir(tmp_path)
+    assert check(["--only", "env", "--cap", "env=1", "--out", "rel"]) == 0
+    assert f"log: {tmp_path / 'rel'}/" in capsys.readouterr().out
+    assert list((tmp_path / "rel").glob("*-check.json"))
+
+
+def test_a_cap_replaces_the_default_timeout_even_above_it():
+    step = gpu_check.Step("env", [])
+    assert gpu_check.time_limit(step, cap=None, budget_left=None) == gpu_check.DEFAULT_STEP_TIMEOUT_S == 600
+    assert gpu_check.time_limit(step, cap=900, budget_left=None) == 900  # was lowered to 600
+    assert gpu_check.time_limit(step, cap=900, budget_left=300) == 300
+
+
+def test_a_fractional_cap_is_named_as_given_and_help_names_the_default_timeout(check, tmp_path, capsys):
+    assert check(["--only", "env", "--cap", "env=19.6", "--out", str(tmp_path)]) == 0
+    (record,) = tmp_path.glob("*-check.json")
+    # Was "capped at 20 s, under the 20 s a step is given at least".
+    assert steps_of(record)["env"] == ("skipped", "capped at 19.6 s, under the 20 s a step is given at least")
+    with pytest.raises(SystemExit):
+        check(["--help"])
+    assert "default 600 s" in " ".join(capsys.readouterr().out.split())
+
+
+def test_caps_may_be_written_with_spaces_as_step_lists_are():
+    names = {"env", "bench-ops"}
+    assert gpu_check.parse_caps(" env=30, bench-ops = 100.5 ", names) == {"env": 30.0, "bench-ops": 100.5}
+
+
+def test_the_gpu_compile_step_writes_its_json_beside_the_record(tmp_path):
+    (step,) = [s for s in gpu_check.steps(False, tmp_path, "2026-01-02-cpu-check-2") if s.name == "gpu-compile"]
+    assert step.command[-2:] == ["--json", str(tmp_path / "2026-01-02-cpu-check-2-gpu-compile.json")]
+
+
+def test_a_step_cut_off_by_its_timeout_keeps_what_it_printed(tmp_path, monkeypatch):
+    """Python's stdout to a file is block-buffered: a step killed for its time left nothing in the log."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    step = gpu_check.Step("chatty", [sys.executable, "-c", "import time; print('parts done:', 6 * 7); time.sleep(60)"])
+    with open(tmp_path / "check.log", "w") as log:
+        outcome = gpu_check.run_step(step, log, timeout_s=2)
+    assert outcome.detail == "timed out after 2 s"
+    assert "parts done: 42" in (tmp_path / "check.log").read_text()  # the log names the command, not its output
+
+
+def test_gpu_compile_reports_each_part_as_soon_as_it_ends(tmp_path):
+    """gpu-compile printed (and wrote as JSON) both parts only at the end: cut off during the .cu part, it left
+    nothing of the Triton part it had finished. An nvcc that never ends holds it in the .cu part here."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    nvcc_started = tmp_path / "nvcc-started"
+    (bin_dir / "nvcc").write_text(f"#!/bin/sh\ntouch {nvcc_started}\nexec sleep 60\n")
+    (bin_dir / "nvcc").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONUNBUFFERED")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    report, output = tmp_path / "gpu_compile.json", tmp_path / "output"
+    with open(output, "w") as sink:
+        command = [sys.executable, "-m", "hetrain.checks.gpu_compile", "--json", str(report),
+                   "--triton-module", str(FIXTURES / "unlisted_kernel.py"), "--cu", str(FIXTURES / "bad.cu")]
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_for(lambda: nvcc_started.exists() or proc.poll() is not None, 60, "the .cu part never started")
+        assert proc.poll() is None, output.read_text()
+        assert report.exists(), "the finished Triton part is not in the JSON yet"
+        parts = json.loads(report.read_text())
+        assert list(parts) == ["triton"]
+        text = output.read_text()
+        assert "triton: " in text, text
+        for problem in parts["triton"]["problems"]:  # the unlisted kernel's, where Triton can compile here
+            assert f"FAILED: {problem}" in text, text
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_check_records_every_step_prints_its_table_and_exits_128_plus_the_signal(stop, tmp_path):
+    """SIGTERM or Ctrl-C ended the check in a traceback with exit 1, no table, the later steps absent from the JSON."""
+    proc = subprocess.Popen([sys.executable, "-m", "hetrain.checks.gpu_check", "--only", "bench-train,bench-embedding",
+                             "--quick", "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            # A test run in the background ignores SIGINT, and its children would inherit that.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(step_started(tmp_path, "bench-train"), 60, "the step never started")
+        proc.send_signal(stop)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + stop, output
+    assert "Traceback" not in output and "step" in output and "status" in output, output
+    status = steps_of(next(tmp_path.glob("*-check.json")))
+    assert list(status) == [s.name for s in gpu_check.steps(True, tmp_path)]
+    assert status["bench-train"] == ("failed", f"interrupted ({stop.name}); its processes were stopped")
+    assert status["bench-embedding"] == ("skipped", "interrupted")
+    assert status["env"] == ("skipped", "not selected")
+    assert f"gpu-check interrupted ({stop.name}) during bench-train" in next(tmp_path.glob("*-check.log")).read_text()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_sigterm_to_make_gpu_check_reaches_the_check(tmp_path):
+    """make passes SIGTERM to the shell of its recipe: the shell died, and the check it had forked ran on."""
+    make = subprocess.Popen(["make", "-s", "gpu-check", f"PYTHON={sys.executable}",
+                             f"ARGS=--only bench-train --quick --out {tmp_path}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    check_pids: list[str] = []
+    try:
+        wait_for(step_started(tmp_path, "bench-train"), 60, "the step never started")
+        check_pids = subprocess.run(["pgrep", "-f", f"hetrain.checks.gpu_check .*{tmp_path}"], capture_output=True,
+                                    text=True).stdout.split()
+        make.send_signal(signal.SIGTERM)
+        make.wait(timeout=30)
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in check_pids), 30, "the check outlived make")
+    finally:
+        make.kill()
+        for pid in check_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    detail = steps_of(next(tmp_path.glob("*-check.json")))["bench-train"][1]
+    assert detail.startswith("interrupted (SIGTERM)"), f"the check never got the signal: {detail}"

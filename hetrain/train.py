@@ -6,8 +6,12 @@ fits, and writes the run summary into the run directory.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,12 @@ from hetrain.regional_compile import compile_counts, compile_stages
 from hetrain.report import SUMMARY_MD, RunRecorder, error_headline, write_run_summary
 
 log = logging.getLogger(__name__)
+
+# What a collective raises on a rank whose peer has ended: gloo's words for it, then NCCL's.
+_PEER_ENDED = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "ncclRemoteError")
+_FAILED = "hetrain: the run failed: "  # how _log_failure begins its line
+_LAUNCHER_PID = "HETRAIN_LAUNCHER_PID"  # rank 0's pid, in the environment of the ranks Lightning launches from it
+_PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
@@ -250,6 +260,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         ckpt_path = cfg.get("ckpt_path")
         log.info(f"Resuming from {ckpt_path}" if ckpt_path else "Starting training")
+        os.environ[_LAUNCHER_PID] = str(os.getpid())  # inherited by the ranks the fit launches: _end_with_launcher
         try:
             parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
         except SystemExit as exc:  # how Lightning ends a fit on SIGTERM, or on Ctrl-C pressed twice
@@ -257,6 +268,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             exc.graceful_stop = getattr(graceful_stop, "summary", None) or {}
             exc.steps_trained = getattr(graceful_stop, "steps_trained", None)  # None: no GracefulStop counted them
             raise
+        finally:
+            os.environ.pop(_LAUNCHER_PID, None)
         summary = parts.recorder.summary(parts.trainer)
         summary["precision"] = run_precision(parts.trainer)  # per device type under DeviceMixedPrecision
         if parts.compiled is not None:
@@ -308,11 +321,52 @@ def _log_failure(exc: BaseException, error: str, log_file: str | None) -> None:
         log.exception("hetrain: the run failed")
         return
     where = f"; traceback in {log_file}" if log_file else ""
-    log.error(f"hetrain: the run failed: {error_headline(error)}{where}")
+    log.error(f"{_FAILED}{error_headline(error)}{where}")
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "hetrain: traceback of the failure", None,
                             (type(exc), exc, exc.__traceback__))
     for handler in files:
         handler.handle(record)
+
+
+def _end_with_launcher() -> None:
+    """Makes a rank that Lightning launched from rank 0 get SIGTERM when rank 0 ends, however it ends.
+
+    Until its signal handlers are in place (Lightning's, then GracefulStop's) a SIGTERM ends rank 0 at once, and a
+    SIGKILL does at any time; a rank it launched then waited 30 minutes for it to set up the process group,
+    re-parented to init. Linux only (``prctl``); elsewhere the ranks are left as Lightning leaves them.
+    """
+    launcher = os.environ.get(_LAUNCHER_PID)
+    if launcher is None or int(launcher) == os.getpid() or not sys.platform.startswith("linux"):
+        return  # not a rank Lightning launched from hetrain.train (rank 0, one process, torchrun, SLURM)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(launcher):  # rank 0 ended before the signal was asked for: none will come
+        log.error(f"hetrain: rank 0 (pid {launcher}), which launched this rank, has ended; this rank stops too")
+        raise SystemExit(_exit_code("SIGTERM"))
+
+
+def _other_ranks(error: str, log_file: str | None, wait_s: float = 3.0) -> dict[str, str]:
+    """What ended each other rank, from its log beside ``log_file`` (Lightning names them
+    ``train_ddp_process_<k>.log``), when ``error`` is a collective's whose peer ended: the rank that failed first
+    is then another, and this one's error says no more than that a connection closed."""
+    if log_file is None or not any(words in error for words in _PEER_ENDED):
+        return {}
+    # The rank that failed first closed its connections while tearing down, before it logged its failure: give it
+    # a moment to write that line.
+    deadline = time.monotonic() + wait_s
+    while True:
+        ended = {path.name: _last_failure(path)
+                 for path in sorted(Path(log_file).parent.glob("train_ddp_process_*.log"))}
+        if all(ended.values()) or time.monotonic() > deadline:
+            return {name: failure or "no failure logged (killed? see the end of the log)"
+                    for name, failure in ended.items()}
+        time.sleep(0.1)
+
+
+def _last_failure(path: Path) -> str | None:
+    """The failure the log's last run logged (Hydra appends to the log of an earlier run in the same directory)."""
+    failures = [line.split(_FAILED, 1)[1].split("; traceback in ")[0]
+                for line in path.read_text(errors="replace").splitlines() if _FAILED in line]
+    return failures[-1] if failures else None
 
 
 def _exit_code(signal_name: str) -> int:
@@ -349,6 +403,7 @@ def run(cfg: DictConfig) -> float | None:
     its root cause, then re-raised; in a sweep it is not re-raised, so the other jobs run and the sweep
     ends with its table and a non-zero exit (:class:`hetrain.report.SweepSummary`), not a traceback.
     """
+    _end_with_launcher()
     output_dir = Path(cfg.output_dir)
     info = _run_info()
     try:
@@ -363,7 +418,12 @@ def run(cfg: DictConfig) -> float | None:
         error = f"{type(cause).__name__}: {cause}"
         _log_failure(exc, error, info.get("log"))
         if rank_zero_only.rank == 0:
-            write_run_summary({"status": "failed", **info, "error": error}, output_dir)
+            other_ranks = _other_ranks(error, info.get("log"))
+            if other_ranks:
+                log.error("hetrain: another rank ended first; their logs say: "
+                          + "; ".join(f"{name}: {ended}" for name, ended in other_ranks.items()))
+            write_run_summary({"status": "failed", **info, "error": error,
+                               **({"other_ranks": other_ranks} if other_ranks else {})}, output_dir)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             return None
         raise

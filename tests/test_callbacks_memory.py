@@ -447,6 +447,56 @@ def test_out_of_memory_dump_can_be_turned_off(tmp_path):
     assert not (tmp_path / OOM_MD).exists()
 
 
+OOM_ON_RANK_1 = '''
+import datetime, sys
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from hetrain.callbacks.memory import MemoryProfiler
+
+
+class OomOnRank1(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and self.global_step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    data = TensorDataset(torch.randn(48, 8), torch.randn(48, 1))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=4, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                         strategy=pl.strategies.DDPStrategy(timeout=datetime.timedelta(seconds=60)),
+                         default_root_dir=sys.argv[1], callbacks=[MemoryProfiler(churn_steps=0)])
+    trainer.fit(OomOnRank1(), DataLoader(data, batch_size=6))
+'''
+
+
+def test_an_out_of_memory_on_rank_1_is_written_up_by_rank_1(tmp_path):
+    """Rank 0 alone wrote post-mortems: rank 1's out-of-memory left none, and rank 0's report named only the
+    collective that rank 1's exit broke."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(OOM_ON_RANK_1)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0
+    report = (tmp_path / "oom_report_rank1.md").read_text()
+    assert report.startswith("# Out of memory on rank 1 at step 1\n\nDuring: forward\n")
+    assert "Tried to allocate 20.00 GiB" in report
+    assert not (tmp_path / OOM_MD).exists() and not (tmp_path / "oom_report_rank0.md").exists()
+
+
 def test_other_errors_write_no_post_mortem_but_the_report_of_the_steps_before(tmp_path):
     class Broken(Regressor):
         def training_step(self, batch, batch_idx):

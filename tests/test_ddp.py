@@ -1,8 +1,11 @@
 """The main job under Lightning's DDP with 2 CPU processes (gloo): each process runs its own placed, split model."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +112,82 @@ def test_ctrl_c_reaching_one_rank_stops_every_rank_after_the_same_step(tmp_path,
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 4
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc: no psutil here)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while listed
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a rank follows rank 0 through Linux's prctl")
+@pytest.mark.parametrize("when", ["rank 1 started hetrain", "rank 1 launched"])
+def test_a_rank_ends_when_rank_0_is_ended_before_its_signal_handlers(tmp_path, when):
+    """A SIGTERM to rank 0 (as the README asks under DDP) before Lightning's handler was in place ended it at once,
+    and left rank 1 waiting 30 minutes for it in the process group's setup; a SIGKILL at any time, the same."""
+    rank0 = subprocess.Popen(
+        [sys.executable, "train.py", "recipe=bert_split", "trainer.accelerator=cpu", "trainer.devices=2",
+         "+trainer.strategy=ddp", "trainer.max_steps=6", "data.train_size=64", "data.val_size=16", "threads=1",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        (rank1,) = _wait_for(lambda: _children(rank0.pid), 60, "rank 0 to launch rank 1")
+        os.kill(rank0.pid, signal.SIGSTOP)  # held where the fit launched rank 1, before any signal handler
+        if when == "rank 1 launched":  # it is gone before rank 1 runs a line of hetrain
+            os.kill(rank0.pid, signal.SIGKILL)
+        else:
+            log = tmp_path / "train_ddp_process_1.log"
+            _wait_for(lambda: log.exists() and "Starting training" in log.read_text(), 60, "rank 1 to build its fit")
+            os.kill(rank0.pid, signal.SIGTERM)
+            os.kill(rank0.pid, signal.SIGCONT)
+        assert rank0.wait(timeout=10) in (-signal.SIGTERM, -signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _running(rank1) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(rank1), f"rank 1 (pid {rank1}) still runs with rank 0 gone"
+    finally:
+        try:
+            os.killpg(rank0.pid, signal.SIGKILL)  # rank 1 too: its process group is rank 0's
+        except ProcessLookupError:
+            pass
+
+
+def test_a_run_that_rank_1_ended_names_rank_1s_error_in_the_summary(tmp_path):
+    """The summary gave rank 0's error alone, gloo's "Connection closed by peer", which says nothing of the cause."""
+    run = subprocess.run(
+        [sys.executable, "train.py", "recipe=bert_split", "trainer.accelerator=cpu", "trainer.devices=2",
+         "+trainer.strategy=ddp", "trainer.max_steps=6", "data.train_size=64", "data.val_size=16", "threads=1",
+         "callbacks.memory_profiler=null", f"hydra.run.dir={tmp_path}",
+         "+callbacks.fail_at._target_=tests.fixtures.fail_at.FailAt", "+callbacks.fail_at.step=2",
+         "+callbacks.fail_at.rank=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode != 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "Connection closed by peer" in summary["error"], summary
+    assert summary["other_ranks"] == {"train_ddp_process_1.log": "RuntimeError: failure injected on rank 1 at step 2"}
+
+
 def test_ddp_ranks_train_on_disjoint_shares_covering_every_sample_each_epoch(tmp_path):
     run_two_ranks(SEEN_PER_RANK, tmp_path)
     seen = [json.loads((tmp_path / f"seen_rank{r}.json").read_text()) for r in (0, 1)]
@@ -183,8 +262,8 @@ def test_ddp_with_accumulation_gives_the_gradient_of_the_mean_over_every_ranks_w
                                        msg=f"rank {rank}: {name}")
 
 
-NAN_ON_RANK_ZERO = '''
-import datetime, json, sys
+NAN_ON_ONE_RANK = '''
+import datetime, json, logging, os, sys
 import pytorch_lightning as pl
 import torch
 from hetrain.callbacks.precision import DeviceMixedPrecision, NonFiniteError, NonFiniteGuard
@@ -193,11 +272,12 @@ from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
 
 
-class NanOnRankZero(pl.Callback):
-    """Makes rank 0's first encoder block put out NaN at steps 2 to 4; rank 1's loss stays finite."""
+class NanOnOneRank(pl.Callback):
+    """Makes the first encoder block of rank argv[2] put out NaN at steps 2 to 4; the other rank's loss stays
+    finite."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_rank == 0 and 2 <= trainer.global_step <= 4:
+        if trainer.global_rank == int(sys.argv[2]) and 2 <= trainer.global_step <= 4:
             block = pl_module.model.get_submodule("encoder.0")
             self.handle = block.register_forward_hook(lambda module, args, out: out * float("nan"))
 
@@ -208,6 +288,8 @@ class NanOnRankZero(pl.Callback):
 
 
 if __name__ == "__main__":
+    # A log file per rank, as Hydra gives each rank Lightning launches; LOCAL_RANK is set in those alone.
+    logging.basicConfig(filename=f"{sys.argv[1]}/rank{os.environ.get('LOCAL_RANK', '0')}.log")
     torch.set_num_threads(1)
     pl.seed_everything(0)
     data = SyntheticDataModule(vocab_size=64, num_classes=2, min_len=4, max_len=40, train_size=400, val_size=16,
@@ -217,7 +299,7 @@ if __name__ == "__main__":
     trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=8, limit_val_batches=0, logger=False,
                          strategy=pl.strategies.DDPStrategy(timeout=datetime.timedelta(seconds=60)),
                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                         default_root_dir=sys.argv[1], callbacks=[guard, NanOnRankZero()],
+                         default_root_dir=sys.argv[1], callbacks=[guard, NanOnOneRank()],
                          plugins=[DeviceMixedPrecision({"cpu": "16-mixed"}, root="cpu")])  # a GradScaler
     try:
         trainer.fit(ClassificationTask(model, num_classes=2), datamodule=data)
@@ -225,20 +307,35 @@ if __name__ == "__main__":
     except NonFiniteError as exc:
         stopped = trainer.global_step
     with open(f"{sys.argv[1]}/rank{trainer.global_rank}.json", "w") as f:
-        json.dump({"stopped_at": stopped, "nonfinite": guard.nonfinite_steps}, f)
+        json.dump({"stopped_at": stopped, "nonfinite": guard.nonfinite_steps, "diagnosis": guard.diagnosis}, f)
 '''
+
+
+def _nan_on_one_rank(tmp_path: Path, rank: int) -> list[dict]:
+    """Runs NAN_ON_ONE_RANK with the NaN on ``rank``; returns each rank's verdict."""
+    path = tmp_path / "two_ranks.py"
+    path.write_text(NAN_ON_ONE_RANK)
+    subprocess.run([sys.executable, str(path), str(tmp_path), str(rank)], cwd=tmp_path, capture_output=True,
+                   text=True, timeout=300)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 def test_a_nonfinite_loss_on_one_rank_stops_every_rank_under_a_loss_scaler(tmp_path):
     """Rank 1's own loss was finite: it read the reduced non-finite gradients as the scaler's overflow probe,
     counted nothing, and went on into the next all-reduce while rank 0 stopped (gloo: "Connection closed by
     peer"; NCCL would hang)."""
-    path = tmp_path / "two_ranks.py"
-    path.write_text(NAN_ON_RANK_ZERO)
-    subprocess.run([sys.executable, str(path), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
-                   timeout=300)
-    verdicts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert verdicts[0] == verdicts[1] == {"stopped_at": 5, "nonfinite": 3}, verdicts
+    verdicts = _nan_on_one_rank(tmp_path, 0)
+    assert all(v["stopped_at"] == 5 and v["nonfinite"] == 3 for v in verdicts), verdicts
+
+
+def test_a_nonfinite_loss_on_rank_1_is_diagnosed_by_rank_1_on_every_rank(tmp_path):
+    """Rank 0, whose own loss was finite, reran its batch, found nothing and reported the step as "not reproduced
+    by a rerun of training_step"."""
+    verdicts = _nan_on_one_rank(tmp_path, 1)
+    assert verdicts[0]["diagnosis"] == verdicts[1]["diagnosis"], verdicts
+    assert verdicts[0]["diagnosis"] == (
+        f"Rank 1 (log {tmp_path / 'rank1.log'}): First at batch 2 (global step 2): non-finite loss; produced in "
+        "forward: first non-finite output from module 'model.encoder.0' (EncoderBlock)."), verdicts
 
 
 VALIDATE_ON_TWO_RANKS = '''

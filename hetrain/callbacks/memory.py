@@ -5,7 +5,7 @@ backward and optimizer (:mod:`hetrain.memory_counters`); every few steps it hook
 one step (:mod:`hetrain.callbacks.module_memory`); over a few steps it finds allocator churn
 (:mod:`hetrain.callbacks.churn`). At the end it writes ``memory_report.{md,png,html}`` and
 ``memory_steps.csv`` into the run directory (:mod:`hetrain.callbacks.memory_report`), or ``oom_report.md``
-(+ an allocator snapshot) on out-of-memory.
+(+ an allocator snapshot; under DDP ``oom_report_rank<k>.md`` from the rank that ran out) on out-of-memory.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from hetrain.report import error_headline, markdown_table
 log = logging.getLogger(__name__)
 
 OOM_MD, OOM_SNAPSHOT = "oom_report.md", "oom_snapshot.pickle"
+OOM_MD_OF_RANK, OOM_SNAPSHOT_OF_RANK = "oom_report_rank{}.md", "oom_snapshot_rank{}.pickle"  # under DDP, per rank
 SNAPSHOT = "memory_snapshot.pickle"
 CHURN_FIRST_STEP = 2  # a churn window given as a count starts here: step 0 creates optimizer state, step 1 settles
 LOGGED_MODULES = 10  # rows of the per-module table in the log
@@ -84,7 +85,9 @@ class MemoryProfiler(Callback):
         - With ``dump_on_oom`` an out-of-memory error in the fit (``torch.OutOfMemoryError`` on a GPU, or the
           CPU allocator's "can't allocate memory") writes ``oom_report.md`` (step, error, per-device peaks of
           the step so far, per-module table) and, when GPU history was recorded, ``oom_snapshot.pickle``;
-          Lightning then re-raises the error.
+          Lightning then re-raises the error. Under DDP the rank that ran out writes them, as
+          ``oom_report_rank<k>.md`` and ``oom_snapshot_rank<k>.pickle`` (the other ranks see only a collective
+          that failed).
 
     Args:
         dirpath: where reports go; ``None`` means the Trainer's ``default_root_dir``.
@@ -340,8 +343,9 @@ class MemoryProfiler(Callback):
         if self.churn is not None and self.churn.active:
             self.churn.stop_step(keep=False)
         oom = out_of_memory(exception)
-        if self.dump_on_oom and oom and trainer.is_global_zero:
-            self.write_oom_dump(self._dir(trainer), trainer.global_step, exception)
+        if self.dump_on_oom and oom:
+            rank = trainer.global_rank if trainer.world_size > 1 else None
+            self.write_oom_dump(self._dir(trainer), trainer.global_step, exception, rank)
         elif trainer.is_global_zero and self.phases is not None:  # what the steps before the error measured
             ended = (f"The fit stopped at step {trainer.global_step} with {_headline(exception).removesuffix('.')}. "
                      "These are the steps before it.")
@@ -353,14 +357,18 @@ class MemoryProfiler(Callback):
             torch.cuda.memory._record_memory_history(enabled=None)
             self._recording = False
 
-    def write_oom_dump(self, directory: str | Path, step: int, exception: BaseException) -> Path:
-        """Writes ``oom_report.md`` and, when history was recorded, ``oom_snapshot.pickle``; returns the report."""
+    def write_oom_dump(self, directory: str | Path, step: int, exception: BaseException,
+                       rank: int | None = None) -> Path:
+        """Writes ``oom_report.md`` and, when history was recorded, ``oom_snapshot.pickle`` (with ``rank``,
+        ``oom_report_rank<rank>.md`` and ``oom_snapshot_rank<rank>.pickle``); returns the report."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        report_name, snapshot_name = ((OOM_MD, OOM_SNAPSHOT) if rank is None
+                                      else (OOM_MD_OF_RANK.format(rank), OOM_SNAPSHOT_OF_RANK.format(rank)))
         if self._recording:
-            with open(directory / OOM_SNAPSHOT, "wb") as f:
+            with open(directory / snapshot_name, "wb") as f:
                 pickle.dump(torch.cuda.memory._snapshot(), f)
-            snapshot = f"Allocator snapshot: {OOM_SNAPSHOT} (open it at https://pytorch.org/memory_viz)."
+            snapshot = f"Allocator snapshot: {snapshot_name} (open it at https://pytorch.org/memory_viz)."
         elif self._cuda:
             snapshot = ("No allocator snapshot: history was not recorded. Set MemoryProfiler(record_history=True) "
                         "to get one on the next out-of-memory.")
@@ -368,14 +376,15 @@ class MemoryProfiler(Callback):
             snapshot = "No allocator snapshot: that is the CUDA allocator's history, and no stage is on a GPU."
         if self._current and self.phases is not None:
             self._close(self._phase)  # the peaks of the phase that failed, so far
-        text = (f"# Out of memory at step {step}\n\nDuring: {self._phase if self._current else 'outside a step'}\n\n"
-                f"Error: `{_headline(exception)}`"
+        on_rank = "" if rank is None else f" on rank {rank}"
+        text = (f"# Out of memory{on_rank} at step {step}\n\n"
+                f"During: {self._phase if self._current else 'outside a step'}\n\nError: `{_headline(exception)}`"
                 f"\n\n{snapshot}\n\n")
         if self._current:
             rows = [[p, d, round(v["allocated"] / MIB, 3)] for p in PHASES for d, v in self._current[p].items()]
             text += "## This step so far\n\n" + markdown_table(["phase", "device", "peak MiB"], rows) + "\n"
         text += self.report().markdown().removeprefix("# Memory\n")
-        path = directory / OOM_MD
+        path = directory / report_name
         path.write_text(text)
         log.error(f"hetrain: out of memory at step {step}; post-mortem in {path}")
         return path

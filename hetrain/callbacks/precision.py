@@ -321,7 +321,9 @@ class NonFiniteGuard(Callback):
           time, and leaves BatchNorm running statistics as they were.
         - Every rank reaches the same verdict: gradients are reduced across ranks before the check, and
           the loss's flag is reduced with them (one small collective a step under DDP), so the hooks are
-          not rank-zero-only.
+          not rank-zero-only. A non-finite loss is diagnosed by the lowest rank whose own loss it was (with
+          its log file), which hands the diagnosis to the others: two more small collectives, on the first
+          step of a streak only.
         - ``on_nonfinite="stop"`` raises :class:`NonFiniteError` with that diagnosis after
           ``max_consecutive`` non-finite steps in a row; ``"skip"`` keeps skipping them.
 
@@ -474,6 +476,28 @@ class NonFiniteGuard(Callback):
 
     def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any],
                   window: list[_WindowBatch]) -> str:
+        if trainer.world_size > 1 and not step["loss_finite"]:
+            return self._diagnosis_from_failing_rank(trainer, pl_module, step, window)
+        return self._diagnose_here(trainer, pl_module, step, window)
+
+    def _diagnosis_from_failing_rank(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any],
+                                     window: list[_WindowBatch]) -> str:
+        """The diagnosis of the lowest rank whose own loss was non-finite, on every rank: the loss's flag is
+        reduced across ranks, and a rerun on a rank whose own loss was finite finds nothing. Every rank takes part in
+        both collectives, in the same order: this runs on the first step of a streak, which all agree on."""
+        own_finite = all(bool(b.loss_finite) for b in window if b.loss_finite is not None)
+        mine = torch.tensor(float(trainer.world_size if own_finite else trainer.global_rank),
+                            device=trainer.strategy.root_device)
+        failing = int(trainer.strategy.reduce(mine, reduce_op=torch.distributed.ReduceOp.MIN).item())
+        diagnosis = None
+        if trainer.global_rank == failing:
+            diagnosis = f"Rank {failing}{_log_file_note()}: {self._diagnose_here(trainer, pl_module, step, window)}"
+        return trainer.strategy.broadcast(diagnosis, src=failing)
+
+    def _diagnose_here(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any],
+                       window: list[_WindowBatch]) -> str:
+        """What this process's batches tell of the step: its inputs, the module nearest the loss with non-finite
+        gradients, or the module a rerun of a held batch names."""
         what = "non-finite loss" if not step["loss_finite"] else "finite loss but non-finite gradients"
         suspects = _suspects(window, step["loss_finite"])
         for suspect in suspects:
@@ -520,12 +544,19 @@ class NonFiniteGuard(Callback):
 
 def _suspects(window: list[_WindowBatch], loss_finite: bool) -> list[_WindowBatch]:
     """The batches of the window that may have made its step non-finite, in order: the first whose own loss was
-    non-finite, else (the losses were finite, or only another rank's was not) every batch of the window."""
+    non-finite, else (the losses were finite) every batch of the window."""
     if not loss_finite:
         for batch in window:
             if batch.loss_finite is not None and not bool(batch.loss_finite):  # a device read, on a skipped step only
                 return [batch]
     return window
+
+
+def _log_file_note() -> str:
+    """`` (log <path>)`` naming this process's log file (under DDP each rank writes its own), or nothing without
+    one."""
+    files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return f" (log {files[0]})" if files else ""
 
 
 def _where(trainer: pl.Trainer, batches: list[_WindowBatch]) -> str:

@@ -9,8 +9,8 @@ Or they reorder the candidates for every op at once, again strongest first: :fun
 ``configure(prefer=["cuda"])``, ``HETRAIN_PREFER=cuda``; the named backends come first wherever they
 serve the device and are available, so CUDA tensors get the C++/CUDA kernels and CPU tensors keep theirs.
 
-A pinned backend that fails re-raises. An automatically picked one that fails warns once and
-falls back to the next candidate, unless strict mode is on (``configure(strict=True)`` or
+A pinned backend that fails re-raises. An automatically picked one that fails warns once (per op and backend, in a
+process) and falls back to the next candidate, unless strict mode is on (``configure(strict=True)`` or
 ``HETRAIN_STRICT=1``; the tests use it), where it raises.
 
 Third parties add backends without editing hetrain: call :func:`register`, or expose a callable
@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import enum
 import functools
 import os
+import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,6 +40,11 @@ ENV_PINS = "HETRAIN_BACKEND"
 ENV_PREFER = "HETRAIN_PREFER"
 ENV_STRICT = "HETRAIN_STRICT"
 ENTRY_POINT_GROUP = "hetrain.backends"
+# Where a pin or a preference comes from, named in the errors about it (those about a variable quote its value).
+USE_BACKEND = "use_backend(...)"
+CONFIG_PINS = "configure(pins=...) (a recipe's backends.pins)"
+PREFERRING = "preferring(...)"
+CONFIG_PREFER = "configure(prefer=...) (a recipe's backends.prefer)"
 
 
 class BackendError(RuntimeError):
@@ -112,17 +120,22 @@ def _scope() -> Iterator[None]:
             _scopes_open -= 1
 
 
+def _names(value: str | Iterable[str]) -> tuple[str, ...]:
+    """A lone string as one name: ``devices="npu"`` would otherwise be the devices 'n', 'p' and 'u'."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 def register(
     op: str,
     name: str,
-    devices: tuple[str, ...] | list[str],
+    devices: str | tuple[str, ...] | list[str],
     impl: Any,
     priority: int = 0,
     available: Callable[[], bool | str] | None = None,
-    opt_in: tuple[str, ...] | list[str] = (),
+    opt_in: str | tuple[str, ...] | list[str] = (),
 ) -> Backend:
     """Adds (or replaces) backend ``name`` of ``op``; higher ``priority`` wins among available ones."""
-    backend = Backend(op, name, tuple(devices), impl, priority, available or (lambda: True), tuple(opt_in))
+    backend = Backend(op, name, _names(devices), impl, priority, available or (lambda: True), _names(opt_in))
     with _lock:
         _registry.setdefault(op, {})[name] = backend
         _forget_resolved()
@@ -166,34 +179,44 @@ def backends(op: str) -> list[Backend]:
     return sorted(_registry[op].values(), key=lambda b: -b.priority)
 
 
+# Characters no op or backend name has: one of them in a name read from the environment is a separator other than
+# the comma ("layer_norm=torch;rms_norm=torch", "torch cpu").
+_NOT_IN_A_NAME = re.compile(r"[\s;:=]")
+
+
 def _parse_pins(text: str) -> dict[str, str]:
     """``op=backend[,op=backend...]`` as a mapping (``pinned`` keeps the result per value of the variable)."""
     pins = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        op, sep, name = item.partition("=")
-        if not sep or not op.strip() or not name.strip():
+        op, _, name = (part.strip() for part in item.partition("="))
+        if not op or not name or _NOT_IN_A_NAME.search(op) or _NOT_IN_A_NAME.search(name):
             raise BackendError(
-                f"hetrain: cannot read {ENV_PINS}={text!r}: expected 'op=backend[,op=backend...]', "
-                f"e.g. 'layer_norm=torch'"
+                f"hetrain: cannot read {ENV_PINS}={text!r}: expected 'op=backend[,op=backend...]', pins separated "
+                f"by commas, e.g. 'layer_norm=torch,rms_norm=torch'"
             )
-        pins[op.strip()] = name.strip()
+        pins[op] = name
     return pins
 
 
 def pinned(op: str) -> str | None:
     """The backend name pinned for ``op`` (context manager, then config, then environment)."""
+    return _pin(op)[0]
+
+
+def _pin(op: str) -> tuple[str | None, str]:
+    """The backend name pinned for ``op`` and where the pin comes from (errors about it name that)."""
     for scope in reversed(getattr(_local, "stack", [])):
         if op in scope:
-            return scope[op]
+            return scope[op], USE_BACKEND
     if op in _config_pins:
-        return _config_pins[op]
+        return _config_pins[op], CONFIG_PINS
     text = os.environ.get(ENV_PINS, "")
     pins = _env_pins.get(text)
     if pins is None:  # read and checked once per value, not on every call
         pins = _parse_pins(text)
-        _check_op_names(pins)
+        _check_pins(pins, f"{ENV_PINS}={text!r}")
         _env_pins[text] = pins
-    return pins.get(op)
+    return pins.get(op), ENV_PINS
 
 
 _env_pins: dict[str, dict[str, str]] = {}
@@ -211,7 +234,14 @@ def preferred() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=8)
 def _parse_prefer(text: str) -> tuple[str, ...]:
-    return tuple(filter(None, (name.strip() for name in text.split(","))))
+    """``backend[,backend...]`` as names, read and checked once per value of the variable."""
+    names = tuple(filter(None, (name.strip() for name in text.split(","))))
+    source = f"{ENV_PREFER}={text!r}"
+    if any(_NOT_IN_A_NAME.search(name) for name in names):
+        raise BackendError(f"hetrain: cannot read {source}: expected 'backend[,backend...]', names separated by "
+                           f"commas, e.g. 'cuda,cpu'")
+    _check_backend_names(names, source)
+    return names
 
 
 def strict() -> bool:
@@ -221,52 +251,87 @@ def strict() -> bool:
     return os.environ.get(ENV_STRICT, "0").lower() in ("1", "true", "yes")
 
 
-def _check_op_names(pins: Mapping[str, str]) -> None:
-    """Refuses a pin for an op no backend registers: it would never apply, and the call would run unpinned."""
-    if all(name in _registry for name in pins):  # the usual case, without loading plugins or sorting names
-        return
-    _refuse_unknown(pins, ops(), "a pin names op {!r}, which no backend registers", "ops")
+def _check_pins(pins: Mapping[str, str | None], source: str) -> None:
+    """Refuses a pin for an op no backend registers (it would never apply: the call would run unpinned) or for a
+    backend the op does not have (it would fail only at the op's first call, far from ``source``, which is named).
+    Checked against the backends registered now: a plugin's backend is pinned after its ``register`` has run."""
+    if all(op in _registry and (not name or name in _registry[op]) for op, name in pins.items()):
+        return  # the usual case, without loading plugins or sorting names
+    _refuse_unknown(pins, ops(), source, lambda op: f"a pin names op {op!r}, which no backend registers", "ops")
+    for op, name in pins.items():
+        if name:
+            _refuse_unknown([name], [b.name for b in backends(op)], source,
+                            lambda n, op=op: f"a pin names backend {n!r} for op {op!r}, which has no such backend",
+                            f"{op}'s backends registered so far")
 
 
-def _check_backend_names(names: Iterable[str]) -> None:
+def _check_backend_names(names: Iterable[str], source: str) -> None:
     """Refuses a preferred backend that no op registers: a typo would leave the order as it was, silently."""
+    if all(any(name in named for named in _registry.values()) for name in names):  # without loading plugins
+        return
     known = sorted({b.name for op in ops() for b in backends(op)})
-    _refuse_unknown(names, known, "a preferred backend {!r} is registered for no op", "backends")
+    _refuse_unknown(names, known, source, lambda name: f"a preferred backend {name!r} is registered for no op",
+                    "backends")
 
 
-def _refuse_unknown(names: Iterable[str], known: list[str], says: str, kind: str) -> None:
-    """Raises for the first of ``names`` not in ``known``: ``says`` (formatted with the name), the nearest known
-    name, and every known ``kind``."""
+def _refuse_unknown(names: Iterable[str], known: list[str], source: str, says: Callable[[str], str],
+                    kind: str) -> None:
+    """Raises for the first of ``names`` not in ``known``: where it comes from, what ``says`` of it, the nearest
+    known name, and every known ``kind``."""
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise BackendError(f"hetrain: {says.format(name)}{hint}; {kind}: {', '.join(known)}")
+            raise BackendError(f"hetrain: {source}: {says(name)}{hint}; {kind}: {', '.join(known)}")
 
 
-def configure(pins: dict[str, str] | None = None, strict: bool | None = None,
-              prefer: list[str] | tuple[str, ...] | None = None) -> None:
-    """Sets process-wide pins (replacing earlier ones), strict mode and the preferred backends (an empty list
-    falls back to ``HETRAIN_PREFER``); ``None`` leaves a setting as is."""
+class _Keep(enum.Enum):
+    """``configure``'s default for ``strict``, where None already means "back to HETRAIN_STRICT's choice"."""
+
+    KEEP = enum.auto()
+
+
+def configure(pins: Mapping[str, str] | None = None, strict: bool | None | _Keep = _Keep.KEEP,
+              prefer: str | list[str] | tuple[str, ...] | None = None) -> None:
+    """Sets process-wide pins (replacing earlier ones), the preferred backends and strict mode.
+
+    ``pins`` or ``prefer`` None leaves that setting as is; an empty ``prefer`` falls back to ``HETRAIN_PREFER``.
+    ``strict`` left out leaves it as is, while ``strict=None`` falls back to ``HETRAIN_STRICT``: a recipe's
+    ``backends.strict: null`` means that, and one sweep job's ``strict: true`` must not outlive the job.
+    """
     global _config_strict, _config_prefer
     if pins is not None:
-        _check_op_names(pins)
+        _check_pins(pins, CONFIG_PINS)
         _config_pins.clear()
         _config_pins.update({k: v for k, v in dict(pins).items() if v})
         _forget_resolved()
     if prefer is not None:
-        _check_backend_names(prefer)
-        _config_prefer = tuple(prefer) or None
+        names = _names(prefer)
+        _check_backend_names(names, CONFIG_PREFER)
+        _config_prefer = names or None
         _forget_resolved()
-    if strict is not None:
-        _config_strict = bool(strict)
+    if strict is not _Keep.KEEP:
+        _config_strict = None if strict is None else bool(strict)
+
+
+def _refuse_while_compiling(block: str) -> None:
+    """Refuses a block opened inside a compiled function, in hetrain's words rather than Dynamo's (it cannot enter
+    the block's lock); its pins would not reach the compiled backward either."""
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            f"hetrain: {block} cannot be opened inside a torch.compile'd function: open it around the call of the "
+            "compiled function instead. Its pins apply to that call's forward; the compiled backward follows the "
+            "pins in force when backward runs (configure(...) and the environment's pins cover both)"
+        )
 
 
 @contextlib.contextmanager
 def use_backend(**pins: str) -> Iterator[None]:
     """Pins backends for the calls made inside the block, on this thread, and for their backward wherever autograd
-    runs it: ``use_backend(layer_norm="torch")``."""
-    _check_op_names(pins)
+    runs it: ``use_backend(layer_norm="torch")``. Not a compiled backward, nor activation checkpointing's recompute
+    unless the checkpoint is given :func:`checkpoint_context` (README, "Choosing a backend")."""
+    _refuse_while_compiling(USE_BACKEND)
+    _check_pins(pins, USE_BACKEND)
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
@@ -280,8 +345,10 @@ def use_backend(**pins: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def preferring(*names: str) -> Iterator[None]:
-    """Tries the named backends first for every op called inside the block, on this thread (and their backward),
-    wherever they serve the device: ``preferring("cuda")``. Pins still win."""
+    """Tries the named backends first for every op called inside the block, on this thread (and their backward,
+    as for :func:`use_backend`), wherever they serve the device: ``preferring("cuda")``. Pins still win."""
+    _refuse_while_compiling(PREFERRING)
+    _check_backend_names(names, PREFERRING)
     scoped = getattr(_local, "prefer", None)
     if scoped is None:
         scoped = _local.prefer = []
@@ -326,6 +393,38 @@ def reopened(scopes: Scopes | None) -> Iterator[None]:
         _local.stack, _local.prefer = saved
 
 
+ContextFn = Callable[[], tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]]
+
+
+def checkpoint_context(inner: ContextFn | None = None) -> tuple[contextlib.AbstractContextManager[Any],
+                                                                contextlib.AbstractContextManager[Any]]:
+    """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` under which the
+    recompute, which runs in backward, keeps the use_backend/preferring blocks open at forward, as a pinned call's
+    own backward does; without it the recompute picks backends afresh. ``inner``, another ``context_fn``, is
+    combined with it: ``context_fn=functools.partial(checkpoint_context, inner)``.
+    """
+    forward, recompute = (contextlib.nullcontext(), contextlib.nullcontext()) if inner is None else inner()
+    return forward, _InScopes(open_scopes(), recompute)
+
+
+class _InScopes:
+    """``inner`` entered under :func:`reopened` ``scopes``, anew at each entry: a second backward of a graph kept
+    with ``retain_graph=True`` recomputes again."""
+
+    def __init__(self, scopes: Scopes | None, inner: contextlib.AbstractContextManager[Any]) -> None:
+        self._scopes, self._inner = scopes, inner
+        self._entered: list[contextlib.ExitStack] = []
+
+    def __enter__(self) -> None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(reopened(self._scopes))
+            stack.enter_context(self._inner)
+            self._entered.append(stack.pop_all())
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        return self._entered.pop().__exit__(*exc_info)
+
+
 def _describe(op: str) -> str:
     parts = []
     for b in backends(op):
@@ -368,17 +467,13 @@ def _candidates(op: str, device_type: str, pin: str | None, prefer: tuple[str, .
     if pin is not None:
         chosen = next((b for b in every if b.name == pin), None)
         if chosen is None:
-            raise BackendError(
-                f"hetrain: backend {pin!r} pinned for op {op!r} is not registered; registered: {_describe(op)}"
-            )
+            raise _pin_error(op, pin, f"is not registered; registered: {_describe(op)}")
         if device_type not in chosen.devices:
-            raise BackendError(
-                f"hetrain: backend {pin!r} pinned for op {op!r} does not serve device {device_type!r} "
-                f"(it serves {', '.join(chosen.devices)}); unpin it or move the inputs"
-            )
+            raise _pin_error(op, pin, f"does not serve device {device_type!r} (it serves {', '.join(chosen.devices)})"
+                                      f"; unpin it or move the inputs{_interpreter_hint(pin, device_type)}")
         why = chosen.why_unavailable()
         if why is not None:
-            raise BackendError(f"hetrain: backend {pin!r} pinned for op {op!r} is unavailable: {why}")
+            raise _pin_error(op, pin, f"is unavailable: {why}")
         return [chosen]
     usable = [b for b in every
               if device_type in b.devices and device_type not in b.opt_in and b.why_unavailable() is None]
@@ -390,6 +485,19 @@ def _candidates(op: str, device_type: str, pin: str | None, prefer: tuple[str, .
         )
     # A stable sort: the preferred in the order named, then the rest by priority as before.
     return sorted(usable, key=lambda b: prefer.index(b.name) if b.name in prefer else len(prefer))
+
+
+def _pin_error(op: str, pin: str, problem: str) -> BackendError:
+    """A pin that cannot run, naming where it was set: a pin set far from the call is otherwise hard to find."""
+    return BackendError(f"hetrain: backend {pin!r} pinned for op {op!r} (by {_pin(op)[1]}) {problem}")
+
+
+def _interpreter_hint(pin: str, device_type: str) -> str:
+    """How the Triton kernels run on CPU tensors (hetrain.ops._backends registers them for the CPU only then)."""
+    if pin == "triton" and device_type == "cpu":
+        return ("; Triton kernels run on CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 before "
+                "importing hetrain")
+    return ""
 
 
 def select(op: str, device_type: str) -> Backend:
@@ -416,6 +524,39 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def note_failure(exc: BaseException, op: str, backend: str, device_type: str) -> None:
+    """Names the backend and op on an exception hetrain lets through: a kernel's own message rarely says which ran,
+    nor why nothing else was tried."""
+    add_note = getattr(exc, "add_note", None)  # Python 3.11 and later
+    if add_note is not None:
+        add_note(f"hetrain: raised by backend {backend!r} of op {op!r} on {device_type}; {_why_no_fallback(op)}")
+
+
+def _why_no_fallback(op: str) -> str:
+    pin, source = _pin(op)
+    if pin is not None:
+        return f"it is pinned (by {source}), so no other backend was tried"
+    if strict():
+        return f"strict mode ({ENV_STRICT}=1 or configure(strict=True)) raises rather than falling back"
+    if _capturing():
+        return "inside a CUDA graph capture no other backend can be tried"
+    return "it was the last backend serving this device"
+
+
+# Frames of hetrain's op machinery and of torch, between the line that called an op (or backward) and a warning.
+_INTERNAL_FILES = (__file__, *(os.path.join(os.path.dirname(__file__), part) + os.sep for part in ("ops", "nn")),
+                   os.path.dirname(torch.__file__) + os.sep)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` for a warning its caller gives that points at the first frame outside hetrain's ops and
+    torch: the user's line, not hetrain's."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def call(op: str, entry: str, device_type: str, *args: Any, **kwargs: Any) -> Any:
     """Runs ``entry`` (e.g. ``"forward"``) of the best backend, falling back as the module docstring says."""
     tried = candidates(op, device_type)
@@ -435,14 +576,15 @@ def call(op: str, entry: str, device_type: str, *args: Any, **kwargs: Any) -> An
             # Inside a CUDA graph capture a failed launch has invalidated the capture: a fallback would run
             # into it and hide the cause (the capture then fails later, naming some other op).
             if last or raises_without_fallback(op):
+                note_failure(exc, op, backend.name, device_type)
                 raise
             key = (op, backend.name)
             if key not in _warned:
                 _warned.add(key)
                 warnings.warn(
                     f"hetrain: backend {backend.name!r} of op {op!r} failed on {device_type} "
-                    f"({type(exc).__name__}: {exc}); falling back to {tried[i + 1].name!r}. "
-                    f"Set {ENV_STRICT}=1 to raise instead.",
-                    stacklevel=3,
+                    f"({type(exc).__name__}: {exc}); falling back to {tried[i + 1].name!r}. This warning comes "
+                    f"once per op and backend in a process; set {ENV_STRICT}=1 to raise instead.",
+                    stacklevel=_caller_stacklevel(),
                 )
     raise AssertionError("unreachable")  # pragma: no cover

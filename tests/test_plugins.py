@@ -106,8 +106,14 @@ def test_first_choice_entry_is_the_first_candidates_or_none(op):
 
 
 def test_bad_pin_errors_name_the_problem(op, monkeypatch):
-    with plugins.use_backend(**{op: "nope"}), pytest.raises(plugins.BackendError, match="'nope'.*not registered"):
-        plugins.select(op, "cpu")
+    with pytest.raises(plugins.BackendError, match=r"use_backend.*'nope' for op .*no such backend"):
+        with plugins.use_backend(**{op: "nope"}):
+            pass
+    plugins.register(op, "outside", ("cpu",), Good("outside"))
+    with plugins.use_backend(**{op: "outside"}):
+        plugins.unregister(op, "outside")  # after the pin was checked: the call says so, naming where it was set
+        with pytest.raises(plugins.BackendError, match=r"'outside' pinned .*\(by use_backend\(\.\.\.\)\) is not reg"):
+            plugins.select(op, "cpu")
     with plugins.use_backend(**{op: "slow"}), pytest.raises(plugins.BackendError, match="does not serve device 'cuda'"):
         plugins.select(op, "cuda")
     with plugins.use_backend(**{op: "ghost"}), pytest.raises(plugins.BackendError, match="driver missing"):
@@ -256,3 +262,114 @@ def test_a_pin_for_an_op_no_backend_registers_is_refused_with_the_nearest_name(m
     monkeypatch.setenv(plugins.ENV_PINS, "layernorm=torch")
     with pytest.raises(plugins.BackendError, match="names op 'layernorm'.*did you mean 'layer_norm'"):
         plugins.pinned("layer_norm")
+
+
+def test_preferring_and_the_environment_refuse_an_unknown_backend_naming_where_it_was_given(op, monkeypatch):
+    """``preferring("trch")`` and ``HETRAIN_PREFER=trch`` left the order as it was, silently."""
+    with pytest.raises(plugins.BackendError, match=r"preferring\(\.\.\.\): .*'trch'.*did you mean 'torch'"):
+        with plugins.preferring("trch"):
+            pass
+    monkeypatch.setenv(plugins.ENV_PREFER, "trch")
+    with pytest.raises(plugins.BackendError, match=r"HETRAIN_PREFER='trch': .*did you mean 'torch'"):
+        plugins.select(op, "cpu")
+    monkeypatch.setenv(plugins.ENV_PREFER, "slow fast")  # read as one name "slow fast"
+    with pytest.raises(plugins.BackendError, match="HETRAIN_PREFER='slow fast'.*separated by commas"):
+        plugins.select(op, "cpu")
+
+
+def test_configure_keeps_strict_when_left_out_and_none_returns_it_to_the_environment(op, monkeypatch):
+    """A sweep job's ``backends.strict: true`` outlived it: the next job's ``null`` left it on."""
+    monkeypatch.setenv(plugins.ENV_STRICT, "0")
+    plugins.configure(strict=True)
+    plugins.configure(pins={})
+    assert plugins.strict()
+    plugins.configure(pins={}, strict=None, prefer=[])  # what train.py passes for backends.strict: null
+    assert not plugins.strict()
+
+
+def test_a_pin_to_a_backend_the_op_lacks_is_refused_where_it_is_set(op, monkeypatch):
+    """``configure(pins={'layer_norm': 'trch'})`` was accepted and failed at the first call, naming no source."""
+    with pytest.raises(plugins.BackendError, match=r"configure\(pins=\.\.\.\) .*backends.pins.*'trch' for op "
+                                                   r"'layer_norm'.*did you mean 'torch'"):
+        plugins.configure(pins={"layer_norm": "trch"})
+    with pytest.raises(plugins.BackendError, match=r"use_backend\(\.\.\.\): .*'trch' for op 'layer_norm'"):
+        with plugins.use_backend(layer_norm="trch"):
+            pass
+    for setting, says in [("layer_norm=trch", "'trch' for op 'layer_norm'"),
+                          ("layer_nrom=torch", "names op 'layer_nrom'"),
+                          ("layer_norm=torch;rms_norm=torch", "pins separated by commas")]:
+        monkeypatch.setenv(plugins.ENV_PINS, setting)
+        with pytest.raises(plugins.BackendError, match=f"HETRAIN_BACKEND='{setting}'.*{says}"):
+            plugins.select(op, "cpu")
+    monkeypatch.delenv(plugins.ENV_PINS)
+    plugins.register(op, "outside", ("cpu",), Good("outside"))
+    plugins.configure(pins={op: "outside"})
+    plugins.unregister(op, "outside")  # after the pin was checked: the call names where it was set
+    with pytest.raises(plugins.BackendError, match=r"'outside' pinned .*\(by configure\(pins=\.\.\.\)"):
+        plugins.select(op, "cpu")
+
+
+def test_a_lone_device_string_is_one_device(op):
+    """``devices="npu"`` registered the devices 'n', 'p' and 'u'."""
+    assert plugins.register(op, "outside", "npu", Good("outside")).devices == ("npu",)
+    assert plugins.call(op, "forward", "npu", 1) == ("outside", 1)
+
+
+def test_the_fallback_warning_points_at_the_line_that_called_the_op(monkeypatch):
+    import hetrain
+
+    monkeypatch.setenv(plugins.ENV_STRICT, "0")
+    plugins.register("layer_norm", "broken_for_warning", ("cpu",), Broken, priority=99)  # warned once per process
+    try:
+        with pytest.warns(UserWarning, match="'broken_for_warning'") as caught:
+            hetrain.nn.LayerNorm(8)(torch.randn(2, 8, requires_grad=True))  # through torch's Module and Function
+    finally:
+        plugins.unregister("layer_norm", "broken_for_warning")
+    [warning] = [w for w in caught if "broken_for_warning" in str(w.message)]
+    assert warning.filename == __file__ and "once per op and backend in a process" in str(warning.message)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11's")
+def test_an_error_let_through_names_the_backend_and_op_and_why_nothing_else_was_tried(op, monkeypatch):
+    plugins.register(op, "broken", ("cpu",), Broken, priority=50)
+    monkeypatch.setenv(plugins.ENV_STRICT, "1")
+    with pytest.raises(RuntimeError, match="kernel exploded") as info:
+        plugins.call(op, "forward", "cpu", 1)
+    assert info.value.__notes__ == [f"hetrain: raised by backend 'broken' of op '{op}' on cpu; strict mode "
+                                    "(HETRAIN_STRICT=1 or configure(strict=True)) raises rather than falling back"]
+    with plugins.use_backend(**{op: "broken"}), pytest.raises(RuntimeError) as info:
+        plugins.call(op, "forward", "cpu", 1)
+    assert "pinned (by use_backend(...))" in info.value.__notes__[0]
+
+
+class ExplodingWithGrad:
+    """A backend whose C++-autograd-style entry fails too."""
+
+    @staticmethod
+    def forward_with_grad(*args):
+        raise RuntimeError("kernel exploded")
+
+    forward = backward = forward_with_grad
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11's")
+def test_a_failing_autograd_entry_names_its_backend_and_op(monkeypatch):
+    import hetrain
+
+    monkeypatch.setenv(plugins.ENV_STRICT, "1")
+    plugins.register("layer_norm", "exploding", ("cpu",), ExplodingWithGrad, priority=99)
+    try:
+        with pytest.raises(RuntimeError, match="kernel exploded") as info:
+            hetrain.ops.layer_norm(torch.randn(2, 8, requires_grad=True))
+    finally:
+        plugins.unregister("layer_norm", "exploding")
+    assert "hetrain: raised by backend 'exploding' of op 'layer_norm' on cpu" in info.value.__notes__[0]
+
+
+def test_a_triton_pin_on_cpu_tensors_says_how_triton_runs_there(op):
+    plugins.register(op, "triton", ("cuda",), Good("triton"))  # as without TRITON_INTERPRET=1
+    try:
+        with plugins.use_backend(**{op: "triton"}), pytest.raises(plugins.BackendError, match="TRITON_INTERPRET=1"):
+            plugins.select(op, "cpu")
+    finally:
+        plugins.unregister(op, "triton")

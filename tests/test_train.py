@@ -396,7 +396,7 @@ def test_a_checkpoint_path_that_is_no_file_is_refused_naming_it(tmp_path):
 
 
 def test_failed_run_records_its_error(tmp_path):
-    # A pin to a backend that does not exist reaches hetrain.plugins.configure and fails the first forward.
+    # A pin to a backend that does not exist is refused by hetrain.plugins.configure, before the fit.
     result = train_py("recipe=bert_split", "+backends.pins.layer_norm=nope", *SMALL,
                       f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode != 0

@@ -148,7 +148,9 @@ class Op:
         body = self.body
 
         # A CUDA tensor's backward runs on autograd's device thread: the backend blocks (use_backend, preferring)
-        # open where forward ran are reopened there, so a pinned forward gets its backward pinned too.
+        # open where forward ran are reopened there, so a pinned forward gets its backward pinned too. Not in a
+        # compiled backward, which calls the backward op where backward runs, nor in activation checkpointing's
+        # recompute (a forward run again in backward), unless the checkpoint has plugins.checkpoint_context.
         def scoped_setup_context(ctx: Any, inputs: Any, output: Any) -> None:
             setup_context(ctx, inputs, output)
             ctx.backend_scopes = plugins.open_scopes()
@@ -191,8 +193,10 @@ class Op:
                         return with_grad(*args)
                     except plugins.PASS_THROUGH:
                         raise
-                    except Exception:
+                    except Exception as exc:
                         if plugins.raises_without_fallback(self._family):
+                            device = args[0].device.type
+                            plugins.note_failure(exc, self._family, plugins.select(self._family, device).name, device)
                             raise
                         # The Function below calls the same backend again: it warns and falls back, as any call does.
             return self._function.apply(*args)

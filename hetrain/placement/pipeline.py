@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from hetrain import plugins
 from hetrain.host_copies import hold_until_copied
 from hetrain.ops import rng
 
@@ -185,9 +186,11 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
                     # Micro-batch 0 draws the stage's dropout seeds; the others (and recomputes) replay them.
                     randomness = partial(rng.micro_batch, seeds[s], first_rows[i])
                     if name in checkpoint:
+                        # The recompute, run in backward, keeps the backend pins its forward ran under (use_backend...).
                         acts[i] = torch.utils.checkpoint.checkpoint(
                             run_stage, name, x, *own, use_reentrant=False,
-                            context_fn=lambda r=randomness, i=i: (r(record=i == 0), r(record=False)))
+                            context_fn=partial(plugins.checkpoint_context,
+                                               lambda r=randomness, i=i: (r(record=i == 0), r(record=False))))
                     else:
                         with randomness(record=i == 0):
                             acts[i] = run_stage(name, x, *own)

@@ -1,0 +1,76 @@
+"""Where use_backend/preferring blocks reach: activation checkpointing's recompute, and torch.compile."""
+
+import pytest
+import torch
+import torch.utils.checkpoint
+
+import hetrain
+from hetrain import plugins
+from hetrain.placement.pipeline import gpipe_forward
+
+
+class Broken:
+    """A layer_norm backend that must never run (a vendor kernel wrong for this model, say): pins keep it away."""
+
+    @staticmethod
+    def forward(*args):
+        raise RuntimeError("the broken backend ran")
+
+    backward = forward
+
+
+@pytest.fixture
+def broken_layer_norm(monkeypatch):
+    """layer_norm's automatic choice on the CPU is a backend that raises (strict: no fallback hides it)."""
+    monkeypatch.setenv(plugins.ENV_STRICT, "1")
+    plugins.register("layer_norm", "broken", ("cpu",), Broken, priority=99)
+    yield
+    plugins.unregister("layer_norm", "broken")
+
+
+class NormThenLinear(torch.nn.Module):
+    """A fused op with a torch op after it, as in any transformer block: the recompute must rebuild both."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(8))
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.linear(hetrain.ops.layer_norm(x, self.weight))
+
+
+def test_a_checkpointed_pipeline_stage_recomputes_under_the_pins_of_its_forward(broken_layer_norm):
+    """PipelineSplit(checkpoint=[...]) recomputed a pinned stage unpinned, during a backward run outside the block."""
+    stage = NormThenLinear()
+    x = torch.randn(4, 8, requires_grad=True)
+    with plugins.use_backend(layer_norm="torch"):
+        y = gpipe_forward([("block", stage)], lambda name, h, *own: stage(h), [x], micro_batches=2,
+                          checkpoint=["block"])
+    y.sum().backward()
+    expected = stage.linear(torch.nn.functional.layer_norm(x, (8,), stage.weight))
+    torch.testing.assert_close(torch.autograd.grad(expected.sum(), x)[0], x.grad)
+
+
+def test_checkpoint_context_gives_a_users_own_checkpoint_the_pins_of_its_forward(broken_layer_norm):
+    block = NormThenLinear()
+    x = torch.randn(4, 8, requires_grad=True)
+    with plugins.use_backend(layer_norm="torch"):
+        y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=plugins.checkpoint_context)
+    y.sum().backward(retain_graph=True)
+    y.sum().backward()  # a second backward recomputes again, under the same pins
+    with plugins.use_backend(layer_norm="torch"):
+        expected = torch.autograd.grad(block(x).sum(), x)[0]
+    torch.testing.assert_close(x.grad, 2 * expected)
+
+
+@pytest.mark.parametrize("block", [lambda: plugins.use_backend(layer_norm="torch"),
+                                   lambda: plugins.preferring("torch")], ids=["use_backend", "preferring"])
+def test_a_block_opened_inside_a_compiled_function_is_refused_in_hetrains_words(block):
+    """Dynamo said only that it cannot enter a 'lock' context manager."""
+    def pinned_inside(x):
+        with block():
+            return hetrain.ops.layer_norm(x)
+
+    with pytest.raises(Exception, match=r"hetrain: .* cannot be opened inside a torch.compile'd function"):
+        torch.compile(pinned_inside, fullgraph=True)(torch.randn(2, 8))

@@ -165,6 +165,53 @@ def test_bn_relu_pool(dtype, channels_last, shape, pool):
     check("bn_relu_pool_fwd", (x, None, None, None, None, k, s, pad), exact=(1,))
 
 
+def bn_relu_pool_both_ways(x: torch.Tensor, k: list[int], s: list[int], pad: list[int]) -> torch.Tensor:
+    """bn_relu_pool's forward and training backward through the CUDA bindings, set against the CPU kernel; the
+    argmax."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean, invstd = C.bn_stats(x, None, None, 0.1, EPS)
+    w, b = randn(x.shape[1], dtype=acc, seed=32, shift=1.0), randn(x.shape[1], dtype=acc, seed=33)
+    y, argmax = check("bn_relu_pool_fwd", (x, mean, invstd, w, b, k, s, pad), exact=(1,))
+    dy = randn(*y.shape, dtype=x.dtype, seed=34)
+    check("bn_relu_pool_bwd", (dy, argmax, x, mean, invstd, w, b, True, k, s, pad), summed=(1, 2))
+    return argmax
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel", [[256, 1], [1, 256], [16, 16]])
+def test_bn_relu_pool_takes_a_256_position_window(kernel, channels_last):
+    # The most the shared checks accept: the uint8 argmax holds its last position, 255.
+    x = randn(2, 3, kernel[0] + 1, kernel[1] + 2, seed=31)
+    x[:, :, kernel[0] - 1, kernel[1] - 1] = 10.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    argmax = bn_relu_pool_both_ways(x, kernel, kernel, [0, 0])
+    assert argmax[:, :, 0, 0].eq(255).all()
+
+
+# Strides past the padded input: one window on that axis. The first wrapped in a 32-bit int, the others (2^30 and
+# more) were refused: the kernel's window arithmetic in int would overflow.
+@pytest.mark.parametrize("stride", [[2**32 + 1, 1], [2**30, 3], [1, 2**31 - 1]])
+def test_bn_relu_pool_stride_past_the_input(stride):
+    bn_relu_pool_both_ways(randn(2, 3, 5, 6, seed=35), [2, 2], stride, [1, 1])
+
+
+def test_bn_relu_pool_of_no_channels():
+    bn_relu_pool_both_ways(randn(2, 0, 4, 4), [2, 2], [2, 2], [0, 0])
+
+
+@pytest.mark.parametrize("op", ["bn_stats", "bn_relu_pool_bwd"])
+def test_bn_reductions_name_the_nchw_channel_limit(op):
+    # One grid row of blocks a channel, and the grid has 65535 rows.
+    x = randn(2, 65536, 1, 1, seed=36)
+    mean, invstd = C.bn_stats(x, None, None, 0.1, EPS)
+    y, argmax = C.bn_relu_pool_fwd(x, mean, invstd, None, None, [1, 1], [1, 1], [0, 0])
+    args = {"bn_stats": (x, None, None, 0.1, EPS),
+            "bn_relu_pool_bwd": (y, argmax, x, mean, invstd, None, None, True, [1, 1], [1, 1], [0, 0])}[op]
+    with pytest.raises(RuntimeError, match=f"hetrain.{op}: .*at most 65535 channels of an NCHW x.*channels_last"):
+        on_cuda(op, *args)
+
+
 def test_bad_arguments_get_the_shared_errors():
     x = randn(4, 8)
     with pytest.raises(RuntimeError, match="hetrain.rms_norm"):

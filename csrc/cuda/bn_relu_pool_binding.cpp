@@ -62,14 +62,30 @@ void check_cuda(const char* op, const at::Tensor& x) {
               " is too large: split the batch");
 }
 
+// A stride past the padded input pools one window on its axis, as a stride of the padded size does: clamped to
+// that, it fits the kernel's int (check_cuda bounds the padded size) instead of wrapping.
+int pooling_stride(int64_t stride, int64_t size, int64_t padding) {
+  return static_cast<int>(std::min(stride, size + 2 * padding));
+}
+
 Geometry geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                   bool channels_last) {
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0,
-             static_cast<int>(kernel[0]), static_cast<int>(kernel[1]), static_cast<int>(stride[0]),
-             static_cast<int>(stride[1]), static_cast<int>(padding[0]), static_cast<int>(padding[1]), channels_last};
+             static_cast<int>(kernel[0]), static_cast<int>(kernel[1]),
+             pooling_stride(stride[0], x.size(2), padding[0]), pooling_stride(stride[1], x.size(3), padding[1]),
+             static_cast<int>(padding[0]), static_cast<int>(padding[1]), channels_last};
   g.OH = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
   g.OW = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
   return g;
+}
+
+// The per-channel reductions' channel tiles must fit the grid's y (kMaxChannelTiles).
+void check_channel_tiles(const char* op, const Geometry& g) {
+  const int64_t most = g.channels_last ? 32 * kMaxChannelTiles : kMaxChannelTiles;
+  TORCH_CHECK(channel_tiles(g) <= kMaxChannelTiles, "hetrain.", op, ": the CUDA kernel reduces at most ", most,
+              " channels of ", g.channels_last ? "a channels_last" : "an NCHW", " x, got ", g.C,
+              g.channels_last ? ": split the channels"
+                              : ": make x channels_last (x.contiguous(memory_format=torch.channels_last))");
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
@@ -81,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x, const std:
   const bool cl = is_channels_last(x);
   const at::Tensor xc = x.contiguous(layout(cl));
   const Geometry g = geometry(x, {1, 1}, {1, 1}, {0, 0}, cl);
+  if (g.N * g.H * g.W > 0) check_channel_tiles("bn_stats", g);
   const auto sdt = x.options().dtype(stats_dtype(x.scalar_type()));
   at::Tensor mean = at::empty({g.C}, sdt);
   at::Tensor invstd = at::empty({g.C}, sdt);
@@ -135,6 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_bwd_cuda(
   const at::Tensor mc = contiguous_or_empty(mean), ic = contiguous_or_empty(invstd);
   const at::Tensor wc = contiguous_or_empty(weight), bc = contiguous_or_empty(bias);
   const Geometry g = geometry(x, kernel, stride, padding, cl);
+  // Only the sums of dz reduce over channels (as cuda_backward decides).
+  if ((batch_stats || weight || bias) && g.N * g.OH * g.OW > 0) check_channel_tiles("bn_relu_pool_bwd", g);
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(layout(cl)));
   const auto sdt = x.options().dtype(stats_dtype(x.scalar_type()));
   at::Tensor dw = at::empty({weight ? g.C : 0}, sdt);

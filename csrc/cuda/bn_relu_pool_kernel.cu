@@ -48,16 +48,19 @@ __device__ __forceinline__ acc_type<T> rounded(acc_type<T> v) {
 }
 
 // Sizes as 32-bit ints, so that no kernel divides in 64 bits (a 64-bit division is a called routine,
-// and the call spills). The launchers refuse tensors of 2^31 elements or more.
+// and the call spills). The launchers refuse what would not fit (geometry_ok).
 struct Dims {
   int N, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw;
   bool channels_last;
   int lanes;  // channels_last reductions: channel packs per block (a power of two up to kMaxLanes)
 };
 
-bool fits_int(const Geometry& g) {
+// Tensors under 2^31 elements and strides under 2^30 (window indices in int do not wrap), and a window of 256
+// positions at most: its argmax, 0 to 255, is a uint8.
+bool geometry_ok(const Geometry& g) {
   const int64_t big = std::max(g.N * g.C * g.H * g.W, g.N * g.C * g.OH * g.OW);
-  return big < INT_MAX && g.kh < 256 && g.kw < 256 && g.sh < INT_MAX / 2 && g.sw < INT_MAX / 2;
+  const bool window_ok = g.kh >= 1 && g.kw >= 1 && g.kh <= 256 && g.kw <= 256 && g.kh * g.kw <= 256;
+  return big < INT_MAX && window_ok && g.sh < INT_MAX / 2 && g.sw < INT_MAX / 2;
 }
 
 // Channels per pack: the 16-byte pack width of T in channels_last where the channel count and every pointer
@@ -452,7 +455,7 @@ unsigned elementwise_blocks(int64_t total) {
 }
 
 bool reduce_grid_ok(const Geometry& g, int64_t parts) {
-  return parts >= 1 && parts <= 65535 && channel_tiles(g) <= 65535;
+  return parts >= 1 && parts <= 65535 && channel_tiles(g) <= kMaxChannelTiles;
 }
 
 unsigned finalize_blocks(const Geometry& g) { return static_cast<unsigned>((g.C + kSumLanes - 1) / kSumLanes); }
@@ -464,7 +467,7 @@ cudaError_t cuda_stats(const T* x, acc_type<T>* mean, acc_type<T>* invstd, acc_t
                        acc_type<T>* running_var, double momentum, double eps, acc_type<T>* workspace, int64_t parts,
                        const Geometry& g, cudaStream_t stream) {
   const int64_t count = g.N * g.H * g.W;
-  if (count == 1 || (running_mean == nullptr) != (running_var == nullptr) || !fits_int(g)) {
+  if (count == 1 || (running_mean == nullptr) != (running_var == nullptr) || !geometry_ok(g)) {
     return cudaErrorInvalidValue;
   }
   if (g.C == 0) return cudaSuccess;
@@ -490,7 +493,7 @@ template <typename T>
 cudaError_t cuda_forward(const T* x, const acc_type<T>* mean, const acc_type<T>* invstd, const acc_type<T>* w,
                          const acc_type<T>* b, T* y, uint8_t* argmax, const Geometry& g, cudaStream_t stream) {
   if ((mean == nullptr) != (invstd == nullptr) || (mean == nullptr && (w != nullptr || b != nullptr)) ||
-      !fits_int(g)) {
+      !geometry_ok(g)) {
     return cudaErrorInvalidValue;
   }
   const int64_t total = g.N * g.C * g.OH * g.OW;
@@ -508,11 +511,12 @@ cudaError_t cuda_backward(const T* dy, const uint8_t* argmax, const T* x, const 
                           const acc_type<T>* invstd, const acc_type<T>* w, const acc_type<T>* b, bool batch_stats,
                           T* dx, acc_type<T>* dw, acc_type<T>* db, acc_type<T>* workspace, int64_t parts,
                           const Geometry& g, cudaStream_t stream) {
-  if ((mean == nullptr) != (invstd == nullptr) || (batch_stats && mean == nullptr) || workspace == nullptr ||
-      !fits_int(g)) {
+  if (!geometry_ok(g)) return cudaErrorInvalidValue;
+  // Nothing to do; and the per-channel arrays and the workspace, being empty, may have no address.
+  if (g.C == 0) return cudaSuccess;
+  if ((mean == nullptr) != (invstd == nullptr) || (batch_stats && mean == nullptr) || workspace == nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (g.C == 0) return cudaSuccess;
   const int64_t positions = g.N * g.OH * g.OW;
   const bool sums = (batch_stats || dw != nullptr || db != nullptr) && positions > 0;
   acc_type<T>* coef = workspace + 2 * parts * g.C;

@@ -19,7 +19,10 @@ template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // The convolution output (N, C, H, W) in NCHW or channels_last (NHWC) memory, and the pooling window.
-// OH and OW must be the pooled sizes: (H + 2 * ph - kh) / sh + 1 and likewise for W.
+// OH and OW must be the pooled sizes: (H + 2 * ph - kh) / sh + 1 and likewise for W. The launch functions
+// return cudaErrorInvalidValue for tensors of 2^31 elements or more, a window of more than 256 positions,
+// a stride of 2^30 or more (one past the padded input pools the same single window: clamp it to H + 2 * ph)
+// and reductions of more than kMaxChannelTiles channel tiles.
 struct Geometry {
   int64_t N, C, H, W, OH, OW;
   int kh, kw, sh, sw, ph, pw;
@@ -29,6 +32,10 @@ struct Geometry {
 // Channel tiles of the per-channel reductions at most (all of a block's threads share a tile's channels): in
 // channels_last 32 channels or more a tile (32 lanes of channel packs), in NCHW one channel.
 inline int64_t channel_tiles(const Geometry& g) { return g.channels_last ? (g.C + 31) / 32 : g.C; }
+
+// The reductions' channel tiles run along the grid's y, which CUDA bounds: 65535 NCHW channels, about 2M in
+// channels_last.
+inline constexpr int64_t kMaxChannelTiles = 65535;
 
 // Position blocks the per-channel reductions run: each writes one partial row of C sums. About eight blocks
 // per SM in all (a block's threads each walk their positions one load after another, so the GPU must be full

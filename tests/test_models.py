@@ -30,3 +30,31 @@ def test_a_sequence_longer_than_the_position_table_is_refused_naming_the_setting
     ids = torch.randint(1, 40, (2, 9), generator=torch.Generator().manual_seed(2))
     with pytest.raises(ValueError, match="9 tokens is longer than the model's 8 positions; raise model.max_len"):
         model(ids, torch.ones(2, 9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.int64])
+def test_a_mask_that_is_not_bool_is_refused_naming_the_fix(mask_dtype):
+    # A float 0/1 mask reached attention as an additive bias that masked nothing: padding changed the logits.
+    model = BertClassifier(vocab_size=16, num_classes=3, hidden=16, layers=1, heads=2).eval()
+    ids = torch.randint(1, 16, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    with pytest.raises(ValueError, match=r"must be bool.*attention_mask\.bool\(\)"):
+        model(ids, mask.to(mask_dtype))
+
+
+def test_a_packed_four_dimensional_mask_is_refused_naming_the_blocks_that_take_it():
+    model = BertClassifier(vocab_size=16, num_classes=3, hidden=16, layers=1, heads=2).eval()
+    ids = torch.randint(1, 16, (1, 8))
+    with pytest.raises(ValueError, match=r"\(B, T\) attention_mask.*EncoderBlock"):
+        model(ids, torch.ones(1, 1, 8, 8, dtype=torch.bool))
+
+
+def test_a_row_without_real_tokens_pools_to_finite_logits():
+    model = BertClassifier(vocab_size=16, num_classes=3, hidden=16, layers=1, heads=2).eval()
+    ids = torch.randint(1, 16, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1] = False
+    logits = model(ids, mask)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[0], model(ids[:1], mask[:1])[0])  # the empty row changes no other

@@ -2,9 +2,9 @@
 
 The model is written for one device; :meth:`BertClassifier.stages` names the pieces a placement
 may put on different devices (``embeddings``, ``encoder.<i>``, ``classifier``), in forward order.
-Defaults give the BERT-tiny shape (2 layers, hidden 128, 4 heads). With ``fused=True`` (the default)
-each block runs hetrain's fused ops (LayerNorm, Linear+bias+GELU, dropout+residual+LayerNorm, and a
-dropout whose mask is regenerated in backward rather than stored);
+Defaults give BERT-tiny's size (2 layers, hidden 128) with 4 heads where BERT-Tiny has 2. With
+``fused=True`` (the default) each block runs hetrain's fused ops (LayerNorm, Linear+bias+GELU,
+dropout+residual+LayerNorm, and a dropout whose mask is regenerated in backward rather than stored);
 ``fused=False`` builds the same model from torch modules, with the same state_dict keys.
 """
 
@@ -123,7 +123,8 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         keep = attention_mask[..., None].to(x.dtype)  # (B, T, 1)
-        mean = (x * keep).sum(1) / keep.sum(1)  # (B, H)
+        # A row with no real token pools to zeros, not 0/0 = NaN.
+        mean = (x * keep).sum(1) / keep.sum(1).clamp_min(1)  # (B, H)
         return self.head(self.dropout(torch.tanh(self.pooler(mean))))
 
 
@@ -185,8 +186,23 @@ class BertClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids and (B, T) bool mask (True on real tokens) -> (B, num_classes) logits."""
+        _check_mask(input_ids, attention_mask)
         stages = list(self.stages().items())
         if self.micro_batches > 1 or self.checkpoint_stages:
             return gpipe_forward(stages, self.run_stage, (input_ids, attention_mask), self.micro_batches,
                                  self.checkpoint_stages)
         return run_in_order(stages, self.run_stage, (input_ids, attention_mask))
+
+
+def _check_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """The classifier's mask is (B, T) bool. A float 0/1 mask (Hugging Face's) would reach SDPA as an additive bias
+    that masks nothing, and a packed (B, 1, T, T) mask would give logits per token instead of per row."""
+    if attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"hetrain: BertClassifier takes a (B, T) attention_mask like input_ids {tuple(input_ids.shape)}, got "
+            f"{tuple(attention_mask.shape)}; packed rows with a (B, 1, T, T) mask go through "
+            "Embeddings(position_ids) and EncoderBlock, since the classifier pools whole rows")
+    if attention_mask.dtype != torch.bool:
+        raise ValueError(
+            f"hetrain: BertClassifier's attention_mask must be bool (True on real tokens), got {attention_mask.dtype}; "
+            "pass attention_mask.bool() (a float one would be added to the attention scores, masking nothing)")

@@ -8,8 +8,10 @@ import math
 import random
 
 import pytest
+import torch
+from torch import nn
 
-from hetrain.placement import CostModel
+from hetrain.placement import CostModel, measure
 
 INF = math.inf
 
@@ -117,3 +119,17 @@ def test_save_writes_standard_json_that_loads_back_every_value(tmp_path):
     loaded = CostModel.load(path)
     assert loaded.compute[0][0] == -INF and math.isnan(loaded.compute[0][1]) and loaded.compute[1][0] == INF
     assert loaded.bandwidth == cm.bandwidth
+
+
+@pytest.mark.parametrize("devices", [["cpu", "cpu:0"], ["cpu:0", "cpu"], ["cpu", "cpu"]])
+def test_measure_refuses_two_spellings_of_one_device(devices):
+    """Before, cpu and cpu:0 were measured as two devices: a copy from the CPU to itself timed as a link, and a
+    pipeline over them predicted a speed-up on one device."""
+    with pytest.raises(ValueError, match=r"the devices to measure name cpu twice"):
+        measure(nn.Sequential(nn.Linear(2, 2)), lambda: torch.randn(1, 2), devices)
+
+
+def test_measure_refuses_the_meta_device_by_name():
+    """The meta device is present everywhere (a plan may place a stage there), but holds no data to time."""
+    with pytest.raises(ValueError, match="cannot measure on meta"):
+        measure(nn.Sequential(nn.Linear(2, 2)), lambda: torch.randn(1, 2), ["cpu", "meta"])

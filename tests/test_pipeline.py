@@ -295,6 +295,14 @@ def test_stage_placement_refuses_bad_settings_when_made_not_at_fit_start(kwargs,
         StagePlacement(**kwargs)
 
 
+def test_stage_placement_names_an_absent_fallback_before_moving_anything():
+    """Before, the stages of an absent device were sent to an absent fallback: torch's bare AssertionError."""
+    stages = {"embed": nn.Linear(4, 4), "head": nn.Linear(4, 2)}
+    with pytest.raises(ValueError, match=r"head on cuda:99.*the fallback cuda:98 is not here either"):
+        StagePlacement({"embed": "meta", "head": "cuda:99"}, fallback="cuda:98").place(stages)
+    assert stages["embed"].weight.device.type == "cpu"
+
+
 def test_checkpoint_names_must_be_stages():
     with pytest.raises(ValueError, match="'decoder' names no stage"):
         PipelineSplit(checkpoint=["decoder"]).checkpointed(["embeddings", "encoder.0"])

@@ -21,6 +21,7 @@ from hetrain.placement import (
     heft,
     heft_bytes,
     measure,
+    resolve_plan,
     topological_order,
     upward_ranks,
 )
@@ -426,6 +427,25 @@ def test_sequential_chain_is_feasible_when_only_a_return_to_a_device_is():
         chain_dp_bytes(costs, [1.0, 1.0], bw, "pipeline", 4)
 
 
+def test_an_infeasible_chain_suggests_a_device_holding_several_stages_only_where_that_is_feasible():
+    """Before, a chain with no finite plan at all was told to try objective='sequential', as infeasible."""
+    with pytest.raises(ValueError, match="no placement of the chain has a finite time") as error:
+        chain_dp([[1.0, INF], [INF, 1.0]], [INF], "pipeline", 4)
+    assert "sequential" not in str(error.value)
+    with pytest.raises(ValueError, match="no placement of the chain has a finite time") as error:
+        chain_dp([[1.0, INF], [INF, 1.0]], [INF], distinct_devices=True)
+    assert "distinct_devices=False" not in str(error.value)
+
+
+def test_chain_dp_takes_numpy_arrays():
+    """Before, `if not costs` asked a NumPy array for its truth value and NumPy refused."""
+    np = pytest.importorskip("numpy")
+    plan = chain_dp(np.array([[1.0, 4.0], [4.0, 1.0]]), np.array([0.5]))
+    assert plan.devices == [0, 1] and plan.predicted_time == 2.5
+    with pytest.raises(ValueError, match="the chain has no layers"):
+        chain_dp(np.zeros((0, 2)), np.zeros(0))
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_sequential_default_matches_brute_force_over_every_plan(seed):
     rng = random.Random(1700 + seed)
@@ -688,6 +708,19 @@ def test_plan_loads_a_recipe_style_mapping(tmp_path):
         PlacementPlan.load(path)
 
 
+def test_a_bare_plan_file_names_the_entry_with_a_bad_device(tmp_path):
+    """Before, a bare file got the generic "a placement file holds either ..." where the same under plan: named
+    the entry."""
+    for text in ("embeddings: 0\n", "plan:\n  embeddings: 0\n"):
+        path = tmp_path / "plan.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match="placement of 'embeddings' names device 0"):
+            PlacementPlan.load(path)
+    path.write_text("plan: [a, b]\n")
+    with pytest.raises(ValueError, match="a placement file holds either"):
+        PlacementPlan.load(path)
+
+
 def test_plan_apply_moves_submodules_most_specific_path_last():
     # The meta device stands in for a second device: moving to it is a real move with no data (and
     # nothing can move back out of it, so moving the group after its member would fail here).
@@ -704,6 +737,55 @@ def test_plan_apply_names_a_missing_path():
     with pytest.raises(ValueError, match="'encoder.7' names no submodule of Net"):
         PlacementPlan({"embeddings": "meta", "encoder.7": "meta"}).apply(model)
     assert model.embeddings.weight.device.type == "cpu"  # nothing moved before the error
+
+
+class TwoStages(nn.Module):
+    """A model written for one device, whose stages a plan may put on two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 5)
+        self.layers = nn.ModuleList(nn.Linear(5, 5) for _ in range(2))
+
+    def stages(self) -> dict[str, nn.Module]:
+        return {"embed": self.embed, "layers.0": self.layers[0], "layers.1": self.layers[1]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](self.layers[0](self.embed(x)))
+
+
+def test_an_applied_plan_runs_the_model_across_devices():
+    """Before, apply only moved the stages: a CPU input met the weights of a stage on another device (meta stands
+    in for a GPU). The hooks go on the stages a group path covers, not on the group (a ModuleList, never called)."""
+    model = TwoStages()
+    plan = PlacementPlan({"embed": "cpu", "layers": "meta"})
+    assert plan.apply(model) is model
+    assert model(torch.randn(4, 5)).device.type == "meta"
+    plan.apply(model)  # again: the hooks are replaced, not stacked
+    assert [len(stage._forward_pre_hooks) for stage in model.stages().values()] == [1, 1, 1]
+    assert len(model.layers._forward_pre_hooks) == 0
+    # A model without stages(): each planned submodule takes its inputs to its device.
+    chain = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 3))
+    PlacementPlan({"1": "meta"}).apply(chain)
+    assert chain(torch.randn(4, 5)).device.type == "meta"
+
+
+def test_plan_apply_names_an_absent_device_before_moving_anything():
+    """Before, torch's bare "Torch not compiled with CUDA enabled" named neither path nor device, after the entries
+    before it had moved."""
+    model = Net()
+    with pytest.raises(ValueError, match=r"places 'encoder' on cuda:99, which this machine does not have \(it has cpu"):
+        PlacementPlan({"embeddings": "meta", "encoder": "cuda:99"}).apply(model)
+    assert model.embeddings.weight.device.type == "cpu"
+
+
+def test_resolve_plan_refuses_an_absent_fallback_where_it_is_needed():
+    """Before, stages whose device was absent were sent to an absent fallback too (cuda:98 here)."""
+    stages = ["embeddings", "encoder.0", "classifier"]
+    with pytest.raises(ValueError, match=r"encoder on cuda:99.*the fallback cuda:98 is not here either"):
+        resolve_plan({"embeddings": "cpu", "encoder": "cuda:99"}, stages, fallback="cuda:98")
+    devices, note = resolve_plan({"embeddings": "cpu"}, stages, fallback="cuda:98")  # no stage needs it
+    assert devices == {"embeddings": torch.device("cpu")} and note is None
 
 
 def test_plan_from_solver_output_and_bad_input():

@@ -92,12 +92,8 @@ def test_pipeline_objective_on_one_device_predicts_the_whole_batch_it_runs(tmp_p
     assert placement.summary["predicted_step_time_ms"] == round(sum(row[0] for row in costs.compute) * 1e3, 3)
 
 
-def test_pipeline_objective_times_one_micro_batch_where_a_plan_can_split(tmp_path, monkeypatch):
-    """With several devices the whole batch is timed for one-device plans and its first micro-batch (the rows the
-    pipeline split gives it) for split ones; before, only the whole batch, read as one micro-batch."""
-    from hetrain.callbacks import placement as placement_module
-
-    rows = []
+def measuring_two_devices(rows: list[int]):
+    """A stand-in for ``measure`` that records the rows of each batch it times."""
 
     def measure_two_devices(stages, make_input, devices, extra_args, **kwargs):
         # This machine's CPU, and a device as a GPU machine would measure it: ten times faster, behind a fast link.
@@ -106,7 +102,16 @@ def test_pipeline_objective_times_one_micro_batch_where_a_plan_can_split(tmp_pat
         return CostModel(cpu.stages, ["cpu", "cuda:0"], [[c, c / 10] for c, in cpu.compute], cpu.boundary_bytes,
                          [[INF, 1e12], [1e12, INF]], meta=cpu.meta)
 
-    monkeypatch.setattr(placement_module, "measure", measure_two_devices)
+    return measure_two_devices
+
+
+def test_pipeline_objective_times_one_micro_batch_where_a_plan_can_split(tmp_path, monkeypatch):
+    """With several devices the whole batch is timed for one-device plans and its first micro-batch (the rows the
+    pipeline split gives it) for split ones; before, only the whole batch, read as one micro-batch."""
+    from hetrain.callbacks import placement as placement_module
+
+    rows = []
+    monkeypatch.setattr(placement_module, "measure", measuring_two_devices(rows))
     placement = StagePlacement("auto", objective="pipeline", micro_batches=4, save_dir=str(tmp_path))
     batch_rows = fit_one_step(placement, tmp_path)
     assert rows == [batch_rows, math.ceil(batch_rows / 4)]
@@ -117,6 +122,31 @@ def test_pipeline_objective_times_one_micro_batch_where_a_plan_can_split(tmp_pat
 
     best = RunCosts(whole, micro, 4).best_plan()
     assert placement.summary["predicted_step_time_ms"] == round(best.predicted_step_time * 1e3, 3)
+
+
+def test_pipeline_objective_cuts_only_what_the_stages_take_into_a_micro_batch(tmp_path, monkeypatch):
+    """Before, every tensor of the batch was cut, and a 0-d one the model never reads (a token count) raised
+    "len() of a 0-d tensor"."""
+    import pytorch_lightning as pl
+
+    from hetrain.callbacks import placement as placement_module
+    from hetrain.models.bert import BertClassifier
+    from hetrain.models.task import ClassificationTask
+
+    def collate(samples: list[int]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([[1 + (s + t) % 63 for t in range(8)] for s in samples])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
+                "labels": torch.tensor(samples) % 2, "num_tokens": torch.tensor(ids.numel())}
+
+    rows = []
+    monkeypatch.setattr(placement_module, "measure", measuring_two_devices(rows))
+    task = ClassificationTask(BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=8),
+                              num_classes=2)
+    trainer = pl.Trainer(max_steps=1, callbacks=[StagePlacement("auto", objective="pipeline", micro_batches=4)],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(task, torch.utils.data.DataLoader(range(16), batch_size=8, collate_fn=collate))
+    assert rows == [8, 2]
 
 
 def test_run_costs_price_a_plan_as_the_pipeline_split_runs_it():

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,38 +30,10 @@ from typing_extensions import override
 
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
 from hetrain.placement.chain import OBJECTIVES
-from hetrain.placement.pipeline import micro_batch_count, shared_across_devices, stage_device, to_device
-from hetrain.placement.plan import parse_device, read_plan, resolve_plan
+from hetrain.placement.pipeline import micro_batch_count, shared_across_devices, stage_device
+from hetrain.placement.plan import hook_inputs, parse_device, read_plan, resolve_plan
 
 log = logging.getLogger(__name__)
-
-
-# The placement hook each stage has now, whichever StagePlacement made it: a stage keeps one, the latest
-# plan's, so placing a model again (another plan, another Trainer) does not stack hooks that would move its
-# inputs through every device it was ever planned on.
-_INPUT_HOOKS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
-
-
-def _hook_inputs(stage: nn.Module, device: torch.device) -> RemovableHandle:
-    """Replaces ``stage``'s placement hook with one that brings its inputs to ``device``."""
-    previous = _INPUT_HOOKS.pop(stage, None)
-    if previous is not None:
-        previous.remove()
-    handle = stage.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
-    _INPUT_HOOKS[stage] = handle
-    return handle
-
-
-def _inputs_to(device: torch.device):
-    """A forward pre-hook that brings a stage's tensor inputs to its device (see :func:`to_device`)."""
-
-    def move(x):
-        return to_device(x, device) if isinstance(x, torch.Tensor) else x
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
-
-    return hook
 
 
 @dataclass
@@ -169,7 +140,7 @@ class StagePlacement(Callback):
         whole = _time_stages(trainer, pl_module, batch)
         if self.objective == "sequential" or len(whole.devices) == 1:
             return RunCosts(whole)
-        micro = _time_stages(trainer, pl_module, _first_micro_batch(batch, self.micro_batches))
+        micro = _time_stages(trainer, pl_module, batch, self.micro_batches)
         return RunCosts(whole, micro, self.micro_batches)
 
     def solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PlacementPlan:
@@ -210,7 +181,7 @@ class StagePlacement(Callback):
                 device = next(stage.parameters()).device
             else:
                 stage.to(device)
-            self._hooks[name] = _hook_inputs(stage, device)
+            self._hooks[name] = hook_inputs(stage, device)
             placed[name] = device
         return placed
 
@@ -254,20 +225,34 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 3)
 
 
-def _time_stages(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> CostModel:
-    """Each stage's forward + backward on each device, on ``batch``, under the run's precision: Lightning enters
-    its plugin's forward context (autocast under ``bf16-mixed``, one per device type with hetrain's
-    ``DeviceMixedPrecision``) around training's forward only, and fit start lies outside it."""
+def _time_stages(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, micro_batches: int = 1) -> CostModel:
+    """Each stage's forward + backward on each device, on ``batch`` (its first micro-batch where ``micro_batches`` >
+    1), under the run's precision: Lightning enters its plugin's forward context (autocast under ``bf16-mixed``,
+    one per device type with hetrain's ``DeviceMixedPrecision``) around training's forward only, and fit start lies
+    outside it."""
     make_input, stage_args = pl_module.placement_inputs(batch)
+    if micro_batches > 1:
+        make_input, stage_args = _first_micro_batch(make_input, stage_args, micro_batches)
     return measure(pl_module.stages(), make_input, available_devices(), stage_args, warmup=1, repeats=3,
                    forward_context=trainer.precision_plugin.forward_context)
 
 
-def _first_micro_batch(batch: Any, micro_batches: int) -> Any:
-    """The rows of ``batch`` the pipeline split gives its first micro-batch: it cuts with ``torch.tensor_split``
-    into at most one piece per row, the first pieces ``ceil(rows / micro_batches)`` long."""
-    return tree_map_only(torch.Tensor, lambda t: torch.tensor_split(t, micro_batch_count(len(t), micro_batches))[0],
-                         batch)
+def _first_micro_batch(make_input: Callable[[], Any], stage_args: Callable[[str], tuple],
+                       micro_batches: int) -> tuple[Callable[[], Any], Callable[[str], tuple]]:
+    """The stages' inputs cut to the rows the pipeline split gives its first micro-batch: it cuts the model's
+    inputs with ``torch.tensor_split`` into at most one piece per row, the first pieces ``ceil(rows /
+    micro_batches)`` long. Only what the stages take is cut, and of it only tensors with a row per sample: the rest
+    of a batch (a 0-d token count, say) the model never reads, and need not have rows."""
+    first = make_input()
+    rows = len(tree_leaves(first)[0])
+    pieces = micro_batch_count(rows, micro_batches)
+
+    def cut(inputs: Any) -> Any:
+        return tree_map_only(torch.Tensor, lambda t: torch.tensor_split(t, pieces)[0] if t.dim() and len(t) == rows
+                             else t, inputs)
+
+    first_piece = cut(first)
+    return (lambda: first_piece), (lambda name: cut(stage_args(name)))
 
 
 def _measuring_loader(trainer: pl.Trainer) -> Any:

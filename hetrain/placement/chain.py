@@ -51,7 +51,7 @@ def _check(costs: Sequence[Sequence[float]], boundaries: int, objective: str, mi
         raise ValueError(f"hetrain: objective {objective!r} is not one of {OBJECTIVES}")
     if not isinstance(micro_batches, numbers.Integral) or isinstance(micro_batches, bool) or micro_batches < 1:
         raise ValueError(f"hetrain: micro_batches={micro_batches!r}; it must be an integer >= 1")
-    if not costs:
+    if len(costs) == 0:  # not `not costs`: a NumPy array has no truth value
         raise ValueError("hetrain: the chain has no layers")
     widths = {len(row) for row in costs}
     if len(widths) > 1 or 0 in widths:
@@ -178,8 +178,10 @@ def _distinct_default(objective: str, distinct_devices: bool | None) -> bool:
     return distinct
 
 
-def _infeasible(objective: str, distinct: bool) -> ValueError:
-    if not distinct:
+def _infeasible(costs: Sequence[Sequence[float]], transfer: TransferTime, objective: str, distinct: bool) -> ValueError:
+    """The error for a chain with no finite plan; it suggests letting a device hold several stages only where some
+    plan doing so is finite."""
+    if not distinct or _shared(costs, transfer) is None:
         return ValueError("hetrain: no placement of the chain has a finite time: every way of putting the layers "
                           "on devices they can run on crosses an inf transfer; check inf costs and transfers")
     fix = ("use objective='sequential' (a device may then hold several stages)" if objective == "pipeline"
@@ -191,12 +193,13 @@ def _infeasible(objective: str, distinct: bool) -> ValueError:
 def _solve(costs: Sequence[Sequence[float]], transfer: TransferTime, objective: str, micro_batches: int,
            distinct_devices: bool | None) -> ChainPlan:
     distinct = _distinct_default(objective, distinct_devices)
+    transfer = _checked(transfer)
     if distinct:
-        plan = _distinct(costs, _checked(transfer), objective == "pipeline", micro_batches)
+        plan = _distinct(costs, transfer, objective == "pipeline", micro_batches)
     else:
-        plan = _shared(costs, _checked(transfer))
+        plan = _shared(costs, transfer)
     if plan is None:
-        raise _infeasible(objective, distinct)
+        raise _infeasible(costs, transfer, objective, distinct)
     return plan
 
 

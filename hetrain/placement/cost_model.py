@@ -36,6 +36,7 @@ from hetrain.placement.plan import (
     device_present,
     flatten_plan,
     parse_device,
+    refuse_repeated_devices,
     stage_paths,
 )
 
@@ -368,12 +369,16 @@ def measure(
     if not named:
         raise ValueError("hetrain: no stages to measure")
     devices = list(available_devices() if devices is None else devices)
-    if len(set(devices)) != len(devices):
-        raise ValueError(f"hetrain: devices repeat: {devices}")
+    if any(parse_device(d, "a device to measure").type == "meta" for d in devices):
+        raise ValueError("hetrain: cannot measure on meta: it holds shapes, not data, so nothing there can be timed; "
+                         "measure on cpu or a GPU")
     absent = [d for d in devices if not device_present(parse_device(d, "a device to measure"))]
     if absent:
         raise ValueError(f"hetrain: cannot measure on {', '.join(absent)}: not on this machine, which has "
                          f"{', '.join(available_devices())}; leave devices=None to measure every device it has")
+    # Two spellings of one device (cpu and cpu:0) would time a copy to itself as a link, and price a plan over
+    # them as a pipeline over two devices.
+    refuse_repeated_devices(devices, "the devices to measure")
 
     gpus = sorted({torch.device(d).index or 0 for d in devices if torch.device(d).type == "cuda"})
     with torch.random.fork_rng(devices=gpus if torch.cuda.is_available() else []):

@@ -19,6 +19,7 @@ On the command line ``'+placement.plan={encoder.1: cpu}'`` adds an entry and kee
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from hetrain.placement.pipeline import stage_device, to_device
 
 METHODS = ("explicit", "heft", "chain-dp")
 PLAN_SUFFIXES = (".yaml", ".yml", ".json")
@@ -105,7 +109,12 @@ class PlacementPlan:
         return cls({p: device_names[i] for p, i in zip(paths, indices, strict=True)}, method, predicted_step_time)
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Moves each planned submodule to its device, groups before the paths inside them; returns ``model``."""
+        """Moves each planned submodule to its device, groups before the paths inside them, and hooks each unit the
+        plan places so that its tensor inputs come to its device, as ``StagePlacement`` does: the model's forward
+        then runs across devices with no device code. The units are the model's ``stages()`` where it has them
+        (a path then names stages, as in :func:`resolve_plan`), else the planned submodules. Applying a plan again
+        replaces the hooks instead of adding to them. Every path and device is checked before anything moves, so
+        a bad plan leaves the model where it was. Returns ``model``."""
         for path in self.devices:
             try:
                 model.get_submodule(path)
@@ -115,9 +124,32 @@ class PlacementPlan:
                     f"hetrain: placement path {path!r} names no submodule of {type(model).__name__} "
                     f"(its children: {children})"
                 ) from exc
+        units = self._units(model)  # checks that each path names stages, where the model has them
+        self._check_present()
         for path in sorted(self.devices, key=lambda p: p.count(".") if p else -1):
             model.get_submodule(path).to(self.devices[path])
+        for unit, device in units:
+            hook_inputs(unit, device)
         return model
+
+    def _units(self, model: nn.Module) -> list[tuple[nn.Module, torch.device]]:
+        """The modules that get an input hook, each with the device its inputs go to once the plan is applied."""
+        planned = {path: _indexed(torch.device(device)) for path, device in self.devices.items()}
+        stages = model.stages() if callable(getattr(model, "stages", None)) else None
+        if stages is None:
+            return [(model.get_submodule(path), device) for path, device in planned.items()]
+        deciding = stage_paths(planned, list(stages))
+        # A stage the plan leaves alone keeps its device, and a hook to it in place of one an earlier plan gave it.
+        return [(stage, planned[deciding[name]] if name in deciding else stage_device(stage))
+                for name, stage in stages.items()]
+
+    def _check_present(self) -> None:
+        absent = [f"{path!r} on {device}" for path, device in self.devices.items()
+                  if not device_present(_indexed(torch.device(device)))]
+        if absent:
+            raise ValueError(f"hetrain: the plan places {', '.join(absent)}, which this machine does not have (it has "
+                             f"{', '.join(available_devices())}); nothing was moved. Plan for the devices here, or "
+                             f"map the plan onto them with resolve_plan and a fallback")
 
     def to_dict(self) -> dict:
         return {"plan": dict(self.devices), "method": self.method, "predicted_step_time": self.predicted_step_time}
@@ -125,10 +157,10 @@ class PlacementPlan:
     @classmethod
     def from_dict(cls, data: Mapping) -> PlacementPlan:
         """Reads :meth:`to_dict`'s form, or a bare ``{path: device}`` mapping (an explicit plan)."""
-        if isinstance(data.get("plan"), Mapping):
+        if "plan" not in data:
+            return cls(dict(data))  # each entry checked as a plan's are, so a bad device is named with its path
+        if isinstance(data["plan"], Mapping):
             return cls(dict(data["plan"]), data.get("method", "explicit"), data.get("predicted_step_time"))
-        if all(isinstance(v, str | Mapping) for v in data.values()):
-            return cls(dict(data))
         raise ValueError("hetrain: a placement file holds either {plan: {path: device}, method: ...} or {path: device}")
 
     def save(self, path: str | Path) -> Path:
@@ -173,8 +205,9 @@ def read_plan(plan: Mapping | str | Path | None) -> dict[str, str] | str:
 
 
 def device_present(device: torch.device) -> bool:
-    """Whether this process can allocate on ``device`` (``cuda:1`` on a one-GPU machine cannot)."""
-    if device.type == "cpu":
+    """Whether this process can allocate on ``device`` (``cuda:1`` on a one-GPU machine cannot; the CPU and the
+    meta device, which holds shapes only, are in every process)."""
+    if device.type in ("cpu", "meta"):
         return True
     backend = getattr(torch, device.type, None)
     if backend is None or not backend.is_available():
@@ -183,11 +216,25 @@ def device_present(device: torch.device) -> bool:
 
 
 def _indexed(device: torch.device) -> torch.device:
-    """``cuda`` as the GPU it means here (this process's current one), so a plan that writes ``cuda`` for one stage
-    and ``cuda:0`` for the next puts both on one device, as torch would run them."""
+    """One spelling per device: ``cuda`` as the GPU it means here (this process's current one) and ``cpu:0`` as
+    ``cpu``, so a plan that writes ``cuda`` for one stage and ``cuda:0`` for the next puts both on one device, as
+    torch would run them."""
+    if device.type == "cpu":
+        return torch.device("cpu")
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def refuse_repeated_devices(names: Sequence[str], what: str) -> None:
+    """Refuses ``names`` that name one device twice, spelt alike or not (``cpu`` and ``cpu:0``)."""
+    seen: dict[torch.device, str] = {}
+    for name in names:
+        device = _indexed(parse_device(name, what))
+        if device in seen:
+            raise ValueError(f"hetrain: {what} name {device} twice ({seen[device]!r} and {name!r}); give each device "
+                             f"once")
+        seen[device] = name
 
 
 def stage_paths(plan: Mapping[str, object], stages: Sequence[str]) -> dict[str, str]:
@@ -222,15 +269,48 @@ def resolve_plan(
     plan = flatten_plan(plan)
     deciding = stage_paths(plan, stages)
     planned = {path: _indexed(parse_device(name, f"placement of {path!r}")) for path, name in plan.items()}
-    fallback_device = parse_device(fallback, "placement fallback")
+    fallback_device = _indexed(parse_device(fallback, "placement fallback"))
     devices = {stage: planned[path] for stage, path in deciding.items()}
     missing: dict[str, list[str]] = {}
     for path, name in plan.items():
         if not device_present(planned[path]):
             missing.setdefault(name, []).append(path)
+    if missing and not device_present(fallback_device):
+        planned_here = "; ".join(f"{', '.join(paths)} on {name}" for name, paths in missing.items())
+        raise ValueError(f"hetrain: the plan puts {planned_here}, which this machine does not have, and the fallback "
+                         f"{fallback} is not here either (it has {', '.join(available_devices())}); give a fallback "
+                         f"it has, e.g. cpu")
     for stage, device in devices.items():
         if not device_present(device):
             devices[stage] = fallback_device
     note = "; ".join(f"{name} not present; {', '.join(paths)} -> {fallback}"
                      for name, paths in missing.items())
     return devices, f"placement: {note}" if note else None
+
+
+# The input hook each placed module has now, whoever placed it (a plan's apply, a StagePlacement): a module keeps
+# one, the latest placement's, so placing a model again (another plan, another Trainer) does not stack hooks that
+# would move its inputs through every device it was ever planned on.
+_INPUT_HOOKS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+
+
+def hook_inputs(module: nn.Module, device: torch.device) -> RemovableHandle:
+    """Replaces ``module``'s placement hook with one that brings its tensor inputs to ``device``."""
+    previous = _INPUT_HOOKS.pop(module, None)
+    if previous is not None:
+        previous.remove()
+    handle = module.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
+    _INPUT_HOOKS[module] = handle
+    return handle
+
+
+def _inputs_to(device: torch.device):
+    """A forward pre-hook that brings a module's tensor inputs to its device (see :func:`to_device`)."""
+
+    def move(x):
+        return to_device(x, device) if isinstance(x, torch.Tensor) else x
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+    return hook

@@ -4,7 +4,8 @@ A run writes ``summary.json`` and ``summary.md`` into its run directory: steps, 
 memory (resident set of the process; allocated memory of each GPU), validation metrics and the
 device of each stage. A sweep writes ``summary.csv`` and ``summary.md`` into its multirun
 directory: one row per job of that sweep (not of an earlier sweep into the same directory), failed jobs
-with their error (type and first line of the message) and log file; when the sweep varies ``seed``, the
+with their error (type and first line of the message) and log file, and, when a signal stopped the sweep, the
+jobs it never started; when the sweep varies ``seed``, the
 Markdown adds each metric's mean and standard deviation over seeds for each combination of the other
 overrides, failed combinations included.
 """
@@ -15,6 +16,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -367,6 +369,82 @@ def _mean_and_spread(values: list[float]) -> str | None:
     return f"{mean:.4g} ± {std:.2g}"
 
 
+def write_stopped_sweep(hydra: DictConfig) -> str:
+    """Writes and prints the table of a sweep that a signal (SIGTERM, Ctrl-C) ends inside job ``hydra.job.num``;
+    returns the Markdown.
+
+    The process ends with the job: Hydra calls no callback on the way out, so without this the job's row, which
+    says where to go on from, was missing. The jobs the sweep had not reached get rows ``not started``.
+    """
+    sweep_dir = Path(hydra.sweep.dir)
+    jobs = collect_jobs(sweep_dir) + _jobs_not_started(hydra)
+    text = write_sweep_summary(jobs, sweep_dir)
+    _print_sweep_table(sweep_dir, text)
+    left = [str(job["job"]) for job in jobs if job.get("status") == "not started"]
+    print(f"hetrain: the sweep was stopped in job {hydra.job.num}; its row says how to go on"
+          + (f"; job {', '.join(left)} never started" if left else ""), file=sys.stderr, flush=True)
+    return text
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # Hydra's own; ignores what jobs return
+# With Hydra's own launcher the jobs are known from the start and run one after another, in order.
+_SEQUENTIAL = (BASIC_SWEEPER, "hydra._internal.core_plugins.basic_launcher.BasicLauncher")
+
+
+def _jobs_not_started(hydra: DictConfig) -> list[dict[str, Any]]:
+    """The jobs after ``hydra.job.num`` of a sweep Hydra's basic sweeper runs one by one; none for other sweepers
+    (Optuna's picks its jobs as it goes) and launchers (in parallel, the later jobs may be running)."""
+    if (hydra.sweeper.get("_target_"), hydra.launcher.get("_target_")) != _SEQUENTIAL:
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # its expansion, so its job numbers
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        sweep = OmegaConf.load(Path(hydra.sweep.dir) / "multirun.yaml").hydra  # saved by the basic sweeper at its start
+        arguments = [f"{k}={v}" for k, v in (sweep.sweeper.get("params") or {}).items()] + list(sweep.overrides.task)
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
+    except Exception as exc:  # e.g. glob(), which needs Hydra's config loader: the table matters more than these rows
+        log.warning(f"hetrain: the jobs this sweep did not start are not listed ({type(exc).__name__}: {exc})")
+        return []
+    jobs = [job for batch in batches for job in batch]
+    return [{"job": num, "overrides": " ".join(overrides), "status": "not started"}
+            for num, overrides in enumerate(jobs) if num > hydra.job.num]
+
+
+def _print_sweep_table(sweep_dir: Path, text: str) -> None:
+    # Printed, not logged: after the sweep the logging setup still belongs to the last job and would file it there.
+    print(f"\nSweep summary ({sweep_dir / SUMMARY_MD}, {sweep_dir / SWEEP_CSV}):\n{text}", flush=True)
+
+
+def _resumes_inside(config: DictConfig, job_dir: Path) -> bool:
+    """Whether the job goes on from a checkpoint in its own directory, which must then stay where it is."""
+    ckpt_path = OmegaConf.select(config, "ckpt_path")
+    return ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(job_dir.resolve())
+
+
+def _set_aside(job_dir: Path, aside: Path) -> None:
+    """Moves what an earlier sweep's job left in ``job_dir`` into ``aside``: its best checkpoint stayed beside this
+    job's, as if this job had saved both, and this job's log went on after the earlier one's.
+
+    Hydra opens the job's log before ``on_job_start``: a file a log handler of this process writes is copied and
+    emptied instead, since a moved file would take this job's lines with it.
+    """
+    open_logs = {Path(h.baseFilename) for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)}
+    stale = [e for e in sorted(job_dir.iterdir()) if e.name not in (".hydra", SWEEP_ID)
+             and not e.name.startswith("previous-")]
+    if not stale:
+        return
+    aside.mkdir(exist_ok=True)
+    for entry in stale:
+        if entry in open_logs:
+            shutil.copy2(entry, aside / entry.name)
+            os.truncate(entry, 0)
+        else:
+            os.replace(entry, aside / entry.name)
+    log.info(f"hetrain: {job_dir} held a job of an earlier sweep; moved its {', '.join(e.name for e in stale)} "
+             f"to {aside}")
+
+
 class SweepSummary(HydraCallback):
     """Hydra callback: tabulates every job of a multirun, and only those, in its sweep directory.
 
@@ -374,9 +452,9 @@ class SweepSummary(HydraCallback):
         The table is rewritten after each job. A job that fails inside :func:`hetrain.train.run` is
         written down there and returns, so the sweep goes on; at the end this prints the table and,
         if any job failed, exits with status 1 naming them. A job that dies outside it (Hydra's
-        sweeper then ends the sweep with that error) still has its row from the last rewrite. With a
-        launcher that runs jobs in parallel processes, ``on_multirun_end`` writes the complete table
-        once all have finished.
+        sweeper then ends the sweep with that error) still has its row from the last rewrite; one a
+        signal stops writes the table itself (:func:`write_stopped_sweep`). With a launcher that runs
+        jobs in parallel processes, ``on_multirun_end`` writes the complete table once all have finished.
     """
 
     @override
@@ -394,11 +472,13 @@ class SweepSummary(HydraCallback):
 
     @override
     def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
-        """Marks the job's directory as this sweep's; a reused one loses the summary of the job run there before.
+        """Marks the job's directory as this sweep's; what a job of an earlier sweep left there goes aside.
 
         The id is read from the sweep directory, not kept on this object: with a launcher that runs jobs
-        in other processes, this runs there. The stale summary goes so that a job killed before writing
-        its own is listed as such, not with the earlier job's results.
+        in other processes, this runs there. An earlier sweep's files (checkpoints, log, summary...) move to
+        ``previous-<its id>/``, unless this job resumes from a checkpoint among them; a summary left there in
+        any case goes, so that a job killed before writing its own is listed as such, not with the earlier
+        job's results.
         """
         if config.hydra.mode != RunMode.MULTIRUN:
             return
@@ -406,6 +486,9 @@ class SweepSummary(HydraCallback):
         if sweep_id is None:
             return
         job_dir = Path(config.hydra.runtime.output_dir)
+        earlier = _sweep_id(job_dir)
+        if earlier not in (None, sweep_id) and not _resumes_inside(config, job_dir):
+            _set_aside(job_dir, job_dir / f"previous-{earlier[:8]}")
         for stale in (SUMMARY_JSON, SUMMARY_MD):
             (job_dir / stale).unlink(missing_ok=True)
         (job_dir / SWEEP_ID).write_text(f"{sweep_id}\n")
@@ -426,8 +509,7 @@ class SweepSummary(HydraCallback):
     @override
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir, text = self._write(config)
-        # Printed, not logged: the logging setup still belongs to the last job and would file it there.
-        print(f"\nSweep summary ({sweep_dir / SUMMARY_MD}, {sweep_dir / SWEEP_CSV}):\n{text}", flush=True)
+        _print_sweep_table(sweep_dir, text)
         jobs = collect_jobs(sweep_dir)
         failed = [str(job["job"]) for job in jobs if job.get("status") != "ok"]
         if failed:

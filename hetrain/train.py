@@ -33,7 +33,14 @@ from hetrain.callbacks.profiling import StepTrace
 from hetrain.placement import resolve_plan
 from hetrain.placement.plan import flatten_plan, parse_device, read_plan
 from hetrain.regional_compile import compile_counts, compile_stages
-from hetrain.report import SUMMARY_MD, RunRecorder, error_headline, write_run_summary
+from hetrain.report import (
+    BASIC_SWEEPER,
+    SUMMARY_MD,
+    RunRecorder,
+    error_headline,
+    write_run_summary,
+    write_stopped_sweep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +114,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_counts(cfg)
     _check_windows(cfg)
     _check_compile(cfg)
+    _check_monitor_modes(cfg)
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
         # The fit runs in processes this one starts; their callbacks' numbers never come back to it.
@@ -140,6 +148,21 @@ def _check_counts(cfg: DictConfig) -> None:
         raise ValueError(f"hetrain: trainer.val_check_interval={interval} counts training batches and is not a "
                          f"multiple of trainer.accumulate_grad_batches={accumulate}: its validations and checkpoints "
                          f"would fall inside an accumulation window; set it to {low} or {low + accumulate}")
+
+
+def _check_monitor_modes(cfg: DictConfig) -> None:
+    """A loss monitored with ``mode=max`` (the checkpoint config's default, set for ``val/acc``) counts the highest
+    loss as the best: the checkpoint kept is the worst one, and nothing says so."""
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if not OmegaConf.is_dict(node):  # profile_steps, and entries set to null
+            continue
+        monitor, mode = node.get("monitor"), node.get("mode")
+        if isinstance(monitor, str) and "loss" in monitor and mode == "max":
+            raise ValueError(f"hetrain: callbacks.{name}.monitor={monitor} is a loss, lower is better, but "
+                             f"callbacks.{name}.mode=max counts the highest as the best (the worst checkpoint would "
+                             f"be kept); set callbacks.{name}.mode=min too, and a file name that says so, e.g. "
+                             f"\"callbacks.{name}.filename='step{{step}}-loss{{{monitor}:.4f}}'\". optimized_metric, "
+                             "the metric a sweeper optimises, is a setting of its own")
 
 
 def _check_compile(cfg: DictConfig) -> None:
@@ -275,11 +298,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if parts.compiled is not None:
             summary["compile"] = {**parts.compiled, **compile_counts(since=parts.counts_before_compile)}
         summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}
+        summary.update(_best_checkpoint(parts.callbacks))
     if hasattr(parts.datamodule, "loader_summary"):  # slot and pinned bytes, fixed for the whole run
         summary["data"] = parts.datamodule.loader_summary()
     summary.update({name: c.summary for name, c in parts.callbacks.items()
                     if isinstance(getattr(c, "summary", None), dict)})
     return summary
+
+
+def _best_checkpoint(callbacks: dict[str, pl.Callback]) -> dict[str, str | None]:
+    """Where the monitored ModelCheckpoint kept the best weights: its file name holds the metric, not the run, so a
+    sweep's table is where one finds which job's checkpoint to take."""
+    monitored = [c for c in callbacks.values() if isinstance(c, ModelCheckpoint) and c.monitor]
+    return {"best_model_path": monitored[0].best_model_path or None} if monitored else {}
 
 
 def _host_cache_summary(start: cpu_memory.HostCacheStats | None) -> dict[str, Any]:
@@ -369,6 +400,22 @@ def _last_failure(path: Path) -> str | None:
     return failures[-1] if failures else None
 
 
+def _in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _missing_metric(cfg: DictConfig, metrics: dict[str, float]) -> str | None:
+    """Why ``optimized_metric`` has no value though the run validated: a name no metric has, which a sweeper that
+    optimises it (Optuna) met as ``Return value must be float-castable. Got 'None'``, long after this run.
+
+    A run that validated nothing (``trainer.limit_val_batches=0``) has no metric to name and is left alone.
+    """
+    name = cfg.get("optimized_metric")
+    if name is None or not metrics or name in metrics:
+        return None
+    return f"hetrain: optimized_metric={name} is not a logged metric; choose one of {', '.join(metrics)}"
+
+
 def _exit_code(signal_name: str) -> int:
     """128 + the signal, a shell's code for a program a signal ended: `train.py && next` stops, so does a sweep."""
     return 128 + signal.Signals[signal_name]
@@ -402,6 +449,9 @@ def run(cfg: DictConfig) -> float | None:
     A failure is logged (its traceback into the run's log file) and written to the summary with
     its root cause, then re-raised; in a sweep it is not re-raised, so the other jobs run and the sweep
     ends with its table and a non-zero exit (:class:`hetrain.report.SweepSummary`), not a traceback.
+    An ``optimized_metric`` that names none of the validation's metrics fails a sweep's job the same way,
+    after training, its measurements kept in the summary; a single run only warns, its value going nowhere.
+    A signal ends a sweep in this job: its table is written first.
     """
     _end_with_launcher()
     output_dir = Path(cfg.output_dir)
@@ -410,6 +460,7 @@ def run(cfg: DictConfig) -> float | None:
         summary = {"status": "ok", **info, **train(cfg)}
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns a Ctrl-C it stops at once into exit(1)
         code = _record_interruption(exc, info, output_dir)
+        _end_stopped_sweep()
         if code is not None:
             raise SystemExit(code) from exc  # Lightning's SIGTERMException, a SystemExit with no code, would exit 0
         raise
@@ -424,15 +475,47 @@ def run(cfg: DictConfig) -> float | None:
                           + "; ".join(f"{name}: {ended}" for name, ended in other_ranks.items()))
             write_run_summary({"status": "failed", **info, "error": error,
                                **({"other_ranks": other_ranks} if other_ranks else {})}, output_dir)
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return None
+        if _in_sweep():
+            return _failed_job_value()
         raise
     stopped = summary.get("graceful_stop") or {}
     if stopped:
         summary["status"] = "interrupted"
+    missing_metric = None if stopped else _missing_metric(cfg, summary["metrics"])
+    if missing_metric and not _in_sweep():  # a single run's value goes to no sweeper: said, and the run stays ok
+        log.warning(f"{missing_metric} (a sweep would fail this job)")
+        summary["warning"], missing_metric = missing_metric, None
+    if missing_metric:  # the job trained: its measurements stay in the summary, beside the error
+        summary.update(status="failed", error=f"ValueError: {missing_metric}")
     if rank_zero_only.rank == 0:  # under DDP every rank runs this; one summary per run, with every rank's samples
         text = write_run_summary(summary, output_dir)
         log.info(f"Summary ({output_dir / SUMMARY_MD}):\n{text}")
     if stopped:  # GracefulStop logged where the run stopped and how to go on
+        _end_stopped_sweep()
         raise SystemExit(_exit_code(stopped["signal"]))
+    if missing_metric:
+        log.error(f"{_FAILED}{missing_metric}")
+        return _failed_job_value()
     return summary["metrics"].get(cfg.optimized_metric)
+
+
+def _failed_job_value() -> None:
+    """What a failed job of a sweep returns: None, which Hydra's basic sweeper ignores, so the other jobs run.
+
+    A sweeper that optimises the value (Optuna) refuses None, and NaN, and ends the sweep with its own words,
+    ``Return value must be float-castable``: the log says why just before.
+    """
+    hydra_cfg = HydraConfig.get()
+    sweeper = hydra_cfg.sweeper.get("_target_")
+    if sweeper != BASIC_SWEEPER:
+        log.error(f"hetrain: this failed job gives {sweeper} no value of optimized_metric; a sweeper that "
+                  "optimises it (Optuna's) then ends the sweep with 'Return value must be float-castable'. The "
+                  f"job's error is above, every job's row in {Path(hydra_cfg.sweep.dir) / SUMMARY_MD}")
+    return None
+
+
+def _end_stopped_sweep() -> None:
+    """In a sweep, a signal ends the whole process from inside this job: Hydra calls no callback on the way out
+    (it catches only ``Exception``), so the sweep's table is written here, this job and those not started in it."""
+    if _in_sweep() and rank_zero_only.rank == 0:
+        write_stopped_sweep(HydraConfig.get())

@@ -458,6 +458,19 @@ def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(ov
         assert result.returncode != 0 and f"hetrain: {message}" in result.stderr + result.stdout, result.stderr
 
 
+def test_a_checkpoint_monitoring_a_loss_with_mode_max_is_refused_naming_the_fix(tmp_path):
+    """``monitor=val/loss`` alone kept the accuracy's ``mode: max``: the highest loss, the worst weights, was kept."""
+    with pytest.raises(ValueError, match=re.escape(
+            "hetrain: callbacks.model_checkpoint.monitor=val/loss is a loss, lower is better, but "
+            "callbacks.model_checkpoint.mode=max counts the highest as the best")) as refused:
+        check_config(compose_train("callbacks.model_checkpoint.monitor=val/loss", output_dir=tmp_path))
+    filename = re.search(r'"(callbacks.model_checkpoint.filename=.*?)"', str(refused.value)).group(1)
+    cfg = compose_train("callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min",
+                        filename, output_dir=tmp_path)  # the advice, as it is written on a command line
+    check_config(cfg)
+    assert cfg.callbacks.model_checkpoint.filename == "step{step}-loss{val/loss:.4f}"
+
+
 def test_a_plan_from_a_nested_override_or_a_file_is_read_before_the_model_is_built(tmp_path):
     """``+placement.plan.encoder.1=cpu`` reached the device check as a device named {'1': 'cpu'}, and a plan file
     that does not exist failed only once the model was built."""

@@ -1,0 +1,98 @@
+"""Sweeps (train.py -m) as a user runs them: a metric the sweeper cannot get, a signal, a rerun into the same
+directory. Each job trains a one-layer model for two steps, so a sweep takes a few seconds."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_train import ROOT, train_py
+
+TINY = ["recipe=bert_split", "trainer.val_check_interval=2", "data.train_size=128",
+        "data.val_size=32", "model.hidden=32", "model.layers=1", "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "data.producers=1"]
+TWO_STEPS = "trainer.max_steps=2"
+MISSPELT = "hetrain: optimized_metric=val/accuracy is not a logged metric; choose one of val/acc, val/loss"
+
+
+def _rows(sweep: Path) -> list[dict[str, str]]:
+    with open(sweep / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_misspelt_optimized_metric_fails_the_job_and_keeps_what_it_measured(tmp_path):
+    """The job returned None: Optuna ended the sweep with 'Return value must be float-castable. Got None', naming
+    neither the setting nor the metrics there are; the basic sweeper called the job ok."""
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", *TINY, TWO_STEPS, "optimized_metric=val/accuracy,val/acc", f"hydra.sweep.dir={sweep}",
+                      cwd=tmp_path)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+    assert "1 of 2 jobs failed (job 0)" in result.stderr
+    misspelt, ok = _rows(sweep)
+    assert (misspelt["status"], misspelt["error"]) == ("failed", f"ValueError: {MISSPELT}")
+    assert misspelt["steps"] == "2" and float(misspelt["metrics.val/acc"]) >= 0  # the run trained: still reported
+    assert ok["status"] == "ok"
+
+
+def test_a_misspelt_optimized_metric_is_a_warning_in_a_single_run(tmp_path):
+    # No sweeper takes a single run's value: the run stays ok, and says what a sweep would fail on.
+    result = train_py(*TINY, TWO_STEPS, "optimized_metric=val/accuracy", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0 and MISSPELT in result.stdout + result.stderr, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["warning"] == MISSPELT
+
+
+def test_a_sweep_stopped_by_sigterm_lists_the_stopped_job_and_those_it_never_started(tmp_path):
+    """Hydra calls no callback for a job that ends the process (SystemExit): the sweep's table lacked the job whose
+    row says where to go on from."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, str(ROOT / "train.py"), "-m", *TINY, "threads=1", "trainer.max_steps=2,2000,2",
+            f"hydra.sweep.dir={sweep}"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as train_py runs it
+    with subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        # Job 1 has trained once its first validation saved last.ckpt; it has 2000 steps to go.
+        deadline = time.monotonic() + 120
+        while not (sweep / "1" / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, (stdout + stderr)[-3000:]
+    assert "Sweep summary" in stdout and "the sweep was stopped in job 1" in stderr, stderr[-3000:]
+    assert "job 2 never started" in stderr
+    rows = _rows(sweep)
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "interrupted"), ("2", "not started")]
+    checkpoint = sweep / "1" / "checkpoints" / "interrupted.ckpt"
+    assert rows[1]["error"].endswith(f"go on with ckpt_path={checkpoint}") and checkpoint.is_file()
+    assert "trainer.max_steps=2" in rows[2]["overrides"].split()  # the job as it would have run, to run it later
+    assert "| 1 | " in (sweep / "summary.md").read_text()
+
+
+def test_a_sweep_rerun_into_its_directory_sets_the_earlier_jobs_files_aside(tmp_path):
+    """The earlier sweep's best checkpoint stayed beside the new one and its log ran on into the new log. A job
+    resuming from a checkpoint in its own directory keeps that directory as it is."""
+    sweep = tmp_path / "sweep"
+    first = train_py("-m", *TINY, TWO_STEPS, "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Job 0 goes on from its own last checkpoint, job 1 starts afresh.
+    resume = f"ckpt_path={sweep}/0/checkpoints/last.ckpt,null"
+    second = train_py("-m", *TINY, resume, "trainer.max_steps=4", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed, fresh = (json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1"))
+    assert resumed["resumed"]["at_step"] == 2 and not list((sweep / "0").glob("previous-*"))
+
+    (aside,) = (sweep / "1").glob("previous-*")
+    assert fresh["steps"] == 4 and "resumed" not in fresh
+    assert sorted(p.name for p in (sweep / "1" / "checkpoints").iterdir()) == sorted(
+        ["last.ckpt", Path(fresh["best_model_path"]).name])
+    assert Path(fresh["best_model_path"]).parent == sweep / "1" / "checkpoints"
+    assert Path(json.loads((aside / "summary.json").read_text())["best_model_path"]).name in {
+        p.name for p in (aside / "checkpoints").iterdir()}
+    for log in (sweep / "1" / "train.log", aside / "train.log"):
+        assert log.read_text().count("Starting training") == 1, log
+    assert "held a job of an earlier sweep; moved its checkpoints" in (sweep / "1" / "train.log").read_text()
+    assert [r["best_model_path"] for r in _rows(sweep)] == [resumed["best_model_path"], fresh["best_model_path"]]

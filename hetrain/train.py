@@ -375,28 +375,39 @@ def _end_with_launcher() -> None:
         raise SystemExit(_exit_code("SIGTERM"))
 
 
-def _other_ranks(error: str, log_file: str | None, wait_s: float = 3.0) -> dict[str, str]:
-    """What ended each other rank, from its log beside ``log_file`` (Lightning names them
-    ``train_ddp_process_<k>.log``), when ``error`` is a collective's whose peer ended: the rank that failed first
-    is then another, and this one's error says no more than that a connection closed."""
+def _rank_logs(log_file: str | None) -> dict[Path, int]:
+    """The other ranks' logs beside ``log_file`` (Lightning names them ``train_ddp_process_<k>.log``) and their sizes
+    now: Hydra appends to the log an earlier run left in the same directory, whose lines this run's must not be
+    taken for."""
+    if log_file is None:
+        return {}
+    return {path: path.stat().st_size for path in Path(log_file).parent.glob("train_ddp_process_*.log")}
+
+
+def _other_ranks(error: str, log_file: str | None, sizes_before: dict[Path, int],
+                 wait_s: float = 10.0) -> dict[str, str]:
+    """What ended each other rank, from what its log gained during this run (``sizes_before``: :func:`_rank_logs`
+    at the run's start), when ``error`` is a collective's whose peer ended: the rank that failed first is then
+    another, and this one's error says no more than that a connection closed."""
     if log_file is None or not any(words in error for words in _PEER_ENDED):
         return {}
     # The rank that failed first closed its connections while tearing down, before it logged its failure: give it
     # a moment to write that line.
     deadline = time.monotonic() + wait_s
     while True:
-        ended = {path.name: _last_failure(path)
-                 for path in sorted(Path(log_file).parent.glob("train_ddp_process_*.log"))}
+        ended = {path.name: _last_failure(path, sizes_before.get(path, 0)) for path in sorted(_rank_logs(log_file))}
         if all(ended.values()) or time.monotonic() > deadline:
             return {name: failure or "no failure logged (killed? see the end of the log)"
                     for name, failure in ended.items()}
         time.sleep(0.1)
 
 
-def _last_failure(path: Path) -> str | None:
-    """The failure the log's last run logged (Hydra appends to the log of an earlier run in the same directory)."""
-    failures = [line.split(_FAILED, 1)[1].split("; traceback in ")[0]
-                for line in path.read_text(errors="replace").splitlines() if _FAILED in line]
+def _last_failure(path: Path, start: int) -> str | None:
+    """The last failure logged in ``path`` after byte ``start``."""
+    with path.open("rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    failures = [line.split(_FAILED, 1)[1].split("; traceback in ")[0] for line in text.splitlines() if _FAILED in line]
     return failures[-1] if failures else None
 
 
@@ -456,6 +467,7 @@ def run(cfg: DictConfig) -> float | None:
     _end_with_launcher()
     output_dir = Path(cfg.output_dir)
     info = _run_info()
+    rank_logs_before = _rank_logs(info.get("log"))
     try:
         summary = {"status": "ok", **info, **train(cfg)}
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns a Ctrl-C it stops at once into exit(1)
@@ -469,7 +481,7 @@ def run(cfg: DictConfig) -> float | None:
         error = f"{type(cause).__name__}: {cause}"
         _log_failure(exc, error, info.get("log"))
         if rank_zero_only.rank == 0:
-            other_ranks = _other_ranks(error, info.get("log"))
+            other_ranks = _other_ranks(error, info.get("log"), rank_logs_before)
             if other_ranks:
                 log.error("hetrain: another rank ended first; their logs say: "
                           + "; ".join(f"{name}: {ended}" for name, ended in other_ranks.items()))

@@ -28,7 +28,7 @@ from hetrain.models.task import ClassificationTask
 from hetrain.placement import resolve_plan
 from hetrain.recipes import register_recipes
 from hetrain.report import RunRecorder, error_headline
-from hetrain.train import _devices_in_use, build, check_config, run
+from hetrain.train import _devices_in_use, _other_ranks, _rank_logs, build, check_config, run
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
@@ -707,3 +707,20 @@ def test_an_error_headline_keeps_the_line_a_colon_announces():
                                      "mismatch for model.embed.weight: copying a param with shape [259, 32] ...")
     assert error_headline("ValueError: bad value\nmore detail") == "ValueError: bad value"
     assert error_headline("plain text") == "plain text"
+
+
+def test_another_ranks_failure_is_read_from_what_its_log_gained_in_this_run(tmp_path):
+    # Hydra appends to the log an earlier run left in the run directory: its failure line was taken for this run's.
+    rank0, rank1 = tmp_path / "train.log", tmp_path / "train_ddp_process_1.log"
+    rank0.write_text("")
+    rank1.write_text("hetrain: the run failed: OutOfMemoryError: yesterday's\n")
+    before = _rank_logs(str(rank0))
+    peer_closed = "RuntimeError: [gloo] Connection closed by peer"
+    with rank1.open("a") as f:
+        f.write("Resuming from last.ckpt\n")
+    assert _other_ranks(peer_closed, str(rank0), before, wait_s=0) == {
+        rank1.name: "no failure logged (killed? see the end of the log)"}
+    with rank1.open("a") as f:
+        f.write("hetrain: the run failed: ValueError: today's; traceback in x\n")
+    assert _other_ranks(peer_closed, str(rank0), before, wait_s=0) == {rank1.name: "ValueError: today's"}
+    assert _other_ranks("ValueError: our own", str(rank0), before, wait_s=0) == {}

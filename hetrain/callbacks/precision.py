@@ -490,14 +490,19 @@ class NonFiniteGuard(Callback):
                             device=trainer.strategy.root_device)
         failing = int(trainer.strategy.reduce(mine, reduce_op=torch.distributed.ReduceOp.MIN).item())
         diagnosis = None
-        if trainer.global_rank == failing:
-            diagnosis = f"Rank {failing}{_log_file_note()}: {self._diagnose_here(trainer, pl_module, step, window)}"
+        if trainer.global_rank == failing:  # no rerun: see _diagnose_here
+            here = self._diagnose_here(trainer, pl_module, step, window, rerun=False)
+            diagnosis = f"Rank {failing}{_log_file_note()}: {here}"
         return trainer.strategy.broadcast(diagnosis, src=failing)
 
     def _diagnose_here(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any],
-                       window: list[_WindowBatch]) -> str:
+                       window: list[_WindowBatch], rerun: bool = True) -> str:
         """What this process's batches tell of the step: its inputs, the module nearest the loss with non-finite
-        gradients, or the module a rerun of a held batch names."""
+        gradients, or the module a rerun of a held batch names.
+
+        ``rerun=False`` under DDP: a rerun of training_step on one rank alone runs its collectives (a
+        ``self.log(..., sync_dist=True)``, SyncBatchNorm) with no other rank to meet them, and every rank waited
+        until the process group's timeout."""
         what = "non-finite loss" if not step["loss_finite"] else "finite loss but non-finite gradients"
         suspects = _suspects(window, step["loss_finite"])
         for suspect in suspects:
@@ -509,6 +514,10 @@ class NonFiniteGuard(Callback):
             return (f"{_where(trainer, suspects)}: {what}; produced in backward: nearest the loss with non-finite "
                     f"gradients: {named}.")
         held = [suspect for suspect in suspects if suspect.batch is not None]
+        if held and not rerun:
+            return (f"{_where(trainer, suspects)}: {what}; produced in forward (the inputs were finite); under DDP no "
+                    "rerun names the module (training_step's collectives would wait for the other ranks): resume "
+                    "from the last checkpoint with trainer.devices=1 to have it named.")
         if not held:
             return (f"{_where(trainer, suspects)}: {what}; produced in forward (the inputs were finite); that batch is "
                     "no longer held to rerun (the loader reuses its memory), so the module is not named.")

@@ -333,7 +333,8 @@ def seed_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]
 
     None when the jobs do not set at least two seeds. ``seeds`` counts the finished ones; a combination
     whose seeds all failed keeps its row (0 seeds), so it does not vanish from the comparison. When jobs
-    failed, a last column names them: their rows in the job table give the error and the log.
+    have no results (failed, interrupted, or not started in a sweep a signal stopped), a last column names them:
+    their rows in the job table say why.
     """
     seeds = {o.lstrip("+") for r in records for o in str(r.get("overrides", "")).split() if _is_seed(o)}
     if len(seeds) < 2:
@@ -352,7 +353,7 @@ def seed_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]
         if any_failed:
             row.append(", ".join(str(j["job"]) for j in jobs if j.get("status") != "ok"))
         rows.append(row)
-    return ["overrides (seed aside)", "seeds", *metrics, *(["failed jobs"] if any_failed else [])], rows
+    return ["overrides (seed aside)", "seeds", *metrics, *(["jobs without results"] if any_failed else [])], rows
 
 
 def _mean_and_spread(values: list[float]) -> str | None:
@@ -514,5 +515,5 @@ class SweepSummary(HydraCallback):
         failed = [str(job["job"]) for job in jobs if job.get("status") != "ok"]
         if failed:
             print(f"hetrain: {len(failed)} of {len(jobs)} jobs failed (job {', '.join(failed)}); each row above "
-                  "names the error and the log with its traceback", file=sys.stderr, flush=True)
+                  "names the error and the job's log", file=sys.stderr, flush=True)
             raise SystemExit(1)  # Hydra reports an Exception with a traceback; a sweep's failures are in the table

@@ -424,7 +424,8 @@ def _missing_metric(cfg: DictConfig, metrics: dict[str, float]) -> str | None:
     name = cfg.get("optimized_metric")
     if name is None or not metrics or name in metrics:
         return None
-    return f"hetrain: optimized_metric={name} is not a logged metric; choose one of {', '.join(metrics)}"
+    return (f"hetrain: optimized_metric={name} is not a logged metric; choose one of {', '.join(metrics)} (or "
+            "optimized_metric=null where no sweeper optimises it)")
 
 
 def _exit_code(signal_name: str) -> int:

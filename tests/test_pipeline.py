@@ -12,7 +12,9 @@ from hetrain import plugins
 from hetrain.callbacks import PipelineSplit, StagePlacement
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
+from hetrain.placement import PlacementPlan
 from hetrain.placement.pipeline import gpipe_forward, shared_across_devices
+from hetrain.placement.plan import remove_input_hooks
 
 
 def small_bert(**kw) -> BertClassifier:
@@ -82,18 +84,25 @@ def test_every_stage_and_micro_batch_runs_in_a_named_range(micro_batches):
             assert f"hetrain::stage {stage} micro-batch {i}" in names
 
 
+def tied_stages(device: str = "cpu") -> dict[str, nn.Module]:
+    """Two stages sharing a weight, like an input embedding and an output projection."""
+    with torch.device(device):
+        shared = nn.Linear(4, 4)
+        head = nn.Sequential(nn.Linear(4, 4))
+    head[0].weight = shared.weight
+    return {"embed": nn.Sequential(shared), "head": head}
+
+
 def test_parameters_tied_across_devices_are_refused_with_both_paths():
-    shared = nn.Linear(4, 4)
-    head = nn.Sequential(nn.Linear(4, 4))
-    head[0].weight = shared.weight  # tied, like an input embedding and an output projection
-    stages = {"embed": nn.Sequential(shared), "head": head}
+    stages = tied_stages()
     assert shared_across_devices(list(stages.items()), {"embed": "cpu", "head": "cpu"}) == []
     assert shared_across_devices(list(stages.items()), {"embed": "cpu", "head": "meta"}) == [
         ("embed.0.weight", "head.0.weight")]
     both = r"embed\.0\.weight \(module embed\.0\) and head\.0\.weight \(module head\.0\)"
+    stages = tied_stages("meta")  # built without data, to be filled later; a plan may not name meta, but cpu
     with pytest.raises(ValueError, match=both):
-        StagePlacement({"head": "cuda:99"}, fallback="meta").place(stages)  # cuda:99 absent -> meta
-    assert head[0].weight.device.type == "cpu"  # refused before anything moved
+        StagePlacement({"head": "cpu"}).place(stages)  # embed, which the plan leaves alone, stays on meta
+    assert stages["head"][0].weight.device.type == "meta"  # refused before anything moved
 
 
 def test_a_parameter_tied_within_one_device_collects_both_stages_gradients():
@@ -297,10 +306,11 @@ def test_stage_placement_refuses_bad_settings_when_made_not_at_fit_start(kwargs,
 
 def test_stage_placement_names_an_absent_fallback_before_moving_anything():
     """Before, the stages of an absent device were sent to an absent fallback: torch's bare AssertionError."""
-    stages = {"embed": nn.Linear(4, 4), "head": nn.Linear(4, 2)}
+    with torch.device("meta"):  # moving embed to cpu first would change its device (or fail: meta has no data)
+        stages = {"embed": nn.Linear(4, 4), "head": nn.Linear(4, 2)}
     with pytest.raises(ValueError, match=r"head on cuda:99.*the fallback cuda:98 is not here either"):
-        StagePlacement({"embed": "meta", "head": "cuda:99"}, fallback="cuda:98").place(stages)
-    assert stages["embed"].weight.device.type == "cpu"
+        StagePlacement({"embed": "cpu", "head": "cuda:99"}, fallback="cuda:98").place(stages)
+    assert stages["embed"].weight.device.type == "meta"
 
 
 def test_checkpoint_names_must_be_stages():
@@ -413,16 +423,39 @@ def test_a_cpu_stage_feeding_gpu_stages_equals_the_unsplit_model_and_names_its_c
     assert "hetrain::copy cpu->cuda:0" in {e.name for e in prof.events()}
 
 
-def test_placing_a_model_again_replaces_each_stage_hook_instead_of_stacking_them():
+def test_placing_a_model_again_adds_no_hook_and_the_hook_follows_its_stage():
+    """Before, each hook held the device its stage was placed on: one that moved later (Lightning's teardown moves
+    a model to the CPU) got its inputs on the old device, so placing again had to replace every hook."""
     stages = {"embed": nn.Linear(5, 5), "head": nn.Linear(5, 3)}
     first = StagePlacement({"head": "cpu"})
     first.place(stages)
     first.place(stages)  # as each Lightning entry point does
-    second = StagePlacement({"head": "meta"}, fallback="meta")
-    second.place(stages)
+    StagePlacement({"embed": "cpu"}).place(stages)
     assert [len(s._forward_pre_hooks) for s in stages.values()] == [1, 1]
+    stages["head"].to("meta")  # moved after placing
     assert stages["head"](torch.randn(4, 5)).device.type == "meta"  # the input went where the head is now
-    first.teardown(None, None, "fit")  # the first placement's hooks were replaced: the second's stay
-    assert [len(s._forward_pre_hooks) for s in stages.values()] == [1, 1]
-    second.teardown(None, None, "fit")
+    assert remove_input_hooks(nn.ModuleDict(stages)) == 2
     assert [len(s._forward_pre_hooks) for s in stages.values()] == [0, 0]
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def stages(self) -> dict[str, nn.Module]:
+        return {"a": self.a, "b": self.b}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_a_fit_after_plan_apply_leaves_the_plans_hooks_in_place():
+    """Before, StagePlacement's teardown removed the hooks apply had given the stages, which stayed on their two
+    devices (meta standing in for a GPU): the model's next forward met a CPU tensor on the meta stage."""
+    model = Chain()
+    PlacementPlan({"b": "meta"}).apply(model)
+    placement = StagePlacement({"a": "cpu"})
+    placement.place(model.stages())
+    placement.teardown(None, None, "fit")
+    assert model(torch.randn(2, 4)).device.type == "meta"

@@ -3,6 +3,7 @@ force, the measured cost model, and plans (save, load, apply, resolve)."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -25,6 +26,7 @@ from hetrain.placement import (
     topological_order,
     upward_ranks,
 )
+from hetrain.placement.plan import remove_input_hooks
 
 INF = math.inf
 
@@ -721,6 +723,24 @@ def test_a_bare_plan_file_names_the_entry_with_a_bad_device(tmp_path):
         PlacementPlan.load(path)
 
 
+def test_a_plan_file_without_its_plan_key_says_so(tmp_path):
+    """Before, a misspelt plan: key read as a bare mapping: "placement of 'method' names device 'chain-dp'"."""
+    path = tmp_path / "plan.yaml"
+    path.write_text("plans:\n  embeddings: cpu\nmethod: chain-dp\npredicted_step_time: 0.012\n")
+    with pytest.raises(ValueError, match="has method, predicted_step_time but no 'plan' key"):
+        PlacementPlan.load(path)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_plan_solved_from_numpy_costs_saves(tmp_path, suffix):
+    """Before, chain_dp on NumPy arrays predicted a NumPy scalar, which YAML and JSON cannot write."""
+    np = pytest.importorskip("numpy")
+    solved = chain_dp(np.array([[1, 2], [2, 1]], dtype=np.float32), np.array([1], dtype=np.float32))
+    assert type(solved.predicted_time) is float
+    plan = PlacementPlan.from_assignment(["a", "b"], ["cpu", "cuda:0"], solved.devices, "chain-dp", np.float64(2.5))
+    assert PlacementPlan.load(plan.save(tmp_path / f"plan{suffix}")) == plan
+
+
 def test_plan_apply_moves_submodules_most_specific_path_last():
     # The meta device stands in for a second device: moving to it is a real move with no data (and
     # nothing can move back out of it, so moving the group after its member would fail here).
@@ -761,13 +781,72 @@ def test_an_applied_plan_runs_the_model_across_devices():
     plan = PlacementPlan({"embed": "cpu", "layers": "meta"})
     assert plan.apply(model) is model
     assert model(torch.randn(4, 5)).device.type == "meta"
-    plan.apply(model)  # again: the hooks are replaced, not stacked
+    plan.apply(model)  # again: no hook added
     assert [len(stage._forward_pre_hooks) for stage in model.stages().values()] == [1, 1, 1]
     assert len(model.layers._forward_pre_hooks) == 0
     # A model without stages(): each planned submodule takes its inputs to its device.
     chain = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 3))
     PlacementPlan({"1": "meta"}).apply(chain)
     assert chain(torch.randn(4, 5)).device.type == "meta"
+
+
+class WithActivation(TwoStages):
+    """A stage with no weights (an activation) between two that have some."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+
+    def stages(self) -> dict[str, nn.Module]:
+        return {"embed": self.embed, "act": self.act, "layers.0": self.layers[0], "layers.1": self.layers[1]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](self.layers[0](self.act(self.embed(x))))
+
+
+def test_a_model_an_applied_plan_placed_pickles():
+    """Before, each stage's hook was a closure: torch.save(model) failed "Can't pickle local object"."""
+    model = TwoStages()
+    PlacementPlan({"embed": "cpu", "layers": "cpu"}).apply(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    loaded.layers.to("meta")
+    assert loaded(torch.randn(4, 5)).device.type == "meta"  # the loaded hooks still bring the inputs
+
+
+def test_an_applied_plans_hooks_follow_the_model_when_it_moves_and_can_be_removed():
+    """Before, a hook held the device the plan named: a model moved back after apply sent its inputs to meta."""
+    model = TwoStages()
+    PlacementPlan({"layers": "meta"}).apply(model)
+    model.to_empty(device="cpu")
+    assert model(torch.randn(4, 5)).device.type == "cpu"
+    assert remove_input_hooks(model) == 3
+    assert not any(module._forward_pre_hooks for module in model.modules())
+
+
+def test_apply_takes_a_root_path_and_stages_without_weights():
+    """Before, apply on a model with stages() refused "" (which it sorts first, as the root) and raised a bare
+    StopIteration on a stage without parameters, which gets no hook: it runs wherever its input is."""
+    model = WithActivation()
+    PlacementPlan({"layers.1": "meta"}).apply(model)
+    assert [len(stage._forward_pre_hooks) for stage in model.stages().values()] == [1, 0, 1, 1]
+    assert model(torch.randn(4, 5)).device.type == "meta"
+    model = WithActivation()
+    PlacementPlan({"": "cpu", "layers.1": "meta"}).apply(model)
+    assert [model.layers[0].weight.device.type, model.layers[1].weight.device.type] == ["cpu", "meta"]
+    devices, _ = resolve_plan({"": "cpu", "layers.1": "cpu"}, list(model.stages()))
+    assert set(devices) == set(model.stages())
+
+
+def test_resolve_plan_refuses_the_meta_device_by_name():
+    """Before, a run's plan could put a stage on meta (present everywhere): its weights were thrown away and the
+    run died with "Cannot copy out of meta tensor"."""
+    stages = ["embeddings", "encoder.0", "encoder.1"]
+    with pytest.raises(ValueError, match="placement of 'encoder.1' names meta, which holds shapes, not data"):
+        resolve_plan({"encoder.1": "meta"}, stages)
+    with pytest.raises(ValueError, match="placement fallback names meta"):
+        resolve_plan({"encoder": "cuda:99"}, stages, fallback="meta")
 
 
 def test_plan_apply_names_an_absent_device_before_moving_anything():

@@ -16,7 +16,8 @@ TINY = ["recipe=bert_split", "trainer.val_check_interval=2", "data.train_size=12
         "data.val_size=32", "model.hidden=32", "model.layers=1", "trainer.num_sanity_val_steps=0",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "data.producers=1"]
 TWO_STEPS = "trainer.max_steps=2"
-MISSPELT = "hetrain: optimized_metric=val/accuracy is not a logged metric; choose one of val/acc, val/loss"
+MISSPELT = ("hetrain: optimized_metric=val/accuracy is not a logged metric; choose one of val/acc, val/loss (or "
+            "optimized_metric=null where no sweeper optimises it)")
 
 
 def _rows(sweep: Path) -> list[dict[str, str]]:

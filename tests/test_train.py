@@ -694,7 +694,7 @@ def test_a_combination_whose_seeds_all_failed_keeps_its_over_seeds_row():
         {"job": 3, "overrides": "model.heads=3 seed=1", "status": "no summary", "error": "the job wrote no ..."},
     ]
     header, rows = seed_table(records)
-    assert header == ["overrides (seed aside)", "seeds", "metrics.val/acc", "failed jobs"]
+    assert header == ["overrides (seed aside)", "seeds", "metrics.val/acc", "jobs without results"]
     assert rows == [["model.hidden=64", 2, "0.85 ± 0.071", ""], ["model.heads=3", 0, None, "1, 3"]]
 
 

@@ -25,7 +25,6 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
@@ -97,10 +96,13 @@ class StagePlacement(Callback):
 
     Notes:
         Lightning first puts the whole module on its root device; stages the plan does not cover
-        stay there. Every stage gets a forward pre-hook that brings its tensor inputs to its
-        device, so the model's own forward needs no device code; placing a stage again (this plan
-        or another's) replaces its hook, and teardown removes it. A planned device that is not
-        present (no GPU, fewer GPUs) is replaced by ``fallback``, said in one log line.
+        stay there. Every stage gets a forward pre-hook that brings its tensor inputs to the device
+        the stage is on when it runs, so the model's own forward needs no device code; placing a
+        stage again (this plan or another's, or ``PlacementPlan.apply``) adds none. The hooks stay
+        after fit, right wherever the model moves next (Lightning's teardown may move it to the
+        CPU); ``hetrain.placement.plan.remove_input_hooks(model)`` removes them. A planned device
+        that is not present (no GPU, fewer GPUs) is replaced by ``fallback``, said in one log line;
+        the meta device (shapes, no data) is refused.
 
     Args:
         plan: ``{module_path: device}``, paths relative to the model (``embeddings``, ``encoder.0``; nested
@@ -130,7 +132,6 @@ class StagePlacement(Callback):
         self.predict = predict
         self.devices: dict[str, torch.device] | None = None
         self.summary: dict[str, Any] = {}
-        self._hooks: dict[str, RemovableHandle] = {}
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RunCosts:
         """Times every stage on every device of this machine on one batch of the run's data (validation's where it
@@ -181,7 +182,7 @@ class StagePlacement(Callback):
                 device = next(stage.parameters()).device
             else:
                 stage.to(device)
-            self._hooks[name] = hook_inputs(stage, device)
+            hook_inputs(stage)
             placed[name] = device
         return placed
 
@@ -213,12 +214,6 @@ class StagePlacement(Callback):
     on_validation_start = override(_place)
     on_test_start = override(_place)
     on_predict_start = override(_place)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._hooks.values():
-            handle.remove()
-        self._hooks.clear()
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -44,6 +44,10 @@ class ChainPlan:
     objective: str
     micro_batches: int = 1
 
+    def __post_init__(self) -> None:
+        # Costs given as NumPy arrays sum to a NumPy scalar, which a saved plan (YAML, JSON) cannot hold.
+        self.predicted_time = float(self.predicted_time)
+
 
 def _check(costs: Sequence[Sequence[float]], boundaries: int, objective: str, micro_batches: int) -> int:
     """Validates what every chain function takes; returns the number of devices."""

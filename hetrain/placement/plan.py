@@ -19,7 +19,6 @@ On the command line ``'+placement.plan={encoder.1: cpu}'`` adds an entry and kee
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,8 @@ import yaml
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from hetrain.placement.pipeline import stage_device, to_device
+from hetrain.placement.heft import is_number
+from hetrain.placement.pipeline import to_device
 
 METHODS = ("explicit", "heft", "chain-dp")
 PLAN_SUFFIXES = (".yaml", ".yml", ".json")
@@ -86,6 +86,12 @@ class PlacementPlan:
         self.devices = flatten_plan(self.devices)
         for path, device in self.devices.items():
             parse_device(device, f"placement of {path!r}")
+        if self.predicted_step_time is not None:
+            if not is_number(self.predicted_step_time):
+                raise ValueError(f"hetrain: predicted_step_time is {self.predicted_step_time!r}; it is seconds, a "
+                                 f"number (or None)")
+            # A solver given NumPy arrays returns a NumPy scalar, which neither YAML nor JSON can write.
+            self.predicted_step_time = float(self.predicted_step_time)
 
     @classmethod
     def from_assignment(
@@ -109,12 +115,13 @@ class PlacementPlan:
         return cls({p: device_names[i] for p, i in zip(paths, indices, strict=True)}, method, predicted_step_time)
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Moves each planned submodule to its device, groups before the paths inside them, and hooks each unit the
-        plan places so that its tensor inputs come to its device, as ``StagePlacement`` does: the model's forward
-        then runs across devices with no device code. The units are the model's ``stages()`` where it has them
-        (a path then names stages, as in :func:`resolve_plan`), else the planned submodules. Applying a plan again
-        replaces the hooks instead of adding to them. Every path and device is checked before anything moves, so
-        a bad plan leaves the model where it was. Returns ``model``."""
+        """Moves each planned submodule to its device, groups before the paths inside them, and hooks each unit so
+        that its tensor inputs come to its device, as ``StagePlacement`` does: the model's forward then runs across
+        devices with no device code. The units are the model's ``stages()`` where it has them (a path then names
+        stages, as in :func:`resolve_plan`; ``""`` names them all), else the planned submodules. A hook reads its
+        unit's device when the unit runs, so moving the model afterwards (``.cpu()``, another plan) keeps it
+        right; applying again adds none, and :func:`remove_input_hooks` removes them. Every path and device is
+        checked before anything moves, so a bad plan leaves the model where it was. Returns ``model``."""
         for path in self.devices:
             try:
                 model.get_submodule(path)
@@ -128,20 +135,18 @@ class PlacementPlan:
         self._check_present()
         for path in sorted(self.devices, key=lambda p: p.count(".") if p else -1):
             model.get_submodule(path).to(self.devices[path])
-        for unit, device in units:
-            hook_inputs(unit, device)
+        for unit in units:
+            hook_inputs(unit)
         return model
 
-    def _units(self, model: nn.Module) -> list[tuple[nn.Module, torch.device]]:
-        """The modules that get an input hook, each with the device its inputs go to once the plan is applied."""
-        planned = {path: _indexed(torch.device(device)) for path, device in self.devices.items()}
+    def _units(self, model: nn.Module) -> list[nn.Module]:
+        """The modules that get an input hook: every stage (one the plan leaves alone may still take its input
+        from a stage it moved), or without ``stages()`` the planned submodules."""
         stages = model.stages() if callable(getattr(model, "stages", None)) else None
         if stages is None:
-            return [(model.get_submodule(path), device) for path, device in planned.items()]
-        deciding = stage_paths(planned, list(stages))
-        # A stage the plan leaves alone keeps its device, and a hook to it in place of one an earlier plan gave it.
-        return [(stage, planned[deciding[name]] if name in deciding else stage_device(stage))
-                for name, stage in stages.items()]
+            return [model.get_submodule(path) for path in self.devices]
+        stage_paths(self.devices, list(stages))
+        return list(stages.values())
 
     def _check_present(self) -> None:
         absent = [f"{path!r} on {device}" for path, device in self.devices.items()
@@ -158,6 +163,7 @@ class PlacementPlan:
     def from_dict(cls, data: Mapping) -> PlacementPlan:
         """Reads :meth:`to_dict`'s form, or a bare ``{path: device}`` mapping (an explicit plan)."""
         if "plan" not in data:
+            _refuse_missing_plan_key(data)
             return cls(dict(data))  # each entry checked as a plan's are, so a bad device is named with its path
         if isinstance(data["plan"], Mapping):
             return cls(dict(data["plan"]), data.get("method", "explicit"), data.get("predicted_step_time"))
@@ -180,6 +186,16 @@ class PlacementPlan:
         if not isinstance(data, Mapping):
             raise ValueError(f"hetrain: {path} holds no mapping")
         return cls.from_dict(data)
+
+
+def _refuse_missing_plan_key(data: Mapping) -> None:
+    """A file with :meth:`PlacementPlan.to_dict`'s other keys but no ``plan`` (misspelt ``plans:``, say) would read
+    as a bare mapping, its ``method`` a module path with a device named ``chain-dp``."""
+    saved_keys = [key for key in ("method", "predicted_step_time") if key in data]
+    if saved_keys:
+        raise ValueError(f"hetrain: the placement file has {', '.join(saved_keys)} but no 'plan' key (its keys: "
+                         f"{', '.join(map(str, data))}); a placement file holds either {{plan: {{path: device}}, "
+                         f"method: ...}} or {{path: device}}")
 
 
 def read_plan(plan: Mapping | str | Path | None) -> dict[str, str] | str:
@@ -240,10 +256,11 @@ def refuse_repeated_devices(names: Sequence[str], what: str) -> None:
 def stage_paths(plan: Mapping[str, object], stages: Sequence[str]) -> dict[str, str]:
     """The plan path that decides each stage it covers: the most specific one (``encoder.1`` over ``encoder``).
 
-    Raises if a path names no stage, or lies inside one (a stage is the unit).
+    Raises if a path names no stage, or lies inside one (a stage is the unit). The root path ``""`` covers every
+    stage, the least specific of all.
     """
     for path in plan:
-        if not any(s == path or s.startswith(path + ".") for s in stages):
+        if not any(_covers(path, s) for s in stages):
             inside = next((s for s in stages if path.startswith(s + ".")), None)
             where = f"it lies inside stage {inside!r}" if inside else "no stage has that path"
             raise ValueError(
@@ -251,10 +268,14 @@ def stage_paths(plan: Mapping[str, object], stages: Sequence[str]) -> dict[str, 
             )
     paths = {}
     for stage in stages:
-        covering = [p for p in plan if stage == p or stage.startswith(p + ".")]
+        covering = [p for p in plan if _covers(p, stage)]
         if covering:
             paths[stage] = max(covering, key=len)
     return paths
+
+
+def _covers(path: str, stage: str) -> bool:
+    return path in ("", stage) or stage.startswith(path + ".")
 
 
 def resolve_plan(
@@ -264,12 +285,15 @@ def resolve_plan(
     present device.
 
     Returns the devices and, when some planned device is absent, one line saying what moved to
-    ``fallback`` instead.
+    ``fallback`` instead. The meta device is refused: it is present everywhere, but a stage moved there loses its
+    weights, and a run could not train it.
     """
     plan = flatten_plan(plan)
     deciding = stage_paths(plan, stages)
     planned = {path: _indexed(parse_device(name, f"placement of {path!r}")) for path, name in plan.items()}
     fallback_device = _indexed(parse_device(fallback, "placement fallback"))
+    _refuse_meta({**{f"placement of {path!r}": device for path, device in planned.items()},
+                  "placement fallback": fallback_device})
     devices = {stage: planned[path] for stage, path in deciding.items()}
     missing: dict[str, list[str]] = {}
     for path, name in plan.items():
@@ -288,29 +312,60 @@ def resolve_plan(
     return devices, f"placement: {note}" if note else None
 
 
-# The input hook each placed module has now, whoever placed it (a plan's apply, a StagePlacement): a module keeps
-# one, the latest placement's, so placing a model again (another plan, another Trainer) does not stack hooks that
-# would move its inputs through every device it was ever planned on.
-_INPUT_HOOKS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+def _refuse_meta(devices: Mapping[str, torch.device]) -> None:
+    on_meta = [what for what, device in devices.items() if device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"hetrain: {on_meta[0]} names meta, which holds shapes, not data: a stage moved there loses "
+                         f"its weights and cannot train; name cpu or cuda")
 
 
-def hook_inputs(module: nn.Module, device: torch.device) -> RemovableHandle:
-    """Replaces ``module``'s placement hook with one that brings its tensor inputs to ``device``."""
-    previous = _INPUT_HOOKS.pop(module, None)
-    if previous is not None:
-        previous.remove()
-    handle = module.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
-    _INPUT_HOOKS[module] = handle
-    return handle
+def held_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer (a placement moves a unit whole); None where it holds
+    neither (a bare activation), which then runs wherever its input is."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return None if tensor is None else tensor.device
 
 
-def _inputs_to(device: torch.device):
-    """A forward pre-hook that brings a module's tensor inputs to its device (see :func:`to_device`)."""
+class _InputsToItsDevice:
+    """A forward pre-hook that brings a module's tensor inputs to the device the module is on when it runs (see
+    :func:`to_device`). Read at each call, not fixed when hooked, the device follows the module wherever it
+    moves later (back to the CPU, to the devices of another placement), so a hook is never stale; a class, not a
+    closure, so that a hooked model pickles (``torch.save(model)``)."""
 
-    def move(x):
-        return to_device(x, device) if isinstance(x, torch.Tensor) else x
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        device = held_device(module)
+        if device is None:
+            return None
+        return tuple(_moved(a, device) for a in args), {k: _moved(v, device) for k, v in kwargs.items()}
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
-    return hook
+def _moved(x: object, device: torch.device) -> object:
+    return to_device(x, device) if isinstance(x, torch.Tensor) else x
+
+
+def _has_input_hook(module: nn.Module) -> bool:
+    return any(isinstance(hook, _InputsToItsDevice) for hook in module._forward_pre_hooks.values())
+
+
+def hook_inputs(module: nn.Module) -> RemovableHandle | None:
+    """Hooks ``module`` to bring its tensor inputs to its device; returns the new hook's handle, or None where it
+    needs none: it has one already (placing again, by whichever plan or callback, adds none) or holds no tensors."""
+    if _has_input_hook(module) or held_device(module) is None:
+        return None
+    return module.register_forward_pre_hook(_InputsToItsDevice(), with_kwargs=True)
+
+
+def remove_input_hooks(model: nn.Module) -> int:
+    """Removes the input hooks that placing ``model`` (:meth:`PlacementPlan.apply`, ``StagePlacement``) gave its
+    modules, e.g. before handing the model to code that expects none; returns how many it removed."""
+    removed = 0
+    for module in model.modules():
+        # torch offers no lookup of a hook by kind: these two dicts are what RemovableHandle.remove() edits.
+        keys = [key for key, hook in module._forward_pre_hooks.items() if isinstance(hook, _InputsToItsDevice)]
+        for key in keys:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+        removed += len(keys)
+    return removed

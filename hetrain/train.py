@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -157,7 +158,7 @@ def _check_monitor_modes(cfg: DictConfig) -> None:
         if not OmegaConf.is_dict(node):  # profile_steps, and entries set to null
             continue
         monitor, mode = node.get("monitor"), node.get("mode")
-        if isinstance(monitor, str) and "loss" in monitor and mode == "max":
+        if isinstance(monitor, str) and re.search(r"(^|[/_.])loss$", monitor) and mode == "max":
             raise ValueError(f"hetrain: callbacks.{name}.monitor={monitor} is a loss, lower is better, but "
                              f"callbacks.{name}.mode=max counts the highest as the best (the worst checkpoint would "
                              f"be kept); set callbacks.{name}.mode=min too, and a file name that says so, e.g. "
@@ -395,7 +396,9 @@ def _other_ranks(error: str, log_file: str | None, sizes_before: dict[Path, int]
     # a moment to write that line.
     deadline = time.monotonic() + wait_s
     while True:
-        ended = {path.name: _last_failure(path, sizes_before.get(path, 0)) for path in sorted(_rank_logs(log_file))}
+        # Only the logs this run wrote to: an earlier run's with more ranks left logs no rank of this one writes.
+        grown = [path for path, size in _rank_logs(log_file).items() if size > sizes_before.get(path, -1)]
+        ended = {path.name: _last_failure(path, sizes_before.get(path, 0)) for path in sorted(grown)}
         if all(ended.values()) or time.monotonic() > deadline:
             return {name: failure or "no failure logged (killed? see the end of the log)"
                     for name, failure in ended.items()}

@@ -459,3 +459,16 @@ def test_a_fit_after_plan_apply_leaves_the_plans_hooks_in_place():
     placement.place(model.stages())
     placement.teardown(None, None, "fit")
     assert model(torch.randn(2, 4)).device.type == "meta"
+
+
+def test_stage_placement_takes_a_stage_without_weights_and_removes_its_own_hooks_at_teardown():
+    """A weightless stage (an activation) raised a bare StopIteration; and the hooks a fit added stayed after it,
+    where TorchScript cannot script them (``to_torchscript`` after a fit failed)."""
+    stages = {"embed": nn.Linear(5, 5), "act": nn.ReLU(), "head": nn.Linear(5, 3)}
+    placement = StagePlacement({"head": "cpu"})
+    placed = placement.place(stages)
+    assert placed == {"embed": torch.device("cpu"), "act": torch.device("cpu"), "head": torch.device("cpu")}
+    assert [len(s._forward_pre_hooks) for s in stages.values()] == [1, 0, 1]
+    placement.teardown(None, None, "fit")
+    assert [len(s._forward_pre_hooks) for s in stages.values()] == [0, 0, 0]
+    torch.jit.script(nn.Sequential(*stages.values()))

@@ -469,6 +469,8 @@ def test_a_checkpoint_monitoring_a_loss_with_mode_max_is_refused_naming_the_fix(
                         filename, output_dir=tmp_path)  # the advice, as it is written on a command line
     check_config(cfg)
     assert cfg.callbacks.model_checkpoint.filename == "step{step}-loss{val/loss:.4f}"
+    for not_a_loss in ("val/closs_acc", "val/glossary_f1"):  # a name holding "loss" is not always one
+        check_config(compose_train(f"callbacks.model_checkpoint.monitor={not_a_loss}", output_dir=tmp_path))
 
 
 def test_a_plan_from_a_nested_override_or_a_file_is_read_before_the_model_is_built(tmp_path):
@@ -724,3 +726,8 @@ def test_another_ranks_failure_is_read_from_what_its_log_gained_in_this_run(tmp_
         f.write("hetrain: the run failed: ValueError: today's; traceback in x\n")
     assert _other_ranks(peer_closed, str(rank0), before, wait_s=0) == {rank1.name: "ValueError: today's"}
     assert _other_ranks("ValueError: our own", str(rank0), before, wait_s=0) == {}
+    (tmp_path / "train_ddp_process_2.log").write_text("")  # an earlier run's third rank: this run has two
+    before = _rank_logs(str(rank0))
+    with rank1.open("a") as f:
+        f.write("hetrain: the run failed: ValueError: later\n")
+    assert _other_ranks(peer_closed, str(rank0), before, wait_s=0) == {rank1.name: "ValueError: later"}

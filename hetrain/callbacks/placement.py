@@ -25,12 +25,13 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
 from hetrain.placement.chain import OBJECTIVES
-from hetrain.placement.pipeline import micro_batch_count, shared_across_devices, stage_device
-from hetrain.placement.plan import hook_inputs, parse_device, read_plan, resolve_plan
+from hetrain.placement.pipeline import micro_batch_count, shared_across_devices
+from hetrain.placement.plan import held_device, hook_inputs, parse_device, read_plan, resolve_plan
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,10 @@ class StagePlacement(Callback):
         Lightning first puts the whole module on its root device; stages the plan does not cover
         stay there. Every stage gets a forward pre-hook that brings its tensor inputs to the device
         the stage is on when it runs, so the model's own forward needs no device code; placing a
-        stage again (this plan or another's, or ``PlacementPlan.apply``) adds none. The hooks stay
-        after fit, right wherever the model moves next (Lightning's teardown may move it to the
-        CPU); ``hetrain.placement.plan.remove_input_hooks(model)`` removes them. A planned device
+        stage again (this plan or another's, or ``PlacementPlan.apply``) adds none. The hooks this
+        callback added come off at teardown (TorchScript cannot script a model that has them); those
+        ``PlacementPlan.apply`` added stay, until ``hetrain.placement.remove_input_hooks(model)``. A stage
+        without weights is not moved and runs where its input is. A planned device
         that is not present (no GPU, fewer GPUs) is replaced by ``fallback``, said in one log line;
         the meta device (shapes, no data) is refused.
 
@@ -132,6 +134,7 @@ class StagePlacement(Callback):
         self.predict = predict
         self.devices: dict[str, torch.device] | None = None
         self.summary: dict[str, Any] = {}
+        self._hooks: list[RemovableHandle] = []  # the input hooks this callback added, removed at teardown
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RunCosts:
         """Times every stage on every device of this machine on one batch of the run's data (validation's where it
@@ -167,7 +170,7 @@ class StagePlacement(Callback):
             self.devices, note = resolve_plan(self.plan, list(stages), self.fallback)
             if note:
                 log.info(note)
-        planned = {name: self.devices.get(name, stage_device(stage)) for name, stage in stages.items()}
+        planned = {name: self.devices.get(name) or held_device(stage) for name, stage in stages.items()}
         clashes = shared_across_devices(list(stages.items()), planned)
         if clashes:
             pairs = "; ".join(f"{a} (module {a.rpartition('.')[0]}) and {b} (module {b.rpartition('.')[0]})"
@@ -175,16 +178,27 @@ class StagePlacement(Callback):
             raise ValueError(f"hetrain: parameters shared by stages placed on different devices: {pairs}. Put those "
                              f"stages on one device (the shared parameter then collects both uses' gradients), or "
                              f"untie the weights")
-        placed = {}
+        placed, device = {}, torch.device("cpu")
         for name, stage in stages.items():
+            if held_device(stage) is None:  # no weights: it runs on its input's device, the stage's before
+                placed[name] = device
+                continue
             device = self.devices.get(name)
             if device is None:
-                device = next(stage.parameters()).device
+                device = held_device(stage)
             else:
                 stage.to(device)
-            hook_inputs(stage)
+            handle = hook_inputs(stage)
+            if handle is not None:
+                self._hooks.append(handle)
             placed[name] = device
         return placed
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, placed: Mapping[str, torch.device]) -> None:
         """Logs and summarises the placed plan's predicted step time beside the plan ``auto`` would choose."""

@@ -180,17 +180,11 @@ class StagePlacement(Callback):
                              f"untie the weights")
         placed, device = {}, torch.device("cpu")
         for name, stage in stages.items():
-            if held_device(stage) is None:  # no weights: it runs on its input's device, the stage's before
-                placed[name] = device
-                continue
-            device = self.devices.get(name)
-            if device is None:
-                device = held_device(stage)
-            else:
-                stage.to(device)
-            handle = hook_inputs(stage)
-            if handle is not None:
-                self._hooks.append(handle)
+            if held_device(stage) is not None:  # one without weights runs on its input's device, the stage's before
+                device = planned[name]
+                stage.to(device)  # a no-op for a stage the plan leaves where it is
+                if (handle := hook_inputs(stage)) is not None:
+                    self._hooks.append(handle)
             placed[name] = device
         return placed
 

@@ -369,10 +369,11 @@ def measure(
     if not named:
         raise ValueError("hetrain: no stages to measure")
     devices = list(available_devices() if devices is None else devices)
-    if any(parse_device(d, "a device to measure").type == "meta" for d in devices):
+    parsed = [parse_device(d, "a device to measure") for d in devices]
+    if any(device.type == "meta" for device in parsed):
         raise ValueError("hetrain: cannot measure on meta: it holds shapes, not data, so nothing there can be timed; "
                          "measure on cpu or a GPU")
-    absent = [d for d in devices if not device_present(parse_device(d, "a device to measure"))]
+    absent = [d for d, device in zip(devices, parsed, strict=True) if not device_present(device)]
     if absent:
         raise ValueError(f"hetrain: cannot measure on {', '.join(absent)}: not on this machine, which has "
                          f"{', '.join(available_devices())}; leave devices=None to measure every device it has")

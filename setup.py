@@ -96,7 +96,8 @@ class _ExplainingBuild(BuildExtension):
         except Exception as exc:
             sys.exit(
                 f"hetrain: building the C++/CUDA extension hetrain._C failed: {exc}\n"
-                "  Check: a C++17 compiler (g++ >= 9) and, for CUDA, an nvcc matching torch.version.cuda.\n"
+                "  Check: a C++20 compiler (g++ >= 10) for torch >= 2.13 (C++17, g++ >= 9, before) and, for CUDA,\n"
+                "  an nvcc matching torch.version.cuda.\n"
                 "  Retry with logs: DEBUG=1 pip install -e . --no-build-isolation -v\n"
                 "  Or build for the CPU only: HETRAIN_CUDA=0 pip install -e . --no-build-isolation"
             )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hetrain.ops.sparse_adamw import sparse_adamw_
+from hetrain.ops.sparse_adamw import check_hyperparameters, sparse_adamw_
 
 
 def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -38,9 +38,20 @@ class SparseAwareAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, fused: bool | None = None) -> None:
+        check_hyperparameters(lr, betas, eps, weight_decay, caller="hetrain.SparseAwareAdamW")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "sparse": False}
         super().__init__(params, defaults)
         self._fused = fused
+        self._share_with_dense()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_fused": self._fused}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's state keeps the groups and their state; the inner dense AdamW is re-made over them (a deepcopy or
+        # unpickled optimizer had none, and its next step failed).
+        super().__setstate__(state)
+        self._fused = state.get("_fused")
         self._share_with_dense()
 
     def _share_with_dense(self) -> None:
@@ -54,6 +65,10 @@ class SparseAwareAdamW(torch.optim.Optimizer):
             self._dense.state = self.state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # A group may set its own lr, betas, eps and weight_decay (__init__ checked the defaults).
+        own = {**self.defaults, **param_group}
+        check_hyperparameters(own["lr"], own["betas"], own["eps"], own["weight_decay"],
+                              caller="hetrain.SparseAwareAdamW")
         if param_group.get("sparse"):
             unsupported = [key for key in UNSUPPORTED_SPARSE_OPTIONS if param_group.get(key)]
             if unsupported:

@@ -2,6 +2,8 @@
 optimizers where they must agree, untouched rows left alone, errors, SparseAwareAdamW in a model and in a fit."""
 
 import copy
+import pickle
+import re
 
 import pytest
 import pytorch_lightning as pl
@@ -287,3 +289,42 @@ def test_a_state_saved_by_torch_adamw_loads_and_a_sparse_grad_in_a_dense_group_i
     wrong = SparseAwareAdamW(model.parameters())  # the sparse table in a dense group
     with pytest.raises(ValueError, match="in a dense group got a sparse gradient; put it in a group with sparse=True"):
         train(model, wrong, 1, seed=0)
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda x: pickle.loads(pickle.dumps(x))], ids=["deepcopy", "pickle"])
+def test_a_deepcopied_or_pickled_optimizer_steps_as_the_original(clone):
+    # torch's pickled state has no inner dense AdamW: the copy's next step raised AttributeError.
+    model, opt = model_and_optimizer()
+    train(model, opt, 2, seed=1)
+    model2, opt2 = clone((model, opt))
+    train(model, opt, 2, seed=2)
+    train(model2, opt2, 2, seed=2)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    head = nn.Linear(3, 2).double()  # a dense group added to the copy steps too
+    opt2.add_param_group({"params": head.parameters()})
+    before = head.weight.detach().clone()
+    head(model2(torch.tensor([[1, 2]]))).sum().backward()
+    opt2.step()
+    assert not torch.equal(head.weight, before)
+
+
+@pytest.mark.parametrize("bad", [{"lr": -0.1}, {"eps": -1e-8}, {"betas": (0.9, 1.0)}, {"betas": (-0.1, 0.999)},
+                                 {"weight_decay": -1.0}])
+def test_a_value_torch_adamw_refuses_is_refused_before_any_step(bad):
+    # A sparse-only optimizer checked nothing: the C++ kernel's refusal fell back to the reference, which trained
+    # a negative lr by ascent; betas >= 1 failed with "math domain error".
+    with pytest.raises(ValueError) as torchs:
+        torch.optim.AdamW([nn.Parameter(torch.zeros(2))], **bad)
+    message = re.escape(str(torchs.value))
+    weight = nn.Embedding(8, 4, sparse=True).weight
+    with pytest.raises(ValueError, match=message):
+        SparseAwareAdamW([{"params": [weight], "sparse": True}], **bad)
+    with pytest.raises(ValueError, match=message):
+        SparseAwareAdamW([{"params": [weight], "sparse": True, **bad}])
+    p = table().detach()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    before = p.clone()
+    with pytest.raises(ValueError, match=message):
+        sparse_adamw_(p, m, v, sparse_grad(*p.shape, 5, p.dtype, seed=1), 1, **{"lr": 0.1, **bad})
+    assert torch.equal(p, before)

@@ -100,3 +100,29 @@ def test_bad_arguments_name_the_problem():
         torch.ops.hetrain_C.embedding_sparse_grad(grad, torch.tensor([1, 2]), V, -1)
     with pytest.raises(RuntimeError, match="int64 or int32"):
         torch.ops.hetrain_C.embedding_sparse_grad(grad, torch.ones(2, 3), V, -1)
+
+
+@pytest.mark.parametrize("padding_idx", [-V - 1, V])
+def test_a_padding_idx_outside_the_table_is_refused(padding_idx):
+    # -V - 1 became -1, which the C++ kernel read as "no padding" and torch's lookup as the last row.
+    weight = randn(V, H, seed=9, requires_grad=True)
+    ids = torch.tensor([V - 1, 3])
+    with pytest.raises(AssertionError, match="Padding_idx must be within num_embeddings"):
+        torch.nn.functional.embedding(ids, weight, padding_idx, sparse=True)
+    with pytest.raises(ValueError, match=f"Padding_idx must be within num_embeddings: got {padding_idx} for a table "
+                                         f"of {V} rows; pass one in \\[-{V}, {V}\\)"):
+        sparse_embedding(ids, weight, padding_idx)
+    sparse_embedding(torch.tensor([0, 3]), weight, -V).sum().backward()  # -V: the first row
+    assert weight.grad._indices()[0].tolist() == [3]
+
+
+def test_weight_grad_has_sorted_unique_rows_and_torch_marks_it_uncoalesced():
+    # What the module docstring says: hooks see the kernel's coalesced gradient; torch's gradient accumulation
+    # drops the flag on weight.grad, so .indices() needs .coalesce() first. If torch keeps it, update the docstring.
+    weight = randn(V, H, seed=11, requires_grad=True)
+    seen = []
+    weight.register_hook(lambda g: seen.append(g.is_coalesced()))
+    sparse_embedding(torch.tensor([4, 1, 4, 7]), weight).sum().backward()
+    assert seen == [True]
+    assert not weight.grad.is_coalesced() and weight.grad._indices()[0].tolist() == [1, 4, 7]
+    assert weight.grad.coalesce().indices()[0].tolist() == [1, 4, 7]

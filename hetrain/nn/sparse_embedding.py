@@ -1,4 +1,5 @@
-"""``nn.Embedding`` whose sparse gradient comes coalesced, without the padding copy (see ops.sparse_embedding)."""
+"""``nn.Embedding`` whose sparse gradient is built with sorted unique rows, without the padding copy (see
+ops.sparse_embedding)."""
 
 from __future__ import annotations
 

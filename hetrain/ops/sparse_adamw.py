@@ -69,6 +69,21 @@ _backends.register_cpp(OP, CppBackend, devices=("cpu",))
 _backends.register_torch(OP, TorchBackend)
 
 
+def check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                          caller: str = "hetrain.sparse_adamw") -> None:
+    """Refuses what torch's AdamW refuses: the backends do not check (the reference would step a negative lr
+    as gradient ascent), and a kernel's refusal would read as a backend failure and fall back to the reference."""
+    if not 0.0 <= lr:
+        raise ValueError(f"{caller}: Invalid learning rate: {lr} (lr must be >= 0)")
+    if not 0.0 <= eps:
+        raise ValueError(f"{caller}: Invalid epsilon value: {eps} (eps must be >= 0)")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{caller}: Invalid beta parameter at index {i}: {beta} (each beta must be in [0, 1))")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"{caller}: Invalid weight_decay value: {weight_decay} (weight_decay must be >= 0)")
+
+
 def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
                   step: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                   weight_decay: float = 1e-2) -> None:
@@ -82,6 +97,7 @@ def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
         if t.shape != param.shape or t.dtype != param.dtype or t.device != param.device:
             raise ValueError(f"hetrain.sparse_adamw: {name} must match the parameter ({tuple(param.shape)} "
                              f"{param.dtype} on {param.device}), got {tuple(t.shape)} {t.dtype} on {t.device}")
+    check_hyperparameters(lr, betas, eps, weight_decay)
     if step < 1:
         raise ValueError(f"hetrain.sparse_adamw: step counts from 1 (the bias corrections divide by "
                          f"1 - beta**step), got {step}")

@@ -1,12 +1,14 @@
-"""An embedding lookup whose table gradient is row-sparse and already coalesced: ``sparse_embedding``.
+"""An embedding lookup whose table gradient is row-sparse, its rows sorted and unique: ``sparse_embedding``.
 
 ``F.embedding(ids, weight, padding_idx, sparse=True)`` hands the table a gradient of one (index, row) pair
 per lookup; with a padding index it first copies every non-padding row of the upstream gradient into a new
 tensor, which at BERT's 32 x 512 x 768 took 22 of the 24 ms of the table's backward on a 2-core CPU
 (benchmarks/RESULTS.md). On the CPU, ``hetrain_C::embedding_sparse_grad`` (csrc/embedding_grad.cpp) reads
-each upstream row once and writes each looked-up table row once: the gradient arrives coalesced (sorted
-unique rows, repeats summed, the padding row absent), the same tensor as torch's after ``coalesce()``.
-Elsewhere (CUDA, or without hetrain._C), and while a graph is traced, it is torch's sparse lookup.
+each upstream row once and writes each looked-up table row once: the gradient is built coalesced (sorted
+unique rows, repeats summed, the padding row absent), the same tensor as torch's after ``coalesce()``, and
+gradient hooks see it so. ``weight.grad`` does not keep the flag (torch's gradient accumulation drops it), so
+``weight.grad.is_coalesced()`` is False: call ``weight.grad.coalesce()`` before ``.indices()``. Elsewhere
+(CUDA, or without hetrain._C), and while a graph is traced, it is torch's sparse lookup.
 """
 
 from __future__ import annotations
@@ -36,9 +38,15 @@ class _SparseEmbedding(torch.autograd.Function):
 
 
 def sparse_embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
-    """``F.embedding(ids, weight, padding_idx, sparse=True)``, whose gradient for ``weight`` comes coalesced."""
+    """``F.embedding(ids, weight, padding_idx, sparse=True)``, whose gradient for ``weight`` has sorted unique rows
+    (on the CPU kernel's path; see the module's docstring for ``weight.grad.is_coalesced()``)."""
+    rows = weight.shape[0]
+    if padding_idx is not None and not -rows <= padding_idx < rows:
+        # Checked before -rows..-1 is made 0..rows-1: one below would become -1, "no padding" to the C++ kernel.
+        raise ValueError(f"hetrain.sparse_embedding: Padding_idx must be within num_embeddings: got {padding_idx} "
+                         f"for a table of {rows} rows; pass one in [{-rows}, {rows}) or None for no padding row")
     if padding_idx is not None and padding_idx < 0:
-        padding_idx += weight.shape[0]  # as nn.Embedding normalises it
+        padding_idx += rows  # as nn.Embedding normalises it
     fused = (weight.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled()
              and not torch.compiler.is_compiling() and _ext.load() is not None)
     if not fused:

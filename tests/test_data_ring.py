@@ -654,6 +654,99 @@ def test_the_other_readers_go_on_after_one_dies_and_none_left_is_named():
     assert multiprocessing.active_children() == []
 
 
+def test_a_reader_that_died_idle_is_named_and_counted_out_and_later_reads_get_their_own_samples():
+    from hetrain.data.readers import ReaderDied, ReaderProcesses
+
+    readers = ReaderProcesses(Flaky(60), 2)
+    try:
+        def labels(indices):
+            return [s["label"] for s in readers.read(indices, lambda: False, 0.1)]
+
+        assert labels([1, 2, 3, 4, 5, 6]) == [1, 2, 3, 4, 5, 6]
+        victim = readers._readers[1].process
+        os.kill(victim.pid, signal.SIGKILL)  # the OOM killer picks a reader between two reads
+        victim.join()
+        with pytest.raises(ReaderDied, match=rf"reader process {victim.pid} ended \(killed by SIGKILL\) while idle, "
+                                             r"before reading samples \[[\d, ]+\]; 1 reader\(s\) left"):
+            labels([1, 2, 3, 4, 5, 6])
+        assert readers.alive == 1
+        assert labels([10, 11]) == [10, 11] and labels([20, 21, 22]) == [20, 21, 22]
+    finally:
+        readers.stop()
+    assert multiprocessing.active_children() == []
+
+
+class HeldAfterUnpicklable(torch.utils.data.Dataset):
+    """Sample 1 cannot be pickled; sample 2 is read until `release` is set, so the reader reports sample 1 while
+    sample 2 is still being read."""
+
+    def __init__(self):
+        self.release = multiprocessing.get_context("fork").Event()
+
+    def __len__(self):
+        return 60
+
+    def __getitem__(self, i):
+        if i == 1:
+            return {"label": i, "lock": threading.Lock()}
+        if i == 2:
+            self.release.wait(5)
+        return {"label": i}
+
+
+def test_the_sample_being_read_when_a_chunk_failed_does_not_reach_the_next_read():
+    from hetrain.data.readers import ReaderProcesses
+
+    ds = HeldAfterUnpicklable()
+    readers = ReaderProcesses(ds, 1)
+    try:
+        with pytest.raises(RuntimeError, match="sample 1 cannot be sent back from the reader process"):
+            readers.read([1, 2, 3], lambda: False, 0.1)
+        ds.release.set()  # sample 2 returns after its chunk failed
+        assert [s["label"] for s in readers.read([50, 51], lambda: False, 0.1)] == [50, 51]
+    finally:
+        readers.stop()
+    assert multiprocessing.active_children() == []
+
+
+class KilledBesideAHeldSample(torch.utils.data.Dataset):
+    """In a reader, sample 0 kills its process (SIGKILL) and sample 1 is read until `release` is set, then sets
+    `done`."""
+
+    def __init__(self):
+        context = multiprocessing.get_context("fork")
+        self.release, self.done, self.parent = context.Event(), context.Event(), os.getpid()
+
+    def __len__(self):
+        return 60
+
+    def __getitem__(self, i):
+        if os.getpid() != self.parent:
+            if i == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if i == 1:
+                self.release.wait(5)
+                self.done.set()
+        return {"label": i}
+
+
+def test_a_reader_death_is_raised_at_once_while_another_reader_is_still_inside_a_sample():
+    from hetrain.data.readers import ReaderDied, ReaderProcesses
+
+    ds = KilledBesideAHeldSample()
+    readers = ReaderProcesses(ds, 2)
+    try:
+        with pytest.raises(ReaderDied, match=r"killed by SIGKILL\) while reading samples \[0\]; 1 reader\(s\) left"):
+            readers.read([0, 1], lambda: False, 0.1)
+        assert not ds.done.is_set(), "the death must be raised at once, not after the other reader's sample"
+        ds.release.set()  # the survivor finishes sample 1 of the failed read; it must not reach the next one
+        assert [s["label"] for s in readers.read([10, 11, 12], lambda: False, 0.1)] == [10, 11, 12]
+        assert readers.alive == 1
+    finally:
+        readers.stop()
+    assert multiprocessing.active_children() == []
+
+
 class Assorted(torch.utils.data.Dataset):
     """Samples of every kind a reader sends back: dtypes, 0-d, empty and non-contiguous tensors, plain values."""
 

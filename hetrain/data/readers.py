@@ -83,11 +83,13 @@ class _Outbox:
                 return
 
     def start_chunk(self) -> None:
-        self.failed = False
+        with self.lock:  # a sample read after the last chunk failed belongs to no chunk: it is not sent
+            self.read, self.failed = [], False
 
     def add(self, index: int, sample: Any) -> None:
         with self.lock:
-            self.read.append((index, sample))
+            if not self.failed:  # the sample being read when the chunk failed is not sent with the next one
+                self.read.append((index, sample))
 
     def send(self, error: str | None = None) -> None:
         """Sends the samples read so far, then ``error`` if given (or the sample that cannot be pickled)."""
@@ -170,6 +172,9 @@ def _exit_description(code: int | None) -> str:
 class _Reader:
     def __init__(self, process: multiprocessing.Process, conn: Connection) -> None:
         self.process, self.conn = process, conn
+        self.chunk: list[int] = []  # the indices it was last sent
+        self.owed = 0  # samples of that chunk not yet received: it reads again only once this is 0
+        self.dead = False  # its death was counted
 
 
 class ReaderProcesses:
@@ -182,6 +187,8 @@ class ReaderProcesses:
     def __init__(self, dataset: Any, count: int) -> None:
         context = multiprocessing.get_context("fork")
         self._idle: queue.Queue[_Reader] = queue.Queue()
+        self._owing: list[_Reader] = []  # readers still answering a read that failed or stopped
+        self._owing_lock = threading.Lock()
         self._readers: list[_Reader] = []
         self.alive = count
         self._deaths = threading.Lock()
@@ -205,7 +212,8 @@ class ReaderProcesses:
         ``progress(-1)`` at every poll while waiting for an idle reader: what the caller reports to a stall
         check, so that a stall is timed per sample (not per batch) and names the sample holding it up.
         Raises RuntimeError naming the sample when the dataset raised, and :class:`ReaderDied` naming the
-        process and its exit when a reader ended mid-read (a crash, the OOM killer); the other readers go on.
+        process and its exit when a reader ended (a crash, the OOM killer), as soon as either happens: the
+        other readers of this call finish their samples on their own and then serve later calls.
         """
         if not indices:  # no reader would answer an empty chunk
             return []
@@ -214,14 +222,22 @@ class ReaderProcesses:
             return None
         chunks = [list(indices[k::len(taken)]) for k in range(len(taken))]  # interleaved: the order is restored
         results: list[list[Any]] = [[] for _ in taken]
-        failure: Exception | None = None
         try:
+            deaths = [self._died(reader, f"while idle, before reading samples {sorted(chunk)}")
+                      for reader, chunk in zip(taken, chunks, strict=True) if reader.process.exitcode is not None]
+            if deaths:  # readers that died idle (the OOM killer picks any process): all counted out, all named
+                raise ReaderDied("\n".join(deaths))
             for reader, chunk in zip(taken, chunks, strict=True):
-                reader.conn.send(chunk)
+                try:
+                    reader.conn.send(chunk)
+                except OSError:  # its end of the pipe closed: it died since the check above
+                    raise ReaderDied(self._died(reader, f"while idle, before reading samples {sorted(chunk)}")) \
+                        from None
+                reader.chunk, reader.owed = chunk, len(chunk)
             pending = dict(enumerate(taken))
             started = dict.fromkeys(pending, time.monotonic())  # when each reader began its current sample
             noted = None
-            while pending:  # every reply is taken, also after a failure: none is left for the next batch
+            while pending:
                 if stopped():
                     return None
                 oldest = min(pending, key=started.__getitem__)  # the sample read the longest
@@ -235,20 +251,23 @@ class ReaderProcesses:
                     if reply is None:
                         continue
                     status, payload = reply
-                    if status == "ok":
-                        results[k].extend(payload)
-                        started[k] = time.monotonic()
-                        if len(results[k]) < len(chunks[k]):
-                            continue
-                    elif failure is None:
-                        failure = RuntimeError(payload) if status == "error" else ReaderDied(payload)
-                    del pending[k]
-        finally:
+                    if status == "error":
+                        reader.owed = 0  # it sends nothing more for this chunk
+                        raise RuntimeError(payload)
+                    if status == "died":
+                        raise ReaderDied(payload)
+                    results[k].extend(payload)
+                    reader.owed -= len(payload)
+                    started[k] = time.monotonic()
+                    if not reader.owed:
+                        del pending[k]
+        finally:  # a reader still owing samples (the call failed or stopped) is drained before it reads again
             for reader in taken:
-                if reader.process.exitcode is None:
+                if reader.owed:
+                    with self._owing_lock:
+                        self._owing.append(reader)
+                elif not reader.dead:
                     self._idle.put(reader)
-        if failure is not None:
-            raise failure
         samples: list[Any] = [None] * len(indices)
         for k, chunk_samples in enumerate(results):
             samples[k::len(taken)] = chunk_samples
@@ -263,24 +282,49 @@ class ReaderProcesses:
                 return pickle.loads(reader.conn.recv_bytes())
             except (EOFError, OSError):  # its end of the pipe closed: the process is gone
                 pass
+        return "died", self._died(reader, f"while reading samples {sorted(indices)}")
+
+    def _died(self, reader: _Reader, doing: str) -> str:
+        """Collects a reader that ended, counts it out and describes it (also as :attr:`last_death`)."""
         reader.process.join(_STOP_GRACE_S)  # its exit code, once the kernel has reaped it
         if reader.process.exitcode is None:
             reader.process.kill()
             reader.process.join()
+        reader.dead, reader.owed = True, 0
         with self._deaths:
             self.alive -= 1
-        self.last_death = (f"hetrain: reader process {reader.process.pid} ended "
-                           f"({_exit_description(reader.process.exitcode)}) while reading samples "
-                           f"{sorted(indices)}; {self.alive} reader(s) left. A reader killed by SIGKILL is often "
-                           "the kernel's OOM killer: lower reader_processes, or read in the producer threads "
-                           "(reader_processes=0)")
-        return "died", self.last_death
+            self.last_death = (f"hetrain: reader process {reader.process.pid} ended "
+                               f"({_exit_description(reader.process.exitcode)}) {doing}; {self.alive} reader(s) "
+                               "left. A reader killed by SIGKILL is often the kernel's OOM killer: lower "
+                               "reader_processes, or read in the producer threads (reader_processes=0)")
+            return self.last_death
+
+    def _drain(self) -> None:
+        """Takes what the owing readers sent since, without waiting: one that answered its whole chunk is idle
+        again (so no sample of a failed call reaches a later one), one that ended is counted out."""
+        with self._owing_lock:
+            for reader in list(self._owing):
+                gone = False
+                try:
+                    while reader.owed and reader.conn.poll():
+                        status, payload = pickle.loads(reader.conn.recv_bytes())
+                        reader.owed = reader.owed - len(payload) if status == "ok" else 0
+                except (EOFError, OSError):  # its end of the pipe closed: the process is gone
+                    gone = True
+                if reader.owed and not gone and reader.process.exitcode is None:
+                    continue  # still reading
+                self._owing.remove(reader)
+                if reader.owed:
+                    self._died(reader, f"while reading samples {sorted(reader.chunk)} of a call that had failed")
+                else:
+                    self._idle.put(reader)
 
     def _take(self, wanted: int, stopped: Callable[[], bool], poll_s: float,
               progress: Callable[[int], None]) -> list[_Reader] | None:
         """At least one idle reader (waiting for one, calling ``progress(-1)`` per poll: waiting behind busy
         readers is no stall), and every other idle one up to ``wanted``."""
         while True:
+            self._drain()
             if self.alive == 0:
                 raise ReaderDied(f"hetrain: no reader process left; the last one: {self.last_death}")
             if stopped():

@@ -147,3 +147,35 @@ def test_a_large_corpus_reports_its_progress_on_stderr(tmp_path, capsys, monkeyp
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"hetrain: build_tokens: 2 documents, 0M characters read, at "
                                                    f"{src}:2 (")
+
+
+class MethodIds:
+    """Ids the way SentencePiece's processor gives them: methods, and -1 for "none"."""
+
+    def __init__(self, bos: int, eos: int, vocab: int) -> None:
+        self._bos, self._eos, self._vocab = bos, eos, vocab
+
+    def bos_id(self) -> int:
+        return self._bos
+
+    def eos_id(self) -> int:
+        return self._eos
+
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def encode(self, text: str) -> list[int]:
+        return [5] * len(text)
+
+
+def test_a_tokenizer_with_ids_as_methods_and_minus_one_for_none_builds(tmp_path):
+    # Read as attributes, SentencePiece's methods failed: "'<=' not supported between instances of 'method' and
+    # 'int'", and with an itemsize given, the method object went into every document as a token id.
+    tf = build_token_file(["ab", "c"], tmp_path / "c", MethodIds(bos=1, eos=-1, vocab=70_000))
+    assert tf.dtype.itemsize == 4 and [tf[0].tolist(), tf[1].tolist()] == [[1, 5, 5], [1, 5]]
+    tf = build_token_file(["ab"], tmp_path / "d", MethodIds(bos=-1, eos=2, vocab=100), itemsize=2)
+    assert tf.dtype.itemsize == 2 and tf[0].tolist() == [5, 5, 2]
+    assert build_token_file(["ab"], tmp_path / "e", MethodIds(bos=-1, eos=-1, vocab=100)).dtype.itemsize == 2
+    with pytest.raises(TypeError, match=r"tokenizer MethodIds's bos_id is '<s>', not an integer; pass bos_id to "
+                                        r"build_token_file"):
+        build_token_file(["ab"], tmp_path / "f", MethodIds(bos="<s>", eos=-1, vocab=100))

@@ -99,3 +99,18 @@ def test_embeddings_restart_positions_at_each_packed_sequence():
 def test_packing_nothing_says_the_dataset_is_empty():
     with pytest.raises(ValueError, match="PackedSequences got no sample to pack: is the dataset empty"):
         PackedSequences([], row_len=64)
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ([{"input_ids": torch.tensor([3.0, 4.7]), "label": 1}], r"input_ids of row 0, segment 1 holds non-whole numbers "
+                                                            r"\(such as 4.7\)"),
+    ([{"input_ids": [3, 4], "label": 1}, {"input_ids": [5], "label": 1.6}], r"field 'label' of row 0 holds non-whole "
+                                                                             r"numbers \(such as 1.6\)"),
+    ([{"input_ids": [[3, 4]], "label": 0}], r"PackInto takes 1-D input_ids, got shape \(1, 2\) in row 0, segment 1"),
+])
+def test_pack_into_refuses_what_its_slots_would_truncate_as_pad_into_does(row, message):
+    # PadInto refused these; PackInto wrote 4.7 as 4 and the label 1.6 as 1 without a word.
+    pack = PackInto(16, 2, 2)
+    out = {name: torch.empty(n, dtype=dtype) for name, (dtype, n) in pack.spec.items()}
+    with pytest.raises(ValueError, match=message):
+        pack([row], out)

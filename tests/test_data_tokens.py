@@ -258,3 +258,25 @@ def test_a_jsonl_label_is_parsed_strictly_and_refused_naming_its_line(tmp_path, 
         read_labels(corpus, "label")
     corpus.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": "12"}\n', encoding="utf-8-sig")
     assert read_labels(corpus, "label") == [0, 12]  # a byte order mark is skipped, as iter_documents skips it
+
+
+def test_a_uint64_id_past_int64_is_named_as_it_is(tmp_path):
+    # The cast to int64 wrapped 2**64 - 1 to -1: "token id -1; token ids are non-negative".
+    with pytest.raises(ValueError, match=r"document 0's token ids must fit int64 \(below 2\*\*63\), got "
+                                         r"18446744073709551615 at index 1"):
+        write_token_file(tmp_path / "c", [np.array([3, 2**64 - 1], dtype=np.uint64)])
+    with pytest.raises(ValueError, match=r"must fit int64 \(below 2\*\*63\), got 1e\+20 at index 0"):
+        write_token_file(tmp_path / "c", [[1e20]])
+
+
+def test_tensor_documents_are_written_whole_strided_or_needing_grad(tmp_path):
+    import torch
+
+    # Tensors are converted as arrays (element by element took seconds for a long document).
+    long_doc = torch.arange(50_000) % 60_000
+    strided = torch.arange(40).view(8, 5).t()[1]  # every fifth id: a non-contiguous view
+    needs_grad = torch.tensor([3.0, 7.0, 11.0], requires_grad=True)
+    tf = write_token_file(tmp_path / "t", [long_doc, strided, needs_grad])
+    np.testing.assert_array_equal(tf[0], long_doc.numpy())
+    np.testing.assert_array_equal(tf[1], [1, 6, 11, 16, 21, 26, 31, 36])
+    np.testing.assert_array_equal(tf[2], [3, 7, 11])

@@ -19,7 +19,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from hetrain.data import build_tokens
 from hetrain.data.datamodule import SyntheticDataModule, TokenDataModule, write_synthetic_corpus
-from hetrain.data.synthetic import pad_collate
+from hetrain.data.images import SyntheticImageDataModule
+from hetrain.data.synthetic import SyntheticSequences, pad_collate
 from hetrain.data.tokens import TokenFile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,3 +239,85 @@ def test_a_resumed_lightning_run_sees_exactly_the_batches_of_an_uninterrupted_on
     resumed, _ = _fit(tmp_path / "resumed", max_steps=40, ckpt_path=tmp_path / f"step={stop}.ckpt")
     assert sorted(resumed.seen) == list(range(stop, 40))
     assert resumed.seen == {step: rows for step, rows in full.seen.items() if step >= stop}
+
+
+def test_synthetic_documents_past_a_uint16_vocabulary_are_written_as_uint32():
+    # The corpus was always written with itemsize=2: "token id 69838 outside [0, 65535]; write with itemsize=4".
+    dm = TokenDataModule(vocab_size=70_000, train_size=8, val_size=2, min_doc_len=20, max_doc_len=60, max_len=32,
+                         stride=32, max_tokens=64)
+    dm.setup("fit")
+    tokens = dm.windows["train"].file.tokens
+    assert tokens.dtype.itemsize == 4 and tokens.max() >= 1 << 16
+    dm.teardown("fit")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"min_len": 2, "max_len": 5}, r"need 3 <= min_len <= max_len \(\[CLS\] and at least 2 markers"),
+    ({"signal": 0.7}, r"need signal >= 0 and signal \* \(1 \+ distractors\) <= 1 .* got signal=0.7, distractors=0.5"),
+    ({"signal": 1.0, "distractors": 0.0}, None),
+    ({"signal": -0.1}, r"need signal >= 0 .* got signal=-0.1"),
+])
+def test_synthetic_settings_are_refused_naming_them_or_generate_what_they_say(kwargs, message):
+    # min_len=2 and signal=0.7 failed in an index assignment ("shape mismatch"); signal=-0.1 was accepted.
+    if message is not None:
+        with pytest.raises(ValueError, match=message):
+            SyntheticSequences(20, **kwargs)
+        return
+    data = SyntheticSequences(20, min_len=3, max_len=9, **kwargs)
+    for seq, label in zip(data.sequences, data.labels.tolist(), strict=True):
+        assert ((seq[1:] - 2) // 8 == label).all()  # signal 1: every token after [CLS] a marker of the class
+
+
+def test_the_smallest_sequences_keep_the_label_the_majority_and_the_data_of_their_seed():
+    # A body of 2 tokens holds the 2 class markers and no distractor; the later sequences are as before the check.
+    data = SyntheticSequences(50, min_len=3, max_len=4, seed=1)
+    for seq, label in zip(data.sequences, data.labels.tolist(), strict=True):
+        classes = Counter(((seq[1:] - 2) // 8).tolist())
+        assert classes.most_common(1)[0] == (label, 2) and sum(classes.values()) == len(seq) - 1
+    assert data.sequences[-1].tolist() == [1, 3, 28, 3]
+
+
+def test_token_documents_name_the_synthetic_settings_too():
+    with pytest.raises(ValueError, match="need 3 <= min_len <= max_len .*data.min_doc_len"):
+        TokenDataModule(min_doc_len=2, max_len=32, stride=32, max_tokens=64).setup("fit")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SyntheticDataModule(train_size=20, val_size=8, min_len=5, max_len=20, loader="torch", batch_size=32),
+    lambda: SyntheticImageDataModule(train_size=20, val_size=8, image_size=4, batch_size=32),
+])
+def test_a_train_split_smaller_than_one_batch_is_refused_not_trained_as_nothing(make):
+    # The last short batch is dropped: 20 samples in batches of 32 were no batch at all, and the run said "ok".
+    dm = make()
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"data.train_size=20 is smaller than data.batch_size=32: .* set "
+                                         r"data.batch_size<=20 or data.train_size>=32"):
+        dm.train_dataloader()
+    dm.hparams.batch_size = 20  # exactly one batch
+    assert len(dm.train_dataloader()) == 1
+
+
+def test_a_token_setup_failing_on_the_val_split_can_be_run_again(tmp_path):
+    # The train split was kept: the next setup returned at once, and val_dataloader failed with KeyError: 'val'.
+    write_synthetic_corpus(tmp_path, {"train": 8, "val": 3}, seed=0, min_len=20, max_len=60)
+    good = np.load(tmp_path / "val.labels.npy")
+    np.save(tmp_path / "val.labels.npy", good[:2])
+    dm = TokenDataModule(path=str(tmp_path), max_len=32, stride=32, max_tokens=64)
+    with pytest.raises(ValueError, match="val.labels.npy holds 2 labels for 3 documents"):
+        dm.setup("fit")
+    np.save(tmp_path / "val.labels.npy", good)
+    dm.setup("fit")
+    assert sorted(dm.windows) == ["train", "val"] and len(dm.val_dataloader()) > 0
+    dm.teardown("fit")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SyntheticDataModule(max_len=64, max_tokens=32),
+    lambda: TokenDataModule(max_len=64, stride=32, max_tokens=32),
+])
+def test_a_token_budget_below_the_longest_sample_names_both_settings(make):
+    # The sampler said to cut long documents into windows first, which these samples already are.
+    with pytest.raises(ValueError, match=r"data.max_tokens=32 is smaller than data.max_len=64: a batch must hold at "
+                                         r"least one whole sequence"):
+        make()
+    SyntheticDataModule(max_len=64, max_tokens=32, loader="torch")  # batches by batch_size, not by tokens

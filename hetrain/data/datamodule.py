@@ -85,6 +85,14 @@ class RingDataModule(pl.LightningDataModule):
         devices = [stage_device(stage) for stage in module.stages().values()]
         return devices[0] if len(set(devices)) == 1 else None
 
+    @staticmethod
+    def _check_budget(max_tokens: int, max_len: int) -> None:
+        """Refuses a token budget below the longest sample, naming the settings: the sampler sees numbers only."""
+        if max_tokens < max_len:
+            raise ValueError(f"hetrain: data.max_tokens={max_tokens} is smaller than data.max_len={max_len}: a batch "
+                             f"must hold at least one whole sequence; set data.max_tokens>={max_len} or lower "
+                             "data.max_len")
+
     def _ring(self, split: str, source: Any, lengths: Iterable[int], shuffle: bool, max_tokens: int,
               seed: int, loader_cls: type[RingLoader] = RingLoader, **kwargs: Any) -> Iterable:
         """A RingLoader over ``source`` for ``split``, wrapped in a DevicePrefetcher when the stages are on a GPU.
@@ -154,6 +162,8 @@ class SyntheticDataModule(SeededSplits, RingDataModule):
         super().__init__()
         if loader not in ("ring", "torch"):
             raise ValueError(f"hetrain: loader must be 'ring' or 'torch', got {loader!r}")
+        if loader == "ring":  # torch's DataLoader batches by batch_size, not max_tokens
+            self._check_budget(max_tokens, max_len)
         self.save_hyperparameters()
 
     def _split(self, size: int, seed: int) -> SyntheticSequences:
@@ -186,12 +196,13 @@ def write_synthetic_corpus(out_dir: str | os.PathLike, num_docs: dict[str, int],
     The documents are :class:`~hetrain.data.synthetic.SyntheticSequences` (class markers among noise, the
     label the majority class) at document length, so every window of a document holds its label's
     markers in the majority as well. Split ``k`` is drawn from ``seed + k``; the same seed, the same files.
+    Tokens are uint16 up to ``vocab_size`` 65536, uint32 past it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for k, (split, size) in enumerate(num_docs.items()):
         docs = SyntheticSequences(size, seed=seed + k, **kwargs)
-        with TokenFileWriter(out / split, itemsize=2) as writer:
+        with TokenFileWriter(out / split, itemsize=2 if docs.vocab_size <= 1 << 16 else 4) as writer:
             for seq in docs.sequences:
                 writer.add(seq.numpy())
         save_labels(out / f"{split}.labels.npy", docs.labels.numpy())
@@ -345,6 +356,7 @@ class TokenDataModule(RingDataModule):
     ) -> None:
         super().__init__()
         check_val_fraction(val_fraction)
+        self._check_budget(max_tokens, max_len)
         self.save_hyperparameters()
         self.windows: dict[str, TokenWindows] = {}
         self.labels: dict[str, np.ndarray] = {}
@@ -412,13 +424,14 @@ class TokenDataModule(RingDataModule):
         if self.windows:
             return
         corpus = self._corpus_dir()
+        windows, labels = {}, {}  # kept only once every split is read: a setup failing on val can be run again
         for split in SPLITS:
             tf = TokenFile(corpus / split)
             self._check_vocab(tf)
             doc_labels = self._doc_labels(corpus / f"{split}.labels.npy", tf)
-            windows = TokenWindows(tf, self.hparams.max_len, self.hparams.stride)
-            self.windows[split] = windows
-            self.labels[split] = doc_labels[windows.windows.doc]  # a window's label is its document's
+            windows[split] = TokenWindows(tf, self.hparams.max_len, self.hparams.stride)
+            labels[split] = doc_labels[windows[split].windows.doc]  # a window's label is its document's
+        self.windows, self.labels = windows, labels
 
     def _doc_labels(self, path: Path, tf: TokenFile) -> np.ndarray:
         """``path``'s labels, one per document of ``tf``, each in ``[0, data.num_classes)``."""

@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hetrain.data.ring import Spec
+from hetrain.data.ring import Spec, _check_lossless
+
+# As PadInto: a float id or label would be truncated into the int64 slot field without a word.
+PACK_INTO_FIX = "PackInto writes integer token ids and labels: fix them in the dataset"
 
 
 def pack_rows(lengths: Sequence[int] | np.ndarray, row_len: int) -> list[list[int]]:
@@ -110,8 +113,13 @@ class PackInto:
         for r, row in enumerate(rows):
             start = 0
             for s, item in enumerate(row, start=1):
-                n = len(item["input_ids"])
-                ids[r, start : start + n] = torch.as_tensor(item["input_ids"])
+                tokens = torch.as_tensor(item["input_ids"])
+                if tokens.dim() != 1:
+                    raise ValueError(f"hetrain: PackInto takes 1-D input_ids, got shape {tuple(tokens.shape)} in row "
+                                     f"{r}, segment {s}; pack samples whose input_ids are one sequence each")
+                _check_lossless(tokens, ids.dtype, f"input_ids of row {r}, segment {s}", PACK_INTO_FIX)
+                n = len(tokens)
+                ids[r, start : start + n] = tokens
                 seg[r, start : start + n] = s
                 pos[r, start : start + n] = torch.arange(n)
                 start += n
@@ -121,7 +129,9 @@ class PackInto:
             s = self.max_segments
             labels = out["labels"][: b * s].view(b, s).fill_(-100)
             for r, row in enumerate(rows):
-                labels[r, : len(row)] = torch.as_tensor([int(item[self.label_key]) for item in row])
+                row_labels = torch.as_tensor([item[self.label_key] for item in row])
+                _check_lossless(row_labels, labels.dtype, f"field {self.label_key!r} of row {r}", PACK_INTO_FIX)
+                labels[r, : len(row)] = row_labels
             shapes["labels"] = (b, s)
         return shapes
 

@@ -38,7 +38,22 @@ class SeededSplits:
     def _torch_loader(self, dataset: Dataset, shuffle: bool, **kwargs: Any) -> TimedDataLoader:
         """torch's DataLoader: training shuffled from ``seed`` without a short last batch, validation in order."""
         h = self.hparams
+        if shuffle:
+            self._check_full_batch(len(dataset))
         return TimedDataLoader(
             dataset, batch_size=h.batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=h.num_workers,
             pin_memory=self._pin(), generator=torch.Generator().manual_seed(h.seed) if shuffle else None, **kwargs,
         )
+
+    def _check_full_batch(self, size: int) -> None:
+        """Refuses a training split too small for one full batch: dropping the short last batch left none, and the
+        run trained nothing and reported success."""
+        trainer = getattr(self, "trainer", None)
+        replicas = trainer.world_size if trainer is not None else 1
+        per_rank = -(-size // replicas)  # Lightning's DistributedSampler pads each rank's share up to this
+        batch_size = self.hparams.batch_size
+        if per_rank < batch_size:
+            ranks = f" over {replicas} ranks ({per_rank} samples each)" if replicas > 1 else ""
+            raise ValueError(f"hetrain: data.train_size={size}{ranks} is smaller than data.batch_size={batch_size}: "
+                             "training drops its short last batch, so not one batch would train; set "
+                             f"data.batch_size<={per_rank} or data.train_size>={batch_size * replicas}")

@@ -26,7 +26,9 @@ FIRST_MARKER = 2
 class SyntheticSequences(Dataset):
     """``size`` sequences with lengths uniform in ``[min_len, max_len]`` (``[CLS]`` included).
 
-    The same arguments give the same sequences, whatever the process or the order of access.
+    A sequence of ``n`` tokens holds ``max(2, round(signal * (n - 1)))`` markers of its class and
+    ``distractors`` times as many (rounded down) of another, as many as fit. The same arguments give the
+    same sequences, whatever the process or the order of access.
     """
 
     def __init__(
@@ -47,12 +49,19 @@ class SyntheticSequences(Dataset):
                 f"hetrain: vocab_size={vocab_size} leaves no noise tokens: padding, [CLS] and "
                 f"{num_classes} classes x {markers_per_class} markers take ids 0..{noise_start - 1}"
             )
-        if not 2 <= min_len <= max_len:
-            raise ValueError(f"hetrain: need 2 <= min_len <= max_len, got {min_len=}, {max_len=}")
+        if not 3 <= min_len <= max_len:  # TokenDataModule passes data.min_doc_len and data.max_doc_len
+            raise ValueError(f"hetrain: need 3 <= min_len <= max_len ([CLS] and at least 2 markers of the class; "
+                             f"data.min_doc_len and data.max_doc_len for token documents), got {min_len=}, {max_len=}")
         if not 0 <= distractors < 1:
             raise ValueError(f"hetrain: need 0 <= distractors < 1 (so the label wins), got {distractors=}")
+        if not (0 <= signal and signal * (1 + distractors) <= 1):
+            # More markers than a sequence has tokens failed in an index assignment, naming no setting.
+            raise ValueError(f"hetrain: need signal >= 0 and signal * (1 + distractors) <= 1 (the class's markers "
+                             f"and the distractors fit in the sequence), got {signal=}, {distractors=}; lower "
+                             "signal or distractors")
         if num_classes < 2:
             raise ValueError(f"hetrain: need at least 2 classes, got {num_classes=}")
+        self.vocab_size = vocab_size
         g = torch.Generator().manual_seed(seed)
         self.labels = torch.randint(num_classes, (size,), generator=g)
         lengths = torch.randint(min_len, max_len + 1, (size,), generator=g)
@@ -65,7 +74,9 @@ class SyntheticSequences(Dataset):
             ids = torch.randint(noise_start, vocab_size, (body,), generator=g)
             slots = torch.randperm(body, generator=g)[: n_signal + n_distractor]
             ids[slots[:n_signal]] = self._markers(label, n_signal, markers_per_class, g)
-            ids[slots[n_signal:]] = self._markers(other, n_distractor, markers_per_class, g)
+            # Fewer than n_distractor slots are left only where the 2 markers fill a body of 2 tokens: the
+            # distractor is drawn all the same, keeping every later sequence of the seed as it was.
+            ids[slots[n_signal:]] = self._markers(other, n_distractor, markers_per_class, g)[: len(slots) - n_signal]
             self.sequences.append(torch.cat([torch.tensor([CLS]), ids]))
 
     @staticmethod

@@ -10,6 +10,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from hetrain.data.tokens import TokenFile, TokenFileWriter
 
 
@@ -142,6 +144,27 @@ def _encoder(tokenizer: object) -> Callable[[str, str], list[int]]:
     return ids
 
 
+def _tokenizer_int(tokenizer: object, name: str, given: int | None = None) -> int | None:
+    """``given``, else the tokenizer's ``name`` (``bos_id``, ``eos_id``, ``vocab_size``), as an int or None.
+
+    SentencePiece has these as methods (``sp.bos_id()``) and says "none" with -1: read as attributes they
+    failed in a comparison, or went into every document as a method object.
+    """
+    value = getattr(tokenizer, name, None) if given is None else given
+    if callable(value):
+        value = value()
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        if given is not None:
+            raise TypeError(f"hetrain: {name}={value!r} is not an integer token id")
+        instead = "itemsize to build_token_file (--itemsize for build_tokens)" if name == "vocab_size" else \
+            f"{name} to build_token_file"
+        raise TypeError(f"hetrain: tokenizer {type(tokenizer).__name__}'s {name} is {value!r}, not an integer; pass "
+                        f"{instead}")
+    return int(value) if value >= 0 else None
+
+
 def build_token_file(
     docs: Iterable[str | Document],
     out: str | os.PathLike,
@@ -155,14 +178,15 @@ def build_token_file(
     No documents is an error, not an empty corpus replacing the one at ``out``. An error about one document
     names it by its ``where`` (a :class:`Document` from :func:`iter_documents`), else by its index.
 
-    ``bos_id``/``eos_id`` are added around each document: given here, or the tokenizer's own attributes.
+    ``bos_id``/``eos_id`` are added around each document: given here, or the tokenizer's own attributes (or
+    methods, as SentencePiece has them); a negative id (SentencePiece's -1) means none.
     """
     tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
-    bos_id = getattr(tokenizer, "bos_id", None) if bos_id is None else bos_id
-    eos_id = getattr(tokenizer, "eos_id", None) if eos_id is None else eos_id
+    bos_id = _tokenizer_int(tokenizer, "bos_id", bos_id)
+    eos_id = _tokenizer_int(tokenizer, "eos_id", eos_id)
     encode = _encoder(tokenizer)
     if itemsize is None:
-        vocab = getattr(tokenizer, "vocab_size", None)
+        vocab = _tokenizer_int(tokenizer, "vocab_size")
         itemsize = 2 if vocab is not None and vocab <= 1 << 16 else 4
     head = [] if bos_id is None else [bos_id]
     tail = [] if eos_id is None else [eos_id]

@@ -256,3 +256,42 @@ def test_patch_leaves_runs_with_module_hooks_alone(hooked):
     assert len(seen) == 2
     torch.testing.assert_close(seen[1], seen[0])
 
+
+
+@pytest.mark.parametrize("replaced", [0, 1])
+@pytest.mark.parametrize("when", ["before patch", "after patch"])
+def test_a_run_with_a_child_whose_forward_was_replaced_runs_that_forward(replaced, when):
+    # A LoRA adapter added by replacing the Linear's forward on the instance was skipped by the fused run.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU())
+    original = model[replaced].forward
+    adapter = torch.nn.Linear(6 if replaced == 0 else 8, 8, bias=False)
+
+    def replace():
+        model[replaced].forward = lambda inp: original(inp) + adapter(inp)
+
+    x = torch.randn(3, 6)
+    if when == "before patch":
+        replace()
+        want = model(x)
+        assert len(hetrain.nn.patch(model)) == 0  # not reported as fused
+    else:
+        assert len(hetrain.nn.patch(model)) == 1
+        replace()
+        want = model[1](model[0](x))
+    with OpLog() as log:
+        got = model(x)
+    assert "hetrain_C.bias_gelu_fwd" not in log.names
+    torch.testing.assert_close(got, want)
+
+
+def test_from_linear_has_hooks_of_its_own():
+    # The twin shared the Linear's hook dicts: a pre-hook registered on one ran when the other was called.
+    linear = torch.nn.Linear(4, 4)
+    fused = BiasGELU.from_linear(linear)
+    seen = []
+    fused.register_forward_pre_hook(lambda module, _args: seen.append(type(module).__name__))
+    linear(torch.randn(1, 4))
+    assert seen == []
+    fused(torch.randn(1, 4))
+    assert seen == ["BiasGELU"] and fused.weight is linear.weight and fused.bias is linear.bias

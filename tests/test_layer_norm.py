@@ -230,3 +230,45 @@ def test_zero_width_rows_and_transposed_input_under_compile():
     x = randn(16, 6, seed=2).t()  # (6, 16) with transposed strides
     compiled = torch.compile(lambda x: layer_norm(x) * 3, fullgraph=True, backend="aot_eager")
     assert_close(compiled(x), layer_norm_ref(x) * 3, torch.float32, "transposed")
+
+
+def test_from_torch_has_hooks_and_buffers_of_its_own():
+    # The twin shared the torch module's hook dicts and bookkeeping sets, so a hook or buffer registered on one
+    # showed on the other.
+    norm = torch.nn.LayerNorm(4)
+    before = []
+    norm.register_forward_hook(lambda _m, _args, _out: before.append("norm"))
+    fused = hetrain.nn.LayerNorm.from_torch(norm)
+    seen = []
+    fused.register_forward_hook(lambda _m, _args, _out: seen.append("fused"))
+    norm.register_forward_hook(lambda _m, _args, _out: seen.append("norm"))
+    norm(randn(2, 4))
+    fused(randn(2, 4))
+    assert seen == ["norm", "fused"] and before == ["norm", "norm"]  # hooks from before the copy stay on both
+    fused.register_buffer("extra", torch.zeros(1), persistent=False)
+    assert "extra" not in norm._non_persistent_buffers_set and "extra" not in norm._buffers
+    assert fused.weight is norm.weight and fused.bias is norm.bias
+
+
+def test_patch_keeps_hooks_whose_handles_still_remove_them():
+    # patch puts the twin in the module's place: a hook registered on the module before runs on the twin, and
+    # its handle removes it there.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    seen = []
+    handle = model[1].register_forward_hook(lambda module, _args, _out: seen.append(type(module).__module__))
+    hetrain.nn.patch(model)
+    model(randn(2, 4))
+    handle.remove()
+    model(randn(2, 4))
+    assert seen == ["hetrain.nn.layer_norm"]
+
+
+def test_patch_leaves_a_norm_whose_forward_was_replaced_alone():
+    # Its twin would have run that forward (the torch module's, bound): reported swapped, never fused.
+    model = torch.nn.Sequential(torch.nn.LayerNorm(4))
+    original = model[0].forward
+    model[0].forward = lambda inp: original(inp) * 2
+    report = hetrain.nn.patch(model)
+    assert len(report) == 0 and type(model[0]) is torch.nn.LayerNorm
+    x = randn(2, 4)
+    torch.testing.assert_close(model(x), layer_norm_ref(x, model[0].weight, model[0].bias) * 2)

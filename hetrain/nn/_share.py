@@ -3,6 +3,7 @@ run of modules must run them one by one instead."""
 
 from __future__ import annotations
 
+import copy
 from typing import TypeVar
 
 import torch
@@ -18,14 +19,24 @@ def require(who: str, module: object, torch_type: type[torch.nn.Module]) -> None
 
 def sharing(cls: type[M], module: torch.nn.Module) -> M:
     """An instance of ``cls`` (a subclass of a torch module type) holding ``module``'s parameters, buffers and
-    settings; ``module`` must be of that torch type."""
+    settings; ``module`` must be of that torch type.
+
+    Its dicts and sets (parameters, buffers, hooks, bookkeeping) are its own copies, so it starts with
+    ``module``'s hooks, but a hook or buffer registered on one afterwards is not registered on the other."""
     torch_type = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
     require(f"hetrain.nn.{cls.__name__}", module, torch_type)
     new = cls.__new__(cls)
-    new.__dict__ = module.__dict__.copy()
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
+    new.__dict__ = {name: copy.copy(value) if isinstance(value, dict | set) else value
+                    for name, value in module.__dict__.items()}
+    return new
+
+
+def taking_hooks_of(new: M, module: torch.nn.Module) -> M:
+    """``new`` reading and writing ``module``'s own hook dicts, not copies: for ``patch``, whose twin takes
+    ``module``'s place, so a handle from ``module.register_forward_hook`` (etc.) still removes its hook."""
+    for name, value in module.__dict__.items():
+        if "hooks" in name and isinstance(value, dict):
+            setattr(new, name, value)
     return new
 
 
@@ -33,9 +44,16 @@ _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backw
 _GLOBAL_HOOKS = tuple(f"_global{name}" for name in _HOOKS)
 
 
+def forward_replaced(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward was replaced on the instance (a LoRA adapter patched in that way, accelerate's
+    ``add_hook_to_module``, offload or cast wrappers): a fused kernel would compute its type's forward instead."""
+    return "forward" in module.__dict__
+
+
 def called_one_by_one(modules: list[torch.nn.Module]) -> bool:
-    """Whether hooks expect each of ``modules`` to be called: their own, or hooks registered for every module
-    (``register_module_forward_hook``, torch's module tracker), which a fused run would skip silently."""
+    """Whether each of ``modules`` must be called: hooks expect it (their own, or hooks registered for every module,
+    ``register_module_forward_hook``, torch's module tracker), or its forward was replaced on the instance; a
+    fused run would skip them silently."""
     everywhere = torch.nn.modules.module
     return any(getattr(everywhere, name, None) for name in _GLOBAL_HOOKS) or any(
-        getattr(m, name, None) for m in modules for name in _HOOKS)
+        forward_replaced(m) or any(getattr(m, name, None) for name in _HOOKS) for m in modules)

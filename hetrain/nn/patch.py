@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hetrain.nn._share import forward_replaced, taking_hooks_of
 from hetrain.nn.layer_norm import LayerNorm
 from hetrain.nn.patch_sequences import swap_sequences
 from hetrain.nn.rms_norm import RMSNorm
@@ -50,7 +51,9 @@ def patch(model: torch.nn.Module) -> PatchReport:
     """Replaces every matching submodule of ``model`` in place and reports what changed.
 
     A module held at several paths (one LayerNorm shared by two parents) becomes one fused module at all of
-    them, so it stays shared and a second ``patch`` finds nothing left to swap.
+    them, so it stays shared and a second ``patch`` finds nothing left to swap. A twin keeps its module's hooks,
+    whose handles still remove them; a module whose forward was replaced on the instance is left alone (its twin
+    would run that forward, not the fused one).
     """
     convert = SWAPS.get(type(model))
     if convert is not None:
@@ -63,10 +66,10 @@ def patch(model: torch.nn.Module) -> PatchReport:
     fused: dict[int, torch.nn.Module] = {}  # id of a torch module -> its twin, made once
     for path, module in list(model.named_modules(remove_duplicate=False)):
         convert = SWAPS.get(type(module))
-        if convert is None:
+        if convert is None or forward_replaced(module):
             continue
         if id(module) not in fused:
-            fused[id(module)] = convert(module)
+            fused[id(module)] = taking_hooks_of(convert(module), module)
         new = fused[id(module)]
         model.set_submodule(path, new)
         report.swapped[path] = f"{type(module).__name__} -> {type(new).__module__}.{type(new).__name__}"

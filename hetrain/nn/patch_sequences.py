@@ -9,10 +9,11 @@ whatever a model's code does with the children sees torch's modules: ``seq[0]`` 
 checkpoints are those of the unpatched model.
 
 Each call decides again which runs to fuse: a run whose modules carry hooks runs module by module (fused,
-a Linear's hook would see the GELU's output and a GELU's would never run), as does one whose children were
-replaced since patching. Only exact ``nn.Sequential`` containers and exact torch layer types are matched (a
-subclass may change its forward); a run the kernels cannot take (e.g. ``MaxPool2d(ceil_mode=True)``) is
-left to torch.
+a Linear's hook would see the GELU's output and a GELU's would never run), as does one with a child whose
+forward was replaced on the instance (a LoRA adapter patched in that way would be skipped) and one whose
+children were replaced since patching. Only exact ``nn.Sequential`` containers and exact torch layer types
+are matched (a subclass may change its forward); a run the kernels cannot take (e.g.
+``MaxPool2d(ceil_mode=True)``) is left to torch.
 """
 
 from __future__ import annotations

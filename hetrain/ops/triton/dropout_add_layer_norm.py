@@ -26,15 +26,15 @@ from hetrain.ops.triton._rows import (
     tl_compute,
 )
 from hetrain.ops.triton.dropout import STREAM_ARGS, kept, stream_args, stream_start
-from hetrain.ops.triton.layer_norm import _normalize_row, _row_input_grad
+from hetrain.ops.triton.layer_norm import _normalize_row, _row_input_grad, float_arg, float_value
 
 # 32 KiB of row data per program, as for LayerNorm.
 MAX_FUSED_BYTES = 32768
 
 
-# The stream, its place and the threshold vary per call: never specialised on their values, so one compilation
-# serves all.
-@triton.jit(do_not_specialize=STREAM_ARGS)
+# The stream, its place, the threshold, scale and eps vary per call: never specialised on their values, so one
+# compilation serves all.
+@triton.jit(do_not_specialize=[*STREAM_ARGS, "scale_bits", "eps_bits"])
 def _dropout_add_layer_norm_fwd(
     X,  # (M, N) dropout input, rows stride_x apart
     R,  # (M, N) residual, rows stride_r apart
@@ -52,8 +52,8 @@ def _dropout_add_layer_norm_fwd(
     offset_lo,  # the stream index of element (0, 0), as two int32 bit patterns
     offset_hi,
     threshold,  # a 24-bit draw below this is dropped: ceil(p * 2^24)
-    scale,  # 1 / (1 - p), or 0 when p = 1
-    eps,
+    scale_bits,  # float_arg(keep_scale(p)): 1 / (1 - p), 0 when p = 1, in float64 whatever COMPUTE is
+    eps_bits,  # float_arg(eps)
     stream_in_memory,  # 1: the seed and offset come from Stream (a call captured in a CUDA graph)
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -68,15 +68,16 @@ def _dropout_add_layer_norm_fwd(
     if HAS_DROPOUT:
         seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, stream_in_memory)
         keep = kept(seed_lo, seed_hi, first + row * N, cols, threshold)
-        x = tl.where(keep, x * scale, 0.0)
+        x = tl.where(keep, x * float_value(scale_bits, COMPUTE), 0.0)
     s = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(COMPUTE)
+    eps = float_value(eps_bits, COMPUTE)
     y, mean, rstd = _normalize_row(s, W, B, cols, mask, N, eps, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 
 
-@triton.jit(do_not_specialize=STREAM_ARGS)
+@triton.jit(do_not_specialize=[*STREAM_ARGS, "scale_bits"])
 def _dropout_add_layer_norm_bwd(
     DY,  # (M, N) upstream gradient, rows stride_dy apart
     X,  # (M, N) forward dropout input, rows stride_x apart
@@ -100,7 +101,7 @@ def _dropout_add_layer_norm_bwd(
     offset_lo,
     offset_hi,
     threshold,
-    scale,
+    scale_bits,
     stream_in_memory,
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -111,6 +112,7 @@ def _dropout_add_layer_norm_bwd(
     pid = tl.program_id(0)
     if HAS_DROPOUT:
         seed_lo, seed_hi, first = stream_start(Stream, seed_lo, seed_hi, offset_lo, offset_hi, stream_in_memory)
+        scale = float_value(scale_bits, COMPUTE)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     if HAS_WEIGHT:
@@ -167,7 +169,8 @@ def forward(
     _dropout_add_layer_norm_fwd[(M,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
         stride_x=x.stride(0), stride_r=residual.stride(0), N=N, **stream_args(seed, p, x.device, stream_in_memory),
-        scale=keep_scale(p), eps=eps, HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        scale_bits=float_arg(keep_scale(p)), eps_bits=float_arg(eps), HAS_DROPOUT=p > 0,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
     return y, mean, rstd
@@ -196,8 +199,8 @@ def backward(
             dy, x, residual, weight if weight is not None else x, mean, rstd, dx, dres, dw_part, db_part,
             stride_dy=dy.stride(0), stride_x=x.stride(0), stride_r=residual.stride(0), M=M, N=N,
             rows_per_program=triton.cdiv(M, programs), **stream_args(seed, p, x.device, stream_in_memory),
-            scale=keep_scale(p), HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
-            COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            scale_bits=float_arg(keep_scale(p)), HAS_DROPOUT=p > 0, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=has_bias, COMPUTE=tl_compute(x.dtype), BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
     sums = sum_partials(parts, x.dtype)
     return dx, dres, sums[0] if weight is not None else x.new_empty(0), sums[-1] if has_bias else x.new_empty(0)
@@ -223,9 +226,9 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
                 flags = {"HAS_DROPOUT": has_dropout, "HAS_WEIGHT": True, "HAS_BIAS": True, "COMPUTE": compute,
                          "BLOCK_N": cfg["BLOCK_N"]}
                 drop = {**stream_args(torch.tensor([12345, 4096]), 0.1, torch.device("cpu")), "Stream": torch.int64,
-                        "scale": 1 / 0.9}
+                        "scale_bits": float_arg(keep_scale(0.1))}
                 fwd = {"X": dtype, "R": dtype, "W": dtype, "B": dtype, "Y": dtype, "Mean": stats, "Rstd": stats,
-                       "stride_x": n, "stride_r": n, "N": n, "eps": 1e-5, **drop}
+                       "stride_x": n, "stride_r": n, "N": n, "eps_bits": float_arg(1e-5), **drop}
                 bwd = {"DY": dtype, "X": dtype, "R": dtype, "W": dtype, "Mean": stats, "Rstd": stats, "DX": dtype,
                        "DR": dtype, "DW_part": stats, "DB_part": stats, "stride_dy": n, "stride_x": n, "stride_r": n,
                        "M": shapes.rows, "N": n, "rows_per_program": triton.cdiv(shapes.rows, programs), **drop}

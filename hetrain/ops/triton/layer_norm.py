@@ -10,6 +10,7 @@ program, summed afterwards: no contended atomics, and a deterministic result.
 from __future__ import annotations
 
 import itertools
+import struct
 
 import torch
 import triton
@@ -29,6 +30,23 @@ from hetrain.ops.triton._rows import (
 # 32 KiB of fp32/fp64 row data per program: past it the backward kernel spills registers on sm_80/sm_90
 # (16384 fp32 elements spill 2 KB; measured with `make gpu-compile`).
 MAX_FUSED_BYTES = 32768
+
+
+def float_arg(v: float) -> int:
+    """A float >= 0 (eps, a dropout scale) as a kernel argument that keeps its float64 value on a GPU: the bits of
+    ``-v`` as an int64, read back by :func:`float_value`.
+
+    A Python float would be typed fp32, so float64 kernels would normalise with eps rounded to fp32 (1e-50 to 0:
+    NaN on a constant row). Negated, the sign bit is set, so the int is never in int32 range and Triton types it
+    i64 for every value, 0 included (the bits of 0.0 would be typed i32); ``abs`` sets it for -0.0 too.
+    """
+    return struct.unpack("<q", struct.pack("<d", -abs(v)))[0]
+
+
+@triton.jit
+def float_value(bits, COMPUTE: tl.constexpr):
+    """The float :func:`float_arg` encoded in ``bits``, in the COMPUTE dtype."""
+    return -bits.to(tl.float64, bitcast=True).to(COMPUTE)
 
 
 @triton.jit
@@ -57,7 +75,8 @@ def _row_input_grad(dy, x, w, mean, rstd, mask, N):
     return (g - mean_g - xhat * mean_gx) * rstd, xhat
 
 
-@triton.jit
+# eps varies per call: never specialised on its value, so one compilation serves all.
+@triton.jit(do_not_specialize=["eps_bits"])
 def _layer_norm_fwd(
     X,  # (M, N) input, rows stride_x apart
     Y,  # (M, N) output, rows stride_y apart
@@ -68,7 +87,7 @@ def _layer_norm_fwd(
     stride_x,
     stride_y,
     N,
-    eps,
+    eps_bits,  # float_arg(eps): its float64 value, whatever COMPUTE is
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
@@ -78,6 +97,7 @@ def _layer_norm_fwd(
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
+    eps = float_value(eps_bits, COMPUTE)
     y, mean, rstd = _normalize_row(x, W, B, cols, mask, N, eps, HAS_WEIGHT, HAS_BIAS, COMPUTE)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
@@ -151,7 +171,7 @@ def forward(
     cfg = launch_config(N, x.dtype)
     _layer_norm_fwd[(M,)](
         x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-        x.stride(0), y.stride(0), N, eps,
+        x.stride(0), y.stride(0), N, float_arg(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, COMPUTE=tl_compute(x.dtype),
         BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
@@ -205,7 +225,7 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
             for has_weight, has_bias in variants:
                 flags = {"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "COMPUTE": compute, "BLOCK_N": cfg["BLOCK_N"]}
                 fwd = {"X": dtype, "Y": dtype, "W": dtype, "B": dtype, "Mean": stats, "Rstd": stats,
-                       "stride_x": n, "stride_y": n, "N": n, "eps": 1e-5}
+                       "stride_x": n, "stride_y": n, "N": n, "eps_bits": float_arg(1e-5)}
                 bwd = {"DY": dtype, "X": dtype, "W": dtype, "Mean": stats, "Rstd": stats, "DX": dtype,
                        "DW_part": stats, "DB_part": stats, "stride_dy": n, "stride_x": n, "stride_dx": n,
                        "M": shapes.rows, "N": n, "rows_per_program": triton.cdiv(shapes.rows, programs)}

@@ -22,13 +22,15 @@ from hetrain.ops.triton._rows import (
     sum_partials,
     tl_compute,
 )
+from hetrain.ops.triton.layer_norm import float_arg, float_value
 
 # Row data per program, counted in the COMPUTE dtype (8192 float32 / 4096 float64 elements): the largest row
 # whose backward keeps every value in registers on sm_80 and sm_90 (cuobjdump: no stack); past it, it spills.
 MAX_FUSED_BYTES = 32768
 
 
-@triton.jit
+# eps varies per call: never specialised on its value, so one compilation serves all.
+@triton.jit(do_not_specialize=["eps_bits"])
 def _rms_norm_fwd(
     X,  # (M, N) input, rows stride_x apart
     Y,  # (M, N) output, rows stride_y apart
@@ -37,7 +39,7 @@ def _rms_norm_fwd(
     stride_x,
     stride_y,
     N,
-    eps,
+    eps_bits,  # float_arg(eps): its float64 value, whatever COMPUTE is
     HAS_WEIGHT: tl.constexpr,
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
     BLOCK_N: tl.constexpr,
@@ -46,7 +48,7 @@ def _rms_norm_fwd(
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + float_value(eps_bits, COMPUTE))
     y = x * rstd
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
@@ -119,7 +121,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[t
         return y, rstd.fill_(float("nan"))
     cfg = launch_config(N, x.dtype)
     _rms_norm_fwd[(M,)](
-        x, y, weight if weight is not None else x, rstd, x.stride(0), y.stride(0), N, eps,
+        x, y, weight if weight is not None else x, rstd, x.stride(0), y.stride(0), N, float_arg(eps),
         HAS_WEIGHT=weight is not None, COMPUTE=tl_compute(x.dtype),
         BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
@@ -168,7 +170,7 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
             for has_weight in (True, False) if picked else (True,):
                 flags = {"HAS_WEIGHT": has_weight, "COMPUTE": compute, "BLOCK_N": cfg["BLOCK_N"]}
                 fwd = {"X": dtype, "Y": dtype, "W": dtype, "Rstd": stats, "stride_x": n, "stride_y": n, "N": n,
-                       "eps": 1e-6}
+                       "eps_bits": float_arg(1e-6)}
                 bwd = {"DY": dtype, "X": dtype, "W": dtype, "Rstd": stats, "DX": dtype, "DW_part": stats,
                        "stride_dy": n, "stride_x": n, "stride_dx": n, "M": shapes.rows, "N": n,
                        "rows_per_program": triton.cdiv(shapes.rows, programs)}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import weakref
+from collections import namedtuple
 
 import pytest
 import torch
 
-from hetrain.data.prefetch import DevicePrefetcher
+from hetrain.data.prefetch import DevicePrefetcher, _to_device
 from hetrain.data.ring import PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import SyntheticSequences, pad_collate
@@ -29,6 +30,16 @@ def test_cpu_passes_batches_through_and_counts_consumed():
         assert pre.consumed() == len(out) - 1
     assert all(a is b for a, b in zip(out, src, strict=True))
     assert pre.consumed() == 4
+
+
+def test_a_namedtuple_batch_is_moved_field_by_field():
+    # It was rebuilt as Batch(<generator>): "missing 1 required positional argument".
+    Batch = namedtuple("Batch", "x pair")
+    batch = Batch(torch.arange(3), [torch.ones(2), (torch.zeros(1),)])
+    moved = _to_device(batch, torch.device("cpu"))
+    assert type(moved) is Batch and torch.equal(moved.x, batch.x)
+    assert isinstance(moved.pair, list) and isinstance(moved.pair[1], tuple)
+    assert torch.equal(moved.pair[0], batch.pair[0])
 
 
 @pytest.mark.cuda

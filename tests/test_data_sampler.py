@@ -212,3 +212,47 @@ def test_an_empty_validation_split_says_how_to_turn_validation_off():
                                          r"trainer.limit_val_batches=0 to train without validation"):
         dm.val_dataloader()
     dm.teardown("fit")
+
+
+def test_state_before_the_first_batch_is_the_new_epochs_start_or_the_loaded_position():
+    # The counters of the last iteration were read until the next one began: after a whole epoch 0, a state
+    # saved after set_epoch(1) said epoch 1 was over; one saved right after loading said position 0.
+    lengths = zipf_lengths(300, seed=3)
+    s = TokenBudgetBatchSampler(lengths, 512, seed=2)
+    total = len(s)
+    list(s)
+    s.set_epoch(1)
+    assert {k: s.state_dict()[k] for k in ("epoch", "position", "offset", "steps")} == \
+        {"epoch": 1, "position": 0, "offset": 0, "steps": 0}
+
+    it = iter(s)
+    consumed = [i for _ in range(3) for i in next(it)]
+    saved = s.state_dict()
+    resumed = TokenBudgetBatchSampler(lengths, 512)
+    resumed.load_state_dict(saved)
+    again = resumed.state_dict()  # saved again before the first resumed batch
+    assert again == saved
+    rest = TokenBudgetBatchSampler(lengths, 512)
+    rest.load_state_dict(again)
+    assert len(rest) == total
+    seen = Counter(consumed + [i for batch in rest for i in batch])
+    assert sorted(seen) == list(range(len(lengths))) and set(seen.values()) == {1}
+
+
+def test_a_state_from_another_batch_plan_is_refused_naming_what_differs():
+    lengths = zipf_lengths(200, seed=5)
+    s = TokenBudgetBatchSampler(lengths, 512, seed=1)
+    it = iter(s)
+    next(it), next(it)
+    state = s.state_dict()
+    with pytest.raises(ValueError, match="saved with shuffle=True, this sampler has shuffle=False"):
+        TokenBudgetBatchSampler(lengths, 512, shuffle=False).load_state_dict(state)
+    # The same count and the same values in another order give another plan (it names samples by index).
+    for other in (zipf_lengths(200, seed=6), lengths[::-1]):
+        with pytest.raises(ValueError, match="saved for other sample lengths"):
+            TokenBudgetBatchSampler(other, 512).load_state_dict(state)
+    # A state saved before these were recorded still loads.
+    older = {k: v for k, v in state.items() if k not in ("shuffle", "lengths_digest")}
+    t = TokenBudgetBatchSampler(lengths, 512)
+    t.load_state_dict(older)
+    assert t.state_dict() == state

@@ -89,10 +89,38 @@ def test_a_stream_that_raises_fails_every_batch_from_there_whoever_read_it():
         yield [2]
         raise ValueError("bad sample")
 
-    stream = _Stream(iter(()), lambda samples: batches())
+    stream = _Stream(iter(()), lambda samples: batches(), threading.Event())
     assert stream.batch(0, progress=lambda: None) == [1]
     with pytest.raises(ValueError, match="bad sample"):
         stream.batch(3, progress=lambda: None)  # a producer reading ahead: batch 1 is kept, batch 2 raises
     assert stream.batch(1, progress=lambda: None) == [2]
     with pytest.raises(ValueError, match="bad sample"):
         stream.batch(2, progress=lambda: None)  # not None: the broken generator is not the stream's end
+
+
+class GatedStream(IterableDataset):
+    """Sample ``gated`` takes until ``go`` is set to come (a slow source); ``reads`` lists every read begun."""
+
+    def __init__(self, n: int, gated: int) -> None:
+        self.n, self.gated, self.reads, self.go = n, gated, [], threading.Event()
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.reads.append(i)
+            if i == self.gated:
+                self.go.wait(10)
+            yield {"input_ids": torch.arange(1 + i % 3), "label": i}
+
+
+def test_a_closed_loader_pulls_no_further_sample_from_the_stream():
+    # The producer pulled the other 6 samples of its batch after the stall closed the loader, for nobody.
+    stream = GatedStream(20, gated=1)
+    loader = RingLoader(stream, StreamBatches(batch_size=8), collate=PadInto(24, 8), num_workers=1,
+                        stall_timeout=0.2)
+    with pytest.raises(LoaderError, match="made no progress"):
+        next(iter(loader))
+    stream.go.set()  # the slow sample comes after the close
+    for t in threading.enumerate():
+        if t.name.startswith("hetrain-ring-producer"):
+            t.join(10)
+    assert stream.reads == [0, 1]

@@ -24,7 +24,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, list | tuple):
-        return type(batch)(_to_device(v, device) for v in batch)
+        items = [_to_device(v, device) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)  # a namedtuple takes fields
     return batch
 
 
@@ -52,6 +53,7 @@ class DevicePrefetcher:
         self.loader, self.device, self.lookahead = loader, torch.device(device), lookahead
         self.sampler = getattr(loader, "sampler", None)
         self._yielded, self._exhausted = 0, False
+        self._epoch = getattr(self.sampler, "epoch", None)  # the sampler's epoch that _yielded counts batches of
         self._wait = WaitClock()
 
     @property
@@ -71,7 +73,7 @@ class DevicePrefetcher:
         return self._wait.seconds
 
     def _batches(self) -> Iterator[Any]:
-        self._yielded, self._exhausted = 0, False
+        self._yielded, self._exhausted, self._epoch = 0, False, getattr(self.sampler, "epoch", None)
         if not self.active:
             for batch in self.loader:
                 self._yielded += 1
@@ -109,13 +111,20 @@ class DevicePrefetcher:
         return moved
 
     def consumed(self) -> int:
+        """Batches of the current iteration whose step ran; none once the sampler moved to another epoch
+        (Lightning calls the sampler's ``set_epoch`` itself, and may save before that epoch's first batch)."""
+        if getattr(self.sampler, "epoch", None) != self._epoch:
+            return 0
         return self._yielded if self._exhausted else max(0, self._yielded - self.lookahead)
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict(steps=self.consumed())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resumes at ``state``; until the next batch, ``state_dict()`` gives back exactly that position."""
         self.loader.load_state_dict(state)
+        self._yielded, self._exhausted = 0, False
+        self._epoch = getattr(self.sampler, "epoch", None)
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)

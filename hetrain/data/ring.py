@@ -54,6 +54,10 @@ class LoaderError(RuntimeError):
     """A producer failed or stalled; the message names the producer and the sample, file or byte range."""
 
 
+class _Closed(Exception):
+    """Raised in a producer that finds the loader closed before its next read: it reads no more of its batch."""
+
+
 def _range(dtype: torch.dtype) -> tuple[float, float]:
     if dtype == torch.bool:
         return 0, 1
@@ -208,9 +212,12 @@ class _Stream:
     it: a broken generator ends as if exhausted, and the batch before the failure would otherwise be
     taken for the stream's last. Each sample read counts as progress of the producer reading, and a
     producer waiting for another to finish reading is not stalled: a stall is a sample that does not come.
+    Once ``stop`` is set, no further sample is pulled from the stream.
     """
 
-    def __init__(self, samples: Iterator[Any], batcher: Callable[[Iterator[Any]], Iterator[list[Any]]]) -> None:
+    def __init__(self, samples: Iterator[Any], batcher: Callable[[Iterator[Any]], Iterator[list[Any]]],
+                 stop: threading.Event) -> None:
+        self.stop = stop
         self.batches, self.lock = batcher(self._noted(samples)), threading.Lock()
         self.pending: dict[int, list[Any]] = {}
         self.read = 0  # batches taken from the iterator so far
@@ -222,6 +229,8 @@ class _Stream:
         for sample in samples:
             self.progress()
             yield sample
+            if self.stop.is_set():  # checked before the next pull: a slow source is not read on after closing
+                raise _Closed
 
     def batch(self, job: int, progress: Callable[[], None]) -> list[Any] | None:
         while not self.lock.acquire(timeout=_POLL_S):
@@ -236,6 +245,8 @@ class _Stream:
         while self.end is None and self.read <= job:
             if self.failure is not None:
                 raise self.failure
+            if self.stop.is_set():
+                raise _Closed
             try:
                 self.pending[self.read] = next(self.batches)
                 self.read += 1
@@ -296,12 +307,17 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
             else:
                 items = []
                 for sample in shared.plan[job]:
+                    if shared.stop.is_set():  # closed: the rest of this batch is never handed out
+                        raise _Closed
                     ring.note(producer, sample, -1, -1)
                     shared.reading[producer] = sample
                     items.append(dataset[sample])
                 shared.reading.pop(producer, None)
             collating = True
             ring.commit(producer, job, _shapes(shared.names, collate(items, views[slot])))
+        except _Closed:
+            shared.reading.pop(producer, None)
+            return
         except Exception as exc:  # every failure goes to the consumer, named
             shared.reading.pop(producer, None)
             shared.errors[job] = exc
@@ -316,8 +332,11 @@ def _close(shared: _Shared) -> None:
     shared.ring.close()  # wakes every wait and joins the C++ threads
     # One deadline for all threads: two stuck in the dataset must not double the wait.
     deadline = time.monotonic() + shared.join_timeout
+    # The garbage collector may run this finaliser in a producer thread, which cannot join itself: it returns
+    # to its batch, finds the loader closed and ends.
     for t in shared.threads:  # a thread waiting on the reader processes returns within _POLL_S
-        t.join(max(0.0, deadline - time.monotonic()))
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
     if shared.readers is not None:
         shared.readers.stop()
     busy = {p: s for p, s in shared.reading.items() if shared.threads[p].is_alive()}
@@ -442,6 +461,7 @@ class RingLoader:
         self._finalizer = weakref.finalize(self, _close, self._shared)
         self._yielded = 0
         self._exhausted = False
+        self._epoch = getattr(batch_sampler, "epoch", None)  # the sampler's epoch that _yielded counts batches of
         self._iteration = 0  # bumped by every iteration that starts: only the newest may take batches
         self._wait = WaitClock()
 
@@ -467,7 +487,7 @@ class RingLoader:
             yield from self._iter_stream()
             return
         plan = [list(b) for b in self.batch_sampler]
-        self._yielded, self._exhausted = 0, False
+        self._yielded, self._exhausted, self._epoch = 0, False, getattr(self.batch_sampler, "epoch", None)
         self._iteration += 1
         iteration = self._iteration
         shared, ring = self._shared, self._shared.ring
@@ -491,7 +511,7 @@ class RingLoader:
         self._iteration += 1
         iteration = self._iteration
         shared = self._shared
-        self._start_epoch(_UNBOUNDED, stream=_Stream(iter(self.source), self.batch_sampler))
+        self._start_epoch(_UNBOUNDED, stream=_Stream(iter(self.source), self.batch_sampler, shared.stop))
         for job in range(_UNBOUNDED):
             tensors = self._take(job, iteration)
             if tensors is None:
@@ -545,12 +565,10 @@ class RingLoader:
             stream = self._shared.stream
             if str(exc) == _END_OF_STREAM and stream is not None and stream.end is not None and job >= stream.end:
                 return None
-            cause = self._shared.errors.get(job)
-            if cause is None:  # no producer raised: a stall (or every slot held), so no thread is worth waiting for
-                self._close_promptly()
-            else:
-                self.close()
-            raise LoaderError(str(exc)) from cause
+            # A producer raised, stalled, or every slot is held: no thread is worth waiting for, as one still
+            # inside a slow sample would delay the error by up to stall_timeout.
+            self._close_promptly()
+            raise LoaderError(str(exc)) from self._shared.errors.get(job)
         except BaseException:  # KeyboardInterrupt and the like: stop the producers, then let it through
             self._close_promptly()  # even if a sample takes long to read
             raise
@@ -558,7 +576,13 @@ class RingLoader:
     # -- resume ----------------------------------------------------------------------------------
 
     def consumed(self) -> int:
-        """Batches of the current iteration whose step ran (``lookahead`` fetched ones do not count)."""
+        """Batches of the current iteration whose step ran (``lookahead`` fetched ones do not count).
+
+        0 once the sampler moved to another epoch: Lightning calls the sampler's ``set_epoch`` itself, and
+        may save a checkpoint before that epoch's first batch.
+        """
+        if getattr(self.batch_sampler, "epoch", None) != self._epoch:
+            return 0
         return self._yielded if self._exhausted else max(0, self._yielded - self.lookahead)
 
     def state_dict(self, steps: int | None = None) -> dict[str, Any]:
@@ -569,7 +593,10 @@ class RingLoader:
         return self.batch_sampler.state_dict(steps=self.consumed() if steps is None else steps)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resumes at ``state``; until the next batch, ``state_dict()`` gives back exactly that position."""
         self.batch_sampler.load_state_dict(state)
+        self._yielded, self._exhausted = 0, False
+        self._epoch = getattr(self.batch_sampler, "epoch", None)
 
     def set_epoch(self, epoch: int) -> None:
         self.batch_sampler.set_epoch(epoch)

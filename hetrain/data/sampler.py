@@ -10,12 +10,16 @@ of ``R`` takes global batches ``r, r + R, ...``; when the count is not a multipl
 the last batches are halved (a part of a batch stays within the budget), so every rank gets the same
 number of batches and every sample is seen once per epoch. The resume state is ``(epoch, seed, position)``,
 where ``position`` counts global batches consumed (and ``offset`` the samples consumed of the next one, when
-a halved batch was half consumed); it loads into a sampler with any ``num_replicas``.
+a halved batch was half consumed); it loads into a sampler with any ``num_replicas``. The state also records what
+the plan depends on (sample count, ``max_tokens``, ``shuffle``, a digest of the lengths in sample order), so that a
+state from another plan is refused rather than resumed at a meaningless position.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -126,9 +130,14 @@ class TokenBudgetBatchSampler:
     # -- Sampler protocol ------------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch's shuffle; a resumed position is kept only for the epoch it was saved in."""
+        """Selects the epoch's shuffle; a resumed position is kept only for the epoch it was saved in.
+
+        A new epoch starts with nothing consumed, so that ``state_dict()`` before its first batch (Lightning saves
+        in ``on_train_epoch_start``, after ``set_epoch``) points at its start rather than at the last epoch's end.
+        """
         if epoch != self.epoch:
             self._start = self._offset = self._iter_start = self._iter_offset = self._resumed_steps = 0
+            self._yielded = 0
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -217,7 +226,15 @@ class TokenBudgetBatchSampler:
             "num_samples": len(self.lengths),
             "max_tokens": self.max_tokens,
             "num_replicas": self.num_replicas,
+            "shuffle": bool(self.shuffle),
+            "lengths_digest": self._lengths_digest,
         }
+
+    @functools.cached_property
+    def _lengths_digest(self) -> str:
+        """A digest of the lengths in sample order: the plan depends on which sample has which length."""
+        data = np.ascontiguousarray(self.lengths, dtype="<i8").tobytes()
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues where ``state`` stopped, whatever ``num_replicas`` the saving run had."""
@@ -233,10 +250,20 @@ class TokenBudgetBatchSampler:
                 f"{state['max_tokens']}, this sampler has {len(self.lengths)} samples and max_tokens="
                 f"{self.max_tokens}; the batch plans would differ"
             )
+        # States saved before these keys existed lack them: nothing to compare then.
+        if "shuffle" in state and bool(state["shuffle"]) != bool(self.shuffle):
+            raise ValueError(f"hetrain: the sampler state was saved with shuffle={bool(state['shuffle'])}, this "
+                             f"sampler has shuffle={bool(self.shuffle)}; the batch plans would differ: build it as "
+                             "the saving run did")
+        if "lengths_digest" in state and state["lengths_digest"] != self._lengths_digest:
+            raise ValueError("hetrain: the sampler state was saved for other sample lengths (the same count, other "
+                             "values or order: other data, or another tokenizer or windowing); the batch plans would "
+                             "differ: resume with the data the saving run used")
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
-        self._start = int(state["position"])
-        self._offset = int(state.get("offset", 0))
+        self._start = self._iter_start = int(state["position"])
+        self._offset = self._iter_offset = int(state.get("offset", 0))
+        self._yielded = 0  # state_dict() before the first resumed batch gives back exactly this position
         # Steps each saving rank had taken in the epoch (positions advance by num_replicas per step).
         self._resumed_steps = int(state.get("steps", self._start // int(state.get("num_replicas", 1))))
         self._plan_cache = None

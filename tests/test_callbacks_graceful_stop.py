@@ -4,6 +4,7 @@ The main job's side (train.py exits 130 with an "interrupted" summary, and resum
 the uninterrupted run logged) is tested in tests/test_train.py.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -38,9 +39,10 @@ class Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path, callbacks, accumulate=1, max_steps=20):
+def _fit(tmp_path, callbacks, accumulate=1, max_steps=20, samples=160):
+    """A fit of 4 samples a batch, ``samples // 4`` batches an epoch."""
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(160, 6, generator=g), torch.randn(160, 1, generator=g))
+    data = TensorDataset(torch.randn(samples, 6, generator=g), torch.randn(samples, 1, generator=g))
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
                          accumulate_grad_batches=accumulate, num_sanity_val_steps=0)
@@ -86,6 +88,33 @@ def test_with_gradient_accumulation_it_stops_at_the_step_that_applies_the_gradie
     trainer = _fit(tmp_path, [stop, CtrlCAt([1])], accumulate=3)
     assert trainer.global_step == 2 and trainer.fit_loop.epoch_loop.batch_progress.current.completed == 6
     assert stop.summary["checkpoint"] == str(tmp_path / "checkpoints" / "paused.ckpt")  # Lightning's default one
+
+
+def test_with_gradient_accumulation_an_epochs_last_batch_ends_a_step(tmp_path):
+    """Lightning also steps at an epoch's last batch, its window incomplete; GracefulStop took only batches that
+    closed a whole window for step ends: the stop came one step late and steps_trained missed those steps."""
+    stop = GracefulStop()
+    # 10 batches an epoch in windows of 3: batches 0-2, 3-5, 6-8 and 9 alone are steps 0-3.
+    trainer = _fit(tmp_path, [stop, CtrlCAt([3])], accumulate=3, samples=40)
+    assert trainer.global_step == 4 and stop.summary["at_step"] == 4 and stop.steps_trained == 4
+    assert trainer.fit_loop.epoch_loop.batch_progress.current.completed == 10
+    whole = GracefulStop()
+    _fit(tmp_path / "whole", [whole], accumulate=3, samples=40, max_steps=8)
+    assert whole.steps_trained == 8
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_epoch_shorter_than_the_accumulation_window_still_stops(tmp_path, signal_name):
+    """Every step ended an epoch there, and none a whole window: Ctrl-C and SIGTERM were ignored, the fit ran on
+    to max_steps with nothing saved."""
+    stop = GracefulStop()
+    # Lightning ends a fit on SIGTERM with SIGTERMException.
+    ended = pytest.raises(SystemExit) if signal_name == "SIGTERM" else contextlib.nullcontext()
+    with ended:
+        _fit(tmp_path, [stop, CtrlCAt([1], signal_name=signal_name)], accumulate=4, max_steps=6, samples=12)
+    checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
+    assert stop.summary == {"at_step": 2, "checkpoint": str(checkpoint), "signal": signal_name}
+    assert stop.steps_trained == 2 and torch.load(checkpoint, weights_only=True)["global_step"] == 2
 
 
 def test_a_second_ctrl_c_stops_at_once_through_lightnings_own_shutdown(tmp_path):
@@ -138,20 +167,23 @@ def _fit_validated(tmp_path, callbacks, model=None, samples=160, val_check_inter
     return trainer
 
 
+@pytest.mark.parametrize(("signal_name", "code"), [("SIGTERM", None), ("SIGINT", 130)])
 @pytest.mark.parametrize(("samples", "val_check_interval", "validated"), [(160, 5, 40 + 2), (40, None, 2)],
                          ids=["mid_epoch", "epoch_end"])
-def test_sigterm_during_a_validation_stops_it_and_saves_what_the_step_before_it_would_have(
-        tmp_path, samples, val_check_interval, validated):
-    """Lightning ended the fit after the validation batch in flight with nothing saved (and train.py exited 0). The
-    checkpoint is the one the step before the validation saves on Ctrl-C: the same loops, weights and optimizer."""
-    before = signal.getsignal(signal.SIGTERM)
+def test_a_signal_during_a_validation_stops_it_and_saves_what_the_step_before_it_would_have(
+        tmp_path, samples, val_check_interval, validated, signal_name, code):
+    """On SIGTERM Lightning ended the fit after the validation batch in flight with nothing saved (and train.py
+    exited 0); Ctrl-C ran the whole validation and one more step. The checkpoint is the one the step before the
+    validation saves on Ctrl-C: the same loops, weights and optimizer."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stop, model = GracefulStop(), Validated()
-    with pytest.raises(SystemExit):  # Lightning's SIGTERMException
-        _fit_validated(tmp_path / "sigterm", [stop, SignalIn("validation", step=10, batch=1)], model,
-                       samples=samples, val_check_interval=val_check_interval)
-    assert signal.getsignal(signal.SIGTERM) is before
-    checkpoint = tmp_path / "sigterm" / "checkpoints" / "interrupted.ckpt"
-    assert stop.summary == {"at_step": 10, "checkpoint": str(checkpoint), "signal": "SIGTERM"}
+    with pytest.raises(SystemExit) as ended:  # Lightning's SIGTERMException (no code) on SIGTERM
+        _fit_validated(tmp_path / "signal", [stop, SignalIn("validation", step=10, batch=1, signal_name=signal_name)],
+                       model, samples=samples, val_check_interval=val_check_interval)
+    assert ended.value.code == code
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    checkpoint = tmp_path / "signal" / "checkpoints" / "interrupted.ckpt"
+    assert stop.summary == {"at_step": 10, "checkpoint": str(checkpoint), "signal": signal_name}
     assert model.validated == validated  # the interrupted validation stopped after its batch 1
     # Ctrl-C during step 9 saves the checkpoint of step 10's end, before the validation after it.
     ctrl_c = GracefulStop()

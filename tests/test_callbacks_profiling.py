@@ -5,7 +5,7 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from hetrain.callbacks import PipelineSplit, StagePlacement, StepTrace
 from hetrain.callbacks.profiling import parse_steps
@@ -104,3 +104,49 @@ def test_steps_are_checked():
     for bad in ([3, 1], [-1, 2], [1, 2, 3], [1.5, 2], True, [True]):  # true was read as step 1
         with pytest.raises(ValueError, match="profile_steps must be \\[first, last\\]"):
             parse_steps(bad)
+
+
+class Regression(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(6, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit_regression(tmp_path, callbacks, max_steps: int, ckpt_path=None) -> pl.Trainer:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(80, 6, generator=g), torch.randn(80, 1, generator=g))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                         default_root_dir=tmp_path, callbacks=callbacks)
+    trainer.fit(Regression(), DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_a_fit_resumed_inside_or_past_the_range_says_which_steps_it_traced(tmp_path, caplog):
+    """The log named the steps asked for, not those traced, and instruments_step counted a step this fit never
+    ran; a fit resumed past the range said nothing of the trace it did not write."""
+    resumed = tmp_path / "step3.ckpt"
+    fit_regression(tmp_path, [], max_steps=3).save_checkpoint(resumed)
+    trace = StepTrace([2, 4], dirpath=tmp_path / "inside")
+    with caplog.at_level("INFO"):
+        fit_regression(tmp_path / "inside", [trace], max_steps=8, ckpt_path=resumed)
+    assert trace.path == tmp_path / "inside" / "trace_steps_2-4.json"  # named as asked for
+    steps = {n for n in names_in(trace.path) if n and n.startswith("hetrain::train step")}
+    assert steps == {"hetrain::train step 3", "hetrain::train step 4"}
+    assert f"steps 3..4 written to {trace.path}; steps 2..2 are not in it: the fit resumed at step 3" in caplog.text
+    assert not trace.instruments_step(2) and trace.instruments_step(3)
+
+    past = StepTrace([1, 2], dirpath=tmp_path / "past")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        fit_regression(tmp_path / "past", [past], max_steps=5, ckpt_path=resumed)
+    assert not past.path.exists() and past.summary == {}
+    assert "no trace written: the fit resumed at step 3, after step 2" in caplog.text

@@ -13,7 +13,7 @@ from hetrain.callbacks import PipelineSplit, StagePlacement
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
 from hetrain.placement import PlacementPlan
-from hetrain.placement.pipeline import gpipe_forward, shared_across_devices
+from hetrain.placement.pipeline import gpipe_forward, run_in_order, shared_across_devices
 from hetrain.placement.plan import remove_input_hooks
 
 
@@ -472,3 +472,94 @@ def test_stage_placement_takes_a_stage_without_weights_and_removes_its_own_hooks
     placement.teardown(None, None, "fit")
     assert [len(s._forward_pre_hooks) for s in stages.values()] == [0, 0, 0]
     torch.jit.script(nn.Sequential(*stages.values()))
+
+
+class WithActivation(nn.Module):
+    """Stages ``a``, ``act`` (no weights) and ``b``, or ``act`` first with ``activation_first``."""
+
+    input_keys = ("x",)
+
+    def __init__(self, activation_first: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.act, self.b = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)
+        self.order = ["act", "a", "b"] if activation_first else ["a", "act", "b"]
+        self.micro_batches, self.checkpoint_stages = 1, frozenset()
+        self.seen: dict[str, tuple[torch.device, torch.device]] = {}  # stage -> devices of x and of its own input
+
+    def stages(self) -> dict[str, nn.Module]:
+        return {name: self.get_submodule(name) for name in self.order}
+
+    def run_stage(self, name: str, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        self.seen[name] = (x.device, own.device)
+        return self.get_submodule(name)(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stages = list(self.stages().items())
+        if self.micro_batches > 1 or self.checkpoint_stages:
+            return gpipe_forward(stages, self.run_stage, (x,), self.micro_batches, self.checkpoint_stages)
+        return run_in_order(stages, self.run_stage, (x,))
+
+
+def test_a_stage_without_weights_runs_where_its_input_is(tmp_path, caplog):
+    """StagePlacement takes a weightless stage (an activation); the split asked it for its device and raised a bare
+    StopIteration, which a fit reported as 'generator raised StopIteration'."""
+    net = WithActivation()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    whole = net(x)
+    net.micro_batches = 2
+    torch.testing.assert_close(net(x), whole)
+    for stage in (net.a, net.b):  # another device (standing in for a GPU): the activation gets a's output there
+        stage.to("meta")
+    net(x)
+    assert net.seen["act"] == (torch.device("meta"), torch.device("cpu"))  # its own input is not moved either
+
+    split = PipelineSplit(2)
+    stages = list(WithActivation().stages().values())
+    assert split.active_micro_batches(stages) == 1  # one device: the activation has none of its own
+    stages[-1].to("meta")
+    assert split.active_micro_batches(stages) == 2
+    first = ClassificationTask(WithActivation(activation_first=True), num_classes=3)
+    with caplog.at_level("INFO", logger="hetrain.callbacks.pipeline"):
+        split.on_fit_start(None, first)
+    assert "every stage is on cpu, where micro-batches cannot overlap" in caplog.text
+
+    rows = [{"x": torch.randn(4), "labels": torch.tensor(i % 3)} for i in range(16)]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[StagePlacement({"a": "cpu"}), PipelineSplit(2, split_on_one_device=True)])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hetrain.callbacks.pipeline"):
+        trainer.fit(ClassificationTask(WithActivation(), num_classes=3), DataLoader(rows, batch_size=4))
+    assert trainer.global_step == 2
+    assert "pipeline split: 2 micro-batches over a@cpu, b@cpu" in caplog.text
+
+
+@pytest.mark.parametrize("freeze", ["eval", "no_running_stats"])
+def test_checkpointing_a_stage_whose_batchnorm_keeps_no_statistics_is_allowed(tmp_path, freeze):
+    """The refusal looked at the model's mode, not each BatchNorm's: a frozen BatchNorm (eval mode, as in
+    fine-tuning) or one without running statistics updates none in the recompute, yet was refused."""
+    from hetrain.models.resnet import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(num_classes=3, widths=(4, 8), blocks=(1, 1), fused=False, channels_last=False)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and freeze == "eval":
+            m.eval()
+        elif isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, *args):
+            seen.append(model.checkpoint_stages)
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"images": torch.randn(3, 8, 8, generator=g), "labels": torch.tensor(i % 3)} for i in range(8)]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[PipelineSplit(1, checkpoint=["layer1"]), Watch()])
+    trainer.fit(ClassificationTask(model, num_classes=3), DataLoader(rows, batch_size=4))
+    assert seen == [frozenset({"layer1"})] * 2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # frozen: the stats never moved

@@ -4,7 +4,9 @@ Lightning's own answer to Ctrl-C stops at once: the step in flight is dropped, n
 checkpoint, and the process exits. A person who presses Ctrl-C on a long run mostly wants it paused, not lost.
 Here the first Ctrl-C lets the current optimizer step finish, saves a checkpoint of it (weights, optimizer, loops,
 the loader's position and, with :class:`~hetrain.callbacks.RandomState`, the generators, so a resumed run goes on
-exactly as this one would have) and ends the fit; a second Ctrl-C stops at once, the way Lightning does.
+exactly as this one would have) and ends the fit; a second Ctrl-C stops at once, the way Lightning does. A Ctrl-C
+during a validation stops it as SIGTERM does (below), then raises ``SystemExit(130)``, the code of a process Ctrl-C
+ended, which ``hetrain.train`` exits with as after a Ctrl-C stop at a step's end.
 
 SIGTERM, what a scheduler sends a job it preempts, Lightning handles with a flag its loops check: it ends the fit
 with ``SIGTERMException`` after the training step in flight, but also after the validation batch in flight or at the
@@ -56,11 +58,11 @@ class GracefulStop(Callback):
           SIGTERM to Lightning.
         - Ctrl-C or SIGTERM before training starts (the sanity check) stops at once, as without this callback.
         - The validation Lightning runs when a fit is told to stop is skipped: a pause does not wait for it.
-        - SIGTERM during a validation inside the fit stops it after the batch in flight (under DDP every rank after
-          the same batch) and saves the checkpoint of the training step before it, then raises Lightning's
-          ``SIGTERMException``; resuming from it goes on with the next step, leaving out that validation, as
-          from a Ctrl-C stop at that step. A validation in the middle of a gradient accumulation window is not
-          stopped: the stop waits for the step that applies the gradients.
+        - Ctrl-C or SIGTERM during a validation inside the fit stops it after the batch in flight (under DDP every
+          rank after the same batch) and saves the checkpoint of the training step before it, then raises
+          ``SystemExit(130)`` (Ctrl-C) or Lightning's ``SIGTERMException``; resuming from it goes on with the next
+          step, leaving out that validation, as from a Ctrl-C stop at that step. A validation in the middle of a
+          gradient accumulation window is not stopped: the stop waits for the step that applies the gradients.
         - SIGTERM at the end of an epoch stops after the next epoch's first step (after the last one, the fit
           simply ends).
         - ``summary`` holds the step, the checkpoint and the signal once the fit was stopped this way;
@@ -73,6 +75,7 @@ class GracefulStop(Callback):
         self.sigterm = False
         self.steps_trained = 0
         self.summary: dict[str, Any] = {}
+        self._step_at_batch_start = 0  # global_step when the batch in flight began: it grows when the batch steps
         self._previous: Any = None
         self._previous_sigterm: Any = None
         self._installed = False
@@ -102,8 +105,8 @@ class GracefulStop(Callback):
             self._restore()
             signal.default_int_handler(signum, frame)
         self.requested = True
-        log.warning("Ctrl-C: the fit stops after this step and saves a checkpoint to resume from; press Ctrl-C "
-                    "again to stop at once without one")
+        log.warning("Ctrl-C: the fit stops after this step (a validation after the batch in flight) and saves a "
+                    "checkpoint to resume from; press Ctrl-C again to stop at once without one")
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         if not self.sigterm:
@@ -112,13 +115,21 @@ class GracefulStop(Callback):
         self.sigterm = True
 
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loop = trainer.fit_loop.epoch_loop
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+        # Not batch_idx against accumulate_grad_batches: Lightning also steps at an epoch's last batch, its window
+        # incomplete (every step, in an epoch shorter than the window).
+        stepped = trainer.global_step - self._step_at_batch_start
+        if not stepped:
             self._at_step_end = None
             return  # gradients of this batch wait for the next ones: no step to save yet
-        self.steps_trained += 1
+        self.steps_trained += stepped
         self._at_step_end = (loop.batch_progress.state_dict(), loop.val_loop.batch_progress.state_dict())
         # A SIGTERM that came before on_train_start set Lightning's flag: Lightning raises SIGTERMException once this
         # batch is done.
@@ -149,17 +160,23 @@ class GracefulStop(Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.summary:
             return
-        sigterm = self.sigterm
-        if trainer.world_size > 1:  # every rank stops after the same validation batch
-            sigterm = bool(reduce_flags(trainer, torch.tensor([sigterm]), torch.distributed.ReduceOp.MAX).item())
-        if not sigterm or self._at_step_end is None:
-            return  # no SIGTERM, or one inside an accumulation window: the stop waits for the step that ends it
+        sigint, sigterm = self.requested, self.sigterm
+        if trainer.world_size > 1:  # every rank stops after the same validation batch, each naming the signal that came
+            signals = reduce_flags(trainer, torch.tensor([sigint, sigterm]), torch.distributed.ReduceOp.MAX)
+            sigint, sigterm = signals.tolist()
+        if not (sigint or sigterm) or self._at_step_end is None:
+            return  # no signal, or one inside an accumulation window: the stop waits for the step that ends it
         path = self._checkpoint_dir(trainer) / self.filename
         self._save_as_at_step_end(trainer, path)
-        self.summary = {"at_step": trainer.global_step, "checkpoint": str(path), "signal": "SIGTERM"}
+        name = "SIGINT" if sigint else "SIGTERM"
+        self.summary = {"at_step": trainer.global_step, "checkpoint": str(path), "signal": name}
         if trainer.is_global_zero:
-            log.warning(f"Stopped by SIGTERM during the validation after step {trainer.global_step}; checkpoint "
-                        f"{path}. Resume with ckpt_path={path}")
+            log.warning(f"Stopped by {'Ctrl-C' if sigint else name} during the validation after step "
+                        f"{trainer.global_step}; checkpoint {path}. Resume with ckpt_path={path}")
+        # The fit cannot end normally here: the validation would run to its end (and its callbacks would act on
+        # the batches run so far).
+        if sigint:
+            raise SystemExit(128 + signal.SIGINT)
         raise SIGTERMException
 
     def _save_as_at_step_end(self, trainer: pl.Trainer, path: Path) -> None:

@@ -7,9 +7,10 @@ start and switches the model to it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
@@ -19,6 +20,12 @@ from typing_extensions import override
 from hetrain.placement.pipeline import stage_device
 
 log = logging.getLogger(__name__)
+
+
+def _held_devices(stages: Iterable[nn.Module]) -> dict[torch.device, None]:
+    """The devices the stages hold their weights and buffers on, in stage order (a dict as an ordered set); a stage
+    holding neither runs on its input's device and adds none."""
+    return dict.fromkeys(d for d in map(stage_device, stages) if d is not None)
 
 
 class PipelineSplit(Callback):
@@ -58,8 +65,9 @@ class PipelineSplit(Callback):
         self._before: tuple[nn.Module, int, frozenset[str]] | None = None  # the model's settings before the fit
 
     def active_micro_batches(self, stages: Sequence[nn.Module]) -> int:
-        """The micro-batches a batch is cut into over these placed stages (see ``split_on_one_device``)."""
-        if self.split_on_one_device or len({stage_device(s) for s in stages}) > 1:
+        """The micro-batches a batch is cut into over these placed stages (see ``split_on_one_device``); a stage
+        without weights runs on its input's device and adds none."""
+        if self.split_on_one_device or len(_held_devices(stages)) > 1:
             return self.micro_batches
         return 1
 
@@ -86,18 +94,20 @@ class PipelineSplit(Callback):
         self._before = (model, model.micro_batches, getattr(model, "checkpoint_stages", frozenset()))
         micro_batches = self.active_micro_batches(list(model.stages().values()))
         if micro_batches < self.micro_batches:
-            device = stage_device(next(iter(model.stages().values())))
+            device = next(iter(_held_devices(model.stages().values())), "one device")
             log.info(f"pipeline split: every stage is on {device}, where micro-batches cannot overlap: each batch "
                      f"runs whole instead of in {self.micro_batches} (PipelineSplit(split_on_one_device=True) "
                      "cuts it anyway)")
         model.micro_batches = micro_batches
         model.checkpoint_stages = self.checkpointed(list(model.stages()))
         for name in sorted(model.checkpoint_stages):
-            norms = [path for path, m in model.stages()[name].named_modules() if isinstance(m, _BatchNorm)]
-            if norms and model.training:
+            # A frozen BatchNorm (eval mode) or one without running statistics updates none in the recompute.
+            norms = [path for path, m in model.stages()[name].named_modules()
+                     if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+            if norms:
                 raise ValueError(f"hetrain: checkpointing stage {name!r} would update the running statistics of its "
                                  f"BatchNorm {name}.{norms[0]} twice per step (again in the recompute); leave that "
-                                 f"stage out of checkpoint")
+                                 f"stage out of checkpoint, or freeze that BatchNorm (.eval())")
         norms = [f"{name}.{path}" for name, stage in model.stages().items()
                  for path, m in stage.named_modules() if isinstance(m, _BatchNorm) and m.training]
         if norms and micro_batches > 1:
@@ -108,8 +118,9 @@ class PipelineSplit(Callback):
                            "micro_batches=1 or a per-row norm (LayerNorm, GroupNorm) for equal results")
         chosen = model.checkpoint_stages
         checkpointed = f"; checkpointing {', '.join(sorted(chosen))}" if chosen else ""
+        placed = {n: stage_device(s) for n, s in model.stages().items()}  # stages without weights run anywhere
         log.info(f"pipeline split: {micro_batches} micro-batch{'es' if micro_batches > 1 else ''} over "
-                 f"{', '.join(f'{n}@{stage_device(s)}' for n, s in model.stages().items())}{checkpointed}")
+                 f"{', '.join(f'{n}@{d}' for n, d in placed.items() if d is not None)}{checkpointed}")
 
     def _put_back(self) -> None:
         """The model runs as before the fit again: a later fit without this callback must not run split, nor

@@ -5,7 +5,7 @@ Each pipeline stage, micro-batch, cross-device copy and hetrain op already runs 
 (CPU, plus CUDA when present) and writes ``trace_steps_<first>-<last>.json`` into the run directory,
 for chrome://tracing or ui.perfetto.dev. Every step is itself a range, ``hetrain::train step <n>``. The trace
 holds training steps only: a validation that begins inside the range, or training that ends before its last
-step, ends it, and the log names the steps written.
+step, ends it, and the log names the steps written (in a fit resumed inside the range, from the step it resumed at).
 
 Lightning's ``PyTorchProfiler`` profiles the Trainer's actions under a schedule counted per action and
 writes one file per action; what a person asks for here is one file holding exactly the steps named,
@@ -69,11 +69,17 @@ class StepTrace(Callback):
         self._profiler: profile | None = None
         self._step_range: record_function | None = None
         self._open_step = -1  # the optimizer step whose range is open
+        self._first_traced = self.first  # higher once a fit resumed past the first step began the trace
         self._last_traced = self.last  # lower once a validation or the end of training cut the trace short
+        self._fit_began_at = 0  # the global step training began at (above 0 when resumed)
 
     def instruments_step(self, step: int) -> bool:
         """Whether global step ``step`` is traced (and so runs slower)."""
-        return self.first <= step <= self._last_traced
+        return self._first_traced <= step <= self._last_traced
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_began_at = trainer.global_step
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -83,6 +89,7 @@ class StepTrace(Callback):
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self._profiler = profile(activities=activities, record_shapes=self.record_shapes)
             self._profiler.__enter__()
+            self._first_traced = step
         if self._profiler is not None and self._step_range is None:
             self._step_range, self._open_step = record_function(f"hetrain::train step {step}"), step
             self._step_range.__enter__()
@@ -111,6 +118,9 @@ class StepTrace(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._profiler is not None:  # training ended before the last step: keep what was recorded
             self._write(trainer, f"training ended after step {trainer.global_step - 1}")
+        elif not self.summary and self._fit_began_at > self.last:
+            log.warning(f"profile: no trace written: the fit resumed at step {self._fit_began_at}, after step "
+                        f"{self.last}; trace later steps")
         elif not self.summary and trainer.global_step <= self.first:
             log.warning(f"profile: no trace written: training ended at step {trainer.global_step}, before step "
                         f"{self.first}; trace earlier steps or train longer")
@@ -122,7 +132,7 @@ class StepTrace(Callback):
     def _write(self, trainer: pl.Trainer, cut_short_by: str = "") -> None:
         """Writes the trace; ``cut_short_by`` says why steps asked for are missing from it."""
         # At least the first step: a validation inside an accumulation window may end the trace during it.
-        self._last_traced = max(self.first, min(self.last, trainer.global_step - 1))
+        self._last_traced = max(self._first_traced, min(self.last, trainer.global_step - 1))
         if self._step_range is not None:
             self._step_range.__exit__(None, None, None)
             self._step_range = None
@@ -133,7 +143,11 @@ class StepTrace(Callback):
             self.path = self.path.with_name(f"{self.path.stem}_rank{trainer.global_rank}.json")
         profiler.export_chrome_trace(str(self.path))
         self.summary = {"trace": str(self.path)}
-        missing = f"; steps {self._last_traced + 1}..{self.last} are not in it: {cut_short_by}" \
-            if self._last_traced < self.last else ""
-        log.info(f"profile: steps {self.first}..{self._last_traced} written to {self.path}{missing} (open in "
-                 "chrome://tracing or ui.perfetto.dev)")
+        missing = []
+        if self._first_traced > self.first:
+            missing.append(f"steps {self.first}..{self._first_traced - 1} are not in it: the fit resumed at step "
+                           f"{self._first_traced}")
+        if self._last_traced < self.last:
+            missing.append(f"steps {self._last_traced + 1}..{self.last} are not in it: {cut_short_by}")
+        log.info(f"profile: steps {self._first_traced}..{self._last_traced} written to {self.path}"
+                 f"{''.join(f'; {m}' for m in missing)} (open in chrome://tracing or ui.perfetto.dev)")

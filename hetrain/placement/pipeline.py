@@ -90,9 +90,12 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return _COPY_STREAMS[device]
 
 
-def stage_device(stage: nn.Module) -> torch.device:
-    """Where a stage runs: the device of its parameters (a placement moves a stage whole)."""
-    return next(stage.parameters()).device
+def stage_device(stage: nn.Module) -> torch.device | None:
+    """Where a stage runs: the device of its parameters, else its buffers (a placement moves a stage whole); None
+    for a stage holding neither (an activation), which runs wherever its input is."""
+    from hetrain.placement.plan import held_device  # not at the top: plan imports this module
+
+    return held_device(stage)
 
 
 class _SkipGuard:
@@ -178,8 +181,10 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
                 if not 0 <= i < m:
                     continue
                 name, device = stages[s][0], devices[s]
-                own = [to_device(p[i], device) for p in pieces]
-                x = own[0] if s == 0 else to_device(acts[i], device)
+                # A stage without weights or buffers takes its inputs where they are.
+                move = (lambda t: t) if device is None else partial(to_device, device=device)
+                own = [move(p[i]) for p in pieces]
+                x = own[0] if s == 0 else move(acts[i])
                 guard.current = (s, i)
                 guard.made(x)  # what crossed into this stage counts as its own input
                 with named_range(f"hetrain::stage {name} micro-batch {i}"):

@@ -6,13 +6,16 @@ fits, and writes the run summary into the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import math
 import os
 import re
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from omegaconf.errors import InterpolationKeyError
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
 
 from hetrain import cpu_memory, plugins
 from hetrain.callbacks.precision import run_precision, trainer_precision
@@ -141,14 +145,82 @@ def _check_counts(cfg: DictConfig) -> None:
             or (isinstance(interval, float) and not 0 < interval <= 1):
         raise ValueError(f"hetrain: trainer.val_check_interval={interval!r} must be a number of training batches "
                          ">= 1 or a fraction of an epoch in (0, 1]")
-    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches") or 1
-    if isinstance(interval, int) and isinstance(accumulate, int) and interval % accumulate:
-        # Lightning counts the interval in batches: a validation, and the checkpoint saved after it, would fall
-        # inside an accumulation window, whose gradients so far a resume from that checkpoint loses.
-        low = interval - interval % accumulate or accumulate
-        raise ValueError(f"hetrain: trainer.val_check_interval={interval} counts training batches and is not a "
-                         f"multiple of trainer.accumulate_grad_batches={accumulate}: its validations and checkpoints "
-                         f"would fall inside an accumulation window; set it to {low} or {low + accumulate}")
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)  # Lightning's default
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ValueError(f"hetrain: trainer.accumulate_grad_batches={accumulate!r} must be a positive whole number "
+                         "(batches per optimizer step; 1 steps after every batch)")
+    if accumulate > 1 and interval is not None and not isinstance(interval, int | float):
+        # Time-based validation starts after whichever batch is running, inside a window or not (see _WindowCheck).
+        raise ValueError(f"hetrain: trainer.val_check_interval={interval!r} validates on a clock, after whichever "
+                         f"batch is running, so with trainer.accumulate_grad_batches={accumulate} its validations and "
+                         "checkpoints would fall inside accumulation windows; give a number of training batches, a "
+                         f"multiple of {accumulate}")
+
+
+class _WindowCheck(pl.Callback):
+    """Refuses, once the epoch's batch count is known, a run that would validate inside an accumulation window.
+
+    The checkpoint saved after such a validation holds the weights before the window's step, not the gradients
+    accumulated so far: a run resumed from it loses them and trains differently from the run it resumes.
+    """
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.accumulate_grad_batches > 1 and trainer.enable_validation:
+            problem = _validation_inside_window(trainer)
+            if problem is not None:
+                raise ValueError(problem)
+
+
+def _validation_inside_window(trainer: pl.Trainer) -> str | None:
+    """Why the first validation that Lightning 2.6 would start inside an accumulation window during this fit does
+    so; None when every one starts after a step.
+
+    Lightning steps after every k-th batch of an epoch and after its last batch, and validates after batch ``i`` of
+    an epoch when ``i + 1`` is a multiple of ``trainer.val_check_batch``, or, with ``check_val_every_n_epoch=None``,
+    when the count of batches since the fit began is. (A validation at the last step is RunRecorder's, after a step.)
+    """
+    every, k, batches = trainer.val_check_batch, trainer.accumulate_grad_batches, trainer.num_training_batches
+    if not isinstance(every, int):  # inf: at the end of an epoch without a length; None: time-based (_check_counts)
+        return None
+    per_epoch = trainer.check_val_every_n_epoch is not None
+    max_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
+    max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
+    if math.isinf(batches):  # a loader without a length, checked as one endless epoch (where an epoch of it ends
+        # mid-window, the later validations counted across epochs shift: that is not known ahead)
+        positions: Iterable[tuple[int, int]] = [(0, every - 1)]  # the rest are multiples of this one
+    elif per_epoch:  # the same batches in each epoch it validates in: the first such epoch tells
+        positions = ((trainer.check_val_every_n_epoch - 1, i) for i in range(every - 1, batches, every))
+    else:  # multiples of `every` meet every remainder they will modulo `batches` within `batches` of them
+        positions = (divmod(j * every - 1, batches) for j in range(1, batches + 1))
+    steps_per_epoch = -(-batches // k)
+    for epoch, i in positions:
+        steps_before = (epoch * steps_per_epoch if epoch else 0) + i // k  # not 0 * inf
+        if epoch >= max_epochs or steps_before >= max_steps:
+            return None  # the fit ends before this batch, and so before any later one
+        if (i + 1) % k and i != batches - 1:
+            break
+    else:
+        return None
+    head = (f"hetrain: trainer.val_check_interval={trainer.val_check_interval} with "
+            f"trainer.accumulate_grad_batches={k} would validate inside an accumulation window")
+    where = (f"so the validation after batch_idx {i} of epoch {epoch} comes with the gradients of {(i + 1) % k} of the "
+             f"window's {k} batches not yet applied, which a resume from the checkpoint saved there loses")
+    multiple = max(every - every % k, k)
+    if math.isinf(batches) or (not per_epoch and batches % k == 0):
+        return (f"{head}: it validates every {every} training batches and steps every {k}, {where}. Set "
+                f"trainer.val_check_interval to a multiple of {k}, e.g. {multiple} or {multiple + k}")
+    example = min(multiple, batches - batches % k)
+    within = f"a multiple of {k} up to {batches} (e.g. {example}) or " if k <= batches else ""
+    if per_epoch:
+        return (f"{head}: it validates after every {every} of an epoch's {batches} training batches and steps after "
+                f"every {k} and at the epoch's end, {where}. Set trainer.val_check_interval to {within}1.0 (the "
+                "epoch's end, where every window closes)")
+    return (f"{head}: trainer.check_val_every_n_epoch=null counts batches across epochs, and an epoch's {batches} "
+            f"training batches are not a multiple of {k} (its last window is short), {where}. Set "
+            f"trainer.val_check_interval to a multiple of {batches} (epochs' ends, where every window closes), or "
+            f"trainer.check_val_every_n_epoch=1 with trainer.val_check_interval {within}1.0, or make an epoch's "
+            f"batch count a multiple of {k}")
 
 
 def _check_monitor_modes(cfg: DictConfig) -> None:
@@ -264,8 +336,8 @@ def build(cfg: DictConfig) -> Parts:
     precision = trainer_precision(cfg.trainer.precision, _devices_in_use(cfg))
     # With every ModelCheckpoint set to null Lightning would add its own, writing where the run did not ask.
     saving = {} if any(isinstance(c, ModelCheckpoint) for c in callbacks.values()) else {"enable_checkpointing": False}
-    trainer = _instantiate(cfg.trainer, "trainer", callbacks=[*callbacks.values(), recorder], logger=logger,
-                           **precision, **saving)
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=[_WindowCheck(), *callbacks.values(), recorder],
+                           logger=logger, **precision, **saving)
     # What the Trainer runs, which Lightning may have changed: 16-mixed on a CPU becomes bf16-mixed.
     log.info(f"Precision: {precision['plugins'][0] if 'plugins' in precision else trainer.precision}")
     return Parts(datamodule, task, callbacks, recorder, trainer, compiled, counts_before)
@@ -273,7 +345,7 @@ def build(cfg: DictConfig) -> Parts:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the experiment ``cfg`` describes; returns the measured part of the summary."""
-    with cpu_memory.host_memory(cfg.get("cpu_malloc", "keep")) as cpu_malloc:
+    with cpu_memory.host_memory(cfg.get("cpu_malloc", "keep")) as cpu_malloc, _torch_threads_restored():
         log.info(f"Host memory: {cpu_malloc.description}")
         host_cache_at_start = cpu_memory.stats()
         pins, prefer = cfg.backends.pins, cfg.backends.get("prefer")
@@ -294,6 +366,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise
         finally:
             os.environ.pop(_LAUNCHER_PID, None)
+        if parts.trainer.num_training_batches == 0:  # Lightning ends such a fit at once and says so at info level
+            raise ValueError(_no_training_batch(cfg))
         summary = parts.recorder.summary(parts.trainer)
         summary["precision"] = run_precision(parts.trainer)  # per device type under DeviceMixedPrecision
         if parts.compiled is not None:
@@ -305,6 +379,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary.update({name: c.summary for name, c in parts.callbacks.items()
                     if isinstance(getattr(c, "summary", None), dict)})
     return summary
+
+
+@contextlib.contextmanager
+def _torch_threads_restored() -> Iterator[None]:
+    """Gives torch back the thread count it had: build() applies ``threads``, which the next job of a sweep, with
+    ``threads=null`` (torch's default), would otherwise inherit."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _no_training_batch(cfg: DictConfig) -> str:
+    """Why a fit trained nothing, naming the data settings that size the training loader."""
+    keys = ("data.train_size", "data.batch_size", "data.max_tokens", "data.path")
+    settings = ", ".join(f"{key}={value}" for key in keys if (value := OmegaConf.select(cfg, key)) is not None)
+    return (f"hetrain: the training loader has no batch ({settings}), so nothing was trained; give it at least one "
+            "whole batch, e.g. data.batch_size at most data.train_size (a loader that drops the last incomplete "
+            "batch has none when the batch is larger than the data)")
 
 
 def _best_checkpoint(callbacks: dict[str, pl.Callback]) -> dict[str, str | None]:

@@ -1,9 +1,16 @@
-"""The reference BERT: fused and unfused builds share a state_dict and compute the same thing."""
+"""The reference BERT: fused and unfused builds share a state_dict and compute the same thing; the classification
+task around it predicts and names bad settings."""
+
+import re
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
+from hetrain.data.datamodule import SyntheticDataModule
 from hetrain.models.bert import BertClassifier
+from hetrain.models.task import ClassificationTask
 
 
 def test_fused_and_unfused_bert_agree_in_outputs_and_gradients():
@@ -58,3 +65,38 @@ def test_a_row_without_real_tokens_pools_to_finite_logits():
     logits = model(ids, mask)
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(logits[0], model(ids[:1], mask[:1])[0])  # the empty row changes no other
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"heads": 0}, "heads=0 must be a positive whole number (model.heads"),  # was a ZeroDivisionError
+    ({"hidden": 0}, "hidden=0 must be a positive whole number (model.hidden"),  # failed in the optimizer step
+    ({"hidden": 0, "layers": 0}, "hidden=0 must be a positive whole number"),  # no attention block to catch it
+    ({"heads": -2}, "heads=-2 must be a positive whole number"),
+])
+def test_sizes_below_one_are_refused_naming_the_setting(sizes, message):
+    with pytest.raises(ValueError, match=re.escape(f"hetrain: {message}")):
+        BertClassifier(**{"hidden": 16, "heads": 2, "layers": 1, **sizes})
+
+
+@pytest.mark.parametrize("betas", [[0.9], [0.9, 0.99, 0.999], [0.9, 1.0], [-0.1, 0.999]])
+def test_betas_that_are_not_two_decay_rates_are_refused_naming_the_setting(betas):
+    """[0.9] failed as an IndexError when the optimizer was built, after the data and the sanity check."""
+    model = BertClassifier(hidden=16, layers=1, heads=2)
+    with pytest.raises(ValueError, match=re.escape(f"hetrain: betas={betas!r} must be two numbers in [0, 1)")):
+        ClassificationTask(model, num_classes=4, betas=betas)
+
+
+def test_predict_gives_the_logits_of_labelled_and_unlabelled_batches():
+    """Lightning's default predict_step passed the batch dict to forward; an unlabelled batch failed reading labels."""
+    data = SyntheticDataModule(train_size=32, val_size=16, seed=0)
+    data.setup("fit")
+    torch.manual_seed(0)
+    model = BertClassifier(hidden=16, layers=1, heads=2)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    batches = [{k: v.clone() for k, v in b.items()} for b in data.val_dataloader()]  # ring slots are reused
+    unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    for loader in (data.val_dataloader(), DataLoader(unlabelled, batch_size=None)):
+        predicted = trainer.predict(ClassificationTask(model, num_classes=4), dataloaders=loader)
+        assert len(predicted) == len(batches)
+        for logits, batch in zip(predicted, batches, strict=True):
+            torch.testing.assert_close(logits, model.eval()(batch["input_ids"], batch["attention_mask"]))

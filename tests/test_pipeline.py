@@ -535,6 +535,21 @@ def test_a_stage_without_weights_runs_where_its_input_is(tmp_path, caplog):
     assert "pipeline split: 2 micro-batches over a@cpu, b@cpu" in caplog.text
 
 
+def test_a_task_whose_first_stage_has_no_weights_sends_inputs_to_the_first_stage_that_has(tmp_path):
+    """The task asked its first stage for the device of the batch's inputs: None for an activation, which failed
+    every fit whose model starts (or ends, for the labels) with a weightless stage."""
+    placed = ClassificationTask(WithActivation(activation_first=True), num_classes=3)
+    placed.model.b.to("meta")  # standing in for a GPU holding the last stage
+    assert placed._end_device(front=True) == torch.device("cpu")  # the activation, then a on the CPU
+    assert placed._end_device(front=False) == torch.device("meta")
+    task = ClassificationTask(WithActivation(activation_first=True), num_classes=3)
+    rows = [{"x": torch.randn(4), "labels": torch.tensor(i % 3)} for i in range(16)]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(task, DataLoader(rows, batch_size=4))
+    assert trainer.global_step == 2
+
+
 @pytest.mark.parametrize("freeze", ["eval", "no_running_stats"])
 def test_checkpointing_a_stage_whose_batchnorm_keeps_no_statistics_is_allowed(tmp_path, freeze):
     """The refusal looked at the model's mode, not each BatchNorm's: a frozen BatchNorm (eval mode, as in

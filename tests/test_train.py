@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import hetrain.nn
 from hetrain.callbacks.placement import StagePlacement
@@ -28,7 +28,15 @@ from hetrain.models.task import ClassificationTask
 from hetrain.placement import resolve_plan
 from hetrain.recipes import register_recipes
 from hetrain.report import RunRecorder, error_headline
-from hetrain.train import _devices_in_use, _other_ranks, _rank_logs, build, check_config, run
+from hetrain.train import (
+    _devices_in_use,
+    _other_ranks,
+    _rank_logs,
+    _validation_inside_window,
+    build,
+    check_config,
+    run,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
@@ -431,11 +439,13 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["recipe=resnet_fused_amp", "data.batch_size=-4"], "data.batch_size=-4 must be a positive whole number"),
     (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be a number of training batches >= 1"),
     (["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5 must be a number of training batches"),
-    # A checkpoint inside an accumulation window: resuming from it lost the window's gradients so far.
-    (["trainer.val_check_interval=5", "trainer.accumulate_grad_batches=2"],
-     "trainer.val_check_interval=5 counts training batches and is not a multiple of "
-     "trainer.accumulate_grad_batches=2: its validations and checkpoints would fall inside an accumulation window; "
-     "set it to 4 or 6"),
+    # A ZeroDivisionError in the task, a loader's message, a TypeError about slice indices.
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be a positive whole number"),
+    (["trainer.accumulate_grad_batches=-1"], "trainer.accumulate_grad_batches=-1 must be a positive whole number"),
+    (["trainer.accumulate_grad_batches=2.5"], "trainer.accumulate_grad_batches=2.5 must be a positive whole number"),
+    # Validations on a clock start inside accumulation windows (those counted in batches: _WindowCheck).
+    (["trainer.val_check_interval='00:00:05:00'", "trainer.accumulate_grad_batches=2"],
+     "trainer.val_check_interval='00:00:05:00' validates on a clock, after whichever batch is running"),
     (["+trainer.strategy=ddp_spawn"], "trainer.strategy=ddp_spawn trains in processes whose callbacks the run "
      "summary cannot read (it would say 0 steps); use +trainer.strategy=ddp (with trainer.devices=N)"),
     (["recipe=longseq_ringbuffer", "data.path=/nonexistent/corpus.jsonl"],
@@ -456,6 +466,132 @@ def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(ov
     if overrides == ["threads=0"]:  # and the run itself, which applied threads before its checks
         result = train_py(*overrides, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, threads=None)
         assert result.returncode != 0 and f"hetrain: {message}" in result.stderr + result.stdout, result.stderr
+
+
+class _Linear(pl.LightningModule):
+    """The least a fit needs: what is checked here is when Lightning steps and validates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx) -> None:
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _WindowProbe(pl.Callback):
+    """The check's verdict at train start, and whether each validation started with gradients not yet applied."""
+
+    def __init__(self) -> None:
+        self.verdict: str | None = None
+        self.pending: list[bool] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.verdict = _validation_inside_window(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:  # Lightning sets a gradient to None at each step
+            self.pending.append(any(p.grad is not None for p in pl_module.parameters()))
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        return iter([(torch.ones(1, 2),)] * 8)
+
+
+@pytest.mark.parametrize("accumulate, cases", [
+    (2, [  # (batches an epoch, val_check_interval, check_val_every_n_epoch, max_steps)
+        (3, 2, None, 9),  # an epoch's short last window shifts later validations into windows
+        (3, 2, None, 2),  # the fit ends before the first such validation
+        (3, 3, None, 9), (3, 6, None, 9),  # every validation at an epoch's end: safe though not a multiple of 2
+        (3, 4, None, 9), (4, 2, None, 9), (4, 3, None, 9), (2, 3, None, 9),
+        (4, 0.25, 1, 9),  # a fraction of an epoch was not checked at all
+        (4, 0.5, 1, 9), (3, 0.5, 1, 9), (3, 1.0, 1, 9), (3, 2, 1, 9),
+        (None, 3, None, 9), (None, 2, None, 9),  # a loader without a length
+    ]),
+    (3, [(5, 3, 1, 9), (5, 2, 2, 2), (5, 2, 2, 9),  # check_val_every_n_epoch=2: epoch 0 does not validate
+         (5, 6, None, 2), (5, 6, None, 9), (6, 0.5, 1, 9), (2, 2, None, 9), (2, 3, None, 9)]),
+])
+def test_a_validation_inside_an_accumulation_window_is_found_where_lightning_runs_one(accumulate, cases):
+    """The check refuses exactly the fits in which Lightning would validate, and save, with gradients pending."""
+    refused = []
+    for batches, every, epochs_apart, max_steps in cases:
+        loader = DataLoader(TensorDataset(torch.ones(batches, 2)), batch_size=1) if batches else \
+            DataLoader(_Stream(), batch_size=None)
+        probe = _WindowProbe()
+        trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=accumulate,
+                             val_check_interval=every, check_val_every_n_epoch=epochs_apart, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, callbacks=[probe])
+        trainer.fit(_Linear(), train_dataloaders=loader, val_dataloaders=DataLoader(TensorDataset(torch.ones(1, 2))))
+        assert (probe.verdict is not None) == any(probe.pending), (batches, every, epochs_apart, probe.pending)
+        refused.append(probe.verdict is not None)
+    assert any(refused) and not all(refused)
+
+
+def test_a_run_that_would_validate_inside_an_accumulation_window_fails_naming_the_settings(tmp_path):
+    """An epoch of 3 batches with accumulate_grad_batches=2: the validation after epoch 1's first batch, and its
+    checkpoint, came with a batch's gradients pending; a run resumed from it trained differently."""
+    cfg = compose_train("recipe=bert_split", "data.train_size=96", "data.val_size=16", "model.hidden=16",
+                        "trainer.max_steps=6", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=2",
+                        "trainer.enable_progress_bar=false", "callbacks.memory_profiler=null",
+                        output_dir=tmp_path)
+    with pytest.raises(ValueError, match=re.escape(
+            "hetrain: trainer.val_check_interval=2 with trainer.accumulate_grad_batches=2 would validate inside an "
+            "accumulation window: trainer.check_val_every_n_epoch=null counts batches across epochs, and an epoch's "
+            "3 training batches are not a multiple of 2 (its last window is short), so the validation after "
+            "batch_idx 0 of epoch 1 comes with the gradients of 1 of the window's 2 batches not yet applied, which a "
+            "resume from the checkpoint saved there loses. Set trainer.val_check_interval to a multiple of 3")):
+        run(cfg)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+class _NoTrainingBatch(pl.LightningDataModule):
+    """Data whose training loader is empty, as one that drops an incomplete last batch larger than the data was."""
+
+    def __init__(self, **settings) -> None:
+        super().__init__()
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader([], batch_size=1)
+
+    val_dataloader = train_dataloader
+
+
+def test_a_run_with_no_training_batch_fails_naming_the_data_settings(tmp_path):
+    """Such a run trained nothing and said status ok, steps 0."""
+    cfg = compose_train("recipe=resnet_fused_amp", f"data._target_={__name__}.{_NoTrainingBatch.__qualname__}",
+                        "data.train_size=64", "data.batch_size=100", "trainer.enable_progress_bar=false",
+                        "callbacks.memory_profiler=null", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=re.escape(
+            "hetrain: the training loader has no batch (data.train_size=64, data.batch_size=100), so nothing was "
+            "trained")):
+        run(cfg)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_threads_apply_to_their_own_run_only(tmp_path):
+    """A sweep's job with threads=1 left torch at one thread for the next job, whose threads=null means torch's
+    default."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)  # a count the run's threads=1 differs from
+    try:
+        cfg = compose_train("recipe=bert_split", "threads=1", "data.train_size=64", "data.val_size=16",
+                            "model.hidden=16", "trainer.max_steps=1", "trainer.val_check_interval=1",
+                            "trainer.enable_progress_bar=false", "callbacks.memory_profiler=null",
+                            output_dir=tmp_path)
+        run(cfg)
+        assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_checkpoint_monitoring_a_loss_with_mode_max_is_refused_naming_the_fix(tmp_path):

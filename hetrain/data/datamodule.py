@@ -82,8 +82,9 @@ class RingDataModule(pl.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or not hasattr(module, "stages"):
             return None
-        devices = [stage_device(stage) for stage in module.stages().values()]
-        return devices[0] if len(set(devices)) == 1 else None
+        # A stage without weights (an activation) runs where its input is: it names no device of its own.
+        devices = {stage_device(stage) for stage in module.stages().values()} - {None}
+        return devices.pop() if len(devices) == 1 else None
 
     @staticmethod
     def _check_budget(max_tokens: int, max_len: int) -> None:

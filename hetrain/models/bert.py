@@ -56,6 +56,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, hidden: int, heads: int, dropout: float) -> None:
         super().__init__()
+        _check_sizes(hidden=hidden, heads=heads)
         if hidden % heads:
             raise ValueError(f"hetrain: hidden={hidden} is not divisible by heads={heads}; pick model.hidden a "
                              f"multiple of model.heads (e.g. model.hidden={heads * max(1, round(hidden / heads))})")
@@ -153,6 +154,7 @@ class BertClassifier(nn.Module):
         sparse_embeddings: bool = False,
     ) -> None:
         super().__init__()
+        _check_sizes(hidden=hidden, heads=heads)  # layers=0 builds no attention to check them
         self.embeddings = Embeddings(vocab_size, hidden, max_len, dropout, fused=fused, sparse=sparse_embeddings)
         ffn = ffn or 4 * hidden
         attention_dropout = dropout if attention_dropout is None else attention_dropout
@@ -192,6 +194,15 @@ class BertClassifier(nn.Module):
             return gpipe_forward(stages, self.run_stage, (input_ids, attention_mask), self.micro_batches,
                                  self.checkpoint_stages)
         return run_in_order(stages, self.run_stage, (input_ids, attention_mask))
+
+
+def _check_sizes(**sizes: int) -> None:
+    """Sizes below 1 fail later with no name: ``heads=0`` as a ZeroDivisionError, ``hidden=0`` inside the optimizer
+    step (torch's ``_foreach_norm``)."""
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"hetrain: {name}={size!r} must be a positive whole number (model.{name}; the "
+                             "defaults are hidden=128, heads=4)")
 
 
 def _check_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:

@@ -28,11 +28,12 @@ TEXT_INPUTS = ("input_ids", "attention_mask")
 
 
 class ClassificationTask(pl.LightningModule):
-    """Cross-entropy training with AdamW; validation loss and accuracy as ``val/loss`` and ``val/acc``.
+    """Cross-entropy training with AdamW; validation loss and accuracy as ``val/loss`` and ``val/acc``; ``predict``
+    gives the logits.
 
-    Batches are dicts holding ``labels`` (B,) and the model's inputs: the entries its ``input_keys``
-    names, in order (``images`` for :class:`~hetrain.models.resnet.ResNet`), or else ``input_ids`` and
-    ``attention_mask`` (B, T). The training loss stays exact under gradient accumulation and across
+    Batches are dicts holding ``labels`` (B,), which predicting does without, and the model's inputs: the entries
+    its ``input_keys`` names, in order (``images`` for :class:`~hetrain.models.resnet.ResNet`), or else
+    ``input_ids`` and ``attention_mask`` (B, T). The training loss stays exact under gradient accumulation and across
     ranks with batches of unequal size (:mod:`hetrain.models.accumulation`); ``train/loss`` is the mean loss over
     the optimizer step's samples on this rank (under accumulation all the window's batches, not its last).
     """
@@ -46,6 +47,10 @@ class ClassificationTask(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
         super().__init__()
+        if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
+            # Else an IndexError, or torch's "Invalid beta parameter at index 0", when the optimizer is built.
+            raise ValueError(f"hetrain: betas={list(betas)!r} must be two numbers in [0, 1), AdamW's decay rates of "
+                             "its gradient averages (task.betas; the default is [0.9, 0.999])")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.input_keys = tuple(getattr(model, "input_keys", TEXT_INPUTS))
@@ -79,15 +84,23 @@ class ClassificationTask(pl.LightningModule):
         first_stage = next(iter(self.stages()))
         return (lambda: first), (lambda name: () if name == first_stage else tuple(rest))
 
+    def _end_device(self, front: bool) -> torch.device:
+        """The device of the first (or last) stage holding weights or buffers: a weightless stage (an
+        activation) runs where its input is; the module's own device where no stage holds any."""
+        stages = list(self.stages().values())
+        devices = (stage_device(stage) for stage in (stages if front else reversed(stages)))
+        return next((d for d in devices if d is not None), self.device)
+
     def transfer_batch_to_device(self, batch: dict[str, torch.Tensor], device: torch.device,
                                  dataloader_idx: int) -> dict[str, torch.Tensor]:
         # Lightning would copy the batch to its root device; inputs go straight to the first stage's
         # device and labels to the last stage's, so no batch tensor crosses devices twice. The batch
         # comes from host memory, so the copies may be asynchronous.
-        stages = list(self.stages().values())
-        inputs, outputs = stage_device(stages[0]), stage_device(stages[-1])
-        sources = dict(zip(self.input_keys, self.model_inputs(batch), strict=True), labels=batch["labels"])
-        targets = dict.fromkeys(self.input_keys, inputs) | {"labels": outputs}
+        inputs, outputs = self._end_device(front=True), self._end_device(front=False)
+        sources = dict(zip(self.input_keys, self.model_inputs(batch), strict=True))
+        if "labels" in batch:  # a batch to predict on may have none
+            sources["labels"] = batch["labels"]
+        targets = {key: outputs if key == "labels" else inputs for key in sources}
         moved = {key: t.to(targets[key], non_blocking=True) for key, t in sources.items()}
         for gpu in {d for d in targets.values() if d.type == "cuda"}:
             # A ring slot is not torch's to keep alive until the copy ran: hold it (hetrain.host_copies).
@@ -119,7 +132,7 @@ class ClassificationTask(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         # The metric's state lives where the logits come out, which a placement may have moved.
-        self.val_acc.to(stage_device(list(self.stages().values())[-1]))
+        self.val_acc.to(self._end_device(front=False))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._loss(batch)
@@ -128,6 +141,10 @@ class ClassificationTask(pl.LightningModule):
         # sync_dist: every rank's windows count (Lightning adds the weighted sums and the batch sizes).
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=n)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """The logits (B, num_classes) of a batch, labelled or not (Lightning's default passed the dict whole)."""
+        return self(*self.model_inputs(batch))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # No weight decay on biases and norm scales, as in BERT.

@@ -212,13 +212,14 @@ class BatchLog(pl.Callback):
         self.seen[trainer.global_step] = tuple(rows.tolist())  # a fingerprint of every row, in order
 
 
-def _fit(tmp_path, max_steps: int, ckpt_path=None, save_at: int | None = None) -> tuple[BatchLog, pl.Trainer]:
+def _fit(tmp_path, max_steps: int, ckpt_path=None, save_at: int | None = None,
+         loader: str = "ring") -> tuple[BatchLog, pl.Trainer]:
     from hetrain.models.bert import BertClassifier
     from hetrain.models.task import ClassificationTask
 
     pl.seed_everything(0)
     data = SyntheticDataModule(vocab_size=64, num_classes=2, min_len=8, max_len=24, train_size=160, val_size=16,
-                               max_tokens=192, producers=2, seed=3)
+                               loader=loader, max_tokens=192, producers=2, batch_size=16, seed=3)
     task = ClassificationTask(BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2,
                                              max_len=32), num_classes=2)
     log = BatchLog()
@@ -239,6 +240,62 @@ def test_a_resumed_lightning_run_sees_exactly_the_batches_of_an_uninterrupted_on
     resumed, _ = _fit(tmp_path / "resumed", max_steps=40, ckpt_path=tmp_path / f"step={stop}.ckpt")
     assert sorted(resumed.seen) == list(range(stop, 40))
     assert resumed.seen == {step: rows for step, rows in full.seen.items() if step >= stop}
+
+
+@pytest.mark.parametrize("stop", [10, 15])  # at the end of the first epoch, and inside the second one
+def test_a_resumed_run_on_torchs_loader_shuffles_each_epoch_as_the_uninterrupted_one(tmp_path, stop):
+    # The loader's generator was seeded once and not saved: a resumed run shuffled its epoch 1 as epoch 0.
+    full, trainer = _fit(tmp_path, max_steps=30, save_at=stop, loader="torch")
+    assert trainer.num_training_batches == 10  # 3 epochs of 10 steps
+    resumed, _ = _fit(tmp_path / "resumed", max_steps=30, ckpt_path=tmp_path / f"step={stop}.ckpt", loader="torch")
+    assert sorted(resumed.seen) == list(range(stop, 30))
+    assert len(set(full.seen.values())) == 30  # no batch of one epoch repeats another epoch's
+    # Resumed inside an epoch, torch's loader starts that epoch's order again; every later epoch is the same.
+    assert resumed.seen[stop] == full.seen[10]
+    assert {step: rows for step, rows in resumed.seen.items() if step >= 20} == \
+        {step: rows for step, rows in full.seen.items() if step >= 20}
+    if stop == 10:
+        assert resumed.seen == {step: rows for step, rows in full.seen.items() if step >= 10}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SyntheticDataModule(train_size=40, val_size=8, min_len=5, max_len=20, loader="torch", batch_size=8, seed=2),
+    lambda: SyntheticImageDataModule(train_size=40, val_size=8, image_size=4, batch_size=8, seed=2),
+])
+def test_torchs_training_order_is_a_function_of_seed_and_epoch_on_one_rank_or_several(make):
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+    from pytorch_lightning.trainer.connectors.data_connector import _get_distributed_sampler
+
+    def loader():
+        dm = make()
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    def orders(epochs: list[int]) -> list[list[int]]:
+        """Each epoch's sample order from a freshly built loader, set to the epoch as Lightning's fit loop does."""
+        train, order = loader(), []
+        for epoch in epochs:
+            _set_sampler_epoch(train, epoch)
+            order.append([i for batch in train.batch_sampler for i in batch])
+        return order
+
+    whole = orders([0, 1, 2])
+    assert orders([1]) == whole[1:2] and orders([2]) == whole[2:]  # a resumed process: epoch e as the whole run's
+    assert all(sorted(order) == list(range(40)) for order in whole)
+    assert whole[0] != whole[1] != whole[2] != whole[0]
+
+    def shares(epochs: list[int], rank: int) -> list[list[int]]:
+        """What Lightning's DDP gives ``rank`` of 2: this sampler wrapped, set_epoch forwarded to it."""
+        sampler = _get_distributed_sampler(loader(), shuffle=True, overfit_batches=0, num_replicas=2, rank=rank)
+        order = []
+        for epoch in epochs:
+            sampler.set_epoch(epoch)
+            order.append(list(sampler))
+        return order
+
+    ranks = [shares([0, 1], rank) for rank in (0, 1)]
+    assert all(sorted(ranks[0][e] + ranks[1][e]) == list(range(40)) for e in (0, 1))  # disjoint, all samples
+    assert ranks[0][0] != ranks[0][1] and shares([1], 0) == ranks[0][1:]
 
 
 def test_synthetic_documents_past_a_uint16_vocabulary_are_written_as_uint32():

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from hetrain.data.wait_clock import TimedDataLoader
+
+
+class EpochShuffle(Sampler[int]):
+    """Every index of ``range(size)`` once per epoch, in an order drawn from ``(seed, epoch)`` alone.
+
+    Lightning calls ``set_epoch`` before every training epoch, so a run resumed from a checkpoint shuffles epoch
+    ``e`` as the uninterrupted run did (a generator seeded once started again at epoch 0's order). Under DDP
+    Lightning wraps the sampler in its ``DistributedSamplerWrapper``, which forwards ``set_epoch`` and hands each
+    rank a disjoint share of this order.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
 
 
 class SeededSplits:
@@ -36,13 +62,19 @@ class SeededSplits:
         return torch.cuda.is_available() if self.hparams.pin_memory is None else self.hparams.pin_memory
 
     def _torch_loader(self, dataset: Dataset, shuffle: bool, **kwargs: Any) -> TimedDataLoader:
-        """torch's DataLoader: training shuffled from ``seed`` without a short last batch, validation in order."""
+        """torch's DataLoader: training shuffled from ``(seed, epoch)`` without a short last batch, validation in
+        order.
+
+        The training loader keeps a generator of its own: the workers' base seed is drawn from it each epoch, not
+        from the global one that ``hetrain.callbacks.RandomState`` saves and restores.
+        """
         h = self.hparams
         if shuffle:
             self._check_full_batch(len(dataset))
         return TimedDataLoader(
-            dataset, batch_size=h.batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=h.num_workers,
-            pin_memory=self._pin(), generator=torch.Generator().manual_seed(h.seed) if shuffle else None, **kwargs,
+            dataset, batch_size=h.batch_size, sampler=EpochShuffle(len(dataset), h.seed) if shuffle else None,
+            drop_last=shuffle, num_workers=h.num_workers, pin_memory=self._pin(),
+            generator=torch.Generator().manual_seed(h.seed) if shuffle else None, **kwargs,
         )
 
     def _check_full_batch(self, size: int) -> None:

@@ -100,7 +100,8 @@ cudaError_t cuda_forward(const T* x, const T* b, T* y, bool tanh, int64_t M, int
 template <typename T>
 cudaError_t cuda_backward(const T* dy, const T* x, const T* b, T* dx, T* db, acc_type<T>* b_part, bool tanh,
                           int64_t parts, int64_t M, int64_t N, cudaStream_t stream) {
-  if (parts < 1 || parts > std::max<int64_t>(M, 1) || parts > 65535 || !b_part ||
+  // No features: empty tensors, whose data pointers torch leaves null, and nothing to compute.
+  if (parts < 1 || parts > std::max<int64_t>(M, 1) || parts > 65535 || (N > 0 && !b_part) ||
       (N + kThreads - 1) / kThreads > INT_MAX) {
     return cudaErrorInvalidValue;
   }

@@ -399,3 +399,13 @@ def test_nn_dropout_is_a_stateless_drop_in():
     assert inplace(x) is x and torch.equal(x, y) and not torch.equal(x, before)
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.5)
+
+
+def test_vmap_with_a_seed_per_sample_runs_on_the_kernels_and_is_refused_by_name_on_the_reference():
+    # The torch reference failed inside tolist() with "Cannot access data pointer of Tensor that doesn't have storage".
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(0)) + 3.0
+    with plugins.use_backend(dropout="cpu"):
+        y = torch.vmap(lambda row: dropout(row, 0.5), randomness="different")(x)
+    assert not all(torch.equal(y[0] != 0, y[i] != 0) for i in range(1, 4))  # a mask per sample
+    with plugins.use_backend(dropout="torch"), pytest.raises(RuntimeError, match="randomness='same'"):
+        torch.vmap(lambda row: dropout(row, 0.5), randomness="different")(x)

@@ -114,7 +114,7 @@ def test_reduction_none_with_any_upstream_gradient(backend, dtype):
     assert_grads_close(grads, grads_ref, dtype, backend)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
 def test_num_items_makes_micro_batches_add_up_to_the_batch(backend):
     H, V = 20, 47
     hidden, weight, b, target = inputs((31,), H, V, seed=3, ignored=6)
@@ -132,8 +132,12 @@ def test_num_items_makes_micro_batches_add_up_to_the_batch(backend):
     for g, g_ref in zip(grad_sum, grads_whole, strict=True):
         assert_close(g, g_ref, torch.float64, "accumulated grad")
     # A tensor num_items (a count all-reduced on the device) means the same.
-    loss_t, _ = run(backend, hidden, weight, b, target, num_items=torch.tensor(num_items), label_smoothing=0.1)
-    assert_close(loss_t, whole, torch.float64, "tensor num_items")
+    for count in (torch.tensor(num_items), torch.tensor([num_items])):  # (1,): what all_reduce of a count gives
+        for budget in (None, budget_for(4, V, H, torch.float64)):  # one chunk, several
+            loss_t, _ = run(backend, hidden, weight, b, target, num_items=count, label_smoothing=0.1,
+                            memory_budget=budget)
+            assert loss_t.shape == (), count.shape
+            assert_close(loss_t, whole, torch.float64, f"tensor num_items of shape {tuple(count.shape)}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

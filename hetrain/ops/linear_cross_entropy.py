@@ -515,7 +515,8 @@ def linear_cross_entropy(
         return _per_row(h2, weight.contiguous(), t1, bias, ignore, smoothing, budget).view(hidden.shape[:-1])
     cdt = compute_dtype(hidden.dtype)
     if num_items is not None:
-        scale = 1.0 / torch.as_tensor(num_items, dtype=cdt, device=hidden.device)
+        # A scalar, also from a one-element tensor (a count all_reduce gives as (1,)): a (1,) scale read as per-row.
+        scale = 1.0 / torch.as_tensor(num_items, dtype=cdt, device=hidden.device).reshape(())
     elif reduction == "mean":
         scale = 1.0 / (t1 != ignore).sum().to(cdt)  # 1/0 = inf over zero tokens: a nan loss, as torch gives
     else:

@@ -92,6 +92,11 @@ def stream(seed: torch.Tensor) -> tuple[int, int]:
             "graph itself (a new one every replay); the triton and cuda backends read it there, the torch "
             "reference does not. Use one of them for the captured region (e.g. hetrain.plugins.use_backend("
             "dropout='triton', dropout_add_layer_norm='triton')), or keep dropout out of the capture")
+    if torch._C._functorch.is_batchedtensor(seed):  # vmap(randomness="different"): a seed per sample
+        raise RuntimeError(
+            "hetrain: torch.vmap(..., randomness='different') gives each sample its own dropout seed, which the "
+            "torch reference reads on the host one call at a time; use the cpu, triton or cuda backend (e.g. "
+            "hetrain.plugins.use_backend(dropout='cpu')), or randomness='same'")
     values = seed.tolist()
     return int(values[0]), int(values[1]) if len(values) > 1 else 0
 

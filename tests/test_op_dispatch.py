@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint
 from op_testing import OpLog, randn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -138,6 +139,31 @@ def test_torch_func_grad_equals_autograds_and_nested_transforms_are_refused_nami
         said = "randomness" if op == "dropout_add_layer_norm" else rf"hetrain.ops.{op}: nested torch.func transforms"
         with pytest.raises(RuntimeError, match=said):
             torch.func.hessian(loss)(args[i])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_forward_mode_ad_is_refused_naming_the_reference_rather_than_dropping_the_tangent(op):
+    """The kernels have no forward derivative: without inputs needing gradients the body ran and the output's
+    tangent silently lacked the op's part; with them torch's generic "implement the jvp function" was raised."""
+    i = 4 if op == "bn_relu_pool" else 0
+    said = rf"hetrain.ops.{op}: forward-mode AD .* not supported.* Use hetrain.ops.{op}_ref"
+
+    def call(args, x):
+        return calls(*args[:i], x, *args[i + 1:])[op]()
+
+    for requires_grad in (False, True):
+        args = inputs(requires_grad=requires_grad)
+        x = args[i]
+        with fwAD.dual_level():
+            with pytest.raises(RuntimeError, match=said):
+                call(args, fwAD.make_dual(x, torch.ones_like(x)))
+            torch.manual_seed(0)
+            untangled = call(args, x)  # a dual level with no tangent on the op's arguments: a plain call
+        torch.manual_seed(0)
+        torch.testing.assert_close(untangled, call(args, x))
+    args = inputs(requires_grad=False)
+    with pytest.raises(RuntimeError, match=said):
+        torch.func.jvp(lambda x: call(args, x), (args[i],), (torch.ones_like(args[i]),))
 
 
 # vmap and jit.trace refuse a random draw themselves; vmap's per-sample fallback cannot run linear_cross_entropy's
@@ -289,6 +315,39 @@ def test_changing_a_3d_input_in_place_after_forward_is_caught_by_backward(op, ba
     x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+IN_PLACE = {  # (fused, its torch reference), on (x, residual, weight, bias)
+    "layer_norm": (lambda x, r, w, b: ops.layer_norm(x, w, b), lambda x, r, w, b: ops.layer_norm_ref(x, w, b)),
+    "rms_norm": (lambda x, r, w, b: ops.rms_norm(x, w), lambda x, r, w, b: ops.rms_norm_ref(x, w)),
+    "bias_gelu": (lambda x, r, w, b: ops.bias_gelu(x, b, "tanh"), lambda x, r, w, b: ops.bias_gelu_ref(x, b, "tanh")),
+    "dropout_add_layer_norm": (lambda x, r, w, b: ops.dropout_add_layer_norm(x, r, w, b, 0.0),
+                               lambda x, r, w, b: ops.dropout_add_layer_norm_ref(x, r, w, b, None, 0.0)),
+}
+
+
+@pytest.mark.parametrize("shape", [(3, 5, H), (5, H)])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu", "custom-op"])
+@pytest.mark.parametrize("op", ROW_OPS)
+def test_the_output_can_be_changed_in_place_as_torchs_can(op, backend, shape):
+    """nn.ReLU(inplace=True) after a norm: the Python autograd paths (torch, triton, the custom op's) returned a
+    view of the kernel's rows from their Function, which autograd refuses to change in place."""
+    x, r = randn(*shape, seed=1, requires_grad=True), randn(*shape, seed=2, requires_grad=True)
+    w, b = randn(H, seed=3, shift=1.0, requires_grad=True), randn(H, seed=4, requires_grad=True)
+    fused, reference = IN_PLACE[op]
+    grads = []
+    for fn, pin in ((fused, backend), (reference, None)):
+        args = [x, r, w, b]
+        if pin == "custom-op":  # a tensor subclass takes the custom op and its registered autograd
+            args, pin = [t.as_subclass(Wrapped) for t in args], "torch"
+        with plugins.use_backend(**({op: pin} if pin else {})):
+            y = fn(*args)
+            y.relu_()
+            grads.append(torch.autograd.grad(y.sum(), [x, r, w, b], allow_unused=True))
+    for got, expected in zip(*grads, strict=True):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("op", CPP_OPS)

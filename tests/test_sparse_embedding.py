@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from op_testing import TOLERANCES, randn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hetrain import _ext
 from hetrain.nn import Embedding
@@ -126,3 +127,37 @@ def test_weight_grad_has_sorted_unique_rows_and_torch_marks_it_uncoalesced():
     assert seen == [True]
     assert not weight.grad.is_coalesced() and weight.grad._indices()[0].tolist() == [1, 4, 7]
     assert weight.grad.coalesce().indices()[0].tolist() == [1, 4, 7]
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_a_second_derivative_through_the_table_gradient_is_torchs(padding_idx):
+    """Under create_graph=True the kernel's gradient has no graph: d/dW |dL/dW|^2 came back zero, with a warning."""
+    def second(lookup):
+        weight = torch.arange(24, dtype=torch.float64).view(6, 4).div(10).requires_grad_()
+        ids = torch.tensor([[1, 2, 1], [2, 5, 0]])
+        (grad,) = torch.autograd.grad(lookup(ids, weight).pow(2).sum(), weight, create_graph=True)
+        (hessian_vector,) = torch.autograd.grad(torch.sparse.sum(grad * grad), weight)
+        return grad.to_dense(), hessian_vector.to_dense()
+
+    ours = second(lambda ids, w: sparse_embedding(ids, w, padding_idx))
+    theirs = second(lambda ids, w: torch.nn.functional.embedding(ids, w, padding_idx, sparse=True))
+    for got, expected in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert ours[1].abs().sum() > 0
+
+
+def test_fake_tensors_take_torchs_lookup():
+    """The kernel has no fake implementation: backward under FakeTensorMode raised UnsupportedOperatorException."""
+    with FakeTensorMode():
+        weight = torch.randn(V, H, requires_grad=True)
+        sparse_embedding(torch.tensor([[1, 2, 1]]), weight).sum().backward()
+        assert weight.grad.is_sparse and weight.grad.shape == (V, H)
+
+
+def test_torch_func_grad_takes_torchs_lookup():
+    """functorch takes no Function without setup_context: torch.func.grad raised where torch's lookup works."""
+    weight, ids = randn(V, H, seed=12), torch.tensor([[4, 1, 4]])
+    grad = torch.func.grad(lambda w: sparse_embedding(ids, w).square().sum())(weight)
+    expected = torch.func.grad(lambda w: torch.nn.functional.embedding(ids, w, sparse=True).square().sum())(weight)
+    assert grad.is_sparse
+    torch.testing.assert_close(grad.to_dense(), expected.to_dense())

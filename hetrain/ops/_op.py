@@ -22,6 +22,8 @@ Function, the form functorch requires. A fused op's backward kernels have no der
 nested transforms (hessian, grad of grad) and double backward (a gradient of a
 gradient, ``create_graph=True``) raise naming the op and its torch reference, rather than torch's
 "no autograd formula" for an internal op, or a wrong result where gradients are computed in forward.
+Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``) is refused so too: the kernels
+have no forward derivative, and torch's fallback for them drops a tangent silently.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from hetrain import plugins
 
@@ -54,6 +57,15 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     their faces: there the reshape and the view back record no autograd nodes, which cost a small call more
     than its kernel."""
     return x if x.dim() == 2 else x.reshape(row_count(x), x.shape[-1])
+
+
+_unsafe_view = torch.ops.aten._unsafe_view.default
+
+
+def in_shape_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y``, a row kernel's fresh output, in ``x``'s shape as a tensor of its own, not a view of ``y``: autograd
+    refuses an in-place op (``nn.ReLU(inplace=True)`` after a norm) on a view an autograd Function returns."""
+    return y if y.shape == x.shape else _unsafe_view(y, x.shape)
 
 
 def _first_order_only(
@@ -97,15 +109,24 @@ def _functorch_level() -> int | None:
     return torch._C._functorch.maybe_current_level()
 
 
+def _has_tangent(args: Sequence[Any]) -> bool:
+    """Whether forward-mode AD carries a tangent on an argument (asked only where a dual level is open)."""
+    return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
+
+
 def _route(args: Sequence[Any]) -> str:
-    """"custom" while a graph is traced or for a tensor subclass, "functorch" under a ``torch.func``
-    transform, "body" when no argument needs a gradient (or grad mode is off), "function" otherwise.
+    """"custom" while a graph is traced or for a tensor subclass, "tangent" where forward-mode AD carries a
+    tangent on an argument, "functorch" under a ``torch.func`` transform, "body" when no argument needs a
+    gradient (or grad mode is off), "function" otherwise.
 
     ``torch.jit.trace`` records the custom op too: the body's kernels have no autograd of their own, so a
     trace of them would train nothing, and one taken with gradients would differ from its no-grad check run.
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return "custom"
+    # The kernels have no forward derivative: the body would drop a tangent silently. The level is a plain int.
+    if forward_ad._current_level >= 0 and _has_tangent(args):
+        return "tangent"
     if _functorch_level() is not None:
         return "functorch"
     grad = False
@@ -183,6 +204,14 @@ class Op:
 
     def __call__(self, *args: Any) -> Any:
         route = _route(args)
+        if route == "tangent":
+            if self._function is None:  # an op without autograd (a backward's): its public op is not known here
+                name, reference = self.name, "the op's torch reference (hetrain.ops.<op>_ref)"
+            else:
+                name, reference = f"hetrain.ops.{self._public}", self._reference or f"hetrain.ops.{self._public}_ref"
+            raise RuntimeError(f"{name}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp, jacfwd) is not "
+                               "supported: its kernels have no forward derivative, so the tangent would be lost. "
+                               f"Use {reference} where tangents are needed")
         if route == "body" or (route == "functorch" and not torch.is_grad_enabled()):
             return self.body(*args)
         if route == "function" and self._function is not None:

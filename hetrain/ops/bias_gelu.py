@@ -12,7 +12,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import as_rows, compute_dtype, op
+from hetrain.ops._op import as_rows, compute_dtype, in_shape_of, op
 
 OP = "bias_gelu"
 APPROXIMATIONS = ("none", "tanh")
@@ -76,7 +76,7 @@ _register_backends()
 @op("hetrain::bias_gelu_fwd")
 def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
     """``x`` of any leading shape, ``bias`` of its last dimension."""
-    return plugins.call(OP, "forward", x.device.type, as_rows(x), bias, approximate).view(x.shape)
+    return in_shape_of(plugins.call(OP, "forward", x.device.type, as_rows(x), bias, approximate), x)
 
 
 @_bias_gelu_fwd.register_fake

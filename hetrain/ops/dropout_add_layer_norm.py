@@ -29,7 +29,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import as_rows, compute_dtype, op, row_count
+from hetrain.ops._op import as_rows, compute_dtype, in_shape_of, op, row_count
 from hetrain.ops.layer_norm import TorchBackend as _LayerNormTorch
 from hetrain.ops.layer_norm import layer_norm_ref
 from hetrain.ops.rng import HOST_SEEDED, apply_mask, dropout_stream, refuse_host_seed_in_capture, stream
@@ -163,7 +163,7 @@ def _dropout_add_layer_norm_fwd(
         raise ValueError(f"hetrain.dropout_add_layer_norm: residual {tuple(residual.shape)} vs x {tuple(x.shape)}")
     y, mean, rstd = plugins.call(OP, "forward", x.device.type, as_rows(x), as_rows(residual), weight, bias, seed,
                                  p, eps)
-    return y.view(x.shape), mean, rstd
+    return in_shape_of(y, x), mean, rstd
 
 
 @_dropout_add_layer_norm_fwd.register_fake

@@ -13,7 +13,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import as_rows, compute_dtype, op, row_count
+from hetrain.ops._op import as_rows, compute_dtype, in_shape_of, op, row_count
 
 OP = "layer_norm"
 
@@ -97,7 +97,7 @@ def _layer_norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x`` of any leading shape; ``y`` has its shape, the statistics one entry per row of ``as_rows(x)``."""
     y, mean, rstd = plugins.call(OP, "forward", x.device.type, as_rows(x), weight, bias, eps)
-    return y.view(x.shape), mean, rstd
+    return in_shape_of(y, x), mean, rstd
 
 
 @_layer_norm_fwd.register_fake

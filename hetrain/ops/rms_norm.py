@@ -12,7 +12,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import as_rows, compute_dtype, op, row_count
+from hetrain.ops._op import as_rows, compute_dtype, in_shape_of, op, row_count
 
 OP = "rms_norm"
 
@@ -88,7 +88,7 @@ _register_backends()
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` of any leading shape; ``y`` has its shape, ``rstd`` one entry per row of ``as_rows(x)``."""
     y, rstd = plugins.call(OP, "forward", x.device.type, as_rows(x), weight, eps)
-    return y.view(x.shape), rstd
+    return in_shape_of(y, x), rstd
 
 
 @_rms_norm_fwd.register_fake

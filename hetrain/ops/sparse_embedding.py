@@ -8,7 +8,9 @@ each upstream row once and writes each looked-up table row once: the gradient is
 unique rows, repeats summed, the padding row absent), the same tensor as torch's after ``coalesce()``, and
 gradient hooks see it so. ``weight.grad`` does not keep the flag (torch's gradient accumulation drops it), so
 ``weight.grad.is_coalesced()`` is False: call ``weight.grad.coalesce()`` before ``.indices()``. Elsewhere
-(CUDA, or without hetrain._C), and while a graph is traced, it is torch's sparse lookup.
+(CUDA, without hetrain._C, tensor subclasses such as FakeTensorMode's, ``torch.func`` transforms), and while a
+graph is traced, it is torch's sparse lookup. A backward that records its graph (``create_graph=True``) builds
+torch's gradient, whose graph gives second derivatives; the kernel's has none.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hetrain import _ext
+from hetrain.ops._op import _PLAIN, _functorch_level
 
 
 class _SparseEmbedding(torch.autograd.Function):
@@ -31,6 +34,9 @@ class _SparseEmbedding(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
         (ids,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: torch's gradient, whose graph gives second derivatives
+            return None, torch.ops.aten.embedding_backward(grad, ids, ctx.table_shape[0], ctx.padding_idx,
+                                                           scale_grad_by_freq=False, sparse=True), None
         rows, values = torch.ops.hetrain_C.embedding_sparse_grad(grad, ids, ctx.table_shape[0], ctx.padding_idx)
         # Built here from sorted unique rows in range: torch's invariant checks would only repeat that work.
         table_grad = torch.sparse_coo_tensor(rows, values, ctx.table_shape, is_coalesced=True, check_invariants=False)
@@ -47,8 +53,12 @@ def sparse_embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int |
                          f"for a table of {rows} rows; pass one in [{-rows}, {rows}) or None for no padding row")
     if padding_idx is not None and padding_idx < 0:
         padding_idx += rows  # as nn.Embedding normalises it
-    fused = (weight.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled()
-             and not torch.compiler.is_compiling() and _ext.load() is not None)
+    # Plain tensors only, outside torch.func transforms: the kernel has no fake implementation (FakeTensorMode's
+    # tensors are a subclass), a subclass expects its own dispatch, and functorch takes no Function without
+    # setup_context.
+    fused = (type(weight) in _PLAIN and type(ids) is torch.Tensor and weight.device.type == "cpu"
+             and weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+             and _functorch_level() is None and _ext.load() is not None)
     if not fused:
         return F.embedding(ids, weight, padding_idx, sparse=True)
     return _SparseEmbedding.apply(ids, weight, -1 if padding_idx is None else padding_idx)

@@ -24,6 +24,8 @@ from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPO
 from hetrain.callbacks.module_memory import ModuleMemory, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.memory_counters import PhaseMemory, peak_rss_bytes, reset_peak_rss, rss_bytes
+from hetrain.nn import ConvBNReLUPool2d
+from hetrain.nn.patch_sequences import swap_sequences
 from hetrain.report import peak_memory_mib
 
 BATCH, IN, HIDDEN = 6, 8, 24
@@ -210,6 +212,77 @@ def test_module_memory_gives_a_tensor_saved_by_a_parent_to_the_parent():
     header, rows = tracker.table()
     assert [row[0] for row in rows][-1] == "total"
     assert rows[-1][header.index("saved for backward MiB")] == round((_nbytes(x) + 4 * BATCH * HIDDEN) / 2**20, 3)
+
+
+@pytest.mark.parametrize("fused", ["ConvBNReLUPool2d", "patched Sequential"])
+def test_a_fused_block_is_measured_as_one_module_holding_what_its_kernel_makes(fused):
+    # The hooks made the block call its torch modules one by one: the measured step computed other bits than the
+    # others. Run fused, its BatchNorm, ReLU and MaxPool are not called: their output is the block's.
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+    layers = [conv, bn, nn.ReLU(), nn.MaxPool2d(2)]
+    if fused == "ConvBNReLUPool2d":
+        model = nn.Sequential(ConvBNReLUPool2d.from_modules(*layers), nn.Flatten(), nn.Linear(64, 1))
+        block, children = "0", ["0.0", "0.1", "0.2", "0.3"]
+    else:
+        model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(64, 1))
+        swap_sequences(model)  # the pooled output is handed to the Flatten, a view of it to the Linear
+        block, children = ROOT, ["0", "1", "2", "3"]
+    tracker = _measured_step(model, torch.randn(BATCH, 3, 8, 8))
+    r = tracker.records
+    assert r[children[0]].outputs == 4 * BATCH * 4 * 8 * 8  # the convolution runs as a module
+    assert r[block].outputs == 4 * BATCH * 4 * 4 * 4 and r[block].saved > 0  # the fused epilogue's
+    assert r[children[1]].params == r[children[1]].grads == _nbytes(bn.weight, bn.bias)
+    assert all(r[name].outputs == r[name].saved == 0 for name in children[1:])
+    assert tracker.fused_note().startswith(f"Fused by hetrain: {block}. ")
+    assert {row[0] for row in tracker.table()[1]}.isdisjoint(children[2:])  # nothing to show: no row
+
+
+def test_a_block_a_users_hook_runs_module_by_module_is_measured_module_by_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBNReLUPool2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 1))
+    model[0][1].register_forward_hook(lambda _module, _args, _out: None)
+    tracker = _measured_step(model, torch.randn(BATCH, 3, 8, 8))
+    r = tracker.records
+    assert r["0.1"].outputs == r["0.2"].outputs == 4 * BATCH * 4 * 8 * 8 and r["0.3"].outputs == 4 * BATCH * 4 * 4 * 4
+    assert r["0"].outputs == 0 and tracker.fused_note() == ""
+
+
+class FusedConvNet(pl.LightningModule):
+    """A fused Conv-BatchNorm-ReLU-MaxPool stem and a Linear head; keeps each step's loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = ConvBNReLUPool2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 4 * 4, 1)
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.head(self.stem(x).flatten(1)), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_profiling_a_fit_leaves_its_losses_as_they_were_bit_for_bit(tmp_path):
+    # Module hooks (steps 0 and 2) and churn's module ranges (step 1) made the fused stem call its torch modules one
+    # by one: turning the profiler on changed the numbers the fit trained with.
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(4 * BATCH, 3, 8, 8, generator=g), torch.randn(4 * BATCH, 1, generator=g))
+    losses = {}
+    for profiled in (False, True):
+        model = FusedConvNet()
+        callbacks = [MemoryProfiler(module_every_n_steps=2, churn_steps=[1])] if profiled else []
+        pl.Trainer(accelerator="cpu", max_steps=4, logger=False, default_root_dir=tmp_path / str(profiled),
+                   enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                   limit_val_batches=0, callbacks=callbacks).fit(model, DataLoader(data, batch_size=BATCH))
+        losses[profiled] = model.losses
+    assert losses[True] == losses[False]
+    assert "Fused by hetrain: stem. " in (tmp_path / "True" / REPORT_MD).read_text()
 
 
 def test_optimizer_state_bytes_matches_adam_moments():

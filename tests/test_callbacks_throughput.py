@@ -5,9 +5,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightning_fabric.utilities.throughput import measure_flops
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from hetrain.callbacks import PipelineSplit
 from hetrain.callbacks import throughput as tp
@@ -24,6 +25,7 @@ from hetrain.data.packing import PackedSequences, PackInto
 from hetrain.data.synthetic import SyntheticSequences, pad_collate
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
+from hetrain.nn import ConvBNReLUPool2d
 
 BATCH, LEN = 4, 6
 
@@ -351,6 +353,50 @@ def test_flops_leave_out_the_forward_activation_checkpointing_recomputes(tmp_pat
     # Recomputing every stage's forward in backward is the price of the memory saved, not the model's work: with
     # it counted, MFU rose by a third when checkpointing was turned on.
     assert counted[1] == counted[0] > 0
+
+
+class FusedStem(pl.LightningModule):
+    """A fused Conv-BatchNorm-ReLU-MaxPool block and a Linear head; keeps each step's loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = ConvBNReLUPool2d(3, 8, 3, padding=1, pool_kernel_size=2)
+        self.head = nn.Linear(8 * 8 * 8, 5)
+        self.losses = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.head(self.stem(x).flatten(1)), y)
+        self.losses[self.global_step] = loss.item()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_fused_stem(root, steps, ckpt_path=None):
+    g = torch.Generator().manual_seed(0)
+    # Two batches an epoch: the checkpoint at step 2 ends an epoch, where a resumed fit's loader starts again.
+    data = TensorDataset(torch.randn(2 * BATCH, 3, 16, 16, generator=g), torch.randint(0, 5, (2 * BATCH,), generator=g))
+    model, callback = FusedStem(), Throughput(tokens_key=None, peak_flops=1e9)
+    pl.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+               callbacks=[callback, ModelCheckpoint(root / "ckpt", "{step}", every_n_train_steps=2, save_top_k=-1)],
+               ).fit(model, DataLoader(data, batch_size=BATCH), ckpt_path=ckpt_path)
+    return model.losses, callback.summary["flops_per_batch"]
+
+
+def test_a_resumed_fit_of_a_fused_block_trains_bit_for_bit_as_the_uninterrupted_one(tmp_path):
+    # The FLOP counter's module hooks made the fused block call its torch modules one by one in the counted batch,
+    # each fit's first: a fit resumed at step 2 computed its step 2 with other bits than the uninterrupted fit.
+    whole, flops = _fit_fused_stem(tmp_path / "whole", 4)
+    resumed, resumed_flops = _fit_fused_stem(tmp_path / "resumed", 4, tmp_path / "whole" / "ckpt" / "step=2.ckpt")
+    assert resumed == {step: loss for step, loss in whole.items() if step >= 2}
+    # Counted fused, the block still counts its convolution: forward and weight gradient (the batch needs none),
+    # and the head's forward, input and weight gradients.
+    conv, head = 2 * BATCH * 8 * 16 * 16 * 3 * 3 * 3, 2 * BATCH * 8 * 8 * 8 * 5
+    assert flops == resumed_flops == 2 * conv + 3 * head
 
 
 class SlowStart(Tagger):

@@ -1,13 +1,18 @@
 """Conv -> BatchNorm -> ReLU -> MaxPool epilogue: backends vs torch, compile, opcheck, errors, nn, patching."""
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn.functional as F
 from op_testing import OpLog, assert_close, randn
+from torch.utils.flop_counter import FlopCounterMode
 
 from hetrain import plugins
+from hetrain.callbacks.churn import ModuleRanges
+from hetrain.callbacks.module_memory import ModuleMemory
+from hetrain.callbacks.throughput import TrainingFlopCounter
 from hetrain.nn.conv_bn_relu_pool import ConvBNReLUPool2d, ConvReLUPool2d
 from hetrain.nn.patch_sequences import FusedSequential, swap_sequences
 from hetrain.ops.conv_bn_relu_pool import (
@@ -527,6 +532,43 @@ def test_code_that_calls_a_patched_sequentials_children_one_by_one_sees_torchs_m
     clone = copy.deepcopy(model)
     assert type(clone) is FusedSequential
     assert_close(clone(x.double()), original(x.double()), torch.float64, "deep copy")
+
+
+@contextmanager
+def _module_memory(model):
+    tracker = ModuleMemory(model)
+    tracker.start()
+    yield
+    tracker.stop()
+
+
+MEASURING = {"torch's FlopCounterMode": lambda model: FlopCounterMode(display=False),
+             "Throughput's FLOP counter": lambda model: TrainingFlopCounter(),
+             "MemoryProfiler's module hooks": _module_memory,
+             "churn's module ranges": ModuleRanges}
+
+
+@pytest.mark.parametrize("tool", list(MEASURING))
+@pytest.mark.parametrize("model", ["ConvBNReLUPool2d", "patched Sequential"])
+def test_measuring_a_step_leaves_its_fused_blocks_fused_and_its_numbers_bit_for_bit(tool, model):
+    # Their module hooks made the blocks call their torch modules one by one: a measured step (the FLOP-counted
+    # first step of every fit, resumed ones too; a memory-profiled one) computed other bits than an unmeasured one.
+    if model == "ConvBNReLUPool2d":
+        measured = torch.nn.Sequential(ConvBNReLUPool2d.from_modules(*torch_block()), torch.nn.Flatten())
+    else:
+        measured = small_cnn()
+        swap_sequences(measured)
+    plain = copy.deepcopy(measured)
+    x = randn(2, 3, 9, 9, seed=5)
+    y = plain(x)
+    y.square().sum().backward()
+    with MEASURING[tool](measured), OpLog() as log:
+        y_measured = measured(x)
+        y_measured.square().sum().backward()
+    assert log.names.count("hetrain_C.bn_relu_pool_fwd") == (1 if model == "ConvBNReLUPool2d" else 2), log.names
+    assert torch.equal(y_measured, y)
+    for p, q in zip(measured.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
 
 
 @pytest.mark.cuda

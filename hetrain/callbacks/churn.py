@@ -42,6 +42,8 @@ from torch import nn
 from torch.autograd.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
+from hetrain.nn._share import observer
+
 log = logging.getLogger(__name__)
 
 ROOT = "(root)"
@@ -91,7 +93,9 @@ class ModuleRanges:
     """Opens a ``record_function`` range named after each module around its forward, while entered.
 
     The profiler only sees ops; these ranges are how an allocation learns its module. Hooks exist
-    only inside the ``with`` block, so other steps run unhooked.
+    only inside the ``with`` block, so other steps run unhooked. They only measure, so a hetrain fused
+    block stays fused under them: its fused kernel's allocations belong to the block, and the children that
+    kernel computes without calling them have no range.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -106,6 +110,7 @@ class ModuleRanges:
         return self
 
     def _pre(self, range_name: str):
+        @observer
         def hook(module: nn.Module, args: Any) -> None:
             if torch.compiler.is_compiling():  # see _post
                 return
@@ -114,6 +119,7 @@ class ModuleRanges:
             self._open.append(scope)
         return hook
 
+    @observer
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         # Inside a compiled module dynamo traces the hooks: a range opened in one hook and closed in another
         # would break its graph (the step profiled would not be the step that runs). Its submodules are gone

@@ -65,7 +65,9 @@ class MemoryProfiler(Callback):
           That costs a few counter reads per step (CPU: a ``getrusage`` and a ``/proc`` write per phase),
           about 0.15 ms a step on a 2-core CPU (``benchmarks/bench_memory_overhead.py``).
         - Every ``module_every_n_steps`` steps (the fit's first step included, also when resumed): hooks on
-          every module for that step only (see :class:`ModuleMemory`), so other steps run unhooked.
+          every module for that step only (see :class:`ModuleMemory`), so other steps run unhooked. These hooks,
+          and churn's, only measure: hetrain's fused blocks stay fused under them and are measured as one
+          module, so a measured step computes what it would unmeasured.
         - ``record_history=True`` records the CUDA allocator's history from the start of the fit
           (``torch.cuda.memory._record_memory_history``) and writes ``memory_snapshot.pickle`` at the
           end; https://pytorch.org/memory_viz opens it. ``history_steps=[first, last]`` records those

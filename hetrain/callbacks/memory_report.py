@@ -82,10 +82,11 @@ class MemoryReport:
         return sorted({d for s in self.steps for p in PHASES for d in s[p]})
 
     def _module_sections(self) -> list[tuple[Table, str]]:
-        """The per-module table and its note about compiled modules, when a step was measured."""
+        """The per-module table and its notes about compiled and fused modules, when a step was measured."""
         if self.modules is None or not self.modules.records:
             return []
-        return [(self.modules.table(), self.modules.compiled_note())]
+        notes = (self.modules.compiled_note(), self.modules.fused_note())
+        return [(self.modules.table(), " ".join(note for note in notes if note))]
 
     def _reserved(self, device: str) -> int | None:
         """The largest reserved peak of ``device`` over all steps; None where it has none (the CPU)."""

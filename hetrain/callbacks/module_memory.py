@@ -18,6 +18,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from hetrain.callbacks.churn import ROOT
+from hetrain.nn._share import observer
+from hetrain.nn.patch_sequences import FUSING_CONTAINERS
 
 MIB = 2**20
 OUTSIDE = "(training_step, outside modules)"
@@ -67,13 +69,24 @@ class ModuleMemory:
         an attention block for its ``scaled_dot_product_attention``. Tensors saved outside every module (the loss
         in ``training_step``) get their own row; the model itself is ``(root)``. A module compiled with
         ``torch.compile`` runs as one graph with no submodules: what it saves goes to the nearest module
-        outside it that runs eagerly (:meth:`compiled_note`).
+        outside it that runs eagerly (:meth:`compiled_note`). A hetrain fused block (``ConvBNReLUPool2d``,
+        ``ConvReLUPool2d``, a patched Sequential) is measured as one module, as it runs: the children its kernel
+        computes are not called, so what that kernel makes (its output, what it saves) goes to the block, and those
+        children keep their parameters and gradients (:meth:`fused_note`). The hooks leave it fused: measuring does
+        not change the numbers a step computes.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.rows = {name or ROOT: m for name, m in model.named_modules()}
         self.leaves = {name for name, m in self.rows.items() if not any(True for _ in m.children())}
+        names = {id(m): name for name, m in self.rows.items()}
+        # Fused blocks, with their children: an output of the block, or a tensor it hands a child, that no child
+        # made is its fused kernel's output.
+        self.fused = {name: [names[id(c)] for c in m.children()]
+                      for name, m in self.rows.items() if isinstance(m, FUSING_CONTAINERS)}
+        self.ran_fused: set[str] = set()  # fused blocks that ran a child fused in a measured step
+        self._entered: set[str] = set()  # modules called in this step's forward
         self.records: dict[str, ModuleRecord] = {}
         self._step: dict[str, ModuleRecord] = {}
         self._handles: list[RemovableHandle] = []
@@ -117,17 +130,24 @@ class ModuleMemory:
         self._watching = True
 
     def _pre(self, name: str):
+        @observer
         def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             if not self._watching or torch.compiler.is_compiling():  # see _post
                 return
+            parent = self._stack[-1] if self._stack else None
+            if parent in self.fused:  # a fused run's output handed to the next child
+                self._step[parent].outputs += self._new_output_bytes((args, kwargs))
+            else:
+                self._mark_as_counted((args, kwargs))  # made before this module: returned on, it is not its output
             self._stack.append(name)
-            self._mark_as_counted((args, kwargs))  # made before this module: returned on, it is not its output
+            self._entered.add(name)
             param = next(module.parameters(), None)
             if name in self.leaves and param is not None and param.is_cuda:
                 self._before[name] = torch.cuda.memory_allocated(param.device)
         return hook
 
     def _post(self, name: str):
+        @observer
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             # Inside a compiled module dynamo traces these hooks, and their allocator reads broke its graph: the
             # step measured was not the step that runs. Traced, they do nothing: the compiled graph has no
@@ -137,7 +157,7 @@ class ModuleMemory:
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
             record = self._step[name]
-            if name in self.leaves:
+            if name in self.leaves or name in self.fused:  # a block run module by module adds nothing here
                 record.outputs += self._new_output_bytes(output)
             if name in self._before:
                 param = next(module.parameters())
@@ -200,7 +220,10 @@ class ModuleMemory:
         self._stack.clear()
         self._before.clear()
         self._outputs_seen.clear()
+        entered, self._entered = self._entered, set()
         if keep:
+            self.ran_fused |= {name for name, children in self.fused.items()
+                               if name in entered and not entered.issuperset(children)}
             for name, record in self._step.items():
                 self.records.setdefault(name, ModuleRecord()).merge(record)
         self._step = {}
@@ -214,6 +237,15 @@ class ModuleMemory:
         return (f"Compiled with torch.compile: {', '.join(compiled)}. Each runs as one graph, so its submodules have "
                 "no rows of their own, and what it saves for backward is counted under the nearest module outside "
                 "it that runs eagerly.")
+
+    def fused_note(self) -> str:
+        """A line naming the fused blocks that ran a child fused, whose rows the table gives differently; empty when
+        none did."""
+        if not self.ran_fused:
+            return ""
+        return (f"Fused by hetrain: {', '.join(sorted(self.ran_fused))}. Each computes some of its children in one "
+                "kernel without calling them: the outputs and tensors saved for backward of those children are "
+                "counted under the block, and their own rows hold only their parameters and gradients.")
 
     def table(self) -> tuple[list[str], list[list[Any]]]:
         """Header and rows in MiB, largest total first, with a total row last; the CUDA column only where a

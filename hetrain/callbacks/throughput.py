@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from hetrain.callbacks.profiling import instrumented
 from hetrain.device_info import device_name
+from hetrain.nn._share import observer
 from hetrain.report import loader_wait_seconds
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,11 @@ class _RecomputeWatch:
             self._local.stack = []
         return self._local.stack
 
+    @observer
     def _enter(self, module: torch.nn.Module, args: Any) -> None:
         self._stack().append(torch._C._current_graph_task_id() != -1)
 
+    @observer
     def _leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         stack = self._stack()
         if stack:
@@ -466,7 +469,9 @@ class Throughput(Callback):
           else counted by :class:`TrainingFlopCounter` (torch's ``FlopCounterMode`` plus CPU attention, less
           the forward activation checkpointing recomputes) during the first batch, a warm-up batch left out of
           the timing (with ``warmup_batches=0`` too). The count assumes every batch costs the same; ops on
-          other threads are missed.
+          other threads are missed. The counter's module hooks only measure: hetrain's fused blocks stay fused
+          under them (counted as one module), so the counted batch, a resumed fit's first included, computes
+          what it would uncounted.
         - Samples are sequences: a packed batch (``segment_ids``, see ``hetrain.data.packing``) counts the
           sequences its rows hold, not its rows.
         - Peak FLOP/s for MFU: ``peak_flops`` if given, else Lightning's table, else a short matmul

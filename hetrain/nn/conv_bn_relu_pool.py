@@ -8,6 +8,11 @@ BatchNorm2d. Only ``forward`` differs: the convolution runs through its own modu
 library), then :func:`hetrain.ops.conv_bn_relu_pool.bn_relu_pool` with the BatchNorm's own rules
 (its ``training`` flag, momentum or a cumulative average when momentum is None,
 ``track_running_stats``).
+
+Hooks on any of its modules, or on every module (``register_module_forward_hook``), make the block
+call its modules one by one, as ``nn.Sequential`` does; hooks that only measure (hetrain's
+FLOP counter, memory and churn profiling, torch's ``FlopCounterMode``) leave it fused, so measuring does
+not change the numbers a step computes, and they see the block as one module.
 """
 
 from __future__ import annotations

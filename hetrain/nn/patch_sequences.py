@@ -11,9 +11,12 @@ checkpoints are those of the unpatched model.
 Each call decides again which runs to fuse: a run whose modules carry hooks runs module by module (fused,
 a Linear's hook would see the GELU's output and a GELU's would never run), as does one with a child whose
 forward was replaced on the instance (a LoRA adapter patched in that way would be skipped) and one whose
-children were replaced since patching. Only exact ``nn.Sequential`` containers and exact torch layer types
-are matched (a subclass may change its forward); a run the kernels cannot take (e.g.
-``MaxPool2d(ceil_mode=True)``) is left to torch.
+children were replaced since patching. Hooks that only measure (hetrain's FLOP counter, memory and churn
+profiling, torch's ``FlopCounterMode``; see :func:`hetrain.nn._share.observer`) leave a run fused, so
+measuring does not change the numbers a step computes: they see the run as part of the FusedSequential.
+
+Only exact ``nn.Sequential`` containers and exact torch layer types are matched (a subclass may change its
+forward); a run the kernels cannot take (e.g. ``MaxPool2d(ceil_mode=True)``) is left to torch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetrain.nn._share import called_one_by_one
-from hetrain.nn.conv_bn_relu_pool import conv_bn_relu_pool_forward, conv_relu_pool_forward, unfusable_reason
+from hetrain.nn.conv_bn_relu_pool import (
+    ConvBNReLUPool2d,
+    ConvReLUPool2d,
+    conv_bn_relu_pool_forward,
+    conv_relu_pool_forward,
+    unfusable_reason,
+)
 from hetrain.ops.bias_gelu import bias_gelu
 
 
@@ -86,6 +95,10 @@ class FusedSequential(nn.Sequential):
                 x = run.forward(x, *modules[i:i + len(run.types)])
                 i += len(run.types)
         return x
+
+
+# hetrain's containers whose forward may compute some of their children without calling them.
+FUSING_CONTAINERS: tuple[type[nn.Module], ...] = (ConvBNReLUPool2d, ConvReLUPool2d, FusedSequential)
 
 
 def swap_sequences(model: nn.Module) -> dict[str, str]:

@@ -42,6 +42,7 @@ class CachingHostAllocator final : public c10::Allocator {
     }
     if (c10::GetCPUAllocator() != this) c10::SetCPUAllocator(this, kPriority);
     min_bytes_.store(static_cast<size_t>(min_bytes));
+    max_cached_bytes_.store(static_cast<size_t>(max_cached_bytes));
     cache_.set_max_cached_bytes(static_cast<size_t>(max_cached_bytes));
     enabled_.store(true);
     return c10::GetCPUAllocator() == this;
@@ -54,6 +55,9 @@ class CachingHostAllocator final : public c10::Allocator {
   }
 
   bool enabled() const { return enabled_.load() && c10::GetCPUAllocator() == this; }
+  // The settings of the last install(), which a re-install restores (hetrain.cpu_memory.host_memory).
+  size_t min_bytes() const { return min_bytes_.load(); }
+  size_t max_cached_bytes() const { return max_cached_bytes_.load(); }
   HostBlockCache& cache() { return cache_; }
 
   c10::DataPtr allocate(size_t bytes) override {
@@ -103,6 +107,7 @@ class CachingHostAllocator final : public c10::Allocator {
   c10::Allocator* fallback_ = nullptr;
   std::atomic<bool> enabled_{false};
   std::atomic<size_t> min_bytes_{0};
+  std::atomic<size_t> max_cached_bytes_{0};  // the cap asked for: the cache's own is 0 while disabled
   HostBlockCache cache_{0};
 };
 
@@ -116,13 +121,14 @@ void host_cache_disable() { CachingHostAllocator::instance().disable(); }
 
 void host_cache_empty() { CachingHostAllocator::instance().cache().empty(); }
 
-// [enabled, reused, mapped, unmapped, cached_bytes, live_bytes, peak_mapped_bytes]
+// [enabled, reused, mapped, unmapped, cached_bytes, live_bytes, peak_mapped_bytes, min_bytes, max_cached_bytes]
 std::vector<int64_t> host_cache_stats() {
   CachingHostAllocator& self = CachingHostAllocator::instance();
   const host::CacheStats s = self.cache().stats();
   return {self.enabled(), static_cast<int64_t>(s.reused), static_cast<int64_t>(s.mapped),
           static_cast<int64_t>(s.unmapped), static_cast<int64_t>(s.cached_bytes), static_cast<int64_t>(s.live_bytes),
-          static_cast<int64_t>(s.peak_mapped_bytes)};
+          static_cast<int64_t>(s.peak_mapped_bytes), static_cast<int64_t>(self.min_bytes()),
+          static_cast<int64_t>(self.max_cached_bytes())};
 }
 
 }  // namespace

@@ -18,6 +18,18 @@ namespace {
 constexpr std::chrono::milliseconds kStallPoll{50};
 // How long an idle gatherer thread waits for work before looking again (and proving it is alive).
 constexpr double kProducerPoll = 0.2;
+// Waits longer than this (or infinite) have no deadline: converting inf, or more than about 292 years, to a
+// steady_clock time point overflows, and the wrapped deadline lay in the past, so such a wait returned at once.
+constexpr double kForeverS = 1e9;  // about 31 years
+// The longest single condition-variable wait; a wait without deadline repeats it.
+constexpr std::chrono::hours kLongestWait{24};
+
+// When a wait of timeout_s seconds from now ends: Clock::time_point::max() for none (huge, infinite or NaN).
+Clock::time_point deadline_after(double timeout_s) {
+  const Clock::time_point now = Clock::now();
+  if (!(timeout_s < kForeverS)) return Clock::time_point::max();
+  return now + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(std::max(timeout_s, 0.0)));
+}
 
 template <typename... Args>
 std::string cat(const Args&... args) {
@@ -131,7 +143,11 @@ int64_t RingCore::claim(int64_t producer, double timeout_s, int64_t* slot) {
     }
     return false;
   };
-  const bool woke = producers_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), ready);
+  const Clock::time_point deadline = deadline_after(timeout_s);
+  bool woke = ready();
+  while (!woke && Clock::now() < deadline) {
+    woke = producers_cv_.wait_until(lk, std::min<Clock::time_point>(deadline, Clock::now() + kLongestWait), ready);
+  }
   pr.last_seen_ns = now_ns();
   if (closed_) return kClosed;
   if (!woke) return kTimedOut;
@@ -192,7 +208,7 @@ int64_t RingCore::take(int64_t job, double timeout_s, int64_t* meta_out) {
   if (job < 0 || job >= num_jobs_) {
     throw std::out_of_range(cat("hetrain ring: batch ", job, " is outside this epoch's ", num_jobs_, " batches"));
   }
-  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  const Clock::time_point deadline = deadline_after(timeout_s);
   while (true) {
     if (closed_) throw RingError("hetrain ring: the ring was closed while the consumer waited");
     if (job < next_job_) {  // claimed: its slot is known
@@ -240,6 +256,11 @@ bool RingCore::closed() const {
 TokenReader::TokenReader(const std::string& path, int64_t itemsize, int64_t num_tokens)
     : path_(path), itemsize_(itemsize), num_tokens_(num_tokens) {
   if (itemsize != 2 && itemsize != 4) throw RingError(cat("hetrain ring: ", path, ": itemsize must be 2 or 4"));
+  // Bounded so that no byte offset below wraps.
+  if (num_tokens < 0 || num_tokens > INT64_MAX / itemsize) {
+    throw RingError(cat("hetrain ring: ", path, ": the index promises ", num_tokens, " tokens, outside [0, ",
+                        INT64_MAX / itemsize, "]: corrupt index"));
+  }
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) throw RingError(cat("hetrain ring: cannot open token file ", path, ": ", std::strerror(errno)));
 }
@@ -263,24 +284,27 @@ int64_t copy_tokens(const uint8_t* src, int64_t n, int64_t vocab_size, int64_t* 
 }  // namespace
 
 void TokenReader::gather(int64_t sample, int64_t begin, int64_t n, int64_t vocab_size, int64_t* out) const {
+  // Written so nothing wraps: begin + n of a corrupt window may lie past int64's end.
+  if (begin < 0 || n < 0 || n > num_tokens_ - begin) {
+    throw RingError(cat("hetrain ring: token file ", path_, ": sample ", sample, " needs ", n, " tokens from token ",
+                        begin, ", outside the ", num_tokens_, " tokens its index promises: corrupt index"));
+  }
+  // Within num_tokens_, which is at most INT64_MAX / itemsize_: these byte counts cannot wrap.
   const int64_t first = begin * itemsize_, bytes = n * itemsize_;
   int64_t done = 0;
   thread_local std::vector<uint8_t> scratch;  // grows to the longest sample once: no allocation per batch after
-  const bool in_index = begin >= 0 && n >= 0 && begin + n <= num_tokens_;
-  if (in_index) {
-    if (static_cast<int64_t>(scratch.size()) < bytes) scratch.resize(static_cast<size_t>(bytes));
-    while (done < bytes) {
-      const ssize_t got = ::pread(fd_, scratch.data() + done, static_cast<size_t>(bytes - done), first + done);
-      if (got < 0 && errno == EINTR) continue;
-      if (got < 0) {
-        throw RingError(cat("hetrain ring: token file ", path_, ": reading sample ", sample, " at byte ", first + done,
-                            " failed: ", std::strerror(errno)));
-      }
-      if (got == 0) break;  // end of file: truncated
-      done += got;
+  if (static_cast<int64_t>(scratch.size()) < bytes) scratch.resize(static_cast<size_t>(bytes));
+  while (done < bytes) {
+    const ssize_t got = ::pread(fd_, scratch.data() + done, static_cast<size_t>(bytes - done), first + done);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) {
+      throw RingError(cat("hetrain ring: token file ", path_, ": reading sample ", sample, " at byte ", first + done,
+                          " failed: ", std::strerror(errno)));
     }
+    if (got == 0) break;  // end of file: truncated
+    done += got;
   }
-  if (!in_index || done < bytes) {
+  if (done < bytes) {
     struct stat st {};
     const int64_t size = ::fstat(fd_, &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
     throw RingError(cat("hetrain ring: token file ", path_, ": sample ", sample, " needs tokens [", begin, ", ",
@@ -312,6 +336,13 @@ TokenGatherer::TokenGatherer(RingCore* core, uint8_t* slots, int64_t slot_bytes,
       vocab_size_(vocab_size),
       first_producer_(first_producer) {
   if (starts_.size() != lengths_.size()) throw std::invalid_argument("hetrain ring: starts and lengths differ in size");
+  for (size_t i = 0; i < starts_.size(); ++i) {  // n <= num_tokens - start: start + n could wrap
+    if (starts_[i] < 0 || lengths_[i] < 0 || lengths_[i] > num_tokens - starts_[i]) {
+      throw std::invalid_argument(cat("hetrain ring: window ", i, " (start ", starts_[i], ", length ", lengths_[i],
+                                      ") lies outside the token file's ", num_tokens,
+                                      " tokens: the windows do not belong to this file"));
+    }
+  }
   if (core->num_fields() != 4) throw std::invalid_argument("hetrain ring: a token ring has 4 fields per slot");
   if (num_threads < 1 || first_producer < 0 || first_producer + num_threads > core->num_producers()) {
     throw std::invalid_argument(cat("hetrain ring: ", num_threads, " gather threads from producer ", first_producer,
@@ -369,7 +400,7 @@ void TokenGatherer::fill(int64_t producer, int64_t job, int64_t slot) {
     }
     cols = std::max(cols, lengths_[sample]);
   }
-  if (rows > layout_.max_rows || rows * cols > layout_.max_tokens) {
+  if (rows > layout_.max_rows || (rows > 0 && cols > layout_.max_tokens / rows)) {  // rows * cols could wrap
     throw RingError(cat("hetrain ring: batch ", job, " is ", rows, " x ", cols, " tokens but a slot holds ",
                         layout_.max_rows, " rows and ", layout_.max_tokens, " tokens"));
   }

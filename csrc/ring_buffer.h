@@ -53,6 +53,7 @@ class RingCore {
   void start_epoch(int64_t num_jobs, const std::function<void()>& install = {});
 
   // Producer: the next job, once its slot is free; its slot in *slot. kTimedOut or kClosed otherwise.
+  // Here and in take(), a timeout_s of inf (or any over about 31 years) waits without a deadline.
   int64_t claim(int64_t producer, double timeout_s, int64_t* slot);
   // Producer: what it is working on (sample, byte range), for the stall message; also counts as progress.
   void note(int64_t producer, int64_t sample, int64_t byte_begin, int64_t byte_end);

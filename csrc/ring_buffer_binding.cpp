@@ -9,10 +9,12 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
-#include <atomic>
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "ring_buffer.h"
@@ -49,12 +51,30 @@ struct RingState {
   std::vector<at::ScalarType> dtypes;
   std::vector<int64_t> capacities, offsets;
   int64_t slot_bytes = 0;
-  std::unique_ptr<std::atomic<int64_t>[]> leases;  // per slot: tensors of the held batch still alive
 
   ~RingState() {
     if (gatherer) gatherer->stop();
   }
 };
+
+// A taken batch's hold on its slot, shared by the deleters of the batch's tensors: the slot goes back to the
+// producers when the last copy goes, also when building the batch failed part way.
+class SlotLease {
+ public:
+  SlotLease(std::shared_ptr<RingState> st, int64_t slot) : st_(std::move(st)), slot_(slot) {}
+  SlotLease(const SlotLease&) = delete;
+  SlotLease& operator=(const SlotLease&) = delete;
+  ~SlotLease() { st_->core->release(slot_); }
+
+ private:
+  std::shared_ptr<RingState> st_;
+  int64_t slot_;
+};
+
+// Refuses a timeout that is not a number of seconds (the core waits without end for inf or huge ones).
+void check_timeout(double timeout) {
+  TORCH_CHECK(!std::isnan(timeout), "hetrain.RingBuffer: the timeout is NaN; pass seconds (inf waits without end)");
+}
 
 // Runs `f`, turning the core's exceptions into torch errors (RuntimeError in Python) with the same text.
 template <typename F>
@@ -93,8 +113,6 @@ class RingBuffer : public torch::CustomClassHolder {
     // The only allocation of batch memory, ever: num_slots x slot_bytes.
     st_->slab = at::empty({num_slots, st_->slot_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(pin));
     st_->slab.zero_();  // touch every page now, not in the first batches
-    st_->leases.reset(new std::atomic<int64_t>[static_cast<size_t>(num_slots)]);
-    for (int64_t s = 0; s < num_slots; ++s) st_->leases[s] = 0;
     st_->core = std::make_unique<ring::RingCore>(num_slots, static_cast<int64_t>(st_->dtypes.size()), num_producers,
                                                  stall_timeout);
   }
@@ -123,6 +141,7 @@ class RingBuffer : public torch::CustomClassHolder {
 
   std::tuple<int64_t, int64_t> claim(int64_t producer, double timeout) {
     check_producer(producer);
+    check_timeout(timeout);
     int64_t slot = -1;
     const int64_t job = st_->core->claim(producer, timeout, &slot);
     return {job, slot};
@@ -143,12 +162,15 @@ class RingBuffer : public torch::CustomClassHolder {
     for (size_t f = 0; f < fields; ++f) {
       const int64_t* m = shapes.data() + f * ring::kMetaPerField;
       TORCH_CHECK(m[0] >= 0 && m[0] <= 3, "hetrain.RingBuffer.commit: field ", f, " has ndim ", m[0], " (0..3)");
-      int64_t numel = 1;  // never past the capacity (>= 1), so the product cannot wrap
+      // The non-zero sizes' product, not numel, is bounded: with a 0 among them numel is 0 whatever the other
+      // sizes, but take() computes strides from those, which would wrap (and the batch would be lost).
+      int64_t extent = 1;  // never past the capacity (>= 1), so the product cannot wrap
       for (int64_t d = 0; d < m[0]; ++d) {
         TORCH_CHECK(m[1 + d] >= 0, "hetrain.RingBuffer.commit: field ", f, " has size ", m[1 + d], " in dim ", d);
-        TORCH_CHECK(m[1 + d] == 0 || numel <= st_->capacities[f] / m[1 + d], "hetrain.RingBuffer.commit: field ",
-                    f, " holds more elements than the ", st_->capacities[f], " a slot has room for");
-        numel *= m[1 + d];
+        TORCH_CHECK(m[1 + d] == 0 || extent <= st_->capacities[f] / m[1 + d], "hetrain.RingBuffer.commit: field ",
+                    f, " holds more elements than the ", st_->capacities[f], " a slot has room for (its sizes ",
+                    "other than 0 multiply past that)");
+        extent *= std::max<int64_t>(m[1 + d], 1);
       }
     }
     st_->core->commit(producer, job, shapes.data());
@@ -162,24 +184,21 @@ class RingBuffer : public torch::CustomClassHolder {
 
   // The batch `job` as tensors viewing its slot, or an empty list after `timeout` seconds.
   std::vector<at::Tensor> take(int64_t job, double timeout) {
+    check_timeout(timeout);
     const size_t fields = st_->dtypes.size();
     std::vector<int64_t> meta(fields * ring::kMetaPerField);
     const int64_t slot = guarded([&] { return st_->core->take(job, timeout, meta.data()); });
     if (slot < 0) return {};
     std::vector<at::Tensor> out;
     out.reserve(fields);
-    st_->leases[slot] = static_cast<int64_t>(fields);
+    // Each tensor's deleter holds a copy, dropped with the tensor (or with a from_blob that throws).
+    const auto lease = std::make_shared<const SlotLease>(st_, slot);
     uint8_t* base = st_->slab.data_ptr<uint8_t>() + slot * st_->slot_bytes;
     for (size_t f = 0; f < fields; ++f) {
       const int64_t* m = meta.data() + f * ring::kMetaPerField;
       std::vector<int64_t> sizes(m + 1, m + 1 + m[0]);
-      std::shared_ptr<RingState> keep = st_;
-      out.push_back(at::from_blob(
-          base + st_->offsets[f], sizes,
-          [keep, slot](void*) {
-            if (keep->leases[slot].fetch_sub(1) == 1) keep->core->release(slot);
-          },
-          at::TensorOptions().dtype(st_->dtypes[f])));
+      out.push_back(at::from_blob(base + st_->offsets[f], sizes, [lease](void*) {},
+                                  at::TensorOptions().dtype(st_->dtypes[f])));
     }
     return out;
   }

@@ -40,7 +40,7 @@ class CpuMallocSetting:
 
 @dataclass(frozen=True)
 class HostCacheStats:
-    """The block cache's counters since it was installed."""
+    """The block cache's counters since it was installed, and the settings it was last given."""
 
     enabled: bool
     reused: int  # requests served from a kept block
@@ -49,6 +49,8 @@ class HostCacheStats:
     cached_bytes: int  # freed blocks kept now
     live_bytes: int  # blocks held by tensors now
     peak_mapped_bytes: int  # most bytes mapped at once
+    min_bytes: int  # keep_freed_blocks's last min_bytes (0 before the first)
+    max_cached_bytes: int  # keep_freed_blocks's last cap (0 before the first; none kept while disabled)
 
 
 def memory_limit_bytes(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -117,11 +119,14 @@ def apply(mode: str) -> CpuMallocSetting:
 
 @contextmanager
 def host_memory(mode: str) -> Iterator[CpuMallocSetting]:
-    """:func:`apply` for the ``with`` block: torch's allocator is back after it, unless the cache was on before."""
+    """:func:`apply` for the ``with`` block; after it, the allocator is as before: torch's, or the cache with the
+    same ``min_bytes`` and ``max_cached_bytes`` (a block nested in an enabled cache leaves it as it found it)."""
     before = stats()
     setting = apply(mode)
     try:
         yield setting
     finally:
-        if setting.applied and not (before is not None and before.enabled):
+        if before is not None and before.enabled:
+            keep_freed_blocks(before.min_bytes, before.max_cached_bytes)
+        elif setting.applied:
             system()

@@ -169,6 +169,29 @@ def test_host_memory_keeps_blocks_for_its_block_only_unless_the_cache_was_on_bef
         cpu_memory.system()
 
 
+def test_host_memory_nested_in_an_enabled_cache_gives_back_its_settings():
+    # The inner block's own settings stayed: "system" turned the outer cache off for good, and "keep" replaced its
+    # min_bytes and cap with the defaults (32 MiB, a quarter of memory).
+    cpu_memory.keep_freed_blocks(min_bytes=8 * MiB, max_cached_bytes=64 * MiB)
+    try:
+        for inner in ("system", "keep"):
+            with cpu_memory.host_memory(inner):
+                pass
+            after = cpu_memory.stats()
+            assert after.enabled, f"an inner {inner} block turned the cache off"
+            assert (after.min_bytes, after.max_cached_bytes) == (8 * MiB, 64 * MiB), inner
+        cpu_memory.empty_cache()
+        before = cpu_memory.stats()
+        torch.empty(16 * MiB, dtype=torch.uint8)  # over min_bytes: kept when freed, and reused
+        torch.empty(16 * MiB, dtype=torch.uint8)
+        tensors = [torch.empty(24 * MiB, dtype=torch.uint8) for _ in range(3)]
+        del tensors  # 88 MiB freed under the 64 MiB cap
+        after = cpu_memory.stats()
+        assert after.reused - before.reused == 1 and after.cached_bytes == 48 * MiB
+    finally:
+        cpu_memory.system()
+
+
 def test_the_default_cap_is_a_quarter_of_a_containers_limit_where_one_is_set(tmp_path):
     machine = cpu_memory.memory_limit_bytes(tmp_path)  # no cgroup files: the machine's memory
     assert machine > 0

@@ -196,6 +196,25 @@ def test_a_copy_into_collate_that_would_lose_values_or_omit_a_field_is_named():
                 list_of_copies(loader)
 
 
+def test_a_copy_into_collate_refuses_integers_a_float_field_would_round():
+    # Only the range was compared: 2**24 + 1 became 16777216.0 in float32 and 257 became 256 in bfloat16, silently.
+    def ids(items):
+        return {"ids": torch.tensor(items, dtype=torch.int64)}
+
+    for dtype, values, message in ((torch.float32, [5, 2**24 + 1], r"\(such as 16777217\) .* round \(to 16777216\.0\)"),
+                                   (torch.bfloat16, [257, 2], r"\(such as 257\) .* round \(to 256\.0\)")):
+        out = {"ids": torch.empty(4, dtype=dtype)}
+        with pytest.raises(ValueError, match=f"'ids' holds integers {message}"):
+            CopyInto(ids, {"ids": (dtype, 4)})(values, out)
+        exact = [2**24, -(2**24), 3] if dtype == torch.float32 else [256, -256, 3]  # every integer up to here fits
+        CopyInto(ids, {"ids": (dtype, 4)})(exact, out)
+        assert out["ids"][:3].tolist() == exact
+    out = {"ids": torch.empty(2, dtype=torch.float32)}
+    int16 = CopyInto(lambda items: {"ids": torch.tensor(items, dtype=torch.int16)}, {"ids": (torch.float32, 2)})
+    int16([-32768, 32767], out)
+    assert out["ids"].tolist() == [-32768, 32767]  # float32 holds every int16
+
+
 class Fractional(torch.utils.data.Dataset):
     """Float token ids or labels, whole (they fit an int64 field) unless ``fraction``."""
 
@@ -263,6 +282,17 @@ def test_a_stalled_producer_is_named_instead_of_hanging():
     assert time.monotonic() - t0 < 1.4, "the stall must end the wait near stall_timeout"
     with pytest.raises(RuntimeError, match="closed"):  # shut down; the fixture checks no thread is left
         next(iter(loader))
+
+
+def test_an_infinite_stall_timeout_never_reports_a_stall_and_closes_cleanly():
+    # close() joined the threads for stall_timeout: inf raised OverflowError, spent the finaliser, and the reader
+    # processes lived on.
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(20)], 10, shuffle=False)
+    loader = RingLoader(Flaky(20), sampler, collate=PadInto(10, 10), num_workers=2, reader_processes=1,
+                        stall_timeout=float("inf"))
+    assert len(list_of_copies(loader)) == len(sampler)
+    loader.close()
+    assert multiprocessing.active_children() == []
 
 
 def test_a_stall_is_reported_after_stall_timeout_not_twice_it_and_held_batches_stay_intact():
@@ -595,6 +625,66 @@ def test_the_ring_binding_refuses_what_would_reach_out_of_bounds(tmp_path):
     ring.attach_tokens(str(tokens), 2, 100, torch.tensor([0, 10, 20]), torch.tensor([5, 5, 5]), 0, 0, 1, 0)
     with pytest.raises(RuntimeError, match="batch offsets must rise from 0 to the number of sample ids"):
         ring.start_token_epoch(torch.tensor([0, 1]), torch.tensor([0, 4, 2]))
+    ring.close()
+
+
+def test_the_ring_binding_refuses_sizes_that_would_wrap_int64(tmp_path):
+    # A window past int64's end and a batch whose rows x cols wrapped passed the bounds checks: the gather read out
+    # of bounds (SIGSEGV). Sizes with a 0 among them passed commit, then take() failed building the views and the
+    # slot was never handed back.
+    ring_class = torch.classes.hetrain_C.RingBuffer
+    tokens = tmp_path / "t.bin"
+    np.arange(100, dtype=np.uint16).tofile(tokens)
+    fields = (["int64", "bool", "int64", "int64"], [64, 64, 4, 4], 2, 1, False, 5.0)
+    for start, length in ((2**62, 2**62), (-1, 5), (96, 5), (0, -1)):
+        ring = ring_class(*fields)
+        with pytest.raises(RuntimeError, match=f"window 0 \\(start {start}, length {length}\\) lies outside the "
+                                               "token file's 100 tokens"):
+            ring.attach_tokens(str(tokens), 2, 100, torch.tensor([start]), torch.tensor([length]), 0, 0, 1, 0)
+        ring.close()
+    ring = ring_class(*fields)  # an index promising 2**61 tokens: 4 rows of 2**61 wrap to -2**63 tokens
+    ring.attach_tokens(str(tokens), 2, 2**61, torch.tensor([0]), torch.tensor([2**61]), 0, 0, 1, 0)
+    ring.start_token_epoch(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 4]))
+    with pytest.raises(RuntimeError, match=f"batch 0 is 4 x {2**61} tokens but a slot holds 4 rows and 64 tokens"):
+        ring.take(0, 5.0)
+    ring.close()
+
+    ring = ring_class(["int64", "int64"], [16, 16], 2, 1, False, 5.0)
+    ring.start_epoch(2)
+    job, _ = ring.claim(0, 1.0)
+    with pytest.raises(RuntimeError, match="field 0 holds more elements than the 16 a slot has room for"):
+        ring.commit(0, job, [3, 0, 2**40, 2**40, 1, 4, 0, 0])
+    ring.commit(0, job, [3, 0, 4, 4, 1, 4, 0, 0])  # empty, and its strides fit
+    empty, _ = ring.take(job, 1.0)
+    assert empty.shape == (0, 4, 4)
+    ring.close()
+
+
+def _in_a_while(fn, *args) -> threading.Thread:
+    """Runs ``fn(*args)`` in a thread after 0.2 s, long enough for the caller to start waiting on it."""
+    thread = threading.Thread(target=lambda: (time.sleep(0.2), fn(*args)))
+    thread.start()
+    return thread
+
+
+def test_the_ring_binding_waits_without_end_for_an_infinite_or_huge_timeout():
+    # The deadline wrapped converting to the steady clock: claim and take returned nothing at once.
+    for timeout in (float("inf"), 1e10):
+        ring = torch.classes.hetrain_C.RingBuffer(["int64"], [16], 2, 1, False, 60.0)
+        try:
+            starter = _in_a_while(ring.start_epoch, 1)
+            claimed = ring.claim(0, timeout)  # waits for the epoch
+            starter.join()
+            assert claimed == (0, 0), timeout
+            committer = _in_a_while(ring.commit, 0, 0, [1, 3, 0, 0])
+            batch = ring.take(0, timeout)  # waits for the batch
+            committer.join()
+            assert [tuple(t.shape) for t in batch] == [(3,)], timeout
+        finally:
+            ring.close()
+    ring = torch.classes.hetrain_C.RingBuffer(["int64"], [16], 2, 1, False, 60.0)
+    with pytest.raises(RuntimeError, match="the timeout is NaN"):
+        ring.take(0, float("nan"))
     ring.close()
 
 

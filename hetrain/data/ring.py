@@ -19,6 +19,7 @@ error or stall ends the wait with :class:`LoaderError` naming the sample, file o
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 import warnings
@@ -65,6 +66,11 @@ def _range(dtype: torch.dtype) -> tuple[float, float]:
     return info.min, info.max
 
 
+def _exact_integers(dtype: torch.dtype) -> int:
+    """How far from 0 a float ``dtype`` holds every integer: 2 ** (mantissa bits + 1), 2**24 for float32."""
+    return 2 ** (1 - round(math.log2(torch.finfo(dtype).eps)))
+
+
 @functools.cache
 def _holds_all(src: torch.dtype, dst: torch.dtype) -> bool:
     """Whether ``dst`` holds every value of ``src``: then a copy needs no look at the values. Cached: PadInto asks
@@ -72,6 +78,8 @@ def _holds_all(src: torch.dtype, dst: torch.dtype) -> bool:
     if src.is_floating_point and not dst.is_floating_point:
         return False
     (lo, hi), (dst_lo, dst_hi) = _range(src), _range(dst)
+    if not src.is_floating_point and dst.is_floating_point and max(-lo, hi) > _exact_integers(dst):
+        return False  # in range, but rounded: 2**24 + 1 becomes 2**24 in float32, 257 becomes 256 in bfloat16
     return dst_lo <= lo and hi <= dst_hi
 
 
@@ -92,6 +100,12 @@ def _check_lossless(t: torch.Tensor, dst: torch.dtype, what: str, fix: str) -> N
     if lo < dst_lo or hi > dst_hi:
         raise ValueError(f"hetrain: {what} holds values from {lo} to {hi}, outside the range of its {dst} slot "
                          f"field [{dst_lo}, {dst_hi}], which would wrap or overflow them; {fix}")
+    if not t.is_floating_point() and dst.is_floating_point:  # in range (checked above), so the round trip is exact
+        rounded = t.to(dst).to(t.dtype) != t
+        if bool(rounded.any()):
+            example = t[rounded].flatten()[:1]
+            raise ValueError(f"hetrain: {what} holds integers (such as {example.item()}) that its {dst} slot field "
+                             f"would round (to {example.to(dst).item()}); {fix}")
 
 
 class PadInto:
@@ -335,8 +349,8 @@ def _close(shared: _Shared) -> None:
     # The garbage collector may run this finaliser in a producer thread, which cannot join itself: it returns
     # to its batch, finds the loader closed and ends.
     for t in shared.threads:  # a thread waiting on the reader processes returns within _POLL_S
-        if t is not threading.current_thread():
-            t.join(max(0.0, deadline - time.monotonic()))
+        if t is not threading.current_thread():  # stall_timeout=inf: join's longest wait, not an OverflowError
+            t.join(min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX))
     if shared.readers is not None:
         shared.readers.stop()
     busy = {p: s for p, s in shared.reading.items() if shared.threads[p].is_alive()}
@@ -374,7 +388,8 @@ class RingLoader:
             thread each; a batch's samples are spread over the idle ones) while the producer threads collate
             into the slots: for datasets whose ``__getitem__`` is Python-heavy and would hold the GIL. A
             reader that dies is named at once. 0 reads in the producer threads.
-        stall_timeout: seconds without progress after which a producer is reported stalled.
+        stall_timeout: seconds without progress after which a producer is reported stalled; ``float("inf")``
+            never reports one.
         pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous;
             True without CUDA warns and leaves them unpinned.
         lookahead: batches the consumer fetches before it uses them (Lightning's loops: 0, as this loader has a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -124,3 +125,39 @@ def test_a_closed_loader_pulls_no_further_sample_from_the_stream():
         if t.name.startswith("hetrain-ring-producer"):
             t.join(10)
     assert stream.reads == [0, 1]
+
+
+class CollectingStream(IterableDataset):
+    """Runs the garbage collector in the producer reading sample 8, once ``go`` is set: the stream's lock held."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+
+    def __iter__(self):
+        for i in range(10_000):
+            if i == 8:
+                self.go.wait(10)
+                gc.collect()
+            yield {"input_ids": torch.arange(1 + i % 3), "label": i}
+
+
+def test_a_loader_collected_by_the_producer_reading_its_stream_stops_the_others_at_once():
+    # The other producer waited for the stream's lock, which the collecting producer held while it joined the
+    # other: both waited until the join gave up after stall_timeout.
+    stream = CollectingStream()
+    loader = RingLoader(stream, StreamBatches(batch_size=4), collate=PadInto(12, 4), num_workers=2,
+                        stall_timeout=60.0)
+    loader.cycle = loader  # held in a reference cycle: only a collection frees it
+    gc.disable()
+    try:
+        batches = iter(loader)
+        assert next(batches)["labels"].tolist() == [0, 1, 2, 3]
+        del batches, loader
+        started = time.monotonic()
+        stream.go.set()
+        for t in threading.enumerate():
+            if t.name.startswith("hetrain-ring-producer"):
+                t.join(60)
+    finally:
+        gc.enable()
+    assert time.monotonic() - started < 20  # not the 60 s of stall_timeout

@@ -248,6 +248,8 @@ class _Stream:
 
     def batch(self, job: int, progress: Callable[[], None]) -> list[Any] | None:
         while not self.lock.acquire(timeout=_POLL_S):
+            if self.stop.is_set():  # closed, perhaps by the reading producer itself (a finaliser run there)
+                raise _Closed
             progress()  # another producer is reading the stream for us all
         try:
             self.progress = progress

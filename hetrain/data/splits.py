@@ -33,7 +33,8 @@ class EpochShuffle(Sampler[int]):
         return self.size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
+        # numpy's seeds are non-negative: a negative one (torch's generators take it) as its 64-bit pattern
+        return iter(np.random.default_rng([self.seed % 2**64, self.epoch]).permutation(self.size).tolist())
 
 
 class SeededSplits:

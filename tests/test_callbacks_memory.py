@@ -238,6 +238,32 @@ def test_a_fused_block_is_measured_as_one_module_holding_what_its_kernel_makes(f
     assert {row[0] for row in tracker.table()[1]}.isdisjoint(children[2:])  # nothing to show: no row
 
 
+class Residual(nn.Module):
+    """A container computing its own output, x + f(x), as a transformer block does."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])
+def test_a_containers_own_output_handed_on_in_a_fused_block_is_not_the_blocks(one_by_one):
+    # The block took every tensor handed to its next child that no leaf counted as its kernel's output: the
+    # residual's sum too, though nothing ran fused when a user's hook made it run its children one by one.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), Residual(), nn.Linear(HIDDEN, 1))
+    swap_sequences(model)
+    if one_by_one:
+        model[0].register_forward_hook(lambda _module, _args, _out: None)
+    r = _measured_step(model, torch.randn(BATCH, IN)).records
+    made = 4 * BATCH * HIDDEN  # the fused Linear and GELU's output
+    assert r[ROOT].outputs == (0 if one_by_one else made)
+    assert r["0"].outputs == r["1"].outputs == (made if one_by_one else 0) and r["2.f"].outputs == made
+
+
 def test_a_block_a_users_hook_runs_module_by_module_is_measured_module_by_module():
     torch.manual_seed(0)
     model = nn.Sequential(ConvBNReLUPool2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 1))

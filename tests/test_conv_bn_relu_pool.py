@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from op_testing import OpLog, assert_close, randn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.module_tracker import ModuleTracker
 
 from hetrain import plugins
 from hetrain.callbacks.churn import ModuleRanges
@@ -542,8 +544,7 @@ def _module_memory(model):
     tracker.stop()
 
 
-MEASURING = {"torch's FlopCounterMode": lambda model: FlopCounterMode(display=False),
-             "Throughput's FLOP counter": lambda model: TrainingFlopCounter(),
+MEASURING = {"Throughput's FLOP counter": lambda model: TrainingFlopCounter(),
              "MemoryProfiler's module hooks": _module_memory,
              "churn's module ranges": ModuleRanges}
 
@@ -569,6 +570,31 @@ def test_measuring_a_step_leaves_its_fused_blocks_fused_and_its_numbers_bit_for_
     assert torch.equal(y_measured, y)
     for p, q in zip(measured.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
+
+
+class _ParentsSeen(TorchDispatchMode):
+    """The modules a ModuleTracker has entered, at each op that runs."""
+
+    def __init__(self, tracker: ModuleTracker):
+        super().__init__()
+        self.tracker, self.seen = tracker, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen |= self.tracker.parents
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("tracker", ["ModuleTracker", "FlopCounterMode"])
+def test_a_users_module_tracker_sees_the_children_a_fused_block_calls(tracker):
+    # Every ModuleTracker was taken for a measuring hook, so a user's saw the patched Sequential alone. Only the
+    # tracker of hetrain's own FLOP counter leaves a block fused; a user's (or a plain FlopCounterMode's) expects
+    # the modules it tracks called.
+    model = small_cnn()
+    swap_sequences(model)
+    with ModuleTracker() if tracker == "ModuleTracker" else FlopCounterMode(display=False) as opened:
+        with _ParentsSeen(getattr(opened, "mod_tracker", opened)) as watch:
+            model(randn(2, 3, 9, 9, seed=5))
+    assert {"FusedSequential.1", "FusedSequential.2", "FusedSequential.3"} <= watch.seen, watch.seen
 
 
 @pytest.mark.cuda

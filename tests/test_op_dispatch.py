@@ -166,6 +166,19 @@ def test_forward_mode_ad_is_refused_naming_the_reference_rather_than_dropping_th
         torch.func.jvp(lambda x: call(args, x), (args[i],), (torch.ones_like(args[i]),))
 
 
+@pytest.mark.parametrize(("op", "backend"), [*((o, None) for o in OPS), ("layer_norm", "cpu"), ("layer_norm", "torch")])
+def test_a_tangent_on_the_upstream_gradient_is_refused_naming_the_reference(op, backend):
+    """Forward over reverse: the C++ autograd's backward dropped the tangent silently, and the torch backend's
+    refusal named the internal backward op with a placeholder for its reference."""
+    i = 4 if op == "bn_relu_pool" else 0
+    args = inputs()
+    with plugins.use_backend(**({op: backend} if backend else {})), fwAD.dual_level():
+        y = calls(*args)[op]()
+        dy = fwAD.make_dual(torch.ones_like(y), torch.ones_like(y))
+        with pytest.raises(RuntimeError, match=rf"hetrain.ops.{op}: forward-mode AD .* Use hetrain.ops.{op}_ref"):
+            torch.autograd.grad(y, args[i], dy)
+
+
 # vmap and jit.trace refuse a random draw themselves; vmap's per-sample fallback cannot run linear_cross_entropy's
 # chunks (written into a preallocated buffer) or BatchNorm's statistics kernel, and linear_cross_entropy's forward
 # depends on which inputs need gradients, which jit.trace's no-grad check run sees as another graph.

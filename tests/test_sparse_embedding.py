@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from op_testing import TOLERANCES, randn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -161,3 +162,12 @@ def test_torch_func_grad_takes_torchs_lookup():
     expected = torch.func.grad(lambda w: torch.nn.functional.embedding(ids, w, sparse=True).square().sum())(weight)
     assert grad.is_sparse
     torch.testing.assert_close(grad.to_dense(), expected.to_dense())
+
+
+def test_forward_mode_ad_takes_torchs_lookup_and_carries_the_tangent():
+    """The Function has no jvp: under a plain forward_ad dual level torch raised "You must implement the jvp"."""
+    weight, ids, tangent = randn(V, H, seed=13, requires_grad=True), torch.tensor([[4, 1, 4]]), randn(V, H, seed=14)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(sparse_embedding(ids, fwAD.make_dual(weight, tangent))).tangent
+        expected = fwAD.unpack_dual(torch.nn.functional.embedding(ids, fwAD.make_dual(weight, tangent))).tangent
+    torch.testing.assert_close(out, expected)

@@ -159,6 +159,10 @@ class ModuleMemory:
             record = self._step[name]
             if name in self.leaves or name in self.fused:  # a block run module by module adds nothing here
                 record.outputs += self._new_output_bytes(output)
+            else:
+                # A container's own result (a residual block's x + f(x)) is no leaf's: counted now, so a fused block
+                # it is handed to takes as its kernel's output only what that kernel made.
+                self._mark_as_counted(output)
             if name in self._before:
                 param = next(module.parameters())
                 delta = torch.cuda.memory_allocated(param.device) - self._before.pop(name)

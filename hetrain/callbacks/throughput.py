@@ -188,6 +188,8 @@ class TrainingFlopCounter(FlopCounterMode):
         return count
 
     def __enter__(self) -> TrainingFlopCounter:
+        # Its ModuleTracker's hooks only measure: hetrain's fused blocks stay fused while it counts.
+        observer(self.mod_tracker)
         self.recompute.__enter__()
         return super().__enter__()
 

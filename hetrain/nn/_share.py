@@ -8,10 +8,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from torch.utils.module_tracker import ModuleTracker
 
 M = TypeVar("M", bound=torch.nn.Module)
-H = TypeVar("H", bound=Callable[..., Any])
+H = TypeVar("H")
 
 
 def require(who: str, module: object, torch_type: type[torch.nn.Module]) -> None:
@@ -60,14 +59,16 @@ def observer(hook: H) -> H:
     """Marks ``hook`` as a module hook that only measures (hetrain's FLOP, memory and churn hooks): a fused run
     goes on fused while it is registered, so turning a measurement on does not change the numbers a step computes.
     A method marked where it is defined is marked on every instance (a bound method reads its function's
-    attributes). What a fused run computes without calling a module is measured under the fused module."""
+    attributes); an object marked (the ModuleTracker of hetrain's FLOP counter) marks the hooks bound to it. What a
+    fused run computes without calling a module is measured under the fused module."""
     setattr(hook, _OBSERVER, True)
     return hook
 
 
 def _only_observes(hook: Callable[..., Any]) -> bool:
-    # torch's FlopCounterMode counts ops and tracks modules through a ModuleTracker's global hooks.
-    return getattr(hook, _OBSERVER, False) or isinstance(getattr(hook, "__self__", None), ModuleTracker)
+    # A hook bound to a marked object: the ModuleTracker whose global hooks hetrain's FLOP counter tracks modules
+    # with. Another ModuleTracker (a user's, or a plain FlopCounterMode's) expects the modules it tracks called.
+    return getattr(hook, _OBSERVER, False) or getattr(getattr(hook, "__self__", None), _OBSERVER, False)
 
 
 def _expect_calls(hooks: dict[int, Callable[..., Any]] | None) -> bool:
@@ -78,8 +79,8 @@ def _expect_calls(hooks: dict[int, Callable[..., Any]] | None) -> bool:
 def called_one_by_one(modules: list[torch.nn.Module]) -> bool:
     """Whether each of ``modules`` must be called: hooks expect it (their own, or hooks registered for every module,
     ``register_module_forward_hook``), or its forward was replaced on the instance; a fused run would skip them
-    silently. Hooks that only measure (:func:`observer`, torch's FLOP counter) are left out: measuring a step must
-    not change what it computes."""
+    silently. Hooks that only measure (:func:`observer`: hetrain's FLOP counter, memory and churn hooks) are left
+    out: measuring a step must not change what it computes."""
     everywhere = torch.nn.modules.module
     return any(_expect_calls(getattr(everywhere, name, None)) for name in _GLOBAL_HOOKS) or any(
         forward_replaced(m) or any(_expect_calls(getattr(m, name, None)) for name in _HOOKS) for m in modules)

@@ -11,7 +11,7 @@ library), then :func:`hetrain.ops.conv_bn_relu_pool.bn_relu_pool` with the Batch
 
 Hooks on any of its modules, or on every module (``register_module_forward_hook``), make the block
 call its modules one by one, as ``nn.Sequential`` does; hooks that only measure (hetrain's
-FLOP counter, memory and churn profiling, torch's ``FlopCounterMode``) leave it fused, so measuring does
+FLOP counter, memory and churn profiling; a ``FlopCounterMode`` of your own is a hook) leave it fused, so measuring does
 not change the numbers a step computes, and they see the block as one module.
 """
 

@@ -12,7 +12,7 @@ Each call decides again which runs to fuse: a run whose modules carry hooks runs
 a Linear's hook would see the GELU's output and a GELU's would never run), as does one with a child whose
 forward was replaced on the instance (a LoRA adapter patched in that way would be skipped) and one whose
 children were replaced since patching. Hooks that only measure (hetrain's FLOP counter, memory and churn
-profiling, torch's ``FlopCounterMode``; see :func:`hetrain.nn._share.observer`) leave a run fused, so
+profiling; see :func:`hetrain.nn._share.observer`) leave a run fused, so
 measuring does not change the numbers a step computes: they see the run as part of the FusedSequential.
 
 Only exact ``nn.Sequential`` containers and exact torch layer types are matched (a subclass may change its

@@ -23,7 +23,9 @@ nested transforms (hessian, grad of grad) and double backward (a gradient of a
 gradient, ``create_graph=True``) raise naming the op and its torch reference, rather than torch's
 "no autograd formula" for an internal op, or a wrong result where gradients are computed in forward.
 Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``) is refused so too: the kernels
-have no forward derivative, and torch's fallback for them drops a tangent silently.
+have no forward derivative, and torch's fallback for them drops a tangent silently. A tangent on the upstream
+gradient of a backward (forward-over-reverse) is refused by the op's backward; so that one reaches it, a call made
+while a dual level is open takes the plain Function, not the backend's C++ autograd.
 """
 
 from __future__ import annotations
@@ -114,6 +116,12 @@ def _has_tangent(args: Sequence[Any]) -> bool:
     return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
 
 
+def _tangent_error(name: str, reference: str) -> RuntimeError:
+    return RuntimeError(f"{name}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp, jacfwd) is not "
+                        "supported: its kernels have no forward derivative, so the tangent would be lost. "
+                        f"Use {reference} where tangents are needed")
+
+
 def _route(args: Sequence[Any]) -> str:
     """"custom" while a graph is traced or for a tensor subclass, "tangent" where forward-mode AD carries a
     tangent on an argument, "functorch" under a ``torch.func`` transform, "body" when no argument needs a
@@ -177,6 +185,10 @@ class Op:
             ctx.backend_scopes = plugins.open_scopes()
 
         def scoped_backward(ctx: Any, *grads: Any) -> Any:
+            # Forward over reverse: a tangent on the upstream gradient, which the backward kernels would drop.
+            # Refused here, naming this op, rather than by a backward op that knows no public name.
+            if forward_ad._current_level >= 0 and _has_tangent(grads):
+                raise _tangent_error(f"hetrain.ops.{public}", reference or f"hetrain.ops.{public}_ref")
             if ctx.backend_scopes is None:  # none open: no context manager to pay for
                 return backward(ctx, *grads)
             with plugins.reopened(ctx.backend_scopes):
@@ -205,17 +217,16 @@ class Op:
     def __call__(self, *args: Any) -> Any:
         route = _route(args)
         if route == "tangent":
-            if self._function is None:  # an op without autograd (a backward's): its public op is not known here
-                name, reference = self.name, "the op's torch reference (hetrain.ops.<op>_ref)"
-            else:
-                name, reference = f"hetrain.ops.{self._public}", self._reference or f"hetrain.ops.{self._public}_ref"
-            raise RuntimeError(f"{name}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp, jacfwd) is not "
-                               "supported: its kernels have no forward derivative, so the tangent would be lost. "
-                               f"Use {reference} where tangents are needed")
+            if self._function is None:  # an op without autograd, called directly: its public op is not known here
+                raise _tangent_error(self.name, "the torch reference (hetrain.ops.*_ref) of the op it computes")
+            raise _tangent_error(f"hetrain.ops.{self._public}",
+                                 self._reference or f"hetrain.ops.{self._public}_ref")
         if route == "body" or (route == "functorch" and not torch.is_grad_enabled()):
             return self.body(*args)
         if route == "function" and self._function is not None:
-            if self._family is not None:
+            # With a dual level open, the Function's backward refuses a tangent on the upstream gradient; the C++
+            # autograd's would drop it.
+            if self._family is not None and forward_ad._current_level < 0:
                 with_grad = plugins.first_choice_entry(self._family, args[0].device.type, "forward_with_grad")
                 if with_grad is not None:
                     try:

@@ -8,9 +8,10 @@ each upstream row once and writes each looked-up table row once: the gradient is
 unique rows, repeats summed, the padding row absent), the same tensor as torch's after ``coalesce()``, and
 gradient hooks see it so. ``weight.grad`` does not keep the flag (torch's gradient accumulation drops it), so
 ``weight.grad.is_coalesced()`` is False: call ``weight.grad.coalesce()`` before ``.indices()``. Elsewhere
-(CUDA, without hetrain._C, tensor subclasses such as FakeTensorMode's, ``torch.func`` transforms), and while a
-graph is traced, it is torch's sparse lookup. A backward that records its graph (``create_graph=True``) builds
-torch's gradient, whose graph gives second derivatives; the kernel's has none.
+(CUDA, without hetrain._C, tensor subclasses such as FakeTensorMode's, ``torch.func`` transforms, an open
+``torch.autograd.forward_ad`` dual level), and while a graph is traced, it is torch's sparse lookup. A backward
+that records its graph (``create_graph=True``) builds torch's gradient, whose graph gives second derivatives; the
+kernel's has none.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from hetrain import _ext
 from hetrain.ops._op import _PLAIN, _functorch_level
@@ -55,10 +57,11 @@ def sparse_embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int |
         padding_idx += rows  # as nn.Embedding normalises it
     # Plain tensors only, outside torch.func transforms: the kernel has no fake implementation (FakeTensorMode's
     # tensors are a subclass), a subclass expects its own dispatch, and functorch takes no Function without
-    # setup_context.
+    # setup_context. Nor under forward-mode AD (a plain int check): the Function has no jvp, and its backward
+    # kernel would drop a tangent on the upstream gradient; torch's lookup carries both.
     fused = (type(weight) in _PLAIN and type(ids) is torch.Tensor and weight.device.type == "cpu"
              and weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-             and _functorch_level() is None and _ext.load() is not None)
+             and _functorch_level() is None and forward_ad._current_level < 0 and _ext.load() is not None)
     if not fused:
         return F.embedding(ids, weight, padding_idx, sparse=True)
     return _SparseEmbedding.apply(ids, weight, -1 if padding_idx is None else padding_idx)

@@ -340,7 +340,8 @@ TokenGatherer::TokenGatherer(RingCore* core, uint8_t* slots, int64_t slot_bytes,
     if (starts_[i] < 0 || lengths_[i] < 0 || lengths_[i] > num_tokens - starts_[i]) {
       throw std::invalid_argument(cat("hetrain ring: window ", i, " (start ", starts_[i], ", length ", lengths_[i],
                                       ") lies outside the token file's ", num_tokens,
-                                      " tokens: the windows do not belong to this file"));
+                                      " tokens: the windows do not belong to this file, or its index is corrupt "
+                                      "(offsets past the tokens it holds; open it with validate=True to check)"));
     }
   }
   if (core->num_fields() != 4) throw std::invalid_argument("hetrain ring: a token ring has 4 fields per slot");

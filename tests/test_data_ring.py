@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import re
 import signal
+import struct
 import threading
 import time
 from collections import Counter
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from hetrain import cpu_memory
+from hetrain.data import ring as ring_module
 from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader, StreamBatches
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import SyntheticSequences, pad_collate
@@ -215,6 +217,24 @@ def test_a_copy_into_collate_refuses_integers_a_float_field_would_round():
     assert out["ids"].tolist() == [-32768, 32767]  # float32 holds every int16
 
 
+def test_a_copy_into_collate_checks_unsigned_integers_too():
+    # torch has no min/max for uint16/32/64: every such batch failed with NotImplementedError "aminmax_cpu".
+    for src, dst, exact, rounded, message in (
+        (torch.uint16, torch.bfloat16, [1000, 1004, 65280], [1000, 257], r"holds integers \(such as 257\) .* round"),
+        (torch.uint32, torch.float32, [5, 2**24, 2**32 - 2**8], [2**24 + 1], r"holds integers \(such as 16777217\)"),
+        (torch.uint64, torch.float64, [3, 2**53, 2**64 - 2**11], [2**53 + 1],
+         r"holds integers \(such as 9007199254740993\)"),
+        (torch.uint16, torch.float16, [0, 65504], [65535], r"holds values from 65535 to 65535, outside the range"),
+        (torch.uint64, torch.int64, [0, 2**63 - 1], [1, 2**63], r"holds values from 1 to 9223372036854775808, outside"),
+    ):
+        collate = CopyInto(lambda items, src=src: {"x": torch.tensor(items, dtype=src)}, {"x": (dst, 4)})
+        out = {"x": torch.empty(4, dtype=dst)}
+        collate(exact, out)
+        assert out["x"][: len(exact)].tolist() == exact, (src, dst)
+        with pytest.raises(ValueError, match=f"'x' {message}"):
+            collate(rounded, out)
+
+
 class Fractional(torch.utils.data.Dataset):
     """Float token ids or labels, whole (they fit an int64 field) unless ``fraction``."""
 
@@ -268,6 +288,19 @@ def test_corrupt_and_truncated_token_files_are_named(tmp_path):
             pass
 
 
+def test_a_corrupt_index_opened_without_validation_is_named_as_a_possible_cause(tmp_path):
+    # The ring said only that the windows did not belong to the file, though they came from the file's own index.
+    write_token_file(tmp_path / "c", [[1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    idx = bytearray((tmp_path / "c.idx").read_bytes())
+    struct.pack_into("<Q", idx, len(idx) - 8, 12)  # the last offset, 9 tokens, now points past the tokens
+    (tmp_path / "c.idx").write_bytes(bytes(idx))
+    ds = TokenWindows(TokenFile(tmp_path / "c", validate=False), max_len=16)
+    with pytest.raises(RuntimeError, match=r"window 1 \(start 4, length 8\) lies outside the token file's 9 tokens: "
+                                           r"the windows do not belong to this file, or its index is corrupt .*"
+                                           r"validate=True"):
+        RingLoader(ds, TokenBudgetBatchSampler(ds.lengths, 64, shuffle=False), num_workers=1)
+
+
 def test_a_stalled_producer_is_named_instead_of_hanging():
     ds = Flaky(40, slow=5, sleep=1.5)
     sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(40)], 5, shuffle=False)
@@ -293,6 +326,39 @@ def test_an_infinite_stall_timeout_never_reports_a_stall_and_closes_cleanly():
     assert len(list_of_copies(loader)) == len(sampler)
     loader.close()
     assert multiprocessing.active_children() == []
+
+
+class Hung(Flaky):
+    """Sample ``hang`` waits for ``release``, as a read from a dead network mount would; ``entered`` tells when."""
+
+    def __init__(self, n, hang):
+        super().__init__(n)
+        self.hang, self.entered, self.release = hang, threading.Event(), threading.Event()
+
+    def __getitem__(self, i):
+        if i == self.hang:
+            self.entered.set()
+            self.release.wait()
+        return super().__getitem__(i)
+
+
+def test_closing_with_an_infinite_stall_timeout_waits_a_bounded_time_for_a_hung_sample(monkeypatch):
+    # close() (and garbage collection, and exit) joined the producers for stall_timeout: forever for a hung sample.
+    monkeypatch.setattr(ring_module, "_CLOSE_JOIN_MAX_S", 0.5)
+    ds = Hung(8, hang=2)
+    loader = RingLoader(ds, [[0, 1], [2, 3], [4, 5], [6, 7]], collate=PadInto(10, 2), num_slots=2, num_workers=1,
+                        stall_timeout=float("inf"))
+    safety = threading.Timer(5.0, ds.release.set)  # ends the old, unbounded wait, so that it fails, not hangs
+    safety.start()
+    try:
+        next(iter(loader))
+        assert ds.entered.wait(5.0)
+        with pytest.warns(RuntimeWarning, match=r"still reading \(producer 0 at sample 2\)"):
+            loader.close()
+        assert not ds.release.is_set(), "close() waited for the hung sample"
+    finally:
+        safety.cancel()
+        ds.release.set()
 
 
 def test_a_stall_is_reported_after_stall_timeout_not_twice_it_and_held_batches_stay_intact():

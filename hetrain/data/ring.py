@@ -40,6 +40,9 @@ from hetrain.data.windows import TokenWindows
 _POLL_S = 0.1
 # How long Ctrl-C or a stall waits for producer threads still inside the dataset's code before it goes through.
 _INTERRUPT_JOIN_S = 0.5
+# The longest close(), garbage collection or exit waits for a producer inside the dataset (then it warns): bounded
+# even for stall_timeout=inf, where a hung sample would otherwise hold up the process forever.
+_CLOSE_JOIN_MAX_S = 60.0
 _DTYPE_NAMES = {
     torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.uint8: "uint8", torch.bool: "bool",
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
@@ -83,6 +86,18 @@ def _holds_all(src: torch.dtype, dst: torch.dtype) -> bool:
     return dst_lo <= lo and hi <= dst_hi
 
 
+def _min_max(t: torch.Tensor) -> tuple[int | float | bool, int | float | bool]:
+    """``t``'s smallest and largest value. torch has no min/max for uint16/32/64: those go through int64, uint64
+    with its top bit flipped, which maps unsigned order onto signed order (exact, values past 2**63 included)."""
+    if t.dtype in (torch.uint16, torch.uint32):
+        t = t.to(torch.int64)
+    elif t.dtype == torch.uint64:
+        lo, hi = torch.aminmax(t.view(torch.int64) ^ -(2**63))
+        return lo.item() + 2**63, hi.item() + 2**63
+    lo, hi = torch.aminmax(t)
+    return lo.item(), hi.item()
+
+
 def _check_lossless(t: torch.Tensor, dst: torch.dtype, what: str, fix: str) -> None:
     """Refuses values a ``dst`` slot field cannot hold: ``copy_`` truncates 1.5 to 1 and wraps 2**40 in int16, silently.
 
@@ -95,7 +110,7 @@ def _check_lossless(t: torch.Tensor, dst: torch.dtype, what: str, fix: str) -> N
         example = t[t != t.trunc()].flatten()[0].item()
         raise ValueError(f"hetrain: {what} holds non-whole numbers (such as {example:g}), which its {dst} slot field "
                          f"would truncate; {fix}")
-    lo, hi = (v.item() for v in torch.aminmax(t))
+    lo, hi = _min_max(t)
     dst_lo, dst_hi = _range(dst)
     if lo < dst_lo or hi > dst_hi:
         raise ValueError(f"hetrain: {what} holds values from {lo} to {hi}, outside the range of its {dst} slot "
@@ -351,8 +366,8 @@ def _close(shared: _Shared) -> None:
     # The garbage collector may run this finaliser in a producer thread, which cannot join itself: it returns
     # to its batch, finds the loader closed and ends.
     for t in shared.threads:  # a thread waiting on the reader processes returns within _POLL_S
-        if t is not threading.current_thread():  # stall_timeout=inf: join's longest wait, not an OverflowError
-            t.join(min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX))
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
     if shared.readers is not None:
         shared.readers.stop()
     busy = {p: s for p, s in shared.reading.items() if shared.threads[p].is_alive()}
@@ -391,7 +406,8 @@ class RingLoader:
             into the slots: for datasets whose ``__getitem__`` is Python-heavy and would hold the GIL. A
             reader that dies is named at once. 0 reads in the producer threads.
         stall_timeout: seconds without progress after which a producer is reported stalled; ``float("inf")``
-            never reports one.
+            never reports one. Closing waits as long, but 60 s at most, for a producer still inside the dataset,
+            then warns.
         pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous;
             True without CUDA warns and leaves them unpinned.
         lookahead: batches the consumer fetches before it uses them (Lightning's loops: 0, as this loader has a
@@ -474,7 +490,7 @@ class RingLoader:
                 t.start()
                 self._shared.threads.append(t)
         # Closes the ring when the loader is garbage-collected (or at exit), even if close() is never called.
-        self._shared.join_timeout = stall_timeout
+        self._shared.join_timeout = min(stall_timeout, _CLOSE_JOIN_MAX_S)
         self._finalizer = weakref.finalize(self, _close, self._shared)
         self._yielded = 0
         self._exhausted = False

@@ -966,3 +966,16 @@ def test_ctrl_c_with_reader_processes_stops_them_without_waiting_for_a_slow_samp
 class _Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         return iter(())
+
+
+def test_pad_into_names_a_missing_label_and_takes_unlabelled_samples_with_label_key_none():
+    # A sample without the label field failed with a bare KeyError: 'label'.
+    items = [{"input_ids": torch.tensor([5, 6, 7])}, {"input_ids": torch.tensor([8])}]
+    labelled = PadInto(8, 2)
+    out = {name: torch.empty(size, dtype=dtype) for name, (dtype, size) in labelled.spec.items()}
+    with pytest.raises(ValueError, match=r"'label', which row 0 does not have .*label_key=None"):
+        labelled(items, out)
+    unlabelled = PadInto(8, 2, label_key=None)
+    out = {name: torch.empty(size, dtype=dtype) for name, (dtype, size) in unlabelled.spec.items()}
+    assert unlabelled(items, out) == {"input_ids": (2, 3), "attention_mask": (2, 3)}
+    assert out["input_ids"][:6].view(2, 3).tolist() == [[5, 6, 7], [8, 0, 0]]

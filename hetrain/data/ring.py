@@ -124,10 +124,11 @@ def _check_lossless(t: torch.Tensor, dst: torch.dtype, what: str, fix: str) -> N
 
 
 class PadInto:
-    """Slot collate for dict samples with a 1-D ``input_ids`` and an optional scalar ``label``.
+    """Slot collate for dict samples with a 1-D ``input_ids`` and a scalar ``label`` (``label_key``).
 
     Writes ``input_ids`` and ``attention_mask`` (B, T) padded to the longest sample, and ``labels`` (B,):
-    the same batch as :func:`hetrain.data.synthetic.pad_collate`, without allocating it.
+    the same batch as :func:`hetrain.data.synthetic.pad_collate`, without allocating it. For samples without a
+    label (a language-model stream) pass ``label_key=None``: no ``labels`` field is written.
     """
 
     def __init__(self, max_tokens: int, max_rows: int, pad_id: int = 0, label_key: str | None = "label") -> None:
@@ -157,6 +158,11 @@ class PadInto:
             mask[r, :n] = True
         shapes = {"input_ids": (rows, cols), "attention_mask": (rows, cols)}
         if self.label_key is not None:
+            unlabelled = next((r for r, item in enumerate(items) if self.label_key not in item), None)
+            if unlabelled is not None:  # a bare KeyError named neither the setting nor the fix
+                raise ValueError(f"hetrain: PadInto reads each sample's label from {self.label_key!r}, which row "
+                                 f"{unlabelled} does not have (its fields: {sorted(items[unlabelled])}); pass "
+                                 "label_key=<its name>, or label_key=None for samples without labels")
             labels = torch.as_tensor([item[self.label_key] for item in items])
             _check_lossless(labels, out["labels"].dtype, f"field {self.label_key!r}", _PAD_INTO_FIX)
             out["labels"][:rows] = labels

@@ -498,3 +498,138 @@ def test_guard_under_accumulation_reruns_the_held_batch_when_only_another_ranks_
         _fit(model, _loader(6), tmp_path, callbacks=[NonFiniteGuard(max_consecutive=1)], accumulate_grad_batches=2)
     assert "First at batches 2-3 (global step 1): non-finite loss; not reproduced by a rerun" in str(info.value)
     assert len(model.dtypes) == 4 + 1  # batches 0-3, then a rerun of the window's last, the batch still held
+
+
+class GradientPenalty(pl.LightningModule):
+    """A training_step that needs autograd itself (a gradient penalty); batch ``MARK`` inputs overflow in exp."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x.clone().requires_grad_(True)
+        out = self.net(torch.exp(x))
+        (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return F.mse_loss(out, y) + 0.1 * gx.pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_guard_reruns_with_autograd_and_reports_a_failing_rerun(tmp_path):
+    # The rerun ran under no_grad: torch.autograd.grad raised there and ended a fit that should skip the step.
+    guard = NonFiniteGuard(on_nonfinite="skip")
+    trainer = _fit(GradientPenalty(), _loader(3, poisoned=[2]), tmp_path, callbacks=[guard])
+    assert trainer.global_step == 3 and guard.skipped_steps == 1
+    assert "First at batch 2" in guard.diagnosis and "module 'net.0'" in guard.diagnosis
+
+
+class FailingRerun(Regressor):
+    """Raises when training_step runs twice on a batch: only the guard's rerun does."""
+
+    def __init__(self):
+        super().__init__(Exp())
+        self.seen = set()
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx in self.seen:
+            raise ValueError("second run")
+        self.seen.add(batch_idx)
+        return super().training_step(batch, batch_idx)
+
+
+def test_guard_reports_a_rerun_that_raises_instead_of_raising(tmp_path):
+    guard = NonFiniteGuard(max_consecutive=1)
+    with pytest.raises(NonFiniteError, match="the rerun failed: ValueError: second run"):
+        _fit(FailingRerun(), _loader(3, poisoned=[1]), tmp_path, callbacks=[guard])
+
+
+def _trainer(tmp_path, max_steps: int, callbacks) -> pl.Trainer:
+    pl.seed_everything(0, verbose=False)
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, default_root_dir=tmp_path,
+                      enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                      limit_val_batches=0, callbacks=callbacks)
+
+
+def test_guard_counters_and_streak_survive_a_resume(tmp_path):
+    # They were not in the checkpoint: a resumed run counted from 0 and a streak across the resume never stopped.
+    loader = _loader(3, poisoned=[0, 2])
+    first = _trainer(tmp_path, 3, [NonFiniteGuard(max_consecutive=2)])
+    first.fit(Regressor(Exp()), loader)  # one epoch: steps 0 and 2 skipped, the last one in a row
+    first.save_checkpoint(tmp_path / "epoch.ckpt")
+    guard = NonFiniteGuard(max_consecutive=2)
+    with pytest.raises(NonFiniteError, match=r"global steps 2-3 \(2 in a row.*First at batch 2"):
+        _trainer(tmp_path, 6, [guard]).fit(Regressor(Exp()), loader, ckpt_path=tmp_path / "epoch.ckpt")
+    assert (guard.skipped_steps, guard.nonfinite_steps, guard.consecutive) == (3, 3, 2)
+
+
+class OneCycleRegressor(Regressor):
+    """Adam under OneCycleLR, which moves beta1 with the lr; records the betas each step ran with."""
+
+    def __init__(self):
+        super().__init__(Exp())
+        self.betas = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
+        self.betas.append(self.trainer.optimizers[0].param_groups[0]["betas"])
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=10, cycle_momentum=True)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_guard_skip_mode_holds_every_scheduled_setting_on_skipped_steps(tmp_path):
+    # Only lr was put back: OneCycleLR's betas stayed a step ahead of the schedule it was set back to.
+    model = OneCycleRegressor()
+    _fit(model, _loader(4, poisoned=[2]), tmp_path, callbacks=[NonFiniteGuard(on_nonfinite="skip")])
+    assert model.lrs[3] == model.lrs[2] and model.lrs[2] != model.lrs[1]
+    assert model.betas[3] == model.betas[2] and model.betas[2] != model.betas[1]
+
+
+def test_guard_sets_a_skipped_step_back_before_a_ctrl_c_checkpoint_whatever_the_callback_order(tmp_path):
+    # GracefulStop listed first saved its checkpoint before the guard set the schedule back: a step ahead.
+    from hetrain.callbacks import GracefulStop
+    from tests.fixtures.ctrl_c import CtrlCAt
+
+    stop, guard = GracefulStop(), NonFiniteGuard(on_nonfinite="skip")
+    model = Regressor(Exp(), schedule=lambda step: 1 / (1 + step), lr=0.1)
+    trainer = _fit(model, _loader(6, poisoned=[3]), tmp_path, callbacks=[stop, guard, CtrlCAt([3])])
+    assert trainer.global_step == 4 and guard.skipped_steps == 1
+    checkpoint = torch.load(stop.summary["checkpoint"], weights_only=False)
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3  # steps 0-2 advanced it, the skipped step 3 did not
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.1 / 4)
+    assert checkpoint["callbacks"]["NonFiniteGuard"]["skipped_steps"] == 1
+
+
+class NanPenalty(Regressor):
+    """Adds a NaN term with no gradient path to batch ``nan_at``'s loss: the loss is NaN, its gradients finite."""
+
+    def __init__(self, nan_at: int):
+        super().__init__(nn.Identity())
+        self.nan_at = nan_at
+        self.weights = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
+        self.weights.append([p.detach().clone() for p in self.parameters()])
+
+    def training_step(self, batch, batch_idx):
+        penalty = torch.tensor(float("nan") if batch_idx == self.nan_at else 0.0)
+        return super().training_step(batch, batch_idx) + penalty
+
+
+def test_guard_skips_a_non_finite_loss_with_finite_gradients_under_a_loss_scaler(tmp_path):
+    # The guard left the skip to the scaler, which found the gradients finite and stepped.
+    model = NanPenalty(nan_at=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    guard = NonFiniteGuard(on_nonfinite="skip")
+    _fit(model, _loader(3), tmp_path, callbacks=[guard],
+         plugins=[MixedPrecision("16-mixed", device="cpu", scaler=scaler)])
+    assert (guard.skipped_steps, guard.nonfinite_steps) == (1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(model.weights[1], model.weights[2], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(model.weights[0], model.weights[1], strict=True))
+    assert _all_finite(model)

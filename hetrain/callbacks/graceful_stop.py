@@ -37,6 +37,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from hetrain.callbacks.precision import NonFiniteGuard
 from hetrain.callbacks.ranks import reduce_flags
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,18 @@ class GracefulStop(Callback):
         # accumulation window): a stop during the validation after it saves these, as that step's end would have.
         self._at_step_end: tuple[dict[str, Any], dict[str, Any]] | None = None
         self._limit_val_batches: int | float | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # NonFiniteGuard sets a skipped step's LR schedule back in its on_train_batch_end: the checkpoint this one saves
+        # there must come after it, whatever order the callbacks were listed in (as Lightning moves its checkpoint
+        # callbacks last). A new list, not an edit: Lightning is going through the current one.
+        callbacks = trainer.callbacks
+        last_guard = max((i for i, c in enumerate(callbacks) if isinstance(c, NonFiniteGuard)), default=-1)
+        here = callbacks.index(self)
+        if here < last_guard:
+            trainer.callbacks = [*callbacks[:here], *callbacks[here + 1:last_guard + 1], self,
+                                 *callbacks[last_guard + 1:]]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

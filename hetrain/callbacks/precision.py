@@ -305,20 +305,23 @@ class NonFiniteGuard(Callback):
         - Each step checks the loss (before backward) and the total gradient norm (after unscaling,
           before the optimizer step): one device sync per step, no hooks.
         - A step with a non-finite loss or gradients is skipped: under a ``GradScaler`` the scaler skips
-          it; otherwise the gradients are dropped so the optimizer leaves the weights alone. Step-interval
-          LR schedulers are set back after a skipped step, so the schedule does not advance on it, and
-          BatchNorm running statistics too (copied at each window's first batch, only where a model has
-          a BatchNorm): the step's forward had updated them, NaN where its batch was.
+          it where the gradients overflowed; otherwise (or where the loss is non-finite) the gradients
+          are dropped so the optimizer leaves the weights alone. Step-interval LR schedulers are set
+          back after a skipped step, with every setting of the optimizer's param groups (lr, momentum,
+          betas), so the schedule does not advance on it, and BatchNorm running statistics too (copied
+          at each window's first batch, only where a model has a BatchNorm): the step's forward had
+          updated them, NaN where its batch was.
         - Under a scaler, non-finite gradients with a finite loss are the scaler's overflow probe: they
           are counted as ``skipped_steps`` but stop nothing while the scale is above ``min_loss_scale``.
-        - On the first step of a non-finite streak the guard reruns a batch's ``training_step`` without
-          gradients, with that batch's random state and a forward hook on every module, and names the
-          first module whose output was non-finite. Under gradient accumulation the guard names the
-          window's first batch with a non-finite loss and whether its inputs were (each batch's are checked
-          on the device as it arrives), and reruns it if it is the window's last batch, the one still held
-          (an earlier batch's memory has gone back to the loader). Hooks exist only during that
-          rerun, so healthy steps pay nothing for them; the rerun may log the step's metrics a second
-          time, and leaves BatchNorm running statistics as they were.
+        - On the first step of a non-finite streak the guard reruns a batch's ``training_step`` (with
+          autograd on, as the step ran; a rerun that raises is reported in the diagnosis, not raised),
+          with that batch's random state and a forward hook on every module, and names the first module
+          whose output was non-finite. Under gradient accumulation the guard names the window's first
+          batch with a non-finite loss and whether its inputs were (each batch's are checked on the
+          device as it arrives), and reruns it if it is the window's last batch, the one still held (an
+          earlier batch's memory has gone back to the loader). Hooks exist only during that rerun, so
+          healthy steps pay nothing for them; the rerun may log the step's metrics a second time, and
+          leaves BatchNorm running statistics as they were.
         - Every rank reaches the same verdict: gradients are reduced across ranks before the check, and
           the loss's flag is reduced with them (one small collective a step under DDP), so the hooks are
           not rank-zero-only. A non-finite loss is diagnosed by the lowest rank whose own loss it was (with
@@ -351,6 +354,22 @@ class NonFiniteGuard(Callback):
         self._running_stats: _RunningStats | None = None
         self._step: dict[str, Any] | None = None  # what on_before_optimizer_step saw, for on_train_batch_end
         self._logged: dict[str, float] | None = None  # the metrics as last logged
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The counters and the current streak, so a resumed run goes on counting (and stopping) where it left.
+
+        The key stays the class's name whatever the arguments: the stop message suggests resuming with others."""
+        return {"skipped_steps": self.skipped_steps, "nonfinite_steps": self.nonfinite_steps,
+                "consecutive": self.consecutive, "diagnosis": self.diagnosis, "streak_start": self._streak_start}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_steps = state_dict["skipped_steps"]
+        self.nonfinite_steps = state_dict["nonfinite_steps"]
+        self.consecutive = state_dict["consecutive"]
+        self.diagnosis = state_dict["diagnosis"]
+        self._streak_start = state_dict["streak_start"]
 
     @staticmethod
     def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
@@ -406,13 +425,17 @@ class NonFiniteGuard(Callback):
             return
         self._restore_running_stats()
         self._step["grad_module"] = NonFiniteDiagnosis(pl_module).nearest_nonfinite_grad()
+        # Every setting of each group, not only lr: OneCycleLR and CyclicLR (cycle_momentum) also set momentum or betas.
         self._step["schedulers"] = [
             (cfg.scheduler, copy.deepcopy(cfg.scheduler.state_dict()),
-             [g["lr"] for g in cfg.scheduler.optimizer.param_groups])
+             [copy.deepcopy({k: v for k, v in g.items() if k != "params"})
+              for g in cfg.scheduler.optimizer.param_groups])
             for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"
         ]
-        if scaler is None:
-            # No scaler will skip this step: without gradients the optimizer leaves every weight alone.
+        if scaler is None or not loss_finite:
+            # No scaler skips this step (under one, a non-finite loss may have finite gradients: a NaN term off the
+            # gradient path, and the scaler would step; it keeps its scale, as nothing overflowed): without gradients
+            # the optimizer leaves every weight alone.
             optimizer.zero_grad(set_to_none=True)
 
     @override
@@ -459,10 +482,10 @@ class NonFiniteGuard(Callback):
     def _skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any],
                  window: list[_WindowBatch]) -> None:
         self.skipped_steps += 1
-        for scheduler, state, lrs in step["schedulers"]:
+        for scheduler, state, settings in step["schedulers"]:
             scheduler.load_state_dict(state)
-            for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
-                group["lr"] = lr
+            for group, saved in zip(scheduler.optimizer.param_groups, settings, strict=True):
+                group.update(saved)
         overflow = step["loss_finite"] and step["scale"] is not None and step["scale"] > self.min_loss_scale
         if overflow:
             return
@@ -522,7 +545,11 @@ class NonFiniteGuard(Callback):
             return (f"{_where(trainer, suspects)}: {what}; produced in forward (the inputs were finite); that batch is "
                     "no longer held to rerun (the loader reuses its memory), so the module is not named.")
         for suspect in held:
-            found, loss_finite = self._rerun(trainer, pl_module, suspect)
+            try:
+                found, loss_finite = self._rerun(trainer, pl_module, suspect)
+            except Exception as error:  # a diagnosis must not end a fit that would skip the step
+                return (f"{_where(trainer, [suspect])}: {what}; produced in forward (the inputs were finite); the "
+                        f"rerun failed: {type(error).__name__}: {error}")
             if found is not None:
                 return (f"{_where(trainer, [suspect])}: {what}; produced in forward: first non-finite output from "
                         f"module '{found[0]}' ({found[1]}).")
@@ -539,7 +566,8 @@ class NonFiniteGuard(Callback):
         cpu_state, cuda_states = suspect.generators
         outputs: list[Any] = []
         try:
-            with (torch.random.fork_rng(devices=list(range(len(cuda_states)))), torch.no_grad(),
+            # With gradients, as the step ran: a training_step may call torch.autograd.grad (a gradient penalty).
+            with (torch.random.fork_rng(devices=list(range(len(cuda_states)))), torch.enable_grad(),
                   trainer.precision_plugin.forward_context()):
                 torch.set_rng_state(cpu_state)
                 if cuda_states:

@@ -308,6 +308,39 @@ def test_guard_blames_the_inputs(tmp_path):
         _fit(Regressor(nn.Identity()), _loader(3, nan_inputs=[1]), tmp_path, callbacks=[guard])
 
 
+class ParentMadeNan(nn.Module):
+    """Makes NaN in its own forward, between two children: exp overflows (inf) and inf - inf is NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = torch.exp(self.fc1(x) * 100)
+        return self.fc2(self.norm(h - h))
+
+
+def test_guard_blames_a_parents_own_forward_not_the_child_that_received_its_nan(tmp_path):
+    # It named net.1.norm (LayerNorm), the first module whose output was NaN, though its input was NaN already.
+    with pytest.raises(NonFiniteError) as info:
+        _fit(Regressor(ParentMadeNan()), _loader(3, poisoned=[1]), tmp_path, callbacks=[NonFiniteGuard(1)])
+    message = str(info.value)
+    assert "made in 'net.1' (ParentMadeNan)'s own forward, outside its children" in message
+    assert "net.1.norm" not in message
+
+
+def test_diagnosis_names_the_caller_when_no_module_made_the_non_finite_value():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    diagnosis = precision.NonFiniteDiagnosis(model)
+    assert diagnosis.first_nonfinite_output(lambda: model(torch.ones(1, 4))) is None
+    assert diagnosis.first_nonfinite_output(lambda: model(torch.full((1, 4), -1.0).log())) == ("", "Sequential", True)
+    with torch.no_grad():
+        model[1].weight[0, 0] = math.inf
+    assert diagnosis.first_nonfinite_output(lambda: model(torch.ones(1, 4))) == ("1", "Linear", False)
+
+
 def test_guard_counts_streaks_and_resets_after_a_finite_step(tmp_path):
     model = Regressor(Exp())
     guard = NonFiniteGuard(max_consecutive=3)
@@ -523,7 +556,8 @@ def test_guard_reruns_with_autograd_and_reports_a_failing_rerun(tmp_path):
     guard = NonFiniteGuard(on_nonfinite="skip")
     trainer = _fit(GradientPenalty(), _loader(3, poisoned=[2]), tmp_path, callbacks=[guard])
     assert trainer.global_step == 3 and guard.skipped_steps == 1
-    assert "First at batch 2" in guard.diagnosis and "module 'net.0'" in guard.diagnosis
+    # exp overflows in training_step itself, before net.0 (which an earlier diagnosis named) is called.
+    assert "First at batch 2" in guard.diagnosis and "outside any module (training_step's own code" in guard.diagnosis
 
 
 class FailingRerun(Regressor):

@@ -196,25 +196,49 @@ class NonFiniteDiagnosis:
 
     ``first_nonfinite_output`` reruns a forward with a hook on every module; the hooks fire as each
     module finishes, innermost first, so the first hook to see a non-finite output names the module
-    that made it from finite inputs. ``nearest_nonfinite_grad`` reads the gradients of a finished
-    backward: non-finite gradients flow towards the inputs, so the module closest to the loss whose
-    parameters have them is where backward produced them.
+    that made it from finite inputs. Where that module's inputs were already non-finite, code between
+    modules made the value: the innermost running module given finite inputs (or the caller of the
+    forward) is named instead. ``nearest_nonfinite_grad`` reads the gradients of a finished backward:
+    non-finite gradients flow towards the inputs, so the module closest to the loss whose parameters
+    have them is where backward produced them.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def first_nonfinite_output(self, forward: Any) -> tuple[str, str] | None:
-        """Calls ``forward()`` with hooks; returns (module path, module type) of the first non-finite output."""
-        found: list[tuple[str, str]] = []
+    def first_nonfinite_output(self, forward: Any) -> tuple[str, str, bool] | None:
+        """Calls ``forward()`` with hooks; returns (module path, module type, own) for the first non-finite output.
 
-        def hook(name: str):
-            def check(module: nn.Module, args: Any, output: Any) -> None:
-                if not found and not _all_finite(_floating_leaves(output)):
-                    found.append((name, type(module).__name__))
+        ``own`` is False where the module made it from finite inputs; True where its inputs were already non-finite,
+        and the path and type are then those of the innermost running module whose own inputs were finite: its own
+        forward code (outside its children) made the value. The path is ``""`` where no running module had finite
+        inputs (the code calling ``forward`` made it)."""
+        found: list[tuple[str, str, bool]] = []
+        # Modules whose forward is running, outermost first, with whether their inputs were finite: a non-finite
+        # value made between two children is made by the innermost of them that was given finite inputs.
+        running: list[tuple[str, str, bool]] = [("", type(self.model).__name__, True)]
+
+        def enter(name: str):
+            def push(module: nn.Module, args: Any, kwargs: Any) -> None:
+                finite = not found and _all_finite(_floating_leaves((args, kwargs)))
+                running.append((name, type(module).__name__, finite))
+            return push
+
+        def leave(name: str):
+            def check(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+                _, kind, inputs_finite = running.pop()
+                if found or _all_finite(_floating_leaves(output)):
+                    return
+                if inputs_finite:
+                    found.append((name, kind, False))
+                else:
+                    maker = next(entry for entry in reversed(running) if entry[2])
+                    found.append((maker[0], maker[1], True))
             return check
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n]
+        modules = [(n, m) for n, m in self.model.named_modules() if n]
+        handles = [m.register_forward_pre_hook(enter(n), with_kwargs=True) for n, m in modules]
+        handles += [m.register_forward_hook(leave(n), with_kwargs=True) for n, m in modules]
         try:
             forward()
         finally:
@@ -550,19 +574,26 @@ class NonFiniteGuard(Callback):
             except Exception as error:  # a diagnosis must not end a fit that would skip the step
                 return (f"{_where(trainer, [suspect])}: {what}; produced in forward (the inputs were finite); the "
                         f"rerun failed: {type(error).__name__}: {error}")
-            if found is not None:
+            if found is not None and not found[2]:
                 return (f"{_where(trainer, [suspect])}: {what}; produced in forward: first non-finite output from "
                         f"module '{found[0]}' ({found[1]}).")
+            if found is not None and found[0]:
+                return (f"{_where(trainer, [suspect])}: {what}; produced in forward: made in '{found[0]}' "
+                        f"({found[1]})'s own forward, outside its children.")
+            if found is not None:
+                return (f"{_where(trainer, [suspect])}: {what}; produced in forward, outside any module "
+                        "(training_step's own code, before it called a module).")
             if not loss_finite:
                 return (f"{_where(trainer, [suspect])}: {what}; produced in forward, outside any module (the loss "
                         f"computation in training_step).")
         return f"{_where(trainer, suspects)}: {what}; not reproduced by a rerun of training_step."
 
     def _rerun(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-               suspect: _WindowBatch) -> tuple[tuple[str, str] | None, bool]:
-        """Reruns ``suspect``'s training_step as it ran; returns the first non-finite module output (path, type) and
-        whether the loss was finite. BatchNorms stay in train mode, so the rerun normalises as the step did, and
-        their running statistics, which it updated again, are put back."""
+               suspect: _WindowBatch) -> tuple[tuple[str, str, bool] | None, bool]:
+        """Reruns ``suspect``'s training_step as it ran; returns where the first non-finite module output was made
+        (path, type, own: see ``first_nonfinite_output``) and whether the loss was finite. BatchNorms stay in train
+        mode, so the rerun normalises as the step did, and their running statistics, which it updated again, are
+        put back."""
         cpu_state, cuda_states = suspect.generators
         outputs: list[Any] = []
         try:

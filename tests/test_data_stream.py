@@ -116,12 +116,13 @@ class GatedStream(IterableDataset):
 def test_a_closed_loader_pulls_no_further_sample_from_the_stream():
     # The producer pulled the other 6 samples of its batch after the stall closed the loader, for nobody.
     stream = GatedStream(20, gated=1)
+    before = set(threading.enumerate())
     loader = RingLoader(stream, StreamBatches(batch_size=8), collate=PadInto(24, 8), num_workers=1,
                         stall_timeout=0.2)
     with pytest.raises(LoaderError, match="made no progress"):
         next(iter(loader))
     stream.go.set()  # the slow sample comes after the close
-    for t in threading.enumerate():
+    for t in set(threading.enumerate()) - before:  # this loader's producer, not those other tests left
         if t.name.startswith("hetrain-ring-producer"):
             t.join(10)
     assert stream.reads == [0, 1]
@@ -145,6 +146,7 @@ def test_a_loader_collected_by_the_producer_reading_its_stream_stops_the_others_
     # The other producer waited for the stream's lock, which the collecting producer held while it joined the
     # other: both waited until the join gave up after stall_timeout.
     stream = CollectingStream()
+    before = set(threading.enumerate())  # producers other tests left reading are not this loader's
     loader = RingLoader(stream, StreamBatches(batch_size=4), collate=PadInto(12, 4), num_workers=2,
                         stall_timeout=60.0)
     loader.cycle = loader  # held in a reference cycle: only a collection frees it
@@ -155,7 +157,7 @@ def test_a_loader_collected_by_the_producer_reading_its_stream_stops_the_others_
         del batches, loader
         started = time.monotonic()
         stream.go.set()
-        for t in threading.enumerate():
+        for t in set(threading.enumerate()) - before:
             if t.name.startswith("hetrain-ring-producer"):
                 t.join(60)
     finally:

@@ -329,12 +329,12 @@ class NonFiniteGuard(Callback):
         - Each step checks the loss (before backward) and the total gradient norm (after unscaling,
           before the optimizer step): one device sync per step, no hooks.
         - A step with a non-finite loss or gradients is skipped: under a ``GradScaler`` the scaler skips
-          it where the gradients overflowed; otherwise (or where the loss is non-finite) the gradients
-          are dropped so the optimizer leaves the weights alone. Step-interval LR schedulers are set
-          back after a skipped step, with every setting of the optimizer's param groups (lr, momentum,
-          betas), so the schedule does not advance on it, and BatchNorm running statistics too (copied
-          at each window's first batch, only where a model has a BatchNorm): the step's forward had
-          updated them, NaN where its batch was.
+          it (told to where only the loss is non-finite, and it lowers its scale as for an overflow);
+          without one the gradients are dropped so the optimizer leaves the weights alone. Step-interval
+          LR schedulers are set back after a skipped step, with every setting of the optimizer's param
+          groups (lr, momentum, betas), so the schedule does not advance on it, and BatchNorm running
+          statistics too (copied at each window's first batch, only where a model has a BatchNorm): the
+          step's forward had updated them, NaN where its batch was.
         - Under a scaler, non-finite gradients with a finite loss are the scaler's overflow probe: they
           are counted as ``skipped_steps`` but stop nothing while the scale is above ``min_loss_scale``.
         - On the first step of a non-finite streak the guard reruns a batch's ``training_step`` (with
@@ -456,11 +456,25 @@ class NonFiniteGuard(Callback):
               for g in cfg.scheduler.optimizer.param_groups])
             for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"
         ]
-        if scaler is None or not loss_finite:
-            # No scaler skips this step (under one, a non-finite loss may have finite gradients: a NaN term off the
-            # gradient path, and the scaler would step; it keeps its scale, as nothing overflowed): without gradients
-            # the optimizer leaves every weight alone.
+        if scaler is None:  # no scaler skips this step: without gradients the optimizer leaves every weight alone
             optimizer.zero_grad(set_to_none=True)
+        elif grads_finite:  # a non-finite loss with finite gradients (a NaN term off the gradient path)
+            self._make_scaler_skip(scaler, optimizer)
+
+    @staticmethod
+    def _make_scaler_skip(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+        """Has ``scaler`` skip this step as it does an overflow (and lower its scale), which it checks for in the
+        gradients alone. Gradients set to None instead would leave it no check to read ("No inf checks were
+        recorded"). GradScaler keeps what ``unscale_`` found per optimizer: its public API cannot set it."""
+        found = scaler._per_optimizer_states[id(optimizer)].get("found_inf_per_device") or {}
+        if found:  # unscale_ ran (Lightning's before this hook): mark the overflow it checked for
+            for flag in found.values():
+                flag.fill_(1.0)
+            return
+        for group in optimizer.param_groups:  # it will check the gradients: give it one to find
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.fill_(float("nan"))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

@@ -471,7 +471,8 @@ class NonFiniteGuard(Callback):
             for flag in found.values():
                 flag.fill_(1.0)
             return
-        for group in optimizer.param_groups:  # it will check the gradients: give it one to find
+        # An optimizer that unscales in its own step (fused Adam): the scaler checks later, so give it one to find.
+        for group in optimizer.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
                     param.grad.fill_(float("nan"))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from hetrain import _ext
-from hetrain.ops._op import _PLAIN, _functorch_level
+from hetrain.ops._op import _route
 
 
 class _SparseEmbedding(torch.autograd.Function):
@@ -55,13 +55,12 @@ def sparse_embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int |
                          f"for a table of {rows} rows; pass one in [{-rows}, {rows}) or None for no padding row")
     if padding_idx is not None and padding_idx < 0:
         padding_idx += rows  # as nn.Embedding normalises it
-    # Plain tensors only, outside torch.func transforms: the kernel has no fake implementation (FakeTensorMode's
-    # tensors are a subclass), a subclass expects its own dispatch, and functorch takes no Function without
-    # setup_context. Nor under forward-mode AD (a plain int check): the Function has no jvp, and its backward
-    # kernel would drop a tangent on the upstream gradient; torch's lookup carries both.
-    fused = (type(weight) in _PLAIN and type(ids) is torch.Tensor and weight.device.type == "cpu"
-             and weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-             and _functorch_level() is None and forward_ad._current_level < 0 and _ext.load() is not None)
+    # Where the fused ops take their plain autograd.Function ("function": plain tensors, a gradient wanted, no graph
+    # traced, outside torch.func transforms): the kernel has no fake implementation (FakeTensorMode's tensors are a
+    # subclass) and functorch takes no Function without setup_context. Nor under forward-mode AD at all (a plain int
+    # check): the Function has no jvp, and its backward kernel would drop a tangent on the upstream gradient.
+    fused = (weight.device.type == "cpu" and forward_ad._current_level < 0 and _route((ids, weight)) == "function"
+             and _ext.load() is not None)
     if not fused:
         return F.embedding(ids, weight, padding_idx, sparse=True)
     return _SparseEmbedding.apply(ids, weight, -1 if padding_idx is None else padding_idx)

@@ -35,6 +35,7 @@ from typing_extensions import override
 from hetrain import cpu_memory, plugins
 from hetrain.callbacks.precision import run_precision, trainer_precision
 from hetrain.callbacks.profiling import StepTrace
+from hetrain.data.datamodule import check_token_budget
 from hetrain.placement import resolve_plan
 from hetrain.placement.plan import flatten_plan, parse_device, read_plan
 from hetrain.regional_compile import compile_counts, compile_stages
@@ -255,9 +256,8 @@ def _check_windows(cfg: DictConfig) -> None:
     max_len, stride = OmegaConf.select(cfg, "data.max_len"), OmegaConf.select(cfg, "data.stride")
     max_tokens = OmegaConf.select(cfg, "data.max_tokens")
     ring = OmegaConf.select(cfg, "data.loader", default="ring") == "ring"
-    if ring and isinstance(max_len, int) and isinstance(max_tokens, int) and max_tokens < max_len:
-        raise ValueError(f"hetrain: data.max_tokens={max_tokens} is smaller than data.max_len={max_len}: a batch must "
-                         f"hold at least one whole sequence; set data.max_tokens>={max_len} or lower data.max_len")
+    if ring and isinstance(max_len, int) and isinstance(max_tokens, int):
+        check_token_budget(max_tokens, max_len)  # before the corpus is built, not only when the datamodule is
     if isinstance(max_len, int) and isinstance(stride, int) and not 1 <= stride <= max_len:
         raise ValueError(f"hetrain: data.stride={stride} must be in [1, data.max_len={max_len}]: windows start "
                          f"stride tokens apart, so a larger stride skips tokens; set data.stride<={max_len} "

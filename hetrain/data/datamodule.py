@@ -59,6 +59,13 @@ class LabelledRing(RingLoader):
             yield batch
 
 
+def check_token_budget(max_tokens: int, max_len: int) -> None:
+    """Refuses a token budget below the longest sample, naming the settings: the sampler sees numbers only."""
+    if max_tokens < max_len:
+        raise ValueError(f"hetrain: data.max_tokens={max_tokens} is smaller than data.max_len={max_len}: a batch "
+                         f"must hold at least one whole sequence; set data.max_tokens>={max_len} or lower data.max_len")
+
+
 class RingDataModule(pl.LightningDataModule):
     """Base for DataModules whose loaders are RingLoaders; subclasses build the loaders with :meth:`_ring`."""
 
@@ -85,14 +92,6 @@ class RingDataModule(pl.LightningDataModule):
         # A stage without weights (an activation) runs where its input is: it names no device of its own.
         devices = {stage_device(stage) for stage in module.stages().values()} - {None}
         return devices.pop() if len(devices) == 1 else None
-
-    @staticmethod
-    def _check_budget(max_tokens: int, max_len: int) -> None:
-        """Refuses a token budget below the longest sample, naming the settings: the sampler sees numbers only."""
-        if max_tokens < max_len:
-            raise ValueError(f"hetrain: data.max_tokens={max_tokens} is smaller than data.max_len={max_len}: a batch "
-                             f"must hold at least one whole sequence; set data.max_tokens>={max_len} or lower "
-                             "data.max_len")
 
     def _ring(self, split: str, source: Any, lengths: Iterable[int], shuffle: bool, max_tokens: int,
               seed: int, loader_cls: type[RingLoader] = RingLoader, **kwargs: Any) -> Iterable:
@@ -164,7 +163,7 @@ class SyntheticDataModule(SeededSplits, RingDataModule):
         if loader not in ("ring", "torch"):
             raise ValueError(f"hetrain: loader must be 'ring' or 'torch', got {loader!r}")
         if loader == "ring":  # torch's DataLoader batches by batch_size, not max_tokens
-            self._check_budget(max_tokens, max_len)
+            check_token_budget(max_tokens, max_len)
         self.save_hyperparameters()
 
     def _split(self, size: int, seed: int) -> SyntheticSequences:
@@ -357,7 +356,7 @@ class TokenDataModule(RingDataModule):
     ) -> None:
         super().__init__()
         check_val_fraction(val_fraction)
-        self._check_budget(max_tokens, max_len)
+        check_token_budget(max_tokens, max_len)
         self.save_hyperparameters()
         self.windows: dict[str, TokenWindows] = {}
         self.labels: dict[str, np.ndarray] = {}

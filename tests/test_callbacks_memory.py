@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from hetrain import cpu_memory
 from hetrain.callbacks.churn import OUTSIDE, ROOT, Allocation, ChurnTracker, churned
@@ -23,7 +23,7 @@ from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler
 from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, STEPS_CSV, MemoryReport
 from hetrain.callbacks.module_memory import ModuleMemory, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace
-from hetrain.memory_counters import PhaseMemory, peak_rss_bytes, reset_peak_rss, rss_bytes
+from hetrain.memory_counters import PhaseMemory, forget_erased_peak, peak_rss_bytes, reset_peak_rss, rss_bytes
 from hetrain.nn import ConvBNReLUPool2d
 from hetrain.nn.patch_sequences import swap_sequences
 from hetrain.report import peak_memory_mib
@@ -1102,3 +1102,93 @@ def test_a_real_cuda_out_of_memory_writes_the_allocator_snapshot_when_history_is
     with open(tmp_path / OOM_SNAPSHOT, "rb") as f:
         snapshot = pickle.load(f)
     assert snapshot["segments"] and snapshot["device_traces"], "the snapshot holds the allocator's state and history"
+
+
+def test_a_step_the_module_skips_leaves_no_hook_or_profiler_after_the_fit(tmp_path):
+    """A LightningModule's on_train_batch_start returning -1 skips the rest of the epoch: the hooked, churn-profiled
+    step never reached on_train_batch_end, and its module hooks, saved-tensor hooks and torch profiler stayed on
+    after the fit (and under a second fit with the same callback)."""
+    class SkipsStep2(Regressor):
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if batch_idx == 2 else None
+
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=[2])
+    model = SkipsStep2()
+    _fit(model, profiler, tmp_path, batches=4, max_epochs=1)
+    assert [s["step"] for s in profiler.steps] == [0, 1] and profiler.churn_observed == []
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert not torch.autograd.profiler._is_profiler_enabled
+    _fit(Regressor(), profiler, tmp_path, batches=3)  # the same callback again: it measures the new model only
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert "net.0" in profiler.modules.records and profiler.churn_observed == [2]
+
+
+COLLATE_SPIKE_BYTES = 128 * 2**20
+
+
+def test_the_runs_peak_keeps_a_spike_between_steps(tmp_path):
+    """The profiler reset the peak counters at every batch start without reading them first: a spike between steps
+    (the loader's collate, a checkpoint save) was erased from the run's peak."""
+    if not reset_peak_rss():
+        pytest.skip("this kernel cannot reset the peak resident set: no reset to erase it")
+
+    def spiky_collate(items):
+        torch.ones(COLLATE_SPIKE_BYTES // 4).sum()  # touched, then freed
+        return default_collate(items)
+
+    profiler = MemoryProfiler(module_every_n_steps=100, churn_steps=0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[profiler])
+    with cpu_memory.host_memory("system"):  # the temporary goes back to the system when freed
+        forget_erased_peak("cpu")
+        before = rss_bytes()
+        trainer.fit(Regressor(), DataLoader(_loader(3).dataset, batch_size=BATCH, collate_fn=spiky_collate))
+    assert peak_memory_mib([])["cpu_rss"] * 2**20 >= before + COLLATE_SPIKE_BYTES * 0.9
+
+
+def test_the_post_mortem_writes_the_steps_file_it_names(tmp_path):
+    """oom_report.md said "Every step's peaks: memory_steps.csv." and no such file was written."""
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _fit(Regressor(oom_at_step=2), profiler, tmp_path, batches=4)
+    assert f"Every step's peaks: {STEPS_CSV}." in (tmp_path / OOM_MD).read_text()
+    lines = (tmp_path / STEPS_CSV).read_text().splitlines()
+    assert len(lines) == 1 + 2 * len(PHASES) and lines[-1].startswith("1,cpu,optimizer,")  # steps 0 and 1
+    # Under DDP the rank that ran out names its own file: rank 0 may write memory_steps.csv with its report.
+    profiler.write_oom_dump(tmp_path / "ddp", 2, torch.cuda.OutOfMemoryError(OOM_MESSAGE), rank=1)
+    assert "Every step's peaks: memory_steps_rank1.csv." in (tmp_path / "ddp" / "oom_report_rank1.md").read_text()
+    assert (tmp_path / "ddp" / "memory_steps_rank1.csv").read_text().splitlines() == lines
+    assert not (tmp_path / "ddp" / STEPS_CSV).exists()
+
+
+def test_writing_the_report_leaves_the_callers_matplotlib_backend_and_figures():
+    """The plot chose pyplot's Agg backend, which switched a notebook's or GUI's backend and closed its figures."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    original = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands for the caller's backend
+    figure = plt.figure()
+    try:
+        png = MemoryReport([]).plot_png()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [figure.number]
+    finally:
+        plt.close(figure)
+        matplotlib.use(original)
+
+
+def test_an_error_without_a_message_is_named_without_a_dangling_colon(tmp_path):
+    """Ctrl-C's KeyboardInterrupt has no message: the report read "stopped at step 2 with KeyboardInterrupt: ."."""
+    class Interrupted(Regressor):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                raise ValueError  # no message, as Ctrl-C's (whose Lightning handling exits the process)
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(ValueError):
+        _fit(Interrupted(), MemoryProfiler(module_every_n_steps=1, churn_steps=0), tmp_path, batches=4)
+    md = (tmp_path / REPORT_MD).read_text()
+    assert md.startswith("# Memory\n\nThe fit stopped at step 2 with ValueError. These are the steps before it.")

@@ -575,3 +575,25 @@ def test_a_profiled_step_holding_the_warm_up_batch_is_not_counted_as_left_out():
             meter.batch_start(instrumented=step != 1)
             meter.batch_end(samples=BATCH, step_done=micro == 1)
     assert meter.instrumented_steps == 1 and len(meter.step_times) == 1
+
+
+def test_a_first_batch_the_module_skips_leaves_no_flop_counter_after_the_fit(tmp_path):
+    """Lightning skips the rest of an epoch when the LightningModule's on_train_batch_start returns -1: the FLOP
+    counter opened for epoch 0's first batch was never closed, and epoch 1 stacked a second one on it, so a
+    dispatch mode, torch.compile's force_eager stance and global module hooks outlived the fit."""
+    from torch.nn.modules import module as torch_module
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    class SkipsFirstEpoch(Tagger):
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if self.current_epoch == 0 else None
+
+    counted = []
+    for model in (Tagger(), SkipsFirstEpoch()):
+        callback = Throughput(peak_flops=1e9)
+        _fit(tmp_path, model, [callback], steps=2)
+        counted.append(callback.summary["flops_per_batch"])
+        assert _get_current_dispatch_mode_stack() == []
+        assert torch._dynamo.eval_frame._stance.stance == "default"  # torch has no public getter
+        assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
+    assert counted[1] == counted[0] != NA  # the batch that ran was counted, the skipped one not

@@ -4,8 +4,9 @@
 backward and optimizer (:mod:`hetrain.memory_counters`); every few steps it hooks the model for
 one step (:mod:`hetrain.callbacks.module_memory`); over a few steps it finds allocator churn
 (:mod:`hetrain.callbacks.churn`). At the end it writes ``memory_report.{md,png,html}`` and
-``memory_steps.csv`` into the run directory (:mod:`hetrain.callbacks.memory_report`), or ``oom_report.md``
-(+ an allocator snapshot; under DDP ``oom_report_rank<k>.md`` from the rank that ran out) on out-of-memory.
+``memory_steps.csv`` into the run directory (:mod:`hetrain.callbacks.memory_report`), or ``oom_report.md`` and
+``memory_steps.csv`` (+ an allocator snapshot; under DDP ``oom_report_rank<k>.md`` and ``memory_steps_rank<k>.csv``
+from the rank that ran out) on out-of-memory.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.profilers import PyTorchProfiler
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from hetrain.callbacks.churn import ChurnTracker
-from hetrain.callbacks.memory_report import PHASES, READING, MemoryReport, churn_section
+from hetrain.callbacks.memory_report import PHASES, READING, STEPS_CSV, MemoryReport, churn_section
 from hetrain.callbacks.module_memory import MIB, ModuleMemory, bytes_by_device, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace, parse_steps
 from hetrain.memory_counters import PhaseMemory
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 OOM_MD, OOM_SNAPSHOT = "oom_report.md", "oom_snapshot.pickle"
 OOM_MD_OF_RANK, OOM_SNAPSHOT_OF_RANK = "oom_report_rank{}.md", "oom_snapshot_rank{}.pickle"  # under DDP, per rank
+OOM_STEPS_CSV_OF_RANK = "memory_steps_rank{}.csv"  # rank 0 may write memory_steps.csv with its own report
 SNAPSHOT = "memory_snapshot.pickle"
 CHURN_FIRST_STEP = 2  # a churn window given as a count starts here: step 0 creates optimizer state, step 1 settles
 LOGGED_MODULES = 10  # rows of the per-module table in the log
@@ -47,8 +48,10 @@ def out_of_memory(exception: BaseException) -> bool:
 
 
 def _headline(exception: BaseException) -> str:
-    """The error as the run summary heads it: its type and its message's first line."""
-    return error_headline(f"{type(exception).__name__}: {exception}")
+    """The error as the run summary heads it: its type and its message's first line (the type alone when it has
+    no message, as Ctrl-C's KeyboardInterrupt)."""
+    message = str(exception)
+    return error_headline(f"{type(exception).__name__}: {message}" if message else type(exception).__name__)
 
 
 class MemoryProfiler(Callback):
@@ -86,10 +89,10 @@ class MemoryProfiler(Callback):
           instead.
         - With ``dump_on_oom`` an out-of-memory error in the fit (``torch.OutOfMemoryError`` on a GPU, or the
           CPU allocator's "can't allocate memory") writes ``oom_report.md`` (step, error, per-device peaks of
-          the step so far, per-module table) and, when GPU history was recorded, ``oom_snapshot.pickle``;
-          Lightning then re-raises the error. Under DDP the rank that ran out writes them, as
-          ``oom_report_rank<k>.md`` and ``oom_snapshot_rank<k>.pickle`` (the other ranks see only a collective
-          that failed).
+          the step so far, per-module table), ``memory_steps.csv`` (the completed steps' peaks) and, when GPU
+          history was recorded, ``oom_snapshot.pickle``; Lightning then re-raises the error. Under DDP the rank
+          that ran out writes them, as ``oom_report_rank<k>.md``, ``memory_steps_rank<k>.csv`` and
+          ``oom_snapshot_rank<k>.pickle`` (the other ranks see only a collective that failed).
 
     Args:
         dirpath: where reports go; ``None`` means the Trainer's ``default_root_dir``.
@@ -154,7 +157,8 @@ class MemoryProfiler(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # What an earlier fit of this callback measured is not this fit's: a fit that fails before training starts
-        # (in its sanity check) must not report it as its own steps.
+        # (in its sanity check) must not report it as its own steps. Nor may its hooks measure this one.
+        self._stop_open_step()
         self.phases, self.modules, self.churn, self._current = None, None, None, None
         self.steps, self.churn_observed, self.static = [], [], {}
 
@@ -235,13 +239,30 @@ class MemoryProfiler(Callback):
                 self.modules.start()
             if trainer.global_step in self.churn_steps:
                 self.churn.start_step()
+        # What ran since the last phase closed (the loader's collate, a validation, a checkpoint save) is no phase's,
+        # but the run's peak holds it: read, it is kept (memory_counters.erased_peak) before the reset erases it.
+        self.phases.peaks()
         self.phases.reset()
         self._phase = "forward"
 
+    def _stop_open_step(self) -> None:
+        """Drops a step that never reached on_train_batch_end, with its module hooks and churn profiler: Lightning
+        skips the rest of an epoch when the LightningModule's on_train_batch_start returns -1, and a last batch whose
+        training_step returned None does not step. Its numbers are partial; its hooks must not outlive it."""
+        if self.modules is not None and self.modules.active:
+            self.modules.stop(keep=False)
+        if self.churn is not None and self.churn.active:
+            self.churn.stop_step(keep=False)
+        self._current, self._stepped = None, False
+
     @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.phases is not None:  # validation's peak, read before the next step's reset erases it
-            self.phases.peaks()
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # An optimizer step never spans epochs: one still open here was skipped.
+        self._stop_open_step()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_open_step()  # whatever ended the fit, no hook or profiler of this callback outlives it
 
     def _close(self, phase: str) -> None:
         for device, peaks in self.phases.peaks().items():
@@ -303,10 +324,12 @@ class MemoryProfiler(Callback):
         return MemoryReport(self.steps, self.static, self.at_start, self.modules, churn, ended_early)
 
     @override
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write_report(trainer)
-        if self._recording:  # the whole fit's, or chosen steps the fit ended inside of
+        if trainer.is_global_zero:
+            self._write_report(trainer)
+        # The whole fit's history, or chosen steps the fit ended inside of: every rank records, so every rank stops
+        # (rank zero writes it).
+        if self._recording:
             self._dump_history(trainer)
 
     def _write_report(self, trainer: pl.Trainer, ended_early: str | None = None) -> None:
@@ -361,12 +384,14 @@ class MemoryProfiler(Callback):
 
     def write_oom_dump(self, directory: str | Path, step: int, exception: BaseException,
                        rank: int | None = None) -> Path:
-        """Writes ``oom_report.md`` and, when history was recorded, ``oom_snapshot.pickle`` (with ``rank``,
-        ``oom_report_rank<rank>.md`` and ``oom_snapshot_rank<rank>.pickle``); returns the report."""
+        """Writes ``oom_report.md``, the completed steps' peaks in ``memory_steps.csv`` and, when history was
+        recorded, ``oom_snapshot.pickle`` (with ``rank``: ``oom_report_rank<rank>.md``, ``memory_steps_rank<rank>.csv``
+        and ``oom_snapshot_rank<rank>.pickle``); returns the report."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        report_name, snapshot_name = ((OOM_MD, OOM_SNAPSHOT) if rank is None
-                                      else (OOM_MD_OF_RANK.format(rank), OOM_SNAPSHOT_OF_RANK.format(rank)))
+        report_name, snapshot_name, steps_name = (
+            (OOM_MD, OOM_SNAPSHOT, STEPS_CSV) if rank is None
+            else (OOM_MD_OF_RANK.format(rank), OOM_SNAPSHOT_OF_RANK.format(rank), OOM_STEPS_CSV_OF_RANK.format(rank)))
         if self._recording:
             with open(directory / snapshot_name, "wb") as f:
                 pickle.dump(torch.cuda.memory._snapshot(), f)
@@ -385,7 +410,10 @@ class MemoryProfiler(Callback):
         if self._current:
             rows = [[p, d, round(v["allocated"] / MIB, 3)] for p in PHASES for d, v in self._current[p].items()]
             text += "## This step so far\n\n" + markdown_table(["phase", "device", "peak MiB"], rows) + "\n"
-        text += self.report().markdown().removeprefix("# Memory\n")
+        report = self.report()
+        report.steps_file = steps_name
+        text += report.markdown().removeprefix("# Memory\n")
+        (directory / steps_name).write_text(report.steps_csv())
         path = directory / report_name
         path.write_text(text)
         log.error(f"hetrain: out of memory at step {step}; post-mortem in {path}")

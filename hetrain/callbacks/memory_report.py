@@ -69,6 +69,7 @@ class MemoryReport:
         modules: the per-module records, if any step was measured.
         churn: the allocator-churn section (:func:`churn_section`), if churn was requested.
         ended_early: what ended the fit before its end (an error), said first; None when the fit ended.
+        steps_file: the file every step's peaks go to, which the report names.
     """
 
     steps: list[dict[str, Any]]
@@ -77,6 +78,7 @@ class MemoryReport:
     modules: ModuleMemory | None = None
     churn: ChurnSection | None = None
     ended_early: str | None = None
+    steps_file: str = STEPS_CSV
 
     def _devices(self) -> list[str]:
         return sorted({d for s in self.steps for p in PHASES for d in s[p]})
@@ -136,7 +138,7 @@ class MemoryReport:
         if not self.steps:
             return [*out, ("p", "No training step completed: there is nothing to report.")]
         out += [("h2", "Peak per device and phase"), ("p", READING), ("table", self.device_table()),
-                ("p", f"Every step's peaks: {STEPS_CSV}.")]
+                ("p", f"Every step's peaks: {self.steps_file}.")]
         kept = self.kept_host_note()
         if kept:
             out.append(("p", kept))
@@ -171,10 +173,10 @@ class MemoryReport:
 
     def plot_png(self) -> bytes:
         """Peak memory over steps per device and phase, and per-module bars; PNG bytes."""
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display: render to a file
-        import matplotlib.pyplot as plt
+        # A Figure on its own Agg canvas, not pyplot: choosing pyplot's backend would switch the caller's (a
+        # notebook's, a GUI's) for the whole process.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
         sections = self._module_sections()
@@ -182,8 +184,9 @@ class MemoryReport:
         drawn = [header.index(c) for c in BAR_COLUMNS]
         rows = sorted((r for r in rows if r[0] != "total"), key=lambda r: -sum(r[i] for i in drawn))
         rows = [r for r in rows if any(r[i] for i in drawn)][:25]  # sorted and kept by what the bars show
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 4 + 0.3 * len(rows)),
-                                          gridspec_kw={"height_ratios": [3, max(2, 0.3 * len(rows))]})
+        fig = Figure(figsize=(10, 4 + 0.3 * len(rows)))
+        FigureCanvasAgg(fig)  # attaches itself: savefig renders with Agg
+        top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, max(2, 0.3 * len(rows))]})
         xs = [s["step"] for s in self.steps]
         for device in self._devices():
             for phase in PHASES:
@@ -210,7 +213,6 @@ class MemoryReport:
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=90)
-        plt.close(fig)
         return buffer.getvalue()
 
     def write(self, directory: str | Path) -> dict[str, Path]:
@@ -219,7 +221,7 @@ class MemoryReport:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = {"md": directory / REPORT_MD, "png": directory / REPORT_PNG, "html": directory / REPORT_HTML,
-                 "csv": directory / STEPS_CSV}
+                 "csv": directory / self.steps_file}
         paths["md"].write_text(self.markdown())
         paths["csv"].write_text(self.steps_csv())
         png = self.plot_png()

@@ -583,6 +583,10 @@ class Throughput(Callback):
         else:
             self._close_energy()  # a profiled step
         if self.meter.seen_batches == 0 and self.count_flops and self.meter.flops_per_batch is None:
+            # A counter still open was opened for a batch that never ended (Lightning skips the rest of an epoch
+            # when the LightningModule's on_train_batch_start returns -1): closed uncounted, or a second counter
+            # would stack on it and the first, a dispatch mode with global module hooks, outlive the fit.
+            self._stop_counting(keep=False)
             # Counted with torch.compile standing aside: dynamo meeting a frame under the counter's dispatch mode
             # marks its code never to be compiled, so a compiled model would have run eagerly all run.
             self._flop_counter = contextlib.ExitStack()
@@ -597,10 +601,12 @@ class Throughput(Callback):
         # Forward and backward are counted; the optimizer's elementwise work is not in FLOP counts.
         self._stop_counting()
 
-    def _stop_counting(self) -> None:
+    def _stop_counting(self, keep: bool = True) -> None:
+        """Closes the FLOP counter, if open; ``keep``: its count is the batch's (not for a batch that never ran)."""
         if self._flop_counter is not None:
             self._flop_counter.close()
-            self.meter.flops_per_batch = self._flops.get_total_flops() or None
+            if keep:
+                self.meter.flops_per_batch = self._flops.get_total_flops() or None
             self._flop_counter = self._flops = None
 
     @override
@@ -639,7 +645,7 @@ class Throughput(Callback):
     @override
     @rank_zero_only
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_counting()
+        self._stop_counting(keep=False)  # open only if its batch never ended: nothing counted is the batch's
         self._sync()
         self._close_energy()
         summary = self.meter.summary()

@@ -6,9 +6,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hetrain.callbacks import StagePlacement
+from hetrain.callbacks.placement import _first_batch
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
-from hetrain.placement import CostModel
+from hetrain.placement import CostModel, PlacementPlan
 
 LENGTH, HIDDEN = 8, 16
 
@@ -74,3 +75,25 @@ def test_measuring_without_any_dataloader_says_what_to_pass():
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False)
     with pytest.raises(ValueError, match=r"no dataloader: pass train_dataloaders/val_dataloaders or a datamodule"):
         StagePlacement("auto").measure(trainer, _task())
+
+
+def test_auto_plan_creates_the_save_dir(tmp_path):
+    """Before, a save_dir that did not exist yet failed fit after measuring (FileNotFoundError)."""
+    save_dir = tmp_path / "not_yet" / "run1"
+    _fit(StagePlacement("auto", save_dir=str(save_dir)), DataLoader(Tokens(8), batch_size=4))
+    assert PlacementPlan.load(save_dir / "placement_plan.yaml").method == "chain-dp"
+    assert (save_dir / "placement_costs.json").is_file()
+
+
+def _epoch(measure_first: bool) -> list[list[int]]:
+    torch.manual_seed(0)
+    loader = DataLoader(list(range(8)), batch_size=4, shuffle=True, num_workers=1, persistent_workers=True)
+    if measure_first:
+        assert _first_batch(loader).shape == (4,)
+    return [batch.tolist() for batch in loader]
+
+
+def test_measuring_leaves_a_loader_with_persistent_workers_as_it_was():
+    """Before, the iterator made to take the batch stayed on a loader with persistent workers (its _iterator), and
+    training went on with it: the shuffled order differed from a run that did not measure."""
+    assert _epoch(measure_first=True) == _epoch(measure_first=False)

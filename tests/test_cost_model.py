@@ -133,3 +133,53 @@ def test_measure_refuses_the_meta_device_by_name():
     """The meta device is present everywhere (a plan may place a stage there), but holds no data to time."""
     with pytest.raises(ValueError, match="cannot measure on meta"):
         measure(nn.Sequential(nn.Linear(2, 2)), lambda: torch.randn(1, 2), ["cpu", "meta"])
+
+
+def test_measure_times_a_stage_that_works_in_place_on_its_input():
+    """Before, a later stage's input was a leaf that requires grad: nn.ReLU(inplace=True) as a stage failed "a leaf
+    Variable that requires grad is being used in an in-place operation", and the chain ran on no device."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    cm = measure(model, lambda: torch.randn(4, 8), ["cpu"], warmup=1, repeats=2)
+    assert not cm.errors and all(0 < row[0] < INF for row in cm.compute)
+    assert cm.boundary_bytes == [4 * 8 * 4, 4 * 8 * 4, 4 * 2 * 4]
+
+
+class ScalesInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.mul_(2))
+
+
+def test_measure_leaves_the_callers_input_as_it_was():
+    """Before, a first stage that scales its input in place scaled the caller's tensor at every untimed and timed
+    run (1.0 became 64.0 after six runs)."""
+    x = torch.ones(2, 4)
+    measure(nn.Sequential(ScalesInPlace(), nn.Linear(4, 2)), lambda: x, ["cpu"], warmup=2, repeats=3)
+    assert torch.equal(x, torch.ones(2, 4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"devices": []}, ValueError, r"measure got no devices \(devices=\[\]\); name at least one"),
+        ({"devices": "cpu"}, TypeError, r"a list of devices, not the string 'cpu'; pass \['cpu'\]"),
+        ({"repeats": 0}, ValueError, r"repeats is 0; the median needs an integer >= 1 timed runs"),
+        ({"repeats": 2.5}, ValueError, r"repeats is 2.5"),
+    ],
+)
+def test_measure_refuses_bad_arguments_saying_which(kwargs, error, message):
+    """Before, devices=[] failed KeyError '0', 'cpu' was read as the devices 'c', 'p', 'u', and repeats=0 was
+    reported as a stage that runs on no device (StatisticsError: no median for empty data)."""
+    with pytest.raises(error, match=message):
+        measure(nn.Sequential(nn.Linear(2, 2)), lambda: torch.randn(1, 2), **{"devices": ["cpu"], **kwargs})
+
+
+def test_predict_reads_another_spelling_of_a_measured_device():
+    """Before, a plan with cpu:0 (the device measured as cpu, as placing reads it) was refused as unmeasured."""
+    cm = CostModel(["a", "b"], ["cpu"], [[1.0], [2.0]], [4, 4], [[INF]])
+    assert cm.predict({"a": "cpu:0", "b": "cpu"}) == cm.predict(["cpu", "cpu"]) == 3.0
+    with pytest.raises(ValueError, match=r"measured \['cpu'\], not \['cuda:7'\]"):
+        cm.predict(["cpu", "cuda:7"])

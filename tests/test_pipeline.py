@@ -454,7 +454,8 @@ def test_a_fit_after_plan_apply_leaves_the_plans_hooks_in_place():
     """Before, StagePlacement's teardown removed the hooks apply had given the stages, which stayed on their two
     devices (meta standing in for a GPU): the model's next forward met a CPU tensor on the meta stage."""
     model = Chain()
-    PlacementPlan({"b": "meta"}).apply(model)
+    PlacementPlan({"b": "cpu"}).apply(model)
+    model.b.to("meta")  # apply refuses meta; moved after, the hooks follow it
     placement = StagePlacement({"a": "cpu"})
     placement.place(model.stages())
     placement.teardown(None, None, "fit")

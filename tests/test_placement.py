@@ -237,6 +237,19 @@ def test_heft_names_the_inf_transfers_when_no_device_can_join_them():
         heft(compute, {("a", "c"): INF, ("b", "c"): INF})
 
 
+def test_heft_ranks_count_an_inf_transfer_as_zero_so_the_order_given_does_not_matter():
+    """Before, an inf (must share a device) edge made every rank upstream of it inf: the tasks went in the order
+    given, and listing the short task Y first put the long X beside it on device 0 (makespan 17, not 11)."""
+    cost = {"Y": [5.0, 5.1], "X": [10.0, 30.0], "Y2": [1.0, 1.0], "X2": [1.0, 1.0]}
+    comm = {("Y", "Y2"): INF, ("X", "X2"): INF}
+    for order in (["Y", "X", "Y2", "X2"], ["X", "Y", "X2", "Y2"]):
+        schedule = heft({t: cost[t] for t in order}, comm)
+        assert schedule.makespan == 11.0 and schedule.order[:2] == ["X", "Y"]
+        assert schedule.assignment == {"X": 0, "X2": 0, "Y": 1, "Y2": 1}
+    assert upward_ranks(cost, comm, ["X", "Y", "X2", "Y2"]) == pytest.approx({"X": 21.0, "Y": 6.05, "X2": 1.0,
+                                                                              "Y2": 1.0})
+
+
 def placeable_with_inf_transfers(compute, comm) -> bool:
     """Brute force: some device per task where it can run, with every inf edge inside one device."""
     tasks = list(compute)
@@ -741,15 +754,34 @@ def test_a_plan_solved_from_numpy_costs_saves(tmp_path, suffix):
     assert PlacementPlan.load(plan.save(tmp_path / f"plan{suffix}")) == plan
 
 
+class LogsMoves:
+    """A module that appends its ``label`` to ``moves`` at each ``.to`` call on it: the order a plan moves modules
+    in shows with the one device of a CPU machine (apply refuses meta, which stood in for a second one)."""
+
+    def __init__(self, label: str, moves: list[str], *args: object) -> None:
+        super().__init__(*args)
+        self.label, self.moves = label, moves
+
+    def to(self, *args: object, **kwargs: object) -> nn.Module:
+        self.moves.append(self.label)
+        return super().to(*args, **kwargs)
+
+
+class LoggedList(LogsMoves, nn.ModuleList):
+    pass
+
+
+class LoggedLinear(LogsMoves, nn.Linear):
+    pass
+
+
 def test_plan_apply_moves_submodules_most_specific_path_last():
-    # The meta device stands in for a second device: moving to it is a real move with no data (and
-    # nothing can move back out of it, so moving the group after its member would fail here).
+    # Moving the group after its member would take the member along to the group's device.
+    moves: list[str] = []
     model = Net()
-    PlacementPlan({"encoder.1": "meta", "encoder": "cpu", "classifier": "meta"}).apply(model)
-    assert model.embeddings.weight.device.type == "cpu"
-    assert model.encoder[0].weight.device.type == "cpu"
-    assert model.encoder[1].weight.device.type == "meta"
-    assert model.classifier.weight.device.type == "meta"
+    model.encoder = LoggedList("encoder", moves, [nn.Linear(4, 4), LoggedLinear("encoder.1", moves, 4, 4)])
+    PlacementPlan({"encoder.1": "cpu", "encoder": "cpu", "classifier": "cpu"}).apply(model)
+    assert moves == ["encoder", "encoder.1"]
 
 
 def test_plan_apply_names_a_missing_path():
@@ -778,16 +810,17 @@ def test_an_applied_plan_runs_the_model_across_devices():
     """Before, apply only moved the stages: a CPU input met the weights of a stage on another device (meta stands
     in for a GPU). The hooks go on the stages a group path covers, not on the group (a ModuleList, never called)."""
     model = TwoStages()
-    plan = PlacementPlan({"embed": "cpu", "layers": "meta"})
+    plan = PlacementPlan({"embed": "cpu", "layers": "cpu"})
     assert plan.apply(model) is model
-    assert model(torch.randn(4, 5)).device.type == "meta"
     plan.apply(model)  # again: no hook added
+    model.layers.to("meta")  # apply refuses meta as a plan's device: moved by hand, it still stands in for a GPU
+    assert model(torch.randn(4, 5)).device.type == "meta"
     assert [len(stage._forward_pre_hooks) for stage in model.stages().values()] == [1, 1, 1]
     assert len(model.layers._forward_pre_hooks) == 0
     # A model without stages(): each planned submodule takes its inputs to its device.
     chain = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 3))
-    PlacementPlan({"1": "meta"}).apply(chain)
-    assert chain(torch.randn(4, 5)).device.type == "meta"
+    PlacementPlan({"1": "cpu"}).apply(chain)
+    assert chain[1].to("meta")(torch.randn(4, 5)).device.type == "meta"
 
 
 class WithActivation(TwoStages):
@@ -818,7 +851,9 @@ def test_a_model_an_applied_plan_placed_pickles():
 def test_an_applied_plans_hooks_follow_the_model_when_it_moves_and_can_be_removed():
     """Before, a hook held the device the plan named: a model moved back after apply sent its inputs to meta."""
     model = TwoStages()
-    PlacementPlan({"layers": "meta"}).apply(model)
+    PlacementPlan({"layers": "cpu"}).apply(model)
+    model.layers.to("meta")
+    assert model(torch.randn(4, 5)).device.type == "meta"
     model.to_empty(device="cpu")
     assert model(torch.randn(4, 5)).device.type == "cpu"
     assert remove_input_hooks(model) == 3
@@ -829,12 +864,16 @@ def test_apply_takes_a_root_path_and_stages_without_weights():
     """Before, apply on a model with stages() refused "" (which it sorts first, as the root) and raised a bare
     StopIteration on a stage without parameters, which gets no hook: it runs wherever its input is."""
     model = WithActivation()
-    PlacementPlan({"layers.1": "meta"}).apply(model)
+    PlacementPlan({"layers.1": "cpu"}).apply(model)
     assert [len(stage._forward_pre_hooks) for stage in model.stages().values()] == [1, 0, 1, 1]
+    model.layers[1].to("meta")
     assert model(torch.randn(4, 5)).device.type == "meta"
+    moves: list[str] = []
     model = WithActivation()
-    PlacementPlan({"": "cpu", "layers.1": "meta"}).apply(model)
-    assert [model.layers[0].weight.device.type, model.layers[1].weight.device.type] == ["cpu", "meta"]
+    model.layers[1] = LoggedLinear("layers.1", moves, 5, 5)
+    PlacementPlan({"": "cpu", "layers.1": "cpu"}).apply(model)
+    assert moves == ["layers.1"]
+    assert [len(stage._forward_pre_hooks) for stage in model.stages().values()] == [1, 0, 1, 1]
     devices, _ = resolve_plan({"": "cpu", "layers.1": "cpu"}, list(model.stages()))
     assert set(devices) == set(model.stages())
 
@@ -852,10 +891,62 @@ def test_resolve_plan_refuses_the_meta_device_by_name():
 def test_plan_apply_names_an_absent_device_before_moving_anything():
     """Before, torch's bare "Torch not compiled with CUDA enabled" named neither path nor device, after the entries
     before it had moved."""
+    moves: list[str] = []
     model = Net()
+    model.embeddings = LoggedLinear("embeddings", moves, 4, 4)
     with pytest.raises(ValueError, match=r"places 'encoder' on cuda:99, which this machine does not have \(it has cpu"):
-        PlacementPlan({"embeddings": "meta", "encoder": "cuda:99"}).apply(model)
-    assert model.embeddings.weight.device.type == "cpu"
+        PlacementPlan({"embeddings": "cpu", "encoder": "cuda:99"}).apply(model)
+    assert moves == []
+
+
+def test_plan_apply_refuses_the_meta_device_before_moving_anything():
+    """Before, apply moved a stage to meta (as resolve_plan refuses to): its weights were gone, and the model's
+    forward returned meta tensors without an error."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    weight = model[1].weight.detach().clone()
+    with pytest.raises(ValueError, match="placement of '1' names meta, which holds shapes, not data"):
+        PlacementPlan({"0": "cpu", "1": "meta"}).apply(model)
+    assert model[1].weight.device.type == "cpu" and torch.equal(model[1].weight, weight)
+
+
+class Tied(nn.Module):
+    """An embedding tied to the output head, as language models tie them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def stages(self) -> dict[str, nn.Module]:
+        return {"emb": self.emb, "head": self.head}
+
+
+def test_plan_apply_refuses_to_split_a_shared_parameter_across_devices():
+    """Before, apply moved the head's use of the tied weight alone, untying it from the embedding, silently. meta is
+    the second device here: the shared weight is checked before it."""
+    model = Tied()
+    with pytest.raises(ValueError, match=r"shared by two modules on different devices: emb.weight on cpu and "
+                                         r"head.weight on meta; nothing was moved"):
+        PlacementPlan({"emb": "cpu", "head": "meta"}).apply(model)
+    assert model.head.weight is model.emb.weight and model.emb.weight.device.type == "cpu"
+    chain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))  # without stages(): the planned submodules
+    chain[1].weight = chain[0].weight
+    with pytest.raises(ValueError, match=r"0.weight on cpu and 1.weight on meta"):
+        PlacementPlan({"1": "meta"}).apply(chain)
+    # Both uses on one device, however spelt or nested, is no split.
+    PlacementPlan({"": "cpu", "head": "cpu:0"}).apply(model)
+    PlacementPlan({"0": "cpu", "1": "cpu:0"}).apply(chain)
+    assert model.head.weight is model.emb.weight and chain[1].weight is chain[0].weight
+
+
+def test_a_plan_of_torch_devices_saves_their_names(tmp_path):
+    """Before, a plan built from resolve_plan's torch.device values was accepted, but saving it failed (YAML
+    "cannot represent an object", JSON "not JSON serializable")."""
+    devices, _ = resolve_plan({"0": "cpu", "1": "cpu"}, ["0", "1"])
+    plan = PlacementPlan(devices)
+    assert plan.devices == {"0": "cpu", "1": "cpu"}
+    for suffix in (".yaml", ".json"):
+        assert PlacementPlan.load(plan.save(tmp_path / f"plan{suffix}")) == plan
 
 
 def test_resolve_plan_refuses_an_absent_fallback_where_it_is_needed():

@@ -25,6 +25,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
+from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
@@ -156,6 +157,7 @@ class StagePlacement(Callback):
         log.info(f"placement auto ({plan.method}, {self.objective}): {plan.devices}; predicted forward+backward "
                  f"{predicted_ms} ms per batch, run {runs}")
         if self.save_dir is not None:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
             plan.save(Path(self.save_dir) / "placement_plan.yaml")
             costs.save(Path(self.save_dir))
         self.summary = {"method": plan.method, "predicted_step_time_ms": predicted_ms, **{
@@ -280,7 +282,9 @@ def _measuring_loader(trainer: pl.Trainer) -> Any:
 def _first_batch(loader: Any) -> Any:
     """One batch from a loader, closing its iterator (a ring loader's producers) right after. The random generators
     are left as they were: iterating a loader draws from them (a seed for its workers, a shuffled order), and a run
-    must train on the same data whether or not it measured."""
+    must train on the same data whether or not it measured. A torch DataLoader with persistent workers keeps the
+    iterator it makes (``_iterator``) and training would go on with it: one made here is shut down and dropped."""
+    kept = getattr(loader, "_iterator", None) if isinstance(loader, DataLoader) else None
     with torch.random.fork_rng(devices=[]):
         iterator = iter(loader)
         try:
@@ -289,3 +293,6 @@ def _first_batch(loader: Any) -> Any:
             close = getattr(iterator, "close", None) or getattr(loader, "close", None)
             if callable(close):
                 close()
+            if isinstance(loader, DataLoader) and kept is None and loader._iterator is iterator:
+                iterator._shutdown_workers()
+                loader._iterator = None

@@ -32,6 +32,7 @@ from hetrain.placement.chain import chain_dp_bytes, chain_time
 from hetrain.placement.heft import check_bandwidth, heft_bytes
 from hetrain.placement.plan import (
     PlacementPlan,
+    _indexed,
     available_devices,
     device_present,
     flatten_plan,
@@ -157,10 +158,13 @@ class CostModel:
             raise TypeError(f"hetrain: predict takes one device per stage or a {{path: device}} plan, not the string "
                             f"{devices!r}; for every stage on it pass [{devices!r}] * {len(self.stages)}")
         names = self._stage_devices(devices) if isinstance(devices, Mapping) else list(devices)
-        unknown = sorted(set(names) - set(self.devices))
+        # One device spelt two ways (cpu:0 for the cpu measured, cuda for cuda:0) is the device measured.
+        measured = [_indexed(parse_device(d, "a measured device")) for d in self.devices]
+        wanted = [_indexed(parse_device(d, "a planned device")) for d in names]
+        unknown = sorted({str(name) for name, device in zip(names, wanted, strict=True) if device not in measured})
         if unknown:
             raise ValueError(f"hetrain: the cost model measured {self.devices}, not {unknown}")
-        index = [self.devices.index(d) for d in names]
+        index = [measured.index(d) for d in wanted]
         costs, boundary_bytes, bandwidth = self.chain_inputs(training)
         return chain_time(costs, boundary_bytes, bandwidth, index, objective, micro_batches)
 
@@ -248,24 +252,26 @@ WARMUP_MIN_S = 0.025
 WARMUP_MAX_RUNS = 100
 
 
-def _median_time(fn: Callable[[], Any], devices: Sequence[torch.device], warmup: int, repeats: int,
-                 clock: Callable[[], float] = time.perf_counter) -> float:
+def _median_time(fn: Callable[..., Any], devices: Sequence[torch.device], warmup: int, repeats: int,
+                 clock: Callable[[], float] = time.perf_counter, prepare: Callable[[], Any] | None = None) -> float:
     # torch.utils.benchmark.Timer reports per-block means and runs with one thread unless told
     # otherwise; a placement needs the median of single runs at the process's own thread count.
+    # ``prepare`` (run untimed before each run, its result passed to ``fn``) makes what a run consumes.
+    def run() -> float:
+        args = () if prepare is None else (prepare(),)
+        for d in devices:
+            _synchronize(d)
+        t0 = clock()
+        fn(*args)
+        for d in devices:
+            _synchronize(d)
+        return clock() - t0
+
     start, runs = clock(), 0
     while runs < warmup or (runs < WARMUP_MAX_RUNS and clock() - start < WARMUP_MIN_S):
-        fn()
-        for d in devices:
-            _synchronize(d)
+        run()
         runs += 1
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        for d in devices:
-            _synchronize(d)
-        times.append(clock() - t0)
-    return statistics.median(times)
+    return statistics.median(run() for _ in range(repeats))
 
 
 ForwardContext = Callable[[], contextlib.AbstractContextManager]
@@ -275,18 +281,28 @@ def _time_stage(
     stage: nn.Module, args: tuple, device: torch.device, needs_input_grad: bool, warmup: int, repeats: int,
     forward_context: ForwardContext,
 ) -> tuple[float, Any]:
-    """Median forward + backward seconds of a copy of ``stage`` on ``device``, and one output (on the CPU)."""
+    """Median forward + backward seconds of a copy of ``stage`` on ``device``, and one output (on the CPU).
+
+    Each run gets fresh copies of the inputs, made untimed: a stage may work in place on its input (``nn.ReLU(
+    inplace=True)``), which must neither change the caller's tensors nor compound from run to run. A later stage's
+    floating-point input is a copy of a leaf that requires grad, an activation as in training: in place is allowed
+    on it, and the backward reaches the leaf, as training's sends the gradient upstream."""
     module = copy.deepcopy(stage).to(device)
 
     def to_device(t: torch.Tensor) -> torch.Tensor:
         t = t.detach().to(device)
-        # A later stage's input is an activation: training sends its gradient back upstream.
         return t.requires_grad_() if needs_input_grad and t.is_floating_point() else t
 
-    inputs = _map_tensors(args, to_device)
+    sources = _map_tensors(args, to_device)
+
+    def fresh_inputs() -> Any:
+        for t in _tensors(sources):
+            t.grad = None
+        return _map_tensors(sources, torch.Tensor.clone)
+
     grads: list[torch.Tensor] = []
 
-    def step() -> Any:
+    def step(inputs: Any) -> Any:
         module.zero_grad(set_to_none=True)
         with forward_context():
             out = module(*inputs)
@@ -297,9 +313,9 @@ def _time_stage(
             torch.autograd.backward(outs, grads)
         return out
 
-    seconds = _median_time(step, [device], warmup, repeats)
+    seconds = _median_time(step, [device], warmup, repeats, prepare=fresh_inputs)
     with torch.no_grad(), forward_context():
-        out = module(*inputs)
+        out = module(*fresh_inputs())
     return seconds, _map_tensors(out, lambda t: t.detach().cpu())
 
 
@@ -368,6 +384,13 @@ def measure(
         )
     if not named:
         raise ValueError("hetrain: no stages to measure")
+    if isinstance(devices, str):
+        raise TypeError(f"hetrain: measure takes a list of devices, not the string {devices!r}; pass [{devices!r}]")
+    if devices is not None and not devices:
+        raise ValueError("hetrain: measure got no devices (devices=[]); name at least one, or leave devices=None to "
+                         f"measure every device this machine has ({', '.join(available_devices())})")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"hetrain: measure's repeats is {repeats!r}; the median needs an integer >= 1 timed runs")
     devices = list(available_devices() if devices is None else devices)
     parsed = [parse_device(d, "a device to measure") for d in devices]
     if any(device.type == "meta" for device in parsed):

@@ -3,7 +3,8 @@
 Heterogeneous Earliest Finish Time (Topcuoglu, Hariri and Wu, IEEE TPDS 13(3), 2002):
 
 1. each task's *upward rank* is its mean compute cost (over the devices it can run on) plus the
-   largest, over its successors, of the mean transfer cost of the edge plus the successor's rank;
+   largest, over its successors, of the mean transfer cost of the edge (0 for an ``inf`` one, whose
+   data never crosses) plus the successor's rank;
 2. tasks are taken in decreasing rank order (among the tasks whose predecessors are placed, so the
    order is topological even when zero costs make ranks equal; ties go to the task given first);
 3. each task goes to the device where it would finish earliest, looking for the earliest idle gap
@@ -153,14 +154,19 @@ def _find_cycle(tasks: Sequence[Task], edges: Sequence[Edge], acyclic: set[Task]
 def upward_ranks(
     compute: Mapping[Task, Sequence[float]], mean_comm: Mapping[Edge, float], order: Sequence[Task]
 ) -> dict[Task, float]:
-    """HEFT's upward rank of each task, from mean compute costs and mean transfer costs."""
+    """HEFT's upward rank of each task, from mean compute costs and mean transfer costs.
+
+    An ``inf`` transfer counts 0: its ends share a device, so its data never crosses. As ``inf`` it would make
+    every upstream rank ``inf``, and the tasks' order, hence the schedule, would follow the order they were given.
+    """
     succs: dict[Task, list[Task]] = {t: [] for t in compute}
     for u, v in mean_comm:
         succs[u].append(v)
+    comm = {edge: 0.0 if math.isinf(cost) else cost for edge, cost in mean_comm.items()}
     rank: dict[Task, float] = {}
     for t in reversed(order):
         finite = [c for c in compute[t] if not math.isinf(c)]
-        tail = max((mean_comm[(t, v)] + rank[v] for v in succs[t]), default=0.0)
+        tail = max((comm[(t, v)] + rank[v] for v in succs[t]), default=0.0)
         rank[t] = sum(finite) / len(finite) + tail
     return rank
 

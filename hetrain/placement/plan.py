@@ -86,6 +86,8 @@ class PlacementPlan:
         self.devices = flatten_plan(self.devices)
         for path, device in self.devices.items():
             parse_device(device, f"placement of {path!r}")
+        # torch.device values (resolve_plan's) as their names: a plan is saved as YAML or JSON, which hold strings.
+        self.devices = {path: str(d) if isinstance(d, torch.device) else d for path, d in self.devices.items()}
         if self.predicted_step_time is not None:
             if not is_number(self.predicted_step_time):
                 raise ValueError(f"hetrain: predicted_step_time is {self.predicted_step_time!r}; it is seconds, a "
@@ -121,7 +123,9 @@ class PlacementPlan:
         stages, as in :func:`resolve_plan`; ``""`` names them all), else the planned submodules. A hook reads its
         unit's device when the unit runs, so moving the model afterwards (``.cpu()``, another plan) keeps it
         right; applying again adds none, and :func:`remove_input_hooks` removes them. Every path and device is
-        checked before anything moves, so a bad plan leaves the model where it was. Returns ``model``."""
+        checked before anything moves, so a bad plan leaves the model where it was: the meta device is refused (the
+        weights moved there would be lost), as is a plan that puts two uses of one parameter on different devices
+        (moving one would untie it). Returns ``model``."""
         for path in self.devices:
             try:
                 model.get_submodule(path)
@@ -132,6 +136,8 @@ class PlacementPlan:
                     f"(its children: {children})"
                 ) from exc
         units = self._units(model)  # checks that each path names stages, where the model has them
+        self._refuse_splitting_shared(model)
+        _refuse_meta({f"placement of {path!r}": torch.device(device) for path, device in self.devices.items()})
         self._check_present()
         for path in sorted(self.devices, key=lambda p: p.count(".") if p else -1):
             model.get_submodule(path).to(self.devices[path])
@@ -147,6 +153,22 @@ class PlacementPlan:
             return [model.get_submodule(path) for path in self.devices]
         stage_paths(self.devices, list(stages))
         return list(stages.values())
+
+    def _refuse_splitting_shared(self, model: nn.Module) -> None:
+        """Refuses a plan that puts two uses of one parameter on different devices: a parameter lives on one device,
+        and moving one use would silently untie it from the other (an input embedding tied to an output head)."""
+        first_use: dict[int, tuple[str, torch.device]] = {}
+        clashes = []
+        for name, p in model.named_parameters(remove_duplicate=False):
+            covering = [path for path in self.devices if path == "" or name.startswith(path + ".")]
+            device = _indexed(torch.device(self.devices[max(covering, key=len)]) if covering else p.device)
+            first, first_device = first_use.setdefault(id(p), (name, device))
+            if first_device != device:
+                clashes.append(f"{first} on {first_device} and {name} on {device}")
+        if clashes:
+            raise ValueError(f"hetrain: the plan puts parameters shared by two modules on different devices: "
+                             f"{'; '.join(clashes)}; nothing was moved. Put both modules on one device, or untie the "
+                             f"weights")
 
     def _check_present(self) -> None:
         absent = [f"{path!r} on {device}" for path, device in self.devices.items()

@@ -11,7 +11,8 @@ A training-loop section feeds a loop with fixed compute per step (on the GPU whe
 loader and from nothing: the data wait is one minus the ratio of their step rates; on CUDA it also times
 host-to-device copies from pageable and pinned memory. A last section reads a Dataset that tokenizes
 text in Python (GIL-bound) with RingLoader threads, RingLoader reader processes and DataLoader workers.
-Writes ``benchmarks/results/<date>-loader-<device>.json``.
+Writes ``benchmarks/results/<date>-loader-<device>.json``; a run with flags other than the defaults names its
+file after them too (``-text-samples0``, ``-workers0-2``), so it never overwrites the day's full run.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import hetrain
-from benchmarks.cli import non_negative_int, out_dir, positive_float, positive_int
+from benchmarks.cli import non_negative_int, out_dir, positive_float, positive_int, result_file
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
@@ -347,6 +348,17 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop
     return result
 
 
+def variant_parts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The flags this run changed from their defaults, each with its value ("text-samples0", "workers0-2"): a run
+    with a section left out or other sizes names its file after them."""
+    parts = []
+    for dest, value in vars(args).items():
+        if dest != "out" and value != parser.get_default(dest):
+            shown = "-".join(map(str, value)) if isinstance(value, list) else str(value).removesuffix(".0")
+            parts.append(dest.replace("_", "-") + shown)
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=positive_int, default=3000, help="documents in the synthetic corpus")
@@ -367,7 +379,8 @@ def main() -> None:
     if 0 < args.loop_steps < LOOP_ROUNDS:
         parser.error(f"--loop-steps: 0 skips the loop, else at least {LOOP_ROUNDS} (a step per round); "
                      f"got {args.loop_steps}")
-    path = args.out / f"{dt.date.today().isoformat()}-loader-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    path = result_file(args.out, dt.date.today().isoformat(), "loader", "cuda" if torch.cuda.is_available() else "cpu",
+                       *variant_parts(parser, args))
 
     def save(result: dict) -> None:
         path.write_text(json.dumps(result, indent=2) + "\n")

@@ -6,7 +6,8 @@ dispatch around them: hetrain's functional op beside the torch eager ops it repl
 inputs, taking turns over rounds, median of each (on a CUDA build also each op's C++/CUDA kernels with
 their C++ autograd, ``hetrain_cuda``, where the default is Triton). At BERT-base sizes on a GPU a step
 makes some 50 such calls, so this is time the GPU waits. Writes
-``benchmarks/results/<date>-<device>-overhead.json``.
+``benchmarks/results/<date>-<device>-overhead.json``; one with other ``--rounds`` than the default
+``-overhead-rounds<n>.json``, so it never overwrites the day's full run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 import hetrain
 from benchmarks.cases import with_cpp_kernels
-from benchmarks.cli import check_device, error_text, exit_if_any_failed, int_at_least, out_dir
+from benchmarks.cli import check_device, error_text, exit_if_any_failed, int_at_least, out_dir, result_file
 from benchmarks.report import markdown_cell
 from benchmarks.timing import interleaved_ms
 from hetrain import ops
@@ -32,6 +33,7 @@ from hetrain.device_info import device_name, result_card
 RESULTS = Path(__file__).parent / "results"
 ROWS, HIDDEN, VOCAB = 8, 64, 96
 MIN_ROUNDS = 3  # the median of 3 rounds leaves out one slow round; of 1 or 2 it shows it as the result
+ROUNDS = 5  # a full run's; a run with other rounds is a variant, named after them
 
 
 def _grad_step(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], dy: torch.Tensor | None):
@@ -113,7 +115,7 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int_at_least(MIN_ROUNDS), default=5,
+    parser.add_argument("--rounds", type=int_at_least(MIN_ROUNDS), default=ROUNDS,
                         help=f"interleaved rounds, median across them; at least {MIN_ROUNDS}")
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
@@ -123,7 +125,8 @@ def main() -> None:
               "device": device_name(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "hetrain": hetrain.__version__, "rounds": rounds,
               "shapes": {"rows": ROWS, "hidden": HIDDEN, "vocab": VOCAB}}
-    path = args.out / f"{header['date']}-{result_card(args.device)}-overhead.json"
+    path = result_file(args.out, header["date"], result_card(args.device), "overhead",
+                       None if rounds == ROUNDS else f"rounds{rounds}")
 
     def save(result: dict) -> None:
         path.write_text(json.dumps({**header, **result}, indent=2) + "\n")

@@ -32,6 +32,7 @@ from hetrain.device_info import device_name, host_description
 from hetrain.models.bert import BertClassifier
 from hetrain.placement import CostModel, available_devices
 from hetrain.placement import measure as cost_model
+from hetrain.placement.pipeline import micro_batch_count
 
 RESULTS = Path(__file__).parent / "results"
 BASELINE = ("bf16-compile", False)  # plain torch modules in bf16 under torch.compile: the bar to meet
@@ -268,14 +269,14 @@ def run_placement(shape: Shape, quick: bool) -> list[dict]:
     """Each candidate plan over this machine's devices: predicted by the measured cost model, then measured
     (once per distinct plan, so two methods that agree show one measurement, not two draws of its noise).
 
-    Then the chain optimum for the pipeline objective at several micro-batch counts: the measured bubble
-    (1 - busiest stage's time / step time) against GPipe's (p - 1) / (m + p - 1).
+    Then the chain optimum for the pipeline objective at several micro-batch counts, planned and priced from
+    costs measured on one micro-batch: the measured bubble (1 - busiest device's time / step time) against GPipe's
+    (p - 1) / (m + p - 1).
     """
     model = build_model(shape, fused=True).train()
     ids, mask, labels = make_batch(shape, "cpu")
     devices = available_devices()
-    costs = cost_model(model.stages(), lambda: ids, devices, lambda name: () if name == "embeddings" else (mask,),
-                       warmup=1, repeats=3 if quick else 10)
+    costs = stage_costs(model, ids, mask, devices, repeats=3 if quick else 10)
     rows = []
     measured: dict[tuple[str, ...], dict] = {}  # plan -> its row: methods that agree share one measurement
     for method, plan in candidate_plans(costs).items():
@@ -291,8 +292,10 @@ def run_placement(shape: Shape, quick: bool) -> list[dict]:
             row = {"section": "bubble", "method": "chain-dp pipeline", "micro_batches": m, "skipped":
                    "one device: stages cannot overlap"}
         else:
-            plan = costs.chain_plan(objective="pipeline", micro_batches=m).devices
-            row = _placed_row(model, costs, plan, (ids, mask, labels), quick, section="bubble",
+            # The pipeline objective prices per micro-batch; a few repeats, as placement plan "auto" measures it.
+            micro = costs if m == 1 else stage_costs(model, ids, mask, devices, repeats=3, micro_batches=m)
+            plan = micro.chain_plan(objective="pipeline", micro_batches=m).devices
+            row = _placed_row(model, micro, plan, (ids, mask, labels), quick, section="bubble",
                               method="chain-dp pipeline", micro_batches=m)
         rows.append(row)
     for row in rows:
@@ -300,8 +303,20 @@ def run_placement(shape: Shape, quick: bool) -> list[dict]:
     return rows
 
 
+def stage_costs(model: BertClassifier, ids: torch.Tensor, mask: torch.Tensor, devices: list[str], repeats: int,
+                micro_batches: int = 1) -> CostModel:
+    """The stages' costs on the batch's first micro-batch (the whole batch for 1), cut as the pipeline split cuts
+    it: the pipeline objective takes per-micro-batch costs."""
+    pieces = micro_batch_count(len(ids), micro_batches)
+    ids, mask = (torch.tensor_split(t, pieces)[0] for t in (ids, mask))
+    return cost_model(model.stages(), lambda: ids, devices, lambda name: () if name == "embeddings" else (mask,),
+                      warmup=1, repeats=repeats)
+
+
 def _placed_row(model: BertClassifier, costs: CostModel, plan: dict[str, str], batch: tuple[torch.Tensor, ...],
                 quick: bool, section: str, method: str, micro_batches: int = 1) -> dict:
+    """``plan`` measured and priced by ``costs``: of the whole batch for the sequential objective, of one
+    micro-batch for a bubble row (the pipeline objective)."""
     model.micro_batches = micro_batches
     placed = StagePlacement(plan).place(model.stages())
     stages = list(model.stages())
@@ -318,7 +333,7 @@ def _placed_row(model: BertClassifier, costs: CostModel, plan: dict[str, str], b
         busiest = max(sum(costs.compute[i][costs.devices.index(str(placed[s]))] for i, s in enumerate(stages)
                           if str(placed[s]) == device) for device in {str(d) for d in placed.values()})
         p = len(set(placed.values()))
-        row["bubble"] = max(0.0, 1.0 - busiest * 1e3 / ms)
+        row["bubble"] = max(0.0, 1.0 - micro_batches * busiest * 1e3 / ms)  # busy for each of m micro-batches
         row["gpipe_bubble"] = (p - 1) / (micro_batches + p - 1)
     model.micro_batches = 1
     return row

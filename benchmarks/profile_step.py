@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
 import hetrain
@@ -118,11 +119,21 @@ def profile(shape: Shape, device: str, bf16: bool, steps: int = 3) -> dict:
             step()
         if cuda:
             torch.cuda.synchronize()
-    events = prof.events()
+    return op_times(prof.events(), cuda, steps)
+
+
+def op_times(events: list[FunctionEvent], cuda: bool, steps: int) -> dict:
+    """Self time per op of ``events`` (``steps`` profiled steps), grouped by kind: device time on CUDA, else CPU.
+
+    On CUDA the profiler keeps each kernel as an event of its own and also adds its time to the op that
+    launched it, so only the CPU-side ops count (as in torch's own table): the kernels would count twice and,
+    named after themselves, fill "other"."""
     nodes = attention_nodes(events)
     kinds: dict[str, float] = defaultdict(float)
     other: dict[str, float] = defaultdict(float)
     for event in events:
+        if cuda and event.device_type != DeviceType.CPU:
+            continue
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if us > 0 and not event.key.startswith("ProfilerStep"):
             kind = event_kind(event, nodes)

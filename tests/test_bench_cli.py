@@ -15,6 +15,8 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
 
 from benchmarks import (
     bench_cpu,
@@ -121,7 +123,7 @@ def test_an_overhead_op_that_raises_is_recorded_the_others_run_on_and_the_run_fa
     monkeypatch.setattr(bench_overhead, "interleaved_ms", once_each)
     with pytest.raises(SystemExit) as exit_:
         run_main(bench_overhead, ["--device", "cpu", "--rounds", "3", "--out", str(tmp_path)], monkeypatch)
-    (path,) = tmp_path.glob("*-overhead.json")
+    (path,) = tmp_path.glob("*-overhead-rounds3.json")  # a variant: named after its rounds
     rows = json.loads(path.read_text())["rows"]
     assert [r["op"] for r in rows] == ["layer_norm", "rms_norm", "dropout"]
     assert rows[1] == {"op": "rms_norm", "error": "RuntimeError: simulated kernel failure"}
@@ -165,6 +167,24 @@ def test_a_variant_run_names_its_file_after_the_variant(module, timed, result, a
     run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
     (path,) = tmp_path.glob("*.json")
     assert path.name.endswith(name), path.name
+
+
+@pytest.mark.parametrize(("module", "argv", "name"), [
+    (bench_loader, [], "-loader-{card}.json"),
+    (bench_loader, ["--text-samples", "0"], "-loader-{card}-text-samples0.json"),  # gpu-check --quick's
+    (bench_loader, ["--workers", "0", "2", "--work-ms", "2.5"], "-loader-{card}-workers0-2-work-ms2.5.json"),
+    (bench_overhead, ["--device", "cpu"], "-cpu-overhead.json"),
+    (bench_overhead, ["--device", "cpu", "--rounds", "3"], "-cpu-overhead-rounds3.json"),  # gpu-check --quick's
+])
+def test_a_run_saving_as_it_goes_names_its_file_after_its_variant(module, argv, name, monkeypatch, tmp_path):
+    def run(*args):  # each section saved through the last argument, as these runs save
+        args[-1]({"rows": []})
+        return {"rows": []}
+
+    monkeypatch.setattr(module, "run", run)
+    run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
+    (path,) = tmp_path.glob("*.json")
+    assert path.name.endswith(name.format(card="cuda" if torch.cuda.is_available() else "cpu")), path.name
 
 
 GPU_RESULT = {"date": "2030-01-01", "device": "NVIDIA H200", "torch": "t", "cuda": "12", "copy_gbs": 4000.0,
@@ -251,6 +271,24 @@ def test_quick_op_bench_takes_turns_over_three_rounds_and_records_what_it_measur
     assert [line.index("float32") for line in map(report.gpu_row_text, (conv, short))] == [58, 58]  # one column
 
 
+def test_an_op_bench_timing_runs_for_its_measure_s_however_fast_the_op(monkeypatch):
+    from benchmarks import timing
+
+    clock = {"s": 0.0, "calls": 0}  # a clock each call moves on 1 ms: the call count, not the machine, decides
+
+    def one_ms_op():
+        clock["s"] += 1e-3
+        clock["calls"] += 1
+
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock["s"]))
+    monkeypatch.setattr(bench_ops, "discover", lambda *args, **kwargs: [
+        Case("fake", "1ms", "float32", lambda: {"hetrain": one_ms_op}, 1)])
+    monkeypatch.setattr(bench_ops, "copy_bandwidth_gbs", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, budget_s: 1.0)
+    result = bench_ops.run("cpu", quick=False, measure_s=2.0)
+    assert result["measure_s"] == 2.0 and clock["calls"] >= 2000 + 3  # the 2 s budget after 3 warm-up calls
+
+
 def test_interleaved_rounds_take_turns_and_their_median_leaves_one_slow_round_out(monkeypatch):
     from benchmarks import timing
 
@@ -325,6 +363,25 @@ def test_a_stage_range_counts_as_stage_overhead_not_as_a_fused_op():
     assert kinds == {"hetrain::stage encoder.0": "stage overhead", "hetrain_C::layer_norm_fwd": "hetrain fused",
                      "hetrain::layer_norm.forward[cpu]": "hetrain fused",
                      "torch::autograd::CppNode<hetrain::fused::LayerNorm>": "hetrain fused"}
+
+
+def profiled(event_id: int, name: str, start_us: int, end_us: int, device_type: DeviceType = DeviceType.CPU):
+    """A profiler event built as torch's kineto parser builds it from a CUDA trace."""
+    return FunctionEvent(id=event_id, name=name, thread=1, start_us=start_us, end_us=end_us, fwd_thread=1,
+                         input_shapes=[], stack=[], scope=0, use_device="cuda", cpu_memory_usage=0,
+                         device_memory_usage=0, sequence_nr=-1, device_type=device_type, device_index=0)
+
+
+def test_a_cuda_kernel_counts_once_under_the_op_that_launched_it():
+    mm, ln = profiled(1, "aten::mm", 0, 10), profiled(3, "hetrain::layer_norm", 20, 30)
+    gemm = profiled(2, "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 10, 1010, DeviceType.CUDA)
+    norm = profiled(4, "_layer_norm_fwd_kernel", 1010, 1510, DeviceType.CUDA)
+    mm.append_kernel(gemm.name, 0, 1000)  # the parser also adds each kernel to the op that launched it
+    ln.append_kernel(norm.name, 0, 500)
+    result = profile_step.op_times([mm, gemm, ln, norm], cuda=True, steps=1)
+    assert result["step_ms"] == pytest.approx(1.5)  # 1 ms GEMM + 0.5 ms hetrain kernel, each once
+    assert {k: v["ms"] for k, v in result["kinds"].items()} == pytest.approx({"gemm": 1.0, "hetrain fused": 0.5})
+    assert result["top_other"] == []
 
 
 def test_a_results_md_section_begun_but_never_ended_is_refused_naming_the_missing_marker():

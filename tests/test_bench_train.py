@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 import hetrain
 from benchmarks.bench_train import pinned_to
 from hetrain import plugins
+from hetrain.placement import CostModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,3 +132,40 @@ def test_a_row_pinned_to_a_backend_that_fails_fails_instead_of_timing_another():
             assert plugins.select("layer_norm", "cpu").name != "flaky"
     finally:
         plugins.unregister("layer_norm", "flaky")
+
+
+
+def test_bubble_rows_are_planned_and_priced_from_one_micro_batchs_costs(monkeypatch) -> None:
+    # The pipeline objective takes per-micro-batch costs: priced from the whole batch's, a plan reads m times long.
+    import benchmarks.bench_train as bench
+
+    def costs_of(stages, make_input, devices, stage_args, **kwargs) -> CostModel:
+        rows = len(make_input())
+        assert all(len(arg) == rows for name in stages for arg in stage_args(name))  # the mask cut as the ids
+        return CostModel(list(stages), list(devices), [[rows * 1e-3] * 2 for _ in stages], [rows] * len(stages),
+                         [[math.inf, 1e9], [1e9, math.inf]], meta={"rows": rows})
+
+    priced = []
+
+    def placed_row(model, costs, plan, batch, quick, section, method, micro_batches=1) -> dict:
+        priced.append((section, micro_batches, costs.meta["rows"]))
+        return {"section": section, "method": method, "micro_batches": micro_batches, "skipped": "not run here"}
+
+    monkeypatch.setattr(bench, "available_devices", lambda: ["cpu", "cuda"])  # two devices: the bubble rows run
+    monkeypatch.setattr(bench, "cost_model", costs_of)
+    monkeypatch.setattr(bench, "_placed_row", placed_row)
+    bench.run_placement(bench.QUICK, quick=True)
+    # The QUICK batch has 8 rows: m=1 runs it whole, m=2 in micro-batches of 4.
+    assert [(m, rows) for section, m, rows in priced if section == "bubble"] == [(1, 8), (2, 4)]
+
+
+def test_a_bubble_sets_every_micro_batch_of_the_busiest_device_against_the_step(monkeypatch) -> None:
+    import benchmarks.bench_train as bench
+
+    model = bench.build_model(bench.QUICK, fused=True).train()
+    stages = list(model.stages())
+    costs = CostModel(stages, ["cpu"], [[1e-3] for _ in stages], [0] * len(stages), [[math.inf]])  # 1 ms each
+    monkeypatch.setattr(bench, "measure", lambda step, device, quick: (10.0, None))  # a 10 ms step
+    row = bench._placed_row(model, costs, dict.fromkeys(stages, "cpu"), bench.make_batch(bench.QUICK, "cpu"), True,
+                            section="bubble", method="chain-dp pipeline", micro_batches=2)
+    assert row["bubble"] == pytest.approx(1 - 2 * len(stages) * 1e-3 / 10e-3)  # the cpu busy for 2 micro-batches

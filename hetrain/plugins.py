@@ -23,6 +23,7 @@ import contextlib
 import difflib
 import enum
 import functools
+import math
 import os
 import re
 import sys
@@ -101,11 +102,25 @@ _resolved: dict[tuple[str, str, str | None, tuple[str, ...]], list[Backend]] = {
 # such a call pays (pinned() and preferred() walk the scopes and parse, more than the kernel of a small op).
 _unscoped: dict[tuple[str, str, str | None, str | None], list[Backend]] = {}
 _scopes_open = 0  # use_backend/preferring blocks open on any thread
+# Bumped (under _lock) whenever the caches are emptied: a resolution computed from the registry or pins as they were
+# before is not stored, or it would stay in force for good (see _store).
+_generation = 0
 
 
 def _forget_resolved() -> None:
+    """Empties the caches; called under ``_lock``."""
+    global _generation
+    _generation += 1
     _resolved.clear()
     _unscoped.clear()
+
+
+def _store(cache: dict[Any, list[Backend]], key: Any, found: list[Backend], generation: int) -> None:
+    """Caches ``found``, resolved when the generation was ``generation``, unless the caches were emptied since:
+    a backend unregistered while another thread resolved would otherwise be chosen ever after."""
+    with _lock:
+        if generation == _generation:
+            cache[key] = found
 
 
 @contextlib.contextmanager
@@ -135,17 +150,45 @@ def register(
     opt_in: str | tuple[str, ...] | list[str] = (),
 ) -> Backend:
     """Adds (or replaces) backend ``name`` of ``op``; higher ``priority`` wins among available ones."""
-    backend = Backend(op, name, _names(devices), impl, priority, available or (lambda: True), _names(opt_in))
+    devices, opt_in = _names(devices), _names(opt_in)
+    _check_plugin(op, name, devices, impl, priority, available, opt_in)
+    backend = Backend(op, name, devices, impl, priority, available or (lambda: True), opt_in)
     with _lock:
         _registry.setdefault(op, {})[name] = backend
         _forget_resolved()
     return backend
 
 
+def _check_plugin(op: object, name: object, devices: tuple[object, ...], impl: object, priority: object,
+                  available: object, opt_in: tuple[object, ...]) -> None:
+    """Refuses a malformed backend where it is registered: it would otherwise fail at the op's calls, far away."""
+    where = f"hetrain.plugins.register({op!r}, {name!r}, ...)"
+    for what, value in (("op", op), ("name", name)):
+        if not isinstance(value, str) or not value or _NOT_IN_A_NAME.search(value) or "," in value:
+            raise ValueError(f"{where}: {what} must be a non-empty string without whitespace or any of ',;:=' "
+                             f"(HETRAIN_BACKEND could not name it), got {value!r}")
+    if not devices or not all(isinstance(d, str) and d for d in devices):
+        raise ValueError(f"{where}: devices must name at least one device type, e.g. devices=('cpu',) or "
+                         f"devices='npu', got {devices!r}")
+    if not all(isinstance(d, str) and d for d in opt_in):
+        raise ValueError(f"{where}: opt_in must name device types, e.g. opt_in=('cpu',), got {opt_in!r}")
+    if impl is None and available is None:  # None is fine for a backend whose probe says why it cannot run
+        raise ValueError(f"{where}: impl must provide the op's entry points (e.g. a class with forward and "
+                         "backward), got None; pass available= saying why, if it cannot run here")
+    if isinstance(priority, bool) or not isinstance(priority, int | float) or not math.isfinite(priority):
+        raise ValueError(f"{where}: priority must be a number (higher wins), got {priority!r}")
+    if available is not None and not callable(available):
+        raise ValueError(f"{where}: available must be a callable returning True or a reason, got {available!r}")
+
+
 def unregister(op: str, name: str) -> None:
-    """Removes backend ``name`` of ``op`` (if registered); later calls choose among the others."""
+    """Removes backend ``name`` of ``op`` (if registered); later calls choose among the others. An op left without
+    backends is no longer listed by :func:`ops`."""
     with _lock:
-        _registry.get(op, {}).pop(name, None)
+        named = _registry.get(op, {})
+        named.pop(name, None)
+        if not named:
+            _registry.pop(op, None)
         _forget_resolved()
 
 
@@ -302,14 +345,16 @@ def configure(pins: Mapping[str, str] | None = None, strict: bool | None | _Keep
     global _config_strict, _config_prefer
     if pins is not None:
         _check_pins(pins, CONFIG_PINS)
-        _config_pins.clear()
-        _config_pins.update({k: v for k, v in dict(pins).items() if v})
-        _forget_resolved()
+        with _lock:
+            _config_pins.clear()
+            _config_pins.update({k: v for k, v in dict(pins).items() if v})
+            _forget_resolved()
     if prefer is not None:
         names = _names(prefer)
         _check_backend_names(names, CONFIG_PREFER)
-        _config_prefer = names or None
-        _forget_resolved()
+        with _lock:
+            _config_prefer = names or None
+            _forget_resolved()
     if strict is not _Keep.KEEP:
         _config_strict = None if strict is None else bool(strict)
 
@@ -332,6 +377,7 @@ def use_backend(**pins: str) -> Iterator[None]:
     unless the checkpoint is given :func:`checkpoint_context` (README, "Choosing a backend")."""
     _refuse_while_compiling(USE_BACKEND)
     _check_pins(pins, USE_BACKEND)
+    pins = {op: name for op, name in pins.items() if name}  # an empty name pins nothing, as in configure
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
@@ -340,7 +386,16 @@ def use_backend(**pins: str) -> Iterator[None]:
         with _scope():
             yield
     finally:
-        stack.pop()
+        _remove(stack, pins)
+
+
+def _remove(stack: list[Any], entry: Any) -> None:
+    """Takes a block's own ``entry`` off ``stack`` at its exit, wherever it is: blocks held by generators or an
+    ExitStack may close out of order, and popping the innermost would drop another block's entry instead."""
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is entry:
+            del stack[i]
+            return
 
 
 @contextlib.contextmanager
@@ -352,12 +407,13 @@ def preferring(*names: str) -> Iterator[None]:
     scoped = getattr(_local, "prefer", None)
     if scoped is None:
         scoped = _local.prefer = []
-    scoped.append(tuple(names))
+    entry = tuple(names)
+    scoped.append(entry)
     try:
         with _scope():
             yield
     finally:
-        scoped.pop()
+        _remove(scoped, entry)
 
 
 # What use_backend/preferring blocks are open on this thread: their pin dicts and preference tuples, innermost last.
@@ -447,18 +503,22 @@ def candidates(op: str, device_type: str) -> list[Backend]:
         fast_key = (op, device_type, environ.get(ENV_PINS), environ.get(ENV_PREFER))
         found = _unscoped.get(fast_key)
         if found is None:
-            found = _unscoped[fast_key] = _resolve(op, device_type)
+            generation = _generation  # before anything the resolution reads
+            found = _resolve(op, device_type)
+            _store(_unscoped, fast_key, found, generation)
         return found
     return _resolve(op, device_type)
 
 
 def _resolve(op: str, device_type: str) -> list[Backend]:
+    generation = _generation
     pin = pinned(op)
     prefer = preferred()
     key = (op, device_type, pin, prefer)
     found = _resolved.get(key)
     if found is None:
-        found = _resolved[key] = _candidates(op, device_type, pin, prefer)
+        found = _candidates(op, device_type, pin, prefer)
+        _store(_resolved, key, found, generation)
     return found
 
 

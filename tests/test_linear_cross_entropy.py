@@ -595,3 +595,24 @@ def test_the_weight_gradient_is_taken_without_a_copy_and_a_kept_graph_finds_it_u
     for t, g, g_ref in zip((hidden, weight, b), first, grads_ref, strict=True):
         torch.testing.assert_close(g, 3 * g_ref)
         torch.testing.assert_close(t.grad, 6 * g_ref)
+
+
+def test_a_tensor_num_items_on_the_cpu_compiles_fullgraph():
+    # Its value check read the tensor, which Dynamo cannot guard on: "Could not guard on data-dependent expression".
+    torch._dynamo.reset()
+    hidden, weight, b, target = inputs((8,), 8, 13, torch.float32, seed=20)
+
+    def step(h, w, bb, t):
+        return linear_cross_entropy(h, w, t, bb, num_items=(t != IGNORE).sum())  # a count as a tensor
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    expected = linear_cross_entropy_ref(hidden, weight, target, b, num_items=int((target != IGNORE).sum()))
+    assert_close(compiled(hidden, weight, b, target), expected, torch.float32, "compiled with tensor num_items")
+
+
+def test_the_head_refuses_a_non_integer_ignore_index_at_construction():
+    # It was taken, and refused only at the first forward.
+    for index in (1.5, True):
+        with pytest.raises(ValueError, match="LinearCrossEntropyHead: ignore_index must be an integer class index"):
+            LinearCrossEntropyHead(8, 13, ignore_index=index)
+    assert LinearCrossEntropyHead(8, 13, ignore_index=np.int64(-1)).ignore_index == -1

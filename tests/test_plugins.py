@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import types
 import warnings
 
@@ -373,3 +374,84 @@ def test_a_triton_pin_on_cpu_tensors_says_how_triton_runs_there(op):
             plugins.select(op, "cpu")
     finally:
         plugins.unregister(op, "triton")
+
+
+def test_a_backend_unregistered_while_another_thread_resolves_is_not_chosen_afterwards(op):
+    """The other thread's resolution, from the registry as it was, was cached after the unregister emptied the
+    cache, and the removed backend stayed chosen for good."""
+    probing, release = threading.Event(), threading.Event()
+
+    def probe():
+        probing.set()
+        assert release.wait(10)  # holds the resolution until the backend is gone
+        return True
+
+    plugins.register(op, "outside", ("cpu",), Good("outside"), priority=50, available=probe)
+    resolving = threading.Thread(target=plugins.select, args=(op, "cpu"))
+    resolving.start()
+    assert probing.wait(10)
+    plugins.unregister(op, "outside")
+    release.set()
+    resolving.join()
+    assert plugins.select(op, "cpu").name == "fast"
+
+
+def test_blocks_closed_out_of_order_take_off_their_own_pins_and_preferences(op):
+    """A block held by a generator and closed inside a later block took the later block's entry off instead."""
+    def held(block):
+        with block:
+            yield
+
+    outer = held(plugins.use_backend(**{op: "slow"}))
+    next(outer)
+    with plugins.use_backend(**{op: "fast"}):
+        outer.close()
+        assert plugins.pinned(op) == "fast"
+    assert plugins.pinned(op) is None
+    outer = held(plugins.preferring("slow"))
+    next(outer)
+    with plugins.preferring("fast"):
+        outer.close()
+        assert plugins.preferred() == ("fast",)
+    assert plugins.preferred() == ()
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (dict(priority="50"), "priority must be a number"),
+    (dict(name=""), "name must be a non-empty string"),
+    (dict(name=" "), "name must be a non-empty string"),
+    (dict(name="a,b"), "name must be a non-empty string without whitespace or any of "),
+    (dict(op=""), "op must be a non-empty string"),
+    (dict(impl=None), "impl must provide the op's entry points"),
+    (dict(devices=()), "devices must name at least one device type"),
+    (dict(devices=("cpu", 3)), "devices must name at least one device type"),
+    (dict(opt_in=(None,)), "opt_in must name device types"),
+    (dict(available=True), "available must be a callable"),
+])
+def test_register_refuses_a_malformed_backend_naming_it(op, change, says):
+    """Each was taken, and failed at the op's calls (a bare TypeError, or a fallback warning) or never applied."""
+    args = dict(op=op, name="outside", devices=("cpu",), impl=Good("outside"), priority=50) | change
+    with pytest.raises(ValueError, match=rf"register\({args['op']!r}, {args['name']!r}, \.\.\.\): {says}"):
+        plugins.register(**args)
+    assert "outside" not in [b.name for b in plugins.backends(op)]
+    # An unavailable backend needs no entry points: its probe says why.
+    assert plugins.register(op, "outside", ("cpu",), None, available=lambda: "no such library").impl is None
+
+
+def test_an_op_whose_last_backend_is_unregistered_is_no_longer_listed():
+    plugins.register("test_registry_lone_op", "only", ("cpu",), Good("only"))
+    assert "test_registry_lone_op" in plugins.ops()
+    plugins.unregister("test_registry_lone_op", "only")
+    assert "test_registry_lone_op" not in plugins.ops()
+
+
+def test_an_empty_pin_in_use_backend_pins_nothing_as_in_configure(op):
+    """use_backend(op="") passed the pin check, then failed at the call as "backend '' is not registered"."""
+    plugins.configure(pins={op: ""})
+    assert plugins.pinned(op) is None
+    with plugins.use_backend(**{op: ""}):
+        assert plugins.pinned(op) is None
+        assert plugins.call(op, "forward", "cpu", 1) == ("fast", 1)
+    plugins.configure(pins={op: "slow"})
+    with plugins.use_backend(**{op: ""}):  # the next pin down still applies
+        assert plugins.select(op, "cpu").name == "slow"

@@ -24,7 +24,8 @@ class LinearCrossEntropyHead(torch.nn.Module):
         for name, size in (("hidden", hidden), ("vocab", vocab)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{who}: {name} must be a size >= 1, got {size!r}")
-        check_loss_settings(who, label_smoothing, reduction, memory_budget)  # now, not at the first forward
+        # Now, not at the first forward.
+        check_loss_settings(who, ignore_index, label_smoothing, reduction, memory_budget)
         self.in_features, self.out_features = hidden, vocab
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.reduction, self.memory_budget = reduction, memory_budget

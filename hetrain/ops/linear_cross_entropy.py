@@ -405,8 +405,10 @@ _per_row.register_autograd(_per_row_backward, setup_context=_per_row_setup, publ
 
 # --- functional face ---------------------------------------------------------------------------
 
-def check_loss_settings(name: str, label_smoothing: float, reduction: str, memory_budget: int | None) -> None:
+def check_loss_settings(name: str, ignore_index: int, label_smoothing: float, reduction: str,
+                        memory_budget: int | None) -> None:
     """The settings a call and a :class:`hetrain.nn.LinearCrossEntropyHead` share, checked alike in both."""
+    _check_ignore_index(name, ignore_index)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if reduction not in ("mean", "sum", "none"):
@@ -417,14 +419,15 @@ def check_loss_settings(name: str, label_smoothing: float, reduction: str, memor
 
 def _check_num_items(name: str, num_items: object) -> None:
     """A count > 0: a number, or a one-element tensor (a count all-reduced across ranks stays one). A tensor's
-    value is read only on the CPU; on a GPU reading it would wait for the device."""
+    value is read only on the CPU, and not while compiling: on a GPU reading it would wait for the device, and
+    torch.compile cannot branch on a tensor's value (under ``fullgraph=True`` it fails)."""
     if num_items is None:
         return
     if isinstance(num_items, torch.Tensor):
         if num_items.numel() != 1 or num_items.is_complex() or num_items.dtype == torch.bool:
             raise ValueError(f"{name}: num_items must be one number, got a {num_items.dtype} tensor of shape "
                              f"{tuple(num_items.shape)}")
-        if num_items.device.type == "cpu" and not num_items.item() > 0:
+        if num_items.device.type == "cpu" and not torch.compiler.is_compiling() and not num_items.item() > 0:
             raise ValueError(f"{name}: num_items must be > 0, got {num_items.item()}")
         return
     if not _args.is_number(num_items) or not num_items > 0:
@@ -458,7 +461,6 @@ def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduc
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{name}: target must have shape {tuple(hidden.shape[:-1])} (hidden's leading dimensions), "
                          f"got {tuple(target.shape)}")
-    _check_ignore_index(name, ignore_index)
     if target.dtype != torch.int64:
         raise ValueError(f"{name}: target must be int64 class indices, got {target.dtype}; pass target.long()")
     for what, t in (("weight", weight), ("bias", bias), ("target", target)):
@@ -467,7 +469,7 @@ def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduc
     for what, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != hidden.dtype:
             raise ValueError(f"{name}: {what} dtype {t.dtype} differs from hidden's {hidden.dtype}")
-    check_loss_settings(name, label_smoothing, reduction, memory_budget)
+    check_loss_settings(name, ignore_index, label_smoothing, reduction, memory_budget)
     if num_items is not None and reduction == "none":
         raise ValueError(f"{name}: num_items divides a reduced loss; it has no meaning with reduction='none'")
     _check_num_items(name, num_items)

@@ -407,9 +407,10 @@ def test_guard_rejects_bad_arguments():
         NonFiniteGuard(on_nonfinite="ignore")
 
 
-def _scaled_step(scaler: torch.amp.GradScaler, params: list[torch.Tensor], loss: torch.Tensor) -> bool:
-    """One scaled backward and step; whether the optimizer stepped (the scaler found no inf)."""
-    optimizer = torch.optim.SGD(params, lr=0.1)
+def _scaled_step(scaler: torch.amp.GradScaler, params: list[torch.Tensor], loss: torch.Tensor,
+                 fused: bool = False) -> bool:
+    """One scaled backward and step (SGD, or a fused AdamW); whether the optimizer stepped (the scaler found no inf)."""
+    optimizer = torch.optim.AdamW(params, lr=0.1, fused=True) if fused else torch.optim.SGD(params, lr=0.1)
     before = [p.detach().clone() for p in params]
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -431,17 +432,49 @@ def test_host_safe_grad_scaler_unscales_host_gradients_and_skips_an_overflow():
     assert scaler.get_scale() == 512.0
 
 
+def _fused_adamw_steps(step, factors: list[float], dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """Steps of a fused AdamW under a CPU GradScaler, each on the scaled gradient of ``factor * w``; the weights and
+    the scale after them. ``step(scaler, optimizer)`` is the scaler's step under test."""
+    weight = torch.linspace(-1, 1, 8, dtype=dtype).requires_grad_()
+    # eps as large as the gradients: Adam's step then follows their size, so a missed or repeated unscale shows.
+    optimizer = torch.optim.AdamW([weight], lr=0.1, eps=1.0, fused=True)
+    scaler = torch.amp.GradScaler(device="cpu", init_scale=1024.0)
+    for factor in factors:
+        scaler.scale((weight * factor).square().sum()).backward()
+        step(scaler, optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    return weight.detach(), scaler.get_scale()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # unscale_ refuses float16 gradients
+def test_the_host_safe_fused_step_steps_as_torchs_and_skips_an_overflow(dtype):
+    """Fused AdamW unscales in its own step: torch hands it the scale and the inf flag, which it copies to a CPU
+    parameter's device without waiting for a GPU scale. The host-safe step unscales and reads the flag first."""
+    factors = [3.0, -2.0, float("inf"), 0.5]
+    torch_weight, torch_scale = _fused_adamw_steps(torch.amp.GradScaler.step, factors, dtype)
+    weight, scale = _fused_adamw_steps(precision.step_found_inf_on_host, factors, dtype)
+    torch.testing.assert_close(weight, torch_weight, rtol=0, atol=0)
+    assert scale == torch_scale == 1024.0 / 2  # the overflow halved the scale
+    skipped, _ = _fused_adamw_steps(precision.step_found_inf_on_host, [3.0, -2.0, float("inf")], dtype)
+    two_steps, _ = _fused_adamw_steps(precision.step_found_inf_on_host, [3.0, -2.0], dtype)
+    torch.testing.assert_close(skipped, two_steps, rtol=0, atol=0)  # the overflowing step left the weights alone
+    assert not torch.equal(two_steps, torch.linspace(-1, 1, 8, dtype=dtype))
+
+
 @pytest.mark.cuda
-def test_host_safe_grad_scaler_sees_an_overflow_on_a_cpu_stage_beside_a_gpu_loss():
+@pytest.mark.parametrize("fused", [False, True])
+def test_host_safe_grad_scaler_sees_an_overflow_on_a_cpu_stage_beside_a_gpu_loss(fused):
     """A CPU stage's gradient overflowing while the GPU is busy: torch's scaler read its inf flag's copy from the
-    GPU before it landed, and the late copy could overwrite the CPU kernel's inf."""
+    GPU before it landed, and the late copy could overwrite the CPU kernel's inf. A fused AdamW made the same copy of
+    the scale and the flag in its own step."""
     host = torch.ones(256, requires_grad=True)
     gpu = torch.ones(256, device="cuda", requires_grad=True)
     scaler = HostSafeGradScaler(device="cuda", init_scale=2.0**16)
     for attempt in range(20):
         torch.cuda._sleep(50_000_000)  # the GPU lags the host, as in training
         loss = (gpu * 2).sum() + (host * float("inf")).sum().to("cuda")
-        assert not _scaled_step(scaler, [host, gpu], loss), f"attempt {attempt}: an overflow was applied"
+        assert not _scaled_step(scaler, [host, gpu], loss, fused), f"attempt {attempt}: an overflow was applied"
         host.grad = gpu.grad = None
 
 
@@ -667,3 +700,24 @@ def test_guard_skips_a_non_finite_loss_with_finite_gradients_under_a_loss_scaler
     assert all(torch.equal(a, b) for a, b in zip(model.weights[1], model.weights[2], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(model.weights[0], model.weights[1], strict=True))
     assert _all_finite(model)
+
+
+class Stage(nn.Module):
+    """A stage with a child, as compile_stages compiles them (dynamo inlines the child's call into the stage's
+    graph; an nn.Sequential it treats otherwise)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_guard_names_the_module_inside_a_compiled_stage(tmp_path):
+    """Hooks added after torch.compile do not fire in the compiled graph: the rerun named the compiled stage (net.1)
+    rather than the module within it whose forward overflowed."""
+    model = Regressor(Stage(Exp()))
+    model.net[1].compile(backend="aot_eager")
+    with pytest.raises(NonFiniteError, match=r"first non-finite output from module 'net\.1\.inner' \(Exp\)"):
+        _fit(model, _loader(2, poisoned=[1]), tmp_path, callbacks=[NonFiniteGuard(max_consecutive=1)])

@@ -190,3 +190,18 @@ def test_a_run_resumed_mid_epoch_under_accumulation_ends_with_the_same_weights(t
     resumed = _fit_accumulating(tmp_path / "resumed", ckpt_path=tmp_path / "step=3.ckpt")
     for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_run_that_clips_gradients_under_mixed_precision_steps_with_an_unfused_adamw(clip):
+    """Lightning's mixed precision refuses to clip for a fused optimizer (it unscales inside its own step), even under
+    bf16-mixed: every mixed-precision run with trainer.gradient_clip_val failed at its first step."""
+    task = _task()
+    data = SyntheticDataModule(train_size=16, val_size=8, min_len=4, max_len=16, max_tokens=64, seed=2,
+                               vocab_size=64, num_classes=4)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, precision="bf16-mixed", gradient_clip_val=clip, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(task, datamodule=data)
+    assert trainer.global_step == 2
+    assert bool(trainer.optimizers[0].defaults["fused"]) == (clip is None)  # fused, the faster step, unless clipping

@@ -11,6 +11,7 @@ every stage runs under its own device's autocast. :class:`NonFiniteGuard` watche
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 from collections.abc import Generator, Iterable, Mapping
@@ -24,6 +25,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import nn
+from torch.amp.grad_scaler import OptState
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 from typing_extensions import override
@@ -88,6 +90,45 @@ class HostSafeGradScaler(torch.amp.GradScaler):
             inv_scale, found_inf = inv_scale.cpu(), found_inf.cpu()
         return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
 
+    @override
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> float | None:
+        """torch's step, but an optimizer that unscales in its own step (fused AdamW) with gradients off the scale's
+        device is handed no scale or inf flag: it would copy them to each gradient's device without waiting."""
+        own_scaling = (getattr(optimizer, "_step_supports_amp_scaling", False)
+                       and "grad_scaler" not in inspect.signature(optimizer.step).parameters)
+        if self._enabled and own_scaling and self._scale is not None and any(
+                p.grad is not None and p.grad.device != self._scale.device
+                for group in optimizer.param_groups for p in group["params"]):
+            return step_found_inf_on_host(self, optimizer, *args, **kwargs)
+        return super().step(optimizer, *args, **kwargs)
+
+
+def step_found_inf_on_host(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, *args: Any,
+                           **kwargs: Any) -> float | None:
+    """``scaler.step(optimizer)`` for an optimizer that unscales in its own step, with the scaler unscaling instead.
+
+    torch hands such an optimizer the scale and the summed inf flag, which fused AdamW copies to each parameter's
+    device with a non-blocking copy: from a GPU to the host that copy may be read before it lands (see
+    :class:`HostSafeGradScaler`). Here ``unscale_`` unscales (host-safely under a ``HostSafeGradScaler``), the inf
+    flags are read on the host, and the optimizer steps on unscaled gradients, or not at all after an overflow, as
+    torch's step does for other optimizers; ``update()`` then reads the same flags.
+    """
+    state = scaler._per_optimizer_states[id(optimizer)]  # GradScaler's record of unscale_ and step
+    if state["stage"] is OptState.STEPPED:
+        raise RuntimeError("step() has already been called since the last update().")
+    if state["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+    retval = None
+    if not sum(flag.item() for flag in state["found_inf_per_device"].values()):
+        # The gradients are unscaled already; the optimizer reads these attributes in its step.
+        optimizer.grad_scale = optimizer.found_inf = None
+        try:
+            retval = optimizer.step(*args, **kwargs)
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # torch's next step would multiply its scale by one kept
+    state["stage"] = OptState.STEPPED
+    return retval
+
 
 class DeviceMixedPrecision(MixedPrecision):
     """Lightning's ``MixedPrecision`` with one autocast per device type, for models spread over devices.
@@ -106,8 +147,11 @@ class DeviceMixedPrecision(MixedPrecision):
 
     Args:
         choices: device type -> ``bf16-mixed`` | ``16-mixed`` | ``32-true``.
-        root: the Trainer's root device type; its choice is the plugin's ``precision``, which
-            Lightning's own utilities read (FLOPs tables, checkpoints).
+        root: the Trainer's root device type. The plugin's ``precision``, which Lightning's own utilities read
+            (FLOPs tables, checkpoints), is ``16-mixed`` where any type runs it (Lightning's loss scaler follows it),
+            else the root's choice where that is mixed, else ``bf16-mixed``: ``MixedPrecision`` cannot hold
+            ``32-true``. A root choosing ``32-true`` still runs in fp32 (its autocast is entered disabled); read
+            ``choices`` (or :func:`run_precision`) for what each type runs.
     """
 
     def __init__(self, choices: Mapping[str, str], root: str) -> None:
@@ -613,8 +657,10 @@ class NonFiniteGuard(Callback):
         outputs: list[Any] = []
         try:
             # With gradients, as the step ran: a training_step may call torch.autograd.grad (a gradient penalty).
+            # Eagerly: a compiled stage runs its graph, in which the hooks added after compiling never fire, so only
+            # the stage itself was named, not the module within it that made the value.
             with (torch.random.fork_rng(devices=list(range(len(cuda_states)))), torch.enable_grad(),
-                  trainer.precision_plugin.forward_context()):
+                  torch.compiler.set_stance("force_eager"), trainer.precision_plugin.forward_context()):
                 torch.set_rng_state(cpu_state)
                 if cuda_states:
                     torch.cuda.set_rng_state_all(cuda_states)

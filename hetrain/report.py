@@ -31,7 +31,11 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from hetrain.memory_counters import erased_peak, forget_erased_peak, peak_rss_bytes, reset_peak_rss
@@ -71,9 +75,10 @@ class RunRecorder(Callback):
         steps before). Validation inside fit is left out from its start to the next training batch (or the
         end of training): ``ModelCheckpoint`` saves after every callback's ``on_validation_end``, and a
         save is not training either; of that stretch only the training loader's fetch counts, where the
-        loader times it (``wait_seconds``). When ``max_steps`` ends training mid-epoch Lightning would skip
-        validation; stopping through ``trainer.should_stop`` at the last step makes it validate first, so
-        the summary's metrics belong to the weights the run ends with.
+        loader times it (``wait_seconds``). When ``max_steps`` ends training mid-epoch, or ``max_epochs`` ends it
+        after a batch that is no validation's, Lightning would skip validation (and the checkpoint saved after
+        it); stopping through ``trainer.should_stop`` at the last step makes it validate first, so the summary's
+        metrics belong to the weights the run ends with, and so does ``last.ckpt``.
 
     Args:
         clock: returns seconds; for tests.
@@ -130,7 +135,7 @@ class RunRecorder(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.samples += len(batch["labels"])
-        if 0 < trainer.max_steps <= trainer.global_step:
+        if 0 < trainer.max_steps <= trainer.global_step or _ends_last_epoch(trainer, batch_idx):
             trainer.should_stop = True
 
     @override
@@ -166,6 +171,46 @@ class RunRecorder(Callback):
         if self.resumed_from:
             out["resumed"] = {"from": self.resumed_from, "at_step": self.start_step}
         return out
+
+
+def _ends_last_epoch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` is the last training batch (``limit_train_batches`` counted) of the last epoch
+    ``max_epochs`` allows. Lightning steps after an epoch's last batch, a window of gradient accumulation the epoch
+    cuts short included, so the step is done by then. A loader without a length is left to Lightning, which
+    validates when such an epoch ends."""
+    return (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+            and batch_idx + 1 >= trainer.num_training_batches)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` that keeps the log an earlier part of the run left in its folder.
+
+    With a fixed folder (``version=""``: the run directory is already unique), a run resumed into its own directory
+    (``ckpt_path`` there: a requeued sweep job, a run resumed into its ``hydra.run.dir``) writes where the part
+    before it wrote, and Lightning's logger deletes the ``metrics.csv`` it finds there. This one first moves that
+    part's ``metrics.csv`` and ``hparams.yaml`` to ``<folder>-part<k>/`` beside it, k = 1, 2, ... in the order the
+    parts ran: the folder holds this part's log, the earlier parts stay whole. Rank 0 alone writes the log.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._keep_earlier_part()
+        return super().experiment
+
+    def _keep_earlier_part(self) -> None:
+        folder = Path(self.log_dir)
+        if not (folder / ExperimentWriter.NAME_METRICS_FILE).is_file():
+            return
+        part = 1
+        while (aside := folder.with_name(f"{folder.name}-part{part}")).exists():
+            part += 1
+        aside.mkdir()
+        for name in (ExperimentWriter.NAME_METRICS_FILE, ExperimentWriter.NAME_HPARAMS_FILE):
+            if (folder / name).is_file():
+                os.replace(folder / name, aside / name)
+        log.info(f"hetrain: {folder} held the log of an earlier part of this run; moved it to {aside}")
 
 
 def loader_wait_seconds(trainer: pl.Trainer) -> float | None:
@@ -260,25 +305,26 @@ def _sweep_id(directory: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def collect_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+def collect_jobs(sweep_dir: str | Path, output_subdir: str = ".hydra") -> list[dict[str, Any]]:
     """One flat record per job of the sweep that last started in ``sweep_dir``, ordered by job number.
 
-    Jobs are found by the ``.hydra/`` folder Hydra writes into each, so a job that died before
-    writing ``summary.json`` is listed too. A directory an earlier sweep ran into still holds that sweep's
-    jobs past this one's count: only job directories carrying the sweep directory's id count (a sweep
-    directory without one, from a sweep run without :class:`SweepSummary`, lists every job). A failed
-    job's error is cut to its headline; its log has the rest.
+    Jobs are found by the folder Hydra writes each one's config into (``hydra.output_subdir``, ``.hydra/`` unless
+    set otherwise), so a job that died before writing ``summary.json`` is listed too. A directory an earlier sweep
+    ran into still holds that sweep's jobs past this one's count: only job directories carrying the sweep
+    directory's id count (a sweep directory without one, from a sweep run without :class:`SweepSummary`, lists
+    every job). A failed job's error is cut to its headline; its log has the rest.
     """
     sweep_dir = Path(sweep_dir)
     sweep_id = _sweep_id(sweep_dir)
-    job_dirs = [hydra_dir.parent for hydra_dir in sweep_dir.glob("**/.hydra")]
-    records = [_job_record(d) for d in job_dirs if sweep_id is None or _sweep_id(d) == sweep_id]
+    depth = len(Path(output_subdir).parts)
+    job_dirs = [config_dir.parents[depth - 1] for config_dir in sweep_dir.glob(f"**/{output_subdir}")]
+    records = [_job_record(d, output_subdir) for d in job_dirs if sweep_id is None or _sweep_id(d) == sweep_id]
     return sorted(records, key=lambda r: r["job"])
 
 
-def _job_record(job_dir: Path) -> dict[str, Any]:
+def _job_record(job_dir: Path, output_subdir: str) -> dict[str, Any]:
     """A job's flat record: number, overrides and its ``summary.json``, or why there is none."""
-    hydra_cfg = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra
+    hydra_cfg = OmegaConf.load(job_dir / output_subdir / "hydra.yaml").hydra
     summary_path = job_dir / SUMMARY_JSON
     try:
         summary = json.loads(summary_path.read_text())
@@ -289,7 +335,7 @@ def _job_record(job_dir: Path) -> dict[str, Any]:
     summary.setdefault("log", str(job_dir / f"{hydra_cfg.job.name}.log"))
     if "error" in summary:
         summary["error"] = error_headline(summary["error"])
-    overrides = " ".join(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
+    overrides = " ".join(OmegaConf.load(job_dir / output_subdir / "overrides.yaml"))
     return {"job": hydra_cfg.job.num, "overrides": overrides, **_flatten(summary)}
 
 
@@ -378,7 +424,8 @@ def write_stopped_sweep(hydra: DictConfig) -> str:
     says where to go on from, was missing. The jobs the sweep had not reached get rows ``not started``.
     """
     sweep_dir = Path(hydra.sweep.dir)
-    jobs = collect_jobs(sweep_dir) + _jobs_not_started(hydra)
+    # Without saved configs (hydra.output_subdir=null, which SweepSummary refuses) no job can be found.
+    jobs = collect_jobs(sweep_dir, hydra.output_subdir or ".hydra") + _jobs_not_started(hydra)
     text = write_sweep_summary(jobs, sweep_dir)
     _print_sweep_table(sweep_dir, text)
     left = [str(job["job"]) for job in jobs if job.get("status") == "not started"]
@@ -415,6 +462,13 @@ def _jobs_not_started(hydra: DictConfig) -> list[dict[str, Any]]:
 def _print_sweep_table(sweep_dir: Path, text: str) -> None:
     # Printed, not logged: after the sweep the logging setup still belongs to the last job and would file it there.
     print(f"\nSweep summary ({sweep_dir / SUMMARY_MD}, {sweep_dir / SWEEP_CSV}):\n{text}", flush=True)
+
+
+def _another_rank() -> bool:
+    """Whether this process is a rank other than 0 of a fit over several processes, which runs the sweep's command
+    line too: a rank Lightning launched from rank 0 with the whole ``-m`` command (``hydra.output_subdir=null``
+    added), or one torchrun or SLURM started. The sweep's id, its job directories and its table are rank 0's."""
+    return rank_zero_only.rank != 0
 
 
 def _resumes_inside(config: DictConfig, job_dir: Path) -> bool:
@@ -456,6 +510,7 @@ class SweepSummary(HydraCallback):
         sweeper then ends the sweep with that error) still has its row from the last rewrite; one a
         signal stops writes the table itself (:func:`write_stopped_sweep`). With a launcher that runs
         jobs in parallel processes, ``on_multirun_end`` writes the complete table once all have finished.
+        Under DDP every rank runs the sweep; only rank 0 does any of this (:func:`_another_rank`).
     """
 
     @override
@@ -466,7 +521,17 @@ class SweepSummary(HydraCallback):
         this sweep's job count untouched, and the summary must leave them out. Job numbers cannot tell (both
         sweeps start at 0), nor can a count (a sweeper such as Optuna's chooses its jobs as it goes), nor
         times (jobs may run on other machines, whose clocks and file timestamps need not agree); an id can.
+
+        The jobs are found by the configs Hydra saves into them: a sweep that saves none is refused.
         """
+        if _another_rank():
+            return
+        if config.hydra.output_subdir is None:
+            # Not an Exception: Hydra turns a callback's into a warning and runs the sweep; this exits with status 1.
+            raise SystemExit("hetrain: hydra.output_subdir=null leaves the sweep's jobs without the config folder "
+                             "(.hydra/) by which its summary finds them and reads their overrides, so the table "
+                             "would list no job, failed ones included; leave hydra.output_subdir at its default "
+                             "(.hydra) or give it another folder name")
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_ID).write_text(f"{uuid.uuid4().hex}\n")
@@ -481,7 +546,7 @@ class SweepSummary(HydraCallback):
         any case goes, so that a job killed before writing its own is listed as such, not with the earlier
         job's results.
         """
-        if config.hydra.mode != RunMode.MULTIRUN:
+        if config.hydra.mode != RunMode.MULTIRUN or _another_rank():
             return
         sweep_id = _sweep_id(Path(config.hydra.sweep.dir))
         if sweep_id is None:
@@ -497,11 +562,11 @@ class SweepSummary(HydraCallback):
     @staticmethod
     def _write(config: DictConfig) -> tuple[Path, str]:
         sweep_dir = Path(config.hydra.sweep.dir)
-        return sweep_dir, write_sweep_summary(collect_jobs(sweep_dir), sweep_dir)
+        return sweep_dir, write_sweep_summary(collect_jobs(sweep_dir, config.hydra.output_subdir), sweep_dir)
 
     @override
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
+        if config.hydra.mode != RunMode.MULTIRUN or _another_rank():
             return
         sweep_dir, _ = self._write(config)
         if job_return.status == JobStatus.FAILED:
@@ -509,9 +574,11 @@ class SweepSummary(HydraCallback):
 
     @override
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if _another_rank():
+            return
         sweep_dir, text = self._write(config)
         _print_sweep_table(sweep_dir, text)
-        jobs = collect_jobs(sweep_dir)
+        jobs = collect_jobs(sweep_dir, config.hydra.output_subdir)
         failed = [str(job["job"]) for job in jobs if job.get("status") != "ok"]
         if failed:
             print(f"hetrain: {len(failed)} of {len(jobs)} jobs failed (job {', '.join(failed)}); each row above "

@@ -37,7 +37,7 @@ from hetrain.callbacks.precision import run_precision, trainer_precision
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.data.datamodule import check_token_budget
 from hetrain.placement import resolve_plan
-from hetrain.placement.plan import flatten_plan, parse_device, read_plan
+from hetrain.placement.plan import available_devices, flatten_plan, parse_device, read_plan
 from hetrain.regional_compile import compile_counts, compile_stages
 from hetrain.report import (
     BASIC_SWEEPER,
@@ -422,8 +422,8 @@ def _devices_in_use(cfg: DictConfig) -> list[str]:
     accelerator = cfg.trainer.get("accelerator", "auto")
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     plan = _planned(cfg)
-    if plan == "auto":  # any device of this machine may get a stage
-        planned = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if plan == "auto":  # any device the solver may pick may get a stage, the CPU included
+        planned = available_devices()
     else:
         planned = [str(device) for device in plan.values()]
     return ["cuda:0" if on_gpu else "cpu", *planned]

@@ -10,7 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from test_train import ROOT, train_py
+
+from hetrain.report import SWEEP_ID, SweepSummary, collect_jobs
 
 TINY = ["recipe=bert_split", "trainer.val_check_interval=2", "data.train_size=128",
         "data.val_size=32", "model.hidden=32", "model.layers=1", "trainer.num_sanity_val_steps=0",
@@ -85,6 +92,9 @@ def test_a_sweep_rerun_into_its_directory_sets_the_earlier_jobs_files_aside(tmp_
     assert second.returncode == 0, second.stderr[-3000:]
     resumed, fresh = (json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1"))
     assert resumed["resumed"]["at_step"] == 2 and not list((sweep / "0").glob("previous-*"))
+    # Its log holds the steps after the resume; that of the part before, which Lightning's CSVLogger deleted, is kept.
+    assert {r["step"] for r in csv.DictReader((sweep / "0" / "csv-part1" / "metrics.csv").open())} == {"1"}
+    assert {r["step"] for r in csv.DictReader((sweep / "0" / "csv" / "metrics.csv").open())} == {"3"}
 
     (aside,) = (sweep / "1").glob("previous-*")
     assert fresh["steps"] == 4 and "resumed" not in fresh
@@ -97,3 +107,46 @@ def test_a_sweep_rerun_into_its_directory_sets_the_earlier_jobs_files_aside(tmp_
         assert log.read_text().count("Starting training") == 1, log
     assert "held a job of an earlier sweep; moved its checkpoints" in (sweep / "1" / "train.log").read_text()
     assert [r["best_model_path"] for r in _rows(sweep)] == [resumed["best_model_path"], fresh["best_model_path"]]
+
+
+def _hydra_config(sweep: Path, output_subdir: str | None = ".hydra"):
+    """The part of a job's config the sweep callback reads, as Hydra gives it in a sweep's job 0."""
+    return OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "output_subdir": output_subdir,
+                                       "sweep": {"dir": str(sweep)}, "runtime": {"output_dir": str(sweep / "0")},
+                                       "job": {"num": 0}}})
+
+
+def test_a_rank_that_lightning_launched_leaves_the_sweep_to_rank_0(tmp_path, monkeypatch, capsys):
+    """Under DDP, Lightning launches rank 1 with the whole -m command line: its SweepSummary gave the sweep a new id,
+    moved rank 0's live train.log of job 0 into previous-<id>/ and printed the table a second time."""
+    sweep = tmp_path / "sweep"
+    config = _hydra_config(sweep)
+    SweepSummary().on_multirun_start(config)  # rank 0
+    (sweep / "0").mkdir()  # Hydra makes the job's directory and opens its log before on_job_start
+    (sweep / "0" / "train.log").write_text("rank 0 trains\n")
+    SweepSummary().on_job_start(config, task_function=None)
+    rank_0s = (sweep / SWEEP_ID).read_text()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # what Lightning reads from LOCAL_RANK=1 in the rank it launched
+    rank_1 = SweepSummary()
+    rank_1.on_multirun_start(config)
+    rank_1.on_job_start(config, task_function=None)
+    rank_1.on_job_end(config, JobReturn(status=JobStatus.COMPLETED))
+    rank_1.on_multirun_end(config)
+    assert (sweep / SWEEP_ID).read_text() == rank_0s and (sweep / "0" / SWEEP_ID).read_text() == rank_0s
+    assert sorted(p.name for p in (sweep / "0").iterdir()) == [SWEEP_ID, "train.log"]
+    assert not (sweep / "summary.md").exists() and "Sweep summary" not in capsys.readouterr().out
+
+
+def test_a_sweep_that_saves_no_job_configs_is_refused_and_another_config_folder_is_read(tmp_path):
+    """With hydra.output_subdir=null the table found no job: every job failed, the table was empty, the sweep
+    exited 0. Another folder name was not looked for either."""
+    with pytest.raises(SystemExit, match="hydra.output_subdir=null leaves the sweep's jobs without"):
+        SweepSummary().on_multirun_start(_hydra_config(tmp_path / "sweep", output_subdir=None))
+    assert not (tmp_path / "sweep").exists()  # refused before anything was written
+
+    job = tmp_path / "sweep" / "0"
+    (job / "cfg").mkdir(parents=True)
+    (job / "cfg" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 0\n    name: train\n")
+    (job / "cfg" / "overrides.yaml").write_text("- seed=0\n")
+    (record,) = collect_jobs(tmp_path / "sweep", "cfg")
+    assert (record["job"], record["overrides"], record["status"]) == (0, "seed=0", "no summary")

@@ -279,6 +279,55 @@ def test_run_summary_rates_leave_out_validation_and_the_checkpoint_saved_after_i
     assert s["samples_per_s"] == 4 / 1.25 and s["between_steps_ms_mean"] == 250.0 and s["data_wait_fraction"] == 0.2
 
 
+class _Validations(pl.Callback):
+    """The global step at each validation of the fit."""
+
+    def __init__(self) -> None:
+        self.at_steps: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.at_steps.append(trainer.global_step)
+
+
+def test_a_fit_that_max_epochs_ends_validates_and_saves_its_final_weights(tmp_path):
+    """An epoch's last batch that was no validation's ended the fit unvalidated: the summary's metrics and last.ckpt
+    were of a step before the last. Two epochs of 5 batches (limit_train_batches), stepping every 2 batches and
+    after each epoch's last, validating every 2 batches: 3 steps an epoch."""
+    data = SyntheticSequences(4 * 7, min_len=4, max_len=12, seed=0)
+    validations = _Validations()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=5, accumulate_grad_batches=2,
+                         val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[RunRecorder(), validations, ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    torch.manual_seed(0)
+    task = ClassificationTask(BertClassifier(hidden=16, layers=1, heads=2), num_classes=4)
+    loader = DataLoader(data, batch_size=4, collate_fn=pad_collate)
+    trainer.fit(task, loader, loader)
+    assert trainer.global_step == 6 and validations.at_steps == [1, 2, 4, 5, 6]  # epoch 0's end is no last step
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_a_run_resumed_into_its_own_directory_keeps_the_earlier_parts_csv_log(tmp_path):
+    """Lightning's CSVLogger deletes the metrics.csv it finds in its folder, which the run's config fixes (csv/): a
+    sweep job requeued from its own last.ckpt, or a run resumed into its hydra.run.dir, lost the steps before."""
+    from hydra.utils import instantiate
+
+    cfg = compose_train(output_dir=tmp_path)
+    for part, steps in enumerate([(0, 1), (2, 3), (4,)]):  # the run, then two resumes into the same directory
+        logger = instantiate(cfg.logger)
+        logger.log_hyperparams({"part": part})
+        for step in steps:
+            logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+        logger.save()
+
+    def logged(folder: str) -> list[str]:
+        return [row["step"] for row in csv.DictReader((tmp_path / folder / "metrics.csv").open())]
+
+    assert (logged("csv-part1"), logged("csv-part2"), logged("csv")) == (["0", "1"], ["2", "3"], ["4"])
+    assert "part: 0" in (tmp_path / "csv-part1" / "hparams.yaml").read_text()
+
+
 def _logged(run: Path) -> list[dict[str, str]]:
     """The run's CSV rows, without the columns that are times or counts of this process's batches."""
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
@@ -619,6 +668,13 @@ def test_a_plan_from_a_nested_override_or_a_file_is_read_before_the_model_is_bui
     missing = compose_train("recipe=bert_split", f"placement.plan={tmp_path}/nope.yaml", output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"placement plan file .*nope.yaml does not exist"):
         check_config(missing)
+
+
+def test_an_auto_plan_counts_the_cpu_among_the_devices_precision_auto_chooses_for(tmp_path):
+    """The auto solver may put a stage on the CPU: only the GPUs were counted, so on a GPU host precision=auto gave
+    plain bf16-mixed and a CPU stage ran in fp32, not under its own device's precision."""
+    cfg = compose_train("recipe=bert_auto", output_dir=tmp_path)
+    assert "cpu" in _devices_in_use(cfg)[1:]
 
 
 def test_a_plan_entry_that_names_no_stage_is_refused_before_the_data_is_built(tmp_path):

@@ -75,10 +75,11 @@ class RunRecorder(Callback):
         steps before). Validation inside fit is left out from its start to the next training batch (or the
         end of training): ``ModelCheckpoint`` saves after every callback's ``on_validation_end``, and a
         save is not training either; of that stretch only the training loader's fetch counts, where the
-        loader times it (``wait_seconds``). When ``max_steps`` ends training mid-epoch, or ``max_epochs`` ends it
-        after a batch that is no validation's, Lightning would skip validation (and the checkpoint saved after
-        it); stopping through ``trainer.should_stop`` at the last step makes it validate first, so the summary's
-        metrics belong to the weights the run ends with, and so does ``last.ckpt``.
+        loader times it (``wait_seconds``). When ``max_steps`` ends training mid-epoch Lightning would skip
+        validation; stopping through ``trainer.should_stop`` at the last step makes it validate first, so
+        the summary's metrics belong to the weights the run ends with. Not so at an epoch's last batch (where
+        ``max_epochs`` ends a fit): a fit resumed from the checkpoint saved at a validation forced there would not
+        see that the epoch had ended and train one batch past it, so there Lightning's own schedule stands.
 
     Args:
         clock: returns seconds; for tests.
@@ -135,7 +136,8 @@ class RunRecorder(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.samples += len(batch["labels"])
-        if 0 < trainer.max_steps <= trainer.global_step or _ends_last_epoch(trainer, batch_idx):
+        # Mid-epoch only: see the class's docstring on an epoch's last batch.
+        if 0 < trainer.max_steps <= trainer.global_step and batch_idx + 1 < trainer.num_training_batches:
             trainer.should_stop = True
 
     @override
@@ -171,15 +173,6 @@ class RunRecorder(Callback):
         if self.resumed_from:
             out["resumed"] = {"from": self.resumed_from, "at_step": self.start_step}
         return out
-
-
-def _ends_last_epoch(trainer: pl.Trainer, batch_idx: int) -> bool:
-    """Whether ``batch_idx`` is the last training batch (``limit_train_batches`` counted) of the last epoch
-    ``max_epochs`` allows. Lightning steps after an epoch's last batch, a window of gradient accumulation the epoch
-    cuts short included, so the step is done by then. A loader without a length is left to Lightning, which
-    validates when such an epoch ends."""
-    return (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
-            and batch_idx + 1 >= trainer.num_training_batches)
 
 
 class ResumableCSVLogger(CSVLogger):

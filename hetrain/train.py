@@ -23,6 +23,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+import torch._dynamo
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -117,9 +118,10 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(data_len, int) and isinstance(model_len, int) and data_len > model_len:
         raise ValueError(f"hetrain: data.max_len={data_len} is longer than model.max_len={model_len}, the model's "
                          "position table; raise model.max_len or lower data.max_len")
+    _check_seed(cfg)
     _check_counts(cfg)
     _check_windows(cfg)
-    _check_compile(cfg)
+    _check_switches(cfg)
     _check_monitor_modes(cfg)
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
@@ -156,6 +158,14 @@ def _check_counts(cfg: DictConfig) -> None:
                          f"batch is running, so with trainer.accumulate_grad_batches={accumulate} its validations and "
                          "checkpoints would fall inside accumulation windows; give a number of training batches, a "
                          f"multiple of {accumulate}")
+    max_time = OmegaConf.select(cfg, "trainer.max_time")
+    if accumulate > 1 and max_time is not None:
+        # Lightning's Timer stops after whichever batch is running; so would a validation on a clock (above).
+        raise ValueError(f"hetrain: trainer.max_time={max_time!r} stops the fit on a clock, after whichever batch is "
+                         f"running, so with trainer.accumulate_grad_batches={accumulate} the final validation and "
+                         "checkpoint may come inside an accumulation window, without the gradients of its batches so "
+                         "far (a run resumed from that checkpoint loses them); bound the run with trainer.max_steps "
+                         "instead and leave trainer.max_time unset")
 
 
 class _WindowCheck(pl.Callback):
@@ -239,15 +249,42 @@ def _check_monitor_modes(cfg: DictConfig) -> None:
                              "the metric a sweeper optimises, is a setting of its own")
 
 
-def _check_compile(cfg: DictConfig) -> None:
-    """The compile switches torch.compile takes as booleans (``dynamic=maybe`` failed in an assertion of torch's)."""
-    if cfg.get("compile") is None:
-        return
-    for key, choices in (("enabled", (True, False)), ("fullgraph", (True, False)), ("dynamic", (True, False, None))):
-        value = OmegaConf.select(cfg, f"compile.{key}")
+def _check_switches(cfg: DictConfig) -> None:
+    """Settings taken as booleans: ``backends.strict=no`` turned strict mode on (``bool('no')`` is true), and
+    ``compile.dynamic=maybe`` failed in an assertion of torch's."""
+    switches = [("backends.strict", (True, False, None))]
+    if cfg.get("compile") is not None:
+        switches += [("compile.enabled", (True, False)), ("compile.fullgraph", (True, False)),
+                     ("compile.dynamic", (True, False, None))]
+    for key, choices in switches:
+        value = OmegaConf.select(cfg, key)
         if not any(value is choice for choice in choices):
             allowed = " or ".join("null" if c is None else str(c).lower() for c in choices)
-            raise ValueError(f"hetrain: compile.{key}={value!r} must be {allowed}")
+            raise ValueError(f"hetrain: {key}={value!r} must be {allowed}")
+
+
+def _check_seed(cfg: DictConfig) -> None:
+    """``seed=null`` failed in torch.manual_seed, ``seed=abc`` in int(), neither naming the setting."""
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"hetrain: seed={seed!r} must be a whole number from 0 to {2**32 - 1} (the range numpy "
+                         "takes); it seeds python, numpy, torch and the synthetic data")
+
+
+def _check_steps_left(cfg: DictConfig) -> None:
+    """Refuses to resume a checkpoint already at ``trainer.max_steps``: Lightning would skip the fit, its callbacks'
+    hooks included, and the run would say ok with nothing trained or measured."""
+    ckpt_path, max_steps = cfg.get("ckpt_path"), OmegaConf.select(cfg, "trainer.max_steps")
+    if ckpt_path is None or not isinstance(max_steps, int) or max_steps < 0:  # -1: no step limit
+        return
+    try:  # mmap: the tensors stay on disk, only the pickled structure around them is read
+        step = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("global_step", 0)
+    except Exception:  # noqa: BLE001 - one this cannot read (objects of a user's, an old format): Lightning says
+        return
+    if step >= max_steps:
+        raise ValueError(f"hetrain: ckpt_path={ckpt_path} is already at step {step} >= trainer.max_steps={max_steps}, "
+                         "so there is nothing left to train; raise trainer.max_steps to the step the resumed run "
+                         f"should end at, e.g. trainer.max_steps={step + max(max_steps, 1)}")
 
 
 def _check_windows(cfg: DictConfig) -> None:
@@ -312,6 +349,10 @@ def build(cfg: DictConfig) -> Parts:
     compiled = counts_before = None
     if cfg.get("compile") and cfg.compile.enabled:
         settings = {k: v for k, v in OmegaConf.to_container(cfg.compile).items() if k != "enabled"}
+        # A sweep's earlier jobs compiled the same stage classes in this process, and their graphs are guarded on
+        # parameter sizes: each width's cache entries count against dynamo's recompile limit, past which the
+        # stages run eagerly. reset() clears those caches; dynamo's counters it leaves, so counts_before still serves.
+        torch._dynamo.reset()
         counts_before = compile_counts()
         compiled = compile_stages(task.stages(), **settings)
         eager = ", ".join(compiled["eager"])
@@ -345,6 +386,8 @@ def build(cfg: DictConfig) -> Parts:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the experiment ``cfg`` describes; returns the measured part of the summary."""
+    check_config(cfg)  # before the seed and the backends are applied (build() checks again, cheaply)
+    _check_steps_left(cfg)
     with cpu_memory.host_memory(cfg.get("cpu_malloc", "keep")) as cpu_malloc, _torch_threads_restored():
         log.info(f"Host memory: {cpu_malloc.description}")
         host_cache_at_start = cpu_memory.stats()

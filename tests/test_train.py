@@ -27,6 +27,7 @@ from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
 from hetrain.placement import resolve_plan
 from hetrain.recipes import register_recipes
+from hetrain.regional_compile import compile_counts
 from hetrain.report import RunRecorder, error_headline
 from hetrain.train import (
     _devices_in_use,
@@ -279,33 +280,36 @@ def test_run_summary_rates_leave_out_validation_and_the_checkpoint_saved_after_i
     assert s["samples_per_s"] == 4 / 1.25 and s["between_steps_ms_mean"] == 250.0 and s["data_wait_fraction"] == 0.2
 
 
-class _Validations(pl.Callback):
-    """The global step at each validation of the fit."""
+class _Batches(pl.Callback):
+    """(epoch, batch_idx) of every training batch of the fit."""
 
     def __init__(self) -> None:
-        self.at_steps: list[int] = []
+        self.seen: list[tuple[int, int]] = []
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.at_steps.append(trainer.global_step)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((trainer.current_epoch, batch_idx))
 
 
-def test_a_fit_that_max_epochs_ends_validates_and_saves_its_final_weights(tmp_path):
-    """An epoch's last batch that was no validation's ended the fit unvalidated: the summary's metrics and last.ckpt
-    were of a step before the last. Two epochs of 5 batches (limit_train_batches), stepping every 2 batches and
-    after each epoch's last, validating every 2 batches: 3 steps an epoch."""
+def test_a_fit_resumed_from_where_max_steps_ended_an_epoch_trains_no_batch_past_it(tmp_path):
+    """A validation forced at an epoch's last batch (max_steps reached there) saved a last.ckpt from which a resumed
+    fit, not seeing that the epoch had ended, trained a sixth batch of a five-batch epoch."""
     data = SyntheticSequences(4 * 7, min_len=4, max_len=12, seed=0)
-    validations = _Validations()
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=5, accumulate_grad_batches=2,
-                         val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[RunRecorder(), validations, ModelCheckpoint(dirpath=tmp_path, save_last=True)])
-    torch.manual_seed(0)
-    task = ClassificationTask(BertClassifier(hidden=16, layers=1, heads=2), num_classes=4)
     loader = DataLoader(data, batch_size=4, collate_fn=pad_collate)
-    trainer.fit(task, loader, loader)
-    assert trainer.global_step == 6 and validations.at_steps == [1, 2, 4, 5, 6]  # epoch 0's end is no last step
-    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 6
+
+    def fit(max_steps: int, ckpt_path: Path | None) -> list[tuple[int, int]]:
+        batches = _Batches()
+        trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, limit_train_batches=5, val_check_interval=2,
+                             limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[RunRecorder(), batches,
+                                                                    ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+        torch.manual_seed(0)
+        task = ClassificationTask(BertClassifier(hidden=16, layers=1, heads=2), num_classes=4)
+        trainer.fit(task, loader, loader, ckpt_path=ckpt_path)
+        return batches.seen
+
+    fit(5, None)  # ends on epoch 0's last batch, which is no validation's
+    resumed = fit(8, tmp_path / "last.ckpt")
+    assert all(batch_idx < 5 for _, batch_idx in resumed) and resumed[-3:] == [(1, 0), (1, 1), (1, 2)]
 
 
 def test_a_run_resumed_into_its_own_directory_keeps_the_earlier_parts_csv_log(tmp_path):
@@ -505,6 +509,12 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["recipe=longseq_ringbuffer", "data.max_len=64"], "data.stride=96 must be in [1, data.max_len=64]"),
     (["compile.dynamic=maybe"], "compile.dynamic='maybe' must be true or false or null"),  # torch's AssertionError
     (["compile.fullgraph=1"], "compile.fullgraph=1 must be true or false"),
+    (["backends.strict=no"], "backends.strict='no' must be true or false or null"),  # bool('no'): strict mode on
+    (["seed=-1"], "seed=-1 must be a whole number from 0 to 4294967295"),
+    # Lightning's Timer stops after whichever batch is running: the final checkpoint lacked the window's gradients.
+    (["+trainer.max_time='00:00:05:00'", "trainer.accumulate_grad_batches=2"],
+     "trainer.max_time='00:00:05:00' stops the fit on a clock, after whichever batch is running, so with "
+     "trainer.accumulate_grad_batches=2 the final validation and checkpoint may come inside an accumulation window"),
 ])
 def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(overrides, message, tmp_path):
     """Each failed inside torch's sampler, Lightning's loop (ZeroDivisionError) or a tokenizer, after the model was
@@ -515,6 +525,43 @@ def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(ov
     if overrides == ["threads=0"]:  # and the run itself, which applied threads before its checks
         result = train_py(*overrides, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, threads=None)
         assert result.returncode != 0 and f"hetrain: {message}" in result.stderr + result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("seed, shown", [("null", "None"), ("abc", "'abc'")])
+def test_a_seed_that_is_no_whole_number_fails_the_run_naming_it(seed, shown, tmp_path):
+    """seed=abc failed with int()'s bare "invalid literal" in pl.seed_everything, which train() called before build()
+    checked the config; seed=null with "manual_seed expected a long, but got NoneType" while the data was built."""
+    with pytest.raises(ValueError, match=re.escape(f"hetrain: seed={shown} must be a whole number from 0 to ")):
+        run(compose_train(f"seed={seed}", output_dir=tmp_path))
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_sweeps_later_jobs_still_compile_their_stages(tmp_path):
+    """A sweep's jobs build their models in one process: each width's compiled graphs stayed in dynamo's caches, and
+    once they reached its recompile limit (8) a later job's stages ran eagerly, its summary saying they compiled.
+    Here the limit is 1, so the second job already met it."""
+    ids, mask = torch.randint(1, 64, (2, 8)), torch.ones(2, 8, dtype=torch.bool)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for hidden in (8, 16):
+            parts = build(compose_train("recipe=bert_split", f"model.hidden={hidden}", "model.heads=2",
+                                        "compile.enabled=true", "compile.backend=eager", output_dir=tmp_path))
+            parts.task(ids, mask).sum().backward()
+            assert compile_counts(since=parts.counts_before_compile)["graphs"] >= 2, hidden
+
+
+def test_resuming_a_checkpoint_already_at_max_steps_fails_naming_the_fix(tmp_path):
+    """Lightning skipped the whole fit, callbacks included: the run said ok with no metrics, stages or 'resumed'."""
+    settings = ["recipe=bert_split", "data.loader=torch", "data.train_size=32", "data.val_size=16", "model.hidden=16",
+                "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.num_sanity_val_steps=0",
+                "trainer.enable_progress_bar=false", "callbacks.memory_profiler=null"]
+    run(compose_train(*settings, output_dir=tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=re.escape(
+            f"hetrain: ckpt_path={ckpt} is already at step 1 >= trainer.max_steps=1, so there is nothing left to "
+            "train; raise trainer.max_steps")):
+        run(compose_train(*settings, f"ckpt_path={ckpt}", output_dir=tmp_path / "b"))
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "is already at step 1" in summary["error"]
 
 
 class _Linear(pl.LightningModule):

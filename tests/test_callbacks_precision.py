@@ -462,6 +462,18 @@ def test_the_host_safe_fused_step_steps_as_torchs_and_skips_an_overflow(dtype):
     assert not torch.equal(two_steps, torch.linspace(-1, 1, 8, dtype=dtype))
 
 
+def test_the_host_safe_fused_step_refuses_a_closure_and_steps_plainly_when_disabled():
+    """As torch's step: a closure's backward would leave scaled gradients after the unscale; a disabled scaler has
+    no state to read and only steps."""
+    weight = torch.nn.Parameter(torch.linspace(-1, 1, 8))
+    weight.grad = torch.full_like(weight, 0.5)
+    optimizer = torch.optim.AdamW([weight], fused=True)
+    with pytest.raises(RuntimeError, match="Closure"):
+        precision.step_found_inf_on_host(torch.amp.GradScaler("cpu"), optimizer, closure=lambda: None)
+    precision.step_found_inf_on_host(torch.amp.GradScaler("cpu", enabled=False), optimizer)
+    assert not torch.equal(weight.detach(), torch.linspace(-1, 1, 8))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("fused", [False, True])
 def test_host_safe_grad_scaler_sees_an_overflow_on_a_cpu_stage_beside_a_gpu_loss(fused):

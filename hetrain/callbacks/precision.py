@@ -113,6 +113,10 @@ def step_found_inf_on_host(scaler: torch.amp.GradScaler, optimizer: torch.optim.
     flags are read on the host, and the optimizer steps on unscaled gradients, or not at all after an overflow, as
     torch's step does for other optimizers; ``update()`` then reads the same flags.
     """
+    if not scaler.is_enabled():
+        return optimizer.step(*args, **kwargs)
+    if "closure" in kwargs:  # its backward would leave scaled gradients after the unscale
+        raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
     state = scaler._per_optimizer_states[id(optimizer)]  # GradScaler's record of unscale_ and step
     if state["stage"] is OptState.STEPPED:
         raise RuntimeError("step() has already been called since the last update().")

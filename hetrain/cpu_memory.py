@@ -74,11 +74,28 @@ def default_max_cached_bytes() -> int:
     return memory_limit_bytes() // 4
 
 
+# The ops of csrc/host_allocator.cpp; an extension built from older sources may lack them.
+_HOST_OPS = ("host_cache_enable", "host_cache_disable", "host_cache_empty", "host_cache_stats")
+
+
+def why_unavailable() -> str | None:
+    """None where hetrain._C serves the block cache; else why not (the extension is unusable or lacks its ops)."""
+    ext = _ext.available()
+    if ext is not True:
+        return ext
+    missing = [name for name in _HOST_OPS if not hasattr(torch.ops.hetrain_C, name)]
+    if missing:
+        return (f"hetrain._C lacks {', '.join(missing)}, so it is a stale build (rebuild it with: "
+                f"{_ext.BUILD_COMMAND})")
+    return None
+
+
 def keep_freed_blocks(min_bytes: int = GLIBC_MAX_MMAP_THRESHOLD,
                       max_cached_bytes: int | None = None) -> CpuMallocSetting:
     """Makes host requests of ``min_bytes`` or more reuse freed blocks (at most ``max_cached_bytes`` kept)."""
-    if _ext.load() is None:
-        return CpuMallocSetting(False, "system (hetrain._C is not built, so hetrain's CPU allocator is absent)")
+    why = why_unavailable()
+    if why is not None:
+        return CpuMallocSetting(False, f"system (hetrain's CPU allocator is absent: {why})")
     cap = default_max_cached_bytes() if max_cached_bytes is None else max_cached_bytes
     if not torch.ops.hetrain_C.host_cache_enable(min_bytes, cap):
         return CpuMallocSetting(False, "system (another CPU allocator of higher priority is installed)")
@@ -88,19 +105,19 @@ def keep_freed_blocks(min_bytes: int = GLIBC_MAX_MMAP_THRESHOLD,
 
 def system() -> None:
     """Back to torch's allocator for new requests; kept blocks are unmapped (blocks in use stay valid)."""
-    if _ext.load() is not None:
+    if why_unavailable() is None:
         torch.ops.hetrain_C.host_cache_disable()
 
 
 def empty_cache() -> None:
     """Unmaps every kept block, as ``torch.cuda.empty_cache`` does for GPU memory."""
-    if _ext.load() is not None:
+    if why_unavailable() is None:
         torch.ops.hetrain_C.host_cache_empty()
 
 
 def stats() -> HostCacheStats | None:
-    """The cache's counters, or None without hetrain._C."""
-    if _ext.load() is None:
+    """The cache's counters, or None where it is unavailable (:func:`why_unavailable`)."""
+    if why_unavailable() is not None:
         return None
     enabled, *counts = torch.ops.hetrain_C.host_cache_stats()
     return HostCacheStats(bool(enabled), *counts)

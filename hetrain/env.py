@@ -32,7 +32,8 @@ class Report:
 
 def _run(cmd: list[str]) -> str | None:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+        # errors="replace": a tool's non-UTF-8 output (a localised message, a stray byte) must not end the report.
+        return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -68,7 +69,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 def _host_allocator() -> str:
     stats = cpu_memory.stats()
     if stats is None:
-        return "torch's (hetrain._C not built: no host block cache)"
+        return f"torch's (no host block cache: {cpu_memory.why_unavailable()})"
     if stats.enabled:
         return f"hetrain's host block cache ({stats.reused} reused, {stats.mapped} mapped)"
     return "torch's; python train.py keeps freed blocks of 32 MiB or more (cpu_malloc=keep, hetrain.cpu_memory)"
@@ -94,7 +95,7 @@ def collect() -> Report:
         "triton": triton_version() or "not installed",
         "nvcc": nvcc_version() or "not found",
         "hetrain._C": ("built with CUDA" if _ext.built_with_cuda() else "built for CPU")
-        if _ext.load() is not None else "not built",
+        if _ext.load() is not None else _ext.load_error(),
         "host allocator": _host_allocator(),
     }
     cpu_bf16 = "bf16 dot products" if cpu_features.has_fast_bf16() else "no bf16 dot products (precision auto: 32)"
@@ -139,7 +140,7 @@ def _compatibility_warnings() -> list[str]:
     elif _version_tuple(tv) < MIN_TRITON:
         out.append(f"Triton {tv} is older than {'.'.join(map(str, MIN_TRITON))}: upgrade it (pip install -U triton)")
     if _ext.load() is None:
-        out.append("hetrain._C is not built: C++/CUDA backends are off (pip install -e . --no-build-isolation)")
+        out.append(f"the C++/CUDA backends are off: {_ext.available()}")
     elif torch.cuda.is_available() and not _ext.built_with_cuda():
         out.append("hetrain._C was built without CUDA on a CUDA machine: rebuild with HETRAIN_CUDA=1 "
                    "pip install -e . --no-build-isolation")

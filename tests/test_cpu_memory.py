@@ -212,3 +212,16 @@ def test_an_unknown_mode_is_refused_naming_the_choices():
 def test_bad_sizes_are_refused_naming_them():
     with pytest.raises(RuntimeError, match="min_bytes must be positive"):
         cpu_memory.keep_freed_blocks(min_bytes=0)
+
+
+def test_an_extension_lacking_the_caches_ops_leaves_torchs_allocator_naming_the_rebuild(monkeypatch):
+    """A stale hetrain._C may lack ops the sources call: stats() and apply() raised AttributeError from torch.ops."""
+    from hetrain import env
+
+    monkeypatch.setattr(cpu_memory, "_HOST_OPS", ("host_cache_stats", "host_cache_from_newer_sources"), raising=False)
+    assert cpu_memory.stats() is None
+    setting = cpu_memory.apply("keep")
+    assert not setting.applied
+    assert "hetrain._C lacks host_cache_from_newer_sources, so it is a stale build" in setting.description
+    assert "rebuild it with: pip install -e . --no-build-isolation" in setting.description
+    assert env._host_allocator().startswith("torch's (no host block cache: hetrain._C lacks")

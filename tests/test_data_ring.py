@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -979,3 +980,18 @@ def test_pad_into_names_a_missing_label_and_takes_unlabelled_samples_with_label_
     out = {name: torch.empty(size, dtype=dtype) for name, (dtype, size) in unlabelled.spec.items()}
     assert unlabelled(items, out) == {"input_ids": (2, 3), "attention_mask": (2, 3)}
     assert out["input_ids"][:6].view(2, 3).tolist() == [[5, 6, 7], [8, 0, 0]]
+
+
+def test_without_the_extension_the_loader_says_why_and_how_to_train_without_it(monkeypatch):
+    from hetrain import _ext
+
+    monkeypatch.setitem(sys.modules, "hetrain._C", None)  # as if hetrain._C was missing or failed to load
+    _ext.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="hetrain._C is not available"), pytest.raises(RuntimeError) as raised:
+            RingLoader(SyntheticSequences(8), None)
+    finally:
+        _ext.load.cache_clear()  # the next call loads the real extension, which monkeypatch puts back
+    message = str(raised.value)
+    assert "RingLoader needs the compiled extension, but hetrain._C is present but failed to load" in message
+    assert "use data.loader=torch with train.py's recipes, or a torch.utils.data.DataLoader in code" in message

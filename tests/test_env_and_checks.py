@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,81 @@ def test_import_without_the_extension_warns_once_and_falls_back():
     out = run_python(["-c", code], HETRAIN_STRICT="1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["torch", "1"]
+
+
+@pytest.fixture
+def reload_ext():
+    """``hetrain._ext.load()`` runs again on its next call, and again after the test (with the real hetrain._C, which
+    monkeypatch puts back in sys.modules)."""
+    from hetrain import _ext
+
+    _ext.load.cache_clear()
+    yield _ext
+    _ext.load.cache_clear()
+
+
+def test_an_extension_present_but_failing_to_load_is_not_called_unbuilt(monkeypatch, reload_ext, tmp_path):
+    from hetrain import env
+
+    monkeypatch.setitem(sys.modules, "hetrain._C", None)  # the import fails, as a broken or mislinked build's does
+    with pytest.warns(UserWarning, match=r"present but failed to load: import of hetrain._C halted"):
+        assert reload_ext.load() is None
+    assert reload_ext.load_error().startswith("present but failed to load: import of hetrain._C halted")
+    assert reload_ext.available().startswith("hetrain._C is present but failed to load: import of hetrain._C")
+    assert any("present but failed to load" in w for w in env._compatibility_warnings())
+
+    reload_ext.load.cache_clear()
+    monkeypatch.setattr(reload_ext, "_PACKAGE_DIR", tmp_path, raising=False)  # no _C*.so file
+    with pytest.warns(UserWarning, match=r"\(not built\).*build it with: pip install -e \."):
+        assert reload_ext.load() is None
+    assert reload_ext.load_error() == "not built"
+    assert reload_ext.available() == "hetrain._C is not built (build it with: pip install -e . --no-build-isolation)"
+
+
+def test_an_extension_built_from_other_sources_is_refused_as_stale_naming_the_rebuild(monkeypatch, reload_ext):
+    real = pytest.importorskip("hetrain._C")
+    monkeypatch.setitem(sys.modules, "hetrain._C", types.ModuleType("hetrain._C"))  # built before ABI_VERSION
+    with pytest.warns(UserWarning, match="stale build: it has no ABI version.*rebuild it with: pip install -e ."):
+        assert reload_ext.load() is None
+    assert reload_ext.load_error().startswith("a stale build")
+    assert "hetrain._C is a stale build" in reload_ext.available()
+
+    reload_ext.load.cache_clear()
+    monkeypatch.setitem(sys.modules, "hetrain._C", real)
+    assert real.ABI_VERSION == reload_ext.ABI_VERSION  # the build these tests run against is current
+    monkeypatch.setattr(reload_ext, "ABI_VERSION", real.ABI_VERSION + 1)  # the sources moved on: a git pull
+    with pytest.warns(UserWarning, match=f"stale build: it has ABI version {real.ABI_VERSION}, these sources "
+                                         f"expect {real.ABI_VERSION + 1}"):
+        assert reload_ext.load() is None
+
+
+def test_a_stale_extension_leaves_the_host_allocator_off_and_the_report_running():
+    """A stale hetrain._C imports but lacks ops the sources call: cpu_memory and `python -m hetrain.env` raised
+    AttributeError from torch.ops.hetrain_C."""
+    code = (
+        "import sys, types, warnings\n"
+        "stale = types.ModuleType('hetrain._C')  # imports fine, registers none of the current ops\n"
+        "stale.WITH_CUDA = 0\n"
+        "sys.modules['hetrain._C'] = stale\n"
+        "warnings.simplefilter('ignore')\n"
+        "from hetrain import cpu_memory, env\n"
+        "print(cpu_memory.stats(), cpu_memory.apply('keep').applied)\n"
+        "env.main([])\n"
+    )
+    out = run_python(["-c", code])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "None False"
+    assert "a stale build: it has no ABI version" in out.stdout
+
+
+def test_a_tools_output_that_is_not_utf8_does_not_end_the_report(monkeypatch, tmp_path):
+    from hetrain import env
+
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_bytes(b"#!/bin/sh\nprintf 'Cuda compilation tools, release 12.4, V12.4.1 \\377\\376\\n'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert env.nvcc_version() == "12.4"
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA: the refusal cannot be provoked")

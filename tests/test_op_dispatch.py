@@ -11,6 +11,7 @@ from op_testing import OpLog, randn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hetrain import ops, plugins
+from hetrain.ops.layer_norm import TorchBackend
 
 H = 24
 
@@ -394,7 +395,8 @@ def exploding_layer_norm(monkeypatch):
 
 def test_a_failing_autograd_entry_falls_back_like_any_backend(exploding_layer_norm, monkeypatch):
     x, _r, w, b, *_ = inputs()
-    with pytest.warns(UserWarning, match="'exploding' of op 'layer_norm' failed.*falling back to 'cpu'"):
+    with (pytest.warns(UserWarning, match="forward_with_grad of backend 'exploding' of op 'layer_norm' failed"),
+          pytest.warns(UserWarning, match="'exploding' of op 'layer_norm' failed.*falling back to 'cpu'")):
         y = ops.layer_norm(x, w, b)
     expected = torch.nn.functional.layer_norm(x, (H,), w, b)
     torch.testing.assert_close(y, expected)
@@ -402,6 +404,36 @@ def test_a_failing_autograd_entry_falls_back_like_any_backend(exploding_layer_no
     monkeypatch.setenv(plugins.ENV_STRICT, "1")
     with pytest.raises(RuntimeError, match="kernel exploded"):
         ops.layer_norm(x, w, b)
+
+
+class BrokenAutogradEntry(TorchBackend):
+    """A backend whose forward and backward work but whose C++ autograd entry fails (a stale or broken build)."""
+
+    @staticmethod
+    def forward_with_grad(*args):
+        raise RuntimeError("autograd entry exploded")
+
+
+def test_a_failing_autograd_entry_warns_once_and_runs_the_python_autograd(monkeypatch):
+    """Outside strict mode the failure was swallowed: every call paid the exception, and nothing said so."""
+    monkeypatch.setenv(plugins.ENV_STRICT, "0")
+    plugins.register("layer_norm", "broken_autograd", ("cpu",), BrokenAutogradEntry, priority=99)
+    x, _r, w, b, *_ = inputs()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                y = ops.layer_norm(x, w, b)
+            grads = torch.autograd.grad(y.sum(), w)
+    finally:
+        plugins.unregister("layer_norm", "broken_autograd")
+    assert len(caught) == 1, [str(c.message) for c in caught]
+    assert ("forward_with_grad of backend 'broken_autograd' of op 'layer_norm' failed on cpu (RuntimeError: autograd "
+            "entry exploded)") in str(caught[0].message)
+    assert caught[0].filename == __file__  # the caller's line
+    expected = torch.nn.functional.layer_norm(x, (H,), w, b)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), w))
 
 
 def test_the_cpp_autograd_ops_run_in_inference_mode():

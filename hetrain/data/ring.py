@@ -440,8 +440,9 @@ class RingLoader:
         max_rows: int | None = None,
     ) -> None:
         if _ext.load() is None:
-            raise RuntimeError("hetrain: RingLoader needs the compiled extension hetrain._C "
-                               "(pip install -e . --no-build-isolation)")
+            raise RuntimeError(f"hetrain: RingLoader needs the compiled extension, but {_ext.available()}. "
+                               "To run without it, use data.loader=torch with train.py's recipes, or a "
+                               "torch.utils.data.DataLoader in code")
         if num_slots < 2 or num_workers < 1 or reader_processes < 0:
             raise ValueError(f"hetrain: need num_slots >= 2, num_workers >= 1 and reader_processes >= 0, got "
                              f"{num_slots}, {num_workers}, {reader_processes}")

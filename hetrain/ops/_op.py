@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -146,6 +147,21 @@ def _route(args: Sequence[Any]) -> str:
     return "function" if grad and torch.is_grad_enabled() else "body"
 
 
+def _warn_autograd_entry_failed(exc: Exception, family: str, backend: str, device_type: str) -> None:
+    """Says once per op and backend (plugins' once-only warnings) that the backend's C++ autograd entry failed: every
+    call then pays the exception and runs the slower Python autograd, which should not go unnoticed."""
+    key = (family, f"{backend}.forward_with_grad")
+    if key in plugins._warned:
+        return
+    plugins._warned.add(key)
+    warnings.warn(
+        f"hetrain: the C++ autograd entry forward_with_grad of backend {backend!r} of op {family!r} failed on "
+        f"{device_type} ({type(exc).__name__}: {exc}); each call runs the op's Python autograd instead. This warning "
+        f"comes once per op and backend in a process; set {plugins.ENV_STRICT}=1 to raise instead.",
+        stacklevel=plugins._caller_stacklevel(),
+    )
+
+
 class Op:
     """``fn`` as the custom op ``name``, called like it; see the module docstring. ``mutates_args`` as for
     ``torch.library.custom_op``: graphs see the mutation declared, eager calls run the body. ``graph_guard``, called
@@ -234,10 +250,12 @@ class Op:
                     except plugins.PASS_THROUGH:
                         raise
                     except Exception as exc:
+                        device = args[0].device.type
+                        backend = plugins.select(self._family, device).name
                         if plugins.raises_without_fallback(self._family):
-                            device = args[0].device.type
-                            plugins.note_failure(exc, self._family, plugins.select(self._family, device).name, device)
+                            plugins.note_failure(exc, self._family, backend, device)
                             raise
+                        _warn_autograd_entry_failed(exc, self._family, backend, device)
                         # The Function below calls the same backend again: it warns and falls back, as any call does.
             return self._function.apply(*args)
         if route == "functorch" and self._functorch is not None:

@@ -79,7 +79,9 @@ class RunRecorder(Callback):
         validation; stopping through ``trainer.should_stop`` at the last step makes it validate first, so
         the summary's metrics belong to the weights the run ends with. Not so at an epoch's last batch (where
         ``max_epochs`` ends a fit): a fit resumed from the checkpoint saved at a validation forced there would not
-        see that the epoch had ended and train one batch past it, so there Lightning's own schedule stands.
+        see that the epoch had ended and train one batch past it, so there Lightning's own schedule stands: where
+        its last validation came before the last step, the summary says so (``metrics_at_step``) and a warning
+        says how to validate the final weights.
 
     Args:
         clock: returns seconds; for tests.
@@ -94,12 +96,14 @@ class RunRecorder(Callback):
         self.stages: dict[str, str] = {}
         self.gpus: list[torch.device] = []
         self._started = 0.0
+        self.validated_at_step: int | None = None  # the global step of this fit's last validation
         self._paused_at: float | None = None  # when a validation inside fit began; None while training
         self._wait_at_pause: float | None = None  # the training loader's wait_seconds then
         self._paused_s = 0.0
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validated_at_step = None
         self.gpus = _gpus(pl_module)
         self.start_step = trainer.global_step
         self.resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None
@@ -148,7 +152,18 @@ class RunRecorder(Callback):
             self._wait_at_pause = loader_wait_seconds(trainer)
 
     @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _validating_inside_fit(trainer):
+            self.validated_at_step = trainer.global_step
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.validated_at_step is not None and self.validated_at_step < trainer.global_step:
+            log.warning(f"hetrain: the run ended at step {trainer.global_step}, on an epoch's last batch, which is no "
+                        f"validation's: its validation metrics and last checkpoint are of step "
+                        f"{self.validated_at_step}. To have the final weights validated and saved, give "
+                        "trainer.val_check_interval a number of batches that divides an epoch's, or end the run "
+                        "mid-epoch with trainer.max_steps")
         self._resume(trainer)  # a validation that ended training: paused up to here
         self._sync()
         self.train_time_s = self.clock() - self._started - self._paused_s
@@ -170,6 +185,8 @@ class RunRecorder(Callback):
             "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")},
             "stages": self.stages,
         }
+        if self.validated_at_step is not None and self.validated_at_step < trainer.global_step:
+            out["metrics_at_step"] = self.validated_at_step  # the metrics are not of the final weights
         if self.resumed_from:
             out["resumed"] = {"from": self.resumed_from, "at_step": self.start_step}
         return out

@@ -296,20 +296,27 @@ def test_a_fit_resumed_from_where_max_steps_ended_an_epoch_trains_no_batch_past_
     data = SyntheticSequences(4 * 7, min_len=4, max_len=12, seed=0)
     loader = DataLoader(data, batch_size=4, collate_fn=pad_collate)
 
+    recorders: list[RunRecorder] = []
+    trainers: list[pl.Trainer] = []
+
     def fit(max_steps: int, ckpt_path: Path | None) -> list[tuple[int, int]]:
         batches = _Batches()
+        recorders.append(RunRecorder())
         trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, limit_train_batches=5, val_check_interval=2,
                              limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=[RunRecorder(), batches,
+                             enable_model_summary=False, callbacks=[recorders[-1], batches,
                                                                     ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+        trainers.append(trainer)
         torch.manual_seed(0)
         task = ClassificationTask(BertClassifier(hidden=16, layers=1, heads=2), num_classes=4)
         trainer.fit(task, loader, loader, ckpt_path=ckpt_path)
         return batches.seen
 
     fit(5, None)  # ends on epoch 0's last batch, which is no validation's
+    assert recorders[-1].summary(trainers[-1])["metrics_at_step"] == 4  # said, not hidden
     resumed = fit(8, tmp_path / "last.ckpt")
     assert all(batch_idx < 5 for _, batch_idx in resumed) and resumed[-3:] == [(1, 0), (1, 1), (1, 2)]
+    assert "metrics_at_step" not in recorders[-1].summary(trainers[-1])  # ended mid-epoch: validated there
 
 
 def test_a_run_resumed_into_its_own_directory_keeps_the_earlier_parts_csv_log(tmp_path):

@@ -154,6 +154,38 @@ def test_relu_pool_and_conv_relu_pool(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_relu_pool_takes_an_unbatched_sample_and_runs_per_sample_under_vmap(backend):
+    """F.conv2d takes (C, H, W), and torch.vmap hands each sample over as such; conv_relu_pool refused it,
+    naming relu_pool and the convolution output's shape."""
+    x = randn(3, 2, 7, 9, seed=1)
+    cw, cb = randn(4, 2, 3, 3, seed=2, scale=0.3, requires_grad=True), randn(4, seed=3, requires_grad=True)
+
+    def ours(z):
+        return conv_relu_pool(z, cw, cb, conv_padding=1, kernel_size=3, stride=2, padding=1)
+
+    def ref(z):
+        return F.max_pool2d(F.relu(F.conv2d(z, cw, cb, padding=1)), 3, 2, 1)
+
+    with plugins.use_backend(bn_relu_pool=backend):
+        # One unbatched sample, then every sample under vmap.
+        for fn, ref_fn, inp in ((ours, ref, x[0]), (torch.vmap(ours), torch.vmap(ref), x)):
+            inp = inp.detach().requires_grad_()
+            y, y_ref = fn(inp), ref_fn(inp)
+            assert y.shape == y_ref.shape
+            assert_close(y, y_ref, torch.float32, "unbatched conv_relu_pool")
+            dy = randn(*y.shape, seed=4)
+            for g, g_ref in zip(grads_of(y, (inp, cw, cb), dy), grads_of(y_ref, (inp, cw, cb), dy), strict=True):
+                assert_close(g, g_ref, torch.float32, "unbatched conv_relu_pool grad")
+
+
+def test_conv_bn_relu_pool_refuses_an_unbatched_sample_naming_itself_and_the_input():
+    """torch's BatchNorm2d refuses (C, H, W); the refusal named relu_pool's callee and the convolution output."""
+    w, b, rm, rv = (t.detach() for t in bn_params(4))
+    with pytest.raises(ValueError, match=r"hetrain.ops.conv_bn_relu_pool: x must be a 4-D .* got shape \(2, 7, 9\)"):
+        conv_bn_relu_pool(randn(2, 7, 9), randn(4, 2, 3, 3), None, w, b, rm, rv, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_inf_and_nan_inputs_give_what_torch_gives(backend, training, channels_last):

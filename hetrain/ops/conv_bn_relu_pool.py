@@ -136,9 +136,10 @@ class TorchBackend:
         oh = torch.arange(dy.shape[2], device=x.device)[:, None] * stride[0] - padding[0]
         ow = torch.arange(dy.shape[3], device=x.device)[None, :] * stride[1] - padding[1]
         flat = (oh + a // kernel[1]) * w + (ow + a % kernel[1])
-        g = torch.zeros(n, c, h * w, dtype=stats, device=x.device)
         ohw = dy.shape[2] * dy.shape[3]
-        g.scatter_add_(2, flat.reshape(n, c, ohw), dy.to(stats).reshape(n, c, ohw))
+        # Out of place: under torch.vmap dy is batched and a fresh zeros is not, which scatter_add_ refuses.
+        g = torch.zeros(n, c, h * w, dtype=stats, device=x.device).scatter_add(
+            2, flat.reshape(n, c, ohw), dy.to(stats).reshape(n, c, ohw))
         z = TorchBackend._pre_relu(x, mean, invstd, weight, bias)
         g = torch.where(z.reshape(n, c, h * w) <= 0, 0.0, g).reshape(x.shape)
         xf = x.to(stats)
@@ -298,6 +299,15 @@ def _check_x(name, x):
                          f"{x.dtype}")
 
 
+def _check_conv_x(name, x, unbatched):
+    """Checked before the convolution, so the error names the op called and x's own shape."""
+    dims = (3, 4) if unbatched else (4,)
+    if x.dim() not in dims or not x.is_floating_point():
+        what = "a 4-D (N, C, H, W) or 3-D unbatched (C, H, W)" if unbatched else "a 4-D (N, C, H, W)"
+        hint = "" if unbatched else "; for one image pass x.unsqueeze(0)"
+        raise ValueError(f"{name}: x must be {what} floating tensor, got shape {tuple(x.shape)} {x.dtype}{hint}")
+
+
 def _channel_vector(name, what, v, x, dtype):
     if v is None:
         return None
@@ -393,7 +403,10 @@ def conv_bn_relu_pool(
     Under autocast the convolution runs in the autocast dtype (autocast casts ``F.conv2d``) and the epilogue
     in the convolution output's dtype with float32 statistics, so the output is bf16 under bf16 autocast,
     as the unfused torch block gives.
+
+    An unbatched (C, H, W) x is refused, as torch's ``BatchNorm2d`` refuses it.
     """
+    _check_conv_x("hetrain.ops.conv_bn_relu_pool", x, unbatched=False)
     conv = F.conv2d(x, conv_weight, conv_bias, conv_stride, conv_padding, conv_dilation, conv_groups)
     return bn_relu_pool(conv, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                         kernel_size, stride, padding)
@@ -405,6 +418,14 @@ def conv_relu_pool(
     conv_dilation: int | tuple[int, int] = 1, conv_groups: int = 1, kernel_size: int | tuple[int, int] = 2,
     stride: int | tuple[int, int] | None = None, padding: int | tuple[int, int] = 0,
 ) -> torch.Tensor:
-    """Conv2d followed by the fused ReLU -> MaxPool epilogue."""
-    conv = F.conv2d(x, conv_weight, conv_bias, conv_stride, conv_padding, conv_dilation, conv_groups)
-    return relu_pool(conv, kernel_size, stride, padding)
+    """Conv2d followed by the fused ReLU -> MaxPool epilogue.
+
+    x is (N, C, H, W) or, as ``F.conv2d`` takes it, one unbatched (C, H, W) sample: what ``torch.vmap`` passes
+    per sample.
+    """
+    _check_conv_x("hetrain.ops.conv_relu_pool", x, unbatched=True)
+    unbatched = x.dim() == 3
+    conv = F.conv2d(x.unsqueeze(0) if unbatched else x, conv_weight, conv_bias, conv_stride, conv_padding,
+                    conv_dilation, conv_groups)
+    y = relu_pool(conv, kernel_size, stride, padding)
+    return y.squeeze(0) if unbatched else y

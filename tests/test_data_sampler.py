@@ -256,3 +256,36 @@ def test_a_state_from_another_batch_plan_is_refused_naming_what_differs():
     t = TokenBudgetBatchSampler(lengths, 512)
     t.load_state_dict(older)
     assert t.state_dict() == state
+
+
+# Epochs whose tail can only be shared out by repeating batches: every batch (or all but one) holds one sample.
+REPEATING_EPOCHS = {
+    "7 singles, 2 ranks": (dict(lengths=[64] * 7, num_replicas=2), [[[4], [1], [6], [2]], [[0], [3], [5], [4]]]),
+    "a pair halved, 4 ranks": (dict(lengths=[32, 32] + [64] * 5, num_replicas=4, seed=3),
+                               [[[4], [5]], [[0], [3]], [[1], [2]], [[6], [0]]]),
+    "unshuffled, 3 ranks": (dict(lengths=[64] * 5, num_replicas=3, shuffle=False),
+                            [[[0], [3]], [[1], [4]], [[2], [0]]]),
+}
+
+
+@pytest.mark.parametrize("case", REPEATING_EPOCHS)
+def test_an_uninterrupted_epoch_repeats_the_batches_it_always_did(case):
+    kw, expected = REPEATING_EPOCHS[case]
+    assert [list(s) for s in rank_samplers(max_tokens=64, **kw)] == expected
+
+
+@pytest.mark.parametrize("case", REPEATING_EPOCHS)
+def test_a_resume_in_an_epoch_that_repeats_batches_sees_the_uninterrupted_batches(case):
+    kw, expected = REPEATING_EPOCHS[case]
+    for steps in range(len(expected[0]) + 1):
+        first = rank_samplers(max_tokens=64, **kw)
+        done = []
+        for s in first:
+            it = iter(s)
+            done.append([next(it) for _ in range(steps)])
+        state = first[0].state_dict()
+        resumed = rank_samplers(max_tokens=64, **kw)
+        for s in resumed:
+            s.load_state_dict(state)
+            s.set_epoch(0)
+        assert [d + list(s) for d, s in zip(done, resumed, strict=True)] == expected, f"resumed after {steps} steps"

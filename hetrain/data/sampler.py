@@ -119,12 +119,22 @@ class TokenBudgetBatchSampler:
 
     def _rounds(self, plan: list[np.ndarray], start: int, offset: int = 0) -> list[np.ndarray]:
         """The plan from sample ``offset`` of batch ``start``, cut to whole rounds: batch ``i`` goes to rank
-        ``i % num_replicas``."""
+        ``i % num_replicas``.
+
+        A resume at a round boundary of the whole epoch's rounds (always so on the layout that saved it) continues
+        those rounds: balancing only the rest could halve or repeat other batches than the uninterrupted run does.
+        """
         remaining = plan[start:]
         if offset and remaining:
             remaining[0] = remaining[0][offset:]
         if self.drop_last:
             return remaining[: len(remaining) // self.num_replicas * self.num_replicas]
+        rounds = _balanced(plan, self.num_replicas)
+        taken = sum(map(len, plan[:start])) + offset
+        ends = np.cumsum([0, *map(len, rounds)])[:: self.num_replicas]  # samples before each round
+        k = int(np.searchsorted(ends, taken))
+        if k < len(ends) and ends[k] == taken:
+            return rounds[k * self.num_replicas :]
         return _balanced(remaining, self.num_replicas)
 
     # -- Sampler protocol ------------------------------------------------------------------------

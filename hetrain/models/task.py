@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from hetrain.host_copies import hold_until_copied
@@ -25,6 +26,20 @@ warnings.filterwarnings(
 
 # What a model takes when it does not say (``input_keys``): token ids and their padding mask, as BERT.
 TEXT_INPUTS = ("input_ids", "attention_mask")
+
+
+class SampleMean(MeanMetric):
+    """The mean over samples of batch means, each weighted by its batch's size; ranks add their sums and sizes.
+
+    Lightning's own mean (``self.log(..., batch_size=n, sync_dist=True)``) averages the ranks' sample counts as an
+    integer tensor, which gloo truncates (23 samples on 2 ranks gave 23/22 of the mean). MeanMetric's update drops
+    NaN values (``nan_strategy="disable"`` drops the weights instead) and reads every batch's values on the host:
+    here a NaN loss stays NaN, with no host sync.
+    """
+
+    def update(self, value: torch.Tensor, weight: int) -> None:
+        self.mean_value += value.detach().to(self.mean_value.dtype) * weight
+        self.weight += weight
 
 
 class ClassificationTask(pl.LightningModule):
@@ -57,6 +72,7 @@ class ClassificationTask(pl.LightningModule):
         # The share of sequences classified right (torchmetrics' default is the mean over classes, which
         # differs whenever the classes are unbalanced, as windows of long documents are).
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_loss = SampleMean()
         self._window = WindowNormaliser()
         self._window_loss: torch.Tensor | None = None  # summed over the accumulation window's batches so far
         self._window_rows = 0
@@ -133,13 +149,15 @@ class ClassificationTask(pl.LightningModule):
     def on_validation_start(self) -> None:
         # The metric's state lives where the logits come out, which a placement may have moved.
         self.val_acc.to(self._end_device(front=False))
+        self.val_loss.to(self._end_device(front=False))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._loss(batch)
         self.val_acc(logits, batch["labels"])
         n = len(batch["labels"])
-        # sync_dist: every rank's windows count (Lightning adds the weighted sums and the batch sizes).
-        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        # Every rank's samples count, each once, whatever the ranks' shares (SampleMean).
+        self.val_loss.update(loss, n)
+        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=n)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=n)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:

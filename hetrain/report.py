@@ -159,11 +159,12 @@ class RunRecorder(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.validated_at_step is not None and self.validated_at_step < trainer.global_step:
-            log.warning(f"hetrain: the run ended at step {trainer.global_step}, on an epoch's last batch, which is no "
-                        f"validation's: its validation metrics and last checkpoint are of step "
-                        f"{self.validated_at_step}. To have the final weights validated and saved, give "
-                        "trainer.val_check_interval a number of batches that divides an epoch's, or end the run "
-                        "mid-epoch with trainer.max_steps")
+            log.warning(f"hetrain: the run ended at step {trainer.global_step}, after its last validation: its "
+                        f"validation metrics and last checkpoint are of step {self.validated_at_step}. A final "
+                        "validation is added only where the run ends mid-epoch in an epoch that validates "
+                        "(trainer.check_val_every_n_epoch); to have the final weights validated and saved, end the "
+                        "run on a batch that validates (trainer.val_check_interval dividing an epoch's batches and "
+                        "trainer.max_steps)")
         self._resume(trainer)  # a validation that ended training: paused up to here
         self._sync()
         self.train_time_s = self.clock() - self._started - self._paused_s

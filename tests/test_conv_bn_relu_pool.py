@@ -178,6 +178,19 @@ def test_conv_relu_pool_takes_an_unbatched_sample_and_runs_per_sample_under_vmap
                 assert_close(g, g_ref, torch.float32, "unbatched conv_relu_pool grad")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_relu_pool_runs_under_vmap_over_a_channels_last_batch_and_over_weights(backend):
+    """The torch backend asked a batched tensor for its channels_last layout, which functorch cannot answer."""
+    x = randn(3, 2, 7, 9, seed=1).contiguous(memory_format=torch.channels_last)
+    ws, cb = randn(2, 4, 2, 3, 3, seed=2, scale=0.3), randn(4, seed=3)
+    with plugins.use_backend(bn_relu_pool=backend):
+        per_sample = torch.vmap(lambda z: conv_relu_pool(z, ws[0], cb))(x)
+        per_weight = torch.vmap(lambda w: conv_relu_pool(x, w, cb))(ws)
+    assert_close(per_sample, F.max_pool2d(F.relu(F.conv2d(x, ws[0], cb)), 2), torch.float32, "vmap channels_last")
+    for w, y in zip(ws, per_weight, strict=True):
+        assert_close(y, F.max_pool2d(F.relu(F.conv2d(x, w, cb)), 2), torch.float32, "vmap over weights")
+
+
 def test_conv_bn_relu_pool_refuses_an_unbatched_sample_naming_itself_and_the_input():
     """torch's BatchNorm2d refuses (C, H, W); the refusal named relu_pool's callee and the convolution output."""
     w, b, rm, rv = (t.detach() for t in bn_params(4))

@@ -205,3 +205,15 @@ def test_a_run_that_clips_gradients_under_mixed_precision_steps_with_an_unfused_
     trainer.fit(task, datamodule=data)
     assert trainer.global_step == 2
     assert bool(trainer.optimizers[0].defaults["fused"]) == (clip is None)  # fused, the faster step, unless clipping
+
+
+def test_the_validation_loss_sums_in_float32_under_a_true_half_precision():
+    """bf16-true converts the module's floating tensors, the loss metric's sums with them: the sample count stopped
+    growing at 2048 and val/loss read 2.0 where the mean was 1.17."""
+    task = ClassificationTask(BertClassifier(hidden=16, layers=1, heads=2), num_classes=4).to(torch.bfloat16)
+    task.on_validation_start()
+    losses = torch.rand(500, generator=torch.Generator().manual_seed(0)).add(0.5)
+    for loss in losses:
+        task.val_loss.update(loss.to(torch.bfloat16), 8)
+    expected = losses.to(torch.bfloat16).double().mean()
+    assert task.val_loss.compute().item() == pytest.approx(expected.item(), rel=1e-5)

@@ -149,7 +149,9 @@ class ClassificationTask(pl.LightningModule):
     def on_validation_start(self) -> None:
         # The metric's state lives where the logits come out, which a placement may have moved.
         self.val_acc.to(self._end_device(front=False))
-        self.val_loss.to(self._end_device(front=False))
+        # In float32 whatever the module's dtype: a true-half precision converts the module's floating tensors, the
+        # metric's sums with them, and a bf16 count stops growing past 256 samples' worth of steps.
+        self.val_loss.to(self._end_device(front=False)).set_dtype(torch.float32)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._loss(batch)

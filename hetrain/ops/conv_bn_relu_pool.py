@@ -47,7 +47,10 @@ def _pair(name: str, what: str, v: int | tuple[int, ...] | list[int]) -> list[in
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
-    """The layout rule of every backend: channels_last when x is so and not also plain contiguous."""
+    """The layout rule of every backend: channels_last when x is so and not also plain contiguous. Under
+    torch.vmap (a batched tensor, whose layout functorch cannot query) the plain layout."""
+    if torch._C._functorch.is_batchedtensor(x):
+        return False
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 

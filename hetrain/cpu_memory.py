@@ -17,6 +17,7 @@ stays mapped, as a GPU process keeps its reserved memory. ``python train.py`` in
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,12 +79,18 @@ def default_max_cached_bytes() -> int:
 _HOST_OPS = ("host_cache_enable", "host_cache_disable", "host_cache_empty", "host_cache_stats")
 
 
+@functools.cache
+def _missing_ops(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Which of ``names`` the loaded hetrain._C lacks: fixed once it loaded, and read at every memory phase's end."""
+    return tuple(name for name in names if not hasattr(torch.ops.hetrain_C, name))
+
+
 def why_unavailable() -> str | None:
     """None where hetrain._C serves the block cache; else why not (the extension is unusable or lacks its ops)."""
     ext = _ext.available()
     if ext is not True:
         return ext
-    missing = [name for name in _HOST_OPS if not hasattr(torch.ops.hetrain_C, name)]
+    missing = _missing_ops(_HOST_OPS)
     if missing:
         return (f"hetrain._C lacks {', '.join(missing)}, so it is a stale build (rebuild it with: "
                 f"{_ext.BUILD_COMMAND})")

@@ -571,15 +571,17 @@ class SweepSummary(HydraCallback):
         (job_dir / SWEEP_ID).write_text(f"{sweep_id}\n")
 
     @staticmethod
-    def _write(config: DictConfig) -> tuple[Path, str]:
+    def _write(config: DictConfig) -> tuple[Path, str, list[dict[str, Any]]]:
+        """Rewrites the sweep's table; returns its directory, its text and the jobs it lists."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        return sweep_dir, write_sweep_summary(collect_jobs(sweep_dir, config.hydra.output_subdir), sweep_dir)
+        jobs = collect_jobs(sweep_dir, config.hydra.output_subdir)
+        return sweep_dir, write_sweep_summary(jobs, sweep_dir), jobs
 
     @override
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN or _another_rank():
             return
-        sweep_dir, _ = self._write(config)
+        sweep_dir, _, _ = self._write(config)
         if job_return.status == JobStatus.FAILED:
             log.error(f"hetrain: job {config.hydra.job.num} failed; see {sweep_dir / SUMMARY_MD}")
 
@@ -587,9 +589,8 @@ class SweepSummary(HydraCallback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if _another_rank():
             return
-        sweep_dir, text = self._write(config)
+        sweep_dir, text, jobs = self._write(config)
         _print_sweep_table(sweep_dir, text)
-        jobs = collect_jobs(sweep_dir, config.hydra.output_subdir)
         failed = [str(job["job"]) for job in jobs if job.get("status") != "ok"]
         if failed:
             print(f"hetrain: {len(failed)} of {len(jobs)} jobs failed (job {', '.join(failed)}); each row above "

@@ -94,11 +94,11 @@ class HostSafeGradScaler(torch.amp.GradScaler):
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> float | None:
         """torch's step, but an optimizer that unscales in its own step (fused AdamW) with gradients off the scale's
         device is handed no scale or inf flag: it would copy them to each gradient's device without waiting."""
-        own_scaling = (getattr(optimizer, "_step_supports_amp_scaling", False)
-                       and "grad_scaler" not in inspect.signature(optimizer.step).parameters)
-        if self._enabled and own_scaling and self._scale is not None and any(
-                p.grad is not None and p.grad.device != self._scale.device
-                for group in optimizer.param_groups for p in group["params"]):
+        # Cheapest first: this runs every step; the signature (torch's older protocol) is read last.
+        if (self._enabled and self._scale is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
+                and any(p.grad is not None and p.grad.device != self._scale.device
+                        for group in optimizer.param_groups for p in group["params"])
+                and "grad_scaler" not in inspect.signature(optimizer.step).parameters):
             return step_found_inf_on_host(self, optimizer, *args, **kwargs)
         return super().step(optimizer, *args, **kwargs)
 
@@ -123,7 +123,7 @@ def step_found_inf_on_host(scaler: torch.amp.GradScaler, optimizer: torch.optim.
     if state["stage"] is OptState.READY:
         scaler.unscale_(optimizer)
     retval = None
-    if not sum(flag.item() for flag in state["found_inf_per_device"].values()):
+    if not any(flag.item() for flag in state["found_inf_per_device"].values()):
         # The gradients are unscaled already; the optimizer reads these attributes in its step.
         optimizer.grad_scale = optimizer.found_inf = None
         try:

@@ -182,9 +182,7 @@ class ClassificationTask(pl.LightningModule):
         if not sparse:
             # Lightning's mixed precision refuses to clip for a fused optimizer (it unscales inside its step, even
             # under bf16-mixed, where nothing is scaled), so a clipping run steps with foreach instead.
-            if clipping:
-                return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=betas, foreach=True)
-            return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=betas, fused=True)
+            return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=betas, fused=not clipping, foreach=clipping)
         # Tables with sparse gradients (sparse_embeddings) step lazily; the rest as above.
         if clipping:
             raise ValueError("hetrain: gradient clipping (trainer.gradient_clip_val) cannot take the sparse gradients "

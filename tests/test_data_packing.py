@@ -32,6 +32,17 @@ def test_a_sample_longer_than_a_row_is_refused_naming_it():
         pack_rows([3, 4, 9], 8)
 
 
+def test_lengths_and_row_len_that_are_not_whole_numbers_are_refused():
+    # np.asarray(..., int64) made 3.7 and 2.6 tokens 3 and 2: both packed into one row of 5.
+    with pytest.raises(ValueError, match=r"lengths must be whole numbers, got 3.7 at index 0"):
+        pack_rows([3.7, 2.6], row_len=5)
+    with pytest.raises(ValueError, match=r"row_len counts tokens, so must be an integer, got 5.5"):
+        pack_rows([3, 2], row_len=5.5)
+    with pytest.raises(ValueError, match=r"PackedSequences lengths must be whole numbers, got 2.6 at index 1"):
+        PackedSequences([{"input_ids": [1, 2, 3]}] * 2, row_len=8, lengths=[3, 2.6])
+    assert pack_rows(np.array([3.0, 2.0]), np.int64(5)) == [[0, 1]]  # whole floats and numpy integers pass
+
+
 def test_packed_batches_through_the_ring_carry_segments_positions_and_labels():
     data = SyntheticSequences(size=203, vocab_size=64, num_classes=3, min_len=4, max_len=40, seed=5)
     packed = PackedSequences(data, row_len=64)
@@ -65,6 +76,19 @@ def test_a_batch_too_large_for_pack_into_is_refused_naming_the_sizes():
     out = {name: torch.empty(n, dtype=dtype) for name, (dtype, n) in PackInto(64, 4, 2).spec.items()}
     with pytest.raises(ValueError, match="up to 3 segments a row does not fit .* max_segments=2"):
         PackInto(64, 4, 2)(rows, out)
+
+
+def test_a_sample_without_the_label_names_the_setting_as_pad_into_does():
+    # Was a bare KeyError: 'label' (token windows carry no label, and label_key defaults to "label").
+    pack = PackInto(16, 2, 2)
+    out = {name: torch.empty(n, dtype=dtype) for name, (dtype, n) in pack.spec.items()}
+    rows = [[{"input_ids": [1, 2], "label": 0}], [{"input_ids": [3], "label": 1}, {"input_ids": [4], "sample_id": 7}]]
+    with pytest.raises(ValueError, match=r"PackInto reads each sample's label from 'label', which row 1, segment 2 "
+                                         r"does not have \(its fields: \['input_ids', 'sample_id'\]\); pass "
+                                         r"label_key=<its name>, or label_key=None for samples without labels"):
+        pack(rows, out)
+    unlabelled = PackInto(16, 2, 2, label_key=None)
+    assert "labels" not in unlabelled(rows, out)
 
 
 def test_attention_over_a_packed_row_equals_each_sequence_alone():

@@ -866,6 +866,35 @@ def test_the_sample_being_read_when_a_chunk_failed_does_not_reach_the_next_read(
     assert multiprocessing.active_children() == []
 
 
+class ConjugateAndNegativeViews(torch.utils.data.Dataset):
+    """Samples holding a conjugate view (one of them transposed) and a negative view: tensors whose bit
+    ``contiguous()`` keeps."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        z = torch.tensor([[1 + 2j, 3 - 4j * i], [5.5 + 6j, -7j]])
+        return {"conj": z[0].conj(), "conj_t": z.t().conj(), "neg": z[1].conj().imag, "label": i}
+
+
+def test_conjugate_and_negative_views_come_back_from_a_reader_with_their_values():
+    from hetrain.data.readers import ReaderProcesses
+
+    ds = ConjugateAndNegativeViews()
+    assert ds[1]["conj"].is_conj() and ds[1]["neg"].is_neg()
+    readers = ReaderProcesses(ds, 1)
+    try:  # was: "sample 0 cannot be sent back ... torch.Tensor.view is not supported for conjugate view tensors"
+        got = readers.read([0, 1, 2], lambda: False, 0.1)
+    finally:
+        readers.stop()
+    for sample, i in zip(got, [0, 1, 2], strict=True):
+        for name in ("conj", "conj_t", "neg"):
+            want = ds[i][name]
+            assert sample[name].dtype == want.dtype and sample[name].tolist() == want.tolist(), (i, name)
+    assert multiprocessing.active_children() == []
+
+
 class KilledBesideAHeldSample(torch.utils.data.Dataset):
     """In a reader, sample 0 kills its process (SIGKILL) and sample 1 is read until `release` is set, then sets
     `done`."""

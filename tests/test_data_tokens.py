@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
 from hetrain.data.tokens import TokenFile, write_token_file
@@ -157,6 +159,66 @@ def test_windows_cover_every_token_with_only_the_chosen_overlap(max_len, stride)
 def test_windows_reject_a_bad_stride():
     with pytest.raises(ValueError, match="stride"):
         make_windows(np.array([10]), 8, stride=9)
+
+
+def test_windows_refuse_lengths_and_sizes_that_are_not_whole_numbers():
+    # np.asarray(..., int64) made 10.9 tokens 10 without a word: windows [4, 4, 2] of a document of 10.9.
+    with pytest.raises(ValueError, match=r"document lengths must be whole numbers, got 10.9 at index 0"):
+        make_windows([10.9], 4)
+    with pytest.raises(ValueError, match=r"document starts must be whole numbers, got 2.5 at index 0"):
+        make_windows([10], 4, doc_starts=[2.5])
+    for kwargs, name in (({"max_len": 4.5}, "max_len"), ({"max_len": 4, "stride": 2.0}, "stride")):
+        with pytest.raises(ValueError, match=rf"{name} counts tokens, so must be an integer, got {kwargs[name]}"):
+            make_windows([10], **kwargs)
+    np.testing.assert_array_equal(make_windows(np.array([10.0]), np.int64(4)).length, [4, 4, 2])  # whole floats pass
+
+
+def test_a_window_past_the_end_of_a_file_cut_short_is_refused_naming_it(tmp_path):
+    write_token_file(tmp_path / "c", [np.arange(1, 101)] * 4)
+    data = (tmp_path / "c.bin").read_bytes()
+    (tmp_path / "c.bin").write_bytes(data[: 250 * 2])  # 250 of the 400 tokens
+    ds = TokenWindows(TokenFile(tmp_path / "c", validate=False), max_len=64)
+    np.testing.assert_array_equal(ds[3]["input_ids"].numpy(), np.arange(65, 101))  # whole windows are served
+    # Window 4 came back with 50 of its 64 tokens, windows 5 to 7 empty, and the batch held rows of padding only.
+    with pytest.raises(ValueError, match=r"c\.bin is cut short: window 4 needs tokens \[200, 264\), the file holds "
+                                         r"250 of the 400 its index promises\. Copy it again, or rebuild it"):
+        ds[4]
+    with pytest.raises(ValueError, match=r"window 7 needs tokens \[364, 400\)"):
+        ds[7]
+
+
+def test_a_pickled_token_file_maps_the_files_again_instead_of_carrying_the_tokens(tmp_path):
+    # np.memmap pickles by value: a DataLoader worker started by spawn got a private copy of the corpus.
+    tf = write_token_file(tmp_path / "c", [np.arange(50_000) % 250 for _ in range(4)])  # 400 KB of tokens
+    ds = TokenWindows(tf, max_len=4096)
+    tf_blob, ds_blob = pickle.dumps(tf), pickle.dumps(ds)
+    assert len(tf_blob) < 1000 and len(ds_blob) < 10_000, (len(tf_blob), len(ds_blob))
+    tf2, ds2 = pickle.loads(tf_blob), pickle.loads(ds_blob)
+    for got in (tf2, ds2.file):
+        assert got.validated and len(got) == 4
+        for name in ("tokens", "offsets"):
+            arr = getattr(got, name)
+            assert isinstance(arr, np.memmap) and arr._mmap is not None, name  # mapped here, not a copy
+            np.testing.assert_array_equal(arr, getattr(tf, name))
+    assert torch.equal(ds2[20]["input_ids"], ds[20]["input_ids"])
+
+
+def test_an_unpickled_token_file_checks_again_what_is_cheap_to_check(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tf = write_token_file("c", [[1, 2, 3], [4, 5]])  # a relative path, and then the job changes directory
+    monkeypatch.chdir(tmp_path.parent)
+    blob = pickle.dumps(tf)
+    np.testing.assert_array_equal(pickle.loads(blob)[1], [4, 5])
+    data = (tmp_path / "c.bin").read_bytes()
+    (tmp_path / "c.bin").write_bytes(data[:-2])  # cut short after it was opened
+    with pytest.raises(ValueError, match=r"c\.bin is truncated or corrupt"):
+        pickle.loads(blob)
+    unchecked = pickle.loads(pickle.dumps(TokenFile(tmp_path / "c", validate=False)))  # opened unchecked: kept so
+    assert not unchecked.validated and len(unchecked.tokens) == 4
+    write_token_file(tmp_path / "c", [[1, 2, 3], [4, 5], [6]])  # rebuilt under a running job
+    with pytest.raises(ValueError, match=r"c\.bin changed since it was opened: 2 documents, 5 tokens of 2 bytes then, "
+                                         r"3, 6 of 2 now"):
+        pickle.loads(blob)
 
 
 def test_token_windows_dataset_serves_each_window_and_pads_in_collate(tmp_path):

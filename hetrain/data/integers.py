@@ -37,6 +37,14 @@ def whole_numbers(values: Iterable[int] | np.ndarray, what: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def token_count(value: object, name: str) -> int:
+    """``value`` (a size counted in tokens: a row, a window, a stride) as an int; a ValueError naming ``name``
+    otherwise (a float would size rows or windows that nothing else plans for; ``True`` would read as 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"hetrain: {name} counts tokens, so must be an integer, got {value!r}")
+    return int(value)
+
+
 def _check_int64(arr: np.ndarray, outside: np.ndarray, what: str) -> None:
     """Refuses the first value of ``arr`` where ``outside`` holds, naming it as it is."""
     past = np.flatnonzero(outside)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hetrain.data.integers import token_count, whole_numbers
 from hetrain.data.ring import Spec, _check_lossless
 
 # As PadInto: a float id or label would be truncated into the int64 slot field without a word.
@@ -32,7 +33,8 @@ def pack_rows(lengths: Sequence[int] | np.ndarray, row_len: int) -> list[list[in
     Longest first, each sample goes to the row it fills best; ties go to the earlier row and the
     earlier sample, so the packing depends on the lengths alone.
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
+    row_len = token_count(row_len, "row_len")
+    lengths = whole_numbers(lengths, "lengths")  # np.asarray(..., int64) cut 3.7 to 3 without a word
     too_long = np.flatnonzero((lengths < 1) | (lengths > row_len))
     if len(too_long):
         i = int(too_long[0])
@@ -69,7 +71,7 @@ class PackedSequences(torch.utils.data.Dataset):
         self.dataset, self.row_len = dataset, row_len
         if lengths is None:
             lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
-        self.sample_lengths = np.asarray(lengths, dtype=np.int64)
+        self.sample_lengths = whole_numbers(lengths, "PackedSequences lengths")
         if self.sample_lengths.size == 0:
             raise ValueError("hetrain: PackedSequences got no sample to pack: is the dataset empty?")
         self.rows = pack_rows(self.sample_lengths, row_len)
@@ -129,6 +131,12 @@ class PackInto:
             s = self.max_segments
             labels = out["labels"][: b * s].view(b, s).fill_(-100)
             for r, row in enumerate(rows):
+                unlabelled = next((seg for seg, item in enumerate(row, start=1) if self.label_key not in item), None)
+                if unlabelled is not None:  # a bare KeyError named neither the setting nor the fix
+                    raise ValueError(f"hetrain: PackInto reads each sample's label from {self.label_key!r}, which "
+                                     f"row {r}, segment {unlabelled} does not have (its fields: "
+                                     f"{sorted(row[unlabelled - 1])}); pass label_key=<its name>, or label_key=None "
+                                     "for samples without labels")
                 row_labels = torch.as_tensor([item[self.label_key] for item in row])
                 _check_lossless(row_labels, labels.dtype, f"field {self.label_key!r} of row {r}", PACK_INTO_FIX)
                 labels[r, : len(row)] = row_labels

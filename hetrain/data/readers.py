@@ -47,7 +47,9 @@ class _SamplePickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is torch.Tensor and obj.layout == torch.strided and obj.device.type == "cpu" \
                 and not obj.is_quantized and not obj.requires_grad:
-            flat = obj.contiguous().reshape(-1)
+            # A conjugate or negative view keeps its bit through contiguous(), and view(uint8) refuses it: resolving
+            # writes the values it stands for (exact: a sign flip), which the receiver gets as a plain tensor.
+            flat = obj.resolve_conj().resolve_neg().contiguous().reshape(-1)
             return _tensor_from_bytes, (flat.view(torch.uint8).numpy().tobytes(), obj.dtype, tuple(obj.shape))
         return NotImplemented
 

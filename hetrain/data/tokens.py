@@ -16,6 +16,7 @@ import struct
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,8 @@ class TokenFile:
     """A memory-mapped token file: ``len()`` documents, ``tf[i]`` the tokens of document ``i``.
 
     ``validate`` checks at open what would otherwise surface mid-epoch: the header, monotone offsets,
-    and that the .bin holds exactly the tokens the index promises (a truncated copy fails here).
+    and that the .bin holds exactly the tokens the index promises (a truncated copy fails here). Pickled (to a
+    spawned worker), it travels as its path and is mapped again there.
     """
 
     def __init__(self, prefix: str | os.PathLike, validate: bool = True) -> None:
@@ -68,13 +70,9 @@ class TokenFile:
         self.num_tokens = int(num_tokens)
         self.offsets = np.memmap(self.idx_path, dtype="<u8", mode="r", offset=HEADER.size, shape=(num_docs + 1,))
         bin_bytes = self.bin_path.stat().st_size
+        self.validated = validate
         if validate:
-            if bin_bytes != self.num_tokens * itemsize:
-                raise ValueError(
-                    f"hetrain: token file {self.bin_path} is truncated or corrupt: the index promises "
-                    f"{self.num_tokens} tokens ({self.num_tokens * itemsize} bytes), the file has {bin_bytes} bytes. "
-                    f"{self._rebuild()}"
-                )
+            self._check_size(bin_bytes)
             bad = np.flatnonzero(np.diff(self.offsets.astype(np.int64)) < 0)
             if self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens or len(bad):
                 where = f"document {int(bad[0])}" if len(bad) else "first or last offset"
@@ -84,6 +82,21 @@ class TokenFile:
         count = min(self.num_tokens, bin_bytes // itemsize)
         self.tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(count,)) if count
                        else np.empty(0, self.dtype))
+
+    def _check_size(self, bin_bytes: int) -> None:
+        """A .bin of other than the promised size: a copy cut short (a stat, so cheap to repeat)."""
+        expected = self.num_tokens * self.dtype.itemsize
+        if bin_bytes != expected:
+            raise ValueError(
+                f"hetrain: token file {self.bin_path} is truncated or corrupt: the index promises "
+                f"{self.num_tokens} tokens ({expected} bytes), the file has {bin_bytes} bytes. {self._rebuild()}"
+            )
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickles as the path: np.memmap pickles by value, so a DataLoader worker started by spawn or forkserver
+        got a private copy of every token; the receiving process maps the files itself (see :func:`_reopen`). The
+        index map's path is absolute as of opening: the job may have changed directory since."""
+        return _reopen, (self.offsets.filename, self.validated, len(self), self.num_tokens, self.dtype.itemsize)
 
     def _rebuild(self) -> str:
         """How to make the pair again: a copy cut short, or files from another tool."""
@@ -112,6 +125,23 @@ class TokenFile:
 
     def __repr__(self) -> str:
         return f"TokenFile({str(self.bin_path)!r}, docs={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"
+
+
+def _reopen(path: str, validated: bool, num_docs: int, num_tokens: int, itemsize: int) -> TokenFile:
+    """A pickled :class:`TokenFile`, mapped again. The offsets scan of ``validate`` ran in the sending process and is
+    not repeated (it reads the whole index); the header and, if validated, the .bin size are checked again, and a
+    corpus rebuilt since it was pickled is refused rather than mixed with the sender's."""
+    tf = TokenFile(path, validate=False)
+    if (len(tf), tf.num_tokens, tf.dtype.itemsize) != (num_docs, num_tokens, itemsize):
+        raise ValueError(
+            f"hetrain: token file {tf.bin_path} changed since it was opened: {num_docs} documents, {num_tokens} "
+            f"tokens of {itemsize} bytes then, {len(tf)}, {tf.num_tokens} of {tf.dtype.itemsize} now. Do not "
+            "rebuild a corpus while a job reads it; restart the job"
+        )
+    if validated:
+        tf._check_size(tf.bin_path.stat().st_size)
+        tf.validated = True
+    return tf
 
 
 class TokenFileWriter:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hetrain.data.integers import token_count, whole_numbers
 from hetrain.data.tokens import TokenFile
 
 
@@ -40,13 +41,17 @@ def make_windows(
     ``doc_starts`` (each document's first token in the file) defaults to the documents laid end to end.
     Empty documents give no window.
     """
-    lengths = np.asarray(doc_lengths, dtype=np.int64)
-    stride = max_len if stride is None else stride
+    lengths = whole_numbers(doc_lengths, "document lengths")  # np.asarray(..., int64) cut 10.9 to 10 without a word
+    max_len = token_count(max_len, "max_len")
+    stride = max_len if stride is None else token_count(stride, "stride")
     if max_len < 1 or not 1 <= stride <= max_len:
         raise ValueError(f"hetrain: need 1 <= stride <= max_len, got stride={stride}, max_len={max_len}")
     if (lengths < 0).any():
         raise ValueError(f"hetrain: document {int(np.argmax(lengths < 0))} has a negative length")
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if doc_starts is None else np.asarray(doc_starts, np.int64)
+    if doc_starts is None:
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    else:
+        starts = whole_numbers(doc_starts, "document starts")
     counts = np.where(lengths > max_len, 1 + -(-(lengths - max_len) // stride), (lengths > 0).astype(np.int64))
     doc = np.repeat(np.arange(len(lengths), dtype=np.int64), counts)
     first = np.cumsum(counts) - counts  # index of each document's first window
@@ -73,7 +78,12 @@ class TokenWindows(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         start, n = int(self.windows.start[i]), int(self.windows.length[i])
-        return {"input_ids": torch.from_numpy(self.file.tokens[start : start + n].astype(np.int64)), "sample_id": i}
+        tokens = self.file.tokens[start : start + n]
+        if len(tokens) < n:  # a .bin cut short and opened with validate=False: a short window would pass unnoticed
+            raise ValueError(f"hetrain: token file {self.file.bin_path} is cut short: window {i} needs tokens "
+                             f"[{start}, {start + n}), the file holds {len(self.file.tokens)} of the "
+                             f"{self.file.num_tokens} its index promises. {self.file._rebuild()}")
+        return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "sample_id": i}
 
 
 def token_collate(items: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:

@@ -185,6 +185,9 @@ def test_a_window_past_the_end_of_a_file_cut_short_is_refused_naming_it(tmp_path
         ds[4]
     with pytest.raises(ValueError, match=r"window 7 needs tokens \[364, 400\)"):
         ds[7]
+    assert list(ds.file[1]) == list(range(1, 101))
+    with pytest.raises(ValueError, match=r"c\.bin is cut short: document 2 needs tokens \[200, 300\)"):
+        ds.file[2]  # a whole document read the same way came back with 50 of its 100 tokens
 
 
 def test_a_pickled_token_file_maps_the_files_again_instead_of_carrying_the_tokens(tmp_path):

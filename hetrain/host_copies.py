@@ -4,7 +4,8 @@ torch keeps the source of such a copy alive only when its caching host allocator
 slot is a view into one pinned slab (``from_blob``), so for torch the copy has no owner: once the batch is
 dropped the slot goes back to its producer, which may refill it before the GPU has read it (the copy waits
 behind the step's kernels), and the step trains on the next batch's bytes. :func:`hold_until_copied` keeps
-the sources referenced until an event recorded after their copies has completed.
+the sources referenced until an event recorded after their copies has completed; :func:`release_all` lets the
+last ones go where a run ends.
 """
 
 from __future__ import annotations
@@ -42,3 +43,12 @@ def hold_until_copied(sources: Iterable[torch.Tensor], stream: torch.cuda.Stream
 def held_count() -> int:
     """Copies whose host sources are still held."""
     return len(_held)
+
+
+def release_all() -> None:
+    """Waits for every held copy to run and drops its sources. Holds are otherwise released only by a later
+    :func:`hold_until_copied`: where a fit ends, the last batches' ring slots, and through them the loader's whole
+    pinned slab, would stay referenced until the next run's first copy."""
+    while _held:
+        _held[0][0].synchronize()
+        _held.popleft()

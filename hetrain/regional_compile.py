@@ -26,7 +26,8 @@ def compile_stages(stages: Mapping[str, nn.Module], mode: str = "default", backe
                    fullgraph: bool = False, dynamic: bool | None = None) -> dict[str, Any]:
     """Compiles each stage in place (``nn.Module.compile``: its parameters, state dict and hooks stay as they are),
     except stages with sparse-gradient embeddings, which stay eager; returns the settings, how many stages were
-    compiled (``stages``) and the names of those left eager (``eager``), for the run summary.
+    compiled (``stages``) and the names of those left eager (``eager``), for the run summary. Raises dynamo's
+    recompile limits, for the whole process, to leave room for every stage (see below).
 
     ``mode``: inductor's (``default``, ``reduce-overhead`` for CUDA graphs, ``max-autotune``...); ``backend``:
     ``inductor`` or any of ``torch._dynamo.list_backends()`` (``aot_eager`` traces without generating code).
@@ -34,6 +35,12 @@ def compile_stages(stages: Mapping[str, nn.Module], mode: str = "default", backe
     if not stages:
         raise ValueError("hetrain: compile: the model has no stages to compile")
     eager = [name for name, stage in stages.items() if has_sparse_gradients(stage)]
+    # Dynamo caches graphs per code object, and stages of one class (nn.Sequential.forward, a block's forward)
+    # share theirs: each stage's parameter shapes, grad mode and train/eval mode add entries to the one cache, and
+    # past recompile_limit (8) a stage runs eagerly (under fullgraph the run fails). Room for eight per stage.
+    limit = 8 * (len(stages) + 1)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit)
     for name, stage in stages.items():
         if name not in eager:
             stage.compile(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
@@ -42,10 +49,13 @@ def compile_stages(stages: Mapping[str, nn.Module], mode: str = "default", backe
 
 
 def compile_counts(since: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Graphs compiled and graph breaks met (each a part left to eager), from dynamo's counters, since the counts
-    ``since`` (an earlier call's) where given: a person sees whether the stages compiled whole. The counters are the
-    process's, so a sweep's later jobs would count the earlier jobs' graphs too."""
+    """Graphs compiled, graph breaks met (each a part left to eager) and frames left to eager whole (``eager_frames``:
+    dynamo gave up on a call, e.g. at its recompile limit, and runs that code eagerly from then on, with no graph
+    break counted), from dynamo's counters, since the counts ``since`` (an earlier call's) where given: a person sees
+    whether the stages compiled whole. The counters are the process's, so a sweep's later jobs would count the
+    earlier jobs' graphs too."""
     counters = torch._dynamo.utils.counters
     counts = {"graphs": int(counters["stats"]["unique_graphs"]),
-              "graph_breaks": int(sum(counters["graph_break"].values()))}
+              "graph_breaks": int(sum(counters["graph_break"].values())),
+              "eager_frames": int(counters["frames"]["total"] - counters["frames"]["ok"])}
     return {key: value - (since or {}).get(key, 0) for key, value in counts.items()}

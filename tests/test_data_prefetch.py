@@ -12,7 +12,7 @@ from hetrain.data.prefetch import DevicePrefetcher, _to_device
 from hetrain.data.ring import PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import SyntheticSequences, pad_collate
-from hetrain.host_copies import held_count, hold_until_copied
+from hetrain.host_copies import held_count, hold_until_copied, release_all
 
 
 def batches(n: int) -> list[dict[str, torch.Tensor]]:
@@ -83,6 +83,48 @@ def test_a_host_source_is_held_until_its_copy_to_the_gpu_has_run():
     hold_until_copied([], stream)  # any later call releases what has been copied
     assert alive() is None and held_count() == 0
     assert copied.is_cuda
+
+
+@pytest.mark.cuda
+def test_release_all_waits_for_the_last_copies_and_drops_their_sources():
+    """Holds were released only by a later hold_until_copied: the last copies' sources stayed referenced."""
+    stream = torch.cuda.Stream()
+    source = torch.randn(4096).pin_memory()
+    want, alive = source.clone(), weakref.ref(source)
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # the copy waits behind a long kernel, as behind a step
+        copied = source.to("cuda", non_blocking=True)
+    hold_until_copied([source], stream)
+    del source
+    release_all()
+    assert alive() is None and held_count() == 0
+    assert torch.equal(copied.cpu(), want)
+
+
+@pytest.mark.cuda
+def test_a_fit_ends_holding_no_host_batches(tmp_path):
+    """The fit's last batch, its copy queued behind the step before, stayed held (with its ring slot and the loader's
+    pinned slab) after the fit."""
+    import pytorch_lightning as pl
+
+    from hetrain.models.bert import BertClassifier
+    from hetrain.models.task import ClassificationTask
+
+    class QueueBehindEachStep(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            torch.cuda._sleep(200_000_000)  # the next batch's copy waits behind it, still to run when held
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, 64, (3, 8), generator=g).pin_memory(),
+                "attention_mask": torch.ones(3, 8, dtype=torch.bool).pin_memory(),
+                "labels": torch.tensor([0, 1, 2]).pin_memory()} for _ in range(2)]
+    task = ClassificationTask(BertClassifier(vocab_size=64, num_classes=3, hidden=16, layers=1, heads=2, max_len=16),
+                              num_classes=3)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=2, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[QueueBehindEachStep()])
+    trainer.fit(task, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert held_count() == 0
 
 
 @pytest.mark.cuda

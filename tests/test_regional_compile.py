@@ -1,12 +1,41 @@
 """Stage-by-stage torch.compile (hetrain.regional_compile): the settings a run offers compile whole, and the counts
 the run summary reports are the run's own."""
 
+import itertools
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from hetrain.models.bert import BertClassifier
+from hetrain.placement.plan import hook_inputs
 from hetrain.regional_compile import compile_counts, compile_stages
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width_in: int, width_out: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width_in, width_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(x))
+
+
+def _stages_of_one_class(widths: tuple[int, ...]) -> dict[str, torch.nn.Module]:
+    """Stages of one class at different widths, sharing their forward's code object, as ResNet's stages do."""
+    torch.manual_seed(0)
+    return {f"s{i}": _Block(a, b) for i, (a, b) in enumerate(itertools.pairwise(widths))}
+
+
+def _validate_then_train(stages: dict[str, torch.nn.Module], rows: int = 4) -> None:
+    """As Lightning runs them: a sanity-check batch without grad, then a training batch."""
+    for grad in (False, True):
+        x = torch.randn(rows, next(iter(stages.values())).linear.in_features)
+        with torch.set_grad_enabled(grad):
+            for stage in stages.values():
+                x = stage(x)
+        if grad:
+            x.sum().backward()
 
 
 def _train_steps(model: torch.nn.Module, shapes: list[tuple[int, int]]) -> None:
@@ -37,5 +66,33 @@ def test_counts_since_leave_out_what_was_compiled_before():
     counters["graph_break"]["an earlier job's break"] += 2
     before = compile_counts()
     counters["stats"]["unique_graphs"] += 3
-    assert compile_counts(since=before) == {"graphs": 3, "graph_breaks": 0}
+    assert compile_counts(since=before) == {"graphs": 3, "graph_breaks": 0, "eager_frames": 0}
     assert compile_counts()["graphs"] >= 8
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_placed_stages_of_one_class_compile_through_validation_and_training(fullgraph):
+    """Dynamo compiled placement's input hook as a frame of its own, one code object for every stage, and the stages'
+    shared forwards likewise: validation and the first training step passed its recompile limit (8), which
+    compile.fullgraph=true turned into a failed run and false into stages left eager."""
+    torch._dynamo.reset()
+    stages = _stages_of_one_class((3, 4, 5, 6, 7, 8, 9))
+    before = compile_counts()
+    compile_stages(stages, backend="eager", fullgraph=fullgraph)
+    for stage in stages.values():
+        hook_inputs(stage)
+    _validate_then_train(stages)
+    counts = compile_counts(since=before)
+    assert counts["graph_breaks"] == 0 and counts["eager_frames"] == 0 and counts["graphs"] >= 12, counts
+
+
+def test_counts_name_the_frames_left_to_eager_at_the_recompile_limit():
+    """A stage past dynamo's recompile limit runs eagerly with no graph break counted: the summary said 0 breaks."""
+    torch._dynamo.reset()
+    stages = _stages_of_one_class((3, 4, 5))
+    before = compile_counts()
+    compile_stages(stages, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=1):  # the second width already passes it
+        _validate_then_train(stages)
+    counts = compile_counts(since=before)
+    assert counts["graph_breaks"] == 0 and counts["eager_frames"] >= 1, counts

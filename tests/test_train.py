@@ -545,15 +545,21 @@ def test_a_seed_that_is_no_whole_number_fails_the_run_naming_it(seed, shown, tmp
 
 def test_a_sweeps_later_jobs_still_compile_their_stages(tmp_path):
     """A sweep's jobs build their models in one process: each width's compiled graphs stayed in dynamo's caches, and
-    once they reached its recompile limit (8) a later job's stages ran eagerly, its summary saying they compiled.
-    Here the limit is 1, so the second job already met it."""
+    once they reached its recompile limit a later job's stages ran eagerly, its summary saying they compiled. Each
+    build starts from empty caches: a later job's entries are its own alone."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from hetrain.models.bert import EncoderBlock
+
     ids, mask = torch.randint(1, 64, (2, 8)), torch.ones(2, 8, dtype=torch.bool)
-    with torch._dynamo.config.patch(recompile_limit=1):
-        for hidden in (8, 16):
-            parts = build(compose_train("recipe=bert_split", f"model.hidden={hidden}", "model.heads=2",
-                                        "compile.enabled=true", "compile.backend=eager", output_dir=tmp_path))
-            parts.task(ids, mask).sum().backward()
-            assert compile_counts(since=parts.counts_before_compile)["graphs"] >= 2, hidden
+    for hidden in (8, 16):
+        parts = build(compose_train("recipe=bert_split", f"model.hidden={hidden}", "model.heads=2",
+                                    "compile.enabled=true", "compile.backend=eager", output_dir=tmp_path))
+        assert _debug_get_cache_entry_list(EncoderBlock.forward.__code__) == [], hidden  # the last job's are gone
+        parts.task(ids, mask).sum().backward()
+        assert _debug_get_cache_entry_list(EncoderBlock.forward.__code__), hidden
+        counts = compile_counts(since=parts.counts_before_compile)
+        assert counts["graphs"] >= 2 and counts["eager_frames"] == 0, (hidden, counts)
 
 
 def test_resuming_a_checkpoint_already_at_max_steps_fails_naming_the_fix(tmp_path):

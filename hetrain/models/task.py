@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from hetrain.host_copies import hold_until_copied
+from hetrain.host_copies import hold_until_copied, release_all
 from hetrain.models.accumulation import WindowNormaliser
 from hetrain.optim import SparseAwareAdamW, sparse_parameters
 from hetrain.placement.pipeline import stage_device
@@ -122,6 +122,11 @@ class ClassificationTask(pl.LightningModule):
             # A ring slot is not torch's to keep alive until the copy ran: hold it (hetrain.host_copies).
             hold_until_copied((sources[k] for k, d in targets.items() if d == gpu), torch.cuda.current_stream(gpu))
         return moved
+
+    def teardown(self, stage: str) -> None:
+        # The last batches' holds would keep their ring slots, and the loader's pinned slab, past the fit (or
+        # validate, predict) until the next run's first copy.
+        release_all()
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(*self.model_inputs(batch))

@@ -354,8 +354,14 @@ class _InputsToItsDevice:
     """A forward pre-hook that brings a module's tensor inputs to the device the module is on when it runs (see
     :func:`to_device`). Read at each call, not fixed when hooked, the device follows the module wherever it
     moves later (back to the CPU, to the devices of another placement), so a hook is never stale; a class, not a
-    closure, so that a hooked model pickles (``torch.save(model)``)."""
+    closure, so that a hooked model pickles (``torch.save(model)``).
 
+    Kept out of torch.compile: a compiled stage (``hetrain.regional_compile``) runs its hooks in its compiled call,
+    and dynamo would compile this one code object for every stage, guarded on each stage's class and parameter
+    shapes, until its recompile limit (a failed run under ``compile.fullgraph=true``). Copies between devices
+    belong between the stages' graphs, not in them; a model compiled whole breaks its graph at each hooked unit."""
+
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         device = held_device(module)
         if device is None:

@@ -296,3 +296,36 @@ def test_from_linear_has_hooks_of_its_own():
     assert seen == []
     fused(torch.randn(1, 4))
     assert seen == ["BiasGELU"] and fused.weight is linear.weight and fused.bias is linear.bias
+
+
+def test_from_linear_of_a_compiled_linear_computes_the_gelu():
+    # It copied the compiled call Module.compile() set, bound to the Linear: the twin returned linear(x), no GELU.
+    linear = torch.nn.Linear(4, 5)
+    x = torch.randn(3, 4)
+    want = F.gelu(linear(x))
+    linear.compile(backend="eager")
+    fused = BiasGELU.from_linear(linear)
+    with OpLog() as log:
+        got = fused(x)
+    assert "hetrain_C.bias_gelu_fwd" in log.names, log.names
+    torch.testing.assert_close(got, want)
+
+
+def test_from_linear_refuses_a_linear_whose_forward_was_replaced():
+    # It kept the replaced forward, which ran instead of the fused one: linear(x) + adapter, no GELU.
+    linear = torch.nn.Linear(4, 5)
+    original = linear.forward
+    linear.forward = lambda inp: original(inp) * 2
+    with pytest.raises(ValueError, match="hetrain.nn.BiasGELU: the Linear's forward was replaced on the instance"):
+        BiasGELU.from_linear(linear)
+
+
+def test_patch_reports_two_runs_that_share_their_linear_as_two():
+    # The report keyed a run on its first child: one Linear in two Sequentials (each with its own GELU) was listed
+    # once, the other run as a further path of the same.
+    linear = torch.nn.Linear(4, 4)
+    model = torch.nn.Module()
+    model.a = torch.nn.Sequential(linear, torch.nn.GELU())
+    model.b = torch.nn.Sequential(linear, torch.nn.GELU(approximate="tanh"))
+    report = hetrain.nn.patch(model)
+    assert set(report.swapped) == {"a.0", "b.0"} and report.also == {} and len(report) == 2

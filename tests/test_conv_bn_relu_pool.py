@@ -355,6 +355,18 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.hetrain_C.bn_stats(randn(1, 4, 1, 1), None, None, 0.1, 1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 0, 4), (1, 2, 4, 0)])
+def test_an_input_without_pixels_is_refused_before_any_backend_runs(shape):
+    # With padding the padded input fits the window: the kernel's refusal read as a backend failure (a warning, then
+    # torch's unrelated max_pool2d error on the fallback).
+    x = torch.randn(shape)
+    w, b, rm, rv = (t.detach() for t in bn_params(2))
+    with pytest.raises(ValueError, match=r"hetrain.ops.relu_pool: x has no pixels \(shape \(1, 2, [04], [04]\)\)"):
+        relu_pool(x, 2, None, 1)
+    with pytest.raises(ValueError, match="hetrain.ops.bn_relu_pool: x has no pixels"):
+        bn_relu_pool(x, w, b, rm, rv, False, kernel_size=2, padding=1)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_integer_or_bool_batchnorm_tensors_are_refused_as_torch_does(backend):
     # They were cast quietly; an int64 running mean kept only the integer part of each update.
@@ -468,6 +480,43 @@ def test_hooks_on_a_blocks_children_fire_as_in_the_sequential(block):
     torch.testing.assert_close(fused(x), plain(x))
     assert len(seen["fused"]) == len(seen["plain"]) == 1
     torch.testing.assert_close(seen["fused"][0], seen["plain"][0])
+
+
+def _set(i, module):
+    return lambda block: block.__setitem__(i, module)
+
+
+@pytest.mark.parametrize(("block", "edit", "size"), [
+    ("bn", _set(2, torch.nn.LeakyReLU(0.5)), 8),
+    ("bn", _set(3, torch.nn.AvgPool2d(2)), 8),
+    ("bn", _set(1, torch.nn.Identity()), 8),
+    ("no_bn", _set(1, torch.nn.Identity()), 8),
+    ("bn", lambda block: block.append(torch.nn.Flatten()), 8),
+    ("bn", lambda block: setattr(block[3], "ceil_mode", True), 7),
+    ("no_bn", lambda block: setattr(block[2], "dilation", 2), 8),
+], ids=["LeakyReLU", "AvgPool2d", "BatchNorm gone", "ReLU gone", "appended", "ceil_mode", "dilation"])
+def test_a_block_whose_children_changed_computes_what_it_now_holds(block, edit, size):
+    # The fused forward computed conv -> BN -> ReLU -> MaxPool whatever the children had become (or failed to
+    # unpack an appended one): the block is a Sequential, whose children model code may replace or reconfigure.
+    torch.manual_seed(0)
+    fused = ConvBNReLUPool2d(3, 4, 3, padding=1) if block == "bn" else ConvReLUPool2d(3, 4, 3, padding=1)
+    plain = torch.nn.Sequential(*copy.deepcopy(list(fused)))
+    for b in (fused, plain):
+        edit(b.eval())
+    x = randn(2, 3, size, size, seed=1)
+    torch.testing.assert_close(fused(x), plain(x))
+
+
+def test_an_unbatched_image_or_vmap_gets_what_the_blocks_sequential_gives():
+    # ConvReLUPool2d handed a (C, H, W) image (one sample under torch.vmap) to relu_pool, which takes 4-D only.
+    torch.manual_seed(0)
+    fused = ConvReLUPool2d(3, 4, 3, padding=1)
+    plain = torch.nn.Sequential(*copy.deepcopy(list(fused)))
+    x = randn(2, 3, 6, 6, seed=1)
+    torch.testing.assert_close(fused(x[0]), plain(x[0]))
+    torch.testing.assert_close(torch.vmap(fused)(x), torch.vmap(plain)(x))
+    with pytest.raises(ValueError, match="expected 4D input"):  # torch's own BatchNorm2d refuses it, as unfused
+        ConvBNReLUPool2d(3, 4, 3, padding=1)(x[0])
 
 
 def test_from_modules_shares_parameters_and_buffers():

@@ -401,6 +401,14 @@ def test_nn_dropout_is_a_stateless_drop_in():
         Dropout(1.5)
 
 
+@pytest.mark.parametrize("other", [torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+                                   torch.nn.FeatureAlphaDropout])
+def test_from_torch_refuses_the_dropouts_that_are_not_element_wise(other):
+    # They were taken and silently became element-wise dropout (whole channels, SELU's statistics lost).
+    with pytest.raises(ValueError, match=rf"hetrain.nn.Dropout: needs a torch.nn.Dropout, got {other.__name__}"):
+        Dropout.from_torch(other(0.5))
+
+
 def test_vmap_with_a_seed_per_sample_runs_on_the_kernels_and_is_refused_by_name_on_the_reference():
     # The torch reference failed inside tolist() with "Cannot access data pointer of Tensor that doesn't have storage".
     x = torch.randn(4, 40, generator=torch.Generator().manual_seed(0)) + 3.0

@@ -1,5 +1,6 @@
 """LayerNorm: every backend forward and backward against the float64 torch reference, compile, errors, nn."""
 
+import gc
 import warnings
 
 import pytest
@@ -272,3 +273,47 @@ def test_patch_leaves_a_norm_whose_forward_was_replaced_alone():
     assert len(report) == 0 and type(model[0]) is torch.nn.LayerNorm
     x = randn(2, 4)
     torch.testing.assert_close(model(x), layer_norm_ref(x, model[0].weight, model[0].bias) * 2)
+
+
+def test_patch_leaves_a_norm_compiled_in_place_alone():
+    # Module.compile() binds the compiled call to that module: the twin copied it and ran torch's LayerNorm while
+    # reported swapped.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model[1].compile(backend="eager")
+    report = hetrain.nn.patch(model)
+    assert len(report) == 0 and type(model[1]) is torch.nn.LayerNorm
+
+
+@pytest.mark.parametrize("how", ["patch", "from_torch"])
+def test_a_load_state_dict_pre_hook_is_called_with_the_fused_module(how):
+    # torch wraps the hook with a weak reference to the module it was registered on: the fused module called it
+    # with the torch module, and once that was collected loading a state_dict failed ("hook of a dead Module").
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    seen = []
+    model[1].register_load_state_dict_pre_hook(lambda module, *_rest: seen.append(module))
+    state = model.state_dict()
+    if how == "patch":
+        hetrain.nn.patch(model)
+    else:
+        model[1] = hetrain.nn.LayerNorm.from_torch(model[1])
+    gc.collect()
+    model.load_state_dict(state)
+    assert seen == [model[1]] and type(seen[0]) is hetrain.nn.LayerNorm
+
+
+@pytest.mark.parametrize("norm", [hetrain.nn.LayerNorm, hetrain.nn.RMSNorm])
+def test_an_empty_normalized_shape_is_refused_as_torch_does(norm):
+    # It normalised over nothing: zeros (LayerNorm) or the sign of x (RMSNorm), where torch refuses.
+    with pytest.raises(ValueError, match=rf"hetrain.nn.{norm.__name__}: normalized_shape is empty"):
+        norm(())(randn(2, 3))
+
+
+def test_a_patched_model_built_on_meta_runs_there():
+    # No backend serves meta: the fused modules failed where torch's give the output's shape.
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.LayerNorm(8), torch.nn.RMSNorm(8))
+    assert len(hetrain.nn.patch(model)) == 3
+    x = torch.empty(3, 4, device="meta", requires_grad=True)
+    y = model(x)
+    y.sum().backward()
+    assert y.is_meta and y.shape == (3, 8) and x.grad.shape == x.shape

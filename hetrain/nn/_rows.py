@@ -11,8 +11,12 @@ import torch
 
 def normalized_rows(who: str, x: torch.Tensor, normalized_shape: Sequence[int]) -> torch.Tensor:
     """``x`` with its trailing ``normalized_shape`` flattened into one dimension (``x`` itself for one), refusing
-    an input that does not end with it, as torch's norms do."""
+    an input that does not end with it, or an empty ``normalized_shape`` (nothing to normalise over), as torch's
+    norms do."""
     k = len(normalized_shape)
+    if k == 0:
+        raise ValueError(f"hetrain.nn.{who}: normalized_shape is empty (nothing to normalise over); give it at "
+                         "least one size, e.g. (hidden,) for the input's last dimension")
     if tuple(x.shape[x.dim() - k:]) != tuple(normalized_shape):
         raise ValueError(f"hetrain.nn.{who}: input shape {tuple(x.shape)} does not end with normalized_shape "
                          f"{tuple(normalized_shape)}")

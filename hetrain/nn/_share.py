@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+from torch.nn.modules.module import _WrappedHook
 
 M = TypeVar("M", bound=torch.nn.Module)
 H = TypeVar("H")
@@ -24,21 +25,46 @@ def sharing(cls: type[M], module: torch.nn.Module) -> M:
     settings; ``module`` must be of that torch type.
 
     Its dicts and sets (parameters, buffers, hooks, bookkeeping) are its own copies, so it starts with
-    ``module``'s hooks, but a hook or buffer registered on one afterwards is not registered on the other."""
+    ``module``'s hooks, but a hook or buffer registered on one afterwards is not registered on the other.
+
+    A forward replaced on ``module``'s instance (an adapter) is refused: kept, it would run instead of the fused
+    forward; dropped, the adapter would be lost. The compiled call ``module.compile()`` set is left behind: it is
+    bound to ``module`` (kept, the new one would run ``module``'s forward); the new one runs uncompiled, computing its
+    own forward, until it is compiled itself."""
     torch_type = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
-    require(f"hetrain.nn.{cls.__name__}", module, torch_type)
+    who = f"hetrain.nn.{cls.__name__}"
+    require(who, module, torch_type)
+    if forward_replaced(module):
+        raise ValueError(f"{who}: the {type(module).__name__}'s forward was replaced on the instance (an adapter or "
+                         "wrapper), which the fused module would not run; keep the torch module, or build the "
+                         "fused one from it before the forward is replaced and replace the fused one's")
     new = cls.__new__(cls)
     new.__dict__ = {name: copy.copy(value) if isinstance(value, dict | set) else value
                     for name, value in module.__dict__.items()}
+    new._compiled_call_impl = None
+    _rewrap_load_hooks(new, module)
     return new
+
+
+def _rewrap_load_hooks(new: torch.nn.Module, module: torch.nn.Module) -> None:
+    """In ``new``'s load_state_dict pre-hooks, each registered on ``module`` with
+    ``register_load_state_dict_pre_hook`` wrapped anew around ``new``: torch wraps such a hook with a weak reference
+    to the module it was registered on, which it is called with, so it would see ``module`` and fail once that is
+    collected. The wrapper objects are replaced, not changed, as ``module`` (or another copy) may hold them too."""
+    hooks = new._load_state_dict_pre_hooks
+    for key, hook in list(hooks.items()):
+        if isinstance(hook, _WrappedHook) and hook.with_module and hook.module() is module:
+            hooks[key] = _WrappedHook(hook.hook, new)
 
 
 def taking_hooks_of(new: M, module: torch.nn.Module) -> M:
     """``new`` reading and writing ``module``'s own hook dicts, not copies: for ``patch``, whose twin takes
-    ``module``'s place, so a handle from ``module.register_forward_hook`` (etc.) still removes its hook."""
+    ``module``'s place, so a handle from ``module.register_forward_hook`` (etc.) still removes its hook. A
+    load_state_dict pre-hook registered on ``module`` is called with ``new``, the module in the model."""
     for name, value in module.__dict__.items():
         if "hooks" in name and isinstance(value, dict):
             setattr(new, name, value)
+    _rewrap_load_hooks(new, module)
     return new
 
 

@@ -10,7 +10,10 @@ library), then :func:`hetrain.ops.conv_bn_relu_pool.bn_relu_pool` with the Batch
 ``track_running_stats``).
 
 Hooks on any of its modules, or on every module (``register_module_forward_hook``), make the block
-call its modules one by one, as ``nn.Sequential`` does; hooks that only measure (hetrain's
+call its modules one by one, as ``nn.Sequential`` does; so do children replaced, added or reconfigured since
+construction such that the run no longer fits the kernel (``block[2] = nn.LeakyReLU()``, ``block.append(...)``,
+``block[3].ceil_mode = True``: checked on every call), and an unbatched (C, H, W) image (one sample under
+``torch.vmap``), which the kernels do not take. Hooks that only measure (hetrain's
 FLOP counter, memory and churn profiling; a ``FlopCounterMode`` of your own is a hook) leave it fused, so measuring does
 not change the numbers a step computes, and they see the block as one module.
 """
@@ -71,6 +74,14 @@ def conv_relu_pool_forward(x: torch.Tensor, conv: nn.Conv2d, pool: nn.MaxPool2d)
     return relu_pool(conv(x), pool.kernel_size, pool.stride, pool.padding)
 
 
+def _fusable_now(modules: list[nn.Module], x: torch.Tensor, count: int) -> bool:
+    """Whether a block's forward may run fused, before its children's types and settings are checked (the caller's
+    ``unfusable_reason``, read on every call: a child replaced, added or reconfigured since construction runs as the
+    Sequential it now is). Not for an unbatched (C, H, W) image, which the kernels do not take (torch's modules answer
+    for it, as under ``torch.vmap``), nor where hooks expect each child's call."""
+    return len(modules) == count and x.dim() == 4 and not called_one_by_one(modules)
+
+
 def _sequential_slice(module: nn.Sequential, idx: slice) -> nn.Sequential:
     # A slice is a plain Sequential: the fused forward needs all of its parts.
     return nn.Sequential(OrderedDict(list(module._modules.items())[idx]))
@@ -112,9 +123,10 @@ class ConvBNReLUPool2d(nn.Sequential):
         return _sequential_slice(self, idx) if isinstance(idx, slice) else super().__getitem__(idx)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Sequential's own argument name
-        conv, bn, relu, pool = self._modules.values()
-        if called_one_by_one([conv, bn, relu, pool]):  # hooks expect each child's call, as in the Sequential
+        modules = list(self._modules.values())
+        if not _fusable_now(modules, input, 4) or unfusable_reason(*modules) is not None:
             return nn.Sequential.forward(self, input)
+        conv, bn, _relu, pool = modules
         return conv_bn_relu_pool_forward(input, conv, bn, pool)
 
 
@@ -152,7 +164,8 @@ class ConvReLUPool2d(nn.Sequential):
         return _sequential_slice(self, idx) if isinstance(idx, slice) else super().__getitem__(idx)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Sequential's own argument name
-        conv, relu, pool = self._modules.values()
-        if called_one_by_one([conv, relu, pool]):  # hooks expect each child's call, as in the Sequential
+        modules = list(self._modules.values())
+        if not _fusable_now(modules, input, 3) or unfusable_reason(modules[0], None, *modules[1:]) is not None:
             return nn.Sequential.forward(self, input)
+        conv, _relu, pool = modules
         return conv_relu_pool_forward(input, conv, pool)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hetrain.nn._share import require
 from hetrain.ops.dropout import dropout
 
 
@@ -21,7 +22,9 @@ class Dropout(torch.nn.Dropout):
 
     @classmethod
     def from_torch(cls, module: torch.nn.Dropout) -> Dropout:
-        """The fused twin of ``module``, with its ``p`` and training mode."""
+        """The fused twin of ``module``, with its ``p`` and training mode. Only a ``torch.nn.Dropout``: Dropout1d/2d/3d
+        (whole channels) and AlphaDropout (SELU's statistics kept) are not element-wise dropout."""
+        require(f"hetrain.nn.{cls.__name__}", module, torch.nn.Dropout)
         new = cls(module.p, module.inplace)
         new.train(module.training)
         return new

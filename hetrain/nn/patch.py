@@ -53,7 +53,8 @@ def patch(model: torch.nn.Module) -> PatchReport:
     A module held at several paths (one LayerNorm shared by two parents) becomes one fused module at all of
     them, so it stays shared and a second ``patch`` finds nothing left to swap. A twin keeps its module's hooks,
     whose handles still remove them; a module whose forward was replaced on the instance is left alone (its twin
-    would run that forward, not the fused one).
+    would run that forward, not the fused one), and so is one compiled in place with ``Module.compile()`` (its
+    compiled call runs that module).
     """
     convert = SWAPS.get(type(model))
     if convert is not None:
@@ -62,20 +63,29 @@ def patch(model: torch.nn.Module) -> PatchReport:
                          f"hetrain.nn.{convert.__self__.__name__}.from_torch(model), which "
                          "shares its parameters")
     report = PatchReport()
-    report.swapped.update(swap_sequences(model))
+    runs = swap_sequences(model)
+    report.swapped.update(runs)
     fused: dict[int, torch.nn.Module] = {}  # id of a torch module -> its twin, made once
     for path, module in list(model.named_modules(remove_duplicate=False)):
         convert = SWAPS.get(type(module))
-        if convert is None or forward_replaced(module):
+        # Compiled in place (Module.compile()): its compiled call is bound to it, so a twin would not run fused.
+        if convert is None or forward_replaced(module) or module._compiled_call_impl is not None:
             continue
         if id(module) not in fused:
             fused[id(module)] = taking_hooks_of(convert(module), module)
         new = fused[id(module)]
         model.set_submodule(path, new)
         report.swapped[path] = f"{type(module).__name__} -> {type(new).__module__}.{type(new).__name__}"
-    first: dict[int, str] = {}  # a swapped module (a run: its first child) -> the first path it is listed under
+    # A swapped module, or a run (its Sequential and its first child's name: two Sequentials may share that child)
+    # -> the first path it is listed under.
+    first: dict[tuple[int, str], str] = {}
     for path in report.swapped:
-        first_path = first.setdefault(id(model.get_submodule(path)), path)
+        if path in runs:
+            parent, _, name = path.rpartition(".")
+            key = (id(model.get_submodule(parent)), name)
+        else:
+            key = (id(model.get_submodule(path)), "")  # no child is named ""
+        first_path = first.setdefault(key, path)
         if first_path != path:
             report.also[path] = first_path
     return report

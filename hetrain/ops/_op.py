@@ -9,7 +9,7 @@ BERT-base sizes on a GPU, some 50 calls per step, that overhead would eat the fu
 an :class:`Op` runs the same body through a plain ``torch.autograd.Function`` with the same
 ``setup_context`` and ``backward`` in eager mode (or the body alone when nothing needs a gradient),
 and the custom op whenever a graph is being traced or an argument is a tensor subclass (fake,
-functional or user-defined tensors, which need the op's registrations).
+functional or user-defined tensors, which need the op's registrations) or on the meta device.
 
 Where the backend a call picks is hetrain's C++ extension, that plain Function is skipped too: the
 extension registers each op with its autograd written in C++ (csrc/autograd.cpp), named by the backend's
@@ -124,7 +124,8 @@ def _tangent_error(name: str, reference: str) -> RuntimeError:
 
 
 def _route(args: Sequence[Any]) -> str:
-    """"custom" while a graph is traced or for a tensor subclass, "tangent" where forward-mode AD carries a
+    """"custom" while a graph is traced, for a tensor subclass or a meta tensor (no backend serves the meta device: the
+    custom op's fake implementation gives its shapes), "tangent" where forward-mode AD carries a
     tangent on an argument, "functorch" under a ``torch.func`` transform, "body" when no argument needs a
     gradient (or grad mode is off), "function" otherwise.
 
@@ -141,7 +142,7 @@ def _route(args: Sequence[Any]) -> str:
     grad = False
     for a in args:
         if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN:
+            if type(a) not in _PLAIN or a.is_meta:
                 return "custom"
             grad = grad or a.requires_grad
     return "function" if grad and torch.is_grad_enabled() else "body"

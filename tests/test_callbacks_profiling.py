@@ -150,3 +150,30 @@ def test_a_fit_resumed_inside_or_past_the_range_says_which_steps_it_traced(tmp_p
         fit_regression(tmp_path / "past", [past], max_steps=5, ckpt_path=resumed)
     assert not past.path.exists() and past.summary == {}
     assert "no trace written: the fit resumed at step 3, after step 2" in caplog.text
+
+
+def test_a_second_fit_traces_its_steps_again(tmp_path):
+    """The same StepTrace for a second fit traced nothing, while telling timing callbacks it traced steps 1..2."""
+    trace = StepTrace([1, 2], dirpath=tmp_path)
+    for fit in range(2):
+        fit_regression(tmp_path / str(fit), [trace], max_steps=4)
+        assert trace.summary == {"trace": str(tmp_path / "trace_steps_1-2.json")}, fit
+        steps = {n for n in names_in(trace.path) if n and n.startswith("hetrain::train step")}
+        assert steps == {"hetrain::train step 1", "hetrain::train step 2"}, fit
+        trace.path.unlink()
+
+
+def test_under_ddp_each_fit_names_the_trace_of_its_rank_once(tmp_path):
+    """A second fit's trace was named ``..._rank0_rank0.json``. The hooks of two fits are driven by hand on a Trainer
+    of two processes that is never launched (rank 0 of 2): a real two-process fit takes half a minute."""
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    assert trainer.world_size == 2 and trainer.global_rank == 0 and trainer.global_step == 0
+    trace, model = StepTrace(0, dirpath=tmp_path), Regression()
+    for fit in range(2):
+        trace.on_fit_start(trainer, model)
+        trace.on_train_start(trainer, model)
+        trace.on_train_batch_start(trainer, model, None, 0)
+        trace.on_train_end(trainer, model)
+        assert trace.path == tmp_path / "trace_steps_0-0_rank0.json" and trace.path.exists(), fit
+        trace.path.unlink()

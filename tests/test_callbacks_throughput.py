@@ -1,5 +1,8 @@
 """Throughput: exact numbers from a driven clock, on the Trainer-free meter and in real Lightning fits (CPU)."""
 
+from collections import UserDict
+from dataclasses import dataclass
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -28,6 +31,12 @@ from hetrain.models.task import ClassificationTask
 from hetrain.nn import ConvBNReLUPool2d
 
 BATCH, LEN = 4, 6
+
+
+@dataclass
+class Pair:
+    x: torch.Tensor
+    y: torch.Tensor
 
 
 class Script:
@@ -132,8 +141,17 @@ def test_batch_size_reads_labels_first_then_any_tensor():
     assert batch_size({"input_ids": torch.zeros(3, 7), "labels": torch.zeros(5)}) == 5
     assert batch_size((torch.zeros(2, 3), torch.zeros(2))) == 2
     assert batch_size(torch.zeros(9, 1)) == 9
-    with pytest.raises(ValueError, match="no tensor"):
-        batch_size({"name": "x"})
+    assert batch_size({"name": "x"}) is None and batch_size((torch.tensor(1.0), "x")) is None
+
+
+def test_batch_size_looks_through_nested_batches_and_any_mapping():
+    """It looked one level deep, into dicts only: a nested batch or a UserDict (transformers' BatchEncoding) raised
+    and stopped the fit."""
+    x = torch.zeros(4, 6)
+    assert batch_size(((torch.tensor(2.0), x), x[:, 0])) == 4  # a 0-d tensor has no batch dimension
+    assert batch_size(UserDict(input_ids=torch.zeros(3, 6), labels=torch.zeros(5))) == 5
+    assert batch_size([{"inputs": {"ids": x}}]) == 4
+    assert batch_size(Pair(torch.zeros(7, 6), torch.zeros(7))) == 7
 
 
 def test_a_mask_counts_its_ones_as_tokens_whatever_its_dtype():
@@ -597,3 +615,172 @@ def test_a_first_batch_the_module_skips_leaves_no_flop_counter_after_the_fit(tmp
         assert torch._dynamo.eval_frame._stance.stance == "default"  # torch has no public getter
         assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
     assert counted[1] == counted[0] != NA  # the batch that ran was counted, the skipped one not
+
+
+class TwoLoaders(Tagger):
+    """Trains on a batch of several loaders: Lightning gives one entry per loader, shaped as its loaders are."""
+
+    def training_step(self, batch, batch_idx):
+        parts = batch.values() if isinstance(batch, dict) else batch
+        return sum(Tagger.training_step(self, part, batch_idx) for part in parts)
+
+
+@pytest.mark.parametrize("combine", [lambda a, b: {"a": a, "b": b}, lambda a, b: [a, b]], ids=["dict", "list"])
+def test_a_batch_of_several_loaders_counts_the_samples_and_tokens_of_each(tmp_path, combine):
+    """Samples were looked for one level deep: the batch of train_dataloaders={"a": ..., "b": ...} stopped the fit."""
+    steps, other = 3, 2  # loader b's batches hold 2 samples
+    data_a, data_b = _samples(steps * BATCH), _samples(steps * other)
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9, count_flops=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[callback])
+    trainer.fit(TwoLoaders(), combine(DataLoader(data_a, batch_size=BATCH), DataLoader(data_b, batch_size=other)))
+    s = callback.summary
+    # Every read advances 0.5 s: each timed batch (not the first, warm-up) takes 1 s with the gap before it.
+    assert s["batches_timed"] == steps - 1
+    assert s["samples_per_s"] == BATCH + other
+    tokens = sum(int(d["attention_mask"].sum()) for d in data_a[BATCH:] + data_b[other:])
+    assert s["tokens_per_s"] == tokens / (steps - 1)
+
+
+class Wrapped:
+    """A batch of a type nothing looks into (a graph library's batch, say)."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+
+class Unwrapping(Tagger):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch.batch, batch_idx)
+
+
+def test_a_batch_with_nothing_to_count_samples_from_trains_on_and_says_so_once(tmp_path, caplog):
+    """A measuring callback stopped the fit: no tensor in the batch to count samples from."""
+    steps = 4
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9, count_flops=False, window_size=2)
+    loader = DataLoader(_samples(steps * BATCH), batch_size=BATCH,
+                        collate_fn=lambda rows: Wrapped(torch.utils.data.default_collate(rows)))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, logger=CSVLogger(tmp_path),
+                         log_every_n_steps=1, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[callback])
+    with caplog.at_level("WARNING"):
+        trainer.fit(Unwrapping(), loader)
+    assert trainer.global_step == steps
+    s = callback.summary
+    assert s["batches_timed"] == steps - 1 and s["step_time_ms"]["p99"] == 500.0
+    assert s["samples_per_s"] == NA and "samples/s n/a" in describe(s)
+    assert len([r for r in caplog.records if "no tensor with a batch dimension" in r.message]) == 1
+    header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "throughput/device/batches_per_sec" in header and not [h for h in header if "samples" in h]
+
+
+class SkipsFirstBatch(Tagger):
+    """Skips its first batch (returns None, as for a bad batch): no backward runs there."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx == 0 else loss
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_flops_are_counted_on_the_first_batch_that_runs_a_backward(tmp_path, accumulate):
+    """A first batch without a backward gave its forward alone as every batch's FLOPs (MFU a third too low)."""
+    steps = 3
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9)
+    _fit(tmp_path, SkipsFirstBatch(), [callback], steps=steps, accumulate_grad_batches=accumulate)
+    first = next(iter(DataLoader(_samples(BATCH), batch_size=BATCH)))
+    fresh = Tagger()
+    expected = measure_flops(fresh, lambda: fresh.training_step(first, 0), lambda loss: loss)
+    assert callback.summary["flops_per_batch"] == expected > 0
+    # The counted batch, the second, runs under the counter: warm-up too.
+    assert callback.summary["batches_timed"] == steps * accumulate - 2
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization, as a GAN steps: two backward passes and two optimizer steps in every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.g, self.d = nn.Linear(6, 16), nn.Linear(16, 1)
+
+    def losses(self, batch, optimizers=None):
+        x, y = batch
+        critic = self.d(self.g(x).detach()).pow(2).mean()
+        if optimizers:
+            optimizers[1].zero_grad()
+            self.manual_backward(critic)
+            optimizers[1].step()
+        fit = F.mse_loss(self.d(self.g(x)), y)
+        if optimizers:
+            optimizers[0].zero_grad()
+            self.manual_backward(fit)
+            optimizers[0].step()
+        return critic + fit
+
+    def training_step(self, batch, batch_idx):
+        self.losses(batch, self.optimizers())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.g.parameters(), lr=0.01), torch.optim.SGD(self.d.parameters(), lr=0.01)
+
+
+def test_under_manual_optimization_every_backward_of_the_batch_is_counted(tmp_path):
+    """The counter closed at the batch's first optimizer step: the second backward, and the forward before it, were
+    left out."""
+    data = TensorDataset(torch.randn(16, 6), torch.randn(16, 1))
+    callback = Throughput(peak_flops=1e9, tokens_key=None)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[callback])
+    trainer.fit(TwoOptimizers(), DataLoader(data, batch_size=BATCH))
+    fresh, first = TwoOptimizers(), next(iter(DataLoader(data, batch_size=BATCH)))
+    expected = measure_flops(fresh, lambda: fresh.losses(first), lambda loss: loss)
+    assert callback.summary["flops_per_batch"] == expected > 0
+
+
+class SkipsRestOfEpoch(Tagger):
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if batch_idx == 3 else None  # each epoch: batches 0..2 train, then Lightning ends the epoch
+
+
+def test_a_step_skipped_with_the_rest_of_its_epoch_is_not_timed_into_the_next(tmp_path):
+    """The skipped batch's step stayed open: the next epoch's first step was timed from it (twice as long) and its
+    batch counted as a gap within a step."""
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9, count_flops=False)
+    trainer = _fit(tmp_path, SkipsRestOfEpoch(), [callback], steps=6)
+    assert trainer.global_step == 6
+    meter = callback.meter
+    assert meter.step_times == [0.5] * 5 and meter.within_steps == []
+    # Step 2 ends, the skipped batch begins 0.5 s later, and the next epoch's first batch 0.5 s after that.
+    assert meter.between_steps == [0.5, 0.5, 1.0, 0.5, 0.5]
+    assert "gaps within steps" not in describe(callback.summary)
+
+
+def test_a_dropped_step_leaves_its_gap_and_fetch_to_the_next_batch():
+    # start 0 | batch 1..2 | pause at 3 (validation) | at 10 a batch begins (fetched in 0.5 s) that never runs: its
+    # step is dropped | at 20 the next batch begins (fetched in 0.25 s), ends at 21
+    meter = ThroughputMeter(Script(0, 1, 2, 3, 10, 20, 21), warmup_batches=0)
+    meter.start()
+    meter.batch_start(data_wait=0.0)
+    meter.batch_end(samples=2)
+    meter.pause()
+    meter.batch_start(data_wait=0.5)
+    meter.drop_step()
+    meter.batch_start(data_wait=0.25)
+    meter.batch_end(samples=2)
+    assert meter.step_times == [1, 1]
+    assert meter.between_steps == [1, 1.75]  # 2..3 before the pause, then both fetches
+    assert meter.data_waits == [0.0, 0.75]
+    assert meter.time == 4.75 and meter.samples == 4
+
+
+def test_a_second_fit_measures_its_own_energy(tmp_path, monkeypatch):
+    """The energy of an earlier fit with the same callback was carried into the next fit's energy per step."""
+    clock = Tick(0.5)
+    monkeypatch.setattr(tp, "NvmlEnergy", lambda devices: Watts(clock, 100.0))
+    callback = Throughput(clock=clock, peak_flops=1e9)
+    for fit in range(2):
+        _fit(tmp_path / str(fit), Tagger(clock), [callback], steps=3)
+        assert callback.summary["energy_j_per_step"] == 100.0, fit  # 100 W over each timed step's 1 s

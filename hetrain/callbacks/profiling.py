@@ -63,7 +63,8 @@ class StepTrace(Callback):
 
     def __init__(self, steps: int | Sequence[int], dirpath: str | Path, record_shapes: bool = False) -> None:
         self.first, self.last = parse_steps(steps)
-        self.path = Path(dirpath) / f"trace_steps_{self.first}-{self.last}.json"
+        self._named_path = Path(dirpath) / f"trace_steps_{self.first}-{self.last}.json"
+        self.path = self._named_path  # under DDP, once written: one file per rank
         self.record_shapes = record_shapes
         self.summary: dict[str, Any] = {}
         self._profiler: profile | None = None
@@ -76,6 +77,13 @@ class StepTrace(Callback):
     def instruments_step(self, step: int) -> bool:
         """Whether global step ``step`` is traced (and so runs slower)."""
         return self._first_traced <= step <= self._last_traced
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Each fit traces its own steps: an earlier fit's trace kept a second one from tracing any, while timing
+        # callbacks still left that fit's traced steps out.
+        self.path, self.summary = self._named_path, {}
+        self._first_traced, self._last_traced = self.first, self.last
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -140,7 +148,7 @@ class StepTrace(Callback):
         profiler.__exit__(None, None, None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if trainer.world_size > 1:  # one trace per process
-            self.path = self.path.with_name(f"{self.path.stem}_rank{trainer.global_rank}.json")
+            self.path = self._named_path.with_name(f"{self._named_path.stem}_rank{trainer.global_rank}.json")
         profiler.export_chrome_trace(str(self.path))
         self.summary = {"trace": str(self.path)}
         missing = []

@@ -13,11 +13,12 @@ for the run's summary table.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -240,11 +241,12 @@ class ThroughputMeter:
     and per batch :meth:`batch_start` / :meth:`batch_end`. A step (which may span several micro-batches)
     lasts from its first ``batch_start`` to the ``batch_end`` that closes it; time from that end to the next
     step's first ``batch_start`` is the time between steps, and the gaps between one step's micro-batches are
-    the gaps within steps: step times and the time between steps never overlap. Of each gap,
-    ``batch_start(data_wait=...)`` says how much the loader spent fetching the batch (unknown, and reported
-    ``n/a``, if any timed batch leaves it out). ``batch_start(instrumented=True)`` marks a batch of a step a
-    profiler or hooks slow down: the step and the gap before it are left out as a warm-up step's are, and so is
-    the time after it up to the next batch (where those tools finish), but for the loader's fetch.
+    the gaps within steps: step times and the time between steps never overlap (:meth:`drop_step` drops a step
+    that will not end). Of each gap, ``batch_start(data_wait=...)`` says how much the loader spent fetching the
+    batch (unknown, and reported ``n/a``, if any timed batch leaves it out). ``batch_start(instrumented=True)``
+    marks a batch of a step a profiler or hooks slow down: the step and the gap before it are left out as a
+    warm-up step's are, and so is the time after it up to the next batch (where those tools finish), but for the
+    loader's fetch.
 
     Args:
         clock: returns seconds; ``time.perf_counter`` by default.
@@ -262,7 +264,8 @@ class ThroughputMeter:
         self.warmup_batches = warmup_batches
         self.seen_batches = 0  # warm-up included
         self.batches = 0
-        self.samples = 0
+        self.samples: int | None = 0  # None once a timed batch had no tensor to count its samples from
+        self._window_samples = 0  # what Lightning's rolling window is fed: it needs a count that always grows
         self.tokens = 0
         self.time = 0.0  # timed training time: batches plus the gaps between them, pauses left out
         self.step_times: list[float] = []  # steps whose every batch was timed
@@ -276,6 +279,10 @@ class ThroughputMeter:
         self._step_started: float | None = None
         self._step_timed = False
         self._batch_started = 0.0
+        self._batch_open = False  # begun, not yet ended: its gap is recorded when it ends
+        self._opened_step = False  # the open batch opened its step
+        self._batch_wait: float | None = None
+        self._unspent_wait = 0.0  # the loader's fetch for a batch that never ran: the next gap spans it
         self._batch_timed = False
         self._batch_instrumented = False
         self._step_past_warmup = False  # the open step began after the warm-up batches
@@ -297,14 +304,14 @@ class ThroughputMeter:
         if self._paused_at is None:
             self._paused_at = self.clock()
 
-    def _gap(self, now: float, data_wait: float | None) -> float:
+    def _gap(self, now: float, data_wait: float | None, step_was_open: bool) -> float:
         """Training time since the last batch ended: all of it, or after a pause the time up to the pause and the
         loader's fetch. A step open across the pause leaves the pause out too."""
         if self._paused_at is None:
             return now - self._last_end
         paused, self._paused_at = self._paused_at, None
         kept = min(now - self._last_end, max(paused - self._last_end, 0.0) + (data_wait or 0.0))
-        if self._step_started is not None:
+        if step_was_open:
             self._step_started += now - self._last_end - kept
         return kept
 
@@ -314,24 +321,41 @@ class ThroughputMeter:
         now = self.clock()
         if self._last_end is None:  # no start(): the time between is unknown, not counted
             self._last_end = now
-        gap = self._gap(now, data_wait)
         timed = self.seen_batches >= self.warmup_batches and not instrumented
-        opens_step = self._step_started is None
-        if opens_step:
+        self._opened_step = self._step_started is None
+        if self._opened_step:
             self._step_started, self._step_timed = now, timed
             self._step_past_warmup = self.seen_batches >= self.warmup_batches  # a step holding warm-up is warm-up
         self._batch_timed, self._batch_instrumented = timed, instrumented
-        if timed:
-            (self.between_steps if opens_step else self.within_steps).append(gap)
-            self.time += gap
-            if data_wait is None:
-                self.data_waits = None
-            elif self.data_waits is not None:
-                self.data_waits.append(data_wait)
-        self._batch_started = now
+        self._batch_started, self._batch_open = now, True
+        self._batch_wait = None if data_wait is None else data_wait + self._unspent_wait
+        self._unspent_wait = 0.0
 
-    def batch_end(self, samples: int, tokens: int | None = None, step_done: bool = True) -> None:
+    def drop_step(self) -> None:
+        """Drops the open step, which will not end: Lightning skipped the rest of the epoch (the LightningModule's
+        ``on_train_batch_start`` returned -1) or its last batch did not step. A batch begun there never ran: the next
+        batch's gap, from the last batch that ended, spans it, with its loader's fetch."""
+        if self._batch_open and self._batch_wait is not None:
+            self._unspent_wait = self._batch_wait
+        self._step_started, self._batch_open = None, False
+
+    def _record_gap(self) -> None:
+        """Records the gap before the batch now ending (left until it ends: a batch may never run)."""
+        gap = self._gap(self._batch_started, self._batch_wait, step_was_open=not self._opened_step)
+        if not self._batch_timed:
+            return
+        (self.between_steps if self._opened_step else self.within_steps).append(gap)
+        self.time += gap
+        if self._batch_wait is None:
+            self.data_waits = None
+        elif self.data_waits is not None:
+            self.data_waits.append(self._batch_wait)
+
+    def batch_end(self, samples: int | None, tokens: int | None = None, step_done: bool = True) -> None:
+        """A batch ends; ``samples``: how many it held, ``None`` where that is unknown (samples/s is then n/a)."""
         now = self.clock()
+        self._record_gap()
+        self._batch_open = False
         self.seen_batches += 1
         self._last_end = now
         if step_done:
@@ -346,15 +370,18 @@ class ThroughputMeter:
             return
         self.time += now - self._batch_started
         self.batches += 1
-        self.samples += samples
+        self.samples = None if samples is None or self.samples is None else self.samples + samples
+        self._window_samples += 1 if samples is None else samples  # a batch holds one sample at least
         self.tokens += tokens or 0
         flops = int(self.flops_per_batch) if self.flops_per_batch else None
-        self.rolling.update(time=self.time, batches=self.batches, samples=self.samples,
+        self.rolling.update(time=self.time, batches=self.batches, samples=self._window_samples,
                             lengths=self.tokens if tokens is not None else None, flops=flops)
 
     def compute(self) -> dict[str, float]:
         """Rolling rates (Lightning's ``Throughput`` keys) plus the latest step time and data wait."""
         metrics = dict(self.rolling.compute()) if self.batches else {}
+        if self.samples is None:  # the window's samples stand in for a count that is not known
+            metrics = {k: v for k, v in metrics.items() if "samples" not in k}
         if self.step_times:
             metrics["step_time_ms"] = 1000 * self.step_times[-1]
         if self.between_steps:
@@ -369,7 +396,7 @@ class ThroughputMeter:
             return {"batches_timed": self.batches}
         out: dict[str, Any] = {
             "batches_timed": self.batches,
-            "samples_per_s": self.samples / self.time,
+            "samples_per_s": NA if self.samples is None else self.samples / self.time,
             "tokens_per_s": self.tokens / self.time if self.tokens else NA,
             "data_wait_fraction": sum(self.data_waits) / self.time if self.data_waits else NA,
             "between_steps_fraction": sum(self.between_steps) / self.time,
@@ -423,23 +450,39 @@ def describe(summary: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def batch_size(batch: Any) -> int:
-    """Samples in a batch: the sequences of a packed batch (its ``segment_ids``), else the first dimension of its
-    first tensor (``labels`` first for dicts).
+def batch_size(batch: Any) -> int | None:
+    """Samples in one loader's batch: the sequences of a packed batch (its ``segment_ids``), else the first dimension
+    of its first tensor that has one, looked for depth first through mappings, lists, tuples and dataclasses
+    (``labels`` first in a mapping); ``None`` where the batch holds no such tensor.
 
     A packed row holds several sequences, numbered 1, 2, ... within the row (0 on padding; see
     ``hetrain.data.packing``): its highest segment id is its sequence count. Counting rows made samples/s of a
     packed run a third of its sequences/s."""
-    if isinstance(batch, dict) and isinstance(batch.get("segment_ids"), torch.Tensor):
-        return int(batch["segment_ids"].amax(dim=-1).sum())
-    if isinstance(batch, dict):
-        batch = [batch["labels"], *batch.values()] if "labels" in batch else list(batch.values())
     if isinstance(batch, torch.Tensor):
-        return len(batch)
+        return len(batch) if batch.dim() else None
+    if isinstance(batch, Mapping):
+        if isinstance(batch.get("segment_ids"), torch.Tensor):
+            return int(batch["segment_ids"].amax(dim=-1).sum())
+        batch = [batch["labels"], *batch.values()] if "labels" in batch else list(batch.values())
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        batch = [getattr(batch, field.name) for field in dataclasses.fields(batch)]
+    if not isinstance(batch, list | tuple):
+        return None
     for item in batch:
-        if isinstance(item, torch.Tensor):
-            return len(item)
-    raise ValueError(f"hetrain: no tensor in the batch to count samples from ({type(batch).__name__})")
+        if (size := batch_size(item)) is not None:
+            return size
+    return None
+
+
+def loader_batches(loaders: Any, batch: Any) -> list[Any]:
+    """Each training loader's batch in ``batch``: Lightning combines a dict or list of loaders
+    (``train_dataloaders={"a": ..., "b": ...}``) into one batch of the same shape, one entry per loader, ``None`` for
+    one a ``max_size`` ``CombinedLoader`` ran out of. ``loaders`` is ``trainer.train_dataloader``."""
+    if isinstance(loaders, Mapping) and isinstance(batch, Mapping):
+        return [part for key, loader in loaders.items() for part in loader_batches(loader, batch.get(key))]
+    if isinstance(loaders, list | tuple) and isinstance(batch, list | tuple) and len(loaders) == len(batch):
+        return [part for loader, one in zip(loaders, batch, strict=True) for part in loader_batches(loader, one)]
+    return [] if batch is None else [batch]
 
 
 def count_tokens(tensor: torch.Tensor) -> int:
@@ -469,13 +512,16 @@ class Throughput(Callback):
           rolling rates (Lightning's ``Throughput``) and adds those, with a clock a test can drive.
         - FLOPs per batch: the module's ``flops_per_batch`` when it has one (Lightning's convention),
           else counted by :class:`TrainingFlopCounter` (torch's ``FlopCounterMode`` plus CPU attention, less
-          the forward activation checkpointing recomputes) during the first batch, a warm-up batch left out of
-          the timing (with ``warmup_batches=0`` too). The count assumes every batch costs the same; ops on
-          other threads are missed. The counter's module hooks only measure: hetrain's fused blocks stay fused
-          under them (counted as one module), so the counted batch, a resumed fit's first included, computes
-          what it would uncounted.
+          the forward activation checkpointing recomputes) during the first batch that runs a backward (one whose
+          ``training_step`` returns None is not counted: the next is), a warm-up batch left out of the timing (with
+          ``warmup_batches=0`` too). Under manual optimization the whole batch is counted, every backward and
+          optimizer step in it (torch counts no FLOPs for an optimizer's elementwise updates). The count assumes
+          every batch costs the same; ops on other threads are missed. The counter's module hooks only measure:
+          hetrain's fused blocks stay fused under them (counted as one module), so the counted batch, a resumed
+          fit's first included, computes what it would uncounted.
         - Samples are sequences: a packed batch (``segment_ids``, see ``hetrain.data.packing``) counts the
-          sequences its rows hold, not its rows.
+          sequences its rows hold, not its rows. A batch of several loaders (``train_dataloaders={"a": ...,
+          "b": ...}``) counts each loader's; in a batch without a tensor to count from, samples/s is ``"n/a"``.
         - Peak FLOP/s for MFU: ``peak_flops`` if given, else Lightning's table, else a short matmul
           measurement at the run's compute dtype, once per device name.
         - GPU work is waited for before each clock read, so times are of the work, not of its launch.
@@ -524,15 +570,31 @@ class Throughput(Callback):
         self._devices: list[torch.device] = []
         self._flop_counter: contextlib.ExitStack | None = None  # open while the first batch's FLOPs are counted
         self._flops: FlopCounterMode | None = None
+        self._count_pending = False  # FLOPs to count and no batch counted yet
+        self._backward_seen = False  # the batch being counted ran a backward
         self._stepped = False
+        self._samples_warned = False
         self._joules: float | None = None  # GPU energy of the training stretches closed so far
         self._energy_start: float | None = None  # the counter where the open stretch began
         self._wait_seen: float | None = None  # the training loader's wait_seconds at the last reading
 
     def _tokens(self, batch: Any) -> int | None:
-        if self.tokens_key is None or not isinstance(batch, dict) or self.tokens_key not in batch:
+        if self.tokens_key is None or not isinstance(batch, Mapping) or self.tokens_key not in batch:
             return None
         return count_tokens(batch[self.tokens_key])
+
+    def _count(self, trainer: pl.Trainer, batch: Any) -> tuple[int | None, int | None]:
+        """Samples and tokens of ``batch``, summed over the loaders Lightning combined into it; ``None``: unknown."""
+        parts = loader_batches(trainer.train_dataloader, batch)
+        sizes = [batch_size(part) for part in parts]
+        samples = None if None in sizes else sum(sizes)
+        if samples is None and not self._samples_warned:
+            self._samples_warned = True
+            log.warning(f"hetrain: Throughput found no tensor with a batch dimension in a training batch "
+                        f"({type(batch).__name__}) to count its samples from, so samples/s is {NA}; give each batch "
+                        "one (a mapping's 'labels' is read first)")
+        tokens = [self._tokens(part) for part in parts]
+        return samples, None if None in tokens or not tokens else sum(tokens)
 
     def _sync(self) -> None:
         for device in self._devices:
@@ -553,12 +615,15 @@ class Throughput(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After on_fit_start, where a placement moves stages: these are the devices that work.
         self._devices = sorted({p.device for p in pl_module.parameters()}, key=str)
+        self._joules = self._energy_start = None  # an earlier fit's energy is not this one's
+        self._stepped = self._samples_warned = False
         root = trainer.strategy.root_device
         available = self.peak_flops or peak_flops(root, _plugin_to_compute_dtype(trainer.precision_plugin))
         flops_per_batch = getattr(pl_module, "flops_per_batch", None)
+        self._count_pending = self.count_flops and flops_per_batch is None
         # The batch whose FLOPs are counted runs slower under the counter, so it is warm-up whatever warmup_batches
         # says; the counter closes inside the batch, so the time after it is timed as after any warm-up batch.
-        warmup = max(self.warmup_batches, 1) if self.count_flops and flops_per_batch is None else self.warmup_batches
+        warmup = max(self.warmup_batches, 1) if self._count_pending else self.warmup_batches
         self.meter = ThroughputMeter(self.clock, self.window_size, available, warmup)
         self.meter.flops_per_batch = flops_per_batch
         self.energy = NvmlEnergy(self._devices)
@@ -576,17 +641,16 @@ class Throughput(Callback):
         self._wait_seen = waited
         if seen is not None and waited is not None and waited < seen:  # a new loader (reloaded per epoch)
             seen = 0.0
+        if self._count_pending:  # the batch whose FLOPs are counted runs slower under the counter: warm-up
+            self.meter.warmup_batches = max(self.meter.warmup_batches, self.meter.seen_batches + 1)
         self.meter.batch_start(None if seen is None or waited is None else waited - seen,
                                instrumented=instrumented(trainer, trainer.global_step))
         if self.meter.in_timed_step:
             self._open_energy()  # after a validation: training goes on here
         else:
             self._close_energy()  # a profiled step
-        if self.meter.seen_batches == 0 and self.count_flops and self.meter.flops_per_batch is None:
-            # A counter still open was opened for a batch that never ended (Lightning skips the rest of an epoch
-            # when the LightningModule's on_train_batch_start returns -1): closed uncounted, or a second counter
-            # would stack on it and the first, a dispatch mode with global module hooks, outlive the fit.
-            self._stop_counting(keep=False)
+        if self._count_pending:
+            self._backward_seen = False
             # Counted with torch.compile standing aside: dynamo meeting a frame under the counter's dispatch mode
             # marks its code never to be compiled, so a compiled model would have run eagerly all run.
             self._flop_counter = contextlib.ExitStack()
@@ -598,15 +662,24 @@ class Throughput(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         self._stepped = True
-        # Forward and backward are counted; the optimizer's elementwise work is not in FLOP counts.
-        self._stop_counting()
+        # Forward and backward are counted; the optimizer's elementwise work is not in FLOP counts. Under manual
+        # optimization a batch may step several optimizers, each after a backward of its own: counted to its end.
+        if pl_module.automatic_optimization:
+            self._stop_counting()
+
+    @override
+    @rank_zero_only
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._backward_seen = True
 
     def _stop_counting(self, keep: bool = True) -> None:
-        """Closes the FLOP counter, if open; ``keep``: its count is the batch's (not for a batch that never ran)."""
+        """Closes the FLOP counter, if open; ``keep``: its count is the batch's (not for a batch that never ran). A
+        batch without a backward (its training_step returned None) is no training batch: the next one is counted."""
         if self._flop_counter is not None:
             self._flop_counter.close()
-            if keep:
+            if keep and self._backward_seen:
                 self.meter.flops_per_batch = self._flops.get_total_flops() or None
+                self._count_pending = False
             self._flop_counter = self._flops = None
 
     @override
@@ -615,7 +688,7 @@ class Throughput(Callback):
                            batch_idx: int) -> None:
         self._stop_counting()
         self._sync()
-        self.meter.batch_end(batch_size(batch), self._tokens(batch), step_done=self._stepped)
+        self.meter.batch_end(*self._count(trainer, batch), step_done=self._stepped)
         self._open_energy()  # from the end of the warm-up on: the first step all of whose batches are timed
         # Logged once per optimizer step, on its last batch: under gradient accumulation the earlier batches wrote
         # rows of their own under the same step, repeating the previous step's time.
@@ -631,6 +704,16 @@ class Throughput(Callback):
         if metrics:  # nothing yet while warming up
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+    @override
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # An optimizer step never spans epochs: one open here will not end. Lightning skips the rest of an epoch when
+        # the LightningModule's on_train_batch_start returns -1: timed on, the next epoch's first step held this one,
+        # and a FLOP counter left open would stack a second on it and outlive the fit (a dispatch mode with global
+        # module hooks). The next batch is counted instead.
+        self._stop_counting(keep=False)
+        self.meter.drop_step()
 
     @override
     @rank_zero_only

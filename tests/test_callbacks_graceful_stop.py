@@ -155,14 +155,15 @@ class Validated(Regression):
         self.log("val/loss", F.mse_loss(self.net(x), y))
 
 
-def _fit_validated(tmp_path, callbacks, model=None, samples=160, val_check_interval=None, max_steps=20, sanity=0):
+def _fit_validated(tmp_path, callbacks, model=None, samples=160, val_check_interval=None, max_steps=20, sanity=0,
+                   max_epochs=None):
     """A fit with validation every ``val_check_interval`` steps (None: at each epoch's end), 4 samples a batch."""
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(samples, 6, generator=g), torch.randn(samples, 1, generator=g))
     model = model or Validated()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
-                         val_check_interval=val_check_interval, num_sanity_val_steps=sanity)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=callbacks, val_check_interval=val_check_interval, num_sanity_val_steps=sanity)
     trainer.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
     return trainer
 
@@ -205,6 +206,29 @@ def test_sigterm_at_an_epochs_end_stops_after_the_next_step_with_its_checkpoint(
     checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
     assert stop.summary == {"at_step": 41, "checkpoint": str(checkpoint), "signal": "SIGTERM"}
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 41
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("when", ["last_step", "last_validation"])
+@pytest.mark.parametrize("end", ["max_steps", "max_epochs"])
+def test_a_signal_in_the_fits_last_step_or_its_last_validation_lets_the_fit_end_complete(
+        tmp_path, caplog, signal_name, when, end):
+    """The stop saved interrupted.ckpt at the last step, which no resume could go on from (no step left), skipped
+    (or cut short) the last validation and its checkpoint, and on SIGTERM ended the fit with SIGTERMException: train.py
+    reported the finished run interrupted, exit 143, and told to resume from a checkpoint it then refused."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop, model = GracefulStop(), Validated()
+    sender = (CtrlCAt([19], signal_name=signal_name) if when == "last_step"
+              else SignalIn("validation", step=20, batch=1, signal_name=signal_name))
+    # 20 batches an epoch, validated (20 batches) after steps 10 and 20; the fit ends at step 20 either way.
+    limit = {"max_steps": 20} if end == "max_steps" else {"max_steps": -1, "max_epochs": 1}
+    trainer = _fit_validated(tmp_path, [stop, sender, ModelCheckpoint(dirpath=tmp_path / "checkpoints")], model,
+                             samples=80, val_check_interval=10, **limit)  # returns: no SystemExit
+    assert trainer.global_step == 20 and model.validated == 2 * 20
+    assert stop.summary == {}  # what train.py reads: the run completed
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch=0-step=20.ckpt"]
+    assert "during or after the fit's last training step" in caplog.text
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_sigterm_in_the_sanity_check_stops_at_once_with_nothing_trained(tmp_path):

@@ -1,5 +1,6 @@
 """RandomState: a checkpoint holds every generator's state, and a run resumed from it draws what the run would have."""
 
+import contextlib
 import random
 
 import numpy as np
@@ -11,7 +12,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hetrain.callbacks import RandomState
+from hetrain.callbacks import GracefulStop, RandomState
+from tests.fixtures.ctrl_c import CtrlCAt
+from tests.fixtures.signal_in import SignalIn
 
 
 def draws() -> tuple:
@@ -89,3 +92,63 @@ def test_a_checkpoint_of_two_ranks_resumed_by_one_process_restores_rank_zeros_st
     with pytest.warns(UserWarning, match="generators of 2 process.*this run has 1"):
         callback.load_state_dict(two_ranks)
     assert draws() == want
+
+
+class NoisyValidation(Noisy):
+    """Its validation draws from torch's generator (a random augmentation of the input) unless ``quiet``."""
+
+    def __init__(self, quiet=False):
+        super().__init__()
+        self.quiet = quiet
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        noise = 0 if self.quiet else torch.randn_like(x)
+        self.log("val/loss", F.mse_loss(self.net(x + noise), y))
+
+
+def _fit_validated(tmp_path, callbacks, ckpt_path=None, quiet=False, sanity=0):
+    """14 steps of 8 batches an epoch, validated (4 batches) at each epoch's end; the module, once the fit ended."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 6, generator=g), torch.randn(64, 1, generator=g))
+    pl.seed_everything(0, verbose=False)
+    model = NoisyValidation(quiet)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=14, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+                         num_sanity_val_steps=sanity)
+    with contextlib.suppress(SystemExit):  # how a stop during a validation ends the fit
+        trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=16), ckpt_path=ckpt_path)
+    return model
+
+
+def test_what_a_validation_draws_leaves_the_training_draws_alone(tmp_path):
+    """Validation drew from the training stream: every dropout mask after it depended on what it drew."""
+    drawing = _fit_validated(tmp_path / "drawing", [RandomState()], sanity=2)
+    quiet = _fit_validated(tmp_path / "quiet", [RandomState()], quiet=True, sanity=2)
+    assert sorted(drawing.losses) == list(range(14)) and drawing.losses == quiet.losses
+
+    # trainer.validate is left alone: the generators go on from what it drew, as without RandomState.
+    def after_validate(callbacks):
+        torch.manual_seed(1)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path, callbacks=callbacks)
+        trainer.validate(NoisyValidation(), DataLoader(TensorDataset(torch.ones(32, 6), torch.ones(32, 1)),
+                                                       batch_size=16), verbose=False)
+        return torch.rand(3)
+
+    assert torch.equal(after_validate([RandomState()]), after_validate([]))
+
+
+@pytest.mark.parametrize("stop", ["before", "during"])
+def test_a_run_stopped_at_a_validation_that_draws_resumes_as_the_uninterrupted_one(tmp_path, stop):
+    """Stopped at step 8 (the first epoch's end): Ctrl-C during step 7 saves before the validation after it,
+    SIGTERM during that validation's batch 1 saves what step 8's end would have. The checkpoint held none or some
+    of the validation's draws where the uninterrupted run went on after all of them: every later mask differed."""
+    full = _fit_validated(tmp_path / "full", [RandomState()])
+    graceful = GracefulStop()
+    sender = CtrlCAt([7]) if stop == "before" else SignalIn("validation", step=8, batch=1)
+    _fit_validated(tmp_path / "stopped", [graceful, sender, RandomState()])
+    assert graceful.summary["at_step"] == 8
+    resumed = _fit_validated(tmp_path / "resumed", [RandomState()], ckpt_path=graceful.summary["checkpoint"])
+    assert sorted(resumed.losses) == list(range(8, 14))
+    assert resumed.losses == {s: v for s, v in full.losses.items() if s >= 8}

@@ -19,6 +19,12 @@ own handling stops the fit at once, with nothing to save. Under DDP the signal s
 training Lightning's handler broadcasts from inside the signal handler, and a SIGTERM delivered to every rank at once
 can leave them in mismatched collectives; once training runs the ranks agree on it each step and each validation
 batch.
+
+A signal during the fit's last step, or after it (its last validation, the checkpoints after it), stops nothing: the
+fit ends there anyway, and a checkpoint of its last step would leave nothing to resume. The fit runs to its end as
+without the signal, with its last validation and checkpoints, and logs that the signal came; ``hetrain.train`` then
+reports the run completed (status ``ok``, exit 0), so a scheduler that sent SIGTERM takes the job for finished rather
+than requeueing it.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ class GracefulStop(Callback):
           gradient accumulation window is not stopped: the stop waits for the step that applies the gradients.
         - SIGTERM at the end of an epoch stops after the next epoch's first step (after the last one, the fit
           simply ends).
+        - Ctrl-C or SIGTERM during the fit's last step (``max_steps``, or the last batch of the last epoch) or after
+          it does not stop the fit: it runs to its end (its last validation, its checkpoints), ``summary`` stays
+          empty and only the log says the signal came. A second Ctrl-C still stops at once.
         - ``summary`` holds the step, the checkpoint and the signal once the fit was stopped this way;
           ``steps_trained`` counts the optimizer steps of this fit.
     """
@@ -84,6 +93,7 @@ class GracefulStop(Callback):
         # accumulation window): a stop during the validation after it saves these, as that step's end would have.
         self._at_step_end: tuple[dict[str, Any], dict[str, Any]] | None = None
         self._limit_val_batches: int | float | None = None
+        self._last_step_done = False  # the fit's last step has ended: a signal now lets the fit run to its end
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -100,7 +110,7 @@ class GracefulStop(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.requested, self.sigterm, self.steps_trained, self.summary = False, False, 0, {}
-        self._at_step_end = None
+        self._at_step_end, self._last_step_done = None, False
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -118,14 +128,35 @@ class GracefulStop(Callback):
             self._restore()
             signal.default_int_handler(signum, frame)
         self.requested = True
-        log.warning("Ctrl-C: the fit stops after this step (a validation after the batch in flight) and saves a "
-                    "checkpoint to resume from; press Ctrl-C again to stop at once without one")
+        if self._last_step_done:
+            self._log_runs_to_end("Ctrl-C")
+        else:
+            log.warning("Ctrl-C: the fit stops after this step (a validation after the batch in flight) and saves a "
+                        "checkpoint to resume from; press Ctrl-C again to stop at once without one")
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if not self.sigterm:
+        if self.sigterm:
+            return
+        self.sigterm = True
+        if self._last_step_done:
+            self._log_runs_to_end("SIGTERM")
+        else:
             log.warning("SIGTERM: the fit stops after this step (a validation after the batch in flight) and saves a "
                         "checkpoint to resume from")
-        self.sigterm = True
+
+    @staticmethod
+    def _log_runs_to_end(name: str) -> None:
+        log.warning(f"{name} during or after the fit's last training step: the fit runs to its end (its last "
+                    "validation and checkpoints) rather than stopping, and is then complete, with nothing to resume")
+
+    @staticmethod
+    def _ends_the_fit(trainer: pl.Trainer) -> bool:
+        """Whether the fit ends after the training batch just run (and the validation after it) anyway: its
+        ``max_steps`` reached, or the last batch of its last epoch."""
+        if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            return True
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        return last_epoch and trainer.fit_loop.epoch_loop._num_ready_batches_reached()
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -144,6 +175,12 @@ class GracefulStop(Callback):
             return  # gradients of this batch wait for the next ones: no step to save yet
         self.steps_trained += stepped
         self._at_step_end = (loop.batch_progress.state_dict(), loop.val_loop.batch_progress.state_dict())
+        if self._ends_the_fit(trainer):  # the same on every rank: none waits in the all-reduce below
+            # A stop here would save a checkpoint with no step left to resume and skip the last validation.
+            self._last_step_done = True
+            if self.requested or self.sigterm:
+                self._log_runs_to_end("Ctrl-C" if self.requested else "SIGTERM")
+            return
         # A SIGTERM that came before on_train_start set Lightning's flag: Lightning raises SIGTERMException once this
         # batch is done.
         sigint, sigterm = self.requested, self.sigterm or bool(getattr(trainer, "received_sigterm", False))
@@ -171,8 +208,8 @@ class GracefulStop(Callback):
     @override
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.summary:
-            return
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.summary or self._last_step_done:
+            return  # after the fit's last step the validation runs to its end, and so does the fit
         sigint, sigterm = self.requested, self.sigterm
         if trainer.world_size > 1:  # every rank stops after the same validation batch, each naming the signal that came
             signals = reduce_flags(trainer, torch.tensor([sigint, sigterm]), torch.distributed.ReduceOp.MAX)

@@ -4,6 +4,10 @@ Lightning's checkpoints restore weights, optimizer, loops and the data position,
 a resumed run's dropout masks (and anything else drawn from torch, numpy or ``random``) then differ
 from the uninterrupted run's after the first resumed step. With this callback the two runs are the same
 draw for draw, so on a deterministic device they end with the same weights.
+
+A validation inside the fit (the sanity check too) runs off the training stream: what its steps draw (a random
+augmentation, a sampled decoding) changes nothing training draws after it, and a run resumed from a checkpoint saved
+at or during a validation goes on as the uninterrupted one did after it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
@@ -38,11 +43,50 @@ class RandomState(Callback):
           and a resumed run can make a different number of them before it goes on: a checkpoint saved at the
           end of an epoch with validation, with torch's DataLoader, resumes alike in distribution only.
           hetrain's RingLoader draws nothing there.
+        - A validation inside the fit leaves the generators as it found them in ``on_validation_start``: their
+          state is saved there and put back in ``on_validation_end`` (or ``on_exception``, for a validation a stop
+          or an error ended). What Lightning draws before that hook (a torch DataLoader iterator's base seed, its
+          first batch, fetched ahead) stays on the training stream, as a resumed run draws it again when it makes
+          that loader. A checkpoint saved during a validation (GracefulStop's) holds the state the training step
+          before it ended with, as its loops do. ``trainer.validate`` runs are left alone.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._rank, self._world_size = 0, 1  # of the run that loads a checkpoint; set in on_load_checkpoint
+        # The generators when the last training step ended, kept only where a validation follows it: a checkpoint
+        # saved during that validation holds them (resuming, Lightning makes the validation's loader again first).
+        self._at_step_end: dict[str, Any] | None = None
+        # The generators when the validation in flight began (None outside one): put back when it ends.
+        self._before_validation: dict[str, Any] | None = None
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Lightning's own test for a validation after this batch: reading the generators at every step costs
+        # ~0.1 ms (numpy's state), so only where one follows.
+        loop = trainer.fit_loop
+        follows = loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
+        self._at_step_end = _generator_state() if follows else None
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # the sanity check too; not trainer.validate
+            self._before_validation = _generator_state()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_validation()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._end_validation()
+
+    def _end_validation(self) -> None:
+        """Puts back the generators the validation in flight began with, dropping what it drew."""
+        if self._before_validation is not None:
+            _set_generator_state(self._before_validation)
+        self._before_validation = self._at_step_end = None
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -55,7 +99,10 @@ class RandomState(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = _generator_state()
+        if self._before_validation is None:
+            state = _generator_state()
+        else:  # saved during a validation: the training stream, not the validation's draws
+            state = self._at_step_end or self._before_validation
         if _distributed_world_size() > 1:
             ranks: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, state)  # every rank saves (Lightning's dump_checkpoint), rank 0 writes

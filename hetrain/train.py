@@ -37,6 +37,7 @@ from hetrain import cpu_memory, plugins
 from hetrain.callbacks.precision import run_precision, trainer_precision
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.data.datamodule import check_token_budget
+from hetrain.host_copies import release_all
 from hetrain.placement import resolve_plan
 from hetrain.placement.plan import available_devices, flatten_plan, parse_device, read_plan
 from hetrain.regional_compile import compile_counts, compile_stages
@@ -409,6 +410,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise
         finally:
             os.environ.pop(_LAUNCHER_PID, None)
+            release_all()  # a fit ended by an exception skips the task's teardown, which lets the held batches go
         if parts.trainer.num_training_batches == 0:  # Lightning ends such a fit at once and says so at info level
             raise ValueError(_no_training_batch(cfg))
         summary = parts.recorder.summary(parts.trainer)

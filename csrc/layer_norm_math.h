@@ -9,10 +9,13 @@
 namespace hetrain {
 namespace layer_norm {
 
-// 1 / sqrt(var + eps): the reciprocal standard deviation saved for backward.
+// 1 / sqrt(var + eps): the reciprocal standard deviation saved for backward. A variance that overflowed (a
+// float32 row of values near 1e19 or more) gives NaN, as torch's LayerNorm does: 1 / sqrt(inf) = 0 turned the
+// row into the bias, finite and with zero gradients. One select per row.
 template <typename acc_t>
 HETRAIN_HD acc_t rstd(acc_t var, acc_t eps) {
-  return acc_t(1) / sqrt(var + eps);
+  const acc_t v = var + eps;
+  return v != acc_t(INFINITY) ? acc_t(1) / sqrt(v) : acc_t(NAN);
 }
 
 // y = (x - mean) * rstd * w + b

@@ -44,17 +44,19 @@ void cross_entropy_rows(scalar_t* logits, acc_type<scalar_t>* loss, const int64_
       }
       TORCH_CHECK(t >= 0 && t < V, "hetrain.linear_cross_entropy: target ", t, " in row ", r,
                   " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-      acc_t m, z_sum;
+      acc_t m, z_sum;  // z_sum unused: the loss sums distances below m (row_loss), in the exp pass
       lane_max_sum<acc_t>(V, [&](int64_t j) { return widen(z[j]); }, &m, &z_sum);
-      const acc_t z_target = widen(z[t]);
-      acc_t s = 0;
+      const acc_t m_minus_target = m - widen(z[t]);
+      acc_t s = 0, below = 0;
       if (scale) {
         // Keep exp(z - m) (in place for float32/float64): the gradient pass then needs no second exp.
         acc_t* e = kInPlace ? reinterpret_cast<acc_t*>(z) : exps.data();
-#pragma omp simd reduction(+ : s)
+#pragma omp simd reduction(+ : s, below)
         for (int64_t j = 0; j < V; ++j) {
-          e[j] = exp_flushed(widen(z[j]) - m);
+          const acc_t zj = widen(z[j]);
+          e[j] = exp_flushed(zj - m);
           s += e[j];
+          below += m - zj;
         }
         const acc_t inv_s = acc_t(1) / s, sc = scale[r * scale_stride];
         const acc_t p_target = e[t] * inv_s;
@@ -63,10 +65,14 @@ void cross_entropy_rows(scalar_t* logits, acc_type<scalar_t>* loss, const int64_
           z[j] = narrow<scalar_t>(lce::logit_grad<acc_t>(e[j] * inv_s, false, keep, spread, sc));
         z[t] = narrow<scalar_t>(lce::logit_grad<acc_t>(p_target, true, keep, spread, sc));
       } else {
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < V; ++j) s += exp_flushed(widen(z[j]) - m);
+#pragma omp simd reduction(+ : s, below)
+        for (int64_t j = 0; j < V; ++j) {
+          const acc_t zj = widen(z[j]);
+          s += exp_flushed(zj - m);
+          below += m - zj;
+        }
       }
-      loss[r] = lce::row_loss<acc_t>(m + std::log(s), z_target, z_sum, keep, spread);
+      loss[r] = lce::row_loss<acc_t>(std::log(s), m_minus_target, below, keep, spread);
     }
   });
 }

@@ -355,6 +355,19 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.hetrain_C.bn_stats(randn(1, 4, 1, 1), None, None, 0.1, 1e-5)
 
 
+def test_channels_last_batch_statistics_keep_their_precision_when_the_first_pixel_is_an_outlier():
+    # The moments are taken about x[0, c, 0, 0]: NHWC summed blocks of (x - pivot)^2 in float32, and an outlier there
+    # made the variance a small difference of large sums (relative error 1.4e-4 here, NCHW's 9e-8).
+    x = randn(4, 3, 32, 32, seed=30)
+    x[0, :, 0, 0] = 1000.0
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        mean, invstd = torch.ops.hetrain_C.bn_stats(x.contiguous(memory_format=memory_format), None, None, 0.1, 0.0)
+        torch.testing.assert_close(invstd.double() ** -2, var64, rtol=1e-6, atol=0,
+                                   msg=lambda m, layout=memory_format: f"{layout}: {m}")
+        torch.testing.assert_close(mean.double(), mean64, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 0, 4), (1, 2, 4, 0)])
 def test_an_input_without_pixels_is_refused_before_any_backend_runs(shape):
     # With padding the padded input fits the window: the kernel's refusal read as a backend failure (a warning, then

@@ -89,6 +89,20 @@ def test_zero_size_batch(backend):
     assert torch.equal(dw, torch.zeros(16)) and torch.equal(db, torch.zeros(16))
 
 
+def test_a_row_whose_variance_overflows_gives_nan_as_torch_does():
+    # The C++ kernel's 1 / sqrt(inf) = 0 turned the row into the bias, finite and with zero gradients, where torch
+    # gives NaN. The other row is untouched.
+    x = torch.tensor([[1e20, -1e20, 2e20, 5e19], [1.0, 2.0, 3.0, 4.0]], requires_grad=True)
+    w, b = torch.full((4,), 1.5, requires_grad=True), torch.full((4,), 0.25, requires_grad=True)
+    y, dy, (dx, _dw, _db) = run("cpu", x, w, b)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.nn.functional.layer_norm(x_ref, (4,), w, b)
+    (dx_ref,) = torch.autograd.grad(y_ref, [x_ref], dy)
+    assert y[0].isnan().all() and dx[0].isnan().all() and y_ref[0].isnan().all() and dx_ref[0].isnan().all()
+    torch.testing.assert_close(y[1], y_ref[1])
+    torch.testing.assert_close(dx[1], dx_ref[1])
+
+
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_gradcheck(backend):
     x = randn(3, 9, dtype=torch.float64, seed=8, shift=0.3, requires_grad=True)

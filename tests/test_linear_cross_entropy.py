@@ -413,6 +413,40 @@ def test_triton_rows_kernel_walks_a_vocabulary_of_several_blocks():
     assert_close(got, expected, torch.float32, "dlogits")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_the_loss_keeps_its_precision_beside_large_logits(backend, label_smoothing):
+    # The loss was lse - z_t (- eps / V * sum_j z_j) with lse = max + log(sum): beside logits of 2^24 a loss of
+    # 0.145 came out 0, and with smoothing the sum of logits near 3e37 overflowed to a loss of -inf. A row's loss
+    # does not change with a common offset; torch's float32 cross_entropy keeps it to float32 precision.
+    from hetrain.ops.linear_cross_entropy import CppBackend
+    from hetrain.ops.triton.linear_cross_entropy import rows as triton_rows
+
+    rows = {"triton": triton_rows, "cpu": CppBackend.rows, "torch": TorchBackend.rows}[backend]
+    block = launch_config(10**6, torch.float32)["BLOCK_V"]
+    walk = randn(3, block + 37, seed=21, scale=3.0) + 1e5  # several blocks: the Triton kernel's max moves
+    walk[0, -1] += 40.0
+    walk[1, block + 5] += 40.0
+    walk[2, :block] = float("-inf")  # a masked first block: inf with smoothing, as torch
+    cases = [(2.0**24 + torch.tensor([[0.0, 2.0, 4.0, 6.0, 8.0]]), [4]),
+             (torch.full((1, 64), 3e37) + torch.arange(64.0)[None] * 1e31, [3]),
+             (walk, [block + 1, 7, block + 2])]
+    for z, t in cases:
+        t = torch.tensor(t)
+        want = torch.nn.functional.cross_entropy(z.double(), t, label_smoothing=label_smoothing, reduction="none")
+        for scale in (None, torch.ones(len(t))):
+            loss = torch.empty(len(t))
+            rows(z.clone(), loss, t, scale, IGNORE, label_smoothing)
+            what = f"{backend} {tuple(z.shape)} scale={scale is not None}"
+            torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0, msg=lambda m, what=what: f"{what}: {m}")
+    hidden, weight = torch.ones(1, 1), (2.0**24 + torch.tensor([0.0, 2.0, 4.0, 6.0, 8.0]))[:, None]
+    with plugins.use_backend(linear_cross_entropy=backend):
+        loss = linear_cross_entropy(hidden, weight, torch.tensor([4]), label_smoothing=label_smoothing)
+    want = torch.nn.functional.cross_entropy((hidden @ weight.T).double(), torch.tensor([4]),
+                                             label_smoothing=label_smoothing)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
+
+
 def test_bad_inputs_raise_clear_errors():
     hidden, weight, b, target = inputs((4,), 8, 13, torch.float32, seed=18, ignored=1)
     with pytest.raises(ValueError, match=r"target 13 is outside \[0, 13\)"):

@@ -148,10 +148,32 @@ def test_the_triton_step_refuses_a_row_outside_the_table(row):
     # outside the table.
     p = table().detach()
     m, v = torch.zeros_like(p), torch.zeros_like(p)
+    # Called directly: sparse_adamw_ refuses such a row before dispatch (below).
+    from hetrain.ops.triton import sparse_adamw as triton_step
+
+    with pytest.raises(ValueError, match=f"triton\\): row {row} of the gradient"):
+        triton_step.step(p, m, v, torch.tensor([3, row]), torch.randn(2, 13, dtype=p.dtype), 1, 0.1, 0.9, 0.999,
+                         1e-8, 0.0)
+
+
+@pytest.mark.parametrize("backend", [None, *BACKENDS])
+@pytest.mark.parametrize("row", [-1, 37])
+def test_a_row_outside_the_table_is_refused_before_any_backend_runs(backend, row):
+    # The C++ kernel's refusal read as a backend failure: the call fell back to the reference, whose coalesce()
+    # of a negative row corrupted the heap (double free) and of a row past the end raised torch's IndexError.
+    p = table().detach()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    before = p.clone()
     grad = torch.sparse_coo_tensor(torch.tensor([[3, row]]), torch.randn(2, 13, dtype=p.dtype), p.shape,
                                    check_invariants=False)
-    with plugins.use_backend(**{OP: "triton"}), pytest.raises(ValueError, match=f"row {row} of the gradient"):
+    pins = {} if backend is None else {OP: backend}
+    with plugins.use_backend(**pins), pytest.raises(ValueError, match=f"sparse_adamw: row {row} of the gradient "
+                                                                       "is outside the table of 37 rows"):
         sparse_adamw_(p, m, v, grad, 1, lr=0.1)
+    assert torch.equal(p, before)
+    with pytest.raises(RuntimeError, match="index"):  # the reference checks the invariants itself
+        sparse_adamw_ref(p, m, v, torch.tensor([3, row]), torch.randn(2, 13, dtype=p.dtype), 1, 0.1, 0.9, 0.999,
+                         1e-8, 0.0)
 
 
 @pytest.mark.cuda

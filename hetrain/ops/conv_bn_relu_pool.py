@@ -289,6 +289,9 @@ def _pool_args(name, x, kernel_size, stride, padding):
     if min(padding) < 0 or 2 * padding[0] > kernel[0] or 2 * padding[1] > kernel[1]:
         raise ValueError(f"{name}: padding must be >= 0 and at most half the kernel, got padding {padding} "
                          f"for kernel {kernel}")
+    if x.shape[2] == 0 or x.shape[3] == 0:  # the kernels refuse it too, where it read as a backend failure
+        raise ValueError(f"{name}: x has no pixels (shape {tuple(x.shape)}); a window over padding alone has no "
+                         "maximum to pool")
     h, w = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
     if h < kernel[0] or w < kernel[1]:
         raise ValueError(f"{name}: the pooling kernel {kernel} is larger than the padded input ({h}x{w}); "

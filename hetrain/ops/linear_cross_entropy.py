@@ -114,12 +114,16 @@ class TorchBackend:
         V = logits.shape[1]
         keep = target != ignore_index
         safe = torch.where(keep, target, 0)[:, None]
-        lse = torch.logsumexp(logits, 1)
-        row = lse - (1.0 - label_smoothing) * logits.gather(1, safe)[:, 0]
+        # From log_softmax (z - max - log(sum)), as F.cross_entropy: lse - z_t rounded a small loss at the
+        # logits' magnitude, and the sum of the logits for smoothing overflowed.
+        logp = torch.log_softmax(logits, 1)
+        row = -(1.0 - label_smoothing) * logp.gather(1, safe)[:, 0]
         if label_smoothing > 0:
-            row = row - label_smoothing / V * logits.sum(1)
+            row = row - label_smoothing / V * logp.sum(1)
+        del logp  # the chunk's extra memory stays one logits-sized buffer
         loss.copy_(torch.where(keep, row, 0.0))
         if scale is not None:
+            lse = torch.logsumexp(logits, 1)
             logits.sub_(lse[:, None]).exp_().sub_(label_smoothing / V)
             logits.scatter_add_(1, safe, logits.new_full(safe.shape, label_smoothing - 1.0))
             logits.mul_(torch.where(keep, scale, 0.0)[:, None])  # exact zeros for ignored rows, even if scale is inf

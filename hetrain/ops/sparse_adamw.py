@@ -30,8 +30,9 @@ def sparse_adamw_ref(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: tor
                      values: torch.Tensor, step: int, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float) -> None:
     """The step in plain torch, in place: the tests' oracle and the backend of devices without a kernel."""
-    # The indices are an embedding backward's, in range: no invariant check (torch warns when it skips one implicitly).
-    grad = torch.sparse_coo_tensor(indices[None], values, param.shape, check_invariants=False).coalesce()
+    # Invariants checked: coalesce() of a row outside the table corrupts the heap (a gradient built with
+    # check_invariants=False, as torch's default is, can hold one).
+    grad = torch.sparse_coo_tensor(indices[None], values, param.shape, check_invariants=True).coalesce()
     rows, g = grad.indices()[0], grad.values()
     p, m, v = param[rows], exp_avg[rows], exp_avg_sq[rows]
     p.mul_(1 - lr * weight_decay)
@@ -104,6 +105,14 @@ def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     # _indices/_values: the pairs as autograd accumulated them, without the sort and sum of coalesce(),
     # which the kernel does in its own pass.
     indices, values = grad._indices()[0], grad._values()
+    if indices.numel():
+        # Refused here, not by a backend: the C++ kernel's refusal read as a backend failure and fell back to the
+        # reference. One sync on a GPU, where the backends wait for the row count anyway.
+        lowest, highest = torch.stack(torch.aminmax(indices)).tolist()
+        if lowest < 0 or highest >= param.shape[0]:
+            raise ValueError(f"hetrain.sparse_adamw: row {lowest if lowest < 0 else highest} of the gradient is "
+                             f"outside the table of {param.shape[0]} rows; build the gradient with indices in "
+                             f"[0, {param.shape[0]}) (torch.sparse_coo_tensor(..., check_invariants=True) checks them)")
     with torch.no_grad():
         plugins.call(OP, "step", param.device.type, param, exp_avg, exp_avg_sq, indices, values.to(param.dtype),
                      int(step), float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay))

@@ -44,10 +44,11 @@ def _cross_entropy_rows(
     ignored = target == ignore_index
     cols = tl.arange(0, BLOCK_V)
 
-    # Pass one: running max m and running sum s of exp(z - m); the sum of the logits for smoothing.
+    # Pass one: running max m and running sum s of exp(z - m); for smoothing, the sum of m - z (every logit's
+    # distance below the max, per lane).
     m = tl.max(tl.load(base + cols, mask=cols < V, other=float("-inf")).to(COMPUTE), axis=0)
     s = tl.zeros((BLOCK_V,), dtype=COMPUTE)
-    z_sum = tl.zeros((BLOCK_V,), dtype=COMPUTE)
+    below = tl.zeros((BLOCK_V,), dtype=COMPUTE)
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
         z = tl.load(base + start + cols, mask=mask, other=float("-inf")).to(COMPUTE)
@@ -55,19 +56,27 @@ def _cross_entropy_rows(
         # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would make the sum NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.where(mask, tl.exp(z - shift), 0.0)
-        m = m_new
         if HAS_SMOOTHING:
-            z_sum += tl.where(mask, z, 0.0)
-    lse = m + tl.log(tl.sum(s, axis=0))
+            # A larger max moves each lane's start // BLOCK_V earlier logits (every block before this one is full)
+            # m_new - m further below it. A logit at the max (-inf ones included) adds 0: both operands are
+            # selected, so -inf - -inf is never formed.
+            rose = m_new > m
+            below += (tl.where(rose, m_new, 0.0) - tl.where(rose, m, 0.0)) * (start // BLOCK_V)
+            under = mask & (z < m_new)
+            below += tl.where(under, m_new, 0.0) - tl.where(under, z, 0.0)
+        m = m_new
+    log_s = tl.log(tl.sum(s, axis=0))
+    lse = m + log_s
 
     keep = tl.load(Coef)  # weight of the target's log-probability, 1 - eps
     spread = tl.load(Coef + 1)  # weight of every class's log-probability, eps / V
     in_range = (target >= 0) & (target < V)
     z_target = tl.load(base + target, mask=in_range & ~ignored, other=0.0).to(COMPUTE)
-    # loss = (1 - eps) * (lse - z_t) + eps * mean_j(lse - z_j)
-    loss = lse - keep * z_target
+    # loss = (1 - eps) * (lse - z_t) + eps * mean_j(lse - z_j), as distances below m: lse - z_t rounded a small
+    # loss at the logits' magnitude, and the sum of the logits overflowed (csrc/linear_cross_entropy_math.h).
+    loss = log_s + keep * (m - z_target)
     if HAS_SMOOTHING:
-        loss -= spread * tl.sum(z_sum, axis=0)
+        loss += spread * tl.sum(below, axis=0)
     tl.store(Loss + row, tl.where(ignored, 0.0, loss))
 
     if WRITE_GRAD:

@@ -447,6 +447,29 @@ def test_the_loss_keeps_its_precision_beside_large_logits(backend, label_smoothi
     torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_the_gradient_keeps_its_precision_beside_large_logits(backend, label_smoothing):
+    # The softmax was exp(z - lse): float32 rounded lse = max + log(sum) at the logits' magnitude, so beside logits
+    # of 2^20 the gradient was 6% off (0.007 absolute). The exact float64 softmax of the same float32 values.
+    from hetrain.ops.linear_cross_entropy import CppBackend
+    from hetrain.ops.triton.linear_cross_entropy import rows as triton_rows
+
+    rows = {"triton": triton_rows, "cpu": CppBackend.rows, "torch": TorchBackend.rows}[backend]
+    base = randn(4, 50, dtype=torch.float64, seed=22)
+    target = torch.tensor([3, 17, 0, 49])
+    scale = torch.tensor([1.0, 0.5, 2.0, 1.0])
+    for offset in (0.0, 2.0**20, 2.0**22):
+        z = (base + offset).float()
+        want = torch.softmax(z.double(), 1) - label_smoothing / 50
+        want[torch.arange(4), target] -= 1.0 - label_smoothing
+        want *= scale.double()[:, None]
+        got = z.clone()
+        rows(got, torch.empty(4), target, scale, IGNORE, label_smoothing)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6,
+                                   msg=lambda m, offset=offset: f"{backend} at offset {offset}: {m}")
+
+
 def test_bad_inputs_raise_clear_errors():
     hidden, weight, b, target = inputs((4,), 8, 13, torch.float32, seed=18, ignored=1)
     with pytest.raises(ValueError, match=r"target 13 is outside \[0, 13\)"):
@@ -642,6 +665,19 @@ def test_a_tensor_num_items_on_the_cpu_compiles_fullgraph():
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     expected = linear_cross_entropy_ref(hidden, weight, target, b, num_items=int((target != IGNORE).sum()))
     assert_close(compiled(hidden, weight, b, target), expected, torch.float32, "compiled with tensor num_items")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_head_runs_forward_and_backward_on_the_meta_device(reduction):
+    # Asking autocast about the meta device raised "unknown device type for autocast": a model built on meta
+    # could not trace its loss.
+    head = LinearCrossEntropyHead(8, 13, reduction=reduction, device="meta")
+    hidden = torch.empty(2, 3, 8, device="meta", requires_grad=True)
+    loss = head(hidden, torch.zeros(2, 3, dtype=torch.long, device="meta"))
+    assert loss.is_meta and loss.shape == (() if reduction == "mean" else (2, 3)) and loss.dtype == torch.float32
+    leaves = [hidden, head.weight, head.bias]
+    for g, t in zip(torch.autograd.grad(loss, leaves, torch.ones_like(loss)), leaves, strict=True):
+        assert g.is_meta and g.shape == t.shape
 
 
 def test_the_head_refuses_a_non_integer_ignore_index_at_construction():

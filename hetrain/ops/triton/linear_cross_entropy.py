@@ -66,7 +66,6 @@ def _cross_entropy_rows(
             below += tl.where(under, m_new, 0.0) - tl.where(under, z, 0.0)
         m = m_new
     log_s = tl.log(tl.sum(s, axis=0))
-    lse = m + log_s
 
     keep = tl.load(Coef)  # weight of the target's log-probability, 1 - eps
     spread = tl.load(Coef + 1)  # weight of every class's log-probability, eps / V
@@ -85,7 +84,8 @@ def _cross_entropy_rows(
             idx = start + cols
             mask = idx < V
             z = tl.load(base + idx, mask=mask, other=0.0).to(COMPUTE)
-            g = tl.exp(z - lse) - spread
+            # softmax = exp((z - m) - log_s): exp(z - (m + log_s)) rounded m + log_s at m's magnitude, 6% off at 2^20.
+            g = tl.exp((z - m) - log_s) - spread
             g = tl.where(idx == target, g - keep, g)
             # An ignored row gets exact zeros, even where scale is inf (a mean over zero tokens).
             g = tl.where(ignored, 0.0, g * scale)

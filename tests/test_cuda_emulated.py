@@ -3,10 +3,11 @@ kernels in float64 (themselves tested against torch): the kernels' own indexing,
 rows and launches, checked without a GPU, in every dtype they are built for.
 
 Each tensor a kernel sees lies between NaN guard bands that must be unchanged afterwards (a write outside a
-tensor) and that poison any read outside it; outputs and workspaces start as NaN (a value never written,
-or a workspace read before it is written, shows). Backward kernels run with fewer row blocks than rows,
-so blocks fold several rows into their partial rows. Each case runs twice, threads in index order and in a
-shuffled order between barriers: the results must agree bit for bit, or the kernel has a race.
+tensor) and that poison any read outside it; outputs, workspaces and each block's shared arrays start as NaN
+(a value never written, or a workspace read before it is written, shows). Backward kernels run with fewer
+row blocks than rows, so blocks fold several rows into their partial rows. Each case runs twice, threads and
+blocks in index order, then threads in a shuffled order between barriers and blocks in a shuffled order: the
+results must agree bit for bit, or the kernel has a race.
 """
 
 from __future__ import annotations

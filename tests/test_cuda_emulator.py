@@ -3,7 +3,9 @@ the faults and races it must report, on the test kernels of tests/cpp/emulated_f
 
 from __future__ import annotations
 
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from hetrain.checks import cuda_emulator
-from hetrain.checks.cuda_emulator import Emulator, KernelFault, rewrite_launches
+from hetrain.checks.cuda_emulator import Emulator, KernelFault, rewrite_launches, rewrite_shared
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulator is built with g++")
 
@@ -33,8 +35,24 @@ def test_rewrite_launches():
         "::hetrain_emu::launch(::hetrain_emu::Config(1, 32), plain, \n  a);\n"
         "::hetrain_emu::launch(::hetrain_emu::Config(1, 1), empty );")
     assert rewrite_launches("a << b; c >> d;") == "a << b; c >> d;"
+    assert rewrite_launches("k\n<<<1, 1>>>\n(x);") == "::hetrain_emu::launch(::hetrain_emu::Config(1, 1), k, \n\nx);"
     with pytest.raises(ValueError, match="without arguments"):
         rewrite_launches("k<<<1, 1>>>;")
+
+
+def test_rewrite_shared():
+    assert rewrite_shared("  __shared__ acc_t s[4][N + 1];  // sums\n  __shared__ float v;") == (
+        "  static acc_t s[4][N + 1]; ::hetrain_emu::declare_shared(&s, sizeof s);  // sums\n"
+        "  static float v; ::hetrain_emu::declare_shared(&v, sizeof v);")
+    with pytest.raises(ValueError, match="one array per __shared__ declaration"):
+        rewrite_shared("__shared__ float a[4], b[4];")
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path):
+    """A failed build left its folder of copied sources and objects (some 16 MB) under build/cuda_emu."""
+    with pytest.raises(cuda_emulator.EmulatorBuildError, match="building the emulated CUDA kernels failed"):
+        cuda_emulator.build(out=tmp_path, compiler="false")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("grid,block", [((3, 1, 1), (64, 1, 1)), ((2, 3, 2), (8, 4, 2)), ((1, 1, 1), (1, 1, 1))])
@@ -93,18 +111,71 @@ def test_shuffled_thread_order_exposes_a_missing_barrier(emu):
     assert not results[0, 1] and not results[0, 2]  # ...and shows when threads run in other orders
 
 
-def test_undefined_behaviour_in_a_kernel_stops_the_process_naming_the_line(emu):
+def test_undefined_behaviour_in_a_kernel_fails_its_launch_naming_the_line(emu, capfd):
+    """It ended the process (the sanitizer's exit, which under pytest named no test and lost the report with the
+    captured stderr): now the launch fails naming the kernel's own file and line (not the build folder's copy),
+    as often as it happens, and the report is on stderr."""
     out = torch.zeros(32, dtype=torch.int32)
     emu.call("test_overflow", out, 2**31 - 100)  # no overflow for 32 threads
     assert torch.equal(out, torch.arange(2**31 - 100, 2**31 - 68, dtype=torch.int32))
+    line = next(n for n, text in enumerate(FAULTS.read_text().splitlines(), 1) if "void overflow_kernel" in text)
+    fault = (rf"^test_overflow: cudaError 719: undefined behaviour at {re.escape(str(FAULTS))}:{line}, reported by "
+             r"UndefinedBehaviorSanitizer on stderr \(block 0,0,0, thread 10,0,0\)$")
+    for _ in range(2):
+        capfd.readouterr()
+        with pytest.raises(KernelFault, match=fault):
+            emu.call("test_overflow", out, 2**31 - 10)
+        report = capfd.readouterr().err
+        assert f"{FAULTS}:{line}:" in report and "runtime error: signed integer overflow" in report, report
+    emu.call("test_overflow", out, 2**31 - 100)  # the library runs on
+
+
+def test_undefined_behaviour_in_host_code_aborts_so_faulthandler_names_the_call():
+    """Outside a kernel the call cannot fail: it exited with status 1, which under pytest named nothing."""
     code = (
-        "import torch\n"
+        "import faulthandler\n"
         "from pathlib import Path\n"
+        "import torch\n"
         "from hetrain.checks import cuda_emulator\n"
+        "faulthandler.enable()\n"
         f"emu = cuda_emulator.Emulator(cuda_emulator.build(extra=[Path({str(FAULTS)!r})]))\n"
-        "emu.call('test_overflow', torch.zeros(32, dtype=torch.int32), 2**31 - 10)\n"
+        "emu.call('test_host_overflow', torch.zeros(1, dtype=torch.int32), 2**31 - 5)\n"
         "print('not stopped')\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert run.returncode != 0 and "not stopped" not in run.stdout
-    assert "runtime error: signed integer overflow" in run.stderr and "emulated_faults.cu" in run.stderr, run.stderr
+    assert run.returncode == -signal.SIGABRT and "not stopped" not in run.stdout, (run.returncode, run.stderr)
+    assert f"{FAULTS}:" in run.stderr and "runtime error: signed integer overflow" in run.stderr, run.stderr
+    assert 'File "<string>", line 7' in run.stderr, run.stderr  # faulthandler's traceback names the call
+
+
+def test_an_error_without_a_fault_carries_no_earlier_faults_message(emu):
+    """The message of an earlier call's fault stayed, and a later refusal of arguments was reported with it."""
+    with pytest.raises(KernelFault, match="__syncthreads reached by 40 of 64 threads"):
+        emu.call("test_early_return", torch.zeros(64), 64, 40)
+    with pytest.raises(KernelFault, match=r"^test_refused: cudaError 1: invalid arguments$"):
+        emu.call("test_refused")
+
+
+def test_shared_memory_a_block_did_not_write_reads_as_nan(emu):
+    """Shared arrays were plain statics, never refilled: a value a block did not write read as the one an
+    earlier block or launch left there (or 0), so a kernel reading unwritten shared memory passed."""
+    out = torch.zeros(2 * 64)
+    emu.call("test_unwritten_shared", out, 2, 64)  # block 0 writes all 64 values, block 1 the first 32
+    values = torch.arange(1, 65).float()
+    assert torch.equal(out[:64], values) and torch.equal(out[64:96], values[:32])
+    assert out[96:].isnan().all(), out[96:]  # not block 0's values
+
+
+def test_shuffled_block_order_exposes_blocks_summed_without_atomics(emu):
+    """Blocks ran in index order in the shuffled run too: a sum over blocks without atomics, which a GPU adds
+    in any order, gave the same bits in both runs."""
+    x = torch.ones(64)
+    x[0] = 2.0**24  # after it, every 1 rounds away in float32; added before it, they count
+    sums = {}
+    for seed in (0, 1, 2):
+        emu.shuffle_threads(seed)
+        out = torch.zeros(1)
+        emu.call("test_block_sum", x, out, 64)
+        sums[seed] = out.item()
+    emu.shuffle_threads(0)
+    assert sums[0] == 2.0**24 and sums[1] != sums[0] and sums[2] != sums[0], sums

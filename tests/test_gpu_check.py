@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -111,7 +112,9 @@ def test_gpu_compile_reports_each_part_as_soon_as_it_ends(tmp_path):
     nvcc_started = tmp_path / "nvcc-started"
     (bin_dir / "nvcc").write_text(f"#!/bin/sh\ntouch {nvcc_started}\nexec sleep 60\n")
     (bin_dir / "nvcc").chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONUNBUFFERED")}
+    # No CUDA_HOME or CUDA_PATH: nvcc is then taken from PATH.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONUNBUFFERED", "CUDA_HOME",
+                                                            "CUDA_PATH")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     report, output = tmp_path / "gpu_compile.json", tmp_path / "output"
     with open(output, "w") as sink:
@@ -179,3 +182,39 @@ def test_sigterm_to_make_gpu_check_reaches_the_check(tmp_path):
                 os.kill(int(pid), signal.SIGKILL)
     detail = steps_of(next(tmp_path.glob("*-check.json")))["bench-train"][1]
     assert detail.startswith("interrupted (SIGTERM)"), f"the check never got the signal: {detail}"
+
+
+def test_a_gpu_compile_that_skipped_every_part_is_recorded_skipped_naming_why(tmp_path, monkeypatch):
+    """gpu-compile exits 0 when it skips a part (no nvcc): the check recorded it passed, as if every kernel compiled."""
+    host_only = tmp_path / "host_only.cu"
+    host_only.write_text("int host_only(int x) { return x + 1; }\n")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-toolkit"))  # where nvcc is looked for, and not found
+    (step,) = [s for s in gpu_check.steps(True, tmp_path, "2026-01-02-cpu-check") if s.name == "gpu-compile"]
+    step = dataclasses.replace(step, command=[*step.command, "--cuda", "--cu", str(host_only)])
+    with open(tmp_path / "check.log", "w") as log:
+        outcome = gpu_check.run_step(step, log, timeout_s=300)
+    missing = f"nvcc not found in {tmp_path / 'no-toolkit' / 'bin'} (CUDA_HOME or CUDA_PATH)"
+    assert (outcome.status, outcome.detail) == ("skipped", f"cuda skipped: {missing}")
+
+
+def test_a_passed_step_names_the_part_it_skipped(tmp_path):
+    report = tmp_path / "parts.json"
+    report.write_text(json.dumps({"triton": {"skipped": None}, "cuda": {"skipped": "no nvcc"}}))
+    step = gpu_check.Step("two-parts", [sys.executable, "-c", "pass"], parts=report)
+    with open(tmp_path / "check.log", "w") as log:
+        outcome = gpu_check.run_step(step, log, timeout_s=60)
+    assert (outcome.status, outcome.detail) == ("passed", "cuda skipped: no nvcc")
+
+
+def test_a_cap_given_twice_is_refused():
+    """--cap env=5,env=30 kept the last value without a word."""
+    with pytest.raises(SystemExit, match=r"--cap gives env twice \(5 s and 30 s\); give it once"):
+        gpu_check.parse_caps("env=5, env=30", {"env", "bench-ops"})
+
+
+def test_an_infinite_budget_is_refused(check, tmp_path, capsys):
+    """--budget-s inf was taken, and written to the record as Infinity, which is not JSON."""
+    with pytest.raises(SystemExit):
+        check(["--budget-s", "inf", "--only", "env", "--cap", "env=1", "--out", str(tmp_path)])
+    assert "--budget-s: must be a finite number of seconds, got inf" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*-check.json"))

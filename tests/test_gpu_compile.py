@@ -143,3 +143,43 @@ def test_the_check_refuses_to_run_under_the_interpreter(tmp_path):
     proc, result = _gpu_compile(tmp_path, "--triton", interpret=True)
     assert proc.returncode == 1
     assert "TRITON_INTERPRET" in _problems(result["triton"])
+
+
+def test_modules_of_one_file_name_in_two_folders_are_both_checked(tmp_path):
+    """Modules loaded from a path were keyed on the file's name: b/kernels.py was taken for a/kernels.py, and its
+    kernel without an AotSpec went unreported."""
+    kernels = {"a": "scale", "b": "copy_block"}
+    for folder, kernel in kernels.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "kernels.py").write_text(f"import triton\n\n\n@triton.jit\ndef {kernel}(X):\n    pass\n")
+    # Without the interpreter (set by conftest), @triton.jit makes the JITFunctions the check looks for.
+    code = ("import sys\nfrom hetrain.checks import triton_aot\n"
+            "modules = [triton_aot.load_module(path) for path in sys.argv[1:]]\n"
+            "for module in modules:\n"
+            "    print('uncovered:', *triton_aot.uncovered(module, []))\n"
+            "print('shown as:', *(triton_aot.kernel_name(k) for m in modules for k in triton_aot.kernels_in(m)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / f / "kernels.py") for f in kernels)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.splitlines() == ["uncovered: scale", "uncovered: copy_block",
+                                        "shown as: kernels.scale kernels.copy_block"], proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("variable", ["CUDA_HOME", "CUDA_PATH"])
+def test_the_cu_check_takes_nvcc_where_the_extension_build_does(variable, tmp_path, monkeypatch):
+    """Only PATH was searched: the nvcc that setup.py (torch) takes from $CUDA_HOME/bin was missed, the part
+    skipped."""
+    nvcc = tmp_path / "toolkit" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text('#!/bin/sh\necho "the toolkit\'s nvcc ran" >&2\nexit 1\n')
+    nvcc.chmod(0o755)
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, str(tmp_path / "toolkit"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    part = cuda_compile.check([FIXTURES / "bad.cu"], (90,))
+    assert part.skipped is None
+    assert [r.error for r in part.rows] == ["the toolkit's nvcc ran"]
+    nvcc.unlink()  # set, CUDA_HOME is where the build looks, and where the skip says nvcc is missing
+    assert cuda_compile.check([FIXTURES / "bad.cu"], (90,)).skipped == \
+        f"nvcc not found in {tmp_path / 'toolkit' / 'bin'} (CUDA_HOME or CUDA_PATH)"

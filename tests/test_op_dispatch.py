@@ -68,8 +68,7 @@ def test_fake_tensors_go_through_the_custom_ops_fake_implementations(op):
         assert g is None or g.shape == t.shape
 
 
-# linear_cross_entropy's face asks autocast about the input's device first, which torch refuses for meta.
-@pytest.mark.parametrize("op", [o for o in OPS if o != "linear_cross_entropy"])
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_meta_tensors_go_through_the_custom_ops_fake_implementations(op, requires_grad):
     # They went to the backends, none of which serves meta (BackendError), as a model built on meta does.

@@ -1,5 +1,7 @@
 """The published tolerance table: every exported op measured, every error within what the op's tests allow."""
 
+import math
+
 import pytest
 import torch
 
@@ -47,3 +49,32 @@ def test_render_has_one_line_per_row_and_names_the_interpreter():
     assert "TRITON_INTERPRET=1" in text
     table = [line for line in text.splitlines() if line.startswith("| bias_gelu |")]
     assert [line.split(" | ")[1] for line in table] == [r.backend for r in rows]
+
+
+class _NanGradient(torch.autograd.Function):
+    """The identity, with a backward that returns NaN: a broken backend's gradient."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+def test_a_nan_gradient_counts_as_over_the_tolerance(monkeypatch):
+    """A NaN gradient measured as within it: max() and `used <= 1` treat NaN as small."""
+    builder = tolerances.BUILDERS["bias_gelu"]
+
+    def nan_bias_gradient(dtype, device):
+        case = builder(dtype, device)
+        fn = case.fn
+        case.fn = lambda x, bias: fn(x, _NanGradient.apply(bias))
+        return case
+
+    monkeypatch.setitem(tolerances.BUILDERS, "bias_gelu", nan_bias_gradient)
+    row = tolerances.measure_case("bias_gelu", "cpu", torch.float32, "cpu")
+    assert (row.grad_abs, row.grad_rel, row.grad_worst, row.used) == (math.inf, math.inf, "bias", math.inf), row
+    assert row.out_abs < 1e-5  # the output is right
+    assert tolerances.render([row], "cpu", 1.0).endswith("| inf % |\n")

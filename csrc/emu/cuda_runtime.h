@@ -11,8 +11,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// One block runs at a time, so a function-local static is exactly one block's shared memory.
-#define __shared__ static
+// The emulator's build rewrites each `__shared__ T a[n];` of the kernels into a function-local static (one block
+// runs at a time, so it is exactly one block's shared memory) that it fills with 0xFF bytes for each block
+// (declare_shared); one it did not rewrite would be neither.
+#define __shared__ _Pragma("GCC error \"__shared__ outside the kernel sources the emulator's build rewrites\"")
 
 struct dim3 {
   unsigned x, y, z;
@@ -40,6 +42,13 @@ void sync_warp_then_exchange(unsigned mask, const void* mine, void* theirs, std:
 
 // The launch error since the last call, cleared (cudaGetLastError).
 cudaError_t take_error();
+// Forgets the launch error and its message.
+void clear_error();
+
+// Called by each thread where a kernel declares a shared array (the build adds the call after each `__shared__`
+// declaration): the first thread of a block to get there fills the array with 0xFF bytes, NaN in every
+// floating-point type, so a read of a value the block has not written shows.
+void declare_shared(void* data, std::size_t bytes);
 
 }  // namespace hetrain_emu
 

@@ -2,11 +2,16 @@
 // open when all of their threads have arrived, and the runtime calls the kernels make.
 #include "emulator.h"
 
+#include <dlfcn.h>
+#include <execinfo.h>
+#include <sanitizer/common_interface_defs.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -30,6 +35,13 @@ struct Thread {
   State state;
 };
 
+// A shared array (a function static, emulator.h) and the block that last filled it with 0xFF bytes.
+struct SharedArray {
+  void* data;
+  std::size_t bytes;
+  uint64_t block;
+};
+
 struct Scheduler {
   ucontext_t main;
   std::vector<Thread> threads;
@@ -43,6 +55,9 @@ struct Scheduler {
   uint64_t shuffle_seed = 0;  // 0: the lowest-numbered runnable thread runs next; else a random one
   uint64_t rng = 0;
   uint64_t launches = 0;
+  uint64_t blocks = 0;     // blocks started since the library was loaded
+  bool in_thread = false;  // an emulated thread is running (not the scheduler or the host code)
+  std::vector<SharedArray> shared;
 };
 
 Scheduler sched;
@@ -71,6 +86,42 @@ void yield(State state) {
   yield(State::Faulted);
   std::abort();  // a faulted thread is never resumed
 }
+
+// Where in this library's code (file:line) the sanitizer stopped: the first frame of this library below
+// the sanitizer's own; empty where it cannot be told.
+std::string ub_location() {
+  void* frames[32];
+  const int n = backtrace(frames, 32);
+  Dl_info self{}, frame{};
+  if (dladdr(reinterpret_cast<void*>(&ub_location), &self) == 0) return "";
+  bool in_sanitizer = false;
+  for (int k = 1; k < n; ++k) {
+    if (dladdr(frames[k], &frame) == 0) continue;
+    if (frame.dli_fbase != self.dli_fbase) {
+      in_sanitizer = true;
+    } else if (in_sanitizer) {
+      char buf[512] = "";
+      __sanitizer_symbolize_pc(static_cast<char*>(frames[k]) - 1, "%s:%l", buf, sizeof buf);  // the call
+      return buf;
+    }
+  }
+  return "";
+}
+
+// The kernels stop at undefined behaviour (-fno-sanitize-recover): the sanitizer prints its report on stderr,
+// then calls this before it ends the process. In an emulated thread, the launch fails instead (the thread is
+// left, as any faulted thread is), so its caller gets an error naming the kernel's line and the process goes
+// on. Elsewhere (host code) the process aborts, so that Python's faulthandler names the call.
+void on_undefined_behaviour() {
+  if (!sched.in_thread) std::abort();
+  const std::string at = ub_location();
+  fault("undefined behaviour" + (at.empty() ? std::string() : " at " + at) +
+        ", reported by UndefinedBehaviorSanitizer on stderr");
+}
+
+// Installed when the library is loaded, and again by each launch: the sanitizer's runtime is one per process
+// and holds one callback, which another emulator library may have replaced since.
+[[maybe_unused]] const bool ub_callback_installed = (__sanitizer_set_death_callback(on_undefined_behaviour), true);
 
 void thread_main() {
   (*sched.body)();
@@ -113,6 +164,7 @@ void report_deadlock(unsigned n, unsigned at_block, unsigned done) {
 // the next thread to run is the lowest-numbered runnable one (so a warp runs ahead of the others as far as
 // the block's barriers let it: warp-level races show) or, with a shuffle seed, a random runnable one.
 bool run_block(unsigned n) {
+  ++sched.blocks;  // its shared arrays are filled with 0xFF as its first thread declares them (declare_shared)
   std::vector<unsigned> runnable(n), at_warp((n + kWarp - 1) / kWarp, 0);
   std::iota(runnable.begin(), runnable.end(), 0u);
   unsigned at_block = 0, done = 0;
@@ -141,7 +193,9 @@ bool run_block(unsigned n) {
     runnable.pop_back();
     sched.current = i;
     set_thread_index(i);
+    sched.in_thread = true;
     swapcontext(&sched.main, &sched.threads[i].context);
+    sched.in_thread = false;
     switch (sched.threads[i].state) {
       case State::Faulted:
         return false;
@@ -202,12 +256,32 @@ void run_grid(const Config& config, const std::function<void()>& body) {
   sched.rng = sched.shuffle_seed;
   grid_dim = g;
   block_dim = b;
-  for (unsigned z = 0; z < g.z; ++z)
-    for (unsigned y = 0; y < g.y; ++y)
-      for (unsigned x = 0; x < g.x; ++x) {
-        block_index = dim3(x, y, z);
-        if (!run_block(static_cast<unsigned>(n))) return;
-      }
+  // Blocks run in index order or, with a shuffle seed, in a random order: a result that depends on the
+  // order of blocks (a sum of blocks' values written without atomics) then differs between the two runs.
+  const uint64_t blocks = uint64_t(g.x) * g.y * g.z;
+  std::vector<uint64_t> order;
+  if (sched.shuffle_seed) {
+    order.resize(blocks);
+    std::iota(order.begin(), order.end(), uint64_t{0});
+    for (uint64_t k = blocks; k > 1; --k) std::swap(order[k - 1], order[next_random() % k]);
+  }
+  __sanitizer_set_death_callback(on_undefined_behaviour);
+  for (uint64_t k = 0; k < blocks; ++k) {
+    const uint64_t linear = order.empty() ? k : order[k];
+    block_index = dim3(static_cast<unsigned>(linear % g.x), static_cast<unsigned>(linear / g.x % g.y),
+                       static_cast<unsigned>(linear / (uint64_t(g.x) * g.y)));
+    if (!run_block(static_cast<unsigned>(n))) return;
+  }
+}
+
+void declare_shared(void* data, std::size_t bytes) {
+  auto it =
+      std::find_if(sched.shared.begin(), sched.shared.end(), [&](const SharedArray& a) { return a.data == data; });
+  if (it == sched.shared.end()) it = sched.shared.insert(sched.shared.end(), {data, bytes, 0});
+  if (it->block != sched.blocks) {
+    std::memset(data, 0xFF, bytes);
+    it->block = sched.blocks;
+  }
 }
 
 void sync_block() { yield(State::AtBlockBarrier); }
@@ -228,6 +302,11 @@ cudaError_t take_error() {
   return e;
 }
 
+void clear_error() {
+  sched.error = cudaSuccess;
+  sched.message.clear();
+}
+
 }  // namespace hetrain_emu
 
 cudaError_t cudaMemsetAsync(void* p, int value, std::size_t bytes, cudaStream_t) {
@@ -243,8 +322,13 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
 
 extern "C" {
 
-// The message of the last fault (empty when none), kept until the next fault.
+// The message of the first fault since hetrain_emu_clear_error (empty when none). cudaGetLastError leaves it:
+// an entry point takes its launches' errors before its caller reads the message.
 const char* hetrain_emu_error_message() { return hetrain_emu::sched.message.c_str(); }
+
+// Forgets the error and its message, before a call: an error the call returns without a fault (its arguments
+// refused) has no message, not an earlier call's.
+void hetrain_emu_clear_error() { hetrain_emu::clear_error(); }
 
 // 0: the lowest-numbered runnable thread runs next (a warp runs ahead as far as the barriers let it);
 // otherwise a random runnable one, drawn from this seed (the same draws for each launch).

@@ -4,9 +4,15 @@
 // Each thread of a block is a coroutine (ucontext) on the calling OS thread: it runs until it reaches a
 // barrier (__syncthreads, a warp shuffle) or returns, and a barrier opens when every thread it names has
 // reached it. Blocks run one after another, so a kernel's `__shared__` arrays (function statics here) are
-// one block's shared memory. What the GPU leaves undefined is an error here: a __syncthreads some threads
-// never reach, a shuffle in a partial warp, threads waiting at different barriers. The order in which
-// threads run between barriers can be shuffled (a seed), so a kernel whose result depends on it has a race.
+// one block's shared memory; each block finds them filled with 0xFF bytes (NaN), not the previous block's
+// values. What the GPU leaves undefined is an error here: a __syncthreads some threads never reach, a
+// shuffle in a partial warp, threads waiting at different barriers, undefined behaviour in a kernel (under
+// UndefinedBehaviorSanitizer). The order in which threads run between barriers, and the order of the blocks,
+// can be shuffled (a seed), so a kernel whose result depends on it has a race.
+//
+// What it cannot show: threads switch only at barriers, so two threads' unsynchronised read-modify-writes of
+// one location (a race no barrier separates) never interleave; and blocks never overlap, so a race between
+// blocks shows only where the result depends on their order.
 //
 // The launch syntax `kernel<<<grid, block, shared, stream>>>(args)` is rewritten to
 // `hetrain_emu::launch(hetrain_emu::Config(grid, block, shared, stream), kernel, args)` before compiling

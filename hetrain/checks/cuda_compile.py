@@ -73,11 +73,21 @@ def compile_cu(nvcc: str, path: Path, arch: int, workdir: Path, tool: str | None
     return rows
 
 
+def find_nvcc() -> str | None:
+    """nvcc where torch's extension build (setup.py) takes it from: ``$CUDA_HOME/bin`` (or ``$CUDA_PATH/bin``)
+    where either is set, else nvcc on PATH, else ``/usr/local/cuda/bin``."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [Path(home, "bin", "nvcc")] if home else [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    return next((str(c) for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
+
+
 def check(files: list[Path] | None, archs: tuple[int, ...]) -> PartResult:
     """Compiles ``files`` (default: every ``.cu`` under csrc/) for ``archs``; skipped without nvcc."""
-    nvcc = shutil.which("nvcc")
+    nvcc = find_nvcc()
     if nvcc is None:
-        return PartResult(skipped="nvcc not found on PATH")
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        where = f"{Path(home, 'bin')} (CUDA_HOME or CUDA_PATH)" if home else "PATH or /usr/local/cuda/bin"
+        return PartResult(skipped=f"nvcc not found in {where}")
     if files is None:
         if not CSRC.is_dir():
             return PartResult(skipped=f"no csrc/ at {CSRC} (hetrain is installed, not a source checkout)")

@@ -3,10 +3,17 @@
 Without a GPU the CPU tests check the kernels' per-element math (shared with the CPU kernels) and nvcc
 checks that they compile; this runs the kernels themselves, so their indexing, block reductions, barriers,
 grid-stride loops and partial-row workspaces are checked too. The sources are copied with each
-``kernel<<<...>>>(args)`` launch rewritten into a call of the emulator, compiled with g++ (no CUDA; the
+``kernel<<<...>>>(args)`` launch rewritten into a call of the emulator and each ``__shared__`` array into a
+function static the emulator fills with 0xFF bytes (NaN) for each block, compiled with g++ (no CUDA; the
 kernels without torch headers, as nvcc builds them) into one shared library, cached under ``build/cuda_emu``
 by a hash of the sources. Beside a CPU build of hetrain._C, the library also holds the kernels' torch
 bindings, registered for the CUDA dispatch key on CPU tensors (see :func:`load`).
+
+What it cannot show: a thread runs on until it reaches a barrier (``__syncthreads``, a warp shuffle) or
+returns, so a race between threads that no barrier separates (two threads' read-modify-write of one
+location without an atomic, in one block) never interleaves and passes. Blocks run one at a time, in index
+order or, in a shuffled run, in a random order: a race between blocks shows only where the result depends
+on their order (a sum of blocks' values), as a difference between the two runs.
 """
 
 from __future__ import annotations
@@ -29,12 +36,16 @@ CSRC = ROOT / "csrc"
 BUILD = ROOT / "build" / "cuda_emu"
 FLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-Wall", "-Wno-unused-function"]
 # The kernels (not torch's headers) run under UndefinedBehaviorSanitizer: an overflowing signed index, a bad
-# shift or a misaligned access stops the process with the kernel's file and line.
+# shift or a misaligned access stops the kernel, its launch fails with a KernelFault naming the kernel's file
+# and line, and the sanitizer's report of what it found is on stderr (csrc/emu/emulator.cpp,
+# on_undefined_behaviour).
 SANITIZE = ["-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
 LIBRARY = "libhetrain_cuda_emu.so"
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 _IDENT = re.compile(r"[A-Za-z0-9_:]")
+# `__shared__ T name[n][m];` on one line: (what precedes the name, the name, its dimensions).
+_SHARED = re.compile(r"\b__shared__\b([^;\n]*?)\b([A-Za-z_]\w*)((?:\s*\[[^\]\n]*\])*)\s*;")
 
 
 class EmulatorBuildError(RuntimeError):
@@ -79,9 +90,32 @@ def rewrite_launches(text: str) -> str:
         no_args = text[paren + 1:].lstrip().startswith(")")
         out.append(text[pos:start])
         out.append(f"::hetrain_emu::launch(::hetrain_emu::Config({config}), {callee}{'' if no_args else ', '}")
+        # The newlines of the syntax dropped: every line stays where it was (see _named_as).
+        out.append("\n" * (text.count("\n", start, open_at) - callee.count("\n") + text.count("\n", close_at, paren)))
         pos = paren + 1
     out.append(text[pos:])
     return "".join(out)
+
+
+def rewrite_shared(text: str) -> str:
+    """``__shared__ T a[n];`` -> ``static T a[n]; ::hetrain_emu::declare_shared(&a, sizeof a);`` (on the same line):
+    a function static is one block's shared memory, as one block runs at a time, and the call fills it with
+    0xFF bytes for each block (csrc/emu/cuda_runtime.h)."""
+
+    def declare(m: re.Match[str]) -> str:
+        if "," in m[1]:
+            raise ValueError(f"declare one array per __shared__ declaration for the emulator: {m[0]!r}")
+        return f"static{m[1]}{m[2]}{m[3]}; ::hetrain_emu::declare_shared(&{m[2]}, sizeof {m[2]});"
+
+    return _SHARED.sub(declare, text)
+
+
+def _named_as(path: Path, text: str) -> str:
+    """``text``, a rewritten copy of ``path``, led by a ``#line`` naming ``path``: the compiler's messages, the
+    sanitizer's reports and the debug info name the real file, not the copy in the build folder. The rewrites
+    keep every line where it was."""
+    quoted = str(path).replace("\\", "\\\\").replace('"', '\\"')
+    return f'#line 1 "{quoted}"\n{text}'
 
 
 def _sources() -> list[Path]:
@@ -94,6 +128,7 @@ def _sources() -> list[Path]:
 
 def _digest(files: list[Path], compiler: str) -> str:
     h = hashlib.sha256(" ".join([compiler, *FLAGS, *SANITIZE]).encode())
+    h.update(Path(__file__).read_bytes())  # how the sources are rewritten and built
     for f in files:
         h.update(str(f).encode())
         h.update(f.read_bytes())
@@ -140,15 +175,31 @@ def build(extra: Sequence[Path] = (), bindings: Path | None = None, out: Path = 
     if library.exists():
         return library
     work = out / f"{target.name}.{os.getpid()}"  # built aside, then renamed: concurrent builds never mix
+    try:
+        _build_in(work, files, extra, bindings, compiler)
+        try:
+            work.rename(target)
+        except OSError:  # another process finished the same build first
+            pass
+    finally:  # what a failed build left (some 16 MB), or the copy another process beat
+        shutil.rmtree(work, ignore_errors=True)
+    return library
+
+
+def _build_in(work: Path, files: list[Path], extra: list[Path], bindings: Path | None, compiler: str) -> None:
+    """Copies the sources into ``work`` (launches and shared arrays rewritten), compiles and links the library
+    there."""
     src = work / "src"
     for f in files:
         dest = src / f.relative_to(CSRC)
         dest.parent.mkdir(parents=True, exist_ok=True)
         text = f.read_text()
-        dest.write_text(rewrite_launches(text) if f.suffix in (".cu", ".cuh") else text)
+        if f.relative_to(CSRC).parts[0] != "emu":  # the emulator's own files are not kernels
+            text = rewrite_shared(rewrite_launches(text) if f.suffix in (".cu", ".cuh") else text)
+        dest.write_text(_named_as(f, text))
     for e in extra:
         (src / "extra").mkdir(exist_ok=True)
-        (src / "extra" / e.name).write_text(rewrite_launches(e.read_text()))
+        (src / "extra" / e.name).write_text(_named_as(e, rewrite_shared(rewrite_launches(e.read_text()))))
     units = [(u, SANITIZE) for u in sorted((src / "cuda").glob("*.cu"))]
     units += [(src / "emu" / "emulator.cpp", ()), (src / "emu" / "kernels.cpp", ())]
     units += [(src / "extra" / e.name, SANITIZE) for e in extra]
@@ -172,11 +223,6 @@ def build(extra: Sequence[Path] = (), bindings: Path | None = None, out: Path = 
                           capture_output=True, text=True)
     if link.returncode != 0:
         raise EmulatorBuildError(f"linking the emulated CUDA kernels failed:\n{link.stderr}")
-    try:
-        work.rename(target)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(work, ignore_errors=True)
-    return library
 
 
 class Emulator:
@@ -188,6 +234,7 @@ class Emulator:
         self._lib.hetrain_emu_error_message.restype = ctypes.c_char_p
         self._lib.hetrain_emu_set_shuffle_seed.argtypes = [ctypes.c_uint64]
         self._lib.hetrain_emu_launches.restype = ctypes.c_uint64
+        self._lib.hetrain_emu_clear_error.restype = None
 
     @property
     def launches(self) -> int:
@@ -205,7 +252,9 @@ class Emulator:
         KernelFault on an error."""
         fn = getattr(self._lib, f"hetrain_emu_{entry}")
         fn.argtypes = [_ctype(a) for a in args]
-        err = fn(*(_value(a) for a in args))
+        values = [_value(a) for a in args]
+        self._lib.hetrain_emu_clear_error()  # an error without a fault of this call's has no message
+        err = fn(*values)
         if err != 0:
             message = self._lib.hetrain_emu_error_message().decode() or "invalid arguments"
             raise KernelFault(f"{entry}: cudaError {err}: {message}")

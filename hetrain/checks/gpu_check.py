@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -42,6 +43,8 @@ class Step:
     needs: str | None = None  # a file the step runs, skipped with a reason while it does not exist
     timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     env: dict[str, str | None] = field(default_factory=dict)  # None unsets a variable
+    # The JSON the step writes of its parts (gpu-compile's): a part it skipped is named in its outcome.
+    parts: Path | None = None
 
 
 @dataclass
@@ -68,12 +71,13 @@ def steps(quick: bool, out: Path, record: str = "check") -> list[Step]:
     ops_args = ["--measure-s", "0.3", "--out", str(out)] if quick else ["--out", str(out)]
     # Likewise the training step on a GPU: the full model with few repeats (the tiny one times only the host).
     train_args = ["--short" if torch.cuda.is_available() else "--quick", "--out", str(out)] if quick else bench_args
+    compile_json = out / f"{record}-gpu-compile.json"
     return [
         Step("build", [py, "setup.py", "build_ext", "--inplace"], needs_gpu=True,
              env={"HETRAIN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": this_gpus_arch(), **cuda_home_fallback()}),
         Step("env", [py, "-m", "hetrain.env"]),
-        Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile", "--json", str(out / f"{record}-gpu-compile.json")],
-             env={"TRITON_INTERPRET": None}),
+        Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile", "--json", str(compile_json)],
+             env={"TRITON_INTERPRET": None}, parts=compile_json),
         Step("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", *pytest_workers(), "tests"], needs_gpu=True,
              env={"TRITON_INTERPRET": "0"}),
         Step("bench-ops", [py, "-m", "benchmarks.bench_ops", *ops_args], needs_gpu=True,
@@ -140,7 +144,22 @@ def run_step(step: Step, log: TextIO, timeout_s: float) -> Outcome:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+    skipped, parts = skipped_parts(step.parts)
+    if skipped:
+        named = "; ".join(f"{name} skipped: {why}" for name, why in skipped.items())
+        detail = f"{detail}; {named}" if detail else named
+        if status == "passed" and len(skipped) == parts:  # it checked nothing
+            status = "skipped"
     return Outcome(step.name, status, time.perf_counter() - start, detail)
+
+
+def skipped_parts(report: Path | None) -> tuple[dict[str, str], int]:
+    """The parts a step's JSON says it skipped, with why, and how many parts it holds (none without one)."""
+    try:
+        parts = json.loads(report.read_text()) if report is not None else {}
+    except (OSError, ValueError):  # not written: the step failed or was stopped first
+        return {}, 0
+    return {name: part["skipped"] for name, part in parts.items() if part.get("skipped")}, len(parts)
 
 
 class Interrupted(Exception):
@@ -200,10 +219,12 @@ def parse_names(text: str, names: set[str], option: str) -> set[str]:
 
 
 def positive_seconds(text: str) -> float:
-    """An argparse type: seconds above 0."""
+    """An argparse type: seconds above 0, and finite (the record is JSON, which has no Infinity)."""
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be seconds above 0, got {text}")
+    if value == math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text} (leave it out for no budget)")
     return value
 
 
@@ -214,6 +235,8 @@ def parse_caps(text: str, names: set[str]) -> dict[str, float]:
         name, _, seconds = (part.strip() for part in item.partition("="))
         if name not in names or not seconds.replace(".", "", 1).isdigit():
             raise SystemExit(f"gpu-check: --cap wants STEP=SECONDS with STEP one of {sorted(names)}; got {item!r}")
+        if name in caps:  # one of the two would be dropped without a word
+            raise SystemExit(f"gpu-check: --cap gives {name} twice ({caps[name]:g} s and {seconds} s); give it once")
         caps[name] = float(seconds)
     return caps
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -45,7 +46,8 @@ def load_module(ref: str) -> ModuleType:
     if not ref.endswith(".py"):
         return importlib.import_module(ref)
     path = Path(ref).resolve()
-    name = f"{_FILE_MODULE}{path.stem}"
+    # Named after the file's path, not its name alone: a/kernels.py and b/kernels.py are two modules.
+    name = f"{_FILE_MODULE}{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
@@ -102,14 +104,21 @@ def _config(spec: AotSpec, metadata: Any = None) -> str:
     return f"{constexprs} {warps_stages}".strip()
 
 
+def kernel_name(kernel: Any) -> str:
+    """``module.kernel`` as the table shows it: the module's last name, or the file's for one loaded from a path."""
+    module = kernel.fn.__module__
+    if module.startswith(_FILE_MODULE):  # without the path's hash
+        module = module.removeprefix(_FILE_MODULE).rsplit("_", 1)[0]
+    return f"{module.rsplit('.', 1)[-1]}.{kernel.__name__}"
+
+
 def compile_spec(spec: AotSpec, arch: int, workdir: Path, tool: str) -> Row:
     """Compiles one spec for ``sm_<arch>`` and reads its resources; a compile error becomes the row's error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = spec.kernel.fn.__module__.rsplit(".", 1)[-1].removeprefix(_FILE_MODULE)
-    name = f"{module}.{spec.kernel.__name__}"
+    name = kernel_name(spec.kernel)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # Triton prints ptxas's -v log here (TRITON_DUMP_PTXAS_LOG)

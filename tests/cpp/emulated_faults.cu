@@ -25,7 +25,7 @@ __global__ void divergent_kernel(float* out) {
 __global__ void shuffle_kernel(float* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 3); }
 
 // Thread 0 publishes its block's number, which every thread reads. Without the barrier a reader may run
-// before thread 0 and see the previous block's value: right in index order, wrong in others.
+// before thread 0 and read the shared value unwritten: right in index order, wrong in others.
 template <bool kSynced>
 __global__ void publish_kernel(float* out) {
   __shared__ float value;
@@ -43,6 +43,18 @@ __global__ void index_kernel(int* out) {
 // base + threadIdx.x in int: a signed overflow (undefined behaviour) for base near INT_MAX.
 __global__ void overflow_kernel(int* out, int base) { out[threadIdx.x] = base + static_cast<int>(threadIdx.x); }
 
+// Block b writes the first blockDim.x >> b values of a shared array, and every thread reads its own: the
+// values a block did not write must read as unwritten (NaN), not as an earlier block's or launch's.
+__global__ void unwritten_shared_kernel(float* out) {
+  __shared__ float values[64];
+  if (threadIdx.x < (blockDim.x >> blockIdx.x)) values[threadIdx.x] = 1.0f + threadIdx.x;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = values[threadIdx.x];
+}
+
+// Each block adds its value to out[0] without an atomic: the sum depends on the order of the blocks.
+__global__ void block_sum_kernel(const float* x, float* out) { out[0] += x[blockIdx.x]; }
+
 }  // namespace
 
 extern "C" {
@@ -52,6 +64,24 @@ int hetrain_emu_test_overflow(int* out, int64_t base) {
   return cudaGetLastError();
 }
 
+// The same overflow in host code, outside any kernel.
+int hetrain_emu_test_host_overflow(int* out, int64_t base) {
+  *out = static_cast<int>(base) + 10;
+  return cudaSuccess;
+}
+
+// An entry point that refuses its arguments without launching anything.
+int hetrain_emu_test_refused() { return cudaErrorInvalidValue; }
+
+int hetrain_emu_test_unwritten_shared(float* out, int64_t blocks, int64_t threads) {
+  unwritten_shared_kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads)>>>(out);
+  return cudaGetLastError();
+}
+
+int hetrain_emu_test_block_sum(const float* x, float* out, int64_t blocks) {
+  block_sum_kernel<<<static_cast<unsigned>(blocks), 1>>>(x, out);
+  return cudaGetLastError();
+}
 
 int hetrain_emu_test_early_return(float* out, int64_t threads, int64_t live) {
   early_return_kernel<<<1, static_cast<unsigned>(threads)>>>(out, static_cast<unsigned>(live));

@@ -8,11 +8,9 @@
 // Per-channel reductions (batch statistics; the backward sums over dz and dz * xhat) run on a grid of
 // position blocks x channel tiles: each block reduces in shared memory and writes one partial row, and a
 // second kernel sums the rows per channel in double (32 channels a block, 32 lanes over the rows). No
-// contended atomics, and a deterministic result. The batch statistics are merged as moments (count, mean and
-// squared deviations from it: Welford per thread, Chan et al. across threads, blocks and rows) rather than
-// summed: sums of deviations from one pivot, in float, lost ~1e4x torch's accuracy when the pivot was an
-// outlier. In channels_last a block's 256 threads are `lanes` channel packs x 256 / lanes position rows (reads
-// coalesce across channels); in NCHW a block serves one channel and its threads walk the positions.
+// contended atomics, and a deterministic result. In channels_last a block's 256 threads are `lanes` channel
+// packs x 256 / lanes position rows (reads coalesce across channels); in NCHW a block serves one channel
+// and its threads walk the positions.
 // Forward is one thread per pooled output pack; the input gradient one thread per input pack, which
 // gathers its dz from the (at most ceil(k/s)^2) windows that hold it, so nothing is scattered.
 #include "bn_relu_pool_kernel.h"
@@ -236,122 +234,6 @@ __device__ __forceinline__ bool channel_sums(const acc_t* __restrict__ part, int
   return true;
 }
 
-// Moments of a set of values: the mean and m2, the sum of squared deviations from it. merge() folds in those of
-// another set (nb values; the caller then adds nb to na), as Chan et al.: every deviation is taken from a mean, so
-// no large sum cancels, whatever the values' offset or outliers.
-template <typename acc_t>
-__device__ __forceinline__ void merge(unsigned na, acc_t& mean, acc_t& m2, unsigned nb, acc_t mean_b, acc_t m2_b) {
-  if (nb == 0) return;
-  if (na == 0) {
-    mean = mean_b;
-    m2 = m2_b;
-    return;
-  }
-  const acc_t wb = acc_t(nb) / acc_t(na + nb), delta = mean_b - mean;
-  mean += delta * wb;
-  m2 += m2_b + delta * delta * acc_t(na) * wb;
-}
-
-// Positions the threads of reduction part `part` walk: rows threads starting at part * rows, each stepping
-// parts * rows over the P positions (lane()).
-__device__ __forceinline__ unsigned part_count(unsigned P, unsigned part, unsigned parts, unsigned rows) {
-  const unsigned step = parts * rows, start = part * rows, rem = P % step;
-  const unsigned tail = rem > start ? rem - start : 0u;
-  return P / step * rows + (tail < rows ? tail : rows);
-}
-
-// The moments of one channel over the block's threads that share it (n values each in mean[e] / m2[e] for
-// channel l.c + e), written to row blockIdx.x of part_mean / part_m2 (each gridDim.x rows of C values).
-template <int VEC, typename acc_t>
-__device__ __forceinline__ void write_moments(const Dims& d, const Lane& l, unsigned n, const acc_t (&mean)[VEC],
-                                              const acc_t (&m2)[VEC], acc_t* __restrict__ part_mean,
-                                              acc_t* __restrict__ part_m2) {
-  __shared__ acc_t sm[kThreads * VEC];
-  __shared__ acc_t sq[kThreads * VEC];
-  __shared__ unsigned sn[kThreads];
-  if (d.channels_last) {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      sm[threadIdx.x * VEC + e] = mean[e];
-      sq[threadIdx.x * VEC + e] = m2[e];
-    }
-    sn[threadIdx.x] = n;
-    __syncthreads();
-    if (threadIdx.x < d.lanes && l.active) {
-      const int rows = kThreads / d.lanes;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        unsigned tn = 0;
-        acc_t tm = 0, tq = 0;
-        for (int r = 0; r < rows; ++r) {
-          const int t = r * d.lanes + threadIdx.x;
-          merge(tn, tm, tq, sn[t], sm[t * VEC + e], sq[t * VEC + e]);
-          tn += sn[t];
-        }
-        part_mean[int64_t(blockIdx.x) * d.C + l.c + e] = tm;
-        part_m2[int64_t(blockIdx.x) * d.C + l.c + e] = tq;
-      }
-    }
-    return;
-  }
-  unsigned tn = n;
-  acc_t tm = mean[0], tq = m2[0];
-  for (int o = 16; o > 0; o >>= 1) {
-    const unsigned on = __shfl_xor_sync(0xffffffffu, tn, o);
-    const acc_t om = __shfl_xor_sync(0xffffffffu, tm, o), oq = __shfl_xor_sync(0xffffffffu, tq, o);
-    merge(tn, tm, tq, on, om, oq);
-    tn += on;
-  }
-  if (threadIdx.x % 32 == 0) {
-    sm[threadIdx.x / 32] = tm;
-    sq[threadIdx.x / 32] = tq;
-    sn[threadIdx.x / 32] = tn;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    tn = 0;
-    for (int wp = 0; wp < kThreads / 32; ++wp) {
-      merge(tn, tm, tq, sn[wp], sm[wp], sq[wp]);
-      tn += sn[wp];
-    }
-    part_mean[int64_t(blockIdx.x) * d.C + blockIdx.y] = tm;
-    part_m2[int64_t(blockIdx.x) * d.C + blockIdx.y] = tq;
-  }
-}
-
-// The mean and m2 of channel blockIdx.x * kSumLanes + threadIdx.x % kSumLanes over the `parts` rows of
-// stats_partial_kernel (part_count(P, p, parts, rows) values in row p), merged in double as channel_sums adds.
-template <typename acc_t>
-__device__ __forceinline__ bool channel_moments(const acc_t* __restrict__ part, int parts, int C, unsigned P,
-                                                unsigned rows, int* c, double* mean, double* m2) {
-  __shared__ double sm[kSumRows][kSumLanes + 1];
-  __shared__ double sq[kSumRows][kSumLanes + 1];
-  __shared__ unsigned sn[kSumRows];
-  const int col = threadIdx.x % kSumLanes, row = threadIdx.x / kSumLanes;
-  *c = blockIdx.x * kSumLanes + col;
-  unsigned tn = 0;
-  double tm = 0, tq = 0;
-  if (*c < C) {
-    for (int p = row; p < parts; p += kSumRows) {
-      const unsigned pn = part_count(P, p, parts, rows);
-      merge(tn, tm, tq, pn, double(part[int64_t(p) * C + *c]), double(part[int64_t(parts + p) * C + *c]));
-      tn += pn;
-    }
-  }
-  sm[row][col] = tm;
-  sq[row][col] = tq;
-  if (col == 0) sn[row] = tn;  // the same for every channel; column 0 always holds one
-  __syncthreads();
-  if (row != 0 || *c >= C) return false;
-  for (int r = 1; r < kSumRows; ++r) {
-    merge(tn, tm, tq, sn[r], sm[r][col], sq[r][col]);
-    tn += sn[r];
-  }
-  *mean = tm;
-  *m2 = tq;
-  return true;
-}
-
 // Per-channel normalisation as one fma: scale = invstd * w, shift = b - mean * scale (identity without
 // mean/invstd).
 template <typename acc_t>
@@ -369,52 +251,50 @@ __device__ __forceinline__ Affine<acc_t> affine(const acc_t* mean, const acc_t* 
   return a;
 }
 
-// Partial mean and m2 per channel (a row of each per block, see write_moments). Welford's update per thread: one
-// division per pack, where the kernel waits on memory.
+// Partial sum(x - pivot) and sum((x - pivot)^2) per channel; pivot = x[0, c, 0, 0].
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     stats_partial_kernel(const T* __restrict__ x, Dims d, acc_type<T>* __restrict__ part) {
   using acc_t = acc_type<T>;
   const Lane l = lane<VEC>(d);
   const unsigned HW = unsigned(d.H) * unsigned(d.W), P = unsigned(d.N) * HW;
-  acc_t mean[VEC], m2[VEC];
+  acc_t s[VEC], q[VEC];
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) mean[e] = m2[e] = acc_t(0);
-  unsigned n = 0;
+  for (int e = 0; e < VEC; ++e) s[e] = q[e] = acc_t(0);
   if (l.active) {
+    const Pack<T, VEC> pivot = load_pack<VEC>(x + offset(d, 0, l.c, 0, 0, d.H, d.W), 0);
     for (unsigned p = l.first; p < P; p += l.step) {
       const Pack<T, VEC> v = load_pack<VEC>(x + position_offset(d, l, p, HW), 0);
-      const acc_t inv = acc_t(1) / acc_t(++n);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const acc_t xe = widen(v.v[e]), delta = xe - mean[e];
-        mean[e] += delta * inv;
-        m2[e] += delta * (xe - mean[e]);
+        const acc_t c = acc_t(widen(v.v[e])) - widen(pivot.v[e]);
+        s[e] += c;
+        q[e] += c * c;
       }
     }
   }
-  write_moments<VEC>(d, l, n, mean, m2, part, part + int64_t(gridDim.x) * d.C);
+  write_partials<VEC>(d, l, s, q, part, part + int64_t(gridDim.x) * d.C);
 }
 
-// kSumLanes channels a block: the partial rows merged in double, then mean, invstd and the running update. rows:
-// the position rows of a stats_partial_kernel block (kThreads in NCHW, kThreads / lanes in channels_last).
+// kSumLanes channels a block: the partial rows summed in double, then mean, invstd and the running update.
 template <typename T>
 __global__ void __launch_bounds__(kSumLanes * kSumRows)
-    stats_finalize_kernel(const acc_type<T>* __restrict__ part, int parts, unsigned rows, Dims d,
+    stats_finalize_kernel(const T* __restrict__ x, const acc_type<T>* __restrict__ part, int parts, Dims d,
                           acc_type<T>* __restrict__ mean, acc_type<T>* __restrict__ invstd,
                           acc_type<T>* __restrict__ running_mean, acc_type<T>* __restrict__ running_var,
                           double momentum, double eps) {
   using acc_t = acc_type<T>;
-  const int64_t count = int64_t(d.N) * d.H * d.W;
   int c;
-  double mu, m2;
-  if (!channel_moments(part, parts, d.C, unsigned(count), rows, &c, &mu, &m2)) return;
+  double s, q;
+  if (!channel_sums(part, parts, d.C, &c, &s, &q)) return;
+  const int64_t count = int64_t(d.N) * d.H * d.W;
   if (count == 0) {  // empty batch: nothing to normalise, running statistics left alone (as torch)
     mean[c] = acc_t(0);
     invstd[c] = acc_t(bn_relu_pool::invstd<double>(0.0, eps));
     return;
   }
-  const double var = m2 < 0 ? 0.0 : m2 / double(count);  // rounding can leave m2 a hair below 0; NaN stays NaN
+  double mu = 0, var = 0;
+  moments<double>(s, q, double(load(x + offset(d, 0, c, 0, 0, d.H, d.W))), count, &mu, &var);
   mean[c] = acc_t(mu);
   invstd[c] = acc_t(bn_relu_pool::invstd<double>(var, eps));
   if (running_mean != nullptr) {
@@ -591,7 +471,6 @@ cudaError_t cuda_stats(const T* x, acc_type<T>* mean, acc_type<T>* invstd, acc_t
     return cudaErrorInvalidValue;
   }
   if (g.C == 0) return cudaSuccess;
-  unsigned rows = kThreads;  // position rows of a partial block, for the finalising kernel's counts
   if (count > 0) {
     if (!reduce_grid_ok(g, parts) || workspace == nullptr) return cudaErrorInvalidValue;
     // argmax plays no part: x's alignment and the channel count decide.
@@ -599,14 +478,13 @@ cudaError_t cuda_stats(const T* x, acc_type<T>* mean, acc_type<T>* invstd, acc_t
       constexpr int VEC = decltype(width)::value;
       const Dims d = dims(g, VEC);
       const dim3 grid(static_cast<unsigned>(parts), tiles(d, VEC));
-      rows = d.channels_last ? kThreads / d.lanes : kThreads;
       stats_partial_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(x, d, workspace);
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   stats_finalize_kernel<T><<<finalize_blocks(g), kSumLanes * kSumRows, 0, stream>>>(
-      workspace, count > 0 ? static_cast<int>(parts) : 0, rows, dims(g, 1), mean, invstd, running_mean, running_var,
+      x, workspace, count > 0 ? static_cast<int>(parts) : 0, dims(g, 1), mean, invstd, running_mean, running_var,
       momentum, eps);
   return cudaGetLastError();
 }

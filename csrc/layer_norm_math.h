@@ -9,14 +9,10 @@
 namespace hetrain {
 namespace layer_norm {
 
-// 1 / sqrt(var + eps): the reciprocal standard deviation saved for backward. A variance that overflowed (a
-// float32 row of values near 1e19 or more) gives NaN, which a check for non-finite values catches: 1 / sqrt(inf)
-// = 0 turned the row into the bias, finite and with zero gradients (torch's LayerNorm gives NaN for some such
-// rows, the bias for others). One select per row.
+// 1 / sqrt(var + eps): the reciprocal standard deviation saved for backward.
 template <typename acc_t>
 HETRAIN_HD acc_t rstd(acc_t var, acc_t eps) {
-  const acc_t v = var + eps;
-  return v != acc_t(INFINITY) ? acc_t(1) / sqrt(v) : acc_t(NAN);
+  return acc_t(1) / sqrt(var + eps);
 }
 
 // y = (x - mean) * rstd * w + b

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -230,6 +231,14 @@ class Emulator:
 
     def __init__(self, library: Path, bindings: bool = False):
         self.bindings = bindings  # the torch bindings are registered for the CUDA dispatch key
+        if re.search(r"(^|:)halt_on_error=(1|true)", os.environ.get("UBSAN_OPTIONS", "")):
+            # The sanitizer reads its options from the process's start (setting them here changes nothing); halting,
+            # it stops inside its report, which the next undefined behaviour finds still open: the process then ends
+            # without naming the test.
+            warnings.warn("hetrain: UBSAN_OPTIONS has halt_on_error=1: the first undefined behaviour in an emulated "
+                          "kernel fails its launch, a second ends the process without naming its test; start the "
+                          "run without halt_on_error (-fno-sanitize-recover already stops each kernel at the first)",
+                          stacklevel=2)
         self._lib = ctypes.CDLL(str(library))
         self._lib.hetrain_emu_error_message.restype = ctypes.c_char_p
         self._lib.hetrain_emu_set_shuffle_seed.argtypes = [ctypes.c_uint64]

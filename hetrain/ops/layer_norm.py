@@ -38,10 +38,7 @@ class TorchBackend:
         xf = x.to(stats)
         # No statistics to take of no values (var_mean would warn about its degrees of freedom).
         var, mean = torch.var_mean(xf, dim=-1, correction=0) if xf.numel() else (xf.sum(-1), xf.sum(-1))
-        # A variance that overflowed (values near 1e19 or more in float32) gives NaN, as every backend does
-        # (csrc/layer_norm_math.h's rstd says why): rsqrt(inf) = 0 turned the row into the bias.
-        v = var + eps
-        rstd = torch.where(v == float("inf"), float("nan"), torch.rsqrt(v))
+        rstd = torch.rsqrt(var + eps)
         y = (xf - mean[:, None]) * rstd[:, None]
         if weight is not None:
             y = y * weight.to(stats)

@@ -56,10 +56,7 @@ def _normalize_row(x, W, B, cols, mask, N, eps, HAS_WEIGHT: tl.constexpr, HAS_BI
     mean = tl.sum(x, axis=0) / N
     xc = tl.where(mask, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / N
-    # A variance that overflowed (values near 1e19 or more in float32) gives NaN, as every backend does
-    # (csrc/layer_norm_math.h's rstd says why): 1 / sqrt(inf) = 0 turned the row into the bias. One select per row.
-    v = var + eps
-    rstd = tl.where(v == float("inf"), float("nan"), 1.0 / tl.sqrt(v))
+    rstd = 1.0 / tl.sqrt(var + eps)
     y = xc * rstd
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)

@@ -96,3 +96,20 @@ def test_counts_name_the_frames_left_to_eager_at_the_recompile_limit():
         _validate_then_train(stages)
     counts = compile_counts(since=before)
     assert counts["graph_breaks"] == 0 and counts["eager_frames"] >= 1, counts
+
+
+def test_a_placed_model_compiles_whole_under_fullgraph_and_exports():
+    """The input hooks of a placed model are traced with the modules they hook: kept out of dynamo, each broke the
+    graph (torch.compile(fullgraph=True) and strict torch.export failed)."""
+    from hetrain.placement.plan import PlacementPlan
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    PlacementPlan({"0": "cpu", "2": "cpu"}, "explicit").apply(model)
+    x = torch.randn(3, 4)
+    before = compile_counts()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    counts = compile_counts(since=before)
+    assert counts == {"graphs": 1, "graph_breaks": 0, "eager_frames": 0}, counts
+    torch.testing.assert_close(torch.export.export(model, (x,), strict=True).module()(x), model(x))

@@ -354,19 +354,15 @@ class _InputsToItsDevice:
     """A forward pre-hook that brings a module's tensor inputs to the device the module is on when it runs (see
     :func:`to_device`). Read at each call, not fixed when hooked, the device follows the module wherever it
     moves later (back to the CPU, to the devices of another placement), so a hook is never stale; a class, not a
-    closure, so that a hooked model pickles (``torch.save(model)``).
+    closure, so that a hooked model pickles (``torch.save(model)``). Traced by torch.compile with the module it
+    hooks (a placed model compiles whole, or stage by stage, without a graph break); its inputs are gathered in a
+    list, as dynamo gave up on a generator's frame (a frame left to eager in each compiled stage)."""
 
-    Kept out of torch.compile: a compiled stage (``hetrain.regional_compile``) runs its hooks in its compiled call,
-    and dynamo would compile this one code object for every stage, guarded on each stage's class and parameter
-    shapes, until its recompile limit (a failed run under ``compile.fullgraph=true``). Copies between devices
-    belong between the stages' graphs, not in them; a model compiled whole breaks its graph at each hooked unit."""
-
-    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         device = held_device(module)
         if device is None:
             return None
-        return tuple(_moved(a, device) for a in args), {k: _moved(v, device) for k, v in kwargs.items()}
+        return tuple([_moved(a, device) for a in args]), {k: _moved(v, device) for k, v in kwargs.items()}
 
 
 def _moved(x: object, device: torch.device) -> object:

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
@@ -407,6 +408,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             graceful_stop = parts.callbacks.get("graceful_stop")
             exc.graceful_stop = getattr(graceful_stop, "summary", None) or {}
             exc.steps_trained = getattr(graceful_stop, "steps_trained", None)  # None: no GracefulStop counted them
+            # For the summary of the stopped run. Under DDP each rank counted its own samples, and the ranks are not
+            # in step here to sum them: left out there.
+            exc.progress = {"steps": parts.trainer.global_step,
+                            **({"samples": parts.recorder.samples} if parts.trainer.world_size == 1 else {})}
             raise
         finally:
             os.environ.pop(_LAUNCHER_PID, None)
@@ -414,6 +419,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if parts.trainer.num_training_batches == 0:  # Lightning ends such a fit at once and says so at info level
             raise ValueError(_no_training_batch(cfg))
         summary = parts.recorder.summary(parts.trainer)
+        unvalidated = _unvalidated(parts)
+        if unvalidated is not None:
+            log.warning(unvalidated[1])
+            summary["no_validation"] = unvalidated[0]
         summary["precision"] = run_precision(parts.trainer)  # per device type under DeviceMixedPrecision
         if parts.compiled is not None:
             summary["compile"] = {**parts.compiled, **compile_counts(since=parts.counts_before_compile)}
@@ -444,6 +453,36 @@ def _no_training_batch(cfg: DictConfig) -> str:
     return (f"hetrain: the training loader has no batch ({settings}), so nothing was trained; give it at least one "
             "whole batch, e.g. data.batch_size at most data.train_size (a loader that drops the last incomplete "
             "batch has none when the batch is larger than the data)")
+
+
+def _unvalidated(parts: Parts) -> tuple[str, str] | None:
+    """What the summary and the warning say of a fit that trained but never validated: its metrics were empty, no
+    checkpoint held its weights, and the run said ok. None when it validated, trained no step, has no validation
+    step, or a signal stopped it (GracefulStop's checkpoint holds the weights and the summary names it)."""
+    trainer, recorder, task = parts.trainer, parts.recorder, parts.task
+    stopped = getattr(parts.callbacks.get("graceful_stop"), "summary", None)
+    if (recorder.validated_at_step is not None or trainer.global_step <= recorder.start_step or stopped
+            or not is_overridden("validation_step", task)):
+        return None
+    step = trainer.global_step
+    # Lightning's own count of the step each ModelCheckpoint last saved at, this fit's (0 until it saves).
+    saved = max((getattr(c, "_last_global_step_saved", 0) for c in trainer.checkpoint_callbacks), default=0)
+    if saved >= step:
+        checkpoint = f"the checkpoint of the final step {step} was saved without them"
+    elif saved > recorder.start_step:
+        checkpoint = f"the last checkpoint is of step {saved}, not of the final step {step}"
+    else:
+        checkpoint = "no checkpoint was written"
+    brief = f"no validation ran up to step {step}: no metrics, and {checkpoint}"
+    settings = ", ".join(f"trainer.{key}={getattr(trainer, key)}" for key in (
+        "val_check_interval", "check_val_every_n_epoch", "max_steps", "max_epochs", "limit_val_batches"))
+    warning = (f"hetrain: the fit trained to step {step} without validating once ({settings}; "
+               f"{trainer.num_training_batches} training batches an epoch), so the summary has no validation metrics "
+               f"and {checkpoint}. A validation runs every trainer.val_check_interval training batches, and one is "
+               "added at trainer.max_steps only where that step ends mid-epoch; to have the final weights validated "
+               "and saved, end the run on a batch that validates (trainer.val_check_interval dividing an epoch's "
+               "batches and trainer.max_steps) and keep trainer.limit_val_batches above 0")
+    return brief, warning
 
 
 def _best_checkpoint(callbacks: dict[str, pl.Callback]) -> dict[str, str | None]:
@@ -575,6 +614,12 @@ def _exit_code(signal_name: str) -> int:
     return 128 + signal.Signals[signal_name]
 
 
+def _go_on_from(saved: dict[str, Any]) -> str:
+    """The error of a run GracefulStop stopped (its ``summary``): the signal, the step and the checkpoint to go on
+    from, which a stopped sweep's table shows in the job's row."""
+    return f"{saved['signal']} after step {saved['at_step']}; go on with ckpt_path={saved['checkpoint']}"
+
+
 def _record_interruption(exc: BaseException, info: dict[str, Any], output_dir: Path) -> int | None:
     """Writes the summary of a fit a signal ended by an exception; returns the exit code when GracefulStop had
     saved a checkpoint first, or the fit was ended by SIGTERM (143 then, saved or not: a scheduler requeues the
@@ -582,7 +627,7 @@ def _record_interruption(exc: BaseException, info: dict[str, Any], output_dir: P
     saved = getattr(exc, "graceful_stop", None) or {}
     sigterm = isinstance(exc, SIGTERMException)
     if saved:
-        error = f"{saved['signal']} after step {saved['at_step']}; go on with ckpt_path={saved['checkpoint']}"
+        error = _go_on_from(saved)
     elif sigterm and getattr(exc, "steps_trained", None) == 0:
         error = "SIGTERM before the first training step: nothing trained, nothing saved"
     elif sigterm:
@@ -591,7 +636,8 @@ def _record_interruption(exc: BaseException, info: dict[str, Any], output_dir: P
         error = (f"stopped at once (Ctrl-C twice, or before training began; {type(exc).__name__}): nothing saved "
                  "since the last checkpoint")
     if rank_zero_only.rank == 0:
-        write_run_summary({"status": "interrupted", **info, "error": error, "graceful_stop": saved}, output_dir)
+        write_run_summary({"status": "interrupted", **info, **getattr(exc, "progress", {}), "error": error,
+                           "graceful_stop": saved}, output_dir)
     if saved:
         return _exit_code(saved["signal"])
     return _exit_code("SIGTERM") if sigterm else None
@@ -635,7 +681,7 @@ def run(cfg: DictConfig) -> float | None:
         raise
     stopped = summary.get("graceful_stop") or {}
     if stopped:
-        summary["status"] = "interrupted"
+        summary.update(status="interrupted", error=_go_on_from(stopped))
     missing_metric = None if stopped else _missing_metric(cfg, summary["metrics"])
     if missing_metric and not _in_sweep():  # a single run's value goes to no sweeper: said, and the run stays ok
         log.warning(f"{missing_metric} (a sweep would fail this job)")

@@ -62,11 +62,28 @@ def test_a_16_bit_table_on_the_cpu_backend_steps_as_the_reference(dtype):
     grad = sparse_grad(*p.shape, 20, dtype, seed=1)
     with plugins.use_backend(**{OP: "cpu"}):  # a pinned backend that fails raises
         sparse_adamw_(p, m, v, grad, 1, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-    c = grad.coalesce()
-    sparse_adamw_ref(p_ref, m_ref, v_ref, c.indices()[0], c.values(), 1, 1e-2, 0.8, 0.95, 1e-6, 0.1)
+    # The pairs uncoalesced, as sparse_adamw_ passes them: the reference sums the repeats in float32.
+    sparse_adamw_ref(p_ref, m_ref, v_ref, grad._indices()[0], grad._values(), 1, 1e-2, 0.8, 0.95, 1e-6, 0.1)
     assert not torch.equal(p, table(dtype=dtype).detach())
     for got, want in ((p, p_ref), (m, m_ref), (v, v_ref)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_an_fp16_table_steps_in_float32_so_small_gradients_stay_finite(backend):
+    """A 16-true run's first step made the table inf: stepped in fp16, the second moment of a 1e-5 gradient underflows
+    to 0 and eps=1e-8 rounds to 0. The step must be a float32 step's result rounded to fp16."""
+    p = (table(dtype=torch.float32).detach() * 0.04).half()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    index = torch.tensor([3, 5, 3, 9])
+    grad = torch.sparse_coo_tensor(index[None], torch.full((4, p.shape[1]), 1e-5).half(), p.shape)
+    want = [t.float() for t in (p, m, v)]
+    with plugins.use_backend(**{OP: backend}):
+        sparse_adamw_(p, m, v, grad, 1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    sparse_adamw_(*want, grad.float(), 1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    assert torch.isfinite(p).all()
+    for got, expected in zip((p, m, v), want, strict=True):
+        torch.testing.assert_close(got, expected.half())
 
 
 def step_side_by_side(backend, mine, torchs, grads, as_torchs):

@@ -80,6 +80,22 @@ def test_a_sweep_stopped_by_sigterm_lists_the_stopped_job_and_those_it_never_sta
     assert "| 1 | " in (sweep / "summary.md").read_text()
 
 
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stopped_jobs_row_names_the_checkpoint_and_counts_steps_and_samples(tmp_path, signal_name, code):
+    """A Ctrl-C'd job's row had no error naming the checkpoint to go on from; a SIGTERM'd one's had no steps or
+    samples. The signal comes at a chosen step, from inside the job (tests/fixtures/ctrl_c.py)."""
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", *TINY, "trainer.max_steps=6", "+callbacks.ctrl_c._target_=tests.fixtures.ctrl_c.CtrlCAt",
+                      "+callbacks.ctrl_c.steps=[2]", f"+callbacks.ctrl_c.signal_name={signal_name}", "seed=0,1",
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == code, (result.stdout + result.stderr)[-3000:]
+    stopped, not_started = _rows(sweep)
+    checkpoint = sweep / "0" / "checkpoints" / "interrupted.ckpt"
+    assert (stopped["status"], not_started["status"]) == ("interrupted", "not started")
+    assert stopped["error"] == f"{signal_name} after step 3; go on with ckpt_path={checkpoint}" and checkpoint.is_file()
+    assert stopped["steps"] == "3" and int(stopped["samples"]) > 0
+
+
 def test_a_sweep_rerun_into_its_directory_sets_the_earlier_jobs_files_aside(tmp_path):
     """The earlier sweep's best checkpoint stayed beside the new one and its log ran on into the new log. A job
     resuming from a checkpoint in its own directory keeps that directory as it is."""

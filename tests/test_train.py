@@ -577,6 +577,46 @@ def test_resuming_a_checkpoint_already_at_max_steps_fails_naming_the_fix(tmp_pat
     assert summary["status"] == "failed" and "is already at step 1" in summary["error"]
 
 
+@pytest.mark.parametrize("overrides", [
+    ["trainer.max_steps=-1", "trainer.max_epochs=1"],  # ends at the epoch's last batch: no validation is added there
+    ["trainer.max_steps=3", "trainer.limit_val_batches=0"],
+])
+def test_a_run_that_never_validated_warns_and_its_summary_says_so(tmp_path, caplog, overrides):
+    """Such a run saved no checkpoint and reported empty metrics with status ok, and nothing said why."""
+    settings = ["recipe=bert_split", "data.loader=torch", "data.train_size=32", "data.val_size=16", "model.hidden=16",
+                "trainer.val_check_interval=100", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+                "callbacks.memory_profiler=null", *overrides]
+    with caplog.at_level(logging.WARNING, logger="hetrain.train"):
+        run(compose_train(*settings, output_dir=tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    steps = summary["steps"]
+    assert summary["status"] == "ok" and steps > 0 and summary["metrics"] == {}
+    assert summary["no_validation"] == (f"no validation ran up to step {steps}: no metrics, and no checkpoint was "
+                                        "written")
+    assert not (tmp_path / "checkpoints").exists()
+    assert f"hetrain: the fit trained to step {steps} without validating once (trainer.val_check_interval=100" in \
+        caplog.text and "trainer.limit_val_batches=" in caplog.text
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stopped_runs_summary_names_the_checkpoint_and_counts_its_steps_and_samples(tmp_path, signal_name, code):
+    """Ctrl-C's summary had no error naming the checkpoint to go on from; SIGTERM's had neither steps nor samples."""
+    cfg = compose_train("recipe=bert_split", "data.loader=torch", "data.train_size=64", "data.val_size=16",
+                        "model.hidden=16", "trainer.max_steps=6", "trainer.val_check_interval=100",
+                        "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+                        "callbacks.memory_profiler=null", "+callbacks.ctrl_c._target_=tests.fixtures.ctrl_c.CtrlCAt",
+                        "+callbacks.ctrl_c.steps=[1]", f"+callbacks.ctrl_c.signal_name={signal_name}",
+                        output_dir=tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        run(cfg)
+    assert stopped.value.code == code
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
+    assert summary["status"] == "interrupted" and checkpoint.is_file()
+    assert summary["error"] == f"{signal_name} after step 2; go on with ckpt_path={checkpoint}"
+    assert summary["steps"] == 2 and summary["samples"] > 0
+
+
 class _Linear(pl.LightningModule):
     """The least a fit needs: what is checked here is when Lightning steps and validates."""
 

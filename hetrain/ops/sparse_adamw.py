@@ -22,6 +22,7 @@ import torch
 
 from hetrain import plugins
 from hetrain.ops import _backends
+from hetrain.ops._op import compute_dtype
 
 OP = "sparse_adamw"
 
@@ -30,19 +31,22 @@ def sparse_adamw_ref(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: tor
                      values: torch.Tensor, step: int, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float) -> None:
     """The step in plain torch, in place: the tests' oracle and the backend of devices without a kernel."""
-    # Invariants checked: coalesce() of a row outside the table corrupts the heap (a gradient built with
+    # Summed and stepped in the compute dtype (float32 for a 16-bit table), as the C++ kernel and torch's fused AdamW
+    # do: in fp16 the second moment of a small gradient underflows and eps=1e-8 rounds to 0, so the update divided
+    # by 0. Invariants checked: coalesce() of a row outside the table corrupts the heap (a gradient built with
     # check_invariants=False, as torch's default is, can hold one).
-    grad = torch.sparse_coo_tensor(indices[None], values, param.shape, check_invariants=True).coalesce()
+    compute = compute_dtype(param.dtype)
+    grad = torch.sparse_coo_tensor(indices[None], values.to(compute), param.shape, check_invariants=True).coalesce()
     rows, g = grad.indices()[0], grad.values()
-    p, m, v = param[rows], exp_avg[rows], exp_avg_sq[rows]
+    p, m, v = (t[rows].to(compute) for t in (param, exp_avg, exp_avg_sq))
     p.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
     p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
-    param.index_copy_(0, rows, p)
-    exp_avg.index_copy_(0, rows, m)
-    exp_avg_sq.index_copy_(0, rows, v)
+    param.index_copy_(0, rows, p.to(param.dtype))
+    exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
+    exp_avg_sq.index_copy_(0, rows, v.to(exp_avg_sq.dtype))
 
 
 class TorchBackend:

@@ -7,7 +7,8 @@ draw for draw, so on a deterministic device they end with the same weights.
 
 A validation inside the fit (the sanity check too) runs off the training stream: what its steps draw (a random
 augmentation, a sampled decoding) changes nothing training draws after it, and a run resumed from a checkpoint saved
-at or during a validation goes on as the uninterrupted one did after it.
+at or during a validation goes on as the uninterrupted one did after it (but for the seed a torch DataLoader draws
+where it makes its iterator, as ``RandomState``'s notes say).
 """
 
 from __future__ import annotations

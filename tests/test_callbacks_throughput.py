@@ -784,3 +784,127 @@ def test_a_second_fit_measures_its_own_energy(tmp_path, monkeypatch):
     for fit in range(2):
         _fit(tmp_path / str(fit), Tagger(clock), [callback], steps=3)
         assert callback.summary["energy_j_per_step"] == 100.0, fit  # 100 W over each timed step's 1 s
+
+
+def test_a_list_of_per_sample_entries_counts_its_length():
+    """A dict's labels that are a list of per-image tensors counted the first image's labels (3 for 4 images), and
+    torchvision's (images, targets) counted an image's channels."""
+    labels = [torch.tensor([1, 2, 7]), torch.tensor([0]), torch.tensor([4, 4]), torch.tensor([5])]
+    assert batch_size({"images": torch.zeros(4, 3, 8, 8), "labels": labels}) == 4
+    assert batch_size({"labels": labels}) == 4
+    targets = [{"boxes": torch.zeros(2, 4), "labels": torch.tensor([1, 2])}] * 4
+    assert batch_size(([torch.zeros(3, 8, 8)] * 4, targets)) == 4
+    assert batch_size({"x": torch.zeros(4, 6), "extra": torch.zeros(10)}) == 4  # a mapping's values are fields
+
+
+class MergesLoaders(Tagger):
+    """Merges its two loaders' batches into one in on_after_batch_transfer, as the batch the hooks then see."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if isinstance(batch, dict):
+            return {k: torch.cat([batch["a"][k], batch["b"][k]]) for k in batch["a"]}
+        (x_a, y_a), (x_b, y_b) = batch
+        return torch.cat([x_a, x_b]), torch.cat([y_a, y_b])
+
+    def training_step(self, batch, batch_idx):
+        if isinstance(batch, dict):
+            return super().training_step(batch, batch_idx)
+        x, y = batch
+        return F.cross_entropy(self.head(x), y)
+
+
+@pytest.mark.parametrize("kind", ["dict", "list"])
+def test_loaders_the_module_merges_into_one_batch_count_as_one(tmp_path, kind):
+    """The batch was split by the loaders' shape, not its own: a flat dict merged from {"a", "b"} counted 0 samples
+    (Lightning stopped the fit) and a merged (x, y) from two loaders counted x and y as two loaders' batches."""
+    steps = 3
+    if kind == "dict":
+        loaders = {"a": DataLoader(_samples(steps * BATCH), batch_size=BATCH),
+                   "b": DataLoader(_samples(steps * BATCH), batch_size=BATCH)}
+    else:
+        data = TensorDataset(torch.randn(steps * BATCH, 8), torch.randint(0, 3, (steps * BATCH,)))
+        loaders = [DataLoader(data, batch_size=BATCH), DataLoader(data, batch_size=BATCH)]
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9, count_flops=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[callback])
+    trainer.fit(MergesLoaders(), loaders)
+    assert callback.summary["samples_per_s"] == 2 * BATCH  # each timed batch takes 1 s
+
+
+class PlainBackward(pl.LightningModule):
+    """Manual optimization calling loss.backward() itself, not manual_backward: no on_after_backward hook runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.lin = nn.Linear(6, 1)
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        x, y = batch
+        F.mse_loss(self.lin(x), y).backward()
+        optimizer.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_under_manual_optimization_a_plain_backward_is_counted_on_the_first_batch(tmp_path):
+    """The count waited for on_after_backward, which a plain loss.backward() never calls: every batch ran under the
+    FLOP counter and force_eager, none was timed."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    modes = []
+
+    class Look(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # after the meter's: counting or not
+            modes.append(len(_get_current_dispatch_mode_stack()))
+
+    steps = 4
+    data = TensorDataset(torch.randn(steps * BATCH, 6), torch.randn(steps * BATCH, 1))
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9, tokens_key=None)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[callback, Look()])
+    trainer.fit(PlainBackward(), DataLoader(data, batch_size=BATCH))
+    assert modes == [1] + [0] * (steps - 1)  # the first batch alone is counted
+    assert callback.summary["batches_timed"] == steps - 1
+    fresh = PlainBackward()
+    x, y = next(iter(DataLoader(data, batch_size=BATCH)))
+    assert callback.summary["flops_per_batch"] == measure_flops(fresh, lambda: F.mse_loss(fresh.lin(x), y),
+                                                                lambda loss: loss)
+
+
+def test_loaders_of_which_only_some_have_the_tokens_key_train_on(tmp_path):
+    """Lightning's rolling window was given lengths for some batches only (a max_size CombinedLoader whose longer
+    loader has the tokens key), and stopped the fit."""
+    from pytorch_lightning.utilities import CombinedLoader
+
+    no_mask = [{k: v for k, v in s.items() if k != "attention_mask"} for s in _samples(2 * BATCH)]
+
+    class Either(Tagger):
+        def training_step(self, batch, batch_idx):
+            parts = [p for p in batch.values() if p is not None]
+            return sum(F.cross_entropy(self.head(self.embed(p["input_ids"]).sum(1)), p["labels"]) for p in parts)
+
+    loaders = CombinedLoader({"text": DataLoader(_samples(4 * BATCH), batch_size=BATCH),
+                              "ids": DataLoader(no_mask, batch_size=BATCH)}, "max_size")
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9, count_flops=False, window_size=2)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[callback])
+    trainer.fit(Either(), loaders)
+    assert trainer.global_step == 4
+    assert callback.summary["tokens_per_s"] == NA
+    assert not [k for k in callback.meter.compute() if "items" in k]  # no stale token rate in the logged metrics
+
+
+def test_the_meter_stops_counting_tokens_at_a_timed_batch_without_them():
+    meter = ThroughputMeter(clock=Tick(0.5), window_size=2, warmup_batches=0)
+    meter.start()
+    for tokens in (8, None, 8):
+        meter.batch_start()
+        meter.batch_end(4, tokens)
+    assert meter.tokens is None and meter.summary()["tokens_per_s"] == NA

@@ -266,7 +266,7 @@ class ThroughputMeter:
         self.batches = 0
         self.samples: int | None = 0  # None once a timed batch had no tensor to count its samples from
         self._window_samples = 0  # what Lightning's rolling window is fed: it needs a count that always grows
-        self.tokens = 0
+        self.tokens: int | None = 0  # None once a timed batch had no token count
         self.time = 0.0  # timed training time: batches plus the gaps between them, pauses left out
         self.step_times: list[float] = []  # steps whose every batch was timed
         self.between_steps: list[float] = []  # a step's last batch end to the next step's first batch start
@@ -372,16 +372,20 @@ class ThroughputMeter:
         self.batches += 1
         self.samples = None if samples is None or self.samples is None else self.samples + samples
         self._window_samples += 1 if samples is None else samples  # a batch holds one sample at least
-        self.tokens += tokens or 0
+        # Lightning's window needs lengths with every batch or none: a batch without them (a loader without the
+        # tokens key in a max_size CombinedLoader) amid batches with them stopped the fit. Tokens/s is n/a from then on.
+        self.tokens = None if tokens is None or self.tokens is None else self.tokens + tokens
         flops = int(self.flops_per_batch) if self.flops_per_batch else None
         self.rolling.update(time=self.time, batches=self.batches, samples=self._window_samples,
-                            lengths=self.tokens if tokens is not None else None, flops=flops)
+                            lengths=self.tokens, flops=flops)
 
     def compute(self) -> dict[str, float]:
         """Rolling rates (Lightning's ``Throughput`` keys) plus the latest step time and data wait."""
         metrics = dict(self.rolling.compute()) if self.batches else {}
         if self.samples is None:  # the window's samples stand in for a count that is not known
             metrics = {k: v for k, v in metrics.items() if "samples" not in k}
+        if self.tokens is None:  # the window's lengths stopped where the token count did
+            metrics = {k: v for k, v in metrics.items() if "items" not in k and k != "lengths"}
         if self.step_times:
             metrics["step_time_ms"] = 1000 * self.step_times[-1]
         if self.between_steps:
@@ -452,35 +456,63 @@ def describe(summary: dict[str, Any]) -> str:
 
 def batch_size(batch: Any) -> int | None:
     """Samples in one loader's batch: the sequences of a packed batch (its ``segment_ids``), else the first dimension
-    of its first tensor that has one, looked for depth first through mappings, lists, tuples and dataclasses
-    (``labels`` first in a mapping); ``None`` where the batch holds no such tensor.
+    of a tensor, looked for level by level through mappings, lists, tuples and dataclasses (``labels`` first in a
+    mapping), else the length of a list that holds one entry per sample; ``None`` where there is none of these.
 
+    A list of mappings (torchvision's detection targets), or of tensors whose first dimensions differ (a detection
+    batch's per-image labels), holds one entry per sample: looking into it counted one image's boxes or channels.
     A packed row holds several sequences, numbered 1, 2, ... within the row (0 on padding; see
     ``hetrain.data.packing``): its highest segment id is its sequence count. Counting rows made samples/s of a
     packed run a third of its sequences/s."""
     if isinstance(batch, torch.Tensor):
         return len(batch) if batch.dim() else None
-    if isinstance(batch, Mapping):
+    if isinstance(batch, Mapping):  # its values are fields of the batch, never one per sample
         if isinstance(batch.get("segment_ids"), torch.Tensor):
             return int(batch["segment_ids"].amax(dim=-1).sum())
         batch = [batch["labels"], *batch.values()] if "labels" in batch else list(batch.values())
     elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         batch = [getattr(batch, field.name) for field in dataclasses.fields(batch)]
+    elif _per_sample(batch):
+        return len(batch)
     if not isinstance(batch, list | tuple):
         return None
+    # A tensor at this level first, then a per-sample list, then deeper.
+    for item in batch:
+        if isinstance(item, torch.Tensor) and item.dim():
+            return len(item)
+    for item in batch:
+        if _per_sample(item):
+            return len(item)
     for item in batch:
         if (size := batch_size(item)) is not None:
             return size
     return None
 
 
+def _per_sample(items: Any) -> bool:
+    """Whether the list or tuple ``items`` holds samples, not a batch's fields: mappings, or tensors alike but for
+    their first dimension (ragged labels or boxes). One mapping alone is taken for a batch."""
+    if not isinstance(items, list | tuple) or len(items) < 2:
+        return False
+    if all(isinstance(item, Mapping) for item in items):
+        return True
+    if not all(isinstance(item, torch.Tensor) and item.dim() for item in items):
+        return False
+    return len({item.shape[1:] for item in items}) == 1 and len({len(item) for item in items}) > 1
+
+
 def loader_batches(loaders: Any, batch: Any) -> list[Any]:
     """Each training loader's batch in ``batch``: Lightning combines a dict or list of loaders
     (``train_dataloaders={"a": ..., "b": ...}``) into one batch of the same shape, one entry per loader, ``None`` for
-    one a ``max_size`` ``CombinedLoader`` ran out of. ``loaders`` is ``trainer.train_dataloader``."""
-    if isinstance(loaders, Mapping) and isinstance(batch, Mapping):
-        return [part for key, loader in loaders.items() for part in loader_batches(loader, batch.get(key))]
-    if isinstance(loaders, list | tuple) and isinstance(batch, list | tuple) and len(loaders) == len(batch):
+    one a ``max_size`` ``CombinedLoader`` ran out of. ``loaders`` is ``trainer.train_dataloader``.
+
+    The batch is the one after ``on_before_batch_transfer`` / ``on_after_batch_transfer``, which may merge the loaders'
+    batches into one: a dict is split only where its keys are the loaders' own, a list or tuple only where it has one
+    entry per loader and none is a bare tensor (a merged ``(x, y)`` is one batch); anything else is one batch."""
+    if isinstance(loaders, Mapping) and isinstance(batch, Mapping) and set(batch) == set(loaders):
+        return [part for key, loader in loaders.items() for part in loader_batches(loader, batch[key])]
+    if (isinstance(loaders, list | tuple) and isinstance(batch, list | tuple) and len(loaders) == len(batch)
+            and not any(isinstance(one, torch.Tensor) for one in batch)):
         return [part for loader, one in zip(loaders, batch, strict=True) for part in loader_batches(loader, one)]
     return [] if batch is None else [batch]
 
@@ -521,7 +553,9 @@ class Throughput(Callback):
           fit's first included, computes what it would uncounted.
         - Samples are sequences: a packed batch (``segment_ids``, see ``hetrain.data.packing``) counts the
           sequences its rows hold, not its rows. A batch of several loaders (``train_dataloaders={"a": ...,
-          "b": ...}``) counts each loader's; in a batch without a tensor to count from, samples/s is ``"n/a"``.
+          "b": ...}``) counts each loader's, unless the module merged them into one (see :func:`loader_batches`); in a
+          batch without a tensor to count from, samples/s is ``"n/a"``. Tokens/s is ``"n/a"`` once a timed batch lacks
+          ``tokens_key``.
         - Peak FLOP/s for MFU: ``peak_flops`` if given, else Lightning's table, else a short matmul
           measurement at the run's compute dtype, once per device name.
         - GPU work is waited for before each clock read, so times are of the work, not of its launch.
@@ -571,7 +605,7 @@ class Throughput(Callback):
         self._flop_counter: contextlib.ExitStack | None = None  # open while the first batch's FLOPs are counted
         self._flops: FlopCounterMode | None = None
         self._count_pending = False  # FLOPs to count and no batch counted yet
-        self._backward_seen = False  # the batch being counted ran a backward
+        self._counted: int | None = None  # the counter's total, closed, until its batch ends
         self._stepped = False
         self._samples_warned = False
         self._joules: float | None = None  # GPU energy of the training stretches closed so far
@@ -587,7 +621,7 @@ class Throughput(Callback):
         """Samples and tokens of ``batch``, summed over the loaders Lightning combined into it; ``None``: unknown."""
         parts = loader_batches(trainer.train_dataloader, batch)
         sizes = [batch_size(part) for part in parts]
-        samples = None if None in sizes else sum(sizes)
+        samples = None if None in sizes or not sizes else sum(sizes)
         if samples is None and not self._samples_warned:
             self._samples_warned = True
             log.warning(f"hetrain: Throughput found no tensor with a batch dimension in a training batch "
@@ -617,6 +651,7 @@ class Throughput(Callback):
         self._devices = sorted({p.device for p in pl_module.parameters()}, key=str)
         self._joules = self._energy_start = None  # an earlier fit's energy is not this one's
         self._stepped = self._samples_warned = False
+        self._counted = None
         root = trainer.strategy.root_device
         available = self.peak_flops or peak_flops(root, _plugin_to_compute_dtype(trainer.precision_plugin))
         flops_per_batch = getattr(pl_module, "flops_per_batch", None)
@@ -650,7 +685,6 @@ class Throughput(Callback):
         else:
             self._close_energy()  # a profiled step
         if self._count_pending:
-            self._backward_seen = False
             # Counted with torch.compile standing aside: dynamo meeting a frame under the counter's dispatch mode
             # marks its code never to be compiled, so a compiled model would have run eagerly all run.
             self._flop_counter = contextlib.ExitStack()
@@ -667,26 +701,30 @@ class Throughput(Callback):
         if pl_module.automatic_optimization:
             self._stop_counting()
 
-    @override
-    @rank_zero_only
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._backward_seen = True
-
     def _stop_counting(self, keep: bool = True) -> None:
-        """Closes the FLOP counter, if open; ``keep``: its count is the batch's (not for a batch that never ran). A
-        batch without a backward (its training_step returned None) is no training batch: the next one is counted."""
+        """Closes the FLOP counter, if open; ``keep``: its count may be the batch's, which its end decides (not for a
+        batch that never ran)."""
         if self._flop_counter is not None:
             self._flop_counter.close()
-            if keep and self._backward_seen:
-                self.meter.flops_per_batch = self._flops.get_total_flops() or None
-                self._count_pending = False
+            self._counted = self._flops.get_total_flops() if keep else None
             self._flop_counter = self._flops = None
+
+    def _keep_count(self, pl_module: pl.LightningModule, outputs: Any) -> None:
+        """Makes the closed counter's total the FLOPs per batch, unless the batch ran no backward: under automatic
+        optimization its training_step returned None (Lightning passes ``{}``), and the next batch is counted. Under
+        manual optimization the batch is counted whatever it returns: its backward may be a plain
+        ``loss.backward()``, which no hook sees (waiting for one kept every batch under the counter, untimed)."""
+        counted, self._counted = self._counted, None
+        if counted is not None and (outputs or not pl_module.automatic_optimization):
+            self.meter.flops_per_batch = counted or None
+            self._count_pending = False
 
     @override
     @rank_zero_only
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._stop_counting()
+        self._keep_count(pl_module, outputs)
         self._sync()
         self.meter.batch_end(*self._count(trainer, batch), step_done=self._stepped)
         self._open_energy()  # from the end of the warm-up on: the first step all of whose batches are timed

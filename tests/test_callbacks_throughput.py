@@ -795,6 +795,28 @@ def test_a_list_of_per_sample_entries_counts_its_length():
     targets = [{"boxes": torch.zeros(2, 4), "labels": torch.tensor([1, 2])}] * 4
     assert batch_size(([torch.zeros(3, 8, 8)] * 4, targets)) == 4
     assert batch_size({"x": torch.zeros(4, 6), "extra": torch.zeros(10)}) == 4  # a mapping's values are fields
+    # A batch's own tensors may differ in their first dimension: a query's candidates, a broadcast weight.
+    assert batch_size((torch.zeros(4, 7), torch.zeros(12, 7))) == 4
+    assert batch_size([torch.zeros(4, 5), torch.zeros(1, 5)]) == 4
+
+
+@pytest.mark.parametrize("sizes", [(BATCH, 2), (BATCH, BATCH)])
+def test_loaders_that_yield_bare_tensors_count_each(tmp_path, sizes):
+    """Lightning's batch of train_dataloaders=[a, b], each yielding a tensor, is [tensor_a, tensor_b]: taken for a
+    merged (x, y), it counted 2 samples a batch, or loader a's alone."""
+
+    class TwoTensors(Tagger):
+        def training_step(self, batch, batch_idx):
+            return sum(self.head(x).sum() for x in batch)
+
+    steps = 3
+    loaders = [DataLoader(torch.randn(steps * n, 8), batch_size=n) for n in sizes]
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9, count_flops=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[callback])
+    trainer.fit(TwoTensors(), loaders)
+    assert callback.summary["samples_per_s"] == sum(sizes)  # each timed batch takes 1 s
 
 
 class MergesLoaders(Tagger):

@@ -29,6 +29,7 @@ from lightning_fabric.utilities.throughput import get_available_flops
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils import flop_counter
@@ -472,7 +473,7 @@ def batch_size(batch: Any) -> int | None:
         batch = [batch["labels"], *batch.values()] if "labels" in batch else list(batch.values())
     elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         batch = [getattr(batch, field.name) for field in dataclasses.fields(batch)]
-    elif _per_sample(batch):
+    elif _per_sample(batch, ragged=False):  # a list of samples' mappings, uncollated
         return len(batch)
     if not isinstance(batch, list | tuple):
         return None
@@ -489,32 +490,45 @@ def batch_size(batch: Any) -> int | None:
     return None
 
 
-def _per_sample(items: Any) -> bool:
-    """Whether the list or tuple ``items`` holds samples, not a batch's fields: mappings, or tensors alike but for
-    their first dimension (ragged labels or boxes). One mapping alone is taken for a batch."""
+def _per_sample(items: Any, ragged: bool = True) -> bool:
+    """Whether the list or tuple ``items`` holds samples, not a batch's fields: mappings, or (``ragged``, for a list
+    inside a batch) tensors alike but for their first dimension (ragged labels or boxes). One mapping alone is taken
+    for a batch; a batch's own tensors may differ in their first dimension (queries and their candidates)."""
     if not isinstance(items, list | tuple) or len(items) < 2:
         return False
     if all(isinstance(item, Mapping) for item in items):
         return True
-    if not all(isinstance(item, torch.Tensor) and item.dim() for item in items):
+    if not ragged or not all(isinstance(item, torch.Tensor) and item.dim() for item in items):
         return False
     return len({item.shape[1:] for item in items}) == 1 and len({len(item) for item in items}) > 1
 
 
-def loader_batches(loaders: Any, batch: Any) -> list[Any]:
+def loader_batches(loaders: Any, batch: Any, may_merge: bool = True) -> list[Any]:
     """Each training loader's batch in ``batch``: Lightning combines a dict or list of loaders
     (``train_dataloaders={"a": ..., "b": ...}``) into one batch of the same shape, one entry per loader, ``None`` for
     one a ``max_size`` ``CombinedLoader`` ran out of. ``loaders`` is ``trainer.train_dataloader``.
 
-    The batch is the one after ``on_before_batch_transfer`` / ``on_after_batch_transfer``, which may merge the loaders'
-    batches into one: a dict is split only where its keys are the loaders' own, a list or tuple only where it has one
-    entry per loader and none is a bare tensor (a merged ``(x, y)`` is one batch); anything else is one batch."""
+    ``may_merge``: the batch is the one after the module's (or datamodule's) ``on_before_batch_transfer`` /
+    ``transfer_batch_to_device`` / ``on_after_batch_transfer``, which may merge the loaders' batches into one: a dict
+    is then split only where its keys are the loaders' own, a list or tuple only where it has one entry per loader
+    and none is a bare tensor (a merged ``(x, y)`` is one batch). Otherwise the batch has the loaders' shape, bare
+    tensors included. Anything else is one batch."""
     if isinstance(loaders, Mapping) and isinstance(batch, Mapping) and set(batch) == set(loaders):
-        return [part for key, loader in loaders.items() for part in loader_batches(loader, batch[key])]
+        return [part for key, loader in loaders.items() for part in loader_batches(loader, batch[key], may_merge)]
     if (isinstance(loaders, list | tuple) and isinstance(batch, list | tuple) and len(loaders) == len(batch)
-            and not any(isinstance(one, torch.Tensor) for one in batch)):
-        return [part for loader, one in zip(loaders, batch, strict=True) for part in loader_batches(loader, one)]
+            and not (may_merge and any(isinstance(one, torch.Tensor) for one in batch))):
+        return [part for loader, one in zip(loaders, batch, strict=True)
+                for part in loader_batches(loader, one, may_merge)]
     return [] if batch is None else [batch]
+
+
+_TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def _may_merge(trainer: pl.Trainer) -> bool:
+    """Whether the module or datamodule overrides a hook that may reshape a batch before the callbacks see it."""
+    owners = [trainer.lightning_module, trainer.datamodule]
+    return any(owner is not None and is_overridden(hook, owner) for owner in owners for hook in _TRANSFER_HOOKS)
 
 
 def count_tokens(tensor: torch.Tensor) -> int:
@@ -619,7 +633,7 @@ class Throughput(Callback):
 
     def _count(self, trainer: pl.Trainer, batch: Any) -> tuple[int | None, int | None]:
         """Samples and tokens of ``batch``, summed over the loaders Lightning combined into it; ``None``: unknown."""
-        parts = loader_batches(trainer.train_dataloader, batch)
+        parts = loader_batches(trainer.train_dataloader, batch, _may_merge(trainer))
         sizes = [batch_size(part) for part in parts]
         samples = None if None in sizes or not sizes else sum(sizes)
         if samples is None and not self._samples_warned:

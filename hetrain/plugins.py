@@ -291,7 +291,14 @@ def strict() -> bool:
     """Whether an automatically chosen backend that fails raises rather than falls back (config, HETRAIN_STRICT)."""
     if _config_strict is not None:
         return _config_strict
-    return os.environ.get(ENV_STRICT, "0").lower() in ("1", "true", "yes")
+    value = os.environ.get(ENV_STRICT, "0").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    # Read as "not strict", HETRAIN_STRICT=2 gave silent fallbacks where a failing backend was to raise.
+    raise BackendError(f"hetrain: cannot read {ENV_STRICT}={os.environ[ENV_STRICT]!r}: expected 1, true, yes or on "
+                       "(strict) or 0, false, no or off")
 
 
 def _check_pins(pins: Mapping[str, str | None], source: str) -> None:

@@ -606,3 +606,15 @@ def test_an_op_last_in_a_checkpointed_region_recomputes_without_falling_back(nam
     fn(x, w).sum().backward()
     for g, want in zip(got, (x.grad, w.grad), strict=True):
         torch.testing.assert_close(g, want)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("On", True), ("yes", True), ("0", False), ("off", False),
+                                                 ("", False), ("2", None), ("abc", None)])
+def test_strict_mode_from_the_environment_refuses_what_it_cannot_read(monkeypatch, value, expected):
+    # HETRAIN_STRICT=2 or =on read as "not strict": a failing backend fell back where the run asked it to raise.
+    monkeypatch.setenv(plugins.ENV_STRICT, value)
+    if expected is None:
+        with pytest.raises(plugins.BackendError, match=rf"cannot read HETRAIN_STRICT='{value}': expected 1, true"):
+            plugins.strict()
+    else:
+        assert plugins.strict() is expected

@@ -54,20 +54,52 @@ class HostCacheStats:
     max_cached_bytes: int  # keep_freed_blocks's last cap (0 before the first; none kept while disabled)
 
 
-def memory_limit_bytes(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """The machine's memory, or a container's lower limit (cgroup v2 ``memory.max`` or v1's ``limit_in_bytes``)."""
+def memory_limit_bytes(cgroup_root: Path = Path("/sys/fs/cgroup"),
+                       own_cgroups: Path = Path("/proc/self/cgroup")) -> int:
+    """The machine's memory, or a lower limit of a cgroup this process runs in (v2 ``memory.max``, v1
+    ``limit_in_bytes``): at the mount's root (a container's own view) or on the path from there to the process's own
+    cgroup (``own_cgroups``: a systemd unit's or a batch job's limit, which the root did not show)."""
     try:
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         limit = 16 << 30
-    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+    files = [cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes",
+             *_own_limit_files(cgroup_root, own_cgroups)]
+    for file in files:
         try:
-            text = (cgroup_root / name).read_text().strip()
+            text = file.read_text().strip()
         except OSError:
             continue
         if text.isdigit():  # "max" (v2) or a huge number (v1) where no limit is set
             limit = min(limit, int(text))
     return limit
+
+
+def _own_limit_files(cgroup_root: Path, own_cgroups: Path) -> list[Path]:
+    """The limit files from the process's own cgroups (``/proc/self/cgroup``: ``0::<path>`` for v2,
+    ``<id>:memory,...:<path>`` for v1) up to the mount's root: a limit set anywhere on the way applies."""
+    try:
+        lines = own_cgroups.read_text().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[1] == "":
+            base, name = cgroup_root, "memory.max"
+        elif "memory" in parts[1].split(","):
+            base, name = cgroup_root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        directory = base / parts[2].lstrip("/")
+        if ".." in Path(parts[2]).parts:
+            continue
+        while directory != base:
+            files.append(directory / name)
+            directory = directory.parent
+    return files
 
 
 def default_max_cached_bytes() -> int:

@@ -204,6 +204,23 @@ def test_the_default_cap_is_a_quarter_of_a_containers_limit_where_one_is_set(tmp
     assert cpu_memory.memory_limit_bytes(tmp_path) == min(machine, 512 << 20)
 
 
+def test_a_limit_on_the_processs_own_cgroup_counts_where_the_root_shows_none(tmp_path):
+    # Only the mount's root was read: under a systemd unit's or a batch job's limit (no cgroup view of its own) the
+    # cache could keep a quarter of the machine, more than the job may use.
+    root, own = tmp_path / "cgroup", tmp_path / "self_cgroup"
+    machine = cpu_memory.memory_limit_bytes(root, own)
+    (root / "jobs" / "job_1" / "step").mkdir(parents=True)
+    (root / "memory.max").write_text("max\n")
+    (root / "jobs" / "job_1" / "memory.max").write_text(f"{2 << 30}\n")
+    (root / "jobs" / "job_1" / "step" / "memory.max").write_text("max\n")
+    own.write_text("0::/jobs/job_1/step\n")
+    assert cpu_memory.memory_limit_bytes(root, own) == min(machine, 2 << 30)
+    (root / "memory" / "batch").mkdir(parents=True)  # v1: the memory controller's own hierarchy
+    (root / "memory" / "batch" / "memory.limit_in_bytes").write_text(f"{1 << 30}\n")
+    own.write_text("5:cpu,cpuacct:/batch\n4:memory:/batch\n")
+    assert cpu_memory.memory_limit_bytes(root, own) == min(machine, 1 << 30)
+
+
 def test_an_unknown_mode_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="cpu_malloc='cache' is not a choice: use keep .* or system"):
         cpu_memory.apply("cache")

@@ -93,9 +93,9 @@ def _own_limit_files(cgroup_root: Path, own_cgroups: Path) -> list[Path]:
             base, name = cgroup_root / "memory", "memory.limit_in_bytes"
         else:
             continue
-        directory = base / parts[2].lstrip("/")
         if ".." in Path(parts[2]).parts:
             continue
+        directory = base / parts[2].lstrip("/")
         while directory != base:
             files.append(directory / name)
             directory = directory.parent

@@ -622,6 +622,7 @@ class Throughput(Callback):
         self._counted: int | None = None  # the counter's total, closed, until its batch ends
         self._stepped = False
         self._samples_warned = False
+        self._may_merge = True  # the module or datamodule may reshape batches before this callback sees them
         self._joules: float | None = None  # GPU energy of the training stretches closed so far
         self._energy_start: float | None = None  # the counter where the open stretch began
         self._wait_seen: float | None = None  # the training loader's wait_seconds at the last reading
@@ -633,7 +634,7 @@ class Throughput(Callback):
 
     def _count(self, trainer: pl.Trainer, batch: Any) -> tuple[int | None, int | None]:
         """Samples and tokens of ``batch``, summed over the loaders Lightning combined into it; ``None``: unknown."""
-        parts = loader_batches(trainer.train_dataloader, batch, _may_merge(trainer))
+        parts = loader_batches(trainer.train_dataloader, batch, self._may_merge)
         sizes = [batch_size(part) for part in parts]
         samples = None if None in sizes or not sizes else sum(sizes)
         if samples is None and not self._samples_warned:
@@ -666,6 +667,7 @@ class Throughput(Callback):
         self._joules = self._energy_start = None  # an earlier fit's energy is not this one's
         self._stepped = self._samples_warned = False
         self._counted = None
+        self._may_merge = _may_merge(trainer)  # read once a fit, not at every batch
         root = trainer.strategy.root_device
         available = self.peak_flops or peak_flops(root, _plugin_to_compute_dtype(trainer.precision_plugin))
         flops_per_batch = getattr(pl_module, "flops_per_batch", None)

@@ -113,14 +113,15 @@ class TokenFile:
         if not -n <= i < n:
             raise IndexError(f"hetrain: document {i} of a token file of {n} documents ({self.bin_path})")
         i %= n  # offsets[i + 1] of a negative i would read the next document's start from the wrong end
-        return self.span(int(self.offsets[i]), int(self.offsets[i + 1]), f"document {i}")
+        return self.span(int(self.offsets[i]), int(self.offsets[i + 1]), "document", i)
 
-    def span(self, start: int, stop: int, what: str) -> np.ndarray:
-        """Tokens ``[start, stop)`` of the file, for ``what`` (named in the error): a .bin cut short and opened with
-        ``validate=False`` would otherwise hand back fewer tokens, or none, without a word."""
+    def span(self, start: int, stop: int, kind: str, index: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the file, for ``kind`` ``index`` (named in the error only, so a read formats
+        nothing): a .bin cut short and opened with ``validate=False`` would otherwise hand back fewer tokens, or none,
+        without a word."""
         tokens = self.tokens[start:stop]
         if len(tokens) < stop - start:
-            raise ValueError(f"hetrain: token file {self.bin_path} is cut short: {what} needs tokens "
+            raise ValueError(f"hetrain: token file {self.bin_path} is cut short: {kind} {index} needs tokens "
                              f"[{start}, {stop}), the file holds {len(self.tokens)} of the {self.num_tokens} its "
                              f"index promises. {self._rebuild()}")
         return tokens

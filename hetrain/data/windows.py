@@ -78,7 +78,7 @@ class TokenWindows(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         start, n = int(self.windows.start[i]), int(self.windows.length[i])
-        tokens = self.file.span(start, start + n, f"window {i}")
+        tokens = self.file.span(start, start + n, "window", i)
         return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "sample_id": i}
 
 

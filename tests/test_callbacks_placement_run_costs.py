@@ -63,3 +63,60 @@ def test_best_plan_refuses_when_no_plan_the_run_executes_has_a_time():
     micro = two_devices([[INF, 0.5], [INF, 0.5]])
     with pytest.raises(ValueError, match="no placement has a finite predicted time"):
         RunCosts(whole, micro, 4).best_plan()
+
+
+def with_activation(compute: list[list[float]]) -> CostModel:
+    """Stages a, act and c on two devices; act holds no weights, so it runs where a's output is."""
+    return CostModel(["a", "act", "c"], ["cpu", "cuda:0"], compute, [100, 100, 8], [[INF, 1e3], [1e3, INF]])
+
+
+def test_best_plan_puts_a_stage_without_weights_where_it_runs():
+    """Before, the solver put act (10 on the CPU, 1 on cuda:0) on cuda:0 after a on the CPU and predicted 3.2, but
+    placing does not move act: it ran on the CPU after a, a plan predicted at 12.2, where cuda:0 throughout is 5."""
+    costs = RunCosts(with_activation([[1.0, 3.0], [10.0, 1.0], [1.0, 1.0]]), weightless=("act",))
+    best = costs.best_plan()
+    assert best.devices == {"a": "cuda:0", "act": "cuda:0", "c": "cuda:0"}
+    assert best.predicted_step_time == pytest.approx(5.0)
+    # A plan that names another device for act is priced as it runs: act after a, on the CPU.
+    assert costs.predict({"a": "cpu", "act": "cuda:0", "c": "cuda:0"}) == pytest.approx(1 + 10 + 0.2 + 1)
+
+
+def test_a_stage_without_weights_on_a_device_of_its_own_splits_no_batch():
+    """PipelineSplit counts only the devices of stages with weights; before, a plan that named another device for a
+    stage without them was priced as micro-batches over two stages, which the run never cuts."""
+    whole = with_activation([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    micro = with_activation([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
+    costs = RunCosts(whole, micro, 4, weightless=("act",))
+    plan = {"a": "cpu", "act": "cuda:0", "c": "cpu"}
+    assert not costs.split(plan)
+    assert costs.predict(plan) == pytest.approx(3.0)
+
+
+def test_a_leading_stage_without_weights_runs_with_the_stage_after_it():
+    costs = RunCosts(with_activation([[5.0, 1.0], [1.0, 5.0], [1.0, 5.0]]), weightless=("a",))
+    best = costs.best_plan()
+    assert best.devices["a"] == best.devices["act"]
+    assert best.predicted_step_time == pytest.approx(7.0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_best_plan_with_stages_without_weights_is_the_best_plan_that_runs_as_placed(seed):
+    rng = random.Random(seed)
+    stages, devices = ["s0", "s1", "s2", "s3"][: rng.randint(1, 4)], ["cpu", "cuda:0", "cuda:1"]
+    weightless = tuple(s for s in stages if rng.random() < 0.4)
+    costs = RunCosts(random_model(rng, stages, devices), random_model(rng, stages, devices), rng.randint(1, 6),
+                     weightless)
+    times = []
+    for assignment in itertools.product(devices, repeat=len(stages)):
+        try:
+            times.append(costs.predict(dict(zip(stages, assignment, strict=True))))
+        except ValueError:  # a device holding two stages of a pipeline
+            continue
+    if math.isinf(min(times)):
+        with pytest.raises(ValueError, match="no placement has a finite predicted time"):
+            costs.best_plan()
+        return
+    best = costs.best_plan()
+    assert costs.executed(best.devices) == best.devices  # a plan the run executes as it reads
+    assert best.predicted_step_time == pytest.approx(min(times))
+    assert costs.predict(best.devices) == best.predicted_step_time

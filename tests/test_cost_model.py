@@ -135,6 +135,13 @@ def test_measure_refuses_the_meta_device_by_name():
         measure(nn.Sequential(nn.Linear(2, 2)), lambda: torch.randn(1, 2), ["cpu", "meta"])
 
 
+def test_measure_takes_torch_devices_and_records_their_names():
+    """Before, every stage was timed, then the CostModel refused [device(type='cpu')] as not a list of names."""
+    cm = measure(nn.Sequential(nn.Linear(2, 2)), lambda: torch.randn(1, 2), [torch.device("cpu")], warmup=0,
+                 repeats=1)
+    assert cm.devices == ["cpu"]
+
+
 def test_measure_times_a_stage_that_works_in_place_on_its_input():
     """Before, a later stage's input was a leaf that requires grad: nn.ReLU(inplace=True) as a stage failed "a leaf
     Variable that requires grad is being used in an in-place operation", and the chain ran on no device."""

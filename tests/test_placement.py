@@ -26,7 +26,7 @@ from hetrain.placement import (
     topological_order,
     upward_ranks,
 )
-from hetrain.placement.plan import remove_input_hooks
+from hetrain.placement.plan import hook_inputs, remove_input_hooks
 
 INF = math.inf
 
@@ -858,6 +858,28 @@ def test_an_applied_plans_hooks_follow_the_model_when_it_moves_and_can_be_remove
     assert model(torch.randn(4, 5)).device.type == "cpu"
     assert remove_input_hooks(model) == 3
     assert not any(module._forward_pre_hooks for module in model.modules())
+
+
+class TakesNested(nn.Module):
+    """A stage whose inputs come nested: a (hidden, skip) tuple, and a list as a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(2))
+        self.seen: list[torch.device] = []
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor], *, extra: list[torch.Tensor]) -> torch.Tensor:
+        self.seen = [t.device for t in (*pair, *extra)]
+        return (pair[0] + pair[1] + extra[0]) * self.scale
+
+
+def test_the_input_hook_moves_tensors_nested_in_the_inputs():
+    """Before, only tensors passed as arguments themselves moved: those in a tuple, a list or a keyword argument
+    stayed on the CPU while the stage was on meta."""
+    stage = TakesNested().to("meta")
+    hook_inputs(stage)
+    out = stage((torch.ones(2), torch.ones(2)), extra=[torch.ones(2)])
+    assert stage.seen == [torch.device("meta")] * 3 and out.device.type == "meta"
 
 
 def test_apply_takes_a_root_path_and_stages_without_weights():

@@ -149,6 +149,78 @@ def test_pipeline_objective_cuts_only_what_the_stages_take_into_a_micro_batch(tm
     assert rows == [8, 2]
 
 
+def collate_rows(samples: list[int]) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[1 + (s + t) % 63 for t in range(8)] for s in samples])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
+            "labels": torch.tensor(samples) % 2}
+
+
+def test_a_batch_of_fewer_rows_than_micro_batches_is_priced_in_as_many_pieces_as_it_has_rows(tmp_path, monkeypatch):
+    """The split cuts 2 rows into 2 micro-batches, not 8; before, a split plan was priced as 8 micro-batches."""
+    import pytorch_lightning as pl
+
+    from hetrain.callbacks import placement as placement_module
+    from hetrain.models.bert import BertClassifier
+    from hetrain.models.task import ClassificationTask
+
+    class Kept(StagePlacement):
+        def measure(self, trainer, pl_module):
+            self.costs = super().measure(trainer, pl_module)
+            return self.costs
+
+    rows = []
+    monkeypatch.setattr(placement_module, "measure", measuring_two_devices(rows))
+    task = ClassificationTask(BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=8),
+                              num_classes=2)
+    placement = Kept("auto", objective="pipeline", micro_batches=8)
+    trainer = pl.Trainer(max_steps=1, callbacks=[placement], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(task, torch.utils.data.DataLoader(range(2), batch_size=2, collate_fn=collate_rows))
+    assert rows == [2, 1] and placement.costs.micro_batches == 2
+    split = {"embeddings": "cpu", "encoder.0": "cuda:0", "classifier": "cuda:0"}
+    assert placement.costs.predict(split) == placement.costs.micro.predict(split, "pipeline", 2)
+    plan = {key.removeprefix("plan."): device for key, device in placement.summary.items() if key.startswith("plan.")}
+    assert placement.summary["micro_batches"] == (2 if placement.costs.split(plan) else 1)
+
+
+def test_auto_places_a_stage_without_weights_with_the_stage_before_it(tmp_path, monkeypatch):
+    """Placing leaves a stage without weights where its input is. Before, the solver put act (10 s on the CPU, 1 s on
+    cuda:0) on cuda:0 after a on the CPU and predicted 3.2 s, a plan that ran act on the CPU (12.2 s)."""
+    import pytorch_lightning as pl
+    from torch import nn
+
+    from hetrain.callbacks import placement as placement_module
+
+    class ThreeStages(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.act, self.c = nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 1)
+
+        def stages(self) -> dict[str, nn.Module]:
+            return {"a": self.a, "act": self.act, "c": self.c}
+
+        def placement_inputs(self, batch: torch.Tensor):
+            return (lambda: batch), (lambda name: ())
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.c(self.act(self.a(batch))).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def measured(stages, make_input, devices, extra_args, **kwargs):
+        return CostModel(list(stages), ["cpu", "cuda:0"], [[1.0, 3.0], [10.0, 1.0], [1.0, 1.0]], [100, 100, 8],
+                         [[INF, 1e3], [1e3, INF]])
+
+    monkeypatch.setattr(placement_module, "measure", measured)
+    placement = StagePlacement("auto")
+    trainer = pl.Trainer(max_steps=1, callbacks=[placement], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(ThreeStages(), torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=4))
+    assert placement.summary["plan.act"] == placement.summary["plan.a"] == "cuda:0"
+    assert placement.summary["predicted_step_time_ms"] == 5000.0
+
+
 def test_run_costs_price_a_plan_as_the_pipeline_split_runs_it():
     from hetrain.callbacks.placement import RunCosts
 

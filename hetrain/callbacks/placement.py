@@ -47,19 +47,34 @@ class RunCosts:
     batch whole (``PipelineSplit`` does not cut a batch whose stages share a device: micro-batches there cannot
     overlap), priced from ``whole``, as is every plan under the sequential objective. Pricing a one-device plan
     as pipelined micro-batches would pay per-call costs ``micro_batches`` times, and on a GPU a small
-    micro-batch takes about as long as the whole batch.
+    micro-batch takes about as long as the whole batch. ``micro_batches`` is the count the split cuts the measured
+    batch into (no more than its rows).
+
+    ``weightless`` names the stages holding no parameters or buffers: placing does not move one, it runs where its
+    input is, so a plan is read with each of them on the device of the stage it follows (leading ones: the stage
+    after them), and the solver places them with that stage (:meth:`CostModel.merge_weightless`).
     """
 
     whole: CostModel
     micro: CostModel | None = None
     micro_batches: int = 1
+    weightless: tuple[str, ...] = ()
+
+    def executed(self, devices: Mapping[str, str]) -> dict[str, str]:
+        """Each stage's device under ``{path: device}`` (group paths allowed) as the run places it: a stage without
+        weights on the device of the stage it is merged into."""
+        planned = dict(zip(self.whole.stages, self.whole.stage_devices(devices), strict=True))
+        _, runs_in = self.whole.merge_weightless(self.weightless)
+        return {stage: planned[runs_in[stage]] for stage in self.whole.stages}
 
     def split(self, devices: Mapping[str, str]) -> bool:
-        """Whether the run cuts each batch into micro-batches under this plan."""
-        return self.micro is not None and len(set(devices.values())) > 1
+        """Whether the run cuts each batch into micro-batches under this plan: as ``PipelineSplit``, only where the
+        stages with weights are on several devices."""
+        return self.micro is not None and len(set(self.executed(devices).values())) > 1
 
     def predict(self, devices: Mapping[str, str]) -> float:
-        """Predicted forward + backward seconds per batch of ``{path: device}`` (group paths allowed)."""
+        """Predicted forward + backward seconds per batch of ``{path: device}`` (group paths allowed), as executed."""
+        devices = self.executed(devices)
         if self.split(devices):
             return self.micro.predict(devices, "pipeline", self.micro_batches)
         return self.whole.predict(devices)
@@ -67,13 +82,16 @@ class RunCosts:
     def best_plan(self) -> PlacementPlan:
         """The fastest plan: the exact chain solver's, or where batches may be split the fastest of every one-device
         plan (run whole) and the best plan over several devices (run in micro-batches). The solver's own pipeline
-        optimum may be a one-device plan priced as micro-batches, which the run never executes."""
+        optimum may be a one-device plan priced as micro-batches, which the run never executes. The solvers see
+        each stage without weights merged into the one it runs with, so they choose among plans that run as placed."""
+        whole, runs_in = self.whole.merge_weightless(self.weightless)
         if self.micro is None:
-            return self.whole.chain_plan()
+            plan = whole.chain_plan()
+            return PlacementPlan(_expand(plan.devices, runs_in), plan.method, plan.predicted_step_time)
         candidates = [dict.fromkeys(self.whole.stages, device) for device in self.whole.devices]
-        split = self.micro.multi_device_plan(self.micro_batches)
+        split = self.micro.merge_weightless(self.weightless)[0].multi_device_plan(self.micro_batches)
         if split is not None:
-            candidates.append(split.devices)
+            candidates.append(_expand(split.devices, runs_in))
         seconds, devices = min(((self.predict(c), c) for c in candidates), key=lambda pair: pair[0])
         if math.isinf(seconds):
             raise ValueError("hetrain: no placement has a finite predicted time: every device fails a stage on the "
@@ -86,6 +104,11 @@ class RunCosts:
         self.whole.save(directory / "placement_costs.json")
         if self.micro is not None:
             self.micro.save(directory / "placement_costs_micro.json")
+
+
+def _expand(merged: Mapping[str, str], runs_in: Mapping[str, str]) -> dict[str, str]:
+    """A plan for merged stages as one for every stage: each on the device of the stage it runs in."""
+    return {stage: merged[head] for stage, head in runs_in.items()}
 
 
 class StagePlacement(Callback):
@@ -142,26 +165,31 @@ class StagePlacement(Callback):
         has some): whole, and under the pipeline objective with several devices here also its first micro-batch (see
         :class:`RunCosts`)."""
         batch = _first_batch(_measuring_loader(trainer))
-        whole = _time_stages(trainer, pl_module, batch)
+        weightless = tuple(name for name, stage in pl_module.stages().items() if held_device(stage) is None)
+        make_input, stage_args = pl_module.placement_inputs(batch)
+        whole = _time_stages(trainer, pl_module, make_input, stage_args)
         if self.objective == "sequential" or len(whole.devices) == 1:
-            return RunCosts(whole)
-        micro = _time_stages(trainer, pl_module, batch, self.micro_batches)
-        return RunCosts(whole, micro, self.micro_batches)
+            return RunCosts(whole, weightless=weightless)
+        # The split cuts a batch of fewer rows than micro_batches into one piece per row (micro_batch_count).
+        pieces = micro_batch_count(_rows(make_input()), self.micro_batches)
+        micro = _time_stages(trainer, pl_module, *_first_micro_batch(make_input, stage_args, pieces))
+        return RunCosts(whole, micro, pieces, weightless)
 
     def solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PlacementPlan:
         """Measures the stages on this machine's devices and solves the chain."""
         costs = self.measure(trainer, pl_module)
         plan = costs.best_plan()
         predicted_ms = _ms(plan.predicted_step_time)
-        runs = f"in {self.micro_batches} micro-batches" if costs.split(plan.devices) else "whole"
+        micro_batches = costs.micro_batches if costs.split(plan.devices) else 1
+        runs = f"in {micro_batches} micro-batches" if micro_batches > 1 else "whole"
         log.info(f"placement auto ({plan.method}, {self.objective}): {plan.devices}; predicted forward+backward "
                  f"{predicted_ms} ms per batch, run {runs}")
         if self.save_dir is not None:
             Path(self.save_dir).mkdir(parents=True, exist_ok=True)
             plan.save(Path(self.save_dir) / "placement_plan.yaml")
             costs.save(Path(self.save_dir))
-        self.summary = {"method": plan.method, "predicted_step_time_ms": predicted_ms, **{
-            f"plan.{path}": device for path, device in plan.devices.items()}}
+        self.summary = {"method": plan.method, "predicted_step_time_ms": predicted_ms, "micro_batches": micro_batches,
+                        **{f"plan.{path}": device for path, device in plan.devices.items()}}
         return plan
 
     def place(self, stages: Mapping[str, nn.Module]) -> dict[str, torch.device]:
@@ -230,27 +258,28 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 3)
 
 
-def _time_stages(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, micro_batches: int = 1) -> CostModel:
-    """Each stage's forward + backward on each device, on ``batch`` (its first micro-batch where ``micro_batches`` >
-    1), under the run's precision: Lightning enters its plugin's forward context (autocast under ``bf16-mixed``,
-    one per device type with hetrain's ``DeviceMixedPrecision``) around training's forward only, and fit start lies
-    outside it."""
-    make_input, stage_args = pl_module.placement_inputs(batch)
-    if micro_batches > 1:
-        make_input, stage_args = _first_micro_batch(make_input, stage_args, micro_batches)
+def _time_stages(trainer: pl.Trainer, pl_module: pl.LightningModule, make_input: Callable[[], Any],
+                 stage_args: Callable[[str], tuple]) -> CostModel:
+    """Each stage's forward + backward on each device, on the inputs ``placement_inputs`` made, under the run's
+    precision: Lightning enters its plugin's forward context (autocast under ``bf16-mixed``, one per device type with
+    hetrain's ``DeviceMixedPrecision``) around training's forward only, and fit start lies outside it."""
     return measure(pl_module.stages(), make_input, available_devices(), stage_args, warmup=1, repeats=3,
                    forward_context=trainer.precision_plugin.forward_context)
 
 
+def _rows(inputs: Any) -> int:
+    """The rows (samples) of the first stage's inputs: its first tensor's first dimension."""
+    return len(tree_leaves(inputs)[0])
+
+
 def _first_micro_batch(make_input: Callable[[], Any], stage_args: Callable[[str], tuple],
-                       micro_batches: int) -> tuple[Callable[[], Any], Callable[[str], tuple]]:
+                       pieces: int) -> tuple[Callable[[], Any], Callable[[str], tuple]]:
     """The stages' inputs cut to the rows the pipeline split gives its first micro-batch: it cuts the model's
-    inputs with ``torch.tensor_split`` into at most one piece per row, the first pieces ``ceil(rows /
-    micro_batches)`` long. Only what the stages take is cut, and of it only tensors with a row per sample: the rest
-    of a batch (a 0-d token count, say) the model never reads, and need not have rows."""
+    inputs with ``torch.tensor_split`` into ``pieces`` (``micro_batch_count``: at most one per row), the first
+    ``ceil(rows / pieces)`` long. Only what the stages take is cut, and of it only tensors with a row per sample:
+    the rest of a batch (a 0-d token count, say) the model never reads, and need not have rows."""
     first = make_input()
-    rows = len(tree_leaves(first)[0])
-    pieces = micro_batch_count(rows, micro_batches)
+    rows = _rows(first)
 
     def cut(inputs: Any) -> Any:
         return tree_map_only(torch.Tensor, lambda t: torch.tensor_split(t, pieces)[0] if t.dim() and len(t) == rows

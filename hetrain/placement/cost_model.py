@@ -19,7 +19,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,7 @@ class CostModel:
         if isinstance(devices, str):
             raise TypeError(f"hetrain: predict takes one device per stage or a {{path: device}} plan, not the string "
                             f"{devices!r}; for every stage on it pass [{devices!r}] * {len(self.stages)}")
-        names = self._stage_devices(devices) if isinstance(devices, Mapping) else list(devices)
+        names = self.stage_devices(devices) if isinstance(devices, Mapping) else list(devices)
         # One device spelt two ways (cpu:0 for the cpu measured, cuda for cuda:0) is the device measured.
         measured = [_indexed(parse_device(d, "a measured device")) for d in self.devices]
         wanted = [_indexed(parse_device(d, "a planned device")) for d in names]
@@ -168,7 +168,7 @@ class CostModel:
         costs, boundary_bytes, bandwidth = self.chain_inputs(training)
         return chain_time(costs, boundary_bytes, bandwidth, index, objective, micro_batches)
 
-    def _stage_devices(self, plan: Mapping[str, str]) -> list[str]:
+    def stage_devices(self, plan: Mapping[str, str]) -> list[str]:
         """Each measured stage's device under ``plan``, resolved as :func:`hetrain.placement.resolve_plan` does."""
         flat = flatten_plan(plan)
         paths = stage_paths(flat, self.stages)
@@ -177,6 +177,32 @@ class CostModel:
             raise ValueError(f"hetrain: the plan gives no device for stages {uncovered}; name each of the measured "
                              f"stages ({', '.join(self.stages)}) or a group of them (a prefix such as 'encoder')")
         return [str(flat[paths[s]]) for s in self.stages]
+
+    def merge_weightless(self, weightless: Collection[str]) -> tuple[CostModel, dict[str, str]]:
+        """This model with each stage of ``weightless`` (holding no parameters or buffers) merged into the stage before
+        it (leading ones into the first stage after them), and the merged stage each measured stage runs in.
+
+        A placement does not move such a stage: it runs where its input is, on its predecessor's device. Solved as a
+        stage of its own, it could be planned onto a device it never runs on, and the plan priced as a placement the
+        run does not execute. A merged stage costs the sum of its parts on each device, has no transfer between them,
+        and hands on its last part's output."""
+        unknown = sorted(set(weightless) - set(self.stages))
+        if unknown:
+            raise ValueError(f"hetrain: weightless stages {unknown} are not measured stages ({', '.join(self.stages)})")
+        heads = [s for s in self.stages if s not in weightless] or self.stages[:1]
+        runs_in, head = {}, heads[0]
+        for stage in self.stages:
+            head = stage if stage in heads else head
+            runs_in[stage] = head
+        parts = {h: [i for i, s in enumerate(self.stages) if runs_in[s] == h] for h in heads}
+        compute = [[sum(self.compute[i][d] for i in parts[h]) for d in range(len(self.devices))] for h in heads]
+        errors: dict[str, dict[str, str]] = {}
+        for stage, reasons in self.errors.items():
+            for device, reason in reasons.items():
+                errors.setdefault(runs_in[stage], {}).setdefault(device, f"{stage}: {reason}")
+        merged = CostModel(heads, list(self.devices), compute, [self.boundary_bytes[parts[h][-1]] for h in heads],
+                           [list(row) for row in self.bandwidth], errors, dict(self.meta))
+        return merged, runs_in
 
     def to_dict(self) -> dict[str, Any]:
         # JSON has no infinity or nan; "inf", "-inf" and "nan" keep the file readable by any parser, and load back.
@@ -345,7 +371,7 @@ def _pinned(here: torch.device, other: torch.device) -> bool:
 def measure(
     stages: nn.Sequential | Mapping[str, nn.Module],
     make_input: Callable[[], Any],
-    devices: Sequence[str] | None = None,
+    devices: Sequence[str | torch.device] | None = None,
     extra_args: Callable[[str], tuple] | None = None,
     warmup: int = 2,
     repeats: int = 5,
@@ -391,8 +417,8 @@ def measure(
                          f"measure every device this machine has ({', '.join(available_devices())})")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"hetrain: measure's repeats is {repeats!r}; the median needs an integer >= 1 timed runs")
-    devices = list(available_devices() if devices is None else devices)
-    parsed = [parse_device(d, "a device to measure") for d in devices]
+    parsed = [parse_device(d, "a device to measure") for d in (available_devices() if devices is None else devices)]
+    devices = [str(device) for device in parsed]  # names, as a CostModel holds them (a torch.device is taken too)
     if any(device.type == "meta" for device in parsed):
         raise ValueError("hetrain: cannot measure on meta: it holds shapes, not data, so nothing there can be timed; "
                          "measure on cpu or a GPU")

@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 from torch import nn
+from torch.utils._pytree import tree_map_only
 from torch.utils.hooks import RemovableHandle
 
 from hetrain.placement.heft import is_number
@@ -355,18 +357,15 @@ class _InputsToItsDevice:
     :func:`to_device`). Read at each call, not fixed when hooked, the device follows the module wherever it
     moves later (back to the CPU, to the devices of another placement), so a hook is never stale; a class, not a
     closure, so that a hooked model pickles (``torch.save(model)``). Traced by torch.compile with the module it
-    hooks (a placed model compiles whole, or stage by stage, without a graph break); its inputs are gathered in a
-    list, as dynamo gave up on a generator's frame (a frame left to eager in each compiled stage)."""
+    hooks (a placed model compiles whole, or stage by stage, without a graph break). Tensors nested in the inputs
+    (a tuple or list argument, a keyword argument) move too: a stage given ``(hidden, skip)`` gets both on its
+    device."""
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         device = held_device(module)
         if device is None:
             return None
-        return tuple([_moved(a, device) for a in args]), {k: _moved(v, device) for k, v in kwargs.items()}
-
-
-def _moved(x: object, device: torch.device) -> object:
-    return to_device(x, device) if isinstance(x, torch.Tensor) else x
+        return tree_map_only(torch.Tensor, partial(to_device, device=device), (args, kwargs))
 
 
 def _has_input_hook(module: nn.Module) -> bool:

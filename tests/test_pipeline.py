@@ -1,11 +1,13 @@
 """Pipeline split: micro-batched GPipe forward equals the unsplit model; checks at fit start; profiler ranges."""
 
 import re
+from typing import NamedTuple
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 
 from hetrain import plugins
@@ -13,8 +15,8 @@ from hetrain.callbacks import PipelineSplit, StagePlacement
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
 from hetrain.placement import PlacementPlan
-from hetrain.placement.pipeline import gpipe_forward, run_in_order, shared_across_devices
-from hetrain.placement.plan import remove_input_hooks
+from hetrain.placement.pipeline import gpipe_forward, run_in_order, shared_across_devices, to_device
+from hetrain.placement.plan import hook_inputs, remove_input_hooks
 
 
 def small_bert(**kw) -> BertClassifier:
@@ -370,6 +372,78 @@ def test_a_skip_connection_kept_aside_is_refused_naming_both_stages():
     with pytest.raises(ValueError, match="stage 'c' \\(micro-batch 0\\) got a tensor made by stage 'a'"):
         net(x, micro_batches=3)
     assert not net.a._forward_pre_hooks  # the guard's hooks are gone after the error
+
+
+def test_a_skip_connection_kept_aside_is_refused_when_its_stage_is_on_another_device():
+    """Before, the placement hook ran before the guard and copied the kept tensor to the stage's device, so the guard
+    did not know the copy and the stage silently took another micro-batch's rows ('meta' stands in for a GPU)."""
+    net = SkipNet(carry=False)
+    net.c.to("meta")
+    for stage in net.stages().values():
+        hook_inputs(stage)  # as StagePlacement and PlacementPlan.apply do
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(3))
+    refused = re.escape("stage 'c' (micro-batch 0) got a tensor made by stage 'a' (micro-batch 1)")
+    with pytest.raises(ValueError, match=refused):
+        net(x, micro_batches=3)
+    assert [len(s._forward_pre_hooks) for s in net.stages().values()] == [1, 1, 1]  # the placement hooks stay
+
+
+class InputToHead(nn.Module):
+    """The head takes the micro-batch's own input from run_stage besides its previous stage's output; or (stash=True)
+    an input kept aside by the model from the first stage's call, maybe another micro-batch's."""
+
+    def __init__(self, stash: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Bilinear(4, 4, 2)
+        self.stash, self.kept = stash, None
+
+    def stages(self) -> dict[str, nn.Module]:
+        return {"a": self.a, "b": self.b, "c": self.c}
+
+    def run_stage(self, name, x, inp):
+        if name == "a":
+            self.kept = inp
+        if name == "c":
+            return self.c(x, self.kept if self.stash else inp)
+        return self.get_submodule(name)(x)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_every_stage_may_take_the_micro_batchs_own_inputs(micro_batches):
+    """Before, the first stage's input counted as made by it, so a later stage taking it was refused as a skip."""
+    net = InputToHead().double()
+    stages = list(net.stages().items())
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = gpipe_forward(stages, net.run_stage, (x,), micro_batches)
+    torch.testing.assert_close(y, run_in_order(stages, net.run_stage, (x,)), rtol=1e-12, atol=1e-12)
+    stashing = InputToHead(stash=True)
+    with pytest.raises(ValueError, match="stage 'c' \\(micro-batch 0\\) got an input of micro-batch 1"):
+        gpipe_forward(list(stashing.stages().items()), stashing.run_stage, (x.float(),), 3)
+
+
+class Carry(NamedTuple):
+    hidden: torch.Tensor
+    skip: torch.Tensor
+
+
+@pytest.mark.parametrize(("wrap", "unwrap"), [
+    (Carry, lambda c: c.hidden + c.skip),
+    (lambda h, x: [h, x], lambda c: c[0] + c[1]),
+    (lambda h, x: {"hidden": h, "skip": x, "scale": None}, lambda c: c["hidden"] + c["skip"]),
+], ids=["NamedTuple", "list", "dict"])
+def test_a_skip_connection_carried_in_a_namedtuple_list_or_dict_equals_the_unsplit_model(wrap, unwrap):
+    """Before, the split turned a NamedTuple into a plain tuple (no fields for the next stage) and failed on a list or
+    dict, which the placement hook moves in the unsplit model."""
+    torch.manual_seed(0)
+    first, head = nn.Linear(4, 4), nn.Linear(4, 2)
+    run = {"first": lambda x: wrap(first(x), x), "head": lambda c: head(unwrap(c))}
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    y = gpipe_forward([("first", first), ("head", head)], lambda name, x, *_: run[name](x), (x,), 2)
+    torch.testing.assert_close(y, run["head"](run["first"](x)))
+    moved = to_device(wrap(x, x), torch.device("meta"))  # as to a GPU stage: the container kept, each tensor moved
+    assert type(moved) is type(wrap(x, x))
+    assert {t.device.type for t in tree_leaves(moved) if t is not None} == {"meta"}
 
 
 def test_checkpointing_a_stage_with_batchnorm_is_refused_naming_it():

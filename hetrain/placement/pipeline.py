@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
 from hetrain import plugins
@@ -39,8 +39,9 @@ from hetrain.host_copies import hold_until_copied
 from hetrain.ops import rng
 
 RunStage = Callable[..., Any]
-# What flows between stages: one tensor, or a tuple of tensors when a stage hands a skip connection on.
-Activation = torch.Tensor | tuple[torch.Tensor, ...]
+# What flows between stages: one tensor, or tensors in a tuple (or a NamedTuple, list, dict) when a stage hands a skip
+# connection on; the split moves each tensor in it, as a placement's input hook does in the unsplit model.
+Activation = torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any]
 
 
 def named_range(name: str) -> contextlib.AbstractContextManager:
@@ -52,7 +53,8 @@ def named_range(name: str) -> contextlib.AbstractContextManager:
 
 
 def to_device(x: Activation, device: torch.device) -> Activation:
-    """``x`` (a tensor or a tuple of them) on ``device``, each copy in a named ``record_function`` range.
+    """``x`` (a tensor, or tensors in tuples, NamedTuples, lists or dicts) on ``device``, each copy in a named
+    ``record_function`` range; containers keep their types, and what is not a tensor stays as it is.
 
     Host to GPU goes through pinned memory (torch's caching host allocator keeps the block until the copy
     has landed) on a side copy stream, so the copy runs at DMA speed and overlaps the compute stream's
@@ -60,8 +62,8 @@ def to_device(x: Activation, device: torch.device) -> Activation:
     is synchronous, because the CPU reads it next. Autograd runs each copy's backward on the stream its
     forward used and syncs the streams itself.
     """
-    if isinstance(x, tuple):
-        return tuple(to_device(t, device) for t in x)
+    if not isinstance(x, torch.Tensor):
+        return tree_map_only(torch.Tensor, partial(to_device, device=device), x)
     if x.device == device:
         return x
     with named_range(f"hetrain::copy {x.device}->{device}"):
@@ -104,13 +106,18 @@ class _SkipGuard:
     Such a tensor was kept aside by the model (a skip connection stashed between ``run_stage`` calls):
     with micro-batches in flight it may belong to another micro-batch, and it never crossed devices
     through the split. The split carries a skip when a stage returns it in a tuple with its output.
+    The micro-batch's own inputs, which ``run_stage`` hands every stage, pass in any of its stages.
     """
 
     def __init__(self, stages: Sequence[tuple[str, nn.Module]]) -> None:
         self.names = [name for name, _ in stages]
-        self.made_by: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (stage index, micro-batch)
+        # tensor -> (stage index, micro-batch); stage None: an input of the micro-batch, made by no stage
+        self.made_by: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.current = (0, 0)
-        self.hooks = [module.register_forward_pre_hook(self._check, with_kwargs=True) for _, module in stages]
+        # Prepended: a placement's input hook, registered before, would copy a stashed tensor to the stage's device
+        # first, and the guard, which knows tensors by identity, would not recognise the copy.
+        self.hooks = [module.register_forward_pre_hook(self._check, prepend=True, with_kwargs=True)
+                      for _, module in stages]
 
     def _check(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         s, i = self.current
@@ -118,17 +125,31 @@ class _SkipGuard:
             if not isinstance(t, torch.Tensor) or t not in self.made_by:
                 continue
             r, j = self.made_by[t]
-            if (r, j) != (s - 1, i) and (r, j) != (s, i):
+            if j == i and r in (None, s - 1, s):
+                continue
+            if r is None:
                 raise ValueError(
-                    f"hetrain: stage {self.names[s]!r} (micro-batch {i}) got a tensor made by stage {self.names[r]!r} "
-                    f"(micro-batch {j}) that did not come through the split: a skip connection across stages. Return "
-                    f"it from each stage in between as part of a tuple with that stage's output, so the split carries "
-                    f"it (and moves it between devices), or keep both ends in one stage")
+                    f"hetrain: stage {self.names[s]!r} (micro-batch {i}) got an input of micro-batch {j}, kept aside "
+                    f"by the model between stages. Take the inputs run_stage hands each stage, which are its own "
+                    f"micro-batch's")
+            raise ValueError(
+                f"hetrain: stage {self.names[s]!r} (micro-batch {i}) got a tensor made by stage {self.names[r]!r} "
+                f"(micro-batch {j}) that did not come through the split: a skip connection across stages. Return "
+                f"it from each stage in between as part of a tuple with that stage's output, so the split carries "
+                f"it (and moves it between devices), or keep both ends in one stage")
 
     def made(self, output: Activation) -> None:
-        for t in tree_leaves(output):
+        """Marks the tensors in ``output`` as the current stage's, in the current micro-batch."""
+        self._mark(output, self.current)
+
+    def inputs(self, own: Sequence[torch.Tensor]) -> None:
+        """Marks ``own`` as the current micro-batch's inputs, which any stage of that micro-batch may take."""
+        self._mark(own, (None, self.current[1]))
+
+    def _mark(self, tensors: Any, label: tuple[int | None, int]) -> None:
+        for t in tree_leaves(tensors):
             if isinstance(t, torch.Tensor):
-                self.made_by[t] = self.current
+                self.made_by[t] = label
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -187,6 +208,7 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
                 x = own[0] if s == 0 else move(acts[i])
                 guard.current = (s, i)
                 guard.made(x)  # what crossed into this stage counts as its own input
+                guard.inputs(own)  # after x: an input a stage handed on in x stays an input
                 with named_range(f"hetrain::stage {name} micro-batch {i}"):
                     # Micro-batch 0 draws the stage's dropout seeds; the others (and recomputes) replay them.
                     randomness = partial(rng.micro_batch, seeds[s], first_rows[i])

@@ -236,6 +236,21 @@ def test_a_copy_into_collate_checks_unsigned_integers_too():
             collate(rounded, out)
 
 
+def test_a_copy_into_collate_keeps_infinities_and_nan_a_narrower_float_field_holds():
+    # min/max of an additive attention bias is -inf: it was refused as "outside the range", though copy_ keeps it.
+    inf, nan = float("inf"), float("nan")
+    for src, dst, big in ((torch.float32, torch.bfloat16, 3.4e38), (torch.float64, torch.float32, 1e39),
+                          (torch.float32, torch.float16, 1e5)):
+        collate = CopyInto(lambda items, src=src: {"x": torch.tensor(items, dtype=src)}, {"x": (dst, 4)})
+        out = {"x": torch.empty(4, dtype=dst)}
+        for values in ([0.0, -inf, 1.5], [inf, -inf], [nan, 2.0, -inf]):
+            collate(values, out)
+            assert out["x"][: len(values)].tolist() == pytest.approx(values, nan_ok=True), (src, dst, values)
+        for values in ([big, -inf], [nan, -big]):  # a finite value out of range is refused beside them too
+            with pytest.raises(ValueError, match=r"'x' holds values from .* outside the range"):
+                collate(values, out)
+
+
 class Fractional(torch.utils.data.Dataset):
     """Float token ids or labels, whole (they fit an int64 field) unless ``fraction``."""
 
@@ -648,6 +663,19 @@ def test_reader_processes_give_the_same_batches_and_name_a_failing_sample():
     assert multiprocessing.active_children() == []
     with pytest.raises(ValueError, match="reader_processes reads a map-style Dataset"):
         RingLoader(_Stream(), lambda s: iter(()), collate=PadInto(10, 10), reader_processes=1)
+
+
+def test_a_dataset_error_in_a_reader_process_carries_its_traceback():
+    # Only "ValueError: message" came back: where in the dataset it was raised was lost.
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(20)], 10, shuffle=False)
+    loader = RingLoader(Flaky(20, bad=7), sampler, collate=PadInto(10, 10), num_workers=1, reader_processes=1)
+    with pytest.raises(LoaderError, match=r"RuntimeError: sample 7: ValueError: sample 7 is corrupt") as err:
+        list_of_copies(loader)
+    cause = str(err.value.__cause__)
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert "\nOriginal traceback in the reader process:\nTraceback (most recent call last):\n" in cause
+    assert 'in __getitem__\n    raise ValueError(f"sample {i} is corrupt")' in cause
+    assert cause.endswith("ValueError: sample 7 is corrupt")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -88,6 +88,29 @@ def test_shuffle_is_deterministic_per_epoch_and_seed():
     assert longest == sorted(longest)
 
 
+def test_a_negative_seed_shuffles_as_its_value_modulo_2_64_and_other_seeds_keep_their_plans():
+    # numpy's default_rng refused a negative seed with a bare "expected non-negative integer".
+    lengths = [3, 4, 5, 6, 3, 4, 5, 6, 2, 7]
+
+    def epochs(seed):
+        sampler = TokenBudgetBatchSampler(lengths, 12, seed=seed)
+        plans = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            plans.append([[int(i) for i in batch] for batch in sampler])
+        return sampler, plans
+
+    negative, plans = epochs(-1)
+    assert plans == epochs(2**64 - 1)[1]  # as EpochShuffle takes it
+    assert negative.state_dict()["seed"] == -1  # the state keeps the seed as given
+    # The plans of non-negative seeds, as they were before negative seeds were taken.
+    assert epochs(7)[1] == [[[9], [3, 7], [1, 5], [6, 2], [8, 4, 0]], [[7, 3], [9], [1, 5], [6, 2], [8, 4, 0]]]
+    assert epochs(2**64 - 1)[1] == [[[5, 1], [8, 4, 0], [6, 2], [9], [3, 7]],
+                                    [[5, 1], [9], [6, 2], [8, 4, 0], [7, 3]]]
+    assert epochs(2**64 + 5)[1] == [[[8, 4, 0], [6, 2], [9], [5, 1], [7, 3]],
+                                    [[1, 5], [3, 7], [9], [2, 6], [8, 0, 4]]]
+
+
 def test_padding_fraction_matches_batches_and_beats_fixed_size():
     lengths = zipf_lengths(4000, seed=6)
     sampler = TokenBudgetBatchSampler(lengths, 4096, seed=0)

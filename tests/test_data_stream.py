@@ -50,6 +50,23 @@ def test_batches_follow_the_stream_within_their_bounds_every_epoch(batch_size, m
     assert sum(len(items) for items in expected) == 203
 
 
+class Blank(IterableDataset):
+    """Samples without tokens (blank lines of a text stream), then one with tokens."""
+
+    def __iter__(self):
+        for i in range(12):
+            yield {"input_ids": torch.zeros(0, dtype=torch.int64), "label": i}
+        yield {"input_ids": torch.ones(2, dtype=torch.int64), "label": 12}
+
+
+def test_samples_without_tokens_close_a_batch_at_max_batch_rows():
+    # A token budget never filled by empty samples: all twelve made one batch, past the slot's max_batch_rows.
+    batcher = StreamBatches(max_tokens=8)
+    assert [len(b) for b in batcher(iter(Blank()))] == [8, 4, 1]
+    with RingLoader(Blank(), batcher, collate=PadInto(8, batcher.max_batch_rows), num_workers=1) as loader:
+        assert [b["labels"].tolist() for b in loader] == [list(range(8)), list(range(8, 12)), [12]]
+
+
 def test_a_stream_has_no_length_and_no_resume_position():
     with RingLoader(Stream(20), StreamBatches(batch_size=4), collate=PadInto(120, 4)) as loader:
         with pytest.raises(TypeError, match="no length"):

@@ -18,6 +18,7 @@ import queue
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -119,8 +120,9 @@ def _serve(outbox: _Outbox, dataset: Any, indices: Sequence[int]) -> None:
             return
         try:
             outbox.add(index, dataset[index])
-        except Exception as exc:
-            outbox.send(f"sample {index}: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # the traceback too, as torch's DataLoader does: the parent cannot see where it was
+            outbox.send(f"sample {index}: {type(exc).__name__}: {exc}\nOriginal traceback in the reader process:\n"
+                        f"{traceback.format_exc().rstrip()}")
             return
     outbox.send()
 
@@ -213,9 +215,10 @@ class ReaderProcesses:
         ``progress(sample)`` is called whenever another sample becomes the oldest one still being read, and
         ``progress(-1)`` at every poll while waiting for an idle reader: what the caller reports to a stall
         check, so that a stall is timed per sample (not per batch) and names the sample holding it up.
-        Raises RuntimeError naming the sample when the dataset raised, and :class:`ReaderDied` naming the
-        process and its exit when a reader ended (a crash, the OOM killer), as soon as either happens: the
-        other readers of this call finish their samples on their own and then serve later calls.
+        Raises RuntimeError naming the sample (with the reader's traceback) when the dataset raised, and
+        :class:`ReaderDied` naming the process and its exit when a reader ended (a crash, the OOM killer), as soon
+        as either happens: the other readers of this call finish their samples on their own and then serve later
+        calls.
         """
         if not indices:  # no reader would answer an empty chunk
             return []

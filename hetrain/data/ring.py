@@ -112,6 +112,13 @@ def _check_lossless(t: torch.Tensor, dst: torch.dtype, what: str, fix: str) -> N
                          f"would truncate; {fix}")
     lo, hi = _min_max(t)
     dst_lo, dst_hi = _range(dst)
+    if t.is_floating_point() and dst.is_floating_point and not (dst_lo <= lo and hi <= dst_hi):
+        # copy_ keeps +-inf (an additive attention mask's -inf) and NaN as they are: only finite values can overflow,
+        # and a NaN makes min/max NaN, hiding them.
+        finite = t[t.isfinite()]
+        if finite.numel() == 0:
+            return
+        lo, hi = _min_max(finite)
     if lo < dst_lo or hi > dst_hi:
         raise ValueError(f"hetrain: {what} holds values from {lo} to {hi}, outside the range of its {dst} slot "
                          f"field [{dst_lo}, {dst_hi}], which would wrap or overflow them; {fix}")
@@ -227,7 +234,8 @@ class StreamBatches:
             if self.max_tokens is not None and n > self.max_tokens:
                 raise ValueError(f"hetrain: a sample of {n} tokens exceeds max_tokens={self.max_tokens}; cut long "
                                  f"documents into windows (hetrain.data.windows) first")
-            full = batch and (len(batch) == self.batch_size or (
+            # max_batch_rows, not batch_size: zero-length samples never fill a token budget.
+            full = batch and (len(batch) == self.max_batch_rows or (
                 self.max_tokens is not None and (len(batch) + 1) * max(longest, n) > self.max_tokens))
             if full:
                 yield batch

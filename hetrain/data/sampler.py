@@ -105,7 +105,9 @@ class TokenBudgetBatchSampler:
         epoch = self.epoch if epoch is None else epoch
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
-        rng = np.random.default_rng([self.seed, epoch])
+        # numpy refuses a negative seed: it is taken modulo 2**64, as EpochShuffle does (state keeps the raw seed);
+        # every other seed as it is, so existing plans stay the same.
+        rng = np.random.default_rng([self.seed % 2**64 if self.seed < 0 else self.seed, epoch])
         if self.shuffle:
             # Sort by length, equal lengths in random order, so batch composition varies between epochs.
             order = np.lexsort((rng.permutation(len(self.lengths)), self.lengths))

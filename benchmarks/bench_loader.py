@@ -11,8 +11,9 @@ A training-loop section feeds a loop with fixed compute per step (on the GPU whe
 loader and from nothing: the data wait is one minus the ratio of their step rates; on CUDA it also times
 host-to-device copies from pageable and pinned memory. A last section reads a Dataset that tokenizes
 text in Python (GIL-bound) with RingLoader threads, RingLoader reader processes and DataLoader workers.
-Writes ``benchmarks/results/<date>-loader-<device>.json``; a run with flags other than the defaults names its
-file after them too (``-text-samples0``, ``-workers0-2``), so it never overwrites the day's full run.
+Writes ``benchmarks/results/<date>-loader-<card>.json`` (``<card>``: the GPU's name, or ``cpu``); a run with
+flags other than the defaults names its file after them too (``-text-samples0``, ``-workers0-2``), so it never
+overwrites the day's full run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import pad_collate
 from hetrain.data.tokens import write_token_file
 from hetrain.data.windows import TokenWindows, token_collate
-from hetrain.device_info import host_description
+from hetrain.device_info import host_description, result_card
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -379,8 +380,8 @@ def main() -> None:
     if 0 < args.loop_steps < LOOP_ROUNDS:
         parser.error(f"--loop-steps: 0 skips the loop, else at least {LOOP_ROUNDS} (a step per round); "
                      f"got {args.loop_steps}")
-    path = result_file(args.out, dt.date.today().isoformat(), "loader", "cuda" if torch.cuda.is_available() else "cpu",
-                       *variant_parts(parser, args))
+    card = result_card("cuda" if torch.cuda.is_available() else "cpu")  # the loop section's device
+    path = result_file(args.out, dt.date.today().isoformat(), "loader", card, *variant_parts(parser, args))
 
     def save(result: dict) -> None:
         path.write_text(json.dumps(result, indent=2) + "\n")

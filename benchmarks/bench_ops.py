@@ -7,14 +7,17 @@ peak extra memory, and bandwidth as a fraction of a device-to-device copy measur
 Writes ``benchmarks/results/<date>-<device>-ops.json`` and regenerates the GPU section of RESULTS.md.
 ``--quick --device cpu`` runs tiny shapes on the CPU so the script itself is checked without a GPU.
 A quick run writes ``-ops-quick.json`` and one of some ops (``--ops``) ``-ops-subset-<ops>.json``: neither
-replaces the day's full run nor becomes the source of RESULTS.md's table.
+replaces the day's full run nor becomes the source of RESULTS.md's table. A case that raises is recorded with
+its error while the others run on; the run then exits with status 1 naming it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,8 +25,16 @@ import torch
 
 import hetrain
 from benchmarks import report
-from benchmarks.cases import discover
-from benchmarks.cli import check_device, out_dir, positive_float, result_file
+from benchmarks.cases import Case, discover
+from benchmarks.cli import (
+    check_device,
+    error_text,
+    exit_if_any_failed,
+    make_current,
+    out_dir,
+    positive_float,
+    result_file,
+)
 from benchmarks.timing import (
     back_to_back_ms,
     copy_bandwidth_gbs,
@@ -35,7 +46,8 @@ from hetrain.device_info import device_name, host_description, result_card
 from hetrain.ops.rng import masks_fixed_in_cuda_graphs
 
 RESULTS = Path(__file__).parent / "results"
-QUICK_MEASURE_S = 0.3  # seconds per timing of a --quick run
+MEASURE_S = 2.0  # seconds per timing of a full run
+QUICK_MEASURE_S = 0.3  # of a --quick run, unless --measure-s says otherwise
 # The most calls one timing makes: the budget (--measure-s, which the result records and RESULTS.md's table
 # states), not a count of calls, ends a timing; timing's default of 50 would stop an op under ~6 ms short of it.
 BUDGET_REPS = 10**7
@@ -70,43 +82,50 @@ def peak_mib(fn: Callable[[], object]) -> float | str:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name``; None where it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def op_names(device: str) -> list[str]:
     """The ops with cases on ``device``: what ``--ops`` may name."""
     return sorted({case.op for case in discover("gpu", device=device, quick=True)})
 
 
-def run(device: str, quick: bool, measure_s: float = 2.0, ops: set[str] | None = None,
+def run(device: str, quick: bool, measure_s: float | None = None, ops: set[str] | None = None,
         save: Callable[[dict], None] = lambda result: None) -> dict:
     """Per-call times and peaks of every case first, then (on CUDA) the graph replays: a capture that fails
-    cannot spoil a per-call time. ``save`` gets the result so far after each case of each pass. ``quick`` times
-    for QUICK_MEASURE_S in three rounds taking turns: one slow spell on a shared machine is not the result."""
+    cannot spoil a per-call time. ``save`` gets the result so far after each case of each pass. ``measure_s``:
+    seconds per timing, by default MEASURE_S, or QUICK_MEASURE_S when ``quick``, which also times in three
+    rounds taking turns: one slow spell on a shared machine is not the result. A case that raises is recorded
+    with its error and the others still run."""
     on_gpu = device.startswith("cuda")
     copy_gbs = copy_bandwidth_gbs(device, megabytes=64 if quick else 1024)
-    measure_s = QUICK_MEASURE_S if quick else measure_s
+    if measure_s is None:
+        measure_s = QUICK_MEASURE_S if quick else MEASURE_S
     rows: list[dict] = []
     result = {"date": dt.date.today().isoformat(), "device": device_name(device) if on_gpu else host_description(),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "hetrain": hetrain.__version__,
+              "torch": torch.__version__, "cuda": torch.version.cuda, "triton": package_version("triton"),
+              "liger_kernel": package_version("liger-kernel"), "hetrain": hetrain.__version__,
               "copy_gbs": copy_gbs, "quick": quick, "measure_s": measure_s,
               "ops": None if ops is None else sorted(ops), "rows": rows}
     measured = []
     for case in discover("gpu", device=device, quick=quick):
         if ops is not None and case.op not in ops:
             continue
-        impls = case.make()
-        row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes, "ms": {},
-               "back_to_back_ms": {}, "peak_mib": {},
-               "graph_ms": {name: "n/a (not measured)" if on_gpu else "n/a (no CUDA)" for name in impls}}
-        row["ms"] = interleaved_ms(impls, rounds=3 if quick else 1, min_reps=3 if quick else 20, budget_s=measure_s,
-                                   max_reps=BUDGET_REPS)
-        for impl, fn in impls.items():
-            row["back_to_back_ms"][impl] = back_to_back_ms(fn, budget_s=measure_s / 3 if quick else measure_s)
-            row["peak_mib"][impl] = peak_mib(fn)
-        ours = row["ms"]["hetrain"]
-        row["speedup"] = {impl: ms / ours for impl, ms in row["ms"].items() if impl not in ("hetrain", "conv")}
-        row["copy_fraction"] = report.copy_fraction(case.bytes_moved, report.bandwidth_ms(row["ms"]), copy_gbs)
+        try:
+            impls = case.make()
+            row = _measure(case, impls, on_gpu, quick, measure_s, copy_gbs)
+        except Exception as exc:  # one case's kernel or setup error must not lose the others' results
+            row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "error": error_text(exc)}
+            print(f"{case.op} {case.shape} {case.dtype}: FAILED: {row['error']}", file=sys.stderr, flush=True)
+        else:
+            measured.append((case, impls, row))
+            print(report.gpu_row_text(row), flush=True)
         rows.append(row)
-        measured.append((case, impls, row))
-        print(report.gpu_row_text(row), flush=True)
         save(result)
     for case, impls, row in measured if on_gpu else ():
         for impl, fn in impls.items():
@@ -115,6 +134,23 @@ def run(device: str, quick: bool, measure_s: float = 2.0, ops: set[str] | None =
         print(f"{case.op} {case.shape} {case.dtype} graph replay: {times}", flush=True)
         save(result)
     return result
+
+
+def _measure(case: Case, impls: dict[str, Callable[[], object]], on_gpu: bool, quick: bool, measure_s: float,
+             copy_gbs: float) -> dict:
+    """One case's row: per-call medians, back-to-back times and peaks; its graph replays come later."""
+    row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes, "ms": {},
+           "back_to_back_ms": {}, "peak_mib": {},
+           "graph_ms": {name: "n/a (not measured)" if on_gpu else "n/a (no CUDA)" for name in impls}}
+    row["ms"] = interleaved_ms(impls, rounds=3 if quick else 1, min_reps=3 if quick else 20, budget_s=measure_s,
+                               max_reps=BUDGET_REPS)
+    for impl, fn in impls.items():
+        row["back_to_back_ms"][impl] = back_to_back_ms(fn, budget_s=measure_s / 3 if quick else measure_s)
+        row["peak_mib"][impl] = peak_mib(fn)
+    ours = row["ms"]["hetrain"]
+    row["speedup"] = {impl: ms / ours for impl, ms in row["ms"].items() if impl not in ("hetrain", "conv")}
+    row["copy_fraction"] = report.copy_fraction(case.bytes_moved, report.bandwidth_ms(row["ms"]), copy_gbs)
+    return row
 
 
 def chosen_ops(parser: argparse.ArgumentParser, text: str | None, device: str) -> set[str] | None:
@@ -131,12 +167,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
-    parser.add_argument("--measure-s", type=positive_float, default=2.0,
-                        help="seconds each timing repeats for (at least 20 calls); 0.3 fits a GPU lent for minutes")
+    parser.add_argument("--measure-s", type=positive_float, default=None,
+                        help=f"seconds each timing repeats for (at least 20 calls; default {MEASURE_S}, "
+                             f"{QUICK_MEASURE_S} with --quick); 0.3 fits a GPU lent for minutes")
     parser.add_argument("--ops", help="comma-separated ops to run (default: all); such a run is not RESULTS.md's")
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
     device = check_device(parser, args.device)
+    make_current(device)
     ops = chosen_ops(parser, args.ops, device)
     subset = None if ops is None else "-".join(["subset", *sorted(ops)])
 
@@ -149,7 +187,8 @@ def main() -> None:
 
     result = run(device, args.quick, args.measure_s, ops, save)
     save(result)
-    print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path_of(result)}")
+    path = path_of(result)
+    print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path}")
     if backends := report.backend_table(result):
         print("\nthe two CUDA backends (C++ / Triton, geometric mean over each op's cases):\n" + backends)
     if args.quick or ops is not None:
@@ -157,6 +196,7 @@ def main() -> None:
     # RESULTS.md shows benchmarks/results only: a run written elsewhere (gpu-check's --out) leaves it alone.
     elif device.startswith("cuda") and args.out.resolve() == RESULTS.resolve():
         report.write_gpu_results_md(args.out)
+    exit_if_any_failed(result["rows"], path)
 
 
 if __name__ == "__main__":

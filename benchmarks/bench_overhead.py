@@ -24,7 +24,15 @@ import torch.nn.functional as F
 
 import hetrain
 from benchmarks.cases import with_cpp_kernels
-from benchmarks.cli import check_device, error_text, exit_if_any_failed, int_at_least, out_dir, result_file
+from benchmarks.cli import (
+    check_device,
+    error_text,
+    exit_if_any_failed,
+    int_at_least,
+    make_current,
+    out_dir,
+    result_file,
+)
 from benchmarks.report import markdown_cell
 from benchmarks.timing import interleaved_ms
 from hetrain import ops
@@ -120,6 +128,7 @@ def main() -> None:
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
     check_device(parser, args.device)
+    make_current(args.device)
     rounds = args.rounds
     header = {"date": dt.date.today().isoformat(),
               "device": device_name(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,

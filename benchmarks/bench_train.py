@@ -3,8 +3,8 @@
 Run: ``python -m benchmarks.bench_train [--quick] [--device cpu|cuda] [--out DIR]``. A placement section
 sets HEFT's plan beside the chain optimum, all-on-the-fastest-device and round-robin over this machine's
 devices, each predicted by the measured cost model and then measured, and the pipeline's bubble. Writes
-``benchmarks/results/<date>-<device>-train.json`` (a variant run: ``-train-quick``, ``-train-short``,
-``-system-malloc``) and prints one line per mode. The target: hetrain's
+``benchmarks/results/<date>-<card>-train.json`` (``<card>``: the GPU's name, or ``cpu``; a variant run:
+``-train-quick``, ``-train-short``, ``-system-malloc``) and prints one line per mode. The target: hetrain's
 bf16 recipe with its fused ops and no torch.compile at least as fast as plain torch in bf16 + torch.compile.
 The loop is plain PyTorch (forward, cross-entropy, backward, AdamW) so that only the model differs.
 """
@@ -28,7 +28,7 @@ from benchmarks.cli import check_device, out_dir, result_file
 from benchmarks.timing import cuda_generator_restored_on_error, median_ms
 from hetrain import _ext, cpu_memory, plugins
 from hetrain.callbacks.placement import StagePlacement
-from hetrain.device_info import device_name, host_description
+from hetrain.device_info import device_name, host_description, result_card
 from hetrain.models.bert import BertClassifier
 from hetrain.placement import CostModel, available_devices
 from hetrain.placement import measure as cost_model
@@ -432,7 +432,7 @@ def main() -> None:
 
     def save(result: dict) -> Path:
         light = "quick" if args.quick else "short" if args.short else None
-        path = result_file(args.out, result["date"], args.device, "train", light,
+        path = result_file(args.out, result["date"], result_card(args.device), "train", light,
                            "system-malloc" if args.cpu_malloc == "system" else None)
         path.write_text(json.dumps(result, indent=2))
         return path

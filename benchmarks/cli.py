@@ -1,5 +1,5 @@
 """Command-line pieces the benchmarks share: argument types that refuse values a run cannot use, the device
-check, result file names, and the record of a case that failed.
+check (and making the device current), result file names, and the record of a case that failed.
 
 A mistyped number should end in one usage line naming the flag, not in a traceback after minutes of setup,
 nor in a run that quietly measures something else (a step count of -3 running one step).
@@ -87,6 +87,15 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> str:
     if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
         parser.error(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def make_current(device: str) -> None:
+    """Makes a CUDA ``device`` with an index (``cuda:1``) the current one: torch.cuda's synchronize, memory
+    statistics and graph capture act on the current device, so a run on ``cuda:1`` would otherwise wait for and
+    measure ``cuda:0``. Nothing happens for ``cpu`` or a bare ``cuda`` (the current device already)."""
+    kind = torch.device(device)
+    if kind.type == "cuda" and kind.index is not None:
+        torch.cuda.set_device(kind)
 
 
 def result_file(out: Path, *parts: str | None) -> Path:

@@ -7,8 +7,8 @@ torch's profiler and sorts each op's self time into GEMMs, attention, hetrain's 
 model's stage ranges, the optimizer, embeddings, the loss, data movement and "other" (elementwise ops and
 reductions outside any fused op: the candidates for fusion), then lists the largest "other" ops. The pieces
 of attention's decomposed form (its softmax, dropout mask, scaling) count as attention, forward and backward.
-Writes ``benchmarks/results/<date>-<device>-step-profile.json``, with ``-<shape>`` where the shape is not the
-device's default.
+Writes ``benchmarks/results/<date>-<card>-step-profile.json`` (``<card>``: the GPU's name, or ``cpu``), with
+``-<shape>`` where the shape is not the device's default and ``-steps<n>`` where ``--steps`` is not.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from torch.autograd.profiler_util import FunctionEvent
 
 import hetrain
 from benchmarks.bench_train import FULL, Mode, Shape, build_model, make_batch, train_step
-from benchmarks.cli import check_device, out_dir, positive_int, probability, result_file
-from hetrain.device_info import device_name
+from benchmarks.cli import check_device, make_current, out_dir, positive_int, probability, result_file
+from hetrain.device_info import device_name, result_card
 
 RESULTS = Path(__file__).parent / "results"
 # The bert_split recipe's model and a typical token-budget batch of it (2048 tokens).
 RECIPE = Shape(vocab_size=256, hidden=128, layers=2, heads=4, seq=64, batch=32, num_classes=4)
 SHAPES = {"recipe": RECIPE, "base": FULL}
+STEPS = 3  # profiled steps of a run named after its shape alone
 ATTENTION = "attention"
 
 # First match wins: (kind, substrings of the op name). A model's stages run in ``hetrain::stage <name>`` ranges
@@ -167,21 +168,24 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the recipes' choice where it is fast)")
     parser.add_argument("--attention-dropout", type=probability, default=None,
                         help="dropout inside SDPA; default: the model's dropout (0.1)")
-    parser.add_argument("--steps", type=positive_int, default=3, help="profiled steps, after two warm-up steps")
+    parser.add_argument("--steps", type=positive_int, default=STEPS, help="profiled steps, after two warm-up steps")
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
-    tag = torch.device(check_device(parser, args.device)).type
-    default_shape = "base" if tag == "cuda" else "recipe"
+    kind = torch.device(check_device(parser, args.device)).type
+    make_current(args.device)
+    default_shape = "base" if kind == "cuda" else "recipe"
     shape_name = args.shape or default_shape
     shape = dataclasses.replace(SHAPES[shape_name], attention_dropout=args.attention_dropout)
     result = profile(shape, args.device, args.bf16, args.steps)
     print(table(result))
     record = {"date": dt.date.today().isoformat(), "device": device_name(args.device),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "hetrain": hetrain.__version__,
-              "shape": shape_name, "attention_dropout": shape.attention_dropout, "bf16": args.bf16, **result}
-    path = result_file(args.out, record["date"], tag, "step-profile",
+              "shape": shape_name, "attention_dropout": shape.attention_dropout, "bf16": args.bf16,
+              "steps": args.steps, **result}
+    path = result_file(args.out, record["date"], result_card(args.device), "step-profile",
                        None if shape_name == default_shape else shape_name, "bf16" if args.bf16 else None,
-                       None if args.attention_dropout is None else f"attn{args.attention_dropout:g}")
+                       None if args.attention_dropout is None else f"attn{args.attention_dropout:g}",
+                       None if args.steps == STEPS else f"steps{args.steps}")
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
 

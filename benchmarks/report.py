@@ -128,6 +128,10 @@ def gpu_table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        if "error" in r:  # a case that raised (benchmarks.bench_ops): its row says so instead of times
+            lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | failed: {markdown_cell(r['error'])} "
+                         "| | | | | | |")
+            continue
         graph, b2b = r["graph_ms"], r.get("back_to_back_ms", {})
         for name, ms in r["ms"].items():
             speed = bw = ""
@@ -199,7 +203,7 @@ def write_gpu_results_md(results_dir: Path) -> None:
         return
     result = json.loads(source.read_text())
     body = gpu_table(result)
-    chart = speedup_chart(result, results_dir / GPU_CHART, result["device"],
+    chart = speedup_chart({**result, "rows": measured_rows(result)}, results_dir / GPU_CHART, result["device"],
                           {"ms": "per call", "back_to_back_ms": "back to back", "graph_ms": "GPU time (graph)"})
     if chart is not None:
         body = f"![hetrain's speedup per case]({_relative(chart)})\n\n" + body

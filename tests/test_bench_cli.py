@@ -30,6 +30,7 @@ from benchmarks import (
     report,
 )
 from benchmarks.cases import Case
+from hetrain.device_info import result_card
 
 
 def run_main(module: ModuleType, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,6 +158,8 @@ MEMORY = {"date": "2030-01-02", "device": "cpu", "torch": "t", "shape": {}, "tim
      "-cpu-step-profile-base.json"),
     (profile_step, "profile", {"step_ms": 1.0, "kinds": {}, "top_other": []}, ["--device", "cpu"],
      "-cpu-step-profile.json"),
+    (profile_step, "profile", {"step_ms": 1.0, "kinds": {}, "top_other": []}, ["--device", "cpu", "--steps", "1"],
+     "-cpu-step-profile-steps1.json"),  # gpu-check --quick's: a single step is not the day's profile
     (bench_ops, "run", {**cpu_ops_result(), "device": "cpu"}, ["--device", "cpu", "--quick"],
      "2030-01-02-cpu-ops-quick.json"),
     (bench_ops, "run", {**cpu_ops_result(), "device": "cpu"}, ["--device", "cpu", "--ops", "rms_norm,layer_norm"],
@@ -184,7 +187,7 @@ def test_a_run_saving_as_it_goes_names_its_file_after_its_variant(module, argv, 
     monkeypatch.setattr(module, "run", run)
     run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
     (path,) = tmp_path.glob("*.json")
-    assert path.name.endswith(name.format(card="cuda" if torch.cuda.is_available() else "cpu")), path.name
+    assert path.name.endswith(name.format(card=result_card("cuda" if torch.cuda.is_available() else "cpu"))), path.name
 
 
 GPU_RESULT = {"date": "2030-01-01", "device": "NVIDIA H200", "torch": "t", "cuda": "12", "copy_gbs": 4000.0,
@@ -207,6 +210,132 @@ def test_a_subset_or_quick_op_run_never_becomes_the_gpu_tables_source(monkeypatc
     monkeypatch.setattr(report, "speedup_chart", lambda *args, **kwargs: None)
     report.write_gpu_results_md(tmp_path)
     assert "| layer_norm | 16384x768 | bfloat16 | hetrain | 0.200 |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def kernel_error():
+    raise RuntimeError("simulated kernel failure\nsecond line of its message")
+
+
+def fake_op_cases(*args, **kwargs) -> list[Case]:
+    """Three cases on tiny tensors: the second's C++ column raises when called, the third's setup raises."""
+    x = torch.randn(4, 4, requires_grad=True)
+    step = lambda: torch.autograd.grad((x * 2).sum(), x)  # noqa: E731
+    fine = {"eager": step, "compile": step, "hetrain": step}
+
+    def no_setup():
+        raise ValueError("no such kernel")
+
+    return [Case("ok_op", "4x4", "float32", lambda: fine, 64),
+            Case("cpp_op", "4x4", "float32", lambda: {**fine, "hetrain_cuda": kernel_error}, 64),
+            Case("setup_op", "4x4", "float32", no_setup, 64)]
+
+
+def test_an_op_case_that_raises_is_recorded_the_others_run_on_and_the_run_fails(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench_ops, "discover", fake_op_cases)
+    monkeypatch.setattr(bench_ops, "copy_bandwidth_gbs", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(bench_ops, "interleaved_ms", once_each)
+    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, budget_s: fn() and 1.0)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(bench_ops, ["--device", "cpu", "--quick", "--out", str(tmp_path)], monkeypatch)
+    (path,) = tmp_path.glob("*-cpu-ops-quick.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["op"] for r in rows] == ["ok_op", "cpp_op", "setup_op"]
+    assert rows[0]["ms"]["hetrain"] == 1.0
+    assert rows[1] == {"op": "cpp_op", "shape": "4x4", "dtype": "float32",
+                       "error": "RuntimeError: simulated kernel failure"}
+    assert rows[2]["error"] == "ValueError: no such kernel"
+    assert "2 of 3 cases failed (cpp_op 4x4 float32: RuntimeError: simulated kernel failure; setup_op" in str(
+        exit_.value.code)
+    assert "cpp_op 4x4 float32: FAILED: RuntimeError: simulated kernel failure" in capsys.readouterr().err
+
+
+def test_the_gpu_table_and_chart_show_a_failed_op_case_without_its_times(monkeypatch, tmp_path):
+    failed = {"op": "rms_norm", "shape": "16384x768", "dtype": "bfloat16", "error": "RuntimeError: a | b"}
+    result = {**GPU_RESULT, "rows": [*GPU_RESULT["rows"], failed]}
+    (tmp_path / "2030-01-01-nvidia-h200-ops.json").write_text(json.dumps(result))
+    charted = []
+    monkeypatch.setattr(report, "RESULTS_MD", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(report, "speedup_chart", lambda result, *args: charted.append(result["rows"]))
+    report.write_gpu_results_md(tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| layer_norm | 16384x768 | bfloat16 | hetrain | 0.200 |" in text
+    assert "| rms_norm | 16384x768 | bfloat16 | failed: RuntimeError: a \\| b | | | | | | |" in text
+    assert charted == [GPU_RESULT["rows"]]  # the chart has no bar for a case without times
+
+
+def test_quick_honours_an_explicit_measure_s_and_falls_back_to_its_own_otherwise(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_ops, "discover", fake_op_cases)
+    monkeypatch.setattr(bench_ops, "copy_bandwidth_gbs", lambda *args, **kwargs: 1.0)
+    budgets = []
+    monkeypatch.setattr(bench_ops, "interleaved_ms", lambda impls, rounds, **kw: budgets.append(kw["budget_s"])
+                        or dict.fromkeys(impls, 1.0))
+    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, budget_s: 1.0)
+    monkeypatch.setattr(bench_ops, "chosen_ops", lambda *args: {"ok_op"})  # a subset run: RESULTS.md left alone
+    for i, (argv, expected) in enumerate(((["--quick", "--measure-s", "1.5"], 1.5),
+                                          (["--quick"], bench_ops.QUICK_MEASURE_S),
+                                          (["--measure-s", "0.7"], 0.7), ([], 2.0))):  # 2.0: the help's default
+        budgets.clear()
+        run_main(bench_ops, [*argv, "--device", "cpu", "--out", str(tmp_path / str(i))], monkeypatch)
+        (path,) = (tmp_path / str(i)).glob("*.json")
+        assert budgets == [expected] and json.loads(path.read_text())["measure_s"] == expected, argv
+
+
+def test_an_op_run_records_its_triton_and_liger_kernel_versions(monkeypatch):
+    monkeypatch.setattr(bench_ops, "discover", lambda *args, **kwargs: [])
+    monkeypatch.setattr(bench_ops, "copy_bandwidth_gbs", lambda *args, **kwargs: 1.0)
+    result = bench_ops.run("cpu", quick=True)
+    assert result["triton"] == bench_ops.package_version("triton")
+    assert result["liger_kernel"] == bench_ops.package_version("liger-kernel")
+    assert bench_ops.package_version("pytest") == pytest.__version__
+    assert bench_ops.package_version("no-such-distribution-hetrain") is None
+
+
+class Stop(Exception):
+    """Ends a benchmark's main where its timing would begin."""
+
+
+@pytest.mark.parametrize("module", [bench_ops, bench_overhead, profile_step])
+def test_a_benchmark_makes_its_device_current_before_it_runs(module, monkeypatch, tmp_path):
+    made = []
+    monkeypatch.setattr(module, "make_current", made.append)
+
+    def timed(*args, **kwargs):
+        assert made == ["cpu"], "the run began before its device was made current"
+        raise Stop
+
+    monkeypatch.setattr(module, TIMED[module], timed)
+    with pytest.raises(Stop):
+        run_main(module, ["--device", "cpu", "--out", str(tmp_path)], monkeypatch)
+
+
+def test_making_the_cpu_or_a_bare_cuda_current_touches_no_gpu():
+    from benchmarks.cli import make_current
+
+    initialised = torch.cuda.is_initialized()
+    make_current("cpu")
+    if not torch.cuda.is_available():
+        make_current("cuda")  # the current device already: nothing to set, so no error either without a GPU
+    assert torch.cuda.is_initialized() == initialised
+
+
+@pytest.mark.parametrize(("module", "timed", "result", "argv", "name"), [
+    (bench_train, "run", {"date": "2030-01-02", "rows": [], "placement": [], "target_met": None}, ["--device", "cpu"],
+     "2030-01-02-nvidia-h200-train.json"),
+    (profile_step, "profile", {"step_ms": 1.0, "kinds": {}, "top_other": []}, ["--device", "cpu"],
+     "-nvidia-h200-step-profile.json"),
+    (bench_loader, "run", None, [], "-loader-nvidia-h200.json"),
+])
+def test_a_run_names_its_file_after_the_card_so_two_cards_keep_their_own(module, timed, result, argv, name,
+                                                                          monkeypatch, tmp_path):
+    monkeypatch.setattr(module, "result_card", lambda device: "nvidia-h200")  # as a run on that card names it
+
+    def saving_run(*args):  # bench_loader saves each section through its last argument
+        args[-1]({"rows": []})
+
+    monkeypatch.setattr(module, timed, saving_run if result is None else lambda *args, **kwargs: result)
+    run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
+    (path,) = tmp_path.glob("*.json")
+    assert path.name.endswith(name), path.name
 
 
 def test_the_cpu_table_takes_the_newest_full_run_never_a_variant(monkeypatch, tmp_path):
@@ -262,7 +391,7 @@ def test_quick_op_bench_takes_turns_over_three_rounds_and_records_what_it_measur
     monkeypatch.setattr(bench_ops, "copy_bandwidth_gbs", lambda *args, **kwargs: 10.0)
     monkeypatch.setattr(bench_ops, "interleaved_ms", timed)
     monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, budget_s: 1.0)
-    result = bench_ops.run("cpu", quick=True, measure_s=2.0)
+    result = bench_ops.run("cpu", quick=True)
     assert seen == [(3, bench_ops.QUICK_MEASURE_S)] and result["measure_s"] == bench_ops.QUICK_MEASURE_S
     assert result["device"].startswith("cpu (") and "threads" in result["device"]  # the model, not just "cpu"
     conv = result["rows"][0]

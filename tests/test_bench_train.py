@@ -103,8 +103,9 @@ def test_step_profile_sorts_every_op_of_a_step_into_kinds(tmp_path: Path) -> Non
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (path,) = tmp_path.glob("*-cpu-step-profile.json")
+    (path,) = tmp_path.glob("*-cpu-step-profile-steps1.json")  # not the default 3 steps: named after them
     result = json.loads(path.read_text())
+    assert result["steps"] == 1
     kinds = result["kinds"]
     assert abs(sum(k["ms"] for k in kinds.values()) - result["step_ms"]) < 1e-6 * result["step_ms"]
     # The fused model's step: GEMMs, hetrain's ops and the fused AdamW all show up under their kinds.

@@ -33,6 +33,22 @@ def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
 UNSUPPORTED_SPARSE_OPTIONS = ("maximize", "amsgrad", "capturable", "differentiable", "foreach", "fused")
 
 
+def _loaded_group(index: int, saved: dict[str, Any], sparse: bool) -> dict[str, Any]:
+    """Saved group ``index`` as a group whose ``sparse`` flag is this optimizer's (the model says which tables get
+    sparse gradients now). A sparse group drops the torch AdamW options a dense group of the saved run carried, which
+    its lazy step has none of; it refuses maximize or amsgrad turned on, whose update it cannot make. The others
+    (foreach, fused, capturable, differentiable) only choose how torch's step runs, so they are dropped."""
+    if not sparse:
+        return {**saved, "sparse": False}
+    on = [key for key in ("maximize", "amsgrad") if saved.get(key)]
+    if on:
+        raise ValueError(f"hetrain.SparseAwareAdamW: parameter group {index} is sparse=True here, but the state was "
+                         f"saved with {' and '.join(on)} on for it, which its lazy step does not have; load it into a "
+                         "dense group (nn.Embedding(sparse=False)), as it was saved")
+    kept = {key: value for key, value in saved.items() if key not in UNSUPPORTED_SPARSE_OPTIONS}
+    return {**kept, "sparse": True}
+
+
 class SparseAwareAdamW(torch.optim.Optimizer):
     """AdamW whose ``sparse=True`` groups take sparse gradients and update only the rows they name."""
 
@@ -63,6 +79,9 @@ class SparseAwareAdamW(torch.optim.Optimizer):
             self._dense = torch.optim.AdamW(dense, lr=g0["lr"], betas=g0["betas"], eps=g0["eps"],
                                             weight_decay=g0["weight_decay"], fused=self._fused)
             self._dense.state = self.state
+            # As torch's AdamW reads a loaded state: a step count saved by a sparse group (an int) becomes the tensor
+            # its step takes, for a table that is dense now.
+            self._dense.__setstate__(self._dense.__getstate__())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # A group may set its own lr, betas, eps and weight_decay (__init__ checked the defaults).
@@ -80,9 +99,14 @@ class SparseAwareAdamW(torch.optim.Optimizer):
             self._share_with_dense()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # A state saved by torch's AdamW has no "sparse" key: each group keeps the one it has here.
-        groups = [{"sparse": mine["sparse"], **saved}
-                  for mine, saved in zip(self.param_groups, state_dict["param_groups"], strict=False)]
+        # Each group keeps its own "sparse" flag, whatever the saved run's was (torch's AdamW saves none).
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):  # zip would drop the extra groups and their state silently
+            raise ValueError(f"hetrain.SparseAwareAdamW: the state has {len(saved_groups)} parameter groups, this "
+                             f"optimizer {len(self.param_groups)}; build the optimizer with the groups it was saved "
+                             "with")
+        groups = [_loaded_group(i, saved, mine["sparse"])
+                  for i, (mine, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True))]
         super().load_state_dict({**state_dict, "param_groups": groups})  # replaces the group dicts and the state
         self._share_with_dense()
 

@@ -136,8 +136,11 @@ def _scope() -> Iterator[None]:
 
 
 def _names(value: str | Iterable[str]) -> tuple[str, ...]:
-    """A lone string as one name: ``devices="npu"`` would otherwise be the devices 'n', 'p' and 'u'."""
-    return (value,) if isinstance(value, str) else tuple(value)
+    """A lone string as one name: ``devices="npu"`` would otherwise be the devices 'n', 'p' and 'u'; an empty one
+    as none, as an empty list (``configure(prefer="")``, a recipe's ``prefer: ''``)."""
+    if isinstance(value, str):
+        return (value,) if value else ()
+    return tuple(value)
 
 
 def register(
@@ -408,9 +411,13 @@ def _remove(stack: list[Any], entry: Any) -> None:
 @contextlib.contextmanager
 def preferring(*names: str) -> Iterator[None]:
     """Tries the named backends first for every op called inside the block, on this thread (and their backward,
-    as for :func:`use_backend`), wherever they serve the device: ``preferring("cuda")``. Pins still win."""
+    as for :func:`use_backend`), wherever they serve the device: ``preferring("cuda")``. Pins still win.
+    No names change nothing, as ``use_backend()`` pins nothing: the order in force outside the block still holds."""
     _refuse_while_compiling(PREFERRING)
     _check_backend_names(names, PREFERRING)
+    if not names:  # an empty entry would be the innermost preference, hiding configure's and HETRAIN_PREFER's
+        yield
+        return
     scoped = getattr(_local, "prefer", None)
     if scoped is None:
         scoped = _local.prefer = []

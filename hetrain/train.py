@@ -395,7 +395,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         host_cache_at_start = cpu_memory.stats()
         pins, prefer = cfg.backends.pins, cfg.backends.get("prefer")
         plugins.configure(pins=None if pins is None else OmegaConf.to_container(pins), strict=cfg.backends.strict,
-                          prefer=None if prefer is None else list(prefer))
+                          prefer=OmegaConf.to_container(prefer) if OmegaConf.is_list(prefer) else prefer)
         pl.seed_everything(cfg.seed, workers=True)
         parts = build(cfg)
 

@@ -451,6 +451,23 @@ def test_a_failing_autograd_entry_warns_once_and_runs_the_python_autograd(monkey
     torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), w))
 
 
+def test_a_callers_error_in_the_autograd_entry_is_raised_without_blaming_the_backend(monkeypatch):
+    """An inference-mode tensor saved for backward was reported as the C++ autograd entry failing, which used up
+    the once-per-process warning a real failure needs."""
+    monkeypatch.setenv(plugins.ENV_STRICT, "0")
+    monkeypatch.setattr(plugins, "_warned", set())
+    _x, _r, w, b, *_ = inputs()
+    with torch.inference_mode():
+        x = torch.randn(3, 5, H)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward") as raised:
+            ops.layer_norm(x, w, b)
+    assert not caught, [str(c.message) for c in caught]
+    assert not plugins._warned
+    assert raised.value.__suppress_context__  # one traceback, not the same error twice
+
+
 def test_the_cpp_autograd_ops_run_in_inference_mode():
     x, _r, w, b, *_ = inputs(requires_grad=False)
     x = x.reshape(-1, H)

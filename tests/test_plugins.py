@@ -100,6 +100,20 @@ def test_preferred_backends_come_first_where_they_serve_the_device(op, monkeypat
     assert plugins.select(op, "cpu").name == "fast"
 
 
+def test_an_empty_preference_leaves_the_order_in_force(op, monkeypatch):
+    """``preferring()`` pushed an empty preference that hid HETRAIN_PREFER's and configure's, and
+    ``configure(prefer="")`` refused '' as a backend no op registers."""
+    monkeypatch.setenv(plugins.ENV_PREFER, "slow")
+    with plugins.preferring():
+        assert plugins.select(op, "cpu").name == "slow"
+        assert plugins.open_scopes() is None  # nothing for a backward to reopen
+    plugins.configure(prefer=["fast"])
+    with plugins.preferring("slow"), plugins.preferring():  # nested: the outer block's preference still holds
+        assert plugins.select(op, "cpu").name == "slow"
+    plugins.configure(prefer="")  # as prefer=[]: back to the environment's choice
+    assert plugins.preferred() == ("slow",)
+
+
 def test_first_choice_entry_is_the_first_candidates_or_none(op):
     assert plugins.first_choice_entry(op, "cpu", "forward")(1) == ("fast", 1)
     assert plugins.first_choice_entry(op, "cpu", "forward_with_grad") is None  # the backend has no such entry

@@ -15,7 +15,7 @@ from hetrain import plugins
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
 from hetrain.ops.sparse_adamw import OP, sparse_adamw_, sparse_adamw_ref
-from hetrain.optim import SparseAwareAdamW, sparse_parameters
+from hetrain.optim import UNSUPPORTED_SPARSE_OPTIONS, SparseAwareAdamW, sparse_parameters
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 BACKENDS = ["triton", "cpu", "torch"]
@@ -367,3 +367,65 @@ def test_a_value_torch_adamw_refuses_is_refused_before_any_step(bad):
     with pytest.raises(ValueError, match=message):
         sparse_adamw_(p, m, v, sparse_grad(*p.shape, 5, p.dtype, seed=1), 1, **{"lr": 0.1, **bad})
     assert torch.equal(p, before)
+
+
+def dense_table_model_and_optimizer(seed=0, **adamw):
+    """model_and_optimizer's model with a dense table, in a dense group of its own (same group structure)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(40, 8), nn.Linear(8, 3)).double()
+    opt = SparseAwareAdamW([{"params": list(model[1].parameters())}, {"params": [model[0].weight], **adamw}],
+                           lr=1e-2, fused=False)
+    return model, opt
+
+
+def test_a_state_saved_with_the_table_sparse_resumes_it_dense_as_torch_adamw_does():
+    # The saved sparse=True replaced the group's own: the dense table's gradient was refused as not sparse.
+    sparse_model, sparse_opt = model_and_optimizer()
+    train(sparse_model, sparse_opt, 2, seed=1)
+    model, opt = dense_table_model_and_optimizer(seed=7)
+    model.load_state_dict(sparse_model.state_dict())
+    opt.load_state_dict(copy.deepcopy(sparse_opt.state_dict()))
+    assert [g["sparse"] for g in opt.param_groups] == [False, False]
+    reference = copy.deepcopy(model)
+    plain = torch.optim.AdamW([{"params": list(reference[1].parameters())}, {"params": [reference[0].weight]}])
+    plain.load_state_dict(copy.deepcopy(sparse_opt.state_dict()))
+    train(model, opt, 2, seed=2)
+    train(reference, plain, 2, seed=2)
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_a_state_saved_with_the_table_dense_resumes_it_sparse_and_lazily():
+    # The saved sparse=False replaced the group's own: the sparse gradient was refused in a "dense group".
+    dense_model, dense_opt = dense_table_model_and_optimizer()
+    train(dense_model, dense_opt, 2, seed=1)
+    model, opt = model_and_optimizer(seed=7)
+    model.load_state_dict(dense_model.state_dict())
+    opt.load_state_dict(copy.deepcopy(dense_opt.state_dict()))
+    assert [g["sparse"] for g in opt.param_groups] == [False, True]
+    assert not set(UNSUPPORTED_SPARSE_OPTIONS) & set(opt.param_groups[1])  # torch AdamW's options left out
+    before = model[0].weight.detach().clone()
+    ids = torch.tensor([[3, 5, 5]])
+    model(ids).sum().backward()
+    opt.step()
+    moved = (model[0].weight != before).any(1)
+    assert moved[[3, 5]].all() and moved.sum() == 2
+
+
+@pytest.mark.parametrize("option", ["maximize", "amsgrad"])
+def test_a_state_saved_with_an_option_the_lazy_step_lacks_is_refused_in_a_sparse_group(option):
+    dense_model, dense_opt = dense_table_model_and_optimizer(**{option: True})
+    train(dense_model, dense_opt, 1, seed=1)
+    _model, opt = model_and_optimizer()
+    with pytest.raises(ValueError, match=f"parameter group 1 is sparse=True here, but the state was saved with "
+                                         f"{option} on for it"):
+        opt.load_state_dict(dense_opt.state_dict())
+
+
+def test_a_state_with_another_number_of_groups_is_refused():
+    # zip dropped the extra group and its state without a word.
+    model, opt = model_and_optimizer()
+    extra = SparseAwareAdamW([{"params": list(model[1].parameters())}, {"params": [model[0].weight], "sparse": True},
+                              {"params": [nn.Parameter(torch.zeros(2))]}])
+    with pytest.raises(ValueError, match="the state has 3 parameter groups, this optimizer 2"):
+        opt.load_state_dict(extra.state_dict())

@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import hetrain.nn
+from hetrain import plugins
 from hetrain.callbacks.placement import StagePlacement
 from hetrain.callbacks.throughput import Throughput
 from hetrain.data.synthetic import CLS, FIRST_MARKER, SyntheticSequences, pad_collate
@@ -532,6 +533,19 @@ def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(ov
     if overrides == ["threads=0"]:  # and the run itself, which applied threads before its checks
         result = train_py(*overrides, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, threads=None)
         assert result.returncode != 0 and f"hetrain: {message}" in result.stderr + result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("prefer, names", [("torch", ("torch",)), ("[torch,cpu]", ("torch", "cpu"))])
+def test_backends_prefer_reaches_the_plugins_as_written_alone_or_in_a_list(prefer, names, tmp_path):
+    """backends.prefer=torch went through list(): configure was given the backends 't', 'o', 'r', 'c' and 'h', and
+    refused 't'. The run below fails checking its plan, after the backends are configured."""
+    try:
+        with pytest.raises(ValueError, match="placement entry 'pooler' names no stage"):
+            run(compose_train("recipe=bert_split", "+placement.plan.pooler=cpu", f"backends.prefer={prefer}",
+                              output_dir=tmp_path))
+        assert plugins.preferred() == names
+    finally:
+        plugins.configure(prefer=())
 
 
 @pytest.mark.parametrize("seed, shown", [("null", "None"), ("abc", "'abc'")])

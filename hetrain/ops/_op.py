@@ -256,8 +256,7 @@ class Op:
                         if plugins.raises_without_fallback(self._family):
                             plugins.note_failure(exc, self._family, backend, device)
                             raise
-                        _warn_autograd_entry_failed(exc, self._family, backend, device)
-                        # The Function below calls the same backend again: it warns and falls back, as any call does.
+                        return self._python_autograd_after(exc, backend, device, args)
             return self._function.apply(*args)
         if route == "functorch" and self._functorch is not None:
             if self._reference is not None and _functorch_level() > 1:
@@ -267,6 +266,20 @@ class Op:
             return self._functorch.apply(*args)
         # A graph, a tensor subclass, or a gradient the op has no formula for (the custom op names it).
         return self.custom(*args)
+
+    def _python_autograd_after(self, exc: Exception, backend: str, device: str, args: tuple[Any, ...]) -> Any:
+        """The call through the Python autograd after ``backend``'s C++ autograd entry raised ``exc``, which is
+        reported once as the backend's failure unless the Python autograd raises the same error: then it is the
+        caller's (e.g. an inference-mode tensor saved for backward), raised as torch's own ops raise it."""
+        try:
+            output = self._function.apply(*args)  # the same backend again: it warns and falls back, as any call does
+        except Exception as again:
+            if type(again) is type(exc) and str(again) == str(exc):
+                raise again from None
+            _warn_autograd_entry_failed(exc, self._family, backend, device)
+            raise
+        _warn_autograd_entry_failed(exc, self._family, backend, device)
+        return output
 
 
 def _guarded(fn: Callable[..., Any], guard: Callable[..., None]) -> Callable[..., Any]:

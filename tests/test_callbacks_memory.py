@@ -56,7 +56,8 @@ def _loader(batches: int) -> DataLoader:
 
 def _fit(model, profiler, tmp_path, batches=3, **kwargs) -> pl.Trainer:
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=batches, logger=False, default_root_dir=tmp_path,
+    kwargs = {"max_steps": batches, **kwargs}  # more under manual optimization with several optimizers
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                          limit_val_batches=0, callbacks=[profiler], **kwargs)
     trainer.fit(model, _loader(batches))
@@ -1192,3 +1193,126 @@ def test_an_error_without_a_message_is_named_without_a_dangling_colon(tmp_path):
         _fit(Interrupted(), MemoryProfiler(module_every_n_steps=1, churn_steps=0), tmp_path, batches=4)
     md = (tmp_path / REPORT_MD).read_text()
     assert md.startswith("# Memory\n\nThe fit stopped at step 2 with ValueError. These are the steps before it.")
+
+
+@pytest.mark.parametrize("error", [ValueError("bug in test_step"), torch.cuda.OutOfMemoryError(OOM_MESSAGE)])
+def test_an_error_in_test_after_a_fit_leaves_that_fits_report(tmp_path, error):
+    """trainer.test() failing after a successful fit rewrote the fit's report as "The fit stopped at step 3 with ...",
+    or wrote an out-of-memory post-mortem for it."""
+    class BrokenTest(Regressor):
+        def test_step(self, batch, batch_idx):
+            raise error
+
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=0)
+    model = BrokenTest()
+    trainer = _fit(model, profiler, tmp_path)
+    fitted = (tmp_path / REPORT_MD).read_text()
+    with pytest.raises(type(error)):
+        trainer.test(model, _loader(1), verbose=False)
+    assert (tmp_path / REPORT_MD).read_text() == fitted and not (tmp_path / OOM_MD).exists()
+    assert [s["step"] for s in profiler.steps] == [0, 1, 2]
+
+
+class LazyRegressor(Regressor):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.LazyLinear(HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
+
+
+def test_a_lazy_module_is_measured_once_its_first_forward_made_its_parameters(tmp_path):
+    """nn.LazyLinear's uninitialized parameters crashed the fit at step 0 ("Attempted to use an uninitialized
+    parameter") when the hooked step counted them."""
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=0)
+    model = LazyRegressor()
+    _fit(model, profiler, tmp_path, batches=2)
+    lazy = model.net[0]
+    weights = _nbytes(lazy.weight, lazy.bias)
+    r = profiler.modules.records
+    assert r["net.0"].params == r["net.0"].grads == weights  # counted once made, in the step that made them
+    assert r["net.0"].saved == _nbytes(torch.empty(BATCH, IN))  # its input, not the weight its forward made
+    assert r["net.0"].outputs == 4 * BATCH * HIDDEN
+    assert profiler.static["params"] == {"cpu": _nbytes(*model.parameters())}
+    assert "| net.0 | Linear |" in (tmp_path / REPORT_MD).read_text()
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization: each training_step runs two forwards, each with its backward and its optimizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
+        self.net2 = nn.Sequential(nn.Linear(IN, 2 * HIDDEN), nn.Tanh(), nn.Linear(2 * HIDDEN, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for net, optimizer in zip((self.net, self.net2), self.optimizers(), strict=True):
+            optimizer.zero_grad()
+            self.manual_backward(F.mse_loss(net(x), y))
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.net.parameters()), torch.optim.Adam(self.net2.parameters())]
+
+
+def test_manual_optimization_measures_the_forwards_after_the_first_backward(tmp_path):
+    """The hooks stopped watching at the first manual_backward: net2's forward, after it, had no outputs or saved
+    tensors."""
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=0)
+    model = TwoOptimizers()
+    _fit(model, profiler, tmp_path, batches=2, max_steps=4)  # the global step advances once per optimizer
+    r = profiler.modules.records
+    assert r["net2.0"].outputs == r["net2.1"].outputs == 4 * BATCH * 2 * HIDDEN
+    assert r["net2.1"].saved == 4 * BATCH * 2 * HIDDEN  # tanh keeps its result; the input x was net.0's already
+    assert r["net.1"].saved == r["net.0"].outputs == 4 * BATCH * HIDDEN and r["net.0"].saved == _nbytes(
+        torch.empty(BATCH, IN))
+    assert r["net2.0"].grads == _nbytes(*model.net2[0].parameters())
+    assert r["net.0"].grads == _nbytes(*model.net[0].parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def test_a_churn_count_profiles_that_many_steps_under_two_optimizers(tmp_path):
+    """churn_steps=2 chose global steps 2 and 3; with two optimizers the global step goes 0, 2, 4, ..., so only one
+    step was profiled."""
+    profiler = MemoryProfiler(module_every_n_steps=100, churn_steps=2, churn_min_bytes=256)
+    model = TwoOptimizers()
+    _fit(model, profiler, tmp_path, batches=5, max_steps=10)
+    assert [s["step"] for s in profiler.steps] == [0, 2, 4, 6, 8]
+    assert profiler.churn_observed == [4, 6] and len(profiler.churn.steps) == 2  # the fit's steps 2 and 3
+    assert [profiler.instruments_step(s) for s in (2, 4, 6, 8)] == [False, True, True, False]
+    assert "Steps 4, 6:" in (tmp_path / REPORT_MD).read_text()
+    # The first optimizer's step comes before the second backward, and is still the optimizer's, not the forward's.
+    rows = {(a.module, a.phase, a.op, a.size) for r in profiler.churn.rows() for a in [r.allocation]}
+    assert ("(Adam.step)", "optimizer", "aten::sqrt", _nbytes(model.net[0].weight)) in rows
+    assert not any(module == OUTSIDE and phase == "forward" for module, phase, *_ in rows)
+
+
+class ValidatedRegressor(Regressor):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(IN, 1024), nn.ReLU(), nn.Linear(1024, 1))
+
+    def validation_step(self, batch, batch_idx):
+        return F.mse_loss(self.net(batch[0]), batch[1])
+
+
+def test_a_validation_inside_a_churn_step_drops_that_step_and_a_count_profiles_another(tmp_path, caplog):
+    """A validation run inside a churn step (val_check_interval inside an accumulation window) was profiled as the
+    step's forward: its activations counted as forward churn of the training modules."""
+    profiler = MemoryProfiler(module_every_n_steps=100, churn_steps=2, churn_min_bytes=4096)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         accumulate_grad_batches=2, val_check_interval=5, limit_val_batches=1,
+                         num_sanity_val_steps=0, callbacks=[profiler])
+    with caplog.at_level(logging.WARNING, logger="hetrain.callbacks.memory"):
+        # Validations after batches 4 and 9: inside step 2 (batches 4 and 5), and after step 4.
+        trainer.fit(ValidatedRegressor(), _loader(10), _loader(1))
+    assert profiler.churn_observed == [3, 4] and profiler.churn_dropped == [2]
+    forward = {(r.allocation.module, r.allocation.op): r.count for r in profiler.churn.rows()
+               if r.allocation.phase == "forward" and r.allocation.module.startswith("net")}
+    assert forward[("net.0", "aten::linear")] == 2  # each observed step's two micro-batches, no validation's
+    assert "a validation ran inside step 2, a churn step" in caplog.text and "a later step is profiled" in caplog.text
+    md = (tmp_path / REPORT_MD).read_text()
+    assert "Not counted: step 2, as a validation ran inside" in md and "Steps 3, 4:" in md

@@ -29,6 +29,7 @@ An allocation is *churned* when its (device, module, phase, op, kind, size) recu
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from collections import Counter
@@ -209,6 +210,14 @@ def _running_module(ancestors: tuple[Any, ...]) -> str | None:
     return None
 
 
+def _optimizers_own(m: _Made, backward_starts: list[int]) -> bool:
+    """Whether an allocation inside an optimizer's range is its own work: Lightning runs forward and backward inside
+    the step (as its closure), so only what no backward node of that range follows is. Under manual optimization a
+    step's range holds no backward, and a later backward (another optimizer's) is not its."""
+    later = bisect.bisect_right(backward_starts, m.time)
+    return later == len(backward_starts) or backward_starts[later] > m.optimizer_end
+
+
 def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation]:
     """Allocations made and freed within one profiled step (``experimental_event_tree()``), counted.
 
@@ -219,6 +228,7 @@ def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation
     freed: dict[int, tuple[int, bool]] = {}  # allocation id -> (time, freed inside a backward node)
     op_module: dict[int, str] = {}  # forward op's sequence number -> its innermost module
     backward_end = None
+    backward_starts: list[int] = []
     for event, ancestors in _events(roots):
         if event.tag.name == "Allocation":
             fields = event.typed[1]
@@ -229,12 +239,14 @@ def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation
         elif event.tag.name == "TorchOp":
             if event.name.startswith(_BACKWARD_NODE):
                 backward_end = max(backward_end or 0, event.end_time_ns)
+                backward_starts.append(event.start_time_ns)
             elif event.typed[1].sequence_number >= 0:
                 # A forward op, or one a checkpointed forward runs again (reentrant checkpointing backpropagates
                 # through those, so their nodes need their module too).
                 module = _running_module(ancestors)
                 if module is not None:
                     op_module.setdefault(event.typed[1].sequence_number, module)
+    backward_starts.sort()
     counts: Counter[Allocation] = Counter()
     for allocation_id, m in made.items():
         if allocation_id not in freed:
@@ -244,9 +256,8 @@ def step_allocations(roots: list[Any], min_bytes: int = 0) -> Counter[Allocation
             phase, module, owner_end = "backward", op_module.get(m.node_seq, OUTSIDE), m.scope_end
         elif m.module is not None:
             phase, module, owner_end = "recompute" if m.recompute_end else "forward", m.module, m.scope_end
-        elif (m.time > backward_end) if backward_end is not None else m.optimizer_end is not None:
-            # Lightning runs forward and backward inside the optimizer's step (as its closure): only what
-            # follows the last backward node is the optimizer's own work.
+        elif (_optimizers_own(m, backward_starts) if m.optimizer_end is not None
+              else backward_end is not None and m.time > backward_end):
             module = f"({m.optimizer})" if m.optimizer else OUTSIDE
             phase, owner_end = "optimizer", m.optimizer_end or m.op_end
         else:

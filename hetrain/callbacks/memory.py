@@ -21,6 +21,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.profilers import PyTorchProfiler
+from pytorch_lightning.trainer.states import TrainerFn
+from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
 from hetrain.callbacks.churn import ChurnTracker
@@ -36,7 +38,8 @@ OOM_MD, OOM_SNAPSHOT = "oom_report.md", "oom_snapshot.pickle"
 OOM_MD_OF_RANK, OOM_SNAPSHOT_OF_RANK = "oom_report_rank{}.md", "oom_snapshot_rank{}.pickle"  # under DDP, per rank
 OOM_STEPS_CSV_OF_RANK = "memory_steps_rank{}.csv"  # rank 0 may write memory_steps.csv with its own report
 SNAPSHOT = "memory_snapshot.pickle"
-CHURN_FIRST_STEP = 2  # a churn window given as a count starts here: step 0 creates optimizer state, step 1 settles
+# A churn window given as a count starts at the fit's step 2: step 0 creates optimizer state, step 1 settles.
+CHURN_FIRST_STEP = 2
 LOGGED_MODULES = 10  # rows of the per-module table in the log
 
 
@@ -81,7 +84,10 @@ class MemoryProfiler(Callback):
           allocations made and freed in every one of those steps are reported per module, the
           temporaries (made and freed inside one module's forward or backward) first. Two torch
           profilers cannot run at once: steps ``StepTrace`` records are skipped, and churn is off under
-          Lightning's ``PyTorchProfiler``.
+          Lightning's ``PyTorchProfiler``. A validation that runs inside a churn step (``val_check_interval``
+          inside a gradient-accumulation window) drops that step: its allocations are not the step's. Given as a
+          count, the steps are the fit's steps (optimizer steps in automatic optimization, batches that step an
+          optimizer in manual), and a step dropped or skipped is made up for by the next.
         - The steps this callback instruments (module hooks, churn, chosen history) run slower;
           :meth:`instruments_step` names them, and :class:`~hetrain.callbacks.Throughput` leaves them out.
         - The report is written when the fit ends, and also when it stops with an error (the steps so far,
@@ -103,7 +109,8 @@ class MemoryProfiler(Callback):
         max_history_entries: allocator events kept in the history.
         dump_on_oom: write the post-mortem on out-of-memory, a GPU's or the CPU allocator's.
         churn_steps: the steps profiled for allocator churn: a count ``n`` (the fit's steps 2 .. n+1, counted
-            from where a resumed fit starts) or a list of global steps; 0 or an empty list turns it off.
+            from where a resumed fit starts, in batches: under manual optimization with several optimizers the
+            global step advances once per optimizer) or a list of global steps; 0 or an empty list turns it off.
         churn_min_bytes: smaller churned allocations are not reported.
         churn_top: rows of each churn table in the log and the report.
     """
@@ -119,7 +126,9 @@ class MemoryProfiler(Callback):
         self._cuda = False  # a stage is on a GPU: there is an allocator history to record
         if module_every_n_steps < 1:
             raise ValueError(f"hetrain: module_every_n_steps must be >= 1, got {module_every_n_steps}")
-        self._churn_counted = isinstance(churn_steps, int)  # steps of the fit, not global steps
+        # A count: steps of the fit, placed one at a time as it runs (0 for a list of global steps).
+        self._churn_count = churn_steps if isinstance(churn_steps, int) else 0
+        self._churn_wanted = self._churn_count  # this fit's count: 0 where another profiler takes the steps
         if isinstance(churn_steps, int):
             if churn_steps < 0:
                 raise ValueError(f"hetrain: churn_steps as a count must be >= 0, got {churn_steps}")
@@ -127,11 +136,13 @@ class MemoryProfiler(Callback):
         if any(int(step) < 0 for step in churn_steps):
             raise ValueError(f"hetrain: churn_steps must be global steps >= 0, got {list(churn_steps)}")
         self._churn_asked = sorted({int(step) for step in churn_steps})
-        self.churn_steps = list(self._churn_asked)  # global steps; a count is placed where the fit starts
+        # Global steps. A count's, before a fit, as one optimizer would place them; in a fit, those placed so far.
+        self.churn_steps = list(self._churn_asked)
         self.churn_min_bytes = churn_min_bytes
         self.churn_top = churn_top
         self.churn: ChurnTracker | None = None
         self.churn_observed: list[int] = []  # the churn steps that completed
+        self.churn_dropped: list[int] = []  # churn steps a validation ran inside of: not counted
         self.dirpath = dirpath
         self.module_every_n_steps = module_every_n_steps
         self.record_history = record_history
@@ -147,6 +158,9 @@ class MemoryProfiler(Callback):
         # accumulation the step's first micro-batch has filled its forward and backward already.
         self._phase = PHASES[0]
         self._stepped = False  # the optimizer stepped during this batch (not an accumulating micro-batch)
+        # The hooked step's forwards are still to be measured: until the first backward in automatic optimization
+        # (later micro-batches are not counted), until the batch ends in manual (a forward may follow a backward).
+        self._measuring_forwards = False
         self._recording = False
         self._history_done = False  # the chosen history steps were written
         self.start_step = 0  # the global step the fit started at: past 0 when resumed from a checkpoint
@@ -160,7 +174,7 @@ class MemoryProfiler(Callback):
         # (in its sanity check) must not report it as its own steps. Nor may its hooks measure this one.
         self._stop_open_step()
         self.phases, self.modules, self.churn, self._current = None, None, None, None
-        self.steps, self.churn_observed, self.static = [], [], {}
+        self.steps, self.churn_observed, self.churn_dropped, self.static = [], [], [], {}
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -172,7 +186,8 @@ class MemoryProfiler(Callback):
         self.at_start = self.phases.current()
         self.modules = ModuleMemory(pl_module)
         self.churn = ChurnTracker(pl_module, self.churn_min_bytes)
-        self.churn_steps = [self.start_step * self._churn_counted + s for s in self._churn_asked]
+        self.churn_steps = [] if self._churn_count else list(self._churn_asked)
+        self._churn_wanted = self._churn_count
         self._leave_steps_to_other_profilers(trainer)
         self._cuda = any(d.type == "cuda" for d in devices)
         if self.record_history and self._cuda:
@@ -218,15 +233,28 @@ class MemoryProfiler(Callback):
 
     def _leave_steps_to_other_profilers(self, trainer: pl.Trainer) -> None:
         """Drops churn steps another torch profiler records: two cannot run at once, and the second would fail."""
-        if isinstance(trainer.profiler, PyTorchProfiler) and self.churn_steps:
+        if isinstance(trainer.profiler, PyTorchProfiler) and (self.churn_steps or self._churn_wanted):
             log.warning("hetrain: Lightning's PyTorchProfiler is on; allocator churn is not measured")
-            self.churn_steps = []
-        for callback in trainer.callbacks:
-            if isinstance(callback, StepTrace):
-                taken = [s for s in self.churn_steps if callback.first <= s <= callback.last]
-                if taken:
-                    log.warning(f"hetrain: steps {taken} are traced by StepTrace; allocator churn skips them")
-                    self.churn_steps = [s for s in self.churn_steps if s not in taken]
+            self.churn_steps, self._churn_wanted = [], 0
+        taken = [s for s in self.churn_steps if self._traced(trainer, s)]
+        if taken:
+            log.warning(f"hetrain: steps {taken} are traced by StepTrace; allocator churn skips them")
+            self.churn_steps = [s for s in self.churn_steps if s not in taken]
+
+    @staticmethod
+    def _traced(trainer: pl.Trainer, step: int) -> bool:
+        return any(isinstance(cb, StepTrace) and cb.first <= step <= cb.last for cb in trainer.callbacks)
+
+    def _place_churn_step(self, trainer: pl.Trainer) -> None:
+        """A count's next churn step: the step about to start, from the fit's step CHURN_FIRST_STEP on, until the
+        count is observed. Counted in steps of the fit, not global steps (which advance once per optimizer under
+        manual optimization); a step skipped or traced by StepTrace is made up for by a later one, and so is a step
+        dropped, up to the count (a validation inside every step would have every step profiled)."""
+        step = trainer.global_step
+        if (len(self.steps) >= CHURN_FIRST_STEP and len(self.churn_observed) < self._churn_wanted
+                and len(self.churn_dropped) < self._churn_wanted
+                and step not in self.churn_steps and not self._traced(trainer, step)):
+            self.churn_steps.append(step)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -237,6 +265,7 @@ class MemoryProfiler(Callback):
             self._current = {"step": trainer.global_step, **{phase: {} for phase in PHASES}}
             if self._module_step(trainer.global_step):
                 self.modules.start()
+                self._measuring_forwards = True
             if trainer.global_step in self.churn_steps:
                 self.churn.start_step()
         # What ran since the last phase closed (the loader's collate, a validation, a checkpoint save) is no phase's,
@@ -253,7 +282,21 @@ class MemoryProfiler(Callback):
             self.modules.stop(keep=False)
         if self.churn is not None and self.churn.active:
             self.churn.stop_step(keep=False)
-        self._current, self._stepped = None, False
+        self._current, self._stepped, self._measuring_forwards = None, False, False
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A validation inside a step (val_check_interval inside a gradient-accumulation window): its allocations,
+        # profiled, would count as the step's forward. The step is dropped; a count makes it up with a later one.
+        if self.churn is not None and self.churn.active:
+            self.churn.stop_step(keep=False)
+            step = self._current["step"]
+            self.churn_dropped.append(step)
+            instead = (" (a later step is profiled instead)" if len(self.churn_dropped) < self._churn_wanted
+                       else "")
+            log.warning(f"hetrain: a validation ran inside step {step}, a churn step: its allocations are not the "
+                        f"step's, so allocator churn does not count step {step}{instead}. Set val_check_interval "
+                        "to a multiple of accumulate_grad_batches to validate between steps")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -276,11 +319,15 @@ class MemoryProfiler(Callback):
         self._phase = "backward"
         if self.modules.active:
             self.modules.forward_done()
+        if pl_module.automatic_optimization:
+            self._measuring_forwards = False
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close("backward")
         self._phase = "optimizer"  # until on_train_batch_end, as _close("optimizer") counts it
+        if self._measuring_forwards:  # manual optimization: the next forward of the step is measured too
+            self.modules.resume()
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -292,6 +339,9 @@ class MemoryProfiler(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._measuring_forwards:  # the step's later batches, if the optimizer has not stepped, are not counted
+            self._measuring_forwards = False
+            self.modules.forward_done()
         if self._current is None or not self._stepped:
             return
         self._stepped = False
@@ -306,12 +356,14 @@ class MemoryProfiler(Callback):
             self.churn_observed.append(self.steps[-1]["step"])  # global_step has moved on by now
         if self.modules.active:
             self._keep_module_step(trainer, pl_module)
+        if self._churn_wanted:
+            self._place_churn_step(trainer)
 
     def _keep_module_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Folds the hooked step into the per-module records, and keeps what the parameters, gradients and
         optimizer state hold after it."""
         self.modules.stop()
-        params = list(pl_module.parameters())
+        params = [p for p in pl_module.parameters() if not is_lazy(p)]  # a lazy module that never ran has none
         self.static = {
             "params": bytes_by_device(params),
             "grads": bytes_by_device([p.grad for p in params if p.grad is not None]),
@@ -320,7 +372,12 @@ class MemoryProfiler(Callback):
 
     def report(self, ended_early: str | None = None) -> MemoryReport:
         """What was measured so far, ready to render; ``ended_early`` says what stopped the fit, if anything did."""
-        churn = churn_section(self.churn, self.churn_steps, self.churn_observed, self.churn_min_bytes, self.churn_top)
+        if self._churn_wanted:
+            asked = f"{self._churn_wanted} steps from the fit's step {CHURN_FIRST_STEP}"
+        else:
+            asked = f"steps {self.churn_steps}" if self.churn_steps else None
+        churn = churn_section(self.churn, asked, self.churn_observed, self.churn_min_bytes, self.churn_top,
+                              self.churn_dropped)
         return MemoryReport(self.steps, self.static, self.at_start, self.modules, churn, ended_early)
 
     @override
@@ -352,6 +409,8 @@ class MemoryProfiler(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # trainer.test() or validate() after a fit: that fit's report and steps stand
         # A later callback's on_train_batch_end can fail after the optimizer stepped (global_step has moved on):
         # that step completed, and is reported. Any other step stopped part way, and its numbers are dropped.
         finished = self._current is not None and trainer.global_step > self._current["step"]
@@ -359,7 +418,7 @@ class MemoryProfiler(Callback):
             self._close("optimizer")
             self.steps.append(self._current)
             self._current = None
-        self._stepped = False
+        self._stepped = self._measuring_forwards = False
         if self.modules is not None and self.modules.active:  # no hook may outlive the fit, whatever ended it
             if finished:
                 self._keep_module_step(trainer, pl_module)

@@ -31,15 +31,22 @@ Table = tuple[list[str], list[list[Any]]]
 ChurnSection = tuple[list[str], list[tuple[str, Table]]]
 
 
-def churn_section(tracker: ChurnTracker | None, requested: list[int], observed: list[int], min_bytes: int,
-                  top: int) -> ChurnSection | None:
-    """The allocator-churn section: what was found on the ``observed`` steps; None when no step was requested."""
+def churn_section(tracker: ChurnTracker | None, requested: str | None, observed: list[int], min_bytes: int,
+                  top: int, dropped: list[int] | None = None) -> ChurnSection | None:
+    """The allocator-churn section: what was found on the ``observed`` steps; None when no step was requested.
+
+    ``requested`` says which steps were asked for (``"steps [2, 3]"``); ``dropped`` are churn steps a validation ran
+    inside of, which are not counted."""
     if not requested:
         return None
+    note = ([f"Not counted: step{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))}, as a validation "
+             "ran inside (val_check_interval inside a gradient-accumulation window): its allocations are not the "
+             "step's."] if dropped else [])
     if not observed or tracker is None:
-        return [f"Not measured: no step of {requested} completed."], []
+        return [f"Not measured: none of {requested} completed.", *note], []
     totals = tracker.totals()
     paragraphs = [
+        *note,
         f"Steps {', '.join(map(str, observed))}: allocations of at least {min_bytes} bytes made and freed in every "
         "one of them, by the module they were made in (in the backward: the module whose forward created the "
         "autograd node; after the backward: the optimizer's step), most bytes per step first.",

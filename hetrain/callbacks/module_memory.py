@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.parameter import is_lazy
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
@@ -50,14 +51,16 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _tensor_bytes(obj: Any) -> int:
-    return sum(_nbytes(t) for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
+    """Bytes of the tensors in ``obj``; a lazy module's parameter not materialised yet holds none."""
+    return sum(_nbytes(t) for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and not is_lazy(t))
 
 
 class ModuleMemory:
     """Per-module memory of a model over one forward and backward, through hooks that exist only meanwhile.
 
     Call :meth:`start` before the forward, :meth:`forward_done` after it (before backward),
-    :meth:`backward_done` after backward, and :meth:`stop` at the end (also after an error).
+    :meth:`backward_done` after backward, and :meth:`stop` at the end (also after an error). A step of several
+    forwards, each with its backward (manual optimization), calls :meth:`resume` after each backward.
 
     Notes:
         No byte is counted twice: parameters and gradients go to the module that owns them (a tied
@@ -92,12 +95,16 @@ class ModuleMemory:
         self._handles: list[RemovableHandle] = []
         self._stack: list[str] = []
         self._before: dict[str, int] = {}
-        self._seen: set[int] = set()  # storages counted as saved for backward (parameters, buffers at start)
-        # Storages counted as outputs. Weak references, not addresses: an output freed during the forward frees
-        # its address for the next, and a weak reference keeps its storage's identity until it is dropped.
+        # Storages counted as saved for backward and as outputs (parameters and buffers from the start). Weak
+        # references, not addresses: a tensor freed during the step (an output the forward dropped, what a backward
+        # released before the next forward) frees its address for the next, and a weak reference keeps its
+        # storage's identity until it is dropped.
+        self._seen: set[StorageWeakRef] = set()
         self._outputs_seen: set[StorageWeakRef] = set()
+        # Modules whose parameters or buffers were lazy (nn.LazyLinear) at start: held once their forward made them.
+        self._lazy: set[str] = set()
         self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
-        self._watching = False  # during the first forward of the step (later micro-batches are not counted)
+        self._watching = False  # during the step's forwards (not its backwards, nor later micro-batches)
 
     @property
     def active(self) -> bool:
@@ -113,16 +120,30 @@ class ModuleMemory:
         return owned
 
     def start(self) -> None:
-        self._step = {name: ModuleRecord(params=_tensor_bytes(params))
-                      for name, params in self._owned_parameters().items()}
-        self._step[OUTSIDE] = ModuleRecord()
-        # Parameters and buffers live for the whole fit: a module that uses or returns one makes no activation.
-        held = [*self.model.parameters(), *self.model.buffers()]
-        self._seen = {t.untyped_storage().data_ptr() for t in held}
-        self._outputs_seen = {StorageWeakRef(t.untyped_storage()) for t in held}
+        # Parameters are counted at stop: a lazy module's are made by its first forward.
+        self._step = {name: ModuleRecord() for name in [*self.rows, OUTSIDE]}
+        self._hold([*self.model.parameters(), *self.model.buffers()])
+        self._lazy = {name for name, m in self.rows.items()
+                      if any(is_lazy(t) for t in [*m.parameters(False), *m.buffers(False)])}
         for name, module in self.rows.items():
             self._handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post(name), always_call=True))
+        self.resume()
+
+    def _hold(self, tensors: list[torch.Tensor]) -> None:
+        """Parameters and buffers live for the whole fit: a module that uses or returns one makes no activation.
+        A lazy one has no storage yet."""
+        for t in tensors:
+            if not is_lazy(t):
+                key = StorageWeakRef(t.untyped_storage())
+                self._seen.add(key)
+                self._outputs_seen.add(key)
+
+    def resume(self) -> None:
+        """Watches the forward (again, after :meth:`forward_done`): under manual optimization a step runs several
+        forwards, each followed by a backward, which is not watched."""
+        if not self.active or self._watching:
+            return
         # Autograd calls the pack hook from a compiled module's runtime too; left to dynamo, that call would be
         # compiled as a frame of its own, and a traced _pack counts nothing.
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(torch.compiler.disable(self._pack), lambda t: t)
@@ -134,6 +155,9 @@ class ModuleMemory:
         def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             if not self._watching or torch.compiler.is_compiling():  # see _post
                 return
+            if name in self._lazy:  # its own pre-hook, registered before this one, has just made them
+                self._lazy.discard(name)
+                self._hold([*module.parameters(False), *module.buffers(False)])
             parent = self._stack[-1] if self._stack else None
             if parent in self.fused:  # a fused run's output handed to the next child
                 self._step[parent].outputs += self._new_output_bytes((args, kwargs))
@@ -198,8 +222,9 @@ class ModuleMemory:
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse or otherwise storage-less tensors
             return tensor
-        if storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
+        key = StorageWeakRef(storage)
+        if key not in self._seen:
+            self._seen.add(key)
             self._step[self._stack[-1] if self._stack else OUTSIDE].saved += storage.nbytes()
         return tensor
 
@@ -211,8 +236,11 @@ class ModuleMemory:
             self._saved_hooks = None
 
     def backward_done(self) -> None:
+        """Counts the gradients; called again (manual optimization, one call per optimizer), it keeps the most each
+        module held."""
         for name, params in self._owned_parameters().items():
-            self._step[name].grads = _tensor_bytes([p.grad for p in params if p.grad is not None])
+            grads = _tensor_bytes([p.grad for p in params if p.grad is not None])
+            self._step[name].grads = max(self._step[name].grads, grads)
 
     def stop(self, keep: bool = True) -> None:
         """Removes every hook and, when ``keep``, folds this step into :attr:`records` (a failed step's are partial,
@@ -223,11 +251,15 @@ class ModuleMemory:
         self._handles.clear()
         self._stack.clear()
         self._before.clear()
+        self._seen.clear()
         self._outputs_seen.clear()
+        self._lazy.clear()
         entered, self._entered = self._entered, set()
         if keep:
             self.ran_fused |= {name for name, children in self.fused.items()
                                if name in entered and not entered.issuperset(children)}
+            for name, params in self._owned_parameters().items():
+                self._step[name].params = _tensor_bytes(params)
             for name, record in self._step.items():
                 self.records.setdefault(name, ModuleRecord()).merge(record)
         self._step = {}

@@ -123,8 +123,20 @@ def collect() -> Report:
                 chosen = f"none ({exc})"
             rows.append({"backend": f"-> chosen on {dev}", "devices": dev, "priority": "", "status": chosen})
         report.backends[op] = rows
-    report.warnings += _compatibility_warnings()
+    report.warnings += _setting_warnings() + _compatibility_warnings()
     return report
+
+
+def _setting_warnings() -> list[str]:
+    """Environment settings hetrain cannot read: every op refuses to run while one is set, so each is named here
+    once, with its fix, and not only in the chosen backend of every op."""
+    out = []
+    for check in (plugins.strict, plugins.preferred, lambda: [plugins.pinned(op) for op in plugins.ops()]):
+        try:
+            check()
+        except plugins.BackendError as exc:
+            out.append(f"{exc}; ops refuse to run until it is fixed or unset")
+    return out
 
 
 def _compatibility_warnings() -> list[str]:

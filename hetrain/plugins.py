@@ -100,7 +100,7 @@ _lock = threading.Lock()
 _resolved: dict[tuple[str, str, str | None, tuple[str, ...]], list[Backend]] = {}
 # The same outside any use_backend/preferring block, keyed by the environment's raw settings: reading them is all
 # such a call pays (pinned() and preferred() walk the scopes and parse, more than the kernel of a small op).
-_unscoped: dict[tuple[str, str, str | None, str | None], list[Backend]] = {}
+_unscoped: dict[tuple[str, str, str | None, str | None, str | None], list[Backend]] = {}
 _scopes_open = 0  # use_backend/preferring blocks open on any thread
 # Bumped (under _lock) whenever the caches are emptied: a resolution computed from the registry or pins as they were
 # before is not stored, or it would stay in force for good (see _store).
@@ -294,14 +294,20 @@ def strict() -> bool:
     """Whether an automatically chosen backend that fails raises rather than falls back (config, HETRAIN_STRICT)."""
     if _config_strict is not None:
         return _config_strict
-    value = os.environ.get(ENV_STRICT, "0").strip().lower()
+    return _parse_strict(os.environ.get(ENV_STRICT, "0"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_strict(text: str) -> bool:
+    """``HETRAIN_STRICT``'s value as a switch, read once per value of the variable."""
+    value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("", "0", "false", "no", "off"):
         return False
     # Read as "not strict", HETRAIN_STRICT=2 gave silent fallbacks where a failing backend was to raise.
-    raise BackendError(f"hetrain: cannot read {ENV_STRICT}={os.environ[ENV_STRICT]!r}: expected 1, true, yes or on "
-                       "(strict) or 0, false, no or off")
+    raise BackendError(f"hetrain: cannot read {ENV_STRICT}={text!r}: expected 1, true, yes or on (strict) or 0, "
+                       "false, no or off")
 
 
 def _check_pins(pins: Mapping[str, str | None], source: str) -> None:
@@ -353,6 +359,10 @@ def configure(pins: Mapping[str, str] | None = None, strict: bool | None | _Keep
     ``backends.strict: null`` means that, and one sweep job's ``strict: true`` must not outlive the job.
     """
     global _config_strict, _config_prefer
+    if strict is not _Keep.KEEP and strict is not None and not isinstance(strict, bool):
+        # bool("false") is true: a string or a number would turn strict mode on where it was meant to be off.
+        raise ValueError(f"hetrain: configure(strict={strict!r}) takes True, False or None (back to {ENV_STRICT}'s "
+                         "choice); pass a bool")
     if pins is not None:
         _check_pins(pins, CONFIG_PINS)
         with _lock:
@@ -366,7 +376,9 @@ def configure(pins: Mapping[str, str] | None = None, strict: bool | None | _Keep
             _config_prefer = names or None
             _forget_resolved()
     if strict is not _Keep.KEEP:
-        _config_strict = None if strict is None else bool(strict)
+        with _lock:
+            _config_strict = strict
+            _forget_resolved()  # strict=None hands the choice back to HETRAIN_STRICT: its value is checked anew
 
 
 def _refuse_while_compiling(block: str) -> None:
@@ -514,7 +526,7 @@ def candidates(op: str, device_type: str) -> list[Backend]:
     """
     if not _scopes_open:
         environ = os.environ
-        fast_key = (op, device_type, environ.get(ENV_PINS), environ.get(ENV_PREFER))
+        fast_key = (op, device_type, environ.get(ENV_PINS), environ.get(ENV_PREFER), environ.get(ENV_STRICT))
         found = _unscoped.get(fast_key)
         if found is None:
             generation = _generation  # before anything the resolution reads
@@ -526,6 +538,9 @@ def candidates(op: str, device_type: str) -> list[Backend]:
 
 def _resolve(op: str, device_type: str) -> list[Backend]:
     generation = _generation
+    # Checked with the pins and the preference, not only once a backend fails: an unreadable HETRAIN_STRICT let a
+    # run go on, and its first failure then raised this error where the fallback was due.
+    strict()
     pin = pinned(op)
     prefer = preferred()
     key = (op, device_type, pin, prefer)

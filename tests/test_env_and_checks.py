@@ -109,6 +109,16 @@ def test_a_stale_extension_leaves_the_host_allocator_off_and_the_report_running(
     assert "a stale build: it has no ABI version" in out.stdout
 
 
+def test_the_report_names_an_unreadable_backend_setting_under_warnings(monkeypatch):
+    """``HETRAIN_STRICT=maybe``, refused by every op, showed only in each op's chosen backend."""
+    from hetrain import env, plugins
+
+    monkeypatch.setenv(plugins.ENV_STRICT, "maybe")
+    report = env.collect()
+    assert any(w.startswith("hetrain: cannot read HETRAIN_STRICT='maybe'") for w in report.warnings), report.warnings
+    assert "cannot read HETRAIN_STRICT='maybe'" in report.backends["layer_norm"][-1]["status"]
+
+
 def test_a_tools_output_that_is_not_utf8_does_not_end_the_report(monkeypatch, tmp_path):
     from hetrain import env
 

@@ -302,6 +302,29 @@ def test_configure_keeps_strict_when_left_out_and_none_returns_it_to_the_environ
     assert not plugins.strict()
 
 
+def test_an_unreadable_strict_setting_is_refused_at_the_first_call_not_at_the_first_failure(op, monkeypatch):
+    """``HETRAIN_STRICT=maybe`` was read only once a backend failed: the run went on, and its first failure raised
+    this error where the fallback was due."""
+    assert plugins.call(op, "forward", "cpu", 1) == ("fast", 1)  # resolved and kept while the variable reads 0
+    monkeypatch.setenv(plugins.ENV_STRICT, "maybe")
+    with pytest.raises(plugins.BackendError, match="cannot read HETRAIN_STRICT='maybe': expected 1, true"):
+        plugins.call(op, "forward", "cpu", 2)
+    plugins.configure(strict=False)  # configure's choice overrides the variable
+    assert plugins.call(op, "forward", "cpu", 3) == ("fast", 3)
+    plugins.configure(strict=None)  # back to the variable, which is read again
+    with pytest.raises(plugins.BackendError, match="cannot read HETRAIN_STRICT='maybe'"):
+        plugins.select(op, "cpu")
+
+
+@pytest.mark.parametrize("value", ["false", "off", 0, 1])
+def test_configure_refuses_a_strict_that_is_not_a_bool(op, value):
+    """``configure(strict="false")`` turned strict mode on: ``bool("false")`` is true."""
+    with pytest.raises(ValueError, match=r"configure\(strict=.*\) takes True, False or None"):
+        plugins.configure(pins={op: "slow"}, strict=value)
+    assert not plugins.strict()
+    assert plugins.pinned(op) is None  # a refused call changes nothing
+
+
 def test_a_pin_to_a_backend_the_op_lacks_is_refused_where_it_is_set(op, monkeypatch):
     """``configure(pins={'layer_norm': 'trch'})`` was accepted and failed at the first call, naming no source."""
     with pytest.raises(plugins.BackendError, match=r"configure\(pins=\.\.\.\) .*backends.pins.*'trch' for op "

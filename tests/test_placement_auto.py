@@ -302,3 +302,83 @@ def test_nested_plan_entries_read_as_dotted_paths():
         StagePlacement({"encoder": {}})
     with pytest.raises(ValueError, match="placement of 'encoder.1' names device 'gpu'"):
         StagePlacement({"encoder": {"1": "gpu"}})
+
+
+AUTO_PER_RANK = '''
+import json, sys
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from hetrain.callbacks import StagePlacement
+from hetrain.callbacks import placement as placement_module
+from hetrain.placement import CostModel, PlacementPlan
+
+measured, saved = [], []
+
+
+def measure(stages, make_input, devices, extra_args, **kwargs):
+    """Timings that differ by rank, as on a machine whose ranks see their devices differently: rank 0 finds the CPU
+    faster, rank 1 cuda:0 (absent here: a plan naming it falls back to the CPU)."""
+    rank = torch.distributed.get_rank()
+    measured.append(rank)
+    compute = [[1.0, 3.0], [1.0, 3.0]] if rank == 0 else [[3.0, 1.0], [3.0, 2.0]]
+    inf = float("inf")
+    return CostModel(list(stages), ["cpu", "cuda:0"], compute, [100, 8], [[inf, 1e3], [1e3, inf]])
+
+
+def counted(save):
+    def save_and_count(self, path):
+        saved.append(str(path))
+        return save(self, path)
+    return save_and_count
+
+
+class TwoStages(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def stages(self):
+        return {"a": self.a, "c": self.c}
+
+    def placement_inputs(self, batch):
+        return (lambda: batch), (lambda name: ())
+
+    def training_step(self, batch, batch_idx):
+        return self.c(self.a(batch)).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    placement_module.measure = measure
+    PlacementPlan.save, CostModel.save = counted(PlacementPlan.save), counted(CostModel.save)
+    placement = StagePlacement("auto", save_dir=sys.argv[1] + "/run")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=sys.argv[1], callbacks=[placement])
+    trainer.fit(TwoStages(), torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=2))
+    with open(f"{sys.argv[1]}/rank{trainer.global_rank}.json", "w") as f:
+        json.dump({"summary": placement.summary, "measured": measured, "saved": saved}, f)
+'''
+
+
+def test_under_ddp_rank_0_plans_for_every_rank_and_alone_saves_the_plan(tmp_path):
+    """Before, each rank measured, solved and placed its own plan, and wrote the run's files over the others': the
+    saved plan was whichever rank wrote last, not always the one rank 0's summary gave."""
+    from test_ddp import run_two_ranks
+
+    run_two_ranks(AUTO_PER_RANK, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["summary"] == {"method": "chain-dp", "predicted_step_time_ms": 2000.0, "micro_batches": 1,
+                                   "plan.a": "cpu", "plan.c": "cpu"}
+    assert ranks[1]["summary"] == ranks[0]["summary"]  # rank 0's plan, broadcast
+    assert [rank["measured"] for rank in ranks] == [[0], []]
+    assert [len(rank["saved"]) for rank in ranks] == [2, 0]  # the plan and the costs, once
+    saved = PlacementPlan.load(tmp_path / "run" / "placement_plan.yaml")
+    assert saved.devices == {"a": "cpu", "c": "cpu"} and saved.predicted_step_time == 2.0
+    assert CostModel.load(tmp_path / "run" / "placement_costs.json").compute == [[1.0, 3.0], [1.0, 3.0]]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["placement_costs.json",
+                                                                          "placement_plan.yaml"]

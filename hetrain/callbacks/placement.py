@@ -8,13 +8,15 @@ after another; a pipeline split that overlaps them builds on the same plan.
 ``plan="auto"`` measures every stage on every device of this machine at the run's batch shape and precision
 (:mod:`hetrain.placement.cost_model`), solves the chain exactly (:func:`hetrain.placement.chain_dp`),
 logs the plan with its predicted step time and saves it (and the measurements) in the run directory,
-where it can be reused as an explicit plan: ``plan=<run dir>/placement_plan.yaml``.
+where it can be reused as an explicit plan: ``plan=<run dir>/placement_plan.yaml``. Under several processes
+(DDP) global rank 0 alone measures, solves and saves, and every rank places its plan.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,14 +103,21 @@ class RunCosts:
 
     def save(self, directory: Path) -> None:
         """``placement_costs.json`` (whole batch) and, when measured, ``placement_costs_micro.json``."""
-        self.whole.save(directory / "placement_costs.json")
+        _save_atomically(self.whole.save, directory / "placement_costs.json")
         if self.micro is not None:
-            self.micro.save(directory / "placement_costs_micro.json")
+            _save_atomically(self.micro.save, directory / "placement_costs_micro.json")
 
 
 def _expand(merged: Mapping[str, str], runs_in: Mapping[str, str]) -> dict[str, str]:
     """A plan for merged stages as one for every stage: each on the device of the stage it runs in."""
     return {stage: merged[head] for stage, head in runs_in.items()}
+
+
+def _save_atomically(save: Callable[[Path], Any], path: Path) -> None:
+    """``save(path)`` through a temporary file beside it renamed over it, so a reader never sees half a file."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # the suffix picks PlacementPlan.save's format
+    save(partial)
+    os.replace(partial, path)
 
 
 class StagePlacement(Callback):
@@ -176,21 +185,36 @@ class StagePlacement(Callback):
         return RunCosts(whole, micro, pieces, weightless)
 
     def solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PlacementPlan:
-        """Measures the stages on this machine's devices and solves the chain."""
-        costs = self.measure(trainer, pl_module)
-        plan = costs.best_plan()
+        """Measures the stages on this machine's devices and solves the chain. Under several processes global rank 0
+        alone measures (the others' timings would contend with its own on shared devices), solves and saves, and its
+        plan is broadcast: every rank places the same plan, and the saved files are that plan's."""
+        solved: tuple[PlacementPlan, int] | Exception | None = None
+        if trainer.is_global_zero:
+            try:
+                solved = self._solve_here(trainer, pl_module)
+            except Exception as exc:  # every rank raises it, rather than the others waiting in the broadcast
+                solved = exc
+        solved = trainer.strategy.broadcast(solved, src=0)
+        if isinstance(solved, Exception):
+            raise solved
+        plan, micro_batches = solved
         predicted_ms = _ms(plan.predicted_step_time)
-        micro_batches = costs.micro_batches if costs.split(plan.devices) else 1
         runs = f"in {micro_batches} micro-batches" if micro_batches > 1 else "whole"
         log.info(f"placement auto ({plan.method}, {self.objective}): {plan.devices}; predicted forward+backward "
                  f"{predicted_ms} ms per batch, run {runs}")
-        if self.save_dir is not None:
-            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
-            plan.save(Path(self.save_dir) / "placement_plan.yaml")
-            costs.save(Path(self.save_dir))
         self.summary = {"method": plan.method, "predicted_step_time_ms": predicted_ms, "micro_batches": micro_batches,
                         **{f"plan.{path}": device for path, device in plan.devices.items()}}
         return plan
+
+    def _solve_here(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[PlacementPlan, int]:
+        """This process's plan and the micro-batches it runs in, saved (with the measurements) in ``save_dir``."""
+        costs = self.measure(trainer, pl_module)
+        plan = costs.best_plan()
+        if self.save_dir is not None:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+            _save_atomically(plan.save, Path(self.save_dir) / "placement_plan.yaml")
+            costs.save(Path(self.save_dir))
+        return plan, costs.micro_batches if costs.split(plan.devices) else 1
 
     def place(self, stages: Mapping[str, nn.Module]) -> dict[str, torch.device]:
         """Moves the stages (again, if Lightning moved them back) and hooks them; returns their devices."""

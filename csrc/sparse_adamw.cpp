@@ -26,8 +26,9 @@ void step_rows(scalar_t* p, scalar_t* m, scalar_t* v, const int64_t* index, cons
   std::vector<int64_t> order, starts;
   runs_of_equal_indices(index, n, order, starts);
   const int64_t rows = static_cast<int64_t>(starts.size()) - 1;
-  const acc_t decay = acc_t(c.decay), b1 = acc_t(c.beta1), b2 = acc_t(c.beta2), step_size = acc_t(c.step_size),
-              bc2_sqrt = acc_t(c.bc2_sqrt), eps = acc_t(c.eps);
+  const acc_t decay = acc_t(c.decay), one_minus_b1 = acc_t(c.one_minus_beta1), b2 = acc_t(c.beta2),
+              one_minus_b2 = acc_t(c.one_minus_beta2), step_size = acc_t(c.step_size), bc2_sqrt = acc_t(c.bc2_sqrt),
+              eps = acc_t(c.eps);
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> g(H);
     for (int64_t r = r0; r < r1; ++r) {
@@ -45,7 +46,7 @@ void step_rows(scalar_t* p, scalar_t* m, scalar_t* v, const int64_t* index, cons
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
         acc_t pj = acc_t(pr[j]), mj = acc_t(mr[j]), vj = acc_t(vr[j]);
-        adamw::update<acc_t>(pj, mj, vj, g[j], decay, b1, b2, step_size, bc2_sqrt, eps);
+        adamw::update<acc_t>(pj, mj, vj, g[j], decay, one_minus_b1, b2, one_minus_b2, step_size, bc2_sqrt, eps);
         pr[j] = narrow<scalar_t>(pj);
         mr[j] = narrow<scalar_t>(mj);
         vr[j] = narrow<scalar_t>(vj);

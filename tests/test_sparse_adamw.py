@@ -69,6 +69,38 @@ def test_a_16_bit_table_on_the_cpu_backend_steps_as_the_reference(dtype):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("beta2", [0.999, 0.99999])
+def test_a_float32_table_takes_one_minus_beta_from_the_exact_betas(backend, beta2):
+    """The C++ kernel took 1 - beta2 in float32 from the float32-rounded beta2: the second moment was 1e-5 off at
+    beta2=0.999 and 1e-3 off at 0.99999, where torch rounds the double 1 - beta2 once."""
+    p = table(V=6, H=5, dtype=torch.float32).detach()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    p_ref, m_ref, v_ref = p.clone(), m.clone(), v.clone()
+    for step in range(1, 3):
+        grad = sparse_grad(6, 5, 4, torch.float32, seed=step)
+        grad = torch.sparse_coo_tensor(grad._indices(), grad._values() * 10, grad.shape)
+        with plugins.use_backend(**{OP: backend}):
+            sparse_adamw_(p, m, v, grad, step, lr=1e-2, betas=(0.9, beta2), eps=1e-8, weight_decay=0.0)
+        sparse_adamw_ref(p_ref, m_ref, v_ref, grad._indices()[0], grad._values(), step, 1e-2, 0.9, beta2, 1e-8, 0.0)
+    for got, want in ((p, p_ref), (m, m_ref), (v, v_ref)):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_the_triton_step_sums_a_16_bit_tables_repeats_in_float32():
+    """The repeats were summed in the table's dtype: in bf16 a gradient of 0.01 looked up 1000 times summed to 3.98,
+    not 10 (256 + 1 rounds to 256). The reference sums in float32."""
+    p = table(V=3, H=4, dtype=torch.bfloat16).detach()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    p_ref, m_ref, v_ref = p.clone(), m.clone(), v.clone()
+    index, values = torch.full((1000,), 1), torch.full((1000, 4), 0.01, dtype=torch.bfloat16)
+    with plugins.use_backend(**{OP: "triton"}):
+        sparse_adamw_(p, m, v, torch.sparse_coo_tensor(index[None], values, p.shape), 1, lr=1e-3)
+    sparse_adamw_ref(p_ref, m_ref, v_ref, index, values, 1, 1e-3, 0.9, 0.999, 1e-8, 1e-2)
+    for got, want in ((p, p_ref), (m, m_ref), (v, v_ref)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_an_fp16_table_steps_in_float32_so_small_gradients_stay_finite(backend):
     """A 16-true run's first step made the table inf: stepped in fp16, the second moment of a 1e-5 gradient underflows

@@ -3,8 +3,9 @@ moments and its decay in one pass over each, where the reference gathers three t
 elementwise kernels and copies three results back.
 
 torch sums each row's repeats first (``unique`` and an accumulating ``index_put_``, deterministic under
-``torch.use_deterministic_algorithms``); ``unique`` waits for the GPU to know how many rows there are, as the
-reference's ``coalesce`` does.
+``torch.use_deterministic_algorithms``), in the compute dtype as the reference does: summed in a bf16 table's
+own dtype, a constant gradient repeated 1000 times summed to 40% of its value. ``unique`` waits for the GPU to
+know how many rows there are, as the reference's ``coalesce`` does.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _sparse_adamw_rows(
     M,  # (V, H) first moment, contiguous
     S,  # (V, H) second moment, contiguous
     Rows,  # (R,) int64 distinct rows the batch used
-    G,  # (R, H) summed gradient of each of those rows, contiguous
+    G,  # (R, H) COMPUTE dtype: summed gradient of each of those rows, contiguous
     Coef,  # (6,) COMPUTE dtype: 1 - lr * decay, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), -lr / (1 - beta1^t)
     Eps,  # (1,) COMPUTE dtype
     H,
@@ -69,8 +70,8 @@ def step(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, i
     if lowest < 0 or highest >= V:
         raise ValueError(f"hetrain.sparse_adamw (triton): row {lowest if lowest < 0 else highest} of the gradient "
                          f"is outside the table of {V} rows")
-    grad = values.new_zeros((rows.numel(), H)).index_put_((inverse,), values.contiguous(), accumulate=True)
     stats = compute_dtype(param.dtype)
+    grad = values.new_zeros((rows.numel(), H), dtype=stats).index_put_((inverse,), values.to(stats), accumulate=True)
     # Coefficients in the accumulation dtype (a Python float argument would reach the kernel as float32).
     coef = torch.tensor([1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, (1 - beta2**step) ** 0.5,
                          -lr / (1 - beta1**step)], dtype=stats).to(param.device, non_blocking=True)
@@ -86,7 +87,7 @@ def aot_specs(shapes: BenchShapes) -> list[AotSpec]:
     specs = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         stats = compute_dtype(dtype)
-        args = {"P": dtype, "M": dtype, "S": dtype, "Rows": torch.int64, "G": dtype, "Coef": stats, "Eps": stats,
+        args = {"P": dtype, "M": dtype, "S": dtype, "Rows": torch.int64, "G": stats, "Coef": stats, "Eps": stats,
                 "H": shapes.hidden[0], "COMPUTE": tl_compute(dtype), "BLOCK": BLOCK_H}
         specs.append(aot_spec(_sparse_adamw_rows, args, dtype=dtype, picked=dtype == torch.float32, num_warps=4))
     return specs

@@ -733,3 +733,81 @@ def test_guard_names_the_module_inside_a_compiled_stage(tmp_path):
     model.net[1].compile(backend="aot_eager")
     with pytest.raises(NonFiniteError, match=r"first non-finite output from module 'net\.1\.inner' \(Exp\)"):
         _fit(model, _loader(2, poisoned=[1]), tmp_path, callbacks=[NonFiniteGuard(max_consecutive=1)])
+
+
+class ManualNanPenalty(pl.LightningModule):
+    """Manual optimization with a step-interval LR schedule; batch ``nan_at``'s loss gets a NaN term with no gradient
+    path (its gradients stay finite, so stepping again would move the weights)."""
+
+    def __init__(self, nan_at: int):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = nn.Linear(8, 1)
+        self.nan_at = nan_at
+        self.weights = []
+        self.calls = 0
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.weights.append([p.detach().clone() for p in self.parameters()])
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        x, y = batch
+        loss = F.mse_loss(self.net(x), y) + torch.tensor(float("nan") if batch_idx == self.nan_at else 0.0)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.lr_schedulers().step()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_guard_under_manual_optimization_does_not_rerun_the_users_optimizer_and_scheduler_steps(tmp_path):
+    # The diagnosis reran training_step, whose optimizer.step() applied the skipped update and whose scheduler.step()
+    # advanced the schedule the guard had just set back.
+    model = ManualNanPenalty(nan_at=3)
+    guard = NonFiniteGuard(on_nonfinite="skip")
+    trainer = _fit(model, _loader(4), tmp_path, callbacks=[guard])
+    assert guard.skipped_steps == 1 and model.calls == 4
+    assert all(torch.equal(a, b) for a, b in zip(model.weights[3], model.parameters(), strict=True))
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3  # steps 0-2 advanced it, the skipped 3 did not
+    assert "under manual optimization no rerun names the module" in guard.diagnosis
+
+
+class TwoOptimizers(pl.LightningModule):
+    """A GAN-like manual step: the first module's loss is NaN on every batch, the second's finite; ``nan_first``
+    says which of the two steps first."""
+
+    def __init__(self, nan_first: bool):
+        super().__init__()
+        self.automatic_optimization = False
+        self.bad, self.good = nn.Linear(8, 1), nn.Linear(8, 1)
+        self.nan_first = nan_first
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        bad_opt, good_opt = self.optimizers()
+        steps = [(bad_opt, F.mse_loss(self.bad(x), y) * float("nan")), (good_opt, F.mse_loss(self.good(x), y))]
+        for optimizer, loss in steps if self.nan_first else steps[::-1]:
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.bad.parameters(), lr=0.1), torch.optim.SGD(self.good.parameters(), lr=0.1)]
+
+
+@pytest.mark.parametrize("nan_first", [True, False])
+def test_guard_counts_a_batch_whose_first_optimizer_step_was_non_finite(tmp_path, nan_first):
+    # Each optimizer step replaced the batch's verdict (and each backward its loss flag): a NaN step followed by a
+    # finite one in the same batch was never counted, and training never stopped.
+    model = TwoOptimizers(nan_first)
+    guard = NonFiniteGuard(max_consecutive=3)
+    with pytest.raises(NonFiniteError, match="3 in a row"):
+        _fit(model, _loader(6), tmp_path, callbacks=[guard])
+    assert (guard.skipped_steps, guard.nonfinite_steps, guard.consecutive) == (3, 3, 3)
+    assert _all_finite(model)

@@ -177,3 +177,65 @@ def test_under_ddp_each_fit_names_the_trace_of_its_rank_once(tmp_path):
         trace.on_train_end(trainer, model)
         assert trace.path == tmp_path / "trace_steps_0-0_rank0.json" and trace.path.exists(), fit
         trace.path.unlink()
+
+
+class SeveralSteps(pl.LightningModule):
+    """Manual optimization that runs ``steps`` optimizer steps per batch, cycling over ``optimizers`` Linears: each
+    step counts one global step, so a batch advances global_step by ``steps``."""
+
+    def __init__(self, optimizers: int, steps: int):
+        super().__init__()
+        self.automatic_optimization = False
+        self.nets = torch.nn.ModuleList(torch.nn.Linear(6, 1) for _ in range(optimizers))
+        self.steps = steps
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for i in range(self.steps):
+            optimizer, net = optimizers[i % len(optimizers)], self.nets[i % len(optimizers)]
+            optimizer.zero_grad()
+            self.manual_backward(net(x).pow(2).mean())
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(net.parameters(), lr=0.01) for net in self.nets]
+
+
+def fit_steps(tmp_path, trace: StepTrace, optimizers: int, steps: int, batches: int = 4) -> None:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(4 * batches, 6, generator=g), torch.randn(4 * batches, 1, generator=g))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                         default_root_dir=tmp_path, callbacks=[trace])
+    trainer.fit(SeveralSteps(optimizers, steps), DataLoader(data, batch_size=4))
+
+
+@pytest.mark.parametrize(("steps", "written"), [([3, 3], "steps 2..3 written"), ([3, 4], "steps 2..5 written")])
+def test_steps_inside_a_batch_of_several_optimizer_steps_are_traced(tmp_path, caplog, steps, written):
+    # Two optimizers step each batch: batches begin at steps 0, 2, 4, ... Step 3 alone was never traced, and
+    # [3, 4] began at step 4 and said the fit had resumed there.
+    trace = StepTrace(steps, dirpath=tmp_path)
+    with caplog.at_level("INFO"):
+        fit_steps(tmp_path, trace, optimizers=2, steps=2)
+    assert trace.path.exists() and trace.summary == {"trace": str(trace.path)}
+    assert f"{written} to {trace.path} (open" in caplog.text and "resumed" not in caplog.text
+    assert trace.instruments_step(2) and trace.instruments_step(3) and not trace.instruments_step(6)
+
+
+def test_steps_run_untraced_by_a_batch_of_more_steps_than_expected_are_named(tmp_path, caplog):
+    # One optimizer stepped three times a batch: batch 0 ran steps 0..2 before the trace could know it would.
+    past = StepTrace([1, 2], dirpath=tmp_path / "past")
+    with caplog.at_level("INFO"):
+        fit_steps(tmp_path, past, optimizers=1, steps=3)
+    assert not past.path.exists() and past.summary == {}
+    assert "no trace written: batch 0 ran steps 0..2 untraced" in caplog.text
+
+    partial = StepTrace([1, 5], dirpath=tmp_path / "partial")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        fit_steps(tmp_path, partial, optimizers=1, steps=3)
+    assert (f"steps 3..5 written to {partial.path}; steps 1..2 are not in it: batch 0 ran steps 0..2 untraced"
+            in caplog.text)
+    assert "resumed" not in caplog.text

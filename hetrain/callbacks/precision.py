@@ -393,7 +393,11 @@ class NonFiniteGuard(Callback):
           device as it arrives), and reruns it if it is the window's last batch, the one still held (an
           earlier batch's memory has gone back to the loader). Hooks exist only during that rerun, so
           healthy steps pay nothing for them; the rerun may log the step's metrics a second time, and
-          leaves BatchNorm running statistics as they were.
+          leaves BatchNorm running statistics as they were. Under manual optimization there is no rerun:
+          training_step steps the optimizers and schedulers itself.
+        - Under manual optimization a batch that steps several optimizers (a GAN's) counts as one step:
+          non-finite if any of its optimizer steps was. Its loss is non-finite if any of its backward
+          passes' was, so every optimizer step after a non-finite loss in that batch is skipped too.
         - Every rank reaches the same verdict: gradients are reduced across ranks before the check, and
           the loss's flag is reduced with them (one small collective a step under DDP), so the hooks are
           not rank-zero-only. A non-finite loss is diagnosed by the lowest rank whose own loss it was (with
@@ -471,7 +475,10 @@ class NonFiniteGuard(Callback):
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._window:
-            self._window[-1].loss_finite = torch.isfinite(loss.detach()).all()  # on the device: no sync per batch
+            finite = torch.isfinite(loss.detach()).all()  # on the device: no sync per batch
+            # Manual optimization may run several backward passes in a batch: a later finite loss hid a NaN one.
+            earlier = self._window[-1].loss_finite
+            self._window[-1].loss_finite = finite if earlier is None else earlier & finite.to(earlier.device)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -492,22 +499,25 @@ class NonFiniteGuard(Callback):
         loss_finite, grads_finite = flags.tolist()
         scaler = self._scaler(trainer)
         scale = scaler.get_scale() if scaler is not None else None
-        self._step = {"loss_finite": loss_finite, "grads_finite": grads_finite, "scale": scale}
-        if loss_finite and grads_finite:
-            return
-        self._restore_running_stats()
-        self._step["grad_module"] = NonFiniteDiagnosis(pl_module).nearest_nonfinite_grad()
-        # Every setting of each group, not only lr: OneCycleLR and CyclicLR (cycle_momentum) also set momentum or betas.
-        self._step["schedulers"] = [
-            (cfg.scheduler, copy.deepcopy(cfg.scheduler.state_dict()),
-             [copy.deepcopy({k: v for k, v in g.items() if k != "params"})
-              for g in cfg.scheduler.optimizer.param_groups])
-            for cfg in trainer.lr_scheduler_configs if cfg.interval == "step"
-        ]
-        if scaler is None:  # no scaler skips this step: without gradients the optimizer leaves every weight alone
-            optimizer.zero_grad(set_to_none=True)
-        elif grads_finite:  # a non-finite loss with finite gradients (a NaN term off the gradient path)
-            self._make_scaler_skip(scaler, optimizer)
+        step = {"loss_finite": loss_finite, "grads_finite": grads_finite, "scale": scale}
+        if not (loss_finite and grads_finite):
+            self._restore_running_stats()
+            step["grad_module"] = NonFiniteDiagnosis(pl_module).nearest_nonfinite_grad()
+            # Every setting of each group, not only lr: OneCycleLR and CyclicLR (cycle_momentum) also set momentum or
+            # betas. Only this optimizer's schedulers: another optimizer's step in the same batch may have been finite.
+            step["schedulers"] = [
+                (cfg.scheduler, copy.deepcopy(cfg.scheduler.state_dict()),
+                 [copy.deepcopy({k: v for k, v in g.items() if k != "params"})
+                  for g in cfg.scheduler.optimizer.param_groups])
+                for cfg in trainer.lr_scheduler_configs
+                if cfg.interval == "step" and cfg.scheduler.optimizer is optimizer
+            ]
+            if scaler is None:  # no scaler skips this step: without gradients the optimizer leaves every weight alone
+                optimizer.zero_grad(set_to_none=True)
+            elif grads_finite:  # a non-finite loss with finite gradients (a NaN term off the gradient path)
+                self._make_scaler_skip(scaler, optimizer)
+        # Under manual optimization a batch may step several optimizers, each through this hook.
+        self._step = step if self._step is None else _merged(self._step, step)
 
     @staticmethod
     def _make_scaler_skip(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
@@ -569,7 +579,8 @@ class NonFiniteGuard(Callback):
     def _skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: dict[str, Any],
                  window: list[_WindowBatch]) -> None:
         self.skipped_steps += 1
-        for scheduler, state, settings in step["schedulers"]:
+        # Latest first: a scheduler that two skipped steps saved goes back to the earlier state.
+        for scheduler, state, settings in reversed(step["schedulers"]):
             scheduler.load_state_dict(state)
             for group, saved in zip(scheduler.optimizer.param_groups, settings, strict=True):
                 group.update(saved)
@@ -612,7 +623,8 @@ class NonFiniteGuard(Callback):
 
         ``rerun=False`` under DDP: a rerun of training_step on one rank alone runs its collectives (a
         ``self.log(..., sync_dist=True)``, SyncBatchNorm) with no other rank to meet them, and every rank waited
-        until the process group's timeout."""
+        until the process group's timeout. Nor is there a rerun under manual optimization: training_step steps the
+        optimizers and schedulers itself, and a rerun applied the update the guard had skipped."""
         what = "non-finite loss" if not step["loss_finite"] else "finite loss but non-finite gradients"
         suspects = _suspects(window, step["loss_finite"])
         for suspect in suspects:
@@ -628,6 +640,11 @@ class NonFiniteGuard(Callback):
             return (f"{_where(trainer, suspects)}: {what}; produced in forward (the inputs were finite); under DDP no "
                     "rerun names the module (training_step's collectives would wait for the other ranks): resume "
                     "from the last checkpoint with trainer.devices=1 to have it named.")
+        if held and not pl_module.automatic_optimization:
+            return (f"{_where(trainer, suspects)}: {what}; produced in forward (the inputs were finite); under manual "
+                    "optimization no rerun names the module (a rerun of training_step would step its optimizers and "
+                    "LR schedulers again): call hetrain.callbacks.precision.NonFiniteDiagnosis(model)"
+                    ".first_nonfinite_output on that batch's forward to have it named.")
         if not held:
             return (f"{_where(trainer, suspects)}: {what}; produced in forward (the inputs were finite); that batch is "
                     "no longer held to rerun (the loader reuses its memory), so the module is not named.")
@@ -673,6 +690,21 @@ class NonFiniteGuard(Callback):
         finally:
             self._restore_running_stats()
         return found, _all_finite(_floating_leaves(outputs))
+
+
+def _merged(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """One verdict for two optimizer steps of a batch (manual optimization): non-finite if either was, with the
+    schedulers of every skipped step to set back."""
+    if later["loss_finite"] and later["grads_finite"]:
+        return later if earlier["loss_finite"] and earlier["grads_finite"] else earlier
+    if earlier["loss_finite"] and earlier["grads_finite"]:
+        return later
+    return {"loss_finite": earlier["loss_finite"] and later["loss_finite"],
+            "grads_finite": earlier["grads_finite"] and later["grads_finite"],
+            # The lowest scale: an overflow probe only where every skipped step was one.
+            "scale": None if earlier["scale"] is None else min(earlier["scale"], later["scale"]),
+            "grad_module": earlier["grad_module"],
+            "schedulers": earlier["schedulers"] + later["schedulers"]}
 
 
 def _suspects(window: list[_WindowBatch], loss_finite: bool) -> list[_WindowBatch]:

@@ -6,6 +6,8 @@ Each pipeline stage, micro-batch, cross-device copy and hetrain op already runs 
 for chrome://tracing or ui.perfetto.dev. Every step is itself a range, ``hetrain::train step <n>``. The trace
 holds training steps only: a validation that begins inside the range, or training that ends before its last
 step, ends it, and the log names the steps written (in a fit resumed inside the range, from the step it resumed at).
+The trace holds whole batches: under manual optimization a batch that steps two optimizers runs two steps, so it may
+begin before the first step asked for and end after the last.
 
 Lightning's ``PyTorchProfiler`` profiles the Trainer's actions under a schedule counted per action and
 writes one file per action; what a person asks for here is one file holding exactly the steps named,
@@ -70,9 +72,12 @@ class StepTrace(Callback):
         self._profiler: profile | None = None
         self._step_range: record_function | None = None
         self._open_step = -1  # the optimizer step whose range is open
-        self._first_traced = self.first  # higher once a fit resumed past the first step began the trace
-        self._last_traced = self.last  # lower once a validation or the end of training cut the trace short
+        self._first_traced = self.first  # where the trace began: its first batch's first step
+        self._last_traced = self.last  # once written, its last batch's last step (or where it was cut short)
         self._fit_began_at = 0  # the global step training began at (above 0 when resumed)
+        self._batch_began_at = 0  # the global step the current batch began at
+        self._steps_per_batch = 1  # the most optimizer steps one batch has run (manual optimization may run several)
+        self._missed = ""  # why steps from first on ran untraced, other than a resume past them
 
     def instruments_step(self, step: int) -> bool:
         """Whether global step ``step`` is traced (and so runs slower)."""
@@ -84,16 +89,22 @@ class StepTrace(Callback):
         # callbacks still left that fit's traced steps out.
         self.path, self.summary = self._named_path, {}
         self._first_traced, self._last_traced = self.first, self.last
+        self._missed = ""
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_began_at = trainer.global_step
+        # Under manual optimization each optimizer's step counts one: a batch stepping two optimizers runs two steps.
+        self._steps_per_batch = max(1, len(trainer.optimizers))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        step = trainer.global_step
-        if self._profiler is None and self.first <= step <= self.last and not self.summary:
+        step = self._batch_began_at = trainer.global_step
+        # A batch runs steps step..step + steps_per_batch - 1 (none, under accumulation, until its window's last):
+        # trace it if they reach the range, or a range that falls inside one batch is never traced.
+        if self._profiler is None and step <= self.last and step + self._steps_per_batch > self.first \
+                and not self.summary:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self._profiler = profile(activities=activities, record_shapes=self.record_shapes)
             self._profiler.__enter__()
@@ -105,6 +116,12 @@ class StepTrace(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        began, ended = self._batch_began_at, trainer.global_step
+        self._steps_per_batch = max(self._steps_per_batch, ended - began)
+        if self._profiler is None and not self.summary and not self._missed and began <= self.last \
+                and ended > self.first:
+            self._missed = (f"batch {batch_idx} ran steps {began}..{ended - 1} untraced: more optimizer steps than "
+                            "any batch before it, and a trace begins at a batch's start")
         # Under gradient accumulation a step spans several batches; its range closes with its optimizer step.
         if self._step_range is not None and trainer.global_step > self._open_step:
             self._step_range.__exit__(None, None, None)
@@ -132,6 +149,8 @@ class StepTrace(Callback):
         elif not self.summary and trainer.global_step <= self.first:
             log.warning(f"profile: no trace written: training ended at step {trainer.global_step}, before step "
                         f"{self.first}; trace earlier steps or train longer")
+        elif not self.summary and self._missed:
+            log.warning(f"profile: no trace written: {self._missed}; trace steps of a later batch")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -139,8 +158,9 @@ class StepTrace(Callback):
 
     def _write(self, trainer: pl.Trainer, cut_short_by: str = "") -> None:
         """Writes the trace; ``cut_short_by`` says why steps asked for are missing from it."""
-        # At least the first step: a validation inside an accumulation window may end the trace during it.
-        self._last_traced = max(self._first_traced, min(self.last, trainer.global_step - 1))
+        # At least the first step: a validation inside an accumulation window may end the trace during it. Past the
+        # last step asked for where the batch that ran it ran more (manual optimization).
+        self._last_traced = max(self._first_traced, trainer.global_step - 1)
         if self._step_range is not None:
             self._step_range.__exit__(None, None, None)
             self._step_range = None
@@ -153,8 +173,8 @@ class StepTrace(Callback):
         self.summary = {"trace": str(self.path)}
         missing = []
         if self._first_traced > self.first:
-            missing.append(f"steps {self.first}..{self._first_traced - 1} are not in it: the fit resumed at step "
-                           f"{self._first_traced}")
+            why = f"the fit resumed at step {self._fit_began_at}" if self._fit_began_at > self.first else self._missed
+            missing.append(f"steps {self.first}..{self._first_traced - 1} are not in it: {why}")
         if self._last_traced < self.last:
             missing.append(f"steps {self._last_traced + 1}..{self.last} are not in it: {cut_short_by}")
         log.info(f"profile: steps {self._first_traced}..{self._last_traced} written to {self.path}"

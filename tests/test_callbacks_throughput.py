@@ -697,6 +697,54 @@ def test_flops_are_counted_on_the_first_batch_that_runs_a_backward(tmp_path, acc
     assert callback.summary["batches_timed"] == steps * accumulate - 2
 
 
+class PerToken(pl.LightningModule):
+    """FLOPs in proportion to rows x length: a projection and a head applied to every token."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj, self.head = nn.Embedding(50, 8), nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def training_step(self, batch, batch_idx):
+        logits = self.head(torch.relu(self.proj(self.embed(batch["input_ids"]))))
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _token_batch(rows, length):
+    g = torch.Generator().manual_seed(rows * 100 + length)
+    return {"input_ids": torch.randint(1, 50, (rows, length), generator=g),
+            "labels": torch.randint(0, 3, (rows, length), generator=g)}
+
+
+@pytest.mark.parametrize("shapes", [[(2, 3), (4, 6), (4, 6), (2, 3), (4, 6)],
+                                    [(4, 6), (2, 3), (4, 6), (4, 6), (2, 3)]])
+def test_flops_and_mfu_sum_each_batch_own_flops_whatever_shape_came_first(tmp_path, shapes):
+    """A token-budget sampler's small leftover batch, counted first, gave its FLOPs to every batch: MFU 14x low."""
+    batches = [_token_batch(*shape) for shape in shapes]
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9, tokens_key=None)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=len(batches), default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[callback])
+    trainer.fit(PerToken(), DataLoader(batches, batch_size=None))
+    fresh = PerToken()
+    each = [measure_flops(fresh, lambda b=b: fresh.training_step(b, 0), lambda loss: loss) for b in batches]
+    assert each[0] != each[1]
+    s = callback.summary
+    assert s["flops_per_batch"] == pytest.approx(sum(each) / len(each))
+    # The first batch, counted, is warm-up; every other batch is timed for 1 s.
+    assert s["batches_timed"] == len(batches) - 1
+    assert s["mfu"] == pytest.approx(sum(each[1:]) / (len(batches) - 1) / 1e9)
+
+
+def test_input_elements_are_the_token_ids_else_the_largest_tensor():
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    assert tp.input_elements({"labels": torch.zeros(3), "input_ids": ids, "mask": ids.float()}) == 21
+    assert tp.input_elements(Pair(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long))) == 96
+    assert tp.input_elements(["no tensor"]) is None
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimization, as a GAN steps: two backward passes and two optimizer steps in every batch."""
 

@@ -247,7 +247,8 @@ class ThroughputMeter:
     batch (unknown, and reported ``n/a``, if any timed batch leaves it out). ``batch_start(instrumented=True)``
     marks a batch of a step a profiler or hooks slow down: the step and the gap before it are left out as a
     warm-up step's are, and so is the time after it up to the next batch (where those tools finish), but for the
-    loader's fetch.
+    loader's fetch. ``batch_end(flops=...)`` gives a batch's FLOPs (``flops_per_batch`` stands in where it gives none):
+    MFU sums the timed batches' own, so batches of different shapes each count what they cost.
 
     Args:
         clock: returns seconds; ``time.perf_counter`` by default.
@@ -273,7 +274,8 @@ class ThroughputMeter:
         self.between_steps: list[float] = []  # a step's last batch end to the next step's first batch start
         self.within_steps: list[float] = []  # gaps between one step's micro-batches (gradient accumulation)
         self.data_waits: list[float] | None = []  # the loader's own next(); None once a batch lacks it
-        self.flops_per_batch: float | None = None
+        self.flops_per_batch: float | None = None  # a batch's FLOPs where batch_end gives none
+        self.flops: float | None = 0  # the timed batches' FLOPs; None once a timed batch had no count
         self.instrumented_steps = 0  # steps left out because a profiler or hooks ran in them
         self._last_end: float | None = None
         self._paused_at: float | None = None
@@ -352,8 +354,10 @@ class ThroughputMeter:
         elif self.data_waits is not None:
             self.data_waits.append(self._batch_wait)
 
-    def batch_end(self, samples: int | None, tokens: int | None = None, step_done: bool = True) -> None:
-        """A batch ends; ``samples``: how many it held, ``None`` where that is unknown (samples/s is then n/a)."""
+    def batch_end(self, samples: int | None, tokens: int | None = None, step_done: bool = True,
+                  flops: float | None = None) -> None:
+        """A batch ends; ``samples``: how many it held, ``None`` where that is unknown (samples/s is then n/a);
+        ``flops``: what it computed, ``None``: ``flops_per_batch``."""
         now = self.clock()
         self._record_gap()
         self._batch_open = False
@@ -376,7 +380,9 @@ class ThroughputMeter:
         # Lightning's window needs lengths with every batch or none: a batch without them (a loader without the
         # tokens key in a max_size CombinedLoader) amid batches with them stopped the fit. Tokens/s is n/a from then on.
         self.tokens = None if tokens is None or self.tokens is None else self.tokens + tokens
-        flops = int(self.flops_per_batch) if self.flops_per_batch else None
+        flops = self.flops_per_batch if flops is None else flops
+        flops = int(flops) if flops else None
+        self.flops = None if flops is None or self.flops is None else self.flops + flops
         self.rolling.update(time=self.time, batches=self.batches, samples=self._window_samples,
                             lengths=self.tokens, flops=flops)
 
@@ -416,10 +422,7 @@ class ThroughputMeter:
         out["between_steps_ms_mean"] = 1000 * float(np.mean(self.between_steps)) if self.between_steps else NA
         if self.within_steps:
             out["within_steps_ms_mean"] = 1000 * float(np.mean(self.within_steps))
-        if self.flops_per_batch and self.available_flops:
-            out["mfu"] = self.flops_per_batch * self.batches / self.time / self.available_flops
-        else:
-            out["mfu"] = NA
+        out["mfu"] = self.flops / self.time / self.available_flops if self.flops and self.available_flops else NA
         return out
 
 
@@ -542,6 +545,29 @@ def count_tokens(tensor: torch.Tensor) -> int:
     return int(torch.where(is_mask, tensor.count_nonzero(), tensor.numel()))  # one device read
 
 
+def input_elements(batch: Any) -> int | None:
+    """Elements of a batch's main input, what its FLOPs are taken to grow with: its first 2-D integer tensor (token ids:
+    rows x padded length), else its largest tensor (images); ``None`` where it holds no tensor."""
+    tensors = list(_tensors(batch))
+    ids = [t for t in tensors if t.dim() == 2 and not t.is_floating_point()]
+    return ids[0].numel() if ids else max((t.numel() for t in tensors), default=None)
+
+
+def _tensors(batch: Any) -> Any:
+    """The tensors of ``batch``, in order, through mappings, lists, tuples and dataclasses."""
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, list | tuple):
+        for value in batch:
+            yield from _tensors(value)
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for field in dataclasses.fields(batch):
+            yield from _tensors(getattr(batch, field.name))
+
+
 class Throughput(Callback):
     """Logs samples/s, tokens/s, step time, data wait, MFU and energy; keeps a summary for the run.
 
@@ -561,8 +587,13 @@ class Throughput(Callback):
           the forward activation checkpointing recomputes) during the first batch that runs a backward (one whose
           ``training_step`` returns None is not counted: the next is), a warm-up batch left out of the timing (with
           ``warmup_batches=0`` too). Under manual optimization the whole batch is counted, every backward and
-          optimizer step in it (torch counts no FLOPs for an optimizer's elementwise updates). The count assumes
-          every batch costs the same; ops on other threads are missed. The counter's module hooks only measure:
+          optimizer step in it (torch counts no FLOPs for an optimizer's elementwise updates). Every other batch's
+          FLOPs are the counted batch's scaled by its main input's elements (:func:`input_elements`: rows x padded
+          length, or pixels): a token-budget sampler may open an epoch on its small leftover batch, and that batch's
+          count taken for every batch put MFU 14x low. Counted once, only that batch runs slower. The scaling is
+          exact for work that grows with tokens (projections, MLPs, convolutions); attention's, which grows with the
+          square of the length, and a per-row head's are estimated. Ops on other threads are missed. The summary's
+          ``flops_per_batch`` is the mean over the batches trained. The counter's module hooks only measure:
           hetrain's fused blocks stay fused under them (counted as one module), so the counted batch, a resumed
           fit's first included, computes what it would uncounted.
         - Samples are sequences: a packed batch (``segment_ids``, see ``hetrain.data.packing``) counts the
@@ -620,6 +651,10 @@ class Throughput(Callback):
         self._flops: FlopCounterMode | None = None
         self._count_pending = False  # FLOPs to count and no batch counted yet
         self._counted: int | None = None  # the counter's total, closed, until its batch ends
+        self._ref_flops: float | None = None  # the counted batch's FLOPs, or the module's flops_per_batch
+        self._ref_elements: int | None = None  # the counted batch's input_elements; None: every batch costs the same
+        self._trained_flops: float = 0  # FLOPs of this fit's batches whose FLOPs are known, and how many there were
+        self._trained_batches = 0
         self._stepped = False
         self._samples_warned = False
         self._may_merge = True  # the module or datamodule may reshape batches before this callback sees them
@@ -632,9 +667,8 @@ class Throughput(Callback):
             return None
         return count_tokens(batch[self.tokens_key])
 
-    def _count(self, trainer: pl.Trainer, batch: Any) -> tuple[int | None, int | None]:
-        """Samples and tokens of ``batch``, summed over the loaders Lightning combined into it; ``None``: unknown."""
-        parts = loader_batches(trainer.train_dataloader, batch, self._may_merge)
+    def _count(self, batch: Any, parts: list[Any]) -> tuple[int | None, int | None]:
+        """Samples and tokens of ``batch``, summed over the loaders' ``parts`` of it; ``None``: unknown."""
         sizes = [batch_size(part) for part in parts]
         samples = None if None in sizes or not sizes else sum(sizes)
         if samples is None and not self._samples_warned:
@@ -670,13 +704,13 @@ class Throughput(Callback):
         self._may_merge = _may_merge(trainer)  # read once a fit, not at every batch
         root = trainer.strategy.root_device
         available = self.peak_flops or peak_flops(root, _plugin_to_compute_dtype(trainer.precision_plugin))
-        flops_per_batch = getattr(pl_module, "flops_per_batch", None)
-        self._count_pending = self.count_flops and flops_per_batch is None
+        self._ref_flops, self._ref_elements = getattr(pl_module, "flops_per_batch", None), None
+        self._trained_flops, self._trained_batches = 0, 0
+        self._count_pending = self.count_flops and self._ref_flops is None
         # The batch whose FLOPs are counted runs slower under the counter, so it is warm-up whatever warmup_batches
         # says; the counter closes inside the batch, so the time after it is timed as after any warm-up batch.
         warmup = max(self.warmup_batches, 1) if self._count_pending else self.warmup_batches
         self.meter = ThroughputMeter(self.clock, self.window_size, available, warmup)
-        self.meter.flops_per_batch = flops_per_batch
         self.energy = NvmlEnergy(self._devices)
         self._sync()
         self._wait_seen = loader_wait_seconds(trainer)
@@ -725,24 +759,38 @@ class Throughput(Callback):
             self._counted = self._flops.get_total_flops() if keep else None
             self._flop_counter = self._flops = None
 
-    def _keep_count(self, pl_module: pl.LightningModule, outputs: Any) -> None:
-        """Makes the closed counter's total the FLOPs per batch, unless the batch ran no backward: under automatic
-        optimization its training_step returned None (Lightning passes ``{}``), and the next batch is counted. Under
-        manual optimization the batch is counted whatever it returns: its backward may be a plain
-        ``loss.backward()``, which no hook sees (waiting for one kept every batch under the counter, untimed)."""
+    def _keep_count(self, pl_module: pl.LightningModule, outputs: Any, elements: int | None) -> None:
+        """Makes the closed counter's total, of a batch of ``elements``, what other batches' FLOPs scale, unless the
+        batch ran no backward: under automatic optimization its training_step returned None (Lightning passes ``{}``),
+        and the next batch is counted. Under manual optimization the batch is counted whatever it returns: its backward
+        may be a plain ``loss.backward()``, which no hook sees (waiting for one kept every batch under the counter,
+        untimed)."""
         counted, self._counted = self._counted, None
         if counted is not None and (outputs or not pl_module.automatic_optimization):
-            self.meter.flops_per_batch = counted or None
+            self._ref_flops, self._ref_elements = counted or None, elements
             self._count_pending = False
+
+    def _batch_flops(self, elements: int | None) -> float | None:
+        """FLOPs of a batch of ``elements`` (see :func:`input_elements`): the reference scaled, where both are known."""
+        if self._ref_flops is None or not self._ref_elements or elements is None:
+            return self._ref_flops
+        return round(self._ref_flops * elements / self._ref_elements)
 
     @override
     @rank_zero_only
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._stop_counting()
-        self._keep_count(pl_module, outputs)
+        parts = loader_batches(trainer.train_dataloader, batch, self._may_merge)
+        sizes = [input_elements(part) for part in parts]
+        elements = None if None in sizes or not sizes else sum(sizes)
+        self._keep_count(pl_module, outputs, elements)
+        flops = self._batch_flops(elements)
+        if flops is not None:
+            self._trained_flops += flops
+            self._trained_batches += 1
         self._sync()
-        self.meter.batch_end(*self._count(trainer, batch), step_done=self._stepped)
+        self.meter.batch_end(*self._count(batch, parts), step_done=self._stepped, flops=flops)
         self._open_energy()  # from the end of the warm-up on: the first step all of whose batches are timed
         # Logged once per optimizer step, on its last batch: under gradient accumulation the earlier batches wrote
         # rows of their own under the same step, repeating the previous step's time.
@@ -786,7 +834,7 @@ class Throughput(Callback):
         self._sync()
         self._close_energy()
         summary = self.meter.summary()
-        summary["flops_per_batch"] = self.meter.flops_per_batch or NA
+        summary["flops_per_batch"] = self._trained_flops / self._trained_batches if self._trained_flops else NA
         summary["peak_flops"] = self.meter.available_flops or NA
         summary["energy_j_per_step"] = self._energy_per_step(len(self.meter.step_times))
         if trainer.world_size > 1:  # these are rank 0's batches on its device; the run summary counts every rank

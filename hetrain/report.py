@@ -4,8 +4,8 @@ A run writes ``summary.json`` and ``summary.md`` into its run directory: steps, 
 memory (resident set of the process; allocated memory of each GPU), validation metrics and the
 device of each stage. A sweep writes ``summary.csv`` and ``summary.md`` into its multirun
 directory: one row per job of that sweep (not of an earlier sweep into the same directory), failed jobs
-with their error (type and first line of the message) and log file, and, when a signal stopped the sweep, the
-jobs it never started; when the sweep varies ``seed``, the
+with their error (type and first line of the message) and log file, and, when a signal or a failure under DDP
+stopped the sweep, the jobs it never started; when the sweep varies ``seed``, the
 Markdown adds each metric's mean and standard deviation over seeds for each combination of the other
 overrides, failed combinations included.
 """
@@ -344,7 +344,10 @@ def _job_record(job_dir: Path, output_subdir: str) -> dict[str, Any]:
     except (OSError, ValueError) as exc:  # cut or unreadable: the job is listed, the sweep's table still written
         summary = {"status": "no summary", "error": f"its {SUMMARY_JSON} cannot be read ({type(exc).__name__}: {exc})"}
     summary.setdefault("log", str(job_dir / f"{hydra_cfg.job.name}.log"))
-    if "error" in summary:
+    if summary.get("other_ranks"):  # rank 0's own error, if any, says only that another rank ended: theirs say why
+        summary["error"] = "another rank failed: " + "; ".join(
+            f"{name}: {error_headline(error)}" for name, error in summary["other_ranks"].items())
+    elif "error" in summary:
         summary["error"] = error_headline(summary["error"])
     overrides = " ".join(OmegaConf.load(job_dir / output_subdir / "overrides.yaml"))
     return {"job": hydra_cfg.job.num, "overrides": overrides, **_flatten(summary)}
@@ -427,20 +430,23 @@ def _mean_and_spread(values: list[float]) -> str | None:
     return f"{mean:.4g} ± {std:.2g}"
 
 
-def write_stopped_sweep(hydra: DictConfig) -> str:
-    """Writes and prints the table of a sweep that a signal (SIGTERM, Ctrl-C) ends inside job ``hydra.job.num``;
-    returns the Markdown.
+def write_stopped_sweep(hydra: DictConfig, reason: str | None = None) -> str:
+    """Writes and prints the table of a sweep that a signal (SIGTERM, Ctrl-C) ends inside job ``hydra.job.num``,
+    or ``reason`` when no signal does (a failure under DDP); returns the Markdown.
 
     The process ends with the job: Hydra calls no callback on the way out, so without this the job's row, which
-    says where to go on from, was missing. The jobs the sweep had not reached get rows ``not started``.
+    says where to go on from, was missing. The jobs the sweep had not reached get rows ``not started``, with
+    ``reason`` as their error when given.
     """
     sweep_dir = Path(hydra.sweep.dir)
     # Without saved configs (hydra.output_subdir=null, which SweepSummary refuses) no job can be found.
-    jobs = collect_jobs(sweep_dir, hydra.output_subdir or ".hydra") + _jobs_not_started(hydra)
+    left_because = None if reason is None else f"not started: {reason}; rerun these jobs"
+    jobs = collect_jobs(sweep_dir, hydra.output_subdir or ".hydra") + _jobs_not_started(hydra, left_because)
     text = write_sweep_summary(jobs, sweep_dir)
     _print_sweep_table(sweep_dir, text)
     left = [str(job["job"]) for job in jobs if job.get("status") == "not started"]
-    print(f"hetrain: the sweep was stopped in job {hydra.job.num}; its row says how to go on"
+    ended = "the sweep was stopped" if reason is None else f"the sweep ended ({reason})"
+    print(f"hetrain: {ended} in job {hydra.job.num}; its row says " + ("how to go on" if reason is None else "why")
           + (f"; job {', '.join(left)} never started" if left else ""), file=sys.stderr, flush=True)
     return text
 
@@ -450,9 +456,10 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # Hyd
 _SEQUENTIAL = (BASIC_SWEEPER, "hydra._internal.core_plugins.basic_launcher.BasicLauncher")
 
 
-def _jobs_not_started(hydra: DictConfig) -> list[dict[str, Any]]:
-    """The jobs after ``hydra.job.num`` of a sweep Hydra's basic sweeper runs one by one; none for other sweepers
-    (Optuna's picks its jobs as it goes) and launchers (in parallel, the later jobs may be running)."""
+def _jobs_not_started(hydra: DictConfig, error: str | None = None) -> list[dict[str, Any]]:
+    """The jobs after ``hydra.job.num`` of a sweep Hydra's basic sweeper runs one by one, with ``error`` when given;
+    none for other sweepers (Optuna's picks its jobs as it goes) and launchers (in parallel, the later jobs may be
+    running)."""
     if (hydra.sweeper.get("_target_"), hydra.launcher.get("_target_")) != _SEQUENTIAL:
         return []
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # its expansion, so its job numbers
@@ -466,7 +473,8 @@ def _jobs_not_started(hydra: DictConfig) -> list[dict[str, Any]]:
         log.warning(f"hetrain: the jobs this sweep did not start are not listed ({type(exc).__name__}: {exc})")
         return []
     jobs = [job for batch in batches for job in batch]
-    return [{"job": num, "overrides": " ".join(overrides), "status": "not started"}
+    return [{"job": num, "overrides": " ".join(overrides), "status": "not started",
+             **({"error": error} if error is not None else {})}
             for num, overrides in enumerate(jobs) if num > hydra.job.num]
 
 

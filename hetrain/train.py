@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
+import json
 import logging
 import math
 import os
@@ -17,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 import torch._dynamo
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -58,6 +62,11 @@ _PEER_ENDED = ("Connection closed by peer", "Connection reset by peer", "remote 
 _FAILED = "hetrain: the run failed: "  # how _log_failure begins its line
 _LAUNCHER_PID = "HETRAIN_LAUNCHER_PID"  # rank 0's pid, in the environment of the ranks Lightning launches from it
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+# How long a rank that finished waits for the others to say how they ended (one killed after the last collective
+# never says).
+_OUTCOME_WAIT_S = 120.0
+_runs = itertools.count()  # run() calls in this process: every rank of a sweep makes the same ones, in order
+_BROKEN_GROUP = "a DDP job failed and left its process group broken"
 
 
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
@@ -651,15 +660,19 @@ def run(cfg: DictConfig) -> float | None:
     ends with its table and a non-zero exit (:class:`hetrain.report.SweepSummary`), not a traceback.
     An ``optimized_metric`` that names none of the validation's metrics fails a sweep's job the same way,
     after training, its measurements kept in the summary; a single run only warns, its value going nowhere.
-    A signal ends a sweep in this job: its table is written first.
+    A signal ends a sweep in this job: its table is written first. So does a failure under DDP, on any rank: the
+    process group the next job would reuse is broken. Under DDP each rank learns every other's outcome; one that
+    failed after the last collective fails the run on every rank (exit code 1).
     """
     _end_with_launcher()
     output_dir = Path(cfg.output_dir)
     info = _run_info()
     rank_logs_before = _rank_logs(info.get("log"))
+    run_number = next(_runs)
     try:
         summary = {"status": "ok", **info, **train(cfg)}
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns a Ctrl-C it stops at once into exit(1)
+        _tell_other_ranks(run_number, f"interrupted ({type(exc).__name__})", info.get("log"))
         code = _record_interruption(exc, info, output_dir)
         _end_stopped_sweep()
         if code is not None:
@@ -669,6 +682,7 @@ def run(cfg: DictConfig) -> float | None:
         cause = _root_cause(exc)
         error = f"{type(cause).__name__}: {cause}"
         _log_failure(exc, error, info.get("log"))
+        in_group = _tell_other_ranks(run_number, error, info.get("log"))
         if rank_zero_only.rank == 0:
             other_ranks = _other_ranks(error, info.get("log"), rank_logs_before)
             if other_ranks:
@@ -676,13 +690,20 @@ def run(cfg: DictConfig) -> float | None:
                           + "; ".join(f"{name}: {ended}" for name, ended in other_ranks.items()))
             write_run_summary({"status": "failed", **info, "error": error,
                                **({"other_ranks": other_ranks} if other_ranks else {})}, output_dir)
+        if in_group:
+            _end_broken_sweep()
         if _in_sweep():
             return _failed_job_value()
         raise
+    failed_ranks = _failed_other_ranks(run_number, info.get("log"))
     stopped = summary.get("graceful_stop") or {}
     if stopped:
         summary.update(status="interrupted", error=_go_on_from(stopped))
-    missing_metric = None if stopped else _missing_metric(cfg, summary["metrics"])
+    if failed_ranks:
+        log.error("hetrain: this rank finished, but another rank failed after the last collective; they "
+                  "say: " + "; ".join(f"{name}: {ended}" for name, ended in failed_ranks.items()))
+        summary.update(status="failed", error=next(iter(failed_ranks.values())), other_ranks=failed_ranks)
+    missing_metric = None if stopped or failed_ranks else _missing_metric(cfg, summary["metrics"])
     if missing_metric and not _in_sweep():  # a single run's value goes to no sweeper: said, and the run stays ok
         log.warning(f"{missing_metric} (a sweep would fail this job)")
         summary["warning"], missing_metric = missing_metric, None
@@ -691,6 +712,9 @@ def run(cfg: DictConfig) -> float | None:
     if rank_zero_only.rank == 0:  # under DDP every rank runs this; one summary per run, with every rank's samples
         text = write_run_summary(summary, output_dir)
         log.info(f"Summary ({output_dir / SUMMARY_MD}):\n{text}")
+    if failed_ranks:
+        _end_broken_sweep()
+        raise SystemExit(1)
     if stopped:  # GracefulStop logged where the run stopped and how to go on
         _end_stopped_sweep()
         raise SystemExit(_exit_code(stopped["signal"]))
@@ -720,3 +744,66 @@ def _end_stopped_sweep() -> None:
     (it catches only ``Exception``), so the sweep's table is written here, this job and those not started in it."""
     if _in_sweep() and rank_zero_only.rank == 0:
         write_stopped_sweep(HydraConfig.get())
+
+
+def _end_broken_sweep() -> None:
+    """Ends a sweep after a job that failed under DDP: its process group stays initialised for the next job (Lightning
+    reuses it) but a connection of it is broken or a rank is gone, so every later job failed at once with a
+    collective's "Connection reset by peer", hiding the first job's cause. The jobs not started are listed so."""
+    if _in_sweep():
+        if rank_zero_only.rank == 0:
+            write_stopped_sweep(HydraConfig.get(), reason=_BROKEN_GROUP)
+        raise SystemExit(1)
+
+
+# How the ranks learn each other's outcome: through the process group's store (a key-value server in rank 0), not a
+# collective. A rank that failed mid-step cannot join a final all-reduce: the others are inside another collective
+# (the gradients'), which would take the flag's bytes for its own (gloo aborts the process on the size mismatch) or
+# wait for it for good. Through the store a rank that failed only writes and never waits; one that finished reads
+# every other's outcome, waiting up to _OUTCOME_WAIT_S: only an error after the last collective (in on_fit_end,
+# teardown) leaves a rank finished while another failed, and that rank then says so at once.
+def _tell_other_ranks(run_number: int, error: str | None, log_file: str | None) -> bool:
+    """Writes this rank's outcome of run ``run_number`` for the other ranks; False outside a process group of
+    several ranks (nothing to tell, and no group a failure could have broken)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    rank = dist.get_rank()
+    name = Path(log_file).name if log_file else f"rank {rank}"
+    try:
+        _store().set(_outcome_key(run_number, rank), json.dumps({"log": name, "error": error}))
+    except RuntimeError as exc:  # rank 0, which holds the store, has ended: it does not need this rank's outcome
+        log.warning(f"hetrain: could not tell the other ranks how this rank ended ({type(exc).__name__}: {exc})")
+    return True
+
+
+def _failed_other_ranks(run_number: int, log_file: str | None) -> dict[str, str]:
+    """Tells the other ranks this one finished run ``run_number``; on rank 0, which writes the summary and whose exit
+    the run's is, returns those that failed it: their log's name (their rank without logs) and error. Other ranks
+    do not wait: rank 0, holding the store, may have read their outcome and ended before they could read its own
+    (a rank 0 that fails after the last collective ends the sweep, and a rank left in it ends with its launcher)."""
+    if not _tell_other_ranks(run_number, None, log_file) or dist.get_rank() != 0:
+        return {}
+    failed = {}
+    deadline = time.monotonic() + _OUTCOME_WAIT_S
+    for rank in range(dist.get_world_size()):
+        if rank == dist.get_rank():
+            continue
+        key = _outcome_key(run_number, rank)
+        try:
+            _store().wait([key], timedelta(seconds=max(deadline - time.monotonic(), 0.1)))
+            outcome = json.loads(_store().get(key))
+        except RuntimeError as exc:  # not told in time, or the store's rank 0 is gone
+            failed[f"rank {rank}"] = (f"no outcome from rank {rank} within {_OUTCOME_WAIT_S:.0f} s of this rank "
+                                      f"finishing ({type(exc).__name__}; killed? see the end of its log)")
+            continue
+        if outcome["error"] is not None:
+            failed[outcome["log"]] = outcome["error"]
+    return failed
+
+
+def _store() -> dist.Store:
+    return dist.distributed_c10d._get_default_store()
+
+
+def _outcome_key(run_number: int, rank: int) -> str:
+    return f"hetrain/outcome/{run_number}/{rank}"

@@ -396,3 +396,33 @@ def test_validation_metrics_under_ddp_cover_every_ranks_samples(tmp_path):
     assert len(torch.cat(losses)) == 91  # odd: the ranks' shares differ
     assert metrics["val/loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
     assert metrics["val/acc"] == pytest.approx(torch.cat(right).float().mean().item(), abs=1e-6)
+
+
+FAIL_AT_FIT_END = '''
+import pytorch_lightning as pl
+
+
+class FailAtFitEnd(pl.Callback):
+    """Raises on rank 1 after the fit's last collective."""
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            raise RuntimeError("failure injected on rank 1 in on_fit_end")
+'''
+
+
+def test_a_failure_on_rank_1_after_the_last_collective_fails_the_run(tmp_path):
+    """Rank 0's own outcome alone decided: the summary said ok and train.py exited 0."""
+    (tmp_path / "late_failure.py").write_text(FAIL_AT_FIT_END)
+    run = subprocess.run(
+        [sys.executable, "train.py", "recipe=bert_split", "trainer.accelerator=cpu", "trainer.devices=2",
+         "+trainer.strategy=ddp", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.train_size=64",
+         "data.val_size=16", "threads=1", "callbacks.memory_profiler=null", "callbacks.progress_bar=null",
+         f"hydra.run.dir={tmp_path / 'run'}", "+callbacks.late._target_=late_failure.FailAtFitEnd"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert run.returncode == 1, (run.stdout + run.stderr)[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    error = "RuntimeError: failure injected on rank 1 in on_fit_end"
+    assert (summary["status"], summary["error"], summary["steps"]) == ("failed", error, 2), summary
+    assert summary["other_ranks"] == {"train_ddp_process_1.log": error}

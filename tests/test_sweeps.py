@@ -166,3 +166,22 @@ def test_a_sweep_that_saves_no_job_configs_is_refused_and_another_config_folder_
     (job / "cfg" / "overrides.yaml").write_text("- seed=0\n")
     (record,) = collect_jobs(tmp_path / "sweep", "cfg")
     assert (record["job"], record["overrides"], record["status"]) == (0, "seed=0", "no summary")
+
+
+def test_a_ddp_sweep_ends_after_a_failed_job_and_names_the_rank_that_failed(tmp_path):
+    """The failed job's process group stayed initialised with a broken connection: every later job failed at once
+    with gloo's "Connection reset by peer", and the failed job's row gave rank 0's error, which names no cause."""
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", "recipe=bert_split", "trainer.accelerator=cpu", "trainer.devices=2",
+                      "+trainer.strategy=ddp", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                      "data.train_size=64", "data.val_size=16", "callbacks.memory_profiler=null",
+                      "callbacks.progress_bar=null", "+callbacks.fail_at._target_=tests.fixtures.fail_at.FailAt",
+                      "+callbacks.fail_at.step=1", "+callbacks.fail_at.rank=1,5", f"hydra.sweep.dir={sweep}",
+                      cwd=ROOT)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+    failed, not_started = _rows(sweep)
+    assert (failed["status"], failed["error"]) == (
+        "failed", "another rank failed: train_ddp_process_1.log: RuntimeError: failure injected on rank 1 at step 1")
+    assert (not_started["status"], not_started["error"]) == (
+        "not started", "not started: a DDP job failed and left its process group broken; rerun these jobs")
+    assert "+callbacks.fail_at.rank=5" in not_started["overrides"].split()

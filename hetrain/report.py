@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -264,7 +265,7 @@ def write_run_summary(summary: dict[str, Any], directory: str | Path) -> str:
     """Writes ``summary.json`` and ``summary.md`` into ``directory``; returns the Markdown."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_whole(directory / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+    _write_whole(directory / SUMMARY_JSON, json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
     flat = _flatten(summary)
     text = markdown_table(["field", "value"], [[k, v] for k, v in flat.items()])
     if "samples_per_s" in flat and "throughput.samples_per_s" in flat:
@@ -283,6 +284,30 @@ def write_run_summary(summary: dict[str, Any], directory: str | Path) -> str:
                  "out; the CPU's energy is not in it.\n")
     _write_whole(directory / SUMMARY_MD, text)
     return text
+
+
+# How summary.json writes a nan or infinite number (a diverged loss): JSON has neither, and json.dumps' bare NaN and
+# Infinity are refused by strict parsers (JavaScript's, jq). The strings float() reads back, as CostModel.to_dict
+# writes them.
+_NON_FINITE = ("nan", "inf", "-inf")
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every nan or infinite float, in dicts and lists at any depth, as its string in _NON_FINITE."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _read_non_finite(record: dict[str, Any]) -> dict[str, Any]:
+    """A summary.json object with the numbers _json_safe wrote as strings read back as floats: a sweep's table shows
+    them as numbers (nan), and the mean over seeds takes them in."""
+    return {key: float(value) if isinstance(value, str) and value in _NON_FINITE else value
+            for key, value in record.items()}
 
 
 def _write_whole(path: Path, text: str) -> None:
@@ -338,7 +363,7 @@ def _job_record(job_dir: Path, output_subdir: str) -> dict[str, Any]:
     hydra_cfg = OmegaConf.load(job_dir / output_subdir / "hydra.yaml").hydra
     summary_path = job_dir / SUMMARY_JSON
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text(), object_hook=_read_non_finite)
     except FileNotFoundError:
         summary = {"status": "no summary", "error": f"the job wrote no {SUMMARY_JSON} (killed?)"}
     except (OSError, ValueError) as exc:  # cut or unreadable: the job is listed, the sweep's table still written

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import itertools
 import json
 import logging
@@ -16,11 +17,13 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import hydra
@@ -411,37 +414,60 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = cfg.get("ckpt_path")
         log.info(f"Resuming from {ckpt_path}" if ckpt_path else "Starting training")
         os.environ[_LAUNCHER_PID] = str(os.getpid())  # inherited by the ranks the fit launches: _end_with_launcher
+        fitted = False
         try:
             parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+            fitted = True
         except SystemExit as exc:  # how Lightning ends a fit on SIGTERM, or on Ctrl-C pressed twice
-            graceful_stop = parts.callbacks.get("graceful_stop")
-            exc.graceful_stop = getattr(graceful_stop, "summary", None) or {}
-            exc.steps_trained = getattr(graceful_stop, "steps_trained", None)  # None: no GracefulStop counted them
-            # For the summary of the stopped run. Under DDP each rank counted its own samples, and the ranks are not
-            # in step here to sum them: left out there.
-            exc.progress = {"steps": parts.trainer.global_step,
-                            **({"samples": parts.recorder.samples} if parts.trainer.world_size == 1 else {})}
+            _describe_stop(exc, parts)
             raise
         finally:
             os.environ.pop(_LAUNCHER_PID, None)
+            if not fitted:
+                _close_data(parts.datamodule)
             release_all()  # a fit ended by an exception skips the task's teardown, which lets the held batches go
         if parts.trainer.num_training_batches == 0:  # Lightning ends such a fit at once and says so at info level
             raise ValueError(_no_training_batch(cfg))
-        summary = parts.recorder.summary(parts.trainer)
-        unvalidated = _unvalidated(parts)
-        if unvalidated is not None:
-            log.warning(unvalidated[1])
-            summary["no_validation"] = unvalidated[0]
-        summary["precision"] = run_precision(parts.trainer)  # per device type under DeviceMixedPrecision
-        if parts.compiled is not None:
-            summary["compile"] = {**parts.compiled, **compile_counts(since=parts.counts_before_compile)}
-        summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}
-        summary.update(_best_checkpoint(parts.callbacks))
+        try:
+            summary = parts.recorder.summary(parts.trainer)
+            unvalidated = _unvalidated(parts)
+            if unvalidated is not None:
+                log.warning(unvalidated[1])
+                summary["no_validation"] = unvalidated[0]
+            summary["precision"] = run_precision(parts.trainer)  # per device type under DeviceMixedPrecision
+            if parts.compiled is not None:
+                summary["compile"] = {**parts.compiled, **compile_counts(since=parts.counts_before_compile)}
+            summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}
+            summary.update(_best_checkpoint(parts.callbacks))
+        except SystemExit as exc:  # SIGTERM after the fit (run()'s handler): the summary says what was trained
+            _describe_stop(exc, parts)
+            raise
     if hasattr(parts.datamodule, "loader_summary"):  # slot and pinned bytes, fixed for the whole run
         summary["data"] = parts.datamodule.loader_summary()
     summary.update({name: c.summary for name, c in parts.callbacks.items()
                     if isinstance(getattr(c, "summary", None), dict)})
     return summary
+
+
+def _describe_stop(exc: SystemExit, parts: Parts) -> None:
+    """Adds to a SystemExit that ended the fit (or came after it) what the stopped run's summary says: GracefulStop's
+    checkpoint, the steps it trained, the progress."""
+    graceful_stop = parts.callbacks.get("graceful_stop")
+    exc.graceful_stop = getattr(graceful_stop, "summary", None) or {}
+    exc.steps_trained = getattr(graceful_stop, "steps_trained", None)  # None: no GracefulStop counted them
+    # Under DDP each rank counted its own samples, and the ranks are not in step here to sum them: left out there.
+    exc.progress = {"steps": parts.trainer.global_step,
+                    **({"samples": parts.recorder.samples} if parts.trainer.world_size == 1 else {})}
+
+
+def _close_data(datamodule: pl.LightningDataModule) -> None:
+    """Tears down the data of a fit that raised: Lightning calls no teardown then, so the ring loaders' producer
+    threads and slots lived on (into a sweep's next job) until the garbage collector found them. An error here is
+    logged, not raised: the fit's own error is the one to report."""
+    try:
+        datamodule.teardown("fit")
+    except Exception as exc:  # noqa: BLE001 - the fit's exception is already on its way up
+        log.warning(f"hetrain: closing the data after the failed fit failed too ({type(exc).__name__}: {exc})")
 
 
 @contextlib.contextmanager
@@ -637,7 +663,7 @@ def _record_interruption(exc: BaseException, info: dict[str, Any], output_dir: P
     sigterm = isinstance(exc, SIGTERMException)
     if saved:
         error = _go_on_from(saved)
-    elif sigterm and getattr(exc, "steps_trained", None) == 0:
+    elif sigterm and getattr(exc, "steps_trained", 0) == 0:  # no count: before the fit, from run()'s handler
         error = "SIGTERM before the first training step: nothing trained, nothing saved"
     elif sigterm:
         error = f"SIGTERM ({type(exc).__name__}): stopped at once, nothing saved since the last checkpoint"
@@ -665,6 +691,34 @@ def run(cfg: DictConfig) -> float | None:
     failed after the last collective fails the run on every rank (exit code 1).
     """
     _end_with_launcher()
+    # Only the main thread may set signal handlers. The other ranks of a DDP fit keep the default: rank 0's end
+    # sends them SIGTERM (_end_with_launcher), which must end one blocked in a collective or in connecting to rank
+    # 0, where a Python handler would only run once that call returned.
+    if threading.current_thread() is not threading.main_thread() or rank_zero_only.rank != 0:
+        return _run(cfg)
+    previous = signal.signal(signal.SIGTERM, _sigterm_ends_the_run)
+    try:
+        return _run(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _sigterm_ends_the_run(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM outside Lightning's and GracefulStop's handlers (config checks, building the parts, the data's setup
+    inside the fit, the summary after it): ends the run as a SIGTERM in the fit does, its summary written, exit 143.
+    Python's default handler killed the process there with no summary, and a sweep's table lost this job and those
+    after it.
+
+    Lightning's handler, installed for the training, calls this one after its own: it is then in charge (it sets the
+    flag its loops stop at), and this one does nothing.
+    """
+    if signal.getsignal(signal.SIGTERM) is not _sigterm_ends_the_run:
+        return
+    # With the code: a SystemExit that escapes run()'s handling still exits 143, not 0.
+    raise SIGTERMException(_exit_code("SIGTERM"))
+
+
+def _run(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.output_dir)
     info = _run_info()
     rank_logs_before = _rank_logs(info.get("log"))
@@ -692,9 +746,13 @@ def run(cfg: DictConfig) -> float | None:
                                **({"other_ranks": other_ranks} if other_ranks else {})}, output_dir)
         if in_group:
             _end_broken_sweep()
-        if _in_sweep():
-            return _failed_job_value()
-        raise
+        if not _in_sweep():
+            raise
+        summary = None
+    if summary is None:  # a sweep's failed job, its exception and traceback gone with the except clause
+        # The failed fit's trainer, model and data hang in reference cycles: freed now, not during the next job.
+        gc.collect()
+        return _failed_job_value()
     failed_ranks = _failed_other_ranks(run_number, info.get("log"))
     stopped = summary.get("graceful_stop") or {}
     if stopped:

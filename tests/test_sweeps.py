@@ -96,6 +96,20 @@ def test_a_stopped_jobs_row_names_the_checkpoint_and_counts_steps_and_samples(tm
     assert stopped["steps"] == "3" and int(stopped["samples"]) > 0
 
 
+def test_a_sweep_stopped_by_sigterm_before_training_lists_the_stopped_job_and_those_it_never_started(tmp_path):
+    """A SIGTERM before Lightning's handler was in place (here in the fit's setup, beside the data's) killed the
+    process: exit 143 with no row for the stopped job nor for those after it."""
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", *TINY, TWO_STEPS, "+callbacks.sigterm._target_=tests.test_train._SigtermIn",
+                      "+callbacks.sigterm.where=setup,none", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 143, (result.stdout + result.stderr)[-3000:]
+    assert "the sweep was stopped in job 0" in result.stderr and "job 1 never started" in result.stderr
+    stopped, not_started = _rows(sweep)
+    assert (stopped["status"], stopped["error"]) == (
+        "interrupted", "SIGTERM before the first training step: nothing trained, nothing saved")
+    assert not_started["status"] == "not started" and "+callbacks.sigterm.where=none" in not_started["overrides"]
+
+
 def test_a_sweep_rerun_into_its_directory_sets_the_earlier_jobs_files_aside(tmp_path):
     """The earlier sweep's best checkpoint stayed beside the new one and its log ran on into the new log. A job
     resuming from a checkpoint in its own directory keeps that directory as it is."""

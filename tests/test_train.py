@@ -4,11 +4,14 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -631,6 +634,60 @@ def test_a_stopped_runs_summary_names_the_checkpoint_and_counts_its_steps_and_sa
     assert summary["steps"] == 2 and summary["samples"] > 0
 
 
+class _SigtermIn(pl.Callback):
+    """Sends SIGTERM to this process before training starts: when built (``"build"``, in build(), before the fit) or
+    in its setup hook (``"setup"``, inside the fit beside the data's setup, before Lightning's handler is in place);
+    ``"none"`` sends nothing."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        if where == "build":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.where == "setup":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("where", ["build", "setup"])
+def test_a_sigterm_before_training_ends_the_run_with_its_summary_and_143(tmp_path, where):
+    """Python's default handler was in charge until Lightning's: the process died at once, exit 143 with no summary.
+    The handler in place before run() stands in for it here (raising, so this process lives); run() restores it."""
+
+    def default(signum, frame):
+        raise RuntimeError("SIGTERM reached the handler in place before run()")
+
+    cfg = compose_train("recipe=bert_split", "data.train_size=32", "data.val_size=16", "model.hidden=16",
+                        "trainer.max_steps=1", "trainer.enable_progress_bar=false", "callbacks.memory_profiler=null",
+                        f"+callbacks.sigterm._target_={__name__}.{_SigtermIn.__qualname__}",
+                        f"+callbacks.sigterm.where={where}", output_dir=tmp_path)
+    previous = signal.signal(signal.SIGTERM, default)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run(cfg)
+        assert signal.getsignal(signal.SIGTERM) is default
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 143
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["status"], summary["error"]) == (
+        "interrupted", "SIGTERM before the first training step: nothing trained, nothing saved")
+
+
+def test_a_fit_that_fails_closes_its_ring_loaders(tmp_path):
+    """Lightning calls no datamodule teardown when the fit raises: the ring's producer threads and slots lived on,
+    into a sweep's next job, until the garbage collector found them (not called here)."""
+    cfg = compose_train("recipe=bert_split", "data.loader=ring", "data.producers=1", "data.train_size=64",
+                        "data.val_size=16", "model.hidden=16", "trainer.max_steps=4",
+                        "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+                        "callbacks.memory_profiler=null", "+callbacks.fail_at._target_=tests.fixtures.fail_at.FailAt",
+                        "+callbacks.fail_at.step=1", "+callbacks.fail_at.rank=0", output_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="failure injected on rank 0 at step 1") as failed:
+        run(cfg)
+    producers = [t.name for t in threading.enumerate() if t.name.startswith("hetrain-ring-producer")]
+    assert producers == [], f"{producers} outlived the failed fit ({failed.value})"
+
+
 class _Linear(pl.LightningModule):
     """The least a fit needs: what is checked here is when Lightning steps and validates."""
 
@@ -989,6 +1046,32 @@ def test_a_summary_is_written_whole_or_not_at_all_and_a_cut_one_is_listed(tmp_pa
     (job / "summary.json").write_text("")  # as the earlier writer left it
     (record,) = collect_jobs(tmp_path / "sweep")
     assert record["status"] == "no summary" and "summary.json cannot be read (JSONDecodeError" in record["error"]
+
+
+def test_a_nan_metric_is_written_as_json_and_read_back_as_nan(tmp_path):
+    """json.dumps wrote a diverged loss as a bare NaN, which is no JSON: strict parsers (JavaScript's, jq) refused
+    summary.json. The sweep's table and the mean over seeds still read it as the number nan."""
+    from hetrain.report import collect_jobs, write_run_summary, write_sweep_summary
+
+    for job, loss in enumerate([math.nan, 1.5]):
+        job_dir = tmp_path / "sweep" / str(job)
+        (job_dir / ".hydra").mkdir(parents=True)
+        (job_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {job}\n    name: train\n")
+        (job_dir / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        write_run_summary({"status": "ok", "metrics": {"val/loss": loss}, "grad": [math.inf, -math.inf]}, job_dir)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is no JSON")
+
+    text = (tmp_path / "sweep" / "0" / "summary.json").read_text()
+    written = json.loads(text, parse_constant=refuse)
+    assert written["metrics"] == {"val/loss": "nan"} and written["grad"] == ["inf", "-inf"]
+    records = collect_jobs(tmp_path / "sweep")
+    assert math.isnan(records[0]["metrics.val/loss"]) and records[1]["metrics.val/loss"] == 1.5
+    table = write_sweep_summary(records, tmp_path / "sweep")
+    assert "| 0 | seed=0 | ok |  |  | nan |" in table and "| 2 | nan ± nan |" in table
+    with open(tmp_path / "sweep" / "summary.csv") as f:
+        assert [row["metrics.val/loss"] for row in csv.DictReader(f)] == ["nan", "1.5"]
 
 
 def test_a_combination_whose_seeds_all_failed_keeps_its_over_seeds_row():

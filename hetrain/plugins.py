@@ -100,7 +100,7 @@ _lock = threading.Lock()
 _resolved: dict[tuple[str, str, str | None, tuple[str, ...]], list[Backend]] = {}
 # The same outside any use_backend/preferring block, keyed by the environment's raw settings: reading them is all
 # such a call pays (pinned() and preferred() walk the scopes and parse, more than the kernel of a small op).
-_unscoped: dict[tuple[str, str, str | None, str | None, str | None], list[Backend]] = {}
+_unscoped: dict[tuple[str, str, str | None, str | None], list[Backend]] = {}
 _scopes_open = 0  # use_backend/preferring blocks open on any thread
 # Bumped (under _lock) whenever the caches are emptied: a resolution computed from the registry or pins as they were
 # before is not stored, or it would stay in force for good (see _store).
@@ -526,7 +526,7 @@ def candidates(op: str, device_type: str) -> list[Backend]:
     """
     if not _scopes_open:
         environ = os.environ
-        fast_key = (op, device_type, environ.get(ENV_PINS), environ.get(ENV_PREFER), environ.get(ENV_STRICT))
+        fast_key = (op, device_type, environ.get(ENV_PINS), environ.get(ENV_PREFER))
         found = _unscoped.get(fast_key)
         if found is None:
             generation = _generation  # before anything the resolution reads
@@ -538,14 +538,15 @@ def candidates(op: str, device_type: str) -> list[Backend]:
 
 def _resolve(op: str, device_type: str) -> list[Backend]:
     generation = _generation
-    # Checked with the pins and the preference, not only once a backend fails: an unreadable HETRAIN_STRICT let a
-    # run go on, and its first failure then raised this error where the fallback was due.
-    strict()
     pin = pinned(op)
     prefer = preferred()
     key = (op, device_type, pin, prefer)
     found = _resolved.get(key)
     if found is None:
+        # Read where an op is resolved, not only once a backend fails: an unreadable HETRAIN_STRICT let a run go on,
+        # and its first failure then raised this error where the fallback was due. Not on every call: reading an
+        # unset variable costs a call more than the rest of a cached lookup.
+        strict()
         found = _candidates(op, device_type, pin, prefer)
         _store(_resolved, key, found, generation)
     return found

@@ -406,8 +406,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(f"Host memory: {cpu_malloc.description}")
         host_cache_at_start = cpu_memory.stats()
         pins, prefer = cfg.backends.pins, cfg.backends.get("prefer")
-        plugins.configure(pins=None if pins is None else OmegaConf.to_container(pins), strict=cfg.backends.strict,
-                          prefer=OmegaConf.to_container(prefer) if OmegaConf.is_list(prefer) else prefer)
+        plugins.configure(pins=None if pins is None else OmegaConf.to_container(pins, resolve=True),
+                          strict=cfg.backends.strict,
+                          prefer=OmegaConf.to_container(prefer, resolve=True) if OmegaConf.is_list(prefer) else prefer)
         pl.seed_everything(cfg.seed, workers=True)
         parts = build(cfg)
 

@@ -538,10 +538,13 @@ def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(ov
         assert result.returncode != 0 and f"hetrain: {message}" in result.stderr + result.stdout, result.stderr
 
 
-@pytest.mark.parametrize("prefer, names", [("torch", ("torch",)), ("[torch,cpu]", ("torch", "cpu"))])
-def test_backends_prefer_reaches_the_plugins_as_written_alone_or_in_a_list(prefer, names, tmp_path):
+@pytest.mark.parametrize("prefer, names", [("torch", ("torch",)), ("[torch,cpu]", ("torch", "cpu")),
+                                           ("[${oc.env:HETRAIN_TEST_PREFER},cpu]", ("torch", "cpu"))])
+def test_backends_prefer_reaches_the_plugins_as_written_alone_or_in_a_list(prefer, names, tmp_path, monkeypatch):
     """backends.prefer=torch went through list(): configure was given the backends 't', 'o', 'r', 'c' and 'h', and
-    refused 't'. The run below fails checking its plan, after the backends are configured."""
+    refused 't'; a list's interpolations must still be resolved. The run below fails checking its plan, after the
+    backends are configured."""
+    monkeypatch.setenv("HETRAIN_TEST_PREFER", "torch")
     try:
         with pytest.raises(ValueError, match="placement entry 'pooler' names no stage"):
             run(compose_train("recipe=bert_split", "+placement.plan.pooler=cpu", f"backends.prefer={prefer}",

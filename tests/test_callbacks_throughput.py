@@ -745,6 +745,66 @@ def test_input_elements_are_the_token_ids_else_the_largest_tensor():
     assert tp.input_elements(["no tensor"]) is None
 
 
+@pytest.mark.parametrize("first", [{"labels": torch.zeros(4, 1, dtype=torch.long)},
+                                   {"position_ids": torch.arange(512)[None]}])
+def test_input_elements_are_the_token_ids_whatever_tensor_is_listed_first(first):
+    """Labels (B, 1) or position_ids (1, L) listed ahead of the ids were taken for them: two batches of one token
+    budget, 64 x 32 and 4 x 512, got FLOPs 16x apart."""
+    for rows, length in [(64, 32), (4, 512)]:
+        ids = torch.zeros(rows, length, dtype=torch.long)
+        assert tp.input_elements({**first, "input_ids": ids}) == 2048
+        assert tp.input_elements({**first, "ids": ids}) == 2048  # no key known: the largest token ids
+        assert tp.input_elements({**first, "tokens": ids.float()}, tokens_key="tokens") == 2048
+
+
+def test_input_elements_of_images_and_a_label_column_are_the_pixels():
+    assert tp.input_elements((torch.zeros(4, 3, 64, 64), torch.zeros(4, 1, dtype=torch.long))) == 4 * 3 * 64 * 64
+
+
+def test_input_elements_of_per_sample_token_ids_are_all_of_their_tokens():
+    """A list of unpadded samples counted its longest alone."""
+    assert tp.input_elements([torch.zeros(100, dtype=torch.long), torch.zeros(300, dtype=torch.long)]) == 400
+    assert tp.input_elements({"input_ids": [torch.zeros(5, dtype=torch.long)] * 3, "labels": torch.zeros(3)}) == 15
+
+
+class Unwalked(list):
+    """A batch's list of raw strings that fails when walked item by item."""
+
+    def __iter__(self):
+        raise AssertionError("walked a list of strings")
+
+
+def test_input_elements_do_not_walk_a_list_of_strings():
+    """Each of a batch's 4096 raw strings was visited, milliseconds a batch."""
+    ids = torch.zeros(4, 7, dtype=torch.long)
+    assert tp.input_elements({"ids": ids, "text": Unwalked(["some text"] * 4096)}) == 28
+
+
+class NamedTokens(PerToken):
+    """PerToken reading its ids under ``tokens``, beside each row's candidates: more columns than the ids."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step({"input_ids": batch["tokens"], "labels": batch["labels"]}, batch_idx)
+
+
+def test_flops_scale_with_the_callback_tokens_key(tmp_path):
+    """Without the callback's tokens_key, the largest 2-D integer tensor (the candidates, B x 40) scaled FLOPs by rows
+    alone."""
+    batches = []
+    for rows, length in [(2, 3), (4, 6), (2, 3)]:
+        batch = _token_batch(rows, length)
+        batches.append({"candidates": torch.zeros(rows, 40, dtype=torch.long), "tokens": batch["input_ids"],
+                        "labels": batch["labels"]})
+    callback = Throughput(clock=Tick(0.5), peak_flops=1e9, tokens_key="tokens")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=len(batches), default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[callback])
+    trainer.fit(NamedTokens(), DataLoader(batches, batch_size=None))
+    fresh = NamedTokens()
+    each = [measure_flops(fresh, lambda b=b: fresh.training_step(b, 0), lambda loss: loss) for b in batches]
+    assert callback.summary["flops_per_batch"] == pytest.approx(sum(each) / len(each))
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimization, as a GAN steps: two backward passes and two optimizer steps in every batch."""
 

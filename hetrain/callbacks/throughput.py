@@ -18,7 +18,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -545,27 +545,57 @@ def count_tokens(tensor: torch.Tensor) -> int:
     return int(torch.where(is_mask, tensor.count_nonzero(), tensor.numel()))  # one device read
 
 
-def input_elements(batch: Any) -> int | None:
-    """Elements of a batch's main input, what its FLOPs are taken to grow with: its first 2-D integer tensor (token ids:
-    rows x padded length), else its largest tensor (images); ``None`` where it holds no tensor."""
-    tensors = list(_tensors(batch))
-    ids = [t for t in tensors if t.dim() == 2 and not t.is_floating_point()]
-    return ids[0].numel() if ids else max((t.numel() for t in tensors), default=None)
+def input_elements(batch: Any, tokens_key: str | None = None) -> int | None:
+    """Elements of a batch's main input, what its FLOPs are taken to grow with: its tokens, rows x padded length (a
+    mapping's 2-D ``tokens_key`` tensor, else its ``input_ids``), else its largest token ids (a 2-D integer tensor
+    of more than one column), else its largest input (images); ``None`` where it holds no tensor. A list of tensors
+    alike but for their first dimension (per-sample token ids, unpadded) is one input of all their elements.
+
+    The first 2-D integer tensor found was taken before: labels ``(B, 1)`` or ``position_ids`` ``(1, L)`` listed
+    ahead of the ids scaled FLOPs by rows or length alone, 16x apart for two batches of one token budget."""
+    if isinstance(batch, Mapping):
+        for key in (tokens_key, "input_ids"):
+            tokens = batch.get(key) if key is not None else None
+            if isinstance(tokens, torch.Tensor) and tokens.dim() == 2:
+                return tokens.numel()
+    ids = largest = None
+    for elements, is_ids in _inputs(batch):
+        largest = max(largest or 0, elements)
+        if is_ids:
+            ids = max(ids or 0, elements)
+    return largest if ids is None else ids
 
 
-def _tensors(batch: Any) -> Any:
-    """The tensors of ``batch``, in order, through mappings, lists, tuples and dataclasses."""
+def _is_ids(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` may hold token ids, rows x length: a ``(B, 1)`` one holds a label per row."""
+    return tensor.dim() == 2 and tensor.shape[1] > 1 and not tensor.is_floating_point()
+
+
+def _inputs(batch: Any) -> Iterator[tuple[int, bool]]:
+    """Each input of ``batch``, as its elements and whether it holds token ids, through mappings, lists, tuples and
+    dataclasses. A list led by anything but a tensor or a container (a batch's raw strings) is not looked into:
+    walking its thousands of items cost milliseconds a batch."""
     if isinstance(batch, torch.Tensor):
-        yield batch
+        yield batch.numel(), _is_ids(batch)
     elif isinstance(batch, Mapping):
         for value in batch.values():
-            yield from _tensors(value)
+            yield from _inputs(value)
     elif isinstance(batch, list | tuple):
-        for value in batch:
-            yield from _tensors(value)
-    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        first = batch[0] if batch else None
+        if isinstance(first, torch.Tensor) and all(
+                isinstance(item, torch.Tensor) and item.dtype == first.dtype and item.dim() == first.dim()
+                and item.shape[1:] == first.shape[1:] for item in batch):
+            yield sum(item.numel() for item in batch), _is_ids(first)  # per-sample tensors: all of them
+        elif isinstance(first, torch.Tensor | Mapping | list | tuple) or _is_dataclass(first):
+            for value in batch:
+                yield from _inputs(value)
+    elif _is_dataclass(batch):
         for field in dataclasses.fields(batch):
-            yield from _tensors(getattr(batch, field.name))
+            yield from _inputs(getattr(batch, field.name))
+
+
+def _is_dataclass(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 class Throughput(Callback):
@@ -589,13 +619,13 @@ class Throughput(Callback):
           ``warmup_batches=0`` too). Under manual optimization the whole batch is counted, every backward and
           optimizer step in it (torch counts no FLOPs for an optimizer's elementwise updates). Every other batch's
           FLOPs are the counted batch's scaled by its main input's elements (:func:`input_elements`: rows x padded
-          length, or pixels): a token-budget sampler may open an epoch on its small leftover batch, and that batch's
-          count taken for every batch put MFU 14x low. Counted once, only that batch runs slower. The scaling is
-          exact for work that grows with tokens (projections, MLPs, convolutions); attention's, which grows with the
-          square of the length, and a per-row head's are estimated. Ops on other threads are missed. The summary's
-          ``flops_per_batch`` is the mean over the batches trained. The counter's module hooks only measure:
-          hetrain's fused blocks stay fused under them (counted as one module), so the counted batch, a resumed
-          fit's first included, computes what it would uncounted.
+          length of its ``tokens_key`` or ``input_ids``, or pixels): a token-budget sampler may open an epoch on its
+          small leftover batch, and that batch's count taken for every batch put MFU 14x low. Counted once, only that
+          batch runs slower. The scaling is exact for work that grows with tokens (projections, MLPs, convolutions);
+          attention's, which grows with the square of the length, and a per-row head's are estimated. Ops on other
+          threads are missed. The summary's ``flops_per_batch`` is the mean over the batches trained. The counter's
+          module hooks only measure: hetrain's fused blocks stay fused under them (counted as one module), so the
+          counted batch, a resumed fit's first included, computes what it would uncounted.
         - Samples are sequences: a packed batch (``segment_ids``, see ``hetrain.data.packing``) counts the
           sequences its rows hold, not its rows. A batch of several loaders (``train_dataloaders={"a": ...,
           "b": ...}``) counts each loader's, unless the module merged them into one (see :func:`loader_batches`); in a
@@ -782,7 +812,7 @@ class Throughput(Callback):
                            batch_idx: int) -> None:
         self._stop_counting()
         parts = loader_batches(trainer.train_dataloader, batch, self._may_merge)
-        sizes = [input_elements(part) for part in parts]
+        sizes = [input_elements(part, self.tokens_key) for part in parts]
         elements = None if None in sizes or not sizes else sum(sizes)
         self._keep_count(pl_module, outputs, elements)
         flops = self._batch_flops(elements)

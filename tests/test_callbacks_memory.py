@@ -1316,3 +1316,49 @@ def test_a_validation_inside_a_churn_step_drops_that_step_and_a_count_profiles_a
     assert "a validation ran inside step 2, a churn step" in caplog.text and "a later step is profiled" in caplog.text
     md = (tmp_path / REPORT_MD).read_text()
     assert "Not counted: step 2, as a validation ran inside" in md and "Steps 3, 4:" in md
+
+
+def _fit_validated(tmp_path, profiler: MemoryProfiler, val_check_interval: int) -> None:
+    """Ten batches in windows of two (5 steps), validating one batch after every ``val_check_interval`` batches."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         accumulate_grad_batches=2, val_check_interval=val_check_interval, limit_val_batches=1,
+                         num_sanity_val_steps=0, callbacks=[profiler])
+    trainer.fit(ValidatedRegressor(), _loader(10), _loader(1))
+
+
+def test_a_churn_count_of_one_makes_up_a_dropped_step(tmp_path, caplog):
+    """A count of one stopped at its first drop: nothing was measured, though a later step could have been."""
+    profiler = MemoryProfiler(module_every_n_steps=100, churn_steps=1)
+    with caplog.at_level(logging.WARNING, logger="hetrain.callbacks.memory"):
+        _fit_validated(tmp_path, profiler, val_check_interval=5)  # inside step 2 (batches 4 and 5)
+    assert profiler.churn_dropped == [2] and profiler.churn_observed == [3]
+    assert "allocator churn does not count step 2 (a later step is profiled instead)" in caplog.text
+    assert "Steps 3:" in (tmp_path / REPORT_MD).read_text()
+
+
+def test_a_count_whose_every_step_was_dropped_says_so(tmp_path):
+    """The report said "none of 1 steps ... completed", though the steps completed and were dropped."""
+    profiler = MemoryProfiler(module_every_n_steps=100, churn_steps=1)
+    _fit_validated(tmp_path, profiler, val_check_interval=1)  # inside every step
+    assert profiler.churn_dropped == [2, 3] and profiler.churn_observed == []  # one drop made up, not more
+    md = (tmp_path / REPORT_MD).read_text()
+    assert ("Not measured (1 step from the fit's step 2 asked for): no churn step completed without a validation "
+            "inside it.\n\nNot counted: steps 2, 3, as a validation ran inside") in md
+
+
+@pytest.mark.parametrize("churn_steps", [1, [4, 6]])
+def test_churn_leaves_the_batch_a_trace_begins_before_its_first_step_alone(tmp_path, churn_steps):
+    """Two optimizers: batches begin at steps 0, 2, 4, ... and StepTrace([5, 5]) traces the batch from step 4. Churn
+    profiled it too (it checked 5 <= step), and two torch profilers at once crashed writing the trace. StepTrace
+    now refuses to start under another profiler, so a wrong placement fails here rather than crashing."""
+    profiler = MemoryProfiler(module_every_n_steps=100, churn_steps=churn_steps)
+    trace = StepTrace([5, 5], dirpath=tmp_path)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=12, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[profiler, trace])  # the recipe's order
+    trainer.fit(TwoOptimizers(), _loader(6))
+    assert profiler.churn_observed == [6]
+    assert trace.summary == {"trace": str(trace.path)} and (trace._first_traced, trace._last_traced) == (4, 5)

@@ -1,6 +1,8 @@
 """StepTrace: a Chrome trace of exactly the steps asked for, with hetrain's named ranges, read back."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import pytorch_lightning as pl
@@ -8,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from hetrain.callbacks import PipelineSplit, StagePlacement, StepTrace
-from hetrain.callbacks.profiling import parse_steps
+from hetrain.callbacks.profiling import instrumented, parse_steps
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
 
@@ -239,3 +241,79 @@ def test_steps_run_untraced_by_a_batch_of_more_steps_than_expected_are_named(tmp
     assert (f"steps 3..5 written to {partial.path}; steps 1..2 are not in it: batch 0 ran steps 0..2 untraced"
             in caplog.text)
     assert "resumed" not in caplog.text
+
+
+class InstrumentedAtBatchStart(pl.Callback):
+    """Listed before StepTrace, as Throughput may be: notes whether each batch's start is instrumented."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, instrumented(trainer, trainer.global_step)))
+
+
+def test_a_callback_before_the_trace_sees_the_batch_it_begins_at_as_instrumented(tmp_path):
+    # Two optimizers, batches from steps 0, 2, 4, 6; [3, 4] is traced from the batch at step 2. The trace moved its
+    # first step to 2 in its own hook, after Throughput had timed that batch.
+    probe, trace = InstrumentedAtBatchStart(), StepTrace([3, 4], dirpath=tmp_path)
+    data = TensorDataset(torch.randn(16, 6), torch.randn(16, 1))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                         callbacks=[probe, trace])
+    trainer.fit(SeveralSteps(optimizers=2, steps=2), DataLoader(data, batch_size=4))
+    assert probe.seen == [(0, False), (2, True), (4, True), (6, False)]
+
+
+UNDER_ANOTHER_PROFILER = '''
+import logging, sys
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from hetrain.callbacks import StepTrace
+
+
+class OtherProfiler(pl.Callback):
+    """Records batch 1 with a torch profiler of its own, as MemoryProfiler's churn steps do."""
+
+    profiler = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 1:
+            self.profiler = torch.profiler.profile()
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
+
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(6, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False,
+                     callbacks=[OtherProfiler(), StepTrace([1, 2], dirpath=sys.argv[1])])
+trainer.fit(Net(), DataLoader(TensorDataset(torch.randn(16, 6)), batch_size=4))
+'''
+
+
+def test_a_batch_another_torch_profiler_records_is_not_traced(tmp_path):
+    """Two torch profilers at once crashed the process (SIGSEGV) writing the trace: run in a process of its own."""
+    run = subprocess.run([sys.executable, "-c", UNDER_ANOTHER_PROFILER, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "profile: batch 1 (from step 1) is not traced: another torch profiler records it" in run.stderr
+    assert (f"steps 2..2 written to {tmp_path / 'trace_steps_1-2.json'}; steps 1..1 are not in it: batch 1 (from "
+            "step 1) ran under another torch profiler" in run.stderr)

@@ -87,7 +87,8 @@ class MemoryProfiler(Callback):
           Lightning's ``PyTorchProfiler``. A validation that runs inside a churn step (``val_check_interval``
           inside a gradient-accumulation window) drops that step: its allocations are not the step's. Given as a
           count, the steps are the fit's steps (optimizer steps in automatic optimization, batches that step an
-          optimizer in manual), and a step dropped or skipped is made up for by the next.
+          optimizer in manual), and a step skipped is made up for by the next, as is a step dropped, for as many
+          drops as the count.
         - The steps this callback instruments (module hooks, churn, chosen history) run slower;
           :meth:`instruments_step` names them, and :class:`~hetrain.callbacks.Throughput` leaves them out.
         - The report is written when the fit ends, and also when it stops with an error (the steps so far,
@@ -243,16 +244,23 @@ class MemoryProfiler(Callback):
 
     @staticmethod
     def _traced(trainer: pl.Trainer, step: int) -> bool:
-        return any(isinstance(cb, StepTrace) and cb.first <= step <= cb.last for cb in trainer.callbacks)
+        """Whether StepTrace traces the batch beginning at ``step``: under manual optimization that may be a batch
+        beginning before its first step."""
+        return any(isinstance(cb, StepTrace) and cb.traces_batch(step) for cb in trainer.callbacks)
+
+    def _drop_made_up(self) -> bool:
+        """Whether a dropped churn step is made up for by a later one: up to the count's worth of drops, so a count of
+        one is made up too, and a validation inside every step does not have every step profiled."""
+        return len(self.churn_dropped) <= self._churn_wanted
 
     def _place_churn_step(self, trainer: pl.Trainer) -> None:
         """A count's next churn step: the step about to start, from the fit's step CHURN_FIRST_STEP on, until the
         count is observed. Counted in steps of the fit, not global steps (which advance once per optimizer under
         manual optimization); a step skipped or traced by StepTrace is made up for by a later one, and so is a step
-        dropped, up to the count (a validation inside every step would have every step profiled)."""
+        dropped (see _drop_made_up)."""
         step = trainer.global_step
         if (len(self.steps) >= CHURN_FIRST_STEP and len(self.churn_observed) < self._churn_wanted
-                and len(self.churn_dropped) < self._churn_wanted
+                and self._drop_made_up()
                 and step not in self.churn_steps and not self._traced(trainer, step)):
             self.churn_steps.append(step)
 
@@ -292,8 +300,7 @@ class MemoryProfiler(Callback):
             self.churn.stop_step(keep=False)
             step = self._current["step"]
             self.churn_dropped.append(step)
-            instead = (" (a later step is profiled instead)" if len(self.churn_dropped) < self._churn_wanted
-                       else "")
+            instead = " (a later step is profiled instead)" if self._churn_wanted and self._drop_made_up() else ""
             log.warning(f"hetrain: a validation ran inside step {step}, a churn step: its allocations are not the "
                         f"step's, so allocator churn does not count step {step}{instead}. Set val_check_interval "
                         "to a multiple of accumulate_grad_batches to validate between steps")
@@ -373,7 +380,8 @@ class MemoryProfiler(Callback):
     def report(self, ended_early: str | None = None) -> MemoryReport:
         """What was measured so far, ready to render; ``ended_early`` says what stopped the fit, if anything did."""
         if self._churn_wanted:
-            asked = f"{self._churn_wanted} steps from the fit's step {CHURN_FIRST_STEP}"
+            count = self._churn_wanted
+            asked = f"{count} step{'s' if count > 1 else ''} from the fit's step {CHURN_FIRST_STEP}"
         else:
             asked = f"steps {self.churn_steps}" if self.churn_steps else None
         churn = churn_section(self.churn, asked, self.churn_observed, self.churn_min_bytes, self.churn_top,

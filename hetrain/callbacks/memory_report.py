@@ -43,7 +43,9 @@ def churn_section(tracker: ChurnTracker | None, requested: str | None, observed:
              "ran inside (val_check_interval inside a gradient-accumulation window): its allocations are not the "
              "step's."] if dropped else [])
     if not observed or tracker is None:
-        return [f"Not measured: none of {requested} completed.", *note], []
+        # A step dropped did complete: what failed is that no step ran without a validation inside.
+        why = "no churn step completed without a validation inside it" if dropped else "no churn step completed"
+        return [f"Not measured ({requested} asked for): {why}.", *note], []
     totals = tracker.totals()
     paragraphs = [
         *note,

@@ -7,7 +7,8 @@ for chrome://tracing or ui.perfetto.dev. Every step is itself a range, ``hetrain
 holds training steps only: a validation that begins inside the range, or training that ends before its last
 step, ends it, and the log names the steps written (in a fit resumed inside the range, from the step it resumed at).
 The trace holds whole batches: under manual optimization a batch that steps two optimizers runs two steps, so it may
-begin before the first step asked for and end after the last.
+begin before the first step asked for and end after the last. Two torch profilers cannot record at once: a batch
+another one records is not traced, and the log says so.
 
 Lightning's ``PyTorchProfiler`` profiles the Trainer's actions under a schedule counted per action and
 writes one file per action; what a person asks for here is one file holding exactly the steps named,
@@ -79,8 +80,17 @@ class StepTrace(Callback):
         self._steps_per_batch = 1  # the most optimizer steps one batch has run (manual optimization may run several)
         self._missed = ""  # why steps from first on ran untraced, other than a resume past them
 
+    def traces_batch(self, step: int) -> bool:
+        """Whether a batch beginning at global step ``step`` runs under this trace. It runs steps
+        step..step + steps_per_batch - 1 (several under manual optimization): traced if they reach first..last, so a
+        trace may begin before ``first``. Another torch profiler must stay off for such a batch: two at once crash."""
+        return not self.summary and step <= self.last and step + self._steps_per_batch > self.first
+
     def instruments_step(self, step: int) -> bool:
-        """Whether global step ``step`` is traced (and so runs slower)."""
+        """Whether the batch beginning at global step ``step`` is traced (and so runs slower). Asked at a batch's
+        start, before this callback's own hook may begin the trace there: until it begins, the batches it will."""
+        if self._profiler is None and not self.summary:
+            return self.traces_batch(step)
         return self._first_traced <= step <= self._last_traced
 
     @override
@@ -90,12 +100,13 @@ class StepTrace(Callback):
         self.path, self.summary = self._named_path, {}
         self._first_traced, self._last_traced = self.first, self.last
         self._missed = ""
+        # Under manual optimization each optimizer's step counts one: a batch stepping two optimizers runs two steps.
+        # Set here, where the optimizers are (not on_train_start): callbacks ask traces_batch from their on_train_start.
+        self._steps_per_batch = max(1, len(trainer.optimizers))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_began_at = trainer.global_step
-        # Under manual optimization each optimizer's step counts one: a batch stepping two optimizers runs two steps.
-        self._steps_per_batch = max(1, len(trainer.optimizers))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -103,12 +114,17 @@ class StepTrace(Callback):
         step = self._batch_began_at = trainer.global_step
         # A batch runs steps step..step + steps_per_batch - 1 (none, under accumulation, until its window's last):
         # trace it if they reach the range, or a range that falls inside one batch is never traced.
-        if self._profiler is None and step <= self.last and step + self._steps_per_batch > self.first \
-                and not self.summary:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self._profiler = profile(activities=activities, record_shapes=self.record_shapes)
-            self._profiler.__enter__()
-            self._first_traced = step
+        if self._profiler is None and self.traces_batch(step):
+            if torch.autograd._profiler_enabled():  # two torch profilers at once crash writing the trace
+                log.warning(f"profile: batch {batch_idx} (from step {step}) is not traced: another torch profiler "
+                            "records it; turn that one off for the steps traced")
+                self._missed = self._missed or (f"batch {batch_idx} (from step {step}) ran under another torch "
+                                                "profiler, and two cannot record at once")
+            else:
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                self._profiler = profile(activities=activities, record_shapes=self.record_shapes)
+                self._profiler.__enter__()
+                self._first_traced = step
         if self._profiler is not None and self._step_range is None:
             self._step_range, self._open_step = record_function(f"hetrain::train step {step}"), step
             self._step_range.__enter__()

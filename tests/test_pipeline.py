@@ -1,13 +1,15 @@
 """Pipeline split: micro-batched GPipe forward equals the unsplit model; checks at fit start; profiler ranges."""
 
 import re
+from collections import OrderedDict
 from typing import NamedTuple
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import DataLoader
 
 from hetrain import plugins
@@ -444,6 +446,65 @@ def test_a_skip_connection_carried_in_a_namedtuple_list_or_dict_equals_the_unspl
     moved = to_device(wrap(x, x), torch.device("meta"))  # as to a GPU stage: the container kept, each tensor moved
     assert type(moved) is type(wrap(x, x))
     assert {t.device.type for t in tree_leaves(moved) if t is not None} == {"meta"}
+
+
+class PlainTuple(tuple):
+    """A tuple subclass torch's pytree does not know (no NamedTuple fields)."""
+
+
+class PlainDict(dict):
+    pass
+
+
+class PlainOrderedDict(OrderedDict):
+    pass
+
+
+@pytest.mark.parametrize(("wrap", "expected"), [
+    (lambda t: PlainTuple((t, None)), ("meta", None)),
+    (lambda t: [PlainTuple((t, 3))], [("meta", 3)]),
+    (lambda t: PlainDict(a=t, b="x"), {"a": "meta", "b": "x"}),
+    (lambda t: {"a": PlainOrderedDict(a=t)}, {"a": {"a": "meta"}}),
+], ids=["tuple subclass", "nested tuple subclass", "dict subclass", "OrderedDict subclass"])
+def test_to_device_moves_tensors_in_containers_pytree_does_not_know(wrap, expected):
+    """Before, pytree took such a container for a leaf and to_device handed it back with its tensors where they were:
+    now it comes back as a plain tuple or dict, each tensor moved."""
+    moved = to_device(wrap(torch.ones(2)), torch.device("meta"))
+    devices = tree_map(lambda t: t.device.type if isinstance(t, torch.Tensor) else t, moved)
+    assert type(moved) is type(expected) and devices == expected
+    assert tree_leaves(devices) == tree_leaves(expected)  # no container left that pytree takes for a leaf
+
+
+def test_to_device_keeps_a_packed_sequences_batch_sizes_on_the_cpu():
+    """Before, pytree rebuilt a PackedSequence (a NamedTuple) with batch_sizes moved too, which it refuses."""
+    packed = pack_padded_sequence(torch.randn(3, 4, 2), torch.tensor([2, 4, 1]), batch_first=True,
+                                  enforce_sorted=False)
+    moved = to_device({"packed": packed}, torch.device("meta"))["packed"]
+    assert isinstance(moved, PackedSequence) and moved.batch_sizes is packed.batch_sizes
+    assert {moved.data.device.type, moved.sorted_indices.device.type, moved.unsorted_indices.device.type} == {"meta"}
+
+
+def test_a_stage_handing_on_an_input_kept_aside_is_refused_as_an_input_of_another_micro_batch():
+    """Before, an input a weightless stage returned as it was (nn.Identity) counted as made by that stage: the error
+    named a skip connection from it, where the tensor was another micro-batch's input kept aside."""
+
+    class KeepsIdentityOutput(InputToHead):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Identity()
+
+        def run_stage(self, name, x, inp):
+            if name == "a":
+                self.kept = self.a(x)
+                return self.kept
+            if name == "c":
+                return self.c(x, self.kept)
+            return self.b(x)
+
+    net = KeepsIdentityOutput()
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="stage 'c' \\(micro-batch 0\\) got an input of micro-batch 1, kept aside"):
+        gpipe_forward(list(net.stages().items()), net.run_stage, (x,), 3)
 
 
 def test_checkpointing_a_stage_with_batchnorm_is_refused_naming_it():

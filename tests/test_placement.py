@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from hetrain.placement import (
     CostModel,
@@ -880,6 +881,38 @@ def test_the_input_hook_moves_tensors_nested_in_the_inputs():
     hook_inputs(stage)
     out = stage((torch.ones(2), torch.ones(2)), extra=[torch.ones(2)])
     assert stage.seen == [torch.device("meta")] * 3 and out.device.type == "meta"
+
+
+class TakesPacked(nn.Module):
+    """A recurrent stage's inputs: a PackedSequence, and a tensor in a dict subclass pytree does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(2))
+        self.seen: dict[str, torch.device] = {}
+
+    def forward(self, packed: PackedSequence, extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.seen = {"data": packed.data.device, "batch_sizes": packed.batch_sizes.device,
+                     "sorted_indices": packed.sorted_indices.device, "extra": extra["bias"].device}
+        return packed.data * self.scale + extra["bias"]
+
+
+class Extra(dict):
+    pass
+
+
+def test_the_input_hook_moves_a_packed_sequence_with_its_batch_sizes_left_on_the_cpu():
+    """Before, the hook moved a PackedSequence's batch_sizes with its data, and rebuilding it raised "batch_sizes
+    should always be on CPU" (where an LSTM needs them); a dict subclass pytree does not know kept its tensors where
+    they were. The hook moves inputs as the pipeline split moves activations (to_device)."""
+    stage = TakesPacked().to("meta")
+    hook_inputs(stage)
+    packed = pack_padded_sequence(torch.randn(3, 4, 2), torch.tensor([2, 4, 1]), batch_first=True,
+                                  enforce_sorted=False)
+    out = stage(packed, Extra(bias=torch.ones(2)))
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    assert stage.seen == {"data": meta, "batch_sizes": cpu, "sorted_indices": meta, "extra": meta}
+    assert out.device == meta
 
 
 def test_apply_takes_a_root_path_and_stages_without_weights():

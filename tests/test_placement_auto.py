@@ -2,11 +2,13 @@
 
 import json
 import math
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from hetrain.callbacks import StagePlacement
@@ -274,10 +276,36 @@ def test_a_plan_the_pipeline_model_cannot_price_is_logged_not_fatal(caplog):
                          micro_batches=4, predict=True)
     placed = {"embeddings": torch.device("cpu"), "encoder": torch.device("cuda:0"), "classifier": torch.device("cpu")}
     with caplog.at_level("INFO"):
-        placement.compare(None, None, placed)
+        placement.compare(pl.Trainer(accelerator="cpu", devices=1, logger=False), None, placed)
     assert "this plan has no predicted time" in caplog.text and "device 0 holds" in caplog.text
     assert placement.summary["predicted_step_time_ms"] is None
     assert placement.summary["auto_predicted_step_time_ms"] > 0
+
+
+class NeedsTwoArguments(Exception):
+    def __init__(self, message: str, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+def test_a_failure_on_rank_0_is_sent_to_the_other_ranks_as_text_and_raised_there_as_it_was():
+    """Before, rank 0 broadcast the exception object: one holding a lambda did not pickle (rank 0 raised the pickling
+    error, the others a broken connection), one whose __init__ takes two arguments did not unpickle on the others."""
+    from hetrain.callbacks.placement import _on_global_zero, _RankZeroFailure
+
+    holds_lambda = RuntimeError("stage a failed")
+    holds_lambda.fix = lambda: None
+    for exc in (holds_lambda, NeedsTwoArguments("stage a failed", "a")):
+        def fail(exc=exc):
+            raise exc
+
+        with pytest.raises(type(exc)) as raised:  # one process: work's own exception, as before
+            _on_global_zero(pl.Trainer(accelerator="cpu", devices=1, logger=False), fail)
+        assert raised.value is exc
+        error = pickle.loads(pickle.dumps(_RankZeroFailure.of(exc))).error()  # what another rank raises
+        assert isinstance(error, RuntimeError)
+        assert f"placement failed on global rank 0 with {type(exc).__name__}: stage a failed;" in str(error)
+        assert "in fail\n    raise exc" in str(error)  # rank 0's traceback
 
 
 def test_a_saved_plan_file_is_an_explicit_plan(tmp_path):
@@ -314,6 +342,15 @@ from hetrain.callbacks import placement as placement_module
 from hetrain.placement import CostModel, PlacementPlan
 
 measured, saved = [], []
+failing = False  # measure raises (set per fit)
+
+
+class StageFailed(Exception):
+    """An error that neither pickles (it holds a lambda) nor unpickles (its __init__ takes two arguments)."""
+
+    def __init__(self, message, stage):
+        super().__init__(message)
+        self.stage, self.fix = stage, lambda: None
 
 
 def measure(stages, make_input, devices, extra_args, **kwargs):
@@ -321,6 +358,8 @@ def measure(stages, make_input, devices, extra_args, **kwargs):
     faster, rank 1 cuda:0 (absent here: a plan naming it falls back to the CPU)."""
     rank = torch.distributed.get_rank()
     measured.append(rank)
+    if failing:
+        raise StageFailed("stage a failed", "a")
     compute = [[1.0, 3.0], [1.0, 3.0]] if rank == 0 else [[3.0, 1.0], [3.0, 2.0]]
     inf = float("inf")
     return CostModel(list(stages), ["cpu", "cuda:0"], compute, [100, 8], [[inf, 1e3], [1e3, inf]])
@@ -355,23 +394,50 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     placement_module.measure = measure
     PlacementPlan.save, CostModel.save = counted(PlacementPlan.save), counted(CostModel.save)
-    placement = StagePlacement("auto", save_dir=sys.argv[1] + "/run")
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         default_root_dir=sys.argv[1], callbacks=[placement])
-    trainer.fit(TwoStages(), torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=2))
+    results = {}
+    # The same processes fit again: an explicit plan beside auto's prediction, measured on rank 0 alone too; and auto
+    # where measuring fails on rank 0.
+    for name, placement in [("auto", StagePlacement("auto", save_dir=sys.argv[1] + "/run")),
+                            ("predict", StagePlacement({"a": "cpu", "c": "cpu"}, predict=True)),
+                            ("failing", StagePlacement("auto"))]:
+        measured.clear()
+        failing = name == "failing"
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             default_root_dir=sys.argv[1], callbacks=[placement])
+        try:
+            trainer.fit(TwoStages(), torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=2))
+            error = None
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        results[name] = {"summary": placement.summary, "measured": list(measured), "saved": list(saved),
+                         "error": error}
     with open(f"{sys.argv[1]}/rank{trainer.global_rank}.json", "w") as f:
-        json.dump({"summary": placement.summary, "measured": measured, "saved": saved}, f)
+        json.dump(results, f)
 '''
 
 
 def test_under_ddp_rank_0_plans_for_every_rank_and_alone_saves_the_plan(tmp_path):
     """Before, each rank measured, solved and placed its own plan, and wrote the run's files over the others': the
-    saved plan was whichever rank wrote last, not always the one rank 0's summary gave."""
+    saved plan was whichever rank wrote last, not always the one rank 0's summary gave. An explicit plan with
+    predict=True was measured on every rank too, each summarising its own timings."""
     from test_ddp import run_two_ranks
 
     run_two_ranks(AUTO_PER_RANK, tmp_path)
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    runs = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    predicted = [rank["predict"] for rank in runs]
+    assert [rank["measured"] for rank in predicted] == [[0], []]
+    assert predicted[0]["summary"] == {"method": "explicit", "predicted_step_time_ms": 2000.0,
+                                       "auto_predicted_step_time_ms": 2000.0, "auto.a": "cpu", "auto.c": "cpu"}
+    assert predicted[1]["summary"] == predicted[0]["summary"]  # rank 0's times, broadcast
+    # Before, rank 0 broadcast the exception itself: rank 1 got a broken connection (rank 0 failed to pickle it) or,
+    # with one that pickles, a TypeError unpickling it.
+    failed = [rank["failing"] for rank in runs]
+    assert failed[0]["error"] == "StageFailed: stage a failed"
+    assert failed[1]["error"].startswith("RuntimeError: hetrain: placement failed on global rank 0 with StageFailed: "
+                                         "stage a failed; its traceback")
+    assert 'raise StageFailed("stage a failed", "a")' in failed[1]["error"]
+    ranks = [rank["auto"] for rank in runs]
     assert ranks[0]["summary"] == {"method": "chain-dp", "predicted_step_time_ms": 2000.0, "micro_batches": 1,
                                    "plan.a": "cpu", "plan.c": "cpu"}
     assert ranks[1]["summary"] == ranks[0]["summary"]  # rank 0's plan, broadcast

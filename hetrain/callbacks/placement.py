@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -37,6 +38,7 @@ from hetrain.placement.pipeline import micro_batch_count, shared_across_devices
 from hetrain.placement.plan import held_device, hook_inputs, parse_device, read_plan, resolve_plan
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -188,16 +190,7 @@ class StagePlacement(Callback):
         """Measures the stages on this machine's devices and solves the chain. Under several processes global rank 0
         alone measures (the others' timings would contend with its own on shared devices), solves and saves, and its
         plan is broadcast: every rank places the same plan, and the saved files are that plan's."""
-        solved: tuple[PlacementPlan, int] | Exception | None = None
-        if trainer.is_global_zero:
-            try:
-                solved = self._solve_here(trainer, pl_module)
-            except Exception as exc:  # every rank raises it, rather than the others waiting in the broadcast
-                solved = exc
-        solved = trainer.strategy.broadcast(solved, src=0)
-        if isinstance(solved, Exception):
-            raise solved
-        plan, micro_batches = solved
+        plan, micro_batches = _on_global_zero(trainer, lambda: self._solve_here(trainer, pl_module))
         predicted_ms = _ms(plan.predicted_step_time)
         runs = f"in {micro_batches} micro-batches" if micro_batches > 1 else "whole"
         log.info(f"placement auto ({plan.method}, {self.objective}): {plan.devices}; predicted forward+backward "
@@ -249,19 +242,26 @@ class StagePlacement(Callback):
         self._hooks.clear()
 
     def compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, placed: Mapping[str, torch.device]) -> None:
-        """Logs and summarises the placed plan's predicted step time beside the plan ``auto`` would choose."""
+        """Logs and summarises the placed plan's predicted step time beside the plan ``auto`` would choose. Under
+        several processes global rank 0 alone measures, as for ``auto`` (:meth:`solve`), and broadcasts the times."""
+        mine, best = _on_global_zero(trainer, lambda: self._compare_here(trainer, pl_module, placed))
+        ms, best_ms = _ms(mine), _ms(best.predicted_step_time)
+        log.info(f"placement: this plan predicts {ms} ms per batch forward+backward; auto would choose "
+                 f"{best.devices} at {best_ms} ms")
+        self.summary = {"method": "explicit", "predicted_step_time_ms": ms, "auto_predicted_step_time_ms": best_ms,
+                        **{f"auto.{path}": device for path, device in best.devices.items()}}
+
+    def _compare_here(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                      placed: Mapping[str, torch.device]) -> tuple[float | None, PlacementPlan]:
+        """This process's predicted seconds for the placed plan (None where it has none) and the plan auto would
+        choose."""
         costs = self.measure(trainer, pl_module)
         try:
             mine = costs.predict({name: str(device) for name, device in placed.items()})
         except ValueError as exc:  # a plan the model has no time for (two stages on one device in a pipeline)
             log.warning(f"placement: this plan has no predicted time: {exc}")
             mine = None
-        best = costs.best_plan()
-        ms, best_ms = _ms(mine), _ms(best.predicted_step_time)
-        log.info(f"placement: this plan predicts {ms} ms per batch forward+backward; auto would choose "
-                 f"{best.devices} at {best_ms} ms")
-        self.summary = {"method": "explicit", "predicted_step_time_ms": ms, "auto_predicted_step_time_ms": best_ms,
-                        **{f"auto.{path}": device for path, device in best.devices.items()}}
+        return mine, costs.best_plan()
 
     def _place(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plan == "auto" and self.devices is None:
@@ -276,6 +276,49 @@ class StagePlacement(Callback):
     on_validation_start = override(_place)
     on_test_start = override(_place)
     on_predict_start = override(_place)
+
+
+@dataclass(frozen=True)
+class _RankZeroFailure:
+    """An exception raised on global rank 0, as text: the exception itself may not pickle (it holds a lambda) or not
+    unpickle (its ``__init__`` takes other arguments than its ``args``), and the other ranks would raise a pickling
+    error, or wait in the broadcast, instead of its message."""
+
+    type_name: str
+    message: str
+    traceback: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _RankZeroFailure:
+        return cls(type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc)))
+
+    def error(self) -> RuntimeError:
+        """What the other ranks raise."""
+        return RuntimeError(f"hetrain: placement failed on global rank 0 with {self.type_name}: {self.message}; "
+                            f"its traceback (see rank 0's log too):\n{self.traceback}")
+
+
+def _on_global_zero(trainer: pl.Trainer, work: Callable[[], T]) -> T:
+    """``work()`` run on global rank 0 alone, its result broadcast to every rank. Where it fails, every rank fails
+    rather than waiting in the broadcast: rank 0 with its own exception (even where the broadcast fails too), the
+    others with a RuntimeError carrying rank 0's message and traceback. One process: ``work()``, as it is."""
+    result: T | _RankZeroFailure | None = None
+    failure: Exception | None = None
+    if trainer.is_global_zero:
+        try:
+            result = work()
+        except Exception as exc:
+            failure, result = exc, _RankZeroFailure.of(exc)
+    try:
+        result = trainer.strategy.broadcast(result, src=0)
+    except Exception:
+        if failure is None:
+            raise
+    if failure is not None:
+        raise failure
+    if isinstance(result, _RankZeroFailure):
+        raise result.error()
+    return result
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map_only
+from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import tree_is_leaf, tree_leaves, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from hetrain import plugins
@@ -41,7 +42,7 @@ from hetrain.ops import rng
 RunStage = Callable[..., Any]
 # What flows between stages: one tensor, or tensors in a tuple (or a NamedTuple, list, dict) when a stage hands a skip
 # connection on; the split moves each tensor in it, as a placement's input hook does in the unsplit model.
-Activation = torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any]
+Activation = torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any] | PackedSequence
 
 
 def named_range(name: str) -> contextlib.AbstractContextManager:
@@ -53,8 +54,11 @@ def named_range(name: str) -> contextlib.AbstractContextManager:
 
 
 def to_device(x: Activation, device: torch.device) -> Activation:
-    """``x`` (a tensor, or tensors in tuples, NamedTuples, lists or dicts) on ``device``, each copy in a named
-    ``record_function`` range; containers keep their types, and what is not a tensor stays as it is.
+    """``x`` (a tensor, or tensors in tuples, NamedTuples, lists, dicts or PackedSequences) on ``device``, each copy
+    in a named ``record_function`` range; containers keep their types, and what is not a tensor stays as it is.
+    A PackedSequence keeps its ``batch_sizes`` on the CPU, as ``PackedSequence.to`` does and RNNs require. A tuple,
+    list or mapping of a type torch's pytree does not know (a subclass not registered with
+    ``torch.utils._pytree.register_pytree_node``) comes back as a plain tuple, list or dict, its tensors moved.
 
     Host to GPU goes through pinned memory (torch's caching host allocator keeps the block until the copy
     has landed) on a side copy stream, so the copy runs at DMA speed and overlaps the compute stream's
@@ -63,7 +67,7 @@ def to_device(x: Activation, device: torch.device) -> Activation:
     forward used and syncs the streams itself.
     """
     if not isinstance(x, torch.Tensor):
-        return tree_map_only(torch.Tensor, partial(to_device, device=device), x)
+        return tree_map(partial(_leaf_to_device, device=device), x, is_leaf=_moved_by_hand)
     if x.device == device:
         return x
     with named_range(f"hetrain::copy {x.device}->{device}"):
@@ -79,6 +83,26 @@ def to_device(x: Activation, device: torch.device) -> Activation:
         compute.wait_stream(copy)
         y.record_stream(compute)  # allocated on the copy stream, used and freed on the compute stream
         return y
+
+
+def _moved_by_hand(x: Any) -> bool:
+    """Whether :func:`to_device` moves ``x`` itself rather than through pytree: a PackedSequence (pytree would rebuild
+    it with ``batch_sizes`` moved, which it refuses) or a container pytree would take as a leaf, tensors and all."""
+    return isinstance(x, PackedSequence) or (isinstance(x, tuple | list | Mapping) and tree_is_leaf(x))
+
+
+def _leaf_to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return to_device(x, device)
+    if isinstance(x, PackedSequence):
+        return x._replace(data=to_device(x.data, device), sorted_indices=to_device(x.sorted_indices, device),
+                          unsorted_indices=to_device(x.unsorted_indices, device))
+    if isinstance(x, tuple | list):
+        moved = [to_device(item, device) for item in x]
+        return tuple(moved) if isinstance(x, tuple) else moved
+    if isinstance(x, Mapping):
+        return {key: to_device(value, device) for key, value in x.items()}
+    return x
 
 
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -139,17 +163,16 @@ class _SkipGuard:
                 f"it (and moves it between devices), or keep both ends in one stage")
 
     def made(self, output: Activation) -> None:
-        """Marks the tensors in ``output`` as the current stage's, in the current micro-batch."""
-        self._mark(output, self.current)
+        """Marks the tensors in ``output`` as the current stage's, in the current micro-batch; not an input of a
+        micro-batch a stage handed on as it was (an ``nn.Identity``), which no stage made."""
+        for t in tree_leaves(output):
+            if isinstance(t, torch.Tensor) and self.made_by.get(t, self.current)[0] is not None:
+                self.made_by[t] = self.current
 
     def inputs(self, own: Sequence[torch.Tensor]) -> None:
         """Marks ``own`` as the current micro-batch's inputs, which any stage of that micro-batch may take."""
-        self._mark(own, (None, self.current[1]))
-
-    def _mark(self, tensors: Any, label: tuple[int | None, int]) -> None:
-        for t in tree_leaves(tensors):
-            if isinstance(t, torch.Tensor):
-                self.made_by[t] = label
+        for t in own:
+            self.made_by[t] = (None, self.current[1])
 
     def remove(self) -> None:
         for hook in self.hooks:

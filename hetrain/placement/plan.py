@@ -21,13 +21,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 from torch import nn
-from torch.utils._pytree import tree_map_only
 from torch.utils.hooks import RemovableHandle
 
 from hetrain.placement.heft import is_number
@@ -358,14 +356,15 @@ class _InputsToItsDevice:
     moves later (back to the CPU, to the devices of another placement), so a hook is never stale; a class, not a
     closure, so that a hooked model pickles (``torch.save(model)``). Traced by torch.compile with the module it
     hooks (a placed model compiles whole, or stage by stage, without a graph break). Tensors nested in the inputs
-    (a tuple or list argument, a keyword argument) move too: a stage given ``(hidden, skip)`` gets both on its
-    device."""
+    (a tuple or list argument, a keyword argument) move too, through the containers a pipeline split moves
+    activations through (a PackedSequence keeps its ``batch_sizes`` on the CPU): a stage given ``(hidden, skip)``
+    gets both on its device."""
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         device = held_device(module)
         if device is None:
             return None
-        return tree_map_only(torch.Tensor, partial(to_device, device=device), (args, kwargs))
+        return to_device((args, kwargs), device)
 
 
 def _has_input_hook(module: nn.Module) -> bool:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from op_testing import OpLog, assert_close, non_contiguous, randn
+from torch.utils.flop_counter import FlopCounterMode
 
 import hetrain
 from hetrain import plugins
@@ -243,19 +244,40 @@ def test_a_patched_run_calls_each_module_while_hooks_on_every_module_are_registe
 
 
 @pytest.mark.parametrize("hooked", [0, 1])
-def test_patch_leaves_runs_with_module_hooks_alone(hooked):
-    # Fused, a hook on the Linear would see the GELU's output and one on the GELU would never run.
+def test_a_run_patched_with_a_module_hook_calls_its_modules_until_the_hook_is_removed(hooked):
+    # Fused, a hook on the Linear would see the GELU's output and one on the GELU would never run. Patching looked
+    # at hooks too, so a run hooked at patch time (even by a hook removed right after) was never fused.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU())
     seen = []
-    model[hooked].register_forward_hook(lambda _module, _args, out: seen.append(out.detach().clone()))
+    handle = model[hooked].register_forward_hook(lambda _module, _args, out: seen.append(out.detach().clone()))
     x = torch.randn(3, 6)
     model(x)
     report = hetrain.nn.patch(model)
-    model(x)
-    assert len(report) == 0 and type(model[0]) is torch.nn.Linear and type(model[1]) is torch.nn.GELU
-    assert len(seen) == 2
+    assert report.swapped == {"0": "Linear -> GELU fused (hetrain.ops.bias_gelu)"}
+    assert type(model[0]) is torch.nn.Linear and type(model[1]) is torch.nn.GELU
+    with OpLog() as log:
+        y = model(x)
+    assert "hetrain_C.bias_gelu_fwd" not in log.names and len(seen) == 2
     torch.testing.assert_close(seen[1], seen[0])
+    handle.remove()
+    with OpLog() as log:
+        torch.testing.assert_close(model(x), y)
+    assert log.names.count("hetrain_C.bias_gelu_fwd") == 1, log.names
+
+
+def test_a_sequential_patched_inside_a_flop_counter_is_fused_once_it_closes():
+    # Its tracker's hooks on every module (a plain FlopCounterMode expects the modules called) kept patching from
+    # fusing the run at all.
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU())
+    with FlopCounterMode(display=False):
+        report = hetrain.nn.patch(model)
+    assert report.swapped == {"0": "Linear -> GELU fused (hetrain.ops.bias_gelu)"}
+    x = torch.randn(3, 6)
+    with OpLog() as log:
+        y = model(x)
+    assert log.names.count("hetrain_C.bias_gelu_fwd") == 1, log.names
+    torch.testing.assert_close(y, F.gelu(model[0](x)))
 
 
 

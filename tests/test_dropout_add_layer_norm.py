@@ -355,3 +355,26 @@ def test_nn_module_loads_a_layer_norm_and_matches_it_in_eval():
     assert "p=0.5" in repr(shared)
     with pytest.raises(ValueError, match="one dimension"):
         DropoutAddLayerNorm.from_layer_norm(torch.nn.LayerNorm((3, 11)), 0.1)
+
+
+def test_nn_module_refuses_an_input_of_another_width_without_affine_as_torchs_layer_norm_does():
+    # Without weight and bias the op had no size to check against: a (2, 6) input was normalised over 6.
+    x, r = randn(2, 6, seed=1), randn(2, 6, seed=2)
+    with pytest.raises(RuntimeError, match=r"expected input with shape \[\*, 8\]"):
+        torch.nn.LayerNorm(8, elementwise_affine=False)(x + r)
+    for fused in (DropoutAddLayerNorm(8, p=0.0, elementwise_affine=False),
+                  DropoutAddLayerNorm.from_layer_norm(torch.nn.LayerNorm(8, elementwise_affine=False), 0.0),
+                  DropoutAddLayerNorm(8, p=0.0)):
+        with pytest.raises(ValueError, match=r"hidden=8, expected input with shape \(\*, 8\), got \(2, 6\)"):
+            fused(x, r)
+    assert DropoutAddLayerNorm(6, p=0.0, elementwise_affine=False)(x, r).shape == (2, 6)
+
+
+def test_from_layer_norm_keeps_the_norms_training_mode():
+    # Built in training mode always: swapped into an eval model, its dropout ran.
+    norm = torch.nn.LayerNorm(8).eval()
+    fused = DropoutAddLayerNorm.from_layer_norm(norm, p=0.5)
+    assert not fused.training
+    x = randn(4, 8, seed=3)
+    assert_close(fused(x, x), norm(x + x), torch.float32, "eval-built")
+    assert DropoutAddLayerNorm.from_layer_norm(torch.nn.LayerNorm(8), p=0.5).training

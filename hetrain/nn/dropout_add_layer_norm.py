@@ -40,6 +40,11 @@ class DropoutAddLayerNorm(torch.nn.Module):
             torch.nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        # Without weight and bias the op has no size to check the input against (torch's LayerNorm refuses).
+        if isinstance(x, torch.Tensor) and tuple(x.shape[-1:]) != (self.hidden,):
+            raise ValueError(f"hetrain.nn.DropoutAddLayerNorm: given hidden={self.hidden}, expected input with shape "
+                             f"(*, {self.hidden}), got {tuple(x.shape)}; pass inputs whose last dimension is "
+                             f"{self.hidden}, or build the module with the inputs' last size as hidden")
         return dropout_add_layer_norm(x, residual, self.weight, self.bias, self.p, self.eps, self.training)
 
     def extra_repr(self) -> str:
@@ -54,6 +59,7 @@ class DropoutAddLayerNorm(torch.nn.Module):
             raise ValueError(f"hetrain.nn.DropoutAddLayerNorm: needs a LayerNorm over one dimension, got "
                              f"normalized_shape {tuple(norm.normalized_shape)}")
         new = cls(norm.normalized_shape[0], p, norm.eps, elementwise_affine=False)
+        new.train(norm.training)  # swapped into an eval model, dropout must stay off
         new.register_parameter("weight", norm.weight)
         new.register_parameter("bias", norm.bias)
         return new

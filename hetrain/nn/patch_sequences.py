@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetrain.nn._share import called_one_by_one
+from hetrain.nn._share import called_one_by_one, forward_replaced
 from hetrain.nn.conv_bn_relu_pool import (
     ConvBNReLUPool2d,
     ConvReLUPool2d,
@@ -70,11 +70,13 @@ _RUNS = (
          "hetrain.ops.bias_gelu"),
 )
 def _run_at(modules: list[nn.Module], i: int) -> _Run | None:
-    """The run that starts at ``modules[i]`` and can run fused now, if any."""
+    """The run whose types and settings match ``modules`` from ``i``, none of them with its forward replaced, if any.
+    Hooks are not looked at: they come and go (a FlopCounterMode, a temporary hook), so patching while some are
+    registered still patches, and each call checks them."""
     for run in _RUNS:
         part = modules[i:i + len(run.types)]
         if (len(part) == len(run.types) and all(type(m) is t for m, t in zip(part, run.types, strict=True))
-                and not called_one_by_one(part) and run.fits(part)):
+                and not any(forward_replaced(m) for m in part) and run.fits(part)):
             return run
     return None
 
@@ -88,7 +90,7 @@ class FusedSequential(nn.Sequential):
         i = 0
         while i < len(modules):
             run = _run_at(modules, i)
-            if run is None or not run.takes(x):
+            if run is None or not run.takes(x) or called_one_by_one(modules[i:i + len(run.types)]):
                 x = modules[i](x)
                 i += 1
             else:

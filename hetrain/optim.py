@@ -65,9 +65,10 @@ class SparseAwareAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's state keeps the groups and their state; the inner dense AdamW is re-made over them (a deepcopy or
-        # unpickled optimizer had none, and its next step failed).
+        # unpickled optimizer had none, and its next step failed). torch's load_state_dict calls this with only
+        # "state" and "param_groups": the optimizer keeps its own fused choice, for the groups added after a resume.
         super().__setstate__(state)
-        self._fused = state.get("_fused")
+        self._fused = state.get("_fused", getattr(self, "_fused", None))
         self._share_with_dense()
 
     def _share_with_dense(self) -> None:

@@ -341,6 +341,23 @@ def test_a_dense_group_added_later_steps_like_the_first():
     assert not torch.equal(model[2].weight, before), "the added group was never stepped"
 
 
+def test_a_dense_group_added_after_a_state_load_keeps_the_optimizers_fused_step():
+    # torch's load_state_dict calls __setstate__ without "_fused": fused became None, and a group unfrozen after a
+    # resume stepped unfused.
+    model, _ = model_and_optimizer()
+    sparse = sparse_parameters(model)
+    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    saved = SparseAwareAdamW([{"params": dense}, {"params": sparse, "sparse": True}], fused=True)
+    train(model, saved, 1, seed=0)
+    resumed = SparseAwareAdamW([{"params": dense}, {"params": sparse, "sparse": True}], fused=True)
+    resumed.load_state_dict(saved.state_dict())
+    head = nn.Linear(3, 2).double()
+    resumed.add_param_group({"params": head.parameters()})
+    assert resumed.param_groups[-1]["fused"] is True
+    head(model(torch.tensor([[1, 2]]))).sum().backward()
+    resumed.step()
+
+
 @pytest.mark.parametrize("option", ["maximize", "amsgrad"])
 def test_an_adamw_option_the_lazy_step_lacks_is_refused_in_a_sparse_group(option):
     # It was ignored: a sparse group with maximize=True minimised.

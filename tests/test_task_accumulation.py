@@ -192,6 +192,67 @@ def test_a_run_resumed_mid_epoch_under_accumulation_ends_with_the_same_weights(t
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+class Windows(pl.Callback):
+    """Each optimizer step's batch indices and batches, the weights its window started from, and its gradients."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[list[int], dict[str, torch.Tensor], list[dict[str, torch.Tensor]], dict]] = []
+        self._indices: list[int] = []
+        self._batches: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._batches:
+            self._weights = copy.deepcopy(pl_module.model.state_dict())
+        self._indices.append(batch_idx)
+        self._batches.append({k: v.clone() for k, v in batch.items()})
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters()}
+        self.steps.append((self._indices, self._weights, self._batches, grads))
+        self._indices, self._batches = [], []
+
+
+def _fit_dataloader(samples: int, max_steps: int, root, ckpt_path=None) -> Windows:
+    """A torch DataLoader of batch size 4 under accumulate_grad_batches=2; the fit's checkpoint saved at its end."""
+    dataset = SyntheticSequences(samples, min_len=4, max_len=20, vocab_size=64, num_classes=4, seed=5)
+    windows = Windows()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[windows], default_root_dir=root)
+    trainer.fit(_task(4), DataLoader(dataset, batch_size=4, collate_fn=pad_collate), ckpt_path=ckpt_path)
+    trainer.save_checkpoint(root / "last.ckpt")
+    return windows
+
+
+def _check_every_window(windows: Windows) -> None:
+    for _, weights, batches, grads in windows.steps:
+        model = _task().model
+        model.load_state_dict(weights)
+        exact = _grads(model, batches, weigh_batches_equally=False)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, exact[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_dataloader_run_resumed_after_stopping_at_max_steps_on_an_epochs_last_batch_trains_on(tmp_path):
+    """Lightning numbers the resumed run's first batch past the epoch's end (its issue #19367), beyond the batch plan:
+    the resume raised "the loader's batch plan gives 0 samples". That batch is a window of its own."""
+    _fit_dataloader(8, 1, tmp_path)  # one epoch of two batches: one step
+    with pytest.warns(UserWarning, match="#19367"):
+        windows = _fit_dataloader(8, 3, tmp_path / "resumed", ckpt_path=tmp_path / "last.ckpt")
+    assert [indices for indices, *_ in windows.steps] == [[2], [0, 1]]
+    _check_every_window(windows)
+
+
+def test_a_dataloader_resumed_inside_an_epoch_weighs_the_batches_it_restarts_with(tmp_path):
+    """A torch DataLoader resumed inside an epoch yields that epoch's first batches again, which Lightning numbers
+    from the saved count: the plan's short last batch (14 samples: 4, 4, 4, 2) was taken for a full one."""
+    _fit_dataloader(14, 1, tmp_path)
+    windows = _fit_dataloader(14, 2, tmp_path / "resumed", ckpt_path=tmp_path / "last.ckpt")
+    indices, _, batches, _ = windows.steps[0]
+    assert indices == [2, 3] and [len(b["labels"]) for b in batches] == [4, 4]
+    _check_every_window(windows)
+
+
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_a_run_that_clips_gradients_under_mixed_precision_steps_with_an_unfused_adamw(clip):
     """Lightning's mixed precision refuses to clip for a fused optimizer (it unscales inside its own step), even under

@@ -266,9 +266,10 @@ def test_a_callback_before_the_trace_sees_the_batch_it_begins_at_as_instrumented
 
 
 UNDER_ANOTHER_PROFILER = '''
-import logging, sys
+import json, logging, sys
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.profilers import PyTorchProfiler
 from torch.utils.data import DataLoader, TensorDataset
 from hetrain.callbacks import StepTrace
 
@@ -301,19 +302,57 @@ class Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+class Instrumented(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trace.instruments_step(trainer.global_step):
+            print(f"instrumented step {trainer.global_step}")
+
+
+# argv: the run directory, the steps to trace, and the other profiler: "callback" (OtherProfiler) or "lightning"
+# (Lightning's PyTorchProfiler, off while its schedule waits and warms up: 2 training steps, then 1)
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, enable_checkpointing=False,
-                     callbacks=[OtherProfiler(), StepTrace([1, 2], dirpath=sys.argv[1])])
-trainer.fit(Net(), DataLoader(TensorDataset(torch.randn(16, 6)), batch_size=4))
+trace = StepTrace(json.loads(sys.argv[2]), dirpath=sys.argv[1])
+other = sys.argv[3] == "callback"
+schedule = torch.profiler.schedule(wait=2, warmup=1, active=2, repeat=1)
+profiler = None if other else PyTorchProfiler(dirpath=sys.argv[1], filename="lightning", schedule=schedule)
+trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False, profiler=profiler,
+                     callbacks=[OtherProfiler()] * other + [Instrumented(), trace])
+trainer.fit(Net(), DataLoader(TensorDataset(torch.randn(32, 6)), batch_size=4))
 '''
 
 
-def test_a_batch_another_torch_profiler_records_is_not_traced(tmp_path):
-    """Two torch profilers at once crashed the process (SIGSEGV) writing the trace: run in a process of its own."""
-    run = subprocess.run([sys.executable, "-c", UNDER_ANOTHER_PROFILER, str(tmp_path)], capture_output=True,
-                         text=True, timeout=120)
+def run_beside_another_profiler(tmp_path, steps: list[int], other: str) -> subprocess.CompletedProcess:
+    """A fit tracing ``steps`` beside another torch profiler, in a process of its own: two at once crashed it."""
+    run = subprocess.run([sys.executable, "-c", UNDER_ANOTHER_PROFILER, str(tmp_path), json.dumps(steps), other],
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+def test_a_batch_another_torch_profiler_records_is_not_traced(tmp_path):
+    """Two torch profilers at once crashed the process (SIGSEGV) writing the trace."""
+    run = run_beside_another_profiler(tmp_path, [1, 2], "callback")
     assert "profile: batch 1 (from step 1) is not traced: another torch profiler records it" in run.stderr
     assert (f"steps 2..2 written to {tmp_path / 'trace_steps_1-2.json'}; steps 1..1 are not in it: batch 1 (from "
             "step 1) ran under another torch profiler" in run.stderr)
+
+
+def test_steps_all_recorded_by_another_profiler_are_not_traced_and_the_log_says_turn_it_off(tmp_path):
+    """Before, the log advised tracing steps of a later batch, which a profiler recording them all records too."""
+    run = run_beside_another_profiler(tmp_path, [1, 1], "callback")
+    assert not (tmp_path / "trace_steps_1-1.json").exists()
+    assert ("no trace written: batch 1 (from step 1) ran under another torch profiler, and two cannot record at once; "
+            "turn that profiler off for the steps traced, or off altogether") in run.stderr
+
+
+def test_nothing_is_traced_beside_lightnings_pytorch_profiler(tmp_path):
+    """Before, the trace began while Lightning's PyTorchProfiler waited in its schedule (torch reports no profiler
+    then), and the PyTorchProfiler starting later raised "Profiler is already enabled on this thread" (or crashed
+    the process). Now no step of such a fit is traced or counted as instrumented, and the log says why."""
+    run = run_beside_another_profiler(tmp_path, [2, 3], "lightning")
+    assert not (tmp_path / "trace_steps_2-3.json").exists() and "instrumented step" not in run.stdout
+    assert ("profile: steps 2..3 are not traced in this fit: Lightning's PyTorchProfiler is on (Trainer(profiler=...)"
+            "), and two torch profilers cannot record at once; use one or the other") in run.stderr
+    assert "no trace written" not in run.stderr
+    assert list(tmp_path.glob("*lightning*"))  # Lightning's profiler recorded as it was asked

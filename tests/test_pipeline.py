@@ -1,7 +1,8 @@
 """Pipeline split: micro-batched GPipe forward equals the unsplit model; checks at fit start; profiler ranges."""
 
 import re
-from collections import OrderedDict
+from collections import OrderedDict, UserDict
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import pytest
@@ -9,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 
 from hetrain import plugins
@@ -460,19 +461,48 @@ class PlainOrderedDict(OrderedDict):
     pass
 
 
+class FieldsTuple(tuple):
+    """A tuple subclass whose constructor takes its fields one by one, not an iterable of them."""
+
+    def __new__(cls, first: object, second: object) -> "FieldsTuple":
+        return super().__new__(cls, (first, second))
+
+
+def _devices(x: object) -> object:
+    """``x`` with each tensor replaced by its device type and each container by its type's name and its items."""
+    if isinstance(x, torch.Tensor):
+        return x.device.type
+    if isinstance(x, Mapping):
+        return type(x).__name__, {key: _devices(value) for key, value in x.items()}
+    if isinstance(x, tuple | list):
+        return type(x).__name__, [_devices(item) for item in x]
+    return x
+
+
 @pytest.mark.parametrize(("wrap", "expected"), [
-    (lambda t: PlainTuple((t, None)), ("meta", None)),
-    (lambda t: [PlainTuple((t, 3))], [("meta", 3)]),
-    (lambda t: PlainDict(a=t, b="x"), {"a": "meta", "b": "x"}),
-    (lambda t: {"a": PlainOrderedDict(a=t)}, {"a": {"a": "meta"}}),
-], ids=["tuple subclass", "nested tuple subclass", "dict subclass", "OrderedDict subclass"])
+    (lambda t: PlainTuple((t, None)), ("PlainTuple", ["meta", None])),
+    (lambda t: [PlainTuple((t, 3))], ("list", [("PlainTuple", ["meta", 3])])),
+    (lambda t: PlainDict(a=t, b="x"), ("PlainDict", {"a": "meta", "b": "x"})),
+    (lambda t: {"a": PlainOrderedDict(a=t)}, ("dict", {"a": ("PlainOrderedDict", {"a": "meta"})})),
+    (lambda t: UserDict(a=t), ("UserDict", {"a": "meta"})),
+    (lambda t: FieldsTuple(t, 3), ("tuple", ["meta", 3])),
+], ids=["tuple subclass", "nested tuple subclass", "dict subclass", "OrderedDict subclass", "UserDict",
+        "tuple subclass taking its fields one by one"])
 def test_to_device_moves_tensors_in_containers_pytree_does_not_know(wrap, expected):
-    """Before, pytree took such a container for a leaf and to_device handed it back with its tensors where they were:
-    now it comes back as a plain tuple or dict, each tensor moved."""
-    moved = to_device(wrap(torch.ones(2)), torch.device("meta"))
-    devices = tree_map(lambda t: t.device.type if isinstance(t, torch.Tensor) else t, moved)
-    assert type(moved) is type(expected) and devices == expected
-    assert tree_leaves(devices) == tree_leaves(expected)  # no container left that pytree takes for a leaf
+    """Before, pytree took such a container for a leaf and to_device handed it back with its tensors where they were;
+    then it came back as a plain tuple or dict. Now it keeps its type where its constructor takes the moved items."""
+    assert _devices(to_device(wrap(torch.ones(2)), torch.device("meta"))) == expected
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda t: PlainTuple((t, None)), lambda t: PlainDict(a=[t], b="x"), lambda t: UserDict(a={"b": (t, 1)}),
+    lambda t: FieldsTuple(t, pack_padded_sequence(t[None], torch.tensor([2]), batch_first=True)),
+], ids=["tuple subclass", "dict subclass", "UserDict", "tuple subclass holding a PackedSequence"])
+def test_to_device_hands_back_a_container_pytree_does_not_know_itself_when_nothing_moves(wrap):
+    """Before, such a container came back as a new plain tuple or dict even when all its tensors were already on
+    the device: a module given a config or batch object lost its attributes."""
+    x = wrap(torch.ones(2, 3))
+    assert to_device({"x": x}, torch.device("cpu"))["x"] is x
 
 
 def test_to_device_keeps_a_packed_sequences_batch_sizes_on_the_cpu():

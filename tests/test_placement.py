@@ -8,6 +8,8 @@ import itertools
 import json
 import math
 import random
+from collections import UserDict
+from collections.abc import Iterator, Mapping
 
 import pytest
 import torch
@@ -913,6 +915,65 @@ def test_the_input_hook_moves_a_packed_sequence_with_its_batch_sizes_left_on_the
     meta, cpu = torch.device("meta"), torch.device("cpu")
     assert stage.seen == {"data": meta, "batch_sizes": cpu, "sorted_indices": meta, "extra": meta}
     assert out.device == meta
+
+
+class Config(Mapping):
+    """A config object as OmegaConf's DictConfig is one: a Mapping that pytree does not know, read by attribute."""
+
+    def __init__(self, **values: object) -> None:
+        self._values = values
+
+    def __getitem__(self, key: str) -> object:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, key: str) -> object:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class Batch(UserDict):
+    """A batch as transformers' BatchEncoding is one: a UserDict whose keys read as attributes."""
+
+    def __getattr__(self, key: str) -> object:
+        try:
+            return self.data[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class ReadsAttributes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+        self.seen: list[object] = []
+
+    def forward(self, batch: Batch, cfg: Config) -> torch.Tensor:
+        self.seen = [batch, cfg]
+        return (batch.input_ids + cfg.bias) * self.weight * cfg.scale
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_the_input_hook_keeps_config_and_batch_objects_a_module_reads_by_attribute(device):
+    """Before, the hook rebuilt a Mapping pytree does not know as a plain dict on every call, even with nothing to
+    move: a placed module reading cfg.scale or batch.input_ids raised AttributeError, on one device too. Now such
+    an object reaches the module itself when none of its tensors moves, and keeps its type when one does."""
+    stage = ReadsAttributes().to(device)
+    hook_inputs(stage)
+    batch, cfg = Batch(input_ids=torch.ones(2)), Config(scale=2.0, bias=torch.ones(2).to(device))
+    out = stage(batch, cfg=cfg)
+    assert out.device.type == device and stage.seen[1] is cfg
+    if device == "cpu":
+        assert stage.seen[0] is batch
+    else:
+        assert type(stage.seen[0]) is Batch and stage.seen[0].input_ids.device.type == "meta"
 
 
 def test_apply_takes_a_root_path_and_stages_without_weights():

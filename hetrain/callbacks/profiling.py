@@ -8,7 +8,8 @@ holds training steps only: a validation that begins inside the range, or trainin
 step, ends it, and the log names the steps written (in a fit resumed inside the range, from the step it resumed at).
 The trace holds whole batches: under manual optimization a batch that steps two optimizers runs two steps, so it may
 begin before the first step asked for and end after the last. Two torch profilers cannot record at once: a batch
-another one records is not traced, and the log says so.
+another one records is not traced, and the log says so; beside Lightning's ``PyTorchProfiler``
+(``Trainer(profiler="pytorch")``), which may switch on at any batch under its schedule, no step of the fit is traced.
 
 Lightning's ``PyTorchProfiler`` profiles the Trainer's actions under a schedule counted per action and
 writes one file per action; what a person asks for here is one file holding exactly the steps named,
@@ -25,6 +26,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.profilers import PyTorchProfiler
 from torch.profiler import ProfilerActivity, profile, record_function
 from typing_extensions import override
 
@@ -79,12 +81,15 @@ class StepTrace(Callback):
         self._batch_began_at = 0  # the global step the current batch began at
         self._steps_per_batch = 1  # the most optimizer steps one batch has run (manual optimization may run several)
         self._missed = ""  # why steps from first on ran untraced, other than a resume past them
+        self._missed_fix = ""  # what to change so that they are traced
+        self._beside_pytorch_profiler = False  # Lightning's PyTorchProfiler is on in this fit: nothing is traced
 
     def traces_batch(self, step: int) -> bool:
         """Whether a batch beginning at global step ``step`` runs under this trace. It runs steps
         step..step + steps_per_batch - 1 (several under manual optimization): traced if they reach first..last, so a
         trace may begin before ``first``. Another torch profiler must stay off for such a batch: two at once crash."""
-        return not self.summary and step <= self.last and step + self._steps_per_batch > self.first
+        return (not self._beside_pytorch_profiler and not self.summary and step <= self.last
+                and step + self._steps_per_batch > self.first)
 
     def instruments_step(self, step: int) -> bool:
         """Whether the batch beginning at global step ``step`` is traced (and so runs slower). Asked at a batch's
@@ -99,7 +104,14 @@ class StepTrace(Callback):
         # callbacks still left that fit's traced steps out.
         self.path, self.summary = self._named_path, {}
         self._first_traced, self._last_traced = self.first, self.last
-        self._missed = ""
+        self._missed = self._missed_fix = ""
+        # Lightning's PyTorchProfiler is off while its schedule waits or warms up (torch.autograd._profiler_enabled()
+        # says False), and starting then, it would find this trace recording: it raises or crashes the process.
+        self._beside_pytorch_profiler = isinstance(trainer.profiler, PyTorchProfiler)
+        if self._beside_pytorch_profiler:
+            log.warning(f"profile: steps {self.first}..{self.last} are not traced in this fit: Lightning's "
+                        "PyTorchProfiler is on (Trainer(profiler=...)), and two torch profilers cannot record at once; "
+                        "use one or the other (drop the Trainer's profiler, or callbacks.profile_steps)")
         # Under manual optimization each optimizer's step counts one: a batch stepping two optimizers runs two steps.
         # Set here, where the optimizers are (not on_train_start): callbacks ask traces_batch from their on_train_start.
         self._steps_per_batch = max(1, len(trainer.optimizers))
@@ -118,8 +130,10 @@ class StepTrace(Callback):
             if torch.autograd._profiler_enabled():  # two torch profilers at once crash writing the trace
                 log.warning(f"profile: batch {batch_idx} (from step {step}) is not traced: another torch profiler "
                             "records it; turn that one off for the steps traced")
-                self._missed = self._missed or (f"batch {batch_idx} (from step {step}) ran under another torch "
-                                                "profiler, and two cannot record at once")
+                if not self._missed:
+                    self._missed = (f"batch {batch_idx} (from step {step}) ran under another torch profiler, and two "
+                                    "cannot record at once")
+                    self._missed_fix = "turn that profiler off for the steps traced, or off altogether"
             else:
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
                 self._profiler = profile(activities=activities, record_shapes=self.record_shapes)
@@ -138,6 +152,7 @@ class StepTrace(Callback):
                 and ended > self.first:
             self._missed = (f"batch {batch_idx} ran steps {began}..{ended - 1} untraced: more optimizer steps than "
                             "any batch before it, and a trace begins at a batch's start")
+            self._missed_fix = "trace steps of a later batch"
         # Under gradient accumulation a step spans several batches; its range closes with its optimizer step.
         if self._step_range is not None and trainer.global_step > self._open_step:
             self._step_range.__exit__(None, None, None)
@@ -157,6 +172,8 @@ class StepTrace(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._beside_pytorch_profiler:  # said at the fit's start
+            return
         if self._profiler is not None:  # training ended before the last step: keep what was recorded
             self._write(trainer, f"training ended after step {trainer.global_step - 1}")
         elif not self.summary and self._fit_began_at > self.last:
@@ -166,7 +183,7 @@ class StepTrace(Callback):
             log.warning(f"profile: no trace written: training ended at step {trainer.global_step}, before step "
                         f"{self.first}; trace earlier steps or train longer")
         elif not self.summary and self._missed:
-            log.warning(f"profile: no trace written: {self._missed}; trace steps of a later batch")
+            log.warning(f"profile: no trace written: {self._missed}; {self._missed_fix}")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

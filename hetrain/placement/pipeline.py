@@ -58,7 +58,10 @@ def to_device(x: Activation, device: torch.device) -> Activation:
     in a named ``record_function`` range; containers keep their types, and what is not a tensor stays as it is.
     A PackedSequence keeps its ``batch_sizes`` on the CPU, as ``PackedSequence.to`` does and RNNs require. A tuple,
     list or mapping of a type torch's pytree does not know (a subclass not registered with
-    ``torch.utils._pytree.register_pytree_node``) comes back as a plain tuple, list or dict, its tensors moved.
+    ``torch.utils._pytree.register_pytree_node``: a ``UserDict`` batch, an OmegaConf ``DictConfig``) comes back as
+    it was when none of its tensors moves, the very object, so a module still reads its attributes
+    (``cfg.scale``); when one moves, it is rebuilt as its own type where its constructor takes the moved items, else
+    as a plain tuple, list or dict.
 
     Host to GPU goes through pinned memory (torch's caching host allocator keeps the block until the copy
     has landed) on a side copy stream, so the copy runs at DMA speed and overlaps the compute stream's
@@ -95,14 +98,45 @@ def _leaf_to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return to_device(x, device)
     if isinstance(x, PackedSequence):
-        return x._replace(data=to_device(x.data, device), sorted_indices=to_device(x.sorted_indices, device),
-                          unsorted_indices=to_device(x.unsorted_indices, device))
+        fields = (x.data, x.sorted_indices, x.unsorted_indices)
+        moved = [to_device(t, device) if t is not None else None for t in fields]
+        if all(a is b for a, b in zip(fields, moved, strict=True)):
+            return x
+        return x._replace(data=moved[0], sorted_indices=moved[1], unsorted_indices=moved[2])
     if isinstance(x, tuple | list):
-        moved = [to_device(item, device) for item in x]
-        return tuple(moved) if isinstance(x, tuple) else moved
+        items = list(x)
+        moved = [to_device(item, device) for item in items]
+        if all(_unchanged(a, b) for a, b in zip(items, moved, strict=True)):
+            return x
+        return _rebuilt(x, moved, tuple if isinstance(x, tuple) else list)
     if isinstance(x, Mapping):
-        return {key: to_device(value, device) for key, value in x.items()}
+        keys = list(x.keys())
+        values = [x[key] for key in keys]
+        moved = [to_device(value, device) for value in values]
+        if all(_unchanged(a, b) for a, b in zip(values, moved, strict=True)):
+            return x
+        return _rebuilt(x, dict(zip(keys, moved, strict=True)), dict)
     return x
+
+
+def _unchanged(old: Any, new: Any) -> bool:
+    """Whether :func:`to_device` left ``old`` as it was: ``new`` is ``old``, or a container pytree rebuilt around
+    the very same leaves (pytree rebuilds a plain list or dict even when none of its tensors moves)."""
+    if old is new:
+        return True
+    old_leaves = tree_leaves(old, is_leaf=_moved_by_hand)
+    new_leaves = tree_leaves(new, is_leaf=_moved_by_hand)
+    return len(old_leaves) == len(new_leaves) and all(a is b for a, b in zip(old_leaves, new_leaves, strict=True))
+
+
+def _rebuilt(x: Any, moved: Any, plain: type) -> Any:
+    """``moved`` (``x``'s items, some moved) in ``x``'s own type where its constructor takes them (a ``UserDict`` or
+    ``BatchEncoding`` keeps attribute access to its keys), else in the plain container: a ``DictConfig`` holds no
+    tensors, and a tuple subclass may take its fields one by one."""
+    try:
+        return type(x)(moved)
+    except Exception:  # any constructor that refuses the items, whatever it raises
+        return plain(moved)
 
 
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

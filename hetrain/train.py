@@ -70,6 +70,19 @@ _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 _OUTCOME_WAIT_S = 120.0
 _runs = itertools.count()  # run() calls in this process: every rank of a sweep makes the same ones, in order
 _BROKEN_GROUP = "a DDP job failed and left its process group broken"
+_SIGTERM_AFTER_FIT = "SIGTERM after training finished: the summary is complete, the run ends here (exit 143)"
+
+
+@dataclass
+class _FitState:
+    """Where this process's current run() stands with its fit, for what a failure or a SIGTERM may end."""
+
+    running: bool = False  # inside trainer.fit: a failure may leave the process group broken for a sweep's next job
+    returned: bool = False  # trainer.fit returned: a SIGTERM is recorded (``sigterm``), the run finishes its summary
+    sigterm: bool = False
+
+
+_fit = _FitState()  # reset by run()
 
 
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
@@ -416,9 +429,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(f"Resuming from {ckpt_path}" if ckpt_path else "Starting training")
         os.environ[_LAUNCHER_PID] = str(os.getpid())  # inherited by the ranks the fit launches: _end_with_launcher
         fitted = False
+        _fit.running = True
         try:
             parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
             fitted = True
+            _fit.running, _fit.returned = False, True
         except SystemExit as exc:  # how Lightning ends a fit on SIGTERM, or on Ctrl-C pressed twice
             _describe_stop(exc, parts)
             raise
@@ -429,20 +444,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             release_all()  # a fit ended by an exception skips the task's teardown, which lets the held batches go
         if parts.trainer.num_training_batches == 0:  # Lightning ends such a fit at once and says so at info level
             raise ValueError(_no_training_batch(cfg))
-        try:
-            summary = parts.recorder.summary(parts.trainer)
-            unvalidated = _unvalidated(parts)
-            if unvalidated is not None:
-                log.warning(unvalidated[1])
-                summary["no_validation"] = unvalidated[0]
-            summary["precision"] = run_precision(parts.trainer)  # per device type under DeviceMixedPrecision
-            if parts.compiled is not None:
-                summary["compile"] = {**parts.compiled, **compile_counts(since=parts.counts_before_compile)}
-            summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}
-            summary.update(_best_checkpoint(parts.callbacks))
-        except SystemExit as exc:  # SIGTERM after the fit (run()'s handler): the summary says what was trained
-            _describe_stop(exc, parts)
-            raise
+        summary = parts.recorder.summary(parts.trainer)
+        unvalidated = _unvalidated(parts)
+        if unvalidated is not None:
+            log.warning(unvalidated[1])
+            summary["no_validation"] = unvalidated[0]
+        summary["precision"] = run_precision(parts.trainer)  # per device type under DeviceMixedPrecision
+        if parts.compiled is not None:
+            summary["compile"] = {**parts.compiled, **compile_counts(since=parts.counts_before_compile)}
+        summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}
+        summary.update(_best_checkpoint(parts.callbacks))
     if hasattr(parts.datamodule, "loader_summary"):  # slot and pinned bytes, fixed for the whole run
         summary["data"] = parts.datamodule.loader_summary()
     summary.update({name: c.summary for name, c in parts.callbacks.items()
@@ -451,8 +462,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _describe_stop(exc: SystemExit, parts: Parts) -> None:
-    """Adds to a SystemExit that ended the fit (or came after it) what the stopped run's summary says: GracefulStop's
-    checkpoint, the steps it trained, the progress."""
+    """Adds to a SystemExit that ended the fit what the stopped run's summary says: GracefulStop's checkpoint, the
+    steps it trained, the progress."""
     graceful_stop = parts.callbacks.get("graceful_stop")
     exc.graceful_stop = getattr(graceful_stop, "summary", None) or {}
     exc.steps_trained = getattr(graceful_stop, "steps_trained", None)  # None: no GracefulStop counted them
@@ -691,7 +702,9 @@ def run(cfg: DictConfig) -> float | None:
     process group the next job would reuse is broken. Under DDP each rank learns every other's outcome; one that
     failed after the last collective fails the run on every rank (exit code 1).
     """
+    global _fit
     _end_with_launcher()
+    _fit = _FitState()  # before the handler, which reads it
     # Only the main thread may set signal handlers. The other ranks of a DDP fit keep the default: rank 0's end
     # sends them SIGTERM (_end_with_launcher), which must end one blocked in a collective or in connecting to rank
     # 0, where a Python handler would only run once that call returned.
@@ -706,14 +719,19 @@ def run(cfg: DictConfig) -> float | None:
 
 def _sigterm_ends_the_run(signum: int, frame: FrameType | None) -> None:
     """SIGTERM outside Lightning's and GracefulStop's handlers (config checks, building the parts, the data's setup
-    inside the fit, the summary after it): ends the run as a SIGTERM in the fit does, its summary written, exit 143.
-    Python's default handler killed the process there with no summary, and a sweep's table lost this job and those
-    after it.
+    inside the fit): ends the run as a SIGTERM in the fit does, its summary written, exit 143. Python's default
+    handler killed the process there with no summary, and a sweep's table lost this job and those after it.
+
+    Once the fit has returned, the signal is only recorded: raised there it cut the summary short (or left none) and
+    lost what was trained; _run writes the whole summary, marked interrupted, then exits 143.
 
     Lightning's handler, installed for the training, calls this one after its own: it is then in charge (it sets the
     flag its loops stop at), and this one does nothing.
     """
     if signal.getsignal(signal.SIGTERM) is not _sigterm_ends_the_run:
+        return
+    if _fit.returned:
+        _fit.sigterm = True
         return
     # With the code: a SystemExit that escapes run()'s handling still exits 143, not 0.
     raise SIGTERMException(_exit_code("SIGTERM"))
@@ -727,7 +745,7 @@ def _run(cfg: DictConfig) -> float | None:
     try:
         summary = {"status": "ok", **info, **train(cfg)}
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns a Ctrl-C it stops at once into exit(1)
-        _tell_other_ranks(run_number, f"interrupted ({type(exc).__name__})", info.get("log"))
+        _tell_other_ranks(run_number, f"interrupted ({type(exc).__name__})", info.get("log"), leaves_sweep=True)
         code = _record_interruption(exc, info, output_dir)
         _end_stopped_sweep()
         if code is not None:
@@ -737,7 +755,9 @@ def _run(cfg: DictConfig) -> float | None:
         cause = _root_cause(exc)
         error = f"{type(cause).__name__}: {cause}"
         _log_failure(exc, error, info.get("log"))
-        in_group = _tell_other_ranks(run_number, error, info.get("log"))
+        # Only a failure inside this job's fit can leave the group broken: one before it (the config's checks,
+        # build()) or after it returned happens alike on every rank, or leaves the others' collectives whole.
+        in_group = _tell_other_ranks(run_number, error, info.get("log"), leaves_sweep=_fit.running)
         if rank_zero_only.rank == 0:
             other_ranks = _other_ranks(error, info.get("log"), rank_logs_before)
             if other_ranks:
@@ -745,7 +765,7 @@ def _run(cfg: DictConfig) -> float | None:
                           + "; ".join(f"{name}: {ended}" for name, ended in other_ranks.items()))
             write_run_summary({"status": "failed", **info, "error": error,
                                **({"other_ranks": other_ranks} if other_ranks else {})}, output_dir)
-        if in_group:
+        if in_group and _fit.running:
             _end_broken_sweep()
         if not _in_sweep():
             raise
@@ -754,7 +774,7 @@ def _run(cfg: DictConfig) -> float | None:
         # The failed fit's trainer, model and data hang in reference cycles: freed now, not during the next job.
         gc.collect()
         return _failed_job_value()
-    failed_ranks = _failed_other_ranks(run_number, info.get("log"))
+    failed_ranks, ranks_left = _failed_other_ranks(run_number, info.get("log"))
     stopped = summary.get("graceful_stop") or {}
     if stopped:
         summary.update(status="interrupted", error=_go_on_from(stopped))
@@ -763,6 +783,9 @@ def _run(cfg: DictConfig) -> float | None:
                   "say: " + "; ".join(f"{name}: {ended}" for name, ended in failed_ranks.items()))
         summary.update(status="failed", error=next(iter(failed_ranks.values())), other_ranks=failed_ranks)
     missing_metric = None if stopped or failed_ranks else _missing_metric(cfg, summary["metrics"])
+    if _fit.sigterm and not (stopped or failed_ranks):  # the training is whole: only the run's status says so
+        summary.update(status="interrupted", error=_SIGTERM_AFTER_FIT)
+        missing_metric = None
     if missing_metric and not _in_sweep():  # a single run's value goes to no sweeper: said, and the run stays ok
         log.warning(f"{missing_metric} (a sweep would fail this job)")
         summary["warning"], missing_metric = missing_metric, None
@@ -771,12 +794,18 @@ def _run(cfg: DictConfig) -> float | None:
     if rank_zero_only.rank == 0:  # under DDP every rank runs this; one summary per run, with every rank's samples
         text = write_run_summary(summary, output_dir)
         log.info(f"Summary ({output_dir / SUMMARY_MD}):\n{text}")
-    if failed_ranks:
+    if failed_ranks and (ranks_left or not _in_sweep()):
         _end_broken_sweep()
         raise SystemExit(1)
     if stopped:  # GracefulStop logged where the run stopped and how to go on
         _end_stopped_sweep()
         raise SystemExit(_exit_code(stopped["signal"]))
+    if _fit.sigterm:  # also one that came while the summary was written, which then says ok
+        log.warning(f"hetrain: {_SIGTERM_AFTER_FIT}")
+        _end_stopped_sweep()
+        raise SystemExit(_exit_code("SIGTERM"))
+    if failed_ranks:  # every failed rank goes on to the sweep's next job, as this one does
+        return _failed_job_value()
     if missing_metric:
         log.error(f"{_FAILED}{missing_metric}")
         return _failed_job_value()
@@ -821,28 +850,35 @@ def _end_broken_sweep() -> None:
 # wait for it for good. Through the store a rank that failed only writes and never waits; one that finished reads
 # every other's outcome, waiting up to _OUTCOME_WAIT_S: only an error after the last collective (in on_fit_end,
 # teardown) leaves a rank finished while another failed, and that rank then says so at once.
-def _tell_other_ranks(run_number: int, error: str | None, log_file: str | None) -> bool:
-    """Writes this rank's outcome of run ``run_number`` for the other ranks; False outside a process group of
-    several ranks (nothing to tell, and no group a failure could have broken)."""
+# Whether rank 0 then ends a sweep follows what the failed rank does, as the ranks must stay in step job by job:
+# one that failed inside its fit (on_fit_end), was interrupted, or never told (killed) has left the sweep, so the
+# next job's collectives would wait for it: rank 0 ends the sweep (the rank ends with it). One that failed after its
+# fit returned (its summary) goes on to the next job with the group whole: so does rank 0, the job failed.
+def _tell_other_ranks(run_number: int, error: str | None, log_file: str | None, leaves_sweep: bool = False) -> bool:
+    """Writes this rank's outcome of run ``run_number`` for the other ranks, and whether it leaves the sweep there;
+    False outside a process group of several ranks (nothing to tell, and no group a failure could have broken)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
     rank = dist.get_rank()
-    name = Path(log_file).name if log_file else f"rank {rank}"
+    # Under torchrun every rank logs to the same file: the rank says which one failed.
+    name = f"rank {rank} ({Path(log_file).name})" if log_file else f"rank {rank}"
+    outcome = {"rank": name, "error": error, "leaves_sweep": leaves_sweep}
     try:
-        _store().set(_outcome_key(run_number, rank), json.dumps({"log": name, "error": error}))
+        _store().set(_outcome_key(run_number, rank), json.dumps(outcome))
     except RuntimeError as exc:  # rank 0, which holds the store, has ended: it does not need this rank's outcome
         log.warning(f"hetrain: could not tell the other ranks how this rank ended ({type(exc).__name__}: {exc})")
     return True
 
 
-def _failed_other_ranks(run_number: int, log_file: str | None) -> dict[str, str]:
+def _failed_other_ranks(run_number: int, log_file: str | None) -> tuple[dict[str, str], bool]:
     """Tells the other ranks this one finished run ``run_number``; on rank 0, which writes the summary and whose exit
-    the run's is, returns those that failed it: their log's name (their rank without logs) and error. Other ranks
-    do not wait: rank 0, holding the store, may have read their outcome and ended before they could read its own
-    (a rank 0 that fails after the last collective ends the sweep, and a rank left in it ends with its launcher)."""
+    the run's is, returns those that failed it (their rank and log's name, and error) and whether one of them left
+    the sweep. Other ranks do not wait: rank 0, holding the store, may have read their outcome and ended before they
+    could read its own (a rank 0 that fails after the last collective ends the sweep, and a rank left in it ends
+    with its launcher)."""
     if not _tell_other_ranks(run_number, None, log_file) or dist.get_rank() != 0:
-        return {}
-    failed = {}
+        return {}, False
+    failed, left = {}, False
     deadline = time.monotonic() + _OUTCOME_WAIT_S
     for rank in range(dist.get_world_size()):
         if rank == dist.get_rank():
@@ -854,10 +890,12 @@ def _failed_other_ranks(run_number: int, log_file: str | None) -> dict[str, str]
         except RuntimeError as exc:  # not told in time, or the store's rank 0 is gone
             failed[f"rank {rank}"] = (f"no outcome from rank {rank} within {_OUTCOME_WAIT_S:.0f} s of this rank "
                                       f"finishing ({type(exc).__name__}; killed? see the end of its log)")
+            left = True
             continue
         if outcome["error"] is not None:
-            failed[outcome["log"]] = outcome["error"]
-    return failed
+            failed[outcome["rank"]] = outcome["error"]
+            left = left or outcome["leaves_sweep"]
+    return failed, left
 
 
 def _store() -> dist.Store:

@@ -110,6 +110,20 @@ def test_a_sweep_stopped_by_sigterm_before_training_lists_the_stopped_job_and_th
     assert not_started["status"] == "not started" and "+callbacks.sigterm.where=none" in not_started["overrides"]
 
 
+def test_a_sweep_stopped_by_sigterm_after_a_jobs_fit_lists_the_whole_job_and_those_it_never_started(tmp_path):
+    """Raised after the fit (here while train() read the callbacks' summaries), the SIGTERM cut the job's summary
+    short: its row said "before the first training step", with no steps, though the job had trained."""
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", *TINY, TWO_STEPS, "+callbacks.sigterm._target_=tests.test_train._SigtermIn",
+                      "+callbacks.sigterm.where=summary,none", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 143, (result.stdout + result.stderr)[-3000:]
+    assert "the sweep was stopped in job 0" in result.stderr and "job 1 never started" in result.stderr
+    stopped, not_started = _rows(sweep)
+    assert (stopped["status"], stopped["error"], stopped["steps"]) == (
+        "interrupted", "SIGTERM after training finished: the summary is complete, the run ends here (exit 143)", "2")
+    assert not_started["status"] == "not started" and "+callbacks.sigterm.where=none" in not_started["overrides"]
+
+
 def test_a_sweep_rerun_into_its_directory_sets_the_earlier_jobs_files_aside(tmp_path):
     """The earlier sweep's best checkpoint stayed beside the new one and its log ran on into the new log. A job
     resuming from a checkpoint in its own directory keeps that directory as it is."""
@@ -199,3 +213,35 @@ def test_a_ddp_sweep_ends_after_a_failed_job_and_names_the_rank_that_failed(tmp_
     assert (not_started["status"], not_started["error"]) == (
         "not started", "not started: a DDP job failed and left its process group broken; rerun these jobs")
     assert "+callbacks.fail_at.rank=5" in not_started["overrides"].split()
+
+
+DDP_SWEEP = ["recipe=bert_split", "trainer.accelerator=cpu", "trainer.devices=2", "+trainer.strategy=ddp", TWO_STEPS,
+             "trainer.val_check_interval=2", "data.train_size=64", "data.val_size=16", "model.hidden=16",
+             "model.layers=1", "callbacks.memory_profiler=null", "callbacks.progress_bar=null",
+             "trainer.num_sanity_val_steps=0"]
+
+
+def test_a_ddp_sweep_goes_on_after_a_rank_failed_once_its_fit_had_returned(tmp_path):
+    """Every rank's fit ended whole and rank 1 went on to the next job: rank 0, told through the store, is to fail
+    the job and go on with it, not end the sweep on a process group no failure broke."""
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", *DDP_SWEEP, "+callbacks.late._target_=tests.test_train._FailInSummaryOnRank",
+                      "+callbacks.late.rank=1,5", f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+    failed, ok = _rows(sweep)
+    assert (failed["status"], failed["error"], failed["steps"]) == (
+        "failed", "another rank failed: rank 1 (train_ddp_process_1.log): RuntimeError: failure injected on rank 1 "
+        "after the fit", "2")
+    assert ok["status"] == "ok" and "+callbacks.late.rank=5" in ok["overrides"].split()
+
+
+def test_a_ddp_sweep_goes_on_after_a_job_refused_before_its_fit(tmp_path):
+    """A job its config checks refuse (threads=0) fails alike on every rank before any collective, the process group
+    left whole: the sweep ended there all the same, its later jobs "not started" with a broken group as the reason."""
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", *DDP_SWEEP, "threads=1,0,1", f"hydra.sweep.dir={sweep}", cwd=ROOT, threads=None)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+    assert "1 of 3 jobs failed (job 1)" in result.stderr
+    rows = _rows(sweep)
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed"), ("2", "ok")], rows
+    assert rows[1]["error"].startswith("ValueError: hetrain: threads=0 must be a positive whole number")

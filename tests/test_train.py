@@ -20,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import hetrain.nn
@@ -640,7 +641,7 @@ def test_a_stopped_runs_summary_names_the_checkpoint_and_counts_its_steps_and_sa
 class _SigtermIn(pl.Callback):
     """Sends SIGTERM to this process before training starts: when built (``"build"``, in build(), before the fit) or
     in its setup hook (``"setup"``, inside the fit beside the data's setup, before Lightning's handler is in place);
-    ``"none"`` sends nothing."""
+    or after the fit, when train() reads the callbacks' summaries (``"summary"``); ``"none"`` sends nothing."""
 
     def __init__(self, where: str) -> None:
         self.where = where
@@ -650,6 +651,13 @@ class _SigtermIn(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.where == "setup":
             os.kill(os.getpid(), signal.SIGTERM)
+
+    @property
+    def summary(self) -> dict | None:
+        if self.where != "summary":
+            return None
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
 
 
 @pytest.mark.parametrize("where", ["build", "setup"])
@@ -675,6 +683,54 @@ def test_a_sigterm_before_training_ends_the_run_with_its_summary_and_143(tmp_pat
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["status"], summary["error"]) == (
         "interrupted", "SIGTERM before the first training step: nothing trained, nothing saved")
+
+
+class _FailInSummaryOnRank(pl.Callback):
+    """Raises on rank ``rank`` when train() reads the callbacks' summaries, after the fit returned."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    @property
+    def summary(self) -> None:
+        if self.rank == rank_zero_only.rank:
+            raise RuntimeError(f"failure injected on rank {self.rank} after the fit")
+
+
+def _sigterm_then(fn):
+    def sigterm_first(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return fn(*args, **kwargs)
+
+    return sigterm_first
+
+
+@pytest.mark.parametrize("where", ["best_checkpoint", "loader_summary", "callback_summary", "missing_metric"])
+def test_a_sigterm_after_the_fit_writes_the_whole_summary_marked_interrupted_and_exits_143(tmp_path, monkeypatch,
+                                                                                           where):
+    """Raised from run()'s handler, the SIGTERM cut the summary short: after the fit's own summary it said "before
+    the first training step" with no steps, and in run()'s tail (the missing metric's check) none was written."""
+    import hetrain.train as train_module
+    from hetrain.data.datamodule import RingDataModule
+
+    if where == "best_checkpoint":
+        monkeypatch.setattr(train_module, "_best_checkpoint", _sigterm_then(train_module._best_checkpoint))
+    elif where == "loader_summary":
+        monkeypatch.setattr(RingDataModule, "loader_summary", _sigterm_then(RingDataModule.loader_summary))
+    elif where == "missing_metric":
+        monkeypatch.setattr(train_module, "_missing_metric", _sigterm_then(train_module._missing_metric))
+    sigterm_in = "summary" if where == "callback_summary" else "none"
+    cfg = compose_train("recipe=bert_split", "data.train_size=32", "data.val_size=16", "model.hidden=16",
+                        "trainer.max_steps=2", "trainer.enable_progress_bar=false", "callbacks.memory_profiler=null",
+                        f"+callbacks.sigterm._target_={__name__}.{_SigtermIn.__qualname__}",
+                        f"+callbacks.sigterm.where={sigterm_in}", output_dir=tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        run(cfg)
+    assert stopped.value.code == 143
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["status"], summary["error"], summary["steps"]) == (
+        "interrupted", "SIGTERM after training finished: the summary is complete, the run ends here (exit 143)", 2)
+    assert "data" in summary and "cpu_malloc" in summary  # the summary train() builds after the fit, whole
 
 
 def test_a_fit_that_fails_closes_its_ring_loaders(tmp_path):

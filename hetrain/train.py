@@ -77,7 +77,9 @@ _SIGTERM_AFTER_FIT = "SIGTERM after training finished: the summary is complete, 
 class _FitState:
     """Where this process's current run() stands with its fit, for what a failure or a SIGTERM may end."""
 
-    running: bool = False  # inside trainer.fit: a failure may leave the process group broken for a sweep's next job
+    # Between the config checks and trainer.fit's return: a failure may come on one rank alone, or leave the process
+    # group broken, for a sweep's next job.
+    running: bool = False
     returned: bool = False  # trainer.fit returned: a SIGTERM is recorded (``sigterm``), the run finishes its summary
     sigterm: bool = False
 
@@ -415,6 +417,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the experiment ``cfg`` describes; returns the measured part of the summary."""
     check_config(cfg)  # before the seed and the backends are applied (build() checks again, cheaply)
     _check_steps_left(cfg)
+    # Past the checks every rank makes alike: a failure from here on may come on one rank alone (a node's file,
+    # device or memory in build()), which under DDP leaves the ranks out of step for a sweep's next job.
+    _fit.running = True
     with cpu_memory.host_memory(cfg.get("cpu_malloc", "keep")) as cpu_malloc, _torch_threads_restored():
         log.info(f"Host memory: {cpu_malloc.description}")
         host_cache_at_start = cpu_memory.stats()
@@ -429,7 +434,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(f"Resuming from {ckpt_path}" if ckpt_path else "Starting training")
         os.environ[_LAUNCHER_PID] = str(os.getpid())  # inherited by the ranks the fit launches: _end_with_launcher
         fitted = False
-        _fit.running = True
         try:
             parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
             fitted = True
@@ -755,8 +759,8 @@ def _run(cfg: DictConfig) -> float | None:
         cause = _root_cause(exc)
         error = f"{type(cause).__name__}: {cause}"
         _log_failure(exc, error, info.get("log"))
-        # Only a failure inside this job's fit can leave the group broken: one before it (the config's checks,
-        # build()) or after it returned happens alike on every rank, or leaves the others' collectives whole.
+        # A failure in the config's checks happens alike on every rank, and one after the fit returned leaves the
+        # others' collectives whole: only one between them (build(), the fit) ends a DDP sweep.
         in_group = _tell_other_ranks(run_number, error, info.get("log"), leaves_sweep=_fit.running)
         if rank_zero_only.rank == 0:
             other_ranks = _other_ranks(error, info.get("log"), rank_logs_before)
@@ -767,6 +771,9 @@ def _run(cfg: DictConfig) -> float | None:
                                **({"other_ranks": other_ranks} if other_ranks else {})}, output_dir)
         if in_group and _fit.running:
             _end_broken_sweep()
+        if _fit.sigterm:  # a SIGTERM after the fit, then this failure: the run still ends as the signal asked (143)
+            _end_stopped_sweep()
+            raise SystemExit(_exit_code("SIGTERM")) from exc
         if not _in_sweep():
             raise
         summary = None

@@ -744,3 +744,17 @@ def test_checkpointing_a_stage_whose_batchnorm_keeps_no_statistics_is_allowed(tm
     trainer.fit(ClassificationTask(model, num_classes=3), DataLoader(rows, batch_size=4))
     assert seen == [frozenset({"layer1"})] * 2
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # frozen: the stats never moved
+
+
+class _FieldByField(tuple):
+    """A tuple subclass built from its fields one by one, the usual way to write one."""
+
+    def __new__(cls, *fields):
+        return super().__new__(cls, fields)
+
+
+def test_to_device_rebuilds_a_tuple_taking_its_fields_one_by_one_as_a_plain_tuple():
+    """_FieldByField(moved) took the list of moved items as its one field: the next stage got a 1-tuple holding a
+    list, and only where the stages were on different devices."""
+    moved = to_device(_FieldByField(torch.ones(2), torch.zeros(3)), torch.device("meta"))
+    assert type(moved) is tuple and [t.device.type for t in moved] == ["meta", "meta"]

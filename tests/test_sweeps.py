@@ -235,6 +235,20 @@ def test_a_ddp_sweep_goes_on_after_a_rank_failed_once_its_fit_had_returned(tmp_p
     assert ok["status"] == "ok" and "+callbacks.late.rank=5" in ok["overrides"].split()
 
 
+def test_a_ddp_sweep_ends_after_a_job_that_failed_building_on_one_rank(tmp_path):
+    """build() may fail on one rank alone (a node's file, device or memory): that rank went on to the next job while
+    rank 0 trained the failed one, their collectives mixing two jobs' steps."""
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", *DDP_SWEEP, "+callbacks.bf._target_=tests.test_train._FailInBuildOnRank",
+                      "+callbacks.bf.rank=5,1,5", f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+    ok, failed, not_started = _rows(sweep)
+    assert ok["status"] == "ok"
+    assert failed["status"] == "failed" and "failure injected on rank 1 in build" in failed["error"], failed
+    assert (not_started["status"], not_started["error"]) == (
+        "not started", "not started: a DDP job failed and left its process group broken; rerun these jobs")
+
+
 def test_a_ddp_sweep_goes_on_after_a_job_refused_before_its_fit(tmp_path):
     """A job its config checks refuse (threads=0) fails alike on every rank before any collective, the process group
     left whole: the sweep ended there all the same, its later jobs "not started" with a broken group as the reason."""

@@ -733,6 +733,36 @@ def test_a_sigterm_after_the_fit_writes_the_whole_summary_marked_interrupted_and
     assert "data" in summary and "cpu_malloc" in summary  # the summary train() builds after the fit, whole
 
 
+class _SigtermThenFail(pl.Callback):
+    """Sends SIGTERM, then fails, when train() reads the callbacks' summaries after the fit."""
+
+    @property
+    def summary(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("summary failed after the SIGTERM")
+
+
+def test_a_sigterm_after_the_fit_still_ends_the_run_143_when_a_failure_follows(tmp_path):
+    """Recorded after the fit, the SIGTERM was lost when the summary then failed: the run exited 1 (a sweep went on
+    to its next job) where the scheduler's signal asked it to end, 143."""
+    cfg = compose_train("recipe=bert_split", "data.train_size=32", "data.val_size=16", "model.hidden=16",
+                        "trainer.max_steps=2", "trainer.enable_progress_bar=false", "callbacks.memory_profiler=null",
+                        f"+callbacks.late._target_={__name__}.{_SigtermThenFail.__qualname__}", output_dir=tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        run(cfg)
+    assert stopped.value.code == 143
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["status"], summary["error"]) == ("failed", "RuntimeError: summary failed after the SIGTERM")
+
+
+class _FailInBuildOnRank(pl.Callback):
+    """Raises on rank ``rank`` when built (in build(), before the fit): a failure on one rank alone."""
+
+    def __init__(self, rank: int) -> None:
+        if rank == rank_zero_only.rank:
+            raise RuntimeError(f"failure injected on rank {rank} in build")
+
+
 def test_a_fit_that_fails_closes_its_ring_loaders(tmp_path):
     """Lightning calls no datamodule teardown when the fit raises: the ring's producer threads and slots lived on,
     into a sweep's next job, until the garbage collector found them (not called here)."""

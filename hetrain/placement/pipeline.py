@@ -134,9 +134,17 @@ def _rebuilt(x: Any, moved: Any, plain: type) -> Any:
     ``BatchEncoding`` keeps attribute access to its keys), else in the plain container: a ``DictConfig`` holds no
     tensors, and a tuple subclass may take its fields one by one."""
     try:
-        return type(x)(moved)
+        rebuilt = type(x)(moved)
     except Exception:  # any constructor that refuses the items, whatever it raises
         return plain(moved)
+    # A constructor that took the items as something else (one field of a tuple subclass built field by field)
+    # would hand the next stage another structure: only one holding exactly the moved items stands.
+    if isinstance(moved, dict):
+        kept = isinstance(rebuilt, Mapping) and list(rebuilt.keys()) == list(moved) and all(
+            rebuilt[key] is value for key, value in moved.items())
+    else:
+        kept = len(rebuilt) == len(moved) and all(a is b for a, b in zip(rebuilt, moved, strict=True))
+    return rebuilt if kept else plain(moved)
 
 
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

@@ -80,8 +80,9 @@ class _FitState:
     # Between the config checks and trainer.fit's return: a failure may come on one rank alone, or leave the process
     # group broken, for a sweep's next job.
     running: bool = False
-    returned: bool = False  # trainer.fit returned: a SIGTERM is recorded (``sigterm``), the run finishes its summary
+    returned: bool = False  # training ended: a SIGTERM is recorded (``sigterm``), the run finishes its summary
     sigterm: bool = False
+    run: int = -1  # this process's count of run() calls: every rank of a DDP sweep is to be on the same
 
 
 _fit = _FitState()  # reset by run()
@@ -210,6 +211,30 @@ class _WindowCheck(pl.Callback):
             problem = _validation_inside_window(trainer)
             if problem is not None:
                 raise ValueError(problem)
+
+
+class _RunInStep(pl.Callback):
+    """Keeps every rank of a DDP sweep on one job, and says when training has ended.
+
+    A rank that failed a job alone before its process group existed (build() in a sweep's first job) went on to the
+    next job, whose fit joined rank 0's fit of the failed one: their collectives mixed two jobs' steps. Each rank's
+    count of runs is compared with rank 0's once the group is up, before any step. Training's end is where a SIGTERM
+    is only recorded: the fit's closing hooks (on_fit_end, teardown: the memory report) run under run()'s handler,
+    and what they end is a whole training, whose summary is to be written.
+    """
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            theirs = trainer.strategy.broadcast(_fit.run, src=0)
+            if theirs != _fit.run:
+                raise RuntimeError(f"hetrain: this rank is on run {_fit.run} of this process and rank 0 on run "
+                                   f"{theirs}: a rank failed a job alone before its fit (see that rank's log) and "
+                                   "went on to the next; the sweep ends here, rerun the jobs left")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _fit.returned = True
 
 
 def _validation_inside_window(trainer: pl.Trainer) -> str | None:
@@ -406,7 +431,8 @@ def build(cfg: DictConfig) -> Parts:
     precision = trainer_precision(cfg.trainer.precision, _devices_in_use(cfg))
     # With every ModelCheckpoint set to null Lightning would add its own, writing where the run did not ask.
     saving = {} if any(isinstance(c, ModelCheckpoint) for c in callbacks.values()) else {"enable_checkpointing": False}
-    trainer = _instantiate(cfg.trainer, "trainer", callbacks=[_WindowCheck(), *callbacks.values(), recorder],
+    trainer = _instantiate(cfg.trainer, "trainer",
+                           callbacks=[_RunInStep(), _WindowCheck(), *callbacks.values(), recorder],
                            logger=logger, **precision, **saving)
     # What the Trainer runs, which Lightning may have changed: 16-mixed on a CPU becomes bf16-mixed.
     log.info(f"Precision: {precision['plugins'][0] if 'plugins' in precision else trainer.precision}")
@@ -716,9 +742,14 @@ def run(cfg: DictConfig) -> float | None:
         return _run(cfg)
     previous = signal.signal(signal.SIGTERM, _sigterm_ends_the_run)
     try:
-        return _run(cfg)
+        value = _run(cfg)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    if _fit.sigterm:  # recorded after _run last looked (freeing a failed job's model, returning): it ends here
+        log.warning(f"hetrain: {_SIGTERM_AFTER_FIT}")
+        _end_stopped_sweep()
+        raise SystemExit(_exit_code("SIGTERM"))
+    return value
 
 
 def _sigterm_ends_the_run(signum: int, frame: FrameType | None) -> None:
@@ -745,7 +776,7 @@ def _run(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.output_dir)
     info = _run_info()
     rank_logs_before = _rank_logs(info.get("log"))
-    run_number = next(_runs)
+    run_number = _fit.run = next(_runs)
     try:
         summary = {"status": "ok", **info, **train(cfg)}
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns a Ctrl-C it stops at once into exit(1)

@@ -235,16 +235,19 @@ def test_a_ddp_sweep_goes_on_after_a_rank_failed_once_its_fit_had_returned(tmp_p
     assert ok["status"] == "ok" and "+callbacks.late.rank=5" in ok["overrides"].split()
 
 
-def test_a_ddp_sweep_ends_after_a_job_that_failed_building_on_one_rank(tmp_path):
+@pytest.mark.parametrize("ranks", ["5,1,5", "1,5"])
+def test_a_ddp_sweep_ends_after_a_job_that_failed_building_on_one_rank(tmp_path, ranks):
     """build() may fail on one rank alone (a node's file, device or memory): that rank went on to the next job while
-    rank 0 trained the failed one, their collectives mixing two jobs' steps."""
+    rank 0 trained the failed one, their collectives mixing two jobs' steps; in the sweep's first job too, before
+    the process group existed."""
     sweep = tmp_path / "sweep"
     result = train_py("-m", *DDP_SWEEP, "+callbacks.bf._target_=tests.test_train._FailInBuildOnRank",
-                      "+callbacks.bf.rank=5,1,5", f"hydra.sweep.dir={sweep}", cwd=ROOT)
+                      f"+callbacks.bf.rank={ranks}", f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
-    ok, failed, not_started = _rows(sweep)
-    assert ok["status"] == "ok"
-    assert failed["status"] == "failed" and "failure injected on rank 1 in build" in failed["error"], failed
+    *ok, failed, not_started = _rows(sweep)
+    assert [row["status"] for row in ok] == ["ok"] * (ranks == "5,1,5")
+    assert (failed["status"], failed["error"]) == (
+        "failed", "another rank failed: train_ddp_process_1.log: RuntimeError: failure injected on rank 1 in build")
     assert (not_started["status"], not_started["error"]) == (
         "not started", "not started: a DDP job failed and left its process group broken; rerun these jobs")
 

@@ -652,6 +652,10 @@ class _SigtermIn(pl.Callback):
         if self.where == "setup":
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.where == "fit_end":
+            os.kill(os.getpid(), signal.SIGTERM)
+
     @property
     def summary(self) -> dict | None:
         if self.where != "summary":
@@ -705,7 +709,8 @@ def _sigterm_then(fn):
     return sigterm_first
 
 
-@pytest.mark.parametrize("where", ["best_checkpoint", "loader_summary", "callback_summary", "missing_metric"])
+@pytest.mark.parametrize("where", ["fit_end", "best_checkpoint", "loader_summary", "callback_summary",
+                                   "missing_metric"])
 def test_a_sigterm_after_the_fit_writes_the_whole_summary_marked_interrupted_and_exits_143(tmp_path, monkeypatch,
                                                                                            where):
     """Raised from run()'s handler, the SIGTERM cut the summary short: after the fit's own summary it said "before
@@ -719,7 +724,7 @@ def test_a_sigterm_after_the_fit_writes_the_whole_summary_marked_interrupted_and
         monkeypatch.setattr(RingDataModule, "loader_summary", _sigterm_then(RingDataModule.loader_summary))
     elif where == "missing_metric":
         monkeypatch.setattr(train_module, "_missing_metric", _sigterm_then(train_module._missing_metric))
-    sigterm_in = "summary" if where == "callback_summary" else "none"
+    sigterm_in = {"callback_summary": "summary", "fit_end": "fit_end"}.get(where, "none")
     cfg = compose_train("recipe=bert_split", "data.train_size=32", "data.val_size=16", "model.hidden=16",
                         "trainer.max_steps=2", "trainer.enable_progress_bar=false", "callbacks.memory_profiler=null",
                         f"+callbacks.sigterm._target_={__name__}.{_SigtermIn.__qualname__}",

@@ -794,7 +794,10 @@ def _run(cfg: DictConfig) -> float | None:
         # others' collectives whole: only one between them (build(), the fit) ends a DDP sweep.
         in_group = _tell_other_ranks(run_number, error, info.get("log"), leaves_sweep=_fit.running)
         if rank_zero_only.rank == 0:
-            other_ranks = _other_ranks(error, info.get("log"), rank_logs_before)
+            # The logs name a rank that failed first; one that failed before this run looked at them (a sweep's
+            # rank 1 failing its job's build while rank 0 still wrote the last job's summary) told the store.
+            other_ranks = _other_ranks(error, info.get("log"), rank_logs_before) or (
+                _told_failures(run_number) if any(words in error for words in _PEER_ENDED) else {})
             if other_ranks:
                 log.error("hetrain: another rank ended first; their logs say: "
                           + "; ".join(f"{name}: {ended}" for name, ended in other_ranks.items()))
@@ -934,6 +937,24 @@ def _failed_other_ranks(run_number: int, log_file: str | None) -> tuple[dict[str
             failed[outcome["rank"]] = outcome["error"]
             left = left or outcome["leaves_sweep"]
     return failed, left
+
+
+def _told_failures(run_number: int) -> dict[str, str]:
+    """The failures of run ``run_number`` other ranks have told through the store so far, without waiting."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {}
+    told = {}
+    for rank in range(dist.get_world_size()):
+        key = _outcome_key(run_number, rank)
+        try:
+            if rank == dist.get_rank() or not _store().check([key]):
+                continue
+            outcome = json.loads(_store().get(key))
+        except RuntimeError:  # the store cannot be read: the logs said what they could
+            continue
+        if outcome["error"] is not None:
+            told[outcome["rank"]] = outcome["error"]
+    return told
 
 
 def _store() -> dist.Store:

@@ -310,15 +310,20 @@ def _read_non_finite(record: dict[str, Any]) -> dict[str, Any]:
             for key, value in record.items()}
 
 
-def _write_whole(path: Path, text: str) -> None:
-    """Writes ``path`` through a temporary file renamed over it: a full disk leaves the old file or none, never a
-    cut one (an empty summary.json failed the sweep's table)."""
-    partial = path.with_name(f".{path.name}.partial")
+def save_whole(path: Path, save: Callable[[Path], object]) -> None:
+    """``save`` writes a temporary file beside ``path`` (with its suffix, which may pick the format), renamed over
+    it: a full disk or a failing writer leaves the old file or none, never a cut one (an empty summary.json failed
+    the sweep's table), and a reader never sees half a file."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
-        partial.write_text(text)
+        save(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _write_whole(path: Path, text: str) -> None:
+    save_whole(path, lambda partial: partial.write_text(text))
 
 
 def error_headline(error: str) -> str:

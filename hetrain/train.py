@@ -898,7 +898,7 @@ def _end_broken_sweep() -> None:
 def _tell_other_ranks(run_number: int, error: str | None, log_file: str | None, leaves_sweep: bool = False) -> bool:
     """Writes this rank's outcome of run ``run_number`` for the other ranks, and whether it leaves the sweep there;
     False outside a process group of several ranks (nothing to tell, and no group a failure could have broken)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _in_group():
         return False
     rank = dist.get_rank()
     # Under torchrun every rank logs to the same file: the rank says which one failed.
@@ -927,7 +927,7 @@ def _failed_other_ranks(run_number: int, log_file: str | None) -> tuple[dict[str
         key = _outcome_key(run_number, rank)
         try:
             _store().wait([key], timedelta(seconds=max(deadline - time.monotonic(), 0.1)))
-            outcome = json.loads(_store().get(key))
+            outcome = _read_outcome(key)
         except RuntimeError as exc:  # not told in time, or the store's rank 0 is gone
             failed[f"rank {rank}"] = (f"no outcome from rank {rank} within {_OUTCOME_WAIT_S:.0f} s of this rank "
                                       f"finishing ({type(exc).__name__}; killed? see the end of its log)")
@@ -941,7 +941,7 @@ def _failed_other_ranks(run_number: int, log_file: str | None) -> tuple[dict[str
 
 def _told_failures(run_number: int) -> dict[str, str]:
     """The failures of run ``run_number`` other ranks have told through the store so far, without waiting."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _in_group():
         return {}
     told = {}
     for rank in range(dist.get_world_size()):
@@ -949,12 +949,22 @@ def _told_failures(run_number: int) -> dict[str, str]:
         try:
             if rank == dist.get_rank() or not _store().check([key]):
                 continue
-            outcome = json.loads(_store().get(key))
+            outcome = _read_outcome(key)
         except RuntimeError:  # the store cannot be read: the logs said what they could
             continue
         if outcome["error"] is not None:
             told[outcome["rank"]] = outcome["error"]
     return told
+
+
+def _in_group() -> bool:
+    """Whether this process is one rank of a process group of several."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _read_outcome(key: str) -> dict[str, Any]:
+    """A rank's outcome as :func:`_tell_other_ranks` wrote it."""
+    return json.loads(_store().get(key))
 
 
 def _store() -> dist.Store:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from hetrain.placement import CostModel, PlacementPlan, available_devices, measu
 from hetrain.placement.chain import OBJECTIVES
 from hetrain.placement.pipeline import micro_batch_count, shared_across_devices
 from hetrain.placement.plan import held_device, hook_inputs, parse_device, read_plan, resolve_plan
+from hetrain.report import save_whole
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,21 +105,14 @@ class RunCosts:
 
     def save(self, directory: Path) -> None:
         """``placement_costs.json`` (whole batch) and, when measured, ``placement_costs_micro.json``."""
-        _save_atomically(self.whole.save, directory / "placement_costs.json")
+        save_whole(directory / "placement_costs.json", self.whole.save)
         if self.micro is not None:
-            _save_atomically(self.micro.save, directory / "placement_costs_micro.json")
+            save_whole(directory / "placement_costs_micro.json", self.micro.save)
 
 
 def _expand(merged: Mapping[str, str], runs_in: Mapping[str, str]) -> dict[str, str]:
     """A plan for merged stages as one for every stage: each on the device of the stage it runs in."""
     return {stage: merged[head] for stage, head in runs_in.items()}
-
-
-def _save_atomically(save: Callable[[Path], Any], path: Path) -> None:
-    """``save(path)`` through a temporary file beside it renamed over it, so a reader never sees half a file."""
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # the suffix picks PlacementPlan.save's format
-    save(partial)
-    os.replace(partial, path)
 
 
 class StagePlacement(Callback):
@@ -205,7 +198,7 @@ class StagePlacement(Callback):
         plan = costs.best_plan()
         if self.save_dir is not None:
             Path(self.save_dir).mkdir(parents=True, exist_ok=True)
-            _save_atomically(plan.save, Path(self.save_dir) / "placement_plan.yaml")
+            save_whole(Path(self.save_dir) / "placement_plan.yaml", plan.save)
             costs.save(Path(self.save_dir))
         return plan, costs.micro_batches if costs.split(plan.devices) else 1
 

@@ -939,22 +939,27 @@ def _failed_other_ranks(run_number: int, log_file: str | None) -> tuple[dict[str
     return failed, left
 
 
-def _told_failures(run_number: int) -> dict[str, str]:
-    """The failures of run ``run_number`` other ranks have told through the store so far, without waiting."""
+def _told_failures(run_number: int, wait_s: float = 5.0) -> dict[str, str]:
+    """The failures of run ``run_number`` other ranks have told through the store, waiting up to ``wait_s`` for the
+    first: the rank whose failure closed this one's connection logs it and tells the store a moment later."""
     if not _in_group():
         return {}
-    told = {}
-    for rank in range(dist.get_world_size()):
-        key = _outcome_key(run_number, rank)
-        try:
-            if rank == dist.get_rank() or not _store().check([key]):
-                continue
-            outcome = _read_outcome(key)
-        except RuntimeError:  # the store cannot be read: the logs said what they could
-            continue
-        if outcome["error"] is not None:
-            told[outcome["rank"]] = outcome["error"]
-    return told
+    deadline = time.monotonic() + wait_s
+    while True:
+        told = {}
+        for rank in range(dist.get_world_size()):
+            key = _outcome_key(run_number, rank)
+            try:
+                if rank == dist.get_rank() or not _store().check([key]):
+                    continue
+                outcome = _read_outcome(key)
+            except RuntimeError:  # the store cannot be read: the logs said what they could
+                return {}
+            if outcome["error"] is not None:
+                told[outcome["rank"]] = outcome["error"]
+        if told or time.monotonic() > deadline:
+            return told
+        time.sleep(0.1)
 
 
 def _in_group() -> bool:

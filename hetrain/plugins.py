@@ -135,26 +135,51 @@ def _scope() -> Iterator[None]:
             _scopes_open -= 1
 
 
-def _names(value: str | Iterable[str]) -> tuple[str, ...]:
-    """A lone string as one name: ``devices="npu"`` would otherwise be the devices 'n', 'p' and 'u'; an empty one
-    as none, as an empty list (``configure(prefer="")``, a recipe's ``prefer: ''``)."""
+def _names(value: str | torch.device | Iterable[str | torch.device]) -> tuple[Any, ...]:
+    """A lone string or torch.device as one name: ``devices="npu"`` would otherwise be the devices 'n', 'p' and 'u';
+    an empty string as none, as an empty list (``configure(prefer="")``, a recipe's ``prefer: ''``)."""
     if isinstance(value, str):
         return (value,) if value else ()
+    if isinstance(value, torch.device):
+        return (value,)
     return tuple(value)
+
+
+# A device type as ``tensor.device.type`` gives it, which is what a call asks for: lower case, without an index.
+_DEVICE_TYPE = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def _device_types(entries: tuple[object, ...], what: str, where: str) -> tuple[object, ...]:
+    """``entries`` of ``register``'s ``devices`` or ``opt_in`` as device types, a torch.device without an index as its
+    type. Refuses one naming a single device ('cuda:1') or spelled otherwise ('CPU'): it was taken, then matched no
+    call, and the backend was silently never picked (or, in ``opt_in``, picked automatically after all). Entries
+    that are no string are left to ``_check_plugin``'s own refusal."""
+    types = []
+    for entry in entries:
+        text = str(entry) if isinstance(entry, torch.device) else entry  # torch.device("cuda", 1) reads 'cuda:1'
+        if isinstance(text, str) and text and not _DEVICE_TYPE.fullmatch(text):
+            named = text.partition(":")[0].strip().lower()
+            use = repr(named) if _DEVICE_TYPE.fullmatch(named) else "e.g. 'cuda'"
+            raise ValueError(f"{where}: {what} entry {entry!r} is not a device type: a backend serves every device of "
+                             f"a type, named as tensor.device.type names it (lower case, no index); use {use}")
+        types.append(text)
+    return tuple(types)
 
 
 def register(
     op: str,
     name: str,
-    devices: str | tuple[str, ...] | list[str],
+    devices: str | torch.device | tuple[str | torch.device, ...] | list[str | torch.device],
     impl: Any,
     priority: int = 0,
     available: Callable[[], bool | str] | None = None,
-    opt_in: str | tuple[str, ...] | list[str] = (),
+    opt_in: str | torch.device | tuple[str | torch.device, ...] | list[str | torch.device] = (),
 ) -> Backend:
-    """Adds (or replaces) backend ``name`` of ``op``; higher ``priority`` wins among available ones."""
-    devices, opt_in = _names(devices), _names(opt_in)
-    _check_plugin(op, name, devices, impl, priority, available, opt_in)
+    """Adds (or replaces) backend ``name`` of ``op``; higher ``priority`` wins among available ones.
+
+    ``devices`` and ``opt_in`` name device types ('cuda', or ``torch.device("cuda")``), not single devices.
+    """
+    devices, opt_in = _check_plugin(op, name, _names(devices), impl, priority, available, _names(opt_in))
     backend = Backend(op, name, devices, impl, priority, available or (lambda: True), opt_in)
     with _lock:
         _registry.setdefault(op, {})[name] = backend
@@ -163,13 +188,15 @@ def register(
 
 
 def _check_plugin(op: object, name: object, devices: tuple[object, ...], impl: object, priority: object,
-                  available: object, opt_in: tuple[object, ...]) -> None:
-    """Refuses a malformed backend where it is registered: it would otherwise fail at the op's calls, far away."""
+                  available: object, opt_in: tuple[object, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Refuses a malformed backend where it is registered: it would otherwise fail at the op's calls, far away.
+    Returns its ``devices`` and ``opt_in`` as device types."""
     where = f"hetrain.plugins.register({op!r}, {name!r}, ...)"
     for what, value in (("op", op), ("name", name)):
         if not isinstance(value, str) or not value or _NOT_IN_A_NAME.search(value) or "," in value:
             raise ValueError(f"{where}: {what} must be a non-empty string without whitespace or any of ',;:=' "
                              f"(HETRAIN_BACKEND could not name it), got {value!r}")
+    devices, opt_in = _device_types(devices, "devices", where), _device_types(opt_in, "opt_in", where)
     if not devices or not all(isinstance(d, str) and d for d in devices):
         raise ValueError(f"{where}: devices must name at least one device type, e.g. devices=('cpu',) or "
                          f"devices='npu', got {devices!r}")
@@ -182,6 +209,7 @@ def _check_plugin(op: object, name: object, devices: tuple[object, ...], impl: o
         raise ValueError(f"{where}: priority must be a number (higher wins), got {priority!r}")
     if available is not None and not callable(available):
         raise ValueError(f"{where}: available must be a callable returning True or a reason, got {available!r}")
+    return devices, opt_in  # type: ignore[return-value]  # each checked above to be a str
 
 
 def unregister(op: str, name: str) -> None:
@@ -517,8 +545,10 @@ def _describe(op: str) -> str:
     return ", ".join(parts) or "none"
 
 
-def candidates(op: str, device_type: str) -> list[Backend]:
+def candidates(op: str, device_type: str | torch.device) -> list[Backend]:
     """Backends that may run ``op`` on ``device_type``, in the order they are tried.
+
+    ``device_type`` may also be a device ('cuda:1', a torch.device): its type is what backends serve.
 
     A pinned backend is the only candidate; it must serve the device and be available. Otherwise the
     preferred backends come first (:func:`preferred`), then the rest by priority. Availability is probed
@@ -536,7 +566,7 @@ def candidates(op: str, device_type: str) -> list[Backend]:
     return _resolve(op, device_type)
 
 
-def _resolve(op: str, device_type: str) -> list[Backend]:
+def _resolve(op: str, device_type: str | torch.device) -> list[Backend]:
     generation = _generation
     pin = pinned(op)
     prefer = preferred()
@@ -552,7 +582,14 @@ def _resolve(op: str, device_type: str) -> list[Backend]:
     return found
 
 
-def _candidates(op: str, device_type: str, pin: str | None, prefer: tuple[str, ...] = ()) -> list[Backend]:
+def _device_type(device: str | torch.device) -> str:
+    """The device type a call on ``device`` asks for: ``torch.device("cuda", 1)`` and 'cuda:1' ask for 'cuda'."""
+    return device.type if isinstance(device, torch.device) else device.partition(":")[0]
+
+
+def _candidates(op: str, device: str | torch.device, pin: str | None, prefer: tuple[str, ...] = ()) -> list[Backend]:
+    # Read here, where a resolution is computed and then cached under the device as given, not on every call.
+    device_type = _device_type(device)
     every = backends(op)
     if pin is not None:
         chosen = next((b for b in every if b.name == pin), None)
@@ -590,12 +627,12 @@ def _interpreter_hint(pin: str, device_type: str) -> str:
     return ""
 
 
-def select(op: str, device_type: str) -> Backend:
-    """The backend a call of ``op`` on ``device_type`` would use first."""
+def select(op: str, device_type: str | torch.device) -> Backend:
+    """The backend a call of ``op`` on ``device_type`` would use first (a device, as in :func:`candidates`, too)."""
     return candidates(op, device_type)[0]
 
 
-def first_choice_entry(op: str, device_type: str, entry: str) -> Callable[..., Any] | None:
+def first_choice_entry(op: str, device_type: str | torch.device, entry: str) -> Callable[..., Any] | None:
     """``entry`` of the backend a call of ``op`` on ``device_type`` tries first, or None where it has none
     (or no backend serves the device: the call itself then says why)."""
     try:
@@ -647,7 +684,7 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def call(op: str, entry: str, device_type: str, *args: Any, **kwargs: Any) -> Any:
+def call(op: str, entry: str, device_type: str | torch.device, *args: Any, **kwargs: Any) -> Any:
     """Runs ``entry`` (e.g. ``"forward"``) of the best backend, falling back as the module docstring says."""
     tried = candidates(op, device_type)
     # A named range per fused op, so torch's profiler (and Nsight, under emit_nvtx) shows which ran where;

@@ -41,7 +41,7 @@ def op(monkeypatch):
     plugins.register(OP, "slow", ("cpu",), Good("slow"), priority=0)
     plugins.register(OP, "ghost", ("cpu",), Good("ghost"), priority=99, available=lambda: "driver missing")
     yield OP
-    for name in ("fast", "slow", "ghost", "broken", "outside"):
+    for name in ("fast", "slow", "ghost", "broken", "outside", "unserved"):
         plugins.unregister(OP, name)
     plugins.configure(pins={}, strict=None, prefer=[])
 
@@ -352,6 +352,24 @@ def test_a_lone_device_string_is_one_device(op):
     assert plugins.call(op, "forward", "npu", 1) == ("outside", 1)
 
 
+def test_a_torch_device_registers_as_its_type(op):
+    """``devices=torch.device("cpu")`` raised "'torch.device' object is not iterable"."""
+    assert plugins.register(op, "outside", torch.device("cpu"), Good("outside"), priority=90).devices == ("cpu",)
+    assert plugins.register(op, "outside", [torch.device("cpu"), "xla"], Good("outside"), priority=90).devices == (
+        "cpu", "xla")
+    assert plugins.select(op, "cpu").name == "outside"
+
+
+def test_a_device_given_where_a_call_asks_for_a_type_counts_as_its_type(op):
+    """``select(op, torch.device("cpu"))`` or ``"cpu:0"`` matched no backend: "no available backend serves device"."""
+    plugins.register(op, "outside", ("xla",), Good("outside"))
+    assert plugins.select(op, torch.device("cpu")).name == "fast"
+    assert plugins.select(op, "cpu:0").name == "fast"
+    assert "fast" in [b.name for b in plugins.candidates(op, torch.device("cuda", 1))]
+    assert plugins.call(op, "forward", torch.device("xla", 2), 1) == ("outside", 1)
+    assert plugins.first_choice_entry(op, "cpu:0", "forward")(2) == ("fast", 2)
+
+
 def test_the_fallback_warning_points_at_the_line_that_called_the_op(monkeypatch):
     import hetrain
 
@@ -462,6 +480,12 @@ def test_blocks_closed_out_of_order_take_off_their_own_pins_and_preferences(op):
     (dict(devices=()), "devices must name at least one device type"),
     (dict(devices=("cpu", 3)), "devices must name at least one device type"),
     (dict(opt_in=(None,)), "opt_in must name device types"),
+    # A backend serves a device type; these were taken and then never matched a call (opt_in: picked automatically).
+    (dict(devices="cuda:1"), r"devices entry 'cuda:1' is not a device type: .* \(lower case, no index\); use 'cuda'"),
+    (dict(devices=("cpu", "CPU")), r"devices entry 'CPU' is not a device type: .*; use 'cpu'"),
+    (dict(devices=torch.device("cuda", 1)), r"devices entry device\(type='cuda', index=1\) is not a device type: "
+                                            r".*; use 'cuda'"),
+    (dict(opt_in="cpu:0"), r"opt_in entry 'cpu:0' is not a device type: .*; use 'cpu'"),
     (dict(available=True), "available must be a callable"),
 ])
 def test_register_refuses_a_malformed_backend_naming_it(op, change, says):

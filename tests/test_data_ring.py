@@ -168,6 +168,48 @@ def test_a_producer_exception_reaches_the_loop_naming_the_sample():
         iter(loader).__next__()
 
 
+class Exits(Flaky):
+    """Sample ``at`` raises ``exc``, an exception that is not an Exception (sys.exit() in a dataset, say)."""
+
+    def __init__(self, n, at, exc):
+        super().__init__(n)
+        self.at, self.exc = at, exc
+
+    def __getitem__(self, i):
+        if i == self.at:
+            raise self.exc
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("exc", [SystemExit("the dataset called sys.exit"), KeyboardInterrupt()])
+def test_a_base_exception_in_the_dataset_reaches_the_loop_instead_of_hanging_it(exc, monkeypatch):
+    # It ended the producer thread without a word: the consumer waited forever (stall_timeout=inf), or reported
+    # a stall after stall_timeout.
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)  # no producer may die with a traceback
+    loader = RingLoader(Exits(8, at=3, exc=exc), [[0, 1], [2, 3], [4, 5], [6, 7]], collate=PadInto(10, 2),
+                        num_workers=2, stall_timeout=float("inf"))
+    seen, raised = [], []
+
+    def consume():
+        try:
+            for batch in loader:
+                seen.extend(batch["labels"].tolist())
+        except LoaderError as err:
+            raised.append(err)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(10)
+    hung = consumer.is_alive()
+    loader.close()  # ends a wait that would never end, so that the test fails instead of hanging
+    consumer.join(10)
+    assert not hung, "the consumer still waits for the batch whose producer ended"
+    assert len(raised) == 1 and f"failed on batch 1 at sample 3: {type(exc).__name__}" in str(raised[0]), raised
+    assert isinstance(raised[0].__cause__, type(exc))
+    assert seen == [0, 1] and failures == []
+
+
 def test_a_batch_larger_than_the_pad_into_slot_is_named():
     ds = Flaky(20)
     sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(20)], 10, shuffle=False)

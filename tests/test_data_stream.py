@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import threading
 import time
 
@@ -101,19 +103,84 @@ def test_a_sample_over_the_token_budget_is_named(workers):
                 list(loader)
 
 
-def test_a_stream_that_raises_fails_every_batch_from_there_whoever_read_it():
+@pytest.mark.parametrize("error", [ValueError, SystemExit])  # SystemExit: sys.exit() in the source, not an Exception
+def test_a_stream_that_raises_fails_every_batch_from_there_whoever_read_it(error):
     def batches():
         yield [1]
         yield [2]
-        raise ValueError("bad sample")
+        raise error("bad sample")
 
     stream = _Stream(iter(()), lambda samples: batches(), threading.Event())
     assert stream.batch(0, progress=lambda: None) == [1]
-    with pytest.raises(ValueError, match="bad sample"):
+    with pytest.raises(error, match="bad sample"):
         stream.batch(3, progress=lambda: None)  # a producer reading ahead: batch 1 is kept, batch 2 raises
     assert stream.batch(1, progress=lambda: None) == [2]
-    with pytest.raises(ValueError, match="bad sample"):
+    with pytest.raises(error, match="bad sample"):
         stream.batch(2, progress=lambda: None)  # not None: the broken generator is not the stream's end
+
+
+class ExitingStream(IterableDataset):
+    """Calls sys.exit() at sample ``at``: a SystemExit, which is not an Exception."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def __iter__(self):
+        for i in range(100):
+            if i == self.at:
+                sys.exit("the stream called sys.exit")
+            yield {"input_ids": torch.arange(1 + i % 3), "label": i}
+
+
+def test_sys_exit_in_the_stream_reaches_the_loop_instead_of_hanging_it():
+    # It ended the reading producer's thread without a word, its batch never came: with stall_timeout=inf the
+    # consumer waited forever.
+    loader = RingLoader(ExitingStream(at=9), StreamBatches(batch_size=4), collate=PadInto(12, 4), num_workers=2,
+                        stall_timeout=float("inf"))
+    seen, raised = [], []
+
+    def consume():
+        try:
+            for batch in loader:
+                seen.extend(batch["labels"].tolist())
+        except LoaderError as err:
+            raised.append(err)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(10)
+    hung = consumer.is_alive()
+    loader.close()  # ends a wait that would never end, so that the test fails instead of hanging
+    consumer.join(10)
+    assert not hung, "the consumer still waits for the batch whose producer ended"
+    assert len(raised) == 1, "the stream ended early, as if exhausted, without an error"
+    assert "batch 2 reading the stream: SystemExit: the stream called sys.exit" in str(raised[0])
+    assert seen == list(range(8))
+
+
+_STREAM_TO_ITS_END = """
+import torch
+from torch.utils.data import IterableDataset
+from hetrain.data.ring import PadInto, RingLoader, StreamBatches
+
+class Five(IterableDataset):
+    def __iter__(self):
+        for i in range(5):
+            yield {"input_ids": [1] * (i + 1), "label": i}
+
+with RingLoader(Five(), StreamBatches(batch_size=2), collate=PadInto(16, 2), num_workers=2) as loader:
+    print([batch["labels"].tolist() for batch in loader])
+"""
+
+
+def test_a_stream_ends_normally_with_cpp_stack_traces_on(monkeypatch):
+    # torch then appends a C++ backtrace to every error's text: the end-of-stream marker no longer matched exactly,
+    # and the end of the stream became a LoaderError. torch reads the setting once, hence a process of its own.
+    monkeypatch.setenv("TORCH_SHOW_CPP_STACKTRACES", "1")
+    monkeypatch.setenv("TORCH_DISABLE_ADDR2LINE", "1")  # unsymbolized frames: the backtrace, without the wait
+    run = subprocess.run([sys.executable, "-c", _STREAM_TO_ITS_END], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[[0, 1], [2, 3], [4]]"
 
 
 class GatedStream(IterableDataset):

@@ -54,6 +54,12 @@ _UNBOUNDED = 2**62  # batches announced to the ring for a stream: it ends where 
 _PAD_INTO_FIX = "PadInto writes integer token ids and labels: fix them in the dataset, or use CopyInto with a spec"
 
 
+def _is_end_of_stream(exc: RuntimeError) -> bool:
+    """Whether a batch failed as past the stream's end. Its first line only: with TORCH_SHOW_CPP_STACKTRACES=1
+    torch appends a C++ backtrace to the message."""
+    return str(exc).partition("\n")[0] == _END_OF_STREAM
+
+
 class LoaderError(RuntimeError):
     """A producer failed or stalled; the message names the producer and the sample, file or byte range."""
 
@@ -265,7 +271,7 @@ class _Stream:
         self.pending: dict[int, list[Any]] = {}
         self.read = 0  # batches taken from the iterator so far
         self.end: int | None = None  # the first batch number past the stream's end, once known
-        self.failure: Exception | None = None  # what the stream raised reading batch number ``read``
+        self.failure: BaseException | None = None  # what the stream raised reading batch number ``read``
         self.progress: Callable[[], None] = lambda: None  # the reading producer's, set while it holds the lock
 
     def _noted(self, samples: Iterator[Any]) -> Iterator[Any]:
@@ -297,7 +303,7 @@ class _Stream:
                 self.read += 1
             except StopIteration:
                 self.end = self.read
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit too: the generator is finished, and its end is no real end
                 self.failure = exc
                 raise
         return self.pending.pop(job, None)
@@ -363,7 +369,8 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
         except _Closed:
             shared.reading.pop(producer, None)
             return
-        except Exception as exc:  # every failure goes to the consumer, named
+        except BaseException as exc:  # every failure goes to the consumer, named; sys.exit() in the dataset too,
+            # which ended this thread silently: the consumer waited for its batch until stall_timeout, or forever
             shared.reading.pop(producer, None)
             shared.errors[job] = exc
             where = ("in the slot collate" if collating else "reading the stream" if shared.stream is not None
@@ -611,7 +618,7 @@ class RingLoader:
                     return tensors
         except RuntimeError as exc:
             stream = self._shared.stream
-            if str(exc) == _END_OF_STREAM and stream is not None and stream.end is not None and job >= stream.end:
+            if stream is not None and stream.end is not None and job >= stream.end and _is_end_of_stream(exc):
                 return None
             # A producer raised, stalled, or every slot is held: no thread is worth waiting for, as one still
             # inside a slow sample would delay the error by up to stall_timeout.

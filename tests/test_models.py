@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from hetrain.data.datamodule import SyntheticDataModule
-from hetrain.models.bert import BertClassifier
+from hetrain.data.packing import segment_attention_mask
+from hetrain.models.bert import BertClassifier, EncoderBlock
 from hetrain.models.task import ClassificationTask
 
 
@@ -57,6 +58,28 @@ def test_a_packed_four_dimensional_mask_is_refused_naming_the_blocks_that_take_i
         model(ids, torch.ones(1, 1, 8, 8, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("mask, message", [
+    # (B, T, T) broadcast against (B, heads, T, T): with B == heads, sequence b's mask went to head b.
+    (lambda m: m[:, 0], r"takes a \(B, T\) bool attention_mask, or \(B, 1, T, T\).*got \(2, 4, 4\).*\[:, None\]"),
+    (lambda m: m[:1], r"got \(1, 1, 4, 4\)"),  # another batch's mask
+    # A float 0/1 (B, T) mask was added to the scores: padded keys stayed visible.
+    (lambda m: m[:, 0, 0].float(), r"\(B, T\) attention_mask must be bool.*attention_mask\.bool\(\)"),
+], ids=["three_dims", "another_batch", "float_two_dims"])
+def test_an_encoder_block_refuses_a_mask_it_would_broadcast_wrongly(mask, message):
+    block = EncoderBlock(hidden=8, heads=2, ffn=16, dropout=0.0).eval()
+    packed = segment_attention_mask(torch.tensor([[1, 1, 2, 2], [1, 1, 1, 0]]))  # (B, 1, T, T) with B == heads
+    with pytest.raises(ValueError, match=message):
+        block(torch.randn(2, 4, 8), mask(packed))
+
+
+def test_an_encoder_block_takes_a_float_additive_packed_mask():
+    torch.manual_seed(0)
+    block = EncoderBlock(hidden=8, heads=2, ffn=16, dropout=0.0).eval()
+    x, packed = torch.randn(2, 4, 8), segment_attention_mask(torch.tensor([[1, 1, 2, 2], [1, 1, 1, 0]]))
+    additive = torch.zeros(packed.shape).masked_fill(~packed, float("-inf"))
+    torch.testing.assert_close(block(x, additive), block(x, packed))
+
+
 def test_a_row_without_real_tokens_pools_to_finite_logits():
     model = BertClassifier(vocab_size=16, num_classes=3, hidden=16, layers=1, heads=2).eval()
     ids = torch.randint(1, 16, (2, 5))
@@ -100,3 +123,29 @@ def test_predict_gives_the_logits_of_labelled_and_unlabelled_batches():
         assert len(predicted) == len(batches)
         for logits, batch in zip(predicted, batches, strict=True):
             torch.testing.assert_close(logits, model.eval()(batch["input_ids"], batch["attention_mask"]))
+
+
+def test_the_batch_hooks_see_every_entry_of_the_loaders_batch():
+    """transfer_batch_to_device kept the model's inputs and labels only: sample_ids, segment_ids (which Throughput
+    counts packed sequences by) and the rest never reached training_step or the callbacks."""
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(dict(batch))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(dict(batch))
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(1, 16, (6,), generator=g), "attention_mask": torch.ones(6, dtype=torch.bool),
+             "labels": torch.tensor(i % 3), "sample_ids": torch.tensor(10 + i), "segment_ids": torch.ones(6).long(),
+             "source": f"doc{i}"} for i in range(4)]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
+    model = BertClassifier(vocab_size=16, num_classes=3, hidden=16, layers=1, heads=2, max_len=8)
+    trainer.fit(ClassificationTask(model, num_classes=3), DataLoader(rows, batch_size=4))
+    assert len(seen) == 2
+    for batch in seen:
+        assert list(batch) == list(rows[0])
+        assert batch["sample_ids"].tolist() == [10, 11, 12, 13] and batch["source"] == ["doc0", "doc1", "doc2", "doc3"]

@@ -50,8 +50,8 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention through ``scaled_dot_product_attention`` (:func:`hetrain.models.attention.attention`:
     float32 where torch's bf16 kernel is the slower one); padded keys are masked out.
 
-    The mask is (B, T), True on real tokens, or (B, 1, T, T) for packed rows (each query sees its own
-    sequence only: :func:`hetrain.data.packing.segment_attention_mask`).
+    The mask is (B, T) bool, True on real tokens, or (B, 1, T, T) for packed rows (each query sees its own
+    sequence only: :func:`hetrain.data.packing.segment_attention_mask`), bool or a float added to the scores.
     """
 
     def __init__(self, hidden: int, heads: int, dropout: float) -> None:
@@ -67,6 +67,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
+        _check_block_mask(x, attention_mask)
         qkv = self.qkv(x).view(b, t, 3, self.heads, h // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, T, head_dim)
         # (B, 1, 1, T): True where the key is a real token; or per query, for packed rows.
@@ -217,3 +218,21 @@ def _check_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         raise ValueError(
             f"hetrain: BertClassifier's attention_mask must be bool (True on real tokens), got {attention_mask.dtype}; "
             "pass attention_mask.bool() (a float one would be added to the attention scores, masking nothing)")
+
+
+def _check_block_mask(x: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """An encoder block's mask is (B, T) bool or (B, 1, T, T). Others broadcast silently against the (B, heads, T, T)
+    scores: a (B, T, T) mask gave sequence b's mask to head b, and a float (B, T) 0/1 mask was added as a bias that
+    masks nothing. Shapes and dtypes only: no device read, nothing data-dependent for torch.compile."""
+    b, t = x.shape[0], x.shape[1]
+    if attention_mask.shape == (b, t):
+        if attention_mask.dtype != torch.bool:
+            raise ValueError(
+                f"hetrain: EncoderBlock's (B, T) attention_mask must be bool (True on real tokens), got "
+                f"{attention_mask.dtype}; pass attention_mask.bool() (a float one would be added to the attention "
+                "scores, masking nothing)")
+    elif attention_mask.shape != (b, 1, t, t):
+        raise ValueError(
+            f"hetrain: EncoderBlock takes a (B, T) bool attention_mask, or (B, 1, T, T) for packed rows "
+            f"(hetrain.data.packing.segment_attention_mask): {(b, t)} or {(b, 1, t, t)} for x {tuple(x.shape)}, got "
+            f"{tuple(attention_mask.shape)}; a (B, T, T) mask needs attention_mask[:, None]")

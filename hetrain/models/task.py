@@ -8,6 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import move_data_to_device
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -110,17 +111,19 @@ class ClassificationTask(pl.LightningModule):
     def transfer_batch_to_device(self, batch: dict[str, torch.Tensor], device: torch.device,
                                  dataloader_idx: int) -> dict[str, torch.Tensor]:
         # Lightning would copy the batch to its root device; inputs go straight to the first stage's
-        # device and labels to the last stage's, so no batch tensor crosses devices twice. The batch
-        # comes from host memory, so the copies may be asynchronous.
+        # device and labels to the last stage's, so no batch tensor crosses devices twice. The batch's
+        # other entries (sample_ids, lengths, segment_ids) go with the inputs, which they describe: the
+        # whole batch reaches training_step and the callbacks (Throughput counts a packed batch's
+        # segment_ids), on the host where the first stage is there. The batch comes from host memory,
+        # so the copies may be asynchronous.
+        self.model_inputs(batch)  # names a missing input
         inputs, outputs = self._end_device(front=True), self._end_device(front=False)
-        sources = dict(zip(self.input_keys, self.model_inputs(batch), strict=True))
-        if "labels" in batch:  # a batch to predict on may have none
-            sources["labels"] = batch["labels"]
-        targets = {key: outputs if key == "labels" else inputs for key in sources}
-        moved = {key: t.to(targets[key], non_blocking=True) for key, t in sources.items()}
+        targets = {key: outputs if key == "labels" else inputs for key in batch}
+        moved = {key: move_data_to_device(value, targets[key]) for key, value in batch.items()}
         for gpu in {d for d in targets.values() if d.type == "cuda"}:
             # A ring slot is not torch's to keep alive until the copy ran: hold it (hetrain.host_copies).
-            hold_until_copied((sources[k] for k, d in targets.items() if d == gpu), torch.cuda.current_stream(gpu))
+            sources = (batch[k] for k, d in targets.items() if d == gpu and isinstance(batch[k], torch.Tensor))
+            hold_until_copied(sources, torch.cuda.current_stream(gpu))
         return moved
 
     def teardown(self, stage: str) -> None:

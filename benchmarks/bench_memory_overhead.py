@@ -144,14 +144,16 @@ def ordinary(profiler: MemoryProfiler, step: int) -> bool:
     return not profiler.instruments_step(step)
 
 
-def run(device: str, quick: bool) -> dict:
+def run(device: str, quick: bool, save: Callable[[dict], None] = lambda result: None) -> dict:
+    """The medians and hook times over every fit round; ``save`` gets them after each round, from the rounds
+    done so far, so a run stopped at a time limit keeps what it measured."""
     shape, rounds, steps, warmup = (QUICK, 3, 80, 6) if quick else (FULL, 3, 200, 10)
     off: list[float] = []
     on: list[float] = []
     paired: list[float] = []  # a watched step over the mean of its two unwatched neighbours: slow drifts cancel
     hooks: list[float] = []
     per_hook: dict[str, list[float]] = {name: [] for name in HOOKS}
-    for _ in range(rounds):
+    for done in range(1, rounds + 1):
         profiler = TimedMemoryProfiler()
         times = fit(shape, device, steps, profiler)
         off += [times[s] for s in range(warmup, len(times)) if s % 2 == 0]
@@ -161,26 +163,29 @@ def run(device: str, quick: bool) -> dict:
         hooks += [profiler.hook_s[s] * 1e3 for s in kept]
         for name, spent in profiler.per_hook_s.items():
             per_hook[name] += [t * 1e3 for t in spent]
-    # Hooks: the mean, so that a slow call counts in full (the target is judged on it).
-    off_ms, on_ms, hook_ms = statistics.median(off), statistics.median(on), statistics.mean(hooks)
-    return {
-        "date": dt.date.today().isoformat(), "device": measured_on(device), "device_type": device,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "lightning": pl.__version__,
-        "hetrain": hetrain.__version__, "quick": quick,
-        "shape": asdict(shape), "rounds": rounds, "steps_per_fit": steps, "warmup_steps": warmup,
-        "profiler": {"module_every_n_steps": profiler.module_every_n_steps, "churn_steps": profiler.churn_steps,
-                     "record_history": profiler.record_history},
-        "timed_steps": {"off": len(off), "on": len(on)},
-        "median_step_ms": {"off": off_ms, "on": on_ms},
-        "step_time_ratio": on_ms / off_ms,
-        "paired_step_time_ratio": statistics.median(paired),
-        "profiler_hooks_ms_per_step": hook_ms,
-        "profiler_hooks_median_ms_per_step": statistics.median(hooks),
-        "profiler_hooks_share": hook_ms / off_ms,
-        "median_ms_per_hook": {name: statistics.median(times) for name, times in per_hook.items()},
-        "target": TARGET,
-        "target_met": hook_ms / off_ms < TARGET,
-    }
+        # Hooks: the mean, so that a slow call counts in full (the target is judged on it).
+        off_ms, on_ms, hook_ms = statistics.median(off), statistics.median(on), statistics.mean(hooks)
+        result = {
+            "date": dt.date.today().isoformat(), "device": measured_on(device), "device_type": device,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "lightning": pl.__version__,
+            "hetrain": hetrain.__version__, "quick": quick,
+            "shape": asdict(shape), "rounds": done, "rounds_planned": rounds, "steps_per_fit": steps,
+            "warmup_steps": warmup,
+            "profiler": {"module_every_n_steps": profiler.module_every_n_steps,
+                         "churn_steps": profiler.churn_steps, "record_history": profiler.record_history},
+            "timed_steps": {"off": len(off), "on": len(on)},
+            "median_step_ms": {"off": off_ms, "on": on_ms},
+            "step_time_ratio": on_ms / off_ms,
+            "paired_step_time_ratio": statistics.median(paired),
+            "profiler_hooks_ms_per_step": hook_ms,
+            "profiler_hooks_median_ms_per_step": statistics.median(hooks),
+            "profiler_hooks_share": hook_ms / off_ms,
+            "median_ms_per_hook": {name: statistics.median(times) for name, times in per_hook.items()},
+            "target": TARGET,
+            "target_met": hook_ms / off_ms < TARGET,
+        }
+        save(result)
+    return result
 
 
 def main() -> None:
@@ -195,10 +200,17 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    r = run(args.device, args.quick)
-    path = result_file(args.out, r["date"], "memory-overhead", result_card(args.device),
-                       "quick" if args.quick else None)
-    path.write_text(json.dumps(r, indent=2) + "\n")
+
+    def path_of(result: dict) -> Path:
+        return result_file(args.out, result["date"], "memory-overhead", result_card(args.device),
+                           "quick" if args.quick else None)
+
+    def save(result: dict) -> None:  # after every fit round, so a run cut short keeps what it measured
+        path_of(result).write_text(json.dumps(result, indent=2) + "\n")
+
+    r = run(args.device, args.quick, save)
+    save(r)
+    path = path_of(r)
     print(f"{r['device']}, torch {r['torch']}, shape {r['shape']}, {r['timed_steps']} ordinary steps timed")
     print(f"| profiler | median step ms | vs off | paired vs neighbours |\n|---|---|---|---|\n"
           f"| off | {r['median_step_ms']['off']:.2f} | 1.000 | 1.000 |\n"

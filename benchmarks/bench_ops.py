@@ -82,6 +82,13 @@ def peak_mib(fn: Callable[[], object]) -> float | str:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def fresh_compiler() -> None:
+    """Forgets every graph torch.compile made. Each case compiles its own function, but a case module's
+    functions share one code object, and dynamo keys its cache and its automatic dynamic shapes on that: the
+    next case of other sizes would otherwise time a dynamic-shape graph as its compile baseline."""
+    torch.compiler.reset()
+
+
 def package_version(name: str) -> str | None:
     """The installed version of distribution ``name``; None where it is not installed."""
     try:
@@ -117,6 +124,7 @@ def run(device: str, quick: bool, measure_s: float | None = None, ops: set[str] 
         if ops is not None and case.op not in ops:
             continue
         try:
+            fresh_compiler()
             impls = case.make()
             row = _measure(case, impls, on_gpu, quick, measure_s, copy_gbs)
         except Exception as exc:  # one case's kernel or setup error must not lose the others' results
@@ -128,6 +136,7 @@ def run(device: str, quick: bool, measure_s: float | None = None, ops: set[str] 
         rows.append(row)
         save(result)
     for case, impls, row in measured if on_gpu else ():
+        fresh_compiler()  # its compile baseline recompiles here: static for its own shapes, as in the first pass
         for impl, fn in impls.items():
             row["graph_ms"][impl] = graph_ms(fn, measure_s)
         times = "  ".join(f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in row["graph_ms"].items())

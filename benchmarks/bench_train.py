@@ -190,8 +190,10 @@ def variants(mode: Mode, device: str) -> list[tuple[bool, str | None]]:
     return rows
 
 
-def run_modes(shape: Shape, device: str, light: str | None) -> list[dict]:
-    """Every precision mode, fused and not; ``light``: the flag of a run with few repeats, None for a full run."""
+def run_modes(shape: Shape, device: str, light: str | None,
+              measured: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Every precision mode, fused and not; ``light``: the flag of a run with few repeats, None for a full run.
+    ``measured`` gets each row as it ends."""
     rows = []
     batch = make_batch(shape, device)
     few_repeats = light is not None
@@ -211,6 +213,7 @@ def run_modes(shape: Shape, device: str, light: str | None) -> list[dict]:
                 _release(device)
             rows.append(row)
             print(row_text(row), flush=True)
+            measured(row)
     return rows
 
 
@@ -387,8 +390,9 @@ def run(device: str, quick: bool = False, short: bool = False,
         save: Callable[[dict], None] = lambda result: None, cpu_malloc: str = "keep") -> dict:
     """``quick``: the tiny model, few repeats (a smoke test); ``short``: the full model, few repeats (a GPU
     lent for minutes, where the tiny model would measure nothing but the host). ``save`` gets the result
-    after each section, so a run stopped at a time limit keeps what it measured. ``cpu_malloc``: the host
-    allocator, as ``python train.py`` takes it (hetrain.cpu_memory; CPU stages allocate through it)."""
+    after each precision row and each later section, so a run stopped at a time limit keeps what it measured.
+    ``cpu_malloc``: the host allocator, as ``python train.py`` takes it (hetrain.cpu_memory; CPU stages allocate
+    through it)."""
     with cpu_memory.host_memory(cpu_malloc) as setting:
         return _run(device, quick, short, save, setting.description)
 
@@ -404,12 +408,17 @@ def _run(device: str, quick: bool, short: bool, save: Callable[[dict], None], cp
         "target_met": None, "rows": [], "placement": [], "cpu_malloc": cpu_malloc,
     }
     rows = result["rows"]
-    rows += run_modes(shape, device, flag)
+
+    def measured(row: dict) -> None:  # saved row by row: a GPU run's cold compiles can outlast its time limit
+        rows.append(row)
+        add_ratios(rows)
+        save(result)
+
+    run_modes(shape, device, flag, measured)
     fused_bf16 = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == ("bf16-mixed", True,
                                                                                          "precision"))
     base = next(r["ms"] for r in rows if (r["mode"], r["fused"], r["section"]) == (*BASELINE, "precision"))
     result["target_met"] = None if base is None or fused_bf16 is None else fused_bf16 <= base
-    add_ratios(rows)
     save(result)
     rows += run_pipeline(shape, device, few_repeats)
     add_ratios(rows)

@@ -91,9 +91,54 @@ def test_each_section_is_saved_as_it_ends(monkeypatch) -> None:
     saved = []
     result = run("cpu", quick=True, save=lambda r: saved.append(json.loads(json.dumps(r))))
     sections = [({r["section"] for r in s["rows"]}, len(s["placement"])) for s in saved]
-    assert sections == [({"precision"}, 0), ({"precision", "pipeline"}, 0), ({"precision", "pipeline"},
-                                                                              len(result["placement"]))]
+    precision = sum(r["section"] == "precision" for r in result["rows"])
+    # Each precision row as it ends, the section once more with its verdict, then the later sections.
+    assert [len(s["rows"]) for s in saved[:precision]] == list(range(1, precision + 1))
+    assert sections[precision - 1:] == [({"precision"}, 0)] * 2 + [({"precision", "pipeline"}, 0),
+                                                                    ({"precision", "pipeline"},
+                                                                     len(result["placement"]))]
     assert result["placement"] and saved[-1] == json.loads(json.dumps(result))
+
+
+class Stopped(Exception):
+    """A run stopped where a time limit would kill it."""
+
+
+def test_a_run_stopped_after_its_first_precision_row_keeps_that_row(monkeypatch) -> None:
+    # gpu-check caps the step: cold BERT compiles can outlast it, and the modes measured before must be kept.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from benchmarks.bench_train import run
+
+    saved = []
+
+    def save(result: dict) -> None:
+        saved.append(json.loads(json.dumps(result)))
+        raise Stopped
+
+    with pytest.raises(Stopped):
+        run("cpu", quick=True, save=save)
+    (result,) = saved
+    (row,) = result["rows"]
+    assert (row["section"], row["mode"], row["fused"]) == ("precision", "fp32", True) and row["ms"] > 0, row
+
+
+def test_a_memory_overhead_run_stopped_after_its_first_round_keeps_that_round(monkeypatch) -> None:
+    from benchmarks import bench_memory_overhead as bench
+
+    real_fit = bench.fit
+    # A short fit: its steps past warm-up are enough to fill every field.
+    monkeypatch.setattr(bench, "fit", lambda shape, device, steps, profiler: real_fit(shape, device, 12, profiler))
+    saved = []
+
+    def save(result: dict) -> None:
+        saved.append(json.loads(json.dumps(result)))
+        raise Stopped
+
+    with pytest.raises(Stopped):
+        bench.run("cpu", quick=True, save=save)
+    (result,) = saved
+    assert (result["rounds"], result["rounds_planned"]) == (1, 3)
+    assert result["timed_steps"]["on"] > 0 and result["median_step_ms"]["off"] > 0, result
 
 
 def test_step_profile_sorts_every_op_of_a_step_into_kinds(tmp_path: Path) -> None:

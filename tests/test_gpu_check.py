@@ -104,6 +104,22 @@ def test_a_step_cut_off_by_its_timeout_keeps_what_it_printed(tmp_path, monkeypat
     assert "parts done: 42" in (tmp_path / "check.log").read_text()  # the log names the command, not its output
 
 
+def test_a_cuda_test_step_cut_off_names_the_test_that_failed_before(tmp_path):
+    """With -q the log showed one "F": the failures are named in the summary, which a killed pytest never prints."""
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_cut_off.py").write_text(
+        "import os, signal\nimport pytest\n\n"
+        "@pytest.mark.cuda\ndef test_fails():\n    assert 1 == 2\n\n"
+        "@pytest.mark.cuda\ndef test_killed_at_the_cap():\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    (step,) = [s for s in gpu_check.steps(False, tmp_path) if s.name == "cuda-tests"]
+    step = dataclasses.replace(step, command=[*step.command[:-1], str(tests)])
+    with open(tmp_path / "check.log", "w") as log:
+        assert gpu_check.run_step(step, log, timeout_s=120).status == "failed"
+    lines = (tmp_path / "check.log").read_text().splitlines()
+    assert any("test_cut_off.py::test_fails" in line and "FAILED" in line for line in lines), lines
+
+
 def test_gpu_compile_reports_each_part_as_soon_as_it_ends(tmp_path):
     """gpu-compile printed (and wrote as JSON) both parts only at the end: cut off during the .cu part, it left
     nothing of the Triton part it had finished. An nvcc that never ends holds it in the .cu part here."""

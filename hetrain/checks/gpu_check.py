@@ -78,7 +78,9 @@ def steps(quick: bool, out: Path, record: str = "check") -> list[Step]:
         Step("env", [py, "-m", "hetrain.env"]),
         Step("gpu-compile", [py, "-m", "hetrain.checks.gpu_compile", "--json", str(compile_json)],
              env={"TRITON_INTERPRET": None}, parts=compile_json),
-        Step("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", *pytest_workers(), "tests"], needs_gpu=True,
+        # -v: each test is named in the log as it ends; -q named the failures only in its summary, which a step
+        # stopped at its time limit never reaches.
+        Step("cuda-tests", [py, "-m", "pytest", "-v", "-m", "cuda", *pytest_workers(), "tests"], needs_gpu=True,
              env={"TRITON_INTERPRET": "0"}),
         Step("bench-ops", [py, "-m", "benchmarks.bench_ops", *ops_args], needs_gpu=True,
              needs="benchmarks/bench_ops.py"),

@@ -40,6 +40,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from hetrain.memory_counters import erased_peak, forget_erased_peak, peak_rss_bytes, reset_peak_rss
+from hetrain.placement.plan import held_device
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,15 @@ SUMMARY_MD = "summary.md"
 SWEEP_CSV = "summary.csv"
 # In a sweep directory: the id of the sweep that last started there; in a job directory: its sweep's id.
 SWEEP_ID = ".hetrain_sweep_id"
+# A summary's device for a stage that holds no parameter or buffer (an activation): it runs where its input is.
+WITH_ITS_INPUT = "with its input"
 
 
 def _gpus(pl_module: pl.LightningModule) -> list[torch.device]:
-    """The GPUs the stages live on; the others are left alone (touching one would create a context)."""
-    devices = {next(stage.parameters()).device for stage in pl_module.stages().values()}
-    return sorted((d for d in devices if d.type == "cuda"), key=lambda d: d.index or 0)
+    """The GPUs the stages live on; the others are left alone (touching one would create a context). A stage that
+    holds no tensor (an activation) runs on a GPU another stage lives on, so it adds none."""
+    devices = {held_device(stage) for stage in pl_module.stages().values()}
+    return sorted((d for d in devices if d is not None and d.type == "cuda"), key=lambda d: d.index or 0)
 
 
 def peak_memory_mib(gpus: list[torch.device]) -> dict[str, float]:
@@ -65,6 +69,10 @@ def peak_memory_mib(gpus: list[torch.device]) -> dict[str, float]:
     for gpu in gpus:
         peaks[str(gpu)] = max(torch.cuda.max_memory_allocated(gpu), erased_peak(str(gpu))) / 2**20
     return peaks
+
+
+def _device_name(device: torch.device | None) -> str:
+    return WITH_ITS_INPUT if device is None else str(device)
 
 
 class RunRecorder(Callback):
@@ -173,7 +181,7 @@ class RunRecorder(Callback):
             mine = torch.tensor(self.samples, device=trainer.strategy.root_device)
             self.samples = int(trainer.strategy.reduce(mine, reduce_op="sum").item())
         # Read now: Lightning's teardown moves the whole module back to the CPU.
-        self.stages = {name: str(next(s.parameters()).device) for name, s in pl_module.stages().items()}
+        self.stages = {name: _device_name(held_device(s)) for name, s in pl_module.stages().items()}
 
     def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         """The measured part of a run's summary."""
@@ -313,8 +321,15 @@ def _read_non_finite(record: dict[str, Any]) -> dict[str, Any]:
 def save_whole(path: Path, save: Callable[[Path], object]) -> None:
     """``save`` writes a temporary file beside ``path`` (with its suffix, which may pick the format), renamed over
     it: a full disk or a failing writer leaves the old file or none, never a cut one (an empty summary.json failed
-    the sweep's table), and a reader never sees half a file."""
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    the sweep's table), and a reader never sees half a file.
+
+    Each call writes its own temporary file, so writers of one path at once (a sweep's table, rewritten by the
+    workers of a parallel launcher) neither move nor delete each other's; the last rename wins, whole. It is
+    created with the mode a plain ``open(path, "w")`` gives a new file (0o666 less the umask), not
+    ``tempfile.mkstemp``'s 0o600, which would keep the files from others the umask lets read them.
+    """
+    partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.partial{path.suffix}")
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # O_EXCL: a name no other writer has
     try:
         save(partial)
         os.replace(partial, path)
@@ -395,10 +410,14 @@ def write_sweep_summary(records: list[dict[str, Any]], directory: str | Path) ->
     seen = list(dict.fromkeys(k for r in records for k in r))
     middle = [k for k in seen if k not in _LEADING + _TRAILING]
     columns = _LEADING + middle + _TRAILING
-    with open(directory / SWEEP_CSV, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(records)
+
+    def save_csv(partial: Path) -> None:
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(records)
+
+    save_whole(directory / SWEEP_CSV, save_csv)  # whole, like summary.md: a reader may be reading the last one
     shown = _LEADING + [k for k in middle if k.startswith(("metrics.", "peak_memory_mib."))] + _TRAILING
     text = markdown_table(shown, [[r.get(k) for k in shown] for r in records])
     over_seeds = seed_table(records)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+import signal
 
 import pytest
 
@@ -121,6 +123,80 @@ def test_what_goes_wrong_in_a_tokenizer_names_the_line(tmp_path, capsys, monkeyp
     # A Hugging Face Encoding failed with "'Encoding' object is not iterable".
     tf = build_tokens.main([str(src), "--tokenizer", "toks:FastLike", "--out", out])
     assert [t.tolist() for t in (tf[0], tf[1])] == [[7] * 4, [7] * 5]
+
+
+class NoModel:
+    def __init__(self) -> None:
+        raise OSError("Can't load tokenizer: model file 'spm.model' not found")  # as HF and SentencePiece raise
+
+
+class Terminating:
+    """Sends its own process SIGTERM at the second document, as a scheduler stopping the job mid-build does."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.calls += 1
+        if self.calls == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return [5] * len(text)
+
+
+def test_a_tokenizer_that_fails_to_load_is_named_with_its_own_message(tmp_path, capsys, monkeypatch):
+    # An OSError without a path went to the handler for unreadable inputs: "hetrain: None: None; the inputs must be
+    # readable and --out ... in a directory you can write".
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "no_model_tok.py").write_text(f"from {__name__} import NoModel\n")
+    src = tmp_path / "in.txt"
+    src.write_text("text\n")
+    err = refused(capsys, str(src), "--tokenizer", "no_model_tok:NoModel", "--out", str(tmp_path / "out"))
+    assert err.endswith("error: hetrain: --tokenizer no_model_tok:NoModel failed to load: OSError: Can't load "
+                        "tokenizer: model file 'spm.model' not found\n"), err
+
+
+def test_a_build_stopped_by_sigterm_leaves_no_temporary_file_and_restores_the_handler(tmp_path, capsys, monkeypatch):
+    # SIGTERM killed the build outright, leaving out/<name>.bin.<random>.tmp as large as the tokens written so far.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "sigterm_tok.py").write_text(f"from {__name__} import Terminating\n")
+    src, out = tmp_path / "in.txt", tmp_path / "out"
+    src.write_text("one\ntwo\nthree\n")
+    out.mkdir()
+    received = []
+
+    def before(signum: int, frame: object) -> None:  # the handler the build finds, and must put back
+        received.append(signum)
+
+    old = signal.signal(signal.SIGTERM, before)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            build_tokens.main([str(src), "--tokenizer", "sigterm_tok:Terminating", "--out", str(out / "c")])
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert exited.value.code == 128 + signal.SIGTERM and not received
+    assert list(out.iterdir()) == []
+    assert "hetrain: build_tokens stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_json_lines_are_read_by_field_named_json_or_in_capitals(tmp_path, capsys):
+    # Hugging Face datasets' to_json writes JSON Lines as .json, and a file may be named .JSONL: both were tokenised
+    # as text, braces and field names included, and --field was ignored without a word.
+    records = '{"text": "hi", "id": 1}\n{"text": "yo", "id": 2}\n'
+    for name in ("hf_export.json", "UPPER.JSONL"):
+        (tmp_path / name).write_text(records)
+        tf = build_tokens.main([str(tmp_path / name), "--out", str(tmp_path / f"{name}.tokens")])
+        assert [ByteTokenizer().decode(tf[i]) for i in range(len(tf))] == ["hi", "yo"], name
+    text = tmp_path / "records.txt"
+    text.write_text(records)
+    assert "--field body names a field of JSON Lines records, but no input is a .jsonl or .json file, and other " \
+           "files are read as text; name JSON Lines files .jsonl, or drop --field" in \
+        refused(capsys, str(text), "--field", "body", "--out", str(tmp_path / "out"))
+    array = tmp_path / "array.json"  # one JSON document, not JSON Lines
+    array.write_text('[\n  {"text": "hi"}\n]\n')
+    err = refused(capsys, str(array), "--out", str(tmp_path / "out"))
+    assert f"{array}:1 is not a JSON record: " in err and "a .jsonl or .json file holds one JSON object per line " \
+        "(JSON Lines); convert a JSON array with e.g. jq -c '.[]' in.json > out.jsonl" in err, err
 
 
 def test_documents_built_in_python_are_named_by_their_index(tmp_path):

@@ -125,6 +125,16 @@ def test_packing_nothing_says_the_dataset_is_empty():
         PackedSequences([], row_len=64)
 
 
+def test_lengths_not_one_per_sample_are_refused():
+    # Samples past the lengths given were never packed: 4 lengths for 6 samples packed 4 without a word.
+    data = [{"input_ids": torch.arange(n)} for n in (8, 2, 3, 2, 8, 4)]
+    for lengths in ([8, 2, 3, 2], [8, 2, 3, 2, 8, 4, 1]):
+        with pytest.raises(ValueError, match=rf"PackedSequences got {len(lengths)} lengths for a dataset of 6 samples; "
+                                             r"pass one per sample"):
+            PackedSequences(data, row_len=8, lengths=lengths)
+    assert sorted(i for row in PackedSequences(data, row_len=8).rows for i in row) == list(range(6))
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ([{"input_ids": torch.tensor([3.0, 4.7]), "label": 1}], r"input_ids of row 0, segment 1 holds non-whole numbers "
                                                             r"\(such as 4.7\)"),

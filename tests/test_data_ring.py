@@ -346,6 +346,14 @@ def test_corrupt_and_truncated_token_files_are_named(tmp_path):
             pass
 
 
+def test_a_corpus_rebuilt_after_its_windows_were_made_is_refused(tmp_path):
+    # The C++ reader opens the path again: it read the rebuilt tokens through the old windows, without an error.
+    ds = TokenWindows(write_token_file(tmp_path / "c", [[1] * 6, [2] * 6]), max_len=8)
+    write_token_file(tmp_path / "c", [[9] * 4, [8] * 6, [7] * 6])
+    with pytest.raises(ValueError, match=r"c\.bin changed since it was opened: .* reopen it"):
+        RingLoader(ds, TokenBudgetBatchSampler(ds.lengths, 8, shuffle=False), num_workers=1)
+
+
 def test_a_corrupt_index_opened_without_validation_is_named_as_a_possible_cause(tmp_path):
     # The ring said only that the windows did not belong to the file, though they came from the file's own index.
     write_token_file(tmp_path / "c", [[1, 2, 3, 4], [5, 6, 7, 8, 9]])

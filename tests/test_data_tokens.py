@@ -7,13 +7,15 @@ import pickle
 import re
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
+from hetrain.data.images import SyntheticImages
 from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
-from hetrain.data.tokens import TokenFile, write_token_file
+from hetrain.data.tokens import HEADER, MAGIC, VERSION, TokenFile, write_token_file
 from hetrain.data.windows import TokenWindows, make_windows, token_collate
 
 
@@ -43,6 +45,14 @@ def test_ids_too_large_for_uint16_are_refused(tmp_path):
     with pytest.raises(ValueError, match="document 1 has token id 70000"):
         write_token_file(tmp_path / "c", [[1, 2], [70000]], itemsize=2)
     assert not (tmp_path / "c.bin").exists() and not list(tmp_path.glob("*.tmp"))  # no temporary left behind
+
+
+def test_an_id_past_uint32_does_not_advise_the_itemsize_already_used(tmp_path):
+    # Was "... of uint32; write with itemsize=4", the itemsize that refused it.
+    with pytest.raises(ValueError, match=r"document 0 has token id 8589934592 outside \[0, 4294967295\] of uint32; "
+                                         r"a token file holds no wider ids; check the tokenizer") as refused:
+        write_token_file(tmp_path / "c", [[2**33]], itemsize=4)
+    assert "itemsize=4" not in str(refused.value)
 
 
 def test_a_negative_id_is_named_not_blamed_on_the_width(tmp_path):
@@ -224,6 +234,48 @@ def test_an_unpickled_token_file_checks_again_what_is_cheap_to_check(tmp_path, m
         pickle.loads(blob)
 
 
+def test_a_corpus_rebuilt_at_its_prefix_is_refused_by_check_unchanged_and_by_unpickling(tmp_path):
+    # The ring's C++ reader opens the path again: a rebuild after TokenFile opened it was read through the old
+    # windows, wrong tokens without an error. Same counts, so only the files' identity tells them apart.
+    tf = write_token_file(tmp_path / "c", [[1, 2, 3], [4, 5]])
+    tf.check_unchanged()
+    blob = pickle.dumps(tf)
+    write_token_file(tmp_path / "c", [[9, 9], [8, 8, 8]])
+    with pytest.raises(ValueError, match=r"c\.bin changed since it was opened: c\.bin is another file or was written "
+                                         r"to, c\.idx is another file or was written to\. Do not rebuild a corpus "
+                                         r"while a job reads it; reopen it"):
+        tf.check_unchanged()
+    with pytest.raises(ValueError, match=r"c\.bin changed since it was opened: the same counts, but the files were "
+                                         r"replaced or written to"):
+        pickle.loads(blob)
+    np.testing.assert_array_equal(tf[1], [4, 5])  # this object still reads the files it mapped
+    reopened = TokenFile(tmp_path / "c")
+    reopened.check_unchanged()
+    (tmp_path / "c.bin").unlink()
+    with pytest.raises(ValueError, match=r"changed since it was opened: c\.bin is gone\. "):
+        reopened.check_unchanged()
+
+
+def test_opening_a_token_file_reads_its_header_not_its_whole_index(tmp_path):
+    # The whole .idx was read to parse its 32-byte header, in every unpickled copy too: 200 MB for 200 MB.
+    n = 500_000  # documents of one token: a 4 MB index
+    with open(tmp_path / "c.idx", "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, 2, n, n))
+        np.arange(n + 1, dtype="<u8").tofile(f)
+    np.zeros(n, "<u2").tofile(tmp_path / "c.bin")
+    tracemalloc.start()
+    try:
+        tf = TokenFile(tmp_path / "c", validate=False)
+        opened = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        copy = pickle.loads(pickle.dumps(tf))
+        unpickled = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert opened < 1 << 20 and unpickled < 1 << 20, (opened, unpickled)
+    assert len(copy) == n and int(copy.offsets[-1]) == n
+
+
 def test_token_windows_dataset_serves_each_window_and_pads_in_collate(tmp_path):
     docs = random_docs(12, 500, seed=3, max_len=90)
     ds = TokenWindows(write_token_file(tmp_path / "c", docs), max_len=32, stride=24)
@@ -239,6 +291,24 @@ def test_token_windows_dataset_serves_each_window_and_pads_in_collate(tmp_path):
     assert batch["input_ids"].shape == (2, max(n0, n1)) and batch["sample_ids"].tolist() == [0, len(ds) - 1]
     assert batch["attention_mask"].sum().item() == n0 + n1
     assert (batch["input_ids"][~batch["attention_mask"]] == 7).all()
+
+
+def test_a_window_from_the_end_is_named_by_its_index_from_the_start(tmp_path):
+    # ds[-1] carried sample_id -1, which no batch of the sampler or the ring holds.
+    ds = TokenWindows(write_token_file(tmp_path / "c", random_docs(5, 300, seed=4, max_len=60)), max_len=16)
+    n = len(ds)
+    assert ds[-1]["sample_id"] == n - 1 and ds[-n]["sample_id"] == 0
+    assert torch.equal(ds[-1]["input_ids"], ds[n - 1]["input_ids"])
+    for i in (n, -n - 1):
+        with pytest.raises(IndexError, match=f"window {i} of {n}"):
+            ds[i]
+
+
+def test_synthetic_images_refuse_a_noise_that_is_not_finite():
+    # nan passed `noise < 0` and made every image nan.
+    for noise in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"noise is a standard deviation and must be finite and >= 0"):
+            SyntheticImages(8, noise=noise)
 
 
 def test_a_jsonl_corpus_past_vocab_size_names_the_setting_not_a_temporary_file(tmp_path):

@@ -33,7 +33,7 @@ from hetrain.data.ring import RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.splits import SeededSplits
 from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
-from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
+from hetrain.data.tokenize import ByteTokenizer, build_token_file, is_json_lines, iter_documents
 from hetrain.data.tokens import TokenFile, TokenFileWriter
 from hetrain.data.windows import TokenWindows
 from hetrain.placement.pipeline import stage_device
@@ -366,12 +366,12 @@ class TokenDataModule(RingDataModule):
     def _corpus_is_token_dir(self) -> bool:
         """Whether ``path`` is token files already (read as they are), not a corpus to write as token files."""
         path = self.hparams.path
-        if path is None or Path(path).suffix == ".jsonl":
+        if path is None or is_json_lines(path):
             return False
         if Path(path).is_dir():
             return True
-        raise ValueError(f"hetrain: data path {path!r} is neither a .jsonl file nor a directory of token files; "
-                         "set data.path to one of them, or to null for synthetic documents")
+        raise ValueError(f"hetrain: data path {path!r} is neither a JSON Lines file (.jsonl or .json) nor a "
+                         "directory of token files; set data.path to one of them, or to null for synthetic documents")
 
     def _write_corpus(self, out: Path) -> None:
         """Writes the jsonl or synthetic corpus as the split token files and labels :meth:`setup` reads."""

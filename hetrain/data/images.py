@@ -29,8 +29,8 @@ class SyntheticImages(Dataset):
         if size < 1 or num_classes < 2 or image_size < 4 or channels < 1:
             raise ValueError(f"hetrain: need size >= 1, num_classes >= 2, image_size >= 4 and channels >= 1, got "
                              f"{size=}, {num_classes=}, {image_size=}, {channels=}")
-        if noise < 0:
-            raise ValueError(f"hetrain: noise is a standard deviation and must be >= 0, got {noise=}")
+        if not (math.isfinite(noise) and noise >= 0):  # nan passed `noise < 0` and made every image nan
+            raise ValueError(f"hetrain: noise is a standard deviation and must be finite and >= 0, got {noise=}")
         g = torch.Generator().manual_seed(seed)
         # Every class the same number of times (to within one), in a seeded order.
         self.labels = (torch.arange(size) % num_classes)[torch.randperm(size, generator=g)]

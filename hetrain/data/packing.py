@@ -72,6 +72,10 @@ class PackedSequences(torch.utils.data.Dataset):
         if lengths is None:
             lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
         self.sample_lengths = whole_numbers(lengths, "PackedSequences lengths")
+        if len(self.sample_lengths) != len(dataset):  # samples past the lengths were never packed, without a word
+            raise ValueError(f"hetrain: PackedSequences got {len(self.sample_lengths)} lengths for a dataset of "
+                             f"{len(dataset)} samples; pass one per sample (a TokenWindows' .lengths, not its token "
+                             "file's doc_lengths), or omit lengths to read them from the dataset")
         if self.sample_lengths.size == 0:
             raise ValueError("hetrain: PackedSequences got no sample to pack: is the dataset empty?")
         self.rows = pack_rows(self.sample_lengths, row_len)

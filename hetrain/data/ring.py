@@ -478,6 +478,7 @@ class RingLoader:
         if self.tokens:
             if collate is not None:
                 raise ValueError("hetrain: a TokenWindows source is gathered in C++; it takes no collate")
+            source.file.check_unchanged()  # the C++ reader opens the path again: not a corpus rebuilt since
             rows = max_rows or getattr(batch_sampler, "max_batch_rows", None) or max(map(len, batch_sampler))
             toks = max_tokens or getattr(batch_sampler, "max_tokens", None) or rows * int(source.lengths.max())
             spec: Spec = {"input_ids": (torch.int64, toks), "attention_mask": (torch.bool, toks),

@@ -44,16 +44,27 @@ class Document(str):
         return doc
 
 
+JSON_LINES_SUFFIXES = (".jsonl", ".json")
+
+
+def is_json_lines(path: str | os.PathLike) -> bool:
+    """Whether :func:`iter_documents` reads ``path`` as JSON Lines (one object per line): a ``.jsonl`` or ``.json``
+    file, in any case. Hugging Face datasets' ``to_json`` writes JSON Lines as ``.json``; tokenised as text, its
+    records went in whole, braces and field names included."""
+    return Path(path).suffix.lower() in JSON_LINES_SUFFIXES
+
+
 def iter_documents(paths: Sequence[str | os.PathLike], field: str = "text",
                    whole_files: bool = False) -> Iterator[Document]:
-    """The documents of ``paths``: ``.jsonl`` files by record ``field``, other files by non-blank line (or whole).
+    """The documents of ``paths``: JSON Lines files (:func:`is_json_lines`) by record ``field``, other files by
+    non-blank line (or whole).
 
     Every file is read as UTF-8 (a leading byte order mark is skipped); a problem is reported with the file and
     line it is on.
     """
     for path in map(Path, paths):
         try:
-            if path.suffix == ".jsonl":
+            if is_json_lines(path):
                 yield from _jsonl_documents(path, field)
             elif whole_files:
                 text = path.read_text(encoding="utf-8-sig")
@@ -84,6 +95,11 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ValueError:
     return ValueError(f"hetrain: {path} is not UTF-8 text ({exc.reason}); convert it, e.g. iconv -t utf-8")
 
 
+# A pretty-printed .json, or one array of records, fails on its first line: say what the file should hold.
+_ONE_PER_LINE = ("a .jsonl or .json file holds one JSON object per line (JSON Lines); convert a JSON array with e.g. "
+                "jq -c '.[]' in.json > out.jsonl")
+
+
 def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
     with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
@@ -92,12 +108,12 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
             try:
                 record = json.loads(line.rstrip("\n"))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"hetrain: {path}:{n} is not a JSON record: {exc.msg} at column {exc.colno}") \
-                    from None
+                raise ValueError(f"hetrain: {path}:{n} is not a JSON record: {exc.msg} at column {exc.colno}; "
+                                 f"{_ONE_PER_LINE}") from None
             if not isinstance(record, dict) or field not in record:
                 has = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
                 fix = ("; name the text's field: --field for build_tokens, data.text_field for train.py"
-                       if isinstance(record, dict) else "")
+                       if isinstance(record, dict) else f"; {_ONE_PER_LINE}")
                 raise ValueError(f"hetrain: {path}:{n} has no field {field!r} (fields: {has}){fix}")
             text = record[field]
             if not isinstance(text, str):

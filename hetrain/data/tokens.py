@@ -50,38 +50,63 @@ class TokenFile:
             if not path.is_file():
                 raise FileNotFoundError(f"hetrain: token file {path} does not exist (build it: python -m hetrain.data."
                                         f"build_tokens <text or .jsonl files> --out {path.with_suffix('')})")
-        raw = self.idx_path.read_bytes()[: HEADER.size]
-        if len(raw) < HEADER.size:
-            raise ValueError(f"hetrain: token index {self.idx_path} is truncated: {len(raw)} bytes, no full header. "
-                             f"{self._rebuild()}")
-        magic, version, itemsize, num_docs, num_tokens = HEADER.unpack(raw)
-        if magic != MAGIC or version != VERSION or itemsize not in DTYPES:
-            raise ValueError(
-                f"hetrain: {self.idx_path} is not a hetrain token index (magic {magic!r}, version {version}, "
-                f"{itemsize} bytes per token; expected {MAGIC!r}, {VERSION}, 2 or 4)"
-            )
-        idx_bytes = HEADER.size + 8 * (num_docs + 1)
-        if self.idx_path.stat().st_size != idx_bytes:
-            raise ValueError(
-                f"hetrain: token index {self.idx_path} is truncated or corrupt: {num_docs} documents need "
-                f"{idx_bytes} bytes, the file has {self.idx_path.stat().st_size}. {self._rebuild()}"
-            )
+        # Each file is opened once: its header, its map and its identity (for check_unchanged) come from the same
+        # open file, whatever is renamed onto the path meanwhile.
+        with open(self.idx_path, "rb") as idx:
+            raw = idx.read(HEADER.size)  # the header alone: the offsets are mapped, not read
+            if len(raw) < HEADER.size:
+                raise ValueError(f"hetrain: token index {self.idx_path} is truncated: {len(raw)} bytes, no full "
+                                 f"header. {self._rebuild()}")
+            magic, version, itemsize, num_docs, num_tokens = HEADER.unpack(raw)
+            if magic != MAGIC or version != VERSION or itemsize not in DTYPES:
+                raise ValueError(
+                    f"hetrain: {self.idx_path} is not a hetrain token index (magic {magic!r}, version {version}, "
+                    f"{itemsize} bytes per token; expected {MAGIC!r}, {VERSION}, 2 or 4)"
+                )
+            idx_stat = os.fstat(idx.fileno())
+            idx_bytes = HEADER.size + 8 * (num_docs + 1)
+            if idx_stat.st_size != idx_bytes:
+                raise ValueError(
+                    f"hetrain: token index {self.idx_path} is truncated or corrupt: {num_docs} documents need "
+                    f"{idx_bytes} bytes, the file has {idx_stat.st_size}. {self._rebuild()}"
+                )
+            self.offsets = np.memmap(idx, dtype="<u8", mode="r", offset=HEADER.size, shape=(num_docs + 1,))
         self.dtype = DTYPES[itemsize]
         self.num_tokens = int(num_tokens)
-        self.offsets = np.memmap(self.idx_path, dtype="<u8", mode="r", offset=HEADER.size, shape=(num_docs + 1,))
-        bin_bytes = self.bin_path.stat().st_size
         self.validated = validate
-        if validate:
-            self._check_size(bin_bytes)
-            bad = np.flatnonzero(np.diff(self.offsets.astype(np.int64)) < 0)
-            if self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens or len(bad):
-                where = f"document {int(bad[0])}" if len(bad) else "first or last offset"
-                raise ValueError(f"hetrain: token index {self.idx_path} is corrupt: offsets go wrong at {where}. "
-                                 f"{self._rebuild()}")
-        # An empty file cannot be memory-mapped; the token view is then empty.
-        count = min(self.num_tokens, bin_bytes // itemsize)
-        self.tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(count,)) if count
-                       else np.empty(0, self.dtype))
+        with open(self.bin_path, "rb") as bin_file:
+            bin_stat = os.fstat(bin_file.fileno())
+            self._opened = (_identity(bin_stat), _identity(idx_stat))  # what check_unchanged compares
+            bin_bytes = bin_stat.st_size
+            if validate:
+                self._check_size(bin_bytes)
+                bad = np.flatnonzero(np.diff(self.offsets.astype(np.int64)) < 0)
+                if self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens or len(bad):
+                    where = f"document {int(bad[0])}" if len(bad) else "first or last offset"
+                    raise ValueError(f"hetrain: token index {self.idx_path} is corrupt: offsets go wrong at {where}. "
+                                     f"{self._rebuild()}")
+            # An empty file cannot be memory-mapped; the token view is then empty.
+            count = min(self.num_tokens, bin_bytes // itemsize)
+            self.tokens = (np.memmap(bin_file, dtype=self.dtype, mode="r", shape=(count,)) if count
+                           else np.empty(0, self.dtype))
+
+    def check_unchanged(self) -> None:
+        """Raises if ``<prefix>.bin`` or ``.idx`` is no longer the file opened (rebuilt, replaced or written since).
+
+        This object reads the files it mapped at open, but whatever opens the path again (the ring's C++ reader)
+        would read a rebuilt corpus through this object's offsets and windows: wrong tokens, without an error.
+        Two stats, so cheap to call before handing the path on.
+        """
+        changed = []
+        for path, then in zip((self.bin_path, self.idx_path), self._opened, strict=True):
+            try:
+                now = _identity(path.stat())
+            except FileNotFoundError:
+                now = None
+            if now != then:
+                changed.append(f"{path.name} {'is gone' if now is None else 'is another file or was written to'}")
+        if changed:
+            raise _changed(self.bin_path, ", ".join(changed))
 
     def _check_size(self, bin_bytes: int) -> None:
         """A .bin of other than the promised size: a copy cut short (a stat, so cheap to repeat)."""
@@ -96,7 +121,8 @@ class TokenFile:
         """Pickles as the path: np.memmap pickles by value, so a DataLoader worker started by spawn or forkserver
         got a private copy of every token; the receiving process maps the files itself (see :func:`_reopen`). The
         index map's path is absolute as of opening: the job may have changed directory since."""
-        return _reopen, (self.offsets.filename, self.validated, len(self), self.num_tokens, self.dtype.itemsize)
+        return _reopen, (self.offsets.filename, self.validated, len(self), self.num_tokens, self.dtype.itemsize,
+                         self._opened)
 
     def _rebuild(self) -> str:
         """How to make the pair again: a copy cut short, or files from another tool."""
@@ -138,20 +164,31 @@ class TokenFile:
         return f"TokenFile({str(self.bin_path)!r}, docs={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"
 
 
-def _reopen(path: str, validated: bool, num_docs: int, num_tokens: int, itemsize: int) -> TokenFile:
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one file from another at a path: a rebuild renames a new file (inode) into place, a write in
+    place changes the size or modification time."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _changed(bin_path: Path, what: str) -> ValueError:
+    return ValueError(f"hetrain: token file {bin_path} changed since it was opened: {what}. Do not rebuild a corpus "
+                      "while a job reads it; reopen it (restart the job) to read the rebuilt one")
+
+
+def _reopen(path: str, validated: bool, num_docs: int, num_tokens: int, itemsize: int,
+            identity: tuple[tuple[int, ...], ...]) -> TokenFile:
     """A pickled :class:`TokenFile`, mapped again. The offsets scan of ``validate`` ran in the sending process and is
     not repeated (it reads the whole index); the header and, if validated, the .bin size are checked again, and a
     corpus rebuilt since it was pickled is refused rather than mixed with the sender's."""
     tf = TokenFile(path, validate=False)
     if (len(tf), tf.num_tokens, tf.dtype.itemsize) != (num_docs, num_tokens, itemsize):
-        raise ValueError(
-            f"hetrain: token file {tf.bin_path} changed since it was opened: {num_docs} documents, {num_tokens} "
-            f"tokens of {itemsize} bytes then, {len(tf)}, {tf.num_tokens} of {tf.dtype.itemsize} now. Do not "
-            "rebuild a corpus while a job reads it; restart the job"
-        )
+        raise _changed(tf.bin_path, f"{num_docs} documents, {num_tokens} tokens of {itemsize} bytes then, {len(tf)}, "
+                                    f"{tf.num_tokens} of {tf.dtype.itemsize} now")
     if validated:
         tf._check_size(tf.bin_path.stat().st_size)
         tf.validated = True
+    if tf._opened != identity:  # rebuilt with the same counts
+        raise _changed(tf.bin_path, "the same counts, but the files were replaced or written to")
     return tf
 
 
@@ -180,10 +217,10 @@ class TokenFileWriter:
         if len(arr) and arr.min() < 0:
             raise ValueError(f"hetrain: {where} has token id {int(arr.min())}; token ids are non-negative")
         if len(arr) and arr.max() > self._limit:
-            raise ValueError(
-                f"hetrain: {where} has token id {int(arr.max())} outside [0, {self._limit}] of {self.dtype}; "
-                "write with itemsize=4 (uint32; build_tokens --itemsize 4)"
-            )
+            fix = ("write with itemsize=4 (uint32; build_tokens --itemsize 4)" if self.dtype.itemsize == 2 else
+                   "a token file holds no wider ids; check the tokenizer: its ids should lie below its vocab_size")
+            raise ValueError(f"hetrain: {where} has token id {int(arr.max())} outside [0, {self._limit}] of "
+                             f"{self.dtype}; {fix}")
         self._bin.write(arr.astype(self.dtype).tobytes())
         self._offsets.append(self._offsets[-1] + len(arr))
 

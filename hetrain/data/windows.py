@@ -8,6 +8,7 @@ gives ``1 + ceil((L - max_len) / stride)`` windows; shorter documents are one wi
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,13 @@ class TokenWindows(Dataset):
         return len(self.windows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """Window ``i``; a negative ``i`` counts from the end, as for a list, and its ``sample_id`` is the index it
+        names (``ds[-1]`` is sample ``len(ds) - 1``, not -1, which no sampler or ring batch holds)."""
+        n_windows = len(self)
+        i = operator.index(i)
+        if not -n_windows <= i < n_windows:
+            raise IndexError(f"hetrain: window {i} of {n_windows} ({self.file.bin_path})")
+        i %= n_windows
         start, n = int(self.windows.start[i]), int(self.windows.length[i])
         tokens = self.file.span(start, start + n, "window", i)
         return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "sample_id": i}

@@ -28,6 +28,7 @@ def emu():
     emulator.shuffle_threads(0)
 
 
+
 def test_rewrite_launches():
     src = "k<T, true><<<grid(N, 3), 256, 0, stream>>>(x, y);\nplain<<<1, 32>>>(\n  a);\nempty<<<1, 1>>>( );"
     assert rewrite_launches(src) == (
@@ -85,6 +86,55 @@ def test_threads_at_different_barriers_are_reported(emu):
         emu.call("test_divergent", torch.zeros(128), 128)
 
 
+def _lines_with(kernel: str, text: str) -> list[int]:
+    """The lines of FAULTS's ``kernel`` that hold ``text``."""
+    lines, inside = [], False
+    for n, line in enumerate(FAULTS.read_text().splitlines(), 1):
+        inside = inside or f" {kernel}(" in line
+        if inside and text in line:
+            lines.append(n)
+        if inside and line == "}":
+            return lines
+    raise AssertionError(f"no kernel {kernel} in {FAULTS}")
+
+
+def test_threads_at_different_syncthreads_calls_are_reported(emu):
+    """The barrier opened once every thread had reached any __syncthreads, whichever call: even and odd threads
+    at two different ones passed."""
+    even, odd = _lines_with("two_barriers_kernel", "__syncthreads")
+    with pytest.raises(KernelFault, match=rf"different barriers: __syncthreads at \S*emulated_faults.cu:{even}:\d+ "
+                                          rf"\(thread 0\) and at \S*emulated_faults.cu:{odd}:\d+ \(thread 1\)"):
+        emu.call("test_two_barriers", torch.zeros(64))
+    out = torch.zeros(64)
+    emu.call("test_looped_barrier", out, 3)  # one call on every pass: one barrier
+    assert torch.equal(out, torch.full((64,), 3.0))
+
+
+def test_lanes_at_different_shuffle_calls_are_reported(emu):
+    low, high = _lines_with("two_shuffles_kernel", "__shfl_xor_sync")
+    with pytest.raises(KernelFault, match=rf"different barriers: warp shuffle at \S*emulated_faults.cu:{low}:\d+ "
+                                          rf"\(thread 0\) and at \S*emulated_faults.cu:{high}:\d+ \(thread 16\)"):
+        emu.call("test_two_shuffles", torch.zeros(32))
+
+
+def test_a_launch_over_the_kernels_launch_bounds_is_refused(emu):
+    """__launch_bounds__ was defined away: a block of 256 threads ran a kernel declared for at most 128."""
+    out = torch.zeros(256)
+    emu.call("test_bounded", out, 128)
+    assert torch.equal(out, torch.tensor([1.0] * 128 + [0.0] * 128))
+    with pytest.raises(KernelFault, match=r"cudaError 701: too many resources requested for launch: a block of 256 "
+                                          r"threads, over the kernel's __launch_bounds__\(128\)"):
+        emu.call("test_bounded", out, 256)
+
+
+def test_rewrite_launch_bounds():
+    src = ("template <int N>\n__global__ void __launch_bounds__(N, 2)\nk(float* x, int (*f)(int)) {\n  x[0] = 1;\n}\n"
+           "__global__ void __launch_bounds__(64) d(float* x);")
+    assert cuda_emulator.rewrite_launch_bounds(src) == (
+        "template <int N>\n__global__ void \nk(float* x, int (*f)(int)) { ::hetrain_emu::check_launch_bounds(N, 2);\n"
+        "  x[0] = 1;\n}\n__global__ void  d(float* x);")
+
+
 def test_shuffle_in_a_partial_warp_is_reported(emu):
     with pytest.raises(KernelFault, match="partial warp"):
         emu.call("test_shuffle", torch.zeros(48), 48)
@@ -93,6 +143,25 @@ def test_shuffle_in_a_partial_warp_is_reported(emu):
 def test_invalid_launch_configuration_is_reported(emu):
     with pytest.raises(KernelFault, match=r"invalid launch configuration.*block \(2048,1,1\)"):
         emu.call("test_index", torch.zeros(2048, dtype=torch.int32), 1, 1, 1, 2048, 1, 1)
+
+
+def test_a_grid_over_the_gpus_limits_is_refused(emu):
+    """A grid of 2^31 blocks in x (a GPU takes at most 2^31 - 1) was accepted, and ran."""
+    with pytest.raises(KernelFault, match=r"invalid launch configuration: grid \(2147483648,1,1\)"):
+        emu.call("test_index", torch.zeros(1, dtype=torch.int32), 2**31, 1, 1, 1, 1, 1)
+
+
+def test_arguments_are_passed_as_the_entrys_declared_c_types(emu):
+    """An int passed where the entry declares a double was passed as an int64 register, read as garbage."""
+    x = torch.randn(4, 64)
+    rstd = [torch.empty(4), torch.empty(4)]
+    for out, eps in zip(rstd, (1.0, 1), strict=True):
+        emu.call("layer_norm_forward", torch.float32, x, torch.ones(64), torch.zeros(64), torch.empty(4, 64),
+                 torch.empty(4), out, 4, 64, eps)
+    assert torch.equal(rstd[1], rstd[0]), rstd
+    torch.testing.assert_close(rstd[1], 1 / torch.sqrt(x.var(1, unbiased=False) + 1))
+    with pytest.raises(TypeError, match=r"layer_norm_forward: the parameter 'int64_t N' cannot take a float \(64.0\)"):
+        emu.call("layer_norm_forward", torch.float32, x, None, None, x, rstd[0], rstd[0], 4, 64.0, 1.0)
 
 
 def test_shuffled_thread_order_exposes_a_missing_barrier(emu):

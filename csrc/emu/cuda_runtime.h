@@ -5,12 +5,16 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <source_location>
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
+// The emulator's build rewrites each kernel's `__launch_bounds__(n, ...)` into a check_launch_bounds(n, ...) call
+// its body starts with; one it did not rewrite would not be checked.
+#define __launch_bounds__(...) \
+  _Pragma("GCC error \"__launch_bounds__ outside the kernel sources the emulator's build rewrites\"")
 // The emulator's build rewrites each `__shared__ T a[n];` of the kernels into a function-local static (one block
 // runs at a time, so it is exactly one block's shared memory) that it fills with 0xFF bytes for each block
 // (declare_shared); one it did not rewrite would be neither.
@@ -26,6 +30,7 @@ enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchOutOfResources = 701,
   cudaErrorLaunchFailure = 719,
 };
 
@@ -36,9 +41,16 @@ namespace hetrain_emu {
 // The running thread's indices and the launch's shape, set by the scheduler before it resumes a thread.
 extern dim3 thread_index, block_index, block_dim, grid_dim;
 
-void sync_block();
+// `site`: the kernel's line that waits (the call of __syncthreads or of the shuffle); all the threads a barrier
+// opens for must wait at the same one.
+void sync_block(const std::source_location& site);
 // Waits for every lane of the warp, then copies the value lane `source_lane` offered into `theirs`.
-void sync_warp_then_exchange(unsigned mask, const void* mine, void* theirs, std::size_t bytes, unsigned source_lane);
+void sync_warp_then_exchange(unsigned mask, const void* mine, void* theirs, std::size_t bytes, unsigned source_lane,
+                             const std::source_location& site);
+
+// Called by each thread first thing in a kernel that declares `__launch_bounds__(max_threads, ...)` (the build
+// adds the call): a block of more threads fails the launch, as a GPU refuses it.
+void check_launch_bounds(unsigned max_threads, unsigned min_blocks = 0, unsigned max_blocks_per_cluster = 0);
 
 // The launch error since the last call, cleared (cudaGetLastError).
 cudaError_t take_error();
@@ -57,13 +69,17 @@ void declare_shared(void* data, std::size_t bytes);
 #define blockDim (::hetrain_emu::block_dim)
 #define gridDim (::hetrain_emu::grid_dim)
 
-inline void __syncthreads() { ::hetrain_emu::sync_block(); }
+// The default `site` argument is the caller's line: the barrier a thread waits at.
+inline void __syncthreads(std::source_location site = std::source_location::current()) {
+  ::hetrain_emu::sync_block(site);
+}
 
 // Every lane of the warp must take part (a full mask): the kernels here only use full-warp shuffles.
 template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, std::source_location site = std::source_location::current()) {
   T out;
-  ::hetrain_emu::sync_warp_then_exchange(mask, &v, &out, sizeof(T), (threadIdx.x & 31u) ^ static_cast<unsigned>(lane_mask));
+  const unsigned source_lane = (threadIdx.x & 31u) ^ static_cast<unsigned>(lane_mask);
+  ::hetrain_emu::sync_warp_then_exchange(mask, &v, &out, sizeof(T), source_lane, site);
   return out;
 }
 

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <source_location>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,7 @@ enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done, Faulted };
 struct Thread {
   ucontext_t context;
   State state;
+  std::source_location site;  // the barrier it waits at (AtBlockBarrier, AtWarpBarrier)
 };
 
 // A shared array (a function static, emulator.h) and the block that last filled it with 0xFF bytes.
@@ -160,6 +162,27 @@ void report_deadlock(unsigned n, unsigned at_block, unsigned done) {
   record(cudaErrorLaunchFailure, msg + buf);
 }
 
+std::string file_line_column(const std::source_location& at) {
+  return std::string(at.file_name()) + ":" + std::to_string(at.line()) + ":" + std::to_string(at.column());
+}
+
+// Whether threads [first, last) all wait at one barrier's call site; else records the fault naming two sites.
+// A GPU leaves threads at different __syncthreads (or shuffles) undefined, even where their counts match.
+bool at_one_site(unsigned first, unsigned last, const char* barrier) {
+  const std::source_location& a = sched.threads[first].site;
+  for (unsigned k = first + 1; k < last; ++k) {
+    const std::source_location& b = sched.threads[k].site;
+    if (b.line() == a.line() && b.column() == a.column() && std::strcmp(b.file_name(), a.file_name()) == 0) continue;
+    char buf[96];
+    std::snprintf(buf, sizeof buf, " (block %u,%u,%u)", block_index.x, block_index.y, block_index.z);
+    record(cudaErrorLaunchFailure, std::string("threads of one block wait at different barriers: ") + barrier +
+                                       " at " + file_line_column(a) + " (thread " + std::to_string(first) +
+                                       ") and at " + file_line_column(b) + " (thread " + std::to_string(k) + ")" + buf);
+    return false;
+  }
+  return true;
+}
+
 // Runs one block to completion; false on a fault. A barrier opens as soon as its last thread arrives, and
 // the next thread to run is the lowest-numbered runnable one (so a warp runs ahead of the others as far as
 // the block's barriers let it: warp-level races show) or, with a shuffle seed, a random runnable one.
@@ -204,6 +227,7 @@ bool run_block(unsigned n) {
         break;
       case State::AtBlockBarrier:
         if (++at_block == n) {
+          if (!at_one_site(0, n, "__syncthreads")) return false;
           at_block = 0;
           for (unsigned k = 0; k < n; ++k) sched.threads[k].state = State::Runnable;
           runnable.resize(n);
@@ -218,6 +242,7 @@ bool run_block(unsigned n) {
           return false;
         }
         if (++at_warp[w] == kWarp) {
+          if (!at_one_site(first, first + kWarp, "warp shuffle")) return false;
           at_warp[w] = 0;
           for (unsigned k = first; k < first + kWarp; ++k) {
             sched.threads[k].state = State::Runnable;
@@ -239,8 +264,8 @@ void run_grid(const Config& config, const std::function<void()>& body) {
   ++sched.launches;
   const dim3 g = config.grid, b = config.block;
   const uint64_t n = uint64_t(b.x) * b.y * b.z;
-  if (g.x == 0 || g.y == 0 || g.z == 0 || g.y > 65535 || g.z > 65535 || n == 0 || n > kMaxBlockThreads ||
-      b.z > 64) {
+  if (g.x == 0 || g.x > 2147483647u || g.y == 0 || g.z == 0 || g.y > 65535 || g.z > 65535 || n == 0 ||
+      n > kMaxBlockThreads || b.z > 64) {
     record(cudaErrorInvalidConfiguration, "invalid launch configuration: grid (" + std::to_string(g.x) + "," +
                                               std::to_string(g.y) + "," + std::to_string(g.z) + "), block (" +
                                               std::to_string(b.x) + "," + std::to_string(b.y) + "," +
@@ -284,9 +309,14 @@ void declare_shared(void* data, std::size_t bytes) {
   }
 }
 
-void sync_block() { yield(State::AtBlockBarrier); }
+void sync_block(const std::source_location& site) {
+  sched.threads[sched.current].site = site;
+  yield(State::AtBlockBarrier);
+}
 
-void sync_warp_then_exchange(unsigned mask, const void* mine, void* theirs, std::size_t bytes, unsigned source_lane) {
+void sync_warp_then_exchange(unsigned mask, const void* mine, void* theirs, std::size_t bytes, unsigned source_lane,
+                             const std::source_location& site) {
+  sched.threads[sched.current].site = site;
   if (mask != 0xffffffffu) fault("warp shuffle with a partial mask: the emulated kernels use full-warp shuffles");
   if (bytes > kMaxShuffleBytes) fault("warp shuffle of a value over 16 bytes");
   const unsigned self = sched.current, warp_first = self - self % kWarp;
@@ -294,6 +324,16 @@ void sync_warp_then_exchange(unsigned mask, const void* mine, void* theirs, std:
   yield(State::AtWarpBarrier);  // every lane has offered its value
   std::memcpy(theirs, sched.exchange[warp_first + (source_lane % kWarp)], bytes);
   yield(State::AtWarpBarrier);  // every lane has read before any offers its next value
+}
+
+void check_launch_bounds(unsigned max_threads, unsigned, unsigned) {
+  const uint64_t n = uint64_t(block_dim.x) * block_dim.y * block_dim.z;
+  if (n <= max_threads) return;
+  record(cudaErrorLaunchOutOfResources, "too many resources requested for launch: a block of " + std::to_string(n) +
+                                            " threads, over the kernel's __launch_bounds__(" +
+                                            std::to_string(max_threads) + ")");
+  yield(State::Faulted);
+  std::abort();  // a faulted thread is never resumed
 }
 
 cudaError_t take_error() {

@@ -6,8 +6,10 @@
 // reached it. Blocks run one after another, so a kernel's `__shared__` arrays (function statics here) are
 // one block's shared memory; each block finds them filled with 0xFF bytes (NaN), not the previous block's
 // values. What the GPU leaves undefined is an error here: a __syncthreads some threads never reach, a
-// shuffle in a partial warp, threads waiting at different barriers, undefined behaviour in a kernel (under
-// UndefinedBehaviorSanitizer). The order in which threads run between barriers, and the order of the blocks,
+// shuffle in a partial warp, threads waiting at different barriers (different __syncthreads or shuffle calls
+// in the source, even where every thread reaches one), undefined behaviour in a kernel (under
+// UndefinedBehaviorSanitizer). A launch of more threads per block than the kernel's __launch_bounds__ fails,
+// as on a GPU. The order in which threads run between barriers, and the order of the blocks,
 // can be shuffled (a seed), so a kernel whose result depends on it has a race.
 //
 // What it cannot show: threads switch only at barriers, so two threads' unsynchronised read-modify-writes of

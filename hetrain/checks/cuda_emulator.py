@@ -3,8 +3,9 @@
 Without a GPU the CPU tests check the kernels' per-element math (shared with the CPU kernels) and nvcc
 checks that they compile; this runs the kernels themselves, so their indexing, block reductions, barriers,
 grid-stride loops and partial-row workspaces are checked too. The sources are copied with each
-``kernel<<<...>>>(args)`` launch rewritten into a call of the emulator and each ``__shared__`` array into a
-function static the emulator fills with 0xFF bytes (NaN) for each block, compiled with g++ (no CUDA; the
+``kernel<<<...>>>(args)`` launch rewritten into a call of the emulator, each ``__shared__`` array into a
+function static the emulator fills with 0xFF bytes (NaN) for each block and each ``__launch_bounds__`` into a
+check of the block's threads the kernel starts with, compiled with g++ (no CUDA; the
 kernels without torch headers, as nvcc builds them) into one shared library, cached under ``build/cuda_emu``
 by a hash of the sources. Beside a CPU build of hetrain._C, the library also holds the kernels' torch
 bindings, registered for the CUDA dispatch key on CPU tensors (see :func:`load`).
@@ -22,6 +23,7 @@ import ctypes
 import hashlib
 import os
 import re
+import reprlib
 import shutil
 import subprocess
 import warnings
@@ -47,6 +49,15 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 _IDENT = re.compile(r"[A-Za-z0-9_:]")
 # `__shared__ T name[n][m];` on one line: (what precedes the name, the name, its dimensions).
 _SHARED = re.compile(r"\b__shared__\b([^;\n]*?)\b([A-Za-z_]\w*)((?:\s*\[[^\]\n]*\])*)\s*;")
+_BOUNDS = re.compile(r"\b__launch_bounds__\s*\(")
+# An entry point `int hetrain_emu_<name>(<parameters>) {` of csrc/emu/kernels.cpp or a test's kernels.
+_ENTRY = re.compile(r"\bint\s+hetrain_emu_(\w+)\s*\(([^)]*)\)\s*\{")
+# The entry points' C parameter types but pointers (which take a ctypes.c_void_p), without const.
+_CTYPES: dict[str, type] = {
+    "int": ctypes.c_int, "unsigned": ctypes.c_uint, "bool": ctypes.c_bool, "double": ctypes.c_double,
+    "float": ctypes.c_float, "int32_t": ctypes.c_int32, "uint32_t": ctypes.c_uint32, "int64_t": ctypes.c_int64,
+    "uint64_t": ctypes.c_uint64,
+}
 
 
 class EmulatorBuildError(RuntimeError):
@@ -109,6 +120,44 @@ def rewrite_shared(text: str) -> str:
         return f"static{m[1]}{m[2]}{m[3]}; ::hetrain_emu::declare_shared(&{m[2]}, sizeof {m[2]});"
 
     return _SHARED.sub(declare, text)
+
+
+def _closing(text: str, open_at: int) -> int:
+    """Index of the parenthesis that closes the one at ``open_at``."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    raise ValueError(f"an unclosed parenthesis at offset {open_at}: {text[open_at:open_at + 60]!r}")
+
+
+def rewrite_launch_bounds(text: str) -> str:
+    """``void __launch_bounds__(n, m) k(p) {`` -> ``void k(p) { ::hetrain_emu::check_launch_bounds(n, m);`` (on
+    the same lines): each thread checks its block against the kernel's bound first, so a launch of more threads
+    fails as on a GPU (csrc/emu/cuda_runtime.h). A declaration without a body only loses its bound."""
+    out: list[str] = []
+    pos = 0
+    while m := _BOUNDS.search(text, pos):
+        args_end = _closing(text, m.end() - 1)
+        params_end = _closing(text, text.index("(", args_end + 1))
+        body = params_end + 1
+        while body < len(text) and text[body].isspace():
+            body += 1
+        args = " ".join(text[m.end():args_end].split())
+        out.append(text[pos:m.start()] + "\n" * text.count("\n", m.start(), args_end))
+        if text.startswith("{", body):
+            out.append(f"{text[args_end + 1:body + 1]} ::hetrain_emu::check_launch_bounds({args});")
+            pos = body + 1
+        else:
+            pos = args_end + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _kernel_source(text: str) -> str:
+    """A kernel source's text as the emulator's build compiles it."""
+    return rewrite_shared(rewrite_launch_bounds(rewrite_launches(text)))
 
 
 def _named_as(path: Path, text: str) -> str:
@@ -196,11 +245,11 @@ def _build_in(work: Path, files: list[Path], extra: list[Path], bindings: Path |
         dest.parent.mkdir(parents=True, exist_ok=True)
         text = f.read_text()
         if f.relative_to(CSRC).parts[0] != "emu":  # the emulator's own files are not kernels
-            text = rewrite_shared(rewrite_launches(text) if f.suffix in (".cu", ".cuh") else text)
+            text = _kernel_source(text) if f.suffix in (".cu", ".cuh") else rewrite_shared(text)
         dest.write_text(_named_as(f, text))
     for e in extra:
         (src / "extra").mkdir(exist_ok=True)
-        (src / "extra" / e.name).write_text(_named_as(e, rewrite_shared(rewrite_launches(e.read_text()))))
+        (src / "extra" / e.name).write_text(_named_as(e, _kernel_source(e.read_text())))
     units = [(u, SANITIZE) for u in sorted((src / "cuda").glob("*.cu"))]
     units += [(src / "emu" / "emulator.cpp", ()), (src / "emu" / "kernels.cpp", ())]
     units += [(src / "extra" / e.name, SANITIZE) for e in extra]
@@ -240,6 +289,7 @@ class Emulator:
                           "run without halt_on_error (-fno-sanitize-recover already stops each kernel at the first)",
                           stacklevel=2)
         self._lib = ctypes.CDLL(str(library))
+        self._entries = _entry_points(Path(library).parent / "src")
         self._lib.hetrain_emu_error_message.restype = ctypes.c_char_p
         self._lib.hetrain_emu_set_shuffle_seed.argtypes = [ctypes.c_uint64]
         self._lib.hetrain_emu_launches.restype = ctypes.c_uint64
@@ -255,13 +305,26 @@ class Emulator:
         self._lib.hetrain_emu_set_shuffle_seed(seed)
 
     def call(self, entry: str, *args: object) -> None:
-        """Calls ``hetrain_emu_<entry>``: tensors pass their data pointer (None a null one), a dtype its code,
-        floats as double, bools and ints as 64-bit registers (a C parameter of 32 bits reads the low half, as
-        the x86-64 and AArch64 calling conventions pass them), a sequence of ints as an int64 array; raises
-        KernelFault on an error."""
-        fn = getattr(self._lib, f"hetrain_emu_{entry}")
-        fn.argtypes = [_ctype(a) for a in args]
+        """Calls ``hetrain_emu_<entry>``, each argument converted to its C parameter's type (as the entry's
+        source declares it): tensors pass their data pointer (None a null one), a dtype its code, a sequence of
+        ints an int64 array, an int where a double is declared that double; raises TypeError on an argument its
+        parameter cannot take, KernelFault on an error."""
+        params = self._entries.get(entry)
+        if params is None:
+            raise ValueError(f"no entry point hetrain_emu_{entry} in the emulated kernels' sources; the entries are "
+                             f"{', '.join(sorted(self._entries))}")
+        if len(args) != len(params):
+            raise TypeError(f"{entry} takes {len(params)} arguments ({', '.join(d for d, _ in params)}), "
+                            f"not {len(args)}")
         values = [_value(a) for a in args]
+        for (decl, ctype), arg, value in zip(params, args, values, strict=True):
+            try:
+                ctype.from_param(value)
+            except TypeError:
+                raise TypeError(f"{entry}: the parameter '{decl}' cannot take a {type(arg).__name__} "
+                                f"({reprlib.repr(arg)})") from None
+        fn = getattr(self._lib, f"hetrain_emu_{entry}")
+        fn.argtypes = [ctype for _, ctype in params]
         self._lib.hetrain_emu_clear_error()  # an error without a fault of this call's has no message
         err = fn(*values)
         if err != 0:
@@ -269,16 +332,25 @@ class Emulator:
             raise KernelFault(f"{entry}: cudaError {err}: {message}")
 
 
-def _ctype(arg: object) -> type:
-    if isinstance(arg, torch.dtype):
-        return ctypes.c_int
-    if isinstance(arg, float):
-        return ctypes.c_double
-    if isinstance(arg, (tuple, list)):
-        return ctypes.POINTER(ctypes.c_int64)
-    if isinstance(arg, int):
-        return ctypes.c_int64
-    return ctypes.c_void_p
+def _entry_points(src: Path) -> dict[str, list[tuple[str, type]]]:
+    """Each entry point's parameters (declaration, ctypes type), read from the library's copied sources under
+    ``src`` (csrc/emu/kernels.cpp and the extra kernels): ctypes needs them to pass each argument as its C type
+    (an int passed where a double is declared read as garbage)."""
+    entries: dict[str, list[tuple[str, type]]] = {}
+    for f in [src / "emu" / "kernels.cpp", *sorted((src / "extra").glob("*"))]:
+        for m in _ENTRY.finditer(f.read_text()):
+            params = []
+            for decl in filter(None, (" ".join(p.split()) for p in m[2].split(","))):
+                c_type = re.sub(r"\s*\b\w+$", "", decl).removeprefix("const ")
+                if c_type.endswith("*"):
+                    params.append((decl, ctypes.c_void_p))
+                elif c_type in _CTYPES:
+                    params.append((decl, _CTYPES[c_type]))
+                else:
+                    raise ValueError(f"hetrain_emu_{m[1]} ({f.name}): a parameter '{decl}' of a type the emulator "
+                                     f"does not pass; add its ctypes type to _CTYPES")
+            entries[m[1]] = params
+    return entries
 
 
 def _value(arg: object) -> object:

@@ -55,6 +55,38 @@ __global__ void unwritten_shared_kernel(float* out) {
 // Each block adds its value to out[0] without an atomic: the sum depends on the order of the blocks.
 __global__ void block_sum_kernel(const float* x, float* out) { out[0] += x[blockIdx.x]; }
 
+// Even and odd threads wait at two different __syncthreads calls: one barrier each, on a GPU undefined.
+__global__ void two_barriers_kernel(float* out) {
+  if (threadIdx.x % 2 == 0) {
+    __syncthreads();
+    out[threadIdx.x] = 1.0f;
+  } else {
+    __syncthreads();
+    out[threadIdx.x] = 2.0f;
+  }
+}
+
+// One __syncthreads call on every pass of a loop: one barrier.
+__global__ void looped_barrier_kernel(float* out, int passes) {
+  for (int k = 0; k < passes; ++k) {
+    out[threadIdx.x] += 1.0f;
+    __syncthreads();
+  }
+}
+
+// The two half-warps shuffle at different calls.
+__global__ void two_shuffles_kernel(float* out) {
+  float v;
+  if (threadIdx.x % 32 < 16)
+    v = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 16);
+  else
+    v = __shfl_xor_sync(0xffffffffu, float(threadIdx.x) + 1000.0f, 16);
+  out[threadIdx.x] = v;
+}
+
+// Declared for blocks of at most 128 threads.
+__global__ void __launch_bounds__(128) bounded_kernel(float* out) { out[threadIdx.x] = 1.0f; }
+
 }  // namespace
 
 extern "C" {
@@ -111,6 +143,23 @@ int hetrain_emu_test_index(int* out, int64_t gx, int64_t gy, int64_t gz, int64_t
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
   const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by), static_cast<unsigned>(bz));
   index_kernel<<<grid, block, 0, nullptr>>>(out);
+  return cudaGetLastError();
+}
+
+int hetrain_emu_test_two_barriers(float* out) {
+  two_barriers_kernel<<<1, 64>>>(out);
+  return cudaGetLastError();
+}
+int hetrain_emu_test_looped_barrier(float* out, int passes) {
+  looped_barrier_kernel<<<1, 64>>>(out, passes);
+  return cudaGetLastError();
+}
+int hetrain_emu_test_two_shuffles(float* out) {
+  two_shuffles_kernel<<<1, 32>>>(out);
+  return cudaGetLastError();
+}
+int hetrain_emu_test_bounded(float* out, int64_t threads) {
+  bounded_kernel<<<1, static_cast<unsigned>(threads)>>>(out);
   return cudaGetLastError();
 }
 }

@@ -140,6 +140,21 @@ def test_custom_ops_pass_opcheck():
                               (randn(4, 24, seed=3), x.detach(), b.detach(), approximate))
 
 
+# A transposed 2-D input, and an N-D one whose leading dims merge into a strided view of rows without a copy.
+STRIDED = {"transposed": lambda: randn(24, 4, seed=1, shift=0.5).t(),
+           "permuted": lambda: randn(24, 2, 3, seed=1, shift=0.5).permute(1, 2, 0)}
+
+
+@pytest.mark.parametrize("layout", list(STRIDED))
+def test_torch_backend_outputs_have_the_fake_strides_for_strided_inputs(layout):
+    # The torch backend returned a column-major output where the fake said contiguous, so inductor misread it.
+    x, b = STRIDED[layout](), randn(24, seed=2)
+    with plugins.use_backend(bias_gelu="torch"):
+        torch.library.opcheck(torch.ops.hetrain.bias_gelu_fwd.default, (x, b, "none"), test_utils="test_faketensor")
+        torch.library.opcheck(torch.ops.hetrain.bias_gelu_bwd.default, (STRIDED[layout](), x, b, "tanh"),
+                              test_utils="test_faketensor")
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()

@@ -260,6 +260,27 @@ def test_custom_ops_pass_opcheck():
                               (randn(4, 24, seed=4), x.detach(), r, w, mean, rstd, seed, p, True))
 
 
+# A transposed 2-D input, and an N-D one whose leading dims merge into a strided view of rows without a copy.
+STRIDED = {"transposed": lambda seed: randn(24, 4, seed=seed, shift=0.5).t(),
+           "permuted": lambda seed: randn(24, 2, 3, seed=seed, shift=0.5).permute(1, 2, 0)}
+
+
+@pytest.mark.parametrize("layout", list(STRIDED))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_torch_backend_outputs_have_the_fake_strides_for_strided_inputs(layout, p):
+    # With p == 0 (or training=False) the torch backend's x + residual kept x's strides: a column-major y where
+    # the fake said contiguous, which inductor misread.
+    x, r = STRIDED[layout](1), STRIDED[layout](2)
+    w, b, seed = randn(24, seed=3), randn(24, seed=4), torch.tensor([3])
+    with plugins.use_backend(dropout_add_layer_norm="torch"):
+        torch.library.opcheck(fused_op.default, (x, r, w, b, seed, p, 1e-5), test_utils="test_faketensor")
+        torch.library.opcheck(fused_op.default, (x, r.contiguous(), None, None, seed, p, 1e-5),
+                              test_utils="test_faketensor")
+        _y, mean, rstd = fused_op(x, r, w, b, seed, p, 1e-5)
+        torch.library.opcheck(torch.ops.hetrain.dropout_add_layer_norm_bwd.default,
+                              (STRIDED[layout](5), x, r, w, mean, rstd, seed, p, True), test_utils="test_faketensor")
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_torch_compile_fullgraph_draws_the_same_seed_as_eager(backend):
     torch._dynamo.reset()

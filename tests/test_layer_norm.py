@@ -118,6 +118,25 @@ def test_custom_ops_pass_opcheck():
                           (randn(4, 24, seed=4), x.detach(), w.detach(), mean, rstd, True))
 
 
+# A transposed 2-D input, and an N-D one whose leading dims merge into a strided view of rows without a copy.
+STRIDED = {"transposed": lambda: randn(24, 4, seed=1, shift=0.5).t(),
+           "permuted": lambda: randn(24, 2, 3, seed=1, shift=0.5).permute(1, 2, 0)}
+
+
+@pytest.mark.parametrize("layout", list(STRIDED))
+def test_torch_backend_outputs_have_the_fake_strides_for_strided_inputs(layout):
+    # The torch backend returned a column-major y where the fake said contiguous, so inductor misread it.
+    x = STRIDED[layout]()
+    w, b = randn(24, seed=2), randn(24, seed=3)
+    with plugins.use_backend(layer_norm="torch"):
+        torch.library.opcheck(torch.ops.hetrain.layer_norm_fwd.default, (x, w, b, 1e-5), test_utils="test_faketensor")
+        torch.library.opcheck(torch.ops.hetrain.layer_norm_fwd.default, (x, None, None, 1e-5),
+                              test_utils="test_faketensor")
+        _y, mean, rstd = torch.ops.hetrain.layer_norm_fwd(x, w, b, 1e-5)
+        torch.library.opcheck(torch.ops.hetrain.layer_norm_bwd.default, (STRIDED[layout](), x, w, mean, rstd, True),
+                              test_utils="test_faketensor")
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()

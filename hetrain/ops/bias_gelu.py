@@ -31,7 +31,9 @@ class TorchBackend:
     @staticmethod
     def forward(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
         """gelu(x + bias) for x (M, N) rows and bias (N,), in x's dtype."""
-        z = x.to(compute_dtype(x.dtype)) + bias.to(compute_dtype(x.dtype))
+        # x made contiguous first: elementwise results keep their input's strides, and the op's fake promises a
+        # contiguous output (a transposed x gave a column-major one that compiled graphs misread).
+        z = x.contiguous().to(compute_dtype(x.dtype)) + bias.to(compute_dtype(x.dtype))
         return torch.nn.functional.gelu(z, approximate=approximate).to(x.dtype)
 
     @staticmethod
@@ -39,8 +41,8 @@ class TorchBackend:
                  approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
         """dx (M, N) and dbias (N,) in x's dtype, recomputed from x and bias (nothing saved but the input)."""
         stats = compute_dtype(x.dtype)
-        z = x.to(stats) + bias.to(stats)
-        dz = torch.ops.aten.gelu_backward(dy.to(stats), z, approximate=approximate)
+        z = x.contiguous().to(stats) + bias.to(stats)  # contiguous, so dx is too (see forward)
+        dz = torch.ops.aten.gelu_backward(dy.contiguous().to(stats), z, approximate=approximate)
         return dz.to(x.dtype), dz.sum(0).to(x.dtype)
 
 

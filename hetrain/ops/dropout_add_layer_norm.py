@@ -93,9 +93,11 @@ class TorchBackend:
 
     @staticmethod
     def _pre_norm(x, residual, keep, p):
+        """dropout(x) + residual in compute_dtype, contiguous: the outputs derived from it must be, as the op's fakes
+        say (with p == 0, x + residual kept a transposed x's strides)."""
         stats = compute_dtype(x.dtype)
-        xs = x.to(stats) if keep is None else apply_mask(x.to(stats), keep, p)
-        return xs + residual.to(stats)
+        x, residual = x.contiguous().to(stats), residual.contiguous().to(stats)
+        return (x if keep is None else apply_mask(x, keep, p)) + residual
 
     @staticmethod
     def forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

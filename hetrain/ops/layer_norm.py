@@ -35,7 +35,9 @@ class TorchBackend:
                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (M, N) rows -> y (M, N) in x's dtype, and the mean and rstd (M,) backward reads, in compute_dtype."""
         stats = compute_dtype(x.dtype)
-        xf = x.to(stats)
+        # Made contiguous first: elementwise results keep their input's strides, and the op's fake promises
+        # contiguous outputs (a transposed x gave a column-major y that compiled graphs misread).
+        xf = x.contiguous().to(stats)
         # No statistics to take of no values (var_mean would warn about its degrees of freedom).
         var, mean = torch.var_mean(xf, dim=-1, correction=0) if xf.numel() else (xf.sum(-1), xf.sum(-1))
         rstd = torch.rsqrt(var + eps)
@@ -51,8 +53,8 @@ class TorchBackend:
                  rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dx (M, N), dweight and dbias (N,) in x's dtype; an empty tensor for a parameter the call has not."""
         stats = mean.dtype
-        dyf = dy.to(stats)
-        xhat = (x.to(stats) - mean[:, None]) * rstd[:, None]
+        dyf = dy.contiguous().to(stats)  # contiguous inputs, so dx is contiguous as the fake says (see forward)
+        xhat = (x.contiguous().to(stats) - mean[:, None]) * rstd[:, None]
         g = dyf * weight.to(stats) if weight is not None else dyf
         dx = rstd[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
         dw = (dyf * xhat).sum(0).to(x.dtype) if weight is not None else x.new_empty(0)

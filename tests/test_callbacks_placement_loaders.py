@@ -1,9 +1,12 @@
 """StagePlacement times the stages on the run's data however fit got it: a DataModule or the loaders themselves."""
 
+import random
+
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from hetrain.callbacks import StagePlacement
 from hetrain.callbacks.placement import _first_batch
@@ -97,3 +100,56 @@ def test_measuring_leaves_a_loader_with_persistent_workers_as_it_was():
     """Before, the iterator made to take the batch stayed on a loader with persistent workers (its _iterator), and
     training went on with it: the shuffled order differed from a run that did not measure."""
     assert _epoch(measure_first=True) == _epoch(measure_first=False)
+
+
+def _augmenting_loader(draws: list[tuple[float, float]]) -> DataLoader:
+    """A loader whose collate draws from numpy and random (an augmentation), recording each batch's draws."""
+    def collate(items: list) -> dict[str, torch.Tensor]:
+        draws.append((float(np.random.rand()), random.random()))
+        return default_collate(items)
+    return DataLoader(Tokens(16), batch_size=8, collate_fn=collate)
+
+
+def test_auto_plan_trains_on_the_same_numpy_and_random_draws_as_without():
+    """Before, only torch's generator was kept around the measured batch's fetch: a collate (or dataset) drawing
+    from numpy or random left that draw on the run's streams, so training, and a resumed run, drew otherwise."""
+    plan = {"embeddings": "cpu", "encoder": "cpu", "classifier": "cpu"}
+    measured: list[tuple[float, float]] = []
+    plain: list[tuple[float, float]] = []
+    _fit(StagePlacement("auto"), _augmenting_loader(measured))
+    _fit(StagePlacement(plan), _augmenting_loader(plain))
+    assert len(measured) == len(plain) + 1  # the measured batch first, then training's
+    assert measured[1:] == plain
+
+
+class _DrawingInputs(ClassificationTask):
+    """placement_inputs whose inputs draw from numpy and random each time they are made."""
+
+    def placement_inputs(self, batch: dict[str, torch.Tensor]) -> tuple:
+        make_input, stage_args = super().placement_inputs(batch)
+
+        def drawing() -> torch.Tensor:
+            np.random.rand()
+            random.random()
+            return make_input()
+        return drawing, stage_args
+
+
+def test_measuring_leaves_numpy_and_random_as_placement_inputs_found_them():
+    """Before, draws made while timing the stages (placement_inputs, a stage's forward) stayed on numpy's and random's
+    streams: only torch's was kept."""
+    torch.manual_seed(0)
+    task = _DrawingInputs(_task().model, num_classes=3, lr=1e-2)
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            _, keys, position, *rest = np.random.get_state()
+            seen.append((keys.tolist(), position, rest, random.getstate()))
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[Probe(), StagePlacement("auto"), Probe()])
+    trainer.fit(task, DataLoader(Tokens(8), batch_size=4))
+    before, after = seen
+    assert before == after

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from hetrain.callbacks.random_state import _generator_state, _set_generator_state
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
 from hetrain.placement.chain import OBJECTIVES
 from hetrain.placement.pipeline import micro_batch_count, shared_across_devices
@@ -170,14 +172,16 @@ class StagePlacement(Callback):
         :class:`RunCosts`)."""
         batch = _first_batch(_measuring_loader(trainer))
         weightless = tuple(name for name, stage in pl_module.stages().items() if held_device(stage) is None)
-        make_input, stage_args = pl_module.placement_inputs(batch)
-        whole = _time_stages(trainer, pl_module, make_input, stage_args)
-        if self.objective == "sequential" or len(whole.devices) == 1:
-            return RunCosts(whole, weightless=weightless)
-        # The split cuts a batch of fewer rows than micro_batches into one piece per row (micro_batch_count).
-        pieces = micro_batch_count(_rows(make_input()), self.micro_batches)
-        micro = _time_stages(trainer, pl_module, *_first_micro_batch(make_input, stage_args, pieces))
-        return RunCosts(whole, micro, pieces, weightless)
+        # placement_inputs and the stages may draw from numpy or random too: placement.measure keeps torch's only.
+        with _generators_kept():
+            make_input, stage_args = pl_module.placement_inputs(batch)
+            whole = _time_stages(trainer, pl_module, make_input, stage_args)
+            if self.objective == "sequential" or len(whole.devices) == 1:
+                return RunCosts(whole, weightless=weightless)
+            # The split cuts a batch of fewer rows than micro_batches into one piece per row (micro_batch_count).
+            pieces = micro_batch_count(_rows(make_input()), self.micro_batches)
+            micro = _time_stages(trainer, pl_module, *_first_micro_batch(make_input, stage_args, pieces))
+            return RunCosts(whole, micro, pieces, weightless)
 
     def solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PlacementPlan:
         """Measures the stages on this machine's devices and solves the chain. Under several processes global rank 0
@@ -370,11 +374,11 @@ def _measuring_loader(trainer: pl.Trainer) -> Any:
 
 def _first_batch(loader: Any) -> Any:
     """One batch from a loader, closing its iterator (a ring loader's producers) right after. The random generators
-    are left as they were: iterating a loader draws from them (a seed for its workers, a shuffled order), and a run
-    must train on the same data whether or not it measured. A torch DataLoader with persistent workers keeps the
+    are left as they were (:func:`_generators_kept`): iterating a loader draws from them (a seed for its workers, a
+    shuffled order, a dataset's or collate's augmentation). A torch DataLoader with persistent workers keeps the
     iterator it makes (``_iterator``) and training would go on with it: one made here is shut down and dropped."""
     kept = getattr(loader, "_iterator", None) if isinstance(loader, DataLoader) else None
-    with torch.random.fork_rng(devices=[]):
+    with _generators_kept():
         iterator = iter(loader)
         try:
             return next(iterator)
@@ -385,3 +389,15 @@ def _first_batch(loader: Any) -> Any:
             if isinstance(loader, DataLoader) and kept is None and loader._iterator is iterator:
                 iterator._shutdown_workers()
                 loader._iterator = None
+
+
+@contextmanager
+def _generators_kept() -> Iterator[None]:
+    """Puts torch's (CPU, and CUDA's where initialised), numpy's and Python's generators back as the block found
+    them: a run must draw the same whether or not it measured, and a resumed run (``RandomState`` restores them
+    before fit start, where placement measures) as the uninterrupted one. The same generators ``RandomState`` saves."""
+    state = _generator_state()
+    try:
+        yield
+    finally:
+        _set_generator_state(state)

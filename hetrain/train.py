@@ -325,20 +325,46 @@ def _check_seed(cfg: DictConfig) -> None:
                          "takes); it seeds python, numpy, torch and the synthetic data")
 
 
+def _epochs_done(checkpoint: dict[str, Any]) -> int | None:
+    """The epochs a Lightning checkpoint has trained, counted as a resumed fit counts them against ``max_epochs``:
+    those its fit loop processed, and the epoch in flight too where its last batch's training step ran (a checkpoint
+    saved at that batch's end, or in the validation after it). None where the checkpoint holds no fit loop."""
+    try:
+        loop = checkpoint["loops"]["fit_loop"]
+        epochs, batches = loop["epoch_progress"]["current"], loop["epoch_loop.batch_progress"]
+        done = epochs["processed"]
+        in_flight = epochs["started"] > done
+        last_batch_ran = batches["is_last_batch"] and batches["total"]["processed"] == batches["total"]["started"]
+    except (KeyError, TypeError):
+        return None
+    return done + 1 if in_flight and last_batch_ran else done
+
+
 def _check_steps_left(cfg: DictConfig) -> None:
-    """Refuses to resume a checkpoint already at ``trainer.max_steps``: Lightning would skip the fit, its callbacks'
-    hooks included, and the run would say ok with nothing trained or measured."""
-    ckpt_path, max_steps = cfg.get("ckpt_path"), OmegaConf.select(cfg, "trainer.max_steps")
-    if ckpt_path is None or not isinstance(max_steps, int) or max_steps < 0:  # -1: no step limit
+    """Refuses to resume a checkpoint already at ``trainer.max_steps`` or past its last epoch
+    (``trainer.max_epochs``): Lightning would skip the fit, its callbacks' hooks included, and the run would say ok
+    with nothing trained or measured."""
+    ckpt_path = cfg.get("ckpt_path")
+    max_steps, max_epochs = OmegaConf.select(cfg, "trainer.max_steps"), OmegaConf.select(cfg, "trainer.max_epochs")
+    step_limit = isinstance(max_steps, int) and max_steps >= 0  # -1: no step limit
+    epoch_limit = isinstance(max_epochs, int) and max_epochs >= 0  # -1 or null: none (max_steps decides)
+    if ckpt_path is None or not (step_limit or epoch_limit):
         return
     try:  # mmap: the tensors stay on disk, only the pickled structure around them is read
-        step = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("global_step", 0)
+        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # noqa: BLE001 - one this cannot read (objects of a user's, an old format): Lightning says
         return
-    if step >= max_steps:
+    step = checkpoint.get("global_step", 0)
+    if step_limit and step >= max_steps:
         raise ValueError(f"hetrain: ckpt_path={ckpt_path} is already at step {step} >= trainer.max_steps={max_steps}, "
                          "so there is nothing left to train; raise trainer.max_steps to the step the resumed run "
                          f"should end at, e.g. trainer.max_steps={step + max(max_steps, 1)}")
+    epochs = _epochs_done(checkpoint) if epoch_limit else None
+    if epochs is not None and epochs >= max_epochs:
+        raise ValueError(f"hetrain: ckpt_path={ckpt_path} has already trained {epochs} epochs >= "
+                         f"trainer.max_epochs={max_epochs}, so there is nothing left to train; raise "
+                         "trainer.max_epochs to the epoch count the resumed run should end at, e.g. "
+                         f"trainer.max_epochs={epochs + max(max_epochs, 1)}")
 
 
 def _check_windows(cfg: DictConfig) -> None:

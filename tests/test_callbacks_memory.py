@@ -720,6 +720,24 @@ def test_a_resumed_fit_measures_its_own_steps(tmp_path):
     assert [profiler.instruments_step(s) for s in range(3, 7)] == [True, False, True, False]
 
 
+def test_resuming_a_fit_that_has_nothing_left_to_train_keeps_the_earlier_report(tmp_path):
+    """Lightning skips a fit resumed at its max_epochs: the profiler wrote an empty report over the earlier fit's."""
+    profiler = MemoryProfiler(churn_steps=0)
+    _fit(Regressor(), profiler, tmp_path, max_steps=-1, max_epochs=1).save_checkpoint(tmp_path / "done.ckpt")
+    assert [s["step"] for s in profiler.steps] == [0, 1, 2]
+    report, steps = (tmp_path / REPORT_MD).read_text(), (tmp_path / STEPS_CSV).read_text()
+    for directory in (tmp_path, tmp_path / "elsewhere"):
+        profiler = MemoryProfiler(directory, churn_steps=0)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, default_root_dir=tmp_path,
+                             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                             limit_val_batches=0, callbacks=[profiler])
+        trainer.fit(Regressor(), _loader(3), ckpt_path=tmp_path / "done.ckpt")
+        assert trainer.global_step == 3 and profiler.steps == []
+    assert (tmp_path / REPORT_MD).read_text() == report and (tmp_path / STEPS_CSV).read_text() == steps
+    # Where no report was written yet, the report says that no step ran.
+    assert "No training step completed" in (tmp_path / "elsewhere" / REPORT_MD).read_text()
+
+
 def test_a_profiler_used_for_two_fits_reports_the_second_alone(tmp_path):
     profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=[2])
     for batches in (4, 3):

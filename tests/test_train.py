@@ -598,6 +598,42 @@ def test_resuming_a_checkpoint_already_at_max_steps_fails_naming_the_fix(tmp_pat
     assert summary["status"] == "failed" and "is already at step 1" in summary["error"]
 
 
+# Two epochs of 2 batches, each batch validated and saved (last.ckpt and step<k>-acc<a>.ckpt).
+TWO_EPOCHS = ["recipe=bert_split", "data.loader=torch", "data.train_size=32", "data.batch_size=16", "data.val_size=16",
+              "model.hidden=16", "trainer.val_check_interval=1", "trainer.num_sanity_val_steps=0",
+              "trainer.enable_progress_bar=false", "callbacks.memory_profiler=null",
+              "callbacks.model_checkpoint.save_top_k=-1", "trainer.max_steps=-1", "trainer.max_epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def two_epochs_checkpoints(tmp_path_factory) -> Path:
+    """The checkpoint folder of a finished :data:`TWO_EPOCHS` run."""
+    directory = tmp_path_factory.mktemp("two_epochs")
+    run(compose_train(*TWO_EPOCHS, output_dir=directory))
+    return directory / "checkpoints"
+
+
+@pytest.mark.parametrize("max_steps", [-1, 100])  # no step limit; one the epoch limit comes before
+def test_resuming_a_checkpoint_past_its_last_epoch_fails_naming_the_fix(tmp_path, two_epochs_checkpoints, max_steps):
+    """Lightning skipped the whole fit: the run said ok, its summary without metrics, its memory report emptied."""
+    ckpt = two_epochs_checkpoints / "last.ckpt"  # saved in the validation after the last epoch's last batch
+    with pytest.raises(ValueError, match=re.escape(
+            f"hetrain: ckpt_path={ckpt} has already trained 2 epochs >= trainer.max_epochs=2, so there is nothing "
+            "left to train; raise trainer.max_epochs to the epoch count the resumed run should end at, e.g. "
+            "trainer.max_epochs=4")):
+        run(compose_train(*TWO_EPOCHS, f"trainer.max_steps={max_steps}", f"ckpt_path={ckpt}", output_dir=tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "has already trained 2 epochs" in summary["error"]
+
+
+def test_resuming_a_checkpoint_of_the_last_epochs_middle_trains_the_rest_of_it(tmp_path, two_epochs_checkpoints):
+    """Not refused as past its last epoch: the epoch's second batch is still to train."""
+    middle = next(two_epochs_checkpoints.glob("step3-*.ckpt"))  # the last epoch's first batch
+    run(compose_train(*TWO_EPOCHS, f"ckpt_path={middle}", output_dir=tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["steps"] == 4 and summary["metrics"]
+
+
 @pytest.mark.parametrize("overrides", [
     ["trainer.max_steps=-1", "trainer.max_epochs=1"],  # ends at the epoch's last batch: no validation is added there
     ["trainer.max_steps=3", "trainer.limit_val_batches=0"],

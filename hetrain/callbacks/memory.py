@@ -26,7 +26,7 @@ from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
 from hetrain.callbacks.churn import ChurnTracker
-from hetrain.callbacks.memory_report import PHASES, READING, STEPS_CSV, MemoryReport, churn_section
+from hetrain.callbacks.memory_report import PHASES, READING, REPORT_MD, STEPS_CSV, MemoryReport, churn_section
 from hetrain.callbacks.module_memory import MIB, ModuleMemory, bytes_by_device, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace, parse_steps
 from hetrain.memory_counters import PhaseMemory
@@ -391,7 +391,11 @@ class MemoryProfiler(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            self._write_report(trainer)
+            report_md = self._dir(trainer) / REPORT_MD
+            if self.steps or not report_md.exists():
+                self._write_report(trainer)
+            else:  # a resumed fit with nothing left to train: the earlier fit's report is the one that measured
+                log.info(f"hetrain: no training step ran in this fit; the memory report {report_md} is left as it was")
         # The whole fit's history, or chosen steps the fit ended inside of: every rank records, so every rank stops
         # (rank zero writes it).
         if self._recording:

@@ -93,14 +93,27 @@ void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) c
   }
 }
 
-void RingCore::wait_draining_locked(std::unique_lock<std::mutex>& lk) {
+// True once no slot is being filled (or the ring closed), false at the deadline.
+bool RingCore::wait_draining_locked(std::unique_lock<std::mutex>& lk, Clock::time_point deadline) {
   auto filling = [this] {
     return std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.state == State::kFilling; });
   };
   while (!closed_ && filling()) {
-    consumer_cv_.wait_for(lk, kStallPoll);
+    const auto now = Clock::now();
+    if (now >= deadline) return false;
+    consumer_cv_.wait_until(lk, std::min<Clock::time_point>(deadline, now + kStallPoll));
     check_stalls_locked(Clock::now(), false);
   }
+  return true;
+}
+
+bool RingCore::drain(double timeout_s) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (closed_) throw RingError("hetrain ring: the ring is closed");
+  num_jobs_ = 0;  // hand out nothing while the last epoch drains
+  const bool drained = wait_draining_locked(lk, deadline_after(timeout_s));
+  if (closed_) throw RingError("hetrain ring: the ring is closed");
+  return drained;
 }
 
 void RingCore::start_epoch(int64_t num_jobs, const std::function<void()>& install) {
@@ -108,7 +121,7 @@ void RingCore::start_epoch(int64_t num_jobs, const std::function<void()>& instal
   std::unique_lock<std::mutex> lk(mu_);
   if (closed_) throw RingError("hetrain ring: the ring is closed");
   num_jobs_ = 0;  // hand out nothing while the last epoch drains
-  wait_draining_locked(lk);
+  wait_draining_locked(lk, Clock::time_point::max());
   if (closed_) throw RingError("hetrain ring: the ring is closed");
   for (Slot& s : slots_) {
     if (s.state == State::kReady || s.state == State::kFailed) {

@@ -51,6 +51,10 @@ class RingCore {
   // `install` runs once nothing is being filled, before any job of the new epoch is handed out: the
   // place to swap what producers read.
   void start_epoch(int64_t num_jobs, const std::function<void()>& install = {});
+  // Consumer: hands out no further job of the current epoch and waits up to timeout_s for every batch being
+  // filled; true once none is (start_epoch then waits no more). Bounded, so a caller can stay responsive to
+  // signals while a producer finishes a slow batch. Throws RingError on a stall or once closed.
+  bool drain(double timeout_s);
 
   // Producer: the next job, once its slot is free; its slot in *slot. kTimedOut or kClosed otherwise.
   // Here and in take(), a timeout_s of inf (or any over about 31 years) waits without a deadline.
@@ -88,7 +92,7 @@ class RingCore {
     std::atomic<int64_t> last_seen_ns{0};
   };
   static int64_t now_ns() { return Clock::now().time_since_epoch() / std::chrono::nanoseconds(1); }
-  void wait_draining_locked(std::unique_lock<std::mutex>& lk);
+  bool wait_draining_locked(std::unique_lock<std::mutex>& lk, Clock::time_point deadline);
 
   void check_stalls_locked(Clock::time_point now, bool consumer_waits = true) const;
 

@@ -139,6 +139,13 @@ class RingBuffer : public torch::CustomClassHolder {
     guarded([&] { st_->core->start_epoch(num_jobs); });
   }
 
+  // Stops handing out the current epoch's batches and waits up to `timeout` s for those being filled; true once
+  // none is. Callers loop on short timeouts so that Ctrl-C reaches Python while a slow batch finishes.
+  bool drain(double timeout) {
+    check_timeout(timeout);
+    return guarded([&] { return st_->core->drain(timeout); });
+  }
+
   std::tuple<int64_t, int64_t> claim(int64_t producer, double timeout) {
     check_producer(producer);
     check_timeout(timeout);
@@ -271,6 +278,7 @@ TORCH_LIBRARY_FRAGMENT(hetrain_C, m) {
       .def("pinned", &hetrain::RingBuffer::pinned)
       .def("slot_views", &hetrain::RingBuffer::slot_views)
       .def("start_epoch", &hetrain::RingBuffer::start_epoch)
+      .def("drain", &hetrain::RingBuffer::drain)
       .def("claim", &hetrain::RingBuffer::claim)
       .def("note", &hetrain::RingBuffer::note)
       .def("commit", &hetrain::RingBuffer::commit)

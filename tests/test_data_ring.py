@@ -558,6 +558,34 @@ def test_ctrl_c_stops_the_loader_without_waiting_for_a_slow_sample_and_names_it(
     assert failures == []
 
 
+@pytest.mark.usefixtures("python_sigint")
+def test_ctrl_c_while_a_new_iteration_drains_the_last_one_does_not_wait_for_its_slow_sample():
+    # Iterating again waited inside C++ for the abandoned iteration's batch being filled, out of Ctrl-C's reach:
+    # for as long as the sample took (forever with stall_timeout=inf).
+    ds = Hung(8, hang=2)
+    loader = RingLoader(ds, [[0, 1], [2, 3], [4, 5], [6, 7]], collate=PadInto(10, 2), num_slots=2, num_workers=1,
+                        stall_timeout=float("inf"))
+    safety = threading.Timer(8.0, ds.release.set)  # ends the old, unbounded wait, so that it fails, not hangs
+    safety.start()
+    try:
+        for batch in loader:  # the producer goes on to batch 1 and hangs in its sample 2
+            del batch
+            break
+        assert ds.entered.wait(5.0)
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match=r"producer 0 at sample 2\b"):
+            next(iter(loader))
+        assert time.monotonic() - t0 < 3, "Ctrl-C must not wait for the last iteration's slow sample"
+        assert not ds.release.is_set(), "Ctrl-C waited for the hung sample"
+        timer.join()
+    finally:
+        safety.cancel()
+        ds.release.set()
+        loader.close()
+
+
 def test_stress_many_tiny_batches_with_slow_and_fast_producers(corpus):
     ds = Flaky(500, delay=0.0005)
     lengths = [1 + i % 5 for i in range(500)]
@@ -1069,6 +1097,48 @@ def test_ctrl_c_with_reader_processes_stops_them_without_waiting_for_a_slow_samp
     assert time.monotonic() - t0 < 3, "Ctrl-C must not wait for the sample a reader is inside"
     timer.join()
     assert multiprocessing.active_children() == [] and failures == []
+
+
+class SlowInAReader(Flaky):
+    """Sample ``slow`` sleeps when read in a reader process; ``entered`` (shared across the fork) tells when."""
+
+    def __init__(self, n, slow):
+        super().__init__(n)
+        self.slow_in_reader, self.parent = slow, os.getpid()
+        self.entered = multiprocessing.get_context("fork").Event()
+
+    def __getitem__(self, i):
+        if i == self.slow_in_reader and os.getpid() != self.parent:
+            self.entered.set()
+            time.sleep(10)
+        return super().__getitem__(i)
+
+
+def test_a_reader_stopped_inside_a_sample_runs_none_of_the_parents_signal_handlers(tmp_path):
+    # A forked reader kept the parent's Python SIGTERM handler (Lightning's, which on DDP rank 0 kills the other
+    # ranks): stop() terminating a reader busy in a sample ran that handler in the reader, which swallowed the
+    # signal and was killed with SIGKILL only after a second grace period.
+    ran = tmp_path / "sigterm_handler_ran"
+
+    def handler(signum, frame):
+        with open(ran, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        ds = SlowInAReader(8, slow=5)
+        loader = RingLoader(ds, [[0], [5], [1]], collate=PadInto(5, 1), num_workers=1, reader_processes=1)
+        readers = multiprocessing.active_children()
+        assert next(iter(loader))["labels"].tolist() == [0]
+        assert ds.entered.wait(5.0)
+        t0 = time.monotonic()
+        loader.close()
+        took = time.monotonic() - t0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not ran.exists(), f"the parent's SIGTERM handler ran in pid {ran.read_text().split()}"
+    assert [p.exitcode for p in readers] == [-signal.SIGTERM], "the reader must end on SIGTERM, not a later SIGKILL"
+    assert took < 2.0
 
 
 class _Stream(torch.utils.data.IterableDataset):

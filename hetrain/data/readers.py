@@ -145,12 +145,24 @@ def _unpicklable(read: list[tuple[int, Any]]) -> str:
     return f"samples {[index for index, _ in read]} cannot be sent back from the reader process together"
 
 
+def _own_signals() -> None:
+    """Drops the Python signal handlers the fork copied from the parent (Lightning's SIGTERM handler, which on rank 0
+    kills the other ranks, its SIGUSR1 requeue handler, a scheduler's hook): they are the trainer's, and would run
+    here instead, swallowing the SIGTERM that :meth:`ReaderProcesses.stop` ends a busy reader with. Ctrl-C reaches
+    the whole process group: the loader stops the readers, so here it is ignored."""
+    for signum in signal.valid_signals():
+        if callable(signal.getsignal(signum)):  # a Python handler; C-level ones (torch's SIGSEGV, say) stay
+            signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # even if the parent ignores it: stop() terminates with it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]) -> None:
     """A reader's loop: a list of indices in, the samples out as they are read (see :func:`_serve`)."""
+    _own_signals()
     for other in inherited:  # the parent's ends of every reader's pipe, copied at fork: not this process's to hold
         other.close()
     torch.set_num_threads(1)  # as torch's DataLoader workers: one thread each, the processes are the parallelism
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the loader stops readers
     outbox = _Outbox(conn)
     while True:
         try:

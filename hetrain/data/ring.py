@@ -551,6 +551,7 @@ class RingLoader:
             ids = np.fromiter(chain.from_iterable(plan), dtype=np.int64)
             offsets = np.zeros(len(plan) + 1, dtype=np.int64)
             np.cumsum([len(b) for b in plan], out=offsets[1:])
+            self._drain()
             self._call(ring.start_token_epoch, torch.from_numpy(ids), torch.from_numpy(offsets))
         else:
             self._start_epoch(len(plan), plan=plan)
@@ -583,10 +584,21 @@ class RingLoader:
         or stream: installed before, it took the new epoch's batch (a stream then lost one: "end of stream").
         """
         shared, ring = self._shared, self._shared.ring
-        self._call(ring.start_epoch, 0)  # waits for every batch being filled; hands out none until the next call
+        self._drain()  # hands out no batch until start_epoch below
         shared.errors.clear()
         shared.plan, shared.stream = plan or [], stream
         self._call(ring.start_epoch, num_jobs)
+
+    def _drain(self) -> None:
+        """Waits until no batch of an abandoned iteration is being filled, in short waits inside C++ so that Ctrl-C
+        reaches Python while a producer is inside a slow sample (a stall still ends the wait after stall_timeout)."""
+        ring = self._shared.ring
+        try:
+            while not self._call(ring.drain, _POLL_S):
+                pass
+        except BaseException:  # KeyboardInterrupt and the like (a LoaderError closed already): let it through
+            self._close_promptly()  # even if a sample takes long to read
+            raise
 
     def _call(self, fn: Callable, *args: Any) -> Any:
         try:

@@ -196,6 +196,39 @@ void test_close_wakes_a_blocked_consumer() {
   CHECK(core.claim(0, 1.0, &slot) == kClosed, "claim after close");
 }
 
+void test_drain_returns_at_its_timeout_while_a_batch_is_being_filled() {
+  RingCore core(2, 1, 1, 30.0);
+  core.start_epoch(4);
+  int64_t slot = -1;
+  const int64_t job = core.claim(0, 1.0, &slot);
+  CHECK(job == 0, "claim gave %ld", (long)job);
+  // The batch being filled holds up the drain, but only for the timeout asked for (the caller's Ctrl-C).
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK(!core.drain(0.1), "drain must not finish while batch 0 is being filled");
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CHECK(took < 1.0, "drain(0.1) took %f s", took);
+  CHECK(core.claim(0, 0.05, &slot) == kTimedOut, "a draining ring hands out no further batch");
+  std::thread finisher([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    const int64_t meta[kMetaPerField] = {1, 1, 0, 0};
+    core.commit(0, job, meta);
+  });
+  bool drained = false;
+  for (int i = 0; i < 100 && !drained; ++i) drained = core.drain(0.1);
+  finisher.join();
+  CHECK(drained, "drain must finish once the batch is committed");
+  core.start_epoch(1);
+  CHECK(core.claim(0, 1.0, &slot) == 0, "the next epoch starts at batch 0");
+  core.close();
+  bool thrown = false;
+  try {
+    core.drain(0.1);
+  } catch (const RingError&) {
+    thrown = true;
+  }
+  CHECK(thrown, "drain on a closed ring must throw");
+}
+
 std::string write_tokens(const std::vector<uint16_t>& tokens) {
   char path[] = "/tmp/hetrain_ring_test_XXXXXX";
   const int fd = mkstemp(path);
@@ -295,6 +328,7 @@ int main() {
   test_failure_reaches_the_consumer_at_its_batch();
   test_stalled_producer_is_named();
   test_close_wakes_a_blocked_consumer();
+  test_drain_returns_at_its_timeout_while_a_batch_is_being_filled();
   test_token_gatherer_fills_padded_batches();
   test_truncated_token_file_is_an_error_naming_it();
   std::printf("ring_buffer_test: all checks passed\n");

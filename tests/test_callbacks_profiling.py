@@ -165,6 +165,65 @@ def test_a_second_fit_traces_its_steps_again(tmp_path):
         trace.path.unlink()
 
 
+class ValidatedRegression(Regression):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+
+class StopsAt(pl.Callback):
+    """Asks training to stop after batch ``batch_idx``, as early stopping or ``max_time`` do."""
+
+    def __init__(self, batch_idx: int):
+        self.batch_idx = batch_idx
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = trainer.should_stop or batch_idx == self.batch_idx
+
+
+def five_batches() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(20, 6, generator=g), torch.randn(20, 1, generator=g)), batch_size=4)
+
+
+def fit_epochs(tmp_path, callbacks, **trainer_kwargs) -> pl.Trainer:
+    """Fits 5 batches an epoch, validating one batch at each epoch's end."""
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=1,
+                         default_root_dir=tmp_path, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(ValidatedRegression(), five_batches(), five_batches())
+    return trainer
+
+
+@pytest.mark.parametrize(("trainer_kwargs", "stop_at", "last", "why"), [
+    ({"max_epochs": 1}, None, 4, "training ended"),
+    ({"max_epochs": 1, "limit_train_batches": 3}, None, 2, "training ended"),
+    ({"max_epochs": 3}, 2, 2, "training ended"),  # trainer.should_stop
+    ({"max_epochs": 2}, None, 4, "a validation began"),  # the first epoch's: training goes on after it
+])
+def test_the_validation_at_the_end_of_training_is_not_blamed_for_the_steps_missing(tmp_path, caplog, trainer_kwargs,
+                                                                                   stop_at, last, why):
+    """Only max_steps was taken for the end of training: ended by max_epochs, limit_train_batches or a stop, the log
+    said a validation began and advised choosing steps between validations."""
+    trace = StepTrace([1, 60], dirpath=tmp_path)
+    with caplog.at_level("INFO"):
+        fit_epochs(tmp_path, [trace] + ([StopsAt(stop_at)] if stop_at is not None else []), **trainer_kwargs)
+    assert f"steps 1..{last} written to {trace.path}; steps {last + 1}..60 are not in it: {why} after step {last}" \
+        in caplog.text
+
+
+def test_a_second_fit_of_the_same_trainer_is_not_said_to_resume(tmp_path, caplog):
+    trace = StepTrace([1, 2], dirpath=tmp_path)
+    trainer = fit_epochs(tmp_path, [trace], max_epochs=1)
+    trainer.fit_loop.max_epochs = 2  # the second fit goes on from step 5
+    with caplog.at_level("INFO"):
+        trainer.fit(ValidatedRegression(), five_batches(), five_batches())
+    assert trainer.global_step == 10 and trace.summary == {}
+    assert ("no trace written: the fit began at step 5 (where this Trainer's previous fit ended), after step 2"
+            in caplog.text)
+    assert "resumed" not in caplog.text
+
+
 def test_under_ddp_each_fit_names_the_trace_of_its_rank_once(tmp_path):
     """A second fit's trace was named ``..._rank0_rank0.json``. The hooks of two fits are driven by hand on a Trainer
     of two processes that is never launched (rank 0 of 2): a real two-process fit takes half a minute."""

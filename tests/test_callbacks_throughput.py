@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning_fabric.utilities.throughput import measure_flops
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -1038,3 +1038,111 @@ def test_the_meter_stops_counting_tokens_at_a_timed_batch_without_them():
         meter.batch_start()
         meter.batch_end(4, tokens)
     assert meter.tokens is None and meter.summary()["tokens_per_s"] == NA
+
+
+@pytest.mark.parametrize(("samples", "tokens", "skewed"), [
+    ((1, 1, 1, 1), (0, 3, 3, 3), "device/items_per_sec"),  # the first timed row all padding: fewer tokens than samples
+    ((1, 1, 1, 1), (3, 0, 3, 3), "device/items_per_sec"),  # a later one: the tokens did not rise
+    ((0, 4, 4, 4), (5, 5, 5, 5), "device/samples_per_sec"),  # a packed batch of no sequence: fewer samples than batches
+    ((4, 0, 4, 4), (5, 5, 5, 5), "device/samples_per_sec"),  # a later one: the samples did not rise
+])
+def test_a_batch_of_no_token_or_no_sample_leaves_out_only_the_rates_it_skews(samples, tokens, skewed):
+    """Lightning's window raised a ValueError on counts like these (fewer lengths than samples, fewer samples than
+    batches, a count that did not rise): a timed all-padding row, or a packed batch of no sequence, stopped the fit."""
+    meter = ThroughputMeter(clock=Tick(0.5), window_size=2, warmup_batches=0)
+    meter.start()
+    seen = []
+    for n, t in zip(samples, tokens, strict=True):
+        meter.batch_start()
+        meter.batch_end(n, t)  # the batch and the gap before it take 1 s
+        seen.append(meter.compute())
+    # A rate, where given, is over the counts the window's batches held: the last batch's, per second.
+    for i, rates in enumerate(seen[1:], start=1):
+        assert rates.get("device/samples_per_sec", samples[i]) == samples[i]
+        assert rates.get("device/items_per_sec", tokens[i]) == tokens[i]
+    assert skewed not in seen[1] or skewed not in seen[2]  # n/a while the window holds a count fed raised
+    assert seen[-1]["device/samples_per_sec"] == samples[-1] and seen[-1]["device/items_per_sec"] == tokens[-1]
+    assert seen[-1]["samples"] == sum(samples) and seen[-1]["lengths"] == sum(tokens)
+    assert meter.summary()["tokens_per_s"] == sum(tokens) / len(tokens)
+
+
+def test_a_fit_whose_first_timed_row_is_all_padding_trains_on(tmp_path):
+    data = _samples(4)
+    data[1]["attention_mask"] = torch.zeros(LEN, dtype=torch.bool)  # the first batch after the warm-up one
+    callback = Throughput(peak_flops=1e9, window_size=2)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[callback])
+    trainer.fit(Tagger(), DataLoader(data, batch_size=1))
+    assert trainer.global_step == 4
+    assert callback.meter.tokens == sum(int(d["attention_mask"].sum()) for d in data[1:])
+    assert callback.summary["tokens_per_s"] > 0
+
+
+class Rows(Logger):
+    """A Lightning logger keeping each row's step and metric names."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, set[str]]] = []
+
+    @property
+    def name(self):
+        return "rows"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, set(metrics)))
+
+    def steps(self, prefix: str) -> list[int]:
+        return [step for step, names in self.rows if any(n.startswith(prefix) for n in names)]
+
+
+class ManualSteps(pl.LightningModule):
+    """Manual optimization stepping ``optimizers`` optimizers (one per layer) on every ``every``-th batch."""
+
+    def __init__(self, optimizers: int, every: int):
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = nn.Linear(6, 1), nn.Linear(6, 1)
+        self.optimizer_count, self.every = optimizers, every
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.a(x) + self.b(x), y)
+        self.manual_backward(loss)
+        self.log("train_loss", loss)
+        if (batch_idx + 1) % self.every == 0:
+            optimizers = self.optimizers()
+            for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+                optimizer.step()
+                optimizer.zero_grad()
+
+    def configure_optimizers(self):
+        if self.optimizer_count == 1:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.a.parameters(), lr=0.01), torch.optim.SGD(self.b.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize(("optimizers", "step_every"), [(2, 1), (1, 2)])
+def test_under_manual_optimization_rows_share_the_step_of_the_loss(tmp_path, optimizers, step_every, every):
+    """Rows were filed under global_step - 1, which counts optimizer steps: at steps 3, 5, .. 15 with two optimizers
+    and 0..3 stepping every other batch, where the loss of the same 8 batches was at 0..7."""
+    logger = Rows()
+    data = TensorDataset(torch.randn(8 * BATCH, 6), torch.randn(8 * BATCH, 1))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=logger,
+                         log_every_n_steps=every, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[Throughput(tokens_key=None, peak_flops=1e9, window_size=2)])
+    trainer.fit(ManualSteps(optimizers, step_every), DataLoader(data, batch_size=BATCH))
+    assert trainer.global_step == 8 * optimizers // step_every
+    loss_steps = logger.steps("train_loss")
+    assert loss_steps == list(range(every - 1, 8, every))
+    assert logger.steps("throughput/") == [s for s in loss_steps if s > 0]  # the first batch is warm-up

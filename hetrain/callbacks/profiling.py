@@ -53,6 +53,19 @@ def instrumented(trainer: pl.Trainer, step: int) -> bool:
     return any(cb.instruments_step(step) for cb in trainer.callbacks if hasattr(cb, "instruments_step"))
 
 
+def training_ends_after_validation(trainer: pl.Trainer) -> bool:
+    """Whether the validation beginning now is the fit's last, as Lightning's loops decide after it: at ``max_steps``,
+    at the last batch (``limit_train_batches`` included) of the last of ``max_epochs``, or at a stop asked for
+    (``trainer.should_stop``: early stopping, ``max_time``) that ``min_epochs`` and ``min_steps`` allow."""
+    loop = trainer.fit_loop
+    if loop.max_steps != -1 and trainer.global_step >= loop.max_steps:
+        return True
+    epochs = loop.epoch_progress.current.processed + 1  # this epoch, counted once its validation ends
+    if loop.max_epochs not in (None, -1) and epochs >= loop.max_epochs and loop.epoch_loop._num_ready_batches_reached():
+        return True
+    return trainer.should_stop and loop._can_stop_early
+
+
 class StepTrace(Callback):
     """Records training steps ``first..last`` (optimizer steps from 0) into one Chrome trace.
 
@@ -77,7 +90,8 @@ class StepTrace(Callback):
         self._open_step = -1  # the optimizer step whose range is open
         self._first_traced = self.first  # where the trace began: its first batch's first step
         self._last_traced = self.last  # once written, its last batch's last step (or where it was cut short)
-        self._fit_began_at = 0  # the global step training began at (above 0 when resumed)
+        self._fit_began_at = 0  # the global step training began at (above 0 when resumed, or in a second fit)
+        self._began_how = ""  # how the fit came to begin there, said where steps before it were asked for
         self._batch_began_at = 0  # the global step the current batch began at
         self._steps_per_batch = 1  # the most optimizer steps one batch has run (manual optimization may run several)
         self._missed = ""  # why steps from first on ran untraced, other than a resume past them
@@ -118,7 +132,10 @@ class StepTrace(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_began_at = trainer.global_step
+        step = self._fit_began_at = trainer.global_step
+        # A second fit of the same Trainer goes on from the first one's step: nothing was resumed.
+        self._began_how = f"the fit resumed at step {step}" if trainer.ckpt_path else \
+            f"the fit began at step {step} (where this Trainer's previous fit ended)"
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -165,7 +182,8 @@ class StepTrace(Callback):
         # A trace holds training steps: recording on would add the validation and the checkpoint saved after it (at
         # the end of training, with steps asked for past it, they filled most of the trace).
         if self._profiler is not None:
-            ended = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+            # Ended by max_epochs too: the last epoch's validation blamed itself and advised moving the steps.
+            ended = training_ends_after_validation(trainer)
             self._write(trainer, f"training ended after step {trainer.global_step - 1}" if ended else
                         f"a validation began after step {trainer.global_step - 1} (a trace holds training steps only: "
                         "choose steps between validations)")
@@ -177,8 +195,7 @@ class StepTrace(Callback):
         if self._profiler is not None:  # training ended before the last step: keep what was recorded
             self._write(trainer, f"training ended after step {trainer.global_step - 1}")
         elif not self.summary and self._fit_began_at > self.last:
-            log.warning(f"profile: no trace written: the fit resumed at step {self._fit_began_at}, after step "
-                        f"{self.last}; trace later steps")
+            log.warning(f"profile: no trace written: {self._began_how}, after step {self.last}; trace later steps")
         elif not self.summary and trainer.global_step <= self.first:
             log.warning(f"profile: no trace written: training ended at step {trainer.global_step}, before step "
                         f"{self.first}; trace earlier steps or train longer")
@@ -206,7 +223,7 @@ class StepTrace(Callback):
         self.summary = {"trace": str(self.path)}
         missing = []
         if self._first_traced > self.first:
-            why = f"the fit resumed at step {self._fit_began_at}" if self._fit_began_at > self.first else self._missed
+            why = self._began_how if self._fit_began_at > self.first else self._missed
             missing.append(f"steps {self.first}..{self._first_traced - 1} are not in it: {why}")
         if self._last_traced < self.last:
             missing.append(f"steps {self._last_traced + 1}..{self.last} are not in it: {cut_short_by}")

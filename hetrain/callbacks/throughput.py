@@ -18,6 +18,7 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -267,7 +268,9 @@ class ThroughputMeter:
         self.seen_batches = 0  # warm-up included
         self.batches = 0
         self.samples: int | None = 0  # None once a timed batch had no tensor to count its samples from
-        self._window_samples = 0  # what Lightning's rolling window is fed: it needs a count that always grows
+        self._window_samples = self._window_lengths = 0  # the counts Lightning's rolling window was last fed
+        # Per reading in the window: whether its samples, its lengths were fed raised.
+        self._window_raised: deque[tuple[bool, bool]] = deque(maxlen=window_size)
         self.tokens: int | None = 0  # None once a timed batch had no token count
         self.time = 0.0  # timed training time: batches plus the gaps between them, pauses left out
         self.step_times: list[float] = []  # steps whose every batch was timed
@@ -376,19 +379,34 @@ class ThroughputMeter:
         self.time += now - self._batch_started
         self.batches += 1
         self.samples = None if samples is None or self.samples is None else self.samples + samples
-        self._window_samples += 1 if samples is None else samples  # a batch holds one sample at least
         # Lightning's window needs lengths with every batch or none: a batch without them (a loader without the
         # tokens key in a max_size CombinedLoader) amid batches with them stopped the fit. Tokens/s is n/a from then on.
         self.tokens = None if tokens is None or self.tokens is None else self.tokens + tokens
         flops = self.flops_per_batch if flops is None else flops
         flops = int(flops) if flops else None
         self.flops = None if flops is None or self.flops is None else self.flops + flops
-        self.rolling.update(time=self.time, batches=self.batches, samples=self._window_samples,
-                            lengths=self.tokens, flops=flops)
+        # Lightning's window raises a ValueError on counts that do not rise with every batch, on fewer samples than
+        # batches and on fewer lengths than samples: a timed batch of an all-padding row (no tokens) or a packed batch
+        # of no sequence stopped the fit. Such a count is fed raised just enough (a batch of unknown size as one
+        # sample), and compute leaves out the rates it would skew; the summary keeps the counts the batches held.
+        self._window_samples = max(self._window_samples + 1, self.samples or 0)
+        lengths = None if self.tokens is None else max(self._window_lengths + 1, self._window_samples, self.tokens)
+        self._window_lengths = lengths or 0
+        self._window_raised.append((self._window_samples != self.samples, lengths != self.tokens))
+        self.rolling.update(time=self.time, batches=self.batches, samples=self._window_samples, lengths=lengths,
+                            flops=flops)
 
     def compute(self) -> dict[str, float]:
         """Rolling rates (Lightning's ``Throughput`` keys) plus the latest step time and data wait."""
         metrics = dict(self.rolling.compute()) if self.batches else {}
+        if metrics:  # the counts the batches held, not the ones fed to the window
+            metrics["samples"] = self.samples
+            if "lengths" in metrics:
+                metrics["lengths"] = self.tokens
+        # A rate spans the window's first and last readings: one fed raised makes it wrong, so it is n/a there.
+        for i, rate in enumerate(("samples_per_sec", "items_per_sec")):
+            if self._window_raised and (self._window_raised[0][i] or self._window_raised[-1][i]):
+                metrics = {k: v for k, v in metrics.items() if not k.endswith(rate)}
         if self.samples is None:  # the window's samples stand in for a count that is not known
             metrics = {k: v for k, v in metrics.items() if "samples" not in k}
         if self.tokens is None:  # the window's lengths stopped where the token count did
@@ -822,15 +840,19 @@ class Throughput(Callback):
         self._sync()
         self.meter.batch_end(*self._count(batch, parts), step_done=self._stepped, flops=flops)
         self._open_energy()  # from the end of the warm-up on: the first step all of whose batches are timed
-        # Logged once per optimizer step, on its last batch: under gradient accumulation the earlier batches wrote
-        # rows of their own under the same step, repeating the previous step's time.
-        stepped, self._stepped = self._stepped, False
-        if not stepped:
+        self._stepped = False
+        # Logged where Lightning logs this batch's training_step metrics (its update_train_step_metrics and
+        # should_update_logs): under its batches-that-stepped count, raised after this hook, once per batch. Not on a
+        # batch that accumulates under automatic optimization: its row repeated the previous step's time under the
+        # same step. global_step - 1 filed rows off the loss's steps under manual optimization, where a batch may step
+        # two optimizers (global_step counts both) or none.
+        loop = trainer.fit_loop
+        if pl_module.automatic_optimization and loop._should_accumulate():
             return
-        # The step Lightning files this batch's training_step metrics under, which global_step counts once done.
-        step = trainer.global_step - 1
+        step = loop.epoch_loop._batches_that_stepped
         every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
-        if not trainer.loggers or not every or (step + 1) % every:  # 0: no logging, as in Lightning
+        # 0: no logging, as in Lightning, which also logs the batch a stop was asked at.
+        if not trainer.loggers or not every or ((step + 1) % every and not trainer.should_stop):
             return
         metrics = {f"throughput/{k}": v for k, v in self.meter.compute().items()}
         if metrics:  # nothing yet while warming up

@@ -200,6 +200,24 @@ def test_device_mixed_precision_rejects_all_fp32_and_unknown_names():
             DeviceMixedPrecision(choices, root=root)
 
 
+def test_device_mixed_precision_reads_a_device_as_its_type():
+    # 'cuda:1' was kept as a key: GradScaler(device="cuda:1") is not "cuda", so on a machine without a GPU it stayed
+    # enabled where GradScaler(device="cuda") disables itself.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GradScaler(device="cuda") without a GPU says it is disabled
+        plugin = DeviceMixedPrecision({"cpu:0": "bf16-mixed", "cuda:1": "16-mixed"}, root="cpu:0")
+    assert plugin.choices == {"cpu": "bf16-mixed", "cuda": "16-mixed"} and plugin.device == "cpu"
+    assert plugin.scaler.is_enabled() == torch.cuda.is_available()
+    assert DeviceMixedPrecision({"cpu": "bf16-mixed", "cpu:0": "bf16-mixed"}, root="cpu").choices == {
+        "cpu": "bf16-mixed"}
+
+
+def test_device_mixed_precision_rejects_two_choices_for_one_device_type():
+    # Both autocasts were entered for the CPU, the later silently winning.
+    with pytest.raises(ValueError, match=r"'cpu' \(bf16-mixed\) and 'cpu:0' \(32-true\) are both device type 'cpu'"):
+        DeviceMixedPrecision({"cpu": "bf16-mixed", "cpu:0": "32-true"}, root="cpu")
+
+
 def test_device_mixed_precision_names_each_device_types_choice(tmp_path):
     # The log showed an object address, and the run summary one name (the scaler's, 16-mixed) for both devices.
     with warnings.catch_warnings():
@@ -811,3 +829,56 @@ def test_guard_counts_a_batch_whose_first_optimizer_step_was_non_finite(tmp_path
         _fit(model, _loader(6), tmp_path, callbacks=[guard])
     assert (guard.skipped_steps, guard.nonfinite_steps, guard.consecutive) == (3, 3, 3)
     assert _all_finite(model)
+
+
+class AdamNanPenalty(NanPenalty):
+    """NanPenalty with AdamW, whose state (step count, moments) a skipped step must leave alone too."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("algorithm", ["value", "norm"])
+def test_guard_skips_a_non_finite_step_under_gradient_clipping_without_a_scaler(tmp_path, algorithm):
+    # The guard dropped the gradients before Lightning clipped them, and clip_grad_value_ raised on none at all.
+    model = AdamNanPenalty(nan_at=1)
+    guard = NonFiniteGuard(on_nonfinite="skip")
+    trainer = _fit(model, _loader(3), tmp_path, callbacks=[guard], precision="32-true", gradient_clip_val=0.5,
+                   gradient_clip_algorithm=algorithm)
+    assert (guard.skipped_steps, guard.nonfinite_steps, guard.consecutive) == (1, 1, 0)
+    assert all(torch.equal(a, b) for a, b in zip(model.weights[1], model.weights[2], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(model.weights[0], model.weights[1], strict=True))
+    assert _all_finite(model)
+    optimizer = trainer.optimizers[0]
+    assert all(int(optimizer.state[p]["step"]) == 2 for p in model.parameters())  # steps 0 and 2 only
+    assert "configure_gradient_clipping" not in vars(model)  # the one-step drop is gone
+
+
+class Sqrt(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x - 10.0).mean()  # NaN for the small values it is given
+
+
+class EveryOtherStepPenalty(Regressor):
+    """Adds a broken regulariser (NaN) on odd global steps only: lazy regularisation, as a step-dependent term."""
+
+    def __init__(self):
+        super().__init__(nn.Identity())
+        self.penalty = Sqrt()
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(self.global_step)
+        loss = super().training_step(batch, batch_idx)
+        return loss + self.penalty(batch[0]) if self.global_step % 2 == 1 else loss
+
+
+def test_guard_reruns_training_step_at_the_failing_global_step(tmp_path):
+    # The rerun ran after Lightning had counted the step: it saw global step 2, added no penalty, and reported the
+    # NaN as "not reproduced by a rerun of training_step".
+    model = EveryOtherStepPenalty()
+    named = r"global step 1\).*first non-finite output from module 'penalty' \(Sqrt\)"
+    with pytest.raises(NonFiniteError, match=named):
+        _fit(model, _loader(4), tmp_path, callbacks=[NonFiniteGuard(max_consecutive=1)])
+    assert model.seen == [0, 1, 1]
+    assert model.trainer.global_step == 2  # set back after the rerun

@@ -150,23 +150,29 @@ class DeviceMixedPrecision(MixedPrecision):
         ``GradScaler`` (there when any type runs ``16-mixed``) unscales gradients on every device.
 
     Args:
-        choices: device type -> ``bf16-mixed`` | ``16-mixed`` | ``32-true``.
-        root: the Trainer's root device type. The plugin's ``precision``, which Lightning's own utilities read
-            (FLOPs tables, checkpoints), is ``16-mixed`` where any type runs it (Lightning's loss scaler follows it),
-            else the root's choice where that is mixed, else ``bf16-mixed``: ``MixedPrecision`` cannot hold
-            ``32-true``. A root choosing ``32-true`` still runs in fp32 (its autocast is entered disabled); read
-            ``choices`` (or :func:`run_precision`) for what each type runs.
+        choices: device type -> ``bf16-mixed`` | ``16-mixed`` | ``32-true``. A device (``cuda:1``) counts as its type;
+            two keys of one type must make the same choice.
+        root: the Trainer's root device type (a device counts as its type). The plugin's ``precision``, which
+            Lightning's own utilities read (FLOPs tables, checkpoints), is ``16-mixed`` where any type runs it
+            (Lightning's loss scaler follows it), else the root's choice where that is mixed, else ``bf16-mixed``:
+            ``MixedPrecision`` cannot hold ``32-true``. A root choosing ``32-true`` still runs in fp32 (its autocast is
+            entered disabled); read ``choices`` (or :func:`run_precision`) for what each type runs.
     """
 
     def __init__(self, choices: Mapping[str, str], root: str) -> None:
         unknown = set(choices.values()) - set(_RANK)
         if unknown:
             raise ValueError(f"hetrain: unknown precision {sorted(unknown)}; expected one of {sorted(_RANK)}")
-        for device_type in [*choices, root]:
-            try:
-                torch.device(device_type)
-            except RuntimeError:
-                raise ValueError(f"hetrain: {device_type!r} is not a device type; use cpu, cuda, mps, ...") from None
+        # Keyed by device type ("cuda:1" is "cuda"): autocast and GradScaler take types, and one type has one autocast.
+        by_type: dict[str, tuple[str, str]] = {}  # device type -> (the key as written, its choice)
+        for key, choice in choices.items():
+            device_type = _device_type(key)
+            first_key, first_choice = by_type.setdefault(device_type, (key, choice))
+            if first_choice != choice:
+                raise ValueError(f"hetrain: {first_key!r} ({first_choice}) and {key!r} ({choice}) are both device type "
+                                 f"{device_type!r}, which autocasts in one precision; give {device_type!r} one choice")
+        choices = {device_type: choice for device_type, (_, choice) in by_type.items()}
+        root = _device_type(root)
         mixed = {t: c for t, c in choices.items() if c in _DTYPES}
         if not mixed:
             raise ValueError(f"hetrain: no device type runs mixed precision in {dict(choices)}; use '32-true'")
@@ -176,7 +182,7 @@ class DeviceMixedPrecision(MixedPrecision):
         # whatever the root runs (the root's own autocast is entered by forward_context below either way).
         precision = "16-mixed" if scaled else mixed.get(root, "bf16-mixed")
         super().__init__(precision=precision, device=root, scaler=scaler)
-        self.choices = dict(choices)
+        self.choices = choices
 
     def __repr__(self) -> str:
         """Each device type's choice: the plugin's ``precision`` alone names one of them (the log showed an address)."""
@@ -191,6 +197,14 @@ class DeviceMixedPrecision(MixedPrecision):
                 stack.enter_context(torch.autocast(device_type, dtype=_DTYPES.get(choice), enabled=choice in _DTYPES,
                                                    cache_enabled=False))
             yield
+
+
+def _device_type(device: str) -> str:
+    """``device``'s type (``"cuda"`` for ``"cuda:1"``), or a ValueError naming it where it is none."""
+    try:
+        return torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"hetrain: {device!r} is not a device type; use cpu, cuda, mps, ...") from None
 
 
 def run_precision(trainer: pl.Trainer) -> str | dict[str, str]:
@@ -378,7 +392,8 @@ class NonFiniteGuard(Callback):
           before the optimizer step): one device sync per step, no hooks.
         - A step with a non-finite loss or gradients is skipped: under a ``GradScaler`` the scaler skips
           it (told to where only the loss is non-finite, and it lowers its scale as for an overflow);
-          without one the gradients are dropped so the optimizer leaves the weights alone. Step-interval
+          without one the gradients are dropped (after Lightning's gradient clipping, which runs on them as
+          under a scaler) so the optimizer leaves the weights and its state alone. Step-interval
           LR schedulers are set back after a skipped step, with every setting of the optimizer's param
           groups (lr, momentum, betas), so the schedule does not advance on it, and BatchNorm running
           statistics too (copied at each window's first batch, only where a model has a BatchNorm): the
@@ -387,8 +402,8 @@ class NonFiniteGuard(Callback):
           are counted as ``skipped_steps`` but stop nothing while the scale is above ``min_loss_scale``.
         - On the first step of a non-finite streak the guard reruns a batch's ``training_step`` (with
           autograd on, as the step ran; a rerun that raises is reported in the diagnosis, not raised),
-          with that batch's random state and a forward hook on every module, and names the first module
-          whose output was non-finite. Under gradient accumulation the guard names the window's first
+          with that batch's random state and global step and a forward hook on every module, and names
+          the first module whose output was non-finite. Under gradient accumulation the guard names the window's first
           batch with a non-finite loss and whether its inputs were (each batch's are checked on the
           device as it arrives), and reruns it if it is the window's last batch, the one still held (an
           earlier batch's memory has gone back to the loader). Hooks exist only during that rerun, so
@@ -513,11 +528,36 @@ class NonFiniteGuard(Callback):
                 if cfg.interval == "step" and cfg.scheduler.optimizer is optimizer
             ]
             if scaler is None:  # no scaler skips this step: without gradients the optimizer leaves every weight alone
-                optimizer.zero_grad(set_to_none=True)
+                self._drop_grads_after_clipping(pl_module, optimizer)
             elif grads_finite:  # a non-finite loss with finite gradients (a NaN term off the gradient path)
                 self._make_scaler_skip(scaler, optimizer)
         # Under manual optimization a batch may step several optimizers, each through this hook.
         self._step = step if self._step is None else _merged(self._step, step)
+
+    @staticmethod
+    def _drop_grads_after_clipping(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        """Drops ``optimizer``'s gradients, once Lightning has clipped them: its step then leaves every weight and
+        its state alone. Under automatic optimization Lightning clips after this hook, inside the optimizer's step, and
+        clipping by value raises on a list of no gradients; ``configure_gradient_clipping`` (which Lightning calls
+        there whether or not it clips) is the last code to run before the step reads them, so this step's call drops
+        them. Under manual optimization training_step has clipped already."""
+        if not pl_module.automatic_optimization:
+            optimizer.zero_grad(set_to_none=True)
+            return
+        name = "configure_gradient_clipping"
+        own = vars(pl_module).get(name)  # one set on the instance (rare) is put back
+        clip = getattr(pl_module, name)
+
+        def clip_then_drop(*args: Any, **kwargs: Any) -> None:
+            try:
+                clip(*args, **kwargs)
+            finally:
+                del vars(pl_module)[name]  # this step only
+                if own is not None:
+                    vars(pl_module)[name] = own
+                optimizer.zero_grad(set_to_none=True)
+
+        setattr(pl_module, name, clip_then_drop)
 
     @staticmethod
     def _make_scaler_skip(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
@@ -673,9 +713,13 @@ class NonFiniteGuard(Callback):
         """Reruns ``suspect``'s training_step as it ran; returns where the first non-finite module output was made
         (path, type, own: see ``first_nonfinite_output``) and whether the loss was finite. BatchNorms stay in train
         mode, so the rerun normalises as the step did, and their running statistics, which it updated again, are
-        put back."""
+        put back. ``global_step`` reads as the failing step's, which Lightning has counted by now: a term added on
+        some steps only (a regulariser every k steps, a KL weight) is computed as it was."""
         cpu_state, cuda_states = suspect.generators
         outputs: list[Any] = []
+        # What trainer.global_step reads under automatic optimization (the only one with a rerun).
+        steps = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+        steps.completed -= 1
         try:
             # With gradients, as the step ran: a training_step may call torch.autograd.grad (a gradient penalty).
             # Eagerly: a compiled stage runs its graph, in which the hooks added after compiling never fire, so only
@@ -688,6 +732,7 @@ class NonFiniteGuard(Callback):
                 found = NonFiniteDiagnosis(pl_module).first_nonfinite_output(
                     lambda: outputs.append(pl_module.training_step(suspect.batch, suspect.index)))
         finally:
+            steps.completed += 1
             self._restore_running_stats()
         return found, _all_finite(_floating_leaves(outputs))
 

@@ -851,7 +851,8 @@ class Throughput(Callback):
             return
         step = loop.epoch_loop._batches_that_stepped
         every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
-        # 0: no logging, as in Lightning, which also logs the batch a stop was asked at.
+        # 0: no logging, as in Lightning, which also logs the batch a stop was asked at (one asked before this hook:
+        # max_time's Timer runs after it, so its stop batch gets the loss's row and not this one).
         if not trainer.loggers or not every or ((step + 1) % every and not trainer.should_stop):
             return
         metrics = {f"throughput/{k}": v for k, v in self.meter.compute().items()}

@@ -199,6 +199,17 @@ def test_json_lines_are_read_by_field_named_json_or_in_capitals(tmp_path, capsys
         "(JSON Lines); convert a JSON array with e.g. jq -c '.[]' in.json > out.jsonl" in err, err
 
 
+def test_whole_files_reads_a_json_file_as_one_text_document(tmp_path):
+    # A code tree's package.json under --whole-files failed as JSON Lines, with no way to read it as text.
+    (tmp_path / "main.py").write_text("print('hi')\n")
+    (tmp_path / "package.json").write_text('{\n  "name": "demo"\n}\n')
+    (tmp_path / "records.jsonl").write_text('{"text": "yo"}\n')
+    tf = build_tokens.main([str(tmp_path / n) for n in ("main.py", "package.json", "records.jsonl")] +
+                           ["--whole-files", "--out", str(tmp_path / "out")])
+    assert [ByteTokenizer().decode(tf[i]) for i in range(len(tf))] == ["print('hi')\n", '{\n  "name": "demo"\n}\n',
+                                                                       "yo"]
+
+
 def test_documents_built_in_python_are_named_by_their_index(tmp_path):
     with pytest.raises(ValueError, match=r"document 1: tokenizer <lambda> failed: ZeroDivisionError"):
         build_token_file(["ok", "boom"], tmp_path / "c", tokenizer=lambda s: [1 // (s != "boom")])

@@ -135,6 +135,18 @@ def test_lengths_not_one_per_sample_are_refused():
     assert sorted(i for row in PackedSequences(data, row_len=8).rows for i in row) == list(range(6))
 
 
+class Indexed(torch.utils.data.Dataset):
+    """A map-style dataset with no __len__ (torch's Dataset defines none): only indexed."""
+
+    def __getitem__(self, i):
+        return {"input_ids": torch.arange(1 + i)}
+
+
+def test_given_lengths_pack_a_dataset_without_a_length():
+    # The lengths check called len(dataset): a bare TypeError for a dataset packing only ever indexes.
+    assert sorted(i for row in PackedSequences(Indexed(), row_len=4, lengths=[1, 2, 3]).rows for i in row) == [0, 1, 2]
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ([{"input_ids": torch.tensor([3.0, 4.7]), "label": 1}], r"input_ids of row 0, segment 1 holds non-whole numbers "
                                                             r"\(such as 4.7\)"),

@@ -1,8 +1,8 @@
 """Builds a token file from text or jsonl: ``python -m hetrain.data.build_tokens corpus.jsonl --out data/corpus``.
 
 Documents: each non-empty line of a text file (``--whole-files``: each file), or the ``--field`` of each
-record of a JSON Lines file (named ``.jsonl`` or ``.json``, in any case: one JSON object per line). The built-in
-tokenizer maps UTF-8 bytes to ids, so it needs no download; any tokenizer works through
+record of a JSON Lines file (one JSON object per line: named ``.jsonl``, or ``.json`` but under ``--whole-files``,
+in any case). The built-in tokenizer maps UTF-8 bytes to ids, so it needs no download; any tokenizer works through
 ``--tokenizer package.module:name`` (a callable ``str -> list[int]`` or an object with ``encode``, e.g. a Hugging
 Face tokenizer, whose ``Encoding`` is read through ``.ids``) or the ``tokenizer`` argument of
 :func:`build_token_file`. Whatever goes wrong with a document is one line naming its file and line; input without
@@ -47,7 +47,8 @@ def _sigterm_exits() -> Iterator[None]:
     """SIGTERM (a scheduler stopping the job) raises SystemExit, as Ctrl-C raises KeyboardInterrupt, so the writer
     removes its temporary .bin, as large as the corpus, instead of leaving it behind. The old handler comes back
     after; only the main thread can set one."""
-    if threading.current_thread() is not threading.main_thread():
+    # A handler set outside Python (an embedding program's) reads as None and could not be put back: left alone.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
         yield
         return
 
@@ -81,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> TokenFile:
     parser.add_argument("--tokenizer", default="byte", help="'byte' or package.module:name (callable or .encode)")
     parser.add_argument("--field", help="field of a JSON Lines (.jsonl or .json) record holding the document "
                                         "(default: text)")
-    parser.add_argument("--whole-files", action="store_true", help="a text file is one document, not one per line")
+    parser.add_argument("--whole-files", action="store_true",
+                        help="a text file (and a .json one) is one document, not one per line")
     parser.add_argument("--itemsize", type=int, choices=(2, 4), help="bytes per token (default: from vocab_size)")
     args = parser.parse_args(argv)
     folders = [p for p in args.inputs if Path(p).is_dir()]
@@ -90,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> TokenFile:
     missing = [p for p in args.inputs if not Path(p).is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
-    if args.field is not None and not any(map(is_json_lines, args.inputs)):  # else ignored without a word
+    # Else ignored without a word.
+    if args.field is not None and not any(is_json_lines(p, args.whole_files) for p in args.inputs):
         parser.error(f"--field {args.field} names a field of JSON Lines records, but no input is a .jsonl or .json "
                      "file, and other files are read as text; name JSON Lines files .jsonl, or drop --field")
     try:

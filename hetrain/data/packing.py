@@ -72,7 +72,8 @@ class PackedSequences(torch.utils.data.Dataset):
         if lengths is None:
             lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
         self.sample_lengths = whole_numbers(lengths, "PackedSequences lengths")
-        if len(self.sample_lengths) != len(dataset):  # samples past the lengths were never packed, without a word
+        # Samples past the lengths were never packed, without a word (a dataset without __len__ is only indexed).
+        if hasattr(dataset, "__len__") and len(self.sample_lengths) != len(dataset):
             raise ValueError(f"hetrain: PackedSequences got {len(self.sample_lengths)} lengths for a dataset of "
                              f"{len(dataset)} samples; pass one per sample (a TokenWindows' .lengths, not its token "
                              "file's doc_lengths), or omit lengths to read them from the dataset")

@@ -44,14 +44,13 @@ class Document(str):
         return doc
 
 
-JSON_LINES_SUFFIXES = (".jsonl", ".json")
-
-
-def is_json_lines(path: str | os.PathLike) -> bool:
-    """Whether :func:`iter_documents` reads ``path`` as JSON Lines (one object per line): a ``.jsonl`` or ``.json``
-    file, in any case. Hugging Face datasets' ``to_json`` writes JSON Lines as ``.json``; tokenised as text, its
-    records went in whole, braces and field names included."""
-    return Path(path).suffix.lower() in JSON_LINES_SUFFIXES
+def is_json_lines(path: str | os.PathLike, whole_files: bool = False) -> bool:
+    """Whether :func:`iter_documents` reads ``path`` as JSON Lines (one object per line): a ``.jsonl`` file, or a
+    ``.json`` one unless ``whole_files`` (a code or config tree's ``package.json`` is then one document), in any
+    case. Hugging Face datasets' ``to_json`` writes JSON Lines as ``.json``; tokenised as text, its records went in
+    whole, braces and field names included."""
+    suffix = Path(path).suffix.lower()
+    return suffix == ".jsonl" or (suffix == ".json" and not whole_files)
 
 
 def iter_documents(paths: Sequence[str | os.PathLike], field: str = "text",
@@ -64,7 +63,7 @@ def iter_documents(paths: Sequence[str | os.PathLike], field: str = "text",
     """
     for path in map(Path, paths):
         try:
-            if is_json_lines(path):
+            if is_json_lines(path, whole_files):
                 yield from _jsonl_documents(path, field)
             elif whole_files:
                 text = path.read_text(encoding="utf-8-sig")

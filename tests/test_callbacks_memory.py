@@ -736,6 +736,12 @@ def test_resuming_a_fit_that_has_nothing_left_to_train_keeps_the_earlier_report(
     assert (tmp_path / REPORT_MD).read_text() == report and (tmp_path / STEPS_CSV).read_text() == steps
     # Where no report was written yet, the report says that no step ran.
     assert "No training step completed" in (tmp_path / "elsewhere" / REPORT_MD).read_text()
+    # So does a fresh fit of no step into the same directory: the report there is another run's.
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_train_batches=0, limit_val_batches=0, callbacks=[MemoryProfiler(churn_steps=0)])
+    trainer.fit(Regressor(), _loader(3))
+    assert "No training step completed" in (tmp_path / REPORT_MD).read_text()
 
 
 def test_a_profiler_used_for_two_fits_reports_the_second_alone(tmp_path):

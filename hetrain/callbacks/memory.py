@@ -392,10 +392,11 @@ class MemoryProfiler(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             report_md = self._dir(trainer) / REPORT_MD
-            if self.steps or not report_md.exists():
+            if self.steps or trainer.ckpt_path is None or not report_md.exists():
                 self._write_report(trainer)
-            else:  # a resumed fit with nothing left to train: the earlier fit's report is the one that measured
-                log.info(f"hetrain: no training step ran in this fit; the memory report {report_md} is left as it was")
+            else:  # a resumed fit with nothing left to train: the earlier part's report is the one that measured
+                log.info(f"hetrain: this fit resumed from {trainer.ckpt_path} ran no training step; the memory report "
+                         f"{report_md} of the run's earlier part is left as it was")
         # The whole fit's history, or chosen steps the fit ended inside of: every rank records, so every rank stops
         # (rank zero writes it).
         if self._recording:

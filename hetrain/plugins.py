@@ -583,8 +583,9 @@ def _resolve(op: str, device_type: str | torch.device) -> list[Backend]:
 
 
 def _device_type(device: str | torch.device) -> str:
-    """The device type a call on ``device`` asks for: ``torch.device("cuda", 1)`` and 'cuda:1' ask for 'cuda'."""
-    return device.type if isinstance(device, torch.device) else device.partition(":")[0]
+    """The device type a call on ``device`` asks for: ``torch.device("cuda", 1)`` and 'cuda:1' ask for 'cuda';
+    anything else by its text (which no backend serves: the call then says so)."""
+    return device.type if isinstance(device, torch.device) else str(device).partition(":")[0]
 
 
 def _candidates(op: str, device: str | torch.device, pin: str | None, prefer: tuple[str, ...] = ()) -> list[Backend]:

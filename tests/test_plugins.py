@@ -368,6 +368,8 @@ def test_a_device_given_where_a_call_asks_for_a_type_counts_as_its_type(op):
     assert "fast" in [b.name for b in plugins.candidates(op, torch.device("cuda", 1))]
     assert plugins.call(op, "forward", torch.device("xla", 2), 1) == ("outside", 1)
     assert plugins.first_choice_entry(op, "cpu:0", "forward")(2) == ("fast", 2)
+    with pytest.raises(plugins.BackendError, match="serves device '0'"):  # not an AttributeError of int
+        plugins.select(op, 0)
 
 
 def test_the_fallback_warning_points_at_the_line_that_called_the_op(monkeypatch):

@@ -13,6 +13,7 @@ overrides, failed combinations included.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import logging
 import math
@@ -49,6 +50,8 @@ SUMMARY_MD = "summary.md"
 SWEEP_CSV = "summary.csv"
 # In a sweep directory: the id of the sweep that last started there; in a job directory: its sweep's id.
 SWEEP_ID = ".hetrain_sweep_id"
+# In a single run's directory: locked (flock) by the run using it, and holding its pid.
+RUN_LOCK = ".hetrain_run.lock"
 # A summary's device for a stage that holds no parameter or buffer (an activation): it runs where its input is.
 WITH_ITS_INPUT = "with its input"
 
@@ -545,18 +548,19 @@ def _resumes_inside(config: DictConfig, job_dir: Path) -> bool:
     return ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(job_dir.resolve())
 
 
-def _set_aside(job_dir: Path, aside: Path) -> None:
-    """Moves what an earlier sweep's job left in ``job_dir`` into ``aside``: its best checkpoint stayed beside this
-    job's, as if this job had saved both, and this job's log went on after the earlier one's.
+def _set_aside(directory: Path, aside: Path, keep: tuple[str, ...], earlier: str) -> str | None:
+    """Moves what ``earlier`` (an earlier sweep's job, an earlier run) left in ``directory`` into ``aside``, all but
+    the entries named ``keep`` and earlier ``previous-*`` folders; returns the line that says so, None when nothing
+    was there. Left in place, its best checkpoint stayed beside the new one's, as if one run had saved both, and the
+    new log went on after the earlier one's.
 
-    Hydra opens the job's log before ``on_job_start``: a file a log handler of this process writes is copied and
+    Hydra opens a sweep job's log before ``on_job_start``: a file a log handler of this process writes is copied and
     emptied instead, since a moved file would take this job's lines with it.
     """
     open_logs = {Path(h.baseFilename) for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)}
-    stale = [e for e in sorted(job_dir.iterdir()) if e.name not in (".hydra", SWEEP_ID)
-             and not e.name.startswith("previous-")]
+    stale = [e for e in sorted(directory.iterdir()) if e.name not in keep and not e.name.startswith("previous-")]
     if not stale:
-        return
+        return None
     aside.mkdir(exist_ok=True)
     for entry in stale:
         if entry in open_logs:
@@ -564,8 +568,77 @@ def _set_aside(job_dir: Path, aside: Path) -> None:
             os.truncate(entry, 0)
         else:
             os.replace(entry, aside / entry.name)
-    log.info(f"hetrain: {job_dir} held a job of an earlier sweep; moved its {', '.join(e.name for e in stale)} "
-             f"to {aside}")
+    return f"hetrain: {directory} held {earlier}; moved its {', '.join(e.name for e in stale)} to {aside}"
+
+
+def _hold_lock(run_dir: Path) -> int:
+    """Locks ``run_dir`` for this process (the lock goes with the process, however it ends); returns the lock's file
+    descriptor. One another live run holds is refused: both would write one config, log, CSV and checkpoints."""
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        # Not an Exception: Hydra turns a callback's into a warning and runs the job; this exits with status 1.
+        raise SystemExit(f"hetrain: {run_dir} is the run directory of another run still running (pid {holder}); "
+                         "give this run a directory of its own (hydra.run.dir=...), or wait for that run to "
+                         "end") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class RunDirectory(HydraCallback):
+    """Hydra callback: keeps a single run's directory (``hydra.run.dir``; a sweep's jobs: :class:`SweepSummary`) to
+    that run.
+
+    A run into a directory another live run is using is refused (:func:`_hold_lock`). A fresh run into one an
+    earlier run used (its lock file, .hydra/ or summary there) first moves that run's files (checkpoints, csv/,
+    summaries, memory reports, its log and .hydra/) to ``previous-<k>/``, k = 1, 2, ... in the order the runs came:
+    its best checkpoint stayed beside the new one, and its CSV log was kept as if this run resumed it. A run resumed
+    from a checkpoint inside the directory leaves it as it is (its CSV logger keeps the earlier part's log:
+    :class:`ResumableCSVLogger`), and so does one whose directory holds the one train.py runs from, where the
+    files are the person's own. This runs before Hydra saves the run's config and opens its log; under DDP only
+    rank 0 does (:func:`_another_rank`).
+    """
+
+    def __init__(self) -> None:
+        self._lock: int | None = None
+        self._said: tuple[int, str] | None = None  # logged once the run's log is open (on_job_start)
+
+    @override
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _another_rank():
+            return
+        run_dir = Path(config.hydra.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        used = any((run_dir / name).exists() for name in (RUN_LOCK, ".hydra", SUMMARY_JSON))
+        self._lock = _hold_lock(run_dir)
+        if not used or _resumes_inside(config, run_dir):
+            return
+        if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+            self._said = (logging.WARNING, f"hetrain: {run_dir} holds an earlier run's files, but also the directory "
+                          "train.py runs from, so nothing is moved: this run's checkpoints and logs mix with the "
+                          "earlier run's; give each run a directory of its own (hydra.run.dir=...)")
+            return
+        k = 1
+        while (aside := run_dir / f"previous-{k}").exists():
+            k += 1
+        moved = _set_aside(run_dir, aside, (RUN_LOCK,), "the files of an earlier run")
+        self._said = None if moved is None else (logging.INFO, moved)
+
+    @override
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._said is not None:
+            log.log(*self._said)
+            self._said = None
+
+    @override
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 class SweepSummary(HydraCallback):
@@ -622,7 +695,10 @@ class SweepSummary(HydraCallback):
         job_dir = Path(config.hydra.runtime.output_dir)
         earlier = _sweep_id(job_dir)
         if earlier not in (None, sweep_id) and not _resumes_inside(config, job_dir):
-            _set_aside(job_dir, job_dir / f"previous-{earlier[:8]}")
+            moved = _set_aside(job_dir, job_dir / f"previous-{earlier[:8]}", (".hydra", SWEEP_ID),
+                               "a job of an earlier sweep")
+            if moved is not None:
+                log.info(moved)
         for stale in (SUMMARY_JSON, SUMMARY_MD):
             (job_dir / stale).unlink(missing_ok=True)
         (job_dir / SWEEP_ID).write_text(f"{sweep_id}\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import inspect
 import itertools
 import json
 import logging
@@ -19,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -173,6 +175,15 @@ def _check_counts(cfg: DictConfig) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"hetrain: {key}={value!r} must be a positive whole number"
                              + (" or null (torch's default)" if key == "threads" else ""))
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)  # Lightning's default
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or not (max_steps == -1 or max_steps >= 1):
+        # abc failed in a comparison inside Lightning's loop; 1.5 trained 2 steps.
+        raise ValueError(f"hetrain: trainer.max_steps={max_steps!r} must be a whole number of optimizer steps >= 1, "
+                         "or -1 for no step limit (trainer.max_epochs then ends the run)")
+    lr = OmegaConf.select(cfg, "task.lr")
+    if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0):
+        raise ValueError(f"hetrain: task.lr={lr!r} must be a finite number >= 0 (the optimizer's learning rate, "
+                         "e.g. task.lr=1e-3)")
     interval = OmegaConf.select(cfg, "trainer.val_check_interval")
     if isinstance(interval, bool) or (isinstance(interval, int) and interval < 1) \
             or (isinstance(interval, float) and not 0 < interval <= 1):
@@ -304,17 +315,43 @@ def _check_monitor_modes(cfg: DictConfig) -> None:
 
 
 def _check_switches(cfg: DictConfig) -> None:
-    """Settings taken as booleans: ``backends.strict=no`` turned strict mode on (``bool('no')`` is true), and
-    ``compile.dynamic=maybe`` failed in an assertion of torch's."""
+    """Settings taken as booleans: ``backends.strict=no`` turned strict mode on (``bool('no')`` is true),
+    ``model.fused=no`` built the fused model, and ``compile.dynamic=maybe`` failed in an assertion of torch's.
+    Besides the settings named here, every argument that a ``_target_`` of the config takes as a ``bool``
+    (:func:`_bool_arguments`)."""
     switches = [("backends.strict", (True, False, None))]
     if cfg.get("compile") is not None:
         switches += [("compile.enabled", (True, False)), ("compile.fullgraph", (True, False)),
                      ("compile.dynamic", (True, False, None))]
+    switches += _bool_arguments(cfg)
     for key, choices in switches:
         value = OmegaConf.select(cfg, key)
         if not any(value is choice for choice in choices):
             allowed = " or ".join("null" if c is None else str(c).lower() for c in choices)
             raise ValueError(f"hetrain: {key}={value!r} must be {allowed}")
+
+
+def _bool_arguments(node: DictConfig, prefix: str = "") -> list[tuple[str, tuple[bool | None, ...]]]:
+    """The settings under ``node`` that its ``_target_`` callables (the model, the trainer, a callback...) type as
+    ``bool`` (or ``bool | None``), with the values they accept: Hydra passes ``no`` on as a string, which is true."""
+    found: list[tuple[str, tuple[bool | None, ...]]] = []
+    target = node.get("_target_")
+    if isinstance(target, str):
+        try:
+            obj = hydra.utils.get_object(target)
+            hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+        except Exception:  # noqa: BLE001 - a target that cannot be read: instantiating it says why
+            hints = {}
+        for name, hint in hints.items():
+            if name in node and hint is bool:
+                found.append((f"{prefix}{name}", (True, False)))
+            elif name in node and hint == bool | None:  # typing.Optional[bool] too
+                found.append((f"{prefix}{name}", (True, False, None)))
+    for key in node:
+        child = node._get_node(key)
+        if OmegaConf.is_dict(child):
+            found += _bool_arguments(child, f"{prefix}{key}.")
+    return found
 
 
 def _check_seed(cfg: DictConfig) -> None:

@@ -12,13 +12,14 @@ import statistics
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
@@ -33,7 +34,7 @@ from hetrain.models.task import ClassificationTask
 from hetrain.placement import resolve_plan
 from hetrain.recipes import register_recipes
 from hetrain.regional_compile import compile_counts
-from hetrain.report import RunRecorder, error_headline
+from hetrain.report import RUN_LOCK, RunDirectory, RunRecorder, error_headline
 from hetrain.train import (
     _devices_in_use,
     _other_ranks,
@@ -522,6 +523,18 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["compile.dynamic=maybe"], "compile.dynamic='maybe' must be true or false or null"),  # torch's AssertionError
     (["compile.fullgraph=1"], "compile.fullgraph=1 must be true or false"),
     (["backends.strict=no"], "backends.strict='no' must be true or false or null"),  # bool('no'): strict mode on
+    # Hydra passes no, off, yes on as strings, which are true: model.fused=no built the fused model.
+    (["model.fused=no"], "model.fused='no' must be true or false"),
+    (["model.sparse_embeddings=yes"], "model.sparse_embeddings='yes' must be true or false"),
+    (["recipe=resnet_fused_amp", "model.channels_last=off"], "model.channels_last='off' must be true or false"),
+    (["recipe=resnet_fused_amp", "model.zero_init_residual=0"], "model.zero_init_residual=0 must be true or false"),
+    (["trainer.enable_progress_bar=no"], "trainer.enable_progress_bar='no' must be true or false or null"),
+    # A bare TypeError inside Lightning's loop; 1.5 trained 2 steps.
+    (["trainer.max_steps=abc"], "trainer.max_steps='abc' must be a whole number of optimizer steps >= 1, or -1"),
+    (["trainer.max_steps=1.5"], "trainer.max_steps=1.5 must be a whole number of optimizer steps >= 1, or -1"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 must be a whole number of optimizer steps >= 1, or -1"),
+    (["task.lr=abc"], "task.lr='abc' must be a finite number >= 0"),  # a bare TypeError in the optimizer
+    (["task.lr=nan"], "task.lr=nan must be a finite number >= 0"),
     (["seed=-1"], "seed=-1 must be a whole number from 0 to 4294967295"),
     # Lightning's Timer stops after whichever batch is running: the final checkpoint lacked the window's gradients.
     (["+trainer.max_time='00:00:05:00'", "trainer.accumulate_grad_batches=2"],
@@ -537,6 +550,83 @@ def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(ov
     if overrides == ["threads=0"]:  # and the run itself, which applied threads before its checks
         result = train_py(*overrides, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, threads=None)
         assert result.returncode != 0 and f"hetrain: {message}" in result.stderr + result.stdout, result.stderr
+
+
+def test_the_limits_of_the_new_checks_are_accepted(tmp_path):
+    for overrides in (["trainer.max_steps=-1", "trainer.max_epochs=1"], ["task.lr=0"], ["task.lr=1"],
+                      ["trainer.enable_progress_bar=null"], ["recipe=resnet_fused_amp", "model.fused=false"]):
+        check_config(compose_train(*overrides, output_dir=tmp_path))
+
+
+def test_runs_started_in_the_same_second_get_directories_of_their_own():
+    """outputs/<date>/<H-M-S>: two runs started in the same second wrote one directory, their configs, CSV rows,
+    checkpoints and summaries mixed; so did two sweeps."""
+    register_recipes(ROOT / "recipes")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        hydra_cfg = compose("train", return_hydra_config=True).hydra
+    start = datetime(2025, 5, 1, 12, 30, 45, 1000)
+    for mode in ("run", "sweep"):
+        pattern = hydra_cfg[mode]._get_node("dir")._value()  # as written, ${now:...} unresolved
+
+        def at(time: datetime, pattern: str = pattern) -> str:
+            return re.sub(r"\$\{now:([^}]*)\}", lambda m: time.strftime(m.group(1)), pattern)
+
+        assert at(start) != at(start + timedelta(milliseconds=1)), pattern
+    assert hydra_cfg.callbacks.run_directory._target_ == "hetrain.report.RunDirectory"
+
+
+def _run_config(run_dir: Path, ckpt_path: Path | None = None) -> DictConfig:
+    """The part of a single run's config RunDirectory reads."""
+    return OmegaConf.create({"hydra": {"run": {"dir": str(run_dir)}},
+                             "ckpt_path": None if ckpt_path is None else str(ckpt_path)})
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def test_a_fresh_run_into_a_used_run_directory_sets_the_earlier_runs_files_aside(tmp_path):
+    """A second run into one hydra.run.dir kept the first's best checkpoint beside its own (save_top_k=1 left two),
+    and its CSV logger moved the first's csv/ aside as "an earlier part of this run". A run resumed from a
+    checkpoint in the directory keeps it as it is."""
+    run_dir = tmp_path / "run"
+    earlier = [".hydra/config.yaml", "checkpoints/last.ckpt", "checkpoints/step6-acc0.5000.ckpt", "csv/metrics.csv",
+               "memory_report.md", "summary.json", "train.log"]
+    for name in earlier:
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(name)
+    callback = RunDirectory()
+    callback.on_run_start(_run_config(run_dir, ckpt_path=run_dir / "checkpoints" / "last.ckpt"))  # resumed in place
+    callback.on_run_end(_run_config(run_dir))
+    assert _files(run_dir) == sorted([*earlier, RUN_LOCK])
+
+    for k in (1, 2):  # a fresh run, then another
+        callback.on_run_start(_run_config(run_dir))
+        callback.on_run_end(_run_config(run_dir))
+        assert sorted(p.name for p in run_dir.iterdir()) == [RUN_LOCK, *(f"previous-{i}" for i in range(1, k + 1))]
+        assert _files(run_dir / f"previous-{k}") == (earlier if k == 1 else ["summary.json"])
+        (run_dir / "summary.json").write_text("{}")  # what the fresh run wrote
+    assert (run_dir / "previous-1" / "checkpoints" / "step6-acc0.5000.ckpt").read_text() == \
+        "checkpoints/step6-acc0.5000.ckpt"
+
+
+def test_a_run_into_the_directory_of_a_run_still_running_is_refused(tmp_path):
+    """Two runs started in one directory (the same second, or one hydra.run.dir) wrote into each other's files; a
+    fresh run would now move the live run's checkpoints aside."""
+    run_dir = tmp_path / "run"
+    live = RunDirectory()
+    live.on_run_start(_run_config(run_dir))
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_text("live")
+    refused = f"hetrain: {run_dir} is the run directory of another run still running (pid {os.getpid()}); give"
+    with pytest.raises(SystemExit, match=re.escape(refused)):
+        RunDirectory().on_run_start(_run_config(run_dir))
+    assert (run_dir / "checkpoints" / "last.ckpt").read_text() == "live"
+    live.on_run_end(_run_config(run_dir))
+    after = RunDirectory()
+    after.on_run_start(_run_config(run_dir))  # once that run has ended, the directory is free
+    after.on_run_end(_run_config(run_dir))
+    assert _files(run_dir / "previous-1") == ["checkpoints/last.ckpt"]
 
 
 @pytest.mark.parametrize("prefer, names", [("torch", ("torch",)), ("[torch,cpu]", ("torch", "cpu")),

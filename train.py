@@ -1,6 +1,6 @@
 """Trains a hetrain experiment: configs/ composed by Hydra, plus a recipe from recipes/.
 
-    python train.py recipe=bert_split                         # one run, written to outputs/<date>/<time>/
+    python train.py recipe=bert_split                         # one run, written to outputs/<date>/<H-M-S-us>/
     python train.py recipe=bert_split --cfg job               # print the composed config and stop
     python train.py recipe=bert_split trainer.max_steps=50 model.hidden=64 seed=1
     python train.py -m recipe=bert_split trainer.max_steps=20 model.hidden=64,128   # sweep, to multirun/...

@@ -135,6 +135,53 @@ def test_rewrite_launch_bounds():
         "  x[0] = 1;\n}\n__global__ void  d(float* x);")
 
 
+def test_launch_bounds_in_comments_and_literals_stay():
+    """The rewrite read the raw text: a bound named in a comment was cut out of it and checked at the start of
+    the next function's body, so a kernel without a bound failed its legal launches."""
+    src = "// at most __launch_bounds__(128) threads\n/* __launch_bounds__(64) */ __global__ void k(float* x) {\n}\n"
+    assert cuda_emulator.rewrite_launch_bounds(src) == src
+    src = ('const char* s = "__launch_bounds__(32) f(";\nchar c = \'(\';\n'
+           "__global__ void __launch_bounds__(1'024) b(char c = ')') {\n}\n")
+    assert cuda_emulator.rewrite_launch_bounds(src) == src.replace(
+        "void __launch_bounds__(1'024) b(char c = ')') {", "void  b(char c = ')') { "
+        "::hetrain_emu::check_launch_bounds(1'024);")
+    # A bounded kernel's declaration in an #if 0 block is rewritten like any other: nothing attaches to the next.
+    src = "#if 0\n__global__ void __launch_bounds__(64) old(float* x);\n#endif\n__global__ void k(float* x) {\n}\n"
+    assert cuda_emulator.rewrite_launch_bounds(src) == src.replace("__launch_bounds__(64)", "")
+
+
+@pytest.mark.parametrize("src,line", [
+    ("#define ROW_BOUNDS __launch_bounds__(256, 2)\n__global__ void ROW_BOUNDS k(float* x) {\n}\n", 1),
+    ("#define K(n) __global__ void __launch_bounds__(128) n(float* x)\nK(k) {\n}\n", 1),
+    ("#if 0\nkernels take __launch_bounds__(128)\n#endif\n__global__ void k(float* x) {\n}\n", 2),
+    ("__device__ float __launch_bounds__(128) h(float x) {\n  return x;\n}\n", 1),
+])
+def test_launch_bounds_outside_a_kernels_definition_are_refused(src, line):
+    """A bound in a #define was emptied out of it and checked in the function after the macro; one in an
+    ``#if 0`` block or before a __device__ helper was checked in whatever function came next."""
+    with pytest.raises(ValueError, match=rf"^line {line}: __launch_bounds__ outside '__global__ void"):
+        cuda_emulator.rewrite_launch_bounds(src)
+
+
+def test_an_argument_of_the_wrong_kind_is_refused_before_the_call(emu):
+    """The check ran on the converted arguments: a tensor's data pointer passed for an int64_t, an int for a
+    pointer (a segfault where the kernel wrote to it), and an int a C int cannot hold was truncated."""
+    out = torch.zeros(64)
+    with pytest.raises(TypeError, match=r"test_index: the parameter 'int64_t gx' cannot take the Tensor "
+                                        r"tensor\(\[0\.\]\); it takes an int in its C type's range"):
+        emu.call("test_index", out, torch.zeros(1), 1, 1, 0, 1, 1)  # launched, its empty block is refused
+    with pytest.raises(TypeError, match=r"test_index: the parameter 'int\* out' cannot take the int 4096; it takes "
+                                        r"a contiguous CPU tensor"):
+        emu.call("test_index", 4096, 1, 1, 1, 0, 1, 1)
+    with pytest.raises(TypeError, match=r"test_looped_barrier: the parameter 'int passes' cannot take the int "
+                                        r"4294967297; it takes an int in its C type's range"):
+        emu.call("test_looped_barrier", out, 2**32 + 1)  # truncated, one pass
+    with pytest.raises(TypeError, match=r"the parameter 'int dtype' cannot take the dtype torch.int8"):
+        emu.call("layer_norm_forward", torch.int8, out, None, None, out, out, out, 1, 64, 1e-5)
+    emu.call("test_looped_barrier", out, 1)
+    assert torch.equal(out, torch.ones(64))
+
+
 def test_shuffle_in_a_partial_warp_is_reported(emu):
     with pytest.raises(KernelFault, match="partial warp"):
         emu.call("test_shuffle", torch.zeros(48), 48)
@@ -160,7 +207,7 @@ def test_arguments_are_passed_as_the_entrys_declared_c_types(emu):
                  torch.empty(4), out, 4, 64, eps)
     assert torch.equal(rstd[1], rstd[0]), rstd
     torch.testing.assert_close(rstd[1], 1 / torch.sqrt(x.var(1, unbiased=False) + 1))
-    with pytest.raises(TypeError, match=r"layer_norm_forward: the parameter 'int64_t N' cannot take a float \(64.0\)"):
+    with pytest.raises(TypeError, match=r"layer_norm_forward: the parameter 'int64_t N' cannot take the float 64.0"):
         emu.call("layer_norm_forward", torch.float32, x, None, None, x, rstd[0], rstd[0], 4, 64.0, 1.0)
 
 

@@ -27,7 +27,7 @@ import reprlib
 import shutil
 import subprocess
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -50,6 +50,14 @@ _IDENT = re.compile(r"[A-Za-z0-9_:]")
 # `__shared__ T name[n][m];` on one line: (what precedes the name, the name, its dimensions).
 _SHARED = re.compile(r"\b__shared__\b([^;\n]*?)\b([A-Za-z_]\w*)((?:\s*\[[^\]\n]*\])*)\s*;")
 _BOUNDS = re.compile(r"\b__launch_bounds__\s*\(")
+# Where a kernel's bound belongs: after `__global__ void` (group 1); then the kernel's name and parameters.
+_BOUNDED_KERNEL = re.compile(r"\b__global__\s+void\s+(__launch_bounds__)\b")
+_KERNEL_NAME = re.compile(r"\s*[A-Za-z_]\w*\s*\(")
+_BODY = re.compile(r"\s*[{;]")
+# A preprocessor directive, with its continued lines.
+_DIRECTIVE = re.compile(r"^[ \t]*#(?:\\\n|[^\n])*", re.M)
+# Comments, string and character literals, and numbers (whose digit separators are no character literals).
+_UNCODE = re.compile(r"""//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|\b\d[\w']*""", re.S)
 # An entry point `int hetrain_emu_<name>(<parameters>) {` of csrc/emu/kernels.cpp or a test's kernels.
 _ENTRY = re.compile(r"\bint\s+hetrain_emu_(\w+)\s*\(([^)]*)\)\s*\{")
 # The entry points' C parameter types but pointers (which take a ctypes.c_void_p), without const.
@@ -132,23 +140,44 @@ def _closing(text: str, open_at: int) -> int:
     raise ValueError(f"an unclosed parenthesis at offset {open_at}: {text[open_at:open_at + 60]!r}")
 
 
+def _masked(text: str) -> str:
+    """``text`` with its comments and string and character literals blanked (newlines kept): the same length, so
+    an offset into it is one into ``text``."""
+
+    def blank(m: re.Match[str]) -> str:
+        return m[0] if m[0][0].isdigit() else re.sub(r"[^\n]", " ", m[0])
+
+    return _UNCODE.sub(blank, text)
+
+
 def rewrite_launch_bounds(text: str) -> str:
-    """``void __launch_bounds__(n, m) k(p) {`` -> ``void k(p) { ::hetrain_emu::check_launch_bounds(n, m);`` (on
-    the same lines): each thread checks its block against the kernel's bound first, so a launch of more threads
-    fails as on a GPU (csrc/emu/cuda_runtime.h). A declaration without a body only loses its bound."""
+    """``__global__ void __launch_bounds__(n, m) k(p) {`` -> ``__global__ void k(p) {
+    ::hetrain_emu::check_launch_bounds(n, m);`` (on the same lines): each thread checks its block against the
+    kernel's bound first, so a launch of more threads fails as on a GPU (csrc/emu/cuda_runtime.h). A declaration
+    without a body only loses its bound. One in a comment or a literal stays; one anywhere else (a macro's body)
+    is refused, as it would check whatever function came next or none: ValueError naming its line. Preprocessor
+    conditionals are not read: a bounded kernel in an ``#if 0`` block is rewritten like any other."""
+    code = _masked(text)
+    kernels = {m.start(1) for m in _BOUNDED_KERNEL.finditer(code)}
+    directives = [d.span() for d in _DIRECTIVE.finditer(code)]
     out: list[str] = []
     pos = 0
-    while m := _BOUNDS.search(text, pos):
-        args_end = _closing(text, m.end() - 1)
-        params_end = _closing(text, text.index("(", args_end + 1))
-        body = params_end + 1
-        while body < len(text) and text[body].isspace():
-            body += 1
-        args = " ".join(text[m.end():args_end].split())
+    while m := _BOUNDS.search(code, pos):
+        args_end = _closing(code, m.end() - 1)
+        name = _KERNEL_NAME.match(code, args_end + 1)
+        params_end = _closing(code, name.end() - 1) if name else -1
+        body = _BODY.match(code, params_end + 1) if name else None
+        if m.start() not in kernels or body is None or any(a <= m.start() < b for a, b in directives):
+            line = text.count("\n", 0, m.start()) + 1
+            raise ValueError(f"line {line}: __launch_bounds__ outside '__global__ void __launch_bounds__(...) "
+                             f"kernel(parameters)', the only place the emulator's build turns it into a check of "
+                             f"the kernel's launches (in a macro or before another function it would check whatever "
+                             f"came next); write it there: {text.splitlines()[line - 1].strip()!r}")
+        args = " ".join(code[m.end():args_end].split())
         out.append(text[pos:m.start()] + "\n" * text.count("\n", m.start(), args_end))
-        if text.startswith("{", body):
-            out.append(f"{text[args_end + 1:body + 1]} ::hetrain_emu::check_launch_bounds({args});")
-            pos = body + 1
+        if body[0].endswith("{"):
+            out.append(f"{text[args_end + 1:body.end()]} ::hetrain_emu::check_launch_bounds({args});")
+            pos = body.end()
         else:
             pos = args_end + 1
     out.append(text[pos:])
@@ -158,6 +187,14 @@ def rewrite_launch_bounds(text: str) -> str:
 def _kernel_source(text: str) -> str:
     """A kernel source's text as the emulator's build compiles it."""
     return rewrite_shared(rewrite_launch_bounds(rewrite_launches(text)))
+
+
+def _rewritten(path: Path, rewrite: Callable[[str], str]) -> str:
+    """``path``'s text rewritten; a source the rewrite refuses raises a ValueError naming the file."""
+    try:
+        return rewrite(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _named_as(path: Path, text: str) -> str:
@@ -243,13 +280,14 @@ def _build_in(work: Path, files: list[Path], extra: list[Path], bindings: Path |
     for f in files:
         dest = src / f.relative_to(CSRC)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        text = f.read_text()
-        if f.relative_to(CSRC).parts[0] != "emu":  # the emulator's own files are not kernels
-            text = _kernel_source(text) if f.suffix in (".cu", ".cuh") else rewrite_shared(text)
+        if f.relative_to(CSRC).parts[0] == "emu":  # the emulator's own files are not kernels
+            text = f.read_text()
+        else:
+            text = _rewritten(f, _kernel_source if f.suffix in (".cu", ".cuh") else rewrite_shared)
         dest.write_text(_named_as(f, text))
     for e in extra:
         (src / "extra").mkdir(exist_ok=True)
-        (src / "extra" / e.name).write_text(_named_as(e, _kernel_source(e.read_text())))
+        (src / "extra" / e.name).write_text(_named_as(e, _rewritten(e, _kernel_source)))
     units = [(u, SANITIZE) for u in sorted((src / "cuda").glob("*.cu"))]
     units += [(src / "emu" / "emulator.cpp", ()), (src / "emu" / "kernels.cpp", ())]
     units += [(src / "extra" / e.name, SANITIZE) for e in extra]
@@ -316,17 +354,16 @@ class Emulator:
         if len(args) != len(params):
             raise TypeError(f"{entry} takes {len(params)} arguments ({', '.join(d for d, _ in params)}), "
                             f"not {len(args)}")
-        values = [_value(a) for a in args]
-        for (decl, ctype), arg, value in zip(params, args, values, strict=True):
-            try:
-                ctype.from_param(value)
-            except TypeError:
-                raise TypeError(f"{entry}: the parameter '{decl}' cannot take a {type(arg).__name__} "
-                                f"({reprlib.repr(arg)})") from None
+        # Checked before converting: ctypes passes a tensor's data pointer to an integer parameter, an int to a
+        # pointer one (which the kernel then dereferences), and truncates an int its C type cannot hold.
+        for (decl, ctype), arg in zip(params, args, strict=True):
+            if not _accepts(ctype, arg):
+                raise TypeError(f"{entry}: the parameter '{decl}' cannot take the {type(arg).__name__} "
+                                f"{reprlib.repr(arg)}; it takes {_TAKES.get(ctype, _TAKES[int])}")
         fn = getattr(self._lib, f"hetrain_emu_{entry}")
         fn.argtypes = [ctype for _, ctype in params]
         self._lib.hetrain_emu_clear_error()  # an error without a fault of this call's has no message
-        err = fn(*values)
+        err = fn(*[_value(a) for a in args])
         if err != 0:
             message = self._lib.hetrain_emu_error_message().decode() or "invalid arguments"
             raise KernelFault(f"{entry}: cudaError {err}: {message}")
@@ -351,6 +388,36 @@ def _entry_points(src: Path) -> dict[str, list[tuple[str, type]]]:
                                      f"does not pass; add its ctypes type to _CTYPES")
             entries[m[1]] = params
     return entries
+
+
+# What an entry's parameter of each ctypes type takes (int: the integer types), for the TypeError of a refusal.
+_TAKES: dict[type, str] = {
+    ctypes.c_void_p: "a contiguous CPU tensor, None or a sequence of int64 values",
+    ctypes.c_float: "an int or a float", ctypes.c_double: "an int or a float", ctypes.c_bool: "a bool, 0 or 1",
+    int: "an int in its C type's range, or a dtype (passed as its code)",
+}
+
+
+def _fits(ctype: type, value: object) -> bool:
+    """Whether ``value`` is an int the integer type ``ctype`` holds."""
+    if not isinstance(value, int):
+        return False
+    if ctype is ctypes.c_bool:
+        return value in (0, 1)
+    bits, signed = 8 * ctypes.sizeof(ctype), ctype(-1).value == -1
+    return (-(1 << (bits - 1)) if signed else 0) <= value < 1 << (bits - signed)
+
+
+def _accepts(ctype: type, arg: object) -> bool:
+    """Whether an entry's parameter of type ``ctype`` takes ``arg`` (as :func:`_value` converts it)."""
+    if ctype is ctypes.c_void_p:
+        return arg is None or isinstance(arg, torch.Tensor) or (
+            isinstance(arg, (tuple, list)) and all(_fits(ctypes.c_int64, v) for v in arg))
+    if ctype in (ctypes.c_float, ctypes.c_double):
+        return isinstance(arg, (int, float)) and not isinstance(arg, bool)
+    if isinstance(arg, torch.dtype):
+        return arg in DTYPE_CODES and ctype is not ctypes.c_bool
+    return _fits(ctype, arg)
 
 
 def _value(arg: object) -> object:

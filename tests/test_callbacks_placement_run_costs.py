@@ -20,12 +20,43 @@ def two_devices(compute: list[list[float]]) -> CostModel:
 
 def test_best_plan_finds_a_split_when_the_solver_alone_prefers_one_device():
     """Before, a one-device plan winning inside the pipeline solver (4 micro-batches on cuda:0: 6.0) hid the split
-    (a on the CPU, b on cuda:0: 5 x 0.5 = 2.5), and best_plan returned cuda:0 whole at 6.0."""
+    (a on the CPU, b on cuda:0: 0.1 + 0.5 + 3 x 0.5 = 2.1), and best_plan returned cuda:0 whole at 6.0."""
     micro = two_devices([[0.1, 1.0], [0.1, 0.5]])
     whole = two_devices([[10.0, 4.0], [10.0, 2.0]])
     best = RunCosts(whole, micro, 4).best_plan()
     assert best.devices == {"a": "cpu", "b": "cuda:0"}
-    assert best.predicted_step_time == pytest.approx(2.5)
+    assert best.predicted_step_time == pytest.approx(2.1)
+
+
+def test_best_plan_splits_off_a_short_cpu_stage_the_gpipe_step_hides():
+    """A 0.5 ms CPU embedding stage before a 2.15 ms GPU stage, 4 micro-batches: the step takes one micro-batch
+    through both and the GPU stage for each other, 0.5 + 4 x 2.155 = 9.12 ms, less than cuda:0 whole (9.8 ms).
+    Before, (m + S - 1) x 2.155 = 10.77 ms priced the CPU stage as another slow one, and cuda:0 whole won."""
+    ms, bw = 1e-3, [[INF, 10e9], [10e9, INF]]
+    stages, devices = ["embeddings", "encoder.0", "classifier"], ["cpu", "cuda:0"]
+    micro = CostModel(stages, devices, [[0.5 * ms, 0.4 * ms], [40 * ms, 2.0 * ms], [1 * ms, 0.05 * ms]],
+                      [8 * 128 * 128 * 4, 8 * 128 * 128 * 4, 8 * 2 * 4], bw)
+    whole = CostModel(stages, devices, [[2.0 * ms, 1.6 * ms], [160 * ms, 8.0 * ms], [4 * ms, 0.2 * ms]],
+                      [32 * 128 * 128 * 4, 32 * 128 * 128 * 4, 32 * 2 * 4], bw)
+    best = RunCosts(whole, micro, 4).best_plan()
+    assert best.devices == {"embeddings": "cpu", "encoder.0": "cuda:0", "classifier": "cuda:0"}
+    gpu = 2 * 8 * 128 * 128 * 4 / 10e9 + 2.05 * ms  # the activation over and its gradient back, then the encoder
+    assert best.predicted_step_time == pytest.approx(0.5 * ms + gpu + 3 * gpu)
+
+
+def test_a_split_on_one_device_is_priced_as_the_micro_batches_it_runs():
+    """PipelineSplit(split_on_one_device=True) cuts the batch on one device too; before, such a plan was priced as the
+    whole batch (2 + 4 = 6 on cuda:0), a step the run does not take (4 x (3 + 3.5) = 26)."""
+    whole = two_devices([[1.0, 2.0], [8.0, 4.0]])
+    micro = two_devices([[0.4, 3.0], [2.5, 3.5]])
+    costs = RunCosts(whole, micro, 4, split_on_one_device=True)
+    one = {"a": "cuda:0", "b": "cuda:0"}
+    assert costs.split(one)
+    assert costs.predict(one) == pytest.approx(4 * (3.0 + 3.5))
+    assert costs.predict({"a": "cpu", "b": "cpu"}) == pytest.approx(4 * (0.4 + 2.5))
+    best = costs.best_plan()  # the CPU in 4 micro-batches (11.6) beats either split (14.4, 13) and cuda:0 (26)
+    assert best.devices == {"a": "cpu", "b": "cpu"} and best.predicted_step_time == pytest.approx(11.6)
+    assert not RunCosts(whole, micro, 4).split(one)  # the default: one device runs each batch whole
 
 
 def random_model(rng: random.Random, stages: list[str], devices: list[str]) -> CostModel:

@@ -190,3 +190,43 @@ def test_predict_reads_another_spelling_of_a_measured_device():
     assert cm.predict({"a": "cpu:0", "b": "cpu"}) == cm.predict(["cpu", "cpu"]) == 3.0
     with pytest.raises(ValueError, match=r"measured \['cpu'\], not \['cuda:7'\]"):
         cm.predict(["cpu", "cuda:7"])
+
+
+def test_measure_computes_no_gradient_for_a_stages_extra_arguments():
+    """Before, an extra argument (data such as an additive mask) required grad too, so every timed backward also
+    computed its gradient, which training never does; the carried activation still gets one."""
+    seen = []
+
+    class Biased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            seen.append((x.requires_grad, bias.requires_grad))
+            return self.linear(x) + bias
+
+    measure(nn.Sequential(nn.Linear(4, 4), Biased()), lambda: torch.randn(3, 4), devices=["cpu"],
+            extra_args=lambda name: () if name == "0" else (torch.randn(3, 4),), warmup=1, repeats=1)
+    assert (True, False) in seen and not any(bias for _, bias in seen)  # x: a timed run's activation
+
+
+def test_measure_names_a_stage_that_returns_none():
+    """Before, a stage that ran but returned None was taken for one that failed everywhere: a bare KeyError."""
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> None:
+            x.sum()
+
+    with pytest.raises(ValueError, match="stage '1' returned None; a stage must return its output"):
+        measure(nn.Sequential(nn.Linear(4, 4), Probe()), lambda: torch.randn(3, 4), devices=["cpu"], warmup=1,
+                repeats=1)
+
+
+def test_predict_reads_cuda_as_the_gpu_measured_on_a_machine_without_one():
+    """Before, a GPU run's costs read where CUDA is absent refused 'cuda' (there it stays un-indexed) though the model
+    measured cuda:0, the GPU it means; with CUDA present it is the current GPU, cuda:0 here too."""
+    cm = CostModel(["emb", "enc"], ["cpu", "cuda:0"], [[1.0, 2.0], [5.0, 1.0]], [10, 10], [[INF, 100.0], [100.0, INF]])
+    assert cm.predict({"emb": "cpu", "enc": "cuda"}) == cm.predict({"emb": "cpu", "enc": "cuda:0"})
+    two = CostModel(["a"], ["cuda:0", "cuda:1"], [[1.0, 2.0]], [4], [[INF, 1.0], [1.0, INF]])
+    assert two.predict(["cuda"]) == 1.0

@@ -323,7 +323,7 @@ def brute_force(costs, transfer_time, objective, m, distinct):
         for k, run in enumerate(runs):
             into = transfer_time(run[0] - 1, stage_devices[k - 1], stage_devices[k]) if k else 0
             times.append(sum(costs[i][assignment[i]] for i in run) + into)
-        total = (m + len(runs) - 1) * max(times) if objective == "pipeline" else sum(times)
+        total = sum(times) + (m - 1) * max(times) if objective == "pipeline" else sum(times)
         best = min(best, total)
     return best
 
@@ -393,13 +393,60 @@ def test_heft_is_never_better_than_the_chain_optimum(seed):
 
 def test_chain_pipeline_prefers_balanced_stages():
     # Two equal devices, four equal layers, free links: with many micro-batches two stages of two
-    # layers win; with one micro-batch the fill costs more than the split saves.
+    # layers win; with one micro-batch nothing overlaps, so the split saves nothing (the tie keeps one device).
     costs = [[1.0, 1.0]] * 4
     many = chain_dp(costs, [0.0] * 3, "pipeline", micro_batches=16)
     assert [(s, e) for s, e, _ in many.stages] == [(0, 2), (2, 4)]
-    assert many.predicted_time == (16 + 1) * 2.0
+    assert many.predicted_time == (16 + 1) * 2.0  # equal stages: sum + (m - 1) * max is (m + S - 1) * max
     one = chain_dp(costs, [0.0] * 3, "pipeline", micro_batches=1)
     assert len(one.stages) == 1 and one.predicted_time == 4.0
+
+
+def flow_shop_time(stage_times, m):
+    """A GPipe step simulated, not read off a formula: each micro-batch through the stages in order, a stage taking
+    one at a time, forward (a third of a stage's time) and then backward in reverse order."""
+    def run(times, start):
+        done = [[start] * m for _ in times]
+        for s, t in enumerate(times):
+            for j in range(m):
+                done[s][j] = max(done[s - 1][j] if s else start, done[s][j - 1] if j else start) + t
+        return done[-1][-1]
+
+    forward = run([t / 3 for t in stage_times], 0.0)
+    return run([t - t / 3 for t in reversed(stage_times)], forward)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chain_dp_pipeline_is_the_best_simulated_gpipe_step(seed):
+    # The pipeline optimum over every plan with one stage per device, each scored by a simulated timeline. Stages
+    # of unequal times are where (m + S - 1) * max overpriced a split: a cheap first stage adds its own time, not
+    # another slowest stage's.
+    rng = random.Random(2000 + seed)
+    n, devices, m = rng.randint(2, 6), rng.randint(2, 4), rng.choice([2, 3, 4, 8])
+    costs = [[float(rng.choice([3, 6, 9, 30, 60])) for _ in range(devices)] for _ in range(n)]
+    transfer = [float(rng.choice([0, 3, 6])) for _ in range(n - 1)]
+    best = INF
+    for assignment in itertools.product(range(devices), repeat=n):
+        stages = [(d, [i for i, _ in run]) for d, run in itertools.groupby(enumerate(assignment), key=lambda p: p[1])]
+        if len({d for d, _ in stages}) < len(stages):
+            continue
+        times = [sum(costs[i][d] for i in layers) + (transfer[layers[0] - 1] if layers[0] else 0.0)
+                 for d, layers in stages]
+        best = min(best, flow_shop_time(times, m))
+    plan = chain_dp(costs, transfer, "pipeline", m)
+    assert plan.predicted_time == pytest.approx(best)
+    times = [sum(costs[i][d] for i in range(a, e)) + (transfer[a - 1] if a else 0.0) for a, e, d in plan.stages]
+    assert flow_shop_time(times, m) == pytest.approx(best)
+
+
+def test_chain_dp_pipeline_splits_off_a_short_first_stage():
+    # A cheap first layer on device 0 beside three layers on device 1: one micro-batch's way through both stages
+    # and then the slow stage for each other, 1.209 by a simulated timeline, beats all on device 1 (1.28).
+    costs = [[0.005, 0.02], [0.5, 0.1], [0.5, 0.1], [0.4, 0.1]]
+    plan = chain_dp(costs, [0.001] * 3, "pipeline", 4)
+    assert plan.devices == [0, 1, 1, 1]
+    assert plan.predicted_time == pytest.approx(0.005 + 0.301 + 3 * 0.301)
+    assert plan.predicted_time == pytest.approx(flow_shop_time([0.005, 0.301], 4))
 
 
 @pytest.mark.parametrize(
@@ -1105,7 +1152,7 @@ def test_chain_time_prices_any_plan_as_the_solver_does(seed):
     for _ in range(5):  # any plan costs at least the optimum
         other = [rng.randrange(devices) for _ in costs]
         assert chain_time(costs, boundary_bytes, bw, other) >= best - 1e-9
-    one = [0] * len(costs)  # all on one device: the sum of its costs, m + 0 fill in a pipeline
+    one = [0] * len(costs)  # all on one device: the sum of its costs, m times in a pipeline
     assert chain_time(costs, boundary_bytes, bw, one, "sequential") == sum(row[0] for row in costs)
     assert chain_time(costs, boundary_bytes, bw, one, "pipeline", 4) == 4 * sum(row[0] for row in costs)
     for wrong in (-1, devices):

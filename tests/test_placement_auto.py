@@ -1,6 +1,7 @@
 """`placement.plan: auto` in a real run: measured, solved, logged, saved, and reusable as an explicit plan."""
 
 import json
+import logging
 import math
 import pickle
 import subprocess
@@ -65,8 +66,10 @@ def test_bert_auto_plans_for_the_pipeline_split_it_runs(tmp_path):
         assert cfg.placement.micro_batches == cfg.callbacks.pipeline_split.micro_batches == micro_batches
 
 
-def fit_one_step(placement: StagePlacement, tmp_path: Path, precision: str = "32-true") -> int:
-    """One training step of a tiny BERT with ``placement``; returns the rows of the batch placement measures."""
+def fit_one_step(placement: StagePlacement, tmp_path: Path, precision: str = "32-true",
+                 others: tuple[pl.Callback, ...] = ()) -> int:
+    """One training step of a tiny BERT with ``placement`` (and ``others``); returns the rows of the batch placement
+    measures."""
     import pytorch_lightning as pl
 
     from hetrain.data.datamodule import SyntheticDataModule
@@ -77,7 +80,7 @@ def fit_one_step(placement: StagePlacement, tmp_path: Path, precision: str = "32
                                max_tokens=192)
     task = ClassificationTask(BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=32),
                               num_classes=2)
-    trainer = pl.Trainer(max_steps=1, precision=precision, callbacks=[placement], logger=False,
+    trainer = pl.Trainer(max_steps=1, precision=precision, callbacks=[placement, *others], logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(task, datamodule=data)
@@ -92,6 +95,32 @@ def test_pipeline_objective_on_one_device_predicts_the_whole_batch_it_runs(tmp_p
     assert costs.devices == ["cpu"] and not (tmp_path / "placement_costs_micro.json").exists()
     # Every stage on the one device: the pipeline split runs each batch whole, stage after stage.
     assert placement.summary["predicted_step_time_ms"] == round(sum(row[0] for row in costs.compute) * 1e3, 3)
+
+
+class Kept(StagePlacement):
+    """Keeps the costs it measured."""
+
+    def measure(self, trainer, pl_module):
+        self.costs = super().measure(trainer, pl_module)
+        return self.costs
+
+
+def test_auto_prices_the_micro_batches_a_split_on_one_device_runs(tmp_path, caplog):
+    """Before, PipelineSplit(split_on_one_device=True) went unread: a plan on one device was priced, and summarised,
+    as the whole batch the split still cut into micro-batches; nor was it said that checkpointed stages' recompute
+    goes unpriced."""
+    from hetrain.callbacks import PipelineSplit
+
+    placement = Kept("auto", objective="pipeline", micro_batches=4)
+    with caplog.at_level(logging.WARNING, logger="hetrain.callbacks.placement"):
+        fit_one_step(placement, tmp_path, others=(PipelineSplit(4, checkpoint="encoder", split_on_one_device=True),))
+    costs = placement.costs
+    assert costs.split_on_one_device and costs.micro is not None
+    plan = {key.removeprefix("plan."): device for key, device in placement.summary.items() if key.startswith("plan.")}
+    assert costs.split(plan) and placement.summary["micro_batches"] == costs.micro_batches
+    predicted = costs.micro.predict(plan, "pipeline", costs.micro_batches)
+    assert placement.summary["predicted_step_time_ms"] == round(predicted * 1e3, 3)
+    assert "PipelineSplit checkpoints encoder.0, whose forward runs again in backward" in caplog.text
 
 
 def measuring_two_devices(rows: list[int]):
@@ -165,11 +194,6 @@ def test_a_batch_of_fewer_rows_than_micro_batches_is_priced_in_as_many_pieces_as
     from hetrain.models.bert import BertClassifier
     from hetrain.models.task import ClassificationTask
 
-    class Kept(StagePlacement):
-        def measure(self, trainer, pl_module):
-            self.costs = super().measure(trainer, pl_module)
-            return self.costs
-
     rows = []
     monkeypatch.setattr(placement_module, "measure", measuring_two_devices(rows))
     task = ClassificationTask(BertClassifier(vocab_size=64, num_classes=2, hidden=16, layers=1, heads=2, max_len=8),
@@ -230,9 +254,9 @@ def test_run_costs_price_a_plan_as_the_pipeline_split_runs_it():
     whole = CostModel(["a", "b"], ["cpu", "cuda:0"], [[4.0, 1.0], [4.0, 1.0]], [100, 10], [[INF, 1e9], [1e9, INF]])
     micro = CostModel(["a", "b"], ["cpu", "cuda:0"], [[1.5, 0.9], [1.5, 0.9]], [25, 3], [[INF, 1e9], [1e9, INF]])
     costs = RunCosts(whole, micro, 4)
-    # One device runs the batch whole; two run 4 micro-batches over 2 stages: (4 + 2 - 1) x the slower stage.
+    # One device runs the batch whole; two run 4 micro-batches over 2 stages: one through both, then 3 x the slower.
     assert costs.predict({"a": "cuda:0", "b": "cuda:0"}) == pytest.approx(2.0)
-    assert costs.predict({"a": "cpu", "b": "cuda:0"}) == pytest.approx(5 * 1.5)
+    assert costs.predict({"a": "cpu", "b": "cuda:0"}) == pytest.approx(1.5 + 0.9 + 3 * 1.5)
     assert costs.best_plan().devices == {"a": "cuda:0", "b": "cuda:0"}  # the solver alone: 4 x 1.8 on cuda:0
     assert costs.best_plan().predicted_step_time == pytest.approx(2.0)
     balanced = RunCosts(whole, CostModel(["a", "b"], ["cpu", "cuda:0"], [[0.3, 0.3], [0.3, 0.3]], [25, 3],

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from hetrain.callbacks.pipeline import PipelineSplit
 from hetrain.callbacks.random_state import _generator_state, _set_generator_state
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
 from hetrain.placement.chain import OBJECTIVES
@@ -48,12 +49,13 @@ class RunCosts:
     """Measured stage costs, read as the run will execute a plan, so a prediction is of the step that runs.
 
     ``whole`` holds the stages' costs on the whole batch; ``micro``, measured for the pipeline objective where
-    this machine has several devices, on one micro-batch. There a plan over several devices runs as
-    ``micro_batches`` micro-batches in a GPipe schedule, priced from ``micro``. A plan on one device runs each
-    batch whole (``PipelineSplit`` does not cut a batch whose stages share a device: micro-batches there cannot
-    overlap), priced from ``whole``, as is every plan under the sequential objective. Pricing a one-device plan
-    as pipelined micro-batches would pay per-call costs ``micro_batches`` times, and on a GPU a small
-    micro-batch takes about as long as the whole batch. ``micro_batches`` is the count the split cuts the measured
+    this machine has several devices (or the split cuts a batch on one device too), on one micro-batch. There a
+    plan over several devices runs as ``micro_batches`` micro-batches in a GPipe schedule, priced from ``micro``. A
+    plan on one device runs each batch whole (``PipelineSplit`` does not cut a batch whose stages share a device:
+    micro-batches there cannot overlap), priced from ``whole``, as is every plan under the sequential objective.
+    Pricing it as pipelined micro-batches would pay per-call costs ``micro_batches`` times, and on a GPU a small
+    micro-batch takes about as long as the whole batch; where the split cuts it anyway (``split_on_one_device``, the
+    ``PipelineSplit``'s) it is priced so, from ``micro``. ``micro_batches`` is the count the split cuts the measured
     batch into (no more than its rows).
 
     ``weightless`` names the stages holding no parameters or buffers: placing does not move one, it runs where its
@@ -65,6 +67,7 @@ class RunCosts:
     micro: CostModel | None = None
     micro_batches: int = 1
     weightless: tuple[str, ...] = ()
+    split_on_one_device: bool = False
 
     def executed(self, devices: Mapping[str, str]) -> dict[str, str]:
         """Each stage's device under ``{path: device}`` (group paths allowed) as the run places it: a stage without
@@ -74,9 +77,11 @@ class RunCosts:
         return {stage: planned[runs_in[stage]] for stage in self.whole.stages}
 
     def split(self, devices: Mapping[str, str]) -> bool:
-        """Whether the run cuts each batch into micro-batches under this plan: as ``PipelineSplit``, only where the
-        stages with weights are on several devices."""
-        return self.micro is not None and len(set(self.executed(devices).values())) > 1
+        """Whether the run cuts each batch into micro-batches under this plan: as ``PipelineSplit``, where the
+        stages with weights are on several devices, or on any with ``split_on_one_device``."""
+        if self.micro is None:
+            return False
+        return self.split_on_one_device or len(set(self.executed(devices).values())) > 1
 
     def predict(self, devices: Mapping[str, str]) -> float:
         """Predicted forward + backward seconds per batch of ``{path: device}`` (group paths allowed), as executed."""
@@ -172,16 +177,20 @@ class StagePlacement(Callback):
         :class:`RunCosts`)."""
         batch = _first_batch(_measuring_loader(trainer))
         weightless = tuple(name for name, stage in pl_module.stages().items() if held_device(stage) is None)
+        split = next((c for c in trainer.callbacks if isinstance(c, PipelineSplit)), None)
+        split_on_one_device = split is not None and split.split_on_one_device
+        if split is not None:
+            _warn_unpriced_recompute(split.checkpointed(list(pl_module.stages())))
         # placement_inputs and the stages may draw from numpy or random too: placement.measure keeps torch's only.
         with _generators_kept():
             make_input, stage_args = pl_module.placement_inputs(batch)
             whole = _time_stages(trainer, pl_module, make_input, stage_args)
-            if self.objective == "sequential" or len(whole.devices) == 1:
+            if self.objective == "sequential" or (len(whole.devices) == 1 and not split_on_one_device):
                 return RunCosts(whole, weightless=weightless)
             # The split cuts a batch of fewer rows than micro_batches into one piece per row (micro_batch_count).
             pieces = micro_batch_count(_rows(make_input()), self.micro_batches)
             micro = _time_stages(trainer, pl_module, *_first_micro_batch(make_input, stage_args, pieces))
-            return RunCosts(whole, micro, pieces, weightless)
+            return RunCosts(whole, micro, pieces, weightless, split_on_one_device)
 
     def solve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PlacementPlan:
         """Measures the stages on this machine's devices and solves the chain. Under several processes global rank 0
@@ -316,6 +325,14 @@ def _on_global_zero(trainer: pl.Trainer, work: Callable[[], T]) -> T:
     if isinstance(result, _RankZeroFailure):
         raise result.error()
     return result
+
+
+def _warn_unpriced_recompute(checkpointed: frozenset[str]) -> None:
+    """The measured costs are forward + backward once; a stage ``PipelineSplit`` checkpoints runs its forward again in
+    backward, which they cannot price (the forward is not timed alone), so the predictions are low by that much."""
+    if checkpointed:
+        log.warning(f"placement: PipelineSplit checkpoints {', '.join(sorted(checkpointed))}, whose forward runs "
+                    "again in backward; the predicted step times leave that recompute out and are low by it")
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -4,20 +4,23 @@ The layers are cut into contiguous stages, each stage on one device. Two objecti
 
 ``"sequential"``: one pass with no overlap, ``sum(stage compute) + sum(boundary transfers)``.
 
-``"pipeline"``: GPipe-style fill and drain with ``m`` micro-batches over ``S`` stages. Every stage
-handles each micro-batch once forward and once backward, so the step takes
-``(m + S - 1) * max_s t_s``, where ``t_s`` is stage ``s``'s time per micro-batch: its layers'
-costs plus the transfer of the boundary in front of it (the activation coming in and its gradient
-going back over the same link, charged to the receiving stage: copies are not assumed to overlap
-compute). Costs are therefore read as per micro-batch for this objective.
+``"pipeline"``: GPipe-style fill and drain with ``m`` micro-batches over ``S`` stages. Every
+micro-batch goes through the stages in order (forward, then backward in reverse) and a stage handles one at a
+time (a flow shop), so the step takes ``sum_s t_s + (m - 1) * max_s t_s``: one micro-batch's way through every
+stage, then the slowest stage once for each other micro-batch (``m * t`` for one stage; ``(m + S - 1) * t``
+only where every stage takes ``t``). ``t_s`` is stage ``s``'s time per micro-batch: its layers' costs plus the
+transfer of the boundary in front of it (the activation coming in and its gradient going back over the same
+link, charged to the receiving stage: copies are not assumed to overlap compute). Costs are therefore read as
+per micro-batch for this objective.
 
 A transfer at boundary ``i`` (between layers ``i`` and ``i + 1``) costs nothing when both sides are
 on the same device. ``distinct_devices`` says whether a device may hold only one stage; by default it
 does under ``"pipeline"`` (the model has a time for a device running one stage, not two interleaved)
 and not under ``"sequential"`` (a plan may go back to a device it left, e.g. CPU, GPU, CPU). With it the
-search is over (layers placed, set of devices used, last device), so it is exact and takes
-``O(n^2 * 2^D * D^2)`` steps for ``n`` layers and ``D`` devices; without it (``"sequential"`` only) it is
-a shortest path over (layer, device).
+search is over (layers placed, set of devices used, last device), keeping for each such state every
+(sum, largest) pair of stage times that no other pair beats in both (the pipeline time grows with each), so
+it is exact and takes ``O(n^2 * 2^D * D^2 * P)`` steps for ``n`` layers, ``D`` devices and ``P`` pairs kept per
+state (one under ``"sequential"``); without it (``"sequential"`` only) it is a shortest path over (layer, device).
 """
 
 from __future__ import annotations
@@ -111,14 +114,32 @@ def _stages(devices: list[int]) -> list[tuple[int, int, int]]:
     return stages
 
 
+Pair = tuple[float, float]  # (sum of the stage times so far, the largest of them)
+Parent = tuple[int, int, int, int] | None  # (layers placed, devices used, last device, index of its pair)
+
+
+def _pipeline_time(total: float, longest: float, m: int) -> float:
+    """``total + (m - 1) * longest``; one micro-batch adds nothing (not ``0 * inf``: nan where a stage cannot run)."""
+    return total + (m - 1) * longest if m > 1 else total
+
+
+def _keep(front: list[tuple[Pair, Parent]], pair: Pair, parent: Parent) -> None:
+    """Adds ``pair`` to ``front`` unless a pair there is no worse in both; drops the pairs it is no worse than."""
+    if any(kept[0] <= pair[0] and kept[1] <= pair[1] for kept, _ in front):
+        return
+    front[:] = [(kept, p) for kept, p in front if not (pair[0] <= kept[0] and pair[1] <= kept[1])]
+    front.append((pair, parent))
+
+
 def _distinct(costs: Sequence[Sequence[float]], transfer: TransferTime, pipeline: bool, m: int) -> ChainPlan | None:
     n, num_devices = len(costs), len(costs[0])
-    # best[i][(mask, last)] = (value, parent state, stage device): layers [0, i) placed on the devices
-    # in mask, the last stage on `last`; value is the sum so far (sequential) or the largest stage time.
-    best: list[dict[tuple[int, int], tuple[float, tuple[int, int, int] | None]]] = [{} for _ in range(n + 1)]
-    best[0][(0, -1)] = (0.0, None)
-    for i in range(n):
-        for (mask, last), (value, _) in sorted(best[i].items()):
+    # fronts[i][(mask, last)]: for layers [0, i) placed on the devices in mask, the last stage on `last`, the
+    # (sum, largest) stage-time pairs no other plan of that prefix beats in both, each with its parent. The largest
+    # is tracked only under "pipeline" (0 under "sequential", leaving one pair: the least sum).
+    fronts: list[dict[tuple[int, int], list[tuple[Pair, Parent]]]] = [{} for _ in range(n + 1)]
+    fronts[0][(0, -1)] = [((0.0, 0.0), None)]
+    for i in range(n):  # every state of fronts[i] is final here: stages only end after layer i
+        for (mask, last), front in sorted(fronts[i].items()):
             for d in range(num_devices):
                 if mask >> d & 1:
                     continue
@@ -129,23 +150,20 @@ def _distinct(costs: Sequence[Sequence[float]], transfer: TransferTime, pipeline
                     if math.isinf(compute + into):
                         break
                     stage = compute + into
-                    total = max(value, stage) if pipeline else value + stage
-                    key = (mask | 1 << d, d)
-                    if key not in best[j] or total < best[j][key][0]:
-                        best[j][key] = (total, (i, mask, last))
-    finals = []
-    for (mask, last), (value, _) in sorted(best[n].items()):
-        stages = bin(mask).count("1")
-        finals.append(((m + stages - 1) * value if pipeline else value, mask, last))
+                    target = fronts[j].setdefault((mask | 1 << d, d), [])
+                    for k, ((total, longest), _) in enumerate(front):
+                        _keep(target, (total + stage, max(longest, stage) if pipeline else 0.0), (i, mask, last, k))
+    finals = [(_pipeline_time(total, longest, m) if pipeline else total, mask, last, k)
+              for (mask, last), front in sorted(fronts[n].items()) for k, ((total, longest), _) in enumerate(front)]
     if not finals:
         return None
-    predicted, mask, last = min(finals)
+    predicted, mask, last, k = min(finals)
     devices = [0] * n
     j = n
     while j > 0:
-        _, (i, prev_mask, prev_last) = best[j][(mask, last)]
+        _, (i, prev_mask, prev_last, prev_k) = fronts[j][(mask, last)][k]
         devices[i:j] = [last] * (j - i)
-        j, mask, last = i, prev_mask, prev_last
+        j, mask, last, k = i, prev_mask, prev_last, prev_k
     return ChainPlan(devices, _stages(devices), predicted, "pipeline" if pipeline else "sequential", m)
 
 
@@ -274,7 +292,7 @@ def chain_time(
     ]
     if objective == "sequential":
         return float(sum(times))
-    return float((micro_batches + len(stages) - 1) * max(times))
+    return float(_pipeline_time(sum(times), max(times), micro_batches))
 
 
 def _check_devices(devices: Sequence[int], layers: int, num_devices: int) -> None:

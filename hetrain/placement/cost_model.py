@@ -160,7 +160,7 @@ class CostModel:
         names = self.stage_devices(devices) if isinstance(devices, Mapping) else list(devices)
         # One device spelt two ways (cpu:0 for the cpu measured, cuda for cuda:0) is the device measured.
         measured = [_indexed(parse_device(d, "a measured device")) for d in self.devices]
-        wanted = [_indexed(parse_device(d, "a planned device")) for d in names]
+        wanted = [_as_measured(parse_device(d, "a planned device"), measured) for d in names]
         unknown = sorted({str(name) for name, device in zip(names, wanted, strict=True) if device not in measured})
         if unknown:
             raise ValueError(f"hetrain: the cost model measured {self.devices}, not {unknown}")
@@ -237,6 +237,17 @@ def _check_names(names: Sequence[str], what: str) -> None:
         raise ValueError(f"hetrain: CostModel.{what} repeats {repeated}; each of the {what} appears once")
 
 
+def _as_measured(device: torch.device, measured: Sequence[torch.device]) -> torch.device:
+    """``device`` as one of ``measured`` reads it. ``cuda`` with no index is this process's GPU where there is one;
+    on a machine without that backend (a GPU run's costs read on a laptop) it is the only device of its type
+    measured, else index 0 (the GPU a process starts on)."""
+    device = _indexed(device)
+    if device.index is not None or device.type == "cpu":
+        return device
+    of_type = [d for d in measured if d.type == device.type]
+    return of_type[0] if len(of_type) == 1 else torch.device(device.type, 0)
+
+
 def _ends_on(costs: list[list[float]], first: int) -> list[list[float]] | None:
     """``costs`` with the first layer held to device ``first`` and the last kept off it (``inf``); ``None`` where
     one of them could then run nowhere, or the chain has one layer."""
@@ -304,22 +315,25 @@ ForwardContext = Callable[[], contextlib.AbstractContextManager]
 
 
 def _time_stage(
-    stage: nn.Module, args: tuple, device: torch.device, needs_input_grad: bool, warmup: int, repeats: int,
-    forward_context: ForwardContext,
+    stage: nn.Module, carried: tuple, extra: tuple, device: torch.device, needs_input_grad: bool, warmup: int,
+    repeats: int, forward_context: ForwardContext,
 ) -> tuple[float, Any]:
     """Median forward + backward seconds of a copy of ``stage`` on ``device``, and one output (on the CPU).
 
     Each run gets fresh copies of the inputs, made untimed: a stage may work in place on its input (``nn.ReLU(
     inplace=True)``), which must neither change the caller's tensors nor compound from run to run. A later stage's
-    floating-point input is a copy of a leaf that requires grad, an activation as in training: in place is allowed
-    on it, and the backward reaches the leaf, as training's sends the gradient upstream."""
+    floating-point ``carried`` input (the previous stage's output) is a copy of a leaf that requires grad, an
+    activation as in training: in place is allowed on it, and the backward reaches the leaf, as training's sends the
+    gradient upstream. The ``extra`` arguments are data (an attention mask): training computes no gradient for them,
+    so neither does the timed backward."""
     module = copy.deepcopy(stage).to(device)
 
-    def to_device(t: torch.Tensor) -> torch.Tensor:
+    def to_device(t: torch.Tensor, grad: bool) -> torch.Tensor:
         t = t.detach().to(device)
-        return t.requires_grad_() if needs_input_grad and t.is_floating_point() else t
+        return t.requires_grad_() if grad and t.is_floating_point() else t
 
-    sources = _map_tensors(args, to_device)
+    sources = (_map_tensors(carried, functools.partial(to_device, grad=needs_input_grad))
+               + _map_tensors(extra, functools.partial(to_device, grad=False)))
 
     def fresh_inputs() -> Any:
         for t in _tensors(sources):
@@ -444,11 +458,11 @@ def _measure(named: dict[str, nn.Module], make_input: Callable[[], Any], devices
     boundary_bytes: list[int] = []
     errors: dict[str, dict[str, str]] = {}
     for index, (name, stage) in enumerate(named.items()):
-        args = carried + tuple(extra_args(name) if extra_args else ())
-        row, output = [], None
+        extra = tuple(extra_args(name) if extra_args else ())
+        row, ran, output = [], False, None  # ran: a stage may run and return None
         for device in devices:
             try:
-                seconds, out = _time_stage(stage, args, torch.device(device), index > 0, warmup, repeats,
+                seconds, out = _time_stage(stage, carried, extra, torch.device(device), index > 0, warmup, repeats,
                                            forward_context)
             except torch.AcceleratorError:
                 raise  # a device fault (an illegal address) poisons the context: every later call would fail too
@@ -457,10 +471,14 @@ def _measure(named: dict[str, nn.Module], make_input: Callable[[], Any], devices
                 row.append(math.inf)
                 continue
             row.append(seconds)
-            output = out if output is None else output
-        if output is None:
+            if not ran:
+                ran, output = True, out
+        if not ran:
             reasons = "; ".join(f"{d}: {r}" for d, r in errors[name].items())
             raise ValueError(f"hetrain: stage {name!r} ran on no device ({reasons})")
+        if output is None:  # the next stage's input, or the model's output (the pipeline split refuses None too)
+            raise ValueError(f"hetrain: stage {name!r} returned None; a stage must return its output, the next "
+                             "stage's input (the last stage's: the model's output)")
         compute.append(row)
         boundary_bytes.append(sum(t.numel() * t.element_size() for t in _tensors(output)))
         carried = output if isinstance(output, tuple) else (output,)

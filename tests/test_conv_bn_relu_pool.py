@@ -499,6 +499,18 @@ def _set(i, module):
     return lambda block: block.__setitem__(i, module)
 
 
+class ScaledBatchNorm(torch.nn.BatchNorm2d):
+    """A BatchNorm2d subclass with a forward of its own (as a frozen BatchNorm has): the fused kernel skipped it."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class AveragingPool(torch.nn.MaxPool2d):
+    def forward(self, x):
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
 @pytest.mark.parametrize(("block", "edit", "size"), [
     ("bn", _set(2, torch.nn.LeakyReLU(0.5)), 8),
     ("bn", _set(3, torch.nn.AvgPool2d(2)), 8),
@@ -507,7 +519,10 @@ def _set(i, module):
     ("bn", lambda block: block.append(torch.nn.Flatten()), 8),
     ("bn", lambda block: setattr(block[3], "ceil_mode", True), 7),
     ("no_bn", lambda block: setattr(block[2], "dilation", 2), 8),
-], ids=["LeakyReLU", "AvgPool2d", "BatchNorm gone", "ReLU gone", "appended", "ceil_mode", "dilation"])
+    ("bn", _set(1, ScaledBatchNorm(4)), 8),
+    ("bn", _set(3, AveragingPool(2)), 8),
+], ids=["LeakyReLU", "AvgPool2d", "BatchNorm gone", "ReLU gone", "appended", "ceil_mode", "dilation",
+        "BatchNorm2d subclass's forward", "MaxPool2d subclass's forward"])
 def test_a_block_whose_children_changed_computes_what_it_now_holds(block, edit, size):
     # The fused forward computed conv -> BN -> ReLU -> MaxPool whatever the children had become (or failed to
     # unpack an appended one): the block is a Sequential, whose children model code may replace or reconfigure.

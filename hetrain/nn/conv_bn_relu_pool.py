@@ -42,6 +42,11 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module | None, relu: nn.Module, poo
         return f"expected a ReLU, got {type(relu).__name__}"
     if not isinstance(pool, nn.MaxPool2d):
         return f"expected a MaxPool2d last, got {type(pool).__name__}"
+    # The fused kernel reads their settings and never calls them: a subclass's own forward (a frozen BatchNorm, a
+    # pool that averages) would be skipped. The Conv2d is called as a module, so any subclass of it is fine.
+    for module, base in ((bn, nn.BatchNorm2d), (relu, nn.ReLU), (pool, nn.MaxPool2d)):
+        if module is not None and type(module).forward is not base.forward:
+            return f"{type(module).__name__} overrides {base.__name__}.forward, which the fused kernel would skip"
     try:
         kernel, padding, dilation = (_pair("MaxPool2d", what, getattr(pool, what))
                                      for what in ("kernel_size", "padding", "dilation"))

@@ -147,7 +147,7 @@ def test_task_feeds_images_and_names_missing_keys():
     batch = {"images": randn(4, 3, 32, 32, seed=10), "labels": torch.tensor([0, 1, 2, 3]),
              "extra": torch.zeros(4)}
     moved = task.transfer_batch_to_device(batch, torch.device("cpu"), 0)
-    assert set(moved) == {"images", "labels"}
+    assert set(moved) == {"images", "labels", "extra"}  # every entry reaches training_step and the callbacks
     make_input, stage_args = task.placement_inputs(batch)
     assert make_input() is batch["images"] and stage_args("stem") == () and stage_args("layer2") == ()
     loss, logits = task._loss(moved)

@@ -9,10 +9,18 @@
 namespace hetrain {
 namespace layer_norm {
 
-// 1 / sqrt(var + eps): the reciprocal standard deviation saved for backward.
+// 1 / sqrt(var + eps): the reciprocal standard deviation saved for backward. NaN when var + eps is not finite
+// (a row whose variance overflows the accumulator): 1 / sqrt(inf) = 0 would give y = b and dx = 0 and hide a
+// diverging row from the NaN checks, where torch's layer_norm gives NaN for that row.
 template <typename acc_t>
 HETRAIN_HD acc_t rstd(acc_t var, acc_t eps) {
-  return acc_t(1) / sqrt(var + eps);
+  const acc_t v = var + eps;
+#if defined(__CUDA_ARCH__)
+  const bool finite = isfinite(v);
+#else
+  const bool finite = std::isfinite(v);
+#endif
+  return finite ? acc_t(1) / sqrt(v) : acc_t(NAN);
 }
 
 // y = (x - mean) * rstd * w + b

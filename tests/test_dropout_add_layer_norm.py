@@ -99,6 +99,28 @@ def test_a_dropped_inf_or_nan_adds_exactly_zero(backend):
     compare(backend, got, reference(x, r, w, b, keep, p, dy), torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's NumPy warns of the overflow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, size", [(torch.float32, 1e20), (torch.bfloat16, 1e20), (torch.float64, 1e200)])
+def test_a_row_whose_variance_overflows_is_nan_as_in_torch(backend, dtype, size):
+    # rstd = 1 / sqrt(inf) = 0 gave y = bias and zero gradients for a diverging row, hiding it from NaN checks,
+    # where layer_norm(x + residual) in torch gives NaN for that row.
+    shape = (4, 40)
+    x, r, w, b = inputs(shape, dtype)
+    with torch.no_grad():
+        x[1] = randn(shape[1], dtype=torch.float64, seed=5).sign() * size
+    dy = randn(*shape, dtype=dtype, seed=7)
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        y, grads = with_grads(lambda: dropout_add_layer_norm(x, r, w, b, 0.0), (x, r, w, b), dy)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    ref_in = [t.detach().to(compute).requires_grad_() for t in (x, r, w, b)]
+    y_ref, grads_ref = with_grads(lambda: layer_norm_ref(ref_in[0] + ref_in[1], *ref_in[2:]), ref_in, dy.to(compute))
+    for name, got, want in zip(("y", "dx", "dresidual", "dw", "db"), (y, *grads), (y_ref, *grads_ref), strict=True):
+        assert torch.equal(got.isnan(), want.isnan()), f"{backend} {name}: NaN pattern differs from torch's"
+    assert y[1].isnan().all()
+    assert_close(y[[0, 2, 3]], y_ref[[0, 2, 3]], dtype, f"{backend} y of the other rows")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 # The last two cross 2^32 inside the call: at the start of row 40, and inside row 39.
 @pytest.mark.parametrize("offset", [0, 5 * 33, 2**32 - 40 * 33, 2**32 - 40 * 33 + 7])

@@ -89,6 +89,39 @@ def test_zero_size_batch(backend):
     assert torch.equal(dw, torch.zeros(16)) and torch.equal(db, torch.zeros(16))
 
 
+# A row far past the rest: its variance overflows the compute dtype (float32 for the half types) from 1e20 on;
+# float16 cannot hold such a row, so its case only checks that a row at float16's top stays finite.
+OVERFLOWING_ROWS = [(torch.float32, 1e20), (torch.float32, 3e38), (torch.bfloat16, 1e20), (torch.float64, 1e200),
+                    (torch.float16, 6e4)]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's NumPy warns of the overflow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, size", OVERFLOWING_ROWS)
+def test_a_row_whose_variance_overflows_is_nan_as_in_torch(backend, dtype, size):
+    # rstd = 1 / sqrt(inf) = 0 gave y = bias and dx = 0 for a diverging row, hiding it from NaN checks, where
+    # F.layer_norm gives NaN for that row (and at 3e38 the torch backend gave a partly-NaN row).
+    n = 40
+    x = randn(4, n, dtype=dtype, seed=1, requires_grad=True)
+    with torch.no_grad():
+        x[1] = randn(n, dtype=torch.float64, seed=2).sign() * size
+    w = randn(n, dtype=dtype, seed=3, shift=1.0, requires_grad=True)
+    b = randn(n, dtype=dtype, seed=4, requires_grad=True)
+    y, dy, grads = run(backend, x, w, b)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    ref_in = [t.detach().to(compute).requires_grad_() for t in (x, w, b)]
+    y_ref = layer_norm_ref(*ref_in)
+    grads_ref = torch.autograd.grad(y_ref, ref_in, dy.to(compute))
+    for name, got, want in zip(("y", "dx", "dw", "db"), (y, *grads), (y_ref, *grads_ref), strict=True):
+        assert torch.equal(got.isnan(), want.isnan()), f"{backend} {name}: NaN pattern differs from torch's"
+    assert y[1].isnan().all() == (dtype != torch.float16)
+    # The other rows are untouched by the overflowing one.
+    rest = [0, 2, 3]
+    y_rest, (dx_rest, _, _) = reference(x[rest], w, b, dy[rest])
+    assert_close(y[rest], y_rest, dtype, f"{backend} y of the other rows")
+    assert_close(grads[0][rest], dx_rest, dtype, f"{backend} dx of the other rows")
+
+
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_gradcheck(backend):
     x = randn(3, 9, dtype=torch.float64, seed=8, shift=0.3, requires_grad=True)

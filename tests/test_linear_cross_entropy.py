@@ -157,6 +157,25 @@ def test_all_targets_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_ignored_row_gives_exactly_zero_gradient_even_if_its_hidden_is_not_finite(backend, bad):
+    # A padding position's hidden state may be NaN or inf; its row is ignored, so it contributes exactly zero
+    # gradient on every backend. The torch backend multiplied the row's softmax by 0, which kept NaN * 0 = NaN.
+    hidden, weight, b, target = inputs((5,), 8, 11, dtype=torch.float32, seed=10, ignored=0)
+    target[2] = IGNORE
+    with torch.no_grad():
+        hidden[2] = bad
+    loss, (dh, dw, db) = run(backend, hidden, weight, b, target)
+    assert torch.isfinite(loss)
+    assert torch.equal(dh[2], torch.zeros_like(dh[2])) and db.isfinite().all()
+    kept = [0, 1, 3, 4]
+    loss_ref, (dh_ref, _, db_ref) = reference(hidden[kept], weight, b, target[kept])
+    assert_close(loss, loss_ref, torch.float32, f"{backend} loss")
+    assert_close(dh[kept], dh_ref, torch.float32, f"{backend} dh of the kept rows")
+    assert_close(db, db_ref, torch.float32, f"{backend} db")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_masked_vocabulary_and_underflowing_logits(backend, dtype):
     """A -inf bias masks a vocabulary entry: its probability, and so its logit's gradient, is exactly 0; logits

@@ -129,6 +129,30 @@ def test_empty_inputs(backend, shape):
     assert torch.equal(dw, torch.zeros_like(w))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's NumPy warns of the overflow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, size", [(torch.float32, 3e38), (torch.bfloat16, 3e38), (torch.float64, 1.7e308)])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no_weight"])
+def test_a_row_at_the_dtypes_top_has_torchs_nan_gradient(backend, dtype, size, weighted):
+    # dy * w * x overflows there: sum(g * x) * rstd is inf * 0 = NaN, as in F.rms_norm's gradient. Forming
+    # xhat = x * rstd first (rstd = 0, the mean square having overflowed) gave dx = 0 instead, hiding the row.
+    x, w, dy = _inputs((3, 16), dtype, weighted)
+    with torch.no_grad():
+        x[1] = randn(16, dtype=torch.float64, seed=5).sign() * size
+    y, dx, dw = _run(backend, x, w, dy)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    x_ref = x.detach().to(compute).requires_grad_()
+    w_ref = w.detach().to(compute).requires_grad_() if weighted else None
+    y_ref = rms_norm_ref(x_ref, w_ref, EPS)
+    y_ref.backward(dy.to(compute))
+    got, want = (y, dx, dw), (y_ref, x_ref.grad, w_ref.grad if weighted else None)
+    for name, g, r in zip(("y", "dx", "dw"), got, want, strict=True):
+        if r is not None:
+            assert torch.equal(g.isnan(), r.isnan()), f"{backend} {name}: NaN pattern differs from torch's"
+    assert dx[1].isnan().all()
+    _assert_matches((y[[0, 2]], dx[[0, 2]]), _reference(x[[0, 2]], w, dy[[0, 2]])[:2], dtype)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no_weight"])
 def test_gradcheck(backend, weighted):

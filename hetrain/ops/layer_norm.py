@@ -40,7 +40,10 @@ class TorchBackend:
         xf = x.contiguous().to(stats)
         # No statistics to take of no values (var_mean would warn about its degrees of freedom).
         var, mean = torch.var_mean(xf, dim=-1, correction=0) if xf.numel() else (xf.sum(-1), xf.sum(-1))
-        rstd = torch.rsqrt(var + eps)
+        # NaN, not rsqrt(inf) = 0, for a row whose variance overflows, as the kernels (csrc/layer_norm_math.h):
+        # y and dx then show that row as F.layer_norm's do instead of giving y = bias and dx = 0.
+        var_eps = var + eps
+        rstd = torch.rsqrt(var_eps).masked_fill_(var_eps.isinf(), float("nan"))
         y = (xf - mean[:, None]) * rstd[:, None]
         if weight is not None:
             y = y * weight.to(stats)

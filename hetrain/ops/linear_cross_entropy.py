@@ -126,7 +126,9 @@ class TorchBackend:
             # at 2^20.
             torch.exp(logp, out=logits).sub_(label_smoothing / V)
             logits.scatter_add_(1, safe, logits.new_full(safe.shape, label_smoothing - 1.0))
-            logits.mul_(torch.where(keep, scale, 0.0)[:, None])  # exact zeros for ignored rows, even if scale is inf
+            # Exact zeros for ignored rows, as the C++ and Triton kernels write, even if scale is inf or the row's
+            # logits are NaN (a padding position's hidden state): multiplying by 0 would keep the NaN.
+            logits.mul_(scale[:, None]).masked_fill_(~keep[:, None], 0.0)
         del logp  # the chunk's extra memory stays one logits-sized buffer
 
 

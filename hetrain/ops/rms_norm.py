@@ -47,9 +47,12 @@ class TorchBackend:
                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """dx (M, N) and dweight (N,) in x's dtype; an empty dweight without a weight."""
         dyf = dy.to(rstd.dtype).contiguous()
-        xhat = x.to(rstd.dtype).contiguous() * rstd[:, None]
+        xf = x.to(rstd.dtype).contiguous()
+        xhat = xf * rstd[:, None]
         g = dyf * weight.to(rstd.dtype) if weight is not None else dyf
-        dx = rstd[:, None] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        # mean(g * x) * rstd, not mean(g * xhat), as the C++ kernel: at float32's top g * x overflows and the
+        # row's dx is NaN, as F.rms_norm's gradient, where xhat = x * 0 would hide it as 0.
+        dx = rstd[:, None] * (g - xhat * ((g * xf).mean(-1, keepdim=True) * rstd[:, None]))
         dw = (dyf * xhat).sum(0).to(x.dtype) if weight is not None else x.new_empty(0)
         return dx.to(x.dtype), dw
 

@@ -55,8 +55,10 @@ def _normalize_row(x, W, B, cols, mask, N, eps, HAS_WEIGHT: tl.constexpr, HAS_BI
     """LayerNorm of one row ``x`` (BLOCK_N values, COMPUTE dtype, zero past N): returns y, mean, rstd."""
     mean = tl.sum(x, axis=0) / N
     xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
+    var_eps = tl.sum(xc * xc, axis=0) / N + eps
+    # NaN, not 1 / sqrt(inf) = 0, for a row whose variance overflows: y and dx then show the row as torch's do
+    # (csrc/layer_norm_math.h's rstd). A NaN var_eps fails the compare too.
+    rstd = tl.where(var_eps < float("inf"), 1.0 / tl.sqrt(var_eps), float("nan"))
     y = xc * rstd
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)

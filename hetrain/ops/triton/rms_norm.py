@@ -88,7 +88,9 @@ def _rms_norm_bwd(
         rstd = tl.load(Rstd + r)
         xhat = x * rstd  # masked columns load 0, so they add nothing to the sums below
         g = dy * w if HAS_WEIGHT else dy
-        mean_gx = tl.sum(g * xhat, axis=0) / N
+        # sum(g * x) * rstd, not sum(g * xhat), as the C++ kernel: at float32's top g * x overflows and the row's
+        # dx is NaN, as F.rms_norm's gradient, where xhat = x * 0 would hide it as 0.
+        mean_gx = tl.sum(g * x, axis=0) * rstd / N
         dx = (g - xhat * mean_gx) * rstd
         tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat

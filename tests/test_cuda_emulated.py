@@ -246,6 +246,27 @@ def test_rms_norm(emu, dtype, shape, weighted):
         close(got[3], dw, dtype, "dw", summed=True)
 
 
+@pytest.mark.parametrize("n", [40, 8200])  # held in registers, and read again from memory
+def test_rms_norm_backward_of_a_row_at_float32s_top_is_nan_as_on_the_cpu(emu, n):
+    """The kernels summed g * (x * rstd): where the row's mean square overflowed (rstd 0) that gave dx = 0, where the
+    CPU kernel (sum(g * x) * rstd) and torch give NaN."""
+    x, dy, w = randn(3, n, seed=5, shift=0.5), randn(3, n, seed=6), randn(n, seed=7, shift=1.0)
+    x[1] = 3e38
+    y, rstd = C.rms_norm_fwd(x, w, EPS)
+    dx_want, _ = C.rms_norm_bwd(dy, x, w, rstd)
+    assert rstd[1] == 0 and dx_want[1].isnan().all()
+
+    def launch(mem):
+        dx, dw, wp = mem.empty((3, n), torch.float32), mem.empty((n,), torch.float32), mem.empty((1, n), torch.float32)
+        emu.call("rms_norm_backward", torch.float32, mem.put(dy), mem.put(x), mem.put(w), mem.put(rstd), dx, dw, wp, 1,
+                 3, n)
+        return [dx]
+
+    (dx,) = in_two_orders(emu, launch)
+    assert torch.equal(dx.isnan(), dx_want.isnan())
+    close(dx[[0, 2]], dx_want[[0, 2]], torch.float32, "dx")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 300), (19, 513), (9, 1040), (0, 33)])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])

@@ -73,9 +73,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
       const acc_t d = load(dyr + j);
       const acc_t g = w ? d * acc_t(load(w + j)) : d;
-      sum_gx += g * (acc_t(load(xr + j)) * rs);
+      sum_gx += g * acc_t(load(xr + j));
     }
-    const acc_t mgx = block_sum(sum_gx, scratch) / acc_t(N);
+    // sum(g * x) * rstd, the CPU kernel's order: where the row's mean square overflowed (rstd 0) an overflowing
+    // sum gives NaN, as torch does, not a silent 0.
+    const acc_t mgx = block_sum(sum_gx, scratch) * rs / acc_t(N);
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
       const acc_t d = load(dyr + j);
       const acc_t xhat = acc_t(load(xr + j)) * rs;

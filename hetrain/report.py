@@ -548,17 +548,42 @@ def _resumes_inside(config: DictConfig, job_dir: Path) -> bool:
     return ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(job_dir.resolve())
 
 
-def _set_aside(directory: Path, aside: Path, keep: tuple[str, ...], earlier: str) -> str | None:
+def _process_start() -> float:
+    """When this process started, as a time.time() value: torchrun (or SLURM) starts all ranks at once, so no file
+    another rank of this run wrote is older. Without /proc (not Linux), when this module was imported."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return _IMPORTED
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+_IMPORTED = time.time()
+_last_run_end: float | None = None  # RunDirectory.on_run_end's time: a later run in this process began after it
+
+
+def _last_change(entry: Path) -> float:
+    """When ``entry`` was last modified; for a directory, the newest of it and everything inside."""
+    return max(p.lstat().st_mtime for p in [entry, *(entry.rglob("*") if entry.is_dir() else ())])
+
+
+def _set_aside(directory: Path, aside: Path, keep: tuple[str, ...], earlier: str, since: float) -> str | None:
     """Moves what ``earlier`` (an earlier sweep's job, an earlier run) left in ``directory`` into ``aside``, all but
     the entries named ``keep`` and earlier ``previous-*`` folders; returns the line that says so, None when nothing
     was there. Left in place, its best checkpoint stayed beside the new one's, as if one run had saved both, and the
     new log went on after the earlier one's.
 
-    Hydra opens a sweep job's log before ``on_job_start``: a file a log handler of this process writes is copied and
-    emptied instead, since a moved file would take this job's lines with it.
+    Only entries last modified before ``since`` (when this run or sweep began) are the earlier one's: under DDP
+    another rank of this run may already have written its config and opened its log here (torchrun starts the
+    ranks together; in a sweep, rank 1 runs ahead into the next job), and a moved file would take its lines along.
+    Hydra opens a sweep job's log before ``on_job_start``: a file a log handler of this process writes is copied
+    and emptied instead, for the same reason.
     """
     open_logs = {Path(h.baseFilename) for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)}
-    stale = [e for e in sorted(directory.iterdir()) if e.name not in keep and not e.name.startswith("previous-")]
+    stale = [e for e in sorted(directory.iterdir())
+             if e.name not in keep and not e.name.startswith("previous-") and _last_change(e) < since]
     if not stale:
         return None
     aside.mkdir(exist_ok=True)
@@ -594,8 +619,9 @@ class RunDirectory(HydraCallback):
     that run.
 
     A run into a directory another live run is using is refused (:func:`_hold_lock`). A fresh run into one an
-    earlier run used (its lock file, .hydra/ or summary there) first moves that run's files (checkpoints, csv/,
-    summaries, memory reports, its log and .hydra/) to ``previous-<k>/``, k = 1, 2, ... in the order the runs came:
+    earlier run used (its lock file, .hydra/ or summary there, older than this run) first moves that run's files
+    (checkpoints, csv/, summaries, memory reports, its log and .hydra/; those last modified before this run began:
+    :func:`_set_aside`) to ``previous-<k>/``, k = 1, 2, ... in the order the runs came:
     its best checkpoint stayed beside the new one, and its CSV log was kept as if this run resumed it. A run resumed
     from a checkpoint inside the directory leaves it as it is (its CSV logger keeps the earlier part's log:
     :class:`ResumableCSVLogger`), and so does one whose directory holds the one train.py runs from, where the
@@ -613,7 +639,10 @@ class RunDirectory(HydraCallback):
             return
         run_dir = Path(config.hydra.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        used = any((run_dir / name).exists() for name in (RUN_LOCK, ".hydra", SUMMARY_JSON))
+        # Files newer than this run are its own: another rank torchrun started with this one wrote them already.
+        since = _process_start() if _last_run_end is None else _last_run_end
+        used = any((run_dir / name).exists() and _last_change(run_dir / name) < since
+                   for name in (RUN_LOCK, ".hydra", SUMMARY_JSON))
         self._lock = _hold_lock(run_dir)
         if not used or _resumes_inside(config, run_dir):
             return
@@ -625,7 +654,7 @@ class RunDirectory(HydraCallback):
         k = 1
         while (aside := run_dir / f"previous-{k}").exists():
             k += 1
-        moved = _set_aside(run_dir, aside, (RUN_LOCK,), "the files of an earlier run")
+        moved = _set_aside(run_dir, aside, (RUN_LOCK,), "the files of an earlier run", since)
         self._said = None if moved is None else (logging.INFO, moved)
 
     @override
@@ -636,6 +665,8 @@ class RunDirectory(HydraCallback):
 
     @override
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _last_run_end
+        _last_run_end = time.time()
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -695,8 +726,11 @@ class SweepSummary(HydraCallback):
         job_dir = Path(config.hydra.runtime.output_dir)
         earlier = _sweep_id(job_dir)
         if earlier not in (None, sweep_id) and not _resumes_inside(config, job_dir):
+            # The sweep began when its id was written (a file time, as the job files are): what changed since is
+            # this sweep's, such as the log rank 1 opened here first.
+            began = (Path(config.hydra.sweep.dir) / SWEEP_ID).stat().st_mtime
             moved = _set_aside(job_dir, job_dir / f"previous-{earlier[:8]}", (".hydra", SWEEP_ID),
-                               "a job of an earlier sweep")
+                               "a job of an earlier sweep", began)
             if moved is not None:
                 log.info(moved)
         for stale in (SUMMARY_JSON, SUMMARY_MD):

@@ -15,7 +15,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from test_train import ROOT, train_py
+from test_train import ROOT, train_py, write_dated
 
 from hetrain.report import SWEEP_ID, SweepSummary, collect_jobs
 
@@ -179,6 +179,25 @@ def test_a_rank_that_lightning_launched_leaves_the_sweep_to_rank_0(tmp_path, mon
     assert (sweep / SWEEP_ID).read_text() == rank_0s and (sweep / "0" / SWEEP_ID).read_text() == rank_0s
     assert sorted(p.name for p in (sweep / "0").iterdir()) == [SWEEP_ID, "train.log"]
     assert not (sweep / "summary.md").exists() and "Sweep summary" not in capsys.readouterr().out
+
+
+def test_a_rerun_sweep_leaves_in_place_the_log_rank_1_opened_in_a_job_before_rank_0_got_there(tmp_path):
+    """Under DDP, rank 1 runs ahead into the next job: in a sweep rerun into its directory it had opened that job's
+    train_ddp_process_1.log before rank 0's on_job_start moved the earlier sweep's files aside, that log with them."""
+    sweep = tmp_path / "sweep"
+    earlier = ["checkpoints/last.ckpt", "summary.json", "train.log", "train_ddp_process_1.log"]
+    write_dated(sweep / "0", [*earlier, ".hydra/config.yaml"], time.time() - 3600)
+    (sweep / "0" / SWEEP_ID).write_text("0123456789abcdef\n")
+    config = _hydra_config(sweep)
+    SweepSummary().on_multirun_start(config)
+    (sweep / "0" / "train_ddp_process_1.log").write_text("rank 1 trains\n")  # this sweep's rank 1, before rank 0
+    SweepSummary().on_job_start(config, task_function=None)
+    job = sweep / "0"
+    assert sorted(p.name for p in job.iterdir()) == [SWEEP_ID, ".hydra", "previous-01234567",
+                                                      "train_ddp_process_1.log"]
+    assert (job / "train_ddp_process_1.log").read_text() == "rank 1 trains\n"
+    assert sorted(str(p.relative_to(job / "previous-01234567")) for p in (job / "previous-01234567").rglob("*")
+                  if p.is_file()) == sorted(earlier[:3])
 
 
 def test_a_sweep_that_saves_no_job_configs_is_refused_and_another_config_folder_is_read(tmp_path):

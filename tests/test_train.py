@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -585,6 +586,16 @@ def _files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
+def write_dated(root: Path, names: list[str], when: float) -> None:
+    """Writes the files ``names`` under ``root``, dated ``when`` with the folders they make there."""
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(name)
+        for made in (path, *path.parents[:len(Path(name).parts) - 1]):
+            os.utime(made, (when, when))
+
+
 def test_a_fresh_run_into_a_used_run_directory_sets_the_earlier_runs_files_aside(tmp_path):
     """A second run into one hydra.run.dir kept the first's best checkpoint beside its own (save_top_k=1 left two),
     and its CSV logger moved the first's csv/ aside as "an earlier part of this run". A run resumed from a
@@ -602,10 +613,10 @@ def test_a_fresh_run_into_a_used_run_directory_sets_the_earlier_runs_files_aside
 
     for k in (1, 2):  # a fresh run, then another
         callback.on_run_start(_run_config(run_dir))
-        callback.on_run_end(_run_config(run_dir))
         assert sorted(p.name for p in run_dir.iterdir()) == [RUN_LOCK, *(f"previous-{i}" for i in range(1, k + 1))]
         assert _files(run_dir / f"previous-{k}") == (earlier if k == 1 else ["summary.json"])
-        (run_dir / "summary.json").write_text("{}")  # what the fresh run wrote
+        (run_dir / "summary.json").write_text("{}")  # what the fresh run writes
+        callback.on_run_end(_run_config(run_dir))
     assert (run_dir / "previous-1" / "checkpoints" / "step6-acc0.5000.ckpt").read_text() == \
         "checkpoints/step6-acc0.5000.ckpt"
 
@@ -627,6 +638,28 @@ def test_a_run_into_the_directory_of_a_run_still_running_is_refused(tmp_path):
     after.on_run_start(_run_config(run_dir))  # once that run has ended, the directory is free
     after.on_run_end(_run_config(run_dir))
     assert _files(run_dir / "previous-1") == ["checkpoints/last.ckpt"]
+
+
+def test_a_run_leaves_in_place_what_another_rank_torchrun_started_with_it_wrote_first(tmp_path):
+    """torchrun starts the ranks together: rank 1's Hydra had saved .hydra/ and opened train.log in the shared
+    hydra.run.dir before rank 0's RunDirectory ran, which took them for an earlier run's and moved them into
+    previous-1/, a fresh directory's too; rank 1 then logged into previous-1/train.log."""
+    rank_1s = [".hydra/config.yaml", "train.log"]
+    fresh = tmp_path / "fresh"
+    write_dated(fresh, rank_1s, time.time())
+    run = RunDirectory()
+    run.on_run_start(_run_config(fresh))
+    run.on_run_end(_run_config(fresh))
+    assert _files(fresh) == sorted([*rank_1s, RUN_LOCK])
+
+    used = tmp_path / "used"  # an earlier run's files, then this run's rank 1's
+    earlier = [RUN_LOCK, "checkpoints/last.ckpt", "csv/metrics.csv", "summary.json"]
+    write_dated(used, earlier, time.time() - 3600)
+    write_dated(used, rank_1s, time.time())
+    run.on_run_start(_run_config(used))
+    run.on_run_end(_run_config(used))
+    assert _files(used / "previous-1") == earlier[1:]
+    assert sorted(p.name for p in used.iterdir()) == sorted([".hydra", RUN_LOCK, "previous-1", "train.log"])
 
 
 @pytest.mark.parametrize("prefer, names", [("torch", ("torch",)), ("[torch,cpu]", ("torch", "cpu")),

@@ -187,8 +187,10 @@ class StagePlacement(Callback):
             whole = _time_stages(trainer, pl_module, make_input, stage_args)
             if self.objective == "sequential" or (len(whole.devices) == 1 and not split_on_one_device):
                 return RunCosts(whole, weightless=weightless)
-            # The split cuts a batch of fewer rows than micro_batches into one piece per row (micro_batch_count).
-            pieces = micro_batch_count(_rows(make_input()), self.micro_batches)
+            # The split cuts a batch of fewer rows than micro_batches into one piece per row (micro_batch_count);
+            # the run's PipelineSplit, where there is one, says how many micro-batches the step runs.
+            wanted = self.micro_batches if split is None else split.micro_batches
+            pieces = micro_batch_count(_rows(make_input()), wanted)
             micro = _time_stages(trainer, pl_module, *_first_micro_batch(make_input, stage_args, pieces))
             return RunCosts(whole, micro, pieces, weightless, split_on_one_device)
 

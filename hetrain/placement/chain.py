@@ -19,7 +19,7 @@ does under ``"pipeline"`` (the model has a time for a device running one stage, 
 and not under ``"sequential"`` (a plan may go back to a device it left, e.g. CPU, GPU, CPU). With it the
 search is over (layers placed, set of devices used, last device), keeping for each such state every
 (sum, largest) pair of stage times that no other pair beats in both (the pipeline time grows with each), so
-it is exact and takes ``O(n^2 * 2^D * D^2 * P)`` steps for ``n`` layers, ``D`` devices and ``P`` pairs kept per
+it is exact and takes ``O(n^2 * 2^D * D^2 * P^2)`` steps for ``n`` layers, ``D`` devices and ``P`` pairs kept per
 state (one under ``"sequential"``); without it (``"sequential"`` only) it is a shortest path over (layer, device).
 """
 

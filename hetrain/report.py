@@ -561,6 +561,12 @@ def _process_start() -> float:
 
 
 _IMPORTED = time.time()
+
+
+def _launched_together() -> bool:
+    """Whether a launcher started this run's ranks at once (torchrun, or srun with several tasks): one of them may
+    write into the run directory before this one looks. Lightning's own launcher starts the others after it."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or os.environ.get("SLURM_NTASKS", "1") not in ("", "1")
 _last_run_end: float | None = None  # RunDirectory.on_run_end's time: a later run in this process began after it
 
 
@@ -639,8 +645,9 @@ class RunDirectory(HydraCallback):
             return
         run_dir = Path(config.hydra.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        # Files newer than this run are its own: another rank torchrun started with this one wrote them already.
-        since = _process_start() if _last_run_end is None else _last_run_end
+        # Files newer than this run are its own where a launcher started the ranks together (another rank wrote them
+        # already); elsewhere all are an earlier run's, which may have ended after this process started.
+        since = math.inf if not _launched_together() else _process_start() if _last_run_end is None else _last_run_end
         used = any((run_dir / name).exists() and _last_change(run_dir / name) < since
                    for name in (RUN_LOCK, ".hydra", SUMMARY_JSON))
         self._lock = _hold_lock(run_dir)

@@ -640,10 +640,11 @@ def test_a_run_into_the_directory_of_a_run_still_running_is_refused(tmp_path):
     assert _files(run_dir / "previous-1") == ["checkpoints/last.ckpt"]
 
 
-def test_a_run_leaves_in_place_what_another_rank_torchrun_started_with_it_wrote_first(tmp_path):
+def test_a_run_leaves_in_place_what_another_rank_torchrun_started_with_it_wrote_first(tmp_path, monkeypatch):
     """torchrun starts the ranks together: rank 1's Hydra had saved .hydra/ and opened train.log in the shared
     hydra.run.dir before rank 0's RunDirectory ran, which took them for an earlier run's and moved them into
     previous-1/, a fresh directory's too; rank 1 then logged into previous-1/train.log."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     rank_1s = [".hydra/config.yaml", "train.log"]
     fresh = tmp_path / "fresh"
     write_dated(fresh, rank_1s, time.time())
@@ -660,6 +661,20 @@ def test_a_run_leaves_in_place_what_another_rank_torchrun_started_with_it_wrote_
     run.on_run_end(_run_config(used))
     assert _files(used / "previous-1") == earlier[1:]
     assert sorted(p.name for p in used.iterdir()) == sorted([".hydra", RUN_LOCK, "previous-1", "train.log"])
+
+
+def test_an_earlier_run_that_ended_after_this_process_started_is_set_aside(tmp_path, monkeypatch):
+    """Files were told apart by this process's start: a run launched while the earlier one in its directory was
+    still ending kept that run's newer files (its checkpoints beside its own) as if they were this run's."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    run_dir = tmp_path / "run"
+    earlier = [RUN_LOCK, ".hydra/config.yaml", "checkpoints/last.ckpt", "summary.json", "train.log"]
+    write_dated(run_dir, earlier, time.time() + 60)  # written after this process started
+    run = RunDirectory()
+    run.on_run_start(_run_config(run_dir))
+    run.on_run_end(_run_config(run_dir))
+    assert _files(run_dir / "previous-1") == sorted(earlier[1:])
 
 
 @pytest.mark.parametrize("prefer, names", [("torch", ("torch",)), ("[torch,cpu]", ("torch", "cpu")),

@@ -130,8 +130,7 @@ __device__ __forceinline__ void norm_backward_held(const Rows& rows, const T* __
           const acc_t d = widen(dk[k].v[e]);
           const acc_t g = w ? d * acc_t(widen(wk[k].v[e])) : d;
           sum_g += g;
-          // RMSNorm sums g * x and scales by rstd after, as its CPU kernel does (see rms_norm_kernel.cu).
-          sum_gx += kCentered ? g * ((row.value(k, e) - mu) * rs) : g * row.value(k, e);
+          sum_gx += g * ((row.value(k, e) - mu) * rs);
         }
       }
     }
@@ -141,7 +140,7 @@ __device__ __forceinline__ void norm_backward_held(const Rows& rows, const T* __
       mg = s.a / acc_t(N);
       mgx = s.b / acc_t(N);
     } else {
-      mgx = block_sum(sum_gx, scratch) * rs / acc_t(N);
+      mgx = block_sum(sum_gx, scratch) / acc_t(N);
     }
 #pragma unroll
     for (int k = 0; k < K; ++k) {

@@ -3,6 +3,7 @@ the faults and races it must report, on the test kernels of tests/cpp/emulated_f
 
 from __future__ import annotations
 
+import ctypes
 import re
 import shutil
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,11 +152,26 @@ def test_launch_bounds_in_comments_and_literals_stay():
     assert cuda_emulator.rewrite_launch_bounds(src) == src.replace("__launch_bounds__(64)", "")
 
 
+@pytest.mark.parametrize("src,expected", [
+    ("__global__ __launch_bounds__(256) void k(int n) {\n}",
+     "__global__  void k(int n) { ::hetrain_emu::check_launch_bounds(256);\n}"),
+    ('extern "C" __global__ __launch_bounds__(256, 1)\nvoid k(int n) {\n}',
+     'extern "C" __global__ \nvoid k(int n) { ::hetrain_emu::check_launch_bounds(256, 1);\n}'),
+    ("template <> __global__ void __launch_bounds__(256) k<Pair<float, 2>>(int n) {\n}",
+     "template <> __global__ void  k<Pair<float, 2>>(int n) { ::hetrain_emu::check_launch_bounds(256);\n}"),
+])
+def test_launch_bounds_before_void_and_on_specializations_are_rewritten(src, expected):
+    """Only a bound right after `__global__ void` and before a plain name was taken: one before `void` (as
+    nvcc takes it too) or on an explicit specialization `k<float>(...)` was refused as outside a kernel."""
+    assert cuda_emulator.rewrite_launch_bounds(src) == expected
+
+
 @pytest.mark.parametrize("src,line", [
     ("#define ROW_BOUNDS __launch_bounds__(256, 2)\n__global__ void ROW_BOUNDS k(float* x) {\n}\n", 1),
     ("#define K(n) __global__ void __launch_bounds__(128) n(float* x)\nK(k) {\n}\n", 1),
     ("#if 0\nkernels take __launch_bounds__(128)\n#endif\n__global__ void k(float* x) {\n}\n", 2),
     ("__device__ float __launch_bounds__(128) h(float x) {\n  return x;\n}\n", 1),
+    ("__global__ __launch_bounds__(128) k(float* x) {\n}\n", 1),
 ])
 def test_launch_bounds_outside_a_kernels_definition_are_refused(src, line):
     """A bound in a #define was emptied out of it and checked in the function after the macro; one in an
@@ -180,6 +197,29 @@ def test_an_argument_of_the_wrong_kind_is_refused_before_the_call(emu):
         emu.call("layer_norm_forward", torch.int8, out, None, None, out, out, out, 1, 64, 1e-5)
     emu.call("test_looped_barrier", out, 1)
     assert torch.equal(out, torch.ones(64))
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_hold(emu):
+    """Only Python ints and floats were taken: an np.int64 (from np.prod) or an np.float32 eps was refused."""
+    out = torch.full((96,), float("nan"))
+    emu.call("test_shuffle", out, np.prod([2, 48]))
+    assert not out.isnan().any()
+    x = torch.randn(4, 64)
+    rstd = [torch.empty(4), torch.empty(4)]
+    for r, n, eps in zip(rstd, (64, np.int32(64)), (1e-5, np.float32(1e-5)), strict=True):
+        emu.call("layer_norm_forward", torch.float32, x, None, None, torch.empty(4, 64), torch.empty(4), r, 4, n, eps)
+    torch.testing.assert_close(rstd[1], rstd[0])
+    with pytest.raises(TypeError, match=r"the parameter 'double eps' cannot take the bool True"):
+        emu.call("layer_norm_forward", torch.float32, x, None, None, x, rstd[0], rstd[0], 4, 64, True)
+
+
+def test_a_finite_number_float32_cannot_hold_is_refused():
+    """A finite float over float32's range was taken for a C float, which the kernel then read as inf."""
+    assert cuda_emulator._accepts(ctypes.c_float, 3.4e38)
+    assert cuda_emulator._accepts(ctypes.c_float, float("inf"))
+    assert not cuda_emulator._accepts(ctypes.c_float, 1e39)
+    assert not cuda_emulator._accepts(ctypes.c_float, np.float64(-1e39))
+    assert cuda_emulator._accepts(ctypes.c_double, 1e39)
 
 
 def test_shuffle_in_a_partial_warp_is_reported(emu):

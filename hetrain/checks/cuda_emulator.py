@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
+import numbers
+import operator
 import os
 import re
 import reprlib
@@ -50,9 +53,11 @@ _IDENT = re.compile(r"[A-Za-z0-9_:]")
 # `__shared__ T name[n][m];` on one line: (what precedes the name, the name, its dimensions).
 _SHARED = re.compile(r"\b__shared__\b([^;\n]*?)\b([A-Za-z_]\w*)((?:\s*\[[^\]\n]*\])*)\s*;")
 _BOUNDS = re.compile(r"\b__launch_bounds__\s*\(")
-# Where a kernel's bound belongs: after `__global__ void` (group 1); then the kernel's name and parameters.
-_BOUNDED_KERNEL = re.compile(r"\b__global__\s+void\s+(__launch_bounds__)\b")
-_KERNEL_NAME = re.compile(r"\s*[A-Za-z_]\w*\s*\(")
+# A kernel's header, `__global__ void k(`, where its bound belongs: before or after `void`. Then the kernel's name,
+# perhaps with template arguments (an explicit specialization's `k<float>`), and its parameters.
+_GLOBAL = re.compile(r"\b__global__\s+")
+_VOID = re.compile(r"\s*void\b\s*")
+_KERNEL_NAME = re.compile(r"\s*[A-Za-z_]\w*\s*(?:<[^;{}]*?>\s*)?\(")
 _BODY = re.compile(r"\s*[{;]")
 # A preprocessor directive, with its continued lines.
 _DIRECTIVE = re.compile(r"^[ \t]*#(?:\\\n|[^\n])*", re.M)
@@ -150,29 +155,53 @@ def _masked(text: str) -> str:
     return _UNCODE.sub(blank, text)
 
 
+def _kernel_headers(code: str) -> dict[int, tuple[int, re.Match[str]]]:
+    """The kernels' headers in ``code`` (masked) that hold a ``__launch_bounds__`` (before or after ``void``), each
+    as the bound's offset: (the offset of the bound's closing parenthesis, the match of the kernel's ``{`` or, in a
+    declaration, its ``;``)."""
+    headers = {}
+    for g in _GLOBAL.finditer(code):
+        pos = g.end()
+        before_void = _BOUNDS.match(code, pos) is not None
+        if not before_void and (void := _VOID.match(code, pos)):
+            pos = void.end()
+        if not (bound := _BOUNDS.match(code, pos)):
+            continue
+        args_end = _closing(code, bound.end() - 1)
+        name_at = args_end + 1
+        if before_void:
+            if not (void := _VOID.match(code, name_at)):
+                continue
+            name_at = void.end()
+        if (name := _KERNEL_NAME.match(code, name_at)) and (
+                body := _BODY.match(code, _closing(code, name.end() - 1) + 1)):
+            headers[pos] = (args_end, body)
+    return headers
+
+
 def rewrite_launch_bounds(text: str) -> str:
     """``__global__ void __launch_bounds__(n, m) k(p) {`` -> ``__global__ void k(p) {
-    ::hetrain_emu::check_launch_bounds(n, m);`` (on the same lines): each thread checks its block against the
-    kernel's bound first, so a launch of more threads fails as on a GPU (csrc/emu/cuda_runtime.h). A declaration
-    without a body only loses its bound. One in a comment or a literal stays; one anywhere else (a macro's body)
-    is refused, as it would check whatever function came next or none: ValueError naming its line. Preprocessor
-    conditionals are not read: a bounded kernel in an ``#if 0`` block is rewritten like any other."""
+    ::hetrain_emu::check_launch_bounds(n, m);`` (on the same lines), as well for the bound before ``void`` and for
+    a specialization ``k<float>(p)``: each thread checks its block against the kernel's bound first, so a launch of
+    more threads fails as on a GPU (csrc/emu/cuda_runtime.h). A declaration without a body only loses its bound.
+    One in a comment or a literal stays; one anywhere else (a macro's body) is refused, as it would check whatever
+    function came next or none: ValueError naming its line. Preprocessor conditionals are not read: a bounded
+    kernel in an ``#if 0`` block is rewritten like any other."""
     code = _masked(text)
-    kernels = {m.start(1) for m in _BOUNDED_KERNEL.finditer(code)}
+    headers = _kernel_headers(code)
     directives = [d.span() for d in _DIRECTIVE.finditer(code)]
     out: list[str] = []
     pos = 0
     while m := _BOUNDS.search(code, pos):
-        args_end = _closing(code, m.end() - 1)
-        name = _KERNEL_NAME.match(code, args_end + 1)
-        params_end = _closing(code, name.end() - 1) if name else -1
-        body = _BODY.match(code, params_end + 1) if name else None
-        if m.start() not in kernels or body is None or any(a <= m.start() < b for a, b in directives):
+        header = headers.get(m.start())
+        if header is None or any(a <= m.start() < b for a, b in directives):
             line = text.count("\n", 0, m.start()) + 1
             raise ValueError(f"line {line}: __launch_bounds__ outside '__global__ void __launch_bounds__(...) "
-                             f"kernel(parameters)', the only place the emulator's build turns it into a check of "
-                             f"the kernel's launches (in a macro or before another function it would check whatever "
-                             f"came next); write it there: {text.splitlines()[line - 1].strip()!r}")
+                             f"kernel(parameters)' (or '__global__ __launch_bounds__(...) void kernel(...)'), the "
+                             f"only places the emulator's build turns it into a check of the kernel's launches (in a "
+                             f"macro or before another function it would check whatever came next); write it there: "
+                             f"{text.splitlines()[line - 1].strip()!r}")
+        args_end, body = header
         args = " ".join(code[m.end():args_end].split())
         out.append(text[pos:m.start()] + "\n" * text.count("\n", m.start(), args_end))
         if body[0].endswith("{"):
@@ -345,8 +374,8 @@ class Emulator:
     def call(self, entry: str, *args: object) -> None:
         """Calls ``hetrain_emu_<entry>``, each argument converted to its C parameter's type (as the entry's
         source declares it): tensors pass their data pointer (None a null one), a dtype its code, a sequence of
-        ints an int64 array, an int where a double is declared that double; raises TypeError on an argument its
-        parameter cannot take, KernelFault on an error."""
+        ints an int64 array, an int where a double is declared that double, numpy scalars as Python ones; raises
+        TypeError on an argument its parameter cannot take, KernelFault on an error."""
         params = self._entries.get(entry)
         if params is None:
             raise ValueError(f"no entry point hetrain_emu_{entry} in the emulated kernels' sources; the entries are "
@@ -363,7 +392,7 @@ class Emulator:
         fn = getattr(self._lib, f"hetrain_emu_{entry}")
         fn.argtypes = [ctype for _, ctype in params]
         self._lib.hetrain_emu_clear_error()  # an error without a fault of this call's has no message
-        err = fn(*[_value(a) for a in args])
+        err = fn(*[_value(ctype, a) for (_, ctype), a in zip(params, args, strict=True)])
         if err != 0:
             message = self._lib.hetrain_emu_error_message().decode() or "invalid arguments"
             raise KernelFault(f"{entry}: cudaError {err}: {message}")
@@ -393,19 +422,46 @@ def _entry_points(src: Path) -> dict[str, list[tuple[str, type]]]:
 # What an entry's parameter of each ctypes type takes (int: the integer types), for the TypeError of a refusal.
 _TAKES: dict[type, str] = {
     ctypes.c_void_p: "a contiguous CPU tensor, None or a sequence of int64 values",
-    ctypes.c_float: "an int or a float", ctypes.c_double: "an int or a float", ctypes.c_bool: "a bool, 0 or 1",
-    int: "an int in its C type's range, or a dtype (passed as its code)",
+    ctypes.c_float: "a real number (an int, a float or a numpy scalar) within float32's range (inf and nan pass)",
+    ctypes.c_double: "a real number (an int, a float or a numpy scalar) within float64's range",
+    ctypes.c_bool: "a bool, 0 or 1",
+    int: "an int in its C type's range (a Python or numpy integer, or a bool), or a dtype (passed as its code)",
 }
 
 
+def _integer(value: object) -> int | None:
+    """``value`` as an int where it is an integer (anything ``operator.index`` takes: an int, a bool, a numpy
+    integer), else None. A tensor is none, even of one integer: at a scalar parameter it is a misplaced pointer."""
+    if isinstance(value, torch.Tensor):
+        return None
+    try:
+        return int(operator.index(value))
+    except TypeError:
+        return None
+
+
+def _real(ctype: type, value: object) -> float | None:
+    """``value`` as a float where it is a real number (not a bool) that ``ctype`` (c_float or c_double) holds, else
+    None: a finite value float32 cannot hold would reach the kernel as inf."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None
+    try:
+        real = float(value)
+    except OverflowError:  # an int beyond float64's range
+        return None
+    if ctype is ctypes.c_float and math.isfinite(real) and math.isinf(ctypes.c_float(real).value):
+        return None
+    return real
+
+
 def _fits(ctype: type, value: object) -> bool:
-    """Whether ``value`` is an int the integer type ``ctype`` holds."""
-    if not isinstance(value, int):
+    """Whether ``value`` is an integer the integer type ``ctype`` holds."""
+    if (integer := _integer(value)) is None:
         return False
     if ctype is ctypes.c_bool:
-        return value in (0, 1)
+        return integer in (0, 1)
     bits, signed = 8 * ctypes.sizeof(ctype), ctype(-1).value == -1
-    return (-(1 << (bits - 1)) if signed else 0) <= value < 1 << (bits - signed)
+    return (-(1 << (bits - 1)) if signed else 0) <= integer < 1 << (bits - signed)
 
 
 def _accepts(ctype: type, arg: object) -> bool:
@@ -414,13 +470,14 @@ def _accepts(ctype: type, arg: object) -> bool:
         return arg is None or isinstance(arg, torch.Tensor) or (
             isinstance(arg, (tuple, list)) and all(_fits(ctypes.c_int64, v) for v in arg))
     if ctype in (ctypes.c_float, ctypes.c_double):
-        return isinstance(arg, (int, float)) and not isinstance(arg, bool)
+        return _real(ctype, arg) is not None
     if isinstance(arg, torch.dtype):
         return arg in DTYPE_CODES and ctype is not ctypes.c_bool
     return _fits(ctype, arg)
 
 
-def _value(arg: object) -> object:
+def _value(ctype: type, arg: object) -> object:
+    """``arg``, which the parameter of type ``ctype`` accepts, as ctypes passes it: numpy scalars as Python ones."""
     if isinstance(arg, torch.dtype):
         return DTYPE_CODES[arg]
     if isinstance(arg, torch.Tensor):
@@ -428,10 +485,12 @@ def _value(arg: object) -> object:
             raise ValueError("the emulated kernels take contiguous CPU tensors")
         return arg.data_ptr()
     if isinstance(arg, (tuple, list)):
-        return (ctypes.c_int64 * len(arg))(*arg)
-    if isinstance(arg, bool):
-        return int(arg)
-    return arg
+        return (ctypes.c_int64 * len(arg))(*map(_integer, arg))
+    if arg is None:
+        return None
+    if ctype in (ctypes.c_float, ctypes.c_double):
+        return _real(ctype, arg)
+    return _integer(arg)
 
 
 @cache

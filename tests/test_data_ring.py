@@ -181,14 +181,9 @@ class Exits(Flaky):
         return super().__getitem__(i)
 
 
-@pytest.mark.parametrize("exc", [SystemExit("the dataset called sys.exit"), KeyboardInterrupt()])
-def test_a_base_exception_in_the_dataset_reaches_the_loop_instead_of_hanging_it(exc, monkeypatch):
-    # It ended the producer thread without a word: the consumer waited forever (stall_timeout=inf), or reported
-    # a stall after stall_timeout.
-    failures = []
-    monkeypatch.setattr(threading, "excepthook", failures.append)  # no producer may die with a traceback
-    loader = RingLoader(Exits(8, at=3, exc=exc), [[0, 1], [2, 3], [4, 5], [6, 7]], collate=PadInto(10, 2),
-                        num_workers=2, stall_timeout=float("inf"))
+def consume_in_a_thread(loader, wait_s: float = 10.0) -> tuple[list[int], list[LoaderError]]:
+    """The labels ``loader`` yields and the LoaderError it ends with, read in a thread: a loop that still waits after
+    ``wait_s`` fails the test (the loader is closed, ending the wait) instead of hanging it."""
     seen, raised = [], []
 
     def consume():
@@ -200,11 +195,23 @@ def test_a_base_exception_in_the_dataset_reaches_the_loop_instead_of_hanging_it(
 
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
-    consumer.join(10)
+    consumer.join(wait_s)
     hung = consumer.is_alive()
-    loader.close()  # ends a wait that would never end, so that the test fails instead of hanging
-    consumer.join(10)
+    loader.close()
+    consumer.join(wait_s)
     assert not hung, "the consumer still waits for the batch whose producer ended"
+    return seen, raised
+
+
+@pytest.mark.parametrize("exc", [SystemExit("the dataset called sys.exit"), KeyboardInterrupt()])
+def test_a_base_exception_in_the_dataset_reaches_the_loop_instead_of_hanging_it(exc, monkeypatch):
+    # It ended the producer thread without a word: the consumer waited forever (stall_timeout=inf), or reported
+    # a stall after stall_timeout.
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)  # no producer may die with a traceback
+    loader = RingLoader(Exits(8, at=3, exc=exc), [[0, 1], [2, 3], [4, 5], [6, 7]], collate=PadInto(10, 2),
+                        num_workers=2, stall_timeout=float("inf"))
+    seen, raised = consume_in_a_thread(loader)
     assert len(raised) == 1 and f"failed on batch 1 at sample 3: {type(exc).__name__}" in str(raised[0]), raised
     assert isinstance(raised[0].__cause__, type(exc))
     assert seen == [0, 1] and failures == []

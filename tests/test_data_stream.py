@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from test_data_ring import consume_in_a_thread
 from torch.utils.data import IterableDataset
 
 from hetrain.data.ring import LoaderError, PadInto, RingLoader, StreamBatches, _Stream
@@ -137,22 +138,7 @@ def test_sys_exit_in_the_stream_reaches_the_loop_instead_of_hanging_it():
     # consumer waited forever.
     loader = RingLoader(ExitingStream(at=9), StreamBatches(batch_size=4), collate=PadInto(12, 4), num_workers=2,
                         stall_timeout=float("inf"))
-    seen, raised = [], []
-
-    def consume():
-        try:
-            for batch in loader:
-                seen.extend(batch["labels"].tolist())
-        except LoaderError as err:
-            raised.append(err)
-
-    consumer = threading.Thread(target=consume, daemon=True)
-    consumer.start()
-    consumer.join(10)
-    hung = consumer.is_alive()
-    loader.close()  # ends a wait that would never end, so that the test fails instead of hanging
-    consumer.join(10)
-    assert not hung, "the consumer still waits for the batch whose producer ended"
+    seen, raised = consume_in_a_thread(loader)
     assert len(raised) == 1, "the stream ended early, as if exhausted, without an error"
     assert "batch 2 reading the stream: SystemExit: the stream called sys.exit" in str(raised[0])
     assert seen == list(range(8))

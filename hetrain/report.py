@@ -567,9 +567,6 @@ def _launched_together() -> bool:
     """Whether a launcher started this run's ranks at once (torchrun, or srun with several tasks): one of them may
     write into the run directory before this one looks. Lightning's own launcher starts the others after it."""
     return "TORCHELASTIC_RUN_ID" in os.environ or os.environ.get("SLURM_NTASKS", "1") not in ("", "1")
-_last_run_end: float | None = None  # RunDirectory.on_run_end's time: a later run in this process began after it
-
-
 def _last_change(entry: Path) -> float:
     """When ``entry`` was last modified; for a directory, the newest of it and everything inside."""
     return max(p.lstat().st_mtime for p in [entry, *(entry.rglob("*") if entry.is_dir() else ())])
@@ -647,7 +644,7 @@ class RunDirectory(HydraCallback):
         run_dir.mkdir(parents=True, exist_ok=True)
         # Files newer than this run are its own where a launcher started the ranks together (another rank wrote them
         # already); elsewhere all are an earlier run's, which may have ended after this process started.
-        since = math.inf if not _launched_together() else _process_start() if _last_run_end is None else _last_run_end
+        since = _process_start() if _launched_together() else math.inf
         used = any((run_dir / name).exists() and _last_change(run_dir / name) < since
                    for name in (RUN_LOCK, ".hydra", SUMMARY_JSON))
         self._lock = _hold_lock(run_dir)
@@ -672,8 +669,6 @@ class RunDirectory(HydraCallback):
 
     @override
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global _last_run_end
-        _last_run_end = time.time()
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None

@@ -32,6 +32,24 @@ def test_cpu_passes_batches_through_and_counts_consumed():
     assert pre.consumed() == 4
 
 
+def test_cpu_pass_through_frees_each_ring_slot_its_consumer_drops():
+    # The pass-through's loop variable kept the last batch until the next one came: a consumer keeping
+    # num_slots - 1 batches and dropping each new one stalled ("still holds all 3 slots").
+    ds = SyntheticSequences(size=10, vocab_size=32, num_classes=2, min_len=3, max_len=6, seed=0)
+    with RingLoader(ds, [[i] for i in range(10)], collate=PadInto(6, 1), num_slots=3, num_workers=1,
+                    stall_timeout=1) as loader:
+        kept, seen = [], 0
+        for batch in DevicePrefetcher(loader, "cpu"):
+            seen += 1
+            if len(kept) < 2:
+                kept.append(batch)
+            else:
+                dropped = weakref.ref(batch["input_ids"])
+                del batch
+                assert dropped() is None, "the prefetcher still references a batch its consumer dropped"
+        assert seen == 10
+
+
 def test_a_namedtuple_batch_is_moved_field_by_field():
     # It was rebuilt as Batch(<generator>): "missing 1 required positional argument".
     Batch = namedtuple("Batch", "x pair")

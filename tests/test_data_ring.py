@@ -504,6 +504,34 @@ def test_a_sample_a_reader_cannot_send_back_is_named():
     assert multiprocessing.active_children() == []
 
 
+class _FlakyStream(torch.utils.data.IterableDataset):
+    """Flaky's samples read front to back."""
+
+    def __init__(self, n):
+        self.samples = Flaky(n)
+
+    def __iter__(self):
+        return (self.samples[i] for i in range(len(self.samples)))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["map", "stream"])
+def test_a_consumer_keeping_all_slots_but_one_gets_every_batch_if_it_drops_each_new_one(stream):
+    # The loader's generators kept the batch they last yielded until the next one was ready, so a dropped
+    # batch's slot stayed taken and this consumer stalled: "still holds all 3 slots".
+    n = 10
+    source = _FlakyStream(n) if stream else Flaky(n)
+    batches = StreamBatches(batch_size=1) if stream else [[i] for i in range(n)]
+    with RingLoader(source, batches, collate=PadInto(5, 1), num_slots=3, num_workers=1, stall_timeout=1) as loader:
+        kept, labels = [], []
+        for batch in loader:
+            labels.append(int(batch["labels"]))
+            if len(kept) < 2:  # num_slots - 1, as the loader allows
+                kept.append(batch)
+            del batch
+        assert labels == list(range(n))
+        assert [int(b["labels"]) for b in kept] == [0, 1]
+
+
 def test_holding_every_slot_is_reported():
     ds = Flaky(20)
     sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(20)], 5, shuffle=False)

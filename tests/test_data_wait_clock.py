@@ -7,6 +7,7 @@ asserts how fast anything is.
 from __future__ import annotations
 
 import time
+import weakref
 
 import pytest
 import pytorch_lightning as pl
@@ -63,6 +64,24 @@ def test_wait_clock_counts_the_time_inside_next_and_not_the_consumers():
         out.append(item)
     assert out == [0, 1, 2]
     assert clock.seconds == 3.0
+
+
+def test_wait_clock_keeps_no_item_its_consumer_dropped():
+    # It kept the last item in a local through the following next(), so a dropped ring batch kept its slot.
+    class Item:
+        pass
+
+    def items():
+        for _ in range(3):
+            yield Item()  # an expression, not a local: the source keeps none either
+
+    handed = 0
+    for item in WaitClock().iterate(items()):
+        dropped = weakref.ref(item)
+        del item
+        assert dropped() is None, "WaitClock.iterate still references the item its consumer dropped"
+        handed += 1
+    assert handed == 3
 
 
 def test_timed_data_loader_is_a_data_loader_that_adds_up_its_waits():

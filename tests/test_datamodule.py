@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -114,6 +115,30 @@ def test_token_windows_cover_documents_and_carry_their_label(tmp_path):
     # The same seed writes the same corpus.
     write_synthetic_corpus(tmp_path / "again", {"train": 30, "val": 6}, 5, min_len=20, max_len=300)
     assert (tmp_path / "again" / "train.bin").read_bytes() == train.bin_path.read_bytes()
+    dm.teardown("fit")
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: SyntheticDataModule(train_size=40, val_size=8, min_len=4, max_len=12, max_tokens=24, num_slots=3),
+    lambda tmp: TokenDataModule(data_dir=str(tmp), train_size=12, val_size=4, min_doc_len=20, max_doc_len=80,
+                                max_len=16, stride=16, max_tokens=32, num_slots=3),
+], ids=["synthetic", "tokens"])
+def test_a_batch_the_consumer_drops_is_freed_at_once_while_it_keeps_all_slots_but_one(tmp_path, make):
+    # The loaders' generators (the labelling one of token windows too) kept the batch they last yielded until
+    # the next one came, so a consumer keeping num_slots - 1 batches and dropping each new one stalled.
+    dm = make(tmp_path)
+    dm.setup("fit")
+    kept, seen = [], 0
+    for batch in dm.train_dataloader():
+        seen += 1
+        if len(kept) < 2:
+            kept.append(batch)
+        else:
+            dropped = weakref.ref(batch["input_ids"])
+            del batch
+            assert dropped() is None, "the loader still references a batch its consumer dropped"
+    assert seen > 3
+    del kept
     dm.teardown("fit")
 
 

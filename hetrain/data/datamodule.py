@@ -54,9 +54,12 @@ class LabelledRing(RingLoader):
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in super().__iter__():
-            batch["labels"] = self.labels[batch["sample_ids"]]
-            yield batch
+        # map, not a for loop: its target variable would keep the last batch (a ring slot) through next().
+        yield from map(self._labelled, super().__iter__())
+
+    def _labelled(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch["labels"] = self.labels[batch["sample_ids"]]
+        return batch
 
 
 def check_token_budget(max_tokens: int, max_len: int) -> None:

@@ -75,9 +75,8 @@ class DevicePrefetcher:
     def _batches(self) -> Iterator[Any]:
         self._yielded, self._exhausted, self._epoch = 0, False, getattr(self.sampler, "epoch", None)
         if not self.active:
-            for batch in self.loader:
-                self._yielded += 1
-                yield batch
+            # map, not a for loop: its target variable would keep the last batch (a ring slot) through next().
+            yield from map(self._count, self.loader)
             self._exhausted = True
             return
         copy_stream = torch.cuda.Stream(device=self.device)
@@ -97,6 +96,10 @@ class DevicePrefetcher:
             pending = None
             yield ready
         self._exhausted = True
+
+    def _count(self, batch: Any) -> Any:
+        self._yielded += 1
+        return batch
 
     def _hand_over(self, moved: Any, done: torch.cuda.Event, host: Any) -> Any:
         """``moved`` made safe for the compute stream; the caller drops ``host`` afterwards."""

@@ -546,7 +546,7 @@ class RingLoader:
         self._yielded, self._exhausted, self._epoch = 0, False, getattr(self.batch_sampler, "epoch", None)
         self._iteration += 1
         iteration = self._iteration
-        shared, ring = self._shared, self._shared.ring
+        ring = self._shared.ring
         if self.tokens:  # the C++ gatherer installs its plan once the last epoch is drained
             ids = np.fromiter(chain.from_iterable(plan), dtype=np.int64)
             offsets = np.zeros(len(plan) + 1, dtype=np.int64)
@@ -555,11 +555,8 @@ class RingLoader:
             self._call(ring.start_token_epoch, torch.from_numpy(ids), torch.from_numpy(offsets))
         else:
             self._start_epoch(len(plan), plan=plan)
-        names = shared.names
         for job in range(len(plan)):
-            tensors = self._take(job, iteration)
-            self._yielded += 1
-            yield dict(zip(names, tensors, strict=True))
+            yield self._batch(job, iteration)
         self._exhausted = True
 
     def _iter_stream(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -569,13 +566,22 @@ class RingLoader:
         iteration = self._iteration
         shared = self._shared
         self._start_epoch(_UNBOUNDED, stream=_Stream(iter(self.source), self.batch_sampler, shared.stop))
-        for job in range(_UNBOUNDED):
-            tensors = self._take(job, iteration)
-            if tensors is None:
-                break
-            self._yielded += 1
-            yield dict(zip(shared.names, tensors, strict=True))
+        jobs = iter(range(_UNBOUNDED))
+        # iter(f, None) calls f until the stream's end and, unlike a local, keeps no batch it handed out.
+        yield from iter(lambda: self._batch(next(jobs), iteration), None)
         self._exhausted = True
+
+    def _batch(self, job: int, iteration: int) -> dict[str, torch.Tensor] | None:
+        """Batch ``job``, counted as handed out; None past the end of a stream.
+
+        Built here rather than in the generators so that their frames keep no reference to a batch across
+        ``yield``: a slot is refilled once the consumer drops the batch, not after the next one arrives.
+        """
+        tensors = self._take(job, iteration)
+        if tensors is None:
+            return None
+        self._yielded += 1
+        return dict(zip(self._shared.names, tensors, strict=True))
 
     def _start_epoch(self, num_jobs: int, plan: list[list[int]] | None = None, stream: _Stream | None = None) -> None:
         """Starts the ring's epoch with this plan or stream, installed only once the last epoch is drained.

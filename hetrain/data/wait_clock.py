@@ -32,15 +32,18 @@ class WaitClock:
         """Yields ``iterable``'s items, counting the time each ``next()`` took (the last, empty one too)."""
         clock = self.clock
         iterator = iter(iterable)
+        # Holds the item only until it is yielded: a local would keep it (a ring slot) alive through the
+        # next ``next()``, after the consumer dropped it.
+        item: list[T] = []
         while True:
             start = clock()
             try:
-                item = next(iterator)
+                item.append(next(iterator))
             except StopIteration:
                 return
             finally:
                 self.seconds += clock() - start
-            yield item
+            yield item.pop()
 
 
 class TimedDataLoader(DataLoader):

@@ -6,22 +6,27 @@ the uninterrupted run logged) is tested in tests/test_train.py.
 
 import contextlib
 import csv
+import functools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hetrain.callbacks import GracefulStop
+from hetrain.data.splits import ignore_interrupts_in_workers
 from tests.fixtures.ctrl_c import CtrlCAt
 from tests.fixtures.signal_in import SignalIn
 
@@ -39,13 +44,13 @@ class Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path, callbacks, accumulate=1, max_steps=20, samples=160):
+def _fit(tmp_path, callbacks, accumulate=1, max_steps=20, samples=160, **trainer_args):
     """A fit of 4 samples a batch, ``samples // 4`` batches an epoch."""
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(samples, 6, generator=g), torch.randn(samples, 1, generator=g))
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
-                         accumulate_grad_batches=accumulate, num_sanity_val_steps=0)
+                         accumulate_grad_batches=accumulate, num_sanity_val_steps=0, **trainer_args)
     trainer.fit(Regression(), DataLoader(data, batch_size=4))
     return trainer
 
@@ -80,6 +85,18 @@ def test_ctrl_c_does_not_wait_for_a_validation_before_it_ends(tmp_path):
     # Lightning validates when a fit is told to stop: 40 batches here, which a paused run would wait for.
     assert trainer.global_step == 6 and Validated.validated == 0
     assert trainer.limit_val_batches == 1.0  # set back for a later fit
+
+
+@pytest.mark.parametrize("minimum", [{"min_steps": 15}, {"min_epochs": 2}], ids=["min_steps", "min_epochs"])
+def test_ctrl_c_stops_before_min_steps_or_min_epochs_are_met(tmp_path, minimum):
+    """Lightning ignores should_stop until min_steps and min_epochs are met: the fit trained on to them with
+    validation off, and the summary named a stale checkpoint of step 6."""
+    stop = GracefulStop()
+    trainer = _fit(tmp_path, [stop, CtrlCAt([5])], samples=40, **minimum)  # 10 batches an epoch
+    assert trainer.global_step == 6 and stop.summary["at_step"] == 6
+    assert torch.load(stop.summary["checkpoint"], weights_only=True)["global_step"] == 6
+    # Set back for a later fit of this Trainer.
+    assert all(getattr(trainer.fit_loop, name) == value for name, value in minimum.items())
 
 
 def test_with_gradient_accumulation_it_stops_at_the_step_that_applies_the_gradients(tmp_path):
@@ -128,6 +145,84 @@ def test_a_second_ctrl_c_stops_at_once_through_lightnings_own_shutdown(tmp_path)
     finally:
         assert signal.getsignal(signal.SIGINT) is before
         signal.signal(signal.SIGINT, before)
+
+
+# A fit whose torch DataLoader workers (hetrain's, through SeededSplits) get a terminal's Ctrl-C too, during step 1 of
+# windows of 8 batches: the stop needs 7 batches more than the 5 the loaders fetched ahead.
+GROUP_CTRL_C = """
+import json, os, signal
+import pytorch_lightning as pl, torch
+from torch.utils.data import TensorDataset
+from hetrain.callbacks import GracefulStop
+from hetrain.data.splits import SeededSplits
+
+class Regression(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(6, 1)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+class Data(SeededSplits, pl.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        self.save_hyperparameters(dict(train_size=96, val_size=8, seed=0, batch_size=4, num_workers=2,
+                                       pin_memory=False))
+
+    def _split(self, size, seed):
+        return TensorDataset(torch.randn(size, 6), torch.randn(size, 1))
+
+    def train_dataloader(self):
+        return self._torch_loader(self.train_set, True)
+
+class CtrlCToTheGroup(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 8:
+            os.killpg(os.getpgrp(), signal.SIGINT)
+
+stop = GracefulStop()
+trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=[stop, CtrlCToTheGroup()], accumulate_grad_batches=8,
+                     num_sanity_val_steps=0, limit_val_batches=0)
+trainer.fit(Regression(), Data())
+print(json.dumps({"global_step": trainer.global_step, **stop.summary}))
+"""
+
+
+def test_a_terminals_ctrl_c_to_the_process_group_leaves_the_loaders_workers_running(tmp_path):
+    """A terminal sends Ctrl-C to the whole foreground process group: the DataLoader workers died of it, and the
+    stop, which needs more batches to end its step, crashed with "DataLoader worker ... exited unexpectedly"."""
+    run = subprocess.run([sys.executable, "-c", GROUP_CTRL_C], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, process_group=0, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["global_step"] == 2 and result["at_step"] == 2 and result["signal"] == "SIGINT"
+
+
+def test_workers_that_ignore_ctrl_c_are_seeded_as_lightning_seeds_them(monkeypatch):
+    """Lightning adds its seeding worker_init_fn only to a loader without one: it is run in its place."""
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return torch.tensor([torch.rand(()).item(), float(np.random.rand()), random.random()])
+
+    def draws(worker_init_fn):
+        torch.manual_seed(0)
+        return torch.cat(list(DataLoader(Draws(), batch_size=2, num_workers=2, worker_init_fn=worker_init_fn)))
+
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")  # what seed_everything(workers=True) sets
+    lightnings = draws(functools.partial(pl_worker_init_function, rank=3))
+    assert torch.equal(draws(ignore_interrupts_in_workers(rank=3)), lightnings)
+    assert not torch.equal(draws(None), lightnings)
+    # A worker_init_fn of the loader's own runs instead, as Lightning then adds none.
+    mine = functools.partial(pl_worker_init_function, rank=5)
+    assert torch.equal(draws(ignore_interrupts_in_workers(mine)), draws(mine))
 
 
 def test_sigterm_saves_the_step_in_flight_before_lightning_ends_the_fit(tmp_path):

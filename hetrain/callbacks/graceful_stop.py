@@ -64,6 +64,12 @@ class GracefulStop(Callback):
         - Only the main thread can take signals: in a fit run from another thread Ctrl-C is left to Python and
           SIGTERM to Lightning.
         - Ctrl-C or SIGTERM before training starts (the sanity check) stops at once, as without this callback.
+        - The fit stops even before the Trainer's ``min_steps`` or ``min_epochs`` are met (Lightning's own stops
+          wait for them); they are set back when the fit ends.
+        - A terminal's Ctrl-C reaches DataLoader worker processes too, and one that dies of it ends the fit with
+          an error where the stop needs more batches (with gradient accumulation). hetrain's loaders' workers
+          ignore it; give a DataLoader of your own with ``num_workers>0``
+          ``worker_init_fn=hetrain.data.ignore_interrupts_in_workers(your_init_fn)``.
         - The validation Lightning runs when a fit is told to stop is skipped: a pause does not wait for it.
         - Ctrl-C or SIGTERM during a validation inside the fit stops it after the batch in flight (under DDP every
           rank after the same batch) and saves the checkpoint of the training step before it, then raises
@@ -93,6 +99,7 @@ class GracefulStop(Callback):
         # accumulation window): a stop during the validation after it saves these, as that step's end would have.
         self._at_step_end: tuple[dict[str, Any], dict[str, Any]] | None = None
         self._limit_val_batches: int | float | None = None
+        self._minimums: tuple[int | None, int | None] | None = None  # the fit loop's min_epochs and min_steps
         self._last_step_done = False  # the fit's last step has ended: a signal now lets the fit run to its end
 
     @override
@@ -195,6 +202,11 @@ class GracefulStop(Callback):
         # Lightning validates once more when should_stop is set (for early stopping); a paused run should not wait
         # for a whole validation. Set back when the fit ends, for a later fit of this Trainer.
         self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
+        # Lightning trains on past should_stop until min_steps and min_epochs are met; a signal's stop does not wait
+        # for them. Set back when the fit ends, as limit_val_batches.
+        fit_loop = trainer.fit_loop
+        self._minimums = fit_loop.min_epochs, fit_loop.epoch_loop.min_steps
+        fit_loop.min_epochs, fit_loop.epoch_loop.min_steps = None, None
         if sigterm and not sigint:
             # The fit ends as Lightning ends it on SIGTERM, with SIGTERMException once this batch is done: the flag
             # its handler would have set (this one took the signal; under DDP the ranks agreed on it above).
@@ -257,16 +269,19 @@ class GracefulStop(Callback):
                           signal.SIG_DFL if self._previous_sigterm is None else self._previous_sigterm)
             self._installed = False
 
-    def _restore_validation(self, trainer: pl.Trainer) -> None:
+    def _restore_trainer(self, trainer: pl.Trainer) -> None:
+        """Sets back what the stop changed, for a later fit of this Trainer."""
         if self._limit_val_batches is not None:
             trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
+        if self._minimums is not None:
+            (trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps), self._minimums = self._minimums, None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
-        self._restore_validation(trainer)
+        self._restore_trainer(trainer)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
-        self._restore_validation(trainer)
+        self._restore_trainer(trainer)

@@ -3,7 +3,8 @@
 Lightning's checkpoints restore weights, optimizer, loops and the data position, but not the generators:
 a resumed run's dropout masks (and anything else drawn from torch, numpy or ``random``) then differ
 from the uninterrupted run's after the first resumed step. With this callback the two runs are the same
-draw for draw, so on a deterministic device they end with the same weights.
+draw for draw, so on a deterministic device they end with the same weights (but in the cases ``RandomState``'s
+notes name, which resume alike in distribution only).
 
 A validation inside the fit (the sanity check too) runs off the training stream: what its steps draw (a random
 augmentation, a sampled decoding) changes nothing training draws after it, and a run resumed from a checkpoint saved
@@ -44,6 +45,11 @@ class RandomState(Callback):
           and a resumed run can make a different number of them before it goes on: a checkpoint saved at the
           end of an epoch with validation, with torch's DataLoader, resumes alike in distribution only.
           hetrain's RingLoader draws nothing there.
+        - A torch DataLoader with ``persistent_workers=True`` (training or validation) resumes alike in
+          distribution only. Its workers' generators live in the worker processes, which no checkpoint reaches;
+          and it draws its workers' base seed once a fit, not once an iterator: the resumed run's fresh workers
+          draw it again (from torch's generator, for a loader without a ``generator`` of its own), which shifts
+          every later draw (a ``shuffle=True`` order, dropout masks).
         - A validation inside the fit leaves the generators as it found them in ``on_validation_start``: their
           state is saved there and put back in ``on_validation_end`` (or ``on_exception``, for a validation a stop
           or an error ended). What Lightning draws before that hook (a torch DataLoader iterator's base seed, its

@@ -9,6 +9,7 @@ from hetrain.data.packing import PackedSequences, PackInto, pack_rows, segment_a
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader, StreamBatches
 from hetrain.data.sampler import TokenBudgetBatchSampler
+from hetrain.data.splits import ignore_interrupts_in_workers
 from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
 from hetrain.data.tokenize import ByteTokenizer, build_token_file
 from hetrain.data.tokens import TokenFile, TokenFileWriter, write_token_file
@@ -40,6 +41,7 @@ __all__ = [
     "WaitClock",
     "Windows",
     "build_token_file",
+    "ignore_interrupts_in_workers",
     "make_windows",
     "pack_rows",
     "pad_collate",

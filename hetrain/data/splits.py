@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import os
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset, Sampler
 
 from hetrain.data.wait_clock import TimedDataLoader
@@ -35,6 +39,28 @@ class EpochShuffle(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         # numpy's seeds are non-negative: a negative one (torch's generators take it) as its 64-bit pattern
         return iter(np.random.default_rng([self.seed % 2**64, self.epoch]).permutation(self.size).tolist())
+
+
+def ignore_interrupts_in_workers(worker_init_fn: Callable[[int], Any] | None = None,
+                                 rank: int | None = None) -> Callable[[int], None]:
+    """A DataLoader ``worker_init_fn`` that makes the workers ignore Ctrl-C, then runs ``worker_init_fn``.
+
+    A terminal's Ctrl-C reaches the whole foreground process group: the workers died of it, and a fit that
+    :class:`~hetrain.callbacks.GracefulStop` let finish its step crashed waiting for their next batch. The main
+    process stops its workers itself. Without ``worker_init_fn``, under ``seed_everything(workers=True)`` the
+    workers are seeded as Lightning seeds them (it adds its own function only to a loader that has none), for the
+    global ``rank`` (by default Lightning's record of it, which a worker forked from its rank's process inherits).
+    A ``functools.partial`` of a module-level function: workers started by spawn or forkserver unpickle it.
+    """
+    return functools.partial(_ignore_interrupts, worker_init_fn, rank)
+
+
+def _ignore_interrupts(worker_init_fn: Callable[[int], Any] | None, rank: int | None, worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+    elif int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning's seed_everything(workers=True) asks for
+        pl_worker_init_function(worker_id, rank)
 
 
 class SeededSplits:
@@ -67,14 +93,17 @@ class SeededSplits:
         order.
 
         The training loader keeps a generator of its own: the workers' base seed is drawn from it each epoch, not
-        from the global one that ``hetrain.callbacks.RandomState`` saves and restores.
+        from the global one that ``hetrain.callbacks.RandomState`` saves and restores. The workers ignore Ctrl-C
+        (:func:`ignore_interrupts_in_workers`).
         """
         h = self.hparams
         if shuffle:
             self._check_full_batch(len(dataset))
+        trainer = getattr(self, "trainer", None)
+        init = ignore_interrupts_in_workers(rank=trainer.global_rank if trainer is not None else None)
         return TimedDataLoader(
             dataset, batch_size=h.batch_size, sampler=EpochShuffle(len(dataset), h.seed) if shuffle else None,
-            drop_last=shuffle, num_workers=h.num_workers, pin_memory=self._pin(),
+            drop_last=shuffle, num_workers=h.num_workers, pin_memory=self._pin(), worker_init_fn=init,
             generator=torch.Generator().manual_seed(h.seed) if shuffle else None, **kwargs,
         )
 

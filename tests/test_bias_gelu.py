@@ -1,5 +1,7 @@
 """bias_gelu: every backend forward and backward against the float64 torch reference, compile, errors, nn."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hetrain
 from hetrain import plugins
+from hetrain.nn._share import observer
 from hetrain.nn.bias_gelu import BiasGELU
 from hetrain.ops.bias_gelu import bias_gelu, bias_gelu_ref
 
@@ -279,6 +282,37 @@ def test_a_run_patched_with_a_module_hook_calls_its_modules_until_the_hook_is_re
     with OpLog() as log:
         torch.testing.assert_close(model(x), y)
     assert log.names.count("hetrain_C.bias_gelu_fwd") == 1, log.names
+
+
+def test_a_run_calls_a_users_hook_object_whose_attributes_are_made_up_and_stays_fused_for_an_observer():
+    # Marks were read as an attribute of the hook: a MagicMock has every attribute, so it was taken for one of
+    # hetrain's measuring hooks and never called on a fused run. A hook marked with observer still leaves it fused.
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU())
+    hetrain.nn.patch(model)
+    x = torch.randn(3, 6)
+    user_hook = mock.MagicMock(return_value=None)
+    handle = model[0].register_forward_hook(user_hook)
+    with OpLog() as log:
+        model(x)
+    assert user_hook.call_count == 1  # was 0
+    assert "hetrain_C.bias_gelu_fwd" not in log.names
+    handle.remove()
+
+    class Tracker:
+        @observer
+        def marked(self, module, args, out):
+            pass
+
+        def bound_to_a_marked_object(self, module, args, out):
+            pass
+
+    for hook in (observer(lambda module, args, out: None), Tracker().marked,
+                 observer(Tracker()).bound_to_a_marked_object):
+        handle = model[0].register_forward_hook(hook)
+        with OpLog() as log:
+            model(x)
+        handle.remove()
+        assert log.names.count("hetrain_C.bias_gelu_fwd") == 1, (hook, log.names)
 
 
 def test_a_sequential_patched_inside_a_flop_counter_is_fused_once_it_closes():

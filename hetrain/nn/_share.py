@@ -4,6 +4,8 @@ run of modules must run them one by one instead."""
 from __future__ import annotations
 
 import copy
+import types
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,12 +22,31 @@ def require(who: str, module: object, torch_type: type[torch.nn.Module]) -> None
         raise ValueError(f"{who}: needs a torch.nn.{torch_type.__name__}, got {type(module).__name__}")
 
 
+def refuse_parametrized(who: str, module: torch.nn.Module) -> None:
+    """Refuses a module with ``torch.nn.utils.parametrize`` parametrizations: its ``weight`` (etc.) is computed on
+    each read from tensors under ``module.parametrizations``, which a fused module taking its parameters would not
+    hold, so it would fail later far from the cause."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations)
+        raise ValueError(f"{who}: {type(module).__name__} has parametrizations on {names} "
+                         "(torch.nn.utils.parametrize), which the fused module would not compute; build the fused "
+                         "module before registering them and register them on the fused module, or keep the torch "
+                         "module")
+
+
+def is_nested(x: object) -> bool:
+    """Whether ``x`` is a nested tensor: torch's modules take them (some layouts), hetrain's fused ops do not, so a
+    fused module computes it as its torch module does."""
+    return isinstance(x, torch.Tensor) and x.is_nested
+
+
 def sharing(cls: type[M], module: torch.nn.Module) -> M:
     """An instance of ``cls`` (a subclass of a torch module type) holding ``module``'s parameters, buffers and
     settings; ``module`` must be of that torch type.
 
     Its dicts and sets (parameters, buffers, hooks, bookkeeping) are its own copies, so it starts with
     ``module``'s hooks, but a hook or buffer registered on one afterwards is not registered on the other.
+    A parametrized ``module`` is refused (:func:`refuse_parametrized`).
 
     A forward replaced on ``module``'s instance (an adapter) is refused: kept, it would run instead of the fused
     forward; dropped, the adapter would be lost. The compiled call ``module.compile()`` set is left behind: it is
@@ -34,6 +55,7 @@ def sharing(cls: type[M], module: torch.nn.Module) -> M:
     torch_type = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
     who = f"hetrain.nn.{cls.__name__}"
     require(who, module, torch_type)
+    refuse_parametrized(who, module)
     if forward_replaced(module):
         raise ValueError(f"{who}: the {type(module).__name__}'s forward was replaced on the instance (an adapter or "
                          "wrapper), which the fused module would not run; keep the torch module, or build the "
@@ -78,23 +100,34 @@ def forward_replaced(module: torch.nn.Module) -> bool:
     return "forward" in module.__dict__
 
 
-_OBSERVER = "_hetrain_observer"
+# id of each marked hook (or object) -> a weak reference to it, checked to be that very object (an id is reused once
+# its object is gone). Identity, not an attribute on the hook: an object whose attribute lookup forwards or invents
+# names (a MagicMock, a proxy) would read as marked, and a fused run would skip the user's hook.
+_OBSERVERS: dict[int, weakref.ref] = {}
 
 
 def observer(hook: H) -> H:
     """Marks ``hook`` as a module hook that only measures (hetrain's FLOP, memory and churn hooks): a fused run
     goes on fused while it is registered, so turning a measurement on does not change the numbers a step computes.
-    A method marked where it is defined is marked on every instance (a bound method reads its function's
-    attributes); an object marked (the ModuleTracker of hetrain's FLOP counter) marks the hooks bound to it. What a
-    fused run computes without calling a module is measured under the fused module."""
-    setattr(hook, _OBSERVER, True)
+    A method marked where it is defined is marked on every instance (a bound method is looked up by its function);
+    an object marked (the ModuleTracker of hetrain's FLOP counter) marks the hooks bound to it. What a fused run
+    computes without calling a module is measured under the fused module."""
+    key = id(hook)
+    _OBSERVERS[key] = weakref.ref(hook, lambda _ref: _OBSERVERS.pop(key, None))
     return hook
+
+
+def _marked(obj: object) -> bool:
+    ref = _OBSERVERS.get(id(obj))
+    return ref is not None and ref() is obj
 
 
 def _only_observes(hook: Callable[..., Any]) -> bool:
     # A hook bound to a marked object: the ModuleTracker whose global hooks hetrain's FLOP counter tracks modules
     # with. Another ModuleTracker (a user's, or a plain FlopCounterMode's) expects the modules it tracks called.
-    return getattr(hook, _OBSERVER, False) or getattr(getattr(hook, "__self__", None), _OBSERVER, False)
+    if isinstance(hook, types.MethodType):
+        return _marked(hook.__func__) or _marked(hook.__self__)
+    return _marked(hook)
 
 
 def _expect_calls(hooks: dict[int, Callable[..., Any]] | None) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hetrain.nn._share import sharing
+from hetrain.nn._share import is_nested, sharing
 from hetrain.ops.bias_gelu import APPROXIMATIONS, bias_gelu
 
 
@@ -14,7 +14,8 @@ class BiasGELU(torch.nn.Linear):
     fused into the activation, so ``x @ W^T + b`` is never written out or kept for backward.
 
     A subclass of ``torch.nn.Linear`` with the same parameters, so Linear checkpoints load as they are.
-    Without a bias it is ``gelu(linear(x))`` with torch's own GELU.
+    Without a bias, or for a nested tensor (which the fused op does not take), it is ``gelu(linear(x))`` with
+    torch's own ops.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, approximate: str = "none",
@@ -25,6 +26,8 @@ class BiasGELU(torch.nn.Linear):
         self.approximate = approximate
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's own argument name
+        if is_nested(input):
+            return F.gelu(F.linear(input, self.weight, self.bias), approximate=self.approximate)
         y = F.linear(input, self.weight)
         if self.bias is None:
             return F.gelu(y, approximate=self.approximate)

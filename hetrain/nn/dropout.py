@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hetrain.nn._share import require
+from hetrain.nn._share import is_nested, require
 from hetrain.ops.dropout import dropout
 
 
@@ -14,9 +14,12 @@ class Dropout(torch.nn.Dropout):
     Saves a byte per element of activation memory in training against torch's dropout, which keeps
     its mask for backward. ``inplace=True`` writes the result into ``x`` and returns ``x``, as torch's
     does, so code that goes on using ``x`` sees the dropout (the kernel still writes a new tensor first).
+    A nested tensor (which the fused op does not take) goes through torch's dropout.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Dropout's own argument name
+        if is_nested(input):
+            return super().forward(input)
         out = dropout(input, self.p, self.training)
         return input.copy_(out) if self.inplace and out is not input else out
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from hetrain.nn._share import require
+from hetrain.nn._share import is_nested, refuse_parametrized, require
 from hetrain.ops import _args
 from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm
 
@@ -15,7 +16,8 @@ class DropoutAddLayerNorm(torch.nn.Module):
     Holds a ``LayerNorm(hidden)``'s ``weight`` and ``bias`` under the same state_dict keys, so an
     ``nn.LayerNorm`` checkpoint loads into it. Dropout is active in ``train()`` mode only. The call
     takes two tensors, so it replaces a pattern in a model's ``forward`` (dropout, add, norm), not a
-    single module: build it with :meth:`from_layer_norm` and call it where that pattern stood.
+    single module: build it with :meth:`from_layer_norm` and call it where that pattern stood. Nested tensors
+    (which the fused op does not take) go through torch's dropout, add and layer_norm.
     """
 
     def __init__(self, hidden: int, p: float = 0.1, eps: float = 1e-5, elementwise_affine: bool = True,
@@ -40,6 +42,9 @@ class DropoutAddLayerNorm(torch.nn.Module):
             torch.nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if is_nested(x) or is_nested(residual):
+            return F.layer_norm(F.dropout(x, self.p, self.training) + residual, (self.hidden,), self.weight,
+                                self.bias, self.eps)
         # Without weight and bias the op has no size to check the input against (torch's LayerNorm refuses).
         if isinstance(x, torch.Tensor) and tuple(x.shape[-1:]) != (self.hidden,):
             raise ValueError(f"hetrain.nn.DropoutAddLayerNorm: given hidden={self.hidden}, expected input with shape "
@@ -54,7 +59,9 @@ class DropoutAddLayerNorm(torch.nn.Module):
     @classmethod
     def from_layer_norm(cls, norm: torch.nn.LayerNorm, p: float) -> DropoutAddLayerNorm:
         """Fuses ``dropout(p)`` + add into ``norm``, sharing its parameters (no copy of the data)."""
-        require("hetrain.nn.DropoutAddLayerNorm.from_layer_norm", norm, torch.nn.LayerNorm)
+        who = "hetrain.nn.DropoutAddLayerNorm.from_layer_norm"
+        require(who, norm, torch.nn.LayerNorm)
+        refuse_parametrized(who, norm)
         if len(norm.normalized_shape) != 1:
             raise ValueError(f"hetrain.nn.DropoutAddLayerNorm: needs a LayerNorm over one dimension, got "
                              f"normalized_shape {tuple(norm.normalized_shape)}")

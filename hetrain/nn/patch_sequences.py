@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetrain.nn._share import called_one_by_one, forward_replaced
+from hetrain.nn._share import called_one_by_one, forward_replaced, is_nested
 from hetrain.nn.conv_bn_relu_pool import (
     ConvBNReLUPool2d,
     ConvReLUPool2d,
@@ -90,7 +90,9 @@ class FusedSequential(nn.Sequential):
         i = 0
         while i < len(modules):
             run = _run_at(modules, i)
-            if run is None or not run.takes(x) or called_one_by_one(modules[i:i + len(run.types)]):
+            # A nested tensor, which torch's modules take (some layouts) and the kernels do not, runs through them.
+            if (run is None or is_nested(x) or not run.takes(x)
+                    or called_one_by_one(modules[i:i + len(run.types)])):
                 x = modules[i](x)
                 i += 1
             else:

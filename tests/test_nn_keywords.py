@@ -17,6 +17,7 @@ from hetrain.nn import (
     ConvReLUPool2d,
     Dropout,
     DropoutAddLayerNorm,
+    Embedding,
     LayerNorm,
     LinearCrossEntropyHead,
     RMSNorm,
@@ -144,3 +145,16 @@ def test_patch_leaves_a_parametrized_module_alone():
     parametrize.register_parametrization(model[1], "weight", _Double())
     assert not hetrain.nn.patch(model).swapped
     assert model[0] is norm and type(model) is torch.nn.Sequential
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # the strided layout's prototype notice
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_a_sparse_embedding_looks_up_nested_ids_as_torchs(layout):
+    torch.manual_seed(0)
+    ref = torch.nn.Embedding(10, 4, sparse=True)
+    fused = Embedding(10, 4, sparse=True)
+    fused.load_state_dict(ref.state_dict())
+    ids = torch.nested.nested_tensor([torch.tensor([1, 7, 3]), torch.tensor([0, 9, 9, 2, 5])], layout=layout)
+    y = fused(ids)  # the strided layout was RuntimeError: NestedTensorImpl doesn't support sizes
+    assert y.is_nested
+    torch.testing.assert_close(y.unbind(), ref(ids).unbind())

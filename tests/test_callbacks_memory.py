@@ -15,13 +15,14 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from hetrain import cpu_memory
 from hetrain.callbacks.churn import OUTSIDE, ROOT, Allocation, ChurnTracker, churned
 from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler
 from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, STEPS_CSV, MemoryReport
-from hetrain.callbacks.module_memory import ModuleMemory, optimizer_state_bytes
+from hetrain.callbacks.module_memory import NOT_MEASURED, ModuleMemory, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.memory_counters import PhaseMemory, forget_erased_peak, peak_rss_bytes, reset_peak_rss, rss_bytes
 from hetrain.nn import ConvBNReLUPool2d
@@ -213,6 +214,58 @@ def test_module_memory_gives_a_tensor_saved_by_a_parent_to_the_parent():
     header, rows = tracker.table()
     assert [row[0] for row in rows][-1] == "total"
     assert rows[-1][header.index("saved for backward MiB")] == round((_nbytes(x) + 4 * BATCH * HIDDEN) / 2**20, 3)
+
+
+def test_a_forward_under_the_users_saved_tensors_hook_keeps_it_and_is_said_not_measured():
+    """The step's own hook sat under a user's (save_on_cpu): only the user's was called, and the table said 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 1))
+    x = torch.randn(BATCH, IN)
+    packed = []  # what the user's hook packs, as an offload would
+
+    def step():
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            loss = model(x).square().mean()
+        loss.backward()
+
+    step()
+    unmeasured = len(packed)
+    tracker = ModuleMemory(model)
+    tracker.start()
+    packed.clear()
+    step()
+    tracker.stop()
+    assert len(packed) == unmeasured > 0  # the user's hook saw every tensor it sees unmeasured
+    header, rows = tracker.table()
+    saved = {row[0]: row[header.index("saved for backward MiB")] for row in rows}
+    assert saved["0"] == saved["1"] == saved["2"] == NOT_MEASURED  # not 0
+    assert "Not measured: " in tracker.saved_note() and "save_on_cpu" in tracker.saved_note()
+
+
+class PerSampleGradNorms(Regressor):
+    """Per-sample gradient norms with torch.func in training_step, as DP-SGD-style clipping statistics do."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        params = {k: v.detach() for k, v in self.net.named_parameters()}
+
+        def loss(p, xi, yi):
+            return F.mse_loss(functional_call(self.net, p, (xi[None],)), yi[None])
+
+        per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+        self.norm = sum(g.flatten(1).norm(dim=1) for g in per_sample.values()).mean()
+        return super().training_step(batch, batch_idx)
+
+
+def test_torch_func_in_training_step_runs_under_the_module_hooks_and_its_calls_are_not_counted(tmp_path):
+    """The step's saved-tensors hook was on for the whole forward, and torch.func's grad refuses to run under one."""
+    plain, with_func = (MemoryProfiler(module_every_n_steps=1, churn_steps=0) for _ in range(2))
+    _fit(Regressor(), plain, tmp_path / "plain", batches=2)
+    _fit(PerSampleGradNorms(), with_func, tmp_path / "func", batches=2)
+    # The calls inside the transform are the transform's: the step's own forward is measured as without it.
+    assert with_func.modules.records == plain.modules.records and plain.modules.records["net.0"].saved > 0
+    assert with_func.modules.transformed == {"net", "net.0", "net.1", "net.2"}
+    assert "Called inside a torch.func transform: net, net.0" in (tmp_path / "func" / REPORT_MD).read_text()
 
 
 @pytest.mark.parametrize("fused", ["ConvBNReLUPool2d", "patched Sequential"])
@@ -653,6 +706,40 @@ def test_a_fit_with_no_step_says_so_instead_of_empty_tables(tmp_path):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+class DollarNames(Regressor):
+    def __init__(self):
+        super().__init__()
+        # Wide enough for a bar in MiB: a name with no bar is not drawn.
+        self.net = nn.ModuleDict({"a$\\b$": nn.Linear(IN, 1024), "cost_$x^2$": nn.Linear(IN, 1024)})
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(sum(m(x) for m in self.net.values()).sum(1, keepdim=True), y)
+
+
+def test_module_names_with_dollar_signs_are_plotted_as_text(tmp_path):
+    """The plot parsed names as mathtext: a ModuleDict key "a$\\b$" failed the finished fit at its end."""
+    profiler = MemoryProfiler(churn_steps=0)
+    _fit(DollarNames(), profiler, tmp_path, batches=2)
+    assert (tmp_path / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "a$\\b$" in (tmp_path / REPORT_MD).read_text()
+
+
+class Unplottable(MemoryReport):
+    def plot_png(self) -> bytes:
+        raise ValueError("no font to draw with")
+
+
+def test_a_plot_that_cannot_be_drawn_leaves_the_tables_written_and_warns(tmp_path, caplog):
+    (tmp_path / REPORT_PNG).write_bytes(b"an earlier run's plot")
+    with caplog.at_level(logging.WARNING, logger="hetrain.callbacks.memory_report"):
+        paths = Unplottable([]).write(tmp_path)
+    assert "no font to draw with" in caplog.text and str(tmp_path / REPORT_PNG) in caplog.text
+    assert not (tmp_path / REPORT_PNG).exists() and "png" not in paths
+    assert "No plot: drawing it failed with ValueError(&#x27;no font to draw with" in paths["html"].read_text()
+    assert "No training step completed" in paths["md"].read_text() and paths["csv"].exists()
+
+
 def test_a_tied_weight_and_a_passed_on_output_are_counted_once():
     class Tied(nn.Module):
         def __init__(self):
@@ -767,6 +854,32 @@ def test_a_reused_profiler_whose_next_fit_fails_before_training_keeps_the_earlie
     with pytest.raises(ValueError, match="broken validation"):
         trainer.fit(BrokenValidation(), _loader(3), _loader(1))  # fails in the sanity check, before training
     assert (tmp_path / REPORT_MD).read_text() == first and profiler.steps == []
+
+
+class BrokenOptimizers(Regressor):
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def configure_optimizers(self):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [ValueError("bad lr schedule"), torch.OutOfMemoryError(OOM_MESSAGE)])
+def test_a_reused_profiler_whose_next_fit_fails_before_on_fit_start_reports_no_earlier_step(tmp_path, error):
+    """configure_optimizers runs before on_fit_start, where the earlier fit's steps were dropped: its error report
+    (or post-mortem) gave them as the failed fit's, over the earlier fit's report."""
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=0)
+    _fit(Regressor(), profiler, tmp_path, batches=3)
+    first = (tmp_path / REPORT_MD).read_text()
+    oom = isinstance(error, torch.OutOfMemoryError)
+    with pytest.raises(type(error)):  # into the same directory, or (out of memory) its own
+        _fit(BrokenOptimizers(error), profiler, tmp_path / "oom" if oom else tmp_path, batches=3)
+    assert profiler.steps == [] and profiler.modules is None
+    assert (tmp_path / REPORT_MD).read_text() == first
+    if oom:  # the post-mortem still names the error, and no step
+        text = (tmp_path / "oom" / OOM_MD).read_text()
+        assert "During: outside a step" in text and OOM_MESSAGE in text and "No training step completed" in text
 
 
 def test_the_log_holds_the_device_and_module_tables(tmp_path, caplog):

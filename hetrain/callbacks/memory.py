@@ -165,17 +165,25 @@ class MemoryProfiler(Callback):
         self._recording = False
         self._history_done = False  # the chosen history steps were written
         self.start_step = 0  # the global step the fit started at: past 0 when resumed from a checkpoint
+        # This fit reached on_fit_start: what this callback holds is this fit's, not an earlier fit's.
+        self._fit_started = False
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath or trainer.default_root_dir)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # What an earlier fit of this callback measured is not this fit's: a fit that fails before training starts
-        # (in its sanity check) must not report it as its own steps. Nor may its hooks measure this one.
+        self._forget_earlier_fit()
+        self._fit_started = True
+
+    def _forget_earlier_fit(self) -> None:
+        """What an earlier fit of this callback measured is not this fit's: a fit that fails before training starts
+        (in its sanity check, or before on_fit_start, in configure_optimizers) must not report it as its own steps.
+        Nor may its hooks measure this one."""
         self._stop_open_step()
         self.phases, self.modules, self.churn, self._current = None, None, None, None
-        self.steps, self.churn_observed, self.churn_dropped, self.static = [], [], [], {}
+        self.steps, self.churn_observed, self.churn_dropped, self.static, self.at_start = [], [], [], {}, {}
+        self._cuda = False
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -313,6 +321,7 @@ class MemoryProfiler(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop_open_step()  # whatever ended the fit, no hook or profiler of this callback outlives it
+        self._fit_started = False
 
     def _close(self, phase: str) -> None:
         for device, peaks in self.phases.peaks().items():
@@ -424,6 +433,9 @@ class MemoryProfiler(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return  # trainer.test() or validate() after a fit: that fit's report and steps stand
+        if not self._fit_started:  # failed before on_fit_start (configure_optimizers, strategy setup)
+            self._forget_earlier_fit()  # an out-of-memory's post-mortem then says no step completed
+        self._fit_started = False  # Lightning calls no teardown after an error
         # A later callback's on_train_batch_end can fail after the optimizer stepped (global_step has moved on):
         # that step completed, and is reported. Any other step stopped part way, and its numbers are dropped.
         finished = self._current is not None and trainer.global_step > self._current["step"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from hetrain.callbacks.churn import KIND_MEANING, KINDS, ChurnTracker
 from hetrain.callbacks.module_memory import MIB, ModuleMemory
 from hetrain.report import markdown_table
+
+log = logging.getLogger(__name__)
 
 PHASES = ("forward", "backward", "optimizer")
 REPORT_MD, REPORT_PNG, REPORT_HTML = "memory_report.md", "memory_report.png", "memory_report.html"
@@ -96,7 +99,7 @@ class MemoryReport:
         """The per-module table and its notes about compiled and fused modules, when a step was measured."""
         if self.modules is None or not self.modules.records:
             return []
-        notes = (self.modules.compiled_note(), self.modules.fused_note())
+        notes = (self.modules.saved_note(), self.modules.compiled_note(), self.modules.fused_note())
         return [(self.modules.table(), " ".join(note for note in notes if note))]
 
     def _reserved(self, device: str) -> int | None:
@@ -167,73 +170,91 @@ class MemoryReport:
                   "table": lambda t: markdown_table(*t) + "\n"}
         return "# Memory\n\n" + "".join(render[kind](value) for kind, value in self.blocks())
 
-    def html(self, png: bytes) -> str:
-        """The page: everything :meth:`markdown` says, and the plot embedded so the file stands alone."""
+    def html(self, png: bytes | None, no_plot: str = "") -> str:
+        """The page: everything :meth:`markdown` says, and the plot embedded so the file stands alone (``no_plot``
+        in its place when there is none)."""
         render = {"h2": lambda t: f"<h2>{html.escape(t)}</h2>", "h3": lambda t: f"<h3>{html.escape(t)}</h3>",
                   "p": lambda t: f"<p>{html.escape(t)}</p>", "table": lambda t: _html_table(*t)}
         body = "".join(render[kind](value) for kind, value in self.blocks())
+        plot = (f"<p>{html.escape(no_plot)}</p>" if png is None
+                else f"<img alt='memory plot' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
         return (
             "<!doctype html><html><head><meta charset='utf-8'><title>Memory report</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}</style>"
-            f"</head><body><h1>Memory</h1>{body}<h2>Plot</h2><img alt='memory plot' src='data:image/png;base64,"
-            f"{base64.b64encode(png).decode()}'></body></html>"
+            f"</head><body><h1>Memory</h1>{body}<h2>Plot</h2>{plot}</body></html>"
         )
 
     def plot_png(self) -> bytes:
         """Peak memory over steps per device and phase, and per-module bars; PNG bytes."""
         # A Figure on its own Agg canvas, not pyplot: choosing pyplot's backend would switch the caller's (a
         # notebook's, a GUI's) for the whole process.
+        import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
         sections = self._module_sections()
         header, rows = sections[0][0] if sections else (list(BAR_COLUMNS), [])
-        drawn = [header.index(c) for c in BAR_COLUMNS]
-        rows = sorted((r for r in rows if r[0] != "total"), key=lambda r: -sum(r[i] for i in drawn))
-        rows = [r for r in rows if any(r[i] for i in drawn)][:25]  # sorted and kept by what the bars show
-        fig = Figure(figsize=(10, 4 + 0.3 * len(rows)))
-        FigureCanvasAgg(fig)  # attaches itself: savefig renders with Agg
-        top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, max(2, 0.3 * len(rows))]})
-        xs = [s["step"] for s in self.steps]
-        for device in self._devices():
-            for phase in PHASES:
-                ys = [s[phase].get(device, {}).get("allocated", 0) / MIB for s in self.steps]
-                top.plot(xs, ys, marker=".", label=f"{device} {phase}")
-            if self._reserved(device) is not None:
-                ys = [max(s[p].get(device, {}).get("reserved", 0) for p in PHASES) / MIB for s in self.steps]
-                top.plot(xs, ys, linestyle="--", label=f"{device} reserved")
-        top.set(xlabel="step", ylabel="peak MiB", title="Each step's peak memory (CPU: process resident set)")
-        top.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, never 0.5
-        if top.lines:
-            top.legend(fontsize="small")
-        else:
-            top.text(0.5, 0.5, "no training step completed", ha="center", va="center", transform=top.transAxes)
-        names = [r[0] for r in rows][::-1]
-        left = [0.0] * len(names)
-        for column, i in zip(BAR_COLUMNS, drawn, strict=True):
-            values = [r[i] for r in rows][::-1]
-            bottom.barh(names, values, left=left, label=column.removesuffix(" MiB"))
-            left = [a + b for a, b in zip(left, values, strict=True)]
-        bottom.set(xlabel="MiB", title="Per module")
-        if names:
-            bottom.legend(fontsize="small")
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=90)
+        # The bars' columns, a saved figure not measured drawn as no bar.
+        bars = [[r[0], *(r[header.index(c)] if isinstance(r[header.index(c)], int | float) else 0
+                         for c in BAR_COLUMNS)] for r in rows if r[0] != "total"]
+        bars = sorted((r for r in bars if any(r[1:])), key=lambda r: -sum(r[1:]))[:25]  # kept by what they show
+        # Module names are text, not markup: a ModuleDict key such as "a$\b$" is no TeX (its mathtext error failed the
+        # fit). Set for the texts savefig makes too, and restored after.
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            fig = Figure(figsize=(10, 4 + 0.3 * len(bars)))
+            FigureCanvasAgg(fig)  # attaches itself: savefig renders with Agg
+            top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, max(2, 0.3 * len(bars))]})
+            xs = [s["step"] for s in self.steps]
+            for device in self._devices():
+                for phase in PHASES:
+                    ys = [s[phase].get(device, {}).get("allocated", 0) / MIB for s in self.steps]
+                    top.plot(xs, ys, marker=".", label=f"{device} {phase}")
+                if self._reserved(device) is not None:
+                    ys = [max(s[p].get(device, {}).get("reserved", 0) for p in PHASES) / MIB for s in self.steps]
+                    top.plot(xs, ys, linestyle="--", label=f"{device} reserved")
+            top.set(xlabel="step", ylabel="peak MiB", title="Each step's peak memory (CPU: process resident set)")
+            top.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, never 0.5
+            if top.lines:
+                top.legend(fontsize="small")
+            else:
+                top.text(0.5, 0.5, "no training step completed", ha="center", va="center", transform=top.transAxes)
+            names = [r[0] for r in bars][::-1]
+            left = [0.0] * len(names)
+            for i, column in enumerate(BAR_COLUMNS, start=1):
+                values = [r[i] for r in bars][::-1]
+                bottom.barh(names, values, left=left, label=column.removesuffix(" MiB"))
+                left = [a + b for a, b in zip(left, values, strict=True)]
+            bottom.set(xlabel="MiB", title="Per module")
+            if names:
+                bottom.legend(fontsize="small")
+            fig.tight_layout()
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=90)
         return buffer.getvalue()
 
     def write(self, directory: str | Path) -> dict[str, Path]:
         """Writes ``memory_report.md``, ``.png``, ``.html`` (the page embeds the plot) and ``memory_steps.csv``;
-        returns the paths."""
+        returns the paths. A plot that cannot be drawn is logged as a warning, and the rest is written without it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = {"md": directory / REPORT_MD, "png": directory / REPORT_PNG, "html": directory / REPORT_HTML,
                  "csv": directory / self.steps_file}
         paths["md"].write_text(self.markdown())
         paths["csv"].write_text(self.steps_csv())
-        png = self.plot_png()
+        png, no_plot = None, ""
+        try:
+            png = self.plot_png()
+        except Exception as failure:  # noqa: BLE001 - the tables are written; a plot must not fail a finished fit
+            no_plot = f"No plot: drawing it failed with {failure!r}."
+            log.warning(f"hetrain: the memory report's plot {paths['png']} could not be drawn ({failure!r}); the "
+                        f"tables are in {paths['md']} and {paths['html']}")
+            paths.pop("png").unlink(missing_ok=True)  # an earlier run's plot is not this one's
+        else:
+            paths["png"].write_bytes(png)
+        paths["html"].write_text(self.html(png, no_plot))
+        return paths
         paths["png"].write_bytes(png)
         paths["html"].write_text(self.html(png))
         return paths

@@ -23,7 +23,7 @@ from hetrain.nn._share import observer
 from hetrain.nn.patch_sequences import FUSING_CONTAINERS
 
 MIB = 2**20
-OUTSIDE = "(training_step, outside modules)"
+NOT_MEASURED = "not measured"
 
 
 @dataclass
@@ -34,6 +34,9 @@ class ModuleRecord:
     grads: int = 0
     outputs: int = 0
     saved: int = 0  # saved for backward while this module ran: the activations it keeps alive
+    # What it saved was not seen: a forward ran under another saved-tensors hook (save_on_cpu, activation
+    # checkpointing), which decides what is kept, or compiled with no module running eagerly around it.
+    saved_unseen: bool = False
     cuda_delta: int | None = None  # allocated bytes after its forward minus before (CUDA modules)
 
     def merge(self, other: ModuleRecord) -> None:
@@ -50,6 +53,20 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _in_functorch_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) runs now: what a module computes inside one is the
+    transform's, and its grad and vjp refuse saved-tensors hooks."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _enclosing(name: str) -> list[str]:
+    """The modules around module ``name``: the root and each dotted prefix."""
+    if name == ROOT:
+        return []
+    parts = name.split(".")
+    return [ROOT, *(".".join(parts[:i]) for i in range(1, len(parts)))]
+
+
 def _tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in ``obj``; a lazy module's parameter not materialised yet holds none."""
     return sum(_nbytes(t) for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and not is_lazy(t))
@@ -63,20 +80,24 @@ class ModuleMemory:
     forwards, each with its backward (manual optimization), calls :meth:`resume` after each backward.
 
     Notes:
-        No byte is counted twice: parameters and gradients go to the module that owns them (a tied
-        weight to the first that does, in ``named_modules`` order), outputs to modules without
-        children (a storage's whole size, once: the views ``chunk`` returns count it once, and a module's
-        input passed on, or a view of it, adds nothing), the CUDA delta to modules without children too,
-        and a tensor saved for backward (found with ``torch.autograd.graph.saved_tensors_hooks``, once per
-        storage, parameters and buffers excluded) to the innermost module running when it was saved, e.g.
-        an attention block for its ``scaled_dot_product_attention``. Tensors saved outside every module (the loss
-        in ``training_step``) get their own row; the model itself is ``(root)``. A module compiled with
-        ``torch.compile`` runs as one graph with no submodules: what it saves goes to the nearest module
-        outside it that runs eagerly (:meth:`compiled_note`). A hetrain fused block (``ConvBNReLUPool2d``,
-        ``ConvReLUPool2d``, a patched Sequential) is measured as one module, as it runs: the children its kernel
-        computes are not called, so what that kernel makes (its output, what it saves) goes to the block, and those
-        children keep their parameters and gradients (:meth:`fused_note`). The hooks leave it fused: measuring does
-        not change the numbers a step computes.
+        No byte is counted twice: parameters and gradients go to the module that owns them (a tied weight to the
+        first that does, in ``named_modules`` order), outputs to modules without children (a storage's whole size,
+        once: the views ``chunk`` returns count it once, and a module's input passed on, or a view of it, adds
+        nothing), the CUDA delta to modules without children too, and a tensor saved for backward (found with
+        ``torch.autograd.graph.saved_tensors_hooks``, once per storage, parameters and buffers excluded) to the
+        innermost module running when it was saved, e.g. an attention block for its
+        ``scaled_dot_product_attention``; the model itself is ``(root)``. That hook is on only while a module's
+        forward runs, so ``torch.func`` in ``training_step`` works, and what ``training_step`` saves outside every
+        module (a loss's inputs) is not counted. A module's saved tensors are not measured (:meth:`saved_note`) when
+        its forward runs under another saved-tensors hook (the user's ``save_on_cpu``, activation checkpointing),
+        which alone is called and decides what is kept; a module called inside a ``torch.func`` transform is not
+        measured, as what it makes there is the transform's. A module compiled with ``torch.compile`` runs as one
+        graph with no submodules: what it saves goes to the nearest module outside it that runs eagerly
+        (:meth:`compiled_note`). A hetrain fused block (``ConvBNReLUPool2d``, ``ConvReLUPool2d``, a patched
+        Sequential) is measured as one module, as it runs: the children its kernel computes are not called, so what
+        that kernel makes (its output, what it saves) goes to the block, and those children keep their parameters
+        and gradients (:meth:`fused_note`). The hooks leave it fused: measuring does not change the numbers a step
+        computes.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -103,7 +124,13 @@ class ModuleMemory:
         self._outputs_seen: set[StorageWeakRef] = set()
         # Modules whose parameters or buffers were lazy (nn.LazyLinear) at start: held once their forward made them.
         self._lazy: set[str] = set()
+        # Autograd calls the pack hook from a compiled module's runtime too; left to dynamo, that call would be
+        # compiled as a frame of its own, and a traced _pack counts nothing. One object, to know it on the stack.
+        self._pack_hook = torch.compiler.disable(self._pack)
         self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._opened_at = 0  # depth of the module stack where the outermost measured forward opened the hooks
+        self.transformed: set[str] = set()  # modules called inside a torch.func transform in a measured step
+        self._transformed: set[str] = set()  # in this step
         self._watching = False  # during the step's forwards (not its backwards, nor later micro-batches)
 
     @property
@@ -121,7 +148,7 @@ class ModuleMemory:
 
     def start(self) -> None:
         # Parameters are counted at stop: a lazy module's are made by its first forward.
-        self._step = {name: ModuleRecord() for name in [*self.rows, OUTSIDE]}
+        self._step = {name: ModuleRecord() for name in self.rows}
         self._hold([*self.model.parameters(), *self.model.buffers()])
         self._lazy = {name for name, m in self.rows.items()
                       if any(is_lazy(t) for t in [*m.parameters(False), *m.buffers(False)])}
@@ -142,18 +169,37 @@ class ModuleMemory:
     def resume(self) -> None:
         """Watches the forward (again, after :meth:`forward_done`): under manual optimization a step runs several
         forwards, each followed by a backward, which is not watched."""
-        if not self.active or self._watching:
+        if self.active:
+            self._watching = True
+
+    def _open_saved_hooks(self, name: str) -> None:
+        """Sees what ``name``'s forward saves for backward: opens the pack hook for the outermost module's forward
+        (not the whole step's: ``torch.func``'s grad refuses to run under a saved-tensors hook, and a user's hook
+        pushed in ``training_step`` would sit over it), or marks ``name``'s saved tensors as not measured where
+        another hook is on top, or saved-tensors hooks are disabled."""
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if top is not None and top[0] is self._pack_hook:  # an enclosing module's forward opened them
             return
-        # Autograd calls the pack hook from a compiled module's runtime too; left to dynamo, that call would be
-        # compiled as a frame of its own, and a traced _pack counts nothing.
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(torch.compiler.disable(self._pack), lambda t: t)
+        if top is not None or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+            # Pushed over the user's, ours alone would be called: their offload or checkpoint would not happen.
+            self._step[name].saved_unseen = True
+            return
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack_hook, lambda t: t)
         self._saved_hooks.__enter__()
-        self._watching = True
+        self._opened_at = len(self._stack)
+
+    def _close_saved_hooks(self) -> None:
+        if self._saved_hooks is not None:
+            self._saved_hooks.__exit__(None, None, None)
+            self._saved_hooks = None
 
     def _pre(self, name: str):
         @observer
         def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             if not self._watching or torch.compiler.is_compiling():  # see _post
+                return
+            if _in_functorch_transform():  # see _post
+                self._transformed.add(name)
                 return
             if name in self._lazy:  # its own pre-hook, registered before this one, has just made them
                 self._lazy.discard(name)
@@ -163,6 +209,7 @@ class ModuleMemory:
                 self._step[parent].outputs += self._new_output_bytes((args, kwargs))
             else:
                 self._mark_as_counted((args, kwargs))  # made before this module: returned on, it is not its output
+            self._open_saved_hooks(name)
             self._stack.append(name)
             self._entered.add(name)
             param = next(module.parameters(), None)
@@ -175,11 +222,15 @@ class ModuleMemory:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             # Inside a compiled module dynamo traces these hooks, and their allocator reads broke its graph: the
             # step measured was not the step that runs. Traced, they do nothing: the compiled graph has no
-            # submodules, and what it saves for backward goes to the nearest module that runs eagerly.
-            if not self._watching or torch.compiler.is_compiling():
+            # submodules, and what it saves for backward goes to the nearest module that runs eagerly. Inside a
+            # torch.func transform (a functional_call under grad) what it makes is the transform's, freed when that
+            # returns: not the step's outputs or activations.
+            if not self._watching or torch.compiler.is_compiling() or _in_functorch_transform():
                 return
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
+            if len(self._stack) == self._opened_at:
+                self._close_saved_hooks()
             record = self._step[name]
             if name in self.leaves or name in self.fused:  # a block run module by module adds nothing here
                 record.outputs += self._new_output_bytes(output)
@@ -225,15 +276,13 @@ class ModuleMemory:
         key = StorageWeakRef(storage)
         if key not in self._seen:
             self._seen.add(key)
-            self._step[self._stack[-1] if self._stack else OUTSIDE].saved += storage.nbytes()
+            self._step[self._stack[-1]].saved += storage.nbytes()
         return tensor
 
     def forward_done(self) -> None:
         """Stops watching the forward; tensors already saved keep their (identity) unpack hook."""
         self._watching = False
-        if self._saved_hooks is not None:
-            self._saved_hooks.__exit__(None, None, None)
-            self._saved_hooks = None
+        self._close_saved_hooks()  # a forward that raised past its module's hook
 
     def backward_done(self) -> None:
         """Counts the gradients; called again (manual optimization, one call per optimizer), it keeps the most each
@@ -255,19 +304,28 @@ class ModuleMemory:
         self._outputs_seen.clear()
         self._lazy.clear()
         entered, self._entered = self._entered, set()
+        transformed, self._transformed = self._transformed, set()
         if keep:
+            self.transformed |= transformed
             self.ran_fused |= {name for name, children in self.fused.items()
                                if name in entered and not entered.issuperset(children)}
+            for name in self._compiled():  # no module ran eagerly around its graph to open the pack hook
+                if not entered.intersection(_enclosing(name)):
+                    self._step[name].saved_unseen = True
             for name, params in self._owned_parameters().items():
                 self._step[name].params = _tensor_bytes(params)
             for name, record in self._step.items():
                 self.records.setdefault(name, ModuleRecord()).merge(record)
         self._step = {}
 
+    def _compiled(self) -> list[str]:
+        """The modules compiled with torch.compile, not those inside one."""
+        compiled = [name for name, m in self.rows.items() if getattr(m, "_compiled_call_impl", None) is not None]
+        return [n for n in compiled if not any(n.startswith(f"{c}.") for c in compiled if c != ROOT)]
+
     def compiled_note(self) -> str:
         """A line naming the compiled modules, whose insides the table cannot show; empty when there are none."""
-        compiled = [name for name, m in self.rows.items() if getattr(m, "_compiled_call_impl", None) is not None]
-        compiled = [n for n in compiled if not any(n.startswith(f"{c}.") for c in compiled if c != ROOT)]
+        compiled = self._compiled()
         if not compiled:
             return ""
         return (f"Compiled with torch.compile: {', '.join(compiled)}. Each runs as one graph, so its submodules have "
@@ -283,6 +341,22 @@ class ModuleMemory:
                 "kernel without calling them: the outputs and tensors saved for backward of those children are "
                 "counted under the block, and their own rows hold only their parameters and gradients.")
 
+    def saved_note(self) -> str:
+        """What the saved-for-backward column leaves out: training_step's own saves, modules whose saved tensors
+        another hook took, and calls inside torch.func transforms."""
+        note = ("Saved for backward: what each module saves while its forward runs; what training_step saves "
+                "outside every module (a loss's inputs) is not counted.")
+        unseen = [name for name, r in self.records.items() if r.saved_unseen]
+        if unseen:
+            note += (f" {NOT_MEASURED.capitalize()}: {', '.join(unseen)}: their forward ran under another "
+                     "saved-tensors hook (torch.autograd.graph.save_on_cpu, activation checkpointing), which decides "
+                     "what is kept, or ran compiled with no module running eagerly around it; the total leaves them "
+                     "out.")
+        if self.transformed:
+            note += (f" Called inside a torch.func transform: {', '.join(sorted(self.transformed))}. What those "
+                     "calls make is the transform's, freed when it returns, and is not counted.")
+        return note
+
     def table(self) -> tuple[list[str], list[list[Any]]]:
         """Header and rows in MiB, largest total first, with a total row last; the CUDA column only where a
         module ran on a GPU (on a CPU-only run it would be n/a throughout)."""
@@ -292,12 +366,15 @@ class ModuleMemory:
         rows, totals = [], [0, 0, 0, 0]
         types = {name: type(m).__name__ for name, m in self.rows.items()}
         for name, r in self.records.items():
-            values = [r.params, r.grads, r.outputs, r.saved]
-            if not any(values) and not r.cuda_delta:
+            values = [r.params, r.grads, r.outputs, 0 if r.saved_unseen else r.saved]
+            if not any(values) and not r.cuda_delta and not r.saved_unseen:
                 continue
             totals = [a + b for a, b in zip(totals, values, strict=True)]
+            shown: list[Any] = [round(v / MIB, 3) for v in values]
+            if r.saved_unseen:  # not 0: what the other hook kept is not known
+                shown[-1] = NOT_MEASURED
             delta = ["n/a" if r.cuda_delta is None else round(r.cuda_delta / MIB, 3)] if cuda else []
-            rows.append([name, types.get(name, ""), *(round(v / MIB, 3) for v in values), *delta, sum(values)])
+            rows.append([name, types.get(name, ""), *shown, *delta, sum(values)])
         rows.sort(key=lambda row: -row[-1])
         rows = [row[:-1] for row in rows]
         rows.append(["total", "", *(round(v / MIB, 3) for v in totals), *([""] if cuda else [])])

@@ -22,7 +22,7 @@ import threading
 import time
 import typing
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -46,6 +46,7 @@ from typing_extensions import override
 from hetrain import cpu_memory, plugins
 from hetrain.callbacks.precision import run_precision, trainer_precision
 from hetrain.callbacks.profiling import StepTrace
+from hetrain.child_watch import watching_launched_ranks
 from hetrain.data.datamodule import check_token_budget
 from hetrain.host_copies import release_all
 from hetrain.placement import resolve_plan
@@ -70,6 +71,9 @@ _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 # How long a rank that finished waits for the others to say how they ended (one killed after the last collective
 # never says).
 _OUTCOME_WAIT_S = 120.0
+# How long rank 0 has to end its run (its summary written) from the exit of a rank it launched that failed, before
+# its watch ends every rank (hetrain.child_watch): the wait for the outcomes, with a minute for the end of its fit.
+_RECORD_WAIT_S = _OUTCOME_WAIT_S + 60.0
 _runs = itertools.count()  # run() calls in this process: every rank of a sweep makes the same ones, in order
 _BROKEN_GROUP = "a DDP job failed and left its process group broken"
 _SIGTERM_AFTER_FIT = "SIGTERM after training finished: the summary is complete, the run ends here (exit 143)"
@@ -85,6 +89,7 @@ class _FitState:
     returned: bool = False  # training ended: a SIGTERM is recorded (``sigterm``), the run finishes its summary
     sigterm: bool = False
     run: int = -1  # this process's count of run() calls: every rank of a DDP sweep is to be on the same
+    ended: threading.Event = field(default_factory=threading.Event)  # set when run() ends: see child_watch
 
 
 _fit = _FitState()  # reset by run()
@@ -524,7 +529,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         os.environ[_LAUNCHER_PID] = str(os.getpid())  # inherited by the ranks the fit launches: _end_with_launcher
         fitted = False
         try:
-            parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+            # Lightning launches the other ranks in a sweep's first fit only: the watch reads the run in progress.
+            with watching_launched_ranks(lambda: _fit.ended, _RECORD_WAIT_S):
+                parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
             fitted = True
             _fit.running, _fit.returned = False, True
         except SystemExit as exc:  # how Lightning ends a fit on SIGTERM, or on Ctrl-C pressed twice
@@ -801,13 +808,16 @@ def run(cfg: DictConfig) -> float | None:
     # Only the main thread may set signal handlers. The other ranks of a DDP fit keep the default: rank 0's end
     # sends them SIGTERM (_end_with_launcher), which must end one blocked in a collective or in connecting to rank
     # 0, where a Python handler would only run once that call returned.
-    if threading.current_thread() is not threading.main_thread() or rank_zero_only.rank != 0:
-        return _run(cfg)
-    previous = signal.signal(signal.SIGTERM, _sigterm_ends_the_run)
     try:
-        value = _run(cfg)
+        if threading.current_thread() is not threading.main_thread() or rank_zero_only.rank != 0:
+            return _run(cfg)
+        previous = signal.signal(signal.SIGTERM, _sigterm_ends_the_run)
+        try:
+            value = _run(cfg)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        _fit.ended.set()
     if _fit.sigterm:  # recorded after _run last looked (freeing a failed job's model, returning): it ends here
         log.warning(f"hetrain: {_SIGTERM_AFTER_FIT}")
         _end_stopped_sweep()

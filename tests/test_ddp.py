@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hetrain.child_watch import ChildWatch
 from hetrain.data import SyntheticDataModule, TokenBudgetBatchSampler
 from hetrain.models.bert import BertClassifier
 from hetrain.train import _PEER_ENDED
@@ -427,3 +429,66 @@ def test_a_failure_on_rank_1_after_the_last_collective_fails_the_run(tmp_path):
     error = "RuntimeError: failure injected on rank 1 in on_fit_end"
     assert (summary["status"], summary["error"], summary["steps"]) == ("failed", error, 2), summary
     assert summary["other_ranks"] == {"rank 1 (train_ddp_process_1.log)": error}  # under torchrun both log to train.log
+
+
+@pytest.mark.parametrize(("hook", "fail", "expected"), [
+    ("on_exception", ["+callbacks.fail_at._target_=tests.fixtures.fail_at.FailAt", "+callbacks.fail_at.step=1",
+                      "+callbacks.fail_at.rank=1"],
+     {"train_ddp_process_1.log": "RuntimeError: failure injected on rank 1 at step 1"}),
+    ("on_fit_end", ["+callbacks.late._target_=late_failure.FailAtFitEnd"],
+     {"rank 1 (train_ddp_process_1.log)": "RuntimeError: failure injected on rank 1 in on_fit_end"}),
+])
+def test_rank_0_records_rank_1s_failure_however_long_its_fit_takes_to_end(tmp_path, hook, fail, expected):
+    """Lightning's observer SIGKILLed rank 0 within 5 s of rank 1 exiting with an error: a rank 0 still in its
+    on_exception hooks or its fit's end (a loaded machine, a large checkpoint) left no summary and exited -9."""
+    (tmp_path / "late_failure.py").write_text(FAIL_AT_FIT_END)
+    run = subprocess.run(
+        [sys.executable, "train.py", "recipe=bert_split", "trainer.accelerator=cpu", "trainer.devices=2",
+         "+trainer.strategy=ddp", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.train_size=64",
+         "data.val_size=16", "threads=1", "callbacks.memory_profiler=null", "callbacks.progress_bar=null",
+         f"hydra.run.dir={tmp_path / 'run'}", "+callbacks.slow._target_=tests.fixtures.slow_rank0.Rank0Outlasts",
+         f"+callbacks.slow.hook={hook}", *fail],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert run.returncode == 1, (run.stdout + run.stderr)[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["other_ranks"] == expected, summary
+
+
+def _exiting(code: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+
+
+@pytest.mark.parametrize("run_ends", [True, False])
+def test_the_child_watch_ends_every_rank_once_rank_0_ended_its_run_or_after_its_grace(caplog, run_ends):
+    """Sleeping processes stand in for rank 0 and for a rank 2 still running, which the watch may kill."""
+    rank0, rank2 = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2))
+    ended = threading.Event()
+    try:
+        watch = ChildWatch([_exiting(3), rank2], rank0.pid, lambda: ended, grace_s=60 if run_ends else 0.5,
+                           exit_s=0.1, period_s=0.05)
+        watch.start()
+        if run_ends:
+            _wait_for(lambda: "local rank 1 ended with code 3" in caplog.text, 10, "the watch to see rank 1 end")
+            assert rank0.poll() is None and rank2.poll() is None  # rank 0 is recording the failure
+            ended.set()
+        watch.join(timeout=10)
+        assert rank0.wait(timeout=10) == rank2.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        for process in (rank0, rank2):
+            process.kill()
+            process.wait()
+    said = "rank 0 did not exit within 0 s of ending its run" if run_ends else "rank 0 did not end its run within 0 s"
+    assert said in caplog.text
+
+
+def test_the_child_watch_leaves_rank_0_alone_when_every_rank_exits_0():
+    rank0 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        watch = ChildWatch([_exiting(0), _exiting(0)], rank0.pid, threading.Event, grace_s=0, period_s=0.05)
+        watch.start()
+        watch.join(timeout=10)
+        assert not watch.is_alive() and rank0.poll() is None
+    finally:
+        rank0.kill()
+        rank0.wait()

@@ -23,6 +23,7 @@ from hetrain.callbacks.churn import OUTSIDE, ROOT, Allocation, ChurnTracker, chu
 from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler
 from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, STEPS_CSV, MemoryReport
 from hetrain.callbacks.module_memory import NOT_MEASURED, ModuleMemory, optimizer_state_bytes
+from hetrain.callbacks.module_memory import OUTSIDE as OUTSIDE_MODULES
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.memory_counters import PhaseMemory, forget_erased_peak, peak_rss_bytes, reset_peak_rss, rss_bytes
 from hetrain.nn import ConvBNReLUPool2d
@@ -266,6 +267,75 @@ def test_torch_func_in_training_step_runs_under_the_module_hooks_and_its_calls_a
     assert with_func.modules.records == plain.modules.records and plain.modules.records["net.0"].saved > 0
     assert with_func.modules.transformed == {"net", "net.0", "net.1", "net.2"}
     assert "Called inside a torch.func transform: net, net.0" in (tmp_path / "func" / REPORT_MD).read_text()
+
+
+ROWS, VOCAB = 4096, 64  # a language model's logits, small: their log-softmax is 1 MiB
+
+
+class LogitsLoss(Regressor):
+    """Cross-entropy over logits made in training_step, outside every module, as a language model's loss is."""
+
+    def __init__(self, cross_entropy: bool):
+        super().__init__()
+        self.cross_entropy = cross_entropy
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        logits = self.net(x).mean() + torch.zeros(ROWS, VOCAB)
+        if self.cross_entropy:  # keeps its log-softmax and the targets for backward
+            return F.cross_entropy(logits, torch.zeros(ROWS, dtype=torch.long))
+        return logits.mean()  # keeps nothing
+
+
+def test_what_training_step_saves_outside_every_module_has_its_own_row(tmp_path):
+    """The saved-tensors hook opened only in module forwards: the loss's log-softmax, often a language model's largest
+    activation, was counted nowhere."""
+    with_ce, without = (MemoryProfiler(module_every_n_steps=1, churn_steps=0) for _ in range(2))
+    _fit(LogitsLoss(cross_entropy=True), with_ce, tmp_path / "ce", batches=2)
+    _fit(LogitsLoss(cross_entropy=False), without, tmp_path / "mean", batches=2)
+    outside = [p.modules.records[OUTSIDE_MODULES].saved for p in (with_ce, without)]
+    assert outside[0] - outside[1] == 4 * ROWS * VOCAB + 8 * ROWS + 4  # log-softmax, targets, nll_loss's total weight
+    assert outside[1] <= 8  # Lightning's loss / accumulate_grad_batches keeps the divisor, a 0-dim int64
+    # Read from the loss's graph, after the modules' rows: those are as they were, and nothing is counted twice.
+    modules = [{k: v for k, v in p.modules.records.items() if k != OUTSIDE_MODULES} for p in (with_ce, without)]
+    assert modules[0] == modules[1] and modules[0]["net.0"].saved == _nbytes(torch.empty(BATCH, IN))
+    text = (tmp_path / "ce" / REPORT_MD).read_text()
+    assert f"| {OUTSIDE_MODULES} |  | 0 | 0 | 0 | {round(outside[0] / 2**20, 3)} |" in text
+    assert "not counted" not in text
+
+
+def test_what_training_step_saves_under_its_own_hook_is_not_measured_and_not_unpacked():
+    """Read from the graph, a tensor saved under a user's hook (save_on_cpu) would be unpacked: copied back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 4))
+    unpacked = []
+    tracker = ModuleMemory(model)
+    tracker.start()
+    logits = model(torch.randn(BATCH, IN))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: unpacked.append(t) or t):
+        loss = F.cross_entropy(logits, torch.zeros(BATCH, dtype=torch.long))
+    tracker.forward_done(loss)
+    assert not unpacked
+    loss.backward()
+    tracker.stop()
+    header, rows = tracker.table()
+    saved = {row[0]: row[header.index("saved for backward MiB")] for row in rows}
+    assert saved[OUTSIDE_MODULES] == NOT_MEASURED and tracker.records["1"].saved == 4 * BATCH * HIDDEN
+    assert f"{OUTSIDE_MODULES} not measured: training_step saved tensors under its own" in tracker.saved_note()
+
+
+def test_what_a_module_under_vmap_saves_is_not_counted_outside_modules():
+    """Called under vmap, a module opens no pack hook; what it saves in the step's graph is not training_step's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 1))
+    tracker = ModuleMemory(model)
+    tracker.start()
+    loss = vmap(model)(torch.randn(BATCH, IN)).sum()  # keeps each Linear's input and Tanh's result
+    tracker.forward_done(loss)
+    loss.backward()
+    tracker.stop()
+    assert tracker.transformed == {ROOT, "0", "1", "2"} and tracker.records[OUTSIDE_MODULES].saved == 0
+    assert not tracker.records[OUTSIDE_MODULES].saved_unseen
 
 
 @pytest.mark.parametrize("fused", ["ConvBNReLUPool2d", "patched Sequential"])
@@ -1404,6 +1474,7 @@ def test_manual_optimization_measures_the_forwards_after_the_first_backward(tmp_
     assert r["net.1"].saved == r["net.0"].outputs == 4 * BATCH * HIDDEN and r["net.0"].saved == _nbytes(
         torch.empty(BATCH, IN))
     assert r["net2.0"].grads == _nbytes(*model.net2[0].parameters())
+    assert r[OUTSIDE_MODULES].saved == 3 * 4 * BATCH  # each mse_loss's prediction, and the targets once
     assert r["net.0"].grads == _nbytes(*model.net[0].parameters())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None

@@ -333,8 +333,8 @@ class MemoryProfiler(Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         self._close("forward")
         self._phase = "backward"
-        if self.modules.active:
-            self.modules.forward_done()
+        if self.modules.active:  # what the loss's graph saved outside every module is counted now, before backward
+            self.modules.forward_done(loss)
         if pl_module.automatic_optimization:
             self._measuring_forwards = False
 

@@ -255,6 +255,3 @@ class MemoryReport:
             paths["png"].write_bytes(png)
         paths["html"].write_text(self.html(png, no_plot))
         return paths
-        paths["png"].write_bytes(png)
-        paths["html"].write_text(self.html(png))
-        return paths

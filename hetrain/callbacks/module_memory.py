@@ -6,6 +6,9 @@ No Trainer needed: :class:`ModuleMemory` hooks a model for one forward and backw
 
 from __future__ import annotations
 
+import functools
+import math
+from bisect import bisect_right
 from collections import defaultdict
 from contextlib import suppress
 from dataclasses import dataclass, fields
@@ -24,6 +27,12 @@ from hetrain.nn.patch_sequences import FUSING_CONTAINERS
 
 MIB = 2**20
 NOT_MEASURED = "not measured"
+OUTSIDE = "(training_step, outside modules)"
+# Autograd nodes that keep what they saved where Python cannot read it: a C++ custom autograd Function (a hetrain
+# fused op's C++ backend) and an in-place op on a view, whose node holds that op's own node inside.
+_OPAQUE_NODES = ("torch::autograd::CppNode<", "torch::autograd::CopySlices")
+# Reading a saved tensor without unpacking it: its unpack hook and what was packed (in torch 2.13, not in every torch).
+_READS_SAVED = all(hasattr(torch._C._autograd.SavedTensor, a) for a in ("unpack_hook", "data"))
 
 
 @dataclass
@@ -59,6 +68,27 @@ def _in_functorch_transform() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
 
+def _unpacked(t: torch.Tensor) -> torch.Tensor:
+    """The pack hook's unpack: what it packed is the tensor itself. One function, to know the tensors it packed."""
+    return t
+
+
+@functools.cache
+def _raw_saved_names(node_type: type) -> tuple[str, ...]:
+    """The attributes of an autograd node type that give its saved tensors as packed, without unpacking them: one
+    per tensor a built-in node saves, ``_raw_saved_tensors`` for a custom autograd Function's."""
+    return tuple(a for a in dir(node_type) if a.startswith("_raw_saved_"))
+
+
+def _raw_saved(node: Any) -> list[Any]:
+    """The SavedTensor objects of ``node`` (a list-valued attribute flattened)."""
+    out = []
+    for attr in _raw_saved_names(type(node)):
+        value = getattr(node, attr)
+        out.extend(value if isinstance(value, list | tuple) else [value])
+    return [s for s in out if s is not None]
+
+
 def _enclosing(name: str) -> list[str]:
     """The modules around module ``name``: the root and each dotted prefix."""
     if name == ROOT:
@@ -75,7 +105,7 @@ def _tensor_bytes(obj: Any) -> int:
 class ModuleMemory:
     """Per-module memory of a model over one forward and backward, through hooks that exist only meanwhile.
 
-    Call :meth:`start` before the forward, :meth:`forward_done` after it (before backward),
+    Call :meth:`start` before the forward, :meth:`forward_done` after it (before backward, with the loss),
     :meth:`backward_done` after backward, and :meth:`stop` at the end (also after an error). A step of several
     forwards, each with its backward (manual optimization), calls :meth:`resume` after each backward.
 
@@ -87,13 +117,16 @@ class ModuleMemory:
         ``torch.autograd.graph.saved_tensors_hooks``, once per storage, parameters and buffers excluded) to the
         innermost module running when it was saved, e.g. an attention block for its
         ``scaled_dot_product_attention``; the model itself is ``(root)``. That hook is on only while a module's
-        forward runs, so ``torch.func`` in ``training_step`` works, and what ``training_step`` saves outside every
-        module (a loss's inputs) is not counted. A module's saved tensors are not measured (:meth:`saved_note`) when
-        its forward runs under another saved-tensors hook (the user's ``save_on_cpu``, activation checkpointing),
-        which alone is called and decides what is kept; a module called inside a ``torch.func`` transform is not
-        measured, as what it makes there is the transform's. A module compiled with ``torch.compile`` runs as one
-        graph with no submodules: what it saves goes to the nearest module outside it that runs eagerly
-        (:meth:`compiled_note`). A hetrain fused block (``ConvBNReLUPool2d``, ``ConvReLUPool2d``, a patched
+        forward runs, so ``torch.func`` in ``training_step`` works; what ``training_step`` saves outside every module
+        (a loss's inputs: cross-entropy's log-softmax over the logits) is read from the loss's autograd graph when
+        :meth:`forward_done` is given the loss, and is the row ``(training_step, outside modules)``. A module's saved
+        tensors are not measured (:meth:`saved_note`) when its forward runs under another saved-tensors hook (the
+        user's ``save_on_cpu``, activation checkpointing), which alone is called and decides what is kept; a module
+        called inside a ``torch.func`` transform is not measured, as what it makes there is the transform's. A
+        module compiled with ``torch.compile`` runs as one graph with no submodules: what it saves goes to the
+        nearest module outside it that runs eagerly (:meth:`compiled_note`); with none, it is not measured, and
+        neither is the outside row when the loss's graph holds a compiled graph's saved tensors outside every module
+        (they may be that module's). A hetrain fused block (``ConvBNReLUPool2d``, ``ConvReLUPool2d``, a patched
         Sequential) is measured as one module, as it runs: the children its kernel computes are not called, so what
         that kernel makes (its output, what it saves) goes to the block, and those children keep their parameters
         and gradients (:meth:`fused_note`). The hooks leave it fused: measuring does not change the numbers a step
@@ -129,6 +162,13 @@ class ModuleMemory:
         self._pack_hook = torch.compiler.disable(self._pack)
         self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._opened_at = 0  # depth of the module stack where the outermost measured forward opened the hooks
+        # Autograd sequence numbers [first, end) of the nodes made while a module's forward ran (measured or inside
+        # a torch.func transform), in order: the loss's graph nodes outside them were made by training_step.
+        self._module_spans: list[tuple[int, int]] = []
+        self._span_start, self._depth = 0, 0  # the span open now, and how many module forwards run in it
+        # Why the outside row is not measured: in a measured step, and in this step.
+        self.outside_unseen: set[str] = set()
+        self._outside_unseen: set[str] = set()
         self.transformed: set[str] = set()  # modules called inside a torch.func transform in a measured step
         self._transformed: set[str] = set()  # in this step
         self._watching = False  # during the step's forwards (not its backwards, nor later micro-batches)
@@ -148,7 +188,7 @@ class ModuleMemory:
 
     def start(self) -> None:
         # Parameters are counted at stop: a lazy module's are made by its first forward.
-        self._step = {name: ModuleRecord() for name in self.rows}
+        self._step = {name: ModuleRecord() for name in [*self.rows, OUTSIDE]}
         self._hold([*self.model.parameters(), *self.model.buffers()])
         self._lazy = {name for name, m in self.rows.items()
                       if any(is_lazy(t) for t in [*m.parameters(False), *m.buffers(False)])}
@@ -184,7 +224,7 @@ class ModuleMemory:
             # Pushed over the user's, ours alone would be called: their offload or checkpoint would not happen.
             self._step[name].saved_unseen = True
             return
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack_hook, lambda t: t)
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack_hook, _unpacked)
         self._saved_hooks.__enter__()
         self._opened_at = len(self._stack)
 
@@ -198,6 +238,7 @@ class ModuleMemory:
         def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             if not self._watching or torch.compiler.is_compiling():  # see _post
                 return
+            self._enter_span()
             if _in_functorch_transform():  # see _post
                 self._transformed.add(name)
                 return
@@ -225,7 +266,10 @@ class ModuleMemory:
             # submodules, and what it saves for backward goes to the nearest module that runs eagerly. Inside a
             # torch.func transform (a functional_call under grad) what it makes is the transform's, freed when that
             # returns: not the step's outputs or activations.
-            if not self._watching or torch.compiler.is_compiling() or _in_functorch_transform():
+            if not self._watching or torch.compiler.is_compiling():
+                return
+            self._exit_span()
+            if _in_functorch_transform():
                 return
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
@@ -243,6 +287,25 @@ class ModuleMemory:
                 delta = torch.cuda.memory_allocated(param.device) - self._before.pop(name)
                 record.cuda_delta = delta + (record.cuda_delta or 0)
         return hook
+
+    def _enter_span(self) -> None:
+        """A module's forward begins: the outermost opens a span of the nodes it makes."""
+        if self._depth == 0:
+            self._span_start = torch.autograd._get_sequence_nr()
+        self._depth += 1
+
+    def _exit_span(self) -> None:
+        if self._depth == 0:  # its forward began before the step was watched
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._module_spans.append((self._span_start, torch.autograd._get_sequence_nr()))
+
+    def _made_in_a_module(self, node: Any) -> bool:
+        """Whether autograd made ``node`` while a module's forward ran (an AccumulateGrad's number is past all)."""
+        sequence_nr = node._sequence_nr()
+        i = bisect_right(self._module_spans, (sequence_nr, math.inf)) - 1
+        return i >= 0 and sequence_nr < self._module_spans[i][1]
 
     def _mark_as_counted(self, tensors: Any) -> None:
         for t in tree_leaves(tensors):
@@ -279,10 +342,73 @@ class ModuleMemory:
             self._step[self._stack[-1]].saved += storage.nbytes()
         return tensor
 
-    def forward_done(self) -> None:
-        """Stops watching the forward; tensors already saved keep their (identity) unpack hook."""
-        self._watching = False
+    def forward_done(self, loss: torch.Tensor | None = None) -> None:
+        """Stops watching the forward; tensors already saved keep their (identity) unpack hook. Given the forward's
+        ``loss``, counts into the outside row what its autograd graph saved outside every module's forward."""
+        watched, self._watching = self._watching, False
         self._close_saved_hooks()  # a forward that raised past its module's hook
+        if self._depth:  # likewise
+            self._depth = 0
+            self._module_spans.append((self._span_start, torch.autograd._get_sequence_nr()))
+        if watched and loss is not None and loss.grad_fn is not None:
+            self._count_saved_outside(loss.grad_fn)
+
+    def _count_saved_outside(self, root: Any) -> None:
+        """Adds to the outside row the storages saved by the nodes of ``root``'s graph that training_step made
+        outside every module's forward, once each and not those the pack hook counted (parameters and buffers
+        neither). Read from the graph and not with a saved-tensors hook over the step: ``torch.func``'s grad refuses
+        to run under one, and a user's hook pushed in training_step would sit over it. A saved tensor is read as it
+        was packed (``_raw_saved_*``), never unpacked (``_saved_*``): a user's unpack (``save_on_cpu``'s) would copy
+        it back. What a node holds is not measured where a user's hook packed it, where Python cannot read it, or
+        where a compiled graph may be a compiled module's, run with no module eagerly around it. A custom autograd
+        Function's tensors kept as ctx attributes, not with ``save_for_backward``, are not seen."""
+        if not _READS_SAVED:
+            self._outside_unseen.add("this version of torch cannot read a saved tensor without unpacking it")
+            return
+        uncovered = [n for n in self._compiled() if not self._entered.intersection(_enclosing(n))]
+        record = self._step[OUTSIDE]
+        visited, todo = set(), [root]
+        while todo:  # each node once; the nodes are released when this returns
+            node = todo.pop()
+            if node is None or node in visited:
+                continue
+            visited.add(node)
+            todo.extend(fn for fn, _ in node.next_functions)
+            if self._made_in_a_module(node):  # a module's: counted by the pack hook, or its row says not measured
+                continue
+            name = node.name()
+            if name.startswith(_OPAQUE_NODES):
+                self._outside_unseen.add(f"{name} keeps what it saved where it cannot be read (a C++ autograd "
+                                         "Function, such as a hetrain fused op's C++ backend, or an in-place op on "
+                                         "a view)")
+                return
+            try:
+                saved = _raw_saved(node)
+            except RuntimeError:  # a custom Function's, freed by an earlier backward (retain_graph=False)
+                continue
+            for packed in saved:
+                if packed.unpack_hook is _unpacked:  # the pack hook's: counted
+                    continue
+                if packed.unpack_hook is not None:
+                    self._outside_unseen.add("training_step saved tensors under its own saved-tensors hook "
+                                             "(torch.autograd.graph.save_on_cpu, activation checkpointing), which "
+                                             "decides what is kept")
+                    return
+                tensor = packed.data  # not unpacked: no hook, so what was saved; None when freed or undefined
+                try:
+                    storage = tensor.untyped_storage()
+                except (AttributeError, RuntimeError, NotImplementedError):  # None, sparse or storage-less
+                    continue
+                key = StorageWeakRef(storage)
+                if key in self._seen:
+                    continue
+                if uncovered and name.startswith("CompiledFunction"):
+                    self._outside_unseen.add(f"a compiled graph saved tensors outside every module, and "
+                                             f"{', '.join(uncovered)} runs compiled with no module eagerly around it: "
+                                             "they may be its")
+                    return
+                self._seen.add(key)
+                record.saved += storage.nbytes()
 
     def backward_done(self) -> None:
         """Counts the gradients; called again (manual optimization, one call per optimizer), it keeps the most each
@@ -295,6 +421,8 @@ class ModuleMemory:
         """Removes every hook and, when ``keep``, folds this step into :attr:`records` (a failed step's are partial,
         so it is dropped)."""
         self.forward_done()
+        self._module_spans.clear()
+        outside_unseen, self._outside_unseen = self._outside_unseen, set()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -307,6 +435,8 @@ class ModuleMemory:
         transformed, self._transformed = self._transformed, set()
         if keep:
             self.transformed |= transformed
+            self.outside_unseen |= outside_unseen
+            self._step[OUTSIDE].saved_unseen = bool(outside_unseen)
             self.ran_fused |= {name for name, children in self.fused.items()
                                if name in entered and not entered.issuperset(children)}
             for name in self._compiled():  # no module ran eagerly around its graph to open the pack hook
@@ -342,11 +472,13 @@ class ModuleMemory:
                 "counted under the block, and their own rows hold only their parameters and gradients.")
 
     def saved_note(self) -> str:
-        """What the saved-for-backward column leaves out: training_step's own saves, modules whose saved tensors
-        another hook took, and calls inside torch.func transforms."""
-        note = ("Saved for backward: what each module saves while its forward runs; what training_step saves "
-                "outside every module (a loss's inputs) is not counted.")
-        unseen = [name for name, r in self.records.items() if r.saved_unseen]
+        """Where the saved-for-backward column's figures come from, and what it leaves out: modules whose saved
+        tensors another hook took, calls inside torch.func transforms, and training_step's saves it cannot read."""
+        note = (f"Saved for backward: what each module saves while its forward runs; {OUTSIDE}: what training_step "
+                "saved outside every module (a loss's inputs), read from the loss's autograd graph before backward.")
+        if self.outside_unseen:
+            note += f" {OUTSIDE} {NOT_MEASURED}: {'; '.join(sorted(self.outside_unseen))}."
+        unseen = [name for name, r in self.records.items() if r.saved_unseen and name != OUTSIDE]
         if unseen:
             note += (f" {NOT_MEASURED.capitalize()}: {', '.join(unseen)}: their forward ran under another "
                      "saved-tensors hook (torch.autograd.graph.save_on_cpu, activation checkpointing), which decides "

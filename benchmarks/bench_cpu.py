@@ -5,15 +5,17 @@ Run: ``make bench-cpu`` (or ``python -m benchmarks.bench_cpu``). Writes
 Every column runs on the same host allocator, by default hetrain's kept blocks as ``python train.py`` uses
 (``--cpu-malloc system``: torch's own). Bandwidth is set against a copy too large for the caches (DRAM), so a
 case that fits in cache can exceed 100%. A variant run names its file after itself (``-ops-cpu-quick``,
-``-ops-cpu-system-malloc``) and leaves RESULTS.md alone. A case that raises is recorded with its error while
-the others run on; the run then exits with status 1 naming it.
+``-ops-cpu-system-malloc``, and ``-ops-cpu-backend-torch`` where the environment sends an op to a backend other
+than the C++ kernels: HETRAIN_PREFER, a pin, hetrain._C missing or stale) and leaves RESULTS.md alone. Each row
+records the backend its "hetrain" column ran, the header hetrain._C's load status. A case that raises is recorded
+with its error while the others run on; the run then exits with status 1 naming it. Until the run completes its
+result is kept in ``<name>.partial.json``: one cut short never replaces the day's complete file.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +24,14 @@ import torch
 
 import hetrain
 from benchmarks import report
-from benchmarks.cases import Case, discover
-from benchmarks.cli import error_text, exit_if_any_failed, out_dir, result_file
+from benchmarks.cases import Case, backend_of, discover, extension_status
+from benchmarks.cli import error_text, exit_if_any_failed, out_dir, result_file, save_complete, save_partial
 from benchmarks.timing import copy_bandwidth_gbs, interleaved_ms
 from hetrain import cpu_memory
 from hetrain.device_info import host_description
 
 RESULTS = Path(__file__).parent / "results"
+CPP = "cpu"  # hetrain.plugins' name of the C++ CPU kernels' backend, the one this benchmark is about
 
 
 def run(quick: bool = False, cpu_malloc: str = "keep", save: Callable[[dict], None] = lambda result: None) -> dict:
@@ -42,12 +45,14 @@ def _run(quick: bool, cpu_malloc: str, save: Callable[[dict], None]) -> dict:
     copy_mib = 64 if quick else 256
     copy_gbs = copy_bandwidth_gbs("cpu", megabytes=copy_mib)
     rows: list[dict] = []
+    cases = discover("cpu")
+    backends = {case.op: backend_of(case, "cpu") for case in cases}
     result = {
         "date": dt.date.today().isoformat(), "device": host_description(), "torch": torch.__version__,
-        "hetrain": hetrain.__version__, "copy_gbs": copy_gbs, "copy_mib": copy_mib, "quick": quick,
-        "cpu_malloc": cpu_malloc, "rows": rows,
+        "hetrain": hetrain.__version__, "extension": extension_status(), "backends": backends,
+        "copy_gbs": copy_gbs, "copy_mib": copy_mib, "quick": quick, "cpu_malloc": cpu_malloc, "rows": rows,
     }
-    for case in discover("cpu"):
+    for case in cases:
         try:
             row = _measure(case, quick, copy_gbs)
         except Exception as exc:  # a compile or kernel error of one case must not lose the others' results
@@ -66,10 +71,17 @@ def _measure(case: Case, quick: bool, copy_gbs: float) -> dict:
     ours, moving = times["hetrain"], report.bandwidth_ms(times)
     fraction = report.copy_fraction(case.bytes_moved, moving, copy_gbs)
     return {
-        "op": case.op, "shape": case.shape, "dtype": case.dtype, "ms": times,
+        "op": case.op, "shape": case.shape, "dtype": case.dtype, "backend": backend_of(case, "cpu"), "ms": times,
         "speedup_vs_eager": times["eager"] / ours, "speedup_vs_compile": times["compile"] / ours,
-        "gbs": None if fraction is None else fraction * copy_gbs, "copy_fraction": fraction,
+        "bytes_moved": case.bytes_moved, "gbs": None if fraction is None else fraction * copy_gbs,
+        "copy_fraction": fraction,
     }
+
+
+def other_backends(result: dict) -> list[str]:
+    """The backends other than the C++ kernels that ``result``'s "hetrain" column ran, sorted: a run with any is a
+    variant (``-backend-<names>``), not the C++ kernels' timing RESULTS.md shows."""
+    return sorted({name for name in result.get("backends", {}).values() if name not in (None, CPP)})
 
 
 def main() -> None:
@@ -81,17 +93,22 @@ def main() -> None:
     args = parser.parse_args()
 
     def path_of(result: dict) -> Path:
+        others = other_backends(result)
         return result_file(args.out, result["date"], "ops-cpu", "quick" if args.quick else None,
-                           "system-malloc" if args.cpu_malloc == "system" else None)
+                           "system-malloc" if args.cpu_malloc == "system" else None,
+                           "-".join(["backend", *others]) if others else None)
 
-    def save(result: dict) -> None:
-        path_of(result).write_text(json.dumps(result, indent=2))
+    def save(result: dict) -> None:  # after every case, as <name>.partial.json: a run cut short keeps its cases
+        save_partial(path_of(result), result)
 
     result = run(quick=args.quick, cpu_malloc=args.cpu_malloc, save=save)
-    save(result)  # written even where no case ran
     path = path_of(result)
+    save_complete(path, result)  # written even where no case ran
     print(f"{report.dram_copy_text(result)}; wrote {path}")
-    if args.quick or args.cpu_malloc != "keep":
+    if others := other_backends(result):
+        print(f"a variant run: the hetrain column ran backend(s) {', '.join(others)}, not the C++ kernels "
+              f"({CPP!r}; hetrain._C: {result['extension']}); RESULTS.md's CPU table left alone")
+    elif args.quick or args.cpu_malloc != "keep":
         print("a variant run: RESULTS.md's CPU table shows full runs on the default allocator only, left alone")
     elif args.out.resolve() == RESULTS.resolve():  # RESULTS.md shows benchmarks/results only
         report.write_results_md(args.out)

@@ -7,20 +7,19 @@ best is reported; the loaders' epochs take turns over rounds, and each reports i
 does nothing, so the figures are assembly throughput alone. Host allocations per batch are counted with
 torch's profiler (in-process loaders only). Padding compares token-budget batches with fixed-size random
 batches of the same mean row count on Zipf-like lengths.
-A training-loop section feeds a loop with fixed compute per step (on the GPU when there is one) from each
-loader and from nothing: the data wait is one minus the ratio of their step rates; on CUDA it also times
-host-to-device copies from pageable and pinned memory. A last section reads a Dataset that tokenizes
-text in Python (GIL-bound) with RingLoader threads, RingLoader reader processes and DataLoader workers.
-Writes ``benchmarks/results/<date>-loader-<card>.json`` (``<card>``: the GPU's name, or ``cpu``); a run with
-flags other than the defaults names its file after them too (``-text-samples0``, ``-workers0-2``), so it never
-overwrites the day's full run.
+A training-loop section feeds a loop with fixed compute per step (on ``--device``: the GPU when there is one,
+``cuda:N`` that GPU) from each loader and from nothing: the data wait is one minus the ratio of their step rates;
+on CUDA it also times host-to-device copies from pageable and pinned memory. A last section reads a Dataset that
+tokenizes text in Python (GIL-bound) with RingLoader threads, RingLoader reader processes and DataLoader workers.
+Writes ``benchmarks/results/<date>-loader-<card>.json`` (``<card>``: the device's GPU's name, or ``cpu``); a run
+with flags other than the defaults names its file after them too (``-text-samples0``, ``-workers0-2``), so it
+never overwrites the day's full run. Until the run completes its result is kept in ``<name>.partial.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import tempfile
@@ -33,7 +32,17 @@ import torch
 from torch.utils.data import DataLoader
 
 import hetrain
-from benchmarks.cli import non_negative_int, out_dir, positive_float, positive_int, result_file
+from benchmarks.cli import (
+    check_device,
+    make_current,
+    non_negative_int,
+    out_dir,
+    positive_float,
+    positive_int,
+    result_file,
+    save_complete,
+    save_partial,
+)
 from hetrain.data.prefetch import DevicePrefetcher
 from hetrain.data.ring import PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
@@ -260,6 +269,7 @@ def training_loop(ds: TokenWindows, sampler: TokenBudgetBatchSampler, device: to
     DataLoader's through ``pin_memory=True`` + ``non_blocking`` copies, as a user would write it.
     """
     work = fixed_work(device, work_ms)
+    per_round = max(1, steps // LOOP_ROUNDS)  # each source's steps per round: the result records what was timed
     # The baseline's batch already sits on the device: a host batch would be copied from pageable memory every
     # step, which makes the host wait for the GPU and slows the very loop the others are measured against.
     one = {k: v.to(device) for k, v in next(iter(DataLoader(ds, batch_sampler=sampler,
@@ -273,7 +283,7 @@ def training_loop(ds: TokenWindows, sampler: TokenBudgetBatchSampler, device: to
                    f"dataloader_w{workers}": cycle(dl)}
         for _ in range(LOOP_ROUNDS):  # interleaved rounds, medians: a shared machine's slow spells hit every row alike
             for name, source in sources.items():
-                rates.setdefault(name, []).append(loop_rate(source, work, device, max(1, steps // LOOP_ROUNDS)))
+                rates.setdefault(name, []).append(loop_rate(source, work, device, per_round))
         del sources, dl
     compute_only = statistics.median(r for r, _ in rates["compute_only"])
     rows = {name: {"steps_s": statistics.median(r for r, _ in runs),
@@ -282,7 +292,7 @@ def training_loop(ds: TokenWindows, sampler: TokenBudgetBatchSampler, device: to
     for row in rows.values():  # raw: below 0 where a loader's loop ran faster than compute alone (noise)
         row["data_wait"] = 1 - row["steps_s"] / compute_only
     result = {"device": str(device), "work_ms": work_ms, "work_matmul_side": WORK_SIDE.get(device.type, 512),
-              "steps": steps, "rows": rows}
+              "steps": per_round * LOOP_ROUNDS, "rows": rows}
     if device.type == "cuda":
         result["h2d_gb_s"] = h2d_bandwidth(64 << 20, device)  # 64 MiB: large enough that latency does not count
     for name, row in rows.items():
@@ -298,10 +308,13 @@ def data_wait_text(wait: float) -> str:
 
 
 def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop_steps: int = 0,
-        work_ms: float = 5.0, text_samples: int = 0, save: Callable[[dict], None] = lambda result: None) -> dict:
+        work_ms: float = 5.0, text_samples: int = 0, device: str | None = None,
+        save: Callable[[dict], None] = lambda result: None) -> dict:
     """Every section's figures; ``save`` gets the result after each section, so a run cut short (a time cap on a
-    lent GPU) keeps the sections it finished."""
-    pin = torch.cuda.is_available()
+    lent GPU) keeps the sections it finished. ``device``: the training loop's, and where the loaders' batches go
+    (pinned for a GPU); by default the GPU when there is one."""
+    loop_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pin = loop_device.type == "cuda"
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(1)
@@ -332,10 +345,9 @@ def run(docs: int, max_len: int, max_tokens: int, workers: tuple[int, ...], loop
             "padding": padding(ds.lengths, max_tokens), "loop": None, "python_dataset": None,
         }
         save(result)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if loop_steps:
-            result["loop"] = training_loop(ds, sampler, device, int(best.removeprefix("dataloader_w")), loop_steps,
-                                           work_ms)
+            result["loop"] = training_loop(ds, sampler, loop_device, int(best.removeprefix("dataloader_w")),
+                                           loop_steps, work_ms)
             save(result)
     if text_samples:
         result["python_dataset"] = python_dataset(text_samples, 400, cores, max_tokens)
@@ -353,8 +365,8 @@ def variant_parts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     """The flags this run changed from their defaults, each with its value ("text-samples0", "workers0-2"): a run
     with a section left out or other sizes names its file after them."""
     parts = []
-    for dest, value in vars(args).items():
-        if dest != "out" and value != parser.get_default(dest):
+    for dest, value in vars(args).items():  # the device is named by its card already
+        if dest not in ("out", "device") and value != parser.get_default(dest):
             shown = "-".join(map(str, value)) if isinstance(value, list) else str(value).removesuffix(".0")
             parts.append(dest.replace("_", "-") + shown)
     return parts
@@ -372,22 +384,27 @@ def main() -> None:
     parser.add_argument("--work-ms", type=positive_float, default=5.0, help="fixed compute per loop step, in ms")
     parser.add_argument("--text-samples", type=non_negative_int, default=3000,
                         help="documents of the Python-heavy dataset section (threads vs processes); 0 skips it")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="the training loop's device (cpu, cuda or cuda:N), where batches are copied to")
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
+    device = check_device(parser, args.device)
+    make_current(device)
     if args.max_tokens < args.max_len:
         parser.error(f"--max-tokens {args.max_tokens}: below --max-len {args.max_len}, so a full window fits in no "
                      f"batch; pass --max-tokens of at least {args.max_len} or a smaller --max-len")
     if 0 < args.loop_steps < LOOP_ROUNDS:
         parser.error(f"--loop-steps: 0 skips the loop, else at least {LOOP_ROUNDS} (a step per round); "
                      f"got {args.loop_steps}")
-    card = result_card("cuda" if torch.cuda.is_available() else "cpu")  # the loop section's device
-    path = result_file(args.out, dt.date.today().isoformat(), "loader", card, *variant_parts(parser, args))
+    path = result_file(args.out, dt.date.today().isoformat(), "loader", result_card(device),
+                       *variant_parts(parser, args))
 
-    def save(result: dict) -> None:
-        path.write_text(json.dumps(result, indent=2) + "\n")
+    def save(result: dict) -> None:  # after every section, as <name>.partial.json: a run cut short keeps them
+        save_partial(path, result)
 
-    run(args.docs, args.max_len, args.max_tokens, tuple(args.workers), args.loop_steps, args.work_ms,
-        args.text_samples, save)
+    result = run(args.docs, args.max_len, args.max_tokens, tuple(args.workers), args.loop_steps, args.work_ms,
+                 args.text_samples, device, save)
+    save_complete(path, result)
     print(f"wrote {path}")
 
 

@@ -1,18 +1,18 @@
 """What MemoryProfiler costs on the steps it only watches: a small BERT classifier's Lightning step, with and without.
 
-Run: ``python -m benchmarks.bench_memory_overhead [--quick] [--device cpu|cuda] [--out DIR]``. Fits a
-BertClassifier in which ``MemoryProfiler()`` (its defaults; no allocator history) sees every other step,
-times every step from one ``on_train_batch_start`` to the next, and compares the median of the watched
-steps with that of the unwatched ones, after warm-up and leaving out per-module and churn steps. It also
-times the profiler's own hooks: the overhead without the noise of two medians. Target: under 3% of the
-step time. Writes ``benchmarks/results/<date>-memory-overhead-<device>.json`` (``--quick``: ``-quick.json``).
+Run: ``python -m benchmarks.bench_memory_overhead [--quick] [--device cpu|cuda|cuda:N] [--out DIR]``. Fits a
+BertClassifier in which ``MemoryProfiler()`` (its defaults; no allocator history) sees every other step and
+every step it instruments (per-module and churn steps), times every step from one ``on_train_batch_start`` to
+the next, and compares the median of the watched steps with that of the unwatched ones, after warm-up and
+leaving the instrumented steps out. It also times the profiler's own hooks: the overhead without the noise of
+two medians. Target: under 3% of the step time. Writes ``benchmarks/results/<date>-memory-overhead-<device>.json``
+(``--quick``: ``-quick.json``; ``.partial.json`` until the run completes).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import tempfile
 import time
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hetrain
 from benchmarks.bench_train import Shape, build_model, make_batch, measured_on
-from benchmarks.cli import check_device, out_dir, positive_int, result_file
+from benchmarks.cli import check_device, make_current, out_dir, positive_int, result_file, save_complete, save_partial
 from hetrain.callbacks.memory import MemoryProfiler
 from hetrain.device_info import result_card
 
@@ -78,7 +78,7 @@ class TimedMemoryProfiler(MemoryProfiler):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hook_s: dict[int, float] = {}  # per global step
-        self.per_hook_s: dict[str, list[float]] = {name: [] for name in HOOKS}
+        self.per_hook_s: dict[str, list[tuple[int, float]]] = {name: [] for name in HOOKS}  # (global step, s)
         for name in HOOKS:
             setattr(self, name, self._timed(getattr(self, name)))
 
@@ -91,15 +91,18 @@ class TimedMemoryProfiler(MemoryProfiler):
             key = step if hook.__name__ != "on_train_batch_end" else step - 1
             spent = time.perf_counter() - start
             self.hook_s[key] = self.hook_s.get(key, 0.0) + spent
-            self.per_hook_s[hook.__name__].append(spent)
+            self.per_hook_s[hook.__name__].append((key, spent))
         return timed
 
 
 class EveryOtherStep(Callback):
-    """Lets ``profiler`` see odd steps only: neighbouring steps, one watched and one not, share the machine's load.
+    """Lets ``profiler`` see odd steps, and the steps it instruments (per-module, churn), each with all of its hooks:
+    neighbouring steps, one watched and one not, share the machine's load.
 
     On a machine shared with other work, two separate fits differ by more than 3% for no reason of
-    their own; adjacent steps of one fit do not. Fit-level hooks always reach the profiler.
+    their own; adjacent steps of one fit do not. Fit-level hooks always reach the profiler. An instrumented step
+    is let through whatever its parity: the profiler places a churn step at the end of the step before it, the
+    next step, which would otherwise be an unwatched even one every time and never be profiled.
     """
 
     def __init__(self, profiler: MemoryProfiler) -> None:
@@ -118,29 +121,32 @@ class EveryOtherStep(Callback):
         self.profiler.on_train_start(*args)
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.on = trainer.global_step % 2 == 1
+        step = trainer.global_step
+        self.on = step % 2 == 1 or self.profiler.instruments_step(step)
         if self.on:
             self.profiler.on_train_batch_start(trainer, *args)
 
 
 def fit(shape: Shape, device: str, steps: int, profiler: MemoryProfiler) -> list[float]:
-    """Step times in ms of one fit in which ``profiler`` watches the odd steps."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    """Step times in ms of one fit in which ``profiler`` watches the odd steps and those it instruments."""
+    kind = torch.device(device)
+    sync = torch.cuda.synchronize if kind.type == "cuda" else (lambda: None)
     clock = StepClock(sync)
     # One epoch covers the fit: an epoch's end would land in every fourth step, all odd or all even.
     batches = [make_batch(shape, "cpu", seed % 4) for seed in range(steps + 1)]
     data = TensorDataset(*(torch.cat(parts) for parts in zip(*batches, strict=True)))
     with tempfile.TemporaryDirectory() as tmp:
         pl.seed_everything(0, verbose=False)
-        trainer = pl.Trainer(accelerator=device, devices=1, max_steps=steps, logger=False, default_root_dir=tmp,
-                             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                             limit_val_batches=0, callbacks=[clock, EveryOtherStep(profiler)])
+        trainer = pl.Trainer(accelerator=kind.type, devices=1 if kind.index is None else [kind.index],
+                             max_steps=steps, logger=False, default_root_dir=tmp, enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                             callbacks=[clock, EveryOtherStep(profiler)])
         trainer.fit(Classifier(shape), DataLoader(data, batch_size=shape.batch, shuffle=True))
     return clock.intervals_ms()
 
 
 def ordinary(profiler: MemoryProfiler, step: int) -> bool:
-    """A watched step that only watches: none the profiler instruments (module hooks, churn, history)."""
+    """A step the profiler does not instrument (module hooks, churn, history): it only watches, or is unwatched."""
     return not profiler.instruments_step(step)
 
 
@@ -156,13 +162,15 @@ def run(device: str, quick: bool, save: Callable[[dict], None] = lambda result: 
     for done in range(1, rounds + 1):
         profiler = TimedMemoryProfiler()
         times = fit(shape, device, steps, profiler)
-        off += [times[s] for s in range(warmup, len(times)) if s % 2 == 0]
-        kept = [s for s in range(warmup, len(times)) if s % 2 == 1 and ordinary(profiler, s)]
-        on += [times[s] for s in kept]
-        paired += [2 * times[s] / (times[s - 1] + times[s + 1]) for s in kept if s + 1 < len(times)]
-        hooks += [profiler.hook_s[s] * 1e3 for s in kept]
+        plain = [s for s in range(warmup, len(times)) if ordinary(profiler, s)]  # instrumented steps left out
+        off += [times[s] for s in plain if s % 2 == 0]
+        kept = {s for s in plain if s % 2 == 1}
+        on += [times[s] for s in sorted(kept)]
+        paired += [2 * times[s] / (times[s - 1] + times[s + 1]) for s in sorted(kept)
+                   if s + 1 < len(times) and ordinary(profiler, s - 1) and ordinary(profiler, s + 1)]
+        hooks += [profiler.hook_s[s] * 1e3 for s in sorted(kept)]
         for name, spent in profiler.per_hook_s.items():
-            per_hook[name] += [t * 1e3 for t in spent]
+            per_hook[name] += [t * 1e3 for step, t in spent if step in kept]
         # Hooks: the mean, so that a slow call counts in full (the target is judged on it).
         off_ms, on_ms, hook_ms = statistics.median(off), statistics.median(on), statistics.mean(hooks)
         result = {
@@ -172,7 +180,8 @@ def run(device: str, quick: bool, save: Callable[[dict], None] = lambda result: 
             "shape": asdict(shape), "rounds": done, "rounds_planned": rounds, "steps_per_fit": steps,
             "warmup_steps": warmup,
             "profiler": {"module_every_n_steps": profiler.module_every_n_steps,
-                         "churn_steps": profiler.churn_steps, "record_history": profiler.record_history},
+                         "churn_steps": profiler.churn_steps, "churn_observed": profiler.churn_observed,
+                         "record_history": profiler.record_history},
             "timed_steps": {"off": len(off), "on": len(on)},
             "median_step_ms": {"off": off_ms, "on": on_ms},
             "step_time_ratio": on_ms / off_ms,
@@ -191,26 +200,28 @@ def run(device: str, quick: bool, save: Callable[[dict], None] = lambda result: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, few steps (under two minutes on 2 cores)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (that GPU)")
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: torch's); 1 keeps step times steady on a shared machine")
     args = parser.parse_args()
-    check_device(parser, args.device)
+    device = check_device(parser, args.device)
+    make_current(device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     def path_of(result: dict) -> Path:
-        return result_file(args.out, result["date"], "memory-overhead", result_card(args.device),
+        return result_file(args.out, result["date"], "memory-overhead", result_card(device),
                            "quick" if args.quick else None)
 
-    def save(result: dict) -> None:  # after every fit round, so a run cut short keeps what it measured
-        path_of(result).write_text(json.dumps(result, indent=2) + "\n")
+    def save(result: dict) -> None:  # after every fit round, as <name>.partial.json: a run cut short keeps its rounds
+        save_partial(path_of(result), result)
 
-    r = run(args.device, args.quick, save)
-    save(r)
+    r = run(device, args.quick, save)
     path = path_of(r)
+    save_complete(path, r)
     print(f"{r['device']}, torch {r['torch']}, shape {r['shape']}, {r['timed_steps']} ordinary steps timed")
     print(f"| profiler | median step ms | vs off | paired vs neighbours |\n|---|---|---|---|\n"
           f"| off | {r['median_step_ms']['off']:.2f} | 1.000 | 1.000 |\n"

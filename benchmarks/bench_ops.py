@@ -7,7 +7,9 @@ peak extra memory, and bandwidth as a fraction of a device-to-device copy measur
 Writes ``benchmarks/results/<date>-<device>-ops.json`` and regenerates the GPU section of RESULTS.md.
 ``--quick --device cpu`` runs tiny shapes on the CPU so the script itself is checked without a GPU.
 A quick run writes ``-ops-quick.json`` and one of some ops (``--ops``) ``-ops-subset-<ops>.json``: neither
-replaces the day's full run nor becomes the source of RESULTS.md's table. A case that raises is recorded with
+replaces the day's full run nor becomes the source of RESULTS.md's table. Until the run completes its result is
+kept in ``<name>.partial.json``, so one cut short never replaces the day's complete file either. Each row records
+the backend its "hetrain" column ran, the header hetrain._C's load status. A case that raises is recorded with
 its error while the others run on; the run then exits with status 1 naming it.
 """
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 import hetrain
 from benchmarks import report
-from benchmarks.cases import Case, discover
+from benchmarks.cases import Case, backend_of, discover, extension_status
 from benchmarks.cli import (
     check_device,
     error_text,
@@ -34,6 +35,8 @@ from benchmarks.cli import (
     out_dir,
     positive_float,
     result_file,
+    save_complete,
+    save_partial,
 )
 from benchmarks.timing import (
     back_to_back_ms,
@@ -117,7 +120,7 @@ def run(device: str, quick: bool, measure_s: float | None = None, ops: set[str] 
     result = {"date": dt.date.today().isoformat(), "device": device_name(device) if on_gpu else host_description(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "triton": package_version("triton"),
               "liger_kernel": package_version("liger-kernel"), "hetrain": hetrain.__version__,
-              "copy_gbs": copy_gbs, "quick": quick, "measure_s": measure_s,
+              "extension": extension_status(), "copy_gbs": copy_gbs, "quick": quick, "measure_s": measure_s,
               "ops": None if ops is None else sorted(ops), "rows": rows}
     measured = []
     for case in discover("gpu", device=device, quick=quick):
@@ -126,7 +129,7 @@ def run(device: str, quick: bool, measure_s: float | None = None, ops: set[str] 
         try:
             fresh_compiler()
             impls = case.make()
-            row = _measure(case, impls, on_gpu, quick, measure_s, copy_gbs)
+            row = _measure(case, impls, device, quick, measure_s, copy_gbs)
         except Exception as exc:  # one case's kernel or setup error must not lose the others' results
             row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "error": error_text(exc)}
             print(f"{case.op} {case.shape} {case.dtype}: FAILED: {row['error']}", file=sys.stderr, flush=True)
@@ -145,10 +148,12 @@ def run(device: str, quick: bool, measure_s: float | None = None, ops: set[str] 
     return result
 
 
-def _measure(case: Case, impls: dict[str, Callable[[], object]], on_gpu: bool, quick: bool, measure_s: float,
+def _measure(case: Case, impls: dict[str, Callable[[], object]], device: str, quick: bool, measure_s: float,
              copy_gbs: float) -> dict:
     """One case's row: per-call medians, back-to-back times and peaks; its graph replays come later."""
-    row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes, "ms": {},
+    on_gpu = device.startswith("cuda")
+    row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes,
+           "backend": backend_of(case, device), "bytes_moved": case.bytes_moved, "ms": {},
            "back_to_back_ms": {}, "peak_mib": {},
            "graph_ms": {name: "n/a (not measured)" if on_gpu else "n/a (no CUDA)" for name in impls}}
     row["ms"] = interleaved_ms(impls, rounds=3 if quick else 1, min_reps=3 if quick else 20, budget_s=measure_s,
@@ -191,12 +196,12 @@ def main() -> None:
         return result_file(args.out, result["date"], result_card(device), "ops", "quick" if args.quick else None,
                            subset)
 
-    def save(result: dict) -> None:  # after every case, so a run cut short keeps what it measured
-        path_of(result).write_text(json.dumps(result, indent=2))
+    def save(result: dict) -> None:  # after every case, as <name>.partial.json: a run cut short keeps its cases
+        save_partial(path_of(result), result)
 
     result = run(device, args.quick, args.measure_s, ops, save)
-    save(result)
     path = path_of(result)
+    save_complete(path, result)
     print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path}")
     if backends := report.backend_table(result):
         print("\nthe two CUDA backends (C++ / Triton, geometric mean over each op's cases):\n" + backends)

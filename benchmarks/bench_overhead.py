@@ -7,14 +7,14 @@ inputs, taking turns over rounds, median of each (on a CUDA build also each op's
 their C++ autograd, ``hetrain_cuda``, where the default is Triton). At BERT-base sizes on a GPU a step
 makes some 50 such calls, so this is time the GPU waits. Writes
 ``benchmarks/results/<date>-<device>-overhead.json``; one with other ``--rounds`` than the default
-``-overhead-rounds<n>.json``, so it never overwrites the day's full run.
+``-overhead-rounds<n>.json``, so it never overwrites the day's full run; nor does a run cut short, whose result
+is kept in ``<name>.partial.json`` until it completes.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +32,8 @@ from benchmarks.cli import (
     make_current,
     out_dir,
     result_file,
+    save_complete,
+    save_partial,
 )
 from benchmarks.report import markdown_cell
 from benchmarks.timing import interleaved_ms
@@ -137,10 +139,11 @@ def main() -> None:
     path = result_file(args.out, header["date"], result_card(args.device), "overhead",
                        None if rounds == ROUNDS else f"rounds{rounds}")
 
-    def save(result: dict) -> None:
-        path.write_text(json.dumps({**header, **result}, indent=2) + "\n")
+    def save(result: dict) -> None:  # after every op, as <name>.partial.json: a run cut short keeps its ops
+        save_partial(path, {**header, **result})
 
     result = run(args.device, rounds, save)
+    save_complete(path, {**header, **result})
     print(table(result))
     print(f"wrote {path}")
     exit_if_any_failed(result["rows"], path)

@@ -1,10 +1,11 @@
 """Training-step benchmark of a BERT-base-like encoder: precision modes, fused ops vs torch modules, pipeline split.
 
-Run: ``python -m benchmarks.bench_train [--quick] [--device cpu|cuda] [--out DIR]``. A placement section
+Run: ``python -m benchmarks.bench_train [--quick] [--device cpu|cuda|cuda:N] [--out DIR]``. A placement section
 sets HEFT's plan beside the chain optimum, all-on-the-fastest-device and round-robin over this machine's
 devices, each predicted by the measured cost model and then measured, and the pipeline's bubble. Writes
 ``benchmarks/results/<date>-<card>-train.json`` (``<card>``: the GPU's name, or ``cpu``; a variant run:
-``-train-quick``, ``-train-short``, ``-system-malloc``) and prints one line per mode. The target: hetrain's
+``-train-quick``, ``-train-short``, ``-system-malloc``; ``.partial.json`` until the run completes) and prints
+one line per mode. The target: hetrain's
 bf16 recipe with its fused ops and no torch.compile at least as fast as plain torch in bf16 + torch.compile.
 The loop is plain PyTorch (forward, cross-entropy, backward, AdamW) so that only the model differs.
 """
@@ -15,7 +16,6 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import hetrain
-from benchmarks.cli import check_device, out_dir, result_file
+from benchmarks.cli import check_device, make_current, out_dir, result_file, save_complete, save_partial
 from benchmarks.timing import cuda_generator_restored_on_error, median_ms
 from hetrain import _ext, cpu_memory, plugins
 from hetrain.callbacks.placement import StagePlacement
@@ -152,12 +152,13 @@ def train_step(model: torch.nn.Module, mode: Mode, batch: tuple[torch.Tensor, ..
 
 def measure(step: Callable[[], None], device: str, quick: bool) -> tuple[float, float | None]:
     """Median step ms after warmup, and peak allocated MiB on CUDA (None on CPU)."""
-    if device == "cuda":
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     ms = median_ms(step, warmup=2 if quick else 5, min_reps=3 if quick else 20, max_reps=5 if quick else 100,
                    budget_s=0.5 if quick else 5.0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return ms, peak
 
 
@@ -166,7 +167,7 @@ def _release(device: str) -> None:
     next mode's peak would count them."""
     torch.compiler.reset()
     gc.collect()
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
 
 
@@ -185,7 +186,7 @@ def variants(mode: Mode, device: str) -> list[tuple[bool, str | None]]:
     the C++/CUDA kernels too (their autograd is C++, so an eager step launches them at about torch's own cost;
     the default on CUDA is Triton)."""
     rows: list[tuple[bool, str | None]] = [(True, None), (False, None)]
-    if mode.name == "bf16-mixed" and device == "cuda" and _ext.built_with_cuda():
+    if mode.name == "bf16-mixed" and torch.device(device).type == "cuda" and _ext.built_with_cuda():
         rows.append((True, "cuda"))
     return rows
 
@@ -196,6 +197,7 @@ def run_modes(shape: Shape, device: str, light: str | None,
     ``measured`` gets each row as it ends."""
     rows = []
     batch = make_batch(shape, device)
+    device_type = torch.device(device).type  # autocast's and GradScaler's: "cuda", never "cuda:1"
     few_repeats = light is not None
     for mode in MODES:
         for fused, kernels in variants(mode, device):
@@ -205,7 +207,7 @@ def run_modes(shape: Shape, device: str, light: str | None,
                 model = build_model(shape, fused).to(device).train()
                 try:
                     with tf32(mode.tf32), pinned_to(kernels), cuda_generator_restored_on_error():
-                        row["ms"], row["peak_mib"] = measure(train_step(model, mode, batch, device), device,
+                        row["ms"], row["peak_mib"] = measure(train_step(model, mode, batch, device_type), device,
                                                              few_repeats)
                 except Exception as exc:  # one mode that fails (a compile error, say) leaves the others' figures
                     row["failed"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -217,27 +219,35 @@ def run_modes(shape: Shape, device: str, light: str | None,
     return rows
 
 
-PIPELINE_PLAN = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"}
+def pipeline_plan(gpu: str) -> dict[str, str]:
+    """Embeddings on the CPU, encoder and classifier on the measured ``gpu`` (with its index: a stage placement
+    names one device)."""
+    index = torch.device(gpu).index
+    on = f"cuda:{torch.cuda.current_device() if index is None else index}"
+    return {"embeddings": "cpu", "encoder": on, "classifier": on}
 
 
 def run_pipeline(shape: Shape, device: str, quick: bool) -> list[dict]:
-    """Embeddings on the CPU + encoder/classifier on cuda:0 with and without micro-batches, vs all on the GPU."""
+    """Embeddings on the CPU + encoder/classifier on ``device``'s GPU with and without micro-batches, vs all on
+    the GPU."""
     micro = 2 if quick else 4
-    cases = [("cpu+cuda", PIPELINE_PLAN, micro), ("cpu+cuda", PIPELINE_PLAN, 1), ("cuda", {}, 1)]
+    on_gpu = torch.device(device).type == "cuda"
+    split = pipeline_plan(device) if on_gpu else {}
+    cases = [("cpu+cuda", split, micro), ("cpu+cuda", split, 1), ("cuda", {}, 1)]
     rows = []
     bf16 = MODES[2]
     for placement, plan, m in cases:
         row = {"section": "pipeline", "mode": bf16.name, "fused": True, "placement": placement, "micro_batches": m,
                "ms": None, "peak_mib": None, "skipped": None}
-        if device != "cuda":
+        if not on_gpu:
             row["skipped"] = "the pipeline split puts the encoder on a GPU; none in use"
         else:
-            model = build_model(shape, fused=True).to("cuda").train()
+            model = build_model(shape, fused=True).to(device).train()
             model.micro_batches = m
             StagePlacement(plan).place(model.stages())
             # The ids start where the embeddings live; the hooks move each stage's inputs to its device.
-            ids, mask, labels = make_batch(shape, "cpu" if plan else "cuda")
-            batch = (ids, mask, labels.to("cuda"))
+            ids, mask, labels = make_batch(shape, "cpu" if plan else device)
+            batch = (ids, mask, labels.to(device))
             row["ms"], row["peak_mib"] = measure(train_step(model, bf16, batch, "cuda"), device, quick)
             del model
             _release(device)
@@ -432,22 +442,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps, for a smoke test")
     parser.add_argument("--short", action="store_true", help="the full model with few steps")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (that GPU)")
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     parser.add_argument("--cpu-malloc", choices=["keep", "system"], default="keep",
                         help="host allocator, as python train.py takes it (hetrain.cpu_memory)")
     args = parser.parse_args()
-    check_device(parser, args.device)
+    device = check_device(parser, args.device)
+    make_current(device)
 
-    def save(result: dict) -> Path:
+    def path_of(result: dict) -> Path:
         light = "quick" if args.quick else "short" if args.short else None
-        path = result_file(args.out, result["date"], result_card(args.device), "train", light,
+        return result_file(args.out, result["date"], result_card(device), "train", light,
                            "system-malloc" if args.cpu_malloc == "system" else None)
-        path.write_text(json.dumps(result, indent=2))
-        return path
 
-    result = run(args.device, quick=args.quick, short=args.short, save=save, cpu_malloc=args.cpu_malloc)
-    path = save(result)
+    def save(result: dict) -> None:  # after every row, as <name>.partial.json: a run cut short keeps its rows
+        save_partial(path_of(result), result)
+
+    result = run(device, quick=args.quick, short=args.short, save=save, cpu_malloc=args.cpu_malloc)
+    path = path_of(result)
+    save_complete(path, result)
     print("\nsummary (vs bf16+compile: step time over plain torch bf16 + torch.compile; <= 1.00 meets the target)")
     for row in result["rows"]:
         print(row_text(row))

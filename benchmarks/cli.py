@@ -1,5 +1,6 @@
 """Command-line pieces the benchmarks share: argument types that refuse values a run cannot use, the device
-check (and making the device current), result file names, and the record of a case that failed.
+check (and making the device current), result file names, writing a result as a run goes, and the record of a
+case that failed.
 
 A mistyped number should end in one usage line naming the flag, not in a traceback after minutes of setup,
 nor in a run that quietly measures something else (a step count of -3 running one step).
@@ -8,6 +9,8 @@ nor in a run that quietly measures something else (a step count of -3 running on
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -103,6 +106,40 @@ def result_file(out: Path, *parts: str | None) -> Path:
     allocator, a subset) names itself after the variant, so it neither overwrites the day's full run nor is
     taken for it by benchmarks.report."""
     return out / ("-".join(p for p in parts if p) + ".json")
+
+
+PARTIAL = ".partial.json"
+
+
+def partial_file(path: Path) -> Path:
+    """Where a run keeps ``path``'s result until it completes: ``<name>.partial.json``, which none of
+    benchmarks.report's globs (``*-ops-cpu.json``, ``*-ops.json``) matches."""
+    return path.with_name(path.name.removesuffix(".json") + PARTIAL)
+
+
+def save_partial(path: Path, result: dict) -> None:
+    """Writes what a run has measured so far to ``partial_file(path)``, never to ``path``: a run cut short (Ctrl-C,
+    gpu-check's time cap) keeps its cases there and leaves an earlier complete run's ``path`` as it was."""
+    _write_json(partial_file(path), result)
+
+
+def save_complete(path: Path, result: dict) -> None:
+    """Writes a run's final result to ``path`` and removes its partial file: only a run that got this far has a
+    file benchmarks.report takes for the day's run."""
+    _write_json(path, result)
+    partial_file(path).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """``data`` as ``path``, atomically: a run killed mid-write leaves the file as it was, never half written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def error_text(exc: Exception) -> str:

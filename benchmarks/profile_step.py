@@ -5,8 +5,10 @@ Run: ``python -m benchmarks.profile_step [--device cpu|cuda] [--shape recipe|bas
 Profiles a few optimiser steps of the fused model (forward, cross-entropy, backward, fused AdamW) with
 torch's profiler and sorts each op's self time into GEMMs, attention, hetrain's fused ops, the Python of the
 model's stage ranges, the optimizer, embeddings, the loss, data movement and "other" (elementwise ops and
-reductions outside any fused op: the candidates for fusion), then lists the largest "other" ops. The pieces
-of attention's decomposed form (its softmax, dropout mask, scaling) count as attention, forward and backward.
+reductions outside any fused op: the candidates for fusion), then lists the largest "other" ops. An op whose
+own name says nothing takes the kind of the nearest op it runs inside (an embedding's index_select is the
+embedding's; a Linear's bias gradient, a sum inside AddmmBackward0, the GEMM's), so the pieces of attention's
+decomposed form (its softmax, dropout mask, scaling) count as attention, forward and backward.
 Writes ``benchmarks/results/<date>-<card>-step-profile.json`` (``<card>``: the GPU's name, or ``cpu``), with
 ``-<shape>`` where the shape is not the device's default and ``-steps<n>`` where ``--steps`` is not.
 """
@@ -17,6 +19,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,14 +39,15 @@ RECIPE = Shape(vocab_size=256, hidden=128, layers=2, heads=4, seq=64, batch=32, 
 SHAPES = {"recipe": RECIPE, "base": FULL}
 STEPS = 3  # profiled steps of a run named after its shape alone
 ATTENTION = "attention"
+STAGE = "stage overhead"
 
 # First match wins: (kind, substrings of the op name). A model's stages run in ``hetrain::stage <name>`` ranges
 # (hetrain.placement.pipeline): their self time is the Python between ops, not fused work, so they match first.
 KINDS = [
-    ("stage overhead", ("hetrain::stage ",)),
+    (STAGE, ("hetrain::stage ",)),
     ("hetrain fused", ("hetrain",)),
     (ATTENTION, ("scaled_dot_product", "flash_attention", "efficient_attention", "_attention")),
-    ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "gemm", "aten::matmul")),
+    ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "gemm", "aten::matmul", "aten::linear")),
     ("optimizer", ("adamw", "_foreach_", "adam")),
     ("embedding", ("embedding",)),
     ("loss", ("cross_entropy", "log_softmax", "nll_loss")),
@@ -74,6 +78,17 @@ def _in_attention(event: FunctionEvent) -> bool:
     return any(kind_of(e.name) == ATTENTION for e in _ancestors(event))
 
 
+def _forward_op(node: str) -> str:
+    """The forward op an autograd node's range stands for, as aten names it: ``...: AddmmBackward0`` ->
+    ``aten::addmm``, ``NllLossBackward0`` -> ``aten::nll_loss``, so that :func:`kind_of` can sort it. A C++ node
+    (``torch::autograd::AccumulateGrad``, hetrain's ``CppNode<hetrain::...>``) keeps its own name."""
+    name = node.removeprefix(BACKWARD)
+    derivative = re.fullmatch(r"([A-Za-z0-9]+)Backward\d*", name)
+    if derivative is None:
+        return name
+    return "aten::" + re.sub(r"(?<!^)(?=[A-Z])", "_", derivative[1]).lower()
+
+
 def _backward_node(event: FunctionEvent) -> FunctionEvent | None:
     """The autograd node whose backward ``event`` runs in; None for an op of the forward or the optimizer."""
     return next((e for e in _ancestors(event) if e.name.startswith(BACKWARD)), None)
@@ -95,15 +110,24 @@ def attention_nodes(events: Iterable[FunctionEvent]) -> set[tuple[int, int]]:
 
 
 def event_kind(event: FunctionEvent, nodes: set[tuple[int, int]]) -> str:
-    """``event``'s kind by its name; an op that would be "other" but runs inside attention, in the forward (by
-    its parents) or the backward (its node among ``nodes``), is attention's: decomposed attention's softmax,
-    dropout mask and scaling are no fusion candidates of their own."""
+    """``event``'s kind by its name; an op that would be "other" takes the kind of the nearest op it runs inside:
+    an embedding's ``aten::index_select``, a Linear's bias gradient (``aten::sum`` in ``AddmmBackward0``) and
+    decomposed attention's softmax, dropout mask and scaling are no fusion candidates of their own. In the
+    backward an autograd node counts as the forward op it differentiates, or as attention where attention's
+    forward created it (among ``nodes``). A pipeline stage's range is no op: the ops in it keep their own kind."""
     kind = kind_of(event.key)
     if kind != "other":
         return kind
-    node = _backward_node(event)
-    inside = _in_attention(event) if node is None else (node.fwd_thread, node.sequence_nr) in nodes
-    return ATTENTION if inside else kind
+    for parent in list(_ancestors(event))[1:]:
+        if parent.name.startswith(BACKWARD):
+            kind = kind_of(_forward_op(parent.name))
+            if kind == "other" and (parent.fwd_thread, parent.sequence_nr) in nodes:
+                kind = ATTENTION
+        else:
+            kind = kind_of(parent.name)
+        if kind not in ("other", STAGE):
+            return kind
+    return "other"
 
 
 def profile(shape: Shape, device: str, bf16: bool, steps: int = 3) -> dict:

@@ -58,6 +58,22 @@ def dram_copy_text(result: dict) -> str:
             f"same run); a case whose tensors fit in the CPU's caches can exceed 100% of it")
 
 
+def cpu_copy_fraction(row: dict, result: dict) -> float | None:
+    """A CPU row's share of the DRAM copy by the current definition (:func:`bandwidth_ms`: a conv block's bytes
+    over its epilogue's time), whatever formula its stored ``copy_fraction`` came from, so that an older result
+    renders as a new one does. From the row's ``bytes_moved`` where it records them; a row of a run from before
+    the epilogue's definition (no ``copy_mib`` in its header) stored its bytes over hetrain's whole call, so the
+    bytes are read back from that; a later row without ``bytes_moved`` stored the current definition already."""
+    ms, copy_gbs = row["ms"], result["copy_gbs"]
+    if "bytes_moved" in row:
+        moved = row["bytes_moved"]
+    elif "copy_mib" not in result and row.get("copy_fraction") is not None:
+        moved = row["copy_fraction"] * copy_gbs * 1e9 * ms["hetrain"] * 1e-3
+    else:
+        return row.get("copy_fraction")
+    return copy_fraction(moved, bandwidth_ms(ms), copy_gbs)
+
+
 def cpu_table(result: dict) -> str:
     lines = [
         f"CPU: {result['device']}, torch {result['torch']}, {result['date']}; forward+backward median; "
@@ -73,7 +89,7 @@ def cpu_table(result: dict) -> str:
         ms = r["ms"]
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {ms['eager']:.2f} | {ms['compile']:.2f} | "
                      f"{ms['hetrain']:.2f} | {r['speedup_vs_eager']:.2f}x | {r['speedup_vs_compile']:.2f}x | "
-                     f"{_percent(r['copy_fraction'])} |")
+                     f"{_percent(cpu_copy_fraction(r, result))} |")
     lines += [epilogue_text(r) for r in measured_rows(result) if "conv" in r["ms"]]
     return "\n".join(lines)
 
@@ -190,8 +206,9 @@ def _replace_section(text: str, begin: str, end: str, body: str) -> str:
 
 def gpu_source(results_dir: Path) -> Path | None:
     """The newest full GPU op benchmark: ``<date>-<card>-ops.json``. Quick and subset runs name themselves
-    ``-ops-quick`` and ``-ops-subset-<ops>`` (benchmarks.bench_ops) and are not matched: the table shows full runs
-    only, and a partial run must not replace it."""
+    ``-ops-quick`` and ``-ops-subset-<ops>`` (benchmarks.bench_ops) and are not matched, nor is a run's
+    ``.partial.json`` (benchmarks.cli.partial_file): the table shows full runs only, and a partial run must not
+    replace it."""
     files = sorted(p for p in results_dir.glob("*-ops.json") if not p.name.endswith("-cpu-ops.json"))
     return files[-1] if files else None
 
@@ -215,7 +232,7 @@ def write_gpu_results_md(results_dir: Path) -> None:
 
 def latest(results_dir: Path, suffix: str) -> dict | None:
     """The newest ``<date>-<suffix>.json``: variant runs (``-ops-cpu-quick``, ``-ops-cpu-system-malloc``) name
-    themselves after the variant and are not matched."""
+    themselves after the variant and are not matched, nor is a run's ``.partial.json`` until it completes."""
     files = sorted(results_dir.glob(f"*-{suffix}.json"))
     return json.loads(files[-1].read_text()) if files else None
 

@@ -30,6 +30,7 @@ from benchmarks import (
     report,
 )
 from benchmarks.cases import Case
+from benchmarks.cli import partial_file, save_complete, save_partial
 from hetrain.device_info import result_card
 
 
@@ -63,8 +64,9 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusa
      "--max-tokens 256: below --max-len 512, so a full window fits in no batch; pass --max-tokens of at least 512"),
     (bench_memory_overhead, ["--threads", "0"], "--threads: wants a whole number of at least 1, got 0"),
     (bench_memory_overhead, ["--threads", "-3"], "got -3"),
-    *[pytest.param(module, ["--device", "cuda"], "--device cuda: no GPU in use; pass --device cpu", marks=NO_GPU)
-      for module in (bench_ops, bench_overhead, profile_step, bench_train, bench_memory_overhead)],
+    *[pytest.param(module, ["--device", device], f"--device {device}: no GPU in use; pass --device cpu", marks=NO_GPU)
+      for module in (bench_ops, bench_overhead, profile_step, bench_train, bench_memory_overhead, bench_loader)
+      for device in ("cuda", "cuda:1")],  # cuda:1 as README says: taken, then refused for the GPU it lacks
 ])
 def test_arguments_a_run_cannot_use_are_refused_with_how_to_fix_them(module, argv, message, monkeypatch, capsys,
                                                                      tmp_path):
@@ -294,7 +296,8 @@ class Stop(Exception):
     """Ends a benchmark's main where its timing would begin."""
 
 
-@pytest.mark.parametrize("module", [bench_ops, bench_overhead, profile_step])
+@pytest.mark.parametrize("module", [bench_ops, bench_overhead, profile_step, bench_train, bench_memory_overhead,
+                                    bench_loader])
 def test_a_benchmark_makes_its_device_current_before_it_runs(module, monkeypatch, tmp_path):
     made = []
     monkeypatch.setattr(module, "make_current", made.append)
@@ -331,6 +334,7 @@ def test_a_run_names_its_file_after_the_card_so_two_cards_keep_their_own(module,
 
     def saving_run(*args):  # bench_loader saves each section through its last argument
         args[-1]({"rows": []})
+        return {"rows": []}
 
     monkeypatch.setattr(module, timed, saving_run if result is None else lambda *args, **kwargs: result)
     run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
@@ -526,3 +530,104 @@ def test_result_files_are_named_from_the_parts_given():
     from benchmarks.cli import result_file
 
     assert result_file(Path("r"), "2030-01-02", "ops-cpu", None, "", "quick") == Path("r/2030-01-02-ops-cpu-quick.json")
+
+
+class CutShort(Exception):
+    """A run stopped mid-way, as Ctrl-C or gpu-check's time cap stops it."""
+
+
+TRAIN = {"date": "2030-01-02", "rows": [], "placement": [], "target_met": None}
+
+
+@pytest.mark.parametrize(("module", "result", "argv"), [
+    (bench_cpu, cpu_ops_result(), []),
+    (bench_ops, {**cpu_ops_result(), "device": "cpu"}, ["--device", "cpu"]),
+    (bench_train, TRAIN, ["--device", "cpu"]),
+    (bench_memory_overhead, MEMORY, ["--device", "cpu"]),
+    (bench_loader, {"rows": []}, []),
+    (bench_overhead, {"rows": []}, ["--device", "cpu"]),
+])
+def test_a_rerun_cut_short_keeps_its_progress_apart_and_the_complete_file_as_it_was(module, result, argv,
+                                                                                    monkeypatch, tmp_path):
+    def run(*args, save=None, **kwargs):  # each saves its progress through save=..., or its last argument
+        (save or args[-1])(result)
+        return result
+
+    monkeypatch.setattr(module, "run", run)
+    run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
+    (path,) = tmp_path.glob("*.json")  # a run that completes leaves its complete file alone
+    complete = path.read_text()
+
+    def cut_short(*args, save=None, **kwargs):
+        (save or args[-1])({**result, "rows": ["measured before the stop"]})
+        raise CutShort
+
+    monkeypatch.setattr(module, "run", cut_short)
+    with pytest.raises(CutShort):
+        run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
+    assert path.read_text() == complete
+    assert json.loads(partial_file(path).read_text())["rows"] == ["measured before the stop"]
+
+
+def test_the_tables_never_take_a_partial_file_for_a_run(tmp_path):
+    (tmp_path / "2030-01-01-ops-cpu.json").write_text(json.dumps({"date": "2030-01-01"}))
+    partial_file(tmp_path / "2030-01-02-ops-cpu.json").write_text(json.dumps({"date": "2030-01-02"}))
+    full_gpu = tmp_path / "2030-01-01-nvidia-h200-ops.json"
+    full_gpu.write_text("{}")
+    partial_file(tmp_path / "2030-01-02-nvidia-h200-ops.json").write_text("{}")
+    assert report.latest(tmp_path, "ops-cpu")["date"] == "2030-01-01" and report.gpu_source(tmp_path) == full_gpu
+
+
+def test_a_partial_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "2030-01-02-ops-cpu.json"
+    save_partial(path, {"rows": [1]})
+    monkeypatch.setattr(json, "dumps", never_runs)  # a failure while writing: the earlier progress stays readable
+    with pytest.raises(AssertionError):
+        save_partial(path, {"rows": [1, 2]})
+    monkeypatch.undo()
+    assert json.loads(partial_file(path).read_text()) == {"rows": [1]} and [p.name for p in tmp_path.iterdir()] == [
+        partial_file(path).name]  # no temporary file left behind
+    save_complete(path, {"rows": [1, 2]})
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_the_pipeline_split_runs_its_gpu_stages_on_the_device_measured():
+    assert bench_train.pipeline_plan("cuda:1") == {"embeddings": "cpu", "encoder": "cuda:1", "classifier": "cuda:1"}
+
+
+def test_cpu_table_sets_every_rows_bytes_against_the_current_definition_whatever_formula_stored_its_share():
+    times = {"eager": 5.0, "compile": 4.0, "hetrain": 3.0, "conv": 2.0}  # the epilogue: 1 ms
+    # A run from before the epilogue's definition (no copy_mib) stored 100 MB over the whole 3 ms call: 1/3 of
+    # 100 GB/s. Over the epilogue's 1 ms they are all of it.
+    old = {"device": "cpu", "torch": "t", "date": "d", "copy_gbs": 100.0,
+           "rows": [{**CONV, "ms": times, "copy_fraction": 1 / 3, "gbs": 100 / 3}]}
+    # A row recording its bytes: its share recomputed from them, whatever it stored.
+    new = {**old, "copy_mib": 256, "rows": [{**CONV, "ms": times, "bytes_moved": 10**8, "copy_fraction": 0.123}]}
+    # One with copy_mib but no bytes: it stored the current definition already.
+    between = {**old, "copy_mib": 256, "rows": [{**CONV, "ms": times, "copy_fraction": 0.25}]}
+    plain = {"op": "layer_norm", "shape": "8x8", "dtype": "float32", "ms": {"eager": 2.0, "compile": 2.0,
+             "hetrain": 1.0}, "speedup_vs_eager": 2.0, "speedup_vs_compile": 2.0, "copy_fraction": 0.4}
+    assert "| 1.00x | 1.00x | 100% |" in report.cpu_table(old)
+    assert "| 1.00x | 1.00x | 100% |" in report.cpu_table(new)
+    assert "| 1.00x | 1.00x | 25% |" in report.cpu_table(between)
+    assert report.cpu_table({**old, "rows": [plain]}).endswith("| 40% |")  # a whole call: both formulas agree
+
+
+def test_an_op_named_like_nothing_takes_the_kind_of_the_op_it_runs_inside():
+    torch.manual_seed(0)
+    embedding, linear = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function("hetrain::stage head"):
+            loss = linear(embedding(torch.tensor([1, 2, 3]))).sum()
+        loss.backward()
+    events = prof.events()
+    nodes = profile_step.attention_nodes(events)
+
+    def kinds(name: str, parent: str) -> set[str]:
+        return {profile_step.event_kind(e, nodes) for e in events
+                if e.name == name and e.cpu_parent is not None and e.cpu_parent.name.endswith(parent)}
+
+    assert kinds("aten::index_select", "aten::embedding") == {"embedding"}  # the lookup: no fusion candidate
+    assert kinds("aten::sum", "AddmmBackward0") == {"gemm"}  # the Linear's bias gradient
+    assert kinds("aten::sum", "hetrain::stage head") == {"other"}  # a stage's range is no op: the loss's sum stays
+    assert kinds("aten::detach", "AccumulateGrad") == {"other"}  # a C++ node keeps its own name's kind

@@ -1,5 +1,6 @@
 """The CPU op benchmark when a case fails: the other cases are measured and kept, the run still fails, and the
-RESULTS.md table marks the failed case instead of breaking on it. No timing: each case's calls run once."""
+RESULTS.md table marks the failed case instead of breaking on it; a run cut short never replaces the day's complete
+file; each row names the backend it timed. No timing: each case's calls run once."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import torch
 
 from benchmarks import bench_cpu, report
 from benchmarks.cases import Case
+from benchmarks.cli import partial_file
+from hetrain import plugins
+from hetrain.ops.rms_norm import rms_norm
 
 
 def doubling() -> dict:
@@ -78,3 +82,65 @@ def test_results_md_marks_a_failed_case_and_charts_only_the_measured_ones(three_
     assert failed in text  # the | of the message escaped: it would end the cell
     assert "| first_op | 8x8 | float32 | 2.00 | 2.00 | 2.00 | 1.00x | 1.00x |" in text
     assert [[row["op"] for row in rows] for rows in charted] == [["first_op", "last_op"]]
+
+
+def interrupted() -> dict:
+    """A case whose hetrain column is stopped as Ctrl-C (or gpu-check's time cap) stops a run."""
+
+    def stop():
+        raise KeyboardInterrupt
+
+    return {"eager": lambda: None, "compile": lambda: None, "hetrain": stop}
+
+
+def test_a_same_day_rerun_cut_short_keeps_the_days_complete_file(monkeypatch, tmp_path):
+    good = [Case("first_op", "8x8", "float32", doubling, 512), Case("last_op", "8x8", "float32", doubling, 512)]
+    monkeypatch.setattr(bench_cpu, "discover", lambda kind: good)
+    monkeypatch.setattr(bench_cpu, "copy_bandwidth_gbs", lambda *args, **kwargs: 10.0)
+    monkeypatch.setattr(bench_cpu, "interleaved_ms", once_each)
+    monkeypatch.setattr(sys, "argv", ["bench_cpu", "--cpu-malloc", "system", "--out", str(tmp_path)])
+    bench_cpu.main()
+    (path,) = tmp_path.glob("*.json")
+    complete = path.read_text()
+    monkeypatch.setattr(bench_cpu, "discover", lambda kind: [good[0], Case("last_op", "8x8", "float32", interrupted,
+                                                                           512)])
+    with pytest.raises(KeyboardInterrupt):
+        bench_cpu.main()
+    assert path.read_text() == complete  # the earlier complete run, untouched
+    partial = json.loads(partial_file(path).read_text())
+    assert [row["op"] for row in partial["rows"]] == ["first_op"]  # what the cut-short run measured, kept apart
+    assert [row["op"] for row in report.latest(tmp_path, "ops-cpu-system-malloc")["rows"]] == ["first_op", "last_op"]
+
+
+def tiny_rms_norm() -> dict:
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(x, w).sum(), (x, w))
+
+    eager = step(lambda x, w: torch.nn.functional.rms_norm(x, (16,), w))
+    return {"eager": eager, "compile": eager, "hetrain": step(rms_norm)}
+
+
+def test_each_row_names_the_backend_it_timed_and_a_run_off_the_cpp_kernels_is_a_variant(monkeypatch, tmp_path,
+                                                                                         capsys):
+    case = Case("rms_norm", "8x16", "float32", tiny_rms_norm, 5 * 8 * 16 * 4)
+    monkeypatch.setattr(bench_cpu, "discover", lambda kind: [case])
+    monkeypatch.setattr(bench_cpu, "copy_bandwidth_gbs", lambda *args, **kwargs: 10.0)
+    monkeypatch.setattr(bench_cpu, "interleaved_ms", once_each)
+    monkeypatch.setattr(sys, "argv", ["bench_cpu", "--quick", "--out", str(tmp_path / "cpp")])
+    bench_cpu.main()
+    (path,) = (tmp_path / "cpp").glob("*.json")
+    result = json.loads(path.read_text())
+    assert path.name.endswith("-ops-cpu-quick.json")
+    assert result["extension"] == "loaded" and result["backends"] == {"rms_norm": "cpu"}
+    assert result["rows"][0]["backend"] == "cpu"
+    # As HETRAIN_PREFER=torch, a pin or a missing hetrain._C would: the hetrain column runs torch's reference.
+    monkeypatch.setattr(sys, "argv", ["bench_cpu", "--out", str(tmp_path / "torch")])
+    with plugins.use_backend(rms_norm="torch"):
+        bench_cpu.main()
+    (path,) = (tmp_path / "torch").glob("*.json")
+    assert path.name.endswith("-ops-cpu-backend-torch.json")  # never the day's -ops-cpu.json
+    assert json.loads(path.read_text())["rows"][0]["backend"] == "torch"
+    assert "ran backend(s) torch, not the C++ kernels" in capsys.readouterr().out

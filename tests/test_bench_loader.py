@@ -1,10 +1,14 @@
 """The loader benchmark runs end to end in a small size and reports what the targets are judged on."""
 
+import numpy as np
 import torch
 
 import hetrain
 from benchmarks import bench_loader
 from benchmarks.bench_loader import run
+from hetrain.data.sampler import TokenBudgetBatchSampler
+from hetrain.data.tokens import write_token_file
+from hetrain.data.windows import TokenWindows
 
 
 def test_bench_loader_small_run_reports_throughput_padding_and_the_training_loop():
@@ -75,3 +79,21 @@ def test_assembly_rates_are_at_each_loaders_median_epoch_leaving_a_slow_one_out(
     loaders = {"a": TimedEpochs(clock, [100.0, 2.0, 50.0, 2.0]), "b": TimedEpochs(clock, [9.0, 4.0, 4.0, 80.0])}
     rates = bench_loader.interleaved_epoch_rates(loaders, rounds=3)  # the first pass of each: warm-up, untimed
     assert rates == {"a": (0.5, 4.0), "b": (0.25, 2.0)}
+
+
+def test_the_training_loop_records_the_steps_it_timed(monkeypatch, tmp_path):
+    rng = np.random.default_rng(0)
+    windows = TokenWindows(write_token_file(tmp_path / "corpus", [rng.integers(3, 100, n) for n in (40, 60, 20, 50)]),
+                           max_len=64)
+    sampler = TokenBudgetBatchSampler(windows.lengths, 128, seed=0)
+    timed = []  # steps each timed loop ran, per source and round
+    real_rate = bench_loader.loop_rate
+
+    def counted(batches, work, device, steps):
+        timed.append(steps)
+        return real_rate(batches, work, device, steps)
+
+    monkeypatch.setattr(bench_loader, "loop_rate", counted)
+    loop = bench_loader.training_loop(windows, sampler, torch.device("cpu"), workers=0, steps=7, work_ms=0.1)
+    per_source = sum(timed) // len(loop["rows"])
+    assert loop["steps"] == per_source == 5  # 7 steps asked: a step per round of 5, not the 7 asked

@@ -215,3 +215,32 @@ def test_a_bubble_sets_every_micro_batch_of_the_busiest_device_against_the_step(
     row = bench._placed_row(model, costs, dict.fromkeys(stages, "cpu"), bench.make_batch(bench.QUICK, "cpu"), True,
                             section="bubble", method="chain-dp pipeline", micro_batches=2)
     assert row["bubble"] == pytest.approx(1 - 2 * len(stages) * 1e-3 / 10e-3)  # the cpu busy for 2 micro-batches
+
+
+def test_the_memory_overhead_runs_churn_steps_are_watched_and_recorded_as_observed(monkeypatch) -> None:
+    # The profiler places a churn step at the end of the step before it; were the next step an unwatched even one,
+    # churn would never run and the result would list churn steps none of which was profiled.
+    from benchmarks import bench_memory_overhead as bench
+
+    tiny = bench.Shape(vocab_size=32, hidden=16, layers=1, heads=2, seq=8, batch=2)
+    real_fit = bench.fit
+    profilers = []
+
+    def fit(shape, device, steps, profiler):
+        profilers.append(profiler)
+        return real_fit(tiny, device, 12, profiler)
+
+    monkeypatch.setattr(bench, "fit", fit)
+    saved = []
+
+    def save(result: dict) -> None:
+        saved.append(json.loads(json.dumps(result)))
+        raise Stopped
+
+    with pytest.raises(Stopped):
+        bench.run("cpu", quick=True, save=save)
+    (profiler,), (result,) = profilers, saved
+    assert profiler.churn_steps and profiler.churn_observed == profiler.churn_steps
+    churn = result["profiler"]
+    assert (churn["churn_steps"], churn["churn_observed"]) == (profiler.churn_steps, profiler.churn_observed)
+    assert result["timed_steps"]["on"] > 0 and result["timed_steps"]["off"] > 0

@@ -17,7 +17,8 @@ class Case:
     """One op at one shape: ``make()`` builds fresh random inputs and returns {impl name: fwd+bwd callable}.
 
     ``bytes_moved`` counts each input read once and each output written once, forward and backward,
-    so GB/s can be set against the copy bandwidth measured in the same run.
+    so GB/s can be set against the copy bandwidth measured in the same run. ``backend_op``: the hetrain.plugins
+    op the "hetrain" column runs, where it is not named ``op`` (a conv block's epilogue is ``bn_relu_pool``).
     """
 
     op: str
@@ -26,6 +27,7 @@ class Case:
     make: Callable[[], dict[str, Callable[[], object]]]
     bytes_moved: int
     notes: dict[str, str] = field(default_factory=dict)
+    backend_op: str | None = None
 
 
 def discover(kind: str = "cpu", **options: object) -> list[Case]:
@@ -37,6 +39,23 @@ def discover(kind: str = "cpu", **options: object) -> list[Case]:
         if factory is not None:
             cases.extend(factory(**options))
     return cases
+
+
+def backend_of(case: Case, device: str) -> str | None:
+    """The backend hetrain.plugins picks for ``case``'s "hetrain" column on ``device``, as this process's
+    environment makes it pick (HETRAIN_PREFER, HETRAIN_BACKEND, a missing or stale hetrain._C): a result names
+    what it timed. None for a case that calls no plugins op (the ring's gather calls hetrain._C itself)."""
+    from hetrain import plugins
+
+    op = case.backend_op or case.op
+    return plugins.select(op, device).name if op in plugins.ops() else None
+
+
+def extension_status() -> str:
+    """Whether hetrain._C loaded, or why not ("not built", "a stale build: ..."), for a result's header."""
+    from hetrain import _ext
+
+    return _ext.load_error() or "loaded"
 
 
 def liger(name: str, device: str) -> Callable | None:

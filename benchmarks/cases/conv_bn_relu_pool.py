@@ -106,7 +106,7 @@ NOTES = {"layout": "channels_last", "epilogue": "hetrain/eager time minus the 'c
 def cpu_cases() -> list[Case]:
     block = Block(8, 64, 64, 56)
     return [Case("conv_bn_relu_pool", block.name, "float32", _make(block, torch.float32, "cpu"),
-                 block.epilogue_bytes(4), notes=NOTES)]
+                 block.epilogue_bytes(4), notes=NOTES, backend_op="bn_relu_pool")]
 
 
 def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:
@@ -115,5 +115,5 @@ def gpu_cases(device: str = "cuda", quick: bool = False) -> list[Case]:
     for dtype in (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16):
         for block in blocks:
             cases.append(Case("conv_bn_relu_pool", block.name, dtype_name(dtype), _make(block, dtype, device),
-                              block.epilogue_bytes(dtype.itemsize), notes=NOTES))
+                              block.epilogue_bytes(dtype.itemsize), notes=NOTES, backend_op="bn_relu_pool"))
     return cases

@@ -2,11 +2,12 @@
 
 torch's fused AdamW refuses sparse gradients and its ``SparseAdam`` takes nothing else, while
 Lightning drives one optimizer per task. ``SparseAwareAdamW`` is that one optimizer: parameter groups
-marked ``sparse=True`` (the weights of ``nn.Embedding(sparse=True)`` tables, see
-:func:`sparse_parameters`) step lazily through :func:`hetrain.ops.sparse_adamw.sparse_adamw_` (only
-the rows a batch used); every other group steps through torch's ``AdamW`` (fused where the devices
+marked ``sparse=True`` (the weights of ``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag(sparse=True)``
+tables, see :func:`sparse_parameters`) step lazily through :func:`hetrain.ops.sparse_adamw.sparse_adamw_`
+(only the rows a batch used); every other group steps through torch's ``AdamW`` (fused where the devices
 allow), which shares this optimizer's groups and state, so learning-rate schedules, ``state_dict``
-and checkpoints see one optimizer.
+and checkpoints see one optimizer. A group added after construction without a ``sparse`` flag (Lightning's
+``BaseFinetuning`` unfreezing a module) steps each parameter by its gradient's layout.
 
 Why: an embedding table on a CPU pipeline stage (bert_split) is worth it only when its step is cheap.
 A dense AdamW step over BERT-base's 30522 x 768 table reads and writes all of it and its moments
@@ -24,22 +25,27 @@ from torch import nn
 from hetrain.ops.sparse_adamw import check_hyperparameters, sparse_adamw_
 
 
-def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The weights of the ``nn.Embedding(sparse=True)`` tables in ``module``, which get sparse gradients."""
-    return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad]
+def sparse_parameters(module: nn.Module, frozen: bool = False) -> list[nn.Parameter]:
+    """The weights of the ``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag(sparse=True)`` tables in ``module``,
+    which get sparse gradients; a weight tied between tables is listed once (twice, it would step twice). Those that
+    require no gradient too if ``frozen`` (a table that is unfrozen later needs a SparseAwareAdamW)."""
+    tables = (m for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse)
+    found = {id(m.weight): m.weight for m in tables if frozen or m.weight.requires_grad}
+    return list(found.values())
 
 
 # torch's AdamW options the lazy step does not implement: refused in a sparse group rather than ignored.
 UNSUPPORTED_SPARSE_OPTIONS = ("maximize", "amsgrad", "capturable", "differentiable", "foreach", "fused")
 
 
-def _loaded_group(index: int, saved: dict[str, Any], sparse: bool) -> dict[str, Any]:
+def _loaded_group(index: int, saved: dict[str, Any], sparse: bool | None) -> dict[str, Any]:
     """Saved group ``index`` as a group whose ``sparse`` flag is this optimizer's (the model says which tables get
-    sparse gradients now). A sparse group drops the torch AdamW options a dense group of the saved run carried, which
-    its lazy step has none of; it refuses maximize or amsgrad turned on, whose update it cannot make. The others
-    (foreach, fused, capturable, differentiable) only choose how torch's step runs, so they are dropped."""
+    sparse gradients now; ``None``, a group added without the flag, steps each parameter by its gradient). A sparse
+    group drops the torch AdamW options a dense group of the saved run carried, which its lazy step has none of; it
+    refuses maximize or amsgrad turned on, whose update it cannot make. The others (foreach, fused, capturable,
+    differentiable) only choose how torch's step runs, so they are dropped."""
     if not sparse:
-        return {**saved, "sparse": False}
+        return {**saved, "sparse": sparse}
     on = [key for key in ("maximize", "amsgrad") if saved.get(key)]
     if on:
         raise ValueError(f"hetrain.SparseAwareAdamW: parameter group {index} is sparse=True here, but the state was "
@@ -72,7 +78,8 @@ class SparseAwareAdamW(torch.optim.Optimizer):
         self._share_with_dense()
 
     def _share_with_dense(self) -> None:
-        """torch's AdamW over the dense groups, the same group dicts and state (re-made after a state load)."""
+        """torch's AdamW over the dense groups, the same group dicts and state (re-made after a state load). It
+        holds the groups without a sparse flag too; their sparse-gradient parameters are hidden from it (step)."""
         dense = [g for g in self.param_groups if not g["sparse"]]
         self._dense = None
         if dense:
@@ -85,6 +92,21 @@ class SparseAwareAdamW(torch.optim.Optimizer):
             self._dense.__setstate__(self._dense.__getstate__())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # a set holds no repeats (and torch refuses it)
+            param_group["params"] = params = list(params)  # read once: a generator would be empty for torch
+            ids = [id(p) for p in params]
+            if len(set(ids)) < len(ids):
+                repeated = next(p for i, p in enumerate(params) if id(p) in ids[:i])
+                # torch only warns, and its step and the lazy one would step it once for each time it is listed.
+                raise ValueError(f"hetrain.SparseAwareAdamW: a parameter group lists a parameter of shape "
+                                 f"{tuple(repeated.shape)} more than once (a weight tied between modules?), which "
+                                 "would step it as many times; list each parameter once "
+                                 "(hetrain.optim.sparse_parameters lists a tied table once)")
+        if hasattr(self, "_fused") and "sparse" not in param_group:
+            # Added after construction by code that knows no sparse flag (Lightning's BaseFinetuning unfreezing a
+            # sparse table): each parameter steps by its gradient's layout (step).
+            param_group["sparse"] = None
         # A group may set its own lr, betas, eps and weight_decay (__init__ checked the defaults).
         own = {**self.defaults, **param_group}
         check_hyperparameters(own["lr"], own["betas"], own["eps"], own["weight_decay"],
@@ -117,30 +139,53 @@ class SparseAwareAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        lazy = self._lazy_parameters()
         if self._dense is not None:
+            # torch's AdamW skips a parameter without a gradient: those of lazy that it holds (groups without a
+            # sparse flag) lend it theirs back only after its step.
+            hidden = [(p, p.grad) for p, group in lazy if group["sparse"] is None]
+            for p, _ in hidden:
+                p.grad = None
             try:
                 self._dense.step()  # first: on a GPU its kernels run while the CPU steps the sparse tables
-            except RuntimeError as exc:
-                sparse = [p for g in self._dense.param_groups for p in g["params"]
-                          if p.grad is not None and p.grad.is_sparse]
-                if not sparse:
-                    raise
-                raise ValueError(f"hetrain.SparseAwareAdamW: a parameter of shape {tuple(sparse[0].shape)} in a dense "
-                                 "group got a sparse gradient; put it in a group with sparse=True "
-                                 "(hetrain.optim.sparse_parameters(model) lists them)") from exc
-        for group in self.param_groups:
-            if group["sparse"]:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._step_sparse(p, group)
+            finally:
+                for p, grad in hidden:
+                    p.grad = grad
+        for p, group in lazy:
+            self._step_sparse(p, group)
         return loss
 
+    def _lazy_parameters(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """The parameters to step lazily, with their groups. Checks every gradient first: a refused one leaves all
+        the parameters as they were (torch's AdamW had stepped the groups before it)."""
+        lazy = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                # A group without a sparse flag (None) steps each parameter as its gradient is.
+                sparse = p.grad.is_sparse if group["sparse"] is None else bool(group["sparse"])
+                if p.grad.is_sparse and not sparse:
+                    raise ValueError(f"hetrain.SparseAwareAdamW: a parameter of shape {tuple(p.shape)} in a dense "
+                                     "group got a sparse gradient; put it in a group with sparse=True "
+                                     "(hetrain.optim.sparse_parameters(model) lists them)")
+                if sparse and not p.grad.is_sparse:
+                    raise ValueError(f"hetrain.SparseAwareAdamW: a parameter of shape {tuple(p.shape)} in a "
+                                     "sparse=True group got a dense gradient. Build its table with "
+                                     "nn.Embedding(..., sparse=True); if it is one, the weight is also used by a dense "
+                                     "module (tied, e.g. to an output head), whose gradient is dense: put it in a "
+                                     "dense group")
+                if not sparse:
+                    continue
+                on = [key for key in ("maximize", "amsgrad") if group.get(key)]
+                if on:  # in a group without a sparse flag (a sparse=True one refused them when added)
+                    raise ValueError(f"hetrain.SparseAwareAdamW: a parameter of shape {tuple(p.shape)} got a sparse "
+                                     f"gradient in a group with {' and '.join(on)} on, which the lazy step does not "
+                                     "have; turn it off for that group, or give the table dense gradients")
+                lazy.append((p, group))
+        return lazy
+
     def _step_sparse(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if not p.grad.is_sparse:
-            raise ValueError(f"hetrain.SparseAwareAdamW: a parameter of shape {tuple(p.shape)} in a sparse=True "
-                             "group got a dense gradient. Build its table with nn.Embedding(..., sparse=True); if it "
-                             "is one, the weight is also used by a dense module (tied, e.g. to an output head), "
-                             "whose gradient is dense: put it in a dense group")
         state = self.state[p]
         if not state:
             state["step"] = 0

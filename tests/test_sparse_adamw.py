@@ -8,6 +8,7 @@ import re
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -478,3 +479,143 @@ def test_a_state_with_another_number_of_groups_is_refused():
                               {"params": [nn.Parameter(torch.zeros(2))]}])
     with pytest.raises(ValueError, match="the state has 3 parameter groups, this optimizer 2"):
         opt.load_state_dict(extra.state_dict())
+
+
+class TiedTables(nn.Module):
+    """Two sparse tables sharing one weight (e.g. an encoder's and a decoder's token tables), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Embedding(10, 4, sparse=True), nn.Embedding(10, 4, sparse=True)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(4, 3)
+
+    def stages(self):
+        return {"emb": nn.ModuleList([self.a, self.b]), "head": self.head}
+
+    def forward(self, ids, mask):
+        return self.head((self.a(ids) + self.b(ids)).mean(1))
+
+
+def test_a_table_tied_between_two_sparse_embeddings_steps_once_a_step():
+    # sparse_parameters listed the weight once per table, torch only warned, and the table stepped twice a step.
+    task = ClassificationTask(TiedTables(), num_classes=3, lr=0.1, weight_decay=0.0)
+    assert [len(g["params"]) for g in task.configure_optimizers().param_groups if g["sparse"]] == [1]
+    opt = task.configure_optimizers()
+    before = task.model.a.weight.detach().clone()
+    task(torch.tensor([[1, 2]]), None).sum().backward()
+    opt.step()
+    assert opt.state[task.model.a.weight]["step"] == 1
+    # AdamW's first step moves each used element by lr.
+    torch.testing.assert_close((task.model.a.weight - before)[[1, 2]].abs(), torch.full((2, 4), 0.1))
+    for sparse in (True, False):
+        with pytest.raises(ValueError, match=r"a parameter group lists a parameter of shape \(10, 4\) more than once"):
+            SparseAwareAdamW([{"params": [task.model.a.weight, task.model.b.weight], "sparse": sparse}])
+
+
+class Bag(nn.Module):
+    def __init__(self, sparse):
+        super().__init__()
+        self.bag, self.head = nn.EmbeddingBag(20, 4, sparse=sparse), nn.Linear(4, 3)
+
+    def stages(self):
+        return {"bag": self.bag, "head": self.head}
+
+    def forward(self, ids, mask):
+        return self.head(self.bag(ids))
+
+
+def test_an_embedding_bag_with_sparse_gradients_steps_lazily_as_torch_adamw_steps_its_dense_twin():
+    # nn.EmbeddingBag(sparse=True) was not a sparse table: the task's torch AdamW refused its gradient.
+    torch.manual_seed(0)
+    task = ClassificationTask(Bag(sparse=True), num_classes=3, lr=0.1, weight_decay=0.0)
+    twin = Bag(sparse=False)
+    twin.load_state_dict(task.model.state_dict())
+    assert [p is task.model.bag.weight for p in sparse_parameters(task)] == [True]
+    opt = task.configure_optimizers()
+    plain = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.0)
+    ids = torch.tensor([[1, 2, 2], [5, 1, 7]])
+    task(ids, None).sum().backward()
+    twin(ids, None).sum().backward()
+    opt.step()
+    plain.step()  # without decay, AdamW's first step leaves the rows without gradient as they were
+    for got, want in zip(task.model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+class Unfrozen(nn.Module):
+    """A sparse token table and a dense norm in one stage, frozen at first, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.ModuleDict({"tokens": nn.Embedding(40, 4, sparse=True), "norm": nn.LayerNorm(4)})
+        self.head = nn.Linear(4, 3)
+
+    def stages(self):
+        return {"emb": self.emb, "head": self.head}
+
+    def forward(self, ids, mask=None):
+        return self.head(self.emb["norm"](self.emb["tokens"](ids)).mean(1))
+
+
+def test_a_group_added_without_a_sparse_flag_steps_each_parameter_by_its_gradient():
+    # The group of a table unfrozen by Lightning's BaseFinetuning (no sparse flag) was dense: its step raised.
+    def build():
+        torch.manual_seed(0)
+        model = Unfrozen().double()
+        return model, SparseAwareAdamW(model.head.parameters(), lr=1e-2, fused=False)
+
+    model, opt = build()
+    opt.add_param_group({"params": model.emb.parameters(), "lr": 1e-3})
+    twin, split = build()
+    split.add_param_group({"params": [twin.emb["tokens"].weight], "lr": 1e-3, "sparse": True})
+    split.add_param_group({"params": twin.emb["norm"].parameters(), "lr": 1e-3})
+    train(model, opt, 2, seed=1)
+    train(twin, split, 2, seed=1)
+    for got, want in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    resumed, resumed_opt = build()  # the group's missing flag survives a state round trip
+    resumed_opt.add_param_group({"params": resumed.emb.parameters(), "lr": 1e-3})
+    resumed.load_state_dict(model.state_dict())
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 1, seed=2)
+    train(resumed, resumed_opt, 1, seed=2)
+    for got, want in zip(model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_lightnings_finetuning_unfreezes_a_sparse_table_and_trains_it(tmp_path):
+    class Unfreeze(BaseFinetuning):
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.model.emb)
+
+        def finetune_function(self, pl_module, epoch, optimizer):
+            if epoch == 1:
+                self.unfreeze_and_add_param_group(modules=pl_module.model.emb, optimizer=optimizer)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (8, 5))  # rows 10-39 of the table are never used
+    data = DataLoader([{"input_ids": r, "attention_mask": torch.ones(5), "labels": r[0] % 3} for r in ids],
+                      batch_size=8)
+    task = ClassificationTask(Unfrozen(), num_classes=3)
+    before = {name: p.detach().clone() for name, p in task.model.emb.named_parameters()}
+    pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[Unfreeze()], num_sanity_val_steps=0,
+               default_root_dir=tmp_path).fit(task, train_dataloaders=data)
+    moved = (task.model.emb["tokens"].weight != before["tokens.weight"]).any(1)
+    assert moved[ids.unique()].all() and not moved[10:].any()
+    assert not torch.equal(task.model.emb["norm"].weight, before["norm.weight"])
+
+
+def test_a_refused_gradient_leaves_every_parameter_as_it_was():
+    # torch's AdamW stepped the dense groups before the refusal of a later group's gradient.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(40, 8, sparse=True), nn.Linear(8, 3)).double()
+    dense_table = nn.Sequential(nn.Embedding(40, 8), nn.Linear(8, 3)).double()
+    for m, table_group in ((model, {}), (dense_table, {"sparse": True})):
+        opt = SparseAwareAdamW([{"params": m[1].parameters()}, {"params": [m[0].weight], **table_group}])
+        before = [p.detach().clone() for p in m.parameters()]
+        with pytest.raises(ValueError, match="group got a (sparse|dense) gradient"):
+            train(m, opt, 1, seed=0)
+        for got, want in zip(m.parameters(), before, strict=True):
+            assert torch.equal(got, want)

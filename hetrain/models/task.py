@@ -187,7 +187,9 @@ class ClassificationTask(pl.LightningModule):
         # different devices step together; on the CPU it is about 2.8x faster than the foreach step
         # (24 x 768^2 parameters, 2 cores) and allocates no per-parameter temporaries.
         clipping = self._trainer is not None and bool(self._trainer.gradient_clip_val)
-        if not sparse:
+        # A frozen sparse table needs the SparseAwareAdamW too, which steps the group that unfreezing it adds
+        # (Lightning's BaseFinetuning), unless the run clips: clipping refuses its gradients either way.
+        if not sparse and (clipping or not sparse_parameters(self, frozen=True)):
             # Lightning's mixed precision refuses to clip for a fused optimizer (it unscales inside its step, even
             # under bf16-mixed, where nothing is scaled), so a clipping run steps with foreach instead.
             return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=betas, fused=not clipping, foreach=clipping)
@@ -196,5 +198,6 @@ class ClassificationTask(pl.LightningModule):
             raise ValueError("hetrain: gradient clipping (trainer.gradient_clip_val) cannot take the sparse gradients "
                              "of model.sparse_embeddings (torch's clip_grad_norm_ refuses them); set one of "
                              "model.sparse_embeddings=false or trainer.gradient_clip_val=null")
-        groups.append({"params": sparse, "weight_decay": self.hparams.weight_decay, "sparse": True})
+        if sparse:
+            groups.append({"params": sparse, "weight_decay": self.hparams.weight_decay, "sparse": True})
         return SparseAwareAdamW(groups, lr=self.hparams.lr, betas=betas, fused=True)

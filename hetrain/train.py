@@ -175,11 +175,21 @@ def check_config(cfg: DictConfig) -> None:
 
 def _check_counts(cfg: DictConfig) -> None:
     """Counts that must be positive, named before a library meets them (torch's sampler, Lightning's loop)."""
-    for key in ("threads", "data.batch_size", "data.max_tokens"):
+    # data.train_size and data.producers failed inside torch ("negative dimension") or the ring, naming no setting.
+    for key in ("threads", "data.batch_size", "data.max_tokens", "data.train_size", "data.producers"):
         value = OmegaConf.select(cfg, key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (not _whole(value) or value < 1):
             raise ValueError(f"hetrain: {key}={value!r} must be a positive whole number"
                              + (" or null (torch's default)" if key == "threads" else ""))
+    val_size = OmegaConf.select(cfg, "data.val_size")
+    no_validation = OmegaConf.select(cfg, "trainer.limit_val_batches") == 0
+    if val_size is not None and (not _whole(val_size) or val_size < (0 if no_validation else 1)):
+        raise ValueError(f"hetrain: data.val_size={val_size!r} must be a positive whole number (or 0 with "
+                         "trainer.limit_val_batches=0, which trains without validation)")
+    num_slots = OmegaConf.select(cfg, "data.num_slots")
+    if num_slots is not None and (not _whole(num_slots) or num_slots < 2):
+        raise ValueError(f"hetrain: data.num_slots={num_slots!r} must be a whole number >= 2: the consumer holds a "
+                         "batch while the producers fill another (the default is 4)")
     max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)  # Lightning's default
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or not (max_steps == -1 or max_steps >= 1):
         # abc failed in a comparison inside Lightning's loop; 1.5 trained 2 steps.
@@ -189,11 +199,29 @@ def _check_counts(cfg: DictConfig) -> None:
     if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0):
         raise ValueError(f"hetrain: task.lr={lr!r} must be a finite number >= 0 (the optimizer's learning rate, "
                          "e.g. task.lr=1e-3)")
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
+    if max_epochs is not None and (not _whole(max_epochs) or not (max_epochs == -1 or max_epochs >= 1)):
+        # Lightning skips a fit with max_epochs=0 and returns as if it had trained.
+        raise ValueError(f"hetrain: trainer.max_epochs={max_epochs!r} must be a whole number of epochs >= 1, or -1 "
+                         "or null for no epoch limit (trainer.max_steps then ends the run)")
+    limit_train = OmegaConf.select(cfg, "trainer.limit_train_batches")
+    if isinstance(limit_train, int | float) and limit_train == 0:  # skipped by Lightning as max_epochs=0 is
+        raise ValueError(f"hetrain: trainer.limit_train_batches={limit_train!r} trains no batch; give a number of "
+                         "batches >= 1 or a fraction of the epoch in (0, 1], or null for every batch")
     interval = OmegaConf.select(cfg, "trainer.val_check_interval")
+    per_epoch = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch", default=1)  # Lightning's default
+    # With check_val_every_n_epoch null, validations count batches across epochs and Lightning takes no fraction.
+    fraction = "a fraction of an epoch in (0, 1]" + ("" if per_epoch is not None else
+                                                     " with trainer.check_val_every_n_epoch=1")
     if isinstance(interval, bool) or (isinstance(interval, int) and interval < 1) \
             or (isinstance(interval, float) and not 0 < interval <= 1):
         raise ValueError(f"hetrain: trainer.val_check_interval={interval!r} must be a number of training batches "
-                         ">= 1 or a fraction of an epoch in (0, 1]")
+                         f">= 1 or {fraction}")
+    if isinstance(interval, float) and per_epoch is None:
+        raise ValueError(f"hetrain: trainer.val_check_interval={interval!r} is a fraction of an epoch, which "
+                         "Lightning refuses with trainer.check_val_every_n_epoch=null (validations counted in "
+                         "batches across epochs); set trainer.check_val_every_n_epoch=1 to validate every "
+                         f"{interval} of an epoch, or give trainer.val_check_interval a number of training batches")
     accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)  # Lightning's default
     if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
         raise ValueError(f"hetrain: trainer.accumulate_grad_batches={accumulate!r} must be a positive whole number "
@@ -212,6 +240,11 @@ def _check_counts(cfg: DictConfig) -> None:
                          "checkpoint may come inside an accumulation window, without the gradients of its batches so "
                          "far (a run resumed from that checkpoint loses them); bound the run with trainer.max_steps "
                          "instead and leave trainer.max_time unset")
+
+
+def _whole(value: Any) -> bool:
+    """Whether a setting is a whole number (Hydra reads true and false as bools, which Python counts as ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _WindowCheck(pl.Callback):
@@ -544,6 +577,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             release_all()  # a fit ended by an exception skips the task's teardown, which lets the held batches go
         if parts.trainer.num_training_batches == 0:  # Lightning ends such a fit at once and says so at info level
             raise ValueError(_no_training_batch(cfg))
+        no_step = _no_step_trained(cfg, parts)
+        if no_step is not None:
+            raise ValueError(no_step)
         summary = parts.recorder.summary(parts.trainer)
         unvalidated = _unvalidated(parts)
         if unvalidated is not None:
@@ -600,6 +636,27 @@ def _no_training_batch(cfg: DictConfig) -> str:
     return (f"hetrain: the training loader has no batch ({settings}), so nothing was trained; give it at least one "
             "whole batch, e.g. data.batch_size at most data.train_size (a loader that drops the last incomplete "
             "batch has none when the batch is larger than the data)")
+
+
+def _no_step_trained(cfg: DictConfig, parts: Parts) -> str | None:
+    """Why a fit that returned trained no step; None when it trained one, or a signal stopped it (GracefulStop's
+    summary says where). Lightning skips a fit whose limits are already met (trainer.max_epochs=0,
+    trainer.limit_train_batches=0, a checkpoint at its end) or that a callback stopped first, says so at info
+    level, and returns as if it had trained: the run said ok with nothing trained."""
+    trainer, recorder = parts.trainer, parts.recorder
+    if getattr(parts.callbacks.get("graceful_stop"), "summary", None):
+        return None
+    # A skipped fit never reaches on_train_start, whose start_step a resumed fit's global_step would be past.
+    if recorder.samples > 0 and trainer.global_step > recorder.start_step:
+        return None
+    settings = ", ".join(f"trainer.{key}={getattr(trainer, key)}"
+                         for key in ("max_steps", "max_epochs", "limit_train_batches"))
+    resumed = f", ckpt_path={cfg.ckpt_path}" if cfg.get("ckpt_path") else ""
+    return (f"hetrain: the fit trained no step ({settings}{resumed}; at step {trainer.global_step}): Lightning "
+            "skips, as if it had trained, a fit whose step or epoch limit is already reached, which may run no "
+            "training batch, or which a callback stopped before its first batch (its log says which, at info "
+            "level); give trainer.max_steps and trainer.max_epochs room past the step and epoch the fit starts at, "
+            "and trainer.limit_train_batches a value above 0")
 
 
 def _unvalidated(parts: Parts) -> tuple[str, str] | None:

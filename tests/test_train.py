@@ -78,6 +78,14 @@ def test_synthetic_data_is_deterministic_and_variable_length():
     assert all(s[0] == CLS for s in a.sequences)
 
 
+def test_synthetic_data_of_a_negative_size_is_refused_naming_the_settings():
+    """It failed inside torch.randint: "Trying to create tensor with negative dimension -5"."""
+    with pytest.raises(ValueError, match=re.escape("hetrain: need size >= 0 sequences (data.train_size and "
+                                                   "data.val_size; documents for token data), got size=-5")):
+        SyntheticSequences(-5)
+    assert len(SyntheticSequences(0)) == 0  # a val split with trainer.limit_val_batches=0
+
+
 def test_synthetic_label_is_the_majority_marker_class():
     data = SyntheticSequences(300, num_classes=4, markers_per_class=8, seed=0)
     for seq, label in zip(data.sequences, data.labels.tolist(), strict=True):
@@ -505,7 +513,28 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["threads=0"], "threads=0 must be a positive whole number or null"),  # was silently ignored
     (["recipe=resnet_fused_amp", "data.batch_size=-4"], "data.batch_size=-4 must be a positive whole number"),
     (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be a number of training batches >= 1"),
-    (["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5 must be a number of training batches"),
+    (["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5 must be a number of training batches "
+     ">= 1 or a fraction of an epoch in (0, 1] with trainer.check_val_every_n_epoch=1"),
+    # Lightning's MisconfigurationException: no fraction of an epoch with check_val_every_n_epoch=null (the default).
+    (["trainer.val_check_interval=0.5"], "trainer.val_check_interval=0.5 is a fraction of an epoch, which Lightning "
+     "refuses with trainer.check_val_every_n_epoch=null (validations counted in batches across epochs); set "
+     "trainer.check_val_every_n_epoch=1 to validate every 0.5 of an epoch, or give trainer.val_check_interval a "
+     "number of training batches"),
+    (["trainer.val_check_interval=1.5", "trainer.check_val_every_n_epoch=1"],
+     "trainer.val_check_interval=1.5 must be a number of training batches >= 1 or a fraction of an epoch in (0, 1]"),
+    # Lightning skipped these fits and the run said ok, 0 steps.
+    (["trainer.max_steps=-1", "trainer.max_epochs=0"], "trainer.max_epochs=0 must be a whole number of epochs >= 1, "
+     "or -1 or null for no epoch limit"),
+    (["+trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 trains no batch; give a number of batches"),
+    (["+trainer.limit_train_batches=0.0"], "trainer.limit_train_batches=0.0 trains no batch"),
+    # torch's "Trying to create tensor with negative dimension -5", a ring's message naming num_workers.
+    (["recipe=bert_split", "data.train_size=-5"], "data.train_size=-5 must be a positive whole number"),
+    (["recipe=bert_split", "data.val_size=-3"], "data.val_size=-3 must be a positive whole number (or 0 with "
+     "trainer.limit_val_batches=0, which trains without validation)"),
+    (["recipe=longseq_ringbuffer", "data.train_size=-5"], "data.train_size=-5 must be a positive whole number"),
+    (["recipe=resnet_fused_amp", "data.val_size=0"], "data.val_size=0 must be a positive whole number"),
+    (["recipe=bert_split", "data.producers=0"], "data.producers=0 must be a positive whole number"),
+    (["recipe=longseq_ringbuffer", "data.num_slots=1"], "data.num_slots=1 must be a whole number >= 2"),
     # A ZeroDivisionError in the task, a loader's message, a TypeError about slice indices.
     (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be a positive whole number"),
     (["trainer.accumulate_grad_batches=-1"], "trainer.accumulate_grad_batches=-1 must be a positive whole number"),
@@ -555,7 +584,10 @@ def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(ov
 
 def test_the_limits_of_the_new_checks_are_accepted(tmp_path):
     for overrides in (["trainer.max_steps=-1", "trainer.max_epochs=1"], ["task.lr=0"], ["task.lr=1"],
-                      ["trainer.enable_progress_bar=null"], ["recipe=resnet_fused_amp", "model.fused=false"]):
+                      ["trainer.enable_progress_bar=null"], ["recipe=resnet_fused_amp", "model.fused=false"],
+                      ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1"],
+                      ["trainer.max_steps=-1", "trainer.max_epochs=-1"], ["+trainer.limit_train_batches=0.5"],
+                      ["data.val_size=0", "trainer.limit_val_batches=0"], ["data.num_slots=2", "data.producers=1"]):
         check_config(compose_train(*overrides, output_dir=tmp_path))
 
 
@@ -1063,6 +1095,28 @@ def test_a_run_with_no_training_batch_fails_naming_the_data_settings(tmp_path):
             "trained")):
         run(cfg)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+class _StopBeforeTraining(pl.Callback):
+    """Stops the fit before its first batch, as a user's callback may: Lightning then skips the whole fit."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+def test_a_fit_that_trains_no_step_fails_the_run_naming_the_limits(tmp_path):
+    """Lightning skipped the fit (as it does at max_epochs=0 or limit_train_batches=0) and the run said ok, 0 steps."""
+    cfg = compose_train("recipe=bert_split", "data.loader=torch", "data.train_size=32", "data.val_size=16",
+                        "model.hidden=16", "trainer.max_steps=2", "trainer.val_check_interval=1",
+                        "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+                        "callbacks.memory_profiler=null",
+                        f"+callbacks.stop._target_={__name__}.{_StopBeforeTraining.__qualname__}", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=re.escape(
+            "hetrain: the fit trained no step (trainer.max_steps=2, trainer.max_epochs=-1, "
+            "trainer.limit_train_batches=1.0; at step 0): Lightning skips")):
+        run(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "the fit trained no step" in summary["error"]
 
 
 def test_threads_apply_to_their_own_run_only(tmp_path):

@@ -43,6 +43,10 @@ class SyntheticSequences(Dataset):
         distractors: float = 0.5,
         seed: int = 0,
     ) -> None:
+        if size < 0:
+            # A negative size failed in torch.randint ("negative dimension"), naming no setting.
+            raise ValueError(f"hetrain: need size >= 0 sequences (data.train_size and data.val_size; documents for "
+                             f"token data), got {size=}")
         noise_start = FIRST_MARKER + num_classes * markers_per_class
         if vocab_size <= noise_start:
             raise ValueError(

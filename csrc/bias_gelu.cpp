@@ -15,6 +15,7 @@
 
 #include "bias_gelu_math.h"
 #include "checks.h"
+#include "cpu_chunks.h"
 #include "cpu_loops.h"
 
 namespace hetrain {
@@ -148,7 +149,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* b, sca
   using acc_t = acc_type<scalar_t>;
   const std::vector<acc_t> bias = bias_in_acc(b, N);
   // One partial bias-gradient row per chunk of rows, summed at the end.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
+  const int64_t chunks = chunk_count(M, N);
   std::vector<acc_t> part(chunks * N, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     acc_t dyb[kChunk], xb[kChunk], dxb[kChunk];
@@ -170,7 +171,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* b, sca
     }
   });
   std::vector<acc_t> total(N);
-  at::parallel_for(0, N, 256, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, N, column_grain(chunks), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       acc_t s = 0;
       for (int64_t c = 0; c < chunks; ++c) s += part[c * N + j];

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "bn_relu_pool_math.h"
+#include "cpu_chunks.h"
 #include "cpu_loops.h"
 
 namespace hetrain {
@@ -187,8 +188,6 @@ struct Channels {
 // Elements per parallel task: enough that the scheduling cost is noise.
 int64_t grain(int64_t per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(per_item, 1)); }
 
-int64_t chunk_count(int64_t items) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items)); }
-
 // --- statistics --------------------------------------------------------------------------------
 
 // sum(x - pivot_c) and sum((x - pivot_c)^2) per channel in double, pivot_c = x[0, c, 0, 0].
@@ -223,7 +222,7 @@ void channel_sums(const scalar_t* x, const Geometry& g, bool cl, double* pivot, 
   // NHWC: each chunk of positions keeps a row of C partial sums in double, vectorised over channels. Blocks of
   // positions summed in float32 lost ~1e4x torch's accuracy when x[0, c, 0, 0] was an outlier: every x - pivot is
   // then large, and the variance a small difference of their large sums.
-  const int64_t P = g.N * HW, chunks = chunk_count(P);
+  const int64_t P = g.N * HW, chunks = chunk_count(P, C);
   std::vector<double> part(2 * chunks * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -469,7 +468,7 @@ template <typename scalar_t>
 void grad_sums_nhwc(const scalar_t* dy, const uint8_t* arg, const scalar_t* x, const Channels<acc_type<scalar_t>>& ch,
                     const Geometry& g, double* sum_g, double* sum_gx) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t C = g.C, rows = g.N * g.OH, chunks = chunk_count(rows);
+  const int64_t C = g.C, rows = g.N * g.OH, chunks = chunk_count(rows, g.OW * g.kh * g.kw * C);
   const acc_t* scale = ch.scale.data();
   const acc_t* shift = ch.shift.data();
   const acc_t* mean = ch.mean.data();

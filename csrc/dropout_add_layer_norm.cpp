@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_chunks.h"
 #include "cpu_loops.h"
 #include "dropout_math.h"
 #include "layer_norm_math.h"
@@ -110,7 +111,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* res, c
                    const acc_type<scalar_t>* mean, const acc_type<scalar_t>* rstd, const dropout::Call* d, scalar_t* dx,
                    scalar_t* dres, scalar_t* dw, scalar_t* db, int64_t M, int64_t N) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
+  const int64_t chunks = chunk_count(M, N);
   const bool want_w = dw != nullptr, want_b = db != nullptr;
   std::vector<acc_t> part_w(want_w ? chunks * N : 0, acc_t(0)), part_b(want_b ? chunks * N : 0, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -164,7 +165,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* res, c
       }
     }
   });
-  at::parallel_for(0, N, 256, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, N, column_grain(chunks), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       acc_t sw = 0, sb = 0;
       for (int64_t c = 0; c < chunks; ++c) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_chunks.h"
 #include "cpu_loops.h"
 #include "layer_norm_math.h"
 
@@ -137,7 +138,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, con
                    int64_t N) {
   using acc_t = acc_type<scalar_t>;
   // One partial dw/db row per chunk of rows, summed at the end: no shared accumulator.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
+  const int64_t chunks = chunk_count(M, N);
   std::vector<acc_t> part_w(chunks * N, acc_t(0)), part_b(chunks * N, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -146,7 +147,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, con
       chunk(dy, x, w, mean, rstd, dx, part_w.data() + c * N, part_b.data() + c * N, r0, r1, N);
     }
   });
-  at::parallel_for(0, N, 256, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, N, column_grain(chunks), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       acc_t sw = 0, sb = 0;
       for (int64_t c = 0; c < chunks; ++c) {

@@ -1,5 +1,5 @@
 // RMSNorm over the last dimension on the CPU: forward saves only rstd per row; backward reduces the
-// weight gradient through per-thread partial sums (no shared accumulator).
+// weight gradient through per-chunk partial sums (no shared accumulator).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_chunks.h"
 #include "cpu_loops.h"
 #include "rms_norm_math.h"
 
@@ -64,7 +65,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, con
                    scalar_t* dx, scalar_t* dw, int64_t M, int64_t N) {
   using acc_t = acc_type<scalar_t>;
   // One partial dw row per chunk of rows, summed at the end.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M));
+  const int64_t chunks = chunk_count(M, N);
   std::vector<acc_t> part_w(dw ? chunks * N : 0, acc_t(0));
   // Two streaming passes per row and no scratch: a pure reduction (vectorised in lanes), then dx and
   // the dw partials from the same reads of dy and x, xhat and g recomputed rather than stored.
@@ -99,7 +100,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* w, con
     }
   });
   if (!dw) return;
-  at::parallel_for(0, N, 256, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, N, column_grain(chunks), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       acc_t sw = 0;
       for (int64_t c = 0; c < chunks; ++c) sw += part_w[c * N + j];

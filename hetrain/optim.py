@@ -94,15 +94,10 @@ class SparseAwareAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
         if not isinstance(params, (torch.Tensor, set)):  # a set holds no repeats (and torch refuses it)
-            param_group["params"] = params = list(params)  # read once: a generator would be empty for torch
-            ids = [id(p) for p in params]
-            if len(set(ids)) < len(ids):
-                repeated = next(p for i, p in enumerate(params) if id(p) in ids[:i])
-                # torch only warns, and its step and the lazy one would step it once for each time it is listed.
-                raise ValueError(f"hetrain.SparseAwareAdamW: a parameter group lists a parameter of shape "
-                                 f"{tuple(repeated.shape)} more than once (a weight tied between modules?), which "
-                                 "would step it as many times; list each parameter once "
-                                 "(hetrain.optim.sparse_parameters lists a tied table once)")
+            # Each parameter once, in order: torch only warns of a repeat, and its step and the lazy one would step a
+            # weight tied between modules once per listing. Lightning's BaseFinetuning lists a tied weight once per
+            # module it unfreezes, so a repeat is dropped rather than refused.
+            param_group["params"] = list({id(p): p for p in params}.values())
         if hasattr(self, "_fused") and "sparse" not in param_group:
             # Added after construction by code that knows no sparse flag (Lightning's BaseFinetuning unfreezing a
             # sparse table): each parameter steps by its gradient's layout (step).

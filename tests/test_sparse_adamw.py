@@ -508,9 +508,9 @@ def test_a_table_tied_between_two_sparse_embeddings_steps_once_a_step():
     assert opt.state[task.model.a.weight]["step"] == 1
     # AdamW's first step moves each used element by lr.
     torch.testing.assert_close((task.model.a.weight - before)[[1, 2]].abs(), torch.full((2, 4), 0.1))
-    for sparse in (True, False):
-        with pytest.raises(ValueError, match=r"a parameter group lists a parameter of shape \(10, 4\) more than once"):
-            SparseAwareAdamW([{"params": [task.model.a.weight, task.model.b.weight], "sparse": sparse}])
+    for sparse in (True, False):  # listed twice (as BaseFinetuning lists a tied weight), it is held once
+        listed = SparseAwareAdamW([{"params": [task.model.a.weight, task.model.b.weight], "sparse": sparse}])
+        assert [len(g["params"]) for g in listed.param_groups] == [1]
 
 
 class Bag(nn.Module):
@@ -619,3 +619,21 @@ def test_a_refused_gradient_leaves_every_parameter_as_it_was():
             train(m, opt, 1, seed=0)
         for got, want in zip(m.parameters(), before, strict=True):
             assert torch.equal(got, want)
+
+
+def test_finetuning_unfreezes_a_table_tied_between_two_modules_and_steps_it_once():
+    # BaseFinetuning lists a tied weight once per module it unfreezes; refusing the repeat ended the fit there.
+    words = nn.Embedding(10, 4, sparse=True)
+    bag = nn.EmbeddingBag(10, 4, sparse=True)
+    bag.weight = words.weight
+    backbone, head = nn.ModuleDict({"words": words, "bag": bag}), nn.Linear(4, 2)
+    BaseFinetuning.freeze(backbone)
+    opt = SparseAwareAdamW(head.parameters(), lr=0.1, weight_decay=0.0, fused=True)
+    BaseFinetuning.unfreeze_and_add_param_group(backbone, opt, lr=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 1]
+    before = words.weight.detach().clone()
+    ids = torch.tensor([[1, 2]])
+    (head(words(ids)).sum() + head(bag(ids)).sum()).backward()
+    opt.step()
+    assert opt.state[words.weight]["step"] == 1
+    torch.testing.assert_close((words.weight - before)[[1, 2]].abs(), torch.full((2, 4), 0.1))  # one step of lr

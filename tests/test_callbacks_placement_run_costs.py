@@ -7,7 +7,9 @@ import math
 import random
 
 import pytest
+from torch import nn
 
+from hetrain.callbacks.pipeline import PipelineSplit
 from hetrain.callbacks.placement import RunCosts
 from hetrain.placement import CostModel
 
@@ -133,3 +135,24 @@ def test_a_leading_stage_without_weights_runs_with_the_stage_after_it():
     best = costs.best_plan()
     assert best.devices["a"] == best.devices["act"]
     assert best.predicted_step_time == pytest.approx(7.0)
+
+
+def test_a_plan_naming_one_gpu_two_ways_runs_each_batch_whole():
+    """Before, split compared names: cuda and cuda:0 (one GPU, where the run places both) counted as two devices, and
+    the plan was priced as 4 micro-batches (26) though PipelineSplit runs each batch whole there (6)."""
+    costs = RunCosts(two_devices([[1.0, 2.0], [8.0, 4.0]]), two_devices([[0.4, 3.0], [2.5, 3.5]]), 4)
+    plan = {"a": "cuda", "b": "cuda:0"}
+    assert not costs.split(plan)
+    assert costs.predict(plan) == costs.predict({"a": "cuda:0", "b": "cuda:0"}) == pytest.approx(6.0)
+    bandwidth = [[INF if i == j else 1e9 for j in range(3)] for i in range(3)]
+    three = CostModel(["a", "b"], ["cpu", "cuda:0", "cuda:1"], [[1.0] * 3, [1.0] * 3], [0, 0], bandwidth)
+    assert RunCosts(three, three, 4).split({"a": "cuda", "b": "cuda:1"})  # cuda is cuda:0: two GPUs
+
+
+@pytest.mark.parametrize("names", [("cpu", "cpu:0"), ("cpu:0", "cpu"), ("cpu:0", "cpu:0"), ("cpu", "cpu")])
+def test_split_decides_as_the_pipeline_split_of_the_placed_stages(names):
+    """The prediction's split against the run's own: PipelineSplit over the stages placed on the plan's devices.
+    Before, cpu and cpu:0 were two devices to the prediction and one to the run."""
+    costs = RunCosts(two_devices([[1.0, 2.0], [8.0, 4.0]]), two_devices([[0.4, 3.0], [2.5, 3.5]]), 4)
+    stages = [nn.Linear(2, 2).to(name) for name in names]
+    assert costs.split(dict(zip("ab", names, strict=True))) == (PipelineSplit(4).active_micro_batches(stages) > 1)

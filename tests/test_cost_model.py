@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from hetrain.placement import CostModel, measure
+from hetrain.placement import CostModel, PlacementPlan, measure
 
 INF = math.inf
 
@@ -230,3 +230,27 @@ def test_predict_reads_cuda_as_the_gpu_measured_on_a_machine_without_one():
     assert cm.predict({"emb": "cpu", "enc": "cuda"}) == cm.predict({"emb": "cpu", "enc": "cuda:0"})
     two = CostModel(["a"], ["cuda:0", "cuda:1"], [[1.0, 2.0]], [4], [[INF, 1.0], [1.0, INF]])
     assert two.predict(["cuda"]) == 1.0
+
+
+def test_predict_reads_cuda_measured_as_the_gpu_a_plan_names_cuda_0(tmp_path):
+    """measure(devices=['cuda']) keeps the name 'cuda'. Before, its costs read where CUDA is absent refused a plan
+    naming cuda:0 (the GPU measured), as a saved plan from the same machine names it, while cuda:1 stays another GPU."""
+    bandwidth = [[INF, 100.0], [100.0, INF]]
+    path = CostModel(["emb", "enc"], ["cpu", "cuda"], [[1.0, 2.0], [5.0, 1.0]], [10, 10], bandwidth).save(
+        tmp_path / "placement_costs.json")
+    cm = CostModel.load(path)
+    plan = PlacementPlan.load(PlacementPlan({"emb": "cpu", "enc": "cuda:0"}).save(tmp_path / "placement_plan.yaml"))
+    assert cm.predict(plan.devices) == cm.predict({"emb": "cpu", "enc": "cuda"}) == pytest.approx(2.2)
+    assert cm.predict(["cuda:0", "cuda"]) == cm.predict(["cuda", "cuda"]) == 3.0
+    with pytest.raises(ValueError, match=r"measured \['cpu', 'cuda'\], not \['cuda:1'\]"):
+        cm.predict({"emb": "cpu", "enc": "cuda:1"})
+    other = CostModel(["a"], ["cpu", "cuda:1"], [[1.0, 2.0]], [4], bandwidth)
+    with pytest.raises(ValueError, match=r"measured \['cpu', 'cuda:1'\], not \['cuda:0'\]"):
+        other.predict(["cuda:0"])
+
+
+def test_predict_refuses_a_model_that_names_one_device_twice():
+    """Before, a model measured on cuda and on cuda:0 (one GPU, two names) priced a plan on it from either column."""
+    cm = CostModel(["a"], ["cuda", "cuda:0"], [[1.0, 2.0]], [4], [[INF, 1.0], [1.0, INF]])
+    with pytest.raises(ValueError, match=r"the cost model's devices name cuda:0 twice \('cuda' and 'cuda:0'\)"):
+        cm.predict(["cuda:0"])

@@ -29,7 +29,7 @@ from hetrain.placement import (
     topological_order,
     upward_ranks,
 )
-from hetrain.placement.plan import hook_inputs, remove_input_hooks
+from hetrain.placement.plan import hook_inputs, refuse_repeated_devices, remove_input_hooks
 
 INF = math.inf
 
@@ -1219,3 +1219,11 @@ def test_timing_warms_a_short_stage_up_for_a_while_and_a_long_one_for_the_count(
     long, long_calls, clock = counted(cost_model.WARMUP_MIN_S * 1.2)
     cost_model._median_time(long, [torch.device("cpu")], warmup=1, repeats=3, clock=clock)
     assert len(long_calls) == 1 + 3
+
+
+def test_cuda_and_cuda_0_are_one_device_with_or_without_a_gpu():
+    """cuda is the GPU a process is on, cuda:0 unless it chose another. Before, where CUDA is absent (a GPU run's plan
+    read on a laptop) the two were different devices there and one where the run places them; cuda:1 stays another."""
+    with pytest.raises(ValueError, match=r"name cuda:0 twice \('cuda' and 'cuda:0'\)"):
+        refuse_repeated_devices(["cuda", "cuda:0"], "the devices")
+    refuse_repeated_devices(["cuda", "cuda:1"], "the devices")

@@ -78,10 +78,11 @@ class RunCosts:
 
     def split(self, devices: Mapping[str, str]) -> bool:
         """Whether the run cuts each batch into micro-batches under this plan: as ``PipelineSplit``, where the
-        stages with weights are on several devices, or on any with ``split_on_one_device``."""
+        stages with weights are on several devices, or on any with ``split_on_one_device``. Devices are told apart
+        as the run places them, not by name: ``cuda`` and ``cuda:0`` are one GPU."""
         if self.micro is None:
             return False
-        return self.split_on_one_device or len(set(self.executed(devices).values())) > 1
+        return self.split_on_one_device or len(set(self.whole.device_indices(self.executed(devices)))) > 1
 
     def predict(self, devices: Mapping[str, str]) -> float:
         """Predicted forward + backward seconds per batch of ``{path: device}`` (group paths allowed), as executed."""

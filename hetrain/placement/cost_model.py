@@ -157,16 +157,22 @@ class CostModel:
         if isinstance(devices, str):
             raise TypeError(f"hetrain: predict takes one device per stage or a {{path: device}} plan, not the string "
                             f"{devices!r}; for every stage on it pass [{devices!r}] * {len(self.stages)}")
+        index = self.device_indices(devices)
+        costs, boundary_bytes, bandwidth = self.chain_inputs(training)
+        return chain_time(costs, boundary_bytes, bandwidth, index, objective, micro_batches)
+
+    def device_indices(self, devices: Mapping[str, str] | Sequence[str]) -> list[int]:
+        """Each stage's measured device, as its index in ``devices``, under ``{path: device}`` (group paths allowed)
+        or one device per stage. One device spelt two ways (``cpu:0`` for ``cpu``, ``cuda`` for ``cuda:0``, in the
+        plan or in the measured names) is one device, as the run places it; ``cuda:0`` and ``cuda:1`` are two."""
         names = self.stage_devices(devices) if isinstance(devices, Mapping) else list(devices)
-        # One device spelt two ways (cpu:0 for the cpu measured, cuda for cuda:0) is the device measured.
+        refuse_repeated_devices(self.devices, "the cost model's devices")  # else priced from either column
         measured = [_indexed(parse_device(d, "a measured device")) for d in self.devices]
         wanted = [_as_measured(parse_device(d, "a planned device"), measured) for d in names]
         unknown = sorted({str(name) for name, device in zip(names, wanted, strict=True) if device not in measured})
         if unknown:
             raise ValueError(f"hetrain: the cost model measured {self.devices}, not {unknown}")
-        index = [measured.index(d) for d in wanted]
-        costs, boundary_bytes, bandwidth = self.chain_inputs(training)
-        return chain_time(costs, boundary_bytes, bandwidth, index, objective, micro_batches)
+        return [measured.index(d) for d in wanted]
 
     def stage_devices(self, plan: Mapping[str, str]) -> list[str]:
         """Each measured stage's device under ``plan``, resolved as :func:`hetrain.placement.resolve_plan` does."""
@@ -238,14 +244,14 @@ def _check_names(names: Sequence[str], what: str) -> None:
 
 
 def _as_measured(device: torch.device, measured: Sequence[torch.device]) -> torch.device:
-    """``device`` as one of ``measured`` reads it. ``cuda`` with no index is this process's GPU where there is one;
-    on a machine without that backend (a GPU run's costs read on a laptop) it is the only device of its type
-    measured, else index 0 (the GPU a process starts on)."""
-    device = _indexed(device)
-    if device.index is not None or device.type == "cpu":
-        return device
-    of_type = [d for d in measured if d.type == device.type]
-    return of_type[0] if len(of_type) == 1 else torch.device(device.type, 0)
+    """``device`` as one of ``measured`` (each :func:`_indexed`) reads it. ``cuda`` with no index is this process's
+    GPU where there is one; on a machine without that backend (a GPU run's costs read on a laptop) it is the only
+    device of its type measured, else index 0 (the GPU a process starts on)."""
+    if device.index is None and device.type != "cpu" and not device_present(device):
+        of_type = [d for d in measured if d.type == device.type]
+        if len(of_type) == 1:
+            return of_type[0]
+    return _indexed(device)
 
 
 def _ends_on(costs: list[list[float]], first: int) -> list[list[float]] | None:

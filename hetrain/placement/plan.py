@@ -256,12 +256,17 @@ def device_present(device: torch.device) -> bool:
 def _indexed(device: torch.device) -> torch.device:
     """One spelling per device: ``cuda`` as the GPU it means here (this process's current one) and ``cpu:0`` as
     ``cpu``, so a plan that writes ``cuda`` for one stage and ``cuda:0`` for the next puts both on one device, as
-    torch would run them."""
+    torch would run them. Where the backend is absent (a GPU run's plan or costs read on a laptop) ``cuda`` is
+    ``cuda:0``, the GPU a process starts on: the same device with or without a GPU here."""
     if device.type == "cpu":
         return torch.device("cpu")
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
+    if device.index is not None or device.type == "meta":  # a meta tensor's device has no index
+        return device
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if callable(is_available) and is_available() and hasattr(backend, "current_device"):
+        return torch.device(device.type, backend.current_device())
+    return torch.device(device.type, 0)
 
 
 def refuse_repeated_devices(names: Sequence[str], what: str) -> None:

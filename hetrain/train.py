@@ -176,7 +176,10 @@ def check_config(cfg: DictConfig) -> None:
 def _check_counts(cfg: DictConfig) -> None:
     """Counts that must be positive, named before a library meets them (torch's sampler, Lightning's loop)."""
     # data.train_size and data.producers failed inside torch ("negative dimension") or the ring, naming no setting.
-    for key in ("threads", "data.batch_size", "data.max_tokens", "data.train_size", "data.producers"):
+    # The ring's settings only where the ring loads the data (data.loader=torch leaves them unused).
+    ring = OmegaConf.select(cfg, "data.loader", default="ring") == "ring"
+    counts = ["threads", "data.batch_size", "data.max_tokens", "data.train_size", *(["data.producers"] if ring else [])]
+    for key in counts:
         value = OmegaConf.select(cfg, key)
         if value is not None and (not _whole(value) or value < 1):
             raise ValueError(f"hetrain: {key}={value!r} must be a positive whole number"
@@ -186,7 +189,7 @@ def _check_counts(cfg: DictConfig) -> None:
     if val_size is not None and (not _whole(val_size) or val_size < (0 if no_validation else 1)):
         raise ValueError(f"hetrain: data.val_size={val_size!r} must be a positive whole number (or 0 with "
                          "trainer.limit_val_batches=0, which trains without validation)")
-    num_slots = OmegaConf.select(cfg, "data.num_slots")
+    num_slots = OmegaConf.select(cfg, "data.num_slots") if ring else None
     if num_slots is not None and (not _whole(num_slots) or num_slots < 2):
         raise ValueError(f"hetrain: data.num_slots={num_slots!r} must be a whole number >= 2: the consumer holds a "
                          "batch while the producers fill another (the default is 4)")

@@ -587,7 +587,8 @@ def test_the_limits_of_the_new_checks_are_accepted(tmp_path):
                       ["trainer.enable_progress_bar=null"], ["recipe=resnet_fused_amp", "model.fused=false"],
                       ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1"],
                       ["trainer.max_steps=-1", "trainer.max_epochs=-1"], ["+trainer.limit_train_batches=0.5"],
-                      ["data.val_size=0", "trainer.limit_val_batches=0"], ["data.num_slots=2", "data.producers=1"]):
+                      ["data.val_size=0", "trainer.limit_val_batches=0"], ["data.num_slots=2", "data.producers=1"],
+                      ["data.loader=torch", "data.producers=0", "data.num_slots=1"]):  # the ring's, unused there
         check_config(compose_train(*overrides, output_dir=tmp_path))
 
 

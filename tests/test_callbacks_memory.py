@@ -1,6 +1,7 @@
 """MemoryProfiler on real Lightning fits (CPU): per-module numbers, phase peaks, allocator churn, report files,
 OOM post-mortem."""
 
+import gc
 import logging
 import os
 import pickle
@@ -8,6 +9,7 @@ import re
 import resource
 import subprocess
 import sys
+import weakref
 from collections import Counter
 
 import pytest
@@ -18,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-from hetrain import cpu_memory
+from hetrain import cpu_memory, ops
 from hetrain.callbacks.churn import OUTSIDE, ROOT, Allocation, ChurnTracker, churned
 from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler
 from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, STEPS_CSV, MemoryReport
@@ -336,6 +338,74 @@ def test_what_a_module_under_vmap_saves_is_not_counted_outside_modules():
     tracker.stop()
     assert tracker.transformed == {ROOT, "0", "1", "2"} and tracker.records[OUTSIDE_MODULES].saved == 0
     assert not tracker.records[OUTSIDE_MODULES].saved_unseen
+
+
+def _hetrain_op_outside(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    return model[1](ops.layer_norm(model[0](x), None, None, 1e-5))  # a C++ autograd Function on the CPU
+
+
+def _copy_into_slices(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    outs = torch.zeros(2, BATCH, HIDDEN)
+    for t in range(2):
+        outs[t] = model[0](x)  # copy_ into a view: a CopySlices node, which hides the copy's node
+    return model[1](outs.mean(0))
+
+
+@pytest.mark.parametrize("step", [_hetrain_op_outside, _copy_into_slices])
+def test_a_node_outside_modules_that_cannot_be_read_leaves_the_outside_row_a_lower_bound(step, tmp_path):
+    """A hetrain fused op called in training_step, or a write into a slice, made the whole row not measured, and
+    what the rest of the graph saved (cross-entropy's log-softmax) was dropped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Linear(HIDDEN, 4))
+    tracker = ModuleMemory(model)
+    tracker.start()
+    loss = F.cross_entropy(step(model, torch.randn(BATCH, IN)), torch.zeros(BATCH, dtype=torch.long))
+    tracker.forward_done(loss)
+    loss.backward()
+    tracker.backward_done()
+    tracker.stop()
+    header, rows = tracker.table()
+    saved = {row[0]: row[header.index("saved for backward MiB")] for row in rows}
+    read = 4 * BATCH * 4 + 8 * BATCH + 4  # log-softmax, targets, nll_loss's total weight
+    bound = f"≥ {round(read / 2**20, 3)}"
+    assert saved[OUTSIDE_MODULES] == bound and saved["total"].startswith("≥ ")  # the total holds the row
+    record = tracker.records[OUTSIDE_MODULES]
+    assert record.saved == read and record.saved_partial and not record.saved_unseen
+    opaque = "torch::autograd::CppNode<hetrain::fused::LayerNorm>" if step is _hetrain_op_outside else "CopySlices"
+    note = tracker.saved_note()
+    assert f"{OUTSIDE_MODULES} is a lower bound" in note and opaque in note and NOT_MEASURED not in note
+    steps = [{"step": 0, **{phase: {"cpu": {"allocated": 2**20}} for phase in PHASES}}]
+    paths = MemoryReport(steps, modules=tracker).write(tmp_path)
+    assert f"| {OUTSIDE_MODULES} |  | 0 | 0 | 0 | {bound} |" in paths["md"].read_text(encoding="utf-8")
+    assert f"<td>{bound}</td>" in paths["html"].read_text(encoding="utf-8")
+
+
+def test_measuring_leaves_an_autograd_node_type_free_to_be_collected():
+    """Each torch.compile graph has a node type of its own (CompiledFunctionBackward): cached for good, each kept
+    its compiled code alive after torch._dynamo.reset(). A custom Function's node type is one made at run time."""
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad
+
+    model = nn.Linear(IN, 1)
+    tracker = ModuleMemory(model)
+    tracker.start()
+    loss = Double.apply(model(torch.randn(BATCH, IN))).sum()
+    node_type = weakref.ref(type(loss.grad_fn.next_functions[0][0]))
+    tracker.forward_done(loss)
+    loss.backward()
+    tracker.stop()
+    assert tracker.records[OUTSIDE_MODULES].saved == 4 * BATCH  # what Double saved was read through its node type
+    del loss, Double, tracker
+    gc.collect()
+    assert node_type() is None
 
 
 @pytest.mark.parametrize("fused", ["ConvBNReLUPool2d", "patched Sequential"])

@@ -499,6 +499,6 @@ class MemoryProfiler(Callback):
         text += report.markdown().removeprefix("# Memory\n")
         (directory / steps_name).write_text(report.steps_csv())
         path = directory / report_name
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")  # "≥", module names: whatever the locale
         log.error(f"hetrain: out of memory at step {step}; post-mortem in {path}")
         return path

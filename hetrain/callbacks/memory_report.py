@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hetrain.callbacks.churn import KIND_MEANING, KINDS, ChurnTracker
-from hetrain.callbacks.module_memory import MIB, ModuleMemory
+from hetrain.callbacks.module_memory import AT_LEAST, MIB, ModuleMemory
 from hetrain.report import markdown_table
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,13 @@ def churn_section(tracker: ChurnTracker | None, requested: str | None, observed:
               (f"Op workspace and the expected kinds (top {top})",
                tracker.table(["op workspace", "kept for backward", "passed on", "recomputed"], top))]
     return paragraphs, tables
+
+
+def _bar_mib(cell: Any) -> float:
+    """A per-module table's cell as a bar's length: a lower bound (``≥ 0.5``) as its figure, not measured as none."""
+    if isinstance(cell, str) and cell.startswith(AT_LEAST):
+        return float(cell.removeprefix(AT_LEAST))
+    return cell if isinstance(cell, int | float) else 0
 
 
 def _html_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -196,9 +203,7 @@ class MemoryReport:
 
         sections = self._module_sections()
         header, rows = sections[0][0] if sections else (list(BAR_COLUMNS), [])
-        # The bars' columns, a saved figure not measured drawn as no bar.
-        bars = [[r[0], *(r[header.index(c)] if isinstance(r[header.index(c)], int | float) else 0
-                         for c in BAR_COLUMNS)] for r in rows if r[0] != "total"]
+        bars = [[r[0], *(_bar_mib(r[header.index(c)]) for c in BAR_COLUMNS)] for r in rows if r[0] != "total"]
         bars = sorted((r for r in bars if any(r[1:])), key=lambda r: -sum(r[1:]))[:25]  # kept by what they show
         # Module names are text, not markup: a ModuleDict key such as "a$\b$" is no TeX (its mathtext error failed the
         # fit). Set for the texts savefig makes too, and restored after.
@@ -241,7 +246,7 @@ class MemoryReport:
         directory.mkdir(parents=True, exist_ok=True)
         paths = {"md": directory / REPORT_MD, "png": directory / REPORT_PNG, "html": directory / REPORT_HTML,
                  "csv": directory / self.steps_file}
-        paths["md"].write_text(self.markdown())
+        paths["md"].write_text(self.markdown(), encoding="utf-8")  # "≥", module names: whatever the locale
         paths["csv"].write_text(self.steps_csv())
         png, no_plot = None, ""
         try:
@@ -253,5 +258,5 @@ class MemoryReport:
             paths.pop("png").unlink(missing_ok=True)  # an earlier run's plot is not this one's
         else:
             paths["png"].write_bytes(png)
-        paths["html"].write_text(self.html(png, no_plot))
+        paths["html"].write_text(self.html(png, no_plot), encoding="utf-8")  # as its meta charset says
         return paths

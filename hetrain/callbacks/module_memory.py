@@ -6,8 +6,8 @@ No Trainer needed: :class:`ModuleMemory` hooks a model for one forward and backw
 
 from __future__ import annotations
 
-import functools
 import math
+import weakref
 from bisect import bisect_right
 from collections import defaultdict
 from contextlib import suppress
@@ -27,9 +27,11 @@ from hetrain.nn.patch_sequences import FUSING_CONTAINERS
 
 MIB = 2**20
 NOT_MEASURED = "not measured"
+AT_LEAST = "≥ "  # before a figure that leaves out what could not be read: a lower bound
 OUTSIDE = "(training_step, outside modules)"
 # Autograd nodes that keep what they saved where Python cannot read it: a C++ custom autograd Function (a hetrain
-# fused op's C++ backend) and an in-place op on a view, whose node holds that op's own node inside.
+# fused op's C++ backend) and an in-place op on a view, whose node holds that op's own node inside (its inputs'
+# nodes are among its next_functions, so the walk goes on past it).
 _OPAQUE_NODES = ("torch::autograd::CppNode<", "torch::autograd::CopySlices")
 # Reading a saved tensor without unpacking it: its unpack hook and what was packed (in torch 2.13, not in every torch).
 _READS_SAVED = all(hasattr(torch._C._autograd.SavedTensor, a) for a in ("unpack_hook", "data"))
@@ -46,6 +48,7 @@ class ModuleRecord:
     # What it saved was not seen: a forward ran under another saved-tensors hook (save_on_cpu, activation
     # checkpointing), which decides what is kept, or compiled with no module running eagerly around it.
     saved_unseen: bool = False
+    saved_partial: bool = False  # some of what it saved could not be read: ``saved`` is a lower bound
     cuda_delta: int | None = None  # allocated bytes after its forward minus before (CUDA modules)
 
     def merge(self, other: ModuleRecord) -> None:
@@ -73,11 +76,18 @@ def _unpacked(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-@functools.cache
+# _raw_saved_names per node type, held weakly: each torch.compile graph has a node type of its own
+# (CompiledFunctionBackward), which must be freed with its compiled code.
+_RAW_SAVED_NAMES: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
 def _raw_saved_names(node_type: type) -> tuple[str, ...]:
     """The attributes of an autograd node type that give its saved tensors as packed, without unpacking them: one
     per tensor a built-in node saves, ``_raw_saved_tensors`` for a custom autograd Function's."""
-    return tuple(a for a in dir(node_type) if a.startswith("_raw_saved_"))
+    names = _RAW_SAVED_NAMES.get(node_type)
+    if names is None:  # dir() costs some 20 us a node type
+        names = _RAW_SAVED_NAMES[node_type] = tuple(a for a in dir(node_type) if a.startswith("_raw_saved_"))
+    return names
 
 
 def _raw_saved(node: Any) -> list[Any]:
@@ -119,18 +129,19 @@ class ModuleMemory:
         ``scaled_dot_product_attention``; the model itself is ``(root)``. That hook is on only while a module's
         forward runs, so ``torch.func`` in ``training_step`` works; what ``training_step`` saves outside every module
         (a loss's inputs: cross-entropy's log-softmax over the logits) is read from the loss's autograd graph when
-        :meth:`forward_done` is given the loss, and is the row ``(training_step, outside modules)``. A module's saved
-        tensors are not measured (:meth:`saved_note`) when its forward runs under another saved-tensors hook (the
-        user's ``save_on_cpu``, activation checkpointing), which alone is called and decides what is kept; a module
-        called inside a ``torch.func`` transform is not measured, as what it makes there is the transform's. A
-        module compiled with ``torch.compile`` runs as one graph with no submodules: what it saves goes to the
-        nearest module outside it that runs eagerly (:meth:`compiled_note`); with none, it is not measured, and
-        neither is the outside row when the loss's graph holds a compiled graph's saved tensors outside every module
-        (they may be that module's). A hetrain fused block (``ConvBNReLUPool2d``, ``ConvReLUPool2d``, a patched
-        Sequential) is measured as one module, as it runs: the children its kernel computes are not called, so what
-        that kernel makes (its output, what it saves) goes to the block, and those children keep their parameters
-        and gradients (:meth:`fused_note`). The hooks leave it fused: measuring does not change the numbers a step
-        computes.
+        :meth:`forward_done` is given the loss, and is the row ``(training_step, outside modules)``, a lower bound
+        (``≥``) where a node there keeps what it saved where Python cannot read it (a hetrain fused op's C++ backend,
+        an in-place op on a view). A module's saved tensors are not measured (:meth:`saved_note`) when its forward
+        runs under another saved-tensors hook (the user's ``save_on_cpu``, activation checkpointing), which alone is
+        called and decides what is kept; a module called inside a ``torch.func`` transform is not measured, as what
+        it makes there is the transform's. A module compiled with ``torch.compile`` runs as one graph with no
+        submodules: what it saves goes to the nearest module outside it that runs eagerly (:meth:`compiled_note`);
+        with none, it is not measured, and neither is the outside row when the loss's graph holds a compiled graph's
+        saved tensors outside every module (they may be that module's). A hetrain fused block
+        (``ConvBNReLUPool2d``, ``ConvReLUPool2d``, a patched Sequential) is measured as one module, as it runs: the
+        children its kernel computes are not called, so what that kernel makes (its output, what it saves) goes to
+        the block, and those children keep their parameters and gradients (:meth:`fused_note`). The hooks leave it
+        fused: measuring does not change the numbers a step computes.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -169,6 +180,10 @@ class ModuleMemory:
         # Why the outside row is not measured: in a measured step, and in this step.
         self.outside_unseen: set[str] = set()
         self._outside_unseen: set[str] = set()
+        # The nodes outside modules whose saved tensors could not be read (the outside row is a lower bound): in a
+        # measured step, and in this step.
+        self.outside_opaque: set[str] = set()
+        self._outside_opaque: set[str] = set()
         self.transformed: set[str] = set()  # modules called inside a torch.func transform in a measured step
         self._transformed: set[str] = set()  # in this step
         self._watching = False  # during the step's forwards (not its backwards, nor later micro-batches)
@@ -359,9 +374,10 @@ class ModuleMemory:
         neither). Read from the graph and not with a saved-tensors hook over the step: ``torch.func``'s grad refuses
         to run under one, and a user's hook pushed in training_step would sit over it. A saved tensor is read as it
         was packed (``_raw_saved_*``), never unpacked (``_saved_*``): a user's unpack (``save_on_cpu``'s) would copy
-        it back. What a node holds is not measured where a user's hook packed it, where Python cannot read it, or
-        where a compiled graph may be a compiled module's, run with no module eagerly around it. A custom autograd
-        Function's tensors kept as ctx attributes, not with ``save_for_backward``, are not seen."""
+        it back. The row is not measured where a user's hook packed a tensor, or where a compiled graph may be a
+        compiled module's, run with no module eagerly around it; it is a lower bound where a node keeps what it saved
+        where Python cannot read it (``_OPAQUE_NODES``), the rest counted. A custom autograd Function's tensors kept
+        as ctx attributes, not with ``save_for_backward``, are not seen."""
         if not _READS_SAVED:
             self._outside_unseen.add("this version of torch cannot read a saved tensor without unpacking it")
             return
@@ -377,11 +393,9 @@ class ModuleMemory:
             if self._made_in_a_module(node):  # a module's: counted by the pack hook, or its row says not measured
                 continue
             name = node.name()
-            if name.startswith(_OPAQUE_NODES):
-                self._outside_unseen.add(f"{name} keeps what it saved where it cannot be read (a C++ autograd "
-                                         "Function, such as a hetrain fused op's C++ backend, or an in-place op on "
-                                         "a view)")
-                return
+            if name.startswith(_OPAQUE_NODES):  # what it saved is left out; its inputs' nodes are walked on
+                self._outside_opaque.add(name)
+                continue
             try:
                 saved = _raw_saved(node)
             except RuntimeError:  # a custom Function's, freed by an earlier backward (retain_graph=False)
@@ -423,6 +437,7 @@ class ModuleMemory:
         self.forward_done()
         self._module_spans.clear()
         outside_unseen, self._outside_unseen = self._outside_unseen, set()
+        outside_opaque, self._outside_opaque = self._outside_opaque, set()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -436,7 +451,9 @@ class ModuleMemory:
         if keep:
             self.transformed |= transformed
             self.outside_unseen |= outside_unseen
+            self.outside_opaque |= outside_opaque
             self._step[OUTSIDE].saved_unseen = bool(outside_unseen)
+            self._step[OUTSIDE].saved_partial = bool(outside_opaque)
             self.ran_fused |= {name for name, children in self.fused.items()
                                if name in entered and not entered.issuperset(children)}
             for name in self._compiled():  # no module ran eagerly around its graph to open the pack hook
@@ -478,6 +495,10 @@ class ModuleMemory:
                 "saved outside every module (a loss's inputs), read from the loss's autograd graph before backward.")
         if self.outside_unseen:
             note += f" {OUTSIDE} {NOT_MEASURED}: {'; '.join(sorted(self.outside_unseen))}."
+        elif self.outside_opaque:
+            note += (f" {OUTSIDE} is a lower bound ({AT_LEAST.strip()}): what {', '.join(sorted(self.outside_opaque))} "
+                     "saved is kept where it cannot be read (a C++ autograd Function, such as a hetrain fused op's "
+                     "C++ backend, or an in-place op on a view, whose own op's node is hidden inside) and is left out.")
         unseen = [name for name, r in self.records.items() if r.saved_unseen and name != OUTSIDE]
         if unseen:
             note += (f" {NOT_MEASURED.capitalize()}: {', '.join(unseen)}: their forward ran under another "
@@ -495,21 +516,27 @@ class ModuleMemory:
         cuda = any(r.cuda_delta is not None for r in self.records.values())
         header = ["module", "type", "params MiB", "grads MiB", "outputs MiB", "saved for backward MiB",
                   *(["CUDA allocated delta MiB"] if cuda else [])]
-        rows, totals = [], [0, 0, 0, 0]
+        rows, totals, partial = [], [0, 0, 0, 0], False
         types = {name: type(m).__name__ for name, m in self.rows.items()}
         for name, r in self.records.items():
             values = [r.params, r.grads, r.outputs, 0 if r.saved_unseen else r.saved]
-            if not any(values) and not r.cuda_delta and not r.saved_unseen:
+            if not any(values) and not r.cuda_delta and not r.saved_unseen and not r.saved_partial:
                 continue
             totals = [a + b for a, b in zip(totals, values, strict=True)]
             shown: list[Any] = [round(v / MIB, 3) for v in values]
             if r.saved_unseen:  # not 0: what the other hook kept is not known
                 shown[-1] = NOT_MEASURED
+            elif r.saved_partial:  # what could not be read is left out
+                shown[-1] = f"{AT_LEAST}{shown[-1]}"
+                partial = True
             delta = ["n/a" if r.cuda_delta is None else round(r.cuda_delta / MIB, 3)] if cuda else []
             rows.append([name, types.get(name, ""), *shown, *delta, sum(values)])
         rows.sort(key=lambda row: -row[-1])
         rows = [row[:-1] for row in rows]
-        rows.append(["total", "", *(round(v / MIB, 3) for v in totals), *([""] if cuda else [])])
+        total: list[Any] = [round(v / MIB, 3) for v in totals]
+        if partial:
+            total[-1] = f"{AT_LEAST}{total[-1]}"
+        rows.append(["total", "", *total, *([""] if cuda else [])])
         return header, rows
 
 

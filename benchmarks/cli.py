@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -131,8 +132,12 @@ def save_complete(path: Path, result: dict) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """``data`` as ``path``, atomically: a run killed mid-write leaves the file as it was, never half written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """``data`` as ``path``, atomically: a run killed mid-write leaves the file as it was, never half written.
+
+    The temporary file is opened as ``open`` would create it (mode 0o666 less the umask), not as ``mkstemp``'s
+    0o600: it becomes the result, which others sharing the results directory must be able to read."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as file:
             file.write(json.dumps(data, indent=2) + "\n")

@@ -6,9 +6,9 @@ Profiles a few optimiser steps of the fused model (forward, cross-entropy, backw
 torch's profiler and sorts each op's self time into GEMMs, attention, hetrain's fused ops, the Python of the
 model's stage ranges, the optimizer, embeddings, the loss, data movement and "other" (elementwise ops and
 reductions outside any fused op: the candidates for fusion), then lists the largest "other" ops. An op whose
-own name says nothing takes the kind of the nearest op it runs inside (an embedding's index_select is the
-embedding's; a Linear's bias gradient, a sum inside AddmmBackward0, the GEMM's), so the pieces of attention's
-decomposed form (its softmax, dropout mask, scaling) count as attention, forward and backward.
+own name says nothing counts as attention inside attention's forward or backward (the pieces of its decomposed
+form: softmax, dropout mask, scaling, the reshapes of its matmuls), elsewhere as the nearest op it runs inside (an
+embedding's index_select is the embedding's; a Linear's bias gradient, a sum inside AddmmBackward0, the GEMM's).
 Writes ``benchmarks/results/<date>-<card>-step-profile.json`` (``<card>``: the GPU's name, or ``cpu``), with
 ``-<shape>`` where the shape is not the device's default and ``-steps<n>`` where ``--steps`` is not.
 """
@@ -74,8 +74,18 @@ def _ancestors(event: FunctionEvent | None) -> Iterator[FunctionEvent]:
         event = event.cpu_parent
 
 
-def _in_attention(event: FunctionEvent) -> bool:
-    return any(kind_of(e.name) == ATTENTION for e in _ancestors(event))
+def _named_kind(name: str) -> str:
+    """The kind ``name`` says, an autograd node's range counting as the forward op it differentiates."""
+    return kind_of(_forward_op(name) if name.startswith(BACKWARD) else name)
+
+
+def _in_attention(event: FunctionEvent, nodes: set[tuple[int, int]]) -> bool:
+    """Whether ``event`` runs inside attention: an attention op, or in the backward a node attention's forward
+    created (among ``nodes``), is it or encloses it."""
+    node = _backward_node(event)
+    if node is not None and (node.fwd_thread, node.sequence_nr) in nodes:
+        return True
+    return any(_named_kind(e.name) == ATTENTION for e in _ancestors(event))
 
 
 def _forward_op(node: str) -> str:
@@ -106,25 +116,24 @@ def attention_nodes(events: Iterable[FunctionEvent]) -> set[tuple[int, int]]:
             key = (event.thread, event.sequence_nr)
             if key not in last or event.time_range.start >= last[key].time_range.start:
                 last[key] = event
-    return {key for key, event in last.items() if _in_attention(event)}
+    return {key for key, event in last.items() if _in_attention(event, set())}
 
 
 def event_kind(event: FunctionEvent, nodes: set[tuple[int, int]]) -> str:
-    """``event``'s kind by its name; an op that would be "other" takes the kind of the nearest op it runs inside:
-    an embedding's ``aten::index_select``, a Linear's bias gradient (``aten::sum`` in ``AddmmBackward0``) and
-    decomposed attention's softmax, dropout mask and scaling are no fusion candidates of their own. In the
-    backward an autograd node counts as the forward op it differentiates, or as attention where attention's
-    forward created it (among ``nodes``). A pipeline stage's range is no op: the ops in it keep their own kind."""
+    """``event``'s kind, the first of: the kind its own name says (an ``aten::bmm`` is a GEMM wherever it runs);
+    attention, where it runs inside attention's forward or backward (:func:`_in_attention`; ``nodes``: those
+    attention's forward created), even under a GEMM op there (the reshapes of decomposed attention's
+    ``aten::matmul``); else the kind of the nearest range that says one, itself included, an autograd node's
+    range counting as the forward op it differentiates (``evaluate_function: AddmmBackward0`` and a Linear's bias
+    gradient inside it, the GEMM's; an embedding's ``aten::index_select``, the embedding's). None of these is a
+    fusion candidate of its own. A pipeline stage's range is no op: the ops in it keep their own kind."""
     kind = kind_of(event.key)
     if kind != "other":
         return kind
-    for parent in list(_ancestors(event))[1:]:
-        if parent.name.startswith(BACKWARD):
-            kind = kind_of(_forward_op(parent.name))
-            if kind == "other" and (parent.fwd_thread, parent.sequence_nr) in nodes:
-                kind = ATTENTION
-        else:
-            kind = kind_of(parent.name)
+    if _in_attention(event, nodes):
+        return ATTENTION
+    for enclosing in _ancestors(event):
+        kind = _named_kind(enclosing.name)
         if kind not in ("other", STAGE):
             return kind
     return "other"

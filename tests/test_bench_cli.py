@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks import (
     bench_cpu,
@@ -591,6 +595,19 @@ def test_a_partial_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_a_result_file_gets_the_mode_the_umask_gives_any_new_file(tmp_path, umask):
+    path = tmp_path / "2030-01-02-ops-cpu.json"
+    previous = os.umask(umask)
+    try:
+        save_partial(path, {"rows": [1]})
+        partial_mode = stat.S_IMODE(partial_file(path).stat().st_mode)
+        save_complete(path, {"rows": [1, 2]})
+    finally:
+        os.umask(previous)
+    assert partial_mode == stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # readable by others: not 0o600
+
+
 def test_the_pipeline_split_runs_its_gpu_stages_on_the_device_measured():
     assert bench_train.pipeline_plan("cuda:1") == {"embeddings": "cpu", "encoder": "cuda:1", "classifier": "cuda:1"}
 
@@ -631,3 +648,31 @@ def test_an_op_named_like_nothing_takes_the_kind_of_the_op_it_runs_inside():
     assert kinds("aten::sum", "AddmmBackward0") == {"gemm"}  # the Linear's bias gradient
     assert kinds("aten::sum", "hetrain::stage head") == {"other"}  # a stage's range is no op: the loss's sum stays
     assert kinds("aten::detach", "AccumulateGrad") == {"other"}  # a C++ node keeps its own name's kind
+
+
+def test_what_runs_inside_attention_counts_as_attention_and_a_gemm_nodes_own_range_as_the_gemm():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 8)
+    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with sdpa_kernel(SDPBackend.MATH):  # decomposed: scaling, matmuls, softmax
+            attended = F.scaled_dot_product_attention(q, k, v)
+        linear(attended).sum().backward()
+    events = prof.events()
+    nodes = profile_step.attention_nodes(events)
+
+    def kinds(name: str, parent: str | None = None) -> set[str]:
+        found = {profile_step.event_kind(e, nodes) for e in events if e.name == name
+                 and (parent is None or e.cpu_parent is not None and e.cpu_parent.name == parent)}
+        assert found, f"no {name} in {parent} in the trace"
+        return found
+
+    backward = profile_step.BACKWARD
+    # The reshapes of attention's matmuls are attention's, though a GEMM op encloses them; its bmm is a GEMM.
+    assert kinds("aten::expand", "aten::matmul") == kinds("aten::_unsafe_view", "aten::matmul") == {"attention"}
+    assert kinds("aten::bmm", "aten::matmul") == {"gemm"}
+    # The nodes attention's forward created, their ranges and what runs in them, are attention's.
+    assert kinds(f"{backward}BmmBackward0") == kinds("BmmBackward0") == {"attention"}
+    assert kinds("aten::transpose", "BmmBackward0") == kinds(f"{backward}SafeSoftmaxBackward0") == {"attention"}
+    # The Linear's node: its own range's self time and what runs in it are the GEMM's.
+    assert kinds(f"{backward}AddmmBackward0") == kinds("aten::sum", f"{backward}AddmmBackward0") == {"gemm"}

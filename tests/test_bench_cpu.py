@@ -1,10 +1,12 @@
 """The CPU op benchmark when a case fails: the other cases are measured and kept, the run still fails, and the
 RESULTS.md table marks the failed case instead of breaking on it; a run cut short never replaces the day's complete
-file; each row names the backend it timed. No timing: each case's calls run once."""
+file; each row names the backend it timed, a case whose backend cannot be resolved fails alone, and a variant run's
+file names the ops it sent elsewhere. No timing: each case's calls run once."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -141,6 +143,53 @@ def test_each_row_names_the_backend_it_timed_and_a_run_off_the_cpp_kernels_is_a_
     with plugins.use_backend(rms_norm="torch"):
         bench_cpu.main()
     (path,) = (tmp_path / "torch").glob("*.json")
-    assert path.name.endswith("-ops-cpu-backend-torch.json")  # never the day's -ops-cpu.json
+    assert path.name.endswith("-ops-cpu-backend-rms_norm-torch.json")  # never the day's -ops-cpu.json
     assert json.loads(path.read_text())["rows"][0]["backend"] == "torch"
-    assert "ran backend(s) torch, not the C++ kernels" in capsys.readouterr().out
+    assert "sends the hetrain column to backend(s) torch, not the C++ kernels" in capsys.readouterr().out
+
+
+@pytest.fixture
+def layer_norm_and_rms_norm(monkeypatch):
+    cases = [Case("layer_norm", "8x8", "float32", doubling, 512),
+             Case("rms_norm", "8x16", "float32", tiny_rms_norm, 5 * 8 * 16 * 4)]
+    monkeypatch.setattr(bench_cpu, "discover", lambda kind: cases)
+    monkeypatch.setattr(bench_cpu, "copy_bandwidth_gbs", lambda *args, **kwargs: 10.0)
+    monkeypatch.setattr(bench_cpu, "interleaved_ms", once_each)
+
+
+def test_a_case_whose_backend_cannot_be_resolved_is_recorded_failed_and_the_others_run(layer_norm_and_rms_norm,
+                                                                                       monkeypatch, tmp_path):
+    monkeypatch.setenv(plugins.ENV_PINS, "layer_norm=cuda")  # a backend that serves no CPU
+    monkeypatch.setattr(sys, "argv", ["bench_cpu", "--quick", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        bench_cpu.main()
+    assert ("1 of 2 cases failed (layer_norm 8x8 float32: BackendError: hetrain: backend 'cuda' pinned for op "
+            "'layer_norm' (by HETRAIN_BACKEND) does not serve device 'cpu'") in str(exit_.value.code)
+    (path,) = tmp_path.glob("*.json")
+    assert path.name.endswith("-ops-cpu-quick-backend-layer_norm-cuda.json")  # the pin makes it a variant
+    result = json.loads(path.read_text())
+    assert result["backends"] == {"layer_norm": "cuda", "rms_norm": "cpu"}
+    assert [(row["op"], row.get("backend"), "error" in row) for row in result["rows"]] == [
+        ("layer_norm", None, True), ("rms_norm", "cpu", False)]
+
+
+def test_runs_sending_different_ops_to_the_same_backend_keep_their_own_files(layer_norm_and_rms_norm, monkeypatch,
+                                                                             tmp_path):
+    monkeypatch.setattr(sys, "argv", ["bench_cpu", "--out", str(tmp_path)])
+    for op in ("layer_norm", "rms_norm"):
+        with plugins.use_backend(**{op: "torch"}):
+            bench_cpu.main()
+    assert sorted(path.name.partition("-ops-cpu-")[2] for path in tmp_path.glob("*.json")) == [
+        "backend-layer_norm-torch.json", "backend-rms_norm-torch.json"]
+
+
+def test_a_variant_names_its_op_backend_pairs_safely_and_many_by_a_stable_hash():
+    assert bench_cpu.variant_name({"backends": {"rms_norm": "cpu", "ring_gather": None}}) is None
+    assert bench_cpu.variant_name({"backends": {"rms_norm": "acme/v2", "layer_norm": "torch", "dropout": "cpu"}}) \
+        == "backend-layer_norm-torch-rms_norm-acme_v2"
+    every = dict.fromkeys(["bias_gelu", "conv_bn_relu_pool", "dropout", "dropout_add_layer_norm", "layer_norm",
+                           "linear_cross_entropy", "rms_norm"], "torch")
+    name = bench_cpu.variant_name({"backends": every})
+    assert re.fullmatch(r"backend-torch-[0-9a-f]{8}", name)
+    assert name == bench_cpu.variant_name({"backends": dict(reversed(every.items()))})
+    assert name != bench_cpu.variant_name({"backends": {**every, "dropout": "cpu"}})

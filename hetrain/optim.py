@@ -97,7 +97,11 @@ class SparseAwareAdamW(torch.optim.Optimizer):
             # Each parameter once, in order: torch only warns of a repeat, and its step and the lazy one would step a
             # weight tied between modules once per listing. Lightning's BaseFinetuning lists a tied weight once per
             # module it unfreezes, so a repeat is dropped rather than refused.
-            param_group["params"] = list({id(p): p for p in params}.values())
+            # A (name, parameter) pair counts by its parameter, the first name kept.
+            first: dict[int, Any] = {}
+            for p in params:
+                first.setdefault(id(p[1] if isinstance(p, tuple) else p), p)
+            param_group["params"] = list(first.values())
         if hasattr(self, "_fused") and "sparse" not in param_group:
             # Added after construction by code that knows no sparse flag (Lightning's BaseFinetuning unfreezing a
             # sparse table): each parameter steps by its gradient's layout (step).

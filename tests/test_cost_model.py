@@ -249,8 +249,9 @@ def test_predict_reads_cuda_measured_as_the_gpu_a_plan_names_cuda_0(tmp_path):
         other.predict(["cuda:0"])
 
 
-def test_predict_refuses_a_model_that_names_one_device_twice():
-    """Before, a model measured on cuda and on cuda:0 (one GPU, two names) priced a plan on it from either column."""
-    cm = CostModel(["a"], ["cuda", "cuda:0"], [[1.0, 2.0]], [4], [[INF, 1.0], [1.0, INF]])
-    with pytest.raises(ValueError, match=r"the cost model's devices name cuda:0 twice \('cuda' and 'cuda:0'\)"):
-        cm.predict(["cuda:0"])
+@pytest.mark.parametrize(("devices", "device"), [(["cuda", "cuda:0"], "cuda:0"), (["cpu", "cpu:0"], "cpu")])
+def test_a_cost_model_that_names_one_device_twice_is_refused(devices, device):
+    """Before, a model measured on cuda and on cuda:0 (one GPU, two names) priced a plan on it from either column;
+    then it was refused only in predict, after the solvers had planned over it."""
+    with pytest.raises(ValueError, match=rf"the cost model's devices name {device} twice"):
+        CostModel(["a"], devices, [[1.0, 2.0]], [4], [[INF, 1.0], [1.0, INF]])

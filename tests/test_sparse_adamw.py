@@ -637,3 +637,15 @@ def test_finetuning_unfreezes_a_table_tied_between_two_modules_and_steps_it_once
     opt.step()
     assert opt.state[words.weight]["step"] == 1
     torch.testing.assert_close((words.weight - before)[[1, 2]].abs(), torch.full((2, 4), 0.1))  # one step of lr
+
+
+def test_a_weight_listed_twice_by_name_in_a_group_is_held_once():
+    # A group of (name, parameter) pairs was deduplicated by the pair, so a tied weight stepped twice.
+    w = nn.Parameter(torch.randn(3, 2))
+    opt = SparseAwareAdamW([{"params": [("a", w), ("b", w)]}], lr=0.1, weight_decay=0.0)
+    (held,) = opt.param_groups[0]["params"]
+    assert held is w and opt.param_groups[0]["param_names"] == ["a"]
+    before = w.detach().clone()
+    w.grad = torch.randn(3, 2)
+    opt.step()
+    torch.testing.assert_close((w - before).abs(), torch.full((3, 2), 0.1))  # one step of lr

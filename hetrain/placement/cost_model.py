@@ -64,6 +64,9 @@ class CostModel:
         name would price the wrong stage or device, or fail naming no field."""
         _check_names(self.stages, "stages")
         _check_names(self.devices, "devices")
+        # One device spelt two ways (cpu and cpu:0) would be priced from either column; refused here, not only when
+        # a plan is priced, so no solver plans over it.
+        refuse_repeated_devices(self.devices, "the cost model's devices")
         stages, devices = len(self.stages), len(self.devices)
         if len(self.compute) != stages:
             raise ValueError(f"hetrain: CostModel.compute has {len(self.compute)} rows for {stages} stages; give one "
@@ -166,7 +169,6 @@ class CostModel:
         or one device per stage. One device spelt two ways (``cpu:0`` for ``cpu``, ``cuda`` for ``cuda:0``, in the
         plan or in the measured names) is one device, as the run places it; ``cuda:0`` and ``cuda:1`` are two."""
         names = self.stage_devices(devices) if isinstance(devices, Mapping) else list(devices)
-        refuse_repeated_devices(self.devices, "the cost model's devices")  # else priced from either column
         measured = [_indexed(parse_device(d, "a measured device")) for d in self.devices]
         wanted = [_as_measured(parse_device(d, "a planned device"), measured) for d in names]
         unknown = sorted({str(name) for name, device in zip(names, wanted, strict=True) if device not in measured})

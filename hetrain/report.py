@@ -425,7 +425,7 @@ def write_sweep_summary(records: list[dict[str, Any]], directory: str | Path) ->
     text = markdown_table(shown, [[r.get(k) for k in shown] for r in records])
     over_seeds = seed_table(records)
     if over_seeds is not None:
-        intro = "Over seeds (mean ± standard deviation of the jobs that finished):"
+        intro = "Over seeds (mean ± standard deviation of the finished jobs; (k of n) where only k have the metric):"
         text += f"\n\n{intro}\n\n{markdown_table(*over_seeds)}"
     _write_whole(directory / SUMMARY_MD, text)
     return text
@@ -443,10 +443,13 @@ def _without_seed(overrides: str) -> str:
 def seed_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]] | None:
     """When a sweep varies ``seed``: per combination of the other overrides, each metric's mean ± std over seeds.
 
-    None when the jobs do not set at least two seeds. ``seeds`` counts the finished ones; a combination
-    whose seeds all failed keeps its row (0 seeds), so it does not vanish from the comparison. When jobs
-    have no results (failed, interrupted, or not started in a sweep a signal stopped), a last column names them:
-    their rows in the job table say why.
+    None when the jobs do not set at least two seeds. ``seeds`` counts the finished ones; a metric that only k of
+    them have shows ``(k of n)``, so the count beside a mean is that of the values it averages. A combination
+    whose seeds all failed keeps its row (0 seeds), so it does not vanish from the comparison. When jobs have no
+    results (failed, interrupted, not started in a sweep a signal stopped, or finished without validating or
+    without a metric the other seeds have), a column names them: their rows in the job table say why, or the
+    column does. When finished jobs validated last before their final step, a column names them with that step:
+    their metrics are not of the final weights the others' are of.
     """
     seeds = {o.lstrip("+") for r in records for o in str(r.get("overrides", "")).split() if _is_seed(o)}
     if len(seeds) < 2:
@@ -455,17 +458,46 @@ def seed_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]
     for r in records:
         groups.setdefault(_without_seed(str(r.get("overrides", ""))), []).append(r)
     metrics = sorted({k for r in records for k in r if k.startswith("metrics.")})
-    any_failed = any(r.get("status") != "ok" for r in records)
-    rows = []
+    rows, without_results, earlier = [], [], []
     for overrides, jobs in groups.items():
         finished = [j for j in jobs if j.get("status") == "ok"]
         row: list[Any] = [overrides, len(finished)]
-        row += [_mean_and_spread([float(j[m]) for j in finished if isinstance(j.get(m), int | float)])
-                for m in metrics]
-        if any_failed:
-            row.append(", ".join(str(j["job"]) for j in jobs if j.get("status") != "ok"))
+        for m in metrics:
+            values = [float(j[m]) for j in finished if _has(j, m)]
+            cell = _mean_and_spread(values)
+            row.append(cell if len(values) in (0, len(finished)) else f"{cell} ({len(values)} of {len(finished)})")
         rows.append(row)
-    return ["overrides (seed aside)", "seeds", *metrics, *(["jobs without results"] if any_failed else [])], rows
+        without_results.append(_without_results(jobs, metrics))
+        earlier.append(", ".join(
+            f"{j['job']} (step {j['metrics_at_step']}" + (f" of {j['steps']})" if "steps" in j else ")")
+            for j in finished if j.get("metrics_at_step") is not None))
+    header = ["overrides (seed aside)", "seeds", *metrics]
+    for name, column in [("jobs without results", without_results), ("metrics from an earlier step", earlier)]:
+        if any(column):
+            header.append(name)
+            for row, value in zip(rows, column, strict=True):
+                row.append(value)
+    return header, rows
+
+
+def _has(job: dict[str, Any], metric: str) -> bool:
+    return isinstance(job.get(metric), int | float)
+
+
+def _without_results(jobs: list[dict[str, Any]], metrics: list[str]) -> str:
+    """The jobs of a combination left out of its means: those that did not finish (their rows say why), and those
+    that finished with none of the table's metrics, or without one another seed of theirs has (said here)."""
+    in_group = [m for m in metrics if any(_has(j, m) for j in jobs if j.get("status") == "ok")]
+    named = []
+    for job in jobs:
+        missing = [m.removeprefix("metrics.") for m in in_group if not _has(job, m)]
+        if job.get("status") != "ok":
+            named.append(str(job["job"]))
+        elif not any(_has(job, m) for m in metrics):
+            named.append(f"{job['job']} ({'no validation' if job.get('no_validation') else 'no metrics'})")
+        elif missing:
+            named.append(f"{job['job']} (no {', '.join(missing)})")
+    return ", ".join(named)
 
 
 def _mean_and_spread(values: list[float]) -> str | None:

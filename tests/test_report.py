@@ -17,6 +17,7 @@ from hetrain.report import (
     RunRecorder,
     _gpus,
     save_whole,
+    seed_table,
     write_run_summary,
     write_sweep_summary,
 )
@@ -177,3 +178,33 @@ def test_save_whole_gives_the_mode_a_plain_open_gives(tmp_path: Path, umask: int
     finally:
         os.umask(old)
     assert (tmp_path / "whole.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
+def test_a_seed_mean_says_how_many_seeds_it_averages_and_names_a_finished_seed_without_metrics() -> None:
+    """A seed that finished without validating was counted in ``seeds`` beside a mean of the others and named
+    nowhere: ``| a=1 | 3 | 0.75 ± 0.35 |`` averaged two seeds."""
+    records = [
+        {"job": 0, "overrides": "a=1 seed=0", "status": "ok", "metrics.val/acc": 0.5, "metrics.val/loss": 1.0},
+        {"job": 1, "overrides": "a=1 seed=1", "status": "ok", "metrics.val/acc": 1.0, "metrics.val/loss": 2.0},
+        {"job": 2, "overrides": "a=1 seed=2", "status": "ok", "no_validation": "no validation ran up to step 2"},
+        {"job": 3, "overrides": "a=2 seed=0", "status": "ok", "metrics.val/acc": 0.25, "metrics.val/loss": 3.0},
+        {"job": 4, "overrides": "a=2 seed=1", "status": "ok", "metrics.val/acc": 0.75},  # a metric the other has
+        {"job": 5, "overrides": "a=2 seed=2", "status": "failed", "error": "ValueError: boom"},
+    ]
+    header, rows = seed_table(records)
+    assert header == ["overrides (seed aside)", "seeds", "metrics.val/acc", "metrics.val/loss", "jobs without results"]
+    assert rows == [["a=1", 3, "0.75 ± 0.35 (2 of 3)", "1.5 ± 0.71 (2 of 3)", "2 (no validation)"],
+                    ["a=2", 2, "0.5 ± 0.35", "3 ± n/a (1 of 2)", "4 (no val/loss), 5"]]
+    records[2].pop("no_validation")  # finished without metrics, for a reason its summary does not give
+    assert seed_table(records)[1][0][-1] == "2 (no metrics)"
+
+
+def test_seed_means_name_the_seeds_whose_metrics_come_from_an_earlier_step() -> None:
+    """Metrics of a seed that last validated before its final step were averaged with final-step ones unsaid."""
+    records = [
+        {"job": 0, "overrides": "seed=0", "status": "ok", "steps": 5, "metrics.val/acc": 0.5},
+        {"job": 1, "overrides": "seed=1", "status": "ok", "steps": 5, "metrics.val/acc": 1.0, "metrics_at_step": 2},
+    ]
+    header, rows = seed_table(records)
+    assert header == ["overrides (seed aside)", "seeds", "metrics.val/acc", "metrics from an earlier step"]
+    assert rows == [["", 2, "0.75 ± 0.35", "1 (step 2 of 5)"]]

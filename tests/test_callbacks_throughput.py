@@ -498,6 +498,70 @@ def test_counting_flops_leaves_a_compiled_model_compiled(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
 
 
+class UnhookedAtStep2(Tagger):
+    """A compiled head whose linear layer's forward hook is removed at step 2: dynamo guards on a module's hooks, so
+    the head recompiles there, as after ``MemoryProfiler`` removes the hooks of its step 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = CompiledHead()
+        self.head.compile(backend="eager")
+        self.hook = self.head.linear.register_forward_hook(lambda module, args, output: None)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 2:
+            self.hook.remove()
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_step_during_which_torch_compile_recompiles_is_left_out_and_counted(tmp_path, monkeypatch):
+    torch._dynamo.reset()
+    clock = Tick(0.5)
+    monkeypatch.setattr(tp, "NvmlEnergy", lambda devices: Watts(clock, 100.0))
+    callback = Throughput(clock=clock, peak_flops=1e9, count_flops=False)
+    _fit(tmp_path, UnhookedAtStep2(), [callback], steps=5)
+    s = callback.summary
+    # Step 0 compiles (the warm-up: not counted), step 2 recompiles; steps 1, 3 and 4 are timed, 1 s each with the
+    # gap before them, at 100 W.
+    assert s["batches_timed"] == 3 and s["compiling_steps_left_out"] == 1
+    assert s["energy_j_per_step"] == 100.0
+    assert describe(s).endswith("1 compiling steps left out")
+
+
+def test_a_step_that_compiles_in_its_last_micro_batch_is_left_out_whole():
+    meter = ThroughputMeter(clock=Tick(0.5), warmup_batches=0)
+    meter.start()
+    for step in range(3):  # step 1 compiles in its second micro-batch
+        for micro in range(2):
+            meter.batch_start(data_wait=0.0)
+            meter.batch_end(samples=BATCH, step_done=micro == 1, compiled=step == 1 and micro == 1)
+    assert meter.compiled_steps == 1 and meter.batches == 4 and meter.samples == 4 * BATCH
+    assert meter.step_times == [1.5, 1.5] and meter.between_steps == [0.5, 0.5] and meter.data_waits == [0.0] * 4
+    assert meter.summary()["compiling_steps_left_out"] == 1
+
+
+class SlowSecondBatch(Tagger):
+    """A first step whose second micro-batch runs 100 s longer on the clock (where a compiled model's first compile
+    lands when the warm-up batch counted FLOPs eagerly)."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 0 and batch_idx == 1:
+            self.clock.now += 100.0
+        return super().training_step(batch, batch_idx)
+
+
+def test_with_accumulation_samples_per_second_covers_the_steps_the_step_times_do(tmp_path):
+    # The rest of the step holding the warm-up batch was timed for samples/s but not for the step times: its slow
+    # batch put samples/s far below what the steps' times give.
+    clock = Tick(0.5)
+    callback = Throughput(clock=clock, peak_flops=1e9)
+    _fit(tmp_path, SlowSecondBatch(clock), [callback], steps=4, accumulate_grad_batches=2)
+    s = callback.summary
+    # Each of the 3 timed steps: a 0.5 s gap, then batch, gap, batch, 0.5 s each.
+    assert s["batches_timed"] == 6 and s["step_time_ms"]["p99"] == 1500.0
+    assert s["samples_per_s"] == 2 * BATCH / 2.0
+
+
 class LossTagger(Tagger):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
@@ -523,7 +587,8 @@ def test_logged_rows_share_the_step_of_the_loss(tmp_path, accumulate, every):
 
 
 def test_with_accumulation_one_row_is_logged_per_optimizer_step(tmp_path):
-    # Each micro-batch wrote a row under the same step, repeating the previous step's time.
+    # Each micro-batch wrote a row under the same step, repeating the previous step's time. Step 0 holds the
+    # warm-up batch and is left out whole: no row until a step is timed.
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, default_root_dir=tmp_path, logger=CSVLogger(tmp_path),
                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                          log_every_n_steps=1, accumulate_grad_batches=4, callbacks=[Throughput(window_size=2)])
@@ -531,7 +596,7 @@ def test_with_accumulation_one_row_is_logged_per_optimizer_step(tmp_path):
     logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     header, *rows = [line.split(",") for line in logged.splitlines()]
     step, batches = header.index("step"), header.index("throughput/batches")
-    assert [(int(r[step]), float(r[batches])) for r in rows if r[batches]] == [(0, 3.0), (1, 7.0), (2, 11.0)]
+    assert [(int(r[step]), float(r[batches])) for r in rows if r[batches]] == [(1, 4.0), (2, 8.0)]
 
 
 def test_log_every_n_steps_zero_logs_nothing_and_keeps_the_summary(tmp_path):
@@ -1145,4 +1210,5 @@ def test_under_manual_optimization_rows_share_the_step_of_the_loss(tmp_path, opt
     assert trainer.global_step == 8 * optimizers // step_every
     loss_steps = logger.steps("train_loss")
     assert loss_steps == list(range(every - 1, 8, every))
-    assert logger.steps("throughput/") == [s for s in loss_steps if s > 0]  # the first batch is warm-up
+    # The first step holds the warm-up batch: rows begin when the next step ends, at its last batch.
+    assert logger.steps("throughput/") == [s for s in loss_steps if s >= 2 * step_every - 1]

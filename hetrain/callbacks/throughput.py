@@ -16,11 +16,12 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -99,6 +100,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype, measure: bool = True) -
             flops = max(flops, measure_matmul_flops(device, torch.float32))
         _PEAK_FLOPS[key] = flops
     return _PEAK_FLOPS[key]
+
+
+def compile_attempts() -> int:
+    """Frames torch.compile's dynamo has set out to compile in this process: it does so on a frame's first call and
+    on each recompile (a guard failed: new shapes, hooks added or removed, grad mode), and not on a call its cache
+    serves. 0 where dynamo was never imported; clearing ``torch._dynamo.utils.counters`` makes it fall, so compare
+    readings for change, not growth."""
+    utils = sys.modules.get("torch._dynamo.utils")  # not imported here: a run that never compiles need not load it
+    return 0 if utils is None else utils.counters["frames"]["total"]
 
 
 def _sync(device: torch.device) -> None:
@@ -230,6 +240,19 @@ class NvmlEnergy:
         return sum(self._read(h) for h in self.handles) / 1000
 
 
+class _Batch(NamedTuple):
+    """A timed batch's numbers, kept until its step ends timed: the gap before it (``opened_step``: between steps,
+    else within its step), its loader's fetch, its own seconds, samples, tokens and FLOPs."""
+
+    gap: float
+    opened_step: bool
+    wait: float | None
+    seconds: float
+    samples: int | None
+    tokens: int | None
+    flops: int | None
+
+
 def _percentiles(values: list[float]) -> dict[str, float]:
     p50, p90, p99 = np.percentile(values, [50, 90, 99])  # linear interpolation between neighbours
     return {"mean": float(np.mean(values)), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
@@ -248,15 +271,23 @@ class ThroughputMeter:
     batch (unknown, and reported ``n/a``, if any timed batch leaves it out). ``batch_start(instrumented=True)``
     marks a batch of a step a profiler or hooks slow down: the step and the gap before it are left out as a
     warm-up step's are, and so is the time after it up to the next batch (where those tools finish), but for the
-    loader's fetch. ``batch_end(flops=...)`` gives a batch's FLOPs (``flops_per_batch`` stands in where it gives none):
-    MFU sums the timed batches' own, so batches of different shapes each count what they cost.
+    loader's fetch. ``batch_end(compiled=True)`` marks a batch during which torch.compile compiled: its step and
+    the gap before it are left out too (counted in ``compiled_steps``). ``batch_end(flops=...)`` gives a batch's
+    FLOPs (``flops_per_batch`` stands in where it gives none): MFU sums the timed batches' own, so batches of
+    different shapes each count what they cost.
+
+    A step is timed whole or left out whole: its batches' numbers are kept until it ends, and only a step all of
+    whose batches were timed adds them. So every number covers the same steps: samples/s is their samples over
+    their time plus the gaps before them, which the step-time percentiles leave out (``between_steps_fraction``
+    is that share). Timing the rest of a step that held a warm-up batch put a compile's seconds into samples/s
+    and not into the step times, 4x apart.
 
     Args:
         clock: returns seconds; ``time.perf_counter`` by default.
         window_size: batches in the rolling rates of Lightning's ``Throughput``.
         available_flops: peak FLOP/s of the device, for MFU.
         warmup_batches: first batches left out of every number (kernel selection, allocator growth); a step
-            that holds one is left out of the step times too.
+            that holds one is left out whole.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter, window_size: int = 20,
@@ -280,6 +311,8 @@ class ThroughputMeter:
         self.flops_per_batch: float | None = None  # a batch's FLOPs where batch_end gives none
         self.flops: float | None = 0  # the timed batches' FLOPs; None once a timed batch had no count
         self.instrumented_steps = 0  # steps left out because a profiler or hooks ran in them
+        self.compiled_steps = 0  # steps left out because torch.compile compiled in them (past warm-up, not profiled)
+        self._pending: list[_Batch] = []  # the open step's timed batches, kept until it ends
         self._last_end: float | None = None
         self._paused_at: float | None = None
         self._step_started: float | None = None
@@ -292,11 +325,12 @@ class ThroughputMeter:
         self._batch_timed = False
         self._batch_instrumented = False
         self._step_past_warmup = False  # the open step began after the warm-up batches
+        self._step_instrumented = self._step_compiled = False
 
     @property
     def in_timed_step(self) -> bool:
-        """Whether a step is open whose first batch was timed (one the step times will hold), or none is open
-        and the next batch, which opens one, is timed."""
+        """Whether a step is open all of whose batches so far were timed (one the step times will hold unless a
+        later batch compiles), or none is open and the next batch, which opens one, is timed."""
         if self._step_started is None:
             return self.seen_batches >= self.warmup_batches and self._paused_at is None
         return self._step_timed
@@ -330,8 +364,11 @@ class ThroughputMeter:
         timed = self.seen_batches >= self.warmup_batches and not instrumented
         self._opened_step = self._step_started is None
         if self._opened_step:
-            self._step_started, self._step_timed = now, timed
+            self._step_started, self._step_timed = now, True
             self._step_past_warmup = self.seen_batches >= self.warmup_batches  # a step holding warm-up is warm-up
+            self._step_instrumented = self._step_compiled = False
+        self._step_timed = self._step_timed and timed
+        self._step_instrumented = self._step_instrumented or instrumented
         self._batch_timed, self._batch_instrumented = timed, instrumented
         self._batch_started, self._batch_open = now, True
         self._batch_wait = None if data_wait is None else data_wait + self._unspent_wait
@@ -344,46 +381,51 @@ class ThroughputMeter:
         if self._batch_open and self._batch_wait is not None:
             self._unspent_wait = self._batch_wait
         self._step_started, self._batch_open = None, False
-
-    def _record_gap(self) -> None:
-        """Records the gap before the batch now ending (left until it ends: a batch may never run)."""
-        gap = self._gap(self._batch_started, self._batch_wait, step_was_open=not self._opened_step)
-        if not self._batch_timed:
-            return
-        (self.between_steps if self._opened_step else self.within_steps).append(gap)
-        self.time += gap
-        if self._batch_wait is None:
-            self.data_waits = None
-        elif self.data_waits is not None:
-            self.data_waits.append(self._batch_wait)
+        self._pending = []
 
     def batch_end(self, samples: int | None, tokens: int | None = None, step_done: bool = True,
-                  flops: float | None = None) -> None:
+                  flops: float | None = None, compiled: bool = False) -> None:
         """A batch ends; ``samples``: how many it held, ``None`` where that is unknown (samples/s is then n/a);
-        ``flops``: what it computed, ``None``: ``flops_per_batch``."""
+        ``flops``: what it computed, ``None``: ``flops_per_batch``; ``compiled``: torch.compile compiled during it,
+        so its step is not timed."""
         now = self.clock()
-        self._record_gap()
+        # The gap before the batch is taken here, not at its start: a batch may never run (see drop_step).
+        gap = self._gap(self._batch_started, self._batch_wait, step_was_open=not self._opened_step)
         self._batch_open = False
         self.seen_batches += 1
         self._last_end = now
+        if self._batch_timed:
+            flops = self.flops_per_batch if flops is None else flops
+            self._pending.append(_Batch(gap, self._opened_step, self._batch_wait, now - self._batch_started, samples,
+                                        tokens, int(flops) if flops else None))
+        self._step_compiled = self._step_compiled or compiled
         if step_done:
-            if self._step_timed:
+            if self._step_timed and not self._step_compiled:
+                for batch in self._pending:
+                    self._add(batch)
                 self.step_times.append(now - self._step_started)
-            self._step_started = None
+            elif self._step_compiled and self._step_past_warmup and not self._step_instrumented:
+                self.compiled_steps += 1
+            self._step_started, self._pending = None, []
         if self._batch_instrumented:
             self.instrumented_steps += step_done and self._step_past_warmup
             if self._paused_at is None:
                 self._paused_at = now  # what instrumented the step finishes after it
-        if not self._batch_timed:
-            return
-        self.time += now - self._batch_started
+
+    def _add(self, batch: _Batch) -> None:
+        """Adds a batch of a timed step, and the gap before it, to every number."""
+        (self.between_steps if batch.opened_step else self.within_steps).append(batch.gap)
+        if batch.wait is None:
+            self.data_waits = None
+        elif self.data_waits is not None:
+            self.data_waits.append(batch.wait)
+        self.time += batch.gap + batch.seconds
         self.batches += 1
+        samples, tokens, flops = batch.samples, batch.tokens, batch.flops
         self.samples = None if samples is None or self.samples is None else self.samples + samples
         # Lightning's window needs lengths with every batch or none: a batch without them (a loader without the
         # tokens key in a max_size CombinedLoader) amid batches with them stopped the fit. Tokens/s is n/a from then on.
         self.tokens = None if tokens is None or self.tokens is None else self.tokens + tokens
-        flops = self.flops_per_batch if flops is None else flops
-        flops = int(flops) if flops else None
         self.flops = None if flops is None or self.flops is None else self.flops + flops
         # Lightning's window raises a ValueError on counts that do not rise with every batch, on fewer samples than
         # batches and on fewer lengths than samples: a timed batch of an all-padding row (no tokens) or a packed batch
@@ -434,6 +476,8 @@ class ThroughputMeter:
             out["within_steps_fraction"] = sum(self.within_steps) / self.time
         if self.instrumented_steps:
             out["instrumented_steps_left_out"] = self.instrumented_steps
+        if self.compiled_steps:
+            out["compiling_steps_left_out"] = self.compiled_steps
         if self.step_times:
             out["step_time_ms"] = {k: 1000 * v for k, v in _percentiles(self.step_times).items()}
         out["data_wait_ms_mean"] = 1000 * float(np.mean(self.data_waits)) if self.data_waits else NA
@@ -471,6 +515,8 @@ def describe(summary: dict[str, Any]) -> str:
         parts.append(f"GPU energy {energy:.2f} J/step")
     if "instrumented_steps_left_out" in summary:
         parts.append(f"{summary['instrumented_steps_left_out']} profiled steps left out")
+    if "compiling_steps_left_out" in summary:
+        parts.append(f"{summary['compiling_steps_left_out']} compiling steps left out")
     if "of_ranks" in summary:
         parts.append(summary["of_ranks"])
     return ", ".join(parts)
@@ -655,6 +701,14 @@ class Throughput(Callback):
         - Steps another callback instruments (``MemoryProfiler``'s hooked and churn-profiled steps,
           ``StepTrace``'s traced ones: whatever their ``instruments_step`` names) are left out of every
           number, as the warm-up is; the summary counts them (``instrumented_steps_left_out``).
+        - So are steps during which torch.compile compiled (:func:`compile_attempts` rose): a model's first
+          compile, and recompiles, such as those after ``MemoryProfiler`` removes the hooks of its step 0 (dynamo
+          guards on a module's hooks) or for a batch of a new shape; the summary counts those past the warm-up and
+          not instrumented (``compiling_steps_left_out``). A compile outside a batch (validation) costs no step.
+        - A step is timed whole or left out whole, its gradient-accumulation micro-batches with it, so samples/s,
+          tokens/s, MFU, energy and the step-time percentiles cover the same steps. The rates divide by the steps'
+          time plus the gaps before them (``between_steps_fraction`` is that share); the percentiles leave the gaps
+          out.
         - Data wait is read from the training loader's ``wait_seconds`` (hetrain's ``RingLoader``,
           ``DevicePrefetcher`` and ``TimedDataLoader`` keep it); with any other loader it is ``n/a`` and
           the gaps between batches (``between_steps``, and with gradient accumulation ``within_steps``:
@@ -708,6 +762,8 @@ class Throughput(Callback):
         self._may_merge = True  # the module or datamodule may reshape batches before this callback sees them
         self._joules: float | None = None  # GPU energy of the training stretches closed so far
         self._energy_start: float | None = None  # the counter where the open stretch began
+        self._energy_mark: float | None = None  # the energy measured when the last step ended
+        self._compiles: int = 0  # compile_attempts() when the open batch began
         self._wait_seen: float | None = None  # the training loader's wait_seconds at the last reading
 
     def _tokens(self, batch: Any) -> int | None:
@@ -741,6 +797,20 @@ class Throughput(Callback):
             self._joules = (self._joules or 0.0) + self.energy.joules() - self._energy_start
             self._energy_start = None
 
+    def _energy_so_far(self) -> float | None:
+        if self._energy_start is None:
+            return self._joules
+        return (self._joules or 0.0) + self.energy.joules() - self._energy_start
+
+    def _end_step_energy(self, timed: bool) -> None:
+        """A step ended (or was dropped): the energy measured since the last one ended counts only if it was timed
+        (a step found compiling at its last batch was measured as it ran)."""
+        if not timed:
+            self._joules = self._energy_mark
+            if self._energy_start is not None:
+                self._energy_start = self.energy.joules()
+        self._energy_mark = self._energy_so_far()
+
     @override
     @rank_zero_only
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -764,6 +834,7 @@ class Throughput(Callback):
         self._wait_seen = loader_wait_seconds(trainer)
         self.meter.start()
         self._open_energy()
+        self._energy_mark = self._energy_so_far()
 
     @override
     @rank_zero_only
@@ -788,6 +859,7 @@ class Throughput(Callback):
             self._flop_counter = contextlib.ExitStack()
             self._flop_counter.enter_context(torch.compiler.set_stance("force_eager"))
             self._flops = self._flop_counter.enter_context(TrainingFlopCounter())
+        self._compiles = compile_attempts()
 
     @override
     @rank_zero_only
@@ -838,7 +910,11 @@ class Throughput(Callback):
             self._trained_flops += flops
             self._trained_batches += 1
         self._sync()
-        self.meter.batch_end(*self._count(batch, parts), step_done=self._stepped, flops=flops)
+        steps = len(self.meter.step_times)
+        self.meter.batch_end(*self._count(batch, parts), step_done=self._stepped, flops=flops,
+                             compiled=compile_attempts() != self._compiles)
+        if self._stepped:
+            self._end_step_energy(timed=len(self.meter.step_times) > steps)
         self._open_energy()  # from the end of the warm-up on: the first step all of whose batches are timed
         self._stepped = False
         # Logged where Lightning logs this batch's training_step metrics (its update_train_step_metrics and
@@ -869,6 +945,7 @@ class Throughput(Callback):
         # module hooks). The next batch is counted instead.
         self._stop_counting(keep=False)
         self.meter.drop_step()
+        self._end_step_energy(timed=False)
 
     @override
     @rank_zero_only

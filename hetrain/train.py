@@ -46,6 +46,7 @@ from typing_extensions import override
 from hetrain import cpu_memory, plugins
 from hetrain.callbacks.precision import run_precision, trainer_precision
 from hetrain.callbacks.profiling import StepTrace
+from hetrain.callbacks.throughput import Throughput
 from hetrain.child_watch import watching_launched_ranks
 from hetrain.data.datamodule import check_token_budget
 from hetrain.host_copies import release_all
@@ -88,6 +89,9 @@ class _FitState:
     running: bool = False
     returned: bool = False  # training ended: a SIGTERM is recorded (``sigterm``), the run finishes its summary
     sigterm: bool = False
+    # The signal GracefulStop took during or after the fit's last step ("SIGINT", "SIGTERM"): it stopped nothing,
+    # and a single run ends ok, but it ends a sweep after this job.
+    signal_after_last_step: str | None = None
     run: int = -1  # this process's count of run() calls: every rank of a DDP sweep is to be on the same
     ended: threading.Event = field(default_factory=threading.Event)  # set when run() ends: see child_watch
 
@@ -287,6 +291,39 @@ class _RunInStep(pl.Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _fit.returned = True
+
+
+class _MeasuredToTheStop(pl.Callback):
+    """Closes the run's measurements when GracefulStop's stop ends the fit by an exception (SIGTERM, or a signal
+    during a validation): Lightning then calls no ``on_train_end``, where the recorder times the training, sums the
+    ranks' samples and reads the stages' devices, and Throughput sums its steps, and its teardown moves the module to
+    the CPU. A Ctrl-C stop at a step's end returns from the fit with them; the summary of this one has them too.
+
+    Only these measuring callbacks: the others' ``on_train_end`` (a ModelCheckpoint's last save) must not act on a
+    fit stopped mid-validation. First in the Trainer's list, so they close before any callback's ``on_exception``.
+    """
+
+    def __init__(self, graceful_stop: pl.Callback | None, measures: list[pl.Callback]) -> None:
+        self.graceful_stop, self.measures = graceful_stop, measures
+        self._train_ended = False
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = False
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = True
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Under DDP every rank stopped at the same step or validation batch: the recorder's sum of samples meets
+        # them all.
+        if isinstance(exception, SystemExit) and getattr(self.graceful_stop, "summary", None) \
+                and not self._train_ended:
+            self._train_ended = True
+            for callback in self.measures:
+                callback.on_train_end(trainer, pl_module)
 
 
 def _validation_inside_window(trainer: pl.Trainer) -> str | None:
@@ -535,8 +572,10 @@ def build(cfg: DictConfig) -> Parts:
     precision = trainer_precision(cfg.trainer.precision, _devices_in_use(cfg))
     # With every ModelCheckpoint set to null Lightning would add its own, writing where the run did not ask.
     saving = {} if any(isinstance(c, ModelCheckpoint) for c in callbacks.values()) else {"enable_checkpointing": False}
+    measures = [*(c for c in callbacks.values() if isinstance(c, Throughput)), recorder]
+    closing = _MeasuredToTheStop(callbacks.get("graceful_stop"), measures)
     trainer = _instantiate(cfg.trainer, "trainer",
-                           callbacks=[_RunInStep(), _WindowCheck(), *callbacks.values(), recorder],
+                           callbacks=[closing, _RunInStep(), _WindowCheck(), *callbacks.values(), recorder],
                            logger=logger, **precision, **saving)
     # What the Trainer runs, which Lightning may have changed: 16-mixed on a CPU becomes bf16-mixed.
     log.info(f"Precision: {precision['plugins'][0] if 'plugins' in precision else trainer.precision}")
@@ -571,10 +610,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             fitted = True
             _fit.running, _fit.returned = False, True
         except SystemExit as exc:  # how Lightning ends a fit on SIGTERM, or on Ctrl-C pressed twice
-            _describe_stop(exc, parts)
+            stopped = getattr(parts.callbacks.get("graceful_stop"), "summary", None)
+            # A stop GracefulStop saved is summarised as a Ctrl-C stop's: _MeasuredToTheStop closed the measurements.
+            _describe_stop(exc, parts, _measured(parts, cpu_malloc, host_cache_at_start) if stopped else None)
             raise
         finally:
             os.environ.pop(_LAUNCHER_PID, None)
+            _fit.signal_after_last_step = getattr(parts.callbacks.get("graceful_stop"), "signal_after_last_step",
+                                                  None)
             if not fitted:
                 _close_data(parts.datamodule)
             release_all()  # a fit ended by an exception skips the task's teardown, which lets the held batches go
@@ -583,16 +626,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         no_step = _no_step_trained(cfg, parts)
         if no_step is not None:
             raise ValueError(no_step)
-        summary = parts.recorder.summary(parts.trainer)
-        unvalidated = _unvalidated(parts)
-        if unvalidated is not None:
-            log.warning(unvalidated[1])
-            summary["no_validation"] = unvalidated[0]
-        summary["precision"] = run_precision(parts.trainer)  # per device type under DeviceMixedPrecision
-        if parts.compiled is not None:
-            summary["compile"] = {**parts.compiled, **compile_counts(since=parts.counts_before_compile)}
-        summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}
-        summary.update(_best_checkpoint(parts.callbacks))
+        summary = _measured(parts, cpu_malloc, host_cache_at_start)
+    return summary
+
+
+def _measured(parts: Parts, cpu_malloc: cpu_memory.CpuMallocSetting,
+              host_cache_at_start: cpu_memory.HostCacheStats | None) -> dict[str, Any]:
+    """The measured part of the summary of a fit that trained: returned, or stopped by GracefulStop."""
+    summary = parts.recorder.summary(parts.trainer)
+    unvalidated = _unvalidated(parts)
+    if unvalidated is not None:
+        log.warning(unvalidated[1])
+        summary["no_validation"] = unvalidated[0]
+    summary["precision"] = run_precision(parts.trainer)  # per device type under DeviceMixedPrecision
+    if parts.compiled is not None:
+        summary["compile"] = {**parts.compiled, **compile_counts(since=parts.counts_before_compile)}
+    summary["cpu_malloc"] = {"setting": cpu_malloc.description, **_host_cache_summary(host_cache_at_start)}
+    summary.update(_best_checkpoint(parts.callbacks))
     if hasattr(parts.datamodule, "loader_summary"):  # slot and pinned bytes, fixed for the whole run
         summary["data"] = parts.datamodule.loader_summary()
     summary.update({name: c.summary for name, c in parts.callbacks.items()
@@ -600,15 +650,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _describe_stop(exc: SystemExit, parts: Parts) -> None:
+def _describe_stop(exc: SystemExit, parts: Parts, measured: dict[str, Any] | None) -> None:
     """Adds to a SystemExit that ended the fit what the stopped run's summary says: GracefulStop's checkpoint, the
-    steps it trained, the progress."""
+    steps it trained, and ``measured`` (:func:`_measured`) where GracefulStop stopped the fit, else the progress."""
     graceful_stop = parts.callbacks.get("graceful_stop")
     exc.graceful_stop = getattr(graceful_stop, "summary", None) or {}
     exc.steps_trained = getattr(graceful_stop, "steps_trained", None)  # None: no GracefulStop counted them
-    # Under DDP each rank counted its own samples, and the ranks are not in step here to sum them: left out there.
-    exc.progress = {"steps": parts.trainer.global_step,
-                    **({"samples": parts.recorder.samples} if parts.trainer.world_size == 1 else {})}
+    # Under DDP each rank counted its own samples, and the ranks are not in step here to sum them: left out there
+    # (GracefulStop stops every rank at the same point, where the recorder summed them).
+    exc.progress = measured if measured is not None else {
+        "steps": parts.trainer.global_step, **({"samples": parts.recorder.samples} if parts.trainer.world_size == 1
+                                               else {})}
 
 
 def _close_data(datamodule: pl.LightningDataModule) -> None:
@@ -941,6 +993,9 @@ def _run(cfg: DictConfig) -> float | None:
         if _fit.sigterm:  # a SIGTERM after the fit, then this failure: the run still ends as the signal asked (143)
             _end_stopped_sweep()
             raise SystemExit(_exit_code("SIGTERM")) from exc
+        if _fit.signal_after_last_step and _in_sweep():  # the failed job's row is written; the signal ends the sweep
+            _end_stopped_sweep()
+            raise SystemExit(_exit_code(_fit.signal_after_last_step)) from exc
         if not _in_sweep():
             raise
         summary = None
@@ -978,6 +1033,12 @@ def _run(cfg: DictConfig) -> float | None:
         log.warning(f"hetrain: {_SIGTERM_AFTER_FIT}")
         _end_stopped_sweep()
         raise SystemExit(_exit_code("SIGTERM"))
+    late = _fit.signal_after_last_step
+    if late and _in_sweep():  # the job completed and says so; a single run ends ok (exit 0)
+        log.warning(f"hetrain: {late} during or after this job's last training step: the job completed, and the "
+                    f"sweep ends here (exit {_exit_code(late)}), its later jobs not started")
+        _end_stopped_sweep()
+        raise SystemExit(_exit_code(late))
     if failed_ranks:  # every failed rank goes on to the sweep's next job, as this one does
         return _failed_job_value()
     if missing_metric:

@@ -321,6 +321,7 @@ def test_a_signal_in_the_fits_last_step_or_its_last_validation_lets_the_fit_end_
                              samples=80, val_check_interval=10, **limit)  # returns: no SystemExit
     assert trainer.global_step == 20 and model.validated == 2 * 20
     assert stop.summary == {}  # what train.py reads: the run completed
+    assert stop.signal_after_last_step == signal_name  # what ends a sweep after this job (only logged before)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch=0-step=20.ckpt"]
     assert "during or after the fit's last training step" in caplog.text
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -96,6 +96,21 @@ def test_a_stopped_jobs_row_names_the_checkpoint_and_counts_steps_and_samples(tm
     assert stopped["steps"] == "3" and int(stopped["samples"]) > 0
 
 
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_during_a_jobs_last_step_ends_the_sweep_after_that_job(tmp_path, signal_name, code):
+    """GracefulStop lets a fit run to its end on a signal during its last step, and only logged it: the job said ok,
+    the sweep went on with the next jobs and exited 0. The job is complete (a single run ends ok); the sweep ends."""
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", *TINY, TWO_STEPS, "+callbacks.ctrl_c._target_=tests.fixtures.ctrl_c.CtrlCAt",
+                      "+callbacks.ctrl_c.steps=[1]", f"+callbacks.ctrl_c.signal_name={signal_name}", "seed=0,1",
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == code, (result.stdout + result.stderr)[-3000:]
+    assert "the sweep was stopped in job 0" in result.stderr and "job 1 never started" in result.stderr
+    completed, not_started = _rows(sweep)
+    assert (completed["status"], completed["steps"], not_started["status"]) == ("ok", "2", "not started")
+    assert not (sweep / "0" / "checkpoints" / "interrupted.ckpt").exists()
+
+
 def test_a_sweep_stopped_by_sigterm_before_training_lists_the_stopped_job_and_those_it_never_started(tmp_path):
     """A SIGTERM before Lightning's handler was in place (here in the fit's setup, beside the data's) killed the
     process: exit 143 with no row for the stopped job nor for those after it."""

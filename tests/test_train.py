@@ -845,6 +845,35 @@ def test_a_stopped_runs_summary_names_the_checkpoint_and_counts_its_steps_and_sa
     assert summary["steps"] == 2 and summary["samples"] > 0
 
 
+def _stopped_summary(run_dir: Path, *signal_at: str) -> dict:
+    """The summary of a small run that ``signal_at`` (a callback's overrides) stops, after it exited as a stop does."""
+    cfg = compose_train("recipe=bert_split", "data.loader=torch", "data.train_size=64", "data.val_size=16",
+                        "data.batch_size=4", "model.hidden=16", "trainer.max_steps=6", "trainer.val_check_interval=2",
+                        "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+                        "callbacks.memory_profiler=null", *signal_at, output_dir=run_dir)
+    with pytest.raises(SystemExit):
+        run(cfg)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("where", ["step", "validation"])
+def test_a_sigterm_stops_summary_has_the_measurements_of_a_ctrl_c_stops(tmp_path, where):
+    """GracefulStop ends a SIGTERM stop (and any stop during a validation) by an exception, which skips the training's
+    closing hooks and train()'s summary: it held the steps and samples alone, no samples/s, peak memory, stages nor
+    precision."""
+    ctrl_c = ["+callbacks.ctrl_c._target_=tests.fixtures.ctrl_c.CtrlCAt", "+callbacks.ctrl_c.steps=[1]"]
+    paused = _stopped_summary(tmp_path / "ctrl_c", *ctrl_c)
+    sigterm = [*ctrl_c, "+callbacks.ctrl_c.signal_name=SIGTERM"] if where == "step" else [
+        "+callbacks.sigterm._target_=tests.fixtures.signal_in.SignalIn", "+callbacks.sigterm.phase=validation",
+        "+callbacks.sigterm.step=2"]
+    preempted = _stopped_summary(tmp_path / "sigterm", *sigterm)
+    assert preempted["graceful_stop"]["signal"] == "SIGTERM" and preempted["steps"] == paused["steps"] == 2
+    assert sorted(preempted) == sorted(paused)
+    assert preempted["samples_per_s"] > 0 and preempted["train_time_s"] > 0 and preempted["peak_memory_mib"]
+    assert preempted["stages"] == paused["stages"] != {} and preempted["precision"] == paused["precision"]
+    assert preempted["throughput"]["batches_timed"] >= 1
+
+
 class _SigtermIn(pl.Callback):
     """Sends SIGTERM to this process before training starts: when built (``"build"``, in build(), before the fit) or
     in its setup hook (``"setup"``, inside the fit beside the data's setup, before Lightning's handler is in place);

@@ -22,9 +22,10 @@ batch.
 
 A signal during the fit's last step, or after it (its last validation, the checkpoints after it), stops nothing: the
 fit ends there anyway, and a checkpoint of its last step would leave nothing to resume. The fit runs to its end as
-without the signal, with its last validation and checkpoints, and logs that the signal came; ``hetrain.train`` then
-reports the run completed (status ``ok``, exit 0), so a scheduler that sent SIGTERM takes the job for finished rather
-than requeueing it.
+without the signal, with its last validation and checkpoints, logs that the signal came and records which in
+``signal_after_last_step``; ``hetrain.train`` then reports a single run completed (status ``ok``, exit 0), so a
+scheduler that sent SIGTERM takes the job for finished rather than requeueing it, and ends a sweep after that job
+(exit 130 or 143), its later jobs not started.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class GracefulStop(Callback):
           simply ends).
         - Ctrl-C or SIGTERM during the fit's last step (``max_steps``, or the last batch of the last epoch) or after
           it does not stop the fit: it runs to its end (its last validation, its checkpoints), ``summary`` stays
-          empty and only the log says the signal came. A second Ctrl-C still stops at once.
+          empty, the log says the signal came and ``signal_after_last_step`` names it (``"SIGINT"`` or
+          ``"SIGTERM"``). A second Ctrl-C still stops at once.
         - ``summary`` holds the step, the checkpoint and the signal once the fit was stopped this way;
           ``steps_trained`` counts the optimizer steps of this fit.
     """
@@ -91,6 +93,7 @@ class GracefulStop(Callback):
         self.sigterm = False
         self.steps_trained = 0
         self.summary: dict[str, Any] = {}
+        self.signal_after_last_step: str | None = None
         self._step_at_batch_start = 0  # global_step when the batch in flight began: it grows when the batch steps
         self._previous: Any = None
         self._previous_sigterm: Any = None
@@ -117,7 +120,7 @@ class GracefulStop(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.requested, self.sigterm, self.steps_trained, self.summary = False, False, 0, {}
-        self._at_step_end, self._last_step_done = None, False
+        self._at_step_end, self._last_step_done, self.signal_after_last_step = None, False, None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -136,7 +139,7 @@ class GracefulStop(Callback):
             signal.default_int_handler(signum, frame)
         self.requested = True
         if self._last_step_done:
-            self._log_runs_to_end("Ctrl-C")
+            self._came_after_last_step("SIGINT")
         else:
             log.warning("Ctrl-C: the fit stops after this step (a validation after the batch in flight) and saves a "
                         "checkpoint to resume from; press Ctrl-C again to stop at once without one")
@@ -146,13 +149,15 @@ class GracefulStop(Callback):
             return
         self.sigterm = True
         if self._last_step_done:
-            self._log_runs_to_end("SIGTERM")
+            self._came_after_last_step("SIGTERM")
         else:
             log.warning("SIGTERM: the fit stops after this step (a validation after the batch in flight) and saves a "
                         "checkpoint to resume from")
 
-    @staticmethod
-    def _log_runs_to_end(name: str) -> None:
+    def _came_after_last_step(self, signal_name: str) -> None:
+        """Records a signal that stops nothing, for the fit's caller: a sweep, unlike a single run, ends after it."""
+        self.signal_after_last_step = self.signal_after_last_step or signal_name
+        name = "Ctrl-C" if signal_name == "SIGINT" else signal_name
         log.warning(f"{name} during or after the fit's last training step: the fit runs to its end (its last "
                     "validation and checkpoints) rather than stopping, and is then complete, with nothing to resume")
 
@@ -186,7 +191,7 @@ class GracefulStop(Callback):
             # A stop here would save a checkpoint with no step left to resume and skip the last validation.
             self._last_step_done = True
             if self.requested or self.sigterm:
-                self._log_runs_to_end("Ctrl-C" if self.requested else "SIGTERM")
+                self._came_after_last_step("SIGINT" if self.requested else "SIGTERM")
             return
         # A SIGTERM that came before on_train_start set Lightning's flag: Lightning raises SIGTERMException once this
         # batch is done.

@@ -530,7 +530,10 @@ def write_stopped_sweep(hydra: DictConfig, reason: str | None = None) -> str:
     _print_sweep_table(sweep_dir, text)
     left = [str(job["job"]) for job in jobs if job.get("status") == "not started"]
     ended = "the sweep was stopped" if reason is None else f"the sweep ended ({reason})"
-    print(f"hetrain: {ended} in job {hydra.job.num}; its row says " + ("how to go on" if reason is None else "why")
+    # A signal during the job's last step lets it finish: its row is ok, with nothing to go on from.
+    finished = any(str(job["job"]) == str(hydra.job.num) and job.get("status") == "ok" for job in jobs)
+    said = "that it finished" if finished else "how to go on" if reason is None else "why"
+    print(f"hetrain: {ended} in job {hydra.job.num}; its row says {said}"
           + (f"; job {', '.join(left)} never started" if left else ""), file=sys.stderr, flush=True)
     return text
 

@@ -44,6 +44,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from hetrain import cpu_memory, plugins
+from hetrain.callbacks.graceful_stop import steps_text
 from hetrain.callbacks.precision import run_precision, trainer_precision
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.callbacks.throughput import Throughput
@@ -876,7 +877,7 @@ def _exit_code(signal_name: str) -> int:
 def _go_on_from(saved: dict[str, Any]) -> str:
     """The error of a run GracefulStop stopped (its ``summary``): the signal, the step and the checkpoint to go on
     from, which a stopped sweep's table shows in the job's row."""
-    return f"{saved['signal']} after step {saved['at_step']}; go on with ckpt_path={saved['checkpoint']}"
+    return f"{saved['signal']} after {steps_text(saved['at_step'])}; go on with ckpt_path={saved['checkpoint']}"
 
 
 def _record_interruption(exc: BaseException, info: dict[str, Any], output_dir: Path) -> int | None:

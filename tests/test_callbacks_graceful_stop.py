@@ -368,7 +368,7 @@ def test_train_py_preempted_during_a_validation_exits_143_and_goes_on_from_the_s
     checkpoint = tmp_path / "preempted" / "checkpoints" / "interrupted.ckpt"
     summary = json.loads((tmp_path / "preempted" / "summary.json").read_text())
     assert summary["status"] == "interrupted"
-    assert summary["error"] == f"SIGTERM after step 6; go on with ckpt_path={checkpoint}"
+    assert summary["error"] == f"SIGTERM after 6 steps; go on with ckpt_path={checkpoint}"
     assert summary["graceful_stop"] == {"at_step": 6, "checkpoint": str(checkpoint), "signal": "SIGTERM"}
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 6
 

@@ -841,7 +841,7 @@ def test_a_stopped_runs_summary_names_the_checkpoint_and_counts_its_steps_and_sa
     summary = json.loads((tmp_path / "summary.json").read_text())
     checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
     assert summary["status"] == "interrupted" and checkpoint.is_file()
-    assert summary["error"] == f"{signal_name} after step 2; go on with ckpt_path={checkpoint}"
+    assert summary["error"] == f"{signal_name} after 2 steps; go on with ckpt_path={checkpoint}"
     assert summary["steps"] == 2 and summary["samples"] > 0
 
 

@@ -50,6 +50,12 @@ from hetrain.callbacks.ranks import reduce_flags
 log = logging.getLogger(__name__)
 
 
+def steps_text(count: int) -> str:
+    """``count`` steps trained, in words: counting them (as ``at_step`` and ``ckpt_path`` do) avoids the off-by-one
+    against the step numbers StepTrace and the memory profiler give, which count from 0."""
+    return f"{count} step" + ("" if count == 1 else "s")
+
+
 class GracefulStop(Callback):
     """The first Ctrl-C (SIGINT) or SIGTERM stops the fit at the next optimizer step's end and saves ``filename`` there.
 
@@ -219,7 +225,7 @@ class GracefulStop(Callback):
         name = "SIGINT" if sigint else "SIGTERM"
         self.summary = {"at_step": trainer.global_step, "checkpoint": str(path), "signal": name}
         if trainer.is_global_zero:
-            log.warning(f"Stopped by {'Ctrl-C' if sigint else name} after step {trainer.global_step}; "
+            log.warning(f"Stopped by {'Ctrl-C' if sigint else name} after {steps_text(trainer.global_step)}; "
                         f"checkpoint {path}. Resume with ckpt_path={path}")
 
     @override
@@ -238,8 +244,8 @@ class GracefulStop(Callback):
         name = "SIGINT" if sigint else "SIGTERM"
         self.summary = {"at_step": trainer.global_step, "checkpoint": str(path), "signal": name}
         if trainer.is_global_zero:
-            log.warning(f"Stopped by {'Ctrl-C' if sigint else name} during the validation after step "
-                        f"{trainer.global_step}; checkpoint {path}. Resume with ckpt_path={path}")
+            log.warning(f"Stopped by {'Ctrl-C' if sigint else name} during the validation after "
+                        f"{steps_text(trainer.global_step)}; checkpoint {path}. Resume with ckpt_path={path}")
         # The fit cannot end normally here: the validation would run to its end (and its callbacks would act on
         # the batches run so far).
         if sigint:

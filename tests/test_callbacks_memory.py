@@ -107,6 +107,24 @@ def test_module_memory_counts_params_grads_outputs_and_saved_tensors_exactly():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def test_the_compiled_note_names_a_compiled_module_run_eagerly_in_the_measured_step():
+    """train.py's hooked step is the fit's first, the batch Throughput counts FLOPs on with torch.compile standing
+    aside: the compiled block ran eagerly and its submodules' rows held eager figures, while the note said they had
+    no rows of their own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.Tanh()),
+                          nn.Linear(HIDDEN, 1))
+    model[1].compile(backend="aot_eager")
+    x = torch.randn(BATCH, IN)
+    model(x).sum().backward()  # compiled before the measured step
+    with torch.compiler.set_stance("force_eager"):
+        tracker = _measured_step(model, x)
+    assert tracker.records["1.0"].outputs == 4 * BATCH * HIDDEN  # measured as eager ran it
+    note = tracker.compiled_note()
+    assert note.startswith("Compiled with torch.compile, but run eagerly in a measured step: 1 (")
+    assert "rows are that eager run's figures" in note and "rows hold only their parameters" not in note
+
+
 def test_module_memory_leaves_a_compiled_module_compiled_and_counts_what_it_saves():
     def measure(compiled: bool) -> dict:
         torch.manual_seed(0)
@@ -971,6 +989,38 @@ def test_resuming_a_fit_that_has_nothing_left_to_train_keeps_the_earlier_report(
     assert "No training step completed" in (tmp_path / REPORT_MD).read_text()
 
 
+def test_a_fit_resumed_into_its_own_directory_keeps_the_earlier_parts_report_and_steps(tmp_path):
+    """A fit resumed into the run's own directory wrote its report and memory_steps.csv over the earlier part's:
+    the steps before it were lost. The earlier report is kept as memory_report-part<k>, and the steps file goes on."""
+    def resume(ckpt: str, max_steps: int) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, default_root_dir=tmp_path,
+                             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                             limit_val_batches=0, callbacks=[MemoryProfiler(churn_steps=0)])
+        trainer.fit(Regressor(), _loader(3), ckpt_path=tmp_path / ckpt)
+        return trainer
+
+    def csv_steps() -> list[int]:
+        return list(dict.fromkeys(int(r.split(",")[0]) for r in (tmp_path / STEPS_CSV).read_text().splitlines()[1:]))
+
+    def report() -> dict[str, bytes]:
+        return {name: (tmp_path / name).read_bytes() for name in (REPORT_MD, REPORT_PNG, REPORT_HTML)}
+
+    def part(k: int) -> dict[str, bytes]:
+        return {name: (tmp_path / name.replace(".", f"-part{k}.")).read_bytes()
+                for name in (REPORT_MD, REPORT_PNG, REPORT_HTML)}
+
+    _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path).save_checkpoint(tmp_path / "step3.ckpt")
+    first = report()
+    resume("step3.ckpt", max_steps=5)
+    assert part(1) == first and csv_steps() == [0, 1, 2, 3, 4]
+    assert "memory_steps.csv (steps before 3 are the run's earlier parts'" in (tmp_path / REPORT_MD).read_text()
+    second = report()
+    # Resumed from step 3 again: steps 3 and 4 of the part before are not this run's any more.
+    resume("step3.ckpt", max_steps=4)
+    assert part(1) == first and part(2) == second and csv_steps() == [0, 1, 2, 3]
+
+
 def test_a_profiler_used_for_two_fits_reports_the_second_alone(tmp_path):
     profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=[2])
     for batches in (4, 3):
@@ -1245,6 +1295,21 @@ def test_churn_leaves_steps_traced_by_step_trace_alone(tmp_path):
     assert (tmp_path / "trace_steps_2-3.json").stat().st_size > 0
 
 
+def test_churn_steps_all_traced_by_step_trace_are_named_as_the_reason(tmp_path):
+    """The report said "no churn step completed", as if training had ended, when StepTrace had traced every step churn
+    would have profiled (as after a resume into a trace's steps)."""
+    profiler = MemoryProfiler(churn_steps=2, module_every_n_steps=100)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[profiler, StepTrace([2, 10], dirpath=tmp_path)])
+    trainer.fit(Regressor(), _loader(4))
+    assert ("Not measured (2 steps from the fit's step 2 asked for): every churn step the fit reached was traced by "
+            "StepTrace.\n\nNot profiled: steps 2..3, traced by StepTrace (two torch profilers cannot record at "
+            "once).") in (tmp_path / REPORT_MD).read_text()
+    assert profiler.churn_observed == [] and profiler.churn_traced == [2, 3]  # not step 4, placed but never run
+
+
 def test_churn_steps_count_turned_off_and_rejected(tmp_path):
     assert MemoryProfiler().churn_steps == [2, 3, 4]
     assert MemoryProfiler(churn_steps=2).churn_steps == [2, 3]
@@ -1274,6 +1339,24 @@ def test_cuda_numbers_agree_with_torch_counters_and_snapshot_is_written(tmp_path
         assert step["optimizer"]["cuda:0"]["allocated"] >= 4 * params
         assert step["forward"]["cuda:0"]["reserved"] >= step["forward"]["cuda:0"]["allocated"]
     assert profiler.modules.records["net.0"].cuda_delta >= 4 * BATCH * HIDDEN
+    assert (tmp_path / "memory_snapshot.pickle").stat().st_size > 0
+
+
+@pytest.mark.cuda
+def test_cuda_history_of_a_fit_resumed_into_its_own_directory_keeps_the_earlier_parts(tmp_path):
+    def fit(max_steps: int, ckpt_path=None) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=max_steps, logger=False,
+                             default_root_dir=tmp_path, enable_progress_bar=False, enable_checkpointing=False,
+                             enable_model_summary=False, limit_val_batches=0,
+                             callbacks=[MemoryProfiler(record_history=True, churn_steps=0)])
+        trainer.fit(Regressor(), _loader(2), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(2).save_checkpoint(tmp_path / "step2.ckpt")
+    earlier = (tmp_path / "memory_snapshot.pickle").read_bytes()
+    fit(3, tmp_path / "step2.ckpt")
+    assert (tmp_path / "memory_snapshot-part1.pickle").read_bytes() == earlier
     assert (tmp_path / "memory_snapshot.pickle").stat().st_size > 0
 
 

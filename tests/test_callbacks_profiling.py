@@ -154,6 +154,29 @@ def test_a_fit_resumed_inside_or_past_the_range_says_which_steps_it_traced(tmp_p
     assert "no trace written: the fit resumed at step 3, after step 2" in caplog.text
 
 
+def traced_steps(path) -> set[int]:
+    prefix = "hetrain::train step "
+    return {int(n.removeprefix(prefix)) for n in names_in(path) if n and n.startswith(prefix)}
+
+
+def test_a_fit_resumed_into_its_own_directory_keeps_the_earlier_parts_trace(tmp_path, caplog):
+    """Each part of a run resumed into its own directory wrote trace_steps_1-5.json over the earlier part's: after
+    a stop at step 2 and a resume, the file held steps 3..5 and steps 1..2 were gone. The earlier parts' traces are
+    kept as -part<k>, as the CSV logger keeps csv-part<k>/."""
+    trace = StepTrace([1, 5], dirpath=tmp_path)
+    fit_regression(tmp_path, [trace], max_steps=3).save_checkpoint(tmp_path / "step3.ckpt")  # traces 1..2
+    fit_regression(tmp_path, [trace], max_steps=5, ckpt_path=tmp_path / "step3.ckpt").save_checkpoint(
+        tmp_path / "step5.ckpt")  # traces 3..4
+    with caplog.at_level("INFO"):
+        fit_regression(tmp_path, [trace], max_steps=8, ckpt_path=tmp_path / "step5.ckpt")  # traces 5
+    named = tmp_path / "trace_steps_1-5.json"
+    assert trace.path == named and traced_steps(named) == {5}
+    assert traced_steps(tmp_path / "trace_steps_1-5-part1.json") == {1, 2}
+    assert traced_steps(tmp_path / "trace_steps_1-5-part2.json") == {3, 4}
+    assert f"{named} held the trace of an earlier part of this run; moved it to {tmp_path}/trace_steps_1-5-part2.json" \
+        in caplog.text
+
+
 def test_a_second_fit_traces_its_steps_again(tmp_path):
     """The same StepTrace for a second fit traced nothing, while telling timing callbacks it traced steps 1..2."""
     trace = StepTrace([1, 2], dirpath=tmp_path)
@@ -238,6 +261,23 @@ def test_under_ddp_each_fit_names_the_trace_of_its_rank_once(tmp_path):
         trace.on_train_end(trainer, model)
         assert trace.path == tmp_path / "trace_steps_0-0_rank0.json" and trace.path.exists(), fit
         trace.path.unlink()
+
+
+def test_under_ddp_a_resumed_fit_keeps_its_ranks_earlier_trace(tmp_path):
+    """Rank 0 of two, its hooks driven by hand as above: the resumed fit keeps the earlier part's trace of its rank
+    under that rank's name."""
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trace, model = StepTrace(0, dirpath=tmp_path), Regression()
+    earlier = tmp_path / "trace_steps_0-0_rank0.json"
+    earlier.write_text("the earlier part's")
+    trainer.ckpt_path = str(tmp_path / "earlier.ckpt")  # as Trainer.fit(ckpt_path=...) sets it
+    trace.on_fit_start(trainer, model)
+    trace.on_train_start(trainer, model)
+    trace.on_train_batch_start(trainer, model, None, 0)
+    trace.on_train_end(trainer, model)
+    assert trace.path == earlier and traced_steps(earlier) == {0}
+    assert (tmp_path / "trace_steps_0-0_rank0-part1.json").read_text() == "the earlier part's"
 
 
 class SeveralSteps(pl.LightningModule):

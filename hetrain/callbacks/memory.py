@@ -6,7 +6,8 @@ one step (:mod:`hetrain.callbacks.module_memory`); over a few steps it finds all
 (:mod:`hetrain.callbacks.churn`). At the end it writes ``memory_report.{md,png,html}`` and
 ``memory_steps.csv`` into the run directory (:mod:`hetrain.callbacks.memory_report`), or ``oom_report.md`` and
 ``memory_steps.csv`` (+ an allocator snapshot; under DDP ``oom_report_rank<k>.md`` and ``memory_steps_rank<k>.csv``
-from the rank that ran out) on out-of-memory.
+from the rank that ran out) on out-of-memory. A fit resumed into the run's own directory keeps the earlier part's
+``memory_report.{md,png,html}`` as ``memory_report-part<k>.{md,png,html}`` and goes on with its ``memory_steps.csv``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,18 @@ from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
 from hetrain.callbacks.churn import ChurnTracker
-from hetrain.callbacks.memory_report import PHASES, READING, REPORT_MD, STEPS_CSV, MemoryReport, churn_section
+from hetrain.callbacks.memory_report import (
+    PHASES,
+    READING,
+    REPORT_HTML,
+    REPORT_MD,
+    REPORT_PNG,
+    STEPS_CSV,
+    MemoryReport,
+    churn_section,
+)
 from hetrain.callbacks.module_memory import MIB, ModuleMemory, bytes_by_device, optimizer_state_bytes
-from hetrain.callbacks.profiling import StepTrace, parse_steps
+from hetrain.callbacks.profiling import StepTrace, keep_earlier_part, parse_steps
 from hetrain.memory_counters import PhaseMemory
 from hetrain.report import error_headline, markdown_table
 
@@ -93,7 +103,11 @@ class MemoryProfiler(Callback):
           :meth:`instruments_step` names them, and :class:`~hetrain.callbacks.Throughput` leaves them out.
         - The report is written when the fit ends, and also when it stops with an error (the steps so far,
           the error named first); an out-of-memory error with ``dump_on_oom`` writes ``oom_report.md``
-          instead.
+          instead. A fit resumed from a checkpoint into the directory an earlier part of the run wrote its report
+          to keeps that part's: its ``memory_report.{md,png,html}`` go to ``memory_report-part<k>.{md,png,html}``
+          (k = 1, 2, ... in the order the parts ran, as the CSV logger's ``csv-part<k>/``), and ``memory_steps.csv``
+          keeps its rows before the step this fit resumed at, this fit's following them: one file of the whole
+          run's steps. The allocator history it writes keeps an earlier part's the same way (``-part<k>.pickle``).
         - With ``dump_on_oom`` an out-of-memory error in the fit (``torch.OutOfMemoryError`` on a GPU, or the
           CPU allocator's "can't allocate memory") writes ``oom_report.md`` (step, error, per-device peaks of
           the step so far, per-module table), ``memory_steps.csv`` (the completed steps' peaks) and, when GPU
@@ -144,6 +158,8 @@ class MemoryProfiler(Callback):
         self.churn: ChurnTracker | None = None
         self.churn_observed: list[int] = []  # the churn steps that completed
         self.churn_dropped: list[int] = []  # churn steps a validation ran inside of: not counted
+        self._churn_taken: set[int] = set()  # churn steps left to StepTrace, whose trace records them
+        self.churn_traced: list[int] = []  # those of them that began
         self.dirpath = dirpath
         self.module_every_n_steps = module_every_n_steps
         self.record_history = record_history
@@ -167,6 +183,9 @@ class MemoryProfiler(Callback):
         self.start_step = 0  # the global step the fit started at: past 0 when resumed from a checkpoint
         # This fit reached on_fit_start: what this callback holds is this fit's, not an earlier fit's.
         self._fit_started = False
+        # A resumed fit: the rows of memory_steps.csv before its first step, which the run's earlier parts wrote.
+        self._earlier_rows: list[str] = []
+        self._report_kept = False  # this fit moved the earlier part's report aside (or found none): once per fit
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath or trainer.default_root_dir)
@@ -183,6 +202,7 @@ class MemoryProfiler(Callback):
         self._stop_open_step()
         self.phases, self.modules, self.churn, self._current = None, None, None, None
         self.steps, self.churn_observed, self.churn_dropped, self.static, self.at_start = [], [], [], {}, {}
+        self.churn_traced, self._churn_taken, self._earlier_rows, self._report_kept = [], set(), [], False
         self._cuda = False
 
     @override
@@ -193,6 +213,12 @@ class MemoryProfiler(Callback):
         self._stepped = self._history_done = False
         self.phases = PhaseMemory(sorted(devices, key=str))
         self.at_start = self.phases.current()
+        steps_csv = self._dir(trainer) / STEPS_CSV
+        if trainer.is_global_zero and trainer.ckpt_path is not None and steps_csv.is_file():
+            # An earlier part of the run wrote it; its steps from here on are trained again by this fit.
+            rows = steps_csv.read_text().splitlines()[1:]
+            self._earlier_rows = [r for r in rows if (step := r.partition(",")[0]).isdigit()
+                                  and int(step) < self.start_step]
         self.modules = ModuleMemory(pl_module)
         self.churn = ChurnTracker(pl_module, self.churn_min_bytes)
         self.churn_steps = [] if self._churn_count else list(self._churn_asked)
@@ -235,6 +261,8 @@ class MemoryProfiler(Callback):
         if trainer.is_global_zero:
             path = self._dir(trainer) / self._snapshot_name()
             path.parent.mkdir(parents=True, exist_ok=True)
+            if trainer.ckpt_path is not None:  # a resumed fit: an earlier part's history stays
+                keep_earlier_part(path)
             torch.cuda.memory._dump_snapshot(str(path))
             log.info(f"CUDA allocator history: {path} (open it at https://pytorch.org/memory_viz)")
         torch.cuda.memory._record_memory_history(enabled=None)
@@ -249,6 +277,7 @@ class MemoryProfiler(Callback):
         if taken:
             log.warning(f"hetrain: steps {taken} are traced by StepTrace; allocator churn skips them")
             self.churn_steps = [s for s in self.churn_steps if s not in taken]
+            self._churn_taken = set(taken)
 
     @staticmethod
     def _traced(trainer: pl.Trainer, step: int) -> bool:
@@ -268,9 +297,11 @@ class MemoryProfiler(Callback):
         dropped (see _drop_made_up)."""
         step = trainer.global_step
         if (len(self.steps) >= CHURN_FIRST_STEP and len(self.churn_observed) < self._churn_wanted
-                and self._drop_made_up()
-                and step not in self.churn_steps and not self._traced(trainer, step)):
-            self.churn_steps.append(step)
+                and self._drop_made_up() and step not in self.churn_steps):
+            if self._traced(trainer, step):
+                self._churn_taken.add(step)
+            else:
+                self.churn_steps.append(step)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -284,6 +315,8 @@ class MemoryProfiler(Callback):
                 self._measuring_forwards = True
             if trainer.global_step in self.churn_steps:
                 self.churn.start_step()
+            elif trainer.global_step in self._churn_taken and trainer.global_step not in self.churn_traced:
+                self.churn_traced.append(trainer.global_step)  # the report says why churn has no such step
         # What ran since the last phase closed (the loader's collate, a validation, a checkpoint save) is no phase's,
         # but the run's peak holds it: read, it is kept (memory_counters.erased_peak) before the reset erases it.
         self.phases.peaks()
@@ -391,11 +424,13 @@ class MemoryProfiler(Callback):
         if self._churn_wanted:
             count = self._churn_wanted
             asked = f"{count} step{'s' if count > 1 else ''} from the fit's step {CHURN_FIRST_STEP}"
-        else:
-            asked = f"steps {self.churn_steps}" if self.churn_steps else None
+        else:  # the steps asked for, those left to StepTrace included
+            steps = sorted({*self.churn_steps, *self._churn_taken})
+            asked = f"steps {steps}" if steps else None
         churn = churn_section(self.churn, asked, self.churn_observed, self.churn_min_bytes, self.churn_top,
-                              self.churn_dropped)
-        return MemoryReport(self.steps, self.static, self.at_start, self.modules, churn, ended_early)
+                              self.churn_dropped, self.churn_traced)
+        return MemoryReport(self.steps, self.static, self.at_start, self.modules, churn, ended_early,
+                            earlier_rows=self._earlier_rows)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -412,9 +447,17 @@ class MemoryProfiler(Callback):
             self._dump_history(trainer)
 
     def _write_report(self, trainer: pl.Trainer, ended_early: str | None = None) -> None:
-        """Writes the report files and logs their tables: per device, the largest modules, the churn."""
+        """Writes the report files and logs their tables: per device, the largest modules, the churn. A resumed
+        fit first moves the earlier part's report aside (:func:`keep_earlier_part`), once: not its own."""
         report = self.report(ended_early)
-        paths = report.write(self._dir(trainer))
+        directory = self._dir(trainer)
+        if trainer.ckpt_path is not None and not self._report_kept:
+            self._report_kept = True
+            moved = keep_earlier_part(*(directory / name for name in (REPORT_MD, REPORT_PNG, REPORT_HTML)))
+            if moved:
+                log.info(f"hetrain: {directory} held the memory report of an earlier part of this run; moved it to "
+                         f"{', '.join(p.name for p in moved)}; {STEPS_CSV} goes on with this part's steps")
+        paths = report.write(directory)
         if report.steps:
             log.info(f"Memory per device, MiB ({READING})\n{markdown_table(*report.device_table())}")
         if self.modules is not None and self.modules.records:

@@ -35,19 +35,24 @@ ChurnSection = tuple[list[str], list[tuple[str, Table]]]
 
 
 def churn_section(tracker: ChurnTracker | None, requested: str | None, observed: list[int], min_bytes: int,
-                  top: int, dropped: list[int] | None = None) -> ChurnSection | None:
+                  top: int, dropped: list[int] | None = None, traced: list[int] | None = None) -> ChurnSection | None:
     """The allocator-churn section: what was found on the ``observed`` steps; None when no step was requested.
 
     ``requested`` says which steps were asked for (``"steps [2, 3]"``); ``dropped`` are churn steps a validation ran
-    inside of, which are not counted."""
+    inside of, which are not counted; ``traced`` are steps churn left to StepTrace's trace."""
     if not requested:
         return None
     note = ([f"Not counted: step{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped))}, as a validation "
              "ran inside (val_check_interval inside a gradient-accumulation window): its allocations are not the "
              "step's."] if dropped else [])
+    if traced:
+        steps = f"step {traced[0]}" if len(traced) == 1 else f"steps {min(traced)}..{max(traced)}"
+        note.append(f"Not profiled: {steps}, traced by StepTrace (two torch profilers cannot record at once).")
     if not observed or tracker is None:
-        # A step dropped did complete: what failed is that no step ran without a validation inside.
-        why = "no churn step completed without a validation inside it" if dropped else "no churn step completed"
+        # A step dropped did complete: what failed is that no step ran without a validation inside. A step traced
+        # was left to the trace: none was left to churn.
+        why = ("no churn step completed without a validation inside it" if dropped else
+               "every churn step the fit reached was traced by StepTrace" if traced else "no churn step completed")
         return [f"Not measured ({requested} asked for): {why}.", *note], []
     totals = tracker.totals()
     paragraphs = [
@@ -89,6 +94,8 @@ class MemoryReport:
         churn: the allocator-churn section (:func:`churn_section`), if churn was requested.
         ended_early: what ended the fit before its end (an error), said first; None when the fit ended.
         steps_file: the file every step's peaks go to, which the report names.
+        earlier_rows: rows of ``memory_steps.csv`` the run's earlier parts wrote, before the step a fit resumed into
+            the run's own directory began at: the file goes on with this part's, so it holds the whole run's steps.
     """
 
     steps: list[dict[str, Any]]
@@ -98,6 +105,7 @@ class MemoryReport:
     churn: ChurnSection | None = None
     ended_early: str | None = None
     steps_file: str = STEPS_CSV
+    earlier_rows: list[str] = field(default_factory=list)
 
     def _devices(self) -> list[str]:
         return sorted({d for s in self.steps for p in PHASES for d in s[p]})
@@ -133,14 +141,22 @@ class MemoryReport:
         return header, rows
 
     def steps_csv(self) -> str:
-        """Every step's peaks: ``step,device,phase,allocated_mib,reserved_mib`` (reserved empty on the CPU)."""
-        lines = ["step,device,phase,allocated_mib,reserved_mib"]
+        """Every step's peaks: ``step,device,phase,allocated_mib,reserved_mib`` (reserved empty on the CPU), the
+        earlier parts' rows first."""
+        lines = ["step,device,phase,allocated_mib,reserved_mib", *self.earlier_rows]
         for s in self.steps:
             for phase in PHASES:
                 for device, peaks in sorted(s[phase].items()):
                     reserved = f"{peaks['reserved'] / MIB:.3f}" if "reserved" in peaks else ""
                     lines.append(f"{s['step']},{device},{phase},{peaks['allocated'] / MIB:.3f},{reserved}")
         return "\n".join(lines) + "\n"
+
+    def _earlier_steps_note(self) -> str:
+        """Where the steps file holds the earlier parts' steps too: from which step this report's are."""
+        if not self.earlier_rows or not self.steps:
+            return ""
+        return (f" (steps before {self.steps[0]['step']} are the run's earlier parts', reported in "
+                "memory_report-part<k>.md)")
 
     def kept_host_note(self) -> str | None:
         """How much of the CPU's resident set was freed blocks kept for reuse; None where none were kept."""
@@ -157,7 +173,7 @@ class MemoryReport:
         if not self.steps:
             return [*out, ("p", "No training step completed: there is nothing to report.")]
         out += [("h2", "Peak per device and phase"), ("p", READING), ("table", self.device_table()),
-                ("p", f"Every step's peaks: {self.steps_file}.")]
+                ("p", f"Every step's peaks: {self.steps_file}{self._earlier_steps_note()}.")]
         kept = self.kept_host_note()
         if kept:
             out.append(("p", kept))

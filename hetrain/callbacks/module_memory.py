@@ -137,7 +137,9 @@ class ModuleMemory:
         it makes there is the transform's. A module compiled with ``torch.compile`` runs as one graph with no
         submodules: what it saves goes to the nearest module outside it that runs eagerly (:meth:`compiled_note`);
         with none, it is not measured, and neither is the outside row when the loss's graph holds a compiled graph's
-        saved tensors outside every module (they may be that module's). A hetrain fused block
+        saved tensors outside every module (they may be that module's). Where torch.compile stands aside (under a
+        dispatch mode such as a FLOP counter, or ``set_stance("force_eager")``) a compiled module runs eagerly and is
+        measured as it ran, submodules included, which the note says. A hetrain fused block
         (``ConvBNReLUPool2d``, ``ConvReLUPool2d``, a patched Sequential) is measured as one module, as it runs: the
         children its kernel computes are not called, so what that kernel makes (its output, what it saves) goes to
         the block, and those children keep their parameters and gradients (:meth:`fused_note`). The hooks leave it
@@ -154,6 +156,7 @@ class ModuleMemory:
         self.fused = {name: [names[id(c)] for c in m.children()]
                       for name, m in self.rows.items() if isinstance(m, FUSING_CONTAINERS)}
         self.ran_fused: set[str] = set()  # fused blocks that ran a child fused in a measured step
+        self.ran_eager: set[str] = set()  # compiled modules that ran eagerly in a measured step
         self._entered: set[str] = set()  # modules called in this step's forward
         self.records: dict[str, ModuleRecord] = {}
         self._step: dict[str, ModuleRecord] = {}
@@ -459,6 +462,10 @@ class ModuleMemory:
             for name in self._compiled():  # no module ran eagerly around its graph to open the pack hook
                 if not entered.intersection(_enclosing(name)):
                     self._step[name].saved_unseen = True
+            # Run as its graph, a compiled module's hooks and its submodules' are traced and do nothing; they ran
+            # where torch.compile stood aside (set_stance("force_eager"), a dispatch mode such as a FLOP counter).
+            self.ran_eager |= {name for name in self._compiled()
+                               if any(name == ROOT or e == name or e.startswith(f"{name}.") for e in entered)}
             for name, params in self._owned_parameters().items():
                 self._step[name].params = _tensor_bytes(params)
             for name, record in self._step.items():
@@ -471,13 +478,22 @@ class ModuleMemory:
         return [n for n in compiled if not any(n.startswith(f"{c}.") for c in compiled if c != ROOT)]
 
     def compiled_note(self) -> str:
-        """A line naming the compiled modules, whose insides the table cannot show; empty when there are none."""
+        """A line naming the compiled modules, whose insides the table cannot show, and those that ran eagerly in a
+        measured step, whose insides it shows as eager ran them; empty when there are none."""
         compiled = self._compiled()
-        if not compiled:
-            return ""
-        return (f"Compiled with torch.compile: {', '.join(compiled)}. Each runs as one graph, so its submodules have "
-                "no rows of their own, and what it saves for backward is counted under the nearest module outside "
-                "it that runs eagerly.")
+        graphs = [name for name in compiled if name not in self.ran_eager]
+        eager = [name for name in compiled if name in self.ran_eager]
+        notes = []
+        if graphs:
+            notes.append(f"Compiled with torch.compile: {', '.join(graphs)}. Each runs as one graph, so its "
+                         "submodules' rows hold only their parameters and gradients, and what it saves for backward "
+                         "is counted under the nearest module outside it that runs eagerly.")
+        if eager:
+            notes.append(f"Compiled with torch.compile, but run eagerly in a measured step: {', '.join(eager)} "
+                         "(torch.compile stands aside under a dispatch mode or set_stance('force_eager'), as on the "
+                         "batch hetrain's Throughput counts FLOPs on, the fit's first). Their submodules' rows are "
+                         "that eager run's figures, which the compiled graph's need not match.")
+        return " ".join(notes)
 
     def fused_note(self) -> str:
         """A line naming the fused blocks that ran a child fused, whose rows the table gives differently; empty when

@@ -3,8 +3,10 @@
 Each pipeline stage, micro-batch, cross-device copy and hetrain op already runs in a named
 ``record_function`` range; this callback records training steps ``first..last`` with torch's profiler
 (CPU, plus CUDA when present) and writes ``trace_steps_<first>-<last>.json`` into the run directory,
-for chrome://tracing or ui.perfetto.dev. Every step is itself a range, ``hetrain::train step <n>``. The trace
-holds training steps only: a validation that begins inside the range, or training that ends before its last
+for chrome://tracing or ui.perfetto.dev. Every step is itself a range, ``hetrain::train step <n>``. A fit resumed
+into the directory an earlier part of the run traced into keeps that part's trace, as
+``trace_steps_<first>-<last>-part<k>.json`` (:func:`keep_earlier_part`), and writes its own under the usual name.
+The trace holds training steps only: a validation that begins inside the range, or training that ends before its last
 step, ends it, and the log names the steps written (in a fit resumed inside the range, from the step it resumed at).
 The trace holds whole batches: under manual optimization a batch that steps two optimizers runs two steps, so it may
 begin before the first step asked for and end after the last. Two torch profilers cannot record at once: a batch
@@ -19,6 +21,7 @@ so the callback drives ``torch.profiler.profile`` itself at batch boundaries.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,26 @@ def parse_steps(steps: int | Sequence[int], setting: str = "callbacks.profile_st
         raise ValueError(f"hetrain: {name} must be [first, last] with 0 <= first <= last, got {steps}; "
                          f"e.g. {setting}=[10,12]")
     return steps[0], steps[1]
+
+
+def keep_earlier_part(*paths: Path) -> list[Path]:
+    """Moves those of ``paths`` an earlier part of the run wrote (a fit resumed into the run's own directory writes
+    the same names) to ``<stem>-part<k><suffix>`` beside them, e.g. ``memory_report-part1.md``, k = 1, 2, ... in the
+    order the parts ran, one k for all of them, as hetrain's CSV logger keeps an earlier part's log in
+    ``csv-part<k>/``; returns where they went."""
+    present = [p for p in paths if p.is_file()]
+    if not present:
+        return []
+    k = 1
+    while any(_part(p, k).exists() for p in paths):
+        k += 1
+    for p in present:
+        os.replace(p, _part(p, k))
+    return [_part(p, k) for p in present]
+
+
+def _part(path: Path, k: int) -> Path:
+    return path.with_name(f"{path.stem}-part{k}{path.suffix}")
 
 
 def instrumented(trainer: pl.Trainer, step: int) -> bool:
@@ -75,7 +98,8 @@ class StepTrace(Callback):
 
     Args:
         steps: ``[first, last]``, both included; one value traces one step.
-        dirpath: where ``trace_steps_<first>-<last>.json`` goes.
+        dirpath: where ``trace_steps_<first>-<last>.json`` goes (under DDP ``..._rank<k>.json``, one per rank). In a
+            fit resumed from a checkpoint an earlier part's trace of that name is kept as ``...-part<k>.json``.
         record_shapes: also record each op's input shapes (larger trace).
     """
 
@@ -219,6 +243,9 @@ class StepTrace(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if trainer.world_size > 1:  # one trace per process
             self.path = self._named_path.with_name(f"{self._named_path.stem}_rank{trainer.global_rank}.json")
+        if trainer.ckpt_path is not None:  # resumed into its own directory: an earlier part's trace stays whole
+            for aside in keep_earlier_part(self.path):
+                log.info(f"profile: {self.path} held the trace of an earlier part of this run; moved it to {aside}")
         profiler.export_chrome_trace(str(self.path))
         self.summary = {"trace": str(self.path)}
         missing = []

@@ -170,7 +170,10 @@ class RunRecorder(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.validated_at_step is not None and self.validated_at_step < trainer.global_step:
+        # A signal's stop (GracefulStop saved a checkpoint of this step) is not a run that ended on its own. By the
+        # attribute: hetrain.callbacks imports this module.
+        stopped = any(getattr(c, "stopped_by_signal", False) for c in trainer.callbacks)
+        if self.validated_at_step is not None and self.validated_at_step < trainer.global_step and not stopped:
             log.warning(f"hetrain: the run ended at step {trainer.global_step}, after its last validation: its "
                         f"validation metrics and last checkpoint are of step {self.validated_at_step}. A final "
                         "validation is added only where the run ends mid-epoch in an epoch that validates "
@@ -198,7 +201,10 @@ class RunRecorder(Callback):
             "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")},
             "stages": self.stages,
         }
-        if self.validated_at_step is not None and self.validated_at_step < trainer.global_step:
+        # A signal's stop (GracefulStop saved a checkpoint of this step) is not a run that ended on its own. By the
+        # attribute: hetrain.callbacks imports this module.
+        stopped = any(getattr(c, "stopped_by_signal", False) for c in trainer.callbacks)
+        if self.validated_at_step is not None and self.validated_at_step < trainer.global_step and not stopped:
             out["metrics_at_step"] = self.validated_at_step  # the metrics are not of the final weights
         if self.resumed_from:
             out["resumed"] = {"from": self.resumed_from, "at_step": self.start_step}

@@ -92,7 +92,8 @@ def test_a_stopped_jobs_row_names_the_checkpoint_and_counts_steps_and_samples(tm
     stopped, not_started = _rows(sweep)
     checkpoint = sweep / "0" / "checkpoints" / "interrupted.ckpt"
     assert (stopped["status"], not_started["status"]) == ("interrupted", "not started")
-    assert stopped["error"] == f"{signal_name} after 3 steps; go on with ckpt_path={checkpoint}" and checkpoint.is_file()
+    assert stopped["error"] == f"{signal_name} after 3 steps; go on with ckpt_path={checkpoint}"
+    assert checkpoint.is_file()
     assert stopped["steps"] == "3" and int(stopped["samples"]) > 0
 
 

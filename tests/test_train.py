@@ -874,6 +874,25 @@ def test_a_sigterm_stops_summary_has_the_measurements_of_a_ctrl_c_stops(tmp_path
     assert preempted["throughput"]["batches_timed"] >= 1
 
 
+def test_a_stop_during_a_validation_gives_no_advice_on_where_a_run_ends(tmp_path, caplog):
+    """The recorder's warning that a run ended past its last validation (end it on a batch that validates) was given
+    for a signal's stop, whose checkpoint is of the step it stopped at."""
+    with caplog.at_level(logging.WARNING):
+        summary = _stopped_summary(tmp_path, "+callbacks.sigterm._target_=tests.fixtures.signal_in.SignalIn",
+                                   "+callbacks.sigterm.phase=validation", "+callbacks.sigterm.step=4")
+    assert summary["graceful_stop"]["at_step"] == 4
+    assert "after its last validation" not in caplog.text
+
+
+def test_a_second_ctrl_c_before_the_fit_closed_its_measurements_keeps_the_progress_alone(tmp_path):
+    """The second press ends the fit (KeyboardInterrupt) before its closing hooks: the summary took the unclosed
+    measurements, a training time of 0.0 and no stages."""
+    summary = _stopped_summary(tmp_path, "+callbacks.twice._target_=tests.fixtures.ctrl_c.CtrlCTwice",
+                               "+callbacks.twice.step=2")
+    assert summary["status"] == "interrupted" and summary["steps"] == 3 and summary["samples"] > 0
+    assert "train_time_s" not in summary and "stages" not in summary
+
+
 class _SigtermIn(pl.Callback):
     """Sends SIGTERM to this process before training starts: when built (``"build"``, in build(), before the fit) or
     in its setup hook (``"setup"``, inside the fit beside the data's setup, before Lightning's handler is in place);

@@ -139,6 +139,11 @@ class GracefulStop(Callback):
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._installed = True
 
+    @property
+    def stopped_by_signal(self) -> bool:
+        """Whether this fit was stopped by a signal, its checkpoint saved (``summary`` says where)."""
+        return bool(self.summary)
+
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:  # the second press: stop at once, through Lightning's KeyboardInterrupt handling
             self._restore()
@@ -289,6 +294,12 @@ class GracefulStop(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_step_done and trainer.world_size > 1:
+            # A signal after the last step reached the rank whose handler ran (rank 0 alone, as asked under DDP): every
+            # rank reaches this hook after the last validation, so all learn of it and a sweep ends on every rank.
+            came = [self.signal_after_last_step == "SIGINT", self.signal_after_last_step == "SIGTERM"]
+            sigint, sigterm = reduce_flags(trainer, torch.tensor(came), torch.distributed.ReduceOp.MAX).tolist()
+            self.signal_after_last_step = "SIGINT" if sigint else "SIGTERM" if sigterm else None
         self._restore()
         self._restore_trainer(trainer)
 

@@ -122,21 +122,30 @@ def test_a_run_stopped_after_its_first_precision_row_keeps_that_row(monkeypatch)
     assert (row["section"], row["mode"], row["fused"]) == ("precision", "fp32", True) and row["ms"] > 0, row
 
 
-def test_a_memory_overhead_run_stopped_after_its_first_round_keeps_that_round(monkeypatch) -> None:
+def _memory_overhead_first_round(monkeypatch, shape=None) -> tuple[list, dict]:
+    """The profilers of a quick memory-overhead run's first round (12-step fits, of ``shape`` if given) and the
+    result it saved then, the run stopped there."""
     from benchmarks import bench_memory_overhead as bench
 
-    real_fit = bench.fit
-    # A short fit: its steps past warm-up are enough to fill every field.
-    monkeypatch.setattr(bench, "fit", lambda shape, device, steps, profiler: real_fit(shape, device, 12, profiler))
-    saved = []
+    real_fit, profilers, saved = bench.fit, [], []
+
+    def fit(fit_shape, device, steps, profiler):
+        profilers.append(profiler)
+        return real_fit(shape or fit_shape, device, 12, profiler)  # past warm-up, enough to fill every field
 
     def save(result: dict) -> None:
         saved.append(json.loads(json.dumps(result)))
         raise Stopped
 
+    monkeypatch.setattr(bench, "fit", fit)
     with pytest.raises(Stopped):
         bench.run("cpu", quick=True, save=save)
     (result,) = saved
+    return profilers, result
+
+
+def test_a_memory_overhead_run_stopped_after_its_first_round_keeps_that_round(monkeypatch) -> None:
+    _, result = _memory_overhead_first_round(monkeypatch)
     assert (result["rounds"], result["rounds_planned"]) == (1, 3)
     assert result["timed_steps"]["on"] > 0 and result["median_step_ms"]["off"] > 0, result
 
@@ -223,23 +232,7 @@ def test_the_memory_overhead_runs_churn_steps_are_watched_and_recorded_as_observ
     from benchmarks import bench_memory_overhead as bench
 
     tiny = bench.Shape(vocab_size=32, hidden=16, layers=1, heads=2, seq=8, batch=2)
-    real_fit = bench.fit
-    profilers = []
-
-    def fit(shape, device, steps, profiler):
-        profilers.append(profiler)
-        return real_fit(tiny, device, 12, profiler)
-
-    monkeypatch.setattr(bench, "fit", fit)
-    saved = []
-
-    def save(result: dict) -> None:
-        saved.append(json.loads(json.dumps(result)))
-        raise Stopped
-
-    with pytest.raises(Stopped):
-        bench.run("cpu", quick=True, save=save)
-    (profiler,), (result,) = profilers, saved
+    (profiler,), result = _memory_overhead_first_round(monkeypatch, tiny)
     assert profiler.churn_steps and profiler.churn_observed == profiler.churn_steps
     churn = result["profiler"]
     assert (churn["churn_steps"], churn["churn_observed"]) == (profiler.churn_steps, profiler.churn_observed)

@@ -13,6 +13,7 @@ from hetrain.data.ring import PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import SyntheticSequences, pad_collate
 from hetrain.host_copies import held_count, hold_until_copied, release_all
+from tests.fixtures.slots import keep_all_slots_but_one
 
 
 def batches(n: int) -> list[dict[str, torch.Tensor]]:
@@ -38,16 +39,7 @@ def test_cpu_pass_through_frees_each_ring_slot_its_consumer_drops():
     ds = SyntheticSequences(size=10, vocab_size=32, num_classes=2, min_len=3, max_len=6, seed=0)
     with RingLoader(ds, [[i] for i in range(10)], collate=PadInto(6, 1), num_slots=3, num_workers=1,
                     stall_timeout=1) as loader:
-        kept, seen = [], 0
-        for batch in DevicePrefetcher(loader, "cpu"):
-            seen += 1
-            if len(kept) < 2:
-                kept.append(batch)
-            else:
-                dropped = weakref.ref(batch["input_ids"])
-                del batch
-                assert dropped() is None, "the prefetcher still references a batch its consumer dropped"
-        assert seen == 10
+        assert keep_all_slots_but_one(DevicePrefetcher(loader, "cpu"), keep=2) == 10
 
 
 def test_a_namedtuple_batch_is_moved_field_by_field():

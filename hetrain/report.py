@@ -584,9 +584,14 @@ def _another_rank() -> bool:
 
 
 def _resumes_inside(config: DictConfig, job_dir: Path) -> bool:
-    """Whether the job goes on from a checkpoint in its own directory, which must then stay where it is."""
+    """Whether the job goes on from a checkpoint in its own directory, which must then stay where it is. One under a
+    ``previous-*/`` folder there is a run set aside's: the files beside it are another run's, and go aside as for a
+    fresh run (:func:`_set_aside` leaves ``previous-*/`` folders, that checkpoint with them, where they are)."""
     ckpt_path = OmegaConf.select(config, "ckpt_path")
-    return ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(job_dir.resolve())
+    if ckpt_path is None:
+        return False
+    ckpt, job_dir = Path(ckpt_path).resolve(), job_dir.resolve()
+    return ckpt.is_relative_to(job_dir) and not str(ckpt.relative_to(job_dir)).startswith("previous-")
 
 
 def _process_start() -> float:

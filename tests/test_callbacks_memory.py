@@ -1014,11 +1014,65 @@ def test_a_fit_resumed_into_its_own_directory_keeps_the_earlier_parts_report_and
     first = report()
     resume("step3.ckpt", max_steps=5)
     assert part(1) == first and csv_steps() == [0, 1, 2, 3, 4]
-    assert "memory_steps.csv (steps before 3 are the run's earlier parts'" in (tmp_path / REPORT_MD).read_text()
+    assert ("memory_steps.csv (steps before 3 are the run's earlier parts', reported in memory_report-part1.md)"
+            in (tmp_path / REPORT_MD).read_text())
     second = report()
     # Resumed from step 3 again: steps 3 and 4 of the part before are not this run's any more.
     resume("step3.ckpt", max_steps=4)
     assert part(1) == first and part(2) == second and csv_steps() == [0, 1, 2, 3]
+    assert "reported in memory_report-part2.md)" in (tmp_path / REPORT_MD).read_text()
+
+
+def _resumed_fit(directory, model, ckpt_path, max_steps: int) -> pl.Trainer:
+    """A fit of ``max_steps`` resumed from ``ckpt_path``, its MemoryProfiler writing into ``directory``."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, default_root_dir=directory,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[MemoryProfiler(churn_steps=0)])
+    trainer.fit(model, _loader(max_steps), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _csv_steps(directory) -> list[int]:
+    """The steps memory_steps.csv in ``directory`` holds, in its order."""
+    rows = (directory / STEPS_CSV).read_text().splitlines()[1:]
+    return list(dict.fromkeys(int(r.split(",")[0]) for r in rows))
+
+
+def test_a_checkpoint_resumed_into_another_runs_directory_writes_over_that_runs_report_and_steps(tmp_path, caplog):
+    """A resumed fit went on with any memory_steps.csv in its directory: resumed at step 5 into one another run had
+    trained 3 steps in, the file held that run's steps 0-2 and this fit's 5-6, and that run's report was kept as
+    this run's memory_report-part1."""
+    _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path / "b", batches=5).save_checkpoint(tmp_path / "b5.ckpt")
+    _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path, batches=3)  # another run, here
+    with caplog.at_level(logging.INFO, logger="hetrain.callbacks.memory"):
+        _resumed_fit(tmp_path, Regressor(), tmp_path / "b5.ckpt", max_steps=7)
+    assert _csv_steps(tmp_path) == [5, 6] and not list(tmp_path.glob("memory_report-part*"))
+    assert "earlier parts'" not in (tmp_path / REPORT_MD).read_text()
+    assert "is another run's, not an earlier part of this fit resumed at step 5 (it holds steps 0..2" in caplog.text
+
+
+def test_a_fit_of_two_optimizers_resumed_into_its_own_directory_goes_on_with_its_steps(tmp_path):
+    """Under manual optimization with two optimizers a batch runs two global steps: the steps file's rows (0, 2)
+    are two apart, and still lead up to the step resumed at."""
+    _fit(TwoOptimizers(), MemoryProfiler(churn_steps=0), tmp_path, batches=2, max_steps=4).save_checkpoint(
+        tmp_path / "step4.ckpt")
+    _resumed_fit(tmp_path, TwoOptimizers(), tmp_path / "step4.ckpt", max_steps=8)
+    assert _csv_steps(tmp_path) == [0, 2, 4, 6] and (tmp_path / "memory_report-part1.md").is_file()
+
+
+def test_an_out_of_memory_in_a_resumed_fit_names_the_file_that_holds_the_earlier_part(tmp_path):
+    """The post-mortem of a fit resumed into its own directory said the steps before it were "reported in
+    memory_report-part<k>.md": a literal <k>, and no such file, as only the report written at a fit's end moved the
+    earlier part's aside."""
+    _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path).save_checkpoint(tmp_path / "step3.ckpt")
+    earlier = (tmp_path / REPORT_MD).read_text()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _resumed_fit(tmp_path, Regressor(oom_at_step=4), tmp_path / "step3.ckpt", max_steps=6)
+    assert ("(steps before 3 are the run's earlier parts', reported in memory_report-part1.md)"
+            in (tmp_path / OOM_MD).read_text())
+    assert (tmp_path / "memory_report-part1.md").read_text() == earlier and not (tmp_path / REPORT_MD).exists()
+    assert _csv_steps(tmp_path) == [0, 1, 2, 3]
 
 
 def test_a_profiler_used_for_two_fits_reports_the_second_alone(tmp_path):
@@ -1707,6 +1761,24 @@ def test_a_count_whose_every_step_was_dropped_says_so(tmp_path):
     md = (tmp_path / REPORT_MD).read_text()
     assert ("Not measured (1 step from the fit's step 2 asked for): no churn step completed without a validation "
             "inside it.\n\nNot counted: steps 2, 3, as a validation ran inside") in md
+
+
+@pytest.mark.parametrize("churn_steps", [1, [2]])
+def test_a_churn_step_whose_trace_a_validation_ended_before_it_is_profiled_by_churn(tmp_path, churn_steps):
+    """StepTrace([1, 4]) was to trace step 2, so churn left it alone; a validation after step 1 ended the trace, and
+    step 2 ran under neither profiler while the report said StepTrace had traced it. Churn asked for [2] was lost."""
+    profiler = MemoryProfiler(module_every_n_steps=100, churn_steps=churn_steps)
+    trace = StepTrace([1, 4], dirpath=tmp_path)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
+                         callbacks=[profiler, trace])
+    trainer.fit(ValidatedRegressor(), _loader(5), _loader(1))
+    assert (trace._first_traced, trace._last_traced) == (1, 1)  # the validation after step 1 ended it
+    assert profiler.churn_observed == [2] and profiler.churn_traced == []
+    md = (tmp_path / REPORT_MD).read_text()
+    assert "Steps 2:" in md and "Not profiled" not in md
 
 
 @pytest.mark.parametrize("churn_steps", [1, [4, 6]])

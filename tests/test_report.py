@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
 from hetrain.report import (
+    RUN_LOCK,
     SUMMARY_MD,
     SWEEP_CSV,
+    RunDirectory,
     RunRecorder,
     _gpus,
     save_whole,
@@ -208,3 +211,30 @@ def test_seed_means_name_the_seeds_whose_metrics_come_from_an_earlier_step() -> 
     header, rows = seed_table(records)
     assert header == ["overrides (seed aside)", "seeds", "metrics.val/acc", "metrics from an earlier step"]
     assert rows == [["", 2, "0.75 ± 0.35", "1 (step 2 of 5)"]]
+
+
+def test_a_run_resumed_from_a_checkpoint_set_aside_sets_aside_the_run_beside_it(tmp_path: Path, monkeypatch) -> None:
+    """Run 1, then a fresh run 2 into the same directory (run 1 went to previous-1/), then run 1 resumed from its
+    checkpoint in previous-1/: that counted as resuming inside the directory, so run 2's files stayed, and run 1 went
+    on with run 2's memory_steps.csv and kept its memory report as an earlier part of its own. Run 2 goes aside."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    run_dir = tmp_path / "run"
+    run_1 = [".hydra/config.yaml", "checkpoints/step2.ckpt", "memory_steps.csv", "summary.json"]
+    run_2 = [".hydra/config.yaml", "checkpoints/last.ckpt", "memory_report.md", "memory_steps.csv", "summary.json"]
+    for root, names in ((run_dir / "previous-1", run_1), (run_dir, [*run_2, RUN_LOCK])):
+        for name in names:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(name)
+    config = OmegaConf.create({"hydra": {"run": {"dir": str(run_dir)}},
+                               "ckpt_path": str(run_dir / "previous-1" / "checkpoints" / "step2.ckpt")})
+    callback = RunDirectory()
+    callback.on_run_start(config)
+    callback.on_run_end(config)
+
+    def files(directory: Path) -> list[str]:
+        return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+    assert sorted(p.name for p in run_dir.iterdir()) == [RUN_LOCK, "previous-1", "previous-2"]
+    assert files(run_dir / "previous-2") == sorted(run_2)
+    assert files(run_dir / "previous-1") == sorted(run_1)  # the checkpoint resumed from stays where it is

@@ -108,6 +108,8 @@ class MemoryProfiler(Callback):
           (k = 1, 2, ... in the order the parts ran, as the CSV logger's ``csv-part<k>/``), and ``memory_steps.csv``
           keeps its rows before the step this fit resumed at, this fit's following them: one file of the whole
           run's steps. The allocator history it writes keeps an earlier part's the same way (``-part<k>.pickle``).
+          An earlier part is known by its ``memory_steps.csv``, whose steps lead up to the one resumed at; a file
+          whose steps do not (another run's) is written over, as a fresh fit writes over it.
         - With ``dump_on_oom`` an out-of-memory error in the fit (``torch.OutOfMemoryError`` on a GPU, or the
           CPU allocator's "can't allocate memory") writes ``oom_report.md`` (step, error, per-device peaks of
           the step so far, per-module table), ``memory_steps.csv`` (the completed steps' peaks) and, when GPU
@@ -186,6 +188,7 @@ class MemoryProfiler(Callback):
         # A resumed fit: the rows of memory_steps.csv before its first step, which the run's earlier parts wrote.
         self._earlier_rows: list[str] = []
         self._report_kept = False  # this fit moved the earlier part's report aside (or found none): once per fit
+        self._earlier_report: str | None = None  # where it moved the earlier part's memory_report.md
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath or trainer.default_root_dir)
@@ -203,6 +206,7 @@ class MemoryProfiler(Callback):
         self.phases, self.modules, self.churn, self._current = None, None, None, None
         self.steps, self.churn_observed, self.churn_dropped, self.static, self.at_start = [], [], [], {}, {}
         self.churn_traced, self._churn_taken, self._earlier_rows, self._report_kept = [], set(), [], False
+        self._earlier_report = None
         self._cuda = False
 
     @override
@@ -215,10 +219,7 @@ class MemoryProfiler(Callback):
         self.at_start = self.phases.current()
         steps_csv = self._dir(trainer) / STEPS_CSV
         if trainer.is_global_zero and trainer.ckpt_path is not None and steps_csv.is_file():
-            # An earlier part of the run wrote it; its steps from here on are trained again by this fit.
-            rows = steps_csv.read_text().splitlines()[1:]
-            self._earlier_rows = [r for r in rows if (step := r.partition(",")[0]).isdigit()
-                                  and int(step) < self.start_step]
+            self._earlier_rows = self._rows_of_earlier_parts(steps_csv, max(1, len(trainer.optimizers)))
         self.modules = ModuleMemory(pl_module)
         self.churn = ChurnTracker(pl_module, self.churn_min_bytes)
         self.churn_steps = [] if self._churn_count else list(self._churn_asked)
@@ -234,6 +235,22 @@ class MemoryProfiler(Callback):
             log.warning(f"hetrain: MemoryProfiler history_steps={list(self.history_steps)} come before step "
                         f"{self.start_step}, where this resumed fit starts: no allocator history is recorded")
 
+    def _rows_of_earlier_parts(self, steps_csv: Path, steps_per_batch: int) -> list[str]:
+        """The rows of ``steps_csv`` before this resumed fit's first step, where they are this run's earlier parts':
+        their steps lead up to it without a gap (at most ``steps_per_batch`` apart, as manual optimization with
+        several optimizers steps). Otherwise the file is another run's (a checkpoint resumed into a directory another
+        fit wrote to), and this fit writes its own over it, as a fresh fit does, with no earlier part kept."""
+        rows = [r for r in steps_csv.read_text().splitlines()[1:]
+                if (step := r.partition(",")[0]).isdigit() and int(step) < self.start_step]
+        steps = sorted({int(r.partition(",")[0]) for r in rows})
+        ends = [*steps[1:], self.start_step]
+        if steps and all(0 < b - a <= steps_per_batch for a, b in zip(steps, ends, strict=True)):
+            return rows  # its steps from here on are trained again by this fit
+        held = f"steps {steps[0]}..{steps[-1]} before it, with a gap" if steps else "no step before it"
+        log.info(f"hetrain: {steps_csv} is another run's, not an earlier part of this fit resumed at step "
+                 f"{self.start_step} (it holds {held}); this fit's memory report and steps are written over it")
+        return []
+
     def _history_step(self, step: int) -> bool:
         """Whether ``step`` is one of the chosen history steps this fit records."""
         return bool(self.history_steps) and self._cuda and self.history_steps[0] <= step <= self.history_steps[1]
@@ -244,7 +261,9 @@ class MemoryProfiler(Callback):
     def instruments_step(self, step: int) -> bool:
         """Whether global step ``step`` runs with this callback's hooks, profiler or allocator history: slower
         than the others, so not one to time."""
-        return self._module_step(step) or step in self.churn_steps or self._history_step(step)
+        # A step left to StepTrace is traced or, where the trace ended before it, profiled by churn: slow either way.
+        return (self._module_step(step) or step in self.churn_steps or step in self._churn_taken
+                or self._history_step(step))
 
     def _start_history(self) -> None:
         torch.cuda.memory._record_memory_history(max_entries=self.max_history_entries)
@@ -313,10 +332,16 @@ class MemoryProfiler(Callback):
             if self._module_step(trainer.global_step):
                 self.modules.start()
                 self._measuring_forwards = True
-            if trainer.global_step in self.churn_steps:
+            step = trainer.global_step
+            if step in self._churn_taken and not self._traced(trainer, step):
+                # Left to StepTrace ahead of time, but its trace ended before this step (a validation ended it):
+                # churn profiles the step after all.
+                self._churn_taken.discard(step)
+                self.churn_steps.append(step)
+            if step in self.churn_steps:
                 self.churn.start_step()
-            elif trainer.global_step in self._churn_taken and trainer.global_step not in self.churn_traced:
-                self.churn_traced.append(trainer.global_step)  # the report says why churn has no such step
+            elif step in self._churn_taken and step not in self.churn_traced:
+                self.churn_traced.append(step)  # the report says why churn has no such step
         # What ran since the last phase closed (the loader's collate, a validation, a checkpoint save) is no phase's,
         # but the run's peak holds it: read, it is kept (memory_counters.erased_peak) before the reset erases it.
         self.phases.peaks()
@@ -430,7 +455,7 @@ class MemoryProfiler(Callback):
         churn = churn_section(self.churn, asked, self.churn_observed, self.churn_min_bytes, self.churn_top,
                               self.churn_dropped, self.churn_traced)
         return MemoryReport(self.steps, self.static, self.at_start, self.modules, churn, ended_early,
-                            earlier_rows=self._earlier_rows)
+                            earlier_rows=self._earlier_rows, earlier_report=self._earlier_report)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -446,17 +471,26 @@ class MemoryProfiler(Callback):
         if self._recording:
             self._dump_history(trainer)
 
+    def _keep_earlier_report(self, trainer: pl.Trainer) -> None:
+        """A fit resumed into the directory of the run's earlier part (its steps file goes on: ``_earlier_rows``)
+        moves that part's report aside (:func:`keep_earlier_part`), once: not its own. Its report then names the
+        file moved, which holds the earlier steps."""
+        if not self._earlier_rows or self._report_kept:
+            return
+        self._report_kept = True
+        directory = self._dir(trainer)
+        moved = keep_earlier_part(*(directory / name for name in (REPORT_MD, REPORT_PNG, REPORT_HTML)))
+        if moved:
+            self._earlier_report = next((p.name for p in moved if p.suffix == ".md"), None)
+            log.info(f"hetrain: {directory} held the memory report of an earlier part of this run; moved it to "
+                     f"{', '.join(p.name for p in moved)}; {STEPS_CSV} goes on with this part's steps")
+
     def _write_report(self, trainer: pl.Trainer, ended_early: str | None = None) -> None:
         """Writes the report files and logs their tables: per device, the largest modules, the churn. A resumed
-        fit first moves the earlier part's report aside (:func:`keep_earlier_part`), once: not its own."""
+        fit first moves the earlier part's report aside (:meth:`_keep_earlier_report`)."""
+        self._keep_earlier_report(trainer)
         report = self.report(ended_early)
         directory = self._dir(trainer)
-        if trainer.ckpt_path is not None and not self._report_kept:
-            self._report_kept = True
-            moved = keep_earlier_part(*(directory / name for name in (REPORT_MD, REPORT_PNG, REPORT_HTML)))
-            if moved:
-                log.info(f"hetrain: {directory} held the memory report of an earlier part of this run; moved it to "
-                         f"{', '.join(p.name for p in moved)}; {STEPS_CSV} goes on with this part's steps")
         paths = report.write(directory)
         if report.steps:
             log.info(f"Memory per device, MiB ({READING})\n{markdown_table(*report.device_table())}")
@@ -496,6 +530,8 @@ class MemoryProfiler(Callback):
             self.churn.stop_step(keep=False)
         oom = out_of_memory(exception)
         if self.dump_on_oom and oom:
+            if trainer.is_global_zero:  # the post-mortem names the earlier part's report where it will stay
+                self._keep_earlier_report(trainer)
             rank = trainer.global_rank if trainer.world_size > 1 else None
             self.write_oom_dump(self._dir(trainer), trainer.global_step, exception, rank)
         elif trainer.is_global_zero and self.phases is not None:  # what the steps before the error measured

@@ -96,6 +96,8 @@ class MemoryReport:
         steps_file: the file every step's peaks go to, which the report names.
         earlier_rows: rows of ``memory_steps.csv`` the run's earlier parts wrote, before the step a fit resumed into
             the run's own directory began at: the file goes on with this part's, so it holds the whole run's steps.
+        earlier_report: the file the earlier part's report was moved to (``memory_report-part<k>.md``), which the
+            report names; None where none was moved.
     """
 
     steps: list[dict[str, Any]]
@@ -106,6 +108,7 @@ class MemoryReport:
     ended_early: str | None = None
     steps_file: str = STEPS_CSV
     earlier_rows: list[str] = field(default_factory=list)
+    earlier_report: str | None = None
 
     def _devices(self) -> list[str]:
         return sorted({d for s in self.steps for p in PHASES for d in s[p]})
@@ -155,8 +158,8 @@ class MemoryReport:
         """Where the steps file holds the earlier parts' steps too: from which step this report's are."""
         if not self.earlier_rows or not self.steps:
             return ""
-        return (f" (steps before {self.steps[0]['step']} are the run's earlier parts', reported in "
-                "memory_report-part<k>.md)")
+        where = f", reported in {self.earlier_report}" if self.earlier_report else ""
+        return f" (steps before {self.steps[0]['step']} are the run's earlier parts'{where})"
 
     def kept_host_note(self) -> str | None:
         """How much of the CPU's resident set was freed blocks kept for reuse; None where none were kept."""

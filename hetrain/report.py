@@ -672,7 +672,8 @@ class RunDirectory(HydraCallback):
     (checkpoints, csv/, summaries, memory reports, its log and .hydra/; those last modified before this run began:
     :func:`_set_aside`) to ``previous-<k>/``, k = 1, 2, ... in the order the runs came:
     its best checkpoint stayed beside the new one, and its CSV log was kept as if this run resumed it. A run resumed
-    from a checkpoint inside the directory leaves it as it is (its CSV logger keeps the earlier part's log:
+    from a checkpoint inside the directory (not one set aside in ``previous-<k>/``, whose run the directory no
+    longer holds) leaves it as it is (its CSV logger keeps the earlier part's log:
     :class:`ResumableCSVLogger`), and so does one whose directory holds the one train.py runs from, where the
     files are the person's own. This runs before Hydra saves the run's config and opens its log; under DDP only
     rank 0 does (:func:`_another_rank`).

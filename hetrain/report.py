@@ -112,10 +112,11 @@ class RunRecorder(Callback):
         self._paused_at: float | None = None  # when a validation inside fit began; None while training
         self._wait_at_pause: float | None = None  # the training loader's wait_seconds then
         self._paused_s = 0.0
+        self.closed = False  # this fit's measurements were closed (on_train_end ran to its end)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.validated_at_step = None
+        self.validated_at_step, self.closed = None, False
         self.gpus = _gpus(pl_module)
         self.start_step = trainer.global_step
         self.resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None
@@ -188,6 +189,7 @@ class RunRecorder(Callback):
             self.samples = int(trainer.strategy.reduce(mine, reduce_op="sum").item())
         # Read now: Lightning's teardown moves the whole module back to the CPU.
         self.stages = {name: _device_name(held_device(s)) for name, s in pl_module.stages().items()}
+        self.closed = True
 
     def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         """The measured part of a run's summary."""
@@ -201,10 +203,7 @@ class RunRecorder(Callback):
             "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")},
             "stages": self.stages,
         }
-        # A signal's stop (GracefulStop saved a checkpoint of this step) is not a run that ended on its own. By the
-        # attribute: hetrain.callbacks imports this module.
-        stopped = any(getattr(c, "stopped_by_signal", False) for c in trainer.callbacks)
-        if self.validated_at_step is not None and self.validated_at_step < trainer.global_step and not stopped:
+        if self.validated_at_step is not None and self.validated_at_step < trainer.global_step:
             out["metrics_at_step"] = self.validated_at_step  # the metrics are not of the final weights
         if self.resumed_from:
             out["resumed"] = {"from": self.resumed_from, "at_step": self.start_step}

@@ -306,22 +306,22 @@ class _MeasuredToTheStop(pl.Callback):
 
     def __init__(self, graceful_stop: pl.Callback | None, measures: list[pl.Callback]) -> None:
         self.graceful_stop, self.measures = graceful_stop, measures
-        self.closed = False  # the measurements were closed: by Lightning's on_train_end, or here
+        self.closing = False  # the measurements are being closed: by Lightning's on_train_end, or here
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.closed = False
+        self.closing = False
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.closed = True
+        self.closing = True
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Under DDP every rank stopped at the same step or validation batch: the recorder's sum of samples meets
         # them all. Not on a KeyboardInterrupt (a second Ctrl-C): the other ranks were not interrupted with it.
-        if isinstance(exception, SystemExit) and getattr(self.graceful_stop, "summary", None) and not self.closed:
-            self.closed = True
+        if isinstance(exception, SystemExit) and getattr(self.graceful_stop, "summary", None) and not self.closing:
+            self.closing = True
             for callback in self.measures:
                 callback.on_train_end(trainer, pl_module)
 
@@ -610,9 +610,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             fitted = True
             _fit.running, _fit.returned = False, True
         except SystemExit as exc:  # how Lightning ends a fit on SIGTERM, or on Ctrl-C pressed twice
-            closed = any(isinstance(c, _MeasuredToTheStop) and c.closed for c in parts.trainer.callbacks)
-            # A stop GracefulStop saved is summarised as a Ctrl-C stop's where _MeasuredToTheStop closed the
-            # measurements (not after a second Ctrl-C, which ends the fit before they are).
+            # A stop GracefulStop saved is summarised as a Ctrl-C stop's where the measurements were closed (by
+            # _MeasuredToTheStop, or Lightning's on_train_end), the recorder last: not after a second Ctrl-C that ended
+            # the fit before or while they were.
+            closed = parts.recorder.closed
             _describe_stop(exc, parts, _measured(parts, cpu_malloc, host_cache_at_start) if closed else None)
             raise
         finally:

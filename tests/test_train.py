@@ -880,15 +880,16 @@ def test_a_stop_during_a_validation_gives_no_advice_on_where_a_run_ends(tmp_path
     with caplog.at_level(logging.WARNING):
         summary = _stopped_summary(tmp_path, "+callbacks.sigterm._target_=tests.fixtures.signal_in.SignalIn",
                                    "+callbacks.sigterm.phase=validation", "+callbacks.sigterm.step=4")
-    assert summary["graceful_stop"]["at_step"] == 4
+    assert summary["graceful_stop"]["at_step"] == 4 and summary["metrics_at_step"] == 2  # the summary still says
     assert "after its last validation" not in caplog.text
 
 
-def test_a_second_ctrl_c_before_the_fit_closed_its_measurements_keeps_the_progress_alone(tmp_path):
-    """The second press ends the fit (KeyboardInterrupt) before its closing hooks: the summary took the unclosed
-    measurements, a training time of 0.0 and no stages."""
+@pytest.mark.parametrize("again", ["epoch_end", "train_end"])
+def test_a_second_ctrl_c_before_the_fit_closed_its_measurements_keeps_the_progress_alone(tmp_path, again):
+    """The second press ends the fit (KeyboardInterrupt) before or inside its closing hooks: the summary took the
+    unclosed measurements, a training time of 0.0 and no stages."""
     summary = _stopped_summary(tmp_path, "+callbacks.twice._target_=tests.fixtures.ctrl_c.CtrlCTwice",
-                               "+callbacks.twice.step=2")
+                               "+callbacks.twice.step=2", f"+callbacks.twice.again={again}")
     assert summary["status"] == "interrupted" and summary["steps"] == 3 and summary["samples"] > 0
     assert "train_time_s" not in summary and "stages" not in summary
 

@@ -1033,23 +1033,25 @@ def _resumed_fit(directory, model, ckpt_path, max_steps: int) -> pl.Trainer:
     return trainer
 
 
-def _csv_steps(directory) -> list[int]:
-    """The steps memory_steps.csv in ``directory`` holds, in its order."""
-    rows = (directory / STEPS_CSV).read_text().splitlines()[1:]
+def _csv_steps(directory, name: str = STEPS_CSV) -> list[int]:
+    """The steps memory_steps.csv (or ``name``) in ``directory`` holds, in its order."""
+    rows = (directory / name).read_text().splitlines()[1:]
     return list(dict.fromkeys(int(r.split(",")[0]) for r in rows))
 
 
-def test_a_checkpoint_resumed_into_another_runs_directory_writes_over_that_runs_report_and_steps(tmp_path, caplog):
-    """A resumed fit went on with any memory_steps.csv in its directory: resumed at step 5 into one another run had
-    trained 3 steps in, the file held that run's steps 0-2 and this fit's 5-6, and that run's report was kept as
-    this run's memory_report-part1."""
+def test_steps_that_do_not_lead_up_to_the_resumed_step_are_kept_aside_with_their_report(tmp_path, caplog):
+    """A resumed fit went on with any memory_steps.csv in its directory: resumed at step 5 where a fit had trained
+    3 steps (another run's, or this run's part before one killed unmeasured), the file held steps 0-2 and 5-6. Then
+    such a file and its report were written over, losing a crashed run's earlier measurements. Both are kept aside."""
     _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path / "b", batches=5).save_checkpoint(tmp_path / "b5.ckpt")
-    _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path, batches=3)  # another run, here
+    _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path, batches=3)  # steps 0-2, here
+    earlier = (tmp_path / REPORT_MD).read_text()
     with caplog.at_level(logging.INFO, logger="hetrain.callbacks.memory"):
         _resumed_fit(tmp_path, Regressor(), tmp_path / "b5.ckpt", max_steps=7)
-    assert _csv_steps(tmp_path) == [5, 6] and not list(tmp_path.glob("memory_report-part*"))
-    assert "earlier parts'" not in (tmp_path / REPORT_MD).read_text()
-    assert "is another run's, not an earlier part of this fit resumed at step 5 (it holds steps 0..2" in caplog.text
+    assert _csv_steps(tmp_path) == [5, 6] and "earlier parts'" not in (tmp_path / REPORT_MD).read_text()
+    assert (tmp_path / "memory_report-part1.md").read_text() == earlier
+    assert _csv_steps(tmp_path, "memory_steps-part1.csv") == [0, 1, 2]
+    assert "does not lead up to step 5, where this fit resumes (it holds steps 0..2" in caplog.text
 
 
 def test_a_fit_of_two_optimizers_resumed_into_its_own_directory_goes_on_with_its_steps(tmp_path):

@@ -238,8 +238,9 @@ class MemoryProfiler(Callback):
     def _rows_of_earlier_parts(self, steps_csv: Path, steps_per_batch: int) -> list[str]:
         """The rows of ``steps_csv`` before this resumed fit's first step, where they are this run's earlier parts':
         their steps lead up to it without a gap (at most ``steps_per_batch`` apart, as manual optimization with
-        several optimizers steps). Otherwise the file is another run's (a checkpoint resumed into a directory another
-        fit wrote to), and this fit writes its own over it, as a fresh fit does, with no earlier part kept."""
+        several optimizers steps). Otherwise (another run's file, or a part that ended unmeasured) the file is kept
+        aside with the earlier report (:meth:`_keep_earlier_report`) and this fit's steps start a new one. The file
+        alone cannot tell another run whose steps lead up to this one from an earlier part: that is taken as one."""
         rows = [r for r in steps_csv.read_text().splitlines()[1:]
                 if (step := r.partition(",")[0]).isdigit() and int(step) < self.start_step]
         steps = sorted({int(r.partition(",")[0]) for r in rows})
@@ -247,8 +248,8 @@ class MemoryProfiler(Callback):
         if steps and all(0 < b - a <= steps_per_batch for a, b in zip(steps, ends, strict=True)):
             return rows  # its steps from here on are trained again by this fit
         held = f"steps {steps[0]}..{steps[-1]} before it, with a gap" if steps else "no step before it"
-        log.info(f"hetrain: {steps_csv} is another run's, not an earlier part of this fit resumed at step "
-                 f"{self.start_step} (it holds {held}); this fit's memory report and steps are written over it")
+        log.info(f"hetrain: {steps_csv} does not lead up to step {self.start_step}, where this fit resumes (it holds "
+                 f"{held}); it is kept aside with the earlier report, and this fit's steps start a new one")
         return []
 
     def _history_step(self, step: int) -> bool:
@@ -472,18 +473,22 @@ class MemoryProfiler(Callback):
             self._dump_history(trainer)
 
     def _keep_earlier_report(self, trainer: pl.Trainer) -> None:
-        """A fit resumed into the directory of the run's earlier part (its steps file goes on: ``_earlier_rows``)
-        moves that part's report aside (:func:`keep_earlier_part`), once: not its own. Its report then names the
-        file moved, which holds the earlier steps."""
-        if not self._earlier_rows or self._report_kept:
+        """A resumed fit moves the report it finds in its directory aside (:func:`keep_earlier_part`), once: not its
+        own. Never written over: a part that ended without a report of its steps (killed, or run without this
+        callback) leaves a gap, which does not make the files another run's. The steps file goes with it where this
+        fit does not go on with its rows (``_earlier_rows``). The new report names the file moved."""
+        if trainer.ckpt_path is None or self._report_kept:
             return
         self._report_kept = True
         directory = self._dir(trainer)
-        moved = keep_earlier_part(*(directory / name for name in (REPORT_MD, REPORT_PNG, REPORT_HTML)))
+        names = (REPORT_MD, REPORT_PNG, REPORT_HTML, *([] if self._earlier_rows else [STEPS_CSV]))
+        moved = keep_earlier_part(*(directory / name for name in names))
         if moved:
             self._earlier_report = next((p.name for p in moved if p.suffix == ".md"), None)
-            log.info(f"hetrain: {directory} held the memory report of an earlier part of this run; moved it to "
-                     f"{', '.join(p.name for p in moved)}; {STEPS_CSV} goes on with this part's steps")
+            goes_on = (f"{STEPS_CSV} goes on with this part's steps" if self._earlier_rows else
+                       f"{STEPS_CSV} starts anew, its steps not leading up to step {self.start_step}")
+            log.info(f"hetrain: {directory} held the memory report of an earlier part of this run, or of another "
+                     f"run; moved it to {', '.join(p.name for p in moved)}; {goes_on}")
 
     def _write_report(self, trainer: pl.Trainer, ended_early: str | None = None) -> None:
         """Writes the report files and logs their tables: per device, the largest modules, the churn. A resumed

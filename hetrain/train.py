@@ -199,7 +199,7 @@ def _check_counts(cfg: DictConfig) -> None:
         raise ValueError(f"hetrain: data.num_slots={num_slots!r} must be a whole number >= 2: the consumer holds a "
                          "batch while the producers fill another (the default is 4)")
     max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)  # Lightning's default
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or not (max_steps == -1 or max_steps >= 1):
+    if not _whole(max_steps) or not (max_steps == -1 or max_steps >= 1):
         # abc failed in a comparison inside Lightning's loop; 1.5 trained 2 steps.
         raise ValueError(f"hetrain: trainer.max_steps={max_steps!r} must be a whole number of optimizer steps >= 1, "
                          "or -1 for no step limit (trainer.max_epochs then ends the run)")
@@ -231,7 +231,7 @@ def _check_counts(cfg: DictConfig) -> None:
                          "batches across epochs); set trainer.check_val_every_n_epoch=1 to validate every "
                          f"{interval} of an epoch, or give trainer.val_check_interval a number of training batches")
     accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)  # Lightning's default
-    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+    if not _whole(accumulate) or accumulate < 1:
         raise ValueError(f"hetrain: trainer.accumulate_grad_batches={accumulate!r} must be a positive whole number "
                          "(batches per optimizer step; 1 steps after every batch)")
     if accumulate > 1 and interval is not None and not isinstance(interval, int | float):
@@ -435,7 +435,7 @@ def _bool_arguments(node: DictConfig, prefix: str = "") -> list[tuple[str, tuple
 def _check_seed(cfg: DictConfig) -> None:
     """``seed=null`` failed in torch.manual_seed, ``seed=abc`` in int(), neither naming the setting."""
     seed = cfg.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+    if not _whole(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"hetrain: seed={seed!r} must be a whole number from 0 to {2**32 - 1} (the range numpy "
                          "takes); it seeds python, numpy, torch and the synthetic data")
 
@@ -701,7 +701,7 @@ def _no_step_trained(cfg: DictConfig, parts: Parts) -> str | None:
     trainer.limit_train_batches=0, a checkpoint at its end) or that a callback stopped first, says so at info
     level, and returns as if it had trained: the run said ok with nothing trained."""
     trainer, recorder = parts.trainer, parts.recorder
-    if getattr(parts.callbacks.get("graceful_stop"), "summary", None):
+    if getattr(parts.callbacks.get("graceful_stop"), "stopped_by_signal", False):
         return None
     # A skipped fit never reaches on_train_start, whose start_step a resumed fit's global_step would be past.
     if recorder.samples > 0 and trainer.global_step > recorder.start_step:

@@ -9,11 +9,13 @@ compiled graph, so twelve blocks compile once rather than the whole model as one
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import torch._dynamo
 from torch import nn
+from torch._dynamo import trace_rules
 
 
 def has_sparse_gradients(stage: nn.Module) -> bool:
@@ -24,10 +26,10 @@ def has_sparse_gradients(stage: nn.Module) -> bool:
 
 def compile_stages(stages: Mapping[str, nn.Module], mode: str = "default", backend: str = "inductor",
                    fullgraph: bool = False, dynamic: bool | None = None) -> dict[str, Any]:
-    """Compiles each stage in place (``nn.Module.compile``: its parameters, state dict and hooks stay as they are),
-    except stages with sparse-gradient embeddings, which stay eager; returns the settings, how many stages were
-    compiled (``stages``) and the names of those left eager (``eager``), for the run summary. Raises dynamo's
-    recompile limits, for the whole process, to leave room for every stage (see below).
+    """Compiles each stage in place (``nn.Module.compile``: the module, its parameters, state dict keys and hooks stay
+    as they are), except stages with sparse-gradient embeddings, which stay eager; returns the settings, how many
+    stages were compiled (``stages``) and the names of those left eager (``eager``), for the run summary. Raises
+    dynamo's recompile limits, for the whole process, to leave room for every stage (see below).
 
     ``mode``: inductor's (``default``, ``reduce-overhead`` for CUDA graphs, ``max-autotune``...); ``backend``:
     ``inductor`` or any of ``torch._dynamo.list_backends()`` (``aot_eager`` traces without generating code).
@@ -35,15 +37,23 @@ def compile_stages(stages: Mapping[str, nn.Module], mode: str = "default", backe
     if not stages:
         raise ValueError("hetrain: compile: the model has no stages to compile")
     eager = [name for name, stage in stages.items() if has_sparse_gradients(stage)]
-    # Dynamo caches graphs per code object, and stages of one class (nn.Sequential.forward, a block's forward)
-    # share theirs: each stage's parameter shapes, grad mode and train/eval mode add entries to the one cache, and
-    # past recompile_limit (8) a stage runs eagerly (under fullgraph the run fails). Room for eight per stage.
+    # Dynamo caches graphs per code object, and stages of one class (a block's forward) share theirs, as stages with
+    # torch's own forward share the wrapper's (below): each stage's parameter shapes, grad mode and train/eval mode
+    # add entries to the one cache, and past recompile_limit (8) a stage runs eagerly (under fullgraph the run
+    # fails). Room for eight per stage.
     limit = 8 * (len(stages) + 1)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit)
     for name, stage in stages.items():
         if name not in eager:
-            stage.compile(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+            # nn.Module.compile compiles the stage's _call_impl, a frame dynamo skips, and traces the forward called
+            # from there; torch's own forwards (nn.Sequential, nn.Linear) it skips too, so such a stage ran eagerly
+            # (under fullgraph: "found no compiled frames"). For those, wrap_top_frame has it call _call_impl from a
+            # wrapper frame dynamo traces, as torch.compile(stage) does after the same trace_rules check; unlike
+            # torch.compile(stage), the stage stays the same module, its state dict keys without "_orig_mod.".
+            wrap = trace_rules.check(stage.forward)
+            with torch._dynamo.config.patch(wrap_top_frame=True) if wrap else contextlib.nullcontext():
+                stage.compile(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     return {"mode": mode, "backend": backend, "fullgraph": fullgraph, "dynamic": dynamic,
             "stages": len(stages) - len(eager), "eager": eager}
 

@@ -113,3 +113,26 @@ def test_a_placed_model_compiles_whole_under_fullgraph_and_exports():
     counts = compile_counts(since=before)
     assert counts == {"graphs": 1, "graph_breaks": 0, "eager_frames": 0}, counts
     torch.testing.assert_close(torch.export.export(model, (x,), strict=True).module()(x), model(x))
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_stages_made_only_of_torch_modules_are_traced(fullgraph):
+    """nn.Module.compile compiled each stage's _call_impl, a frame dynamo skips, and torch's own forwards
+    (nn.Sequential, nn.Linear) are skipped too: such a stage ran eagerly while the summary called it compiled, and
+    compile.fullgraph=true failed its first call ("found no compiled frames")."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.MaxPool2d(2))
+    stages = {"stem": stem, "head": torch.nn.Linear(36, 2)}
+    keys = list(stem.state_dict())
+    graphs = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    compile_stages(stages, backend=counting_backend, fullgraph=fullgraph)
+    stages["head"](stem(torch.randn(2, 3, 8, 8)).flatten(1)).sum().backward()
+    assert len(graphs) == 2, f"{len(graphs)} graphs for 2 stages"
+    assert list(stem.state_dict()) == keys  # compiled in place: no _orig_mod wrapper

@@ -369,8 +369,11 @@ def test_bad_inputs_raise_clear_errors():
     for p in (-0.1, 1.5, "0.5", True, None):
         with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\]"):
             dropout(x, p)
-    with pytest.raises(ValueError, match="floating tensor"):
+    with pytest.raises(ValueError, match="x must be a floating tensor, got torch.int64"):
         dropout(torch.ones(4, 8, dtype=torch.int64), 0.1)
+    # An AttributeError ('list' object has no attribute 'is_floating_point') before.
+    with pytest.raises(ValueError, match=r"x must be a floating tensor, got list; torch.as_tensor\(x\) converts one"):
+        dropout([1.0, 2.0], 0.1)
     seed = torch.tensor([1])
     cpp = torch.ops.hetrain_C
     with pytest.raises(RuntimeError, match="x must be a floating tensor"):
@@ -409,11 +412,16 @@ def test_from_torch_refuses_the_dropouts_that_are_not_element_wise(other):
         Dropout.from_torch(other(0.5))
 
 
-def test_vmap_with_a_seed_per_sample_runs_on_the_kernels_and_is_refused_by_name_on_the_reference():
-    # The torch reference failed inside tolist() with "Cannot access data pointer of Tensor that doesn't have storage".
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_with_a_seed_per_sample_gives_each_sample_its_own_mask_on_every_backend(backend):
+    """The custom op runs per sample (torch's batching fallback), each with its own plain seed. The body was called
+    with the batched seed: the torch reference failed in tolist(), then was refused; Triton too, the only backend
+    every CUDA call tries first."""
     x = torch.randn(4, 40, generator=torch.Generator().manual_seed(0)) + 3.0
-    with plugins.use_backend(dropout="cpu"):
+    with plugins.use_backend(dropout=backend):
         y = torch.vmap(lambda row: dropout(row, 0.5), randomness="different")(x)
+        same = torch.vmap(lambda row: dropout(row, 0.5), randomness="same")(x)
     assert not all(torch.equal(y[0] != 0, y[i] != 0) for i in range(1, 4))  # a mask per sample
-    with plugins.use_backend(dropout="torch"), pytest.raises(RuntimeError, match="randomness='same'"):
-        torch.vmap(lambda row: dropout(row, 0.5), randomness="different")(x)
+    assert all(torch.equal(same[0] != 0, same[i] != 0) for i in range(1, 4))  # one mask for all
+    for out in (y, same):
+        torch.testing.assert_close(out, torch.where(out != 0, x * 2.0, 0.0), rtol=0, atol=0)

@@ -338,6 +338,26 @@ def test_double_backward_raises_instead_of_a_wrong_second_derivative(reduction):
         torch.autograd.grad(gw.sum(), weight, allow_unused=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_jacrev_matches_the_references_for_hidden_weight_and_bias(backend, reduction):
+    # reduction="none": jacrev vmaps the backward, whose chunks are written into the op's own buffers (out=, in
+    # place), which vmap's batching fallback refused ("the fallback path doesn't work on out= or view ops"). The
+    # custom op now runs it sample by sample on plain tensors. A budget of two rows makes several chunks.
+    hidden, weight, b, target = (t.detach() for t in inputs((5,), 4, 7, seed=21, ignored=1))
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+
+    def jacobian(fn, **extra):
+        return torch.func.jacrev(lambda h, w, bb: fn(h, w, target, bb, **kw, **extra), argnums=(0, 1, 2))(
+            hidden, weight, b)
+
+    expected = jacobian(linear_cross_entropy_ref)
+    with plugins.use_backend(linear_cross_entropy=backend):
+        got = jacobian(linear_cross_entropy, memory_budget=budget_for(2, 7, 4, torch.float64))
+    for name, g, e in zip(("hidden", "weight", "bias"), got, expected, strict=True):
+        assert_close(g, e, torch.float64, f"jacobian for {name}")
+
+
 def test_gradients_skipped_when_nothing_requires_them():
     hidden, weight, b, target = inputs((9,), 8, 23, seed=10)
     with torch.no_grad():
@@ -511,6 +531,18 @@ def test_bad_inputs_raise_clear_errors():
         linear_cross_entropy(hidden, torch.empty(13, 8, device="meta"), target, b)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         linear_cross_entropy(hidden, weight, target, b, label_smoothing=1.5)
+    # Raw Python errors before: AttributeError ('NoneType' object has no attribute 'dim') and TypeError ('<=' not
+    # supported between instances of 'float' and 'str').
+    for args, message in (
+        (([[1.0] * 8] * 4, weight, target, b), "hidden must be a floating tensor with >= 1 dim, got list"),
+        ((hidden, None, target, b), r"weight must be a \(V, H\) tensor, as nn.Linear's weight, got NoneType"),
+        ((hidden, weight, [0, 1, 2, 3], b), "target must be an int64 tensor of class indices, got list"),
+        ((hidden, weight, target, [0.0] * 13), r"bias must be a \(V,\) tensor or None, got list"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            linear_cross_entropy(*args)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got '0.1', a str: pass a float"):
+        linear_cross_entropy(hidden, weight, target, b, label_smoothing="0.1")
     with pytest.raises(ValueError, match="reduction must be"):
         linear_cross_entropy(hidden, weight, target, b, reduction="avg")
     for count in (0, np.int64(0), -3.0, True, "3"):
@@ -529,8 +561,9 @@ def test_bad_inputs_raise_clear_errors():
         linear_cross_entropy(hidden, weight, target, b, reduction="none", num_items=3)
     with pytest.raises(ValueError, match="less than one row"):
         linear_cross_entropy(hidden, weight, target, b, memory_budget=16)
-    for budget in (float("nan"), float("inf"), "1e6"):  # a NaN passed a "<= 0" check and failed in int()
-        with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
+    # A NaN passed a "<= 0" check and failed in int(); 0.5 passed a "> 0" one and was reported as "memory_budget=0".
+    for budget in (float("nan"), float("inf"), "1e6", 0.5, 0):
+        with pytest.raises(ValueError, match=rf"memory_budget must be a finite number of bytes >= 1, got {budget!r}"):
             linear_cross_entropy(hidden, weight, target, b, memory_budget=budget)
     with pytest.raises(RuntimeError, match=r"target 13 in row 0 is outside \[0, 13\)"):
         torch.ops.hetrain_C.cross_entropy_rows_(randn(1, 13), torch.empty(1), torch.tensor([13]), None, IGNORE, 0.0)

@@ -196,9 +196,10 @@ def test_a_tangent_on_the_upstream_gradient_is_refused_naming_the_reference(op, 
             torch.autograd.grad(y, args[i], dy)
 
 
-# vmap and jit.trace refuse a random draw themselves; vmap's per-sample fallback cannot run linear_cross_entropy's
-# chunks (written into a preallocated buffer) or BatchNorm's statistics kernel, and linear_cross_entropy's forward
-# depends on which inputs need gradients, which jit.trace's no-grad check run sees as another graph.
+# vmap (randomness="error") and jit.trace refuse a random draw themselves; vmap refuses linear_cross_entropy's backward
+# (it reads its upstream gradient's value) and BatchNorm's statistics kernel (running statistics written in place),
+# and linear_cross_entropy's forward depends on which inputs need gradients, which jit.trace's no-grad check run sees
+# as another graph.
 VMAPPED = ["layer_norm", "rms_norm", "bias_gelu"]
 TRACED = [o for o in OPS if "dropout" not in o and o != "linear_cross_entropy"]
 
@@ -227,6 +228,38 @@ def test_vmap_with_gradients_on_gives_each_samples_value_and_gradient(op):
         value = loss(x)
         torch.testing.assert_close(values[k], value)
         torch.testing.assert_close(grads[k], torch.autograd.grad(value, x)[0])
+
+
+def _transformed(x, w):
+    """Each op under a torch.func transform, as (name, thunk). The vjp's function is called after vjp returned,
+    outside any transform: its saved tensors are functorch wrappers that no transform unwraps any more."""
+    def vjp_then_call():
+        out, vjp_fn = torch.func.vjp(lambda v: ops.dropout_add_layer_norm(v, v, w, None, 0.25), x)
+        return out, vjp_fn(torch.ones_like(out))[0]
+
+    return {
+        "vmap(layer_norm)": lambda: torch.vmap(lambda v: ops.layer_norm(v, w))(x),
+        "vmap(bias_gelu)": lambda: torch.vmap(lambda v: ops.bias_gelu(v, w))(x),
+        "jacrev(rms_norm)": lambda: torch.func.jacrev(lambda v: ops.rms_norm(v, w))(x[0]),
+        "jacrev(dropout)": lambda: torch.func.jacrev(lambda v: ops.dropout(v, 0.5))(x[0]),
+        "grad(layer_norm)": lambda: torch.func.grad(lambda v: ops.layer_norm(v, w).square().sum())(x),
+        "vjp(dropout_add_layer_norm)": vjp_then_call,
+    }
+
+
+@pytest.mark.parametrize("case", list(_transformed(None, None)))
+def test_the_triton_backend_runs_under_torch_func_transforms_as_the_cpu_backend_does(case):
+    """The body got functorch's wrapper tensors (BatchedTensor, TensorWrapper) and handed them to the Triton
+    kernels, which read their storage: "Cannot access storage of TensorWrapper". Every backend now gets plain
+    tensors from the dispatcher."""
+    x, w = randn(3, 4, 6, seed=1), randn(6, seed=2, shift=1.0)
+    results = {}
+    for backend in ("triton", "cpu"):
+        pins = dict.fromkeys(("layer_norm", "rms_norm", "bias_gelu", "dropout", "dropout_add_layer_norm"), backend)
+        torch.manual_seed(0)  # the dropout ops draw the same seed on both
+        with plugins.use_backend(**pins):
+            results[backend] = _transformed(x, w)[case]()
+    torch.testing.assert_close(results["triton"], results["cpu"])
 
 
 def test_jacrev_of_dropout_is_the_drawn_mask_over_one_minus_p():

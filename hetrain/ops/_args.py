@@ -20,6 +20,16 @@ def rows_input(op: str, x: object, what: str = "x") -> int:
     return x.shape[-1]
 
 
+def floating_input(op: str, x: object, what: str = "x") -> torch.Tensor:
+    """``x``, a floating tensor of any shape (0-d included)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{op}: {what} must be a floating tensor, got {type(x).__name__}; torch.as_tensor({what}) "
+                         "converts one")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: {what} must be a floating tensor, got {x.dtype}")
+    return x
+
+
 def vector(op: str, what: str, t: object, x: torch.Tensor, when_missing: str | None = None) -> torch.Tensor | None:
     """``t``, a per-feature parameter of ``x`` (shape ``(x.shape[-1],)``, floating, on x's device), in x's dtype.
 

@@ -17,9 +17,10 @@ extension registers each op with its autograd written in C++ (csrc/autograd.cpp)
 runs on the autograd engine's device thread, which must take the GIL for it; on a GPU host that was most
 of a small op's host time.
 
-Under a ``torch.func`` transform (grad, vjp, jacrev) the same body runs through a ``setup_context``-style
-Function, the form functorch requires. A fused op's backward kernels have no derivative of their own, so
-nested transforms (hessian, grad of grad) and double backward (a gradient of a
+Under a ``torch.func`` transform (grad, vjp, jacrev, vmap) the custom op runs, through a ``setup_context``-style
+Function (the form functorch requires) where a gradient is recorded: the dispatcher unwraps functorch's wrapper
+tensors, which a Triton kernel cannot read, before the body runs. A fused op's backward kernels have no derivative
+of their own, so nested transforms (hessian, grad of grad) and double backward (a gradient of a
 gradient, ``create_graph=True``) raise naming the op and its torch reference, rather than torch's
 "no autograd formula" for an internal op, or a wrong result where gradients are computed in forward.
 Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``) is refused so too: the kernels
@@ -112,6 +113,9 @@ def _functorch_level() -> int | None:
     return torch._C._functorch.maybe_current_level()
 
 
+_is_functorch_wrapper = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _has_tangent(args: Sequence[Any]) -> bool:
     """Whether forward-mode AD carries a tangent on an argument (asked only where a dual level is open)."""
     return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
@@ -125,9 +129,13 @@ def _tangent_error(name: str, reference: str) -> RuntimeError:
 
 def _route(args: Sequence[Any]) -> str:
     """"custom" while a graph is traced, for a tensor subclass or a meta tensor (no backend serves the meta device: the
-    custom op's fake implementation gives its shapes), "tangent" where forward-mode AD carries a
-    tangent on an argument, "functorch" under a ``torch.func`` transform, "body" when no argument needs a
-    gradient (or grad mode is off), "function" otherwise.
+    custom op's fake implementation gives its shapes) or a ``torch.func`` wrapper (see below), "tangent" where
+    forward-mode AD carries a tangent on an argument, "functorch" under a ``torch.func`` transform, "body" when no
+    argument needs a gradient (or grad mode is off), "function" otherwise.
+
+    A ``torch.func`` wrapper (BatchedTensor, TensorWrapper) is also met outside any transform: a ``vjp_fn`` called
+    after ``torch.func.vjp`` returned runs backward on the tensors saved inside it. Only the dispatcher unwraps one:
+    the Triton kernels read an argument's storage, which a wrapper has not.
 
     ``torch.jit.trace`` records the custom op too: the body's kernels have no autograd of their own, so a
     trace of them would train nothing, and one taken with gradients would differ from its no-grad check run.
@@ -142,7 +150,7 @@ def _route(args: Sequence[Any]) -> str:
     grad = False
     for a in args:
         if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN or a.is_meta:
+            if type(a) not in _PLAIN or a.is_meta or _is_functorch_wrapper(a):
                 return "custom"
             grad = grad or a.requires_grad
     return "function" if grad and torch.is_grad_enabled() else "body"
@@ -225,10 +233,12 @@ class Op:
         self._function = type(name, (torch.autograd.Function,), {
             "forward": staticmethod(forward), "backward": staticmethod(scoped_backward)})
         # torch.func's transforms take only the setup_context form: the slower binding is paid there alone.
-        # generate_vmap_rule: under vmap the body and backward run per sample (torch's batching fallback),
-        # as the body alone does under vmap without gradients.
+        # generate_vmap_rule: under vmap the forward and backward run per sample. The forward is the custom op,
+        # not the body: its arguments may be functorch wrappers, which the dispatcher unwraps (and loops over
+        # per sample, torch's batching fallback) before the body runs; the body would hand them to a Triton
+        # kernel, which cannot read them.
         self._functorch = type(name, (torch.autograd.Function,), {
-            "forward": staticmethod(body), "setup_context": staticmethod(scoped_setup_context),
+            "forward": staticmethod(self.custom), "setup_context": staticmethod(scoped_setup_context),
             "backward": staticmethod(scoped_backward), "generate_vmap_rule": True})
 
     def __call__(self, *args: Any) -> Any:
@@ -238,7 +248,7 @@ class Op:
                 raise _tangent_error(self.name, "the torch reference (hetrain.ops.*_ref) of the op it computes")
             raise _tangent_error(f"hetrain.ops.{self._public}",
                                  self._reference or f"hetrain.ops.{self._public}_ref")
-        if route == "body" or (route == "functorch" and not torch.is_grad_enabled()):
+        if route == "body":
             return self.body(*args)
         if route == "function" and self._function is not None:
             # With a dual level open, the Function's backward refuses a tangent on the upstream gradient; the C++
@@ -258,13 +268,14 @@ class Op:
                             raise
                         return self._python_autograd_after(exc, backend, device, args)
             return self._function.apply(*args)
-        if route == "functorch" and self._functorch is not None:
+        if route == "functorch" and self._functorch is not None and torch.is_grad_enabled():
             if self._reference is not None and _functorch_level() > 1:
                 raise RuntimeError(f"hetrain.ops.{self._public}: nested torch.func transforms (hessian, grad of "
                                    "grad, vmap over grad) are not supported: its backward kernels have no "
                                    f"derivative or batching rule. Use {self._reference} inside them")
             return self._functorch.apply(*args)
-        # A graph, a tensor subclass, or a gradient the op has no formula for (the custom op names it).
+        # A graph, a tensor subclass, a functorch wrapper (under a transform without a gradient to record: every
+        # backward op, which runs under no_grad), or a gradient the op has no formula for (the custom op names it).
         return self.custom(*args)
 
     def _python_autograd_after(self, exc: Exception, backend: str, device: str, args: tuple[Any, ...]) -> Any:

@@ -137,8 +137,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
     every replay applies a new mask (the triton and cuda backends read it there; the torch reference refuses).
     """
     p = _args.probability("hetrain.ops.dropout", p)
-    if not x.is_floating_point():
-        raise ValueError(f"hetrain.ops.dropout: x must be a floating tensor, got {x.dtype}")
+    _args.floating_input("hetrain.ops.dropout", x)
     if not training or p == 0:
         return x
     return _dropout_fwd(x, dropout_stream(x), float(p))

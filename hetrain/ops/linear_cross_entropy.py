@@ -416,12 +416,16 @@ def check_loss_settings(name: str, ignore_index: int, label_smoothing: float, re
                         memory_budget: int | None) -> None:
     """The settings a call and a :class:`hetrain.nn.LinearCrossEntropyHead` share, checked alike in both."""
     _check_ignore_index(name, ignore_index)
+    if not _args.is_number(label_smoothing):
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing!r}, a "
+                         f"{type(label_smoothing).__name__}: pass a float")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if memory_budget is not None and not (_args.is_number(memory_budget) and 0 < memory_budget < math.inf):
-        raise ValueError(f"{name}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    # >= 1 before the call truncates it to whole bytes: 0.5 passed a "> 0" check and was reported as 0 bytes.
+    if memory_budget is not None and not (_args.is_number(memory_budget) and 1 <= memory_budget < math.inf):
+        raise ValueError(f"{name}: memory_budget must be a finite number of bytes >= 1, got {memory_budget!r}")
 
 
 def _check_num_items(name: str, num_items: object) -> None:
@@ -454,12 +458,22 @@ def _check_ignore_index(name: str, ignore_index: object) -> None:
     raise ValueError(f"{name}: ignore_index must be an integer class index, got {ignore_index!r}")
 
 
+_NAME = "hetrain.ops.linear_cross_entropy"
+_EXPECTED = {"weight": "a (V, H) tensor, as nn.Linear's weight", "target": "an int64 tensor of class indices",
+             "bias": "a (V,) tensor or None"}
+
+
+def _check_tensors(hidden: object, weight: object, target: object, bias: object) -> None:
+    """Each tensor argument is a tensor (bias may be None), so that autocast and :func:`_validate` can read them."""
+    _args.rows_input(_NAME, hidden, "hidden")
+    for what, t in (("weight", weight), ("target", target), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) and not (what == "bias" and t is None):
+            raise ValueError(f"{_NAME}: {what} must be {_EXPECTED[what]}, got {type(t).__name__}")
+
+
 def _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, num_items,
               memory_budget) -> None:
-    name = "hetrain.ops.linear_cross_entropy"
-    if hidden.dim() == 0 or not hidden.is_floating_point():
-        raise ValueError(f"{name}: hidden must be a floating tensor (..., H), got shape {tuple(hidden.shape)} "
-                         f"{hidden.dtype}")
+    name = _NAME
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"{name}: weight must be (V, H) with V >= 1 and H = hidden's last dimension "
                          f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
@@ -515,6 +529,7 @@ def linear_cross_entropy(
     Under autocast the projection runs in the autocast dtype, as ``F.linear`` would, and the loss stays
     float32, as autocast's ``F.cross_entropy`` gives: see :func:`_autocast_inputs`.
     """
+    _check_tensors(hidden, weight, target, bias)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _validate(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, num_items, memory_budget)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)

@@ -17,13 +17,13 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
 import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -48,7 +48,7 @@ from hetrain.callbacks.graceful_stop import steps_text
 from hetrain.callbacks.precision import run_precision, trainer_precision
 from hetrain.callbacks.profiling import StepTrace
 from hetrain.callbacks.throughput import Throughput
-from hetrain.child_watch import watching_launched_ranks
+from hetrain.child_watch import exit_text, watching_launched_ranks
 from hetrain.data.datamodule import check_token_budget
 from hetrain.host_copies import release_all
 from hetrain.placement import resolve_plan
@@ -77,6 +77,13 @@ _OUTCOME_WAIT_S = 120.0
 # its watch ends every rank (hetrain.child_watch): the wait for the outcomes, with a minute for the end of its fit.
 _RECORD_WAIT_S = _OUTCOME_WAIT_S + 60.0
 _runs = itertools.count()  # run() calls in this process: every rank of a sweep makes the same ones, in order
+# The ranks Lightning launched from this process (a sweep's first fit), global ranks 1, 2, ... on rank 0, which is
+# node 0's local rank 0: their exit codes tell rank 0 which never will say how they ended.
+_launched: list[subprocess.Popen] = []
+# How often rank 0 looks for an outcome, and for the exit of the launched rank owing it; and how long it still
+# looks once that rank has exited (what it told just before may still be on its way to the store).
+_OUTCOME_POLL_S = 0.1
+_TOLD_BEFORE_EXIT_S = 1.0
 _BROKEN_GROUP = "a DDP job failed and left its process group broken"
 _SIGTERM_AFTER_FIT = "SIGTERM after training finished: the summary is complete, the run ends here (exit 143)"
 
@@ -160,6 +167,7 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(data_len, int) and isinstance(model_len, int) and data_len > model_len:
         raise ValueError(f"hetrain: data.max_len={data_len} is longer than model.max_len={model_len}, the model's "
                          "position table; raise model.max_len or lower data.max_len")
+    _check_sizes_match_data(cfg)
     _check_seed(cfg)
     _check_counts(cfg)
     _check_windows(cfg)
@@ -176,6 +184,24 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"hetrain: data.path={data_path} does not exist (relative paths start at the directory "
                          f"train.py runs from, {Path.cwd()}); pass a .jsonl file, a directory of token files "
                          "(python -m hetrain.data.build_tokens), or data.path=null for synthetic documents")
+
+
+def _check_sizes_match_data(cfg: DictConfig) -> None:
+    """A model's embedding rows must cover the data's token ids, and its outputs (and the task's metric) match the
+    data's labels: token ids past the table failed as a bare IndexError in the embedding lookup (a device-side assert
+    on a GPU), a label past the outputs as the loss's "Target 2 is out of bounds"; outputs past the labels are never
+    trained, yet predicted."""
+    data_vocab, model_vocab = OmegaConf.select(cfg, "data.vocab_size"), OmegaConf.select(cfg, "model.vocab_size")
+    if _whole(data_vocab) and _whole(model_vocab) and model_vocab < data_vocab:
+        raise ValueError(f"hetrain: model.vocab_size={model_vocab} is smaller than data.vocab_size={data_vocab}: the "
+                         "data's token ids would run past the model's embedding table; leave model.vocab_size to "
+                         "follow the data (its default) or raise it to at least data.vocab_size")
+    data_classes = OmegaConf.select(cfg, "data.num_classes")
+    for key in ("model.num_classes", "task.num_classes"):
+        classes = OmegaConf.select(cfg, key)
+        if _whole(data_classes) and _whole(classes) and classes != data_classes:
+            raise ValueError(f"hetrain: {key}={classes} differs from data.num_classes={data_classes}, the labels the "
+                             f"data has; leave {key} to follow the data (its default) or set it to data.num_classes")
 
 
 def _check_counts(cfg: DictConfig) -> None:
@@ -605,7 +631,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         fitted = False
         try:
             # Lightning launches the other ranks in a sweep's first fit only: the watch reads the run in progress.
-            with watching_launched_ranks(lambda: _fit.ended, _RECORD_WAIT_S):
+            with watching_launched_ranks(lambda: _fit.ended, _RECORD_WAIT_S, _launched):
                 parts.trainer.fit(parts.task, datamodule=parts.datamodule, ckpt_path=ckpt_path)
             fitted = True
             _fit.running, _fit.returned = False, True
@@ -1122,17 +1148,38 @@ def _failed_other_ranks(run_number: int, log_file: str | None) -> tuple[dict[str
             continue
         key = _outcome_key(run_number, rank)
         try:
-            _store().wait([key], timedelta(seconds=max(deadline - time.monotonic(), 0.1)))
-            outcome = _read_outcome(key)
-        except RuntimeError as exc:  # not told in time, or the store's rank 0 is gone
-            failed[f"rank {rank}"] = (f"no outcome from rank {rank} within {_OUTCOME_WAIT_S:.0f} s of this rank "
-                                      f"finishing ({type(exc).__name__}; killed? see the end of its log)")
-            left = True
+            untold = _wait_for_outcome(key, rank, deadline)
+            if untold is None:
+                outcome = _read_outcome(key)
+        except RuntimeError as exc:  # the store cannot be read
+            untold = f"no outcome from rank {rank} ({type(exc).__name__}: {exc}; killed? see the end of its log)"
+        if untold is not None:
+            failed[f"rank {rank}"], left = untold, True
             continue
         if outcome["error"] is not None:
             failed[outcome["rank"]] = outcome["error"]
             left = left or outcome["leaves_sweep"]
     return failed, left
+
+
+def _wait_for_outcome(key: str, rank: int, deadline: float) -> str | None:
+    """Waits for ``rank``'s outcome under ``key`` until ``deadline`` (``time.monotonic()``), or, for a rank this
+    process launched, until it has exited without telling it (killed: the OOM killer, SIGKILL); None once told, else
+    why not. A rank this process did not launch (torchrun, another node) is waited for up to the deadline."""
+    launched = _launched[rank - 1] if 0 < rank <= len(_launched) else None
+    exited_at = None
+    while not _store().check([key]):
+        now = time.monotonic()
+        if exited_at is not None and now - exited_at > _TOLD_BEFORE_EXIT_S:
+            return (f"rank {rank} ended with {exit_text(launched.returncode)} without telling how its run ended "
+                    "(killed? see the end of its log)")
+        if now > deadline:
+            return (f"no outcome from rank {rank} within {_OUTCOME_WAIT_S:.0f} s of this rank finishing (killed? "
+                    "see the end of its log)")
+        if exited_at is None and launched is not None and launched.poll() is not None:
+            exited_at = now
+        time.sleep(_OUTCOME_POLL_S)
+    return None
 
 
 def _told_failures(run_number: int, wait_s: float = 5.0) -> dict[str, str]:

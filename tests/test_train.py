@@ -550,6 +550,11 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["recipe=longseq_ringbuffer", "data.max_tokens=64"],
      "data.max_tokens=64 is smaller than data.max_len=128: a batch must hold at least one whole sequence"),
     (["recipe=longseq_ringbuffer", "data.max_len=64"], "data.stride=96 must be in [1, data.max_len=64]"),
+    # A bare IndexError in the embedding lookup (a device-side assert on a GPU); the loss's "Target 2 is out of
+    # bounds"; the accuracy metric's, on labels past its classes.
+    (["recipe=bert_split", "model.vocab_size=64"], "model.vocab_size=64 is smaller than data.vocab_size=256"),
+    (["recipe=bert_split", "model.num_classes=2"], "model.num_classes=2 differs from data.num_classes=4"),
+    (["recipe=resnet_fused_amp", "task.num_classes=4"], "task.num_classes=4 differs from data.num_classes=10"),
     (["compile.dynamic=maybe"], "compile.dynamic='maybe' must be true or false or null"),  # torch's AssertionError
     (["compile.fullgraph=1"], "compile.fullgraph=1 must be true or false"),
     (["backends.strict=no"], "backends.strict='no' must be true or false or null"),  # bool('no'): strict mode on
@@ -588,7 +593,8 @@ def test_the_limits_of_the_new_checks_are_accepted(tmp_path):
                       ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1"],
                       ["trainer.max_steps=-1", "trainer.max_epochs=-1"], ["+trainer.limit_train_batches=0.5"],
                       ["data.val_size=0", "trainer.limit_val_batches=0"], ["data.num_slots=2", "data.producers=1"],
-                      ["data.loader=torch", "data.producers=0", "data.num_slots=1"]):  # the ring's, unused there
+                      ["data.loader=torch", "data.producers=0", "data.num_slots=1"],  # the ring's, unused there
+                      ["model.vocab_size=512"], ["data.vocab_size=64"]):  # rows to spare; the model following
         check_config(compose_train(*overrides, output_dir=tmp_path))
 
 

@@ -1,5 +1,6 @@
 """Pipeline split: micro-batched GPipe forward equals the unsplit model; checks at fit start; profiler ranges."""
 
+import copy
 import re
 from collections import OrderedDict, UserDict
 from collections.abc import Mapping
@@ -17,9 +18,11 @@ from hetrain import plugins
 from hetrain.callbacks import PipelineSplit, StagePlacement
 from hetrain.models.bert import BertClassifier
 from hetrain.models.task import ClassificationTask
+from hetrain.ops import dropout
 from hetrain.placement import PlacementPlan
 from hetrain.placement.pipeline import gpipe_forward, run_in_order, shared_across_devices, to_device
 from hetrain.placement.plan import hook_inputs, remove_input_hooks
+from hetrain.regional_compile import compile_counts, compile_stages
 
 
 def small_bert(**kw) -> BertClassifier:
@@ -288,6 +291,60 @@ def test_a_stage_that_calls_dropout_more_often_on_a_later_micro_batch_is_refused
         dropout(x, 0.5)
 
 
+class DropoutLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(self.linear(x), 0.5)
+
+
+class DropoutChain(nn.Module):
+    """Two stages of one class (sharing dynamo's cache, as BERT's blocks do), each with hetrain's dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = DropoutLinear(), DropoutLinear()
+        self.micro_batches = 1
+
+    def stages(self) -> dict[str, nn.Module]:
+        return {"a": self.a, "b": self.b}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stages = list(self.stages().items())
+        if self.micro_batches > 1:
+            return gpipe_forward(stages, lambda name, x, _: self.get_submodule(name)(x), (x,), self.micro_batches)
+        return run_in_order(stages, lambda name, x, _: self.get_submodule(name)(x), (x,))
+
+
+def test_compiled_stages_serve_every_micro_batch_of_batches_of_any_row_count_under_fullgraph():
+    # Each micro-batch's first row reaches the dropout op as a tensor, not an int baked into the graph, and the skip
+    # guard's hook stays out of the trace: once the stages have met a first and a later micro-batch of dynamic
+    # shape, batches of new row counts compile nothing, and draw the unsplit model's masks.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DropoutChain().double()
+    unsplit = copy.deepcopy(model)
+    compile_stages(model.stages(), backend="eager", fullgraph=True)
+    model.micro_batches = 4
+
+    def run(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(rows, 4, dtype=torch.float64, requires_grad=True)  # so both stages share their graphs
+        torch.manual_seed(rows)
+        out = model(x)
+        torch.manual_seed(rows)
+        return out, unsplit(x)
+
+    for rows in (8, 10):  # static shapes, then dynamic ones (micro-batches of 3, 3, 2, 2 rows)
+        run(rows)
+    before = compile_counts()
+    for rows in (11, 13, 14, 17, 23):
+        out, ref = run(rows)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert compile_counts(since=before) == {"graphs": 0, "graph_breaks": 0, "eager_frames": 0}
+
+
 def step_without_dropout(ids, mask, labels) -> float:
     torch.manual_seed(0)
     model = BertClassifier(vocab_size=50, num_classes=3, hidden=32, layers=2, heads=4, max_len=16,
@@ -423,6 +480,24 @@ def test_every_stage_may_take_the_micro_batchs_own_inputs(micro_batches):
     stashing = InputToHead(stash=True)
     with pytest.raises(ValueError, match="stage 'c' \\(micro-batch 0\\) got an input of micro-batch 1"):
         gpipe_forward(list(stashing.stages().items()), stashing.run_stage, (x.float(),), 3)
+
+
+def test_inputs_without_a_row_per_sample_reach_every_micro_batch_whole():
+    """Before, every input was cut along its first dimension: a one-row scale went to micro-batch 0 alone (the others
+    got it empty, and broadcast it away: rows lost), and a 0-d one could not be cut at all."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 2)
+    stages = [("a", a), ("b", b)]
+
+    def run_stage(name, x, _x, scale, shift, offset):
+        return a(x) * scale + shift + offset if name == "a" else b(x) * scale
+    x = torch.randn(8, 4)
+    inputs = (x, torch.tensor([0.5]), torch.tensor(2.0), 3.0)  # one row, 0-d, not a tensor
+    torch.testing.assert_close(gpipe_forward(stages, run_stage, inputs, 4), run_in_order(stages, run_stage, inputs))
+    # a per-row input is still cut with the batch
+    per_row = torch.randn(8, 1)
+    torch.testing.assert_close(gpipe_forward(stages, run_stage, (x, per_row, per_row, 0.0), 4),
+                               run_in_order(stages, run_stage, (x, per_row, per_row, 0.0)))
 
 
 class Carry(NamedTuple):
@@ -638,6 +713,54 @@ def test_stage_placement_takes_a_stage_without_weights_and_removes_its_own_hooks
     placement.teardown(None, None, "fit")
     assert [len(s._forward_pre_hooks) for s in stages.values()] == [0, 0, 0]
     torch.jit.script(nn.Sequential(*stages.values()))
+
+
+class FailingChain(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def stages(self) -> dict[str, nn.Module]:
+        return {"a": self.a, "b": self.b}
+
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("the step failed")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_stage_placement_removes_its_hooks_when_a_fit_raises(tmp_path):
+    """Lightning calls on_exception, not teardown, when a fit raises: the hooks stayed, and a later fit, finding them,
+    added none and so removed none."""
+    module = FailingChain()
+    trainer = pl.Trainer(max_steps=1, callbacks=[StagePlacement({"a": "cpu", "b": "cpu"})], logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                         enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="the step failed"):
+        trainer.fit(module, train_dataloaders=DataLoader(torch.randn(4, 4), batch_size=2))
+    assert [len(s._forward_pre_hooks) for s in module.stages().values()] == [0, 0]
+
+
+def test_stage_placement_puts_resumed_optimizer_state_back_on_each_parameters_device():
+    """A resumed fit restores the optimizer after fit start, where the stages were placed, and Lightning moves all its
+    state to its root device (all but ``step``, which stays where torch's load_state_dict put it), a CPU stage's and
+    a GPU stage's alike. Here the root device is the CPU and 'meta' stands in for a GPU stage, whose state is on the
+    CPU as Lightning's restore leaves it (from meta, no move could give data back)."""
+    module = FailingChain()
+    module.b.to("meta")  # placed at fit start
+    optimizer = torch.optim.AdamW(module.parameters())
+    for p in module.parameters():
+        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(p.shape),
+                              "exp_avg_sq": torch.zeros(p.shape)}
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False)
+    trainer.optimizers = [optimizer]
+    StagePlacement({"a": "cpu"}).on_train_start(trainer, module)
+    for p in module.parameters():
+        state = optimizer.state[p]
+        assert (state["exp_avg"].device, state["exp_avg_sq"].device, state["step"].device) == (
+            p.device, p.device, torch.device("cpu"))
 
 
 class WithActivation(nn.Module):

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -136,9 +137,10 @@ class StagePlacement(Callback):
         stay there. Every stage gets a forward pre-hook that brings its tensor inputs to the device
         the stage is on when it runs, so the model's own forward needs no device code; placing a
         stage again (this plan or another's, or ``PlacementPlan.apply``) adds none. The hooks this
-        callback added come off at teardown (TorchScript cannot script a model that has them); those
-        ``PlacementPlan.apply`` added stay, until ``hetrain.placement.remove_input_hooks(model)``. A stage
-        without weights is not moved and runs where its input is. A planned device
+        callback added come off at teardown, or when the fit raises (TorchScript cannot script a model that has
+        them); those ``PlacementPlan.apply`` added stay, until ``hetrain.placement.remove_input_hooks(model)``. A
+        resumed fit's optimizer state, which Lightning restores onto its root device, goes back to each parameter's
+        device at train start. A stage without weights is not moved and runs where its input is. A planned device
         that is not present (no GPU, fewer GPUs) is replaced by ``fallback``, said in one log line;
         the meta device (shapes, no data) is refused.
 
@@ -170,7 +172,7 @@ class StagePlacement(Callback):
         self.predict = predict
         self.devices: dict[str, torch.device] | None = None
         self.summary: dict[str, Any] = {}
-        self._hooks: list[RemovableHandle] = []  # the input hooks this callback added, removed at teardown
+        self._hooks: list[RemovableHandle] = []  # the input hooks this callback added, removed when the fit ends
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RunCosts:
         """Times every stage on every device of this machine on one batch of the run's data (validation's where it
@@ -245,10 +247,25 @@ class StagePlacement(Callback):
         return placed
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed fit restores the optimizers after fit start, where the stages were placed, and Lightning then
+        # moves all their state to its root device: a CPU stage's would sit on the GPU.
+        for optimizer in trainer.optimizers:
+            _state_to_parameter_devices(optimizer)
+
+    def _remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls this, not teardown, when a fit raises: a later fit would find the hooks and keep them.
+        self._remove_hooks()
 
     def compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, placed: Mapping[str, torch.device]) -> None:
         """Logs and summarises the placed plan's predicted step time beside the plan ``auto`` would choose. Under
@@ -356,12 +373,25 @@ def _rows(inputs: Any) -> int:
     return len(tree_leaves(inputs)[0])
 
 
+def _state_to_parameter_devices(optimizer: torch.optim.Optimizer) -> None:
+    """Puts each parameter's optimizer state on the parameter's device, but ``step``: torch's ``load_state_dict`` puts
+    it where the optimizer wants it (on the CPU, or with ``fused``/``capturable`` on the parameter's device) and
+    Lightning's move leaves it there."""
+    for p, state in optimizer.state.items():
+        move = partial(tree_map_only, torch.Tensor, partial(torch.Tensor.to, device=p.device))
+        if isinstance(state, MutableMapping):
+            for key in state.keys() - {"step"}:
+                state[key] = move(state[key])
+        else:  # a custom optimizer's state, which Lightning moves whole
+            optimizer.state[p] = move(state)
+
+
 def _first_micro_batch(make_input: Callable[[], Any], stage_args: Callable[[str], tuple],
                        pieces: int) -> tuple[Callable[[], Any], Callable[[str], tuple]]:
     """The stages' inputs cut to the rows the pipeline split gives its first micro-batch: it cuts the model's
     inputs with ``torch.tensor_split`` into ``pieces`` (``micro_batch_count``: at most one per row), the first
-    ``ceil(rows / pieces)`` long. Only what the stages take is cut, and of it only tensors with a row per sample:
-    the rest of a batch (a 0-d token count, say) the model never reads, and need not have rows."""
+    ``ceil(rows / pieces)`` long. Only what the stages take is cut, and of it only tensors with a row per sample, as
+    the split cuts them: the rest (a 0-d scale, say) every micro-batch gets whole."""
     first = make_input()
     rows = _rows(first)
 

@@ -48,6 +48,9 @@ class _Tape:
 
     def __init__(self, seeds: list[torch.Tensor], first_row: int, record: bool) -> None:
         self.seeds, self.first_row, self.record, self.calls = seeds, first_row, record, 0
+        # The first row as a tensor too, for the host stream: torch.compile takes a tensor as a graph input, where it
+        # would bake an int into the graph and recompile for every micro-batch's first row.
+        self.first_row_tensor = torch.tensor([first_row], dtype=torch.int64)
 
     def next_seed(self, device: torch.device | None = None) -> torch.Tensor:
         if self.record:
@@ -62,8 +65,16 @@ class _Tape:
 
     def offset(self, x: torch.Tensor) -> int:
         """The stream index of batch-first ``x``'s first element: its micro-batch's first row in the whole batch."""
-        per_row = x.numel() // x.shape[0] if x.dim() and x.shape[0] else 0
-        return self.first_row * per_row
+        return self.first_row * _per_row(x)
+
+    def offset_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`offset` as an int64 ``(1,)`` tensor on the CPU, which a compiled stage reads without a guard."""
+        return self.first_row_tensor * _per_row(x)
+
+
+def _per_row(x: torch.Tensor) -> int:
+    """Elements per row of batch-first ``x`` (0 for a 0-d or empty one)."""
+    return x.numel() // x.shape[0] if x.dim() and x.shape[0] else 0
 
 
 def _draw(device: torch.device | None = None) -> torch.Tensor:
@@ -146,7 +157,7 @@ def dropout_stream(x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(
             "hetrain: a pipeline stage's first micro-batch was captured in a CUDA graph but this later one is not, so "
             "its dropout seed lives on the GPU, drawn by the graph; capture every micro-batch of the step, or none")
-    return torch.cat([seed, torch.tensor([tape.offset(x)], dtype=torch.int64)])
+    return torch.cat([seed, tape.offset_tensor(x)])
 
 
 def refuse_host_seed_in_capture(x: torch.Tensor, seed: torch.Tensor, p: float) -> None:

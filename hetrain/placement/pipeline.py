@@ -17,7 +17,8 @@ profiler shows them and Nsight Systems shows them as NVTX ranges under ``torch.a
 
 A skip connection that crosses stages travels with the activation: a stage returns a tuple (its output
 and the skip) and every stage in between hands it on. A tensor that reaches a stage any other way
-(kept aside by the model between ``run_stage`` calls) is refused with an error naming both stages.
+(kept aside by the model between ``run_stage`` calls) is refused with an error naming both stages, where the
+stage runs eagerly: a stage compiled with its hooks is not checked.
 """
 
 from __future__ import annotations
@@ -186,6 +187,10 @@ class _SkipGuard:
                       for _, module in stages]
 
     def _check(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # A stage compiled with its hooks traces this hook once and reuses the graph for every micro-batch, where a
+        # check by identity cannot hold (and dynamo refuses to trace the weak dictionary): eager stages alone check.
+        if torch.compiler.is_compiling():
+            return
         s, i = self.current
         for t in tree_leaves((args, kwargs)):
             if not isinstance(t, torch.Tensor) or t not in self.made_by:
@@ -211,10 +216,12 @@ class _SkipGuard:
             if isinstance(t, torch.Tensor) and self.made_by.get(t, self.current)[0] is not None:
                 self.made_by[t] = self.current
 
-    def inputs(self, own: Sequence[torch.Tensor]) -> None:
-        """Marks ``own`` as the current micro-batch's inputs, which any stage of that micro-batch may take."""
+    def inputs(self, own: Sequence[Any]) -> None:
+        """Marks the tensors in ``own`` as the current micro-batch's inputs, which any stage of that micro-batch may
+        take (an input every micro-batch gets whole is marked again for each)."""
         for t in own:
-            self.made_by[t] = (None, self.current[1])
+            if isinstance(t, torch.Tensor):
+                self.made_by[t] = (None, self.current[1])
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -236,9 +243,15 @@ def micro_batch_count(rows: int, micro_batches: int) -> int:
     return max(1, min(micro_batches, rows))
 
 
-def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, inputs: Sequence[torch.Tensor],
+def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, inputs: Sequence[Any],
                   micro_batches: int, checkpoint: Collection[str] = ()) -> torch.Tensor:
-    """Runs ``inputs`` (batch-first tensors) through ``stages`` in ``micro_batches`` pieces; returns the whole output.
+    """Runs ``inputs`` through ``stages`` in ``micro_batches`` pieces; returns the whole output.
+
+    ``inputs[0]`` is a batch-first tensor, whose first dimension counts the batch's rows. Of the other inputs, the
+    tensors with as many rows are cut with it; the rest (a 0-d or one-row scale, anything not a tensor) reach every
+    micro-batch whole, as they reach the unsplit model's stages, rather than being cut into pieces some micro-batches
+    would get empty (placement measures a micro-batch cut the same way). An input without a batch dimension whose
+    first dimension happens to equal the row count is cut all the same: give it another shape (a leading 1).
 
     ``run_stage(name, x, *inputs)`` runs one stage; the first stage gets ``x = inputs[0]``. A stage may
     return a tuple of tensors (its output and the skip connections later stages need): the next stage
@@ -254,7 +267,8 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
         raise ValueError(f"hetrain: checkpoint names no stage: {sorted(unknown)}; stages: {[n for n, _ in stages]}")
     batch = inputs[0].shape[0]
     m = micro_batch_count(batch, micro_batches)
-    pieces = [torch.tensor_split(t, m) for t in inputs]  # pieces[k][i]: input k of micro-batch i
+    pieces = [torch.tensor_split(t, m) if _has_rows(t, batch) else [t] * m  # pieces[k][i]: input k of micro-batch i
+              for t in inputs]
     first_rows = [0, *itertools.accumulate(len(p) for p in pieces[0][:-1])]
     seeds: list[list[torch.Tensor]] = [[] for _ in stages]  # per stage, the dropout seeds its first micro-batch drew
     acts: list[Activation | None] = [None] * m
@@ -293,6 +307,11 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
         raise TypeError(f"hetrain: the last stage {stages[-1][0]!r} must return one tensor, got "
                         f"{type(acts[0]).__name__}")
     return torch.cat(acts)
+
+
+def _has_rows(x: Any, rows: int) -> bool:
+    """Whether ``x`` is a tensor with a row per sample of a batch of ``rows``: one :func:`gpipe_forward` cuts."""
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows
 
 
 def shared_across_devices(stages: Sequence[tuple[str, nn.Module]],

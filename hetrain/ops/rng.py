@@ -105,9 +105,9 @@ def stream(seed: torch.Tensor) -> tuple[int, int]:
             "dropout='triton', dropout_add_layer_norm='triton')), or keep dropout out of the capture")
     if torch._C._functorch.is_batchedtensor(seed):  # vmap(randomness="different"): a seed per sample
         raise RuntimeError(
-            "hetrain: torch.vmap(..., randomness='different') gives each sample its own dropout seed, which the "
-            "torch reference reads on the host one call at a time; use the cpu, triton or cuda backend (e.g. "
-            "hetrain.plugins.use_backend(dropout='cpu')), or randomness='same'")
+            "hetrain: a dropout backend was called directly under torch.vmap(..., randomness='different'), with a "
+            "seed per sample, which a backend reads on the host one sample at a time; call hetrain.ops.dropout or "
+            "hetrain.ops.dropout_add_layer_norm, which run each sample with its own seed")
     values = seed.tolist()
     return int(values[0]), int(values[1]) if len(values) > 1 else 0
 

@@ -22,12 +22,30 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 @pytest.fixture
-def check() -> Iterator[Callable[[list[str]], int]]:
-    """gpu_check.main in this process (it takes SIGTERM over), with pytest's own SIGTERM handling restored after."""
-    previous = signal.getsignal(signal.SIGTERM)
-    yield gpu_check.main
-    signal.signal(signal.SIGTERM, previous)
+def signals_restored() -> Iterator[None]:
+    """pytest's own handling of the signals the check takes over, restored after the test."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def check(signals_restored) -> Callable[[list[str]], int]:
+    """gpu_check.main in this process (it takes SIGTERM, SIGHUP and SIGQUIT over)."""
+    return gpu_check.main
+
+
+def running(pid: int) -> bool:
+    """Not gone, nor a zombie (whoever inherits a process whose parent died reaps it, or not, in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def steps_of(record: Path) -> dict[str, tuple[str, str]]:
@@ -234,3 +252,123 @@ def test_an_infinite_budget_is_refused(check, tmp_path, capsys):
         check(["--budget-s", "inf", "--only", "env", "--cap", "env=1", "--out", str(tmp_path)])
     assert "--budget-s: must be a finite number of seconds, got inf" in capsys.readouterr().err
     assert not list(tmp_path.glob("*-check.json"))
+
+
+@pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGQUIT])
+def test_a_hangup_or_quit_stops_the_running_step_as_sigterm_does(stop, signals_restored, tmp_path):
+    """SIGHUP (a closed terminal, a dropped ssh connection) or SIGQUIT ended the check at once: the step, in a
+    session of its own, ran on holding the GPU, and was recorded nowhere."""
+    pid_file = tmp_path / "step.pid"
+    # The step sends the signal itself once it runs: the check is then waiting for it, as during a real step.
+    code = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+            f"os.kill(os.getppid(), {int(stop)}); time.sleep(60)")
+    gpu_check.stop_on_signals()
+    with open(tmp_path / "check.log", "w") as log, pytest.raises(gpu_check.Interrupted) as stopped:
+        gpu_check.run_step(gpu_check.Step("sleepy", [sys.executable, "-c", code]), log, timeout_s=60)
+    assert gpu_check.stop_signal(stopped.value) == stop
+    assert not running(int(pid_file.read_text()))
+
+
+def test_a_check_whose_terminal_hung_up_records_every_step_and_stops_its_step(tmp_path):
+    """Closing the ssh connection (SIGHUP) killed the check: the running step was neither stopped nor recorded. Its
+    terminal gone, the check must record everything without printing a line."""
+    proc = subprocess.Popen([sys.executable, "-m", "hetrain.checks.gpu_check", "--only", "bench-train,bench-embedding",
+                             "--quick", "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    step_pids: list[str] = []
+
+    def step_running() -> bool:
+        step_pids[:] = subprocess.run(["pgrep", "-f", f"benchmarks.bench_train .*{tmp_path}"], capture_output=True,
+                                      text=True).stdout.split()
+        return bool(step_pids)
+
+    try:
+        wait_for(step_running, 60, "the step never started")
+        proc.stdout.close()  # as the terminal of a dropped connection: printing fails
+        proc.send_signal(signal.SIGHUP)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        for pid in step_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    status = steps_of(next(tmp_path.glob("*-check.json")))
+    assert status["bench-train"] == ("failed", "interrupted (SIGHUP); its processes were stopped"), status
+    assert status["bench-embedding"] == ("skipped", "interrupted"), status
+    assert not any(running(int(pid)) for pid in step_pids)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal (prctl) is Linux's")
+def test_a_check_killed_outright_takes_its_running_step_with_it(tmp_path):
+    """SIGKILL (the OOM killer, a lent machine taken back) reaches no handler: the step, in a session of its own, ran
+    on holding the GPU."""
+    pid_file = tmp_path / "step.pid"
+    step = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                  "time.sleep(60)"]
+    code = ("import sys\nfrom hetrain.checks import gpu_check\n"
+            "gpu_check.run_step(gpu_check.Step('sleepy', sys.argv[1:]), sys.stdout, timeout_s=60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, *step], cwd=ROOT)
+    try:
+        wait_for(lambda: pid_file.exists() and pid_file.read_text() != "", 60, "the step never started")
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: not running(int(pid_file.read_text())), 10, "the step outlived the check")
+    finally:
+        proc.kill()
+        if pid_file.exists() and pid_file.read_text():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_every_step_runs_without_the_triton_interpreter_unless_it_asks_for_it(tmp_path, monkeypatch):
+    """TRITON_INTERPRET=1 exported (the tests' default) reached every step but gpu-compile and cuda-tests: the GPU
+    benchmarks timed Triton's interpreter instead of the compiled kernels."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    show = [sys.executable, "-c", "import os; print(os.environ.get('TRITON_INTERPRET'))"]
+    seen = {}
+    for step in gpu_check.steps(True, tmp_path):
+        with open(tmp_path / "check.log", "w") as log:
+            gpu_check.run_step(dataclasses.replace(step, command=show, parts=None), log, timeout_s=60)
+        seen[step.name] = (tmp_path / "check.log").read_text().split()[-1]
+    assert seen == {**dict.fromkeys(seen, "0"), "gpu-compile": "None"}  # gpu-compile unsets it
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{file}"], "argument --out: {file}: a file, not a directory; pass a directory for the results"),
+    (["--out", "{file}/results"], "argument --out: {file}/results: not a writable directory (Not a directory)"),
+    (["--cap", "env=²"], "--cap wants STEP=SECONDS with STEP one of"),  # "²".isdigit(), which float refuses
+    (["--only", "env", "--skip", "env"], "--skip env takes out every step selected: nothing would run"),  # passed
+])
+def test_arguments_the_check_cannot_use_end_in_one_line_before_any_step(args, message, check, tmp_path, capsys):
+    """A file or an unwritable path as --out, or a cap that is no number, ended in a traceback."""
+    afile = tmp_path / "afile"
+    afile.touch()
+    argv = [*(a.format(file=afile) for a in args), *([] if "--out" in args else ["--out", str(tmp_path / "out")])]
+    with pytest.raises(SystemExit) as stopped:
+        check(argv)
+    assert stopped.value.code not in (0, None)
+    assert message.format(file=afile) in f"{capsys.readouterr().err}{stopped.value.code}"
+    assert not list(tmp_path.rglob("*-check.json"))
+
+
+def test_a_step_stopped_by_the_budget_is_not_recorded_as_one_out_of_time(tmp_path, monkeypatch):
+    """A step stopped because --budget-s ran out was recorded "timed out after N s", as a hung step is."""
+    monkeypatch.setattr(gpu_check, "MIN_STEP_S", 0)  # a limit of half a second, not of the 20 s a step is given
+    step = gpu_check.Step("sleepy", [sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(tmp_path / "check.log", "w") as log:
+        by_budget = gpu_check.run_or_skip(step, None, None, budget_left=0.5, budget_s=90, log=log)
+        by_cap = gpu_check.run_or_skip(step, None, 0.5, budget_left=None, budget_s=None, log=log)
+    assert (by_budget.status, by_budget.detail) == ("failed", "stopped at the end of the 90 s budget")
+    assert (by_cap.status, by_cap.detail) == ("failed", "timed out at its 0.5 s cap")
+
+
+def test_a_step_that_did_not_complete_names_the_partial_results_it_left(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier-ops.partial.json").write_text("{}")  # an earlier run's, not this step's
+    code = f"import pathlib; pathlib.Path({str(out / 'day-train.partial.json')!r}).write_text('{{}}'); exit(3)"
+    with open(tmp_path / "check.log", "w") as log:
+        outcome = gpu_check.run_step(gpu_check.Step("bench-train", [sys.executable, "-c", code]), log, timeout_s=60,
+                                     out=out)
+    assert (outcome.status, outcome.detail) == ("failed", "exit code 3; its results so far are in "
+                                                          "day-train.partial.json")

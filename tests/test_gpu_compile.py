@@ -10,12 +10,13 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
 import torch
 
-from hetrain.checks import cuda_compile, triton_aot
+from hetrain.checks import cuda_compile, resources, triton_aot
 
 pytestmark = pytest.mark.slow
 
@@ -183,3 +184,37 @@ def test_the_cu_check_takes_nvcc_where_the_extension_build_does(variable, tmp_pa
     nvcc.unlink()  # set, CUDA_HOME is where the build looks, and where the skip says nvcc is missing
     assert cuda_compile.check([FIXTURES / "bad.cu"], (90,)).skipped == \
         f"nvcc not found in {tmp_path / 'toolkit' / 'bin'} (CUDA_HOME or CUDA_PATH)"
+
+
+def test_a_compile_job_that_kills_its_process_fails_alone():
+    """One Triton compile worker that crashed broke the process pool: every module's rows were lost, and the .cu part
+    never ran. ``os._exit`` ends its worker as a crash inside the compiler would."""
+    results = triton_aot.run_jobs([(abs, (-3,)), (os._exit, (70,)), (pow, (2, 5)), (int, ("x",))], workers=2)
+    assert results[0] == 3 and results[2] == 32
+    assert isinstance(results[1], BrokenProcessPool)
+    assert isinstance(results[3], ValueError)
+
+
+def test_a_cu_whose_resources_cannot_be_read_is_named_and_the_others_are_still_reported(tmp_path, monkeypatch):
+    """cuobjdump failing on one object (run with check=True) raised out of the .cu part: none of its files was
+    reported, and gpu-compile ended in a traceback."""
+    if resources.cuobjdump() is None:
+        pytest.skip("no cuobjdump (neither in the Triton wheel nor on PATH)")
+    # An nvcc that fails on bad.cu and, for any other file, reports a kernel in an object cuobjdump cannot read.
+    nvcc = tmp_path / "toolkit" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\n"
+                    "while [ $# -gt 0 ]; do case $1 in -o) out=$2; shift;; *.cu) src=$1;; esac; shift; done\n"
+                    'case $src in *bad.cu) echo "bad.cu: error: no conversion" >&2; exit 1;; esac\n'
+                    'echo "not an object" > "$out"\n'
+                    "printf 'ptxas info    : Function properties for _Z4copyPf\\n    0 bytes stack frame, 0 bytes "
+                    "spill stores, 0 bytes spill loads\\n' >&2\n")
+    nvcc.chmod(0o755)
+    unreadable = tmp_path / "unreadable.cu"
+    unreadable.write_text("__global__ void copy(float* x) {}\n")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "toolkit"))
+    part = cuda_compile.check([unreadable, FIXTURES / "bad.cu"], (90, 80))
+    assert sorted((r.arch, r.error) for r in part.rows) == [("sm_80", "bad.cu: error: no conversion"),
+                                                            ("sm_90", "bad.cu: error: no conversion")]
+    assert [p.split(": ")[0] for p in part.problems] == [f"{unreadable} for sm_90", f"{unreadable} for sm_80"]
+    assert all("CalledProcessError" in p and "cuobjdump" in p for p in part.problems), part.problems

@@ -73,6 +73,12 @@ def compile_cu(nvcc: str, path: Path, arch: int, workdir: Path, tool: str | None
     return rows
 
 
+def _failure(exc: Exception) -> str:
+    """An exception in one line, and a failed tool's own error output after it."""
+    stderr = getattr(exc, "stderr", None)
+    return f"{type(exc).__name__}: {exc}" + (f"\n{stderr.strip()}" if stderr and stderr.strip() else "")
+
+
 def find_nvcc() -> str | None:
     """nvcc where torch's extension build (setup.py) takes it from: ``$CUDA_HOME/bin`` (or ``$CUDA_PATH/bin``)
     where either is set, else nvcc on PATH, else ``/usr/local/cuda/bin``."""
@@ -99,8 +105,12 @@ def check(files: list[Path] | None, archs: tuple[int, ...]) -> PartResult:
         result.problems.append("cuobjdump not found (neither in the Triton wheel nor on PATH): registers and "
                                "shared memory of .cu kernels are not reported")
     with tempfile.TemporaryDirectory(prefix="hetrain-nvcc-") as tmp, ThreadPoolExecutor(os.cpu_count()) as pool:
-        jobs = [pool.submit(compile_cu, nvcc, Path(f), arch, Path(tmp), tool) for f in files for arch in archs]
-        for job in jobs:
-            result.rows += job.result()
+        jobs = [(Path(f), arch, pool.submit(compile_cu, nvcc, Path(f), arch, Path(tmp), tool))
+                for f in files for arch in archs]
+        for path, arch, job in jobs:
+            try:
+                result.rows += job.result()
+            except Exception as exc:  # cuobjdump failing on one object, say: the other files are still reported
+                result.problems.append(f"{_display(path)} for sm_{arch}: {_failure(exc)}")
     result.seconds = time.perf_counter() - start
     return result

@@ -11,6 +11,7 @@ and why. A failing step does not stop the later ones; the exit code is non-zero 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.util
 import json
@@ -19,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ class Step:
     needs_gpu: bool = False
     needs: str | None = None  # a file the step runs, skipped with a reason while it does not exist
     timeout_s: float = DEFAULT_STEP_TIMEOUT_S
-    env: dict[str, str | None] = field(default_factory=dict)  # None unsets a variable
+    env: dict[str, str | None] = field(default_factory=dict)  # None unsets a variable; see run_step
     # The JSON the step writes of its parts (gpu-compile's): a part it skipped is named in its outcome.
     parts: Path | None = None
 
@@ -80,8 +82,7 @@ def steps(quick: bool, out: Path, record: str = "check") -> list[Step]:
              env={"TRITON_INTERPRET": None}, parts=compile_json),
         # -v: each test is named in the log as it ends; -q named the failures only in its summary, which a step
         # stopped at its time limit never reaches.
-        Step("cuda-tests", [py, "-m", "pytest", "-v", "-m", "cuda", *pytest_workers(), "tests"], needs_gpu=True,
-             env={"TRITON_INTERPRET": "0"}),
+        Step("cuda-tests", [py, "-m", "pytest", "-v", "-m", "cuda", *pytest_workers(), "tests"], needs_gpu=True),
         Step("bench-ops", [py, "-m", "benchmarks.bench_ops", *ops_args], needs_gpu=True,
              needs="benchmarks/bench_ops.py"),
         # Short by default; quick leaves out the Python-dataset section, which measures only the host.
@@ -124,28 +125,37 @@ def why_skipped(step: Step, only: set[str] | None, skip: set[str]) -> str | None
     return None
 
 
-def run_step(step: Step, log: TextIO, timeout_s: float) -> Outcome:
+def run_step(step: Step, log: TextIO, timeout_s: float, cut_off: str | None = None,
+             out: Path | None = None) -> Outcome:
+    """Runs ``step`` for at most ``timeout_s``; ``cut_off`` is the outcome's detail if it is stopped there (which
+    limit ended it), and a ``*.partial.json`` it leaves in ``out`` (a benchmark's cases so far) is named."""
     start = time.perf_counter()
     log.write(f"\n===== {step.name}: {' '.join(step.command)}\n")
     log.flush()
-    # TRITON_INTERPRET=0 keeps the tests' default (the interpreter) off: cuda tests run the compiled kernels.
+    partials_before = partial_results(out)
     # Unbuffered, as a step killed for its time never flushes: what it printed would be lost from the log.
-    env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **step.env}.items() if v is not None}
+    # TRITON_INTERPRET=0 unless the step says otherwise: the tests' default (conftest's) and a shell's export would
+    # have the cuda tests and the GPU benchmarks run Triton's interpreter instead of the compiled kernels.
+    env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0", **step.env}.items()
+           if v is not None}
     # A session of its own, so a step out of time is stopped with everything it started: a build's ninja and
     # nvcc jobs, or pytest's workers, would otherwise go on compiling or using the GPU during the next steps.
-    proc = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(dies_with_the_check(step.command), cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         returncode = proc.wait(timeout=timeout_s)
         status, detail = ("passed", "") if returncode == 0 else ("failed", f"exit code {returncode}")
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        status, detail = "failed", f"timed out after {timeout_s:.0f} s"
-    except BaseException:  # Ctrl-C, or SIGTERM (see stop_on_sigterm): the step's processes stop with the check
+        status, detail = "failed", cut_off or f"timed out after {timeout_s:.0f} s"
+    except BaseException:  # Ctrl-C, or a signal of STOP_SIGNALS: the step's processes stop with the check
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+    partials = sorted(p.name for p, mtime in partial_results(out).items() if partials_before.get(p) != mtime)
+    if partials:  # what a benchmark measured before it was stopped (or failed)
+        detail = "; ".join(filter(None, [detail, f"its results so far are in {', '.join(partials)}"]))
     skipped, parts = skipped_parts(step.parts)
     if skipped:
         named = "; ".join(f"{name} skipped: {why}" for name, why in skipped.items())
@@ -153,6 +163,33 @@ def run_step(step: Step, log: TextIO, timeout_s: float) -> Outcome:
         if status == "passed" and len(skipped) == parts:  # it checked nothing
             status = "skipped"
     return Outcome(step.name, status, time.perf_counter() - start, detail)
+
+
+def partial_results(out: Path | None) -> dict[Path, int]:
+    """The ``*.partial.json`` files in ``out`` (a benchmark's cases until it completes), with their mtimes."""
+    if out is None:
+        return {}
+    return {p: p.stat().st_mtime_ns for p in out.glob("*.partial.json")}
+
+
+# Becomes the step (exec, same pid) once the kernel is told to SIGKILL it when its parent, the check, dies
+# (prctl PR_SET_PDEATHSIG = 1); it exits at once where the check died before that. argv: the check's pid, the step.
+_DIE_WITH_THE_CHECK = ("import ctypes, os, sys\n"
+                       f"ctypes.CDLL(None).prctl(1, {int(signal.SIGKILL)})\n"
+                       "if os.getppid() != int(sys.argv[1]):\n"
+                       "    os._exit(1)\n"
+                       "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def dies_with_the_check(command: list[str]) -> list[str]:
+    """``command`` started so that Linux SIGKILLs its leader when the check dies, by SIGKILL too, which no handler
+    sees: the step, in a session of its own, would hold the GPU on, recorded nowhere. Unchanged on other systems.
+
+    Not a ``preexec_fn``: the Python that runs around its fork swallows a Ctrl-C or SIGTERM arriving then, and the
+    check would wait for the whole step."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_THE_CHECK, str(os.getpid()), *command]
 
 
 def skipped_parts(report: Path | None) -> tuple[dict[str, str], int]:
@@ -164,23 +201,29 @@ def skipped_parts(report: Path | None) -> tuple[dict[str, str], int]:
     return {name: part["skipped"] for name, part in parts.items() if part.get("skipped")}, len(parts)
 
 
+# SIGTERM, as ``timeout`` and ``make`` send; SIGHUP, as a closed terminal or a dropped ssh connection sends; SIGQUIT.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 class Interrupted(Exception):
-    """The check was asked to stop (SIGTERM, as ``timeout`` sends)."""
+    """The check was asked to stop by a signal of STOP_SIGNALS."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-def stop_on_sigterm() -> None:
-    """Makes SIGTERM raise, as Ctrl-C does, so the running step is stopped and recorded instead of left behind."""
+def stop_on_signals() -> None:
+    """Makes each of STOP_SIGNALS raise, as Ctrl-C does, so the running step is stopped and recorded instead of left
+    behind: they would end the check at once, and the step, in a session of its own, would run on."""
     def handler(signum: int, frame: object) -> None:
         raise Interrupted(signum)
-    signal.signal(signal.SIGTERM, handler)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
 
 
 def stop_signal(stop: BaseException) -> signal.Signals:
-    """The signal that stopped the check: SIGTERM, or SIGINT for Ctrl-C (KeyboardInterrupt)."""
+    """The signal that stopped the check: one of STOP_SIGNALS, or SIGINT for Ctrl-C (KeyboardInterrupt)."""
     return signal.Signals(stop.signum) if isinstance(stop, Interrupted) else signal.SIGINT
 
 
@@ -220,6 +263,23 @@ def parse_names(text: str, names: set[str], option: str) -> set[str]:
     return chosen
 
 
+def out_dir(text: str) -> Path:
+    """An argparse type: the results directory, absolute (the steps run in the repository root: a relative one
+    would put their results elsewhere than the record), created and tried with a file, so that one the check cannot
+    write to is refused before any step runs."""
+    path = Path(text).resolve()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a file, not a directory; pass a directory for the results")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: not a writable directory ({exc.strerror or exc}); "
+                                         "pass a directory for the results") from None
+    return path
+
+
 def positive_seconds(text: str) -> float:
     """An argparse type: seconds above 0, and finite (the record is JSON, which has no Infinity)."""
     value = float(text)
@@ -235,11 +295,16 @@ def parse_caps(text: str, names: set[str]) -> dict[str, float]:
     caps = {}
     for item in filter(None, (item.strip() for item in text.split(","))):
         name, _, seconds = (part.strip() for part in item.partition("="))
-        if name not in names or not seconds.replace(".", "", 1).isdigit():
-            raise SystemExit(f"gpu-check: --cap wants STEP=SECONDS with STEP one of {sorted(names)}; got {item!r}")
+        try:  # float decides, not str.isdigit: "²" is a digit that float refuses
+            value = float(seconds)
+        except ValueError:
+            value = math.nan  # refused below
+        if name not in names or not 0 <= value < math.inf:
+            raise SystemExit(f"gpu-check: --cap wants STEP=SECONDS with STEP one of {sorted(names)} and SECONDS a "
+                             f"number of at least 0; got {item!r}")
         if name in caps:  # one of the two would be dropped without a word
             raise SystemExit(f"gpu-check: --cap gives {name} twice ({caps[name]:g} s and {seconds} s); give it once")
-        caps[name] = float(seconds)
+        caps[name] = value
     return caps
 
 
@@ -279,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short benchmark mode")
     parser.add_argument("--only", help="comma-separated steps to run")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip")
-    parser.add_argument("--out", type=Path, default=RESULTS,
+    parser.add_argument("--out", type=out_dir, default=str(RESULTS),
                         help="where the JSON and the log go (a second run the same day adds -2, -3... to their names)")
     parser.add_argument("--budget-s", type=positive_seconds, default=None,
                         help=f"wall-clock seconds for all steps: each gets at most what is left, and steps that "
@@ -289,14 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"{DEFAULT_STEP_TIMEOUT_S} s (higher or lower), so one slow step leaves time to the "
                              "later ones")
     args = parser.parse_args(argv)
-    # The steps run in the repository root: a relative --out would put their results elsewhere than the record.
-    args.out = args.out.resolve()
     names = {s.name for s in steps(args.quick, args.out)}
     only = parse_names(args.only, names, "--only") if args.only is not None else None
     skip = parse_names(args.skip, names, "--skip")
+    if not (names if only is None else only) - skip:  # it would run nothing, and pass
+        parser.error(f"--skip {args.skip} takes out every step selected: nothing would run; skip fewer steps")
     caps = parse_caps(args.cap, names)
-    stop_on_sigterm()
-    args.out.mkdir(parents=True, exist_ok=True)
+    stop_on_signals()
     record = new_record(args.out, f"{dt.date.today().isoformat()}-{card()}")
     log_path, record_path = args.out / f"{record}.log", args.out / f"{record}.json"
     outcomes: list[Outcome] = []
@@ -311,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 step_start = time.perf_counter()
                 try:
                     outcome = run_or_skip(step, why_skipped(step, only, skip), caps.get(step.name), budget_left,
-                                          args.budget_s, log)
+                                          args.budget_s, log, args.out)
                 except (KeyboardInterrupt, Interrupted) as stop:
                     stopped = stop
                     outcome = Outcome(step.name, "failed", time.perf_counter() - step_start,
@@ -319,26 +383,41 @@ def main(argv: list[str] | None = None) -> int:
                     log.write(f"\n===== gpu-check interrupted ({stop_signal(stop).name}) during {step.name}: the "
                               "later steps are not run\n")
             outcomes.append(outcome)
-            print(f"[gpu-check] {outcome.name}: {outcome.status} {outcome.detail}".rstrip(), flush=True)
-            # Recorded after every step, so a run cut short from outside still leaves what it did.
+            # Recorded after every step, and before it is printed, so a run cut short from outside still leaves
+            # what it did.
             write_record(record_path, args.budget_s, outcomes, log_path)
-    print("\n" + table(outcomes))
+            say(f"[gpu-check] {outcome.name}: {outcome.status} {outcome.detail}".rstrip())
+    say("\n" + table(outcomes))
     if any(o.name == "bench-ops" and o.status == "passed" for o in outcomes):
-        print("\n" + headline_ratios(args.out, card()))
-    print(f"\nlog: {log_path}\nrecord: {record_path}")
+        say("\n" + headline_ratios(args.out, card()))
+    say(f"\nlog: {log_path}\nrecord: {record_path}")
     if stopped is not None:
         return 128 + stop_signal(stopped)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
+def say(text: str) -> None:
+    """Prints ``text`` where the terminal may be gone (the SIGHUP of a dropped ssh connection): the check goes on
+    to record the rest."""
+    with contextlib.suppress(OSError):
+        print(text, flush=True)
+
+
 def run_or_skip(step: Step, reason: str | None, cap: float | None, budget_left: float | None,
-                budget_s: float | None, log: TextIO) -> Outcome:
+                budget_s: float | None, log: TextIO, out: Path | None = None) -> Outcome:
     """Runs ``step`` within its time limit, or records why it was skipped (``reason``, or too little time)."""
     left = time_limit(step, cap, budget_left)
     if reason is None and left < MIN_STEP_S:
         reason = (f"capped at {cap:g} s, under the {MIN_STEP_S} s a step is given at least" if left == cap
                   else f"out of the time budget ({budget_s:g} s)")
-    return Outcome(step.name, "skipped", 0.0, reason) if reason else run_step(step, log, left)
+    if reason:
+        return Outcome(step.name, "skipped", 0.0, reason)
+    # Which limit stops it: the budget ending is no sign of a hung step, as its own limit is.
+    if left == budget_left and left < time_limit(step, cap, None):
+        cut_off = f"stopped at the end of the {budget_s:g} s budget"
+    else:
+        cut_off = f"timed out at its {cap:g} s cap" if cap is not None else None
+    return run_step(step, log, left, cut_off, out)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,7 +46,12 @@ def run(argv: list[str] | None = None) -> int:
     chosen = [name for name in checks if both or getattr(args, name)]
     parts: dict[str, PartResult] = {}
     for name in chosen:
-        parts[name] = checks[name]()
+        try:
+            parts[name] = checks[name]()
+        except Exception as exc:  # a part that breaks must not take the other part, or the JSON, with it
+            traceback.print_exc()
+            parts[name] = PartResult(problems=[f"the {name} part stopped: {type(exc).__name__}: {exc} (traceback "
+                                               "above)"])
         print_part(name, parts[name])
         if args.json is not None:
             write_json(args.json, parts)

@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from types import ModuleType
@@ -147,6 +148,33 @@ def compile_module(ref: str, arch: int, shapes: BenchShapes, tool: str) -> list[
         return [compile_spec(spec, arch, Path(tmp), tool) for spec in module.aot_specs(shapes)]
 
 
+def run_jobs(jobs: list[tuple[Callable[..., Any], tuple]], workers: int) -> list[Any]:
+    """Each job's ``fn(*args)`` run in ``workers`` spawned processes: its result, or the exception it raised.
+
+    A job that kills its process (a crash inside the compiler, the OOM killer) breaks the whole pool: every job not
+    finished by then fails with BrokenProcessPool. Those are run again, each in a process of its own, so that only
+    the job that crashed fails so, and the others still give their results."""
+    results = _run_in_pool(jobs, workers)
+    lost = [i for i, result in enumerate(results) if isinstance(result, BrokenProcessPool)]
+    if lost:
+        with ThreadPoolExecutor(workers) as threads:
+            for i, (result,) in zip(lost, threads.map(lambda i: _run_in_pool([jobs[i]], 1), lost), strict=True):
+                results[i] = result
+    return results
+
+
+def _run_in_pool(jobs: list[tuple[Callable[..., Any], tuple]], workers: int) -> list[Any]:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return [_result(f) for f in [pool.submit(fn, *args) for fn, args in jobs]]
+
+
+def _result(future: Future) -> Any:
+    try:
+        return future.result()
+    except Exception as exc:  # BrokenProcessPool included: one job's failure is its own, not the check's
+        return exc
+
+
 @contextlib.contextmanager
 def _honest_compiles() -> Iterator[None]:
     """Every spec compiled afresh, with ptxas's log printed, in a cache that is deleted afterwards."""
@@ -202,10 +230,16 @@ def check(modules: list[str] | None, archs: tuple[int, ...], shapes: BenchShapes
                                    "aot_specs(shapes) (see hetrain/ops/triton/_aot.py)")
         if specs:
             jobs += [(ref, arch) for arch in archs]
-    with _honest_compiles(), ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1)),
-                                                 mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(compile_module, ref, arch, shapes, tool) for ref, arch in jobs]
-        for future in futures:
-            result.rows += future.result()
+    with _honest_compiles():
+        done = run_jobs([(compile_module, (ref, arch, shapes, tool)) for ref, arch in jobs],
+                        max(1, min(len(jobs), os.cpu_count() or 1)))
+    for (ref, arch), rows in zip(jobs, done, strict=True):
+        if isinstance(rows, BrokenProcessPool):
+            result.problems.append(f"{ref} for sm_{arch}: the process compiling it died (a crash inside Triton's "
+                                   "compiler, or killed for memory); what it printed, if anything, is above")
+        elif isinstance(rows, Exception):
+            result.problems.append(f"{ref} for sm_{arch}: compiling raised {type(rows).__name__}: {rows}")
+        else:
+            result.rows += rows
     result.seconds = time.perf_counter() - start
     return result

@@ -16,6 +16,11 @@ namespace {
 
 // How often a waiting consumer looks for stalled producers, at most.
 constexpr std::chrono::milliseconds kStallPoll{50};
+// A consumer away from the ring this long (20 stall polls) was not watching: the process was stopped (Ctrl-Z,
+// SIGSTOP, a scheduler's suspend) or the consumer was busy between batches. Silence up to its return is not counted:
+// stopped with the process, producers could not run, and on resume the consumer may look before they do. A stalled
+// producer is still named once the consumer has watched it for stall_timeout.
+constexpr std::chrono::seconds kUnwatchedGap{1};
 // How long an idle gatherer thread waits for work before looking again (and proving it is alive).
 constexpr double kProducerPoll = 0.2;
 // Waits longer than this (or infinite) have no deadline: converting inf, or more than about 292 years, to a
@@ -55,14 +60,21 @@ RingCore::RingCore(int64_t num_slots, int64_t num_fields, int64_t num_producers,
   }
   for (int64_t p = 0; p < num_producers_; ++p) producers_[p].last_seen_ns = now_ns();
   job_slot_.assign(static_cast<size_t>(num_slots), 0);
+  consumer_seen_ = watch_since_ = Clock::now();
 }
 
-void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) const {
+void RingCore::consumer_here_locked(Clock::time_point now) {
+  if (now - consumer_seen_ > kUnwatchedGap) watch_since_ = now;
+  consumer_seen_ = now;
+}
+
+void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) {
   const double limit = stall_timeout_.count();
+  consumer_here_locked(now);
   if (consumer_waits && std::all_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.state == State::kHeld; })) {
     const auto newest = std::max_element(slots_.begin(), slots_.end(),
                                          [](const Slot& a, const Slot& b) { return a.since < b.since; });
-    if (now - newest->since > stall_timeout_) {
+    if (now - std::max(newest->since, watch_since_) > stall_timeout_) {
       const auto oldest = std::min_element(slots_.begin(), slots_.end(),
                                            [](const Slot& a, const Slot& b) { return a.since < b.since; });
       throw RingError(cat("hetrain ring: waited ", limit, " s for a free slot: the consumer still holds all ",
@@ -71,12 +83,14 @@ void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) c
     }
   }
   const int64_t now_n = now.time_since_epoch() / std::chrono::nanoseconds(1);
+  const int64_t watched_n = watch_since_.time_since_epoch() / std::chrono::nanoseconds(1);
   // The producer silent the longest is named: others may only be waiting behind it (for a shared reader
   // process, or the next batch in order), and the first one found over the limit could be one of those.
   int64_t p = -1;
   double quiet = limit;
   for (int64_t q = 0; q < num_producers_; ++q) {
-    const double silent = static_cast<double>(now_n - producers_[q].last_seen_ns.load()) * 1e-9;
+    const int64_t seen_n = std::max(producers_[q].last_seen_ns.load(), watched_n);
+    const double silent = static_cast<double>(now_n - seen_n) * 1e-9;
     if (silent > quiet) p = q, quiet = silent;
   }
   if (p >= 0) {
@@ -222,6 +236,7 @@ int64_t RingCore::take(int64_t job, double timeout_s, int64_t* meta_out) {
     throw std::out_of_range(cat("hetrain ring: batch ", job, " is outside this epoch's ", num_jobs_, " batches"));
   }
   const Clock::time_point deadline = deadline_after(timeout_s);
+  consumer_here_locked(Clock::now());  // ready batch or not: a stop before this visit must not count at the next wait
   while (true) {
     if (closed_) throw RingError("hetrain ring: the ring was closed while the consumer waited");
     if (job < next_job_) {  // claimed: its slot is known

@@ -6,7 +6,8 @@
 // consumer takes them in order, and a slot is refilled only after the consumer released its batch (a batch
 // kept alive for long only narrows the ring).
 // Every wait is a condition-variable wait with a timeout (no spinning), and the consumer's wait ends
-// with an error naming the producer once one makes no progress for stall_timeout seconds.
+// with an error naming the producer once one makes no progress for stall_timeout seconds (time the process
+// spent stopped, as by SIGSTOP, does not count).
 #pragma once
 
 #include <chrono>
@@ -94,7 +95,10 @@ class RingCore {
   static int64_t now_ns() { return Clock::now().time_since_epoch() / std::chrono::nanoseconds(1); }
   bool wait_draining_locked(std::unique_lock<std::mutex>& lk, Clock::time_point deadline);
 
-  void check_stalls_locked(Clock::time_point now, bool consumer_waits = true) const;
+  // Consumer side (under mu_): records that the consumer is here at `now`, after a long gap restarting the watch.
+  void consumer_here_locked(Clock::time_point now);
+  // Consumer side (under mu_): throws on a stalled producer or on every slot held too long.
+  void check_stalls_locked(Clock::time_point now, bool consumer_waits = true);
 
   const int64_t num_slots_, num_fields_;
   const std::chrono::duration<double> stall_timeout_;
@@ -109,6 +113,9 @@ class RingCore {
   int64_t cursor_ = 0;             // where the search for a free slot starts (round robin)
   std::vector<int64_t> job_slot_;  // slot of claimed job j at j % num_slots
   bool closed_ = false;
+  // Silence counts only from watch_since_, set anew when the consumer comes back after a long gap since
+  // consumer_seen_ (the whole process was stopped, or the consumer was away): time producers may not have had.
+  Clock::time_point consumer_seen_, watch_since_;
 };
 
 // A token file read with pread: <prefix>.bin with `itemsize`-byte little-endian tokens. Not mapped: a

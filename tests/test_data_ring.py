@@ -248,6 +248,21 @@ def test_a_copy_into_collate_that_would_lose_values_or_omit_a_field_is_named():
                 list_of_copies(loader)
 
 
+def test_a_copy_into_collate_returning_a_field_that_is_no_tensor_is_named():
+    # default_collate leaves a sample's strings a list: "AttributeError: 'list' object has no attribute 'shape'".
+    def with_names(items):
+        labels = [item["label"] for item in items]
+        return {"x": torch.tensor(labels, dtype=torch.float32), "name": [f"doc{i}" for i in labels]}
+
+    sampler = TokenBudgetBatchSampler([3] * 8, 12, shuffle=False)
+    with RingLoader(Flaky(8), sampler, collate=CopyInto(with_names, {"x": (torch.float32, 8)}),
+                    num_workers=1) as loader:
+        with pytest.raises(LoaderError, match=r"collate output 'name' is a list, not a tensor: slots hold tensors "
+                                              r"only; drop it from the collate's output, or return it as a tensor "
+                                              r"and declare it in spec"):
+            list_of_copies(loader)
+
+
 def test_a_copy_into_collate_refuses_integers_a_float_field_would_round():
     # Only the range was compared: 2**24 + 1 became 16777216.0 in float32 and 257 became 256 in bfloat16, silently.
     def ids(items):
@@ -894,6 +909,25 @@ def test_the_ring_binding_waits_without_end_for_an_infinite_or_huge_timeout():
     with pytest.raises(RuntimeError, match="the timeout is NaN"):
         ring.take(0, float("nan"))
     ring.close()
+
+
+def test_a_process_stopped_longer_than_stall_timeout_is_no_stall_on_resume():
+    # Ctrl-Z or kill -STOP froze producers and consumer alike, but the stall clock ran on: on SIGCONT the consumer
+    # looked before the producer noted progress and raised "producer 0 made no progress for 1.5 s". Here no thread
+    # runs for 1.5 s, as while stopped.
+    ring = torch.classes.hetrain_C.RingBuffer(["int64"], [16], 2, 1, False, 0.3)
+    try:
+        ring.start_epoch(1)
+        assert ring.claim(0, 1.0) == (0, 0)
+        ring.note(0, 7, -1, -1)
+        assert ring.take(0, 0.0) == []  # the consumer looks: nothing filled yet
+        time.sleep(1.5)  # stopped
+        assert ring.take(0, 0.0) == []  # resumed: the consumer looks again before the producer runs
+        # A producer that stays silent while the consumer watches is still named, its silence counted from then.
+        with pytest.raises(RuntimeError, match=r"producer 0 made no progress for 0\.\d+ s .*batch 0, sample 7"):
+            ring.take(0, 5.0)
+    finally:
+        ring.close()
 
 
 class KilledInAReader(Flaky):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import pickle
 import re
+import resource
+import signal
 import subprocess
 import sys
 import tracemalloc
@@ -15,7 +20,7 @@ import torch
 
 from hetrain.data.images import SyntheticImages
 from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
-from hetrain.data.tokens import HEADER, MAGIC, VERSION, TokenFile, write_token_file
+from hetrain.data.tokens import HEADER, MAGIC, VERSION, TokenFile, TokenFileWriter, write_token_file
 from hetrain.data.windows import TokenWindows, make_windows, token_collate
 
 
@@ -45,6 +50,48 @@ def test_ids_too_large_for_uint16_are_refused(tmp_path):
     with pytest.raises(ValueError, match="document 1 has token id 70000"):
         write_token_file(tmp_path / "c", [[1, 2], [70000]], itemsize=2)
     assert not (tmp_path / "c.bin").exists() and not list(tmp_path.glob("*.tmp"))  # no temporary left behind
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past ``nbytes`` fail with EFBIG, as writes to a full disk fail with ENOSPC."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_write_failing_while_documents_are_added_leaves_no_temporary(tmp_path):
+    # __exit__ closed the temporary .bin, whose flush failed again, before unlinking it: a corpus-sized file
+    # stayed behind, and the second failure hid the first.
+    with file_size_limit(20_000), pytest.raises(OSError) as failed:
+        with TokenFileWriter(tmp_path / "c") as writer:
+            for _ in range(10_000):
+                writer.add([7] * 10)
+    assert failed.value.errno == errno.EFBIG and failed.value.__context__ is None
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_index_write_failing_at_close_leaves_no_temporary(tmp_path):
+    # close() had no cleanup: the full temporary .bin and a partial temporary .idx stayed behind.
+    docs = [[5]] * 5000  # .bin 10 000 bytes, .idx 40 040
+    with file_size_limit(20_000), pytest.raises(OSError, match="File too large"):
+        write_token_file(tmp_path / "c", docs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_index_that_cannot_be_renamed_into_place_takes_the_new_bin_with_it(tmp_path):
+    # The .bin was in place, the .idx rename failed: the temporary .idx stayed, and the new .bin beside an index
+    # that does not describe it. A reader is now told the corpus is missing.
+    (tmp_path / "c.idx").mkdir()  # what the .idx cannot replace
+    (tmp_path / "c.idx" / "x").touch()
+    with pytest.raises(OSError):
+        write_token_file(tmp_path / "c", [[1, 2, 3]])
+    assert os.listdir(tmp_path) == ["c.idx"]
 
 
 def test_an_id_past_uint32_does_not_advise_the_itemsize_already_used(tmp_path):

@@ -199,6 +199,10 @@ class CopyInto:
             raise ValueError(f"hetrain: the collate returned no {missing} though the spec declares it; return it "
                              "or drop it from the spec")
         for name, t in batch.items():
+            if not isinstance(t, torch.Tensor):  # a list of names or ids, as default_collate leaves strings
+                raise ValueError(f"hetrain: collate output {name!r} is a {type(t).__name__}, not a tensor: slots "
+                                 "hold tensors only; drop it from the collate's output, or return it as a tensor "
+                                 "and declare it in spec")
             if name not in out or t.numel() > out[name].numel():
                 cap = out[name].numel() if name in out else 0
                 raise ValueError(f"hetrain: collate output {name!r} {tuple(t.shape)} does not fit its slot field "
@@ -426,9 +430,10 @@ class RingLoader:
             thread each; a batch's samples are spread over the idle ones) while the producer threads collate
             into the slots: for datasets whose ``__getitem__`` is Python-heavy and would hold the GIL. A
             reader that dies is named at once. 0 reads in the producer threads.
-        stall_timeout: seconds without progress after which a producer is reported stalled; ``float("inf")``
-            never reports one. Closing waits as long, but 60 s at most, for a producer still inside the dataset,
-            then warns.
+        stall_timeout: seconds without progress after which a producer is reported stalled; silence up to the
+            loop's return from a second or more away from the loader (a long step, or the process stopped by
+            Ctrl-Z or SIGSTOP) does not count. ``float("inf")`` never reports one. Closing waits as long, but
+            60 s at most, for a producer still inside the dataset, then warns.
         pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous;
             True without CUDA warns and leaves them unpinned.
         lookahead: batches the consumer fetches before it uses them (Lightning's loops: 0, as this loader has a

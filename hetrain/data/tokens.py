@@ -10,6 +10,7 @@ num_tokens (u64). Both files are memory-mapped, so opening a corpus reads no tok
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import struct
@@ -229,15 +230,29 @@ class TokenFileWriter:
         return len(self._offsets) - 1
 
     def close(self) -> None:
+        """Writes the index and renames both files into place: the .bin first, then the .idx.
+
+        Two renames are not one atomic step: a reader opening the pair between them sees the new .bin with the
+        old .idx (validation names the size mismatch). Whatever fails (a full disk, Ctrl-C) removes both
+        temporaries, which are as large as the corpus, and a new .bin already renamed into place: beside the old
+        .idx, it would give readers the new tokens under the old offsets; without it they are told it is missing.
+        """
         if self._bin.closed:
             return
-        self._bin.close()
-        num_docs = len(self._offsets) - 1
-        header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, num_docs, self._offsets[-1])
         tmp_idx = self.idx_path.with_name(self.idx_path.name + self._tmp_suffix)
-        tmp_idx.write_bytes(header + np.asarray(self._offsets, dtype="<u8").tobytes())
-        os.replace(self._tmp_bin, self.bin_path)
-        os.replace(tmp_idx, self.idx_path)
+        bin_replaced = False
+        try:
+            self._bin.close()  # flushes: the first write to fail on a full disk may be this one
+            num_docs = len(self._offsets) - 1
+            header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, num_docs, self._offsets[-1])
+            tmp_idx.write_bytes(header + np.asarray(self._offsets, dtype="<u8").tobytes())
+            os.replace(self._tmp_bin, self.bin_path)
+            bin_replaced = True
+            os.replace(tmp_idx, self.idx_path)
+        except BaseException:
+            for path in (self._tmp_bin, tmp_idx, *([self.bin_path] if bin_replaced else [])):
+                path.unlink(missing_ok=True)
+            raise
 
     def __enter__(self) -> TokenFileWriter:
         return self
@@ -246,8 +261,11 @@ class TokenFileWriter:
         if exc_type is None:
             self.close()
         else:  # leave no half-written corpus behind
-            self._bin.close()
-            self._tmp_bin.unlink(missing_ok=True)
+            try:
+                with contextlib.suppress(OSError):  # the flush fails again on a full disk; `exc` says why
+                    self._bin.close()
+            finally:
+                self._tmp_bin.unlink(missing_ok=True)
 
 
 def write_token_file(prefix: str | os.PathLike, docs: Iterable[Iterable[int]], itemsize: int = 2) -> TokenFile:

@@ -174,6 +174,40 @@ void test_stalled_producer_is_named() {
   b.join();
 }
 
+// A process stopped (Ctrl-Z, SIGSTOP) for longer than stall_timeout froze producers and consumer alike, but the
+// stall clock ran on: on resume the consumer looked before the producer could note progress, and named it. Here
+// no thread runs for 1.5 s, as while stopped.
+void test_time_the_process_was_stopped_is_no_stall() {
+  RingCore core(2, 1, 1, 0.3);
+  core.start_epoch(1);
+  int64_t slot = -1;
+  CHECK(core.claim(0, 1.0, &slot) == 0, "claim");
+  core.note(0, 7, 0, 8);
+  int64_t meta[kMetaPerField];
+  CHECK(core.take(0, 0.0, meta) < 0, "batch 0 is not filled yet");
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // stopped
+  std::string message;
+  try {
+    CHECK(core.take(0, 0.0, meta) < 0, "batch 0 is not filled yet");
+  } catch (const RingError& e) {
+    message = e.what();
+  }
+  CHECK(message.empty(), "resumed, the consumer named a stall: %s", message.c_str());
+  // A producer that stays silent once the consumer watches again is still named, after stall_timeout.
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    core.take(0, 5.0, meta);
+  } catch (const RingError& e) {
+    message = e.what();
+  }
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CHECK(message.find("producer 0 made no progress") != std::string::npos &&
+            message.find("batch 0, sample 7") != std::string::npos,
+        "message: %s", message.c_str());
+  CHECK(waited < 1.0, "the stall must end the wait near stall_timeout, took %f s", waited);
+  core.close();
+}
+
 void test_close_wakes_a_blocked_consumer() {
   RingCore core(2, 1, 1, 30.0);
   core.start_epoch(1);
@@ -327,6 +361,7 @@ int main() {
   test_stress_in_order_many_tiny_batches();
   test_failure_reaches_the_consumer_at_its_batch();
   test_stalled_producer_is_named();
+  test_time_the_process_was_stopped_is_no_stall();
   test_close_wakes_a_blocked_consumer();
   test_drain_returns_at_its_timeout_while_a_batch_is_being_filled();
   test_token_gatherer_fills_padded_batches();

@@ -500,6 +500,20 @@ def test_inputs_without_a_row_per_sample_reach_every_micro_batch_whole():
                                run_in_order(stages, run_stage, (x, per_row, per_row, 0.0)))
 
 
+def test_per_row_tensors_inside_a_container_input_are_cut_with_the_batch():
+    """A per-row tensor inside a dict input reached every micro-batch whole (a shape error inside the stage, or a
+    silent broadcast), where placement timed the stages on it cut."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 2)
+    stages = [("a", a), ("b", b)]
+
+    def run_stage(name, x, _x, extra):
+        return a(x) * extra["w"] + extra["bias"] if name == "a" else b(x) * extra["w"]
+    x = torch.randn(8, 4)
+    inputs = (x, {"w": torch.randn(8, 1), "bias": torch.randn(1, 4), "tag": "row weights"})
+    torch.testing.assert_close(gpipe_forward(stages, run_stage, inputs, 4), run_in_order(stages, run_stage, inputs))
+
+
 class Carry(NamedTuple):
     hidden: torch.Tensor
     skip: torch.Tensor

@@ -33,7 +33,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils._pytree import tree_is_leaf, tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_is_leaf, tree_leaves, tree_map, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from hetrain import plugins
@@ -247,11 +247,12 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
                   micro_batches: int, checkpoint: Collection[str] = ()) -> torch.Tensor:
     """Runs ``inputs`` through ``stages`` in ``micro_batches`` pieces; returns the whole output.
 
-    ``inputs[0]`` is a batch-first tensor, whose first dimension counts the batch's rows. Of the other inputs, the
-    tensors with as many rows are cut with it; the rest (a 0-d or one-row scale, anything not a tensor) reach every
-    micro-batch whole, as they reach the unsplit model's stages, rather than being cut into pieces some micro-batches
-    would get empty (placement measures a micro-batch cut the same way). An input without a batch dimension whose
-    first dimension happens to equal the row count is cut all the same: give it another shape (a leading 1).
+    ``inputs[0]`` is a batch-first tensor, whose first dimension counts the batch's rows. Of the other inputs (and
+    the tensors inside a tuple, list or dict input), the tensors with as many rows are cut with it; the rest (a 0-d or
+    one-row scale, anything not a tensor) reach every micro-batch whole, as they reach the unsplit model's stages,
+    rather than being cut into pieces some micro-batches would get empty (placement measures a micro-batch cut the
+    same way). An input without a batch dimension whose first dimension happens to equal the row count is cut all
+    the same: give it another shape (a leading 1).
 
     ``run_stage(name, x, *inputs)`` runs one stage; the first stage gets ``x = inputs[0]``. A stage may
     return a tuple of tensors (its output and the skip connections later stages need): the next stage
@@ -267,8 +268,7 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
         raise ValueError(f"hetrain: checkpoint names no stage: {sorted(unknown)}; stages: {[n for n, _ in stages]}")
     batch = inputs[0].shape[0]
     m = micro_batch_count(batch, micro_batches)
-    pieces = [torch.tensor_split(t, m) if _has_rows(t, batch) else [t] * m  # pieces[k][i]: input k of micro-batch i
-              for t in inputs]
+    pieces = [_cut(t, batch, m) for t in inputs]  # pieces[k][i]: input k of micro-batch i
     first_rows = [0, *itertools.accumulate(len(p) for p in pieces[0][:-1])]
     seeds: list[list[torch.Tensor]] = [[] for _ in stages]  # per stage, the dropout seeds its first micro-batch drew
     acts: list[Activation | None] = [None] * m
@@ -309,9 +309,13 @@ def gpipe_forward(stages: Sequence[tuple[str, nn.Module]], run_stage: RunStage, 
     return torch.cat(acts)
 
 
-def _has_rows(x: Any, rows: int) -> bool:
-    """Whether ``x`` is a tensor with a row per sample of a batch of ``rows``: one :func:`gpipe_forward` cuts."""
-    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows
+def _cut(x: Any, rows: int, m: int) -> list[Any]:
+    """Input ``x`` of each of ``m`` micro-batches: every tensor in it with a row per sample of a batch of ``rows``
+    cut into ``m`` pieces, the rest whole in each."""
+    leaves, spec = tree_flatten(x)
+    cuts = [torch.tensor_split(t, m) if isinstance(t, torch.Tensor) and t.dim() and len(t) == rows else [t] * m
+            for t in leaves]
+    return [tree_unflatten([c[i] for c in cuts], spec) for i in range(m)]
 
 
 def shared_across_devices(stages: Sequence[tuple[str, nn.Module]],

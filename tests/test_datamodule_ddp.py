@@ -6,8 +6,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import SequentialSampler
 
-from hetrain.data.datamodule import TokenDataModule
+from hetrain.data.datamodule import SyntheticDataModule, TokenDataModule
+from hetrain.data.images import SyntheticImageDataModule
+from hetrain.data.splits import EpochShuffle
 from hetrain.data.tokens import TokenFile, TokenFileWriter, write_token_file
 
 # Each rank records what it read and which sample ids it trained on; every rank notes each corpus it wrote. Lightning
@@ -107,6 +111,52 @@ def test_a_rank_whose_data_dir_was_never_prepared_says_how_to_fix_it(tmp_path):
     module.trainer = TwoRanks()
     with pytest.raises(FileNotFoundError, match=r"is missing train\.bin.*prepare_data\(\)"):
         module.setup("fit")
+
+
+class Rank:
+    """What a DDP rank's data module sees: a Trainer of 2 processes."""
+
+    world_size = 2
+
+    def __init__(self, rank: int) -> None:
+        self.global_rank = rank
+
+
+def _samples(batches: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, int]]:
+    """Each batch row's input (without padding) and label."""
+    rows = []
+    for b in batches:
+        if "images" in b:
+            inputs = list(b["images"])
+        else:
+            inputs = [ids[mask] for ids, mask in zip(b["input_ids"], b["attention_mask"], strict=True)]
+        rows += [(x, int(y)) for x, y in zip(inputs, b["labels"], strict=True)]
+    return rows
+
+
+@pytest.mark.parametrize("module", [
+    lambda: SyntheticImageDataModule(num_classes=3, image_size=4, train_size=8, val_size=5, batch_size=2),
+    lambda: SyntheticDataModule(loader="torch", train_size=8, val_size=5, batch_size=2, min_len=4, max_len=8),
+], ids=["images", "text"])
+def test_torch_validation_loaders_count_every_sample_once_over_the_ranks(module):
+    """Lightning gave the validation loader its DistributedSampler, which pads the ranks' shares with repeats that
+    val/loss and val/acc counted (5 samples on 2 ranks: val/acc 0.5 where it was 0.4). Every rank still runs as many
+    batches, GracefulStop's collective after each validation batch needs them all; a repeat comes unlabelled."""
+    data = module()
+    data.setup("fit")
+    one = data.val_dataloader()  # one process: every sample in order, as before
+    assert isinstance(one.sampler, SequentialSampler)
+    every = _samples(list(one))
+    for rank in (0, 1):
+        data.trainer = Rank(rank)
+        assert isinstance(data.train_dataloader().sampler, EpochShuffle)  # Lightning shares it out, as before
+        loader = data.val_dataloader()
+        batches = list(loader)
+        assert len(batches) == len(loader) == 2  # 3 positions of the 6, by 2, on either rank
+        got = _samples(batches)
+        expected = [(every[p % 5][0], every[p][1] if p < 5 else -100) for p in range(rank, 6, 2)]
+        assert [label for _, label in got] == [label for _, label in expected]
+        assert all(torch.equal(x, y) for (x, _), (y, _) in zip(got, expected, strict=True))
 
 
 def test_two_writers_of_one_token_file_do_not_rename_each_others_temporary_files(tmp_path):

@@ -364,13 +364,15 @@ from hetrain.models.task import ClassificationTask
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    data = SyntheticDataModule(vocab_size=64, num_classes=3, min_len=8, max_len=24, train_size=16, val_size=91,
-                               max_tokens=160, seed=4)
     torch.manual_seed(1)
     model = BertClassifier(vocab_size=64, num_classes=3, hidden=16, layers=1, heads=2, max_len=32, dropout=0.0)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=sys.argv[1])
-    (metrics,) = trainer.validate(ClassificationTask(model, num_classes=3), datamodule=data)
+    metrics = {}
+    for loader in ("ring", "torch"):
+        data = SyntheticDataModule(vocab_size=64, num_classes=3, min_len=8, max_len=24, train_size=16, val_size=91,
+                                   max_tokens=160, loader=loader, batch_size=16, seed=4)
+        (metrics[loader],) = trainer.validate(ClassificationTask(model, num_classes=3), datamodule=data)
     if trainer.global_rank == 0:
         torch.save(model.state_dict(), f"{sys.argv[1]}/model.pt")
         with open(f"{sys.argv[1]}/metrics.json", "w") as f:
@@ -381,7 +383,8 @@ if __name__ == "__main__":
 def test_validation_metrics_under_ddp_cover_every_ranks_samples(tmp_path):
     """val/loss was rank 0's own mean (half the samples), then 91/90 of the mean (Lightning averaged the ranks'
     sample counts as integers, truncating the odd total's half under gloo): it is the mean over every sample, as
-    one process gives; val/acc the share of samples classified right."""
+    one process gives; val/acc the share of samples classified right. With torch's DataLoader (data.loader=torch)
+    both counted twice the sample Lightning's DistributedSampler repeated to even out the ranks' shares."""
     run_two_ranks(VALIDATE_ON_TWO_RANKS, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     data = SyntheticDataModule(vocab_size=64, num_classes=3, min_len=8, max_len=24, train_size=16, val_size=91,
@@ -397,8 +400,9 @@ def test_validation_metrics_under_ddp_cover_every_ranks_samples(tmp_path):
             losses.append(F.cross_entropy(logits, batch["labels"], reduction="none"))
             right.append(logits.argmax(-1) == batch["labels"])
     assert len(torch.cat(losses)) == 91  # odd: the ranks' shares differ
-    assert metrics["val/loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
-    assert metrics["val/acc"] == pytest.approx(torch.cat(right).float().mean().item(), abs=1e-6)
+    for loader in ("ring", "torch"):
+        assert metrics[loader]["val/loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5), loader
+        assert metrics[loader]["val/acc"] == pytest.approx(torch.cat(right).float().mean().item(), abs=1e-6), loader
 
 
 FAIL_AT_FIT_END = '''

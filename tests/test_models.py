@@ -6,6 +6,7 @@ import re
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from hetrain.data.datamodule import SyntheticDataModule
@@ -99,6 +100,60 @@ def test_a_row_without_real_tokens_pools_to_finite_logits():
 def test_sizes_below_one_are_refused_naming_the_setting(sizes, message):
     with pytest.raises(ValueError, match=re.escape(f"hetrain: {message}")):
         BertClassifier(**{"hidden": 16, "heads": 2, "layers": 1, **sizes})
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"layers": -2}, "layers=-2 must be a whole number >= 0 (model.layers"),  # built no block and trained nonetheless
+    ({"layers": 2.5}, "layers=2.5 must be a whole number >= 0 (model.layers"),
+    ({"ffn": 0}, "ffn=0 must be a positive whole number (model.ffn"),  # silently became 4 * hidden
+    ({"ffn": -8}, "ffn=-8 must be a positive whole number (model.ffn"),
+    ({"dropout": 1.5}, "dropout=1.5 must be a probability in [0, 1] (model.dropout"),
+    ({"dropout": -0.1}, "dropout=-0.1 must be a probability in [0, 1] (model.dropout"),
+    # -0.5 reached SDPA, which complained of "dropout > 0"
+    ({"attention_dropout": -0.5}, "attention_dropout=-0.5 must be a probability in [0, 1] (model.attention_dropout"),
+    ({"attention_dropout": 1.5}, "attention_dropout=1.5 must be a probability in [0, 1] (model.attention_dropout"),
+])
+def test_layers_ffn_and_dropouts_out_of_range_are_refused_naming_the_setting(settings, message):
+    with pytest.raises(ValueError, match=re.escape(f"hetrain: {message}")):
+        BertClassifier(**{"hidden": 16, "heads": 2, "layers": 1, **settings})
+    # The bounds themselves are settings to take.
+    BertClassifier(hidden=16, heads=2, layers=0, ffn=1, dropout=1.0, attention_dropout=0.0)
+
+
+def _labelled_rows(labels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(1, 16, (len(labels), 6), generator=torch.Generator().manual_seed(3))
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(6, dtype=torch.bool), "labels": labels[i]}
+            for i in range(len(labels))]
+
+
+def test_validation_leaves_rows_labelled_minus_100_out_of_val_loss_and_val_acc():
+    """-100 means no label (F.cross_entropy's ignore_index; hetrain.data's ValShares pads a rank's validation share
+    with it). Each batch's loss left such a row out but its weight counted it, a batch of such rows alone gave a NaN
+    val/loss, and val/acc counted the row as classified wrong."""
+    torch.manual_seed(0)
+    model = BertClassifier(vocab_size=16, num_classes=3, hidden=16, layers=1, heads=2, dropout=0.0).eval()
+    rows = _labelled_rows(torch.zeros(7, dtype=torch.long))
+    ids, mask = torch.stack([r["input_ids"] for r in rows]), torch.stack([r["attention_mask"] for r in rows])
+    with torch.no_grad():
+        logits = model(ids, mask)
+    labels = logits.argmax(1)
+    labels[2] = (labels[2] + 1) % 3  # 4 of the 5 labelled rows are classified right
+    labels[[1, 6]] = -100  # batches of 3: one unlabelled row in the first, the third one unlabelled
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.validate(ClassificationTask(model, num_classes=3), DataLoader(_labelled_rows(labels), 3),
+                                  verbose=False)
+    assert metrics["val/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert metrics["val/acc"] == pytest.approx(0.8)
+
+
+def test_training_refuses_a_row_labelled_minus_100_naming_the_fix():
+    """Training left the row out of the loss but divided by a sample count that held it: it counted as a row of
+    loss 0 (exact accumulation plans its sample counts before reading any batch, so it cannot leave the row out)."""
+    task = ClassificationTask(BertClassifier(vocab_size=16, num_classes=3, hidden=16, layers=1, heads=2), 3)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"1 of its 4 labels -100 \(no label\).*Drop the unlabelled samples"):
+        trainer.fit(task, DataLoader(_labelled_rows(torch.tensor([0, 1, -100, 2])), batch_size=4))
 
 
 @pytest.mark.parametrize("betas", [[0.9], [0.9, 0.99, 0.999], [0.9, 1.0], [-0.1, 0.999]])

@@ -275,6 +275,6 @@ def test_the_validation_loss_sums_in_float32_under_a_true_half_precision():
     task.on_validation_start()
     losses = torch.rand(500, generator=torch.Generator().manual_seed(0)).add(0.5)
     for loss in losses:
-        task.val_loss.update(loss.to(torch.bfloat16), 8)
+        task.val_loss.update(loss.to(torch.bfloat16) * 8, 8)  # a batch of 8 samples' summed loss
     expected = losses.to(torch.bfloat16).double().mean()
     assert task.val_loss.compute().item() == pytest.approx(expected.item(), rel=1e-5)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 
 from hetrain.data.wait_clock import TimedDataLoader
 
@@ -39,6 +39,47 @@ class EpochShuffle(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         # numpy's seeds are non-negative: a negative one (torch's generators take it) as its 64-bit pattern
         return iter(np.random.default_rng([self.seed % 2**64, self.epoch]).permutation(self.size).tolist())
+
+
+class ValShares(DistributedSampler):
+    """One rank's share of a validation split under DDP, in which every sample counts once.
+
+    Like the DistributedSampler Lightning puts into a loader that has none, rank ``r`` of ``R`` takes positions
+    ``r, r + R, ...`` with the last round padded up to ``R`` positions, so that every rank runs as many batches
+    (GracefulStop reduces a flag across the ranks after every validation batch: a rank one batch short left the
+    others waiting there for good). Unlike it, the padding is marked: position ``size + i`` repeats sample ``i``,
+    which :class:`_WithRepeats` serves with the label -100, left out of ``val/loss`` and ``val/acc`` by the task
+    (Lightning's padding counted it twice there). Being a DistributedSampler, Lightning leaves it in place.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+class _WithRepeats(Dataset):
+    """``dataset`` as :class:`ValShares` reads it: position ``p`` is sample ``p % len(dataset)``, with whether it
+    repeats one (``p >= len(dataset)``)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> tuple[Any, bool]:
+        size = len(self.dataset)
+        return self.dataset[position % size], position >= size
+
+
+def _unlabel_repeats(collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+                    items: list[tuple[Any, bool]]) -> dict[str, torch.Tensor]:
+    """Collates :class:`_WithRepeats` items with ``collate``; a repeated sample's label becomes -100 (no label)."""
+    batch = collate([item for item, _ in items])
+    batch["labels"][torch.tensor([repeat for _, repeat in items])] = -100
+    return batch
 
 
 def ignore_interrupts_in_workers(worker_init_fn: Callable[[int], Any] | None = None,
@@ -90,7 +131,7 @@ class SeededSplits:
 
     def _torch_loader(self, dataset: Dataset, shuffle: bool, **kwargs: Any) -> TimedDataLoader:
         """torch's DataLoader: training shuffled from ``(seed, epoch)`` without a short last batch, validation in
-        order.
+        order (under DDP each rank's :class:`ValShares`).
 
         The training loader keeps a generator of its own: the workers' base seed is drawn from it each epoch, not
         from the global one that ``hetrain.callbacks.RandomState`` saves and restores. The workers ignore Ctrl-C
@@ -101,9 +142,14 @@ class SeededSplits:
             self._check_full_batch(len(dataset))
         trainer = getattr(self, "trainer", None)
         init = ignore_interrupts_in_workers(rank=trainer.global_rank if trainer is not None else None)
+        sampler: Sampler[int] | None = EpochShuffle(len(dataset), h.seed) if shuffle else None
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            sampler = ValShares(dataset, trainer.world_size, trainer.global_rank)
+            dataset = _WithRepeats(dataset)
+            kwargs["collate_fn"] = functools.partial(_unlabel_repeats, kwargs.get("collate_fn") or default_collate)
         return TimedDataLoader(
-            dataset, batch_size=h.batch_size, sampler=EpochShuffle(len(dataset), h.seed) if shuffle else None,
-            drop_last=shuffle, num_workers=h.num_workers, pin_memory=self._pin(), worker_init_fn=init,
+            dataset, batch_size=h.batch_size, sampler=sampler, drop_last=shuffle, num_workers=h.num_workers,
+            pin_memory=self._pin(), worker_init_fn=init,
             generator=torch.Generator().manual_seed(h.seed) if shuffle else None, **kwargs,
         )
 

@@ -156,8 +156,9 @@ class BertClassifier(nn.Module):
     ) -> None:
         super().__init__()
         _check_sizes(hidden=hidden, heads=heads)  # layers=0 builds no attention to check them
+        _check_settings(layers, ffn, dropout, attention_dropout)
         self.embeddings = Embeddings(vocab_size, hidden, max_len, dropout, fused=fused, sparse=sparse_embeddings)
-        ffn = ffn or 4 * hidden
+        ffn = 4 * hidden if ffn is None else ffn
         attention_dropout = dropout if attention_dropout is None else attention_dropout
         self.encoder = nn.ModuleList(EncoderBlock(hidden, heads, ffn, dropout, fused, attention_dropout)
                                      for _ in range(layers))
@@ -204,6 +205,21 @@ def _check_sizes(**sizes: int) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"hetrain: {name}={size!r} must be a positive whole number (model.{name}; the "
                              "defaults are hidden=128, heads=4)")
+
+
+def _check_settings(layers: int, ffn: int | None, dropout: float, attention_dropout: float | None) -> None:
+    """``layers < 0`` built no block and trained the embeddings alone, ``ffn=0`` silently became ``4 * hidden``; a
+    negative ``ffn`` or a dropout outside [0, 1] failed later in torch without naming the setting."""
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise ValueError(f"hetrain: layers={layers!r} must be a whole number >= 0 (model.layers, the encoder blocks; "
+                         "the default is 2)")
+    if ffn is not None and (isinstance(ffn, bool) or not isinstance(ffn, int) or ffn < 1):
+        raise ValueError(f"hetrain: ffn={ffn!r} must be a positive whole number (model.ffn, the MLP's width), or null "
+                         "for 4 * model.hidden")
+    for name, p in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1):
+            default = "the default is 0.1" if name == "dropout" else "null takes model.dropout"
+            raise ValueError(f"hetrain: {name}={p!r} must be a probability in [0, 1] (model.{name}; {default})")
 
 
 def _check_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:

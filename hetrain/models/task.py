@@ -27,10 +27,12 @@ warnings.filterwarnings(
 
 # What a model takes when it does not say (``input_keys``): token ids and their padding mask, as BERT.
 TEXT_INPUTS = ("input_ids", "attention_mask")
+# A row's label that says it has none: F.cross_entropy's ignore_index, as hetrain.data's PackInto and ValShares write.
+NO_LABEL = -100
 
 
 class SampleMean(MeanMetric):
-    """The mean over samples of batch means, each weighted by its batch's size; ranks add their sums and sizes.
+    """The mean over samples: each batch adds its summed values and its sample count; ranks add their sums and counts.
 
     Lightning's own mean (``self.log(..., batch_size=n, sync_dist=True)``) averages the ranks' sample counts as an
     integer tensor, which gloo truncates (23 samples on 2 ranks gave 23/22 of the mean). MeanMetric's update drops
@@ -38,9 +40,10 @@ class SampleMean(MeanMetric):
     here a NaN loss stays NaN, with no host sync.
     """
 
-    def update(self, value: torch.Tensor, weight: int) -> None:
-        self.mean_value += value.detach().to(self.mean_value.dtype) * weight
-        self.weight += weight
+    def update(self, total: torch.Tensor, count: torch.Tensor | int) -> None:
+        """``count`` as a tensor where the batch has it on its device: read on the host, it would wait for it."""
+        self.mean_value += total.detach().to(self.mean_value.dtype)
+        self.weight += count
 
 
 class ClassificationTask(pl.LightningModule):
@@ -49,9 +52,12 @@ class ClassificationTask(pl.LightningModule):
 
     Batches are dicts holding ``labels`` (B,), which predicting does without, and the model's inputs: the entries
     its ``input_keys`` names, in order (``images`` for :class:`~hetrain.models.resnet.ResNet`), or else
-    ``input_ids`` and ``attention_mask`` (B, T). The training loss stays exact under gradient accumulation and across
-    ranks with batches of unequal size (:mod:`hetrain.models.accumulation`); ``train/loss`` is the mean loss over
-    the optimizer step's samples on this rank (under accumulation all the window's batches, not its last).
+    ``input_ids`` and ``attention_mask`` (B, T). A validation row labelled -100 (``NO_LABEL``, as
+    :class:`~hetrain.data.splits.ValShares` labels the padding that evens out the ranks' shares) counts in neither
+    ``val/loss`` nor ``val/acc``; training refuses such a row. The training loss stays exact under gradient
+    accumulation and across ranks with batches of unequal size (:mod:`hetrain.models.accumulation`); ``train/loss``
+    is the mean loss over the optimizer step's samples on this rank (under accumulation all the window's batches,
+    not its last).
     """
 
     def __init__(
@@ -72,7 +78,7 @@ class ClassificationTask(pl.LightningModule):
         self.input_keys = tuple(getattr(model, "input_keys", TEXT_INPUTS))
         # The share of sequences classified right (torchmetrics' default is the mean over classes, which
         # differs whenever the classes are unbalanced, as windows of long documents are).
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=NO_LABEL)
         self.val_loss = SampleMean()
         self._window = WindowNormaliser()
         self._window_loss: torch.Tensor | None = None  # summed over the accumulation window's batches so far
@@ -117,6 +123,8 @@ class ClassificationTask(pl.LightningModule):
         # segment_ids), on the host where the first stage is there. The batch comes from host memory,
         # so the copies may be asynchronous.
         self.model_inputs(batch)  # names a missing input
+        if self._trainer is not None and self.trainer.training:
+            _check_labelled(batch.get("labels"))
         inputs, outputs = self._end_device(front=True), self._end_device(front=False)
         targets = {key: outputs if key == "labels" else inputs for key in batch}
         moved = {key: move_data_to_device(value, targets[key]) for key, value in batch.items()}
@@ -131,9 +139,10 @@ class ClassificationTask(pl.LightningModule):
         # validate, predict) until the next run's first copy.
         release_all()
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's cross-entropy over its labelled rows, and its logits."""
         logits = self(*self.model_inputs(batch))
-        return F.cross_entropy(logits, batch["labels"]), logits
+        return F.cross_entropy(logits, batch["labels"], ignore_index=NO_LABEL, reduction=reduction), logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(*self.model_inputs(batch))
@@ -162,11 +171,12 @@ class ClassificationTask(pl.LightningModule):
         self.val_loss.to(self._end_device(front=False)).set_dtype(torch.float32)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, logits = self._loss(batch)
+        summed, logits = self._loss(batch, reduction="sum")
         self.val_acc(logits, batch["labels"])
         n = len(batch["labels"])
-        # Every rank's samples count, each once, whatever the ranks' shares (SampleMean).
-        self.val_loss.update(loss, n)
+        # Every rank's labelled samples count, each once, whatever the ranks' shares (SampleMean); counted on the
+        # device, with no wait for it.
+        self.val_loss.update(summed, (batch["labels"] != NO_LABEL).sum())
         self.log("val/loss", self.val_loss, prog_bar=True, batch_size=n)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=n)
 
@@ -201,3 +211,17 @@ class ClassificationTask(pl.LightningModule):
         if sparse:
             groups.append({"params": sparse, "weight_decay": self.hparams.weight_decay, "sparse": True})
         return SparseAwareAdamW(groups, lr=self.hparams.lr, betas=betas, fused=True)
+
+
+def _check_labelled(labels: Any) -> None:
+    """Refuses a training batch with a row labelled -100 (no label), read where the batch is still on the host.
+
+    The loss would leave the row out while the exact accumulation (:mod:`hetrain.models.accumulation`) divides by
+    sample counts planned before any batch is read, so the row would count as one of loss 0. A batch already on a
+    device is not read here: that would wait for the device every step.
+    """
+    if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and bool((labels == NO_LABEL).any()):
+        raise ValueError(f"hetrain: a training batch has {int((labels == NO_LABEL).sum())} of its {labels.numel()} "
+                         f"labels {NO_LABEL} (no label), which training cannot leave out: its loss is normalised by "
+                         "sample counts planned before the batches are read. Drop the unlabelled samples from the "
+                         "training split (validation leaves them out of val/loss and val/acc)")

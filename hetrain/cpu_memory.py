@@ -138,8 +138,17 @@ def keep_freed_blocks(min_bytes: int = GLIBC_MAX_MMAP_THRESHOLD,
     cap = default_max_cached_bytes() if max_cached_bytes is None else max_cached_bytes
     if not torch.ops.hetrain_C.host_cache_enable(min_bytes, cap):
         return CpuMallocSetting(False, "system (another CPU allocator of higher priority is installed)")
-    return CpuMallocSetting(True, f"keep (freed blocks of {min_bytes >> 20} MiB or more reused, up to "
-                                  f"{cap / 2**30:.1f} GiB kept)")
+    return CpuMallocSetting(True, f"keep (freed blocks of {_size(min_bytes)} or more reused, up to "
+                                  f"{_size(cap)} kept)")
+
+
+def _size(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit it fills, to one decimal: 768 KiB, 1.5 MiB, 5.9 GiB. In fixed units
+    a 768 KiB threshold read "0 MiB" and a 40 MiB cap "0.0 GiB"."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.1f}".removesuffix(".0") + f" {unit}"
+    return f"{nbytes} B"
 
 
 def system() -> None:

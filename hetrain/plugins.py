@@ -86,6 +86,7 @@ _config_pins: dict[str, str] = {}
 _config_prefer: tuple[str, ...] | None = None
 _config_strict: bool | None = None
 _local = threading.local()
+_SCOPE_ATTRS = ("stack", "prefer")  # the attributes of _local that use_backend and preferring keep their blocks in
 _warned: set[tuple[str, str]] = set()
 
 # Exceptions that are another library's control flow through an op, not a backend failing: re-raised as they are.
@@ -93,7 +94,9 @@ _warned: set[tuple[str, str]] = set()
 # caught as a failure, the op ran again on a fallback and torch's checkpoint failed with an internal assertion.
 PASS_THROUGH: tuple[type[BaseException], ...] = tuple(
     e for e in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if e is not None)
-_entry_points_loaded = False
+_entry_points_loaded = False  # set once every hook has run: a thread seeing it unset waits for a load under way
+_entry_points_loading = False  # a hook is running: its own calls into the registry must not load (nor wait) again
+_entry_points_lock = threading.RLock()  # reentrant: a hook calls register, ops or backends on the loading thread
 _lock = threading.Lock()
 # candidates() per (op, device type, pin, preference), availability included: a call must not pay for the lookup,
 # the sort and the probes (tens of microseconds, more than a small kernel). Emptied whenever backends or pins change.
@@ -224,19 +227,28 @@ def unregister(op: str, name: str) -> None:
 
 
 def _load_entry_points() -> None:
-    """Imports third-party backends once; a broken plugin warns instead of breaking hetrain."""
-    global _entry_points_loaded
-    if _entry_points_loaded:
+    """Imports third-party backends once; a broken plugin warns instead of breaking hetrain.
+
+    Another thread asking meanwhile waits for the load to end: marked loaded as it began, the registry answered it
+    without the backends still loading ("unknown op")."""
+    global _entry_points_loaded, _entry_points_loading
+    if _entry_points_loaded:  # every call after the first: no lock taken
         return
-    _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    with _entry_points_lock:
+        if _entry_points_loaded or _entry_points_loading:  # loaded while this thread waited, or asked by a hook
+            return
+        _entry_points_loading = True
         try:
-            hook = ep.load()
-            if callable(hook):
-                hook()
-        except Exception as exc:
-            warnings.warn(f"hetrain: backend plugin {ep.name!r} ({ep.value}) failed to load: {exc}",
-                          stacklevel=2)
+            for ep in entry_points(group=ENTRY_POINT_GROUP):
+                try:
+                    hook = ep.load()
+                    if callable(hook):
+                        hook()
+                except Exception as exc:
+                    warnings.warn(f"hetrain: backend plugin {ep.name!r} ({ep.value}) failed to load: {exc}",
+                                  stacklevel=2)
+        finally:  # once, even if a hook ended the load (KeyboardInterrupt): hooks are never run twice
+            _entry_points_loaded, _entry_points_loading = True, False
 
 
 def ops() -> list[str]:
@@ -279,7 +291,7 @@ def pinned(op: str) -> str | None:
 
 def _pin(op: str) -> tuple[str | None, str]:
     """The backend name pinned for ``op`` and where the pin comes from (errors about it name that)."""
-    for scope in reversed(getattr(_local, "stack", [])):
+    for scope in reversed(getattr(_local, "stack", None) or ()):
         if op in scope:
             return scope[op], USE_BACKEND
     if op in _config_pins:
@@ -494,13 +506,17 @@ def reopened(scopes: Scopes | None) -> Iterator[None]:
     if scopes is None:
         yield
         return
-    saved = getattr(_local, "stack", None), getattr(_local, "prefer", None)
+    here = _local.__dict__
+    saved = {name: here[name] for name in _SCOPE_ATTRS if name in here}
     _local.stack, _local.prefer = [dict(s) for s in scopes[0]], list(scopes[1])
     try:
         with _scope():
             yield
     finally:
-        _local.stack, _local.prefer = saved
+        # This thread's own lists back, and no attribute it never had: restored as None, the pins' lookup raised.
+        for name in _SCOPE_ATTRS:
+            here.pop(name, None)
+        here.update(saved)
 
 
 ContextFn = Callable[[], tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]]

@@ -242,3 +242,14 @@ def test_an_extension_lacking_the_caches_ops_leaves_torchs_allocator_naming_the_
     assert "hetrain._C lacks host_cache_from_newer_sources, so it is a stale build" in setting.description
     assert "rebuild it with: pip install -e . --no-build-isolation" in setting.description
     assert env._host_allocator().startswith("torch's (no host block cache: hetrain._C lacks")
+
+
+def test_the_description_gives_each_size_in_the_unit_that_fits_it():
+    """In fixed units a 768 KiB threshold read "0 MiB or more" and a 40 MiB cap "0.0 GiB kept"."""
+    try:
+        for min_bytes, cap, says in ((768 << 10, 40 * MiB, "768 KiB or more reused, up to 40 MiB kept"),
+                                     (3 * MiB // 2, 11 << 29, "1.5 MiB or more reused, up to 5.5 GiB kept")):
+            setting = cpu_memory.keep_freed_blocks(min_bytes=min_bytes, max_cached_bytes=cap)
+            assert setting.description == f"keep (freed blocks of {says})"
+    finally:
+        cpu_memory.system()

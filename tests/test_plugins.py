@@ -517,3 +517,86 @@ def test_an_empty_pin_in_use_backend_pins_nothing_as_in_configure(op):
     plugins.configure(pins={op: "slow"})
     with plugins.use_backend(**{op: ""}):  # the next pin down still applies
         assert plugins.select(op, "cpu").name == "slow"
+
+
+PLUGIN_OP = "test_registry_plugin_op"
+
+
+@pytest.fixture
+def plugin_hooks(monkeypatch):
+    """Entry-point plugins loaded anew, from the ``(name, hook)`` pairs a test appends instead of the installed."""
+    hooks = []
+
+    def fake_entry_points(group):
+        return [types.SimpleNamespace(name=name, value=f"test_pkg:{name}", load=lambda hook=hook: hook)
+                for name, hook in hooks] if group == plugins.ENTRY_POINT_GROUP else []
+
+    monkeypatch.setattr(plugins, "entry_points", fake_entry_points)
+    monkeypatch.setattr(plugins, "_entry_points_loaded", False)
+    yield hooks
+    plugins.unregister(PLUGIN_OP, "npu")
+
+
+def test_a_thread_asking_while_the_plugins_load_waits_for_them(plugin_hooks, monkeypatch):
+    """Marked loaded before its hooks ran: another thread asking meanwhile was told the op is unknown."""
+    hook_running, release, asked = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_hook():  # importing a vendor's package takes a while
+        hook_running.set()
+        assert release.wait(10)
+        plugins.register(PLUGIN_OP, "npu", ("npu",), Good("npu"))
+
+    class Watched:
+        """The load's lock, saying when the asking thread reaches it (where it waits for the load to end)."""
+
+        def __init__(self):
+            self.lock = threading.RLock()
+
+        def __enter__(self):
+            if threading.current_thread() is asking:
+                asked.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc_info):
+            return self.lock.__exit__(*exc_info)
+
+    monkeypatch.setattr(plugins, "_entry_points_lock", Watched(), raising=False)
+    plugin_hooks.append(("npu", slow_hook))
+    answers = []
+
+    def ask():
+        try:
+            answers.append(plugins.select(PLUGIN_OP, "npu").name)
+        except plugins.BackendError as exc:
+            answers.append(exc)
+        finally:
+            asked.set()
+
+    loading, asking = threading.Thread(target=plugins.ops), threading.Thread(target=ask)
+    loading.start()
+    assert hook_running.wait(10)
+    asking.start()
+    assert asked.wait(10)  # waiting for the load, or (unlocked) already answered
+    release.set()
+    loading.join()
+    asking.join()
+    assert answers == ["npu"]
+
+
+def test_a_plugin_that_fails_to_load_warns_and_the_others_load_once(plugin_hooks):
+    runs = []
+
+    def broken():
+        runs.append("broken")
+        raise ImportError("no module named 'vendor_runtime'")
+
+    def good():
+        runs.append("good")
+        assert PLUGIN_OP not in plugins.ops()  # a hook asking the registry sees it as loaded so far
+        plugins.register(PLUGIN_OP, "npu", ("npu",), Good("npu"))
+
+    plugin_hooks += [("broken", broken), ("good", good)]
+    with pytest.warns(UserWarning, match=r"backend plugin 'broken' \(test_pkg:broken\) failed to load: no module"):
+        assert PLUGIN_OP in plugins.ops()
+    assert plugins.select(PLUGIN_OP, "npu").name == "npu"
+    assert runs == ["broken", "good"]  # each hook ran once

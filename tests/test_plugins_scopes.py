@@ -1,5 +1,7 @@
 """Where use_backend/preferring blocks reach: activation checkpointing's recompute, and torch.compile."""
 
+import threading
+
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -74,3 +76,56 @@ def test_a_block_opened_inside_a_compiled_function_is_refused_in_hetrains_words(
 
     with pytest.raises(Exception, match=r"hetrain: .* cannot be opened inside a torch.compile'd function"):
         torch.compile(pinned_inside, fullgraph=True)(torch.randn(2, 8))
+
+
+def on_a_thread_without_blocks(fn):
+    """Runs ``fn`` on a new thread, which never opened a block (this one may have, in earlier tests); re-raises."""
+    errors = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # re-raised on the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def test_training_steps_under_preferring_run_past_the_first_backward():
+    """The backward reopened the block's scopes and then left this thread's pins as None: the second step raised
+    TypeError ('NoneType' object is not reversible)."""
+    def train():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(hetrain.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with plugins.preferring("torch"):
+            for _ in range(2):
+                model(torch.randn(4, 8)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+
+    on_a_thread_without_blocks(train)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["op", "checkpoint_context"])
+def test_a_backward_after_its_block_closed_leaves_the_thread_able_to_choose_backends(checkpointed):
+    def backward_then_choose():
+        x = torch.randn(4, 8, requires_grad=True)
+        with plugins.preferring("torch"):
+            if checkpointed:
+                y = torch.utils.checkpoint.checkpoint(NormThenLinear(), x, use_reentrant=False,
+                                                      context_fn=plugins.checkpoint_context)
+            else:
+                y = hetrain.ops.layer_norm(x, torch.ones(8), torch.zeros(8))
+        y.sum().backward()  # reopens the block's scopes on this thread, then closes them
+        assert plugins.open_scopes() is None
+        assert plugins.select("rms_norm", "cpu").name
+        hetrain.ops.rms_norm(torch.randn(2, 8), torch.ones(8))
+        with plugins.use_backend(layer_norm="torch"):  # this thread's own blocks work as before
+            assert plugins.pinned("layer_norm") == "torch"
+
+    on_a_thread_without_blocks(backward_then_choose)

@@ -591,6 +591,32 @@ def test_numpy_integer_ignore_index_is_taken_as_by_torch_eager_and_compiled():
     assert_close(compiled(hidden, index), expected, torch.float32, "compiled")
 
 
+def test_a_zero_dim_cpu_tensor_label_smoothing_is_taken_as_by_f_cross_entropy():
+    # It was refused as "label_smoothing must be in [0, 1], got tensor(0.1000), a Tensor: pass a float".
+    hidden, weight, b, target = (t.detach() if t is not None else t
+                                 for t in inputs((6,), 8, 13, torch.float32, seed=20, ignored=1))
+    logits = torch.nn.functional.linear(hidden, weight, b)
+    for smoothing in (torch.tensor(0.1), torch.tensor(0.1, dtype=torch.float64), torch.tensor(0)):
+        expected = torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)
+        assert_close(linear_cross_entropy(hidden, weight, target, b, label_smoothing=smoothing), expected,
+                     torch.float32, f"label_smoothing={smoothing!r}")
+    head = LinearCrossEntropyHead(8, 13, label_smoothing=torch.tensor(0.1))
+    head.load_state_dict({"weight": weight, "bias": b})
+    expected = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
+    assert_close(head(hidden, target), expected, torch.float32, "head")
+    # Bools and strings stay refused; a tensor of another shape or device names the fix.
+    for smoothing, message in (
+        (True, "got True, a bool: pass a float"), ("0.1", "got '0.1', a str: pass a float"),
+        (torch.tensor(1.5), r"label_smoothing must be in \[0, 1\], got 1.5"),
+        (torch.tensor(True), r"got a torch.bool tensor of shape \(\) on cpu: pass float\(label_smoothing\)"),
+        (torch.tensor([0.1]), r"got a torch.float32 tensor of shape \(1,\) on cpu"),
+        (torch.tensor(0.1, device="meta"), r"or a 0-d CPU tensor holding one, got a torch.float32 tensor of shape "
+                                           r"\(\) on meta: pass float\(label_smoothing\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            linear_cross_entropy(hidden, weight, target, b, label_smoothing=smoothing)
+
+
 def test_head_module_is_state_dict_compatible_with_linear():
     torch.manual_seed(0)
     linear = torch.nn.Linear(24, 57)

@@ -262,6 +262,36 @@ def test_the_triton_backend_runs_under_torch_func_transforms_as_the_cpu_backend_
     torch.testing.assert_close(results["triton"], results["cpu"])
 
 
+def _legacy_batched(x, w):
+    """Each op where torch.autograd batches with its legacy vmap, as (name, thunk): its BatchedTensor is no functorch
+    wrapper and no torch.func transform is open while it runs."""
+    def batched_grads(fn):
+        v = x.detach().requires_grad_()
+        y = fn(v)
+        return torch.autograd.grad(y, v, torch.ones(2, *y.shape) + torch.arange(2.0).view(2, 1, 1, 1),
+                                   is_grads_batched=True)[0]
+
+    return {
+        "jacobian(layer_norm, vectorize=True)": lambda: torch.autograd.functional.jacobian(
+            lambda v: ops.layer_norm(v, w), x[0], vectorize=True),
+        "grad(layer_norm, is_grads_batched=True)": lambda: batched_grads(lambda v: ops.layer_norm(v, w)),
+        "grad(dropout, is_grads_batched=True)": lambda: batched_grads(lambda v: ops.dropout(v, 0.5)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_legacy_batched(None, None)))
+def test_the_triton_backend_runs_under_torch_autograds_batched_gradients_as_the_cpu_backend_does(case):
+    """The body got the legacy vmap's BatchedTensor and handed it to the Triton kernels: "Cannot access storage of
+    BatchedTensorImpl". Such a tensor takes the custom op, whose dispatcher runs the body per sample."""
+    x, w = randn(3, 4, 6, seed=1), randn(6, seed=2, shift=1.0)
+    results = {}
+    for backend in ("triton", "cpu"):
+        torch.manual_seed(0)  # dropout draws the same seed on both
+        with plugins.use_backend(layer_norm=backend, dropout=backend):
+            results[backend] = _legacy_batched(x, w)[case]()
+    torch.testing.assert_close(results["triton"], results["cpu"])
+
+
 def test_jacrev_of_dropout_is_the_drawn_mask_over_one_minus_p():
     """jacrev vmaps the backward, which had no vmap rule (refused); it runs per row through torch's fallback."""
     x = randn(4, 6, dtype=torch.float64, seed=3)

@@ -114,6 +114,9 @@ def _functorch_level() -> int | None:
 
 
 _is_functorch_wrapper = torch._C._functorch.is_functorch_wrapped_tensor
+# torch.autograd.grad(is_grads_batched=True) and torch.autograd.functional's vectorize=True batch with the legacy
+# vmap (torch._vmap_internals), whose BatchedTensor neither is a functorch wrapper nor opens a functorch level.
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 def _has_tangent(args: Sequence[Any]) -> bool:
@@ -129,13 +132,14 @@ def _tangent_error(name: str, reference: str) -> RuntimeError:
 
 def _route(args: Sequence[Any]) -> str:
     """"custom" while a graph is traced, for a tensor subclass or a meta tensor (no backend serves the meta device: the
-    custom op's fake implementation gives its shapes) or a ``torch.func`` wrapper (see below), "tangent" where
-    forward-mode AD carries a tangent on an argument, "functorch" under a ``torch.func`` transform, "body" when no
-    argument needs a gradient (or grad mode is off), "function" otherwise.
+    custom op's fake implementation gives its shapes) or a ``torch.func`` wrapper or legacy BatchedTensor (see below),
+    "tangent" where forward-mode AD carries a tangent on an argument, "functorch" under a ``torch.func`` transform,
+    "body" when no argument needs a gradient (or grad mode is off), "function" otherwise.
 
     A ``torch.func`` wrapper (BatchedTensor, TensorWrapper) is also met outside any transform: a ``vjp_fn`` called
     after ``torch.func.vjp`` returned runs backward on the tensors saved inside it. Only the dispatcher unwraps one:
-    the Triton kernels read an argument's storage, which a wrapper has not.
+    the Triton kernels read an argument's storage, which a wrapper has not. Nor has the legacy vmap's BatchedTensor
+    (``is_grads_batched=True``, ``jacobian(vectorize=True)``), met with no transform open: it takes the custom op too.
 
     ``torch.jit.trace`` records the custom op too: the body's kernels have no autograd of their own, so a
     trace of them would train nothing, and one taken with gradients would differ from its no-grad check run.
@@ -150,7 +154,7 @@ def _route(args: Sequence[Any]) -> str:
     grad = False
     for a in args:
         if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN or a.is_meta or _is_functorch_wrapper(a):
+            if type(a) not in _PLAIN or a.is_meta or _is_functorch_wrapper(a) or _is_legacy_batched(a):
                 return "custom"
             grad = grad or a.requires_grad
     return "function" if grad and torch.is_grad_enabled() else "body"

@@ -416,16 +416,29 @@ def check_loss_settings(name: str, ignore_index: int, label_smoothing: float, re
                         memory_budget: int | None) -> None:
     """The settings a call and a :class:`hetrain.nn.LinearCrossEntropyHead` share, checked alike in both."""
     _check_ignore_index(name, ignore_index)
-    if not _args.is_number(label_smoothing):
-        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing!r}, a "
-                         f"{type(label_smoothing).__name__}: pass a float")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    _check_label_smoothing(name, label_smoothing)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     # >= 1 before the call truncates it to whole bytes: 0.5 passed a "> 0" check and was reported as 0 bytes.
     if memory_budget is not None and not (_args.is_number(memory_budget) and 1 <= memory_budget < math.inf):
         raise ValueError(f"{name}: memory_budget must be a finite number of bytes >= 1, got {memory_budget!r}")
+
+
+def _check_label_smoothing(name: str, label_smoothing: object) -> None:
+    """A number in [0, 1], or a 0-d CPU tensor holding one, as ``F.cross_entropy`` takes (the call reads it with
+    ``float``). A bool or a string is refused, and a tensor on another device: reading it would wait for the device."""
+    value = label_smoothing
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex() or value.device.type != "cpu":
+            raise ValueError(f"{name}: label_smoothing must be a number in [0, 1] or a 0-d CPU tensor holding one, "
+                             f"got a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}: pass "
+                             "float(label_smoothing)")
+        value = value.item()
+    if not _args.is_number(value):
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {value!r}, a {type(value).__name__}: "
+                         "pass a float")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {value}")
 
 
 def _check_num_items(name: str, num_items: object) -> None:

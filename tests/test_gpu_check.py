@@ -261,12 +261,13 @@ def test_a_hangup_or_quit_stops_the_running_step_as_sigterm_does(stop, signals_r
     pid_file = tmp_path / "step.pid"
     # The step sends the signal itself once it runs: the check is then waiting for it, as during a real step.
     code = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
-            f"os.kill(os.getppid(), {int(stop)}); time.sleep(60)")
+            f"os.kill({os.getpid()}, {int(stop)}); time.sleep(60)")
     gpu_check.stop_on_signals()
     with open(tmp_path / "check.log", "w") as log, pytest.raises(gpu_check.Interrupted) as stopped:
         gpu_check.run_step(gpu_check.Step("sleepy", [sys.executable, "-c", code]), log, timeout_s=60)
     assert gpu_check.stop_signal(stopped.value) == stop
-    assert not running(int(pid_file.read_text()))
+    # SIGKILLed with its group; the launcher, which the check waits for, may end a moment before it.
+    wait_for(lambda: not running(int(pid_file.read_text())), 10, "the step outlived its stop")
 
 
 def test_a_check_whose_terminal_hung_up_records_every_step_and_stops_its_step(tmp_path):
@@ -295,29 +296,75 @@ def test_a_check_whose_terminal_hung_up_records_every_step_and_stops_its_step(tm
     status = steps_of(next(tmp_path.glob("*-check.json")))
     assert status["bench-train"] == ("failed", "interrupted (SIGHUP); its processes were stopped"), status
     assert status["bench-embedding"] == ("skipped", "interrupted"), status
-    assert not any(running(int(pid)) for pid in step_pids)
+    wait_for(lambda: not any(running(int(pid)) for pid in step_pids), 10, "the step outlived the check")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal (prctl) is Linux's")
-def test_a_check_killed_outright_takes_its_running_step_with_it(tmp_path):
+def test_a_check_killed_outright_takes_its_running_step_and_what_it_started_with_it(tmp_path):
     """SIGKILL (the OOM killer, a lent machine taken back) reaches no handler: the step, in a session of its own, ran
-    on holding the GPU."""
-    pid_file = tmp_path / "step.pid"
-    step = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
-                                  "time.sleep(60)"]
-    code = ("import sys\nfrom hetrain.checks import gpu_check\n"
-            "gpu_check.run_step(gpu_check.Step('sleepy', sys.argv[1:]), sys.stdout, timeout_s=60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, *step], cwd=ROOT)
+    on holding the GPU; then its leader alone was killed, and what it had started (pytest's workers) ran on."""
+    pids = tmp_path / "pids"
+    step = gpu_check.Step("sleepy", ["sh", "-c", f"sleep 60 & echo $$ $! > {pids}.tmp && mv {pids}.tmp {pids}; wait"])
+    check = os.fork()  # a check of its own, which this test kills
+    if check == 0:
+        try:
+            with open(tmp_path / "check.log", "w") as log:
+                gpu_check.run_step(step, log, timeout_s=60)
+        finally:
+            os._exit(0)
     try:
-        wait_for(lambda: pid_file.exists() and pid_file.read_text() != "", 60, "the step never started")
-        proc.kill()
-        proc.wait()
-        wait_for(lambda: not running(int(pid_file.read_text())), 10, "the step outlived the check")
+        wait_for(pids.exists, 30, "the step never started")
+        os.kill(check, signal.SIGKILL)
+        os.waitpid(check, 0)
+        for pid in pids.read_text().split():
+            wait_for(lambda: not running(int(pid)), 10, f"process {pid} of the step outlived the check")  # noqa: B023
     finally:
-        proc.kill()
-        if pid_file.exists() and pid_file.read_text():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(check, signal.SIGKILL)
+        for pid in pids.read_text().split() if pids.exists() else []:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher runs on Linux alone")
+def test_a_step_starts_with_the_signals_and_locale_it_would_have_without_the_launcher(tmp_path, monkeypatch):
+    """The launcher's Python ignores SIGPIPE and SIGXFSZ at start-up and, under the C locale, exports LC_CTYPE=C.UTF-8:
+    its exec kept both, so a shell step's `yes | head` wrote "Broken pipe" errors and its locale changed."""
+    monkeypatch.delenv("LC_ALL", raising=False)
+    monkeypatch.delenv("LC_CTYPE", raising=False)
+    monkeypatch.setenv("LANG", "C")
+    command = ["sh", "-c", "grep SigIgn /proc/$$/status; echo LC_CTYPE=${LC_CTYPE-unset}"]
+    with open(tmp_path / "check.log", "w") as log:
+        assert gpu_check.run_step(gpu_check.Step("shell", command), log, timeout_s=60).status == "passed"
+    without = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert (tmp_path / "check.log").read_text().split("\n", 2)[2] == without
+
+
+@pytest.mark.parametrize("missing", [True, False])
+def test_a_step_command_that_cannot_be_run_is_named_in_its_outcome(missing, tmp_path):
+    """A command not found, or not executable, was recorded as "exit code 1", with an unnamed traceback in the log."""
+    command = str(tmp_path / "no-such-tool") if missing else str(FIXTURES)  # a directory: not executable
+    reason = "No such file or directory" if missing else "Permission denied"
+    with open(tmp_path / "check.log", "w") as log:
+        outcome = gpu_check.run_step(gpu_check.Step("tool", [command, "--flag"]), log, timeout_s=60)
+    assert (outcome.status, outcome.detail) == ("failed", f"cannot run {command!r}: {reason}")
+    text = (tmp_path / "check.log").read_text()
+    assert text.splitlines()[-1] == f"gpu-check: {outcome.detail}" and "Traceback" not in text, text
+
+
+def test_a_command_not_found_is_named_where_the_check_runs_it_without_the_launcher(tmp_path, monkeypatch):
+    """Off Linux, Popen itself raised FileNotFoundError, and the check ended in a traceback."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with open(tmp_path / "check.log", "w") as log:
+        outcome = gpu_check.run_step(gpu_check.Step("tool", ["no-such-hetrain-tool"]), log, timeout_s=60)
+    assert (outcome.status, outcome.detail) == ("failed",
+                                                "cannot run 'no-such-hetrain-tool': No such file or directory")
+
+
+def test_a_step_that_exits_127_itself_is_not_taken_for_one_that_could_not_be_run(tmp_path):
+    with open(tmp_path / "check.log", "w") as log:
+        outcome = gpu_check.run_step(gpu_check.Step("shell", ["sh", "-c", "exit 127"]), log, timeout_s=60)
+    assert (outcome.status, outcome.detail) == ("failed", "exit code 127")
 
 
 def test_every_step_runs_without_the_triton_interpreter_unless_it_asks_for_it(tmp_path, monkeypatch):
@@ -372,3 +419,15 @@ def test_a_step_that_did_not_complete_names_the_partial_results_it_left(tmp_path
                                      out=out)
     assert (outcome.status, outcome.detail) == ("failed", "exit code 3; its results so far are in "
                                                           "day-train.partial.json")
+
+
+def test_an_interrupted_step_names_the_partial_results_it_left(check, tmp_path, monkeypatch):
+    """A budget or cap stop named the benchmark's partial results; SIGTERM, SIGHUP or Ctrl-C during it did not."""
+    partial = tmp_path / "day-cpu-train.partial.json"
+    code = (f"import os, pathlib, time; pathlib.Path({str(partial)!r}).write_text('{{}}'); "
+            f"os.kill({os.getpid()}, {int(signal.SIGTERM)}); time.sleep(60)")
+    monkeypatch.setattr(gpu_check, "steps", lambda quick, out, record="check": [
+        gpu_check.Step("bench-train", [sys.executable, "-c", code])])
+    assert check(["--out", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert steps_of(next(tmp_path.glob("*-check.json")))["bench-train"] == (
+        "failed", f"interrupted (SIGTERM); its processes were stopped; its results so far are in {partial.name}")

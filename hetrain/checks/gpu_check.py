@@ -140,11 +140,23 @@ def run_step(step: Step, log: TextIO, timeout_s: float, cut_off: str | None = No
            if v is not None}
     # A session of its own, so a step out of time is stopped with everything it started: a build's ninja and
     # nvcc jobs, or pytest's workers, would otherwise go on compiling or using the GPU during the next steps.
-    proc = subprocess.Popen(dies_with_the_check(step.command), cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    why_read, why_write = os.pipe()  # where the launcher says why it cannot run the command
+    prefix = launcher(why_write)
+    try:
+        proc = subprocess.Popen([*prefix, *step.command], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, pass_fds=(why_write,) if prefix else ())
+    except OSError as exc:  # no launcher (not Linux): Popen runs the command itself
+        os.close(why_read)
+        detail = f"cannot run {step.command[0]!r}: {exc.strerror}"
+        log.write(f"gpu-check: {detail}\n")
+        return Outcome(step.name, "failed", time.perf_counter() - start, detail)
+    finally:
+        os.close(why_write)
     try:
         returncode = proc.wait(timeout=timeout_s)
         status, detail = ("passed", "") if returncode == 0 else ("failed", f"exit code {returncode}")
+        if prefix and returncode in (126, 127):  # the launcher's where it said why; else the step's own
+            detail = os.read(why_read, 4096).decode() or detail
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -153,9 +165,9 @@ def run_step(step: Step, log: TextIO, timeout_s: float, cut_off: str | None = No
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
-    partials = sorted(p.name for p, mtime in partial_results(out).items() if partials_before.get(p) != mtime)
-    if partials:  # what a benchmark measured before it was stopped (or failed)
-        detail = "; ".join(filter(None, [detail, f"its results so far are in {', '.join(partials)}"]))
+    finally:
+        os.close(why_read)
+    detail = with_partials(detail, partials_before, out)
     skipped, parts = skipped_parts(step.parts)
     if skipped:
         named = "; ".join(f"{name} skipped: {why}" for name, why in skipped.items())
@@ -172,24 +184,61 @@ def partial_results(out: Path | None) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in out.glob("*.partial.json")}
 
 
-# Becomes the step (exec, same pid) once the kernel is told to SIGKILL it when its parent, the check, dies
-# (prctl PR_SET_PDEATHSIG = 1); it exits at once where the check died before that. argv: the check's pid, the step.
-_DIE_WITH_THE_CHECK = ("import ctypes, os, sys\n"
-                       f"ctypes.CDLL(None).prctl(1, {int(signal.SIGKILL)})\n"
-                       "if os.getppid() != int(sys.argv[1]):\n"
-                       "    os._exit(1)\n"
-                       "os.execvp(sys.argv[2], sys.argv[2:])\n")
+def with_partials(detail: str, before: dict[Path, int], out: Path | None) -> str:
+    """``detail`` naming the ``*.partial.json`` files written in ``out`` since ``before`` (what a benchmark measured
+    before it was stopped, or failed)."""
+    partials = sorted(p.name for p, mtime in partial_results(out).items() if before.get(p) != mtime)
+    named = f"its results so far are in {', '.join(partials)}" if partials else ""
+    return "; ".join(filter(None, [detail, named]))
 
 
-def dies_with_the_check(command: list[str]) -> list[str]:
-    """``command`` started so that Linux SIGKILLs its leader when the check dies, by SIGKILL too, which no handler
-    sees: the step, in a session of its own, would hold the GPU on, recorded nowhere. Unchanged on other systems.
+# Runs a step on Linux; argv: the check's pid, the pipe to say why the command cannot be run on, the command. The
+# command runs in a child, started as Popen would start it: Python's start-up ignores SIGPIPE and SIGXFSZ, which
+# exec keeps, and under a C locale exports LC_CTYPE=C.UTF-8 (locale coercion), while /proc/self/environ keeps the
+# environment the check gave. This process waits for it and exits as it did, and the kernel sends it SIGTERM when
+# the check dies (PR_SET_PDEATHSIG = 1), on which (or on a SIGHUP, SIGINT or SIGQUIT sent to it) it SIGKILLs its
+# process group: the step and all it started, but what moved to a session or group of its own.
+_LAUNCHER = r"""
+import ctypes, os, resource, signal, sys
+check, why, command = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+os.set_inheritable(why, False)
+stops = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
+at_start = {signum: signal.signal(signum, lambda signum, frame: os.killpg(0, signal.SIGKILL)) for signum in stops}
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+if os.getppid() != check:  # the check died before: no signal will come
+    os._exit(1)
+step = os.fork()
+if step == 0:
+    for signum, handler in {signal.SIGPIPE: signal.SIG_DFL, signal.SIGXFSZ: signal.SIG_DFL, **at_start}.items():
+        signal.signal(signum, handler)
+    env = dict(entry.split(b"=", 1) for entry in open("/proc/self/environ", "rb").read().split(b"\0") if entry)
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        message = f"cannot run {command[0]!r}: {exc.strerror}"
+        os.write(why, message.encode())
+        print(f"gpu-check: {message}", file=sys.stderr, flush=True)
+        os._exit(127 if isinstance(exc, FileNotFoundError) else 126)  # a shell's codes for these
+code = os.waitstatus_to_exitcode(os.waitpid(step, 0)[1])
+if code < 0:  # dies of the step's signal, leaving no core file of its own
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+os._exit(code)
+"""
+
+
+def launcher(why_fd: int) -> list[str]:
+    """What a step's command is run under so that its whole process group is SIGKILLed when the check dies, by
+    SIGKILL too, which no handler sees: the step, in a session of its own, would hold the GPU on, recorded nowhere.
+    The launcher writes why it cannot run the command (not found, not executable) to ``why_fd``. Empty on other
+    systems, where the command is run as it is.
 
     Not a ``preexec_fn``: the Python that runs around its fork swallows a Ctrl-C or SIGTERM arriving then, and the
     check would wait for the whole step."""
     if not sys.platform.startswith("linux"):
-        return command
-    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_THE_CHECK, str(os.getpid()), *command]
+        return []
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), str(why_fd)]
 
 
 def skipped_parts(report: Path | None) -> tuple[dict[str, str], int]:
@@ -372,14 +421,15 @@ def main(argv: list[str] | None = None) -> int:
                 outcome = Outcome(step.name, "skipped", 0.0, why_skipped(step, only, skip) or "interrupted")
             else:
                 budget_left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
-                step_start = time.perf_counter()
+                step_start, partials_before = time.perf_counter(), partial_results(args.out)
                 try:
                     outcome = run_or_skip(step, why_skipped(step, only, skip), caps.get(step.name), budget_left,
                                           args.budget_s, log, args.out)
                 except (KeyboardInterrupt, Interrupted) as stop:
                     stopped = stop
+                    detail = f"interrupted ({stop_signal(stop).name}); its processes were stopped"
                     outcome = Outcome(step.name, "failed", time.perf_counter() - step_start,
-                                      f"interrupted ({stop_signal(stop).name}); its processes were stopped")
+                                      with_partials(detail, partials_before, args.out))
                     log.write(f"\n===== gpu-check interrupted ({stop_signal(stop).name}) during {step.name}: the "
                               "later steps are not run\n")
             outcomes.append(outcome)

@@ -1,6 +1,9 @@
 """Stage-by-stage torch.compile (hetrain.regional_compile): the settings a run offers compile whole, and the counts
 the run summary reports are the run's own."""
 
+import copy
+import functools
+import io
 import itertools
 
 import pytest
@@ -8,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from hetrain.models.bert import BertClassifier
+from hetrain.placement.pipeline import gpipe_forward
 from hetrain.placement.plan import hook_inputs
 from hetrain.regional_compile import compile_counts, compile_stages
 
@@ -136,3 +140,60 @@ def test_stages_made_only_of_torch_modules_are_traced(fullgraph):
     stages["head"](stem(torch.randn(2, 3, 8, 8)).flatten(1)).sum().backward()
     assert len(graphs) == 2, f"{len(graphs)} graphs for 2 stages"
     assert list(stem.state_dict()) == keys  # compiled in place: no _orig_mod wrapper
+
+
+def test_a_checkpointed_torch_module_stage_recomputes_through_the_pipeline():
+    """Torch-only stages were compiled with their _call_impl, hooks and all, and the graph guarded on the hook count:
+    the pipeline split's skip-guard pre-hook, removed before backward, made the checkpoint's recompute compile anew
+    and fail (CheckpointError: recomputed values with different metadata)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = {"body": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                         torch.nn.Conv2d(4, 4, 3, padding=1)),
+             "head": torch.nn.Linear(4, 2)}
+    stages = copy.deepcopy(eager)
+    compile_stages(stages, backend="aot_eager")
+    x = torch.randn(4, 3, 6, 6)
+    for model in (eager, stages):
+        def run_stage(name: str, h: torch.Tensor, _x: torch.Tensor, model: dict = model) -> torch.Tensor:
+            return model[name](h if name == "body" else h.mean((2, 3)))
+
+        gpipe_forward(list(model.items()), run_stage, (x,), 2, checkpoint=("body",)).square().sum().backward()
+    for p, q in zip(eager["body"].parameters(), stages["body"].parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad)
+
+
+def test_a_compiled_torch_module_stage_copies_and_pickles():
+    """A deep copy and a pickled stage (which loads uncompiled, as nn.Module.compile's does) run their own weights."""
+    torch._dynamo.reset()
+    stage = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    compile_stages({"s": stage}, backend="eager")
+    buffer = io.BytesIO()
+    torch.save(stage, buffer)
+    buffer.seek(0)
+    x = torch.randn(2, 4)
+    for twin in (copy.deepcopy(stage), torch.load(buffer, weights_only=False)):
+        torch.nn.init.zeros_(twin[0].weight)
+        torch.nn.init.zeros_(twin[0].bias)
+        assert twin(x).count_nonzero() == 0 and stage(x).count_nonzero() > 0
+
+
+def _doubled(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module._old_forward(x) * 2
+
+
+@pytest.mark.parametrize("kind", ["partial", "traced"])
+def test_stages_whose_forward_is_no_method_compile(kind):
+    """A forward replaced on the instance by a functools.partial (as accelerate's hooks do) or a torch.jit.trace'd
+    stage's ScriptMethod: compile_stages failed asking dynamo's trace rules about it ("getfile returned None")."""
+    torch._dynamo.reset()
+    stage = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    x = torch.randn(2, 4)
+    if kind == "partial":
+        stage._old_forward = stage.forward
+        stage.forward = functools.partial(_doubled, stage)
+    else:
+        stage = torch.jit.trace(stage, x)
+    expected = stage(x)
+    assert compile_stages({"s": stage}, backend="eager")["stages"] == 1
+    torch.testing.assert_close(stage(x), expected)

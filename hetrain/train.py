@@ -407,6 +407,10 @@ def _check_monitor_modes(cfg: DictConfig) -> None:
     """A loss monitored with ``mode=max`` (the checkpoint config's default, set for ``val/acc``) counts the highest
     loss as the best: the checkpoint kept is the worst one, and nothing says so."""
     for name, node in (cfg.get("callbacks") or {}).items():
+        if name != "profile_steps" and node is not None and not OmegaConf.is_dict(node):
+            # False, "off" or 0 failed as "'bool' object has no attribute '_target_'", naming no setting.
+            raise ValueError(f"hetrain: callbacks.{name}={node!r} is not a callback's settings; drop the callback "
+                             f"with callbacks.{name}=null")
         if not OmegaConf.is_dict(node):  # profile_steps, and entries set to null
             continue
         monitor, mode = node.get("monitor"), node.get("mode")

@@ -575,6 +575,9 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["+trainer.max_time='00:00:05:00'", "trainer.accumulate_grad_batches=2"],
      "trainer.max_time='00:00:05:00' stops the fit on a clock, after whichever batch is running, so with "
      "trainer.accumulate_grad_batches=2 the final validation and checkpoint may come inside an accumulation window"),
+    # A callback switched off with false failed as "'bool' object has no attribute '_target_'".
+    (["callbacks.throughput=false"], "callbacks.throughput=False is not a callback's settings; drop the callback "
+     "with callbacks.throughput=null"),
 ])
 def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(overrides, message, tmp_path):
     """Each failed inside torch's sampler, Lightning's loop (ZeroDivisionError) or a tokenizer, after the model was
@@ -594,7 +597,8 @@ def test_the_limits_of_the_new_checks_are_accepted(tmp_path):
                       ["trainer.max_steps=-1", "trainer.max_epochs=-1"], ["+trainer.limit_train_batches=0.5"],
                       ["data.val_size=0", "trainer.limit_val_batches=0"], ["data.num_slots=2", "data.producers=1"],
                       ["data.loader=torch", "data.producers=0", "data.num_slots=1"],  # the ring's, unused there
-                      ["model.vocab_size=512"], ["data.vocab_size=64"]):  # rows to spare; the model following
+                      ["model.vocab_size=512"], ["data.vocab_size=64"], ["callbacks.throughput=null"],
+                      ["callbacks.profile_steps=[2,3]"]):  # rows to spare; the model following
         check_config(compose_train(*overrides, output_dir=tmp_path))
 
 

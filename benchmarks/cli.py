@@ -12,11 +12,12 @@ import argparse
 import json
 import os
 import secrets
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from hetrain.checks.gpu_check import writable_directory
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -68,14 +69,7 @@ def out_dir(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: not a writable directory (a file is there); "
                                          "pass a directory for the results")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"{text}: not a writable directory ({exc.strerror or exc}); "
-                                         "pass a directory for the results") from None
-    return path
+    return writable_directory(path, text)
 
 
 def check_device(parser: argparse.ArgumentParser, device: str) -> str:

@@ -319,6 +319,11 @@ def out_dir(text: str) -> Path:
     path = Path(text).resolve()
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: a file, not a directory; pass a directory for the results")
+    return writable_directory(path, text)
+
+
+def writable_directory(path: Path, text: str) -> Path:
+    """``path`` created if missing and tried with a file; else an argparse error naming ``text``, as given."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

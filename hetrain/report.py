@@ -50,6 +50,8 @@ SUMMARY_MD = "summary.md"
 SWEEP_CSV = "summary.csv"
 # In a sweep directory: the id of the sweep that last started there; in a job directory: its sweep's id.
 SWEEP_ID = ".hetrain_sweep_id"
+# In a job directory an earlier sweep left: a copy of its config folder (.hydra/), taken when a new sweep began there.
+EARLIER_CONFIG = ".hetrain_earlier_config"
 # In a single run's directory: locked (flock) by the run using it, and holding its pid.
 RUN_LOCK = ".hetrain_run.lock"
 # A summary's device for a stage that holds no parameter or buffer (an activation): it runs where its input is.
@@ -231,9 +233,7 @@ class ResumableCSVLogger(CSVLogger):
         folder = Path(self.log_dir)
         if not (folder / ExperimentWriter.NAME_METRICS_FILE).is_file():
             return
-        part = 1
-        while (aside := folder.with_name(f"{folder.name}-part{part}")).exists():
-            part += 1
+        aside = _next_part(folder)
         aside.mkdir()
         for name in (ExperimentWriter.NAME_METRICS_FILE, ExperimentWriter.NAME_HPARAMS_FILE):
             if (folder / name).is_file():
@@ -662,6 +662,37 @@ def _hold_lock(run_dir: Path) -> int:
     return fd
 
 
+def _copy_earlier_configs(sweep_dir: Path, output_subdir: str) -> None:
+    """Copies the config folder (``output_subdir``) of each job an earlier sweep left in ``sweep_dir`` to
+    ``EARLIER_CONFIG`` in its directory: Hydra rewrites it when a job of this sweep starts there, before any callback
+    of the job runs, and the earlier job's overrides and config were lost. Under torchrun, a folder newer than this
+    process is another rank's of this sweep (see :func:`_set_aside`)."""
+    since = _process_start() if _launched_together() else math.inf
+    depth = len(Path(output_subdir).parts)
+    for config_dir in sweep_dir.glob(f"**/{output_subdir}"):
+        job_dir = config_dir.parents[depth - 1]  # a previous-*/ folder holds no sweep id: left alone
+        if _sweep_id(job_dir) is not None and _last_change(config_dir) < since:
+            shutil.rmtree(job_dir / EARLIER_CONFIG, ignore_errors=True)  # one a stopped sweep left
+            shutil.copytree(config_dir, job_dir / EARLIER_CONFIG)
+
+
+def _keep_earlier_config(job_dir: Path, kept: Path) -> None:
+    """Moves the earlier job's config that :func:`_copy_earlier_configs` copied in ``job_dir`` to ``kept``."""
+    copied = job_dir / EARLIER_CONFIG
+    if copied.is_dir():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(copied, kept)
+        log.info(f"hetrain: {job_dir} held a job of an earlier sweep; its config is kept in {kept}")
+
+
+def _next_part(folder: Path) -> Path:
+    """``<folder>-part<k>`` for the first k = 1, 2, ... not taken."""
+    part = 1
+    while (aside := folder.with_name(f"{folder.name}-part{part}")).exists():
+        part += 1
+    return aside
+
+
 class RunDirectory(HydraCallback):
     """Hydra callback: keeps a single run's directory (``hydra.run.dir``; a sweep's jobs: :class:`SweepSummary`) to
     that run.
@@ -742,7 +773,9 @@ class SweepSummary(HydraCallback):
         sweeps start at 0), nor can a count (a sweeper such as Optuna's chooses its jobs as it goes), nor
         times (jobs may run on other machines, whose clocks and file timestamps need not agree); an id can.
 
-        The jobs are found by the configs Hydra saves into them: a sweep that saves none is refused.
+        The jobs are found by the configs Hydra saves into them: a sweep that saves none is refused. Hydra rewrites
+        a job's config folder before any callback of the job runs, so that of each job an earlier sweep left here is
+        copied now (:func:`_copy_earlier_configs`), for on_job_start to keep with the rest of that job's files.
         """
         if _another_rank():
             return
@@ -754,6 +787,7 @@ class SweepSummary(HydraCallback):
                              "(.hydra) or give it another folder name")
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        _copy_earlier_configs(sweep_dir, config.hydra.output_subdir)
         (sweep_dir / SWEEP_ID).write_text(f"{uuid.uuid4().hex}\n")
 
     @override
@@ -761,10 +795,11 @@ class SweepSummary(HydraCallback):
         """Marks the job's directory as this sweep's; what a job of an earlier sweep left there goes aside.
 
         The id is read from the sweep directory, not kept on this object: with a launcher that runs jobs
-        in other processes, this runs there. An earlier sweep's files (checkpoints, log, summary...) move to
-        ``previous-<its id>/``, unless this job resumes from a checkpoint among them; a summary left there in
-        any case goes, so that a job killed before writing its own is listed as such, not with the earlier
-        job's results.
+        in other processes, this runs there. An earlier sweep's files (checkpoints, log, summary..., and its config
+        folder, ``.hydra/``, as on_multirun_start copied it) move to ``previous-<its id>/``, unless this job resumes
+        from a checkpoint among them: the files then stay, and the earlier config is kept as ``.hydra-part<k>/``, k =
+        1, 2, ... in the order the parts ran (the CSV log's ``csv-part<k>/``). A summary left there in any case goes,
+        so that a job killed before writing its own is listed as such, not with the earlier job's results.
         """
         if config.hydra.mode != RunMode.MULTIRUN or _another_rank():
             return
@@ -773,14 +808,20 @@ class SweepSummary(HydraCallback):
             return
         job_dir = Path(config.hydra.runtime.output_dir)
         earlier = _sweep_id(job_dir)
-        if earlier not in (None, sweep_id) and not _resumes_inside(config, job_dir):
-            # The sweep began when its id was written (a file time, as the job files are): what changed since is
-            # this sweep's, such as the log rank 1 opened here first.
-            began = (Path(config.hydra.sweep.dir) / SWEEP_ID).stat().st_mtime
-            moved = _set_aside(job_dir, job_dir / f"previous-{earlier[:8]}", (".hydra", SWEEP_ID),
-                               "a job of an earlier sweep", began)
-            if moved is not None:
-                log.info(moved)
+        if earlier not in (None, sweep_id):
+            output_subdir = config.hydra.output_subdir
+            if _resumes_inside(config, job_dir):  # the job goes on in place
+                _keep_earlier_config(job_dir, _next_part(job_dir / output_subdir))
+            else:
+                # The sweep began when its id was written (a file time, as the job files are): what changed since is
+                # this sweep's, such as the log rank 1 opened here first.
+                began = (Path(config.hydra.sweep.dir) / SWEEP_ID).stat().st_mtime
+                aside = job_dir / f"previous-{earlier[:8]}"
+                moved = _set_aside(job_dir, aside, (Path(output_subdir).parts[0], SWEEP_ID, EARLIER_CONFIG),
+                                   "a job of an earlier sweep", began)
+                if moved is not None:
+                    log.info(moved)
+                _keep_earlier_config(job_dir, aside / output_subdir)
         for stale in (SUMMARY_JSON, SUMMARY_MD):
             (job_dir / stale).unlink(missing_ok=True)
         (job_dir / SWEEP_ID).write_text(f"{sweep_id}\n")
@@ -805,6 +846,8 @@ class SweepSummary(HydraCallback):
         if _another_rank():
             return
         sweep_dir, text, jobs = self._write(config)
+        for unused in sweep_dir.glob(f"**/{EARLIER_CONFIG}"):  # of jobs this sweep did not reach: theirs is in place
+            shutil.rmtree(unused, ignore_errors=True)
         _print_sweep_table(sweep_dir, text)
         failed = [str(job["job"]) for job in jobs if job.get("status") != "ok"]
         if failed:

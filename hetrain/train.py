@@ -15,13 +15,16 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
 import typing
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
@@ -171,7 +175,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_seed(cfg)
     _check_counts(cfg)
     _check_windows(cfg)
-    _check_switches(cfg)
+    _check_types(cfg)
     _check_monitor_modes(cfg)
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
@@ -209,7 +213,11 @@ def _check_counts(cfg: DictConfig) -> None:
     # data.train_size and data.producers failed inside torch ("negative dimension") or the ring, naming no setting.
     # The ring's settings only where the ring loads the data (data.loader=torch leaves them unused).
     ring = OmegaConf.select(cfg, "data.loader", default="ring") == "ring"
-    counts = ["threads", "data.batch_size", "data.max_tokens", "data.train_size", *(["data.producers"] if ring else [])]
+    # data.markers_per_class=0 failed in torch's random_ ("expects 'from' to be less than 'to'"); a corpus of
+    # documents (data.path) has no markers.
+    synthetic = OmegaConf.select(cfg, "data.path") is None
+    counts = ["threads", "data.batch_size", "data.max_tokens", "data.train_size", *(["data.producers"] if ring else []),
+              *(["data.markers_per_class"] if synthetic else [])]
     for key in counts:
         value = OmegaConf.select(cfg, key)
         if value is not None and (not _whole(value) or value < 1):
@@ -422,27 +430,35 @@ def _check_monitor_modes(cfg: DictConfig) -> None:
                              "the metric a sweeper optimises, is a setting of its own")
 
 
-def _check_switches(cfg: DictConfig) -> None:
-    """Settings taken as booleans: ``backends.strict=no`` turned strict mode on (``bool('no')`` is true),
-    ``model.fused=no`` built the fused model, and ``compile.dynamic=maybe`` failed in an assertion of torch's.
-    Besides the settings named here, every argument that a ``_target_`` of the config takes as a ``bool``
-    (:func:`_bool_arguments`)."""
-    switches = [("backends.strict", (True, False, None))]
+def _check_types(cfg: DictConfig) -> None:
+    """Settings of the wrong type, named before a library meets them: ``backends.strict=no`` turned strict mode on
+    (``bool('no')`` is true), ``model.fused=no`` built the fused model, ``compile.dynamic=maybe`` failed in an
+    assertion of torch's, ``trainer.log_every_n_steps=abc`` in a comparison inside Lightning and ``data.max_len=64.5``
+    in torch.randint. Besides the settings named here, every argument that a ``_target_`` of the config types as a
+    bool, a whole number or a number (:func:`_typed_arguments`). Runs after the checks of particular settings, whose
+    messages say more."""
+    settings: list[tuple[str, tuple[type, ...]]] = [("backends.strict", (bool, type(None)))]
     if cfg.get("compile") is not None:
-        switches += [("compile.enabled", (True, False)), ("compile.fullgraph", (True, False)),
-                     ("compile.dynamic", (True, False, None))]
-    switches += _bool_arguments(cfg)
-    for key, choices in switches:
+        settings += [("compile.enabled", (bool,)), ("compile.fullgraph", (bool,)),
+                     ("compile.dynamic", (bool, type(None)))]
+    settings += _typed_arguments(cfg)
+    for key, kinds in settings:
         value = OmegaConf.select(cfg, key)
-        if not any(value is choice for choice in choices):
-            allowed = " or ".join("null" if c is None else str(c).lower() for c in choices)
-            raise ValueError(f"hetrain: {key}={value!r} must be {allowed}")
+        if not _of_kind(value, kinds):
+            raise ValueError(f"hetrain: {key}={value!r} must be {_kinds_text(kinds)}")
 
 
-def _bool_arguments(node: DictConfig, prefix: str = "") -> list[tuple[str, tuple[bool | None, ...]]]:
-    """The settings under ``node`` that its ``_target_`` callables (the model, the trainer, a callback...) type as
-    ``bool`` (or ``bool | None``), with the values they accept: Hydra passes ``no`` on as a string, which is true."""
-    found: list[tuple[str, tuple[bool | None, ...]]] = []
+# The types a setting is checked against (:func:`_typed_arguments`), as a message names them, in its order.
+_KIND_TEXT = {bool: "true or false", int: "a whole number", float: "a number", type(None): "null"}
+
+
+def _typed_arguments(node: DictConfig, prefix: str = "") -> list[tuple[str, tuple[type, ...]]]:
+    """The settings under ``node`` that its ``_target_`` callables (the model, the data, the trainer, a callback...)
+    type as ``bool``, ``int`` or ``float`` (or a union of them, ``None`` included), with those types: Hydra passes
+    ``no`` and ``abc`` on as strings, and ``64.5`` to an ``int``. Arguments of any other type (a string, a path, a
+    sequence, a ``Literal``) are left to the target, and so are settings that are configs themselves (a nested
+    ``_target_`` that makes the number)."""
+    found: list[tuple[str, tuple[type, ...]]] = []
     target = node.get("_target_")
     if isinstance(target, str):
         try:
@@ -451,15 +467,31 @@ def _bool_arguments(node: DictConfig, prefix: str = "") -> list[tuple[str, tuple
         except Exception:  # noqa: BLE001 - a target that cannot be read: instantiating it says why
             hints = {}
         for name, hint in hints.items():
-            if name in node and hint is bool:
-                found.append((f"{prefix}{name}", (True, False)))
-            elif name in node and hint == bool | None:  # typing.Optional[bool] too
-                found.append((f"{prefix}{name}", (True, False, None)))
+            kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            if (name in node and not OmegaConf.is_missing(node, name) and not OmegaConf.is_dict(node._get_node(name))
+                    and all(isinstance(k, type) and k in _KIND_TEXT for k in kinds)):
+                found.append((f"{prefix}{name}", kinds))
     for key in node:
         child = node._get_node(key)
         if OmegaConf.is_dict(child):
-            found += _bool_arguments(child, f"{prefix}{key}.")
+            found += _typed_arguments(child, f"{prefix}{key}.")
     return found
+
+
+def _of_kind(value: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether ``value`` is of one of ``kinds``, as a signature means them: a whole number is a number too, and a
+    bool is neither (Python counts it as an int)."""
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    return (isinstance(value, float) and float in kinds) or (value is None and type(None) in kinds)
+
+
+def _kinds_text(kinds: tuple[type, ...]) -> str:
+    """``kinds`` as a message says them: ``a number or null``."""
+    shown = [kind for kind in _KIND_TEXT if kind in kinds and not (kind is int and float in kinds)]
+    return " or ".join(_KIND_TEXT[kind] for kind in shown)
 
 
 def _check_seed(cfg: DictConfig) -> None:
@@ -485,19 +517,46 @@ def _epochs_done(checkpoint: dict[str, Any]) -> int | None:
     return done + 1 if in_flight and last_batch_ran else done
 
 
-def _check_steps_left(cfg: DictConfig) -> None:
-    """Refuses to resume a checkpoint already at ``trainer.max_steps`` or past its last epoch
-    (``trainer.max_epochs``): Lightning would skip the fit, its callbacks' hooks included, and the run would say ok
-    with nothing trained or measured."""
+# What every Lightning checkpoint holds, which Lightning reads first when it resumes one.
+_CHECKPOINT_KEYS = ("pytorch-lightning_version", "state_dict")
+
+
+def _read_checkpoint(ckpt_path: str) -> dict[str, Any] | None:
+    """The checkpoint ``ckpt_path`` as Lightning reads it to resume (``weights_only``, torch's default), its tensors
+    left on disk; None where torch refuses an object in it, whose message Lightning raises (it says how to allow the
+    object). A file that is no Lightning checkpoint is refused: a tensor, a list, a model's state_dict or a text file
+    failed inside Lightning's loading with ``KeyError: 101`` or ``KeyError: 'pytorch-lightning_version'``."""
+    zipped = zipfile.is_zipfile(ckpt_path)  # torch.save's format since torch 1.6, the only one mmap reads
+    try:  # mmap: the tensors stay on disk, only the pickled structure around them is read
+        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=zipped, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - named in the error below
+        if zipped and isinstance(exc, pickle.UnpicklingError):  # an object weights_only refuses: Lightning says
+            return None
+        found = f"it is no file torch.save wrote (torch.load raised {type(exc).__name__})"
+    else:
+        missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else None
+        if missing == []:
+            return checkpoint
+        found = (f"it holds a {type(checkpoint).__name__}" if missing is None
+                 else f"it holds a dict without {' or '.join(repr(key) for key in missing)}")
+    keys = ", ".join(repr(key) for key in (*_CHECKPOINT_KEYS, "global_step", "loops", "optimizer_states"))
+    raise ValueError(f"hetrain: ckpt_path={ckpt_path} is not a Lightning checkpoint: {found}, where Lightning saves "
+                     f"a dict with the keys {keys} and more; pass a checkpoint an earlier run wrote, e.g. <its run "
+                     "directory>/checkpoints/last.ckpt, or ckpt_path=null to train from the start")
+
+
+def _check_checkpoint(cfg: DictConfig) -> None:
+    """Refuses a ``ckpt_path`` that is no Lightning checkpoint (:func:`_read_checkpoint`), and one already at
+    ``trainer.max_steps`` or past its last epoch (``trainer.max_epochs``): Lightning would skip the fit, its
+    callbacks' hooks included, and the run would say ok with nothing trained or measured."""
     ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return
+    checkpoint = _read_checkpoint(ckpt_path)
     max_steps, max_epochs = OmegaConf.select(cfg, "trainer.max_steps"), OmegaConf.select(cfg, "trainer.max_epochs")
     step_limit = isinstance(max_steps, int) and max_steps >= 0  # -1: no step limit
     epoch_limit = isinstance(max_epochs, int) and max_epochs >= 0  # -1 or null: none (max_steps decides)
-    if ckpt_path is None or not (step_limit or epoch_limit):
-        return
-    try:  # mmap: the tensors stay on disk, only the pickled structure around them is read
-        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # noqa: BLE001 - one this cannot read (objects of a user's, an old format): Lightning says
+    if checkpoint is None or not (step_limit or epoch_limit):
         return
     step = checkpoint.get("global_step", 0)
     if step_limit and step >= max_steps:
@@ -615,7 +674,7 @@ def build(cfg: DictConfig) -> Parts:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the experiment ``cfg`` describes; returns the measured part of the summary."""
     check_config(cfg)  # before the seed and the backends are applied (build() checks again, cheaply)
-    _check_steps_left(cfg)
+    _check_checkpoint(cfg)
     # Past the checks every rank makes alike: a failure from here on may come on one rank alone (a node's file,
     # device or memory in build()), which under DDP leaves the ranks out of step for a sweep's next job.
     _fit.running = True
@@ -805,9 +864,27 @@ def _devices_in_use(cfg: DictConfig) -> list[str]:
 
 
 def _root_cause(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None:
+    """The error a failure is reported by: ``exc``, unwrapped from Hydra's InstantiationException, whose "Error in
+    call to target ..." only repeats the error of the ``_target_`` it was raised from. Not the innermost cause: a
+    hetrain error raised from a library's (``raise ValueError("hetrain: ...") from exc``) is the explanation."""
+    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
         exc = exc.__cause__
     return exc
+
+
+def _chain_text(exc: BaseException) -> str:
+    """``exc`` and each error it was raised from, one ``Type: message`` line each: a collective's error whose peer
+    ended (_PEER_ENDED) may sit under one that wraps it."""
+    lines, current = [], exc
+    while current is not None:
+        lines.append(f"{type(current).__name__}: {current}")
+        current = current.__cause__
+    return "\n".join(lines)
+
+
+def _peer_ended(text: str) -> bool:
+    """Whether ``text`` (an error, or :func:`_chain_text`) is a collective's whose peer ended."""
+    return any(words in text for words in _PEER_ENDED)
 
 
 def _log_failure(exc: BaseException, error: str, log_file: str | None) -> None:
@@ -857,9 +934,10 @@ def _rank_logs(log_file: str | None) -> dict[Path, int]:
 def _other_ranks(error: str, log_file: str | None, sizes_before: dict[Path, int],
                  wait_s: float = 10.0) -> dict[str, str]:
     """What ended each other rank, from what its log gained during this run (``sizes_before``: :func:`_rank_logs`
-    at the run's start), when ``error`` is a collective's whose peer ended: the rank that failed first is then
-    another, and this one's error says no more than that a connection closed."""
-    if log_file is None or not any(words in error for words in _PEER_ENDED):
+    at the run's start), when ``error`` (this rank's failure, with the errors it was raised from: :func:`_chain_text`)
+    is a collective's whose peer ended: the rank that failed first is then another, and this one's error says no more
+    than that a connection closed."""
+    if log_file is None or not _peer_ended(error):
         return {}
     # The rank that failed first closed its connections while tearing down, before it logged its failure: give it
     # a moment to write that line.
@@ -1013,8 +1091,9 @@ def _run(cfg: DictConfig) -> float | None:
         if rank_zero_only.rank == 0:
             # The logs name a rank that failed first; one that failed before this run looked at them (a sweep's
             # rank 1 failing its job's build while rank 0 still wrote the last job's summary) told the store.
-            other_ranks = _other_ranks(error, info.get("log"), rank_logs_before) or (
-                _told_failures(run_number) if any(words in error for words in _PEER_ENDED) else {})
+            chain = _chain_text(exc)
+            other_ranks = _other_ranks(chain, info.get("log"), rank_logs_before) or (
+                _told_failures(run_number) if _peer_ended(chain) else {})
             if other_ranks:
                 log.error("hetrain: another rank ended first; their logs say: "
                           + "; ".join(f"{name}: {ended}" for name, ended in other_ranks.items()))

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from test_train import ROOT, train_py, write_dated
 
-from hetrain.report import SWEEP_ID, SweepSummary, collect_jobs
+from hetrain.report import SWEEP_ID, SweepSummary, collect_jobs, write_run_summary
 
 TINY = ["recipe=bert_split", "trainer.val_check_interval=2", "data.train_size=128",
         "data.val_size=32", "model.hidden=32", "model.layers=1", "trainer.num_sanity_val_steps=0",
@@ -156,7 +156,12 @@ def test_a_sweep_rerun_into_its_directory_sets_the_earlier_jobs_files_aside(tmp_
     assert {r["step"] for r in csv.DictReader((sweep / "0" / "csv-part1" / "metrics.csv").open())} == {"1"}
     assert {r["step"] for r in csv.DictReader((sweep / "0" / "csv" / "metrics.csv").open())} == {"3"}
 
+    # Each job's config of the earlier sweep is kept: in the files set aside, or beside the resumed job's own.
+    assert "seed=0" in (sweep / "0" / ".hydra-part1" / "overrides.yaml").read_text()
+    assert resume.split(",")[0] in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
     (aside,) = (sweep / "1").glob("previous-*")
+    assert "seed=1" in (aside / ".hydra" / "overrides.yaml").read_text()
+    assert "seed=1" not in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
     assert fresh["steps"] == 4 and "resumed" not in fresh
     assert sorted(p.name for p in (sweep / "1" / "checkpoints").iterdir()) == sorted(
         ["last.ckpt", Path(fresh["best_model_path"]).name])
@@ -213,7 +218,47 @@ def test_a_rerun_sweep_leaves_in_place_the_log_rank_1_opened_in_a_job_before_ran
                                                       "train_ddp_process_1.log"]
     assert (job / "train_ddp_process_1.log").read_text() == "rank 1 trains\n"
     assert sorted(str(p.relative_to(job / "previous-01234567")) for p in (job / "previous-01234567").rglob("*")
-                  if p.is_file()) == sorted(earlier[:3])
+                  if p.is_file()) == sorted([*earlier[:3], ".hydra/config.yaml"])
+
+
+def _job_config(job: Path, num: int, overrides: str) -> None:
+    """The config folder Hydra writes into a job's directory when the job starts, before any callback of the job."""
+    (job / ".hydra").mkdir(parents=True, exist_ok=True)
+    (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n    name: train\n")
+    (job / ".hydra" / "overrides.yaml").write_text(f"- {overrides}\n")
+
+
+def test_a_sweep_rerun_into_its_directory_keeps_the_earlier_jobs_configs(tmp_path):
+    """Hydra rewrites a job's .hydra/ before on_job_start: the earlier sweep's overrides and config of every job the
+    new sweep reached were lost, its checkpoints and summary set aside without them."""
+    sweep = tmp_path / "sweep"
+    for num in range(3):  # the earlier sweep's three jobs
+        _job_config(sweep / str(num), num, f"seed={num}")
+        write_dated(sweep / str(num), ["checkpoints/last.ckpt", "summary.json"], time.time() - 3600)
+        (sweep / str(num) / SWEEP_ID).write_text("0123456789abcdef\n")
+    fresh, resumed = _hydra_config(sweep), _hydra_config(sweep)
+    resumed.hydra.runtime.output_dir, resumed.hydra.job.num = str(sweep / "1"), 1
+    resumed.ckpt_path = str(sweep / "1" / "checkpoints" / "last.ckpt")  # job 1 goes on in place
+    summary = SweepSummary()
+    summary.on_multirun_start(fresh)
+    for config, overrides in ((fresh, "seed=5"), (resumed, f"ckpt_path={resumed.ckpt_path}")):
+        job = Path(config.hydra.runtime.output_dir)
+        _job_config(job, config.hydra.job.num, overrides)
+        summary.on_job_start(config, task_function=None)
+        write_run_summary({"status": "ok"}, job)
+    summary.on_multirun_end(fresh)  # the new sweep has two jobs
+
+    earlier = sweep / "0" / "previous-01234567"
+    assert (earlier / ".hydra" / "overrides.yaml").read_text() == "- seed=0\n" and (earlier / "summary.json").exists()
+    assert (sweep / "0" / ".hydra" / "overrides.yaml").read_text() == "- seed=5\n"
+    # The resumed job keeps its files in place, and the earlier part's config beside its own.
+    assert (sweep / "1" / ".hydra-part1" / "overrides.yaml").read_text() == "- seed=1\n"
+    assert not list((sweep / "1").glob("previous-*")) and (sweep / "1" / "checkpoints" / "last.ckpt").exists()
+    # A job the new sweep did not reach keeps its config in place, and no copy of it.
+    assert (sweep / "2" / ".hydra" / "overrides.yaml").read_text() == "- seed=2\n"
+    assert sorted(p.name for p in (sweep / "2").iterdir()) == sorted([".hydra", SWEEP_ID, "checkpoints",
+                                                                      "summary.json"])
+    assert [(r["job"], r["status"]) for r in collect_jobs(sweep)] == [(0, "ok"), (1, "ok")]
 
 
 def test_a_sweep_that_saves_no_job_configs_is_refused_and_another_config_folder_is_read(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -478,6 +479,42 @@ def test_a_checkpoint_path_that_is_no_file_is_refused_naming_it(tmp_path):
         build(cfg)
 
 
+@pytest.mark.parametrize("content, found", [
+    (torch.zeros(3), "it holds a Tensor"),
+    ([1, 2], "it holds a list"),
+    ({"weight": torch.zeros(2)}, "it holds a dict without 'pytorch-lightning_version' or 'state_dict'"),
+    ("hello\n", "it is no file torch.save wrote (torch.load raised KeyError)"),
+])
+def test_a_checkpoint_path_that_is_no_lightning_checkpoint_is_refused_naming_it(tmp_path, content, found):
+    """It failed with a bare "KeyError: 101" (a text file), "KeyError: 'pytorch-lightning_version'" (a state_dict)
+    or "'Tensor' object has no attribute 'get'", after the model and data were built or inside Lightning."""
+    ckpt = tmp_path / "weights.ckpt"
+    if isinstance(content, str):
+        ckpt.write_text(content)
+    else:
+        torch.save(content, ckpt)
+    for limits in (["trainer.max_steps=2"], ["trainer.max_steps=-1", "trainer.max_epochs=null"]):
+        cfg = compose_train("recipe=bert_split", *limits, f"ckpt_path={ckpt}", output_dir=tmp_path)
+        with pytest.raises(ValueError, match=re.escape(
+                f"hetrain: ckpt_path={ckpt} is not a Lightning checkpoint: {found}, where Lightning saves a dict "
+                "with the keys 'pytorch-lightning_version', 'state_dict', 'global_step', 'loops', 'optimizer_states' "
+                "and more; pass a checkpoint an earlier run wrote, e.g. <its run directory>/checkpoints/last.ckpt")):
+            run(cfg)
+
+
+class _Unlisted:
+    """An object torch.load(weights_only=True) refuses, as a user's hyperparameters may hold."""
+
+
+def test_a_checkpoint_with_an_object_weights_only_refuses_is_left_to_lightning(tmp_path):
+    # torch's message, which Lightning raises, says how to allow the object.
+    from hetrain.train import _read_checkpoint
+
+    torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {}, "hyper_parameters": _Unlisted()},
+               tmp_path / "last.ckpt")
+    assert _read_checkpoint(str(tmp_path / "last.ckpt")) is None
+
+
 def test_failed_run_records_its_error(tmp_path):
     # A pin to a backend that does not exist is refused by hetrain.plugins.configure, before the fit.
     result = train_py("recipe=bert_split", "+backends.pins.layer_norm=nope", *SMALL,
@@ -575,6 +612,16 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["+trainer.max_time='00:00:05:00'", "trainer.accumulate_grad_batches=2"],
      "trainer.max_time='00:00:05:00' stops the fit on a clock, after whichever batch is running, so with "
      "trainer.accumulate_grad_batches=2 the final validation and checkpoint may come inside an accumulation window"),
+    # Arguments a _target_ types as a number, of the wrong type: a comparison inside Lightning, torch.randint's
+    # "received an invalid combination of arguments", torch's random_ "expects 'from' to be less than 'to'".
+    (["recipe=bert_split", "trainer.log_every_n_steps=abc"], "trainer.log_every_n_steps='abc' must be a whole "
+     "number or null"),
+    (["recipe=bert_split", "data.signal=abc"], "data.signal='abc' must be a number"),
+    (["recipe=bert_split", "data.max_len=64.5"], "data.max_len=64.5 must be a whole number"),
+    (["recipe=bert_split", "data.markers_per_class=0"], "data.markers_per_class=0 must be a positive whole number"),
+    (["recipe=longseq_ringbuffer", "data.max_doc_len=true"], "data.max_doc_len=True must be a whole number"),
+    (["+trainer.gradient_clip_val=abc"], "trainer.gradient_clip_val='abc' must be a number or null"),
+    (["recipe=resnet_fused_amp", "data.noise=null"], "data.noise=None must be a number"),
     # A callback switched off with false failed as "'bool' object has no attribute '_target_'".
     (["callbacks.throughput=false"], "callbacks.throughput=False is not a callback's settings; drop the callback "
      "with callbacks.throughput=null"),
@@ -598,7 +645,13 @@ def test_the_limits_of_the_new_checks_are_accepted(tmp_path):
                       ["data.val_size=0", "trainer.limit_val_batches=0"], ["data.num_slots=2", "data.producers=1"],
                       ["data.loader=torch", "data.producers=0", "data.num_slots=1"],  # the ring's, unused there
                       ["model.vocab_size=512"], ["data.vocab_size=64"], ["callbacks.throughput=null"],
-                      ["callbacks.profile_steps=[2,3]"]):  # rows to spare; the model following
+                      ["callbacks.profile_steps=[2,3]"],  # rows to spare; the model following
+                      # null where the type allows it, whole numbers for numbers, interpolations
+                      ["trainer.log_every_n_steps=null", "model.ffn=null", "model.attention_dropout=null"],
+                      ["data.signal=0", "data.distractors=0", "task.weight_decay=0", "+trainer.gradient_clip_val=1"],
+                      ["trainer.log_every_n_steps=${trainer.val_check_interval}", "data.max_len=${model.max_len}"],
+                      # a corpus (data.path) has no class markers
+                      ["recipe=longseq_ringbuffer", f"data.path={ROOT / 'tests'}", "data.markers_per_class=0"]):
         check_config(compose_train(*overrides, output_dir=tmp_path))
 
 
@@ -1285,6 +1338,47 @@ def test_failed_run_logs_one_line_on_the_console_and_its_traceback_in_the_log_fi
     assert "Traceback" not in console.getvalue()
     assert "Traceback" in (tmp_path / "train.log").read_text()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+class _ExplainedFailure(pl.Callback):
+    """Fails when built as hetrain code does on a library's error: an explanation raised from that error."""
+
+    def __init__(self) -> None:
+        try:
+            {}["step"]
+        except KeyError as exc:
+            raise ValueError("hetrain: the explanation, naming the setting to change") from exc
+
+
+def test_a_failure_is_reported_by_hetrains_explanation_not_the_library_error_it_was_raised_from(tmp_path):
+    """The summary gave the innermost cause, the library's bare "KeyError: 'step'"; Hydra's "Error in call to
+    target" wrapper is still left out."""
+    target = f"{__name__}.{_ExplainedFailure.__qualname__}"
+    cfg = compose_train("recipe=bert_split", f"+callbacks.explained._target_={target}", output_dir=tmp_path)
+    with pytest.raises(InstantiationException, match="Error in call to target"):
+        run(cfg)
+    error = json.loads((tmp_path / "summary.json").read_text())["error"]
+    assert error == "ValueError: hetrain: the explanation, naming the setting to change"
+
+
+def test_a_collectives_peer_error_is_found_under_an_error_that_wraps_it(tmp_path):
+    """Rank 0 reads the other ranks' logs when its failure was a collective's whose peer ended, which may sit under
+    an error raised from it: the one reported (the outer) no longer says so."""
+    from hetrain.train import _chain_text, _peer_ended
+
+    try:
+        try:
+            raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500")
+        except RuntimeError as exc:
+            raise ValueError("hetrain: the step's gradients were not reduced") from exc
+    except ValueError as exc:
+        wrapped = exc
+    assert not _peer_ended(f"ValueError: {wrapped}") and _peer_ended(_chain_text(wrapped))
+    rank0, rank1 = tmp_path / "train.log", tmp_path / "train_ddp_process_1.log"
+    rank0.write_text("")
+    before = _rank_logs(str(rank0))
+    rank1.write_text("hetrain: the run failed: ValueError: rank 1's own; traceback in x\n")
+    assert _other_ranks(_chain_text(wrapped), str(rank0), before, wait_s=0) == {rank1.name: "ValueError: rank 1's own"}
 
 
 def _sweep_rows(sweep: Path) -> list[dict]:

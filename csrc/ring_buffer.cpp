@@ -16,11 +16,12 @@ namespace {
 
 // How often a waiting consumer looks for stalled producers, at most.
 constexpr std::chrono::milliseconds kStallPoll{50};
-// A consumer away from the ring this long (20 stall polls) was not watching: the process was stopped (Ctrl-Z,
-// SIGSTOP, a scheduler's suspend) or the consumer was busy between batches. Silence up to its return is not counted:
-// stopped with the process, producers could not run, and on resume the consumer may look before they do. A stalled
-// producer is still named once the consumer has watched it for stall_timeout.
-constexpr std::chrono::seconds kUnwatchedGap{1};
+// How often the ring's heartbeat thread ticks. A tick more than kStoppedGap after the last one means the process
+// (or the whole machine) was stopped meanwhile: SIGSTOP, Ctrl-Z, a debugger. Producers could not run then, and on
+// resume the consumer may look before they do, so silence before the resume does not count. Only a stop is
+// forgiven: a consumer away for long (a slow step, a thread holding the GIL) leaves the heartbeat ticking.
+constexpr std::chrono::milliseconds kHeartbeat{100};
+constexpr std::chrono::seconds kStoppedGap{1};
 // How long an idle gatherer thread waits for work before looking again (and proving it is alive).
 constexpr double kProducerPoll = 0.2;
 // Waits longer than this (or infinite) have no deadline: converting inf, or more than about 292 years, to a
@@ -60,51 +61,64 @@ RingCore::RingCore(int64_t num_slots, int64_t num_fields, int64_t num_producers,
   }
   for (int64_t p = 0; p < num_producers_; ++p) producers_[p].last_seen_ns = now_ns();
   job_slot_.assign(static_cast<size_t>(num_slots), 0);
-  consumer_seen_ = watch_since_ = Clock::now();
 }
 
-void RingCore::consumer_here_locked(Clock::time_point now) {
-  if (now - consumer_seen_ > kUnwatchedGap) watch_since_ = now;
-  consumer_seen_ = now;
+RingCore::~RingCore() { close(); }
+
+void RingCore::heartbeat() {
+  std::unique_lock<std::mutex> lk(mu_);
+  while (!closed_) {
+    heartbeat_cv_.wait_for(lk, kHeartbeat);
+    const Clock::time_point now = Clock::now();
+    if (now - beat_ > kStoppedGap) resumed_ = now;
+    beat_ = now;
+  }
 }
 
-void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) {
+void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) const {
   const double limit = stall_timeout_.count();
-  consumer_here_locked(now);
+  // Silence before the process last resumed from a stop does not count. Just after one, this check may run before
+  // the heartbeat's next tick: a tick overdue by kStoppedGap is such a stop, ending now.
+  const Clock::time_point resumed = now - beat_ > kStoppedGap ? now : resumed_;
+  auto seconds = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
+  // The message reports the whole silence since `since`, and says when part of it was not counted.
+  auto terms = [&](Clock::time_point since) {
+    std::string s = cat(" (stall_timeout=", limit, " s");
+    if (resumed > since) s += cat("; the process was stopped meanwhile: only the ", seconds(now - resumed),
+                                  " s since it resumed count");
+    return s + ")";
+  };
   if (consumer_waits && std::all_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.state == State::kHeld; })) {
     const auto newest = std::max_element(slots_.begin(), slots_.end(),
                                          [](const Slot& a, const Slot& b) { return a.since < b.since; });
-    if (now - std::max(newest->since, watch_since_) > stall_timeout_) {
+    if (now - std::max(newest->since, resumed) > stall_timeout_) {
       const auto oldest = std::min_element(slots_.begin(), slots_.end(),
                                            [](const Slot& a, const Slot& b) { return a.since < b.since; });
-      throw RingError(cat("hetrain ring: waited ", limit, " s for a free slot: the consumer still holds all ",
-                          num_slots_, " slots (the oldest holds batch ", oldest->job,
+      throw RingError(cat("hetrain ring: no free slot for ", seconds(now - newest->since), " s", terms(newest->since),
+                          ": the consumer still holds all ", num_slots_, " slots (the oldest holds batch ", oldest->job,
                           "; their tensors are still referenced); drop references to old batches or raise num_slots"));
     }
   }
-  const int64_t now_n = now.time_since_epoch() / std::chrono::nanoseconds(1);
-  const int64_t watched_n = watch_since_.time_since_epoch() / std::chrono::nanoseconds(1);
   // The producer silent the longest is named: others may only be waiting behind it (for a shared reader
   // process, or the next batch in order), and the first one found over the limit could be one of those.
-  int64_t p = -1;
-  double quiet = limit;
-  for (int64_t q = 0; q < num_producers_; ++q) {
-    const int64_t seen_n = std::max(producers_[q].last_seen_ns.load(), watched_n);
-    const double silent = static_cast<double>(now_n - seen_n) * 1e-9;
-    if (silent > quiet) p = q, quiet = silent;
+  int64_t p = 0, seen_n = producers_[0].last_seen_ns.load();
+  for (int64_t q = 1; q < num_producers_; ++q) {
+    const int64_t n = producers_[q].last_seen_ns.load();
+    if (n < seen_n) p = q, seen_n = n;
   }
-  if (p >= 0) {
-    const Producer& pr = producers_[p];
-    if (!pr.busy.load()) {
-      throw RingError(cat("hetrain ring: producer ", p, " stopped responding: idle and silent for ", quiet,
-                          " s (stall_timeout=", limit, " s)"));
-    }
-    std::string where = cat("batch ", pr.job.load());
-    if (pr.sample.load() >= 0) where += cat(", sample ", pr.sample.load());
-    if (pr.byte_begin.load() >= 0) where += cat(", bytes [", pr.byte_begin.load(), ", ", pr.byte_end.load(), ")");
-    throw RingError(cat("hetrain ring: producer ", p, " made no progress for ", quiet, " s (stall_timeout=", limit,
-                        " s) while on ", where));
+  const Clock::time_point seen{std::chrono::duration_cast<Clock::duration>(std::chrono::nanoseconds(seen_n))};
+  if (now - std::max(seen, resumed) <= stall_timeout_) return;
+  const double quiet = seconds(now - seen);
+  const Producer& pr = producers_[p];
+  if (!pr.busy.load()) {
+    throw RingError(cat("hetrain ring: producer ", p, " stopped responding: idle and silent for ", quiet, " s",
+                        terms(seen)));
   }
+  std::string where = cat("batch ", pr.job.load());
+  if (pr.sample.load() >= 0) where += cat(", sample ", pr.sample.load());
+  if (pr.byte_begin.load() >= 0) where += cat(", bytes [", pr.byte_begin.load(), ", ", pr.byte_end.load(), ")");
+  throw RingError(cat("hetrain ring: producer ", p, " made no progress for ", quiet, " s", terms(seen), " while on ",
+                      where));
 }
 
 // True once no slot is being filled (or the ring closed), false at the deadline.
@@ -134,6 +148,10 @@ void RingCore::start_epoch(int64_t num_jobs, const std::function<void()>& instal
   if (num_jobs < 0) throw std::invalid_argument(cat("hetrain ring: num_jobs must be >= 0, got ", num_jobs));
   std::unique_lock<std::mutex> lk(mu_);
   if (closed_) throw RingError("hetrain ring: the ring is closed");
+  if (!heartbeat_.joinable()) {
+    beat_ = Clock::now();
+    heartbeat_ = std::thread([this] { heartbeat(); });
+  }
   num_jobs_ = 0;  // hand out nothing while the last epoch drains
   wait_draining_locked(lk, Clock::time_point::max());
   if (closed_) throw RingError("hetrain ring: the ring is closed");
@@ -236,7 +254,6 @@ int64_t RingCore::take(int64_t job, double timeout_s, int64_t* meta_out) {
     throw std::out_of_range(cat("hetrain ring: batch ", job, " is outside this epoch's ", num_jobs_, " batches"));
   }
   const Clock::time_point deadline = deadline_after(timeout_s);
-  consumer_here_locked(Clock::now());  // ready batch or not: a stop before this visit must not count at the next wait
   while (true) {
     if (closed_) throw RingError("hetrain ring: the ring was closed while the consumer waited");
     if (job < next_job_) {  // claimed: its slot is known
@@ -268,10 +285,16 @@ void RingCore::release(int64_t slot) {
 }
 
 void RingCore::close() {
-  std::lock_guard<std::mutex> lk(mu_);
-  closed_ = true;
-  producers_cv_.notify_all();
-  consumer_cv_.notify_all();
+  std::thread beat;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    closed_ = true;
+    beat.swap(heartbeat_);  // joined by the first close() only
+    producers_cv_.notify_all();
+    consumer_cv_.notify_all();
+    heartbeat_cv_.notify_all();
+  }
+  if (beat.joinable()) beat.join();  // without mu_, which the heartbeat takes to see closed_
 }
 
 bool RingCore::closed() const {

@@ -6,8 +6,8 @@
 // consumer takes them in order, and a slot is refilled only after the consumer released its batch (a batch
 // kept alive for long only narrows the ring).
 // Every wait is a condition-variable wait with a timeout (no spinning), and the consumer's wait ends
-// with an error naming the producer once one makes no progress for stall_timeout seconds (time the process
-// spent stopped, as by SIGSTOP, does not count).
+// with an error naming the producer once one makes no progress for stall_timeout seconds. Silence before the
+// process last resumed from a stop (SIGSTOP, Ctrl-Z) does not count: a heartbeat thread notices the stop.
 #pragma once
 
 #include <chrono>
@@ -42,6 +42,7 @@ constexpr int kMetaPerField = 4;
 class RingCore {
  public:
   RingCore(int64_t num_slots, int64_t num_fields, int64_t num_producers, double stall_timeout_s);
+  ~RingCore();  // closes, joining the heartbeat thread
 
   int64_t num_slots() const { return num_slots_; }
   int64_t num_producers() const { return num_producers_; }
@@ -73,7 +74,7 @@ class RingCore {
   // Consumer: the held slot may be refilled.
   void release(int64_t slot);
 
-  // Wakes every waiter; claim() then returns kClosed and take() throws.
+  // Wakes every waiter; claim() then returns kClosed and take() throws. Joins the heartbeat thread.
   void close();
   bool closed() const;
 
@@ -95,10 +96,10 @@ class RingCore {
   static int64_t now_ns() { return Clock::now().time_since_epoch() / std::chrono::nanoseconds(1); }
   bool wait_draining_locked(std::unique_lock<std::mutex>& lk, Clock::time_point deadline);
 
-  // Consumer side (under mu_): records that the consumer is here at `now`, after a long gap restarting the watch.
-  void consumer_here_locked(Clock::time_point now);
   // Consumer side (under mu_): throws on a stalled producer or on every slot held too long.
-  void check_stalls_locked(Clock::time_point now, bool consumer_waits = true);
+  void check_stalls_locked(Clock::time_point now, bool consumer_waits = true) const;
+  // The heartbeat thread: ticks every kHeartbeat until closed; a tick far later than that saw the process stopped.
+  void heartbeat();
 
   const int64_t num_slots_, num_fields_;
   const std::chrono::duration<double> stall_timeout_;
@@ -113,9 +114,13 @@ class RingCore {
   int64_t cursor_ = 0;             // where the search for a free slot starts (round robin)
   std::vector<int64_t> job_slot_;  // slot of claimed job j at j % num_slots
   bool closed_ = false;
-  // Silence counts only from watch_since_, set anew when the consumer comes back after a long gap since
-  // consumer_seen_ (the whole process was stopped, or the consumer was away): time producers may not have had.
-  Clock::time_point consumer_seen_, watch_since_;
+  // Started by the first start_epoch (so that a process forked after creating the ring copies no thread of it),
+  // joined by close(). It needs neither the GIL nor the consumer, so a consumer that polls seldom still sees stalls.
+  std::thread heartbeat_;
+  std::condition_variable heartbeat_cv_;  // closing
+  // The heartbeat's last tick, and when it last found the process resumed from a stop: silence before that is
+  // time producers could not use, and does not count.
+  Clock::time_point beat_, resumed_;
 };
 
 // A token file read with pread: <prefix>.bin with `itemsize`-byte little-endian tokens. Not mapped: a

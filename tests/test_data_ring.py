@@ -911,21 +911,77 @@ def test_the_ring_binding_waits_without_end_for_an_infinite_or_huge_timeout():
     ring.close()
 
 
+def _silent_producer_ring(stall_timeout: float):
+    """A ring whose producer 0 claimed batch 0 and noted sample 7, and then makes no progress."""
+    ring = torch.classes.hetrain_C.RingBuffer(["int64"], [16], 2, 1, False, stall_timeout)
+    ring.start_epoch(1)
+    assert ring.claim(0, 1.0) == (0, 0)
+    ring.note(0, 7, -1, -1)
+    return ring
+
+
 def test_a_process_stopped_longer_than_stall_timeout_is_no_stall_on_resume():
     # Ctrl-Z or kill -STOP froze producers and consumer alike, but the stall clock ran on: on SIGCONT the consumer
-    # looked before the producer noted progress and raised "producer 0 made no progress for 1.5 s". Here no thread
-    # runs for 1.5 s, as while stopped.
-    ring = torch.classes.hetrain_C.RingBuffer(["int64"], [16], 2, 1, False, 0.3)
+    # looked before the producer noted progress and raised "producer 0 made no progress for 1.5 s". A forked child
+    # polls as RingLoader does for a batch whose producer is silent, and is stopped by a real SIGSTOP for 1.5 s.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: sends what it was told through the pipe, whatever happens
+        message = "the child named no stall"
+        try:
+            os.close(read_end)
+            ring = _silent_producer_ring(0.8)
+            os.kill(os.getpid(), signal.SIGSTOP)  # Ctrl-Z, between two polls
+            try:
+                deadline = time.monotonic() + 10.0
+                while time.monotonic() < deadline and not ring.take(0, 0.1):
+                    pass
+            except RuntimeError as exc:
+                message = str(exc)
+            ring.close()
+        except BaseException as exc:
+            message = f"the child failed: {exc!r}"
+        finally:
+            os.write(write_end, message.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        if os.WIFSTOPPED(status):
+            time.sleep(1.5)  # stopped
+            os.kill(pid, signal.SIGCONT)
+            os.waitpid(pid, 0)
+        message = pipe.read().decode()
+    counted = re.search(r"stopped meanwhile: only the ([\d.e+-]+) s since it resumed count", message)
+    silent = re.search(r"producer 0 made no progress for ([\d.e+-]+) s .*batch 0, sample 7", message)
+    assert counted and silent, message
+    # Named stall_timeout after the resume, not on SIGCONT; the silence reported spans the stop.
+    assert float(counted[1]) >= 0.8 and float(silent[1]) >= 1.5 + float(counted[1]), message
+
+
+def test_a_stall_is_named_when_the_consumer_polls_more_than_a_second_apart():
+    # RingLoader polls take() with short timeouts. A thread holding the GIL for a second or more between polls (the
+    # stuck producer's own retry loop, a busy background thread) made each poll look like a return from a stop, so
+    # the silent producer was never named.
+    ring = _silent_producer_ring(0.5)
     try:
-        ring.start_epoch(1)
-        assert ring.claim(0, 1.0) == (0, 0)
-        ring.note(0, 7, -1, -1)
-        assert ring.take(0, 0.0) == []  # the consumer looks: nothing filled yet
-        time.sleep(1.5)  # stopped
-        assert ring.take(0, 0.0) == []  # resumed: the consumer looks again before the producer runs
-        # A producer that stays silent while the consumer watches is still named, its silence counted from then.
-        with pytest.raises(RuntimeError, match=r"producer 0 made no progress for 0\.\d+ s .*batch 0, sample 7"):
+        with pytest.raises(RuntimeError, match=r"producer 0 made no progress for .*batch 0, sample 7"):
+            for _ in range(3):
+                assert ring.take(0, 0.05) == []
+                time.sleep(1.2)  # away from the ring, as while another thread holds the GIL
+    finally:
+        ring.close()
+
+
+def test_a_stall_message_reports_the_whole_silence():
+    # Back from a 1.5 s step to a producer silent all along, the consumer said "made no progress for 0.5 s".
+    ring = _silent_producer_ring(0.5)
+    try:
+        time.sleep(1.5)  # the consumer's step
+        with pytest.raises(RuntimeError, match=r"producer 0 made no progress for ([\d.e+-]+) s") as raised:
             ring.take(0, 5.0)
+        silent = re.search(r"made no progress for ([\d.e+-]+) s", str(raised.value))
+        assert float(silent[1]) >= 1.5 and "stopped meanwhile" not in str(raised.value), str(raised.value)
     finally:
         ring.close()
 

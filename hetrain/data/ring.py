@@ -430,10 +430,9 @@ class RingLoader:
             thread each; a batch's samples are spread over the idle ones) while the producer threads collate
             into the slots: for datasets whose ``__getitem__`` is Python-heavy and would hold the GIL. A
             reader that dies is named at once. 0 reads in the producer threads.
-        stall_timeout: seconds without progress after which a producer is reported stalled; silence up to the
-            loop's return from a second or more away from the loader (a long step, or the process stopped by
-            Ctrl-Z or SIGSTOP) does not count. ``float("inf")`` never reports one. Closing waits as long, but
-            60 s at most, for a producer still inside the dataset, then warns.
+        stall_timeout: seconds without progress after which a producer is reported stalled; silence before the
+            process last resumed from a stop (Ctrl-Z, SIGSTOP) does not count. ``float("inf")`` never reports
+            one. Closing waits as long, but 60 s at most, for a producer still inside the dataset, then warns.
         pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous;
             True without CUDA warns and leaves them unpinned.
         lookahead: batches the consumer fetches before it uses them (Lightning's loops: 0, as this loader has a

@@ -1,9 +1,11 @@
 // Stress test of the torch-free ring (csrc/ring_buffer.cpp), meant to run under ThreadSanitizer:
 //   g++ -std=c++17 -O1 -g -fsanitize=thread -pthread -Icsrc csrc/ring_buffer.cpp tests/cpp/ring_buffer_test.cpp
 // Exits non-zero with a message on the first failed check; TSan reports races on its own.
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -174,37 +176,109 @@ void test_stalled_producer_is_named() {
   b.join();
 }
 
+// The seconds after `label` in a stall message ("made no progress for 1.52 s"), or -1.
+double seconds_after(const std::string& message, const std::string& label) {
+  const size_t at = message.find(label);
+  return at == std::string::npos ? -1.0 : std::atof(message.c_str() + at + label.size());
+}
+
 // A process stopped (Ctrl-Z, SIGSTOP) for longer than stall_timeout froze producers and consumer alike, but the
-// stall clock ran on: on resume the consumer looked before the producer could note progress, and named it. Here
-// no thread runs for 1.5 s, as while stopped.
+// stall clock ran on: on resume the consumer looked before the producer could note progress, and named it. A child
+// process waits inside take() for a batch whose producer is silent, and is stopped by a real SIGSTOP for 1.5 s: the
+// stall must be named only stall_timeout after SIGCONT, with the whole silence in the message.
 void test_time_the_process_was_stopped_is_no_stall() {
-  RingCore core(2, 1, 1, 0.3);
+  int fds[2];
+  CHECK(pipe(fds) == 0, "pipe");
+  std::fflush(nullptr);  // the child must not print the parent's buffered output again
+  const pid_t child = fork();
+  CHECK(child >= 0, "fork");
+  if (child == 0) {  // no CHECK here: the parent checks what this writes to the pipe
+    ::close(fds[0]);
+    std::string message = "the child named no stall";
+    {
+      RingCore core(2, 1, 1, 0.8);
+      core.start_epoch(1);
+      int64_t slot = -1;
+      core.claim(0, 1.0, &slot);
+      core.note(0, 7, 0, 8);  // and then no progress
+      std::thread stopper([] {  // stops the whole process while the consumer waits, as Ctrl-Z would
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        kill(getpid(), SIGSTOP);
+      });
+      try {
+        int64_t meta[kMetaPerField];
+        core.take(0, 10.0, meta);
+      } catch (const RingError& e) {
+        message = e.what();
+      }
+      stopper.join();
+    }
+    const ssize_t n = write(fds[1], message.data(), message.size());
+    _exit(n == static_cast<ssize_t>(message.size()) ? 0 : 1);
+  }
+  ::close(fds[1]);
+  int status = 0;
+  CHECK(waitpid(child, &status, WUNTRACED) == child && WIFSTOPPED(status), "the child did not stop (status %d)", status);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  kill(child, SIGCONT);
+  std::string message;
+  char buf[512];
+  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) message.append(buf, static_cast<size_t>(n));
+  ::close(fds[0]);
+  CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+        "the child failed (status %d): %s", status, message.c_str());
+  CHECK(message.find("producer 0 made no progress") != std::string::npos &&
+            message.find("batch 0, sample 7") != std::string::npos,
+        "message: %s", message.c_str());
+  // Named stall_timeout after the resume, not at once; the silence reported spans the stop.
+  const double counted = seconds_after(message, "the process was stopped meanwhile: only the ");
+  const double silent = seconds_after(message, "made no progress for ");
+  CHECK(counted >= 0.8 && silent >= 1.5 + counted, "message: %s", message.c_str());
+}
+
+// RingLoader polls take() with short timeouts. A thread holding the GIL for a second or more between polls (the
+// stuck producer's own retry loop) made each poll look like a return from a stop, so a dead producer was never named.
+void test_a_stall_is_named_when_the_consumer_polls_seldom() {
+  RingCore core(2, 1, 1, 0.5);
   core.start_epoch(1);
   int64_t slot = -1;
   CHECK(core.claim(0, 1.0, &slot) == 0, "claim");
-  core.note(0, 7, 0, 8);
-  int64_t meta[kMetaPerField];
-  CHECK(core.take(0, 0.0, meta) < 0, "batch 0 is not filled yet");
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // stopped
+  core.note(0, 7, 0, 8);  // and then no progress
+  std::string message;
+  for (int poll = 0; poll < 3 && message.empty(); ++poll) {
+    try {
+      int64_t meta[kMetaPerField];
+      CHECK(core.take(0, 0.05, meta) < 0, "batch 0 is not filled");
+      std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // away, as while another thread holds the GIL
+    } catch (const RingError& e) {
+      message = e.what();
+    }
+  }
+  CHECK(message.find("producer 0 made no progress") != std::string::npos &&
+            message.find("batch 0, sample 7") != std::string::npos,
+        "a consumer polling every 1.2 s must be told of the stall; message: %s", message.c_str());
+  core.close();
+}
+
+// A consumer back from a 1.5 s step found the producer silent all along, but the message said "made no progress
+// for 0.5 s": the silence is counted whole.
+void test_a_stall_message_reports_the_whole_silence() {
+  RingCore core(2, 1, 1, 0.5);
+  core.start_epoch(1);
+  int64_t slot = -1;
+  CHECK(core.claim(0, 1.0, &slot) == 0, "claim");
+  core.note(0, 7, 0, 8);  // and then no progress
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // the consumer's step
   std::string message;
   try {
-    CHECK(core.take(0, 0.0, meta) < 0, "batch 0 is not filled yet");
-  } catch (const RingError& e) {
-    message = e.what();
-  }
-  CHECK(message.empty(), "resumed, the consumer named a stall: %s", message.c_str());
-  // A producer that stays silent once the consumer watches again is still named, after stall_timeout.
-  const auto t0 = std::chrono::steady_clock::now();
-  try {
+    int64_t meta[kMetaPerField];
     core.take(0, 5.0, meta);
   } catch (const RingError& e) {
     message = e.what();
   }
-  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  CHECK(message.find("producer 0 made no progress") != std::string::npos &&
-            message.find("batch 0, sample 7") != std::string::npos,
+  CHECK(seconds_after(message, "producer 0 made no progress for ") >= 1.5 &&
+            message.find("stopped meanwhile") == std::string::npos,
         "message: %s", message.c_str());
-  CHECK(waited < 1.0, "the stall must end the wait near stall_timeout, took %f s", waited);
   core.close();
 }
 
@@ -362,6 +436,8 @@ int main() {
   test_failure_reaches_the_consumer_at_its_batch();
   test_stalled_producer_is_named();
   test_time_the_process_was_stopped_is_no_stall();
+  test_a_stall_is_named_when_the_consumer_polls_seldom();
+  test_a_stall_message_reports_the_whole_silence();
   test_close_wakes_a_blocked_consumer();
   test_drain_returns_at_its_timeout_while_a_batch_is_being_filled();
   test_token_gatherer_fills_padded_batches();

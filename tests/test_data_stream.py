@@ -233,3 +233,31 @@ def test_a_loader_collected_by_the_producer_reading_its_stream_stops_the_others_
     finally:
         gc.enable()
     assert time.monotonic() - started < 20  # not the 60 s of stall_timeout
+
+
+def test_a_batch_read_ahead_is_handed_over_while_its_reader_waits_on_a_slow_sample():
+    # The producer of batch 1 read batch 0 on its way, then waited on a slow sample holding the stream's lock: batch
+    # 0's producer waited for that lock until the slow sample came, and the consumer with it (the race that also
+    # made the collection test above wait 10 s for batch 0 and never collect).
+    reading, release = threading.Event(), threading.Event()
+
+    def samples():
+        for i in range(12):
+            if i == 4:  # batch 1's first sample
+                reading.set()
+                release.wait(30)
+            yield i
+
+    stream = _Stream(samples(), lambda items: iter(lambda: [next(items) for _ in range(4)], None), threading.Event())
+    reader = threading.Thread(target=stream.batch, args=(1, lambda: None), daemon=True)
+    reader.start()
+    try:
+        assert reading.wait(10)
+        got = []
+        taker = threading.Thread(target=lambda: got.append(stream.batch(0, lambda: None)), daemon=True)
+        taker.start()
+        taker.join(5)
+        assert got == [[0, 1, 2, 3]]
+    finally:
+        release.set()
+        reader.join(10)

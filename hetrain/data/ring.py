@@ -272,7 +272,11 @@ class _Stream:
                  stop: threading.Event) -> None:
         self.stop = stop
         self.batches, self.lock = batcher(self._noted(samples)), threading.Lock()
+        # Batches read ahead, under a lock of their own: a producer whose batch another already read takes it
+        # without waiting for the reader's lock, which a slow sample can hold for long (the consumer then waited
+        # for a batch read long before).
         self.pending: dict[int, list[Any]] = {}
+        self.pending_lock = threading.Lock()
         self.read = 0  # batches taken from the iterator so far
         self.end: int | None = None  # the first batch number past the stream's end, once known
         self.failure: BaseException | None = None  # what the stream raised reading batch number ``read``
@@ -286,7 +290,12 @@ class _Stream:
                 raise _Closed
 
     def batch(self, job: int, progress: Callable[[], None]) -> list[Any] | None:
-        while not self.lock.acquire(timeout=_POLL_S):
+        while True:
+            with self.pending_lock:
+                if job in self.pending:  # read ahead, perhaps by a producer still reading
+                    return self.pending.pop(job)
+            if self.lock.acquire(timeout=_POLL_S):
+                break
             if self.stop.is_set():  # closed, perhaps by the reading producer itself (a finaliser run there)
                 raise _Closed
             progress()  # another producer is reading the stream for us all
@@ -303,14 +312,17 @@ class _Stream:
             if self.stop.is_set():
                 raise _Closed
             try:
-                self.pending[self.read] = next(self.batches)
+                batch = next(self.batches)
+                with self.pending_lock:
+                    self.pending[self.read] = batch
                 self.read += 1
             except StopIteration:
                 self.end = self.read
             except BaseException as exc:  # SystemExit too: the generator is finished, and its end is no real end
                 self.failure = exc
                 raise
-        return self.pending.pop(job, None)
+        with self.pending_lock:
+            return self.pending.pop(job, None)
 
 
 class _Shared:

@@ -63,12 +63,15 @@ RingCore::RingCore(int64_t num_slots, int64_t num_fields, int64_t num_producers,
   job_slot_.assign(static_cast<size_t>(num_slots), 0);
 }
 
-RingCore::~RingCore() { close(); }
+RingCore::~RingCore() {
+  close();
+  (void)heartbeat_.release();  // still set only in a forked child: the parent's, left alone (see Heartbeat)
+}
 
-void RingCore::heartbeat() {
+void RingCore::heartbeat(Heartbeat* beat) {
   std::unique_lock<std::mutex> lk(mu_);
   while (!closed_) {
-    heartbeat_cv_.wait_for(lk, kHeartbeat);
+    beat->wake.wait_for(lk, kHeartbeat);
     const Clock::time_point now = Clock::now();
     if (now - beat_ > kStoppedGap) resumed_ = now;
     beat_ = now;
@@ -78,8 +81,9 @@ void RingCore::heartbeat() {
 void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) const {
   const double limit = stall_timeout_.count();
   // Silence before the process last resumed from a stop does not count. Just after one, this check may run before
-  // the heartbeat's next tick: a tick overdue by kStoppedGap is such a stop, ending now.
-  const Clock::time_point resumed = now - beat_ > kStoppedGap ? now : resumed_;
+  // the heartbeat's next tick: a tick overdue by kStoppedGap is such a stop, ending now. (A forked child that did not
+  // start an epoch has no heartbeat, and no stop is seen there.)
+  const Clock::time_point resumed = beating_here_locked() && now - beat_ > kStoppedGap ? now : resumed_;
   auto seconds = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
   // The message reports the whole silence since `since`, and says when part of it was not counted.
   auto terms = [&](Clock::time_point since) {
@@ -148,9 +152,13 @@ void RingCore::start_epoch(int64_t num_jobs, const std::function<void()>& instal
   if (num_jobs < 0) throw std::invalid_argument(cat("hetrain ring: num_jobs must be >= 0, got ", num_jobs));
   std::unique_lock<std::mutex> lk(mu_);
   if (closed_) throw RingError("hetrain ring: the ring is closed");
-  if (!heartbeat_.joinable()) {
+  if (!beating_here_locked()) {
+    (void)heartbeat_.release();  // a forked child's copy of the parent's: left alone (see Heartbeat)
+    heartbeat_ = std::make_unique<Heartbeat>();
+    heartbeat_->pid = ::getpid();
     beat_ = Clock::now();
-    heartbeat_ = std::thread([this] { heartbeat(); });
+    Heartbeat* beat = heartbeat_.get();
+    beat->thread = std::thread([this, beat] { heartbeat(beat); });
   }
   num_jobs_ = 0;  // hand out nothing while the last epoch drains
   wait_draining_locked(lk, Clock::time_point::max());
@@ -285,16 +293,18 @@ void RingCore::release(int64_t slot) {
 }
 
 void RingCore::close() {
-  std::thread beat;
+  std::unique_ptr<Heartbeat> beat;
   {
     std::lock_guard<std::mutex> lk(mu_);
     closed_ = true;
-    beat.swap(heartbeat_);  // joined by the first close() only
     producers_cv_.notify_all();
     consumer_cv_.notify_all();
-    heartbeat_cv_.notify_all();
+    if (beating_here_locked()) {  // joined by the first close() only
+      heartbeat_->wake.notify_all();
+      beat = std::move(heartbeat_);
+    }
   }
-  if (beat.joinable()) beat.join();  // without mu_, which the heartbeat takes to see closed_
+  if (beat) beat->thread.join();  // without mu_, which the heartbeat takes to see closed_
 }
 
 bool RingCore::closed() const {

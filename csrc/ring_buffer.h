@@ -22,6 +22,9 @@
 #include <thread>
 #include <vector>
 
+#include <sys/types.h>
+#include <unistd.h>
+
 namespace hetrain {
 namespace ring {
 
@@ -98,8 +101,18 @@ class RingCore {
 
   // Consumer side (under mu_): throws on a stalled producer or on every slot held too long.
   void check_stalls_locked(Clock::time_point now, bool consumer_waits = true) const;
+  // The heartbeat's thread and wake-up, on the heap: a process forked after it started copies a handle naming a
+  // thread it does not have, and a condition variable recording the parent's waiter. Joined or destroyed there,
+  // they hang or abort (or join an unrelated thread that reused the stack), so a child leaks them and starts its own.
+  struct Heartbeat {
+    std::thread thread;
+    std::condition_variable wake;  // closing
+    pid_t pid = 0;                 // the process whose thread it is
+  };
   // The heartbeat thread: ticks every kHeartbeat until closed; a tick far later than that saw the process stopped.
-  void heartbeat();
+  void heartbeat(Heartbeat* beat);
+  // Whether this process's heartbeat runs (none before the first start_epoch, nor in a child forked after it).
+  bool beating_here_locked() const { return heartbeat_ && heartbeat_->pid == ::getpid(); }
 
   const int64_t num_slots_, num_fields_;
   const std::chrono::duration<double> stall_timeout_;
@@ -114,10 +127,9 @@ class RingCore {
   int64_t cursor_ = 0;             // where the search for a free slot starts (round robin)
   std::vector<int64_t> job_slot_;  // slot of claimed job j at j % num_slots
   bool closed_ = false;
-  // Started by the first start_epoch (so that a process forked after creating the ring copies no thread of it),
-  // joined by close(). It needs neither the GIL nor the consumer, so a consumer that polls seldom still sees stalls.
-  std::thread heartbeat_;
-  std::condition_variable heartbeat_cv_;  // closing
+  // Started by the first start_epoch in each process, joined by close(). It needs neither the GIL nor the
+  // consumer, so a consumer that polls seldom still sees stalls.
+  std::unique_ptr<Heartbeat> heartbeat_;
   // The heartbeat's last tick, and when it last found the process resumed from a stop: silence before that is
   // time producers could not use, and does not count.
   Clock::time_point beat_, resumed_;

@@ -986,6 +986,63 @@ def test_a_stall_message_reports_the_whole_silence():
         ring.close()
 
 
+def _in_a_forked_child(work) -> str:
+    """What ``work()`` returned in a child forked now, or how the child ended (killed after 10 s if it hangs)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            signal.alarm(10)
+            os.write(write_end, work().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        said = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return said if os.WIFEXITED(status) else f"{said}; the child was killed by signal {os.WTERMSIG(status)}"
+
+
+def test_a_ring_started_before_a_fork_is_closed_and_dropped_in_the_child_at_once():
+    # The child held a copy of the heartbeat thread's handle and of its condition variable, with the parent's waiter:
+    # dropping the ring hung destroying that condition variable, and closing it joined whatever thread of the child
+    # had reused the stack (std::terminate for a detached one, as every Python thread is).
+    ring = _silent_producer_ring(60.0)  # its epoch started: the heartbeat runs
+    try:
+        def close_and_drop() -> str:
+            nonlocal ring
+            busy = threading.Thread(target=time.sleep, args=(0.2,), daemon=True)
+            busy.start()  # a thread of the child's own, which may take over the parent's heartbeat stack
+            ring.close()
+            ring = None  # freed here, in the child
+            busy.join()
+            return "closed and dropped"
+
+        assert _in_a_forked_child(close_and_drop) == "closed and dropped"
+    finally:
+        ring.close()
+
+
+def test_a_stall_is_named_in_a_child_forked_after_the_ring_started():
+    # The child had no heartbeat, and a second after the fork took every check for the first after a stop: no stall
+    # of more than a second was ever named there.
+    ring = _silent_producer_ring(1.5)
+    try:
+        def wait_for_the_batch() -> str:
+            try:
+                deadline = time.monotonic() + 5.0
+                while time.monotonic() < deadline and not ring.take(0, 0.1):
+                    pass
+            except RuntimeError as exc:
+                return str(exc)
+            return "no stall named"
+
+        assert "producer 0 made no progress" in _in_a_forked_child(wait_for_the_batch)
+    finally:
+        ring.close()
+
+
 class KilledInAReader(Flaky):
     """Sample `fatal` kills the process reading it with SIGKILL, as the OOM killer would, when that is a reader."""
 

@@ -326,8 +326,11 @@ TokenReader::TokenReader(const std::string& path, int64_t itemsize, int64_t num_
   if (fd_ < 0) throw RingError(cat("hetrain ring: cannot open token file ", path, ": ", std::strerror(errno)));
 }
 
-TokenReader::~TokenReader() {
+TokenReader::~TokenReader() { close(); }
+
+void TokenReader::close() {
   if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
 }
 
 namespace {
@@ -418,9 +421,11 @@ TokenGatherer::~TokenGatherer() { stop(); }
 
 void TokenGatherer::stop() {
   core_->close();
+  std::lock_guard<std::mutex> lk(stop_mu_);
   for (std::thread& t : threads_) {
     if (t.joinable()) t.join();
   }
+  file_.close();
 }
 
 void TokenGatherer::start_epoch(const int64_t* sample_ids, int64_t num_ids, const int64_t* batch_offsets,

@@ -151,6 +151,8 @@ class TokenReader {
   void gather(int64_t sample, int64_t begin, int64_t n, int64_t vocab_size, int64_t* out) const;
   const std::string& path() const { return path_; }
   int64_t itemsize() const { return itemsize_; }
+  // Closes the file (gather then fails); only once no thread gathers.
+  void close();
 
  private:
   std::string path_;
@@ -176,6 +178,8 @@ class TokenGatherer {
 
   // Installs the epoch's batches (flat sample ids, offsets of num_batches + 1) and starts the core's epoch.
   void start_epoch(const int64_t* sample_ids, int64_t num_ids, const int64_t* batch_offsets, int64_t num_batches);
+  // Closes the core, joins the threads and closes the token file (a closed loader kept referenced held its
+  // descriptor, and a deleted corpus its disk space). Safe to call more than once, from any thread.
   void stop();
 
  private:
@@ -192,6 +196,7 @@ class TokenGatherer {
   // The epoch plan; written only in start_epoch while no slot is being filled (RingCore drains first).
   std::vector<int64_t> ids_, offsets_;
   std::vector<std::thread> threads_;
+  std::mutex stop_mu_;  // one stop() joins the threads at a time
 };
 
 }  // namespace ring

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from hetrain.data import build_tokens
-from hetrain.data.tokenize import ByteTokenizer, build_token_file
+from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
 
 
 def refused(capsys, *argv: str) -> str:
@@ -123,6 +123,33 @@ def test_what_goes_wrong_in_a_tokenizer_names_the_line(tmp_path, capsys, monkeyp
     # A Hugging Face Encoding failed with "'Encoding' object is not iterable".
     tf = build_tokens.main([str(src), "--tokenizer", "toks:FastLike", "--out", out])
     assert [t.tolist() for t in (tf[0], tf[1])] == [[7] * 4, [7] * 5]
+
+
+def test_a_lone_carriage_return_stays_in_its_document_and_both_error_paths_number_lines_alike(tmp_path, capsys,
+                                                                                              monkeypatch):
+    # Universal newlines ended a line at a lone \r: the document was cut in two, and a tokenizer's error named line
+    # 4 where a byte that is not UTF-8 on the same line was named line 3.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "toks.py").write_text(f"from {__name__} import Picky\n")
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"a stray \r inside\r\nsecond\r\nwhat?\n")  # CRLF line ends are taken off as before
+    docs = list(iter_documents([src]))
+    assert docs == ["a stray \r inside", "second", "what?"]
+    assert [doc.where for doc in docs] == [f"{src}:{n}" for n in (1, 2, 3)]
+    out = str(tmp_path / "out")
+    assert f"{src}:3: tokenizer Picky failed" in refused(capsys, str(src), "--tokenizer", "toks:Picky", "--out", out)
+    src.write_bytes(b"a stray \r inside\r\nsecond\r\ncaf\xe9\n")
+    assert f"{src}:3 is not UTF-8 text" in refused(capsys, str(src), "--out", out)
+
+
+def test_a_json_lines_record_with_a_lone_carriage_return_is_one_record(tmp_path, capsys):
+    # A \r is JSON whitespace, but it ended the line: "{"text": "a"," was refused as no JSON record, at line 1.
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "a",\r"id": 1}\r\n{"text": "b"}\r\n{"body": "c"}\n')
+    assert f"{src}:3 has no field 'text'" in refused(capsys, str(src), "--out", str(tmp_path / "out"))
+    src.write_bytes(b'{"text": "a",\r"id": 1}\r\n{"text": "b"}\r\n')
+    tf = build_tokens.main([str(src), "--out", str(tmp_path / "out")])
+    assert [ByteTokenizer().decode(tf[i]) for i in range(len(tf))] == ["a", "b"]
 
 
 class NoModel:

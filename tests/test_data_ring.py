@@ -1296,7 +1296,7 @@ class SlowInAReader(Flaky):
         return super().__getitem__(i)
 
 
-def test_a_reader_stopped_inside_a_sample_runs_none_of_the_parents_signal_handlers(tmp_path):
+def test_a_reader_stopped_inside_a_sample_runs_none_of_the_parents_signal_handlers(tmp_path, monkeypatch):
     # A forked reader kept the parent's Python SIGTERM handler (Lightning's, which on DDP rank 0 kills the other
     # ranks): stop() terminating a reader busy in a sample ran that handler in the reader, which swallowed the
     # signal and was killed with SIGKILL only after a second grace period.
@@ -1306,11 +1306,14 @@ def test_a_reader_stopped_inside_a_sample_runs_none_of_the_parents_signal_handle
         with open(ran, "a") as f:
             f.write(f"{os.getpid()}\n")
 
+    exits = []  # stop() closes each reader's process object (its pipes), after which its exitcode cannot be read
+    close = multiprocessing.process.BaseProcess.close
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "close",
+                        lambda process: (exits.append(process.exitcode), close(process))[-1])
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         ds = SlowInAReader(8, slow=5)
         loader = RingLoader(ds, [[0], [5], [1]], collate=PadInto(5, 1), num_workers=1, reader_processes=1)
-        readers = multiprocessing.active_children()
         assert next(iter(loader))["labels"].tolist() == [0]
         assert ds.entered.wait(5.0)
         t0 = time.monotonic()
@@ -1319,7 +1322,7 @@ def test_a_reader_stopped_inside_a_sample_runs_none_of_the_parents_signal_handle
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert not ran.exists(), f"the parent's SIGTERM handler ran in pid {ran.read_text().split()}"
-    assert [p.exitcode for p in readers] == [-signal.SIGTERM], "the reader must end on SIGTERM, not a later SIGKILL"
+    assert exits == [-signal.SIGTERM], "the reader must end on SIGTERM, not a later SIGKILL"
     assert took < 2.0
 
 
@@ -1354,3 +1357,46 @@ def test_without_the_extension_the_loader_says_why_and_how_to_train_without_it(m
     message = str(raised.value)
     assert "RingLoader needs the compiled extension, but hetrain._C is present but failed to load" in message
     assert "use data.loader=torch with train.py's recipes, or a torch.utils.data.DataLoader in code" in message
+
+
+def open_pipes() -> set[str]:
+    """The pipes this process holds open, by their kernel names."""
+    pipes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listdir itself used is gone by now
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("pipe:"):
+                pipes.add(target)
+    return pipes
+
+
+def test_a_closed_loader_with_reader_processes_holds_no_pipe_while_still_referenced():
+    # Each reader's process object kept the two pipe ends multiprocessing watches its exit through until the closed
+    # loader was garbage-collected: five closed loaders kept by a trainer held twenty descriptors.
+    ds = Flaky(30)
+    sampler = TokenBudgetBatchSampler([1 + i % 5 for i in range(30)], 10, shuffle=False)
+    before = open_pipes()
+    loader = RingLoader(ds, sampler, collate=PadInto(10, 10), num_workers=2, reader_processes=2)
+    assert sum(1 for _ in loader) == len(sampler)
+    loader.close()
+    assert open_pipes() - before == set()
+    assert multiprocessing.active_children() == []
+
+
+def test_a_closed_token_loader_holds_no_descriptor_of_its_token_file_while_still_referenced(corpus):
+    # The C++ gatherers' descriptor of the .bin file was closed only when the loader was freed: a closed loader kept
+    # by a trainer held it, and a deleted corpus its disk space.
+    def holding() -> int:
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return sum(name.endswith(".bin") for name in names)
+
+    ds = TokenWindows(corpus, max_len=128, stride=100)
+    mapped = holding()  # the dataset's own map of the file
+    loader = RingLoader(ds, TokenBudgetBatchSampler(ds.lengths, 1024, seed=4), num_slots=3, num_workers=2)
+    assert sum(1 for _ in loader) == len(loader)
+    assert holding() > mapped, "the open loader reads the token file through a descriptor of its own"
+    loader.close()
+    assert holding() == mapped and loader is not None

@@ -303,6 +303,18 @@ def test_a_corpus_rebuilt_at_its_prefix_is_refused_by_check_unchanged_and_by_unp
         reopened.check_unchanged()
 
 
+def test_a_token_file_opened_by_a_relative_prefix_is_still_found_after_a_change_of_directory(tmp_path, monkeypatch):
+    # The relative path was kept: after a chdir check_unchanged (which the ring loader calls before its C++ reader
+    # opens str(bin_path)) said the corpus "changed since it was opened ... is gone".
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path / "data")
+    tf = write_token_file("c", [[1, 2, 3], [4, 5]])
+    monkeypatch.chdir(tmp_path)
+    tf.check_unchanged()
+    assert (tf.bin_path, tf.idx_path) == (tmp_path / "data" / "c.bin", tmp_path / "data" / "c.idx")
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(tf))[1], [4, 5])
+
+
 def test_opening_a_token_file_reads_its_header_not_its_whole_index(tmp_path):
     # The whole .idx was read to parse its 32-byte header, in every unpickled copy too: 200 MB for 200 MB.
     n = 500_000  # documents of one token: a 4 MB index

@@ -360,7 +360,8 @@ class ReaderProcesses:
         return taken
 
     def stop(self) -> None:
-        """Asks every reader to leave, then terminates and finally kills the ones still there."""
+        """Asks every reader to leave, then terminates and finally kills the ones still there, and releases each
+        one's pipes: a stopped loader kept referenced (by a trainer, say) held them until it was collected."""
         for reader in self._readers:
             try:
                 reader.conn.send(None)
@@ -377,3 +378,4 @@ class ReaderProcesses:
                 reader.process.kill()
                 reader.process.join()
             reader.conn.close()
+            reader.process.close()  # the two pipe ends multiprocessing keeps to watch its exit (its sentinel)

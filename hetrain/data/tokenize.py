@@ -70,11 +70,20 @@ def iter_documents(paths: Sequence[str | os.PathLike], field: str = "text",
                 if text.strip():  # as a blank line is no document, neither is a blank file
                     yield Document(text, str(path))
             else:
-                with open(path, encoding="utf-8-sig") as f:
-                    yield from (Document(line.rstrip("\n"), f"{path}:{n}") for n, line in enumerate(f, 1)
+                with open(path, encoding="utf-8-sig", newline="\n") as f:
+                    yield from (Document(_without_line_end(line), f"{path}:{n}") for n, line in enumerate(f, 1)
                                 if line.strip())
         except UnicodeDecodeError as exc:
             raise _not_utf8(path, exc) from None
+
+
+def _without_line_end(line: str) -> str:
+    """A line read with ``newline="\\n"``, without its ``\\n`` or ``\\r\\n``.
+
+    Universal newlines also ended a line at a lone ``\\r``: it cut a document in two, and every line after it was
+    numbered otherwise than :func:`_not_utf8` (which splits bytes at ``\\n``) numbers it.
+    """
+    return line.removesuffix("\n").removesuffix("\r")
 
 
 def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ValueError:
@@ -100,7 +109,8 @@ _ONE_PER_LINE = ("a .jsonl or .json file holds one JSON object per line (JSON Li
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8-sig") as f:
+    # Lines end at "\n" only (see _without_line_end); a "\r" left at a line's end is JSON whitespace.
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -46,7 +46,9 @@ class TokenFile:
     """
 
     def __init__(self, prefix: str | os.PathLike, validate: bool = True) -> None:
-        self.bin_path, self.idx_path = paths_of(prefix)
+        # Absolute as of opening: check_unchanged and the ring's C++ reader open the path again, maybe after the job
+        # changed directory, and a relative path then named another file, or none.
+        self.bin_path, self.idx_path = paths_of(Path(prefix).absolute())
         for path in (self.bin_path, self.idx_path):
             if not path.is_file():
                 raise FileNotFoundError(f"hetrain: token file {path} does not exist (build it: python -m hetrain.data."

@@ -43,6 +43,7 @@ def test_every_sample_once_and_equal_counts(num_replicas):
     seen = Counter(i for batches in per_rank for batch in batches for i in batch)
     assert sorted(seen) == list(range(len(lengths)))
     assert set(seen.values()) == {1}
+    assert all(s.repeated == [False] * len(b) for s, b in zip(samplers, per_rank, strict=True))  # none repeats
     for batches in per_rank:
         for batch in batches:
             assert len(batch) * lengths[batch].max() <= 700
@@ -295,6 +296,26 @@ REPEATING_EPOCHS = {
 def test_an_uninterrupted_epoch_repeats_the_batches_it_always_did(case):
     kw, expected = REPEATING_EPOCHS[case]
     assert [list(s) for s in rank_samplers(max_tokens=64, **kw)] == expected
+
+
+@pytest.mark.parametrize("case", REPEATING_EPOCHS)
+@pytest.mark.parametrize("steps", [0, 1])  # a whole epoch, and one resumed after a step
+def test_the_batches_repeated_to_even_out_the_ranks_are_marked(case, steps):
+    # Validation leaves out a batch marked repeated (its labels become -100): then every sample counts exactly once.
+    kw, expected = REPEATING_EPOCHS[case]
+    counted = Counter()
+    first = rank_samplers(max_tokens=64, **kw)
+    for s in first:
+        it = iter(s)
+        done = [next(it) for _ in range(steps)]
+        counted.update(i for batch, repeated in zip(done, s.repeated, strict=False) if not repeated for i in batch)
+    resumed = rank_samplers(max_tokens=64, **kw)
+    for s, rank_expected in zip(resumed, expected, strict=True):
+        s.load_state_dict(first[0].state_dict())
+        batches = list(s)
+        assert batches == rank_expected[steps:] and len(s.repeated) == len(batches)
+        counted.update(i for batch, repeated in zip(batches, s.repeated, strict=True) if not repeated for i in batch)
+    assert sorted(counted) == list(range(len(kw["lengths"]))) and set(counted.values()) == {1}
 
 
 @pytest.mark.parametrize("case", REPEATING_EPOCHS)

@@ -117,6 +117,7 @@ class Rank:
     """What a DDP rank's data module sees: a Trainer of 2 processes."""
 
     world_size = 2
+    lightning_module = None
 
     def __init__(self, rank: int) -> None:
         self.global_rank = rank
@@ -157,6 +158,33 @@ def test_torch_validation_loaders_count_every_sample_once_over_the_ranks(module)
         expected = [(every[p % 5][0], every[p][1] if p < 5 else -100) for p in range(rank, 6, 2)]
         assert [label for _, label in got] == [label for _, label in expected]
         assert all(torch.equal(x, y) for (x, _), (y, _) in zip(got, expected, strict=True))
+
+
+@pytest.mark.parametrize("module", [
+    lambda tmp: TokenDataModule(data_dir=str(tmp), train_size=3, val_size=3, min_doc_len=128, max_doc_len=128,
+                                max_len=128, stride=128, max_tokens=128),
+    lambda tmp: SyntheticDataModule(train_size=3, val_size=5, min_len=8, max_len=8, max_tokens=8),
+], ids=["tokens", "synthetic"])
+def test_ring_validation_loaders_count_every_sample_once_over_the_ranks(tmp_path, module):
+    """Batches of one sample each, one more than the ranks can share: the ring's sampler repeats one on the second
+    rank, and val/loss and val/acc counted it twice. Now it comes unlabelled (-100); training keeps its labels."""
+    data = module(tmp_path)
+    data.prepare_data()
+    data.setup("fit")
+    truth = data.labels["val"] if isinstance(data, TokenDataModule) else data.val_set.labels.numpy()
+    counted, steps = [], set()
+    for rank in (0, 1):
+        data.trainer = Rank(rank)
+        batches = [{k: v.clone() for k, v in b.items()} for b in data.val_dataloader()]
+        steps.add(len(batches))
+        for b in batches:
+            labelled = b["labels"] != -100
+            assert b["labels"][labelled].tolist() == truth[b["sample_ids"][labelled].numpy()].tolist()
+            counted += b["sample_ids"][labelled].tolist()
+        assert all(bool((b["labels"] != -100).all()) for b in data.train_dataloader())  # training keeps repeats
+    assert len(steps) == 1, "every rank runs as many validation batches"
+    assert sorted(counted) == list(range(len(truth)))
+    data.teardown("fit")
 
 
 def test_two_writers_of_one_token_file_do_not_rename_each_others_temporary_files(tmp_path):

@@ -15,6 +15,7 @@ is written once per node, in ``prepare_data``, and only read by every rank's ``s
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -41,24 +42,37 @@ from hetrain.placement.pipeline import stage_device
 SPLITS = ("train", "val")
 LABEL_TEXT = re.compile(r"-?[0-9]+")  # a label written as a JSON string: ASCII digits, not "²"
 TOKEN_DIR_FILES = tuple(f"{split}{ext}" for split in SPLITS for ext in (".bin", ".idx", ".labels.npy"))
+# The shortest run of a synthetic document whose label's markers are sure to be the majority: the recipe's windows
+# are at least max_len - stride + 1 = 33 tokens; the markers added for 16 are ~5% of the tokens (signal 0.15).
+MAJORITY_SPAN = 16
 
 
 class LabelledRing(RingLoader):
-    """A RingLoader over token windows whose batches also carry ``labels`` (B,): each window's label.
+    """A RingLoader over a :class:`TokenBudgetBatchSampler` whose batches carry ``labels`` (B,).
 
-    The C++ gather knows tokens only; the labels are looked up by the batch's ``sample_ids``.
+    With ``labels`` (one per sample: the C++ gather of token windows knows tokens only) a batch's labels are looked
+    up by its ``sample_ids``; without, they are the ones the slot collate wrote. With ``unlabel_repeats``
+    (validation), a batch that only repeats samples so that every rank runs as many batches (the sampler's
+    ``repeated``) is labelled -100, which the task leaves out of ``val/loss`` and ``val/acc``, as
+    :class:`~hetrain.data.splits.ValShares` does for torch's loader: else those samples counted twice there.
     """
 
-    def __init__(self, source: TokenWindows, batch_sampler: Any, labels: np.ndarray, **kwargs: Any) -> None:
+    def __init__(self, source: Any, batch_sampler: TokenBudgetBatchSampler, labels: np.ndarray | None = None,
+                 unlabel_repeats: bool = False, **kwargs: Any) -> None:
         super().__init__(source, batch_sampler, **kwargs)
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+        self.unlabel_repeats = unlabel_repeats
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # map, not a for loop: its target variable would keep the last batch (a ring slot) through next().
-        yield from map(self._labelled, super().__iter__())
+        # Job k of the ring is the sampler's batch k, and the ring reads the sampler's whole epoch before its first.
+        yield from map(self._labelled, super().__iter__(), itertools.count())
 
-    def _labelled(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        batch["labels"] = self.labels[batch["sample_ids"]]
+    def _labelled(self, batch: dict[str, torch.Tensor], job: int) -> dict[str, torch.Tensor]:
+        if self.labels is not None:
+            batch["labels"] = self.labels[batch["sample_ids"]]
+        if self.unlabel_repeats and self.batch_sampler.repeated[job]:
+            batch["labels"] = torch.full_like(batch["labels"], -100)  # a new tensor: the slot stays as written
         return batch
 
 
@@ -97,8 +111,9 @@ class RingDataModule(pl.LightningDataModule):
         return devices.pop() if len(devices) == 1 else None
 
     def _ring(self, split: str, source: Any, lengths: Iterable[int], shuffle: bool, max_tokens: int,
-              seed: int, loader_cls: type[RingLoader] = RingLoader, **kwargs: Any) -> Iterable:
-        """A RingLoader over ``source`` for ``split``, wrapped in a DevicePrefetcher when the stages are on a GPU.
+              seed: int, **kwargs: Any) -> Iterable:
+        """A :class:`LabelledRing` over ``source`` for ``split``, wrapped in a DevicePrefetcher when the stages are
+        on a GPU. Validation's repeats (every rank runs as many batches) come unlabelled, counted once over the ranks.
 
         ``lookahead=0``: Lightning's loops fetch ahead only from loaders without a length, and a RingLoader has
         one, so every batch handed out has its step run by the time a checkpoint is saved.
@@ -113,7 +128,7 @@ class RingDataModule(pl.LightningDataModule):
                              "give it samples, or set trainer.limit_val_batches=0 to train without validation")
         sampler = TokenBudgetBatchSampler(lengths, max_tokens, shuffle=shuffle, seed=seed,
                                           num_replicas=replicas, rank=rank)
-        loader = loader_cls(source, sampler, **kwargs)
+        loader = LabelledRing(source, sampler, unlabel_repeats=split == "val", **kwargs)
         self._loaders[split] = loader
         device = self._first_stage_device()
         prefetch = device is not None and device.type == "cuda"
@@ -193,18 +208,22 @@ class SyntheticDataModule(SeededSplits, RingDataModule):
         return self._loader("val", self.val_set, shuffle=False)
 
 
-def write_synthetic_corpus(out_dir: str | os.PathLike, num_docs: dict[str, int], seed: int, **kwargs: Any) -> None:
+def write_synthetic_corpus(out_dir: str | os.PathLike, num_docs: dict[str, int], seed: int,
+                           min_span: int = MAJORITY_SPAN, **kwargs: Any) -> None:
     """Writes ``<out_dir>/<split>.bin/.idx`` and ``<split>.labels.npy``: long documents with a learnable label.
 
     The documents are :class:`~hetrain.data.synthetic.SyntheticSequences` (class markers among noise, the
-    label the majority class) at document length, so every window of a document holds its label's
-    markers in the majority as well. Split ``k`` is drawn from ``seed + k``; the same seed, the same files.
-    Tokens are uint16 up to ``vocab_size`` 65536, uint32 past it.
+    label the majority class) at document length, with ``min_span``: every run of at least ``min_span``
+    (default 16) consecutive tokens of a document, so every window of that many tokens or more, holds more
+    markers of its label than of any other class, as does every whole document. A shorter window that is not a
+    whole document may not: only a document's last window can be shorter, where ``stride > max_len - min_span +
+    1`` (every window, where ``max_len < min_span``). Split ``k`` is drawn from ``seed + k``; the same seed, the
+    same files. Tokens are uint16 up to ``vocab_size`` 65536, uint32 past it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for k, (split, size) in enumerate(num_docs.items()):
-        docs = SyntheticSequences(size, seed=seed + k, **kwargs)
+        docs = SyntheticSequences(size, seed=seed + k, min_span=min_span, **kwargs)
         with TokenFileWriter(out / split, itemsize=2 if docs.vocab_size <= 1 << 16 else 4) as writer:
             for seq in docs.sequences:
                 writer.add(seq.numpy())
@@ -472,9 +491,8 @@ class TokenDataModule(RingDataModule):
     def _loader(self, split: str, shuffle: bool) -> Iterable:
         h = self.hparams
         windows = self.windows[split]
-        return self._ring(split, windows, windows.lengths, shuffle, h.max_tokens, h.seed, LabelledRing,
-                          labels=self.labels[split], num_slots=h.num_slots, num_workers=h.producers,
-                          vocab_size=h.vocab_size)
+        return self._ring(split, windows, windows.lengths, shuffle, h.max_tokens, h.seed, labels=self.labels[split],
+                          num_slots=h.num_slots, num_workers=h.producers, vocab_size=h.vocab_size)
 
     def train_dataloader(self) -> Iterable:
         return self._loader("train", shuffle=True)

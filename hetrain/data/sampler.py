@@ -38,6 +38,10 @@ class TokenBudgetBatchSampler:
         seed: with the epoch, fixes the shuffle on every rank and process.
         num_replicas, rank: the data-parallel layout; each rank gets a disjoint share of equal batch count.
         drop_last: drop the last ``< num_replicas`` global batches instead of splitting them across ranks.
+
+    ``repeated`` says, once an iteration has started, which of the batches it yields repeat samples that another
+    batch of the epoch holds (the padding that gives every rank as many batches where no batch can be halved), for
+    a validation loop to leave out of its metrics.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class TokenBudgetBatchSampler:
         self._resumed_steps = 0  # this epoch's batches a rank had consumed before the resume
         self._yielded = 0  # batches this rank's current iteration has handed out
         self._iter_start = self._iter_offset = 0
+        self.repeated: list[bool] = []  # per batch this rank's current iteration yields
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
         # Batch sizes depend only on the sorted lengths, not on which sample has which length: the
         # number of batches, the largest batch and the padding are the same in every epoch.
@@ -119,9 +124,9 @@ class TokenBudgetBatchSampler:
         self._plan_cache = (epoch, plan)
         return plan
 
-    def _rounds(self, plan: list[np.ndarray], start: int, offset: int = 0) -> list[np.ndarray]:
+    def _rounds(self, plan: list[np.ndarray], start: int, offset: int = 0) -> tuple[list[np.ndarray], int]:
         """The plan from sample ``offset`` of batch ``start``, cut to whole rounds: batch ``i`` goes to rank
-        ``i % num_replicas``.
+        ``i % num_replicas``; and how many of the last of them repeat earlier samples.
 
         A resume at a round boundary of the whole epoch's rounds (always so on the layout that saved it) continues
         those rounds: balancing only the rest could halve or repeat other batches than the uninterrupted run does.
@@ -130,13 +135,13 @@ class TokenBudgetBatchSampler:
         if offset and remaining:
             remaining[0] = remaining[0][offset:]
         if self.drop_last:
-            return remaining[: len(remaining) // self.num_replicas * self.num_replicas]
-        rounds = _balanced(plan, self.num_replicas)
+            return remaining[: len(remaining) // self.num_replicas * self.num_replicas], 0
+        rounds, repeats = _balanced(plan, self.num_replicas)
         taken = sum(map(len, plan[:start])) + offset
         ends = np.cumsum([0, *map(len, rounds)])[:: self.num_replicas]  # samples before each round
         k = int(np.searchsorted(ends, taken))
-        if k < len(ends) and ends[k] == taken:
-            return rounds[k * self.num_replicas :]
+        if k < len(ends) and ends[k] == taken:  # the repeats only fill up the last round: they all stay in
+            return rounds[k * self.num_replicas :], repeats
         return _balanced(remaining, self.num_replicas)
 
     # -- Sampler protocol ------------------------------------------------------------------------
@@ -157,7 +162,9 @@ class TokenBudgetBatchSampler:
         self._iter_start, self._iter_offset, self._yielded = start, offset, 0
         if start == 0 and offset == 0:  # a fresh pass over the epoch: nothing was consumed before it
             self._resumed_steps = 0
-        for batch in self._rounds(self.global_plan(), start, offset)[self.rank :: self.num_replicas]:
+        rounds, repeats = self._rounds(self.global_plan(), start, offset)
+        self.repeated = [i >= len(rounds) - repeats for i in range(self.rank, len(rounds), self.num_replicas)]
+        for batch in rounds[self.rank :: self.num_replicas]:
             self._yielded += 1
             yield batch.tolist()
 
@@ -183,7 +190,7 @@ class TokenBudgetBatchSampler:
         non-padding tokens) the sum of their weights. Exact loss normalisation over an accumulation
         window and over ranks needs these counts before the window's first backward.
         """
-        rounds = self._rounds(self.global_plan(), self._iter_start, self._iter_offset)
+        rounds, _ = self._rounds(self.global_plan(), self._iter_start, self._iter_offset)
         per_batch = [len(b) if weights is None else float(weights[b].sum()) for b in rounds]
         per_step = np.asarray(per_batch, dtype=np.float64).reshape(-1, self.num_replicas).sum(axis=1)
         return np.concatenate([np.zeros(self._resumed_steps), per_step])
@@ -214,7 +221,7 @@ class TokenBudgetBatchSampler:
         batches would skip the rest of a halved batch on resume.
         """
         plan = self.global_plan()
-        rounds = self._rounds(plan, self._iter_start, self._iter_offset)
+        rounds, _ = self._rounds(plan, self._iter_start, self._iter_offset)
         bounds = np.cumsum([0, *map(len, plan)])
         taken = sum(len(b) for b in rounds[: max(0, steps) * self.num_replicas])
         cursor = min(int(bounds[self._iter_start]) + self._iter_offset + taken, int(bounds[-1]))
@@ -281,8 +288,9 @@ class TokenBudgetBatchSampler:
         self._plan_cache = None
 
 
-def _balanced(batches: list[np.ndarray], parts: int) -> list[np.ndarray]:
-    """``batches`` made a multiple of ``parts`` long by halving the largest of the last batches.
+def _balanced(batches: list[np.ndarray], parts: int) -> tuple[list[np.ndarray], int]:
+    """``batches`` made a multiple of ``parts`` long by halving the largest of the last batches; and how many
+    batches at the end repeat earlier ones.
 
     A part of a batch stays within the budget. The ragged tail and the last full round are cut first,
     so the plan before them is untouched (unless they hold single samples only). Only when no batch has
@@ -300,6 +308,6 @@ def _balanced(batches: list[np.ndarray], parts: int) -> list[np.ndarray]:
                 break
         half = len(out[k]) // 2
         out[k : k + 1] = [out[k][:half], out[k][half:]]
-    while len(out) % parts:
-        out.append(out[len(out) % len(batches)])
-    return out
+    repeats = -len(out) % parts
+    out += [out[i % len(batches)] for i in range(len(out), len(out) + repeats)]
+    return out, repeats

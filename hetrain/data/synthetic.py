@@ -27,8 +27,12 @@ class SyntheticSequences(Dataset):
     """``size`` sequences with lengths uniform in ``[min_len, max_len]`` (``[CLS]`` included).
 
     A sequence of ``n`` tokens holds ``max(2, round(signal * (n - 1)))`` markers of its class and
-    ``distractors`` times as many (rounded down) of another, as many as fit. The same arguments give the
-    same sequences, whatever the process or the order of access.
+    ``distractors`` times as many (rounded down) of another, as many as fit, at random places: the label is
+    the majority of the whole sequence, not of every part of it. With ``min_span`` (at least 2), every run of
+    ``min_span`` or more consecutive tokens holds more markers of the label than of the other class as well
+    (what windows of a long document need): where one would not, the last tokens of it that are not markers
+    of the label become such markers. The same arguments give the same sequences, whatever the process or
+    the order of access.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class SyntheticSequences(Dataset):
         signal: float = 0.15,
         distractors: float = 0.5,
         seed: int = 0,
+        min_span: int | None = None,
     ) -> None:
         if size < 0:
             # A negative size failed in torch.randint ("negative dimension"), naming no setting.
@@ -65,6 +70,9 @@ class SyntheticSequences(Dataset):
                              "signal or distractors")
         if num_classes < 2:
             raise ValueError(f"hetrain: need at least 2 classes, got {num_classes=}")
+        if min_span is not None and min_span < 2:
+            raise ValueError(f"hetrain: need min_span >= 2 or None ([CLS] alone is a run of 1 token that holds no "
+                             f"marker), got {min_span=}")
         self.vocab_size = vocab_size
         g = torch.Generator().manual_seed(seed)
         self.labels = torch.randint(num_classes, (size,), generator=g)
@@ -81,7 +89,10 @@ class SyntheticSequences(Dataset):
             # Fewer than n_distractor slots are left only where the 2 markers fill a body of 2 tokens: the
             # distractor is drawn all the same, keeping every later sequence of the seed as it was.
             ids[slots[n_signal:]] = self._markers(other, n_distractor, markers_per_class, g)[: len(slots) - n_signal]
-            self.sequences.append(torch.cat([torch.tensor([CLS]), ids]))
+            sequence = torch.cat([torch.tensor([CLS]), ids])
+            if min_span is not None:
+                _lead_every_span(sequence, label, markers_per_class, noise_start, min_span)
+            self.sequences.append(sequence)
 
     @staticmethod
     def _markers(cls: int, n: int, per_class: int, g: torch.Generator) -> torch.Tensor:
@@ -92,6 +103,40 @@ class SyntheticSequences(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"input_ids": self.sequences[index], "label": self.labels[index], "sample_id": index}
+
+
+def _lead_every_span(sequence: torch.Tensor, label: int, per_class: int, noise_start: int, min_span: int) -> None:
+    """Turns tokens of ``sequence`` into markers of ``label`` until every run of ``min_span`` or more tokens holds
+    more of them than of the other classes' markers together; in place.
+
+    ``lead[j]`` is the label's markers minus the other markers among the first ``j`` tokens, so tokens ``i..j-1``
+    hold the majority where ``lead[j] > lead[i]``. Left to right, where ``lead[j]`` does not beat the best
+    ``lead[i]`` with ``i <= j - min_span``, the last tokens before ``j`` that are not markers of the label become
+    ones. That raises only the lead of runs ending at ``j`` or later, so runs checked before keep their majority;
+    and the ``min_span`` tokens before ``j`` always suffice: all markers, they outweigh the ``min_span - 1`` tokens
+    before them, and a run starting earlier than that was checked already. They never reach ``[CLS]``: a run of
+    ``min_span >= 2`` tokens from it has another token to turn.
+    """
+    first = FIRST_MARKER + label * per_class
+    ids = sequence.tolist()
+    score = [1 if first <= t < first + per_class else -1 if FIRST_MARKER <= t < noise_start else 0 for t in ids]
+    lead = [0] * (len(ids) + 1)
+    best = 0  # the largest lead[i] with i <= j - min_span; lead[0] = 0
+    for j in range(1, len(ids) + 1):
+        lead[j] = lead[j - 1] + score[j - 1]
+        if j < min_span:
+            continue
+        best = max(best, lead[j - min_span])
+        k = j
+        while lead[j] <= best:
+            k -= 1
+            if score[k] == 1:
+                continue
+            gain, score[k] = 1 - score[k], 1
+            ids[k] = first + k % per_class  # a marker of the class, none favoured
+            for i in range(k + 1, j + 1):
+                lead[i] += gain
+    sequence.copy_(torch.tensor(ids))
 
 
 def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -525,13 +525,15 @@ def write_stopped_sweep(hydra: DictConfig, reason: str | None = None) -> str:
 
     The process ends with the job: Hydra calls no callback on the way out, so without this the job's row, which
     says where to go on from, was missing. The jobs the sweep had not reached get rows ``not started``, with
-    ``reason`` as their error when given.
+    ``reason`` as their error when given; their directories, which kept their config, lose the copy of it that
+    the sweep took at its start (:func:`_drop_unused_earlier_configs`).
     """
     sweep_dir = Path(hydra.sweep.dir)
     # Without saved configs (hydra.output_subdir=null, which SweepSummary refuses) no job can be found.
     left_because = None if reason is None else f"not started: {reason}; rerun these jobs"
     jobs = collect_jobs(sweep_dir, hydra.output_subdir or ".hydra") + _jobs_not_started(hydra, left_because)
     text = write_sweep_summary(jobs, sweep_dir)
+    _drop_unused_earlier_configs(sweep_dir, hydra.output_subdir or ".hydra")
     _print_sweep_table(sweep_dir, text)
     left = [str(job["job"]) for job in jobs if job.get("status") == "not started"]
     ended = "the sweep was stopped" if reason is None else f"the sweep ended ({reason})"
@@ -666,14 +668,32 @@ def _copy_earlier_configs(sweep_dir: Path, output_subdir: str) -> None:
     """Copies the config folder (``output_subdir``) of each job an earlier sweep left in ``sweep_dir`` to
     ``EARLIER_CONFIG`` in its directory: Hydra rewrites it when a job of this sweep starts there, before any callback
     of the job runs, and the earlier job's overrides and config were lost. Under torchrun, a folder newer than this
-    process is another rank's of this sweep (see :func:`_set_aside`)."""
+    process is another rank's of this sweep (see :func:`_set_aside`). Copies an earlier sweep left behind are removed
+    first: one that ended without on_multirun_end or :func:`write_stopped_sweep` (a job that failed outside
+    :func:`hetrain.train.run`) kept them."""
+    for stale in sweep_dir.glob(f"**/{EARLIER_CONFIG}"):
+        shutil.rmtree(stale, ignore_errors=True)
     since = _process_start() if _launched_together() else math.inf
     depth = len(Path(output_subdir).parts)
     for config_dir in sweep_dir.glob(f"**/{output_subdir}"):
         job_dir = config_dir.parents[depth - 1]  # a previous-*/ folder holds no sweep id: left alone
         if _sweep_id(job_dir) is not None and _last_change(config_dir) < since:
-            shutil.rmtree(job_dir / EARLIER_CONFIG, ignore_errors=True)  # one a stopped sweep left
             shutil.copytree(config_dir, job_dir / EARLIER_CONFIG)
+
+
+def _drop_unused_earlier_configs(sweep_dir: Path, output_subdir: str) -> None:
+    """Removes the copies :func:`_copy_earlier_configs` made for jobs this sweep did not reach (their config is in
+    place), once it ends. A copy that differs from its job's config folder stays: Hydra rewrote that folder for a job
+    whose on_job_start has not run (under a launcher running jobs in parallel, or a rank running ahead), and the copy
+    is the only record of the earlier job's."""
+    for copied in sweep_dir.glob(f"**/{EARLIER_CONFIG}"):
+        if _files(copied) == _files(copied.parent / output_subdir):
+            shutil.rmtree(copied, ignore_errors=True)
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    """The files under ``folder`` (none where it does not exist), by path inside it, with their contents."""
+    return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
 def _keep_earlier_config(job_dir: Path, kept: Path) -> None:
@@ -846,8 +866,7 @@ class SweepSummary(HydraCallback):
         if _another_rank():
             return
         sweep_dir, text, jobs = self._write(config)
-        for unused in sweep_dir.glob(f"**/{EARLIER_CONFIG}"):  # of jobs this sweep did not reach: theirs is in place
-            shutil.rmtree(unused, ignore_errors=True)
+        _drop_unused_earlier_configs(sweep_dir, config.hydra.output_subdir)
         _print_sweep_table(sweep_dir, text)
         failed = [str(job["job"]) for job in jobs if job.get("status") != "ok"]
         if failed:

@@ -457,7 +457,8 @@ def _typed_arguments(node: DictConfig, prefix: str = "") -> list[tuple[str, tupl
     type as ``bool``, ``int`` or ``float`` (or a union of them, ``None`` included), with those types: Hydra passes
     ``no`` and ``abc`` on as strings, and ``64.5`` to an ``int``. Arguments of any other type (a string, a path, a
     sequence, a ``Literal``) are left to the target, and so are settings that are configs themselves (a nested
-    ``_target_`` that makes the number)."""
+    ``_target_`` that makes the number). The configs inside lists (``trainer.plugins``, ``trainer.callbacks``) are
+    looked into as well, their settings named as ``trainer.plugins[0].auto_requeue`` (a path OmegaConf.select reads)."""
     found: list[tuple[str, tuple[type, ...]]] = []
     target = node.get("_target_")
     if isinstance(target, str):
@@ -472,10 +473,19 @@ def _typed_arguments(node: DictConfig, prefix: str = "") -> list[tuple[str, tupl
                     and all(isinstance(k, type) and k in _KIND_TEXT for k in kinds)):
                 found.append((f"{prefix}{name}", kinds))
     for key in node:
-        child = node._get_node(key)
-        if OmegaConf.is_dict(child):
-            found += _typed_arguments(child, f"{prefix}{key}.")
+        found += _typed_arguments_in(node._get_node(key), f"{prefix}{key}")
     return found
+
+
+def _typed_arguments_in(child: Any, path: str) -> list[tuple[str, tuple[type, ...]]]:
+    """:func:`_typed_arguments` of the setting ``child`` at ``path``: a config, or a list, whose elements may be
+    configs too (``+trainer.plugins=[{_target_: ..., auto_requeue: no}]`` passed ``'no'``, which is true)."""
+    if OmegaConf.is_dict(child):
+        return _typed_arguments(child, f"{path}.")
+    if OmegaConf.is_list(child):  # len() is 0 for a list that is null or missing (???)
+        return [found for index in range(len(child)) for found in _typed_arguments_in(child._get_node(index),
+                                                                                     f"{path}[{index}]")]
+    return []
 
 
 def _of_kind(value: Any, kinds: tuple[type, ...]) -> bool:
@@ -523,16 +533,25 @@ _CHECKPOINT_KEYS = ("pytorch-lightning_version", "state_dict")
 
 def _read_checkpoint(ckpt_path: str) -> dict[str, Any] | None:
     """The checkpoint ``ckpt_path`` as Lightning reads it to resume (``weights_only``, torch's default), its tensors
-    left on disk; None where torch refuses an object in it, whose message Lightning raises (it says how to allow the
-    object). A file that is no Lightning checkpoint is refused: a tensor, a list, a model's state_dict or a text file
-    failed inside Lightning's loading with ``KeyError: 101`` or ``KeyError: 'pytorch-lightning_version'``."""
+    left on disk; None where weights_only refuses what it holds (an object of a user's), in either format torch.save
+    writes: Lightning then raises torch's message, which says how to allow the object, or loads it where
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set. A file that is no Lightning checkpoint is refused: a tensor, a list, a
+    model's state_dict or a text file failed inside Lightning's loading with ``KeyError: 101`` or ``KeyError:
+    'pytorch-lightning_version'``; one torch.load fails on otherwise (a truncated file) is refused with torch's
+    message. One that cannot be read at all (no permission, an I/O error) raises an OSError that says why, not that
+    the file is no checkpoint."""
     zipped = zipfile.is_zipfile(ckpt_path)  # torch.save's format since torch 1.6, the only one mmap reads
     try:  # mmap: the tensors stay on disk, only the pickled structure around them is read
         checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=zipped, weights_only=True)
+    except OSError as exc:  # the file, not its content: no permission, a disk's I/O error
+        raise OSError(f"hetrain: ckpt_path={ckpt_path} cannot be read ({exc}); make it readable to this run, or "
+                      "pass another checkpoint, or ckpt_path=null to train from the start") from exc
     except Exception as exc:  # noqa: BLE001 - named in the error below
-        if zipped and isinstance(exc, pickle.UnpicklingError):  # an object weights_only refuses: Lightning says
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
             return None
-        found = f"it is no file torch.save wrote (torch.load raised {type(exc).__name__})"
+        said = str(exc).split("\n", 1)[0]  # a truncated zip: "failed finding central directory"
+        raised = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+        found = f"it is no file torch.save wrote, or a damaged one (torch.load raised {raised})"
     else:
         missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else None
         if missing == []:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from test_train import ROOT, train_py, write_dated
 
-from hetrain.report import SWEEP_ID, SweepSummary, collect_jobs, write_run_summary
+from hetrain.report import EARLIER_CONFIG, SWEEP_ID, SweepSummary, collect_jobs, write_run_summary, write_stopped_sweep
 
 TINY = ["recipe=bert_split", "trainer.val_check_interval=2", "data.train_size=128",
         "data.val_size=32", "model.hidden=32", "model.layers=1", "trainer.num_sanity_val_steps=0",
@@ -259,6 +259,31 @@ def test_a_sweep_rerun_into_its_directory_keeps_the_earlier_jobs_configs(tmp_pat
     assert sorted(p.name for p in (sweep / "2").iterdir()) == sorted([".hydra", SWEEP_ID, "checkpoints",
                                                                       "summary.json"])
     assert [(r["job"], r["status"]) for r in collect_jobs(sweep)] == [(0, "ok"), (1, "ok")]
+
+
+def test_a_stopped_sweep_leaves_no_copy_of_the_config_in_the_jobs_it_did_not_reach(tmp_path):
+    """A sweep a signal or a DDP failure ends (write_stopped_sweep; Hydra calls no on_multirun_end) left a copy of
+    its own config (.hetrain_earlier_config/) in every job directory of the earlier sweep it had not reached."""
+    sweep = tmp_path / "sweep"
+    for num in range(3):  # the earlier sweep's three jobs
+        _job_config(sweep / str(num), num, f"seed={num}")
+        (sweep / str(num) / SWEEP_ID).write_text("0123456789abcdef\n")
+    config = _hydra_config(sweep)
+    # Not Hydra's basic sweeper and launcher: no rows for the jobs not started, which need its multirun.yaml.
+    config.hydra.sweeper, config.hydra.launcher = {"_target_": None}, {"_target_": None}
+    summary = SweepSummary()
+    summary.on_multirun_start(config)
+    _job_config(sweep / "0", 0, "seed=5")
+    summary.on_job_start(config, task_function=None)
+    # A parallel launcher's next job: Hydra rewrote its config, its on_job_start is still to come.
+    _job_config(sweep / "1", 1, "seed=6")
+    write_stopped_sweep(config.hydra)  # the signal, in job 0
+
+    assert not (sweep / "2" / EARLIER_CONFIG).exists()  # not reached: its config is in place
+    assert (sweep / "2" / ".hydra" / "overrides.yaml").read_text() == "- seed=2\n"
+    assert (sweep / "1" / EARLIER_CONFIG / "overrides.yaml").read_text() == "- seed=1\n"  # the only record left
+    (aside,) = (sweep / "0").glob("previous-*")
+    assert (aside / ".hydra" / "overrides.yaml").read_text() == "- seed=0\n"
 
 
 def test_a_sweep_that_saves_no_job_configs_is_refused_and_another_config_folder_is_read(tmp_path):

@@ -483,7 +483,7 @@ def test_a_checkpoint_path_that_is_no_file_is_refused_naming_it(tmp_path):
     (torch.zeros(3), "it holds a Tensor"),
     ([1, 2], "it holds a list"),
     ({"weight": torch.zeros(2)}, "it holds a dict without 'pytorch-lightning_version' or 'state_dict'"),
-    ("hello\n", "it is no file torch.save wrote (torch.load raised KeyError)"),
+    ("hello\n", "it is no file torch.save wrote, or a damaged one (torch.load raised KeyError: 101)"),
 ])
 def test_a_checkpoint_path_that_is_no_lightning_checkpoint_is_refused_naming_it(tmp_path, content, found):
     """It failed with a bare "KeyError: 101" (a text file), "KeyError: 'pytorch-lightning_version'" (a state_dict)
@@ -506,13 +506,48 @@ class _Unlisted:
     """An object torch.load(weights_only=True) refuses, as a user's hyperparameters may hold."""
 
 
-def test_a_checkpoint_with_an_object_weights_only_refuses_is_left_to_lightning(tmp_path):
-    # torch's message, which Lightning raises, says how to allow the object.
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_checkpoint_with_an_object_weights_only_refuses_is_left_to_lightning(tmp_path, zipped):
+    """torch's message, which Lightning raises, says how to allow the object. One in torch.save's format before
+    torch 1.6 (not a zip) was refused as "not a Lightning checkpoint"."""
     from hetrain.train import _read_checkpoint
 
     torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {}, "hyper_parameters": _Unlisted()},
-               tmp_path / "last.ckpt")
+               tmp_path / "last.ckpt", _use_new_zipfile_serialization=zipped)
     assert _read_checkpoint(str(tmp_path / "last.ckpt")) is None
+
+
+def test_a_truncated_checkpoint_is_refused_with_torchs_words(tmp_path):
+    """The refusal said only "torch.load raised RuntimeError", not what torch found wrong."""
+    from hetrain.train import _read_checkpoint
+
+    saved = io.BytesIO()
+    torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {"w": torch.zeros(256)}}, saved)
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(saved.getvalue()[:len(saved.getvalue()) // 2])  # a copy cut short
+    with pytest.raises(ValueError, match=r"or a damaged one \(torch.load raised RuntimeError: .*failed finding "
+                                         r"central directory"):
+        _read_checkpoint(str(ckpt))
+
+
+@pytest.mark.parametrize("cause", ["Permission denied", "Input/output error"])
+def test_a_checkpoint_that_cannot_be_read_is_named_so_not_as_no_checkpoint(tmp_path, cause):
+    """An unreadable file was refused as "not a Lightning checkpoint: it is no file torch.save wrote", the cause
+    (its permissions, the disk) unsaid."""
+    from hetrain.train import _read_checkpoint
+
+    if cause == "Permission denied":
+        ckpt = tmp_path / "last.ckpt"
+        torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {}}, ckpt)
+        ckpt.chmod(0)
+        if os.access(ckpt, os.R_OK):
+            pytest.skip("this user (root) reads a file without read permission")
+    else:
+        ckpt = Path("/proc/self/mem")  # a file whose start cannot be read: nothing is mapped at address 0
+        if not ckpt.is_file():
+            pytest.skip("needs Linux's /proc")
+    with pytest.raises(OSError, match=re.escape(f"hetrain: ckpt_path={ckpt} cannot be read (") + rf".*{cause}"):
+        _read_checkpoint(str(ckpt))
 
 
 def test_failed_run_records_its_error(tmp_path):
@@ -601,6 +636,9 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     (["recipe=resnet_fused_amp", "model.channels_last=off"], "model.channels_last='off' must be true or false"),
     (["recipe=resnet_fused_amp", "model.zero_init_residual=0"], "model.zero_init_residual=0 must be true or false"),
     (["trainer.enable_progress_bar=no"], "trainer.enable_progress_bar='no' must be true or false or null"),
+    # A config inside a list: the plugin got 'no', which is true.
+    (["+trainer.plugins=[{_target_:pytorch_lightning.plugins.environments.SLURMEnvironment,auto_requeue:no}]"],
+     "trainer.plugins[0].auto_requeue='no' must be true or false"),
     # A bare TypeError inside Lightning's loop; 1.5 trained 2 steps.
     (["trainer.max_steps=abc"], "trainer.max_steps='abc' must be a whole number of optimizer steps >= 1, or -1"),
     (["trainer.max_steps=1.5"], "trainer.max_steps=1.5 must be a whole number of optimizer steps >= 1, or -1"),
@@ -650,6 +688,8 @@ def test_the_limits_of_the_new_checks_are_accepted(tmp_path):
                       ["trainer.log_every_n_steps=null", "model.ffn=null", "model.attention_dropout=null"],
                       ["data.signal=0", "data.distractors=0", "task.weight_decay=0", "+trainer.gradient_clip_val=1"],
                       ["trainer.log_every_n_steps=${trainer.val_check_interval}", "data.max_len=${model.max_len}"],
+                      ["+trainer.plugins=[{_target_:pytorch_lightning.plugins.environments.SLURMEnvironment,"
+                       "auto_requeue:false}]"],
                       # a corpus (data.path) has no class markers
                       ["recipe=longseq_ringbuffer", f"data.path={ROOT / 'tests'}", "data.markers_per_class=0"]):
         check_config(compose_train(*overrides, output_dir=tmp_path))

@@ -51,8 +51,20 @@ struct RingState {
   std::vector<at::ScalarType> dtypes;
   std::vector<int64_t> capacities, offsets;
   int64_t slot_bytes = 0;
+  const pid_t owner = ::getpid();
+
+  // Whether this is a process forked from the ring's owner. Its copy of the ring's locks and condition variables
+  // records the owner's threads (a lock may be copied held, a wait as pending), and its thread handles name threads
+  // it does not have: closing, releasing a slot or freeing the ring there hung, aborted or joined another thread.
+  // A child leaves the ring alone, and leaks it when freed.
+  bool forked() const { return ::getpid() != owner; }
 
   ~RingState() {
+    if (forked()) {
+      (void)gatherer.release();
+      (void)core.release();
+      return;
+    }
     if (gatherer) gatherer->stop();
   }
 };
@@ -64,7 +76,9 @@ class SlotLease {
   SlotLease(std::shared_ptr<RingState> st, int64_t slot) : st_(std::move(st)), slot_(slot) {}
   SlotLease(const SlotLease&) = delete;
   SlotLease& operator=(const SlotLease&) = delete;
-  ~SlotLease() { st_->core->release(slot_); }
+  ~SlotLease() {
+    if (!st_->forked()) st_->core->release(slot_);
+  }
 
  private:
   std::shared_ptr<RingState> st_;
@@ -251,8 +265,10 @@ class RingBuffer : public torch::CustomClassHolder {
     });
   }
 
-  // Stops every producer and joins the C++ threads; batches already handed out stay valid.
+  // Stops every producer and joins the C++ threads; batches already handed out stay valid. Nothing in a process
+  // forked from the ring's owner (see RingState::forked).
   void close() {
+    if (st_->forked()) return;
     st_->core->close();
     if (st_->gatherer) st_->gatherer->stop();
   }

@@ -1024,6 +1024,40 @@ def test_a_ring_started_before_a_fork_is_closed_and_dropped_in_the_child_at_once
         ring.close()
 
 
+def test_a_token_loader_busy_at_a_fork_is_closed_and_dropped_in_the_child_at_once(corpus):
+    # The child joined copies of the gather threads' handles (a crash, or "Invalid argument"), destroyed condition
+    # variables that recorded the parent's waiting threads (a hang), or locked a mutex copied while held.
+    ds = TokenWindows(corpus, max_len=128, stride=100)
+    loader = RingLoader(ds, TokenBudgetBatchSampler(ds.lengths, 256, seed=4), num_slots=2, num_workers=2)
+    batches = iter(loader)
+    try:
+        assert next(batches)["input_ids"].numel() <= 256  # the gatherers wait for a free slot now
+
+        def close_and_drop() -> str:
+            nonlocal loader, batches
+            busy = threading.Thread(target=time.sleep, args=(0.2,), daemon=True)
+            busy.start()
+            loader.close()
+            batches = loader = None
+            gc.collect()
+            busy.join()
+            return "closed and dropped"
+
+        assert _in_a_forked_child(close_and_drop) == "closed and dropped"
+        assert next(batches)["input_ids"].numel() <= 256  # the parent's loader reads on
+    finally:
+        loader.close()
+
+
+def test_the_reader_processes_stop_once_and_serve_no_read_after():
+    # A second stop() raised "process object is closed", and so did a read racing the close.
+    readers = ring_module.ReaderProcesses(Flaky(4), 1)
+    assert [item["label"] for item in readers.read([0, 1], lambda: False, 0.05)] == [0, 1]
+    readers.stop()
+    readers.stop()
+    assert readers.read([2], lambda: False, 0.05) is None
+
+
 def test_a_stall_is_named_in_a_child_forked_after_the_ring_started():
     # The child had no heartbeat, and a second after the fork took every check for the first after a stop: no stall
     # of more than a second was ever named there.

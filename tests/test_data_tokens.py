@@ -454,6 +454,22 @@ def test_a_jsonl_label_is_parsed_strictly_and_refused_naming_its_line(tmp_path, 
     assert read_labels(corpus, "label") == [0, 12]  # a byte order mark is skipped, as iter_documents skips it
 
 
+def test_a_jsonl_record_with_a_lone_carriage_return_gives_one_label_and_a_broken_one_is_named(tmp_path):
+    # The labels were read with universal newlines, the documents without: a lone "\r" (JSON whitespace) cut the
+    # record in two there, and json's own error named no file or line.
+    from hetrain.data.datamodule import read_labels
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"text": "a", "label": 0}\n{"text": "b",\r "label": 1}\r\n{"text": "c", "label": 2}\n')
+    assert read_labels(corpus, "label") == [0, 1, 2]
+    corpus.write_bytes(b'{"text": "a", "label": 0}\n{"text": "b", "label"\n')
+    with pytest.raises(ValueError, match=re.escape(f"{corpus}:2 is not a JSON record")):
+        read_labels(corpus, "label")
+    corpus.write_bytes(b'{"text": "a", "label": 0}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=re.escape(f"{corpus}:2 is a JSON list, not a record")):
+        read_labels(corpus, "label")
+
+
 def test_a_uint64_id_past_int64_is_named_as_it_is(tmp_path):
     # The cast to int64 wrapped 2**64 - 1 to -1: "token id -1; token ids are non-negative".
     with pytest.raises(ValueError, match=r"document 0's token ids must fit int64 \(below 2\*\*63\), got "

@@ -264,10 +264,19 @@ def load_labels(path: Path, num_docs: int) -> np.ndarray:
 def read_labels(path: str | os.PathLike, label_field: str) -> list[int]:
     """The integer ``label_field`` of every non-blank line of a jsonl file; a line without one is named."""
     labels = []
-    with open(path, encoding="utf-8-sig") as f:
+    # Lines end at "\n" only, as the documents are read (hetrain.data.tokenize): a lone "\r" is JSON whitespace.
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
-                labels.append(_label(json.loads(line).get(label_field), f"{path}:{number}", label_field))
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"hetrain: {path}:{number} is not a JSON record: {exc.msg} at column "
+                                     f"{exc.colno}") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"hetrain: {path}:{number} is a JSON {type(record).__name__}, not a record "
+                                     "with a label")
+                labels.append(_label(record.get(label_field), f"{path}:{number}", label_field))
     return labels
 
 

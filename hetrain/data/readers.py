@@ -207,6 +207,7 @@ class ReaderProcesses:
         self._owing_lock = threading.Lock()
         self._readers: list[_Reader] = []
         self.alive = count
+        self._stopped = False  # stop() ran: the process objects are closed, and no read is served
         self._deaths = threading.Lock()
         self.last_death = ""
         for _ in range(count):
@@ -341,11 +342,11 @@ class ReaderProcesses:
         """At least one idle reader (waiting for one, calling ``progress(-1)`` per poll: waiting behind busy
         readers is no stall), and every other idle one up to ``wanted``."""
         while True:
+            if stopped() or self._stopped:  # before looking at the processes, which stop() closed
+                return None
             self._drain()
             if self.alive == 0:
                 raise ReaderDied(f"hetrain: no reader process left; the last one: {self.last_death}")
-            if stopped():
-                return None
             progress(-1)
             try:
                 taken = [self._idle.get(timeout=poll_s)]
@@ -361,7 +362,11 @@ class ReaderProcesses:
 
     def stop(self) -> None:
         """Asks every reader to leave, then terminates and finally kills the ones still there, and releases each
-        one's pipes: a stopped loader kept referenced (by a trainer, say) held them until it was collected."""
+        one's pipes: a stopped loader kept referenced (by a trainer, say) held them until it was collected. Once
+        only: a second call returns at once."""
+        if self._stopped:
+            return
+        self._stopped = True
         for reader in self._readers:
             try:
                 reader.conn.send(None)

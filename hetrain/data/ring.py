@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 import time
 import warnings
@@ -338,6 +339,7 @@ class _Shared:
         self.threads: list[threading.Thread] = []
         self.reading: dict[int, int] = {}  # producer -> the sample its thread is reading now
         self.join_timeout = 0.0  # how long closing waits for a producer inside the dataset (set at start)
+        self.owner = os.getpid()  # a process forked from it holds copies of the threads and readers, not them
 
 
 def _shapes(names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> list[int]:
@@ -397,6 +399,8 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
 
 def _close(shared: _Shared) -> None:
     shared.stop.set()
+    if os.getpid() != shared.owner:  # a forked child: the threads, readers and ring are the parent's to stop
+        return
     shared.ring.close()  # wakes every wait and joins the C++ threads
     # One deadline for all threads: two stuck in the dataset must not double the wait.
     deadline = time.monotonic() + shared.join_timeout

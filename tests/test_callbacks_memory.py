@@ -1689,6 +1689,27 @@ def test_manual_optimization_measures_the_forwards_after_the_first_backward(tmp_
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 
 
+class ZeroesAfterStepping(TwoOptimizers):
+    """Each optimizer zeroes its gradients after stepping, as Lightning's manual-optimization docs do."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for net, optimizer in zip((self.net, self.net2), self.optimizers(), strict=True):
+            self.manual_backward(F.mse_loss(net(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def test_gradients_per_device_are_those_the_optimizer_steps_saw(tmp_path):
+    """Read at the batch's end, the gradients were gone: 0 MiB per device, while the module table held them all."""
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=0)
+    model = ZeroesAfterStepping()
+    _fit(model, profiler, tmp_path, batches=1, max_steps=2)
+    params = _nbytes(*model.parameters())
+    assert sum(r.grads for r in profiler.modules.records.values()) == params
+    assert profiler.static["grads"] == {"cpu": params}
+
+
 def test_a_churn_count_profiles_that_many_steps_under_two_optimizers(tmp_path):
     """churn_steps=2 chose global steps 2 and 3; with two optimizers the global step goes 0, 2, 4, ..., so only one
     step was profiled."""

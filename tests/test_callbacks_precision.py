@@ -796,6 +796,32 @@ def test_guard_under_manual_optimization_does_not_rerun_the_users_optimizer_and_
     assert "under manual optimization no rerun names the module" in guard.diagnosis
 
 
+class ManualAccumulation(Regressor):
+    """Manual optimization that accumulates over two batches itself (Lightning requires accumulate_grad_batches=1)."""
+
+    def __init__(self):
+        super().__init__(nn.Identity())
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.manual_backward(F.mse_loss(self.net(x), y) / 2)
+        if batch_idx % 2 == 1:
+            optimizer = self.optimizers()
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def test_guard_under_manual_accumulation_blames_the_inputs_of_a_batch_it_let_go(tmp_path):
+    # Batch 2, the first of step 1's window, is let go by the step: its inputs went unchecked and the diagnosis
+    # said they were finite.
+    guard = NonFiniteGuard(on_nonfinite="skip")
+    _fit(ManualAccumulation(), _loader(4, nan_inputs=[2]), tmp_path, callbacks=[guard], max_epochs=1)
+    assert guard.skipped_steps == 1
+    assert guard.diagnosis == ("First at batch 2 (global step 1): non-finite loss; produced by the inputs: the batch "
+                               "holds NaN or inf.")
+
+
 class TwoOptimizers(pl.LightningModule):
     """A GAN-like manual step: the first module's loss is NaN on every batch, the second's finite; ``nan_first``
     says which of the two steps first."""

@@ -132,6 +132,23 @@ def fit_regression(tmp_path, callbacks, max_steps: int, ckpt_path=None) -> pl.Tr
     return trainer
 
 
+class FailsValidation(Regression):
+    def validation_step(self, batch, batch_idx):
+        raise ValueError("validation failed")
+
+
+def test_a_failing_validate_says_nothing_of_training(tmp_path, caplog):
+    # Its error ran the end of training: "no trace written: training ended at step 0, before step 10".
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path,
+                         callbacks=[StepTrace([10, 12], dirpath=tmp_path)])
+    with caplog.at_level("INFO"), pytest.raises(ValueError, match="validation failed"):
+        trainer.validate(FailsValidation(), DataLoader(data, batch_size=4), verbose=False)
+    assert "profile:" not in caplog.text
+
+
 def test_a_fit_resumed_inside_or_past_the_range_says_which_steps_it_traced(tmp_path, caplog):
     """The log named the steps asked for, not those traced, and instruments_step counted a step this fit never
     ran; a fit resumed past the range said nothing of the trace it did not write."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,8 @@ class MemoryProfiler(Callback):
         self.dump_on_oom = dump_on_oom
         self.steps: list[dict[str, Any]] = []  # one per step: {"step", phase: {device: {...}}}
         self.static: dict[str, dict[str, int]] = {}  # params, grads, optimizer state per device
+        # The hooked step's gradients: the most bytes (on its device) each parameter's held at an optimizer step.
+        self._step_grads: dict[torch.nn.Parameter, tuple[str, int]] = {}
         self.at_start: dict[str, int] = {}  # bytes in use per device when training started
         self.modules: ModuleMemory | None = None
         self.phases: PhaseMemory | None = None
@@ -332,6 +335,7 @@ class MemoryProfiler(Callback):
             self._current = {"step": trainer.global_step, **{phase: {} for phase in PHASES}}
             if self._module_step(trainer.global_step):
                 self.modules.start()
+                self._step_grads = {}
                 self._measuring_forwards = True
             step = trainer.global_step
             if step in self._churn_taken and not self._traced(trainer, step):
@@ -410,6 +414,16 @@ class MemoryProfiler(Callback):
         self._stepped = True
         if self.modules.active:  # gradients are complete (all micro-batches) and unscaled here
             self.modules.backward_done()
+            self._note_grads(pl_module)
+
+    def _note_grads(self, pl_module: pl.LightningModule) -> None:
+        """Keeps the most bytes each parameter's gradient held at this step's optimizer steps, as the module table
+        does: at the batch's end a manual step may have zeroed them after stepping, and one optimizer's step may
+        have zeroed its gradients before another's backward."""
+        for p in pl_module.parameters():
+            if p.grad is not None and not is_lazy(p):
+                n = sum(bytes_by_device([p.grad]).values())
+                self._step_grads[p] = (str(p.grad.device), max(n, self._step_grads.get(p, ("", 0))[1]))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -439,9 +453,13 @@ class MemoryProfiler(Callback):
         optimizer state hold after it."""
         self.modules.stop()
         params = [p for p in pl_module.parameters() if not is_lazy(p)]  # a lazy module that never ran has none
+        grads: dict[str, int] = defaultdict(int)
+        for device, n in self._step_grads.values():
+            grads[device] += n
+        self._step_grads = {}
         self.static = {
             "params": bytes_by_device(params),
-            "grads": bytes_by_device([p.grad for p in params if p.grad is not None]),
+            "grads": dict(grads),
             "optimizer state": optimizer_state_bytes(trainer.optimizers),
         }
 

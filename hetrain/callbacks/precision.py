@@ -337,7 +337,7 @@ class _WindowBatch:
     index: int
     batch: Any | None
     generators: _GeneratorStates  # before its forward, so a rerun draws the same dropout masks
-    inputs_finite: torch.Tensor | None = None  # on the device; taken where an accumulation window has several batches
+    inputs_finite: torch.Tensor | None = None  # on the device; taken where a window may have several batches
     loss_finite: torch.Tensor | None = None  # stays on the device: read only when the step is skipped
 
     def inputs_nonfinite(self) -> bool:
@@ -345,6 +345,11 @@ class _WindowBatch:
         if self.batch is not None:
             return not _all_finite(_floating_leaves(self.batch))
         return self.inputs_finite is not None and not bool(self.inputs_finite)
+
+    @property
+    def inputs_checked(self) -> bool:
+        """Whether :meth:`inputs_nonfinite` knows: the batch is held, or its flag was taken."""
+        return self.batch is not None or self.inputs_finite is not None
 
 
 class _RunningStats:
@@ -481,7 +486,9 @@ class NonFiniteGuard(Callback):
         if self._window:  # the batch before this one is let go (see _WindowBatch), its inputs' flag kept
             self._window[-1].batch = None
         inputs_finite = None
-        if trainer.accumulate_grad_batches > 1:
+        # Taken wherever the window may hold several batches: under accumulation, and under manual optimization,
+        # which may accumulate over batches itself (Lightning then requires accumulate_grad_batches=1).
+        if trainer.accumulate_grad_batches > 1 or not pl_module.automatic_optimization:
             leaves = [_stored_values(t) for t in _floating_leaves(batch)]
             if leaves:
                 inputs_finite = torch.stack([torch.isfinite(t).all().to(leaves[0].device) for t in leaves]).all()
@@ -686,8 +693,9 @@ class NonFiniteGuard(Callback):
                     "LR schedulers again): call hetrain.callbacks.precision.NonFiniteDiagnosis(model)"
                     ".first_nonfinite_output on that batch's forward to have it named.")
         if not held:
-            return (f"{_where(trainer, suspects)}: {what}; produced in forward (the inputs were finite); that batch is "
-                    "no longer held to rerun (the loader reuses its memory), so the module is not named.")
+            inputs = "the inputs were finite" if all(s.inputs_checked for s in suspects) else "inputs not checked"
+            return (f"{_where(trainer, suspects)}: {what}; produced in forward ({inputs}); that batch is no longer "
+                    "held to rerun (the loader reuses its memory), so the module is not named.")
         for suspect in held:
             try:
                 found, loss_finite = self._rerun(trainer, pl_module, suspect)

@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.profilers import PyTorchProfiler
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.profiler import ProfilerActivity, profile, record_function
 from typing_extensions import override
 
@@ -228,6 +229,8 @@ class StepTrace(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # trainer.validate() or test(): it trains no step, so no step went untraced
         self.on_train_end(trainer, pl_module)
 
     def _write(self, trainer: pl.Trainer, cut_short_by: str = "") -> None:

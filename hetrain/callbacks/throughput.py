@@ -139,6 +139,23 @@ def cpu_attention_formulas() -> dict[Any, Callable[..., int]]:
     return {op: formula for op, formula in ops.items() if op is not None and op not in flop_counter.flop_registry}
 
 
+# Matmuls torch's table lacks, each counted by the formula of a twin whose leading arguments are the same shapes:
+# the in-place ``addmm_`` (hetrain's fused linear cross-entropy adds its weight gradient so) and ``baddbmm_``, and
+# ``addbmm``, a sum of the very products ``baddbmm`` keeps apart. ``out=`` variants are overloads torch already counts.
+_MATMUL_TWINS = {"addmm_": "addmm", "baddbmm_": "baddbmm", "addbmm": "baddbmm", "addbmm_": "baddbmm"}
+
+
+def matmul_formulas() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas for the matmuls this torch has and does not count itself: torch's own, of their twins.
+
+    Left out, the fused head's weight gradient counted 0 FLOPs and its MFU was a third low. An op another torch
+    lacks, or already counts, is left to it."""
+    aten, registry = torch.ops.aten, flop_counter.flop_registry
+    ops = {getattr(aten, name, None): registry.get(getattr(aten, twin)) for name, twin in _MATMUL_TWINS.items()}
+    return {op: formula for op, formula in ops.items()
+            if op is not None and formula is not None and op not in registry}
+
+
 class _RecomputeWatch:
     """Whether the ops running now recompute a forward for activation checkpointing.
 
@@ -184,14 +201,17 @@ class _RecomputeWatch:
 class TrainingFlopCounter(FlopCounterMode):
     """torch's ``FlopCounterMode`` for a training step's forward and backward, counting what MFU counts.
 
-    Adds the CPU attention ops torch does not count (:func:`cpu_attention_formulas`) and leaves out the forward
-    that activation checkpointing recomputes in backward: that work is the price of the memory saved, not the
-    model's (it made a checkpointed BERT count a third more FLOPs, so MFU rose with checkpointing)."""
+    Adds the CPU attention ops and the matmuls torch does not count (:func:`cpu_attention_formulas`,
+    :func:`matmul_formulas`) and leaves out the forward that activation checkpointing recomputes in backward: that
+    work is the price of the memory saved, not the model's (it made a checkpointed BERT count a third more FLOPs, so
+    MFU rose with checkpointing)."""
 
     def __init__(self) -> None:
         super().__init__(display=False, custom_mapping=cpu_attention_formulas())
         self.recompute = _RecomputeWatch()
-        self.flop_registry = {op: self._unless_recomputing(formula) for op, formula in self.flop_registry.items()}
+        # torch's formulas read shapes already: added here, not through ``custom_mapping``, which would wrap them again.
+        formulas = {**matmul_formulas(), **self.flop_registry}
+        self.flop_registry = {op: self._unless_recomputing(formula) for op, formula in formulas.items()}
 
     def _unless_recomputing(self, formula: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(formula)

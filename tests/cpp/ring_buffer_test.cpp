@@ -182,6 +182,16 @@ double seconds_after(const std::string& message, const std::string& label) {
   return at == std::string::npos ? -1.0 : std::atof(message.c_str() + at + label.size());
 }
 
+// A one-batch epoch whose batch producer 0 claims, noting sample 7 (bytes [0, 8)), and then makes no progress.
+// Returns what the claim returned (0: batch 0).
+int64_t start_epoch_with_a_silent_producer(RingCore& core) {
+  core.start_epoch(1);
+  int64_t slot = -1;
+  const int64_t job = core.claim(0, 1.0, &slot);
+  core.note(0, 7, 0, 8);
+  return job;
+}
+
 // A process stopped (Ctrl-Z, SIGSTOP) for longer than stall_timeout froze producers and consumer alike, but the
 // stall clock ran on: on resume the consumer looked before the producer could note progress, and named it. A child
 // process waits inside take() for a batch whose producer is silent, and is stopped by a real SIGSTOP for 1.5 s: the
@@ -197,10 +207,7 @@ void test_time_the_process_was_stopped_is_no_stall() {
     std::string message = "the child named no stall";
     {
       RingCore core(2, 1, 1, 0.8);
-      core.start_epoch(1);
-      int64_t slot = -1;
-      core.claim(0, 1.0, &slot);
-      core.note(0, 7, 0, 8);  // and then no progress
+      start_epoch_with_a_silent_producer(core);
       std::thread stopper([] {  // stops the whole process while the consumer waits, as Ctrl-Z would
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
         kill(getpid(), SIGSTOP);
@@ -240,10 +247,7 @@ void test_time_the_process_was_stopped_is_no_stall() {
 // stuck producer's own retry loop) made each poll look like a return from a stop, so a dead producer was never named.
 void test_a_stall_is_named_when_the_consumer_polls_seldom() {
   RingCore core(2, 1, 1, 0.5);
-  core.start_epoch(1);
-  int64_t slot = -1;
-  CHECK(core.claim(0, 1.0, &slot) == 0, "claim");
-  core.note(0, 7, 0, 8);  // and then no progress
+  CHECK(start_epoch_with_a_silent_producer(core) == 0, "claim");
   std::string message;
   for (int poll = 0; poll < 3 && message.empty(); ++poll) {
     try {
@@ -264,10 +268,7 @@ void test_a_stall_is_named_when_the_consumer_polls_seldom() {
 // for 0.5 s": the silence is counted whole.
 void test_a_stall_message_reports_the_whole_silence() {
   RingCore core(2, 1, 1, 0.5);
-  core.start_epoch(1);
-  int64_t slot = -1;
-  CHECK(core.claim(0, 1.0, &slot) == 0, "claim");
-  core.note(0, 7, 0, 8);  // and then no progress
+  CHECK(start_epoch_with_a_silent_producer(core) == 0, "claim");
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // the consumer's step
   std::string message;
   try {

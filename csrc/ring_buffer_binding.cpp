@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -51,13 +52,25 @@ struct RingState {
   std::vector<at::ScalarType> dtypes;
   std::vector<int64_t> capacities, offsets;
   int64_t slot_bytes = 0;
-  const pid_t owner = ::getpid();
+  // The process that first used the ring's synchronisation (started an epoch, attached a token file, claimed, took
+  // or drained), so that its threads may be inside; 0 before. A ring made but not yet used goes to whichever
+  // process uses it first, a child forked after making it included.
+  std::atomic<pid_t> owner{0};
+
+  // Records this process as the owner if none is yet (see owner).
+  void use() {
+    pid_t none = 0;
+    owner.compare_exchange_strong(none, ::getpid());
+  }
 
   // Whether this is a process forked from the ring's owner. Its copy of the ring's locks and condition variables
   // records the owner's threads (a lock may be copied held, a wait as pending), and its thread handles name threads
   // it does not have: closing, releasing a slot or freeing the ring there hung, aborted or joined another thread.
   // A child leaves the ring alone, and leaks it when freed.
-  bool forked() const { return ::getpid() != owner; }
+  bool forked() const {
+    const pid_t by = owner.load();
+    return by != 0 && by != ::getpid();
+  }
 
   ~RingState() {
     if (forked()) {
@@ -150,6 +163,7 @@ class RingBuffer : public torch::CustomClassHolder {
 
   void start_epoch(int64_t num_jobs) {
     TORCH_CHECK(!st_->gatherer, "hetrain.RingBuffer: a token ring starts epochs with start_token_epoch");
+    st_->use();
     guarded([&] { st_->core->start_epoch(num_jobs); });
   }
 
@@ -157,6 +171,7 @@ class RingBuffer : public torch::CustomClassHolder {
   // none is. Callers loop on short timeouts so that Ctrl-C reaches Python while a slow batch finishes.
   bool drain(double timeout) {
     check_timeout(timeout);
+    st_->use();
     return guarded([&] { return st_->core->drain(timeout); });
   }
 
@@ -164,6 +179,7 @@ class RingBuffer : public torch::CustomClassHolder {
     check_producer(producer);
     check_timeout(timeout);
     int64_t slot = -1;
+    st_->use();
     const int64_t job = st_->core->claim(producer, timeout, &slot);
     return {job, slot};
   }
@@ -208,6 +224,7 @@ class RingBuffer : public torch::CustomClassHolder {
     check_timeout(timeout);
     const size_t fields = st_->dtypes.size();
     std::vector<int64_t> meta(fields * ring::kMetaPerField);
+    st_->use();
     const int64_t slot = guarded([&] { return st_->core->take(job, timeout, meta.data()); });
     if (slot < 0) return {};
     std::vector<at::Tensor> out;
@@ -243,6 +260,7 @@ class RingBuffer : public torch::CustomClassHolder {
     const at::Tensor s = starts.contiguous(), l = lengths.contiguous();
     ring::TokenSlotLayout layout{st_->offsets[0], st_->offsets[1], st_->offsets[2], st_->offsets[3],
                                  st_->capacities[0], st_->capacities[2]};
+    st_->use();  // the gatherer's threads start now
     guarded([&] {
       st_->gatherer = std::make_unique<ring::TokenGatherer>(
           st_->core.get(), st_->slab.data_ptr<uint8_t>(), st_->slot_bytes, layout, path, itemsize, num_tokens,

@@ -547,9 +547,16 @@ def _read_checkpoint(ckpt_path: str) -> dict[str, Any] | None:
         raise OSError(f"hetrain: ckpt_path={ckpt_path} cannot be read ({exc}); make it readable to this run, or "
                       "pass another checkpoint, or ckpt_path=null to train from the start") from exc
     except Exception as exc:  # noqa: BLE001 - named in the error below
-        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+        # torch words every weights_only failure "Weights only load failed", garbage bytes ("Unsupported operand")
+        # too: only an object of a user's, a global it does not allow, is Lightning's to explain.
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
             return None
-        said = str(exc).split("\n", 1)[0]  # a truncated zip: "failed finding central directory"
+        # torch's own line: a truncated zip "failed finding central directory"; for weights_only the unpickler's
+        # ("Unsupported operand 31" for gzip), not its advice to load with weights_only=False.
+        text = str(exc)
+        if "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        said = next((line.strip() for line in text.splitlines() if line.strip()), "")
         raised = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
         found = f"it is no file torch.save wrote, or a damaged one (torch.load raised {raised})"
     else:

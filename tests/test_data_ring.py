@@ -1058,6 +1058,38 @@ def test_the_reader_processes_stop_once_and_serve_no_read_after():
     assert readers.read([2], lambda: False, 0.05) is None
 
 
+def test_a_read_the_reader_processes_are_stopped_during_returns_none():
+    # stop() from another thread closed the process objects a read was waiting on: "process object is closed".
+    readers = ring_module.ReaderProcesses(Flaky(4, slow=0, sleep=1.0), 1)
+    got = []
+    reading = threading.Thread(target=lambda: got.append(readers.read([0], lambda: False, 0.05)), daemon=True)
+    reading.start()
+    time.sleep(0.3)  # inside the slow sample
+    readers.stop()
+    reading.join(10)
+    assert got == [None]
+
+
+def test_a_ring_made_before_a_fork_but_first_used_in_the_child_is_the_childs():
+    # Only a ring the parent used holds the parent's threads: one it only made works in the child as anywhere.
+    ring = torch.classes.hetrain_C.RingBuffer(["int64"], [16], 2, 1, False, 60.0)
+
+    def use_it() -> str:
+        ring.start_epoch(6)
+        taken = []
+        for job in range(6):  # three times round the two slots: each batch dropped goes back
+            assert ring.claim(0, 5.0)[0] == job
+            ring.commit(0, job, [1, 3, 0, 0])
+            taken.append(job if ring.take(job, 5.0) else -1)
+        ring.close()
+        return str(taken)
+
+    try:
+        assert _in_a_forked_child(use_it) == "[0, 1, 2, 3, 4, 5]"
+    finally:
+        ring.close()
+
+
 def test_a_stall_is_named_in_a_child_forked_after_the_ring_started():
     # The child had no heartbeat, and a second after the fork took every check for the first after a stop: no stall
     # of more than a second was ever named there.

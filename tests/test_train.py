@@ -484,6 +484,9 @@ def test_a_checkpoint_path_that_is_no_file_is_refused_naming_it(tmp_path):
     ([1, 2], "it holds a list"),
     ({"weight": torch.zeros(2)}, "it holds a dict without 'pytorch-lightning_version' or 'state_dict'"),
     ("hello\n", "it is no file torch.save wrote, or a damaged one (torch.load raised KeyError: 101)"),
+    # A gzipped checkpoint: left to Lightning, whose torch error advised weights_only=False.
+    (b"\x1f\x8b\x08\x00" + bytes(range(256)), "it is no file torch.save wrote, or a damaged one (torch.load raised "
+     "UnpicklingError: Unsupported operand 31)"),
 ])
 def test_a_checkpoint_path_that_is_no_lightning_checkpoint_is_refused_naming_it(tmp_path, content, found):
     """It failed with a bare "KeyError: 101" (a text file), "KeyError: 'pytorch-lightning_version'" (a state_dict)
@@ -491,6 +494,8 @@ def test_a_checkpoint_path_that_is_no_lightning_checkpoint_is_refused_naming_it(
     ckpt = tmp_path / "weights.ckpt"
     if isinstance(content, str):
         ckpt.write_text(content)
+    elif isinstance(content, bytes):
+        ckpt.write_bytes(content)
     else:
         torch.save(content, ckpt)
     for limits in (["trainer.max_steps=2"], ["trainer.max_steps=-1", "trainer.max_epochs=null"]):

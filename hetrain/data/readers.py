@@ -11,6 +11,7 @@ samples come back pickled by value (a tensor as its bytes), and stopping is a me
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import pickle
@@ -19,13 +20,17 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
 
 _STOP_GRACE_S = 0.25  # how long a reader has to leave after the stop message before it is terminated
+
+
+class _Stopped(Exception):
+    """A read found the readers stopped (by another thread) while it waited: it returns None, as when ``stopped()``."""
 
 
 class ReaderDied(RuntimeError):
@@ -256,16 +261,18 @@ class ReaderProcesses:
             started = dict.fromkeys(pending, time.monotonic())  # when each reader began its current sample
             noted = None
             while pending:
-                if stopped():
+                if stopped() or self._stopped:
                     return None
                 oldest = min(pending, key=started.__getitem__)  # the sample read the longest
                 if chunks[oldest][len(results[oldest])] != noted:
                     noted = chunks[oldest][len(results[oldest])]
                     progress(noted)
-                ready = wait([r.conn for r in pending.values()] + [r.process.sentinel for r in pending.values()],
-                             poll_s)
+                with self._unless_stopped():
+                    ready = wait([r.conn for r in pending.values()] + [r.process.sentinel for r in pending.values()],
+                                 poll_s)
                 for k, reader in list(pending.items()):
-                    reply = self._reply(reader, ready, chunks[k])
+                    with self._unless_stopped():
+                        reply = self._reply(reader, ready, chunks[k])
                     if reply is None:
                         continue
                     status, payload = reply
@@ -279,6 +286,8 @@ class ReaderProcesses:
                     started[k] = time.monotonic()
                     if not reader.owed:
                         del pending[k]
+        except _Stopped:
+            return None
         finally:  # a reader still owing samples (the call failed or stopped) is drained before it reads again
             for reader in taken:
                 if reader.owed:
@@ -290,6 +299,16 @@ class ReaderProcesses:
         for k, chunk_samples in enumerate(results):
             samples[k::len(taken)] = chunk_samples
         return samples
+
+    @contextlib.contextmanager
+    def _unless_stopped(self) -> Iterator[None]:
+        """Turns the error of a pipe or process that stop() closed meanwhile (a read racing it) into _Stopped."""
+        try:
+            yield
+        except (OSError, ValueError):
+            if self._stopped:
+                raise _Stopped from None
+            raise
 
     def _reply(self, reader: _Reader, ready: list[Any], indices: list[int]) -> tuple[str, Any] | None:
         """``(status, payload)`` when the reader sent a sample or an error or ended, None while it is reading."""

@@ -1710,6 +1710,42 @@ def test_gradients_per_device_are_those_the_optimizer_steps_saw(tmp_path):
     assert profiler.static["grads"] == {"cpu": params}
 
 
+class FailingSGD(torch.optim.SGD):
+    """Fails after stepping, as an out-of-memory allocating an optimizer's state would."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        raise RuntimeError("optimizer step failed")
+
+
+class FailsInOptimizerStep(Regressor):
+    def configure_optimizers(self):
+        return FailingSGD(self.parameters(), lr=0.01)
+
+
+class FailsValidation(Regressor):
+    def validation_step(self, batch, batch_idx):
+        raise ValueError("validation failed")
+
+
+def test_the_next_fit_of_the_profiler_leaves_a_failed_fits_model_to_be_freed(tmp_path):
+    """The gradients noted for the step were kept by parameter: a fit failing in its optimizer step left its model
+    and gradients alive in the profiler through the next fit (here one failing in its sanity check)."""
+    profiler = MemoryProfiler(module_every_n_steps=1, churn_steps=0, dump_on_oom=False)
+    model = FailsInOptimizerStep()
+    weight = weakref.ref(model.net[0].weight)
+    with pytest.raises(RuntimeError, match="optimizer step failed"):
+        _fit(model, profiler, tmp_path)
+    del model
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path, max_steps=1,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[profiler])
+    with pytest.raises(ValueError, match="validation failed"):
+        trainer.fit(FailsValidation(), _loader(1), _loader(1))
+    gc.collect()
+    assert weight() is None
+
+
 def test_a_churn_count_profiles_that_many_steps_under_two_optimizers(tmp_path):
     """churn_steps=2 chose global steps 2 and 3; with two optimizers the global step goes 0, 2, 4, ..., so only one
     step was profiled."""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from hetrain.callbacks import precision
@@ -820,6 +821,60 @@ def test_guard_under_manual_accumulation_blames_the_inputs_of_a_batch_it_let_go(
     assert guard.skipped_steps == 1
     assert guard.diagnosis == ("First at batch 2 (global step 1): non-finite loss; produced by the inputs: the batch "
                                "holds NaN or inf.")
+
+
+class TokenLM(pl.LightningModule):
+    """Batches of token ids only (no floating tensor); batch 0's loss is made NaN outside any module."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 4), nn.Linear(4, 10)
+
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        loss = F.cross_entropy(self.head(self.embed(ids[:, :-1])).flatten(0, 1), ids[:, 1:].flatten())
+        return loss * float("nan") if batch_idx == 0 else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_guard_under_accumulation_counts_a_batch_of_token_ids_as_checked(tmp_path):
+    # Nothing in a batch without floating tensors can be non-finite: its diagnosis said "inputs not checked".
+    batches = [{"input_ids": torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(i))}
+               for i in range(2)]
+    guard = NonFiniteGuard(on_nonfinite="skip")
+    _fit(TokenLM(), DataLoader(batches, batch_size=None), tmp_path, callbacks=[guard], accumulate_grad_batches=2,
+         max_epochs=1)
+    assert guard.skipped_steps == 1
+    assert "produced in forward (the inputs were finite); that batch is no longer held" in guard.diagnosis
+
+
+class BatchChecks(TorchFunctionMode):
+    """Counts ``torch.isfinite`` calls on tensors of ``rows`` rows: checks of a batch's inputs, not of a loss."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows, self.calls = rows, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.isfinite and args[0].dim() and args[0].shape[0] == self.rows:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_guard_checks_no_inputs_of_a_loop_that_steps_on_every_batch(tmp_path, manual):
+    # Under manual optimization every batch's inputs were checked as it arrived, though a step on every batch lets
+    # none go (60 ms a 32x3x224x224 batch on a CPU): the check runs only on a batch the window lets go.
+    model = ManualNanPenalty(nan_at=-1) if manual else Regressor(nn.Identity())
+    with BatchChecks(BATCH) as checks:
+        _fit(model, _loader(3), tmp_path, callbacks=[NonFiniteGuard()])
+    assert checks.calls == 0
+    with BatchChecks(BATCH) as checks:  # a window of two batches lets its first go, checked then
+        _fit(Regressor(nn.Identity()), _loader(4), tmp_path, callbacks=[NonFiniteGuard()], accumulate_grad_batches=2,
+             max_epochs=1)
+    assert checks.calls == 2 * 2  # x and y of batches 0 and 2
 
 
 class TwoOptimizers(pl.LightningModule):

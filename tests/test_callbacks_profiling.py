@@ -149,6 +149,25 @@ def test_a_failing_validate_says_nothing_of_training(tmp_path, caplog):
     assert "profile:" not in caplog.text
 
 
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"num_sanity_val_steps": 1}, None),  # no step trained, so none went untraced
+    ({"num_sanity_val_steps": 0, "val_check_interval": 4},
+     "profile: no trace written: the fit failed at step 4, before step 10\n"),
+], ids=["sanity check", "validation after step 4"])
+def test_a_fit_failing_before_its_trace_says_so_without_advising_to_train_longer(tmp_path, caplog, settings,
+                                                                                   expected):
+    # Both said "training ended at step 0 (4), before step 10; trace earlier steps or train longer".
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(80, 6, generator=g), torch.randn(80, 1, generator=g))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                         callbacks=[StepTrace([10, 12], dirpath=tmp_path)], **settings)
+    with caplog.at_level("INFO"), pytest.raises(ValueError, match="validation failed"):
+        trainer.fit(FailsValidation(), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    logged = "".join(f"{r.getMessage()}\n" for r in caplog.records if r.getMessage().startswith("profile:"))
+    assert logged == (expected or "")
+
+
 def test_a_fit_resumed_inside_or_past_the_range_says_which_steps_it_traced(tmp_path, caplog):
     """The log named the steps asked for, not those traced, and instruments_step counted a step this fit never
     ran; a fit resumed past the range said nothing of the trace it did not write."""

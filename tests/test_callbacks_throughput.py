@@ -764,35 +764,39 @@ def test_flops_are_counted_on_the_first_batch_that_runs_a_backward(tmp_path, acc
 
 class TinyLM(pl.LightningModule):
     """Embedding, a projection and a vocabulary head: torch's ``nn.Linear`` + ``F.cross_entropy`` or hetrain's fused
-    ``LinearCrossEntropyHead``, the same matmuls either way."""
+    ``LinearCrossEntropyHead``, the same matmuls either way. ``reduction="none"``: per-token losses, averaged."""
 
     H, V = 8, 40
 
-    def __init__(self, fused):
+    def __init__(self, fused, reduction="mean"):
         super().__init__()
-        self.fused = fused
+        self.fused, self.reduction = fused, reduction
         self.embed, self.proj = nn.Embedding(self.V, self.H), nn.Linear(self.H, self.H)
-        self.head = LinearCrossEntropyHead(self.H, self.V) if fused else nn.Linear(self.H, self.V)
+        self.head = LinearCrossEntropyHead(self.H, self.V, reduction=reduction) if fused else nn.Linear(self.H, self.V)
 
     def training_step(self, batch, batch_idx):
         ids = batch["input_ids"]
         hidden = torch.tanh(self.proj(self.embed(ids[:, :-1]))).flatten(0, 1)
         target = ids[:, 1:].flatten()
-        return self.head(hidden, target) if self.fused else F.cross_entropy(self.head(hidden), target)
+        if self.fused:
+            return self.head(hidden, target).mean()
+        return F.cross_entropy(self.head(hidden), target, reduction=self.reduction).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_flops_of_the_fused_linear_cross_entropy_head_are_those_of_linear_and_cross_entropy(tmp_path):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_flops_of_the_fused_linear_cross_entropy_head_are_those_of_linear_and_cross_entropy(tmp_path, reduction):
     # Its float32 weight gradient is an in-place addmm_, which torch's counter has no formula for: MFU a third low.
+    # reduction="none" recomputes the logits in backward: left out, as activation checkpointing's recompute is.
     batch = {"input_ids": torch.randint(0, TinyLM.V, (BATCH, LEN), generator=torch.Generator().manual_seed(0))}
     counted = []
     for fused in (False, True):
         callback = Throughput(peak_flops=1e9, tokens_key=None)
         pl.Trainer(accelerator="cpu", max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
                    enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                   callbacks=[callback]).fit(TinyLM(fused), DataLoader([batch, batch], batch_size=None))
+                   callbacks=[callback]).fit(TinyLM(fused, reduction), DataLoader([batch, batch], batch_size=None))
         counted.append(callback.summary["flops_per_batch"])
     rows, h, v = BATCH * (LEN - 1), TinyLM.H, TinyLM.V
     # Each linear layer: forward, gradient of its input, gradient of its weight.

@@ -170,8 +170,9 @@ class MemoryProfiler(Callback):
         self.dump_on_oom = dump_on_oom
         self.steps: list[dict[str, Any]] = []  # one per step: {"step", phase: {device: {...}}}
         self.static: dict[str, dict[str, int]] = {}  # params, grads, optimizer state per device
-        # The hooked step's gradients: the most bytes (on its device) each parameter's held at an optimizer step.
-        self._step_grads: dict[torch.nn.Parameter, tuple[str, int]] = {}
+        # The hooked step's gradients: the most bytes (on its device) each parameter's held at an optimizer step, by
+        # id(parameter): holding the parameters kept a failed fit's model and gradients alive into the next fit.
+        self._step_grads: dict[int, tuple[str, int]] = {}
         self.at_start: dict[str, int] = {}  # bytes in use per device when training started
         self.modules: ModuleMemory | None = None
         self.phases: PhaseMemory | None = None
@@ -362,6 +363,7 @@ class MemoryProfiler(Callback):
         if self.churn is not None and self.churn.active:
             self.churn.stop_step(keep=False)
         self._current, self._stepped, self._measuring_forwards = None, False, False
+        self._step_grads = {}
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -423,7 +425,7 @@ class MemoryProfiler(Callback):
         for p in pl_module.parameters():
             if p.grad is not None and not is_lazy(p):
                 n = sum(bytes_by_device([p.grad]).values())
-                self._step_grads[p] = (str(p.grad.device), max(n, self._step_grads.get(p, ("", 0))[1]))
+                self._step_grads[id(p)] = (str(p.grad.device), max(n, self._step_grads.get(id(p), ("", 0))[1]))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -549,6 +551,7 @@ class MemoryProfiler(Callback):
                 self._keep_module_step(trainer, pl_module)
             else:
                 self.modules.stop(keep=False)
+        self._step_grads = {}  # a step that stopped part way: its ids may be another model's by the next fit
         if self.churn is not None and self.churn.active:
             self.churn.stop_step(keep=False)
         oom = out_of_memory(exception)

@@ -331,25 +331,30 @@ class _WindowBatch:
 
     Only the newest batch is held (``batch``): a ring loader's batch views a slot that is refilled once its tensors
     are freed, so holding a whole window would hold as many slots and stall the loader. An earlier batch keeps what a
-    diagnosis needs without it: whether its inputs were finite, checked on the device when it arrived.
+    diagnosis needs without it: whether its inputs were finite, checked on the device when it is let go
+    (:meth:`let_go`). Until then the guard's reference keeps a ring slot from being refilled, so the check reads the
+    batch's own values; a loop that steps on every batch lets none go and pays nothing for it.
     """
 
     index: int
     batch: Any | None
     generators: _GeneratorStates  # before its forward, so a rerun draws the same dropout masks
-    inputs_finite: torch.Tensor | None = None  # on the device; taken where a window may have several batches
+    inputs_finite: torch.Tensor | None = None  # on the device; taken when the batch is let go
     loss_finite: torch.Tensor | None = None  # stays on the device: read only when the step is skipped
+
+    def let_go(self) -> None:
+        """Drops the batch, keeping whether its inputs were finite. A batch without floating tensors (token ids
+        only) holds nothing that can be non-finite."""
+        leaves = [_stored_values(t) for t in _floating_leaves(self.batch)]
+        self.inputs_finite = (torch.stack([torch.isfinite(t).all().to(leaves[0].device) for t in leaves]).all()
+                              if leaves else torch.ones((), dtype=torch.bool))
+        self.batch = None
 
     def inputs_nonfinite(self) -> bool:
         """Whether the batch held NaN or inf (a device read: on a skipped step only)."""
         if self.batch is not None:
             return not _all_finite(_floating_leaves(self.batch))
-        return self.inputs_finite is not None and not bool(self.inputs_finite)
-
-    @property
-    def inputs_checked(self) -> bool:
-        """Whether :meth:`inputs_nonfinite` knows: the batch is held, or its flag was taken."""
-        return self.batch is not None or self.inputs_finite is not None
+        return not bool(self.inputs_finite)
 
 
 class _RunningStats:
@@ -483,16 +488,10 @@ class NonFiniteGuard(Callback):
                              batch_idx: int) -> None:
         if not self._window and self._running_stats is not None:
             self._running_stats.save()
-        if self._window:  # the batch before this one is let go (see _WindowBatch), its inputs' flag kept
-            self._window[-1].batch = None
-        inputs_finite = None
-        # Taken wherever the window may hold several batches: under accumulation, and under manual optimization,
-        # which may accumulate over batches itself (Lightning then requires accumulate_grad_batches=1).
-        if trainer.accumulate_grad_batches > 1 or not pl_module.automatic_optimization:
-            leaves = [_stored_values(t) for t in _floating_leaves(batch)]
-            if leaves:
-                inputs_finite = torch.stack([torch.isfinite(t).all().to(leaves[0].device) for t in leaves]).all()
-        self._window.append(_WindowBatch(batch_idx, batch, _generator_states(), inputs_finite))
+        # The batch before this one, of a window not stepped yet (automatic or manual accumulation), is let go.
+        if self._window:
+            self._window[-1].let_go()
+        self._window.append(_WindowBatch(batch_idx, batch, _generator_states()))
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -693,9 +692,8 @@ class NonFiniteGuard(Callback):
                     "LR schedulers again): call hetrain.callbacks.precision.NonFiniteDiagnosis(model)"
                     ".first_nonfinite_output on that batch's forward to have it named.")
         if not held:
-            inputs = "the inputs were finite" if all(s.inputs_checked for s in suspects) else "inputs not checked"
-            return (f"{_where(trainer, suspects)}: {what}; produced in forward ({inputs}); that batch is no longer "
-                    "held to rerun (the loader reuses its memory), so the module is not named.")
+            return (f"{_where(trainer, suspects)}: {what}; produced in forward (the inputs were finite); that batch is "
+                    "no longer held to rerun (the loader reuses its memory), so the module is not named.")
         for suspect in held:
             try:
                 found, loss_finite = self._rerun(trainer, pl_module, suspect)

@@ -116,6 +116,7 @@ class StepTrace(Callback):
         self._first_traced = self.first  # where the trace began: its first batch's first step
         self._last_traced = self.last  # once written, its last batch's last step (or where it was cut short)
         self._fit_began_at = 0  # the global step training began at (above 0 when resumed, or in a second fit)
+        self._training = False  # this fit's training has begun: a fit failing in its sanity check trained no step
         self._began_how = ""  # how the fit came to begin there, said where steps before it were asked for
         self._batch_began_at = 0  # the global step the current batch began at
         self._steps_per_batch = 1  # the most optimizer steps one batch has run (manual optimization may run several)
@@ -144,6 +145,7 @@ class StepTrace(Callback):
         self.path, self.summary = self._named_path, {}
         self._first_traced, self._last_traced = self.first, self.last
         self._missed = self._missed_fix = ""
+        self._training = False
         # Lightning's PyTorchProfiler is off while its schedule waits or warms up (torch.autograd._profiler_enabled()
         # says False), and starting then, it would find this trace recording: it raises or crashes the process.
         self._beside_pytorch_profiler = isinstance(trainer.profiler, PyTorchProfiler)
@@ -158,6 +160,7 @@ class StepTrace(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = self._fit_began_at = trainer.global_step
+        self._training = True
         # A second fit of the same Trainer goes on from the first one's step: nothing was resumed.
         self._began_how = f"the fit resumed at step {step}" if trainer.ckpt_path else \
             f"the fit began at step {step} (where this Trainer's previous fit ended)"
@@ -215,23 +218,33 @@ class StepTrace(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._beside_pytorch_profiler:  # said at the fit's start
-            return
-        if self._profiler is not None:  # training ended before the last step: keep what was recorded
-            self._write(trainer, f"training ended after step {trainer.global_step - 1}")
-        elif not self.summary and self._fit_began_at > self.last:
-            log.warning(f"profile: no trace written: {self._began_how}, after step {self.last}; trace later steps")
-        elif not self.summary and trainer.global_step <= self.first:
-            log.warning(f"profile: no trace written: training ended at step {trainer.global_step}, before step "
-                        f"{self.first}; trace earlier steps or train longer")
-        elif not self.summary and self._missed:
-            log.warning(f"profile: no trace written: {self._missed}; {self._missed_fix}")
+        self._end(trainer, failed=False)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.state.fn != TrainerFn.FITTING:
-            return  # trainer.validate() or test(): it trains no step, so no step went untraced
-        self.on_train_end(trainer, pl_module)
+        # trainer.validate() or test(), or a fit failing in its sanity check: no step trained, none went untraced.
+        if trainer.state.fn != TrainerFn.FITTING or not self._training:
+            return
+        self._end(trainer, failed=True)
+
+    def _end(self, trainer: pl.Trainer, failed: bool) -> None:
+        """Writes what was recorded, or says why no trace was; ``failed``: the fit raised during its training."""
+        self._training = False
+        if self._beside_pytorch_profiler:  # said at the fit's start
+            return
+        step = trainer.global_step
+        if self._profiler is not None:  # training ended before the last step: keep what was recorded
+            ended = f"the fit failed at step {step}" if failed else f"training ended after step {step - 1}"
+            self._write(trainer, ended)
+        elif not self.summary and self._fit_began_at > self.last:
+            log.warning(f"profile: no trace written: {self._began_how}, after step {self.last}; trace later steps")
+        elif not self.summary and step <= self.first and failed:  # more steps would not have helped
+            log.warning(f"profile: no trace written: the fit failed at step {step}, before step {self.first}")
+        elif not self.summary and step <= self.first:
+            log.warning(f"profile: no trace written: training ended at step {step}, before step {self.first}; "
+                        "trace earlier steps or train longer")
+        elif not self.summary and self._missed:
+            log.warning(f"profile: no trace written: {self._missed}; {self._missed_fix}")
 
     def _write(self, trainer: pl.Trainer, cut_short_by: str = "") -> None:
         """Writes the trace; ``cut_short_by`` says why steps asked for are missing from it."""

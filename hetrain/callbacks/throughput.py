@@ -41,6 +41,7 @@ from typing_extensions import override
 from hetrain.callbacks.profiling import instrumented
 from hetrain.device_info import device_name
 from hetrain.nn._share import observer
+from hetrain.ops.linear_cross_entropy import recomputing_logits
 from hetrain.report import loader_wait_seconds
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,9 @@ class _RecomputeWatch:
 
     A module's forward entered while a backward pass runs is a recompute: torch's checkpoint, reentrant or not,
     reruns the checkpointed modules there. Backward formulas themselves call no modules, so a backward that builds
-    a graph (``create_graph=True``) still counts. A checkpointed function that calls no module is not seen."""
+    a graph (``create_graph=True``) still counts. A checkpointed function that calls no module is not seen. The
+    logits hetrain's fused head recomputes in a ``reduction="none"`` backward are a recompute too
+    (:func:`hetrain.ops.linear_cross_entropy.recomputing_logits`)."""
 
     def __init__(self) -> None:
         self._local = threading.local()  # per thread: a GPU's backward runs on autograd's device threads
@@ -184,7 +187,7 @@ class _RecomputeWatch:
 
     @property
     def recomputing(self) -> bool:
-        return any(self._stack())
+        return any(self._stack()) or recomputing_logits()
 
     def __enter__(self) -> _RecomputeWatch:
         # always_call: checkpoint's early stop ends a recompute by raising out of the module's forward.

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 
 import torch
 
@@ -152,6 +153,17 @@ _register_backends()
 
 # --- the chunked algorithm ---------------------------------------------------------------------
 
+# Per thread (a GPU's backward runs on autograd's device threads): set while ``reduction="none"``'s backward
+# recomputes a chunk's logits.
+_recompute = threading.local()
+
+
+def recomputing_logits() -> bool:
+    """Whether this thread is recomputing logits in a ``reduction="none"`` backward: forward work run again, which
+    :class:`hetrain.callbacks.throughput.TrainingFlopCounter` leaves out as it does activation checkpointing's."""
+    return getattr(_recompute, "logits", False)
+
+
 def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if target.device.type == "cuda":
@@ -166,10 +178,11 @@ def _check_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
 def _chunked(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
     ignore_index: int, label_smoothing: float, scale: torch.Tensor | None, memory_budget: int,
-    needs: tuple[bool, bool, bool], *, half_logits: bool | None = None,
+    needs: tuple[bool, bool, bool], *, half_logits: bool | None = None, recompute: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row losses (M,) and, where ``needs`` says and ``scale`` (0-d or (M,)) is given, the gradients of
     ``sum_r loss_r * scale_r`` for hidden, weight and bias (empty tensors for those not computed).
+    ``recompute``: the logits were computed in forward already (see :func:`recomputing_logits`).
 
     bf16/fp16 inputs take one of two paths. ``half_logits`` (the default on CUDA, and for bf16 on a CPU with
     bf16 dot products, :func:`hetrain.cpu_features.has_fast_bf16`): the logits stay in the GEMM's output
@@ -202,7 +215,7 @@ def _chunked(
     grad_w = weight.new_zeros((V, H) if need_w else (0,), dtype=cdt if half and not direct_wgrad else weight.dtype)
     grad_b = hidden.new_zeros(V if need_b else 0, dtype=cdt)
     _run_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, scale, c, half_logits, direct_wgrad,
-                loss, grad_h if need_h else None, grad_w if need_w else None, grad_b if need_b else None)
+                loss, grad_h if need_h else None, grad_w if need_w else None, grad_b if need_b else None, recompute)
     # The chunk buffers are gone by now: the casts below need room only beside the sums.
     return loss, grad_h, grad_w.to(weight.dtype), grad_b.to(bias.dtype if bias is not None else cdt)
 
@@ -236,6 +249,7 @@ def _run_chunks(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
     label_smoothing: float, scale: torch.Tensor | None, c: int, half_logits: bool, direct_wgrad: bool,
     loss: torch.Tensor, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None, grad_b: torch.Tensor | None,
+    recompute: bool = False,
 ) -> None:
     """Fills ``loss`` and adds each chunk of ``c`` rows' share into the gradients that are not None (see
     :func:`_chunked`; ``direct_wgrad``: the one chunk's GEMM is the weight gradient). Its own function so that
@@ -261,10 +275,14 @@ def _run_chunks(
         n = min(c, M - start)
         h = hidden[start:start + n]
         out, logits = gemm_buf[:n], logits_buf[:n]
-        if bias is not None:
-            torch.addmm(bias, h, weight_t, out=out)
-        else:
-            torch.mm(h, weight_t, out=out)
+        _recompute.logits = recompute
+        try:
+            if bias is not None:
+                torch.addmm(bias, h, weight_t, out=out)
+            else:
+                torch.mm(h, weight_t, out=out)
+        finally:
+            _recompute.logits = False
         if logits is not out:
             logits.copy_(out)
         row_scale = None
@@ -378,7 +396,7 @@ def _per_row_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_r loss_r * grad_rows_r``: the chunks' logits recomputed, each row scaled by its own."""
     _loss, gh, gw, gb = _chunked(hidden, weight, target, bias, ignore_index, label_smoothing, grad_rows,
-                                 memory_budget, (need_hidden, need_weight, need_bias))
+                                 memory_budget, (need_hidden, need_weight, need_bias), recompute=True)
     return gh, gw, gb
 
 

@@ -531,6 +531,10 @@ def _epochs_done(checkpoint: dict[str, Any]) -> int | None:
 _CHECKPOINT_KEYS = ("pytorch-lightning_version", "state_dict")
 
 
+# What torch's weights_only unpickler says of bytes that are no pickle, as opposed to an object it does not allow.
+_NOT_A_PICKLE = ("Unsupported operand", "String is too long", "persistent_id", "Ran out of input", "EOF")
+
+
 def _read_checkpoint(ckpt_path: str) -> dict[str, Any] | None:
     """The checkpoint ``ckpt_path`` as Lightning reads it to resume (``weights_only``, torch's default), its tensors
     left on disk; None where weights_only refuses what it holds (an object of a user's), in either format torch.save
@@ -547,9 +551,10 @@ def _read_checkpoint(ckpt_path: str) -> dict[str, Any] | None:
         raise OSError(f"hetrain: ckpt_path={ckpt_path} cannot be read ({exc}); make it readable to this run, or "
                       "pass another checkpoint, or ckpt_path=null to train from the start") from exc
     except Exception as exc:  # noqa: BLE001 - named in the error below
-        # torch words every weights_only failure "Weights only load failed", garbage bytes ("Unsupported operand")
-        # too: only an object of a user's, a global it does not allow, is Lightning's to explain.
-        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+        # torch words every weights_only failure "Weights only load failed": objects of a user's it does not allow
+        # (a global, a type to build, a function to call), which are Lightning's to explain, and bytes that are no
+        # pickle at all (a gzip, random data), which are no checkpoint.
+        if isinstance(exc, pickle.UnpicklingError) and not any(words in str(exc) for words in _NOT_A_PICKLE):
             return None
         # torch's own line: a truncated zip "failed finding central directory"; for weights_only the unpickler's
         # ("Unsupported operand 31" for gzip), not its advice to load with weights_only=False.

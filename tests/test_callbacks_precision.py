@@ -850,6 +850,24 @@ def test_guard_under_accumulation_counts_a_batch_of_token_ids_as_checked(tmp_pat
     assert "produced in forward (the inputs were finite); that batch is no longer held" in guard.diagnosis
 
 
+class IterStepNan(Regressor):
+    """Takes the dataloader_iter (Lightning passes its callbacks no batch then); its loss is NaN, its inputs finite."""
+
+    def training_step(self, dataloader_iter):
+        (x, y), _, _ = next(dataloader_iter)
+        return F.mse_loss(self.net(x), y) * float("nan")
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_guard_given_no_batch_says_its_inputs_were_not_checked(tmp_path, accumulate):
+    # A batch the guard never saw read as one with NaN inputs ("produced by the inputs"), or as checked and finite.
+    guard = NonFiniteGuard(on_nonfinite="skip")
+    _fit(IterStepNan(nn.Identity()), _loader(accumulate), tmp_path, callbacks=[guard],
+         accumulate_grad_batches=accumulate)
+    assert guard.skipped_steps >= 1
+    assert "non-finite loss; produced in forward (inputs not checked)" in guard.diagnosis, guard.diagnosis
+
+
 class BatchChecks(TorchFunctionMode):
     """Counts ``torch.isfinite`` calls on tensors of ``rows`` rows: checks of a batch's inputs, not of a loss."""
 

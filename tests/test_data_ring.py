@@ -1058,11 +1058,13 @@ def test_the_reader_processes_stop_once_and_serve_no_read_after():
     assert readers.read([2], lambda: False, 0.05) is None
 
 
-def test_a_read_the_reader_processes_are_stopped_during_returns_none():
-    # stop() from another thread closed the process objects a read was waiting on: "process object is closed".
+@pytest.mark.parametrize("poll_s", [0.05, 1.0])
+def test_a_read_the_reader_processes_are_stopped_during_returns_none(poll_s):
+    # stop() from another thread closed the process objects a read was waiting on: "process object is closed"; a
+    # read that woke on the reader stop() terminated called it dead ("killed by SIGTERM").
     readers = ring_module.ReaderProcesses(Flaky(4, slow=0, sleep=1.0), 1)
     got = []
-    reading = threading.Thread(target=lambda: got.append(readers.read([0], lambda: False, 0.05)), daemon=True)
+    reading = threading.Thread(target=lambda: got.append(readers.read([0], lambda: False, poll_s)), daemon=True)
     reading.start()
     time.sleep(0.3)  # inside the slow sample
     readers.stop()

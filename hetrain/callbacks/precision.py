@@ -345,16 +345,23 @@ class _WindowBatch:
     def let_go(self) -> None:
         """Drops the batch, keeping whether its inputs were finite. A batch without floating tensors (token ids
         only) holds nothing that can be non-finite."""
+        if self.batch is None:  # none was given (a training_step taking the dataloader_iter): nothing to check
+            return
         leaves = [_stored_values(t) for t in _floating_leaves(self.batch)]
         self.inputs_finite = (torch.stack([torch.isfinite(t).all().to(leaves[0].device) for t in leaves]).all()
                               if leaves else torch.ones((), dtype=torch.bool))
         self.batch = None
 
     def inputs_nonfinite(self) -> bool:
-        """Whether the batch held NaN or inf (a device read: on a skipped step only)."""
+        """Whether the batch held NaN or inf (a device read: on a skipped step only); False where unknown."""
         if self.batch is not None:
             return not _all_finite(_floating_leaves(self.batch))
-        return not bool(self.inputs_finite)
+        return self.inputs_finite is not None and not bool(self.inputs_finite)
+
+    @property
+    def inputs_checked(self) -> bool:
+        """Whether :meth:`inputs_nonfinite` knows: the batch is held, or its flag was taken when it was let go."""
+        return self.batch is not None or self.inputs_finite is not None
 
 
 class _RunningStats:
@@ -692,8 +699,9 @@ class NonFiniteGuard(Callback):
                     "LR schedulers again): call hetrain.callbacks.precision.NonFiniteDiagnosis(model)"
                     ".first_nonfinite_output on that batch's forward to have it named.")
         if not held:
-            return (f"{_where(trainer, suspects)}: {what}; produced in forward (the inputs were finite); that batch is "
-                    "no longer held to rerun (the loader reuses its memory), so the module is not named.")
+            inputs = "the inputs were finite" if all(s.inputs_checked for s in suspects) else "inputs not checked"
+            return (f"{_where(trainer, suspects)}: {what}; produced in forward ({inputs}); that batch is no longer "
+                    "held to rerun (the loader reuses its memory), so the module is not named.")
         for suspect in held:
             try:
                 found, loss_finite = self._rerun(trainer, pl_module, suspect)

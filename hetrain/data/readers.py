@@ -240,7 +240,10 @@ class ReaderProcesses:
         """
         if not indices:  # no reader would answer an empty chunk
             return []
-        taken = self._take(len(indices), stopped, poll_s, progress)
+        try:
+            taken = self._take(len(indices), stopped, poll_s, progress)
+        except _Stopped:
+            return None
         if taken is None:
             return None
         chunks = [list(indices[k::len(taken)]) for k in range(len(taken))]  # interleaved: the order is restored
@@ -280,6 +283,8 @@ class ReaderProcesses:
                         reader.owed = 0  # it sends nothing more for this chunk
                         raise RuntimeError(payload)
                     if status == "died":
+                        if self._stopped:  # stop() ended it: no death to report
+                            return None
                         raise ReaderDied(payload)
                     results[k].extend(payload)
                     reader.owed -= len(payload)
@@ -322,7 +327,10 @@ class ReaderProcesses:
         return "died", self._died(reader, f"while reading samples {sorted(indices)}")
 
     def _died(self, reader: _Reader, doing: str) -> str:
-        """Collects a reader that ended, counts it out and describes it (also as :attr:`last_death`)."""
+        """Collects a reader that ended, counts it out and describes it (also as :attr:`last_death`). Once stop()
+        began, stop() alone reaps the readers (two threads joining one process raced)."""
+        if self._stopped:
+            raise _Stopped
         reader.process.join(_STOP_GRACE_S)  # its exit code, once the kernel has reaped it
         if reader.process.exitcode is None:
             reader.process.kill()

@@ -16,7 +16,6 @@ is written once per node, in ``prepare_data``, and only read by every rank's ``s
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import tempfile
@@ -34,7 +33,7 @@ from hetrain.data.ring import RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.splits import SeededSplits
 from hetrain.data.synthetic import PadWithIds, SyntheticSequences, pad_collate
-from hetrain.data.tokenize import ByteTokenizer, build_token_file, is_json_lines, iter_documents
+from hetrain.data.tokenize import ByteTokenizer, build_token_file, is_json_lines, iter_documents, jsonl_records
 from hetrain.data.tokens import TokenFile, TokenFileWriter
 from hetrain.data.windows import TokenWindows
 from hetrain.placement.pipeline import stage_device
@@ -264,19 +263,10 @@ def load_labels(path: Path, num_docs: int) -> np.ndarray:
 def read_labels(path: str | os.PathLike, label_field: str) -> list[int]:
     """The integer ``label_field`` of every non-blank line of a jsonl file; a line without one is named."""
     labels = []
-    # Lines end at "\n" only, as the documents are read (hetrain.data.tokenize): a lone "\r" is JSON whitespace.
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"hetrain: {path}:{number} is not a JSON record: {exc.msg} at column "
-                                     f"{exc.colno}") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"hetrain: {path}:{number} is a JSON {type(record).__name__}, not a record "
-                                     "with a label")
-                labels.append(_label(record.get(label_field), f"{path}:{number}", label_field))
+    for number, record, _ in jsonl_records(path):  # the lines the documents are read from (iter_documents)
+        if not isinstance(record, dict):
+            raise ValueError(f"hetrain: {path}:{number} is a JSON {type(record).__name__}, not a record with a label")
+        labels.append(_label(record.get(label_field), f"{path}:{number}", label_field))
     return labels
 
 

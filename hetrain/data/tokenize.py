@@ -9,6 +9,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -108,28 +109,35 @@ _ONE_PER_LINE = ("a .jsonl or .json file holds one JSON object per line (JSON Li
                 "jq -c '.[]' in.json > out.jsonl")
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
-    # Lines end at "\n" only (see _without_line_end); a "\r" left at a line's end is JSON whitespace.
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, Any, str]]:
+    """``(line number, parsed JSON, line)`` of each non-blank line of a JSON Lines file, one that does not parse
+    named by its line. Lines end at ``\\n`` only (see :func:`_without_line_end`): a ``\\r`` is JSON whitespace.
+    The documents and their labels are read through this, so both count the same lines."""
     with open(path, encoding="utf-8-sig", newline="\n") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line.rstrip("\n"))
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"hetrain: {path}:{n} is not a JSON record: {exc.msg} at column {exc.colno}; "
                                  f"{_ONE_PER_LINE}") from None
-            if not isinstance(record, dict) or field not in record:
-                has = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
-                fix = ("; name the text's field: --field for build_tokens, data.text_field for train.py"
-                       if isinstance(record, dict) else f"; {_ONE_PER_LINE}")
-                raise ValueError(f"hetrain: {path}:{n} has no field {field!r} (fields: {has}){fix}")
-            text = record[field]
-            if not isinstance(text, str):
-                raise ValueError(f"hetrain: {path}:{n}: field {field!r} is a JSON {type(text).__name__}, not text")
-            if "\\u" in line:  # only a JSON escape makes a lone surrogate, which no UTF-8 encoder takes
-                _check_surrogates(text, f"{path}:{n}", field)
-            yield Document(text, f"{path}:{n}")
+            yield n, record, line
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
+    for n, record, line in jsonl_records(path):
+        if not isinstance(record, dict) or field not in record:
+            has = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+            fix = ("; name the text's field: --field for build_tokens, data.text_field for train.py"
+                   if isinstance(record, dict) else f"; {_ONE_PER_LINE}")
+            raise ValueError(f"hetrain: {path}:{n} has no field {field!r} (fields: {has}){fix}")
+        text = record[field]
+        if not isinstance(text, str):
+            raise ValueError(f"hetrain: {path}:{n}: field {field!r} is a JSON {type(text).__name__}, not text")
+        if "\\u" in line:  # only a JSON escape makes a lone surrogate, which no UTF-8 encoder takes
+            _check_surrogates(text, f"{path}:{n}", field)
+        yield Document(text, f"{path}:{n}")
 
 
 def _check_surrogates(text: str, where: str, field: str) -> None:

@@ -94,6 +94,19 @@ def test_an_index_that_cannot_be_renamed_into_place_takes_the_new_bin_with_it(tm
     assert os.listdir(tmp_path) == ["c.idx"]
 
 
+def test_a_writer_renames_into_the_directory_it_was_opened_in(tmp_path, monkeypatch):
+    # A relative prefix was resolved at close(): a job that changed directory meanwhile found its temporary
+    # .bin gone from under the new directory and lost the corpus.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    with TokenFileWriter("c") as writer:
+        writer.add([1, 2, 3])
+        monkeypatch.chdir(tmp_path / "b")
+    assert sorted(os.listdir(tmp_path / "a")) == ["c.bin", "c.idx"] and os.listdir(tmp_path / "b") == []
+    assert TokenFile(tmp_path / "a" / "c")[0].tolist() == [1, 2, 3]
+
+
 def test_an_id_past_uint32_does_not_advise_the_itemsize_already_used(tmp_path):
     # Was "... of uint32; write with itemsize=4", the itemsize that refused it.
     with pytest.raises(ValueError, match=r"document 0 has token id 8589934592 outside \[0, 4294967295\] of uint32; "

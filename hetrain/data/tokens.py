@@ -201,7 +201,8 @@ class TokenFileWriter:
     def __init__(self, prefix: str | os.PathLike, itemsize: int = 2) -> None:
         if itemsize not in DTYPES:
             raise ValueError(f"hetrain: a token file holds 2- or 4-byte tokens, got itemsize={itemsize}")
-        self.bin_path, self.idx_path = paths_of(prefix)
+        # Absolute as of construction: a Hydra job may change directory before close() renames the files.
+        self.bin_path, self.idx_path = paths_of(Path(prefix).absolute())
         self.dtype = DTYPES[itemsize]
         self._limit = np.iinfo(self.dtype).max
         # Temporary names of this writer alone: two writers of one prefix (nodes sharing a data directory) must

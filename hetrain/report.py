@@ -705,6 +705,25 @@ def _keep_earlier_config(job_dir: Path, kept: Path) -> None:
         log.info(f"hetrain: {job_dir} held a job of an earlier sweep; its config is kept in {kept}")
 
 
+# What a sweep writes into its directory itself (Hydra's basic sweeper its multirun.yaml), beside its jobs' folders.
+_SWEEP_FILES = (SUMMARY_MD, SWEEP_CSV, "multirun.yaml")
+
+
+def _set_aside_earlier_table(sweep_dir: Path) -> None:
+    """Moves the table and sweep config an earlier sweep left in ``sweep_dir`` to ``previous-<its id>/``, as its jobs'
+    files go to theirs: this sweep rewrites them, and the earlier sweep's results were lost with its table. A sweep
+    directory without an id (a sweep run without :class:`SweepSummary`) keeps them, as its jobs are kept."""
+    earlier = _sweep_id(sweep_dir)
+    found = [sweep_dir / name for name in _SWEEP_FILES if (sweep_dir / name).is_file()]
+    if earlier is None or not found:
+        return
+    aside = sweep_dir / f"previous-{earlier[:8]}"
+    aside.mkdir(exist_ok=True)
+    for path in found:
+        os.replace(path, aside / path.name)
+    log.info(f"hetrain: {sweep_dir} held an earlier sweep; moved its {', '.join(p.name for p in found)} to {aside}")
+
+
 def _next_part(folder: Path) -> Path:
     """``<folder>-part<k>`` for the first k = 1, 2, ... not taken."""
     part = 1
@@ -808,6 +827,7 @@ class SweepSummary(HydraCallback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         _copy_earlier_configs(sweep_dir, config.hydra.output_subdir)
+        _set_aside_earlier_table(sweep_dir)
         (sweep_dir / SWEEP_ID).write_text(f"{uuid.uuid4().hex}\n")
 
     @override

@@ -261,6 +261,30 @@ def test_a_sweep_rerun_into_its_directory_keeps_the_earlier_jobs_configs(tmp_pat
     assert [(r["job"], r["status"]) for r in collect_jobs(sweep)] == [(0, "ok"), (1, "ok")]
 
 
+def test_a_sweep_rerun_into_its_directory_sets_the_earlier_table_and_sweep_config_aside(tmp_path):
+    """The new sweep rewrote summary.csv/.md and Hydra its multirun.yaml: the earlier sweep's table was lost, its
+    jobs' files kept in each job's previous-<id>/ with nothing listing them."""
+    sweep = tmp_path / "sweep"
+    _job_config(sweep / "0", 0, "seed=0")
+    (sweep / "0" / SWEEP_ID).write_text("0123456789abcdef\n")
+    (sweep / SWEEP_ID).write_text("0123456789abcdef\n")
+    earlier = {"summary.csv": "job,status\n0,ok\n", "summary.md": "| job |\n", "multirun.yaml": "hydra: {}\n"}
+    for name, text in earlier.items():
+        (sweep / name).write_text(text)
+    config = _hydra_config(sweep)
+    SweepSummary().on_multirun_start(config)
+    aside = sweep / "previous-01234567"
+    assert {p.name: p.read_text() for p in aside.iterdir()} == earlier
+    assert not any((sweep / name).exists() for name in earlier)
+    assert (sweep / SWEEP_ID).read_text() != "0123456789abcdef\n"
+    # A directory of no earlier SweepSummary sweep (no id) is not touched; nor is a sweep's rerun with no table.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "summary.csv").write_text("mine\n")
+    SweepSummary().on_multirun_start(_hydra_config(plain))
+    assert (plain / "summary.csv").read_text() == "mine\n" and not list(plain.glob("previous-*"))
+
+
 def test_a_stopped_sweep_leaves_no_copy_of_the_config_in_the_jobs_it_did_not_reach(tmp_path):
     """A sweep a signal or a DDP failure ends (write_stopped_sweep; Hydra calls no on_multirun_end) left a copy of
     its own config (.hetrain_earlier_config/) in every job directory of the earlier sweep it had not reached."""

@@ -307,9 +307,11 @@ def _version(dist: str) -> str:
 def render(rows: list[Row], device: str, seconds: float) -> str:
     """docs/tolerances.md: how the numbers were measured, on what, and the table."""
     where = device_name(device) if device == "cuda" else f"CPU ({cpu_model()})"
-    triton = ("Triton kernels ran in Triton's interpreter on CPU tensors (`TRITON_INTERPRET=1`), so their numbers "
-              "check the kernels' arithmetic, not a GPU's." if os.environ.get("TRITON_INTERPRET") == "1" else
-              "Triton kernels ran compiled on the GPU.")
+    interpreted = ("Triton kernels ran in Triton's interpreter on CPU tensors (`TRITON_INTERPRET=1`), so their "
+                   "numbers check the kernels' arithmetic, not a GPU's. The interpreter casts float32 to bfloat16 by "
+                   "truncation, where a GPU rounds to nearest, so the Triton bfloat16 rows run up to about twice the "
+                   "C++ kernels'.")
+    triton = (interpreted if os.environ.get("TRITON_INTERPRET") == "1" else "Triton kernels ran compiled on the GPU.")
     lines = [
         "# Measured tolerances of the fused ops",
         "",

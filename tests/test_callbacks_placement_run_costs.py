@@ -156,3 +156,26 @@ def test_split_decides_as_the_pipeline_split_of_the_placed_stages(names):
     costs = RunCosts(two_devices([[1.0, 2.0], [8.0, 4.0]]), two_devices([[0.4, 3.0], [2.5, 3.5]]), 4)
     stages = [nn.Linear(2, 2).to(name) for name in names]
     assert costs.split(dict(zip("ab", names, strict=True))) == (PipelineSplit(4).active_micro_batches(stages) > 1)
+
+
+def test_auto_keeps_an_embedding_tied_to_the_head_on_one_device():
+    """The reviewer's LM-style chain, its head tied to the input embedding: the lookup is cheap on the CPU, the
+    matmuls fast on the GPU. Before, best_plan put the embedding on the CPU and the head on cuda:0, a plan
+    StagePlacement.place then refused at fit start with advice a user of plan auto could not act on."""
+    import torch
+
+    from hetrain.placement import measure
+    from hetrain.placement.pipeline import shared_across_devices
+
+    emb, body, head = nn.Embedding(1000, 64), nn.Linear(64, 64), nn.Linear(64, 1000, bias=False)
+    head.weight = emb.weight
+    stages = {"emb": emb, "body": body, "head": head}
+    measured = measure(stages, lambda: torch.randint(0, 1000, (32,)), ["cpu"], warmup=0, repeats=1)
+    assert measured.tied == [["emb", "head"]]  # found as place() finds them: one parameter, two stages
+    costs = CostModel(list(stages), ["cpu", "cuda:0"], [[0.001, 0.004], [0.05, 0.002], [0.08, 0.003]],
+                      [32 * 64 * 4, 32 * 64 * 4, 32 * 1000 * 4], [[INF, 1e10], [1e10, INF]], tied=measured.tied)
+    for run_costs in RunCosts(costs), RunCosts(costs, costs, 4):  # sequential, and pipelined
+        plan = run_costs.best_plan()
+        assert plan.devices["emb"] == plan.devices["head"]
+        assert shared_across_devices(list(stages.items()), plan.devices) == []  # what place() refuses on
+    assert RunCosts(costs).best_plan().devices == {"emb": "cuda:0", "body": "cuda:0", "head": "cuda:0"}

@@ -255,3 +255,86 @@ def test_a_cost_model_that_names_one_device_twice_is_refused(devices, device):
     then it was refused only in predict, after the solvers had planned over it."""
     with pytest.raises(ValueError, match=rf"the cost model's devices name {device} twice"):
         CostModel(["a"], devices, [[1.0, 2.0]], [4], [[INF, 1.0], [1.0, INF]])
+
+
+def shared_positions() -> nn.Sequential:
+    """The reviewer's chain: one ReLU instance at three positions and one block applied three times."""
+    torch.manual_seed(0)
+    block, act = nn.Linear(16, 16), nn.ReLU()
+    return nn.Sequential(nn.Linear(8, 16), act, block, act, block, act, block)
+
+
+def test_measure_times_every_position_of_a_sequential_that_reuses_a_module():
+    """Before, named_children() listed a reused module once: 3 of the chain's 7 positions were measured, the solvers
+    and predict worked on that shorter chain, and a plan naming position 6 was refused."""
+    seq = shared_positions()
+    cm = measure(seq, lambda: torch.randn(4, 8), ["cpu"], warmup=0, repeats=1)
+    assert cm.stages == ["0", "1", "2", "3", "4", "5", "6"] and len(cm.boundary_bytes) == len(seq)
+    assert cm.tied == [["2", "4", "6"]]  # the block's positions share its weights; the ReLU holds none
+    assert cm.predict({"": "cpu", "6": "cpu"}) > 0
+    assert set(cm.chain_plan().devices) == set(cm.stages)
+
+
+def test_a_plan_putting_one_module_on_two_devices_is_refused():
+    """With every position measured, a plan may name two positions of one module: it has no predicted time (the
+    run refuses it), and apply refuses it before moving anything."""
+    seq = shared_positions()
+    cm = CostModel([str(i) for i in range(7)], ["cpu", "cuda:0"], [[1.0, 1.0]] * 7, [64] * 7,
+                   [[INF, 1e9], [1e9, INF]], tied=[["2", "4", "6"]])
+    with pytest.raises(ValueError, match=r"stages 2, 4, 6 share parameters, but the plan puts 2 on cpu, 4 on cuda:0, "
+                                         r"6 on cpu; a parameter lives on one device"):
+        cm.predict({"": "cpu", "4": "cuda:0"})
+    with pytest.raises(ValueError, match=r"2.weight on cpu and 4.weight on meta; 2.bias on cpu and 4.bias on meta; "
+                                         r"nothing was moved"):
+        PlacementPlan({"": "cpu", "4": "meta"}).apply(seq)
+    with pytest.raises(ValueError, match=r"its children: 0, 1, 2, 3, 4, 5, 6\)"):  # every position, not 0, 1, 2
+        PlacementPlan({"7": "cpu"}).apply(seq)
+
+
+def _tied_model(rng: random.Random) -> CostModel:
+    cm = random_model(rng, rng.randint(2, 5), rng.randint(2, 3))
+    stages = rng.sample(cm.stages, len(cm.stages))
+    cut = rng.randint(2, len(stages))
+    groups = [sorted(stages[:cut])] + ([sorted(stages[cut:])] if len(stages) - cut >= 2 and rng.random() < 0.5 else [])
+    return CostModel(cm.stages, cm.devices, cm.compute, cm.boundary_bytes, cm.bandwidth, tied=groups)
+
+
+def _keeps_tied(cm: CostModel, assignment: tuple[str, ...]) -> bool:
+    device_of = dict(zip(cm.stages, assignment, strict=True))
+    return all(len({device_of[stage] for stage in group}) == 1 for group in cm.tied)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_solvers_keep_each_tied_group_on_one_device_at_the_best_time(seed):
+    """Before, the solvers split stages sharing a parameter (an embedding tied to the output head) across devices,
+    a plan the run then refused. The chain solver's plans are the best of those keeping every group together."""
+    rng = random.Random(seed)
+    cm, m = _tied_model(rng), rng.randint(1, 4)
+    kept = [a for a in itertools.product(cm.devices, repeat=len(cm.stages)) if _keeps_tied(cm, a)]
+    sequential = min(cm.predict(list(a)) for a in kept)
+    if math.isinf(sequential):  # no device runs a whole group
+        for solve in (cm.chain_plan, cm.heft_plan, lambda: cm.multi_device_plan(m)):
+            with pytest.raises(ValueError, match="stages sharing parameters must run on one device"):
+                solve()
+        return
+    plan = cm.chain_plan()
+    assert _keeps_tied(cm, tuple(plan.devices[s] for s in cm.stages))
+    assert plan.predicted_step_time == pytest.approx(sequential)
+    heft_plan = cm.heft_plan()
+    assert _keeps_tied(cm, tuple(heft_plan.devices[s] for s in cm.stages))
+    split = [cm.predict(list(a), "pipeline", m) for a in kept if len(set(a)) > 1 and not _revisits(a)]
+    plan = cm.multi_device_plan(m)
+    if not split or math.isinf(min(split)):
+        assert plan is None
+    else:
+        assert _keeps_tied(cm, tuple(plan.devices[s] for s in cm.stages))
+        assert plan.predicted_step_time == pytest.approx(min(split))
+
+
+def test_tied_groups_save_and_load_and_follow_merged_stages(tmp_path):
+    cm = CostModel(["emb", "act", "head"], ["cpu", "cuda:0"], [[1.0, 2.0], [0.0, 0.0], [3.0, 1.0]], [8, 8, 8],
+                   [[INF, 1e9], [1e9, INF]], tied=[["emb", "head"]])
+    assert CostModel.load(cm.save(tmp_path / "costs.json")).tied == [["emb", "head"]]
+    assert cm.merge_weightless(["act"])[0].tied == [["emb", "head"]]
+    with pytest.raises(ValueError, match=r"CostModel.tied is \[\['emb', 'body'\]\]; give groups of two or more"):
+        CostModel(cm.stages, cm.devices, cm.compute, cm.boundary_bytes, cm.bandwidth, tied=[["emb", "body"]])

@@ -10,9 +10,11 @@ import math
 import random
 from collections import UserDict
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
@@ -29,9 +31,15 @@ from hetrain.placement import (
     topological_order,
     upward_ranks,
 )
-from hetrain.placement.plan import hook_inputs, refuse_repeated_devices, remove_input_hooks
+from hetrain.placement.plan import (
+    hook_inputs,
+    refuse_other_processes_devices,
+    refuse_repeated_devices,
+    remove_input_hooks,
+)
 
 INF = math.inf
+ROOT = Path(__file__).resolve().parent.parent
 
 # Topcuoglu, Hariri and Wu (2002), Fig. 2: 10 tasks on 3 processors; computation costs per processor
 # and transfer times of the edges.
@@ -1227,3 +1235,32 @@ def test_cuda_and_cuda_0_are_one_device_with_or_without_a_gpu():
     with pytest.raises(ValueError, match=r"name cuda:0 twice \('cuda' and 'cuda:0'\)"):
         refuse_repeated_devices(["cuda", "cuda:0"], "the devices")
     refuse_repeated_devices(["cuda", "cuda:1"], "the devices")
+
+
+def test_one_process_may_name_a_gpu_by_index_several_may_not():
+    """Under DDP every process places the same plan over its own devices; cuda is each one's own GPU."""
+    refuse_other_processes_devices({"embeddings": "cpu", "encoder": "cuda:1"}, "cuda:0", processes=1)
+    refuse_other_processes_devices({"embeddings": "cpu:0", "encoder": {"1": "cuda"}}, "cpu", processes=4)
+    with pytest.raises(ValueError, match=r"under 4 processes \(DDP\) placement of 'encoder.1' names cuda:1, "
+                                         r"placement fallback names cuda:0: each process"):
+        refuse_other_processes_devices({"embeddings": "cpu", "encoder": {"1": "cuda:1"}}, "cuda:0", processes=4)
+
+
+def _yaml_plans(node: object) -> Iterator[tuple[Mapping, str]]:
+    """Every placement in a parsed YAML file (a mapping with a ``plan`` mapping) as (plan, fallback)."""
+    if isinstance(node, Mapping):
+        if isinstance(node.get("plan"), Mapping):
+            yield node["plan"], node.get("fallback", "cpu")
+        for value in node.values():
+            yield from _yaml_plans(value)
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("recipes/*.yaml"),
+                                                                          *ROOT.glob("configs/**/*.yaml")]))
+def test_every_shipped_plan_runs_under_ddp(path):
+    """bert_split placed its stages on cuda:0, and the README runs it with trainer.devices=2 +trainer.strategy=ddp:
+    every process's stages went to the first GPU. A shipped plan writes cuda, each process's own."""
+    plans = list(_yaml_plans(yaml.safe_load((ROOT / path).read_text())))
+    assert plans or path != "recipes/bert_split.yaml"
+    for plan, fallback in plans:
+        refuse_other_processes_devices(plan, fallback, processes=2)

@@ -1,5 +1,7 @@
 """`placement.plan: auto` in a real run: measured, solved, logged, saved, and reusable as an explicit plan."""
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -7,6 +9,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -472,3 +475,107 @@ def test_under_ddp_rank_0_plans_for_every_rank_and_alone_saves_the_plan(tmp_path
     assert CostModel.load(tmp_path / "run" / "placement_costs.json").compute == [[1.0, 3.0], [1.0, 3.0]]
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["placement_costs.json",
                                                                           "placement_plan.yaml"]
+
+
+class TiedLM(pl.LightningModule):
+    """An embedding tied to the output head (stages emb, body, head), as language models tie them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.body, self.head = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 50)
+        self.head.weight = self.emb.weight
+
+    def stages(self) -> dict[str, torch.nn.Module]:
+        return {"emb": self.emb, "body": self.body, "head": self.head}
+
+    def placement_inputs(self, batch):
+        return (lambda: batch), (lambda name: ())
+
+    def training_step(self, batch, batch_idx):
+        return self.head(self.body(self.emb(batch))).logsumexp(-1).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_auto_never_splits_stages_that_share_a_parameter(tmp_path, monkeypatch):
+    """The reviewer's costs: the lookup cheap on the CPU, the matmuls fast on the GPU. Before, auto put the embedding
+    on the CPU and the tied head on cuda:0, a plan place() refuses on a GPU machine (here cuda:0 falls back to the
+    CPU, so the plan is read from the summary)."""
+    from hetrain.callbacks import placement as placement_module
+    from hetrain.placement.pipeline import shared_across_devices
+
+    def measure_two_devices(stages, make_input, devices, extra_args, **kwargs):
+        cpu = measure(stages, make_input, ["cpu"], extra_args, **kwargs)  # finds the tied stages as place() does
+        return dataclasses.replace(cpu, devices=["cpu", "cuda:0"], compute=[[0.001, 0.004], [0.05, 0.002],
+                                   [0.08, 0.003]], bandwidth=[[INF, 1e10], [1e10, INF]])
+
+    monkeypatch.setattr(placement_module, "measure", measure_two_devices)
+    placement, model = StagePlacement("auto"), TiedLM()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[placement],
+                         default_root_dir=tmp_path)
+    trainer.fit(model, torch.utils.data.DataLoader(torch.randint(0, 50, (8, 4)), batch_size=4))
+    plan = {key.removeprefix("plan."): device for key, device in placement.summary.items() if key.startswith("plan.")}
+    assert plan == {"emb": "cuda:0", "body": "cuda:0", "head": "cuda:0"}
+    assert shared_across_devices(list(model.stages().items()), plan) == []
+
+
+def simulate_gpus(monkeypatch, current: int) -> None:
+    """Two visible GPUs with ``cuda:current`` this process's (DDP rank ``current``: Lightning makes its root device
+    current), on a machine without any: only device names are resolved, nothing is allocated."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+
+
+class DDPRank:
+    """What StagePlacement reads of a Trainer under two processes, one GPU each."""
+
+    world_size = 2
+
+    def __init__(self, rank: int) -> None:
+        self.strategy = SimpleNamespace(root_device=torch.device("cuda", rank))
+        self.precision_plugin = SimpleNamespace(forward_context=contextlib.nullcontext)
+
+
+def test_under_ddp_an_explicit_plan_naming_a_gpu_by_index_is_refused(monkeypatch):
+    """The bert_split recipe placed its stages on cuda:0, and the README runs it with trainer.devices=2
+    +trainer.strategy=ddp: rank 1 put its stages on rank 0's GPU. Refused in every rank, saying to write cuda."""
+    from hetrain.models.bert import BertClassifier
+
+    model = BertClassifier(hidden=16, layers=1, heads=2)
+    for rank in (0, 1):
+        simulate_gpus(monkeypatch, current=rank)
+        for plan, fallback in [({"embeddings": "cpu", "encoder": "cuda:0"}, "cpu"), ({"encoder": "cuda"}, "cuda:1")]:
+            with pytest.raises(ValueError, match=r"under 2 processes \(DDP\) .*names cuda:\d: each process splits its "
+                                                 r"own share of the batch over its own devices.* Write cuda \(each "
+                                                 r"process's own GPU\) instead"):
+                StagePlacement(plan, fallback=fallback)._place(DDPRank(rank), model)
+    assert next(model.parameters()).device.type == "cpu"  # refused before anything moved
+
+
+def test_under_ddp_auto_names_its_gpu_cuda_so_each_rank_places_on_its_own(monkeypatch):
+    """Before, rank 0 measured every visible GPU and broadcast cuda:0 / cuda:1 by name: every rank placed its stages
+    on the GPUs rank 0 chose, rank 1's on rank 0's."""
+    from hetrain.callbacks import placement as placement_module
+    from hetrain.callbacks.placement import RunCosts, _time_stages
+    from hetrain.placement import resolve_plan
+    from hetrain.placement.plan import refuse_other_processes_devices
+
+    measured = []
+
+    def measure_own_devices(stages, make_input, devices, extra_args, **kwargs):
+        measured.append(list(devices))
+        gpus = len(devices) - 1
+        return CostModel(list(stages), list(devices), [[1.0] + [0.1] * gpus] * 2, [64, 8],
+                         [[INF if a == b else 1e9 for b in devices] for a in devices])
+
+    monkeypatch.setattr(placement_module, "measure", measure_own_devices)
+    simulate_gpus(monkeypatch, current=0)  # rank 0 measures and solves
+    module = SimpleNamespace(stages=lambda: {"a": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 2)})
+    plan = RunCosts(_time_stages(DDPRank(0), module, lambda: torch.randn(2, 2), lambda name: ())).best_plan()
+    assert measured == [["cpu", "cuda"]] and plan.devices == {"a": "cuda", "c": "cuda"}
+    simulate_gpus(monkeypatch, current=1)  # rank 1 places the plan it was sent, on its own GPU
+    refuse_other_processes_devices(plan.devices, "cpu", processes=2)
+    assert resolve_plan(plan.devices, ["a", "c"])[0] == {"a": torch.device("cuda", 1), "c": torch.device("cuda", 1)}

@@ -9,7 +9,9 @@ after another; a pipeline split that overlaps them builds on the same plan.
 (:mod:`hetrain.placement.cost_model`), solves the chain exactly (:func:`hetrain.placement.chain_dp`),
 logs the plan with its predicted step time and saves it (and the measurements) in the run directory,
 where it can be reused as an explicit plan: ``plan=<run dir>/placement_plan.yaml``. Under several processes
-(DDP) global rank 0 alone measures, solves and saves, and every rank places its plan.
+(DDP) global rank 0 alone measures, solves and saves, and every rank places its plan; each process splits its
+share of the batch over its own devices, so rank 0 measures the CPU and its own GPU, named ``cuda`` (each rank's
+own), and a plan naming a GPU by index (``cuda:0``, the same GPU in every process) is refused.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from hetrain.callbacks.random_state import _generator_state, _set_generator_stat
 from hetrain.placement import CostModel, PlacementPlan, available_devices, measure
 from hetrain.placement.chain import OBJECTIVES
 from hetrain.placement.pipeline import micro_batch_count, shared_across_devices
-from hetrain.placement.plan import held_device, hook_inputs, parse_device, read_plan, resolve_plan
+from hetrain.placement.plan import (
+    held_device,
+    hook_inputs,
+    parse_device,
+    read_plan,
+    refuse_other_processes_devices,
+    resolve_plan,
+)
 from hetrain.report import save_whole
 
 log = logging.getLogger(__name__)
@@ -175,9 +184,9 @@ class StagePlacement(Callback):
         self._hooks: list[RemovableHandle] = []  # the input hooks this callback added, removed when the fit ends
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RunCosts:
-        """Times every stage on every device of this machine on one batch of the run's data (validation's where it
-        has some): whole, and under the pipeline objective with several devices here also its first micro-batch (see
-        :class:`RunCosts`)."""
+        """Times every stage on every device of this machine (under DDP, this process's own: the CPU and its GPU) on
+        one batch of the run's data (validation's where it has some): whole, and under the pipeline objective with
+        several devices here also its first micro-batch (see :class:`RunCosts`)."""
         batch = _first_batch(_measuring_loader(trainer))
         weightless = tuple(name for name, stage in pl_module.stages().items() if held_device(stage) is None)
         split = next((c for c in trainer.callbacks if isinstance(c, PipelineSplit)), None)
@@ -292,6 +301,8 @@ class StagePlacement(Callback):
     def _place(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plan == "auto" and self.devices is None:
             self.plan = self.solve(trainer, pl_module).devices
+        if self.devices is None:
+            refuse_other_processes_devices(self.plan, self.fallback, trainer.world_size)
         placed = self.place(pl_module.stages())
         if self.predict and self.plan != "auto" and not self.summary and trainer.state.fn == "fit":
             self.compare(trainer, pl_module, placed)
@@ -364,8 +375,18 @@ def _time_stages(trainer: pl.Trainer, pl_module: pl.LightningModule, make_input:
     """Each stage's forward + backward on each device, on the inputs ``placement_inputs`` made, under the run's
     precision: Lightning enters its plugin's forward context (autocast under ``bf16-mixed``, one per device type with
     hetrain's ``DeviceMixedPrecision``) around training's forward only, and fit start lies outside it."""
-    return measure(pl_module.stages(), make_input, available_devices(), stage_args, warmup=1, repeats=3,
+    return measure(pl_module.stages(), make_input, _devices_to_measure(trainer), stage_args, warmup=1, repeats=3,
                    forward_context=trainer.precision_plugin.forward_context)
+
+
+def _devices_to_measure(trainer: pl.Trainer) -> list[str]:
+    """Every device of this machine for one process. Under several (DDP) each splits its own share of the batch over
+    its own devices: the CPU and its root device, the latter named by type (``cuda``), so that the plan rank 0
+    solves and broadcasts puts each rank's stages on that rank's own GPU rather than on rank 0's."""
+    if trainer.world_size <= 1:
+        return available_devices()
+    root = trainer.strategy.root_device
+    return ["cpu"] if root.type == "cpu" else ["cpu", root.type]
 
 
 def _rows(inputs: Any) -> int:

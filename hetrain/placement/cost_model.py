@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
+import itertools
 import json
 import math
 import statistics
@@ -30,6 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from hetrain.placement.chain import chain_dp_bytes, chain_time
 from hetrain.placement.heft import check_bandwidth, heft_bytes
+from hetrain.placement.pipeline import tied_stages
 from hetrain.placement.plan import (
     PlacementPlan,
     _indexed,
@@ -48,7 +51,10 @@ class CostModel:
 
     ``compute[s][d]``: seconds for stage ``s``'s forward + backward on device ``d`` (``inf`` where it
     failed; ``errors[stage][device]`` says why). ``boundary_bytes[s]``: bytes of stage ``s``'s output.
-    ``bandwidth[a][b]``: bytes/s of a copy from device ``a`` to ``b`` (``inf`` on the diagonal).
+    ``bandwidth[a][b]``: bytes/s of a copy from device ``a`` to ``b`` (``inf`` on the diagonal). ``tied``: groups of
+    stages that share parameters (an embedding tied to the output head, one block at several positions), which a
+    placement must put on one device: the solvers keep each group together and ``predict`` refuses a plan that
+    splits one.
     """
 
     stages: list[str]
@@ -58,6 +64,7 @@ class CostModel:
     bandwidth: list[list[float]]
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    tied: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Checks the fields against each other: the solvers read them by position, so a short row or a repeated
@@ -80,6 +87,19 @@ class CostModel:
         if len(self.bandwidth) != devices or any(len(row) != devices for row in self.bandwidth):
             raise ValueError(f"hetrain: CostModel.bandwidth must be a {devices} x {devices} matrix, a row and a column "
                              f"per device ({', '.join(self.devices)}); got rows of {[len(r) for r in self.bandwidth]}")
+        self._check_tied()
+
+    def _check_tied(self) -> None:
+        """Each tied group names two measured stages or more, and a stage is in one group at most."""
+        grouped = [stage for group in self.tied for stage in group]
+        unknown = sorted(set(grouped) - set(self.stages))
+        if unknown or any(len(group) < 2 for group in self.tied):
+            raise ValueError(f"hetrain: CostModel.tied is {self.tied!r}; give groups of two or more measured stages "
+                             f"({', '.join(self.stages)}) that share parameters")
+        repeated = sorted({stage for stage in grouped if grouped.count(stage) > 1})
+        if repeated:
+            raise ValueError(f"hetrain: CostModel.tied puts {repeated} in several groups; merge the groups that share "
+                             "a stage into one")
 
     def link_bandwidth(self, training: bool = True) -> list[list[float]]:
         """Bandwidth to price one boundary with. In training, the activation goes a -> b and its
@@ -117,23 +137,36 @@ class CostModel:
         )
 
     def heft_plan(self, training: bool = True) -> PlacementPlan:
-        """HEFT's plan for the stages as a chain, its makespan as the predicted step time."""
+        """HEFT's plan for the stages as a chain, its makespan as the predicted step time; each tied group on one
+        device (the best makespan over the ways to place the groups)."""
+        return self._fastest(lambda model: model._heft_plan(training))
+
+    def _heft_plan(self, training: bool) -> PlacementPlan:
         schedule = heft_bytes(*self.heft_inputs(training))
         return PlacementPlan.from_assignment(self.stages, self.devices, schedule.assignment, "heft", schedule.makespan)
 
     def chain_plan(self, objective: str = "sequential", micro_batches: int = 1, training: bool = True,
                    distinct_devices: bool | None = None) -> PlacementPlan:
         """The exact chain solver's plan for ``objective`` (see :func:`hetrain.placement.chain_dp`; by default a
-        sequential plan may go back to a device, a pipeline one holds one stage per device)."""
+        sequential plan may go back to a device, a pipeline one holds one stage per device), each tied group on one
+        device."""
+        return self._fastest(lambda model: model._chain_plan(objective, micro_batches, training, distinct_devices))
+
+    def _chain_plan(self, objective: str, micro_batches: int, training: bool,
+                    distinct_devices: bool | None) -> PlacementPlan:
         plan = chain_dp_bytes(*self.chain_inputs(training), objective=objective, micro_batches=micro_batches,
                               distinct_devices=distinct_devices)
         return PlacementPlan.from_assignment(self.stages, self.devices, plan.devices, "chain-dp", plan.predicted_time)
 
     def multi_device_plan(self, micro_batches: int = 1, training: bool = True) -> PlacementPlan | None:
-        """The best pipeline plan over two devices or more (``None`` where there is none): the solver's optimum may
-        be one device, which a caller pricing one-device plans otherwise (as whole batches) must not take for the
-        best split. With one stage per device such a plan starts on one device and ends on another, so the solver
-        runs once per first device, holding the first stage there and the last stage off it."""
+        """The best pipeline plan over two devices or more (``None`` where there is none), each tied group on one
+        device: the solver's optimum may be one device, which a caller pricing one-device plans otherwise (as whole
+        batches) must not take for the best split."""
+        return self._fastest(lambda model: model._multi_device_plan(micro_batches, training))
+
+    def _multi_device_plan(self, micro_batches: int, training: bool) -> PlacementPlan | None:
+        """With one stage per device a plan over several devices starts on one device and ends on another, so the
+        solver runs once per first device, holding the first stage there and the last stage off it."""
         costs, boundary_bytes, bandwidth = self.chain_inputs(training)
         # Validates the inputs once, so that a ValueError below only says a restricted chain has no plan.
         chain_time(costs, boundary_bytes, bandwidth, [0] * len(costs), "pipeline", micro_batches)
@@ -161,8 +194,61 @@ class CostModel:
             raise TypeError(f"hetrain: predict takes one device per stage or a {{path: device}} plan, not the string "
                             f"{devices!r}; for every stage on it pass [{devices!r}] * {len(self.stages)}")
         index = self.device_indices(devices)
+        self._refuse_splitting_tied(index)
         costs, boundary_bytes, bandwidth = self.chain_inputs(training)
         return chain_time(costs, boundary_bytes, bandwidth, index, objective, micro_batches)
+
+    def _refuse_splitting_tied(self, index: Sequence[int]) -> None:
+        """A plan that puts stages sharing a parameter on different devices has no time: the run refuses it (a
+        parameter lives on one device)."""
+        device_of = dict(zip(self.stages, index, strict=True))
+        for group in self.tied:
+            if len({device_of[stage] for stage in group}) > 1:
+                where = ", ".join(f"{stage} on {self.devices[device_of[stage]]}" for stage in group)
+                raise ValueError(f"hetrain: stages {', '.join(group)} share parameters, but the plan puts {where}; a "
+                                 f"parameter lives on one device, so put them on one (or untie the weights)")
+
+    def _tied_choices(self) -> list[CostModel]:
+        """This model, untied, once per way to put each tied group on one device that runs all of its stages, the
+        group's stages held there (``inf`` on every other device)."""
+        row_of = {stage: i for i, stage in enumerate(self.stages)}
+        choices = []
+        for chosen in itertools.product(range(len(self.devices)), repeat=len(self.tied)):
+            compute = [list(row) for row in self.compute]
+            for group, device in zip(self.tied, chosen, strict=True):
+                for stage in group:
+                    row = compute[row_of[stage]]
+                    compute[row_of[stage]] = [c if d == device else math.inf for d, c in enumerate(row)]
+            if all(not all(math.isinf(c) for c in row) for row in compute):
+                choices.append(dataclasses.replace(self, compute=compute, tied=[]))
+        if not choices:
+            groups = "; ".join(", ".join(group) for group in self.tied)
+            raise ValueError(f"hetrain: stages sharing parameters must run on one device, but no device runs every "
+                             f"stage of each group ({groups}); the cost model's errors say why each failed where")
+        return choices
+
+    def _fastest(self, solve: Callable[[CostModel], PlacementPlan | None]) -> PlacementPlan | None:
+        """``solve``'s fastest plan over :meth:`_tied_choices` (``solve(self)`` where nothing is tied). A choice it
+        finds no plan for (a pipeline with both ends of the chain held to one device) is passed over; where every
+        choice raised, the first error is raised, saying the tied groups held the plans."""
+        if not self.tied:
+            return solve(self)
+        plans, failure = [], None
+        for model in self._tied_choices():
+            try:
+                plan = solve(model)
+            except ValueError as exc:
+                failure = failure or exc
+                continue
+            if plan is not None:
+                plans.append(plan)
+        if plans:
+            return min(plans, key=lambda plan: plan.predicted_step_time)
+        if failure is None:
+            return None
+        groups = "; ".join(", ".join(group) for group in self.tied)
+        raise ValueError(f"hetrain: no plan keeps each group of stages sharing parameters ({groups}) on one device: "
+                         f"{failure}") from failure
 
     def device_indices(self, devices: Mapping[str, str] | Sequence[str]) -> list[int]:
         """Each stage's measured device, as its index in ``devices``, under ``{path: device}`` (group paths allowed)
@@ -208,8 +294,10 @@ class CostModel:
         for stage, reasons in self.errors.items():
             for device, reason in reasons.items():
                 errors.setdefault(runs_in[stage], {}).setdefault(device, f"{stage}: {reason}")
+        tied = [list(dict.fromkeys(runs_in[stage] for stage in group)) for group in self.tied]
         merged = CostModel(heads, list(self.devices), compute, [self.boundary_bytes[parts[h][-1]] for h in heads],
-                           [list(row) for row in self.bandwidth], errors, dict(self.meta))
+                           [list(row) for row in self.bandwidth], errors, dict(self.meta),
+                           [group for group in tied if len(group) > 1])
         return merged, runs_in
 
     def to_dict(self) -> dict[str, Any]:
@@ -422,7 +510,9 @@ def measure(
     before training changes none of its draws.
     """
     if isinstance(stages, nn.Sequential):
-        named = dict(stages.named_children())
+        # Every position, as the Sequential runs them: named_children() lists a module reused at several positions
+        # (a shared activation, one block applied twice) once, and the chain measured would be shorter than the run's.
+        named = dict(stages._modules)
     elif isinstance(stages, Mapping):
         named = dict(stages)
     else:
@@ -499,4 +589,5 @@ def _measure(named: dict[str, nn.Module], make_input: Callable[[], Any], devices
         "threads": torch.get_num_threads(),
     }
     bandwidth = measure_bandwidth(devices, copy_bytes, repeats=repeats)
-    return CostModel(list(named), devices, compute, boundary_bytes, bandwidth, errors, meta)
+    tied = tied_stages(list(named.items()))
+    return CostModel(list(named), devices, compute, boundary_bytes, bandwidth, errors, meta, tied)

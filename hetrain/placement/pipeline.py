@@ -334,3 +334,22 @@ def shared_across_devices(stages: Sequence[tuple[str, nn.Module]],
             if owner != name and torch.device(devices[owner]) != torch.device(devices[name]):
                 clashes.append((path, f"{name}.{pname}"))
     return clashes
+
+
+def tied_stages(stages: Sequence[tuple[str, nn.Module]]) -> list[list[str]]:
+    """The groups of stages that share a parameter (directly, or through a chain of stages that do), each in stage
+    order, as :func:`shared_across_devices` finds them: a placement must put each group on one device. A module
+    reused at several positions of a chain (one block applied twice) ties its positions; one holding no parameters
+    (a shared ``nn.ReLU``) ties none, as placing never moves it."""
+    group_of = {name: [name] for name, _ in stages}
+    first_stage: dict[int, str] = {}  # parameter -> the first stage using it
+    for name, stage in stages:
+        for p in stage.parameters():
+            other = first_stage.setdefault(id(p), name)
+            if group_of[other] is not group_of[name]:
+                merged = group_of[other] + group_of[name]
+                for member in merged:
+                    group_of[member] = merged
+    order = {name: i for i, (name, _) in enumerate(stages)}
+    groups = {id(group): group for group in group_of.values() if len(group) > 1}
+    return sorted((sorted(group, key=order.__getitem__) for group in groups.values()), key=lambda g: order[g[0]])

@@ -130,7 +130,7 @@ class PlacementPlan:
             try:
                 model.get_submodule(path)
             except AttributeError as exc:
-                children = ", ".join(name for name, _ in model.named_children())
+                children = ", ".join(model._modules)  # every child name: named_children() skips a reused module
                 raise ValueError(
                     f"hetrain: placement path {path!r} names no submodule of {type(model).__name__} "
                     f"(its children: {children})"
@@ -337,6 +337,31 @@ def resolve_plan(
     note = "; ".join(f"{name} not present; {', '.join(paths)} -> {fallback}"
                      for name, paths in missing.items())
     return devices, f"placement: {note}" if note else None
+
+
+def refuse_other_processes_devices(plan: Mapping[str, object], fallback: str, processes: int) -> None:
+    """Refuses, under several processes (DDP), a plan or fallback naming an accelerator by index (``cuda:0``).
+
+    Every process places the same plan, and each splits its own share of the batch over its own devices: the CPU
+    and its own GPU. ``cuda:0`` is one process's GPU only, so every process's stages would go there, competing
+    for it while the others sit idle. ``cuda`` names each process's own GPU (the one the trainer made current for
+    it). Refused in every process alike, so that all stop rather than some waiting for the others to join them."""
+    if processes <= 1:
+        return
+    named = {**{f"placement of {path!r}": name for path, name in flatten_plan(plan).items()},
+             "placement fallback": fallback}
+    indexed = {}
+    for what, name in named.items():
+        device = parse_device(name, what)
+        if device.type not in ("cpu", "meta") and device.index is not None:
+            indexed[what] = device
+    if indexed:
+        named_here = ", ".join(f"{what} names {device}" for what, device in indexed.items())
+        own = ", ".join(sorted({device.type for device in indexed.values()}))
+        raise ValueError(f"hetrain: under {processes} processes (DDP) {named_here}: each process splits its own share "
+                         f"of the batch over its own devices, but an indexed device is the same GPU in every process, "
+                         f"so all of them would place their stages there. Write {own} (each process's own GPU) "
+                         f"instead")
 
 
 def _refuse_meta(devices: Mapping[str, torch.device]) -> None:

@@ -3,6 +3,7 @@
 import copy
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -355,6 +356,60 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.hetrain_C.bn_stats(randn(1, 4, 1, 1), None, None, 0.1, 1e-5)
 
 
+
+def test_numpy_numbers_are_taken_as_torch_takes_them():
+    """``momentum=np.float32(0.1)`` and ``kernel_size=np.int64(3)`` were refused, though torch's modules take them."""
+    x = randn(2, 4, 9, 9, seed=5)
+    w, b, rm, rv = (t.detach() for t in bn_params(4))
+    rm_np, rv_np = rm.clone(), rv.clone()
+    want = bn_relu_pool(x, w, b, rm, rv, True, 0.1, 1e-5, 3, 2, 1)
+    torch.testing.assert_close(bn_relu_pool(x, w, b, rm_np, rv_np, True, np.float32(0.1), np.float64(1e-5), 3, 2, 1),
+                               want)
+    torch.testing.assert_close(rm_np, rm)
+    torch.testing.assert_close(rv_np, rv)
+    got = bn_relu_pool(x, w, b, None, None, True, 0.1, 1e-5, np.int64(3), (np.int64(2), np.int32(2)), [np.int64(1)])
+    torch.testing.assert_close(got, bn_relu_pool(x, w, b, None, None, True, 0.1, 1e-5, 3, 2, 1))
+    torch.testing.assert_close(relu_pool(x, np.int64(2), np.int64(1)), relu_pool(x, 2, 1))
+
+
+BN = "bn_relu_pool: "
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda x, rm, rv: relu_pool(None),
+     r"relu_pool: x must be a 4-D \(N, C, H, W\) floating tensor, got NoneType; torch.as_tensor\(x\) converts one"),
+    (lambda x, rm, rv: bn_relu_pool(x.tolist(), None, None, rm, rv, True), BN + "x must be a 4-D .* got list"),
+    (lambda x, rm, rv: conv_bn_relu_pool(None, torch.ones(4, 4, 1, 1), None, None, None, rm, rv, True),
+     "conv_bn_relu_pool: x must be a 4-D .* got NoneType"),
+    (lambda x, rm, rv: conv_relu_pool(x[0].tolist(), torch.ones(4, 4, 1, 1)),
+     r"conv_relu_pool: x must be a 4-D \(N, C, H, W\) or 3-D unbatched \(C, H, W\) floating tensor, got list"),
+    (lambda x, rm, rv: bn_relu_pool(x, 1.0, None, rm, rv, True),
+     BN + r"weight must be a torch.Tensor of shape \(4,\), got float; torch.as_tensor\(weight\) converts one"),
+    (lambda x, rm, rv: bn_relu_pool(x, None, [0.0] * 4, rm, rv, True), BN + "bias must be a torch.Tensor .* got list"),
+    (lambda x, rm, rv: bn_relu_pool(x, None, None, rm, rv.tolist(), False),
+     BN + "running_var must be a torch.Tensor .* got list"),
+    (lambda x, rm, rv: bn_relu_pool(x, None, None, rm, rv, True, eps="a"),
+     BN + "eps must be a finite number >= 0, got 'a'"),
+    (lambda x, rm, rv: bn_relu_pool(x, None, None, rm, rv, False, eps="a"),
+     BN + "eps must be a finite number >= 0, got 'a'"),
+    (lambda x, rm, rv: bn_relu_pool(x, None, None, rm, rv, False, eps=-1.0),
+     BN + "eps must be a finite number >= 0, got -1.0"),
+    (lambda x, rm, rv: bn_relu_pool(x, None, None, rm, rv, True, "0.1"), BN + "momentum must be a number, got '0.1'$"),
+    (lambda x, rm, rv: bn_relu_pool(x, None, None, rm, rv, True, True), BN + "momentum must be a number, got True$"),
+    (lambda x, rm, rv: bn_relu_pool(x, None, None, rm, rv, True, torch.tensor(0.1)),
+     BN + r"momentum must be a Python number, got a tensor; pass float\(momentum\)"),
+    (lambda x, rm, rv: relu_pool(x, torch.tensor(2)),
+     r"relu_pool: kernel_size must be Python integers, got a tensor; pass kernel_size.tolist\(\)"),
+    (lambda x, rm, rv: relu_pool(x, 2, np.float64(2.0)), "relu_pool: stride must be an integer or one or two of them"),
+    (lambda x, rm, rv: relu_pool(x, (2, np.True_)), "relu_pool: kernel_size must be an integer or one or two of them"),
+])
+def test_arguments_of_the_wrong_type_are_refused_naming_the_op_and_the_argument(call, message):
+    """A None or a list read as a tensor was a raw AttributeError; eps="a" a TypeError from deep inside."""
+    _, _, rm, rv = bn_params(4)
+    with pytest.raises(ValueError, match="hetrain.ops." + message):
+        call(randn(2, 4, 6, 6), rm, rv)
+
+
 def test_channels_last_batch_statistics_keep_their_precision_when_the_first_pixel_is_an_outlier():
     # The moments are taken about x[0, c, 0, 0]: NHWC summed blocks of (x - pivot)^2 in float32, and an outlier there
     # made the variance a small difference of large sums (relative error 1.4e-4 here, NCHW's 9e-8).
@@ -478,6 +533,31 @@ def test_module_state_dict_and_modes_match_torch_sequential(momentum):
     back.eval()
     assert_close(back(x), fused(x), torch.float32, "round trip")
     assert isinstance(fused[1:], torch.nn.Sequential) and not isinstance(fused[1:], ConvBNReLUPool2d)
+
+
+
+def test_a_block_built_with_numpy_settings_trains_as_torchs_sequential():
+    """torch's modules take NumPy numbers: ConvBNReLUPool2d refused np.int64 pool sizes when built and an np.float32
+    momentum on every training forward, and a patched Sequential holding such a BatchNorm2d failed the same way."""
+    ref = torch_block()
+    ref[1].momentum = np.float32(0.1)
+    ref[3] = torch.nn.MaxPool2d(np.int64(3), np.int64(2), np.int64(1))
+    fused = ConvBNReLUPool2d(3, 5, 3, padding=1, momentum=np.float32(0.1), pool_kernel_size=np.int64(3),
+                             pool_stride=np.int64(2), pool_padding=np.int64(1))
+    fused.load_state_dict(ref.state_dict())
+    patched = copy.deepcopy(ref)
+    swap_sequences(patched)
+    assert type(patched) is FusedSequential  # the np.int64 pool settings left it unfused
+    x = randn(2, 3, 10, 9, seed=4)
+    for _ in range(2):
+        want = ref(x)
+        with OpLog() as log:
+            got = fused(x), patched(x)
+        assert log.names.count("hetrain_C.bn_relu_pool_fwd") == 2, log.names
+        assert_close(got[0], want, torch.float32, "ConvBNReLUPool2d")
+        assert_close(got[1], want, torch.float32, "patched")
+    for block in (fused, patched):
+        assert_close(block[1].running_var, ref[1].running_var, torch.float32, "running_var")
 
 
 @pytest.mark.parametrize("block", ["bn", "no_bn"])

@@ -25,24 +25,45 @@ gradients are identical.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
 from hetrain import plugins
-from hetrain.ops import _backends
+from hetrain.ops import _args, _backends
 from hetrain.ops._op import compute_dtype, op
 
 OP = "bn_relu_pool"
 MAX_WINDOW = 256  # positions in a pooling window: the argmax is stored as uint8
 
 
+def _integer(v: object) -> int | None:
+    """``v`` as an int when it is an integer, NumPy's included (as ``F.max_pool2d`` takes them); else None.
+
+    Never a bool (True would read as 1) nor a tensor (its value needs a sync; ``_pair`` names the fix).
+    """
+    if isinstance(v, int) and not isinstance(v, bool):  # the usual case first
+        return v
+    if isinstance(v, bool | torch.Tensor):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def _pair(name: str, what: str, v: int | tuple[int, ...] | list[int]) -> list[int]:
     """``v`` as (height, width): one integer for both, or one or two of them in a sequence, as ``F.max_pool2d``."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return [v, v]
-    if isinstance(v, tuple | list) and len(v) in (1, 2) and all(isinstance(e, int) and not isinstance(e, bool)
-                                                                 for e in v):
-        return [v[0], v[-1]]
+    if isinstance(v, torch.Tensor):
+        raise ValueError(f"{name}: {what} must be Python integers, got a tensor; pass {what}.tolist()")
+    one = _integer(v)
+    if one is not None:
+        return [one, one]
+    if isinstance(v, tuple | list) and len(v) in (1, 2):
+        both = [_integer(e) for e in v]
+        if None not in both:
+            return [both[0], both[-1]]
     raise ValueError(f"{name}: {what} must be an integer or one or two of them (height, width), got {v!r}")
 
 
@@ -279,7 +300,9 @@ _bn_relu_pool_fwd.register_autograd(_backward, setup_context=_setup_context, pub
 
 def _pool_args(name, x, kernel_size, stride, padding):
     kernel = _pair(name, "kernel_size", kernel_size)
-    stride = _pair(name, "stride", stride) if stride is not None and stride != [] else kernel
+    # An empty list is F.max_pool2d's own default (the kernel); `stride != []` is an empty array for a NumPy integer.
+    default_stride = stride is None or (isinstance(stride, list) and not stride)
+    stride = kernel if default_stride else _pair(name, "stride", stride)
     padding = _pair(name, "padding", padding)
     if min(kernel) < 1 or min(stride) < 1:
         raise ValueError(f"{name}: kernel_size and stride must be >= 1, got {kernel} and {stride}")
@@ -299,7 +322,15 @@ def _pool_args(name, x, kernel_size, stride, padding):
     return kernel, stride, padding
 
 
+def _require_tensor(name, what, v, expected):
+    """Before any ``.dim()``/``.shape`` is read: a list or None was an AttributeError naming neither op nor argument."""
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"{name}: {what} must be {expected}, got {type(v).__name__}; torch.as_tensor({what}) "
+                         "converts one")
+
+
 def _check_x(name, x):
+    _require_tensor(name, "x", x, "a 4-D (N, C, H, W) floating tensor")
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"{name}: x must be a 4-D (N, C, H, W) floating tensor, got shape {tuple(x.shape)} "
                          f"{x.dtype}")
@@ -308,8 +339,9 @@ def _check_x(name, x):
 def _check_conv_x(name, x, unbatched):
     """Checked before the convolution, so the error names the op called and x's own shape."""
     dims = (3, 4) if unbatched else (4,)
+    what = "a 4-D (N, C, H, W) or 3-D unbatched (C, H, W)" if unbatched else "a 4-D (N, C, H, W)"
+    _require_tensor(name, "x", x, f"{what} floating tensor")
     if x.dim() not in dims or not x.is_floating_point():
-        what = "a 4-D (N, C, H, W) or 3-D unbatched (C, H, W)" if unbatched else "a 4-D (N, C, H, W)"
         hint = "" if unbatched else "; for one image pass x.unsqueeze(0)"
         raise ValueError(f"{name}: x must be {what} floating tensor, got shape {tuple(x.shape)} {x.dtype}{hint}")
 
@@ -317,6 +349,7 @@ def _check_conv_x(name, x, unbatched):
 def _channel_vector(name, what, v, x, dtype):
     if v is None:
         return None
+    _require_tensor(name, what, v, f"a torch.Tensor of shape ({x.shape[1]},)")
     if tuple(v.shape) != (x.shape[1],):
         raise ValueError(f"{name}: {what} must have shape ({x.shape[1]},) to match x's channels, got "
                          f"{tuple(v.shape)} (x is {tuple(x.shape)})")
@@ -350,16 +383,15 @@ def bn_relu_pool(
         raise ValueError(f"{name}: give both running_mean and running_var or neither")
     for what, v in (("running_mean", running_mean), ("running_var", running_var)):
         _channel_vector(name, what, v, x, stats)
+    eps = _args.eps_value(name, eps)
     if training:
-        if isinstance(momentum, bool) or not isinstance(momentum, int | float):
-            raise ValueError(f"{name}: momentum must be a number, got {momentum!r}; for BatchNorm's cumulative "
-                             "average (momentum=None) pass 1 / num_batches_tracked, as ConvBNReLUPool2d does")
+        momentum = _momentum_value(name, momentum)
         if not eps > 0:
             raise ValueError(f"{name}: eps must be positive when training, got {eps}")
         if x.shape[0] * x.shape[2] * x.shape[3] == 1:
             raise ValueError(f"{name}: expected more than 1 value per channel when training, got input of shape "
                              f"{tuple(x.shape)}")
-        mean, invstd = _batch_stats(x, running_mean, running_var, float(momentum), float(eps))
+        mean, invstd = _batch_stats(x, running_mean, running_var, momentum, eps)
     else:
         if running_mean is None:
             raise ValueError(f"{name}: training=False normalises with running_mean and running_var; none given")
@@ -367,6 +399,17 @@ def bn_relu_pool(
         invstd = torch.rsqrt(running_var.detach().to(stats) + eps)
     y, _argmax = _bn_relu_pool_fwd(x, mean, invstd, weight, bias, bool(training), kernel, stride, padding)
     return y
+
+
+def _momentum_value(name, momentum):
+    """``momentum`` as a float; NumPy numbers are taken, as torch's BatchNorm2d takes them."""
+    if isinstance(momentum, torch.Tensor):
+        raise ValueError(f"{name}: momentum must be a Python number, got a tensor; pass float(momentum)")
+    if not _args.is_number(momentum):
+        hint = ("; for BatchNorm's cumulative average (momentum=None) pass 1 / num_batches_tracked, as "
+                "ConvBNReLUPool2d does") if momentum is None else ""
+        raise ValueError(f"{name}: momentum must be a number, got {momentum!r}{hint}")
+    return float(momentum)
 
 
 def _batch_stats(x, running_mean, running_var, momentum, eps):

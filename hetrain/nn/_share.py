@@ -40,26 +40,52 @@ def is_nested(x: object) -> bool:
     return isinstance(x, torch.Tensor) and x.is_nested
 
 
-def sharing(cls: type[M], module: torch.nn.Module) -> M:
-    """An instance of ``cls`` (a subclass of a torch module type) holding ``module``'s parameters, buffers and
-    settings; ``module`` must be of that torch type.
+def refuse_own_forward(who: str, module: torch.nn.Module, torch_type: type[torch.nn.Module],
+                       drop_ins: tuple[type[torch.nn.Module], ...] = ()) -> None:
+    """Refuses a subclass of ``torch_type`` whose class defines a forward of its own (a LoRA Linear adding its
+    low-rank path, CLIP's LayerNorm computing in float32): the fused module reads only its parameters and settings,
+    so that forward would be skipped silently. A subclass keeping ``torch_type``'s forward is taken, and so is one
+    keeping the forward of a class in ``drop_ins`` (hetrain's drop-ins, which compute as ``torch_type`` does)."""
+    forward = type(module).forward
+    if forward is torch_type.forward or any(forward is drop_in.forward for drop_in in drop_ins):
+        return
+    name = f"{type(module).__module__}.{type(module).__qualname__}"
+    raise ValueError(f"{who}: {name} overrides torch.nn.{torch_type.__name__}.forward, which the fused module would "
+                     f"not run (it takes only the parameters and settings); keep the {type(module).__name__} as it "
+                     f"is, or fuse a torch.nn.{torch_type.__name__} (or a subclass keeping its forward)")
 
-    Its dicts and sets (parameters, buffers, hooks, bookkeeping) are its own copies, so it starts with
-    ``module``'s hooks, but a hook or buffer registered on one afterwards is not registered on the other.
-    A parametrized ``module`` is refused (:func:`refuse_parametrized`).
 
-    A forward replaced on ``module``'s instance (an adapter) is refused: kept, it would run instead of the fused
-    forward; dropped, the adapter would be lost. The compiled call ``module.compile()`` set is left behind: it is
-    bound to ``module`` (kept, the new one would run ``module``'s forward); the new one runs uncompiled, computing its
-    own forward, until it is compiled itself."""
-    torch_type = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
-    who = f"hetrain.nn.{cls.__name__}"
-    require(who, module, torch_type)
-    refuse_parametrized(who, module)
+def refuse_replaced_forward(who: str, module: torch.nn.Module) -> None:
+    """Refuses a module whose forward was replaced on the instance (an adapter): kept, it would run instead of the
+    fused forward; dropped, the adapter would be lost."""
     if forward_replaced(module):
         raise ValueError(f"{who}: the {type(module).__name__}'s forward was replaced on the instance (an adapter or "
                          "wrapper), which the fused module would not run; keep the torch module, or build the "
                          "fused one from it before the forward is replaced and replace the fused one's")
+
+
+def refuse_unconvertible(who: str, module: object, torch_type: type[torch.nn.Module],
+                         drop_ins: tuple[type[torch.nn.Module], ...] = ()) -> None:
+    """What every ``from_*`` constructor checks, so each refuses the same modules: one not of ``torch_type``, a
+    parametrized one, one whose forward its class (:func:`refuse_own_forward`) or its instance replaced."""
+    require(who, module, torch_type)
+    refuse_parametrized(who, module)
+    refuse_own_forward(who, module, torch_type, drop_ins)
+    refuse_replaced_forward(who, module)
+
+
+def sharing(cls: type[M], module: torch.nn.Module, *, drop_in: bool = True) -> M:
+    """An instance of ``cls`` (a subclass of a torch module type) holding ``module``'s parameters, buffers and
+    settings; ``module`` must be of that torch type, and is checked by :func:`refuse_unconvertible` (``drop_in``:
+    ``cls`` computes as that torch type does, so a module of ``cls`` is taken too).
+
+    Its dicts and sets (parameters, buffers, hooks, bookkeeping) are its own copies, so it starts with
+    ``module``'s hooks, but a hook or buffer registered on one afterwards is not registered on the other.
+    The compiled call ``module.compile()`` set is left behind: it is bound to ``module`` (kept, the new one would
+    run ``module``'s forward); the new one runs uncompiled, computing its own forward, until it is compiled
+    itself."""
+    torch_type = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
+    refuse_unconvertible(f"hetrain.nn.{cls.__name__}", module, torch_type, (cls,) if drop_in else ())
     new = cls.__new__(cls)
     new.__dict__ = {name: copy.copy(value) if isinstance(value, dict | set) else value
                     for name, value in module.__dict__.items()}

@@ -38,9 +38,10 @@ class BiasGELU(torch.nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, approximate: str = "none") -> BiasGELU:
-        """A fused ``gelu(linear(x))`` sharing ``linear``'s parameters (no copy of the data)."""
+        """A fused ``gelu(linear(x))`` sharing ``linear``'s parameters (no copy of the data); ``linear`` is
+        refused unless it computes as torch's does (:func:`hetrain.nn._share.refuse_unconvertible`)."""
         if approximate not in APPROXIMATIONS:
             raise ValueError(f"hetrain.nn.BiasGELU: approximate must be 'none' or 'tanh', got {approximate!r}")
-        new = sharing(cls, linear)
+        new = sharing(cls, linear, drop_in=False)  # its forward adds the GELU
         new.approximate = approximate
         return new

@@ -23,5 +23,6 @@ class LayerNorm(torch.nn.LayerNorm):
 
     @classmethod
     def from_torch(cls, module: torch.nn.LayerNorm) -> LayerNorm:
-        """A fused copy sharing ``module``'s parameters (no copy of the data)."""
+        """A fused copy sharing ``module``'s parameters (no copy of the data); ``module`` is
+        refused unless it computes as torch's does (:func:`hetrain.nn._share.refuse_unconvertible`)."""
         return sharing(cls, module)

@@ -23,5 +23,6 @@ class RMSNorm(torch.nn.RMSNorm):
 
     @classmethod
     def from_torch(cls, module: torch.nn.RMSNorm) -> RMSNorm:
-        """A fused copy sharing ``module``'s parameters (no copy of the data)."""
+        """A fused copy sharing ``module``'s parameters (no copy of the data); ``module`` is
+        refused unless it computes as torch's does (:func:`hetrain.nn._share.refuse_unconvertible`)."""
         return sharing(cls, module)

@@ -1,0 +1,132 @@
+"""hetrain.nn's ``from_*`` constructors take a torch module only when the fused module computes what it does: a
+subclass with a forward of its own, or a forward replaced on the instance, is refused with a message saying what to
+do (the fused module reads only parameters and settings, so that forward was dropped silently); a subclass keeping
+torch's forward is taken. ``patch`` swaps exact types only, so it leaves such subclasses alone."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from op_testing import randn
+
+import hetrain
+from hetrain.nn import BiasGELU, Dropout, DropoutAddLayerNorm, LayerNorm, LinearCrossEntropyHead, RMSNorm
+
+
+class LoraLinear(torch.nn.Linear):
+    """loralib's Linear: an ``nn.Linear`` whose forward adds a low-rank path."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 2) -> None:
+        super().__init__(in_features, out_features)
+        self.lora_a = torch.nn.Parameter(randn(rank, in_features, seed=5))
+        self.lora_b = torch.nn.Parameter(randn(out_features, rank, seed=6))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's own argument name
+        return super().forward(input) + input @ self.lora_a.t() @ self.lora_b.t()
+
+
+class FP32LayerNorm(torch.nn.LayerNorm):
+    """OpenAI CLIP's LayerNorm: computes in float32, returns the input's dtype."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.LayerNorm's own argument name
+        return super().forward(input.float()).type(input.dtype)
+
+
+class ScaledRMSNorm(torch.nn.RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 3
+
+
+class MCDropout(torch.nn.Dropout):
+    """Monte Carlo dropout: drops in eval mode too."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Dropout's own argument name
+        return F.dropout(input, self.p, training=True)
+
+
+RESIDUAL = randn(3, 4, seed=2)
+TARGET = torch.tensor([0, 3, 1])
+
+# constructor -> (the fused module from a torch module, its torch type, a subclass of that type with its own forward,
+# what the torch module computes for x, what the fused module computes for x: the same when the conversion is right)
+CONSTRUCTORS = {
+    "LayerNorm.from_torch": (LayerNorm.from_torch, torch.nn.LayerNorm, FP32LayerNorm, lambda m, x: m(x),
+                             lambda f, x: f(x)),
+    "RMSNorm.from_torch": (RMSNorm.from_torch, torch.nn.RMSNorm, ScaledRMSNorm, lambda m, x: m(x), lambda f, x: f(x)),
+    "BiasGELU.from_linear": (BiasGELU.from_linear, torch.nn.Linear, LoraLinear, lambda m, x: F.gelu(m(x)),
+                             lambda f, x: f(x)),
+    "DropoutAddLayerNorm.from_layer_norm": (lambda m: DropoutAddLayerNorm.from_layer_norm(m, 0.25), torch.nn.LayerNorm,
+                                            FP32LayerNorm, lambda m, x: m(x + RESIDUAL), lambda f, x: f(x, RESIDUAL)),
+    "LinearCrossEntropyHead.from_linear": (LinearCrossEntropyHead.from_linear, torch.nn.Linear, LoraLinear,
+                                           lambda m, x: F.cross_entropy(m(x), TARGET), lambda f, x: f(x, TARGET)),
+    "Dropout.from_torch": (Dropout.from_torch, torch.nn.Dropout, MCDropout, lambda m, x: m(x), lambda f, x: f(x)),
+}
+
+
+def _make(cls: type[torch.nn.Module]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return (cls(0.25) if issubclass(cls, torch.nn.Dropout) else cls(4, 4) if issubclass(cls, torch.nn.Linear)
+            else cls(4)).eval()
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+def test_a_constructor_refuses_a_subclass_with_a_forward_of_its_own(name):
+    # Accepted, the fused module took its parameters and skipped its forward: a LoRA Linear's low-rank path (whose
+    # parameters still sat in the fused module's state_dict), CLIP's float32 LayerNorm, dropout kept on in eval.
+    convert, torch_type, subclass, _, _ = CONSTRUCTORS[name]
+    message = (rf"{subclass.__name__} overrides torch\.nn\.{torch_type.__name__}\.forward, which the fused module "
+               rf"would not run.*keep the {subclass.__name__} as it is")
+    with pytest.raises(ValueError, match=message):
+        convert(_make(subclass))
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+def test_a_constructor_takes_a_subclass_keeping_torchs_forward(name):
+    convert, torch_type, _, compute_torch, compute_fused = CONSTRUCTORS[name]
+    tagged = type(f"Tagged{torch_type.__name__}", (torch_type,), {"__repr__": lambda self: "tagged", "tag": 1})
+    module = _make(tagged)
+    x = randn(3, 4, seed=1)
+    torch.testing.assert_close(compute_fused(convert(module), x), compute_torch(module, x))
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+def test_a_constructor_refuses_a_module_whose_forward_was_replaced(name):
+    # LinearCrossEntropyHead, DropoutAddLayerNorm and Dropout took it and dropped the adapter; the others refused.
+    convert, torch_type, _, _, _ = CONSTRUCTORS[name]
+    module = _make(torch_type)
+    original = module.forward
+    module.forward = lambda inp: original(inp) * 2  # an adapter
+    with pytest.raises(ValueError, match=rf"the {torch_type.__name__}'s forward was replaced on the instance"):
+        convert(module)
+
+
+@pytest.mark.parametrize(("convert", "module"), [
+    (LayerNorm.from_torch, LayerNorm(4)),
+    (RMSNorm.from_torch, RMSNorm(4)),
+    (lambda m: DropoutAddLayerNorm.from_layer_norm(m, 0.25), LayerNorm(4)),
+    (Dropout.from_torch, Dropout(0.25)),
+], ids=["LayerNorm", "RMSNorm", "DropoutAddLayerNorm of a LayerNorm", "Dropout"])
+def test_a_constructor_takes_hetrains_drop_in(convert, module):
+    convert(module)  # computes as its torch module does, so it is not a subclass with a forward of its own
+
+
+@pytest.mark.parametrize("convert", [BiasGELU.from_linear, LinearCrossEntropyHead.from_linear],
+                         ids=["BiasGELU.from_linear", "LinearCrossEntropyHead.from_linear"])
+def test_a_constructor_refuses_a_bias_gelu_as_a_linear(convert):
+    # A BiasGELU is a Linear whose forward adds the GELU: the loss head took its weights and dropped the GELU.
+    with pytest.raises(ValueError, match=r"hetrain\.nn\.bias_gelu\.BiasGELU overrides torch\.nn\.Linear\.forward"):
+        convert(BiasGELU(4, 4))
+
+
+def test_patch_leaves_a_subclass_with_a_forward_of_its_own_alone():
+    # patch swaps exact types only: a fused twin (a norm, or a Linear -> GELU run) would skip the subclass's forward.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(FP32LayerNorm(4), LoraLinear(4, 4), torch.nn.GELU(), ScaledRMSNorm(4))
+    ref = copy.deepcopy(model)
+    report = hetrain.nn.patch(model)
+    assert not report.swapped, str(report)
+    assert type(model) is torch.nn.Sequential
+    assert [type(m) for m in model] == [FP32LayerNorm, LoraLinear, torch.nn.GELU, ScaledRMSNorm]
+    x = randn(3, 4, seed=1)
+    torch.testing.assert_close(model(x), ref(x))

@@ -65,6 +65,33 @@ def test_p0_matches_layer_norm_of_the_sum(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("dtype", "eps"), [(torch.float32, torch.finfo(torch.float32).max), (torch.float64, 1e39)])
+def test_the_largest_eps_float32_holds_gives_torchs_output_and_a_larger_one_is_refused(backend, dtype, eps):
+    """An eps past float32's range became inf where the kernels add it, and every row NaN, where F.layer_norm
+    of the sum returns the bias. float64 inputs, computed in float64, take it."""
+    x, r, w, b = inputs((4, 8), dtype)
+    dy = randn(4, 8, dtype=dtype, seed=7)
+    with plugins.use_backend(dropout_add_layer_norm=backend):
+        got = with_grads(lambda: dropout_add_layer_norm(x, r, w, b, 0.0, eps=eps), (x, r, w, b), dy)
+    compare(backend, got, reference(x, r, w, b, None, 0.0, dy, eps), dtype)
+    x, r, w, b = inputs((4, 8))
+    with plugins.use_backend(dropout_add_layer_norm=backend), pytest.raises(
+            ValueError, match=r"eps must be at most 3.4028234663852886e\+38 .* for torch.float32 inputs.*got 1e\+39"):
+        dropout_add_layer_norm(x, r, w, b, 0.1, eps=1e39)
+
+
+def test_parameters_are_cast_to_the_inputs_dtype_before_the_float32_arithmetic():
+    """As the docstring says (it said they were cast to float32): a float32 weight of a bf16 call is rounded to
+    bf16 first, as layer_norm rounds it."""
+    x, r = randn(4, 64, dtype=torch.bfloat16, seed=1), randn(4, 64, dtype=torch.bfloat16, seed=2)
+    w, b = torch.full((64,), 1 + 2**-9), torch.full((64,), 2**-10)  # 1 + 2**-9 is 1.0 in bf16
+    got = dropout_add_layer_norm(x, r, w, b, 0.0)
+    torch.testing.assert_close(got, dropout_add_layer_norm(x, r, w.bfloat16(), b.bfloat16(), 0.0), rtol=0, atol=0)
+    y32 = layer_norm_ref(x.float() + r.float(), w.bfloat16().float(), b.bfloat16().float())
+    torch.testing.assert_close(got, y32.bfloat16(), rtol=0, atol=2**-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(4, 7), (2, 5, 33), (3, 300)])
 @pytest.mark.parametrize("affine", [True, False])

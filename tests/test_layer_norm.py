@@ -122,6 +122,25 @@ def test_a_row_whose_variance_overflows_is_nan_as_in_torch(backend, dtype, size)
     assert_close(grads[0][rest], dx_rest, dtype, f"{backend} dx of the other rows")
 
 
+EPS_PAST_FLOAT32 = r"eps must be at most 3.4028234663852886e\+38 .* for torch.float32 inputs.*got 1e\+39"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_largest_eps_float32_holds_gives_torchs_output_and_a_larger_one_is_refused(backend):
+    """An eps past float32's range became inf where the kernels add it, and every row NaN, where F.layer_norm
+    returns the bias. float64 inputs, computed in float64, take it."""
+    for dtype, eps in ((torch.float32, torch.finfo(torch.float32).max), (torch.float64, 1e39)):
+        x = randn(4, 8, dtype=dtype, seed=1, requires_grad=True)
+        w, b = (randn(8, dtype=dtype, seed=seed, requires_grad=True) for seed in (2, 3))
+        y, dy, grads = run(backend, x, w, b, eps)
+        y_ref, grads_ref = reference(x, w, b, dy, eps)
+        assert_close(y, y_ref, dtype, f"{backend} y, eps={eps}")
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            assert_close(g, g_ref, dtype, f"{backend} grad, eps={eps}")
+    with plugins.use_backend(layer_norm=backend), pytest.raises(ValueError, match=EPS_PAST_FLOAT32):
+        layer_norm(randn(4, 8), eps=1e39)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_gradcheck(backend):
     x = randn(3, 9, dtype=torch.float64, seed=8, shift=0.3, requires_grad=True)

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hetrain import nn as hnn
-from hetrain import ops
+from hetrain import ops, plugins
 
 X = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
 W = torch.rand(8, generator=torch.Generator().manual_seed(1)) + 0.5
@@ -23,6 +24,31 @@ def test_an_eps_that_is_no_finite_number_is_refused(name, eps):
     """A NaN passed the old ``eps < 0`` check and every output came back NaN."""
     with pytest.raises(ValueError, match=rf"hetrain.ops.{name}: eps must be a finite number >= 0, got"):
         NORMS[name](X, eps=eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["layer_norm", "dropout_add_layer_norm"])
+def test_an_eps_past_float32s_range_is_refused_where_the_kernels_add_it_in_float32(name, dtype):
+    """It became inf there and every row NaN, where F.layer_norm returns the bias."""
+    said = rf"hetrain.ops.{name}: eps must be at most 3.4028234663852886e\+38 .* for {dtype} inputs.*got 1e\+39"
+    with pytest.raises(ValueError, match=said):
+        NORMS[name](X.to(dtype), eps=1e39)
+    torch.testing.assert_close(NORMS[name](X.double(), eps=1e39), torch.zeros_like(X.double()))  # float64 takes it
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's NumPy warns as eps becomes inf
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_takes_an_eps_past_float32s_range_as_torch_does(dtype, backend):
+    """Its rstd is then 0, as F.rms_norm's: the output and gradients are torch's, so it is not refused."""
+    x, w = X.to(dtype, copy=True).requires_grad_(), W.to(dtype, copy=True).requires_grad_()  # X, W stay as they are
+    with plugins.use_backend(rms_norm=backend):
+        y = ops.rms_norm(x, w, 1e39)
+        grads = torch.autograd.grad(y.sum(), (x, w))
+    y_ref = F.rms_norm(x, (8,), w, 1e39)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for g, g_ref in zip(grads, torch.autograd.grad(y_ref.sum(), (x, w)), strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", list(NORMS))

@@ -153,9 +153,66 @@ def test_torch_func_grad_equals_autograds_and_nested_transforms_are_refused_nami
     torch.testing.assert_close(g, expected, rtol=0, atol=0)
     if op != "dropout":  # a second derivative has no kernel: said, not silently zero
         # (dropout_add_layer_norm draws its seed first, which hessian's vmap refuses before the op is reached)
-        said = "randomness" if op == "dropout_add_layer_norm" else rf"hetrain.ops.{op}: nested torch.func transforms"
+        said = "randomness" if op == "dropout_add_layer_norm" else rf"hetrain.ops.{op}: stacked derivative transforms"
         with pytest.raises(RuntimeError, match=said):
             torch.func.hessian(loss)(args[i])
+
+
+_BIAS64 = randn(H, dtype=torch.float64, seed=4)
+# Each op taking one sample x and a per-feature w, as (fused call, its torch reference): f(x, w).
+WEIGHTED = {
+    "layer_norm": (lambda x, w: ops.layer_norm(x, w, _BIAS64), lambda x, w: ops.layer_norm_ref(x, w, _BIAS64)),
+    "rms_norm": (lambda x, w: ops.rms_norm(x, w), lambda x, w: ops.rms_norm_ref(x, w)),
+    "bias_gelu": (lambda x, w: ops.bias_gelu(x, w, "tanh"), lambda x, w: ops.bias_gelu_ref(x, w, "tanh")),
+    "dropout_add_layer_norm": (lambda x, w: ops.dropout_add_layer_norm(x, x.cos(), w, _BIAS64, 0.0),
+                               lambda x, w: ops.dropout_add_layer_norm_ref(x, x.cos(), w, _BIAS64, None, 0.0)),
+}
+
+
+def _grad_of_vmap(f, w, xs):
+    return torch.func.grad(lambda v: torch.func.vmap(lambda x: f(x, v))(xs).sin().sum())(w)
+
+
+def _per_sample_grads(f, w, xs):
+    return torch.func.vmap(torch.func.grad(lambda v, x: f(x, v).sin().sum()), in_dims=(None, 0))(w, xs)
+
+
+FIRST_ORDER = {"grad(vmap)": _grad_of_vmap, "vmap(grad)": _per_sample_grads}
+STACKED = {
+    "grad(grad)": lambda f, w, xs: torch.func.grad(lambda v: torch.func.grad(
+        lambda u: f(xs[0], u).sin().sum())(v).sum())(w),
+    "hessian": lambda f, w, xs: torch.func.hessian(lambda v: f(xs[0], v).sin().sum())(w),
+    "jvp(grad)": lambda f, w, xs: torch.func.jvp(torch.func.grad(lambda v: f(xs[0], v).sin().sum()), (w,),
+                                                 (torch.ones_like(w),)),
+    "grad(vmap(grad))": lambda f, w, xs: torch.func.grad(lambda v: _per_sample_grads(f, v, xs).sum())(w),
+}
+
+
+def _samples():
+    return randn(3, 2, H, dtype=torch.float64, seed=1), randn(H, dtype=torch.float64, seed=3, shift=1.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("composition", list(FIRST_ORDER))
+@pytest.mark.parametrize("op", list(WEIGHTED))
+def test_grad_of_vmap_and_per_sample_gradients_match_torchs_in_float64(op, composition, backend):
+    """Both were refused as nested transforms, as a hessian is; they are first order: the op's backward runs once
+    per sample (torch's batching fallback), which its kernels compute."""
+    xs, w = _samples()
+    fused, reference = WEIGHTED[op]
+    with plugins.use_backend(**{op: backend}):
+        got = FIRST_ORDER[composition](fused, w, xs)
+    torch.testing.assert_close(got, FIRST_ORDER[composition](reference, w, xs), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("how", list(STACKED))
+@pytest.mark.parametrize("op", list(WEIGHTED))
+def test_stacked_derivative_transforms_are_refused_naming_the_op_and_its_reference(op, how):
+    """The backward kernels have no derivative: lifting the refusal, grad of grad came back silently wrong."""
+    xs, w = _samples()
+    said = rf"hetrain.ops.{op}: stacked derivative transforms .* not supported.* Use hetrain.ops.{op}_ref"
+    with pytest.raises(RuntimeError, match=said):
+        STACKED[how](WEIGHTED[op][0], w, xs)
 
 
 @pytest.mark.parametrize("op", OPS)

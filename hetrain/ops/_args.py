@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from hetrain.ops._op import compute_dtype
+
 
 def rows_input(op: str, x: object, what: str = "x") -> int:
     """The last dimension of ``x``, a floating tensor with at least one dimension."""
@@ -61,12 +63,23 @@ def is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool | torch.Tensor)
 
 
-def eps_value(op: str, eps: object) -> float:
-    """``eps`` as a float: a finite number >= 0. A NaN used to pass a ``< 0`` check and give NaN outputs."""
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def eps_value(op: str, eps: object, dtype: torch.dtype | None = None) -> float:
+    """``eps`` as a float: a finite number >= 0. A NaN used to pass a ``< 0`` check and give NaN outputs.
+
+    With ``dtype``, the input's, also finite in the dtype the kernels add it in (``compute_dtype``: float32 unless
+    float64): an eps past float32's range became inf there, and every row of a float32, bf16 or fp16 input NaN.
+    """
     # Comparisons, not math.isfinite: under torch.compile(dynamic=True) eps may be a symbolic float, which they guard
     # on and isfinite cannot trace (a graph break). NaN fails both.
     if not is_number(eps) or not 0 <= eps < math.inf:
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    if dtype is not None and compute_dtype(dtype) == torch.float32 and eps > _FLOAT32_MAX:
+        raise ValueError(f"{op}: eps must be at most {_FLOAT32_MAX!r} (torch.finfo(torch.float32).max) for {dtype} "
+                         f"inputs, whose statistics are computed in float32, got {eps!r}; pass a smaller eps, or "
+                         "float64 inputs")
     return float(eps)
 
 

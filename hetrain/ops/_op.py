@@ -19,8 +19,9 @@ of a small op's host time.
 
 Under a ``torch.func`` transform (grad, vjp, jacrev, vmap) the custom op runs, through a ``setup_context``-style
 Function (the form functorch requires) where a gradient is recorded: the dispatcher unwraps functorch's wrapper
-tensors, which a Triton kernel cannot read, before the body runs. A fused op's backward kernels have no derivative
-of their own, so nested transforms (hessian, grad of grad) and double backward (a gradient of a
+tensors, which a Triton kernel cannot read, before the body runs. First-order compositions with vmap (grad of vmap,
+per-sample gradients as vmap of grad) run so. A fused op's backward kernels have no derivative of their own, so
+stacked derivative transforms (hessian, grad of grad, jvp over grad) and double backward (a gradient of a
 gradient, ``create_graph=True``) raise naming the op and its torch reference, rather than torch's
 "no autograd formula" for an internal op, or a wrong result where gradients are computed in forward.
 Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``) is refused so too: the kernels
@@ -98,8 +99,8 @@ def _first_order(backward: Callable[..., Any], public: str, reference: str) -> C
         with torch.no_grad():
             out = backward(ctx, *grads)
         if _functorch_level() is not None:
-            # A torch.func transform runs backward with a graph whatever comes next; Op refuses nested
-            # transforms, so a first-order gradient without one is all that is asked here.
+            # A torch.func transform runs backward with a graph whatever comes next; Op refuses stacked
+            # derivative transforms, so a first-order gradient without one is all that is asked here.
             return out
         single = not isinstance(out, tuple)
         out = _first_order_only((out,) if single else out, (*grads, *ctx.saved_tensors), message)
@@ -111,6 +112,18 @@ def _first_order(backward: Callable[..., Any], public: str, reference: str) -> C
 def _functorch_level() -> int | None:
     """How many ``torch.func`` transforms wrap this call (None outside any)."""
     return torch._C._functorch.maybe_current_level()
+
+
+_DERIVATIVE_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
+def _stacks_derivatives() -> bool:
+    """Whether two or more of the ``torch.func`` transforms open take a derivative (grad, vjp, jacrev: Grad; jvp,
+    jacfwd: Jvp), as hessian, grad of grad or jvp of grad do: the op's backward would itself be differentiated,
+    which its kernels cannot be. vmap and functionalize levels take none: grad of vmap and vmap of grad are first
+    order."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return sum(level.key() in _DERIVATIVE_TRANSFORMS for level in stack) > 1
 
 
 _is_functorch_wrapper = torch._C._functorch.is_functorch_wrapped_tensor
@@ -273,10 +286,11 @@ class Op:
                         return self._python_autograd_after(exc, backend, device, args)
             return self._function.apply(*args)
         if route == "functorch" and self._functorch is not None and torch.is_grad_enabled():
-            if self._reference is not None and _functorch_level() > 1:
-                raise RuntimeError(f"hetrain.ops.{self._public}: nested torch.func transforms (hessian, grad of "
-                                   "grad, vmap over grad) are not supported: its backward kernels have no "
-                                   f"derivative or batching rule. Use {self._reference} inside them")
+            if self._reference is not None and _stacks_derivatives():
+                raise RuntimeError(f"hetrain.ops.{self._public}: stacked derivative transforms (hessian, grad of "
+                                   "grad, jvp or jacfwd over grad) are not supported: its backward kernels have no "
+                                   f"derivative. Use {self._reference} inside them; grad of vmap and vmap of grad "
+                                   "are supported")
             return self._functorch.apply(*args)
         # A graph, a tensor subclass, a functorch wrapper (under a transform without a gradient to record: every
         # backward op, which runs under no_grad), or a gradient the op has no formula for (the custom op names it).

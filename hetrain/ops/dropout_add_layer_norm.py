@@ -227,9 +227,11 @@ def dropout_add_layer_norm(
 
     ``x`` and ``residual`` share shape (any leading dims); of different float dtypes (a bf16 sublayer
     output under autocast beside a float32 residual) both are promoted as ``x + residual`` would be.
-    The arithmetic runs in float32 (float64 for float64). ``weight`` and ``bias`` are cast to that
-    dtype. Autocast casts nothing else, so the output has the dtype ``F.layer_norm(F.dropout(x) + residual)``
-    has under CPU autocast. With ``p == 0`` or ``training=False`` no random number is drawn and the result is
+    The arithmetic runs in float32 (float64 for float64), but ``weight`` and ``bias`` are first cast to the
+    inputs' (promoted) dtype, as :func:`hetrain.ops.layer_norm` casts them to ``x``'s: float32 parameters of a
+    bf16 call are rounded to bf16. Autocast casts nothing else, so the output has the dtype
+    ``F.layer_norm(F.dropout(x) + residual)`` has under CPU autocast. ``eps`` must be finite in float32 unless
+    the inputs are float64. With ``p == 0`` or ``training=False`` no random number is drawn and the result is
     ``layer_norm(x + residual)``. As for :func:`hetrain.ops.dropout`, a call with ``p > 0`` on CUDA tensors while
     a CUDA graph is being captured draws its seed inside the graph (read there by the triton and cuda backends).
     """
@@ -246,6 +248,6 @@ def dropout_add_layer_norm(
     weight, bias = _args.vector(name, "weight", weight, x), _args.vector(name, "bias", bias, x)
     p = _args.probability(name, p)
     p = p if training else 0.0
-    eps = _args.eps_value(name, eps)
+    eps = _args.eps_value(name, eps, x.dtype)
     seed = dropout_stream(x) if p > 0 else torch.zeros(2, dtype=torch.int64)
     return _dropout_add_layer_norm_fwd(x, residual, weight, bias, seed, p, eps)[0]

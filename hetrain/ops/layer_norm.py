@@ -159,10 +159,11 @@ def layer_norm(
     are cast to ``x``'s dtype. Autocast casts nothing here: a bf16 activation with float32 parameters
     gives bf16, a float32 one float32, as ``F.layer_norm`` under CPU autocast. (CUDA autocast runs
     ``F.layer_norm`` in float32 and returns float32; this op keeps the activation's dtype there too,
-    its statistics being float32 already.)
+    its statistics being float32 already.) ``eps`` must be finite in the accumulation dtype: at most
+    ``torch.finfo(torch.float32).max`` unless ``x`` is float64.
     """
     op = "hetrain.ops.layer_norm"
     _args.rows_input(op, x)
     weight, bias = _args.vector(op, "weight", weight, x), _args.vector(op, "bias", bias, x)
     # eps is checked here, not only by the C++ kernel: a fallback backend would return NaN instead.
-    return _layer_norm_fwd(x, weight, bias, _args.eps_value(op, eps))[0]
+    return _layer_norm_fwd(x, weight, bias, _args.eps_value(op, eps, x.dtype))[0]

@@ -9,8 +9,10 @@ case that fits in cache can exceed 100%. A variant run names its file after itse
 other than the C++ kernels: HETRAIN_PREFER, a pin, hetrain._C missing or stale) and leaves RESULTS.md alone. Each
 row records the backend its "hetrain" column ran, the header hetrain._C's load status. A case that raises is
 recorded with its error while the others run on, as is one whose backend cannot be resolved (a pin to a backend
-that does not serve the CPU); the run then exits with status 1 naming it. Until the run completes its
-result is kept in ``<name>.partial.json``: one cut short never replaces the day's complete file.
+that does not serve the CPU); the run then exits with status 1 naming it and leaves RESULTS.md alone. A setting of
+HETRAIN_BACKEND, HETRAIN_PREFER or HETRAIN_STRICT that hetrain.plugins cannot use is refused before the run. Until
+the run completes its result is kept in ``<name>.partial.json``: one cut short never replaces the day's complete
+file.
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ import torch
 import hetrain
 from benchmarks import report
 from benchmarks.cases import Case, backend_of, discover, extension_status
-from benchmarks.cli import error_text, exit_if_any_failed, out_dir, result_file, save_complete, save_partial
+from benchmarks.cli import (
+    check_backend_settings,
+    error_text,
+    exit_if_any_failed,
+    failed_cases,
+    out_dir,
+    result_file,
+    save_complete,
+    save_partial,
+)
 from benchmarks.timing import copy_bandwidth_gbs, interleaved_ms
 from hetrain import cpu_memory, plugins
 from hetrain.device_info import host_description
@@ -89,7 +100,7 @@ def _backends(cases: list[Case]) -> tuple[dict[str, str | None], dict[str, plugi
 
 def _measure(case: Case, quick: bool, copy_gbs: float, backend: str | None) -> dict:
     times = interleaved_ms(case.make(), rounds=2 if quick else 5, min_reps=3 if quick else 4,
-                           budget_s=0.3 if quick else 1.5)
+                           budget_s=0.3 if quick else 1.5, device="cpu")
     ours, moving = times["hetrain"], report.bandwidth_ms(times)
     fraction = report.copy_fraction(case.bytes_moved, moving, copy_gbs)
     return {
@@ -132,6 +143,7 @@ def main() -> None:
     parser.add_argument("--cpu-malloc", choices=["keep", "system"], default="keep",
                         help="host allocator of every column (hetrain.cpu_memory)")
     args = parser.parse_args()
+    check_backend_settings(parser)
 
     def path_of(result: dict) -> Path:
         return result_file(args.out, result["date"], "ops-cpu", "quick" if args.quick else None,
@@ -149,6 +161,8 @@ def main() -> None:
               f"C++ kernels ({CPP!r}; hetrain._C: {result['extension']}); RESULTS.md's CPU table left alone")
     elif args.quick or args.cpu_malloc != "keep":
         print("a variant run: RESULTS.md's CPU table shows full runs on the default allocator only, left alone")
+    elif failed_cases(result["rows"]):
+        print("a run with failed cases: RESULTS.md's CPU table shows runs whose every case was measured, left alone")
     elif args.out.resolve() == RESULTS.resolve():  # RESULTS.md shows benchmarks/results only
         report.write_results_md(args.out)
     exit_if_any_failed(result["rows"], path)

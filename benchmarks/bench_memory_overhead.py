@@ -29,7 +29,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hetrain
 from benchmarks.bench_train import Shape, build_model, make_batch, measured_on
-from benchmarks.cli import check_device, make_current, out_dir, positive_int, result_file, save_complete, save_partial
+from benchmarks.cli import (
+    check_backend_settings,
+    check_device,
+    make_current,
+    out_dir,
+    positive_int,
+    result_file,
+    save_complete,
+    save_partial,
+)
 from hetrain.callbacks.memory import MemoryProfiler
 from hetrain.device_info import result_card
 
@@ -207,6 +216,7 @@ def main() -> None:
                         help="torch threads (default: torch's); 1 keeps step times steady on a shared machine")
     args = parser.parse_args()
     device = check_device(parser, args.device)
+    check_backend_settings(parser)
     make_current(device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,9 @@ A quick run writes ``-ops-quick.json`` and one of some ops (``--ops``) ``-ops-su
 replaces the day's full run nor becomes the source of RESULTS.md's table. Until the run completes its result is
 kept in ``<name>.partial.json``, so one cut short never replaces the day's complete file either. Each row records
 the backend its "hetrain" column ran, the header hetrain._C's load status. A case that raises is recorded with
-its error while the others run on; the run then exits with status 1 naming it.
+its error while the others run on; the run then exits with status 1 naming it and leaves RESULTS.md alone. A
+setting of HETRAIN_BACKEND, HETRAIN_PREFER or HETRAIN_STRICT that hetrain.plugins cannot use is refused before
+the run.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import hetrain
 from benchmarks import report
 from benchmarks.cases import Case, backend_of, discover, extension_status
 from benchmarks.cli import (
+    check_backend_settings,
     check_device,
     error_text,
     exit_if_any_failed,
+    failed_cases,
     make_current,
     out_dir,
     positive_float,
@@ -56,7 +60,7 @@ QUICK_MEASURE_S = 0.3  # of a --quick run, unless --measure-s says otherwise
 BUDGET_REPS = 10**7
 
 
-def graph_ms(fn: Callable[[], object], measure_s: float) -> float | str:
+def graph_ms(fn: Callable[[], object], device: str, measure_s: float) -> float | str:
     """Median replay time of ``fn`` captured in a CUDA graph: the GPU time without Python's launch overhead."""
     try:
         with cuda_generator_restored_on_error():
@@ -69,13 +73,14 @@ def graph_ms(fn: Callable[[], object], measure_s: float) -> float | str:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), masks_fixed_in_cuda_graphs():  # GPU time: one mask replayed serves
                 fn()
-        return median_ms(graph.replay, min_reps=20, max_reps=BUDGET_REPS, budget_s=measure_s)
+        return median_ms(graph.replay, device=device, min_reps=20, max_reps=BUDGET_REPS, budget_s=measure_s)
     except Exception as exc:  # a call that syncs or allocates on the host cannot be captured
         return f"n/a ({type(exc).__name__})"
 
 
-def peak_mib(fn: Callable[[], object]) -> float | str:
-    if not torch.cuda.is_available():
+def peak_mib(fn: Callable[[], object], device: str) -> float | str:
+    """Peak GPU memory ``fn`` allocates beyond what was live; "n/a" on the CPU (a GPU host's CPU run included)."""
+    if torch.device(device).type != "cuda":
         return "n/a"
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -112,7 +117,7 @@ def run(device: str, quick: bool, measure_s: float | None = None, ops: set[str] 
     seconds per timing, by default MEASURE_S, or QUICK_MEASURE_S when ``quick``, which also times in three
     rounds taking turns: one slow spell on a shared machine is not the result. A case that raises is recorded
     with its error and the others still run."""
-    on_gpu = device.startswith("cuda")
+    on_gpu = torch.device(device).type == "cuda"
     copy_gbs = copy_bandwidth_gbs(device, megabytes=64 if quick else 1024)
     if measure_s is None:
         measure_s = QUICK_MEASURE_S if quick else MEASURE_S
@@ -141,7 +146,7 @@ def run(device: str, quick: bool, measure_s: float | None = None, ops: set[str] 
     for case, impls, row in measured if on_gpu else ():
         fresh_compiler()  # its compile baseline recompiles here: static for its own shapes, as in the first pass
         for impl, fn in impls.items():
-            row["graph_ms"][impl] = graph_ms(fn, measure_s)
+            row["graph_ms"][impl] = graph_ms(fn, device, measure_s)
         times = "  ".join(f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in row["graph_ms"].items())
         print(f"{case.op} {case.shape} {case.dtype} graph replay: {times}", flush=True)
         save(result)
@@ -151,16 +156,17 @@ def run(device: str, quick: bool, measure_s: float | None = None, ops: set[str] 
 def _measure(case: Case, impls: dict[str, Callable[[], object]], device: str, quick: bool, measure_s: float,
              copy_gbs: float) -> dict:
     """One case's row: per-call medians, back-to-back times and peaks; its graph replays come later."""
-    on_gpu = device.startswith("cuda")
+    on_gpu = torch.device(device).type == "cuda"
     row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "notes": case.notes,
            "backend": backend_of(case, device), "bytes_moved": case.bytes_moved, "ms": {},
            "back_to_back_ms": {}, "peak_mib": {},
            "graph_ms": {name: "n/a (not measured)" if on_gpu else "n/a (no CUDA)" for name in impls}}
     row["ms"] = interleaved_ms(impls, rounds=3 if quick else 1, min_reps=3 if quick else 20, budget_s=measure_s,
-                               max_reps=BUDGET_REPS)
+                               device=device, max_reps=BUDGET_REPS)
     for impl, fn in impls.items():
-        row["back_to_back_ms"][impl] = back_to_back_ms(fn, budget_s=measure_s / 3 if quick else measure_s)
-        row["peak_mib"][impl] = peak_mib(fn)
+        row["back_to_back_ms"][impl] = back_to_back_ms(fn, device=device,
+                                                       budget_s=measure_s / 3 if quick else measure_s)
+        row["peak_mib"][impl] = peak_mib(fn, device)
     ours = row["ms"]["hetrain"]
     row["speedup"] = {impl: ms / ours for impl, ms in row["ms"].items() if impl not in ("hetrain", "conv")}
     row["copy_fraction"] = report.copy_fraction(case.bytes_moved, report.bandwidth_ms(row["ms"]), copy_gbs)
@@ -188,6 +194,7 @@ def main() -> None:
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
     device = check_device(parser, args.device)
+    check_backend_settings(parser)
     make_current(device)
     ops = chosen_ops(parser, args.ops, device)
     subset = None if ops is None else "-".join(["subset", *sorted(ops)])
@@ -207,8 +214,10 @@ def main() -> None:
         print("\nthe two CUDA backends (C++ / Triton, geometric mean over each op's cases):\n" + backends)
     if args.quick or ops is not None:
         print("a quick or --ops run: not a source of RESULTS.md's GPU table, which shows full runs only")
+    elif failed_cases(result["rows"]):
+        print("a run with failed cases: RESULTS.md's GPU table shows runs whose every case was measured, left alone")
     # RESULTS.md shows benchmarks/results only: a run written elsewhere (gpu-check's --out) leaves it alone.
-    elif device.startswith("cuda") and args.out.resolve() == RESULTS.resolve():
+    elif torch.device(device).type == "cuda" and args.out.resolve() == RESULTS.resolve():
         report.write_gpu_results_md(args.out)
     exit_if_any_failed(result["rows"], path)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import hetrain
 from benchmarks.cases import with_cpp_kernels
 from benchmarks.cli import (
+    check_backend_settings,
     check_device,
     error_text,
     exit_if_any_failed,
@@ -95,7 +96,8 @@ def run(device: str, rounds: int = 5, save: Callable[[dict], None] = lambda resu
     rows = []
     for op, impls in cases(device).items():
         try:
-            ms = interleaved_ms(impls, rounds, min_reps=50, max_reps=400, budget_s=0.4 * rounds, warmup=(20, 3))
+            ms = interleaved_ms(impls, rounds, min_reps=50, max_reps=400, budget_s=0.4 * rounds, warmup=(20, 3),
+                                device=device)
         except Exception as exc:  # one op's kernel error must not lose the others' results
             rows.append({"op": op, "error": error_text(exc)})
             print(f"{op:24s} FAILED: {rows[-1]['error']}", file=sys.stderr, flush=True)
@@ -129,20 +131,21 @@ def main() -> None:
                         help=f"interleaved rounds, median across them; at least {MIN_ROUNDS}")
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
-    check_device(parser, args.device)
-    make_current(args.device)
+    device = check_device(parser, args.device)
+    check_backend_settings(parser)
+    make_current(device)
     rounds = args.rounds
     header = {"date": dt.date.today().isoformat(),
-              "device": device_name(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "hetrain": hetrain.__version__, "rounds": rounds,
               "shapes": {"rows": ROWS, "hidden": HIDDEN, "vocab": VOCAB}}
-    path = result_file(args.out, header["date"], result_card(args.device), "overhead",
+    path = result_file(args.out, header["date"], result_card(device), "overhead",
                        None if rounds == ROUNDS else f"rounds{rounds}")
 
     def save(result: dict) -> None:  # after every op, as <name>.partial.json: a run cut short keeps its ops
         save_partial(path, {**header, **result})
 
-    result = run(args.device, rounds, save)
+    result = run(device, rounds, save)
     save_complete(path, {**header, **result})
     print(table(result))
     print(f"wrote {path}")

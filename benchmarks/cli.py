@@ -1,6 +1,6 @@
 """Command-line pieces the benchmarks share: argument types that refuse values a run cannot use, the device
-check (and making the device current), result file names, writing a result as a run goes, and the record of a
-case that failed.
+check (and making the device current), the check of hetrain.plugins' environment settings, result file names,
+writing a result as a run goes, and the record of a case that failed.
 
 A mistyped number should end in one usage line naming the flag, not in a traceback after minutes of setup,
 nor in a run that quietly measures something else (a step count of -3 running one step).
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from hetrain import plugins
 from hetrain.checks.gpu_check import writable_directory
 
 
@@ -73,18 +74,34 @@ def out_dir(text: str) -> Path:
 
 
 def check_device(parser: argparse.ArgumentParser, device: str) -> str:
-    """``device`` if this machine can run on it; else ``parser.error`` says why and what to pass instead."""
+    """``device`` if this machine can run on it, an indexed CPU (``cpu:0``) as ``cpu``, the one CPU device there is;
+    else ``parser.error`` says why and what to pass instead."""
     try:
         kind = torch.device(device)
     except RuntimeError:
         parser.error(f"--device {device}: not a device; pass cpu or cuda")
-    if kind.type not in ("cpu", "cuda"):
+    if kind.type == "cpu":
+        return "cpu"
+    if kind.type != "cuda":
         parser.error(f"--device {device}: the benchmarks run on cpu or cuda")
-    if kind.type == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         parser.error(f"--device {device}: no GPU in use; pass --device cpu")
-    if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
+    if (kind.index or 0) >= torch.cuda.device_count():
         parser.error(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def check_backend_settings(parser: argparse.ArgumentParser) -> None:
+    """Refuses in one usage line a setting of hetrain.plugins' environment variables it cannot use (HETRAIN_BACKEND,
+    HETRAIN_PREFER, HETRAIN_STRICT: malformed, or naming no op or backend). Read at each op's first call, it failed
+    every case, and the run still wrote the day's result."""
+    try:
+        plugins.preferred()
+        plugins.strict()
+        for op in plugins.ops():
+            plugins.pinned(op)
+    except plugins.BackendError as exc:
+        parser.error(str(exc))
 
 
 def make_current(device: str) -> None:
@@ -148,10 +165,15 @@ def error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def failed_cases(rows: list[dict]) -> list[dict]:
+    """The rows of cases that raised (those with an ``"error"``)."""
+    return [r for r in rows if "error" in r]
+
+
 def exit_if_any_failed(rows: list[dict], path: Path) -> None:
     """Exits with status 1 naming each row with an ``"error"``: the other cases' results are kept in ``path``,
     but a check that runs the benchmark (hetrain.checks.gpu_check) must still see the failure."""
-    failed = [r for r in rows if "error" in r]
+    failed = failed_cases(rows)
     if failed:
         names = "; ".join(" ".join(str(r[k]) for k in ("op", "shape", "dtype") if k in r) + f": {r['error']}"
                           for r in failed)

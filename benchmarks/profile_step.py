@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -30,7 +29,16 @@ from torch.autograd.profiler_util import FunctionEvent
 
 import hetrain
 from benchmarks.bench_train import FULL, Mode, Shape, build_model, make_batch, train_step
-from benchmarks.cli import check_device, make_current, out_dir, positive_int, probability, result_file
+from benchmarks.cli import (
+    check_backend_settings,
+    check_device,
+    make_current,
+    out_dir,
+    positive_int,
+    probability,
+    result_file,
+    save_complete,
+)
 from hetrain.device_info import device_name, result_card
 
 RESULTS = Path(__file__).parent / "results"
@@ -146,7 +154,7 @@ def profile(shape: Shape, device: str, bf16: bool, steps: int = 3) -> dict:
     step = train_step(model, mode, make_batch(shape, device), torch.device(device).type)
     for _ in range(2):
         step()
-    cuda = device.startswith("cuda")
+    cuda = torch.device(device).type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
@@ -204,22 +212,23 @@ def main() -> None:
     parser.add_argument("--steps", type=positive_int, default=STEPS, help="profiled steps, after two warm-up steps")
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
-    kind = torch.device(check_device(parser, args.device)).type
-    make_current(args.device)
-    default_shape = "base" if kind == "cuda" else "recipe"
+    device = check_device(parser, args.device)
+    check_backend_settings(parser)
+    make_current(device)
+    default_shape = "base" if torch.device(device).type == "cuda" else "recipe"
     shape_name = args.shape or default_shape
     shape = dataclasses.replace(SHAPES[shape_name], attention_dropout=args.attention_dropout)
-    result = profile(shape, args.device, args.bf16, args.steps)
+    result = profile(shape, device, args.bf16, args.steps)
     print(table(result))
-    record = {"date": dt.date.today().isoformat(), "device": device_name(args.device),
+    record = {"date": dt.date.today().isoformat(), "device": device_name(device),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "hetrain": hetrain.__version__,
               "shape": shape_name, "attention_dropout": shape.attention_dropout, "bf16": args.bf16,
               "steps": args.steps, **result}
-    path = result_file(args.out, record["date"], result_card(args.device), "step-profile",
+    path = result_file(args.out, record["date"], result_card(device), "step-profile",
                        None if shape_name == default_shape else shape_name, "bf16" if args.bf16 else None,
                        None if args.attention_dropout is None else f"attn{args.attention_dropout:g}",
                        None if args.steps == STEPS else f"steps{args.steps}")
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    save_complete(path, record)
     print(f"wrote {path}")
 
 

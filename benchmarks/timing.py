@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -10,10 +11,23 @@ from collections.abc import Callable, Iterator
 import torch
 
 
-def median_ms(fn: Callable[[], object], warmup: int = 3, min_reps: int = 10, max_reps: int = 50,
-              budget_s: float = 1.5) -> float:
-    """Median wall time of ``fn`` in ms (CUDA-synchronised when a GPU is in use)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+def no_sync() -> None:
+    """What waiting for CPU work takes: nothing, it has ended when its call returns."""
+
+
+def synchronizer(device: str | torch.device) -> Callable[[], None]:
+    """What waits for the work ``fn`` queued on ``device``: that GPU's synchronize on CUDA, nothing on the CPU. Chosen
+    by the device timed, not by whether the machine has a GPU: on a GPU host a CPU timing would otherwise wait for
+    the whole device after every call, and count it."""
+    if torch.device(device).type == "cuda":
+        return functools.partial(torch.cuda.synchronize, device)
+    return no_sync
+
+
+def median_ms(fn: Callable[[], object], *, device: str | torch.device, warmup: int = 3, min_reps: int = 10,
+              max_reps: int = 50, budget_s: float = 1.5) -> float:
+    """Median wall time of ``fn`` in ms, each call waited for on ``device`` (the device ``fn`` runs on)."""
+    sync = synchronizer(device)
     for _ in range(warmup):
         fn()
     sync()
@@ -27,25 +41,28 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, min_reps: int = 10, max
     return statistics.median(times)
 
 
-def interleaved_ms(impls: dict[str, Callable[[], object]], rounds: int, min_reps: int, budget_s: float,
-                   max_reps: int = 50, warmup: tuple[int, int] = (3, 1)) -> dict[str, float]:
+def interleaved_ms(impls: dict[str, Callable[[], object]], rounds: int, min_reps: int, budget_s: float, *,
+                   device: str | torch.device, max_reps: int = 50,
+                   warmup: tuple[int, int] = (3, 1)) -> dict[str, float]:
     """Each implementation's :func:`median_ms` over ``rounds`` in which they take turns, then the median of its
     round medians: on a shared machine a slow spell then hits every column alike instead of one column's whole
     window, and one slow round of three is left out. ``budget_s`` per implementation, split over the rounds;
-    ``warmup``: untimed calls in the first round and in each later one."""
+    ``warmup``: untimed calls in the first round and in each later one; ``device``: the one they run on."""
     per_round: dict[str, list[float]] = {name: [] for name in impls}
     for r in range(rounds):
         for name, fn in impls.items():
-            per_round[name].append(median_ms(fn, warmup=warmup[r > 0], min_reps=min_reps, max_reps=max_reps,
-                                             budget_s=budget_s / rounds))
+            per_round[name].append(median_ms(fn, device=device, warmup=warmup[r > 0], min_reps=min_reps,
+                                             max_reps=max_reps, budget_s=budget_s / rounds))
     return {name: statistics.median(ms) for name, ms in per_round.items()}
 
 
-def back_to_back_ms(fn: Callable[[], object], budget_s: float = 1.0, rounds: int = 5) -> float:
+def back_to_back_ms(fn: Callable[[], object], *, device: str | torch.device, budget_s: float = 1.0,
+                    rounds: int = 5) -> float:
     """Time per call of ``fn`` called back to back, synchronised only around each round: what a training loop
     sees, where the host queues the next call while the GPU runs this one (max of host and GPU time per call),
-    unlike :func:`median_ms`, which waits for every call. Median over ``rounds``."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    unlike :func:`median_ms`, which waits for every call. Median over ``rounds``; ``device``: the one ``fn`` runs
+    on."""
+    sync = synchronizer(device)
     fn()
     sync()
     t0 = time.perf_counter()
@@ -66,7 +83,7 @@ def copy_bandwidth_gbs(device: str = "cpu", megabytes: int = 256) -> float:
     """GB/s of a large tensor copy on ``device``, read plus write: the ceiling of a memory-bound kernel."""
     src = torch.randn(megabytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), min_reps=10)
+    ms = median_ms(lambda: dst.copy_(src), device=device, min_reps=10)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 

@@ -7,6 +7,7 @@ neither overwrites the day's full run nor becomes the source of RESULTS.md's tab
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -32,9 +33,11 @@ from benchmarks import (
     bench_train,
     profile_step,
     report,
+    timing,
 )
 from benchmarks.cases import Case
-from benchmarks.cli import partial_file, save_complete, save_partial
+from benchmarks.cli import check_device, partial_file, save_complete, save_partial
+from hetrain.cpu_memory import CpuMallocSetting
 from hetrain.device_info import result_card
 
 
@@ -240,7 +243,7 @@ def test_an_op_case_that_raises_is_recorded_the_others_run_on_and_the_run_fails(
     monkeypatch.setattr(bench_ops, "discover", fake_op_cases)
     monkeypatch.setattr(bench_ops, "copy_bandwidth_gbs", lambda *args, **kwargs: 1.0)
     monkeypatch.setattr(bench_ops, "interleaved_ms", once_each)
-    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, budget_s: fn() and 1.0)
+    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, device, budget_s: fn() and 1.0)
     with pytest.raises(SystemExit) as exit_:
         run_main(bench_ops, ["--device", "cpu", "--quick", "--out", str(tmp_path)], monkeypatch)
     (path,) = tmp_path.glob("*-cpu-ops-quick.json")
@@ -275,7 +278,7 @@ def test_quick_honours_an_explicit_measure_s_and_falls_back_to_its_own_otherwise
     budgets = []
     monkeypatch.setattr(bench_ops, "interleaved_ms", lambda impls, rounds, **kw: budgets.append(kw["budget_s"])
                         or dict.fromkeys(impls, 1.0))
-    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, budget_s: 1.0)
+    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, device, budget_s: 1.0)
     monkeypatch.setattr(bench_ops, "chosen_ops", lambda *args: {"ok_op"})  # a subset run: RESULTS.md left alone
     for i, (argv, expected) in enumerate(((["--quick", "--measure-s", "1.5"], 1.5),
                                           (["--quick"], bench_ops.QUICK_MEASURE_S),
@@ -323,6 +326,115 @@ def test_making_the_cpu_or_a_bare_cuda_current_touches_no_gpu():
     if not torch.cuda.is_available():
         make_current("cuda")  # the current device already: nothing to set, so no error either without a GPU
     assert torch.cuda.is_initialized() == initialised
+
+
+@pytest.mark.parametrize(("module", "device_arg"), [(bench_ops, 0), (bench_overhead, 0), (profile_step, 1),
+                                                   (bench_train, 0), (bench_memory_overhead, 0), (bench_loader, 7)])
+def test_an_indexed_cpu_device_runs_as_the_cpu(module, device_arg, monkeypatch, tmp_path):
+    """--device cpu:0 was taken as it was written, and compared with "cpu" it was no CPU: bench_train recorded a TF32
+    row and ran 16-mixed's GradScaler on the CPU, bench_memory_overhead crashed in Lightning."""
+    made, timed_on = [], []
+    monkeypatch.setattr(module, "make_current", made.append)
+
+    def timed(*args, **kwargs):
+        timed_on.append(args[device_arg])
+        raise Stop
+
+    monkeypatch.setattr(module, TIMED[module], timed)
+    with pytest.raises(Stop):
+        run_main(module, ["--device", "cpu:0", "--out", str(tmp_path)], monkeypatch)
+    assert made == timed_on == ["cpu"]
+
+
+def test_a_benchmark_compares_the_devices_type_not_its_name():
+    parser = argparse.ArgumentParser()
+    assert check_device(parser, "cpu:0") == "cpu"
+    tf32 = next(m for m in bench_train.MODES if m.name == "tf32")
+    assert bench_train.skip_reason(tf32, "cpu:0", None) == bench_train.skip_reason(tf32, "cpu", None) is not None
+
+
+PLUGIN_SETTINGS = [
+    ("HETRAIN_PREFER", "nosuch", "HETRAIN_PREFER='nosuch': a preferred backend 'nosuch' is registered for no op"),
+    ("HETRAIN_BACKEND", "layer_norm:torch", "cannot read HETRAIN_BACKEND='layer_norm:torch': expected 'op=backend"),
+    ("HETRAIN_BACKEND", "nosuch=torch", "a pin names op 'nosuch', which no backend registers"),
+    ("HETRAIN_STRICT", "2", "cannot read HETRAIN_STRICT='2'"),
+]
+
+
+@pytest.mark.parametrize("module", [bench_cpu, bench_ops, bench_overhead, bench_train, bench_memory_overhead,
+                                    profile_step, bench_embedding])
+@pytest.mark.parametrize(("variable", "value", "message"), PLUGIN_SETTINGS)
+def test_a_backend_setting_the_plugins_cannot_use_is_refused_before_the_run(module, variable, value, message,
+                                                                             monkeypatch, capsys, tmp_path):
+    """HETRAIN_PREFER=nosuch failed every case of bench_cpu, which still wrote the day's result (and RESULTS.md's
+    table from it); a malformed HETRAIN_BACKEND ended in a traceback."""
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setattr(module, TIMED[module], never_runs)
+    argv = [] if module in (bench_cpu, bench_embedding) else ["--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:
+        run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_a_gpu_op_run_with_a_failed_case_leaves_results_md_alone(monkeypatch, tmp_path, capsys):
+    failed = {**GPU_RESULT, "rows": [*GPU_RESULT["rows"], {"op": "rms_norm", "shape": "16384x768",
+                                                            "dtype": "bfloat16", "error": "RuntimeError: launch"}]}
+    monkeypatch.setattr(bench_ops, "check_device", lambda parser, device: "cuda")  # a full run on a GPU
+    monkeypatch.setattr(bench_ops, "make_current", lambda device: None)
+    monkeypatch.setattr(bench_ops, "result_card", lambda device: "nvidia-h200")
+    monkeypatch.setattr(bench_ops, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_ops, "run", lambda *args, **kwargs: failed)
+    monkeypatch.setattr(report, "write_gpu_results_md", never_runs)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(bench_ops, ["--out", str(tmp_path)], monkeypatch)
+    assert "1 of 2 cases failed (rms_norm 16384x768 bfloat16: RuntimeError: launch)" in str(exit_.value.code)
+    assert "a run with failed cases: RESULTS.md's GPU table" in capsys.readouterr().out
+
+
+def test_a_cpu_timing_never_waits_for_a_gpu():
+    """On a GPU host every CPU timing (bench_cpu, bench_embedding, bench_overhead --device cpu) waited for the whole
+    GPU after each call: the wait was chosen by torch.cuda.is_available(), not by the device timed."""
+    assert timing.synchronizer("cpu") is timing.synchronizer("cpu:0") is timing.no_sync
+    on_gpu = timing.synchronizer("cuda:1")  # built, not called: no GPU needed
+    assert on_gpu.func is torch.cuda.synchronize and on_gpu.args == ("cuda:1",)
+
+
+def doubling_impls() -> dict:
+    return {"eager": lambda: 2 * 2, "compile": lambda: 2 * 2, "hetrain": lambda: 2 * 2}
+
+
+def test_each_timing_waits_as_the_device_it_times_needs(monkeypatch):
+    waited_for = []
+
+    def synchronizer(device):
+        waited_for.append(device)
+        return timing.no_sync
+
+    monkeypatch.setattr(timing, "synchronizer", synchronizer)
+    timing.median_ms(lambda: None, device="cpu", warmup=1, min_reps=1, max_reps=1)
+    timing.back_to_back_ms(lambda: None, device="cuda:1", budget_s=1e-3, rounds=1)
+    timing.copy_bandwidth_gbs("cpu", megabytes=1)
+    assert waited_for == ["cpu", "cuda:1", "cpu"]
+
+
+def test_the_cpu_benchmarks_time_on_the_cpu(monkeypatch):
+    devices = []
+
+    def interleaved(impls, *, device, **kwargs):
+        devices.append(device)
+        return dict.fromkeys(impls, 1.0)
+
+    monkeypatch.setattr(bench_cpu, "discover", lambda kind: [Case("op", "8", "float32", doubling_impls, 8)])
+    monkeypatch.setattr(bench_cpu, "copy_bandwidth_gbs", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(bench_cpu, "interleaved_ms", interleaved)
+    bench_cpu.run(quick=True)
+    monkeypatch.setattr(bench_embedding, "cpu_memory", host_memory_giving(KEPT, []))
+    monkeypatch.setattr(bench_embedding, "table_step", lambda *args: None)
+    monkeypatch.setattr(bench_embedding, "median_ms", lambda step, *, device, **kwargs: devices.append(device) or 1.0)
+    bench_embedding.run(quick=True)
+    assert len(devices) > 1 and set(devices) == {"cpu"}
 
 
 @pytest.mark.parametrize(("module", "timed", "result", "argv", "name"), [
@@ -398,7 +510,7 @@ def test_quick_op_bench_takes_turns_over_three_rounds_and_records_what_it_measur
     monkeypatch.setattr(bench_ops, "discover", fake_conv_case)
     monkeypatch.setattr(bench_ops, "copy_bandwidth_gbs", lambda *args, **kwargs: 10.0)
     monkeypatch.setattr(bench_ops, "interleaved_ms", timed)
-    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, budget_s: 1.0)
+    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, device, budget_s: 1.0)
     result = bench_ops.run("cpu", quick=True)
     assert seen == [(3, bench_ops.QUICK_MEASURE_S)] and result["measure_s"] == bench_ops.QUICK_MEASURE_S
     assert result["device"].startswith("cpu (") and "threads" in result["device"]  # the model, not just "cpu"
@@ -421,7 +533,7 @@ def test_an_op_bench_timing_runs_for_its_measure_s_however_fast_the_op(monkeypat
     monkeypatch.setattr(bench_ops, "discover", lambda *args, **kwargs: [
         Case("fake", "1ms", "float32", lambda: {"hetrain": one_ms_op}, 1)])
     monkeypatch.setattr(bench_ops, "copy_bandwidth_gbs", lambda *args, **kwargs: 1.0)
-    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, budget_s: 1.0)
+    monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, device, budget_s: 1.0)
     result = bench_ops.run("cpu", quick=False, measure_s=2.0)
     assert result["measure_s"] == 2.0 and clock["calls"] >= 2000 + 3  # the 2 s budget after 3 warm-up calls
 
@@ -437,23 +549,56 @@ def test_interleaved_rounds_take_turns_and_their_median_leaves_one_slow_round_ou
         return next(slow_round)
 
     monkeypatch.setattr(timing, "median_ms", fake_median)
-    assert timing.interleaved_ms({"a": "a", "b": "b"}, rounds=3, min_reps=1, budget_s=1.0) == {"a": 1.0, "b": 2.0}
+    assert timing.interleaved_ms({"a": "a", "b": "b"}, rounds=3, min_reps=1, budget_s=1.0,
+                                 device="cpu") == {"a": 1.0, "b": 2.0}
     assert calls == ["a", "b"] * 3
 
 
-def test_quick_embedding_bench_runs_two_rounds_each_allocator_first_once(monkeypatch):
-    order = []
+def host_memory_giving(keep: CpuMallocSetting, order: list[str]):
+    """cpu_memory.host_memory as a machine gives it whose "keep" setting comes out as ``keep``."""
 
     @contextlib.contextmanager
     def host_memory(allocator):
         order.append(allocator)
-        yield
+        yield keep if allocator == "keep" else CpuMallocSetting(False, "system (as configured)")
 
-    monkeypatch.setattr(bench_embedding, "cpu_memory", SimpleNamespace(host_memory=host_memory))
+    return SimpleNamespace(host_memory=host_memory)
+
+
+KEPT = CpuMallocSetting(True, "keep (freed blocks of 32 MiB or more reused, up to 1 GiB kept)")
+
+
+def test_quick_embedding_bench_runs_two_rounds_each_allocator_first_once(monkeypatch):
+    order = []
+    monkeypatch.setattr(bench_embedding, "cpu_memory", host_memory_giving(KEPT, order))
     monkeypatch.setattr(bench_embedding, "table_step", lambda *args: None)
     monkeypatch.setattr(bench_embedding, "median_ms", lambda *args, **kwargs: 1.0)
     bench_embedding.run(quick=True)
-    assert order == ["system", "keep", "keep", "system"] * 2  # per batch shape
+    # Each applied once to record its setting, then per batch shape.
+    assert order == ["system", "keep"] + ["system", "keep", "keep", "system"] * 2
+
+
+def test_an_embedding_run_records_each_allocators_setting_and_saves_each_batch_as_it_ends(monkeypatch):
+    monkeypatch.setattr(bench_embedding, "cpu_memory", host_memory_giving(KEPT, []))
+    monkeypatch.setattr(bench_embedding, "table_step", lambda *args: None)
+    monkeypatch.setattr(bench_embedding, "median_ms", lambda *args, **kwargs: 1.0)
+    saved = []
+    result = bench_embedding.run(quick=True, save=lambda r: saved.append(json.loads(json.dumps(r))))
+    assert result["allocator_settings"] == {
+        "system": {"description": "system (as configured)", "applied": False},
+        "keep": {"description": KEPT.description, "applied": True}}
+    assert [[row["ids"] for row in s["rows"]] for s in saved] == [[[32, 128]], [[32, 128], [32, 512]]]
+
+
+def test_an_embedding_run_whose_kept_blocks_are_not_applied_is_refused_before_it_times(monkeypatch):
+    """Without hetrain._C the "keep" column ran on torch's allocator: ratios of torch's allocator to itself."""
+    absent = CpuMallocSetting(False, "system (hetrain's CPU allocator is absent: hetrain._C is not built)")
+    monkeypatch.setattr(bench_embedding, "cpu_memory", host_memory_giving(absent, []))
+    monkeypatch.setattr(bench_embedding, "table_step", never_runs)
+    with pytest.raises(SystemExit) as exit_:
+        bench_embedding.run(quick=True)
+    assert "hetrain's kept host blocks are not in use here" in str(exit_.value.code)
+    assert absent.description in str(exit_.value.code)
 
 
 def test_a_short_runs_skip_reason_names_short():
@@ -550,6 +695,7 @@ TRAIN = {"date": "2030-01-02", "rows": [], "placement": [], "target_met": None}
     (bench_memory_overhead, MEMORY, ["--device", "cpu"]),
     (bench_loader, {"rows": []}, []),
     (bench_overhead, {"rows": []}, ["--device", "cpu"]),
+    (bench_embedding, {"date": "2030-01-02", "rows": []}, []),
 ])
 def test_a_rerun_cut_short_keeps_its_progress_apart_and_the_complete_file_as_it_was(module, result, argv,
                                                                                     monkeypatch, tmp_path):

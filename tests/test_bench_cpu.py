@@ -86,6 +86,20 @@ def test_results_md_marks_a_failed_case_and_charts_only_the_measured_ones(three_
     assert [[row["op"] for row in rows] for rows in charted] == [["first_op", "last_op"]]
 
 
+def test_a_full_run_with_a_failed_case_leaves_results_md_alone(three_cases_one_failing, monkeypatch, tmp_path,
+                                                                capsys):
+    """A run where 13 of 14 cases failed (HETRAIN_PREFER=nosuch) regenerated RESULTS.md's CPU table from itself."""
+    monkeypatch.setattr(bench_cpu, "RESULTS", tmp_path)  # the default --out: the run RESULTS.md would show
+    monkeypatch.setattr(report, "write_results_md", lambda *args: pytest.fail("RESULTS.md regenerated"))
+    monkeypatch.setattr(sys, "argv", ["bench_cpu"])
+    with pytest.raises(SystemExit) as exit_:
+        bench_cpu.main()
+    assert "1 of 3 cases failed (bad_op 8x8 float32" in str(exit_.value.code)
+    assert "a run with failed cases: RESULTS.md's CPU table" in capsys.readouterr().out
+    (path,) = tmp_path.glob("*.json")  # the measured cases are kept all the same
+    assert path.name.endswith("-ops-cpu.json") and len(json.loads(path.read_text())["rows"]) == 3
+
+
 def interrupted() -> dict:
     """A case whose hetrain column is stopped as Ctrl-C (or gpu-check's time cap) stops a run."""
 

@@ -83,6 +83,45 @@ def test_a_mode_that_fails_is_recorded_and_the_others_still_run(monkeypatch) -> 
         assert rows[("bf16-mixed", fused)]["ms"] > 0 and "failed" not in rows[("bf16-mixed", fused)]
 
 
+def test_a_run_with_a_failed_mode_keeps_the_others_exits_non_zero_and_says_the_mode_failed(monkeypatch, tmp_path,
+                                                                                           capsys) -> None:
+    """A failed mode exited 0, so gpu-check recorded bench-train as passed, and the verdict called it skipped."""
+    import benchmarks.bench_train as bench
+
+    def step(model, mode, batch, device_type):
+        def fails() -> None:
+            raise RuntimeError("inductor: compilation failed")
+
+        return fails if mode.name == "bf16-mixed" else lambda: None
+
+    monkeypatch.setattr(bench, "train_step", step)
+    monkeypatch.setattr(bench, "run_placement", lambda shape, quick: [])  # not what this is about
+    monkeypatch.setattr(sys, "argv", ["bench_train", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    (path,) = tmp_path.glob("*-cpu-train-quick.json")
+    assert str(exit_.value.code) == (
+        "2 of 15 rows failed (bf16-mixed fused=True: RuntimeError: inductor: compilation failed; bf16-mixed "
+        f"fused=False: RuntimeError: inductor: compilation failed); the others' results are in {path}")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["mode"] for r in rows if r.get("failed")] == ["bf16-mixed"] * 2
+    assert all(r["ms"] is not None for r in rows if r["mode"] == "fp32")
+    assert ("met: not measured: fused bf16 failed and bf16 + torch.compile was skipped in this run"
+            in capsys.readouterr().out)
+
+
+def test_the_verdict_names_a_failed_baseline_as_failed() -> None:
+    from benchmarks.bench_train import BASELINE, target_verdict
+
+    def row(mode: str, fused: bool, **state) -> dict:
+        return {"section": "precision", "mode": mode, "fused": fused, "kernels": None, "skipped": None, **state}
+
+    rows = [row("bf16-mixed", True, ms=3.0), row(*BASELINE, ms=None, failed="RuntimeError: inductor")]
+    assert target_verdict({"target_met": None, "rows": rows}) == (
+        "not measured: bf16 + torch.compile failed in this run (see the summary above)")
+    assert target_verdict({"target_met": True, "rows": rows}) == "True"
+
+
 def test_each_section_is_saved_as_it_ends(monkeypatch) -> None:
     # A GPU run stopped at its time limit keeps the sections it finished.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -385,6 +385,8 @@ def test_every_step_runs_without_the_triton_interpreter_unless_it_asks_for_it(tm
     (["--out", "{file}/results"], "argument --out: {file}/results: not a writable directory (Not a directory)"),
     (["--cap", "env=²"], "--cap wants STEP=SECONDS with STEP one of"),  # "²".isdigit(), which float refuses
     (["--only", "env", "--skip", "env"], "--skip env takes out every step selected: nothing would run"),  # passed
+    (["--budget-s", "5"], f"--budget-s 5: under the {gpu_check.MIN_STEP_S} s a step is given at least, so no step "
+                          "would run"),  # every step skipped, and the check passed
 ])
 def test_arguments_the_check_cannot_use_end_in_one_line_before_any_step(args, message, check, tmp_path, capsys):
     """A file or an unwritable path as --out, or a cap that is no number, ended in a traceback."""

@@ -408,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{DEFAULT_STEP_TIMEOUT_S} s (higher or lower), so one slow step leaves time to the "
                              "later ones")
     args = parser.parse_args(argv)
+    if args.budget_s is not None and args.budget_s < MIN_STEP_S:  # every step would be skipped, and the check pass
+        parser.error(f"--budget-s {args.budget_s:g}: under the {MIN_STEP_S} s a step is given at least, so no step "
+                     f"would run; give at least {MIN_STEP_S} s, or leave --budget-s out for no budget")
     names = {s.name for s in steps(args.quick, args.out)}
     only = parse_names(args.only, names, "--only") if args.only is not None else None
     skip = parse_names(args.skip, names, "--skip")

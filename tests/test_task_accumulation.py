@@ -137,6 +137,42 @@ def test_a_loader_without_a_plan_warns_and_falls_back_to_batch_means():
         torch.testing.assert_close(grad, naive[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+class EveryWindow(pl.Callback):
+    """Keeps each optimizer step's batches, the weights it started from and the gradients it applies."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[torch.nn.Module, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = []
+        self._batches: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._batches:
+            self._weights = copy.deepcopy(pl_module.model)
+        self._batches.append({k: v.clone() for k, v in batch.items()})
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters()}
+        self.steps.append((self._weights, self._batches, grads))
+        self._batches = []
+
+
+def test_a_loader_without_a_plan_weighs_the_batches_of_a_short_last_window_as_a_whole_one():
+    """A batch sampler of no fixed batch size gives no plan: the epoch's last window, of one batch where k is 2, stepped
+    with half its batch mean's gradient (Lightning divides by k whatever the window holds)."""
+    dataset = SyntheticSequences(12, min_len=4, max_len=30, vocab_size=64, num_classes=4, seed=5)
+    loader = DataLoader(dataset, batch_sampler=[[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10, 11]], collate_fn=pad_collate)
+    task, windows = _task(3), EveryWindow()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[windows])
+    with pytest.warns(UserWarning, match="does not say ahead how many samples"):
+        trainer.fit(task, train_dataloaders=loader)
+    assert [len(batches) for _, batches, _ in windows.steps] == [2, 1]
+    for weights, batches, grads in windows.steps:
+        naive = _grads(weights, batches, weigh_batches_equally=True)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, naive[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("replicas", [1, 3])
 def test_step_items_count_what_every_rank_takes_at_each_step(replicas):
     lengths = np.random.default_rng(0).integers(1, 50, 203)

@@ -10,6 +10,7 @@ ahead (hetrain's token-budget sampler, or a DataLoader of fixed batch size) says
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,17 @@ def step_items(loader: Any, world_size: int, resumed_batches: int = 0) -> np.nda
     return None
 
 
+def _share_of_batch_means(trainer: pl.Trainer, batch_idx: int, batch_items: int) -> float:
+    """The factor for a window's mean of batch means: Lightning divides each batch's loss by k, but the epoch's last
+    window may hold fewer batches (``num_training_batches``, where the loader has a length, says how many); without
+    one, or past it, the batch mean."""
+    k, batches = trainer.accumulate_grad_batches, trainer.num_training_batches
+    if math.isinf(batches) or batch_idx >= batches:
+        return 1.0 / batch_items
+    start = batch_idx // k * k
+    return k / ((min(start + k, int(batches)) - start) * batch_items)
+
+
 class WindowNormaliser:
     """The factor that turns a batch's summed loss into its share of the window's mean loss."""
 
@@ -65,11 +77,11 @@ class WindowNormaliser:
                 rank_zero_warn(
                     f"hetrain: the training loader ({type(loader).__name__}) does not say ahead how many samples "
                     f"each step holds, so with accumulate_grad_batches={k} on {ranks} rank(s) each batch's loss "
-                    "is its mean and batches weigh equally whatever their size. For exact accumulation use a "
-                    "TokenBudgetBatchSampler (the ring loader) or a DataLoader with a fixed batch_size."
+                    "is its mean and a window's batches weigh equally whatever their size. For exact accumulation "
+                    "use a TokenBudgetBatchSampler (the ring loader) or a DataLoader with a fixed batch_size."
                 )
                 self._warned = True
-            return 1.0 / batch_items
+            return _share_of_batch_means(trainer, batch_idx, batch_items)
         start = batch_idx // k * k  # Lightning steps after batches k-1, 2k-1, ... and after the epoch's last
         # The epoch's last batch is the plan's, or the one limit_train_batches cuts it at (the window ends there).
         end = min(start + k, trainer.num_training_batches)

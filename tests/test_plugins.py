@@ -224,6 +224,23 @@ def test_entry_point_backend_from_an_installed_distribution(tmp_path):
     assert out.stdout.strip() == "acme"
 
 
+def test_a_triton_that_fails_to_import_leaves_its_backend_unavailable_and_the_cpu_kernels_running(tmp_path):
+    """A Triton raising RuntimeError at import (no driver) stopped `import hetrain` itself, CPU training included."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text('raise RuntimeError("0 active drivers ([]). There should only '
+                                                     'be one.")\n')
+    code = ("import torch, hetrain; from hetrain import plugins; "
+            "print(next(b for b in plugins.backends('layer_norm') if b.name == 'triton').why_unavailable()); "
+            "print(plugins.select('layer_norm', 'cpu').name, hetrain.ops.layer_norm(torch.randn(2, 3)).shape)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    reason, selected = out.stdout.strip().splitlines()
+    assert reason == "triton failed to import (RuntimeError: 0 active drivers ([]). There should only be one.)"
+    assert selected == "cpu torch.Size([2, 3])"
+
+
 def test_every_fused_call_runs_in_a_named_profiler_range():
     import torch
 

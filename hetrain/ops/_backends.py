@@ -25,10 +25,15 @@ def triton_interpreting() -> bool:
 
 
 def _import_triton_module(name: str) -> ModuleType | str:
+    """The kernels' module, or why it cannot be imported. Any error, not only ImportError: a Triton that finds no
+    driver raises RuntimeError, one lacking an attribute the kernels use AttributeError, and either must leave the
+    Triton backend unavailable with its reason, not stop ``import hetrain`` on a machine the C++ kernels serve."""
     try:
         return importlib.import_module(name)
     except ImportError as exc:
         return f"triton is not importable ({exc})"
+    except Exception as exc:
+        return f"triton failed to import ({type(exc).__name__}: {exc})"
 
 
 def _triton_available(module: ModuleType | str) -> bool | str:

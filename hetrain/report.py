@@ -710,14 +710,22 @@ _SWEEP_FILES = (SUMMARY_MD, SWEEP_CSV, "multirun.yaml")
 
 
 def _set_aside_earlier_table(sweep_dir: Path) -> None:
-    """Moves the table and sweep config an earlier sweep left in ``sweep_dir`` to ``previous-<its id>/``, as its jobs'
-    files go to theirs: this sweep rewrites them, and the earlier sweep's results were lost with its table. A sweep
-    directory without an id (a sweep run without :class:`SweepSummary`) keeps them, as its jobs are kept."""
-    earlier = _sweep_id(sweep_dir)
-    found = [sweep_dir / name for name in _SWEEP_FILES if (sweep_dir / name).is_file()]
-    if earlier is None or not found:
+    """Moves the table and sweep config an earlier sweep left in ``sweep_dir`` to ``previous-<its id>/`` (as its jobs'
+    files go to theirs; ``previous-<k>/``, k = 1, 2, ..., for a sweep that left no id): this sweep rewrites them, and
+    the earlier sweep's results were lost with its table. Under torchrun, a file newer than this process is this
+    sweep's own, written by another rank's sweeper (see :func:`_set_aside`), and stays."""
+    since = _process_start() if _launched_together() else math.inf
+    found = [sweep_dir / name for name in _SWEEP_FILES
+             if (sweep_dir / name).is_file() and _last_change(sweep_dir / name) < since]
+    if not found:
         return
-    aside = sweep_dir / f"previous-{earlier[:8]}"
+    earlier = _sweep_id(sweep_dir)
+    if earlier is not None:
+        aside = sweep_dir / f"previous-{earlier[:8]}"
+    else:
+        k = 1
+        while (aside := sweep_dir / f"previous-{k}").exists():
+            k += 1
     aside.mkdir(exist_ok=True)
     for path in found:
         os.replace(path, aside / path.name)

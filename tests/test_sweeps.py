@@ -277,12 +277,26 @@ def test_a_sweep_rerun_into_its_directory_sets_the_earlier_table_and_sweep_confi
     assert {p.name: p.read_text() for p in aside.iterdir()} == earlier
     assert not any((sweep / name).exists() for name in earlier)
     assert (sweep / SWEEP_ID).read_text() != "0123456789abcdef\n"
-    # A directory of no earlier SweepSummary sweep (no id) is not touched; nor is a sweep's rerun with no table.
+    # A sweep that left no id (run without SweepSummary) has its table set aside too, numbered: it would be rewritten.
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "summary.csv").write_text("mine\n")
     SweepSummary().on_multirun_start(_hydra_config(plain))
-    assert (plain / "summary.csv").read_text() == "mine\n" and not list(plain.glob("previous-*"))
+    assert (plain / "previous-1" / "summary.csv").read_text() == "mine\n" and not (plain / "summary.csv").exists()
+
+
+def test_under_torchrun_the_multirun_yaml_another_rank_of_this_sweep_wrote_stays(tmp_path, monkeypatch):
+    """All ranks run the -m command at once: rank 1's sweeper saved this sweep's multirun.yaml before rank 0's
+    on_multirun_start, which filed it as the earlier sweep's."""
+    sweep = tmp_path / "sweep"
+    earlier = time.time() - 3600
+    write_dated(sweep, ["summary.csv", "multirun.yaml"], earlier)
+    (sweep / SWEEP_ID).write_text("0123456789abcdef\n")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "sweep")
+    (sweep / "multirun.yaml").write_text("# this sweep's, from rank 1\n")  # newer than this process
+    SweepSummary().on_multirun_start(_hydra_config(sweep))
+    assert (sweep / "multirun.yaml").read_text() == "# this sweep's, from rank 1\n"
+    assert sorted(p.name for p in (sweep / "previous-01234567").iterdir()) == ["summary.csv"]
 
 
 def test_a_stopped_sweep_leaves_no_copy_of_the_config_in_the_jobs_it_did_not_reach(tmp_path):

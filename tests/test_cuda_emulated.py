@@ -246,11 +246,11 @@ def test_rms_norm(emu, dtype, shape, weighted):
         close(got[3], dw, dtype, "dw", summed=True)
 
 
-@pytest.mark.parametrize("n", [8200])  # a row read again from memory
+@pytest.mark.parametrize("n", [768, 4096, 8192, 8200])  # rows held in registers, and one read again from memory
 def test_rms_norm_backward_of_a_row_at_float32s_top_is_nan_as_on_the_cpu(emu, n):
-    """The kernel summed g * (x * rstd): where the row's mean square overflowed (rstd 0) that gave dx = 0, where the
-    CPU kernel (sum(g * x) * rstd) and torch give NaN. Rows held in registers (norm_rows.cuh) keep that order: the
-    CPU kernel's spills a register on sm_90 there, so such a row still gets dx = 0 from them."""
+    """The kernels summed g * (x * rstd): where the row's mean square overflowed (rstd 0) that gave dx = 0, where the
+    CPU kernel (sum(g * x) * rstd) and torch give NaN. Rows held in registers (norm_rows.cuh) sum such a row again
+    in the CPU kernel's order."""
     x, dy, w = randn(3, n, seed=5, shift=0.5), randn(3, n, seed=6), randn(n, seed=7, shift=1.0)
     x[1] = 3e38
     y, rstd = C.rms_norm_fwd(x, w, EPS)

@@ -141,6 +141,18 @@ __device__ __forceinline__ void norm_backward_held(const Rows& rows, const T* __
       mgx = s.b / acc_t(N);
     } else {
       mgx = block_sum(sum_gx, scratch) / acc_t(N);
+      if (rs == acc_t(0)) {  // the same for the whole block: every thread takes this or none
+        // The row's mean square overflowed. Summing g * (x * rstd) gave 0 where the CPU kernel's sum(g * x) * rstd
+        // (and torch) give NaN when that sum overflows: this rare row is summed again in that order, read from
+        // memory, since holding the sum of g * x beside the other one spills registers.
+        const auto again = rows.row(r);
+        acc_t s = 0;
+        for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+          const acc_t d = load(dyr + j);
+          s += (w ? d * acc_t(load(w + j)) : d) * again.again(j, 0);
+        }
+        mgx = block_sum(s, scratch) * rs / acc_t(N);
+      }
     }
 #pragma unroll
     for (int k = 0; k < K; ++k) {

@@ -1,13 +1,16 @@
 """hetrain.nn's ``from_*`` constructors take a torch module only when the fused module computes what it does: a
 subclass with a forward of its own, or a forward replaced on the instance, is refused with a message saying what to
 do (the fused module reads only parameters and settings, so that forward was dropped silently); a subclass keeping
-torch's forward is taken. ``patch`` swaps exact types only, so it leaves such subclasses alone."""
+torch's forward is taken. The constructors building a new module refuse hooks (but those that only measure) and a
+pruned weight, which it would not take; those copying the module keep both. ``patch`` swaps exact types only, so it
+leaves such subclasses alone."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from op_testing import randn
 
 import hetrain
@@ -130,3 +133,85 @@ def test_patch_leaves_a_subclass_with_a_forward_of_its_own_alone():
     assert [type(m) for m in model] == [FP32LayerNorm, LoraLinear, torch.nn.GELU, ScaledRMSNorm]
     x = randn(3, 4, seed=1)
     torch.testing.assert_close(model(x), ref(x))
+
+
+# The constructors building a new module, which takes the torch module's parameters and settings but not its hooks.
+REBUILDING = ["DropoutAddLayerNorm.from_layer_norm", "LinearCrossEntropyHead.from_linear", "Dropout.from_torch"]
+# The constructors copying the torch module (hetrain.nn._share.sharing), hooks included.
+SHARING = ["LayerNorm.from_torch", "RMSNorm.from_torch", "BiasGELU.from_linear"]
+
+
+def _doubling_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0] * 2,)
+
+
+@pytest.mark.parametrize("name", REBUILDING)
+def test_a_rebuilding_constructor_refuses_a_hooked_module(name):
+    # Taken, the new module dropped the pre-hook: it computed for x what the hooked module computes for x / 2.
+    convert, torch_type, _, _, _ = CONSTRUCTORS[name]
+    module = _make(torch_type)
+    module.register_forward_pre_hook(_doubling_input)
+    with pytest.raises(ValueError, match=rf"the {torch_type.__name__} has hooks \(register_forward_pre_hook\), which "
+                                         r"the fused module would not run.*register the hooks on it"):
+        convert(module)
+
+
+@pytest.mark.parametrize("register", ["register_forward_hook", "register_full_backward_pre_hook",
+                                      "register_full_backward_hook"])
+def test_a_rebuilding_constructor_refuses_each_kind_of_hook(register):
+    linear = _make(torch.nn.Linear)
+    getattr(linear, register)(lambda *args: None)
+    with pytest.raises(ValueError, match=rf"the Linear has hooks \({register}\)"):
+        LinearCrossEntropyHead.from_linear(linear)
+
+
+@pytest.mark.parametrize("name", REBUILDING)
+def test_a_rebuilding_constructor_takes_a_module_whose_hooks_only_measure(name):
+    # hetrain's FLOP, memory and churn hooks (hetrain.nn._share.observer) change nothing the module computes.
+    convert, torch_type, _, compute_torch, compute_fused = CONSTRUCTORS[name]
+    module = _make(torch_type)
+    module.register_forward_hook(hetrain.nn._share.observer(lambda *args: None))
+    x = randn(3, 4, seed=1)
+    torch.testing.assert_close(compute_fused(convert(module), x), compute_torch(module, x))
+
+
+@pytest.mark.parametrize("name", SHARING)
+def test_a_sharing_constructor_keeps_the_hooks(name):
+    convert, torch_type, _, compute_torch, compute_fused = CONSTRUCTORS[name]
+    module = _make(torch_type)
+    module.register_forward_pre_hook(_doubling_input)
+    x = randn(3, 4, seed=1)
+    torch.testing.assert_close(compute_fused(convert(module), x), compute_torch(module, x))
+
+
+@pytest.mark.parametrize("name", ["DropoutAddLayerNorm.from_layer_norm", "LinearCrossEntropyHead.from_linear"])
+@pytest.mark.parametrize("tensor", ["weight", "bias"])
+def test_a_rebuilding_constructor_refuses_a_pruned_module_until_the_pruning_is_removed(name, tensor):
+    # Taken, torch raised its own "cannot assign 'torch.FloatTensor' as parameter 'weight'".
+    convert, torch_type, _, compute_torch, compute_fused = CONSTRUCTORS[name]
+    module = _make(torch_type)
+    torch.nn.utils.prune.l1_unstructured(module, tensor, amount=0.5)
+    with pytest.raises(ValueError, match=rf"the {torch_type.__name__}'s {tensor} is pruned.*"
+                                         rf"torch\.nn\.utils\.prune\.remove\(module, '{tensor}'\) first"):
+        convert(module)
+    torch.nn.utils.prune.remove(module, tensor)
+    x = randn(3, 4, seed=1)
+    torch.testing.assert_close(compute_fused(convert(module), x), compute_torch(module, x))
+
+
+def test_a_rebuilding_constructor_refuses_a_weight_that_is_not_a_parameter():
+    norm = _make(torch.nn.LayerNorm)
+    del norm.weight
+    norm.register_buffer("weight", torch.ones(4))  # frozen
+    with pytest.raises(ValueError, match=r"the LayerNorm's weight is a Tensor, not a torch\.nn\.Parameter"):
+        DropoutAddLayerNorm.from_layer_norm(norm, 0.25)
+
+
+@pytest.mark.parametrize("name", ["LayerNorm.from_torch", "BiasGELU.from_linear"])
+def test_a_sharing_constructor_takes_a_pruned_module(name):
+    # The copy keeps the pruning hook, which computes its weight as the torch module's does.
+    convert, torch_type, _, compute_torch, compute_fused = CONSTRUCTORS[name]
+    module = _make(torch_type)
+    torch.nn.utils.prune.l1_unstructured(module, "weight", amount=0.5)
+    x = randn(3, 4, seed=1)
+    torch.testing.assert_close(compute_fused(convert(module), x), compute_torch(module, x))

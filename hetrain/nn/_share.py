@@ -74,6 +74,49 @@ def refuse_unconvertible(who: str, module: object, torch_type: type[torch.nn.Mod
     refuse_replaced_forward(who, module)
 
 
+def refuse_unconvertible_anew(who: str, module: object, torch_type: type[torch.nn.Module],
+                              drop_ins: tuple[type[torch.nn.Module], ...] = (),
+                              parameters: tuple[str, ...] = ()) -> None:
+    """What a ``from_*`` constructor building a new module (not :func:`sharing`) checks: what
+    :func:`refuse_unconvertible` does, then what the new module would not take from ``module``: a parameter among
+    ``parameters`` computed on each call (pruning) and hooks (:func:`refuse_hooks`)."""
+    refuse_unconvertible(who, module, torch_type, drop_ins)
+    for name in parameters:
+        refuse_computed_parameter(who, module, name)
+    refuse_hooks(who, module)
+
+
+def refuse_computed_parameter(who: str, module: torch.nn.Module, name: str) -> None:
+    """Refuses a module whose ``name`` is a tensor but not a parameter (a buffer, or one pruned with
+    ``torch.nn.utils.prune``, computed before each call from ``<name>_orig`` and ``<name>_mask``): a new module
+    takes it as its parameter, which torch refuses, and would not compute it."""
+    value = getattr(module, name, None)
+    if value is None or isinstance(value, torch.nn.Parameter):
+        return
+    kind = type(module).__name__
+    if isinstance(module._parameters.get(f"{name}_orig"), torch.nn.Parameter):
+        raise ValueError(f"{who}: the {kind}'s {name} is pruned (torch.nn.utils.prune): a hook computes it before "
+                         f"each call from {name}_orig and {name}_mask, which the fused module would not do; call "
+                         f"torch.nn.utils.prune.remove(module, '{name}') first to make the pruning permanent (the "
+                         f"fused module then takes the pruned {name}), or keep the {kind}")
+    raise ValueError(f"{who}: the {kind}'s {name} is a {type(value).__name__}, not a torch.nn.Parameter, which the "
+                     f"fused module would hold as its parameter; register it as one "
+                     f"(module.{name} = torch.nn.Parameter(...)), or keep the {kind}")
+
+
+def refuse_hooks(who: str, module: torch.nn.Module) -> None:
+    """Refuses a module with forward or backward hooks for a fused module that is a new module, not a copy
+    (:func:`sharing` copies the hooks): those hooks would be dropped silently, and one may change what the module
+    computes (a pre-hook scaling its input). Hooks that only measure (:func:`observer`) are left out, as
+    :func:`called_one_by_one` leaves them."""
+    registered = [register for name, register in _HOOKS.items() if _expect_calls(getattr(module, name, None))]
+    if registered:
+        kind = type(module).__name__
+        raise ValueError(f"{who}: the {kind} has hooks ({', '.join(registered)}), which the fused module would not "
+                         f"run (it is a new module, holding only the {kind}'s parameters and settings); build the "
+                         f"fused module first and register the hooks on it, or keep the {kind}")
+
+
 def sharing(cls: type[M], module: torch.nn.Module, *, drop_in: bool = True) -> M:
     """An instance of ``cls`` (a subclass of a torch module type) holding ``module``'s parameters, buffers and
     settings; ``module`` must be of that torch type, and is checked by :func:`refuse_unconvertible` (``drop_in``:
@@ -116,7 +159,9 @@ def taking_hooks_of(new: M, module: torch.nn.Module) -> M:
     return new
 
 
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+# Each module hook dict -> the method that registers its hooks.
+_HOOKS = {"_forward_pre_hooks": "register_forward_pre_hook", "_forward_hooks": "register_forward_hook",
+          "_backward_pre_hooks": "register_full_backward_pre_hook", "_backward_hooks": "register_full_backward_hook"}
 _GLOBAL_HOOKS = tuple(f"_global{name}" for name in _HOOKS)
 
 

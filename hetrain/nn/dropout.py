@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hetrain.nn._share import is_nested, refuse_unconvertible
+from hetrain.nn._share import is_nested, refuse_unconvertible_anew
 from hetrain.ops.dropout import dropout
 
 
@@ -27,8 +27,9 @@ class Dropout(torch.nn.Dropout):
     def from_torch(cls, module: torch.nn.Dropout) -> Dropout:
         """The fused twin of ``module``, with its ``p`` and training mode. Only a ``torch.nn.Dropout``: Dropout1d/2d/3d
         (whole channels) and AlphaDropout (SELU's statistics kept) are not element-wise dropout; ``module`` is
-        refused unless it computes as torch's does (:func:`hetrain.nn._share.refuse_unconvertible`)."""
-        refuse_unconvertible(f"hetrain.nn.{cls.__name__}", module, torch.nn.Dropout, (cls,))
+        refused unless it computes as torch's does, and with hooks, which the new module would not take
+        (:func:`hetrain.nn._share.refuse_unconvertible_anew`)."""
+        refuse_unconvertible_anew(f"hetrain.nn.{cls.__name__}", module, torch.nn.Dropout, (cls,))
         new = cls(module.p, module.inplace)
         new.train(module.training)
         return new

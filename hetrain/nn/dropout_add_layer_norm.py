@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hetrain.nn._share import is_nested, refuse_unconvertible
+from hetrain.nn._share import is_nested, refuse_unconvertible_anew
 from hetrain.nn.layer_norm import LayerNorm
 from hetrain.ops import _args
 from hetrain.ops.dropout_add_layer_norm import dropout_add_layer_norm
@@ -60,9 +60,10 @@ class DropoutAddLayerNorm(torch.nn.Module):
     @classmethod
     def from_layer_norm(cls, norm: torch.nn.LayerNorm, p: float) -> DropoutAddLayerNorm:
         """Fuses ``dropout(p)`` + add into ``norm``, sharing its parameters (no copy of the data); ``norm`` is
-        refused unless it computes as torch's does (:func:`hetrain.nn._share.refuse_unconvertible`)."""
+        refused unless it computes as torch's does, and with hooks or a pruned weight, which the new module would
+        not take (:func:`hetrain.nn._share.refuse_unconvertible_anew`)."""
         who = "hetrain.nn.DropoutAddLayerNorm.from_layer_norm"
-        refuse_unconvertible(who, norm, torch.nn.LayerNorm, (LayerNorm,))
+        refuse_unconvertible_anew(who, norm, torch.nn.LayerNorm, (LayerNorm,), parameters=("weight", "bias"))
         if len(norm.normalized_shape) != 1:
             raise ValueError(f"hetrain.nn.DropoutAddLayerNorm: needs a LayerNorm over one dimension, got "
                              f"normalized_shape {tuple(norm.normalized_shape)}")

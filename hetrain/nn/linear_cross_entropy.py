@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hetrain.nn._share import refuse_unconvertible
+from hetrain.nn._share import refuse_unconvertible_anew
 from hetrain.ops.linear_cross_entropy import check_loss_settings, linear_cross_entropy
 
 
@@ -48,9 +48,10 @@ class LinearCrossEntropyHead(torch.nn.Module):
     def from_linear(cls, linear: torch.nn.Linear, *, ignore_index: int = -100, label_smoothing: float = 0.0,
                     reduction: str = "mean", memory_budget: int | None = None) -> LinearCrossEntropyHead:
         """A head sharing ``linear``'s parameters (no copy), so on its device and dtype; move it with ``.to()``.
-        ``linear`` is refused unless it computes as torch's does (:func:`hetrain.nn._share.refuse_unconvertible`)."""
+        ``linear`` is refused unless it computes as torch's does, and with hooks or a pruned weight, which the new
+        head would not take (:func:`hetrain.nn._share.refuse_unconvertible_anew`)."""
         who = "hetrain.nn.LinearCrossEntropyHead.from_linear"
-        refuse_unconvertible(who, linear, torch.nn.Linear)
+        refuse_unconvertible_anew(who, linear, torch.nn.Linear, parameters=("weight", "bias"))
         head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
                    ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                    memory_budget=memory_budget)

@@ -8,9 +8,10 @@ case that fits in cache can exceed 100%. A variant run names its file after itse
 ``-ops-cpu-system-malloc``, and ``-ops-cpu-backend-rms_norm-torch`` where the environment sends an op to a backend
 other than the C++ kernels: HETRAIN_PREFER, a pin, hetrain._C missing or stale) and leaves RESULTS.md alone. Each
 row records the backend its "hetrain" column ran, the header hetrain._C's load status. A case that raises is
-recorded with its error while the others run on, as is one whose backend cannot be resolved (a pin to a backend
-that does not serve the CPU); the run then exits with status 1 naming it and leaves RESULTS.md alone. A setting of
-HETRAIN_BACKEND, HETRAIN_PREFER or HETRAIN_STRICT that hetrain.plugins cannot use is refused before the run. Until
+recorded with its error while the others run on, as is one whose backend cannot be resolved (no available backend
+serves the CPU); the run then exits with status 1 naming it, writes ``<name>-failed.json`` (never the day's
+complete file) and leaves RESULTS.md alone. A setting of HETRAIN_BACKEND, HETRAIN_PREFER or HETRAIN_STRICT that
+hetrain.plugins cannot use, or a pin to a backend that cannot run on the CPU, is refused before the run. Until
 the run completes its result is kept in ``<name>.partial.json``: one cut short never replaces the day's complete
 file.
 """
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--cpu-malloc", choices=["keep", "system"], default="keep",
                         help="host allocator of every column (hetrain.cpu_memory)")
     args = parser.parse_args()
-    check_backend_settings(parser)
+    check_backend_settings(parser, "cpu")
 
     def path_of(result: dict) -> Path:
         return result_file(args.out, result["date"], "ops-cpu", "quick" if args.quick else None,
@@ -153,15 +154,15 @@ def main() -> None:
         save_partial(path_of(result), result)
 
     result = run(quick=args.quick, cpu_malloc=args.cpu_malloc, save=save)
-    path = path_of(result)
-    save_complete(path, result)  # written even where no case ran
+    failed = bool(failed_cases(result["rows"]))
+    path = save_complete(path_of(result), result, failed=failed)  # written even where no case ran
     print(f"{report.dram_copy_text(result)}; wrote {path}")
     if others := other_backends(result):
         print(f"a variant run: the environment sends the hetrain column to backend(s) {', '.join(others)}, not the "
               f"C++ kernels ({CPP!r}; hetrain._C: {result['extension']}); RESULTS.md's CPU table left alone")
     elif args.quick or args.cpu_malloc != "keep":
         print("a variant run: RESULTS.md's CPU table shows full runs on the default allocator only, left alone")
-    elif failed_cases(result["rows"]):
+    elif failed:
         print("a run with failed cases: RESULTS.md's CPU table shows runs whose every case was measured, left alone")
     elif args.out.resolve() == RESULTS.resolve():  # RESULTS.md shows benchmarks/results only
         report.write_results_md(args.out)

@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small table, for a smoke test")
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
-    check_backend_settings(parser)
+    check_backend_settings(parser, "cpu")
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
     def path_of(result: dict) -> Path:

@@ -216,7 +216,7 @@ def main() -> None:
                         help="torch threads (default: torch's); 1 keeps step times steady on a shared machine")
     args = parser.parse_args()
     device = check_device(parser, args.device)
-    check_backend_settings(parser)
+    check_backend_settings(parser, device)
     make_current(device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

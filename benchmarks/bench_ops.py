@@ -10,9 +10,10 @@ A quick run writes ``-ops-quick.json`` and one of some ops (``--ops``) ``-ops-su
 replaces the day's full run nor becomes the source of RESULTS.md's table. Until the run completes its result is
 kept in ``<name>.partial.json``, so one cut short never replaces the day's complete file either. Each row records
 the backend its "hetrain" column ran, the header hetrain._C's load status. A case that raises is recorded with
-its error while the others run on; the run then exits with status 1 naming it and leaves RESULTS.md alone. A
-setting of HETRAIN_BACKEND, HETRAIN_PREFER or HETRAIN_STRICT that hetrain.plugins cannot use is refused before
-the run.
+its error while the others run on; the run then exits with status 1 naming it, writes ``<name>-failed.json``
+(never the day's complete file) and leaves RESULTS.md alone. A setting of HETRAIN_BACKEND, HETRAIN_PREFER or
+HETRAIN_STRICT that hetrain.plugins cannot use, or a pin to a backend that cannot run on ``--device``, is refused
+before the run.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def main() -> None:
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
     device = check_device(parser, args.device)
-    check_backend_settings(parser)
+    check_backend_settings(parser, device)
     make_current(device)
     ops = chosen_ops(parser, args.ops, device)
     subset = None if ops is None else "-".join(["subset", *sorted(ops)])
@@ -207,14 +208,14 @@ def main() -> None:
         save_partial(path_of(result), result)
 
     result = run(device, args.quick, args.measure_s, ops, save)
-    path = path_of(result)
-    save_complete(path, result)
+    failed = bool(failed_cases(result["rows"]))
+    path = save_complete(path_of(result), result, failed=failed)
     print(f"copy bandwidth {result['copy_gbs']:.1f} GB/s; wrote {path}")
     if backends := report.backend_table(result):
         print("\nthe two CUDA backends (C++ / Triton, geometric mean over each op's cases):\n" + backends)
     if args.quick or ops is not None:
         print("a quick or --ops run: not a source of RESULTS.md's GPU table, which shows full runs only")
-    elif failed_cases(result["rows"]):
+    elif failed:
         print("a run with failed cases: RESULTS.md's GPU table shows runs whose every case was measured, left alone")
     # RESULTS.md shows benchmarks/results only: a run written elsewhere (gpu-check's --out) leaves it alone.
     elif torch.device(device).type == "cuda" and args.out.resolve() == RESULTS.resolve():

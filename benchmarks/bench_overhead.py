@@ -8,7 +8,8 @@ their C++ autograd, ``hetrain_cuda``, where the default is Triton). At BERT-base
 makes some 50 such calls, so this is time the GPU waits. Writes
 ``benchmarks/results/<date>-<device>-overhead.json``; one with other ``--rounds`` than the default
 ``-overhead-rounds<n>.json``, so it never overwrites the day's full run; nor does a run cut short, whose result
-is kept in ``<name>.partial.json`` until it completes.
+is kept in ``<name>.partial.json`` until it completes, nor does a run with an op that raised, written as
+``<name>-failed.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from benchmarks.cli import (
     check_device,
     error_text,
     exit_if_any_failed,
+    failed_cases,
     int_at_least,
     make_current,
     out_dir,
@@ -132,7 +134,7 @@ def main() -> None:
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
     device = check_device(parser, args.device)
-    check_backend_settings(parser)
+    check_backend_settings(parser, device)
     make_current(device)
     rounds = args.rounds
     header = {"date": dt.date.today().isoformat(),
@@ -146,10 +148,10 @@ def main() -> None:
         save_partial(path, {**header, **result})
 
     result = run(device, rounds, save)
-    save_complete(path, {**header, **result})
+    written = save_complete(path, {**header, **result}, failed=bool(failed_cases(result["rows"])))
     print(table(result))
-    print(f"wrote {path}")
-    exit_if_any_failed(result["rows"], path)
+    print(f"wrote {written}")
+    exit_if_any_failed(result["rows"], written)
 
 
 if __name__ == "__main__":

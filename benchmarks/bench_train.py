@@ -8,7 +8,8 @@ devices, each predicted by the measured cost model and then measured, and the pi
 one line per mode. The target: hetrain's
 bf16 recipe with its fused ops and no torch.compile at least as fast as plain torch in bf16 + torch.compile.
 The loop is plain PyTorch (forward, cross-entropy, backward, AdamW) so that only the model differs. A mode that
-raises is recorded with its error while the others run on; the run then exits with status 1 naming it.
+raises is recorded with its error while the others run on; the run then exits with status 1 naming it, its
+result written as ``<name>-failed.json``, never over the day's complete file.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from benchmarks.cli import (
     save_complete,
     save_partial,
 )
-from benchmarks.timing import cuda_generator_restored_on_error, median_ms
+from benchmarks.timing import Devices, cuda_generator_restored_on_error, median_ms
 from hetrain import _ext, cpu_memory, plugins
 from hetrain.callbacks.placement import StagePlacement
 from hetrain.device_info import device_name, host_description, result_card
@@ -168,10 +169,15 @@ def measure(step: Callable[[], None], device: str, quick: bool) -> tuple[float, 
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    ms = median_ms(step, device=device, warmup=2 if quick else 5, min_reps=3 if quick else 20,
-                   max_reps=5 if quick else 100, budget_s=0.5 if quick else 5.0)
+    ms = step_ms(step, device, quick)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return ms, peak
+
+
+def step_ms(step: Callable[[], None], devices: Devices, quick: bool) -> float:
+    """Median step ms after warmup, each step waited for on every one of ``devices`` it runs on."""
+    return median_ms(step, device=devices, warmup=2 if quick else 5, min_reps=3 if quick else 20,
+                     max_reps=5 if quick else 100, budget_s=0.5 if quick else 5.0)
 
 
 def _release(device: str) -> None:
@@ -348,7 +354,7 @@ def _placed_row(model: BertClassifier, costs: CostModel, plan: dict[str, str], b
     ids, mask, labels = batch
     first, last = placed[stages[0]], placed[stages[-1]]
     step = forward_backward(model, (ids.to(first), mask.to(first), labels.to(last)))
-    ms, _ = measure(step, "cuda" if any(d.type == "cuda" for d in placed.values()) else "cpu", quick)
+    ms = step_ms(step, set(placed.values()), quick)  # cuda:1 and more too, not the current GPU alone
     objective = "pipeline" if section == "bubble" else "sequential"
     predicted = costs.predict({s: str(placed[s]) for s in stages}, objective, micro_batches) * 1e3
     row = {"section": section, "method": method, "micro_batches": micro_batches,
@@ -429,10 +435,15 @@ def _why_no_time(row: dict | None) -> str:
     return "failed" if row.get("failed") else "was skipped"
 
 
+def failed_rows(rows: list[dict]) -> list[dict]:
+    """The rows of modes that raised (those with a ``"failed"`` error)."""
+    return [r for r in rows if r.get("failed")]
+
+
 def exit_if_any_row_failed(rows: list[dict], path: Path) -> None:
     """Exits with status 1 naming each row that failed: the others' results are kept in ``path``, but a check that
     runs the benchmark (hetrain.checks.gpu_check) must still see the failure."""
-    failed = [r for r in rows if r.get("failed")]
+    failed = failed_rows(rows)
     if failed:
         names = "; ".join(f"{row_name(r)} fused={r['fused']}: {r['failed']}" for r in failed)
         raise SystemExit(f"{len(failed)} of {len(rows)} rows failed ({names}); the others' results are in {path}")
@@ -501,7 +512,7 @@ def main() -> None:
                         help="host allocator, as python train.py takes it (hetrain.cpu_memory)")
     args = parser.parse_args()
     device = check_device(parser, args.device)
-    check_backend_settings(parser)
+    check_backend_settings(parser, device)
     make_current(device)
 
     def path_of(result: dict) -> Path:
@@ -513,8 +524,7 @@ def main() -> None:
         save_partial(path_of(result), result)
 
     result = run(device, quick=args.quick, short=args.short, save=save, cpu_malloc=args.cpu_malloc)
-    path = path_of(result)
-    save_complete(path, result)
+    path = save_complete(path_of(result), result, failed=bool(failed_rows(result["rows"])))
     print("\nsummary (vs bf16+compile: step time over plain torch bf16 + torch.compile; <= 1.00 meets the target)")
     for row in result["rows"]:
         print(row_text(row))

@@ -91,15 +91,17 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> str:
     return device
 
 
-def check_backend_settings(parser: argparse.ArgumentParser) -> None:
+def check_backend_settings(parser: argparse.ArgumentParser, device: str) -> None:
     """Refuses in one usage line a setting of hetrain.plugins' environment variables it cannot use (HETRAIN_BACKEND,
-    HETRAIN_PREFER, HETRAIN_STRICT: malformed, or naming no op or backend). Read at each op's first call, it failed
-    every case, and the run still wrote the day's result."""
+    HETRAIN_PREFER, HETRAIN_STRICT: malformed, or naming no op or backend), or a pin to a backend that cannot run on
+    ``device`` (it does not serve the device's type, or is unavailable, with why). Read at each op's first call, it
+    failed every case, and the run still wrote its result."""
     try:
         plugins.preferred()
         plugins.strict()
         for op in plugins.ops():
-            plugins.pinned(op)
+            if plugins.pinned(op) is not None:
+                plugins.candidates(op, device)  # a pinned backend alone: refused where it cannot run on device
     except plugins.BackendError as exc:
         parser.error(str(exc))
 
@@ -135,11 +137,25 @@ def save_partial(path: Path, result: dict) -> None:
     _write_json(partial_file(path), result)
 
 
-def save_complete(path: Path, result: dict) -> None:
+FAILED = "-failed.json"
+
+
+def failed_file(path: Path) -> Path:
+    """Where a run with failed cases keeps ``path``'s result: ``<name>-failed.json``, which none of
+    benchmarks.report's globs (``*-ops-cpu.json``, ``*-ops.json``) matches, so it neither replaces the day's
+    complete run nor is taken for it."""
+    return path.with_name(path.name.removesuffix(".json") + FAILED)
+
+
+def save_complete(path: Path, result: dict, *, failed: bool = False) -> Path:
     """Writes a run's final result to ``path`` and removes its partial file: only a run that got this far has a
-    file benchmarks.report takes for the day's run."""
-    _write_json(path, result)
+    file benchmarks.report takes for the day's run. A run with ``failed`` cases goes to ``failed_file(path)``
+    instead: it would replace a good run of the same day and publish its failed rows in RESULTS.md. Returns where
+    the result went."""
+    final = failed_file(path) if failed else path
+    _write_json(final, result)
     partial_file(path).unlink(missing_ok=True)
+    return final
 
 
 def _write_json(path: Path, data: dict) -> None:

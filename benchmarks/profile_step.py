@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--out", type=out_dir, default=str(RESULTS), help="results directory")
     args = parser.parse_args()
     device = check_device(parser, args.device)
-    check_backend_settings(parser)
+    check_backend_settings(parser, device)
     make_current(device)
     default_shape = "base" if torch.device(device).type == "cuda" else "recipe"
     shape_name = args.shape or default_shape

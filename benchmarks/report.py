@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from benchmarks.cli import failed_cases
 from benchmarks.plots import speedup_chart
 
 RESULTS_MD = Path(__file__).parent / "RESULTS.md"
@@ -207,10 +208,10 @@ def _replace_section(text: str, begin: str, end: str, body: str) -> str:
 def gpu_source(results_dir: Path) -> Path | None:
     """The newest full GPU op benchmark: ``<date>-<card>-ops.json``. Quick and subset runs name themselves
     ``-ops-quick`` and ``-ops-subset-<ops>`` (benchmarks.bench_ops) and are not matched, nor is a run's
-    ``.partial.json`` (benchmarks.cli.partial_file): the table shows full runs only, and a partial run must not
-    replace it."""
-    files = sorted(p for p in results_dir.glob("*-ops.json") if not p.name.endswith("-cpu-ops.json"))
-    return files[-1] if files else None
+    ``.partial.json`` (benchmarks.cli.partial_file) or a run with failed cases (``-ops-failed.json``, or an
+    older one under the full run's name): the table shows full runs only, and a partial run must not replace it."""
+    return newest_fully_measured(sorted(p for p in results_dir.glob("*-ops.json")
+                                        if not p.name.endswith("-cpu-ops.json")))
 
 
 def write_gpu_results_md(results_dir: Path) -> None:
@@ -231,10 +232,20 @@ def write_gpu_results_md(results_dir: Path) -> None:
 
 
 def latest(results_dir: Path, suffix: str) -> dict | None:
-    """The newest ``<date>-<suffix>.json``: variant runs (``-ops-cpu-quick``, ``-ops-cpu-system-malloc``) name
-    themselves after the variant and are not matched, nor is a run's ``.partial.json`` until it completes."""
-    files = sorted(results_dir.glob(f"*-{suffix}.json"))
-    return json.loads(files[-1].read_text()) if files else None
+    """The newest ``<date>-<suffix>.json`` whose every case was measured: variant runs (``-ops-cpu-quick``,
+    ``-ops-cpu-system-malloc``) name themselves after the variant and are not matched, nor is a run's
+    ``.partial.json`` until it completes, nor a run with failed cases (``-failed.json``, or an older one under the
+    full run's name)."""
+    source = newest_fully_measured(sorted(results_dir.glob(f"*-{suffix}.json")))
+    return None if source is None else json.loads(source.read_text())
+
+
+def newest_fully_measured(files: list[Path]) -> Path | None:
+    """The last of ``files`` (sorted oldest first) with no failed case: a run with failed cases written under the
+    full run's name (before benchmarks.cli.failed_file kept such runs apart) would put its failed rows in RESULTS.md,
+    in place of the good run before it, or, on GPU, of another card's good run made later the same day."""
+    return next((path for path in reversed(files) if not failed_cases(json.loads(path.read_text()).get("rows", []))),
+                None)
 
 
 def write_results_md(results_dir: Path) -> None:

@@ -6,27 +6,44 @@ import contextlib
 import functools
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+
+# A device a timing runs on, or several: a model placed over devices runs each step on all of them.
+Devices = str | torch.device | Iterable[str | torch.device]
 
 
 def no_sync() -> None:
     """What waiting for CPU work takes: nothing, it has ended when its call returns."""
 
 
-def synchronizer(device: str | torch.device) -> Callable[[], None]:
-    """What waits for the work ``fn`` queued on ``device``: that GPU's synchronize on CUDA, nothing on the CPU. Chosen
-    by the device timed, not by whether the machine has a GPU: on a GPU host a CPU timing would otherwise wait for
-    the whole device after every call, and count it."""
-    if torch.device(device).type == "cuda":
-        return functools.partial(torch.cuda.synchronize, device)
-    return no_sync
+def cuda_devices(devices: Devices) -> list[torch.device]:
+    """The CUDA devices among ``devices`` (one device or several), each once, in the order given: those a timing on
+    ``devices`` waits for."""
+    named = [devices] if isinstance(devices, str | torch.device) else devices
+    return list(dict.fromkeys(d for d in map(torch.device, named) if d.type == "cuda"))
 
 
-def median_ms(fn: Callable[[], object], *, device: str | torch.device, warmup: int = 3, min_reps: int = 10,
+def synchronizer(devices: Devices) -> Callable[[], None]:
+    """What waits for the work ``fn`` queued on ``devices``: each of their GPUs' synchronize, nothing on the CPU.
+    Chosen by the devices timed, not by whether the machine has a GPU: on a GPU host a CPU timing would otherwise
+    wait for the whole device after every call, and count it; and by every device, not the current one alone: a
+    step placed over cuda:0 and cuda:1 would otherwise be timed when one of them ends."""
+    cuda = cuda_devices(devices)
+    return functools.partial(synchronize_each, cuda) if cuda else no_sync
+
+
+def synchronize_each(devices: list[torch.device]) -> None:
+    """Waits for all work queued on each of ``devices`` (CUDA devices)."""
+    for device in devices:
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], *, device: Devices, warmup: int = 3, min_reps: int = 10,
               max_reps: int = 50, budget_s: float = 1.5) -> float:
-    """Median wall time of ``fn`` in ms, each call waited for on ``device`` (the device ``fn`` runs on)."""
+    """Median wall time of ``fn`` in ms, each call waited for on ``device`` (the device ``fn`` runs on, or each of
+    the devices)."""
     sync = synchronizer(device)
     for _ in range(warmup):
         fn()

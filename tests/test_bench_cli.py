@@ -36,7 +36,8 @@ from benchmarks import (
     timing,
 )
 from benchmarks.cases import Case
-from benchmarks.cli import check_device, partial_file, save_complete, save_partial
+from benchmarks.cli import check_device, failed_file, partial_file, save_complete, save_partial
+from hetrain import plugins
 from hetrain.cpu_memory import CpuMallocSetting
 from hetrain.device_info import result_card
 
@@ -133,7 +134,7 @@ def test_an_overhead_op_that_raises_is_recorded_the_others_run_on_and_the_run_fa
     monkeypatch.setattr(bench_overhead, "interleaved_ms", once_each)
     with pytest.raises(SystemExit) as exit_:
         run_main(bench_overhead, ["--device", "cpu", "--rounds", "3", "--out", str(tmp_path)], monkeypatch)
-    (path,) = tmp_path.glob("*-overhead-rounds3.json")  # a variant: named after its rounds
+    (path,) = tmp_path.glob("*-overhead-rounds3-failed.json")  # a variant: named after its rounds, and failed
     rows = json.loads(path.read_text())["rows"]
     assert [r["op"] for r in rows] == ["layer_norm", "rms_norm", "dropout"]
     assert rows[1] == {"op": "rms_norm", "error": "RuntimeError: simulated kernel failure"}
@@ -246,7 +247,7 @@ def test_an_op_case_that_raises_is_recorded_the_others_run_on_and_the_run_fails(
     monkeypatch.setattr(bench_ops, "back_to_back_ms", lambda fn, device, budget_s: fn() and 1.0)
     with pytest.raises(SystemExit) as exit_:
         run_main(bench_ops, ["--device", "cpu", "--quick", "--out", str(tmp_path)], monkeypatch)
-    (path,) = tmp_path.glob("*-cpu-ops-quick.json")
+    (path,) = tmp_path.glob("*-cpu-ops-quick-failed.json")
     rows = json.loads(path.read_text())["rows"]
     assert [r["op"] for r in rows] == ["ok_op", "cpp_op", "setup_op"]
     assert rows[0]["ms"]["hetrain"] == 1.0
@@ -258,18 +259,11 @@ def test_an_op_case_that_raises_is_recorded_the_others_run_on_and_the_run_fails(
     assert "cpp_op 4x4 float32: FAILED: RuntimeError: simulated kernel failure" in capsys.readouterr().err
 
 
-def test_the_gpu_table_and_chart_show_a_failed_op_case_without_its_times(monkeypatch, tmp_path):
+def test_the_gpu_table_shows_a_failed_op_case_without_its_times():
     failed = {"op": "rms_norm", "shape": "16384x768", "dtype": "bfloat16", "error": "RuntimeError: a | b"}
-    result = {**GPU_RESULT, "rows": [*GPU_RESULT["rows"], failed]}
-    (tmp_path / "2030-01-01-nvidia-h200-ops.json").write_text(json.dumps(result))
-    charted = []
-    monkeypatch.setattr(report, "RESULTS_MD", tmp_path / "RESULTS.md")
-    monkeypatch.setattr(report, "speedup_chart", lambda result, *args: charted.append(result["rows"]))
-    report.write_gpu_results_md(tmp_path)
-    text = (tmp_path / "RESULTS.md").read_text()
+    text = report.gpu_table({**GPU_RESULT, "rows": [*GPU_RESULT["rows"], failed]})
     assert "| layer_norm | 16384x768 | bfloat16 | hetrain | 0.200 |" in text
     assert "| rms_norm | 16384x768 | bfloat16 | failed: RuntimeError: a \\| b | | | | | | |" in text
-    assert charted == [GPU_RESULT["rows"]]  # the chart has no bar for a case without times
 
 
 def test_quick_honours_an_explicit_measure_s_and_falls_back_to_its_own_otherwise(monkeypatch, tmp_path):
@@ -358,14 +352,29 @@ PLUGIN_SETTINGS = [
     ("HETRAIN_BACKEND", "layer_norm:torch", "cannot read HETRAIN_BACKEND='layer_norm:torch': expected 'op=backend"),
     ("HETRAIN_BACKEND", "nosuch=torch", "a pin names op 'nosuch', which no backend registers"),
     ("HETRAIN_STRICT", "2", "cannot read HETRAIN_STRICT='2'"),
+    # Each run here is on the CPU: the first call of every layer_norm case failed, and bench_train wrote its file.
+    ("HETRAIN_BACKEND", "layer_norm=cuda", "backend 'cuda' pinned for op 'layer_norm' (by HETRAIN_BACKEND) does not "
+                                           "serve device 'cpu' (it serves cuda)"),
+    ("HETRAIN_BACKEND", "layer_norm=no_driver", "backend 'no_driver' pinned for op 'layer_norm' (by HETRAIN_BACKEND) "
+                                                "is unavailable: no driver on this machine"),
 ]
+
+
+@pytest.fixture
+def unavailable_backend():
+    """A CPU backend of layer_norm that cannot run here, as the CUDA ones cannot on a machine without a driver."""
+    plugins.register("layer_norm", "no_driver", ("cpu",), None, priority=-1,
+                     available=lambda: "no driver on this machine")
+    yield
+    plugins.unregister("layer_norm", "no_driver")
 
 
 @pytest.mark.parametrize("module", [bench_cpu, bench_ops, bench_overhead, bench_train, bench_memory_overhead,
                                     profile_step, bench_embedding])
 @pytest.mark.parametrize(("variable", "value", "message"), PLUGIN_SETTINGS)
 def test_a_backend_setting_the_plugins_cannot_use_is_refused_before_the_run(module, variable, value, message,
-                                                                             monkeypatch, capsys, tmp_path):
+                                                                             unavailable_backend, monkeypatch, capsys,
+                                                                             tmp_path):
     """HETRAIN_PREFER=nosuch failed every case of bench_cpu, which still wrote the day's result (and RESULTS.md's
     table from it); a malformed HETRAIN_BACKEND ended in a traceback."""
     monkeypatch.setenv(variable, value)
@@ -398,7 +407,16 @@ def test_a_cpu_timing_never_waits_for_a_gpu():
     GPU after each call: the wait was chosen by torch.cuda.is_available(), not by the device timed."""
     assert timing.synchronizer("cpu") is timing.synchronizer("cpu:0") is timing.no_sync
     on_gpu = timing.synchronizer("cuda:1")  # built, not called: no GPU needed
-    assert on_gpu.func is torch.cuda.synchronize and on_gpu.args == ("cuda:1",)
+    assert on_gpu.func is timing.synchronize_each and on_gpu.args == ([torch.device("cuda:1")],)
+
+
+def test_a_timing_over_several_devices_waits_for_each_of_their_gpus():
+    """bench_train timed a placement plan over cuda:0 and cuda:1 waiting for the current GPU alone (cuda:1 with
+    --device cuda:1): a step was taken to end when one of its devices did."""
+    plan = [torch.device("cpu"), torch.device("cuda:0"), "cuda:1", torch.device("cuda", 1)]
+    assert timing.cuda_devices(plan) == [torch.device("cuda:0"), torch.device("cuda:1")]
+    assert timing.synchronizer(plan).args == ([torch.device("cuda:0"), torch.device("cuda:1")],)
+    assert timing.synchronizer({"cpu"}) is timing.no_sync
 
 
 def doubling_impls() -> dict:
@@ -717,6 +735,52 @@ def test_a_rerun_cut_short_keeps_its_progress_apart_and_the_complete_file_as_it_
         run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
     assert path.read_text() == complete
     assert json.loads(partial_file(path).read_text())["rows"] == ["measured before the stop"]
+
+
+FAILED_OP_ROW = {"op": "rms_norm", "shape": "8", "dtype": "float32", "error": "RuntimeError: launch"}
+FAILED_MODE_ROW = {"section": "precision", "mode": "fp32", "fused": True, "kernels": None, "skipped": None,
+                   "ms": None, "failed": "RuntimeError: launch"}
+
+
+@pytest.mark.parametrize(("module", "result", "failed_row", "argv"), [
+    (bench_cpu, cpu_ops_result(), FAILED_OP_ROW, []),
+    (bench_ops, {**cpu_ops_result(), "device": "cpu"}, FAILED_OP_ROW, ["--device", "cpu"]),
+    (bench_train, TRAIN, FAILED_MODE_ROW, ["--device", "cpu"]),
+    (bench_overhead, {"rows": []}, {"op": "rms_norm", "error": "RuntimeError: launch"}, ["--device", "cpu"]),
+])
+def test_a_rerun_with_a_failed_case_keeps_its_result_apart_and_the_complete_file_as_it_was(
+        module, result, failed_row, argv, monkeypatch, tmp_path, capsys):
+    """A failed rerun replaced the day's complete file, and RESULTS.md regenerated later published its failed rows."""
+    def run(*args, save=None, **kwargs):  # each saves its progress through save=..., or its last argument
+        (save or args[-1])(result)
+        return result
+
+    monkeypatch.setattr(module, "run", run)
+    run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
+    (path,) = tmp_path.glob("*.json")
+    complete = path.read_text()
+    result = {**result, "rows": [failed_row]}
+    with pytest.raises(SystemExit) as exit_:
+        run_main(module, [*argv, "--out", str(tmp_path)], monkeypatch)
+    assert path.read_text() == complete
+    assert json.loads(failed_file(path).read_text())["rows"] == [failed_row]  # kept, under a name of its own
+    assert {p.name for p in tmp_path.glob("*.json")} == {path.name, failed_file(path).name}  # no partial left
+    assert str(exit_.value.code).endswith(f"the others' results are in {failed_file(path)}")
+    assert f"wrote {failed_file(path)}" in capsys.readouterr().out
+
+
+def test_the_tables_never_take_a_run_with_failed_cases(tmp_path):
+    """A failed run written as the day's file (before they were kept apart) became RESULTS.md's source, and a failed
+    H200 run outranked a good H100 run made after it the same day."""
+    (tmp_path / "2030-01-01-ops-cpu.json").write_text(json.dumps({"date": "2030-01-01", "rows": []}))
+    (tmp_path / "2030-01-02-ops-cpu.json").write_text(json.dumps({"date": "2030-01-02", "rows": [FAILED_OP_ROW]}))
+    (tmp_path / "2030-01-01-nvidia-h200-ops.json").write_text(json.dumps({**GPU_RESULT, "rows": [FAILED_OP_ROW]}))
+    good = tmp_path / "2030-01-01-nvidia-h100-80gb-hbm3-ops.json"
+    good.write_text(json.dumps(GPU_RESULT))
+    assert report.latest(tmp_path, "ops-cpu")["date"] == "2030-01-01" and report.gpu_source(tmp_path) == good
+    (tmp_path / "2030-01-01-ops-cpu.json").unlink()
+    good.unlink()
+    assert report.latest(tmp_path, "ops-cpu") is None and report.gpu_source(tmp_path) is None
 
 
 def test_the_tables_never_take_a_partial_file_for_a_run(tmp_path):

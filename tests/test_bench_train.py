@@ -99,7 +99,7 @@ def test_a_run_with_a_failed_mode_keeps_the_others_exits_non_zero_and_says_the_m
     monkeypatch.setattr(sys, "argv", ["bench_train", "--quick", "--device", "cpu", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_:
         bench.main()
-    (path,) = tmp_path.glob("*-cpu-train-quick.json")
+    (path,) = tmp_path.glob("*-cpu-train-quick-failed.json")  # never the day's complete file
     assert str(exit_.value.code) == (
         "2 of 15 rows failed (bf16-mixed fused=True: RuntimeError: inductor: compilation failed; bf16-mixed "
         f"fused=False: RuntimeError: inductor: compilation failed); the others' results are in {path}")
@@ -259,10 +259,44 @@ def test_a_bubble_sets_every_micro_batch_of_the_busiest_device_against_the_step(
     model = bench.build_model(bench.QUICK, fused=True).train()
     stages = list(model.stages())
     costs = CostModel(stages, ["cpu"], [[1e-3] for _ in stages], [0] * len(stages), [[math.inf]])  # 1 ms each
-    monkeypatch.setattr(bench, "measure", lambda step, device, quick: (10.0, None))  # a 10 ms step
+    monkeypatch.setattr(bench, "step_ms", lambda step, devices, quick: 10.0)  # a 10 ms step
     row = bench._placed_row(model, costs, dict.fromkeys(stages, "cpu"), bench.make_batch(bench.QUICK, "cpu"), True,
                             section="bubble", method="chain-dp pipeline", micro_batches=2)
     assert row["bubble"] == pytest.approx(1 - 2 * len(stages) * 1e-3 / 10e-3)  # the cpu busy for 2 micro-batches
+
+
+class OnAnyDevice:
+    """A batch tensor's stand-in: moved to a device (cuda:1 too, on a machine without one), it stays as it is."""
+
+    def to(self, device: torch.device) -> OnAnyDevice:
+        return self
+
+
+def test_a_placed_step_is_timed_waiting_for_every_gpu_its_plan_uses(monkeypatch) -> None:
+    """It waited for the current GPU alone ("cuda"): with --device cuda:1 current, a plan's stages on cuda:0 were
+    taken to have ended when cuda:1's had."""
+    import benchmarks.bench_train as bench
+    from benchmarks.timing import cuda_devices
+
+    plan = {"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:1"}
+
+    class Placement:  # places no module: this checks what the step's timing waits for
+        def __init__(self, plan: dict[str, str]) -> None:
+            self.plan = plan
+
+        def place(self, stages: list[str]) -> dict[str, torch.device]:
+            return {s: torch.device(self.plan[s]) for s in stages}
+
+    timed_on = []
+    monkeypatch.setattr(bench, "StagePlacement", Placement)
+    monkeypatch.setattr(bench, "forward_backward", lambda model, batch: lambda: None)
+    monkeypatch.setattr(bench, "median_ms", lambda step, *, device, **kwargs: timed_on.append(device) or 10.0)
+    model = type("Placed", (), {"micro_batches": 1, "stages": lambda self: list(plan)})()
+    costs = type("Costs", (), {"predict": lambda self, plan, objective, micro_batches: 0.01})()
+    row = bench._placed_row(model, costs, plan, (OnAnyDevice(),) * 3, True, section="placement", method="heft")
+    (devices,) = timed_on
+    assert sorted(map(str, cuda_devices(devices))) == ["cuda:0", "cuda:1"]
+    assert row["ms"] == 10.0
 
 
 def test_the_memory_overhead_runs_churn_steps_are_watched_and_recorded_as_observed(monkeypatch) -> None:

@@ -63,24 +63,31 @@ def step_started(out: Path, name: str) -> Callable[[], bool]:
     return lambda: any(f"===== {name}" in p.read_text() for p in out.glob("*-check*.log"))
 
 
-def test_a_second_run_the_same_day_keeps_the_first_runs_record(check, tmp_path):
+@pytest.fixture
+def instant_steps(monkeypatch) -> None:
+    """Two steps that pass at once, on any machine, in place of the real ones."""
+    monkeypatch.setattr(gpu_check, "steps", lambda quick, out, record="check": [
+        gpu_check.Step(name, [sys.executable, "-c", ""]) for name in ("env", "bench-ops")])
+
+
+def test_a_second_run_the_same_day_keeps_the_first_runs_record(check, instant_steps, tmp_path):
     """A rerun of one step (--only) the same day replaced the full run's JSON and log."""
-    # A cap under 20 s skips the step at once, on any machine.
-    assert check(["--only", "env", "--cap", "env=1", "--out", str(tmp_path)]) == 0
+    assert check(["--only", "env", "--out", str(tmp_path)]) == 0
     (first,) = tmp_path.glob("*-check.json")
     first_text = first.read_text()
-    assert check(["--only", "env", "--cap", "env=2", "--out", str(tmp_path)]) == 0
+    assert check(["--only", "bench-ops", "--out", str(tmp_path)]) == 0
     assert first.read_text() == first_text
     second = tmp_path / first.name.replace("-check.json", "-check-2.json")
-    assert steps_of(second)["env"][1].startswith("capped at 2 s")
+    assert steps_of(second) == {"env": ("skipped", "not selected"), "bench-ops": ("passed", "")}
     assert json.loads(second.read_text())["log"] == second.with_suffix(".log").name
     assert {p.name for p in tmp_path.glob("*.log")} == {first.with_suffix(".log").name, second.with_suffix(".log").name}
 
 
-def test_a_relative_out_is_one_absolute_directory_for_the_record_and_the_steps(check, tmp_path, monkeypatch, capsys):
+def test_a_relative_out_is_one_absolute_directory_for_the_record_and_the_steps(check, instant_steps, tmp_path,
+                                                                              monkeypatch, capsys):
     """The steps run in the repository root: a relative --out put their results there, the record under the cwd."""
     monkeypatch.chdir(tmp_path)
-    assert check(["--only", "env", "--cap", "env=1", "--out", "rel"]) == 0
+    assert check(["--only", "env", "--out", "rel"]) == 0
     assert f"log: {tmp_path / 'rel'}/" in capsys.readouterr().out
     assert list((tmp_path / "rel").glob("*-check.json"))
 
@@ -92,8 +99,9 @@ def test_a_cap_replaces_the_default_timeout_even_above_it():
     assert gpu_check.time_limit(step, cap=900, budget_left=300) == 300
 
 
-def test_a_fractional_cap_is_named_as_given_and_help_names_the_default_timeout(check, tmp_path, capsys):
-    assert check(["--only", "env", "--cap", "env=19.6", "--out", str(tmp_path)]) == 0
+def test_a_fractional_cap_is_named_as_given_and_help_names_the_default_timeout(check, instant_steps, tmp_path,
+                                                                              capsys):
+    assert check(["--cap", "env=19.6", "--out", str(tmp_path)]) == 0
     (record,) = tmp_path.glob("*-check.json")
     # Was "capped at 20 s, under the 20 s a step is given at least".
     assert steps_of(record)["env"] == ("skipped", "capped at 19.6 s, under the 20 s a step is given at least")
@@ -387,6 +395,12 @@ def test_every_step_runs_without_the_triton_interpreter_unless_it_asks_for_it(tm
     (["--only", "env", "--skip", "env"], "--skip env takes out every step selected: nothing would run"),  # passed
     (["--budget-s", "5"], f"--budget-s 5: under the {gpu_check.MIN_STEP_S} s a step is given at least, so no step "
                           "would run"),  # every step skipped, and the check passed
+    (["--only", "env", "--cap", "env=10"], "--cap env=10: every step selected (env) is capped under the 20 s a step "
+                                           "is given at least, so no step would run"),  # passed, having run nothing
+    (["--skip", "env,build", "--cap", "gpu-compile=1,cuda-tests=0,bench-ops=2,bench-loader=3,bench-train=4,"
+                                      "bench-memory=5,profile-step=6,bench-overhead=7,bench-embedding=19.9"],
+     "every step selected (bench-embedding, bench-loader, bench-memory, bench-ops, bench-overhead, bench-train, "
+     "cuda-tests, gpu-compile, profile-step) is capped under"),
 ])
 def test_arguments_the_check_cannot_use_end_in_one_line_before_any_step(args, message, check, tmp_path, capsys):
     """A file or an unwritable path as --out, or a cap that is no number, ended in a traceback."""
@@ -398,6 +412,33 @@ def test_arguments_the_check_cannot_use_end_in_one_line_before_any_step(args, me
     assert stopped.value.code not in (0, None)
     assert message.format(file=afile) in f"{capsys.readouterr().err}{stopped.value.code}"
     assert not list(tmp_path.rglob("*-check.json"))
+
+
+def test_a_budget_of_the_least_a_step_is_given_runs_the_first_step(check, tmp_path, monkeypatch):
+    """--budget-s 20 passed the refusal of a budget under 20 s, yet the first step saw 20 s less the check's own
+    milliseconds and was skipped "out of the time budget", and the check passed having run nothing."""
+    limits = []
+
+    def run_step(step, log, timeout_s, cut_off=None, out=None):
+        limits.append((step.name, timeout_s))
+        return gpu_check.Outcome(step.name, "passed", 0.5, "")
+
+    monkeypatch.setattr(gpu_check, "run_step", run_step)
+    assert check(["--budget-s", str(gpu_check.MIN_STEP_S), "--only", "env,bench-loader", "--out", str(tmp_path)]) == 0
+    # The budget less the time the steps took: the second step is left 19.5 s, under the 20 s a step is given.
+    assert limits == [("env", gpu_check.MIN_STEP_S)]
+    assert steps_of(next(tmp_path.glob("*-check.json")))["bench-loader"] == (
+        "skipped", f"out of the time budget ({gpu_check.MIN_STEP_S} s)")
+
+
+def test_a_check_that_ran_no_step_fails(check, tmp_path, monkeypatch, capsys):
+    """Every step selected skipped (no GPU for it, its file missing) and the check passed, having checked nothing."""
+    monkeypatch.setattr(gpu_check, "steps", lambda quick, out, record="check": [
+        gpu_check.Step("bench-ops", [sys.executable, "-c", ""], needs="benchmarks/no_such_bench.py")])
+    assert check(["--out", str(tmp_path)]) == 1
+    assert "no step ran, so nothing was checked" in capsys.readouterr().out
+    assert steps_of(next(tmp_path.glob("*-check.json"))) == {
+        "bench-ops": ("skipped", "benchmarks/no_such_bench.py does not exist yet")}
 
 
 def test_a_step_stopped_by_the_budget_is_not_recorded_as_one_out_of_time(tmp_path, monkeypatch):
@@ -421,6 +462,20 @@ def test_a_step_that_did_not_complete_names_the_partial_results_it_left(tmp_path
                                      out=out)
     assert (outcome.status, outcome.detail) == ("failed", "exit code 3; its results so far are in "
                                                           "day-train.partial.json")
+
+
+def test_a_benchmark_with_failed_cases_names_the_result_it_kept_apart(tmp_path):
+    """A benchmark with failed cases writes <name>-failed.json (benchmarks.cli.failed_file), not the day's file:
+    the step's outcome names where its results are."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier-cpu-train-failed.json").write_text("{}")  # an earlier run's, not this step's
+    code = f"import pathlib; pathlib.Path({str(out / 'day-cpu-train-failed.json')!r}).write_text('{{}}'); exit(1)"
+    with open(tmp_path / "check.log", "w") as log:
+        outcome = gpu_check.run_step(gpu_check.Step("bench-train", [sys.executable, "-c", code]), log, timeout_s=60,
+                                     out=out)
+    assert (outcome.status, outcome.detail) == ("failed", "exit code 1; its results with the failed cases are in "
+                                                          "day-cpu-train-failed.json")
 
 
 def test_an_interrupted_step_names_the_partial_results_it_left(check, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ kernel for sm_90/sm_80, run every ``cuda``-marked test, then the benchmarks in a
 ``benchmarks/results/<date>-<device>-check.json`` and its log (``-check-2``... for a later run the same day, which
 keeps the earlier one's), and regenerate ``benchmarks/RESULTS.md``.
 On a machine without a GPU the same command runs what can run there and names each skipped step
-and why. A failing step does not stop the later ones; the exit code is non-zero if any failed.
+and why. A failing step does not stop the later ones; the exit code is non-zero if any failed, or if none ran.
 """
 
 from __future__ import annotations
@@ -177,19 +177,27 @@ def run_step(step: Step, log: TextIO, timeout_s: float, cut_off: str | None = No
     return Outcome(step.name, status, time.perf_counter() - start, detail)
 
 
+# The result files a benchmark keeps apart from the day's complete ones (benchmarks.cli): its cases until it
+# completes, and a run with failed cases, which never takes a complete run's name.
+PARTIAL, FAILED = ".partial.json", "-failed.json"
+
+
 def partial_results(out: Path | None) -> dict[Path, int]:
-    """The ``*.partial.json`` files in ``out`` (a benchmark's cases until it completes), with their mtimes."""
+    """The ``*.partial.json`` and ``*-failed.json`` files in ``out``, with their mtimes."""
     if out is None:
         return {}
-    return {p: p.stat().st_mtime_ns for p in out.glob("*.partial.json")}
+    return {p: p.stat().st_mtime_ns for suffix in (PARTIAL, FAILED) for p in out.glob(f"*{suffix}")}
 
 
 def with_partials(detail: str, before: dict[Path, int], out: Path | None) -> str:
-    """``detail`` naming the ``*.partial.json`` files written in ``out`` since ``before`` (what a benchmark measured
-    before it was stopped, or failed)."""
-    partials = sorted(p.name for p, mtime in partial_results(out).items() if before.get(p) != mtime)
-    named = f"its results so far are in {', '.join(partials)}" if partials else ""
-    return "; ".join(filter(None, [detail, named]))
+    """``detail`` naming the ``*.partial.json`` and ``*-failed.json`` files written in ``out`` since ``before``: what
+    a benchmark measured before it was stopped, and the result of one whose cases failed (not the day's file)."""
+    written = sorted(p.name for p, mtime in partial_results(out).items() if before.get(p) != mtime)
+    so_far = [name for name in written if name.endswith(PARTIAL)]
+    failed = [name for name in written if name.endswith(FAILED)]
+    named = [f"its results so far are in {', '.join(so_far)}" if so_far else "",
+             f"its results with the failed cases are in {', '.join(failed)}" if failed else ""]
+    return "; ".join(filter(None, [detail, *named]))
 
 
 # Runs a step on Linux; argv: the check's pid, the pipe to say why the command cannot be run on, the command. The
@@ -393,6 +401,23 @@ def write_record(path: Path, budget_s: float | None, outcomes: list[Outcome], lo
     path.write_text(json.dumps(record, indent=2))
 
 
+def chosen_steps(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 names: set[str]) -> tuple[set[str] | None, set[str], dict[str, float]]:
+    """``--only``, ``--skip`` and ``--cap`` read, refusing a choice under which no step would run: the check would
+    pass having checked nothing."""
+    only = parse_names(args.only, names, "--only") if args.only is not None else None
+    skip = parse_names(args.skip, names, "--skip")
+    selected = (names if only is None else only) - skip
+    if not selected:
+        parser.error(f"--skip {args.skip} takes out every step selected: nothing would run; skip fewer steps")
+    caps = parse_caps(args.cap, names)
+    if all(caps.get(name, math.inf) < MIN_STEP_S for name in selected):
+        parser.error(f"--cap {args.cap}: every step selected ({', '.join(sorted(selected))}) is capped under the "
+                     f"{MIN_STEP_S} s a step is given at least, so no step would run; cap one at {MIN_STEP_S} s or "
+                     "more")
+    return only, skip, caps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build, verify and benchmark hetrain on this machine.")
     parser.add_argument("--quick", action="store_true", help="short benchmark mode")
@@ -401,34 +426,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=out_dir, default=str(RESULTS),
                         help="where the JSON and the log go (a second run the same day adds -2, -3... to their names)")
     parser.add_argument("--budget-s", type=positive_seconds, default=None,
-                        help=f"wall-clock seconds for all steps: each gets at most what is left, and steps that "
-                             f"would start with under {MIN_STEP_S} s left are skipped (a GPU lent for minutes)")
+                        help=f"seconds for all steps together: each gets at most what the steps before it left, and "
+                             f"one that would start with under {MIN_STEP_S} s left is skipped (a GPU lent for "
+                             "minutes)")
     parser.add_argument("--cap", default="",
                         help=f"comma-separated STEP=SECONDS: the most a step may take, in place of the default "
                              f"{DEFAULT_STEP_TIMEOUT_S} s (higher or lower), so one slow step leaves time to the "
                              "later ones")
     args = parser.parse_args(argv)
+    only, skip, caps = chosen_steps(parser, args, {s.name for s in steps(args.quick, args.out)})
     if args.budget_s is not None and args.budget_s < MIN_STEP_S:  # every step would be skipped, and the check pass
         parser.error(f"--budget-s {args.budget_s:g}: under the {MIN_STEP_S} s a step is given at least, so no step "
                      f"would run; give at least {MIN_STEP_S} s, or leave --budget-s out for no budget")
-    names = {s.name for s in steps(args.quick, args.out)}
-    only = parse_names(args.only, names, "--only") if args.only is not None else None
-    skip = parse_names(args.skip, names, "--skip")
-    if not (names if only is None else only) - skip:  # it would run nothing, and pass
-        parser.error(f"--skip {args.skip} takes out every step selected: nothing would run; skip fewer steps")
-    caps = parse_caps(args.cap, names)
     stop_on_signals()
     record = new_record(args.out, f"{dt.date.today().isoformat()}-{card()}")
     log_path, record_path = args.out / f"{record}.log", args.out / f"{record}.json"
     outcomes: list[Outcome] = []
     stopped: BaseException | None = None
-    start = time.perf_counter()
     with open(log_path, "a") as log:
         for step in steps(args.quick, args.out, record):
             if stopped is not None:
                 outcome = Outcome(step.name, "skipped", 0.0, why_skipped(step, only, skip) or "interrupted")
             else:
-                budget_left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+                budget_left = budget_after(args.budget_s, outcomes)
                 step_start, partials_before = time.perf_counter(), partial_results(args.out)
                 try:
                     outcome = run_or_skip(step, why_skipped(step, only, skip), caps.get(step.name), budget_left,
@@ -451,7 +471,18 @@ def main(argv: list[str] | None = None) -> int:
     say(f"\nlog: {log_path}\nrecord: {record_path}")
     if stopped is not None:
         return 128 + stop_signal(stopped)
+    if all(o.status == "skipped" for o in outcomes):  # it checked nothing: no pass
+        say("\ngpu-check: no step ran, so nothing was checked; select a step this machine can run (the table says "
+            "why each was skipped)")
+        return 1
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def budget_after(budget_s: float | None, outcomes: list[Outcome]) -> float | None:
+    """What ``--budget-s`` leaves after the steps so far: the budget less the time they took (None without one).
+    The check's own work around them takes milliseconds; counted too, it left a budget of exactly MIN_STEP_S
+    short of it for the first step, which was skipped, and the check passed."""
+    return None if budget_s is None else budget_s - sum(o.seconds for o in outcomes)
 
 
 def say(text: str) -> None:

@@ -375,6 +375,52 @@ def test_numpy_numbers_are_taken_as_torch_takes_them():
 BN = "bn_relu_pool: "
 
 
+@pytest.mark.parametrize("empty", [(), []], ids=["tuple", "list"])
+def test_an_empty_stride_is_the_kernel_as_f_max_pool2d_takes_it(empty):
+    """``stride=()`` was refused ("must be an integer or one or two of them") where torch pools with the kernel."""
+    x = randn(2, 4, 9, 9, seed=5)
+    w, b, rm, rv = (t.detach() for t in bn_params(4))
+    torch.testing.assert_close(bn_relu_pool(x, w, b, rm, rv, False, 0.1, 1e-5, 3, empty),
+                               bn_relu_pool(x, w, b, rm, rv, False, 0.1, 1e-5, 3, None))
+    torch.testing.assert_close(relu_pool(x, 2, empty), F.max_pool2d(F.relu(x), 2, empty))
+
+
+@pytest.mark.parametrize("stride", [(), torch.tensor(2)], ids=["empty tuple", "0-d tensor"])
+def test_a_swapped_block_takes_any_pool_stride_torch_takes(stride):
+    """A MaxPool2d(2, stride=()) block was fused and then raised on its first call, where torch's Sequential runs;
+    a stride the kernels cannot read (a 0-d tensor, which torch takes) now leaves the block to torch."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2, stride=stride))
+    original = copy.deepcopy(model)
+    fused = swap_sequences(model)
+    assert (fused != {}) == isinstance(stride, tuple)
+    x = randn(2, 3, 8, 8, seed=1)
+    torch.testing.assert_close(model(x), original(x))
+    torch.testing.assert_close(model[1].running_var, original[1].running_var)
+
+
+def test_training_under_vmap_is_refused_naming_the_op_and_its_reference():
+    """Its statistics kernel writes the running statistics in place: vmap's batching fallback failed on it with
+    "Batching rule not implemented for hetrain::bn_stats", with or without torch.func.grad. Eval mode runs."""
+    xs = randn(3, 2, 4, 6, 6, dtype=torch.float64, seed=5)
+    w, b, rm, rv = (t.detach().double() for t in bn_params(4))
+
+    def loss(v, x, training):
+        return bn_relu_pool(x, v, b, rm.clone(), rv.clone(), training).sin().sum()
+
+    said = BN + (r"training \(batch statistics\) on a tensor torch.vmap batches is not supported.* "
+                 "Use hetrain.ops.bn_relu_pool_ref")
+    with pytest.raises(RuntimeError, match="hetrain.ops." + said):
+        torch.vmap(lambda x: loss(w, x, True))(xs)
+    with pytest.raises(RuntimeError, match="hetrain.ops." + said):
+        torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None))(w, xs, True)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None))(w, xs, False)
+    for k in range(len(xs)):
+        v = w.clone().requires_grad_()
+        torch.testing.assert_close(per_sample[k], torch.autograd.grad(loss(v, xs[k], False), v)[0])
+
+
 @pytest.mark.parametrize(("call", "message"), [
     (lambda x, rm, rv: relu_pool(None),
      r"relu_pool: x must be a 4-D \(N, C, H, W\) floating tensor, got NoneType; torch.as_tensor\(x\) converts one"),
@@ -601,8 +647,10 @@ class AveragingPool(torch.nn.MaxPool2d):
     ("no_bn", lambda block: setattr(block[2], "dilation", 2), 8),
     ("bn", _set(1, ScaledBatchNorm(4)), 8),
     ("bn", _set(3, AveragingPool(2)), 8),
+    ("bn", lambda block: setattr(block[3], "stride", ()), 8),
+    ("no_bn", lambda block: setattr(block[2], "stride", torch.tensor(1)), 8),
 ], ids=["LeakyReLU", "AvgPool2d", "BatchNorm gone", "ReLU gone", "appended", "ceil_mode", "dilation",
-        "BatchNorm2d subclass's forward", "MaxPool2d subclass's forward"])
+        "BatchNorm2d subclass's forward", "MaxPool2d subclass's forward", "empty stride", "tensor stride"])
 def test_a_block_whose_children_changed_computes_what_it_now_holds(block, edit, size):
     # The fused forward computed conv -> BN -> ReLU -> MaxPool whatever the children had become (or failed to
     # unpack an appended one): the block is a Sequential, whose children model code may replace or reconfigure.

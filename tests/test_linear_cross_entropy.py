@@ -358,6 +358,34 @@ def test_jacrev_matches_the_references_for_hidden_weight_and_bias(backend, reduc
         assert_close(g, e, torch.float64, f"jacobian for {name}")
 
 
+def _per_sample_grads(fn, weight, hidden, target, **kw):
+    return torch.func.vmap(torch.func.grad(lambda w, h, t: fn(h, w, t, **kw).sum()), in_dims=(None, 0, 0))(
+        weight, hidden, target)
+
+
+def _grad_of_vmap(fn, weight, hidden, target, **kw):
+    return torch.func.grad(lambda w: torch.func.vmap(lambda h, t: fn(h, w, t, **kw))(hidden, target).sum())(weight)
+
+
+@pytest.mark.parametrize("composition", [_per_sample_grads, _grad_of_vmap], ids=["vmap(grad)", "grad(vmap)"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_vmap_with_a_torch_func_gradient_is_refused_naming_the_reference_where_backward_cannot_batch(
+        composition, reduction):
+    """The reduced loss's backward reads its upstream gradient's value, which vmap cannot: once grad of vmap and vmap
+    of grad passed the op, it failed there with vmap's ".item()" error. reduction="none" recomputes per row and
+    batches: it matches the reference."""
+    hidden, weight, _b, target = (t.detach() for t in inputs((4, 5), 6, 7, seed=21, ignored=1))
+    with plugins.use_backend(linear_cross_entropy="cpu"):
+        if reduction != "none":
+            with pytest.raises(RuntimeError, match=r"hetrain.ops.linear_cross_entropy: torch.vmap together with "
+                                                   r"torch.func.grad.* Use hetrain.ops.linear_cross_entropy_ref"):
+                composition(linear_cross_entropy, weight, hidden, target, reduction=reduction)
+            return
+        got = composition(linear_cross_entropy, weight, hidden, target, reduction=reduction)
+    expected = composition(linear_cross_entropy_ref, weight, hidden, target, reduction=reduction)
+    assert_close(got, expected, torch.float64, "weight gradient")
+
+
 def test_gradients_skipped_when_nothing_requires_them():
     hidden, weight, b, target = inputs((9,), 8, 23, seed=10)
     with torch.no_grad():

@@ -215,6 +215,55 @@ def test_stacked_derivative_transforms_are_refused_naming_the_op_and_its_referen
         STACKED[how](WEIGHTED[op][0], w, xs)
 
 
+def _gradient_penalty(loss, x):
+    """torch.func.grad of a gradient penalty taken with torch.autograd.grad(create_graph=True)."""
+    def penalty(v):
+        (g,) = torch.autograd.grad(loss(v), v, create_graph=True)
+        return g.square().sum()
+
+    return torch.func.grad(penalty)(x)
+
+
+def _grad_of_vjp_fn(f, x):
+    """torch.func.grad, over the cotangent, of a vjp_fn torch.func.vjp returned: its backward differentiated."""
+    y, vjp_fn = torch.func.vjp(f, x)
+    return torch.func.grad(lambda c: vjp_fn(c)[0].square().sum())(torch.ones_like(y) / 2)
+
+
+@pytest.mark.parametrize("how", ["gradient penalty", "grad of vjp_fn"])
+@pytest.mark.parametrize("op", [o for o in OPS if o != "dropout"])
+def test_a_second_derivative_inside_a_torch_func_transform_is_refused_rather_than_zero(op, how):
+    """A transform runs backward with a graph whatever comes next, so the guarded backward skipped its guard there:
+    a gradient of its gradient came back as zeros, silently, where eager double backward is refused."""
+    args = list(inputs(requires_grad=False))
+    i = 4 if op == "bn_relu_pool" else 0
+
+    def output(x):
+        return calls(*args[:i], x, *args[i + 1:])[op]()
+
+    with pytest.raises(RuntimeError, match=rf"hetrain.ops.{op}: double backward .* not supported.* Use hetrain.ops"):
+        if how == "gradient penalty":
+            _gradient_penalty(lambda x: output(x).square().sum(), args[i])
+        else:
+            _grad_of_vjp_fn(output, args[i])
+
+
+@pytest.mark.parametrize("op", list(WEIGHTED))
+def test_a_vmapped_vjp_fn_differentiated_over_its_cotangents_is_refused_rather_than_zero(op):
+    """Under vmap the backward gets BatchedTensors, which say requires_grad=False for cotangents that require it at
+    the gradient's level below, and torch's DelayedError node refuses them ("accessing `data` under vmap")."""
+    xs, w = _samples()
+    cotangents = randn(4, *xs[0].shape, dtype=torch.float64, seed=6)
+
+    def second(f):
+        _, vjp_fn = torch.func.vjp(lambda v: f(xs[0], v), w)
+        return torch.func.grad(lambda c: torch.func.vmap(vjp_fn)(c)[0].square().sum())(cotangents)
+
+    assert second(WEIGHTED[op][1]).abs().sum() > 0  # the reference's: zeros would be wrong
+    with pytest.raises(RuntimeError, match=rf"hetrain.ops.{op}: double backward .* Use hetrain.ops.{op}_ref"):
+        second(WEIGHTED[op][0])
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_forward_mode_ad_is_refused_naming_the_reference_rather_than_dropping_the_tangent(op):
     """The kernels have no forward derivative: without inputs needing gradients the body ran and the output's

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hetrain.nn._share import called_one_by_one
-from hetrain.ops.conv_bn_relu_pool import MAX_WINDOW, _pair, bn_relu_pool, relu_pool
+from hetrain.ops.conv_bn_relu_pool import MAX_WINDOW, _pair, _stride_or_kernel, bn_relu_pool, relu_pool
 
 
 def unfusable_reason(conv: nn.Module, bn: nn.Module | None, relu: nn.Module, pool: nn.Module) -> str | None:
@@ -50,6 +50,7 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module | None, relu: nn.Module, poo
     try:
         kernel, padding, dilation = (_pair("MaxPool2d", what, getattr(pool, what))
                                      for what in ("kernel_size", "padding", "dilation"))
+        _stride_or_kernel("MaxPool2d", pool.stride, kernel)  # the fused op parses it so on every call
     except ValueError as exc:
         return str(exc)
     if pool.ceil_mode or pool.return_indices or dilation != [1, 1]:

@@ -20,10 +20,13 @@ of a small op's host time.
 Under a ``torch.func`` transform (grad, vjp, jacrev, vmap) the custom op runs, through a ``setup_context``-style
 Function (the form functorch requires) where a gradient is recorded: the dispatcher unwraps functorch's wrapper
 tensors, which a Triton kernel cannot read, before the body runs. First-order compositions with vmap (grad of vmap,
-per-sample gradients as vmap of grad) run so. A fused op's backward kernels have no derivative of their own, so
-stacked derivative transforms (hessian, grad of grad, jvp over grad) and double backward (a gradient of a
-gradient, ``create_graph=True``) raise naming the op and its torch reference, rather than torch's
-"no autograd formula" for an internal op, or a wrong result where gradients are computed in forward.
+per-sample gradients as vmap of grad) run so, except for an op whose backward cannot run under vmap
+(``batched_backward=False``: linear_cross_entropy's reads its upstream gradient's value), refused naming its
+reference. A fused op's backward kernels have no derivative of their own, so stacked derivative transforms
+(hessian, grad of grad, jvp over grad) and double backward (a gradient of a gradient, ``create_graph=True``, also
+inside a transform: a gradient penalty under ``torch.func.grad``) raise naming the op and its torch reference,
+rather than torch's "no autograd formula" for an internal op, or a wrong result (zeros, or a gradient computed
+in forward taken again).
 Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``) is refused so too: the kernels
 have no forward derivative, and torch's fallback for them drops a tangent silently. A tangent on the upstream
 gradient of a backward (forward-over-reverse) is refused by the op's backward; so that one reaches it, a call made
@@ -73,6 +76,28 @@ def in_shape_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if y.shape == x.shape else _unsafe_view(y, x.shape)
 
 
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """Under a ``torch.func`` transform, the node :func:`_first_order_only` puts behind a backward's gradients: the
+    tensors given first, as they are, and a backward that raises ``message``. torch's ``DelayedError`` node does the
+    same outside transforms, but there it cannot: the gradients it takes must be made to require grad, which a
+    transform refuses (``requires_grad_()``), and it reads its inputs' data, which vmap refuses (the backward of
+    grad of vmap, jacrev). As a Function, functorch records it at each gradient level, under vmap too."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(message: str, count: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(ctx.message)
+
+
 def _first_order_only(
     grads: tuple[Any, ...], sources: tuple[Any, ...], message: str
 ) -> tuple[Any, ...]:
@@ -80,10 +105,18 @@ def _first_order_only(
     second derivative reaches it. ``sources`` (the incoming gradients and saved tensors: what ``grads``
     depend on) are linked to that node, so a gradient taken with respect to any of them reaches it; merely
     detached, the second derivative would silently be ``None``."""
-    given = [g.detach().requires_grad_() for g in grads if isinstance(g, torch.Tensor)]
-    linked = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
-    error = torch._C._functions.DelayedError(message.encode(), len(given) + len(linked))  # once_differentiable's
-    guarded = iter(error(*given, *linked))
+    given = [g.detach() for g in grads if isinstance(g, torch.Tensor)]
+    if _functorch_level() is None:
+        linked = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
+        error = torch._C._functions.DelayedError(message.encode(), len(given) + len(linked))  # once_differentiable's
+        guarded = iter(error(*(g.requires_grad_() for g in given), *linked))
+    else:
+        # A transform's backward runs with a graph (create_graph=True) whatever comes next: the node is there for
+        # a gradient penalty (torch.autograd.grad(create_graph=True) inside torch.func.grad) or a vjp_fn
+        # differentiated with respect to its cotangent; first-order transforms never reach it. Every source is
+        # linked: a BatchedTensor says requires_grad=False for a tensor that requires it at the level below.
+        linked = [t for t in sources if isinstance(t, torch.Tensor)]
+        guarded = iter(_SecondDerivativeRefused.apply(message, len(given), *given, *linked))
     return tuple(next(guarded) if isinstance(g, torch.Tensor) else g for g in grads)
 
 
@@ -96,14 +129,13 @@ def _first_order(backward: Callable[..., Any], public: str, reference: str) -> C
     def guarded(ctx: Any, *grads: Any) -> Any:
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return backward(ctx, *grads)
+        # Read before backward runs: a backward may scale its saved tensors in place (linear_cross_entropy's,
+        # where the graph is not kept, as under a torch.func transform), which makes them unreadable after.
+        sources = (*grads, *ctx.saved_tensors)
         with torch.no_grad():
             out = backward(ctx, *grads)
-        if _functorch_level() is not None:
-            # A torch.func transform runs backward with a graph whatever comes next; Op refuses stacked
-            # derivative transforms, so a first-order gradient without one is all that is asked here.
-            return out
         single = not isinstance(out, tuple)
-        out = _first_order_only((out,) if single else out, (*grads, *ctx.saved_tensors), message)
+        out = _first_order_only((out,) if single else out, sources, message)
         return out[0] if single else out
 
     return guarded
@@ -114,7 +146,13 @@ def _functorch_level() -> int | None:
     return torch._C._functorch.maybe_current_level()
 
 
-_DERIVATIVE_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+_GRAD, _VMAP = torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Vmap
+_DERIVATIVE_TRANSFORMS = (_GRAD, torch._C._functorch.TransformType.Jvp)
+
+
+def _open_transforms() -> list[torch._C._functorch.TransformType]:
+    """The kinds of the ``torch.func`` transforms open, outermost first."""
+    return [level.key() for level in torch._C._functorch.get_interpreter_stack() or ()]
 
 
 def _stacks_derivatives() -> bool:
@@ -122,14 +160,34 @@ def _stacks_derivatives() -> bool:
     jacfwd: Jvp), as hessian, grad of grad or jvp of grad do: the op's backward would itself be differentiated,
     which its kernels cannot be. vmap and functionalize levels take none: grad of vmap and vmap of grad are first
     order."""
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    return sum(level.key() in _DERIVATIVE_TRANSFORMS for level in stack) > 1
+    return sum(kind in _DERIVATIVE_TRANSFORMS for kind in _open_transforms()) > 1
+
+
+def _vmaps_a_gradient() -> bool:
+    """Whether a ``torch.vmap`` and a ``torch.func`` gradient (grad, vjp, jacrev) are both open, in either order
+    (per-sample gradients, grad of vmap): the op's backward then runs under vmap."""
+    kinds = _open_transforms()
+    return _VMAP in kinds and _GRAD in kinds
 
 
 _is_functorch_wrapper = torch._C._functorch.is_functorch_wrapped_tensor
 # torch.autograd.grad(is_grads_batched=True) and torch.autograd.functional's vectorize=True batch with the legacy
 # vmap (torch._vmap_internals), whose BatchedTensor neither is a functorch wrapper nor opens a functorch level.
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def batched_by_vmap(t: torch.Tensor | None) -> bool:
+    """Whether a ``torch.vmap`` batches ``t``: a BatchedTensor, or a ``torch.func`` wrapper around one (vmap of
+    grad). An op whose kernel torch's batching fallback cannot run per sample (one that writes an argument in
+    place) refuses such a tensor by this, naming itself, before the fallback fails. False while a graph is traced:
+    torch.compile cannot trace functorch's wrappers."""
+    if t is None or torch.compiler.is_compiling():
+        return False
+    while _is_functorch_wrapper(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            return True
+        t = torch._C._functorch.get_unwrapped(t)
+    return False
 
 
 def _has_tangent(args: Sequence[Any]) -> bool:
@@ -203,17 +261,23 @@ class Op:
         self._functorch: type[torch.autograd.Function] | None = None
         self._public, self._reference = name, None
         self._family: str | None = None
+        self._batched_backward = True
 
     def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return self.custom.register_fake(fn)
 
     def register_autograd(self, backward: Callable[..., Any], *, setup_context: Callable[..., Any],
-                          public: str, reference: str | None, family: str | None = None) -> None:
+                          public: str, reference: str | None, family: str | None = None,
+                          batched_backward: bool = True) -> None:
         """``public``: the op's name in ``hetrain.ops``; ``reference``: what to use for second derivatives, named
         when double backward is refused, or None where ``backward`` is itself differentiable (dropout's);
         ``family``: the op's name in :mod:`hetrain.plugins`, whose first-choice backend for the first argument's
-        device may offer ``forward_with_grad`` (the same body with its autograd done by the backend)."""
+        device may offer ``forward_with_grad`` (the same body with its autograd done by the backend);
+        ``batched_backward``: False where ``backward`` cannot run under ``torch.vmap`` (it reads a value of its
+        upstream gradient): calls with a vmap and a ``torch.func`` gradient both open are then refused naming
+        ``reference``, rather than failing inside backward with vmap's error."""
         self._public, self._reference, self._family = public, reference, family
+        self._batched_backward = batched_backward
         if reference is not None:
             backward = _first_order(backward, public, reference)
         body = self.body
@@ -286,15 +350,25 @@ class Op:
                         return self._python_autograd_after(exc, backend, device, args)
             return self._function.apply(*args)
         if route == "functorch" and self._functorch is not None and torch.is_grad_enabled():
-            if self._reference is not None and _stacks_derivatives():
-                raise RuntimeError(f"hetrain.ops.{self._public}: stacked derivative transforms (hessian, grad of "
-                                   "grad, jvp or jacfwd over grad) are not supported: its backward kernels have no "
-                                   f"derivative. Use {self._reference} inside them; grad of vmap and vmap of grad "
-                                   "are supported")
+            self._refuse_unsupported_transforms()
             return self._functorch.apply(*args)
         # A graph, a tensor subclass, a functorch wrapper (under a transform without a gradient to record: every
         # backward op, which runs under no_grad), or a gradient the op has no formula for (the custom op names it).
         return self.custom(*args)
+
+    def _refuse_unsupported_transforms(self) -> None:
+        """Raises, naming the op and its reference, where the open ``torch.func`` transforms would differentiate its
+        backward (stacked derivatives) or batch a backward that cannot be batched."""
+        reference = self._reference or f"hetrain.ops.{self._public}_ref"
+        if self._reference is not None and _stacks_derivatives():
+            raise RuntimeError(f"hetrain.ops.{self._public}: stacked derivative transforms (hessian, grad of "
+                               "grad, jvp or jacfwd over grad) are not supported: its backward kernels have no "
+                               f"derivative. Use {reference} inside them; grad of vmap and vmap of grad "
+                               "are supported")
+        if not self._batched_backward and _vmaps_a_gradient():
+            raise RuntimeError(f"hetrain.ops.{self._public}: torch.vmap together with torch.func.grad, vjp or jacrev "
+                               "(per-sample gradients as vmap of grad, grad of vmap) is not supported: its backward "
+                               f"cannot run under vmap. Use {reference} inside them; jacrev alone is supported")
 
     def _python_autograd_after(self, exc: Exception, backend: str, device: str, args: tuple[Any, ...]) -> Any:
         """The call through the Python autograd after ``backend``'s C++ autograd entry raised ``exc``, which is

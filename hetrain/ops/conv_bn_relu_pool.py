@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from hetrain import plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import compute_dtype, op
+from hetrain.ops._op import batched_by_vmap, compute_dtype, op
 
 OP = "bn_relu_pool"
 MAX_WINDOW = 256  # positions in a pooling window: the argmax is stored as uint8
@@ -298,11 +298,19 @@ _bn_relu_pool_fwd.register_autograd(_backward, setup_context=_setup_context, pub
 
 # --- functional face ---------------------------------------------------------------------------
 
+def _stride_or_kernel(name: str, stride: object, kernel: list[int]) -> list[int]:
+    """The pool's ``stride`` as (height, width). None, or an empty tuple or list, is ``F.max_pool2d``'s own default:
+    the kernel. ``nn.MaxPool2d`` keeps the stride it was given, ``()`` included; ``unfusable_reason`` parses it
+    here too, so a stride the kernels cannot take leaves the module to torch rather than raising."""
+    # `not stride` only for a sequence: for a NumPy integer it is an array, not a bool.
+    if stride is None or (isinstance(stride, tuple | list) and not stride):
+        return kernel
+    return _pair(name, "stride", stride)
+
+
 def _pool_args(name, x, kernel_size, stride, padding):
     kernel = _pair(name, "kernel_size", kernel_size)
-    # An empty list is F.max_pool2d's own default (the kernel); `stride != []` is an empty array for a NumPy integer.
-    default_stride = stride is None or (isinstance(stride, list) and not stride)
-    stride = kernel if default_stride else _pair(name, "stride", stride)
+    stride = _stride_or_kernel(name, stride, kernel)
     padding = _pair(name, "padding", padding)
     if min(kernel) < 1 or min(stride) < 1:
         raise ValueError(f"{name}: kernel_size and stride must be >= 1, got {kernel} and {stride}")
@@ -385,6 +393,7 @@ def bn_relu_pool(
         _channel_vector(name, what, v, x, stats)
     eps = _args.eps_value(name, eps)
     if training:
+        _refuse_batched(name, x, running_mean, running_var)
         momentum = _momentum_value(name, momentum)
         if not eps > 0:
             raise ValueError(f"{name}: eps must be positive when training, got {eps}")
@@ -410,6 +419,15 @@ def _momentum_value(name, momentum):
                 "ConvBNReLUPool2d does") if momentum is None else ""
         raise ValueError(f"{name}: momentum must be a number, got {momentum!r}{hint}")
     return float(momentum)
+
+
+def _refuse_batched(name, *tensors):
+    """The batch statistics kernel writes the running statistics in place, which torch's batching fallback cannot
+    run per sample: said naming the op, not the fallback's error for an internal op."""
+    if any(batched_by_vmap(t) for t in tensors):
+        raise RuntimeError(f"{name}: training (batch statistics) on a tensor torch.vmap batches is not supported, "
+                           "with or without torch.func.grad: its statistics kernel updates the running statistics in "
+                           "place. Use hetrain.ops.bn_relu_pool_ref under vmap, or training=False")
 
 
 def _batch_stats(x, running_mean, running_var, momentum, eps):

@@ -369,8 +369,10 @@ def _reduced_backward(ctx, grad_loss, _gh, _gw, _gb):
 # The gradients are computed in forward: with a graph they would lead a second derivative back into the
 # first-order backward and give a wrong result without an error, so double backward is refused.
 _SECOND_ORDER = "hetrain.ops.linear_cross_entropy_ref (F.linear + F.cross_entropy)"
+# Its backward reads the upstream gradient's value (a loss gradient of exactly 1 leaves the gradients as they are)
+# and scales the saved gradients in place: neither runs under vmap, so vmap with a torch.func gradient is refused.
 _reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup, public="linear_cross_entropy",
-                           reference=_SECOND_ORDER)
+                           reference=_SECOND_ORDER, batched_backward=False)
 
 
 @op("hetrain::linear_cross_entropy_rows")

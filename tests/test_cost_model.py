@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import random
 
@@ -14,6 +15,7 @@ from torch import nn
 from hetrain.placement import CostModel, PlacementPlan, measure
 
 INF = math.inf
+NAN = math.nan
 
 
 def random_model(rng: random.Random, num_stages: int, num_devices: int) -> CostModel:
@@ -329,6 +331,160 @@ def test_the_solvers_keep_each_tied_group_on_one_device_at_the_best_time(seed):
     else:
         assert _keeps_tied(cm, tuple(plan.devices[s] for s in cm.stages))
         assert plan.predicted_step_time == pytest.approx(min(split))
+
+
+def _interleaved_model(rng: random.Random) -> CostModel:
+    """Tied groups whose spans overlap or nest (s0 with s3, s2 with s5), as a tied autoencoder's layers do."""
+    cm = random_model(rng, rng.randint(4, 7), rng.randint(2, 3))
+    stages = rng.sample(cm.stages, len(cm.stages))
+    groups = [sorted(stages[i:i + 2]) for i in range(0, rng.choice([2, 4]), 2)]
+    return CostModel(cm.stages, cm.devices, cm.compute, cm.boundary_bytes, cm.bandwidth, tied=groups)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_pipeline_plans_with_overlapping_tied_spans_are_the_best_that_keep_them(seed):
+    """With one stage per device a tied group takes the stages between its ends onto its device: solved once on the
+    chain with each span merged, the plans are the brute force's best."""
+    rng = random.Random(seed)
+    cm, m = _interleaved_model(rng), rng.randint(1, 4)
+    rows = [[cm.compute[cm.stages.index(stage)] for stage in group] for group in cm.tied]
+    if not all(any(all(math.isfinite(row[d]) for row in group) for d in range(len(cm.devices))) for group in rows):
+        for solve in (lambda: cm.multi_device_plan(m), lambda: cm.chain_plan("pipeline", m)):
+            with pytest.raises(ValueError, match="stages sharing parameters must run on one device"):
+                solve()
+        return
+    kept = [a for a in itertools.product(cm.devices, repeat=len(cm.stages)) if _keeps_tied(cm, a) and not _revisits(a)]
+    times = {a: cm.predict(list(a), "pipeline", m) for a in kept}
+    split = [t for a, t in times.items() if len(set(a)) > 1]
+    plan = cm.multi_device_plan(m)
+    if not split or math.isinf(min(split)):
+        assert plan is None
+    else:
+        assert plan.predicted_step_time == pytest.approx(min(split))
+        assert _keeps_tied(cm, tuple(plan.devices[s] for s in cm.stages))
+    if math.isinf(min(times.values(), default=INF)):
+        with pytest.raises(ValueError, match="one stage per device"):
+            cm.chain_plan("pipeline", m)
+    else:
+        assert cm.chain_plan("pipeline", m).predicted_step_time == pytest.approx(min(times.values()))
+
+
+def test_a_tied_span_no_device_runs_whole_has_no_pipeline_plan():
+    """a and c share parameters and run together on cuda:0 only, where b fails: a sequential plan goes back to the
+    CPU for b; with one stage per device b would have to run on cuda:0 too."""
+    cm = CostModel(["a", "b", "c"], ["cpu", "cuda:0"], [[1.0, 1.0], [1.0, INF], [INF, 1.0]], [8, 8, 8],
+                   [[INF, 1e9], [1e9, INF]], tied=[["a", "c"]])
+    assert cm.chain_plan().devices == {"a": "cuda:0", "b": "cpu", "c": "cuda:0"}
+    assert cm.multi_device_plan(2) is None
+    with pytest.raises(ValueError, match=r"stages sharing parameters take the stages between them onto their device "
+                                         r"too, but no device runs all of a, b, c"):
+        cm.chain_plan("pipeline", 2)
+
+
+def _mirrored(groups: int, devices: int, neighbours: bool = False) -> CostModel:
+    """The reviewer's tied autoencoder: layer i shares its weight with layer 2 * groups - 1 - i (or, with
+    ``neighbours``, layer 2k with 2k + 1), on a CPU and ``devices - 1`` GPUs."""
+    n = 2 * groups
+    stages = [f"s{i}" for i in range(n)]
+    compute = [[1.0 + 0.1 * ((i * 7 + d * 3) % 5) for d in range(devices)] for i in range(n)]
+    bandwidth = [[INF if a == b else 1e9 for b in range(devices)] for a in range(devices)]
+    pairs = [[stages[2 * k], stages[2 * k + 1]] if neighbours else [stages[k], stages[n - 1 - k]]
+             for k in range(groups)]
+    return CostModel(stages, ["cpu"] + [f"cuda:{i}" for i in range(devices - 1)], compute, [1 << 20] * n,
+                     bandwidth, tied=pairs)
+
+
+def _count_solves(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the chain and HEFT solver runs the cost model makes."""
+    from hetrain.placement import cost_model
+
+    calls = {"chain": 0, "heft": 0}
+
+    def counted(name, solver):
+        def solve(*args, **kwargs):
+            calls[name] += 1
+            return solver(*args, **kwargs)
+        return solve
+
+    monkeypatch.setattr(cost_model, "chain_dp_bytes", counted("chain", cost_model.chain_dp_bytes))
+    monkeypatch.setattr(cost_model, "heft_bytes", counted("heft", cost_model.heft_bytes))
+    return calls
+
+
+@pytest.mark.parametrize(("groups", "devices"), [(16, 2), (6, 5), (6, 9)])
+def test_many_tied_groups_are_placed_in_a_few_solves(groups, devices, monkeypatch, caplog):
+    """Before, the solvers built every one of the devices^groups ways to place the groups up front and solved each:
+    16 groups on 2 devices made 65536 cost models (605 MiB) before solving, and auto stalled at fit start. Past
+    TIED_CHOICES_SOLVED_EXACTLY ways the sequential and HEFT solvers place the groups greedily, in two solves, and
+    say so; with one stage per device each span is merged and solved once."""
+    calls = _count_solves(monkeypatch)
+    cm = _mirrored(groups, devices)
+    with caplog.at_level(logging.WARNING, logger="hetrain.placement.cost_model"):
+        for solve in (cm.chain_plan, cm.heft_plan):
+            plan = solve()
+            assert _keeps_tied(cm, tuple(plan.devices[s] for s in cm.stages))
+            assert plan.predicted_step_time == pytest.approx(cm.predict(plan.devices))
+    assert calls == {"chain": 2, "heft": 2}
+    assert caplog.text.count(f"{devices ** groups} ways onto the devices, more than the 256 solved one by one, so "
+                             f"they were placed greedily") == 2
+    assert cm.multi_device_plan(4) is None  # s0 and the last layer tie the whole chain to one device
+    calls["chain"] = 0
+    cm = _mirrored(groups, devices, neighbours=True)
+    plan = cm.multi_device_plan(4)
+    assert _keeps_tied(cm, tuple(plan.devices[s] for s in cm.stages)) and len(set(plan.devices.values())) > 1
+    assert plan.predicted_step_time == pytest.approx(cm.predict(plan.devices, "pipeline", 4))
+    assert cm.chain_plan("pipeline", 4).predicted_step_time <= plan.predicted_step_time
+    assert calls["chain"] <= devices + 1  # one solve per first device, then one
+
+
+def test_up_to_the_cap_every_way_to_place_the_tied_groups_is_solved(monkeypatch, caplog):
+    """4 groups on 2 devices: 16 ways, each solved, for the exact best, up to the cap; one over it, two solves."""
+    from hetrain.placement import cost_model
+
+    calls = _count_solves(monkeypatch)
+    cm = _mirrored(4, 2)
+    kept = [a for a in itertools.product(cm.devices, repeat=len(cm.stages)) if _keeps_tied(cm, a)]
+    monkeypatch.setattr(cost_model, "TIED_CHOICES_SOLVED_EXACTLY", 16)
+    assert cm.chain_plan().predicted_step_time == pytest.approx(min(cm.predict(list(a)) for a in kept))
+    assert calls["chain"] == 16 and "greedily" not in caplog.text
+    monkeypatch.setattr(cost_model, "TIED_CHOICES_SOLVED_EXACTLY", 15)
+    calls["chain"] = 0
+    with caplog.at_level(logging.WARNING, logger="hetrain.placement.cost_model"):
+        cm.chain_plan()
+    assert calls["chain"] == 2 and "placed greedily" in caplog.text
+
+
+def test_tied_groups_only_try_the_devices_that_run_all_their_stages(monkeypatch):
+    """s0 and s3 fail on the CPU, s1 and s2 on cuda:0: each group has one device, so one way is solved."""
+    calls = _count_solves(monkeypatch)
+    cm = _mirrored(2, 2)
+    cm.compute[0][0] = cm.compute[3][0] = cm.compute[1][1] = cm.compute[2][1] = INF
+    assert cm.chain_plan().devices == {"s0": "cuda:0", "s1": "cpu", "s2": "cpu", "s3": "cuda:0"}
+    assert calls["chain"] == 1
+
+
+BAD_INPUTS = {  # (compute, bandwidth) each with one bad value, and what the error says
+    "nan cost of a tied stage": ([[1.0, NAN], [1.0, 1.0], [1.0, 1.0]], [[INF, 1e9], [1e9, INF]],
+                                 "cost of layer 0 on device 1 is nan; costs must be >= 0"),
+    "negative cost of an untied stage": ([[1.0, 1.0], [-1.0, 1.0], [1.0, 1.0]], [[INF, 1e9], [1e9, INF]],
+                                         r"cost of layer 1 on device 0 is -1.0; costs must be >= 0"),
+    "negative bandwidth": ([[1.0, 1.0]] * 3, [[INF, -1.0], [1e9, INF]],
+                           r"bandwidth from device 0 to 1 is -1.0; it must be a number > 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+@pytest.mark.parametrize("solve", ["chain_plan", "heft_plan", "multi_device_plan", "pipeline"])
+def test_a_bad_input_is_refused_as_itself_with_stages_tied(case, solve):
+    """Before, each way to place the tied groups was solved with its ValueError caught: a nan cost of a tied stage
+    was masked by the way holding the stage on the other device (an all-CPU plan came back), and a negative cost of
+    an untied one was reported as no plan keeping the tied groups together."""
+    compute, bandwidth, error = BAD_INPUTS[case]
+    cm = CostModel(["a", "b", "c"], ["cpu", "cuda:0"], compute, [8, 8, 8], bandwidth, tied=[["a", "c"]])
+    run = {"chain_plan": cm.chain_plan, "heft_plan": cm.heft_plan, "multi_device_plan": cm.multi_device_plan,
+           "pipeline": lambda: cm.chain_plan("pipeline", 2)}[solve]
+    with pytest.raises(ValueError, match=rf"^hetrain: {error}"):
+        run()
 
 
 def test_tied_groups_save_and_load_and_follow_merged_stages(tmp_path):

@@ -32,6 +32,7 @@ from hetrain.placement import (
     upward_ranks,
 )
 from hetrain.placement.plan import (
+    flatten_plan,
     hook_inputs,
     refuse_other_processes_devices,
     refuse_repeated_devices,
@@ -1237,13 +1238,32 @@ def test_cuda_and_cuda_0_are_one_device_with_or_without_a_gpu():
     refuse_repeated_devices(["cuda", "cuda:1"], "the devices")
 
 
-def test_one_process_may_name_a_gpu_by_index_several_may_not():
-    """Under DDP every process places the same plan over its own devices; cuda is each one's own GPU."""
-    refuse_other_processes_devices({"embeddings": "cpu", "encoder": "cuda:1"}, "cuda:0", processes=1)
-    refuse_other_processes_devices({"embeddings": "cpu:0", "encoder": {"1": "cuda"}}, "cpu", processes=4)
-    with pytest.raises(ValueError, match=r"under 4 processes \(DDP\) placement of 'encoder.1' names cuda:1, "
-                                         r"placement fallback names cuda:0: each process"):
-        refuse_other_processes_devices({"embeddings": "cpu", "encoder": {"1": "cuda:1"}}, "cuda:0", processes=4)
+CPU, CUDA0, CUDA1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+
+
+def test_one_process_may_place_on_any_gpu_several_only_on_their_own():
+    """Under DDP every process places the same plan over its own devices: the CPU and its root device. Before, the
+    plan was refused by how it wrote a device (cuda:0), not by where the device resolves in the process."""
+    refuse_other_processes_devices({"embeddings": CPU, "encoder": CUDA1}, CUDA0, processes=1)
+    refuse_other_processes_devices({"embeddings": CPU, "encoder.1": CUDA0}, CUDA0, processes=4)  # one GPU per node
+    refuse_other_processes_devices({"embeddings": torch.device("cpu", 0), "encoder.1": CUDA1}, CUDA1, processes=4)
+    with pytest.raises(ValueError, match=r"under 4 processes \(DDP\) the placement plan read from /runs/a/plan.yaml "
+                                         r"puts encoder.0, encoder.1 on cuda:0, not on this process's devices: .*"
+                                         r"the same one in every process.* This process's own GPU is cuda:1: write "
+                                         r"cuda \(each process's own GPU\) or cpu for those stages$"):
+        refuse_other_processes_devices({"embeddings": CPU, "encoder.0": CUDA0, "encoder.1": CUDA0}, CUDA1,
+                                       processes=4, source="/runs/a/plan.yaml")
+
+
+def test_under_ddp_a_cpu_process_refuses_every_gpu():
+    """trainer.accelerator=cpu under DDP: no process has a GPU of its own, so one every process resolves a stage to
+    (cuda: the current GPU, 0 in each) is refused, saying to write cpu."""
+    with pytest.raises(ValueError, match=r"under 2 processes \(DDP\) the placement plan puts encoder, classifier on "
+                                         r"cuda:0, not on this process's devices: .* This process has no GPU of its "
+                                         r"own \(its root device is the CPU: trainer.accelerator=cpu\): write cpu for "
+                                         r"those stages, or train on GPUs \(trainer.accelerator=gpu\), where cuda "
+                                         r"names each process's own$"):
+        refuse_other_processes_devices({"embeddings": CPU, "encoder": CUDA0, "classifier": CUDA0}, CPU, processes=2)
 
 
 def _yaml_plans(node: object) -> Iterator[tuple[Mapping, str]]:
@@ -1257,10 +1277,16 @@ def _yaml_plans(node: object) -> Iterator[tuple[Mapping, str]]:
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("recipes/*.yaml"),
                                                                           *ROOT.glob("configs/**/*.yaml")]))
-def test_every_shipped_plan_runs_under_ddp(path):
+def test_every_shipped_plan_runs_under_ddp(path, monkeypatch):
     """bert_split placed its stages on cuda:0, and the README runs it with trainer.devices=2 +trainer.strategy=ddp:
-    every process's stages went to the first GPU. A shipped plan writes cuda, each process's own."""
+    every process's stages went to the first GPU. A shipped plan writes cuda, each process's own: each of two
+    processes, one GPU each (Lightning makes its root device current), places it on its own devices."""
     plans = list(_yaml_plans(yaml.safe_load((ROOT / path).read_text())))
     assert plans or path != "recipes/bert_split.yaml"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for plan, fallback in plans:
-        refuse_other_processes_devices(plan, fallback, processes=2)
+        for rank in (0, 1):
+            monkeypatch.setattr(torch.cuda, "current_device", lambda rank=rank: rank)
+            devices, _ = resolve_plan(plan, [path for path in flatten_plan(plan) if path], fallback)
+            refuse_other_processes_devices(devices, torch.device("cuda", rank), processes=2)

@@ -530,29 +530,89 @@ def simulate_gpus(monkeypatch, current: int) -> None:
 
 
 class DDPRank:
-    """What StagePlacement reads of a Trainer under two processes, one GPU each."""
+    """What StagePlacement reads of a Trainer under two processes, one GPU each (``root``: its root device, by
+    default ``cuda:rank``). ``refused_elsewhere``: the other process refused the plan (the strategy's reduction of
+    the processes' decisions says so)."""
 
     world_size = 2
 
-    def __init__(self, rank: int) -> None:
-        self.strategy = SimpleNamespace(root_device=torch.device("cuda", rank))
+    def __init__(self, rank: int, root: torch.device | None = None, refused_elsewhere: bool = False) -> None:
+        def any_process(decision: bool, all: bool = True) -> bool:  # the strategy's argument names
+            assert not all
+            return decision or refused_elsewhere
+
+        self.strategy = SimpleNamespace(root_device=torch.device("cuda", rank) if root is None else root,
+                                        reduce_boolean_decision=any_process)
         self.precision_plugin = SimpleNamespace(forward_context=contextlib.nullcontext)
 
 
-def test_under_ddp_an_explicit_plan_naming_a_gpu_by_index_is_refused(monkeypatch):
+OLD_PLAN = "plan:\n  embeddings: cpu\n  encoder: cuda:0\n  classifier: cuda:0\nmethod: chain-dp\n"  # bert_split's
+
+
+def test_under_ddp_a_plan_putting_a_stage_on_another_process_gpu_is_refused(monkeypatch, tmp_path):
     """The bert_split recipe placed its stages on cuda:0, and the README runs it with trainer.devices=2
-    +trainer.strategy=ddp: rank 1 put its stages on rank 0's GPU. Refused in every rank, saying to write cuda."""
+    +trainer.strategy=ddp: rank 1 put its stages on rank 0's GPU. Refused, naming the stages, the process's own GPU
+    and the plan file, saying to write cuda."""
     from hetrain.models.bert import BertClassifier
 
+    (tmp_path / "plan.yaml").write_text(OLD_PLAN)
     model = BertClassifier(hidden=16, layers=1, heads=2)
+    simulate_gpus(monkeypatch, current=1)
+    placement = StagePlacement(str(tmp_path / "plan.yaml"))
+    with pytest.raises(ValueError, match=rf"under 2 processes \(DDP\) the placement plan read from "
+                                         rf"{tmp_path / 'plan.yaml'} puts encoder.0, classifier on cuda:0, not on this "
+                                         rf"process's devices: .* This process's own GPU is cuda:1: write cuda \(each "
+                                         rf"process's own GPU\) or cpu for those stages"):
+        placement._place(DDPRank(1), model)
+    assert next(model.parameters()).device.type == "cpu" and placement.devices is None  # refused before moving
+
+
+def test_under_ddp_each_process_refuses_when_one_does(monkeypatch):
+    """cuda:0 is rank 0's own GPU, so rank 0 alone would accept the plan rank 1 refuses, and train on while rank 1
+    stopped: every process stops."""
+    from hetrain.models.bert import BertClassifier
+
+    simulate_gpus(monkeypatch, current=0)
+    placement, model = StagePlacement({"": "cuda:0"}), BertClassifier(hidden=16, layers=1, heads=2)
+    stages = list(model.stages())
+    assert set(placement._resolved_in_this_process(DDPRank(0), stages).values()) == {torch.device("cuda", 0)}
+    with pytest.raises(ValueError, match=r"another process \(DDP\) refused the placement plan"):
+        placement._resolved_in_this_process(DDPRank(0, refused_elsewhere=True), stages)
+
+
+def test_under_ddp_cuda_resolves_to_each_process_own_gpu(monkeypatch):
+    """A plan writing cuda puts each process's stages on its own GPU, the trainer's root device."""
+    simulate_gpus(monkeypatch, current=1)
+    devices = StagePlacement({"a": "cpu", "b": "cuda"})._resolved_in_this_process(DDPRank(1), ["a", "b"])
+    assert devices == {"a": torch.device("cpu"), "b": torch.device("cuda", 1)}
+
+
+def test_under_ddp_without_gpus_an_older_plan_naming_cuda_0_falls_back(monkeypatch, tmp_path, caplog):
+    """CPU-only DDP with a plan an older run saved (cuda:0): the GPU is absent, so its stages go to the fallback, as
+    in one process. Before, the plan was refused for naming a GPU by index, one that is no process's here."""
+    from hetrain.models.bert import BertClassifier
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "plan.yaml").write_text(OLD_PLAN)
+    placement, model = StagePlacement(str(tmp_path / "plan.yaml")), BertClassifier(hidden=16, layers=1, heads=2)
+    with caplog.at_level(logging.INFO, logger="hetrain.callbacks.placement"):
+        placement._place(DDPRank(0, root=torch.device("cpu")), model)
+    assert set(placement.devices.values()) == {torch.device("cpu")}
+    assert "placement: cuda:0 not present; encoder, classifier -> cpu" in caplog.text
+
+
+def test_under_ddp_with_a_cpu_accelerator_a_plan_naming_cuda_is_refused(monkeypatch):
+    """trainer.accelerator=cpu under DDP on a machine with GPUs: Lightning makes no GPU current, so cuda is cuda:0 in
+    every process, and before, bert_split put every process's encoder there, outside the processes' own devices."""
+    from hetrain.models.bert import BertClassifier
+
+    simulate_gpus(monkeypatch, current=0)
+    placement = StagePlacement({"embeddings": "cpu", "encoder": "cuda", "classifier": "cuda"})
     for rank in (0, 1):
-        simulate_gpus(monkeypatch, current=rank)
-        for plan, fallback in [({"embeddings": "cpu", "encoder": "cuda:0"}, "cpu"), ({"encoder": "cuda"}, "cuda:1")]:
-            with pytest.raises(ValueError, match=r"under 2 processes \(DDP\) .*names cuda:\d: each process splits its "
-                                                 r"own share of the batch over its own devices.* Write cuda \(each "
-                                                 r"process's own GPU\) instead"):
-                StagePlacement(plan, fallback=fallback)._place(DDPRank(rank), model)
-    assert next(model.parameters()).device.type == "cpu"  # refused before anything moved
+        with pytest.raises(ValueError, match=r"under 2 processes \(DDP\) the placement plan puts encoder.0, "
+                                             r"classifier on cuda:0, not on this process's devices: .* This process "
+                                             r"has no GPU of its own .*: write cpu for those stages"):
+            placement._place(DDPRank(rank, root=torch.device("cpu")), BertClassifier(hidden=16, layers=1, heads=2))
 
 
 def test_under_ddp_auto_names_its_gpu_cuda_so_each_rank_places_on_its_own(monkeypatch):
@@ -577,5 +637,6 @@ def test_under_ddp_auto_names_its_gpu_cuda_so_each_rank_places_on_its_own(monkey
     plan = RunCosts(_time_stages(DDPRank(0), module, lambda: torch.randn(2, 2), lambda name: ())).best_plan()
     assert measured == [["cpu", "cuda"]] and plan.devices == {"a": "cuda", "c": "cuda"}
     simulate_gpus(monkeypatch, current=1)  # rank 1 places the plan it was sent, on its own GPU
-    refuse_other_processes_devices(plan.devices, "cpu", processes=2)
-    assert resolve_plan(plan.devices, ["a", "c"])[0] == {"a": torch.device("cuda", 1), "c": torch.device("cuda", 1)}
+    devices = resolve_plan(plan.devices, ["a", "c"])[0]
+    assert devices == {"a": torch.device("cuda", 1), "c": torch.device("cuda", 1)}
+    refuse_other_processes_devices(devices, DDPRank(1).strategy.root_device, processes=2)

@@ -11,7 +11,8 @@ logs the plan with its predicted step time and saves it (and the measurements) i
 where it can be reused as an explicit plan: ``plan=<run dir>/placement_plan.yaml``. Under several processes
 (DDP) global rank 0 alone measures, solves and saves, and every rank places its plan; each process splits its
 share of the batch over its own devices, so rank 0 measures the CPU and its own GPU, named ``cuda`` (each rank's
-own), and a plan naming a GPU by index (``cuda:0``, the same GPU in every process) is refused.
+own), and a plan that puts a stage on a GPU other than the process's own (``cuda:0`` in a process on ``cuda:1``, any
+GPU under ``trainer.accelerator=cpu``) is refused, in every process alike.
 """
 
 from __future__ import annotations
@@ -171,6 +172,9 @@ class StagePlacement(Callback):
                  objective: str = "sequential", micro_batches: int = 1, save_dir: str | None = None,
                  predict: bool = False) -> None:
         self.plan = read_plan(plan)
+        # The file an explicit plan was read from, named where the plan is refused (a plan an older run saved).
+        from_file = isinstance(plan, str | Path) and plan != "auto"
+        self.plan_file = str(Path(plan).expanduser().resolve()) if from_file else None
         parse_device(fallback, "placement fallback")
         if objective not in OBJECTIVES:
             raise ValueError(f"hetrain: placement objective {objective!r} is not one of {OBJECTIVES}")
@@ -234,9 +238,7 @@ class StagePlacement(Callback):
         if self.devices is None:
             if self.plan == "auto":
                 raise RuntimeError("hetrain: placement 'auto' is solved at fit start; call solve() first")
-            self.devices, note = resolve_plan(self.plan, list(stages), self.fallback)
-            if note:
-                log.info(note)
+            self.devices = self._resolved(list(stages))
         planned = {name: self.devices.get(name) or held_device(stage) for name, stage in stages.items()}
         clashes = shared_across_devices(list(stages.items()), planned)
         if clashes:
@@ -298,11 +300,39 @@ class StagePlacement(Callback):
             mine = None
         return mine, costs.best_plan()
 
+    def _resolved(self, stages: list[str]) -> dict[str, torch.device]:
+        """The plan's device for each stage it covers, an absent one replaced by the fallback (said in one log line)."""
+        devices, note = resolve_plan(self.plan, stages, self.fallback)
+        if note:
+            log.info(note)
+        return devices
+
+    def _resolved_in_this_process(self, trainer: pl.Trainer, stages: list[str]) -> dict[str, torch.device]:
+        """:meth:`_resolved`, refusing under several processes a stage put on another process's GPU (see
+        :func:`refuse_other_processes_devices`). Each process resolves to its own devices, so one may refuse where
+        another does not (``cuda:0`` is rank 0's own GPU only): every process stops if one does, rather than the
+        others waiting for it in the run's first collective."""
+        failure, devices = None, {}
+        try:
+            devices = self._resolved(stages)
+            refuse_other_processes_devices(devices, trainer.strategy.root_device, trainer.world_size, self.plan_file)
+        except ValueError as exc:
+            failure = exc
+        # Every process joins the reduction, a refusing one too, before any of them raises.
+        refused_elsewhere = (trainer.world_size > 1
+                             and trainer.strategy.reduce_boolean_decision(failure is not None, all=False))
+        if failure is not None:
+            raise failure
+        if refused_elsewhere:
+            raise ValueError("hetrain: another process (DDP) refused the placement plan, and every process stops with "
+                             "it; that process's error says why")
+        return devices
+
     def _place(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plan == "auto" and self.devices is None:
             self.plan = self.solve(trainer, pl_module).devices
         if self.devices is None:
-            refuse_other_processes_devices(self.plan, self.fallback, trainer.world_size)
+            self.devices = self._resolved_in_this_process(trainer, list(pl_module.stages()))
         placed = self.place(pl_module.stages())
         if self.predict and self.plan != "auto" and not self.summary and trainer.state.fn == "fit":
             self.compare(trainer, pl_module, placed)

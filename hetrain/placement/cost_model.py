@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import math
 import statistics
 import time
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from hetrain.placement.chain import chain_dp_bytes, chain_time
+from hetrain.placement.chain import _distinct_default, chain_dp_bytes, chain_time
 from hetrain.placement.heft import check_bandwidth, heft_bytes
 from hetrain.placement.pipeline import tied_stages
 from hetrain.placement.plan import (
@@ -43,6 +44,15 @@ from hetrain.placement.plan import (
     refuse_repeated_devices,
     stage_paths,
 )
+
+log = logging.getLogger(__name__)
+
+# The most ways to put the tied groups on devices (the product over the groups of the devices each may go to) that
+# the sequential and HEFT solvers try one by one, for the exact best; above it they place the groups greedily (see
+# CostModel._greedy). Each way is one solve of an O(stages * devices^2) chain (HEFT alike), 0.2-0.3 ms for 8-16
+# stages on 2-9 devices on a 2-core CPU, so 256 ways stay near a tenth of a second, while the count grows as
+# devices^groups: an autoencoder with 6 tied layer pairs on a CPU and 8 GPUs has 9^6 = 531441.
+TIED_CHOICES_SOLVED_EXACTLY = 256
 
 
 @dataclass
@@ -138,7 +148,9 @@ class CostModel:
 
     def heft_plan(self, training: bool = True) -> PlacementPlan:
         """HEFT's plan for the stages as a chain, its makespan as the predicted step time; each tied group on one
-        device (the best makespan over the ways to place the groups)."""
+        device (the best makespan over the ways to place the groups, or greedily where they are many: see
+        :meth:`_fastest`)."""
+        self._check_inputs(training)
         return self._fastest(lambda model: model._heft_plan(training))
 
     def _heft_plan(self, training: bool) -> PlacementPlan:
@@ -149,8 +161,15 @@ class CostModel:
                    distinct_devices: bool | None = None) -> PlacementPlan:
         """The exact chain solver's plan for ``objective`` (see :func:`hetrain.placement.chain_dp`; by default a
         sequential plan may go back to a device, a pipeline one holds one stage per device), each tied group on one
-        device."""
-        return self._fastest(lambda model: model._chain_plan(objective, micro_batches, training, distinct_devices))
+        device: exactly with one stage per device (:meth:`_merge_tied_spans`), else as :meth:`_fastest` says."""
+        self._check_inputs(training, objective, micro_batches)
+        solve = functools.partial(CostModel._chain_plan, objective=objective, micro_batches=micro_batches,
+                                  training=training, distinct_devices=distinct_devices)
+        if not _distinct_default(objective, distinct_devices):
+            return self._fastest(solve)
+        merged, runs_in = self._merge_tied_spans()
+        self._refuse_unrunnable_spans(merged, runs_in)
+        return _expanded(solve(merged), runs_in)
 
     def _chain_plan(self, objective: str, micro_batches: int, training: bool,
                     distinct_devices: bool | None) -> PlacementPlan:
@@ -160,16 +179,18 @@ class CostModel:
 
     def multi_device_plan(self, micro_batches: int = 1, training: bool = True) -> PlacementPlan | None:
         """The best pipeline plan over two devices or more (``None`` where there is none), each tied group on one
-        device: the solver's optimum may be one device, which a caller pricing one-device plans otherwise (as whole
-        batches) must not take for the best split."""
-        return self._fastest(lambda model: model._multi_device_plan(micro_batches, training))
+        device (exactly: see :meth:`_merge_tied_spans`): the solver's optimum may be one device, which a caller
+        pricing one-device plans otherwise (as whole batches) must not take for the best split."""
+        self._check_inputs(training, "pipeline", micro_batches)
+        merged, runs_in = self._merge_tied_spans()
+        return _expanded(merged._multi_device_plan(micro_batches, training), runs_in)
 
     def _multi_device_plan(self, micro_batches: int, training: bool) -> PlacementPlan | None:
         """With one stage per device a plan over several devices starts on one device and ends on another, so the
-        solver runs once per first device, holding the first stage there and the last stage off it."""
+        solver runs once per first device, holding the first stage there and the last stage off it. The inputs are
+        checked (:meth:`_check_inputs`), so a ValueError below only says a restricted chain has no plan (a merged span
+        of tied stages that no device runs, too)."""
         costs, boundary_bytes, bandwidth = self.chain_inputs(training)
-        # Validates the inputs once, so that a ValueError below only says a restricted chain has no plan.
-        chain_time(costs, boundary_bytes, bandwidth, [0] * len(costs), "pipeline", micro_batches)
         plans = []
         for first in range(len(self.devices)):
             ends = _ends_on(costs, first)
@@ -208,47 +229,99 @@ class CostModel:
                 raise ValueError(f"hetrain: stages {', '.join(group)} share parameters, but the plan puts {where}; a "
                                  f"parameter lives on one device, so put them on one (or untie the weights)")
 
-    def _tied_choices(self) -> list[CostModel]:
-        """This model, untied, once per way to put each tied group on one device that runs all of its stages, the
-        group's stages held there (``inf`` on every other device)."""
-        row_of = {stage: i for i, stage in enumerate(self.stages)}
-        choices = []
-        for chosen in itertools.product(range(len(self.devices)), repeat=len(self.tied)):
-            compute = [list(row) for row in self.compute]
-            for group, device in zip(self.tied, chosen, strict=True):
-                for stage in group:
-                    row = compute[row_of[stage]]
-                    compute[row_of[stage]] = [c if d == device else math.inf for d, c in enumerate(row)]
-            if all(not all(math.isinf(c) for c in row) for row in compute):
-                choices.append(dataclasses.replace(self, compute=compute, tied=[]))
-        if not choices:
-            groups = "; ".join(", ".join(group) for group in self.tied)
-            raise ValueError(f"hetrain: stages sharing parameters must run on one device, but no device runs every "
-                             f"stage of each group ({groups}); the cost model's errors say why each failed where")
-        return choices
+    def _check_inputs(self, training: bool, objective: str = "sequential", micro_batches: int = 1) -> None:
+        """Checks the costs, byte counts, bandwidths and solver settings once, before any way to place the tied
+        groups is solved: a bad input (a nan or negative cost) is then named as itself, not taken for a way that has
+        no plan, nor hidden by one that holds its stage on another device."""
+        costs, boundary_bytes, bandwidth = self.chain_inputs(training)
+        chain_time(costs, boundary_bytes, bandwidth, [0] * len(costs), objective, micro_batches)
 
-    def _fastest(self, solve: Callable[[CostModel], PlacementPlan | None]) -> PlacementPlan | None:
-        """``solve``'s fastest plan over :meth:`_tied_choices` (``solve(self)`` where nothing is tied). A choice it
-        finds no plan for (a pipeline with both ends of the chain held to one device) is passed over; where every
-        choice raised, the first error is raised, saying the tied groups held the plans."""
+    def _group_devices(self) -> list[list[int]]:
+        """Each tied group's devices that run every stage of it (a finite cost for each), the only ones it may go
+        to; raises naming the groups that have none."""
+        rows = [[self.compute[self.stages.index(stage)] for stage in group] for group in self.tied]
+        allowed = [[d for d in range(len(self.devices)) if not any(math.isinf(row[d]) for row in group_rows)]
+                   for group_rows in rows]
+        stranded = "; ".join(", ".join(group) for group, devices in zip(self.tied, allowed, strict=True) if not devices)
+        if stranded:
+            raise ValueError(f"hetrain: stages sharing parameters must run on one device, but no device runs every "
+                             f"stage of {stranded}; the cost model's errors say why each failed where (or untie the "
+                             f"weights)")
+        return allowed
+
+    def _held(self, chosen: Sequence[int]) -> CostModel:
+        """This model, untied, each tied group's stages held to its device in ``chosen`` (``inf`` on every other)."""
+        held = {self.stages.index(stage): device for group, device in zip(self.tied, chosen, strict=True)
+                for stage in group}
+        compute = [[c if held.get(s, d) == d else math.inf for d, c in enumerate(row)]
+                   for s, row in enumerate(self.compute)]
+        return dataclasses.replace(self, compute=compute, tied=[])
+
+    def _fastest(self, solve: Callable[[CostModel], PlacementPlan]) -> PlacementPlan:
+        """``solve``'s fastest plan keeping each tied group on one device, for a solver that may put several stages
+        on a device (sequential, HEFT), where no merge makes the groups one stage: it is solved once per way to put
+        the groups on devices that run all their stages, made one at a time, up to
+        ``TIED_CHOICES_SOLVED_EXACTLY`` ways; above that the groups are placed greedily (:meth:`_greedy`)."""
         if not self.tied:
             return solve(self)
-        plans, failure = [], None
-        for model in self._tied_choices():
-            try:
-                plan = solve(model)
-            except ValueError as exc:
-                failure = failure or exc
-                continue
-            if plan is not None:
-                plans.append(plan)
-        if plans:
-            return min(plans, key=lambda plan: plan.predicted_step_time)
-        if failure is None:
-            return None
-        groups = "; ".join(", ".join(group) for group in self.tied)
-        raise ValueError(f"hetrain: no plan keeps each group of stages sharing parameters ({groups}) on one device: "
-                         f"{failure}") from failure
+        allowed = self._group_devices()
+        if math.prod(len(devices) for devices in allowed) > TIED_CHOICES_SOLVED_EXACTLY:
+            return self._greedy(solve, allowed)
+        plans = (solve(self._held(chosen)) for chosen in itertools.product(*allowed))
+        return min(plans, key=lambda plan: plan.predicted_step_time)
+
+    def _greedy(self, solve: Callable[[CostModel], PlacementPlan], allowed: list[list[int]]) -> PlacementPlan:
+        """Two solves where the ways to place the tied groups are too many to try: the untied chain, then the chain
+        with each group held where :meth:`_pin` puts it after that plan. Exact where the untied plan keeps every
+        group together; otherwise the plan may be slower than the best that does, which is logged."""
+        untied = solve(dataclasses.replace(self, tied=[]))
+        pins = [self._pin(group, devices, untied) for group, devices in zip(self.tied, allowed, strict=True)]
+        ways = math.prod(len(devices) for devices in allowed)
+        log.warning(f"placement: the {len(self.tied)} groups of stages sharing parameters have {ways} ways onto the "
+                    f"devices, more than the {TIED_CHOICES_SOLVED_EXACTLY} solved one by one, so they were placed "
+                    f"greedily: each on the device, of those the best untied plan gave its stages, where its stages "
+                    f"compute fastest; the plan may be slower than the best that keeps them together")
+        return solve(self._held(pins))
+
+    def _pin(self, group: Sequence[str], allowed: Sequence[int], untied: PlacementPlan) -> int:
+        """Where a tied group goes greedily: of the devices the untied plan gave its stages (and that run all of
+        them), the one where its stages' summed compute is least; where none runs all of them, its cheapest."""
+        rows = [self.compute[self.stages.index(stage)] for stage in group]
+        given = {self.devices.index(untied.devices[stage]) for stage in group}
+        candidates = [d for d in allowed if d in given] or list(allowed)
+        return min(candidates, key=lambda d: sum(row[d] for row in rows))
+
+    def _merge_tied_spans(self) -> tuple[CostModel, dict[str, str]]:
+        """This model with each tied group's span (its first stage to its last, overlapping spans joined) merged into
+        one stage, and the merged stage each stage runs in. With one stage per device a device holds one contiguous
+        run of stages, so a group is on one device exactly when its whole span is: the merged chain has no ties and
+        one solve places it exactly."""
+        if not self.tied:
+            return self, {stage: stage for stage in self.stages}
+        self._group_devices()  # a group no device runs is named as such, not as a merged stage that runs nowhere
+        position = {stage: i for i, stage in enumerate(self.stages)}
+        span_end = {}  # a group's first position -> its last
+        for group in self.tied:
+            span_end[min(position[stage] for stage in group)] = max(position[stage] for stage in group)
+        runs_in, head, end = {}, self.stages[0], -1
+        for i, stage in enumerate(self.stages):
+            if i > end:  # past every span open so far: a stage of its own, or a new span's first
+                head = stage
+            end = max(end, span_end.get(i, -1))
+            runs_in[stage] = head
+        return self._merged(runs_in), runs_in
+
+    def _refuse_unrunnable_spans(self, merged: CostModel, runs_in: Mapping[str, str]) -> None:
+        """With one stage per device, a merged span of tied stages that no device runs all of has no plan: raised
+        naming the stages, not as a merged stage of the solver's that runs nowhere."""
+        for head, row in zip(merged.stages, merged.compute, strict=True):
+            if all(math.isinf(c) for c in row):
+                span = ", ".join(stage for stage in self.stages if runs_in[stage] == head)
+                raise ValueError(f"hetrain: with one stage per device (the pipeline objective, or distinct_devices) a "
+                                 f"device runs one contiguous run of stages, so stages sharing parameters take the "
+                                 f"stages between them onto their device too, but no device runs all of {span}; the "
+                                 f"cost model's errors say why each failed where. Use the sequential objective, or "
+                                 f"untie the weights")
 
     def device_indices(self, devices: Mapping[str, str] | Sequence[str]) -> list[int]:
         """Each stage's measured device, as its index in ``devices``, under ``{path: device}`` (group paths allowed)
@@ -288,6 +361,13 @@ class CostModel:
         for stage in self.stages:
             head = stage if stage in heads else head
             runs_in[stage] = head
+        return self._merged(runs_in), runs_in
+
+    def _merged(self, runs_in: Mapping[str, str]) -> CostModel:
+        """This model with each stage merged into the stage ``runs_in`` names (contiguous runs, each named by one
+        of its stages): a merged stage costs the sum of its parts on each device, has no transfer between them, and
+        hands on its last part's output; a tied group keeps the merged stages its stages run in."""
+        heads = list(dict.fromkeys(runs_in[stage] for stage in self.stages))
         parts = {h: [i for i, s in enumerate(self.stages) if runs_in[s] == h] for h in heads}
         compute = [[sum(self.compute[i][d] for i in parts[h]) for d in range(len(self.devices))] for h in heads]
         errors: dict[str, dict[str, str]] = {}
@@ -295,10 +375,9 @@ class CostModel:
             for device, reason in reasons.items():
                 errors.setdefault(runs_in[stage], {}).setdefault(device, f"{stage}: {reason}")
         tied = [list(dict.fromkeys(runs_in[stage] for stage in group)) for group in self.tied]
-        merged = CostModel(heads, list(self.devices), compute, [self.boundary_bytes[parts[h][-1]] for h in heads],
-                           [list(row) for row in self.bandwidth], errors, dict(self.meta),
-                           [group for group in tied if len(group) > 1])
-        return merged, runs_in
+        return CostModel(heads, list(self.devices), compute, [self.boundary_bytes[parts[h][-1]] for h in heads],
+                         [list(row) for row in self.bandwidth], errors, dict(self.meta),
+                         [group for group in tied if len(group) > 1])
 
     def to_dict(self) -> dict[str, Any]:
         # JSON has no infinity or nan; "inf", "-inf" and "nan" keep the file readable by any parser, and load back.
@@ -342,6 +421,14 @@ def _as_measured(device: torch.device, measured: Sequence[torch.device]) -> torc
         if len(of_type) == 1:
             return of_type[0]
     return _indexed(device)
+
+
+def _expanded(plan: PlacementPlan | None, runs_in: Mapping[str, str]) -> PlacementPlan | None:
+    """A merged model's plan as one for every stage: each on the device of the merged stage it runs in."""
+    if plan is None:
+        return None
+    devices = {stage: plan.devices[head] for stage, head in runs_in.items()}
+    return PlacementPlan(devices, plan.method, plan.predicted_step_time)
 
 
 def _ends_on(costs: list[list[float]], first: int) -> list[list[float]] | None:

@@ -339,29 +339,38 @@ def resolve_plan(
     return devices, f"placement: {note}" if note else None
 
 
-def refuse_other_processes_devices(plan: Mapping[str, object], fallback: str, processes: int) -> None:
-    """Refuses, under several processes (DDP), a plan or fallback naming an accelerator by index (``cuda:0``).
+def refuse_other_processes_devices(devices: Mapping[str, torch.device], own: torch.device, processes: int,
+                                   source: str | None = None) -> None:
+    """Refuses, under several processes (DDP), a resolved plan (:func:`resolve_plan`'s ``{stage: device}``) that puts
+    a stage on an accelerator other than this process's own (``own``, its root device).
 
     Every process places the same plan, and each splits its own share of the batch over its own devices: the CPU
-    and its own GPU. ``cuda:0`` is one process's GPU only, so every process's stages would go there, competing
-    for it while the others sit idle. ``cuda`` names each process's own GPU (the one the trainer made current for
-    it). Refused in every process alike, so that all stop rather than some waiting for the others to join them."""
+    and its own GPU. A GPU named by index is the same one in every process, so where it is not this process's own
+    (``cuda:0`` in the process on ``cuda:1``; any GPU where the root device is the CPU, as under
+    ``trainer.accelerator=cpu``) the processes would compete for it while their own sit idle. With one GPU per node
+    ``cuda:0`` is each process's own, and ``cuda`` resolves to each process's own GPU (the one the trainer made
+    current for it). A planned device that is absent counts as the fallback that replaced it. ``source``: the plan
+    file the plan was read from, named in the error."""
     if processes <= 1:
         return
-    named = {**{f"placement of {path!r}": name for path, name in flatten_plan(plan).items()},
-             "placement fallback": fallback}
-    indexed = {}
-    for what, name in named.items():
-        device = parse_device(name, what)
-        if device.type not in ("cpu", "meta") and device.index is not None:
-            indexed[what] = device
-    if indexed:
-        named_here = ", ".join(f"{what} names {device}" for what, device in indexed.items())
-        own = ", ".join(sorted({device.type for device in indexed.values()}))
-        raise ValueError(f"hetrain: under {processes} processes (DDP) {named_here}: each process splits its own share "
-                         f"of the batch over its own devices, but an indexed device is the same GPU in every process, "
-                         f"so all of them would place their stages there. Write {own} (each process's own GPU) "
-                         f"instead")
+    own = _indexed(own)
+    elsewhere: dict[torch.device, list[str]] = {}
+    for stage, device in devices.items():
+        if device.type not in ("cpu", "meta") and _indexed(device) != own:
+            elsewhere.setdefault(_indexed(device), []).append(stage)
+    if not elsewhere:
+        return
+    plan = f"the placement plan read from {source}" if source else "the placement plan"
+    placed = "; ".join(f"{', '.join(stages)} on {device}" for device, stages in elsewhere.items())
+    if own.type == "cpu":
+        gpus = ", ".join(sorted({device.type for device in elsewhere}))
+        fix = (f"This process has no GPU of its own (its root device is the CPU: trainer.accelerator=cpu): write cpu "
+               f"for those stages, or train on GPUs (trainer.accelerator=gpu), where {gpus} names each process's own")
+    else:
+        fix = f"This process's own GPU is {own}: write {own.type} (each process's own GPU) or cpu for those stages"
+    raise ValueError(f"hetrain: under {processes} processes (DDP) {plan} puts {placed}, not on this process's "
+                     f"devices: each process splits its own share of the batch over the CPU and its own GPU, and a GPU "
+                     f"named by index is the same one in every process, so they would compete for it. {fix}")
 
 
 def _refuse_meta(devices: Mapping[str, torch.device]) -> None:

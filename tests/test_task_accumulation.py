@@ -248,23 +248,27 @@ class Windows(pl.Callback):
         self._indices, self._batches = [], []
 
 
-def _fit_dataloader(samples: int, max_steps: int, root, ckpt_path=None) -> Windows:
-    """A torch DataLoader of batch size 4 under accumulate_grad_batches=2; the fit's checkpoint saved at its end."""
+def _fit_dataloader(samples: int, max_steps: int, root, ckpt_path=None, planned: bool = True) -> Windows:
+    """A torch DataLoader of batch size 4 under accumulate_grad_batches=2; the fit's checkpoint saved at its end.
+    Not ``planned``: the same batches from a batch sampler, which says no batch size ahead."""
     dataset = SyntheticSequences(samples, min_len=4, max_len=20, vocab_size=64, num_classes=4, seed=5)
+    batches = [list(range(i, min(i + 4, samples))) for i in range(0, samples, 4)]
+    loader = (DataLoader(dataset, batch_size=4, collate_fn=pad_collate) if planned else
+              DataLoader(dataset, batch_sampler=batches, collate_fn=pad_collate))
     windows = Windows()
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[windows], default_root_dir=root)
-    trainer.fit(_task(4), DataLoader(dataset, batch_size=4, collate_fn=pad_collate), ckpt_path=ckpt_path)
+    trainer.fit(_task(4), loader, ckpt_path=ckpt_path)
     trainer.save_checkpoint(root / "last.ckpt")
     return windows
 
 
-def _check_every_window(windows: Windows) -> None:
+def _check_every_window(windows: Windows, weigh_batches_equally: bool = False) -> None:
     for _, weights, batches, grads in windows.steps:
         model = _task().model
         model.load_state_dict(weights)
-        exact = _grads(model, batches, weigh_batches_equally=False)
+        exact = _grads(model, batches, weigh_batches_equally=weigh_batches_equally)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, exact[name], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -277,6 +281,16 @@ def test_a_dataloader_run_resumed_after_stopping_at_max_steps_on_an_epochs_last_
         windows = _fit_dataloader(8, 3, tmp_path / "resumed", ckpt_path=tmp_path / "last.ckpt")
     assert [indices for indices, *_ in windows.steps] == [[2], [0, 1]]
     _check_every_window(windows)
+
+
+def test_a_loader_without_a_plan_resumed_past_the_epochs_last_batch_weighs_that_batch_as_a_whole_window(tmp_path):
+    """Without a batch plan the batch Lightning numbers past the epoch's end (#19367), a window of its own that it
+    still divides by k, stepped with half its mean's gradient."""
+    with pytest.warns(UserWarning, match="does not say ahead"):
+        _fit_dataloader(8, 1, tmp_path, planned=False)
+        windows = _fit_dataloader(8, 3, tmp_path / "resumed", ckpt_path=tmp_path / "last.ckpt", planned=False)
+    assert [indices for indices, *_ in windows.steps] == [[2], [0, 1]]
+    _check_every_window(windows, weigh_batches_equally=True)
 
 
 def test_a_dataloader_resumed_inside_an_epoch_weighs_the_batches_it_restarts_with(tmp_path):

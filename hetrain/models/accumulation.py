@@ -46,10 +46,13 @@ def step_items(loader: Any, world_size: int, resumed_batches: int = 0) -> np.nda
 def _share_of_batch_means(trainer: pl.Trainer, batch_idx: int, batch_items: int) -> float:
     """The factor for a window's mean of batch means: Lightning divides each batch's loss by k, but the epoch's last
     window may hold fewer batches (``num_training_batches``, where the loader has a length, says how many); without
-    one, or past it, the batch mean."""
+    one, the batch mean. A batch numbered past the epoch's last (see :meth:`WindowNormaliser._beyond_the_plan`) is a
+    window of its own, which Lightning still divides by k."""
     k, batches = trainer.accumulate_grad_batches, trainer.num_training_batches
-    if math.isinf(batches) or batch_idx >= batches:
+    if math.isinf(batches):
         return 1.0 / batch_items
+    if batch_idx >= batches:
+        return k / batch_items
     start = batch_idx // k * k
     return k / ((min(start + k, int(batches)) - start) * batch_items)
 

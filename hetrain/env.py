@@ -57,7 +57,7 @@ def triton_version() -> str | None:
     """The installed Triton's version, or None where it is not importable."""
     try:
         import triton
-    except Exception:  # not installed, or failing to import (no driver): the report says so rather than stopping
+    except ImportError:
         return None
     return triton.__version__
 

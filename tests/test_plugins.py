@@ -225,7 +225,8 @@ def test_entry_point_backend_from_an_installed_distribution(tmp_path):
 
 
 def test_a_triton_that_fails_to_import_leaves_its_backend_unavailable_and_the_cpu_kernels_running(tmp_path):
-    """A Triton raising RuntimeError at import (no driver) stopped `import hetrain` itself, CPU training included."""
+    """A Triton raising RuntimeError at import (no driver) stopped `import hetrain` itself. (Lightning and
+    torch.compile import torch._dynamo, which fails with such a Triton whatever hetrain does.)"""
     (tmp_path / "triton").mkdir()
     (tmp_path / "triton" / "__init__.py").write_text('raise RuntimeError("0 active drivers ([]). There should only '
                                                      'be one.")\n')
@@ -239,6 +240,18 @@ def test_a_triton_that_fails_to_import_leaves_its_backend_unavailable_and_the_cp
     reason, selected = out.stdout.strip().splitlines()
     assert reason == "triton failed to import (RuntimeError: 0 active drivers ([]). There should only be one.)"
     assert selected == "cpu torch.Size([2, 3])"
+
+
+def test_hetrains_own_triton_module_failing_to_import_is_named_as_such_with_its_traceback(tmp_path):
+    """Any error of a kernel module was reported as "triton failed to import": a bug in hetrain's kernels (a NameError)
+    read as a broken Triton, without a traceback."""
+    (tmp_path / "broken_kernels.py").write_text("undefined_helper()\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from hetrain.ops import _backends; "
+            "print(_backends._import_triton_module('broken_kernels'))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ("hetrain's Triton kernels (broken_kernels) failed to import (NameError: name "
+                                  "'undefined_helper' is not defined)")
+    assert "Traceback" in out.stderr and "undefined_helper()" in out.stderr
 
 
 def test_every_fused_call_runs_in_a_named_profiler_range():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 from types import ModuleType
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import torch
 
 from hetrain import _ext, plugins
+
+log = logging.getLogger(__name__)
 
 # Best first: Triton, then the CUDA C++ kernel, then the C++ CPU kernel, then the plain reference.
 # Triton leads on CUDA until a recorded GPU benchmark says otherwise for an op.
@@ -25,15 +28,21 @@ def triton_interpreting() -> bool:
 
 
 def _import_triton_module(name: str) -> ModuleType | str:
-    """The kernels' module, or why it cannot be imported. Any error, not only ImportError: a Triton that finds no
-    driver raises RuntimeError, one lacking an attribute the kernels use AttributeError, and either must leave the
-    Triton backend unavailable with its reason, not stop ``import hetrain`` on a machine the C++ kernels serve."""
+    """The kernels' module, or why it cannot be imported, leaving the Triton backend unavailable rather than stopping
+    ``import hetrain`` where the C++ kernels serve. Triton itself may fail with any error (one that finds no driver
+    raises RuntimeError); a failure of hetrain's kernel module is a bug or a Triton API it lacks: said with its
+    traceback, so that it is not taken for a missing Triton (the tests, which pin the backend, then fail on it)."""
     try:
-        return importlib.import_module(name)
+        importlib.import_module("triton")
     except ImportError as exc:
         return f"triton is not importable ({exc})"
     except Exception as exc:
         return f"triton failed to import ({type(exc).__name__}: {exc})"
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        log.warning(f"hetrain: the Triton kernels of {name} failed to import; their backend is off", exc_info=True)
+        return f"hetrain's Triton kernels ({name}) failed to import ({type(exc).__name__}: {exc})"
 
 
 def _triton_available(module: ModuleType | str) -> bool | str:

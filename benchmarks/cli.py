@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -91,16 +91,17 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> str:
     return device
 
 
-def check_backend_settings(parser: argparse.ArgumentParser, device: str) -> None:
+def check_backend_settings(parser: argparse.ArgumentParser, device: str, ops: Iterable[str] | None = None) -> None:
     """Refuses in one usage line a setting of hetrain.plugins' environment variables it cannot use (HETRAIN_BACKEND,
-    HETRAIN_PREFER, HETRAIN_STRICT: malformed, or naming no op or backend), or a pin to a backend that cannot run on
-    ``device`` (it does not serve the device's type, or is unavailable, with why). Read at each op's first call, it
-    failed every case, and the run still wrote its result."""
+    HETRAIN_PREFER, HETRAIN_STRICT: malformed, or naming no op or backend), or a pin, of one of ``ops`` (the plugin
+    ops the run calls; None: every op), to a backend that cannot run on ``device`` (it does not serve the device's
+    type, or is unavailable, with why). Read at each op's first call, it failed every case, and the run still wrote
+    its result; a pin of an op the run never calls is no concern of it."""
     try:
         plugins.preferred()
         plugins.strict()
         for op in plugins.ops():
-            if plugins.pinned(op) is not None:
+            if plugins.pinned(op) is not None and (ops is None or op in ops):
                 plugins.candidates(op, device)  # a pinned backend alone: refused where it cannot run on device
     except plugins.BackendError as exc:
         parser.error(str(exc))

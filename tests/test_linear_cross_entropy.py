@@ -390,15 +390,18 @@ def test_vmap_with_a_torch_func_gradient_is_refused_naming_the_reference_where_b
 def test_vmap_of_the_reduced_loss_under_autograd_is_refused_naming_the_reference(reduction):
     """A BatchedTensor says requires_grad=False for a tensor that requires grad beneath vmap: hidden's gradient was
     not asked of the kernel, so on the GPU path it came back None; on the CPU path backward failed in vmap's error
-    for .item(), naming no op. Without gradients the batched loss is the reference's."""
+    for .item(), naming no op. With nothing to differentiate the batched loss is the reference's."""
     hidden, weight, _b, target = inputs((4, 5), 6, 7, seed=22, ignored=1)
+    refused = (r"hetrain.ops.linear_cross_entropy: torch.vmap over the reduced loss .* Use "
+               r"hetrain.ops.linear_cross_entropy_ref")
     with plugins.use_backend(linear_cross_entropy="cpu"):
-        with pytest.raises(RuntimeError, match=r"hetrain.ops.linear_cross_entropy: torch.vmap over the reduced loss "
-                                               r".* Use hetrain.ops.linear_cross_entropy_ref"):
+        with pytest.raises(RuntimeError, match=refused):
             torch.vmap(lambda h, t: linear_cross_entropy(h, weight, t, reduction=reduction))(hidden, target)
-        with torch.no_grad():
-            got = torch.vmap(lambda h, t: linear_cross_entropy(h, weight, t, reduction=reduction))(hidden, target)
-    expected = torch.stack([linear_cross_entropy_ref(h, weight, t, reduction=reduction)
+        with pytest.raises(RuntimeError, match=refused):  # only the target batched: backward read the batched loss
+            torch.vmap(lambda t: linear_cross_entropy(hidden[0], weight, t, reduction=reduction))(target)
+        frozen = weight.detach()  # batched inference, nothing to differentiate: runs with gradients enabled
+        got = torch.vmap(lambda h, t: linear_cross_entropy(h, frozen, t, reduction=reduction))(hidden.detach(), target)
+    expected = torch.stack([linear_cross_entropy_ref(h, frozen, t, reduction=reduction)
                             for h, t in zip(hidden.detach(), target, strict=True)])
     assert_close(got, expected, torch.float64, "loss")
 

@@ -6,6 +6,7 @@ pruned weight, which it would not take; those copying the module keep both. ``pa
 leaves such subclasses alone."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -205,6 +206,17 @@ def test_a_rebuilding_constructor_refuses_a_weight_that_is_not_a_parameter():
     norm.register_buffer("weight", torch.ones(4))  # frozen
     with pytest.raises(ValueError, match=r"the LayerNorm's weight is a Tensor, not a torch\.nn\.Parameter"):
         DropoutAddLayerNorm.from_layer_norm(norm, 0.25)
+
+
+@pytest.mark.parametrize("reparametrize", [torch.nn.utils.spectral_norm, torch.nn.utils.weight_norm])
+def test_a_rebuilding_constructor_names_a_weight_a_norm_hook_computes_and_how_to_remove_it(reparametrize):
+    # It was called pruned, with advice (prune.remove) that fails on such a module.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm's: torch.nn.utils.parametrizations has its own
+        linear = reparametrize(_make(torch.nn.Linear))
+    with pytest.raises(ValueError, match=r"the Linear's weight is computed before each call by a hook \(spectral_norm "
+                                         r"or weight_norm\).*remove_spectral_norm\(module\) or remove_weight_norm"):
+        LinearCrossEntropyHead.from_linear(linear)
 
 
 @pytest.mark.parametrize("name", ["LayerNorm.from_torch", "BiasGELU.from_linear"])

@@ -7,10 +7,12 @@ from collections import Counter
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from op_testing import OpLog, randn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import hetrain.nn
 from hetrain import ops, plugins
 from hetrain.ops.layer_norm import TorchBackend
 
@@ -203,6 +205,27 @@ def test_grad_of_vmap_and_per_sample_gradients_match_torchs_in_float64(op, compo
     with plugins.use_backend(**{op: backend}):
         got = FIRST_ORDER[composition](fused, w, xs)
     torch.testing.assert_close(got, FIRST_ORDER[composition](reference, w, xs), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["grad", "vmap(grad)"])
+def test_gradients_of_a_model_whose_parameters_require_grad_can_be_clipped_in_place(per_sample):
+    """With parameters that still require grad (functional_call over named_parameters(), as DP-SGD loops do) the
+    fused LayerNorm's gradients came out as views made inside a Function, which mul_ refused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), hetrain.nn.LayerNorm(8), torch.nn.Linear(8, 3)).double()
+    params = dict(model.named_parameters())
+    x, t = torch.randn(5, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    def loss(p, x, t):
+        return F.cross_entropy(torch.func.functional_call(model, p, (x,)), t)
+
+    if per_sample:
+        grads = torch.func.vmap(torch.func.grad(lambda p, x, t: loss(p, x[None], t[None])), (None, 0, 0))(params, x, t)
+    else:
+        grads = torch.func.grad(loss)(params, x, t)
+    expected = grads["1.weight"].detach().clone()
+    grads["1.weight"].mul_(0.5)
+    torch.testing.assert_close(grads["1.weight"], expected * 0.5)
 
 
 @pytest.mark.parametrize("how", list(STACKED))

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch.nn.modules.module import _WrappedHook
+from torch.nn.utils import prune
 
 M = TypeVar("M", bound=torch.nn.Module)
 H = TypeVar("H")
@@ -94,11 +95,16 @@ def refuse_computed_parameter(who: str, module: torch.nn.Module, name: str) -> N
     if value is None or isinstance(value, torch.nn.Parameter):
         return
     kind = type(module).__name__
-    if isinstance(module._parameters.get(f"{name}_orig"), torch.nn.Parameter):
+    if prune.is_pruned(module):
         raise ValueError(f"{who}: the {kind}'s {name} is pruned (torch.nn.utils.prune): a hook computes it before "
                          f"each call from {name}_orig and {name}_mask, which the fused module would not do; call "
                          f"torch.nn.utils.prune.remove(module, '{name}') first to make the pruning permanent (the "
                          f"fused module then takes the pruned {name}), or keep the {kind}")
+    if isinstance(module._parameters.get(f"{name}_orig"), torch.nn.Parameter) or hasattr(module, f"{name}_g"):
+        raise ValueError(f"{who}: the {kind}'s {name} is computed before each call by a hook (spectral_norm or "
+                         f"weight_norm), which the fused module would not do; remove it first "
+                         f"(torch.nn.utils.remove_spectral_norm(module) or remove_weight_norm(module)) to keep "
+                         f"the {name} it computes, or keep the {kind}")
     raise ValueError(f"{who}: the {kind}'s {name} is a {type(value).__name__}, not a torch.nn.Parameter, which the "
                      f"fused module would hold as its parameter; register it as one "
                      f"(module.{name} = torch.nn.Parameter(...)), or keep the {kind}")

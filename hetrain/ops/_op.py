@@ -87,7 +87,9 @@ class _SecondDerivativeRefused(torch.autograd.Function):
 
     @staticmethod
     def forward(message: str, count: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(t.view_as(t) for t in tensors[:count])
+        # Copies, not views: a view made inside a Function may not be changed in place, and a per-sample gradient
+        # is (clipped with mul_, DP-SGD's way).
+        return tuple(t.clone() for t in tensors[:count])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -187,6 +189,16 @@ def batched_by_vmap(t: torch.Tensor | None) -> bool:
         if torch._C._functorch.is_batchedtensor(t):
             return True
         t = torch._C._functorch.get_unwrapped(t)
+    return False
+
+
+def requires_grad_beneath(t: torch.Tensor | None) -> bool:
+    """Whether ``t``, or a tensor a ``torch.func`` wrapper of it wraps, requires grad: a BatchedTensor says False for
+    one that requires it beneath the vmap."""
+    while t is not None:
+        if t.requires_grad:
+            return True
+        t = torch._C._functorch.get_unwrapped(t) if _is_functorch_wrapper(t) else None
     return False
 
 

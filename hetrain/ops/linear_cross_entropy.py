@@ -54,7 +54,7 @@ import torch
 
 from hetrain import cpu_features, plugins
 from hetrain.ops import _args, _backends
-from hetrain.ops._op import batched_by_vmap, compute_dtype, op
+from hetrain.ops._op import batched_by_vmap, compute_dtype, op, requires_grad_beneath
 
 OP = "linear_cross_entropy"
 DEFAULT_MEMORY_BUDGET = 96 * 2**20
@@ -580,10 +580,12 @@ def linear_cross_entropy(
     else:
         scale = torch.ones((), dtype=cdt, device=hidden.device)
     grad = torch.is_grad_enabled()
-    if grad and any(batched_by_vmap(t) for t in (hidden, weight, bias)):
+    if (grad and any(batched_by_vmap(t) for t in (hidden, weight, bias, target))
+            and any(requires_grad_beneath(t) for t in (hidden, weight, bias))):
         # A BatchedTensor says requires_grad=False for a tensor that requires it beneath vmap: the kernel would be
         # asked for no gradient and autograd would get none (the GPU path), or its backward would read a value of
-        # the batched upstream gradient (the CPU path's error, naming no op).
+        # the batched upstream gradient (the CPU path's error, naming no op). Batched inference, with nothing to
+        # differentiate, runs.
         raise RuntimeError("hetrain.ops.linear_cross_entropy: torch.vmap over the reduced loss (reduction='mean' or "
                            "'sum') with gradients enabled is not supported: its backward cannot run under vmap. Use "
                            "hetrain.ops.linear_cross_entropy_ref under vmap, reduction='none', or torch.no_grad()")

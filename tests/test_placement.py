@@ -1124,7 +1124,8 @@ def test_a_plan_of_torch_devices_saves_their_names(tmp_path):
 def test_resolve_plan_refuses_an_absent_fallback_where_it_is_needed():
     """Before, stages whose device was absent were sent to an absent fallback too (cuda:98 here)."""
     stages = ["embeddings", "encoder.0", "classifier"]
-    with pytest.raises(ValueError, match=r"encoder on cuda:99.*the fallback cuda:98 is not here either"):
+    with pytest.raises(ValueError, match=r"cuda:99 not present; encoder -> cuda:98, but the fallback cuda:98 is not "
+                                         r"here either"):
         resolve_plan({"embeddings": "cpu", "encoder": "cuda:99"}, stages, fallback="cuda:98")
     devices, note = resolve_plan({"embeddings": "cpu"}, stages, fallback="cuda:98")  # no stage needs it
     assert devices == {"embeddings": torch.device("cpu")} and note is None
@@ -1244,26 +1245,64 @@ CPU, CUDA0, CUDA1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("
 def test_one_process_may_place_on_any_gpu_several_only_on_their_own():
     """Under DDP every process places the same plan over its own devices: the CPU and its root device. Before, the
     plan was refused by how it wrote a device (cuda:0), not by where the device resolves in the process."""
-    refuse_other_processes_devices({"embeddings": CPU, "encoder": CUDA1}, CUDA0, processes=1)
-    refuse_other_processes_devices({"embeddings": CPU, "encoder.1": CUDA0}, CUDA0, processes=4)  # one GPU per node
-    refuse_other_processes_devices({"embeddings": torch.device("cpu", 0), "encoder.1": CUDA1}, CUDA1, processes=4)
+    refuse_other_processes_devices({"embeddings": "cpu", "encoder": "cuda:1"}, {"embeddings": CPU, "encoder": CUDA1},
+                                   CUDA0, processes=1)
+    refuse_other_processes_devices({"embeddings": "cpu", "encoder.1": "cuda:0"},
+                                   {"embeddings": CPU, "encoder.1": CUDA0}, CUDA0, processes=4)  # one GPU per node
+    refuse_other_processes_devices({"embeddings": "cpu:0", "encoder.1": "cuda"},
+                                   {"embeddings": torch.device("cpu", 0), "encoder.1": CUDA1}, CUDA1, processes=4)
     with pytest.raises(ValueError, match=r"under 4 processes \(DDP\) the placement plan read from /runs/a/plan.yaml "
                                          r"puts encoder.0, encoder.1 on cuda:0, not on this process's devices: .*"
                                          r"the same one in every process.* This process's own GPU is cuda:1: write "
                                          r"cuda \(each process's own GPU\) or cpu for those stages$"):
-        refuse_other_processes_devices({"embeddings": CPU, "encoder.0": CUDA0, "encoder.1": CUDA0}, CUDA1,
+        refuse_other_processes_devices({"embeddings": "cpu", "encoder": "cuda:0"},
+                                       {"embeddings": CPU, "encoder.0": CUDA0, "encoder.1": CUDA0}, CUDA1,
                                        processes=4, source="/runs/a/plan.yaml")
 
 
-def test_under_ddp_a_cpu_process_refuses_every_gpu():
-    """trainer.accelerator=cpu under DDP: no process has a GPU of its own, so one every process resolves a stage to
-    (cuda: the current GPU, 0 in each) is refused, saying to write cpu."""
+def test_under_ddp_a_cpu_process_refuses_a_gpu_written_by_index():
+    """trainer.accelerator=cpu under DDP: no process has a GPU of its own, so cuda:0, the same GPU in every process,
+    is refused, saying to write cpu (cuda, no process's own there, goes to the fallback: resolve_plan)."""
     with pytest.raises(ValueError, match=r"under 2 processes \(DDP\) the placement plan puts encoder, classifier on "
                                          r"cuda:0, not on this process's devices: .* This process has no GPU of its "
                                          r"own \(its root device is the CPU: trainer.accelerator=cpu\): write cpu for "
                                          r"those stages, or train on GPUs \(trainer.accelerator=gpu\), where cuda "
                                          r"names each process's own$"):
-        refuse_other_processes_devices({"embeddings": CPU, "encoder": CUDA0, "classifier": CUDA0}, CPU, processes=2)
+        refuse_other_processes_devices({"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"},
+                                       {"embeddings": CPU, "encoder": CUDA0, "classifier": CUDA0}, CPU, processes=2)
+
+
+def test_under_ddp_a_refused_device_is_quoted_as_the_plan_wrote_it():
+    """Before, the refusal quoted the device each stage resolved to: a plan writing cuda read as one writing cuda:0,
+    the device the reader is told not to write. Now each is quoted as written, and where it resolved beside it."""
+    with pytest.raises(ValueError, match=r"the placement plan puts encoder on cuda \(cuda:0\); classifier on cuda:0, "
+                                         r"not on this process's devices"):
+        refuse_other_processes_devices({"encoder": "cuda", "classifier": "cuda:0"},
+                                       {"encoder": CUDA0, "classifier": CUDA0}, CUDA1, processes=2)
+
+
+def test_under_ddp_on_the_cpu_a_gpu_written_without_an_index_goes_to_the_fallback(monkeypatch):
+    """cuda is the process's own GPU, and under DDP on CPU root devices (trainer.accelerator=cpu) no process has one:
+    its stages go to the fallback, said in the line an absent device's are. Before, cuda resolved to cuda:0 on a
+    machine with a GPU and every process refused the plan (bert_split's). cuda:0 is left to the refusal; one process
+    on the CPU may still put stages on its GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    plan = {"embeddings": "cpu", "encoder": "cuda", "classifier": "cuda"}
+    stages = list(plan)
+    devices, note = resolve_plan(plan, stages, "cpu", CPU, processes=2)
+    assert devices == dict.fromkeys(stages, CPU)
+    assert note == ("placement: cuda is no process's own under 2 processes on the CPU (trainer.accelerator=cpu); "
+                    "encoder, classifier -> cpu")
+    devices, note = resolve_plan({**plan, "encoder": "cuda:0", "classifier": "cuda:7"}, stages, "cpu", CPU, processes=2)
+    assert devices == {"embeddings": CPU, "encoder": CUDA0, "classifier": CPU}
+    assert note == "placement: cuda:7 not present; classifier -> cpu"
+    assert resolve_plan(plan, stages, "cpu", CPU, processes=1) == ({"embeddings": CPU, "encoder": CUDA0,
+                                                                    "classifier": CUDA0}, None)
+    with pytest.raises(ValueError, match=r"cuda is no process's own .*; encoder, classifier -> cuda:5, but the "
+                                         r"fallback cuda:5 is not here either"):
+        resolve_plan(plan, stages, "cuda:5", CPU, processes=2)
 
 
 def _yaml_plans(node: object) -> Iterator[tuple[Mapping, str]]:
@@ -1280,13 +1319,20 @@ def _yaml_plans(node: object) -> Iterator[tuple[Mapping, str]]:
 def test_every_shipped_plan_runs_under_ddp(path, monkeypatch):
     """bert_split placed its stages on cuda:0, and the README runs it with trainer.devices=2 +trainer.strategy=ddp:
     every process's stages went to the first GPU. A shipped plan writes cuda, each process's own: each of two
-    processes, one GPU each (Lightning makes its root device current), places it on its own devices."""
+    processes, one GPU each (Lightning makes its root device current), places it on its own devices, and two on the
+    CPU of the same machine put its stages on the fallback (before, they refused it: cuda was cuda:0 there)."""
     plans = list(_yaml_plans(yaml.safe_load((ROOT / path).read_text())))
     assert plans or path != "recipes/bert_split.yaml"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for plan, fallback in plans:
+        stages = [path for path in flatten_plan(plan) if path]
         for rank in (0, 1):
             monkeypatch.setattr(torch.cuda, "current_device", lambda rank=rank: rank)
-            devices, _ = resolve_plan(plan, [path for path in flatten_plan(plan) if path], fallback)
-            refuse_other_processes_devices(devices, torch.device("cuda", rank), processes=2)
+            own = torch.device("cuda", rank)
+            devices, _ = resolve_plan(plan, stages, fallback, own, processes=2)
+            refuse_other_processes_devices(plan, devices, own, processes=2)
+        # trainer.accelerator=cpu on the same machine (tests/test_ddp.py runs bert_split so): no GPU is current.
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        devices, _ = resolve_plan(plan, stages, fallback, CPU, processes=2)
+        refuse_other_processes_devices(plan, devices, CPU, processes=2)

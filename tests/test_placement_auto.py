@@ -530,13 +530,14 @@ def simulate_gpus(monkeypatch, current: int) -> None:
 
 
 class DDPRank:
-    """What StagePlacement reads of a Trainer under two processes, one GPU each (``root``: its root device, by
-    default ``cuda:rank``). ``refused_elsewhere``: the other process refused the plan (the strategy's reduction of
-    the processes' decisions says so)."""
+    """What StagePlacement reads of a Trainer under ``world_size`` processes (two by default), one GPU each
+    (``root``: its root device, by default ``cuda:rank``). ``refused_elsewhere``: another process refused the plan
+    (the strategy's reduction of the processes' decisions says so)."""
 
-    world_size = 2
+    def __init__(self, rank: int, root: torch.device | None = None, refused_elsewhere: bool = False,
+                 world_size: int = 2) -> None:
+        self.world_size = world_size
 
-    def __init__(self, rank: int, root: torch.device | None = None, refused_elsewhere: bool = False) -> None:
         def any_process(decision: bool, all: bool = True) -> bool:  # the strategy's argument names
             assert not all
             return decision or refused_elsewhere
@@ -601,18 +602,44 @@ def test_under_ddp_without_gpus_an_older_plan_naming_cuda_0_falls_back(monkeypat
     assert "placement: cuda:0 not present; encoder, classifier -> cpu" in caplog.text
 
 
-def test_under_ddp_with_a_cpu_accelerator_a_plan_naming_cuda_is_refused(monkeypatch):
-    """trainer.accelerator=cpu under DDP on a machine with GPUs: Lightning makes no GPU current, so cuda is cuda:0 in
-    every process, and before, bert_split put every process's encoder there, outside the processes' own devices."""
+def test_under_ddp_with_a_cpu_accelerator_a_plan_naming_cuda_falls_back(monkeypatch, caplog):
+    """trainer.accelerator=cpu under DDP on a machine with GPUs (tests/test_ddp.py's bert_split runs): cuda is the
+    process's own GPU, and none has one, so its stages go to the fallback, said in one log line. Before, cuda resolved
+    to cuda:0 and every process refused the plan, quoting cuda:0, which the plan never wrote."""
     from hetrain.models.bert import BertClassifier
 
     simulate_gpus(monkeypatch, current=0)
     placement = StagePlacement({"embeddings": "cpu", "encoder": "cuda", "classifier": "cuda"})
-    for rank in (0, 1):
-        with pytest.raises(ValueError, match=r"under 2 processes \(DDP\) the placement plan puts encoder.0, "
-                                             r"classifier on cuda:0, not on this process's devices: .* This process "
-                                             r"has no GPU of its own .*: write cpu for those stages"):
-            placement._place(DDPRank(rank, root=torch.device("cpu")), BertClassifier(hidden=16, layers=1, heads=2))
+    with caplog.at_level(logging.INFO, logger="hetrain.callbacks.placement"):
+        placement._place(DDPRank(1, root=torch.device("cpu")), BertClassifier(hidden=16, layers=1, heads=2))
+    assert set(placement.devices.values()) == {torch.device("cpu")}
+    assert ("placement: cuda is no process's own under 2 processes on the CPU (trainer.accelerator=cpu); encoder, "
+            "classifier -> cpu") in caplog.text
+
+
+@pytest.mark.parametrize(("root", "world_size", "placed"), [
+    ("cuda:1", 2, "cuda:1"),  # each process's own GPU
+    ("cpu", 1, "cuda:0"),  # one process on the CPU may put stages on the GPU: the heterogeneous case
+])
+def test_a_plan_naming_cuda_puts_stages_on_the_process_gpu(monkeypatch, root, world_size, placed):
+    simulate_gpus(monkeypatch, current=1 if root == "cuda:1" else 0)
+    rank = DDPRank(0, root=torch.device(root), world_size=world_size)
+    devices = StagePlacement({"a": "cpu", "b": "cuda"})._resolved_in_this_process(rank, ["a", "b"])
+    assert devices == {"a": torch.device("cpu"), "b": torch.device(placed)}
+
+
+@pytest.mark.parametrize("root", ["cpu", "cuda:1"])
+def test_under_ddp_a_plan_naming_cuda_0_off_the_process_gpu_is_refused_as_written(monkeypatch, root):
+    """cuda:0 is the same GPU in every process: on CPU root devices (trainer.accelerator=cpu) it is no process's own,
+    and unlike cuda it says which GPU, so it is refused, quoted as the plan wrote it, not sent to the fallback."""
+    from hetrain.models.bert import BertClassifier
+
+    simulate_gpus(monkeypatch, current=1 if root == "cuda:1" else 0)
+    placement = StagePlacement({"embeddings": "cpu", "encoder": "cuda:0", "classifier": "cuda:0"})
+    with pytest.raises(ValueError, match=r"under 2 processes \(DDP\) the placement plan puts encoder.0, classifier on "
+                                         r"cuda:0, not on this process's devices"):
+        placement._place(DDPRank(1, root=torch.device(root)), BertClassifier(hidden=16, layers=1, heads=2))
+    assert placement.devices is None
 
 
 def test_under_ddp_auto_names_its_gpu_cuda_so_each_rank_places_on_its_own(monkeypatch):
@@ -639,4 +666,4 @@ def test_under_ddp_auto_names_its_gpu_cuda_so_each_rank_places_on_its_own(monkey
     simulate_gpus(monkeypatch, current=1)  # rank 1 places the plan it was sent, on its own GPU
     devices = resolve_plan(plan.devices, ["a", "c"])[0]
     assert devices == {"a": torch.device("cuda", 1), "c": torch.device("cuda", 1)}
-    refuse_other_processes_devices(devices, DDPRank(1).strategy.root_device, processes=2)
+    refuse_other_processes_devices(plan.devices, devices, DDPRank(1).strategy.root_device, processes=2)

@@ -11,8 +11,9 @@ logs the plan with its predicted step time and saves it (and the measurements) i
 where it can be reused as an explicit plan: ``plan=<run dir>/placement_plan.yaml``. Under several processes
 (DDP) global rank 0 alone measures, solves and saves, and every rank places its plan; each process splits its
 share of the batch over its own devices, so rank 0 measures the CPU and its own GPU, named ``cuda`` (each rank's
-own), and a plan that puts a stage on a GPU other than the process's own (``cuda:0`` in a process on ``cuda:1``, any
-GPU under ``trainer.accelerator=cpu``) is refused, in every process alike.
+own), and a plan that puts a stage on a GPU other than the process's own (``cuda:0`` in a process on ``cuda:1`` or
+under ``trainer.accelerator=cpu``) is refused, in every process alike; under ``trainer.accelerator=cpu`` a stage on
+``cuda`` (the process's own GPU, which it has none of) goes to the fallback, as an absent device does.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ class StagePlacement(Callback):
         them); those ``PlacementPlan.apply`` added stay, until ``hetrain.placement.remove_input_hooks(model)``. A
         resumed fit's optimizer state, which Lightning restores onto its root device, goes back to each parameter's
         device at train start. A stage without weights is not moved and runs where its input is. A planned device
-        that is not present (no GPU, fewer GPUs) is replaced by ``fallback``, said in one log line;
+        that is not present (no GPU, fewer GPUs) is replaced by ``fallback``, said in one log line, as is under
+        several processes on the CPU a GPU written without an index (``cuda``: the process's own, which none has);
         the meta device (shapes, no data) is refused.
 
     Args:
@@ -300,27 +302,29 @@ class StagePlacement(Callback):
             mine = None
         return mine, costs.best_plan()
 
-    def _resolved(self, stages: list[str]) -> dict[str, torch.device]:
-        """The plan's device for each stage it covers, an absent one replaced by the fallback (said in one log line)."""
-        devices, note = resolve_plan(self.plan, stages, self.fallback)
+    def _resolved(self, stages: list[str], root_device: torch.device | None = None,
+                  processes: int = 1) -> dict[str, torch.device]:
+        """The plan's device for each stage it covers, an absent one (or under several processes on the CPU, a GPU
+        written without an index) replaced by the fallback, said in one log line (see :func:`resolve_plan`)."""
+        devices, note = resolve_plan(self.plan, stages, self.fallback, root_device, processes)
         if note:
             log.info(note)
         return devices
 
     def _resolved_in_this_process(self, trainer: pl.Trainer, stages: list[str]) -> dict[str, torch.device]:
-        """:meth:`_resolved`, refusing under several processes a stage put on another process's GPU (see
-        :func:`refuse_other_processes_devices`). Each process resolves to its own devices, so one may refuse where
-        another does not (``cuda:0`` is rank 0's own GPU only): every process stops if one does, rather than the
-        others waiting for it in the run's first collective."""
+        """:meth:`_resolved` for this process's root device, refusing under several processes a stage put on another
+        process's GPU (see :func:`refuse_other_processes_devices`). Each process resolves to its own devices, so one
+        may refuse where another does not (``cuda:0`` is rank 0's own GPU only): every process stops if one does,
+        rather than the others waiting for it in the run's first collective."""
         failure, devices = None, {}
+        root_device, processes = trainer.strategy.root_device, trainer.world_size
         try:
-            devices = self._resolved(stages)
-            refuse_other_processes_devices(devices, trainer.strategy.root_device, trainer.world_size, self.plan_file)
+            devices = self._resolved(stages, root_device, processes)
+            refuse_other_processes_devices(self.plan, devices, root_device, processes, self.plan_file)
         except ValueError as exc:
             failure = exc
         # Every process joins the reduction, a refusing one too, before any of them raises.
-        refused_elsewhere = (trainer.world_size > 1
-                             and trainer.strategy.reduce_boolean_decision(failure is not None, all=False))
+        refused_elsewhere = processes > 1 and trainer.strategy.reduce_boolean_decision(failure is not None, all=False)
         if failure is not None:
             raise failure
         if refused_elsewhere:

@@ -306,71 +306,90 @@ def _covers(path: str, stage: str) -> bool:
 
 
 def resolve_plan(
-    plan: Mapping[str, object], stages: list[str], fallback: str = "cpu"
+    plan: Mapping[str, object], stages: list[str], fallback: str = "cpu", root_device: torch.device | None = None,
+    processes: int = 1,
 ) -> tuple[dict[str, torch.device], str | None]:
     """Maps each stage the plan covers (see :func:`stage_paths`; nested mappings read as dotted paths) to a
     present device.
 
     Returns the devices and, when some planned device is absent, one line saying what moved to
-    ``fallback`` instead. The meta device is refused: it is present everywhere, but a stage moved there loses its
-    weights, and a run could not train it.
+    ``fallback`` instead. Under several processes (DDP) whose root device is the CPU (``root_device``, as under
+    ``trainer.accelerator=cpu``) a GPU written without an index (``cuda``: the process's own) is no process's, so its
+    stages go to ``fallback`` too, said in the same line; one written with an index is left to
+    :func:`refuse_other_processes_devices`. The meta device is refused: it is present everywhere, but a stage moved
+    there loses its weights, and a run could not train it.
     """
     plan = flatten_plan(plan)
     deciding = stage_paths(plan, stages)
-    planned = {path: _indexed(parse_device(name, f"placement of {path!r}")) for path, name in plan.items()}
+    written = {path: parse_device(name, f"placement of {path!r}") for path, name in plan.items()}
+    planned = {path: _indexed(device) for path, device in written.items()}
     fallback_device = _indexed(parse_device(fallback, "placement fallback"))
     _refuse_meta({**{f"placement of {path!r}": device for path, device in planned.items()},
                   "placement fallback": fallback_device})
-    devices = {stage: planned[path] for stage, path in deciding.items()}
-    missing: dict[str, list[str]] = {}
+    moved: dict[str, list[str]] = {}  # why a planned device is not used here -> the paths it leaves
     for path, name in plan.items():
         if not device_present(planned[path]):
-            missing.setdefault(name, []).append(path)
-    if missing and not device_present(fallback_device):
-        planned_here = "; ".join(f"{', '.join(paths)} on {name}" for name, paths in missing.items())
-        raise ValueError(f"hetrain: the plan puts {planned_here}, which this machine does not have, and the fallback "
-                         f"{fallback} is not here either (it has {', '.join(available_devices())}); give a fallback "
-                         f"it has, e.g. cpu")
-    for stage, device in devices.items():
-        if not device_present(device):
-            devices[stage] = fallback_device
-    note = "; ".join(f"{name} not present; {', '.join(paths)} -> {fallback}"
-                     for name, paths in missing.items())
+            moved.setdefault(f"{name} not present", []).append(path)
+        elif _no_process_own(written[path], root_device, processes):
+            moved.setdefault(f"{name} is no process's own under {processes} processes on the CPU "
+                             f"(trainer.accelerator=cpu)", []).append(path)
+    note = "; ".join(f"{why}; {', '.join(paths)} -> {fallback}" for why, paths in moved.items())
+    if moved and not device_present(fallback_device):
+        raise ValueError(f"hetrain: {note}, but the fallback {fallback} is not here either (it has "
+                         f"{', '.join(available_devices())}); give a fallback it has, e.g. cpu")
+    moved_paths = {path for paths in moved.values() for path in paths}
+    devices = {stage: fallback_device if path in moved_paths else planned[path] for stage, path in deciding.items()}
     return devices, f"placement: {note}" if note else None
 
 
-def refuse_other_processes_devices(devices: Mapping[str, torch.device], own: torch.device, processes: int,
-                                   source: str | None = None) -> None:
-    """Refuses, under several processes (DDP), a resolved plan (:func:`resolve_plan`'s ``{stage: device}``) that puts
-    a stage on an accelerator other than this process's own (``own``, its root device).
+def _no_process_own(device: torch.device, root_device: torch.device | None, processes: int) -> bool:
+    """Whether ``device``, as a plan wrote it, means a process's own GPU (an accelerator with no index) where no
+    process has one: several processes on CPU root devices."""
+    cpu_processes = processes > 1 and root_device is not None and root_device.type == "cpu"
+    return cpu_processes and device.type not in ("cpu", "meta") and device.index is None
+
+
+def refuse_other_processes_devices(plan: Mapping[str, object], devices: Mapping[str, torch.device],
+                                   own: torch.device, processes: int, source: str | None = None) -> None:
+    """Refuses, under several processes (DDP), a resolved plan (:func:`resolve_plan`'s ``{stage: device}`` for
+    ``plan``) that puts a stage on an accelerator other than this process's own (``own``, its root device).
 
     Every process places the same plan, and each splits its own share of the batch over its own devices: the CPU
     and its own GPU. A GPU named by index is the same one in every process, so where it is not this process's own
-    (``cuda:0`` in the process on ``cuda:1``; any GPU where the root device is the CPU, as under
+    (``cuda:0`` in the process on ``cuda:1``, or where the root device is the CPU, as under
     ``trainer.accelerator=cpu``) the processes would compete for it while their own sit idle. With one GPU per node
     ``cuda:0`` is each process's own, and ``cuda`` resolves to each process's own GPU (the one the trainer made
-    current for it). A planned device that is absent counts as the fallback that replaced it. ``source``: the plan
-    file the plan was read from, named in the error."""
+    current for it; on a CPU root :func:`resolve_plan` sends it to the fallback). A planned device that is absent
+    counts as the fallback that replaced it. The error quotes each device as ``plan`` wrote it, with the device it
+    resolved to where that differs. ``source``: the plan file the plan was read from, named in the error."""
     if processes <= 1:
         return
     own = _indexed(own)
-    elsewhere: dict[torch.device, list[str]] = {}
+    plan = flatten_plan(plan)
+    deciding = stage_paths(plan, list(devices))
+    elsewhere: dict[str, list[str]] = {}
     for stage, device in devices.items():
         if device.type not in ("cpu", "meta") and _indexed(device) != own:
-            elsewhere.setdefault(_indexed(device), []).append(stage)
+            elsewhere.setdefault(_as_written(plan[deciding[stage]], device), []).append(stage)
     if not elsewhere:
         return
-    plan = f"the placement plan read from {source}" if source else "the placement plan"
+    described = f"the placement plan read from {source}" if source else "the placement plan"
     placed = "; ".join(f"{', '.join(stages)} on {device}" for device, stages in elsewhere.items())
     if own.type == "cpu":
-        gpus = ", ".join(sorted({device.type for device in elsewhere}))
+        gpus = ", ".join(sorted({device.type for device in devices.values()} - {"cpu", "meta"}))
         fix = (f"This process has no GPU of its own (its root device is the CPU: trainer.accelerator=cpu): write cpu "
                f"for those stages, or train on GPUs (trainer.accelerator=gpu), where {gpus} names each process's own")
     else:
         fix = f"This process's own GPU is {own}: write {own.type} (each process's own GPU) or cpu for those stages"
-    raise ValueError(f"hetrain: under {processes} processes (DDP) {plan} puts {placed}, not on this process's "
+    raise ValueError(f"hetrain: under {processes} processes (DDP) {described} puts {placed}, not on this process's "
                      f"devices: each process splits its own share of the batch over the CPU and its own GPU, and a GPU "
                      f"named by index is the same one in every process, so they would compete for it. {fix}")
+
+
+def _as_written(name: object, device: torch.device) -> str:
+    """``name`` as the plan wrote it, with ``device``, where it resolved, beside it where that reads otherwise
+    (``cuda (cuda:0)``)."""
+    return str(name) if str(name) == str(device) else f"{name} ({device})"
 
 
 def _refuse_meta(devices: Mapping[str, torch.device]) -> None:

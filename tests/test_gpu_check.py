@@ -452,30 +452,22 @@ def test_a_step_stopped_by_the_budget_is_not_recorded_as_one_out_of_time(tmp_pat
     assert (by_cap.status, by_cap.detail) == ("failed", "timed out at its 0.5 s cap")
 
 
-def test_a_step_that_did_not_complete_names_the_partial_results_it_left(tmp_path):
+@pytest.mark.parametrize(("earlier", "written", "code", "detail"), [
+    # A run cut short keeps <name>.partial.json.
+    ("earlier-ops.partial.json", "day-train.partial.json", 3, "its results so far are in day-train.partial.json"),
+    # A benchmark with failed cases writes <name>-failed.json (benchmarks.cli.failed_file), not the day's file.
+    ("earlier-cpu-train-failed.json", "day-cpu-train-failed.json", 1,
+     "its results with the failed cases are in day-cpu-train-failed.json"),
+])
+def test_a_step_that_did_not_complete_names_the_results_it_left(tmp_path, earlier, written, code, detail):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "earlier-ops.partial.json").write_text("{}")  # an earlier run's, not this step's
-    code = f"import pathlib; pathlib.Path({str(out / 'day-train.partial.json')!r}).write_text('{{}}'); exit(3)"
+    (out / earlier).write_text("{}")  # an earlier run's, not this step's
+    script = f"import pathlib; pathlib.Path({str(out / written)!r}).write_text('{{}}'); exit({code})"
     with open(tmp_path / "check.log", "w") as log:
-        outcome = gpu_check.run_step(gpu_check.Step("bench-train", [sys.executable, "-c", code]), log, timeout_s=60,
+        outcome = gpu_check.run_step(gpu_check.Step("bench-train", [sys.executable, "-c", script]), log, timeout_s=60,
                                      out=out)
-    assert (outcome.status, outcome.detail) == ("failed", "exit code 3; its results so far are in "
-                                                          "day-train.partial.json")
-
-
-def test_a_benchmark_with_failed_cases_names_the_result_it_kept_apart(tmp_path):
-    """A benchmark with failed cases writes <name>-failed.json (benchmarks.cli.failed_file), not the day's file:
-    the step's outcome names where its results are."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "earlier-cpu-train-failed.json").write_text("{}")  # an earlier run's, not this step's
-    code = f"import pathlib; pathlib.Path({str(out / 'day-cpu-train-failed.json')!r}).write_text('{{}}'); exit(1)"
-    with open(tmp_path / "check.log", "w") as log:
-        outcome = gpu_check.run_step(gpu_check.Step("bench-train", [sys.executable, "-c", code]), log, timeout_s=60,
-                                     out=out)
-    assert (outcome.status, outcome.detail) == ("failed", "exit code 1; its results with the failed cases are in "
-                                                          "day-cpu-train-failed.json")
+    assert (outcome.status, outcome.detail) == ("failed", f"exit code {code}; {detail}")
 
 
 def test_an_interrupted_step_names_the_partial_results_it_left(check, tmp_path, monkeypatch):

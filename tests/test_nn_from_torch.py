@@ -219,6 +219,16 @@ def test_a_rebuilding_constructor_names_a_weight_a_norm_hook_computes_and_how_to
         LinearCrossEntropyHead.from_linear(linear)
 
 
+def test_a_weight_a_norm_hook_computes_is_named_so_when_another_parameter_is_pruned():
+    # Pruning of the bias made the spectral_norm weight read as pruned, with advice that fails on it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        linear = torch.nn.utils.spectral_norm(_make(torch.nn.Linear))
+    torch.nn.utils.prune.l1_unstructured(linear, "bias", amount=0.5)
+    with pytest.raises(ValueError, match=r"the Linear's weight is computed before each call by a hook"):
+        LinearCrossEntropyHead.from_linear(linear)
+
+
 @pytest.mark.parametrize("name", ["LayerNorm.from_torch", "BiasGELU.from_linear"])
 def test_a_sharing_constructor_takes_a_pruned_module(name):
     # The copy keeps the pruning hook, which computes its weight as the torch module's does.

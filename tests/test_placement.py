@@ -1303,6 +1303,11 @@ def test_under_ddp_on_the_cpu_a_gpu_written_without_an_index_goes_to_the_fallbac
     with pytest.raises(ValueError, match=r"cuda is no process's own .*; encoder, classifier -> cuda:5, but the "
                                          r"fallback cuda:5 is not here either"):
         resolve_plan(plan, stages, "cuda:5", CPU, processes=2)
+    # A GPU fallback there is no process's either: refused naming the fallback (it read as the plan's cuda, refused).
+    for fallback in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match=rf"-> {fallback}, but the fallback {fallback} is a GPU, which no process "
+                                             r"has under 2 processes on the CPU .*placement.fallback=cpu"):
+            resolve_plan(plan, stages, fallback, CPU, processes=2)
 
 
 def _yaml_plans(node: object) -> Iterator[tuple[Mapping, str]]:

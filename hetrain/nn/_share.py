@@ -95,7 +95,8 @@ def refuse_computed_parameter(who: str, module: torch.nn.Module, name: str) -> N
     if value is None or isinstance(value, torch.nn.Parameter):
         return
     kind = type(module).__name__
-    if prune.is_pruned(module):
+    if any(isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name  # this tensor's, not another's
+           for hook in module._forward_pre_hooks.values()):
         raise ValueError(f"{who}: the {kind}'s {name} is pruned (torch.nn.utils.prune): a hook computes it before "
                          f"each call from {name}_orig and {name}_mask, which the fused module would not do; call "
                          f"torch.nn.utils.prune.remove(module, '{name}') first to make the pruning permanent (the "

@@ -337,6 +337,10 @@ def resolve_plan(
     if moved and not device_present(fallback_device):
         raise ValueError(f"hetrain: {note}, but the fallback {fallback} is not here either (it has "
                          f"{', '.join(available_devices())}); give a fallback it has, e.g. cpu")
+    if moved and _on_cpu_processes(root_device, processes) and fallback_device.type not in ("cpu", "meta"):
+        raise ValueError(f"hetrain: {note}, but the fallback {fallback} is a GPU, which no process has under "
+                         f"{processes} processes on the CPU (trainer.accelerator=cpu); give the fallback cpu "
+                         f"(placement.fallback=cpu)")
     moved_paths = {path for paths in moved.values() for path in paths}
     devices = {stage: fallback_device if path in moved_paths else planned[path] for stage, path in deciding.items()}
     return devices, f"placement: {note}" if note else None
@@ -345,8 +349,12 @@ def resolve_plan(
 def _no_process_own(device: torch.device, root_device: torch.device | None, processes: int) -> bool:
     """Whether ``device``, as a plan wrote it, means a process's own GPU (an accelerator with no index) where no
     process has one: several processes on CPU root devices."""
-    cpu_processes = processes > 1 and root_device is not None and root_device.type == "cpu"
-    return cpu_processes and device.type not in ("cpu", "meta") and device.index is None
+    return _on_cpu_processes(root_device, processes) and device.type not in ("cpu", "meta") and device.index is None
+
+
+def _on_cpu_processes(root_device: torch.device | None, processes: int) -> bool:
+    """Several processes (DDP) whose root devices are the CPU: none has a GPU of its own."""
+    return processes > 1 and root_device is not None and root_device.type == "cpu"
 
 
 def refuse_other_processes_devices(plan: Mapping[str, object], devices: Mapping[str, torch.device],

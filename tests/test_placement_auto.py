@@ -628,6 +628,21 @@ def test_a_plan_naming_cuda_puts_stages_on_the_process_gpu(monkeypatch, root, wo
     assert devices == {"a": torch.device("cpu"), "b": torch.device(placed)}
 
 
+@pytest.mark.parametrize(("plan", "collective"), [({"a": "cpu", "b": "cuda"}, False), ({"a": "cpu"}, False),
+                                                  ({"a": "cpu", "b": "cuda:0"}, True)])
+def test_processes_reduce_their_decisions_only_where_a_gpu_named_by_index_can_make_them_differ(monkeypatch, plan,
+                                                                                               collective):
+    """Every DDP fit with a placement ran a collective at fit start to agree on the refusal; only a GPU named by
+    index is one process's own and not another's, so only then can their decisions differ."""
+    simulate_gpus(monkeypatch, current=0)
+    rank, reductions = DDPRank(0, root=torch.device("cuda:0")), []
+    reduce = rank.strategy.reduce_boolean_decision
+    rank.strategy.reduce_boolean_decision = lambda decision, all=True: reductions.append(decision) or reduce(
+        decision, all=all)
+    StagePlacement(plan)._resolved_in_this_process(rank, list(plan))
+    assert reductions == ([False] if collective else [])
+
+
 @pytest.mark.parametrize("root", ["cpu", "cuda:1"])
 def test_under_ddp_a_plan_naming_cuda_0_off_the_process_gpu_is_refused_as_written(monkeypatch, root):
     """cuda:0 is the same GPU in every process: on CPU root devices (trainer.accelerator=cpu) it is no process's own,

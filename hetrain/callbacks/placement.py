@@ -43,6 +43,7 @@ from hetrain.placement import CostModel, PlacementPlan, available_devices, measu
 from hetrain.placement.chain import OBJECTIVES
 from hetrain.placement.pipeline import micro_batch_count, shared_across_devices
 from hetrain.placement.plan import (
+    flatten_plan,
     held_device,
     hook_inputs,
     parse_device,
@@ -323,8 +324,10 @@ class StagePlacement(Callback):
             refuse_other_processes_devices(self.plan, devices, root_device, processes, self.plan_file)
         except ValueError as exc:
             failure = exc
-        # Every process joins the reduction, a refusing one too, before any of them raises.
-        refused_elsewhere = processes > 1 and trainer.strategy.reduce_boolean_decision(failure is not None, all=False)
+        # Only a GPU named by index can be one process's own and not another's: then every process joins the
+        # reduction, a refusing one too, before any of them raises. Otherwise all decide alike and no collective runs.
+        may_differ = processes > 1 and _names_an_indexed_gpu(self.plan, self.fallback)
+        refused_elsewhere = may_differ and trainer.strategy.reduce_boolean_decision(failure is not None, all=False)
         if failure is not None:
             raise failure
         if refused_elsewhere:
@@ -411,6 +414,14 @@ def _time_stages(trainer: pl.Trainer, pl_module: pl.LightningModule, make_input:
     hetrain's ``DeviceMixedPrecision``) around training's forward only, and fit start lies outside it."""
     return measure(pl_module.stages(), make_input, _devices_to_measure(trainer), stage_args, warmup=1, repeats=3,
                    forward_context=trainer.precision_plugin.forward_context)
+
+
+def _names_an_indexed_gpu(plan: Mapping[str, object], fallback: str) -> bool:
+    """Whether ``plan`` or ``fallback`` names an accelerator by index (``cuda:0``), the one thing processes may
+    resolve differently (their own GPU in one, another's in the rest)."""
+    names = [*flatten_plan(plan).values(), fallback]
+    return any((device := parse_device(name, "placement")).type not in ("cpu", "meta") and device.index is not None
+               for name in names)
 
 
 def _devices_to_measure(trainer: pl.Trainer) -> list[str]:

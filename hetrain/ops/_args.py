@@ -22,11 +22,17 @@ def rows_input(op: str, x: object, what: str = "x") -> int:
     return x.shape[-1]
 
 
+def require_tensor(op: str, what: str, v: object, expected: str) -> None:
+    """Refuses a ``v`` that is no tensor (``expected`` says what it must be) before any ``.dim()``/``.shape`` is read:
+    a list or None was an AttributeError naming neither op nor argument."""
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"{op}: {what} must be {expected}, got {type(v).__name__}; torch.as_tensor({what}) "
+                         "converts one")
+
+
 def floating_input(op: str, x: object, what: str = "x") -> torch.Tensor:
     """``x``, a floating tensor of any shape (0-d included)."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{op}: {what} must be a floating tensor, got {type(x).__name__}; torch.as_tensor({what}) "
-                         "converts one")
+    require_tensor(op, what, x, "a floating tensor")
     if not x.is_floating_point():
         raise ValueError(f"{op}: {what} must be a floating tensor, got {x.dtype}")
     return x
@@ -42,9 +48,7 @@ def vector(op: str, what: str, t: object, x: torch.Tensor, when_missing: str | N
         if when_missing is not None:
             raise ValueError(f"{op}: {what} is required (shape ({n},)); {when_missing}")
         return None
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: {what} must be a torch.Tensor of shape ({n},), got {type(t).__name__}; "
-                         f"torch.as_tensor({what}) converts one")
+    require_tensor(op, what, t, f"a torch.Tensor of shape ({n},)")
     if t.dim() != 1 or t.shape[0] != n:
         raise ValueError(f"{op}: {what} must have shape ({n},) to match x's last dimension, got {tuple(t.shape)} "
                          f"(x is {tuple(x.shape)})")

@@ -330,15 +330,8 @@ def _pool_args(name, x, kernel_size, stride, padding):
     return kernel, stride, padding
 
 
-def _require_tensor(name, what, v, expected):
-    """Before any ``.dim()``/``.shape`` is read: a list or None was an AttributeError naming neither op nor argument."""
-    if not isinstance(v, torch.Tensor):
-        raise ValueError(f"{name}: {what} must be {expected}, got {type(v).__name__}; torch.as_tensor({what}) "
-                         "converts one")
-
-
 def _check_x(name, x):
-    _require_tensor(name, "x", x, "a 4-D (N, C, H, W) floating tensor")
+    _args.require_tensor(name, "x", x, "a 4-D (N, C, H, W) floating tensor")
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"{name}: x must be a 4-D (N, C, H, W) floating tensor, got shape {tuple(x.shape)} "
                          f"{x.dtype}")
@@ -348,7 +341,7 @@ def _check_conv_x(name, x, unbatched):
     """Checked before the convolution, so the error names the op called and x's own shape."""
     dims = (3, 4) if unbatched else (4,)
     what = "a 4-D (N, C, H, W) or 3-D unbatched (C, H, W)" if unbatched else "a 4-D (N, C, H, W)"
-    _require_tensor(name, "x", x, f"{what} floating tensor")
+    _args.require_tensor(name, "x", x, f"{what} floating tensor")
     if x.dim() not in dims or not x.is_floating_point():
         hint = "" if unbatched else "; for one image pass x.unsqueeze(0)"
         raise ValueError(f"{name}: x must be {what} floating tensor, got shape {tuple(x.shape)} {x.dtype}{hint}")
@@ -357,7 +350,7 @@ def _check_conv_x(name, x, unbatched):
 def _channel_vector(name, what, v, x, dtype):
     if v is None:
         return None
-    _require_tensor(name, what, v, f"a torch.Tensor of shape ({x.shape[1]},)")
+    _args.require_tensor(name, what, v, f"a torch.Tensor of shape ({x.shape[1]},)")
     if tuple(v.shape) != (x.shape[1],):
         raise ValueError(f"{name}: {what} must have shape ({x.shape[1]},) to match x's channels, got "
                          f"{tuple(v.shape)} (x is {tuple(x.shape)})")

@@ -723,21 +723,24 @@ def _set_aside_earlier_table(sweep_dir: Path) -> None:
     if earlier is not None:
         aside = sweep_dir / f"previous-{earlier[:8]}"
     else:
-        k = 1
-        while (aside := sweep_dir / f"previous-{k}").exists():
-            k += 1
+        aside = _first_free(sweep_dir / "previous-")
     aside.mkdir(exist_ok=True)
     for path in found:
         os.replace(path, aside / path.name)
     log.info(f"hetrain: {sweep_dir} held an earlier sweep; moved its {', '.join(p.name for p in found)} to {aside}")
 
 
+def _first_free(stem: Path) -> Path:
+    """``<stem><k>`` for the first k = 1, 2, ... not taken."""
+    k = 1
+    while (path := stem.with_name(f"{stem.name}{k}")).exists():
+        k += 1
+    return path
+
+
 def _next_part(folder: Path) -> Path:
     """``<folder>-part<k>`` for the first k = 1, 2, ... not taken."""
-    part = 1
-    while (aside := folder.with_name(f"{folder.name}-part{part}")).exists():
-        part += 1
-    return aside
+    return _first_free(folder.with_name(f"{folder.name}-part"))
 
 
 class RunDirectory(HydraCallback):
@@ -779,9 +782,7 @@ class RunDirectory(HydraCallback):
                           "train.py runs from, so nothing is moved: this run's checkpoints and logs mix with the "
                           "earlier run's; give each run a directory of its own (hydra.run.dir=...)")
             return
-        k = 1
-        while (aside := run_dir / f"previous-{k}").exists():
-            k += 1
+        aside = _first_free(run_dir / "previous-")
         moved = _set_aside(run_dir, aside, (RUN_LOCK,), "the files of an earlier run", since)
         self._said = None if moved is None else (logging.INFO, moved)
 

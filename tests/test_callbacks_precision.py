@@ -1,11 +1,15 @@
 """Per-device precision choice, per-device autocast, and NonFiniteGuard on real Lightning fits (CPU)."""
 
 import csv
+import functools
 import gc
 import math
+import pickle
+import random
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -981,3 +985,82 @@ def test_guard_reruns_training_step_at_the_failing_global_step(tmp_path):
         _fit(model, _loader(4), tmp_path, callbacks=[NonFiniteGuard(max_consecutive=1)])
     assert model.seen == [0, 1, 1]
     assert model.trainer.global_step == 2  # set back after the rerun
+
+
+class StrictClipping(Regressor):
+    """Checks its gradients in its own on_before_optimizer_step, after NonFiniteGuard's: it raises on a NaN step."""
+
+    def __init__(self):
+        super().__init__(nn.Identity())
+        self.strict = True
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.strict:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 1e9, error_if_nonfinite=True)
+
+
+@pytest.mark.parametrize("own_clipping", [False, True])
+def test_guard_leaves_nothing_behind_when_a_step_raises_after_it(tmp_path, own_clipping):
+    # The gradient drop stayed on the module (which no longer pickled) and the NaN step's verdict on the guard: the
+    # next fit dropped its first step's gradients and counted a non-finite step, on finite data.
+    model, guard = StrictClipping(), NonFiniteGuard()
+    own = functools.partial(pl.LightningModule.configure_gradient_clipping, model)
+    if own_clipping:
+        model.configure_gradient_clipping = own
+    with pytest.raises(RuntimeError, match="is non-finite"):
+        _fit(model, _loader(1, nan_inputs=[0]), tmp_path, callbacks=[guard])
+    assert vars(model).get("configure_gradient_clipping") is (own if own_clipping else None)
+    pickle.dumps(model)
+    model.strict = False
+    before = [p.detach().clone() for p in model.parameters()]
+    _fit(model, _loader(1), tmp_path, callbacks=[guard])
+    assert (guard.skipped_steps, guard.nonfinite_steps, guard.consecutive) == (0, 0, 0)
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+class HostAugment(nn.Module):
+    """An augmentation drawing from numpy and Python's random. On global step 1 it makes NaN from the draws that
+    step first drew: a rerun reproduces it only if it draws them again."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = []  # (global step, numpy's draw, Python's draw) of each call
+        self.poison = None
+
+    def forward(self, x, step):
+        draw = (float(np.random.rand()), random.random())
+        self.draws.append((step, *draw))
+        if step == 1 and self.poison is None:
+            self.poison = draw
+        return x * float("nan") if draw == self.poison else x
+
+
+class HostAugmented(Regressor):
+    def __init__(self):
+        super().__init__(nn.Identity())
+        self.augment = HostAugment()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return super().training_step((self.augment(x, self.global_step), y), batch_idx)
+
+    def on_before_backward(self, loss):
+        # Drawn after training_step, before the guard's rerun: a rerun from the step's generators must not draw it
+        # again for the next step.
+        self.augment.draws.append(("after", float(np.random.rand()), random.random()))
+
+
+def test_guard_reruns_with_numpy_and_python_draws_and_leaves_the_runs_draws_alone(tmp_path):
+    # The rerun set back torch's generator only: it drew another augmentation (the NaN was "not reproduced by a
+    # rerun"), and every later numpy and Python draw of the run was shifted by the rerun's.
+    plain = HostAugmented()
+    _fit(plain, _loader(4), tmp_path)
+    model, guard = HostAugmented(), NonFiniteGuard(on_nonfinite="skip")
+    named = r"global step 1\): non-finite loss; produced in forward: first non-finite output from module 'augment'"
+    with pytest.warns(UserWarning, match=named):
+        _fit(model, _loader(4), tmp_path, callbacks=[guard])
+    assert guard.skipped_steps == 1
+    rerun = model.augment.draws.pop(4)
+    assert rerun == model.augment.draws[2]  # the rerun drew what step 1 drew
+    assert [d[0] for d in model.augment.draws] == [0, "after", 1, "after", 2, "after", 3, "after"]
+    assert model.augment.draws == plain.augment.draws

@@ -333,3 +333,33 @@ def test_a_resume_in_an_epoch_that_repeats_batches_sees_the_uninterrupted_batche
             s.load_state_dict(state)
             s.set_epoch(0)
         assert [d + list(s) for d, s in zip(done, resumed, strict=True)] == expected, f"resumed after {steps} steps"
+
+
+def test_an_offset_outside_the_batch_at_the_position_is_refused_naming_both():
+    # Only the position was checked: an offset past the batch's end resumed with an empty batch, one at its end went
+    # on as the next position does, and a negative one skipped samples without a word.
+    lengths = [4] * 12  # three batches of 4 samples at max_tokens=16
+    state = TokenBudgetBatchSampler(lengths, 16, shuffle=False).state_dict()
+    for offset in (4, 9, -3):
+        sampler = TokenBudgetBatchSampler(lengths, 16, shuffle=False)
+        with pytest.raises(ValueError, match=rf"offset {offset} is outside batch 1's 4 samples \(need 0 <= offset < "
+                                             r"4\).*pass what state_dict\(\) returned"):
+            sampler.load_state_dict({**state, "position": 1, "offset": offset})
+        assert sampler.state_dict() == state  # a refused state changes nothing
+    with pytest.raises(ValueError, match=r"offset 1 is past the epoch's end \(position 3 of 3 batches needs offset 0"):
+        TokenBudgetBatchSampler(lengths, 16, shuffle=False).load_state_dict({**state, "position": 3, "offset": 1})
+    resumed = TokenBudgetBatchSampler(lengths, 16, shuffle=False)
+    resumed.load_state_dict({**state, "position": 1, "offset": 3})  # the last sample of the batch is still to come
+    assert list(resumed) == [[7], [8, 9, 10, 11]]
+    # The batch is the one of the state's seed and epoch, not of the loading sampler's.
+    lengths = zipf_lengths(300, seed=3)
+    saver = TokenBudgetBatchSampler(lengths, 512, seed=5)
+    saver.set_epoch(2)
+    state, plan = saver.state_dict(), saver.global_plan()
+    own = TokenBudgetBatchSampler(lengths, 512).global_plan()
+    k = next(i for i in range(len(plan)) if len(plan[i]) > len(own[i]))
+    loader = TokenBudgetBatchSampler(lengths, 512)
+    loader.load_state_dict({**state, "position": k, "offset": len(plan[k]) - 1})
+    assert next(iter(loader)) == plan[k][-1:].tolist()
+    with pytest.raises(ValueError, match=f"outside batch {k}'s {len(plan[k])} samples"):
+        loader.load_state_dict({**state, "position": k, "offset": len(plan[k])})

@@ -12,6 +12,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import tracemalloc
 
 import numpy as np
@@ -92,6 +93,98 @@ def test_an_index_that_cannot_be_renamed_into_place_takes_the_new_bin_with_it(tm
     with pytest.raises(OSError):
         write_token_file(tmp_path / "c", [[1, 2, 3]])
     assert os.listdir(tmp_path) == ["c.idx"]
+
+
+def stop_rename(monkeypatch, onto: str, exc: type[BaseException], done: bool) -> None:
+    """``exc`` from the first ``os.replace`` onto a file named ``onto``: before it renames, or once it has (a
+    signal handled as the rename returns)."""
+    real, pending = os.replace, [exc]
+
+    def replace(src, dst):
+        if pending and os.path.basename(dst) == onto:
+            if done:
+                real(src, dst)
+            raise pending.pop()
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def read_back(prefix) -> list[list[int]]:
+    tf = TokenFile(prefix)  # validated
+    return [tf[i].tolist() for i in range(len(tf))]
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
+@pytest.mark.parametrize(("onto", "done"), [("c.bin", True), ("c.idx", False)])
+def test_a_stop_or_failure_between_the_renames_leaves_the_old_pair_as_it_was(tmp_path, monkeypatch, exc, onto, done):
+    # The new .bin was renamed over the old before the .idx rename failed: the cleanup then deleted it, and the old
+    # corpus was gone. A signal handled as the first rename returned kept it instead, beside the old .idx: with as
+    # many tokens as before, the pair validated and read the new tokens under the old document boundaries.
+    write_token_file(tmp_path / "c", [[1, 2, 3], [4, 5]])
+    stop_rename(monkeypatch, onto, exc, done)
+    with pytest.raises(exc):
+        write_token_file(tmp_path / "c", [[7, 8], [9, 10, 11]])
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["c.bin", "c.idx"]
+    assert read_back(tmp_path / "c") == [[1, 2, 3], [4, 5]]
+
+
+def test_the_old_pair_comes_back_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    write_token_file(tmp_path / "c", [[1, 2, 3], [4, 5]])
+
+    def link(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", link)
+    stop_rename(monkeypatch, "c.idx", KeyboardInterrupt, done=False)
+    with pytest.raises(KeyboardInterrupt):
+        write_token_file(tmp_path / "c", [[7, 8], [9, 10, 11]])
+    assert sorted(os.listdir(tmp_path)) == ["c.bin", "c.idx"]
+    assert read_back(tmp_path / "c") == [[1, 2, 3], [4, 5]]
+    write_token_file(tmp_path / "c", [[6]])  # and a build that succeeds leaves the new pair alone
+    assert sorted(os.listdir(tmp_path)) == ["c.bin", "c.idx"] and read_back(tmp_path / "c") == [[6]]
+
+
+def test_a_stop_handled_once_both_renames_are_done_keeps_the_new_pair(tmp_path, monkeypatch):
+    # The cleanup removed the new .bin once it was in place, whatever else had happened: here it took it from
+    # beside its own new .idx.
+    write_token_file(tmp_path / "c", [[1, 2, 3], [4, 5]])
+    stop_rename(monkeypatch, "c.idx", KeyboardInterrupt, done=True)
+    with pytest.raises(KeyboardInterrupt):
+        write_token_file(tmp_path / "c", [[7, 8], [9, 10, 11]])
+    assert sorted(os.listdir(tmp_path)) == ["c.bin", "c.idx"]
+    assert read_back(tmp_path / "c") == [[7, 8], [9, 10, 11]]
+
+
+def test_a_stop_between_the_renames_without_an_old_pair_leaves_nothing(tmp_path, monkeypatch):
+    stop_rename(monkeypatch, "c.bin", KeyboardInterrupt, done=True)
+    with pytest.raises(KeyboardInterrupt):
+        write_token_file(tmp_path / "c", [[7, 8]])
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_during_the_renames_arrives_once_both_are_done(tmp_path, monkeypatch):
+    # A real SIGINT as the first rename starts: Python raised KeyboardInterrupt between the renames.
+    write_token_file(tmp_path / "c", [[1, 2, 3], [4, 5]])
+    real, renamed = os.replace, []
+
+    def replace(src, dst):
+        if not renamed:
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        real(src, dst)
+        renamed.append(os.path.basename(dst))
+
+    monkeypatch.setattr(os, "replace", replace)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_token_file(tmp_path / "c", [[7, 8], [9, 10, 11]])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert renamed == ["c.bin", "c.idx"]
+    assert sorted(os.listdir(tmp_path)) == ["c.bin", "c.idx"]
+    assert read_back(tmp_path / "c") == [[7, 8], [9, 10, 11]]
 
 
 def test_a_writer_renames_into_the_directory_it_was_opened_in(tmp_path, monkeypatch):

@@ -110,9 +110,16 @@ class TokenBudgetBatchSampler:
         epoch = self.epoch if epoch is None else epoch
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
+        plan = self._plan(epoch, self.seed)
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    def _plan(self, epoch: int, seed: int) -> list[np.ndarray]:
+        """The global plan of ``epoch`` under ``seed``, uncached: ``load_state_dict`` checks a state against it
+        before taking the state's seed."""
         # numpy refuses a negative seed: it is taken modulo 2**64, as EpochShuffle does (state keeps the raw seed);
         # every other seed as it is, so existing plans stay the same.
-        rng = np.random.default_rng([self.seed % 2**64 if self.seed < 0 else self.seed, epoch])
+        rng = np.random.default_rng([seed % 2**64 if seed < 0 else seed, epoch])
         if self.shuffle:
             # Sort by length, equal lengths in random order, so batch composition varies between epochs.
             order = np.lexsort((rng.permutation(len(self.lengths)), self.lengths))
@@ -121,7 +128,6 @@ class TokenBudgetBatchSampler:
         plan = np.split(order, np.cumsum(self._sizes)[:-1])
         if self.shuffle:
             plan = [plan[k] for k in rng.permutation(len(plan))]
-        self._plan_cache = (epoch, plan)
         return plan
 
     def _rounds(self, plan: list[np.ndarray], start: int, offset: int = 0) -> tuple[list[np.ndarray], int]:
@@ -278,14 +284,24 @@ class TokenBudgetBatchSampler:
             raise ValueError("hetrain: the sampler state was saved for other sample lengths (the same count, other "
                              "values or order: other data, or another tokenizer or windowing); the batch plans would "
                              "differ: resume with the data the saving run used")
-        self.epoch = int(state["epoch"])
-        self.seed = int(state["seed"])
-        self._start = self._iter_start = int(state["position"])
-        self._offset = self._iter_offset = int(state.get("offset", 0))
+        epoch, seed, position = (int(state[k]) for k in ("epoch", "seed", "position"))
+        offset = int(state.get("offset", 0))
+        # `offset` counts the samples of batch `position` consumed before the save: past the batch's end the resume
+        # yielded an empty batch, at its end it went on as the next position does, a negative one skipped samples.
+        plan = self._plan(epoch, seed)
+        size = len(plan[position]) if position < len(plan) else 0
+        if not 0 <= offset < max(size, 1):
+            where = (f"is outside batch {position}'s {size} samples (need 0 <= offset < {size})" if size else
+                     f"is past the epoch's end (position {position} of {len(plan)} batches needs offset 0)")
+            raise ValueError(f"hetrain: the sampler state's offset {offset} {where}; the state was edited or comes "
+                             "from another sampler: pass what state_dict() returned")
+        self.epoch, self.seed = epoch, seed
+        self._start = self._iter_start = position
+        self._offset = self._iter_offset = offset
         self._yielded = 0  # state_dict() before the first resumed batch gives back exactly this position
         # Steps each saving rank had taken in the epoch (positions advance by num_replicas per step).
         self._resumed_steps = int(state.get("steps", self._start // int(state.get("num_replicas", 1))))
-        self._plan_cache = None
+        self._plan_cache = (epoch, plan)
 
 
 def _balanced(batches: list[np.ndarray], parts: int) -> tuple[list[np.ndarray], int]:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import signal
 import struct
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,26 +238,66 @@ class TokenFileWriter:
         """Writes the index and renames both files into place: the .bin first, then the .idx.
 
         Two renames are not one atomic step: a reader opening the pair between them sees the new .bin with the
-        old .idx (validation names the size mismatch). Whatever fails (a full disk, Ctrl-C) removes both
-        temporaries, which are as large as the corpus, and a new .bin already renamed into place: beside the old
-        .idx, it would give readers the new tokens under the old offsets; without it they are told it is missing.
+        old .idx (validation names a size mismatch). Whatever fails before the .idx is in place (a full disk, a
+        Ctrl-C) leaves the old pair as it was, or no pair where there was none, and removes the temporaries, which
+        are as large as the corpus: a new .bin beside the old .idx would give readers the new tokens under the old
+        offsets. Ctrl-C and SIGTERM wait until both renames are done (when closed on the main thread).
         """
         if self._bin.closed:
             return
         tmp_idx = self.idx_path.with_name(self.idx_path.name + self._tmp_suffix)
-        bin_replaced = False
         try:
             self._bin.close()  # flushes: the first write to fail on a full disk may be this one
             num_docs = len(self._offsets) - 1
             header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, num_docs, self._offsets[-1])
             tmp_idx.write_bytes(header + np.asarray(self._offsets, dtype="<u8").tobytes())
-            os.replace(self._tmp_bin, self.bin_path)
-            bin_replaced = True
-            os.replace(tmp_idx, self.idx_path)
+            with _signals_held():
+                self._replace(tmp_idx)
         except BaseException:
-            for path in (self._tmp_bin, tmp_idx, *([self.bin_path] if bin_replaced else [])):
+            for path in (self._tmp_bin, tmp_idx):  # gone once renamed: what is in place stays
                 path.unlink(missing_ok=True)
             raise
+
+    def _replace(self, tmp_idx: Path) -> None:
+        """Renames the pair into place, the old .bin kept aside (a second name) until the new .idx is in place.
+
+        After a failure the files say how far it got (a flag set after a rename would miss a signal handled as
+        the rename returns): both temporaries gone, the new pair is complete; the temporary .bin gone alone, the
+        new .bin is beside the old .idx and the old .bin goes back.
+        """
+        old_bin = self.bin_path.with_name(self.bin_path.name + ".old" + self._tmp_suffix)
+        try:
+            self._set_aside(old_bin)
+            os.replace(self._tmp_bin, self.bin_path)
+            os.replace(tmp_idx, self.idx_path)
+        except BaseException:
+            if tmp_idx.exists() or self._tmp_bin.exists():
+                self._put_back(old_bin)
+            else:
+                old_bin.unlink(missing_ok=True)
+            raise
+        old_bin.unlink(missing_ok=True)
+
+    def _set_aside(self, old_bin: Path) -> None:
+        """A second name for the .bin in place, if any: a hard link, so that readers find the old pair until the
+        renames; where the filesystem has none, the .bin itself moves (readers are told it is missing meanwhile)."""
+        try:
+            os.link(self.bin_path, old_bin, follow_symlinks=False)
+        except FileNotFoundError:  # no corpus yet
+            pass
+        except OSError:
+            if not self.bin_path.is_dir():  # the rename of the new .bin onto a directory fails anyway
+                os.replace(self.bin_path, old_bin)
+
+    def _put_back(self, old_bin: Path) -> None:
+        """The .bin in place before the renames goes back under its .idx; without one, the new .bin is removed."""
+        new_in_place = not self._tmp_bin.exists()
+        if os.path.lexists(old_bin) and (new_in_place or not os.path.lexists(self.bin_path)):
+            os.replace(old_bin, self.bin_path)
+            return
+        old_bin.unlink(missing_ok=True)  # a second name of the .bin still in place, or none
+        if new_in_place:
+            self.bin_path.unlink(missing_ok=True)
 
     def __enter__(self) -> TokenFileWriter:
         return self
@@ -269,6 +311,22 @@ class TokenFileWriter:
                     self._bin.close()
             finally:
                 self._tmp_bin.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Holds Ctrl-C and SIGTERM until the block is done, then delivers them: a stop between ``close()``'s renames
+    would leave the new .bin beside the old .idx. Only the main thread runs Python's handlers, so only its mask is
+    set; a signal that another thread without the mask takes is handled on the main thread at once all the same,
+    and ``close()`` then finds from the files how far it got."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def write_token_file(prefix: str | os.PathLike, docs: Iterable[Iterable[int]], itemsize: int = 2) -> TokenFile:

@@ -147,14 +147,23 @@ def test_a_second_ctrl_c_stops_at_once_through_lightnings_own_shutdown(tmp_path)
         signal.signal(signal.SIGINT, before)
 
 
-# A fit whose torch DataLoader workers (hetrain's, through SeededSplits) get a terminal's Ctrl-C too, during step 1 of
-# windows of 8 batches: the stop needs 7 batches more than the 5 the loaders fetched ahead.
-GROUP_CTRL_C = """
-import json, os, signal
+# A fit whose loader's processes get the signal too, during step 1 of windows of 8 batches: the stop needs 7 batches
+# more than the loader fetched ahead. The loader is hetrain's torch DataLoader with workers (through SeededSplits) or a
+# RingLoader with reader processes. The signal comes from a process outside the fit, as a terminal's or a scheduler's
+# does (a SIGTERM from the main process itself is its own stop of its workers). On SIGTERM the script exits as
+# hetrain.train does after GracefulStop's stop, 143.
+GROUP_SIGNAL = """
+import json, os, signal, subprocess, sys
 import pytorch_lightning as pl, torch
-from torch.utils.data import TensorDataset
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch.utils.data import Dataset, TensorDataset
 from hetrain.callbacks import GracefulStop
+from hetrain.data.ring import PadInto, RingLoader
+from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.splits import SeededSplits
+
+SIGNAL, LOADER = signal.Signals[sys.argv[1]], sys.argv[2]
+SEND = "import os, signal, sys; n = int(sys.argv[1]); signal.signal(n, signal.SIG_IGN); os.killpg(os.getpgrp(), n)"
 
 class Regression(pl.LightningModule):
     def __init__(self):
@@ -162,7 +171,8 @@ class Regression(pl.LightningModule):
         self.net = torch.nn.Linear(6, 1)
 
     def training_step(self, batch, batch_idx):
-        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+        x, y = (batch["input_ids"].float(), batch["labels"].float()[:, None]) if LOADER == "ring" else batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -179,28 +189,72 @@ class Data(SeededSplits, pl.LightningDataModule):
     def train_dataloader(self):
         return self._torch_loader(self.train_set, True)
 
-class CtrlCToTheGroup(pl.Callback):
+class Samples(Dataset):
+    def __len__(self):
+        return 96
+
+    def __getitem__(self, i):
+        return {"input_ids": torch.arange(6) + i, "label": i % 2}
+
+class SignalToTheGroup(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 8:
-            os.killpg(os.getpgrp(), signal.SIGINT)
+            subprocess.run([sys.executable, "-c", SEND, str(int(SIGNAL))], check=True)
 
+if LOADER == "ring":  # 4 samples of 6 tokens a batch, as the DataModule's
+    data = RingLoader(Samples(), TokenBudgetBatchSampler([6] * 96, 24, shuffle=False), collate=PadInto(24, 4),
+                      num_workers=2, reader_processes=2)
+else:
+    data = Data()
 stop = GracefulStop()
 trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=[stop, CtrlCToTheGroup()], accumulate_grad_batches=8,
+                     enable_model_summary=False, callbacks=[stop, SignalToTheGroup()], accumulate_grad_batches=8,
                      num_sanity_val_steps=0, limit_val_batches=0)
-trainer.fit(Regression(), Data())
+code = 0
+try:
+    trainer.fit(Regression(), data)
+except SIGTERMException:  # how Lightning ends the fit on SIGTERM, once GracefulStop saved its step
+    code = 128 + signal.SIGTERM
 print(json.dumps({"global_step": trainer.global_step, **stop.summary}))
+sys.exit(code)
 """
 
 
-def test_a_terminals_ctrl_c_to_the_process_group_leaves_the_loaders_workers_running(tmp_path):
+def _signal_the_group(tmp_path: Path, signal_name: str, loader: str) -> tuple[int, dict, str]:
+    """Runs GROUP_SIGNAL in a process group of its own: its exit code, what it printed last and its stderr. Checks
+    that it left no process of the group behind: the main process stops its loader's processes itself."""
+    fit = subprocess.Popen([sys.executable, "-c", GROUP_SIGNAL, signal_name, loader], cwd=tmp_path, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        stdout, stderr = fit.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(fit.pid, signal.SIGKILL)
+    with pytest.raises(ProcessLookupError):  # no process of the group is left
+        os.killpg(fit.pid, 0)
+    return fit.returncode, json.loads(stdout.splitlines()[-1]) if stdout.strip() else {}, stderr
+
+
+@pytest.mark.parametrize("loader", ["torch", "ring"])
+def test_a_terminals_ctrl_c_to_the_process_group_leaves_the_loaders_workers_running(tmp_path, loader):
     """A terminal sends Ctrl-C to the whole foreground process group: the DataLoader workers died of it, and the
     stop, which needs more batches to end its step, crashed with "DataLoader worker ... exited unexpectedly"."""
-    run = subprocess.run([sys.executable, "-c", GROUP_CTRL_C], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120, process_group=0, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.splitlines()[-1])
+    code, result, stderr = _signal_the_group(tmp_path, "SIGINT", loader)
+    assert code == 0, stderr[-3000:]
     assert result["global_step"] == 2 and result["at_step"] == 2 and result["signal"] == "SIGINT"
+
+
+@pytest.mark.parametrize("loader", ["torch", "ring"])
+def test_a_schedulers_sigterm_to_every_process_of_the_job_leaves_the_loaders_workers_running(tmp_path, loader):
+    """SLURM (at the time limit, on preemption) and systemd send SIGTERM to every process of the job: the DataLoader
+    workers and the ring loader's reader processes died of it, and the stop crashed on the next batch ("DataLoader
+    worker ... exited unexpectedly", ReaderDied "killed by SIGTERM") with no checkpoint, exit 1."""
+    code, result, stderr = _signal_the_group(tmp_path, "SIGTERM", loader)
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
+    checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
+    assert result == {"global_step": 2, "at_step": 2, "checkpoint": str(checkpoint), "signal": "SIGTERM"}
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 2
 
 
 def test_workers_that_ignore_ctrl_c_are_seeded_as_lightning_seeds_them(monkeypatch):

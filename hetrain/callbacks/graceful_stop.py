@@ -73,9 +73,11 @@ class GracefulStop(Callback):
         - Ctrl-C or SIGTERM before training starts (the sanity check) stops at once, as without this callback.
         - The fit stops even before the Trainer's ``min_steps`` or ``min_epochs`` are met (Lightning's own stops
           wait for them); they are set back when the fit ends.
-        - A terminal's Ctrl-C reaches DataLoader worker processes too, and one that dies of it ends the fit with
-          an error where the stop needs more batches (with gradient accumulation). hetrain's loaders' workers
-          ignore it; give a DataLoader of your own with ``num_workers>0``
+        - A terminal's Ctrl-C reaches DataLoader worker processes too, as a scheduler's SIGTERM (SLURM at a time
+          limit or on preemption, systemd) reaches every process of the job, and a worker that dies of it ends the
+          fit with an error, and no checkpoint, where the stop needs more batches (with gradient accumulation).
+          hetrain's loaders' workers and reader processes ignore both (a SIGTERM from the main process, its own
+          stop of them, still ends them); give a DataLoader of your own with ``num_workers>0``
           ``worker_init_fn=hetrain.data.ignore_interrupts_in_workers(your_init_fn)``.
         - The validation Lightning runs when a fit is told to stop is skipped: a pause does not wait for it.
         - Ctrl-C or SIGTERM during a validation inside the fit stops it after the batch in flight (under DDP every

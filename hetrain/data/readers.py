@@ -7,6 +7,7 @@ reductions send tensors through it as shared-memory file descriptors fetched fro
 which fails once that process has been stopped. Here each reader has its own pipe, a producer waits on
 that pipe and on the process's exit at once (a dead reader is named, with its exit code, not waited on),
 samples come back pickled by value (a tensor as its bytes), and stopping is a message, then SIGTERM, then SIGKILL.
+A SIGTERM that another process sends (a scheduler's, to every process of the job) leaves the readers reading.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import multiprocessing
+import os
 import pickle
 import queue
 import signal
@@ -150,16 +152,48 @@ def _unpicklable(read: list[tuple[int, Any]]) -> str:
     return f"samples {[index for index, _ in read]} cannot be sent back from the reader process together"
 
 
+def stop_on_the_parents_sigterm_only(leave: Callable[[], object]) -> None:
+    """Makes this child process ignore a SIGTERM that its parent did not send; the parent's calls ``leave()``.
+
+    SLURM (at a job's time limit, on preemption) and systemd send SIGTERM to every process of the job: a loader's
+    reader or worker process died of it, and the fit that :class:`~hetrain.callbacks.GracefulStop` was finishing
+    failed on its next batch, with no checkpoint. The parent stops these processes itself, and may do so with
+    SIGTERM (:meth:`ReaderProcesses.stop`, torch's last resort, multiprocessing's exit for its daemonic processes):
+    that one still ends them. A signal handler is not told who sent the signal, a thread that waits for it is: SIGTERM
+    is blocked here, and so in every thread started from this one later, and a thread of its own waits for it. Call
+    it while the process has a single thread (one that does not block it would take the signal as before).
+    """
+    parent = multiprocessing.parent_process()
+    parent_pid = os.getppid() if parent is None else parent.pid  # not getppid() under forkserver: the server's
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_await_the_parents_sigterm, args=(parent_pid, leave), daemon=True,
+                     name="hetrain-sigterm").start()
+
+
+def _await_the_parents_sigterm(parent_pid: int, leave: Callable[[], object]) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent_pid:
+        pass  # the job's SIGTERM (a scheduler's): the parent decides when this process ends
+    leave()
+
+
+def _die_of_sigterm() -> None:
+    """Ends this reader as SIGTERM's default action does, for the parent to see (``killed by SIGTERM``)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.raise_signal(signal.SIGTERM)
+
+
 def _own_signals() -> None:
     """Drops the Python signal handlers the fork copied from the parent (Lightning's SIGTERM handler, which on rank 0
     kills the other ranks, its SIGUSR1 requeue handler, a scheduler's hook): they are the trainer's, and would run
     here instead, swallowing the SIGTERM that :meth:`ReaderProcesses.stop` ends a busy reader with. Ctrl-C reaches
-    the whole process group: the loader stops the readers, so here it is ignored."""
+    the whole process group, and a scheduler's SIGTERM the whole job: the loader stops the readers, so here both are
+    ignored (SIGTERM unless the parent sent it: :func:`stop_on_the_parents_sigterm_only`)."""
     for signum in signal.valid_signals():
         if callable(signal.getsignal(signum)):  # a Python handler; C-level ones (torch's SIGSEGV, say) stay
             signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # even if the parent ignores it: stop() terminates with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop_on_the_parents_sigterm_only(_die_of_sigterm)
 
 
 def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]) -> None:

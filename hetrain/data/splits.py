@@ -13,6 +13,7 @@ import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 
+from hetrain.data.readers import stop_on_the_parents_sigterm_only
 from hetrain.data.wait_clock import TimedDataLoader
 
 
@@ -84,20 +85,27 @@ def _unlabel_repeats(collate: Callable[[list[Any]], dict[str, torch.Tensor]],
 
 def ignore_interrupts_in_workers(worker_init_fn: Callable[[int], Any] | None = None,
                                  rank: int | None = None) -> Callable[[int], None]:
-    """A DataLoader ``worker_init_fn`` that makes the workers ignore Ctrl-C, then runs ``worker_init_fn``.
+    """A DataLoader ``worker_init_fn`` that makes the workers ignore Ctrl-C and a SIGTERM that the main process did not
+    send, then runs ``worker_init_fn``.
 
-    A terminal's Ctrl-C reaches the whole foreground process group: the workers died of it, and a fit that
-    :class:`~hetrain.callbacks.GracefulStop` let finish its step crashed waiting for their next batch. The main
-    process stops its workers itself. Without ``worker_init_fn``, under ``seed_everything(workers=True)`` the
-    workers are seeded as Lightning seeds them (it adds its own function only to a loader that has none), for the
-    global ``rank`` (by default Lightning's record of it, which a worker forked from its rank's process inherits).
-    A ``functools.partial`` of a module-level function: workers started by spawn or forkserver unpickle it.
+    A terminal's Ctrl-C reaches the whole foreground process group, and a scheduler's SIGTERM (SLURM at a time limit
+    or on preemption, systemd) every process of the job: the workers died of it, and a fit that
+    :class:`~hetrain.callbacks.GracefulStop` let finish its step crashed waiting for their next batch, with no
+    checkpoint. The main process stops its workers itself (torch's last resort, SIGTERM, still ends them: see
+    :func:`~hetrain.data.readers.stop_on_the_parents_sigterm_only`). Without ``worker_init_fn``, under
+    ``seed_everything(workers=True)`` the workers are seeded as Lightning seeds them (it adds its own function only to
+    a loader that has none), for the global ``rank`` (by default Lightning's record of it, which a worker forked from
+    its rank's process inherits). A ``functools.partial`` of a module-level function: workers started by spawn or
+    forkserver unpickle it.
     """
     return functools.partial(_ignore_interrupts, worker_init_fn, rank)
 
 
 def _ignore_interrupts(worker_init_fn: Callable[[int], Any] | None, rank: int | None, worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Before worker_init_fn, which may start threads. Exit 0, as torch's own handler does on its parent's SIGTERM: the
+    # main process reports a worker that ended otherwise as failed.
+    stop_on_the_parents_sigterm_only(functools.partial(os._exit, 0))
     if worker_init_fn is not None:
         worker_init_fn(worker_id)
     elif int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning's seed_everything(workers=True) asks for
@@ -135,7 +143,7 @@ class SeededSplits:
 
         The training loader keeps a generator of its own: the workers' base seed is drawn from it each epoch, not
         from the global one that ``hetrain.callbacks.RandomState`` saves and restores. The workers ignore Ctrl-C
-        (:func:`ignore_interrupts_in_workers`).
+        and a scheduler's SIGTERM (:func:`ignore_interrupts_in_workers`).
         """
         h = self.hparams
         if shuffle:

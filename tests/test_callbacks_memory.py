@@ -1,6 +1,7 @@
 """MemoryProfiler on real Lightning fits (CPU): per-module numbers, phase peaks, allocator churn, report files,
 OOM post-mortem."""
 
+import copy
 import gc
 import logging
 import os
@@ -16,13 +17,15 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from hetrain import cpu_memory, ops
+from hetrain.callbacks import memory
 from hetrain.callbacks.churn import OUTSIDE, ROOT, Allocation, ChurnTracker, churned
-from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler
+from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler, StepPeaks
 from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, STEPS_CSV, MemoryReport
 from hetrain.callbacks.module_memory import NOT_MEASURED, ModuleMemory, optimizer_state_bytes
 from hetrain.callbacks.module_memory import OUTSIDE as OUTSIDE_MODULES
@@ -261,6 +264,54 @@ def test_a_forward_under_the_users_saved_tensors_hook_keeps_it_and_is_said_not_m
     saved = {row[0]: row[header.index("saved for backward MiB")] for row in rows}
     assert saved["0"] == saved["1"] == saved["2"] == NOT_MEASURED  # not 0
     assert "Not measured: " in tracker.saved_note() and "save_on_cpu" in tracker.saved_note()
+
+
+class Offloading(nn.Module):
+    """Offloads what its own forward saves after its child's: only save_on_cpu's hook sees those tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(IN, HIDDEN)
+
+    def forward(self, x):
+        h = self.fc(x)
+        with torch.autograd.graph.save_on_cpu():
+            return torch.tanh(h) * h
+
+
+class Checkpointing(nn.Module):
+    """Recomputes its forward in backward: keeps only its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(HIDDEN, HIDDEN))
+
+    def forward(self, h):
+        return torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(t @ self.w) * t, h, use_reentrant=False)
+
+
+def test_a_module_that_pushes_its_own_saved_tensors_hook_is_said_not_measured():
+    """A hook pushed inside a module's forward sat over the pack hook, which never saw what it saved there: the
+    module's row said 0 though save_on_cpu kept copies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Offloading(), Checkpointing(), nn.Linear(HIDDEN, 1))
+    x = torch.randn(BATCH, IN)
+    tracker = ModuleMemory(model)
+    tracker.start()
+    loss = model(x).square().mean()
+    tracker.forward_done(loss)
+    loss.backward()
+    tracker.backward_done()
+    tracker.stop()
+    header, rows = tracker.table()
+    saved = {row[0]: row[header.index("saved for backward MiB")] for row in rows}
+    r = tracker.records
+    assert saved.get("0") == NOT_MEASURED and "Not measured: 0: " in tracker.saved_note()  # no row: all 0
+    # Its child ran before the hook was pushed, the checkpoint keeps its input (the offloaded block's output), and
+    # the container around them pushed nothing: measured.
+    assert r["0.fc"].saved == _nbytes(x) and r["1"].saved == r["2"].saved == 4 * BATCH * HIDDEN
+    assert not any(r[name].saved_unseen for name in (ROOT, "0.fc", "1", "2", OUTSIDE_MODULES))
+    assert model[1].w.grad is not None and model[0].fc.weight.grad is not None
 
 
 class PerSampleGradNorms(Regressor):
@@ -763,6 +814,7 @@ import datetime, sys
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from hetrain.callbacks.memory import MemoryProfiler
@@ -790,7 +842,7 @@ if __name__ == "__main__":
                          enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
                          strategy=pl.strategies.DDPStrategy(timeout=datetime.timedelta(seconds=60)),
                          default_root_dir=sys.argv[1], callbacks=[MemoryProfiler(churn_steps=0)])
-    trainer.fit(OomOnRank1(), DataLoader(data, batch_size=6))
+    trainer.fit(OomOnRank1(), DataLoader(data, batch_size=6), ckpt_path=sys.argv[2] if len(sys.argv) > 2 else None)
 '''
 
 
@@ -806,6 +858,27 @@ def test_an_out_of_memory_on_rank_1_is_written_up_by_rank_1(tmp_path):
     assert report.startswith("# Out of memory on rank 1 at step 1\n\nDuring: forward\n")
     assert "Tried to allocate 20.00 GiB" in report
     assert not (tmp_path / OOM_MD).exists() and not (tmp_path / "oom_report_rank0.md").exists()
+
+
+def test_a_resumed_part_whose_rank_runs_out_again_keeps_that_ranks_earlier_post_mortem(tmp_path):
+    """A part resumed into the run's own directory wrote rank 1's post-mortem over the earlier part's."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(OOM_ON_RANK_1)
+    scope = {}
+    exec(OOM_ON_RANK_1, scope)  # its model, to train the step the part resumes from (rank 0 alone: no error)
+    _fit(scope["OomOnRank1"](), MemoryProfiler(churn_steps=0), tmp_path / "first", batches=1).save_checkpoint(
+        tmp_path / "step1.ckpt")
+    earlier = {"oom_report_rank1.md": "# Out of memory on rank 1 at step 1\n\nthe earlier part's\n",
+               "memory_steps_rank1.csv": "step,device,phase,allocated_mib,reserved_mib\n0,cpu,forward,1.000,\n"}
+    for name, text in earlier.items():
+        (tmp_path / name).write_text(text)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "step1.ckpt")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    for name, text in earlier.items():
+        assert (tmp_path / name.replace(".", "-part1.")).read_text() == text
+    report = (tmp_path / "oom_report_rank1.md").read_text()
+    assert report.startswith("# Out of memory on rank 1 at step 1\n\nDuring: forward\n")
 
 
 def test_other_errors_write_no_post_mortem_but_the_report_of_the_steps_before(tmp_path):
@@ -1075,6 +1148,27 @@ def test_an_out_of_memory_in_a_resumed_fit_names_the_file_that_holds_the_earlier
             in (tmp_path / OOM_MD).read_text())
     assert (tmp_path / "memory_report-part1.md").read_text() == earlier and not (tmp_path / REPORT_MD).exists()
     assert _csv_steps(tmp_path) == [0, 1, 2, 3]
+
+
+def test_a_resumed_part_that_runs_out_of_memory_again_keeps_the_earlier_post_mortem(tmp_path):
+    """A part resumed into the run's own directory wrote its oom_report.md (and snapshot) over the earlier part's: only
+    the report written at a fit's end was kept aside as -part<k>."""
+    _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path).save_checkpoint(tmp_path / "step3.ckpt")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _resumed_fit(tmp_path, Regressor(oom_at_step=4), tmp_path / "step3.ckpt", max_steps=7)
+    (tmp_path / OOM_SNAPSHOT).write_bytes(b"part 2's")  # as a part on a GPU recording its history writes
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _resumed_fit(tmp_path, Regressor(oom_at_step=5), tmp_path / "step3.ckpt", max_steps=7)
+    # Numbered as the parts ran: part 1's report, part 2's post-mortem.
+    assert (tmp_path / "memory_report-part1.md").is_file()
+    assert (tmp_path / "oom_report-part2.md").read_text().startswith("# Out of memory at step 4\n")
+    assert (tmp_path / "oom_snapshot-part2.pickle").read_bytes() == b"part 2's"
+    assert not (tmp_path / OOM_SNAPSHOT).exists()
+    assert (tmp_path / OOM_MD).read_text().startswith("# Out of memory at step 5\n")
+    # A part that ends keeps the post-mortem before it aside, as it does a report.
+    _resumed_fit(tmp_path, Regressor(), tmp_path / "step3.ckpt", max_steps=5)
+    assert (tmp_path / "oom_report-part3.md").read_text().startswith("# Out of memory at step 5\n")
+    assert not (tmp_path / OOM_MD).exists() and (tmp_path / REPORT_MD).is_file()
 
 
 def test_a_profiler_used_for_two_fits_reports_the_second_alone(tmp_path):
@@ -1364,6 +1458,98 @@ def test_churn_steps_all_traced_by_step_trace_are_named_as_the_reason(tmp_path):
             "StepTrace.\n\nNot profiled: steps 2..3, traced by StepTrace (two torch profilers cannot record at "
             "once).") in (tmp_path / REPORT_MD).read_text()
     assert profiler.churn_observed == [] and profiler.churn_traced == [2, 3]  # not step 4, placed but never run
+
+
+@pytest.mark.parametrize(("churn_steps", "asked"), [(3, "3 steps from the fit's step 2"), ([2, 4], "steps [2, 4]")])
+def test_churn_stops_for_the_fit_where_another_torch_profiler_records(tmp_path, caplog, churn_steps, asked):
+    """Under a torch.profiler.profile around the fit (or emit_nvtx, for Nsight) a count placed its next churn step at
+    every step, each refused with a warning; every one was "instrumented", so Throughput timed almost no step; and the
+    report said only that no churn step completed."""
+    profiler = MemoryProfiler(churn_steps=churn_steps, module_every_n_steps=100)
+    with caplog.at_level(logging.WARNING), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        _fit(Regressor(), profiler, tmp_path, batches=8)
+    assert profiler.churn_observed == [] and profiler.churn_steps == [] and profiler.churn.steps == []
+    assert [profiler.instruments_step(s) for s in range(8)] == [True] + [False] * 7  # the hooked step 0 alone
+    warned = Counter(r.name for r in caplog.records if "another torch profiler" in r.getMessage())
+    assert warned == {"hetrain.callbacks.churn": 1, "hetrain.callbacks.memory": 1}  # once for the fit
+    assert (f"Not measured ({asked} asked for): another torch profiler (a torch.profiler.profile or autograd's "
+            "emit_nvtx) was recording at step 2, and two cannot record at once: churn profiled no step from there "
+            "on.") in (tmp_path / REPORT_MD).read_text()
+
+
+class ProfileFrom(pl.Callback):
+    """Records with a torch profiler of its own from the batch of step ``step`` to the end of training."""
+
+    def __init__(self, step: int):
+        self.step, self.profile = step, None
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profile.__enter__()
+
+    def on_train_end(self, trainer, pl_module):
+        self.profile.__exit__(None, None, None)
+
+
+def test_churn_steps_before_another_profiler_began_are_reported_and_the_later_ones_are_named(tmp_path):
+    profiler = MemoryProfiler(churn_steps=[2, 4, 5], churn_min_bytes=1024, module_every_n_steps=100)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=7, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[ProfileFrom(4), profiler])
+    trainer.fit(ChurnRegressor(), _loader(7))
+    assert profiler.churn_observed == [2] and not any(profiler.instruments_step(s) for s in (4, 5))
+    md = (tmp_path / REPORT_MD).read_text()
+    assert ("Not profiled from step 4 on: another torch profiler (a torch.profiler.profile or autograd's emit_nvtx) "
+            "was recording at step 4") in md
+    assert "Steps 2: allocations" in md and "net.1" in md.split("## Allocator churn")[1]
+
+
+def _peaks_of_step(n: int, g: torch.Generator) -> dict:
+    """A step's made-up peaks: the CPU's allocated and kept every step, a GPU's allocated and reserved every third."""
+    out = {"step": n}
+    for phase in PHASES:
+        allocated, kept, gpu = torch.randint(0, 2**34, (3,), generator=g).tolist()
+        out[phase] = {"cpu": {"allocated": allocated, "kept": kept}}
+        if n % 3 == 0:
+            out[phase]["cuda:0"] = {"allocated": gpu, "reserved": gpu + 2**20}
+    return out
+
+
+def test_step_peaks_hold_a_bounded_series_with_the_exact_maxima_and_every_steps_rows():
+    """Every step's peaks were held, one dict per step, for the whole fit: 1.4 KiB a step on the CPU, 1.3 GiB over a
+    million steps, which the CPU's resident set the report shows counted too."""
+    g = torch.Generator().manual_seed(0)
+    peaks, steps = StepPeaks(limit=8), []
+    for n in range(1000):
+        step = _peaks_of_step(n, g)
+        steps.append(copy.deepcopy(step))
+        peaks.add(step)
+        assert len(peaks.points) <= 8
+    assert peaks.count == 1000 and peaks.steps_per_point == 128
+    assert [p["step"] for p in peaks.points] == list(range(0, 1000, 128))  # evenly spaced
+    every, bounded = MemoryReport(steps), MemoryReport(peaks.points)
+    assert bounded.device_table() == every.device_table() and bounded.kept_host_note() == every.kept_host_note()
+    assert peaks.csv_rows() == every.steps_csv().partition("\n")[2]  # every step's rows, as they were
+    for i, point in enumerate(peaks.points):  # each point: the peaks of its own steps
+        assert point["forward"]["cpu"]["allocated"] == max(
+            s["forward"]["cpu"]["allocated"] for s in steps[128 * i:128 * (i + 1)])
+    peaks.close()
+    with pytest.raises(ValueError, match="even limit"):
+        StepPeaks(limit=7)
+
+
+def test_a_long_fit_keeps_a_bounded_series_and_its_steps_file_every_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "MAX_STEP_POINTS", 4)
+    profiler = MemoryProfiler(churn_steps=0)
+    _fit(Regressor(), profiler, tmp_path, batches=10)
+    assert [s["step"] for s in profiler.steps] == [0, 4, 8]
+    assert _csv_steps(tmp_path) == list(range(10))
+    rows = [r.split(",") for r in (tmp_path / STEPS_CSV).read_text().splitlines()[1:]]
+    header, (cpu,) = profiler.report().device_table()
+    for phase in PHASES:  # the table's peaks are every step's, not only the points'
+        assert cpu[header.index(f"peak {phase} MiB")] == max(float(r[3]) for r in rows if r[2] == phase)
 
 
 def test_churn_steps_count_turned_off_and_rejected(tmp_path):

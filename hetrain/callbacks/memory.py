@@ -7,17 +7,21 @@ one step (:mod:`hetrain.callbacks.module_memory`); over a few steps it finds all
 ``memory_steps.csv`` into the run directory (:mod:`hetrain.callbacks.memory_report`), or ``oom_report.md`` and
 ``memory_steps.csv`` (+ an allocator snapshot; under DDP ``oom_report_rank<k>.md`` and ``memory_steps_rank<k>.csv``
 from the rank that ran out) on out-of-memory. A fit resumed into the run's own directory keeps the earlier part's
-``memory_report.{md,png,html}`` as ``memory_report-part<k>.{md,png,html}`` and goes on with its ``memory_steps.csv``.
+``memory_report.{md,png,html}`` as ``memory_report-part<k>.{md,png,html}`` (its ``oom_report.md`` and snapshot as
+``-part<k>`` files too) and goes on with its ``memory_steps.csv``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytorch_lightning as pl
 import torch
@@ -52,6 +56,7 @@ SNAPSHOT = "memory_snapshot.pickle"
 # A churn window given as a count starts at the fit's step 2: step 0 creates optimizer state, step 1 settles.
 CHURN_FIRST_STEP = 2
 LOGGED_MODULES = 10  # rows of the per-module table in the log
+MAX_STEP_POINTS = 4096  # points of the per-step series held (and plotted): a longer fit's hold several steps each
 
 
 def out_of_memory(exception: BaseException) -> bool:
@@ -59,6 +64,86 @@ def out_of_memory(exception: BaseException) -> bool:
     which torch raises as a plain ``RuntimeError``."""
     return isinstance(exception, torch.OutOfMemoryError) or (
         isinstance(exception, RuntimeError) and "can't allocate memory" in str(exception))
+
+
+def _oom_files(rank: int | None) -> tuple[str, str, str]:
+    """The post-mortem's report, snapshot and steps file: under DDP (``rank`` given) the rank's own."""
+    if rank is None:
+        return OOM_MD, OOM_SNAPSHOT, STEPS_CSV
+    return OOM_MD_OF_RANK.format(rank), OOM_SNAPSHOT_OF_RANK.format(rank), OOM_STEPS_CSV_OF_RANK.format(rank)
+
+
+def _merge(into: dict[str, Any], step: dict[str, Any]) -> None:
+    """Folds a step's peaks into ``into``: per phase, device and figure, the larger."""
+    for phase in PHASES:
+        for device, peaks in step[phase].items():
+            held = into[phase].setdefault(device, {})
+            for k, v in peaks.items():
+                held[k] = max(v, held.get(k, v))
+
+
+class StepPeaks:
+    """Every completed step's peaks per phase and device, in bounded host memory.
+
+    One point per step up to ``limit`` points; then neighbouring points merge (the first's step, each figure's
+    larger), and from then on a point holds 2, 4, ... steps. The maxima over the points, which the report's table
+    shows, are those over every step exactly; the plot draws each point's peak. Every step's own rows go to a
+    temporary file as it completes, for ``memory_steps.csv``. (One dict per step held 1.4 KiB a step: 1.3 GiB for a
+    million, which the CPU's resident set, a figure of this report, counted too.)
+    """
+
+    def __init__(self, limit: int = MAX_STEP_POINTS) -> None:
+        if limit < 2 or limit % 2:
+            raise ValueError(f"hetrain: StepPeaks needs an even limit >= 2 (points merge in pairs), got {limit}")
+        self.limit = limit
+        self.points: list[dict[str, Any]] = []  # {"step": its first step, phase: {device: {figure: bytes}}}
+        self.steps_per_point = 1
+        self.count = 0  # steps added
+        self._in_last = 0  # steps the last point holds
+        self._rows: IO[str] | None = None  # every step's rows, in a file the system deletes once closed
+
+    def add(self, step: dict[str, Any]) -> None:
+        """Adds a completed step ``{"step": n, phase: {device: {figure: bytes}}}``; it may be merged into later."""
+        if self._rows is None:
+            self._rows = tempfile.TemporaryFile("w+", encoding="utf-8", prefix="hetrain-memory-steps-")
+        self._rows.write(MemoryReport([step]).steps_csv().partition("\n")[2])  # the report's rows, less its header
+        self.count += 1
+        if self.points and self._in_last < self.steps_per_point:
+            _merge(self.points[-1], step)
+            self._in_last += 1
+            return
+        if len(self.points) == self.limit:  # every point is full: halve the resolution
+            for a, b in zip(self.points[::2], self.points[1::2], strict=True):
+                _merge(a, b)
+            self.points[:] = self.points[::2]
+            self.steps_per_point *= 2
+        self.points.append(step)
+        self._in_last = 1
+
+    def csv_rows(self) -> str:
+        """Every step's rows of ``memory_steps.csv`` (no header), in the order the steps completed."""
+        if self._rows is None:
+            return ""
+        self._rows.seek(0)
+        rows = self._rows.read()
+        self._rows.seek(0, os.SEEK_END)
+        return rows
+
+    def close(self) -> None:
+        """Deletes the rows' file."""
+        if self._rows is not None:
+            self._rows.close()
+            self._rows = None
+
+
+@dataclass
+class _FitReport(MemoryReport):
+    """A fit's report: its ``steps`` are the bounded points, and its steps file every step's rows."""
+
+    peaks: StepPeaks = field(default_factory=StepPeaks)
+
+    def steps_csv(self) -> str:
+        return MemoryReport([], earlier_rows=self.earlier_rows).steps_csv() + self.peaks.csv_rows()
 
 
 def _headline(exception: BaseException) -> str:
@@ -94,8 +179,10 @@ class MemoryProfiler(Callback):
           ``record_function`` range per module (see :class:`~hetrain.callbacks.churn.ChurnTracker`);
           allocations made and freed in every one of those steps are reported per module, the
           temporaries (made and freed inside one module's forward or backward) first. Two torch
-          profilers cannot run at once: steps ``StepTrace`` records are skipped, and churn is off under
-          Lightning's ``PyTorchProfiler``. A validation that runs inside a churn step (``val_check_interval``
+          profilers cannot run at once: steps ``StepTrace`` records are skipped, churn is off under
+          Lightning's ``PyTorchProfiler``, and off from a churn step where it finds another torch profiler
+          recording (a ``torch.profiler.profile`` or ``emit_nvtx`` around the fit) to the fit's end, as the report
+          says. A validation that runs inside a churn step (``val_check_interval``
           inside a gradient-accumulation window) drops that step: its allocations are not the step's. Given as a
           count, the steps are the fit's steps (optimizer steps in automatic optimization, batches that step an
           optimizer in manual), and a step skipped is made up for by the next, as is a step dropped, for as many
@@ -108,7 +195,9 @@ class MemoryProfiler(Callback):
           to keeps that part's: its ``memory_report.{md,png,html}`` go to ``memory_report-part<k>.{md,png,html}``
           (k = 1, 2, ... in the order the parts ran, as the CSV logger's ``csv-part<k>/``), and ``memory_steps.csv``
           keeps its rows before the step this fit resumed at, this fit's following them: one file of the whole
-          run's steps. The allocator history it writes keeps an earlier part's the same way (``-part<k>.pickle``).
+          run's steps. The allocator history it writes keeps an earlier part's the same way (``-part<k>.pickle``),
+          and so does an earlier part's out-of-memory post-mortem (``oom_report-part<k>.md``; under DDP the rank
+          that runs out keeps its own earlier one, as ``oom_report_rank<r>-part<j>.md``, j counting its own).
           An earlier part is known by its ``memory_steps.csv``, whose steps lead up to the one resumed at; a file
           whose steps do not (another run's) is written over, as a fresh fit writes over it.
         - With ``dump_on_oom`` an out-of-memory error in the fit (``torch.OutOfMemoryError`` on a GPU, or the
@@ -117,6 +206,9 @@ class MemoryProfiler(Callback):
           history was recorded, ``oom_snapshot.pickle``; Lightning then re-raises the error. Under DDP the rank
           that ran out writes them, as ``oom_report_rank<k>.md``, ``memory_steps_rank<k>.csv`` and
           ``oom_snapshot_rank<k>.pickle`` (the other ranks see only a collective that failed).
+        - Host memory stays bounded over a long fit: the per-step series the plot draws holds at most
+          ``MAX_STEP_POINTS`` points, a longer fit's each the peaks of several steps (:class:`StepPeaks`); the tables
+          are the exact maxima, and ``memory_steps.csv`` holds every step.
 
     Args:
         dirpath: where reports go; ``None`` means the Trainer's ``default_root_dir``.
@@ -162,13 +254,15 @@ class MemoryProfiler(Callback):
         self.churn_observed: list[int] = []  # the churn steps that completed
         self.churn_dropped: list[int] = []  # churn steps a validation ran inside of: not counted
         self._churn_taken: set[int] = set()  # churn steps left to StepTrace, whose trace records them
+        # Churn steps not profiled because another torch profiler was recording at the first: churn stopped there.
+        self._churn_refused: list[int] = []
         self.churn_traced: list[int] = []  # those of them that began
         self.dirpath = dirpath
         self.module_every_n_steps = module_every_n_steps
         self.record_history = record_history
         self.max_history_entries = max_history_entries
         self.dump_on_oom = dump_on_oom
-        self.steps: list[dict[str, Any]] = []  # one per step: {"step", phase: {device: {...}}}
+        self._peaks = StepPeaks(MAX_STEP_POINTS)
         self.static: dict[str, dict[str, int]] = {}  # params, grads, optimizer state per device
         # The hooked step's gradients: the most bytes (on its device) each parameter's held at an optimizer step, by
         # id(parameter): holding the parameters kept a failed fit's model and gradients alive into the next fit.
@@ -192,7 +286,13 @@ class MemoryProfiler(Callback):
         # A resumed fit: the rows of memory_steps.csv before its first step, which the run's earlier parts wrote.
         self._earlier_rows: list[str] = []
         self._report_kept = False  # this fit moved the earlier part's report aside (or found none): once per fit
-        self._earlier_report: str | None = None  # where it moved the earlier part's memory_report.md
+        self._earlier_report: str | None = None  # where it moved the earlier part's memory_report.md (or oom_report.md)
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        """The completed steps' peaks, ``{"step", phase: {device: {...}}}``: one per step, up to ``MAX_STEP_POINTS``
+        (then each holds several steps' maxima, see :class:`StepPeaks`)."""
+        return self._peaks.points
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath or trainer.default_root_dir)
@@ -208,8 +308,11 @@ class MemoryProfiler(Callback):
         Nor may its hooks measure this one."""
         self._stop_open_step()
         self.phases, self.modules, self.churn, self._current = None, None, None, None
-        self.steps, self.churn_observed, self.churn_dropped, self.static, self.at_start = [], [], [], {}, {}
+        self._peaks.close()
+        self._peaks = StepPeaks(MAX_STEP_POINTS)
+        self.churn_observed, self.churn_dropped, self.static, self.at_start = [], [], {}, {}
         self.churn_traced, self._churn_taken, self._earlier_rows, self._report_kept = [], set(), [], False
+        self._churn_refused = []
         self._earlier_report = None
         self._cuda = False
 
@@ -228,6 +331,7 @@ class MemoryProfiler(Callback):
         self.churn = ChurnTracker(pl_module, self.churn_min_bytes)
         self.churn_steps = [] if self._churn_count else list(self._churn_asked)
         self._churn_wanted = self._churn_count
+        self._churn_refused = []
         self._leave_steps_to_other_profilers(trainer)
         self._cuda = any(d.type == "cuda" for d in devices)
         if self.record_history and self._cuda:
@@ -320,12 +424,22 @@ class MemoryProfiler(Callback):
         manual optimization); a step skipped or traced by StepTrace is made up for by a later one, and so is a step
         dropped (see _drop_made_up)."""
         step = trainer.global_step
-        if (len(self.steps) >= CHURN_FIRST_STEP and len(self.churn_observed) < self._churn_wanted
-                and self._drop_made_up() and step not in self.churn_steps):
+        if (self._peaks.count >= CHURN_FIRST_STEP and len(self.churn_observed) < self._churn_wanted
+                and self._drop_made_up() and not self._churn_refused and step not in self.churn_steps):
             if self._traced(trainer, step):
                 self._churn_taken.add(step)
             else:
                 self.churn_steps.append(step)
+
+    def _refuse_churn(self, step: int) -> None:
+        """Another torch profiler records at churn step ``step`` (two cannot record at once): churn stops for the rest
+        of the fit, as one around the fit would refuse every step after it too (a warning each, and each step placed
+        counted as instrumented). Its steps are no longer instrumented, and the report says why none was profiled."""
+        self._churn_refused = [s for s in self.churn_steps if s >= step]
+        self.churn_steps = [s for s in self.churn_steps if s < step]
+        log.warning(f"hetrain: another torch profiler (a torch.profiler.profile or autograd's emit_nvtx) is recording "
+                    f"at step {step}, a churn step; two cannot record at once, so allocator churn is not measured for "
+                    "the rest of this fit. Set churn_steps=0 to leave the steps to that profiler")
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -339,13 +453,13 @@ class MemoryProfiler(Callback):
                 self._step_grads = {}
                 self._measuring_forwards = True
             step = trainer.global_step
-            if step in self._churn_taken and not self._traced(trainer, step):
+            if step in self._churn_taken and not self._traced(trainer, step) and not self._churn_refused:
                 # Left to StepTrace ahead of time, but its trace ended before this step (a validation ended it):
                 # churn profiles the step after all.
                 self._churn_taken.discard(step)
                 self.churn_steps.append(step)
-            if step in self.churn_steps:
-                self.churn.start_step()
+            if step in self.churn_steps and not self.churn.start_step():
+                self._refuse_churn(step)
             elif step in self._churn_taken and step not in self.churn_traced:
                 self.churn_traced.append(step)  # the report says why churn has no such step
         # What ran since the last phase closed (the loader's collate, a validation, a checkpoint save) is no phase's,
@@ -437,14 +551,15 @@ class MemoryProfiler(Callback):
             return
         self._stepped = False
         self._close("optimizer")
-        self.steps.append(self._current)
+        step = self._current["step"]  # global_step has moved on by now
+        self._peaks.add(self._current)
         self._current = None
-        if self.history_steps and self._recording and self.steps[-1]["step"] >= self.history_steps[1]:
+        if self.history_steps and self._recording and step >= self.history_steps[1]:
             self._dump_history(trainer)
             self._history_done = True
         if self.churn.active:
             self.churn.stop_step()
-            self.churn_observed.append(self.steps[-1]["step"])  # global_step has moved on by now
+            self.churn_observed.append(step)
         if self.modules.active:
             self._keep_module_step(trainer, pl_module)
         if self._churn_wanted:
@@ -470,13 +585,21 @@ class MemoryProfiler(Callback):
         if self._churn_wanted:
             count = self._churn_wanted
             asked = f"{count} step{'s' if count > 1 else ''} from the fit's step {CHURN_FIRST_STEP}"
-        else:  # the steps asked for, those left to StepTrace included
-            steps = sorted({*self.churn_steps, *self._churn_taken})
+        else:  # the steps asked for, those left to StepTrace or refused included
+            steps = sorted({*self.churn_steps, *self._churn_taken, *self._churn_refused})
             asked = f"steps {steps}" if steps else None
         churn = churn_section(self.churn, asked, self.churn_observed, self.churn_min_bytes, self.churn_top,
                               self.churn_dropped, self.churn_traced)
-        return MemoryReport(self.steps, self.static, self.at_start, self.modules, churn, ended_early,
-                            earlier_rows=self._earlier_rows, earlier_report=self._earlier_report)
+        if churn is not None and self._churn_refused:
+            paragraphs, tables = churn
+            why = (f"another torch profiler (a torch.profiler.profile or autograd's emit_nvtx) was recording at step "
+                   f"{self._churn_refused[0]}, and two cannot record at once: churn profiled no step from there on")
+            # Nothing observed: churn_section's first paragraph is its "Not measured" line, which this reason replaces.
+            paragraphs = ([f"Not measured ({asked} asked for): {why}.", *paragraphs[1:]] if not self.churn_observed
+                          else [f"Not profiled from step {self._churn_refused[0]} on: {why}.", *paragraphs])
+            churn = paragraphs, tables
+        return _FitReport(self.steps, self.static, self.at_start, self.modules, churn, ended_early,
+                          earlier_rows=self._earlier_rows, earlier_report=self._earlier_report, peaks=self._peaks)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -495,20 +618,21 @@ class MemoryProfiler(Callback):
     def _keep_earlier_report(self, trainer: pl.Trainer) -> None:
         """A resumed fit moves the report it finds in its directory aside (:func:`keep_earlier_part`), once: not its
         own. Never written over: a part that ended without a report of its steps (killed, or run without this
-        callback) leaves a gap, which does not make the files another run's. The steps file goes with it where this
-        fit does not go on with its rows (``_earlier_rows``). The new report names the file moved."""
+        callback) leaves a gap, which does not make the files another run's. An earlier part's out-of-memory
+        post-mortem goes with it (a rank's own under DDP is kept by that rank, see on_exception), and the steps file
+        where this fit does not go on with its rows (``_earlier_rows``). The new report names the file moved."""
         if trainer.ckpt_path is None or self._report_kept:
             return
         self._report_kept = True
         directory = self._dir(trainer)
-        names = (REPORT_MD, REPORT_PNG, REPORT_HTML, *([] if self._earlier_rows else [STEPS_CSV]))
+        names = (REPORT_MD, REPORT_PNG, REPORT_HTML, OOM_MD, OOM_SNAPSHOT, *([] if self._earlier_rows else [STEPS_CSV]))
         moved = keep_earlier_part(*(directory / name for name in names))
         if moved:
             self._earlier_report = next((p.name for p in moved if p.suffix == ".md"), None)
             goes_on = (f"{STEPS_CSV} goes on with this part's steps" if self._earlier_rows else
                        f"{STEPS_CSV} starts anew, its steps not leading up to step {self.start_step}")
-            log.info(f"hetrain: {directory} held the memory report of an earlier part of this run, or of another "
-                     f"run; moved it to {', '.join(p.name for p in moved)}; {goes_on}")
+            log.info(f"hetrain: {directory} held the memory report (or out-of-memory post-mortem) of an earlier part "
+                     f"of this run, or of another run; moved it to {', '.join(p.name for p in moved)}; {goes_on}")
 
     def _write_report(self, trainer: pl.Trainer, ended_early: str | None = None) -> None:
         """Writes the report files and logs their tables: per device, the largest modules, the churn. A resumed
@@ -543,7 +667,7 @@ class MemoryProfiler(Callback):
         finished = self._current is not None and trainer.global_step > self._current["step"]
         if finished:
             self._close("optimizer")
-            self.steps.append(self._current)
+            self._peaks.add(self._current)
             self._current = None
         self._stepped = self._measuring_forwards = False
         if self.modules is not None and self.modules.active:  # no hook may outlive the fit, whatever ended it
@@ -559,6 +683,12 @@ class MemoryProfiler(Callback):
             if trainer.is_global_zero:  # the post-mortem names the earlier part's report where it will stay
                 self._keep_earlier_report(trainer)
             rank = trainer.global_rank if trainer.world_size > 1 else None
+            if rank is not None and trainer.ckpt_path is not None:
+                # Under DDP only the rank that runs out knows it writes its files: it keeps its own earlier ones.
+                moved = keep_earlier_part(*(self._dir(trainer) / name for name in _oom_files(rank)))
+                if moved:
+                    log.info(f"hetrain: moved rank {rank}'s post-mortem of an earlier part of this run, or of another "
+                             f"run, to {', '.join(p.name for p in moved)}")
             self.write_oom_dump(self._dir(trainer), trainer.global_step, exception, rank)
         elif trainer.is_global_zero and self.phases is not None:  # what the steps before the error measured
             ended = (f"The fit stopped at step {trainer.global_step} with {_headline(exception).removesuffix('.')}. "
@@ -578,9 +708,7 @@ class MemoryProfiler(Callback):
         and ``oom_snapshot_rank<rank>.pickle``); returns the report."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        report_name, snapshot_name, steps_name = (
-            (OOM_MD, OOM_SNAPSHOT, STEPS_CSV) if rank is None
-            else (OOM_MD_OF_RANK.format(rank), OOM_SNAPSHOT_OF_RANK.format(rank), OOM_STEPS_CSV_OF_RANK.format(rank)))
+        report_name, snapshot_name, steps_name = _oom_files(rank)
         if self._recording:
             with open(directory / snapshot_name, "wb") as f:
                 pickle.dump(torch.cuda.memory._snapshot(), f)

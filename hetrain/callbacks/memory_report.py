@@ -87,7 +87,8 @@ class MemoryReport:
     """A fit's memory, per device and phase, per module and in allocator churn, rendered for a person.
 
     Args:
-        steps: one entry per optimizer step: ``{"step": n, phase: {device: {"allocated": peak bytes, ...}}}``.
+        steps: one entry per optimizer step (a fit past ``MAX_STEP_POINTS`` steps: per run of steps, their maxima):
+            ``{"step": n, phase: {device: {"allocated": peak bytes, ...}}}``.
         static: parameters, gradients and optimizer state: ``{kind: {device: bytes}}``.
         at_start: bytes in use per device when training started.
         modules: the per-module records, if any step was measured.

@@ -99,6 +99,16 @@ def _raw_saved(node: Any) -> list[Any]:
     return [s for s in out if s is not None]
 
 
+def _foreign(packed: Any) -> bool:
+    """Whether a saved-tensors hook other than ModuleMemory's packed ``packed``, and so decides what is kept (what
+    ``save_on_cpu`` copies): not a non-reentrant torch.utils.checkpoint's, which keeps only its inputs, saved under
+    the hook on before it (ModuleMemory's, counted), and nothing for what it packs, recomputed in backward."""
+    unpack = packed.unpack_hook
+    return (unpack is not None and unpack is not _unpacked
+            and not (getattr(unpack, "__module__", None) == "torch.utils.checkpoint"
+                     and getattr(unpack, "__qualname__", "").startswith("_checkpoint_hook.")))
+
+
 def _enclosing(name: str) -> list[str]:
     """The modules around module ``name``: the root and each dotted prefix."""
     if name == ROOT:
@@ -133,17 +143,18 @@ class ModuleMemory:
         (``≥``) where a node there keeps what it saved where Python cannot read it (a hetrain fused op's C++ backend,
         an in-place op on a view). A module's saved tensors are not measured (:meth:`saved_note`) when its forward
         runs under another saved-tensors hook (the user's ``save_on_cpu``, activation checkpointing), which alone is
-        called and decides what is kept; a module called inside a ``torch.func`` transform is not measured, as what
-        it makes there is the transform's. A module compiled with ``torch.compile`` runs as one graph with no
-        submodules: what it saves goes to the nearest module outside it that runs eagerly (:meth:`compiled_note`);
-        with none, it is not measured, and neither is the outside row when the loss's graph holds a compiled graph's
-        saved tensors outside every module (they may be that module's). Where torch.compile stands aside (under a
-        dispatch mode such as a FLOP counter, or ``set_stance("force_eager")``) a compiled module runs eagerly and is
-        measured as it ran, submodules included, which the note says. A hetrain fused block
-        (``ConvBNReLUPool2d``, ``ConvReLUPool2d``, a patched Sequential) is measured as one module, as it runs: the
-        children its kernel computes are not called, so what that kernel makes (its output, what it saves) goes to
-        the block, and those children keep their parameters and gradients (:meth:`fused_note`). The hooks leave it
-        fused: measuring does not change the numbers a step computes.
+        called and decides what is kept, or pushes one itself, seen in the loss's graph (a non-reentrant
+        ``torch.utils.checkpoint`` inside it keeps only its inputs, counted, and is measured); a module called inside a
+        ``torch.func`` transform is not measured, as what it makes there is the transform's. A module compiled with
+        ``torch.compile`` runs as one graph with no submodules: what it saves goes to the nearest module outside it that
+        runs eagerly (:meth:`compiled_note`); with none, it is not measured, and neither is the outside row when the
+        loss's graph holds a compiled graph's saved tensors outside every module (they may be that module's). Where
+        torch.compile stands aside (under a dispatch mode such as a FLOP counter, or ``set_stance("force_eager")``) a
+        compiled module runs eagerly and is measured as it ran, submodules included, which the note says. A hetrain
+        fused block (``ConvBNReLUPool2d``, ``ConvReLUPool2d``, a patched Sequential) is measured as one module, as it
+        runs: the children its kernel computes are not called, so what that kernel makes (its output, what it saves)
+        goes to the block, and those children keep their parameters and gradients (:meth:`fused_note`). The hooks leave
+        it fused: measuring does not change the numbers a step computes.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -180,6 +191,10 @@ class ModuleMemory:
         # a torch.func transform), in order: the loss's graph nodes outside them were made by training_step.
         self._module_spans: list[tuple[int, int]] = []
         self._span_start, self._depth = 0, 0  # the span open now, and how many module forwards run in it
+        # Each measured module forward, in the order they began: the span [first, end) of the autograd sequence numbers
+        # of the nodes made while it ran (end inf while it runs) and the module; and those running, innermost last.
+        self._calls: list[list[Any]] = []
+        self._open_calls: list[int] = []
         # Why the outside row is not measured: in a measured step, and in this step.
         self.outside_unseen: set[str] = set()
         self._outside_unseen: set[str] = set()
@@ -270,6 +285,8 @@ class ModuleMemory:
                 self._mark_as_counted((args, kwargs))  # made before this module: returned on, it is not its output
             self._open_saved_hooks(name)
             self._stack.append(name)
+            self._open_calls.append(len(self._calls))
+            self._calls.append([torch.autograd._get_sequence_nr(), math.inf, name])
             self._entered.add(name)
             param = next(module.parameters(), None)
             if name in self.leaves and param is not None and param.is_cuda:
@@ -291,6 +308,7 @@ class ModuleMemory:
                 return
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
+                self._calls[self._open_calls.pop()][1] = torch.autograd._get_sequence_nr()
             if len(self._stack) == self._opened_at:
                 self._close_saved_hooks()
             record = self._step[name]
@@ -362,30 +380,27 @@ class ModuleMemory:
 
     def forward_done(self, loss: torch.Tensor | None = None) -> None:
         """Stops watching the forward; tensors already saved keep their (identity) unpack hook. Given the forward's
-        ``loss``, counts into the outside row what its autograd graph saved outside every module's forward."""
+        ``loss``, reads its autograd graph (:meth:`_read_graph`)."""
         watched, self._watching = self._watching, False
         self._close_saved_hooks()  # a forward that raised past its module's hook
         if self._depth:  # likewise
             self._depth = 0
             self._module_spans.append((self._span_start, torch.autograd._get_sequence_nr()))
         if watched and loss is not None and loss.grad_fn is not None:
-            self._count_saved_outside(loss.grad_fn)
+            self._read_graph(loss.grad_fn)
 
-    def _count_saved_outside(self, root: Any) -> None:
-        """Adds to the outside row the storages saved by the nodes of ``root``'s graph that training_step made
-        outside every module's forward, once each and not those the pack hook counted (parameters and buffers
-        neither). Read from the graph and not with a saved-tensors hook over the step: ``torch.func``'s grad refuses
-        to run under one, and a user's hook pushed in training_step would sit over it. A saved tensor is read as it
-        was packed (``_raw_saved_*``), never unpacked (``_saved_*``): a user's unpack (``save_on_cpu``'s) would copy
-        it back. The row is not measured where a user's hook packed a tensor, or where a compiled graph may be a
-        compiled module's, run with no module eagerly around it; it is a lower bound where a node keeps what it saved
-        where Python cannot read it (``_OPAQUE_NODES``), the rest counted. A custom autograd Function's tensors kept
-        as ctx attributes, not with ``save_for_backward``, are not seen."""
+    def _read_graph(self, root: Any) -> None:
+        """Reads what the nodes of ``root``'s graph saved: counts into the outside row what training_step saved
+        outside every module's forward, and marks as not measured a module whose forward pushed a saved-tensors hook
+        of its own (``save_on_cpu``), which alone saw what it saved there. Read from the graph and not with a
+        saved-tensors hook over the step: ``torch.func``'s grad refuses to run under one, and a user's hook pushed in
+        training_step, or in a module's forward, would sit over it. A saved tensor is read as it was packed
+        (``_raw_saved_*``), never unpacked (``_saved_*``): a user's unpack (``save_on_cpu``'s) would copy it back."""
         if not _READS_SAVED:
             self._outside_unseen.add("this version of torch cannot read a saved tensor without unpacking it")
             return
         uncovered = [n for n in self._compiled() if not self._entered.intersection(_enclosing(n))]
-        record = self._step[OUTSIDE]
+        foreign = []  # the sequence numbers of module-made nodes that saved a tensor under another hook
         visited, todo = set(), [root]
         while todo:  # each node once; the nodes are released when this returns
             node = todo.pop()
@@ -393,39 +408,71 @@ class ModuleMemory:
                 continue
             visited.add(node)
             todo.extend(fn for fn, _ in node.next_functions)
-            if self._made_in_a_module(node):  # a module's: counted by the pack hook, or its row says not measured
-                continue
+            in_module = self._made_in_a_module(node)
             name = node.name()
             if name.startswith(_OPAQUE_NODES):  # what it saved is left out; its inputs' nodes are walked on
-                self._outside_opaque.add(name)
+                if not in_module:  # a module's went through the pack hook
+                    self._outside_opaque.add(name)
                 continue
             try:
                 saved = _raw_saved(node)
             except RuntimeError:  # a custom Function's, freed by an earlier backward (retain_graph=False)
                 continue
-            for packed in saved:
-                if packed.unpack_hook is _unpacked:  # the pack hook's: counted
-                    continue
-                if packed.unpack_hook is not None:
-                    self._outside_unseen.add("training_step saved tensors under its own saved-tensors hook "
-                                             "(torch.autograd.graph.save_on_cpu, activation checkpointing), which "
-                                             "decides what is kept")
-                    return
-                tensor = packed.data  # not unpacked: no hook, so what was saved; None when freed or undefined
-                try:
-                    storage = tensor.untyped_storage()
-                except (AttributeError, RuntimeError, NotImplementedError):  # None, sparse or storage-less
-                    continue
-                key = StorageWeakRef(storage)
-                if key in self._seen:
-                    continue
-                if uncovered and name.startswith("CompiledFunction"):
-                    self._outside_unseen.add(f"a compiled graph saved tensors outside every module, and "
-                                             f"{', '.join(uncovered)} runs compiled with no module eagerly around it: "
-                                             "they may be its")
-                    return
-                self._seen.add(key)
-                record.saved += storage.nbytes()
+            if in_module:  # the pack hook's, counted, unless a hook pushed in a module's forward packed it
+                if any(_foreign(packed) for packed in saved):
+                    foreign.append(node._sequence_nr())
+            elif not self._outside_unseen:
+                self._count_saved_outside(name, saved, uncovered)
+        for name in self._innermost(foreign):
+            self._step[name].saved_unseen = True
+
+    def _count_saved_outside(self, node_name: str, saved: list[Any], uncovered: list[str]) -> None:
+        """Adds to the outside row the storages a node training_step made outside every module's forward saved, once
+        each and not those the pack hook counted (parameters and buffers neither). The row is not measured where a
+        user's hook packed a tensor, or where a compiled graph may be a compiled module's (one of ``uncovered``),
+        run with no module eagerly around it; it is a lower bound where a node keeps what it saved where Python
+        cannot read it (``_OPAQUE_NODES``), the rest counted. A custom autograd Function's tensors kept as ctx
+        attributes, not with ``save_for_backward``, are not seen."""
+        for packed in saved:
+            if packed.unpack_hook is _unpacked:  # the pack hook's: counted
+                continue
+            if packed.unpack_hook is not None:
+                self._outside_unseen.add("training_step saved tensors under its own saved-tensors hook "
+                                         "(torch.autograd.graph.save_on_cpu, activation checkpointing), which "
+                                         "decides what is kept")
+                return
+            tensor = packed.data  # not unpacked: no hook, so what was saved; None when freed or undefined
+            try:
+                storage = tensor.untyped_storage()
+            except (AttributeError, RuntimeError, NotImplementedError):  # None, sparse or storage-less
+                continue
+            key = StorageWeakRef(storage)
+            if key in self._seen:
+                continue
+            if uncovered and node_name.startswith("CompiledFunction"):
+                self._outside_unseen.add(f"a compiled graph saved tensors outside every module, and "
+                                         f"{', '.join(uncovered)} runs compiled with no module eagerly around it: "
+                                         "they may be its")
+                return
+            self._seen.add(key)
+            self._step[OUTSIDE].saved += storage.nbytes()
+
+    def _innermost(self, sequence_nrs: list[int]) -> set[str]:
+        """The modules whose forward was the innermost measured one running when autograd made the nodes numbered
+        ``sequence_nrs``. The forwards' spans nest, and :attr:`_calls` holds them in the order they began."""
+        owners: set[str] = set()
+        running: list[list[Any]] = []
+        calls = iter(self._calls)
+        call = next(calls, None)
+        for nr in sorted(sequence_nrs):
+            while call is not None and call[0] <= nr:
+                running.append(call)
+                call = next(calls, None)
+            while running and running[-1][1] <= nr:  # ended before this node: never again innermost
+                running.pop()
+            if running:
+                owners.add(running[-1][2])
+        return owners
 
     def backward_done(self) -> None:
         """Counts the gradients; called again (manual optimization, one call per optimizer), it keeps the most each
@@ -439,6 +486,8 @@ class ModuleMemory:
         so it is dropped)."""
         self.forward_done()
         self._module_spans.clear()
+        self._calls.clear()
+        self._open_calls.clear()
         outside_unseen, self._outside_unseen = self._outside_unseen, set()
         outside_opaque, self._outside_opaque = self._outside_opaque, set()
         for handle in self._handles:

@@ -139,6 +139,18 @@ def test_a_build_that_requires_cuda_without_a_cuda_torch_says_why_and_how_to_fix
     assert "Fix: install a CUDA build of torch" in message, message
 
 
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU build of torch")
+def test_the_cuda_backends_reason_on_a_cpu_torch_says_to_install_a_cuda_torch_first():
+    # Told only to rebuild with HETRAIN_CUDA=1, a user met the build's refusal of a CPU torch (the test above).
+    from hetrain import _ext
+    from hetrain.ops import _backends
+
+    if _ext.load() is None:
+        pytest.skip("hetrain._C is not built")
+    reason = _backends._cuda_ext_available()
+    assert "torch is a CPU build: install a CUDA build of torch, then rebuild with HETRAIN_CUDA=1" in reason
+
+
 def test_gpu_check_without_a_gpu_names_each_skipped_step(tmp_path):
     out = run_python(["-m", "hetrain.checks.gpu_check", "--quick", "--skip", "gpu-compile", "--out", str(tmp_path)])
     assert out.returncode == 0, out.stdout + out.stderr

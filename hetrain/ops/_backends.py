@@ -100,7 +100,12 @@ def register_cpp(op: str, impl: Any, devices: tuple[str, ...] = ("cpu", "cuda"))
 def _cuda_ext_available() -> bool | str:
     if _ext.load() is None:
         return _ext.available()
-    return True if _ext.built_with_cuda() else "hetrain._C was built without CUDA (HETRAIN_CUDA=1 to build it)"
+    if _ext.built_with_cuda():
+        return True
+    if torch.version.cuda is None:  # HETRAIN_CUDA=1 alone would fail the build: there is no CUDA torch to build for
+        return "hetrain._C was built without CUDA, and torch is a CPU build: install a CUDA build of torch, then " \
+               "rebuild with HETRAIN_CUDA=1"
+    return "hetrain._C was built without CUDA (HETRAIN_CUDA=1 to build it)"
 
 
 def register_torch(op: str, impl: Any) -> None:

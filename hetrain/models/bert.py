@@ -5,7 +5,8 @@ may put on different devices (``embeddings``, ``encoder.<i>``, ``classifier``), 
 Defaults give BERT-tiny's size (2 layers, hidden 128) with 4 heads where BERT-Tiny has 2. With
 ``fused=True`` (the default) each block runs hetrain's fused ops (LayerNorm, Linear+bias+GELU,
 dropout+residual+LayerNorm, and a dropout whose mask is regenerated in backward rather than stored);
-``fused=False`` builds the same model from torch modules, with the same state_dict keys.
+``fused=False`` builds the same model from torch modules, with the same state_dict keys (the token table is a
+:class:`hetrain.nn.Embedding` either way: torch's lookup, with hetrain's sparse-gradient kernel only where ``sparse``).
 """
 
 from __future__ import annotations

@@ -113,7 +113,8 @@ def collect() -> Report:
         rows = []
         for b in plugins.backends(op):
             why = b.why_unavailable()
-            devices = ",".join(d + ("(pinned only)" if d in b.opt_in else "") for d in b.devices)
+            devices = ",".join("any device type" if d == plugins.ANY_DEVICE else d + ("(pinned only)" if d in b.opt_in
+                                                                                        else "") for d in b.devices)
             rows.append({"backend": b.name, "devices": devices, "priority": str(b.priority),
                          "status": "available" if why is None else f"unavailable: {why}"})
         for dev in device_types():

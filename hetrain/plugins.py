@@ -46,6 +46,9 @@ USE_BACKEND = "use_backend(...)"
 CONFIG_PINS = "configure(pins=...) (a recipe's backends.pins)"
 PREFERRING = "preferring(...)"
 CONFIG_PREFER = "configure(prefer=...) (a recipe's backends.prefer)"
+# A ``devices`` entry for a backend that serves every device type torch names (the torch reference): a fixed list
+# misses the types named later, as the privateuse1 backend once a vendor renames it ('npu' under torch_npu).
+ANY_DEVICE = "*"
 
 
 class BackendError(RuntimeError):
@@ -79,6 +82,23 @@ class Backend:
         if ok is True:
             return None
         return ok if isinstance(ok, str) and ok else "not available"
+
+    def serves(self, device_type: str) -> bool:
+        """Whether the backend runs on ``device_type`` (as ``tensor.device.type`` names it), pinned or chosen."""
+        return device_type in self.devices or (ANY_DEVICE in self.devices and _torch_names(device_type))
+
+
+def _torch_names(device_type: str) -> bool:
+    """Whether torch names a device type so, at the time of asking (a renamed privateuse1 backend included): what
+    :data:`ANY_DEVICE` serves. A typo ('cdua') is no device type, and stays unserved with its clear error."""
+    try:
+        return torch.device(device_type).type == device_type
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def _served(devices: Iterable[str]) -> str:
+    return ", ".join("any device type" if d == ANY_DEVICE else d for d in devices)
 
 
 _registry: dict[str, dict[str, Backend]] = {}
@@ -156,11 +176,13 @@ def _device_types(entries: tuple[object, ...], what: str, where: str) -> tuple[o
     """``entries`` of ``register``'s ``devices`` or ``opt_in`` as device types, a torch.device without an index as its
     type. Refuses one naming a single device ('cuda:1') or spelled otherwise ('CPU'): it was taken, then matched no
     call, and the backend was silently never picked (or, in ``opt_in``, picked automatically after all). Entries
-    that are no string are left to ``_check_plugin``'s own refusal."""
+    that are no string are left to ``_check_plugin``'s own refusal. :data:`ANY_DEVICE` is taken in ``devices`` only:
+    no device is opt-in everywhere."""
     types = []
     for entry in entries:
         text = str(entry) if isinstance(entry, torch.device) else entry  # torch.device("cuda", 1) reads 'cuda:1'
-        if isinstance(text, str) and text and not _DEVICE_TYPE.fullmatch(text):
+        if (isinstance(text, str) and text and not _DEVICE_TYPE.fullmatch(text)
+                and not (what == "devices" and text == ANY_DEVICE)):
             named = text.partition(":")[0].strip().lower()
             use = repr(named) if _DEVICE_TYPE.fullmatch(named) else "e.g. 'cuda'"
             raise ValueError(f"{where}: {what} entry {entry!r} is not a device type: a backend serves every device of "
@@ -180,7 +202,8 @@ def register(
 ) -> Backend:
     """Adds (or replaces) backend ``name`` of ``op``; higher ``priority`` wins among available ones.
 
-    ``devices`` and ``opt_in`` name device types ('cuda', or ``torch.device("cuda")``), not single devices.
+    ``devices`` and ``opt_in`` name device types ('cuda', or ``torch.device("cuda")``), not single devices;
+    :data:`ANY_DEVICE` in ``devices`` serves every device type torch names.
     """
     devices, opt_in = _check_plugin(op, name, _names(devices), impl, priority, available, _names(opt_in))
     backend = Backend(op, name, devices, impl, priority, available or (lambda: True), opt_in)
@@ -399,36 +422,42 @@ def configure(pins: Mapping[str, str] | None = None, strict: bool | None | _Keep
     ``backends.strict: null`` means that, and one sweep job's ``strict: true`` must not outlive the job.
     """
     global _config_strict, _config_prefer
+    # Every argument checked before any is applied: a refused one left the others in force, half a recipe's settings.
     if strict is not _Keep.KEEP and strict is not None and not isinstance(strict, bool):
         # bool("false") is true: a string or a number would turn strict mode on where it was meant to be off.
         raise ValueError(f"hetrain: configure(strict={strict!r}) takes True, False or None (back to {ENV_STRICT}'s "
                          "choice); pass a bool")
     if pins is not None:
         _check_pins(pins, CONFIG_PINS)
-        with _lock:
+    names = None if prefer is None else _names(prefer)
+    if names is not None:
+        _check_backend_names(names, CONFIG_PREFER)
+    with _lock:
+        if pins is not None:
             _config_pins.clear()
             _config_pins.update({k: v for k, v in dict(pins).items() if v})
-            _forget_resolved()
-    if prefer is not None:
-        names = _names(prefer)
-        _check_backend_names(names, CONFIG_PREFER)
-        with _lock:
+        if names is not None:
             _config_prefer = names or None
-            _forget_resolved()
-    if strict is not _Keep.KEEP:
-        with _lock:
+        if strict is not _Keep.KEEP:
             _config_strict = strict
-            _forget_resolved()  # strict=None hands the choice back to HETRAIN_STRICT: its value is checked anew
+        _forget_resolved()  # strict=None hands the choice back to HETRAIN_STRICT: its value is checked anew
 
 
 def _refuse_while_compiling(block: str) -> None:
     """Refuses a block opened inside a compiled function, in hetrain's words rather than Dynamo's (it cannot enter
-    the block's lock); its pins would not reach the compiled backward either."""
+    the block's lock); its pins would not reach the compiled backward either.
+
+    The advice names what does reach that backward: it calls the backward ops on the thread autograd runs it on, for
+    CUDA tensors a device thread of autograd's own, where no block of the caller's is open (not even one around
+    ``backward()``), and AOTAutograd runs the op's own autograd, which reopens its forward's blocks, only as it traces.
+    """
     if torch.compiler.is_compiling():
         raise ValueError(
             f"hetrain: {block} cannot be opened inside a torch.compile'd function: open it around the call of the "
-            "compiled function instead. Its pins apply to that call's forward; the compiled backward follows the "
-            "pins in force when backward runs (configure(...) and the environment's pins cover both)"
+            "compiled function instead, where it applies to that call's forward. No block reaches the compiled "
+            "backward of CUDA tensors, not even one around backward(): autograd runs it on a device thread of its "
+            f"own. configure(pins=...) or {ENV_PINS} (configure(prefer=...) or {ENV_PREFER} to prefer) apply "
+            "process-wide, to forward and backward alike"
         )
 
 
@@ -436,7 +465,8 @@ def _refuse_while_compiling(block: str) -> None:
 def use_backend(**pins: str) -> Iterator[None]:
     """Pins backends for the calls made inside the block, on this thread, and for their backward wherever autograd
     runs it: ``use_backend(layer_norm="torch")``. Not a compiled backward, nor activation checkpointing's recompute
-    unless the checkpoint is given :func:`checkpoint_context` (README, "Choosing a backend")."""
+    unless the checkpoint is given :func:`checkpoint_context`: where those run on autograd's device thread (CUDA),
+    only :func:`configure` and the environment apply (README, "Choosing a backend")."""
     _refuse_while_compiling(USE_BACKEND)
     _check_pins(pins, USE_BACKEND)
     pins = {op: name for op, name in pins.items() if name}  # an empty name pins nothing, as in configure
@@ -555,9 +585,9 @@ def _describe(op: str) -> str:
     parts = []
     for b in backends(op):
         why = b.why_unavailable()
-        pinned_only = [d for d in b.opt_in if d in b.devices]  # an opt-in device it does not serve is no choice
+        pinned_only = [d for d in b.opt_in if b.serves(d)]  # an opt-in device it does not serve is no choice
         opt_in = f"; pinned only on {', '.join(pinned_only)}" if pinned_only else ""
-        parts.append(f"{b.name}({', '.join(b.devices)}{opt_in}{'' if why is None else '; unavailable: ' + why})")
+        parts.append(f"{b.name}({_served(b.devices)}{opt_in}{'' if why is None else '; unavailable: ' + why})")
     return ", ".join(parts) or "none"
 
 
@@ -612,15 +642,15 @@ def _candidates(op: str, device: str | torch.device, pin: str | None, prefer: tu
         chosen = next((b for b in every if b.name == pin), None)
         if chosen is None:
             raise _pin_error(op, pin, f"is not registered; registered: {_describe(op)}")
-        if device_type not in chosen.devices:
-            raise _pin_error(op, pin, f"does not serve device {device_type!r} (it serves {', '.join(chosen.devices)})"
+        if not chosen.serves(device_type):
+            raise _pin_error(op, pin, f"does not serve device {device_type!r} (it serves {_served(chosen.devices)})"
                                       f"; unpin it or move the inputs{_interpreter_hint(pin, device_type)}")
         why = chosen.why_unavailable()
         if why is not None:
             raise _pin_error(op, pin, f"is unavailable: {why}")
         return [chosen]
     usable = [b for b in every
-              if device_type in b.devices and device_type not in b.opt_in and b.why_unavailable() is None]
+              if b.serves(device_type) and device_type not in b.opt_in and b.why_unavailable() is None]
     if not usable:
         raise BackendError(
             f"hetrain: no available backend of op {op!r} serves device {device_type!r}; "

@@ -37,6 +37,7 @@ def op(monkeypatch):
     monkeypatch.delenv(plugins.ENV_PINS, raising=False)
     monkeypatch.delenv(plugins.ENV_PREFER, raising=False)
     monkeypatch.setenv(plugins.ENV_STRICT, "0")
+    monkeypatch.setattr(plugins, "_warned", set())  # the fallback warnings come once per process, not per test
     plugins.register(OP, "fast", ("cpu", "cuda"), Good("fast"), priority=20)
     plugins.register(OP, "slow", ("cpu",), Good("slow"), priority=0)
     plugins.register(OP, "ghost", ("cpu",), Good("ghost"), priority=99, available=lambda: "driver missing")
@@ -147,6 +148,14 @@ def test_failing_auto_backend_falls_back_and_warns_once(op):
         assert plugins.call(op, "forward", "cpu", 2) == ("fast", 2)
 
 
+def test_a_fallback_warns_again_in_the_next_test(op):
+    """Run after the test above, as test_no_fallback_inside_a_cuda_graph_capture is on a GPU machine: its fallback,
+    of the same op and backend, did not warn, the warning having been given once in the process already."""
+    plugins.register(op, "broken", ("cpu",), Broken, priority=50)
+    with pytest.warns(UserWarning, match="'broken'.*falling back to 'fast'"):
+        assert plugins.call(op, "forward", "cpu", 1) == ("fast", 1)
+
+
 def test_strict_mode_and_pinned_backends_raise(op, monkeypatch):
     plugins.register(op, "broken", ("cpu",), Broken, priority=50)
     monkeypatch.setenv(plugins.ENV_STRICT, "1")
@@ -192,6 +201,30 @@ def test_opt_in_device_is_used_only_when_pinned(op):
     assert plugins.select(op, "cpu").name == "fast"
     with plugins.use_backend(**{op: "outside"}):
         assert plugins.call(op, "forward", "cpu", 0) == ("outside", 0)
+
+
+def test_a_backend_for_any_device_serves_every_device_type_torch_names_and_only_those(op):
+    """The torch reference's: a fixed list of device types missed 'xla', 'mtia' and a renamed privateuse1 backend."""
+    plugins.register(op, "outside", ("cpu", plugins.ANY_DEVICE), Good("outside"), priority=-1)
+    assert plugins.select(op, "xla").name == "outside" and plugins.select(op, "mtia").name == "outside"
+    assert [b.name for b in plugins.candidates(op, "cpu")] == ["fast", "slow", "outside"]  # priorities as before
+    with pytest.raises(plugins.BackendError, match=r"serves device 'cdua'.*outside\(cpu, any device type\)"):
+        plugins.select(op, "cdua")  # a typo is no device type: still said, not served by the reference
+    with plugins.use_backend(**{op: "outside"}):
+        assert plugins.call(op, "forward", "xla", 1) == ("outside", 1)
+    with pytest.raises(ValueError, match=r"opt_in entry '\*' is not a device type"):
+        plugins.register(op, "unserved", ("cpu",), Good("unserved"), opt_in=plugins.ANY_DEVICE)
+
+
+def test_the_torch_reference_serves_the_privateuse1_backend_under_its_vendors_name():
+    """torch_npu renames privateuse1 to 'npu': the reference, registered for 'privateuseone', served no NPU tensor.
+    Renaming is once per process, hence the subprocess."""
+    code = ("import torch; from hetrain import plugins; torch.utils.rename_privateuse1_backend('npu'); "
+            "print(plugins.select('layer_norm', 'npu').name, plugins.candidates('layer_norm', 'cpu')[-1].name)")
+    env = {k: v for k, v in os.environ.items() if k not in (plugins.ENV_PINS, plugins.ENV_PREFER)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["torch", "torch"]  # served on the NPU; still the last resort on the CPU
 
 
 def test_register_from_outside(op):
@@ -352,6 +385,17 @@ def test_configure_refuses_a_strict_that_is_not_a_bool(op, value):
         plugins.configure(pins={op: "slow"}, strict=value)
     assert not plugins.strict()
     assert plugins.pinned(op) is None  # a refused call changes nothing
+
+
+def test_a_refused_configure_changes_nothing(op):
+    """``configure(pins=..., prefer=["cdua"])`` refused the preference after putting the pins in force."""
+    with pytest.raises(plugins.BackendError, match="preferred backend 'cdua'"):
+        plugins.configure(pins={op: "slow"}, prefer=["cdua"], strict=True)
+    assert plugins.pinned(op) is None and plugins.preferred() == () and not plugins.strict()
+    with pytest.raises(plugins.BackendError, match="'slwo'"):
+        plugins.configure(pins={op: "slwo"}, prefer=["slow"], strict=True)
+    assert plugins.preferred() == () and not plugins.strict()
+    assert plugins.select(op, "cpu").name == "fast"
 
 
 def test_a_pin_to_a_backend_the_op_lacks_is_refused_where_it_is_set(op, monkeypatch):

@@ -74,8 +74,11 @@ def test_a_block_opened_inside_a_compiled_function_is_refused_in_hetrains_words(
         with block():
             return hetrain.ops.layer_norm(x)
 
-    with pytest.raises(Exception, match=r"hetrain: .* cannot be opened inside a torch.compile'd function"):
+    with pytest.raises(Exception, match=r"hetrain: .* cannot be opened inside a torch.compile'd function") as info:
         torch.compile(pinned_inside, fullgraph=True)(torch.randn(2, 8))
+    # It advised a block around backward(), which on CUDA runs on autograd's device thread, where no block is open.
+    assert "No block reaches the compiled backward of CUDA tensors, not even one around backward()" in str(info.value)
+    assert "configure(pins=...) or HETRAIN_BACKEND" in str(info.value)
 
 
 def on_a_thread_without_blocks(fn):
@@ -129,3 +132,27 @@ def test_a_backward_after_its_block_closed_leaves_the_thread_able_to_choose_back
             assert plugins.pinned("layer_norm") == "torch"
 
     on_a_thread_without_blocks(backward_then_choose)
+
+
+@pytest.mark.parametrize("way", ["compiled", "reentrant checkpoint"])
+def test_on_autograds_device_thread_a_backward_without_the_ops_autograd_follows_configure_not_a_block(
+        broken_layer_norm, way):
+    """What the advice says of a compiled backward and a use_reentrant=True recompute: on CUDA autograd runs them on a
+    device thread of its own (emulated here by another thread), where a block open around backward() is not;
+    configure's pins, process-wide, are."""
+    block = NormThenLinear()
+    if way == "compiled":
+        forward = torch.compile(block, backend="aot_eager", fullgraph=True)
+    else:
+        def forward(x):
+            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    with plugins.use_backend(layer_norm="torch"):
+        loss = forward(x).sum()
+        with pytest.raises(RuntimeError, match="the broken backend ran"):
+            on_a_thread_without_blocks(loss.backward)
+    plugins.configure(pins={"layer_norm": "torch"})
+    try:
+        on_a_thread_without_blocks(forward(x).sum().backward)
+    finally:
+        plugins.configure(pins={})

@@ -282,7 +282,8 @@ def measure_case(op: str, backend: str, dtype: torch.dtype, device: str) -> Row:
 def backends_on(op: str, device: str) -> list[str]:
     """Backends of ``op``'s registry entry that can run on ``device`` here, best first."""
     from hetrain import plugins
-    return [b.name for b in plugins.backends(op) if device in b.devices and b.why_unavailable() is None]
+    return [b.name for b in plugins.backends(op)
+            if b.serves(torch.device(device).type) and b.why_unavailable() is None]
 
 
 def measure(ops: list[str] | None = None, device: str | None = None,

@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 # Best first: Triton, then the CUDA C++ kernel, then the C++ CPU kernel, then the plain reference.
 # Triton leads on CUDA until a recorded GPU benchmark says otherwise for an op.
 PRIORITY = {"triton": 30, "cuda": 25, "cpu": 20, "torch": 0}
-# The reference runs wherever torch does; the list is explicit so an unserved device gets a clear error.
-TORCH_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu", "privateuseone")
+# The reference runs wherever torch does: on every device type torch names (a typo still gets a clear error), the
+# privateuse1 backend under the name its vendor gives it too. The usual types are named as well, for code that reads
+# Backend.devices rather than asking Backend.serves.
+TORCH_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu", plugins.ANY_DEVICE)
 
 
 def triton_interpreting() -> bool:

@@ -322,11 +322,12 @@ class NonFiniteDiagnosis:
 class _GeneratorStates:
     """The generators as a batch's step began, so a rerun draws what the step drew: torch's (dropout masks) and
     numpy's and Python's (an augmentation in training_step). Reading numpy's and Python's costs ~0.1 ms a batch,
-    torch's a few microseconds: they are read only where a rerun can follow."""
+    torch's a few microseconds: they are read only for a batch a rerun can follow (see :func:`_can_rerun`)."""
 
     cpu: torch.Tensor
-    cuda: list[torch.Tensor]  # each initialised CUDA device's
-    host: tuple[Any, Any] | None  # numpy's and Python's, where a rerun can follow
+    # Each CUDA device's, where CUDA was initialised as the step began; a device initialised later is not replayed.
+    cuda: list[torch.Tensor]
+    host: tuple[Any, Any] | None  # numpy's and Python's, for a batch a rerun can follow
 
 
 def _generator_states(host: bool) -> _GeneratorStates:
@@ -340,7 +341,9 @@ def _replaying(states: _GeneratorStates) -> Generator[None, None, None]:
     draws (an augmentation's, a shuffle's) are those it would have drawn without the block."""
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
-        with torch.random.fork_rng(devices=list(range(len(states.cuda)))):
+        # Every device CUDA has now, not only those saved: where CUDA was initialised during the step, the rerun's
+        # draws there are put back too, and the run's later ones are not shifted.
+        with torch.random.fork_rng(devices=_cuda_devices()):
             torch.set_rng_state(states.cpu)
             if states.cuda:
                 torch.cuda.set_rng_state_all(states.cuda)
@@ -351,6 +354,11 @@ def _replaying(states: _GeneratorStates) -> Generator[None, None, None]:
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
+
+
+def _cuda_devices() -> list[int]:
+    """The CUDA devices whose generators exist: every device once CUDA is initialised, none before (nothing drew)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
 @dataclass
@@ -459,9 +467,9 @@ class NonFiniteGuard(Callback):
           earlier batch's memory has gone back to the loader). Hooks exist only during that rerun, so
           healthy steps pay nothing for them; the rerun may log the step's metrics a second time, and
           leaves BatchNorm running statistics as they were. Under manual optimization there is no rerun:
-          training_step steps the optimizers and schedulers itself. Reading each batch's numpy and Python
-          generators for a rerun costs ~0.1 ms a batch, paid only where one can follow (one process, automatic
-          optimization).
+          training_step steps the optimizers and schedulers itself. Reading a batch's numpy and Python
+          generators for a rerun costs ~0.1 ms, paid only for a batch one can follow: one process, automatic
+          optimization, and the batch that steps the optimizer (once a window under gradient accumulation).
         - Under manual optimization a batch that steps several optimizers (a GAN's) counts as one step:
           non-finite if any of its optimizer steps was. Its loss is non-finite if any of its backward
           passes' was, so every optimizer step after a non-finite loss in that batch is skipped too.
@@ -552,9 +560,7 @@ class NonFiniteGuard(Callback):
         # The batch before this one, of a window not stepped yet (automatic or manual accumulation), is let go.
         if self._window:
             self._window[-1].let_go()
-        # numpy's and Python's generators only where a rerun can follow: see _diagnose_here.
-        host = trainer.world_size == 1 and pl_module.automatic_optimization
-        self._window.append(_WindowBatch(batch_idx, batch, _generator_states(host)))
+        self._window.append(_WindowBatch(batch_idx, batch, _generator_states(_can_rerun(trainer, pl_module))))
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -824,6 +830,15 @@ def _merged(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
             "scale": None if earlier["scale"] is None else min(earlier["scale"], later["scale"]),
             "grad_module": earlier["grad_module"],
             "schedulers": earlier["schedulers"] + later["schedulers"]}
+
+
+def _can_rerun(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether a rerun (see ``NonFiniteGuard._diagnose_here``) can follow this batch's step: one process, automatic
+    optimization, and the batch that steps the optimizer, the window's last, the one still held at the step (an
+    earlier one is let go). Lightning has counted the batch, and read whether it is the epoch's last, before
+    ``on_train_batch_start``; a strategy accumulating on its own (DeepSpeed) is stepped on every batch."""
+    return (trainer.world_size == 1 and pl_module.automatic_optimization
+            and (trainer.strategy.handles_gradient_accumulation or not trainer.fit_loop._should_accumulate()))
 
 
 def _suspects(window: list[_WindowBatch], loss_finite: bool) -> list[_WindowBatch]:

@@ -696,12 +696,19 @@ def _files(folder: Path) -> dict[Path, bytes]:
     return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
-def _keep_earlier_config(job_dir: Path, kept: Path) -> None:
+def _keep_earlier_config(config_dir: Path, kept: Path) -> bool:
+    """Moves ``config_dir``, the config of an earlier job or part of a run (as :func:`_copy_earlier_configs` copied
+    it; a single run's before Hydra rewrites it), to ``kept``; whether there was one."""
+    if not config_dir.is_dir():
+        return False
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(config_dir, kept)
+    return True
+
+
+def _keep_earlier_jobs_config(job_dir: Path, kept: Path) -> None:
     """Moves the earlier job's config that :func:`_copy_earlier_configs` copied in ``job_dir`` to ``kept``."""
-    copied = job_dir / EARLIER_CONFIG
-    if copied.is_dir():
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(copied, kept)
+    if _keep_earlier_config(job_dir / EARLIER_CONFIG, kept):
         log.info(f"hetrain: {job_dir} held a job of an earlier sweep; its config is kept in {kept}")
 
 
@@ -775,7 +782,10 @@ class RunDirectory(HydraCallback):
         used = any((run_dir / name).exists() and _last_change(run_dir / name) < since
                    for name in (RUN_LOCK, ".hydra", SUMMARY_JSON))
         self._lock = _hold_lock(run_dir)
-        if not used or _resumes_inside(config, run_dir):
+        if not used:
+            return
+        if _resumes_inside(config, run_dir):
+            self._keep_earlier_part_config(config, run_dir, since)
             return
         if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
             self._said = (logging.WARNING, f"hetrain: {run_dir} holds an earlier run's files, but also the directory "
@@ -785,6 +795,19 @@ class RunDirectory(HydraCallback):
         aside = _first_free(run_dir / "previous-")
         moved = _set_aside(run_dir, aside, (RUN_LOCK,), "the files of an earlier run", since)
         self._said = None if moved is None else (logging.INFO, moved)
+
+    def _keep_earlier_part_config(self, config: DictConfig, run_dir: Path, since: float) -> None:
+        """Moves the config folder of the run's earlier part (``.hydra/``) to ``.hydra-part<k>/``, as a sweep's job
+        resumed in place keeps its own: Hydra rewrites it after this, and the earlier part's overrides were lost."""
+        output_subdir = config.hydra.get("output_subdir")
+        config_dir = run_dir / output_subdir if output_subdir is not None else None
+        # One newer than this run is another rank's, torchrun having started them together: this run's own.
+        if config_dir is None or not config_dir.is_dir() or _last_change(config_dir) >= since:
+            return
+        kept = _next_part(config_dir)
+        if _keep_earlier_config(config_dir, kept):
+            self._said = (logging.INFO, f"hetrain: {run_dir} holds the earlier part of this resumed run; its config "
+                          f"is kept in {kept}")
 
     @override
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -860,7 +883,7 @@ class SweepSummary(HydraCallback):
         if earlier not in (None, sweep_id):
             output_subdir = config.hydra.output_subdir
             if _resumes_inside(config, job_dir):  # the job goes on in place
-                _keep_earlier_config(job_dir, _next_part(job_dir / output_subdir))
+                _keep_earlier_jobs_config(job_dir, _next_part(job_dir / output_subdir))
             else:
                 # The sweep began when its id was written (a file time, as the job files are): what changed since is
                 # this sweep's, such as the log rank 1 opened here first.
@@ -870,7 +893,7 @@ class SweepSummary(HydraCallback):
                                    "a job of an earlier sweep", began)
                 if moved is not None:
                     log.info(moved)
-                _keep_earlier_config(job_dir, aside / output_subdir)
+                _keep_earlier_jobs_config(job_dir, aside / output_subdir)
         for stale in (SUMMARY_JSON, SUMMARY_MD):
             (job_dir / stale).unlink(missing_ok=True)
         (job_dir / SWEEP_ID).write_text(f"{sweep_id}\n")

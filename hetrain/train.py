@@ -151,6 +151,7 @@ def check_config(cfg: DictConfig) -> None:
     table would fail as an ``IndexError`` inside the embedding lookup of the first step; a ``ckpt_path``
     that is no file, after the data and model were built.
     """
+    _check_output_dir(cfg)
     entries = _planned(cfg)
     settings = {f"placement.plan.{path}": device for path, device in entries.items()} if entries != "auto" else {}
     settings["placement.fallback"] = cfg.placement.get("fallback", "cpu")
@@ -177,6 +178,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_windows(cfg)
     _check_types(cfg)
     _check_monitor_modes(cfg)
+    _check_profile_steps(cfg)
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
         # The fit runs in processes this one starts; their callbacks' numbers never come back to it.
@@ -188,6 +190,25 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"hetrain: data.path={data_path} does not exist (relative paths start at the directory "
                          f"train.py runs from, {Path.cwd()}); pass a .jsonl file, a directory of token files "
                          "(python -m hetrain.data.build_tokens), or data.path=null for synthetic documents")
+
+
+def _check_output_dir(cfg: DictConfig) -> None:
+    """``output_dir`` is Hydra's run directory, not a setting. Set to another, the run's lock, its config and log and
+    the setting aside of an earlier run's files stayed in Hydra's directory while its checkpoints, CSV log and summary
+    went to ``output_dir``, mixed with another run's; every job of a sweep wrote into the one folder, and the sweep's
+    table, which reads each job's directory, listed jobs that trained as without a summary."""
+    if not HydraConfig.initialized():  # composed in-process (tests, notebooks): output_dir is the caller's
+        return
+    hydra_cfg = HydraConfig.get()
+    output_dir, hydra_dir = cfg.get("output_dir"), Path(hydra_cfg.runtime.output_dir)
+    if output_dir is not None and Path(output_dir).resolve() == hydra_dir.resolve():
+        return
+    directory = "<dir>" if output_dir is None else output_dir
+    setting = (f"hydra.sweep.dir={directory} (each job then writes into {directory}/<job number>)"
+               if hydra_cfg.mode == RunMode.MULTIRUN else f"hydra.run.dir={directory}")
+    raise ValueError(f"hetrain: output_dir={output_dir} is not Hydra's run directory {hydra_dir}: output_dir follows "
+                     "Hydra's, where the run's lock, config and log are and an earlier run's files are set aside; "
+                     f"leave output_dir alone and set {setting} instead")
 
 
 def _check_sizes_match_data(cfg: DictConfig) -> None:
@@ -430,6 +451,16 @@ def _check_monitor_modes(cfg: DictConfig) -> None:
                              "the metric a sweeper optimises, is a setting of its own")
 
 
+def _check_profile_steps(cfg: DictConfig) -> None:
+    """``callbacks.profile_steps`` is one step or a list: a string was read as the list of its characters
+    (``10-12`` as "got ['1', '0', '-', '1', '2']"), a number with a fraction failed as "'float' object is not
+    iterable". Its values are checked where the trace is made (hetrain.callbacks.profiling.parse_steps)."""
+    steps = OmegaConf.select(cfg, "callbacks.profile_steps")
+    if steps is not None and not (_whole(steps) or OmegaConf.is_list(steps)):
+        raise ValueError(f"hetrain: callbacks.profile_steps={steps!r} must be [first, last] with 0 <= first <= last, "
+                         "or one step; e.g. callbacks.profile_steps=[10,12]")
+
+
 def _check_types(cfg: DictConfig) -> None:
     """Settings of the wrong type, named before a library meets them: ``backends.strict=no`` turned strict mode on
     (``bool('no')`` is true), ``model.fused=no`` built the fused model, ``compile.dynamic=maybe`` failed in an
@@ -645,10 +676,22 @@ def check_plan(cfg: DictConfig, model: torch.nn.Module) -> None:
     """Refuses a placement entry that names no stage of ``model`` now, not once data is ready and fit starts."""
     plan = _planned(cfg)
     if plan != "auto" and hasattr(model, "stages"):
+        stages, fallback = list(model.stages()), cfg.placement.get("fallback", "cpu")
         try:
-            resolve_plan(plan, list(model.stages()), cfg.placement.get("fallback", "cpu"))
+            resolve_plan(plan, stages, fallback)
         except ValueError as exc:
-            raise ValueError(f"{exc}. Fix placement.plan in the recipe or on the command line") from None
+            # A fallback that is absent or meta fails in resolve_plan too; with the CPU in its place the plan resolves.
+            setting = "placement.fallback" if _resolves(plan, stages) else "placement.plan"
+            raise ValueError(f"{exc}. Fix {setting} in the recipe or on the command line") from None
+
+
+def _resolves(plan: dict[str, object], stages: list[str]) -> bool:
+    """Whether ``plan`` maps onto ``stages`` with the CPU as its fallback."""
+    try:
+        resolve_plan(plan, stages, "cpu")
+    except ValueError:
+        return False
+    return True
 
 
 def build(cfg: DictConfig) -> Parts:
@@ -679,8 +722,8 @@ def build(cfg: DictConfig) -> Parts:
     profile_steps = entries.pop("profile_steps", None)  # a setting, not a callback: [first, last] to trace
     callbacks.update({name: _instantiate(node, f"callback {name}")
                       for name, node in entries.items() if node is not None})
-    if profile_steps is not None:
-        steps = profile_steps if isinstance(profile_steps, int) else list(profile_steps)
+    if profile_steps is not None:  # an int or a list (_check_profile_steps)
+        steps = list(profile_steps) if OmegaConf.is_list(profile_steps) else profile_steps
         callbacks["step_trace"] = StepTrace(steps, dirpath=cfg.output_dir)
     if cfg.trainer.get("enable_progress_bar") is False:
         # Lightning refuses a progress-bar callback with the bar turned off; the switch is what the person meant.
@@ -713,9 +756,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(f"Host memory: {cpu_malloc.description}")
         host_cache_at_start = cpu_memory.stats()
         pins, prefer = cfg.backends.pins, cfg.backends.get("prefer")
-        plugins.configure(pins=None if pins is None else OmegaConf.to_container(pins, resolve=True),
-                          strict=cfg.backends.strict,
-                          prefer=OmegaConf.to_container(prefer, resolve=True) if OmegaConf.is_list(prefer) else prefer)
+        if OmegaConf.is_list(prefer):
+            prefer = OmegaConf.to_container(prefer, resolve=True)
+        # null is none, as {} and []: configure's None keeps the pins and preference a sweep's earlier job set.
+        plugins.configure(pins={} if pins is None else OmegaConf.to_container(pins, resolve=True),
+                          strict=cfg.backends.strict, prefer=[] if prefer is None else prefer)
         pl.seed_everything(cfg.seed, workers=True)
         parts = build(cfg)
 
@@ -1099,7 +1144,9 @@ def _sigterm_ends_the_run(signum: int, frame: FrameType | None) -> None:
 
 
 def _run(cfg: DictConfig) -> float | None:
-    output_dir = Path(cfg.output_dir)
+    # Hydra's directory, which a valid output_dir is (_check_output_dir): the summary of a run refused for another
+    # output_dir goes where its log is and a sweep's table looks, not over another run's.
+    output_dir = Path(HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.output_dir)
     info = _run_info()
     rank_logs_before = _rank_logs(info.get("log"))
     run_number = _fit.run = next(_runs)

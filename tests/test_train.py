@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import hydra.utils
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -36,7 +37,7 @@ from hetrain.models.task import ClassificationTask
 from hetrain.placement import resolve_plan
 from hetrain.recipes import register_recipes
 from hetrain.regional_compile import compile_counts
-from hetrain.report import RUN_LOCK, RunDirectory, RunRecorder, error_headline
+from hetrain.report import RUN_LOCK, RunDirectory, RunRecorder, collect_jobs, error_headline
 from hetrain.train import (
     _devices_in_use,
     _other_ranks,
@@ -602,8 +603,9 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     # Lightning skipped these fits and the run said ok, 0 steps.
     (["trainer.max_steps=-1", "trainer.max_epochs=0"], "trainer.max_epochs=0 must be a whole number of epochs >= 1, "
      "or -1 or null for no epoch limit"),
-    (["+trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 trains no batch; give a number of batches"),
-    (["+trainer.limit_train_batches=0.0"], "trainer.limit_train_batches=0.0 trains no batch"),
+    # The README's trainer.limit_train_batches=0 failed in Hydra as "Key 'limit_train_batches' is not in struct".
+    (["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 trains no batch; give a number of batches"),
+    (["trainer.limit_train_batches=0.0"], "trainer.limit_train_batches=0.0 trains no batch"),
     # torch's "Trying to create tensor with negative dimension -5", a ring's message naming num_workers.
     (["recipe=bert_split", "data.train_size=-5"], "data.train_size=-5 must be a positive whole number"),
     (["recipe=bert_split", "data.val_size=-3"], "data.val_size=-3 must be a positive whole number (or 0 with "
@@ -668,6 +670,11 @@ def test_a_setting_that_names_no_device_is_refused_naming_it(override, key, tmp_
     # A callback switched off with false failed as "'bool' object has no attribute '_target_'".
     (["callbacks.throughput=false"], "callbacks.throughput=False is not a callback's settings; drop the callback "
      "with callbacks.throughput=null"),
+    # Read as the list of its characters: "got ['1', '0', '-', '1', '2']"; a fraction as "'float' object is not
+    # iterable".
+    (["callbacks.profile_steps=10-12"], "callbacks.profile_steps='10-12' must be [first, last] with 0 <= first <= "
+     "last, or one step; e.g. callbacks.profile_steps=[10,12]"),
+    (["callbacks.profile_steps=10.5"], "callbacks.profile_steps=10.5 must be [first, last]"),
 ])
 def test_settings_a_library_would_fail_on_deep_inside_are_refused_naming_them(overrides, message, tmp_path):
     """Each failed inside torch's sampler, Lightning's loop (ZeroDivisionError) or a tokenizer, after the model was
@@ -684,7 +691,7 @@ def test_the_limits_of_the_new_checks_are_accepted(tmp_path):
     for overrides in (["trainer.max_steps=-1", "trainer.max_epochs=1"], ["task.lr=0"], ["task.lr=1"],
                       ["trainer.enable_progress_bar=null"], ["recipe=resnet_fused_amp", "model.fused=false"],
                       ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1"],
-                      ["trainer.max_steps=-1", "trainer.max_epochs=-1"], ["+trainer.limit_train_batches=0.5"],
+                      ["trainer.max_steps=-1", "trainer.max_epochs=-1"], ["trainer.limit_train_batches=0.5"],
                       ["data.val_size=0", "trainer.limit_val_batches=0"], ["data.num_slots=2", "data.producers=1"],
                       ["data.loader=torch", "data.producers=0", "data.num_slots=1"],  # the ring's, unused there
                       ["model.vocab_size=512"], ["data.vocab_size=64"], ["callbacks.throughput=null"],
@@ -698,6 +705,15 @@ def test_the_limits_of_the_new_checks_are_accepted(tmp_path):
                       # a corpus (data.path) has no class markers
                       ["recipe=longseq_ringbuffer", f"data.path={ROOT / 'tests'}", "data.markers_per_class=0"]):
         check_config(compose_train(*overrides, output_dir=tmp_path))
+
+
+def test_the_trainers_default_limit_of_training_batches_is_every_batch(tmp_path):
+    """trainer.limit_train_batches is in the trainer config, so the README's override needs no +; null passes
+    Lightning's default on, every batch of the epoch."""
+    cfg = compose_train("trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
+                        output_dir=tmp_path)
+    assert cfg.trainer.limit_train_batches is None
+    assert hydra.utils.instantiate(cfg.trainer, logger=False).limit_train_batches == 1.0
 
 
 def test_runs_started_in_the_same_second_get_directories_of_their_own():
@@ -717,9 +733,9 @@ def test_runs_started_in_the_same_second_get_directories_of_their_own():
     assert hydra_cfg.callbacks.run_directory._target_ == "hetrain.report.RunDirectory"
 
 
-def _run_config(run_dir: Path, ckpt_path: Path | None = None) -> DictConfig:
+def _run_config(run_dir: Path, ckpt_path: Path | None = None, output_subdir: str | None = None) -> DictConfig:
     """The part of a single run's config RunDirectory reads."""
-    return OmegaConf.create({"hydra": {"run": {"dir": str(run_dir)}},
+    return OmegaConf.create({"hydra": {"run": {"dir": str(run_dir)}, "output_subdir": output_subdir},
                              "ckpt_path": None if ckpt_path is None else str(ckpt_path)})
 
 
@@ -760,6 +776,29 @@ def test_a_fresh_run_into_a_used_run_directory_sets_the_earlier_runs_files_aside
         callback.on_run_end(_run_config(run_dir))
     assert (run_dir / "previous-1" / "checkpoints" / "step6-acc0.5000.ckpt").read_text() == \
         "checkpoints/step6-acc0.5000.ckpt"
+
+
+def test_a_run_resumed_into_its_own_directory_keeps_each_earlier_parts_config(tmp_path, caplog, monkeypatch):
+    """Hydra rewrites .hydra/ after on_run_start: the earlier part's overrides and config were lost, where a sweep's
+    job resumed in place kept them as .hydra-part<k>/."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)  # files older than this process are not all earlier
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    write_dated(run_dir, [".hydra/overrides.yaml", "checkpoints/last.ckpt", "summary.json"], time.time() - 60)
+    for k in (1, 2):
+        (run_dir / ".hydra" / "overrides.yaml").write_text(f"- trainer.max_steps={2 * k}\n")  # part k's
+        config = _run_config(run_dir, ckpt_path=last, output_subdir=".hydra")
+        run = RunDirectory()
+        run.on_run_start(config)
+        with caplog.at_level(logging.INFO, logger="hetrain.report"):
+            run.on_job_start(config)
+        run.on_run_end(config)
+        assert not (run_dir / ".hydra").exists()  # Hydra writes this part's
+        assert (run_dir / f".hydra-part{k}" / "overrides.yaml").read_text() == f"- trainer.max_steps={2 * k}\n"
+        assert f"its config is kept in {run_dir / f'.hydra-part{k}'}" in caplog.text
+        (run_dir / ".hydra").mkdir()
+    assert not list(run_dir.glob("previous-*")) and last.exists()
 
 
 def test_a_run_into_the_directory_of_a_run_still_running_is_refused(tmp_path):
@@ -832,6 +871,24 @@ def test_backends_prefer_reaches_the_plugins_as_written_alone_or_in_a_list(prefe
         assert plugins.preferred() == names
     finally:
         plugins.configure(prefer=())
+
+
+def test_null_backend_pins_and_preference_leave_a_job_none_of_an_earlier_jobs(tmp_path, monkeypatch):
+    """configure() takes None as "leave as is": backends.pins=null and backends.prefer=null kept, for a sweep's later
+    job in the same process, the pins and preference an earlier job had set. The runs fail checking their plan,
+    after the backends are configured."""
+    monkeypatch.delenv("HETRAIN_BACKEND", raising=False)
+    monkeypatch.delenv("HETRAIN_PREFER", raising=False)
+    bad_plan = ["recipe=bert_split", "+placement.plan.pooler=cpu"]
+    try:
+        for settings, pin, prefer in [(["+backends.pins.layer_norm=torch", "backends.prefer=[torch]"], "torch",
+                                       ("torch",)),
+                                      (["backends.pins=null", "backends.prefer=null"], None, ())]:
+            with pytest.raises(ValueError, match="placement entry 'pooler' names no stage"):
+                run(compose_train(*bad_plan, *settings, output_dir=tmp_path))
+            assert (plugins.pinned("layer_norm"), plugins.preferred()) == (pin, prefer), settings
+    finally:
+        plugins.configure(pins={}, prefer=())
 
 
 @pytest.mark.parametrize("seed, shown", [("null", "None"), ("abc", "'abc'")])
@@ -1335,6 +1392,19 @@ def test_a_plan_entry_that_names_no_stage_is_refused_before_the_data_is_built(tm
         build(cfg)
 
 
+@pytest.mark.parametrize("fallback", [
+    "meta",
+    # Not id "cuda", which conftest skips without a GPU.
+    pytest.param("cuda", id="absent", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="it is present")),
+])
+def test_a_fallback_resolve_plan_refuses_is_named_not_the_plan(tmp_path, fallback):
+    """The stages bert_split plans for cuda go to the fallback on a CPU host; a fallback that is absent too, or meta,
+    which resolve_plan refuses, was followed by "Fix placement.plan", a setting that was not wrong."""
+    cfg = compose_train("recipe=bert_split", f"placement.fallback={fallback}", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"fallback.*\. Fix placement\.fallback in the recipe or on the command line"):
+        build(cfg)
+
+
 def test_one_profile_step_may_be_given_alone(tmp_path):
     """``callbacks.profile_steps=10`` failed with "'int' object is not iterable"; one step traces that step."""
     parts = build(compose_train("recipe=bert_split", "callbacks.profile_steps=10", output_dir=tmp_path))
@@ -1466,6 +1536,28 @@ def test_sweep_lists_failed_jobs_with_error_and_log(tmp_path):
     assert f" {headline} | {failed['log']} |" in markdown and "column 5" not in markdown
 
 
+@pytest.mark.parametrize("sweep", [False, True])
+def test_an_output_dir_apart_from_hydras_directory_is_refused_naming_the_hydra_setting(tmp_path, sweep):
+    """output_dir was taken as a setting: the run's checkpoints, CSV log and summary went there, its lock, config and
+    log to Hydra's directory; a sweep's jobs all wrote into the one folder, and the table, reading the jobs'
+    directories, listed them as killed (no summary) after they had trained. The refused run's summary is Hydra's."""
+    elsewhere = tmp_path / "elsewhere"
+    hydra_dir, job_dir = ((["-m", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path / "sweep" / "0") if sweep else
+                          ([f"hydra.run.dir={tmp_path}/run"], tmp_path / "run"))
+    result = train_py(*hydra_dir, "recipe=bert_split", "data.train_size=128", "data.val_size=32", "model.hidden=32",
+                      "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0",
+                      "trainer.enable_progress_bar=false", f"output_dir={elsewhere}", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    setting = f"hydra.sweep.dir={elsewhere}" if sweep else f"hydra.run.dir={elsewhere}"
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert summary["status"] == "failed", summary
+    assert summary["error"].startswith(f"ValueError: hetrain: output_dir={elsewhere} is not Hydra's run directory "
+                                       f"{job_dir}") and f"set {setting}" in summary["error"], summary["error"]
+    assert not elsewhere.exists()
+    if sweep:
+        assert [row["status"] for row in _sweep_rows(tmp_path / "sweep")] == ["failed"]
+
+
 def _markdown_table(text: str, first_header: str) -> list[list[str]]:
     """The cells of the Markdown table whose header starts with ``first_header``: header row, then body rows."""
     lines = text.splitlines()
@@ -1519,11 +1611,12 @@ def test_sweep_into_a_reused_directory_lists_only_its_own_jobs(tmp_path):
     assert "heads=3" not in markdown
     _, *over_seeds = _markdown_table(markdown, "overrides (seed aside)")
     assert [seeds for _, seeds, *_ in over_seeds] == ["2"]
-    # A job that dies before run() writes its summary, in a reused job directory: not the earlier job's results.
-    killed = train_py("-m", "recipe=bert_split", "output_dir=${oc.env:HETRAIN_NO_SUCH_VARIABLE}",
+    # A job that dies before run() writes its summary (a callback that ends the process as it is built), in a reused
+    # job directory: not the earlier job's results.
+    killed = train_py("-m", "recipe=bert_split", "+callbacks.die={_target_:os._exit,status:1}",
                       f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert killed.returncode == 1
-    assert [(r["job"], r["status"]) for r in _sweep_rows(sweep)] == [("0", "no summary")]
+    assert [(r["job"], r["status"]) for r in collect_jobs(sweep)] == [(0, "no summary")]
 
 
 def test_sweep_summary_aggregates_over_seeds():

@@ -1,8 +1,11 @@
 """MemoryProfiler on real Lightning fits (CPU): per-module numbers, phase peaks, allocator churn, report files,
 OOM post-mortem."""
 
+import contextlib
 import copy
+import errno
 import gc
+import io
 import logging
 import os
 import pickle
@@ -10,6 +13,7 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import weakref
 from collections import Counter
 
@@ -26,7 +30,15 @@ from hetrain import cpu_memory, ops
 from hetrain.callbacks import memory
 from hetrain.callbacks.churn import OUTSIDE, ROOT, Allocation, ChurnTracker, churned
 from hetrain.callbacks.memory import OOM_MD, OOM_SNAPSHOT, MemoryProfiler, StepPeaks
-from hetrain.callbacks.memory_report import PHASES, REPORT_HTML, REPORT_MD, REPORT_PNG, STEPS_CSV, MemoryReport
+from hetrain.callbacks.memory_report import (
+    PHASES,
+    REPORT_HTML,
+    REPORT_MD,
+    REPORT_PNG,
+    STEPS_CSV,
+    STEPS_HEADER,
+    MemoryReport,
+)
 from hetrain.callbacks.module_memory import NOT_MEASURED, ModuleMemory, optimizer_state_bytes
 from hetrain.callbacks.module_memory import OUTSIDE as OUTSIDE_MODULES
 from hetrain.callbacks.profiling import StepTrace
@@ -63,10 +75,10 @@ def _loader(batches: int) -> DataLoader:
 
 def _fit(model, profiler, tmp_path, batches=3, **kwargs) -> pl.Trainer:
     pl.seed_everything(0, verbose=False)
-    kwargs = {"max_steps": batches, **kwargs}  # more under manual optimization with several optimizers
+    kwargs = {"max_steps": batches, "callbacks": [profiler], **kwargs}  # max_steps: more under manual optimization
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[profiler], **kwargs)
+                         limit_val_batches=0, **kwargs)
     trainer.fit(model, _loader(batches))
     return trainer
 
@@ -312,6 +324,49 @@ def test_a_module_that_pushes_its_own_saved_tensors_hook_is_said_not_measured():
     assert r["0.fc"].saved == _nbytes(x) and r["1"].saved == r["2"].saved == 4 * BATCH * HIDDEN
     assert not any(r[name].saved_unseen for name in (ROOT, "0.fc", "1", "2", OUTSIDE_MODULES))
     assert model[1].w.grad is not None and model[0].fc.weight.grad is not None
+
+
+class GradInForward(nn.Module):
+    """Takes torch.func's grad inside its own forward, as a physics-informed layer's residual does: of its detached
+    hidden state (nothing for the step's backward), or of the state itself (the grad's graph is the step's)."""
+
+    def __init__(self, n_in: int, detach: bool):
+        super().__init__()
+        self.fc, self.detach = nn.Linear(n_in, HIDDEN), detach
+
+    def forward(self, x):
+        h = self.fc(x)
+        g = grad(lambda t: (torch.sin(t) * t).sum())(h.detach() if self.detach else h)
+        return torch.tanh(h) * g
+
+
+def test_a_module_calling_torch_func_grad_in_its_own_forward_runs_its_measured_step():
+    """The pack hook, on for the outermost module's forward, was under torch.func's grad in a module's own forward:
+    grad refuses to start under a saved-tensors hook, and the measured step failed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GradInForward(IN, detach=True), GradInForward(HIDDEN, detach=False), nn.Linear(HIDDEN, 1))
+    x = torch.randn(BATCH, IN)
+    model(x).square().mean().backward()
+    unmeasured = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    disable = torch.autograd.graph.disable_saved_tensors_hooks
+    tracker = ModuleMemory(model)
+    tracker.start()
+    loss = model(x).square().mean()
+    tracker.forward_done(loss)
+    loss.backward()
+    tracker.backward_done()
+    tracker.stop()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), unmeasured, strict=True))
+    r = tracker.records
+    # A grad of a detached tensor keeps nothing for the step's backward: measured (tanh's output, and the grad that
+    # multiplies it), as its child.
+    assert not r["0"].saved_unseen and r["0"].saved == 2 * 4 * BATCH * HIDDEN and r["0.fc"].saved == _nbytes(x)
+    # A grad of the step's own tensors saves them for the step's backward where no hook sees: not measured.
+    assert r["1"].saved_unseen and "1: their forward ran under another saved-tensors hook" in tracker.saved_note()
+    assert "called torch.func's grad or vjp" in tracker.saved_note() and r["1.fc"].saved == 4 * BATCH * HIDDEN
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert torch.autograd.graph.disable_saved_tensors_hooks is disable  # torch's own again
 
 
 class PerSampleGradNorms(Regressor):
@@ -1460,21 +1515,34 @@ def test_churn_steps_all_traced_by_step_trace_are_named_as_the_reason(tmp_path):
     assert profiler.churn_observed == [] and profiler.churn_traced == [2, 3]  # not step 4, placed but never run
 
 
-@pytest.mark.parametrize(("churn_steps", "asked"), [(3, "3 steps from the fit's step 2"), ([2, 4], "steps [2, 4]")])
-def test_churn_stops_for_the_fit_where_another_torch_profiler_records(tmp_path, caplog, churn_steps, asked):
+class InstrumentedAsItBegins(pl.Callback):
+    """Notes whether each step is instrumented as it begins, as Throughput asks before the step runs."""
+
+    def __init__(self, profiler: MemoryProfiler):
+        self.profiler, self.seen = profiler, []
+
+    def on_train_batch_start(self, trainer, *args):
+        self.seen.append(self.profiler.instruments_step(trainer.global_step))
+
+
+@pytest.mark.parametrize(("churn_steps", "asked", "where"), [(3, "3 steps from the fit's step 2", "steps 2..7"),
+                                                             ([2, 4], "steps [2, 4]", "steps 2, 4")])
+def test_churn_under_a_torch_profiler_around_the_fit_profiles_and_instruments_no_step(tmp_path, caplog, churn_steps,
+                                                                                    asked, where):
     """Under a torch.profiler.profile around the fit (or emit_nvtx, for Nsight) a count placed its next churn step at
     every step, each refused with a warning; every one was "instrumented", so Throughput timed almost no step; and the
     report said only that no churn step completed."""
     profiler = MemoryProfiler(churn_steps=churn_steps, module_every_n_steps=100)
+    begins = InstrumentedAsItBegins(profiler)
     with caplog.at_level(logging.WARNING), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
-        _fit(Regressor(), profiler, tmp_path, batches=8)
+        _fit(Regressor(), profiler, tmp_path, batches=8, callbacks=[begins, profiler])
     assert profiler.churn_observed == [] and profiler.churn_steps == [] and profiler.churn.steps == []
-    assert [profiler.instruments_step(s) for s in range(8)] == [True] + [False] * 7  # the hooked step 0 alone
+    assert begins.seen == [profiler.instruments_step(s) for s in range(8)] == [True] + [False] * 7  # step 0's hooks
     warned = Counter(r.name for r in caplog.records if "another torch profiler" in r.getMessage())
-    assert warned == {"hetrain.callbacks.churn": 1, "hetrain.callbacks.memory": 1}  # once for the fit
+    assert warned == {"hetrain.callbacks.memory": 1}  # once for the fit
+    md = (tmp_path / REPORT_MD).read_text()
     assert (f"Not measured ({asked} asked for): another torch profiler (a torch.profiler.profile or autograd's "
-            "emit_nvtx) was recording at step 2, and two cannot record at once: churn profiled no step from there "
-            "on.") in (tmp_path / REPORT_MD).read_text()
+            f"emit_nvtx) was recording at {where}, and two cannot record at once.") in md
 
 
 class ProfileFrom(pl.Callback):
@@ -1501,9 +1569,64 @@ def test_churn_steps_before_another_profiler_began_are_reported_and_the_later_on
     trainer.fit(ChurnRegressor(), _loader(7))
     assert profiler.churn_observed == [2] and not any(profiler.instruments_step(s) for s in (4, 5))
     md = (tmp_path / REPORT_MD).read_text()
-    assert ("Not profiled from step 4 on: another torch profiler (a torch.profiler.profile or autograd's emit_nvtx) "
-            "was recording at step 4") in md
+    assert ("Not profiled: steps 4, 5, where another torch profiler (a torch.profiler.profile or autograd's emit_nvtx) "
+            "was recording (two cannot record at once).") in md
     assert "Steps 2: allocations" in md and "net.1" in md.split("## Allocator churn")[1]
+
+
+class ProfileSteps(pl.Callback):
+    """Records steps ``first``..``last`` with a torch profiler of its own, as a trace of a few steps (or a profiler's
+    schedule) does; run before MemoryProfiler, it has begun when churn would begin."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.profile = first, last, None
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.first:
+            self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profile.__enter__()
+
+    def on_train_batch_end(self, trainer, *args):
+        if self.profile is not None and trainer.global_step > self.last:
+            self.profile.__exit__(None, None, None)
+            self.profile = None
+
+
+@pytest.mark.parametrize(("churn_steps", "observed", "refused"),
+                         [(3, [4, 5, 6], "steps 2..3"), ([2, 5], [5], "step 2")])
+def test_churn_profiles_the_steps_after_a_profiler_of_a_few_steps(tmp_path, caplog, churn_steps, observed, refused):
+    """Churn stopped for the rest of the fit at the first step where another torch profiler recorded, though that one
+    recorded steps 2 and 3 only: a count measured nothing, where it made those steps up later before."""
+    profiler = MemoryProfiler(churn_steps=churn_steps, churn_min_bytes=1024, module_every_n_steps=100)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=9, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[ProfileSteps(2, 3), profiler])
+    with caplog.at_level(logging.WARNING, logger="hetrain.callbacks.memory"):
+        trainer.fit(ChurnRegressor(), _loader(9))
+    assert profiler.churn_observed == observed and not any(profiler.instruments_step(s) for s in (2, 3))
+    assert len([r for r in caplog.records if "another torch profiler" in r.getMessage()]) == 1
+    md = (tmp_path / REPORT_MD).read_text()
+    assert (f"Not profiled: {refused}, where another torch profiler (a torch.profiler.profile or autograd's "
+            f"emit_nvtx) was recording (two cannot record at once).") in md
+    assert f"Steps {', '.join(map(str, observed))}: allocations" in md
+
+
+def test_a_refused_churn_step_is_named_as_the_step_it_was(tmp_path):
+    """churn_steps [2, 3, 6]: StepTrace took 2 and 3, a validation after step 2 ended its trace, so churn took step 3
+    back (placed after 6), and a profiler of the user's recorded from step 3. The report named step 6, the first of
+    the steps left, as where that profiler began."""
+    profiler = MemoryProfiler(churn_steps=[2, 3, 6], module_every_n_steps=100)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0,
+                         callbacks=[ProfileFrom(3), StepTrace([2, 3], tmp_path), profiler])
+    trainer.fit(ValidatedRegressor(), _loader(8), _loader(1))
+    assert profiler.churn_observed == [] and profiler.churn_traced == [2]
+    md = (tmp_path / REPORT_MD).read_text()
+    assert ("Not measured (steps [2, 3, 6] asked for): another torch profiler (a torch.profiler.profile or autograd's "
+            "emit_nvtx) was recording at steps 3, 6, and two cannot record at once.") in md
 
 
 def _peaks_of_step(n: int, g: torch.Generator) -> dict:
@@ -1531,7 +1654,9 @@ def test_step_peaks_hold_a_bounded_series_with_the_exact_maxima_and_every_steps_
     assert [p["step"] for p in peaks.points] == list(range(0, 1000, 128))  # evenly spaced
     every, bounded = MemoryReport(steps), MemoryReport(peaks.points)
     assert bounded.device_table() == every.device_table() and bounded.kept_host_note() == every.kept_host_note()
-    assert peaks.csv_rows() == every.steps_csv().partition("\n")[2]  # every step's rows, as they were
+    rows = io.BytesIO()
+    peaks.copy_rows(rows)
+    assert rows.getvalue().decode() == every.steps_csv().partition("\n")[2]  # every step's rows, as they were
     for i, point in enumerate(peaks.points):  # each point: the peaks of its own steps
         assert point["forward"]["cpu"]["allocated"] == max(
             s["forward"]["cpu"]["allocated"] for s in steps[128 * i:128 * (i + 1)])
@@ -1550,6 +1675,129 @@ def test_a_long_fit_keeps_a_bounded_series_and_its_steps_file_every_step(tmp_pat
     header, (cpu,) = profiler.report().device_table()
     for phase in PHASES:  # the table's peaks are every step's, not only the points'
         assert cpu[header.index(f"peak {phase} MiB")] == max(float(r[3]) for r in rows if r[2] == phase)
+
+
+def _strings_held(obj) -> list[str]:
+    """The strings ``obj`` holds through hetrain objects' attributes and containers (not through modules or
+    tensors)."""
+    out, seen, todo = [], set(), [obj]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen or isinstance(o, nn.Module | torch.Tensor | type):
+            continue
+        seen.add(id(o))
+        if isinstance(o, str):
+            out.append(o)
+        elif isinstance(o, dict):
+            todo.extend([*o.keys(), *o.values()])
+        elif isinstance(o, list | tuple | set | frozenset):
+            todo.extend(o)
+        elif type(o).__module__.startswith("hetrain") and hasattr(o, "__dict__"):
+            todo.extend(vars(o).values())
+    return out
+
+
+@pytest.mark.parametrize("oom_at_step", [None, 4])
+def test_a_resumed_fit_holds_no_earlier_row_and_writes_the_steps_file_a_chunk_at_a_time(tmp_path, monkeypatch,
+                                                                                       oom_at_step):
+    """A fit resumed into its run's directory held every row of memory_steps.csv before its first step as a string
+    for the whole fit (3 million rows, 262 MiB, after 500 000 steps), and the report, or the post-mortem, wrote the
+    file as one string of every row."""
+    _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path).save_checkpoint(tmp_path / "step3.ckpt")
+    earlier = (tmp_path / STEPS_CSV).read_text()
+    profiler, held = MemoryProfiler(churn_steps=0), []
+
+    class Look(pl.Callback):
+        def on_train_batch_end(self, *args):
+            held.extend(s for s in _strings_held(profiler) if re.match(r"\d+,cpu,", s))
+
+    def one_string(report):
+        raise AssertionError("the steps file as one string")
+
+    monkeypatch.setattr(memory._FitReport, "steps_csv", one_string)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[profiler, Look()])
+    if oom_at_step is None:
+        trainer.fit(Regressor(), _loader(5), ckpt_path=tmp_path / "step3.ckpt")
+    else:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            trainer.fit(Regressor(oom_at_step=oom_at_step), _loader(5), ckpt_path=tmp_path / "step3.ckpt")
+    assert held == [] and profiler._peaks.earlier == 3 * len(PHASES)
+    assert (tmp_path / STEPS_CSV).read_text().startswith(earlier)
+    assert _csv_steps(tmp_path) == ([0, 1, 2, 3, 4] if oom_at_step is None else [0, 1, 2, 3])
+    report = (tmp_path / (REPORT_MD if oom_at_step is None else OOM_MD)).read_text()
+    assert "(steps before 3 are the run's earlier parts', reported in memory_report-part1.md)" in report
+
+
+def _temporary_files() -> set[str]:
+    """The temporary files, deleted once closed, this process holds open."""
+    links = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            links[fd] = os.readlink(f"/proc/self/fd/{fd}")
+    return {fd for fd, link in links.items() if link.startswith(tempfile.gettempdir()) and link.endswith("(deleted)")}
+
+
+def test_a_fits_rows_file_is_closed_when_it_ends_and_its_report_still_holds_every_row(tmp_path):
+    """A finished fit kept its rows' temporary file open until the profiler's next fit or its collection (a
+    ResourceWarning then), its report rendered after the next fit began held no row, and a copy of the profiler
+    failed: an open file cannot be pickled."""
+    before = _temporary_files()
+    profiler = MemoryProfiler(churn_steps=0)
+    _fit(Regressor(), profiler, tmp_path / "a", batches=3)
+    assert _temporary_files() == before
+    rows = (tmp_path / "a" / STEPS_CSV).read_text()
+    report, copied = profiler.report(), copy.deepcopy(profiler)
+    _fit(Regressor(), profiler, tmp_path / "b", batches=2)  # the profiler's next fit
+    for i, kept in enumerate((report, copied.report())):
+        kept.write(tmp_path / f"again{i}")
+        assert (tmp_path / f"again{i}" / STEPS_CSV).read_text() == rows
+        assert "It is incomplete" not in (tmp_path / f"again{i}" / REPORT_MD).read_text()
+    _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path / "a", batches=2)  # the file is written over
+    report.write(tmp_path / "over")
+    assert (tmp_path / "over" / STEPS_CSV).read_text().splitlines() == [STEPS_HEADER]
+    assert (f"It is incomplete: the rows were held in a temporary file, closed when the fit ended (or left out of "
+            f"this copy of the profiler), and {tmp_path / 'a' / STEPS_CSV} has been written over since."
+            in (tmp_path / "over" / REPORT_MD).read_text())
+
+
+class SmallDisk(io.FileIO):
+    """A file on a disk that fills at ``ROOM`` bytes: a write past it writes what fits, the next fails."""
+
+    ROOM = 400
+
+    def write(self, data):
+        room = self.ROOM - self.tell()
+        if room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(bytes(data)[:room])
+
+
+def test_a_rows_file_that_cannot_be_written_leaves_the_fit_training_and_the_report_says_so(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """A write error on the rows' temporary file (a full /tmp) raised from on_train_batch_end: the fit ended."""
+    def temporary_file(mode="w+b", buffering=-1, encoding=None, **kwargs):
+        fd, path = tempfile.mkstemp(dir=tmp_path)
+        os.unlink(path)
+        raw = SmallDisk(fd, "r+")
+        if buffering == 0:
+            return raw
+        buffered = io.BufferedRandom(raw)
+        return buffered if "b" in mode else io.TextIOWrapper(buffered, encoding=encoding)
+
+    monkeypatch.setattr(memory.tempfile, "TemporaryFile", temporary_file)
+    with caplog.at_level(logging.WARNING, logger="hetrain.callbacks.memory"):
+        trainer = _fit(Regressor(), MemoryProfiler(churn_steps=0), tmp_path, batches=10)
+    assert trainer.global_step == 10
+    lines = (tmp_path / STEPS_CSV).read_text().splitlines()
+    kept = _csv_steps(tmp_path)
+    assert 0 < len(kept) < 10 and kept == list(range(len(kept))) and len(lines) == 1 + len(PHASES) * len(kept)
+    assert all(re.fullmatch(r"\d+,cpu,\w+,[\d.]+,", line) for line in lines[1:])  # whole rows only
+    assert len([r for r in caplog.records if "to a temporary file" in r.getMessage()]) == 1
+    assert (f"It is incomplete: the rows from step {len(kept)} on are missing: writing them to a temporary file "
+            "failed (OSError(28, 'No space left on device'))." in (tmp_path / REPORT_MD).read_text())
 
 
 def test_churn_steps_count_turned_off_and_rejected(tmp_path):

@@ -13,12 +13,16 @@ from the rank that ran out) on out-of-memory. A fit resumed into the run's own d
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
+import shutil
 import tempfile
+import weakref
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +43,7 @@ from hetrain.callbacks.memory_report import (
     REPORT_MD,
     REPORT_PNG,
     STEPS_CSV,
+    STEPS_HEADER,
     MemoryReport,
     churn_section,
 )
@@ -88,8 +93,13 @@ class StepPeaks:
     One point per step up to ``limit`` points; then neighbouring points merge (the first's step, each figure's
     larger), and from then on a point holds 2, 4, ... steps. The maxima over the points, which the report's table
     shows, are those over every step exactly; the plot draws each point's peak. Every step's own rows go to a
-    temporary file as it completes, for ``memory_steps.csv``. (One dict per step held 1.4 KiB a step: 1.3 GiB for a
-    million, which the CPU's resident set, a figure of this report, counted too.)
+    temporary file as it completes, for ``memory_steps.csv``, after the rows of a resumed run's earlier parts
+    (:meth:`add_earlier`). (One dict per step held 1.4 KiB a step: 1.3 GiB for a million, which the CPU's resident
+    set, a figure of this report, counted too.)
+
+    The file is closed (:meth:`close`) when the fit ends, once ``memory_steps.csv`` is written (:meth:`written`), which
+    holds the rows from then on; a copy or pickle leaves it out. A row that cannot be written (a full disk) stops the
+    rows there, and :meth:`missing` says so: the fit goes on.
     """
 
     def __init__(self, limit: int = MAX_STEP_POINTS) -> None:
@@ -99,14 +109,51 @@ class StepPeaks:
         self.points: list[dict[str, Any]] = []  # {"step": its first step, phase: {device: {figure: bytes}}}
         self.steps_per_point = 1
         self.count = 0  # steps added
+        self.earlier = 0  # rows of the run's earlier parts, before the steps' own
         self._in_last = 0  # steps the last point holds
-        self._rows: IO[str] | None = None  # every step's rows, in a file the system deletes once closed
+        # Every step's rows, in a file the system deletes once closed; unbuffered, so a write that fails is this one.
+        self._rows: IO[bytes] | None = None
+        self._close_rows: weakref.finalize | None = None  # closes it when this object goes
+        self._size = 0  # bytes of whole rows in it
+        self._lost: str | None = None  # why the rows stop short: a write failed
+        self._written: tuple[Path, tuple[int, int, int]] | None = None  # the steps file written, as it was then
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or pickle holds no open file: its rows are the steps file written (:meth:`written`), if any."""
+        return {**self.__dict__, "_rows": None, "_close_rows": None}
+
+    def _write(self, data: bytes) -> None:
+        if self._rows is None:
+            self._rows = tempfile.TemporaryFile("w+b", buffering=0, prefix="hetrain-memory-steps-")
+            self._close_rows = weakref.finalize(self, self._rows.close)
+        view = memoryview(data)
+        try:
+            while view:  # a raw write may write part: the rest fails, or goes on
+                view = view[self._rows.write(view):]
+        except OSError:
+            with suppress(OSError):  # no part of a row: the file ends at the last whole one
+                self._rows.truncate(self._size)
+                self._rows.seek(self._size)
+            raise
+        self._size += len(data)
+
+    def add_earlier(self, rows: str, count: int) -> None:
+        """Adds ``count`` rows (text, each ending in a newline) of the run's earlier parts, before any step; raises
+        the OSError of a write that fails."""
+        self._write(rows.encode())
+        self.earlier += count
 
     def add(self, step: dict[str, Any]) -> None:
         """Adds a completed step ``{"step": n, phase: {device: {figure: bytes}}}``; it may be merged into later."""
-        if self._rows is None:
-            self._rows = tempfile.TemporaryFile("w+", encoding="utf-8", prefix="hetrain-memory-steps-")
-        self._rows.write(MemoryReport([step]).steps_csv().partition("\n")[2])  # the report's rows, less its header
+        if self._lost is None:
+            try:
+                self._write(MemoryReport([step]).steps_csv().partition("\n")[2].encode())  # less the report's header
+            except OSError as failure:
+                self._lost = (f"the rows from step {step['step']} on are missing: writing them to a temporary file "
+                              f"failed ({failure!r})")
+                log.warning(f"hetrain: MemoryProfiler could not write step {step['step']}'s rows of {STEPS_CSV} to a "
+                            f"temporary file ({failure!r}); training goes on, and the file will hold the rows of the "
+                            "steps before it only")
         self.count += 1
         if self.points and self._in_last < self.steps_per_point:
             _merge(self.points[-1], step)
@@ -120,20 +167,57 @@ class StepPeaks:
         self.points.append(step)
         self._in_last = 1
 
-    def csv_rows(self) -> str:
-        """Every step's rows of ``memory_steps.csv`` (no header), in the order the steps completed."""
-        if self._rows is None:
-            return ""
-        self._rows.seek(0)
-        rows = self._rows.read()
-        self._rows.seek(0, os.SEEK_END)
-        return rows
+    def _written_intact(self) -> Path | None:
+        """The steps file written from these rows, where it is as it was written."""
+        if self._written is None:
+            return None
+        path, stamp = self._written
+        try:
+            return path if _stamp(path) == stamp else None
+        except OSError:
+            return None
+
+    def missing(self) -> str | None:
+        """Why the rows :meth:`copy_rows` gives lack some steps'; None where they are every one."""
+        if self._lost is not None:
+            return self._lost
+        if self._rows is None and (self.count or self.earlier) and self._written_intact() is None:
+            written = f", and {self._written[0]} has been written over since" if self._written else ""
+            return (f"the rows were held in a temporary file, closed when the fit ended (or left out of this copy of "
+                    f"the profiler){written}")
+        return None
+
+    def copy_rows(self, out: IO[bytes]) -> None:
+        """Writes every row (the earlier parts', then the steps', in the order they completed, no header) to
+        ``out``, a chunk at a time: from the temporary file, or once it is closed, the steps file written."""
+        if self._rows is not None:
+            self._rows.seek(0)
+            shutil.copyfileobj(self._rows, out)
+            self._rows.seek(0, os.SEEK_END)
+        elif (path := self.source()) is not None:
+            with open(path, "rb") as rows:
+                rows.readline()  # its header
+                shutil.copyfileobj(rows, out)
+
+    def source(self) -> Path | None:
+        """The steps file :meth:`copy_rows` reads, once the temporary file is closed; None while it is open."""
+        return None if self._rows is not None else self._written_intact()
+
+    def written(self, path: Path) -> None:
+        """``path`` now holds these rows, after the header: it gives them once the temporary file is closed."""
+        self._written = path, _stamp(path)
 
     def close(self) -> None:
-        """Deletes the rows' file."""
-        if self._rows is not None:
-            self._rows.close()
-            self._rows = None
+        """Deletes the temporary file."""
+        if self._close_rows is not None:
+            self._close_rows()
+        self._rows = self._close_rows = None
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What tells a file written over: its inode, size and modification time."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @dataclass
@@ -142,8 +226,33 @@ class _FitReport(MemoryReport):
 
     peaks: StepPeaks = field(default_factory=StepPeaks)
 
+    def _copy_steps(self, out: IO[bytes]) -> None:
+        out.write(f"{STEPS_HEADER}\n".encode())
+        self.peaks.copy_rows(out)
+
     def steps_csv(self) -> str:
-        return MemoryReport([], earlier_rows=self.earlier_rows).steps_csv() + self.peaks.csv_rows()
+        text = io.BytesIO()
+        self._copy_steps(text)
+        return text.getvalue().decode()
+
+    def write_steps_csv(self, path: Path) -> None:
+        """Writes the steps file a chunk at a time: a long run's rows are never one string."""
+        source = self.peaks.source()
+        if source is not None and path.exists() and path.samefile(source):
+            return  # it holds them already: opened to write, it would be emptied before it was read
+        with open(path, "wb") as out:
+            self._copy_steps(out)
+
+    def _holds_earlier_steps(self) -> bool:
+        return self.peaks.earlier > 0
+
+    def _rows_missing(self) -> str | None:
+        return self.peaks.missing()
+
+    def _plot_title(self) -> str:
+        if self.peaks.steps_per_point == 1:
+            return super()._plot_title()
+        return f"Peak memory, each point over {self.peaks.steps_per_point} steps (CPU: process resident set)"
 
 
 def _headline(exception: BaseException) -> str:
@@ -180,13 +289,13 @@ class MemoryProfiler(Callback):
           allocations made and freed in every one of those steps are reported per module, the
           temporaries (made and freed inside one module's forward or backward) first. Two torch
           profilers cannot run at once: steps ``StepTrace`` records are skipped, churn is off under
-          Lightning's ``PyTorchProfiler``, and off from a churn step where it finds another torch profiler
-          recording (a ``torch.profiler.profile`` or ``emit_nvtx`` around the fit) to the fit's end, as the report
-          says. A validation that runs inside a churn step (``val_check_interval``
+          Lightning's ``PyTorchProfiler``, and a churn step that begins where another torch profiler records (a
+          ``torch.profiler.profile`` or ``emit_nvtx``, for a few steps or around the fit) is refused, as the report
+          says, and not instrumented. A validation that runs inside a churn step (``val_check_interval``
           inside a gradient-accumulation window) drops that step: its allocations are not the step's. Given as a
           count, the steps are the fit's steps (optimizer steps in automatic optimization, batches that step an
-          optimizer in manual), and a step skipped is made up for by the next, as is a step dropped, for as many
-          drops as the count.
+          optimizer in manual), and a step skipped or refused is made up for by a later one where no other profiler
+          records, as is a step dropped, for as many drops as the count.
         - The steps this callback instruments (module hooks, churn, chosen history) run slower;
           :meth:`instruments_step` names them, and :class:`~hetrain.callbacks.Throughput` leaves them out.
         - The report is written when the fit ends, and also when it stops with an error (the steps so far,
@@ -208,7 +317,9 @@ class MemoryProfiler(Callback):
           ``oom_snapshot_rank<k>.pickle`` (the other ranks see only a collective that failed).
         - Host memory stays bounded over a long fit: the per-step series the plot draws holds at most
           ``MAX_STEP_POINTS`` points, a longer fit's each the peaks of several steps (:class:`StepPeaks`); the tables
-          are the exact maxima, and ``memory_steps.csv`` holds every step.
+          are the exact maxima, and ``memory_steps.csv`` holds every step: its rows (a resumed fit's earlier parts'
+          too) wait in a temporary file until it is written, a chunk at a time. Where that file cannot be written
+          (a full disk) training goes on, and the report says from which step the rows are missing.
 
     Args:
         dirpath: where reports go; ``None`` means the Trainer's ``default_root_dir``.
@@ -254,8 +365,12 @@ class MemoryProfiler(Callback):
         self.churn_observed: list[int] = []  # the churn steps that completed
         self.churn_dropped: list[int] = []  # churn steps a validation ran inside of: not counted
         self._churn_taken: set[int] = set()  # churn steps left to StepTrace, whose trace records them
-        # Churn steps not profiled because another torch profiler was recording at the first: churn stopped there.
-        self._churn_refused: list[int] = []
+        # Churn steps not profiled because another torch profiler was recording as they began, as [first, last] runs:
+        # a list's steps one each, a count's steps in a row (each made up for by a later one) one run.
+        self._churn_refused: list[list[int]] = []
+        # The churn step about to begin, taken out of churn_steps as another profiler recorded (_defer_churn_step).
+        self._churn_deferred: int | None = None
+        self._churn_refusing = False  # the last churn step that began was refused
         self.churn_traced: list[int] = []  # those of them that began
         self.dirpath = dirpath
         self.module_every_n_steps = module_every_n_steps
@@ -283,8 +398,6 @@ class MemoryProfiler(Callback):
         self.start_step = 0  # the global step the fit started at: past 0 when resumed from a checkpoint
         # This fit reached on_fit_start: what this callback holds is this fit's, not an earlier fit's.
         self._fit_started = False
-        # A resumed fit: the rows of memory_steps.csv before its first step, which the run's earlier parts wrote.
-        self._earlier_rows: list[str] = []
         self._report_kept = False  # this fit moved the earlier part's report aside (or found none): once per fit
         self._earlier_report: str | None = None  # where it moved the earlier part's memory_report.md (or oom_report.md)
 
@@ -311,8 +424,8 @@ class MemoryProfiler(Callback):
         self._peaks.close()
         self._peaks = StepPeaks(MAX_STEP_POINTS)
         self.churn_observed, self.churn_dropped, self.static, self.at_start = [], [], {}, {}
-        self.churn_traced, self._churn_taken, self._earlier_rows, self._report_kept = [], set(), [], False
-        self._churn_refused = []
+        self.churn_traced, self._churn_taken, self._report_kept = [], set(), False
+        self._churn_refused, self._churn_deferred, self._churn_refusing = [], None, False
         self._earlier_report = None
         self._cuda = False
 
@@ -326,13 +439,14 @@ class MemoryProfiler(Callback):
         self.at_start = self.phases.current()
         steps_csv = self._dir(trainer) / STEPS_CSV
         if trainer.is_global_zero and trainer.ckpt_path is not None and steps_csv.is_file():
-            self._earlier_rows = self._rows_of_earlier_parts(steps_csv, max(1, len(trainer.optimizers)))
+            self._copy_rows_of_earlier_parts(steps_csv, max(1, len(trainer.optimizers)))
         self.modules = ModuleMemory(pl_module)
         self.churn = ChurnTracker(pl_module, self.churn_min_bytes)
         self.churn_steps = [] if self._churn_count else list(self._churn_asked)
         self._churn_wanted = self._churn_count
-        self._churn_refused = []
+        self._churn_refused, self._churn_deferred, self._churn_refusing = [], None, False
         self._leave_steps_to_other_profilers(trainer)
+        self._defer_churn_step(trainer, None)
         self._cuda = any(d.type == "cuda" for d in devices)
         if self.record_history and self._cuda:
             self._start_history()
@@ -343,22 +457,44 @@ class MemoryProfiler(Callback):
             log.warning(f"hetrain: MemoryProfiler history_steps={list(self.history_steps)} come before step "
                         f"{self.start_step}, where this resumed fit starts: no allocator history is recorded")
 
-    def _rows_of_earlier_parts(self, steps_csv: Path, steps_per_batch: int) -> list[str]:
-        """The rows of ``steps_csv`` before this resumed fit's first step, where they are this run's earlier parts':
-        their steps lead up to it without a gap (at most ``steps_per_batch`` apart, as manual optimization with
+    def _copy_rows_of_earlier_parts(self, steps_csv: Path, steps_per_batch: int) -> None:
+        """Copies the rows of ``steps_csv`` before this resumed fit's first step into the fit's rows
+        (:meth:`StepPeaks.add_earlier`), where they are this run's earlier parts': their steps lead up to it, in the
+        order the file holds them, without a gap (at most ``steps_per_batch`` apart, as manual optimization with
         several optimizers steps). Otherwise (another run's file, or a part that ended unmeasured) the file is kept
         aside with the earlier report (:meth:`_keep_earlier_report`) and this fit's steps start a new one. The file
-        alone cannot tell another run whose steps lead up to this one from an earlier part: that is taken as one."""
-        rows = [r for r in steps_csv.read_text().splitlines()[1:]
-                if (step := r.partition(",")[0]).isdigit() and int(step) < self.start_step]
-        steps = sorted({int(r.partition(",")[0]) for r in rows})
-        ends = [*steps[1:], self.start_step]
-        if steps and all(0 < b - a <= steps_per_batch for a, b in zip(steps, ends, strict=True)):
-            return rows  # its steps from here on are trained again by this fit
-        held = f"steps {steps[0]}..{steps[-1]} before it, with a gap" if steps else "no step before it"
-        log.info(f"hetrain: {steps_csv} does not lead up to step {self.start_step}, where this fit resumes (it holds "
-                 f"{held}); it is kept aside with the earlier report, and this fit's steps start a new one")
-        return []
+        alone cannot tell another run whose steps lead up to this one from an earlier part: that is taken as one.
+        Read and copied a chunk of rows at a time: a long run's file holds millions, which a list of them held for
+        the whole fit."""
+        first = last = previous = None
+        leads_up, chunk = True, []
+        try:
+            with open(steps_csv, encoding="utf-8") as rows:
+                next(rows, None)  # the header
+                for row in rows:
+                    if not (text := row.partition(",")[0]).isdigit() or (step := int(text)) >= self.start_step:
+                        continue  # not a row, or a step this fit trains again
+                    first = step if first is None else min(first, step)
+                    last = step if last is None else max(last, step)
+                    leads_up = leads_up and (previous is None or 0 <= step - previous <= steps_per_batch)
+                    previous = step
+                    if leads_up:
+                        chunk.append(row if row.endswith("\n") else f"{row}\n")
+                        if len(chunk) == 65536:
+                            self._peaks.add_earlier("".join(chunk), len(chunk))
+                            chunk.clear()
+            leads_up = leads_up and previous is not None and self.start_step - previous <= steps_per_batch
+            if leads_up:
+                self._peaks.add_earlier("".join(chunk), len(chunk))
+                return
+            held = f"steps {first}..{last} before it, with a gap" if first is not None else "no step before it"
+            log.info(f"hetrain: {steps_csv} does not lead up to step {self.start_step}, where this fit resumes (it "
+                     f"holds {held}); it is kept aside with the earlier report, and this fit's steps start a new one")
+        except OSError as failure:
+            log.warning(f"hetrain: the rows of {steps_csv} could not be carried into this resumed fit's ({failure!r}); "
+                        "it is kept aside with the earlier report, and this fit's steps start a new one")
+        self._peaks.close()  # rows copied before a gap, or a failed write: this fit's steps start a new file
+        self._peaks = StepPeaks(MAX_STEP_POINTS)
 
     def _history_step(self, step: int) -> bool:
         """Whether ``step`` is one of the chosen history steps this fit records."""
@@ -422,24 +558,43 @@ class MemoryProfiler(Callback):
         """A count's next churn step: the step about to start, from the fit's step CHURN_FIRST_STEP on, until the
         count is observed. Counted in steps of the fit, not global steps (which advance once per optimizer under
         manual optimization); a step skipped or traced by StepTrace is made up for by a later one, and so is a step
-        dropped (see _drop_made_up)."""
+        dropped (see _drop_made_up) or refused (see _refuse_churn_step)."""
         step = trainer.global_step
         if (self._peaks.count >= CHURN_FIRST_STEP and len(self.churn_observed) < self._churn_wanted
-                and self._drop_made_up() and not self._churn_refused and step not in self.churn_steps):
+                and self._drop_made_up() and step not in self.churn_steps):
             if self._traced(trainer, step):
                 self._churn_taken.add(step)
             else:
                 self.churn_steps.append(step)
 
-    def _refuse_churn(self, step: int) -> None:
-        """Another torch profiler records at churn step ``step`` (two cannot record at once): churn stops for the rest
-        of the fit, as one around the fit would refuse every step after it too (a warning each, and each step placed
-        counted as instrumented). Its steps are no longer instrumented, and the report says why none was profiled."""
-        self._churn_refused = [s for s in self.churn_steps if s >= step]
-        self.churn_steps = [s for s in self.churn_steps if s < step]
-        log.warning(f"hetrain: another torch profiler (a torch.profiler.profile or autograd's emit_nvtx) is recording "
-                    f"at step {step}, a churn step; two cannot record at once, so allocator churn is not measured for "
-                    "the rest of this fit. Set churn_steps=0 to leave the steps to that profiler")
+    def _defer_churn_step(self, trainer: pl.Trainer, ended: int | None) -> None:
+        """Takes the churn step about to start out of :attr:`churn_steps` while another torch profiler records (one
+        StepTrace's trace of ``ended``, the step that just ended, may end after this: not that one). Its batch start
+        refuses it, or profiles it if that profiler stopped since; meanwhile it is not instrumented: under a profiler
+        around the whole fit a count's steps placed were, every one."""
+        step = trainer.global_step
+        if (step in self.churn_steps and torch.autograd.profiler._is_profiler_enabled
+                and (ended is None or not self._traced(trainer, ended))):
+            self.churn_steps.remove(step)
+            self._churn_deferred = step
+
+    def _refuse_churn_step(self, step: int) -> None:
+        """Another torch profiler records as churn step ``step`` begins (two cannot record at once): the step is not
+        profiled, nor instrumented, and the report names it. A count makes it up with a later step, where no profiler
+        records: a profiler tracing a few steps leaves it the others, and one around the whole fit refuses each in
+        turn, warned of once."""
+        if step in self.churn_steps:
+            self.churn_steps.remove(step)
+        if self._churn_wanted and self._churn_refusing:  # the count's step before was refused too: one run
+            self._churn_refused[-1][1] = step
+        else:
+            self._churn_refused.append([step, step])
+        self._churn_refusing = True
+        if self._churn_refused == [[step, step]]:  # the fit's first
+            later = ", and profiles a later step instead" if self._churn_wanted else ""
+            log.warning(f"hetrain: another torch profiler (a torch.profiler.profile or autograd's emit_nvtx) is "
+                        f"recording at step {step}, a churn step; two cannot record at once, so allocator churn does "
+                        f"not profile it{later}. Set churn_steps=0 to leave the steps to that profiler")
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -453,13 +608,19 @@ class MemoryProfiler(Callback):
                 self._step_grads = {}
                 self._measuring_forwards = True
             step = trainer.global_step
-            if step in self._churn_taken and not self._traced(trainer, step) and not self._churn_refused:
+            if step in self._churn_taken and not self._traced(trainer, step):
                 # Left to StepTrace ahead of time, but its trace ended before this step (a validation ended it):
                 # churn profiles the step after all.
                 self._churn_taken.discard(step)
                 self.churn_steps.append(step)
-            if step in self.churn_steps and not self.churn.start_step():
-                self._refuse_churn(step)
+            if step == self._churn_deferred:  # the profiler recording when it was deferred may have stopped since
+                self._churn_deferred = None
+                self.churn_steps.append(step)
+            if step in self.churn_steps:
+                if torch.autograd.profiler._is_profiler_enabled or not self.churn.start_step():
+                    self._refuse_churn_step(step)
+                else:
+                    self._churn_refusing = False
             elif step in self._churn_taken and step not in self.churn_traced:
                 self.churn_traced.append(step)  # the report says why churn has no such step
         # What ran since the last phase closed (the loader's collate, a validation, a checkpoint save) is no phase's,
@@ -564,6 +725,7 @@ class MemoryProfiler(Callback):
             self._keep_module_step(trainer, pl_module)
         if self._churn_wanted:
             self._place_churn_step(trainer)
+        self._defer_churn_step(trainer, step)
 
     def _keep_module_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Folds the hooked step into the per-module records, and keeps what the parameters, gradients and
@@ -586,20 +748,22 @@ class MemoryProfiler(Callback):
             count = self._churn_wanted
             asked = f"{count} step{'s' if count > 1 else ''} from the fit's step {CHURN_FIRST_STEP}"
         else:  # the steps asked for, those left to StepTrace or refused included
-            steps = sorted({*self.churn_steps, *self._churn_taken, *self._churn_refused})
+            steps = sorted({*self.churn_steps, *self._churn_taken, *(first for first, _ in self._churn_refused)})
             asked = f"steps {steps}" if steps else None
         churn = churn_section(self.churn, asked, self.churn_observed, self.churn_min_bytes, self.churn_top,
                               self.churn_dropped, self.churn_traced)
         if churn is not None and self._churn_refused:
             paragraphs, tables = churn
-            why = (f"another torch profiler (a torch.profiler.profile or autograd's emit_nvtx) was recording at step "
-                   f"{self._churn_refused[0]}, and two cannot record at once: churn profiled no step from there on")
+            runs = [f"{a}" if a == b else f"{a}..{b}" for a, b in self._churn_refused]
+            where = f"step{'s' if len(runs) > 1 or '..' in runs[0] else ''} {', '.join(runs)}"
+            other = "another torch profiler (a torch.profiler.profile or autograd's emit_nvtx) was recording"
             # Nothing observed: churn_section's first paragraph is its "Not measured" line, which this reason replaces.
-            paragraphs = ([f"Not measured ({asked} asked for): {why}.", *paragraphs[1:]] if not self.churn_observed
-                          else [f"Not profiled from step {self._churn_refused[0]} on: {why}.", *paragraphs])
+            paragraphs = ([f"Not measured ({asked} asked for): {other} at {where}, and two cannot record at once.",
+                           *paragraphs[1:]] if not self.churn_observed else
+                          [f"Not profiled: {where}, where {other} (two cannot record at once).", *paragraphs])
             churn = paragraphs, tables
         return _FitReport(self.steps, self.static, self.at_start, self.modules, churn, ended_early,
-                          earlier_rows=self._earlier_rows, earlier_report=self._earlier_report, peaks=self._peaks)
+                          earlier_report=self._earlier_report, peaks=self._peaks)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -614,25 +778,27 @@ class MemoryProfiler(Callback):
         # (rank zero writes it).
         if self._recording:
             self._dump_history(trainer)
+        self._peaks.close()  # the steps file holds its rows now
 
     def _keep_earlier_report(self, trainer: pl.Trainer) -> None:
         """A resumed fit moves the report it finds in its directory aside (:func:`keep_earlier_part`), once: not its
         own. Never written over: a part that ended without a report of its steps (killed, or run without this
         callback) leaves a gap, which does not make the files another run's. An earlier part's out-of-memory
         post-mortem goes with it (a rank's own under DDP is kept by that rank, see on_exception), and the steps file
-        where this fit does not go on with its rows (``_earlier_rows``). The new report names the file moved."""
+        where this fit does not go on with its rows (``StepPeaks.earlier``). The new report names the file moved."""
         if trainer.ckpt_path is None or self._report_kept:
             return
         self._report_kept = True
         directory = self._dir(trainer)
-        names = (REPORT_MD, REPORT_PNG, REPORT_HTML, OOM_MD, OOM_SNAPSHOT, *([] if self._earlier_rows else [STEPS_CSV]))
+        goes_on = self._peaks.earlier > 0
+        names = (REPORT_MD, REPORT_PNG, REPORT_HTML, OOM_MD, OOM_SNAPSHOT, *([] if goes_on else [STEPS_CSV]))
         moved = keep_earlier_part(*(directory / name for name in names))
         if moved:
             self._earlier_report = next((p.name for p in moved if p.suffix == ".md"), None)
-            goes_on = (f"{STEPS_CSV} goes on with this part's steps" if self._earlier_rows else
-                       f"{STEPS_CSV} starts anew, its steps not leading up to step {self.start_step}")
+            steps = (f"{STEPS_CSV} goes on with this part's steps" if goes_on else
+                     f"{STEPS_CSV} starts anew, its steps not leading up to step {self.start_step}")
             log.info(f"hetrain: {directory} held the memory report (or out-of-memory post-mortem) of an earlier part "
-                     f"of this run, or of another run; moved it to {', '.join(p.name for p in moved)}; {goes_on}")
+                     f"of this run, or of another run; moved it to {', '.join(p.name for p in moved)}; {steps}")
 
     def _write_report(self, trainer: pl.Trainer, ended_early: str | None = None) -> None:
         """Writes the report files and logs their tables: per device, the largest modules, the churn. A resumed
@@ -641,6 +807,7 @@ class MemoryProfiler(Callback):
         report = self.report(ended_early)
         directory = self._dir(trainer)
         paths = report.write(directory)
+        self._peaks.written(paths["csv"])
         if report.steps:
             log.info(f"Memory per device, MiB ({READING})\n{markdown_table(*report.device_table())}")
         if self.modules is not None and self.modules.records:
@@ -700,6 +867,7 @@ class MemoryProfiler(Callback):
         if self._recording:
             torch.cuda.memory._record_memory_history(enabled=None)
             self._recording = False
+        self._peaks.close()  # the steps file written above holds its rows now
 
     def write_oom_dump(self, directory: str | Path, step: int, exception: BaseException,
                        rank: int | None = None) -> Path:
@@ -730,7 +898,8 @@ class MemoryProfiler(Callback):
         report = self.report()
         report.steps_file = steps_name
         text += report.markdown().removeprefix("# Memory\n")
-        (directory / steps_name).write_text(report.steps_csv())
+        report.write_steps_csv(directory / steps_name)
+        self._peaks.written(directory / steps_name)
         path = directory / report_name
         path.write_text(text, encoding="utf-8")  # "≥", module names: whatever the locale
         log.error(f"hetrain: out of memory at step {step}; post-mortem in {path}")

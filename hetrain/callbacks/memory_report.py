@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 PHASES = ("forward", "backward", "optimizer")
 REPORT_MD, REPORT_PNG, REPORT_HTML = "memory_report.md", "memory_report.png", "memory_report.html"
 STEPS_CSV = "memory_steps.csv"  # every step's peaks, one row per step, device and phase
+STEPS_HEADER = "step,device,phase,allocated_mib,reserved_mib"  # memory_steps.csv's first line
 STATIC = ("params", "grads", "optimizer state")
 BAR_COLUMNS = ("params MiB", "grads MiB", "saved for backward MiB")  # the per-module bars, stacked
 READING = ("GPU: allocated tensor memory, and reserved (what the caching allocator holds: allocated plus its cache) "
@@ -147,7 +148,7 @@ class MemoryReport:
     def steps_csv(self) -> str:
         """Every step's peaks: ``step,device,phase,allocated_mib,reserved_mib`` (reserved empty on the CPU), the
         earlier parts' rows first."""
-        lines = ["step,device,phase,allocated_mib,reserved_mib", *self.earlier_rows]
+        lines = [STEPS_HEADER, *self.earlier_rows]
         for s in self.steps:
             for phase in PHASES:
                 for device, peaks in sorted(s[phase].items()):
@@ -155,12 +156,27 @@ class MemoryReport:
                     lines.append(f"{s['step']},{device},{phase},{peaks['allocated'] / MIB:.3f},{reserved}")
         return "\n".join(lines) + "\n"
 
+    def write_steps_csv(self, path: Path) -> None:
+        """Writes :meth:`steps_csv` to ``path``."""
+        path.write_text(self.steps_csv())
+
+    def _holds_earlier_steps(self) -> bool:
+        """Whether the steps file holds rows of the run's earlier parts before this report's."""
+        return bool(self.earlier_rows)
+
+    def _rows_missing(self) -> str | None:
+        """Why the steps file lacks some of the steps' rows; None where it holds them all."""
+        return None
+
     def _earlier_steps_note(self) -> str:
         """Where the steps file holds the earlier parts' steps too: from which step this report's are."""
-        if not self.earlier_rows or not self.steps:
+        if not self._holds_earlier_steps() or not self.steps:
             return ""
         where = f", reported in {self.earlier_report}" if self.earlier_report else ""
         return f" (steps before {self.steps[0]['step']} are the run's earlier parts'{where})"
+
+    def _plot_title(self) -> str:
+        return "Each step's peak memory (CPU: process resident set)"
 
     def kept_host_note(self) -> str | None:
         """How much of the CPU's resident set was freed blocks kept for reuse; None where none were kept."""
@@ -176,8 +192,10 @@ class MemoryReport:
         out: list[tuple[str, Any]] = [("p", self.ended_early)] if self.ended_early else []
         if not self.steps:
             return [*out, ("p", "No training step completed: there is nothing to report.")]
+        missing = self._rows_missing()
         out += [("h2", "Peak per device and phase"), ("p", READING), ("table", self.device_table()),
-                ("p", f"Every step's peaks: {self.steps_file}{self._earlier_steps_note()}.")]
+                ("p", f"Every step's peaks: {self.steps_file}{self._earlier_steps_note()}."
+                      + (f" It is incomplete: {missing}." if missing else ""))]
         kept = self.kept_host_note()
         if kept:
             out.append(("p", kept))
@@ -239,7 +257,7 @@ class MemoryReport:
                 if self._reserved(device) is not None:
                     ys = [max(s[p].get(device, {}).get("reserved", 0) for p in PHASES) / MIB for s in self.steps]
                     top.plot(xs, ys, linestyle="--", label=f"{device} reserved")
-            top.set(xlabel="step", ylabel="peak MiB", title="Each step's peak memory (CPU: process resident set)")
+            top.set(xlabel="step", ylabel="peak MiB", title=self._plot_title())
             top.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, never 0.5
             if top.lines:
                 top.legend(fontsize="small")
@@ -267,7 +285,7 @@ class MemoryReport:
         paths = {"md": directory / REPORT_MD, "png": directory / REPORT_PNG, "html": directory / REPORT_HTML,
                  "csv": directory / self.steps_file}
         paths["md"].write_text(self.markdown(), encoding="utf-8")  # "≥", module names: whatever the locale
-        paths["csv"].write_text(self.steps_csv())
+        self.write_steps_csv(paths["csv"])
         png, no_plot = None, ""
         try:
             png = self.plot_png()

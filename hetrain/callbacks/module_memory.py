@@ -6,10 +6,13 @@ No Trainer needed: :class:`ModuleMemory` hooks a model for one forward and backw
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import weakref
 from bisect import bisect_right
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, fields
 from typing import Any
@@ -74,6 +77,44 @@ def _in_functorch_transform() -> bool:
 def _unpacked(t: torch.Tensor) -> torch.Tensor:
     """The pack hook's unpack: what it packed is the tensor itself. One function, to know the tensors it packed."""
     return t
+
+
+# torch.func's grad and vjp (jacrev, hessian) refuse to start under a saved-tensors hook: each disables the hooks
+# with this, which fails where one is on. While a measured forward holds the pack hook, a module calling them in its
+# own forward would fail the step; _disable_saved_tensors_hooks takes the pack hook off for as long as they run.
+_DISABLE_SAVED_TENSORS_HOOKS = torch.autograd.graph.disable_saved_tensors_hooks
+_OPENED = threading.local()  # .tracker: the ModuleMemory whose pack hook this thread's measured forward holds
+_WRAPPING = threading.Lock()
+_wrapped = 0  # measured forwards holding the pack hook, in any thread: torch's function is wrapped while there are any
+
+
+@contextlib.contextmanager
+def _disable_saved_tensors_hooks(error_message: str) -> Iterator[None]:
+    """``torch.autograd.graph.disable_saved_tensors_hooks``, which takes a measured forward's pack hook off while it
+    runs (see :meth:`ModuleMemory._set_aside`), where that hook alone is on: what runs under it is not seen."""
+    tracker = getattr(_OPENED, "tracker", None)
+    if tracker is None or not tracker._set_aside():
+        with _DISABLE_SAVED_TENSORS_HOOKS(error_message):
+            yield
+        return
+    try:
+        with _DISABLE_SAVED_TENSORS_HOOKS(error_message):
+            yield
+    finally:
+        tracker._put_back()
+
+
+def _wrap_disable_saved_tensors_hooks(on: bool) -> None:
+    """Puts :func:`_disable_saved_tensors_hooks` in torch's place while a measured forward holds the pack hook
+    (``on``), and torch's own back after the last: torch.func looks it up as it runs."""
+    global _wrapped
+    with _WRAPPING:
+        _wrapped += 1 if on else -1
+        graph = torch.autograd.graph
+        if _wrapped == 1 and on:
+            graph.disable_saved_tensors_hooks = _disable_saved_tensors_hooks
+        elif _wrapped == 0 and graph.disable_saved_tensors_hooks is _disable_saved_tensors_hooks:
+            graph.disable_saved_tensors_hooks = _DISABLE_SAVED_TENSORS_HOOKS
 
 
 # _raw_saved_names per node type, held weakly: each torch.compile graph has a node type of its own
@@ -145,7 +186,10 @@ class ModuleMemory:
         runs under another saved-tensors hook (the user's ``save_on_cpu``, activation checkpointing), which alone is
         called and decides what is kept, or pushes one itself, seen in the loss's graph (a non-reentrant
         ``torch.utils.checkpoint`` inside it keeps only its inputs, counted, and is measured); a module called inside a
-        ``torch.func`` transform is not measured, as what it makes there is the transform's. A module compiled with
+        ``torch.func`` transform is not measured, as what it makes there is the transform's. A module whose own
+        forward calls ``torch.func``'s grad or vjp (which refuse to start under a saved-tensors hook) runs them with
+        the hook set aside, and is not measured where they saved tensors for the step's backward (a grad of inputs
+        that require grad), seen in the loss's graph. A module compiled with
         ``torch.compile`` runs as one graph with no submodules: what it saves goes to the nearest module outside it that
         runs eagerly (:meth:`compiled_note`); with none, it is not measured, and neither is the outside row when the
         loss's graph holds a compiled graph's saved tensors outside every module (they may be that module's). Where
@@ -187,6 +231,10 @@ class ModuleMemory:
         self._pack_hook = torch.compiler.disable(self._pack)
         self._saved_hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._opened_at = 0  # depth of the module stack where the outermost measured forward opened the hooks
+        # Autograd sequence numbers [first, end) of the nodes made while the pack hook was set aside (torch.func's
+        # grad or vjp ran in a module's forward), and whether it is now.
+        self._aside: list[list[float]] = []
+        self._aside_now = False
         # Autograd sequence numbers [first, end) of the nodes made while a module's forward ran (measured or inside
         # a torch.func transform), in order: the loss's graph nodes outside them were made by training_step.
         self._module_spans: list[tuple[int, int]] = []
@@ -249,7 +297,8 @@ class ModuleMemory:
         """Sees what ``name``'s forward saves for backward: opens the pack hook for the outermost module's forward
         (not the whole step's: ``torch.func``'s grad refuses to run under a saved-tensors hook, and a user's hook
         pushed in ``training_step`` would sit over it), or marks ``name``'s saved tensors as not measured where
-        another hook is on top, or saved-tensors hooks are disabled."""
+        another hook is on top, or saved-tensors hooks are disabled. A module's forward that calls torch.func's grad
+        or vjp itself has the hook set aside while they run (:meth:`_set_aside`)."""
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if top is not None and top[0] is self._pack_hook:  # an enclosing module's forward opened them
             return
@@ -260,11 +309,44 @@ class ModuleMemory:
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack_hook, _unpacked)
         self._saved_hooks.__enter__()
         self._opened_at = len(self._stack)
+        _OPENED.tracker = self
+        _wrap_disable_saved_tensors_hooks(True)
 
     def _close_saved_hooks(self) -> None:
-        if self._saved_hooks is not None:
+        if self._saved_hooks is None:
+            return
+        if self._aside_now:  # off the stack already
+            self._aside[-1][1] = torch.autograd._get_sequence_nr()
+            self._aside_now = False
+        else:
             self._saved_hooks.__exit__(None, None, None)
-            self._saved_hooks = None
+        self._saved_hooks = None
+        _OPENED.tracker = None
+        _wrap_disable_saved_tensors_hooks(False)
+
+    def _set_aside(self) -> bool:
+        """Takes the pack hook off for a ``disable_saved_tensors_hooks`` in a measured forward (torch.func's grad
+        and vjp disable them, and fail where one is on); False where it is not on top (a user's hook pushed over it
+        stays, and fails torch.func as it does unmeasured). What autograd saves meanwhile for the step's backward
+        (a grad of tensors that require grad) no hook sees: :meth:`_read_graph` marks the module not measured."""
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if self._saved_hooks is None or self._aside_now or top is None or top[0] is not self._pack_hook:
+            return False
+        self._saved_hooks.__exit__(None, None, None)
+        self._aside.append([torch.autograd._get_sequence_nr(), math.inf])
+        self._aside_now = True
+        return True
+
+    def _put_back(self) -> None:
+        """Puts the pack hook set aside back on, once hooks are enabled again."""
+        if self._aside_now:
+            self._aside[-1][1] = torch.autograd._get_sequence_nr()
+            self._aside_now = False
+            self._saved_hooks.__enter__()
+
+    def _made_aside(self, sequence_nr: int) -> bool:
+        """Whether autograd made node ``sequence_nr`` while the pack hook was set aside."""
+        return any(first <= sequence_nr < end for first, end in self._aside)
 
     def _pre(self, name: str):
         @observer
@@ -410,16 +492,20 @@ class ModuleMemory:
             todo.extend(fn for fn, _ in node.next_functions)
             in_module = self._made_in_a_module(node)
             name = node.name()
+            aside = in_module and self._aside and self._made_aside(node._sequence_nr())
             if name.startswith(_OPAQUE_NODES):  # what it saved is left out; its inputs' nodes are walked on
-                if not in_module:  # a module's went through the pack hook
+                if aside:  # made by torch.func's grad or vjp in a module's forward: no pack hook saw it
+                    foreign.append(node._sequence_nr())
+                elif not in_module:  # a module's went through the pack hook
                     self._outside_opaque.add(name)
                 continue
             try:
                 saved = _raw_saved(node)
             except RuntimeError:  # a custom Function's, freed by an earlier backward (retain_graph=False)
                 continue
-            if in_module:  # the pack hook's, counted, unless a hook pushed in a module's forward packed it
-                if any(_foreign(packed) for packed in saved):
+            if in_module:  # the pack hook's, counted, unless a hook pushed in a module's forward packed it, or none
+                if any(_foreign(packed) or (aside and packed.unpack_hook is None and packed.data is not None)
+                       for packed in saved):
                     foreign.append(node._sequence_nr())
             elif not self._outside_unseen:
                 self._count_saved_outside(name, saved, uncovered)
@@ -487,6 +573,7 @@ class ModuleMemory:
         self.forward_done()
         self._module_spans.clear()
         self._calls.clear()
+        self._aside.clear()
         self._open_calls.clear()
         outside_unseen, self._outside_unseen = self._outside_unseen, set()
         outside_opaque, self._outside_opaque = self._outside_opaque, set()
@@ -568,8 +655,9 @@ class ModuleMemory:
         if unseen:
             note += (f" {NOT_MEASURED.capitalize()}: {', '.join(unseen)}: their forward ran under another "
                      "saved-tensors hook (torch.autograd.graph.save_on_cpu, activation checkpointing), which decides "
-                     "what is kept, or ran compiled with no module running eagerly around it; the total leaves them "
-                     "out.")
+                     "what is kept, called torch.func's grad or vjp (jacrev, hessian) on tensors the step's backward "
+                     "goes through, which run with no such hook, or ran compiled with no module running eagerly "
+                     "around it; the total leaves them out.")
         if self.transformed:
             note += (f" Called inside a torch.func transform: {', '.join(sorted(self.transformed))}. What those "
                      "calls make is the transform's, freed when it returns, and is not counted.")

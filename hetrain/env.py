@@ -113,8 +113,12 @@ def collect() -> Report:
         rows = []
         for b in plugins.backends(op):
             why = b.why_unavailable()
-            devices = ",".join("any device type" if d == plugins.ANY_DEVICE else d + ("(pinned only)" if d in b.opt_in
-                                                                                        else "") for d in b.devices)
+            devices = ",".join(d + ("(pinned only)" if d in b.opt_in else "") for d in b.devices
+                               if d != plugins.ANY_DEVICE)
+            if plugins.ANY_DEVICE in b.devices:
+                pinned_elsewhere = [d for d in b.opt_in if d not in b.devices]  # served through the wildcard
+                devices = ",".join(filter(None, [devices, "any device type", *(f"{d}(pinned only)"
+                                                                                for d in pinned_elsewhere)]))
             rows.append({"backend": b.name, "devices": devices, "priority": str(b.priority),
                          "status": "available" if why is None else f"unavailable: {why}"})
         for dev in device_types():

@@ -204,7 +204,7 @@ def _check_output_dir(cfg: DictConfig) -> None:
     if output_dir is not None and Path(output_dir).resolve() == hydra_dir.resolve():
         return
     directory = "<dir>" if output_dir is None else output_dir
-    setting = (f"hydra.sweep.dir={directory} (each job then writes into {directory}/<job number>)"
+    setting = (f"hydra.sweep.dir={directory} (each job then writes into {directory}/<hydra.sweep.subdir>)"
                if hydra_cfg.mode == RunMode.MULTIRUN else f"hydra.run.dir={directory}")
     raise ValueError(f"hetrain: output_dir={output_dir} is not Hydra's run directory {hydra_dir}: output_dir follows "
                      "Hydra's, where the run's lock, config and log are and an earlier run's files are set aside; "

@@ -214,8 +214,8 @@ def _tangent_error(name: str, reference: str) -> RuntimeError:
 
 
 def _route(args: Sequence[Any]) -> str:
-    """"custom" while a graph is traced, for a tensor subclass or a meta tensor (no backend serves the meta device: the
-    custom op's fake implementation gives its shapes) or a ``torch.func`` wrapper or legacy BatchedTensor (see below),
+    """"custom" while a graph is traced, for a tensor subclass or a meta tensor (it takes the custom op, whose fake
+    implementation gives its shapes) or a ``torch.func`` wrapper or legacy BatchedTensor (see below),
     "tangent" where forward-mode AD carries a tangent on an argument, "functorch" under a ``torch.func`` transform,
     "body" when no argument needs a gradient (or grad mode is off), "function" otherwise.
 

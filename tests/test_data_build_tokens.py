@@ -206,6 +206,47 @@ def test_a_build_stopped_by_sigterm_leaves_no_temporary_file_and_restores_the_ha
     assert "hetrain: build_tokens stopped by SIGTERM" in capsys.readouterr().err
 
 
+def test_a_build_repairs_what_one_killed_between_its_renames_left_at_out(tmp_path, capsys):
+    # Killed outright (SIGKILL: no handler runs), a build left its new .bin beside the old .idx and the old .bin as
+    # out.bin.old.<id>.tmp, as large as the old corpus; later builds at --out never removed it.
+    src, empty = tmp_path / "in.txt", tmp_path / "empty.txt"
+    src.write_text("one\ntwo\n")
+    empty.write_text("")
+    out = str(tmp_path / "out")
+    build_tokens.main([str(src), "--out", out])
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("out.*")}
+    age(tmp_path, 100)
+    src.write_text("three\nfour\n")
+    pid = os.fork()
+    if pid == 0:  # the child leaves by SIGKILL or os._exit, never back into pytest
+        try:
+            real = os.replace
+
+            def replace(src, dst):
+                if str(dst).endswith(".idx"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real(src, dst)
+
+            os.replace = replace
+            build_tokens.main([str(src), "--out", out])
+        finally:
+            os._exit(1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == -signal.SIGKILL
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("out.*")} != before
+    age(tmp_path, 3600)
+    with pytest.warns(RuntimeWarning) as warned:
+        assert "no documents to write" in refused(capsys, str(empty), "--out", out)
+    assert "the old out.bin is back" in str(warned[0].message)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("out.*")} == before
+
+
+def age(folder, seconds: float) -> None:
+    """Every file in ``folder`` as written ``seconds`` earlier."""
+    for path in folder.iterdir():
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
 def test_json_lines_are_read_by_field_named_json_or_in_capitals(tmp_path, capsys):
     # Hugging Face datasets' to_json writes JSON Lines as .json, and a file may be named .JSONL: both were tokenised
     # as text, braces and field names included, and --field was ignored without a word.

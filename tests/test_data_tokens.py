@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ import torch
 
 from hetrain.data.images import SyntheticImages
 from hetrain.data.tokenize import ByteTokenizer, build_token_file, iter_documents
-from hetrain.data.tokens import HEADER, MAGIC, VERSION, TokenFile, TokenFileWriter, write_token_file
+from hetrain.data.tokens import HEADER, MAGIC, RENAMING_S, VERSION, TokenFile, TokenFileWriter, write_token_file
 from hetrain.data.windows import TokenWindows, make_windows, token_collate
 
 
@@ -164,27 +166,175 @@ def test_a_stop_between_the_renames_without_an_old_pair_leaves_nothing(tmp_path,
     assert os.listdir(tmp_path) == []
 
 
-def test_ctrl_c_during_the_renames_arrives_once_both_are_done(tmp_path, monkeypatch):
-    # A real SIGINT as the first rename starts: Python raised KeyboardInterrupt between the renames.
+@contextlib.contextmanager
+def another_thread():
+    """A thread that blocks no signal, as numpy's OpenBLAS pool or a DataLoader's: the kernel gives it a
+    process-directed signal that the main thread blocks."""
+    done = threading.Event()
+    thread = threading.Thread(target=done.wait)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # as build_tokens' SIGTERM handler
+
+
+def kill_self(signum: int) -> None:
+    """``signum`` to the whole process, as the terminal's Ctrl-C or a scheduler's SIGTERM; then time for the kernel
+    to hand it to some thread."""
+    os.kill(os.getpid(), signum)
+    time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("signum", "handler", "exc"), [(signal.SIGINT, signal.default_int_handler, KeyboardInterrupt),
+                                                       (signal.SIGTERM, stop, SystemExit)])
+def test_ctrl_c_or_sigterm_during_the_renames_arrives_once_both_are_done(tmp_path, monkeypatch, signum, handler, exc):
+    # A signal mask on the main thread held a signal sent to that thread only: the kernel gave a real Ctrl-C to
+    # another thread, and Python raised KeyboardInterrupt on the main thread between the renames all the same.
     write_token_file(tmp_path / "c", [[1, 2, 3], [4, 5]])
     real, renamed = os.replace, []
 
     def replace(src, dst):
         if not renamed:
-            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+            kill_self(signum)
         real(src, dst)
         renamed.append(os.path.basename(dst))
 
     monkeypatch.setattr(os, "replace", replace)
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    before = signal.signal(signum, handler)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with another_thread(), pytest.raises(exc):
             write_token_file(tmp_path / "c", [[7, 8], [9, 10, 11]])
+        assert signal.getsignal(signum) is handler
     finally:
-        signal.signal(signal.SIGINT, handler)
+        signal.signal(signum, before)
     assert renamed == ["c.bin", "c.idx"]
     assert sorted(os.listdir(tmp_path)) == ["c.bin", "c.idx"]
     assert read_back(tmp_path / "c") == [[7, 8], [9, 10, 11]]
+
+
+def test_a_second_ctrl_c_while_a_failed_rename_puts_the_old_bin_back_waits_for_it(tmp_path, monkeypatch):
+    # The second one stopped the recovery: the new .bin stayed beside the old .idx, the old .bin beside them as a
+    # leftover, and with as many tokens the pair validated and read the new tokens under the old boundaries.
+    write_token_file(tmp_path / "c", [[1, 2, 3], [4, 5]])
+    real = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "c.idx":
+            raise OSError(errno.EIO, "Input/output error")
+        back = ".old." in os.path.basename(src)  # the old .bin going back
+        if back:
+            kill_self(signal.SIGINT)
+        real(src, dst)
+        if not back:
+            kill_self(signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with another_thread(), pytest.raises(KeyboardInterrupt) as stopped:
+            write_token_file(tmp_path / "c", [[7, 8], [9, 10, 11]])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["c.bin", "c.idx"]
+    assert read_back(tmp_path / "c") == [[1, 2, 3], [4, 5]]
+    assert isinstance(stopped.value.__context__, OSError)  # the failure that the recovery answered
+
+
+def test_a_writer_closes_where_signal_has_no_pthread_sigmask_and_off_the_main_thread(tmp_path, monkeypatch):
+    # Windows' signal module has no pthread_sigmask: close() raised AttributeError and wrote nothing.
+    monkeypatch.delattr(signal, "pthread_sigmask")
+    assert read_back(write_token_file(tmp_path / "c", [[1, 2]]).bin_path) == [[1, 2]]
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    thread = threading.Thread(target=write_token_file, args=(tmp_path / "c", [[3]]))  # no handler can be set there
+    thread.start()
+    thread.join()
+    assert read_back(tmp_path / "c") == [[3]] and [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == \
+        handlers
+
+
+def killed_in_close(prefix, docs, onto: str, done: bool) -> None:
+    """Writes ``docs`` at ``prefix`` in a forked child that is killed (SIGKILL, which no handler sees) as its rename
+    onto ``onto`` starts, or once it is done."""
+    pid = os.fork()
+    if pid == 0:  # the child leaves by SIGKILL or os._exit, never back into pytest
+        try:
+            real = os.replace
+
+            def replace(src, dst):
+                if os.path.basename(dst) == onto and not done:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real(src, dst)
+                if os.path.basename(dst) == onto:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            os.replace = replace
+            write_token_file(prefix, docs)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def start_a_build_without_documents(prefix) -> None:
+    """A build whose writer opens and writes nothing: what it finds at ``prefix`` is all that changes."""
+    with pytest.raises(ValueError, match="no documents to write"):
+        build_token_file([], prefix)
+
+
+def age(folder, seconds: float) -> None:
+    """Every file in ``folder`` as written ``seconds`` earlier (their order kept)."""
+    for path in folder.iterdir():
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+@pytest.mark.parametrize(("onto", "done", "kept"), [("c.bin", False, [[1, 2, 3], [4, 5]]),
+                                                    ("c.idx", False, [[1, 2, 3], [4, 5]]),
+                                                    ("c.idx", True, [[7, 8], [9, 10, 11]])])
+def test_the_next_writer_repairs_what_a_build_killed_while_renaming_left(tmp_path, onto, done, kept):
+    # Nothing cleaned up after SIGKILL: the old .bin stayed as c.bin.old.<id>.tmp (the whole old corpus) with the
+    # temporaries, and killed between the renames, the new .bin stayed beside the old .idx; with as many tokens,
+    # the pair validated and read the new tokens under the old boundaries.
+    write_token_file(tmp_path / "c", [[1, 2, 3], [4, 5]])
+    age(tmp_path, 100)
+    killed_in_close(tmp_path / "c", [[7, 8], [9, 10, 11]], onto, done)
+    left = sorted(os.listdir(tmp_path))
+    assert any(".old." in name for name in left)
+    age(tmp_path, 2 * RENAMING_S)
+    with pytest.warns(RuntimeWarning) as warned:
+        start_a_build_without_documents(tmp_path / "c")
+    assert sorted(os.listdir(tmp_path)) == ["c.bin", "c.idx"]
+    assert read_back(tmp_path / "c") == kept
+    assert all(any(name in str(w.message) for w in warned) for name in left if name.endswith(".tmp"))
+    assert len(warned) == (2 if (onto, done) == ("c.idx", False) else 1)  # the old .bin back where it was replaced
+
+
+def test_leftovers_of_builds_killed_one_after_another_give_back_the_first_old_bin(tmp_path):
+    # Each killed build set aside the .bin in place, the previous one's new .bin; all have as many tokens as the old.
+    write_token_file(tmp_path / "c", [[1, 2, 3], [4, 5]])
+    age(tmp_path, 100)
+    for docs in ([[7, 8], [9, 10, 11]], [[6, 6, 6, 6], [6]]):
+        killed_in_close(tmp_path / "c", docs, "c.idx", done=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # under RENAMING_S: a writer that may be renaming now is left alone
+            start_a_build_without_documents(tmp_path / "c")
+    assert sum(".old." in name for name in os.listdir(tmp_path)) == 2
+    (tmp_path / "c.bin.0123abcd.tmp").write_bytes(b"\0" * 8)  # a writer still adding documents
+    age(tmp_path, 2 * RENAMING_S)
+    with pytest.warns(RuntimeWarning) as warned:
+        start_a_build_without_documents(tmp_path / "c")
+    assert [re.sub(r"\w{8}\.tmp", "<id>.tmp", str(w.message).split(": ", 2)[-1]) for w in warned] == [
+        "the old c.bin is back from c.bin.old.<id>.tmp",
+        "c.bin.old.<id>.tmp, c.idx.<id>.tmp, c.idx.<id>.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["c.bin", "c.bin.0123abcd.tmp", "c.idx"]
+    assert read_back(tmp_path / "c") == [[1, 2, 3], [4, 5]]
 
 
 def test_a_writer_renames_into_the_directory_it_was_opened_in(tmp_path, monkeypatch):

@@ -11,12 +11,16 @@ num_tokens (u64). Both files are memory-mapped, so opening a corpus reads no tok
 from __future__ import annotations
 
 import contextlib
+import glob
 import operator
 import os
+import re
 import signal
 import struct
 import threading
+import time
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,9 @@ MAGIC = b"HETOKENS"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQ")
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+# A writer's .idx temporary lives from its write to its rename, moments apart: one younger than this may belong to a
+# writer renaming now, whose files are left alone.
+RENAMING_S = 10.0
 
 
 def paths_of(prefix: str | os.PathLike) -> tuple[Path, Path]:
@@ -198,13 +205,17 @@ def _reopen(path: str, validated: bool, num_docs: int, num_tokens: int, itemsize
 
 
 class TokenFileWriter:
-    """Appends documents to ``<prefix>.bin/.idx``; the files appear (atomically renamed) on ``close()``."""
+    """Appends documents to ``<prefix>.bin/.idx``; the files appear (atomically renamed) on ``close()``.
+
+    A writer first repairs what one killed in ``close()`` left at the prefix (see :func:`_clear_leftovers`).
+    """
 
     def __init__(self, prefix: str | os.PathLike, itemsize: int = 2) -> None:
         if itemsize not in DTYPES:
             raise ValueError(f"hetrain: a token file holds 2- or 4-byte tokens, got itemsize={itemsize}")
         # Absolute as of construction: a Hydra job may change directory before close() renames the files.
         self.bin_path, self.idx_path = paths_of(Path(prefix).absolute())
+        _clear_leftovers(self.bin_path, self.idx_path)
         self.dtype = DTYPES[itemsize]
         self._limit = np.iinfo(self.dtype).max
         # Temporary names of this writer alone: two writers of one prefix (nodes sharing a data directory) must
@@ -241,7 +252,9 @@ class TokenFileWriter:
         old .idx (validation names a size mismatch). Whatever fails before the .idx is in place (a full disk, a
         Ctrl-C) leaves the old pair as it was, or no pair where there was none, and removes the temporaries, which
         are as large as the corpus: a new .bin beside the old .idx would give readers the new tokens under the old
-        offsets. Ctrl-C and SIGTERM wait until both renames are done (when closed on the main thread).
+        offsets. Ctrl-C and SIGTERM wait until both renames, or the old .bin's return after a failed one, are done
+        (when closed on the main thread; see :func:`_signals_deferred`). A process killed outright (SIGKILL) between
+        the renames leaves the new .bin beside the old .idx: the next writer of the prefix puts the old .bin back.
         """
         if self._bin.closed:
             return
@@ -251,7 +264,7 @@ class TokenFileWriter:
             num_docs = len(self._offsets) - 1
             header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, num_docs, self._offsets[-1])
             tmp_idx.write_bytes(header + np.asarray(self._offsets, dtype="<u8").tobytes())
-            with _signals_held():
+            with _signals_deferred():
                 self._replace(tmp_idx)
         except BaseException:
             for path in (self._tmp_bin, tmp_idx):  # gone once renamed: what is in place stays
@@ -313,20 +326,136 @@ class TokenFileWriter:
                 self._tmp_bin.unlink(missing_ok=True)
 
 
+def _clear_leftovers(bin_path: Path, idx_path: Path) -> None:
+    """Repairs what a writer killed in ``close()`` (SIGKILL: the OOM killer, a scheduler's kill after SIGTERM) left at
+    the prefix, where no cleanup of its own ran: the old .bin set aside as ``<bin>.old.<id>.tmp``, as large as the old
+    corpus, perhaps the new .bin beside the old .idx, and its temporaries.
+
+    A .bin belongs to an .idx when its size is the index's token count times the token size and it is not newer
+    (a build writes its .bin, then its .idx; renames keep both times). Where the .bin in place does not belong to the
+    .idx in place, the newest set-aside .bin that does goes back: the old pair is whole again. The other set-aside
+    files, and the temporaries of a writer that got as far as its .idx temporary, are removed with a warning naming
+    them. A writer's .bin temporary alone may be one still writing, and stays. So may the files of a writer renaming
+    now: while any .idx temporary of the prefix is under ``RENAMING_S`` old, nothing is touched.
+    """
+    olds = _temporaries(bin_path, ".old")
+    idx_tmps = _temporaries(idx_path, "")
+    if not olds and not idx_tmps:
+        return
+    now = time.time_ns()
+    if any(now - _mtime_ns(path, now) < RENAMING_S * 1e9 for path in idx_tmps.values()):
+        return
+    idx_time, expected = _mtime_ns(idx_path, 0), _bin_bytes(idx_path)
+
+    def belongs(path: Path) -> bool:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            return st.st_size == expected and st.st_mtime_ns <= idx_time
+        return False
+
+    fitting = [path for path in olds.values() if belongs(path)]
+    restored = None
+    if fitting and not belongs(bin_path):
+        restored = max(fitting, key=lambda path: _mtime_ns(path, 0))
+        os.replace(restored, bin_path)
+        warnings.warn(f"hetrain: {bin_path} did not belong to {idx_path} (a build killed between its renames): "
+                      f"the old {bin_path.name} is back from {restored.name}", RuntimeWarning, stacklevel=3)
+    bin_tmps = [bin_path.with_name(bin_path.name + suffix) for suffix in idx_tmps]
+    removed = []
+    for path in (*olds.values(), *idx_tmps.values(), *bin_tmps):
+        if path != restored and path.exists():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        warnings.warn(f"hetrain: removed what a build killed while renaming {bin_path.name} and {idx_path.name} "
+                      f"left in {bin_path.parent}: {', '.join(removed)}", RuntimeWarning, stacklevel=3)
+
+
+def _temporaries(path: Path, kind: str) -> dict[str, Path]:
+    """The writer temporaries ``<path><kind>.<id>.tmp`` beside ``path``, by their suffix ``.<id>.tmp``."""
+    name = re.compile(re.escape(path.name + kind) + r"(\.[0-9a-f]{8}\.tmp)")
+    found = {}
+    for candidate in sorted(path.parent.glob(glob.escape(path.name + kind) + ".*.tmp")):
+        match = name.fullmatch(candidate.name)
+        if match:
+            found[match[1]] = candidate
+    return found
+
+
+def _mtime_ns(path: Path, missing: int) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # gone meanwhile: another writer cleared it
+        return missing
+
+
+def _bin_bytes(idx_path: Path) -> int | None:
+    """The size of the .bin that the index at ``idx_path`` describes; None without a readable hetrain index."""
+    try:
+        with open(idx_path, "rb") as idx:
+            raw = idx.read(HEADER.size)
+    except OSError:
+        return None
+    if len(raw) < HEADER.size:
+        return None
+    magic, version, itemsize, _, num_tokens = HEADER.unpack(raw)
+    return num_tokens * itemsize if (magic, version) == (MAGIC, VERSION) and itemsize in DTYPES else None
+
+
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Holds Ctrl-C and SIGTERM until the block is done, then delivers them: a stop between ``close()``'s renames
-    would leave the new .bin beside the old .idx. Only the main thread runs Python's handlers, so only its mask is
-    set; a signal that another thread without the mask takes is handled on the main thread at once all the same,
-    and ``close()`` then finds from the files how far it got."""
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive in the block run their handlers once it is done: a stop between ``close()``'s
+    renames, or while a failed one's old .bin goes back, would leave the new .bin beside the old .idx.
+
+    Handlers that only record stand in meanwhile. Python runs a handler on the main thread whichever thread the
+    kernel gave the signal (a process-directed one goes to any thread that does not block it: a signal mask held
+    on the main thread alone did not hold it). Off the main thread no handler can be set: the block runs as it is,
+    and ``close()`` finds from the files how far it got. A signal ignored, or with a handler set outside Python (it
+    reads as None and could not be put back), is left alone.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
     try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) not in (None, signal.SIG_IGN):
+                previous[signum] = signal.signal(signum, record)
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        try:
+            _put_back_handlers(previous)
+        finally:
+            _deliver(list(dict.fromkeys(received)))  # each once, as the kernel merges a signal pending twice
+
+
+def _deliver(signums: list[int]) -> None:
+    """Runs the handler of each signal in ``signums``, in order: one that raises does not keep the next from running,
+    whose exception then carries the earlier one as its context."""
+    if signums:
+        try:
+            signal.raise_signal(signums[0])
+        finally:
+            _deliver(signums[1:])
+
+
+def _put_back_handlers(previous: dict[int, Any]) -> None:
+    """Sets every handler of ``previous`` again. ``signal.signal`` first runs the handlers of signals pending: one
+    put back a moment before may raise there, before the swap, which is then made again."""
+    error = None
+    for signum, handler in previous.items():
+        try:
+            signal.signal(signum, handler)
+        except BaseException as exc:
+            error = exc
+            signal.signal(signum, handler)
+    if error is not None:
+        raise error
 
 
 def write_token_file(prefix: str | os.PathLike, docs: Iterable[Iterable[int]], itemsize: int = 2) -> TokenFile:

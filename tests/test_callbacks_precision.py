@@ -874,6 +874,39 @@ def test_guard_given_no_batch_says_its_inputs_were_not_checked(tmp_path, accumul
     assert "non-finite loss; produced in forward (inputs not checked)" in guard.diagnosis, guard.diagnosis
 
 
+class IterStepNanAt(Regressor):
+    """Takes the dataloader_iter; its loss is NaN at global step ``nan_at``, its inputs finite. Records, at each
+    optimizer step, how many batches the NonFiniteGuard's window holds."""
+
+    def __init__(self, nan_at: int):
+        super().__init__(nn.Identity())
+        self.nan_at, self.calls, self.held = nan_at, 0, []
+
+    def training_step(self, dataloader_iter):
+        self.calls += 1
+        (x, y), _, _ = next(dataloader_iter)
+        loss = super().training_step((x, y), None)
+        return loss * float("nan") if self.global_step == self.nan_at else loss
+
+    def on_before_optimizer_step(self, optimizer):
+        (guard,) = (c for c in self.trainer.callbacks if isinstance(c, NonFiniteGuard))
+        self.held.append(sum(b.batch is not None for b in guard._window))
+
+
+def test_guard_names_the_global_step_of_a_dataloader_iter_step_and_holds_and_reruns_no_batch(tmp_path):
+    # Lightning hands callbacks the batch the previous training_step fetched: the guard named batch 1 for step 2,
+    # said its inputs were finite, and reran training_step with that batch in place of the iterator (TypeError).
+    model, guard = IterStepNanAt(nan_at=2), NonFiniteGuard(max_consecutive=1)
+    with pytest.raises(NonFiniteError, match=r"after non-finite global step 2 \(1 in a row"):
+        _fit(model, _loader(4), tmp_path, callbacks=[guard])
+    assert guard.diagnosis == (
+        "First at global step 2: non-finite loss; produced in forward (inputs not checked); training_step takes the "
+        "dataloader_iter and fetches its own batches, which the guard is not given to check or rerun, so the module "
+        "is not named.")
+    assert model.calls == 3  # steps 0-2, no rerun
+    assert model.held == [0, 0, 0]  # not the previous step's batch either
+
+
 class BatchChecks(TorchFunctionMode):
     """Counts ``torch.isfinite`` calls on tensors of ``rows`` rows: checks of a batch's inputs, not of a loss."""
 

@@ -26,6 +26,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 from torch import nn
 from torch.amp.grad_scaler import OptState
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -373,7 +374,7 @@ class _WindowBatch:
     batch's own values; a loop that steps on every batch lets none go and pays nothing for it.
     """
 
-    index: int
+    index: int | None  # None where training_step fetches its own batches (see NonFiniteGuard's notes)
     batch: Any | None
     generators: _GeneratorStates  # before its forward, so a rerun draws the same dropout masks and augmentations
     inputs_finite: torch.Tensor | None = None  # on the device; taken when the batch is let go
@@ -382,7 +383,7 @@ class _WindowBatch:
     def let_go(self) -> None:
         """Drops the batch, keeping whether its inputs were finite. A batch without floating tensors (token ids
         only) holds nothing that can be non-finite."""
-        if self.batch is None:  # none was given (a training_step taking the dataloader_iter): nothing to check
+        if self.batch is None:  # none is held (a training_step taking the dataloader_iter): nothing to check
             return
         leaves = [_stored_values(t) for t in _floating_leaves(self.batch)]
         self.inputs_finite = (torch.stack([torch.isfinite(t).all().to(leaves[0].device) for t in leaves]).all()
@@ -478,6 +479,9 @@ class NonFiniteGuard(Callback):
           not rank-zero-only. A non-finite loss is diagnosed by the lowest rank whose own loss it was (with
           its log file), which hands the diagnosis to the others: two more small collectives, on the first
           step of a streak only.
+        - A ``training_step`` taking the ``dataloader_iter`` fetches its own batches, and Lightning hands callbacks
+          the batch and index the previous step fetched (none on the first): the guard holds none of them, checks
+          no inputs, reruns nothing, and names the global step alone.
         - ``on_nonfinite="stop"`` raises :class:`NonFiniteError` with that diagnosis after
           ``max_consecutive`` non-finite steps in a row; ``"skip"`` keeps skipping them.
 
@@ -502,6 +506,7 @@ class NonFiniteGuard(Callback):
         self.diagnosis: str | None = None  # where the current streak began
         self._streak_start: int | None = None  # the global step that began the current streak
         self._window: list[_WindowBatch] = []  # the batches since the last optimizer step
+        self._fetches_own_batches = False  # training_step takes the dataloader_iter: callbacks are given no batch
         self._running_stats: _RunningStats | None = None
         self._step: dict[str, Any] | None = None  # what on_before_optimizer_step saw, for on_train_batch_end
         # The module whose gradient clipping drops this step's gradients, and its own instance attribute to put back.
@@ -534,6 +539,9 @@ class NonFiniteGuard(Callback):
         # After fit start, where placement moves the stages.
         self._end_step()
         self._running_stats = _running_stats(pl_module)
+        # As Lightning chooses its data fetcher for the fit.
+        self._fetches_own_batches = is_param_in_hook_signature(pl_module.training_step, "dataloader_iter",
+                                                               explicit=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -560,7 +568,10 @@ class NonFiniteGuard(Callback):
         # The batch before this one, of a window not stepped yet (automatic or manual accumulation), is let go.
         if self._window:
             self._window[-1].let_go()
-        self._window.append(_WindowBatch(batch_idx, batch, _generator_states(_can_rerun(trainer, pl_module))))
+        if self._fetches_own_batches:  # ``batch`` is the previous step's: hold and name none
+            self._window.append(_WindowBatch(None, None, _generator_states(host=False)))
+        else:
+            self._window.append(_WindowBatch(batch_idx, batch, _generator_states(_can_rerun(trainer, pl_module))))
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -768,6 +779,10 @@ class NonFiniteGuard(Callback):
                     "optimization no rerun names the module (a rerun of training_step would step its optimizers and "
                     "LR schedulers again): call hetrain.callbacks.precision.NonFiniteDiagnosis(model)"
                     ".first_nonfinite_output on that batch's forward to have it named.")
+        if self._fetches_own_batches:
+            return (f"{_where(trainer, suspects)}: {what}; produced in forward (inputs not checked); training_step "
+                    "takes the dataloader_iter and fetches its own batches, which the guard is not given to check or "
+                    "rerun, so the module is not named.")
         if not held:
             inputs = "the inputs were finite" if all(s.inputs_checked for s in suspects) else "inputs not checked"
             return (f"{_where(trainer, suspects)}: {what}; produced in forward ({inputs}); that batch is no longer "
@@ -860,5 +875,7 @@ def _log_file_note() -> str:
 
 def _where(trainer: pl.Trainer, batches: list[_WindowBatch]) -> str:
     first, last = batches[0].index, batches[-1].index
+    if first is None:  # a training_step taking the dataloader_iter: Lightning's batch index may be the previous one
+        return f"First at global step {trainer.global_step - 1}"
     named = f"batch {first}" if first == last else f"batches {first}-{last}"
     return f"First at {named} (global step {trainer.global_step - 1})"

@@ -77,7 +77,9 @@ class GracefulStop(Callback):
           limit or on preemption, systemd) reaches every process of the job, and a worker that dies of it ends the
           fit with an error, and no checkpoint, where the stop needs more batches (with gradient accumulation).
           hetrain's loaders' workers and reader processes ignore both (a SIGTERM from the main process, its own
-          stop of them, still ends them); give a DataLoader of your own with ``num_workers>0``
+          stop of them, still ends them; ignoring the job's SIGTERM needs the built hetrain._C, a worker still
+          starting dies of it, and under the forkserver start method, Python 3.14's default on Linux, so does the
+          server process, with which torch's workers end); give a DataLoader of your own with ``num_workers>0``
           ``worker_init_fn=hetrain.data.ignore_interrupts_in_workers(your_init_fn)``.
         - The validation Lightning runs when a fit is told to stop is skipped: a pause does not wait for it.
         - Ctrl-C or SIGTERM during a validation inside the fit stops it after the batch in flight (under DDP every

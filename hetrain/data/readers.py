@@ -7,12 +7,14 @@ reductions send tensors through it as shared-memory file descriptors fetched fro
 which fails once that process has been stopped. Here each reader has its own pipe, a producer waits on
 that pipe and on the process's exit at once (a dead reader is named, with its exit code, not waited on),
 samples come back pickled by value (a tensor as its bytes), and stopping is a message, then SIGTERM, then SIGKILL.
-A SIGTERM that another process sends (a scheduler's, to every process of the job) leaves the readers reading.
+A SIGTERM that another process sends (a scheduler's, to every process of the job) leaves the readers reading, where
+hetrain._C is built (:func:`stop_on_the_parents_sigterm_only`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import multiprocessing
 import os
@@ -22,11 +24,14 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
+
+from hetrain import _ext
 
 _STOP_GRACE_S = 0.25  # how long a reader has to leave after the stop message before it is terminated
 
@@ -152,34 +157,38 @@ def _unpicklable(read: list[tuple[int, Any]]) -> str:
     return f"samples {[index for index, _ in read]} cannot be sent back from the reader process together"
 
 
-def stop_on_the_parents_sigterm_only(leave: Callable[[], object]) -> None:
-    """Makes this child process ignore a SIGTERM that its parent did not send; the parent's calls ``leave()``.
+@functools.cache
+def sigterm_filter_missing() -> str | None:
+    """None where :func:`stop_on_the_parents_sigterm_only` can act; else why not (hetrain._C is unusable), warned
+    once per process."""
+    why = _ext.available()
+    if why is True:
+        return None
+    warnings.warn(f"hetrain: the loaders' worker and reader processes die of a SIGTERM sent to every process of the "
+                  f"job (a scheduler's), and a fit that GracefulStop is finishing then fails; filtering it needs the "
+                  f"built extension: {why}", stacklevel=2)
+    return why
+
+
+def stop_on_the_parents_sigterm_only(exit_success: bool) -> None:
+    """Makes this child process ignore a SIGTERM that its parent did not send; the parent's ends it, with exit code 0
+    (``exit_success``) or as SIGTERM's default action does.
 
     SLURM (at a job's time limit, on preemption) and systemd send SIGTERM to every process of the job: a loader's
     reader or worker process died of it, and the fit that :class:`~hetrain.callbacks.GracefulStop` was finishing
     failed on its next batch, with no checkpoint. The parent stops these processes itself, and may do so with
     SIGTERM (:meth:`ReaderProcesses.stop`, torch's last resort, multiprocessing's exit for its daemonic processes):
-    that one still ends them. A signal handler is not told who sent the signal, a thread that waits for it is: SIGTERM
-    is blocked here, and so in every thread started from this one later, and a thread of its own waits for it. Call
-    it while the process has a single thread (one that does not block it would take the signal as before).
+    that one still ends them. A Python signal handler is not told who sent the signal: hetrain._C's
+    (csrc/parent_signals.cpp) is, and it replaces this process's SIGTERM handler (torch's, in a DataLoader worker).
+    It acts in whichever thread the signal reaches and blocks nothing: a process started from this one ends on
+    SIGTERM as usual. Without a usable hetrain._C SIGTERM is left as it is, after a warning
+    (:func:`sigterm_filter_missing`).
     """
+    if sigterm_filter_missing() is not None:
+        return
     parent = multiprocessing.parent_process()
     parent_pid = os.getppid() if parent is None else parent.pid  # not getppid() under forkserver: the server's
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_await_the_parents_sigterm, args=(parent_pid, leave), daemon=True,
-                     name="hetrain-sigterm").start()
-
-
-def _await_the_parents_sigterm(parent_pid: int, leave: Callable[[], object]) -> None:
-    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent_pid:
-        pass  # the job's SIGTERM (a scheduler's): the parent decides when this process ends
-    leave()
-
-
-def _die_of_sigterm() -> None:
-    """Ends this reader as SIGTERM's default action does, for the parent to see (``killed by SIGTERM``)."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    signal.raise_signal(signal.SIGTERM)
+    torch.ops.hetrain_C.filter_sigterm(parent_pid, exit_success)
 
 
 def _own_signals() -> None:
@@ -193,7 +202,7 @@ def _own_signals() -> None:
             signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # even if the parent ignores it: stop() terminates with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop_on_the_parents_sigterm_only(_die_of_sigterm)
+    stop_on_the_parents_sigterm_only(exit_success=False)  # the parent's: killed by SIGTERM, as by default
 
 
 def _reader_main(conn: Connection, dataset: Any, inherited: Sequence[Connection]) -> None:
@@ -241,6 +250,7 @@ class ReaderProcesses:
 
     def __init__(self, dataset: Any, count: int) -> None:
         context = multiprocessing.get_context("fork")
+        sigterm_filter_missing()  # warned here, not in every reader
         self._idle: queue.Queue[_Reader] = queue.Queue()
         self._owing: list[_Reader] = []  # readers still answering a read that failed or stopped
         self._owing_lock = threading.Lock()

@@ -13,7 +13,7 @@ import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 
-from hetrain.data.readers import stop_on_the_parents_sigterm_only
+from hetrain.data.readers import sigterm_filter_missing, stop_on_the_parents_sigterm_only
 from hetrain.data.wait_clock import TimedDataLoader
 
 
@@ -92,20 +92,26 @@ def ignore_interrupts_in_workers(worker_init_fn: Callable[[int], Any] | None = N
     or on preemption, systemd) every process of the job: the workers died of it, and a fit that
     :class:`~hetrain.callbacks.GracefulStop` let finish its step crashed waiting for their next batch, with no
     checkpoint. The main process stops its workers itself (torch's last resort, SIGTERM, still ends them: see
-    :func:`~hetrain.data.readers.stop_on_the_parents_sigterm_only`). Without ``worker_init_fn``, under
-    ``seed_everything(workers=True)`` the workers are seeded as Lightning seeds them (it adds its own function only to
-    a loader that has none), for the global ``rank`` (by default Lightning's record of it, which a worker forked from
-    its rank's process inherits). A ``functools.partial`` of a module-level function: workers started by spawn or
-    forkserver unpickle it.
+    :func:`~hetrain.data.readers.stop_on_the_parents_sigterm_only`, which needs the built hetrain._C and otherwise
+    warns once and leaves SIGTERM to torch). This holds from when a worker runs this function: one still starting
+    (under spawn or forkserver, importing torch) dies of the job's SIGTERM. Under forkserver the job's SIGTERM also
+    ends the server process, and torch's workers leave once the process they were forked from is gone.
+
+    Without ``worker_init_fn``, under ``seed_everything(workers=True)`` the workers are seeded as Lightning seeds them
+    (it adds its own function only to a loader that has none), for the global ``rank`` (by default Lightning's record
+    of it, which a worker forked from its rank's process inherits). A ``functools.partial`` of a module-level
+    function: workers started by spawn or forkserver unpickle it.
     """
+    sigterm_filter_missing()  # warned here, in the main process
     return functools.partial(_ignore_interrupts, worker_init_fn, rank)
 
 
 def _ignore_interrupts(worker_init_fn: Callable[[int], Any] | None, rank: int | None, worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Before worker_init_fn, which may start threads. Exit 0, as torch's own handler does on its parent's SIGTERM: the
-    # main process reports a worker that ended otherwise as failed.
-    stop_on_the_parents_sigterm_only(functools.partial(os._exit, 0))
+    # Replaces torch's SIGTERM handler, which ends the worker on any SIGTERM, and exits 0 on the parent's as that one
+    # does: the main process reports a worker that ended otherwise as failed. Before worker_init_fn, which may set
+    # its own.
+    stop_on_the_parents_sigterm_only(exit_success=True)
     if worker_init_fn is not None:
         worker_init_fn(worker_id)
     elif int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning's seed_everything(workers=True) asks for

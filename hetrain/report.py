@@ -31,7 +31,7 @@ import torch
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -626,8 +626,9 @@ def _set_aside(directory: Path, aside: Path, keep: tuple[str, ...], earlier: str
     new log went on after the earlier one's.
 
     Only entries last modified before ``since`` (when this run or sweep began) are the earlier one's: under DDP
-    another rank of this run may already have written its config and opened its log here (torchrun starts the
-    ranks together; in a sweep, rank 1 runs ahead into the next job), and a moved file would take its lines along.
+    another rank of this run may already have opened its log here, and in a sweep written its job's config (torchrun
+    starts the ranks together; in a sweep, rank 1 runs ahead into the next job), and a moved file would take its
+    lines along.
     Hydra opens a sweep job's log before ``on_job_start``: a file a log handler of this process writes is copied
     and emptied instead, for the same reason.
     """
@@ -763,7 +764,7 @@ class RunDirectory(HydraCallback):
     longer holds) leaves it as it is (its CSV logger keeps the earlier part's log:
     :class:`ResumableCSVLogger`), and so does one whose directory holds the one train.py runs from, where the
     files are the person's own. This runs before Hydra saves the run's config and opens its log; under DDP only
-    rank 0 does (:func:`_another_rank`).
+    rank 0 does (:func:`_another_rank`), and only rank 0 saves the config (:meth:`_leave_config_to_rank_0`).
     """
 
     def __init__(self) -> None:
@@ -773,6 +774,7 @@ class RunDirectory(HydraCallback):
     @override
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if _another_rank():
+            self._leave_config_to_rank_0(config)
             return
         run_dir = Path(config.hydra.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -785,7 +787,7 @@ class RunDirectory(HydraCallback):
         if not used:
             return
         if _resumes_inside(config, run_dir):
-            self._keep_earlier_part_config(config, run_dir, since)
+            self._keep_earlier_part_config(config, run_dir)
             return
         if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
             self._said = (logging.WARNING, f"hetrain: {run_dir} holds an earlier run's files, but also the directory "
@@ -796,14 +798,24 @@ class RunDirectory(HydraCallback):
         moved = _set_aside(run_dir, aside, (RUN_LOCK,), "the files of an earlier run", since)
         self._said = None if moved is None else (logging.INFO, moved)
 
-    def _keep_earlier_part_config(self, config: DictConfig, run_dir: Path, since: float) -> None:
+    @staticmethod
+    def _leave_config_to_rank_0(config: DictConfig) -> None:
+        """Has Hydra save no config folder (``.hydra/``) on a rank a launcher started together with rank 0 (torchrun,
+        srun), as Lightning's launcher does for the ranks it starts (``hydra.output_subdir=null``): written into the
+        shared run directory before rank 0 looked, it was taken for this run's own, and a resumed run's earlier part's
+        config was overwritten instead of kept, the ``.hydra-part<k>/`` no longer those of the ``csv-part<k>/``."""
+        if _launched_together():
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.output_subdir = None
+
+    def _keep_earlier_part_config(self, config: DictConfig, run_dir: Path) -> None:
         """Moves the config folder of the run's earlier part (``.hydra/``) to ``.hydra-part<k>/``, as a sweep's job
-        resumed in place keeps its own: Hydra rewrites it after this, and the earlier part's overrides were lost."""
+        resumed in place keeps its own: Hydra rewrites it after this, and the earlier part's overrides were lost. No
+        other rank of this run saves one (:meth:`_leave_config_to_rank_0`): the folder there is the earlier part's."""
         output_subdir = config.hydra.get("output_subdir")
-        config_dir = run_dir / output_subdir if output_subdir is not None else None
-        # One newer than this run is another rank's, torchrun having started them together: this run's own.
-        if config_dir is None or not config_dir.is_dir() or _last_change(config_dir) >= since:
+        if output_subdir is None:
             return
+        config_dir = run_dir / output_subdir
         kept = _next_part(config_dir)
         if _keep_earlier_config(config_dir, kept):
             self._said = (logging.INFO, f"hetrain: {run_dir} holds the earlier part of this resumed run; its config "

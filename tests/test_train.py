@@ -843,6 +843,61 @@ def test_a_run_leaves_in_place_what_another_rank_torchrun_started_with_it_wrote_
     assert sorted(p.name for p in used.iterdir()) == sorted([".hydra", RUN_LOCK, "previous-1", "train.log"])
 
 
+RANK_1_FIRST = '''
+import os
+import time
+from pathlib import Path
+
+from hetrain.report import RunDirectory
+
+
+class Rank1First(RunDirectory):
+    """Rank 0 looks at the run directory once rank 1's Hydra has set up its job (saved its config, where it saves
+    one), the order in which torchrun's ranks lost the earlier part's config."""
+
+    def on_run_start(self, config, **kwargs):
+        started = Path(os.environ["RANK_1_STARTED"])
+        if os.environ["RANK"] == "0":
+            deadline = time.monotonic() + 120
+            while not started.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            started.unlink(missing_ok=True)
+        super().on_run_start(config, **kwargs)
+
+    def on_job_start(self, config, **kwargs):
+        if os.environ["RANK"] == "1":
+            Path(os.environ["RANK_1_STARTED"]).touch()
+        super().on_job_start(config, **kwargs)
+'''
+
+
+def test_under_torchrun_a_run_resumed_into_its_own_directory_keeps_each_earlier_parts_config(tmp_path):
+    """torchrun starts the ranks together: rank 1's Hydra saved .hydra/ into the shared run directory before rank 0's
+    RunDirectory looked, which took it for this run's own and kept no earlier part's: their overrides were lost and
+    the .hydra-part<k>/ no longer those of the csv-part<k>/. Rank 1 here always sets up its job first."""
+    (tmp_path / "rank_order.py").write_text(RANK_1_FIRST)
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"PYTHONPATH": str(tmp_path), "RANK_1_STARTED": str(tmp_path / "rank_1_started")}
+    for part, max_steps in enumerate((2, 4, 6)):  # the run, then two resumes into its directory
+        resume = [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"] if part else []
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(ROOT / "train.py"), "recipe=bert_split", "trainer.accelerator=cpu", "trainer.devices=2",
+             "+trainer.strategy=ddp", f"trainer.max_steps={max_steps}", "trainer.val_check_interval=2",
+             "trainer.num_sanity_val_steps=0", "data.train_size=64", "data.val_size=16", "data.loader=torch",
+             "model.hidden=32", "threads=1", "callbacks.memory_profiler=null", "callbacks.progress_bar=null",
+             f"hydra.run.dir={run_dir}", "hydra.callbacks.run_directory._target_=rank_order.Rank1First", *resume],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert sorted(p.name for p in run_dir.glob("csv-part*")) == ["csv-part1", "csv-part2"]
+    configs = {p.name: (p / "overrides.yaml").read_text() for p in run_dir.glob(".hydra*")}
+    assert sorted(configs) == [".hydra", ".hydra-part1", ".hydra-part2"]
+    for name, max_steps in ((".hydra-part1", 2), (".hydra-part2", 4), (".hydra", 6)):
+        assert f"- trainer.max_steps={max_steps}\n" in configs[name], (name, configs[name])
+
+
 def test_an_earlier_run_that_ended_after_this_process_started_is_set_aside(tmp_path, monkeypatch):
     """Files were told apart by this process's start: a run launched while the earlier one in its directory was
     still ending kept that run's newer files (its checkpoints beside its own) as if they were this run's."""

@@ -8,8 +8,8 @@ from collections import namedtuple
 import pytest
 import torch
 
-from hetrain.data.prefetch import DevicePrefetcher, _to_device
-from hetrain.data.ring import PadInto, RingLoader
+from hetrain.data.prefetch import DevicePrefetcher, _one_ahead, _to_device
+from hetrain.data.ring import LoaderError, PadInto, RingLoader
 from hetrain.data.sampler import TokenBudgetBatchSampler
 from hetrain.data.synthetic import SyntheticSequences, pad_collate
 from hetrain.host_copies import held_count, hold_until_copied, release_all
@@ -41,6 +41,79 @@ def test_cpu_pass_through_frees_each_ring_slot_its_consumer_drops():
                     stall_timeout=1) as loader:
         assert keep_all_slots_but_one(DevicePrefetcher(loader, "cpu"), keep=2) == 10
 
+
+class FailsAt(torch.utils.data.Dataset):
+    """Samples 0..n-1 labelled by index; sample ``bad`` raises."""
+
+    def __init__(self, n: int, bad: int) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if i == self.bad:
+            raise OSError(f"bad sample {i}")
+        return {"input_ids": torch.arange(2), "label": i}
+
+
+def failing_loader() -> RingLoader:
+    return RingLoader(FailsAt(8, bad=4), [[i] for i in range(8)], collate=PadInto(4, 1), num_workers=1)
+
+
+def labels_until_the_error(batches) -> list[int]:
+    got = []
+    with pytest.raises(LoaderError, match="failed on batch 4 at sample 4: OSError: bad sample 4"):
+        for batch in batches:
+            got.append(int(batch["labels"]))
+    return got
+
+
+def test_a_loader_error_arrives_after_every_batch_before_it_passed_through():
+    with failing_loader() as loader:
+        pre = DevicePrefetcher(loader, "cpu")
+        assert labels_until_the_error(pre) == [0, 1, 2, 3] and pre.consumed() == 4
+
+
+def test_a_loader_error_arrives_after_every_batch_before_it_one_ahead():
+    """The CUDA path's order: batch 3, started when fetching batch 4 failed, was never handed over."""
+    log = []
+
+    def start(batch):
+        log.append(f"start {int(batch['labels'])}")
+        return batch
+
+    def finish(batch):
+        log.append(f"finish {int(batch['labels'])}")
+        return batch
+
+    with failing_loader() as loader:
+        assert labels_until_the_error(_one_ahead(loader, start, finish)) == [0, 1, 2, 3]
+    assert log == ["start 0", "start 1", "finish 0", "start 2", "finish 1", "start 3", "finish 2", "finish 3"]
+
+
+def items_then(error: BaseException):
+    yield from range(3)
+    raise error
+
+
+def test_closing_one_ahead_at_the_batch_before_an_error_ends_it_there():
+    """The consumer closes the iterator where it hands over the batch before the error: no more batches, no error."""
+    finished = []
+    ahead = _one_ahead(items_then(OSError("bad item 3")), lambda x: x, lambda x: finished.append(x) or x)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]  # 2 came after fetching item 3 failed
+    ahead.close()
+    assert finished == [0, 1, 2] and next(ahead, "done") == "done"
+
+
+def test_ctrl_c_goes_through_one_ahead_at_once():
+    """Held back behind the started item, a KeyboardInterrupt would be lost by a consumer that then closes."""
+    ahead = _one_ahead(items_then(KeyboardInterrupt()), lambda x: x, lambda x: x)
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for x in ahead:
+            got.append(x)
+    assert got == [0, 1]
 
 def test_a_namedtuple_batch_is_moved_field_by_field():
     # It was rebuilt as Batch(<generator>): "missing 1 required positional argument".
@@ -76,6 +149,13 @@ def test_cuda_batches_arrive_on_the_device_intact_from_pinned_ring_slots():
     for got, want in zip(nested, batches(3), strict=True):
         assert torch.equal(got["pair"][0].cpu(), want["pair"][0]) and got["pair"][1][0].is_cuda
 
+
+@pytest.mark.cuda
+def test_cuda_a_loader_error_arrives_after_every_batch_before_it():
+    """Batch 3, copied ahead when fetching batch 4 failed, was dropped: the loop got batches 0-2, then the error."""
+    with failing_loader() as loader:
+        pre = DevicePrefetcher(loader, "cuda")
+        assert labels_until_the_error(pre) == [0, 1, 2, 3] and pre.consumed() == 4
 
 @pytest.mark.cuda
 def test_a_host_source_is_held_until_its_copy_to_the_gpu_has_run():

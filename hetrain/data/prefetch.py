@@ -9,12 +9,14 @@ refilled while the GPU still reads it. On a CPU device there is nothing to copy:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 
 from hetrain.data.wait_clock import WaitClock
+
+T, S, R = TypeVar("T"), TypeVar("S"), TypeVar("R")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -38,6 +40,38 @@ def _tensors(batch: Any) -> Iterator[torch.Tensor]:
     elif isinstance(batch, list | tuple):
         for v in batch:
             yield from _tensors(v)
+
+
+def _one_ahead(source: Iterable[T], start: Callable[[T], S], finish: Callable[[S], R]) -> Iterator[R]:
+    """Yields ``finish(start(item))`` for each of ``source``'s items, item k+1 started before item k is finished.
+
+    An ``Exception`` fetching item k+1 arrives after item k, already started, was yielded, as it would without
+    the lookahead. A ``BaseException`` (Ctrl-C, exit) goes through at once: held back behind one more item, it
+    would be lost by a consumer that closes the iterator instead of asking for the next one.
+    """
+    iterator = iter(source)
+    # Lists, emptied as their item moves on: a local would keep it (a ring slot) alive after it was dropped.
+    pending: list[S] = []
+    ready: list[R] = []
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            break
+        except Exception:
+            if pending:
+                yield finish(pending.pop())
+            raise
+        started = start(item)
+        del item
+        if pending:
+            ready.append(finish(pending.pop()))
+        pending.append(started)
+        del started  # only `pending` keeps the newest item; the one handed over is released
+        if ready:
+            yield ready.pop()
+    if pending:
+        yield finish(pending.pop())
 
 
 class DevicePrefetcher:
@@ -80,29 +114,24 @@ class DevicePrefetcher:
             self._exhausted = True
             return
         copy_stream = torch.cuda.Stream(device=self.device)
-        pending = None  # (device batch, copy-done event, host batch)
-        for host in self.loader:
-            with torch.cuda.stream(copy_stream):
-                moved = _to_device(host, self.device)
-                done = torch.cuda.Event()
-                done.record(copy_stream)
-            ready = self._hand_over(*pending) if pending is not None else None
-            pending = (moved, done, host)
-            del host  # only `pending` keeps the newest slot; the one handed over is released
-            if ready is not None:
-                yield ready
-        if pending is not None:
-            ready = self._hand_over(*pending)
-            pending = None
-            yield ready
+        yield from _one_ahead(self.loader, lambda host: self._start_copy(host, copy_stream), self._hand_over)
         self._exhausted = True
+
+    def _start_copy(self, host: Any, copy_stream: torch.cuda.Stream) -> tuple[Any, torch.cuda.Event, Any]:
+        """``host``'s copy issued on ``copy_stream``: (device batch, copy-done event, host batch to keep until then)."""
+        with torch.cuda.stream(copy_stream):
+            moved = _to_device(host, self.device)
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        return moved, done, host
 
     def _count(self, batch: Any) -> Any:
         self._yielded += 1
         return batch
 
-    def _hand_over(self, moved: Any, done: torch.cuda.Event, host: Any) -> Any:
-        """``moved`` made safe for the compute stream; the caller drops ``host`` afterwards."""
+    def _hand_over(self, started: tuple[Any, torch.cuda.Event, Any]) -> Any:
+        """The device batch made safe for the compute stream; the caller drops the host batch afterwards."""
+        moved, done, _ = started
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(done)
         for t in _tensors(moved):

@@ -87,12 +87,13 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _measured_step(model: nn.Module, x: torch.Tensor) -> ModuleMemory:
-    """One forward and backward of ``model`` on ``x`` watched by a ModuleMemory."""
+def _measured_step(model: nn.Module, x: torch.Tensor, read_graph: bool = False) -> ModuleMemory:
+    """One forward and backward of ``model`` on ``x`` watched by a ModuleMemory; with ``read_graph`` it is given
+    the loss, whose graph it reads."""
     tracker = ModuleMemory(model)
     tracker.start()
     loss = model(x).square().mean()
-    tracker.forward_done()
+    tracker.forward_done(loss if read_graph else None)
     loss.backward()
     tracker.backward_done()
     tracker.stop()
@@ -308,13 +309,7 @@ def test_a_module_that_pushes_its_own_saved_tensors_hook_is_said_not_measured():
     torch.manual_seed(0)
     model = nn.Sequential(Offloading(), Checkpointing(), nn.Linear(HIDDEN, 1))
     x = torch.randn(BATCH, IN)
-    tracker = ModuleMemory(model)
-    tracker.start()
-    loss = model(x).square().mean()
-    tracker.forward_done(loss)
-    loss.backward()
-    tracker.backward_done()
-    tracker.stop()
+    tracker = _measured_step(model, x, read_graph=True)
     header, rows = tracker.table()
     saved = {row[0]: row[header.index("saved for backward MiB")] for row in rows}
     r = tracker.records
@@ -350,13 +345,7 @@ def test_a_module_calling_torch_func_grad_in_its_own_forward_runs_its_measured_s
     unmeasured = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     disable = torch.autograd.graph.disable_saved_tensors_hooks
-    tracker = ModuleMemory(model)
-    tracker.start()
-    loss = model(x).square().mean()
-    tracker.forward_done(loss)
-    loss.backward()
-    tracker.backward_done()
-    tracker.stop()
+    tracker = _measured_step(model, x, read_graph=True)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), unmeasured, strict=True))
     r = tracker.records
     # A grad of a detached tensor keeps nothing for the step's backward: measured (tanh's output, and the grad that

@@ -46,18 +46,21 @@ std::string cat(const Args&... args) {
 
 }  // namespace
 
-RingCore::RingCore(int64_t num_slots, int64_t num_fields, int64_t num_producers, double stall_timeout_s)
+RingCore::RingCore(int64_t num_slots, int64_t num_fields, int64_t num_producers, double stall_timeout_s,
+                   double held_limit_s)
     : num_slots_(num_slots),
       num_fields_(num_fields),
       stall_timeout_(stall_timeout_s),
+      held_timeout_(std::min(stall_timeout_s, held_limit_s)),
       slots_(static_cast<size_t>(std::max<int64_t>(num_slots, 0))),
       meta_(static_cast<size_t>(std::max<int64_t>(num_slots * num_fields * kMetaPerField, 0)), 0),
       producers_(new Producer[static_cast<size_t>(std::max<int64_t>(num_producers, 0))]),
       num_producers_(num_producers) {
-  if (num_slots < 1 || num_fields < 1 || num_producers < 1 || !(stall_timeout_s > 0)) {
+  if (num_slots < 1 || num_fields < 1 || num_producers < 1 || !(stall_timeout_s > 0) || !(held_limit_s > 0)) {
     throw std::invalid_argument(cat("hetrain ring: need num_slots, num_fields and num_producers >= 1 and "
-                                    "stall_timeout > 0, got ",
-                                    num_slots, ", ", num_fields, ", ", num_producers, ", ", stall_timeout_s));
+                                    "stall_timeout and held_limit > 0, got ",
+                                    num_slots, ", ", num_fields, ", ", num_producers, ", ", stall_timeout_s, ", ",
+                                    held_limit_s));
   }
   for (int64_t p = 0; p < num_producers_; ++p) producers_[p].last_seen_ns = now_ns();
   job_slot_.assign(static_cast<size_t>(num_slots), 0);
@@ -95,10 +98,14 @@ void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) c
   if (consumer_waits && std::all_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.state == State::kHeld; })) {
     const auto newest = std::max_element(slots_.begin(), slots_.end(),
                                          [](const Slot& a, const Slot& b) { return a.since < b.since; });
-    if (now - std::max(newest->since, resumed) > stall_timeout_) {
+    if (now - std::max(newest->since, resumed) > held_timeout_) {
       const auto oldest = std::min_element(slots_.begin(), slots_.end(),
                                            [](const Slot& a, const Slot& b) { return a.since < b.since; });
-      throw RingError(cat("hetrain ring: no free slot for ", seconds(now - newest->since), " s", terms(newest->since),
+      std::string limit = terms(newest->since);
+      if (held_timeout_ < stall_timeout_) {  // not stall_timeout's doing: say which wait ended
+        limit.insert(limit.size() - 1, cat("; every slot held is reported after ", held_timeout_.count(), " s"));
+      }
+      throw RingError(cat("hetrain ring: no free slot for ", seconds(now - newest->since), " s", limit,
                           ": the consumer still holds all ", num_slots_, " slots (the oldest holds batch ", oldest->job,
                           "; their tensors are still referenced); drop references to old batches or raise num_slots"));
     }
@@ -120,6 +127,7 @@ void RingCore::check_stalls_locked(Clock::time_point now, bool consumer_waits) c
   }
   std::string where = cat("batch ", pr.job.load());
   if (pr.sample.load() >= 0) where += cat(", sample ", pr.sample.load());
+  if (pr.sample.load() == kInCollate) where += ", in the slot collate";
   if (pr.byte_begin.load() >= 0) where += cat(", bytes [", pr.byte_begin.load(), ", ", pr.byte_end.load(), ")");
   throw RingError(cat("hetrain ring: producer ", p, " made no progress for ", quiet, " s", terms(seen), " while on ",
                       where));
@@ -414,7 +422,12 @@ TokenGatherer::TokenGatherer(RingCore* core, uint8_t* slots, int64_t slot_bytes,
                                     " do not fit the ring's ", core->num_producers(), " producers"));
   }
   threads_.reserve(static_cast<size_t>(num_threads));
-  for (int64_t t = 0; t < num_threads; ++t) threads_.emplace_back([this, t] { run(first_producer_ + t); });
+  try {
+    for (int64_t t = 0; t < num_threads; ++t) threads_.emplace_back([this, t] { run(first_producer_ + t); });
+  } catch (...) {  // a thread limit: the ones started are joined, or destroying them would terminate the process
+    stop();
+    throw;
+  }
 }
 
 TokenGatherer::~TokenGatherer() { stop(); }
@@ -469,7 +482,9 @@ void TokenGatherer::fill(int64_t producer, int64_t job, int64_t slot) {
   }
   if (rows > layout_.max_rows || (rows > 0 && cols > layout_.max_tokens / rows)) {  // rows * cols could wrap
     throw RingError(cat("hetrain ring: batch ", job, " is ", rows, " x ", cols, " tokens but a slot holds ",
-                        layout_.max_rows, " rows and ", layout_.max_tokens, " tokens"));
+                        layout_.max_rows, " rows and ", layout_.max_tokens, " tokens; size the slots with "
+                        "RingLoader(max_tokens=..., max_rows=...) (by default the batch sampler's max_tokens and "
+                        "max_batch_rows) or make the sampler's batches smaller"));
   }
   uint8_t* base = slots_ + slot * slot_bytes_;
   auto* ids = reinterpret_cast<int64_t*>(base + layout_.ids_offset);

@@ -15,6 +15,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -39,12 +40,18 @@ struct RingError : std::runtime_error {
 constexpr int64_t kTimedOut = -1;  // nothing to do yet: call again
 constexpr int64_t kClosed = -2;    // the ring was closed: stop
 
+// The sample a producer notes while in its slot collate rather than reading a sample (ring.py's _IN_COLLATE).
+constexpr int64_t kInCollate = -2;
+
 // Shapes a producer records for the consumer: per field, ndim then up to 3 sizes.
 constexpr int kMetaPerField = 4;
 
 class RingCore {
  public:
-  RingCore(int64_t num_slots, int64_t num_fields, int64_t num_producers, double stall_timeout_s);
+  // A consumer waiting while it holds every slot is told after stall_timeout_s, or held_limit_s where shorter: with
+  // stall_timeout_s=inf (no stall reported) it would otherwise wait without end.
+  RingCore(int64_t num_slots, int64_t num_fields, int64_t num_producers, double stall_timeout_s,
+           double held_limit_s = std::numeric_limits<double>::infinity());
   ~RingCore();  // closes, joining the heartbeat thread
 
   int64_t num_slots() const { return num_slots_; }
@@ -64,7 +71,8 @@ class RingCore {
   // Producer: the next job, once its slot is free; its slot in *slot. kTimedOut or kClosed otherwise.
   // Here and in take(), a timeout_s of inf (or any over about 31 years) waits without a deadline.
   int64_t claim(int64_t producer, double timeout_s, int64_t* slot);
-  // Producer: what it is working on (sample, byte range), for the stall message; also counts as progress.
+  // Producer: what it is working on (sample, byte range; -1 for none, kInCollate for the slot collate), for the
+  // stall message; also counts as progress.
   void note(int64_t producer, int64_t sample, int64_t byte_begin, int64_t byte_end);
   // Producer: the job's slot is filled; meta holds num_fields * kMetaPerField shape numbers.
   void commit(int64_t producer, int64_t job, const int64_t* meta);
@@ -116,6 +124,7 @@ class RingCore {
 
   const int64_t num_slots_, num_fields_;
   const std::chrono::duration<double> stall_timeout_;
+  const std::chrono::duration<double> held_timeout_;  // the shorter of stall_timeout_s and held_limit_s
   mutable std::mutex mu_;
   std::condition_variable producers_cv_;  // a slot became free, an epoch started, or closing
   std::condition_variable consumer_cv_;   // a slot became ready or failed, or closing

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -117,15 +118,16 @@ auto guarded(F&& f) -> decltype(f()) {
 
 class RingBuffer : public torch::CustomClassHolder {
  public:
+  // held_limit: see ring::RingCore (the loader passes its bound; a ring made here without it has none).
   RingBuffer(std::vector<std::string> dtypes, std::vector<int64_t> capacities, int64_t num_slots,
-             int64_t num_producers, bool pin, double stall_timeout)
+             int64_t num_producers, bool pin, double stall_timeout, double held_limit)
       : st_(std::make_shared<RingState>()) {
     TORCH_CHECK(!dtypes.empty() && dtypes.size() == capacities.size(),
                 "hetrain.RingBuffer: need one capacity per field dtype, got ", dtypes.size(), " dtypes and ",
                 capacities.size(), " capacities");
-    TORCH_CHECK(num_slots >= 1 && num_producers >= 1 && stall_timeout > 0,
-                "hetrain.RingBuffer: need num_slots >= 1, num_producers >= 1, stall_timeout > 0; got ", num_slots,
-                ", ", num_producers, ", ", stall_timeout);
+    TORCH_CHECK(num_slots >= 1 && num_producers >= 1 && stall_timeout > 0 && held_limit > 0,
+                "hetrain.RingBuffer: need num_slots >= 1, num_producers >= 1, stall_timeout > 0, held_limit > 0; got ",
+                num_slots, ", ", num_producers, ", ", stall_timeout, ", ", held_limit);
     for (size_t f = 0; f < dtypes.size(); ++f) {
       st_->dtypes.push_back(dtype_named(dtypes[f]));
       const int64_t item = static_cast<int64_t>(c10::elementSize(st_->dtypes.back()));
@@ -141,7 +143,7 @@ class RingBuffer : public torch::CustomClassHolder {
     st_->slab = at::empty({num_slots, st_->slot_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(pin));
     st_->slab.zero_();  // touch every page now, not in the first batches
     st_->core = std::make_unique<ring::RingCore>(num_slots, static_cast<int64_t>(st_->dtypes.size()), num_producers,
-                                                 stall_timeout);
+                                                 stall_timeout, held_limit);
   }
 
   ~RingBuffer() override { close(); }
@@ -306,7 +308,10 @@ class RingBuffer : public torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(hetrain_C, m) {
   m.class_<hetrain::RingBuffer>("RingBuffer")
-      .def(torch::init<std::vector<std::string>, std::vector<int64_t>, int64_t, int64_t, bool, double>())
+      .def(torch::init<std::vector<std::string>, std::vector<int64_t>, int64_t, int64_t, bool, double, double>(), "",
+           {torch::arg("dtypes"), torch::arg("capacities"), torch::arg("num_slots"), torch::arg("num_producers"),
+            torch::arg("pin"), torch::arg("stall_timeout"),
+            torch::arg("held_limit") = std::numeric_limits<double>::infinity()})
       .def("slot_bytes", &hetrain::RingBuffer::slot_bytes)
       .def("nbytes", &hetrain::RingBuffer::nbytes)
       .def("pinned", &hetrain::RingBuffer::pinned)

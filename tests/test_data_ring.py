@@ -10,16 +10,18 @@ import os
 import re
 import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from hetrain import cpu_memory
+from hetrain import cpu_memory, host_copies
 from hetrain.data import ring as ring_module
 from hetrain.data.ring import CopyInto, LoaderError, PadInto, RingLoader, StreamBatches
 from hetrain.data.sampler import TokenBudgetBatchSampler
@@ -1468,3 +1470,238 @@ def test_a_closed_token_loader_holds_no_descriptor_of_its_token_file_while_still
     assert holding() > mapped, "the open loader reads the token file through a descriptor of its own"
     loader.close()
     assert holding() == mapped and loader is not None
+
+
+class _Numbers(torch.utils.data.IterableDataset):
+    """Samples 0..n-1 of ``length`` tokens; ``fail_at`` raises there, ``pause_after`` waits ``pause`` s after it,
+    and ``finished`` is set once the generator is finalised (its files and sockets closed)."""
+
+    def __init__(self, n, length=2, fail_at=None, pause_after=None, pause=0.0):
+        self.n, self.length, self.fail_at, self.pause_after, self.pause = n, length, fail_at, pause_after, pause
+        self.pulled, self.finished = 0, threading.Event()
+
+    def __iter__(self):
+        try:
+            for i in range(self.n):
+                if i == self.fail_at:
+                    raise OSError(f"connection reset at sample {i}")
+                self.pulled = i + 1
+                yield {"input_ids": torch.arange(self.length), "label": i}
+                if i == self.pause_after:
+                    time.sleep(self.pause)  # the source waits for new data
+        finally:
+            self.finished.set()
+
+
+@pytest.mark.parametrize(("batcher", "rows"), [(StreamBatches(batch_size=3), 3), (StreamBatches(max_tokens=7), 3),
+                                               (StreamBatches(batch_size=2, max_tokens=64), 2)])
+def test_stream_batches_hands_out_a_batch_once_no_sample_fits_it_not_once_the_next_arrives(batcher, rows):
+    # The batch was closed only when the sample after it was pulled: a pausing source held a complete batch back.
+    source = _Numbers(9)
+    batches = batcher(iter(source))
+    assert [s["label"] for s in next(batches)] == list(range(rows)) and source.pulled == rows
+    assert [len(b) for b in StreamBatches(max_tokens=10)(iter([{"input_ids": [0] * n} for n in (3, 3, 4, 1)]))] == [
+        2, 2]  # a longer sample that does not fit still closes the batch before it, and a shorter one may still join
+
+
+def test_a_stream_failing_after_a_complete_batch_delivers_it_and_a_pausing_one_does_not_hold_it_back():
+    # The error on sample 6 was blamed on batch 1 (samples 3..5, complete), which never arrived.
+    with RingLoader(_Numbers(12, fail_at=6), StreamBatches(batch_size=3), collate=PadInto(12, 3), num_workers=1,
+                    stall_timeout=5) as loader:
+        got = []
+        with pytest.raises(LoaderError, match="failed on batch 2 reading the stream: OSError: connection reset at "
+                                              "sample 6"):
+            for batch in loader:
+                got.append(batch["labels"].tolist())
+        assert got == [[0, 1, 2], [3, 4, 5]]
+    # A source that waits for data after a batch's last sample: that batch came only once the wait ended.
+    with RingLoader(_Numbers(12, pause_after=2, pause=3.0), StreamBatches(batch_size=3), collate=PadInto(12, 3),
+                    num_workers=1) as loader:
+        t0 = time.monotonic()
+        assert next(iter(loader))["labels"].tolist() == [0, 1, 2]
+        assert time.monotonic() - t0 < 1.5
+
+
+def test_a_closed_stream_loader_finishes_its_source_while_still_referenced():
+    # The stream's generator (and the file or socket it reads) stayed open until the loader was garbage-collected.
+    source = _Numbers(1000)
+    loader = RingLoader(source, StreamBatches(batch_size=2), collate=PadInto(8, 2), num_slots=2, num_workers=1)
+    for k, _ in enumerate(loader):
+        if k == 3:
+            break
+    assert not source.finished.is_set()
+    loader.close()
+    assert source.finished.is_set() and loader is not None
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("can't start new thread"), KeyboardInterrupt()])
+def test_producers_started_before_one_fails_to_start_are_stopped(exc, monkeypatch):
+    # A thread limit or Ctrl-C while the producers started left those already started polling forever, and the
+    # process aborted at exit ("terminate called without an active exception").
+    start, started = threading.Thread.start, []
+
+    def failing_start(thread):
+        if thread.name.startswith("hetrain-ring-producer"):
+            started.append(thread)
+            if len(started) == 3:
+                raise exc
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", failing_start)
+    with pytest.raises(type(exc)):
+        RingLoader(Flaky(4), [[0], [1]], collate=PadInto(4, 1), num_workers=4)
+    for thread in started[:2]:
+        thread.join(5.0)
+        assert not thread.is_alive(), "a producer started before the failure still runs"
+
+
+def test_holding_every_slot_is_reported_even_with_an_infinite_stall_timeout(monkeypatch):
+    # stall_timeout=inf turned the check off: list(loader), which keeps every batch, hung without a word.
+    monkeypatch.setattr(ring_module, "_HELD_MAX_S", 0.5)
+    loader = RingLoader(Flaky(8), [[i] for i in range(8)], collate=PadInto(5, 1), num_slots=2, num_workers=1,
+                        stall_timeout=float("inf"))
+    kept, raised = [], []
+
+    def keep_all():
+        try:
+            kept.extend(loader)
+        except LoaderError as err:
+            raised.append(err)
+
+    consumer = threading.Thread(target=keep_all, daemon=True)
+    consumer.start()
+    consumer.join(10.0)
+    loader.close()  # ends a wait that did not end by itself
+    consumer.join(5.0)
+    assert len(raised) == 1 and re.search(r"no free slot for 0\.\d+ s \(stall_timeout=inf s; every slot held is "
+                                          r"reported after 0\.5 s\): the consumer still holds all 2 slots",
+                                          str(raised[0])), raised
+
+
+def test_a_slow_slot_collate_is_named_as_the_collate_not_the_last_sample():
+    # The stall named the batch's last sample ("while on batch 2, sample 5") and no thread was said to be busy.
+    def collate(items):
+        if 5 in items:
+            time.sleep(2.0)  # tokenizing the batch, say
+        return {"x": torch.tensor(items)}
+
+    loader = RingLoader(list(range(8)), [[0, 1], [2, 3], [4, 5], [6, 7]],
+                        collate=CopyInto(collate, {"x": (torch.int64, 2)}), num_slots=2, num_workers=1,
+                        stall_timeout=0.5)
+    with (
+        pytest.raises(LoaderError, match=r"producer 0 made no progress for .* while on batch 2, in the slot collate$"),
+        pytest.warns(RuntimeWarning, match=r"still reading \(producer 0 in the slot collate of batch 2\)"),
+    ):
+        for _ in loader:
+            pass
+
+
+def test_a_collate_output_that_requires_grad_records_no_history_on_the_slots():
+    # copy_ into a reused slot view recorded autograd history on it, batch after batch: memory grew without bound.
+    weights = torch.randn(8, 4, requires_grad=True)
+    seen = []
+
+    class Watched(CopyInto):
+        def __call__(self, items, out):
+            seen.append(out["x"].requires_grad)
+            return super().__call__(items, out)
+
+    coll = Watched(lambda items: {"x": weights[items[0]] * 2.0}, {"x": (torch.float32, 4)})
+    with RingLoader(list(range(8)), [[i % 8] for i in range(12)], collate=coll, num_slots=2, num_workers=1) as loader:
+        for i, batch in enumerate(loader):
+            assert not batch["x"].requires_grad
+            assert torch.equal(batch["x"], weights[i % 8].detach() * 2.0)
+    assert len(seen) == 12 and not any(seen), "a slot view required grad: history was recorded on it"
+
+
+def test_a_token_batch_larger_than_a_slot_names_the_settings_that_size_it(tmp_path):
+    # "batch 1 is 2 x 30 tokens but a slot holds 2 rows and 32 tokens" said neither which setting nor how to fix it.
+    ds = TokenWindows(write_token_file(tmp_path / "c", [np.arange(1, 1 + n) for n in (5, 30, 7, 12)]), max_len=64)
+    with RingLoader(ds, [[0, 2], [1, 3]], max_tokens=32, num_workers=1) as loader:
+        with pytest.raises(LoaderError, match=r"batch 1 is 2 x 30 tokens but a slot holds 2 rows and 32 tokens; size "
+                                              r"the slots with RingLoader\(max_tokens=\.\.\., max_rows=\.\.\.\) \(by "
+                                              r"default the batch sampler's max_tokens and max_batch_rows\)"):
+            list_of_copies(loader)
+
+
+class _LaggingEvent:
+    """A CUDA event on a machine without CUDA: complete ``lag`` s after it was recorded, as behind a GPU a few steps
+    behind the host."""
+
+    lag = 0.2
+
+    def record(self, stream=None):
+        self.at = time.monotonic()
+
+    def query(self):
+        return time.monotonic() >= self.at + self.lag
+
+    def synchronize(self):
+        time.sleep(max(0.0, self.at + self.lag - time.monotonic()))
+
+
+@pytest.fixture
+def lagging_events(monkeypatch):
+    """CUDA events that complete _LaggingEvent.lag s after they were recorded; no hold is left over."""
+    monkeypatch.setattr(torch.cuda, "Event", _LaggingEvent)
+    host_copies.release_all()
+    yield
+    host_copies.release_all()
+
+
+@pytest.mark.usefixtures("lagging_events")
+def test_release_completed_lets_go_of_copied_sources_oldest_first_and_waits_for_none():
+    first, second = torch.ones(3), torch.ones(3)
+    alive = [weakref.ref(first), weakref.ref(second)]
+    host_copies.hold_until_copied([first], None)
+    time.sleep(_LaggingEvent.lag + 0.05)
+    host_copies.hold_until_copied([second], None)  # releases the first: its copy has run
+    del first, second
+    assert host_copies.held_count() == 1 and alive[0]() is None and alive[1]() is not None
+    t0 = time.monotonic()
+    host_copies.release_completed()  # the second's copy still runs: kept, and not waited for
+    assert host_copies.held_count() == 1 and alive[1]() is not None and time.monotonic() - t0 < 0.05
+    time.sleep(_LaggingEvent.lag + 0.05)
+    host_copies.release_completed()
+    assert host_copies.held_count() == 0 and alive[1]() is None
+
+
+@pytest.mark.usefixtures("lagging_events")
+def test_slots_held_until_their_copies_ran_go_back_to_a_loader_waiting_for_one():
+    # Holds were released only by a later hold_until_copied, which a consumer waiting in the loader for a free slot
+    # never makes: with the GPU a little behind, every slot stayed held, copies long done, until the stall error.
+    with RingLoader(Flaky(20), [[i] for i in range(20)], collate=PadInto(5, 1), num_slots=3, num_workers=1,
+                    stall_timeout=2.0) as loader:
+        labels = []
+        for batch in loader:
+            host_copies.hold_until_copied([batch["labels"]], None)  # as a task's transfer_batch_to_device does
+            labels += batch["labels"].tolist()
+            del batch
+    assert labels == list(range(20))
+
+
+_GATHER_THREAD_LIMIT = """
+import resource, sys
+import numpy as np
+from hetrain.data.ring import RingLoader
+from hetrain.data.tokens import write_token_file
+from hetrain.data.windows import TokenWindows
+ds = TokenWindows(write_token_file(sys.argv[1], [np.arange(1, 9)] * 4), max_len=8)
+with RingLoader(ds, [[0]], num_workers=1) as warm:  # all a loader loads, loaded before the limit
+    list(warm)
+size = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (24 << 20), resource.RLIM_INFINITY))  # about 2 threads' stacks
+try:
+    RingLoader(ds, [[0], [1]], num_workers=256)  # whatever the stack size, a few start and then one fails
+except RuntimeError as err:
+    print("refused:", err)
+"""
+
+
+def test_gather_threads_that_cannot_all_start_are_an_error_not_an_abort(tmp_path):
+    # The C++ threads started before one failed to were destroyed unjoined: "terminate called without an active
+    # exception", and the process aborted. Here an address-space limit stands for a thread limit.
+    child = subprocess.run([sys.executable, "-c", _GATHER_THREAD_LIMIT, str(tmp_path / "c")], capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "refused:" in child.stdout, child.stdout

@@ -249,6 +249,22 @@ def test_a_loader_collected_in_a_producer_thread_closes_completely(monkeypatch):
     assert multiprocessing.active_children() == []
 
 
+def test_closing_while_a_producer_finishes_its_sample_raises_nothing_of_its_own(monkeypatch):
+    # Closing looked through the producers still reading while one whose sample just returned dropped out of them:
+    # "dictionary changed size during iteration" replaced the LoaderError or KeyboardInterrupt being raised.
+    loader = RingLoader(Steady(4), [[0], [1]], collate=PadInto(3, 1), num_workers=2)
+    shared = loader._shared
+    shared.reading.update({0: "at sample 1", 1: "at sample 2"})
+
+    def finishing_now() -> bool:  # producer 1's sample returns just as closing asks after producer 0
+        shared.reading.pop(1, None)
+        return True
+
+    monkeypatch.setattr(shared.threads[0], "is_alive", finishing_now)
+    with pytest.warns(RuntimeWarning, match=r"still reading \(producer 0 at sample 1\);"):
+        loader.close()
+
+
 class Tiny(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -23,6 +23,7 @@ import math
 import os
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hetrain import _ext
+from hetrain import _ext, host_copies
 from hetrain.data.readers import ReaderProcesses
 from hetrain.data.wait_clock import WaitClock
 from hetrain.data.windows import TokenWindows
@@ -44,6 +45,9 @@ _INTERRUPT_JOIN_S = 0.5
 # The longest close(), garbage collection or exit waits for a producer inside the dataset (then it warns): bounded
 # even for stall_timeout=inf, where a hung sample would otherwise hold up the process forever.
 _CLOSE_JOIN_MAX_S = 60.0
+# The longest the consumer waits for a free slot while it holds every one before it is told: bounded even for
+# stall_timeout=inf, where list(loader) (which keeps every batch) would otherwise hang without a word.
+_HELD_MAX_S = 60.0
 _DTYPE_NAMES = {
     torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.uint8: "uint8", torch.bool: "bool",
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
@@ -51,6 +55,7 @@ _DTYPE_NAMES = {
 
 Spec = dict[str, tuple[torch.dtype, int]]  # field -> (dtype, capacity in elements)
 _END_OF_STREAM = "hetrain: end of stream"
+_IN_COLLATE = -2  # the sample a producer notes while in the slot collate (ring_buffer.h's kInCollate)
 _UNBOUNDED = 2**62  # batches announced to the ring for a stream: it ends where the data does
 _PAD_INTO_FIX = "PadInto writes integer token ids and labels: fix them in the dataset, or use CopyInto with a spec"
 
@@ -221,8 +226,9 @@ class StreamBatches:
     """Groups an iterable dataset's samples into batches in stream order: the batch plan of a stream.
 
     A batch closes at ``batch_size`` samples, or before its padded size ``rows * longest`` would exceed
-    ``max_tokens`` (``length(sample)`` tokens each; default ``len(sample["input_ids"])``). Use it as a
-    RingLoader's ``batch_sampler`` when the source is a ``torch.utils.data.IterableDataset``.
+    ``max_tokens`` (``length(sample)`` tokens each; default ``len(sample["input_ids"])``), and is handed out as
+    soon as no further sample could join it, without waiting for the next. Use it as a RingLoader's
+    ``batch_sampler`` when the source is a ``torch.utils.data.IterableDataset``.
     """
 
     def __init__(self, batch_size: int | None = None, max_tokens: int | None = None,
@@ -245,14 +251,18 @@ class StreamBatches:
             if self.max_tokens is not None and n > self.max_tokens:
                 raise ValueError(f"hetrain: a sample of {n} tokens exceeds max_tokens={self.max_tokens}; cut long "
                                  f"documents into windows (hetrain.data.windows) first")
-            # max_batch_rows, not batch_size: zero-length samples never fill a token budget.
-            full = batch and (len(batch) == self.max_batch_rows or (
-                self.max_tokens is not None and (len(batch) + 1) * max(longest, n) > self.max_tokens))
-            if full:
-                yield batch
+            if batch and self.max_tokens is not None and (len(batch) + 1) * max(longest, n) > self.max_tokens:
+                yield batch  # this sample, longer than the batch's, does not fit it; a shorter one might have
                 batch, longest = [], 0
             batch.append(sample)
             longest = max(longest, n)
+            # Closed as soon as no sample can join (one more makes the padded size at least (rows + 1) * longest),
+            # not once the next sample arrives: a pausing stream held a complete batch back, and one failing on
+            # that sample lost it. max_batch_rows, not batch_size: zero-length samples never fill a token budget.
+            if len(batch) == self.max_batch_rows or (
+                    self.max_tokens is not None and (len(batch) + 1) * longest > self.max_tokens):
+                yield batch
+                batch, longest = [], 0
         if batch:
             yield batch
 
@@ -271,7 +281,7 @@ class _Stream:
 
     def __init__(self, samples: Iterator[Any], batcher: Callable[[Iterator[Any]], Iterator[list[Any]]],
                  stop: threading.Event) -> None:
-        self.stop = stop
+        self.stop, self.samples = stop, samples
         self.batches, self.lock = batcher(self._noted(samples)), threading.Lock()
         # Batches read ahead, under a lock of their own: a producer whose batch another already read takes it
         # without waiting for the reader's lock, which a slow sample can hold for long (the consumer then waited
@@ -325,6 +335,17 @@ class _Stream:
         with self.pending_lock:
             return self.pending.pop(job, None)
 
+    def close(self) -> None:
+        """Finishes the batch plan and the source's iterator where they are generators (a generator's ``finally``
+        closes its files and sockets) and drops them: a closed loader kept referenced held them open. Other
+        iterators are only dropped: ``close()`` of an iterator that is the dataset itself may mean more. Only once
+        no thread reads."""
+        for it in (self.batches, self.samples):
+            if isinstance(it, types.GeneratorType):
+                it.close()
+        self.batches = self.samples = iter(())
+        self.pending.clear()
+
 
 class _Shared:
     """What producer threads and the finaliser need; holds no reference to the RingLoader itself."""
@@ -337,7 +358,7 @@ class _Shared:
         self.errors: dict[int, BaseException] = {}
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
-        self.reading: dict[int, int] = {}  # producer -> the sample its thread is reading now
+        self.reading: dict[int, str] = {}  # producer -> where in the dataset or collate its thread is now
         self.join_timeout = 0.0  # how long closing waits for a producer inside the dataset (set at start)
         self.owner = os.getpid()  # a process forked from it holds copies of the threads and readers, not them
 
@@ -379,11 +400,19 @@ def _produce(shared: _Shared, producer: int, dataset: Any, collate: Callable, nu
                     if shared.stop.is_set():  # closed: the rest of this batch is never handed out
                         raise _Closed
                     ring.note(producer, sample, -1, -1)
-                    shared.reading[producer] = sample
+                    shared.reading[producer] = f"at sample {sample}"
                     items.append(dataset[sample])
-                shared.reading.pop(producer, None)
             collating = True
-            ring.commit(producer, job, _shapes(shared.names, collate(items, views[slot])))
+            # Noted, or a slow collate was blamed on the batch's last sample.
+            ring.note(producer, _IN_COLLATE, -1, -1)
+            shared.reading[producer] = f"in the slot collate of batch {job}"
+            # Without autograd: copying an output that requires grad into a slot view recorded history on the view,
+            # reused batch after batch, so the graph (and memory) grew without bound. A batch is data: its tensors
+            # never require grad.
+            with torch.no_grad():
+                shapes = collate(items, views[slot])
+            shared.reading.pop(producer, None)
+            ring.commit(producer, job, _shapes(shared.names, shapes))
         except _Closed:
             shared.reading.pop(producer, None)
             return
@@ -411,11 +440,16 @@ def _close(shared: _Shared) -> None:
             t.join(max(0.0, deadline - time.monotonic()))
     if shared.readers is not None:
         shared.readers.stop()
-    busy = {p: s for p, s in shared.reading.items() if shared.threads[p].is_alive()}
-    if busy:  # a thread cannot be stopped inside the dataset's code: it ends when that sample returns
-        where = ", ".join(f"producer {p} at sample {s}" for p, s in sorted(busy.items()))
+    if shared.stream is not None and not any(t.is_alive() for t in shared.threads):
+        shared.stream.close()  # else a thread may be inside the source: it ends with it, and the loader lets it go
+    # A copy: producers whose sample just returned pop from it meanwhile ("dictionary changed size during iteration"
+    # replaced the error being raised). Not the thread closing: it returns to its batch next.
+    busy = {p: s for p, s in dict(shared.reading).items()
+            if shared.threads[p].is_alive() and shared.threads[p] is not threading.current_thread()}
+    if busy:  # a thread cannot be stopped inside the dataset's or collate's code: it ends when that returns
+        where = ", ".join(f"producer {p} {s}" for p, s in sorted(busy.items()))
         warnings.warn(f"hetrain: the ring loader closed while the dataset was still reading ({where}); "
-                      "those threads end as soon as their sample returns", RuntimeWarning, stacklevel=2)
+                      "those threads end as soon as their sample or collate returns", RuntimeWarning, stacklevel=2)
 
 
 def _pin_slots(pin_memory: bool | None) -> bool:
@@ -439,7 +473,8 @@ class RingLoader:
             (both need ``collate``).
         batch_sampler: yields index lists, e.g. :class:`~hetrain.data.sampler.TokenBudgetBatchSampler`; for an
             IterableDataset, a :class:`StreamBatches`.
-        collate: for a Dataset, a slot collate with ``spec`` (:class:`PadInto`, :class:`CopyInto`).
+        collate: for a Dataset, a slot collate with ``spec`` (:class:`PadInto`, :class:`CopyInto`). It runs under
+            ``torch.no_grad()``: a batch is data, and its tensors never require grad.
         num_slots: batches in flight; the consumer may hold ``num_slots - 1`` while producers fill the rest.
         num_workers: producer threads.
         reader_processes: for a map-style Dataset, processes that run ``dataset[i]`` (forked, one torch
@@ -448,7 +483,8 @@ class RingLoader:
             reader that dies is named at once. 0 reads in the producer threads.
         stall_timeout: seconds without progress after which a producer is reported stalled; silence before the
             process last resumed from a stop (Ctrl-Z, SIGSTOP) does not count. ``float("inf")`` never reports
-            one. Closing waits as long, but 60 s at most, for a producer still inside the dataset, then warns.
+            one. A consumer that holds every slot is told after as long, but 60 s at most. Closing waits as long,
+            but 60 s at most, for a producer still inside the dataset, then warns.
         pin_memory: pin the slots (default: when CUDA is available), so host-to-device copies are asynchronous;
             True without CUDA warns and leaves them unpinned.
         lookahead: batches the consumer fetches before it uses them (Lightning's loops: 0, as this loader has a
@@ -514,32 +550,42 @@ class RingLoader:
                                  f"use one of {', '.join(str(d) for d in _DTYPE_NAMES)}")
         ring = torch.classes.hetrain_C.RingBuffer(
             [_DTYPE_NAMES[d] for d, _ in spec.values()], [int(c) for _, c in spec.values()],
-            num_slots, num_workers, pin, float(stall_timeout),
+            num_slots, num_workers, pin, float(stall_timeout), _HELD_MAX_S,
         )
         self._shared = _Shared(ring, list(spec))
-        if self.tokens:
-            tf = source.file
-            ring.attach_tokens(
-                str(tf.bin_path), tf.dtype.itemsize, tf.num_tokens, torch.from_numpy(source.windows.start),
-                torch.from_numpy(source.windows.length), pad_id, vocab_size or 0, num_workers, 0,
-            )
-        else:
-            if reader_processes > 0 and not self.streaming:
-                # Forked before any producer thread exists, so no thread's lock is copied held.
-                self._shared.readers = ReaderProcesses(source, reader_processes)
-            for p in range(num_workers):
-                t = threading.Thread(target=_produce, args=(self._shared, p, source, collate, num_slots),
-                                     name=f"hetrain-ring-producer-{p}", daemon=True)
-                t.start()
-                self._shared.threads.append(t)
         # Closes the ring when the loader is garbage-collected (or at exit), even if close() is never called.
+        # Registered before any thread starts, so that one failing to start stops those started before it.
         self._shared.join_timeout = min(stall_timeout, _CLOSE_JOIN_MAX_S)
         self._finalizer = weakref.finalize(self, _close, self._shared)
+        try:
+            self._start_producers(source, collate, num_slots, num_workers, reader_processes, pad_id, vocab_size)
+        except BaseException:  # a thread limit, Ctrl-C: the threads started poll on, and abort the process at exit
+            self.close()
+            raise
         self._yielded = 0
         self._exhausted = False
         self._epoch = getattr(batch_sampler, "epoch", None)  # the sampler's epoch that _yielded counts batches of
         self._iteration = 0  # bumped by every iteration that starts: only the newest may take batches
         self._wait = WaitClock()
+
+    def _start_producers(self, source: Any, collate: Callable | None, num_slots: int, num_workers: int,
+                         reader_processes: int, pad_id: int, vocab_size: int | None) -> None:
+        shared = self._shared
+        if self.tokens:
+            tf = source.file
+            shared.ring.attach_tokens(
+                str(tf.bin_path), tf.dtype.itemsize, tf.num_tokens, torch.from_numpy(source.windows.start),
+                torch.from_numpy(source.windows.length), pad_id, vocab_size or 0, num_workers, 0,
+            )
+            return
+        if reader_processes > 0 and not self.streaming:
+            # Forked before any producer thread exists, so no thread's lock is copied held.
+            shared.readers = ReaderProcesses(source, reader_processes)
+        for p in range(num_workers):
+            t = threading.Thread(target=_produce, args=(shared, p, source, collate, num_slots),
+                                 name=f"hetrain-ring-producer-{p}", daemon=True)
+            t.start()
+            shared.threads.append(t)
 
     # -- iteration -------------------------------------------------------------------------------
 
@@ -655,6 +701,9 @@ class RingLoader:
                 tensors = ring.take(job, _POLL_S)
                 if tensors:
                     return tensors
+                # Slots held only until their copies to a GPU ran go back now: waiting here, the consumer makes no
+                # later hold_until_copied call, the only other place that lets them go (else a stall).
+                host_copies.release_completed()
         except RuntimeError as exc:
             stream = self._shared.stream
             if stream is not None and stream.end is not None and job >= stream.end and _is_end_of_stream(exc):

@@ -1534,6 +1534,32 @@ def test_a_closed_stream_loader_finishes_its_source_while_still_referenced():
     assert source.finished.is_set() and loader is not None
 
 
+class _FailsToClose(torch.utils.data.IterableDataset):
+    """A source whose ``finally`` raises, as a connection that fails to close."""
+
+    def __iter__(self):
+        try:
+            for i in range(100):
+                yield {"x": i}
+        finally:
+            raise ConnectionResetError("the socket failed to close")
+
+
+def test_a_source_failing_to_close_leaves_the_loaders_error_to_be_raised():
+    # Closing the source on the way to raise a producer's error raised the source's own instead.
+    def collate(items):
+        if items[0]["x"] >= 4:
+            raise ValueError("bad batch in collate")
+        return {"x": torch.tensor([item["x"] for item in items])}
+
+    loader = RingLoader(_FailsToClose(), StreamBatches(batch_size=2),
+                        collate=CopyInto(collate, {"x": (torch.int64, 2)}), num_slots=2, num_workers=1)
+    with pytest.warns(RuntimeWarning, match="closing the stream loader's source raised ConnectionResetError"):
+        with pytest.raises(LoaderError, match="bad batch in collate"):
+            for _ in loader:
+                pass
+
+
 @pytest.mark.parametrize("exc", [RuntimeError("can't start new thread"), KeyboardInterrupt()])
 def test_producers_started_before_one_fails_to_start_are_stopped(exc, monkeypatch):
     # A thread limit or Ctrl-C while the producers started left those already started polling forever, and the

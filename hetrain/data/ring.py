@@ -339,12 +339,19 @@ class _Stream:
         """Finishes the batch plan and the source's iterator where they are generators (a generator's ``finally``
         closes its files and sockets) and drops them: a closed loader kept referenced held them open. Other
         iterators are only dropped: ``close()`` of an iterator that is the dataset itself may mean more. Only once
-        no thread reads."""
-        for it in (self.batches, self.samples):
-            if isinstance(it, types.GeneratorType):
-                it.close()
-        self.batches = self.samples = iter(())
-        self.pending.clear()
+        no thread reads. A source whose own ``finally`` raises (a connection that fails to close) is warned about:
+        its error replaced the loader's, which the close was on the way to raise."""
+        try:
+            for it in (self.batches, self.samples):
+                if isinstance(it, types.GeneratorType):
+                    try:
+                        it.close()
+                    except Exception as exc:
+                        warnings.warn(f"hetrain: closing the stream loader's source raised {type(exc).__name__}: "
+                                      f"{exc}", RuntimeWarning, stacklevel=2)
+        finally:
+            self.batches = self.samples = iter(())
+            self.pending.clear()
 
 
 class _Shared:

@@ -6,7 +6,7 @@
 // The version of the ops this extension registers, read by hetrain/_ext.py, which refuses a build whose
 // version differs from its own ABI_VERSION as stale. Bump both together whenever an op is added to
 // hetrain_C or an op's schema or meaning changes.
-#define HETRAIN_ABI_VERSION 3
+#define HETRAIN_ABI_VERSION 4
 
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {

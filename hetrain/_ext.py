@@ -14,7 +14,7 @@ import torch  # noqa: F401  (loads libtorch, which hetrain._C links against)
 # hetrain._C.ABI_VERSION. Bump both together whenever an op is added to hetrain._C or an op's schema or meaning
 # changes, so that an extension built from older sources (a git pull without a rebuild) is refused as stale
 # rather than failing on every call of an op it lacks.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 BUILD_COMMAND = "pip install -e . --no-build-isolation"
 

@@ -49,7 +49,8 @@ def release_completed() -> None:
 
 
 def _release(bound: int | None) -> None:
-    """Drops the oldest holds while their copies have run, and past ``bound`` holds waits for the oldest."""
+    """Drops the oldest holds while their copies have run, and past ``bound`` holds waits for the oldest (0: for
+    every one)."""
     while _held:
         event = _held[0][0]
         if not event.query():
@@ -69,6 +70,4 @@ def release_all() -> None:
     :func:`hold_until_copied` or :func:`release_completed`: where a fit ends, the last batches' ring slots, and
     through them the loader's whole pinned slab, would stay referenced until the next run's first copy."""
     with _lock:
-        while _held:
-            _held[0][0].synchronize()
-            _held.popleft()
+        _release(0)

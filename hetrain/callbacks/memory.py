@@ -46,6 +46,7 @@ from hetrain.callbacks.memory_report import (
     STEPS_HEADER,
     MemoryReport,
     churn_section,
+    steps_rows,
 )
 from hetrain.callbacks.module_memory import MIB, ModuleMemory, bytes_by_device, optimizer_state_bytes
 from hetrain.callbacks.profiling import StepTrace, keep_earlier_part, parse_steps
@@ -147,7 +148,7 @@ class StepPeaks:
         """Adds a completed step ``{"step": n, phase: {device: {figure: bytes}}}``; it may be merged into later."""
         if self._lost is None:
             try:
-                self._write(MemoryReport([step]).steps_csv().partition("\n")[2].encode())  # less the report's header
+                self._write(steps_rows(step).encode())
             except OSError as failure:
                 self._lost = (f"the rows from step {step['step']} on are missing: writing them to a temporary file "
                               f"failed ({failure!r})")

@@ -83,6 +83,16 @@ def _html_table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def steps_rows(step: dict[str, Any]) -> str:
+    """One step's rows of the steps file, each ending in a newline: per phase and device its peaks in MiB."""
+    rows = []
+    for phase in PHASES:
+        for device, peaks in sorted(step[phase].items()):
+            reserved = f"{peaks['reserved'] / MIB:.3f}" if "reserved" in peaks else ""
+            rows.append(f"{step['step']},{device},{phase},{peaks['allocated'] / MIB:.3f},{reserved}\n")
+    return "".join(rows)
+
+
 @dataclass
 class MemoryReport:
     """A fit's memory, per device and phase, per module and in allocator churn, rendered for a person.
@@ -148,13 +158,7 @@ class MemoryReport:
     def steps_csv(self) -> str:
         """Every step's peaks: ``step,device,phase,allocated_mib,reserved_mib`` (reserved empty on the CPU), the
         earlier parts' rows first."""
-        lines = [STEPS_HEADER, *self.earlier_rows]
-        for s in self.steps:
-            for phase in PHASES:
-                for device, peaks in sorted(s[phase].items()):
-                    reserved = f"{peaks['reserved'] / MIB:.3f}" if "reserved" in peaks else ""
-                    lines.append(f"{s['step']},{device},{phase},{peaks['allocated'] / MIB:.3f},{reserved}")
-        return "\n".join(lines) + "\n"
+        return "".join([f"{STEPS_HEADER}\n", *(f"{row}\n" for row in self.earlier_rows), *map(steps_rows, self.steps)])
 
     def write_steps_csv(self, path: Path) -> None:
         """Writes :meth:`steps_csv` to ``path``."""

@@ -93,15 +93,13 @@ def _disable_saved_tensors_hooks(error_message: str) -> Iterator[None]:
     """``torch.autograd.graph.disable_saved_tensors_hooks``, which takes a measured forward's pack hook off while it
     runs (see :meth:`ModuleMemory._set_aside`), where that hook alone is on: what runs under it is not seen."""
     tracker = getattr(_OPENED, "tracker", None)
-    if tracker is None or not tracker._set_aside():
-        with _DISABLE_SAVED_TENSORS_HOOKS(error_message):
-            yield
-        return
+    aside = tracker is not None and tracker._set_aside()
     try:
         with _DISABLE_SAVED_TENSORS_HOOKS(error_message):
             yield
     finally:
-        tracker._put_back()
+        if aside:
+            tracker._put_back()
 
 
 def _wrap_disable_saved_tensors_hooks(on: bool) -> None:
